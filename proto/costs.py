@@ -1,0 +1,118 @@
+"""The cost model: what each operation costs in virtual time, and the disk model.
+
+Both sides charge costs from the same model, so it lives in the contract.
+A scenario may override any field (``[costs]`` and ``[disk.*]`` tables).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, Mapping
+
+from .errors import ConfigError
+
+__all__ = ["PAGE_BYTES", "CostModel", "DiskProfile", "DISK_PROFILES", "DiskModel", "disk_profile"]
+
+PAGE_BYTES = 4096
+
+
+@dataclass(frozen=True, slots=True)
+class CostModel:
+    """Virtual-time cost of the operations a vCPU performs (SSD-like defaults)."""
+
+    mem_ref_us: float = 0.1        # one memory reference that hits
+    minor_fault_us: float = 2.0    # page still in memory, only the mapping is rebuilt
+    ept_fault_us: float = 5.0      # guest touches a gpfn the host has not backed
+    hypercall_us: float = 2.0      # any other guest->host call
+    page_copy_us: float = 1.0      # host copies one page from its disk cache
+
+    @classmethod
+    def from_mapping(cls, raw: Mapping[str, Any], where: str = "costs") -> "CostModel":
+        return replace(cls(), **_checked_floats(cls, raw, where))
+
+
+@dataclass(frozen=True, slots=True)
+class DiskProfile:
+    """Service model of one block device: latency per request, bandwidth, queue depth."""
+
+    latency_us: float       # fixed service time of one request
+    bandwidth_bps: float    # bytes per (virtual) second once a request is served
+    queue_depth: int        # requests served in parallel
+
+    @classmethod
+    def from_mapping(cls, raw: Mapping[str, Any], where: str) -> "DiskProfile":
+        name = raw.get("profile", "ssd")
+        if not isinstance(name, str) or name not in DISK_PROFILES:
+            raise ConfigError(f"{where}.profile: unknown disk profile {name!r}; known: {sorted(DISK_PROFILES)}")
+        base = DISK_PROFILES[name]
+        rest = {k: v for k, v in raw.items() if k != "profile"}
+        vals = _checked_floats(cls, rest, where)
+        if "queue_depth" in vals:
+            vals["queue_depth"] = int(vals["queue_depth"])
+            if vals["queue_depth"] < 1:
+                raise ConfigError(f"{where}.queue_depth: must be >= 1, got {vals['queue_depth']}")
+        return replace(base, **vals)
+
+
+DISK_PROFILES: dict[str, DiskProfile] = {
+    "ssd": DiskProfile(latency_us=100.0, bandwidth_bps=500e6, queue_depth=32),
+    "hdd": DiskProfile(latency_us=8000.0, bandwidth_bps=150e6, queue_depth=1),
+}
+
+
+def disk_profile(name: str) -> DiskProfile:
+    try:
+        return DISK_PROFILES[name]
+    except KeyError:
+        raise ConfigError(f"unknown disk profile {name!r}; known: {sorted(DISK_PROFILES)}") from None
+
+
+@dataclass(slots=True)
+class DiskModel:
+    """FCFS queueing over ``queue_depth`` parallel channels, in virtual time.
+
+    A request of ``n_pages`` submitted at ``vt_us`` starts when the earliest
+    channel is free (never before ``vt_us``) and takes
+    ``latency_us + n_pages * PAGE_BYTES / bandwidth``. Deterministic for a
+    given order of submissions.
+    """
+
+    profile: DiskProfile
+    _free_at_us: list[float] = field(default_factory=list)
+    requests: int = 0
+    pages: int = 0
+    busy_us: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not self._free_at_us:
+            self._free_at_us = [0.0] * self.profile.queue_depth
+
+    def submit(self, vt_us: float, n_pages: int) -> float:
+        """Account one request and return its completion time (virtual µs)."""
+        chans = self._free_at_us
+        i = min(range(len(chans)), key=chans.__getitem__)
+        start = max(float(vt_us), chans[i])
+        service = self.profile.latency_us + n_pages * PAGE_BYTES * 1e6 / self.profile.bandwidth_bps
+        done = start + service
+        chans[i] = done
+        self.requests += 1
+        self.pages += n_pages
+        self.busy_us += service
+        return done
+
+    def queue_delay_us(self, vt_us: float) -> float:
+        """How long a request submitted now would wait before service starts."""
+        return max(0.0, min(self._free_at_us) - float(vt_us))
+
+
+def _checked_floats(cls: type, raw: Mapping[str, Any], where: str) -> dict[str, float]:
+    known = {f.name for f in fields(cls)}
+    out: dict[str, float] = {}
+    for key, value in raw.items():
+        if key not in known:
+            raise ConfigError(f"{where}.{key}: unknown key; known: {sorted(known)}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}.{key}: expected a number, got {type(value).__name__} {value!r}")
+        if value < 0:
+            raise ConfigError(f"{where}.{key}: must be >= 0, got {value}")
+        out[key] = float(value)
+    return out

@@ -1,0 +1,24 @@
+# Sourced by scripts/demo and scripts/test: make .venv and install the project
+# into it, skipping the install when pyproject.toml has not changed.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+PY="${PYTHON:-python3}"
+if ! "$PY" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
+    echo "balloonlab needs Python 3.11 or newer; $PY is $("$PY" --version 2>&1)" >&2
+    exit 1
+fi
+if [ ! -x .venv/bin/python ]; then
+    echo "setup: creating .venv" >&2
+    "$PY" -m venv .venv
+fi
+STAMP=.venv/.balloonlab-installed
+WANT="$(cat pyproject.toml | sha256sum | cut -d' ' -f1)"
+if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
+    echo "setup: installing balloonlab into .venv" >&2
+    .venv/bin/python -m pip install -q --upgrade pip >&2
+    .venv/bin/python -m pip install -q -e ".[test,plots]" >&2
+    echo "$WANT" > "$STAMP"
+fi
+export OPENBLAS_NUM_THREADS=1
+VPY="$ROOT/.venv/bin/python"
