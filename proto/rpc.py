@@ -1,0 +1,366 @@
+"""RPC in both directions over one framed connection.
+
+Envelope of every frame: ``[kind, id, type, body]`` (see ``Kind``). Either
+side may send requests; each carries an id unique among that side's
+outstanding requests, and the reply or error carries it back. Errors that
+cannot be tied to a request (an undecodable frame, a bad notification) are
+sent with id 0.
+
+Call order of one connection::
+
+    connection_made -> (data_received | call | notify)* -> close -> connection_lost
+
+Backpressure: at most ``max_outstanding`` requests of ours in flight
+(callers wait for a slot); at most ``max_incoming`` of the peer's handled at
+once (beyond that the peer gets ``OVERLOADED``); writes pause at the
+transport's high-water mark (``drain()``), and a peer that lets our send
+buffer grow past ``hard_limit_bytes`` is disconnected.
+"""
+from __future__ import annotations
+
+import asyncio
+import inspect
+import itertools
+from typing import Any, Awaitable, Callable, Mapping
+
+import structlog
+
+from .errors import (ErrorCode, FrameTooLarge, MessageError, PeerClosed, ProtoError,
+                     RemoteError, RpcTimeout, UndecodableFrame)
+from .framing import MAX_FRAME_BYTES_DEFAULT, FrameDecoder, encode_frame
+from .messages import NOTIFICATIONS, REQUESTS, Kind, Message, MsgType
+
+__all__ = ["RpcConnection", "RequestHandler", "NotifyHandler", "RpcLimits"]
+
+RequestHandler = Callable[[Message], "Message | Awaitable[Message]"]
+NotifyHandler = Callable[[Message], "None | Awaitable[None]"]
+
+log = structlog.get_logger("proto.rpc")
+
+
+class RpcLimits:
+    """Per-connection bounds; every queue on a connection is bounded by one of these."""
+
+    __slots__ = ("max_frame_bytes", "max_outstanding", "max_incoming", "high_water_bytes",
+                 "hard_limit_bytes", "timeout_s")
+
+    def __init__(self, *, max_frame_bytes: int = MAX_FRAME_BYTES_DEFAULT, max_outstanding: int = 256,
+                 max_incoming: int = 256, high_water_bytes: int = 1 << 20,
+                 hard_limit_bytes: int = 64 << 20, timeout_s: float = 30.0) -> None:
+        self.max_frame_bytes = max_frame_bytes
+        self.max_outstanding = max_outstanding
+        self.max_incoming = max_incoming
+        self.high_water_bytes = high_water_bytes
+        self.hard_limit_bytes = hard_limit_bytes
+        self.timeout_s = timeout_s
+
+
+class RpcConnection(asyncio.Protocol):
+    """One peer: framing, request ids, replies, timeouts, notifications."""
+
+    def __init__(self, *, name: str = "peer", limits: RpcLimits | None = None,
+                 requests: Mapping[MsgType, RequestHandler] | None = None,
+                 notifications: Mapping[MsgType, NotifyHandler] | None = None,
+                 on_close: Callable[["RpcConnection", BaseException | None], None] | None = None) -> None:
+        self.name = name
+        self.limits = limits or RpcLimits()
+        self.requests: dict[MsgType, RequestHandler] = dict(requests or {})
+        self.notifications: dict[MsgType, NotifyHandler] = dict(notifications or {})
+        self.on_close = on_close
+        self.transport: asyncio.Transport | None = None
+        self._decoder = FrameDecoder(self.limits.max_frame_bytes)
+        self._ids = itertools.count(1)
+        self._pending: dict[int, tuple[asyncio.Future, MsgType, asyncio.TimerHandle | None]] = {}
+        self._slots: asyncio.Semaphore | None = None
+        self._incoming = 0
+        self._tasks: set[asyncio.Task] = set()
+        self._can_write: asyncio.Event | None = None
+        self._closed: asyncio.Future | None = None
+        self.close_exc: BaseException | None = None
+        # Counted, never fatal: a peer's oddities are its problem, not ours.
+        self.errors_sent = 0
+        self.errors_received = 0
+        self.stray_replies = 0
+
+    # --- asyncio.Protocol ---------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        loop = asyncio.get_running_loop()
+        self.transport = transport  # type: ignore[assignment]
+        self._slots = asyncio.Semaphore(self.limits.max_outstanding)
+        self._can_write = asyncio.Event()
+        self._can_write.set()
+        self._closed = loop.create_future()
+        transport.set_write_buffer_limits(high=self.limits.high_water_bytes)  # type: ignore[attr-defined]
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self.close_exc = exc
+        err = PeerClosed(f"connection to {self.name} closed" + (f": {exc}" if exc else ""))
+        for fut, _, timer in self._pending.values():
+            if timer is not None:
+                timer.cancel()
+            if not fut.done():
+                fut.set_exception(err)
+        self._pending.clear()
+        if self._can_write is not None:
+            self._can_write.set()  # wake drainers; they will see the closed transport
+        if self._closed is not None and not self._closed.done():
+            self._closed.set_result(None)
+        if self.on_close is not None:
+            self.on_close(self, exc)
+
+    def pause_writing(self) -> None:
+        assert self._can_write is not None
+        self._can_write.clear()
+
+    def resume_writing(self) -> None:
+        assert self._can_write is not None
+        self._can_write.set()
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            items = self._decoder.feed(data)
+        except FrameTooLarge:
+            return  # already reported when first seen; the connection is closing
+        for item in items:
+            if isinstance(item, FrameTooLarge):
+                self._send_error(0, 0, ErrorCode.BAD_FRAME, str(item))
+                log.warning("frame_rejected", peer=self.name, reason=str(item))
+                self.close()
+                return
+            if isinstance(item, UndecodableFrame):
+                self._send_error(0, 0, ErrorCode.BAD_FRAME, str(item))
+                log.warning("frame_rejected", peer=self.name, reason=str(item))
+                continue
+            self._dispatch(item)
+
+    def eof_received(self) -> bool | None:
+        return None  # close our side too
+
+    # --- public API ---------------------------------------------------------
+
+    @property
+    def is_closing(self) -> bool:
+        return self.transport is None or self.transport.is_closing()
+
+    async def call(self, msg: Message, timeout_s: float | None = None) -> Message:
+        """Send a request and wait for its reply; raises ``RemoteError`` on an error reply."""
+        if self.is_closing:
+            raise PeerClosed(f"connection to {self.name} is closed")
+        assert self._slots is not None
+        async with self._slots:
+            if self.is_closing:
+                raise PeerClosed(f"connection to {self.name} is closed")
+            loop = asyncio.get_running_loop()
+            req_id = next(self._ids)
+            fut = loop.create_future()
+            t = self.limits.timeout_s if timeout_s is None else timeout_s
+            timer = loop.call_later(t, self._expire, req_id, t) if t > 0 else None
+            self._pending[req_id] = (fut, msg.TYPE, timer)
+            self._write([Kind.REQUEST, req_id, msg.TYPE, msg.to_body()])
+            if not self._can_write.is_set():  # type: ignore[union-attr]
+                await self.drain()
+            return await fut
+
+    def notify(self, msg: Message) -> None:
+        if self.is_closing:
+            raise PeerClosed(f"connection to {self.name} is closed")
+        self._write([Kind.NOTIFY, 0, msg.TYPE, msg.to_body()])
+
+    async def drain(self) -> None:
+        """Wait until the send buffer is below its high-water mark."""
+        assert self._can_write is not None
+        await self._can_write.wait()
+        if self.is_closing and self._closed is not None and self._closed.done():
+            raise PeerClosed(f"connection to {self.name} closed while draining")
+
+    def send_raw(self, data: bytes) -> None:
+        """Write bytes as they are (tests and fuzzers use it to send bad frames)."""
+        assert self.transport is not None
+        self.transport.write(data)
+
+    def close(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+    async def wait_closed(self) -> None:
+        if self._closed is not None:
+            await asyncio.shield(self._closed)
+
+    @property
+    def outstanding(self) -> int:
+        return len(self._pending)
+
+    # --- internals ----------------------------------------------------------
+
+    def _write(self, envelope: list[Any]) -> None:
+        transport = self.transport
+        assert transport is not None
+        transport.write(encode_frame(envelope, self.limits.max_frame_bytes))
+        if transport.get_write_buffer_size() > self.limits.hard_limit_bytes:
+            log.warning("peer_disconnected", peer=self.name,
+                        reason=f"send buffer above {self.limits.hard_limit_bytes} bytes: peer is not reading")
+            transport.abort()
+
+    def _send_error(self, req_id: int, msg_type: int, code: int, message: str) -> None:
+        if self.is_closing:
+            return
+        self.errors_sent += 1
+        self._write([Kind.ERROR, req_id, msg_type, {"code": int(code), "message": message}])
+
+    def _expire(self, req_id: int, timeout_s: float) -> None:
+        entry = self._pending.pop(req_id, None)
+        if entry is not None and not entry[0].done():
+            entry[0].set_exception(RpcTimeout(entry[1].name.lower(), timeout_s))
+
+    def _dispatch(self, item: Any) -> None:
+        if type(item) is not list or len(item) != 4:
+            self._send_error(0, 0, ErrorCode.BAD_FRAME, "envelope must be an array [kind, id, type, body]")
+            return
+        kind, req_id, raw_type, body = item
+        if type(req_id) is not int or type(raw_type) is not int or type(kind) is not int:
+            self._send_error(0, 0, ErrorCode.BAD_FRAME, "envelope kind, id and type must be integers")
+            return
+        if kind == Kind.REQUEST:
+            self._on_request(req_id, raw_type, body)
+        elif kind == Kind.REPLY or kind == Kind.ERROR:
+            self._on_reply(kind, req_id, body)
+        elif kind == Kind.NOTIFY:
+            self._on_notify(raw_type, body)
+        else:
+            self._send_error(req_id, raw_type, ErrorCode.BAD_FRAME, f"unknown envelope kind {kind}")
+
+    def _on_request(self, req_id: int, raw_type: int, body: Any) -> None:
+        try:
+            msg_type = MsgType(raw_type)
+            req_cls = REQUESTS[msg_type][0]
+        except (ValueError, KeyError):
+            self._send_error(req_id, raw_type, ErrorCode.UNKNOWN_TYPE, f"unknown request type {raw_type}")
+            return
+        handler = self.requests.get(msg_type)
+        if handler is None:
+            self._send_error(req_id, raw_type, self._refusal_code(msg_type),
+                             f"{msg_type.name.lower()} is not accepted here now")
+            return
+        if self._incoming >= self.limits.max_incoming:
+            self._send_error(req_id, raw_type, ErrorCode.OVERLOADED,
+                             f"more than {self.limits.max_incoming} requests outstanding")
+            return
+        try:
+            msg = req_cls.from_body(body)
+        except MessageError as exc:
+            self._send_error(req_id, raw_type, exc.code, str(exc))
+            return
+        try:
+            result = handler(msg)
+        except Exception as exc:
+            self._reply_exception(req_id, raw_type, exc)
+            return
+        if inspect.isawaitable(result):
+            self._incoming += 1
+            task = asyncio.ensure_future(result)
+            self._tasks.add(task)
+            task.add_done_callback(lambda t, i=req_id, r=raw_type: self._request_done(t, i, r))
+        else:
+            self._reply(req_id, raw_type, result)
+
+    def _refusal_code(self, msg_type: MsgType) -> ErrorCode:
+        # Before the handshake only HELLO is accepted; later, a type that
+        # only the other direction serves is unknown to this side.
+        if MsgType.HELLO in self.requests:
+            return ErrorCode.NOT_AUTHENTICATED
+        return ErrorCode.UNKNOWN_TYPE
+
+    def _request_done(self, task: asyncio.Task, req_id: int, raw_type: int) -> None:
+        self._tasks.discard(task)
+        self._incoming -= 1
+        if task.cancelled():
+            self._send_error(req_id, raw_type, ErrorCode.SHUTTING_DOWN, "request cancelled")
+            return
+        exc = task.exception()
+        if exc is not None:
+            self._reply_exception(req_id, raw_type, exc)
+        else:
+            self._reply(req_id, raw_type, task.result())
+
+    def _reply(self, req_id: int, raw_type: int, result: Message) -> None:
+        if self.is_closing:
+            return
+        try:
+            self._write([Kind.REPLY, req_id, raw_type, result.to_body()])
+        except ProtoError as exc:
+            self._reply_exception(req_id, raw_type, exc)
+
+    def _reply_exception(self, req_id: int, raw_type: int, exc: BaseException) -> None:
+        code = getattr(exc, "code", None)
+        if isinstance(code, int) and not isinstance(code, bool):
+            self._send_error(req_id, raw_type, code, str(exc))
+            return
+        log.error("request_failed", peer=self.name, msg_type=raw_type,
+                  exc_info=(type(exc), exc, exc.__traceback__))
+        self._send_error(req_id, raw_type, ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}")
+
+    def _on_reply(self, kind: int, req_id: int, body: Any) -> None:
+        entry = self._pending.pop(req_id, None)
+        if entry is None:
+            if kind == Kind.ERROR:
+                self.errors_received += 1
+                self._log_peer_error(body)
+            else:
+                self.stray_replies += 1
+            return
+        fut, msg_type, timer = entry
+        if timer is not None:
+            timer.cancel()
+        if fut.done():
+            return
+        if kind == Kind.ERROR:
+            self.errors_received += 1
+            if type(body) is dict and type(body.get("code")) is int:
+                fut.set_exception(RemoteError(body["code"], str(body.get("message", ""))))
+            else:
+                fut.set_exception(RemoteError(ErrorCode.BAD_FRAME, f"malformed error reply {body!r:.200}"))
+            return
+        try:
+            fut.set_result(REQUESTS[msg_type][1].from_body(body))
+        except MessageError as exc:
+            fut.set_exception(exc)
+
+    def _log_peer_error(self, body: Any) -> None:
+        log.warning("peer_error", peer=self.name, body=repr(body)[:300])
+
+    def _on_notify(self, raw_type: int, body: Any) -> None:
+        try:
+            msg_type = MsgType(raw_type)
+            cls = NOTIFICATIONS[msg_type]
+        except (ValueError, KeyError):
+            self._send_error(0, raw_type, ErrorCode.UNKNOWN_TYPE, f"unknown notification type {raw_type}")
+            return
+        handler = self.notifications.get(msg_type)
+        if handler is None:
+            self._send_error(0, raw_type, self._refusal_code(msg_type),
+                             f"{msg_type.name.lower()} is not accepted here now")
+            return
+        try:
+            msg = cls.from_body(body)
+        except MessageError as exc:
+            self._send_error(0, raw_type, exc.code, str(exc))
+            return
+        try:
+            result = handler(msg)
+        except Exception as exc:
+            self._reply_exception(0, raw_type, exc)
+            return
+        if inspect.isawaitable(result):
+            task = asyncio.ensure_future(result)
+            self._tasks.add(task)
+            task.add_done_callback(lambda t, r=raw_type: self._notify_done(t, r))
+
+    def _notify_done(self, task: asyncio.Task, raw_type: int) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            self._reply_exception(0, raw_type, task.exception())  # type: ignore[arg-type]
