@@ -1,0 +1,159 @@
+"""The guest process: connect, handshake, take part in ticks, serve the host.
+
+Call order::
+
+    connect -> Hello/Welcome -> (TickStart -> vCPU runs to the tick's end -> TickDone)* -> RunEnd -> exit 0
+                                  any time: Invalidate (reply with tokens), BalloonTarget
+    host vanishes -> exit 3;  host refuses -> exit 4
+
+One vCPU task runs ticks in order; the host's callbacks (Invalidate) are
+served between the vCPU's batches, on the same event loop.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import time
+from typing import Any
+
+import numpy as np
+import structlog
+
+from proto import events as ev
+from proto.errors import HandshakeRefused, PeerClosed, ProtoError
+from proto.handshake import client_hello
+from proto.messages import (BalloonTarget, Invalidate, InvalidateReply, MsgType, Ping, Pong, RunEnd, TickDone,
+                            TickStart)
+from proto.rpc import RpcConnection
+from proto.transport import Address, connect
+
+from .session import GuestSessionState, build_guest
+
+__all__ = ["GuestAgent", "EXIT_OK", "EXIT_HOST_LOST", "EXIT_REFUSED"]
+
+log = structlog.get_logger("guestd")
+
+EXIT_OK = 0
+EXIT_BUG = 1
+EXIT_HOST_LOST = 3
+EXIT_REFUSED = 4
+CONNECT_TIMEOUT_S = 15.0
+_LOST = object()
+
+
+class GuestAgent:
+    def __init__(self, guest_id: int, token: str, address: Address) -> None:
+        self.guest_id = guest_id
+        self._token = token
+        self.address = address
+        self.conn: RpcConnection | None = None
+        self.state: GuestSessionState | None = None
+        # The host sends one TickStart and waits for our TickDone, so more
+        # than two queued means the host broke the protocol.
+        self._ticks: asyncio.Queue[Any] = asyncio.Queue(maxsize=4)
+        self._ending = False
+        self.end_reason = ""
+
+    async def run(self) -> int:
+        try:
+            conn = await self._connect()
+        except (OSError, PeerClosed) as exc:
+            return self._fail(EXIT_HOST_LOST, f"cannot reach the host at {self.address}: {exc}")
+        self.conn = conn
+        try:
+            welcome = await client_hello(conn, self.guest_id, self._token, os.getpid())
+        except HandshakeRefused as exc:
+            conn.close()
+            return self._fail(EXIT_REFUSED, f"the host refused guest {self.guest_id}: {exc}")
+        except (PeerClosed, ProtoError) as exc:
+            conn.close()
+            return self._fail(EXIT_HOST_LOST, f"handshake with the host failed: {exc}")
+        try:
+            self.state = build_guest(self.guest_id, welcome.config, conn)
+        except ProtoError as exc:
+            conn.close()
+            return self._fail(EXIT_REFUSED, f"bad guest config from the host: {exc}")
+        log.info(ev.GUEST_STARTED, guest=self.guest_id, pid=os.getpid(), ram_pages=welcome.config.get("ram_pages"))
+        conn.requests = {MsgType.INVALIDATE: self._on_invalidate, MsgType.PING: lambda m: Pong(m.payload)}
+        conn.notifications = {MsgType.TICK_START: self._on_tick_start, MsgType.RUN_END: self._on_run_end,
+                              MsgType.BALLOON_TARGET: self._on_balloon_target}
+        if conn.is_closing:
+            return self._fail(EXIT_HOST_LOST, "the host closed the connection right after the handshake")
+        try:
+            code = await self._vcpu_loop()
+        except PeerClosed as exc:
+            code = self._fail(EXIT_HOST_LOST, f"lost the host mid-tick: {exc}")
+        finally:
+            conn.close()
+        return code
+
+    async def _connect(self) -> RpcConnection:
+        deadline = time.monotonic() + CONNECT_TIMEOUT_S
+        delay = 0.02
+        while True:
+            try:
+                proto = await connect(self.address, lambda: RpcConnection(name="host", on_close=self._on_close))
+                return proto  # type: ignore[return-value]
+            except (FileNotFoundError, ConnectionRefusedError):
+                if time.monotonic() + delay > deadline:
+                    raise
+                await asyncio.sleep(delay)  # the host is still starting; back off
+                delay = min(delay * 2, 0.5)
+
+    async def _vcpu_loop(self) -> int:
+        assert self.state is not None and self.conn is not None
+        st = self.state
+        while True:
+            item = await self._ticks.get()
+            if item is _LOST:
+                st.log_finished("host lost")
+                return self._fail(EXIT_HOST_LOST, "the host closed the connection before ending the run")
+            if isinstance(item, RunEnd):
+                st.log_finished(item.reason)
+                return EXIT_OK
+            tick: TickStart = item
+            structlog.contextvars.bind_contextvars(tick=tick.tick)
+            stats, accessed, dirty = await st.run_tick(tick)
+            if self.conn.is_closing:
+                continue  # the loss is queued as _LOST
+            self.conn.notify(TickDone(tick.tick, float(st.vt_us), stats, accessed, dirty))
+
+    # --- handlers from the host ------------------------------------------------
+
+    def _on_tick_start(self, msg: TickStart) -> None:
+        try:
+            self._ticks.put_nowait(msg)
+        except asyncio.QueueFull:
+            log.error("protocol_violated", reason="host sent TickStart while ticks were still queued", tick=msg.tick)
+
+    def _on_run_end(self, msg: RunEnd) -> None:
+        self._ending = True
+        self.end_reason = msg.reason
+        self._put_final(msg)
+
+    def _on_balloon_target(self, msg: BalloonTarget) -> None:
+        assert self.state is not None
+        self.state.set_balloon_target(msg.target_pages)
+
+    def _on_invalidate(self, msg: Invalidate) -> InvalidateReply:
+        assert self.state is not None
+        return InvalidateReply(self.state.invalidate(msg.gpfns))
+
+    def _on_close(self, conn: RpcConnection, exc: BaseException | None) -> None:
+        if not self._ending:
+            self._put_final(_LOST)
+
+    def _put_final(self, item: Any) -> None:
+        # The final item must get through even if the queue is full of ticks.
+        while self._ticks.full():
+            self._ticks.get_nowait()
+        self._ticks.put_nowait(item)
+
+    def _fail(self, code: int, message: str) -> int:
+        if code == EXIT_HOST_LOST:
+            log.error(ev.HOST_LOST, reason=message)
+        else:
+            log.error("guest_failed", reason=message, exit_code=code)
+        print(f"guestd[{self.guest_id}]: {message}", file=sys.stderr)
+        return code

@@ -1,0 +1,46 @@
+"""``python -m hostd --config RUN.json --address ADDR [--log FILE]``
+
+The per-run token comes in the environment (``BALLOONLAB_TOKEN``), never on
+the command line. Progress and the ``ready`` line go to stdout as JSON lines
+for the launcher; the structured log goes to ``--log``.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from proto.errors import ConfigError
+from proto.logconf import configure_logging
+from proto.transport import parse_address
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m hostd", description="balloonlab host hypervisor")
+    ap.add_argument("--config", required=True, type=Path, help="resolved run config (JSON) written by the launcher")
+    ap.add_argument("--address", required=True, help="unix:PATH, PATH or tcp://HOST:PORT to listen on")
+    ap.add_argument("--log", type=Path, default=None, help="JSON-lines log file (default: stderr)")
+    ap.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    args = ap.parse_args(argv)
+    token = os.environ.get("BALLOONLAB_TOKEN", "")
+    if not token:
+        print("hostd: BALLOONLAB_TOKEN is not set; the launcher passes the per-run token there", file=sys.stderr)
+        return 2
+    from hostd.config import load_run_config  # after argparse so --help is fast
+    try:
+        cfg = load_run_config(args.config)
+        address = parse_address(args.address)
+    except ConfigError as exc:
+        print(f"hostd: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(args.log, proc="host", level=args.log_level, run_id=cfg.run_id, variant=cfg.variant)
+    import uvloop
+
+    from hostd.server import Host
+    host = Host(cfg, token, address, progress_out=sys.stdout)
+    return uvloop.run(host.run())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

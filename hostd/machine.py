@@ -1,0 +1,269 @@
+"""The host's machine: memory, balloon targets and monitors, tick by tick.
+
+The server owns connections and the clock; the machine owns what a tick
+changes. It is told when a guest joins, finishes a tick, goes silent or
+dies, and it answers the guests' memory and disk requests by delegating to
+``HostMemory``. Errors from host memory carry a wire ``code`` and go back to
+the guest as error replies; each refusal is counted per reason and logged.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Awaitable, Callable
+
+import numpy as np
+import structlog
+
+from proto import events as ev
+from proto.costs import CostModel, DiskProfile
+from proto.errors import ErrorCode
+from proto.messages import (BalloonDeflate, BalloonInflate, BalloonReply, BalloonTarget, DiskRead, DiskReadReply,
+                            DiskWrite, DiskWriteReply, EptFault, EptFaultReply, Invalidate, InvalidateReply,
+                            Message, MsgType, TickDone)
+from proto.rpc import RequestHandler
+
+from .balloon import make_controller
+from .balloon.view import GuestView, HostView
+from .config import RunConfig
+from .errors import HostdError
+from .memconfig import balloon_config, host_memory_config
+from .memory import HostMemory
+from .session import GuestSession
+
+if TYPE_CHECKING:
+    from .server import Host
+
+__all__ = ["Machine"]
+
+log = structlog.get_logger("hostd.machine")
+
+_HOST_STREAM = 0x6F5  # seeds the host's generator apart from the guests'
+
+
+class Machine:
+    def __init__(self, cfg: RunConfig, host: "Host") -> None:
+        self.cfg = cfg
+        self.host = host
+        self.mem_cfg = host_memory_config(cfg.host)
+        self.balloon_cfg = balloon_config(cfg.balloon)
+        self.costs = CostModel.from_mapping(cfg.costs)
+        disk = cfg.disk
+        self.vdisk_profile = DiskProfile.from_mapping(disk.get("vdisk", {}), "[disk.vdisk]")
+        swap_profile = DiskProfile.from_mapping(disk.get("swap", {}), "[disk.swap]")
+        guest_ram = sum(g.ram_pages for g in cfg.guests)
+        self.ram_pages = self.mem_cfg.host_ram_pages(guest_ram)
+        swap_pages = self.mem_cfg.swap_pages if self.mem_cfg.swap_pages is not None else 2 * guest_ram
+        self.mem = HostMemory(
+            self.ram_pages, swap_pages, self.mem_cfg.victim,
+            np.random.default_rng(np.random.SeedSequence([cfg.seed, _HOST_STREAM])), self.costs, swap_profile,
+            self._shootdown,
+            low_watermark_frames=max(1, int(self.ram_pages * self.mem_cfg.low_watermark_pct / 100)),
+            reclaim_batch_frames=self.mem_cfg.reclaim_batch_pages, cluster_pages=self.mem_cfg.cluster_pages,
+            vdisk_cache_max_pages=self.mem_cfg.cache_max_pages,
+            max_inflight_requests=self.mem_cfg.max_inflight_requests)
+        self.controller = make_controller(self.balloon_cfg.policy, self.balloon_cfg.params)
+        self.specs = {g.guest_id: g for g in cfg.guests}
+        self.targets: dict[int, int] = {}           # last target sent, per guest
+        self.stalled_ticks: dict[int, int] = {}     # ticks without balloon progress, per guest
+        self.last_actual: dict[int, int] = {}       # balloon size seen last tick, per guest
+        self.uncooperative: set[int] = set()
+        self.invariant_violations = 0
+        self.peak: dict[str, int] = {}
+        self.rejected: dict[str, int] = {}
+
+    # --- guests -----------------------------------------------------------------
+
+    def guest_joined(self, session: GuestSession) -> None:
+        gid = session.guest_id
+        assert gid is not None
+        spec = self.specs[gid]
+        max_balloon = int(spec.ram_pages * self.balloon_cfg.max_percent / 100)
+        self.mem.add_guest(gid, spec.ram_pages, max_balloon, disk_blocks=int(spec.config.get("disk_blocks", 0)),
+                           disk_profile=self.vdisk_profile)
+        self.targets[gid] = 0
+        self.stalled_ticks[gid] = 0
+
+    def guest_gone(self, session: GuestSession) -> dict[str, int]:
+        gid = session.guest_id
+        assert gid is not None
+        if gid not in self.mem.guest_ids():
+            return {}
+        counts = self.mem.guest_counts(gid)
+        self.mem.remove_guest(gid)
+        self.targets.pop(gid, None)
+        self._check_invariant("guest_gone")
+        return {"released_frames": int(counts.get("resident_pages", 0)),
+                "released_swap_pages": int(counts.get("swapped_pages", 0))}
+
+    def guest_unresponsive(self, session: GuestSession) -> None:
+        # Its memory stays; host swapping reclaims it if the host needs it.
+        pass
+
+    def tick_done(self, session: GuestSession, msg: TickDone) -> None:
+        gid = session.guest_id
+        assert gid is not None
+        session.last_stats = msg.stats
+        try:
+            self.mem.set_ad_bits(gid, msg.accessed, msg.dirty)
+        except HostdError as exc:
+            self._rejected(session, "tick_done", exc)
+
+    # --- requests ---------------------------------------------------------------
+
+    def request_handlers(self, session: GuestSession) -> dict[MsgType, RequestHandler]:
+        gid = session.guest_id
+        assert gid is not None
+        mem = self.mem
+        hypercall_us = self.costs.hypercall_us
+
+        async def ept_fault(m: EptFault) -> EptFaultReply:
+            tokens, done = await mem.ept_fault(gid, m.gpfns, m.vt_us)
+            return EptFaultReply(tokens, done)
+
+        def inflate(m: BalloonInflate) -> BalloonReply:
+            mem.balloon_inflate(gid, m.gpfns)
+            return BalloonReply(mem.balloon_pages(gid), m.vt_us + hypercall_us)
+
+        def deflate(m: BalloonDeflate) -> BalloonReply:
+            mem.balloon_deflate(gid, m.gpfns)
+            return BalloonReply(mem.balloon_pages(gid), m.vt_us + hypercall_us)
+
+        async def disk_read(m: DiskRead) -> DiskReadReply:
+            tokens, done = await mem.vdisk_read(gid, m.blocks, m.vt_us)
+            return DiskReadReply(tokens, done)
+
+        async def disk_write(m: DiskWrite) -> DiskWriteReply:
+            return DiskWriteReply(await mem.vdisk_write(gid, m.blocks, m.tokens, m.vt_us))
+
+        handlers: dict[MsgType, Callable[[Any], Any]] = {
+            MsgType.EPT_FAULT: ept_fault, MsgType.BALLOON_INFLATE: inflate, MsgType.BALLOON_DEFLATE: deflate,
+            MsgType.DISK_READ: disk_read, MsgType.DISK_WRITE: disk_write,
+        }
+        return {t: self._guarded(session, t, h) for t, h in handlers.items()}
+
+    def _guarded(self, session: GuestSession, msg_type: MsgType, handler: Callable[[Any], Any]) -> RequestHandler:
+        """Count and log every refusal; the error itself goes back as the reply."""
+        name = msg_type.name.lower()
+
+        def sync_call(m: Message) -> Any:
+            try:
+                result = handler(m)
+            except HostdError as exc:
+                self._rejected(session, name, exc)
+                raise
+            if isinstance(result, Awaitable):
+                return self._await_guarded(session, name, result)
+            return result
+
+        return sync_call
+
+    async def _await_guarded(self, session: GuestSession, name: str, coro: Awaitable[Any]) -> Any:
+        try:
+            return await coro
+        except HostdError as exc:
+            self._rejected(session, name, exc)
+            raise
+
+    def _rejected(self, session: GuestSession, msg_type: str, exc: HostdError) -> None:
+        code = getattr(exc, "code", ErrorCode.INTERNAL)
+        reason = ErrorCode(code).name if code in ErrorCode._value2member_map_ else str(code)
+        session.count_rejection(reason)
+        self.rejected[reason] = self.rejected.get(reason, 0) + 1
+        log.warning(ev.REQUEST_REJECTED, guest=session.guest_id, msg_type=msg_type, code=reason, reason=str(exc))
+
+    async def _shootdown(self, gid: int, gpfns: np.ndarray) -> np.ndarray:
+        session = self.host.sessions.get(gid)
+        if session is None:
+            raise HostdError(f"guest {gid} is gone; cannot invalidate its mappings")
+        reply = await session.conn.call(Invalidate(gpfns), timeout_s=self.mem_cfg.shootdown_timeout_s)
+        assert isinstance(reply, InvalidateReply)
+        return reply.tokens
+
+    # --- the tick ------------------------------------------------------------------
+
+    async def end_tick(self, tick: int, vt_us: int) -> None:
+        mem = self.mem
+        mem.tick(vt_us)
+        await mem.balance(vt_us)
+        self._set_targets(tick, vt_us)
+        if (tick + 1) % self.mem_cfg.invariant_every_ticks == 0:
+            self._check_invariant("tick")
+        snap = mem.snapshot()
+        for key in ("iobuf_pages", "cache_pages", "pinned_frames", "swap_used_slots"):
+            self.peak[key] = max(self.peak.get(key, 0), int(snap.get(key, 0)))
+        self.peak["min_free_frames"] = min(self.peak.get("min_free_frames", snap["free_frames"]), snap["free_frames"])
+        every = self.cfg.metrics_every_ticks
+        if (tick + 1) % every == 0 or tick + 1 == self.cfg.ticks:
+            guests = snap.pop("guests")
+            log.info(ev.TICK_COMPLETED, tick=tick, vt_us=vt_us, live_guests=len(self.host.sessions),
+                     balloon_targets={str(k): v for k, v in sorted(self.targets.items())},
+                     guests=guests, **snap)
+
+    def _set_targets(self, tick: int, vt_us: int) -> None:
+        mem = self.mem
+        snap_guests = []
+        for gid, session in sorted(self.host.sessions.items()):
+            counts = mem.guest_counts(gid)
+            spec = self.specs[gid]
+            actual = mem.balloon_pages(gid)
+            target = self.targets.get(gid, 0)
+            self._watch_cooperation(gid, target, actual, tick)
+            snap_guests.append(GuestView(
+                guest_id=gid, ram_pages=spec.ram_pages, max_balloon_pages=int(counts["max_balloon_pages"]),
+                target_pages=target, actual_pages=actual, resident_pages=int(counts["resident_pages"]),
+                stats=session.last_stats, shares=int(spec.config.get("shares", 1000))))
+        if not snap_guests:
+            return
+        pool = mem.pool.counts()
+        view = HostView(tick=tick, vt_us=float(vt_us), total_frames=mem.pool.total_frames,
+                        free_frames=pool["free"], cache_pages=pool["cache"], iobuf_pages=pool["iobuf"],
+                        guests=snap_guests)
+        wanted = self.controller.targets(view)
+        for g in snap_guests:
+            gid = g.guest_id
+            new = int(min(max(wanted.get(gid, g.target_pages), 0), g.max_balloon_pages))
+            if gid in self.uncooperative:
+                new = min(new, g.actual_pages)  # stop asking; host swapping covers it
+            if new != self.targets.get(gid, 0):
+                session = self.host.sessions[gid]
+                log.info(ev.BALLOON_TARGET_SET, guest=gid, target_pages=new, previous_pages=self.targets.get(gid, 0),
+                         actual_pages=g.actual_pages, policy=self.balloon_cfg.policy)
+                self.targets[gid] = new
+                self.stalled_ticks[gid] = 0
+                if not session.conn.is_closing:
+                    session.conn.notify(BalloonTarget(new))
+
+    def _watch_cooperation(self, gid: int, target: int, actual: int, tick: int) -> None:
+        """A guest that makes no progress toward its target for long is flagged once."""
+        if actual >= target or gid in self.uncooperative:
+            self.stalled_ticks[gid] = 0
+            return
+        last = self.last_actual.get(gid)
+        if last is not None and actual > last:
+            self.stalled_ticks[gid] = 0
+        else:
+            self.stalled_ticks[gid] = self.stalled_ticks.get(gid, 0) + 1
+        self.last_actual[gid] = actual
+        if self.stalled_ticks[gid] >= self.mem_cfg.uncooperative_ticks:
+            self.uncooperative.add(gid)
+            log.warning(ev.GUEST_UNCOOPERATIVE, guest=gid, target_pages=target, actual_pages=actual,
+                        ticks=self.stalled_ticks[gid])
+
+    def _check_invariant(self, when: str) -> None:
+        try:
+            self.mem.check_invariant()
+        except HostdError as exc:
+            self.invariant_violations += 1
+            log.error(ev.INVARIANT_VIOLATED, what=str(exc), when=when)
+
+    # --- reporting -------------------------------------------------------------------
+
+    def progress_metrics(self) -> dict[str, Any]:
+        pool = self.mem.pool.counts()
+        return {"free_frames": pool["free"], "host_swapped": self.mem.counters.swap_out_pages}
+
+    def final_metrics(self) -> dict[str, Any]:
+        snap = self.mem.snapshot()
+        guests = snap.pop("guests")
+        return {"memory": snap, "guests_memory": guests, "peaks": dict(self.peak),
+                "invariant_violations": self.invariant_violations, "ram_pages": self.ram_pages,
+                "rejected_requests": dict(self.rejected), "uncooperative_guests": sorted(self.uncooperative)}

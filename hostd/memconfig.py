@@ -1,0 +1,115 @@
+"""The ``[host]`` and ``[balloon]`` tables of a scenario, validated.
+
+Sizes are given in MiB (4 KiB pages: 256 per MiB) and become pages here.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from proto.errors import ConfigError
+
+__all__ = ["HostMemConfig", "BalloonConfig", "host_memory_config", "balloon_config", "MIB_PAGES"]
+
+MIB_PAGES = 256
+
+_HOST_KEYS: dict[str, tuple[type, ...]] = {
+    "ram_mib": (int, float), "overcommit": (int, float), "swap_mib": (int, float), "victim": (str,),
+    "cache_max_mib": (int, float), "cluster_kib": (int,), "max_inflight_requests": (int,),
+    "low_watermark_pct": (int, float), "reclaim_batch_pages": (int,), "invariant_every_ticks": (int,),
+    "shootdown_timeout_s": (int, float), "uncooperative_ticks": (int,),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class HostMemConfig:
+    ram_pages: int | None          # None: derived from the guests and `overcommit`
+    overcommit: float              # sum of guest RAM / host RAM when ram_mib is not given
+    swap_pages: int | None         # None: twice the host RAM
+    victim: str
+    cache_max_pages: int | None
+    cluster_pages: int
+    max_inflight_requests: int
+    low_watermark_pct: float
+    reclaim_batch_pages: int
+    invariant_every_ticks: int
+    shootdown_timeout_s: float
+    uncooperative_ticks: int        # no balloon progress for this long -> fall back to host swapping
+
+    def host_ram_pages(self, guest_ram_pages: int) -> int:
+        if self.ram_pages is not None:
+            return self.ram_pages
+        return max(1, int(guest_ram_pages / self.overcommit))
+
+
+@dataclass(frozen=True, slots=True)
+class BalloonConfig:
+    policy: str
+    params: dict[str, Any]
+    max_percent: float
+
+
+def _check(table: Mapping[str, Any], keys: Mapping[str, tuple[type, ...]], where: str) -> None:
+    if not isinstance(table, Mapping):
+        raise ConfigError(f"{where} must be a table")
+    for key, value in table.items():
+        if key not in keys:
+            raise ConfigError(f"{where}.{key}: unknown key; known: {sorted(keys)}")
+        if isinstance(value, bool) or not isinstance(value, keys[key]):
+            raise ConfigError(f"{where}.{key}: expected {'/'.join(t.__name__ for t in keys[key])}, "
+                              f"got {type(value).__name__} {value!r}")
+
+
+def _positive(table: Mapping[str, Any], key: str, where: str, default: Any, allow_zero: bool = False) -> Any:
+    value = table.get(key, default)
+    if value is None:
+        return None
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(f"{where}.{key}: must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+    return value
+
+
+def host_memory_config(table: Mapping[str, Any], where: str = "[host]") -> HostMemConfig:
+    _check(table, _HOST_KEYS, where)
+    from .victim import VICTIM_POLICIES  # the registry names the valid victims
+    victim = table.get("victim", "random")
+    if victim not in VICTIM_POLICIES:
+        raise ConfigError(f"{where}.victim: unknown victim policy {victim!r}; known: {sorted(VICTIM_POLICIES)}")
+    ram = _positive(table, "ram_mib", where, None)
+    swap = _positive(table, "swap_mib", where, None, allow_zero=True)
+    cache = _positive(table, "cache_max_mib", where, None, allow_zero=True)
+    cluster_kib = _positive(table, "cluster_kib", where, 64)
+    if cluster_kib % 4:
+        raise ConfigError(f"{where}.cluster_kib: must be a multiple of 4 (the page size), got {cluster_kib}")
+    pct = _positive(table, "low_watermark_pct", where, 1.0)
+    if pct >= 50:
+        raise ConfigError(f"{where}.low_watermark_pct: must be < 50, got {pct}")
+    return HostMemConfig(
+        ram_pages=None if ram is None else int(ram * MIB_PAGES),
+        overcommit=float(_positive(table, "overcommit", where, 1.25)),
+        swap_pages=None if swap is None else int(swap * MIB_PAGES),
+        victim=victim,
+        cache_max_pages=None if cache is None else int(cache * MIB_PAGES),
+        cluster_pages=cluster_kib // 4,
+        max_inflight_requests=int(_positive(table, "max_inflight_requests", where, 32)),
+        low_watermark_pct=float(pct),
+        reclaim_batch_pages=int(_positive(table, "reclaim_batch_pages", where, 32)),
+        invariant_every_ticks=int(_positive(table, "invariant_every_ticks", where, 1)),
+        shootdown_timeout_s=float(_positive(table, "shootdown_timeout_s", where, 10.0)),
+        uncooperative_ticks=int(_positive(table, "uncooperative_ticks", where, 50)),
+    )
+
+
+def balloon_config(table: Mapping[str, Any], where: str = "[balloon]") -> BalloonConfig:
+    _check(table, {"policy": (str,), "params": (dict,), "max_percent": (int, float)}, where)
+    policy = table.get("policy", "none")
+    params = dict(table.get("params", {}))
+    max_percent = float(_positive(table, "max_percent", where, 65.0, allow_zero=True))
+    if max_percent > 100:
+        raise ConfigError(f"{where}.max_percent: must be <= 100, got {max_percent}")
+    from .balloon import make_controller  # raises ConfigError-compatible errors for bad names/params
+    try:
+        make_controller(policy, params)
+    except (KeyError, ValueError, TypeError) as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    return BalloonConfig(policy, params, max_percent)

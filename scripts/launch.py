@@ -1,0 +1,147 @@
+"""Launch host + N guests from a scenario, variant by variant, and summarise.
+
+    scripts/launch.py [--scenario NAME|FILE] [--guests N] [--seed S]
+                      [--duration SECONDS | --ticks N] [--variant NAME]
+                      [--run-dir DIR] [--transport unix|tcp]
+
+Exit status: 0 when every variant ran to its end, 1 when a variant failed
+(host error, a guest that crashed with an error, an unexpected deadlock),
+2 for a bad scenario or arguments, 130 on Ctrl-C.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a file: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from proto.errors import ConfigError  # noqa: E402
+from proto.handshake import new_token  # noqa: E402
+from scripts.progress import Progress  # noqa: E402
+from scripts.runner import VariantResult, run_variant  # noqa: E402
+from scripts.scenario import Overrides, Scenario, find_scenario, load_scenario  # noqa: E402
+from scripts.validators import VALIDATORS  # noqa: E402
+
+DEFAULT_SCENARIO = "basic"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="balloonlab-launch", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--scenario", default=DEFAULT_SCENARIO, help=f"scenario name or .toml path (default {DEFAULT_SCENARIO})")
+    ap.add_argument("--guests", type=int, help="number of guests (overrides the scenario)")
+    ap.add_argument("--seed", type=int, help="random seed (overrides the scenario)")
+    length = ap.add_mutually_exclusive_group()
+    length.add_argument("--duration", type=float, metavar="SECONDS", help="virtual seconds to run")
+    length.add_argument("--ticks", type=int, help="ticks to run")
+    ap.add_argument("--variant", help="run only this variant")
+    ap.add_argument("--run-dir", type=Path, help="where logs and the summary go (default runs/SCENARIO-TIME)")
+    ap.add_argument("--transport", choices=["unix", "tcp"], default="unix")
+    ap.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    ap.add_argument("--no-report", action="store_true", help="skip the report and plots at the end")
+    args = ap.parse_args(argv)
+    if args.guests is not None and args.guests < 1:
+        ap.error(f"--guests must be >= 1, got {args.guests}")
+    if args.ticks is not None and args.ticks < 1:
+        ap.error(f"--ticks must be >= 1, got {args.ticks}")
+    if args.duration is not None and not args.duration > 0:
+        ap.error(f"--duration must be > 0, got {args.duration}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        path = find_scenario(args.scenario)
+        scenario = load_scenario(path, Overrides(guests=args.guests, seed=args.seed, duration_s=args.duration,
+                                                 ticks=args.ticks, variant=args.variant), VALIDATORS)
+    except ConfigError as exc:
+        print(f"balloonlab-launch: {exc}", file=sys.stderr)
+        return 2
+    run_dir = args.run_dir or Path("runs") / f"{scenario.name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(run_dir, 0o700)
+    shutil.copy(path, run_dir / "scenario.toml")
+    import uvloop
+    return uvloop.run(_launch(scenario, run_dir, args))
+
+
+async def _launch(scenario: Scenario, run_dir: Path, args: argparse.Namespace) -> int:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    progress = Progress()
+    results: list[VariantResult] = []
+    names = list(scenario.variants)
+    print(f"balloonlab: scenario {scenario.name} ({', '.join(names)}), run directory {run_dir}", file=sys.stderr)
+    sock_dir = None
+    try:
+        for name in names:
+            vdir = run_dir if len(names) == 1 else run_dir / name
+            token = new_token()
+            run_id = f"{scenario.name}-{name}-{os.getpid()}-{int(time.time())}"
+            if args.transport == "tcp":
+                address = "tcp://127.0.0.1:0"
+            else:
+                sock = (vdir / "host.sock").resolve()
+                if len(os.fsencode(str(sock))) > 100:  # AF_UNIX paths are limited to ~107 bytes
+                    sock_dir = sock_dir or Path(tempfile.mkdtemp(prefix="balloonlab-", dir="/tmp"))
+                    sock = sock_dir / f"{name}.sock"
+                address = f"unix:{sock}"
+            progress.start(name)
+            result = await run_variant(scenario.run_config(name, run_id), vdir, address, token, progress.update,
+                                       stop, log_level=args.log_level)
+            progress.done()
+            results.append(result)
+            _report_variant(result)
+            if result.interrupted:
+                break
+    finally:
+        if sock_dir is not None:
+            shutil.rmtree(sock_dir, ignore_errors=True)
+    interrupted = any(r.interrupted for r in results)
+    from scripts.analysis.summary import format_table, summarize, write_summary
+    try:
+        summary = summarize(run_dir)
+        write_summary(run_dir, summary)
+        print(format_table(summary))
+    except Exception as exc:  # a broken analysis must not hide how the run went
+        print(f"balloonlab-launch: could not summarise {run_dir}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        summary = None
+    if summary is not None and not args.no_report and not interrupted:
+        try:
+            from scripts.analysis.report import write_report
+            report = write_report(run_dir, summary)
+            print(f"report: {report}", file=sys.stderr)
+        except ImportError:
+            pass
+    print(f"run directory: {run_dir}", file=sys.stderr)
+    if interrupted:
+        print("balloonlab-launch: interrupted; every process was stopped", file=sys.stderr)
+        return 130
+    return 0 if all(r.ok for r in results) else 1
+
+
+def _report_variant(r: VariantResult) -> None:
+    if r.error:
+        print(f"[{r.variant}] FAILED: {r.error}", file=sys.stderr)
+    if r.host is not None and r.host.returncode not in (0, None) and not r.interrupted:
+        print(f"[{r.variant}] host exited with {r.host.returncode}:\n{r.host.stderr_tail}", file=sys.stderr)
+    for g in r.guests:
+        if g.killed_by:
+            print(f"[{r.variant}] {g.name} was killed by {g.killed_by}", file=sys.stderr)
+        elif g.returncode not in (0, None):
+            print(f"[{r.variant}] {g.name} exited with {g.returncode}:\n{g.stderr_tail}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

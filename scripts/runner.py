@@ -1,0 +1,216 @@
+"""Run one variant: start the host, then the guests; watch them; tear down.
+
+Children run in their own sessions (a terminal's Ctrl-C reaches only the
+launcher, which then stops them in order) and die with the launcher
+(PR_SET_PDEATHSIG), so no process outlives a run. Teardown is always:
+SIGTERM, wait, SIGKILL.
+"""
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import json
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+__all__ = ["ChildResult", "VariantResult", "run_variant", "TEARDOWN_GRACE_S"]
+
+TEARDOWN_GRACE_S = 5.0
+HOST_READY_TIMEOUT_S = 30.0
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    # Runs in the child between fork and exec.
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except OSError:
+        pass
+
+
+@dataclass
+class ChildResult:
+    name: str
+    pid: int
+    returncode: int | None
+    stderr_tail: str = ""
+
+    @property
+    def killed_by(self) -> str | None:
+        if self.returncode is not None and self.returncode < 0:
+            return signal.Signals(-self.returncode).name
+        return None
+
+
+@dataclass
+class VariantResult:
+    variant: str
+    run_dir: Path
+    host: ChildResult | None = None
+    guests: list[ChildResult] = field(default_factory=list)
+    interrupted: bool = False
+    error: str | None = None
+    finished: dict[str, Any] = field(default_factory=dict)
+    wall_s: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        if self.error or self.interrupted or self.host is None or self.host.returncode != 0:
+            return False
+        # A guest killed from outside is a reported event, not a launcher failure;
+        # a guest that exited with an error code is a bug.
+        return not any(g.returncode is not None and g.returncode > 0 for g in self.guests)
+
+
+class _Children:
+    def __init__(self) -> None:
+        self.procs: dict[str, asyncio.subprocess.Process] = {}
+        self.stderr_paths: dict[str, Path] = {}
+
+    async def spawn(self, name: str, argv: list[str], env: dict[str, str], stderr_path: Path,
+                    stdout_pipe: bool = False) -> asyncio.subprocess.Process:
+        with open(stderr_path, "wb") as err:
+            proc = await asyncio.create_subprocess_exec(
+                *argv, env=env, stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE if stdout_pipe else asyncio.subprocess.DEVNULL,
+                stderr=err, start_new_session=True, preexec_fn=_die_with_parent)
+        self.procs[name] = proc
+        self.stderr_paths[name] = stderr_path
+        return proc
+
+    async def teardown(self, grace_s: float = TEARDOWN_GRACE_S) -> None:
+        live = [p for p in self.procs.values() if p.returncode is None]
+        for p in live:
+            _signal(p, signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        for p in live:
+            try:
+                await asyncio.wait_for(p.wait(), max(0.01, deadline - time.monotonic()))
+            except asyncio.TimeoutError:
+                _signal(p, signal.SIGKILL)
+                await p.wait()
+
+    def result(self, name: str) -> ChildResult:
+        p = self.procs[name]
+        tail = ""
+        path = self.stderr_paths[name]
+        try:
+            data = path.read_bytes()
+            tail = data[-2000:].decode(errors="replace")
+            if not data:
+                path.unlink()
+        except FileNotFoundError:
+            pass
+        return ChildResult(name, p.pid, p.returncode, tail)
+
+
+def _signal(p: asyncio.subprocess.Process, sig: int) -> None:
+    try:
+        p.send_signal(sig)
+    except ProcessLookupError:
+        pass
+
+
+async def run_variant(run_config: dict[str, Any], run_dir: Path, address: str, token: str,
+                      on_progress: Callable[[dict[str, Any]], None], stop: asyncio.Event,
+                      python: str = sys.executable, log_level: str = "info") -> VariantResult:
+    """Start host + guests for one variant and supervise them to the end."""
+    run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    cfg_path = run_dir / "host-config.json"
+    cfg_path.write_text(json.dumps(run_config, indent=1))
+    env = dict(os.environ, BALLOONLAB_TOKEN=token, OPENBLAS_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    result = VariantResult(run_config["variant"], run_dir)
+    children = _Children()
+    wall0 = time.monotonic()
+    try:
+        host = await children.spawn("host", [python, "-m", "hostd", "--config", str(cfg_path), "--address", address,
+                                             "--log", str(run_dir / "host.jsonl"), "--log-level", log_level],
+                                    env, run_dir / "host.stderr", stdout_pipe=True)
+        assert host.stdout is not None
+        ready = await _wait_ready(host, stop)
+        if ready is None:
+            await children.teardown()
+            result.host = children.result("host")
+            result.interrupted = stop.is_set()
+            result.error = None if stop.is_set() else "host did not become ready: " + (result.host.stderr_tail.strip()[-500:] or "no output")
+            return result
+        bound = ready
+        for g in run_config["guests"]:
+            gid = g["id"]
+            await children.spawn(f"guest-{gid}", [python, "-m", "guestd", "--address", bound, "--guest-id", str(gid),
+                                                  "--log", str(run_dir / f"guest-{gid}.jsonl"), "--log-level", log_level],
+                                 env, run_dir / f"guest-{gid}.stderr")
+        result.finished = await _follow_host(host, on_progress, stop)
+        if stop.is_set():
+            result.interrupted = True
+            await children.teardown()
+        else:
+            await host.wait()
+            # Guests exit on RunEnd; any that do not are stopped.
+            guests = [p for n, p in children.procs.items() if n != "host"]
+            try:
+                await asyncio.wait_for(asyncio.gather(*(p.wait() for p in guests)), TEARDOWN_GRACE_S)
+            except asyncio.TimeoutError:
+                pass
+            await children.teardown()
+    finally:
+        # Whatever happened above (an exception, a cancellation), nothing outlives the run.
+        await asyncio.shield(children.teardown())
+    result.host = children.result("host")
+    result.guests = [children.result(n) for n in children.procs if n != "host"]
+    result.wall_s = time.monotonic() - wall0
+    return result
+
+
+async def _wait_ready(host: asyncio.subprocess.Process, stop: asyncio.Event) -> str | None:
+    assert host.stdout is not None
+    deadline = time.monotonic() + HOST_READY_TIMEOUT_S
+    while time.monotonic() < deadline and not stop.is_set():
+        line = await _readline(host, stop, deadline - time.monotonic())
+        if line is None:
+            return None
+        msg = _parse(line)
+        if "ready" in msg:
+            return str(msg["ready"])
+    return None
+
+
+async def _readline(host: asyncio.subprocess.Process, stop: asyncio.Event, timeout_s: float) -> bytes | None:
+    assert host.stdout is not None
+    read = asyncio.ensure_future(host.stdout.readline())
+    stopped = asyncio.ensure_future(stop.wait())
+    done, _ = await asyncio.wait({read, stopped}, timeout=max(0.01, timeout_s), return_when=asyncio.FIRST_COMPLETED)
+    stopped.cancel()
+    if read not in done:
+        read.cancel()
+        return None
+    line = read.result()
+    return line or None
+
+
+async def _follow_host(host: asyncio.subprocess.Process, on_progress: Callable[[dict[str, Any]], None],
+                       stop: asyncio.Event) -> dict[str, Any]:
+    finished: dict[str, Any] = {}
+    while not stop.is_set():
+        line = await _readline(host, stop, 3600.0)
+        if line is None:
+            break
+        msg = _parse(line)
+        if "finished" in msg:
+            finished = msg
+        on_progress(msg)
+    return finished
+
+
+def _parse(line: bytes) -> dict[str, Any]:
+    try:
+        obj = json.loads(line)
+        return obj if isinstance(obj, dict) else {}
+    except ValueError:
+        return {}

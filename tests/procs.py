@@ -1,0 +1,97 @@
+"""Helpers for tests that run real processes: start, bound, reap, find leftovers."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+__all__ = ["REPO", "launcher_cmd", "run_launcher", "procs_mentioning", "wait_until", "dump_logs", "Launched"]
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def launcher_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "scripts.launch", *args]
+
+
+def _env() -> dict[str, str]:
+    return dict(os.environ, OPENBLAS_NUM_THREADS="1", PYTHONPATH=str(REPO))
+
+
+def run_launcher(*args: str, timeout_s: float = 120.0) -> subprocess.CompletedProcess:
+    """Run the launcher to the end; on timeout kill it and everything it started."""
+    proc = subprocess.Popen(launcher_cmd(*args), cwd=REPO, env=_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        raise AssertionError(f"launcher {args} did not finish in {timeout_s} s\nstdout:\n{out}\nstderr:\n{err}")
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+class Launched:
+    """A launcher running in the background; always reaped by ``close``."""
+
+    def __init__(self, *args: str) -> None:
+        self.proc = subprocess.Popen(launcher_cmd(*args), cwd=REPO, env=_env(), stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True, start_new_session=True)
+        self.out = ""
+        self.err = ""
+
+    def wait(self, timeout_s: float) -> int:
+        try:
+            self.out, self.err = self.proc.communicate(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            self.close()
+            raise AssertionError(f"launcher did not finish in {timeout_s} s\nstderr:\n{self.err}")
+        return self.proc.returncode
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.out, self.err = self.proc.communicate()
+
+
+def procs_mentioning(text: str) -> list[tuple[int, str]]:
+    """Live processes whose command line contains ``text`` (zombies excluded)."""
+    found = []
+    me = os.getpid()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == me:
+            continue
+        try:
+            cmd = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            state = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (FileNotFoundError, ProcessLookupError, PermissionError, IndexError):
+            continue
+        if text in cmd and state != "Z":
+            found.append((int(entry), cmd))
+    return found
+
+
+def wait_until(pred: Callable[[], bool], timeout_s: float, interval_s: float = 0.05, what: str = "condition") -> None:
+    """Poll ``pred`` until true; fail with ``what`` after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while not pred():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+        time.sleep(interval_s)
+
+
+def dump_logs(run_dir: Path, max_lines: int = 40) -> str:
+    """The tail of every log in a run directory, for failure messages."""
+    parts = []
+    for p in sorted(Path(run_dir).rglob("*")):
+        if p.suffix in (".jsonl", ".stderr") and p.is_file():
+            lines = p.read_text(errors="replace").splitlines()[-max_lines:]
+            parts.append(f"--- {p}\n" + "\n".join(lines))
+    return "\n".join(parts)
