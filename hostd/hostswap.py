@@ -1,0 +1,98 @@
+"""Host swap: a slot store holding page tokens, and the swap device's timing.
+
+A used slot records whose content it holds (guest page or cached disk
+block) so that a leak is detectable and a dead guest's slots can be freed.
+Slots are freed when the page is swapped back in, ballooned, or its guest
+dies. The ``disk`` is a ``proto.costs.DiskModel``: it only computes
+completion times in virtual time; the tokens are stored here at once.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from proto.costs import DiskModel, DiskProfile, disk_profile
+
+from .errors import InvariantViolation
+from .framepool import NO_OWNER, FrameKind
+
+__all__ = ["HostSwap"]
+
+
+class HostSwap:
+    """``n_slots`` swap slots; alloc/free/read/write in O(n) numpy."""
+
+    def __init__(self, n_slots: int, profile: DiskProfile | str = "ssd") -> None:
+        if n_slots < 0:
+            raise ValueError(f"n_slots must be >= 0, got {n_slots}")
+        n = int(n_slots)
+        self.n_slots = n
+        self.token = np.zeros(n, np.uint64)
+        self.used = np.zeros(n, bool)
+        self.owner_kind = np.zeros(n, np.uint8)     # FrameKind.GUEST or CACHE while used
+        self.owner_guest = np.full(n, NO_OWNER, np.int32)
+        self.owner_index = np.full(n, NO_OWNER, np.int64)
+        self._free_stack = np.arange(n - 1, -1, -1, dtype=np.int64)
+        self._n_free = n
+        self.disk = DiskModel(disk_profile(profile) if isinstance(profile, str) else profile)
+
+    def set_profile(self, profile: DiskProfile | str) -> None:
+        """Replace the swap device's timing model (queues start empty)."""
+        self.disk = DiskModel(disk_profile(profile) if isinstance(profile, str) else profile)
+
+    @property
+    def free_slots(self) -> int:
+        return self._n_free
+
+    @property
+    def used_slots(self) -> int:
+        return self.n_slots - self._n_free
+
+    def alloc(self, n: int) -> np.ndarray:
+        """Take up to ``n`` free slots (fewer when swap is full)."""
+        take = min(int(n), self._n_free)
+        slots = self._free_stack[self._n_free - take:self._n_free][::-1].copy()
+        self._n_free -= take
+        self.used[slots] = True
+        return slots
+
+    def store(self, slots: np.ndarray, tokens: np.ndarray, kind: FrameKind,
+              guest_id: int, index: np.ndarray) -> None:
+        """Put content into allocated slots and record whose it is."""
+        self.token[slots] = tokens
+        self.owner_kind[slots] = kind
+        self.owner_guest[slots] = guest_id
+        self.owner_index[slots] = index
+
+    def load(self, slots: np.ndarray) -> np.ndarray:
+        return self.token[slots].copy()
+
+    def free(self, slots: np.ndarray) -> None:
+        slots = np.asarray(slots, np.int64)
+        if slots.size == 0:
+            return
+        if not np.all(self.used[slots]):
+            bad = int(slots[np.flatnonzero(~self.used[slots])[0]])
+            raise InvariantViolation(f"swap slot {bad} freed twice")
+        if np.unique(slots).size != slots.size:
+            raise InvariantViolation("the same swap slot appears twice in one free() call")
+        self.used[slots] = False
+        self.token[slots] = 0
+        self.owner_kind[slots] = 0
+        self.owner_guest[slots] = NO_OWNER
+        self.owner_index[slots] = NO_OWNER
+        self._free_stack[self._n_free:self._n_free + slots.size] = slots
+        self._n_free += slots.size
+
+    def slots_owned_by(self, guest_id: int) -> np.ndarray:
+        return np.flatnonzero(self.used & (self.owner_guest == guest_id))
+
+    def check_invariant(self) -> None:
+        if int(np.count_nonzero(self.used)) != self.used_slots:
+            raise InvariantViolation(
+                f"{int(np.count_nonzero(self.used))} swap slots marked used but {self.used_slots} allocated")
+        stack = self._free_stack[:self._n_free]
+        if np.any(self.used[stack]):
+            bad = int(stack[np.flatnonzero(self.used[stack])[0]])
+            raise InvariantViolation(f"swap slot {bad} is on the free stack but marked used")
+        if np.unique(stack).size != stack.size:
+            raise InvariantViolation("a swap slot is on the free stack twice")

@@ -1,0 +1,81 @@
+"""One guest's physical-to-machine map: where each gpfn's content lives.
+
+Every gpfn is in exactly one state: UNBACKED (no content: a fault gives a
+zero page), FRAME (``loc`` = host frame), SWAPPED (``loc`` = host swap slot)
+or BALLOONED (given to the host by the guest's balloon driver; ``loc`` -1).
+"""
+from __future__ import annotations
+
+from enum import IntEnum
+
+import numpy as np
+
+from .errors import BadBatch, DuplicatePages, OutOfRange
+
+__all__ = ["PageState", "P2M", "NO_LOC", "as_page_numbers"]
+
+NO_LOC = -1
+
+
+class PageState(IntEnum):
+    UNBACKED = 0
+    FRAME = 1
+    SWAPPED = 2
+    BALLOONED = 3
+
+
+def as_page_numbers(values: np.ndarray | bytes | list[int], guest_id: int, what: str,
+                    limit: int, *, unique: bool = False) -> np.ndarray:
+    """Page numbers as int64, checked against ``[0, limit)``; raises naming the first bad one.
+
+    Accepts the wire form (little-endian u8 bytes) as well as arrays.
+    """
+    if isinstance(values, (bytes, bytearray, memoryview)):
+        arr = np.frombuffer(values, "<u8")
+    else:
+        arr = np.asarray(values).reshape(-1)
+    if arr.size == 0:
+        return np.zeros(0, np.int64)
+    if arr.dtype.kind not in "iu":
+        raise BadBatch(f"guest {guest_id}: {what} numbers must be integers, got dtype {arr.dtype}")
+    # Compare before the cast: a huge uint64 must not wrap into range.
+    if arr.dtype.kind == "u":
+        bad = arr >= np.uint64(limit)
+    else:
+        bad = (arr < 0) | (arr >= limit)
+    if np.any(bad):
+        raise OutOfRange(guest_id, what, int(arr[np.flatnonzero(bad)[0]]), limit)
+    out = arr.astype(np.int64, copy=False)
+    if unique and out.size > 1:
+        srt = np.sort(out)
+        dup = srt[1:] == srt[:-1]
+        if np.any(dup):
+            raise DuplicatePages(guest_id, what, int(srt[1:][np.flatnonzero(dup)[0]]))
+    return out
+
+
+class P2M:
+    """Per-gpfn ``state`` (uint8) and ``loc`` (int64) arrays, plus a pin mask."""
+
+    def __init__(self, guest_pages: int) -> None:
+        if guest_pages <= 0:
+            raise ValueError(f"guest_pages must be > 0, got {guest_pages}")
+        self.guest_pages = int(guest_pages)
+        self.state = np.zeros(self.guest_pages, np.uint8)
+        self.loc = np.full(self.guest_pages, NO_LOC, np.int64)
+        # Pinned gpfns keep their host frame pinned, also when faulted in again.
+        self.pinned = np.zeros(self.guest_pages, bool)
+
+    def count(self, state: PageState) -> int:
+        return int(np.count_nonzero(self.state == state))
+
+    def counts(self) -> dict[str, int]:
+        c = np.bincount(self.state, minlength=len(PageState))
+        return {s.name.lower(): int(c[s]) for s in PageState}
+
+    def in_state(self, state: PageState) -> np.ndarray:
+        return np.flatnonzero(self.state == state)
+
+    def set(self, gpfns: np.ndarray, state: PageState, loc: np.ndarray | int = NO_LOC) -> None:
+        self.state[gpfns] = state
+        self.loc[gpfns] = loc

@@ -1,0 +1,115 @@
+"""Host frame pool, p2m and host swap slots: allocation and their own invariants."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from hostd.errors import BadBatch, DuplicatePages, InvariantViolation, OutOfRange
+from hostd.framepool import FrameKind, FramePool
+from hostd.hostswap import HostSwap
+from hostd.p2m import P2M, PageState, as_page_numbers
+
+
+def test_alloc_takes_frames_and_counts_them_by_kind() -> None:
+    pool = FramePool(8)
+    frames = pool.alloc(3, FrameKind.GUEST, 1, np.array([10, 11, 12]), np.array([7, 8, 9], np.uint64))
+    assert frames.size == 3 and np.unique(frames).size == 3
+    assert pool.free_frames == 5 and pool.used_frames == 3
+    assert pool.counts() == {"free": 5, "guest": 3, "cache": 0, "iobuf": 0}
+    assert pool.owner_index[frames].tolist() == [10, 11, 12]
+    assert pool.token[frames].tolist() == [7, 8, 9]
+    pool.check_invariant()
+
+
+def test_alloc_returns_fewer_when_the_pool_runs_dry() -> None:
+    pool = FramePool(4)
+    assert pool.alloc(10, FrameKind.CACHE, 2).size == 4
+    assert pool.alloc(1, FrameKind.CACHE, 2).size == 0
+    pool.check_invariant()
+
+
+def test_free_clears_everything_and_reuses_the_frame_first() -> None:
+    pool = FramePool(4)
+    frames = pool.alloc(2, FrameKind.GUEST, 1, np.array([0, 1]), np.array([5, 6], np.uint64))
+    pool.pinned[frames] = True
+    pool.accessed[frames] = True
+    pool.free(frames[:1])
+    f = int(frames[0])
+    assert pool.kind[f] == FrameKind.FREE and pool.owner_guest[f] == -1
+    assert not pool.pinned[f] and not pool.accessed[f] and pool.token[f] == 0
+    assert pool.alloc(1, FrameKind.IOBUF, 3).tolist() == [f]
+    pool.check_invariant()
+
+
+def test_double_free_is_an_invariant_violation() -> None:
+    pool = FramePool(4)
+    frames = pool.alloc(1, FrameKind.GUEST, 1)
+    pool.free(frames)
+    with pytest.raises(InvariantViolation, match="freed twice"):
+        pool.free(frames)
+
+
+def test_pool_invariant_catches_a_drifted_kind() -> None:
+    pool = FramePool(4)
+    f = pool.alloc(1, FrameKind.GUEST, 1)
+    pool.kind[f] = FrameKind.CACHE
+    with pytest.raises(InvariantViolation, match="kind counts drifted"):
+        pool.check_invariant()
+
+
+def test_evictable_is_guest_or_cache_not_pinned_not_busy() -> None:
+    pool = FramePool(6)
+    g = pool.alloc(3, FrameKind.GUEST, 1)
+    c = pool.alloc(1, FrameKind.CACHE, 1)
+    pool.alloc(1, FrameKind.IOBUF, 1)
+    pool.pinned[g[0]] = True
+    pool.busy[g[1]] = True
+    assert np.flatnonzero(pool.evictable()).tolist() == sorted([int(g[2]), int(c[0])])
+
+
+def test_page_numbers_are_checked_and_named() -> None:
+    assert as_page_numbers(np.array([1, 2], np.uint64), 1, "gpfn", 4).tolist() == [1, 2]
+    assert as_page_numbers(np.asarray([3, 0], "<u8").tobytes(), 1, "gpfn", 4).tolist() == [3, 0]
+    with pytest.raises(OutOfRange, match="gpfn 4 out of range") as e:
+        as_page_numbers([1, 4], 7, "gpfn", 4)
+    assert e.value.code.name == "OUT_OF_RANGE" and e.value.guest_id == 7
+    with pytest.raises(OutOfRange, match="gpfn -1"):
+        as_page_numbers(np.array([-1]), 1, "gpfn", 4)
+    with pytest.raises(OutOfRange, match=str(2**64 - 1)):
+        as_page_numbers(np.array([2**64 - 1], np.uint64), 1, "gpfn", 4)
+    with pytest.raises(DuplicatePages, match="gpfn 2 appears twice"):
+        as_page_numbers([2, 1, 2], 1, "gpfn", 4, unique=True)
+    with pytest.raises(BadBatch, match="integers"):
+        as_page_numbers(np.array([1.5]), 1, "gpfn", 4)
+    assert as_page_numbers([], 1, "gpfn", 4).size == 0
+
+
+def test_p2m_starts_unbacked_and_counts_states() -> None:
+    p2m = P2M(5)
+    p2m.set(np.array([0, 1]), PageState.FRAME, np.array([3, 4]))
+    p2m.set(np.array([2]), PageState.BALLOONED)
+    assert p2m.counts() == {"unbacked": 2, "frame": 2, "swapped": 0, "ballooned": 1}
+    assert p2m.in_state(PageState.FRAME).tolist() == [0, 1]
+
+
+def test_swap_slots_hold_tokens_and_owners_until_freed() -> None:
+    swap = HostSwap(4)
+    slots = swap.alloc(3)
+    swap.store(slots, np.array([1, 2, 3], np.uint64), FrameKind.GUEST, 5, np.array([9, 8, 7]))
+    assert swap.load(slots).tolist() == [1, 2, 3]
+    assert swap.used_slots == 3 and swap.free_slots == 1
+    assert swap.slots_owned_by(5).tolist() == sorted(slots.tolist())
+    swap.free(slots[:2])
+    assert swap.used_slots == 1
+    assert swap.token[slots[0]] == 0 and swap.owner_guest[slots[0]] == -1
+    swap.check_invariant()
+    with pytest.raises(InvariantViolation, match="freed twice"):
+        swap.free(slots[:1])
+    assert swap.alloc(10).size == 3
+
+
+def test_swap_profile_is_settable() -> None:
+    swap = HostSwap(1, "hdd")
+    assert swap.disk.profile.queue_depth == 1
+    swap.set_profile("ssd")
+    assert swap.disk.profile.queue_depth == 32
