@@ -56,11 +56,13 @@ class MsgType(IntEnum):
 # Field kinds. Checking with exact types is deliberate: bool is an int in
 # Python but not on the wire.
 _INT = "int"        # msgpack int >= 0
-_NUM = "number"     # int or float >= 0, decoded as float
+_NUM = "number"     # int or float, finite and >= 0, decoded as float
 _STR = "str"
 _BIN = "bin"
 _PAGES = "pages"    # bin, length a multiple of 8, <= MAX_PAGES_PER_MESSAGE u64
 _MAP = "map"        # str -> any msgpack value
+
+_INF = float("inf")
 
 
 def pages_to_bytes(pages: Any) -> bytes:
@@ -117,8 +119,8 @@ def _check(msg: str, key: str, kind: str, value: Any) -> Any:
     if kind == _NUM:
         if t is not int and t is not float:
             raise BadField(msg, key, f"expected number, got {t.__name__}")
-        if not value >= 0:  # also rejects NaN
-            raise BadField(msg, key, f"must be >= 0, got {value}")
+        if not 0 <= value < _INF:  # also rejects NaN; inf is no point in virtual time
+            raise BadField(msg, key, f"must be finite and >= 0, got {value}")
         return float(value)
     if kind == _STR:
         if t is not str:
@@ -306,6 +308,9 @@ NOTIFICATIONS: dict[MsgType, type[Message]] = {
 
 
 def msg_type_of(raw: Any) -> MsgType:
+    """The ``MsgType`` of a wire value; only a msgpack int names a type (not 60.0, not True)."""
+    if type(raw) is not int:
+        raise UnknownMessageType(raw)
     try:
         return MsgType(raw)
     except (ValueError, TypeError):
