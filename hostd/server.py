@@ -220,6 +220,7 @@ class Host:
             raise
         gid = hello.guest_id
         self._unauthenticated.discard(session)
+        session.guest_id = gid  # the machine's handlers are bound to it
         session.activate(gid, hello.pid, self.machine.request_handlers(session) | {MsgType.PING: _pong},
                          self._on_tick_done)
         self.sessions[gid] = session
