@@ -1,0 +1,693 @@
+"""Host memory: frames, per-guest p2m, host swap, virtual disks, and the invariant.
+
+``HostMemory`` is socket-free. The session injects ``shootdown``: an
+``async (guest_id, gpfns uint64) -> tokens uint64`` that sends the guest the
+TLB-shootdown (invalidate) RPC and returns the content tokens the guest held
+for those gpfns. The host waits for it before it reuses the frames.
+
+Concurrency: every method may be called from many session tasks at once.
+State changes happen only in synchronous stretches; the only awaits are the
+shootdowns (inside ``reclaim``) and waits for someone else's shootdown. A
+frame whose shootdown is pending is ``busy``: not free, not a victim, not
+freed by balloon inflation or guest death (it is released when the
+acknowledgement arrives). A caller that needs ``n`` frames makes room, then
+re-checks everything it planned, and allocates with no await in between.
+No internal lock: the lock protocols of the design wrap these calls.
+
+Call order for one guest::
+
+    add_guest -> (ept_fault | balloon_inflate | balloon_deflate | set_ad_bits
+                  | vdisk_read | vdisk_write | pin_* | unpin_*)* -> remove_guest
+    each tick, from the tick loop: tick(vt_us) [-> await balance(vt_us)] -> snapshot()
+
+Costs in virtual time: an EPT fault costs ``ept_fault_us`` per page asked
+for; if frames had to be reclaimed first, it also waits for those swap-out
+writes (direct reclaim); swapped pages add a read on the swap device.
+"""
+from __future__ import annotations
+
+import asyncio
+from dataclasses import asdict, dataclass, field
+from typing import Any, Awaitable, Callable, NamedTuple
+
+import numpy as np
+
+from proto.costs import CostModel, DiskProfile
+
+from .errors import (BadBatch, BalloonLimit, DuplicateGuest, HostOutOfMemory, InvalidState,
+                     InvariantViolation, UnknownGuest)
+from .framepool import FrameKind, FramePool
+from .hostswap import HostSwap
+from .p2m import NO_LOC, P2M, PageState, as_page_numbers
+from .vdisk import (CLUSTER_PAGES_DEFAULT, MAX_INFLIGHT_REQUESTS_DEFAULT, CacheState, VirtualDisk)
+from .victim import VictimPolicy, make_victim_policy
+
+__all__ = ["HostMemory", "HostCounters", "GuestCounters", "Reclaimed", "Shootdown",
+           "MAX_BALLOON_FRACTION_DEFAULT", "default_max_balloon_pages"]
+
+Shootdown = Callable[[int, np.ndarray], Awaitable[np.ndarray]]
+"""``async (guest_id, gpfns) -> tokens``: invalidate the guest's mappings, return what it held."""
+
+MAX_BALLOON_FRACTION_DEFAULT = 0.65   # ESX Mem.CtlMaxPercent
+_ZERO_PROGRESS_ROUNDS = 3             # reclaim rounds that free nothing before giving up
+
+
+def default_max_balloon_pages(guest_pages: int) -> int:
+    return int(guest_pages * MAX_BALLOON_FRACTION_DEFAULT)
+
+
+class Reclaimed(NamedTuple):
+    freed_frames: int
+    done_vt_us: float     # when the swap-out writes are on disk
+
+
+@dataclass(slots=True)
+class GuestCounters:
+    ept_fault_calls: int = 0
+    ept_faults: int = 0              # pages the host had to back
+    ept_fault_swapins: int = 0       # ... of which read back from host swap
+    swap_out_pages: int = 0
+    swap_in_pages: int = 0
+    shootdown_pages: int = 0
+    balloon_inflated_pages: int = 0
+    balloon_deflated_pages: int = 0
+
+
+@dataclass(slots=True)
+class HostCounters:
+    ept_fault_calls: int = 0
+    ept_faults: int = 0
+    ept_fault_spurious_pages: int = 0   # asked for but already backed
+    swap_out_pages: int = 0             # guest and cache pages written to host swap
+    swap_out_cache_pages: int = 0
+    swap_in_pages: int = 0              # guest and cache pages read back
+    swap_in_cache_pages: int = 0        # = double faults of the virtual disks
+    reclaim_calls: int = 0
+    reclaim_frames: int = 0
+    direct_reclaims: int = 0            # a request waited for swap-out writes
+    shootdowns: int = 0
+    shootdown_pages: int = 0
+    shootdown_failures: int = 0
+    dropped_evictions: int = 0          # frames ballooned or orphaned while their shootdown was pending
+    balloon_inflated_pages: int = 0
+    balloon_deflated_pages: int = 0
+    oom_refusals: int = 0
+
+
+@dataclass(slots=True)
+class _Guest:
+    guest_id: int
+    p2m: P2M
+    max_balloon_pages: int
+    vdisk: VirtualDisk
+    balloon_pages: int = 0
+    counters: GuestCounters = field(default_factory=GuestCounters)
+
+
+class HostMemory:
+    def __init__(self, total_frames: int, swap_slots: int, victim: VictimPolicy | str,
+                 rng: np.random.Generator, costs: CostModel | None = None,
+                 swap_profile: DiskProfile | str = "ssd", shootdown: Shootdown | None = None, *,
+                 low_watermark_frames: int | None = None, reclaim_batch_frames: int = 32,
+                 cluster_pages: int = CLUSTER_PAGES_DEFAULT, vdisk_cache_max_pages: int | None = None,
+                 max_inflight_requests: int = MAX_INFLIGHT_REQUESTS_DEFAULT) -> None:
+        self.pool = FramePool(total_frames)
+        self.swap = HostSwap(swap_slots, swap_profile)
+        self.victim: VictimPolicy = make_victim_policy(victim) if isinstance(victim, str) else victim
+        self.rng = rng
+        self.costs = costs or CostModel()
+        # Settable after construction: the server creates host memory before sessions exist.
+        self.shootdown: Shootdown | None = shootdown
+        self.low_watermark_frames = (max(1, total_frames // 100) if low_watermark_frames is None
+                                     else int(low_watermark_frames))
+        self.reclaim_batch_frames = max(1, int(reclaim_batch_frames))
+        self.cluster_pages = cluster_pages
+        self.vdisk_cache_max_pages = (max(cluster_pages, total_frames // 16) if vdisk_cache_max_pages is None
+                                      else int(vdisk_cache_max_pages))
+        self.max_inflight_requests = max_inflight_requests
+        self.counters = HostCounters()
+        self._guests: dict[int, _Guest] = {}
+        self._evictions_pending = 0
+        self._eviction_settled = asyncio.Event()
+
+    # -- guests ---------------------------------------------------------------
+
+    def add_guest(self, guest_id: int, guest_pages: int, max_balloon_pages: int | None = None, *,
+                  disk_blocks: int = 0, disk_profile: DiskProfile | str = "ssd",
+                  cache_max_pages: int | None = None) -> None:
+        if guest_id in self._guests:
+            raise DuplicateGuest(guest_id)
+        max_balloon = default_max_balloon_pages(guest_pages) if max_balloon_pages is None else int(max_balloon_pages)
+        if not 0 <= max_balloon <= guest_pages:
+            raise ValueError(f"guest {guest_id}: max_balloon_pages {max_balloon} not in [0, {guest_pages}]")
+        vdisk = VirtualDisk(guest_id, disk_blocks, self.pool, self.swap, self.costs, profile=disk_profile,
+                            cluster_pages=self.cluster_pages,
+                            cache_max_pages=self.vdisk_cache_max_pages if cache_max_pages is None else cache_max_pages,
+                            max_inflight_requests=self.max_inflight_requests)
+        self._guests[guest_id] = _Guest(guest_id, P2M(guest_pages), max_balloon, vdisk)
+
+    def remove_guest(self, guest_id: int) -> None:
+        """Release everything a dead guest held: frames, swap slots, disk cache and buffers.
+
+        Frames with a shootdown pending stay busy until it settles, then are freed.
+        """
+        self._guest(guest_id)
+        del self._guests[guest_id]
+        frames = self.pool.frames_owned_by(guest_id)
+        self.pool.free(frames[~self.pool.busy[frames]])
+        self.swap.free(self.swap.slots_owned_by(guest_id))
+
+    def guest_ids(self) -> list[int]:
+        return sorted(self._guests)
+
+    def _guest(self, guest_id: int) -> _Guest:
+        try:
+            return self._guests[guest_id]
+        except KeyError:
+            raise UnknownGuest(guest_id) from None
+
+    def _same_guest(self, g: _Guest) -> _Guest:
+        """After an await: the guest may have died (or died and come back)."""
+        if self._guests.get(g.guest_id) is not g:
+            raise UnknownGuest(g.guest_id)
+        return g
+
+    # -- EPT faults -------------------------------------------------------------
+
+    async def ept_fault(self, guest_id: int, gpfns: np.ndarray | bytes, vt_us: float) -> tuple[np.ndarray, float]:
+        """Back ``gpfns``; returns their content tokens (0 = fresh zero page) and the completion time.
+
+        Already backed gpfns just return the token the host stored (idempotent).
+        A ballooned gpfn is refused: the guest must deflate it first.
+        """
+        g = self._guest(guest_id)
+        gpfns = as_page_numbers(gpfns, guest_id, "gpfn", g.p2m.guest_pages)
+        uniq = np.unique(gpfns)
+        start_us = float(vt_us)
+        while True:
+            g = self._same_guest(g)
+            state = g.p2m.state[uniq]
+            self._refuse_ballooned(g, uniq, state)
+            backed = state == PageState.FRAME
+            if np.any(self.pool.busy[g.p2m.loc[uniq[backed]]]):
+                # Its eviction is in flight: the guest may already have dropped it.
+                await self._wait_eviction_settled()
+                continue
+            need = int(uniq.size - np.count_nonzero(backed))
+            if self.pool.free_frames >= need:
+                break
+            start_us = max(start_us, await self._make_room(need, vt_us))
+
+        todo = uniq[~backed]
+        swapped = todo[state[~backed] == PageState.SWAPPED]
+        slots = g.p2m.loc[swapped]
+        tokens = np.zeros(todo.size, np.uint64)
+        tokens[state[~backed] == PageState.SWAPPED] = self.swap.load(slots)
+        self.swap.free(slots)
+        frames = self.pool.alloc(todo.size, FrameKind.GUEST, guest_id, todo, tokens)
+        self.pool.accessed[frames] = True          # the guest is touching it right now
+        self.pool.pinned[frames] = g.p2m.pinned[todo]
+        g.p2m.set(todo, PageState.FRAME, frames)
+
+        if start_us > vt_us:
+            self.counters.direct_reclaims += 1
+        done_us = start_us
+        if swapped.size:
+            done_us = self.swap.disk.submit(start_us, int(swapped.size))
+        done_us += self.costs.ept_fault_us * uniq.size
+
+        c, gc = self.counters, g.counters
+        c.ept_fault_calls += 1
+        gc.ept_fault_calls += 1
+        c.ept_faults += int(todo.size)
+        gc.ept_faults += int(todo.size)
+        c.ept_fault_spurious_pages += int(uniq.size - todo.size)
+        c.swap_in_pages += int(swapped.size)
+        gc.swap_in_pages += int(swapped.size)
+        gc.ept_fault_swapins += int(swapped.size)
+        return self.pool.token[g.p2m.loc[gpfns]], done_us
+
+    def _refuse_ballooned(self, g: _Guest, gpfns: np.ndarray, state: np.ndarray) -> None:
+        ballooned = state == PageState.BALLOONED
+        if np.any(ballooned):
+            raise InvalidState(g.guest_id, "gpfn", int(gpfns[np.flatnonzero(ballooned)[0]]), "BALLOONED",
+                               "deflate it before touching it")
+
+    # -- reclaim (host swapping) -------------------------------------------------
+
+    async def _make_room(self, need: int, vt_us: float) -> float:
+        """Reclaim towards ``need`` + the low watermark free frames; returns when the writes are done.
+
+        Raises ``HostOutOfMemory`` when nothing can be freed and no one else's
+        eviction is pending.
+        """
+        fruitless = 0
+        done_us = float(vt_us)
+        while self.pool.free_frames < need:
+            target = min(need + self.low_watermark_frames, self.pool.total_frames)
+            want = max(target - self.pool.free_frames, self.reclaim_batch_frames)
+            got = await self.reclaim(want, vt_us)
+            done_us = max(done_us, got.done_vt_us)
+            if got.freed_frames:
+                fruitless = 0
+                continue
+            if self._evictions_pending:
+                await self._wait_eviction_settled()
+                continue
+            fruitless += 1
+            if fruitless >= _ZERO_PROGRESS_ROUNDS:
+                self.counters.oom_refusals += 1
+                reason = (f"host swap is full ({self.swap.n_slots} slots)" if self.swap.free_slots == 0
+                          else "no evictable frame (all pinned, busy or I/O buffers)")
+                raise HostOutOfMemory(need, self.pool.free_frames, reason)
+        return done_us
+
+    async def reclaim(self, n_frames: int, vt_us: float) -> Reclaimed:
+        """Host swapping of up to ``n_frames``: the victim policy picks, blind.
+
+        Cache victims are host-owned and go to swap at once. Guest victims are
+        grouped by guest; each guest gets one shootdown for its gpfns and the
+        tokens it returns are what goes to swap. All shootdowns of one call
+        run concurrently; results are applied in guest-id order, so the
+        outcome does not depend on who answers first.
+        """
+        self.counters.reclaim_calls += 1
+        n = min(int(n_frames), self.swap.free_slots)
+        victims = self.victim.pick(self.pool, n, self.rng) if n > 0 else np.zeros(0, np.int64)
+        if victims.size == 0:
+            return Reclaimed(0, float(vt_us))
+        slots = self.swap.alloc(victims.size)       # reserved now: concurrent reclaims must not take them
+        kinds = self.pool.kind[victims]
+        done_us = float(vt_us)
+
+        is_cache = kinds == FrameKind.CACHE
+        cache_frames, cache_slots = victims[is_cache], slots[is_cache]
+        for gid in np.unique(self.pool.owner_guest[cache_frames]).tolist():
+            mine = self.pool.owner_guest[cache_frames] == gid
+            self._guests[gid].vdisk.swap_out(cache_frames[mine], cache_slots[mine])
+        if cache_frames.size:
+            done_us = self.swap.disk.submit(vt_us, int(cache_frames.size))
+            self.counters.swap_out_pages += int(cache_frames.size)
+            self.counters.swap_out_cache_pages += int(cache_frames.size)
+
+        guest_frames, guest_slots = victims[~is_cache], slots[~is_cache]
+        freed = int(cache_frames.size)
+        if guest_frames.size:
+            freed_guests, done_guests = await self._evict_guest_frames(guest_frames, guest_slots, vt_us)
+            freed += freed_guests
+            done_us = max(done_us, done_guests)
+        self.counters.reclaim_frames += freed
+        return Reclaimed(freed, done_us)
+
+    async def _evict_guest_frames(self, frames: np.ndarray, slots: np.ndarray, vt_us: float) -> tuple[int, float]:
+        if self.shootdown is None:
+            raise InvariantViolation("host memory has no shootdown callback: cannot evict guest frames")
+        owners = self.pool.owner_guest[frames]
+        groups = [(gid, owners == gid) for gid in np.unique(owners).tolist()]
+        self.pool.busy[frames] = True
+        self._evictions_pending += 1
+        results: list[Any] = [None] * len(groups)
+        try:
+            results = await asyncio.gather(
+                *(self._shootdown(gid, self.pool.owner_index[frames[mine]]) for gid, mine in groups),
+                return_exceptions=True)
+        finally:
+            # Also on cancellation: un-busy what was not evicted, give back reserved slots.
+            freed, done_us = self._settle_evictions(groups, results, frames, slots, vt_us)
+            self._evictions_pending -= 1
+            self._eviction_settled.set()
+            self._eviction_settled = asyncio.Event()
+        return freed, done_us
+
+    async def _shootdown(self, guest_id: int, gpfns: np.ndarray) -> np.ndarray:
+        assert self.shootdown is not None
+        self.counters.shootdowns += 1
+        self.counters.shootdown_pages += int(gpfns.size)
+        tokens = await self.shootdown(guest_id, gpfns.astype(np.uint64))
+        tokens = np.asarray(tokens).reshape(-1)
+        if tokens.size != gpfns.size:
+            raise BadBatch(f"guest {guest_id}: shootdown of {gpfns.size} gpfns returned {tokens.size} tokens")
+        return tokens.astype(np.uint64, copy=False)
+
+    def _settle_evictions(self, groups: list[tuple[int, np.ndarray]], results: list[Any],
+                          frames: np.ndarray, slots: np.ndarray, vt_us: float) -> tuple[int, float]:
+        freed = 0
+        done_us = float(vt_us)
+        for (gid, mine), result in zip(groups, results):
+            g_frames, g_slots = frames[mine], slots[mine]
+            gpfns = self.pool.owner_index[g_frames]
+            g = self._guests.get(gid)
+            # Still the guest's mapping? Balloon inflation or guest death while
+            # the shootdown was pending leaves the frame an orphan: drop it.
+            live = np.zeros(g_frames.size, bool)
+            if g is not None:
+                live = (g.p2m.state[gpfns] == PageState.FRAME) & (g.p2m.loc[gpfns] == g_frames)
+            if isinstance(result, np.ndarray):
+                self.swap.store(g_slots[live], result[live], FrameKind.GUEST, gid, gpfns[live])
+                if g is not None:
+                    g.p2m.set(gpfns[live], PageState.SWAPPED, g_slots[live])
+                    g.counters.swap_out_pages += int(np.count_nonzero(live))
+                    g.counters.shootdown_pages += int(gpfns.size)
+                self.swap.free(g_slots[~live])
+                self.pool.free(g_frames)
+                n_live = int(np.count_nonzero(live))
+                if n_live:
+                    done_us = max(done_us, self.swap.disk.submit(vt_us, n_live))
+                self.counters.swap_out_pages += n_live
+                self.counters.dropped_evictions += int(g_frames.size) - n_live
+                freed += int(g_frames.size)
+            else:
+                # No answer (guest gone, timed out, bad reply, or we were
+                # cancelled): the mapping stays; orphans can go.
+                if result is not None or g is None:
+                    self.counters.shootdown_failures += 1
+                self.swap.free(g_slots)
+                self.pool.busy[g_frames[live]] = False
+                self.pool.free(g_frames[~live])
+                self.counters.dropped_evictions += int(np.count_nonzero(~live))
+                freed += int(np.count_nonzero(~live))
+        return freed, done_us
+
+    async def _wait_eviction_settled(self) -> None:
+        await self._eviction_settled.wait()
+
+    async def balance(self, vt_us: float) -> Reclaimed:
+        """Background reclaim (kswapd): bring free frames up to twice the low watermark.
+
+        Charged to no vCPU; call it from the tick loop if wanted.
+        """
+        high = min(2 * self.low_watermark_frames, self.pool.total_frames)
+        want = high - self.pool.free_frames
+        if want <= 0:
+            return Reclaimed(0, float(vt_us))
+        return await self.reclaim(want, vt_us)
+
+    # -- balloon -------------------------------------------------------------------
+
+    def balloon_inflate(self, guest_id: int, gpfns: np.ndarray | bytes) -> int:
+        """The guest gives ``gpfns`` to the host: free their frames/slots now; returns frames freed.
+
+        Refused as a whole (nothing changes) on a bad, duplicate or already
+        ballooned gpfn, or beyond ``max_balloon_pages``.
+        """
+        g = self._guest(guest_id)
+        gpfns = as_page_numbers(gpfns, guest_id, "gpfn", g.p2m.guest_pages, unique=True)
+        state = g.p2m.state[gpfns]
+        if np.any(state == PageState.BALLOONED):
+            raise InvalidState(guest_id, "gpfn", int(gpfns[np.flatnonzero(state == PageState.BALLOONED)[0]]),
+                               "already BALLOONED", "inflate each page once")
+        if g.balloon_pages + gpfns.size > g.max_balloon_pages:
+            raise BalloonLimit(guest_id, g.balloon_pages, int(gpfns.size), g.max_balloon_pages)
+        frames = g.p2m.loc[gpfns[state == PageState.FRAME]]
+        # A busy frame's shootdown is pending: it is freed when that settles.
+        frames = frames[~self.pool.busy[frames]]
+        self.pool.free(frames)
+        self.swap.free(g.p2m.loc[gpfns[state == PageState.SWAPPED]])
+        g.p2m.set(gpfns, PageState.BALLOONED)
+        g.p2m.pinned[gpfns] = False
+        g.balloon_pages += int(gpfns.size)
+        g.counters.balloon_inflated_pages += int(gpfns.size)
+        self.counters.balloon_inflated_pages += int(gpfns.size)
+        return int(frames.size)
+
+    def balloon_deflate(self, guest_id: int, gpfns: np.ndarray | bytes) -> None:
+        """The guest takes ``gpfns`` back: they become UNBACKED (a fault gives a zero page)."""
+        g = self._guest(guest_id)
+        gpfns = as_page_numbers(gpfns, guest_id, "gpfn", g.p2m.guest_pages, unique=True)
+        state = g.p2m.state[gpfns]
+        if np.any(state != PageState.BALLOONED):
+            i = int(np.flatnonzero(state != PageState.BALLOONED)[0])
+            raise InvalidState(guest_id, "gpfn", int(gpfns[i]), PageState(state[i]).name,
+                               "only BALLOONED pages can be deflated")
+        g.p2m.set(gpfns, PageState.UNBACKED)
+        g.balloon_pages -= int(gpfns.size)
+        g.counters.balloon_deflated_pages += int(gpfns.size)
+        self.counters.balloon_deflated_pages += int(gpfns.size)
+
+    def balloon_pages(self, guest_id: int) -> int:
+        return self._guest(guest_id).balloon_pages
+
+    # -- accessed/dirty bits and pinning ----------------------------------------
+
+    def set_ad_bits(self, guest_id: int, accessed_packbits: np.ndarray | bytes,
+                    dirty_packbits: np.ndarray | bytes) -> None:
+        """OR the guest's EPT A/D bits (``np.packbits`` over its gpfns) into the frames backing them."""
+        g = self._guest(guest_id)
+        backed = g.p2m.state == PageState.FRAME
+        for name, packed, target in (("accessed", accessed_packbits, self.pool.accessed),
+                                     ("dirty", dirty_packbits, self.pool.dirty)):
+            bits = self._unpack(g, name, packed)
+            hit = bits & backed
+            target[g.p2m.loc[hit]] = True
+
+    def _unpack(self, g: _Guest, name: str, packed: np.ndarray | bytes) -> np.ndarray:
+        raw = np.frombuffer(packed, np.uint8) if isinstance(packed, (bytes, bytearray, memoryview)) \
+            else np.asarray(packed, np.uint8).reshape(-1)
+        want = -(-g.p2m.guest_pages // 8)
+        if raw.size != want:
+            raise BadBatch(f"guest {g.guest_id}: {name} bits have {raw.size} bytes, expected {want}")
+        return np.unpackbits(raw, count=g.p2m.guest_pages).astype(bool)
+
+    def pin_gpfns(self, guest_id: int, gpfns: np.ndarray | bytes) -> None:
+        """Their frames are never host-swap victims (now and whenever faulted in again)."""
+        self._set_pinned(guest_id, gpfns, True)
+
+    def unpin_gpfns(self, guest_id: int, gpfns: np.ndarray | bytes) -> None:
+        self._set_pinned(guest_id, gpfns, False)
+
+    def _set_pinned(self, guest_id: int, gpfns: np.ndarray | bytes, pinned: bool) -> None:
+        g = self._guest(guest_id)
+        gpfns = as_page_numbers(gpfns, guest_id, "gpfn", g.p2m.guest_pages)
+        g.p2m.pinned[gpfns] = pinned
+        backed = gpfns[g.p2m.state[gpfns] == PageState.FRAME]
+        self.pool.pinned[g.p2m.loc[backed]] = pinned
+
+    def pin_vdisk_range(self, guest_id: int, first_block: int, n_blocks: int) -> None:
+        """Pin the cache frames of these blocks (e.g. the guest's swap area) and keep them cached.
+
+        Blocks that are in host swap right now become pinned when next touched.
+        """
+        self._guest(guest_id).vdisk.set_pinned(first_block, n_blocks, True)
+
+    def unpin_vdisk_range(self, guest_id: int, first_block: int, n_blocks: int) -> None:
+        self._guest(guest_id).vdisk.set_pinned(first_block, n_blocks, False)
+
+    # -- virtual disks ---------------------------------------------------------------
+
+    async def vdisk_read(self, guest_id: int, blocks: np.ndarray | bytes, vt_us: float) -> tuple[np.ndarray, float]:
+        """Read blocks through the host cache; returns their tokens and the completion time."""
+        g = self._guest(guest_id)
+        blocks = g.vdisk.check_blocks(blocks)
+        start_us = await self._room_for_io(g, lambda: g.vdisk.frames_needed_read(blocks), vt_us)
+        res = g.vdisk.read(blocks, start_us)
+        self._count_double_faults(g, res.swapped_in_pages)
+        return res.tokens, res.done_vt_us
+
+    async def vdisk_write(self, guest_id: int, blocks: np.ndarray | bytes, tokens: np.ndarray | bytes,
+                          vt_us: float) -> float:
+        """Write distinct blocks through; returns the completion time."""
+        g = self._guest(guest_id)
+        blocks = g.vdisk.check_blocks(blocks, unique=True)
+        tokens = g.vdisk.check_tokens(blocks, tokens)
+        start_us = await self._room_for_io(g, lambda: g.vdisk.frames_needed_write(blocks), vt_us)
+        res = g.vdisk.write(blocks, tokens, start_us)
+        self._count_double_faults(g, res.swapped_in_pages)
+        return res.done_vt_us
+
+    async def _room_for_io(self, g: _Guest, need: Callable[[], int], vt_us: float) -> float:
+        start_us = float(vt_us)
+        while True:
+            g = self._same_guest(g)
+            n = need()
+            if self.pool.free_frames >= n:
+                if start_us > vt_us:
+                    self.counters.direct_reclaims += 1
+                return start_us
+            start_us = max(start_us, await self._make_room(n, vt_us))
+
+    def _count_double_faults(self, g: _Guest, pages: int) -> None:
+        self.counters.swap_in_pages += pages
+        self.counters.swap_in_cache_pages += pages
+        g.counters.swap_in_pages += pages
+
+    def set_vdisk_profile(self, guest_id: int, profile: DiskProfile | str) -> None:
+        self._guest(guest_id).vdisk.set_profile(profile)
+
+    def set_swap_profile(self, profile: DiskProfile | str) -> None:
+        self.swap.set_profile(profile)
+
+    def vdisk(self, guest_id: int) -> VirtualDisk:
+        return self._guest(guest_id).vdisk
+
+    # -- tick ----------------------------------------------------------------------
+
+    def tick(self, vt_us: float) -> None:
+        """Once per tick: retire I/O buffers of completed requests, trim disk caches."""
+        for g in self._guests.values():
+            g.vdisk.retire(vt_us)
+            g.vdisk.trim()
+
+    # -- observation ---------------------------------------------------------------
+
+    def guest_counts(self, guest_id: int) -> dict[str, int]:
+        """Gauges of one guest, in pages: resident, swapped, ballooned, unbacked, disk cache."""
+        g = self._guest(guest_id)
+        p = g.p2m.counts()
+        return {"guest_pages": g.p2m.guest_pages,
+                "resident_pages": p["frame"], "swapped_pages": p["swapped"],
+                "ballooned_pages": p["ballooned"], "unbacked_pages": p["unbacked"],
+                "max_balloon_pages": g.max_balloon_pages,
+                **g.vdisk.counts()}
+
+    def snapshot(self) -> dict[str, Any]:
+        """Counters and gauges, JSON-serialisable; per-guest under ``guests`` keyed by str(guest_id)."""
+        kinds = self.pool.counts()
+        out: dict[str, Any] = {
+            "total_frames": self.pool.total_frames,
+            "free_frames": kinds["free"],
+            "guest_frames": kinds["guest"],
+            "cache_pages": kinds["cache"],
+            "iobuf_pages": kinds["iobuf"],
+            "busy_frames": int(np.count_nonzero(self.pool.busy)),
+            "pinned_frames": int(np.count_nonzero(self.pool.pinned)),
+            "swap_slots": self.swap.n_slots,
+            "swap_used_slots": self.swap.used_slots,
+            **asdict(self.counters),
+        }
+        vd_totals: dict[str, float] = {}
+        guests: dict[str, Any] = {}
+        for gid in sorted(self._guests):
+            g = self._guests[gid]
+            vd = asdict(g.vdisk.counters)
+            for k, v in vd.items():
+                vd_totals[k] = vd_totals.get(k, 0) + v
+            guests[str(gid)] = {**self.guest_counts(gid), **asdict(g.counters),
+                                **{f"vdisk_{k}": v for k, v in vd.items()}}
+        out.update({f"vdisk_{k}": v for k, v in vd_totals.items()})
+        out["double_faults"] = int(vd_totals.get("double_faults", 0))
+        out["guests"] = guests
+        return out
+
+    # -- the invariant ------------------------------------------------------------
+
+    def check_invariant(self) -> None:
+        """Raise ``InvariantViolation`` naming the first inconsistency found.
+
+        Frames with a pending shootdown (busy) may be orphans; everything else
+        must be referenced exactly once, and every reference must point back.
+        """
+        pool, swap = self.pool, self.swap
+        pool.check_invariant()
+        swap.check_invariant()
+        slot_refs = np.zeros(swap.n_slots, np.int64)
+        frame_refs = np.zeros(pool.total_frames, np.int64)
+        for gid, g in self._guests.items():
+            self._check_guest(g, slot_refs, frame_refs)
+        kind = pool.kind
+        owned = kind != FrameKind.FREE
+        known = np.isin(pool.owner_guest, np.fromiter(self._guests, np.int64, len(self._guests)))
+        stray = owned & ~pool.busy & ~known
+        if np.any(stray):
+            f = int(np.flatnonzero(stray)[0])
+            raise InvariantViolation(f"frame {f} ({FrameKind(kind[f]).name}) belongs to unknown guest "
+                                     f"{int(pool.owner_guest[f])}")
+        unref = owned & ~pool.busy & (frame_refs == 0)
+        if np.any(unref):
+            f = int(np.flatnonzero(unref)[0])
+            raise InvariantViolation(
+                f"frame {f} ({FrameKind(kind[f]).name}) of guest {int(pool.owner_guest[f])} index "
+                f"{int(pool.owner_index[f])} is referenced by nobody (frame leak)")
+        if np.any(frame_refs > 1):
+            f = int(np.flatnonzero(frame_refs > 1)[0])
+            raise InvariantViolation(f"frame {f} is referenced {int(frame_refs[f])} times")
+        if np.any(frame_refs[~owned] > 0):
+            f = int(np.flatnonzero(frame_refs[~owned] > 0)[0])
+            raise InvariantViolation(f"free frame {int(np.flatnonzero(~owned)[f])} is still referenced")
+        leaked = swap.used & (slot_refs == 0)
+        if self._evictions_pending:
+            # Slots reserved for a pending eviction have no owner until it settles.
+            leaked &= swap.owner_guest != -1
+        if np.any(leaked):
+            s = int(np.flatnonzero(leaked)[0])
+            raise InvariantViolation(f"swap slot {s} (guest {int(swap.owner_guest[s])} index "
+                                     f"{int(swap.owner_index[s])}) is used but referenced by nobody (slot leak)")
+        if np.any(slot_refs > 1):
+            s = int(np.flatnonzero(slot_refs > 1)[0])
+            raise InvariantViolation(f"swap slot {s} is referenced {int(slot_refs[s])} times")
+        if np.any(slot_refs[~swap.used] > 0):
+            s = int(np.flatnonzero((slot_refs > 0) & ~swap.used)[0])
+            raise InvariantViolation(f"swap slot {s} is referenced but free")
+
+    def _check_guest(self, g: _Guest, slot_refs: np.ndarray, frame_refs: np.ndarray) -> None:
+        pool, swap, p2m, gid = self.pool, self.swap, g.p2m, g.guest_id
+        if np.any(p2m.state >= len(PageState)):
+            bad = int(np.flatnonzero(p2m.state >= len(PageState))[0])
+            raise InvariantViolation(f"guest {gid} gpfn {bad} has no valid state ({int(p2m.state[bad])})")
+        gpfns = np.arange(p2m.guest_pages)
+        on_frame = p2m.state == PageState.FRAME
+        f = p2m.loc[on_frame]
+        if np.any((f < 0) | (f >= pool.total_frames)):
+            raise InvariantViolation(f"guest {gid}: a FRAME gpfn points outside the pool")
+        ok = ((pool.kind[f] == FrameKind.GUEST) & (pool.owner_guest[f] == gid)
+              & (pool.owner_index[f] == gpfns[on_frame]) & (pool.pinned[f] == p2m.pinned[on_frame]))
+        if not np.all(ok):
+            i = int(np.flatnonzero(~ok)[0])
+            gp, fr = int(gpfns[on_frame][i]), int(f[i])
+            raise InvariantViolation(
+                f"guest {gid} gpfn {gp} is FRAME {fr} but that frame is {FrameKind(pool.kind[fr]).name} of guest "
+                f"{int(pool.owner_guest[fr])} index {int(pool.owner_index[fr])} pinned {bool(pool.pinned[fr])}")
+        np.add.at(frame_refs, f, 1)
+        on_swap = p2m.state == PageState.SWAPPED
+        s = p2m.loc[on_swap]
+        self._check_slots(s, gpfns[on_swap], FrameKind.GUEST, gid, "gpfn")
+        np.add.at(slot_refs, s, 1)
+        elsewhere = ~on_frame & ~on_swap
+        if np.any(p2m.loc[elsewhere] != NO_LOC):
+            bad = int(gpfns[elsewhere][np.flatnonzero(p2m.loc[elsewhere] != NO_LOC)[0]])
+            raise InvariantViolation(f"guest {gid} gpfn {bad} is {PageState(p2m.state[bad]).name} "
+                                     f"but has location {int(p2m.loc[bad])}")
+        ballooned = int(np.count_nonzero(p2m.state == PageState.BALLOONED))
+        if ballooned != g.balloon_pages or ballooned > g.max_balloon_pages:
+            raise InvariantViolation(f"guest {gid}: {ballooned} gpfns BALLOONED, counter says {g.balloon_pages}, "
+                                     f"max {g.max_balloon_pages}")
+        self._check_vdisk(g.vdisk, slot_refs, frame_refs)
+
+    def _check_slots(self, slots: np.ndarray, index: np.ndarray, kind: FrameKind, gid: int, what: str) -> None:
+        swap = self.swap
+        if np.any((slots < 0) | (slots >= swap.n_slots)):
+            raise InvariantViolation(f"guest {gid}: a SWAPPED {what} points outside host swap")
+        ok = (swap.used[slots] & (swap.owner_kind[slots] == kind) & (swap.owner_guest[slots] == gid)
+              & (swap.owner_index[slots] == index))
+        if not np.all(ok):
+            i = int(np.flatnonzero(~ok)[0])
+            sl = int(slots[i])
+            raise InvariantViolation(
+                f"guest {gid} {what} {int(index[i])} is SWAPPED in slot {sl} but that slot is used={bool(swap.used[sl])} "
+                f"of guest {int(swap.owner_guest[sl])} index {int(swap.owner_index[sl])}")
+
+    def _check_vdisk(self, vd: VirtualDisk, slot_refs: np.ndarray, frame_refs: np.ndarray) -> None:
+        pool, gid = self.pool, vd.guest_id
+        blocks = np.arange(vd.n_blocks)
+        in_frame = vd.cache_state == CacheState.FRAME
+        f = vd.cache_loc[in_frame]
+        ok = ((pool.kind[f] == FrameKind.CACHE) & (pool.owner_guest[f] == gid)
+              & (pool.owner_index[f] == blocks[in_frame]) & (pool.token[f] == vd.tokens[in_frame])
+              & (pool.pinned[f] == vd.pinned[in_frame]))
+        if not np.all(ok):
+            i = int(np.flatnonzero(~ok)[0])
+            raise InvariantViolation(f"guest {gid} vdisk block {int(blocks[in_frame][i])}: cache frame {int(f[i])} "
+                                     f"is not a CACHE frame of this block holding its content")
+        np.add.at(frame_refs, f, 1)
+        in_swap = vd.cache_state == CacheState.SWAPPED
+        s = vd.cache_loc[in_swap]
+        self._check_slots(s, blocks[in_swap], FrameKind.CACHE, gid, "vdisk block")
+        if np.any(self.swap.token[s] != vd.tokens[in_swap]):
+            raise InvariantViolation(f"guest {gid}: a swapped-out cache page differs from its disk block")
+        np.add.at(slot_refs, s, 1)
+        if vd.cached_pages != int(np.count_nonzero(in_frame | in_swap)):
+            raise InvariantViolation(f"guest {gid}: vdisk counts {vd.cached_pages} cached pages, "
+                                     f"has {int(np.count_nonzero(in_frame | in_swap))}")
+        io = vd.iobuf_frames()
+        if np.any((pool.kind[io] != FrameKind.IOBUF) | (pool.owner_guest[io] != gid)):
+            raise InvariantViolation(f"guest {gid}: an in-flight request holds a frame that is not its IOBUF")
+        np.add.at(frame_refs, io, 1)

@@ -1,0 +1,346 @@
+"""One guest's virtual disk, served through host memory.
+
+Authoritative content is one ``uint64`` token per block in ``tokens``; a
+block never written holds ``0``, which the guest reads as the block's
+initial content (for a file block: the file page at version 0). The host
+never interprets tokens.
+
+Host memory holds two things for the disk, both frames of the shared pool:
+
+- a cluster cache (``cluster_pages`` blocks per cluster, 64 KiB by default)
+  in CACHE frames. A read that misses loads every uncached block of its
+  cluster (one disk request per cluster); a hit costs ``page_copy_us`` per
+  page. Writes are write-through (completion = the disk write) and
+  write-allocate the written blocks. The cache is trimmed LRU by cluster to
+  ``cache_max_pages`` (pages in frames or in host swap); trimming is free
+  because write-through pages are clean. Clusters holding a pinned block
+  are never trimmed.
+- I/O buffers: each request holds ``n`` IOBUF frames from submit until the
+  host's virtual time passes its completion (``retire``).
+
+Host swapping may take cache frames (it is blind): the block's cache state
+becomes SWAPPED, and the next request touching it first swaps it back in: a
+double fault (nested swapping), counted with the added latency.
+
+At most ``max_inflight_requests`` requests are in service at once; a
+request beyond that starts, in virtual time, when the earliest in-flight
+one completes (backpressure without a queue).
+
+The call order, driven by ``HostMemory`` which owns the frames::
+
+    check_blocks -> frames_needed_{read,write} -> [host makes room] -> read|write
+    swap_out (host reclaim)   retire, trim (each tick)
+
+``read``/``write`` assume the pool has ``frames_needed_*`` free frames and
+do not await: host memory makes room first, then calls them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import IntEnum
+
+import numpy as np
+
+from proto.costs import CostModel, DiskModel, DiskProfile, disk_profile
+
+from .errors import BadBatch, InvariantViolation, OutOfRange
+from .framepool import FrameKind, FramePool
+from .hostswap import HostSwap
+from .p2m import NO_LOC, as_page_numbers
+
+__all__ = ["CacheState", "VirtualDisk", "VdiskCounters", "IoResult", "CLUSTER_PAGES_DEFAULT",
+           "MAX_INFLIGHT_REQUESTS_DEFAULT"]
+
+CLUSTER_PAGES_DEFAULT = 16          # 64 KiB clusters of 4 KiB pages
+MAX_INFLIGHT_REQUESTS_DEFAULT = 32  # the disk's queue depth
+
+
+class CacheState(IntEnum):
+    NOT_CACHED = 0
+    FRAME = 1
+    SWAPPED = 2
+
+
+@dataclass(slots=True)
+class VdiskCounters:
+    read_requests: int = 0
+    write_requests: int = 0
+    read_pages: int = 0
+    write_pages: int = 0
+    cache_hit_pages: int = 0
+    cache_miss_pages: int = 0        # requested pages that were not cached
+    cluster_loads: int = 0           # disk reads of (the uncached part of) a cluster
+    cluster_load_pages: int = 0
+    double_faults: int = 0           # cache pages swapped back in from host swap
+    double_fault_wait_us: float = 0.0
+    trimmed_pages: int = 0
+    iobuf_retired_pages: int = 0
+    backpressure_waits: int = 0
+    backpressure_wait_us: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class IoResult:
+    tokens: np.ndarray          # per requested block (reads); empty for writes
+    done_vt_us: float
+    swapped_in_pages: int       # host swap-ins this request caused (double faults)
+
+
+class VirtualDisk:
+    def __init__(self, guest_id: int, n_blocks: int, pool: FramePool, swap: HostSwap,
+                 costs: CostModel, *, profile: DiskProfile | str = "ssd",
+                 cluster_pages: int = CLUSTER_PAGES_DEFAULT, cache_max_pages: int = 0,
+                 max_inflight_requests: int = MAX_INFLIGHT_REQUESTS_DEFAULT) -> None:
+        if n_blocks < 0 or cluster_pages < 1 or cache_max_pages < 0 or max_inflight_requests < 1:
+            raise ValueError(
+                f"vdisk of guest {guest_id}: n_blocks={n_blocks}, cluster_pages={cluster_pages}, "
+                f"cache_max_pages={cache_max_pages}, max_inflight_requests={max_inflight_requests}")
+        self.guest_id = guest_id
+        self.n_blocks = int(n_blocks)
+        self.cluster_pages = int(cluster_pages)
+        self.cache_max_pages = int(cache_max_pages)
+        self.max_inflight_requests = int(max_inflight_requests)
+        self.pool = pool
+        self.swap = swap
+        self.costs = costs
+        self.disk = DiskModel(disk_profile(profile) if isinstance(profile, str) else profile)
+        self.tokens = np.zeros(self.n_blocks, np.uint64)
+        self.cache_state = np.zeros(self.n_blocks, np.uint8)
+        self.cache_loc = np.full(self.n_blocks, NO_LOC, np.int64)
+        self.pinned = np.zeros(self.n_blocks, bool)
+        n_clusters = -(-self.n_blocks // self.cluster_pages)
+        self.cluster_used = np.zeros(n_clusters, np.int64)   # LRU stamp per cluster
+        self._use_stamp = 0
+        self.cached_pages = 0                                  # blocks FRAME or SWAPPED
+        self._inflight_done_us: list[float] = []
+        self._inflight_frames: list[np.ndarray] = []
+        self.counters = VdiskCounters()
+
+    def set_profile(self, profile: DiskProfile | str) -> None:
+        self.disk = DiskModel(disk_profile(profile) if isinstance(profile, str) else profile)
+
+    # -- validation and planning -------------------------------------------
+
+    def check_blocks(self, blocks: np.ndarray | bytes, *, unique: bool = False) -> np.ndarray:
+        return as_page_numbers(blocks, self.guest_id, "block", self.n_blocks, unique=unique)
+
+    def check_tokens(self, blocks: np.ndarray, tokens: np.ndarray | bytes) -> np.ndarray:
+        tok = np.frombuffer(tokens, "<u8") if isinstance(tokens, (bytes, bytearray, memoryview)) \
+            else np.asarray(tokens).reshape(-1)
+        if tok.size != blocks.size:
+            raise BadBatch(f"guest {self.guest_id}: write of {blocks.size} blocks carries {tok.size} tokens")
+        if tok.size and tok.dtype.kind not in "iu":
+            raise BadBatch(f"guest {self.guest_id}: tokens must be integers, got dtype {tok.dtype}")
+        return tok.astype(np.uint64, copy=False)
+
+    def _cluster_fill(self, blocks_u: np.ndarray) -> np.ndarray:
+        """Uncached blocks of every cluster that a requested uncached block falls in."""
+        missing = blocks_u[self.cache_state[blocks_u] == CacheState.NOT_CACHED]
+        if missing.size == 0:
+            return missing
+        clusters = np.unique(missing // self.cluster_pages)
+        cand = (clusters[:, None] * self.cluster_pages + np.arange(self.cluster_pages)).ravel()
+        cand = cand[cand < self.n_blocks]
+        return cand[self.cache_state[cand] == CacheState.NOT_CACHED]
+
+    def frames_needed_read(self, blocks: np.ndarray) -> int:
+        blocks_u = np.unique(blocks)
+        swapped = np.count_nonzero(self.cache_state[blocks_u] == CacheState.SWAPPED)
+        return int(blocks.size + self._cluster_fill(blocks_u).size + swapped)
+
+    def frames_needed_write(self, blocks: np.ndarray) -> int:
+        uncached = np.count_nonzero(self.cache_state[blocks] != CacheState.FRAME)
+        return int(blocks.size + uncached)
+
+    # -- I/O (synchronous: the pool must already have the frames) ---------------
+
+    def read(self, blocks: np.ndarray, vt_us: float) -> IoResult:
+        c = self.counters
+        start = self._admit(vt_us)
+        blocks_u = np.unique(blocks)
+        state = self.cache_state[blocks_u]
+        hits = int(np.count_nonzero(state == CacheState.FRAME))
+        done = start + hits * self.costs.page_copy_us
+
+        fill = self._cluster_fill(blocks_u)
+        if fill.size:
+            self._cache_in(fill, self.tokens[fill])
+            # One disk request per cluster: the clusters of one request are
+            # served in parallel over the disk's channels.
+            per_cluster = np.bincount(fill // self.cluster_pages)
+            for n_pages in per_cluster[per_cluster > 0]:
+                done = max(done, self.disk.submit(start, int(n_pages)))
+            c.cluster_loads += int(np.count_nonzero(per_cluster))
+            c.cluster_load_pages += int(fill.size)
+
+        swapped = blocks_u[state == CacheState.SWAPPED]
+        if swapped.size:
+            done = max(done, self._double_fault(swapped, start, None))
+
+        self._touch(blocks_u)
+        tokens = self.pool.token[self.cache_loc[blocks]]
+        self._hold_iobufs(blocks, done)
+        c.read_requests += 1
+        c.read_pages += int(blocks.size)
+        c.cache_hit_pages += hits
+        c.cache_miss_pages += int(blocks_u.size) - hits
+        self.trim()
+        return IoResult(tokens, done, int(swapped.size))
+
+    def write(self, blocks: np.ndarray, tokens: np.ndarray, vt_us: float) -> IoResult:
+        """Write-through of distinct ``blocks``; the cache copy is updated or allocated."""
+        c = self.counters
+        start = self._admit(vt_us)
+        state = self.cache_state[blocks]
+        swapped = blocks[state == CacheState.SWAPPED]
+        write_start = start
+        if swapped.size:
+            # The host caches whole clusters: it must bring the page back
+            # before the write can land in it (nested swapping).
+            write_start = self._double_fault(swapped, start, tokens[state == CacheState.SWAPPED])
+        uncached = state == CacheState.NOT_CACHED
+        if np.any(uncached):
+            self._cache_in(blocks[uncached], tokens[uncached])
+        cached = state == CacheState.FRAME
+        self.pool.token[self.cache_loc[blocks[cached]]] = tokens[cached]
+        self.tokens[blocks] = tokens
+        done = self.disk.submit(write_start, int(blocks.size))
+        self._touch(blocks)
+        self._hold_iobufs(blocks, done)
+        c.write_requests += 1
+        c.write_pages += int(blocks.size)
+        c.cache_hit_pages += int(np.count_nonzero(cached))
+        c.cache_miss_pages += int(blocks.size - np.count_nonzero(cached))
+        self.trim()
+        return IoResult(np.zeros(0, np.uint64), done, int(swapped.size))
+
+    # -- cache mechanics -------------------------------------------------------
+
+    def _cache_in(self, blocks: np.ndarray, tokens: np.ndarray) -> None:
+        frames = self.pool.alloc(blocks.size, FrameKind.CACHE, self.guest_id, blocks, tokens)
+        if frames.size != blocks.size:
+            raise InvariantViolation(f"vdisk {self.guest_id}: host memory made room for too few cache frames")
+        self.pool.pinned[frames] = self.pinned[blocks]
+        was_uncached = self.cache_state[blocks] == CacheState.NOT_CACHED
+        self.cached_pages += int(np.count_nonzero(was_uncached))
+        self.cache_state[blocks] = CacheState.FRAME
+        self.cache_loc[blocks] = frames
+
+    def _double_fault(self, blocks: np.ndarray, start_us: float, new_tokens: np.ndarray | None) -> float:
+        """Swap cache pages back in from host swap; returns when the swap-in read is done."""
+        slots = self.cache_loc[blocks]
+        tokens = self.swap.load(slots) if new_tokens is None else new_tokens
+        self.swap.free(slots)
+        self._cache_in(blocks, tokens)
+        done = self.swap.disk.submit(start_us, int(blocks.size))
+        self.counters.double_faults += int(blocks.size)
+        self.counters.double_fault_wait_us += done - start_us
+        return done
+
+    def swap_out(self, frames: np.ndarray, slots: np.ndarray) -> None:
+        """Host swapping took these CACHE frames of this disk: move their content to ``slots``."""
+        blocks = self.pool.owner_index[frames]
+        self.swap.store(slots, self.pool.token[frames], FrameKind.CACHE, self.guest_id, blocks)
+        self.cache_state[blocks] = CacheState.SWAPPED
+        self.cache_loc[blocks] = slots
+        self.pool.free(frames)
+
+    def _touch(self, blocks: np.ndarray) -> None:
+        self._use_stamp += 1
+        self.cluster_used[blocks // self.cluster_pages] = self._use_stamp
+
+    def trim(self) -> int:
+        """Drop least recently used clusters until at most ``cache_max_pages`` are cached."""
+        over = self.cached_pages - self.cache_max_pages
+        if over <= 0:
+            return 0
+        cached = np.flatnonzero(self.cache_state != CacheState.NOT_CACHED)
+        n_clusters = self.cluster_used.size
+        per_cluster = np.bincount(cached // self.cluster_pages, minlength=n_clusters)
+        pinned_clusters = np.bincount(np.flatnonzero(self.pinned) // self.cluster_pages,
+                                      minlength=n_clusters) > 0
+        cand = np.flatnonzero((per_cluster > 0) & ~pinned_clusters)
+        if cand.size == 0:
+            return 0
+        order = cand[np.argsort(self.cluster_used[cand], kind="stable")]
+        upto = int(np.searchsorted(np.cumsum(per_cluster[order]), over)) + 1
+        victims = order[:upto]
+        blocks = cached[np.isin(cached // self.cluster_pages, victims)]
+        state = self.cache_state[blocks]
+        self.pool.free(self.cache_loc[blocks[state == CacheState.FRAME]])
+        self.swap.free(self.cache_loc[blocks[state == CacheState.SWAPPED]])
+        self.cache_state[blocks] = CacheState.NOT_CACHED
+        self.cache_loc[blocks] = NO_LOC
+        self.cached_pages -= int(blocks.size)
+        self.counters.trimmed_pages += int(blocks.size)
+        return int(blocks.size)
+
+    # -- I/O buffers and backpressure ------------------------------------------
+
+    def _admit(self, vt_us: float) -> float:
+        """Virtual start time of a new request, after the earliest in-flight ones complete."""
+        active = sorted(d for d in self._inflight_done_us if d > vt_us)
+        if len(active) < self.max_inflight_requests:
+            return float(vt_us)
+        start = active[len(active) - self.max_inflight_requests]
+        self.counters.backpressure_waits += 1
+        self.counters.backpressure_wait_us += start - vt_us
+        return start
+
+    def _hold_iobufs(self, blocks: np.ndarray, done_us: float) -> None:
+        frames = self.pool.alloc(blocks.size, FrameKind.IOBUF, self.guest_id, blocks)
+        if frames.size != blocks.size:
+            raise InvariantViolation(f"vdisk {self.guest_id}: host memory made room for too few I/O buffers")
+        self._inflight_done_us.append(float(done_us))
+        self._inflight_frames.append(frames)
+
+    def retire(self, vt_us: float) -> int:
+        """Free the I/O buffers of every request completed by ``vt_us``; returns pages freed."""
+        keep_done: list[float] = []
+        keep_frames: list[np.ndarray] = []
+        freed: list[np.ndarray] = []
+        for done, frames in zip(self._inflight_done_us, self._inflight_frames):
+            if done <= vt_us:
+                freed.append(frames)
+            else:
+                keep_done.append(done)
+                keep_frames.append(frames)
+        self._inflight_done_us, self._inflight_frames = keep_done, keep_frames
+        if not freed:
+            return 0
+        frames = np.concatenate(freed)
+        self.pool.free(frames)
+        self.counters.iobuf_retired_pages += int(frames.size)
+        return int(frames.size)
+
+    @property
+    def inflight_requests(self) -> int:
+        return len(self._inflight_done_us)
+
+    def iobuf_frames(self) -> np.ndarray:
+        if not self._inflight_frames:
+            return np.zeros(0, np.int64)
+        return np.concatenate(self._inflight_frames)
+
+    # -- pinning ----------------------------------------------------------------
+
+    def set_pinned(self, first_block: int, n_blocks: int, pinned: bool) -> None:
+        if n_blocks < 0:
+            raise BadBatch(f"guest {self.guest_id}: n_blocks must be >= 0, got {n_blocks}")
+        if first_block < 0 or (n_blocks and first_block >= self.n_blocks):
+            raise OutOfRange(self.guest_id, "block", first_block, self.n_blocks)
+        if first_block + n_blocks > self.n_blocks:
+            raise OutOfRange(self.guest_id, "block", first_block + n_blocks - 1, self.n_blocks)
+        sl = slice(first_block, first_block + n_blocks)
+        self.pinned[sl] = pinned
+        blocks = np.arange(first_block, first_block + n_blocks)
+        in_frame = blocks[self.cache_state[sl] == CacheState.FRAME]
+        self.pool.pinned[self.cache_loc[in_frame]] = pinned
+
+    def counts(self) -> dict[str, int]:
+        c = np.bincount(self.cache_state, minlength=len(CacheState))
+        return {"cache_frame_pages": int(c[CacheState.FRAME]),
+                "cache_swapped_pages": int(c[CacheState.SWAPPED]),
+                "iobuf_pages": int(sum(f.size for f in self._inflight_frames)),
+                "inflight_requests": self.inflight_requests,
+                "pinned_blocks": int(np.count_nonzero(self.pinned))}
