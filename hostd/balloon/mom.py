@@ -1,0 +1,65 @@
+"""``mom``: oVirt MOM's default balloon rules.
+
+The host is under pressure when its free frames are below
+``pressure_threshold`` (20 %) of its RAM. Then each guest is shrunk (its
+balloon grown) by at most ``pressure_rate`` (5 %) of its RAM per step, but
+never so far that less than ``min_guest_free_percent`` (20 %) of the
+guest's current memory stays free: the step is at most
+``guest_free - 0.20 * (ram - target)``. Without pressure each guest grows
+back (balloon shrinks) by the same rate. A change smaller than
+``min_balloon_change_percent`` (0.25 %) of guest RAM is not made.
+
+Guest free memory is the ``free_stat`` stat (``free`` by default, pages);
+a guest that has not reported it is not shrunk.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from .policy import check_fraction, clamp_target, is_due, parse_params
+from .view import STAT_FREE, HostView
+
+__all__ = ["MomBalloon"]
+
+
+class MomBalloon:
+    name = "mom"
+
+    def __init__(self, pressure_threshold: float, pressure_rate: float, min_guest_free_percent: float,
+                 min_balloon_change_percent: float, free_stat: str, period_ticks: int) -> None:
+        self.pressure_threshold = pressure_threshold
+        self.pressure_rate = pressure_rate
+        self.min_guest_free_percent = min_guest_free_percent
+        self.min_balloon_change_percent = min_balloon_change_percent
+        self.free_stat = free_stat
+        self.period_ticks = period_ticks
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, Any]) -> "MomBalloon":
+        p = parse_params(cls.name, params, {
+            "pressure_threshold": (float, 0.20), "pressure_rate": (float, 0.05),
+            "min_guest_free_percent": (float, 0.20), "min_balloon_change_percent": (float, 0.0025),
+            "free_stat": (str, STAT_FREE), "period_ticks": (int, 1)})
+        for name in ("pressure_threshold", "pressure_rate", "min_guest_free_percent", "min_balloon_change_percent"):
+            check_fraction(cls.name, name, p[name])
+        return cls(**p)
+
+    def targets(self, view: HostView) -> dict[int, int]:
+        out = view.current_targets()
+        if not is_due(view, self.period_ticks):
+            return out
+        pressure = view.free_frames < self.pressure_threshold * view.total_frames
+        for g in view.guests:
+            step = self.pressure_rate * g.ram_pages
+            if pressure:
+                guest_mem = g.ram_pages - g.target_pages
+                guest_free = g.stat(self.free_stat)
+                step = min(step, guest_free - self.min_guest_free_percent * guest_mem)
+                new = g.target_pages + max(0.0, step)
+            else:
+                new = g.target_pages - step
+            new_pages = clamp_target(g, int(new))   # floor: never overshoot the 20 % free rule
+            if abs(new_pages - g.target_pages) < self.min_balloon_change_percent * g.ram_pages:
+                new_pages = out[g.guest_id]
+            out[g.guest_id] = new_pages
+        return out

@@ -1,0 +1,79 @@
+"""The balloon-controller interface and what every policy shares.
+
+A controller is called once per tick with a ``HostView`` and returns the
+balloon target (pages) of every guest in the view. A policy that acts only
+every ``period_ticks`` returns the current targets on the other ticks.
+Targets are always clamped to ``[0, max_balloon_pages]``.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping, Protocol
+
+from ..errors import PolicyConfigError
+from .view import GuestView, HostView
+
+__all__ = ["BalloonController", "clamp_target", "is_due", "parse_params", "Spec", "check_fraction",
+           "check_non_negative"]
+
+
+class BalloonController(Protocol):
+    name: str
+
+    def targets(self, view: HostView) -> dict[int, int]:
+        """Balloon target in pages for every guest of ``view``."""
+        ...
+
+
+def clamp_target(guest: GuestView, pages: float) -> int:
+    return int(min(max(int(round(pages)), 0), guest.max_balloon_pages))
+
+
+def is_due(view: HostView, period_ticks: int) -> bool:
+    return view.tick % period_ticks == 0
+
+
+Spec = Mapping[str, tuple[type, Any]]
+"""name -> (type, default); ``float`` accepts ints; ``dict`` means any mapping."""
+
+
+def parse_params(policy: str, params: Mapping[str, Any] | None, spec: Spec) -> dict[str, Any]:
+    """Defaults overridden by ``params``; unknown names and wrong types are refused by name."""
+    params = dict(params or {})
+    unknown = sorted(set(params) - set(spec))
+    if unknown:
+        raise PolicyConfigError(
+            f"balloon policy {policy!r}: unknown parameter(s) {unknown}; known: {sorted(spec)}")
+    out: dict[str, Any] = {}
+    for name, (kind, default) in spec.items():
+        if name not in params:
+            out[name] = default
+            continue
+        value = params[name]
+        if kind is dict:
+            ok = isinstance(value, Mapping)
+        elif kind is float:
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+            value = float(value) if ok else value
+        elif kind is int:
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        else:
+            ok = isinstance(value, kind)
+        if not ok:
+            raise PolicyConfigError(
+                f"balloon policy {policy!r}: parameter {name!r} must be {kind.__name__}, "
+                f"got {type(value).__name__} {value!r}")
+        out[name] = value
+    if "period_ticks" in out and out["period_ticks"] < 1:
+        raise PolicyConfigError(f"balloon policy {policy!r}: period_ticks must be >= 1, got {out['period_ticks']}")
+    return out
+
+
+def check_fraction(policy: str, name: str, value: float, *, below_one: bool = False) -> None:
+    if not (0.0 <= value < 1.0 if below_one else 0.0 <= value <= 1.0):
+        raise PolicyConfigError(
+            f"balloon policy {policy!r}: parameter {name!r} must be in [0, 1{')' if below_one else ']'}, got {value}")
+
+
+def check_non_negative(policy: str, name: str, value: float) -> None:
+    if value < 0:
+        raise PolicyConfigError(f"balloon policy {policy!r}: parameter {name!r} must be >= 0, got {value}")

@@ -1,0 +1,124 @@
+"""``proportional``: ESX share-based allocation with an idle-memory tax.
+
+Waldspurger (OSDI 2002): a guest's shares-per-page ratio is
+
+    rho = S / (P * (f + k * (1 - f))),   k = 1 / (1 - tau)
+
+with S its shares, P the pages it holds (here: its resident host frames,
+minus balloon pages it still owes), f its active fraction (working-set
+estimate / resident, clipped to [0, 1]) and tau the tax rate (0.75 by
+default: an idle page costs k = 4 times an active one).
+
+The rule, applied every ``period_ticks``:
+- When the expected free frames (free + balloon pages still to come) are
+  below ``free_target_fraction`` of host RAM, the deficit is taken from the
+  guest with the lowest rho first, in chunks of 1/32 of the deficit; after
+  each chunk that guest's P drops and its rho is recomputed, so the
+  reclaim spreads once rhos meet. A guest at its maximum balloon is skipped.
+- When they are above ``release_fraction`` of host RAM, the surplus is
+  given back the other way: the guest with the highest rho (most shares
+  per page: it deserves memory most) is deflated first.
+- ``max_step_pages`` (0 = no limit) bounds each guest's change per step.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import numpy as np
+
+from ..errors import PolicyConfigError
+from .policy import check_fraction, check_non_negative, clamp_target, is_due, parse_params
+from .view import STAT_WORKING_SET, HostView
+
+__all__ = ["ProportionalBalloon", "shares_per_page"]
+
+_CHUNKS = 32
+
+
+def shares_per_page(shares: np.ndarray, pages: np.ndarray, active_fraction: np.ndarray,
+                    tax_rate: float) -> np.ndarray:
+    """Waldspurger's rho; a guest holding no pages has rho = inf (nothing to take)."""
+    k = 1.0 / (1.0 - tax_rate)
+    f = np.clip(active_fraction, 0.0, 1.0)
+    cost = pages * (f + k * (1.0 - f))
+    with np.errstate(divide="ignore"):
+        return np.where(pages > 0, shares / np.maximum(cost, 1e-300), np.inf)
+
+
+class ProportionalBalloon:
+    name = "proportional"
+
+    def __init__(self, tax_rate: float, free_target_fraction: float, release_fraction: float,
+                 max_step_pages: int, period_ticks: int) -> None:
+        self.tax_rate = tax_rate
+        self.free_target_fraction = free_target_fraction
+        self.release_fraction = release_fraction
+        self.max_step_pages = max_step_pages
+        self.period_ticks = period_ticks
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, Any]) -> "ProportionalBalloon":
+        p = parse_params(cls.name, params, {
+            "tax_rate": (float, 0.75), "free_target_fraction": (float, 0.06),
+            "release_fraction": (float, 0.12), "max_step_pages": (int, 0), "period_ticks": (int, 1)})
+        check_fraction(cls.name, "tax_rate", p["tax_rate"], below_one=True)
+        check_fraction(cls.name, "free_target_fraction", p["free_target_fraction"])
+        check_fraction(cls.name, "release_fraction", p["release_fraction"])
+        check_non_negative(cls.name, "max_step_pages", p["max_step_pages"])
+        if p["release_fraction"] < p["free_target_fraction"]:
+            raise PolicyConfigError(
+                f"balloon policy 'proportional': release_fraction {p['release_fraction']} is below "
+                f"free_target_fraction {p['free_target_fraction']}")
+        return cls(**p)
+
+    def targets(self, view: HostView) -> dict[int, int]:
+        out = view.current_targets()
+        if not view.guests or not is_due(view, self.period_ticks):
+            return out
+        expected_free = view.expected_free_frames
+        low = self.free_target_fraction * view.total_frames
+        high = self.release_fraction * view.total_frames
+        if expected_free < low:
+            self._move(view, out, int(np.ceil(low - expected_free)), inflate=True)
+        elif expected_free > high:
+            self._move(view, out, int(expected_free - high), inflate=False)
+        return out
+
+    def _move(self, view: HostView, out: dict[int, int], amount: int, *, inflate: bool) -> None:
+        guests = list(view.guests)
+        target = np.array([g.target_pages for g in guests], np.int64)
+        owed = np.maximum(target - np.array([g.actual_pages for g in guests], np.int64), 0)
+        pages = np.maximum(np.array([g.resident_pages for g in guests], np.float64) - owed, 0.0)
+        ws = np.array([g.stat(STAT_WORKING_SET) for g in guests], np.float64)
+        shares = np.array([g.shares for g in guests], np.float64)
+        active = np.divide(ws, pages, out=np.ones_like(pages), where=pages > 0)
+        limit = np.array([g.max_balloon_pages for g in guests], np.int64)
+        step = np.full(len(guests), self.max_step_pages or np.iinfo(np.int64).max, np.int64)
+        moved = np.zeros(len(guests), np.int64)
+        chunk = max(1, -(-amount // _CHUNKS))
+        left = amount
+        while left > 0:
+            room = (np.minimum(limit - target, step - moved) if inflate
+                    else np.minimum(target, step - moved))
+            rho = shares_per_page(shares, pages, active, self.tax_rate)
+            if inflate:
+                rho = np.where((room > 0) & np.isfinite(rho), rho, np.inf)
+                i = int(np.argmin(rho))
+                if not np.isfinite(rho[i]):
+                    break
+            else:
+                rho = np.where(room > 0, rho, -np.inf)
+                i = int(np.argmax(rho))
+                if rho[i] == -np.inf:
+                    break
+            take = int(min(chunk, left, room[i]))
+            # Active pages stay put as P changes: only the idle part shrinks or grows.
+            active_pages = active[i] * pages[i]
+            sign = 1 if inflate else -1
+            target[i] += sign * take
+            pages[i] = max(pages[i] - sign * take, 0.0)
+            active[i] = min(active_pages / pages[i], 1.0) if pages[i] > 0 else 1.0
+            moved[i] += take
+            left -= take
+        for g, t in zip(guests, target.tolist()):
+            out[g.guest_id] = clamp_target(g, t)
