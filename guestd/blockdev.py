@@ -1,0 +1,71 @@
+"""The guest's block device (its virtual disk): one async interface for swap and file I/O.
+
+Here ``LocalBlockDevice`` keeps the blocks in-process and charges virtual
+time with ``proto.costs.DiskModel``; #4 replaces it with the host's virtual
+disk over the socket. A block holds the content token of the page last
+written to it; a block never written reads as ``0``, which the kernel takes
+for the block's initial content (a file page at version 0, or nothing for a
+swap slot). One call is one request, whatever the number of blocks.
+"""
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+from proto.costs import DISK_PROFILES, DiskModel, DiskProfile
+
+from .errors import BlockOutOfRange
+
+__all__ = ["BlockDevice", "LocalBlockDevice"]
+
+
+@runtime_checkable
+class BlockDevice(Protocol):
+    n_blocks: int
+
+    async def read(self, blocks: np.ndarray, vt_us: float) -> tuple[np.ndarray, float]:
+        """Tokens of ``blocks`` and the virtual time the read completes."""
+        ...
+
+    async def write(self, blocks: np.ndarray, tokens: np.ndarray, vt_us: float) -> float:
+        """Store ``tokens`` into ``blocks``; returns the virtual completion time."""
+        ...
+
+
+class LocalBlockDevice:
+    """An in-process disk: a token per block and the virtual-time disk model."""
+
+    def __init__(self, n_blocks: int, profile: DiskProfile | str = "ssd") -> None:
+        if isinstance(profile, str):
+            profile = DISK_PROFILES[profile]
+        self.n_blocks = n_blocks
+        self.tokens = np.zeros(n_blocks, np.uint64)
+        self.model = DiskModel(profile)
+        self.reads = 0          # requests
+        self.writes = 0
+        self.pages_read = 0
+        self.pages_written = 0
+
+    def _check(self, blocks: np.ndarray) -> np.ndarray:
+        b = np.asarray(blocks, dtype=np.int64)
+        if b.size:
+            lo, hi = int(b.min()), int(b.max())
+            if lo < 0:
+                raise BlockOutOfRange(lo, self.n_blocks)
+            if hi >= self.n_blocks:
+                raise BlockOutOfRange(hi, self.n_blocks)
+        return b
+
+    async def read(self, blocks: np.ndarray, vt_us: float) -> tuple[np.ndarray, float]:
+        b = self._check(blocks)
+        self.reads += 1
+        self.pages_read += b.size
+        return self.tokens[b].copy(), self.model.submit(vt_us, int(b.size))
+
+    async def write(self, blocks: np.ndarray, tokens: np.ndarray, vt_us: float) -> float:
+        b = self._check(blocks)
+        self.writes += 1
+        self.pages_written += b.size
+        self.tokens[b] = np.asarray(tokens, dtype=np.uint64)
+        return self.model.submit(vt_us, int(b.size))

@@ -1,0 +1,94 @@
+"""The guest's view of the host: EPT faults and balloon hypercalls.
+
+``NullHypervisor`` is a machine with no overcommitment: every gpfn is
+backed from the start and hypercalls are free. ``LocalHypervisor`` is a
+small in-process host for tests and teaching: it takes a guest frame's
+token when it "swaps the frame out" (through the kernel's ``invalidate``,
+the TLB shootdown) and gives it back on the EPT fault, so a run proves that
+host swapping lost nothing. #4 replaces both with the real host over the socket.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+import numpy as np
+
+from proto.costs import CostModel
+
+if TYPE_CHECKING:
+    from .kernel import GuestKernel
+
+__all__ = ["Hypervisor", "NullHypervisor", "LocalHypervisor"]
+
+
+@runtime_checkable
+class Hypervisor(Protocol):
+    async def ept_fault(self, gpfns: np.ndarray, vt_us: float) -> tuple[np.ndarray, float]:
+        """Back ``gpfns``; returns their tokens (0 = fresh frame) and the virtual completion time."""
+        ...
+
+    async def balloon_inflate(self, gpfns: np.ndarray, vt_us: float) -> float: ...
+
+    async def balloon_deflate(self, gpfns: np.ndarray, vt_us: float) -> float: ...
+
+
+class NullHypervisor:
+    """No host pressure: everything backed from the start, balloon calls cost nothing."""
+
+    backs_all_initially = True
+
+    async def ept_fault(self, gpfns: np.ndarray, vt_us: float) -> tuple[np.ndarray, float]:
+        return np.zeros(len(gpfns), np.uint64), vt_us
+
+    async def balloon_inflate(self, gpfns: np.ndarray, vt_us: float) -> float:
+        return vt_us
+
+    async def balloon_deflate(self, gpfns: np.ndarray, vt_us: float) -> float:
+        return vt_us
+
+
+class LocalHypervisor:
+    """A toy host that swaps guest frames out and back in, keeping their tokens.
+
+    ``swap_out(kernel, gpfns)`` is the host reclaiming frames: it calls
+    ``kernel.invalidate`` and keeps the returned tokens. An EPT fault returns
+    the kept token (0 for a frame never swapped) and costs ``ept_fault_us``
+    plus ``swap_in_us`` per page that was swapped.
+    """
+
+    backs_all_initially = True
+
+    def __init__(self, n_frames: int, costs: CostModel | None = None, swap_in_us: float = 100.0) -> None:
+        self.costs = costs or CostModel()
+        self.swap_in_us = swap_in_us
+        self.kept = np.zeros(n_frames, np.uint64)
+        self.swapped = np.zeros(n_frames, bool)
+        self.ept_faults = 0
+        self.inflated = 0
+        self.deflated = 0
+
+    def swap_out(self, kernel: "GuestKernel", gpfns: np.ndarray) -> None:
+        g = np.asarray(gpfns, dtype=np.int64)
+        g = g[kernel.frames.backed[g]]
+        self.kept[g] = kernel.invalidate(g)
+        self.swapped[g] = True
+
+    async def ept_fault(self, gpfns: np.ndarray, vt_us: float) -> tuple[np.ndarray, float]:
+        g = np.asarray(gpfns, dtype=np.int64)
+        self.ept_faults += g.size
+        tokens = np.where(self.swapped[g], self.kept[g], np.uint64(0)).astype(np.uint64)
+        n_swapped = int(self.swapped[g].sum())
+        self.swapped[g] = False
+        self.kept[g] = 0
+        return tokens, vt_us + self.costs.ept_fault_us + n_swapped * self.swap_in_us
+
+    async def balloon_inflate(self, gpfns: np.ndarray, vt_us: float) -> float:
+        g = np.asarray(gpfns, dtype=np.int64)
+        self.inflated += g.size
+        self.swapped[g] = False     # the host drops whatever it kept for these frames
+        self.kept[g] = 0
+        return vt_us + self.costs.hypercall_us
+
+    async def balloon_deflate(self, gpfns: np.ndarray, vt_us: float) -> float:
+        self.deflated += len(gpfns)
+        return vt_us + self.costs.hypercall_us

@@ -1,0 +1,555 @@
+"""The guest's paging OS: references, faults, reclaim, balloon frames, host backing.
+
+``GuestKernel`` is what the vCPU loop drives. One ``access`` call is one
+batch of references. Hits are handled in numpy over runs of the batch
+(residency through the vpage -> gpfn array, R/M/A/D bits and content-token
+checks with fancy indexing); each miss is handled in order in Python.
+
+Call order and concurrency::
+
+    access*  |  reclaim  |  balloon_alloc        (async; serialised by ``mm_lock``)
+    invalidate | take_ad_bits | balloon_pick | balloon_release | stats   (sync, any time)
+
+The async operations hold ``mm_lock`` for their whole duration, so a batch
+never sees a page half-evicted by the balloon. The sync ones may run while
+an async one is suspended (e.g. the host's TLB shootdown arrives while a
+fault waits for the disk); the async code re-checks backing after every
+await for that reason. ``on_oom`` runs under ``mm_lock``: it may call the
+sync methods (``balloon_pick``/``balloon_release``) but not ``access``,
+``reclaim`` or ``balloon_alloc``.
+
+Virtual time: every reference costs ``costs.mem_ref_us``; a minor fault
+``minor_fault_us``; a major fault, a write-back or an EPT fault waits until
+the block device or the hypervisor says it is done.
+"""
+from __future__ import annotations
+
+import asyncio
+import heapq
+from collections import deque
+from typing import Any, Awaitable, Callable
+
+import numpy as np
+import structlog
+
+from proto.costs import CostModel
+from proto.tokens import make_tokens
+
+from .blockdev import BlockDevice
+from .errors import BadFrames, BadPages, GuestConfigError, OutOfMemory, SwapExhausted
+from .hypervisor import Hypervisor
+from .kernel_config import KernelConfig
+from .memory import FrameKind, Frames
+from .pagetable import PageTable
+from .replacement import ReplacementPolicy, make_policy
+from .stats import PagingCounters, PffMeter, WorkingSetSampler
+from .swap import SwapArea
+
+__all__ = ["GuestKernel", "OomHook", "EV_PAGE_LOST"]
+
+OomHook = Callable[[int], Awaitable[Any]]
+
+EV_PAGE_LOST = "page_lost"   # log event: a page came back with the wrong content token
+
+# Hits are looked up in windows that grow while references keep hitting and
+# shrink back after a miss, so a thrashing batch does not rescan long tails.
+_WIN_MIN = 64
+_WIN_MAX = 8192
+
+# what _evict does with the freed frames
+_TO_CALLER = 0    # the caller takes them (fault path, balloon)
+_SOFT = 1         # they go to the free pool but keep their (clean) page until reused
+
+
+def _token(page: int, version: int) -> int:
+    return ((page + 1) << 32) | (version & 0xFFFF_FFFF)
+
+
+class GuestKernel:
+    """One guest's paging OS over its frames, its block device and its hypervisor."""
+
+    def __init__(self, config: KernelConfig, rng: np.random.Generator, blockdev: BlockDevice,
+                 hypervisor: Hypervisor, costs: CostModel, *, mm_lock: Any = None,
+                 log: Any = None) -> None:
+        self.config = config
+        self.rng = rng
+        self.blockdev = blockdev
+        self.hypervisor = hypervisor
+        self.costs = costs
+        self.log = log if log is not None else structlog.get_logger("guestd.kernel")
+        if blockdev.n_blocks < config.disk_blocks:
+            raise GuestConfigError(
+                f"block device has {blockdev.n_blocks} blocks; the layout needs {config.disk_blocks} "
+                f"({config.layout.n_file_blocks} file + {config.swap_slots} swap)")
+        backed = config.initially_backed
+        if backed is None:
+            backed = bool(getattr(hypervisor, "backs_all_initially", False))
+        self.frames = Frames(config.ram_pages, config.kernel_pages, backed)
+        self.pt = PageTable(config.layout)
+        self.swap = SwapArea(config.swap_base_block, config.swap_slots)
+        self.policy: ReplacementPolicy = make_policy(config.policy, config.ram_pages, **config.policy_params)
+        self.policy.attach(self.frames)
+        self.counters = PagingCounters()
+        self.vt_us: float = 0.0
+        # OOM hook: awaited with the number of frames needed when nothing is reclaimable
+        self.on_oom: OomHook | None = None
+        self.mm_lock = mm_lock if mm_lock is not None else asyncio.Lock()
+        # empty free frames, lowest gpfn first (a sorted list is a heap)
+        self._free: list[int] = list(range(config.kernel_pages, config.ram_pages))
+        # soft-reclaimed frames, oldest first: (stamp, gpfn); stale when the stamp changed
+        self._soft: deque[tuple[int, int]] = deque()
+        self._soft_stamp = np.full(config.ram_pages, -1, np.int64)
+        self._soft_next = 0
+        # balloon frames in inflation order (dict as an ordered set)
+        self._balloon: dict[int, None] = {}
+        # bumped by every invalidate, so an EPT fault that raced a shootdown is not trusted
+        self._inval_gen = np.zeros(config.ram_pages, np.int64)
+        self.ws = WorkingSetSampler(config.ws_sample_pages, rng)
+        self.pff = PffMeter(config.pff_alpha)
+        self._next_period_us = config.ws_period_us
+        self._resize_policy()
+
+    # ------------------------------------------------------------------ references
+
+    async def access(self, pages: np.ndarray, writes: np.ndarray | None = None) -> None:
+        """Run one batch of references (``pages`` virtual page numbers, ``writes`` bools)."""
+        p = self._check_pages(pages)
+        n = p.shape[0]
+        if writes is None:
+            w = np.zeros(n, bool)
+        else:
+            w = np.asarray(writes, dtype=bool)
+            if w.shape != (n,):
+                raise BadPages(f"writes has shape {w.shape}, pages has {n} entries")
+        if n:
+            async with self.mm_lock:
+                await self._run(p, w)
+        self._maybe_end_period()
+
+    def _check_pages(self, pages: np.ndarray) -> np.ndarray:
+        p = np.asarray(pages)
+        if p.ndim != 1:
+            raise BadPages(f"pages must be a 1-d array, got shape {p.shape}")
+        if p.size == 0:
+            return p.astype(np.int64)
+        if p.dtype.kind not in "ui":
+            raise BadPages(f"pages must be integers, got dtype {p.dtype}")
+        if p.dtype.kind == "i" and int(p.min()) < 0:
+            raise BadPages(f"page {int(p.min())} is negative")
+        hi = int(p.max())
+        if hi >= self.pt.n:
+            raise BadPages(f"page {hi} outside the layout's {self.pt.n} pages")
+        return p.astype(np.int64, copy=False)
+
+    async def _run(self, p: np.ndarray, w: np.ndarray) -> None:
+        fr = self.frames
+        where = self.pt.gpfn
+        backed = fr.backed
+        n = p.shape[0]
+        i = 0
+        win = _WIN_MIN
+        while i < n:
+            end = min(n, i + win)
+            g = where[p[i:end]]
+            ok = g >= 0
+            ok &= backed[g]          # g = -1 reads some frame's bit; masked by ok anyway
+            if ok.all():
+                self._hits(p[i:end], w[i:end], g)
+                i = end
+                win = min(win * 2, _WIN_MAX)
+                continue
+            j = int(ok.argmin())
+            if j:
+                self._hits(p[i:i + j], w[i:i + j], g[:j])
+                i += j
+            if g[j] >= 0:
+                # resident, but the host took the frame: back every such frame of the window at once
+                rest = g[j:]
+                rest = rest[rest >= 0]
+                await self._back(np.unique(rest[~backed[rest]]))
+            else:
+                await self._fault(int(p[i]), bool(w[i]))
+                i += 1
+                win = _WIN_MIN
+
+    def _hits(self, p: np.ndarray, w: np.ndarray, g: np.ndarray) -> None:
+        fr = self.frames
+        c = self.counters
+        exp = self.pt.expected_tokens(p)
+        tok = fr.token[g]
+        if not np.array_equal(tok, exp):
+            self._lost_batch(p, g, tok, exp, "read")
+        fr.R[g] = True
+        fr.touched[g] = True
+        fr.ad_accessed[g] = True
+        if w.any():
+            wg = g[w]
+            wp = p[w]
+            fr.M[wg] = True
+            fr.ad_dirty[wg] = True
+            ver = self.pt.version
+            np.add.at(ver, wp, 1)
+            fr.token[wg] = make_tokens(wp, ver[wp])
+        self.policy.on_hits(g, w, c.refs)
+        k = p.shape[0]
+        c.refs += k
+        c.hits += k
+        self.vt_us += k * self.costs.mem_ref_us
+
+    async def _fault(self, page: int, write: bool) -> None:
+        fr = self.frames
+        pt = self.pt
+        c = self.counters
+        ref = c.refs
+        g = int(pt.cached[page])
+        if g >= 0:
+            # soft-reclaimed: the page is still in a free frame, take it back (minor fault)
+            pt.cached[page] = -1
+            self._soft_stamp[g] = -1
+            await self._ensure_backed(np.array([g]))
+            tok = int(fr.token[g])
+            c.minor_faults += 1
+            self.vt_us += self.costs.minor_fault_us
+        else:
+            g = await self._alloc_frame()
+            if pt.on_disk[page]:
+                toks, done = await self.blockdev.read(np.array([pt.block[page]], np.int64), self.vt_us)
+                self.vt_us = max(self.vt_us, float(done))
+                tok = int(toks[0])
+                if pt.is_file[page]:
+                    c.file_reads += 1
+                    if tok == 0:
+                        tok = _token(page, 0)   # a block never written holds the file's initial content
+                else:
+                    c.swap_in += 1
+                c.major_faults += 1
+            else:
+                tok = 0                           # a fresh anonymous page: zero fill
+                c.minor_faults += 1
+                self.vt_us += self.costs.minor_fault_us
+            await self._ensure_backed(np.array([g]))
+        # nothing awaits from here on: the frame stays backed while we fill it
+        exp = pt.expected_token(page)
+        if tok != exp:
+            self._lost_one(page, g, tok, exp, "fault")
+            tok = exp
+        fr.kind[g] = FrameKind.FILE if pt.is_file[page] else FrameKind.ANON
+        fr.vpage[g] = page
+        fr.resident[g] = True
+        fr.M[g] = False
+        fr.ad_accessed[g] = True
+        fr.ad_dirty[g] = True          # loading stored into the frame
+        fr.touched[g] = True
+        pt.gpfn[page] = g
+        if write:
+            v = int(pt.version[page]) + 1
+            pt.version[page] = v
+            tok = _token(page, v)
+            fr.M[g] = True
+        fr.token[g] = tok
+        self.policy.on_load(g, write, ref)
+        c.refs += 1
+        self.vt_us += self.costs.mem_ref_us
+
+    # ------------------------------------------------------------------ frames
+
+    def _take_free(self) -> int:
+        """Lowest-numbered empty free frame, else the oldest soft-reclaimed one (its page dropped); -1 if none."""
+        if self._free:
+            return heapq.heappop(self._free)
+        fr = self.frames
+        while self._soft:
+            stamp, g = self._soft.popleft()
+            if self._soft_stamp[g] != stamp:
+                continue
+            self._soft_stamp[g] = -1
+            self.pt.cached[fr.vpage[g]] = -1
+            fr.vpage[g] = -1
+            return g
+        return -1
+
+    async def _alloc_frame(self) -> int:
+        oom_tried = False
+        while True:
+            g = self._take_free()
+            if g >= 0:
+                return g
+            v = self.policy.select_victim()
+            if v >= 0:
+                self.frames.resident[v] = False
+                await self._evict(np.array([v], np.int64), _TO_CALLER)
+                return v
+            if self.on_oom is not None and not oom_tried:
+                oom_tried = True
+                self.counters.oom_calls += 1
+                await self.on_oom(1)
+                continue
+            raise OutOfMemory(1, self.config.ram_pages, self.config.kernel_pages, len(self._balloon))
+
+    def _pick_victims(self, n: int) -> np.ndarray:
+        """Up to ``n`` victims from the policy, each taken out of the pool at once."""
+        out = []
+        res = self.frames.resident
+        for _ in range(n):
+            v = self.policy.select_victim()
+            if v < 0:
+                break
+            res[v] = False
+            out.append(v)
+        return np.array(out, np.int64)
+
+    async def _evict(self, gs: np.ndarray, mode: int) -> None:
+        """Evict the pages of frames ``gs`` (already out of ``resident``), writing dirty ones back first."""
+        fr = self.frames
+        pt = self.pt
+        c = self.counters
+        dirty = gs[fr.M[gs]]
+        if dirty.size:
+            # the write-back reads the frame: one the host swapped out must come back first (double paging)
+            await self._ensure_backed(dirty)
+            dp = fr.vpage[dirty]
+            blocks = pt.block[dp].copy()
+            anon = ~pt.is_file[dp]
+            need = np.flatnonzero(blocks < 0)
+            if self.swap.used + need.size > self.swap.n_slots:
+                fr.resident[gs] = True      # left in memory; the run cannot go on without more swap
+                raise SwapExhausted(self.swap.n_slots)
+            for k in need:
+                blocks[k] = self.swap.alloc_block()
+            pt.block[dp] = blocks
+            pt.on_disk[dp] = True
+            toks = fr.token[dirty].copy()
+            n_anon = int(anon.sum())
+            c.swap_out += n_anon
+            c.file_writes += dirty.size - n_anon
+            c.writebacks += dirty.size
+        pages = fr.vpage[gs]
+        pt.gpfn[pages] = -1
+        fr.kind[gs] = FrameKind.FREE
+        fr.R[gs] = False
+        fr.M[gs] = False
+        c.evictions += gs.size
+        if mode == _SOFT:
+            pt.cached[pages] = gs
+            for g in gs.tolist():
+                self._soft_stamp[g] = self._soft_next
+                self._soft.append((self._soft_next, g))
+                self._soft_next += 1
+            c.soft_reclaimed += gs.size
+        else:
+            fr.vpage[gs] = -1
+        if dirty.size:
+            done = await self.blockdev.write(blocks, toks, self.vt_us)
+            self.vt_us = max(self.vt_us, float(done))
+
+    async def _ensure_backed(self, gs: np.ndarray) -> None:
+        while True:
+            need = gs[~self.frames.backed[gs]]
+            if not need.size:
+                return
+            await self._back(need)
+
+    async def _back(self, gs: np.ndarray) -> None:
+        """EPT fault ``gs`` in; a single free target brings its upcoming free neighbours along."""
+        fr = self.frames
+        c = self.counters
+        if gs.size == 1 and fr.kind[gs[0]] == FrameKind.FREE:
+            g0 = int(gs[0])
+            hi = min(fr.n, g0 + self.config.fault_around_pages)
+            near = np.arange(g0, hi)
+            near = near[(fr.kind[g0:hi] == FrameKind.FREE) & ~fr.backed[g0:hi]]
+            gs = np.union1d(gs, near)
+        gen = self._inval_gen[gs].copy()
+        tokens, done = await self.hypervisor.ept_fault(gs.astype(np.uint64), self.vt_us)
+        self.vt_us = max(self.vt_us, float(done))
+        tokens = np.asarray(tokens, dtype=np.uint64).copy()
+        c.ept_faults += gs.size
+        c.ept_fault_calls += 1
+        stable = self._inval_gen[gs] == gen        # not shot down again while we waited
+        gs, tokens = gs[stable], tokens[stable]
+        held = fr.vpage[gs] >= 0                   # resident or soft-reclaimed: content must come back intact
+        bad = held & (tokens != fr.token[gs])
+        if bad.any():
+            self._lost_batch(fr.vpage[gs[bad]], gs[bad], tokens[bad], fr.token[gs[bad]], "ept_fault")
+            tokens[bad] = fr.token[gs[bad]]
+        fr.token[gs] = tokens
+        fr.backed[gs] = True
+
+    def _resize_policy(self) -> None:
+        self.policy.resize(self.config.ram_pages - self.config.kernel_pages - len(self._balloon))
+
+    # ------------------------------------------------------------------ reclaim and balloon
+
+    async def reclaim(self, n: int) -> int:
+        """Soft-reclaim up to ``n`` pages (kswapd-like); returns how many.
+
+        Victims come from the policy; dirty ones are written back first; each
+        keeps its page in its now-free frame until the allocator reuses it,
+        so touching it again before then is a minor fault.
+        """
+        async with self.mm_lock:
+            victims = self._pick_victims(n)
+            if victims.size:
+                await self._evict(victims, _SOFT)
+            return int(victims.size)
+
+    async def balloon_alloc(self, n: int) -> np.ndarray:
+        """Allocate up to ``n`` frames for the balloon through the normal allocator.
+
+        Free frames first, then soft-reclaimed ones, then victims chosen by
+        the replacement policy (dirty file pages written back, anonymous
+        pages swapped, clean cache dropped for free). The frames become
+        BALLOON and unbacked. Partial progress is normal: fewer than ``n``
+        come back when nothing else is reclaimable. Never calls ``on_oom``.
+        """
+        async with self.mm_lock:
+            got: list[int] = []
+            while len(got) < n:
+                g = self._take_free()
+                if g < 0:
+                    break
+                got.append(g)
+            if len(got) < n:
+                victims = self._pick_victims(n - len(got))
+                if victims.size:
+                    try:
+                        await self._evict(victims, _TO_CALLER)
+                    except BaseException:
+                        for g in got:
+                            heapq.heappush(self._free, g)
+                        raise
+                    got.extend(victims.tolist())
+            g = np.array(got, np.int64)
+            fr = self.frames
+            fr.kind[g] = FrameKind.BALLOON
+            fr.backed[g] = False
+            fr.vpage[g] = -1
+            fr.token[g] = 0
+            fr.R[g] = False
+            fr.M[g] = False
+            fr.touched[g] = False
+            self._inval_gen[g] += 1
+            for x in got:
+                self._balloon[x] = None
+            self.counters.balloon_inflated += g.size
+            self._resize_policy()
+            return g.astype(np.uint64)
+
+    def balloon_pick(self, n: int) -> np.ndarray:
+        """Up to ``n`` balloon frames to give back, most recently inflated first (state unchanged)."""
+        if n <= 0 or not self._balloon:
+            return np.zeros(0, np.uint64)
+        keys = list(self._balloon)
+        return np.array(keys[-n:][::-1], np.uint64)
+
+    def balloon_release(self, gpfns: np.ndarray) -> None:
+        """Deflate: balloon frames ``gpfns`` become FREE (and stay unbacked until touched)."""
+        g = self._check_gpfns(gpfns)
+        if np.unique(g).size != g.size:
+            raise BadFrames("balloon_release: duplicate gpfns in one call")
+        fr = self.frames
+        wrong = g[fr.kind[g] != FrameKind.BALLOON]
+        if wrong.size:
+            raise BadFrames(f"balloon_release: gpfn(s) {wrong[:8].tolist()} are not balloon frames")
+        fr.kind[g] = FrameKind.FREE
+        fr.backed[g] = False
+        fr.vpage[g] = -1
+        for x in g.tolist():
+            del self._balloon[x]
+            heapq.heappush(self._free, x)
+        self.counters.balloon_deflated += g.size
+        self._resize_policy()
+
+    # ------------------------------------------------------------------ host side
+
+    def invalidate(self, gpfns: np.ndarray) -> np.ndarray:
+        """Host TLB shootdown: the gpfns lose their backing; returns the tokens they held."""
+        g = self._check_gpfns(gpfns)
+        fr = self.frames
+        tokens = fr.token[g].copy()
+        fr.backed[g] = False
+        self._inval_gen[g] += 1
+        self.counters.invalidations += g.size
+        return tokens
+
+    def take_ad_bits(self) -> tuple[np.ndarray, np.ndarray]:
+        """EPT accessed and dirty bits of every gpfn (np.packbits), cleared after."""
+        fr = self.frames
+        a = np.packbits(fr.ad_accessed)
+        d = np.packbits(fr.ad_dirty)
+        fr.ad_accessed[:] = False
+        fr.ad_dirty[:] = False
+        return a, d
+
+    def _check_gpfns(self, gpfns: np.ndarray) -> np.ndarray:
+        g = np.asarray(gpfns)
+        if g.ndim != 1 or (g.size and g.dtype.kind not in "ui"):
+            raise BadFrames(f"gpfns must be a 1-d integer array, got {g.dtype} shape {g.shape}")
+        g = g.astype(np.int64)
+        if g.size:
+            lo, hi = int(g.min()), int(g.max())
+            if lo < 0 or hi >= self.frames.n:
+                bad = lo if lo < 0 else hi
+                raise BadFrames(f"gpfn {bad} outside guest memory 0..{self.frames.n - 1}")
+        return g
+
+    # ------------------------------------------------------------------ time and stats
+
+    def advance_to(self, vt_us: float) -> None:
+        """Move the clock forward while idle (no references), closing finished periods."""
+        if vt_us > self.vt_us:
+            self.vt_us = float(vt_us)
+        self._maybe_end_period()
+
+    def _maybe_end_period(self) -> None:
+        if self.vt_us < self._next_period_us:
+            return
+        c = self.counters
+        self.ws.end_period(self.frames)
+        self.pff.end_period(c.major_faults + c.minor_faults, self.vt_us)
+        period = self.config.ws_period_us
+        self._next_period_us = (self.vt_us // period + 1) * period
+
+    def stats(self) -> dict[str, int | float]:
+        """Cumulative counters and current gauges (virtio-balloon's, plus ours); JSON-serialisable."""
+        fr = self.frames
+        kinds = np.bincount(fr.kind, minlength=len(FrameKind))
+        free = int(kinds[FrameKind.FREE])
+        file_pages = int(kinds[FrameKind.FILE])
+        out: dict[str, int | float] = dict(self.counters.as_dict())
+        out.update(
+            free=free,
+            total=self.config.ram_pages,
+            available=free + file_pages,
+            caches=file_pages,
+            anon_pages=int(kinds[FrameKind.ANON]),
+            file_pages=file_pages,
+            balloon_pages=int(kinds[FrameKind.BALLOON]),
+            kernel_pages=int(kinds[FrameKind.KERNEL]),
+            soft_cached_pages=int(np.count_nonzero(self.pt.cached >= 0)),
+            unbacked_pages=int(np.count_nonzero(~fr.backed)),
+            swap_used=self.swap.used,
+            swap_total=self.swap.n_slots,
+            pff=float(self.pff.pff),
+            pff_last=float(self.pff.last_rate),
+            working_set_pages=int(self.ws.estimate_pages),
+            working_set_fraction=float(self.ws.last_fraction),
+            vt_us=float(self.vt_us),
+        )
+        return out
+
+    # ------------------------------------------------------------------ integrity
+
+    def _lost_batch(self, pages: np.ndarray, gpfns: np.ndarray, got: np.ndarray, want: np.ndarray, where: str) -> None:
+        bad = got != want
+        bad_pages = np.unique(pages[bad])
+        self.counters.lost_pages += int(bad_pages.size)
+        self.log.error(EV_PAGE_LOST, where=where, count=int(bad_pages.size), vpages=bad_pages[:8].tolist(),
+                       gpfns=np.unique(gpfns[bad])[:8].tolist(), vt_us=self.vt_us)
+        # repair, so one loss is counted once rather than on every later read
+        self.frames.token[gpfns[bad]] = want[bad]
+
+    def _lost_one(self, page: int, gpfn: int, got: int, want: int, where: str) -> None:
+        self.counters.lost_pages += 1
+        self.log.error(EV_PAGE_LOST, where=where, count=1, vpages=[page], gpfns=[gpfn],
+                       got_token=got, want_token=want, vt_us=self.vt_us)

@@ -1,0 +1,45 @@
+"""Per-virtual-page state: where each workload page is and what its content should be.
+
+A page is in a frame (``gpfn``), in a free frame that still holds it after
+a soft reclaim (``cached``), on disk (``on_disk``: its file block, or its
+swap slot once swapped out), or nowhere yet (an anonymous page never
+written is the zero page). ``version`` is what the workload last wrote: the
+expected content token follows from it, so any frame, slot or block that
+disagrees has lost or corrupted the page.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from proto.tokens import make_tokens
+
+from .workload.layout import Layout
+
+__all__ = ["PageTable"]
+
+
+class PageTable:
+    def __init__(self, layout: Layout) -> None:
+        n = layout.n_vpages
+        self.n = n
+        self.gpfn = np.full(n, -1, np.int64)         # resident frame, -1 = not resident
+        self.cached = np.full(n, -1, np.int64)       # FREE frame still holding the page (soft-reclaimed)
+        self.version = np.zeros(n, np.int64)         # writes so far
+        self.is_file = layout.is_file.copy()
+        self.block = layout.file_block.copy()        # file block, or swap block once assigned; -1 = none
+        self.on_disk = layout.is_file.copy()         # the block holds the page (files: from the start)
+
+    def expected_tokens(self, pages: np.ndarray) -> np.ndarray:
+        """The token each page must carry now: page id + version; a never-written anonymous page is 0."""
+        v = self.version[pages]
+        tok = make_tokens(pages, v)
+        zero = (v == 0) & ~self.is_file[pages]
+        if zero.any():
+            tok[zero] = 0
+        return tok
+
+    def expected_token(self, page: int) -> int:
+        v = int(self.version[page])
+        if v == 0 and not self.is_file[page]:
+            return 0
+        return ((page + 1) << 32) | (v & 0xFFFF_FFFF)
