@@ -92,6 +92,7 @@ class HostCounters:
     balloon_inflated_pages: int = 0
     balloon_deflated_pages: int = 0
     oom_refusals: int = 0
+    early_retired_iobuf_pages: int = 0  # completed I/O buffers freed before the tick under pressure
 
 
 @dataclass(slots=True)
@@ -127,6 +128,7 @@ class HostMemory:
         self.max_inflight_requests = max_inflight_requests
         self.counters = HostCounters()
         self._guests: dict[int, _Guest] = {}
+        self._departed_vdisk: dict[str, float] = {}   # disk counters of guests that are gone
         self._evictions_pending = 0
         self._eviction_settled = asyncio.Event()
 
@@ -151,8 +153,10 @@ class HostMemory:
 
         Frames with a shootdown pending stay busy until it settles, then are freed.
         """
-        self._guest(guest_id)
+        g = self._guest(guest_id)
         del self._guests[guest_id]
+        for k, v in asdict(g.vdisk.counters).items():
+            self._departed_vdisk[k] = self._departed_vdisk.get(k, 0) + v
         frames = self.pool.frames_owned_by(guest_id)
         self.pool.free(frames[~self.pool.busy[frames]])
         self.swap.free(self.swap.slots_owned_by(guest_id))
@@ -243,6 +247,11 @@ class HostMemory:
         """
         fruitless = 0
         done_us = float(vt_us)
+        if self.pool.free_frames < need:
+            # I/O buffers of requests complete by now are only waiting for the
+            # tick to free them: free them rather than swap guest pages for them.
+            for g in self._guests.values():
+                self.counters.early_retired_iobuf_pages += g.vdisk.retire(vt_us)
         while self.pool.free_frames < need:
             target = min(need + self.low_watermark_frames, self.pool.total_frames)
             want = max(target - self.pool.free_frames, self.reclaim_batch_frames)
@@ -540,7 +549,10 @@ class HostMemory:
                 **g.vdisk.counts()}
 
     def snapshot(self) -> dict[str, Any]:
-        """Counters and gauges, JSON-serialisable; per-guest under ``guests`` keyed by str(guest_id)."""
+        """Counters and gauges, JSON-serialisable; per-guest under ``guests`` keyed by str(guest_id).
+
+        Host-wide counters (``vdisk_*`` included) cover guests that are gone too.
+        """
         kinds = self.pool.counts()
         out: dict[str, Any] = {
             "total_frames": self.pool.total_frames,
@@ -554,7 +566,7 @@ class HostMemory:
             "swap_used_slots": self.swap.used_slots,
             **asdict(self.counters),
         }
-        vd_totals: dict[str, float] = {}
+        vd_totals = dict(self._departed_vdisk)
         guests: dict[str, Any] = {}
         for gid in sorted(self._guests):
             g = self._guests[gid]

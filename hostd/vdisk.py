@@ -16,7 +16,9 @@ Host memory holds two things for the disk, both frames of the shared pool:
   because write-through pages are clean. Clusters holding a pinned block
   are never trimmed.
 - I/O buffers: each request holds ``n`` IOBUF frames from submit until the
-  host's virtual time passes its completion (``retire``).
+  host's virtual time passes its completion (``retire``, each tick). When
+  host memory is short, it also retires buffers of requests complete by the
+  virtual time of the request that needs frames, instead of swapping.
 
 Host swapping may take cache frames (it is blind): the block's cache state
 becomes SWAPPED, and the next request touching it first swaps it back in: a
