@@ -18,9 +18,19 @@ import numpy as np
 
 from .errors import InvariantViolation
 
-__all__ = ["FrameKind", "FramePool", "NO_OWNER"]
+__all__ = ["FrameKind", "FramePool", "NO_OWNER", "has_duplicates"]
 
 NO_OWNER = -1
+
+
+def has_duplicates(values: np.ndarray, limit: int | None = None) -> bool:
+    """Whether any value repeats; with ``limit`` (values in [0, limit)) in O(n + limit) by counting."""
+    if values.size < 2:
+        return False
+    if limit is not None and values.size * 8 >= limit:
+        return bool(np.bincount(values, minlength=limit).max() > 1)
+    srt = np.sort(values)
+    return bool(np.any(srt[1:] == srt[:-1]))
 
 
 class FrameKind(IntEnum):
@@ -101,7 +111,7 @@ class FramePool:
         if np.any(kinds == FrameKind.FREE):
             bad = int(frames[np.flatnonzero(kinds == FrameKind.FREE)[0]])
             raise InvariantViolation(f"frame {bad} freed twice")
-        if np.unique(frames).size != frames.size:
+        if has_duplicates(frames, self.total_frames):
             raise InvariantViolation("the same frame appears twice in one free() call")
         self._kind_frames -= np.bincount(kinds, minlength=len(FrameKind))
         self._kind_frames[FrameKind.FREE] += frames.size
@@ -143,7 +153,7 @@ class FramePool:
             raise InvariantViolation(
                 f"{int(counted[FrameKind.FREE])} frames are FREE but the free stack holds {self._n_free}")
         stack = self._free_stack[:self._n_free]
-        if np.unique(stack).size != stack.size:
+        if has_duplicates(stack, self.total_frames):
             raise InvariantViolation("a frame is on the free stack twice")
         if np.any(self.kind[stack] != FrameKind.FREE):
             bad = int(stack[np.flatnonzero(self.kind[stack] != FrameKind.FREE)[0]])

@@ -13,7 +13,7 @@ import numpy as np
 from proto.costs import DiskModel, DiskProfile, disk_profile
 
 from .errors import InvariantViolation
-from .framepool import NO_OWNER, FrameKind
+from .framepool import NO_OWNER, FrameKind, has_duplicates
 
 __all__ = ["HostSwap"]
 
@@ -73,7 +73,7 @@ class HostSwap:
         if not np.all(self.used[slots]):
             bad = int(slots[np.flatnonzero(~self.used[slots])[0]])
             raise InvariantViolation(f"swap slot {bad} freed twice")
-        if np.unique(slots).size != slots.size:
+        if has_duplicates(slots, self.n_slots):
             raise InvariantViolation("the same swap slot appears twice in one free() call")
         self.used[slots] = False
         self.token[slots] = 0
@@ -94,5 +94,5 @@ class HostSwap:
         if np.any(self.used[stack]):
             bad = int(stack[np.flatnonzero(self.used[stack])[0]])
             raise InvariantViolation(f"swap slot {bad} is on the free stack but marked used")
-        if np.unique(stack).size != stack.size:
+        if has_duplicates(stack, self.n_slots):
             raise InvariantViolation("a swap slot is on the free stack twice")

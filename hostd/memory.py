@@ -591,10 +591,12 @@ class HostMemory:
         pool, swap = self.pool, self.swap
         pool.check_invariant()
         swap.check_invariant()
-        slot_refs = np.zeros(swap.n_slots, np.int64)
-        frame_refs = np.zeros(pool.total_frames, np.int64)
-        for gid, g in self._guests.items():
-            self._check_guest(g, slot_refs, frame_refs)
+        slot_lists: list[np.ndarray] = [np.zeros(0, np.int64)]
+        frame_lists: list[np.ndarray] = [np.zeros(0, np.int64)]
+        for g in self._guests.values():
+            self._check_guest(g, slot_lists, frame_lists)
+        slot_refs = np.bincount(np.concatenate(slot_lists), minlength=swap.n_slots)
+        frame_refs = np.bincount(np.concatenate(frame_lists), minlength=pool.total_frames)
         kind = pool.kind
         owned = kind != FrameKind.FREE
         known = np.isin(pool.owner_guest, np.fromiter(self._guests, np.int64, len(self._guests)))
@@ -630,32 +632,31 @@ class HostMemory:
             s = int(np.flatnonzero((slot_refs > 0) & ~swap.used)[0])
             raise InvariantViolation(f"swap slot {s} is referenced but free")
 
-    def _check_guest(self, g: _Guest, slot_refs: np.ndarray, frame_refs: np.ndarray) -> None:
-        pool, swap, p2m, gid = self.pool, self.swap, g.p2m, g.guest_id
+    def _check_guest(self, g: _Guest, slot_refs: list[np.ndarray], frame_refs: list[np.ndarray]) -> None:
+        pool, p2m, gid = self.pool, g.p2m, g.guest_id
         if np.any(p2m.state >= len(PageState)):
             bad = int(np.flatnonzero(p2m.state >= len(PageState))[0])
             raise InvariantViolation(f"guest {gid} gpfn {bad} has no valid state ({int(p2m.state[bad])})")
-        gpfns = np.arange(p2m.guest_pages)
-        on_frame = p2m.state == PageState.FRAME
+        on_frame = np.flatnonzero(p2m.state == PageState.FRAME)
         f = p2m.loc[on_frame]
         if np.any((f < 0) | (f >= pool.total_frames)):
             raise InvariantViolation(f"guest {gid}: a FRAME gpfn points outside the pool")
         ok = ((pool.kind[f] == FrameKind.GUEST) & (pool.owner_guest[f] == gid)
-              & (pool.owner_index[f] == gpfns[on_frame]) & (pool.pinned[f] == p2m.pinned[on_frame]))
+              & (pool.owner_index[f] == on_frame) & (pool.pinned[f] == p2m.pinned[on_frame]))
         if not np.all(ok):
             i = int(np.flatnonzero(~ok)[0])
-            gp, fr = int(gpfns[on_frame][i]), int(f[i])
+            gp, fr = int(on_frame[i]), int(f[i])
             raise InvariantViolation(
                 f"guest {gid} gpfn {gp} is FRAME {fr} but that frame is {FrameKind(pool.kind[fr]).name} of guest "
                 f"{int(pool.owner_guest[fr])} index {int(pool.owner_index[fr])} pinned {bool(pool.pinned[fr])}")
-        np.add.at(frame_refs, f, 1)
-        on_swap = p2m.state == PageState.SWAPPED
+        frame_refs.append(f)
+        on_swap = np.flatnonzero(p2m.state == PageState.SWAPPED)
         s = p2m.loc[on_swap]
-        self._check_slots(s, gpfns[on_swap], FrameKind.GUEST, gid, "gpfn")
-        np.add.at(slot_refs, s, 1)
-        elsewhere = ~on_frame & ~on_swap
-        if np.any(p2m.loc[elsewhere] != NO_LOC):
-            bad = int(gpfns[elsewhere][np.flatnonzero(p2m.loc[elsewhere] != NO_LOC)[0]])
+        self._check_slots(s, on_swap, FrameKind.GUEST, gid, "gpfn")
+        slot_refs.append(s)
+        stray = (p2m.state != PageState.FRAME) & (p2m.state != PageState.SWAPPED) & (p2m.loc != NO_LOC)
+        if np.any(stray):
+            bad = int(np.flatnonzero(stray)[0])
             raise InvariantViolation(f"guest {gid} gpfn {bad} is {PageState(p2m.state[bad]).name} "
                                      f"but has location {int(p2m.loc[bad])}")
         ballooned = int(np.count_nonzero(p2m.state == PageState.BALLOONED))
@@ -677,29 +678,34 @@ class HostMemory:
                 f"guest {gid} {what} {int(index[i])} is SWAPPED in slot {sl} but that slot is used={bool(swap.used[sl])} "
                 f"of guest {int(swap.owner_guest[sl])} index {int(swap.owner_index[sl])}")
 
-    def _check_vdisk(self, vd: VirtualDisk, slot_refs: np.ndarray, frame_refs: np.ndarray) -> None:
+    def _check_vdisk(self, vd: VirtualDisk, slot_refs: list[np.ndarray], frame_refs: list[np.ndarray]) -> None:
         pool, gid = self.pool, vd.guest_id
-        blocks = np.arange(vd.n_blocks)
-        in_frame = vd.cache_state == CacheState.FRAME
+        in_frame = np.flatnonzero(vd.cache_state == CacheState.FRAME)
         f = vd.cache_loc[in_frame]
         ok = ((pool.kind[f] == FrameKind.CACHE) & (pool.owner_guest[f] == gid)
-              & (pool.owner_index[f] == blocks[in_frame]) & (pool.token[f] == vd.tokens[in_frame])
+              & (pool.owner_index[f] == in_frame) & (pool.token[f] == vd.tokens[in_frame])
               & (pool.pinned[f] == vd.pinned[in_frame]))
         if not np.all(ok):
             i = int(np.flatnonzero(~ok)[0])
-            raise InvariantViolation(f"guest {gid} vdisk block {int(blocks[in_frame][i])}: cache frame {int(f[i])} "
+            raise InvariantViolation(f"guest {gid} vdisk block {int(in_frame[i])}: cache frame {int(f[i])} "
                                      f"is not a CACHE frame of this block holding its content")
-        np.add.at(frame_refs, f, 1)
-        in_swap = vd.cache_state == CacheState.SWAPPED
+        frame_refs.append(f)
+        in_swap = np.flatnonzero(vd.cache_state == CacheState.SWAPPED)
         s = vd.cache_loc[in_swap]
-        self._check_slots(s, blocks[in_swap], FrameKind.CACHE, gid, "vdisk block")
+        self._check_slots(s, in_swap, FrameKind.CACHE, gid, "vdisk block")
         if np.any(self.swap.token[s] != vd.tokens[in_swap]):
             raise InvariantViolation(f"guest {gid}: a swapped-out cache page differs from its disk block")
-        np.add.at(slot_refs, s, 1)
-        if vd.cached_pages != int(np.count_nonzero(in_frame | in_swap)):
+        slot_refs.append(s)
+        if np.any((vd.cache_state == CacheState.NOT_CACHED) & (vd.cache_loc != NO_LOC)):
+            raise InvariantViolation(f"guest {gid}: an uncached vdisk block still has a location")
+        per_cluster = np.bincount(np.concatenate((in_frame, in_swap)) // vd.cluster_pages,
+                                  minlength=vd.cluster_cached.size)
+        if not np.array_equal(per_cluster, vd.cluster_cached):
+            raise InvariantViolation(f"guest {gid}: vdisk per-cluster cached counts drifted")
+        if vd.cached_pages != in_frame.size + in_swap.size:
             raise InvariantViolation(f"guest {gid}: vdisk counts {vd.cached_pages} cached pages, "
-                                     f"has {int(np.count_nonzero(in_frame | in_swap))}")
+                                     f"has {in_frame.size + in_swap.size}")
         io = vd.iobuf_frames()
         if np.any((pool.kind[io] != FrameKind.IOBUF) | (pool.owner_guest[io] != gid)):
             raise InvariantViolation(f"guest {gid}: an in-flight request holds a frame that is not its IOBUF")
-        np.add.at(frame_refs, io, 1)
+        frame_refs.append(io)

@@ -111,7 +111,9 @@ class VirtualDisk:
         self.cache_loc = np.full(self.n_blocks, NO_LOC, np.int64)
         self.pinned = np.zeros(self.n_blocks, bool)
         n_clusters = -(-self.n_blocks // self.cluster_pages)
-        self.cluster_used = np.zeros(n_clusters, np.int64)   # LRU stamp per cluster
+        self.cluster_used = np.zeros(n_clusters, np.int64)    # LRU stamp per cluster
+        self.cluster_cached = np.zeros(n_clusters, np.int64)  # blocks FRAME or SWAPPED per cluster
+        self.cluster_pinned = np.zeros(n_clusters, bool)      # holds a pinned block: never trimmed
         self._use_stamp = 0
         self.cached_pages = 0                                  # blocks FRAME or SWAPPED
         self._inflight_done_us: list[float] = []
@@ -223,8 +225,11 @@ class VirtualDisk:
         if frames.size != blocks.size:
             raise InvariantViolation(f"vdisk {self.guest_id}: host memory made room for too few cache frames")
         self.pool.pinned[frames] = self.pinned[blocks]
-        was_uncached = self.cache_state[blocks] == CacheState.NOT_CACHED
-        self.cached_pages += int(np.count_nonzero(was_uncached))
+        new = blocks[self.cache_state[blocks] == CacheState.NOT_CACHED]
+        if new.size:
+            clusters, n_new = np.unique(new // self.cluster_pages, return_counts=True)
+            self.cluster_cached[clusters] += n_new
+            self.cached_pages += int(new.size)
         self.cache_state[blocks] = CacheState.FRAME
         self.cache_loc[blocks] = frames
 
@@ -256,23 +261,26 @@ class VirtualDisk:
         over = self.cached_pages - self.cache_max_pages
         if over <= 0:
             return 0
-        cached = np.flatnonzero(self.cache_state != CacheState.NOT_CACHED)
-        n_clusters = self.cluster_used.size
-        per_cluster = np.bincount(cached // self.cluster_pages, minlength=n_clusters)
-        pinned_clusters = np.bincount(np.flatnonzero(self.pinned) // self.cluster_pages,
-                                      minlength=n_clusters) > 0
-        cand = np.flatnonzero((per_cluster > 0) & ~pinned_clusters)
+        cand = np.flatnonzero((self.cluster_cached > 0) & ~self.cluster_pinned)
         if cand.size == 0:
             return 0
+        # Every candidate holds at least one page, so the `over` oldest suffice:
+        # partition for them instead of sorting every cluster.
+        k = min(cand.size, over)
+        if k < cand.size:
+            cand = cand[np.argpartition(self.cluster_used[cand], k - 1)[:k]]
         order = cand[np.argsort(self.cluster_used[cand], kind="stable")]
-        upto = int(np.searchsorted(np.cumsum(per_cluster[order]), over)) + 1
+        upto = int(np.searchsorted(np.cumsum(self.cluster_cached[order]), over)) + 1
         victims = order[:upto]
-        blocks = cached[np.isin(cached // self.cluster_pages, victims)]
+        blocks = (victims[:, None] * self.cluster_pages + np.arange(self.cluster_pages)).ravel()
+        blocks = blocks[blocks < self.n_blocks]
         state = self.cache_state[blocks]
+        blocks, state = blocks[state != CacheState.NOT_CACHED], state[state != CacheState.NOT_CACHED]
         self.pool.free(self.cache_loc[blocks[state == CacheState.FRAME]])
         self.swap.free(self.cache_loc[blocks[state == CacheState.SWAPPED]])
         self.cache_state[blocks] = CacheState.NOT_CACHED
         self.cache_loc[blocks] = NO_LOC
+        self.cluster_cached[victims] = 0
         self.cached_pages -= int(blocks.size)
         self.counters.trimmed_pages += int(blocks.size)
         return int(blocks.size)
@@ -335,6 +343,8 @@ class VirtualDisk:
             raise OutOfRange(self.guest_id, "block", first_block + n_blocks - 1, self.n_blocks)
         sl = slice(first_block, first_block + n_blocks)
         self.pinned[sl] = pinned
+        self.cluster_pinned = np.bincount(np.flatnonzero(self.pinned) // self.cluster_pages,
+                                          minlength=self.cluster_used.size) > 0
         blocks = np.arange(first_block, first_block + n_blocks)
         in_frame = blocks[self.cache_state[sl] == CacheState.FRAME]
         self.pool.pinned[self.cache_loc[in_frame]] = pinned
