@@ -440,11 +440,16 @@ class HostMemory:
 
     def set_ad_bits(self, guest_id: int, accessed_packbits: np.ndarray | bytes,
                     dirty_packbits: np.ndarray | bytes) -> None:
-        """OR the guest's EPT A/D bits (``np.packbits`` over its gpfns) into the frames backing them."""
+        """OR the guest's EPT A/D bits (``np.packbits`` over its gpfns) into the frames backing them.
+
+        Empty bit strings mean "nothing to report".
+        """
         g = self._guest(guest_id)
         backed = g.p2m.state == PageState.FRAME
         for name, packed, target in (("accessed", accessed_packbits, self.pool.accessed),
                                      ("dirty", dirty_packbits, self.pool.dirty)):
+            if len(packed) == 0:
+                continue
             bits = self._unpack(g, name, packed)
             hit = bits & backed
             target[g.p2m.loc[hit]] = True

@@ -410,6 +410,7 @@ async def test_ad_bits_are_ored_into_the_backing_frames() -> None:
     assert int(np.count_nonzero(hm.pool.accessed)) == 1
     hm.set_ad_bits(1, np.packbits(np.zeros(20, bool)), np.packbits(np.zeros(20, bool)))
     assert hm.pool.accessed[loc[9]]        # OR, not replace
+    hm.set_ad_bits(1, b"", b"")            # nothing to report
     with pytest.raises(BadBatch, match="accessed bits have 2 bytes, expected 3"):
         hm.set_ad_bits(1, b"\0\0", np.packbits(dirty))
 

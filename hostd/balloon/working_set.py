@@ -15,7 +15,8 @@ Every ``period_ticks``:
   up to ``max_step_pages`` each, spread in proportion to their size, to
   give the surplus back.
 
-``pff`` is read in whatever unit the guest reports it (see guestd stats).
+``pff`` is the guest's page-fault frequency in faults per virtual second
+(guestd's ``PffMeter``: major + minor faults, smoothed).
 """
 from __future__ import annotations
 
@@ -48,7 +49,7 @@ class WorkingSetBalloon:
         p = parse_params(cls.name, params, {
             "free_target_fraction": (float, 0.10), "release_fraction": (float, 0.20),
             "headroom": (float, 0.10), "reserve_pages": (int, 256), "max_step_pages": (int, 1024),
-            "pff_high": (float, 100.0), "period_ticks": (int, 1)})
+            "pff_high": (float, 1000.0), "period_ticks": (int, 1)})
         check_fraction(cls.name, "free_target_fraction", p["free_target_fraction"])
         check_fraction(cls.name, "release_fraction", p["release_fraction"])
         for name in ("headroom", "reserve_pages", "pff_high"):
