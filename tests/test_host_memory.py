@@ -10,7 +10,6 @@ import pytest
 
 from hostd.errors import (BadBatch, BalloonLimit, DuplicateGuest, DuplicatePages, HostdError, HostOutOfMemory,
                           InvalidState, InvariantViolation, OutOfRange, UnknownGuest)
-from hostd.framepool import FrameKind
 from hostd.memory import HostMemory
 from hostd.p2m import PageState
 from proto.costs import CostModel, DiskModel, disk_profile
