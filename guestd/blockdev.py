@@ -49,7 +49,11 @@ class LocalBlockDevice:
 
     def _check(self, blocks: np.ndarray) -> np.ndarray:
         b = np.asarray(blocks, dtype=np.int64)
-        if b.size:
+        if b.size == 1:
+            x = int(b[0])
+            if not 0 <= x < self.n_blocks:
+                raise BlockOutOfRange(x, self.n_blocks)
+        elif b.size:
             lo, hi = int(b.min()), int(b.max())
             if lo < 0:
                 raise BlockOutOfRange(lo, self.n_blocks)

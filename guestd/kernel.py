@@ -42,6 +42,7 @@ from .kernel_config import KernelConfig
 from .memory import FrameKind, Frames
 from .pagetable import PageTable
 from .replacement import ReplacementPolicy, make_policy
+from .replacement.base import PolicyBase
 from .stats import PagingCounters, PffMeter, WorkingSetSampler
 from .swap import SwapArea
 
@@ -53,8 +54,13 @@ EV_PAGE_LOST = "page_lost"   # log event: a page came back with the wrong conten
 
 # Hits are looked up in windows that grow while references keep hitting and
 # shrink back after a miss, so a thrashing batch does not rescan long tails.
-_WIN_MIN = 64
+_WIN_MIN = 16
 _WIN_MAX = 8192
+
+_FREE = int(FrameKind.FREE)
+_ANON = int(FrameKind.ANON)
+_FILE = int(FrameKind.FILE)
+_BALLOON = int(FrameKind.BALLOON)
 
 # what _evict does with the freed frames
 _TO_CALLER = 0    # the caller takes them (fault path, balloon)
@@ -89,6 +95,8 @@ class GuestKernel:
         self.swap = SwapArea(config.swap_base_block, config.swap_slots)
         self.policy: ReplacementPolicy = make_policy(config.policy, config.ram_pages, **config.policy_params)
         self.policy.attach(self.frames)
+        # most policies need nothing beyond R/M on a hit: skip the call for them
+        self._policy_sees_hits = type(self.policy).on_hits is not PolicyBase.on_hits
         self.counters = PagingCounters()
         self.vt_us: float = 0.0
         # OOM hook: awaited with the number of frames needed when nothing is reclaimable
@@ -145,10 +153,28 @@ class GuestKernel:
         fr = self.frames
         where = self.pt.gpfn
         backed = fr.backed
+        pl = p.tolist()
+        wl = w.tolist()
         n = p.shape[0]
         i = 0
-        win = _WIN_MIN
+        win = 1
         while i < n:
+            if win < _WIN_MIN:
+                # right after a miss: step one reference at a time, cheaper than numpy
+                # when misses come in runs; the window doubles with every hit
+                page = pl[i]
+                g = int(where[page])
+                if g >= 0 and backed[g]:
+                    self._hit_one(page, wl[i], g)
+                    i += 1
+                    win *= 2
+                elif g >= 0:
+                    await self._back(np.array([g], np.int64))
+                else:
+                    await self._fault(page, wl[i])
+                    i += 1
+                    win = 1
+                continue
             end = min(n, i + win)
             g = where[p[i:end]]
             ok = g >= 0
@@ -168,9 +194,32 @@ class GuestKernel:
                 rest = rest[rest >= 0]
                 await self._back(np.unique(rest[~backed[rest]]))
             else:
-                await self._fault(int(p[i]), bool(w[i]))
+                await self._fault(pl[i], wl[i])
                 i += 1
-                win = _WIN_MIN
+                win = 1
+
+    def _hit_one(self, page: int, write: bool, g: int) -> None:
+        fr = self.frames
+        pt = self.pt
+        c = self.counters
+        exp = pt.expected_token(page)
+        if int(fr.token[g]) != exp:
+            self._lost_one(page, g, int(fr.token[g]), exp, "read")
+            fr.token[g] = exp
+        fr.R[g] = True
+        fr.touched[g] = True
+        fr.ad_accessed[g] = True
+        if write:
+            v = int(pt.version[page]) + 1
+            pt.version[page] = v
+            fr.token[g] = _token(page, v)
+            fr.M[g] = True
+            fr.ad_dirty[g] = True
+        if self._policy_sees_hits:
+            self.policy.on_hits(np.array([g], np.int64), np.array([write]), c.refs)
+        c.refs += 1
+        c.hits += 1
+        self.vt_us += self.costs.mem_ref_us
 
     def _hits(self, p: np.ndarray, w: np.ndarray, g: np.ndarray) -> None:
         fr = self.frames
@@ -190,7 +239,8 @@ class GuestKernel:
             ver = self.pt.version
             np.add.at(ver, wp, 1)
             fr.token[wg] = make_tokens(wp, ver[wp])
-        self.policy.on_hits(g, w, c.refs)
+        if self._policy_sees_hits:
+            self.policy.on_hits(g, w, c.refs)
         k = p.shape[0]
         c.refs += k
         c.hits += k
@@ -201,12 +251,14 @@ class GuestKernel:
         pt = self.pt
         c = self.counters
         ref = c.refs
+        is_file = bool(pt.is_file[page])
         g = int(pt.cached[page])
         if g >= 0:
             # soft-reclaimed: the page is still in a free frame, take it back (minor fault)
             pt.cached[page] = -1
             self._soft_stamp[g] = -1
-            await self._ensure_backed(np.array([g]))
+            if not fr.backed[g]:
+                await self._ensure_backed(np.array([g], np.int64))
             tok = int(fr.token[g])
             c.minor_faults += 1
             self.vt_us += self.costs.minor_fault_us
@@ -216,7 +268,7 @@ class GuestKernel:
                 toks, done = await self.blockdev.read(np.array([pt.block[page]], np.int64), self.vt_us)
                 self.vt_us = max(self.vt_us, float(done))
                 tok = int(toks[0])
-                if pt.is_file[page]:
+                if is_file:
                     c.file_reads += 1
                     if tok == 0:
                         tok = _token(page, 0)   # a block never written holds the file's initial content
@@ -227,16 +279,16 @@ class GuestKernel:
                 tok = 0                           # a fresh anonymous page: zero fill
                 c.minor_faults += 1
                 self.vt_us += self.costs.minor_fault_us
-            await self._ensure_backed(np.array([g]))
+            if not fr.backed[g]:
+                await self._ensure_backed(np.array([g], np.int64))
         # nothing awaits from here on: the frame stays backed while we fill it
         exp = pt.expected_token(page)
         if tok != exp:
             self._lost_one(page, g, tok, exp, "fault")
             tok = exp
-        fr.kind[g] = FrameKind.FILE if pt.is_file[page] else FrameKind.ANON
+        fr.kind[g] = _FILE if is_file else _ANON
         fr.vpage[g] = page
         fr.resident[g] = True
-        fr.M[g] = False
         fr.ad_accessed[g] = True
         fr.ad_dirty[g] = True          # loading stored into the frame
         fr.touched[g] = True
@@ -245,7 +297,7 @@ class GuestKernel:
             v = int(pt.version[page]) + 1
             pt.version[page] = v
             tok = _token(page, v)
-            fr.M[g] = True
+        fr.M[g] = write
         fr.token[g] = tok
         self.policy.on_load(g, write, ref)
         c.refs += 1
@@ -277,7 +329,7 @@ class GuestKernel:
             v = self.policy.select_victim()
             if v >= 0:
                 self.frames.resident[v] = False
-                await self._evict(np.array([v], np.int64), _TO_CALLER)
+                await self._evict_one(v)
                 return v
             if self.on_oom is not None and not oom_tried:
                 oom_tried = True
@@ -297,6 +349,40 @@ class GuestKernel:
             res[v] = False
             out.append(v)
         return np.array(out, np.int64)
+
+    async def _evict_one(self, g: int) -> None:
+        """``_evict`` of one frame for the caller, with scalar steps (the fault path)."""
+        fr = self.frames
+        pt = self.pt
+        c = self.counters
+        dirty = bool(fr.M[g])
+        if dirty and not fr.backed[g]:
+            await self._ensure_backed(np.array([g], np.int64))   # double paging: read it back first
+        page = int(fr.vpage[g])
+        if dirty:
+            blk = int(pt.block[page])
+            if blk < 0:
+                if self.swap.used >= self.swap.n_slots:
+                    fr.resident[g] = True     # stays in memory; the run cannot go on without more swap
+                    raise SwapExhausted(self.swap.n_slots)
+                blk = self.swap.alloc_block()
+                pt.block[page] = blk
+            pt.on_disk[page] = True
+            tok = fr.token[g]
+            if pt.is_file[page]:
+                c.file_writes += 1
+            else:
+                c.swap_out += 1
+            c.writebacks += 1
+        pt.gpfn[page] = -1
+        fr.kind[g] = _FREE
+        fr.R[g] = False
+        fr.M[g] = False
+        fr.vpage[g] = -1
+        c.evictions += 1
+        if dirty:
+            done = await self.blockdev.write(np.array([blk], np.int64), np.array([tok], np.uint64), self.vt_us)
+            self.vt_us = max(self.vt_us, float(done))
 
     async def _evict(self, gs: np.ndarray, mode: int) -> None:
         """Evict the pages of frames ``gs`` (already out of ``resident``), writing dirty ones back first."""
@@ -325,7 +411,7 @@ class GuestKernel:
             c.writebacks += dirty.size
         pages = fr.vpage[gs]
         pt.gpfn[pages] = -1
-        fr.kind[gs] = FrameKind.FREE
+        fr.kind[gs] = _FREE
         fr.R[gs] = False
         fr.M[gs] = False
         c.evictions += gs.size
@@ -353,11 +439,11 @@ class GuestKernel:
         """EPT fault ``gs`` in; a single free target brings its upcoming free neighbours along."""
         fr = self.frames
         c = self.counters
-        if gs.size == 1 and fr.kind[gs[0]] == FrameKind.FREE:
+        if gs.size == 1 and fr.kind[gs[0]] == _FREE:
             g0 = int(gs[0])
             hi = min(fr.n, g0 + self.config.fault_around_pages)
             near = np.arange(g0, hi)
-            near = near[(fr.kind[g0:hi] == FrameKind.FREE) & ~fr.backed[g0:hi]]
+            near = near[(fr.kind[g0:hi] == _FREE) & ~fr.backed[g0:hi]]
             gs = np.union1d(gs, near)
         gen = self._inval_gen[gs].copy()
         tokens, done = await self.hypervisor.ept_fault(gs.astype(np.uint64), self.vt_us)

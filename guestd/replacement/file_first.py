@@ -17,6 +17,8 @@ from .base import PolicyBase
 
 __all__ = ["FileFirstPolicy"]
 
+_FILE = int(FrameKind.FILE)
+
 
 class FileFirstPolicy(PolicyBase):
     name = "file-first"
@@ -30,7 +32,7 @@ class FileFirstPolicy(PolicyBase):
         fr = self.frames
         assert fr is not None
         h = self.hand
-        of_class = fr.resident & (fr.kind == FrameKind.FILE)
+        of_class = fr.resident & (fr.kind == _FILE)
         if not of_class.any():
             of_class = fr.resident
         v = first_true_from(of_class & ~fr.R, h)

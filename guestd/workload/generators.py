@@ -1,0 +1,280 @@
+"""Workload generators: seeded numpy batches of ``(vpages uint64, writes bool)``.
+
+Each generator covers one region of the ``Layout`` (its pages are
+``start .. start+pages-1``) and draws from its own ``np.random.Generator``.
+``batch(n)`` returns up to ``n`` references; fewer (possibly none) once a
+finite workload is ``exhausted``. ``Mix`` composes several per guest.
+
+Kinds (``WORKLOADS``):
+
+- ``db``: a database file read with a zipf-skewed hot set (the hot page
+  cache): rank r (1-based) has weight r**-theta, ranks scattered over the
+  file by a fixed permutation; a fraction ``write_frac`` are writes.
+- ``zipf``: the same skew over any region (anonymous or file).
+- ``anon-cold``: every page written once, in order, then idle (exhausted).
+- ``anon-hot``: uniform references over a working set of ``ws_pages``
+  pages (the first ones of the region), ``write_frac`` writes.
+- ``scan``: a sequential read of the region, each page used once per pass;
+  ``loop`` repeats the pass forever, else it is exhausted after one.
+- ``phases``: uniform over a window of ``ws_pages`` that moves by
+  ``shift_pages`` (wrapping) every ``phase_refs`` references.
+- ``trace``: a recorded trace replayed in order (``loop`` to repeat); its
+  distinct pages are mapped densely onto the region.
+"""
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+from ..errors import GuestConfigError
+
+__all__ = [
+    "Workload", "DbWorkload", "ZipfWorkload", "AnonColdWorkload", "AnonHotWorkload",
+    "ScanWorkload", "PhasesWorkload", "TraceWorkload", "Mix", "WORKLOADS",
+]
+
+_EMPTY = (np.zeros(0, np.uint64), np.zeros(0, bool))
+
+
+@runtime_checkable
+class Workload(Protocol):
+    name: str
+    exhausted: bool
+
+    def batch(self, n: int) -> tuple[np.ndarray, np.ndarray]: ...
+
+
+def _check_frac(name: str, value: float) -> float:
+    if not 0.0 <= value <= 1.0:
+        raise GuestConfigError(f"{name}: write_frac must be in [0, 1], got {value}")
+    return float(value)
+
+
+class _Region:
+    """Common fields: the region's first vpage, its size, the generator."""
+
+    name = "region"
+
+    def __init__(self, start: int, pages: int, rng: np.random.Generator) -> None:
+        if pages < 1:
+            raise GuestConfigError(f"{self.name}: region must have >= 1 page, got {pages}")
+        self.start = int(start)
+        self.pages = int(pages)
+        self.rng = rng
+        self.exhausted = False
+
+    def _writes(self, n: int, frac: float) -> np.ndarray:
+        if frac <= 0.0:
+            return np.zeros(n, bool)
+        return self.rng.random(n) < frac
+
+
+class ZipfWorkload(_Region):
+    name = "zipf"
+
+    def __init__(self, start: int, pages: int, rng: np.random.Generator, theta: float = 0.99,
+                 write_frac: float = 0.0) -> None:
+        super().__init__(start, pages, rng)
+        if theta < 0:
+            raise GuestConfigError(f"{self.name}: theta must be >= 0, got {theta}")
+        self.theta = float(theta)
+        self.write_frac = _check_frac(self.name, write_frac)
+        w = np.arange(1, pages + 1, dtype=np.float64) ** -self.theta
+        self._cdf = np.cumsum(w / w.sum())
+        self._cdf[-1] = 1.0
+        # the hottest ranks land anywhere in the file, not at its start
+        self._page_of_rank = (self.start + rng.permutation(pages)).astype(np.uint64)
+
+    def batch(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        ranks = np.searchsorted(self._cdf, self.rng.random(n), side="right")
+        np.minimum(ranks, self.pages - 1, out=ranks)
+        return self._page_of_rank[ranks], self._writes(n, self.write_frac)
+
+
+class DbWorkload(ZipfWorkload):
+    """A database file: zipf-skewed reads (and a few writes) of its pages."""
+
+    name = "db"
+
+    def __init__(self, start: int, pages: int, rng: np.random.Generator, theta: float = 0.99,
+                 write_frac: float = 0.02) -> None:
+        super().__init__(start, pages, rng, theta=theta, write_frac=write_frac)
+
+
+class AnonColdWorkload(_Region):
+    """Allocated and touched (written) once, in order, then idle."""
+
+    name = "anon-cold"
+
+    def __init__(self, start: int, pages: int, rng: np.random.Generator) -> None:
+        super().__init__(start, pages, rng)
+        self._next = 0
+
+    def batch(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        k = min(n, self.pages - self._next)
+        if k <= 0:
+            self.exhausted = True
+            return _EMPTY
+        p = np.arange(self.start + self._next, self.start + self._next + k, dtype=np.uint64)
+        self._next += k
+        self.exhausted = self._next >= self.pages
+        return p, np.ones(k, bool)
+
+
+class AnonHotWorkload(_Region):
+    """An anonymous working set referenced uniformly."""
+
+    name = "anon-hot"
+
+    def __init__(self, start: int, pages: int, rng: np.random.Generator, ws_pages: int | None = None,
+                 write_frac: float = 0.3) -> None:
+        super().__init__(start, pages, rng)
+        self.ws_pages = pages if ws_pages is None else int(ws_pages)
+        if not 1 <= self.ws_pages <= pages:
+            raise GuestConfigError(f"{self.name}: ws_pages must be in 1..{pages}, got {ws_pages}")
+        self.write_frac = _check_frac(self.name, write_frac)
+
+    def batch(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        p = (self.start + self.rng.integers(0, self.ws_pages, n)).astype(np.uint64)
+        return p, self._writes(n, self.write_frac)
+
+
+class ScanWorkload(_Region):
+    """A sequential read of the region, every page used once per pass."""
+
+    name = "scan"
+
+    def __init__(self, start: int, pages: int, rng: np.random.Generator, loop: bool = True) -> None:
+        super().__init__(start, pages, rng)
+        self.loop = bool(loop)
+        self._pos = 0
+
+    def batch(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        if self.exhausted:
+            return _EMPTY
+        if not self.loop:
+            n = min(n, self.pages - self._pos)
+        idx = (self._pos + np.arange(n)) % self.pages
+        self._pos += n
+        if not self.loop and self._pos >= self.pages:
+            self.exhausted = True
+        return (self.start + idx).astype(np.uint64), np.zeros(n, bool)
+
+
+class PhasesWorkload(_Region):
+    """A working set that moves: uniform over a window that shifts every ``phase_refs`` references."""
+
+    name = "phases"
+
+    def __init__(self, start: int, pages: int, rng: np.random.Generator, ws_pages: int | None = None,
+                 phase_refs: int = 100_000, shift_pages: int | None = None, write_frac: float = 0.2) -> None:
+        super().__init__(start, pages, rng)
+        self.ws_pages = max(1, pages // 4) if ws_pages is None else int(ws_pages)
+        if not 1 <= self.ws_pages <= pages:
+            raise GuestConfigError(f"{self.name}: ws_pages must be in 1..{pages}, got {ws_pages}")
+        if phase_refs < 1:
+            raise GuestConfigError(f"{self.name}: phase_refs must be >= 1, got {phase_refs}")
+        self.phase_refs = int(phase_refs)
+        self.shift_pages = self.ws_pages if shift_pages is None else int(shift_pages)
+        self.write_frac = _check_frac(self.name, write_frac)
+        self._done = 0     # references generated so far
+
+    def batch(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        refno = self._done + np.arange(n)
+        offset = (refno // self.phase_refs) * self.shift_pages
+        idx = (offset + self.rng.integers(0, self.ws_pages, n)) % self.pages
+        self._done += n
+        return (self.start + idx).astype(np.uint64), self._writes(n, self.write_frac)
+
+
+class TraceWorkload(_Region):
+    """A recorded trace, its distinct pages mapped densely (in page order) onto the region."""
+
+    name = "trace"
+
+    def __init__(self, start: int, pages: int, rng: np.random.Generator, trace_pages: np.ndarray | None = None,
+                 trace_writes: np.ndarray | None = None, loop: bool = False) -> None:
+        super().__init__(start, pages, rng)
+        if trace_pages is None:
+            raise GuestConfigError(f"{self.name}: needs trace_pages (or a 'path' in the spec)")
+        uniq, dense = np.unique(np.asarray(trace_pages, np.uint64), return_inverse=True)
+        if uniq.size > pages:
+            raise GuestConfigError(f"{self.name}: trace has {uniq.size} distinct pages, region only {pages}")
+        self._pages = (self.start + dense).astype(np.uint64)
+        self._writes_arr = (np.zeros(self._pages.size, bool) if trace_writes is None
+                            else np.asarray(trace_writes, bool))
+        self.loop = bool(loop)
+        self._pos = 0
+        self.exhausted = self._pages.size == 0
+
+    def batch(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        if self.exhausted:
+            return _EMPTY
+        total = self._pages.size
+        if self.loop:
+            idx = (self._pos + np.arange(n)) % total
+            self._pos = (self._pos + n) % total
+            return self._pages[idx], self._writes_arr[idx]
+        end = min(total, self._pos + n)
+        p, w = self._pages[self._pos:end], self._writes_arr[self._pos:end]
+        self._pos = end
+        self.exhausted = end >= total
+        return p, w
+
+
+class Mix:
+    """Several workloads of one guest, interleaved reference by reference with fixed weights.
+
+    Each reference picks a component with probability proportional to its
+    weight among those not exhausted; a component that runs dry mid-batch
+    just yields fewer references.
+    """
+
+    name = "mix"
+
+    def __init__(self, components: list[Workload], weights: list[float], rng: np.random.Generator) -> None:
+        if len(components) != len(weights) or not components:
+            raise GuestConfigError("mix: need one weight per component and at least one component")
+        if any(w <= 0 for w in weights):
+            raise GuestConfigError(f"mix: weights must be > 0, got {weights}")
+        self.components = list(components)
+        self.weights = [float(w) for w in weights]
+        self.rng = rng
+
+    @property
+    def exhausted(self) -> bool:
+        return all(c.exhausted for c in self.components)
+
+    def batch(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        active = [i for i, c in enumerate(self.components) if not c.exhausted]
+        if not active or n <= 0:
+            return _EMPTY
+        if len(active) == 1:
+            return self.components[active[0]].batch(n)
+        w = np.array([self.weights[i] for i in active])
+        pick = self.rng.choice(len(active), size=n, p=w / w.sum())
+        pages = np.zeros(n, np.uint64)
+        writes = np.zeros(n, bool)
+        keep = np.ones(n, bool)
+        for j, i in enumerate(active):
+            where = np.flatnonzero(pick == j)
+            if not where.size:
+                continue
+            p, wr = self.components[i].batch(where.size)
+            got = p.size
+            pages[where[:got]] = p
+            writes[where[:got]] = wr
+            keep[where[got:]] = False
+        return pages[keep], writes[keep]
+
+
+WORKLOADS = {
+    "db": DbWorkload,
+    "zipf": ZipfWorkload,
+    "anon-cold": AnonColdWorkload,
+    "anon-hot": AnonHotWorkload,
+    "scan": ScanWorkload,
+    "phases": PhasesWorkload,
+    "trace": TraceWorkload,
+}
