@@ -20,9 +20,15 @@ Call order for one guest::
                   | vdisk_read | vdisk_write | pin_* | unpin_*)* -> remove_guest
     each tick, from the tick loop: tick(vt_us) [-> await balance(vt_us)] -> snapshot()
 
+Every allocation (EPT fault, disk cache, I/O buffers) first tries to keep
+``low_watermark_frames`` free beyond what it takes, by host swapping in
+batches of at least ``reclaim_batch_frames``; ``balance`` (the tick loop's
+kswapd) refills to twice the watermark in the background.
+
 Costs in virtual time: an EPT fault costs ``ept_fault_us`` per page asked
-for; if frames had to be reclaimed first, it also waits for those swap-out
-writes (direct reclaim); swapped pages add a read on the swap device.
+for; if the pool could not serve it without reclaiming, it also waits for
+those swap-out writes (direct reclaim); swapped pages add a read on the
+swap device. Refilling the watermark alone costs the vCPU nothing.
 """
 from __future__ import annotations
 
@@ -188,6 +194,7 @@ class HostMemory:
         gpfns = as_page_numbers(gpfns, guest_id, "gpfn", g.p2m.guest_pages)
         uniq = np.unique(gpfns)
         start_us = float(vt_us)
+        tried = False
         while True:
             g = self._same_guest(g)
             state = g.p2m.state[uniq]
@@ -198,9 +205,10 @@ class HostMemory:
                 await self._wait_eviction_settled()
                 continue
             need = int(uniq.size - np.count_nonzero(backed))
-            if self.pool.free_frames >= need:
+            if self._room_ok(need, tried):
                 break
             start_us = max(start_us, await self._make_room(need, vt_us))
+            tried = True
 
         todo = uniq[~backed]
         swapped = todo[state[~backed] == PageState.SWAPPED]
@@ -239,27 +247,45 @@ class HostMemory:
 
     # -- reclaim (host swapping) -------------------------------------------------
 
-    async def _make_room(self, need: int, vt_us: float) -> float:
-        """Reclaim towards ``need`` + the low watermark free frames; returns when the writes are done.
+    def _room_ok(self, need: int, tried: bool) -> bool:
+        """Can an allocation of ``need`` frames go ahead now?
 
-        Raises ``HostOutOfMemory`` when nothing can be freed and no one else's
-        eviction is pending.
+        Every allocation first tries to keep ``low_watermark_frames`` free
+        beyond what it takes (``tried`` says it did); it only has to have
+        ``need``.
+        """
+        if need == 0:
+            return True
+        free = self.pool.free_frames
+        return free >= need and (tried or free >= need + self.low_watermark_frames)
+
+    async def _make_room(self, need: int, vt_us: float) -> float:
+        """Reclaim towards ``need`` + the low watermark free frames.
+
+        Returns when the allocation may go ahead in virtual time: ``vt_us``
+        if the pool already had ``need`` frames (the refill of the watermark
+        costs the vCPU nothing, like a woken kswapd), else when the swap-out
+        writes it had to wait for are done (direct reclaim). Raises
+        ``HostOutOfMemory`` when fewer than ``need`` can be had and no one
+        else's eviction is pending.
         """
         fruitless = 0
         done_us = float(vt_us)
-        if self.pool.free_frames < need:
-            # I/O buffers of requests complete by now are only waiting for the
-            # tick to free them: free them rather than swap guest pages for them.
-            for g in self._guests.values():
-                self.counters.early_retired_iobuf_pages += g.vdisk.retire(vt_us)
-        while self.pool.free_frames < need:
-            target = min(need + self.low_watermark_frames, self.pool.total_frames)
+        must_wait = self.pool.free_frames < need
+        # I/O buffers of requests complete by now are only waiting for the
+        # tick to free them: free them rather than swap guest pages for them.
+        for g in self._guests.values():
+            self.counters.early_retired_iobuf_pages += g.vdisk.retire(vt_us)
+        target = min(need + self.low_watermark_frames, self.pool.total_frames)
+        while self.pool.free_frames < target:
             want = max(target - self.pool.free_frames, self.reclaim_batch_frames)
             got = await self.reclaim(want, vt_us)
             done_us = max(done_us, got.done_vt_us)
             if got.freed_frames:
                 fruitless = 0
                 continue
+            if self.pool.free_frames >= need:
+                break            # the watermark is out of reach, the allocation is not
             if self._evictions_pending:
                 await self._wait_eviction_settled()
                 continue
@@ -269,7 +295,7 @@ class HostMemory:
                 reason = (f"host swap is full ({self.swap.n_slots} slots)" if self.swap.free_slots == 0
                           else "no evictable frame (all pinned, busy or I/O buffers)")
                 raise HostOutOfMemory(need, self.pool.free_frames, reason)
-        return done_us
+        return done_us if must_wait else float(vt_us)
 
     async def reclaim(self, n_frames: int, vt_us: float) -> Reclaimed:
         """Host swapping of up to ``n_frames``: the victim policy picks, blind.
@@ -510,14 +536,16 @@ class HostMemory:
 
     async def _room_for_io(self, g: _Guest, need: Callable[[], int], vt_us: float) -> float:
         start_us = float(vt_us)
+        tried = False
         while True:
             g = self._same_guest(g)
             n = need()
-            if self.pool.free_frames >= n:
+            if self._room_ok(n, tried):
                 if start_us > vt_us:
                     self.counters.direct_reclaims += 1
                 return start_us
             start_us = max(start_us, await self._make_room(n, vt_us))
+            tried = True
 
     def _count_double_faults(self, g: _Guest, pages: int) -> None:
         self.counters.swap_in_pages += pages

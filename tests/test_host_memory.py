@@ -168,6 +168,20 @@ async def test_direct_reclaim_waits_for_the_swap_out_write_and_swap_in_read() ->
     assert tokens[0] == guests.content[1][out]
 
 
+async def test_every_allocation_keeps_the_low_watermark_without_stalling_the_vcpu() -> None:
+    hm = make_memory(total_frames=10, swap_slots=32, low_watermark_frames=2, reclaim_batch_frames=1,
+                     costs=CostModel(ept_fault_us=5.0))
+    guests = FakeGuests(hm)
+    guests.add(1, 16)
+    await guests.touch(1, np.arange(8), write=True)
+    assert hm.pool.free_frames == 2 and hm.counters.swap_out_pages == 0
+    _, done = await hm.ept_fault(1, gp(8), 100.0)
+    assert hm.counters.swap_out_pages == 1 and hm.pool.free_frames == 2
+    assert done == 100.0 + 5.0                 # frames were there: no wait for the write
+    assert hm.counters.direct_reclaims == 0
+    hm.check_invariant()
+
+
 async def test_out_of_memory_when_everything_is_pinned() -> None:
     hm = make_memory(total_frames=4, low_watermark_frames=0)
     guests = FakeGuests(hm)

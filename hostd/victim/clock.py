@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..framepool import FramePool
+from ..framepool import FrameKind, FramePool
 
 __all__ = ["ClockVictims"]
+
+_MIN_WINDOW = 1024
 
 
 class ClockVictims:
@@ -22,24 +24,35 @@ class ClockVictims:
         total = pool.total_frames
         if n <= 0:
             return np.zeros(0, np.int64)
-        self.hand %= total
-        # One sweep in hand order, done with array ops: frames before the
-        # n-th unaccessed evictable frame get their accessed bit cleared.
-        order = np.concatenate((np.arange(self.hand, total), np.arange(0, self.hand)))
-        evictable = pool.evictable()[order]
-        accessed = pool.accessed[order]
-        cand = np.flatnonzero(evictable & ~accessed)
-        if cand.size >= n:
-            last = int(cand[n - 1])
-            swept = order[:last + 1]
-            pool.accessed[swept[evictable[:last + 1]]] = False
-            self.hand = (int(order[last]) + 1) % total
-            return order[cand[:n]].astype(np.int64)
-        # A full turn without enough: every evictable frame has lost its bit,
-        # so the second turn takes the first of those it skipped.
-        picked = order[cand]
-        pool.accessed[order[evictable]] = False
-        second = np.flatnonzero(evictable & accessed)[:n - cand.size]
-        if second.size:
-            self.hand = (int(order[second[-1]]) + 1) % total
-        return np.concatenate((picked, order[second])).astype(np.int64)
+        hand = self.hand % total
+        picked: list[np.ndarray] = []
+        need = n
+        scanned = 0
+        # The sweep goes window by window (array ops inside one), at most two
+        # turns: after one turn every evictable frame has lost its bit.
+        while need > 0 and scanned < 2 * total:
+            w = min(max(4 * need, _MIN_WINDOW), total - hand, 2 * total - scanned)
+            sl = slice(hand, hand + w)
+            k = pool.kind[sl]
+            ev = ((k == FrameKind.GUEST) | (k == FrameKind.CACHE)) & ~pool.pinned[sl] & ~pool.busy[sl]
+            acc = pool.accessed[sl]
+            cand = np.flatnonzero(ev & ~acc)
+            if cand.size >= need:
+                last = int(cand[need - 1])
+                pool.accessed[hand + np.flatnonzero(ev[:last + 1] & acc[:last + 1])] = False
+                picked.append(hand + cand[:need])
+                hand = (hand + last + 1) % total
+                need = 0
+            else:
+                pool.accessed[hand + np.flatnonzero(ev & acc)] = False
+                got = hand + cand
+                picked.append(got)
+                # Busy for the rest of this sweep so the second turn skips them.
+                pool.busy[got] = True
+                need -= cand.size
+                hand = (hand + w) % total
+            scanned += w
+        out = np.concatenate(picked).astype(np.int64) if picked else np.zeros(0, np.int64)
+        pool.busy[out] = False
+        self.hand = hand
+        return out
