@@ -106,6 +106,7 @@ class TraceIndex:
             np.not_equal(sk[1:], sk[:-1], out=new[1:])
         bounds = np.append(np.flatnonzero(new), n)
         self.n_pages = bounds.shape[0] - 1
+        self._new = new
         # memoryview: zero-copy, and bisect reads it as fast as a list
         self.occ = memoryview(order)
         self.start = bounds[:-1].tolist()
@@ -122,6 +123,19 @@ class TraceIndex:
         by_time = np.argsort(first)
         self.cold_pos = first[by_time].tolist()
         self.cold_page = by_time.tolist()
+
+    def next_use(self) -> np.ndarray:
+        """For each position, the next position of the same page (n if none)."""
+        order, same = self._order, ~self._new[1:]
+        nxt = np.full(self.n, self.n, np.int64)
+        nxt[order[:-1][same]] = order[1:][same]
+        return nxt
+
+    def page_ids(self) -> np.ndarray:
+        """Dense page id of every position."""
+        ids = np.empty(self.n, np.int64)
+        ids[self._order] = np.cumsum(self._new, dtype=np.int64) - 1
+        return ids
 
 
 def _pend_write(ix: TraceIndex, p: int, m: int, inf: int) -> int:
@@ -380,15 +394,18 @@ def _sim_lru(ix: TraceIndex, k: int) -> tuple[int, int]:
 
 
 def _sim_opt(ix: TraceIndex, k: int) -> tuple[int, int]:
-    occ, start, end = ix.occ, ix.start, ix.end
+    # Next uses are refreshed only when a victim is needed, for the pages hit
+    # since the last time, with one numpy pass: position j is the last hit of
+    # its page before now (m) iff its next use nxt[j] is after m.
     inf = ix.n
-    big = inf + 1
+    nxt = ix.next_use()
+    ids = ix.page_ids()
     fpage = [0] * k
     pw = [inf] * k
-    nxt = [0] * k           # stored next use of each frame's page (stale once it is < now)
-    gen = [0] * k
-    soon: list[tuple[int, int, int]] = []   # (next use, frame, gen): to find stale ones
-    far: list[tuple[int, int, int]] = []    # (big - next use, frame, gen): the victim on top
+    cur = [inf] * ix.n_pages     # next use of each resident page
+    fof = [-1] * ix.n_pages      # its frame (-1: not resident)
+    far: list[int] = []          # (inf - next use) << 32 | page: the farthest finite next use on top
+    never: list[int] = []        # frames whose page is never used again: the lowest one goes first
     heap: list[int] = []
     cold_pos, cold_page = ix.cold_pos, ix.cold_page
     nc = len(cold_pos)
@@ -396,6 +413,7 @@ def _sim_opt(ix: TraceIndex, k: int) -> tuple[int, int]:
     next_cold = cold_pos[0] if nc else inf
     faults = wb = 0
     filled = 0
+    applied = 0                  # hits before this position are reflected in cur
     while True:
         if heap and (heap[0] >> 32) < next_cold:
             key = heappop(heap)
@@ -413,36 +431,45 @@ def _sim_opt(ix: TraceIndex, k: int) -> tuple[int, int]:
             f = filled
             filled += 1
         else:
-            # pages hit since their next use was stored: move their next use past now
-            while soon and soon[0][0] < m:
-                s, f, g = heappop(soon)
-                if g != gen[f]:
-                    continue
-                q = fpage[f]
-                e = end[q]
-                j = bisect_right(occ, m, start[q], e)
-                x = occ[j] if j < e else inf
-                gen[f] = g = g + 1
-                nxt[f] = x
-                heappush(soon, (x, f, g))
-                heappush(far, (big - x, f, g))
-            while True:
-                a, f, g = heappop(far)
-                if g == gen[f]:
+            if m > applied:
+                seg = nxt[applied:m]
+                sel = np.flatnonzero(seg > m)
+                if sel.size:
+                    for v, q in zip(seg[sel].tolist(), ids[sel + applied].tolist()):
+                        if cur[q] != v:
+                            cur[q] = v
+                            if v < inf:
+                                heappush(far, ((inf - v) << 32) | q)
+                            else:
+                                heappush(never, fof[q])
+            applied = m + 1
+            f = -1
+            while never:
+                g = heappop(never)
+                if cur[fpage[g]] == inf:
+                    f = g
                     break
+            if f < 0:
+                while True:
+                    key = heappop(far)
+                    q = key & _MASK32
+                    if fof[q] >= 0 and cur[q] == inf - (key >> 32):
+                        f = fof[q]
+                        break
+            q = fpage[f]
+            fof[q] = -1
             if pw[f] < m:
                 wb += 1
-            x = nxt[f]
-            if x < inf:
-                heappush(heap, (x << 32) | fpage[f])
+            if cur[q] < inf:
+                heappush(heap, (cur[q] << 32) | q)
         fpage[f] = p
-        e = end[p]
-        j = bisect_right(occ, m, start[p], e)
-        x = occ[j] if j < e else inf
-        gen[f] = g = gen[f] + 1
-        nxt[f] = x
-        heappush(soon, (x, f, g))
-        heappush(far, (big - x, f, g))
+        fof[p] = f
+        v = int(nxt[m])
+        cur[p] = v
+        if v < inf:
+            heappush(far, ((inf - v) << 32) | p)
+        else:
+            heappush(never, f)
         pw[f] = _pend_write(ix, p, m, inf)
     return faults, wb
 
