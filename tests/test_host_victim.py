@@ -102,3 +102,40 @@ def test_unknown_victim_policy_lists_known_names() -> None:
         make_victim_policy("lru")
     with pytest.raises(PolicyConfigError, match="takes no parameters"):
         make_victim_policy("clock", {"hand": 3})
+
+
+def reference_clock(pool: FramePool, hand: int, n: int) -> tuple[list[int], int]:
+    """Second chance one frame at a time: the spec the windowed sweep must match."""
+    picked: list[int] = []
+    total = pool.total_frames
+    evictable = pool.evictable()
+    for _ in range(2 * total):
+        if len(picked) == n:
+            break
+        f = hand
+        hand = (hand + 1) % total
+        if not evictable[f] or f in picked:
+            continue
+        if pool.accessed[f]:
+            pool.accessed[f] = False
+            continue
+        picked.append(f)
+    return picked, hand
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_clock_sweep_matches_one_frame_at_a_time(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    fast_pool = mixed_pool(rng, n=3000)
+    ref_pool = mixed_pool(np.random.default_rng(seed), n=3000)
+    clock = make_victim_policy("clock")
+    hand = 0
+    for n in (1, 5, 300, 900, 2500, 40):
+        want, hand = reference_clock(ref_pool, hand, n)
+        got = clock.pick(fast_pool, n, rng)
+        assert got.tolist() == want
+        assert clock.hand == hand
+        assert np.array_equal(fast_pool.accessed, ref_pool.accessed)
+        assert not fast_pool.busy[got].any()
+        ref_pool.accessed[rng.random(3000) < 0.3] = True
+        fast_pool.accessed[:] = ref_pool.accessed
