@@ -26,7 +26,7 @@ from typing import Any, Awaitable, Callable, Mapping
 import structlog
 
 from .errors import (ErrorCode, FrameTooLarge, MessageError, PeerClosed, ProtoError,
-                     RemoteError, RpcTimeout, UndecodableFrame)
+                     RemoteError, RpcTimeout, TruncatedFrame, UndecodableFrame)
 from .framing import MAX_FRAME_BYTES_DEFAULT, FrameDecoder, encode_frame
 from .messages import NOTIFICATIONS, REQUESTS, Kind, Message, MsgType
 
@@ -135,6 +135,10 @@ class RpcConnection(asyncio.Protocol):
             self._dispatch(item)
 
     def eof_received(self) -> bool | None:
+        try:
+            self._decoder.check_eof()
+        except TruncatedFrame as exc:
+            log.warning("frame_rejected", peer=self.name, reason=str(exc))
         return None  # close our side too
 
     # --- public API ---------------------------------------------------------
@@ -157,10 +161,18 @@ class RpcConnection(asyncio.Protocol):
             t = self.limits.timeout_s if timeout_s is None else timeout_s
             timer = loop.call_later(t, self._expire, req_id, t) if t > 0 else None
             self._pending[req_id] = (fut, msg.TYPE, timer)
-            self._write([Kind.REQUEST, req_id, msg.TYPE, msg.to_body()])
-            if not self._can_write.is_set():  # type: ignore[union-attr]
-                await self.drain()
-            return await fut
+            try:
+                self._write([Kind.REQUEST, req_id, msg.TYPE, msg.to_body()])
+                if not self._can_write.is_set():  # type: ignore[union-attr]
+                    await self.drain()
+                return await fut
+            finally:
+                # Normally the reply already removed the entry. A cancelled
+                # caller or a request that could not be encoded must not
+                # leave it behind until its timer fires.
+                entry = self._pending.pop(req_id, None)
+                if entry is not None and entry[2] is not None:
+                    entry[2].cancel()
 
     def notify(self, msg: Message) -> None:
         if self.is_closing:
@@ -226,6 +238,9 @@ class RpcConnection(asyncio.Protocol):
             self._send_error(0, 0, ErrorCode.BAD_FRAME, "envelope kind, id and type must be integers")
             return
         if kind == Kind.REQUEST:
+            if req_id <= 0:  # id 0 marks errors tied to no request; a reply to it would be lost
+                self._send_error(0, raw_type, ErrorCode.BAD_FRAME, f"request id must be >= 1, got {req_id}")
+                return
             self._on_request(req_id, raw_type, body)
         elif kind == Kind.REPLY or kind == Kind.ERROR:
             self._on_reply(kind, req_id, body)
