@@ -22,6 +22,7 @@ from proto.messages import (BalloonDeflate, BalloonInflate, BalloonReply, Balloo
 from proto.rpc import RequestHandler
 
 from .balloon import make_controller
+from .balloon.noncoop import NonCooperationDetector
 from .balloon.view import GuestView, HostView
 from .config import RunConfig
 from .errors import HostdError
@@ -63,9 +64,8 @@ class Machine:
         self.controller = make_controller(self.balloon_cfg.policy, self.balloon_cfg.params)
         self.specs = {g.guest_id: g for g in cfg.guests}
         self.targets: dict[int, int] = {}           # last target sent, per guest
-        self.stalled_ticks: dict[int, int] = {}     # ticks without balloon progress, per guest
-        self.last_actual: dict[int, int] = {}       # balloon size seen last tick, per guest
-        self.uncooperative: set[int] = set()
+        self.noncoop = NonCooperationDetector(self.mem_cfg.uncooperative_ticks)
+        self.uncooperative: set[int] = set()        # flagged once; host swapping covers their share
         self.invariant_violations = 0
         self.peak: dict[str, int] = {}
         self.rejected: dict[str, int] = {}
@@ -80,7 +80,6 @@ class Machine:
         self.mem.add_guest(gid, spec.ram_pages, max_balloon, disk_blocks=int(spec.config.get("disk_blocks", 0)),
                            disk_profile=self.vdisk_profile)
         self.targets[gid] = 0
-        self.stalled_ticks[gid] = 0
 
     def guest_gone(self, session: GuestSession) -> dict[str, int]:
         gid = session.guest_id
@@ -206,7 +205,6 @@ class Machine:
             spec = self.specs[gid]
             actual = mem.balloon_pages(gid)
             target = self.targets.get(gid, 0)
-            self._watch_cooperation(gid, target, actual, tick)
             snap_guests.append(GuestView(
                 guest_id=gid, ram_pages=spec.ram_pages, max_balloon_pages=int(counts["max_balloon_pages"]),
                 target_pages=target, actual_pages=actual, resident_pages=int(counts["resident_pages"]),
@@ -217,6 +215,11 @@ class Machine:
         view = HostView(tick=tick, vt_us=float(vt_us), total_frames=mem.pool.total_frames,
                         free_frames=pool["free"], cache_pages=pool["cache"], iobuf_pages=pool["iobuf"],
                         guests=snap_guests)
+        for gid in self.noncoop.update(view) - self.uncooperative:
+            g = next(x for x in snap_guests if x.guest_id == gid)
+            self.uncooperative.add(gid)
+            log.warning(ev.GUEST_UNCOOPERATIVE, guest=gid, target_pages=g.target_pages, actual_pages=g.actual_pages,
+                        ticks=self.noncoop.stall_ticks)
         wanted = self.controller.targets(view)
         for g in snap_guests:
             gid = g.guest_id
@@ -228,25 +231,8 @@ class Machine:
                 log.info(ev.BALLOON_TARGET_SET, guest=gid, target_pages=new, previous_pages=self.targets.get(gid, 0),
                          actual_pages=g.actual_pages, policy=self.balloon_cfg.policy)
                 self.targets[gid] = new
-                self.stalled_ticks[gid] = 0
                 if not session.conn.is_closing:
                     session.conn.notify(BalloonTarget(new))
-
-    def _watch_cooperation(self, gid: int, target: int, actual: int, tick: int) -> None:
-        """A guest that makes no progress toward its target for long is flagged once."""
-        if actual >= target or gid in self.uncooperative:
-            self.stalled_ticks[gid] = 0
-            return
-        last = self.last_actual.get(gid)
-        if last is not None and actual > last:
-            self.stalled_ticks[gid] = 0
-        else:
-            self.stalled_ticks[gid] = self.stalled_ticks.get(gid, 0) + 1
-        self.last_actual[gid] = actual
-        if self.stalled_ticks[gid] >= self.mem_cfg.uncooperative_ticks:
-            self.uncooperative.add(gid)
-            log.warning(ev.GUEST_UNCOOPERATIVE, guest=gid, target_pages=target, actual_pages=actual,
-                        ticks=self.stalled_ticks[gid])
 
     def _check_invariant(self, when: str) -> None:
         try:
