@@ -157,7 +157,7 @@ class GuestKernel:
         wl = w.tolist()
         n = p.shape[0]
         i = 0
-        win = 1
+        win = _WIN_MIN
         while i < n:
             if win < _WIN_MIN:
                 # right after a miss: step one reference at a time, cheaper than numpy
@@ -169,7 +169,7 @@ class GuestKernel:
                     i += 1
                     win *= 2
                 elif g >= 0:
-                    await self._back(np.array([g], np.int64))
+                    await self._back_window(p[i:i + _WIN_MAX], where, backed)
                 else:
                     await self._fault(page, wl[i])
                     i += 1
@@ -189,14 +189,17 @@ class GuestKernel:
                 self._hits(p[i:i + j], w[i:i + j], g[:j])
                 i += j
             if g[j] >= 0:
-                # resident, but the host took the frame: back every such frame of the window at once
-                rest = g[j:]
-                rest = rest[rest >= 0]
-                await self._back(np.unique(rest[~backed[rest]]))
+                await self._back_window(p[i:i + _WIN_MAX], where, backed)
             else:
                 await self._fault(pl[i], wl[i])
                 i += 1
                 win = 1
+
+    async def _back_window(self, p: np.ndarray, where: np.ndarray, backed: np.ndarray) -> None:
+        """The next reference is resident but the host took its frame: back every such frame ahead at once."""
+        g = where[p]
+        g = g[g >= 0]
+        await self._back(np.unique(g[~backed[g]]))
 
     def _hit_one(self, page: int, write: bool, g: int) -> None:
         fr = self.frames
