@@ -38,7 +38,7 @@ def make_trace(refs: int, seed: int, hot_pages: int = 12_000, cold_pages: int = 
         {"kind": "zipf", "region": "hot", "theta": 0.8, "write_frac": write_frac, "weight": 1.0 - cold_share},
         {"kind": "anon-hot", "region": "cold", "write_frac": write_frac, "weight": cold_share},
     ], layout, np.random.default_rng(seed))
-    return w.batch(refs)
+    return w.next_batch(refs)
 
 
 def naive_clock(pages: list[int], writes: list[bool], k: int) -> tuple[int, int]:

@@ -24,8 +24,8 @@ def test_same_seed_same_batches_and_pages_stay_in_their_region() -> None:
     for kind, region in [("db", "db"), ("zipf", "big"), ("anon-hot", "heap"), ("scan", "db"),
                          ("phases", "big"), ("anon-cold", "heap")]:
         a, b = gen({"kind": kind, "region": region}), gen({"kind": kind, "region": region})
-        pa, wa = a.batch(700)
-        pb, wb = b.batch(700)
+        pa, wa = a.next_batch(700)
+        pb, wb = b.next_batch(700)
         assert np.array_equal(pa, pb) and np.array_equal(wa, wb), kind
         start, n = LAYOUT.span(region)
         assert pa.dtype == np.uint64 and wa.dtype == bool
@@ -33,7 +33,7 @@ def test_same_seed_same_batches_and_pages_stay_in_their_region() -> None:
 
 
 def test_db_is_zipf_skewed() -> None:
-    p, w = gen({"kind": "db", "region": "db", "theta": 1.0, "write_frac": 0.05}).batch(100_000)
+    p, w = gen({"kind": "db", "region": "db", "theta": 1.0, "write_frac": 0.05}).next_batch(100_000)
     counts = np.sort(np.bincount(p.astype(np.int64), minlength=1000))[::-1]
     assert counts[:100].sum() > 0.6 * p.size          # the hottest 10 % take most references
     assert 0.03 < w.mean() < 0.07
@@ -41,23 +41,23 @@ def test_db_is_zipf_skewed() -> None:
 
 def test_anon_cold_touches_each_page_once_then_idles() -> None:
     w = gen({"kind": "anon-cold", "region": "heap"})
-    p1, w1 = w.batch(300)
-    p2, _ = w.batch(300)
+    p1, w1 = w.next_batch(300)
+    p2, _ = w.next_batch(300)
     assert np.array_equal(np.concatenate([p1, p2]), np.arange(1000, 1500, dtype=np.uint64))
-    assert w1.all() and w.exhausted and w.batch(10)[0].size == 0
+    assert w1.all() and w.exhausted and w.next_batch(10)[0].size == 0
 
 
 def test_scan_is_sequential_and_loops_unless_told() -> None:
-    p, w = gen({"kind": "scan", "region": "db"}).batch(1500)
+    p, w = gen({"kind": "scan", "region": "db"}).next_batch(1500)
     assert np.array_equal(p, np.arange(1500, dtype=np.uint64) % 1000) and not w.any()
     once = gen({"kind": "scan", "region": "db", "loop": False})
-    assert once.batch(1500)[0].size == 1000 and once.exhausted
+    assert once.next_batch(1500)[0].size == 1000 and once.exhausted
 
 
 def test_phases_move_the_working_set() -> None:
     w = gen({"kind": "phases", "region": "big", "ws_pages": 100, "phase_refs": 1000, "shift_pages": 500})
-    first, _ = w.batch(1000)
-    second, _ = w.batch(1000)
+    first, _ = w.next_batch(1000)
+    second, _ = w.next_batch(1000)
     s = LAYOUT.span("big")[0]
     assert set((first - s).tolist()) <= set(range(100)) and set((second - s).tolist()) <= set(range(500, 600))
 
@@ -66,12 +66,12 @@ def test_mix_interleaves_by_weight_and_drops_exhausted_parts() -> None:
     w = build_workload([{"kind": "anon-hot", "region": "heap", "weight": 3},
                         {"kind": "db", "region": "db", "weight": 1},
                         {"kind": "anon-cold", "region": "big", "weight": 1}], LAYOUT, np.random.default_rng(3))
-    p, _ = w.batch(10_000)
+    p, _ = w.next_batch(10_000)
     heap = ((p >= 1000) & (p < 1500)).mean()
     assert 0.5 < heap < 0.7
     for _ in range(10):
-        w.batch(10_000)
-    p, _ = w.batch(10_000)
+        w.next_batch(10_000)
+    p, _ = w.next_batch(10_000)
     assert p.size == 10_000 and not (p >= 1500).any()     # the cold region is done, the rest go on
 
 
@@ -90,7 +90,7 @@ def test_trace_workload_replays_a_file_densely(tmp_path: Path) -> None:
     f = tmp_path / "t.npz"
     write_npz_trace(f, np.array([10, 99, 10, 5], np.uint64), np.array([0, 1, 0, 0], bool))
     w = gen({"kind": "trace", "region": "heap", "path": str(f)})
-    p, wr = w.batch(10)
+    p, wr = w.next_batch(10)
     assert p.tolist() == [1001, 1002, 1001, 1000] and wr.tolist() == [False, True, False, False]
     assert w.exhausted
 

@@ -15,7 +15,7 @@ async def run_workload(kernel: "GuestKernel", workload: Workload, refs: int, bat
     """Feed up to ``refs`` references in batches; returns how many were run (fewer if it ran dry)."""
     done = 0
     while done < refs and not workload.exhausted:
-        pages, writes = workload.batch(min(batch_pages, refs - done))
+        pages, writes = workload.next_batch(min(batch_pages, refs - done))
         if pages.size == 0:
             break
         await kernel.access(pages, writes)

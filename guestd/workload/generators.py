@@ -2,7 +2,7 @@
 
 Each generator covers one region of the ``Layout`` (its pages are
 ``start .. start+pages-1``) and draws from its own ``np.random.Generator``.
-``batch(n)`` returns up to ``n`` references; fewer (possibly none) once a
+``next_batch(n)`` returns up to ``n`` references; fewer (possibly none) once a
 finite workload is ``exhausted``. ``Mix`` composes several per guest.
 
 Kinds (``WORKLOADS``):
@@ -42,7 +42,7 @@ class Workload(Protocol):
     name: str
     exhausted: bool
 
-    def batch(self, n: int) -> tuple[np.ndarray, np.ndarray]: ...
+    def next_batch(self, n: int) -> tuple[np.ndarray, np.ndarray]: ...
 
 
 def _check_frac(name: str, value: float) -> float:
@@ -86,7 +86,7 @@ class ZipfWorkload(_Region):
         # the hottest ranks land anywhere in the file, not at its start
         self._page_of_rank = (self.start + rng.permutation(pages)).astype(np.uint64)
 
-    def batch(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+    def next_batch(self, n: int) -> tuple[np.ndarray, np.ndarray]:
         ranks = np.searchsorted(self._cdf, self.rng.random(n), side="right")
         np.minimum(ranks, self.pages - 1, out=ranks)
         return self._page_of_rank[ranks], self._writes(n, self.write_frac)
@@ -111,7 +111,7 @@ class AnonColdWorkload(_Region):
         super().__init__(start, pages, rng)
         self._next = 0
 
-    def batch(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+    def next_batch(self, n: int) -> tuple[np.ndarray, np.ndarray]:
         k = min(n, self.pages - self._next)
         if k <= 0:
             self.exhausted = True
@@ -135,7 +135,7 @@ class AnonHotWorkload(_Region):
             raise GuestConfigError(f"{self.name}: ws_pages must be in 1..{pages}, got {ws_pages}")
         self.write_frac = _check_frac(self.name, write_frac)
 
-    def batch(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+    def next_batch(self, n: int) -> tuple[np.ndarray, np.ndarray]:
         p = (self.start + self.rng.integers(0, self.ws_pages, n)).astype(np.uint64)
         return p, self._writes(n, self.write_frac)
 
@@ -150,7 +150,7 @@ class ScanWorkload(_Region):
         self.loop = bool(loop)
         self._pos = 0
 
-    def batch(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+    def next_batch(self, n: int) -> tuple[np.ndarray, np.ndarray]:
         if self.exhausted:
             return _EMPTY
         if not self.loop:
@@ -180,7 +180,7 @@ class PhasesWorkload(_Region):
         self.write_frac = _check_frac(self.name, write_frac)
         self._done = 0     # references generated so far
 
-    def batch(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+    def next_batch(self, n: int) -> tuple[np.ndarray, np.ndarray]:
         refno = self._done + np.arange(n)
         offset = (refno // self.phase_refs) * self.shift_pages
         idx = (offset + self.rng.integers(0, self.ws_pages, n)) % self.pages
@@ -208,7 +208,7 @@ class TraceWorkload(_Region):
         self._pos = 0
         self.exhausted = self._pages.size == 0
 
-    def batch(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+    def next_batch(self, n: int) -> tuple[np.ndarray, np.ndarray]:
         if self.exhausted:
             return _EMPTY
         total = self._pages.size
@@ -246,12 +246,12 @@ class Mix:
     def exhausted(self) -> bool:
         return all(c.exhausted for c in self.components)
 
-    def batch(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+    def next_batch(self, n: int) -> tuple[np.ndarray, np.ndarray]:
         active = [i for i, c in enumerate(self.components) if not c.exhausted]
         if not active or n <= 0:
             return _EMPTY
         if len(active) == 1:
-            return self.components[active[0]].batch(n)
+            return self.components[active[0]].next_batch(n)
         w = np.array([self.weights[i] for i in active])
         pick = self.rng.choice(len(active), size=n, p=w / w.sum())
         pages = np.zeros(n, np.uint64)
@@ -261,7 +261,7 @@ class Mix:
             where = np.flatnonzero(pick == j)
             if not where.size:
                 continue
-            p, wr = self.components[i].batch(where.size)
+            p, wr = self.components[i].next_batch(where.size)
             got = p.size
             pages[where[:got]] = p
             writes[where[:got]] = wr
