@@ -1,0 +1,94 @@
+"""Benchmarks: ``python scripts/bench.py [rpc|paging|scale|all] [options]``.
+
+Each subcommand is a module with ``main(argv) -> int``, imported only when
+asked for, so one missing or broken benchmark does not stop the others:
+
+- ``rpc``: ``scripts.bench_rpc`` -- RPC round trip and pipelined throughput
+  against a bare uvloop echo.
+- ``paging``: ``scripts.bench_paging`` -- references per second of the
+  paging simulators.
+- ``scale``: ``scripts.bench_scale`` -- host + N guests, wall time and RSS.
+- ``all``: each of the above in turn with its defaults.
+
+Options after the subcommand go to that benchmark (``bench.py rpc --help``).
+Benchmarks print numbers; they are not tests and never fail on a slow run.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+from pathlib import Path
+from typing import Callable, Sequence
+
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:  # run as a file: make ``scripts.*`` importable
+    sys.path.insert(0, str(REPO))
+
+__all__ = ["main", "BENCHMARKS"]
+
+BENCHMARKS: dict[str, tuple[str, str]] = {
+    "rpc": ("scripts.bench_rpc", "RPC round trip and pipelined throughput vs a bare uvloop echo"),
+    "paging": ("scripts.bench_paging", "paging simulators: references per second per policy"),
+    "scale": ("scripts.bench_scale", "host + N guests: wall time, virtual s per wall s, RSS"),
+}
+"""Subcommand -> (module with ``main(argv) -> int``, one-line description)."""
+
+
+class BenchmarkMissing(RuntimeError):
+    """The module of a benchmark is not there (yet)."""
+
+
+def _load(name: str) -> Callable[[Sequence[str] | None], int]:
+    module_name = BENCHMARKS[name][0]
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        # Only the benchmark's own module missing is "not there"; a missing
+        # dependency inside it is a real error and is re-raised.
+        if exc.name != module_name:
+            raise
+        raise BenchmarkMissing(f"benchmark {name!r} is not available: {module_name} does not exist "
+                               f"(expected {module_name.replace('.', '/')}.py with main(argv))") from None
+    main = getattr(module, "main", None)
+    if not callable(main):
+        raise BenchmarkMissing(f"benchmark {name!r}: {module_name} has no main(argv)")
+    return main
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    ap = argparse.ArgumentParser(prog="bench.py", description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="bench", required=True, metavar="{" + ",".join([*BENCHMARKS, "all"]) + "}")
+    for name, (_, desc) in BENCHMARKS.items():
+        # add_help=False: --help after the subcommand reaches the benchmark's own parser.
+        sub.add_parser(name, help=desc, add_help=False)
+    sub.add_parser("all", help="every benchmark in turn, with its defaults")
+    args, rest = ap.parse_known_args(argv)
+    if args.bench == "all":
+        if rest:
+            ap.error("'all' takes no options; run one benchmark to pass options")
+        status = 0
+        for name in BENCHMARKS:
+            print(f"=== {name} ===", flush=True)
+            try:
+                rc = _load(name)([])
+            except BenchmarkMissing as exc:
+                print(exc, file=sys.stderr)
+                rc = 2
+            status = status or rc
+            print(flush=True)
+        return status
+    try:
+        bench_main = _load(args.bench)
+    except BenchmarkMissing as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    return bench_main(rest)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
