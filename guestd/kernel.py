@@ -53,8 +53,8 @@ OomHook = Callable[[int], Awaitable[Any]]
 EV_PAGE_LOST = "page_lost"   # log event: a page came back with the wrong content token
 
 # Hits are looked up in windows that grow while references keep hitting and
-# shrink back after a miss, so a thrashing batch does not rescan long tails.
-_WIN_MIN = 16
+# start small again after a miss, so a thrashing batch does not rescan long tails.
+_WIN_MIN = 256
 _WIN_MAX = 8192
 
 _FREE = int(FrameKind.FREE)
@@ -159,21 +159,20 @@ class GuestKernel:
         i = 0
         win = _WIN_MIN
         while i < n:
-            if win < _WIN_MIN:
-                # right after a miss: step one reference at a time, cheaper than numpy
-                # when misses come in runs; the window doubles with every hit
+            if win == 0:
+                # right after a miss, one scalar probe (cheaper than numpy when misses come
+                # in runs); on a hit, go back to numpy windows
                 page = pl[i]
                 g = int(where[page])
                 if g >= 0 and backed[g]:
                     self._hit_one(page, wl[i], g)
                     i += 1
-                    win *= 2
+                    win = _WIN_MIN
                 elif g >= 0:
                     await self._back_window(p[i:i + _WIN_MAX], where, backed)
                 else:
                     await self._fault(page, wl[i])
                     i += 1
-                    win = 1
                 continue
             end = min(n, i + win)
             g = where[p[i:end]]
@@ -182,7 +181,7 @@ class GuestKernel:
             if ok.all():
                 self._hits(p[i:end], w[i:end], g)
                 i = end
-                win = min(win * 2, _WIN_MAX)
+                win = min(win * 4, _WIN_MAX)
                 continue
             j = int(ok.argmin())
             if j:
@@ -193,7 +192,7 @@ class GuestKernel:
             else:
                 await self._fault(pl[i], wl[i])
                 i += 1
-                win = 1
+                win = 0
 
     async def _back_window(self, p: np.ndarray, where: np.ndarray, backed: np.ndarray) -> None:
         """The next reference is resident but the host took its frame: back every such frame ahead at once."""
@@ -205,19 +204,14 @@ class GuestKernel:
         fr = self.frames
         pt = self.pt
         c = self.counters
-        exp = pt.expected_token(page)
+        exp = int(pt.expect[page])
         if int(fr.token[g]) != exp:
             self._lost_one(page, g, int(fr.token[g]), exp, "read")
             fr.token[g] = exp
-        fr.R[g] = True
-        fr.touched[g] = True
-        fr.ad_accessed[g] = True
+        fr.ref_bits[:, g] = True
         if write:
-            v = int(pt.version[page]) + 1
-            pt.version[page] = v
-            fr.token[g] = _token(page, v)
-            fr.M[g] = True
-            fr.ad_dirty[g] = True
+            fr.token[g] = pt.bump_one(page)
+            fr.write_bits[:, g] = True
         if self._policy_sees_hits:
             self.policy.on_hits(np.array([g], np.int64), np.array([write]), c.refs)
         c.refs += 1
@@ -227,21 +221,15 @@ class GuestKernel:
     def _hits(self, p: np.ndarray, w: np.ndarray, g: np.ndarray) -> None:
         fr = self.frames
         c = self.counters
-        exp = self.pt.expected_tokens(p)
+        exp = self.pt.expect[p]
         tok = fr.token[g]
-        if not np.array_equal(tok, exp):
+        if (tok != exp).any():
             self._lost_batch(p, g, tok, exp, "read")
-        fr.R[g] = True
-        fr.touched[g] = True
-        fr.ad_accessed[g] = True
+        fr.ref_bits[:, g] = True          # R, touched, A
         if w.any():
             wg = g[w]
-            wp = p[w]
-            fr.M[wg] = True
-            fr.ad_dirty[wg] = True
-            ver = self.pt.version
-            np.add.at(ver, wp, 1)
-            fr.token[wg] = make_tokens(wp, ver[wp])
+            fr.write_bits[:, wg] = True   # M, D
+            fr.token[wg] = self.pt.bump(p[w])
         if self._policy_sees_hits:
             self.policy.on_hits(g, w, c.refs)
         k = p.shape[0]
@@ -297,9 +285,7 @@ class GuestKernel:
         fr.touched[g] = True
         pt.gpfn[page] = g
         if write:
-            v = int(pt.version[page]) + 1
-            pt.version[page] = v
-            tok = _token(page, v)
+            tok = pt.bump_one(page)
         fr.M[g] = write
         fr.token[g] = tok
         self.policy.on_load(g, write, ref)

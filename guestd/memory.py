@@ -36,9 +36,14 @@ class Frames:
         self.kind[:kernel_frames] = FrameKind.KERNEL
         # holds a workload page (kind ANON or FILE): the set replacement may pick from
         self.resident = np.zeros(n_frames, bool)
+        # Bits set together on a reference live in one 2-d array, so the hot path
+        # sets them with one fancy assignment: rows R, touched, ad_accessed.
+        self.ref_bits = np.zeros((3, n_frames), bool)
+        # ... and on a write: rows M, ad_dirty.
+        self.write_bits = np.zeros((2, n_frames), bool)
         # the replacement policy's reference and modify bits (policies clear R; M means dirty)
-        self.R = np.zeros(n_frames, bool)
-        self.M = np.zeros(n_frames, bool)
+        self.R = self.ref_bits[0]
+        self.M = self.write_bits[0]
         # virtual page held; -1 = none. A FREE frame with vpage >= 0 still holds a
         # soft-reclaimed (clean) page that a minor fault can take back.
         self.vpage = np.full(n_frames, -1, np.int64)
@@ -48,10 +53,10 @@ class Frames:
         self.backed = np.full(n_frames, backed, bool)
         # EPT accessed/dirty bits: set on every reference, cleared only when reported
         # to the host (take_ad_bits), independent of R/M which the policy clears
-        self.ad_accessed = np.zeros(n_frames, bool)
-        self.ad_dirty = np.zeros(n_frames, bool)
+        self.ad_accessed = self.ref_bits[2]
+        self.ad_dirty = self.write_bits[1]
         # the working-set sampler's own accessed bit, so sampling never disturbs R
-        self.touched = np.zeros(n_frames, bool)
+        self.touched = self.ref_bits[1]
 
     def count(self, kind: FrameKind) -> int:
         return int(np.count_nonzero(self.kind == kind))

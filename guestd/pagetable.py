@@ -28,18 +28,28 @@ class PageTable:
         self.is_file = layout.is_file.copy()
         self.block = layout.file_block.copy()        # file block, or swap block once assigned; -1 = none
         self.on_disk = layout.is_file.copy()         # the block holds the page (files: from the start)
+        # the token each page must carry: version 0 of a file page is the file's
+        # initial content; an anonymous page never written is the zero page (0)
+        self.expect = np.where(self.is_file, make_tokens(np.arange(n), np.zeros(n, np.int64)),
+                               np.uint64(0)).astype(np.uint64)
 
     def expected_tokens(self, pages: np.ndarray) -> np.ndarray:
         """The token each page must carry now: page id + version; a never-written anonymous page is 0."""
-        v = self.version[pages]
-        tok = make_tokens(pages, v)
-        zero = (v == 0) & ~self.is_file[pages]
-        if zero.any():
-            tok[zero] = 0
-        return tok
+        return self.expect[pages]
 
     def expected_token(self, page: int) -> int:
-        v = int(self.version[page])
-        if v == 0 and not self.is_file[page]:
-            return 0
-        return ((page + 1) << 32) | (v & 0xFFFF_FFFF)
+        return int(self.expect[page])
+
+    def bump(self, pages: np.ndarray) -> np.ndarray:
+        """Count one write per entry (a page may repeat); returns the new tokens, one per entry."""
+        np.add.at(self.version, pages, 1)
+        tok = make_tokens(pages, self.version[pages])
+        self.expect[pages] = tok
+        return tok
+
+    def bump_one(self, page: int) -> int:
+        v = int(self.version[page]) + 1
+        self.version[page] = v
+        tok = ((page + 1) << 32) | (v & 0xFFFF_FFFF)
+        self.expect[page] = tok
+        return tok
