@@ -33,7 +33,6 @@ import numpy as np
 import structlog
 
 from proto.costs import CostModel
-from proto.tokens import make_tokens
 
 from .blockdev import BlockDevice
 from .errors import BadFrames, BadPages, GuestConfigError, OutOfMemory, SwapExhausted
@@ -65,10 +64,6 @@ _BALLOON = int(FrameKind.BALLOON)
 # what _evict does with the freed frames
 _TO_CALLER = 0    # the caller takes them (fault path, balloon)
 _SOFT = 1         # they go to the free pool but keep their (clean) page until reused
-
-
-def _token(page: int, version: int) -> int:
-    return ((page + 1) << 32) | (version & 0xFFFF_FFFF)
 
 
 class GuestKernel:
@@ -262,7 +257,7 @@ class GuestKernel:
                 if is_file:
                     c.file_reads += 1
                     if tok == 0:
-                        tok = _token(page, 0)   # a block never written holds the file's initial content
+                        tok = pt.initial_token(page)   # a block never written holds the file's initial content
                 else:
                     c.swap_in += 1
                 c.major_faults += 1

@@ -40,6 +40,10 @@ class PageTable:
     def expected_token(self, page: int) -> int:
         return int(self.expect[page])
 
+    def initial_token(self, page: int) -> int:
+        """Version 0 of the page: what a never-written file block holds."""
+        return (page + 1) << 32
+
     def bump(self, pages: np.ndarray) -> np.ndarray:
         """Count one write per entry (a page may repeat); returns the new tokens, one per entry."""
         np.add.at(self.version, pages, 1)
