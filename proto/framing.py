@@ -12,11 +12,12 @@ import msgpack
 
 from .errors import FrameTooLarge, TruncatedFrame, UndecodableFrame
 
-__all__ = ["HEADER_BYTES", "MAX_FRAME_BYTES_DEFAULT", "encode_frame", "FrameDecoder"]
+__all__ = ["HEADER_BYTES", "MAX_FRAME_BYTES_DEFAULT", "encode_frame", "FrameEncoder", "FrameDecoder"]
 
 HEADER_BYTES = 4
 MAX_FRAME_BYTES_DEFAULT = 4 * 1024 * 1024
 _HEADER = struct.Struct(">I")
+_SLICE_MAX_BYTES = 64 * 1024
 
 
 def encode_frame(obj: Any, max_frame_bytes: int = MAX_FRAME_BYTES_DEFAULT) -> bytes:
@@ -25,6 +26,29 @@ def encode_frame(obj: Any, max_frame_bytes: int = MAX_FRAME_BYTES_DEFAULT) -> by
     if len(body) > max_frame_bytes:
         raise FrameTooLarge(len(body), max_frame_bytes)
     return _HEADER.pack(len(body)) + body
+
+
+class FrameEncoder:
+    """``encode_frame`` with a reusable msgpack ``Packer``: one per connection.
+
+    ``msgpack.packb`` builds a new Packer on every call, which costs more
+    than packing a small envelope. A Packer is not thread-safe, hence one
+    per connection rather than one per module.
+    """
+
+    __slots__ = ("max_frame_bytes", "_pack")
+
+    def __init__(self, max_frame_bytes: int = MAX_FRAME_BYTES_DEFAULT) -> None:
+        self.max_frame_bytes = max_frame_bytes
+        self._pack = msgpack.Packer(use_bin_type=True).pack
+
+    def encode(self, obj: Any) -> bytes:
+        """Pack ``obj`` and prefix its length; ``FrameTooLarge`` if the peer would refuse it."""
+        body = self._pack(obj)
+        size = len(body)
+        if size > self.max_frame_bytes:
+            raise FrameTooLarge(size, self.max_frame_bytes)
+        return _HEADER.pack(size) + body
 
 
 class FrameDecoder:
@@ -53,26 +77,45 @@ class FrameDecoder:
         if self._failed is not None:
             raise self._failed
         buf = self._buf
-        buf += data
+        if buf:
+            buf += data
+            if len(buf) < HEADER_BYTES:
+                return []
+            (size,) = _HEADER.unpack_from(buf, 0)
+            if size <= self.max_frame_bytes and HEADER_BYTES + size > len(buf):
+                # Still inside one frame (a large one arriving in chunks):
+                # copying nothing until it is complete keeps this linear.
+                return []
+            # At least one frame is complete (or oversized): decode from an
+            # immutable copy, so views into it stay valid and the buffer
+            # can be reset at once.
+            data = bytes(buf)
+            buf.clear()
+        # Usually the buffer was empty and ``data`` holds whole frames: they
+        # are decoded straight from it. A small body is sliced (a copy of a
+        # few bytes is cheaper than a memoryview); a large one is viewed.
+        view = memoryview(data) if len(data) > _SLICE_MAX_BYTES else data
+        unpackb = msgpack.unpackb
+        max_frame = self.max_frame_bytes
         out: list[Any] = []
         pos = 0
-        n = len(buf)
+        n = len(data)
         while n - pos >= HEADER_BYTES:
-            (size,) = _HEADER.unpack_from(buf, pos)
-            if size > self.max_frame_bytes:
-                self._failed = FrameTooLarge(size, self.max_frame_bytes)
+            (size,) = _HEADER.unpack_from(data, pos)
+            if size > max_frame:
+                self._failed = FrameTooLarge(size, max_frame)
                 out.append(self._failed)
-                break
+                return out
             end = pos + HEADER_BYTES + size
             if end > n:
                 break
-            body = bytes(buf[pos + HEADER_BYTES:end])
-            pos = end
             try:
-                out.append(msgpack.unpackb(body, raw=False, strict_map_key=False))
+                out.append(unpackb(view[pos + HEADER_BYTES:end], raw=False, strict_map_key=False))
             except Exception as exc:  # msgpack raises several unrelated types
                 out.append(UndecodableFrame(f"frame of {size} bytes is not valid msgpack: {exc}"))
-        del buf[:pos]
+            pos = end
+        if pos < n:
+            buf += view[pos:]
         return out
 
     def pending_bytes(self) -> int:

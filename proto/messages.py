@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 from enum import IntEnum
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import numpy as np
 
@@ -70,21 +70,48 @@ def pages_to_bytes(pages: Any) -> bytes:
 
 
 class Message:
-    """Base of every typed message body."""
+    """Base of every typed message body.
+
+    ``SPEC`` maps each field, in order, to its wire kind; the decorator
+    below derives ``_FIELDS`` (name, checker) and ``_PAGE_FIELDS`` from it
+    once per class, so encoding and decoding do no per-message lookups.
+    """
 
     TYPE: ClassVar[MsgType]
     SPEC: ClassVar[dict[str, str]]
+    _FIELDS: ClassVar[tuple[tuple[str, Callable[[str, str, Any], Any]], ...]]
+    _NAMES: ClassVar[tuple[str, ...]]
+    _PAGE_FIELDS: ClassVar[tuple[str, ...]]
     __slots__ = ()
 
     def to_body(self) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for name, kind in self.SPEC.items():
-            value = getattr(self, name)
-            out[name] = pages_to_bytes(value) if kind == _PAGES else value
+        out = {}
+        for name in self._NAMES:  # a plain loop: cheaper than a comprehension's frame
+            out[name] = getattr(self, name)
+        for name in self._PAGE_FIELDS:
+            out[name] = pages_to_bytes(out[name])
         return out
 
     @classmethod
     def from_body(cls, body: Any) -> "Message":
+        fields_ = cls._FIELDS
+        # Fast path: exactly the expected keys (same count, and every one
+        # present implies no unknown one), checked in SPEC order.
+        if type(body) is dict and len(body) == len(fields_):
+            name = cls.__name__
+            values = []
+            try:
+                for key, check in fields_:
+                    values.append(check(name, key, body[key]))
+            except KeyError:
+                pass  # a key is missing and another unknown: say which below
+            else:
+                return cls(*values)
+        return cls._from_body_slow(body)
+
+    @classmethod
+    def _from_body_slow(cls, body: Any) -> "Message":
+        """Field by field, so the ``BadField`` names the first problem: unknown, then missing/wrong."""
         name = cls.__name__
         if not isinstance(body, dict):
             raise BadField(name, "<body>", f"expected a map, got {type(body).__name__}")
@@ -100,44 +127,63 @@ class Message:
         return cls(**values)
 
 
-def _check(msg: str, key: str, kind: str, value: Any) -> Any:
+def _check_pages(msg: str, key: str, value: Any) -> np.ndarray:
+    if type(value) is not bytes:
+        raise BadField(msg, key, f"expected bin of little-endian u64, got {type(value).__name__}")
+    if len(value) % 8:
+        raise BadField(msg, key, f"length {len(value)} is not a multiple of 8")
+    if len(value) > MAX_PAGES_PER_MESSAGE * 8:
+        raise BadField(msg, key, f"{len(value) // 8} pages exceed the limit of {MAX_PAGES_PER_MESSAGE}")
+    return np.frombuffer(value, dtype="<u8")
+
+
+def _check_int(msg: str, key: str, value: Any) -> int:
+    if type(value) is not int:
+        raise BadField(msg, key, f"expected int, got {type(value).__name__}")
+    if value < 0:
+        raise BadField(msg, key, f"must be >= 0, got {value}")
+    return value
+
+
+def _check_number(msg: str, key: str, value: Any) -> float:
     t = type(value)
-    if kind == _PAGES:
-        if t is not bytes:
-            raise BadField(msg, key, f"expected bin of little-endian u64, got {t.__name__}")
-        if len(value) % 8:
-            raise BadField(msg, key, f"length {len(value)} is not a multiple of 8")
-        if len(value) > MAX_PAGES_PER_MESSAGE * 8:
-            raise BadField(msg, key, f"{len(value) // 8} pages exceed the limit of {MAX_PAGES_PER_MESSAGE}")
-        return np.frombuffer(value, dtype="<u8")
-    if kind == _INT:
-        if t is not int:
-            raise BadField(msg, key, f"expected int, got {t.__name__}")
-        if value < 0:
-            raise BadField(msg, key, f"must be >= 0, got {value}")
-        return value
-    if kind == _NUM:
-        if t is not int and t is not float:
-            raise BadField(msg, key, f"expected number, got {t.__name__}")
-        if not 0 <= value < _INF:  # also rejects NaN; inf is no point in virtual time
-            raise BadField(msg, key, f"must be finite and >= 0, got {value}")
-        return float(value)
-    if kind == _STR:
-        if t is not str:
-            raise BadField(msg, key, f"expected str, got {t.__name__}")
-        return value
-    if kind == _BIN:
-        if t is not bytes:
-            raise BadField(msg, key, f"expected bin, got {t.__name__}")
-        return value
-    if kind == _MAP:
-        if t is not dict:
-            raise BadField(msg, key, f"expected map, got {t.__name__}")
-        for k in value:
-            if type(k) is not str:
-                raise BadField(msg, key, f"map key {k!r} is not a string")
-        return value
-    raise AssertionError(kind)
+    if t is not float and t is not int:
+        raise BadField(msg, key, f"expected number, got {t.__name__}")
+    if not 0 <= value < _INF:  # also rejects NaN; inf is no point in virtual time
+        raise BadField(msg, key, f"must be finite and >= 0, got {value}")
+    return float(value)
+
+
+def _check_str(msg: str, key: str, value: Any) -> str:
+    if type(value) is not str:
+        raise BadField(msg, key, f"expected str, got {type(value).__name__}")
+    return value
+
+
+def _check_bin(msg: str, key: str, value: Any) -> bytes:
+    if type(value) is not bytes:
+        raise BadField(msg, key, f"expected bin, got {type(value).__name__}")
+    return value
+
+
+def _check_map(msg: str, key: str, value: Any) -> dict:
+    if type(value) is not dict:
+        raise BadField(msg, key, f"expected map, got {type(value).__name__}")
+    for k in value:
+        if type(k) is not str:
+            raise BadField(msg, key, f"map key {k!r} is not a string")
+    return value
+
+
+_CHECKERS: dict[str, Callable[[str, str, Any], Any]] = {
+    _INT: _check_int, _NUM: _check_number, _STR: _check_str, _BIN: _check_bin,
+    _PAGES: _check_pages, _MAP: _check_map,
+}
+
+
+def _check(msg: str, key: str, kind: str, value: Any) -> Any:
+    """Validate one field of message ``msg``; return its decoded value or raise ``BadField``."""
+    return _CHECKERS[kind](msg, key, value)
 
 
 def _message(msg_type: MsgType | None, **spec: str):
@@ -148,6 +194,9 @@ def _message(msg_type: MsgType | None, **spec: str):
         names = [f.name for f in fields(cls)]
         assert names == list(spec), (cls.__name__, names, list(spec))
         cls.SPEC = dict(spec)
+        cls._FIELDS = tuple((name, _CHECKERS[kind]) for name, kind in spec.items())
+        cls._NAMES = tuple(spec)
+        cls._PAGE_FIELDS = tuple(name for name, kind in spec.items() if kind == _PAGES)
         if msg_type is not None:
             cls.TYPE = msg_type
         return cls

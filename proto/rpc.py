@@ -21,13 +21,14 @@ from __future__ import annotations
 import asyncio
 import inspect
 import itertools
+from collections import deque
 from typing import Any, Awaitable, Callable, Mapping
 
 import structlog
 
 from .errors import (ErrorCode, FrameTooLarge, MessageError, PeerClosed, ProtoError,
                      RemoteError, RpcTimeout, TruncatedFrame, UndecodableFrame)
-from .framing import MAX_FRAME_BYTES_DEFAULT, FrameDecoder, encode_frame
+from .framing import MAX_FRAME_BYTES_DEFAULT, FrameDecoder, FrameEncoder
 from .messages import NOTIFICATIONS, REQUESTS, Kind, Message, MsgType
 
 __all__ = ["RpcConnection", "RequestHandler", "NotifyHandler", "RpcLimits"]
@@ -36,6 +37,14 @@ RequestHandler = Callable[[Message], "Message | Awaitable[Message]"]
 NotifyHandler = Callable[[Message], "None | Awaitable[None]"]
 
 log = structlog.get_logger("proto.rpc")
+
+# The hot path works on plain ints: comparing with, hashing and packing an
+# IntEnum member all cost more than with the int it stands for.
+_REQUEST, _REPLY, _ERROR, _NOTIFY = int(Kind.REQUEST), int(Kind.REPLY), int(Kind.ERROR), int(Kind.NOTIFY)
+_REQUEST_TABLE: dict[int, tuple[MsgType, type[Message], type[Message]]] = {
+    int(t): (t, req, reply) for t, (req, reply) in REQUESTS.items()}
+_NOTIFY_TABLE: dict[int, tuple[MsgType, type[Message]]] = {int(t): (t, cls) for t, cls in NOTIFICATIONS.items()}
+_WIRE_TYPE: dict[MsgType, int] = {t: int(t) for t in MsgType}  # MsgType -> its wire int
 
 
 class RpcLimits:
@@ -69,9 +78,16 @@ class RpcConnection(asyncio.Protocol):
         self.on_close = on_close
         self.transport: asyncio.Transport | None = None
         self._decoder = FrameDecoder(self.limits.max_frame_bytes)
+        self._encoder = FrameEncoder(self.limits.max_frame_bytes)
         self._ids = itertools.count(1)
-        self._pending: dict[int, tuple[asyncio.Future, MsgType, asyncio.TimerHandle | None]] = {}
-        self._slots: asyncio.Semaphore | None = None
+        # req id -> (future, request type, reply class, timeout timer)
+        self._pending: dict[int, tuple[asyncio.Future, MsgType, type[Message],
+                                       asyncio.TimerHandle | None]] = {}
+        # The window of our own requests: a counter and a FIFO of waiting
+        # callers; cheaper than an asyncio.Semaphore on every call.
+        self._in_flight = 0
+        self._slot_waiters: deque[asyncio.Future] = deque()
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._incoming = 0
         self._tasks: set[asyncio.Task] = set()
         self._can_write: asyncio.Event | None = None
@@ -85,9 +101,8 @@ class RpcConnection(asyncio.Protocol):
     # --- asyncio.Protocol ---------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        loop = asyncio.get_running_loop()
+        loop = self._loop = asyncio.get_running_loop()
         self.transport = transport  # type: ignore[assignment]
-        self._slots = asyncio.Semaphore(self.limits.max_outstanding)
         self._can_write = asyncio.Event()
         self._can_write.set()
         self._closed = loop.create_future()
@@ -96,7 +111,7 @@ class RpcConnection(asyncio.Protocol):
     def connection_lost(self, exc: BaseException | None) -> None:
         self.close_exc = exc
         err = PeerClosed(f"connection to {self.name} closed" + (f": {exc}" if exc else ""))
-        for fut, _, timer in self._pending.values():
+        for fut, _, _, timer in self._pending.values():
             if timer is not None:
                 timer.cancel()
             if not fut.done():
@@ -123,6 +138,9 @@ class RpcConnection(asyncio.Protocol):
         except FrameTooLarge:
             return  # already reported when first seen; the connection is closing
         for item in items:
+            if type(item) is list:  # the normal case first: one type check per frame
+                self._dispatch(item)
+                continue
             if isinstance(item, FrameTooLarge):
                 self._send_error(0, 0, ErrorCode.BAD_FRAME, str(item))
                 log.warning("frame_rejected", peer=self.name, reason=str(item))
@@ -148,21 +166,31 @@ class RpcConnection(asyncio.Protocol):
         return self.transport is None or self.transport.is_closing()
 
     async def call(self, msg: Message, timeout_s: float | None = None) -> Message:
-        """Send a request and wait for its reply; raises ``RemoteError`` on an error reply."""
+        """Send a request and wait for its reply; raises ``RemoteError`` on an error reply.
+
+        At most ``limits.max_outstanding`` calls are in flight; later callers
+        wait, first come first served. ``timeout_s`` (default
+        ``limits.timeout_s``; 0 = none) raises ``RpcTimeout``.
+        """
         if self.is_closing:
             raise PeerClosed(f"connection to {self.name} is closed")
-        assert self._slots is not None
-        async with self._slots:
-            if self.is_closing:
+        if self._in_flight >= self.limits.max_outstanding or self._slot_waiters:
+            await self._wait_for_slot()  # returns holding a slot
+        else:
+            self._in_flight += 1
+        try:
+            if self.is_closing:  # it may have closed while we waited for the slot
                 raise PeerClosed(f"connection to {self.name} is closed")
-            loop = asyncio.get_running_loop()
+            loop = self._loop
+            assert loop is not None
             req_id = next(self._ids)
             fut = loop.create_future()
             t = self.limits.timeout_s if timeout_s is None else timeout_s
             timer = loop.call_later(t, self._expire, req_id, t) if t > 0 else None
-            self._pending[req_id] = (fut, msg.TYPE, timer)
+            msg_type = msg.TYPE
+            self._pending[req_id] = (fut, msg_type, REQUESTS[msg_type][1], timer)
             try:
-                self._write([Kind.REQUEST, req_id, msg.TYPE, msg.to_body()])
+                self._write([_REQUEST, req_id, _WIRE_TYPE[msg_type], msg.to_body()])
                 if not self._can_write.is_set():  # type: ignore[union-attr]
                     await self.drain()
                 return await fut
@@ -171,13 +199,38 @@ class RpcConnection(asyncio.Protocol):
                 # caller or a request that could not be encoded must not
                 # leave it behind until its timer fires.
                 entry = self._pending.pop(req_id, None)
-                if entry is not None and entry[2] is not None:
-                    entry[2].cancel()
+                if entry is not None and entry[3] is not None:
+                    entry[3].cancel()
+        finally:
+            self._release_slot()
+
+    async def _wait_for_slot(self) -> None:
+        assert self._loop is not None
+        waiter = self._loop.create_future()
+        self._slot_waiters.append(waiter)
+        try:
+            await waiter
+        except BaseException:
+            if waiter.done() and not waiter.cancelled():
+                self._release_slot()  # handed a slot we will not use: pass it on
+            else:
+                self._slot_waiters.remove(waiter)
+            raise
+
+    def _release_slot(self) -> None:
+        """A call ended: hand its slot to the first live waiter, or free it."""
+        waiters = self._slot_waiters
+        while waiters:
+            waiter = waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)  # the slot stays counted, now the waiter's
+                return
+        self._in_flight -= 1
 
     def notify(self, msg: Message) -> None:
         if self.is_closing:
             raise PeerClosed(f"connection to {self.name} is closed")
-        self._write([Kind.NOTIFY, 0, msg.TYPE, msg.to_body()])
+        self._write([_NOTIFY, 0, _WIRE_TYPE[msg.TYPE], msg.to_body()])
 
     async def drain(self) -> None:
         """Wait until the send buffer is below its high-water mark."""
@@ -212,7 +265,7 @@ class RpcConnection(asyncio.Protocol):
     def _write(self, envelope: list[Any]) -> None:
         transport = self.transport
         assert transport is not None
-        transport.write(encode_frame(envelope, self.limits.max_frame_bytes))
+        transport.write(self._encoder.encode(envelope))
         if transport.get_write_buffer_size() > self.limits.hard_limit_bytes:
             log.warning("peer_disconnected", peer=self.name,
                         reason=f"send buffer above {self.limits.hard_limit_bytes} bytes: peer is not reading")
@@ -222,7 +275,7 @@ class RpcConnection(asyncio.Protocol):
         if self.is_closing:
             return
         self.errors_sent += 1
-        self._write([Kind.ERROR, req_id, msg_type, {"code": int(code), "message": message}])
+        self._write([_ERROR, req_id, int(msg_type), {"code": int(code), "message": message}])
 
     def _expire(self, req_id: int, timeout_s: float) -> None:
         entry = self._pending.pop(req_id, None)
@@ -237,25 +290,24 @@ class RpcConnection(asyncio.Protocol):
         if type(req_id) is not int or type(raw_type) is not int or type(kind) is not int:
             self._send_error(0, 0, ErrorCode.BAD_FRAME, "envelope kind, id and type must be integers")
             return
-        if kind == Kind.REQUEST:
+        if kind == _REQUEST:
             if req_id <= 0:  # id 0 marks errors tied to no request; a reply to it would be lost
                 self._send_error(0, raw_type, ErrorCode.BAD_FRAME, f"request id must be >= 1, got {req_id}")
                 return
             self._on_request(req_id, raw_type, body)
-        elif kind == Kind.REPLY or kind == Kind.ERROR:
+        elif kind == _REPLY or kind == _ERROR:
             self._on_reply(kind, req_id, body)
-        elif kind == Kind.NOTIFY:
+        elif kind == _NOTIFY:
             self._on_notify(raw_type, body)
         else:
             self._send_error(req_id, raw_type, ErrorCode.BAD_FRAME, f"unknown envelope kind {kind}")
 
     def _on_request(self, req_id: int, raw_type: int, body: Any) -> None:
-        try:
-            msg_type = MsgType(raw_type)
-            req_cls = REQUESTS[msg_type][0]
-        except (ValueError, KeyError):
+        entry = _REQUEST_TABLE.get(raw_type)
+        if entry is None:
             self._send_error(req_id, raw_type, ErrorCode.UNKNOWN_TYPE, f"unknown request type {raw_type}")
             return
+        msg_type, req_cls, _ = entry
         handler = self.requests.get(msg_type)
         if handler is None:
             self._send_error(req_id, raw_type, self._refusal_code(msg_type),
@@ -275,7 +327,9 @@ class RpcConnection(asyncio.Protocol):
         except Exception as exc:
             self._reply_exception(req_id, raw_type, exc)
             return
-        if inspect.isawaitable(result):
+        if isinstance(result, Message):  # a plain handler: answer now, no task
+            self._reply(req_id, raw_type, result)
+        elif inspect.isawaitable(result):
             self._incoming += 1
             task = asyncio.ensure_future(result)
             self._tasks.add(task)
@@ -305,8 +359,14 @@ class RpcConnection(asyncio.Protocol):
     def _reply(self, req_id: int, raw_type: int, result: Message) -> None:
         if self.is_closing:
             return
+        if not isinstance(result, Message):
+            # A handler bug; answered as one instead of failing data_received,
+            # which would take the whole connection down.
+            self._reply_exception(req_id, raw_type, TypeError(
+                f"handler for type {raw_type} returned {type(result).__name__}, not a Message"))
+            return
         try:
-            self._write([Kind.REPLY, req_id, raw_type, result.to_body()])
+            self._write([_REPLY, req_id, raw_type, result.to_body()])
         except ProtoError as exc:
             self._reply_exception(req_id, raw_type, exc)
 
@@ -322,18 +382,18 @@ class RpcConnection(asyncio.Protocol):
     def _on_reply(self, kind: int, req_id: int, body: Any) -> None:
         entry = self._pending.pop(req_id, None)
         if entry is None:
-            if kind == Kind.ERROR:
+            if kind == _ERROR:
                 self.errors_received += 1
                 self._log_peer_error(body)
             else:
                 self.stray_replies += 1
             return
-        fut, msg_type, timer = entry
+        fut, _, reply_cls, timer = entry
         if timer is not None:
             timer.cancel()
         if fut.done():
             return
-        if kind == Kind.ERROR:
+        if kind == _ERROR:
             self.errors_received += 1
             if type(body) is dict and type(body.get("code")) is int:
                 fut.set_exception(RemoteError(body["code"], str(body.get("message", ""))))
@@ -341,7 +401,7 @@ class RpcConnection(asyncio.Protocol):
                 fut.set_exception(RemoteError(ErrorCode.BAD_FRAME, f"malformed error reply {body!r:.200}"))
             return
         try:
-            fut.set_result(REQUESTS[msg_type][1].from_body(body))
+            fut.set_result(reply_cls.from_body(body))
         except MessageError as exc:
             fut.set_exception(exc)
 
@@ -349,12 +409,11 @@ class RpcConnection(asyncio.Protocol):
         log.warning("peer_error", peer=self.name, body=repr(body)[:300])
 
     def _on_notify(self, raw_type: int, body: Any) -> None:
-        try:
-            msg_type = MsgType(raw_type)
-            cls = NOTIFICATIONS[msg_type]
-        except (ValueError, KeyError):
+        entry = _NOTIFY_TABLE.get(raw_type)
+        if entry is None:
             self._send_error(0, raw_type, ErrorCode.UNKNOWN_TYPE, f"unknown notification type {raw_type}")
             return
+        msg_type, cls = entry
         handler = self.notifications.get(msg_type)
         if handler is None:
             self._send_error(0, raw_type, self._refusal_code(msg_type),
@@ -370,7 +429,7 @@ class RpcConnection(asyncio.Protocol):
         except Exception as exc:
             self._reply_exception(0, raw_type, exc)
             return
-        if inspect.isawaitable(result):
+        if result is not None and inspect.isawaitable(result):
             task = asyncio.ensure_future(result)
             self._tasks.add(task)
             task.add_done_callback(lambda t, r=raw_type: self._notify_done(t, r))

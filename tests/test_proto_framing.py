@@ -105,6 +105,24 @@ def test_oversized_header_is_rejected_before_the_body_arrives() -> None:
         dec.feed(encode_frame("later"))
 
 
+def test_oversized_header_split_across_feeds_is_rejected() -> None:
+    dec = FrameDecoder(max_frame_bytes=1024)
+    header = struct.pack(">I", 100 * 1024 * 1024)
+    assert dec.feed(encode_frame("ok") + header[:2]) == ["ok"]
+    out = dec.feed(header[2:])
+    assert len(out) == 1 and isinstance(out[0], FrameTooLarge)
+
+
+def test_a_large_frame_in_small_chunks() -> None:
+    dec = FrameDecoder()
+    obj = [b"\x07" * (1 << 20), "end"]
+    data = encode_frame(obj) + encode_frame("next")
+    out = []
+    for i in range(0, len(data), 4096):
+        out.extend(dec.feed(data[i:i + 4096]))
+    assert out == [obj, "next"] and dec.pending_bytes() == 0
+
+
 def test_the_limit_is_inclusive_and_configurable() -> None:
     dec = FrameDecoder(max_frame_bytes=10)
     body = msgpack.packb(b"12345678")  # 10 bytes: bin8 header + 8

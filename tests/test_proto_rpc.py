@@ -262,6 +262,55 @@ async def test_outstanding_calls_are_bounded_by_max_outstanding(address: Address
         assert seen == 10
 
 
+async def test_a_caller_cancelled_while_waiting_for_a_slot_gives_nothing_away(address: Address) -> None:
+    gate = asyncio.Event()
+    seen = 0
+
+    async def held(msg: Ping) -> Pong:
+        nonlocal seen
+        seen += 1
+        await gate.wait()
+        return Pong(msg.payload)
+
+    async with rpc_pair(address, server={"requests": {MsgType.PING: held}},
+                        client={"limits": RpcLimits(max_outstanding=1, timeout_s=CALL_TIMEOUT_S)}) as p:
+        first = asyncio.ensure_future(p.client.call(Ping(b"1")))
+        waiting = [asyncio.ensure_future(p.client.call(Ping(b"w%d" % i))) for i in range(3)]
+        await wait_until(lambda: seen == 1, 5)
+        waiting[0].cancel()  # cancelled while queued for the slot
+        last = asyncio.ensure_future(p.client.call(Ping(b"last")))
+        for _ in range(5):
+            await asyncio.sleep(0)
+        waiting[1].cancel()
+        gate.set()
+        assert (await first).payload == b"1"
+        assert (await asyncio.wait_for(waiting[2], 5)).payload == b"w2"
+        assert (await asyncio.wait_for(last, 5)).payload == b"last"
+        for w in waiting[:2]:
+            assert w.cancelled()
+        assert seen == 3  # 1, w2, last: the cancelled callers never sent anything
+        # Every slot came back: a full window of calls goes through again.
+        assert [r.payload for r in await asyncio.gather(*(p.client.call(Ping(b"%d" % i)) for i in range(3)))] \
+            == [b"0", b"1", b"2"]
+
+
+async def test_callers_waiting_for_a_slot_get_peer_closed(address: Address) -> None:
+    gate = asyncio.Event()
+
+    async def held(msg: Ping) -> Pong:
+        await gate.wait()
+        return Pong(msg.payload)
+
+    async with rpc_pair(address, server={"requests": {MsgType.PING: held}},
+                        client={"limits": RpcLimits(max_outstanding=1, timeout_s=CALL_TIMEOUT_S)}) as p:
+        calls = [asyncio.ensure_future(p.client.call(Ping(b""))) for _ in range(3)]
+        await wait_until(lambda: p.client.outstanding == 1, 5)
+        p.client.close()
+        results = await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), 5)
+        assert [type(r) for r in results] == [PeerClosed] * 3
+        gate.set()
+
+
 # --- timeouts ----------------------------------------------------------------
 
 async def test_timeout_raises_and_the_late_reply_is_counted_as_stray(address: Address) -> None:
@@ -356,6 +405,16 @@ async def test_plain_exception_becomes_internal_and_is_logged(address: Address) 
     assert info.value.code == ErrorCode.INTERNAL
     assert info.value.message == "ValueError: boom"
     assert [e["event"] for e in logs if e["log_level"] == "error"] == ["request_failed"]
+
+
+async def test_a_handler_returning_no_message_gets_internal_and_the_connection_lives(address: Address) -> None:
+    async with rpc_pair(address, server={"requests": {MsgType.PING: lambda m: None}}) as p:
+        with capture_logs():
+            with pytest.raises(RemoteError) as info:
+                await p.client.call(Ping(b""))
+            assert info.value.code == ErrorCode.INTERNAL and "NoneType" in info.value.message
+            with pytest.raises(RemoteError):
+                await p.client.call(Ping(b""))
 
 
 async def test_unknown_request_type_gets_unknown_type(address: Address) -> None:
