@@ -97,16 +97,28 @@ class TraceIndex:
         if writes.shape != (n,):
             raise GuestConfigError(f"writes has shape {writes.shape}, pages has {n} entries")
         self.n = n
-        order = stable_argsort(keys)
+        if n and int(keys.max()) < max(4 * n, 1 << 16):
+            # a small page range: a lookup table makes the ids dense in O(n + range)
+            present = np.zeros(int(keys.max()) + 1, bool)
+            present[keys] = True
+            rank = np.cumsum(present, dtype=np.int64) - 1
+            ids = rank[keys]
+            order = stable_argsort(ids)          # one radix pass when <= 65536 pages
+        else:
+            order = stable_argsort(keys)
+            sk = keys[order]
+            new = np.empty(n, bool)
+            if n:
+                new[0] = True
+                np.not_equal(sk[1:], sk[:-1], out=new[1:])
+            ids = np.empty(n, np.int64)
+            ids[order] = np.cumsum(new, dtype=np.int64) - 1
+        self.n_pages = int(ids.max()) + 1 if n else 0
+        bounds = np.zeros(self.n_pages + 1, np.int64)
+        np.cumsum(np.bincount(ids, minlength=self.n_pages), out=bounds[1:])
+        self._ids = ids
         self._order = order                      # keeps the memoryview's buffer alive
-        sk = keys[order]
-        new = np.empty(n, bool)
-        if n:
-            new[0] = True
-            np.not_equal(sk[1:], sk[:-1], out=new[1:])
-        bounds = np.append(np.flatnonzero(new), n)
-        self.n_pages = bounds.shape[0] - 1
-        self._new = new
+        self._bounds = bounds
         # memoryview: zero-copy, and bisect reads it as fast as a list
         self.occ = memoryview(order)
         self.start = bounds[:-1].tolist()
@@ -126,16 +138,17 @@ class TraceIndex:
 
     def next_use(self) -> np.ndarray:
         """For each position, the next position of the same page (n if none)."""
-        order, same = self._order, ~self._new[1:]
+        order = self._order
+        last = np.zeros(self.n, bool)            # in sorted order: the last reference of its page
+        last[self._bounds[1:] - 1] = True
         nxt = np.full(self.n, self.n, np.int64)
-        nxt[order[:-1][same]] = order[1:][same]
+        more = ~last[:-1]
+        nxt[order[:-1][more]] = order[1:][more]
         return nxt
 
     def page_ids(self) -> np.ndarray:
         """Dense page id of every position."""
-        ids = np.empty(self.n, np.int64)
-        ids[self._order] = np.cumsum(self._new, dtype=np.int64) - 1
-        return ids
+        return self._ids
 
 
 def _pend_write(ix: TraceIndex, p: int, m: int, inf: int) -> int:
