@@ -59,7 +59,6 @@ _WIN_MAX = 8192
 _FREE = int(FrameKind.FREE)
 _ANON = int(FrameKind.ANON)
 _FILE = int(FrameKind.FILE)
-_BALLOON = int(FrameKind.BALLOON)
 
 # what _evict does with the freed frames
 _TO_CALLER = 0    # the caller takes them (fault path, balloon)
