@@ -21,13 +21,14 @@ import numpy as np
 import structlog
 
 from proto import events as ev
-from proto.errors import HandshakeRefused, PeerClosed, ProtoError
+from proto.errors import ErrorCode, HandshakeRefused, PeerClosed, ProtoError
 from proto.handshake import client_hello
 from proto.messages import (BalloonTarget, Invalidate, InvalidateReply, MsgType, Ping, Pong, RunEnd, TickDone,
                             TickStart)
 from proto.rpc import RpcConnection
 from proto.transport import Address, connect
 
+from .errors import GuestdError
 from .session import GuestSessionState, build_guest
 
 __all__ = ["GuestAgent", "EXIT_OK", "EXIT_HOST_LOST", "EXIT_REFUSED"]
@@ -42,6 +43,10 @@ CONNECT_TIMEOUT_S = 15.0
 _LOST = object()
 
 
+class GuestNotReady(RuntimeError):
+    code = ErrorCode.INVALID_STATE
+
+
 class GuestAgent:
     def __init__(self, guest_id: int, token: str, address: Address) -> None:
         self.guest_id = guest_id
@@ -53,6 +58,7 @@ class GuestAgent:
         # than two queued means the host broke the protocol.
         self._ticks: asyncio.Queue[Any] = asyncio.Queue(maxsize=4)
         self._ending = False
+        self._early_target: int | None = None
         self.end_reason = ""
 
     async def run(self) -> int:
@@ -61,6 +67,11 @@ class GuestAgent:
         except (OSError, PeerClosed) as exc:
             return self._fail(EXIT_HOST_LOST, f"cannot reach the host at {self.address}: {exc}")
         self.conn = conn
+        # Handlers go in before Hello: the host may start the first tick the
+        # moment every guest has said hello, before we have built our kernel.
+        conn.requests = {MsgType.INVALIDATE: self._on_invalidate, MsgType.PING: lambda m: Pong(m.payload)}
+        conn.notifications = {MsgType.TICK_START: self._on_tick_start, MsgType.RUN_END: self._on_run_end,
+                              MsgType.BALLOON_TARGET: self._on_balloon_target}
         try:
             welcome = await client_hello(conn, self.guest_id, self._token, os.getpid())
         except HandshakeRefused as exc:
@@ -71,13 +82,12 @@ class GuestAgent:
             return self._fail(EXIT_HOST_LOST, f"handshake with the host failed: {exc}")
         try:
             self.state = build_guest(self.guest_id, welcome.config, conn)
-        except ProtoError as exc:
+        except (ProtoError, GuestdError) as exc:
             conn.close()
             return self._fail(EXIT_REFUSED, f"bad guest config from the host: {exc}")
+        if self._early_target is not None:
+            self.state.set_balloon_target(self._early_target)
         log.info(ev.GUEST_STARTED, guest=self.guest_id, pid=os.getpid(), ram_pages=welcome.config.get("ram_pages"))
-        conn.requests = {MsgType.INVALIDATE: self._on_invalidate, MsgType.PING: lambda m: Pong(m.payload)}
-        conn.notifications = {MsgType.TICK_START: self._on_tick_start, MsgType.RUN_END: self._on_run_end,
-                              MsgType.BALLOON_TARGET: self._on_balloon_target}
         if conn.is_closing:
             return self._fail(EXIT_HOST_LOST, "the host closed the connection right after the handshake")
         try:
@@ -133,11 +143,14 @@ class GuestAgent:
         self._put_final(msg)
 
     def _on_balloon_target(self, msg: BalloonTarget) -> None:
-        assert self.state is not None
-        self.state.set_balloon_target(msg.target_pages)
+        if self.state is None:
+            self._early_target = msg.target_pages
+        else:
+            self.state.set_balloon_target(msg.target_pages)
 
     def _on_invalidate(self, msg: Invalidate) -> InvalidateReply:
-        assert self.state is not None
+        if self.state is None:
+            raise GuestNotReady("invalidate before the guest has built its memory")
         return InvalidateReply(self.state.invalidate(msg.gpfns))
 
     def _on_close(self, conn: RpcConnection, exc: BaseException | None) -> None:

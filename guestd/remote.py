@@ -54,7 +54,7 @@ class RemoteBlockDevice:
 class RemoteHypervisor:
     """EPT faults and balloon hand-over as hypercalls to the host."""
 
-    initially_backed = False  # the host backs gpfns lazily, on EPT faults
+    backs_all_initially = False  # the host backs gpfns lazily, on EPT faults
 
     def __init__(self, conn: RpcConnection) -> None:
         self.conn = conn

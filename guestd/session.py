@@ -57,12 +57,15 @@ class GuestSessionState:
             n = int((end_us - k.vt_us) / per_ref) + 1
             n = min(max(n, MIN_BATCH_REFS), self.batch_refs)
             pages, writes = self.workload.next_batch(n)
+            if pages.size == 0:  # a finite workload (a trace) ran dry: the vCPU idles
+                k.advance_to(end_us)
+                break
             await k.access(pages, writes)
         self.ticks_run += 1
         stats = self.stats()
         accessed, dirty = k.take_ad_bits()
         if tick.tick % self.metrics_every_ticks == self.metrics_every_ticks - 1:
-            log.info(ev.TICK_COMPLETED, vt_us=round(k.vt_us, 1), **stats)
+            log.info(ev.TICK_COMPLETED, **stats)
         return stats, accessed.tobytes(), dirty.tobytes()
 
     def stats(self) -> dict[str, Any]:
@@ -87,19 +90,20 @@ def build_guest(guest_id: int, config: dict[str, Any], conn: RpcConnection) -> G
     from .workload import build_workload
 
     cfg = guest_config_from_mapping(config, where=f"guest {guest_id}")
+    if cfg.ram_pages != config.get("ram_pages", cfg.ram_pages):
+        raise ConfigError(f"guest {guest_id}: host thinks ram_pages={config['ram_pages']}, config says {cfg.ram_pages}")
     costs = CostModel.from_mapping(config.get("costs", {}))
     seed = int(config.get("seed", 1))
     # One independent stream per guest and purpose, all from the run's seed.
     root = np.random.SeedSequence([seed, guest_id])
     kernel_seed, workload_seed = root.spawn(2)
     hyp = RemoteHypervisor(conn)
-    kernel = GuestKernel(cfg, np.random.default_rng(kernel_seed), RemoteBlockDevice(conn, cfg.disk_blocks),
+    kernel = GuestKernel(cfg.kernel, np.random.default_rng(kernel_seed), RemoteBlockDevice(conn, cfg.disk_blocks),
                          hyp, costs)
-    workload = build_workload(cfg, np.random.default_rng(workload_seed))
+    workload = build_workload(cfg.workload, cfg.kernel.layout, np.random.default_rng(workload_seed))
     balloon = BalloonDriver(kernel, hyp)
     kernel.on_oom = balloon.deflate_on_oom
     metrics_every = int(config.get("metrics_every_ticks", 10))
     if metrics_every < 1:
         raise ConfigError(f"guest {guest_id}: metrics_every_ticks must be >= 1")
-    return GuestSessionState(guest_id, cfg, kernel, workload, balloon, costs, metrics_every,
-                             int(getattr(cfg, "batch_refs", 8192)))
+    return GuestSessionState(guest_id, cfg, kernel, workload, balloon, costs, metrics_every, cfg.batch_refs)

@@ -28,7 +28,7 @@ from proto.handshake import new_token  # noqa: E402
 from scripts.progress import Progress  # noqa: E402
 from scripts.runner import VariantResult, run_variant  # noqa: E402
 from scripts.scenario import Overrides, Scenario, find_scenario, load_scenario  # noqa: E402
-from scripts.validators import VALIDATORS  # noqa: E402
+from scripts.validators import VALIDATORS, guest_sizes  # noqa: E402
 
 DEFAULT_SCENARIO = "basic"
 
@@ -98,8 +98,11 @@ async def _launch(scenario: Scenario, run_dir: Path, args: argparse.Namespace) -
                     sock = sock_dir / f"{name}.sock"
                 address = f"unix:{sock}"
             progress.start(name)
-            result = await run_variant(scenario.run_config(name, run_id), vdir, address, token, progress.update,
-                                       stop, log_level=args.log_level)
+            run_config = scenario.run_config(name, run_id)
+            for g in run_config["guests"]:
+                g["ram_pages"], g["disk_blocks"] = guest_sizes(g)
+            result = await run_variant(run_config, vdir, address, token, progress.update, stop,
+                                       log_level=args.log_level)
             progress.done()
             results.append(result)
             _report_variant(result)

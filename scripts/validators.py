@@ -2,18 +2,32 @@
 
 The launcher checks a scenario before starting any process, with the same
 code the processes use, so a bad key is reported with the file name and the
-run never starts half-configured.
+run never starts half-configured. Every parser's error is a ValueError; it
+comes back as one ConfigError.
 """
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
-__all__ = ["VALIDATORS"]
+from proto.errors import ConfigError
+
+__all__ = ["VALIDATORS", "guest_sizes"]
+
+
+def _as_config_error(fn: Callable[[Mapping[str, Any], str], Any]) -> Callable[[Mapping[str, Any], str], None]:
+    def check(table: Mapping[str, Any], where: str) -> None:
+        try:
+            fn(table, where)
+        except ConfigError:
+            raise
+        except (ValueError, KeyError, TypeError, OSError) as exc:
+            raise ConfigError(f"{where}: {exc}" if where not in str(exc) else str(exc)) from None
+    return check
 
 
 def _guest(table: Mapping[str, Any], where: str) -> None:
     from guestd.config import guest_config_from_mapping
-    guest_config_from_mapping({**table, "id": 0}, where=where)
+    guest_config_from_mapping(table, where=where)
 
 
 def _host(table: Mapping[str, Any], where: str) -> None:
@@ -26,4 +40,12 @@ def _balloon(table: Mapping[str, Any], where: str) -> None:
     balloon_config(table, where=where)
 
 
-VALIDATORS = {"guest": _guest, "host": _host, "balloon": _balloon}
+VALIDATORS = {"guest": _as_config_error(_guest), "host": _as_config_error(_host),
+              "balloon": _as_config_error(_balloon)}
+
+
+def guest_sizes(table: Mapping[str, Any]) -> tuple[int, int]:
+    """(ram_pages, disk_blocks) of a validated guest table: the host sizes its p2m and disk from them."""
+    from guestd.config import guest_config_from_mapping
+    cfg = guest_config_from_mapping(table)
+    return cfg.ram_pages, cfg.disk_blocks
