@@ -237,6 +237,8 @@ class GuestKernel:
         c = self.counters
         ref = c.refs
         is_file = bool(pt.is_file[page])
+        if pt.evicted[page]:
+            c.refaults += 1
         g = int(pt.cached[page])
         if g >= 0:
             # soft-reclaimed: the page is still in a free frame, take it back (minor fault)
@@ -260,6 +262,9 @@ class GuestKernel:
                 else:
                     c.swap_in += 1
                 c.major_faults += 1
+                if pt.evicted[page]:
+                    c.refault_reads += 1
+                    c.refault_file_reads += is_file
             else:
                 tok = 0                           # a fresh anonymous page: zero fill
                 c.minor_faults += 1
@@ -358,6 +363,9 @@ class GuestKernel:
                 c.swap_out += 1
             c.writebacks += 1
         pt.gpfn[page] = -1
+        pt.evicted[page] = True
+        if not dirty and pt.is_file[page]:
+            c.evicted_clean_file += 1
         fr.kind[g] = _FREE
         fr.R[g] = False
         fr.M[g] = False
@@ -373,6 +381,8 @@ class GuestKernel:
         pt = self.pt
         c = self.counters
         dirty = gs[fr.M[gs]]
+        clean = gs[~fr.M[gs]]
+        c.evicted_clean_file += int(np.count_nonzero(pt.is_file[fr.vpage[clean]]))
         if dirty.size:
             # the write-back reads the frame: one the host swapped out must come back first (double paging)
             await self._ensure_backed(dirty)
@@ -394,6 +404,7 @@ class GuestKernel:
             c.writebacks += dirty.size
         pages = fr.vpage[gs]
         pt.gpfn[pages] = -1
+        pt.evicted[pages] = True
         fr.kind[gs] = _FREE
         fr.R[gs] = False
         fr.M[gs] = False
@@ -437,6 +448,11 @@ class GuestKernel:
         stable = self._inval_gen[gs] == gen        # not shot down again while we waited
         gs, tokens = gs[stable], tokens[stable]
         held = fr.vpage[gs] >= 0                   # resident or soft-reclaimed: content must come back intact
+        took = gs[held & fr.host_took[gs]]
+        if took.size:
+            c.host_refaults += int(took.size)
+            c.host_refaults_clean_file += int(np.count_nonzero(self.pt.is_file[fr.vpage[took]] & ~fr.M[took]))
+        fr.host_took[gs] = False
         bad = held & (tokens != fr.token[gs])
         if bad.any():
             self._lost_batch(fr.vpage[gs[bad]], gs[bad], tokens[bad], fr.token[gs[bad]], "ept_fault")
@@ -481,6 +497,10 @@ class GuestKernel:
             if len(got) < n:
                 victims = self._pick_victims(n - len(got))
                 if victims.size:
+                    vp = self.frames.vpage[victims]
+                    self.counters.balloon_reclaimed += int(victims.size)
+                    self.counters.balloon_reclaimed_clean_file += int(
+                        np.count_nonzero(self.pt.is_file[vp] & ~self.frames.M[victims]))
                     try:
                         await self._evict(victims, _TO_CALLER)
                     except BaseException:
@@ -536,9 +556,15 @@ class GuestKernel:
         g = self._check_gpfns(gpfns)
         fr = self.frames
         tokens = fr.token[g].copy()
+        c = self.counters
+        held = g[fr.backed[g] & (fr.vpage[g] >= 0)]
+        if held.size:
+            c.host_took_pages += int(held.size)
+            c.host_took_clean_file += int(np.count_nonzero(self.pt.is_file[fr.vpage[held]] & ~fr.M[held]))
+            fr.host_took[held] = True
         fr.backed[g] = False
         self._inval_gen[g] += 1
-        self.counters.invalidations += g.size
+        c.invalidations += g.size
         return tokens
 
     def take_ad_bits(self) -> tuple[np.ndarray, np.ndarray]:

@@ -51,6 +51,8 @@ class Frames:
         self.token = np.zeros(n_frames, np.uint64)
         # the host has a frame behind this gpfn (else touching it is an EPT fault)
         self.backed = np.full(n_frames, backed, bool)
+        # the host took this frame while it held a page (host swap-out); cleared when backed again
+        self.host_took = np.zeros(n_frames, bool)
         # EPT accessed/dirty bits: set on every reference, cleared only when reported
         # to the host (take_ad_bits), independent of R/M which the policy clears
         self.ad_accessed = self.ref_bits[2]

@@ -28,6 +28,7 @@ class PageTable:
         self.is_file = layout.is_file.copy()
         self.block = layout.file_block.copy()        # file block, or swap block once assigned; -1 = none
         self.on_disk = layout.is_file.copy()         # the block holds the page (files: from the start)
+        self.evicted = np.zeros(n, bool)             # evicted at least once (a later fault is a refault)
         # the token each page must carry: version 0 of a file page is the file's
         # initial content; an anonymous page never written is the zero page (0)
         self.expect = np.where(self.is_file, make_tokens(np.arange(n), np.zeros(n, np.int64)),

@@ -39,6 +39,18 @@ class PagingCounters:
     balloon_inflated: int = 0  # frames handed to the balloon
     balloon_deflated: int = 0  # frames given back
     oom_calls: int = 0         # times the OOM hook ran
+    # Who reclaimed what, and what it cost later: the seed's I/O-amplification
+    # argument needs the guest's knowledge of what the host (blindly) took.
+    refaults: int = 0                   # faults on pages that had been evicted by the guest before
+    refault_reads: int = 0              # ... that needed a disk read (the I/O cost of having evicted them)
+    refault_file_reads: int = 0         # ... of which page cache re-read from its file
+    evicted_clean_file: int = 0         # evictions of clean page cache (dropped at no I/O)
+    balloon_reclaimed: int = 0          # pages the guest evicted to inflate its balloon
+    balloon_reclaimed_clean_file: int = 0   # ... of which clean page cache, dropped at no I/O
+    host_took_pages: int = 0            # pages whose frame the host swapped out (content held)
+    host_took_clean_file: int = 0       # ... of which clean page cache
+    host_refaults: int = 0              # EPT faults that brought such a page back (a host swap-in)
+    host_refaults_clean_file: int = 0   # ... of which clean page cache
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)

@@ -225,7 +225,8 @@ class HostMemory:
             self.counters.direct_reclaims += 1
         done_us = start_us
         if swapped.size:
-            done_us = self.swap.disk.submit(start_us, int(swapped.size))
+            # One vCPU faults its pages one at a time, however many one message carries.
+            done_us = self.swap.disk.submit_serial(start_us, int(swapped.size))
         done_us += self.costs.ept_fault_us * uniq.size
 
         c, gc = self.counters, g.counters

@@ -99,6 +99,17 @@ class DiskModel:
         self.busy_us += service
         return done
 
+    def submit_serial(self, vt_us: float, n_requests: int, pages_each: int = 1) -> float:
+        """``n_requests`` issued one after another, each when the previous completed.
+
+        This is what one stalled vCPU does: a batch of faults answered in one
+        message still costs each fault its own latency.
+        """
+        done = float(vt_us)
+        for _ in range(n_requests):
+            done = self.submit(done, pages_each)
+        return done
+
     def queue_delay_us(self, vt_us: float) -> float:
         """How long a request submitted now would wait before service starts."""
         return max(0.0, min(self._free_at_us) - float(vt_us))

@@ -18,14 +18,10 @@ from proto import events as ev
 
 from .logs import VariantLogs, find_variants, load_variant
 
-__all__ = ["summarize", "summarize_variant", "write_summary", "format_table", "GUEST_STAT_KEYS"]
+__all__ = ["summarize", "summarize_variant", "reclaim_metrics", "write_summary", "format_table"]
 
-# Cumulative counters and gauges copied from the guest's last stats.
-GUEST_STAT_KEYS = (
-    "refs", "major_faults", "minor_faults", "swap_in", "swap_out", "file_reads", "file_writes", "writebacks",
-    "ept_faults", "free", "total", "available", "caches", "anon_pages", "file_pages", "balloon_pages",
-    "working_set_pages", "pff", "lost_pages",
-)
+HOST_TABLE_KEYS = ("ram_pages", "free_frames", "swap_out_pages", "swap_in_pages", "ept_faults", "double_faults",
+                   "invariant_violations")
 
 
 def summarize(run_dir: Path) -> dict[str, Any]:
@@ -51,44 +47,82 @@ def _last(events: list[dict[str, Any]], name: str) -> dict[str, Any] | None:
     return None
 
 
+def _guest_entry(gid: int, events: list[dict[str, Any]], run_virtual_s: float) -> dict[str, Any]:
+    fin = _last(events, ev.GUEST_FINISHED)
+    stats = dict((fin or {}).get("stats") or {})
+    if not stats:
+        last_tick = _last(events, ev.TICK_COMPLETED) or {}
+        stats = {k: v for k, v in last_tick.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    g: dict[str, Any] = {"id": gid, "finished": fin is not None}
+    g.update({k: v for k, v in stats.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+              and k not in ("tick",)})
+    g.setdefault("refs", 0)
+    g_vs = float(stats["vt_us"]) / 1e6 if stats.get("vt_us") else run_virtual_s
+    g["virtual_s"] = round(g_vs, 6)
+    g["refs_per_vsec"] = round(g["refs"] / g_vs, 1) if g_vs > 0 else 0.0
+    g["disk_read_pages"] = int(g.get("file_reads", 0)) + int(g.get("swap_in", 0))
+    g["disk_write_pages"] = int(g.get("file_writes", 0)) + int(g.get("swap_out", 0))
+    g.setdefault("lost_pages", 0)
+    return g
+
+
+def reclaim_metrics(host: dict[str, Any], guests: list[dict[str, Any]]) -> dict[str, Any]:
+    """Who reclaimed how many pages, and what I/O that cost (the seed's "Two Choices").
+
+    Pages are reclaimed by the host (host swap-outs, blind) or by the guests
+    (their own evictions, which the balloon forces). Their I/O: host swap
+    writes and reads, guest write-backs, and guest re-reads of pages they had
+    evicted. Clean page cache is followed on both paths: the host writes
+    every such page it takes and reads it back if the guest touches it; the
+    guest drops it for free and re-reads it from its file if needed.
+    """
+    def total(key: str) -> int:
+        return sum(int(g.get(key, 0)) for g in guests)
+
+    host_out = int(host.get("swap_out_pages", 0))
+    host_in = int(host.get("swap_in_pages", 0))
+    reclaimed = host_out + total("evictions")
+    reclaimed_clean = total("host_took_clean_file") + total("evicted_clean_file")
+    io = host_out + host_in + total("writebacks") + total("refault_reads")
+    clean_writes = total("host_took_clean_file")
+    clean_reads = total("host_refaults_clean_file") + total("refault_file_reads")
+    return {
+        "reclaimed_pages": reclaimed,
+        "reclaimed_by_host_pages": host_out,
+        "reclaimed_by_guests_pages": total("evictions"),
+        "reclaimed_clean_cache_pages": reclaimed_clean,
+        "reclaim_io_pages": io,
+        "io_per_reclaimed_page": round(io / reclaimed, 4) if reclaimed else 0.0,
+        "clean_cache_writes_per_page": round(clean_writes / reclaimed_clean, 4) if reclaimed_clean else 0.0,
+        "clean_cache_reads_per_page": round(clean_reads / reclaimed_clean, 4) if reclaimed_clean else 0.0,
+        "clean_cache_io_per_page": round((clean_writes + clean_reads) / reclaimed_clean, 4) if reclaimed_clean else 0.0,
+        "clean_rereads_via_host_swap": total("host_refaults_clean_file"),
+    }
+
+
 def summarize_variant(v: VariantLogs) -> dict[str, Any]:
     finished = _last(v.host, ev.RUN_FINISHED) or {}
     ticks = int(finished.get("ticks", 0))
-    vt_us = float(finished.get("vt_us", 0))
-    virtual_s = vt_us / 1e6
-    host_metrics = {k: val for k, val in finished.items()
-                    if k not in ("event", "level", "timestamp", "proc", "run_id", "variant", "tick", "vt_us",
-                                 "ticks", "wall_s", "reason", "guests_lost", "refused")}
-    host_metrics["refused_connections"] = finished.get("refused", 0)
-    guests = []
-    lost_pages = 0
-    for gid, events in sorted(v.guests.items()):
-        fin = _last(events, ev.GUEST_FINISHED)
-        stats = dict((fin or {}).get("stats") or {})
-        if not stats:
-            last_tick = _last(events, ev.TICK_COMPLETED)
-            stats = {k: last_tick[k] for k in GUEST_STAT_KEYS if last_tick and k in last_tick}
-        g: dict[str, Any] = {"id": gid, "finished": fin is not None}
-        for key in GUEST_STAT_KEYS:
-            if key in stats:
-                g[key] = stats[key]
-        g.setdefault("refs", 0)
-        g_vs = float(stats.get("vt_us", vt_us)) / 1e6 if stats.get("vt_us") else virtual_s
-        g["virtual_s"] = round(g_vs, 6)
-        g["refs_per_vsec"] = round(g["refs"] / g_vs, 1) if g_vs > 0 else 0.0
-        lost_pages += int(g.get("lost_pages", 0))
-        guests.append(g)
+    virtual_s = float(finished.get("vt_us", 0)) / 1e6
+    host: dict[str, Any] = dict(finished.get("memory") or {})
+    for key in ("peaks", "invariant_violations", "ram_pages", "rejected_requests", "uncooperative_guests"):
+        if key in finished:
+            host[key] = finished[key]
+    host["refused_connections"] = finished.get("refused", 0)
+    guests = [_guest_entry(gid, events, virtual_s) for gid, events in sorted(v.guests.items())]
     out: dict[str, Any] = {
         "virtual_s": round(virtual_s, 6),
         "ticks": ticks,
         "wall_s": finished.get("wall_s"),
         "reason": finished.get("reason", "no run_finished event (host killed?)"),
         "guests_lost": finished.get("guests_lost", {}),
-        "host": host_metrics,
+        "host": host,
         "guests": guests,
-        "lost_pages": lost_pages + int(host_metrics.get("lost_pages", 0)),
+        "lost_pages": sum(int(g.get("lost_pages", 0)) for g in guests),
         "stalled_ticks": sum(1 for e in v.host if e.get("event") == ev.TICK_STALLED),
+        "refs_per_vsec": round(sum(g["refs_per_vsec"] for g in guests), 1),
     }
+    out.update(reclaim_metrics(host, guests))
     return out
 
 
@@ -105,11 +139,14 @@ def format_table(summary: dict[str, Any]) -> str:
         lines.append(f"== {name}: {v['ticks']} ticks, {v['virtual_s']:.2f} virtual s, "
                      f"{v['wall_s'] if v['wall_s'] is not None else '?'} wall s, {v['reason']}")
         host = v["host"]
-        if host:
-            shown = {k: host[k] for k in list(host)[:12] if not isinstance(host[k], (dict, list))}
-            lines.append("   host: " + "  ".join(f"{k}={val}" for k, val in shown.items()))
-        cols = ["id", "refs", "refs_per_vsec", "major_faults", "minor_faults", "swap_out", "swap_in",
-                "file_reads", "balloon_pages", "lost_pages"]
+        shown = {k: host.get(k) for k in HOST_TABLE_KEYS if k in host}
+        lines.append("   host: " + "  ".join(f"{k}={val}" for k, val in shown.items()))
+        lines.append(f"   reclaimed {v.get('reclaimed_pages', 0)} pages ({v.get('reclaimed_clean_cache_pages', 0)} clean cache), "
+                     f"{v.get('io_per_reclaimed_page', 0)} I/O per page; clean cache: "
+                     f"{v.get('clean_cache_writes_per_page', 0)} writes + {v.get('clean_cache_reads_per_page', 0)} reads "
+                     f"per page; throughput {v.get('refs_per_vsec', 0)} refs/vs")
+        cols = ["id", "refs", "refs_per_vsec", "major_faults", "minor_faults", "disk_read_pages",
+                "disk_write_pages", "ept_faults", "balloon_pages", "lost_pages"]
         cols = [c for c in cols if any(c in g for g in v["guests"])]
         widths = [max(len(c), *(len(str(g.get(c, ""))) for g in v["guests"])) for c in cols] if v["guests"] else []
         lines.append("   " + "  ".join(c.rjust(w) for c, w in zip(cols, widths)))
