@@ -96,6 +96,29 @@ class _Children:
                 _signal(p, signal.SIGKILL)
                 await p.wait()
 
+    async def stop_host_first(self, grace_s: float = TEARDOWN_GRACE_S) -> None:
+        """Ctrl-C: the host ends the run (RunEnd to every guest, logs closed), then the rest.
+
+        Signalling everyone at once would let the host see its guests die
+        first and report them all as lost; stopping the host first keeps an
+        interrupted run's logs and summary truthful. Stragglers get
+        ``teardown``'s SIGTERM, wait, SIGKILL.
+        """
+        host = self.procs.get("host")
+        if host is not None and host.returncode is None:
+            _signal(host, signal.SIGTERM)
+            try:
+                await asyncio.wait_for(host.wait(), grace_s)
+            except asyncio.TimeoutError:
+                pass
+        guests = [p for n, p in self.procs.items() if n != "host" and p.returncode is None]
+        if guests:
+            try:
+                await asyncio.wait_for(asyncio.gather(*(p.wait() for p in guests)), grace_s)
+            except asyncio.TimeoutError:
+                pass
+        await self.teardown(grace_s)
+
     def result(self, name: str) -> ChildResult:
         p = self.procs[name]
         tail = ""
@@ -149,7 +172,7 @@ async def run_variant(run_config: dict[str, Any], run_dir: Path, address: str, t
         result.finished = await _follow_host(host, on_progress, stop)
         if stop.is_set():
             result.interrupted = True
-            await children.teardown()
+            await children.stop_host_first()
         else:
             await host.wait()
             # Guests exit on RunEnd; any that do not are stopped.
