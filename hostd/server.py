@@ -113,11 +113,11 @@ class Host:
     async def _tick_loop(self) -> str:
         cfg = self.cfg
         for tick in range(cfg.ticks):
+            self.tick = tick  # ticks completed so far, as run_finished reports them when the run stops here
             if self._stop_reason is not None:
                 return self._stop_reason
             if not self.sessions:
                 return "all guests gone"
-            self.tick = tick
             self.vt_us = tick * cfg.tick_us
             structlog.contextvars.bind_contextvars(tick=tick, vt_us=self.vt_us)
             await self._run_one_tick(tick)
