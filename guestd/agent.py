@@ -76,7 +76,10 @@ class GuestAgent:
             welcome = await client_hello(conn, self.guest_id, self._token, os.getpid())
         except HandshakeRefused as exc:
             conn.close()
-            return self._fail(EXIT_REFUSED, f"the host refused guest {self.guest_id}: {exc}")
+            # The host's message may already start with the code's name; say it once.
+            code_name = str(exc).split(":", 1)[0]
+            why = exc.message if exc.message.startswith(f"{code_name}:") else str(exc)
+            return self._fail(EXIT_REFUSED, f"the host refused guest {self.guest_id}: {why}")
         except (PeerClosed, ProtoError) as exc:
             conn.close()
             return self._fail(EXIT_HOST_LOST, f"handshake with the host failed: {exc}")
