@@ -10,12 +10,10 @@ import json
 import os
 import select
 import shutil
-import socket
 import struct
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -23,64 +21,11 @@ import msgpack
 import pytest
 
 from tests.procs import REPO
+from tests.rawclient import (BAD_FIELD, BAD_FRAME, BAD_TOKEN, DUPLICATE_GUEST, EPT_FAULT, ERROR, HELLO,
+                             NOT_AUTHENTICATED, NOTIFY, OUT_OF_RANGE, REPLY, REQUEST, RUN_END, TICK_DONE,
+                             TICK_START, TOKEN, UNKNOWN_GUEST, UNKNOWN_TYPE, VERSION_MISMATCH, RawClient)
 
-REQUEST, REPLY, ERROR, NOTIFY = 0, 1, 2, 3
-HELLO, TICK_START, TICK_DONE, RUN_END, EPT_FAULT = 1, 10, 11, 12, 20
-BAD_FRAME, UNKNOWN_TYPE, BAD_FIELD = 1, 2, 3
-VERSION_MISMATCH, UNKNOWN_GUEST, DUPLICATE_GUEST, BAD_TOKEN, NOT_AUTHENTICATED = 10, 11, 12, 13, 14
-OUT_OF_RANGE = 21
-TOKEN = "t0k3n-for-tests"
 RAM_PAGES = 1024
-
-
-class RawClient:
-    """A guest written from the protocol document: length-prefixed msgpack envelopes."""
-
-    def __init__(self, path: str) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.connect(path)
-        self.buf = b""
-        self.next_id = 1
-
-    def send(self, kind: int, msg_id: int, msg_type: int, body: Any) -> None:
-        self.send_bytes(msgpack.packb([kind, msg_id, msg_type, body], use_bin_type=True))
-
-    def send_bytes(self, body: bytes) -> None:
-        self.sock.sendall(struct.pack(">I", len(body)) + body)
-
-    def request(self, msg_type: int, body: Any) -> int:
-        msg_id = self.next_id
-        self.next_id += 1
-        self.send(REQUEST, msg_id, msg_type, body)
-        return msg_id
-
-    def recv(self, timeout_s: float = 10.0) -> list | None:
-        """The next envelope, or None when the host closed the connection."""
-        deadline = time.monotonic() + timeout_s
-        while True:
-            if len(self.buf) >= 4:
-                (n,) = struct.unpack(">I", self.buf[:4])
-                if len(self.buf) >= 4 + n:
-                    body, self.buf = self.buf[4:4 + n], self.buf[4 + n:]
-                    return msgpack.unpackb(body, raw=False)
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise AssertionError("no frame from the host in time")
-            ready, _, _ = select.select([self.sock], [], [], left)
-            if ready:
-                chunk = self.sock.recv(65536)
-                if not chunk:
-                    return None
-                self.buf += chunk
-
-    def hello(self, guest_id: int, token: str = TOKEN, version: int = 1) -> list:
-        msg_id = self.request(HELLO, {"version": version, "guest_id": guest_id, "token": token, "pid": os.getpid()})
-        reply = self.recv()
-        assert reply is not None and reply[1] == msg_id, reply
-        return reply
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 @pytest.fixture
