@@ -45,6 +45,13 @@ _REQUEST_TABLE: dict[int, tuple[MsgType, type[Message], type[Message]]] = {
     int(t): (t, req, reply) for t, (req, reply) in REQUESTS.items()}
 _NOTIFY_TABLE: dict[int, tuple[MsgType, type[Message]]] = {int(t): (t, cls) for t, cls in NOTIFICATIONS.items()}
 _WIRE_TYPE: dict[MsgType, int] = {t: int(t) for t in MsgType}  # MsgType -> its wire int
+_CALL_INFO: dict[MsgType, tuple[int, type[Message]]] = {t: (int(t), reply) for t, (_, reply) in REQUESTS.items()}
+# A coalesced batch is written once it reaches either bound. Small batches
+# keep both ends busy at once (the peer starts on the first frames while we
+# still produce the rest); whole-window batches would make them take turns.
+_CORK_MAX_FRAMES = 16
+_CORK_MAX_BYTES = 64 * 1024
+_TIMER_SLACK_S = 0.001
 
 
 class RpcLimits:
@@ -79,18 +86,28 @@ class RpcConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self._decoder = FrameDecoder(self.limits.max_frame_bytes)
         self._encoder = FrameEncoder(self.limits.max_frame_bytes)
+        self._encode = self._encoder.encode
         self._ids = itertools.count(1)
-        # req id -> (future, request type, reply class, timeout timer)
-        self._pending: dict[int, tuple[asyncio.Future, MsgType, type[Message],
-                                       asyncio.TimerHandle | None]] = {}
+        # req id -> (future, request type, reply class, deadline (loop time) or None, timeout_s)
+        self._pending: dict[int, tuple[asyncio.Future, MsgType, type[Message], float | None, float]] = {}
+        # One timer per connection, not one per call: it fires at the
+        # earliest deadline it knows of, expires what is due and re-arms.
+        self._timeout_handle: asyncio.TimerHandle | None = None
+        self._timeout_at = 0.0
         # The window of our own requests: a counter and a FIFO of waiting
         # callers; cheaper than an asyncio.Semaphore on every call.
         self._in_flight = 0
         self._slot_waiters: deque[asyncio.Future] = deque()
         self._loop: asyncio.AbstractEventLoop | None = None
+        # Write coalescing ("cork"): while not None, frames collect here and
+        # go out in one transport.write when the batch ends (see data_received).
+        self._corked: list[bytes] | None = None
+        self._corked_bytes = 0
+        self._replies_delivered = 0
         self._incoming = 0
         self._tasks: set[asyncio.Task] = set()
         self._can_write: asyncio.Event | None = None
+        self._writable = True  # mirrors _can_write, without a method call per request
         self._closed: asyncio.Future | None = None
         self.close_exc: BaseException | None = None
         # Counted, never fatal: a peer's oddities are its problem, not ours.
@@ -111,12 +128,14 @@ class RpcConnection(asyncio.Protocol):
     def connection_lost(self, exc: BaseException | None) -> None:
         self.close_exc = exc
         err = PeerClosed(f"connection to {self.name} closed" + (f": {exc}" if exc else ""))
-        for fut, _, _, timer in self._pending.values():
-            if timer is not None:
-                timer.cancel()
+        if self._timeout_handle is not None:
+            self._timeout_handle.cancel()
+            self._timeout_handle = None
+        for fut, *_ in self._pending.values():
             if not fut.done():
                 fut.set_exception(err)
         self._pending.clear()
+        self._writable = True
         if self._can_write is not None:
             self._can_write.set()  # wake drainers; they will see the closed transport
         if self._closed is not None and not self._closed.done():
@@ -126,10 +145,12 @@ class RpcConnection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         assert self._can_write is not None
+        self._writable = False
         self._can_write.clear()
 
     def resume_writing(self) -> None:
         assert self._can_write is not None
+        self._writable = True
         self._can_write.set()
 
     def data_received(self, data: bytes) -> None:
@@ -137,8 +158,36 @@ class RpcConnection(asyncio.Protocol):
             items = self._decoder.feed(data)
         except FrameTooLarge:
             return  # already reported when first seen; the connection is closing
+        if self._corked is not None:  # a batch is already collecting
+            self._receive(items)
+            return
+        self._corked = []
+        self._replies_delivered = 0
+        try:
+            self._receive(items)
+        finally:
+            if self._replies_delivered > 1 and not self.is_closing:
+                # Several callers were woken: their next requests, written
+                # when they run right after this callback, go out together.
+                self._loop.call_soon(self._uncork)  # type: ignore[union-attr]
+            else:
+                if self._corked:
+                    self._flush_corked()
+                self._corked = None
+
+    def _receive(self, items: list[Any]) -> None:
         for item in items:
-            if type(item) is list:  # the normal case first: one type check per frame
+            # Fast path for well-formed replies and requests; everything
+            # else (notifications, errors, bad envelopes) goes to _dispatch.
+            if type(item) is list and len(item) == 4:
+                kind, req_id, raw_type, body = item
+                if type(req_id) is int and type(raw_type) is int:
+                    if kind == _REPLY and type(kind) is int:
+                        self._on_reply(_REPLY, req_id, body)
+                        continue
+                    if kind == _REQUEST and type(kind) is int and req_id > 0:
+                        self._on_request(req_id, raw_type, body)
+                        continue
                 self._dispatch(item)
                 continue
             if isinstance(item, FrameTooLarge):
@@ -174,33 +223,38 @@ class RpcConnection(asyncio.Protocol):
         """
         if self.is_closing:
             raise PeerClosed(f"connection to {self.name} is closed")
-        if self._in_flight >= self.limits.max_outstanding or self._slot_waiters:
-            await self._wait_for_slot()  # returns holding a slot
-        else:
+        if self._in_flight < self.limits.max_outstanding and not self._slot_waiters:
             self._in_flight += 1
-        try:
-            if self.is_closing:  # it may have closed while we waited for the slot
+        else:
+            await self._wait_for_slot()  # returns holding a slot
+            if self.is_closing:  # it closed while we waited
+                self._release_slot()
                 raise PeerClosed(f"connection to {self.name} is closed")
+        try:
             loop = self._loop
             assert loop is not None
             req_id = next(self._ids)
             fut = loop.create_future()
             t = self.limits.timeout_s if timeout_s is None else timeout_s
-            timer = loop.call_later(t, self._expire, req_id, t) if t > 0 else None
+            if t > 0:
+                deadline: float | None = loop.time() + t
+                if self._timeout_handle is None or deadline < self._timeout_at:  # type: ignore[operator]
+                    self._arm_timeouts(deadline)  # type: ignore[arg-type]
+            else:
+                deadline = None
             msg_type = msg.TYPE
-            self._pending[req_id] = (fut, msg_type, REQUESTS[msg_type][1], timer)
+            wire_type, reply_cls = _CALL_INFO[msg_type]
+            self._pending[req_id] = (fut, msg_type, reply_cls, deadline, t)
             try:
-                self._write([_REQUEST, req_id, _WIRE_TYPE[msg_type], msg.to_body()])
-                if not self._can_write.is_set():  # type: ignore[union-attr]
+                self._write([_REQUEST, req_id, wire_type, msg.to_body()])
+                if not self._writable:
                     await self.drain()
                 return await fut
             finally:
                 # Normally the reply already removed the entry. A cancelled
                 # caller or a request that could not be encoded must not
-                # leave it behind until its timer fires.
-                entry = self._pending.pop(req_id, None)
-                if entry is not None and entry[3] is not None:
-                    entry[3].cancel()
+                # leave it behind until its deadline.
+                self._pending.pop(req_id, None)
         finally:
             self._release_slot()
 
@@ -242,13 +296,19 @@ class RpcConnection(asyncio.Protocol):
     def send_raw(self, data: bytes) -> None:
         """Write bytes as they are (tests and fuzzers use it to send bad frames)."""
         assert self.transport is not None
+        self._flush_corked()
         self.transport.write(data)
 
     def close(self) -> None:
+        """Close after everything written so far has been sent."""
         if self.transport is not None and not self.transport.is_closing():
+            self._flush_corked()
             self.transport.close()
 
     def abort(self) -> None:
+        """Close at once, discarding what is not sent yet."""
+        self._corked = None
+        self._corked_bytes = 0
         if self.transport is not None:
             self.transport.abort()
 
@@ -263,9 +323,36 @@ class RpcConnection(asyncio.Protocol):
     # --- internals ----------------------------------------------------------
 
     def _write(self, envelope: list[Any]) -> None:
+        frame = self._encode(envelope)
+        corked = self._corked
+        if corked is None:
+            self._send(frame)
+            return
+        # One transport.write per batch instead of one per frame: a write is
+        # a system call. Bounded, so flow control still sees the bytes soon.
+        corked.append(frame)
+        self._corked_bytes += len(frame)
+        if len(corked) >= _CORK_MAX_FRAMES or self._corked_bytes >= _CORK_MAX_BYTES:
+            self._flush_corked()
+
+    def _uncork(self) -> None:
+        self._flush_corked()
+        self._corked = None
+
+    def _flush_corked(self) -> None:
+        corked = self._corked
+        if corked:
+            data = corked[0] if len(corked) == 1 else b"".join(corked)
+            corked.clear()
+            self._corked_bytes = 0
+            self._send(data)
+
+    def _send(self, data: bytes) -> None:
         transport = self.transport
         assert transport is not None
-        transport.write(self._encoder.encode(envelope))
+        if transport.is_closing():
+            return  # aborted meanwhile (hard limit, peer gone): nothing more goes out
+        transport.write(data)
         if transport.get_write_buffer_size() > self.limits.hard_limit_bytes:
             log.warning("peer_disconnected", peer=self.name,
                         reason=f"send buffer above {self.limits.hard_limit_bytes} bytes: peer is not reading")
@@ -277,12 +364,34 @@ class RpcConnection(asyncio.Protocol):
         self.errors_sent += 1
         self._write([_ERROR, req_id, int(msg_type), {"code": int(code), "message": message}])
 
-    def _expire(self, req_id: int, timeout_s: float) -> None:
-        entry = self._pending.pop(req_id, None)
-        if entry is not None and not entry[0].done():
-            entry[0].set_exception(RpcTimeout(entry[1].name.lower(), timeout_s))
+    def _arm_timeouts(self, when: float) -> None:
+        if self._timeout_handle is not None:
+            self._timeout_handle.cancel()
+        assert self._loop is not None
+        self._timeout_at = when
+        self._timeout_handle = self._loop.call_at(when, self._expire_due)
+
+    def _expire_due(self) -> None:
+        """Fail every call past its deadline with ``RpcTimeout``; re-arm for the next one.
+
+        It scans the pending calls (at most ``max_outstanding``), and runs
+        once per earliest deadline, not once per call.
+        """
+        self._timeout_handle = None
+        # Timers may fire up to a clock tick early (uvloop rounds to ms);
+        # without the slack that would re-arm for "now" and spin.
+        now = self._loop.time() + _TIMER_SLACK_S  # type: ignore[union-attr]
+        due = [req_id for req_id, e in self._pending.items() if e[3] is not None and e[3] <= now]
+        for req_id in due:
+            fut, msg_type, _, _, timeout_s = self._pending.pop(req_id)
+            if not fut.done():
+                fut.set_exception(RpcTimeout(msg_type.name.lower(), timeout_s))
+        later = [e[3] for e in self._pending.values() if e[3] is not None]
+        if later:
+            self._arm_timeouts(min(later))
 
     def _dispatch(self, item: Any) -> None:
+        """Route one decoded frame, or answer why it is not a valid envelope."""
         if type(item) is not list or len(item) != 4:
             self._send_error(0, 0, ErrorCode.BAD_FRAME, "envelope must be an array [kind, id, type, body]")
             return
@@ -388,9 +497,7 @@ class RpcConnection(asyncio.Protocol):
             else:
                 self.stray_replies += 1
             return
-        fut, _, reply_cls, timer = entry
-        if timer is not None:
-            timer.cancel()
+        fut, _, reply_cls, _, _ = entry
         if fut.done():
             return
         if kind == _ERROR:
@@ -400,6 +507,7 @@ class RpcConnection(asyncio.Protocol):
             else:
                 fut.set_exception(RemoteError(ErrorCode.BAD_FRAME, f"malformed error reply {body!r:.200}"))
             return
+        self._replies_delivered += 1
         try:
             fut.set_result(reply_cls.from_body(body))
         except MessageError as exc:

@@ -334,6 +334,33 @@ async def test_timeout_raises_and_the_late_reply_is_counted_as_stray(address: Ad
         assert await p.client.call(Ping(b"y"), timeout_s=5) == Pong(b"y")
 
 
+async def test_each_call_times_out_on_its_own_deadline(address: Address) -> None:
+    """Short and long timeouts mixed, armed in either order; an answered call's deadline fires nothing."""
+    gate = asyncio.Event()
+
+    async def handler(msg: Ping) -> Pong:
+        if msg.payload != b"quick":
+            await gate.wait()
+        return Pong(msg.payload)
+
+    async with rpc_pair(address, server={"requests": {MsgType.PING: handler}}) as p:
+        loop = asyncio.get_running_loop()
+        assert await p.client.call(Ping(b"quick"), timeout_s=0.05) == Pong(b"quick")  # its deadline passes unused
+        long = asyncio.ensure_future(p.client.call(Ping(b"long"), timeout_s=20))
+        t0 = loop.time()
+        with pytest.raises(RpcTimeout):
+            await p.client.call(Ping(b"short"), timeout_s=0.2)
+        assert 0.19 <= loop.time() - t0 < 2.0
+        t0 = loop.time()
+        with pytest.raises(RpcTimeout):
+            await p.client.call(Ping(b"shorter"), timeout_s=0.05)
+        assert 0.04 <= loop.time() - t0 < 2.0
+        assert not long.done() and p.client.outstanding == 1
+        gate.set()
+        assert await asyncio.wait_for(long, 5) == Pong(b"long")
+        await wait_until(lambda: p.client.stray_replies == 2, 5, "late replies to the timed-out calls")
+
+
 async def test_default_timeout_comes_from_limits(address: Address) -> None:
     gate = asyncio.Event()
 
