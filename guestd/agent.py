@@ -23,11 +23,12 @@ import structlog
 from proto import events as ev
 from proto.errors import ErrorCode, HandshakeRefused, PeerClosed, ProtoError
 from proto.handshake import client_hello
-from proto.messages import (BalloonTarget, Invalidate, InvalidateReply, MsgType, Ping, Pong, RunEnd, TickDone,
-                            TickStart)
+from proto.messages import (Audit, AuditReply, BalloonTarget, Invalidate, InvalidateReply, MsgType, Ping, Pong,
+                            RunEnd, TickDone, TickStart)
 from proto.rpc import RpcConnection
 from proto.transport import Address, connect
 
+from .audit import PausePoints, audit_reply, pausing_call
 from .errors import GuestdError
 from .session import GuestSessionState, build_guest
 
@@ -60,6 +61,7 @@ class GuestAgent:
         self._ending = False
         self._early_target: int | None = None
         self.end_reason = ""
+        self.pause = PausePoints.from_env(guest_id)  # fault points for tests (BALLOONLAB_PAUSE_AT)
 
     async def run(self) -> int:
         try:
@@ -69,7 +71,10 @@ class GuestAgent:
         self.conn = conn
         # Handlers go in before Hello: the host may start the first tick the
         # moment every guest has said hello, before we have built our kernel.
-        conn.requests = {MsgType.INVALIDATE: self._on_invalidate, MsgType.PING: lambda m: Pong(m.payload)}
+        conn.requests = {MsgType.INVALIDATE: self._on_invalidate, MsgType.PING: lambda m: Pong(m.payload),
+                         MsgType.AUDIT: self._on_audit}
+        if self.pause:
+            conn.call = pausing_call(conn.call, self.pause)  # type: ignore[method-assign]
         conn.notifications = {MsgType.TICK_START: self._on_tick_start, MsgType.RUN_END: self._on_run_end,
                               MsgType.BALLOON_TARGET: self._on_balloon_target}
         try:
@@ -88,6 +93,7 @@ class GuestAgent:
         except (ProtoError, GuestdError) as exc:
             conn.close()
             return self._fail(EXIT_REFUSED, f"bad guest config from the host: {exc}")
+        self.pause.mm_lock = self.state.kernel.mm_lock
         if self._early_target is not None:
             self.state.set_balloon_target(self._early_target)
         log.info(ev.GUEST_STARTED, guest=self.guest_id, pid=os.getpid(), ram_pages=welcome.config.get("ram_pages"))
@@ -154,7 +160,12 @@ class GuestAgent:
     def _on_invalidate(self, msg: Invalidate) -> InvalidateReply:
         if self.state is None:
             raise GuestNotReady("invalidate before the guest has built its memory")
+        self.pause.reached("invalidate", pages=int(msg.gpfns.size))
         return InvalidateReply(self.state.invalidate(msg.gpfns))
+
+    def _on_audit(self, msg: Audit) -> AuditReply:
+        """The end-of-run audit: where our books say each page is (guestd.audit)."""
+        return audit_reply(self.state, msg.first, msg.count)
 
     def _on_close(self, conn: RpcConnection, exc: BaseException | None) -> None:
         if not self._ending:

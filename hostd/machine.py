@@ -8,7 +8,7 @@ the guest as error replies; each refusal is counted per reason and logged.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import structlog
@@ -16,9 +16,10 @@ import structlog
 from proto import events as ev
 from proto.costs import CostModel, DiskProfile
 from proto.errors import ErrorCode
+from proto.locks import LockProtocol, lock_config_from_mapping
 from proto.messages import (BalloonDeflate, BalloonInflate, BalloonReply, BalloonTarget, DiskRead, DiskReadReply,
                             DiskWrite, DiskWriteReply, EptFault, EptFaultReply, Invalidate, InvalidateReply,
-                            Message, MsgType, TickDone)
+                            MsgType, TickDone)
 from proto.rpc import RequestHandler
 
 from .balloon import make_controller
@@ -27,8 +28,10 @@ from .balloon.view import GuestView, HostView
 from .config import RunConfig
 from .errors import HostdError
 from .memconfig import balloon_config, host_memory_config
+from .locks import HostLocks
 from .memory import HostMemory
-from .session import GuestSession
+from .session import GuestSession, sanitize_stats
+from .watchdog import Watchdog
 
 if TYPE_CHECKING:
     from .server import Host
@@ -38,6 +41,7 @@ __all__ = ["Machine"]
 log = structlog.get_logger("hostd.machine")
 
 _HOST_STREAM = 0x6F5  # seeds the host's generator apart from the guests'
+_LOG_FIRST_REJECTIONS = 10  # per guest and reason; then only at 100, 1000, ... (a flood must not flood the log)
 
 
 class Machine:
@@ -61,6 +65,8 @@ class Machine:
             reclaim_batch_frames=self.mem_cfg.reclaim_batch_pages, cluster_pages=self.mem_cfg.cluster_pages,
             vdisk_cache_max_pages=self.mem_cfg.cache_max_pages,
             max_inflight_requests=self.mem_cfg.max_inflight_requests)
+        # Unresponsive guests: their frames go first to host swap, their shootdowns are deferred.
+        self.watchdog = Watchdog(self.mem, host.sessions)
         self.controller = make_controller(self.balloon_cfg.policy, self.balloon_cfg.params)
         self.specs = {g.guest_id: g for g in cfg.guests}
         self.targets: dict[int, int] = {}           # last target sent, per guest
@@ -69,6 +75,7 @@ class Machine:
         self.invariant_violations = 0
         self.peak: dict[str, int] = {}
         self.rejected: dict[str, int] = {}
+        self.locks = self._make_locks(cfg)          # the lock model, when [locks] names a protocol
 
     # --- guests -----------------------------------------------------------------
 
@@ -80,6 +87,9 @@ class Machine:
         self.mem.add_guest(gid, spec.ram_pages, max_balloon, disk_blocks=int(spec.config.get("disk_blocks", 0)),
                            disk_profile=self.vdisk_profile)
         self.targets[gid] = 0
+        if self.locks is not None:
+            locks = self.locks  # the session is active by now: its lock events are welcome
+            session.conn.notifications[MsgType.LOCK_EVENT] = lambda m: locks.on_guest_event(gid, m)
 
     def guest_gone(self, session: GuestSession) -> dict[str, int]:
         gid = session.guest_id
@@ -89,18 +99,32 @@ class Machine:
         counts = self.mem.guest_counts(gid)
         self.mem.remove_guest(gid)
         self.targets.pop(gid, None)
+        if self.locks is not None:
+            self.locks.guest_gone(gid)
+        self.watchdog.forget(gid)
+        self.uncooperative.discard(gid)  # a guest restarted under this id starts with a clean slate
         self._check_invariant("guest_gone")
         return {"released_frames": int(counts.get("resident_pages", 0)),
                 "released_swap_pages": int(counts.get("swapped_pages", 0))}
 
     def guest_unresponsive(self, session: GuestSession) -> None:
-        # Its memory stays; host swapping reclaims it if the host needs it.
-        pass
+        # Its memory goes to host swap at the next tick ends (hostd.watchdog).
+        assert session.guest_id is not None
+        self.watchdog.guest_unresponsive(session.guest_id)
+
+    def guest_responsive(self, session: GuestSession) -> None:
+        assert session.guest_id is not None
+        self.watchdog.guest_responsive(session.guest_id)
 
     def tick_done(self, session: GuestSession, msg: TickDone) -> None:
         gid = session.guest_id
         assert gid is not None
-        session.last_stats = msg.stats
+        stats, problems = sanitize_stats(msg.stats)
+        session.last_stats = stats
+        if problems and hasattr(session.conn, "send_error"):
+            # Counted and logged as a refusal; the tick itself still counts.
+            session.conn.send_error(MsgType.TICK_DONE, ErrorCode.BAD_FIELD,
+                                    "TickDone.stats: " + "; ".join(problems))
         try:
             self.mem.set_ad_bits(gid, msg.accessed, msg.dirty)
         except HostdError as exc:
@@ -114,7 +138,12 @@ class Machine:
         mem = self.mem
         hypercall_us = self.costs.hypercall_us
 
+        watchdog = self.watchdog
+
         async def ept_fault(m: EptFault) -> EptFaultReply:
+            if watchdog.pending(gid):
+                # Never hand back a placeholder: let deferred shootdowns to this guest settle first.
+                await watchdog.settled(gid)
             tokens, done = await mem.ept_fault(gid, m.gpfns, m.vt_us)
             return EptFaultReply(tokens, done)
 
@@ -137,52 +166,73 @@ class Machine:
             MsgType.EPT_FAULT: ept_fault, MsgType.BALLOON_INFLATE: inflate, MsgType.BALLOON_DEFLATE: deflate,
             MsgType.DISK_READ: disk_read, MsgType.DISK_WRITE: disk_write,
         }
-        return {t: self._guarded(session, t, h) for t, h in handlers.items()}
-
-    def _guarded(self, session: GuestSession, msg_type: MsgType, handler: Callable[[Any], Any]) -> RequestHandler:
-        """Count and log every refusal; the error itself goes back as the reply."""
-        name = msg_type.name.lower()
-
-        def sync_call(m: Message) -> Any:
-            try:
-                result = handler(m)
-            except HostdError as exc:
-                self._rejected(session, name, exc)
-                raise
-            if isinstance(result, Awaitable):
-                return self._await_guarded(session, name, result)
-            return result
-
-        return sync_call
-
-    async def _await_guarded(self, session: GuestSession, name: str, coro: Awaitable[Any]) -> Any:
-        try:
-            return await coro
-        except HostdError as exc:
-            self._rejected(session, name, exc)
-            raise
+        if self.locks is not None:   # every request runs under L_hostmem, held for the guest's vCPU
+            locks = self.locks
+            handlers = {t: locks.wrap(gid, t, h) for t, h in handlers.items()}
+            handlers.update(locks.lock_handlers(gid))
+        # A HostdError raised here goes back as an error reply with its code; the
+        # guest's connection reports every error reply to count_rejection.
+        return dict(handlers)
 
     def _rejected(self, session: GuestSession, msg_type: str, exc: HostdError) -> None:
-        code = getattr(exc, "code", ErrorCode.INTERNAL)
+        """A refusal that sends no error reply (e.g. bad A/D bits in a notification)."""
+        self.count_rejection(session, msg_type, getattr(exc, "code", ErrorCode.INTERNAL), str(exc))
+
+    def count_rejection(self, session: GuestSession | None, msg_type: str, code: int, message: str) -> None:
+        """Count one refused request or notification by its error code, per guest and host-wide; log it.
+
+        Logged for the first few of each reason per guest, then at 100, 1000,
+        ...: the counts are complete in ``run_finished``; the log stays small
+        under a flood.
+        """
         reason = ErrorCode(code).name if code in ErrorCode._value2member_map_ else str(code)
-        session.count_rejection(reason)
         self.rejected[reason] = self.rejected.get(reason, 0) + 1
-        log.warning(ev.REQUEST_REJECTED, guest=session.guest_id, msg_type=msg_type, code=reason, reason=str(exc))
+        n = session.count_rejection(reason) if session is not None else self.rejected[reason]
+        if n <= _LOG_FIRST_REJECTIONS or (n >= 100 and str(n).rstrip("0") == "1"):
+            log.warning(ev.REQUEST_REJECTED, guest=None if session is None else session.guest_id,
+                        msg_type=msg_type, code=reason, reason=message[:300], count=n)
 
     async def _shootdown(self, gid: int, gpfns: np.ndarray) -> np.ndarray:
         session = self.host.sessions.get(gid)
         if session is None:
             raise HostdError(f"guest {gid} is gone; cannot invalidate its mappings")
+        if session.unresponsive:
+            # Its vCPU is not running: take the frames now, the content comes with its late reply.
+            return self.watchdog.deferred_shootdown(session, gpfns)
+        if self.locks is not None:   # under the guest's L_vmem, taken for whom the host acts
+            return await self.locks.shootdown(session.conn, gid, gpfns, self.mem_cfg.shootdown_timeout_s)
         reply = await session.conn.call(Invalidate(gpfns), timeout_s=self.mem_cfg.shootdown_timeout_s)
         assert isinstance(reply, InvalidateReply)
         return reply.tokens
+
+    # --- locks (hostd.locks) ------------------------------------------------------
+
+    def _make_locks(self, cfg: RunConfig) -> HostLocks | None:
+        lock_cfg = lock_config_from_mapping(cfg.locks)
+        if not lock_cfg.enabled:
+            return None
+        locks = HostLocks(lock_cfg, self.host.stop, lambda: float(self.host.vt_us), self.costs.hypercall_us)
+        if lock_cfg.protocol is LockProtocol.NO_CALLBACK:
+            self.mem.callout = locks.callout   # L_hostmem is dropped around every call into a guest
+        return locks
+
+    def tick_started(self, tick: int, vt_us: int) -> None:
+        """The host starts a tick: under a lock model its reclaim task may run during it."""
+        if self.locks is not None:
+            self.locks.start()
+            self.locks.tick_started(self.mem, vt_us)
 
     # --- the tick ------------------------------------------------------------------
 
     async def end_tick(self, tick: int, vt_us: int) -> None:
         mem = self.mem
+        if self.locks is not None:
+            if self.locks.deadlocked:
+                return   # the run ends: this tick's tasks wait for each other and cannot finish it
+            await self.locks.finish_tick()
         mem.tick(vt_us)
-        await mem.balance(vt_us)
+        await self.watchdog.reclaim_unresponsive(vt_us)
+        await (mem.balance(vt_us) if self.locks is None else self.locks.balance(mem, vt_us))
         self._set_targets(tick, vt_us)
         if (tick + 1) % self.mem_cfg.invariant_every_ticks == 0:
             self._check_invariant("tick")
@@ -248,8 +298,16 @@ class Machine:
         return {"free_frames": pool["free"], "host_swapped": self.mem.counters.swap_out_pages}
 
     def final_metrics(self) -> dict[str, Any]:
+        out = self._final_metrics()
+        if self.locks is not None:
+            self.locks.close()
+            out["locks"] = self.locks.final_metrics()
+        return out
+
+    def _final_metrics(self) -> dict[str, Any]:
         snap = self.mem.snapshot()
         guests = snap.pop("guests")
         return {"memory": snap, "guests_memory": guests, "peaks": dict(self.peak),
                 "invariant_violations": self.invariant_violations, "ram_pages": self.ram_pages,
-                "rejected_requests": dict(self.rejected), "uncooperative_guests": sorted(self.uncooperative)}
+                "rejected_requests": dict(self.rejected), "uncooperative_guests": sorted(self.uncooperative),
+                "watchdog": self.watchdog.metrics()}

@@ -5,7 +5,13 @@ A tick is: send ``TickStart`` to every live guest, wait until each has sent
 buffers, balloon targets, monitors) and log the tick. A guest that dies is
 released and dropped from the barrier; a guest that stays silent past the
 watchdog bound is reported, and past ``unresponsive_s`` taken out of the
-barrier, so one guest never hangs the run.
+barrier, so one guest never hangs the run: it gets no more ticks until it
+answers again, and its memory goes to host swap (``hostd.watchdog``).
+
+After the last tick the host audits every guest's pages against its own
+books (``hostd.audit``) before it sends ``RunEnd``. A guest id whose session
+has been released may connect again (a restarted guest joins as a fresh
+guest); a live one may not.
 """
 from __future__ import annotations
 
@@ -25,8 +31,10 @@ from proto.rpc import RpcConnection, RpcLimits
 from proto.transport import Address, serve
 
 from .config import RunConfig
+from .audit import run_audit
 from .machine import Machine
-from .session import GuestSession, SessionState
+from .session import GuestConnection, GuestSession, SessionState
+from .watchdog import PausePoints
 
 __all__ = ["Host"]
 
@@ -45,7 +53,9 @@ class Host:
         self.progress_out = progress_out
         self.limits = limits or RpcLimits()
         self.sessions: dict[int, GuestSession] = {}     # active, by guest id
-        self.gone: dict[int, str] = {}                   # guest id -> why it left
+        self.gone: dict[int, str] = {}                   # guest id -> why it left (last time)
+        self.rejoined: dict[int, int] = {}               # guest id -> times it connected again after leaving
+        self.pause = PausePoints.from_env("host")        # fault points for tests (BALLOONLAB_PAUSE_AT)
         self._unauthenticated: set[GuestSession] = set()
         self.machine = Machine(cfg, self)
         self.tick = 0
@@ -74,18 +84,22 @@ class Host:
         self._emit({"ready": str(bound)})
         wall0 = time.monotonic()
         reason = "completed"
+        audit: dict[str, Any] = {"ok": None, "reason": "not audited"}
         try:
             if not await self._wait_for_guests():
                 reason = self._stop_reason or "no guests connected"
             else:
                 reason = await self._tick_loop()
+            if not reason.startswith("signal"):
+                audit = await run_audit(self)
         finally:
             await self._end_run(reason)
             server.close()
             await server.wait_closed()
         log.info(ev.RUN_FINISHED, ticks=self.tick, vt_us=self.vt_us, wall_s=round(time.monotonic() - wall0, 3),
                  reason=reason, guests_lost=dict(sorted(self.gone.items())), refused=self.refused,
-                 **self.machine.final_metrics())
+                 guests_rejoined=dict(sorted(self.rejoined.items())), audit_ok=audit["ok"],
+                 audit={k: v for k, v in audit.items() if k not in ("ok", "guests")}, **self.machine.final_metrics())
         self._emit({"finished": reason, "tick": self.tick, "vt_us": self.vt_us})
         return 0 if reason in ("completed",) or reason.startswith("signal") else 1
 
@@ -120,6 +134,7 @@ class Host:
                 return "all guests gone"
             self.vt_us = tick * cfg.tick_us
             structlog.contextvars.bind_contextvars(tick=tick, vt_us=self.vt_us)
+            self.machine.tick_started(tick, self.vt_us)
             await self._run_one_tick(tick)
             self.vt_us = (tick + 1) * cfg.tick_us
             await self.machine.end_tick(tick, self.vt_us)
@@ -132,17 +147,22 @@ class Host:
         self._barrier = {gid for gid, s in self.sessions.items() if not s.unresponsive}
         self._barrier_done = loop.create_future()
         msg = TickStart(tick, float(self.vt_us), self.cfg.tick_us)
-        for gid, s in list(self.sessions.items()):
+        # An unresponsive guest gets no ticks: a stopped one would find a
+        # backlog of stale ticks when it wakes. It rejoins by answering.
+        for gid in sorted(self._barrier):
             try:
-                s.conn.notify(msg)
+                self.sessions[gid].conn.notify(msg)
             except PeerClosed:
                 self._barrier.discard(gid)
+        self.pause.reached("tick_started", tick=tick)
         if not self._barrier:
             return
         started = time.monotonic()
         while True:
+            waited = time.monotonic() - started
+            timeout = min(self.cfg.watchdog_s, max(0.01, self.cfg.unresponsive_s - waited))
             try:
-                await asyncio.wait_for(asyncio.shield(self._barrier_done), self.cfg.watchdog_s)
+                await asyncio.wait_for(asyncio.shield(self._barrier_done), timeout)
                 return
             except asyncio.TimeoutError:
                 waited = time.monotonic() - started
@@ -160,7 +180,7 @@ class Host:
             return
         s.unresponsive = True
         self._barrier.discard(gid)
-        log.warning("guest_unresponsive", guest=gid, tick=self.tick)
+        log.warning(ev.GUEST_UNRESPONSIVE, guest=gid, tick=self.tick, waited_s=self.cfg.unresponsive_s)
         self.machine.guest_unresponsive(s)
 
     async def _end_run(self, reason: str) -> None:
@@ -183,7 +203,8 @@ class Host:
     # --- connections ----------------------------------------------------------
 
     def _new_connection(self) -> RpcConnection:
-        conn = RpcConnection(name="unauthenticated", limits=self.limits, on_close=self._conn_closed)
+        conn = GuestConnection(name="unauthenticated", limits=self.limits, on_close=self._conn_closed,
+                               on_refused=self._on_refused)
         session = GuestSession(conn)
         conn.session = session  # type: ignore[attr-defined]
         conn.requests = {MsgType.HELLO: lambda m: self._on_hello(session, m)}  # type: ignore[dict-item]
@@ -193,6 +214,14 @@ class Host:
         self._unauthenticated.add(session)
         asyncio.get_running_loop().call_later(HANDSHAKE_TIMEOUT_S, self._handshake_deadline, session)
         return conn
+
+    def _on_refused(self, conn: GuestConnection, code: int, msg_type: int, message: str) -> None:
+        """Every error reply to a guest (or a would-be guest) is counted by its code and logged."""
+        try:
+            name = MsgType(msg_type).name.lower()
+        except ValueError:
+            name = str(msg_type)
+        self.machine.count_rejection(getattr(conn, "session", None), name, code, message)
 
     def _refuse_flood(self, conn: RpcConnection) -> None:
         log.warning(ev.GUEST_REFUSED, code=ErrorCode.OVERLOADED.name, reason="too many unauthenticated connections")
@@ -207,7 +236,9 @@ class Host:
     def _on_hello(self, session: GuestSession, hello: Hello) -> Welcome:
         if session.state is not SessionState.NEW:
             raise HandshakeError(ErrorCode.INVALID_STATE, "hello sent twice")
-        connected = set(self.sessions) | set(self.gone)
+        # Only a live session holds an id: one whose guest died was released,
+        # and a restarted guest may take the id again as a fresh guest.
+        connected = set(self.sessions)
         try:
             if self._stop_reason is not None:
                 raise HandshakeError(ErrorCode.SHUTTING_DOWN, "the run is ending")
@@ -225,7 +256,9 @@ class Host:
                          self._on_tick_done)
         self.sessions[gid] = session
         self.machine.guest_joined(session)
-        log.info(ev.GUEST_CONNECTED, guest=gid, pid=hello.pid)
+        if gid in self.gone:
+            self.rejoined[gid] = self.rejoined.get(gid, 0) + 1
+        log.info(ev.GUEST_CONNECTED, guest=gid, pid=hello.pid, rejoined=self.rejoined.get(gid, 0))
         if set(self.sessions) | set(self.gone) >= self.cfg.guest_ids and self._all_connected is not None:
             self._all_connected.set()
         spec = next(g for g in self.cfg.guests if g.guest_id == gid)
@@ -237,17 +270,23 @@ class Host:
     def _on_tick_done(self, session: GuestSession, msg: TickDone) -> None:
         gid = session.guest_id
         assert gid is not None
-        if msg.tick != self.tick:
-            session.count_rejection("STALE_TICK")
-            log.warning(ev.REQUEST_REJECTED, guest=gid, msg_type="tick_done", code=ErrorCode.INVALID_STATE.name,
-                        reason=f"tick_done for tick {msg.tick} during tick {self.tick}")
+        if session.unresponsive:
+            # Alive again (e.g. SIGCONT): its tick is late, but it is a sign of
+            # life; it is back in the barrier from the next tick on.
+            session.unresponsive = False
+            session.last_vt_us = msg.vt_us
+            self.machine.tick_done(session, msg)
+            self.machine.guest_responsive(session)
+            log.info(ev.GUEST_RESPONSIVE, guest=gid, tick=self.tick, late_tick=msg.tick)
+            return
+        if msg.tick != self.tick or gid not in self._barrier:
+            self.machine.count_rejection(session, "tick_done", ErrorCode.INVALID_STATE,
+                                         f"tick_done for tick {msg.tick} during tick {self.tick}"
+                                         + ("" if gid in self._barrier else " (already done or not started)"))
             return
         session.last_tick_done = msg.tick
         session.last_vt_us = msg.vt_us
         self.machine.tick_done(session, msg)
-        if session.unresponsive:
-            session.unresponsive = False
-            log.info("guest_responsive", guest=gid, tick=msg.tick)
         self._barrier.discard(gid)
         if not self._barrier and self._barrier_done is not None and not self._barrier_done.done():
             self._barrier_done.set_result(None)

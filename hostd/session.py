@@ -12,6 +12,7 @@ memory and disk requests are installed by the host after the handshake.
 from __future__ import annotations
 
 import enum
+import math
 import time
 from typing import Any, Callable
 
@@ -20,7 +21,11 @@ import numpy as np
 from proto.messages import MsgType, TickDone
 from proto.rpc import NotifyHandler, RequestHandler, RpcConnection
 
-__all__ = ["SessionState", "GuestSession"]
+__all__ = ["SessionState", "GuestSession", "GuestConnection", "sanitize_stats", "MAX_STAT_KEYS", "MAX_STAT_VALUE"]
+
+MAX_STAT_KEYS = 128           # a guest's stats map: more keys than any guest reports are dropped
+MAX_STAT_KEY_CHARS = 64
+MAX_STAT_VALUE = float(2 ** 53)  # counters and gauges beyond this are nonsense (and lose int precision)
 
 
 class SessionState(enum.Enum):
@@ -62,8 +67,80 @@ class GuestSession:
         notes.update(extra_notifications or {})
         self.conn.notifications = notes
 
-    def count_rejection(self, reason: str) -> None:
-        self.rejected[reason] = self.rejected.get(reason, 0) + 1
+    def count_rejection(self, reason: str) -> int:
+        """Count one refusal; returns how many of this reason this session has had."""
+        n = self.rejected[reason] = self.rejected.get(reason, 0) + 1
+        return n
+
+
+class GuestConnection(RpcConnection):
+    """The host's end of one guest connection: every refusal reported, reads paused while writes are.
+
+    The guest is untrusted. Every error reply the connection sends (a bad
+    frame, an unknown type, a bad field, a request before the handshake,
+    too many requests, a refusal by host memory) goes through
+    ``on_refused`` first, so the host counts each by its code. And while
+    the guest does not read what the host writes to it (the send buffer is
+    above its high-water mark), the host reads nothing more from it: a
+    guest that floods requests without reading the replies is throttled by
+    its own socket instead of growing the host's buffers.
+    """
+
+    def __init__(self, *, on_refused: Callable[["GuestConnection", int, int, str], None] | None = None,
+                 **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.on_refused = on_refused
+        self.read_pauses = 0
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        if self.transport is not None and not self.transport.is_closing():
+            try:
+                self.transport.pause_reading()
+                self.read_pauses += 1
+            except RuntimeError:
+                pass  # closing meanwhile
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if self.transport is not None and not self.transport.is_closing():
+            try:
+                self.transport.resume_reading()
+            except RuntimeError:
+                pass
+
+    def send_error(self, msg_type: int, code: int, message: str) -> None:
+        """An error tied to no request (id 0), e.g. about a bad notification."""
+        self._send_error(0, int(msg_type), int(code), message)
+
+    def _send_error(self, req_id: int, msg_type: int, code: int, message: str) -> None:
+        if not self.is_closing and self.on_refused is not None:
+            self.on_refused(self, int(code), int(msg_type), message)
+        super()._send_error(req_id, msg_type, code, message)
+
+
+def sanitize_stats(stats: dict[str, Any]) -> tuple[dict[str, float], list[str]]:
+    """Keep the guest's stats that are plausible numbers; name the first few that are not.
+
+    Balloon controllers do arithmetic on these; a string, NaN, a negative
+    or an astronomically large value from a hostile guest must not reach
+    them. Values are counters and gauges: finite, >= 0, <= ``MAX_STAT_VALUE``.
+    """
+    clean: dict[str, float] = {}
+    problems: list[str] = []
+    for key, value in stats.items():
+        if len(clean) >= MAX_STAT_KEYS:
+            problems.append(f"more than {MAX_STAT_KEYS} keys; the rest dropped")
+            break
+        if len(key) > MAX_STAT_KEY_CHARS:
+            problems.append(f"key {key[:20]!r}...: longer than {MAX_STAT_KEY_CHARS} characters")
+        elif type(value) is not int and type(value) is not float:
+            problems.append(f"{key}: expected a number, got {type(value).__name__}")
+        elif not (0 <= value <= MAX_STAT_VALUE and math.isfinite(value)):
+            problems.append(f"{key}: {value!r} is not a finite number in [0, 2**53]")
+        else:
+            clean[key] = value
+    return clean, problems[:8]
 
 
 def unpack_bits(packed: bytes, n_bits: int) -> np.ndarray:

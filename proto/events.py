@@ -39,4 +39,14 @@ SWAP_AREA_UNPINNED = "swap_area_unpinned"  # guest, unpinned_pages
 DEADLOCK_DETECTED = "deadlock_detected"  # cycle: [{proc, task, holds, waits_for, since_vt_us}]
 LOCK_ORDER_VIOLATION = "lock_order_violation"  # proc, task, held, acquiring
 
+# reliability (issue #8): the watchdog, the end-of-run audit, fault injection
+GUEST_UNRESPONSIVE = "guest_unresponsive"  # guest, tick, waited_s: taken out of the tick barrier
+GUEST_RESPONSIVE = "guest_responsive"    # guest, tick: answered again, back in the barrier next tick
+GUEST_MEMORY_RECLAIMED = "guest_memory_reclaimed"  # guest, reclaimed_frames, resident_pages, reason
+SHOOTDOWN_SETTLED = "shootdown_settled"  # guest, pages, pending_pages, ok: a deferred shootdown was answered
+AUDIT_COMPLETED = "audit_completed"      # host: ok, guests {id: {...}}, problems [str]
+AUDIT_REPORTED = "audit_reported"        # guest: ram_pages, disk_pages, balloon_pages, problems
+FAULT_POINT_REACHED = "fault_point_reached"  # point, occurrence, pid, mm_lock_held: the process stops itself here
+FAULT_INJECTED = "fault_injected"        # target, pid, signal, tick: written to faults.jsonl by an injector
+
 __all__ = [name for name in dir() if name.isupper()]

@@ -21,7 +21,7 @@ __all__ = [
     "Hello", "Welcome", "TickStart", "TickDone", "RunEnd",
     "EptFault", "EptFaultReply", "Invalidate", "InvalidateReply",
     "BalloonTarget", "BalloonInflate", "BalloonDeflate", "BalloonReply",
-    "DiskRead", "DiskReadReply", "DiskWrite", "DiskWriteReply",
+    "DiskRead", "DiskReadReply", "DiskWrite", "DiskWriteReply", "Audit", "AuditReply",
     "Ping", "Pong", "REQUESTS", "NOTIFICATIONS", "MAX_PAGES_PER_MESSAGE", "msg_type_of",
 ]
 
@@ -50,6 +50,7 @@ class MsgType(IntEnum):
     BALLOON_DEFLATE = 32  # guest -> host request
     DISK_READ = 40        # guest -> host request
     DISK_WRITE = 41       # guest -> host request
+    AUDIT = 50            # host -> guest request, once the last tick is done; reply AuditReply
     PING = 60             # either way; reply Pong
 
 
@@ -324,6 +325,45 @@ class DiskWriteReply(Message):
     done_vt_us: float
 
 
+# --- end-of-run audit --------------------------------------------------------
+
+@_message(MsgType.AUDIT, first=_INT, count=_INT)
+class Audit(Message):
+    """After the last tick: where does the guest say each of its pages is?
+
+    Asks about gpfns and disk blocks in ``[first, first + count)``; the host
+    asks window by window so a reply stays well inside one frame.
+    """
+
+    first: int
+    count: int
+
+
+@_message(MsgType.AUDIT, ram_gpfns=_PAGES, ram_tokens=_PAGES, ram_backed=_BIN, disk_blocks=_PAGES,
+          disk_tokens=_PAGES, balloon_gpfns=_PAGES, report=_MAP)
+class AuditReply(Message):
+    """The guest's claims, for the host to check against its own books.
+
+    ``ram_gpfns``: gpfns in the window holding a page (resident or a clean
+    soft-reclaimed copy); ``ram_tokens``: the token each must hold (what the
+    guest last wrote); ``ram_backed``: one byte per entry, 1 if the guest
+    believes the host backs that gpfn (else the host must hold it in swap).
+    ``disk_blocks``/``disk_tokens``: blocks in the window that are the only
+    up-to-date copy of a page, and the token each must hold (0: a file block
+    never written). ``balloon_gpfns``: the guest's balloon frames in the
+    window. ``report``: the guest's own totals and self-check
+    (``balloon_pages``, ``lost_pages``, ``problems``: a list of strings).
+    """
+
+    ram_gpfns: np.ndarray
+    ram_tokens: np.ndarray
+    ram_backed: bytes
+    disk_blocks: np.ndarray
+    disk_tokens: np.ndarray
+    balloon_gpfns: np.ndarray
+    report: dict
+
+
 # --- liveness and benchmarks ------------------------------------------------
 
 @_message(MsgType.PING, payload=_BIN)
@@ -344,6 +384,7 @@ REQUESTS: dict[MsgType, tuple[type[Message], type[Message]]] = {
     MsgType.BALLOON_DEFLATE: (BalloonDeflate, BalloonReply),
     MsgType.DISK_READ: (DiskRead, DiskReadReply),
     MsgType.DISK_WRITE: (DiskWrite, DiskWriteReply),
+    MsgType.AUDIT: (Audit, AuditReply),
     MsgType.PING: (Ping, Pong),
 }
 """Request type -> (request class, reply class)."""

@@ -16,9 +16,9 @@ from typing import Any
 
 from proto import events as ev
 
-from .logs import VariantLogs, find_variants, load_variant
+from .logs import VariantLogs, find_variants, iter_events, load_variant
 
-__all__ = ["summarize", "summarize_variant", "reclaim_metrics", "write_summary", "format_table"]
+__all__ = ["summarize", "summarize_variant", "reclaim_metrics", "reliability_metrics", "write_summary", "format_table"]
 
 HOST_TABLE_KEYS = ("ram_pages", "free_frames", "swap_out_pages", "swap_in_pages", "ept_faults", "double_faults",
                    "invariant_violations")
@@ -123,7 +123,35 @@ def summarize_variant(v: VariantLogs) -> dict[str, Any]:
         "refs_per_vsec": round(sum(g["refs_per_vsec"] for g in guests), 1),
     }
     out.update(reclaim_metrics(host, guests))
+    out.update(reliability_metrics(v, finished))
     return out
+
+
+def reliability_metrics(v: VariantLogs, finished: dict[str, Any]) -> dict[str, Any]:
+    """Issue #8's keys: the end-of-run audit, refused requests by reason, faults injected.
+
+    ``faults_injected`` counts ``fault_injected`` events in every log of the
+    variant, including ``faults.jsonl``, where injectors outside the run (a
+    test, the soak benchmark) record each signal they send.
+    """
+    faults = points = 0
+    for events in (v.host, *v.guests.values()):
+        for e in events:
+            name = e.get("event")
+            faults += name == ev.FAULT_INJECTED
+            points += name == ev.FAULT_POINT_REACHED
+    injected_by = Path(v.path) / "faults.jsonl"
+    if injected_by.exists():
+        faults += sum(1 for e in iter_events(injected_by, [0]) if e.get("event") == ev.FAULT_INJECTED)
+    audit = finished.get("audit") or {}
+    return {
+        "audit_ok": finished.get("audit_ok") is True,
+        "audit_problems": list(audit.get("problems") or []),
+        "rejected_requests": dict(finished.get("rejected_requests") or {}),
+        "faults_injected": faults,
+        "fault_points_reached": points,
+        "guests_rejoined": dict(finished.get("guests_rejoined") or {}),
+    }
 
 
 def write_summary(run_dir: Path, summary: dict[str, Any]) -> Path:

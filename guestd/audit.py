@@ -1,0 +1,232 @@
+"""The guest's side of the end-of-run audit, and its fault points.
+
+Audit: after the last tick the host asks ``Audit{first, count}``; the guest
+answers where, by its own books, every page is and what it must contain
+(``proto.messages.AuditReply``), after checking those books itself: every
+workload page has exactly one authoritative place --
+
+- guest RAM: the frame ``pt.gpfn[p]`` holds it (the host may have taken
+  that frame's content into host swap; the host checks that part);
+- its block on the virtual disk (its file block, or its swap slot once
+  swapped out), when it is not in RAM -- a clean soft-reclaimed copy in a
+  free frame is a cache of that block, checked against it;
+- nowhere, for an anonymous page never written (the zero page);
+
+and the content found there is the token the guest last wrote. Anything
+else is named in ``report["problems"]``.
+
+Fault points (``BALLOONLAB_PAUSE_AT``): the guest stops itself (SIGSTOP) at
+a named moment so that a test can kill it there from outside (SIGKILL) or
+freeze it (and SIGCONT it later). Points: ``balloon_inflate``,
+``balloon_deflate``, ``disk_write``, ``disk_read``, ``ept_fault`` -- right
+after that request went out, before its reply is seen -- and
+``invalidate`` -- on receiving the host's TLB shootdown, before answering
+it. See ``PausePoints``.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Mapping
+
+import numpy as np
+import structlog
+
+from proto import events as ev
+from proto.messages import AuditReply, Message, MsgType
+
+from .memory import FrameKind
+
+if TYPE_CHECKING:
+    from .session import GuestSessionState
+
+__all__ = ["audit_reply", "self_check", "PausePoints", "PAUSE_ENV", "REQUEST_POINTS", "pausing_call"]
+
+log = structlog.get_logger("guestd.audit")
+
+PAUSE_ENV = "BALLOONLAB_PAUSE_AT"
+REQUEST_POINTS: dict[MsgType, str] = {
+    MsgType.BALLOON_INFLATE: "balloon_inflate", MsgType.BALLOON_DEFLATE: "balloon_deflate",
+    MsgType.DISK_WRITE: "disk_write", MsgType.DISK_READ: "disk_read", MsgType.EPT_FAULT: "ept_fault",
+}
+"""Request type -> the fault point reached right after such a request is sent."""
+
+_MAX_PROBLEMS = 20
+
+
+def _empty() -> np.ndarray:
+    return np.zeros(0, "<u8")
+
+
+def self_check(state: "GuestSessionState") -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """Check the guest's books; return ``(report, places)``.
+
+    ``places`` holds every page's authoritative place: ``ram_gpfns`` /
+    ``ram_tokens`` / ``ram_backed`` (resident pages and clean soft copies),
+    ``disk_blocks`` / ``disk_tokens`` (pages only on disk), ``balloon_gpfns``.
+    """
+    k = state.kernel
+    pt, fr = k.pt, k.frames
+    problems: list[str] = []
+
+    def add(msg: str) -> None:
+        if len(problems) < _MAX_PROBLEMS:
+            problems.append(msg)
+
+    expect = pt.expect
+    resident = np.flatnonzero(pt.gpfn >= 0)
+    g_res = pt.gpfn[resident]
+    soft = np.flatnonzero(pt.cached >= 0)
+    g_soft = pt.cached[soft]
+    # RAM: each resident page in its own frame, the frame pointing back at it.
+    if np.unique(g_res).size != g_res.size:
+        add("two resident pages share a frame")
+    back = fr.vpage[g_res] != resident
+    kinds = fr.kind[g_res]
+    wrong_kind = (kinds != FrameKind.ANON) & (kinds != FrameKind.FILE)
+    for i in np.flatnonzero(back | wrong_kind)[:5]:
+        add(f"page {int(resident[i])} is in frame {int(g_res[i])}, which holds page {int(fr.vpage[g_res[i]])} "
+            f"as {FrameKind(int(kinds[i])).name}")
+    both = np.intersect1d(resident, soft)
+    if both.size:
+        add(f"{both.size} pages are both resident and soft-reclaimed (e.g. {int(both[0])})")
+    bad_soft = (fr.kind[g_soft] != FrameKind.FREE) | (fr.vpage[g_soft] != soft)
+    if np.any(bad_soft):
+        add(f"{int(np.count_nonzero(bad_soft))} soft-reclaimed pages point at frames that do not hold them")
+    # Content in RAM the guest can see (backed frames) must be what it last wrote.
+    held_g = np.concatenate((g_res, g_soft))
+    held_p = np.concatenate((resident, soft))
+    seen = fr.backed[held_g]
+    stale = seen & (fr.token[held_g] != expect[held_p])
+    for i in np.flatnonzero(stale)[:5]:
+        add(f"page {int(held_p[i])} in frame {int(held_g[i])} holds {int(fr.token[held_g[i]]):#x}, "
+            f"last written {int(expect[held_p[i]]):#x}")
+    # Pages not in RAM: on disk, or the zero page.
+    away = pt.gpfn < 0
+    on_disk = np.flatnonzero(away & pt.on_disk)
+    nowhere = away & ~pt.on_disk & (expect != 0)
+    nowhere[soft] = False  # a clean soft copy of a page never written back (see below)
+    for p in np.flatnonzero(nowhere)[:5]:
+        add(f"page {int(p)} (last written {int(expect[p]):#x}) is neither in RAM nor on disk: lost")
+    soft_only = soft[~pt.on_disk[soft]]
+    if np.any(expect[soft_only] != 0):
+        # Only a never-written anonymous page may live in a soft copy alone (it is the zero page).
+        add(f"{int(np.count_nonzero(expect[soft_only] != 0))} written pages live only in a soft-reclaimed frame")
+    blocks = pt.block[on_disk]
+    if np.any(blocks < 0):
+        add(f"{int(np.count_nonzero(blocks < 0))} pages are on disk without a block")
+    if np.unique(blocks).size != blocks.size:
+        add("two pages on disk share a block")
+    # A file block never written holds 0 (the file's initial content): a page at version 0 expects that.
+    disk_tokens = np.where(pt.version[on_disk] == 0, np.uint64(0), expect[on_disk]).astype(np.uint64)
+    # The balloon: its frames, the driver's count.
+    balloon = np.flatnonzero(fr.kind == FrameKind.BALLOON)
+    if np.any(fr.vpage[balloon] >= 0) or np.any(fr.backed[balloon]):
+        add("a balloon frame holds a page or is backed")
+    if balloon.size != state.balloon.actual_pages:
+        add(f"balloon driver counts {state.balloon.actual_pages} pages, {balloon.size} frames are BALLOON")
+    report = {"balloon_pages": int(state.balloon.actual_pages), "lost_pages": int(k.counters.lost_pages),
+              "resident_pages": int(resident.size), "soft_pages": int(soft.size),
+              "disk_only_pages": int(on_disk.size), "host_took_pages": int(np.count_nonzero(~seen)),
+              "problems": problems}
+    places = {"ram_gpfns": held_g, "ram_tokens": expect[held_p], "ram_backed": seen,
+              "disk_blocks": blocks, "disk_tokens": disk_tokens, "balloon_gpfns": balloon}
+    return report, places
+
+
+def audit_reply(state: "GuestSessionState | None", first: int, count: int) -> AuditReply:
+    """The ``AuditReply`` for gpfns and blocks in ``[first, first + count)``."""
+    if state is None:
+        # Not started yet (the host audits right after we said hello): we hold no page.
+        return AuditReply(_empty(), _empty(), b"", _empty(), _empty(), _empty(),
+                          {"balloon_pages": 0, "lost_pages": 0, "problems": [], "not_started": True})
+    report, places = self_check(state)
+    end = first + count
+    g = places["ram_gpfns"]
+    ram = (g >= first) & (g < end)
+    order = np.argsort(g[ram], kind="stable")
+    b = places["disk_blocks"]
+    disk = (b >= first) & (b < end)
+    bal = places["balloon_gpfns"]
+    bal = bal[(bal >= first) & (bal < end)]
+    if first == 0:
+        log.info(ev.AUDIT_REPORTED, ram_pages=int(g.size), disk_pages=int(b.size),
+                 balloon_pages=int(places["balloon_gpfns"].size), problems=report["problems"],
+                 lost_pages=report["lost_pages"])
+    return AuditReply(g[ram][order].astype("<u8"), places["ram_tokens"][ram][order].astype("<u8"),
+                      places["ram_backed"][ram][order].astype(np.uint8).tobytes(),
+                      b[disk].astype("<u8"), places["disk_tokens"][disk].astype("<u8"), bal.astype("<u8"), report)
+
+
+# --- fault points -----------------------------------------------------------------------
+
+
+class PausePoints:
+    """The guest's fault points (``BALLOONLAB_PAUSE_AT``, as the host's in ``hostd.watchdog``).
+
+    ``BALLOONLAB_PAUSE_AT`` is a comma-separated list of ``WHO:POINT[@N]``:
+    WHO a guest id (or ``host``), N the occurrence (default 1). At a wanted
+    occurrence the guest logs ``fault_point_reached`` (with whether its
+    memory lock L_vmem is held), flushes its log and stops itself.
+    """
+
+    def __init__(self, spec: str, who: str) -> None:
+        self.wanted: dict[str, set[int]] = {}
+        for item in (s.strip() for s in spec.split(",")):
+            target, _, rest = item.partition(":")
+            point, _, nth = rest.partition("@")
+            if not item or target.strip() != who or not point:
+                continue
+            try:
+                n = int(nth) if nth else 1
+            except ValueError:
+                raise ValueError(f"{PAUSE_ENV}: {item!r}: occurrence {nth!r} is not a number") from None
+            self.wanted.setdefault(point.strip(), set()).add(n)
+        self.seen: dict[str, int] = {}
+        self.mm_lock: Any = None   # the kernel's lock, once there is a kernel
+
+    @classmethod
+    def from_env(cls, guest_id: int, environ: Mapping[str, str] | None = None) -> "PausePoints":
+        return cls((os.environ if environ is None else environ).get(PAUSE_ENV, ""), str(guest_id))
+
+    def __bool__(self) -> bool:
+        return bool(self.wanted)
+
+    def reached(self, point: str, **fields: Any) -> bool:
+        if point not in self.wanted:
+            return False
+        n = self.seen.get(point, 0) + 1
+        self.seen[point] = n
+        if n not in self.wanted[point]:
+            return False
+        held = bool(self.mm_lock is not None and self.mm_lock.locked())
+        log.warning(ev.FAULT_POINT_REACHED, point=point, occurrence=n, pid=os.getpid(), mm_lock_held=held, **fields)
+        _flush_log()
+        os.kill(os.getpid(), signal.SIGSTOP)
+        return True
+
+
+def pausing_call(call: Callable[..., Awaitable[Message]], points: PausePoints) -> Callable[..., Awaitable[Message]]:
+    """Wrap ``RpcConnection.call``: after sending a request named in ``REQUEST_POINTS``, pass its fault point."""
+
+    async def wrapped(msg: Message, timeout_s: float | None = None) -> Message:
+        point = REQUEST_POINTS.get(msg.TYPE)
+        if point is None or point not in points.wanted:
+            return await call(msg, timeout_s)
+        task = asyncio.ensure_future(call(msg, timeout_s))
+        await asyncio.sleep(0)   # the call runs up to its first wait: the request is written
+        points.reached(point, pages=int(getattr(msg, "gpfns", getattr(msg, "blocks", _empty())).size))
+        return await task
+
+    return wrapped
+
+
+def _flush_log() -> None:
+    factory = structlog.get_config().get("logger_factory")
+    f = getattr(factory, "_file", None)
+    if f is not None:
+        try:
+            f.flush()
+        except (OSError, ValueError):
+            pass

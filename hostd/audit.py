@@ -1,0 +1,245 @@
+"""The end-of-run audit: is every guest page where host and guest both say it is?
+
+After the last tick the host asks each live guest, window by window,
+``Audit{first, count}``: which gpfns hold a page and what each must contain
+(the token the guest last wrote), which gpfns the guest believes backed,
+which disk blocks are the only up-to-date copy of a page, and which gpfns
+are in its balloon (``proto.messages.AuditReply``). The guest checks its
+own books first (every page in exactly one authoritative place: guest RAM,
+its swap slot or file block, or nowhere for a page never written) and
+reports what it finds. The host then checks each claim against its own:
+
+- a gpfn the guest holds and believes backed is a host FRAME (the content
+  is in guest RAM, which the guest checked);
+- a gpfn the guest holds but the host took (not backed) is SWAPPED, and
+  its host swap slot holds exactly the guest's token (not a placeholder of
+  a shootdown still unanswered);
+- a block that is a page's only copy holds the guest's token;
+- the guest's balloon and the host's BALLOONED gpfns are the same set, and
+  the driver's count, the guest's frames and the host's count agree;
+- every guest that left holds nothing (no frame, no swap slot), and host
+  memory's invariant holds.
+
+A problem names the guest, the page and both sides' views. The result is
+logged (``audit_completed``) and reported in ``run_finished`` as
+``audit_ok`` and ``audit``.
+
+This module reads host memory's books directly (the p2m through
+``HostMemory._guest``): an auditor has to look at the raw state rather
+than at what the code under audit says about it. It changes nothing.
+"""
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import structlog
+
+from proto import events as ev
+from proto.errors import ProtoError
+from proto.messages import Audit, AuditReply
+
+from .errors import HostdError
+from .p2m import PageState
+from .watchdog import PENDING_TOKEN
+
+if TYPE_CHECKING:
+    from .memory import HostMemory
+    from .server import Host
+
+__all__ = ["AUDIT_WINDOW_PAGES", "GuestClaims", "run_audit", "check_guest", "check_released"]
+
+log = structlog.get_logger("hostd.audit")
+
+AUDIT_WINDOW_PAGES = 65_536     # gpfns and blocks per Audit request: a reply stays near 2.5 MiB at most
+MAX_PROBLEMS_PER_GUEST = 20
+AUDIT_TIMEOUT_S = 10.0
+
+
+@dataclass
+class GuestClaims:
+    """One guest's ``AuditReply`` windows, put together."""
+
+    ram_gpfns: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    ram_tokens: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint64))
+    ram_backed: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))
+    disk_blocks: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    disk_tokens: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint64))
+    balloon_gpfns: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    report: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_replies(cls, replies: list[AuditReply]) -> "GuestClaims":
+        def cat(name: str, dtype: Any) -> np.ndarray:
+            parts = [np.asarray(getattr(r, name)).astype(dtype) for r in replies]
+            return np.concatenate(parts) if parts else np.zeros(0, dtype)
+
+        backed = [np.frombuffer(r.ram_backed, np.uint8) for r in replies]
+        return cls(cat("ram_gpfns", np.int64), cat("ram_tokens", np.uint64),
+                   (np.concatenate(backed) if backed else np.zeros(0, np.uint8)).astype(bool),
+                   cat("disk_blocks", np.int64), cat("disk_tokens", np.uint64), cat("balloon_gpfns", np.int64),
+                   dict(replies[-1].report) if replies else {})
+
+
+def _fmt(x: Any) -> str:
+    return f"{int(x):#x}"
+
+
+def check_guest(mem: "HostMemory", gid: int, claims: GuestClaims) -> list[str]:
+    """Every disagreement between the guest's claims and host memory; [] if none."""
+    problems: list[str] = []
+
+    def add(msg: str) -> None:
+        if len(problems) < MAX_PROBLEMS_PER_GUEST:
+            problems.append(f"guest {gid}: {msg}")
+
+    g = mem._guest(gid)          # read-only: see the module docstring
+    p2m = g.p2m
+    n = p2m.guest_pages
+    for what, arr in (("ram gpfn", claims.ram_gpfns), ("balloon gpfn", claims.balloon_gpfns)):
+        if arr.size and (arr.min() < 0 or arr.max() >= n):
+            add(f"claims {what}s outside [0, {n})")
+            return problems
+    if claims.ram_backed.size != claims.ram_gpfns.size or claims.ram_tokens.size != claims.ram_gpfns.size:
+        add("ram claims of different lengths")
+        return problems
+    vd = g.vdisk
+    if claims.disk_blocks.size and (claims.disk_blocks.min() < 0 or claims.disk_blocks.max() >= vd.n_blocks):
+        add(f"claims disk blocks outside [0, {vd.n_blocks})")
+        return problems
+
+    # Pages in guest RAM.
+    gp, tok, backed = claims.ram_gpfns, claims.ram_tokens, claims.ram_backed
+    state = p2m.state[gp]
+    bad = backed & (state != PageState.FRAME)
+    for i in np.flatnonzero(bad)[:5]:
+        add(f"gpfn {int(gp[i])} holds a page the guest believes backed, but the host has it "
+            f"{PageState(int(state[i])).name}")
+    took = ~backed
+    swapped = took & (state == PageState.SWAPPED)
+    for i in np.flatnonzero(took & ~swapped)[:5]:
+        add(f"gpfn {int(gp[i])}: the host took its page (token {_fmt(tok[i])}) but has it "
+            f"{PageState(int(state[i])).name}, not in host swap: the page is lost")
+    if np.any(swapped):
+        held = mem.swap.token[p2m.loc[gp[swapped]]]
+        wrong = held != tok[swapped]
+        for j in np.flatnonzero(wrong)[:5]:
+            i = np.flatnonzero(swapped)[j]
+            what = "a placeholder of an unanswered shootdown" if held[j] == PENDING_TOKEN else _fmt(held[j])
+            add(f"gpfn {int(gp[i])}: host swap holds {what}, the guest last wrote {_fmt(tok[i])}")
+
+    # Pages whose only copy is on the virtual disk.
+    if claims.disk_blocks.size:
+        on_disk = vd.tokens[claims.disk_blocks]
+        for i in np.flatnonzero(on_disk != claims.disk_tokens)[:5]:
+            add(f"disk block {int(claims.disk_blocks[i])} holds {_fmt(on_disk[i])}, the guest last wrote "
+                f"{_fmt(claims.disk_tokens[i])}")
+
+    # The balloon: the same gpfns on both sides, and the same count three ways.
+    host_balloon = np.flatnonzero(p2m.state == PageState.BALLOONED)
+    guest_balloon = np.unique(claims.balloon_gpfns)
+    if guest_balloon.size != claims.balloon_gpfns.size:
+        add("the guest's balloon lists a gpfn twice")
+    only_guest = np.setdiff1d(guest_balloon, host_balloon)
+    only_host = np.setdiff1d(host_balloon, guest_balloon)
+    if only_guest.size or only_host.size:
+        add(f"balloons differ: {only_guest.size} gpfns only in the guest's (e.g. {only_guest[:3].tolist()}), "
+            f"{only_host.size} only in the host's (e.g. {only_host[:3].tolist()})")
+    driver = claims.report.get("balloon_pages")
+    if mem.balloon_pages(gid) != host_balloon.size:
+        add(f"host balloon counter {mem.balloon_pages(gid)} != {host_balloon.size} BALLOONED gpfns")
+    if driver is not None and driver != guest_balloon.size:
+        add(f"the guest's driver says {driver} balloon pages, its frames say {guest_balloon.size}")
+    if driver is not None and driver != mem.balloon_pages(gid):
+        add(f"balloon size: guest {driver} pages, host {mem.balloon_pages(gid)}")
+
+    # What the guest found in its own books.
+    for p in list(claims.report.get("problems") or [])[:5]:
+        add(f"guest self-check: {p}")
+    lost = claims.report.get("lost_pages", 0)
+    if lost:
+        add(f"the guest counted {lost} lost pages during the run")
+    return problems
+
+
+def check_released(mem: "HostMemory", gid: int) -> list[str]:
+    """A guest that left must hold nothing: no frame (but ones whose shootdown is still settling), no slot."""
+    problems = []
+    if gid in mem.guest_ids():
+        return problems  # it came back; audited as a live guest
+    frames = mem.pool.frames_owned_by(gid)
+    frames = frames[~mem.pool.busy[frames]]
+    if frames.size:
+        problems.append(f"guest {gid} left but {frames.size} host frames are still its own")
+    slots = mem.swap.slots_owned_by(gid)
+    if slots.size:
+        problems.append(f"guest {gid} left but {slots.size} host swap slots are still its own")
+    return problems
+
+
+async def _ask(host: "Host", gid: int, timeout_s: float) -> GuestClaims:
+    session = host.sessions[gid]
+    spec = host.machine.specs[gid]
+    disk_blocks = int(spec.config.get("disk_blocks", 0))
+    span = max(spec.ram_pages, disk_blocks)
+    replies: list[AuditReply] = []
+    for first in range(0, span, AUDIT_WINDOW_PAGES):
+        reply = await session.conn.call(Audit(first, AUDIT_WINDOW_PAGES), timeout_s=timeout_s)
+        assert isinstance(reply, AuditReply)
+        replies.append(reply)
+    return GuestClaims.from_replies(replies)
+
+
+async def run_audit(host: "Host") -> dict[str, Any]:
+    """Audit every live guest and every guest that left; log ``audit_completed``; never raises."""
+    machine = host.machine
+    mem = machine.mem
+    watchdog = machine.watchdog
+    timeout_s = min(AUDIT_TIMEOUT_S, max(2.0, host.cfg.unresponsive_s))
+    problems: list[str] = []
+    per_guest: dict[str, dict[str, Any]] = {}
+    try:
+        live = sorted(gid for gid in host.sessions if gid in mem.guest_ids())
+        # Deferred shootdowns first: their answers turn placeholders into content.
+        for gid in live:
+            if watchdog.pending(gid):
+                try:
+                    await asyncio.wait_for(watchdog.settled(gid), timeout_s)
+                except asyncio.TimeoutError:
+                    pass  # the placeholders left are reported below
+        results = await asyncio.gather(*(_ask(host, gid, timeout_s) for gid in live), return_exceptions=True)
+        for gid, res in zip(live, results):
+            if isinstance(res, BaseException):
+                why = f"{type(res).__name__}: {res}" if isinstance(res, (ProtoError, HostdError, OSError)) else repr(res)
+                mine = [f"guest {gid}: did not answer the audit ({why})"]
+                per_guest[str(gid)] = {"ok": False, "answered": False}
+            else:
+                mine = check_guest(mem, gid, res)
+                left = watchdog.leftover_placeholders(gid)
+                if left:
+                    mine.append(f"guest {gid}: {left} host swap slots still wait for a shootdown's answer")
+                per_guest[str(gid)] = {
+                    "ok": not mine, "answered": True, "ram_pages": int(res.ram_gpfns.size),
+                    "host_swapped_pages": int(np.count_nonzero(~res.ram_backed)),
+                    "disk_pages": int(res.disk_blocks.size), "balloon_pages": int(res.balloon_gpfns.size),
+                    "host_balloon_pages": mem.balloon_pages(gid)}
+            problems.extend(mine)
+        for gid in sorted(set(host.gone) - set(host.sessions)):
+            mine = check_released(mem, gid)
+            per_guest[str(gid)] = {"ok": not mine, "released": True}
+            problems.extend(mine)
+        try:
+            mem.check_invariant()
+        except HostdError as exc:
+            problems.append(f"host memory invariant: {exc}")
+    except Exception as exc:  # the audit must not take the run's end down with it
+        log.exception("audit_failed")
+        problems.append(f"the audit itself failed: {type(exc).__name__}: {exc}")
+    ok = not problems
+    log.log(20 if ok else 40, ev.AUDIT_COMPLETED, ok=ok, guests=per_guest, problems=problems[:50],
+            problem_count=len(problems))
+    return {"ok": ok, "guests": per_guest, "problems": problems[:50], "problem_count": len(problems),
+            "audited": sum(1 for g in per_guest.values() if g.get("answered")),
+            "released": sum(1 for g in per_guest.values() if g.get("released"))}
