@@ -134,7 +134,6 @@ class Host:
                 return "all guests gone"
             self.vt_us = tick * cfg.tick_us
             structlog.contextvars.bind_contextvars(tick=tick, vt_us=self.vt_us)
-            self.machine.tick_started(tick, self.vt_us)
             await self._run_one_tick(tick)
             self.vt_us = (tick + 1) * cfg.tick_us
             await self.machine.end_tick(tick, self.vt_us)
