@@ -1,0 +1,96 @@
+"""Same scenario + same seed gives the same counts (DESIGN.md "Time").
+
+Time is virtual and every random choice comes from seeded generators, so
+two runs of one scenario with one seed must count exactly the same
+references, faults, disk reads and writes, however busy the machine is.
+The scenario below has two guests under their own memory pressure (page
+cache and heap larger than their RAM: evictions, write-backs, guest swap,
+re-reads) on a host with room for both, so host-side interleaving of the
+two guests cannot change what either of them sees. A different seed must
+give different counts.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.procs import dump_logs, procs_mentioning, run_launcher
+from tests.test_launch import events_named, read_jsonl
+
+pytestmark = pytest.mark.multiprocess
+
+SCENARIO = """\
+[scenario]
+name = "determinism"
+seed = 5
+guests = 2
+ticks = 30
+
+[host]
+overcommit = 0.5          # the host has twice the guests' RAM: it never reclaims
+
+[guest]
+ram_mib = 3
+kernel_mib = 0.25
+policy = "esc"
+batch_refs = 1024
+regions = [
+  { name = "db", kind = "file", mib = 2.5 },
+  { name = "heap", kind = "anon", mib = 1.5 },
+  { name = "logs", kind = "file", mib = 1 },
+]
+workload = [
+  { kind = "db", region = "db", weight = 3, write_frac = 0.05 },
+  { kind = "anon-hot", region = "heap", weight = 2 },
+  { kind = "scan", region = "logs", weight = 1 },
+]
+
+[costs]
+mem_ref_us = 10.0
+"""
+
+COUNTS = ("refs", "hits", "major_faults", "minor_faults", "file_reads", "file_writes", "swap_in", "swap_out",
+          "writebacks", "evictions", "ept_faults", "refault_reads", "vt_us")
+
+
+def _run(tmp_path: Path, name: str, *args: str) -> dict[str, Any]:
+    scenario = tmp_path / "determinism.toml"
+    scenario.write_text(SCENARIO)
+    run_dir = tmp_path / name
+    res = run_launcher("--scenario", str(scenario), "--run-dir", str(run_dir), "--no-report", *args, timeout_s=90)
+    assert res.returncode == 0, f"stderr:\n{res.stderr}\n{dump_logs(run_dir)}"
+    assert not procs_mentioning(str(run_dir))
+    guests = {}
+    for gid in (0, 1):
+        fin = events_named(read_jsonl(run_dir / f"guest-{gid}.jsonl"), "guest_finished")
+        assert len(fin) == 1
+        guests[gid] = fin[0]["stats"]
+    host = events_named(read_jsonl(run_dir / "host.jsonl"), "run_finished")[0]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    return {"guests": guests, "host": host, "summary": summary}
+
+
+@pytest.mark.timeout(240)
+def test_same_seed_same_counts_other_seed_other_counts(tmp_path: Path) -> None:
+    first = _run(tmp_path, "first")
+    again = _run(tmp_path, "again")
+    other = _run(tmp_path, "other", "--seed", "6")
+    for gid in (0, 1):
+        a, b, c = first["guests"][gid], again["guests"][gid], other["guests"][gid]
+        # The run really pages: evictions, write-backs to guest swap and file, re-reads.
+        assert a["evictions"] > 100 and a["swap_out"] > 0 and a["file_writes"] > 0 and a["refault_reads"] > 0, a
+        assert a["lost_pages"] == 0 and b["lost_pages"] == 0 and c["lost_pages"] == 0
+        print(f"guest {gid} seed 5: " + " ".join(f"{k}={a[k]}" for k in COUNTS))
+        print(f"guest {gid} seed 6: " + " ".join(f"{k}={c[k]}" for k in COUNTS))
+        assert {k: a[k] for k in COUNTS} == {k: b[k] for k in COUNTS}
+        assert a == b, {k: (a[k], b.get(k)) for k in a if a[k] != b.get(k)}   # every stat, not only the headline
+        assert [a[k] for k in COUNTS] != [c[k] for k in COUNTS]
+        assert a["refs"] != c["refs"] and a["major_faults"] != c["major_faults"]
+    # No host pressure, and the host's books agree run to run as well.
+    assert first["host"]["memory"]["swap_out_pages"] == 0
+    assert first["host"]["guests_memory"] == again["host"]["guests_memory"]
+    sa, sb = first["summary"]["variants"]["default"], again["summary"]["variants"]["default"]
+    assert [g["refs_per_vsec"] for g in sa["guests"]] == [g["refs_per_vsec"] for g in sb["guests"]]
