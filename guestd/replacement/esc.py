@@ -16,6 +16,8 @@ costs a write-back. Class order: (0,0) < (0,1) < (1,0) < (1,1).
 """
 from __future__ import annotations
 
+import numpy as np
+
 from ..memory import first_true_from
 from .base import PolicyBase, clear_circular
 
@@ -52,3 +54,66 @@ class EscPolicy(PolicyBase):
                         return -1
         self.hand = (v + 1) % fr.n
         return v
+
+    def select_victims(self, n: int) -> np.ndarray:
+        """``n`` calls of ``select_victim``, each victim taken out of ``resident``, in runs.
+
+        Same victims, order, R bits and hand as one call at a time (which scans
+        every frame per call), but whole runs of calls are resolved together:
+
+        - while (0,0) frames exist, step 1 takes them in circular order from the
+          hand and changes nothing else: all of them (or as many as needed) at once;
+        - with none, step 2 takes the (0,1) frames in circular order, clearing R
+          behind the hand; that creates no (0,0) until the cleared stretch reaches
+          the first resident (1,0) frame, so the run goes on up to and including
+          the first (0,1) past it (the (1,1) frames it turns into (0,1) lie behind
+          the hand, found only after the others, in a later run);
+        - with neither, step 3 is one call, as defined.
+        """
+        fr = self.frames
+        assert fr is not None
+        n_frames = fr.n
+        res, r_bits, m_bits = fr.resident, fr.R, fr.M
+        parts: list[np.ndarray] = []
+        got = 0
+        h = self.hand
+        while got < n:
+            want = n - got
+            clean = _circular(res & ~r_bits & ~m_bits, h)             # step 1 candidates, in order
+            if clean.size:
+                take = clean[:want]
+                clean_circular_end = None
+            else:
+                dirty = _circular(res & ~r_bits & m_bits, h)          # step 2 candidates, in order
+                if dirty.size:
+                    ref_clean = np.flatnonzero(res & r_bits & ~m_bits)
+                    first_rc = int(((ref_clean - h) % n_frames).min()) if ref_clean.size else n_frames
+                    # picks before the stretch reaches it, plus the one whose stretch does
+                    upto = int(np.searchsorted((dirty - h) % n_frames, first_rc)) + 1
+                    take = dirty[:min(upto, want)]
+                    clean_circular_end = int(take[-1])
+                else:
+                    # step 3: every resident frame has R=1 (as defined, R is cleared even with none resident)
+                    r_bits[:] = False
+                    v = first_true_from(res & ~m_bits, h)
+                    if v < 0:
+                        v = first_true_from(res, h)
+                        if v < 0:
+                            break
+                    take = np.array([v], np.int64)
+                    clean_circular_end = None
+            if clean_circular_end is not None:
+                clear_circular(r_bits, h, clean_circular_end)
+            res[take] = False
+            parts.append(take)
+            got += int(take.size)
+            h = (int(take[-1]) + 1) % n_frames
+        self.hand = h
+        return np.concatenate(parts) if parts else np.zeros(0, np.int64)
+
+
+def _circular(mask: np.ndarray, start: int) -> np.ndarray:
+    """Indices of the True entries of ``mask`` in circular order from ``start``."""
+    idx = np.flatnonzero(mask)
+    k = int(np.searchsorted(idx, start))
+    return np.concatenate((idx[k:], idx[:k])) if k else idx
