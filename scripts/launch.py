@@ -137,7 +137,11 @@ async def _launch(scenario: Scenario, run_dir: Path, args: argparse.Namespace) -
 def _report_variant(r: VariantResult) -> None:
     if r.error:
         print(f"[{r.variant}] FAILED: {r.error}", file=sys.stderr)
-    if r.host is not None and r.host.returncode not in (0, None) and not r.interrupted:
+    if r.host is not None and r.host.killed_by and not r.interrupted:
+        # The guests lose the host and exit on their own (exit 3, "lost the host"); the run is incomplete.
+        print(f"[{r.variant}] FAILED: the host was killed by {r.host.killed_by}; the run is incomplete",
+              file=sys.stderr)
+    elif r.host is not None and r.host.returncode not in (0, None) and not r.interrupted:
         print(f"[{r.variant}] host exited with {r.host.returncode}:\n{r.host.stderr_tail}", file=sys.stderr)
     for g in r.guests:
         if g.killed_by:

@@ -284,3 +284,47 @@ def _status_kib(pid: int, key: str) -> int:
         if line.startswith(key + ":"):
             return int(line.split()[1])
     raise KeyError(f"/proc/{pid}/status has no {key}")
+
+
+# --- processes of a run: find them, stop them, record what was done to them ----------------------
+
+def proc_state(pid: int) -> str:
+    """The state letter of ``/proc/PID/stat`` (``T`` stopped, ``Z`` zombie, ...); ``""`` if gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return ""
+
+
+def wait_stopped(pid: int, timeout_s: float) -> None:
+    """Wait until ``pid`` is stopped (SIGSTOP): a fault point was reached."""
+    deadline = time.monotonic() + timeout_s
+    while proc_state(pid) != "T":
+        if time.monotonic() > deadline:
+            raise AssertionError(f"process {pid} did not stop within {timeout_s} s (state {proc_state(pid)!r})")
+        time.sleep(0.005)
+
+
+def run_pids(run_dir: Path | str) -> dict[str, int]:
+    """``{"host": pid, "guest-N": pid}`` of the live processes of a run, from their command lines."""
+    from tests.procs import procs_mentioning
+    out: dict[str, int] = {}
+    for pid, cmd in procs_mentioning(str(run_dir)):
+        argv = cmd.split()
+        if "hostd" in argv:
+            out["host"] = pid
+        elif "guestd" in argv and "--guest-id" in argv:
+            out[f"guest-{argv[argv.index('--guest-id') + 1]}"] = pid
+    return out
+
+
+def record_fault(run_dir: Path | str, target: str, pid: int, sig: str, **fields: Any) -> None:
+    """Note a signal sent from outside in ``faults.jsonl`` (summary ``faults_injected`` counts these)."""
+    line = {"event": "fault_injected", "level": "warning", "proc": "injector", "target": target, "pid": pid,
+            "signal": sig, "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **fields}
+    with open(Path(run_dir) / "faults.jsonl", "a") as f:
+        f.write(json.dumps(line) + "\n")
+
+
+def fault_points(log_path: Path | str) -> list[dict[str, Any]]:
+    return _read_events(Path(log_path), "fault_point_reached")
