@@ -8,6 +8,10 @@ asked for, so one missing or broken benchmark does not stop the others:
 - ``paging``: ``scripts.bench_paging`` -- references per second of the
   paging simulators.
 - ``scale``: ``scripts.bench_scale`` -- host + N guests, wall time and RSS.
+- ``balloon``: ``scripts.bench_balloon`` -- balloon inflation, 262,144 pages
+  of clean guest memory to host frames freed; target under 1 s.
+- ``ioamp``: ``scripts.bench_ioamp`` -- the io-amplification demo with 4
+  guests: wall time per variant and the headline numbers; target under 60 s.
 - ``all``: each of the above in turn with its defaults.
 
 Options after the subcommand go to that benchmark (``bench.py rpc --help``).
@@ -34,6 +38,8 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "rpc": ("scripts.bench_rpc", "RPC round trip and pipelined throughput vs a bare uvloop echo"),
     "paging": ("scripts.bench_paging", "paging simulators: references per second per policy"),
     "scale": ("scripts.bench_scale", "host + N guests: wall time, virtual s per wall s, RSS"),
+    "balloon": ("scripts.bench_balloon", "balloon inflation of 1 GiB of clean guest memory: wall vs the 1 s target"),
+    "ioamp": ("scripts.bench_ioamp", "the io-amplification demo, 4 guests: wall per variant vs the 60 s target"),
 }
 """Subcommand -> (module with ``main(argv) -> int``, one-line description)."""
 
