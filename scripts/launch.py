@@ -120,18 +120,29 @@ async def _launch(scenario: Scenario, run_dir: Path, args: argparse.Namespace) -
     except Exception as exc:  # a broken analysis must not hide how the run went
         print(f"balloonlab-launch: could not summarise {run_dir}: {type(exc).__name__}: {exc}", file=sys.stderr)
         summary = None
-    if summary is not None and not args.no_report and not interrupted:
-        try:
-            from scripts.analysis.report import write_report
-            report = write_report(run_dir, summary)
-            print(f"report: {report}", file=sys.stderr)
-        except ImportError:
-            pass
+    where = _write_report(run_dir, summary, args.no_report, interrupted)
     print(f"run directory: {run_dir}", file=sys.stderr)
+    print(where, file=sys.stderr)
     if interrupted:
         print("balloonlab-launch: interrupted; every process was stopped", file=sys.stderr)
         return 130
     return 0 if all(r.ok for r in results) else 1
+
+
+def _write_report(run_dir: Path, summary: dict | None, no_report: bool, interrupted: bool) -> str:
+    """Write report.md and the plots; return the lines that say where they are (or why not)."""
+    later = f"write it with: balloonlab-analyze {run_dir}"
+    if summary is None or no_report or interrupted:
+        why = "--no-report" if no_report else "interrupted" if interrupted else "no summary"
+        return f"report: not written ({why}); {later}"
+    try:
+        from scripts.analysis.report import write_report
+        report = write_report(run_dir, summary)
+    except Exception as exc:  # the run itself went fine: a broken report must not fail it
+        return f"report: not written ({type(exc).__name__}: {exc}); {later}"
+    plots = sorted(run_dir.glob("*.png"))
+    return f"report: {report}\nplots: {len(plots)} PNG file(s) in {run_dir}" if plots else \
+        f"report: {report}\nplots: none drawn (see the report)"
 
 
 def _report_variant(r: VariantResult) -> None:

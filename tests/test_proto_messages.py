@@ -5,7 +5,11 @@ Pure tests. The valid and invalid values are derived from each class's
 """
 from __future__ import annotations
 
+import inspect
 import math
+import os
+import re
+from pathlib import Path
 
 import msgpack
 import numpy as np
@@ -208,3 +212,143 @@ def test_messages_are_frozen() -> None:
     msg = m.Ping(b"x")
     with pytest.raises(AttributeError):
         msg.payload = b"y"  # type: ignore[misc]
+
+
+# --- proto/README.md: the generated parts must match the code ------------------------
+#
+# The message tables, the error codes and the log events in proto/README.md
+# are rendered from the code below. When they drift, this test fails; run
+#   BALLOONLAB_UPDATE_README=1 scripts/test tests/test_proto_messages.py -k readme
+# to rewrite those sections, then read the diff.
+
+README = Path(m.__file__).with_name("README.md")
+
+_WIRE = {  # SPEC kind -> (msgpack type, constraints)
+    "int": ("int", "integer >= 0 (any msgpack int width; never bool)"),
+    "number": ("float or int", "finite, >= 0 (NaN and inf refused); read as a 64-bit float"),
+    "str": ("str", "UTF-8 text"),
+    "bin": ("bin", "bytes"),
+    "pages": ("bin", f"little-endian u64 each; length a multiple of 8; at most "
+                     f"{m.MAX_PAGES_PER_MESSAGE:,} entries"),
+    "map": ("map", "keys are str; values any msgpack value"),
+}
+
+
+def _enum_comments(cls: type) -> dict[str, str]:
+    """``NAME = value  # comment`` lines of an enum's source -> {NAME: comment}."""
+    out = {}
+    for line in inspect.getsource(cls).splitlines():
+        match = re.match(r"\s+([A-Z_]+) = \d+\s*(?:#\s*(.*))?$", line)
+        if match:
+            out[match.group(1)] = (match.group(2) or "").strip()
+    return out
+
+
+def _md(text: str) -> str:
+    """Docstring/comment text as table-safe Markdown (``x`` -> `x`, | escaped)."""
+    return text.replace("``", "`").replace("|", "\\|")
+
+
+def _doc(cls: type) -> str:
+    """The first paragraph of a class's own docstring (not dataclass's generated signature)."""
+    doc = inspect.getdoc(cls) if cls.__doc__ else ""
+    if not doc or doc.startswith(f"{cls.__name__}("):
+        return ""
+    return _md(" ".join(doc.split("\n\n")[0].split()))
+
+
+def render_messages() -> str:
+    comments = _enum_comments(m.MsgType)
+    lines = ["| type | name | direction and role | body | reply body |", "|---:|---|---|---|---|"]
+    for t in m.MsgType:
+        if t in m.REQUESTS:
+            req, rep = m.REQUESTS[t]
+            lines.append(f"| {int(t)} | `{t.name}` | {_md(comments.get(t.name, ''))} | `{req.__name__}` | "
+                         f"`{rep.__name__}` |")
+        else:
+            lines.append(f"| {int(t)} | `{t.name}` | {_md(comments.get(t.name, ''))} | "
+                         f"`{m.NOTIFICATIONS[t].__name__}` | (notification: none) |")
+    seen: set[type] = set()
+    for t in m.MsgType:
+        classes = m.REQUESTS[t] if t in m.REQUESTS else (m.NOTIFICATIONS[t],)
+        for i, cls in enumerate(classes):
+            role = ("request" if i == 0 else "reply") if t in m.REQUESTS else "notification"
+            title = f"#### `{cls.__name__}`: {role} body of `{t.name}` ({int(t)})"
+            if cls in seen:
+                lines += ["", title, "", f"Same fields as `{cls.__name__}` above."]
+                continue
+            seen.add(cls)
+            lines += ["", title, ""]
+            if _doc(cls):
+                lines += [_doc(cls), ""]
+            lines += ["| field | msgpack type | constraints |", "|---|---|---|"]
+            for name, kind in cls.SPEC.items():
+                wire, rule = _WIRE[kind]
+                lines.append(f"| `{name}` | {wire} | {rule} |")
+    return "\n".join(lines)
+
+
+def render_error_codes() -> str:
+    comments = _enum_comments(ErrorCode)
+    lines = ["| code | name | meaning |", "|---:|---|---|"]
+    lines += [f"| {int(c)} | `{c.name}` | {_md(comments.get(c.name, ''))} |" for c in ErrorCode]
+    return "\n".join(lines)
+
+
+def render_events() -> str:
+    from proto import events
+
+    lines: list[str] = []
+    for line in inspect.getsource(events).splitlines():
+        section = re.match(r"# (.+)$", line)
+        if section and not line.startswith("# -"):
+            lines += ["", f"**{section.group(1)}**", "", "| event | fields |", "|---|---|"]
+            continue
+        match = re.match(r'([A-Z_]+) = "([a-z_]+)"\s*(?:#\s*(.*))?$', line)
+        if match:
+            assert getattr(events, match.group(1)) == match.group(2)
+            lines.append(f"| `{match.group(2)}` | {_md((match.group(3) or '').strip())} |")
+    return "\n".join(lines).strip()
+
+
+README_SECTIONS = {"messages": render_messages, "error-codes": render_error_codes, "events": render_events}
+
+
+def _section_bounds(text: str, name: str) -> tuple[int, int]:
+    begin, end = f"<!-- generated:{name} begin -->\n", f"\n<!-- generated:{name} end -->"
+    i, j = text.find(begin), text.find(end)
+    assert 0 <= i < j, f"proto/README.md has no generated section {name!r}"
+    return i + len(begin), j
+
+
+def test_readme_generated_sections_match_the_code() -> None:
+    text = README.read_text()
+    stale = []
+    for name, render in README_SECTIONS.items():
+        i, j = _section_bounds(text, name)
+        want = render()
+        if text[i:j] != want:
+            stale.append(name)
+            text = text[:i] + want + text[j:]
+    if stale and os.environ.get("BALLOONLAB_UPDATE_README"):
+        README.write_text(text)
+        return
+    assert not stale, (f"proto/README.md sections {stale} do not match the code; run "
+                       "BALLOONLAB_UPDATE_README=1 scripts/test tests/test_proto_messages.py -k readme")
+
+
+def test_readme_hello_example_is_a_valid_frame() -> None:
+    """The worked example in hex decodes to the Hello the README says it is."""
+    from proto.framing import FrameDecoder
+
+    text = README.read_text()
+    block = re.search(r"<!-- example:hello begin -->\n```\n(.*?)```", text, re.S)
+    assert block, "proto/README.md has no hello example"
+    hexdigits = "".join(re.findall(r"^([0-9a-f ]+?)(?:\s{2,}.*)?$", block.group(1), re.M))
+    frame = bytes.fromhex(hexdigits)
+    (envelope,) = FrameDecoder().feed(frame)
+    assert envelope[:3] == [m.Kind.REQUEST, 1, m.MsgType.HELLO]
+    hello = m.Hello.from_body(envelope[3])
+    assert hello == m.Hello(1, 3, "0123456789abcdef0123456789abcdef", 4242)
+    from proto.framing import encode_frame
+    assert encode_frame([0, 1, 1, hello.to_body()]) == frame

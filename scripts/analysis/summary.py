@@ -18,14 +18,16 @@ from proto import events as ev
 
 from .logs import VariantLogs, find_variants, iter_events, load_variant
 
-__all__ = ["summarize", "summarize_variant", "reclaim_metrics", "reliability_metrics", "write_summary", "format_table"]
+__all__ = ["summarize", "summarize_variant", "reclaim_metrics", "reliability_metrics", "event_counts", "write_summary", "format_table"]
 
 HOST_TABLE_KEYS = ("ram_pages", "free_frames", "swap_out_pages", "swap_in_pages", "ept_faults", "double_faults",
                    "invariant_violations")
 
 
-def summarize(run_dir: Path) -> dict[str, Any]:
-    variants = [load_variant(name, path) for name, path in find_variants(run_dir)]
+def summarize(run_dir: Path, variants: list[VariantLogs] | None = None) -> dict[str, Any]:
+    """``variants``: the run's logs when the caller has read them already (the report reuses them)."""
+    if variants is None:
+        variants = [load_variant(name, path) for name, path in find_variants(run_dir)]
     scenario, seed = "", 0
     for v in variants:
         for e in v.host:
@@ -120,6 +122,7 @@ def summarize_variant(v: VariantLogs) -> dict[str, Any]:
         "guests": guests,
         "lost_pages": sum(int(g.get("lost_pages", 0)) for g in guests),
         "stalled_ticks": sum(1 for e in v.host if e.get("event") == ev.TICK_STALLED),
+        "event_counts": event_counts(v),
         "refs_per_vsec": round(sum(g["refs_per_vsec"] for g in guests), 1),
     }
     out.update(reclaim_metrics(host, guests))
@@ -152,6 +155,17 @@ def reliability_metrics(v: VariantLogs, finished: dict[str, Any]) -> dict[str, A
         "fault_points_reached": points,
         "guests_rejoined": dict(finished.get("guests_rejoined") or {}),
     }
+
+
+def event_counts(v: VariantLogs) -> dict[str, int]:
+    """How many times each event other than the per-tick metrics was logged, over all processes."""
+    counts: dict[str, int] = {}
+    for events in (v.host, *v.guests.values()):
+        for e in events:
+            name = e.get("event")
+            if name != ev.TICK_COMPLETED and isinstance(name, str):
+                counts[name] = counts.get(name, 0) + 1
+    return dict(sorted(counts.items()))
 
 
 def write_summary(run_dir: Path, summary: dict[str, Any]) -> Path:
