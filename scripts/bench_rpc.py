@@ -39,6 +39,7 @@ import asyncio
 import cProfile
 import json
 import os
+import shutil
 import signal
 import statistics
 import struct
@@ -364,7 +365,6 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
             summary["runs"] = runs
             results["placements"][label] = summary
     finally:
-        import shutil
         shutil.rmtree(tmp, ignore_errors=True)
     return results
 
