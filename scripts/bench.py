@@ -1,4 +1,4 @@
-"""Benchmarks: ``python scripts/bench.py [rpc|paging|scale|all] [options]``.
+"""Benchmarks: ``python scripts/bench.py [rpc|paging|scale|balloon|ioamp|analyze|all] [options]``.
 
 Each subcommand is a module with ``main(argv) -> int``, imported only when
 asked for, so one missing or broken benchmark does not stop the others:
@@ -12,6 +12,8 @@ asked for, so one missing or broken benchmark does not stop the others:
   of clean guest memory to host frames freed; target under 1 s.
 - ``ioamp``: ``scripts.bench_ioamp`` -- the io-amplification demo with 4
   guests: wall time per variant and the headline numbers; target under 60 s.
+- ``analyze``: ``scripts.bench_analyze`` -- the analyzer (read, summary,
+  report, plots) on a synthetic run of 1M log lines; target under 10 s.
 - ``all``: each of the above in turn with its defaults.
 
 Options after the subcommand go to that benchmark (``bench.py rpc --help``).
@@ -40,6 +42,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "scale": ("scripts.bench_scale", "host + N guests: wall time, virtual s per wall s, RSS"),
     "balloon": ("scripts.bench_balloon", "balloon inflation of 1 GiB of clean guest memory: wall vs the 1 s target"),
     "ioamp": ("scripts.bench_ioamp", "the io-amplification demo, 4 guests: wall per variant vs the 60 s target"),
+    "analyze": ("scripts.bench_analyze", "the analyzer on a synthetic 1M-line run: lines/s vs the 10 s target"),
 }
 """Subcommand -> (module with ``main(argv) -> int``, one-line description)."""
 

@@ -18,7 +18,8 @@ from proto import events as ev
 
 from .logs import VariantLogs, find_variants, iter_events, load_variant
 
-__all__ = ["summarize", "summarize_variant", "reclaim_metrics", "reliability_metrics", "event_counts", "write_summary", "format_table"]
+__all__ = ["summarize", "summarize_variant", "reclaim_metrics", "reliability_metrics", "event_counts", "write_summary",
+           "format_table"]
 
 HOST_TABLE_KEYS = ("ram_pages", "free_frames", "swap_out_pages", "swap_in_pages", "ept_faults", "double_faults",
                    "invariant_violations")
