@@ -41,6 +41,7 @@ __all__ = ["Host"]
 log = structlog.get_logger("hostd")
 
 HANDSHAKE_TIMEOUT_S = 10.0
+FIRST_TICK_GRACE_S = 10.0   # a guest's first tick may take this long before it counts as unresponsive
 MAX_UNAUTHENTICATED = 256
 
 
@@ -159,7 +160,8 @@ class Host:
         started = time.monotonic()
         while True:
             waited = time.monotonic() - started
-            timeout = min(self.cfg.watchdog_s, max(0.01, self.cfg.unresponsive_s - waited))
+            bound = min(self._unresponsive_bound_s(gid) for gid in self._barrier)
+            timeout = min(self.cfg.watchdog_s, max(0.01, bound - waited))
             try:
                 await asyncio.wait_for(asyncio.shield(self._barrier_done), timeout)
                 return
@@ -168,10 +170,18 @@ class Host:
                 missing = sorted(self._barrier)
                 log.warning(ev.TICK_STALLED, tick=tick, waited_s=round(waited, 3), missing=missing)
                 self._emit({"stalled": tick, "missing": missing, "waited_s": round(waited, 1)})
-                if waited >= self.cfg.unresponsive_s:
-                    for gid in missing:
+                for gid in missing:
+                    if waited >= self._unresponsive_bound_s(gid):
                         self._mark_unresponsive(gid)
+                if not self._barrier:
                     return
+
+    def _unresponsive_bound_s(self, gid: int) -> float:
+        """How long the barrier waits for ``gid``: a guest's first tick includes its start-up, so it gets more."""
+        s = self.sessions.get(gid)
+        if s is not None and s.last_tick_done < 0:
+            return max(self.cfg.unresponsive_s, FIRST_TICK_GRACE_S)
+        return self.cfg.unresponsive_s
 
     def _mark_unresponsive(self, gid: int) -> None:
         s = self.sessions.get(gid)
@@ -213,6 +223,14 @@ class Host:
         self._unauthenticated.add(session)
         asyncio.get_running_loop().call_later(HANDSHAKE_TIMEOUT_S, self._handshake_deadline, session)
         return conn
+
+    def _on_refused(self, conn: GuestConnection, code: int, msg_type: int, message: str) -> None:
+        """Every error reply to a guest (or a would-be guest) is counted by its code and logged."""
+        try:
+            name = MsgType(msg_type).name.lower()
+        except ValueError:
+            name = str(msg_type)
+        self.machine.count_rejection(getattr(conn, "session", None), name, code, message)
 
     def _on_refused(self, conn: GuestConnection, code: int, msg_type: int, message: str) -> None:
         """Every error reply to a guest (or a would-be guest) is counted by its code and logged."""

@@ -41,6 +41,13 @@ host
    ordered socket; a fault on other gpfns waits for a reply that the
    guest's event loop sends whatever its vCPU is doing.)
 
+A shootdown already waiting for a guest's acknowledgement when the guest
+goes silent -- or that waits longer than ``[host] shootdown_timeout_s`` --
+is deferred the same way, at that moment: the host stops waiting (other
+guests' faults may be waiting behind that reclaim) but does not give up,
+because the ``Invalidate`` is already on its way and a guest that obeys it
+late would otherwise find the host keeping a stale copy of the page.
+
 A guest that dies before it replies owned the placeholders alone; they go
 with the rest of its memory. The end-of-run audit (``hostd.audit``) checks
 that no placeholder is left behind.
@@ -113,6 +120,7 @@ class Watchdog:
 
     Call order (from the machine)::
 
+        every shootdown: await shootdown(session, gpfns, timeout_s)   (deferred if it must be)
         guest_unresponsive(gid) -> [deferred_shootdown]* -> (guest_responsive | forget)
         each tick end: await reclaim_unresponsive(vt_us)
         before an EPT fault of gid: await settled(gid)
@@ -122,7 +130,9 @@ class Watchdog:
         self.mem = mem
         self.sessions = sessions                     # the server's live sessions, by guest id
         self.unresponsive: set[int] = set()
-        self._pending: dict[int, set[asyncio.Task]] = {}
+        self._pending: dict[int, set[asyncio.Future]] = {}
+        self._went_silent: dict[int, asyncio.Future] = {}   # set when the guest is marked unresponsive
+        self.late_shootdowns = 0
         self._pending_pages: dict[int, int] = {}
         self.victims = PreferVictims(mem.victim, self.unresponsive)
         mem.victim = self.victims                    # a pluggable policy: wrapping it is the intended hook
@@ -136,6 +146,9 @@ class Watchdog:
 
     def guest_unresponsive(self, gid: int) -> None:
         self.unresponsive.add(gid)
+        woken = self._went_silent.pop(gid, None)
+        if woken is not None and not woken.done():
+            woken.set_result(None)   # shootdowns waiting for its acknowledgement stop waiting
         flush_log()  # an operator (or a test) waits for this line; it must not sit in a buffer
 
     def guest_responsive(self, gid: int) -> None:
@@ -144,6 +157,7 @@ class Watchdog:
     def forget(self, gid: int) -> None:
         """The guest is gone: its pending shootdowns fail with the connection; nothing to keep."""
         self.unresponsive.discard(gid)
+        self._went_silent.pop(gid, None)
 
     def pending(self, gid: int) -> bool:
         return bool(self._pending.get(gid))
@@ -158,7 +172,42 @@ class Watchdog:
         while self._pending.get(gid):
             await asyncio.wait(set(self._pending[gid]))
 
-    # --- the deferred shootdown ---------------------------------------------------
+    # --- shootdowns -----------------------------------------------------------------
+
+    async def shootdown(self, session: "GuestSession", gpfns: np.ndarray, timeout_s: float) -> np.ndarray:
+        """Invalidate ``gpfns`` in the guest and return the tokens it held.
+
+        Waits for the acknowledgement, but not for ever: if the guest is (or
+        becomes, meanwhile) unresponsive, or does not answer within
+        ``timeout_s``, the shootdown is deferred -- the frames are taken now
+        and its answer, whenever it comes, fills in their content. Giving up
+        instead would be worse: the Invalidate is already on its way, and a
+        guest that obeys it late would find the host still holding a stale
+        copy of the page.
+        """
+        gid = session.guest_id
+        assert gid is not None
+        if session.unresponsive:
+            return self.deferred_shootdown(session, gpfns)
+        gpfns = np.asarray(gpfns, np.uint64).copy()
+        task = asyncio.ensure_future(session.conn.call(Invalidate(gpfns), timeout_s=0))
+        silent = self._went_silent.get(gid)
+        if silent is None or silent.done():
+            silent = self._went_silent[gid] = asyncio.get_running_loop().create_future()
+        try:
+            await asyncio.wait({task, silent}, timeout=timeout_s if timeout_s > 0 else None,
+                               return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:
+            task.cancel()   # the host is going away (cancelled): nothing will settle this
+            raise
+        if task.done():
+            reply = task.result()   # PeerClosed, RemoteError: the eviction fails, the mapping stays
+            assert isinstance(reply, InvalidateReply)
+            return reply.tokens
+        self.late_shootdowns += 1
+        log.warning(ev.SHOOTDOWN_SETTLED, guest=gid, pages=int(gpfns.size), ok=None, deferred=True,
+                    reason="unresponsive" if silent.done() else f"no acknowledgement within {timeout_s:g} s")
+        return self._defer(gid, gpfns, task)
 
     def deferred_shootdown(self, session: "GuestSession", gpfns: np.ndarray) -> np.ndarray:
         """Invalidate without waiting: send it, return placeholders (see the module docstring)."""
@@ -167,6 +216,9 @@ class Watchdog:
         gpfns = np.asarray(gpfns, np.uint64).copy()
         # No timeout: a stopped guest may answer much later; the connection's end fails the call.
         task = asyncio.ensure_future(session.conn.call(Invalidate(gpfns), timeout_s=0))
+        return self._defer(gid, gpfns, task)
+
+    def _defer(self, gid: int, gpfns: np.ndarray, task: asyncio.Future) -> np.ndarray:
         self._pending.setdefault(gid, set()).add(task)
         self._pending_pages[gid] = self._pending_pages.get(gid, 0) + int(gpfns.size)
         self.deferred_shootdowns += 1
@@ -174,7 +226,7 @@ class Watchdog:
         task.add_done_callback(lambda t, g=gid, p=gpfns: self._settle(g, p, t))
         return np.full(gpfns.size, PENDING_TOKEN, np.uint64)
 
-    def _settle(self, gid: int, gpfns: np.ndarray, task: asyncio.Task) -> None:
+    def _settle(self, gid: int, gpfns: np.ndarray, task: asyncio.Future) -> None:
         self._pending.get(gid, set()).discard(task)
         self._pending_pages[gid] = self._pending_pages.get(gid, 0) - int(gpfns.size)
         if not self._pending.get(gid):
@@ -237,13 +289,19 @@ class Watchdog:
             if gid in mem.guest_ids():
                 after = int(mem.guest_counts(gid)["resident_pages"])
                 if after < before[gid]:
+                    # Frames still resident are pinned, or busy: an eviction already under way
+                    # (a shootdown that was waiting for this guest's answer settles right after).
+                    frames = mem.pool.frames_owned_by(gid, FrameKind.GUEST)
+                    busy = int(np.count_nonzero(mem.pool.busy[frames]))
                     log.info(ev.GUEST_MEMORY_RECLAIMED, guest=gid, reclaimed_frames=before[gid] - after,
-                             resident_pages=after, reason="unresponsive", pending_pages=self.pending_pages(gid))
+                             resident_pages=after, busy_pages=busy, reason="unresponsive",
+                             pending_pages=self.pending_pages(gid))
                     flush_log()
         return got.freed_frames
 
     def metrics(self) -> dict[str, int]:
         return {"deferred_shootdowns": self.deferred_shootdowns, "deferred_shootdown_pages": self.deferred_pages,
+                "late_shootdowns": self.late_shootdowns,
                 "deferred_settled_pages": self.settled_pages, "deferred_failed": self.failed_shootdowns,
                 "unresponsive_reclaimed_frames": self.reclaimed_frames}
 
