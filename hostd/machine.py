@@ -40,7 +40,6 @@ log = structlog.get_logger("hostd.machine")
 
 _HOST_STREAM = 0x6F5  # seeds the host's generator apart from the guests'
 _LOG_FIRST_REJECTIONS = 10  # per guest and reason; then only at 100, 1000, ... (a flood must not flood the log)
-_LOG_FIRST_REJECTIONS = 10  # per guest and reason; then only at 100, 1000, ... (a flood must not flood the log)
 
 
 class Machine:
@@ -64,8 +63,6 @@ class Machine:
             reclaim_batch_frames=self.mem_cfg.reclaim_batch_pages, cluster_pages=self.mem_cfg.cluster_pages,
             vdisk_cache_max_pages=self.mem_cfg.cache_max_pages,
             max_inflight_requests=self.mem_cfg.max_inflight_requests)
-        # Unresponsive guests: their frames go first to host swap, their shootdowns are deferred.
-        self.watchdog = Watchdog(self.mem, host.sessions)
         # Unresponsive guests: their frames go first to host swap, their shootdowns are deferred.
         self.watchdog = Watchdog(self.mem, host.sessions)
         self.controller = make_controller(self.balloon_cfg.policy, self.balloon_cfg.params)
@@ -96,8 +93,6 @@ class Machine:
         counts = self.mem.guest_counts(gid)
         self.mem.remove_guest(gid)
         self.targets.pop(gid, None)
-        self.watchdog.forget(gid)
-        self.uncooperative.discard(gid)  # a guest restarted under this id starts with a clean slate
         self.watchdog.forget(gid)
         self.uncooperative.discard(gid)  # a guest restarted under this id starts with a clean slate
         self._check_invariant("guest_gone")
@@ -189,9 +184,6 @@ class Machine:
         session = self.host.sessions.get(gid)
         if session is None:
             raise HostdError(f"guest {gid} is gone; cannot invalidate its mappings")
-        if session.unresponsive:
-            # Its vCPU is not running: take the frames now, the content comes with its late reply.
-            return self.watchdog.deferred_shootdown(session, gpfns)
         if session.unresponsive:
             # Its vCPU is not running: take the frames now, the content comes with its late reply.
             return self.watchdog.deferred_shootdown(session, gpfns)

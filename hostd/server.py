@@ -232,14 +232,6 @@ class Host:
             name = str(msg_type)
         self.machine.count_rejection(getattr(conn, "session", None), name, code, message)
 
-    def _on_refused(self, conn: GuestConnection, code: int, msg_type: int, message: str) -> None:
-        """Every error reply to a guest (or a would-be guest) is counted by its code and logged."""
-        try:
-            name = MsgType(msg_type).name.lower()
-        except ValueError:
-            name = str(msg_type)
-        self.machine.count_rejection(getattr(conn, "session", None), name, code, message)
-
     def _refuse_flood(self, conn: RpcConnection) -> None:
         log.warning(ev.GUEST_REFUSED, code=ErrorCode.OVERLOADED.name, reason="too many unauthenticated connections")
         conn.close()
