@@ -26,7 +26,7 @@ MIB_PAGES = 256
 
 # Keys the host adds to the table it sends in Welcome; not the guest's to validate.
 RUN_KEYS = frozenset({"id", "ram_pages", "disk_blocks", "seed", "costs", "disk", "locks", "ticks",
-                      "metrics_every_ticks"})
+                      "metrics_every_ticks", "swap_base_block", "swap_blocks"})
 _OWN = {"ram_mib", "kernel_mib", "swap_mib", "policy", "policy_params", "regions", "workload", "batch_refs",
         "shares", "ws_period_us", "ws_sample_pages", "pff_alpha", "fault_around_pages"}
 

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import asdict, dataclass, field
-from typing import Any, Awaitable, Callable, NamedTuple
+from typing import Any, Awaitable, Callable, NamedTuple, Protocol
 
 import numpy as np
 
@@ -48,11 +48,25 @@ from .p2m import NO_LOC, P2M, PageState, as_page_numbers
 from .vdisk import (CLUSTER_PAGES_DEFAULT, MAX_INFLIGHT_REQUESTS_DEFAULT, CacheState, VirtualDisk)
 from .victim import VictimPolicy, make_victim_policy
 
-__all__ = ["HostMemory", "HostCounters", "GuestCounters", "Reclaimed", "Shootdown",
+__all__ = ["HostMemory", "HostCounters", "GuestCounters", "Reclaimed", "Shootdown", "MemoryObserver",
            "MAX_BALLOON_FRACTION_DEFAULT", "default_max_balloon_pages"]
 
 Shootdown = Callable[[int, np.ndarray], Awaitable[np.ndarray]]
 """``async (guest_id, gpfns) -> tokens``: invalidate the guest's mappings, return what it held."""
+
+
+class MemoryObserver(Protocol):
+    """What the host's monitors want to see as it happens (``HostMemory.observer``).
+
+    Called synchronously, after the state change; must not call back into
+    host memory.
+    """
+
+    def guest_pages_swapped_in(self, guest_id: int, gpfns: np.ndarray, tokens: np.ndarray) -> None:
+        """An EPT fault read these guest pages back from host swap (their content tokens)."""
+
+    def disk_written(self, guest_id: int, blocks: np.ndarray, tokens: np.ndarray) -> None:
+        """The guest wrote these blocks of its virtual disk (the content tokens written)."""
 
 MAX_BALLOON_FRACTION_DEFAULT = 0.65   # ESX Mem.CtlMaxPercent
 _ZERO_PROGRESS_ROUNDS = 3             # reclaim rounds that free nothing before giving up
@@ -137,6 +151,7 @@ class HostMemory:
         self._departed_vdisk: dict[str, float] = {}   # disk counters of guests that are gone
         self._evictions_pending = 0
         self._eviction_settled = asyncio.Event()
+        self.observer: MemoryObserver | None = None   # the host's monitors, if any
 
     # -- guests ---------------------------------------------------------------
 
@@ -216,6 +231,8 @@ class HostMemory:
         tokens = np.zeros(todo.size, np.uint64)
         tokens[state[~backed] == PageState.SWAPPED] = self.swap.load(slots)
         self.swap.free(slots)
+        if swapped.size and self.observer is not None:
+            self.observer.guest_pages_swapped_in(guest_id, swapped, tokens[state[~backed] == PageState.SWAPPED])
         frames = self.pool.alloc(todo.size, FrameKind.GUEST, guest_id, todo, tokens)
         self.pool.accessed[frames] = True          # the guest is touching it right now
         self.pool.pinned[frames] = g.p2m.pinned[todo]
@@ -533,6 +550,8 @@ class HostMemory:
         start_us = await self._room_for_io(g, lambda: g.vdisk.frames_needed_write(blocks), vt_us)
         res = g.vdisk.write(blocks, tokens, start_us)
         self._count_double_faults(g, res.swapped_in_pages)
+        if self.observer is not None:
+            self.observer.disk_written(guest_id, blocks, tokens)
         return res.done_vt_us
 
     async def _room_for_io(self, g: _Guest, need: Callable[[], int], vt_us: float) -> float:
@@ -718,7 +737,7 @@ class HostMemory:
         f = vd.cache_loc[in_frame]
         ok = ((pool.kind[f] == FrameKind.CACHE) & (pool.owner_guest[f] == gid)
               & (pool.owner_index[f] == in_frame) & (pool.token[f] == vd.tokens[in_frame])
-              & (pool.pinned[f] == vd.pinned[in_frame]))
+              & (pool.pinned[f] == (vd.pinned[in_frame] | vd.swap_exempt[in_frame])))
         if not np.all(ok):
             i = int(np.flatnonzero(~ok)[0])
             raise InvariantViolation(f"guest {gid} vdisk block {int(in_frame[i])}: cache frame {int(f[i])} "

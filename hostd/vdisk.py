@@ -50,11 +50,12 @@ from .framepool import FrameKind, FramePool
 from .hostswap import HostSwap
 from .p2m import NO_LOC, as_page_numbers
 
-__all__ = ["CacheState", "VirtualDisk", "VdiskCounters", "IoResult", "CLUSTER_PAGES_DEFAULT",
-           "MAX_INFLIGHT_REQUESTS_DEFAULT"]
+__all__ = ["CacheState", "VirtualDisk", "VdiskCounters", "IoResult", "DoubleFault", "CLUSTER_PAGES_DEFAULT",
+           "MAX_INFLIGHT_REQUESTS_DEFAULT", "DOUBLE_FAULT_RECORDS_MAX"]
 
 CLUSTER_PAGES_DEFAULT = 16          # 64 KiB clusters of 4 KiB pages
 MAX_INFLIGHT_REQUESTS_DEFAULT = 32  # the disk's queue depth
+DOUBLE_FAULT_RECORDS_MAX = 256      # kept for the host's monitor between two drains; the counters see all
 
 
 class CacheState(IntEnum):
@@ -79,6 +80,24 @@ class VdiskCounters:
     iobuf_retired_pages: int = 0
     backpressure_waits: int = 0
     backpressure_wait_us: float = 0.0
+    swap_area_read_pages: int = 0    # pages read from / written to the guest's swap area, as the host
+    swap_area_write_pages: int = 0   # sees them (``set_swap_area``); 0 until the area is known
+    swap_area_dropped_pages: int = 0  # swapped-out cache copies of the area dropped by ``drop_swapped``
+
+
+@dataclass(frozen=True, slots=True)
+class DoubleFault:
+    """One request's double faults: its blocks that had to come back from host swap first."""
+
+    op: str                     # "read" or "write"
+    blocks: np.ndarray          # the guest's disk blocks (int64)
+    start_vt_us: float          # when the request started
+    done_vt_us: float           # when the host swap-in read was done
+
+    @property
+    def added_us(self) -> float:
+        """Virtual time the host swap-in added to the request."""
+        return self.done_vt_us - self.start_vt_us
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,6 +129,8 @@ class VirtualDisk:
         self.cache_state = np.zeros(self.n_blocks, np.uint8)
         self.cache_loc = np.full(self.n_blocks, NO_LOC, np.int64)
         self.pinned = np.zeros(self.n_blocks, bool)
+        # Exempt from host swapping but trimmed like any cache page (``set_swap_exempt``).
+        self.swap_exempt = np.zeros(self.n_blocks, bool)
         n_clusters = -(-self.n_blocks // self.cluster_pages)
         self.cluster_used = np.zeros(n_clusters, np.int64)    # LRU stamp per cluster
         self.cluster_cached = np.zeros(n_clusters, np.int64)  # blocks FRAME or SWAPPED per cluster
@@ -119,6 +140,11 @@ class VirtualDisk:
         self._inflight_done_us: list[float] = []
         self._inflight_frames: list[np.ndarray] = []
         self.counters = VdiskCounters()
+        # The guest's swap area, once the host knows it: [first, end) blocks.
+        self.swap_area: tuple[int, int] = (0, 0)
+        # Double faults since the host's monitor last drained them (bounded; counters see all).
+        self.double_fault_records: list[DoubleFault] = []
+        self.double_fault_records_dropped = 0
 
     def set_profile(self, profile: DiskProfile | str) -> None:
         self.disk = DiskModel(disk_profile(profile) if isinstance(profile, str) else profile)
@@ -179,13 +205,14 @@ class VirtualDisk:
 
         swapped = blocks_u[state == CacheState.SWAPPED]
         if swapped.size:
-            done = max(done, self._double_fault(swapped, start, None))
+            done = max(done, self._double_fault(swapped, start, None, "read"))
 
         self._touch(blocks_u)
         tokens = self.pool.token[self.cache_loc[blocks]]
         self._hold_iobufs(blocks, done)
         c.read_requests += 1
         c.read_pages += int(blocks.size)
+        c.swap_area_read_pages += self._in_swap_area(blocks)
         c.cache_hit_pages += hits
         c.cache_miss_pages += int(blocks_u.size) - hits
         self.trim()
@@ -201,7 +228,7 @@ class VirtualDisk:
         if swapped.size:
             # The host caches whole clusters: it must bring the page back
             # before the write can land in it (nested swapping).
-            write_start = self._double_fault(swapped, start, tokens[state == CacheState.SWAPPED])
+            write_start = self._double_fault(swapped, start, tokens[state == CacheState.SWAPPED], "write")
         uncached = state == CacheState.NOT_CACHED
         if np.any(uncached):
             self._cache_in(blocks[uncached], tokens[uncached])
@@ -213,6 +240,7 @@ class VirtualDisk:
         self._hold_iobufs(blocks, done)
         c.write_requests += 1
         c.write_pages += int(blocks.size)
+        c.swap_area_write_pages += self._in_swap_area(blocks)
         c.cache_hit_pages += int(np.count_nonzero(cached))
         c.cache_miss_pages += int(blocks.size - np.count_nonzero(cached))
         self.trim()
@@ -224,7 +252,7 @@ class VirtualDisk:
         frames = self.pool.alloc(blocks.size, FrameKind.CACHE, self.guest_id, blocks, tokens)
         if frames.size != blocks.size:
             raise InvariantViolation(f"vdisk {self.guest_id}: host memory made room for too few cache frames")
-        self.pool.pinned[frames] = self.pinned[blocks]
+        self.pool.pinned[frames] = self.pinned[blocks] | self.swap_exempt[blocks]
         new = blocks[self.cache_state[blocks] == CacheState.NOT_CACHED]
         if new.size:
             clusters, n_new = np.unique(new // self.cluster_pages, return_counts=True)
@@ -233,7 +261,8 @@ class VirtualDisk:
         self.cache_state[blocks] = CacheState.FRAME
         self.cache_loc[blocks] = frames
 
-    def _double_fault(self, blocks: np.ndarray, start_us: float, new_tokens: np.ndarray | None) -> float:
+    def _double_fault(self, blocks: np.ndarray, start_us: float, new_tokens: np.ndarray | None,
+                      op: str = "read") -> float:
         """Swap cache pages back in from host swap; returns when the swap-in read is done."""
         slots = self.cache_loc[blocks]
         tokens = self.swap.load(slots) if new_tokens is None else new_tokens
@@ -242,7 +271,17 @@ class VirtualDisk:
         done = self.swap.disk.submit(start_us, int(blocks.size))
         self.counters.double_faults += int(blocks.size)
         self.counters.double_fault_wait_us += done - start_us
+        if len(self.double_fault_records) < DOUBLE_FAULT_RECORDS_MAX:
+            self.double_fault_records.append(DoubleFault(op, blocks.astype(np.int64), float(start_us), float(done)))
+        else:
+            self.double_fault_records_dropped += 1
         return done
+
+    def take_double_faults(self) -> tuple[list[DoubleFault], int]:
+        """The double faults recorded since the last call, and how many requests were not recorded."""
+        records, dropped = self.double_fault_records, self.double_fault_records_dropped
+        self.double_fault_records, self.double_fault_records_dropped = [], 0
+        return records, dropped
 
     def swap_out(self, frames: np.ndarray, slots: np.ndarray) -> None:
         """Host swapping took these CACHE frames of this disk: move their content to ``slots``."""
@@ -347,7 +386,65 @@ class VirtualDisk:
                                           minlength=self.cluster_used.size) > 0
         blocks = np.arange(first_block, first_block + n_blocks)
         in_frame = blocks[self.cache_state[sl] == CacheState.FRAME]
-        self.pool.pinned[self.cache_loc[in_frame]] = pinned
+        self.pool.pinned[self.cache_loc[in_frame]] = pinned | self.swap_exempt[in_frame]
+
+    def set_swap_exempt(self, first_block: int, n_blocks: int, exempt: bool) -> None:
+        """Make the cache frames of these blocks never host-swap victims (now and when cached later).
+
+        Unlike ``set_pinned`` the blocks are still trimmed with the rest of
+        the cache (LRU, to ``cache_max_pages``): a trimmed block is read from
+        the disk when next needed, which costs one I/O, not a host swap-in
+        first. The host memory this holds stays within the cache's bound.
+        """
+        if n_blocks < 0:
+            raise BadBatch(f"guest {self.guest_id}: n_blocks must be >= 0, got {n_blocks}")
+        if first_block < 0 or (n_blocks and first_block >= self.n_blocks):
+            raise OutOfRange(self.guest_id, "block", first_block, self.n_blocks)
+        if first_block + n_blocks > self.n_blocks:
+            raise OutOfRange(self.guest_id, "block", first_block + n_blocks - 1, self.n_blocks)
+        sl = slice(first_block, first_block + n_blocks)
+        self.swap_exempt[sl] = exempt
+        blocks = np.arange(first_block, first_block + n_blocks)
+        in_frame = blocks[self.cache_state[sl] == CacheState.FRAME]
+        self.pool.pinned[self.cache_loc[in_frame]] = self.pinned[in_frame] | exempt
+
+    # -- the guest's swap area (what the host's monitors watch) ----------------------
+
+    def set_swap_area(self, first_block: int, n_blocks: int) -> None:
+        """Tell the disk where the guest keeps its swap, so I/O to it is counted apart."""
+        if n_blocks < 0 or first_block < 0 or first_block + n_blocks > self.n_blocks:
+            raise OutOfRange(self.guest_id, "block", first_block + max(n_blocks, 1) - 1, self.n_blocks)
+        self.swap_area = (int(first_block), int(first_block) + int(n_blocks))
+
+    def _in_swap_area(self, blocks: np.ndarray) -> int:
+        lo, hi = self.swap_area
+        if hi <= lo:
+            return 0
+        return int(np.count_nonzero((blocks >= lo) & (blocks < hi)))
+
+    def drop_swapped(self, first_block: int, n_blocks: int) -> int:
+        """Forget the cache copies of these blocks that sit in host swap; returns how many.
+
+        Writes are write-through, so such a copy is clean: the disk holds the
+        same content. Dropping it frees its swap slot, and the next access to
+        the block is an ordinary cache miss instead of a host swap-in (a
+        double fault). Pinning uses this so that nothing it pins is in swap.
+        """
+        if n_blocks <= 0:
+            return 0
+        lo = max(0, int(first_block))
+        hi = min(self.n_blocks, int(first_block) + int(n_blocks))
+        blocks = lo + np.flatnonzero(self.cache_state[lo:hi] == CacheState.SWAPPED)
+        if blocks.size == 0:
+            return 0
+        self.swap.free(self.cache_loc[blocks])
+        self.cache_state[blocks] = CacheState.NOT_CACHED
+        self.cache_loc[blocks] = NO_LOC
+        clusters, n = np.unique(blocks // self.cluster_pages, return_counts=True)
+        self.cluster_cached[clusters] -= n
+        self.cached_pages -= int(blocks.size)
+        self.counters.swap_area_dropped_pages += int(blocks.size)
+        return int(blocks.size)
 
     def counts(self) -> dict[str, int]:
         c = np.bincount(self.cache_state, minlength=len(CacheState))

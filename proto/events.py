@@ -30,10 +30,13 @@ PAGE_LOST = "page_lost"                  # guest, vpage, expected, found
 # memory and ballooning
 BALLOON_TARGET_SET = "balloon_target_set"  # guest, target_pages, previous_pages, policy
 GUEST_UNCOOPERATIVE = "guest_uncooperative"  # guest, target_pages, actual_pages, ticks
-SWAP_STORM_DETECTED = "swap_storm_detected"  # evidence
-DOUBLE_FAULT = "double_fault"            # guest, block, cluster, added_us
-SWAP_AREA_PINNED = "swap_area_pinned"    # guest, pinned_pages
-SWAP_AREA_UNPINNED = "swap_area_unpinned"  # guest, unpinned_pages
+SWAP_STORM_DETECTED = "swap_storm_detected"  # storm, chain [{link, value, threshold, ok, ...}], guests [rates]
+SWAP_STORM_ENDED = "swap_storm_ended"    # storm, lasted_ticks, quiet_ticks
+DOUBLE_FAULT = "double_fault"            # guest, count, blocks, clusters, swap_slots, added_us, swap_area_pinned (per tick)
+DOUBLE_PAGING_DETECTED = "double_paging_detected"  # guest, pages, blocks (host swapped a page the guest then paged out)
+SWAP_AREA_PINNED = "swap_area_pinned"    # guest, first_block, blocks, pinned_pages, swap_pages_per_s, pff
+SWAP_AREA_UNPINNED = "swap_area_unpinned"  # guest, unpinned_pages, pinned_ticks
+BALLOON_CONVERGED = "balloon_converged"  # step_tick, settled_tick, convergence_ticks, overshoot_pages, pff_above_ticks
 
 # locks
 DEADLOCK_DETECTED = "deadlock_detected"  # cycle: [{proc, task, holds, waits_for, since_vt_us}]

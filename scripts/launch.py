@@ -28,7 +28,7 @@ from proto.handshake import new_token  # noqa: E402
 from scripts.progress import Progress  # noqa: E402
 from scripts.runner import VariantResult, run_variant  # noqa: E402
 from scripts.scenario import Overrides, Scenario, find_scenario, load_scenario  # noqa: E402
-from scripts.validators import VALIDATORS, guest_sizes  # noqa: E402
+from scripts.validators import VALIDATORS, guest_sizes, guest_swap_area  # noqa: E402
 
 DEFAULT_SCENARIO = "basic"
 
@@ -101,6 +101,8 @@ async def _launch(scenario: Scenario, run_dir: Path, args: argparse.Namespace) -
             run_config = scenario.run_config(name, run_id)
             for g in run_config["guests"]:
                 g["ram_pages"], g["disk_blocks"] = guest_sizes(g)
+                # Where the guest keeps its swap on that disk: the host's monitors watch it and may pin it.
+                g["swap_base_block"], g["swap_blocks"] = guest_swap_area(g)
             result = await run_variant(run_config, vdir, address, token, progress.update, stop,
                                        log_level=args.log_level)
             progress.done()

@@ -11,7 +11,7 @@ from typing import Any, Callable, Mapping
 
 from proto.errors import ConfigError
 
-__all__ = ["VALIDATORS", "guest_sizes"]
+__all__ = ["VALIDATORS", "guest_sizes", "guest_swap_area"]
 
 
 def _as_config_error(fn: Callable[[Mapping[str, Any], str], Any]) -> Callable[[Mapping[str, Any], str], None]:
@@ -40,8 +40,13 @@ def _balloon(table: Mapping[str, Any], where: str) -> None:
     balloon_config(table, where=where)
 
 
+def _monitors(table: Mapping[str, Any], where: str) -> None:
+    from hostd.monitors.config import monitors_config
+    monitors_config(table, where=where)
+
+
 VALIDATORS = {"guest": _as_config_error(_guest), "host": _as_config_error(_host),
-              "balloon": _as_config_error(_balloon)}
+              "balloon": _as_config_error(_balloon), "monitors": _as_config_error(_monitors)}
 
 
 def guest_sizes(table: Mapping[str, Any]) -> tuple[int, int]:
@@ -49,3 +54,10 @@ def guest_sizes(table: Mapping[str, Any]) -> tuple[int, int]:
     from guestd.config import guest_config_from_mapping
     cfg = guest_config_from_mapping(table)
     return cfg.ram_pages, cfg.disk_blocks
+
+
+def guest_swap_area(table: Mapping[str, Any]) -> tuple[int, int]:
+    """(first block, blocks) of a validated guest table's swap area on its virtual disk."""
+    from guestd.config import guest_config_from_mapping
+    cfg = guest_config_from_mapping(table)
+    return cfg.kernel.swap_base_block, cfg.kernel.swap_slots

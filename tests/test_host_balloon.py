@@ -29,7 +29,8 @@ def view(*guests: GuestView, free: int, total: int = 4000, tick: int = 0) -> Hos
 # -- registry ----------------------------------------------------------------------
 
 def test_registry_knows_every_policy() -> None:
-    assert sorted(BALLOON_POLICIES) == ["aggressive", "mom", "none", "proportional", "static", "working-set"]
+    assert sorted(BALLOON_POLICIES) == ["aggressive", "mom", "none", "proportional", "static", "sweep",
+                                        "working-set"]
     for name in BALLOON_POLICIES:
         assert make_controller(name).name == name
 

@@ -16,6 +16,7 @@ from .none import NoBalloon
 from .policy import BalloonController, clamp_target
 from .proportional import ProportionalBalloon
 from .static import StaticBalloon
+from .sweep import SweepBalloon
 from .view import GuestView, HostView
 from .working_set import WorkingSetBalloon
 
@@ -29,6 +30,7 @@ BALLOON_POLICIES: dict[str, Callable[[Mapping[str, Any]], BalloonController]] = 
     MomBalloon.name: MomBalloon.from_params,
     WorkingSetBalloon.name: WorkingSetBalloon.from_params,
     AggressiveBalloon.name: AggressiveBalloon.from_params,
+    SweepBalloon.name: SweepBalloon.from_params,
 }
 
 

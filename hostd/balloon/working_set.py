@@ -1,16 +1,25 @@
 """``working-set``: balloon only what lies outside each guest's working set, with PFF feedback.
 
 For each guest the floor is ``working_set_pages * (1 + headroom) +
-reserve_pages``: its memory (RAM - balloon target) is never set below it,
-so the cap on its target is ``ram - floor`` (and ``max_balloon_pages``).
-Every ``period_ticks``:
+reserve_pages + kernel_pages`` (the kernel's own pages, if it reports
+them, hold no workload; the working set is the guest's estimate or, if
+larger, a recent estimate decayed by ``ws_decay`` per step): its memory (RAM - balloon target) is never set
+below it, so the cap on its target is ``ram - floor`` (and
+``max_balloon_pages``). Every ``period_ticks``:
 - a target above the cap (the working set grew) is lowered to the cap at once;
 - a guest whose ``pff`` stat exceeds ``pff_high`` backs off: its target
   drops by ``max_step_pages`` and it is not inflated this step;
 - when the expected free frames (free + balloon pages still to come) are
   below ``free_target_fraction`` of host RAM, the deficit is spread over the
   other guests in proportion to their slack (cap - target), at most
-  ``max_step_pages`` each;
+  ``max_step_pages`` each. With ``backed_slack`` (the default) the slack
+  leaves out the guest's gpfns the host never backed (RAM - balloon -
+  resident): the balloon takes free frames first, and inflating one the
+  host never backed frees nothing. So a guest whose slack is only such
+  frames is left alone, and a guest that is inflated has its target raised
+  by those frames plus its share (the step bounds what the host gains);
+  balloon pages still to come count toward the expected free frames only
+  beyond them;
 - when they are above ``release_fraction`` of host RAM, balloons shrink by
   up to ``max_step_pages`` each, spread in proportion to their size, to
   give the surplus back.
@@ -28,6 +37,8 @@ from ..errors import PolicyConfigError
 from .policy import check_fraction, check_non_negative, clamp_target, is_due, parse_params
 from .view import STAT_PFF, STAT_WORKING_SET, GuestView, HostView
 
+STAT_KERNEL = "kernel_pages"   # guestd reports the frames its kernel holds
+
 __all__ = ["WorkingSetBalloon"]
 
 
@@ -35,7 +46,8 @@ class WorkingSetBalloon:
     name = "working-set"
 
     def __init__(self, free_target_fraction: float, release_fraction: float, headroom: float,
-                 reserve_pages: int, max_step_pages: int, pff_high: float, period_ticks: int) -> None:
+                 reserve_pages: int, max_step_pages: int, pff_high: float, period_ticks: int,
+                 backed_slack: bool = True, ws_decay: float = 0.98) -> None:
         self.free_target_fraction = free_target_fraction
         self.release_fraction = release_fraction
         self.headroom = headroom
@@ -43,17 +55,22 @@ class WorkingSetBalloon:
         self.max_step_pages = max_step_pages
         self.pff_high = pff_high
         self.period_ticks = period_ticks
+        self.backed_slack = backed_slack
+        self.ws_decay = ws_decay
+        self._ws: dict[int, float] = {}     # per guest: the working set the floor uses (see ``working_set``)
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any]) -> "WorkingSetBalloon":
         p = parse_params(cls.name, params, {
             "free_target_fraction": (float, 0.10), "release_fraction": (float, 0.20),
             "headroom": (float, 0.10), "reserve_pages": (int, 256), "max_step_pages": (int, 1024),
-            "pff_high": (float, 1000.0), "period_ticks": (int, 1)})
+            "pff_high": (float, 1000.0), "period_ticks": (int, 1), "backed_slack": (bool, True),
+            "ws_decay": (float, 0.98)})
         check_fraction(cls.name, "free_target_fraction", p["free_target_fraction"])
         check_fraction(cls.name, "release_fraction", p["release_fraction"])
         for name in ("headroom", "reserve_pages", "pff_high"):
             check_non_negative(cls.name, name, p[name])
+        check_fraction(cls.name, "ws_decay", p["ws_decay"])
         if p["max_step_pages"] < 1:
             raise PolicyConfigError(f"balloon policy 'working-set': max_step_pages must be >= 1, "
                                     f"got {p['max_step_pages']}")
@@ -63,9 +80,23 @@ class WorkingSetBalloon:
                 f"free_target_fraction {p['free_target_fraction']}")
         return cls(**p)
 
-    def cap_pages(self, g: GuestView) -> int:
+    def working_set(self, g: GuestView) -> float:
+        """The guest's estimate, or a recent larger one decayed by ``ws_decay`` per call, whichever is larger.
+
+        A sampled estimate counts the pages touched in a period of the
+        guest's virtual time; a guest stalled by faults touches fewer, so
+        its estimate drops just when it is short of memory. Remembering a
+        recent larger estimate keeps the controller from taking more then.
+        """
+        ws = max(g.stat(STAT_WORKING_SET), self._ws.get(g.guest_id, 0.0) * self.ws_decay)
+        self._ws[g.guest_id] = ws
+        return ws
+
+    def cap_pages(self, g: GuestView, working_set_pages: float | None = None) -> int:
         """The largest target that leaves the guest its working set plus headroom."""
-        floor = int(np.ceil(g.stat(STAT_WORKING_SET) * (1.0 + self.headroom))) + self.reserve_pages
+        ws = g.stat(STAT_WORKING_SET) if working_set_pages is None else working_set_pages
+        floor = (int(np.ceil(ws * (1.0 + self.headroom))) + self.reserve_pages
+                 + int(g.stat(STAT_KERNEL)))
         return clamp_target(g, g.ram_pages - floor)
 
     def targets(self, view: HostView) -> dict[int, int]:
@@ -73,17 +104,26 @@ class WorkingSetBalloon:
         if not view.guests or not is_due(view, self.period_ticks):
             return out
         guests = list(view.guests)
-        cap = np.array([self.cap_pages(g) for g in guests], np.int64)
+        cap = np.array([self.cap_pages(g, self.working_set(g)) for g in guests], np.int64)
         target = np.minimum(np.array([g.target_pages for g in guests], np.int64), cap)
         thrashing = np.array([g.stat(STAT_PFF) > self.pff_high for g in guests])
         target[thrashing] = np.maximum(target[thrashing] - self.max_step_pages, 0)
 
-        expected_free = view.free_frames + sum(int(t) - g.actual_pages for t, g in zip(target, guests))
+        # Guest frames the host never backed: a balloon takes free frames first, and these free nothing.
+        # (The kernel's frames are never faulted in, but they are not free either.)
+        unbacked = (np.array([max(0, g.ram_pages - g.actual_pages - g.resident_pages - int(g.stat(STAT_KERNEL)))
+                              for g in guests], np.int64)
+                    if self.backed_slack else np.zeros(len(guests), np.int64))
+        owed = target - np.array([g.actual_pages for g in guests], np.int64)   # < 0: a deflation to come
+        pending = np.where(owed > 0, np.maximum(owed - unbacked, 0), owed)
+        expected_free = view.free_frames + int(pending.sum())
         low = self.free_target_fraction * view.total_frames
         high = self.release_fraction * view.total_frames
         if expected_free < low:
-            slack = np.where(thrashing, 0, cap - target)
-            target += _spread(int(np.ceil(low - expected_free)), slack, self.max_step_pages)
+            slack = np.where(thrashing, 0, np.maximum(cap - target - unbacked, 0))
+            add = _spread(int(np.ceil(low - expected_free)), slack, self.max_step_pages)
+            # The step bounds what the host gains; the unbacked frames go along with it.
+            target += np.where(add > 0, add + unbacked, 0)
         elif expected_free > high:
             size = np.where(thrashing, 0, target)
             target -= _spread(int(expected_free - high), size, self.max_step_pages)

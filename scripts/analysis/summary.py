@@ -17,6 +17,7 @@ from typing import Any
 from proto import events as ev
 
 from .logs import VariantLogs, find_variants, iter_events, load_variant
+from .pathologies import pathology_metrics
 
 __all__ = ["summarize", "summarize_variant", "reclaim_metrics", "reliability_metrics", "event_counts", "write_summary",
            "format_table"]
@@ -127,6 +128,7 @@ def summarize_variant(v: VariantLogs) -> dict[str, Any]:
         "refs_per_vsec": round(sum(g["refs_per_vsec"] for g in guests), 1),
     }
     out.update(reclaim_metrics(host, guests))
+    out.update(pathology_metrics(v, finished, host))   # swap storms, double faults, pins, sweeps
     out.update(reliability_metrics(v, finished))
     return out
 

@@ -1,0 +1,85 @@
+"""``sweep``: balloon targets stepped up over the run, to draw the thrashing curve.
+
+From ``start_tick`` on, every ``step_ticks`` ticks each guest's target
+grows by ``step_fraction`` of its RAM, up to ``max_fraction`` (and the
+guest's ``max_balloon_pages``), then stays there. Measuring throughput and
+page-fault frequency per step gives the curve of the seed's "Delicate
+Balance": flat while the balloon takes memory the guest does not use, a
+knee where the guest's free memory drops below its working set.
+
+With ``respect_working_set`` the sweep stops short of the knee: a target
+never leaves the guest less than ``working_set_pages * (1 + headroom) +
+reserve_pages + kernel_pages`` (its own estimate, as ``working-set``
+uses), and it never rises while the guest's ``pff`` is above ``pff_high``.
+A balloon already granted is lowered only when the working set grows past
+it.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import numpy as np
+
+from ..errors import PolicyConfigError
+from .policy import check_fraction, check_non_negative, clamp_target, parse_params
+from .view import STAT_PFF, STAT_WORKING_SET, GuestView, HostView
+
+__all__ = ["SweepBalloon"]
+
+STAT_KERNEL = "kernel_pages"
+
+
+class SweepBalloon:
+    name = "sweep"
+
+    def __init__(self, start_tick: int, step_ticks: int, step_fraction: float, max_fraction: float,
+                 respect_working_set: bool, headroom: float, reserve_pages: int, pff_high: float) -> None:
+        self.start_tick = start_tick
+        self.step_ticks = step_ticks
+        self.step_fraction = step_fraction
+        self.max_fraction = max_fraction
+        self.respect_working_set = respect_working_set
+        self.headroom = headroom
+        self.reserve_pages = reserve_pages
+        self.pff_high = pff_high
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, Any]) -> "SweepBalloon":
+        p = parse_params(cls.name, params, {
+            "start_tick": (int, 20), "step_ticks": (int, 20), "step_fraction": (float, 0.05),
+            "max_fraction": (float, 0.65), "respect_working_set": (bool, False), "headroom": (float, 0.10),
+            "reserve_pages": (int, 64), "pff_high": (float, 0.0)})
+        check_fraction(cls.name, "step_fraction", p["step_fraction"])
+        check_fraction(cls.name, "max_fraction", p["max_fraction"])
+        for name in ("start_tick", "headroom", "reserve_pages", "pff_high"):
+            check_non_negative(cls.name, name, p[name])
+        if p["step_ticks"] < 1:
+            raise PolicyConfigError(f"balloon policy 'sweep': step_ticks must be >= 1, got {p['step_ticks']}")
+        return cls(**p)
+
+    def step_index(self, tick: int) -> int:
+        """How many steps have been taken by ``tick`` (0 before ``start_tick``)."""
+        return 0 if tick < self.start_tick else (tick - self.start_tick) // self.step_ticks + 1
+
+    def sweep_pages(self, g: GuestView, tick: int) -> int:
+        steps = self.step_index(tick)
+        return int(min(steps * self.step_fraction, self.max_fraction) * g.ram_pages)
+
+    def cap_pages(self, g: GuestView) -> int:
+        floor = (int(np.ceil(g.stat(STAT_WORKING_SET) * (1.0 + self.headroom))) + self.reserve_pages
+                 + int(g.stat(STAT_KERNEL)))
+        return clamp_target(g, g.ram_pages - floor)
+
+    def targets(self, view: HostView) -> dict[int, int]:
+        out: dict[int, int] = {}
+        for g in view.guests:
+            want = self.sweep_pages(g, view.tick)
+            if self.respect_working_set:
+                cap = self.cap_pages(g)
+                if want > g.target_pages:
+                    thrashing = self.pff_high > 0 and g.stat(STAT_PFF) > self.pff_high
+                    want = g.target_pages if thrashing else min(want, max(cap, g.target_pages))
+                if cap < g.target_pages:      # the working set grew past the balloon: give it back
+                    want = min(want, cap)
+            out[g.guest_id] = clamp_target(g, want)
+        return out

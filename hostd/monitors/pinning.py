@@ -1,0 +1,140 @@
+"""The cure of nested swapping: pin a swapping guest's swap area in host memory.
+
+The host watches each guest's swap I/O (pages per guest virtual second, as
+the host sees them on the guest's swap area) and, if ``pff_high`` is set,
+its page-fault frequency. A guest swapping for ``pin_after_ticks`` ticks in
+a row gets its swap area pinned: the disk-cache frames of those blocks are
+never host-swap victims, and their copies already in host swap are dropped
+(writes are write-through, so the disk has them), so no access to the area
+needs a host swap-in: no double fault. Two modes: ``exempt`` (the default)
+keeps the area's cache pages out of host swapping but trims them with the
+rest of the disk cache, so the pins cost at most the cache's bound (a
+trimmed block costs one disk read when next needed, not two);
+``resident`` is ``HostMemory.pin_vdisk_range``: never trimmed either, the
+whole used swap area stays in host memory (the seed's "always present"),
+which costs as much host memory as the guest has swapped. The guest is
+unpinned after ``calm_ticks`` calm ticks in a row. Each change is logged
+with the pages it pins or releases; the host memory the pins cost is the
+pinned cache frames (``pinned_pages``, and its peak in the metrics).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from proto import events as ev
+
+from ..vdisk import CacheState
+from .config import PinningConfig
+from .history import History
+
+__all__ = ["SwapAreaPinner"]
+
+
+@dataclass(slots=True)
+class _Area:
+    first_block: int
+    n_blocks: int
+    pinned_since_tick: int | None = None
+    swapping_ticks: int = 0     # in a row
+    calm_ticks: int = 0         # in a row, while pinned
+    pins: int = 0
+    pinned_pages_peak: int = 0
+
+
+class SwapAreaPinner:
+    def __init__(self, cfg: PinningConfig, mem: Any, log: Any) -> None:
+        self.cfg = cfg
+        self.mem = mem              # hostd.memory.HostMemory
+        self.log = log
+        self.areas: dict[int, _Area] = {}
+        self.pins = 0
+        self.unpins = 0
+        self.pinned_pages_peak = 0  # host frames pinned for swap areas, all guests, at a tick's end
+
+    def guest_joined(self, guest_id: int, first_block: int, n_blocks: int) -> None:
+        if n_blocks > 0:
+            self.areas[guest_id] = _Area(first_block, n_blocks)
+
+    def guest_gone(self, guest_id: int) -> None:
+        self.areas.pop(guest_id, None)
+
+    def is_pinned(self, guest_id: int) -> bool:
+        a = self.areas.get(guest_id)
+        return a is not None and a.pinned_since_tick is not None
+
+    def pinned_pages(self, guest_id: int) -> int:
+        """Host frames holding this guest's pinned swap area now."""
+        a = self.areas.get(guest_id)
+        if a is None or a.pinned_since_tick is None:
+            return 0
+        vd = self.mem.vdisk(guest_id)
+        state = vd.cache_state[a.first_block:a.first_block + a.n_blocks]
+        return int(np.count_nonzero(state == CacheState.FRAME))
+
+    def end_tick(self, hist: History) -> None:
+        if not self.cfg.enabled:
+            return
+        cfg = self.cfg
+        now = hist.now
+        total = 0
+        for gid, g in sorted(now.guests.items()):
+            a = self.areas.get(gid)
+            if a is None:
+                continue
+            rate = hist.guest_rate(gid, "swap_pages", cfg.window_ticks)
+            pff_high = cfg.pff_high > 0 and g.pff >= cfg.pff_high
+            swapping = rate >= cfg.swap_pages_per_s or pff_high
+            calm = rate < cfg.calm_pages_per_s and not pff_high
+            a.swapping_ticks = a.swapping_ticks + 1 if swapping else 0
+            if a.pinned_since_tick is None:
+                if a.swapping_ticks >= cfg.pin_after_ticks:
+                    self._pin(gid, a, now.tick, rate, g.pff)
+            else:
+                a.calm_ticks = a.calm_ticks + 1 if calm else 0
+                if a.calm_ticks >= cfg.calm_ticks:
+                    self._unpin(gid, a, now.tick, rate, g.pff)
+            pages = self.pinned_pages(gid)
+            a.pinned_pages_peak = max(a.pinned_pages_peak, pages)
+            total += pages
+        self.pinned_pages_peak = max(self.pinned_pages_peak, total)
+
+    def _pin(self, gid: int, a: _Area, tick: int, rate: float, pff: float) -> None:
+        vd = self.mem.vdisk(gid)
+        dropped = vd.drop_swapped(a.first_block, a.n_blocks)
+        if self.cfg.mode == "resident":
+            self.mem.pin_vdisk_range(gid, a.first_block, a.n_blocks)
+        else:
+            vd.set_swap_exempt(a.first_block, a.n_blocks, True)
+        a.pinned_since_tick = tick
+        a.calm_ticks = 0
+        a.pins += 1
+        self.pins += 1
+        self.log.info(ev.SWAP_AREA_PINNED, guest=gid, tick=tick, mode=self.cfg.mode, first_block=a.first_block,
+                      blocks=a.n_blocks,
+                      pinned_pages=self.pinned_pages(gid), dropped_swapped_pages=dropped,
+                      swap_pages_per_s=round(rate, 1), pff=round(pff, 1))
+
+    def _unpin(self, gid: int, a: _Area, tick: int, rate: float, pff: float) -> None:
+        pages = self.pinned_pages(gid)
+        if self.cfg.mode == "resident":
+            self.mem.unpin_vdisk_range(gid, a.first_block, a.n_blocks)
+        else:
+            self.mem.vdisk(gid).set_swap_exempt(a.first_block, a.n_blocks, False)
+        since = a.pinned_since_tick if a.pinned_since_tick is not None else tick
+        a.pinned_since_tick = None
+        a.swapping_ticks = 0
+        self.unpins += 1
+        self.log.info(ev.SWAP_AREA_UNPINNED, guest=gid, tick=tick, first_block=a.first_block, blocks=a.n_blocks,
+                      unpinned_pages=pages, pinned_ticks=tick - since, swap_pages_per_s=round(rate, 1),
+                      pff=round(pff, 1))
+
+    def metrics(self) -> dict[str, Any]:
+        return {"pins": self.pins, "unpins": self.unpins, "pinned_pages_peak": self.pinned_pages_peak,
+                "guests": {str(gid): {"pins": a.pins, "pinned": a.pinned_since_tick is not None,
+                                      "pinned_since_tick": a.pinned_since_tick,
+                                      "pinned_pages_peak": a.pinned_pages_peak,
+                                      "swap_area": [a.first_block, a.n_blocks]}
+                           for gid, a in sorted(self.areas.items())}}

@@ -1,0 +1,116 @@
+"""The swap-storm detector: the seed's chain of failures, link by link.
+
+"When the Balloon Bursts": guests pushed below their working sets thrash;
+their swap I/O floods the host's virtual-disk path; the host's I/O buffers
+and disk cache grow in host frames; host free memory falls; the host starts
+swapping, pages of healthy guests too. Over a window of ticks the detector
+checks each link against its threshold:
+
+1. ``guests_thrashing``: at least ``min_guests`` guests read pages back
+   from their swap faster than ``guest_swap_in_pages_per_s`` (per guest
+   virtual second): they need what they just gave up. (A guest giving up
+   cold pages to its balloon writes swap but reads none back.)
+2. ``host_io_memory``: the host's I/O buffers + disk cache reached
+   ``io_fraction`` of its RAM;
+3. ``host_free_low``: its free frames fell to ``free_fraction`` of its RAM;
+4. ``host_swapping``: it swapped out ``swap_out_fraction`` of its RAM.
+
+When every link holds, one storm is counted and ``swap_storm_detected`` is
+logged with the whole chain (value and threshold of each link) and every
+guest's rates. The storm ends (``swap_storm_ended``) once the chain has been
+broken for ``quiet_ticks`` ticks; only then can another one be counted.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from proto import events as ev
+
+from .config import SwapStormConfig
+from .history import History
+
+__all__ = ["SwapStormDetector"]
+
+
+class SwapStormDetector:
+    def __init__(self, cfg: SwapStormConfig, log: Any) -> None:
+        self.cfg = cfg
+        self.log = log
+        self.storms = 0                 # storms detected
+        self.active = False             # inside a storm now
+        self._broken_ticks = 0          # ticks in a row with the chain broken, during a storm
+        self._started_tick = 0
+        self.episodes: list[dict[str, Any]] = []
+        self.thrashing_ticks: dict[int, int] = {}   # per guest: ticks it was seen thrashing
+
+    def guest_rates(self, hist: History) -> list[dict[str, Any]]:
+        w = self.cfg.window_ticks
+        out = []
+        first = hist._window(w)[0]
+        for gid, g in sorted(hist.now.guests.items()):
+            swap_rate = hist.guest_rate(gid, "swap_pages", w)
+            swap_in_rate = hist.guest_rate(gid, "swap_in_pages", w)
+            before = first.guests.get(gid)
+            host_took = g.host_swap_out_pages - (before.host_swap_out_pages if before else 0)
+            out.append({"guest": gid, "swap_pages_per_s": round(swap_rate, 1),
+                        "swap_in_pages_per_s": round(swap_in_rate, 1),
+                        "major_faults_per_s": round(hist.guest_rate(gid, "major_faults", w), 1),
+                        "pff": round(g.pff, 1), "host_swapped_out_pages": int(host_took),
+                        "balloon_target_pages": g.target_pages, "balloon_pages": g.actual_pages,
+                        "working_set_pages": g.working_set_pages,
+                        "thrashing": swap_in_rate >= self.cfg.guest_swap_in_pages_per_s})
+        return out
+
+    def end_tick(self, hist: History) -> None:
+        cfg = self.cfg
+        if not cfg.enabled or len(hist.samples) < 2:
+            return
+        now = hist.now
+        w = cfg.window_ticks
+        total = now.total_frames
+        guests = self.guest_rates(hist)
+        thrashing = [g["guest"] for g in guests if g["thrashing"]]
+        for gid in thrashing:
+            self.thrashing_ticks[gid] = self.thrashing_ticks.get(gid, 0) + 1
+        healthy_hit = [g["guest"] for g in guests if not g["thrashing"] and g["host_swapped_out_pages"] > 0]
+        io_peak = hist.host_max("io_pages", w)
+        free_min = hist.host_min("free_frames", w)
+        swapped = hist.host_delta("swap_out_pages", w)
+        chain = [
+            {"link": "guests_thrashing", "value": len(thrashing), "threshold": cfg.min_guests,
+             "guests": thrashing, "guest_swap_in_pages_per_s_threshold": cfg.guest_swap_in_pages_per_s,
+             "guests_swap_pages_per_s": round(sum(g["swap_pages_per_s"] for g in guests), 1),
+             "ok": len(thrashing) >= cfg.min_guests},
+            {"link": "host_io_memory", "value": int(io_peak), "threshold": int(cfg.io_fraction * total),
+             "cache_pages": now.cache_pages, "iobuf_pages": now.iobuf_pages,
+             "grew_pages": int(io_peak - hist.host_min("io_pages", w)),
+             "vdisk_pages_per_s": round(hist.host_rate("vdisk_pages", w), 1),
+             "ok": io_peak >= cfg.io_fraction * total},
+            {"link": "host_free_low", "value": int(free_min), "threshold": int(cfg.free_fraction * total),
+             "ok": free_min <= cfg.free_fraction * total},
+            {"link": "host_swapping", "value": int(swapped), "threshold": int(cfg.swap_out_fraction * total),
+             "pages_per_s": round(hist.host_rate("swap_out_pages", w), 1), "healthy_guests_hit": healthy_hit,
+             "ok": swapped >= max(1.0, cfg.swap_out_fraction * total)},
+        ]
+        whole = all(link["ok"] for link in chain)
+        if whole and not self.active:
+            self.storms += 1
+            self.active = True
+            self._broken_ticks = 0
+            self._started_tick = now.tick
+            episode = {"storm": self.storms, "tick": now.tick, "vt_us": now.vt_us, "thrashing_guests": thrashing,
+                       "healthy_guests_hit": healthy_hit}
+            self.episodes.append(episode)
+            self.log.warning(ev.SWAP_STORM_DETECTED, storm=self.storms, tick=now.tick, window_ticks=w,
+                             total_frames=total, free_frames=now.free_frames, chain=chain, guests=guests)
+        elif self.active:
+            self._broken_ticks = 0 if whole else self._broken_ticks + 1
+            if self._broken_ticks >= cfg.quiet_ticks:
+                self.active = False
+                self.episodes[-1]["ended_tick"] = now.tick
+                self.log.info(ev.SWAP_STORM_ENDED, storm=self.storms, tick=now.tick,
+                              lasted_ticks=now.tick - self._started_tick, quiet_ticks=cfg.quiet_ticks)
+
+    def metrics(self) -> dict[str, Any]:
+        return {"swap_storms": self.storms, "storm_active_at_end": self.active, "episodes": self.episodes,
+                "thrashing_ticks": {str(k): v for k, v in sorted(self.thrashing_ticks.items())}}

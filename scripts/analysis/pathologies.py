@@ -1,0 +1,187 @@
+"""The pathologies of issue #5 in ``summary.json``: swap storms, nested swapping, the thrashing curve.
+
+``pathology_metrics`` adds, per variant:
+
+- ``swap_storms``: ``swap_storm_detected`` events in the host's log;
+- ``host.double_faults`` (already there), ``host.double_faults_after_pin``
+  (double faults on a guest while its swap area was pinned),
+  ``host.double_fault_events`` and ``host.double_fault_logged_pages`` (the
+  ``double_fault`` events and the pages they name), ``host.double_paging_pages``
+  (ESX's double paging), ``host.pinned_pages_peak`` (host frames pinned for
+  guests' swap areas: what the cure costs), ``host.io_buffer_pages_peak``,
+  ``host.swap_area_pins``;
+- ``throughput``: references per virtual second of all guests before the
+  first balloon inflation and after it;
+- ``balloon_sweep`` (when a guest's balloon was stepped): one row per step
+  (balloon size, the guest's free memory, throughput, faults per virtual
+  second, its working-set estimate) with the true working set next to it
+  and where the knee is;
+- ``convergence``: the "central banker" report (``balloon_converged``).
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from proto import events as ev
+
+from .logs import VariantLogs
+
+__all__ = ["pathology_metrics", "true_working_set_pages", "sweep_curve", "KNEE_THROUGHPUT_FRACTION"]
+
+KNEE_THROUGHPUT_FRACTION = 0.5
+"""The knee is the first step whose throughput is below this fraction of the first step's."""
+
+
+def true_working_set_pages(guest: Mapping[str, Any]) -> int | None:
+    """Pages the guest's workload references over and over, from its config; None if not definable.
+
+    ``anon-hot``: its ``ws_pages`` (or its region); ``phases``: its window;
+    a looping ``scan``: its region; ``anon-cold`` and a one-pass ``scan``:
+    nothing after the first touch. Skewed workloads (``db``, ``zipf``) and
+    traces have no sharp working set: None.
+    """
+    try:
+        from guestd.config import guest_config_from_mapping
+        cfg = guest_config_from_mapping(guest)
+    except Exception:  # a config this version cannot read: no claim
+        return None
+    regions = {r.name: r for r in cfg.kernel.layout.regions}
+    total = 0
+    for spec in cfg.workload:
+        kind = spec.get("kind")
+        region = regions.get(spec.get("region", ""))
+        if region is None:
+            return None
+        if kind in ("anon-hot", "phases"):
+            total += int(spec.get("ws_pages", region.pages if kind == "anon-hot" else max(1, region.pages // 4)))
+        elif kind == "scan":
+            total += region.pages if spec.get("loop", True) else 0
+        elif kind == "anon-cold":
+            continue
+        else:
+            return None
+    return total
+
+
+def _ticks(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return sorted((e for e in events if e.get("event") == ev.TICK_COMPLETED and isinstance(e.get("tick"), int)),
+                  key=lambda e: e["tick"])
+
+
+def _num(e: Mapping[str, Any], key: str) -> float:
+    v = e.get(key, 0)
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else 0.0
+
+
+def sweep_curve(events: list[dict[str, Any]], true_ws: int | None) -> dict[str, Any] | None:
+    """One row per balloon size the guest held for at least two logged ticks; None if it never changed."""
+    ticks = [e for e in _ticks(events) if "balloon_actual_pages" in e]
+    if len({int(_num(e, "balloon_target_pages")) for e in ticks}) < 2:
+        return None
+    groups: list[list[dict[str, Any]]] = []
+    for e in ticks:
+        settled = _num(e, "balloon_actual_pages") == _num(e, "balloon_target_pages")
+        if not settled:
+            continue
+        if groups and _num(groups[-1][-1], "balloon_actual_pages") == _num(e, "balloon_actual_pages"):
+            groups[-1].append(e)
+        else:
+            groups.append([e])
+    rows = []
+    for grp in groups:
+        first, last = grp[0], grp[-1]
+        dt = _num(last, "vt_us") - _num(first, "vt_us")
+        if len(grp) < 2 or dt <= 0:
+            continue
+        faults = (_num(last, "major_faults") + _num(last, "minor_faults")
+                  - _num(first, "major_faults") - _num(first, "minor_faults"))
+        balloon = int(_num(last, "balloon_actual_pages"))
+        ws_est = sorted(int(_num(e, "working_set_pages")) for e in grp)
+        rows.append({
+            "balloon_pages": balloon,
+            "guest_free_pages": int(_num(last, "total") - _num(last, "kernel_pages") - balloon),
+            "ticks": [int(first["tick"]), int(last["tick"])],
+            "refs_per_vsec": round((_num(last, "refs") - _num(first, "refs")) * 1e6 / dt, 1),
+            "faults_per_vsec": round(faults * 1e6 / dt, 1),
+            "major_faults_per_vsec": round((_num(last, "major_faults") - _num(first, "major_faults")) * 1e6 / dt, 1),
+            "pff": round(_num(last, "pff"), 1),
+            "working_set_estimate_pages": ws_est[len(ws_est) // 2],
+            "true_working_set_pages": true_ws,
+        })
+    if not rows:
+        return None
+    base = max(rows[0]["refs_per_vsec"], 1e-9)
+    knee = next((i for i, r in enumerate(rows) if r["refs_per_vsec"] < KNEE_THROUGHPUT_FRACTION * base), None)
+    out: dict[str, Any] = {"true_working_set_pages": true_ws, "steps": rows,
+                           "baseline_refs_per_vsec": rows[0]["refs_per_vsec"],
+                           "knee_balloon_pages": None, "knee_guest_free_pages": None,
+                           "last_good_guest_free_pages": rows[-1]["guest_free_pages"]}
+    if knee is not None:
+        out["knee_balloon_pages"] = rows[knee]["balloon_pages"]
+        out["knee_guest_free_pages"] = rows[knee]["guest_free_pages"]
+        out["knee_refs_per_vsec"] = rows[knee]["refs_per_vsec"]
+        out["last_good_guest_free_pages"] = rows[knee - 1]["guest_free_pages"] if knee > 0 else None
+        out["working_set_estimate_at_knee_pages"] = rows[knee - 1]["working_set_estimate_pages"] if knee else None
+    return out
+
+
+def _throughput(v: VariantLogs) -> dict[str, Any]:
+    """All guests' references per (guest) virtual second before and after the first inflation."""
+    first = next((int(e["tick"]) for e in v.host if e.get("event") == ev.BALLOON_TARGET_SET
+                  and _num(e, "target_pages") > 0 and isinstance(e.get("tick"), int)), None)
+    before = after = 0.0
+    for events in v.guests.values():
+        ticks = _ticks(events)
+        if not ticks:
+            continue
+        split = [e for e in ticks if first is not None and e["tick"] < first]
+        pivot = split[-1] if split else None
+        last = ticks[-1]
+        if pivot is not None and _num(pivot, "vt_us") > 0:
+            before += _num(pivot, "refs") * 1e6 / _num(pivot, "vt_us")
+        base_refs, base_vt = (_num(pivot, "refs"), _num(pivot, "vt_us")) if pivot is not None else (0.0, 0.0)
+        if _num(last, "vt_us") > base_vt:
+            after += (_num(last, "refs") - base_refs) * 1e6 / (_num(last, "vt_us") - base_vt)
+    return {"first_inflation_tick": first, "before_inflation_refs_per_vsec": round(before, 1),
+            "after_inflation_refs_per_vsec": round(after, 1)}
+
+
+def pathology_metrics(v: VariantLogs, finished: Mapping[str, Any], host: dict[str, Any]) -> dict[str, Any]:
+    """Keys to merge into a variant's summary; adds its ``host.*`` keys to ``host`` in place."""
+    mon = finished.get("monitors") or {}
+    df = mon.get("double_faults") or {}
+    pin = mon.get("pinning") or {}
+    df_events = [e for e in v.host if e.get("event") == ev.DOUBLE_FAULT]
+    peaks = finished.get("peaks") or {}
+    host.update({
+        "double_faults_after_pin": int(df.get("double_faults_after_pin", 0)),
+        "double_faults_in_swap_area": int(df.get("double_faults_in_swap_area", 0)),
+        "double_fault_added_us": df.get("double_fault_added_us", 0.0),
+        "double_fault_events": len(df_events),
+        "double_fault_logged_pages": sum(int(_num(e, "count")) for e in df_events),
+        "double_paging_pages": int(df.get("double_paging_pages", 0)),
+        "pinned_pages_peak": int(pin.get("pinned_pages_peak", 0)),
+        "swap_area_pins": int(pin.get("pins", 0)),
+        "swap_area_unpins": int(pin.get("unpins", 0)),
+        "io_buffer_pages_peak": max(int(mon.get("iobuf_pages_peak", 0)), int(peaks.get("iobuf_pages", 0))),
+        "cache_pages_peak": int(peaks.get("cache_pages", 0)),
+    })
+    storms = [e for e in v.host if e.get("event") == ev.SWAP_STORM_DETECTED]
+    out: dict[str, Any] = {
+        "swap_storms": len(storms),
+        "swap_storm": {"first_tick": storms[0].get("tick") if storms else None,
+                       "episodes": (mon.get("swap_storm") or {}).get("episodes", [])},
+        "throughput": _throughput(v),
+    }
+    conv = mon.get("convergence")
+    if conv is not None:
+        out["convergence"] = conv
+    if (v.config.get("balloon") or {}).get("policy") == "sweep":
+        guests_cfg = {int(g["id"]): g for g in v.config.get("guests", []) if isinstance(g.get("id"), int)}
+        curves = {}
+        for gid, events in sorted(v.guests.items()):
+            curve = sweep_curve(events, true_working_set_pages(guests_cfg.get(gid, {})))
+            if curve is not None:
+                curves[str(gid)] = curve
+        out["balloon_sweep"] = curves
+    return out
