@@ -28,6 +28,7 @@ from .config import RunConfig
 from .errors import HostdError
 from .memconfig import balloon_config, host_memory_config
 from .memory import HostMemory
+from .monitors import HostMonitors
 from .session import GuestSession, sanitize_stats
 from .watchdog import Watchdog
 
@@ -73,6 +74,7 @@ class Machine:
         self.invariant_violations = 0
         self.peak: dict[str, int] = {}
         self.rejected: dict[str, int] = {}
+        self.monitors = HostMonitors(cfg.monitors, self.mem, cfg.tick_us)
 
     # --- guests -----------------------------------------------------------------
 
@@ -84,6 +86,7 @@ class Machine:
         self.mem.add_guest(gid, spec.ram_pages, max_balloon, disk_blocks=int(spec.config.get("disk_blocks", 0)),
                            disk_profile=self.vdisk_profile)
         self.targets[gid] = 0
+        self.monitors.guest_joined(gid, spec.ram_pages, spec.config)
 
     def guest_gone(self, session: GuestSession) -> dict[str, int]:
         gid = session.guest_id
@@ -93,6 +96,7 @@ class Machine:
         counts = self.mem.guest_counts(gid)
         self.mem.remove_guest(gid)
         self.targets.pop(gid, None)
+        self.monitors.guest_gone(gid)
         self.watchdog.forget(gid)
         self.uncooperative.discard(gid)  # a guest restarted under this id starts with a clean slate
         self._check_invariant("guest_gone")
@@ -201,6 +205,8 @@ class Machine:
         if (tick + 1) % self.mem_cfg.invariant_every_ticks == 0:
             self._check_invariant("tick")
         snap = mem.snapshot()
+        self.monitors.end_tick(tick, vt_us, snap, {gid: s.last_stats for gid, s in self.host.sessions.items()},
+                               self.targets)
         for key in ("iobuf_pages", "cache_pages", "pinned_frames", "swap_used_slots"):
             self.peak[key] = max(self.peak.get(key, 0), int(snap.get(key, 0)))
         self.peak["min_free_frames"] = min(self.peak.get("min_free_frames", snap["free_frames"]), snap["free_frames"])
@@ -267,4 +273,4 @@ class Machine:
         return {"memory": snap, "guests_memory": guests, "peaks": dict(self.peak),
                 "invariant_violations": self.invariant_violations, "ram_pages": self.ram_pages,
                 "rejected_requests": dict(self.rejected), "uncooperative_guests": sorted(self.uncooperative),
-                "watchdog": self.watchdog.metrics()}
+                "watchdog": self.watchdog.metrics(), "monitors": self.monitors.metrics()}
