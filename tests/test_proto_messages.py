@@ -296,19 +296,41 @@ def render_error_codes() -> str:
 
 
 def render_events() -> str:
+    """proto/events.py as tables: a comment after a blank line titles a group; comment
+    lines right before a constant, and the comment after it, list its fields."""
     from proto import events
 
     lines: list[str] = []
+    leading: list[str] = []
+    after_blank = True
     for line in inspect.getsource(events).splitlines():
-        section = re.match(r"# (.+)$", line)
-        if section and not line.startswith("# -"):
-            lines += ["", f"**{section.group(1)}**", "", "| event | fields |", "|---|---|"]
+        if not line.strip():
+            after_blank, leading = True, []
             continue
+        comment = re.match(r"#\s?(.*)$", line)
+        if comment:
+            if after_blank:
+                lines += ["", f"**{_md(comment.group(1).strip())}**", "", "| event | fields |", "|---|---|"]
+            else:
+                leading.append(comment.group(1).strip())
+            after_blank = False
+            continue
+        after_blank = False
         match = re.match(r'([A-Z_]+) = "([a-z_]+)"\s*(?:#\s*(.*))?$', line)
         if match:
             assert getattr(events, match.group(1)) == match.group(2)
-            lines.append(f"| `{match.group(2)}` | {_md((match.group(3) or '').strip())} |")
+            fields_ = " ".join(leading + [(match.group(3) or "").strip()]).strip()
+            lines.append(f"| `{match.group(2)}` | {_md(' '.join(fields_.split()))} |")
+        leading = []
     return "\n".join(lines).strip()
+
+
+def test_every_event_constant_is_rendered() -> None:
+    from proto import events
+
+    rendered = render_events()
+    names = [getattr(events, n) for n in events.__all__ if isinstance(getattr(events, n), str)]
+    assert names and all(f"| `{name}` |" in rendered for name in names)
 
 
 README_SECTIONS = {"messages": render_messages, "error-codes": render_error_codes, "events": render_events}
