@@ -84,6 +84,9 @@ class RawClient:
         self.buf = b""
         self.next_id = 1
         self.inbox: list[list] = []
+        # Called with each request the host sends while we wait for something else
+        # (a TLB shootdown, the audit); returns True if it answered it.
+        self.serve: Callable[[list], bool] | None = None
 
     # --- sending -----------------------------------------------------------------
 
@@ -143,6 +146,8 @@ class RawClient:
                 return None
             if pred(frame):
                 return frame
+            if frame[0] == REQUEST and self.serve is not None and self.serve(frame):
+                continue
             self.inbox.append(frame)
 
     def reply_to(self, msg_id: int, timeout_s: float = 10.0) -> list | None:
@@ -328,3 +333,20 @@ def record_fault(run_dir: Path | str, target: str, pid: int, sig: str, **fields:
 
 def fault_points(log_path: Path | str) -> list[dict[str, Any]]:
     return _read_events(Path(log_path), "fault_point_reached")
+
+
+def run_config(scenario: str, guests: int | None = None, ticks: int | None = None, seed: int | None = None,
+               **top: Any) -> dict[str, Any]:
+    """The host's run config for a scenario, resolved as the launcher does (``top`` overrides top-level keys)."""
+    from scripts import validators
+    from scripts.scenario import Overrides, find_scenario, load_scenario
+    sc = load_scenario(find_scenario(scenario), Overrides(guests=guests, ticks=ticks, seed=seed),
+                       validators.VALIDATORS)
+    cfg = sc.run_config(next(iter(sc.variants)), f"raw-{os.getpid()}")
+    for g in cfg["guests"]:
+        g["ram_pages"], g["disk_blocks"] = validators.guest_sizes(g)
+        swap_area = getattr(validators, "guest_swap_area", None)
+        if swap_area is not None:
+            g["swap_base_block"], g["swap_blocks"] = swap_area(g)
+    cfg.update(top)
+    return cfg
