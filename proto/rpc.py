@@ -538,11 +538,21 @@ class RpcConnection(asyncio.Protocol):
             self._reply_exception(0, raw_type, exc)
             return
         if result is not None and inspect.isawaitable(result):
+            # Async notification handlers share the incoming bound with
+            # requests: a peer flooding notifications cannot start unbounded tasks.
+            if self._incoming >= self.limits.max_incoming:
+                if inspect.iscoroutine(result):
+                    result.close()
+                self._send_error(0, raw_type, ErrorCode.OVERLOADED,
+                                 f"more than {self.limits.max_incoming} requests and notifications outstanding")
+                return
+            self._incoming += 1
             task = asyncio.ensure_future(result)
             self._tasks.add(task)
             task.add_done_callback(lambda t, r=raw_type: self._notify_done(t, r))
 
     def _notify_done(self, task: asyncio.Task, raw_type: int) -> None:
         self._tasks.discard(task)
+        self._incoming -= 1
         if not task.cancelled() and task.exception() is not None:
             self._reply_exception(0, raw_type, task.exception())  # type: ignore[arg-type]

@@ -615,6 +615,29 @@ async def test_incoming_limit_gets_overloaded(address: Address) -> None:
         assert await p.client.call(Ping(b"again")) == Pong(b"again")
 
 
+async def test_async_notification_handlers_share_the_incoming_limit(address: Address) -> None:
+    """A peer flooding notifications whose handlers wait cannot start unbounded tasks."""
+    gate = asyncio.Event()
+    started = 0
+
+    async def held(msg: TickStart) -> None:
+        nonlocal started
+        started += 1
+        await gate.wait()
+
+    async with rpc_pair(address, server={"notifications": {MsgType.TICK_START: held},
+                                         "limits": RpcLimits(max_incoming=3, timeout_s=CALL_TIMEOUT_S)}) as p:
+        for tick in range(10):
+            p.client.notify(TickStart(tick, 0.0, 10_000))
+        await wait_until(lambda: p.client.errors_received == 7, 5)
+        assert started == 3 and p.server.errors_sent == 7
+        gate.set()
+        await wait_until(lambda: p.server._incoming == 0, 5)
+        p.client.notify(TickStart(99, 0.0, 10_000))  # the bound is free again
+        await wait_until(lambda: started == 4, 5)
+        assert p.client.errors_received == 7
+
+
 async def test_close_fails_pending_calls_with_peer_closed(address: Address) -> None:
     gate = asyncio.Event()
     arrived = 0
