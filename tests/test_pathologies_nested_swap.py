@@ -1,0 +1,64 @@
+"""Nested swapping (double faults) and pinning as its cure, over real processes.
+
+``nested-swap`` with two guests for 0.6 virtual seconds: each guest's
+balloon leaves it short of its working set, so it swaps; the host, short
+too, swaps blindly, cache pages of the guests' swap areas among others.
+Without pinning double faults keep coming; with pinning, once a guest's
+swap area is pinned there are none on it.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from proto import events as ev
+from tests.pathology_runs import headline, host_events, run_scenario
+
+pytestmark = pytest.mark.multiprocess
+
+
+@pytest.fixture(scope="module")
+def nested(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
+    run_dir = tmp_path_factory.mktemp("nested-swap") / "run"
+    variants = run_scenario(run_dir, "nested-swap", "--guests", "2", "--ticks", "60")
+    assert sorted(variants) == ["no-pinning", "pinning"]
+    for name, v in variants.items():
+        print(headline(name, v))
+    return run_dir, variants
+
+
+@pytest.mark.timeout(90)
+def test_every_double_fault_is_logged_with_its_evidence(nested: tuple[Path, dict]) -> None:
+    run_dir, variants = nested
+    for name, v in variants.items():
+        events = host_events(run_dir, name, ev.DOUBLE_FAULT)
+        assert sum(e["count"] for e in events) == v["host"]["double_faults"], name
+        assert v["host"]["double_fault_logged_pages"] == v["host"]["double_faults"], name
+        for e in events:
+            assert e["blocks"] and e["clusters"] and e["added_us"] > 0 and "swap_area_pinned" in e, e
+    assert len(host_events(run_dir, "no-pinning", ev.DOUBLE_FAULT)) <= 60 * 2   # at most one per guest and tick
+
+
+@pytest.mark.timeout(90)
+def test_without_pinning_double_faults_keep_coming_with_pinning_none_after_the_pin(nested: tuple[Path, dict]) -> None:
+    run_dir, variants = nested
+    off, on = variants["no-pinning"], variants["pinning"]
+    msg = headline("no-pinning", off) + "\n" + headline("pinning", on)
+    pins = host_events(run_dir, "pinning", ev.SWAP_AREA_PINNED)
+    assert {e["guest"] for e in pins} == {0, 1}, pins
+    assert all(e["blocks"] > 0 and "pinned_pages" in e for e in pins), pins
+    pinned_at = {e["guest"]: e["tick"] for e in pins}
+    # No double fault on a guest after its swap area was pinned ...
+    assert on["host"]["double_faults_after_pin"] == 0, msg
+    for e in host_events(run_dir, "pinning", ev.DOUBLE_FAULT):
+        assert e["tick"] <= pinned_at[e["guest"]] and not e["swap_area_pinned"], e
+    # ... while without the pins they keep coming, long after the same point in the run.
+    later = sum(e["count"] for e in host_events(run_dir, "no-pinning", ev.DOUBLE_FAULT)
+                if e["tick"] > max(pinned_at.values()) + 5)
+    assert later >= 30, msg
+    assert off["host"]["double_faults"] >= 2 * on["host"]["double_faults"], msg
+    # What the cure costs: host frames held pinned, within the disk caches' bound (4 MiB per guest).
+    assert 0 < on["host"]["pinned_pages_peak"] <= 2 * 4 * 256, msg
+    assert off["host"]["pinned_pages_peak"] == 0, msg
