@@ -156,7 +156,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         t0 = time.perf_counter()
         n = write_synthetic_run(run_dir, args.lines, args.guests)
         size_mb = sum(p.stat().st_size for p in run_dir.glob("*.jsonl")) / 1e6
-        print(f"wrote {n} lines ({size_mb:.0f} MB, {args.guests} guests) in {time.perf_counter() - t0:.1f} s: {run_dir}")
+        print(f"wrote {n} lines ({size_mb:.0f} MB, {args.guests} guests) in {time.perf_counter() - t0:.1f} s: "
+              f"{run_dir}")
         t0, c0 = time.perf_counter(), time.process_time()
         result = analyze_run(run_dir, quiet=True)
         dt, cpu = time.perf_counter() - t0, time.process_time() - c0

@@ -26,8 +26,9 @@ __all__ = ["HEADLINE", "Metric", "Column", "headline_value", "ratio", "compare_t
 class Metric:
     key: str
     label: str
-    get: Callable[[dict[str, Any]], float | None]
+    get: Callable[[dict[str, Any]], Any]
     better: str = ""   # "lower", "higher" or "" (neither: a count to read, not to minimise)
+    text: bool = False  # a word (how the run ended), shown as is, no ratio
 
 
 def _host(key: str) -> Callable[[dict[str, Any]], float | None]:
@@ -59,6 +60,7 @@ def _double_faults(v: dict[str, Any]) -> float | None:
 
 
 HEADLINE: tuple[Metric, ...] = (
+    Metric("reason", "how the run ended", lambda v: v.get("reason"), text=True),
     Metric("refs_per_vsec", "throughput (references per virtual s, all guests)", lambda v: v.get("refs_per_vsec"),
            "higher"),
     Metric("host_swap_out_pages", "host swap-out (pages)", _host("swap_out_pages"), "lower"),
@@ -144,6 +146,15 @@ def compare_table(columns: Sequence[Column], metrics: Sequence[Metric] = HEADLIN
     lines = ["| " + " | ".join(_cell(h) for h in header) + " |",
              "|" + "---|" + "---:|" * len(columns)]
     for m in metrics:
+        if m.text:
+            words = [m.get(c.variant) for c in columns]
+            if all(w is None for w in words):
+                continue
+            lines.append("| " + " | ".join([_cell(m.label), *(_cell(str(w)) if w is not None else "—" for w in words)])
+                         + " |")
+            rows.append({"metric": m.key, "label": m.label, "better": None, "values": words,
+                         "ratios": [None] * len(columns), "ratio_infinite": [False] * len(columns)})
+            continue
         values = [headline_value(m, c.variant) for c in columns]
         ratios = [ratio(values[i], values[c.baseline]) if c.baseline is not None else None
                   for i, c in enumerate(columns)]

@@ -287,7 +287,8 @@ def _plot_memory(s: VariantSeries, path: Path) -> Path | None:
         ax.set_title(f"guest {gid}")
     _same_limits(axes, _max(*(s.guests[g]["t_s"] for g in gids)), _max(*(s.guests[g]["total"] for g in gids)))
     handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles[::-1], labels[::-1], loc="upper right", bbox_to_anchor=(1.0, 1 - 0.75 / fig.get_size_inches()[1]))
+    top = 1 - 0.75 / fig.get_size_inches()[1]   # level with the top of the panels
+    fig.legend(handles[::-1], labels[::-1], loc="upper right", bbox_to_anchor=(1.0, top))
     _label_grid(fig, axes, "virtual time (s)", _pages_label("guest frames"))
     return _save(fig, path)
 
@@ -399,22 +400,22 @@ def _plot_balloon_curve(s: VariantSeries, path: Path) -> Path | None:
         g = s.guests[gid]
         x = g["balloon_actual_pages"]
         thr = rate_per_s(g["refs"], g["vt_us"])
+        # faults over each logged interval, not the guest's smoothed PFF: a step's own rate, no memory of the last
+        faults = rate_per_s(np.nan_to_num(g["major_faults"]) + np.nan_to_num(g["minor_faults"]), g["vt_us"])
         idx = _thin(x.size)
-        ax1.scatter(x[idx], g["pff"][idx], s=14, color=color, alpha=0.7, label=f"guest {gid}")
+        ax1.scatter(x[idx], faults[idx], s=14, color=color, alpha=0.7, label=f"guest {gid}")
         ax2.scatter(x[idx], thr[idx], s=14, color=color, alpha=0.7, label=f"guest {gid}")
-        for ax, y in ((ax1, g["pff"]), (ax2, thr)):  # the curve: the median of the points at each balloon size
+        for ax, y in ((ax1, faults), (ax2, thr)):  # the curve: the median of the points at each balloon size
             xs, ys = _binned_median(x, y)
             ax.plot(xs, ys, color=color, lw=1.2)
     ax1.set_title(f"{s.name}: balloon size vs page-fault frequency and throughput (each point one logged interval)")
-    ax1.set_ylabel("page faults per virtual second")
+    ax1.set_ylabel("page faults per virtual second\n(over each logged interval)")
     ax2.set_ylabel("references per virtual second")
     ax2.set_xlabel(_pages_label("balloon size"))
-    pff = np.concatenate([s.guests[g]["pff"] for g in gids])
-    pff = pff[np.isfinite(pff)]
-    if pff.size and pff.max() > 100:
-        # symlog: a smoothed PFF decays towards 0 without reaching it; under 1 fault/s it is 0 for a reader
-        ax1.set_yscale("symlog", linthresh=1.0)
-        ax1.set_ylim(bottom=0)
+    ys = [y for ln in ax1.get_lines() for y in np.asarray(ln.get_ydata(), float)]
+    if ys and np.nanmax(ys) > 100:
+        ax1.set_yscale("symlog", linthresh=1.0)   # faults span decades; under 1 per second reads as 0
+    ax1.set_ylim(bottom=0)
     ax2.set_ylim(bottom=0)
     _eng(ax2)
     ax1.legend(loc="best", ncols=2 if len(gids) > 8 else 1)
@@ -437,8 +438,61 @@ def _binned_median(x: np.ndarray, y: np.ndarray, bins: int = 12) -> tuple[np.nda
     return np.asarray(xs), np.asarray(ys)
 
 
-def plot_variant(s: VariantSeries, out_dir: Path, prefix: str | None = None) -> list[Plot]:
-    """Every per-variant plot that has data; returns what was written."""
+def _plot_sweep_steps(name: str, vsummary: dict[str, Any], path: Path) -> Path | None:
+    """The thrashing curve from ``balloon_sweep`` in the summary: one point per balloon step, the knee marked."""
+    curves = vsummary.get("balloon_sweep")
+    if not isinstance(curves, dict):
+        return None
+    curves = {k: c for k, c in curves.items() if isinstance(c, dict) and isinstance(c.get("steps"), list)
+              and len(c["steps"]) >= 2}
+    if not curves:
+        return None
+    plt = _plt()
+    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(10, 7.5), sharex=True, layout="constrained")
+    for color, (gid, c) in zip(_colors(len(curves)), sorted(curves.items(), key=lambda kv: str(kv[0]))):
+        steps = [r for r in c["steps"] if isinstance(r, dict)]
+        x = np.array([_f(r.get("balloon_pages")) for r in steps])
+        ax1.plot(x, [_f(r.get("faults_per_vsec")) for r in steps], marker="o", color=color, label=f"guest {gid}")
+        ax2.plot(x, [_f(r.get("refs_per_vsec")) for r in steps], marker="o", color=color, label=f"guest {gid}")
+        one = len(curves) == 1   # one guest: red knee, black working set; several: each in its guest's colour
+        knee = c.get("knee_balloon_pages")
+        if isinstance(knee, (int, float)):
+            for ax in (ax1, ax2):
+                ax.axvline(knee, color="tab:red" if one else color, ls=":", lw=2,
+                           label=f"guest {gid}: knee" if ax is ax2 else None)
+        ws = c.get("true_working_set_pages")
+        r0 = steps[0]
+        if isinstance(ws, (int, float)) and isinstance(r0.get("guest_free_pages"), (int, float)):
+            # the balloon size at which the guest's free memory equals its true working set
+            at = _f(r0.get("balloon_pages")) + _f(r0.get("guest_free_pages")) - float(ws)
+            for ax in (ax1, ax2):
+                ax.axvline(at, color="black" if one else color, ls="--", lw=1.0, alpha=0.7,
+                           label=f"guest {gid}: free memory = working set ({ws:.0f} pages)" if ax is ax2 else None)
+    ax1.set_title(f"{name}: balloon sweep, one point per step (where throughput falls is the knee)")
+    ax1.set_ylabel("page faults per virtual second")
+    ax2.set_ylabel("references per virtual second")
+    ax2.set_xlabel(_pages_label("balloon size"))
+    ys = [y for ln in ax1.get_lines() for y in np.asarray(ln.get_ydata(), float)]
+    if ys and np.nanmax(ys) > 100:
+        ax1.set_yscale("symlog", linthresh=1.0)
+    ax1.set_ylim(bottom=0)
+    ax2.set_ylim(bottom=0)
+    _eng(ax2)
+    ax2.legend(loc="best")
+    return _save(fig, path)
+
+
+def _f(x: Any) -> float:
+    return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) else float("nan")
+
+
+def plot_variant(s: VariantSeries, out_dir: Path, prefix: str | None = None,
+                 vsummary: dict[str, Any] | None = None) -> list[Plot]:
+    """Every per-variant plot that has data; returns what was written.
+
+    ``vsummary``: the variant's entry of summary.json, for what is computed
+    there (the balloon sweep's steps and knee).
+    """
     out_dir = Path(out_dir)
     p = safe_name(prefix if prefix is not None else s.name)
     jobs: list[tuple[str, str, Callable[[Path], Path | None]]] = [
@@ -457,6 +511,8 @@ def plot_variant(s: VariantSeries, out_dir: Path, prefix: str | None = None) -> 
         ("host frames", "host-memory", lambda path: _plot_host_memory(s, path)),
         ("host swap-in/out rates", "host-swap", lambda path: _plot_host_swap(s, path)),
         ("balloon size vs PFF and throughput", "balloon-pff", lambda path: _plot_balloon_curve(s, path)),
+        ("balloon sweep: faults and throughput per step", "balloon-steps",
+         lambda path: _plot_sweep_steps(s.name, vsummary or {}, path)),
     ]
     written = []
     for title, stem, draw in jobs:

@@ -27,7 +27,8 @@ from proto import events as ev
 from .compare import Column, compare_table, format_value
 from .logs import VariantLogs, event_vt_us, find_variants, load_variant
 
-__all__ = ["write_report", "write_report_full", "render_report", "notable_events", "variant_order", "ReportResult", "MAX_EVENTS_SHOWN"]
+__all__ = ["write_report", "write_report_full", "render_report", "notable_events", "evidence", "variant_order",
+           "ReportResult", "MAX_EVENTS_SHOWN"]
 
 MAX_EVENTS_SHOWN = 80
 """Notable events listed per variant; the counts per kind cover the rest."""
@@ -173,9 +174,51 @@ def _fmt_field(x: Any) -> str:
     return str(x)
 
 
+def _fmt_cycle(cycle: list[Any]) -> str | None:
+    """A wait-for cycle (``deadlock_detected``) as who holds what and waits for what, around the loop."""
+    links = []
+    for w in cycle:
+        if not isinstance(w, dict) or "holds" not in w or "waits_for" not in w:
+            return None
+        who = w.get("owner") or "/".join(str(w[k]) for k in ("proc", "task") if k in w) or "?"
+        since = w.get("since_vt_us")
+        at = f" since {float(since) / 1e6:.4f} s" if isinstance(since, (int, float)) else ""
+        site = f" in {w['site']}" if w.get("site") else ""
+        links.append(f"{who} holds {w.get('holds_lock', w['holds'])}, waits for "
+                     f"{w.get('waits_for_lock', w['waits_for'])}{site}{at}")
+    return "cycle: " + " → ".join(links) + " → (back to the first)" if links else None
+
+
+def _fmt_chain(chain: list[Any]) -> str | None:
+    """A monitor's chain of conditions (``swap_storm_detected``): each link, its value against its threshold."""
+    parts = []
+    for c in chain:
+        if not isinstance(c, dict) or "link" not in c:
+            return None
+        mark = "yes" if c.get("ok") else "no"
+        parts.append(f"{c['link']} {_fmt_field(c.get('value'))} (threshold {_fmt_field(c.get('threshold'))}: {mark})")
+    return "chain: " + "; ".join(parts) if parts else None
+
+
+_FIELD_FORMATS: dict[str, Callable[[list[Any]], str | None]] = {"cycle": _fmt_cycle, "chain": _fmt_chain}
+
+
 def evidence(e: dict[str, Any], limit: int = MAX_EVIDENCE_CHARS) -> str:
-    """The event's own fields as ``key=value``, shortened to ``limit`` characters."""
-    parts = [f"{k}={_fmt_field(val)}" for k, val in e.items() if k not in _CONTEXT and not k.startswith("_")]
+    """The event's own fields as ``key=value``, shortened to ``limit`` characters.
+
+    A deadlock's ``cycle`` and a monitor's ``chain`` are written out as
+    sentences and come first: they are the evidence.
+    """
+    parts = []
+    for k, val in e.items():
+        if k in _CONTEXT or k.startswith("_"):
+            continue
+        fmt = _FIELD_FORMATS.get(k)
+        text = fmt(val) if fmt is not None and isinstance(val, list) else None
+        if text is not None:
+            parts.insert(0, text)
+        else:
+            parts.append(f"{k}={_fmt_field(val)}")
     text = ", ".join(parts)
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
@@ -228,7 +271,10 @@ _HOST_ROWS = (
     ("peaks.swap_used_slots", "most host swap slots in use"), ("ept_faults", "EPT faults (pages)"),
     ("shootdown_pages", "pages shot down (TLB)"), ("double_faults", "double faults"),
     ("vdisk_read_pages", "virtual-disk reads (pages)"), ("vdisk_write_pages", "virtual-disk writes (pages)"),
-    ("vdisk_backpressure_waits", "virtual-disk backpressure waits"), ("balloon_inflated_pages", "balloon inflated (pages)"),
+    ("vdisk_backpressure_waits", "virtual-disk backpressure waits"),
+    ("double_faults_after_pin", "double faults after a pin"), ("double_paging_pages", "double paging (pages)"),
+    ("swap_area_pins", "swap areas pinned"), ("pinned_pages_peak", "most frames pinned for swap areas"),
+    ("balloon_inflated_pages", "balloon inflated (pages)"),
     ("balloon_deflated_pages", "balloon deflated (pages)"), ("invariant_violations", "invariant violations"),
     ("rejected_requests", "rejected requests"), ("uncooperative_guests", "uncooperative guests"),
 )
@@ -325,12 +371,13 @@ def _events_section(v: VariantLogs, tick_us: float, cap: int) -> str:
     return "\n".join(out)
 
 
-def _plot_links(plots: Sequence[Any], run_dir: Path, embed: bool = True) -> str:
+def _plot_links(plots: Sequence[Any], run_dir: Path) -> str:
+    """Each plot embedded (a markdown viewer shows it inline; the alt text names it otherwise)."""
     out = []
     for p in plots:
         rel = Path(p.path).relative_to(run_dir) if Path(p.path).is_relative_to(run_dir) else Path(p.path)
-        out.append(f"![{p.title}]({rel.as_posix()})" if embed else f"- [{p.title}]({rel.as_posix()})")
-    return "\n\n".join(out) if embed else "\n".join(out)
+        out.append(f"![{p.title}]({rel.as_posix()})")
+    return "\n\n".join(out)
 
 
 # --- the report ------------------------------------------------------------------------
@@ -351,13 +398,14 @@ def render_report(run_dir: Path, summary: dict[str, Any], logs: Sequence[Variant
     for n in names:
         v = variants[n]
         cfg = by_name[n].config if n in by_name else {}
-        policy = (cfg.get("balloon") or {}).get("policy", "?")
+        policy = (cfg.get("balloon") or {}).get("policy", "none (default)")
         params = (cfg.get("balloon") or {}).get("params")
         n_guests = len(v.get("guests") or [])
         out.append(f"- variant **{n}**: balloon policy `{policy}`"
                    + (f" {json.dumps(params, separators=(',', ':'))}" if params else "")
                    + f", {n_guests} guest(s), host RAM {format_value((v.get('host') or {}).get('ram_pages'))} frames; "
-                   f"{v.get('ticks', 0):,} ticks = {v.get('virtual_s', 0):g} virtual s in {v.get('wall_s', '?')} wall s; "
+                   f"{v.get('ticks', 0):,} ticks = {v.get('virtual_s', 0):g} virtual s in "
+                   f"{v.get('wall_s', '?')} wall s; "
                    f"ended: {v.get('reason', '?')}")
     bad = int(summary.get("bad_log_lines", 0) or 0)
     if bad:
@@ -394,6 +442,9 @@ def render_report(run_dir: Path, summary: dict[str, Any], logs: Sequence[Variant
         out += ["### Guests", "", _guest_table(v), ""]
         if v.get("guests_lost"):
             out += [f"Guests lost mid-run: {_cell(v['guests_lost'])}", ""]
+        details = _pathology_details(v)
+        if details:
+            out += ["### Pathologies", "", details, ""]
         out += ["### Notable events", ""]
         if n in by_name:
             out += [_events_section(by_name[n], _tick_us(by_name[n]), cap), ""]
@@ -401,6 +452,64 @@ def render_report(run_dir: Path, summary: dict[str, Any], logs: Sequence[Variant
         if mine:
             out += ["### Plots", "", _plot_links(mine, run_dir), ""]
     return "\n".join(out).rstrip() + "\n"
+
+
+def _table(rows: list[Any], limit: int = 40) -> str:
+    """A list of dicts as a markdown table (columns in first-seen order), at most ``limit`` rows."""
+    dicts = [r for r in rows if isinstance(r, dict)]
+    if not dicts:
+        return ""
+    cols: list[str] = []
+    for r in dicts:
+        cols += [k for k in r if k not in cols]
+    lines = ["| " + " | ".join(_md(c) for c in cols) + " |", "|" + "---:|" * len(cols)]
+    for r in dicts[:limit]:
+        lines.append("| " + " | ".join(_cell(r.get(c)) for c in cols) + " |")
+    if len(dicts) > limit:
+        lines.append(f"\n({len(dicts) - limit} more rows in summary.json)")
+    return "\n".join(lines)
+
+
+def _pathology_details(v: dict[str, Any]) -> str:
+    """What summary.json computed about the seed's pathologies for this variant, when there is any."""
+    out: list[str] = []
+    thr = v.get("throughput")
+    if isinstance(thr, dict) and thr.get("first_inflation_tick") is not None:
+        b, a = thr.get("before_inflation_refs_per_vsec"), thr.get("after_inflation_refs_per_vsec")
+        ratio = f" ({a / b:.2f}x)" if isinstance(a, (int, float)) and isinstance(b, (int, float)) and b else ""
+        out.append(f"- throughput before the first inflation (tick {thr['first_inflation_tick']}): "
+                   f"{_cell(b)} references per virtual s; after: {_cell(a)}{ratio}")
+    storm = v.get("swap_storm")
+    if v.get("swap_storms"):
+        first = storm.get("first_tick") if isinstance(storm, dict) else None
+        out.append(f"- swap storms: {v['swap_storms']}, the first at tick {_cell(first)}")
+        episodes = storm.get("episodes") if isinstance(storm, dict) else None
+        if isinstance(episodes, list) and episodes:
+            out += ["", "Swap storm episodes:", "", _table(episodes), ""]
+    sweep = v.get("balloon_sweep")
+    if isinstance(sweep, dict):
+        for gid, c in sweep.items():
+            if not isinstance(c, dict):
+                continue
+            knee = c.get("knee_balloon_pages")
+            out.append(f"- balloon sweep, guest {gid}: true working set "
+                       f"{_cell(c.get('true_working_set_pages'))} pages; "
+                       + (f"knee at a balloon of {_cell(knee)} pages (guest free memory "
+                          f"{_cell(c.get('knee_guest_free_pages'))} pages, throughput "
+                          f"{_cell(c.get('knee_refs_per_vsec'))} of {_cell(c.get('baseline_refs_per_vsec'))}); "
+                          f"last good free memory {_cell(c.get('last_good_guest_free_pages'))} pages"
+                          if knee is not None else "no knee: throughput held at every step"))
+            if isinstance(c.get("steps"), list):
+                out += ["", _table(c["steps"]), ""]
+    conv = v.get("convergence")
+    if isinstance(conv, dict):
+        steps = conv.get("steps")
+        scalars = {k: x for k, x in conv.items() if not isinstance(x, (list, dict))}
+        if scalars:
+            out.append("- convergence: " + ", ".join(f"{k}={_cell(x)}" for k, x in scalars.items()))
+        if isinstance(steps, list) and steps:
+            out += ["", "Convergence after each demand step:", "", _table(steps), ""]
+    return "\n".join(out).strip()
 
 
 def _reading(names: Sequence[str], variants: dict[str, dict[str, Any]]) -> str:
@@ -460,7 +569,7 @@ def _draw(run_dir: Path, summary: dict[str, Any], logs: Sequence[VariantLogs]) -
         series = {n: pl.variant_series(by_name[n]) for n in order}
         written += pl.plot_across(summary, series, run_dir, order)
         for n in order:
-            written += pl.plot_variant(series[n], run_dir)
+            written += pl.plot_variant(series[n], run_dir, vsummary=summary.get("variants", {}).get(n))
     except Exception as exc:  # noqa: BLE001 -- no matplotlib, or a plot bug, must not cost the tables
         print(f"analyze: plotting failed: {type(exc).__name__}: {exc}", file=sys.stderr)
         return written, f"{type(exc).__name__}: {exc}"
