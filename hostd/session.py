@@ -17,7 +17,9 @@ import time
 from typing import Any, Callable
 
 import numpy as np
+import structlog
 
+from proto import events as ev
 from proto.messages import MsgType, TickDone
 from proto.rpc import NotifyHandler, RequestHandler, RpcConnection
 
@@ -97,9 +99,13 @@ class GuestConnection(RpcConnection):
         if self.transport is not None and not self.transport.is_closing():
             try:
                 self.transport.pause_reading()
-                self.read_pauses += 1
             except RuntimeError:
-                pass  # closing meanwhile
+                return  # closing meanwhile
+            self.read_pauses += 1
+            if self.read_pauses == 1:
+                structlog.get_logger("hostd").warning(
+                    ev.GUEST_THROTTLED, guest=getattr(getattr(self, "session", None), "guest_id", None),
+                    send_buffer_bytes=self.transport.get_write_buffer_size())
 
     def resume_writing(self) -> None:
         super().resume_writing()

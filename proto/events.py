@@ -51,5 +51,6 @@ AUDIT_COMPLETED = "audit_completed"      # host: ok, guests {id: {...}}, problem
 AUDIT_REPORTED = "audit_reported"        # guest: ram_pages, disk_pages, balloon_pages, problems
 FAULT_POINT_REACHED = "fault_point_reached"  # point, occurrence, pid, mm_lock_held: the process stops itself here
 FAULT_INJECTED = "fault_injected"        # target, pid, signal, tick: written to faults.jsonl by an injector
+GUEST_THROTTLED = "guest_throttled"      # guest, send_buffer_bytes: it does not read; the host stops reading it
 
 __all__ = [name for name in dir() if name.isupper()]
