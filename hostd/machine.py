@@ -16,6 +16,7 @@ import structlog
 from proto import events as ev
 from proto.costs import CostModel, DiskProfile
 from proto.errors import ErrorCode
+from proto.locks import LockProtocol, lock_config_from_mapping
 from proto.messages import (BalloonDeflate, BalloonInflate, BalloonReply, BalloonTarget, DiskRead, DiskReadReply,
                             DiskWrite, DiskWriteReply, EptFault, EptFaultReply, Invalidate, InvalidateReply,
                             MsgType, TickDone)
@@ -27,6 +28,7 @@ from .balloon.view import GuestView, HostView
 from .config import RunConfig
 from .errors import HostdError
 from .memconfig import balloon_config, host_memory_config
+from .locks import HostLocks
 from .memory import HostMemory
 from .monitors import HostMonitors
 from .session import GuestSession, sanitize_stats
@@ -74,6 +76,7 @@ class Machine:
         self.invariant_violations = 0
         self.peak: dict[str, int] = {}
         self.rejected: dict[str, int] = {}
+        self.locks = self._make_locks(cfg)          # the lock model, when [locks] names a protocol
         self.monitors = HostMonitors(cfg.monitors, self.mem, cfg.tick_us)
 
     # --- guests -----------------------------------------------------------------
@@ -86,6 +89,9 @@ class Machine:
         self.mem.add_guest(gid, spec.ram_pages, max_balloon, disk_blocks=int(spec.config.get("disk_blocks", 0)),
                            disk_profile=self.vdisk_profile)
         self.targets[gid] = 0
+        if self.locks is not None:
+            locks = self.locks  # the session is active by now: its lock events are welcome
+            session.conn.notifications[MsgType.LOCK_EVENT] = lambda m: locks.on_guest_event(gid, m)
         self.monitors.guest_joined(gid, spec.ram_pages, spec.config)
 
     def guest_gone(self, session: GuestSession) -> dict[str, int]:
@@ -96,6 +102,8 @@ class Machine:
         counts = self.mem.guest_counts(gid)
         self.mem.remove_guest(gid)
         self.targets.pop(gid, None)
+        if self.locks is not None:
+            self.locks.guest_gone(gid)
         self.monitors.guest_gone(gid)
         self.watchdog.forget(gid)
         self.uncooperative.discard(gid)  # a guest restarted under this id starts with a clean slate
@@ -162,6 +170,10 @@ class Machine:
             MsgType.EPT_FAULT: ept_fault, MsgType.BALLOON_INFLATE: inflate, MsgType.BALLOON_DEFLATE: deflate,
             MsgType.DISK_READ: disk_read, MsgType.DISK_WRITE: disk_write,
         }
+        if self.locks is not None:   # every request runs under L_hostmem, held for the guest's vCPU
+            locks = self.locks
+            handlers = {t: locks.wrap(gid, t, h) for t, h in handlers.items()}
+            handlers.update(locks.lock_handlers(gid))
         # A HostdError raised here goes back as an error reply with its code; the
         # guest's connection reports every error reply to count_rejection.
         return dict(handlers)
@@ -188,19 +200,43 @@ class Machine:
         session = self.host.sessions.get(gid)
         if session is None:
             raise HostdError(f"guest {gid} is gone; cannot invalidate its mappings")
+        if self.locks is not None and not session.unresponsive:
+            # Under the guest's L_vmem, taken there for the owner the host acts for (hostd.locks).
+            return await self.locks.shootdown(session.conn, gid, gpfns, self.mem_cfg.shootdown_timeout_s)
         if session.unresponsive:
             # Its vCPU is not running: take the frames now, the content comes with its late reply.
             return self.watchdog.deferred_shootdown(session, gpfns)
         # Waits for the acknowledgement, unless the guest goes silent meanwhile (hostd.watchdog).
         return await self.watchdog.shootdown(session, gpfns, self.mem_cfg.shootdown_timeout_s)
 
+    # --- locks (hostd.locks) ------------------------------------------------------
+
+    def _make_locks(self, cfg: RunConfig) -> HostLocks | None:
+        lock_cfg = lock_config_from_mapping(cfg.locks)
+        if not lock_cfg.enabled:
+            return None
+        locks = HostLocks(lock_cfg, self.host.stop, lambda: float(self.host.vt_us), self.costs.hypercall_us)
+        if lock_cfg.protocol is LockProtocol.NO_CALLBACK:
+            self.mem.callout = locks.callout   # L_hostmem is dropped around every call into a guest
+        return locks
+
+    def tick_started(self, tick: int, vt_us: int) -> None:
+        """The host starts a tick: under a lock model its reclaim task may run during it."""
+        if self.locks is not None:
+            self.locks.start()
+            self.locks.tick_started(self.mem, vt_us)
+
     # --- the tick ------------------------------------------------------------------
 
     async def end_tick(self, tick: int, vt_us: int) -> None:
         mem = self.mem
+        if self.locks is not None:
+            if self.locks.deadlocked:
+                return   # the run ends: this tick's tasks wait for each other and cannot finish it
+            await self.locks.finish_tick()
         mem.tick(vt_us)
         await self.watchdog.reclaim_unresponsive(vt_us)
-        await mem.balance(vt_us)
+        await (mem.balance(vt_us) if self.locks is None else self.locks.balance(mem, vt_us))
         self._set_targets(tick, vt_us)
         if (tick + 1) % self.mem_cfg.invariant_every_ticks == 0:
             self._check_invariant("tick")
@@ -268,6 +304,13 @@ class Machine:
         return {"free_frames": pool["free"], "host_swapped": self.mem.counters.swap_out_pages}
 
     def final_metrics(self) -> dict[str, Any]:
+        out = self._final_metrics()
+        if self.locks is not None:
+            self.locks.close()
+            out["locks"] = self.locks.final_metrics()
+        return out
+
+    def _final_metrics(self) -> dict[str, Any]:
         snap = self.mem.snapshot()
         guests = snap.pop("guests")
         return {"memory": snap, "guests_memory": guests, "peaks": dict(self.peak),

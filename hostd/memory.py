@@ -12,7 +12,10 @@ frame whose shootdown is pending is ``busy``: not free, not a victim, not
 freed by balloon inflation or guest death (it is released when the
 acknowledgement arrives). A caller that needs ``n`` frames makes room, then
 re-checks everything it planned, and allocates with no await in between.
-No internal lock: the lock protocols of the design wrap these calls.
+No internal lock: the lock protocols of the design wrap these calls, and
+``callout`` (an async context manager factory) runs around every wait for a
+guest (the shootdowns) or for another caller's shootdown, so a protocol can
+drop its lock there (hostd.locks, no-callback-under-lock).
 
 Call order for one guest::
 
@@ -33,6 +36,7 @@ swap device. Refilling the watermark alone costs the vCPU nothing.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from dataclasses import asdict, dataclass, field
 from typing import Any, Awaitable, Callable, NamedTuple, Protocol
 
@@ -70,6 +74,11 @@ class MemoryObserver(Protocol):
 
 MAX_BALLOON_FRACTION_DEFAULT = 0.65   # ESX Mem.CtlMaxPercent
 _ZERO_PROGRESS_ROUNDS = 3             # reclaim rounds that free nothing before giving up
+
+
+@contextlib.asynccontextmanager
+async def _no_callout() -> Any:
+    yield
 
 
 def default_max_balloon_pages(guest_pages: int) -> int:
@@ -151,6 +160,7 @@ class HostMemory:
         self._departed_vdisk: dict[str, float] = {}   # disk counters of guests that are gone
         self._evictions_pending = 0
         self._eviction_settled = asyncio.Event()
+        self.callout: Callable[[], Any] = _no_callout   # see the module docstring
         self.observer: MemoryObserver | None = None   # the host's monitors, if any
 
     # -- guests ---------------------------------------------------------------
@@ -361,9 +371,10 @@ class HostMemory:
         self._evictions_pending += 1
         results: list[Any] = [None] * len(groups)
         try:
-            results = await asyncio.gather(
-                *(self._shootdown(gid, self.pool.owner_index[frames[mine]]) for gid, mine in groups),
-                return_exceptions=True)
+            async with self.callout():
+                results = await asyncio.gather(
+                    *(self._shootdown(gid, self.pool.owner_index[frames[mine]]) for gid, mine in groups),
+                    return_exceptions=True)
         finally:
             # Also on cancellation: un-busy what was not evicted, give back reserved slots.
             freed, done_us = self._settle_evictions(groups, results, frames, slots, vt_us)
@@ -422,7 +433,8 @@ class HostMemory:
         return freed, done_us
 
     async def _wait_eviction_settled(self) -> None:
-        await self._eviction_settled.wait()
+        async with self.callout():
+            await self._eviction_settled.wait()
 
     async def balance(self, vt_us: float) -> Reclaimed:
         """Background reclaim (kswapd): bring free frames up to twice the low watermark.

@@ -30,6 +30,7 @@ from proto.errors import ErrorCode, PeerClosed
 from proto.handshake import HandshakeError, check_hello
 from proto.messages import Hello, MsgType, Ping, Pong, RunEnd, TickDone, TickStart, Welcome
 from proto.rpc import RpcConnection, RpcLimits
+from proto.locks import DEADLOCK_REASON, EXIT_DEADLOCK
 from proto.transport import Address, serve
 
 from .config import RunConfig
@@ -93,7 +94,8 @@ class Host:
                 reason = self._stop_reason or "no guests connected"
             else:
                 reason = await self._tick_loop()
-            if not reason.startswith("signal"):
+            if not reason.startswith("signal") and reason != DEADLOCK_REASON:
+                # (after a deadlock the guests are stuck mid-tick, with shootdowns in flight: nothing to audit)
                 audit = await run_audit(self)
         finally:
             await self._end_run(reason)
@@ -107,6 +109,8 @@ class Host:
                  guests_rejoined=dict(sorted(self.rejoined.items())), audit_ok=audit["ok"],
                  audit={k: v for k, v in audit.items() if k not in ("ok", "guests")}, **self.machine.final_metrics())
         self._emit({"finished": reason, "tick": self.tick, "vt_us": self.vt_us})
+        if reason == DEADLOCK_REASON:
+            return EXIT_DEADLOCK
         return 0 if reason in ("completed",) or reason.startswith("signal") else 1
 
     def stop(self, reason: str) -> None:
@@ -140,6 +144,7 @@ class Host:
                 return "all guests gone"
             self.vt_us = tick * cfg.tick_us
             structlog.contextvars.bind_contextvars(tick=tick, vt_us=self.vt_us)
+            self.machine.tick_started(tick, self.vt_us)
             await self._run_one_tick(tick)
             self.vt_us = (tick + 1) * cfg.tick_us
             await self.machine.end_tick(tick, self.vt_us)

@@ -1,0 +1,401 @@
+"""The host's side of the lock model: ``L_hostmem``, remote ``L_vmem`` for shootdowns, the detector.
+
+Active only when the scenario's ``[locks]`` table names a protocol
+(``proto.locks``). Then:
+
+- ``L_hostmem`` (the host's frame table) is an ``OwnerLock``. Every memory
+  or disk request of a guest runs under it, taken *on behalf of* the guest's
+  vCPU (``wrap``); the host's reclaim task (``host/reclaim``, the seed's
+  host thread, run during a tick when memory is short) and the tick-end
+  balance (``host/tick``) take it for themselves.
+- A TLB shootdown (``shootdown``) takes the guest's ``L_vmem`` remotely, for
+  the owner the host acts for (``CURRENT_OWNER``): ``LockAcquire`` ->
+  ``Invalidate`` -> ``LockRelease``. Under ``naive`` and ``ordered`` the host
+  keeps ``L_hostmem`` meanwhile; under ``no-callback-under-lock``
+  ``HostMemory.callout`` drops it around the shootdowns (victims picked under
+  the lock, shootdown without it, commit under it again).
+- Under ``ordered`` a guest takes ``L_hostmem`` itself, before its
+  ``L_vmem`` (``lock_handlers``: ``LockAcquire``/``LockRelease``).
+- Every transition, the host's and those the guests report (``LockEvent``),
+  feeds one ``WaitForGraph`` and the ``LockdepValidator``. A new wait is
+  checked for a cycle at once, and the whole graph every
+  ``check_interval_s``. A cycle is logged as ``deadlock_detected``; then
+  either the run ends (reason ``deadlock``) or, with ``break_deadlocks``,
+  one guest's wait for ``L_hostmem`` in it fails with ``DEADLOCK_BROKEN``
+  and the guest retries.
+
+Individual lock events are logged at debug level (``lock_event``); counts
+go to ``run_finished``.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import dataclasses
+import inspect
+import time
+from collections import deque
+from dataclasses import asdict, dataclass
+from typing import Any, Callable
+
+import numpy as np
+import structlog
+
+from proto import events as ev
+from proto.errors import ErrorCode, PeerClosed, ProtoError
+from proto.locks import (DEADLOCK_REASON, HOST_PROC, VCPU_TASK, LockClass, LockConfig, LockOp, LockProtocol,
+                         LockTransition, OwnerLock, guest_proc, owner_name, split_owner)
+from proto.messages import (Invalidate, InvalidateReply, LockAcquire, LockEvent, LockRelease, LockReply, Message,
+                            MsgType)
+from proto.rpc import RequestHandler, RpcConnection
+
+from .deadlock import CycleEdge, LockdepValidator, WaitForGraph, cycle_signature
+from .errors import HostdError
+
+__all__ = ["HostLocks", "DeadlockBroken", "BadLockRequest", "CURRENT_OWNER", "RECLAIM_OWNER", "TICK_OWNER"]
+
+log = structlog.get_logger("hostd.locks")
+
+RECLAIM_OWNER = owner_name(HOST_PROC, "reclaim")
+TICK_OWNER = owner_name(HOST_PROC, "tick")
+
+CURRENT_OWNER: contextvars.ContextVar[str] = contextvars.ContextVar("balloonlab_lock_owner", default=TICK_OWNER)
+"""Whom the host is acting for in this task: a guest's vCPU in its request handler, else a host task."""
+
+_RECENT_EVENTS = 32        # kept for the deadlock report: what led to it
+_FRUITLESS_RECLAIMS = 2    # the reclaim task gives up after this many rounds that free nothing
+
+
+class DeadlockBroken(HostdError, RuntimeError):
+    code = ErrorCode.DEADLOCK_BROKEN
+
+    def __init__(self, owner: str, lock: str) -> None:
+        super().__init__(f"{owner}'s wait for {lock} closed a deadlock cycle; it was failed to break it: retry")
+        self.owner = owner
+        self.lock = lock
+
+
+class BadLockRequest(HostdError, ValueError):
+    code = ErrorCode.BAD_FIELD
+
+
+class LockStateError(HostdError, ValueError):
+    code = ErrorCode.INVALID_STATE
+
+
+@dataclass(slots=True)
+class LockCounters:
+    events: int = 0
+    guest_events: int = 0
+    bad_guest_events: int = 0
+    hostmem_acquisitions: int = 0
+    hostmem_waits: int = 0
+    hostmem_wait_s: float = 0.0      # wall seconds owners spent waiting for L_hostmem
+    vmem_waits: int = 0              # waits for a guest's L_vmem (reported by the guests)
+    vmem_wait_s: float = 0.0
+    remote_vmem_acquisitions: int = 0  # L_vmem taken by the host for a shootdown
+    deadlocks: int = 0
+    deadlocks_broken: int = 0
+    violating_acquisitions: int = 0
+    tick_reclaims: int = 0
+    tick_reclaim_frames: int = 0
+
+
+class HostLocks:
+    def __init__(self, cfg: LockConfig, stop: Callable[[str], None], clock: Callable[[], float],
+                 hypercall_us: float = 2.0) -> None:
+        if cfg.protocol is None:
+            raise ValueError("HostLocks needs a lock protocol")
+        self.cfg = cfg
+        self.protocol: LockProtocol = cfg.protocol
+        self._stop = stop
+        self._clock = clock                      # the host's virtual time now
+        self.hypercall_us = hypercall_us
+        self.hostmem = OwnerLock(LockClass.L_HOSTMEM, HOST_PROC, self._on_host_event)
+        self.graph = WaitForGraph()
+        self.validator = LockdepValidator()
+        self.counters = LockCounters()
+        self.deadlocked = False
+        self.first_cycle: list[dict[str, Any]] | None = None
+        self._reported: set[frozenset[tuple[str, str]]] = set()
+        self._recent: deque[dict[str, Any]] = deque(maxlen=_RECENT_EVENTS)
+        self._reclaim_task: asyncio.Task | None = None
+        self._sweeper: asyncio.Task | None = None
+        self._background: set[asyncio.Task] = set()
+
+    # --- events -----------------------------------------------------------------------
+
+    def _on_host_event(self, t: LockTransition) -> None:
+        self._ingest(t)
+
+    def on_guest_event(self, guest_id: int, msg: LockEvent) -> None:
+        """A guest reports a transition of its ``L_vmem`` (a ``LockEvent`` notification)."""
+        try:
+            op = LockOp(msg.op)
+            cls = LockClass.from_label(msg.lock)
+            split_owner(msg.owner)
+        except ValueError as exc:
+            self.counters.bad_guest_events += 1
+            raise BadLockRequest(f"guest {guest_id}: lock event {msg.op!r} on {msg.lock!r}: {exc}") from None
+        if cls is not LockClass.L_VMEM:
+            self.counters.bad_guest_events += 1
+            raise BadLockRequest(f"guest {guest_id}: a guest has only L_vmem, it reported {msg.lock!r}")
+        self.counters.guest_events += 1
+        self._ingest(LockTransition(op, cls, guest_proc(guest_id), msg.owner, msg.task, msg.site, msg.vt_us))
+
+    def _ingest(self, t: LockTransition) -> None:
+        now = time.time()
+        c = self.counters
+        c.events += 1
+        g = self.graph
+        ref = t.ref
+        waiting = g.is_waiting(t.owner, ref)
+        if t.op is LockOp.WAIT or (t.op is LockOp.ACQUIRE and not waiting):
+            v = self.validator.check(g.held(t.owner), t)
+            if v is not None:
+                log.warning(ev.LOCK_ORDER_VIOLATION, protocol=self.protocol.value, **v.as_dict())
+        if t.op is LockOp.ACQUIRE and t.lock is LockClass.L_HOSTMEM:
+            c.hostmem_acquisitions += 1
+        if t.op is LockOp.WAIT:
+            if t.lock is LockClass.L_HOSTMEM:
+                c.hostmem_waits += 1
+            else:
+                c.vmem_waits += 1
+        elif waiting and t.op in (LockOp.ACQUIRE, LockOp.CANCEL):
+            w = next(w for w in g.waits(t.owner) if w.lock == ref)
+            if t.lock is LockClass.L_HOSTMEM:
+                c.hostmem_wait_s += now - w.since_wall_s
+            else:
+                c.vmem_wait_s += now - w.since_wall_s
+        c.violating_acquisitions = self.validator.violating_acquisitions
+        g.apply(t, now)
+        record = {"op": t.op.value, "lock": ref, "owner": t.owner, "task": t.task, "site": t.site,
+                  "vt_us": round(t.vt_us, 3)}
+        self._recent.append(record)
+        log.debug(ev.LOCK_EVENT, **record)
+        if t.op is LockOp.WAIT:
+            cycle = g.cycle_through(t.owner)
+            if cycle is not None:
+                self._on_cycle(cycle)
+
+    def sweep(self) -> int:
+        """Check the whole graph; returns the cycles found that were not reported before."""
+        new = 0
+        for cycle in self.graph.cycles():
+            if cycle_signature(cycle) not in self._reported:
+                new += 1
+                self._on_cycle(cycle)
+        return new
+
+    def _on_cycle(self, cycle: list[CycleEdge]) -> None:
+        sig = cycle_signature(cycle)
+        if sig in self._reported or self.deadlocked:
+            return   # seen, or the run is ending on a deadlock already (its other cycles are the same knot)
+        self._reported.add(sig)
+        self.counters.deadlocks += 1
+        now = time.time()
+        edges = [e.as_dict(now) for e in cycle]
+        victim = self._breakable(cycle) if self.cfg.break_deadlocks else None
+        action = f"failed {victim.owner}'s wait for {victim.waits_for_lock}" if victim else "ending the run"
+        if self.first_cycle is None:
+            self.first_cycle = edges
+        log.error(ev.DEADLOCK_DETECTED, protocol=self.protocol.value, length=len(edges), cycle=edges,
+                  summary=describe_cycle(cycle), action=action, recent_events=list(self._recent))
+        if victim is not None:
+            self.counters.deadlocks_broken += 1
+            # The wait closed a cycle; the signature may come back after the retry.
+            self._reported.discard(sig)
+            self.hostmem.fail_waiter(victim.owner, DeadlockBroken(victim.owner, victim.waits_for_lock))
+            return
+        if not self.deadlocked:
+            self.deadlocked = True
+            self._stop(DEADLOCK_REASON)
+
+    def _breakable(self, cycle: list[CycleEdge]) -> CycleEdge | None:
+        """A guest vCPU's wait for L_hostmem, the request the guest can retry."""
+        for e in cycle:
+            if e.waits_for_lock == self.hostmem.ref and split_owner(e.owner)[1] == VCPU_TASK \
+                    and e.owner in self.hostmem.waiting():
+                return e
+        return None
+
+    def start(self) -> None:
+        """Start the periodic sweep (needs a running loop)."""
+        if self._sweeper is None:
+            self._sweeper = asyncio.ensure_future(self._sweep_loop())
+
+    async def _sweep_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.cfg.check_interval_s)  # a wall-clock period, by design
+            self.sweep()
+
+    def close(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
+        if self._reclaim_task is not None and not self._reclaim_task.done():
+            self._reclaim_task.cancel()
+
+    # --- the guests' requests ------------------------------------------------------------
+
+    def wrap(self, guest_id: int, msg_type: MsgType, handler: Callable[[Any], Any]) -> RequestHandler:
+        """``handler`` runs under L_hostmem, held for the guest's vCPU."""
+        owner = owner_name(guest_proc(guest_id), VCPU_TASK)
+        site = msg_type.name.lower()
+        task = f"{site}:{guest_proc(guest_id)}"
+        lock = self.hostmem
+
+        async def locked(m: Any) -> Any:
+            CURRENT_OWNER.set(owner)   # this request's own task: the shootdowns it causes are for the vCPU
+            async with lock.hold(owner, task=task, site=site, vt_us=m.vt_us) as granted:
+                if granted > m.vt_us:   # stalled behind a holder in virtual time: the request starts then
+                    m = dataclasses.replace(m, vt_us=granted)
+                result = handler(m)
+                if inspect.isawaitable(result):
+                    result = await result
+                return result
+
+        return locked  # type: ignore[return-value]
+
+    def lock_handlers(self, guest_id: int) -> dict[MsgType, RequestHandler]:
+        """``LockAcquire``/``LockRelease`` of L_hostmem by a guest (the ``ordered`` protocol)."""
+        proc = guest_proc(guest_id)
+        task = f"lock_acquire:{proc}"
+        lock = self.hostmem
+
+        def check(m: LockAcquire | LockRelease) -> str:
+            if m.lock != LockClass.L_HOSTMEM.label:
+                raise BadLockRequest(f"guest {guest_id}: the host has only {LockClass.L_HOSTMEM.label}, "
+                                     f"not {m.lock!r}")
+            try:
+                owner_proc, _ = split_owner(m.owner)
+            except ValueError as exc:
+                raise BadLockRequest(f"guest {guest_id}: {exc}") from None
+            if owner_proc != proc:
+                raise BadLockRequest(f"guest {guest_id}: may take locks for its own tasks only, not {m.owner!r}")
+            return m.owner
+
+        async def acquire(m: LockAcquire) -> LockReply:
+            owner = check(m)
+            granted = await lock.acquire(owner, task=task, site=m.site or "lock_acquire", vt_us=m.vt_us)
+            return LockReply(granted + self.hypercall_us)
+
+        def release(m: LockRelease) -> LockReply:
+            owner = check(m)
+            if lock.held_by(owner):
+                lock.release(owner, site=m.site or "lock_release", vt_us=m.vt_us)
+            elif not lock.fail_waiter(owner, asyncio.CancelledError(f"{owner} gave up")):
+                raise LockStateError(f"guest {guest_id}: {owner} neither holds nor waits for {lock.ref}")
+            return LockReply(m.vt_us + self.hypercall_us)
+
+        return {MsgType.LOCK_ACQUIRE: acquire, MsgType.LOCK_RELEASE: release}  # type: ignore[dict-item]
+
+    def guest_gone(self, guest_id: int) -> None:
+        """Its vCPU's holds and waits end with it (or the others would wait forever)."""
+        proc = guest_proc(guest_id)
+        self.hostmem.release_all(owner_name(proc, VCPU_TASK), vt_us=self._clock())
+        self.graph.drop_proc(proc)
+
+    # --- shootdowns ------------------------------------------------------------------------
+
+    async def shootdown(self, conn: RpcConnection, guest_id: int, gpfns: np.ndarray, timeout_s: float) -> np.ndarray:
+        """Invalidate ``gpfns`` in the guest while holding its L_vmem for ``CURRENT_OWNER``."""
+        owner = CURRENT_OWNER.get()
+        vt = float(self._clock())
+        acquire = LockAcquire(LockClass.L_VMEM.label, owner, "shootdown", vt)
+        release = LockRelease(LockClass.L_VMEM.label, owner, "shootdown", vt)
+        try:
+            await conn.call(acquire, timeout_s=timeout_s)
+        except BaseException:
+            # It may still be granted later: tell the guest to let go.
+            self._spawn(self._release_remote(conn, release, timeout_s))
+            raise
+        self.counters.remote_vmem_acquisitions += 1
+        try:
+            reply = await conn.call(Invalidate(gpfns), timeout_s=timeout_s)
+        finally:
+            # Awaited, so the guest's release event is in before we go on (the graph stays exact);
+            # shielded, so a cancelled shootdown still lets go of the guest's lock.
+            await asyncio.shield(self._spawn(self._release_remote(conn, release, timeout_s)))
+        assert isinstance(reply, InvalidateReply)
+        return reply.tokens
+
+    async def _release_remote(self, conn: RpcConnection, msg: LockRelease, timeout_s: float) -> None:
+        if conn.is_closing:
+            return
+        try:
+            await conn.call(msg, timeout_s=timeout_s)
+        except (PeerClosed, ProtoError) as exc:
+            log.debug(ev.LOCK_RELEASE_FAILED, lock=msg.lock, owner=msg.owner, peer=conn.name, reason=str(exc))
+
+    def _spawn(self, coro: Any) -> asyncio.Task:
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return task
+
+    def callout(self) -> Any:
+        """For ``HostMemory.callout`` under no-callback-under-lock: drop L_hostmem around a call to guests."""
+        return self.hostmem.suspended(CURRENT_OWNER.get(), site="callout", vt_us=self._clock)
+
+    # --- the host's own tasks ------------------------------------------------------------------
+
+    def tick_started(self, mem: Any, vt_us: float) -> None:
+        """The seed's host thread: reclaim while the guests run, if free frames are short."""
+        if self.cfg.reclaim_free_pct <= 0 or (self._reclaim_task is not None and not self._reclaim_task.done()):
+            return
+        target = int(mem.pool.total_frames * self.cfg.reclaim_free_pct / 100)
+        if mem.pool.free_frames >= target:
+            return
+        self._reclaim_task = asyncio.ensure_future(self._tick_reclaim(mem, target, float(vt_us)))
+
+    async def _tick_reclaim(self, mem: Any, target: int, vt_us: float) -> None:
+        CURRENT_OWNER.set(RECLAIM_OWNER)
+        c = self.counters
+        async with self.hostmem.hold(RECLAIM_OWNER, task="reclaim", site="tick_reclaim", vt_us=vt_us) as vt_us:
+            c.tick_reclaims += 1
+            fruitless = 0
+            while mem.pool.free_frames < target and fruitless < _FRUITLESS_RECLAIMS:
+                got = await mem.reclaim(max(target - mem.pool.free_frames, mem.reclaim_batch_frames), vt_us)
+                c.tick_reclaim_frames += got.freed_frames
+                fruitless = 0 if got.freed_frames else fruitless + 1
+
+    async def finish_tick(self) -> None:
+        """Wait for this tick's reclaim task (the tick's end changes memory too)."""
+        task = self._reclaim_task
+        if task is None:
+            return
+        self._reclaim_task = None
+        try:
+            await task
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a reclaim failure must not end the run; it is logged
+            log.error(ev.TICK_RECLAIM_FAILED, reason=f"{type(exc).__name__}: {exc}")
+
+    async def balance(self, mem: Any, vt_us: float) -> Any:
+        """The tick-end background reclaim, under L_hostmem as ``host/tick``."""
+        token = CURRENT_OWNER.set(TICK_OWNER)
+        try:
+            async with self.hostmem.hold(TICK_OWNER, task="tick", site="tick_balance", vt_us=vt_us) as granted:
+                return await mem.balance(granted)
+        finally:
+            CURRENT_OWNER.reset(token)
+
+    # --- reporting -----------------------------------------------------------------------------------
+
+    def final_metrics(self) -> dict[str, Any]:
+        c = asdict(self.counters)
+        c["hostmem_wait_s"] = round(c["hostmem_wait_s"], 3)
+        c["vmem_wait_s"] = round(c["vmem_wait_s"], 3)
+        return {"protocol": self.protocol.value, "break_deadlocks": self.cfg.break_deadlocks,
+                "lock_order_violations": self.validator.distinct, "deadlocked": self.deadlocked,
+                "graph_anomalies": self.graph.anomalies, "first_cycle": self.first_cycle, **c}
+
+
+def describe_cycle(cycle: list[CycleEdge]) -> str:
+    """One line a person reads: who holds what and waits for what."""
+    return "; ".join(f"{e.proc}/{e.task} (for {e.owner}) holds {e.holds_lock} and waits for {e.waits_for_lock}"
+                     if f"{e.proc}/{e.task}" != e.owner else
+                     f"{e.owner} holds {e.holds_lock} and waits for {e.waits_for_lock}" for e in cycle)
+
