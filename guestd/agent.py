@@ -25,6 +25,7 @@ from proto.errors import ErrorCode, HandshakeRefused, PeerClosed, ProtoError
 from proto.handshake import client_hello
 from proto.messages import (Audit, AuditReply, BalloonTarget, Invalidate, InvalidateReply, MsgType, Ping, Pong,
                             RunEnd, TickDone, TickStart)
+from proto.messages import LockAcquire, LockRelease, LockReply
 from proto.rpc import RpcConnection
 from proto.transport import Address, connect
 
@@ -75,6 +76,7 @@ class GuestAgent:
                          MsgType.AUDIT: self._on_audit}
         if self.pause:
             conn.call = pausing_call(conn.call, self.pause)  # type: ignore[method-assign]
+        conn.requests.update({MsgType.LOCK_ACQUIRE: self._on_lock_acquire, MsgType.LOCK_RELEASE: self._on_lock_release})
         conn.notifications = {MsgType.TICK_START: self._on_tick_start, MsgType.RUN_END: self._on_run_end,
                               MsgType.BALLOON_TARGET: self._on_balloon_target}
         try:
@@ -102,7 +104,11 @@ class GuestAgent:
         try:
             code = await self._vcpu_loop()
         except PeerClosed as exc:
-            code = self._fail(EXIT_HOST_LOST, f"lost the host mid-tick: {exc}")
+            if self._ending:   # the host ended the run mid-tick (e.g. on a deadlock) and closed on us
+                self.state.log_finished(self.end_reason)
+                code = EXIT_OK
+            else:
+                code = self._fail(EXIT_HOST_LOST, f"lost the host mid-tick: {exc}")
         finally:
             conn.close()
         return code
@@ -150,6 +156,10 @@ class GuestAgent:
         self._ending = True
         self.end_reason = msg.reason
         self._put_final(msg)
+        if self.state is not None and self.state.in_tick and self.conn is not None:
+            # The run ended under a running tick (a deadlock): our pending calls will never be
+            # answered; closing fails them, and the vCPU stops.
+            self.conn.close()
 
     def _on_balloon_target(self, msg: BalloonTarget) -> None:
         if self.state is None:
@@ -166,6 +176,18 @@ class GuestAgent:
     def _on_audit(self, msg: Audit) -> AuditReply:
         """The end-of-run audit: where our books say each page is (guestd.audit)."""
         return audit_reply(self.state, msg.first, msg.count)
+
+    def _lock_state(self) -> Any:
+        if self.state is None or self.state.locks is None:
+            raise GuestNotReady("a lock request, but this guest has no lock model (or no memory yet)")
+        return self.state.locks
+
+    async def _on_lock_acquire(self, msg: LockAcquire) -> LockReply:
+        """The host takes our L_vmem for one of its tasks (before a TLB shootdown)."""
+        return await self._lock_state().on_lock_acquire(msg)
+
+    def _on_lock_release(self, msg: LockRelease) -> LockReply:
+        return self._lock_state().on_lock_release(msg)
 
     def _on_close(self, conn: RpcConnection, exc: BaseException | None) -> None:
         if not self._ending:

@@ -13,10 +13,12 @@ import structlog
 from proto import events as ev
 from proto.costs import CostModel
 from proto.errors import ConfigError
+from proto.locks import lock_config_from_mapping
 from proto.messages import TickStart
 from proto.rpc import RpcConnection
 
 from .balloon import BalloonDriver
+from .locks import GuardedBlockDevice, GuardedHypervisor, GuestLocks
 from .remote import RemoteBlockDevice, RemoteHypervisor
 
 __all__ = ["GuestSessionState", "build_guest"]
@@ -40,6 +42,8 @@ class GuestSessionState:
         self.metrics_every_ticks = max(1, metrics_every_ticks)
         self.batch_refs = batch_refs
         self.ticks_run = 0
+        self.locks: GuestLocks | None = None   # the lock model, when the host's [locks] names a protocol
+        self.in_tick = False
 
     @property
     def vt_us(self) -> float:
@@ -47,6 +51,16 @@ class GuestSessionState:
 
     async def run_tick(self, tick: TickStart) -> tuple[dict[str, Any], bytes, bytes]:
         """Run the vCPU until its virtual clock reaches the end of this tick."""
+        self.in_tick = True
+        try:
+            if self.locks is None:
+                return await self._run_tick(tick)
+            async with self.locks.tick_hold():   # hold_vmem = "tick": L_vmem across the whole tick
+                return await self._run_tick(tick)
+        finally:
+            self.in_tick = False
+
+    async def _run_tick(self, tick: TickStart) -> tuple[dict[str, Any], bytes, bytes]:
         k = self.kernel
         end_us = tick.vt_us + tick.tick_us
         if k.vt_us < tick.vt_us:
@@ -72,6 +86,8 @@ class GuestSessionState:
         s = dict(self.kernel.stats())
         s.update(self.balloon.stats())
         s["vt_us"] = round(float(self.kernel.vt_us), 3)
+        if self.locks is not None:
+            s.update(self.locks.stats())
         return s
 
     def invalidate(self, gpfns: np.ndarray) -> np.ndarray:
@@ -97,13 +113,22 @@ def build_guest(guest_id: int, config: dict[str, Any], conn: RpcConnection) -> G
     # One independent stream per guest and purpose, all from the run's seed.
     root = np.random.SeedSequence([seed, guest_id])
     kernel_seed, workload_seed = root.spawn(2)
-    hyp = RemoteHypervisor(conn)
-    kernel = GuestKernel(cfg.kernel, np.random.default_rng(kernel_seed), RemoteBlockDevice(conn, cfg.disk_blocks),
-                         hyp, costs)
+    lock_cfg = lock_config_from_mapping(config.get("locks"), where=f"guest {guest_id}: locks")
+    locks = GuestLocks(guest_id, lock_cfg, conn) if lock_cfg.enabled else None
+    hyp: Any = RemoteHypervisor(conn)
+    blockdev: Any = RemoteBlockDevice(conn, cfg.disk_blocks)
+    if locks is not None:   # hypercalls follow the lock protocol; the kernel's mm_lock is L_vmem
+        hyp, blockdev = GuardedHypervisor(hyp, locks), GuardedBlockDevice(blockdev, locks)
+    kernel = GuestKernel(cfg.kernel, np.random.default_rng(kernel_seed), blockdev, hyp, costs,
+                         mm_lock=None if locks is None else locks.mm_lock())
+    if locks is not None:
+        locks.attach(kernel)
     workload = build_workload(cfg.workload, cfg.kernel.layout, np.random.default_rng(workload_seed))
     balloon = BalloonDriver(kernel, hyp)
     kernel.on_oom = balloon.deflate_on_oom
     metrics_every = int(config.get("metrics_every_ticks", 10))
     if metrics_every < 1:
         raise ConfigError(f"guest {guest_id}: metrics_every_ticks must be >= 1")
-    return GuestSessionState(guest_id, cfg, kernel, workload, balloon, costs, metrics_every, cfg.batch_refs)
+    state = GuestSessionState(guest_id, cfg, kernel, workload, balloon, costs, metrics_every, cfg.batch_refs)
+    state.locks = locks
+    return state
