@@ -63,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         path = find_scenario(args.scenario)
         scenario = load_scenario(path, Overrides(guests=args.guests, seed=args.seed, duration_s=args.duration,
                                                  ticks=args.ticks, variant=args.variant), VALIDATORS)
+        _check_locks(scenario)
     except ConfigError as exc:
         print(f"balloonlab-launch: {exc}", file=sys.stderr)
         return 2
@@ -108,6 +109,7 @@ async def _launch(scenario: Scenario, run_dir: Path, args: argparse.Namespace) -
             progress.done()
             results.append(result)
             _report_variant(result)
+            _report_deadlock(result, _expects_deadlock(scenario, name))
             if result.interrupted:
                 break
     finally:
@@ -128,7 +130,8 @@ async def _launch(scenario: Scenario, run_dir: Path, args: argparse.Namespace) -
     if interrupted:
         print("balloonlab-launch: interrupted; every process was stopped", file=sys.stderr)
         return 130
-    return 0 if all(r.ok for r in results) else 1
+    # A deadlock the scenario expects (expect_deadlock) is the result, not a failure.
+    return 0 if all(r.ok or (r.deadlocked and _expects_deadlock(scenario, r.variant)) for r in results) else 1
 
 
 def _write_report(run_dir: Path, summary: dict | None, no_report: bool, interrupted: bool) -> str:
@@ -147,6 +150,41 @@ def _write_report(run_dir: Path, summary: dict | None, no_report: bool, interrup
         f"report: {report}\nplots: none drawn (see the report)"
 
 
+def _check_locks(scenario: Scenario) -> None:
+    """Every variant's [locks] table, checked before any process starts."""
+    from proto.locks import lock_config_from_mapping
+    for name, merged in scenario.variants.items():
+        lock_config_from_mapping(merged.get("locks"), where=f"{scenario.path.name} variant {name!r}: [locks]")
+
+
+def _expects_deadlock(scenario: Scenario, variant: str) -> bool:
+    """``expect_deadlock`` of the variant's [scenario] table (a variant may set it), else the file's."""
+    merged = scenario.variants.get(variant, {}).get("scenario", {})
+    return bool(merged.get("expect_deadlock", scenario.expect_deadlock))
+
+
+def _report_deadlock(r: VariantResult, expected: bool) -> None:
+    """A variant the host ended on a deadlock: say so, with the cycle from the host's log."""
+    if not r.deadlocked:
+        if expected and not r.interrupted and r.host is not None and r.host.returncode == 0:
+            print(f"[{r.variant}] note: a deadlock was expected but none happened", file=sys.stderr)
+        return
+    import json
+    cycle = []
+    try:
+        with open(r.run_dir / "host.jsonl", "rb") as f:
+            for line in f:
+                if b'"deadlock_detected"' in line:
+                    cycle = json.loads(line).get("cycle") or []
+                    break
+    except (OSError, ValueError):
+        pass
+    what = "; ".join(f"{e.get('proc')}/{e.get('task')} holds {e.get('holds_lock')} and waits for "
+                     f"{e.get('waits_for_lock')} (for {e.get('waited_s', '?')} s)" for e in cycle) or "see host.jsonl"
+    print(f"[{r.variant}] DEADLOCK{' (expected)' if expected else ''}: the host ended the run: {what}",
+          file=sys.stderr)
+
+
 def _report_variant(r: VariantResult) -> None:
     if r.error:
         print(f"[{r.variant}] FAILED: {r.error}", file=sys.stderr)
@@ -154,7 +192,7 @@ def _report_variant(r: VariantResult) -> None:
         # The guests lose the host and exit on their own (exit 3, "lost the host"); the run is incomplete.
         print(f"[{r.variant}] FAILED: the host was killed by {r.host.killed_by}; the run is incomplete",
               file=sys.stderr)
-    elif r.host is not None and r.host.returncode not in (0, None) and not r.interrupted:
+    elif r.host is not None and r.host.returncode not in (0, None) and not r.interrupted and not r.deadlocked:
         print(f"[{r.variant}] host exited with {r.host.returncode}:\n{r.host.stderr_tail}", file=sys.stderr)
     for g in r.guests:
         if g.killed_by:

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from proto.locks import EXIT_DEADLOCK
+
 __all__ = ["ChildResult", "VariantResult", "run_variant", "TEARDOWN_GRACE_S"]
 
 TEARDOWN_GRACE_S = 5.0
@@ -58,6 +60,11 @@ class VariantResult:
     error: str | None = None
     finished: dict[str, Any] = field(default_factory=dict)
     wall_s: float = 0.0
+
+    @property
+    def deadlocked(self) -> bool:
+        """The host ended the run on a deadlock it detected (its exit status ``EXIT_DEADLOCK``)."""
+        return self.host is not None and self.host.returncode == EXIT_DEADLOCK and not self.interrupted
 
     @property
     def ok(self) -> bool:

@@ -19,7 +19,7 @@ from proto import events as ev
 from .logs import VariantLogs, find_variants, iter_events, load_variant
 from .pathologies import pathology_metrics
 
-__all__ = ["summarize", "summarize_variant", "reclaim_metrics", "reliability_metrics", "event_counts", "write_summary",
+__all__ = ["summarize", "summarize_variant", "reclaim_metrics", "lock_metrics", "format_lock_table", "reliability_metrics", "event_counts", "write_summary",
            "format_table"]
 
 HOST_TABLE_KEYS = ("ram_pages", "free_frames", "swap_out_pages", "swap_in_pages", "ept_faults", "double_faults",
@@ -128,6 +128,7 @@ def summarize_variant(v: VariantLogs) -> dict[str, Any]:
         "refs_per_vsec": round(sum(g["refs_per_vsec"] for g in guests), 1),
     }
     out.update(reclaim_metrics(host, guests))
+    out.update(lock_metrics(v, finished, guests))   # issue #6: deadlocks, lock-order violations
     out.update(pathology_metrics(v, finished, host))   # swap storms, double faults, pins, sweeps
     out.update(reliability_metrics(v, finished))
     return out
@@ -171,6 +172,81 @@ def event_counts(v: VariantLogs) -> dict[str, int]:
     return dict(sorted(counts.items()))
 
 
+def lock_metrics(v: VariantLogs, finished: dict[str, Any], guests: list[dict[str, Any]]) -> dict[str, Any]:
+    """Issue #6's keys: the lock protocol, deadlocks and order violations (events in the host's log).
+
+    ``deadlocks`` counts ``deadlock_detected`` events (with ``break_deadlocks``
+    each broken cycle is one); ``lock_order_violations`` counts
+    ``lock_order_violation`` events (one per distinct held class, acquiring
+    class and site); ``deadlocked``: the run ended on a deadlock;
+    ``deadlock_cycle``: the first cycle reported. ``refs_per_wall_s``: the
+    guests' references per wall second from the last guest's connection to
+    the end of the run (lock waits cost wall time).
+    """
+    locks = dict(finished.get("locks") or {})
+    protocol = locks.get("protocol") or (v.config.get("locks") or {}).get("protocol")
+    cycle = None
+    deadlocks = violations = 0
+    connected = None
+    for e in v.host:
+        name = e.get("event")
+        if name == ev.DEADLOCK_DETECTED:
+            deadlocks += 1
+            cycle = cycle if cycle is not None else e.get("cycle")
+        elif name == ev.LOCK_ORDER_VIOLATION:
+            violations += 1
+        elif name == ev.GUEST_CONNECTED:
+            connected = e.get("timestamp")
+    wall = _seconds_between(connected, finished.get("timestamp"))
+    refs = sum(int(g.get("refs", 0)) for g in guests)
+    locks.pop("first_cycle", None)
+    return {
+        "lock_protocol": protocol,
+        "deadlocks": deadlocks,
+        "lock_order_violations": violations,
+        "deadlocked": finished.get("reason") == "deadlock",
+        "deadlock_cycle": cycle,
+        "refs_per_wall_s": round(refs / wall, 1) if wall else 0.0,
+        "lock_stats": locks,
+    }
+
+
+def _seconds_between(start: Any, end: Any) -> float:
+    from datetime import datetime
+    try:
+        return max(0.0, (datetime.fromisoformat(str(end).replace("Z", "+00:00"))
+                         - datetime.fromisoformat(str(start).replace("Z", "+00:00"))).total_seconds())
+    except ValueError:
+        return 0.0
+
+
+def format_lock_table(summary: dict[str, Any]) -> list[str]:
+    """Variants with a lock protocol side by side: deadlocks, violations, throughput (empty if none)."""
+    rows = [(name, v) for name, v in summary["variants"].items() if v.get("lock_protocol")]
+    if not rows:
+        return []
+    base = next((v for _, v in rows if v.get("lock_protocol") == "naive" and not v.get("deadlocked")), None)
+    head = ("variant", "protocol", "deadlocks", "violations", "deadlocked", "ticks", "refs/vs", "vs naive",
+            "refs/wall-s", "vs naive")
+    table = [head]
+    for name, v in rows:
+        rel = lambda key: (f"{v.get(key, 0) / base[key]:.2f}x"  # noqa: E731
+                           if base and base.get(key) and not v.get("deadlocked") else "-")
+        table.append((name, str(v["lock_protocol"]), str(v.get("deadlocks", 0)), str(v.get("lock_order_violations", 0)),
+                      "yes" if v.get("deadlocked") else "no", str(v.get("ticks", 0)), f"{v.get('refs_per_vsec', 0):.0f}",
+                      rel("refs_per_vsec"), f"{v.get('refs_per_wall_s', 0):.0f}", rel("refs_per_wall_s")))
+    widths = [max(len(r[i]) for r in table) for i in range(len(head))]
+    lines = ["", "locks: " + ("throughput relative to the naive variant that ran to its end"
+                              if base else "no naive variant ran to its end to compare with")]
+    lines += ["   " + "  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in table]
+    for name, v in rows:
+        if v.get("deadlock_cycle"):
+            lines.append(f"   {name}: first cycle: " + "; ".join(
+                f"{e.get('proc')}/{e.get('task')} holds {e.get('holds_lock')} waits for {e.get('waits_for_lock')}"
+                for e in v["deadlock_cycle"]))
+    return lines
+
+
 def write_summary(run_dir: Path, summary: dict[str, Any]) -> Path:
     path = Path(run_dir) / "summary.json"
     path.write_text(json.dumps(summary, indent=2, sort_keys=False) + "\n")
@@ -200,4 +276,5 @@ def format_table(summary: dict[str, Any]) -> str:
         if v["guests_lost"]:
             lines.append(f"   guests lost: {v['guests_lost']}")
         lines.append(f"   lost pages: {v['lost_pages']}")
+    lines.extend(format_lock_table(summary))
     return "\n".join(lines)
