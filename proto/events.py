@@ -38,9 +38,15 @@ SWAP_AREA_PINNED = "swap_area_pinned"    # guest, first_block, blocks, pinned_pa
 SWAP_AREA_UNPINNED = "swap_area_unpinned"  # guest, unpinned_pages, pinned_ticks
 BALLOON_CONVERGED = "balloon_converged"  # step_tick, settled_tick, convergence_ticks, overshoot_pages, pff_above_ticks
 
-# locks
-DEADLOCK_DETECTED = "deadlock_detected"  # cycle: [{proc, task, holds, waits_for, since_vt_us}]
-LOCK_ORDER_VIOLATION = "lock_order_violation"  # proc, task, held, acquiring
+# locks (host log; proto.locks, hostd.locks)
+# cycle: [{owner, proc, task, holds, holds_lock, held_since_vt_us, waits_for, waits_for_lock, wait_proc,
+#          wait_task, site, since_vt_us, since_wall_s, waited_s}], protocol, length, summary, action, recent_events
+DEADLOCK_DETECTED = "deadlock_detected"
+# owner, proc, task, site, held, held_lock, held_site, acquiring, acquiring_lock, vt_us, protocol
+LOCK_ORDER_VIOLATION = "lock_order_violation"
+LOCK_EVENT = "lock_event"                # debug level: op, lock, owner, task, site, vt_us (every transition)
+LOCK_RELEASE_FAILED = "lock_release_failed"  # lock, owner, peer, reason (a remote release that got no answer)
+TICK_RECLAIM_FAILED = "tick_reclaim_failed"  # reason: the host's in-tick reclaim task raised
 
 # reliability (issue #8): the watchdog, the end-of-run audit, fault injection
 GUEST_UNRESPONSIVE = "guest_unresponsive"  # guest, tick, waited_s: taken out of the tick barrier

@@ -23,6 +23,7 @@ __all__ = [
     "BalloonTarget", "BalloonInflate", "BalloonDeflate", "BalloonReply",
     "DiskRead", "DiskReadReply", "DiskWrite", "DiskWriteReply", "Audit", "AuditReply",
     "Ping", "Pong", "REQUESTS", "NOTIFICATIONS", "MAX_PAGES_PER_MESSAGE", "msg_type_of",
+    "LockAcquire", "LockRelease", "LockReply", "LockEvent",
 ]
 
 # A page batch of this many u64 fits a 4 MiB frame with room to spare.
@@ -52,6 +53,9 @@ class MsgType(IntEnum):
     DISK_WRITE = 41       # guest -> host request
     AUDIT = 50            # host -> guest request, once the last tick is done; reply AuditReply
     PING = 60             # either way; reply Pong
+    LOCK_ACQUIRE = 70     # either way: take a lock on behalf of a task; reply LockReply once held
+    LOCK_RELEASE = 71     # either way: release it, or give up a pending acquisition; reply LockReply
+    LOCK_EVENT = 72       # guest -> host notification: a wait/acquire/release/cancel of the guest's lock
 
 
 # Field kinds. Checking with exact types is deliberate: bool is an int in
@@ -364,6 +368,46 @@ class AuditReply(Message):
     report: dict
 
 
+# --- locks (proto.locks) -------------------------------------------------------
+
+@_message(MsgType.LOCK_ACQUIRE, lock=_STR, owner=_STR, site=_STR, vt_us=_NUM)
+class LockAcquire(Message):
+    """Take ``lock`` (a class label: the host's ``L_hostmem``, a guest's ``L_vmem``) for ``owner``
+    (``"proc/task"``, the task on whose behalf); answered when it is held."""
+
+    lock: str
+    owner: str
+    site: str
+    vt_us: float
+
+
+@_message(MsgType.LOCK_RELEASE, lock=_STR, owner=_STR, site=_STR, vt_us=_NUM)
+class LockRelease(Message):
+    """Release one level of ``owner``'s hold, or give up its pending ``LockAcquire``."""
+
+    lock: str
+    owner: str
+    site: str
+    vt_us: float
+
+
+@_message(None, done_vt_us=_NUM)
+class LockReply(Message):
+    done_vt_us: float
+
+
+@_message(MsgType.LOCK_EVENT, op=_STR, lock=_STR, owner=_STR, task=_STR, site=_STR, vt_us=_NUM)
+class LockEvent(Message):
+    """One transition of a guest's lock (``op``: wait, acquire, release, cancel), in the order it happened."""
+
+    op: str
+    lock: str
+    owner: str
+    task: str
+    site: str
+    vt_us: float
+
+
 # --- liveness and benchmarks ------------------------------------------------
 
 @_message(MsgType.PING, payload=_BIN)
@@ -386,6 +430,8 @@ REQUESTS: dict[MsgType, tuple[type[Message], type[Message]]] = {
     MsgType.DISK_WRITE: (DiskWrite, DiskWriteReply),
     MsgType.AUDIT: (Audit, AuditReply),
     MsgType.PING: (Ping, Pong),
+    MsgType.LOCK_ACQUIRE: (LockAcquire, LockReply),
+    MsgType.LOCK_RELEASE: (LockRelease, LockReply),
 }
 """Request type -> (request class, reply class)."""
 
@@ -394,6 +440,7 @@ NOTIFICATIONS: dict[MsgType, type[Message]] = {
     MsgType.TICK_DONE: TickDone,
     MsgType.RUN_END: RunEnd,
     MsgType.BALLOON_TARGET: BalloonTarget,
+    MsgType.LOCK_EVENT: LockEvent,
 }
 
 
