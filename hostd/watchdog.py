@@ -205,7 +205,7 @@ class Watchdog:
             assert isinstance(reply, InvalidateReply)
             return reply.tokens
         self.late_shootdowns += 1
-        log.warning(ev.SHOOTDOWN_SETTLED, guest=gid, pages=int(gpfns.size), ok=None, deferred=True,
+        log.warning(ev.SHOOTDOWN_DEFERRED, guest=gid, pages=int(gpfns.size),
                     reason="unresponsive" if silent.done() else f"no acknowledgement within {timeout_s:g} s")
         return self._defer(gid, gpfns, task)
 

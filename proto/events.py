@@ -53,6 +53,7 @@ GUEST_UNRESPONSIVE = "guest_unresponsive"  # guest, tick, waited_s: taken out of
 GUEST_RESPONSIVE = "guest_responsive"    # guest, tick: answered again, back in the barrier next tick
 GUEST_MEMORY_RECLAIMED = "guest_memory_reclaimed"  # guest, reclaimed_frames, resident_pages, reason
 SHOOTDOWN_SETTLED = "shootdown_settled"  # guest, pages, pending_pages, ok: a deferred shootdown was answered
+SHOOTDOWN_DEFERRED = "shootdown_deferred"  # guest, pages, reason: the host stopped waiting for an acknowledgement
 AUDIT_COMPLETED = "audit_completed"      # host: ok, guests {id: {...}}, problems [str]
 AUDIT_REPORTED = "audit_reported"        # guest: ram_pages, disk_pages, balloon_pages, problems
 FAULT_POINT_REACHED = "fault_point_reached"  # point, occurrence, pid, mm_lock_held: the process stops itself here

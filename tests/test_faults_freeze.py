@@ -31,7 +31,7 @@ from tests.test_launch import assert_no_leftovers, events_named, read_jsonl, rea
 
 pytestmark = pytest.mark.multiprocess
 
-TICKS = 80
+TICKS = 60
 FROZEN = 1
 OTHERS = (0, 2)
 SCENARIO = f"""

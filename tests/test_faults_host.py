@@ -1,6 +1,6 @@
 """The host SIGKILLed mid-tick: every guest says so and exits non-zero, the launcher too, nothing is left.
 
-The host stops itself right after sending ``TickStart`` of tick 19 (the
+The run is over TCP (the host listens on loopback). The host stops itself right after sending ``TickStart`` of tick 19 (the
 fault point ``host:tick_started@20``): the guests are running that tick,
 some of them waiting for the host's answer to an EPT fault or a disk read.
 The test kills the host there. Each guest must notice at once (its
@@ -21,6 +21,7 @@ import pytest
 
 from tests.procs import Launched, dump_logs
 from tests.rawclient import record_fault, run_pids, wait_stopped
+from tests.test_hostile_security import token_free
 from tests.test_launch import assert_no_leftovers, events_named, read_jsonl_partial
 
 pytestmark = pytest.mark.multiprocess
@@ -39,7 +40,8 @@ def test_host_killed_mid_tick(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     os.environ["BALLOONLAB_PAUSE_AT"] = "host:tick_started@20"
     try:
-        run = Launched("--scenario", "tests-tiny", "--ticks", "500", "--run-dir", str(run_dir), "--no-report")
+        run = Launched("--scenario", "tests-tiny", "--ticks", "500", "--transport", "tcp", "--run-dir", str(run_dir),
+                       "--no-report")
     finally:
         del os.environ["BALLOONLAB_PAUSE_AT"]
     try:
@@ -48,6 +50,7 @@ def test_host_killed_mid_tick(tmp_path: Path) -> None:
             assert time.monotonic() < deadline and run.proc.poll() is None, dump_logs(run_dir)
             time.sleep(0.02)
         host_pid = run_pids(run_dir)["host"]
+        token = Path(f"/proc/{host_pid}/environ").read_bytes().split(b"BALLOONLAB_TOKEN=")[1].split(b"\0")[0]
         wait_stopped(host_pid, 90.0)
         guests_before = {k: v for k, v in run_pids(run_dir).items() if k != "host"}
         assert len(guests_before) == GUESTS
@@ -62,8 +65,12 @@ def test_host_killed_mid_tick(tmp_path: Path) -> None:
     assert rc == 1, f"launcher exit {rc}\n{run.err}"
     assert launcher_s < LAUNCHER_EXIT_BOUND_S, f"the launcher took {launcher_s:.1f} s to notice"
     assert "the host was killed by SIGKILL" in run.err, run.err
-    reached = events_named(read_jsonl_partial(run_dir / "host.jsonl"), "fault_point_reached")
+    host_log = read_jsonl_partial(run_dir / "host.jsonl")   # flushed at the fault point
+    reached = events_named(host_log, "fault_point_reached")
     assert [(e["point"], e["tick"]) for e in reached] == [("tick_started", 19)]
+    # Over TCP the host listens on loopback only (no address was given); and the token is in no file.
+    assert events_named(host_log, "run_started")[0]["address"].startswith("tcp://127.0.0.1:")
+    token_free(run_dir, token.decode())
     for gid in range(GUESTS):
         # Exit 3, with the reason on stderr (the launcher keeps a non-empty stderr file) ...
         assert f"guest-{gid} exited with 3" in run.err, run.err

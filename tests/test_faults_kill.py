@@ -37,7 +37,7 @@ from tests.test_launch import assert_no_leftovers, events_named, read_jsonl
 
 pytestmark = pytest.mark.multiprocess
 
-TICKS = 60
+TICKS = 40
 SCENARIO = f"""
 [scenario]
 name = "faults-kill"

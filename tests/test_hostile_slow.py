@@ -28,7 +28,7 @@ from tests.test_hostile_guest import RawGuest
 
 pytestmark = pytest.mark.multiprocess
 
-TICKS = 150
+TICKS = 60
 SLOW = 2
 REAL = (0, 1)
 PAYLOAD = 256 * 1024
