@@ -1,0 +1,190 @@
+"""The end-of-run audit finds what it must: a guest kernel on real host memory, then one corruption at a time.
+
+In one process: a ``GuestKernel`` whose hypervisor and disk are a
+``HostMemory`` (the same calls the sockets carry), on a host small enough
+that it swaps, with a balloon inflated and guest pages swapped to the
+guest's disk. A clean world audits clean. Then each test breaks one thing
+the way a bug or a crash could -- a page's content in host swap, a disk
+block, the balloon's books on one side, a placeholder left by a deferred
+shootdown, a page the guest no longer has anywhere, a dead guest's slot --
+and the audit must name it.
+"""
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Callable
+
+import numpy as np
+import pytest
+
+from guestd.audit import audit_reply, self_check
+from guestd.balloon import BalloonDriver
+from guestd.kernel import GuestKernel
+from guestd.kernel_config import KernelConfig
+from guestd.workload import Layout, Region, build_workload
+from hostd.audit import GuestClaims, check_guest, check_released
+from hostd.framepool import FrameKind as HostKind
+from hostd.memory import HostMemory
+from hostd.p2m import PageState
+from hostd.watchdog import PENDING_TOKEN
+from proto.costs import CostModel
+
+GID = 3
+RAM = 256
+
+
+class HostHypervisor:
+    """The guest's hypervisor calls, made straight on host memory."""
+
+    backs_all_initially = False
+
+    def __init__(self, mem: HostMemory, gid: int) -> None:
+        self.mem, self.gid = mem, gid
+
+    async def ept_fault(self, gpfns: np.ndarray, vt_us: float) -> tuple[np.ndarray, float]:
+        return await self.mem.ept_fault(self.gid, gpfns, vt_us)
+
+    async def balloon_inflate(self, gpfns: np.ndarray, vt_us: float) -> float:
+        self.mem.balloon_inflate(self.gid, gpfns)
+        return vt_us
+
+    async def balloon_deflate(self, gpfns: np.ndarray, vt_us: float) -> float:
+        self.mem.balloon_deflate(self.gid, gpfns)
+        return vt_us
+
+
+class HostDisk:
+    def __init__(self, mem: HostMemory, gid: int, n_blocks: int) -> None:
+        self.mem, self.gid, self.n_blocks = mem, gid, n_blocks
+
+    async def read(self, blocks: np.ndarray, vt_us: float) -> tuple[np.ndarray, float]:
+        return await self.mem.vdisk_read(self.gid, blocks, vt_us)
+
+    async def write(self, blocks: np.ndarray, tokens: np.ndarray, vt_us: float) -> float:
+        return await self.mem.vdisk_write(self.gid, blocks, tokens, vt_us)
+
+
+async def make_world() -> SimpleNamespace:
+    layout = Layout([Region("db", "file", 150), Region("heap", "anon", 200)])
+    cfg = KernelConfig(ram_pages=RAM, layout=layout, policy="esc", kernel_pages=8)
+    mem = HostMemory(350, 2048, "random", np.random.default_rng(5), CostModel(), "ssd")
+    mem.add_guest(GID, RAM, RAM // 2, disk_blocks=cfg.disk_blocks)
+    kernel = GuestKernel(cfg, np.random.default_rng(6), HostDisk(mem, GID, cfg.disk_blocks),
+                         HostHypervisor(mem, GID), CostModel())
+
+    async def shootdown(gid: int, gpfns: np.ndarray) -> np.ndarray:
+        assert gid == GID
+        return kernel.invalidate(gpfns)
+
+    mem.shootdown = shootdown
+    balloon = BalloonDriver(kernel, kernel.hypervisor)
+    kernel.on_oom = balloon.deflate_on_oom
+    work = build_workload([{"kind": "db", "region": "db", "weight": 2},
+                           {"kind": "anon-hot", "region": "heap", "weight": 2}], layout, np.random.default_rng(7))
+    for i in range(16):
+        pages, writes = work.next_batch(256)
+        await kernel.access(pages, writes)
+        if i % 4 == 3:
+            await mem.reclaim(30, kernel.vt_us)   # host pressure: blind host swapping
+        if i == 8:
+            balloon.set_target(60)
+            await balloon.reconcile()
+    world = SimpleNamespace(mem=mem, kernel=kernel, balloon=balloon, state=SimpleNamespace(kernel=kernel, balloon=balloon))
+    # The world has everything the audit looks at.
+    report, places = self_check(world.state)
+    assert report["host_took_pages"] > 0 and report["disk_only_pages"] > 0 and report["balloon_pages"] == 60
+    return world
+
+
+def audit(w: SimpleNamespace) -> list[str]:
+    claims = GuestClaims.from_replies([audit_reply(w.state, first, 64) for first in range(0, 1024, 64)])
+    return check_guest(w.mem, GID, claims)
+
+
+async def test_a_clean_world_audits_clean() -> None:
+    w = await make_world()
+    assert audit(w) == []
+    assert self_check(w.state)[0]["problems"] == []
+
+
+def _swapped_gpfn(w: SimpleNamespace) -> int:
+    held = np.flatnonzero((w.kernel.frames.vpage >= 0) & ~w.kernel.frames.backed)
+    return int(held[0])
+
+
+def corrupt_host_swap(w: SimpleNamespace) -> str:
+    g = _swapped_gpfn(w)
+    slot = w.mem._guest(GID).p2m.loc[g]
+    w.mem.swap.token[slot] ^= np.uint64(1)
+    return f"gpfn {g}: host swap holds"
+
+
+def leave_a_placeholder(w: SimpleNamespace) -> str:
+    g = _swapped_gpfn(w)
+    w.mem.swap.token[w.mem._guest(GID).p2m.loc[g]] = PENDING_TOKEN
+    return "placeholder of an unanswered shootdown"
+
+
+def corrupt_a_disk_block(w: SimpleNamespace) -> str:
+    pt = w.kernel.pt
+    p = int(np.flatnonzero((pt.gpfn < 0) & pt.on_disk & (pt.version > 0))[0])
+    w.mem.vdisk(GID).tokens[pt.block[p]] ^= np.uint64(2)
+    return f"disk block {int(pt.block[p])} holds"
+
+
+def host_forgets_a_balloon_page(w: SimpleNamespace) -> str:
+    g = int(np.flatnonzero(w.mem._guest(GID).p2m.state == PageState.BALLOONED)[0])
+    w.mem.balloon_deflate(GID, np.array([g], np.uint64))   # the host's books only: the guest still has it
+    return "balloon"
+
+
+def guest_thinks_a_swapped_page_backed(w: SimpleNamespace) -> str:
+    g = _swapped_gpfn(w)
+    w.kernel.frames.backed[g] = True
+    return f"gpfn {g} holds a page the guest believes backed"
+
+
+def guest_loses_a_page(w: SimpleNamespace) -> str:
+    pt = w.kernel.pt
+    p = int(np.flatnonzero((pt.gpfn < 0) & pt.on_disk & (pt.version > 0) & (pt.cached < 0))[0])
+    pt.on_disk[p] = False    # as if its write-back never happened
+    return f"page {p}"
+
+
+def host_drops_a_swapped_page(w: SimpleNamespace) -> str:
+    g = _swapped_gpfn(w)
+    p2m = w.mem._guest(GID).p2m
+    w.mem.swap.free(np.array([p2m.loc[g]]))
+    p2m.set(np.array([g]), PageState.UNBACKED)
+    return "the page is lost"
+
+
+CORRUPTIONS: list[Callable[[SimpleNamespace], str]] = [
+    corrupt_host_swap, leave_a_placeholder, corrupt_a_disk_block, host_forgets_a_balloon_page,
+    guest_thinks_a_swapped_page_backed, guest_loses_a_page, host_drops_a_swapped_page]
+
+
+@pytest.mark.parametrize("corrupt", CORRUPTIONS, ids=lambda f: f.__name__)
+async def test_the_audit_names_each_corruption(corrupt: Callable[[SimpleNamespace], str]) -> None:
+    w = await make_world()
+    expected = corrupt(w)
+    problems = audit(w)
+    assert problems, f"{corrupt.__name__} went unnoticed"
+    assert any(expected in p for p in problems), problems
+    assert all(p.startswith(f"guest {GID}: ") for p in problems)
+
+
+async def test_a_dead_guest_must_hold_nothing() -> None:
+    w = await make_world()
+    w.mem.remove_guest(GID)
+    assert check_released(w.mem, GID) == []
+    slot = w.mem.swap.alloc(1)
+    w.mem.swap.store(slot, np.array([7], np.uint64), HostKind.GUEST, GID, np.array([0]))
+    assert check_released(w.mem, GID) == [f"guest {GID} left but 1 host swap slots are still its own"]
+
+
+def test_the_guest_reports_an_empty_audit_before_it_has_started() -> None:
+    reply = audit_reply(None, 0, 1024)
+    claims = GuestClaims.from_replies([reply])
+    assert claims.ram_gpfns.size == claims.disk_blocks.size == claims.balloon_gpfns.size == 0
+    assert reply.report["not_started"] is True
