@@ -528,8 +528,8 @@ def plot_variant(s: VariantSeries, out_dir: Path, prefix: str | None = None,
 def _bars(names: Sequence[str], path: Path, title: str, ylabel: str,
           groups: Sequence[tuple[str, Sequence[float], Any]], fmt: Callable[[float], str], eng: bool = False) -> Path:
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.6 * len(names) * max(1, len(groups)) + 2), 5.2),
-                           layout="constrained")
+    width = min(16.0, max(6.0, 0.9 * len(names) * max(1, len(groups)) + 2.5))   # ~0.9 in per bar
+    fig, ax = plt.subplots(figsize=(width, 5.5), layout="constrained")
     x = np.arange(len(names))
     width = 0.8 / max(1, len(groups))
     for i, (label, values, color) in enumerate(groups):
