@@ -63,6 +63,7 @@ class GuestLockCounters:
     hostmem_acquisitions: int = 0  # L_hostmem taken through LockAcquire (ordered)
     deadlock_retries: int = 0      # hypercalls retried after DEADLOCK_BROKEN
     dropped_for_calls: int = 0     # L_vmem dropped around a hypercall (no-callback-under-lock)
+    hostmem_revoked: int = 0       # the host took L_hostmem back while we held it (we were unresponsive)
 
 
 class GuestLocks:
@@ -129,9 +130,14 @@ class GuestLocks:
             await self._hostmem_call(LockRelease(LockClass.L_HOSTMEM.label, self.vcpu, site, self.vt_us()))
         except PeerClosed:
             pass   # the host is gone, and its lock with it
+        except RemoteError as exc:
+            if exc.code != ErrorCode.INVALID_STATE:
+                raise
+            self.counters.hostmem_revoked += 1   # the host took it back (we were unresponsive)
 
     async def _hostmem_call(self, msg: LockAcquire | LockRelease) -> None:
-        reply = await self.conn.call(msg)
+        # An acquisition waits as long as the lock is held (no RPC timeout): a lock wait, not a lost host.
+        reply = await self.conn.call(msg, timeout_s=0 if isinstance(msg, LockAcquire) else None)
         assert isinstance(reply, LockReply)
         self._advance(reply.done_vt_us)   # the hypercall's cost, and any wait behind another holder
 

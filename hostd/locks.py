@@ -97,6 +97,7 @@ class LockCounters:
     deadlocks: int = 0
     deadlocks_broken: int = 0
     violating_acquisitions: int = 0
+    locks_revoked: int = 0           # L_hostmem taken back from a guest the watchdog gave up on
     tick_reclaims: int = 0
     tick_reclaim_frames: int = 0
 
@@ -289,6 +290,14 @@ class HostLocks:
             return LockReply(m.vt_us + self.hypercall_us)
 
         return {MsgType.LOCK_ACQUIRE: acquire, MsgType.LOCK_RELEASE: release}  # type: ignore[dict-item]
+
+    def guest_unresponsive(self, guest_id: int) -> None:
+        """A guest the watchdog gave up on loses L_hostmem if its vCPU holds it (ordered), or the host stalls."""
+        owner = owner_name(guest_proc(guest_id), VCPU_TASK)
+        levels = self.hostmem.release_all(owner, vt_us=self._clock())
+        if levels:
+            self.counters.locks_revoked += 1
+            log.warning(ev.LOCK_REVOKED, guest=guest_id, owner=owner, lock=self.hostmem.ref, levels=levels)
 
     def guest_gone(self, guest_id: int) -> None:
         """Its vCPU's holds and waits end with it (or the others would wait forever)."""

@@ -115,6 +115,8 @@ class Machine:
         # Its memory goes to host swap at the next tick ends (hostd.watchdog).
         assert session.guest_id is not None
         self.watchdog.guest_unresponsive(session.guest_id)
+        if self.locks is not None:   # a stopped guest must not keep the host's lock (ordered)
+            self.locks.guest_unresponsive(session.guest_id)
 
     def guest_responsive(self, session: GuestSession) -> None:
         assert session.guest_id is not None

@@ -47,6 +47,7 @@ LOCK_ORDER_VIOLATION = "lock_order_violation"
 LOCK_EVENT = "lock_event"                # debug level: op, lock, owner, task, site, vt_us (every transition)
 LOCK_RELEASE_FAILED = "lock_release_failed"  # lock, owner, peer, reason (a remote release that got no answer)
 TICK_RECLAIM_FAILED = "tick_reclaim_failed"  # reason: the host's in-tick reclaim task raised
+LOCK_REVOKED = "lock_revoked"            # guest, owner, lock, levels: taken back from a guest gone unresponsive
 
 # reliability (issue #8): the watchdog, the end-of-run audit, fault injection
 GUEST_UNRESPONSIVE = "guest_unresponsive"  # guest, tick, waited_s: taken out of the tick barrier

@@ -196,3 +196,24 @@ async def test_a_hypercall_failed_with_deadlock_broken_yields_the_lock_then_is_r
     assert locks.counters.deadlock_retries == 1
     with pytest.raises(Exception, match="neither holds nor waits"):
         locks.on_lock_release(LockRelease("L_vmem", RECLAIM_OWNER, "shootdown", 0.0))
+
+
+async def test_a_guest_gone_unresponsive_loses_the_hosts_lock_and_tolerates_it() -> None:
+    locks, _ = host_locks(LockProtocol.ORDERED)
+    handlers = locks.lock_handlers(1)
+    await handlers[MsgType.LOCK_ACQUIRE](LockAcquire("L_hostmem", GUEST, "vcpu", 0.0))
+    with capture_logs() as logs:
+        locks.guest_unresponsive(1)             # e.g. stopped with SIGSTOP while it held it
+    assert locks.hostmem.holder is None and locks.counters.locks_revoked == 1
+    assert [e["event"] for e in logs if e["event"] != ev.LOCK_EVENT] == [ev.LOCK_REVOKED]
+
+    class Revoked(FakeHost):
+        async def call(self, msg: Any, timeout_s: float | None = None) -> Any:
+            if isinstance(msg, LockRelease):
+                raise RemoteError(ErrorCode.INVALID_STATE, "neither holds nor waits")
+            return await super().call(msg, timeout_s)
+
+    g = guest_locks(LockProtocol.ORDERED, Revoked())
+    async with g.mm_lock():
+        pass                                    # its late release is refused; the vCPU goes on
+    assert g.counters.hostmem_revoked == 1 and not g.vmem.held_by(GUEST)
