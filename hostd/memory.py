@@ -72,6 +72,7 @@ class MemoryObserver(Protocol):
     def disk_written(self, guest_id: int, blocks: np.ndarray, tokens: np.ndarray) -> None:
         """The guest wrote these blocks of its virtual disk (the content tokens written)."""
 
+
 MAX_BALLOON_FRACTION_DEFAULT = 0.65   # ESX Mem.CtlMaxPercent
 _ZERO_PROGRESS_ROUNDS = 3             # reclaim rounds that free nothing before giving up
 

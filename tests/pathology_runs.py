@@ -5,7 +5,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-from proto import events as ev
 from tests.procs import dump_logs, procs_mentioning, run_launcher
 
 __all__ = ["run_scenario", "host_events", "headline"]
@@ -43,4 +42,3 @@ def headline(name: str, v: dict[str, Any]) -> str:
             f"wall_s={v.get('wall_s')}")
 
 
-_ = ev

@@ -243,7 +243,7 @@ async def test_a_page_the_host_swapped_and_the_guest_then_pages_out_is_double_pa
 
 def test_convergence_time_and_overshoot_after_a_step() -> None:
     log = Log()
-    tr = ConvergenceTracker(ConvergenceConfig(start_tick=2, step_fraction=0.1, step_ticks=3, settle_ticks=3,
+    tr = ConvergenceTracker(ConvergenceConfig(enabled=True, start_tick=2, step_fraction=0.1, step_ticks=3, settle_ticks=3,
                                               tolerance_fraction=0.01, pff_high=100.0), 10_000.0, log)
     hist = History(3)
     plan = ([(0, 8000, 0.0)] * 4 + [(0, 6000, 0.0), (200, 6000, 500.0), (400, 6000, 0.0),
@@ -259,7 +259,7 @@ def test_convergence_time_and_overshoot_after_a_step() -> None:
 
 
 def test_a_guest_above_its_pff_threshold_keeps_the_step_open() -> None:
-    tr = ConvergenceTracker(ConvergenceConfig(start_tick=0, step_fraction=0.1, step_ticks=2, settle_ticks=2,
+    tr = ConvergenceTracker(ConvergenceConfig(enabled=True, start_tick=0, step_fraction=0.1, step_ticks=2, settle_ticks=2,
                                               pff_high=100.0), 10_000.0, Log())
     hist = History(2)
     for t in range(20):

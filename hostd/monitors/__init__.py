@@ -114,7 +114,7 @@ class HostMonitors:
                 refs=_int(s, "refs"), pff=_float(s, "pff"), host_swap_out_pages=int(h.get("swap_out_pages", 0)),
                 target_pages=int(targets.get(gid, 0)), actual_pages=int(h.get("ballooned_pages", 0)),
                 working_set_pages=_int(s, "working_set_pages"),
-                ram_pages=self.ram_pages.get(gid, int(h.get("guest_pages", 0))))
+                ram_pages=self.ram_pages.get(gid, int(h.get("guest_pages", 0))), kernel_pages=_int(s, "kernel_pages"))
         self.iobuf_pages_peak = max(self.iobuf_pages_peak, int(snap.get("iobuf_pages", 0)))
         self.history.push(TickSample(
             tick=tick, vt_us=float(vt_us), total_frames=int(snap["total_frames"]),

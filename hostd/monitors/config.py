@@ -5,9 +5,12 @@ One sub-table per monitor; every key is optional::
     [monitors.swap_storm]       # the detector (on by default)
     enabled = true
     window_ticks = 10           # rates and peaks are taken over this many ticks
-    guest_swap_in_pages_per_s = 500.0  # a guest reading back swapped pages faster than this thrashes
+    guest_swap_in_pages_per_s = 500.0  # a guest reading back swapped pages faster than this thrashes,
+    guest_swap_in_per_kref = 2.0       # ... or more of them than this per 1000 references (a slow disk),
+    guest_swap_pages_per_s = 200.0     # ... or its balloon left it less than its working set and it
+                                       #     swaps (in or out) faster than this
     min_guests = 1              # ... and at least this many must
-    io_fraction = 0.10          # host I/O buffers + disk cache reached this share of host RAM
+    io_fraction = 0.05          # host I/O buffers + disk cache reached this share of host RAM
     free_fraction = 0.05        # host free frames fell to this share of host RAM
     swap_out_fraction = 0.01    # the host swapped out this share of its RAM within the window
     quiet_ticks = 20            # the chain must stay broken this long before a new storm counts
@@ -26,8 +29,8 @@ One sub-table per monitor; every key is optional::
     [monitors.double_faults]
     samples = 8                 # blocks named per double_fault event (the count covers all)
 
-    [monitors.convergence]      # the "central banker" report
-    enabled = true
+    [monitors.convergence]      # the "central banker" report (off by default)
+    enabled = false
     start_tick = 20             # warm-up ignored before this tick
     step_fraction = 0.05        # host demand rising by this share of host RAM ...
     step_ticks = 5              # ... within this many ticks is a step change
@@ -51,8 +54,10 @@ class SwapStormConfig:
     enabled: bool = True
     window_ticks: int = 10
     guest_swap_in_pages_per_s: float = 500.0
+    guest_swap_in_per_kref: float = 2.0
+    guest_swap_pages_per_s: float = 200.0
     min_guests: int = 1
-    io_fraction: float = 0.10
+    io_fraction: float = 0.05
     free_fraction: float = 0.05
     swap_out_fraction: float = 0.01
     quiet_ticks: int = 20
@@ -77,7 +82,7 @@ class DoubleFaultConfig:
 
 @dataclass(frozen=True, slots=True)
 class ConvergenceConfig:
-    enabled: bool = True
+    enabled: bool = False
     start_tick: int = 20
     step_fraction: float = 0.05
     step_ticks: int = 5

@@ -31,6 +31,7 @@ class GuestSample:
     actual_pages: int             # balloon size the host holds
     working_set_pages: int        # the guest's estimate
     ram_pages: int
+    kernel_pages: int = 0         # frames its kernel holds (never workload memory)
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,8 +8,14 @@ checks each link against its threshold:
 
 1. ``guests_thrashing``: at least ``min_guests`` guests read pages back
    from their swap faster than ``guest_swap_in_pages_per_s`` (per guest
-   virtual second): they need what they just gave up. (A guest giving up
-   cold pages to its balloon writes swap but reads none back.)
+   virtual second) or more often than ``guest_swap_in_per_kref`` per 1000
+   references (on a slow disk a thrashing guest cannot fault fast, but
+   it faults often): they need what they just gave up. (A guest giving up
+   cold pages to its balloon writes swap but reads none back.) A guest
+   whose balloon leaves it less memory than its working set (its largest
+   recent estimate: a stalled guest's estimate drops) and that swaps
+   faster than ``guest_swap_pages_per_s`` counts too: on a slow disk the
+   inflation's own swap-outs can take longer than the run.
 2. ``host_io_memory``: the host's I/O buffers + disk cache reached
    ``io_fraction`` of its RAM;
 3. ``host_free_low``: its free frames fell to ``free_fraction`` of its RAM;
@@ -31,6 +37,8 @@ from .history import History
 
 __all__ = ["SwapStormDetector"]
 
+_WS_DECAY = 0.98   # per tick: how fast a larger earlier working-set estimate is forgotten
+
 
 class SwapStormDetector:
     def __init__(self, cfg: SwapStormConfig, log: Any) -> None:
@@ -42,6 +50,7 @@ class SwapStormDetector:
         self._started_tick = 0
         self.episodes: list[dict[str, Any]] = []
         self.thrashing_ticks: dict[int, int] = {}   # per guest: ticks it was seen thrashing
+        self._ws: dict[int, float] = {}             # per guest: largest recent working-set estimate
 
     def guest_rates(self, hist: History) -> list[dict[str, Any]]:
         w = self.cfg.window_ticks
@@ -50,15 +59,25 @@ class SwapStormDetector:
         for gid, g in sorted(hist.now.guests.items()):
             swap_rate = hist.guest_rate(gid, "swap_pages", w)
             swap_in_rate = hist.guest_rate(gid, "swap_in_pages", w)
+            refs_rate = hist.guest_rate(gid, "refs", w)
+            per_kref = swap_in_rate * 1000.0 / refs_rate if refs_rate > 0 else (float("inf") if swap_in_rate else 0.0)
+            ws = max(float(g.working_set_pages), self._ws.get(gid, 0.0) * _WS_DECAY)
+            self._ws[gid] = ws
+            memory = g.ram_pages - g.kernel_pages - g.actual_pages
+            below = memory < ws and swap_rate >= self.cfg.guest_swap_pages_per_s
             before = first.guests.get(gid)
             host_took = g.host_swap_out_pages - (before.host_swap_out_pages if before else 0)
             out.append({"guest": gid, "swap_pages_per_s": round(swap_rate, 1),
                         "swap_in_pages_per_s": round(swap_in_rate, 1),
+                        "swap_in_per_kref": round(per_kref, 3) if per_kref != float("inf") else None,
                         "major_faults_per_s": round(hist.guest_rate(gid, "major_faults", w), 1),
                         "pff": round(g.pff, 1), "host_swapped_out_pages": int(host_took),
                         "balloon_target_pages": g.target_pages, "balloon_pages": g.actual_pages,
-                        "working_set_pages": g.working_set_pages,
-                        "thrashing": swap_in_rate >= self.cfg.guest_swap_in_pages_per_s})
+                        "working_set_pages": g.working_set_pages, "memory_pages": memory,
+                        "below_working_set": memory < ws,
+                        "thrashing": (swap_in_rate >= self.cfg.guest_swap_in_pages_per_s
+                                      or (swap_in_rate > 0 and per_kref >= self.cfg.guest_swap_in_per_kref)
+                                      or below)})
         return out
 
     def end_tick(self, hist: History) -> None:
@@ -79,6 +98,8 @@ class SwapStormDetector:
         chain = [
             {"link": "guests_thrashing", "value": len(thrashing), "threshold": cfg.min_guests,
              "guests": thrashing, "guest_swap_in_pages_per_s_threshold": cfg.guest_swap_in_pages_per_s,
+             "guest_swap_in_per_kref_threshold": cfg.guest_swap_in_per_kref,
+             "guest_swap_pages_per_s_threshold": cfg.guest_swap_pages_per_s,
              "guests_swap_pages_per_s": round(sum(g["swap_pages_per_s"] for g in guests), 1),
              "ok": len(thrashing) >= cfg.min_guests},
             {"link": "host_io_memory", "value": int(io_peak), "threshold": int(cfg.io_fraction * total),

@@ -26,7 +26,8 @@ from proto import events as ev
 
 from .logs import VariantLogs
 
-__all__ = ["pathology_metrics", "true_working_set_pages", "sweep_curve", "KNEE_THROUGHPUT_FRACTION"]
+__all__ = ["pathology_metrics", "pathology_lines", "true_working_set_pages", "sweep_curve",
+           "KNEE_THROUGHPUT_FRACTION"]
 
 KNEE_THROUGHPUT_FRACTION = 0.5
 """The knee is the first step whose throughput is below this fraction of the first step's."""
@@ -184,4 +185,33 @@ def pathology_metrics(v: VariantLogs, finished: Mapping[str, Any], host: dict[st
             if curve is not None:
                 curves[str(gid)] = curve
         out["balloon_sweep"] = curves
+    return out
+
+
+def pathology_lines(v: Mapping[str, Any]) -> list[str]:
+    """A variant's pathology numbers for the summary table."""
+    h = v.get("host", {})
+    out: list[str] = []
+    if "swap_storms" in v:
+        tp = v.get("throughput", {})
+        out.append(f"   pathologies: swap_storms={v.get('swap_storms', 0)}  double_faults={h.get('double_faults', 0)} "
+                   f"(after pin {h.get('double_faults_after_pin', 0)})  double_paging_pages={h.get('double_paging_pages', 0)}"
+                   f"  pinned_pages_peak={h.get('pinned_pages_peak', 0)}  io_buffer_pages_peak={h.get('io_buffer_pages_peak', 0)}"
+                   f"  refs/vs before/after the first inflation: {tp.get('before_inflation_refs_per_vsec')} -> "
+                   f"{tp.get('after_inflation_refs_per_vsec')}")
+    for st in (v.get("convergence") or {}).get("steps", []):
+        how = (f"settled after {st['convergence_ticks']} ticks" if st.get("settled")
+               else "never settled")
+        out.append(f"   convergence: demand step at tick {st['step_tick']} (+{st['demand_rise_pages']} pages), {how}, "
+                   f"overshoot {st['overshoot_pages']} pages ({st['overshoot_fraction']}), PFF above threshold "
+                   f"{st['pff_above_ticks']} ticks (longest {st['longest_pff_above_ticks']})")
+    for gid, c in (v.get("balloon_sweep") or {}).items():
+        knee = (f"knee at balloon {c['knee_balloon_pages']} pages, guest free {c['knee_guest_free_pages']} "
+                f"(last good {c['last_good_guest_free_pages']})" if c.get("knee_balloon_pages") is not None
+                else f"no knee (lowest guest free {c.get('last_good_guest_free_pages')})")
+        est = c.get("working_set_estimate_at_knee_pages")
+        if est is None and c.get("steps"):
+            est = c["steps"][-1]["working_set_estimate_pages"]
+        out.append(f"   sweep guest {gid}: {len(c.get('steps', []))} steps, {knee}; true working set "
+                   f"{c.get('true_working_set_pages')}, guest's estimate {est}")
     return out

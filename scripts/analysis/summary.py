@@ -17,7 +17,7 @@ from typing import Any
 from proto import events as ev
 
 from .logs import VariantLogs, find_variants, iter_events, load_variant
-from .pathologies import pathology_metrics
+from .pathologies import pathology_lines, pathology_metrics
 
 __all__ = ["summarize", "summarize_variant", "reclaim_metrics", "lock_metrics", "format_lock_table", "reliability_metrics", "event_counts", "write_summary",
            "format_table"]
@@ -266,6 +266,7 @@ def format_table(summary: dict[str, Any]) -> str:
                      f"{v.get('io_per_reclaimed_page', 0)} I/O per page; clean cache: "
                      f"{v.get('clean_cache_writes_per_page', 0)} writes + {v.get('clean_cache_reads_per_page', 0)} reads "
                      f"per page; throughput {v.get('refs_per_vsec', 0)} refs/vs")
+        lines.extend(pathology_lines(v))
         cols = ["id", "refs", "refs_per_vsec", "major_faults", "minor_faults", "disk_read_pages",
                 "disk_write_pages", "ept_faults", "balloon_pages", "lost_pages"]
         cols = [c for c in cols if any(c in g for g in v["guests"])]
