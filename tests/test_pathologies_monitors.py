@@ -269,3 +269,23 @@ def test_a_guest_above_its_pff_threshold_keeps_the_step_open() -> None:
     (step,) = tr.metrics()["steps"]
     assert not step["settled"] and step["convergence_ticks"] is None
     assert step["longest_pff_above_ticks"] >= 15
+
+
+async def test_resident_pinning_keeps_the_whole_area_cached_and_never_trims_it() -> None:
+    hm = make_memory(total_frames=128, swap_slots=128, low_watermark_frames=0, vdisk_cache_max_pages=4)
+    FakeGuests(hm).add(1, 16, disk_blocks=64)
+    mon = HostMonitors({"pinning": {"enabled": True, "mode": "resident", "swap_pages_per_s": 1.0,
+                                    "window_ticks": 1}}, hm, 10_000)
+    mon.pinner.log = Log()
+    mon.guest_joined(1, 16, {"swap_base_block": 32, "swap_blocks": 32})
+    vd = hm.vdisk(1)
+    for t in range(2):
+        vd.counters.swap_area_write_pages += 100
+        mon.end_tick(t, (t + 1) * 10_000, hm.snapshot(), {1: {"vt_us": (t + 1) * 10_000.0}}, {1: 0})
+    assert mon.pinner.is_pinned(1) and vd.pinned[32:64].all()
+    await hm.vdisk_write(1, np.arange(32, 48, dtype=np.uint64), np.arange(1, 17, dtype=np.uint64), 2e4)
+    hm.tick(1e9)
+    # More than the cache's bound of 4 pages stays cached: a resident pin is never trimmed.
+    assert np.count_nonzero(vd.cache_state[32:48] == CacheState.FRAME) == 16
+    assert mon.pinner.pinned_pages(1) == 16
+    hm.check_invariant()
