@@ -191,7 +191,20 @@ def _max(*arrays: np.ndarray) -> float:
     return max(vals) if vals else 0.0
 
 
-def _thin(n: int, most: int = 600) -> np.ndarray | slice:
+def _figure(plt: Any, w: float, h: float, rows: int = 1, right_in: float = 0.3) -> tuple[Any, Any]:
+    """A figure of ``rows`` axes stacked (sharing x) with fixed margins in inches.
+
+    Fixed margins rather than a layout engine: constrained layout measures
+    every tick label of every axes and costs more than drawing the data.
+    """
+    fig, axes = plt.subplots(rows, 1, figsize=(w, h), sharex=rows > 1, squeeze=False)
+    left, bottom, top = 1.1, 0.65, 0.45
+    fig.subplots_adjust(left=left / w, right=1 - right_in / w, bottom=bottom / h, top=1 - top / h,
+                        hspace=0.12 * rows)
+    return fig, [ax for ax in axes.flat] if rows > 1 else axes.flat[0]
+
+
+def _thin(n: int, most: int = 300) -> np.ndarray | slice:
     """Indices of at most ``most`` evenly spaced points, the last included: a small panel shows no more."""
     if n <= most:
         return slice(None)
@@ -308,7 +321,7 @@ def _plot_guest_lines(s: VariantSeries, path: Path, title: str, ylabel: str,
     if not any(_has_data(y) for y in ys.values()):
         return None
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(10, 5.2), layout="constrained")
+    fig, ax = _figure(plt, 10 + (1.6 if len(gids) > 8 else 0), 5.2, right_in=1.9 if len(gids) > 8 else 0.3)
     for color, gid in zip(_colors(len(gids)), gids):
         ax.plot(s.guests[gid]["t_s"], ys[gid], color=color, lw=1.5, marker="." if len(ys[gid]) < 40 else None,
                 label=f"guest {gid}")
@@ -328,7 +341,7 @@ def _plot_guest_lines(s: VariantSeries, path: Path, title: str, ylabel: str,
             _eng(ax)
     ax.set_xlim(left=0)
     if len(gids) > 8:  # many guests: the legend goes beside the plot, not over the lines
-        fig.legend(loc="outside right upper")
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     else:
         ax.legend(loc="best")
     return _save(fig, path)
@@ -339,7 +352,7 @@ def _plot_host_memory(s: VariantSeries, path: Path) -> Path | None:
     if not _has_data(h["free_frames"]):
         return None
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(10, 5.2), layout="constrained")
+    fig, ax = _figure(plt, 10, 5.2)
     for key, label, color in (("free_frames", "free", "tab:green"), ("iobuf_pages", "I/O buffers", "tab:orange"),
                               ("cache_pages", "disk cache", "tab:blue"), ("pinned_frames", "pinned", "tab:purple")):
         if _has_data(h[key]):
@@ -360,7 +373,7 @@ def _plot_host_swap(s: VariantSeries, path: Path) -> Path | None:
     if not _has_data(h["swap_out_pages"]):
         return None
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(10, 5.2), layout="constrained")
+    fig, ax = _figure(plt, 10, 5.2)
     t = h["t_s"]
     vt = h["vt_us"]
     ax.plot(t, rate_per_s(h["swap_out_pages"], vt), label="host swap-out", color="tab:red", lw=2)
@@ -376,6 +389,7 @@ def _plot_host_swap(s: VariantSeries, path: Path) -> Path | None:
     ax.set_ylabel("pages per virtual second")
     ax.set_ylim(bottom=0)
     ax.set_xlim(left=0)
+    _eng(ax)
     ax.legend(loc="best")
     return _save(fig, path)
 
@@ -395,7 +409,7 @@ def _plot_balloon_curve(s: VariantSeries, path: Path) -> Path | None:
     if not gids:
         return None
     plt = _plt()
-    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(10, 7.5), sharex=True, layout="constrained")
+    fig, (ax1, ax2) = _figure(plt, 10, 7.5, rows=2)
     for color, gid in zip(_colors(len(gids)), gids):
         g = s.guests[gid]
         x = g["balloon_actual_pages"]
@@ -448,7 +462,7 @@ def _plot_sweep_steps(name: str, vsummary: dict[str, Any], path: Path) -> Path |
     if not curves:
         return None
     plt = _plt()
-    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(10, 7.5), sharex=True, layout="constrained")
+    fig, (ax1, ax2) = _figure(plt, 10, 7.5, rows=2)
     for color, (gid, c) in zip(_colors(len(curves)), sorted(curves.items(), key=lambda kv: str(kv[0]))):
         steps = [r for r in c["steps"] if isinstance(r, dict)]
         x = np.array([_f(r.get("balloon_pages")) for r in steps])
@@ -529,7 +543,7 @@ def _bars(names: Sequence[str], path: Path, title: str, ylabel: str,
           groups: Sequence[tuple[str, Sequence[float], Any]], fmt: Callable[[float], str], eng: bool = False) -> Path:
     plt = _plt()
     width = min(16.0, max(6.0, 0.9 * len(names) * max(1, len(groups)) + 2.5))   # ~0.9 in per bar
-    fig, ax = plt.subplots(figsize=(width, 5.5), layout="constrained")
+    fig, ax = _figure(plt, width, 5.5)
     x = np.arange(len(names))
     width = 0.8 / max(1, len(groups))
     for i, (label, values, color) in enumerate(groups):
@@ -604,7 +618,7 @@ def _plot_sweep(names: Sequence[str], series: dict[str, VariantSeries], path: Pa
         return None
     pts.sort()
     plt = _plt()
-    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(10, 7.5), sharex=True, layout="constrained")
+    fig, (ax1, ax2) = _figure(plt, 10, 7.5, rows=2)
     xs = [p[0] for p in pts]
     ax1.plot(xs, [p[1] for p in pts], marker="o", color="tab:red")
     ax2.plot(xs, [p[2] for p in pts], marker="o", color="tab:green")
