@@ -16,9 +16,7 @@ guest); a live one may not.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-import os
 import signal
 import time
 from typing import IO, Any
@@ -101,9 +99,6 @@ class Host:
             await self._end_run(reason)
             server.close()
             await server.wait_closed()
-            if bound.scheme == "unix":  # no stale socket left in the run directory
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(bound.path)
         log.info(ev.RUN_FINISHED, ticks=self.tick, vt_us=self.vt_us, wall_s=round(time.monotonic() - wall0, 3),
                  reason=reason, guests_lost=dict(sorted(self.gone.items())), refused=self.refused,
                  guests_rejoined=dict(sorted(self.rejoined.items())), audit_ok=audit["ok"],
