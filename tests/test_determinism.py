@@ -27,7 +27,7 @@ SCENARIO = """\
 name = "determinism"
 seed = 5
 guests = 2
-ticks = 30
+ticks = 20
 
 [host]
 overcommit = 0.5          # the host has twice the guests' RAM: it never reclaims
