@@ -25,7 +25,6 @@ and where the time went (guest allocator vs hypercall + host).
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import shutil

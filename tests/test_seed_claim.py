@@ -16,7 +16,6 @@ margins, never exact counts:
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
 import pytest
