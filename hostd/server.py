@@ -166,9 +166,9 @@ class Host:
         while True:
             waited = time.monotonic() - started
             bound = min(self._unresponsive_bound_s(gid) for gid in self._barrier)
-            timeout = min(self.cfg.watchdog_s, max(0.01, bound - waited))
+            timeout = self.cfg.watchdog_s if waited >= bound else min(self.cfg.watchdog_s, bound - waited)
             try:
-                await asyncio.wait_for(asyncio.shield(self._barrier_done), timeout)
+                await asyncio.wait_for(asyncio.shield(self._barrier_done), max(0.01, timeout))
                 return
             except asyncio.TimeoutError:
                 waited = time.monotonic() - started
@@ -176,10 +176,20 @@ class Host:
                 log.warning(ev.TICK_STALLED, tick=tick, waited_s=round(waited, 3), missing=missing)
                 self._emit({"stalled": tick, "missing": missing, "waited_s": round(waited, 1)})
                 for gid in missing:
-                    if waited >= self._unresponsive_bound_s(gid):
+                    bound = self._unresponsive_bound_s(gid)
+                    # A guest waiting for the host to answer it is not silent: the host may be
+                    # waiting for another guest. Once that one is marked, its shootdowns stop
+                    # blocking; only much later is a waiting guest given up on too.
+                    if waited >= bound and (not self._waits_for_host(gid) or waited >= 3 * bound):
                         self._mark_unresponsive(gid)
                 if not self._barrier:
                     return
+
+    def _waits_for_host(self, gid: int) -> bool:
+        """The host is still working on a request of this guest's (and the guest owes it no answer)."""
+        s = self.sessions.get(gid)
+        return (s is not None and getattr(s.conn, "in_progress", 0) > 0
+                and not self.machine.watchdog.pending(gid))
 
     def _unresponsive_bound_s(self, gid: int) -> float:
         """How long the barrier waits for ``gid``: a guest's first tick includes its start-up, so it gets more."""

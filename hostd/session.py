@@ -115,6 +115,11 @@ class GuestConnection(RpcConnection):
             except RuntimeError:
                 pass
 
+    @property
+    def in_progress(self) -> int:
+        """Requests of the guest's that the host is still working on."""
+        return self._incoming
+
     def send_error(self, msg_type: int, code: int, message: str) -> None:
         """An error tied to no request (id 0), e.g. about a bad notification."""
         self._send_error(0, int(msg_type), int(code), message)

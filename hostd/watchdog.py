@@ -108,11 +108,16 @@ class PreferVictims:
         return np.flatnonzero(mask)
 
     def pick(self, pool: FramePool, n: int, rng: np.random.Generator) -> np.ndarray:
-        first = self.candidates(pool)[:max(n, 0)]
-        if first.size >= n:
-            return first
-        rest = np.asarray(self.inner.pick(pool, n - first.size, rng), np.int64)
-        return np.concatenate((first, rest[~np.isin(rest, first)]))
+        chosen = self.candidates(pool)[:max(n, 0)]
+        for _ in range(3):   # the blind policy may pick preferred frames again: ask for the difference
+            if chosen.size >= n:
+                break
+            more = np.asarray(self.inner.pick(pool, n - chosen.size, rng), np.int64)
+            more = more[~np.isin(more, chosen)]
+            if not more.size:
+                break
+            chosen = np.concatenate((chosen, more))
+        return chosen
 
 
 class Watchdog:

@@ -180,6 +180,9 @@ class _Phase:
                     p.wait()
             if host.stdout is not None:
                 host.stdout.close()
+            for path in self.dir.glob("*.stderr"):
+                if path.stat().st_size == 0:
+                    path.unlink()   # keep only the ones that say something
         return {"wall_s": round(time.monotonic() - wall0, 1), "host_exit": host.returncode,
                 "kills": self.kills, "rss_kib": self.rss}
 

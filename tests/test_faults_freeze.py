@@ -139,9 +139,12 @@ def test_the_frozen_guest_leaves_the_barrier_and_its_memory_goes_to_host_swap(ru
     assert settled and all(e["ok"] for e in settled)
     back = [e for e in events_named(host, "guest_responsive") if e["guest"] == FROZEN]
     assert len(back) == 1 and back[0]["tick"] > unresponsive[0]["tick"]
-    # Past start-up, only the frozen guest stalled the barrier, and only until the watchdog's bound.
+    # Past start-up, the frozen guest stalled the barrier, and only until the watchdog's bound. (Another
+    # guest may be missing with it: one whose EPT fault waited for a frame the frozen guest held. It is
+    # waiting for the host, not silent, so it is not marked: only the frozen one is.)
     stalls = [e for e in events_named(host, "tick_stalled") if e.get("phase") != "connect" and e["tick"] > 0]
-    assert stalls and all(e["missing"] == [FROZEN] and e["waited_s"] < 3.0 for e in stalls), stalls
+    assert stalls and all(FROZEN in e["missing"] and e["waited_s"] < 3.0 for e in stalls), stalls
+    assert [e["guest"] for e in events_named(host, "guest_unresponsive")] == [FROZEN]
     assert fin["invariant_violations"] == 0 and fin["reason"] == "completed" and fin["ticks"] == TICKS
 
 

@@ -1,0 +1,148 @@
+"""The watchdog's deferred shootdowns, in one process: frames taken at once, content filled in by the late answer.
+
+Host memory with the watchdog's shootdown; the guest's connection is a
+fake whose ``call`` the test answers when it likes -- a stopped guest.
+"""
+from __future__ import annotations
+
+import asyncio
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+
+from hostd.memory import HostMemory
+from hostd.p2m import PageState
+from hostd.watchdog import PENDING_TOKEN, PausePoints, PreferVictims, Watchdog
+from proto.costs import CostModel
+from proto.errors import PeerClosed
+from proto.messages import Invalidate, InvalidateReply
+
+GID, OTHER = 1, 2
+PAGES = 32
+
+
+class StoppedGuestConn:
+    """``call`` sends nothing anywhere: each Invalidate waits until the test answers it."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[np.ndarray, asyncio.Future]] = []
+
+    async def call(self, msg: Any, timeout_s: float | None = None) -> Any:
+        assert isinstance(msg, Invalidate)
+        fut = asyncio.get_running_loop().create_future()
+        self.calls.append((np.asarray(msg.gpfns).copy(), fut))
+        return await fut
+
+
+def _world(victim: str = "random") -> SimpleNamespace:
+    mem = HostMemory(96, 256, victim, np.random.default_rng(3), CostModel(), "ssd")  # room for both
+    sessions: dict[int, Any] = {}
+    wd = Watchdog(mem, sessions)
+    content = {gid: np.arange(PAGES, dtype=np.uint64) + np.uint64((gid << 32) | 7) for gid in (GID, OTHER)}
+    for gid in (GID, OTHER):
+        mem.add_guest(gid, PAGES, PAGES // 2)
+        sessions[gid] = SimpleNamespace(guest_id=gid, unresponsive=False, conn=StoppedGuestConn())
+
+    async def shootdown(gid: int, gpfns: np.ndarray) -> np.ndarray:   # as Machine._shootdown does
+        s = sessions[gid]
+        if s.unresponsive:
+            return wd.deferred_shootdown(s, gpfns)
+        return await wd.shootdown(s, gpfns, 5.0)
+
+    mem.shootdown = shootdown
+    return SimpleNamespace(mem=mem, wd=wd, sessions=sessions, content=content)
+
+
+def _answer(conn: StoppedGuestConn, content: np.ndarray) -> None:
+    for gpfns, fut in conn.calls:
+        if not fut.done():
+            fut.set_result(InvalidateReply(content[gpfns.astype(np.int64)]))
+
+
+async def test_an_unresponsive_guests_frames_go_at_once_and_its_late_answer_fills_them() -> None:
+    w = _world()
+    for gid in (GID, OTHER):
+        await w.mem.ept_fault(gid, np.arange(PAGES, dtype=np.uint64), 0.0)
+    w.sessions[GID].unresponsive = True
+    w.wd.guest_unresponsive(GID)
+    freed = await w.wd.reclaim_unresponsive(0.0)
+    # Every frame of the frozen guest, and only its frames, went to host swap without waiting.
+    assert freed == PAGES and w.mem.guest_counts(GID)["resident_pages"] == 0
+    assert w.mem.guest_counts(OTHER)["resident_pages"] == PAGES
+    p2m = w.mem._guest(GID).p2m
+    assert np.all(p2m.state == PageState.SWAPPED)
+    assert np.all(w.mem.swap.token[p2m.loc] == PENDING_TOKEN) and w.wd.pending(GID)
+    # A fault of that guest waits for the answer (the host never hands back a placeholder) ...
+    async def fault() -> np.ndarray:
+        await w.wd.settled(GID)
+        tokens, _ = await w.mem.ept_fault(GID, np.array([3, 4], np.uint64), 0.0)
+        return tokens
+
+    task = asyncio.ensure_future(fault())
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert not task.done()
+    # ... the guest wakes and answers: the content it held is what comes back.
+    _answer(w.sessions[GID].conn, w.content[GID])
+    assert list(await task) == list(w.content[GID][[3, 4]])
+    assert w.wd.leftover_placeholders(GID) == 0 and not w.wd.pending(GID)
+    assert w.wd.metrics()["deferred_settled_pages"] == PAGES
+    w.mem.check_invariant()
+
+
+async def test_a_shootdown_already_waiting_is_deferred_when_the_guest_goes_silent() -> None:
+    w = _world()
+    await w.mem.ept_fault(GID, np.arange(PAGES, dtype=np.uint64), 0.0)
+    reclaim = asyncio.ensure_future(w.mem.reclaim(8, 0.0))
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert not reclaim.done() and len(w.sessions[GID].conn.calls) == 1   # waiting for the acknowledgement
+    w.sessions[GID].unresponsive = True
+    w.wd.guest_unresponsive(GID)                                           # the watchdog's verdict
+    got = await asyncio.wait_for(reclaim, 1.0)
+    assert got.freed_frames == 8 and w.wd.late_shootdowns == 1
+    assert w.wd.leftover_placeholders(GID) == 8
+    _answer(w.sessions[GID].conn, w.content[GID])
+    await w.wd.settled(GID)
+    assert w.wd.leftover_placeholders(GID) == 0
+    w.mem.check_invariant()
+
+
+async def test_a_guest_that_dies_before_answering_takes_its_placeholders_with_it() -> None:
+    w = _world()
+    await w.mem.ept_fault(GID, np.arange(PAGES, dtype=np.uint64), 0.0)
+    w.sessions[GID].unresponsive = True
+    w.wd.guest_unresponsive(GID)
+    await w.wd.reclaim_unresponsive(0.0)
+    for _, fut in w.sessions[GID].conn.calls:
+        fut.set_exception(PeerClosed("connection to guest-1 closed"))
+    await w.wd.settled(GID)
+    assert w.wd.metrics()["deferred_failed"] == 1 and not w.wd.pending(GID)
+    w.mem.remove_guest(GID)
+    w.wd.forget(GID)
+    assert w.mem.swap.slots_owned_by(GID).size == 0
+    w.mem.check_invariant()
+
+
+def test_preferred_victims_come_first_then_the_blind_policy() -> None:
+    w = _world()
+    asyncio.run(_fault_all(w))
+    prefer = PreferVictims(w.mem.victim.inner, {GID})
+    picked = prefer.pick(w.mem.pool, PAGES + 4, np.random.default_rng(0))
+    owners = w.mem.pool.owner_guest[picked]
+    assert np.all(owners[:PAGES] == GID) and picked.size == np.unique(picked).size == PAGES + 4
+
+
+async def _fault_all(w: SimpleNamespace) -> None:
+    for gid in (GID, OTHER):
+        await w.mem.ept_fault(gid, np.arange(PAGES, dtype=np.uint64), 0.0)
+
+
+def test_pause_points_parse_who_point_and_occurrence() -> None:
+    pp = PausePoints("host:tick_started@3, 2:ept_fault, host:tick_started@5", "host")
+    assert pp.wanted == {"tick_started": {3, 5}}
+    assert not PausePoints("", "host") and not PausePoints("1:invalidate", "host")
+    assert [pp.reached("other") for _ in range(3)] == [False, False, False]
+    # Occurrences 1 and 2 are not wanted; the 3rd would stop this very process, so it is not reached here.
+    assert [pp.reached("tick_started") for _ in range(2)] == [False, False] and pp.seen == {"tick_started": 2}
