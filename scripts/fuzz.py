@@ -531,17 +531,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     import logging
 
     import structlog
+    saved = structlog.get_config()
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.CRITICAL))
-    engine = args.engine
-    if engine == "auto":
-        engine = "atheris" if _have_atheris() and len(names) == 1 else "hypothesis"
-    if engine == "atheris":
-        if not _have_atheris():
-            print("atheris is not installed for this Python (pip install atheris); use --engine hypothesis",
-                  file=sys.stderr)
-            return 2
-        return _run_atheris(names, extra)
-    return _run_hypothesis(names, args.seconds, args.examples)
+    try:
+        engine = args.engine
+        if engine == "auto":
+            engine = "atheris" if _have_atheris() and len(names) == 1 else "hypothesis"
+        if engine == "atheris":
+            if not _have_atheris():
+                print("atheris is not installed for this Python (pip install atheris); use --engine hypothesis",
+                      file=sys.stderr)
+                return 2
+            return _run_atheris(names, extra)
+        return _run_hypothesis(names, args.seconds, args.examples)
+    finally:
+        # main() also runs inside the test process: leave logging as it was found.
+        structlog.configure(**saved)
 
 
 if __name__ == "__main__":
