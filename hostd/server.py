@@ -236,7 +236,9 @@ class Host:
             # Refuse at once; the connection is closed after the error is written.
             asyncio.get_running_loop().call_soon(self._refuse_flood, conn)
         self._unauthenticated.add(session)
-        asyncio.get_running_loop().call_later(HANDSHAKE_TIMEOUT_S, self._handshake_deadline, session)
+        # Cancelled once the handshake is over: a pending timer would keep the session alive for its 10 s.
+        session.handshake_timer = asyncio.get_running_loop().call_later(
+            HANDSHAKE_TIMEOUT_S, self._handshake_deadline, session)
         return conn
 
     def _on_refused(self, conn: GuestConnection, code: int, msg_type: int, message: str) -> None:
@@ -275,6 +277,8 @@ class Host:
             raise
         gid = hello.guest_id
         self._unauthenticated.discard(session)
+        if session.handshake_timer is not None:
+            session.handshake_timer.cancel()
         session.guest_id = gid  # the machine's handlers are bound to it
         session.activate(gid, hello.pid, self.machine.request_handlers(session) | {MsgType.PING: _pong},
                          self._on_tick_done)
@@ -318,6 +322,8 @@ class Host:
     def _conn_closed(self, conn: RpcConnection, exc: BaseException | None) -> None:
         session: GuestSession = conn.session  # type: ignore[attr-defined]
         self._unauthenticated.discard(session)
+        if session.handshake_timer is not None:
+            session.handshake_timer.cancel()
         gid = session.guest_id
         was = session.state
         session.state = SessionState.GONE

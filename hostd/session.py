@@ -52,6 +52,7 @@ class GuestSession:
         self.unresponsive = False                   # taken out of the tick barrier
         self.disconnect_reason = ""
         self.rejected: dict[str, int] = {}          # refused requests by reason code name
+        self.handshake_timer: Any = None            # the handshake deadline (an asyncio.TimerHandle) until it is met
 
     @property
     def active(self) -> bool:
