@@ -17,19 +17,19 @@ import sys
 import time
 from typing import Any
 
-import numpy as np
 import structlog
 
 from proto import events as ev
 from proto.errors import ErrorCode, HandshakeRefused, PeerClosed, ProtoError
+from proto.faultpoints import PausePoints
 from proto.handshake import client_hello
-from proto.messages import (Audit, AuditReply, BalloonTarget, Invalidate, InvalidateReply, MsgType, Ping, Pong,
+from proto.messages import (Audit, AuditReply, BalloonTarget, Invalidate, InvalidateReply, MsgType, Pong,
                             RunEnd, TickDone, TickStart)
 from proto.messages import LockAcquire, LockRelease, LockReply
 from proto.rpc import RpcConnection
 from proto.transport import Address, connect
 
-from .audit import PausePoints, audit_reply, pausing_call
+from .audit import audit_reply, pausing_call
 from .errors import GuestdError
 from .session import GuestSessionState, build_guest
 
@@ -95,7 +95,8 @@ class GuestAgent:
         except (ProtoError, GuestdError) as exc:
             conn.close()
             return self._fail(EXIT_REFUSED, f"bad guest config from the host: {exc}")
-        self.pause.mm_lock = self.state.kernel.mm_lock
+        mm_lock = self.state.kernel.mm_lock
+        self.pause.context = lambda: {"mm_lock_held": bool(mm_lock.locked())}
         if self._early_target is not None:
             self.state.set_balloon_target(self._early_target)
         log.info(ev.GUEST_STARTED, guest=self.guest_id, pid=os.getpid(), ram_pages=welcome.config.get("ram_pages"))

@@ -26,14 +26,13 @@ it. See ``PausePoints``.
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
-from typing import TYPE_CHECKING, Any, Awaitable, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 import numpy as np
 import structlog
 
 from proto import events as ev
+from proto.faultpoints import PausePoints
 from proto.messages import AuditReply, Message, MsgType
 
 from .memory import FrameKind
@@ -41,11 +40,10 @@ from .memory import FrameKind
 if TYPE_CHECKING:
     from .session import GuestSessionState
 
-__all__ = ["audit_reply", "self_check", "PausePoints", "PAUSE_ENV", "REQUEST_POINTS", "pausing_call"]
+__all__ = ["audit_reply", "self_check", "REQUEST_POINTS", "pausing_call"]
 
 log = structlog.get_logger("guestd.audit")
 
-PAUSE_ENV = "BALLOONLAB_PAUSE_AT"
 REQUEST_POINTS: dict[MsgType, str] = {
     MsgType.BALLOON_INFLATE: "balloon_inflate", MsgType.BALLOON_DEFLATE: "balloon_deflate",
     MsgType.DISK_WRITE: "disk_write", MsgType.DISK_READ: "disk_read", MsgType.EPT_FAULT: "ept_fault",
@@ -162,51 +160,6 @@ def audit_reply(state: "GuestSessionState | None", first: int, count: int) -> Au
 # --- fault points -----------------------------------------------------------------------
 
 
-class PausePoints:
-    """The guest's fault points (``BALLOONLAB_PAUSE_AT``, as the host's in ``hostd.watchdog``).
-
-    ``BALLOONLAB_PAUSE_AT`` is a comma-separated list of ``WHO:POINT[@N]``:
-    WHO a guest id (or ``host``), N the occurrence (default 1). At a wanted
-    occurrence the guest logs ``fault_point_reached`` (with whether its
-    memory lock L_vmem is held), flushes its log and stops itself.
-    """
-
-    def __init__(self, spec: str, who: str) -> None:
-        self.wanted: dict[str, set[int]] = {}
-        for item in (s.strip() for s in spec.split(",")):
-            target, _, rest = item.partition(":")
-            point, _, nth = rest.partition("@")
-            if not item or target.strip() != who or not point:
-                continue
-            try:
-                n = int(nth) if nth else 1
-            except ValueError:
-                raise ValueError(f"{PAUSE_ENV}: {item!r}: occurrence {nth!r} is not a number") from None
-            self.wanted.setdefault(point.strip(), set()).add(n)
-        self.seen: dict[str, int] = {}
-        self.mm_lock: Any = None   # the kernel's lock, once there is a kernel
-
-    @classmethod
-    def from_env(cls, guest_id: int, environ: Mapping[str, str] | None = None) -> "PausePoints":
-        return cls((os.environ if environ is None else environ).get(PAUSE_ENV, ""), str(guest_id))
-
-    def __bool__(self) -> bool:
-        return bool(self.wanted)
-
-    def reached(self, point: str, **fields: Any) -> bool:
-        if point not in self.wanted:
-            return False
-        n = self.seen.get(point, 0) + 1
-        self.seen[point] = n
-        if n not in self.wanted[point]:
-            return False
-        held = bool(self.mm_lock is not None and self.mm_lock.locked())
-        log.warning(ev.FAULT_POINT_REACHED, point=point, occurrence=n, pid=os.getpid(), mm_lock_held=held, **fields)
-        _flush_log()
-        os.kill(os.getpid(), signal.SIGSTOP)
-        return True
-
-
 def pausing_call(call: Callable[..., Awaitable[Message]], points: PausePoints) -> Callable[..., Awaitable[Message]]:
     """Wrap ``RpcConnection.call``: after sending a request named in ``REQUEST_POINTS``, pass its fault point."""
 
@@ -220,13 +173,3 @@ def pausing_call(call: Callable[..., Awaitable[Message]], points: PausePoints) -
         return await task
 
     return wrapped
-
-
-def _flush_log() -> None:
-    factory = structlog.get_config().get("logger_factory")
-    f = getattr(factory, "_file", None)
-    if f is not None:
-        try:
-            f.flush()
-        except (OSError, ValueError):
-            pass

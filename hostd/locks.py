@@ -45,8 +45,7 @@ from proto import events as ev
 from proto.errors import ErrorCode, PeerClosed, ProtoError
 from proto.locks import (DEADLOCK_REASON, HOST_PROC, VCPU_TASK, LockClass, LockConfig, LockOp, LockProtocol,
                          LockTransition, OwnerLock, guest_proc, owner_name, split_owner)
-from proto.messages import (Invalidate, InvalidateReply, LockAcquire, LockEvent, LockRelease, LockReply, Message,
-                            MsgType)
+from proto.messages import Invalidate, InvalidateReply, LockAcquire, LockEvent, LockRelease, LockReply, MsgType
 from proto.rpc import RequestHandler, RpcConnection
 
 from .deadlock import CycleEdge, LockdepValidator, WaitForGraph, cycle_signature

@@ -18,8 +18,7 @@ from proto.costs import CostModel, DiskProfile
 from proto.errors import ErrorCode
 from proto.locks import LockProtocol, lock_config_from_mapping
 from proto.messages import (BalloonDeflate, BalloonInflate, BalloonReply, BalloonTarget, DiskRead, DiskReadReply,
-                            DiskWrite, DiskWriteReply, EptFault, EptFaultReply, Invalidate, InvalidateReply,
-                            MsgType, TickDone)
+                            DiskWrite, DiskWriteReply, EptFault, EptFaultReply, MsgType, TickDone)
 from proto.rpc import RequestHandler
 
 from .balloon import make_controller

@@ -35,7 +35,7 @@ from .config import RunConfig
 from .audit import run_audit
 from .machine import Machine
 from .session import GuestConnection, GuestSession, SessionState
-from .watchdog import PausePoints
+from proto.faultpoints import PausePoints
 
 __all__ = ["Host"]
 

@@ -58,14 +58,13 @@ moment and kill it from outside; see ``PausePoints``.
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Mapping
 
 import numpy as np
 import structlog
 
 from proto import events as ev
+from proto.faultpoints import flush_log
 from proto.messages import Invalidate, InvalidateReply
 
 from .framepool import FrameKind, FramePool
@@ -75,7 +74,7 @@ if TYPE_CHECKING:
     from .memory import HostMemory
     from .session import GuestSession
 
-__all__ = ["PENDING_TOKEN", "PreferVictims", "Watchdog", "PausePoints", "PAUSE_ENV", "flush_log"]
+__all__ = ["PENDING_TOKEN", "PreferVictims", "Watchdog"]
 
 log = structlog.get_logger("hostd.watchdog")
 
@@ -84,7 +83,6 @@ PENDING_TOKEN = np.uint64(0xFFFF_FFFF_FFFF_FFFF)
 token has it: that would take page id 2**32 - 2."""
 
 MAX_RECLAIM_FRAMES_PER_TICK = 65_536   # one Invalidate per tick end stays well inside a frame
-PAUSE_ENV = "BALLOONLAB_PAUSE_AT"
 
 
 class PreferVictims:
@@ -309,62 +307,3 @@ class Watchdog:
                 "late_shootdowns": self.late_shootdowns,
                 "deferred_settled_pages": self.settled_pages, "deferred_failed": self.failed_shootdowns,
                 "unresponsive_reclaimed_frames": self.reclaimed_frames}
-
-
-class PausePoints:
-    """Fault points: the process stops itself (SIGSTOP) at a named moment, for a test to kill it.
-
-    ``BALLOONLAB_PAUSE_AT`` is a comma-separated list of ``WHO:POINT[@N]``;
-    WHO is ``host`` or a guest id, N the occurrence (default 1). Before
-    stopping, the process logs ``fault_point_reached`` and flushes its log,
-    so a test can wait for the line (or for the process state ``T``) and
-    then send SIGKILL (a crash at exactly that moment) or SIGCONT (a freeze).
-    Unset, every ``reached`` call is a dictionary lookup.
-    """
-
-    def __init__(self, spec: str, who: str) -> None:
-        self.wanted: dict[str, set[int]] = {}
-        for item in (s.strip() for s in spec.split(",")):
-            if not item:
-                continue
-            target, _, rest = item.partition(":")
-            point, _, nth = rest.partition("@")
-            if target.strip() != who or not point:
-                continue
-            try:
-                n = int(nth) if nth else 1
-            except ValueError:
-                raise ValueError(f"{PAUSE_ENV}: {item!r}: occurrence {nth!r} is not a number") from None
-            self.wanted.setdefault(point.strip(), set()).add(n)
-        self.seen: dict[str, int] = {}
-
-    @classmethod
-    def from_env(cls, who: str, environ: Mapping[str, str] | None = None) -> "PausePoints":
-        return cls((os.environ if environ is None else environ).get(PAUSE_ENV, ""), who)
-
-    def __bool__(self) -> bool:
-        return bool(self.wanted)
-
-    def reached(self, point: str, **fields: Any) -> bool:
-        """Count one occurrence of ``point``; stop the process if it is a wanted one. True if it stopped."""
-        if point not in self.wanted:
-            return False
-        n = self.seen.get(point, 0) + 1
-        self.seen[point] = n
-        if n not in self.wanted[point]:
-            return False
-        log.warning(ev.FAULT_POINT_REACHED, point=point, occurrence=n, pid=os.getpid(), **fields)
-        flush_log()
-        os.kill(os.getpid(), signal.SIGSTOP)
-        return True
-
-
-def flush_log() -> None:
-    """Push the structured log's buffer to its file (before the process may be killed)."""
-    factory = structlog.get_config().get("logger_factory")
-    f = getattr(factory, "_file", None)
-    if f is not None:
-        try:
-            f.flush()
-        except (OSError, ValueError):
-            pass

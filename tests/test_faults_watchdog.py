@@ -13,7 +13,8 @@ import numpy as np
 
 from hostd.memory import HostMemory
 from hostd.p2m import PageState
-from hostd.watchdog import PENDING_TOKEN, PausePoints, PreferVictims, Watchdog
+from hostd.watchdog import PENDING_TOKEN, PreferVictims, Watchdog
+from proto.faultpoints import PausePoints
 from proto.costs import CostModel
 from proto.errors import PeerClosed
 from proto.messages import Invalidate, InvalidateReply
