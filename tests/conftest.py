@@ -4,7 +4,8 @@
   pytest-asyncio's ``pytest_asyncio_loop_factories`` hook (pytest-asyncio
   >= 1.4). ``BALLOONLAB_TEST_LOOPS=uvloop,asyncio`` runs each async test on
   both loops instead.
-- ``wait_until(pred, timeout_s)`` (async) and ``wait_until_blocking`` (sync)
+- ``wait_until(pred, timeout_s)`` (async; the synchronous one for
+  multi-process tests is ``tests.procs.wait_until``)
   poll a condition with a deadline; tests use them, or events, never a bare
   sleep.
 - ``sock_dir``: a short, private directory for Unix sockets. AF_UNIX paths
@@ -26,7 +27,7 @@ from typing import Any, TypeVar
 
 import pytest
 
-__all__ = ["wait_until", "wait_until_blocking", "LOOP_FACTORIES"]
+__all__ = ["wait_until", "LOOP_FACTORIES"]
 
 T = TypeVar("T")
 
@@ -80,20 +81,6 @@ async def wait_until(pred: Callable[[], T | Awaitable[T]], timeout_s: float = 5.
             raise TimeoutError(f"condition {what or getattr(pred, '__name__', pred)!s} "
                                f"not met within {timeout_s:g} s (last value {value!r})")
         await asyncio.sleep(interval_s)
-
-
-def wait_until_blocking(pred: Callable[[], T], timeout_s: float = 5.0, what: str | None = None,
-                        interval_s: float = 0.01) -> T:
-    """The same for synchronous tests (multi-process tests: log lines, exit codes)."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = pred()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise TimeoutError(f"condition {what or getattr(pred, '__name__', pred)!s} "
-                               f"not met within {timeout_s:g} s (last value {value!r})")
-        time.sleep(interval_s)
 
 
 @pytest.fixture
