@@ -33,11 +33,12 @@ class RemoteBlockDevice:
             reply = await self.conn.call(DiskRead(blocks, float(vt_us)))
             assert isinstance(reply, DiskReadReply)
             return reply.tokens, reply.done_vt_us
+        # One vCPU issues the parts one after another: each starts when the last is done,
+        # so no request of ours is ever earlier than the reply before it (hostd.sequencer).
         parts, done = [], float(vt_us)
         for i in range(0, blocks.size, MAX_PAGES_PER_MESSAGE):
-            tokens, d = await self.read(blocks[i:i + MAX_PAGES_PER_MESSAGE], vt_us)
+            tokens, done = await self.read(blocks[i:i + MAX_PAGES_PER_MESSAGE], done)
             parts.append(tokens)
-            done = max(done, d)
         return np.concatenate(parts), done
 
     async def write(self, blocks: np.ndarray, tokens: np.ndarray, vt_us: float) -> float:
@@ -45,7 +46,7 @@ class RemoteBlockDevice:
         done = float(vt_us)
         for i in range(0, blocks.size, MAX_PAGES_PER_MESSAGE // 2):
             j = i + MAX_PAGES_PER_MESSAGE // 2
-            reply = await self.conn.call(DiskWrite(blocks[i:j], tokens[i:j], float(vt_us)))
+            reply = await self.conn.call(DiskWrite(blocks[i:j], tokens[i:j], done))   # in sequence, as read
             assert isinstance(reply, DiskWriteReply)
             done = max(done, reply.done_vt_us)
         return done
@@ -75,7 +76,7 @@ class RemoteHypervisor:
         gpfns = _u64(gpfns)
         done = float(vt_us)
         for i in range(0, gpfns.size, MAX_PAGES_PER_MESSAGE):
-            reply = await self.conn.call(cls(gpfns[i:i + MAX_PAGES_PER_MESSAGE], float(vt_us)))
+            reply = await self.conn.call(cls(gpfns[i:i + MAX_PAGES_PER_MESSAGE], done))   # in sequence, as read
             assert isinstance(reply, BalloonReply)
             self.host_balloon_pages = reply.balloon_pages
             done = max(done, reply.done_vt_us)

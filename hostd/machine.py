@@ -15,7 +15,7 @@ import structlog
 
 from proto import events as ev
 from proto.costs import CostModel, DiskProfile
-from proto.errors import ErrorCode
+from proto.errors import ConfigError, ErrorCode
 from proto.locks import LockProtocol, lock_config_from_mapping
 from proto.messages import (BalloonDeflate, BalloonInflate, BalloonReply, BalloonTarget, DiskRead, DiskReadReply,
                             DiskWrite, DiskWriteReply, EptFault, EptFaultReply, MsgType, TickDone)
@@ -30,6 +30,7 @@ from .memconfig import balloon_config, host_memory_config
 from .locks import HostLocks
 from .memory import HostMemory
 from .monitors import HostMonitors
+from .sequencer import RequestSequencer
 from .session import GuestSession, sanitize_stats
 from .watchdog import Watchdog
 
@@ -76,6 +77,7 @@ class Machine:
         self.peak: dict[str, int] = {}
         self.rejected: dict[str, int] = {}
         self.locks = self._make_locks(cfg)          # the lock model, when [locks] names a protocol
+        self.sequencer = self._make_sequencer()     # None: requests are served as they arrive
         self.monitors = HostMonitors(cfg.monitors, self.mem, cfg.tick_us)
 
     # --- guests -----------------------------------------------------------------
@@ -105,6 +107,8 @@ class Machine:
             self.locks.guest_gone(gid)
         self.monitors.guest_gone(gid)
         self.watchdog.forget(gid)
+        if self.sequencer is not None:
+            self.sequencer.leave(gid)
         self.uncooperative.discard(gid)  # a guest restarted under this id starts with a clean slate
         self._check_invariant("guest_gone")
         return {"released_frames": int(counts.get("resident_pages", 0)),
@@ -114,6 +118,8 @@ class Machine:
         # Its memory goes to host swap at the next tick ends (hostd.watchdog).
         assert session.guest_id is not None
         self.watchdog.guest_unresponsive(session.guest_id)
+        if self.sequencer is not None:   # out of the barrier: the others' requests must not wait for it
+            self.sequencer.running_changed()
         if self.locks is not None:   # a stopped guest must not keep the host's lock (ordered)
             self.locks.guest_unresponsive(session.guest_id)
 
@@ -134,6 +140,8 @@ class Machine:
             self.mem.set_ad_bits(gid, msg.accessed, msg.dirty)
         except HostdError as exc:
             self._rejected(session, "tick_done", exc)
+        if self.sequencer is not None:
+            self.sequencer.tick_done(gid, msg.vt_us)
 
     # --- requests ---------------------------------------------------------------
 
@@ -175,6 +183,9 @@ class Machine:
             locks = self.locks
             handlers = {t: locks.wrap(gid, t, h) for t, h in handlers.items()}
             handlers.update(locks.lock_handlers(gid))
+        elif self.sequencer is not None:   # one at a time, in virtual-time order (hostd.sequencer)
+            lane = self.sequencer.join(gid)
+            handlers = {t: self.sequencer.wrap(lane, h) for t, h in handlers.items()}
         # A HostdError raised here goes back as an error reply with its code; the
         # guest's connection reports every error reply to count_rejection.
         return dict(handlers)
@@ -201,6 +212,12 @@ class Machine:
         session = self.host.sessions.get(gid)
         if session is None:
             raise HostdError(f"guest {gid} is gone; cannot invalidate its mappings")
+        if self.sequencer is not None:
+            # Only where the guest is parked, so the shootdown lands at the same point of its run every time.
+            await self.sequencer.until_parked(gid)
+            session = self.host.sessions.get(gid)
+            if session is None:
+                raise HostdError(f"guest {gid} is gone; cannot invalidate its mappings")
         if self.locks is not None and not session.unresponsive:
             # Under the guest's L_vmem, taken there for the owner the host acts for (hostd.locks).
             return await self.locks.shootdown(session.conn, gid, gpfns, self.mem_cfg.shootdown_timeout_s)
@@ -221,8 +238,22 @@ class Machine:
             self.mem.callout = locks.callout   # L_hostmem is dropped around every call into a guest
         return locks
 
+    def _make_sequencer(self) -> RequestSequencer | None:
+        order = self.mem_cfg.request_order
+        if self.locks is not None:
+            if order == "virtual-time":
+                raise ConfigError("[host].request_order = \"virtual-time\" cannot go with a [locks] protocol: "
+                                  "the lock model needs the guests' requests to run concurrently")
+            return None
+        if order == "arrival":
+            return None
+        host = self.host
+        return RequestSequencer(lambda: host.running_guests)
+
     def tick_started(self, tick: int, vt_us: int) -> None:
         """The host starts a tick: under a lock model its reclaim task may run during it."""
+        if self.sequencer is not None:
+            self.sequencer.tick_started(vt_us)
         if self.locks is not None:
             self.locks.start()
             self.locks.tick_started(self.mem, vt_us)
@@ -242,7 +273,7 @@ class Machine:
         if (tick + 1) % self.mem_cfg.invariant_every_ticks == 0:
             self._check_invariant("tick")
         snap = mem.snapshot()
-        self.monitors.end_tick(tick, vt_us, snap, {gid: s.last_stats for gid, s in self.host.sessions.items()},
+        self.monitors.end_tick(tick, vt_us, snap, {gid: s.last_stats for gid, s in sorted(self.host.sessions.items())},
                                self.targets)
         for key in ("iobuf_pages", "cache_pages", "pinned_frames", "swap_used_slots"):
             self.peak[key] = max(self.peak.get(key, 0), int(snap.get(key, 0)))
@@ -317,4 +348,6 @@ class Machine:
         return {"memory": snap, "guests_memory": guests, "peaks": dict(self.peak),
                 "invariant_violations": self.invariant_violations, "ram_pages": self.ram_pages,
                 "rejected_requests": dict(self.rejected), "uncooperative_guests": sorted(self.uncooperative),
-                "watchdog": self.watchdog.metrics(), "monitors": self.monitors.metrics()}
+                "watchdog": self.watchdog.metrics(), "monitors": self.monitors.metrics(),
+                "request_order": "arrival" if self.sequencer is None else "virtual-time",
+                **({} if self.sequencer is None else self.sequencer.stats())}

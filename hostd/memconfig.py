@@ -17,7 +17,7 @@ _HOST_KEYS: dict[str, tuple[type, ...]] = {
     "ram_mib": (int, float), "overcommit": (int, float), "swap_mib": (int, float), "victim": (str,),
     "cache_max_mib": (int, float), "cluster_kib": (int,), "max_inflight_requests": (int,),
     "low_watermark_pct": (int, float), "reclaim_batch_pages": (int,), "invariant_every_ticks": (int,),
-    "shootdown_timeout_s": (int, float), "uncooperative_ticks": (int,),
+    "shootdown_timeout_s": (int, float), "uncooperative_ticks": (int,), "request_order": (str,),
 }
 
 
@@ -35,6 +35,7 @@ class HostMemConfig:
     invariant_every_ticks: int
     shootdown_timeout_s: float
     uncooperative_ticks: int        # no balloon progress for this long -> fall back to host swapping
+    request_order: str | None       # "virtual-time" / "arrival"; None: virtual-time unless a lock model runs
 
     def host_ram_pages(self, guest_ram_pages: int) -> int:
         if self.ram_pages is not None:
@@ -84,6 +85,10 @@ def host_memory_config(table: Mapping[str, Any], where: str = "[host]") -> HostM
     pct = _positive(table, "low_watermark_pct", where, 1.0)
     if pct >= 50:
         raise ConfigError(f"{where}.low_watermark_pct: must be < 50, got {pct}")
+    order = table.get("request_order")
+    from .sequencer import REQUEST_ORDERS
+    if order is not None and order not in REQUEST_ORDERS:
+        raise ConfigError(f"{where}.request_order: must be one of {list(REQUEST_ORDERS)}, got {order!r}")
     return HostMemConfig(
         ram_pages=None if ram is None else int(ram * MIB_PAGES),
         overcommit=float(_positive(table, "overcommit", where, 1.25)),
@@ -97,6 +102,7 @@ def host_memory_config(table: Mapping[str, Any], where: str = "[host]") -> HostM
         invariant_every_ticks=int(_positive(table, "invariant_every_ticks", where, 1)),
         shootdown_timeout_s=float(_positive(table, "shootdown_timeout_s", where, 10.0)),
         uncooperative_ticks=int(_positive(table, "uncooperative_ticks", where, 50)),
+        request_order=order,
     )
 
 

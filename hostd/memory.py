@@ -179,6 +179,9 @@ class HostMemory:
                             cache_max_pages=self.vdisk_cache_max_pages if cache_max_pages is None else cache_max_pages,
                             max_inflight_requests=self.max_inflight_requests)
         self._guests[guest_id] = _Guest(guest_id, P2M(guest_pages), max_balloon, vdisk)
+        # In id order, not in the order guests happened to connect: every loop over the
+        # guests (retiring I/O buffers frees frames onto the free stack) must be reproducible.
+        self._guests = dict(sorted(self._guests.items()))
 
     def remove_guest(self, guest_id: int) -> None:
         """Release everything a dead guest held: frames, swap slots, disk cache and buffers.

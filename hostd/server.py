@@ -185,6 +185,11 @@ class Host:
                 if not self._barrier:
                     return
 
+    @property
+    def running_guests(self) -> set[int]:
+        """Guests that may still send requests in this tick (the barrier: not done, not given up on)."""
+        return self._barrier
+
     def _waits_for_host(self, gid: int) -> bool:
         """The host is still working on a request of this guest's (and the guest owes it no answer)."""
         s = self.sessions.get(gid)

@@ -265,6 +265,9 @@ def test_sigint_to_the_launcher_stops_everything(tmp_path: Path) -> None:
     ("guest-key.toml", "[scenario]\nticks = 3\n[guest]\nram_mib = 4\nram_gib = 1\n", "ram_gib"),
     ("variant-type.toml", "[scenario]\nticks = 3\n[variants.v]\nballoon = { policy = \"static\", "
                           "params = { fraction = \"half\" } }\n", "fraction"),
+    ("order.toml", "[scenario]\nticks = 3\n[host]\nrequest_order = \"random\"\n", "request_order"),
+    ("order-locks.toml", "[scenario]\nticks = 3\n[host]\nrequest_order = \"virtual-time\"\n"
+                         "[locks]\nprotocol = \"ordered\"\n", "request_order"),
 ])
 def test_broken_scenario_exits_2_naming_file_and_key(tmp_path: Path, name: str, text: str, key: str) -> None:
     path = tmp_path / name
