@@ -165,6 +165,7 @@ class RequestSequencer:
             else:
                 fut.cancel()
                 lane.waiting -= 1
+                self.kick()      # it may have been the head
             raise
 
     def kick(self) -> None:
