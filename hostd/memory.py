@@ -48,7 +48,7 @@ from .errors import (BadBatch, BalloonLimit, DuplicateGuest, HostOutOfMemory, In
                      InvariantViolation, UnknownGuest)
 from .framepool import FrameKind, FramePool
 from .hostswap import HostSwap
-from .p2m import NO_LOC, P2M, PageState, as_page_numbers
+from .p2m import NO_LOC, P2M, PageState, as_page_numbers, unique_pages
 from .vdisk import (CLUSTER_PAGES_DEFAULT, MAX_INFLIGHT_REQUESTS_DEFAULT, CacheState, VirtualDisk)
 from .victim import VictimPolicy, make_victim_policy
 
@@ -221,7 +221,7 @@ class HostMemory:
         """
         g = self._guest(guest_id)
         gpfns = as_page_numbers(gpfns, guest_id, "gpfn", g.p2m.guest_pages)
-        uniq = np.unique(gpfns)
+        uniq = unique_pages(gpfns)
         start_us = float(vt_us)
         tried = False
         while True:

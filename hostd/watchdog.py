@@ -10,7 +10,10 @@ lost:
 - Its frames are the preferred victims of host swapping (``PreferVictims``),
   and at the end of every tick whatever it still has resident is swapped
   out (``Watchdog.reclaim_unresponsive``). Host swapping, never dropping:
-  every page goes to a host swap slot.
+  every page goes to a host swap slot. This stops as soon as the guest
+  answers a deferred shootdown (it runs again): otherwise what it faults
+  back in for its late tick would go at every tick end, and that tick might
+  never finish.
 - The TLB shootdown that host swapping needs is *deferred* for it.
 
 Why a deferred shootdown is safe
@@ -144,6 +147,7 @@ class Watchdog:
         self.settled_pages = 0
         self.failed_shootdowns = 0
         self.reclaimed_frames = 0
+        self.woke = 0                                # unresponsive guests that answered a deferred shootdown
 
     # --- state --------------------------------------------------------------------
 
@@ -246,6 +250,12 @@ class Watchdog:
             return
         patched = self._patch(gid, gpfns, np.asarray(reply.tokens, np.uint64))
         self.settled_pages += patched
+        if gid in self.unresponsive:
+            # It answered, so it runs again. Stop taking its memory now, not only once its late
+            # tick is done: whatever it faults in for that tick would otherwise go at every tick
+            # end, and the tick might never end. (It stays out of the barrier until it is done.)
+            self.unresponsive.discard(gid)
+            self.woke += 1
         log.info(ev.SHOOTDOWN_SETTLED, guest=gid, pages=int(gpfns.size), patched_pages=patched, ok=True,
                  pending_pages=self.pending_pages(gid))
 
@@ -306,4 +316,4 @@ class Watchdog:
         return {"deferred_shootdowns": self.deferred_shootdowns, "deferred_shootdown_pages": self.deferred_pages,
                 "late_shootdowns": self.late_shootdowns,
                 "deferred_settled_pages": self.settled_pages, "deferred_failed": self.failed_shootdowns,
-                "unresponsive_reclaimed_frames": self.reclaimed_frames}
+                "unresponsive_reclaimed_frames": self.reclaimed_frames, "woke": self.woke}

@@ -94,10 +94,14 @@ async def test_the_cache_is_trimmed_least_recently_used_cluster_first() -> None:
     for first in (0, 8, 16, 24, 32, 40, 48, 56):
         await hm.vdisk_read(1, blocks(first), 0.0)
     await hm.vdisk_read(1, blocks(0), 0.0)     # cluster 0 becomes the most recent
-    await hm.vdisk_read(1, blocks(4), 0.0)     # needs room: cluster 2 (block 8) goes
     vd = hm.vdisk(1)
+    assert vd.cached_pages == 32 and vd.counters.trimmed_pages == 0
+    # 36 pages then: over the limit, the cache goes down to 32 - 32 // 16 = 30, least recently
+    # used cluster first: cluster 2 (block 8) and cluster 4 (block 16) go, recent cluster 0 stays.
+    await hm.vdisk_read(1, blocks(4), 0.0)
     cached = sorted(set((np.flatnonzero(vd.cache_state) // 4).tolist()))
-    assert cached == [0, 1, 4, 6, 8, 10, 12, 14]
+    assert cached == [0, 1, 6, 8, 10, 12, 14]
+    assert vd.cached_pages == 28 and vd.counters.trimmed_pages == 8
 
 
 async def test_cache_pages_taken_by_host_swapping_come_back_by_double_fault() -> None:
