@@ -36,7 +36,7 @@ import inspect
 import time
 from collections import deque
 from dataclasses import asdict, dataclass
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 
 import numpy as np
 import structlog
@@ -306,8 +306,15 @@ class HostLocks:
 
     # --- shootdowns ------------------------------------------------------------------------
 
-    async def shootdown(self, conn: RpcConnection, guest_id: int, gpfns: np.ndarray, timeout_s: float) -> np.ndarray:
-        """Invalidate ``gpfns`` in the guest while holding its L_vmem for ``CURRENT_OWNER``."""
+    async def shootdown(self, conn: RpcConnection, guest_id: int, gpfns: np.ndarray, timeout_s: float,
+                        invalidate: Callable[[], Awaitable[np.ndarray]] | None = None) -> np.ndarray:
+        """Invalidate ``gpfns`` in the guest while holding its L_vmem for ``CURRENT_OWNER``.
+
+        ``invalidate`` sends the Invalidate and returns the tokens (default: a
+        plain call). The machine passes the watchdog's, so that once the
+        Invalidate is out, a guest that goes silent gets a deferred shootdown
+        instead of a failed one that it might still obey later.
+        """
         owner = CURRENT_OWNER.get()
         vt = float(self._clock())
         acquire = LockAcquire(LockClass.L_VMEM.label, owner, "shootdown", vt)
@@ -320,13 +327,15 @@ class HostLocks:
             raise
         self.counters.remote_vmem_acquisitions += 1
         try:
+            if invalidate is not None:
+                return await invalidate()
             reply = await conn.call(Invalidate(gpfns), timeout_s=timeout_s)
+            assert isinstance(reply, InvalidateReply)
+            return reply.tokens
         finally:
             # Awaited, so the guest's release event is in before we go on (the graph stays exact);
             # shielded, so a cancelled shootdown still lets go of the guest's lock.
             await asyncio.shield(self._spawn(self._release_remote(conn, release, timeout_s)))
-        assert isinstance(reply, InvalidateReply)
-        return reply.tokens
 
     async def _release_remote(self, conn: RpcConnection, msg: LockRelease, timeout_s: float) -> None:
         if conn.is_closing:

@@ -220,7 +220,9 @@ class Machine:
                 raise HostdError(f"guest {gid} is gone; cannot invalidate its mappings")
         if self.locks is not None and not session.unresponsive:
             # Under the guest's L_vmem, taken there for the owner the host acts for (hostd.locks).
-            return await self.locks.shootdown(session.conn, gid, gpfns, self.mem_cfg.shootdown_timeout_s)
+            s, timeout_s = session, self.mem_cfg.shootdown_timeout_s
+            return await self.locks.shootdown(session.conn, gid, gpfns, timeout_s,
+                                              invalidate=lambda: self.watchdog.shootdown(s, gpfns, timeout_s))
         if session.unresponsive:
             # Its vCPU is not running: take the frames now, the content comes with its late reply.
             return self.watchdog.deferred_shootdown(session, gpfns)

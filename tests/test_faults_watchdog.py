@@ -11,13 +11,15 @@ from typing import Any
 
 import numpy as np
 
+from hostd.locks import HostLocks
 from hostd.memory import HostMemory
 from hostd.p2m import PageState
 from hostd.watchdog import PENDING_TOKEN, PreferVictims, Watchdog
 from proto.faultpoints import PausePoints
 from proto.costs import CostModel
 from proto.errors import PeerClosed
-from proto.messages import Invalidate, InvalidateReply
+from proto.locks import LockConfig, LockProtocol
+from proto.messages import Invalidate, InvalidateReply, LockAcquire, LockRelease, LockReply
 
 GID, OTHER = 1, 2
 PAGES = 32
@@ -152,3 +154,48 @@ def test_pause_points_parse_who_point_and_occurrence() -> None:
     assert [pp.reached("other") for _ in range(3)] == [False, False, False]
     # Occurrences 1 and 2 are not wanted; the 3rd would stop this very process, so it is not reached here.
     assert [pp.reached("tick_started") for _ in range(2)] == [False, False] and pp.seen == {"tick_started": 2}
+
+
+class LockingStoppedGuestConn(StoppedGuestConn):
+    """A guest under a lock protocol that grants its L_vmem, then stops before it answers the Invalidate."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.is_closing = False
+        self.sent: list[str] = []
+
+    async def call(self, msg: Any, timeout_s: float | None = None) -> Any:
+        self.sent.append(type(msg).__name__)
+        if isinstance(msg, (LockAcquire, LockRelease)):
+            return LockReply(msg.vt_us + 2.0)
+        return await super().call(msg, timeout_s)
+
+
+async def test_under_a_lock_protocol_an_invalidate_left_unanswered_is_deferred_not_dropped() -> None:
+    """The host holds the guest's L_vmem and has sent the Invalidate; the guest stops before answering.
+
+    Failing the eviction there would leave the host with the frame while the
+    guest, once it runs again, obeys the Invalidate and drops its mapping: a
+    lost page. So past ``shootdown_timeout_s`` it is deferred, as without locks.
+    """
+    w = _world()
+    conn = w.sessions[GID].conn = LockingStoppedGuestConn()
+    locks = HostLocks(LockConfig(protocol=LockProtocol.ORDERED), lambda why: None, lambda: 0.0)
+    s = w.sessions[GID]
+
+    async def shootdown(gid: int, gpfns: np.ndarray) -> np.ndarray:   # as Machine._shootdown does under locks
+        return await locks.shootdown(conn, gid, gpfns, 0.2, invalidate=lambda: w.wd.shootdown(s, gpfns, 0.2))
+
+    w.mem.shootdown = shootdown
+    await w.mem.ept_fault(GID, np.arange(PAGES, dtype=np.uint64), 0.0)
+    got = await asyncio.wait_for(w.mem.reclaim(8, 0.0), 5.0)
+    assert got.freed_frames == 8 and w.wd.late_shootdowns == 1
+    assert conn.sent == ["LockAcquire", "Invalidate", "LockRelease"]   # its lock is let go after the Invalidate
+    assert w.wd.leftover_placeholders(GID) == 8
+    _answer(conn, w.content[GID])
+    await w.wd.settled(GID)
+    assert w.wd.leftover_placeholders(GID) == 0
+    swapped = np.flatnonzero(w.mem._guest(GID).p2m.state == PageState.SWAPPED)
+    tokens, _ = await w.mem.ept_fault(GID, swapped.astype(np.uint64), 0.0)
+    assert list(tokens) == list(w.content[GID][swapped])
+    w.mem.check_invariant()
