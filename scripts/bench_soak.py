@@ -70,12 +70,13 @@ def _toml(value: Any) -> str:
     raise TypeError(f"cannot write {value!r} as TOML")
 
 
-def soak_scenario(guests: int, ticks: int, controller: str, seed: int, guest_mib: float) -> str:
+def soak_scenario(guests: int, ticks: int, controller: str, seed: int, guest_mib: float,
+                  request_order: str = "virtual-time") -> str:
     """The scenario of one phase, as TOML."""
     lines = [
         "[scenario]", 'name = "soak"', f"seed = {seed}", f"guests = {guests}", f"ticks = {ticks}",
         "metrics_every_ticks = 25", "watchdog_s = 10.0", "unresponsive_s = 30.0", "connect_timeout_s = 300.0", "",
-        "[host]", "overcommit = 1.4", "cache_max_mib = 2", "",
+        "[host]", "overcommit = 1.4", "cache_max_mib = 2", f'request_order = "{request_order}"', "",
         "[guest]", f"ram_mib = {guest_mib}", "kernel_mib = 0.25", "batch_refs = 1024",
         "regions = " + _toml([{"name": "db", "kind": "file", "mib": guest_mib * 0.4},
                               {"name": "logs", "kind": "file", "mib": guest_mib * 0.15},
@@ -228,7 +229,7 @@ class _Phase:
 
 
 def run_phase(run_dir: Path, guests: int, ticks: int, controller: str, seed: int, guest_mib: float,
-              restart_every: int) -> dict[str, Any]:
+              restart_every: int, request_order: str = "virtual-time") -> dict[str, Any]:
     """Run one phase; return its numbers."""
     from scripts import validators
     from scripts.analysis.summary import summarize, write_summary
@@ -236,7 +237,7 @@ def run_phase(run_dir: Path, guests: int, ticks: int, controller: str, seed: int
 
     run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     path = run_dir / "scenario.toml"
-    path.write_text(soak_scenario(guests, ticks, controller, seed, guest_mib))
+    path.write_text(soak_scenario(guests, ticks, controller, seed, guest_mib, request_order))
     sc = load_scenario(path, Overrides(), validators.VALIDATORS)
     cfg = sc.run_config(next(iter(sc.variants)), f"soak-{controller}-{os.getpid()}")
     for g in cfg["guests"]:
@@ -279,6 +280,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--guest-mib", type=float, default=4.0, help="RAM per guest")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--run-dir", type=Path, default=None)
+    ap.add_argument("--request-order", choices=("virtual-time", "arrival"), default="virtual-time",
+                    help="[host] request_order: reproducible, or served as they come (faster)")
     args = ap.parse_args(argv)
     if args.guests < 1 or args.ticks < 1:
         ap.error("--guests and --ticks must be >= 1")
@@ -291,7 +294,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     phases = []
     for i, controller in enumerate(controllers):
         res = run_phase(run_dir / f"{i}-{controller}", args.guests, per_phase, controller, args.seed + i,
-                        args.guest_mib, args.restart_every_ticks)
+                        args.guest_mib, args.restart_every_ticks, args.request_order)
         phases.append(res)
         r = res["host_rss_mib"]
         print(f"[{controller}] {res['ticks']} ticks in {res['wall_s']} s ({res['reason']}): lost pages "
