@@ -215,8 +215,7 @@ class Machine:
         if self.sequencer is not None:
             # Only where the guest is parked, so the shootdown lands at the same point of its run every time.
             await self.sequencer.until_parked(gid)
-            session = self.host.sessions.get(gid)
-            if session is None:
+            if self.host.sessions.get(gid) is not session:   # died meanwhile (maybe even came back)
                 raise HostdError(f"guest {gid} is gone; cannot invalidate its mappings")
         if self.locks is not None and not session.unresponsive:
             # Under the guest's L_vmem, taken there for the owner the host acts for (hostd.locks).

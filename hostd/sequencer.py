@@ -58,6 +58,8 @@ class _Lane:
 
 
 class RequestSequencer:
+    """One per host: ``join`` a guest session, ``wrap`` its request handlers, report its ticks to it."""
+
     def __init__(self, running: Callable[[], Collection[int]]) -> None:
         self._running = running      # guest ids that may still send requests this tick
         self._lanes: dict[int, _Lane] = {}
