@@ -45,6 +45,7 @@ def test_naive_deadlocks_with_the_seeds_cycle_reports_it_and_leaves_nothing_behi
     v = summary["variants"]["naive"]
     assert v["deadlocked"] and v["reason"] == "deadlock" and v["deadlocks"] == 1, why
     assert v["lock_order_violations"] >= 1 and v["lock_protocol"] == "naive"
+    assert v["request_order"] == "arrival"   # lock runs: the real interleaving is the point
     guest_edge, host_edge = v["deadlock_cycle"]
     # guest task holds L_vmem, waits for L_hostmem; host task holds L_hostmem, waits for that L_vmem
     assert guest_edge["proc"].startswith("guest-") and guest_edge["task"] == "vcpu"

@@ -93,6 +93,7 @@ def test_same_seed_same_counts_other_seed_other_counts(tmp_path: Path) -> None:
     assert first["host"]["memory"]["swap_out_pages"] == 0
     assert first["host"]["guests_memory"] == again["host"]["guests_memory"]
     sa, sb = first["summary"]["variants"]["default"], again["summary"]["variants"]["default"]
+    assert sa["request_order"] == "virtual-time" and sa["host"]["requests_behind_bound"] == 0
     assert [g["refs_per_vsec"] for g in sa["guests"]] == [g["refs_per_vsec"] for g in sb["guests"]]
 
 

@@ -406,7 +406,9 @@ def render_report(run_dir: Path, summary: dict[str, Any], logs: Sequence[Variant
                    + f", {n_guests} guest(s), host RAM {format_value((v.get('host') or {}).get('ram_pages'))} frames; "
                    f"{v.get('ticks', 0):,} ticks = {v.get('virtual_s', 0):g} virtual s in "
                    f"{v.get('wall_s', '?')} wall s; "
-                   f"ended: {v.get('reason', '?')}")
+                   f"requests in {v.get('request_order', 'arrival')} order"
+                   + (" (reproducible)" if v.get("request_order") == "virtual-time" else "")
+                   + f"; ended: {v.get('reason', '?')}")
     bad = int(summary.get("bad_log_lines", 0) or 0)
     if bad:
         detail = "; ".join(f"{v.name}: " + ", ".join(f"{f} {k}" for f, k in v.bad_by_file.items())
