@@ -122,6 +122,9 @@ class HostLocks:
         self._reclaim_task: asyncio.Task | None = None
         self._sweeper: asyncio.Task | None = None
         self._background: set[asyncio.Task] = set()
+        # (guest id, host owner) -> the host's LockAcquires of that guest's L_vmem not yet released:
+        # the only host owners a guest may report transitions for (it must not invent others' waits).
+        self._asked: dict[tuple[int, str], int] = {}
 
     # --- events -----------------------------------------------------------------------
 
@@ -140,6 +143,12 @@ class HostLocks:
         if cls is not LockClass.L_VMEM:
             self.counters.bad_guest_events += 1
             raise BadLockRequest(f"guest {guest_id}: a guest has only L_vmem, it reported {msg.lock!r}")
+        proc, _ = split_owner(msg.owner)
+        if proc != guest_proc(guest_id) and not (proc == HOST_PROC and self._asked.get((guest_id, msg.owner))):
+            # A lying guest could otherwise draw a cycle that is not there and end everyone's run.
+            self.counters.bad_guest_events += 1
+            raise BadLockRequest(f"guest {guest_id}: lock event for {msg.owner!r}, which is neither its own task "
+                                 f"nor a host task that asked for its L_vmem")
         self.counters.guest_events += 1
         self._ingest(LockTransition(op, cls, guest_proc(guest_id), msg.owner, msg.task, msg.site, msg.vt_us))
 
@@ -319,11 +328,13 @@ class HostLocks:
         vt = float(self._clock())
         acquire = LockAcquire(LockClass.L_VMEM.label, owner, "shootdown", vt)
         release = LockRelease(LockClass.L_VMEM.label, owner, "shootdown", vt)
+        key = (guest_id, owner)
+        self._asked[key] = self._asked.get(key, 0) + 1   # until the release is done (_release_remote)
         try:
             await conn.call(acquire, timeout_s=timeout_s)
         except BaseException:
             # It may still be granted later: tell the guest to let go.
-            self._spawn(self._release_remote(conn, release, timeout_s))
+            self._spawn(self._release_remote(conn, release, timeout_s, key))
             raise
         self.counters.remote_vmem_acquisitions += 1
         try:
@@ -335,15 +346,22 @@ class HostLocks:
         finally:
             # Awaited, so the guest's release event is in before we go on (the graph stays exact);
             # shielded, so a cancelled shootdown still lets go of the guest's lock.
-            await asyncio.shield(self._spawn(self._release_remote(conn, release, timeout_s)))
+            await asyncio.shield(self._spawn(self._release_remote(conn, release, timeout_s, key)))
 
-    async def _release_remote(self, conn: RpcConnection, msg: LockRelease, timeout_s: float) -> None:
-        if conn.is_closing:
-            return
+    async def _release_remote(self, conn: RpcConnection, msg: LockRelease, timeout_s: float,
+                              key: tuple[int, str]) -> None:
         try:
-            await conn.call(msg, timeout_s=timeout_s)
+            if not conn.is_closing:
+                await conn.call(msg, timeout_s=timeout_s)
         except (PeerClosed, ProtoError) as exc:
             log.debug(ev.LOCK_RELEASE_FAILED, lock=msg.lock, owner=msg.owner, peer=conn.name, reason=str(exc))
+        finally:
+            # The guest's release event, if any, came in before its reply: from now on it may send none.
+            left = self._asked.get(key, 0) - 1
+            if left > 0:
+                self._asked[key] = left
+            else:
+                self._asked.pop(key, None)
 
     def _spawn(self, coro: Any) -> asyncio.Task:
         task = asyncio.ensure_future(coro)

@@ -9,11 +9,13 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import numpy as np
 import pytest
 from structlog.testing import capture_logs
 
 from guestd.locks import GuardedHypervisor, GuestLocks
-from hostd.locks import RECLAIM_OWNER, BadLockRequest, DeadlockBroken, HostLocks, LockStateError
+from hostd.locks import (CURRENT_OWNER, RECLAIM_OWNER, BadLockRequest, DeadlockBroken, HostLocks,
+                         LockStateError)
 from proto import events as ev
 from proto.errors import ErrorCode, RemoteError
 from proto.locks import LockClass, LockConfig, LockOp, LockProtocol, LockTransition
@@ -35,21 +37,44 @@ async def fault_handler(m: EptFault) -> EptFaultReply:
     return EptFaultReply(m.gpfns, m.vt_us + 5.0)
 
 
-async def _seed_deadlock(locks: HostLocks) -> asyncio.Task:
+class GuestHoldingVmem:
+    """Guest 1 as the host's reclaim sees it: its vCPU holds L_vmem, so the host's LockAcquire never returns."""
+
+    is_closing = False
+    name = "guest-1"
+
+    def __init__(self) -> None:
+        self.calls: list[Any] = []
+
+    async def call(self, msg: Any, timeout_s: float | None = None) -> Any:
+        self.calls.append(msg)
+        if isinstance(msg, LockAcquire):
+            await asyncio.get_running_loop().create_future()
+        return LockReply(msg.vt_us + 2.0)
+
+
+async def _seed_deadlock(locks: HostLocks) -> tuple[asyncio.Task, asyncio.Task]:
     """The host's reclaim holds L_hostmem; guest 1's vCPU holds L_vmem and faults; the reclaim shoots it down."""
     await locks.hostmem.acquire(RECLAIM_OWNER, task="reclaim", site="tick_reclaim")
     locks.on_guest_event(1, guest_event("acquire", GUEST))
     handler = locks.wrap(1, MsgType.EPT_FAULT, fault_handler)
     fault = asyncio.ensure_future(handler(EptFault(b"\x01" + b"\x00" * 7, 123.0)))  # type: ignore[arg-type]
     await asyncio.sleep(0)            # the handler now waits for L_hostmem, for the guest's vCPU
+
+    async def reclaim_shootdown() -> None:
+        CURRENT_OWNER.set(RECLAIM_OWNER)
+        await locks.shootdown(GuestHoldingVmem(), 1, np.array([1], np.uint64), 0)  # type: ignore[arg-type]
+
+    shootdown = asyncio.ensure_future(reclaim_shootdown())
+    await asyncio.sleep(0)            # its LockAcquire is out: the guest reports the wait it caused
     locks.on_guest_event(1, guest_event("wait", RECLAIM_OWNER, task="lock_acquire", site="shootdown"))
-    return fault
+    return fault, shootdown
 
 
 async def test_naive_the_host_reports_the_seeds_cycle_after_the_order_violation_and_ends_the_run() -> None:
     locks, stops = host_locks()
     with capture_logs() as logs:
-        fault = await _seed_deadlock(locks)
+        fault, shootdown = await _seed_deadlock(locks)
     names = [e["event"] for e in logs if e["event"] in (ev.LOCK_ORDER_VIOLATION, ev.DEADLOCK_DETECTED)]
     assert names == [ev.LOCK_ORDER_VIOLATION, ev.DEADLOCK_DETECTED]   # flagged before the deadlock
     violation = next(e for e in logs if e["event"] == ev.LOCK_ORDER_VIOLATION)
@@ -61,14 +86,16 @@ async def test_naive_the_host_reports_the_seeds_cycle_after_the_order_violation_
     assert locks.deadlocked and locks.final_metrics()["deadlocks"] == 1
     assert locks.sweep() == 0          # already reported: the sweep does not report it again
     fault.cancel()
+    shootdown.cancel()
 
 
 async def test_break_deadlocks_fails_the_guests_wait_with_deadlock_broken() -> None:
     locks, stops = host_locks(break_deadlocks=True)
     with capture_logs():
-        fault = await _seed_deadlock(locks)
+        fault, shootdown = await _seed_deadlock(locks)
     with pytest.raises(DeadlockBroken) as info:
         await fault
+    shootdown.cancel()
     assert info.value.code == ErrorCode.DEADLOCK_BROKEN and stops == [] and not locks.deadlocked
     assert locks.graph.cycles() == []
     m = locks.final_metrics()
@@ -102,6 +129,13 @@ async def test_the_host_refuses_bad_lock_requests_and_events() -> None:
     assert locks.hostmem.holder is None
     with pytest.raises(BadLockRequest, match="'explode'"):
         locks.on_guest_event(1, LockEvent("explode", "L_vmem", GUEST, "vcpu", "", 0.0))
+    # A lying guest must not draw edges for others: another guest's vCPU, or a host task that never
+    # asked for its L_vmem (with both, it could fake a cycle and end everyone's run).
+    with pytest.raises(BadLockRequest, match="neither its own task"):
+        locks.on_guest_event(1, LockEvent("wait", "L_vmem", "guest-2/vcpu", "vcpu", "", 0.0))
+    with pytest.raises(BadLockRequest, match="neither its own task"):
+        locks.on_guest_event(1, LockEvent("wait", "L_vmem", RECLAIM_OWNER, "lock_acquire", "shootdown", 0.0))
+    assert locks.graph.cycles() == [] and locks.final_metrics()["bad_guest_events"] >= 3
     with pytest.raises(BadLockRequest, match="only L_vmem"):
         locks.on_guest_event(1, LockEvent("wait", "L_hostmem", GUEST, "vcpu", "", 0.0))
 
