@@ -15,7 +15,7 @@ import structlog
 
 from proto import events as ev
 from proto.costs import CostModel, DiskProfile
-from proto.errors import ConfigError, ErrorCode
+from proto.errors import ErrorCode
 from proto.locks import LockProtocol, lock_config_from_mapping
 from proto.messages import (BalloonDeflate, BalloonInflate, BalloonReply, BalloonTarget, DiskRead, DiskReadReply,
                             DiskWrite, DiskWriteReply, EptFault, EptFaultReply, MsgType, TickDone)
@@ -240,13 +240,7 @@ class Machine:
         return locks
 
     def _make_sequencer(self) -> RequestSequencer | None:
-        order = self.mem_cfg.request_order
-        if self.locks is not None:
-            if order == "virtual-time":
-                raise ConfigError("[host].request_order = \"virtual-time\" cannot go with a [locks] protocol: "
-                                  "the lock model needs the guests' requests to run concurrently")
-            return None
-        if order == "arrival":
+        if self.mem_cfg.resolved_request_order(self.locks is not None) == "arrival":
             return None
         host = self.host
         return RequestSequencer(lambda: host.running_guests)

@@ -37,6 +37,15 @@ class HostMemConfig:
     uncooperative_ticks: int        # no balloon progress for this long -> fall back to host swapping
     request_order: str | None       # "virtual-time" / "arrival"; None: virtual-time unless a lock model runs
 
+    def resolved_request_order(self, locks_enabled: bool, where: str = "") -> str:
+        """``virtual-time`` unless a lock model runs; asking for it with one is an error."""
+        if not locks_enabled:
+            return self.request_order or "virtual-time"
+        if self.request_order == "virtual-time":
+            raise ConfigError(f"{where}[host].request_order = \"virtual-time\" cannot go with a [locks] protocol: "
+                              "the lock model needs the guests' requests to run concurrently")
+        return "arrival"
+
     def host_ram_pages(self, guest_ram_pages: int) -> int:
         if self.ram_pages is not None:
             return self.ram_pages

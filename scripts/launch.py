@@ -152,14 +152,12 @@ def _write_report(run_dir: Path, summary: dict | None, no_report: bool, interrup
 
 def _check_locks(scenario: Scenario) -> None:
     """Every variant's [locks] table, checked before any process starts (and against [host].request_order)."""
-    from proto.errors import ConfigError
+    from hostd.memconfig import host_memory_config
     from proto.locks import lock_config_from_mapping
     for name, merged in scenario.variants.items():
         where = f"{scenario.path.name} variant {name!r}"
         locks = lock_config_from_mapping(merged.get("locks"), where=f"{where}: [locks]")
-        if locks.enabled and merged.get("host", {}).get("request_order") == "virtual-time":
-            raise ConfigError(f"{where}: [host].request_order = \"virtual-time\" cannot go with a [locks] "
-                              "protocol: the lock model needs the guests' requests to run concurrently")
+        host_memory_config(merged.get("host", {})).resolved_request_order(locks.enabled, where=f"{where}: ")
 
 
 def _expects_deadlock(scenario: Scenario, variant: str) -> bool:
