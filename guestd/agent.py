@@ -19,15 +19,15 @@ from typing import Any
 
 import structlog
 
-from proto import events as ev
-from proto.errors import ErrorCode, HandshakeRefused, PeerClosed, ProtoError
-from proto.faultpoints import PausePoints
-from proto.handshake import client_hello
-from proto.messages import (Audit, AuditReply, BalloonTarget, Invalidate, InvalidateReply, MsgType, Pong,
+from balloonlab.proto import events as ev
+from balloonlab.proto.errors import ErrorCode, HandshakeRefused, PeerClosed, ProtoError
+from balloonlab.proto.faultpoints import PausePoints
+from balloonlab.proto.handshake import client_hello
+from balloonlab.proto.messages import (Audit, AuditReply, BalloonTarget, Invalidate, InvalidateReply, MsgType, Pong,
                             RunEnd, TickDone, TickStart)
-from proto.messages import LockAcquire, LockRelease, LockReply
-from proto.rpc import RpcConnection
-from proto.transport import Address, connect
+from balloonlab.proto.messages import LockAcquire, LockRelease, LockReply
+from balloonlab.proto.rpc import RpcConnection
+from balloonlab.proto.transport import Address, connect
 
 from .audit import audit_reply, pausing_call
 from .errors import GuestdError

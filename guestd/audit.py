@@ -31,9 +31,9 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable
 import numpy as np
 import structlog
 
-from proto import events as ev
-from proto.faultpoints import PausePoints
-from proto.messages import AuditReply, Message, MsgType
+from balloonlab.proto import events as ev
+from balloonlab.proto.faultpoints import PausePoints
+from balloonlab.proto.messages import AuditReply, Message, MsgType
 
 from .memory import FrameKind
 

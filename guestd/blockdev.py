@@ -13,7 +13,7 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-from proto.costs import DISK_PROFILES, DiskModel, DiskProfile
+from balloonlab.proto.costs import DISK_PROFILES, DiskModel, DiskProfile
 
 from .errors import BlockOutOfRange
 

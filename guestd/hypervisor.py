@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import numpy as np
 
-from proto.costs import CostModel
+from balloonlab.proto.costs import CostModel
 
 if TYPE_CHECKING:
     from .kernel import GuestKernel

@@ -32,7 +32,7 @@ from typing import Any, Awaitable, Callable
 import numpy as np
 import structlog
 
-from proto.costs import CostModel
+from balloonlab.proto.costs import CostModel
 
 from .blockdev import BlockDevice
 from .errors import BadFrames, BadPages, GuestConfigError, OutOfMemory, SwapExhausted

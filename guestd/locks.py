@@ -36,11 +36,11 @@ from typing import Any, AsyncIterator, Awaitable, Callable
 
 import numpy as np
 
-from proto.errors import ErrorCode, PeerClosed, RemoteError
-from proto.locks import (VCPU_TASK, LockClass, LockConfig, LockProtocol, LockTransition, OwnerLock, guest_proc,
+from balloonlab.proto.errors import ErrorCode, PeerClosed, RemoteError
+from balloonlab.proto.locks import (VCPU_TASK, LockClass, LockConfig, LockProtocol, LockTransition, OwnerLock, guest_proc,
                          owner_name, split_owner)
-from proto.messages import LockAcquire, LockEvent, LockRelease, LockReply
-from proto.rpc import RpcConnection
+from balloonlab.proto.messages import LockAcquire, LockEvent, LockRelease, LockReply
+from balloonlab.proto.rpc import RpcConnection
 
 from .errors import GuestdError
 

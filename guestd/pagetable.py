@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from proto.tokens import make_tokens
+from balloonlab.proto.tokens import make_tokens
 
 from .workload.layout import Layout
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from proto.messages import (BalloonDeflate, BalloonInflate, BalloonReply, DiskRead, DiskReadReply, DiskWrite,
+from balloonlab.proto.messages import (BalloonDeflate, BalloonInflate, BalloonReply, DiskRead, DiskReadReply, DiskWrite,
                             DiskWriteReply, EptFault, EptFaultReply, MAX_PAGES_PER_MESSAGE)
-from proto.rpc import RpcConnection
+from balloonlab.proto.rpc import RpcConnection
 
 __all__ = ["RemoteBlockDevice", "RemoteHypervisor"]
 

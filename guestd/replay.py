@@ -1,6 +1,6 @@
 """Replay a recorded trace through a replacement policy and count faults.
 
-    python -m guestd.replay --policy NAME --frames N TRACE [--json] [--engine auto|fast|kernel]
+    python -m balloonlab.guestd.replay --policy NAME --frames N TRACE [--json] [--engine auto|fast|kernel]
 
 TRACE is a file (``.npz`` with ``page``/``write`` arrays, or text: page
 numbers one per line or comma-separated, ``W`` suffix or a second column
@@ -27,7 +27,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from proto.costs import CostModel
+from balloonlab.proto.costs import CostModel
 
 from .blockdev import LocalBlockDevice
 from .errors import GuestConfigError, GuestdError, UnknownPolicy
@@ -90,7 +90,7 @@ def replay(policy: str, frames: int, pages: np.ndarray, writes: np.ndarray | Non
 
 
 def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m guestd.replay",
+    ap = argparse.ArgumentParser(prog="python -m balloonlab.guestd.replay",
                                  description="Run a memory trace through a page replacement policy.")
     ap.add_argument("--policy", required=True, help=f"one of: {', '.join(sorted(POLICIES))}")
     ap.add_argument("--frames", required=True, type=int, help="number of page frames (all start free)")

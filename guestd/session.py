@@ -10,12 +10,12 @@ from typing import Any
 import numpy as np
 import structlog
 
-from proto import events as ev
-from proto.costs import CostModel
-from proto.errors import ConfigError
-from proto.locks import lock_config_from_mapping
-from proto.messages import TickStart
-from proto.rpc import RpcConnection
+from balloonlab.proto import events as ev
+from balloonlab.proto.costs import CostModel
+from balloonlab.proto.errors import ConfigError
+from balloonlab.proto.locks import lock_config_from_mapping
+from balloonlab.proto.messages import TickStart
+from balloonlab.proto.rpc import RpcConnection
 
 from .balloon import BalloonDriver
 from .locks import GuardedBlockDevice, GuardedHypervisor, GuestLocks

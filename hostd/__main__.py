@@ -1,4 +1,4 @@
-"""``python -m hostd --config RUN.json --address ADDR [--log FILE]``
+"""``python -m balloonlab.hostd --config RUN.json --address ADDR [--log FILE]``
 
 The per-run token comes in the environment (``BALLOONLAB_TOKEN``), never on
 the command line. Progress and the ``ready`` line go to stdout as JSON lines
@@ -11,13 +11,13 @@ import os
 import sys
 from pathlib import Path
 
-from proto.errors import ConfigError
-from proto.logconf import configure_logging
-from proto.transport import parse_address
+from balloonlab.proto.errors import ConfigError
+from balloonlab.proto.logconf import configure_logging
+from balloonlab.proto.transport import parse_address
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m hostd", description="balloonlab host hypervisor")
+    ap = argparse.ArgumentParser(prog="python -m balloonlab.hostd", description="balloonlab host hypervisor")
     ap.add_argument("--config", required=True, type=Path, help="resolved run config (JSON) written by the launcher")
     ap.add_argument("--address", required=True, help="unix:PATH, PATH or tcp://HOST:PORT to listen on")
     ap.add_argument("--log", type=Path, default=None, help="JSON-lines log file (default: stderr)")
@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     if not token:
         print("hostd: BALLOONLAB_TOKEN is not set; the launcher passes the per-run token there", file=sys.stderr)
         return 2
-    from hostd.config import load_run_config  # after argparse so --help is fast
+    from balloonlab.hostd.config import load_run_config  # after argparse so --help is fast
     try:
         cfg = load_run_config(args.config)
         address = parse_address(args.address)
@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(args.log, proc="host", level=args.log_level, run_id=cfg.run_id, variant=cfg.variant)
     import uvloop
 
-    from hostd.server import Host
+    from balloonlab.hostd.server import Host
     host = Host(cfg, token, address, progress_out=sys.stdout)
     return uvloop.run(host.run())
 

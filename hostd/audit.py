@@ -37,9 +37,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import structlog
 
-from proto import events as ev
-from proto.errors import ProtoError
-from proto.messages import Audit, AuditReply
+from balloonlab.proto import events as ev
+from balloonlab.proto.errors import ProtoError
+from balloonlab.proto.messages import Audit, AuditReply
 
 from .errors import HostdError
 from .p2m import PageState

@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from proto.clock import TICK_US_DEFAULT
-from proto.errors import ConfigError
+from balloonlab.proto.clock import TICK_US_DEFAULT
+from balloonlab.proto.errors import ConfigError
 
 __all__ = ["RunConfig", "GuestSpec", "load_run_config"]
 

@@ -32,7 +32,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Iterable
 
-from proto.locks import LockClass, LockOp, LockTransition, order_violation
+from balloonlab.proto.locks import LockClass, LockOp, LockTransition, order_violation
 
 __all__ = ["Hold", "Wait", "CycleEdge", "WaitForGraph", "OrderViolation", "LockdepValidator", "cycle_signature"]
 

@@ -6,7 +6,7 @@ nearest builtin so callers that only know Python still catch them sensibly.
 """
 from __future__ import annotations
 
-from proto.errors import ConfigError, ErrorCode
+from balloonlab.proto.errors import ConfigError, ErrorCode
 
 __all__ = [
     "HostdError", "UnknownGuest", "DuplicateGuest", "OutOfRange", "NotOwner",

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from proto.costs import DiskModel, DiskProfile, disk_profile
+from balloonlab.proto.costs import DiskModel, DiskProfile, disk_profile
 
 from .errors import InvariantViolation
 from .framepool import NO_OWNER, FrameKind, has_duplicates

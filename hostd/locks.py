@@ -41,12 +41,12 @@ from typing import Any, Awaitable, Callable
 import numpy as np
 import structlog
 
-from proto import events as ev
-from proto.errors import ErrorCode, PeerClosed, ProtoError
-from proto.locks import (DEADLOCK_REASON, HOST_PROC, VCPU_TASK, LockClass, LockConfig, LockOp, LockProtocol,
+from balloonlab.proto import events as ev
+from balloonlab.proto.errors import ErrorCode, PeerClosed, ProtoError
+from balloonlab.proto.locks import (DEADLOCK_REASON, HOST_PROC, VCPU_TASK, LockClass, LockConfig, LockOp, LockProtocol,
                          LockTransition, OwnerLock, guest_proc, owner_name, split_owner)
-from proto.messages import Invalidate, InvalidateReply, LockAcquire, LockEvent, LockRelease, LockReply, MsgType
-from proto.rpc import RequestHandler, RpcConnection
+from balloonlab.proto.messages import Invalidate, InvalidateReply, LockAcquire, LockEvent, LockRelease, LockReply, MsgType
+from balloonlab.proto.rpc import RequestHandler, RpcConnection
 
 from .deadlock import CycleEdge, LockdepValidator, WaitForGraph, cycle_signature
 from .errors import HostdError

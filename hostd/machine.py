@@ -13,13 +13,13 @@ from typing import TYPE_CHECKING, Any, Callable
 import numpy as np
 import structlog
 
-from proto import events as ev
-from proto.costs import CostModel, DiskProfile
-from proto.errors import ErrorCode
-from proto.locks import LockProtocol, lock_config_from_mapping
-from proto.messages import (BalloonDeflate, BalloonInflate, BalloonReply, BalloonTarget, DiskRead, DiskReadReply,
+from balloonlab.proto import events as ev
+from balloonlab.proto.costs import CostModel, DiskProfile
+from balloonlab.proto.errors import ErrorCode
+from balloonlab.proto.locks import LockProtocol, lock_config_from_mapping
+from balloonlab.proto.messages import (BalloonDeflate, BalloonInflate, BalloonReply, BalloonTarget, DiskRead, DiskReadReply,
                             DiskWrite, DiskWriteReply, EptFault, EptFaultReply, MsgType, TickDone)
-from proto.rpc import RequestHandler
+from balloonlab.proto.rpc import RequestHandler
 
 from .balloon import make_controller
 from .balloon.noncoop import NonCooperationDetector

@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from proto.errors import ConfigError
+from balloonlab.proto.errors import ConfigError
 
 __all__ = ["HostMemConfig", "BalloonConfig", "host_memory_config", "balloon_config", "MIB_PAGES"]
 

@@ -42,7 +42,7 @@ from typing import Any, Awaitable, Callable, NamedTuple, Protocol
 
 import numpy as np
 
-from proto.costs import CostModel, DiskProfile
+from balloonlab.proto.costs import CostModel, DiskProfile
 
 from .errors import (BadBatch, BalloonLimit, DuplicateGuest, HostOutOfMemory, InvalidState,
                      InvariantViolation, UnknownGuest)

@@ -23,19 +23,19 @@ from typing import IO, Any
 
 import structlog
 
-from proto import events as ev
-from proto.errors import ErrorCode, PeerClosed
-from proto.handshake import HandshakeError, check_hello
-from proto.messages import Hello, MsgType, Ping, Pong, RunEnd, TickDone, TickStart, Welcome
-from proto.rpc import RpcConnection, RpcLimits
-from proto.locks import DEADLOCK_REASON, EXIT_DEADLOCK
-from proto.transport import Address, serve
+from balloonlab.proto import events as ev
+from balloonlab.proto.errors import ErrorCode, PeerClosed
+from balloonlab.proto.handshake import HandshakeError, check_hello
+from balloonlab.proto.messages import Hello, MsgType, Ping, Pong, RunEnd, TickDone, TickStart, Welcome
+from balloonlab.proto.rpc import RpcConnection, RpcLimits
+from balloonlab.proto.locks import DEADLOCK_REASON, EXIT_DEADLOCK
+from balloonlab.proto.transport import Address, serve
 
 from .config import RunConfig
 from .audit import run_audit
 from .machine import Machine
 from .session import GuestConnection, GuestSession, SessionState
-from proto.faultpoints import PausePoints
+from balloonlab.proto.faultpoints import PausePoints
 
 __all__ = ["Host"]
 

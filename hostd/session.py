@@ -19,9 +19,9 @@ from typing import Any, Callable
 import numpy as np
 import structlog
 
-from proto import events as ev
-from proto.messages import MsgType, TickDone
-from proto.rpc import NotifyHandler, RequestHandler, RpcConnection
+from balloonlab.proto import events as ev
+from balloonlab.proto.messages import MsgType, TickDone
+from balloonlab.proto.rpc import NotifyHandler, RequestHandler, RpcConnection
 
 __all__ = ["SessionState", "GuestSession", "GuestConnection", "sanitize_stats", "MAX_STAT_KEYS", "MAX_STAT_VALUE"]
 

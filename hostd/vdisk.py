@@ -44,7 +44,7 @@ from enum import IntEnum
 
 import numpy as np
 
-from proto.costs import CostModel, DiskModel, DiskProfile, disk_profile
+from balloonlab.proto.costs import CostModel, DiskModel, DiskProfile, disk_profile
 
 from .errors import BadBatch, InvariantViolation, OutOfRange
 from .framepool import FrameKind, FramePool

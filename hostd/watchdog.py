@@ -66,9 +66,9 @@ from typing import TYPE_CHECKING, Mapping
 import numpy as np
 import structlog
 
-from proto import events as ev
-from proto.faultpoints import flush_log
-from proto.messages import Invalidate, InvalidateReply
+from balloonlab.proto import events as ev
+from balloonlab.proto.faultpoints import flush_log
+from balloonlab.proto.messages import Invalidate, InvalidateReply
 
 from .framepool import FrameKind, FramePool
 from .victim import VictimPolicy

@@ -5,7 +5,7 @@
 Writes a run directory shaped like a real one (host.jsonl with the host's
 per-tick metrics and a per-guest table in each line, guest-<id>.jsonl with
 each guest's kernel stats per tick, notable events sprinkled in, one
-truncated line and one garbage line), then times ``scripts.analyze`` on it
+truncated line and one garbage line), then times ``balloonlab.analyze`` on it
 end to end: reading, summary.json, report.md and the plots. Prints lines per
 second and the time against the target (1M lines in under 10 s). A benchmark
 prints numbers; it never fails on a slow machine.
@@ -25,7 +25,7 @@ from typing import Sequence
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from proto import events as ev  # noqa: E402
+from balloonlab.proto import events as ev  # noqa: E402
 
 __all__ = ["main", "write_synthetic_run"]
 
@@ -148,7 +148,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.lines < 100 or args.guests < 1:
         ap.error(f"--lines must be >= 100 and --guests >= 1, got {args.lines}, {args.guests}")
-    from scripts.analyze import analyze_run
+    from balloonlab.analyze import analyze_run
 
     base = args.dir or Path(tempfile.mkdtemp(prefix="balloonlab-bench-analyze-", dir="/tmp"))
     run_dir = base / "run"

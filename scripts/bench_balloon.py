@@ -52,9 +52,9 @@ KERNEL_PAGES = 256
 
 async def _serve_host(mem: Any, sock: Path) -> tuple[Any, list[Any]]:
     """A host that answers EPT faults and balloon hypercalls for guest 0 from ``mem``."""
-    from proto.messages import (BalloonDeflate, BalloonInflate, BalloonReply, EptFault, EptFaultReply, MsgType)
-    from proto.rpc import RpcConnection
-    from proto.transport import parse_address, serve
+    from balloonlab.proto.messages import (BalloonDeflate, BalloonInflate, BalloonReply, EptFault, EptFaultReply, MsgType)
+    from balloonlab.proto.rpc import RpcConnection
+    from balloonlab.proto.transport import parse_address, serve
 
     conns: list[Any] = []
 
@@ -83,15 +83,15 @@ async def _serve_host(mem: Any, sock: Path) -> tuple[Any, list[Any]]:
 
 async def run_once(pages: int, sock_dir: Path) -> dict[str, float]:
     """Set up a guest full of clean page cache, inflate ``pages``, return timings (wall s)."""
-    from guestd.balloon import BalloonDriver
-    from guestd.blockdev import LocalBlockDevice
-    from guestd.kernel import GuestKernel
-    from guestd.kernel_config import kernel_config_from_mapping
-    from guestd.remote import RemoteHypervisor
-    from hostd.memory import HostMemory
-    from proto.costs import CostModel
-    from proto.rpc import RpcConnection
-    from proto.transport import connect, parse_address
+    from balloonlab.guestd.balloon import BalloonDriver
+    from balloonlab.guestd.blockdev import LocalBlockDevice
+    from balloonlab.guestd.kernel import GuestKernel
+    from balloonlab.guestd.kernel_config import kernel_config_from_mapping
+    from balloonlab.guestd.remote import RemoteHypervisor
+    from balloonlab.hostd.memory import HostMemory
+    from balloonlab.proto.costs import CostModel
+    from balloonlab.proto.rpc import RpcConnection
+    from balloonlab.proto.transport import connect, parse_address
 
     ram_pages = pages + SLACK_PAGES + KERNEL_PAGES
     usable = ram_pages - KERNEL_PAGES

@@ -70,7 +70,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     run_dir = Path(tempfile.mkdtemp(prefix="bl-ioamp-", dir="/tmp")) / "run"
-    cmd = [sys.executable, "-m", "scripts.launch", "--scenario", args.scenario, "--guests", str(args.guests),
+    cmd = [sys.executable, "-m", "balloonlab.launch", "--scenario", args.scenario, "--guests", str(args.guests),
            "--run-dir", str(run_dir), "--no-report"]
     if args.seed is not None:
         cmd += ["--seed", str(args.seed)]

@@ -28,14 +28,14 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import numpy as np  # noqa: E402  (after the thread setting)
 
-from guestd.fastsim import FAST_POLICIES, TraceIndex, simulate_fast  # noqa: E402
+from balloonlab.guestd.fastsim import FAST_POLICIES, TraceIndex, simulate_fast  # noqa: E402
 
 __all__ = ["main", "make_trace", "naive_clock"]
 
 
 def make_trace(refs: int, seed: int, hot_pages: int = 12_000, cold_pages: int = 200_000,
                cold_share: float = 0.01, write_frac: float = 0.25) -> tuple[np.ndarray, np.ndarray]:
-    from guestd.workload import Layout, Region, build_workload
+    from balloonlab.guestd.workload import Layout, Region, build_workload
     layout = Layout([Region("hot", "anon", hot_pages), Region("cold", "anon", cold_pages)])
     w = build_workload([
         {"kind": "zipf", "region": "hot", "theta": 0.8, "write_frac": write_frac, "weight": 1.0 - cold_share},
@@ -93,12 +93,12 @@ def _best(fn, repeat: int) -> tuple[float, object]:
 
 
 async def _kernel_run(policy: str, frames: int, pages: np.ndarray, writes: np.ndarray) -> tuple[float, int]:
-    from proto.costs import CostModel
-    from guestd.blockdev import LocalBlockDevice
-    from guestd.hypervisor import NullHypervisor
-    from guestd.kernel import GuestKernel
-    from guestd.kernel_config import KernelConfig
-    from guestd.workload import Layout
+    from balloonlab.proto.costs import CostModel
+    from balloonlab.guestd.blockdev import LocalBlockDevice
+    from balloonlab.guestd.hypervisor import NullHypervisor
+    from balloonlab.guestd.kernel import GuestKernel
+    from balloonlab.guestd.kernel_config import KernelConfig
+    from balloonlab.guestd.workload import Layout
     _, dense = np.unique(pages, return_inverse=True)
     dense = dense.astype(np.uint64)
     cfg = KernelConfig(ram_pages=frames, layout=Layout.single_anon(int(dense.max()) + 1), policy=policy)

@@ -60,9 +60,9 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # run as a file: make ``proto`` importable
     sys.path.insert(0, str(REPO))
 
-from proto.messages import MsgType, Ping, Pong  # noqa: E402
-from proto.rpc import RpcConnection, RpcLimits  # noqa: E402
-from proto.transport import Address, connect, parse_address, serve  # noqa: E402
+from balloonlab.proto.messages import MsgType, Ping, Pong  # noqa: E402
+from balloonlab.proto.rpc import RpcConnection, RpcLimits  # noqa: E402
+from balloonlab.proto.transport import Address, connect, parse_address, serve  # noqa: E402
 
 __all__ = ["main", "EchoServer", "run_client"]
 

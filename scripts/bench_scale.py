@@ -40,8 +40,8 @@ def _procs_with(text: str) -> dict[int, str]:
                 cmd = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode()
             except (FileNotFoundError, ProcessLookupError, PermissionError):
                 continue
-            if text in cmd and ("-m hostd" in cmd or "-m guestd" in cmd):
-                out[int(entry)] = "host" if "-m hostd" in cmd else "guest"
+            if text in cmd and ("-m balloonlab.hostd" in cmd or "-m balloonlab.guestd" in cmd):
+                out[int(entry)] = "host" if "-m balloonlab.hostd" in cmd else "guest"
     return out
 
 
@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timeout", type=float, default=900.0, help="wall seconds before giving up")
     args = ap.parse_args(argv)
     run_dir = Path(tempfile.mkdtemp(prefix="bench-scale-", dir="/tmp"))
-    cmd = [sys.executable, "-m", "scripts.launch", "--scenario", args.scenario, "--guests", str(args.guests),
+    cmd = [sys.executable, "-m", "balloonlab.launch", "--scenario", args.scenario, "--guests", str(args.guests),
            "--ticks", str(args.ticks), "--run-dir", str(run_dir), "--no-report"]
     peaks: dict[int, tuple[str, int]] = {}
     done = threading.Event()

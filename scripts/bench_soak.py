@@ -112,7 +112,7 @@ class _Phase:
     """One host and its guests; restarts a guest every so often."""
 
     def __init__(self, run_dir: Path, run_config: dict[str, Any], restart_every: int, rng: np.random.Generator) -> None:
-        from proto.handshake import new_token
+        from balloonlab.proto.handshake import new_token
         self.dir = run_dir
         self.cfg = run_config
         self.restart_every = restart_every
@@ -130,7 +130,7 @@ class _Phase:
                                 stdout=stdout, stderr=err, start_new_session=True, preexec_fn=_die_with_parent)
 
     def _guest(self, gid: int) -> subprocess.Popen:
-        p = self._spawn(["-m", "guestd", "--address", self.address, "--guest-id", str(gid),
+        p = self._spawn(["-m", "balloonlab.guestd", "--address", self.address, "--guest-id", str(gid),
                          "--log", str(self.dir / f"guest-{gid}.jsonl")], subprocess.DEVNULL, f"guest-{gid}")
         self.guests[gid] = p
         return p
@@ -141,7 +141,7 @@ class _Phase:
         cfg_path.write_text(json.dumps(self.cfg, indent=1))
         sock = self.dir / "h.sock"
         self.address = f"unix:{sock}"
-        host = self._spawn(["-m", "hostd", "--config", str(cfg_path), "--address", self.address,
+        host = self._spawn(["-m", "balloonlab.hostd", "--config", str(cfg_path), "--address", self.address,
                             "--log", str(self.dir / "host.jsonl")], subprocess.PIPE, "host")
         wall0 = time.monotonic()
         try:
@@ -231,9 +231,9 @@ class _Phase:
 def run_phase(run_dir: Path, guests: int, ticks: int, controller: str, seed: int, guest_mib: float,
               restart_every: int, request_order: str = "virtual-time") -> dict[str, Any]:
     """Run one phase; return its numbers."""
-    from scripts import validators
-    from scripts.analysis.summary import summarize, write_summary
-    from scripts.scenario import Overrides, load_scenario
+    from balloonlab import validators
+    from balloonlab.analysis.summary import summarize, write_summary
+    from balloonlab.scenario import Overrides, load_scenario
 
     run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     path = run_dir / "scenario.toml"

@@ -162,8 +162,8 @@ def make_body(inp: Input, cls: Any) -> Any:
 # --- targets ------------------------------------------------------------------------------------
 
 def fuzz_framing(data: bytes) -> None:
-    from proto.errors import FrameError, FrameTooLarge
-    from proto.framing import HEADER_BYTES, FrameDecoder
+    from balloonlab.proto.errors import FrameError, FrameTooLarge
+    from balloonlab.proto.framing import HEADER_BYTES, FrameDecoder
 
     inp = Input(data)
     dec = FrameDecoder(MAX_FRAME)
@@ -195,8 +195,8 @@ def fuzz_framing(data: bytes) -> None:
 
 
 def fuzz_messages(data: bytes) -> None:
-    from proto.errors import MessageError, UnknownMessageType
-    from proto.messages import NOTIFICATIONS, REQUESTS, Message, MsgType, msg_type_of
+    from balloonlab.proto.errors import MessageError, UnknownMessageType
+    from balloonlab.proto.messages import NOTIFICATIONS, REQUESTS, Message, MsgType, msg_type_of
 
     inp = Input(data)
     classes = [c for pair in REQUESTS.values() for c in pair] + list(NOTIFICATIONS.values())
@@ -262,7 +262,7 @@ class _Transport(asyncio.Transport):
 
 
 def _envelope(inp: Input) -> list[Any] | Any:
-    from proto.messages import NOTIFICATIONS, REQUESTS, MsgType
+    from balloonlab.proto.messages import NOTIFICATIONS, REQUESTS, MsgType
 
     kind = inp.pick([0, 0, 1, 2, 3, 3, 4, -1, True, 1.0, "0"])
     msg_id = inp.pick([1, 2, 3, 4, 5, 1, 2, 0, -1, 2**63, "1", None, 1.0])
@@ -313,11 +313,11 @@ def fuzz_rpc(data: bytes) -> None:
 
 
 async def _fuzz_rpc(data: bytes) -> None:
-    from hostd.session import GuestConnection
-    from proto.errors import ErrorCode, MessageError, PeerClosed, ProtoError, RemoteError
-    from proto.framing import HEADER_BYTES, FrameDecoder
-    from proto.messages import EptFaultReply, Invalidate, MsgType, Ping, Pong
-    from proto.rpc import RpcLimits
+    from balloonlab.hostd.session import GuestConnection
+    from balloonlab.proto.errors import ErrorCode, MessageError, PeerClosed, ProtoError, RemoteError
+    from balloonlab.proto.framing import HEADER_BYTES, FrameDecoder
+    from balloonlab.proto.messages import EptFaultReply, Invalidate, MsgType, Ping, Pong
+    from balloonlab.proto.rpc import RpcLimits
 
     class Coded(Exception):
         code = ErrorCode.OUT_OF_RANGE
@@ -391,10 +391,10 @@ def fuzz_host(data: bytes) -> None:
 
 
 async def _fuzz_host(data: bytes) -> None:
-    from hostd.errors import HostdError
-    from hostd.memory import HostMemory
-    from hostd.session import MAX_STAT_KEYS, MAX_STAT_VALUE, sanitize_stats
-    from proto.costs import CostModel
+    from balloonlab.hostd.errors import HostdError
+    from balloonlab.hostd.memory import HostMemory
+    from balloonlab.hostd.session import MAX_STAT_KEYS, MAX_STAT_VALUE, sanitize_stats
+    from balloonlab.proto.costs import CostModel
 
     inp = Input(data)
     pages, blocks = 64, 48
@@ -494,11 +494,11 @@ def _run_atheris(names: list[str], extra: list[str]) -> int:
         return 2
     target = TARGETS[names[0]]
     # Coverage guidance needs the code under test instrumented: import it, then instrument what is loaded.
-    import hostd.memory  # noqa: F401
-    import hostd.session  # noqa: F401
-    import proto.framing  # noqa: F401
-    import proto.messages  # noqa: F401
-    import proto.rpc  # noqa: F401
+    import balloonlab.hostd.memory  # noqa: F401
+    import balloonlab.hostd.session  # noqa: F401
+    import balloonlab.proto.framing  # noqa: F401
+    import balloonlab.proto.messages  # noqa: F401
+    import balloonlab.proto.rpc  # noqa: F401
     atheris.instrument_all()
     atheris.Setup([sys.argv[0], *extra], target)
     atheris.Fuzz()

@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def launcher_cmd(*args: str) -> list[str]:
-    return [sys.executable, "-m", "scripts.launch", *args]
+    return [sys.executable, "-m", "balloonlab.launch", *args]
 
 
 def _env() -> dict[str, str]:

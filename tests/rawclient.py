@@ -7,7 +7,7 @@ body ``[kind, id, type, body]``; page batches are ``bin`` of little-endian
 u64. A hostile guest is this client sending what a well-behaved one never
 would.
 
-``HostProcess`` starts a real ``python -m hostd`` from a run config (the
+``HostProcess`` starts a real ``python -m balloonlab.hostd`` from a run config (the
 JSON the launcher writes) in a private directory and always reaps it.
 """
 from __future__ import annotations
@@ -212,7 +212,7 @@ class RawClient:
 
 
 class HostProcess:
-    """A real ``python -m hostd`` on a Unix socket in a private 0700 directory; reaped by ``close``."""
+    """A real ``python -m balloonlab.hostd`` on a Unix socket in a private 0700 directory; reaped by ``close``."""
 
     def __init__(self, config: dict[str, Any], token: str = TOKEN, env: dict[str, str] | None = None,
                  ready_timeout_s: float = 30.0) -> None:
@@ -224,7 +224,7 @@ class HostProcess:
         self.env = dict(os.environ, BALLOONLAB_TOKEN=token, OPENBLAS_NUM_THREADS="1", PYTHONPATH=str(REPO),
                         **(env or {}))
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "hostd", "--config", str(self.dir / "host-config.json"), "--address", self.sock,
+            [sys.executable, "-m", "balloonlab.hostd", "--config", str(self.dir / "host-config.json"), "--address", self.sock,
              "--log", str(self.dir / "host.jsonl")],
             cwd=REPO, stdout=subprocess.PIPE, stderr=open(self.dir / "host.stderr", "wb"), env=self.env,
             start_new_session=True)
@@ -242,9 +242,9 @@ class HostProcess:
         return RawClient(self.sock)
 
     def start_guest(self, guest_id: int, extra_env: dict[str, str] | None = None) -> subprocess.Popen:
-        """A real ``python -m guestd`` for ``guest_id``, logging to ``guest-N.jsonl`` beside the host's log."""
+        """A real ``python -m balloonlab.guestd`` for ``guest_id``, logging to ``guest-N.jsonl`` beside the host's log."""
         env = dict(self.env, **(extra_env or {}))
-        p = subprocess.Popen([sys.executable, "-m", "guestd", "--address", self.sock, "--guest-id", str(guest_id),
+        p = subprocess.Popen([sys.executable, "-m", "balloonlab.guestd", "--address", self.sock, "--guest-id", str(guest_id),
                               "--log", str(self.dir / f"guest-{guest_id}.jsonl")],
                              cwd=REPO, env=env, stdout=subprocess.DEVNULL,
                              stderr=open(self.dir / f"guest-{guest_id}.stderr", "ab"), start_new_session=True)
@@ -335,9 +335,9 @@ def run_pids(run_dir: Path | str) -> dict[str, int]:
     out: dict[str, int] = {}
     for pid, cmd in procs_mentioning(str(run_dir)):
         argv = cmd.split()
-        if "hostd" in argv:
+        if "balloonlab.hostd" in argv:
             out["host"] = pid
-        elif "guestd" in argv and "--guest-id" in argv:
+        elif "balloonlab.guestd" in argv and "--guest-id" in argv:
             out[f"guest-{argv[argv.index('--guest-id') + 1]}"] = pid
     return out
 
@@ -357,8 +357,8 @@ def fault_points(log_path: Path | str) -> list[dict[str, Any]]:
 def run_config(scenario: str, guests: int | None = None, ticks: int | None = None, seed: int | None = None,
                **top: Any) -> dict[str, Any]:
     """The host's run config for a scenario, resolved as the launcher does (``top`` overrides top-level keys)."""
-    from scripts import validators
-    from scripts.scenario import Overrides, find_scenario, load_scenario
+    from balloonlab import validators
+    from balloonlab.scenario import Overrides, find_scenario, load_scenario
     sc = load_scenario(find_scenario(scenario), Overrides(guests=guests, ticks=ticks, seed=seed),
                        validators.VALIDATORS)
     cfg = sc.run_config(next(iter(sc.variants)), f"raw-{os.getpid()}")

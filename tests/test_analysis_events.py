@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from proto import events as ev
-from scripts.analysis.logs import load_variant
-from scripts.analysis.report import MAX_EVENTS_SHOWN, notable_events, write_report
-from scripts.analysis.summary import summarize
+from balloonlab.proto import events as ev
+from balloonlab.analysis.logs import load_variant
+from balloonlab.analysis.report import MAX_EVENTS_SHOWN, notable_events, write_report
+from balloonlab.analysis.summary import summarize
 
 TS = "2026-01-01T00:00:{:09.6f}Z"
 

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
-from proto import events as ev
-from scripts.analysis.logs import guest_series, load_variant, read_log
-from scripts.analysis.plots import rate_per_s
+from balloonlab.proto import events as ev
+from balloonlab.analysis.logs import guest_series, load_variant, read_log
+from balloonlab.analysis.plots import rate_per_s
 from scripts.bench_analyze import write_synthetic_run
 from tests.procs import REPO
 
@@ -88,8 +88,8 @@ def test_rates_come_from_cumulative_counters_over_virtual_time(tmp_path: Path) -
 
 
 def test_importing_the_launcher_and_the_analysis_does_not_import_matplotlib() -> None:
-    code = ("import sys, scripts.launch, scripts.analyze, scripts.analysis.report, scripts.analysis.plots, "
-            "scripts.analysis.compare; print('matplotlib' in sys.modules)")
+    code = ("import sys, balloonlab.launch, balloonlab.analyze, balloonlab.analysis.report, balloonlab.analysis.plots, "
+            "balloonlab.analysis.compare; print('matplotlib' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"

@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from proto import events as ev
-from scripts import analyze
+from balloonlab.proto import events as ev
+from balloonlab import analyze
 from tests.procs import dump_logs, procs_mentioning, run_launcher
 
 pytestmark = pytest.mark.multiprocess

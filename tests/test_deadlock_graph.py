@@ -10,9 +10,9 @@ import asyncio
 
 import pytest
 
-from hostd.deadlock import LockdepValidator, WaitForGraph, cycle_signature
-from proto.errors import ConfigError
-from proto.locks import (GLOBAL_ORDER, LockClass, LockConfig, LockOp, LockProtocol, LockTransition, OwnerLock,
+from balloonlab.hostd.deadlock import LockdepValidator, WaitForGraph, cycle_signature
+from balloonlab.proto.errors import ConfigError
+from balloonlab.proto.locks import (GLOBAL_ORDER, LockClass, LockConfig, LockOp, LockProtocol, LockTransition, OwnerLock,
                          lock_config_from_mapping, order_violation, split_owner)
 
 HM, VM = LockClass.L_HOSTMEM, LockClass.L_VMEM

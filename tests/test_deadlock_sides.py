@@ -13,13 +13,13 @@ import numpy as np
 import pytest
 from structlog.testing import capture_logs
 
-from guestd.locks import GuardedHypervisor, GuestLocks
-from hostd.locks import (CURRENT_OWNER, RECLAIM_OWNER, BadLockRequest, DeadlockBroken, HostLocks,
+from balloonlab.guestd.locks import GuardedHypervisor, GuestLocks
+from balloonlab.hostd.locks import (CURRENT_OWNER, RECLAIM_OWNER, BadLockRequest, DeadlockBroken, HostLocks,
                          LockStateError)
-from proto import events as ev
-from proto.errors import ErrorCode, RemoteError
-from proto.locks import LockClass, LockConfig, LockOp, LockProtocol, LockTransition
-from proto.messages import EptFault, EptFaultReply, LockAcquire, LockEvent, LockRelease, LockReply, MsgType
+from balloonlab.proto import events as ev
+from balloonlab.proto.errors import ErrorCode, RemoteError
+from balloonlab.proto.locks import LockClass, LockConfig, LockOp, LockProtocol, LockTransition
+from balloonlab.proto.messages import EptFault, EptFaultReply, LockAcquire, LockEvent, LockRelease, LockReply, MsgType
 
 GUEST = "guest-1/vcpu"
 

@@ -110,9 +110,9 @@ def test_batch_victim_pick_is_the_one_at_a_time_pick() -> None:
 
     import numpy as np
 
-    from guestd.memory import Frames
-    from guestd.replacement import POLICIES
-    from guestd.replacement.base import PolicyBase
+    from balloonlab.guestd.memory import Frames
+    from balloonlab.guestd.replacement import POLICIES
+    from balloonlab.guestd.replacement.base import PolicyBase
 
     rng = np.random.default_rng(2024)
     for name in ("esc", "clock", "fifo"):

@@ -17,17 +17,17 @@ from typing import Callable
 import numpy as np
 import pytest
 
-from guestd.audit import audit_reply, self_check
-from guestd.balloon import BalloonDriver
-from guestd.kernel import GuestKernel
-from guestd.kernel_config import KernelConfig
-from guestd.workload import Layout, Region, build_workload
-from hostd.audit import GuestClaims, check_guest, check_released
-from hostd.framepool import FrameKind as HostKind
-from hostd.memory import HostMemory
-from hostd.p2m import PageState
-from hostd.watchdog import PENDING_TOKEN
-from proto.costs import CostModel
+from balloonlab.guestd.audit import audit_reply, self_check
+from balloonlab.guestd.balloon import BalloonDriver
+from balloonlab.guestd.kernel import GuestKernel
+from balloonlab.guestd.kernel_config import KernelConfig
+from balloonlab.guestd.workload import Layout, Region, build_workload
+from balloonlab.hostd.audit import GuestClaims, check_guest, check_released
+from balloonlab.hostd.framepool import FrameKind as HostKind
+from balloonlab.hostd.memory import HostMemory
+from balloonlab.hostd.p2m import PageState
+from balloonlab.hostd.watchdog import PENDING_TOKEN
+from balloonlab.proto.costs import CostModel
 
 GID = 3
 RAM = 256

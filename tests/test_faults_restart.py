@@ -42,7 +42,7 @@ def test_a_restarted_guest_rejoins_and_a_live_duplicate_is_refused() -> None:
         assert old.wait(10) == -signal.SIGKILL
         # The host notices the broken connection and releases the session; then the id is free again.
         new = h.start_guest(VICTIM)
-        dup = subprocess.run([sys.executable, "-m", "guestd", "--address", h.sock, "--guest-id", "0"], cwd=REPO,
+        dup = subprocess.run([sys.executable, "-m", "balloonlab.guestd", "--address", h.sock, "--guest-id", "0"], cwd=REPO,
                              env=h.env, capture_output=True, text=True, timeout=60)
         rc = h.wait(120)
         assert new.wait(30) == 0

@@ -11,15 +11,15 @@ from typing import Any
 
 import numpy as np
 
-from hostd.locks import HostLocks
-from hostd.memory import HostMemory
-from hostd.p2m import PageState
-from hostd.watchdog import PENDING_TOKEN, PreferVictims, Watchdog
-from proto.faultpoints import PausePoints
-from proto.costs import CostModel
-from proto.errors import PeerClosed
-from proto.locks import LockConfig, LockProtocol
-from proto.messages import Invalidate, InvalidateReply, LockAcquire, LockRelease, LockReply
+from balloonlab.hostd.locks import HostLocks
+from balloonlab.hostd.memory import HostMemory
+from balloonlab.hostd.p2m import PageState
+from balloonlab.hostd.watchdog import PENDING_TOKEN, PreferVictims, Watchdog
+from balloonlab.proto.faultpoints import PausePoints
+from balloonlab.proto.costs import CostModel
+from balloonlab.proto.errors import PeerClosed
+from balloonlab.proto.locks import LockConfig, LockProtocol
+from balloonlab.proto.messages import Invalidate, InvalidateReply, LockAcquire, LockRelease, LockReply
 
 GID, OTHER = 1, 2
 PAGES = 32

@@ -27,8 +27,8 @@ def test_random_envelopes_into_a_guest_connection(data: bytes) -> None:
 
 def test_the_target_notices_an_uncounted_refusal(monkeypatch: pytest.MonkeyPatch) -> None:
     """The property has teeth: an error reply that bypasses the host's counter is caught."""
-    from hostd.session import GuestConnection
-    from proto.rpc import RpcConnection
+    from balloonlab.hostd.session import GuestConnection
+    from balloonlab.proto.rpc import RpcConnection
 
     monkeypatch.setattr(GuestConnection, "_send_error", RpcConnection._send_error)
     rng = np.random.default_rng(8)

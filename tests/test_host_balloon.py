@@ -6,10 +6,10 @@ from typing import Any
 import numpy as np
 import pytest
 
-from hostd.balloon import BALLOON_POLICIES, GuestView, HostView, NonCooperationDetector, make_controller
-from hostd.balloon.proportional import shares_per_page
-from hostd.errors import PolicyConfigError
-from proto.errors import ConfigError
+from balloonlab.hostd.balloon import BALLOON_POLICIES, GuestView, HostView, NonCooperationDetector, make_controller
+from balloonlab.hostd.balloon.proportional import shares_per_page
+from balloonlab.hostd.errors import PolicyConfigError
+from balloonlab.proto.errors import ConfigError
 
 
 def guest(gid: int, ram: int = 1000, target: int = 0, actual: int | None = None, resident: int | None = None,

@@ -11,8 +11,8 @@ import asyncio
 
 import numpy as np
 
-from hostd.memory import HostMemory
-from proto.tokens import make_tokens
+from balloonlab.hostd.memory import HostMemory
+from balloonlab.proto.tokens import make_tokens
 
 __all__ = ["FakeGuests", "make_memory"]
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from hostd.errors import BadBatch, DuplicatePages, InvariantViolation, OutOfRange
-from hostd.framepool import FrameKind, FramePool
-from hostd.hostswap import HostSwap
-from hostd.p2m import P2M, PageState, as_page_numbers
+from balloonlab.hostd.errors import BadBatch, DuplicatePages, InvariantViolation, OutOfRange
+from balloonlab.hostd.framepool import FrameKind, FramePool
+from balloonlab.hostd.hostswap import HostSwap
+from balloonlab.hostd.p2m import P2M, PageState, as_page_numbers
 
 
 def test_alloc_takes_frames_and_counts_them_by_kind() -> None:

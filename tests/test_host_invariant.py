@@ -14,7 +14,7 @@ import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from hostd.errors import HostOutOfMemory
+from balloonlab.hostd.errors import HostOutOfMemory
 
 from .test_host_fakes import FakeGuests, make_memory
 

@@ -8,12 +8,12 @@ from typing import Callable
 import numpy as np
 import pytest
 
-from hostd.errors import (BadBatch, BalloonLimit, DuplicateGuest, DuplicatePages, HostdError, HostOutOfMemory,
+from balloonlab.hostd.errors import (BadBatch, BalloonLimit, DuplicateGuest, DuplicatePages, HostdError, HostOutOfMemory,
                           InvalidState, InvariantViolation, OutOfRange, UnknownGuest)
-from hostd.memory import HostMemory
-from hostd.p2m import PageState
-from proto.costs import CostModel, DiskModel, disk_profile
-from proto.errors import ErrorCode
+from balloonlab.hostd.memory import HostMemory
+from balloonlab.hostd.p2m import PageState
+from balloonlab.proto.costs import CostModel, DiskModel, disk_profile
+from balloonlab.proto.errors import ErrorCode
 
 from .test_host_fakes import FakeGuests, make_memory
 
@@ -500,7 +500,7 @@ async def test_invariant_names_what_is_wrong() -> None:
 
 
 def test_every_hostd_error_carries_a_wire_code() -> None:
-    import hostd.errors as errors
+    import balloonlab.hostd.errors as errors
     for name in errors.__all__:
         cls = getattr(errors, name)
         assert issubclass(cls, errors.HostdError)

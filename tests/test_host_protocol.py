@@ -1,8 +1,8 @@
-"""The host as a client written from proto/README.md alone would see it.
+"""The host as a client written from balloonlab.proto/README.md alone would see it.
 
 These tests speak the wire protocol with ``socket``, ``struct`` and
 ``msgpack`` only (no project code on the client side) against a real
-``python -m hostd`` process.
+``python -m balloonlab.hostd`` process.
 """
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ def host(request: pytest.FixtureRequest) -> Iterator[dict[str, Any]]:
            "host": {"ram_mib": 6}}
     (d / "cfg.json").write_text(json.dumps(cfg))
     sock = str(d / "h.sock")
-    proc = subprocess.Popen([sys.executable, "-m", "hostd", "--config", str(d / "cfg.json"), "--address", sock,
+    proc = subprocess.Popen([sys.executable, "-m", "balloonlab.hostd", "--config", str(d / "cfg.json"), "--address", sock,
                              "--log", str(d / "host.jsonl")], cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, env=dict(os.environ, BALLOONLAB_TOKEN=TOKEN))
     try:

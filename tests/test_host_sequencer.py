@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from hostd.sequencer import RequestSequencer
+from balloonlab.hostd.sequencer import RequestSequencer
 from tests.conftest import wait_until
 
 pytestmark = pytest.mark.timeout(10)

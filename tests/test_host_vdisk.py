@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from hostd.errors import BadBatch, DuplicatePages, OutOfRange
-from hostd.framepool import FrameKind
-from hostd.vdisk import CacheState
-from proto.costs import CostModel, DiskModel, disk_profile
+from balloonlab.hostd.errors import BadBatch, DuplicatePages, OutOfRange
+from balloonlab.hostd.framepool import FrameKind
+from balloonlab.hostd.vdisk import CacheState
+from balloonlab.proto.costs import CostModel, DiskModel, disk_profile
 
 from .test_host_fakes import FakeGuests, make_memory
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from hostd.errors import PolicyConfigError
-from hostd.framepool import FrameKind, FramePool
-from hostd.victim import VICTIM_POLICIES, make_victim_policy
+from balloonlab.hostd.errors import PolicyConfigError
+from balloonlab.hostd.framepool import FrameKind, FramePool
+from balloonlab.hostd.victim import VICTIM_POLICIES, make_victim_policy
 
 
 def mixed_pool(rng: np.random.Generator, n: int = 512) -> FramePool:

@@ -1,6 +1,6 @@
 """The launcher as a user runs it: real host and guest processes over sockets.
 
-Every test here starts ``python -m scripts.launch`` (which starts ``hostd``
+Every test here starts ``python -m balloonlab.launch`` (which starts ``hostd``
 and N ``guestd`` processes), bounds its own wall time, and checks that no
 process of the run is left afterwards. The scenario is ``tests-tiny``: four
 4 MiB guests and cheap ticks, so each run takes a few wall seconds.
@@ -205,7 +205,7 @@ def test_bad_token_is_refused_with_a_clear_error(tmp_path: Path) -> None:
     try:
         wait_until(lambda: host_tick(run_dir) >= 0, 60.0, what="the first tick")
         address = events_named(read_jsonl_partial(run_dir / "host.jsonl"), "run_started")[0]["address"]
-        intruder = subprocess.run([sys.executable, "-m", "guestd", "--address", address, "--guest-id", "1"],
+        intruder = subprocess.run([sys.executable, "-m", "balloonlab.guestd", "--address", address, "--guest-id", "1"],
                                   cwd=REPO, env=_env(BALLOONLAB_TOKEN="not-the-token"), capture_output=True,
                                   text=True, timeout=60)
         assert intruder.returncode == 4, intruder.stderr

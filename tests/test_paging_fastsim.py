@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from guestd.errors import GuestConfigError, UnknownPolicy
-from guestd.fastsim import FAST_POLICIES, TraceIndex, simulate_fast, stable_argsort
-from guestd.replay import replay_kernel
+from balloonlab.guestd.errors import GuestConfigError, UnknownPolicy
+from balloonlab.guestd.fastsim import FAST_POLICIES, TraceIndex, simulate_fast, stable_argsort
+from balloonlab.guestd.replay import replay_kernel
 
 Trace = list[tuple[int, bool]]
 
@@ -213,9 +213,9 @@ def test_errors_name_the_bad_value() -> None:
 
 
 def test_replay_cli_json(tmp_path: Path) -> None:
-    """``python -m guestd.replay --json`` prints exactly policy, frames, refs, faults, writebacks."""
+    """``python -m balloonlab.guestd.replay --json`` prints exactly policy, frames, refs, faults, writebacks."""
     trace = tmp_path / "t.txt"
     trace.write_text("7,0,1,2,0,3,0,4,2,3,0,3,2,1,2,0,1,7,0,1\n")
-    out = subprocess.run([sys.executable, "-m", "guestd.replay", "--policy", "lru", "--frames", "3",
+    out = subprocess.run([sys.executable, "-m", "balloonlab.guestd.replay", "--policy", "lru", "--frames", "3",
                           str(trace), "--json"], capture_output=True, text=True, check=True)
     assert json.loads(out.stdout) == {"policy": "lru", "frames": 3, "refs": 20, "faults": 12, "writebacks": 0}

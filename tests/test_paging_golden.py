@@ -10,14 +10,14 @@ import asyncio
 import numpy as np
 import pytest
 
-from proto.costs import CostModel
-from guestd.blockdev import LocalBlockDevice
-from guestd.fastsim import simulate_fast
-from guestd.hypervisor import NullHypervisor
-from guestd.kernel import GuestKernel
-from guestd.kernel_config import KernelConfig
-from guestd.replay import replay_kernel
-from guestd.workload.layout import Layout
+from balloonlab.proto.costs import CostModel
+from balloonlab.guestd.blockdev import LocalBlockDevice
+from balloonlab.guestd.fastsim import simulate_fast
+from balloonlab.guestd.hypervisor import NullHypervisor
+from balloonlab.guestd.kernel import GuestKernel
+from balloonlab.guestd.kernel_config import KernelConfig
+from balloonlab.guestd.replay import replay_kernel
+from balloonlab.guestd.workload.layout import Layout
 
 SILBERSCHATZ = [7, 0, 1, 2, 0, 3, 0, 4, 2, 3, 0, 3, 2, 1, 2, 0, 1, 7, 0, 1]
 BELADY = [1, 2, 3, 4, 1, 2, 5, 1, 2, 3, 4, 5]

@@ -14,14 +14,14 @@ import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from proto.costs import CostModel
-from guestd.blockdev import LocalBlockDevice
-from guestd.hypervisor import LocalHypervisor
-from guestd.kernel import GuestKernel
-from guestd.kernel_config import KernelConfig
-from guestd.memory import FrameKind
-from guestd.replacement import POLICIES
-from guestd.workload import Layout, Region
+from balloonlab.proto.costs import CostModel
+from balloonlab.guestd.blockdev import LocalBlockDevice
+from balloonlab.guestd.hypervisor import LocalHypervisor
+from balloonlab.guestd.kernel import GuestKernel
+from balloonlab.guestd.kernel_config import KernelConfig
+from balloonlab.guestd.memory import FrameKind
+from balloonlab.guestd.replacement import POLICIES
+from balloonlab.guestd.workload import Layout, Region
 
 FILE_PAGES = 12
 ANON_PAGES = 12

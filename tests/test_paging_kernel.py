@@ -6,16 +6,16 @@ import json
 import numpy as np
 import pytest
 
-from proto.costs import CostModel, DiskProfile
-from proto.tokens import make_tokens
-from guestd.blockdev import LocalBlockDevice
-from guestd.errors import BadFrames, BadPages, GuestConfigError, OutOfMemory, UnknownPolicy
-from guestd.hypervisor import LocalHypervisor, NullHypervisor
-from guestd.kernel import GuestKernel
-from guestd.kernel_config import KernelConfig, kernel_config_from_mapping
-from guestd.memory import FrameKind
-from guestd.replacement import POLICIES, make_policy
-from guestd.workload import Layout, Region, build_workload, run_workload
+from balloonlab.proto.costs import CostModel, DiskProfile
+from balloonlab.proto.tokens import make_tokens
+from balloonlab.guestd.blockdev import LocalBlockDevice
+from balloonlab.guestd.errors import BadFrames, BadPages, GuestConfigError, OutOfMemory, UnknownPolicy
+from balloonlab.guestd.hypervisor import LocalHypervisor, NullHypervisor
+from balloonlab.guestd.kernel import GuestKernel
+from balloonlab.guestd.kernel_config import KernelConfig, kernel_config_from_mapping
+from balloonlab.guestd.memory import FrameKind
+from balloonlab.guestd.replacement import POLICIES, make_policy
+from balloonlab.guestd.workload import Layout, Region, build_workload, run_workload
 
 U64 = np.uint64
 

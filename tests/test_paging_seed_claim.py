@@ -14,12 +14,12 @@ import logging
 
 import numpy as np
 
-from proto.costs import CostModel
-from guestd.blockdev import LocalBlockDevice
-from guestd.hypervisor import NullHypervisor
-from guestd.kernel import GuestKernel
-from guestd.kernel_config import KernelConfig
-from guestd.workload import Layout, Region, build_workload, run_workload
+from balloonlab.proto.costs import CostModel
+from balloonlab.guestd.blockdev import LocalBlockDevice
+from balloonlab.guestd.hypervisor import NullHypervisor
+from balloonlab.guestd.kernel import GuestKernel
+from balloonlab.guestd.kernel_config import KernelConfig
+from balloonlab.guestd.workload import Layout, Region, build_workload, run_workload
 
 log = logging.getLogger(__name__)
 

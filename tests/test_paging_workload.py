@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from guestd.errors import GuestConfigError, TraceFormatError, UnknownWorkload
-from guestd.replay import main as replay_main
-from guestd.workload import Layout, Region, build_workload, parse_text_trace, read_trace, write_npz_trace
+from balloonlab.guestd.errors import GuestConfigError, TraceFormatError, UnknownWorkload
+from balloonlab.guestd.replay import main as replay_main
+from balloonlab.guestd.workload import Layout, Region, build_workload, parse_text_trace, read_trace, write_npz_trace
 
 LAYOUT = Layout([Region("db", "file", 1000), Region("heap", "anon", 500), Region("big", "anon", 3000)])
 

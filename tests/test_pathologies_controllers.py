@@ -11,10 +11,10 @@ from typing import Any
 
 import pytest
 
-from hostd.balloon import GuestView, HostView, make_controller
-from hostd.errors import PolicyConfigError
-from proto import events as ev
-from scripts.analysis.pathologies import sweep_curve, true_working_set_pages
+from balloonlab.hostd.balloon import GuestView, HostView, make_controller
+from balloonlab.hostd.errors import PolicyConfigError
+from balloonlab.proto import events as ev
+from balloonlab.analysis.pathologies import sweep_curve, true_working_set_pages
 
 
 def guest(gid: int, ram: int = 1000, target: int = 0, actual: int | None = None, resident: int | None = None,

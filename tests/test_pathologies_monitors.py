@@ -11,14 +11,14 @@ from typing import Any
 import numpy as np
 import pytest
 
-from hostd.monitors import HostMonitors, monitors_config
-from hostd.monitors.config import ConvergenceConfig, SwapStormConfig
-from hostd.monitors.convergence import ConvergenceTracker
-from hostd.monitors.history import GuestSample, History, TickSample
-from hostd.monitors.swap_storm import SwapStormDetector
-from hostd.vdisk import CacheState
-from proto import events as ev
-from proto.errors import ConfigError
+from balloonlab.hostd.monitors import HostMonitors, monitors_config
+from balloonlab.hostd.monitors.config import ConvergenceConfig, SwapStormConfig
+from balloonlab.hostd.monitors.convergence import ConvergenceTracker
+from balloonlab.hostd.monitors.history import GuestSample, History, TickSample
+from balloonlab.hostd.monitors.swap_storm import SwapStormDetector
+from balloonlab.hostd.vdisk import CacheState
+from balloonlab.proto import events as ev
+from balloonlab.proto.errors import ConfigError
 
 from .test_host_fakes import FakeGuests, make_memory
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from proto import events as ev
+from balloonlab.proto import events as ev
 from tests.pathology_runs import headline, host_events, run_scenario
 
 pytestmark = pytest.mark.multiprocess

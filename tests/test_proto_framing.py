@@ -14,8 +14,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proto.errors import FrameTooLarge, TruncatedFrame, UndecodableFrame
-from proto.framing import HEADER_BYTES, MAX_FRAME_BYTES_DEFAULT, FrameDecoder, encode_frame
+from balloonlab.proto.errors import FrameTooLarge, TruncatedFrame, UndecodableFrame
+from balloonlab.proto.framing import HEADER_BYTES, MAX_FRAME_BYTES_DEFAULT, FrameDecoder, encode_frame
 
 FRAMES = [
     [0, 1, 60, {"payload": b""}],

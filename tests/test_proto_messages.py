@@ -15,8 +15,8 @@ import msgpack
 import numpy as np
 import pytest
 
-from proto import messages as m
-from proto.errors import BadField, ErrorCode, MessageError, UnknownMessageType
+from balloonlab.proto import messages as m
+from balloonlab.proto.errors import BadField, ErrorCode, MessageError, UnknownMessageType
 
 ALL_CLASSES: list[type[m.Message]] = sorted(
     {cls for pair in m.REQUESTS.values() for cls in pair} | set(m.NOTIFICATIONS.values()),
@@ -174,8 +174,8 @@ def test_pages_count_is_limited() -> None:
 
 def test_a_full_page_batch_fits_in_a_default_frame_but_two_do_not() -> None:
     """The frame limit binds too: a DiskWrite carries at most half a batch in each field."""
-    from proto.errors import FrameTooLarge
-    from proto.framing import MAX_FRAME_BYTES_DEFAULT, encode_frame
+    from balloonlab.proto.errors import FrameTooLarge
+    from balloonlab.proto.framing import MAX_FRAME_BYTES_DEFAULT, encode_frame
 
     full = np.arange(m.MAX_PAGES_PER_MESSAGE, dtype="<u8")
     frame = encode_frame([0, 1, int(m.MsgType.EPT_FAULT), m.EptFault(full, 0.0).to_body()])
@@ -298,7 +298,7 @@ def render_error_codes() -> str:
 def render_events() -> str:
     """proto/events.py as tables: a comment after a blank line titles a group; comment
     lines right before a constant, and the comment after it, list its fields."""
-    from proto import events
+    from balloonlab.proto import events
 
     lines: list[str] = []
     leading: list[str] = []
@@ -326,7 +326,7 @@ def render_events() -> str:
 
 
 def test_every_event_constant_is_rendered() -> None:
-    from proto import events
+    from balloonlab.proto import events
 
     rendered = render_events()
     names = [getattr(events, n) for n in events.__all__ if isinstance(getattr(events, n), str)]
@@ -361,7 +361,7 @@ def test_readme_generated_sections_match_the_code() -> None:
 
 def test_readme_hello_example_is_a_valid_frame() -> None:
     """The worked example in hex decodes to the Hello the README says it is."""
-    from proto.framing import FrameDecoder
+    from balloonlab.proto.framing import FrameDecoder
 
     text = README.read_text()
     block = re.search(r"<!-- example:hello begin -->\n```\n(.*?)```", text, re.S)
@@ -372,5 +372,5 @@ def test_readme_hello_example_is_a_valid_frame() -> None:
     assert envelope[:3] == [m.Kind.REQUEST, 1, m.MsgType.HELLO]
     hello = m.Hello.from_body(envelope[3])
     assert hello == m.Hello(1, 3, "0123456789abcdef0123456789abcdef", 4242)
-    from proto.framing import encode_frame
+    from balloonlab.proto.framing import encode_frame
     assert encode_frame([0, 1, 1, hello.to_body()]) == frame

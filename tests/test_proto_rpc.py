@@ -20,15 +20,15 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
-from proto import handshake
-from proto.errors import (ErrorCode, FrameTooLarge, HandshakeRefused, PeerClosed, RemoteError,
+from balloonlab.proto import handshake
+from balloonlab.proto.errors import (ErrorCode, FrameTooLarge, HandshakeRefused, PeerClosed, RemoteError,
                           RpcTimeout)
-from proto.framing import FrameDecoder, encode_frame
-from proto.handshake import PROTOCOL_VERSION, HandshakeError, check_hello, client_hello, new_token
-from proto.messages import (Hello, Kind, MsgType, Ping, Pong, RunEnd, TickDone, TickStart,
+from balloonlab.proto.framing import FrameDecoder, encode_frame
+from balloonlab.proto.handshake import PROTOCOL_VERSION, HandshakeError, check_hello, client_hello, new_token
+from balloonlab.proto.messages import (Hello, Kind, MsgType, Ping, Pong, RunEnd, TickDone, TickStart,
                             Welcome)
-from proto.rpc import RpcConnection, RpcLimits
-from proto.transport import Address, connect, serve
+from balloonlab.proto.rpc import RpcConnection, RpcLimits
+from balloonlab.proto.transport import Address, connect, serve
 
 from .conftest import wait_until
 

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
-from proto.errors import ConfigError
-from proto.messages import MsgType, Ping, Pong
-from proto.rpc import RpcConnection, RpcLimits
-from proto.transport import Address, connect, parse_address, serve
+from balloonlab.proto.errors import ConfigError
+from balloonlab.proto.messages import MsgType, Ping, Pong
+from balloonlab.proto.rpc import RpcConnection, RpcLimits
+from balloonlab.proto.transport import Address, connect, parse_address, serve
 
 pytestmark = [pytest.mark.usefixtures("loop_errors"), pytest.mark.timeout(30)]
 

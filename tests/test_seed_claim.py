@@ -96,14 +96,14 @@ def test_ballooning_has_higher_throughput(claim_run: dict[str, Any]) -> None:
 
 
 def _resolved(name: str, guests: int | None = None) -> dict[str, dict[str, Any]]:
-    from scripts.scenario import Overrides, find_scenario, load_scenario
-    from scripts.validators import VALIDATORS
+    from balloonlab.scenario import Overrides, find_scenario, load_scenario
+    from balloonlab.validators import VALIDATORS
     sc = load_scenario(find_scenario(name), Overrides(guests=guests), VALIDATORS)
     return {v: sc.run_config(v, "test") for v in sc.variants}
 
 
 def _host_ram_pages(cfg: dict[str, Any]) -> int:
-    from hostd.memconfig import host_memory_config
+    from balloonlab.hostd.memconfig import host_memory_config
     return host_memory_config(cfg["host"]).host_ram_pages(sum(g["ram_pages"] for g in cfg["guests"]))
 
 

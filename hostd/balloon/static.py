@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from proto.costs import PAGE_BYTES
+from balloonlab.proto.costs import PAGE_BYTES
 
 from ..errors import PolicyConfigError
 from .policy import check_fraction, clamp_target, parse_params

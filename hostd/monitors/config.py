@@ -43,7 +43,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Mapping
 
-from proto.errors import ConfigError
+from balloonlab.proto.errors import ConfigError
 
 __all__ = ["MonitorsConfig", "SwapStormConfig", "PinningConfig", "DoubleFaultConfig", "ConvergenceConfig",
            "monitors_config"]

@@ -24,7 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from proto import events as ev
+from balloonlab.proto import events as ev
 
 from .config import ConvergenceConfig
 from .history import History

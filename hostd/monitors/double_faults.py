@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from proto import events as ev
+from balloonlab.proto import events as ev
 
 from .config import DoubleFaultConfig
 

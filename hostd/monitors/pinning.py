@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from proto import events as ev
+from balloonlab.proto import events as ev
 
 from ..vdisk import CacheState
 from .config import PinningConfig

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from proto import events as ev
+from balloonlab.proto import events as ev
 
 from .config import SwapStormConfig
 from .history import History

@@ -22,7 +22,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from proto import events as ev
+from balloonlab.proto import events as ev
 
 from .compare import Column, compare_table, format_value
 from .logs import VariantLogs, event_vt_us, find_variants, load_variant

@@ -26,7 +26,7 @@ from typing import Any, Iterable, Iterator
 
 import numpy as np
 
-from proto import events as ev
+from balloonlab.proto import events as ev
 
 __all__ = ["VariantLogs", "LogFile", "find_variants", "load_variant", "read_log", "iter_events",
            "MAX_TICK_SAMPLES", "series", "guest_series", "host_series", "event_vt_us"]

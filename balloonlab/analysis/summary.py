@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from proto import events as ev
+from balloonlab.proto import events as ev
 
 from .logs import VariantLogs, find_variants, iter_events, load_variant
 from .pathologies import pathology_lines, pathology_metrics

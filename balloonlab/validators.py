@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Mapping
 
-from proto.errors import ConfigError
+from balloonlab.proto.errors import ConfigError
 
 __all__ = ["VALIDATORS", "guest_sizes", "guest_swap_area"]
 
@@ -26,22 +26,22 @@ def _as_config_error(fn: Callable[[Mapping[str, Any], str], Any]) -> Callable[[M
 
 
 def _guest(table: Mapping[str, Any], where: str) -> None:
-    from guestd.config import guest_config_from_mapping
+    from balloonlab.guestd.config import guest_config_from_mapping
     guest_config_from_mapping(table, where=where)
 
 
 def _host(table: Mapping[str, Any], where: str) -> None:
-    from hostd.memconfig import host_memory_config
+    from balloonlab.hostd.memconfig import host_memory_config
     host_memory_config(table, where=where)
 
 
 def _balloon(table: Mapping[str, Any], where: str) -> None:
-    from hostd.memconfig import balloon_config
+    from balloonlab.hostd.memconfig import balloon_config
     balloon_config(table, where=where)
 
 
 def _monitors(table: Mapping[str, Any], where: str) -> None:
-    from hostd.monitors.config import monitors_config
+    from balloonlab.hostd.monitors.config import monitors_config
     monitors_config(table, where=where)
 
 
@@ -51,13 +51,13 @@ VALIDATORS = {"guest": _as_config_error(_guest), "host": _as_config_error(_host)
 
 def guest_sizes(table: Mapping[str, Any]) -> tuple[int, int]:
     """(ram_pages, disk_blocks) of a validated guest table: the host sizes its p2m and disk from them."""
-    from guestd.config import guest_config_from_mapping
+    from balloonlab.guestd.config import guest_config_from_mapping
     cfg = guest_config_from_mapping(table)
     return cfg.ram_pages, cfg.disk_blocks
 
 
 def guest_swap_area(table: Mapping[str, Any]) -> tuple[int, int]:
     """(first block, blocks) of a validated guest table's swap area on its virtual disk."""
-    from guestd.config import guest_config_from_mapping
+    from balloonlab.guestd.config import guest_config_from_mapping
     cfg = guest_config_from_mapping(table)
     return cfg.kernel.swap_base_block, cfg.kernel.swap_slots

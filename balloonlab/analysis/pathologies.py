@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from proto import events as ev
+from balloonlab.proto import events as ev
 
 from .logs import VariantLogs
 
@@ -42,7 +42,7 @@ def true_working_set_pages(guest: Mapping[str, Any]) -> int | None:
     traces have no sharp working set: None.
     """
     try:
-        from guestd.config import guest_config_from_mapping
+        from balloonlab.guestd.config import guest_config_from_mapping
         cfg = guest_config_from_mapping(guest)
     except Exception:  # a config this version cannot read: no claim
         return None

@@ -19,19 +19,20 @@ Errors name the file and the key.
 from __future__ import annotations
 
 import copy
+import importlib.resources
 import math
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from proto.clock import TICK_US_DEFAULT, s_to_us
-from proto.costs import CostModel, DiskProfile
-from proto.errors import ConfigError
+from balloonlab.proto.clock import TICK_US_DEFAULT, s_to_us
+from balloonlab.proto.costs import CostModel, DiskProfile
+from balloonlab.proto.errors import ConfigError
 
 __all__ = ["Scenario", "Overrides", "load_scenario", "SCENARIO_DIR", "find_scenario", "MIB_PAGES"]
 
-SCENARIO_DIR = Path(__file__).resolve().parent / "scenarios"
+SCENARIO_DIR = Path(str(importlib.resources.files("balloonlab.scenarios")))  # scripts/scenarios in the repository
 MIB_PAGES = 256  # 4 KiB pages per MiB
 
 _TOP = {"scenario", "host", "guest", "guests", "balloon", "costs", "disk", "locks", "monitors", "variants"}

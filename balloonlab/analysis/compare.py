@@ -1,6 +1,6 @@
 """Headline metrics side by side, with ratios: variants of a run, or runs against each other.
 
-    scripts/analyze.py compare RUN_A RUN_B ... [--out FILE]
+    balloonlab-analyze compare RUN_A RUN_B ... [--out FILE]
 
 Each column is one variant of one run. The first run is the baseline: a
 column's ratio is its value over the same variant's value in the first run
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from proto import events as ev
+from balloonlab.proto import events as ev
 
 __all__ = ["HEADLINE", "Metric", "Column", "headline_value", "ratio", "compare_table", "compare_runs",
            "load_run_summary", "format_value", "format_ratio"]

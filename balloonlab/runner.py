@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from proto.locks import EXIT_DEADLOCK
+from balloonlab.proto.locks import EXIT_DEADLOCK
 
 __all__ = ["ChildResult", "VariantResult", "run_variant", "TEARDOWN_GRACE_S"]
 
@@ -159,7 +159,7 @@ async def run_variant(run_config: dict[str, Any], run_dir: Path, address: str, t
     children = _Children()
     wall0 = time.monotonic()
     try:
-        host = await children.spawn("host", [python, "-m", "hostd", "--config", str(cfg_path), "--address", address,
+        host = await children.spawn("host", [python, "-m", "balloonlab.hostd", "--config", str(cfg_path), "--address", address,
                                              "--log", str(run_dir / "host.jsonl"), "--log-level", log_level],
                                     env, run_dir / "host.stderr", stdout_pipe=True)
         assert host.stdout is not None
@@ -173,7 +173,7 @@ async def run_variant(run_config: dict[str, Any], run_dir: Path, address: str, t
         bound = ready
         for g in run_config["guests"]:
             gid = g["id"]
-            await children.spawn(f"guest-{gid}", [python, "-m", "guestd", "--address", bound, "--guest-id", str(gid),
+            await children.spawn(f"guest-{gid}", [python, "-m", "balloonlab.guestd", "--address", bound, "--guest-id", str(gid),
                                                   "--log", str(run_dir / f"guest-{gid}.jsonl"), "--log-level", log_level],
                                  env, run_dir / f"guest-{gid}.stderr")
         result.finished = await _follow_host(host, on_progress, stop)

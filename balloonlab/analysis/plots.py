@@ -23,7 +23,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from proto import events as ev
+from balloonlab.proto import events as ev
 
 from .logs import VariantLogs, event_vt_us, guest_series, host_series
 

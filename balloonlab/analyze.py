@@ -1,0 +1,116 @@
+"""Analyse a run directory, or compare runs.
+
+    balloonlab-analyze RUN_DIR [--json] [--no-plots]
+        writes summary.json, report.md and the PNG plots into RUN_DIR and
+        prints the summary table (or summary.json with --json)
+    balloonlab-analyze compare RUN_A RUN_B ... [--out FILE]
+        prints the headline metrics side by side with ratios against RUN_A
+        and writes them to FILE (default RUN_A/compare.md, and .json beside it)
+
+Malformed or truncated log lines are skipped with a warning that says how
+many. Exit status: 0 done, 2 no such run directory or no logs in it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+from balloonlab.analysis.logs import find_variants, load_variant
+from balloonlab.analysis.summary import format_table, summarize, write_summary
+
+__all__ = ["main", "analyze_run", "AnalyzeResult"]
+
+
+@dataclass
+class AnalyzeResult:
+    summary: dict[str, Any]
+    summary_path: Path
+    report_path: Path | None = None
+    plots: list[Any] = field(default_factory=list)
+    plot_error: str | None = None
+    timings: dict[str, float] = field(default_factory=dict)   # wall seconds per stage
+
+
+def analyze_run(run_dir: Path, *, report: bool = True, plots: bool = True, quiet: bool = False) -> AnalyzeResult:
+    """Read the run's logs once; write summary.json, and report.md with its plots."""
+    run_dir = Path(run_dir)
+    t0 = time.perf_counter()
+    logs = [load_variant(name, path, warn=not quiet) for name, path in find_variants(run_dir)]
+    t1 = time.perf_counter()
+    summary = summarize(run_dir, logs)
+    result = AnalyzeResult(summary, write_summary(run_dir, summary))
+    t2 = time.perf_counter()
+    if report:
+        from balloonlab.analysis.report import write_report_full
+
+        rep = write_report_full(run_dir, summary, logs, plots=plots)
+        result.report_path, result.plots, result.plot_error = rep.path, rep.plots, rep.plot_error
+    t3 = time.perf_counter()
+    result.timings = {"read_s": t1 - t0, "summary_s": t2 - t1, "report_s": t3 - t2}
+    return result
+
+
+def where_message(run_dir: Path, report_path: Path | None, n_plots: int) -> str:
+    """The lines that tell a person where to look (the launcher prints the same)."""
+    if report_path is None:
+        return f"summary: {Path(run_dir) / 'summary.json'}"
+    plots = f"plots: {n_plots} PNG file(s) in {Path(run_dir)}" if n_plots else "plots: none drawn"
+    return f"report: {report_path}\n{plots}"
+
+
+def _compare(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="balloonlab-analyze compare",
+                                 description="headline metrics of runs side by side, with ratios against the first")
+    ap.add_argument("runs", type=Path, nargs="+", metavar="RUN_DIR")
+    ap.add_argument("--out", type=Path, help="where to write the table (default RUN_A/compare.md; .json beside it)")
+    args = ap.parse_args(argv)
+    from balloonlab.analysis.compare import compare_runs, load_run_summary
+    from balloonlab.analysis.report import variant_order
+
+    try:
+        summaries = [load_run_summary(d) for d in args.runs]
+    except FileNotFoundError as exc:
+        print(f"balloonlab-analyze compare: {exc}", file=sys.stderr)
+        return 2
+    text, data = compare_runs(args.runs, summaries,
+                              order=lambda d, s: variant_order(d, list(s.get("variants", {}))))
+    out = args.out or args.runs[0] / "compare.md"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    out.with_suffix(".json").write_text(json.dumps(data, indent=2) + "\n")
+    print(text)
+    print(f"written: {out} and {out.with_suffix('.json')}", file=sys.stderr)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "compare":
+        return _compare(argv[1:])
+    ap = argparse.ArgumentParser(prog="balloonlab-analyze", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("run_dir", type=Path)
+    ap.add_argument("--json", action="store_true", help="print summary.json instead of the table")
+    ap.add_argument("--no-plots", action="store_true", help="write the report without plots (faster)")
+    ap.add_argument("--no-report", action="store_true", help="write summary.json only")
+    args = ap.parse_args(argv)
+    try:
+        result = analyze_run(args.run_dir, report=not args.no_report, plots=not args.no_plots)
+    except FileNotFoundError as exc:
+        print(f"balloonlab-analyze: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(result.summary, indent=2) if args.json else format_table(result.summary))
+    if result.plot_error:
+        print(f"balloonlab-analyze: plots not drawn: {result.plot_error}", file=sys.stderr)
+    print(where_message(args.run_dir, result.report_path, len(result.plots)), file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The shipped scenarios (``*.toml``); installed as ``balloonlab.scenarios``."""
