@@ -3,6 +3,7 @@
     balloonlab-launch [--scenario NAME|FILE] [--guests N] [--seed S]
                       [--duration SECONDS | --ticks N] [--variant NAME]
                       [--run-dir DIR] [--transport unix|tcp]
+                      [--dashboard [--dashboard-port PORT]]
 
 Exit status: 0 when every variant ran to its end, 1 when a variant failed
 (host error, a guest that crashed with an error, an unexpected deadlock),
@@ -45,6 +46,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--transport", choices=["unix", "tcp"], default="unix")
     ap.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     ap.add_argument("--no-report", action="store_true", help="skip the report and plots at the end")
+    ap.add_argument("--dashboard", action="store_true",
+                    help="serve a live dashboard on 127.0.0.1 and print its URL (balloonlab-dashboard replays it)")
+    ap.add_argument("--dashboard-port", type=int, default=0, metavar="PORT", help="the dashboard's port (default: a free one)")
     args = ap.parse_args(argv)
     if args.guests is not None and args.guests < 1:
         ap.error(f"--guests must be >= 1, got {args.guests}")
@@ -52,6 +56,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         ap.error(f"--ticks must be >= 1, got {args.ticks}")
     if args.duration is not None and not args.duration > 0:
         ap.error(f"--duration must be > 0, got {args.duration}")
+    if not 0 <= args.dashboard_port <= 65535:
+        ap.error(f"--dashboard-port must be in 0..65535, got {args.dashboard_port}")
     return args
 
 
@@ -70,7 +76,9 @@ def main(argv: list[str] | None = None) -> int:
     os.chmod(run_dir, 0o700)
     shutil.copy(path, run_dir / "scenario.toml")
     import uvloop
-    return uvloop.run(_launch(scenario, run_dir, args))
+    from balloonlab.dashboard.cli import with_dashboard
+    return uvloop.run(with_dashboard(_launch(scenario, run_dir, args), run_dir, enabled=args.dashboard,
+                                     port=args.dashboard_port))
 
 
 async def _launch(scenario: Scenario, run_dir: Path, args: argparse.Namespace) -> int:
