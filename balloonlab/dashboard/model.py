@@ -416,6 +416,13 @@ class RunModel:
         return {"run_dir": str(self.run_dir), "variants": [v.snapshot() for v in self.variants.values()],
                 "summary": self.summary, "current": self.current_variant()}
 
+    def latest(self, last_events: int = 20) -> dict[str, Any]:
+        """Per variant its meta, last frame, counts and last events: what a terminal view needs."""
+        return {"run_dir": str(self.run_dir), "current": self.current_variant(), "summary": self.summary,
+                "variants": [{"name": v.name, "meta": v.meta, "frame": v.frames[-1] if v.frames else None,
+                              "frames": len(v.frames), "counts": v.counts, "events": v.events[-last_events:],
+                              "finished": v.finished, "left": v.left} for v in self.variants.values()]}
+
 
 def _variant_name(path: Path) -> str:
     try:

@@ -230,11 +230,8 @@ class Dashboard:
 
     async def _latest(self, request: web.Request) -> web.StreamResponse:
         async with self._lock:
-            out = {"run_dir": str(self.model.run_dir), "current": self.model.current_variant(),
-                   "live": self.live and not self.ended, "ended": self.ended, "summary": self.model.summary,
-                   "variants": [{"name": v.name, "meta": v.meta, "frame": v.frames[-1] if v.frames else None,
-                                 "frames": len(v.frames), "counts": v.counts, "events": v.events[-20:],
-                                 "finished": v.finished, "left": v.left} for v in self.model.variants.values()]}
+            out = self.model.latest()
+        out.update(live=self.live and not self.ended, ended=self.ended)
         return web.json_response(out, dumps=lambda o: json.dumps(o, default=str))
 
     async def _stream(self, request: web.Request) -> web.StreamResponse:
