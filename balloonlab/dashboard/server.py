@@ -84,12 +84,13 @@ class _Subscriber:
     def __init__(self) -> None:
         self.items: collections.deque[str] = collections.deque()
         self.ready = asyncio.Event()
-        self.closed = False
+        self.closed = False    # no more messages: the stream ends once what is queued is written
 
     def push(self, data: str) -> None:
         if self.closed:
             return
         if len(self.items) >= MAX_QUEUED:   # too slow: drop it; its browser reconnects for a fresh snapshot
+            self.items.clear()
             self.close()
             return
         self.items.append(data)
@@ -97,20 +98,20 @@ class _Subscriber:
 
     def close(self) -> None:
         self.closed = True
-        self.items.clear()
         self.ready.set()
 
     async def take(self, timeout_s: float) -> list[str] | None:
-        """What is queued ([] after ``timeout_s`` with nothing), or None once closed."""
+        """What is queued ([] after ``timeout_s`` with nothing), or None once closed and written."""
         try:
             await asyncio.wait_for(self.ready.wait(), timeout_s)
         except asyncio.TimeoutError:
             return []
-        if self.closed:
+        if self.closed and not self.items:
             return None
         out = list(self.items)
         self.items.clear()
-        self.ready.clear()
+        if not self.closed:
+            self.ready.clear()
         return out
 
 
