@@ -325,21 +325,25 @@ def _short(y: float) -> str:
     return f"{y:g}"
 
 
-def _log_zero_axis(ax: Any, arrays: Sequence[np.ndarray], note: str = "0") -> Callable[[np.ndarray], np.ndarray] | None:
+def _log_zero_axis(ax: Any, arrays: Sequence[np.ndarray], below: float | None = None
+                   ) -> Callable[[np.ndarray], np.ndarray] | None:
     """A log y axis for rates that span decades, with zero drawn on its own bottom row.
 
-    The bottom row sits one decade below the smallest non-zero value and is
-    labelled ``note`` ("0"); returns the function that maps data onto the
-    axis (zeros to that row). None when a linear axis reads better (the
-    values span less than ~2 decades, or none is positive).
+    The bottom row sits one decade below the smallest value drawn and is
+    labelled "0"; with ``below`` (say 1 fault per second), every value under
+    it goes to that row, labelled "<1" (a smoothed rate decaying to 1e-5
+    says nothing a reader needs). Returns the function that maps data onto
+    the axis. None when a linear axis reads better (the values span less
+    than two decades, or none is positive).
     """
     vals = np.concatenate([np.asarray(a, float)[np.isfinite(a)] for a in arrays]) if arrays else np.zeros(0)
-    pos = vals[vals > 0]
+    pos = vals[vals >= below] if below else vals[vals > 0]
     if pos.size == 0 or pos.max() < 100 * pos.min():
         return None
     from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter, NullLocator
 
     floor = 10.0 ** (math.floor(math.log10(pos.min())) - 1)
+    note = f"<{_short(below)}" if below and (vals < below).any() and (vals > 0).any() else "0"
     top = 10.0 ** math.ceil(math.log10(pos.max()))
     ax.set_yscale("log")
     ax.set_ylim(floor / 1.6, top * 1.3)
@@ -351,7 +355,8 @@ def _log_zero_axis(ax: Any, arrays: Sequence[np.ndarray], note: str = "0") -> Ca
     ax.yaxis.set_minor_locator(NullLocator())
     ax.yaxis.set_minor_formatter(NullFormatter())
     ax.axhspan(floor / 1.6, floor * 1.6, color="0.93", zorder=0)
-    return lambda a: np.where(np.isfinite(a), np.maximum(np.asarray(a, float), floor), np.nan)
+    cut = below or 0.0
+    return lambda a: np.where(np.isfinite(a), np.where(np.asarray(a, float) < max(cut, floor), floor, a), np.nan)
 
 
 def _guest_colors(gids: Sequence[int]) -> dict[int, Any]:
@@ -496,7 +501,7 @@ def _plot_guest_lines(s: VariantSeries, path: Path, title: str, ylabel: str,
     fig, ax = _figure(plt, 10, 5.2, right_in=2.3 if not band and len(gids) > 3 else 0.3)
     to_axis: Callable[[np.ndarray], np.ndarray] | None = None
     if logy:
-        to_axis = _log_zero_axis(ax, list(ys.values()))
+        to_axis = _log_zero_axis(ax, list(ys.values()), below=1.0)
     put = to_axis or (lambda a: a)
     colors = _guest_colors(gids)
     if band:
@@ -538,7 +543,7 @@ def _plot_guest_lines(s: VariantSeries, path: Path, title: str, ylabel: str,
                     xytext=(0, 4), textcoords="offset points", fontsize=8, color="0.25")
     ax.set_title(f"{s.name}: {title}")
     ax.set_xlabel("virtual time (s)")
-    ax.set_ylabel(ylabel + ("\n(grey bottom row: zero)" if to_axis is not None else ""))
+    ax.set_ylabel(ylabel + ("\n(grey bottom row: under 1, or none)" if to_axis is not None else ""))
     if to_axis is None:
         top = _max(*ys.values(), np.array([ceiling[0] if ceiling else 0.0]))
         ax.set_ylim(0, top * 1.1 if top > 0 else 1)
@@ -662,7 +667,7 @@ def _plot_balloon_curve(s: VariantSeries, path: Path) -> Path | None:
         t_us = g["t_s"] * 1e6   # over each logged interval of the run's clock: a stalled guest counts as stalled
         # major faults only: the first touches of a warming guest are minor faults, not thrashing
         pts[gid] = (g["balloon_actual_pages"], rate_per_s(g["major_faults"], t_us), rate_per_s(g["refs"], t_us))
-    to_axis = _log_zero_axis(ax1, [p[1] for p in pts.values()])
+    to_axis = _log_zero_axis(ax1, [p[1] for p in pts.values()], below=1.0)
     put = to_axis or (lambda a: a)
     for gid, (x, faults, thr) in pts.items():
         idx = _thin(x.size)
@@ -675,7 +680,7 @@ def _plot_balloon_curve(s: VariantSeries, path: Path) -> Path | None:
     ax2.scatter([], [], marker="_", s=200, lw=2.5, color="0.3", label="median at that balloon size")
     ax1.set_title(f"{s.name}: balloon size vs major faults and throughput\n"
                   "(each point one logged interval; a bar: the median of the points at that balloon size)")
-    ax1.set_ylabel("major faults per virtual second" + ("\n(grey bottom row: none)" if to_axis else ""))
+    ax1.set_ylabel("major faults per virtual second" + ("\n(grey bottom row: under 1, or none)" if to_axis else ""))
     ax2.set_ylabel("references per virtual second")
     ax2.set_xlabel(_pages_label("balloon size"))
     if to_axis is None:
@@ -732,7 +737,7 @@ def _plot_sweep_steps(name: str, vsummary: dict[str, Any], path: Path) -> Path |
         x = np.array([_f(r.get("balloon_pages")) for r in steps])
         data.append((gid, c, steps, x, np.array([_f(r.get("faults_per_vsec")) for r in steps]),
                      np.array([_f(r.get("refs_per_vsec")) for r in steps])))
-    to_axis = _log_zero_axis(ax1, [d[4] for d in data])
+    to_axis = _log_zero_axis(ax1, [d[4] for d in data], below=1.0)
     put = to_axis or (lambda a: a)
     for color, (gid, c, steps, x, faults, thr) in zip(_colors(len(data)), data):
         ax1.plot(x, put(faults), marker="o", color=color, label=f"guest {gid}")
@@ -752,7 +757,7 @@ def _plot_sweep_steps(name: str, vsummary: dict[str, Any], path: Path) -> Path |
                 ax.axvline(at, color="black" if one else color, ls="--", lw=1.0, alpha=0.7,
                            label=f"guest {gid}: free memory = working set ({ws:.0f} pages)" if ax is ax2 else None)
     ax1.set_title(f"{name}: balloon sweep, one point per step (where throughput falls is the knee)")
-    ax1.set_ylabel("page faults per virtual second" + ("\n(grey bottom row: none)" if to_axis else ""))
+    ax1.set_ylabel("page faults per virtual second" + ("\n(grey bottom row: under 1, or none)" if to_axis else ""))
     ax2.set_ylabel("references per virtual second")
     ax2.set_xlabel(_pages_label("balloon size"))
     if to_axis is None:
