@@ -202,7 +202,9 @@ def _plt() -> Any:
 
     plt.rcParams.update({"axes.grid": True, "grid.alpha": 0.3, "axes.titlesize": 11, "axes.labelsize": 10,
                          "legend.fontsize": 8, "figure.titlesize": 13, "axes.spines.top": False,
-                         "axes.spines.right": False})
+                         "axes.spines.right": False,
+                         # SVG text stays text: smaller files, searchable, editable on a lecture's slide
+                         "svg.fonttype": "none"})
     return plt
 
 
@@ -659,7 +661,7 @@ def _plot_balloon_curve(s: VariantSeries, path: Path) -> Path | None:
     if not gids:
         return None
     plt = _plt()
-    fig, (ax1, ax2) = _figure(plt, 10, 7.5, rows=2, right_in=1.8 if len(gids) > 1 else 0.3)
+    fig, (ax1, ax2) = _figure(plt, 10.5, 7.5, rows=2, right_in=2.5 if len(gids) > 1 else 0.3)
     colors = _guest_colors(gids)
     pts = {}
     for gid in gids:
