@@ -441,7 +441,7 @@ def _plot_balloon(s: VariantSeries, path: Path) -> Path | None:
     ys = [a for gid in gids for a in (s.guests[gid]["balloon_actual_pages"], s.guests[gid]["balloon_target_pages"],
                                       s.targets.get(gid, (np.zeros(0), np.zeros(0)))[1])]
     _same_limits(axes, max(s.end_s, _max(*(s.guests[g]["t_s"] for g in gids))), _max(*ys) * 1.12)
-    axes[0].legend(loc="upper left")
+    axes[0].legend(loc="best")
     _label_grid(fig, axes, "virtual time (s)", _pages_label("balloon size"))
     return _save(fig, path)
 
@@ -585,8 +585,15 @@ def _plot_host_memory(s: VariantSeries, path: Path) -> Path | None:
         if key in h and _has_data(h[key]) and (key == "free_frames" or np.nanmax(h[key]) > 0):
             label, color = _OWNER_COLORS[key]
             layers.append((np.nan_to_num(h[key]), label, color))
-    ax.stackplot(t, *[y for y, _, _ in layers], labels=[lbl for _, lbl, _ in layers],
-                 colors=[c for _, _, c in layers], alpha=0.95, lw=0.3, edgecolor="white")
+    if t.size >= 2:
+        ax.stackplot(t, *[y for y, _, _ in layers], labels=[lbl for _, lbl, _ in layers],
+                     colors=[c for _, _, c in layers], alpha=0.95, lw=0.3, edgecolor="white")
+    else:   # one logged tick: an area needs two points, so one stacked bar over the interval it covers
+        bottom = 0.0
+        width = float(t[0]) if t.size and t[0] > 0 else 1.0
+        for y, lbl, c in layers:
+            ax.bar([0.0], [float(y[0])], width=width, bottom=bottom, align="edge", color=c, label=lbl)
+            bottom += float(y[0])
     total = float(np.nanmax(h["total_frames"])) if _has_data(h["total_frames"]) else float("nan")
     if math.isfinite(total):
         ax.axhline(total, color="black", lw=1.2, ls="--", label="host RAM")
@@ -628,11 +635,12 @@ def _plot_host_swap(s: VariantSeries, path: Path) -> Path | None:
     fig, ax = _figure(plt, 10, 5.2)
     t = h["t_s"]
     vt = h["vt_us"]
-    ax.plot(t, rate_per_s(h["swap_out_pages"], vt), label="host swap-out", color="tab:red", lw=2)
-    ax.plot(t, rate_per_s(h["swap_in_pages"], vt), label="host swap-in", color="tab:blue", lw=2)
+    mk = "o" if t.size < 40 else None   # a lone point shows as a dot
+    ax.plot(t, rate_per_s(h["swap_out_pages"], vt), label="host swap-out", color="tab:red", lw=2, marker=mk)
+    ax.plot(t, rate_per_s(h["swap_in_pages"], vt), label="host swap-in", color="tab:blue", lw=2, marker=mk)
     disk = np.nan_to_num(h["vdisk_read_pages"]) + np.nan_to_num(h["vdisk_write_pages"])
     if disk.any():
-        ax.plot(t, rate_per_s(disk, vt), label="guests' virtual-disk I/O", color="tab:gray", ls="--", lw=1.5)
+        ax.plot(t, rate_per_s(disk, vt), label="guests' virtual-disk I/O", color="tab:gray", ls="--", lw=1.5, marker=mk)
     if _has_data(h["double_faults"]) and np.nanmax(h["double_faults"]) > 0:
         ax.plot(t, rate_per_s(h["double_faults"], vt), label="double faults", color="k", lw=1.2)
     _draw_markers(ax, s)

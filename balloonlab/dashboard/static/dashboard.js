@@ -137,6 +137,13 @@ function render() {
     renderHost(v, f);
     renderCharts(v, i);
     renderGuests(v, f);
+  } else {   // a variant that ended before its first metrics tick (a deadlock at tick 5, metrics every 10)
+    const why = v.finished ? `it ended after ${v.finished.ticks ?? "?"} ticks (${v.finished.reason}), before its first metrics tick` +
+      (v.meta.metrics_every_ticks ? ` (every ${v.meta.metrics_every_ticks} ticks)` : "") : "waiting for the first metrics tick";
+    $("host-bar").replaceChildren();
+    $("host-legend").replaceChildren(el("span", {text: `No memory figures for ${v.name}: ${why}.`}));
+    $("host-stats").replaceChildren();
+    $("guests").tBodies[0].replaceChildren();
   }
   renderEvents(v, f);
   renderSummary();
@@ -444,7 +451,7 @@ function eventItem(e) {
   if (e.name === "swap_storm_detected" && Array.isArray(e.data.chain)) {
     li.append(el("div", {text: "the chain of conditions (every link held):"}), chainList(e.data.chain));
   } else if (e.name === "deadlock_detected" && Array.isArray(e.data.cycle)) {
-    li.append(el("div", {class: "text", text: e.data.summary || e.text}), waitForGraph(e.data.cycle, 380));
+    li.append(el("div", {class: "text", text: e.data.summary || e.text}), waitForGraph(e.data.cycle, 460));
   } else {
     li.append(el("span", {class: "text", text: e.text}));
   }
@@ -454,26 +461,34 @@ function eventItem(e) {
 // a wait-for cycle: each task a node around a circle; an arrow from a waiting task to the task holding what it waits for
 function waitForGraph(cycle, width) {
   const n = cycle.length;
-  const W = width, H = n <= 2 ? 170 : 260, cx = W / 2, cy = H / 2, r = n <= 2 ? W * 0.28 : Math.min(W, H) * 0.34;
+  const W = width, H = n <= 2 ? 190 : 280, cx = W / 2, cy = H / 2, BW = 78, BH = 20;
+  const r = n <= 2 ? W * 0.3 : Math.min(W, H) * 0.34;
   const pos = cycle.map((_, k) => n <= 2 ? [cx + (k === 0 ? -r : r), cy] :
     [cx + r * Math.cos(2 * Math.PI * k / n - Math.PI / 2), cy + r * Math.sin(2 * Math.PI * k / n - Math.PI / 2)]);
+  // where a line from a box's centre towards (dx, dy) leaves the box
+  const edge = ([x, y], dx, dy) => {
+    const t = Math.min(Math.abs(dx) > 1e-9 ? BW / Math.abs(dx) : Infinity, Math.abs(dy) > 1e-9 ? BH / Math.abs(dy) : Infinity);
+    return [x + dx * t, y + dy * t];
+  };
   const kids = [el("defs", {}, el("marker", {id: "arrow", viewBox: "0 0 10 10", refX: 9, refY: 5, markerWidth: 7,
     markerHeight: 7, orient: "auto-start-reverse"}, el("path", {d: "M 0 0 L 10 5 L 0 10 z", fill: "#b0413e"})))];
   cycle.forEach((w, k) => {
     const [x1, y1] = pos[k], [x2, y2] = pos[(k + 1) % n];
-    const mx = (x1 + x2) / 2, my = (y1 + y2) / 2;
     const dx = x2 - x1, dy = y2 - y1, len = Math.hypot(dx, dy) || 1;
-    const bend = n <= 2 ? 55 : 30;
-    const qx = mx + (-dy / len) * bend, qy = my + (dx / len) * bend;
-    const sx = x1 + dx / len * 46, sy = y1 + dy / len * 16, ex = x2 - dx / len * 46, ey = y2 - dy / len * 16;
+    const nx = dy / len, ny = -dx / len;            // the side this arrow bends to (the other arrow bends the other way)
+    const bend = n <= 2 ? 48 : 26;
+    const [sx, sy] = edge(pos[k], dx + nx * bend * 1.6, dy + ny * bend * 1.6);
+    const [ex, ey] = edge(pos[(k + 1) % n], -dx + nx * bend * 1.6, -dy + ny * bend * 1.6);
+    const qx = (x1 + x2) / 2 + nx * bend * 2, qy = (y1 + y2) / 2 + ny * bend * 2;
     kids.push(el("path", {d: `M ${sx} ${sy} Q ${qx} ${qy} ${ex} ${ey}`, fill: "none", stroke: "#b0413e", "stroke-width": 2,
       "marker-end": "url(#arrow)"}));
-    kids.push(el("text", {x: qx, y: qy + (qy < cy ? -4 : 12), "text-anchor": "middle", fill: "#b0413e",
+    const ax = (sx + 2 * qx + ex) / 4, ay = (sy + 2 * qy + ey) / 4;   // the curve's apex
+    kids.push(el("text", {x: ax + nx * 12, y: ay + ny * 12 + 4, "text-anchor": "middle", fill: "#b0413e",
       text: `waits for ${w.waits_for_lock || w.waits_for}${w.site ? " (" + w.site + ")" : ""}`}));
   });
   cycle.forEach((w, k) => {
     const [x, y] = pos[k];
-    kids.push(el("rect", {x: x - 78, y: y - 20, width: 156, height: 40, rx: 6, fill: "#fff", stroke: "#1d2330", "stroke-width": 1.5}));
+    kids.push(el("rect", {x: x - BW, y: y - BH, width: 2 * BW, height: 2 * BH, rx: 6, fill: "#fff", stroke: "#1d2330", "stroke-width": 1.5}));
     kids.push(el("text", {x, y: y - 4, "text-anchor": "middle", "font-weight": 700, text: w.owner || `${w.proc}/${w.task}`}));
     kids.push(el("text", {x, y: y + 12, "text-anchor": "middle", fill: "#555", text: `holds ${w.holds_lock || w.holds}`}));
   });
