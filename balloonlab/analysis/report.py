@@ -28,7 +28,7 @@ from .compare import Column, compare_table, format_value
 from .logs import VariantLogs, event_vt_us, find_variants, load_variant
 
 __all__ = ["write_report", "write_report_full", "render_report", "notable_events", "evidence", "variant_order",
-           "baseline_variant", "overcommit_ratio", "ReportResult", "MAX_EVENTS_SHOWN"]
+           "baseline_variant", "overcommit_ratio", "wall_seconds", "ReportResult", "MAX_EVENTS_SHOWN"]
 
 MAX_EVENTS_SHOWN = 80
 """Notable events listed per variant; the counts per kind cover the rest."""
@@ -55,7 +55,8 @@ def _event_names() -> set[str]:
     return {v for k, v in vars(ev).items() if k.isupper() and isinstance(v, str)}
 
 
-def _wall_s(e: dict[str, Any]) -> float | None:
+def wall_seconds(e: dict[str, Any]) -> float | None:
+    """A log line's ISO timestamp as seconds since the epoch (None when it has none or a bad one)."""
     ts = e.get("timestamp")
     if not isinstance(ts, str):
         return None
@@ -70,7 +71,7 @@ def _wall_to_vt(v: VariantLogs, tick_us: float) -> Callable[[float], float] | No
     pts = []
     for e in v.host:
         vt = event_vt_us(e, tick_us) if e.get("event") != ev.RUN_STARTED else 0.0
-        w = _wall_s(e) if vt is not None else None
+        w = wall_seconds(e) if vt is not None else None
         if w is not None and vt is not None:
             pts.append((w, vt))
     if not pts:
@@ -104,7 +105,7 @@ def notable_events(v: VariantLogs, tick_us: float) -> list[dict[str, Any]]:
             if vt is None:
                 if not looked_up:
                     to_vt, looked_up = _wall_to_vt(v, tick_us), True
-                w = _wall_s(e)
+                w = wall_seconds(e)
                 if to_vt is not None and w is not None:
                     vt, approx = to_vt(w), True
             who = src

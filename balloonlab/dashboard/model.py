@@ -25,10 +25,10 @@ import json
 import math
 import time
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from balloonlab.analysis.report import evidence, wall_seconds as _wall
 from balloonlab.proto import events as ev
 
 from .tail import LogTail
@@ -67,16 +67,6 @@ def _scalars(d: dict[str, Any]) -> dict[str, Any]:
     """Numbers and short strings of a log line, without the context every line carries."""
     return {k: v for k, v in d.items() if k not in _CONTEXT
             and (_is_num(v) or (isinstance(v, str) and len(v) <= 64))}
-
-
-def _wall(e: dict[str, Any]) -> float | None:
-    ts = e.get("timestamp")
-    if not isinstance(ts, str):
-        return None
-    try:
-        return datetime.fromisoformat(ts.replace("Z", "+00:00")).timestamp()
-    except ValueError:
-        return None
 
 
 def _rates(cur: dict[str, Any], prev: dict[str, Any] | None, dt_s: float,
@@ -315,8 +305,6 @@ class VariantModel:
         return self._last_vt_us / 1e6, True
 
     def _compact(self, src: str, e: dict[str, Any]) -> dict[str, Any]:
-        from balloonlab.analysis.report import evidence
-
         vt_s, approx = self._vt_s(e)
         kind = str(e["event"])
         gid = e.get("guest") if isinstance(e.get("guest"), int) else None
