@@ -500,7 +500,7 @@ def _plot_guest_lines(s: VariantSeries, path: Path, title: str, ylabel: str,
         return None
     plt = _plt()
     band = len(gids) > MAX_LINES
-    fig, ax = _figure(plt, 10, 5.2, right_in=2.3 if not band and len(gids) > 3 else 0.3)
+    fig, ax = _figure(plt, 10.5, 5.2, right_in=2.5 if not band and len(gids) > 3 else 0.3)
     to_axis: Callable[[np.ndarray], np.ndarray] | None = None
     if logy:
         to_axis = _log_zero_axis(ax, list(ys.values()), below=1.0)
@@ -897,7 +897,7 @@ def plot_variant(s: VariantSeries, out_dir: Path, prefix: str | None = None,
         ("working-set estimate per guest", "guest-working-set", lambda path: _plot_guest_lines(
             s, path, "working-set estimate per guest (sampled)", _pages_label("working set"),
             lambda g: g["working_set_pages"], ref=lambda g: g["total"] - np.nan_to_num(g["balloon_pages"])
-            - np.nan_to_num(g["kernel_pages"]), ref_label="the guest's RAM less balloon and kernel")),
+            - np.nan_to_num(g["kernel_pages"]), ref_label="RAM less balloon, kernel")),
         ("throughput per guest", "guest-throughput", lambda path: _plot_guest_lines(
             s, path, "throughput per guest, over each logged interval (0: the guest waited the whole interval)",
             "references per virtual second", lambda g: rate_per_s(g["refs"], g["t_s"] * 1e6), eng=True,
