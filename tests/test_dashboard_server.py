@@ -121,3 +121,19 @@ async def test_a_port_in_use_is_an_error_naming_it(tmp_path: Path) -> None:
             await Dashboard(tmp_path, port=first.port).start()
     finally:
         await first.close()
+
+
+async def test_a_failing_read_never_fails_the_run_it_watches(tmp_path: Path, capsys, monkeypatch) -> None:
+    run = FakeRun(tmp_path)
+    run.tick(4)
+    dash = Dashboard(tmp_path, poll_s=0.02)
+    await dash.start()
+
+    def broken() -> list:
+        raise RuntimeError("a bug in the model")
+
+    monkeypatch.setattr(dash.model, "poll", broken)
+    await wait_until(lambda: dash.failed, 10, what="the broken poll noticed")
+    await dash.close()   # does not raise
+    err = capsys.readouterr().err
+    assert err.count("reading the logs failed (RuntimeError: a bug in the model)") == 1

@@ -23,6 +23,7 @@ import collections
 import hmac
 import json
 import secrets
+import sys
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -127,6 +128,7 @@ class Dashboard:
         self.live = live
         self.poll_s = poll_s
         self.ended = False
+        self.failed = False      # a poll raised (reported once on stderr)
         self._subscribers: set[_Subscriber] = set()
         self._lock = asyncio.Lock()
         self._runner: web.AppRunner | None = None
@@ -164,7 +166,7 @@ class Dashboard:
         self._stopping.set()
         if self._poller is not None:
             await self._poller
-        await self._poll()
+        await self._poll_guarded()
         self.ended = True
         self._broadcast({"type": "end"})
         for sub in list(self._subscribers):
@@ -179,7 +181,17 @@ class Dashboard:
             except asyncio.TimeoutError:
                 pass
             if not self._stopping.is_set():
-                await self._poll()
+                await self._poll_guarded()
+
+    async def _poll_guarded(self) -> None:
+        """A poll that cannot fail the run it watches: a broken dashboard says so once and goes on."""
+        try:
+            await self._poll()
+        except Exception as exc:  # noqa: BLE001 -- the launcher's run matters more than its page
+            if not self.failed:
+                print(f"balloonlab: dashboard: reading the logs failed ({type(exc).__name__}: {exc}); "
+                      f"the page may be incomplete", file=sys.stderr, flush=True)
+            self.failed = True
 
     async def _poll(self) -> None:
         async with self._lock:
