@@ -123,11 +123,11 @@ def guest_rows(frame: dict[str, Any], meta: dict[str, Any], left: dict[str, Any]
             "MCTLTGT": target if target is not None else _num(gs.get("balloon_target_pages")),
             "ALLOC": _num(g.get("alloc_target_pages")) or _num(hv.get("alloc_target_pages")),
             "SWCUR": _num(hv.get("swapped_pages")),
-            "SWR/s": _num(r.get("host_swap_in_per_s")), "SWW/s": _num(r.get("host_swap_out_per_s")),
-            "GSWR/s": _num(r.get("swap_in_per_s")), "GSWW/s": _num(r.get("swap_out_per_s")),
-            "MAJF/s": _num(r.get("major_faults_per_s")), "FLT/s": _num(r.get("faults_per_s")),
+            "SWR/s": _num(r.get("host_swap_in_per_vsec")), "SWW/s": _num(r.get("host_swap_out_per_vsec")),
+            "GSWR/s": _num(r.get("swap_in_per_vsec")), "GSWW/s": _num(r.get("swap_out_per_vsec")),
+            "MAJF/s": _num(r.get("major_faults_per_vsec")), "FLT/s": _num(r.get("faults_per_vsec")),
             "PFF": _num(gs.get("pff")), "WSS": _num(gs.get("working_set_pages")),
-            "REFS/s": _num(r.get("refs_per_s")),
+            "REFS/s": _num(r.get("refs_per_vsec")),
             "state": f"left: {left[sid].get('reason')}" if sid in left else "",
         })
     return rows
@@ -189,7 +189,7 @@ def render(latest: dict[str, Any], sort: str = "i", reverse: bool = False, varia
         host.append(f"  state {h['memory_state']}", style="bold magenta")
     if "swap_used_slots" in h:
         host.append(f"  swap {_mib(h['swap_used_slots'])}/{_mib(h.get('swap_slots'))} MiB")
-    host.append(f"  SWR/s {_rate(h.get('swap_in_per_s'))}  SWW/s {_rate(h.get('swap_out_per_s'))}")
+    host.append(f"  SWR/s {_rate(h.get('swap_in_per_vsec'))}  SWW/s {_rate(h.get('swap_out_per_vsec'))}")
     lines.append(host)
 
     rows = _sort(guest_rows(f, meta, v.get("left") or {}), sort, reverse)

@@ -37,17 +37,17 @@ def test_one_frame_per_host_tick_with_each_guests_own_stats_and_rates(tmp_path: 
     assert f["vt_s"] == pytest.approx(0.1)
     assert f["host"]["total_frames"] == HOST_FRAMES
     # host rates over the interval: 15 swap-outs in 0.05 virtual s
-    assert f["host"]["swap_out_per_s"] == pytest.approx(300.0)
+    assert f["host"]["swap_out_per_vsec"] == pytest.approx(300.0)
     for g in range(3):
         e = f["guests"][str(g)]
         assert e["guest"]["balloon_pages"] == 100 * g + 9          # the guest's own line of tick 9
         assert e["balloon_target_pages"] == 100 * g + 10            # the host's balloon_targets map
         assert e["host"]["swapped_pages"] == 5 * g                  # the host's table
-        assert e["rates"]["refs_per_s"] == pytest.approx(1000 * (g + 1) * 5 / 0.05)
-        assert e["rates"]["faults_per_s"] == pytest.approx(15 / 0.05)
-        assert e["rates"]["host_swap_out_per_s"] == pytest.approx(g * 5 / 0.05)
+        assert e["rates"]["refs_per_vsec"] == pytest.approx(1000 * (g + 1) * 5 / 0.05)
+        assert e["rates"]["faults_per_vsec"] == pytest.approx(15 / 0.05)
+        assert e["rates"]["host_swap_out_per_vsec"] == pytest.approx(g * 5 / 0.05)
     # the first frame's rates run from 0 at time 0
-    assert v.frames[0]["guests"]["1"]["rates"]["refs_per_s"] == pytest.approx(2000 * 5 / 0.05)
+    assert v.frames[0]["guests"]["1"]["rates"]["refs_per_vsec"] == pytest.approx(2000 * 5 / 0.05)
 
 
 def test_lines_are_taken_as_they_are_written_even_half_written(tmp_path: Path) -> None:

@@ -111,7 +111,7 @@ class VariantSeries:
     targets: dict[int, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
     end_s: float = 0.0   # the run's end in virtual seconds
     left: dict[int, tuple[float, str]] = field(default_factory=dict)   # guest -> (virtual s, reason) it left
-    refs_per_s_ceiling: float | None = None   # 1 / mem_ref_us: a guest that never waits
+    refs_per_vsec_ceiling: float | None = None   # 1 / mem_ref_us: a guest that never waits
     guest_ram_pages: int = 0                  # all guests' RAM, for the overcommit ratio
     memory_states: list[tuple[float, str]] = field(default_factory=list)   # host memory_state over time, if logged
     cycles: list[dict[str, Any]] = field(default_factory=list)   # deadlock_detected events (cycle, close time)
@@ -696,11 +696,11 @@ def _plot_balloon_curve(s: VariantSeries, path: Path) -> Path | None:
     if to_axis is None:
         ax1.set_ylim(bottom=0)
     ax2.set_ylim(bottom=0)
-    if s.refs_per_s_ceiling:
-        ax2.axhline(s.refs_per_s_ceiling, color="0.35", lw=1.2, ls=(0, (6, 3)))
-        ax2.annotate(_ceiling_text(s), (0.01, s.refs_per_s_ceiling), xycoords=("axes fraction", "data"),
+    if s.refs_per_vsec_ceiling:
+        ax2.axhline(s.refs_per_vsec_ceiling, color="0.35", lw=1.2, ls=(0, (6, 3)))
+        ax2.annotate(_ceiling_text(s), (0.01, s.refs_per_vsec_ceiling), xycoords=("axes fraction", "data"),
                      xytext=(0, 4), textcoords="offset points", fontsize=8, color="0.25")
-        ax2.set_ylim(0, s.refs_per_s_ceiling * 1.15)
+        ax2.set_ylim(0, s.refs_per_vsec_ceiling * 1.15)
     _eng(ax2)
     if len(gids) > 1:
         ax2.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
@@ -710,7 +710,7 @@ def _plot_balloon_curve(s: VariantSeries, path: Path) -> Path | None:
 
 
 def _ceiling_text(s: VariantSeries) -> str:
-    c = s.refs_per_s_ceiling or 0.0
+    c = s.refs_per_vsec_ceiling or 0.0
     return (f"ceiling: {_short(c)} references per virtual s (1 / mem_ref_us: a guest that never waits for a page)")
 
 
@@ -887,7 +887,7 @@ def plot_variant(s: VariantSeries, out_dir: Path, prefix: str | None = None,
     """
     out_dir = Path(out_dir)
     p = safe_name(prefix if prefix is not None else s.name)
-    ceiling = (s.refs_per_s_ceiling, _ceiling_text(s)) if s.refs_per_s_ceiling else None
+    ceiling = (s.refs_per_vsec_ceiling, _ceiling_text(s)) if s.refs_per_vsec_ceiling else None
     jobs: list[tuple[str, str, Callable[[Path], Path | None]]] = [
         ("balloon size vs target per guest", "guest-balloon", lambda path: _plot_balloon(s, path)),
         ("guest memory by kind", "guest-memory", lambda path: _plot_memory(s, path)),

@@ -46,13 +46,13 @@ _BULKY = {"recent_events"}          # fields too long for a live page
 _MAX_FIELD_CHARS = 6000
 
 # Cumulative counters turned into rates per virtual second, where present: (counter(s), rate name).
-_GUEST_RATES = ((("refs",), "refs_per_s"), (("major_faults", "minor_faults"), "faults_per_s"),
-                (("major_faults",), "major_faults_per_s"), (("swap_in",), "swap_in_per_s"),
-                (("swap_out",), "swap_out_per_s"), (("file_reads",), "file_reads_per_s"))
-_HOST_VIEW_RATES = ((("swap_out_pages",), "host_swap_out_per_s"), (("swap_in_pages",), "host_swap_in_per_s"))
-_HOST_RATES = ((("swap_out_pages",), "swap_out_per_s"), (("swap_in_pages",), "swap_in_per_s"),
-               (("vdisk_read_pages",), "vdisk_read_per_s"), (("vdisk_write_pages",), "vdisk_write_per_s"),
-               (("ept_faults",), "ept_faults_per_s"), (("double_faults",), "double_faults_per_s"))
+_GUEST_RATES = ((("refs",), "refs_per_vsec"), (("major_faults", "minor_faults"), "faults_per_vsec"),
+                (("major_faults",), "major_faults_per_vsec"), (("swap_in",), "swap_in_per_vsec"),
+                (("swap_out",), "swap_out_per_vsec"), (("file_reads",), "file_reads_per_vsec"))
+_HOST_VIEW_RATES = ((("swap_out_pages",), "host_swap_out_per_vsec"), (("swap_in_pages",), "host_swap_in_per_vsec"))
+_HOST_RATES = ((("swap_out_pages",), "swap_out_per_vsec"), (("swap_in_pages",), "swap_in_per_vsec"),
+               (("vdisk_read_pages",), "vdisk_read_per_vsec"), (("vdisk_write_pages",), "vdisk_write_per_vsec"),
+               (("ept_faults",), "ept_faults_per_vsec"), (("double_faults",), "double_faults_per_vsec"))
 
 Change = tuple[Any, ...]
 """("meta", variant, meta) | ("frame", variant, index, frame) | ("event", variant, index, event) |
@@ -189,7 +189,7 @@ class VariantModel:
             "guest_ram_pages": ram, "guest_ram_pages_total": sum(ram.values()),
             "mem_ref_us": mem_ref_us,
             # A guest that never waits runs one reference per mem_ref_us: the ceiling of its throughput.
-            "refs_per_s_ceiling": 1e6 / mem_ref_us if _is_num(mem_ref_us) and mem_ref_us > 0 else None,
+            "refs_per_vsec_ceiling": 1e6 / mem_ref_us if _is_num(mem_ref_us) and mem_ref_us > 0 else None,
         })
         changes.append(("meta", self.name, dict(self.meta)))
 

@@ -232,10 +232,10 @@ function renderHost(v, f) {
     ["disk cache", fmt(h.cache_pages), mib(h.cache_pages), "cache_pages"],
     ["pinned", fmt(h.pinned_frames), mib(h.pinned_frames), "pinned_frames"],
     ["host swap in use", fmt(h.swap_used_slots), num(h.swap_slots) ? `of ${mib(h.swap_slots)}` : "", "swap_used_slots"],
-    ["host swap-out /s", fmt(h.swap_out_per_s), "pages per virtual s", "swap_out_per_s"],
-    ["host swap-in /s", fmt(h.swap_in_per_s), "pages per virtual s", "swap_in_per_s"],
+    ["host swap-out /s", fmt(h.swap_out_per_vsec), "pages per virtual s", "swap_out_per_vsec"],
+    ["host swap-in /s", fmt(h.swap_in_per_vsec), "pages per virtual s", "swap_in_per_vsec"],
     ["overcommit", overcommit(v, f) === null ? "–" : overcommit(v, f).toFixed(2) + "×", "guest RAM / host RAM", "overcommit"],
-    ["EPT faults /s", fmt(h.ept_faults_per_s), "pages", "ept_faults_per_s"],
+    ["EPT faults /s", fmt(h.ept_faults_per_vsec), "pages", "ept_faults_per_vsec"],
     ["double faults", fmt(h.double_faults), "so far", "double_faults"],
   ];
   $("host-stats").replaceChildren(...tiles.map(([k, val, u, key]) => el("div",
@@ -283,9 +283,9 @@ function renderCharts(v, i) {
     $("chart-host").replaceChildren(...kids);
   }
   {
-    const thr = frames.map((f) => sumRates(f, "refs_per_s"));
-    const sout = frames.map((f) => f.host.swap_out_per_s);
-    const sin = frames.map((f) => f.host.swap_in_per_s);
+    const thr = frames.map((f) => sumRates(f, "refs_per_vsec"));
+    const sout = frames.map((f) => f.host.swap_out_per_vsec);
+    const sin = frames.map((f) => f.host.swap_in_per_vsec);
     const yMax = Math.max(1, ...thr.filter(num), ...sout.filter(num), ...sin.filter(num));
     const Y = (p) => H - B - (p / yMax) * (H - B - T);
     const kids = axes(yMax, "per virtual s");
@@ -393,10 +393,10 @@ function guestRow(v, f, id, scale) {
     idCell, el("td", {class: "barcol"}, bar),
     el("td", {}, `${fmt(balloon)} / ${fmt(target)}`, num(alloc) ? el("small", {class: "mono", text: ` alloc ${fmt(alloc)}`}) : null),
     el("td", {text: fmt(swapped)}),
-    el("td", {text: fmt(r.faults_per_s)}),
+    el("td", {text: fmt(r.faults_per_vsec)}),
     el("td", {text: fmt(gs.pff)}),
-    el("td", {}, fmt(r.refs_per_s), el("small", {class: "mono", text: " refs/s"})),
-    el("td", {text: `${fmt(r.host_swap_in_per_s)} · ${fmt(r.host_swap_out_per_s)}`}));
+    el("td", {}, fmt(r.refs_per_vsec), el("small", {class: "mono", text: " refs/s"})),
+    el("td", {text: `${fmt(r.host_swap_in_per_vsec)} · ${fmt(r.host_swap_out_per_vsec)}`}));
   return tr;
 }
 
