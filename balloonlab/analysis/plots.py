@@ -539,6 +539,12 @@ def _plot_guest_lines(s: VariantSeries, path: Path, title: str, ylabel: str,
                 _mark_leaving(ax, s, g, t, put(y), colors[gid])
         if ref is not None:
             ax.plot([], [], color="gray", lw=1.0, ls="--", label=f"dashed: {ref_label}")
+    data_top = _max(*ys.values())
+    if ceiling is not None and np.isfinite(ceiling[0]) and data_top < 0.3 * ceiling[0]:
+        # far above the data: a line there would squash every guest into the bottom of the plot
+        ax.annotate(ceiling[1] + ": far above this scale", (0.01, 0.97), xycoords="axes fraction", va="top",
+                    fontsize=8, color="0.25")
+        ceiling = None
     if ceiling is not None and np.isfinite(ceiling[0]):
         ax.axhline(put(np.array([ceiling[0]]))[0], color="0.35", lw=1.2, ls=(0, (6, 3)))
         ax.annotate(ceiling[1], (0.01, put(np.array([ceiling[0]]))[0]), xycoords=("axes fraction", "data"),
@@ -547,7 +553,8 @@ def _plot_guest_lines(s: VariantSeries, path: Path, title: str, ylabel: str,
     ax.set_xlabel("virtual time (s)")
     ax.set_ylabel(ylabel + ("\n(grey bottom row: under 1, or none)" if to_axis is not None else ""))
     if to_axis is None:
-        top = _max(*ys.values(), np.array([ceiling[0] if ceiling else 0.0]))
+        refs = [ref(s.guests[g]) for g in gids] if ref is not None else []
+        top = _max(*ys.values(), *refs, np.array([ceiling[0] if ceiling else 0.0]))
         ax.set_ylim(0, top * 1.1 if top > 0 else 1)
         if eng:
             _eng(ax)
