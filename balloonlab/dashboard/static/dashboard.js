@@ -3,8 +3,7 @@
 // Every field is read where present, so counters that later engines log show up in the tables unchanged.
 "use strict";
 
-const PAGE = 4096;
-const MIB_PAGES = 256;
+const MIB_PAGES = 256;   // 4 KiB pages in a MiB
 const KINDS = [  // a guest's memory as it sees it, left to right; the balloon sits at the right end
   ["kernel_pages", "kernel", "var(--kernel)"], ["anon_pages", "anonymous", "var(--anon)"],
   ["file_pages", "file cache", "var(--file)"], ["free", "free", "var(--free)"],
@@ -319,14 +318,12 @@ function renderGuests(v, f) {
   const ids = sortedIds(f.guests);
   const sizes = ids.map((id) => guestTotal(v, f.guests[id], id)).filter(num);
   const scale = Math.max(1, ...sizes);
-  const legend = [...KINDS.map(([, l, c]) => [l, c]), ["host-swapped (hatched)", "url(#hatch-legend)"]];
   const lg = $("guest-legend");
   if (!lg.childElementCount) {
     lg.replaceChildren(...KINDS.map(([, l, c]) => el("span", {}, el("i", {style: `background:${c}`}), l)),
       el("span", {}, el("i", {style: "background: repeating-linear-gradient(45deg,#000 0 2px,#fff 2px 4px)"}), "host-swapped"),
       el("span", {}, el("i", {style: "background:#000;width:3px"}), "balloon target"));
   }
-  void legend;
   const tbody = $("guests").tBodies[0];
   const rows = ids.map((id) => guestRow(v, f, id, scale));
   tbody.replaceChildren(...rows);
