@@ -202,7 +202,8 @@ async def test_a_live_run_and_its_replay_in_headless_chromium(tmp_path: Path) ->
             await browser.wait_for(f"document.body.dataset.frame === '{frames - 1}'", 60, "the replay played to its end")
             seen = await browser.evaluate("window.__seen")
             ticks, balloons, events = _changes(seen, "replay")
-            assert len(ticks) >= frames // 2 and len(balloons) >= 2 and len(events) >= 2, (ticks, balloons, events)
+            # a loaded machine may draw fewer frames than the timer steps through: several, not all
+            assert len(ticks) >= 5 and len(balloons) >= 2 and len(events) >= 2, (ticks, balloons, events)
             replay_end = await browser.evaluate(PAGE_STATE)
             _check_against_summary(replay_end, summary)
             assert replay_end["events"] == live_end["events"]
