@@ -155,9 +155,8 @@ class Dashboard:
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port, reuse_address=True)
         await site.start()
-        server = getattr(site, "_server", None)
-        if self.port == 0 and server is not None and server.sockets:
-            self.port = server.sockets[0].getsockname()[1]
+        if self.port == 0 and self._runner.addresses:   # the free port the system picked
+            self.port = int(self._runner.addresses[0][1])
         self._poller = asyncio.create_task(self._follow())
         return self.url
 
