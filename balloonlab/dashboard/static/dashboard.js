@@ -406,6 +406,7 @@ function renderEvents(v, f) {
   const key = `${v.name}|${shown.length}|${v.events.length}|${shown.length ? shown[shown.length - 1].text : ""}`;
   const counts = Object.entries(v.counts).filter(([n]) => !["run_started", "guest_started", "guest_connected",
     "guest_finished", "run_finished", "audit_reported"].includes(n)).sort((a, b) => b[1] - a[1]);
+  $("event-counts").title = S.live ? "every kind of event in the logs so far" : "every kind of event in the whole run";
   $("event-counts").replaceChildren(...counts.map(([n, c]) => {
     const chip = el("span", {"data-event": n, "data-count": c, class: S.hidden.has(n) ? "off" : "",
       title: "click to hide or show this kind in the list", text: `${n} ${c}`});
