@@ -1,8 +1,9 @@
 """Analyse a run directory, or compare runs.
 
-    balloonlab-analyze RUN_DIR [--json] [--no-plots]
-        writes summary.json, report.md and the PNG plots into RUN_DIR and
-        prints the summary table (or summary.json with --json)
+    balloonlab-analyze RUN_DIR [--json] [--no-plots] [--format png|svg|pdf[,...]]
+        writes summary.json, report.md and the figures into RUN_DIR (PNG by
+        default; --format png,svg writes each figure in both) and prints the
+        summary table (or summary.json with --json)
     balloonlab-analyze compare RUN_A RUN_B ... [--out FILE]
         prints the headline metrics side by side with ratios against RUN_A
         and writes them to FILE (default RUN_A/compare.md, and .json beside it)
@@ -37,7 +38,8 @@ class AnalyzeResult:
     timings: dict[str, float] = field(default_factory=dict)   # wall seconds per stage
 
 
-def analyze_run(run_dir: Path, *, report: bool = True, plots: bool = True, quiet: bool = False) -> AnalyzeResult:
+def analyze_run(run_dir: Path, *, report: bool = True, plots: bool = True, quiet: bool = False,
+                formats: tuple[str, ...] = ("png",)) -> AnalyzeResult:
     """Read the run's logs once; write summary.json, and report.md with its plots."""
     run_dir = Path(run_dir)
     t0 = time.perf_counter()
@@ -49,18 +51,18 @@ def analyze_run(run_dir: Path, *, report: bool = True, plots: bool = True, quiet
     if report:
         from balloonlab.analysis.report import write_report_full
 
-        rep = write_report_full(run_dir, summary, logs, plots=plots)
+        rep = write_report_full(run_dir, summary, logs, plots=plots, formats=formats)
         result.report_path, result.plots, result.plot_error = rep.path, rep.plots, rep.plot_error
     t3 = time.perf_counter()
     result.timings = {"read_s": t1 - t0, "summary_s": t2 - t1, "report_s": t3 - t2}
     return result
 
 
-def where_message(run_dir: Path, report_path: Path | None, n_plots: int) -> str:
+def where_message(run_dir: Path, report_path: Path | None, n_plots: int, fmt: str = "png") -> str:
     """The lines that tell a person where to look (the launcher prints the same)."""
     if report_path is None:
         return f"summary: {Path(run_dir) / 'summary.json'}"
-    plots = f"plots: {n_plots} PNG file(s) in {Path(run_dir)}" if n_plots else "plots: none drawn"
+    plots = f"plots: {n_plots} {fmt.upper()} file(s) in {Path(run_dir)}" if n_plots else "plots: none drawn"
     return f"report: {report_path}\n{plots}"
 
 
@@ -99,16 +101,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", action="store_true", help="print summary.json instead of the table")
     ap.add_argument("--no-plots", action="store_true", help="write the report without plots (faster)")
     ap.add_argument("--no-report", action="store_true", help="write summary.json only")
+    ap.add_argument("--format", default="png", metavar="png|svg|pdf[,...]",
+                    help="figure file format(s), comma-separated; the report embeds the first (default png)")
     args = ap.parse_args(argv)
+    from balloonlab.analysis.plots import parse_formats
     try:
-        result = analyze_run(args.run_dir, report=not args.no_report, plots=not args.no_plots)
+        formats = parse_formats(args.format)
+    except ValueError as exc:
+        ap.error(f"--format: {exc}")
+    try:
+        result = analyze_run(args.run_dir, report=not args.no_report, plots=not args.no_plots, formats=formats)
     except FileNotFoundError as exc:
         print(f"balloonlab-analyze: {exc}", file=sys.stderr)
         return 2
     print(json.dumps(result.summary, indent=2) if args.json else format_table(result.summary))
     if result.plot_error:
         print(f"balloonlab-analyze: plots not drawn: {result.plot_error}", file=sys.stderr)
-    print(where_message(args.run_dir, result.report_path, len(result.plots)), file=sys.stderr)
+    print(where_message(args.run_dir, result.report_path, len(result.plots), formats[0]), file=sys.stderr)
     return 0
 
 

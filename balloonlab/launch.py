@@ -3,6 +3,7 @@
     balloonlab-launch [--scenario NAME|FILE] [--guests N] [--seed S]
                       [--duration SECONDS | --ticks N] [--variant NAME]
                       [--run-dir DIR] [--transport unix|tcp]
+                      [--dashboard [--dashboard-port PORT]]
 
 Exit status: 0 when every variant ran to its end, 1 when a variant failed
 (host error, a guest that crashed with an error, an unexpected deadlock),
@@ -45,6 +46,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--transport", choices=["unix", "tcp"], default="unix")
     ap.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     ap.add_argument("--no-report", action="store_true", help="skip the report and plots at the end")
+    ap.add_argument("--format", default="png", metavar="png|svg|pdf[,...]",
+                    help="the report's figure format(s), comma-separated (default png)")
+    ap.add_argument("--dashboard", action="store_true",
+                    help="serve a live dashboard on 127.0.0.1 and print its URL (balloonlab-dashboard replays it)")
+    ap.add_argument("--dashboard-port", type=int, default=0, metavar="PORT", help="the dashboard's port (default: a free one)")
     args = ap.parse_args(argv)
     if args.guests is not None and args.guests < 1:
         ap.error(f"--guests must be >= 1, got {args.guests}")
@@ -52,6 +58,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         ap.error(f"--ticks must be >= 1, got {args.ticks}")
     if args.duration is not None and not args.duration > 0:
         ap.error(f"--duration must be > 0, got {args.duration}")
+    from balloonlab.analysis.plots import parse_formats
+    try:
+        args.formats = parse_formats(args.format)
+    except ValueError as exc:
+        ap.error(f"--format: {exc}")
+    if not 0 <= args.dashboard_port <= 65535:
+        ap.error(f"--dashboard-port must be in 0..65535, got {args.dashboard_port}")
     return args
 
 
@@ -70,7 +83,9 @@ def main(argv: list[str] | None = None) -> int:
     os.chmod(run_dir, 0o700)
     shutil.copy(path, run_dir / "scenario.toml")
     import uvloop
-    return uvloop.run(_launch(scenario, run_dir, args))
+    from balloonlab.dashboard.cli import with_dashboard
+    return uvloop.run(with_dashboard(_launch(scenario, run_dir, args), run_dir, enabled=args.dashboard,
+                                     port=args.dashboard_port))
 
 
 async def _launch(scenario: Scenario, run_dir: Path, args: argparse.Namespace) -> int:
@@ -122,7 +137,7 @@ async def _launch(scenario: Scenario, run_dir: Path, args: argparse.Namespace) -
     except Exception as exc:  # a broken analysis must not hide how the run went
         print(f"balloonlab-launch: could not summarise {run_dir}: {type(exc).__name__}: {exc}", file=sys.stderr)
         summary = None
-    where = _write_report(run_dir, summary, args.no_report, interrupted)
+    where = _write_report(run_dir, summary, args.no_report, interrupted, args.formats)
     print(f"run directory: {run_dir}", file=sys.stderr)
     print(where, file=sys.stderr)
     if interrupted:
@@ -132,7 +147,8 @@ async def _launch(scenario: Scenario, run_dir: Path, args: argparse.Namespace) -
     return 0 if all(r.ok or (r.deadlocked and _expects_deadlock(scenario, r.variant)) for r in results) else 1
 
 
-def _write_report(run_dir: Path, summary: dict | None, no_report: bool, interrupted: bool) -> str:
+def _write_report(run_dir: Path, summary: dict | None, no_report: bool, interrupted: bool,
+                  formats: tuple[str, ...] = ("png",)) -> str:
     """Write report.md and the plots; return the lines that say where they are (or why not)."""
     later = f"write it with: balloonlab-analyze {run_dir}"
     if summary is None or no_report or interrupted:
@@ -140,11 +156,11 @@ def _write_report(run_dir: Path, summary: dict | None, no_report: bool, interrup
         return f"report: not written ({why}); {later}"
     try:
         from balloonlab.analysis.report import write_report
-        report = write_report(run_dir, summary)
+        report = write_report(run_dir, summary, formats=formats)
     except Exception as exc:  # the run itself went fine: a broken report must not fail it
         return f"report: not written ({type(exc).__name__}: {exc}); {later}"
-    plots = sorted(run_dir.glob("*.png"))
-    return f"report: {report}\nplots: {len(plots)} PNG file(s) in {run_dir}" if plots else \
+    plots = sorted(run_dir.glob(f"*.{formats[0]}"))
+    return f"report: {report}\nplots: {len(plots)} {formats[0].upper()} file(s) in {run_dir}" if plots else \
         f"report: {report}\nplots: none drawn (see the report)"
 
 

@@ -1,25 +1,36 @@
-"""The report's plots: PNG files drawn headless with matplotlib (Agg), one figure per file.
+"""The report's figures, drawn headless with matplotlib (Agg), one figure per file, as PNG, SVG or PDF.
 
 Per variant, over virtual time:
 - per guest: balloon size vs target, resident pages by kind (anon / file
   cache / free / balloon / kernel), page-fault frequency, working-set
-  estimate, throughput;
-- host: free frames, I/O-buffer, disk-cache and pinned frames; host swap-in
-  and swap-out rates with the guests' virtual-disk traffic;
+  estimate, throughput (up to ``MAX_LINES`` guests one line each, identical
+  ones drawn once; more become a median with bands); a guest that left is
+  drawn leaving (its line ends at an x with the reason);
+- host: its RAM by owner (each guest's backed frames, disk cache, I/O
+  buffers, free) with notable events as vertical lines; host swap-in and
+  swap-out rates with the guests' virtual-disk traffic;
 - when a guest's balloon size varies over the run: balloon size against
-  PFF and throughput (where the thrashing knee shows).
-Across variants: I/O per reclaimed page and throughput as bars, and balloon
-size against PFF and throughput when the variants sweep the balloon size.
+  major faults and throughput (where the thrashing knee shows);
+- under a lock model with deadlocks or order violations: the lock waits of
+  each cycle on a timeline, and the first cycle as a wait-for graph.
+Across variants: I/O per reclaimed page and throughput as bars (a variant
+that deadlocked or lost guests is hatched and labelled, the baseline of the
+ratios marked), and balloon size against PFF and throughput when the
+variants sweep the balloon size.
 
-matplotlib is imported only here and only when a plot is drawn, so the
-launcher and the guests never pay for it.
+Rates that span decades use a log axis whose bottom row stands for zero
+(labelled "0"), never a symlog axis. matplotlib is imported only here and
+only when a plot is drawn, so the launcher and the guests never pay for it.
 """
 from __future__ import annotations
 
 import math
+import textwrap
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -27,7 +38,11 @@ from balloonlab.proto import events as ev
 
 from .logs import VariantLogs, event_vt_us, guest_series, host_series
 
-__all__ = ["VariantSeries", "variant_series", "plot_variant", "plot_across", "Plot", "safe_name"]
+__all__ = ["VariantSeries", "variant_series", "plot_variant", "plot_across", "Plot", "safe_name", "FORMATS",
+           "parse_formats", "rate_per_s", "balloon_varies"]
+
+FORMATS = ("png", "svg", "pdf")
+_formats: ContextVar[tuple[str, ...]] = ContextVar("plot_formats", default=("png",))
 
 GUEST_KEYS = ("refs", "major_faults", "minor_faults", "free", "total", "anon_pages", "file_pages", "balloon_pages",
               "kernel_pages", "pff", "working_set_pages", "balloon_target_pages", "balloon_actual_pages")
@@ -45,16 +60,41 @@ _MARKERS = (("SWAP_STORM_DETECTED", "tab:red", "swap storm detected"),
             ("GUEST_DISCONNECTED", "tab:gray", "guest disconnected"))
 _MAX_MARKERS_PER_KIND = 40
 MAX_PANELS = 16   # small multiples: at most this many guests in one figure
+MAX_LINES = 6     # guests drawn one line each; more become a median and bands
 DPI = 100
 
 
 @dataclass
 class Plot:
-    """One PNG written: what it shows and where."""
+    """One figure written: what it shows and where (``path`` in the first format, ``files`` in all)."""
 
     title: str
     path: Path
     variant: str | None = None   # None: across variants
+    files: list[Path] = field(default_factory=list)
+
+
+def parse_formats(text: str) -> tuple[str, ...]:
+    """``"png,svg"`` -> ("png", "svg"); an unknown format is a ValueError naming it."""
+    out = tuple(dict.fromkeys(f.strip().lower() for f in text.split(",") if f.strip()))
+    bad = [f for f in out if f not in FORMATS]
+    if bad or not out:
+        raise ValueError(f"unknown figure format {', '.join(bad) or repr(text)}: choose from {', '.join(FORMATS)}")
+    return out
+
+
+@contextmanager
+def formats(fmts: Sequence[str]) -> Iterator[None]:
+    """Figures drawn inside are written in each of ``fmts`` (the first is the one the report embeds)."""
+    token = _formats.set(tuple(fmts) or ("png",))
+    try:
+        yield
+    finally:
+        _formats.reset(token)
+
+
+def _files(path: Path) -> list[Path]:
+    return [path.with_suffix("." + f) for f in _formats.get()]
 
 
 @dataclass
@@ -70,6 +110,13 @@ class VariantSeries:
     # per guest, every balloon target the host set: (virtual seconds, pages), from balloon_target_set events
     targets: dict[int, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
     end_s: float = 0.0   # the run's end in virtual seconds
+    left: dict[int, tuple[float, str]] = field(default_factory=dict)   # guest -> (virtual s, reason) it left
+    refs_per_vsec_ceiling: float | None = None   # 1 / mem_ref_us: a guest that never waits
+    guest_ram_pages: int = 0                  # all guests' RAM, for the overcommit ratio
+    memory_states: list[tuple[float, str]] = field(default_factory=list)   # host memory_state over time, if logged
+    cycles: list[dict[str, Any]] = field(default_factory=list)   # deadlock_detected events (cycle, close time)
+    violations: list[float] = field(default_factory=list)        # virtual s of lock_order_violation events
+    deadlocked: bool = False
 
     def guest_ids(self) -> list[int]:
         return sorted(set(self.guests) | set(self.host_guests))
@@ -89,20 +136,47 @@ def variant_series(v: VariantLogs) -> VariantSeries:
             markers[label] = times
     targets: dict[int, list[tuple[float, float]]] = {}
     end_s = 0.0
+    left: dict[int, tuple[float, str]] = {}
+    cycles: list[dict[str, Any]] = []
+    violations: list[float] = []
+    deadlocked = False
     for e in v.host:
         name = e.get("event")
-        if name == ev.BALLOON_TARGET_SET and isinstance(e.get("guest"), int):
+        if name == ev.GUEST_DISCONNECTED and isinstance(e.get("guest"), int):
+            t = event_vt_us(e, tick_us)
+            left[e["guest"]] = ((t or 0.0) / 1e6, str(e.get("reason", "?")))
+        elif name == ev.GUEST_CONNECTED and isinstance(e.get("guest"), int):
+            left.pop(e["guest"], None)   # rejoined
+        elif name == ev.DEADLOCK_DETECTED and isinstance(e.get("cycle"), list):
+            edges = [w for w in e["cycle"] if isinstance(w, dict)]
+            since = [float(w["since_vt_us"]) for w in edges if isinstance(w.get("since_vt_us"), (int, float))]
+            if edges and since:
+                cycles.append({"edges": edges, "close_s": max(since) / 1e6, "action": str(e.get("action", ""))})
+        elif name == ev.LOCK_ORDER_VIOLATION:
+            t = event_vt_us(e, tick_us)
+            if t is not None:
+                violations.append(t / 1e6)
+        elif name == ev.BALLOON_TARGET_SET and isinstance(e.get("guest"), int):
             t = event_vt_us(e, tick_us)
             pages = e.get("target_pages")
             if t is not None and isinstance(pages, (int, float)):
                 targets.setdefault(e["guest"], []).append((t / 1e6, float(pages)))
-        elif name == ev.RUN_FINISHED and isinstance(e.get("vt_us"), (int, float)):
-            end_s = float(e["vt_us"]) / 1e6
+        elif name == ev.RUN_FINISHED:
+            if isinstance(e.get("vt_us"), (int, float)):
+                end_s = float(e["vt_us"]) / 1e6
+            deadlocked = e.get("reason") == "deadlock"
     if not end_s and host["t_s"].size:
         end_s = float(np.nanmax(host["t_s"]))
+    mem_ref_us = (v.config.get("costs") or {}).get("mem_ref_us")
+    ram = sum(int(g.get("ram_pages", 0)) for g in v.config.get("guests") or [] if isinstance(g, dict))
+    states = [(float(e["vt_us"]) / 1e6, str(e["memory_state"])) for e in v.host
+              if e.get("event") == ev.TICK_COMPLETED and isinstance(e.get("memory_state"), str)
+              and isinstance(e.get("vt_us"), (int, float))]
     return VariantSeries(v.name, tick_us, host, host_guests, guests, markers,
                          {g: (np.array([0.0] + [t for t, _ in pts]), np.array([0.0] + [p for _, p in pts]))
-                          for g, pts in targets.items()}, end_s)
+                          for g, pts in targets.items()}, end_s, left,
+                         1e6 / mem_ref_us if isinstance(mem_ref_us, (int, float)) and mem_ref_us > 0 else None,
+                         ram, states, cycles, violations, deadlocked)
 
 
 def _tick_us(v: VariantLogs) -> float:
@@ -128,16 +202,21 @@ def _plt() -> Any:
 
     plt.rcParams.update({"axes.grid": True, "grid.alpha": 0.3, "axes.titlesize": 11, "axes.labelsize": 10,
                          "legend.fontsize": 8, "figure.titlesize": 13, "axes.spines.top": False,
-                         "axes.spines.right": False})
+                         "axes.spines.right": False,
+                         # SVG text stays text: smaller files, searchable, editable on a lecture's slide
+                         "svg.fonttype": "none"})
     return plt
 
 
 def _save(fig: Any, path: Path) -> Path:
-    fig.savefig(path, dpi=DPI)
+    """Write the figure in every format asked for; return the first file."""
     import matplotlib.pyplot as plt
 
+    files = _files(path)
+    for f in files:
+        fig.savefig(f, dpi=DPI)
     plt.close(fig)
-    return path
+    return files[0]
 
 
 def rate_per_s(counter: np.ndarray, t_us: np.ndarray) -> np.ndarray:
@@ -239,6 +318,96 @@ def _pages_label(what: str = "pages") -> str:
     return f"{what} (4 KiB pages)"
 
 
+def _short(y: float) -> str:
+    """1, 10, 100, 1k, 10k, 1M: tick labels of a log axis, never 10^k."""
+    for div, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(y) >= div:
+            v = y / div
+            return f"{v:.0f}{suffix}" if v == round(v) else f"{v:g}{suffix}"
+    return f"{y:g}"
+
+
+def _log_zero_axis(ax: Any, arrays: Sequence[np.ndarray], below: float | None = None
+                   ) -> Callable[[np.ndarray], np.ndarray] | None:
+    """A log y axis for rates that span decades, with zero drawn on its own bottom row.
+
+    The bottom row sits one decade below the smallest value drawn and is
+    labelled "0"; with ``below`` (say 1 fault per second), every value under
+    it goes to that row, labelled "<1" (a smoothed rate decaying to 1e-5
+    says nothing a reader needs). Returns the function that maps data onto
+    the axis. None when a linear axis reads better (the values span less
+    than two decades, or none is positive).
+    """
+    vals = np.concatenate([np.asarray(a, float)[np.isfinite(a)] for a in arrays]) if arrays else np.zeros(0)
+    pos = vals[vals >= below] if below else vals[vals > 0]
+    if pos.size == 0 or pos.max() < 100 * pos.min():
+        return None
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter, NullLocator
+
+    floor = 10.0 ** (math.floor(math.log10(pos.min())) - 1)
+    note = f"<{_short(below)}" if below and (vals < below).any() and (vals > 0).any() else "0"
+    top = 10.0 ** math.ceil(math.log10(pos.max()))
+    ax.set_yscale("log")
+    ax.set_ylim(floor / 1.6, top * 1.3)
+    decades = [10.0 ** k for k in range(int(round(math.log10(floor))), int(round(math.log10(top))) + 1)]
+    step = max(1, math.ceil(len(decades) / 7))
+    ticks = [decades[0]] + decades[1::step]
+    ax.yaxis.set_major_locator(FixedLocator(ticks))
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _: note if abs(y - floor) <= 1e-9 * floor else _short(y)))
+    ax.yaxis.set_minor_locator(NullLocator())
+    ax.yaxis.set_minor_formatter(NullFormatter())
+    ax.axhspan(floor / 1.6, floor * 1.6, color="0.93", zorder=0)
+    cut = below or 0.0
+    return lambda a: np.where(np.isfinite(a), np.where(np.asarray(a, float) < max(cut, floor), floor, a), np.nan)
+
+
+def _guest_colors(gids: Sequence[int]) -> dict[int, Any]:
+    return dict(zip(gids, _colors(len(gids))))
+
+
+def _same_series(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray]) -> bool:
+    return a[0].shape == b[0].shape and np.array_equal(a[0], b[0]) and np.allclose(a[1], b[1], equal_nan=True)
+
+
+def _groups(series: dict[int, tuple[np.ndarray, np.ndarray]]) -> list[list[int]]:
+    """Guests whose series are the same, together (drawn once, labelled with all of them)."""
+    groups: list[list[int]] = []
+    for gid, xy in series.items():
+        for grp in groups:
+            if _same_series(series[grp[0]], xy):
+                grp.append(gid)
+                break
+        else:
+            groups.append([gid])
+    return groups
+
+
+def _who(gids: Sequence[int]) -> str:
+    return f"guest {gids[0]}" if len(gids) == 1 else f"guests {', '.join(map(str, gids))} (identical)"
+
+
+def _mark_leaving(ax: Any, s: VariantSeries, gid: int, t: np.ndarray, y: np.ndarray, color: Any) -> None:
+    """A guest that left: an x where its line ends, and why."""
+    if gid not in s.left:
+        return
+    at, reason = s.left[gid]
+    ok = np.isfinite(y) & (t <= at + 1e-9)
+    yv = float(y[ok][-1]) if ok.any() else float(np.nanmin(y)) if np.isfinite(y).any() else 0.0
+    ax.plot([at], [yv], marker="X", ms=10, color=color, mec="black", zorder=5)
+    ax.annotate(f"guest {gid} left: {reason}", (at, yv), xytext=(6, 8), textcoords="offset points", fontsize=8,
+                color="black", bbox={"boxstyle": "round,pad=0.2", "fc": "white", "ec": color, "alpha": 0.9})
+
+
+def _guest_matrix(s: VariantSeries, gids: Sequence[int], value: Callable[[dict[str, np.ndarray]], np.ndarray]
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """Every guest's series on one time grid (NaN where a guest has no point: before it joined, after it left)."""
+    t = np.unique(np.concatenate([s.guests[g]["t_s"] for g in gids]))
+    m = np.full((len(gids), t.size), np.nan)
+    for i, g in enumerate(gids):
+        m[i, np.searchsorted(t, s.guests[g]["t_s"])] = value(s.guests[g])
+    return t, m
+
+
 # --- per variant ----------------------------------------------------------------------
 
 
@@ -255,22 +424,24 @@ def _plot_balloon(s: VariantSeries, path: Path) -> Path | None:
     fig, axes = _panel_grid(plt, len(gids), f"{s.name}: balloon size vs target per guest{more}", legend_in=0.3)
     for ax, gid in zip(axes, gids):
         g = s.guests[gid]
+        # The target under the size, wide and pale: where the balloon meets it, both stay visible.
         if gid in s.targets:  # every target the host set, at the virtual time it set it
             t, pages = s.targets[gid]
-            end = max(s.end_s, float(np.nanmax(g["t_s"])) if g["t_s"].size else 0.0)
-            ax.step(np.append(t, end), np.append(pages, pages[-1]), where="post", color="k", ls="--", lw=1.3,
-                    label="target (set by the host)")
+            end = s.left[gid][0] if gid in s.left else max(s.end_s, float(np.nanmax(g["t_s"])) if g["t_s"].size else 0.0)
+            ax.step(np.append(t, end), np.append(pages, pages[-1]), where="post", color="0.45", lw=6, alpha=0.35,
+                    solid_capstyle="butt", label="target set by the host (wide grey)")
         else:
-            ax.step(g["t_s"], g["balloon_target_pages"], where="post", color="k", ls="--", lw=1.3,
-                    label="target (as the guest saw it)")
+            ax.step(g["t_s"], g["balloon_target_pages"], where="post", color="0.45", lw=6, alpha=0.35,
+                    label="target as the guest saw it (wide grey)")
         idx = _thin(g["t_s"].size)
-        ax.plot(g["t_s"][idx], g["balloon_actual_pages"][idx], color="tab:red", lw=1.8,
-                marker="." if g["t_s"].size < 60 else None, label="balloon size (logged)")
+        ax.plot(g["t_s"][idx], g["balloon_actual_pages"][idx], color="tab:red", lw=1.6,
+                marker="." if g["t_s"].size < 60 else None, label="balloon size (logged by the guest)")
+        _mark_leaving(ax, s, gid, g["t_s"], g["balloon_actual_pages"], "tab:red")
         ax.set_title(f"guest {gid}")
     ys = [a for gid in gids for a in (s.guests[gid]["balloon_actual_pages"], s.guests[gid]["balloon_target_pages"],
                                       s.targets.get(gid, (np.zeros(0), np.zeros(0)))[1])]
-    _same_limits(axes, max(s.end_s, _max(*(s.guests[g]["t_s"] for g in gids))), _max(*ys) * 1.08)
-    axes[0].legend(loc="lower right")
+    _same_limits(axes, max(s.end_s, _max(*(s.guests[g]["t_s"] for g in gids))), _max(*ys) * 1.12)
+    axes[0].legend(loc="best")
     _label_grid(fig, axes, "virtual time (s)", _pages_label("balloon size"))
     return _save(fig, path)
 
@@ -297,8 +468,14 @@ def _plot_memory(s: VariantSeries, path: Path) -> Path | None:
             hidx = _thin(s.host["t_s"].size)
             ax.plot(s.host["t_s"][hidx], hg["resident_pages"][hidx], color="black", lw=1.4, ls="--",
                     label="in host RAM (host's view)")
+        if gid in s.left:
+            at, reason = s.left[gid]
+            ax.axvline(at, color="black", lw=1.5)
+            ax.annotate(f"left: {reason}", (at, 0.5), xycoords=("data", "axes fraction"), rotation=90, ha="right",
+                        va="center", fontsize=8, bbox={"boxstyle": "round,pad=0.2", "fc": "white", "alpha": 0.8})
         ax.set_title(f"guest {gid}")
-    _same_limits(axes, _max(*(s.guests[g]["t_s"] for g in gids)), _max(*(s.guests[g]["total"] for g in gids)))
+    _same_limits(axes, max(s.end_s, _max(*(s.guests[g]["t_s"] for g in gids))),
+                 _max(*(s.guests[g]["total"] for g in gids)))
     handles, labels = axes[0].get_legend_handles_labels()
     top = 1 - 0.75 / fig.get_size_inches()[1]   # level with the top of the panels
     fig.legend(handles[::-1], labels[::-1], loc="upper right", bbox_to_anchor=(1.0, top))
@@ -315,57 +492,146 @@ def _eng(ax: Any, unit: str = "") -> None:
 def _plot_guest_lines(s: VariantSeries, path: Path, title: str, ylabel: str,
                       value: Callable[[dict[str, np.ndarray]], np.ndarray], logy: bool = False,
                       eng: bool = False, ref: Callable[[dict[str, np.ndarray]], np.ndarray] | None = None,
-                      ref_label: str = "") -> Path | None:
+                      ref_label: str = "", ceiling: tuple[float, str] | None = None) -> Path | None:
+    """One line per guest (identical guests drawn once), or for many guests their median and spread."""
     gids = [g for g in s.guest_ids() if g in s.guests]
     ys = {gid: value(s.guests[gid]) for gid in gids}
     if not any(_has_data(y) for y in ys.values()):
         return None
     plt = _plt()
-    fig, ax = _figure(plt, 10 + (1.6 if len(gids) > 8 else 0), 5.2, right_in=1.9 if len(gids) > 8 else 0.3)
-    for color, gid in zip(_colors(len(gids)), gids):
-        ax.plot(s.guests[gid]["t_s"], ys[gid], color=color, lw=1.5, marker="." if len(ys[gid]) < 40 else None,
-                label=f"guest {gid}")
-        if ref is not None and len(gids) <= 8:
-            ax.plot(s.guests[gid]["t_s"], ref(s.guests[gid]), color=color, lw=1.0, ls="--")
-    if ref is not None and len(gids) <= 8:
-        ax.plot([], [], color="gray", lw=1.0, ls="--", label=f"dashed: {ref_label}")
+    band = len(gids) > MAX_LINES
+    fig, ax = _figure(plt, 10.5, 5.2, right_in=2.5 if not band and len(gids) > 3 else 0.3)
+    to_axis: Callable[[np.ndarray], np.ndarray] | None = None
+    if logy:
+        to_axis = _log_zero_axis(ax, list(ys.values()), below=1.0)
+    put = to_axis or (lambda a: a)
+    colors = _guest_colors(gids)
+    if band:
+        t, m = _guest_matrix(s, gids, value)
+        import warnings
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)   # columns where every guest has left: NaN, not a warning
+            lo, q1, med, q3, hi = (np.nanpercentile(m, q, axis=0) for q in (0, 25, 50, 75, 100))
+        ax.fill_between(t, put(lo), put(hi), color="tab:blue", alpha=0.15, lw=0, label=f"all {len(gids)} guests (min–max)")
+        ax.fill_between(t, put(q1), put(q3), color="tab:blue", alpha=0.35, lw=0, label="the middle half of the guests")
+        ax.plot(t, put(med), color="tab:blue", lw=2, label="median guest")
+        if ref is not None:
+            _, mr = _guest_matrix(s, gids, ref)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                ax.plot(t, put(np.nanmedian(mr, axis=0)), color="black", lw=1.2, ls="--",
+                        label=f"median of {ref_label}")
+        for gid in sorted(s.left):
+            if gid in s.guests:
+                ax.axvline(s.left[gid][0], color="0.3", lw=1, ls=":")
+                ax.annotate(f"guest {gid} left", (s.left[gid][0], 1), xycoords=("data", "axes fraction"),
+                            rotation=90, va="top", ha="right", fontsize=8)
+    else:
+        series = {gid: (s.guests[gid]["t_s"], ys[gid]) for gid in gids}
+        for grp in _groups(series):
+            gid = grp[0]
+            t, y = series[gid]
+            ax.plot(t, put(y), color=colors[gid], lw=1.6 + 0.8 * (len(grp) > 1),
+                    marker="." if len(y) < 40 else None, label=_who(grp))
+            if ref is not None:
+                ax.plot(t, put(ref(s.guests[gid])), color=colors[gid], lw=1.0, ls="--")
+            for g in grp:
+                _mark_leaving(ax, s, g, t, put(y), colors[gid])
+        if ref is not None:
+            ax.plot([], [], color="gray", lw=1.0, ls="--", label=f"dashed: {ref_label}")
+    data_top = _max(*ys.values())
+    if ceiling is not None and np.isfinite(ceiling[0]) and data_top < 0.3 * ceiling[0]:
+        # far above the data: a line there would squash every guest into the bottom of the plot
+        ax.annotate(ceiling[1] + ": far above this scale", (0.01, 0.97), xycoords="axes fraction", va="top",
+                    fontsize=8, color="0.25")
+        ceiling = None
+    if ceiling is not None and np.isfinite(ceiling[0]):
+        ax.axhline(put(np.array([ceiling[0]]))[0], color="0.35", lw=1.2, ls=(0, (6, 3)))
+        ax.annotate(ceiling[1], (0.01, put(np.array([ceiling[0]]))[0]), xycoords=("axes fraction", "data"),
+                    xytext=(0, 4), textcoords="offset points", fontsize=8, color="0.25")
     ax.set_title(f"{s.name}: {title}")
     ax.set_xlabel("virtual time (s)")
-    ax.set_ylabel(ylabel)
-    finite = np.concatenate([y[np.isfinite(y)] for y in ys.values()])
-    if logy and finite.size and (finite > 0).any() and finite.max() > 50 * max(finite[finite > 0].min(), 1e-9):
-        ax.set_yscale("symlog", linthresh=max(1.0, float(np.percentile(finite[finite > 0], 5))))
-    else:
-        ax.set_ylim(bottom=0)
+    ax.set_ylabel(ylabel + ("\n(grey bottom row: under 1, or none)" if to_axis is not None else ""))
+    if to_axis is None:
+        refs = [ref(s.guests[g]) for g in gids] if ref is not None else []
+        top = _max(*ys.values(), *refs, np.array([ceiling[0] if ceiling else 0.0]))
+        ax.set_ylim(0, top * 1.1 if top > 0 else 1)
         if eng:
             _eng(ax)
-    ax.set_xlim(left=0)
-    if len(gids) > 8:  # many guests: the legend goes beside the plot, not over the lines
+    ax.set_xlim(0, max(s.end_s, _max(*(s.guests[g]["t_s"] for g in gids))) or 1)
+    if not band and len(gids) > 3:  # the legend beside the plot, not over the lines
         ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     else:
         ax.legend(loc="best")
     return _save(fig, path)
 
 
+_OWNER_COLORS = {"cache_pages": ("disk cache", "#76b7b2"), "iobuf_pages": ("I/O buffers", "#edc948"),
+                 "busy_frames": ("busy (in flight)", "#b07aa1"), "free_frames": ("free", "#8cd17d")}
+
+
 def _plot_host_memory(s: VariantSeries, path: Path) -> Path | None:
+    """Host RAM by owner, stacked: each guest's backed frames, disk cache, I/O buffers, busy, free."""
     h = s.host
     if not _has_data(h["free_frames"]):
         return None
     plt = _plt()
-    fig, ax = _figure(plt, 10, 5.2)
-    for key, label, color in (("free_frames", "free", "tab:green"), ("iobuf_pages", "I/O buffers", "tab:orange"),
-                              ("cache_pages", "disk cache", "tab:blue"), ("pinned_frames", "pinned", "tab:purple")):
-        if _has_data(h[key]):
-            ax.plot(h["t_s"], h[key], label=label, color=color, lw=1.8)
+    fig, ax = _figure(plt, 11, 5.6, right_in=2.4)
+    t = h["t_s"]
+    layers: list[tuple[np.ndarray, str, Any]] = []
+    gids = [g for g in sorted(s.host_guests) if _has_data(s.host_guests[g]["resident_pages"])]
+    if len(gids) <= 12:
+        cmap = plt.get_cmap("Blues")
+        for i, gid in enumerate(gids):
+            shade = cmap(0.35 + 0.55 * (i / max(1, len(gids) - 1)))
+            layers.append((np.nan_to_num(s.host_guests[gid]["resident_pages"]), f"guest {gid}", shade))
+    elif gids:
+        total_guests = sum(np.nan_to_num(s.host_guests[g]["resident_pages"]) for g in gids)
+        layers.append((total_guests, f"{len(gids)} guests' frames", "#4e79a7"))
+    for key in ("cache_pages", "iobuf_pages", "busy_frames", "free_frames"):
+        if key in h and _has_data(h[key]) and (key == "free_frames" or np.nanmax(h[key]) > 0):
+            label, color = _OWNER_COLORS[key]
+            layers.append((np.nan_to_num(h[key]), label, color))
+    if t.size >= 2:
+        ax.stackplot(t, *[y for y, _, _ in layers], labels=[lbl for _, lbl, _ in layers],
+                     colors=[c for _, _, c in layers], alpha=0.95, lw=0.3, edgecolor="white")
+    else:   # one logged tick: an area needs two points, so one stacked bar over the interval it covers
+        bottom = 0.0
+        width = float(t[0]) if t.size and t[0] > 0 else 1.0
+        for y, lbl, c in layers:
+            ax.bar([0.0], [float(y[0])], width=width, bottom=bottom, align="edge", color=c, label=lbl)
+            bottom += float(y[0])
     total = float(np.nanmax(h["total_frames"])) if _has_data(h["total_frames"]) else float("nan")
+    if math.isfinite(total):
+        ax.axhline(total, color="black", lw=1.2, ls="--", label="host RAM")
+    if _has_data(h["pinned_frames"]) and np.nanmax(h["pinned_frames"]) > 0:
+        ax.plot(t, h["pinned_frames"], color="tab:purple", lw=1.5, label="pinned (of the cache)")
     _draw_markers(ax, s)
-    ax.set_title(f"{s.name}: host frames over time (host RAM {total:.0f} frames)")
+    if s.memory_states:   # the host's memory state as a strip along the top
+        _state_strip(ax, s, total)
+    mib = total / 256 if math.isfinite(total) else float("nan")
+    ratio = f"; guests' RAM {s.guest_ram_pages / total:.2f}x of it" if s.guest_ram_pages and total else ""
+    ax.set_title(f"{s.name}: host RAM by owner ({mib:.0f} MiB = {total:,.0f} frames{ratio})")
     ax.set_xlabel("virtual time (s)")
     ax.set_ylabel(_pages_label("host frames"))
-    ax.set_ylim(bottom=0)
-    ax.set_xlim(left=0)
-    ax.legend(loc="best")
+    ax.set_ylim(0, total * (1.12 if s.memory_states else 1.04) if math.isfinite(total) else None)
+    ax.set_xlim(0, max(s.end_s, float(np.nanmax(t)) if t.size else 0.0) or 1)
+    sec = ax.secondary_yaxis("right", functions=(lambda p: p / 256, lambda m: m * 256))
+    sec.set_ylabel("MiB")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.08, 1.0), borderaxespad=0)
     return _save(fig, path)
+
+
+def _state_strip(ax: Any, s: VariantSeries, total: float) -> None:
+    palette = ["#8cd17d", "#f1ce63", "#ff9d9a", "#e15759", "#b07aa1", "#9c755f"]
+    names = list(dict.fromkeys(st for _, st in s.memory_states))
+    colors = {n: palette[i % len(palette)] for i, n in enumerate(names)}
+    y0, y1 = total * 1.02, total * 1.10
+    pts = s.memory_states + [(s.end_s, s.memory_states[-1][1])]
+    for (t0, st), (t1, _) in zip(pts, pts[1:]):
+        ax.fill_between([t0, t1], y0, y1, color=colors[st], lw=0, step="post")
+    for n in names:
+        ax.plot([], [], color=colors[n], lw=6, label=f"host memory state: {n}")
 
 
 def _plot_host_swap(s: VariantSeries, path: Path) -> Path | None:
@@ -376,11 +642,12 @@ def _plot_host_swap(s: VariantSeries, path: Path) -> Path | None:
     fig, ax = _figure(plt, 10, 5.2)
     t = h["t_s"]
     vt = h["vt_us"]
-    ax.plot(t, rate_per_s(h["swap_out_pages"], vt), label="host swap-out", color="tab:red", lw=2)
-    ax.plot(t, rate_per_s(h["swap_in_pages"], vt), label="host swap-in", color="tab:blue", lw=2)
+    mk = "o" if t.size < 40 else None   # a lone point shows as a dot
+    ax.plot(t, rate_per_s(h["swap_out_pages"], vt), label="host swap-out", color="tab:red", lw=2, marker=mk)
+    ax.plot(t, rate_per_s(h["swap_in_pages"], vt), label="host swap-in", color="tab:blue", lw=2, marker=mk)
     disk = np.nan_to_num(h["vdisk_read_pages"]) + np.nan_to_num(h["vdisk_write_pages"])
     if disk.any():
-        ax.plot(t, rate_per_s(disk, vt), label="guests' virtual-disk I/O", color="tab:gray", ls="--", lw=1.5)
+        ax.plot(t, rate_per_s(disk, vt), label="guests' virtual-disk I/O", color="tab:gray", ls="--", lw=1.5, marker=mk)
     if _has_data(h["double_faults"]) and np.nanmax(h["double_faults"]) > 0:
         ax.plot(t, rate_per_s(h["double_faults"], vt), label="double faults", color="k", lw=1.2)
     _draw_markers(ax, s)
@@ -409,31 +676,49 @@ def _plot_balloon_curve(s: VariantSeries, path: Path) -> Path | None:
     if not gids:
         return None
     plt = _plt()
-    fig, (ax1, ax2) = _figure(plt, 10, 7.5, rows=2)
-    for color, gid in zip(_colors(len(gids)), gids):
+    fig, (ax1, ax2) = _figure(plt, 10.5, 7.5, rows=2, right_in=2.5 if len(gids) > 1 else 0.3)
+    colors = _guest_colors(gids)
+    pts = {}
+    for gid in gids:
         g = s.guests[gid]
-        x = g["balloon_actual_pages"]
-        thr = rate_per_s(g["refs"], g["vt_us"])
-        # faults over each logged interval, not the guest's smoothed PFF: a step's own rate, no memory of the last
-        faults = rate_per_s(np.nan_to_num(g["major_faults"]) + np.nan_to_num(g["minor_faults"]), g["vt_us"])
+        t_us = g["t_s"] * 1e6   # over each logged interval of the run's clock: a stalled guest counts as stalled
+        # major faults only: the first touches of a warming guest are minor faults, not thrashing
+        pts[gid] = (g["balloon_actual_pages"], rate_per_s(g["major_faults"], t_us), rate_per_s(g["refs"], t_us))
+    to_axis = _log_zero_axis(ax1, [p[1] for p in pts.values()], below=1.0)
+    put = to_axis or (lambda a: a)
+    for gid, (x, faults, thr) in pts.items():
         idx = _thin(x.size)
-        ax1.scatter(x[idx], faults[idx], s=14, color=color, alpha=0.7, label=f"guest {gid}")
-        ax2.scatter(x[idx], thr[idx], s=14, color=color, alpha=0.7, label=f"guest {gid}")
-        for ax, y in ((ax1, faults), (ax2, thr)):  # the curve: the median of the points at each balloon size
+        ax1.scatter(x[idx], put(faults[idx]), s=16, color=colors[gid], alpha=0.6, label=f"guest {gid}")
+        ax2.scatter(x[idx], thr[idx], s=16, color=colors[gid], alpha=0.6, label=f"guest {gid}")
+        for ax, y in ((ax1, faults), (ax2, thr)):
+            # the median at each balloon size as a short bar: a reading, not a path between noisy points
             xs, ys = _binned_median(x, y)
-            ax.plot(xs, ys, color=color, lw=1.2)
-    ax1.set_title(f"{s.name}: balloon size vs page-fault frequency and throughput (each point one logged interval)")
-    ax1.set_ylabel("page faults per virtual second\n(over each logged interval)")
+            ax.scatter(xs, put(ys) if ax is ax1 else ys, marker="_", s=420, lw=2.5, color=colors[gid], zorder=4)
+    ax2.scatter([], [], marker="_", s=200, lw=2.5, color="0.3", label="median at that balloon size")
+    ax1.set_title(f"{s.name}: balloon size vs major faults and throughput\n"
+                  "(each point one logged interval; a bar: the median of the points at that balloon size)")
+    ax1.set_ylabel("major faults per virtual second" + ("\n(grey bottom row: under 1, or none)" if to_axis else ""))
     ax2.set_ylabel("references per virtual second")
     ax2.set_xlabel(_pages_label("balloon size"))
-    ys = [y for ln in ax1.get_lines() for y in np.asarray(ln.get_ydata(), float)]
-    if ys and np.nanmax(ys) > 100:
-        ax1.set_yscale("symlog", linthresh=1.0)   # faults span decades; under 1 per second reads as 0
-    ax1.set_ylim(bottom=0)
+    if to_axis is None:
+        ax1.set_ylim(bottom=0)
     ax2.set_ylim(bottom=0)
+    if s.refs_per_vsec_ceiling:
+        ax2.axhline(s.refs_per_vsec_ceiling, color="0.35", lw=1.2, ls=(0, (6, 3)))
+        ax2.annotate(_ceiling_text(s), (0.01, s.refs_per_vsec_ceiling), xycoords=("axes fraction", "data"),
+                     xytext=(0, 4), textcoords="offset points", fontsize=8, color="0.25")
+        ax2.set_ylim(0, s.refs_per_vsec_ceiling * 1.15)
     _eng(ax2)
-    ax1.legend(loc="best", ncols=2 if len(gids) > 8 else 1)
+    if len(gids) > 1:
+        ax2.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+    else:
+        ax2.legend(loc="best")
     return _save(fig, path)
+
+
+def _ceiling_text(s: VariantSeries) -> str:
+    c = s.refs_per_vsec_ceiling or 0.0
+    return (f"ceiling: {_short(c)} references per virtual s (1 / mem_ref_us: a guest that never waits for a page)")
 
 
 def _binned_median(x: np.ndarray, y: np.ndarray, bins: int = 12) -> tuple[np.ndarray, np.ndarray]:
@@ -463,12 +748,18 @@ def _plot_sweep_steps(name: str, vsummary: dict[str, Any], path: Path) -> Path |
         return None
     plt = _plt()
     fig, (ax1, ax2) = _figure(plt, 10, 7.5, rows=2)
-    for color, (gid, c) in zip(_colors(len(curves)), sorted(curves.items(), key=lambda kv: str(kv[0]))):
-        steps = [r for r in c["steps"] if isinstance(r, dict)]
+    data = []
+    for gid, c in sorted(curves.items(), key=lambda kv: str(kv[0])):
+        steps = sorted((r for r in c["steps"] if isinstance(r, dict)), key=lambda r: _f(r.get("balloon_pages")))
         x = np.array([_f(r.get("balloon_pages")) for r in steps])
-        ax1.plot(x, [_f(r.get("faults_per_vsec")) for r in steps], marker="o", color=color, label=f"guest {gid}")
-        ax2.plot(x, [_f(r.get("refs_per_vsec")) for r in steps], marker="o", color=color, label=f"guest {gid}")
-        one = len(curves) == 1   # one guest: red knee, black working set; several: each in its guest's colour
+        data.append((gid, c, steps, x, np.array([_f(r.get("faults_per_vsec")) for r in steps]),
+                     np.array([_f(r.get("refs_per_vsec")) for r in steps])))
+    to_axis = _log_zero_axis(ax1, [d[4] for d in data], below=1.0)
+    put = to_axis or (lambda a: a)
+    for color, (gid, c, steps, x, faults, thr) in zip(_colors(len(data)), data):
+        ax1.plot(x, put(faults), marker="o", color=color, label=f"guest {gid}")
+        ax2.plot(x, thr, marker="o", color=color, label=f"guest {gid}")
+        one = len(data) == 1   # one guest: red knee, black working set; several: each in its guest's colour
         knee = c.get("knee_balloon_pages")
         if isinstance(knee, (int, float)):
             for ax in (ax1, ax2):
@@ -483,13 +774,11 @@ def _plot_sweep_steps(name: str, vsummary: dict[str, Any], path: Path) -> Path |
                 ax.axvline(at, color="black" if one else color, ls="--", lw=1.0, alpha=0.7,
                            label=f"guest {gid}: free memory = working set ({ws:.0f} pages)" if ax is ax2 else None)
     ax1.set_title(f"{name}: balloon sweep, one point per step (where throughput falls is the knee)")
-    ax1.set_ylabel("page faults per virtual second")
+    ax1.set_ylabel("page faults per virtual second" + ("\n(grey bottom row: under 1, or none)" if to_axis else ""))
     ax2.set_ylabel("references per virtual second")
     ax2.set_xlabel(_pages_label("balloon size"))
-    ys = [y for ln in ax1.get_lines() for y in np.asarray(ln.get_ydata(), float)]
-    if ys and np.nanmax(ys) > 100:
-        ax1.set_yscale("symlog", linthresh=1.0)
-    ax1.set_ylim(bottom=0)
+    if to_axis is None:
+        ax1.set_ylim(bottom=0)
     ax2.set_ylim(bottom=0)
     _eng(ax2)
     ax2.legend(loc="best")
@@ -498,6 +787,102 @@ def _plot_sweep_steps(name: str, vsummary: dict[str, Any], path: Path) -> Path |
 
 def _f(x: Any) -> float:
     return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) else float("nan")
+
+
+def _plot_locks(s: VariantSeries, path: Path) -> Path | None:
+    """Deadlocks: every cycle on a timeline, the first one's lock waits up close, and its wait-for graph."""
+    if not s.cycles and not s.violations:
+        return None
+    plt = _plt()
+    fig = plt.figure(figsize=(12, 8.6))
+    gs = fig.add_gridspec(2, 2, height_ratios=[1, 1.25], left=0.16, right=0.98, top=0.88, bottom=0.07,
+                          hspace=0.55, wspace=0.18)
+    ax_all, ax_zoom, ax_graph = fig.add_subplot(gs[0, :]), fig.add_subplot(gs[1, 0]), fig.add_subplot(gs[1, 1])
+    owners = sorted({w.get("owner", "?") for c in s.cycles for w in c["edges"]}, key=lambda o: (not o.startswith("host"), o))
+    row = {o: i for i, o in enumerate(owners)}
+    n = len(s.cycles)
+    what = ("ended the run" if s.deadlocked else
+            "each broken (one request in it failed, its guest retried)" if n and "fail" in s.cycles[0]["action"] else "")
+    fig.suptitle(f"{s.name}: lock waits and wait-for cycles\n{n} cycle{'s' if n != 1 else ''}"
+                 + (f", {what}" if what else "") + f"; {len(s.violations)} lock-order violation(s)", fontsize=12)
+    # (a) the whole run: where each cycle closed, on the rows of the tasks in it
+    for c in s.cycles:
+        for w in c["edges"]:
+            ax_all.plot([c["close_s"]], [row[w.get("owner", "?")]], marker="X", ms=9, color="tab:red", mec="black", lw=0)
+    if s.violations:   # their own row under the tasks
+        row["lock-order violations"] = -1
+        ax_all.plot(s.violations, [-1] * len(s.violations), marker="^", ms=9, lw=0, color="tab:orange", mec="black",
+                    label="a lock-order violation (L_vmem held while L_hostmem is taken)")
+    ax_all.plot([], [], marker="X", ms=9, color="tab:red", mec="black", lw=0, label="a cycle closed (on each task in it)")
+    if s.deadlocked:
+        ax_all.axvspan(s.cycles[-1]["close_s"] if s.cycles else s.end_s, max(s.end_s, 1e-9), color="0.85")
+        ax_all.annotate("deadlocked: the host ended the run here", (s.cycles[-1]["close_s"] if s.cycles else s.end_s, 0.5),
+                        xycoords=("data", "axes fraction"), xytext=(-10, 0), textcoords="offset points", fontsize=9,
+                        ha="right", bbox={"boxstyle": "round,pad=0.3", "fc": "white", "ec": "0.5"})
+    ax_all.set_yticks(sorted(row.values()), [k for k, _ in sorted(row.items(), key=lambda kv: kv[1])])
+    ax_all.set_ylim(min(row.values(), default=0) - 0.7, max(0.7, len(owners) - 0.3))
+    end = max(s.end_s, max((c["close_s"] for c in s.cycles), default=0.0), max(s.violations, default=0.0))
+    ax_all.set_xlim(-end * 0.02, end * 1.02 or 1)
+    ax_all.set_xlabel("virtual time (s)")
+    ax_all.set_title("the whole run", fontsize=10)
+    ax_all.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncols=2, fontsize=8, frameon=False)
+    if not s.cycles:
+        for ax in (ax_zoom, ax_graph):
+            ax.set_axis_off()
+        ax_zoom.text(0.5, 0.5, "no wait-for cycle: only order violations", ha="center", transform=ax_zoom.transAxes)
+        return _save(fig, path)
+    # (b) the first cycle up close: what each task held since when, and how long it waited
+    first = s.cycles[0]
+    start = min(min(_f(w.get("held_since_vt_us")), _f(w.get("since_vt_us"))) for w in first["edges"]) / 1e6
+    span = max(first["close_s"] - start, 1e-4)
+    mine = [w.get("owner", "?") for w in first["edges"]]
+    for i, w in enumerate(first["edges"]):
+        held, since = _f(w.get("held_since_vt_us")) / 1e6, _f(w.get("since_vt_us")) / 1e6
+        ax_zoom.barh(i, first["close_s"] - held, left=held, height=0.5, color="tab:blue", alpha=0.35,
+                     label="holds" if i == 0 else None)
+        ax_zoom.text(held, i + 0.3, f"holds {w.get('holds_lock', w.get('holds'))}", fontsize=8, va="bottom")
+        ax_zoom.barh(i, max(first["close_s"] - since, span * 0.01), left=since, height=0.22, color="tab:red",
+                     label="waits" if i == 0 else None)
+        ax_zoom.text(since, i - 0.3, f"waits for {w.get('waits_for_lock', w.get('waits_for'))}"
+                     + (f" ({w['site']})" if w.get("site") else ""), fontsize=8, va="top", color="tab:red")
+    ax_zoom.axvline(first["close_s"], color="black", lw=1.2, ls="--")
+    ax_zoom.set_yticks(range(len(mine)), mine)
+    ax_zoom.set_ylim(-0.9, len(mine) - 0.1)
+    ax_zoom.set_xlim(start - span * 0.08, first["close_s"] + span * 0.35)
+    ax_zoom.set_xlabel("virtual time (s)")
+    ax_zoom.set_title(f"the first cycle, closed at {first['close_s']:.4f} s", fontsize=10)
+    ax_zoom.legend(loc="lower right", fontsize=8)
+    _wait_for_graph(ax_graph, first["edges"])
+    ax_graph.set_title("its wait-for graph\n(an arrow: waits for what the next task holds)", fontsize=10)
+    return _save(fig, path)
+
+
+def _wait_for_graph(ax: Any, edges: list[dict[str, Any]]) -> None:
+    from matplotlib.patches import FancyArrowPatch
+
+    n = len(edges)
+    ang = [math.pi / 2 + 2 * math.pi * k / n for k in range(n)] if n > 2 else [math.pi, 0.0][:n]
+    pos = [(math.cos(a) * 0.62, math.sin(a) * 0.55) for a in ang]
+    for k, w in enumerate(edges):
+        (x1, y1), (x2, y2) = pos[k], pos[(k + 1) % n]
+        arrow = FancyArrowPatch((x1, y1), (x2, y2), connectionstyle="arc3,rad=0.35", arrowstyle="-|>", mutation_scale=18,
+                                color="tab:red", lw=2, shrinkA=38, shrinkB=38)
+        ax.add_patch(arrow)
+        # the label just outside the arc's apex (arc3 bends by rad * (dy, -dx) at its control point)
+        mx, my = (x1 + x2) / 2, (y1 + y2) / 2
+        dx, dy = x2 - x1, y2 - y1
+        ax_, ay_ = 0.5 * 0.35 * dy, -0.5 * 0.35 * dx
+        ln = math.hypot(ax_, ay_) or 1.0
+        lx, ly = mx + ax_ + ax_ / ln * 0.2, my + ay_ + ay_ / ln * 0.2
+        ax.text(lx, ly, f"waits for {w.get('waits_for_lock', w.get('waits_for'))}"
+                + (f"\n({w['site']})" if w.get("site") else ""), ha="center", va="center", fontsize=8,
+                color="tab:red")
+    for (x, y), w in zip(pos, edges):
+        ax.text(x, y, f"{w.get('owner', '?')}\nholds {w.get('holds_lock', w.get('holds'))}", ha="center", va="center",
+                fontsize=9, bbox={"boxstyle": "round,pad=0.5", "fc": "white", "ec": "#1d2330", "lw": 1.5})
+    ax.set_xlim(-1.25, 1.25)
+    ax.set_ylim(-1.05, 1.05)
+    ax.set_axis_off()
 
 
 def plot_variant(s: VariantSeries, out_dir: Path, prefix: str | None = None,
@@ -509,59 +894,99 @@ def plot_variant(s: VariantSeries, out_dir: Path, prefix: str | None = None,
     """
     out_dir = Path(out_dir)
     p = safe_name(prefix if prefix is not None else s.name)
+    ceiling = (s.refs_per_vsec_ceiling, _ceiling_text(s)) if s.refs_per_vsec_ceiling else None
     jobs: list[tuple[str, str, Callable[[Path], Path | None]]] = [
         ("balloon size vs target per guest", "guest-balloon", lambda path: _plot_balloon(s, path)),
         ("guest memory by kind", "guest-memory", lambda path: _plot_memory(s, path)),
         ("page-fault frequency per guest", "guest-pff", lambda path: _plot_guest_lines(
-            s, path, "page-fault frequency per guest (smoothed)", "page faults per virtual second",
+            s, path, "page-fault frequency per guest (the guest's smoothed PFF)", "page faults per virtual second",
             lambda g: g["pff"], logy=True)),
         ("working-set estimate per guest", "guest-working-set", lambda path: _plot_guest_lines(
             s, path, "working-set estimate per guest (sampled)", _pages_label("working set"),
             lambda g: g["working_set_pages"], ref=lambda g: g["total"] - np.nan_to_num(g["balloon_pages"])
-            - np.nan_to_num(g["kernel_pages"]), ref_label="the guest's RAM less balloon and kernel")),
+            - np.nan_to_num(g["kernel_pages"]), ref_label="RAM less balloon, kernel")),
         ("throughput per guest", "guest-throughput", lambda path: _plot_guest_lines(
-            s, path, "throughput per guest", "references per virtual second",
-            lambda g: rate_per_s(g["refs"], g["vt_us"]), eng=True)),
-        ("host frames", "host-memory", lambda path: _plot_host_memory(s, path)),
+            s, path, "throughput per guest, over each logged interval (0: the guest waited the whole interval)",
+            "references per virtual second", lambda g: rate_per_s(g["refs"], g["t_s"] * 1e6), eng=True,
+            ceiling=ceiling)),
+        ("host RAM by owner", "host-memory", lambda path: _plot_host_memory(s, path)),
         ("host swap-in/out rates", "host-swap", lambda path: _plot_host_swap(s, path)),
-        ("balloon size vs PFF and throughput", "balloon-pff", lambda path: _plot_balloon_curve(s, path)),
+        ("balloon size vs major faults and throughput", "balloon-pff", lambda path: _plot_balloon_curve(s, path)),
         ("balloon sweep: faults and throughput per step", "balloon-steps",
          lambda path: _plot_sweep_steps(s.name, vsummary or {}, path)),
+        ("lock waits and wait-for cycles", "locks", lambda path: _plot_locks(s, path)),
     ]
     written = []
     for title, stem, draw in jobs:
         path = draw(out_dir / f"{p}-{stem}.png")
         if path is not None:
-            written.append(Plot(title, path, s.name))
+            written.append(Plot(title, path, s.name, _files(out_dir / f"{p}-{stem}.png")))
     return written
 
 
 # --- across variants --------------------------------------------------------------------
 
 
+def _not_comparable(v: dict[str, Any]) -> str | None:
+    """Why a variant's numbers cannot stand next to the others' (None when they can)."""
+    if v.get("deadlocked"):
+        return f"deadlocked after {v.get('ticks', '?')} ticks"
+    lost = v.get("guests_lost") or {}
+    if lost:
+        return f"{len(lost)} guest{'s' if len(lost) != 1 else ''} lost"
+    reason = v.get("reason")
+    if reason not in (None, "completed"):
+        return f"ended: {reason}"
+    return None
+
+
 def _bars(names: Sequence[str], path: Path, title: str, ylabel: str,
-          groups: Sequence[tuple[str, Sequence[float], Any]], fmt: Callable[[float], str], eng: bool = False) -> Path:
+          groups: Sequence[tuple[str, Sequence[float], Any]], fmt: Callable[[float], str], eng: bool = False,
+          notes: dict[str, str] | None = None, baseline: str | None = None) -> Path:
+    """Grouped bars; a variant in ``notes`` is hatched grey and labelled why; the baseline's value a dashed line."""
     plt = _plt()
-    width = min(16.0, max(6.0, 0.9 * len(names) * max(1, len(groups)) + 2.5))   # ~0.9 in per bar
-    fig, ax = _figure(plt, width, 5.5)
+    notes = notes or {}
+    width = min(16.0, max(6.5, 1.1 * len(names) * max(1, len(groups)) + 2.5))
+    fig, ax = _figure(plt, width, 5.8)
     x = np.arange(len(names))
-    width = 0.8 / max(1, len(groups))
+    bw = 0.8 / max(1, len(groups))
+    base_vals = None
+    if baseline in names:
+        base_vals = [vals[list(names).index(baseline)] for _, vals, _ in groups]
     for i, (label, values, color) in enumerate(groups):
-        pos = x - 0.4 + width * (i + 0.5)
-        bars = ax.bar(pos, values, width * 0.92, label=label, color=color)
-        for b, val in zip(bars, values):
-            ax.annotate(fmt(val), (b.get_x() + b.get_width() / 2, b.get_height()), ha="center", va="bottom",
-                        fontsize=9, xytext=(0, 2), textcoords="offset points")
-    ax.set_xticks(x, names)
-    ax.set_title(title)
+        pos = x - 0.4 + bw * (i + 0.5)
+        for j, (px, val, name) in enumerate(zip(pos, values, names)):
+            odd = name in notes
+            bar = ax.bar(px, val, bw * 0.92, color="0.8" if odd else color, hatch="//" if odd else None,
+                         edgecolor="0.4" if odd else color)[0]
+            text = fmt(val)
+            if base_vals is not None and not odd and name != baseline and base_vals[i]:
+                text += f"\n({val / base_vals[i]:.2f}x)"
+            ax.annotate(text, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom",
+                        fontsize=8.5, xytext=(0, 2), textcoords="offset points")
+        if base_vals is not None and len(names) > 1:
+            ax.axhline(base_vals[i], color=color, lw=1, ls="--", alpha=0.8)
+    ax.set_xticks(x, [textwrap.fill(n, 14) + (f"\n({notes[n]})" if n in notes else "")
+                      + ("\n(baseline)" if n == baseline and len(names) > 1 else "") for n in names], fontsize=9)
+    subtitle = ""
+    if notes:
+        subtitle = "\nhatched: not comparable (" + "; ".join(f"{n} {why}" for n, why in notes.items()) + ")"
+    if baseline and len(names) > 1:
+        subtitle += f"\ndashed: {baseline}, the baseline of the ratios"
+    ax.set_title(title + subtitle, fontsize=11)
+    lines = (title + subtitle).count("\n") + 1
+    label_lines = 1 + any(n in notes or n == baseline for n in names) + max(textwrap.fill(n, 14).count("\n") for n in names)
+    fig.subplots_adjust(top=1 - (0.25 + 0.22 * lines) / 5.8, bottom=(0.35 + 0.17 * label_lines) / 5.8)
     ax.set_ylabel(ylabel)
-    ax.set_xlabel("variant")
-    ax.margins(y=0.15)
+    ax.margins(y=0.35 if len(groups) > 1 else 0.2)
     ax.grid(axis="x", visible=False)
     if eng:
         _eng(ax)
     if len(groups) > 1:
-        ax.legend(loc="best")
+        from matplotlib.patches import Patch
+
+        ax.legend(handles=[Patch(color=c, label=lbl) for lbl, _, c in groups], loc="upper right", fontsize=8,
+                  ncols=len(groups))
     return _save(fig, path)
 
 
@@ -573,8 +998,13 @@ def _si(x: float) -> str:
 
 
 def plot_across(summary: dict[str, Any], series: dict[str, VariantSeries], out_dir: Path,
-                order: Sequence[str] | None = None) -> list[Plot]:
-    """Bars of I/O per reclaimed page and throughput per variant; the balloon sweep across variants."""
+                order: Sequence[str] | None = None, baseline: str | None = None) -> list[Plot]:
+    """Bars of I/O per reclaimed page and throughput per variant; the balloon sweep across variants.
+
+    ``baseline``: the variant the report's ratios are against (never one that
+    deadlocked or lost guests); variants whose numbers are not comparable
+    are hatched and say why.
+    """
     out_dir = Path(out_dir)
     variants = summary.get("variants", {})
     names = [n for n in (order or variants) if n in variants]
@@ -582,6 +1012,7 @@ def plot_across(summary: dict[str, Any], series: dict[str, VariantSeries], out_d
         return []
     written: list[Plot] = []
     vs = [variants[n] for n in names]
+    notes = {n: why for n in names if (why := _not_comparable(variants[n])) is not None}
     path = _bars(names, out_dir / "io-per-reclaimed-page.png",
                  "Disk I/O per reclaimed page (lower is better)", "pages of disk I/O per reclaimed page",
                  [("all reclaimed pages", [float(v.get("io_per_reclaimed_page", 0)) for v in vs], "tab:gray"),
@@ -589,15 +1020,17 @@ def plot_across(summary: dict[str, Any], series: dict[str, VariantSeries], out_d
                    "tab:red"),
                   ("clean page cache: re-reads", [float(v.get("clean_cache_reads_per_page", 0)) for v in vs],
                    "tab:blue")],
-                 lambda x: f"{x:.2f}")
-    written.append(Plot("I/O per reclaimed page, per variant", path))
+                 lambda x: f"{x:.2f}", notes=notes, baseline=baseline)
+    written.append(Plot("I/O per reclaimed page, per variant", path, None, _files(out_dir / "io-per-reclaimed-page.png")))
     path = _bars(names, out_dir / "throughput.png", "Throughput, all guests (higher is better)",
                  "memory references per virtual second",
-                 [("throughput", [float(v.get("refs_per_vsec", 0)) for v in vs], "tab:green")], _si, eng=True)
-    written.append(Plot("throughput per variant", path))
+                 [("throughput", [float(v.get("refs_per_vsec", 0)) for v in vs], "tab:green")], _si, eng=True,
+                 notes=notes, baseline=baseline)
+    written.append(Plot("throughput per variant", path, None, _files(out_dir / "throughput.png")))
     sweep = _plot_sweep(names, series, out_dir / "balloon-sweep.png")
     if sweep is not None:
-        written.append(Plot("balloon size vs PFF and throughput across variants", sweep))
+        written.append(Plot("balloon size vs PFF and throughput across variants", sweep, None,
+                            _files(out_dir / "balloon-sweep.png")))
     return written
 
 

@@ -28,7 +28,7 @@ from .compare import Column, compare_table, format_value
 from .logs import VariantLogs, event_vt_us, find_variants, load_variant
 
 __all__ = ["write_report", "write_report_full", "render_report", "notable_events", "evidence", "variant_order",
-           "ReportResult", "MAX_EVENTS_SHOWN"]
+           "baseline_variant", "overcommit_ratio", "wall_seconds", "ReportResult", "MAX_EVENTS_SHOWN"]
 
 MAX_EVENTS_SHOWN = 80
 """Notable events listed per variant; the counts per kind cover the rest."""
@@ -55,7 +55,8 @@ def _event_names() -> set[str]:
     return {v for k, v in vars(ev).items() if k.isupper() and isinstance(v, str)}
 
 
-def _wall_s(e: dict[str, Any]) -> float | None:
+def wall_seconds(e: dict[str, Any]) -> float | None:
+    """A log line's ISO timestamp as seconds since the epoch (None when it has none or a bad one)."""
     ts = e.get("timestamp")
     if not isinstance(ts, str):
         return None
@@ -70,7 +71,7 @@ def _wall_to_vt(v: VariantLogs, tick_us: float) -> Callable[[float], float] | No
     pts = []
     for e in v.host:
         vt = event_vt_us(e, tick_us) if e.get("event") != ev.RUN_STARTED else 0.0
-        w = _wall_s(e) if vt is not None else None
+        w = wall_seconds(e) if vt is not None else None
         if w is not None and vt is not None:
             pts.append((w, vt))
     if not pts:
@@ -104,7 +105,7 @@ def notable_events(v: VariantLogs, tick_us: float) -> list[dict[str, Any]]:
             if vt is None:
                 if not looked_up:
                     to_vt, looked_up = _wall_to_vt(v, tick_us), True
-                w = _wall_s(e)
+                w = wall_seconds(e)
                 if to_vt is not None and w is not None:
                     vt, approx = to_vt(w), True
             who = src
@@ -244,6 +245,27 @@ def variant_order(run_dir: Path, names: Sequence[str]) -> list[str]:
             order = []
     known = [n for n in order if n in names]
     return known + [n for n in names if n not in known]
+
+
+def baseline_variant(names: Sequence[str], variants: dict[str, dict[str, Any]]) -> str | None:
+    """The variant the others are compared with: the first (in the scenario's order) that ran to its end.
+
+    A variant that deadlocked, lost guests or ended early ran a different
+    experiment (the deadlock scenario's ``naive`` ran 5 ticks, too short to
+    meet the contention the others did): it is never the baseline while
+    another ran to its end.
+    """
+    for n in names:
+        if _comparable(variants.get(n) or {}):
+            return n
+    return names[0] if names else None
+
+
+def overcommit_ratio(cfg: dict[str, Any], vsummary: dict[str, Any]) -> float | None:
+    """Sum of the guests' RAM over the host's RAM (both in pages), from the run config and summary."""
+    ram = sum(int(g.get("ram_pages", 0)) for g in cfg.get("guests") or [] if isinstance(g, dict))
+    host = (vsummary.get("host") or {}).get("ram_pages")
+    return ram / host if ram and isinstance(host, (int, float)) and host > 0 else None
 
 
 def _scenario_description(run_dir: Path) -> str:
@@ -401,9 +423,14 @@ def render_report(run_dir: Path, summary: dict[str, Any], logs: Sequence[Variant
         policy = (cfg.get("balloon") or {}).get("policy", "none (default)")
         params = (cfg.get("balloon") or {}).get("params")
         n_guests = len(v.get("guests") or [])
+        ram = (v.get("host") or {}).get("ram_pages")
+        ratio = overcommit_ratio(cfg, v)
+        host_ram = (f"host RAM {ram / 256:,.1f} MiB ({format_value(ram)} frames)" if isinstance(ram, (int, float))
+                    else "host RAM ?")
         out.append(f"- variant **{n}**: balloon policy `{policy}`"
                    + (f" {json.dumps(params, separators=(',', ':'))}" if params else "")
-                   + f", {n_guests} guest(s), host RAM {format_value((v.get('host') or {}).get('ram_pages'))} frames; "
+                   + f", {n_guests} guest(s), {host_ram}"
+                   + (f", **overcommit {ratio:.2f}x** (the guests' RAM over the host's)" if ratio else "") + "; "
                    f"{v.get('ticks', 0):,} ticks = {v.get('virtual_s', 0):g} virtual s in "
                    f"{v.get('wall_s', '?')} wall s; "
                    f"requests in {v.get('request_order', 'arrival')} order"
@@ -424,13 +451,21 @@ def render_report(run_dir: Path, summary: dict[str, Any], logs: Sequence[Variant
     out.append("")
 
     out += ["## Variants side by side", ""]
-    columns = [Column(n, variants[n], 0 if i else None) for i, n in enumerate(names)]
+    base = baseline_variant(names, variants)
+    b = names.index(base) if base in names else 0
+    # a variant that did not run to its end gets no ratio: its numbers come from another experiment
+    columns = [Column(n if _comparable(variants[n]) else f"{n} ({_why_not(variants[n])}; no ratio)", variants[n],
+                      b if i != b and _comparable(variants[n]) else None) for i, n in enumerate(names)]
     table, _ = compare_table(columns)
     if len(names) > 1:
-        out.append(f"Ratios in parentheses are against `{names[0]}`. ↓: lower is better; ↑: higher is better.")
+        out.append(f"Ratios in parentheses are against `{names[b]}`. ↓: lower is better; ↑: higher is better.")
+        skipped = [n for n in names[:b]]
+        if skipped:
+            out.append(f"(`{names[b]}` is the first variant that ran to its end: "
+                       + ", ".join(f"`{n}` {_why_not(variants[n])}" for n in skipped) + ".)")
         out.append("")
     out += [table, ""]
-    out += [_reading(names, variants), ""] if len(names) > 1 else []
+    out += [_reading(names, variants, b), ""] if len(names) > 1 else []
     across = [p for p in plots if p.variant is None]
     if across:
         out += [_plot_links(across, run_dir), ""]
@@ -514,12 +549,29 @@ def _pathology_details(v: dict[str, Any]) -> str:
     return "\n".join(out).strip()
 
 
-def _reading(names: Sequence[str], variants: dict[str, dict[str, Any]]) -> str:
-    """One sentence per comparison that the seed's first story is about."""
-    base = variants[names[0]]
+def _comparable(v: dict[str, Any]) -> bool:
+    return not v.get("deadlocked") and not v.get("guests_lost") and v.get("reason", "completed") == "completed"
+
+
+def _why_not(v: dict[str, Any]) -> str:
+    if v.get("deadlocked"):
+        return f"deadlocked after {v.get('ticks', '?')} ticks"
+    if v.get("guests_lost"):
+        return f"lost {len(v['guests_lost'])} guest(s)"
+    return f"ended: {v.get('reason', '?')}"
+
+
+def _reading(names: Sequence[str], variants: dict[str, dict[str, Any]], base_i: int = 0) -> str:
+    """One sentence per comparison that the seed's first story is about (against the baseline ``names[base_i]``)."""
+    base = variants[names[base_i]]
     lines = []
-    for n in names[1:]:
+    for n in names:
+        if n == names[base_i]:
+            continue
         v = variants[n]
+        if not _comparable(v):
+            lines.append(f"- `{n}` is not compared: it {_why_not(v)}.")
+            continue
         parts = []
         for key, what in (("io_per_reclaimed_page", "disk I/O per reclaimed page"),
                           ("refs_per_vsec", "throughput")):
@@ -527,13 +579,13 @@ def _reading(names: Sequence[str], variants: dict[str, dict[str, Any]]) -> str:
             if isinstance(a, (int, float)) and isinstance(b, (int, float)) and a:
                 parts.append(f"{what} {format_value(b)} vs {format_value(a)} ({b / a:.2f}x)")
         if parts:
-            lines.append(f"- `{n}` against `{names[0]}`: " + "; ".join(parts) + ".")
+            lines.append(f"- `{n}` against `{names[base_i]}`: " + "; ".join(parts) + ".")
     return "\n".join(lines)
 
 
 def write_report(run_dir: Path, summary: dict[str, Any] | None = None,
                  logs: Sequence[VariantLogs] | None = None, *, plots: bool = True,
-                 cap: int = MAX_EVENTS_SHOWN) -> Path:
+                 cap: int = MAX_EVENTS_SHOWN, formats: Sequence[str] = ("png",)) -> Path:
     """Write ``report.md`` and the PNG plots into ``run_dir``; return the report's path.
 
     ``summary`` and ``logs`` are reused when the caller has them (the
@@ -541,12 +593,13 @@ def write_report(run_dir: Path, summary: dict[str, Any] | None = None,
     be drawn (matplotlib missing or failing) is reported in the report, not
     raised: the tables are still worth having.
     """
-    return write_report_full(run_dir, summary, logs, plots=plots, cap=cap).path
+    return write_report_full(run_dir, summary, logs, plots=plots, cap=cap, formats=formats).path
 
 
 def write_report_full(run_dir: Path, summary: dict[str, Any] | None = None,
                       logs: Sequence[VariantLogs] | None = None, *, plots: bool = True,
-                      cap: int = MAX_EVENTS_SHOWN) -> ReportResult:
+                      cap: int = MAX_EVENTS_SHOWN, formats: Sequence[str] = ("png",)) -> ReportResult:
+    """``formats``: each figure is written in each of them ("png", "svg", "pdf"); the report embeds the first."""
     run_dir = Path(run_dir)
     if logs is None:
         # summarize() warned about damaged lines already when it read them
@@ -556,12 +609,13 @@ def write_report_full(run_dir: Path, summary: dict[str, Any] | None = None,
         summary = summarize(run_dir, list(logs))
     result = ReportResult(run_dir / "report.md")
     if plots:
-        result.plots, result.plot_error = _draw(run_dir, summary, logs)
+        result.plots, result.plot_error = _draw(run_dir, summary, logs, formats)
     result.path.write_text(render_report(run_dir, summary, logs, result.plots, result.plot_error, cap))
     return result
 
 
-def _draw(run_dir: Path, summary: dict[str, Any], logs: Sequence[VariantLogs]) -> tuple[list[Any], str | None]:
+def _draw(run_dir: Path, summary: dict[str, Any], logs: Sequence[VariantLogs],
+          formats: Sequence[str] = ("png",)) -> tuple[list[Any], str | None]:
     from . import plots as pl  # matplotlib itself is imported only when the first plot is drawn
 
     order = variant_order(run_dir, [v.name for v in logs])
@@ -569,9 +623,11 @@ def _draw(run_dir: Path, summary: dict[str, Any], logs: Sequence[VariantLogs]) -
     written: list[Any] = []
     try:
         series = {n: pl.variant_series(by_name[n]) for n in order}
-        written += pl.plot_across(summary, series, run_dir, order)
-        for n in order:
-            written += pl.plot_variant(series[n], run_dir, vsummary=summary.get("variants", {}).get(n))
+        with pl.formats(formats):
+            written += pl.plot_across(summary, series, run_dir, order,
+                                      baseline=baseline_variant(order, summary.get("variants", {})))
+            for n in order:
+                written += pl.plot_variant(series[n], run_dir, vsummary=summary.get("variants", {}).get(n))
     except Exception as exc:  # noqa: BLE001 -- no matplotlib, or a plot bug, must not cost the tables
         print(f"analyze: plotting failed: {type(exc).__name__}: {exc}", file=sys.stderr)
         return written, f"{type(exc).__name__}: {exc}"
