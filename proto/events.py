@@ -29,6 +29,9 @@ PAGE_LOST = "page_lost"                  # guest, vpage, expected, found
 
 # memory and ballooning
 BALLOON_TARGET_SET = "balloon_target_set"  # guest, target_pages, previous_pages, policy
+# guest, decision (inflate|deflate|hold), code, reason (words, with the numbers), target_pages,
+# previous_pages, actual_pages, policy, inputs {name: number}: why a controller set, or kept, a target
+BALLOON_DECISION = "balloon_decision"
 GUEST_UNCOOPERATIVE = "guest_uncooperative"  # guest, target_pages, actual_pages, ticks
 SWAP_STORM_DETECTED = "swap_storm_detected"  # storm, chain [{link, value, threshold, ok, ...}], guests [rates]
 SWAP_STORM_ENDED = "swap_storm_ended"    # storm, lasted_ticks, quiet_ticks
