@@ -151,8 +151,9 @@ class WorkingSetBalloon(ControllerBase):
         host = f"host expects {expected_free} free frames (goal {low:.0f}, release level {high:.0f})"
         floor = f"working set {ws[i]:.0f} pages + {self.headroom:g} headroom + reserve leaves a cap of {cap[i]}"
         if thrashing[i]:
+            lowered = f", target lowered by up to {self.max_step_pages} pages" if before[i] > 0 else ""
             return "pff_above_high", (f"PFF {g.stat(STAT_PFF):.0f}/s above pff_high {self.pff_high:g}/s: "
-                                      f"not inflated, target lowered by up to {self.max_step_pages} pages; {host}")
+                                      f"not inflated{lowered}; {host}")
         if cap[i] < before[i]:
             return "working_set_grew", f"{floor} pages, below the target {before[i]}: lowered to the cap"
         if add[i] > 0:
