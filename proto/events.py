@@ -22,7 +22,7 @@ FRAME_REJECTED = "frame_rejected"        # peer, reason
 INVARIANT_VIOLATED = "invariant_violated"  # what
 
 # guest lifecycle
-GUEST_STARTED = "guest_started"          # guest, pid, config
+GUEST_STARTED = "guest_started"          # guest, pid, ram_pages, policy (the replacement policy)
 GUEST_FINISHED = "guest_finished"        # guest, reason, stats
 HOST_LOST = "host_lost"                  # reason
 PAGE_LOST = "page_lost"                  # guest, vpage, expected, found

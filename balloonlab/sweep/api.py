@@ -133,7 +133,7 @@ def sweep(scenario: str | os.PathLike[str], *, grid: Mapping[str, Sequence[Any]]
     """Run every cell (grid point x seed) not finished yet in ``out``; write the tables and plots.
 
     ``scheduler``: a Dask scheduler's address (``tcp://HOST:PORT``); without
-    it an embedded LocalCluster of ``workers`` (default: one per two cores)
+    it an embedded LocalCluster of ``workers`` (default: half the cores, at least 2)
     runs the cells. ``timeout_s`` bounds each run's wall time.
     """
     spec = make_spec(scenario, grid=grid, seeds=seeds, overrides=overrides, guests=guests, ticks=ticks,

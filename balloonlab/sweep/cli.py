@@ -7,7 +7,7 @@
 
 Every cell (grid point x seed) is one run of the launcher. Without
 --scheduler the cells run on an embedded LocalCluster (--workers runs at a
-time; default one per two cores); with it, on that cluster's workers. The
+time; default half the cores, at least two); with it, on that cluster's workers. The
 output directory (default sweeps/SCENARIO-TIME) gets runs.csv (one row per
 run), summary.csv and summary.md (mean and 95 % confidence interval per
 cell), plots/*.png and *.svg. Run the same command again to resume: cells
@@ -43,7 +43,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     length.add_argument("--duration", type=float, metavar="SECONDS", help="virtual seconds per run")
     ap.add_argument("--variant", help="run only this variant of the scenario")
     ap.add_argument("--scheduler", metavar="tcp://HOST:PORT", help="a Dask scheduler (default: an embedded LocalCluster)")
-    ap.add_argument("--workers", type=int, help="runs side by side on the embedded cluster (default: cores / 2)")
+    ap.add_argument("--workers", type=int, help="runs side by side on the embedded cluster (default: half the cores, at least 2)")
     ap.add_argument("--cell-timeout", type=float, metavar="SECONDS", help="kill a run after this many wall seconds")
     ap.add_argument("--metric", dest="metrics", action="append", metavar="NAME",
                     help="a headline metric to plot and tabulate (repeatable; default a few)")
