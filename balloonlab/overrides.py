@@ -11,6 +11,12 @@ command line a value that is not valid TOML is taken as a string
 
 A policy given as ``file.py:Class`` in an override is relative to the
 working directory (the file's own are relative to the scenario file).
+Parameters belong to their policy: an override that changes
+``balloon.policy`` (``guest.policy``) drops the parameters the scenario
+gave the other policy (``params``, ``policy_params``), so that
+``balloon.policy=none`` works on a scenario whose variant tuned another;
+parameters given as overrides too (``balloon.params.pff_high=50``) apply
+to the new policy.
 """
 from __future__ import annotations
 
@@ -30,6 +36,8 @@ Setting = tuple[str, Any]
 TABLES = ("scenario", "host", "guest", "guests", "balloon", "costs", "disk", "locks", "monitors")
 # Keys whose value may be a user's ``file.py:Class``.
 POLICY_KEYS = ("policy",)
+# A policy's parameters, by the table that names the policy.
+_PARAMS_OF = {"balloon": "params", "guest": "policy_params", "guests": "policy_params"}
 
 
 def parse_value(text: str) -> Any:
@@ -86,6 +94,8 @@ def apply_settings(merged: dict[str, Any], settings: Iterable[Setting], variant:
     """Apply ``settings`` to one variant's merged tables; returns the paths that added a key not there before."""
     added = []
     known = list(variants)
+    # Policies first: a policy that changes drops the old parameters, then the overrides' own apply.
+    settings = sorted(settings, key=lambda s: not s[0].endswith(".policy"))
     for path, value in settings:
         parts = path.split(".")
         if parts[0] == "variants":
@@ -97,12 +107,18 @@ def apply_settings(merged: dict[str, Any], settings: Iterable[Setting], variant:
         if parts[0] == "guests":
             entry: dict[str, Any] = {"id": int(parts[1])}
             _set(entry, parts[2:], value, path)
+            if parts[2:] == ["policy"]:
+                entry["policy_params"] = {}
             guests = merged.setdefault("guests", [])
             if not isinstance(guests, list):
                 raise ConfigError(f"override {path!r}: [[guests]] is not an array of tables")
             guests.append(entry)
             added.append(path)
             continue
+        params = _PARAMS_OF.get(parts[0]) if len(parts) == 2 and parts[1] == "policy" else None
+        if params is not None and isinstance(merged.get(parts[0]), dict) \
+                and merged[parts[0]].get("policy") != value:
+            merged[parts[0]].pop(params, None)   # another policy's parameters would not fit this one
         if _set(merged, parts, value, path):
             added.append(path)
     return added

@@ -80,7 +80,16 @@ def run_cell(task: dict[str, Any]) -> dict[str, Any]:
             tail = ""
         error = f"{error}: {tail.strip()}" if tail.strip() else error
     return {"ok": rc == 0 and summary is not None, "exit_status": rc, "summary": summary,
-            "wall_s": round(wall_s, 3), "worker": socket.gethostname(), "error": error}
+            "wall_s": round(wall_s, 3), "worker": _worker_name(), "error": error}
+
+
+def _worker_name() -> str:
+    """The Dask worker's name and its machine (just the machine outside a worker)."""
+    try:
+        from distributed import get_worker
+        return f"{get_worker().name}@{socket.gethostname()}"
+    except (ImportError, ValueError):
+        return socket.gethostname()
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
