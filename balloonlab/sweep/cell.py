@@ -20,13 +20,17 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
-__all__ = ["run_cell", "launcher_argv"]
+__all__ = ["run_cell", "launcher_argv", "stop_running"]
 
 _TAIL_CHARS = 2000
+# Launchers running in this process (an embedded cluster's tasks): an interrupted sweep stops them.
+_RUNNING: set[subprocess.Popen] = set()
+_RUNNING_LOCK = threading.Lock()
 
 
 def launcher_argv(task: dict[str, Any]) -> list[str]:
@@ -55,6 +59,8 @@ def run_cell(task: dict[str, Any]) -> dict[str, Any]:
     with open(log_path, "wb") as out:
         proc = subprocess.Popen(launcher_argv(task), stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 env=env, start_new_session=True)
+        with _RUNNING_LOCK:
+            _RUNNING.add(proc)
         try:
             rc = proc.wait(timeout=task.get("timeout_s"))
         except subprocess.TimeoutExpired:
@@ -65,6 +71,9 @@ def run_cell(task: dict[str, Any]) -> dict[str, Any]:
             _kill_group(proc)   # cancelled: nothing of the run may outlive the task
             proc.wait()
             raise
+        finally:
+            with _RUNNING_LOCK:
+                _RUNNING.discard(proc)
     wall_s = time.monotonic() - t0
     summary = None
     try:
@@ -90,6 +99,14 @@ def _worker_name() -> str:
         return f"{get_worker().name}@{socket.gethostname()}"
     except (ImportError, ValueError):
         return socket.gethostname()
+
+
+def stop_running() -> None:
+    """Stop every launcher this process started (SIGTERM: each stops its run in order) and reap them."""
+    with _RUNNING_LOCK:
+        procs = list(_RUNNING)
+    for proc in procs:
+        _kill_group(proc)
 
 
 def _kill_group(proc: subprocess.Popen) -> None:

@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterable
 
 from balloonlab.proto.errors import ConfigError
 
-from .cell import run_cell
+from .cell import run_cell, stop_running
 from .progress import SweepProgress
 from .spec import Cell, SweepSpec
 
@@ -139,6 +139,10 @@ def run_cells(spec: SweepSpec, cells: Iterable[Cell], out: Path, *, scheduler: s
             bar.show(note)
             if on_record is not None:
                 on_record(record)
+    except KeyboardInterrupt:
+        # The embedded cluster's tasks are threads of this process: their launchers must not outlive it.
+        stop_running()
+        raise
     finally:
         bar.close()
         client.close()
