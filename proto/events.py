@@ -30,7 +30,9 @@ PAGE_LOST = "page_lost"                  # guest, vpage, expected, found
 # memory and ballooning
 BALLOON_TARGET_SET = "balloon_target_set"  # guest, target_pages, previous_pages, policy
 # guest, decision (inflate|deflate|hold), code, reason (words, with the numbers), target_pages,
-# previous_pages, actual_pages, policy, inputs {name: number}: why a controller set, or kept, a target
+# previous_pages, actual_pages, policy, inputs {name: number}: why a controller set, or kept, a target;
+# a hold is logged when its reason changes ([balloon] log_decisions = "all": every one), and
+# run_finished.balloon_decisions counts every decision by code
 BALLOON_DECISION = "balloon_decision"
 GUEST_UNCOOPERATIVE = "guest_uncooperative"  # guest, target_pages, actual_pages, ticks
 SWAP_STORM_DETECTED = "swap_storm_detected"  # storm, chain [{link, value, threshold, ok, ...}], guests [rates]
