@@ -31,7 +31,7 @@ from balloonlab.scenario import SCENARIO_DIR, Overrides, find_scenario
 
 from .execute import SweepError, read_records, run_cells
 from .results import DEFAULT_PLOT_METRICS, METRICS, plot_sweep, runs_table, summary_markdown, summary_table
-from .spec import Axis, SweepSpec, _checked_axes, parse_seeds, sweep_table
+from .spec import Axis, SweepSpec, checked_axes, parse_seeds, sweep_table
 
 __all__ = ["sweep", "load_sweep", "SweepResult", "make_spec", "DEFAULT_SEEDS"]
 
@@ -65,7 +65,7 @@ def make_spec(scenario: str | os.PathLike[str], *, grid: Mapping[str, Sequence[A
     built_in = path.parent == SCENARIO_DIR.resolve()
     table = sweep_table(path)
     if grid is not None:
-        axes = _checked_axes([a for a in grid] if not isinstance(grid, Mapping)
+        axes = checked_axes([a for a in grid] if not isinstance(grid, Mapping)
                              else [Axis(k, tuple(v)) for k, v in grid.items()])
     else:
         axes = table.get("axes", ())

@@ -28,7 +28,7 @@ from typing import Any, Mapping, Sequence
 from balloonlab.proto.errors import ConfigError
 from balloonlab.overrides import Setting, normalize, parse_value
 
-__all__ = ["Axis", "Cell", "SweepSpec", "parse_grid", "parse_seeds", "sweep_table"]
+__all__ = ["Axis", "Cell", "SweepSpec", "parse_grid", "parse_seeds", "sweep_table", "checked_axes"]
 
 
 @dataclass(frozen=True)
@@ -100,10 +100,10 @@ def parse_grid(texts: Sequence[str]) -> tuple[Axis, ...]:
         if not sep or not path.strip() or not values.strip():
             raise ConfigError(f"--grid {text!r}: expected KEY=V1,V2,... e.g. host.overcommit=1.2,1.5,2.0")
         axes.append(Axis(path.strip(), tuple(parse_value(v) for v in values.split(","))))
-    return _checked_axes(axes)
+    return checked_axes(axes)
 
 
-def _checked_axes(axes: Sequence[Axis]) -> tuple[Axis, ...]:
+def checked_axes(axes: Sequence[Axis]) -> tuple[Axis, ...]:
     seen = set()
     for a in axes:
         normalize([(a.path, a.values[0] if a.values else None)])   # checks the dotted path
@@ -152,7 +152,7 @@ def sweep_table(path: Path) -> dict[str, Any]:
     grid = table.get("grid", {})
     if not isinstance(grid, dict) or not all(isinstance(v, list) for v in grid.values()):
         raise ConfigError(f"{where}.grid: expected a table of dotted key = [values]")
-    out: dict[str, Any] = {"axes": _checked_axes([Axis(k, tuple(v)) for k, v in grid.items()])}
+    out: dict[str, Any] = {"axes": checked_axes([Axis(k, tuple(v)) for k, v in grid.items()])}
     if "seeds" in table:
         out["seeds"] = parse_seeds(table["seeds"])
     if "metrics" in table:
