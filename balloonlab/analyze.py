@@ -1,9 +1,11 @@
 """Analyse a run directory, or compare runs.
 
-    balloonlab-analyze RUN_DIR [--json] [--no-plots] [--format png|svg|pdf[,...]]
+    balloonlab-analyze RUN_DIR [--json] [--no-plots] [--format png|svg|pdf[,...]] [--csv DIR] [--parquet DIR]
         writes summary.json, report.md and the figures into RUN_DIR (PNG by
         default; --format png,svg writes each figure in both) and prints the
-        summary table (or summary.json with --json)
+        summary table (or summary.json with --json); --csv and --parquet
+        also export the run's tidy tables (guests, host, events, decisions:
+        the DataFrames of balloonlab.load(RUN_DIR)) into DIR
     balloonlab-analyze compare RUN_A RUN_B ... [--out FILE]
         prints the headline metrics side by side with ratios against RUN_A
         and writes them to FILE (default RUN_A/compare.md, and .json beside it)
@@ -103,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-report", action="store_true", help="write summary.json only")
     ap.add_argument("--format", default="png", metavar="png|svg|pdf[,...]",
                     help="figure file format(s), comma-separated; the report embeds the first (default png)")
+    ap.add_argument("--csv", type=Path, metavar="DIR", help="export the tables as DIR/{guests,host,events,decisions}.csv")
+    ap.add_argument("--parquet", type=Path, metavar="DIR", help="the same tables as .parquet files")
     args = ap.parse_args(argv)
     from balloonlab.analysis.plots import parse_formats
     try:
@@ -114,6 +118,13 @@ def main(argv: list[str] | None = None) -> int:
     except FileNotFoundError as exc:
         print(f"balloonlab-analyze: {exc}", file=sys.stderr)
         return 2
+    exports = [(fmt, d) for fmt, d in (("csv", args.csv), ("parquet", args.parquet)) if d is not None]
+    if exports:
+        from balloonlab.analysis.tables import load_tables, export_tables
+        tables = load_tables(args.run_dir)
+        for fmt, out_dir in exports:
+            written = export_tables(args.run_dir, out_dir, fmt, tables)
+            print(f"tables: {', '.join(p.name for p in written)} in {out_dir}", file=sys.stderr)
     print(json.dumps(result.summary, indent=2) if args.json else format_table(result.summary))
     if result.plot_error:
         print(f"balloonlab-analyze: plots not drawn: {result.plot_error}", file=sys.stderr)

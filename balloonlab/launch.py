@@ -2,25 +2,31 @@
 
     balloonlab-launch [--scenario NAME|FILE] [--guests N] [--seed S]
                       [--duration SECONDS | --ticks N] [--variant NAME]
-                      [--run-dir DIR] [--transport unix|tcp]
-                      [--dashboard [--dashboard-port PORT]]
+                      [--set KEY=VALUE ...] [--run-dir DIR] [--transport unix|tcp]
+                      [--dashboard [--dashboard-port PORT]] [--format png|svg|pdf[,...]]
 
 Exit status: 0 when every variant ran to its end, 1 when a variant failed
 (host error, a guest that crashed with an error, an unexpected deadlock),
 2 for a bad scenario or arguments, 130 on Ctrl-C.
+
+The command line is a thin layer over the Python API (``balloonlab.run``);
+``prepare`` and ``launch`` below are the one code path both take.
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import shutil
 import signal
 import sys
 import tempfile
+import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-
+from typing import Any, Coroutine, TypeVar
 
 from balloonlab.proto.errors import ConfigError
 from balloonlab.proto.handshake import new_token
@@ -29,7 +35,20 @@ from balloonlab.runner import VariantResult, run_variant
 from balloonlab.scenario import Overrides, Scenario, find_scenario, load_scenario
 from balloonlab.validators import VALIDATORS, guest_sizes, guest_swap_area
 
+__all__ = ["main", "prepare", "launch", "LaunchOutcome", "DEFAULT_SCENARIO"]
+
 DEFAULT_SCENARIO = "basic"
+T = TypeVar("T")
+
+
+@dataclass
+class LaunchOutcome:
+    """How a launch ended: the run directory, the exit status the command line returns, what ran."""
+
+    run_dir: Path
+    exit_status: int
+    results: list[VariantResult] = field(default_factory=list)
+    summary: dict[str, Any] | None = None
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -42,6 +61,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     length.add_argument("--duration", type=float, metavar="SECONDS", help="virtual seconds to run")
     length.add_argument("--ticks", type=int, help="ticks to run")
     ap.add_argument("--variant", help="run only this variant")
+    ap.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a scenario key, e.g. host.overcommit=1.5 or balloon.params.pff_high=3000 "
+                         "(repeatable; every variant)")
     ap.add_argument("--run-dir", type=Path, help="where logs and the summary go (default runs/SCENARIO-TIME)")
     ap.add_argument("--transport", choices=["unix", "tcp"], default="unix")
     ap.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -70,40 +92,104 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    from balloonlab.api import run
+    from balloonlab.overrides import parse_setting
     try:
-        path = find_scenario(args.scenario)
-        scenario = load_scenario(path, Overrides(guests=args.guests, seed=args.seed, duration_s=args.duration,
-                                                 ticks=args.ticks, variant=args.variant), VALIDATORS)
-        _check_locks(scenario)
+        run_ = run(args.scenario, guests=args.guests, seed=args.seed, duration_s=args.duration, ticks=args.ticks,
+                   variant=args.variant, overrides=[parse_setting(s) for s in args.settings],
+                   run_dir=args.run_dir, transport=args.transport, log_level=args.log_level,
+                   report=not args.no_report, formats=args.formats, dashboard=args.dashboard,
+                   dashboard_port=args.dashboard_port)
     except ConfigError as exc:
         print(f"balloonlab-launch: {exc}", file=sys.stderr)
         return 2
-    run_dir = args.run_dir or Path("runs") / f"{scenario.name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    return run_.exit_status
+
+
+def prepare(scenario: str | os.PathLike[str], overrides: Overrides = Overrides()) -> tuple[Path, Scenario]:
+    """Find, load and check a scenario before any process starts; a bad one raises ``ConfigError``."""
+    path = find_scenario(str(scenario))
+    loaded = load_scenario(path, overrides, VALIDATORS)
+    _check_locks(loaded)
+    return path, loaded
+
+
+def launch(path: Path, scenario: Scenario, *, run_dir: Path | None = None, transport: str = "unix",
+           log_level: str = "info", report: bool = True, settings: tuple[tuple[str, Any], ...] = (),
+           verbose: bool = True, formats: tuple[str, ...] = ("png",), dashboard: bool = False,
+           dashboard_port: int = 0) -> LaunchOutcome:
+    """Run every variant of a prepared scenario to its end; write the summary (and the report)."""
+    if transport not in ("unix", "tcp"):
+        raise ConfigError(f"transport must be 'unix' or 'tcp', got {transport!r}")
+    run_dir = Path(run_dir) if run_dir is not None else \
+        Path("runs") / f"{scenario.name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
     run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     os.chmod(run_dir, 0o700)
     shutil.copy(path, run_dir / "scenario.toml")
-    import uvloop
+    if settings:   # scenario.toml alone would not say how this run differed from it
+        (run_dir / "overrides.json").write_text(json.dumps(dict(settings), indent=1) + "\n")
     from balloonlab.dashboard.cli import with_dashboard
-    return uvloop.run(with_dashboard(_launch(scenario, run_dir, args), run_dir, enabled=args.dashboard,
-                                     port=args.dashboard_port))
+    work = _launch(scenario, run_dir, transport=transport, log_level=log_level, report=report, verbose=verbose,
+                   formats=formats)
+    return _run_loop(with_dashboard(work, run_dir, enabled=dashboard, port=dashboard_port))
 
 
-async def _launch(scenario: Scenario, run_dir: Path, args: argparse.Namespace) -> int:
+def _run_loop(coro: Coroutine[Any, Any, T]) -> T:
+    """Run ``coro`` on uvloop; from inside a running event loop (a notebook) on a thread of its own."""
+    import uvloop
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return uvloop.run(coro)
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["result"] = uvloop.run(coro)
+        except BaseException as exc:  # noqa: BLE001 -- re-raised in the caller's thread
+            box["error"] = exc
+    thread = threading.Thread(target=target, name="balloonlab-launch")
+    thread.start()
+    thread.join()
+    if "error" in box:
+        raise box["error"]
+    return box["result"]
+
+
+class _Quiet:
+    """Where the messages go when the caller asked for none."""
+
+    def write(self, text: str) -> int:
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+    def isatty(self) -> bool:
+        return False
+
+
+async def _launch(scenario: Scenario, run_dir: Path, *, transport: str, log_level: str, report: bool,
+                  verbose: bool, formats: tuple[str, ...] = ("png",)) -> LaunchOutcome:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    progress = Progress()
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except (RuntimeError, ValueError):   # not the main thread: the caller's own handlers stay
+            break
+    err: Any = sys.stderr if verbose else _Quiet()
+    progress = Progress(out=err)
     results: list[VariantResult] = []
     names = list(scenario.variants)
-    print(f"balloonlab: scenario {scenario.name} ({', '.join(names)}), run directory {run_dir}", file=sys.stderr)
+    print(f"balloonlab: scenario {scenario.name} ({', '.join(names)}), run directory {run_dir}", file=err)
     sock_dir = None
     try:
         for name in names:
             vdir = run_dir if len(names) == 1 else run_dir / name
             token = new_token()
             run_id = f"{scenario.name}-{name}-{os.getpid()}-{int(time.time())}"
-            if args.transport == "tcp":
+            if transport == "tcp":
                 address = "tcp://127.0.0.1:0"
             else:
                 sock = (vdir / "host.sock").resolve()
@@ -118,33 +204,40 @@ async def _launch(scenario: Scenario, run_dir: Path, args: argparse.Namespace) -
                 # Where the guest keeps its swap on that disk: the host's monitors watch it and may pin it.
                 g["swap_base_block"], g["swap_blocks"] = guest_swap_area(g)
             result = await run_variant(run_config, vdir, address, token, progress.update, stop,
-                                       log_level=args.log_level)
+                                       log_level=log_level)
             progress.done()
             results.append(result)
-            _report_variant(result)
-            _report_deadlock(result, _expects_deadlock(scenario, name))
+            _report_variant(result, err)
+            _report_deadlock(result, _expects_deadlock(scenario, name), err)
             if result.interrupted:
                 break
     finally:
         if sock_dir is not None:
             shutil.rmtree(sock_dir, ignore_errors=True)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                loop.remove_signal_handler(sig)
+            except (RuntimeError, ValueError):
+                break
     interrupted = any(r.interrupted for r in results)
     from balloonlab.analysis.summary import format_table, summarize, write_summary
     try:
         summary = summarize(run_dir)
         write_summary(run_dir, summary)
-        print(format_table(summary))
+        if verbose:
+            print(format_table(summary))
     except Exception as exc:  # a broken analysis must not hide how the run went
-        print(f"balloonlab-launch: could not summarise {run_dir}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        print(f"balloonlab-launch: could not summarise {run_dir}: {type(exc).__name__}: {exc}", file=err)
         summary = None
-    where = _write_report(run_dir, summary, args.no_report, interrupted, args.formats)
-    print(f"run directory: {run_dir}", file=sys.stderr)
-    print(where, file=sys.stderr)
+    where = _write_report(run_dir, summary, not report, interrupted, formats)
+    print(f"run directory: {run_dir}", file=err)
+    print(where, file=err)
     if interrupted:
-        print("balloonlab-launch: interrupted; every process was stopped", file=sys.stderr)
-        return 130
+        print("balloonlab-launch: interrupted; every process was stopped", file=err)
+        return LaunchOutcome(run_dir, 130, results, summary)
     # A deadlock the scenario expects (expect_deadlock) is the result, not a failure.
-    return 0 if all(r.ok or (r.deadlocked and _expects_deadlock(scenario, r.variant)) for r in results) else 1
+    ok = all(r.ok or (r.deadlocked and _expects_deadlock(scenario, r.variant)) for r in results)
+    return LaunchOutcome(run_dir, 0 if ok else 1, results, summary)
 
 
 def _write_report(run_dir: Path, summary: dict | None, no_report: bool, interrupted: bool,
@@ -180,13 +273,12 @@ def _expects_deadlock(scenario: Scenario, variant: str) -> bool:
     return bool(merged.get("expect_deadlock", scenario.expect_deadlock))
 
 
-def _report_deadlock(r: VariantResult, expected: bool) -> None:
+def _report_deadlock(r: VariantResult, expected: bool, err: Any = sys.stderr) -> None:
     """A variant the host ended on a deadlock: say so, with the cycle from the host's log."""
     if not r.deadlocked:
         if expected and not r.interrupted and r.host is not None and r.host.returncode == 0:
-            print(f"[{r.variant}] note: a deadlock was expected but none happened", file=sys.stderr)
+            print(f"[{r.variant}] note: a deadlock was expected but none happened", file=err)
         return
-    import json
     cycle = []
     try:
         with open(r.run_dir / "host.jsonl", "rb") as f:
@@ -199,23 +291,23 @@ def _report_deadlock(r: VariantResult, expected: bool) -> None:
     what = "; ".join(f"{e.get('proc')}/{e.get('task')} holds {e.get('holds_lock')} and waits for "
                      f"{e.get('waits_for_lock')} (for {e.get('waited_s', '?')} s)" for e in cycle) or "see host.jsonl"
     print(f"[{r.variant}] DEADLOCK{' (expected)' if expected else ''}: the host ended the run: {what}",
-          file=sys.stderr)
+          file=err)
 
 
-def _report_variant(r: VariantResult) -> None:
+def _report_variant(r: VariantResult, err: Any = sys.stderr) -> None:
     if r.error:
-        print(f"[{r.variant}] FAILED: {r.error}", file=sys.stderr)
+        print(f"[{r.variant}] FAILED: {r.error}", file=err)
     if r.host is not None and r.host.killed_by and not r.interrupted:
         # The guests lose the host and exit on their own (exit 3, "lost the host"); the run is incomplete.
         print(f"[{r.variant}] FAILED: the host was killed by {r.host.killed_by}; the run is incomplete",
-              file=sys.stderr)
+              file=err)
     elif r.host is not None and r.host.returncode not in (0, None) and not r.interrupted and not r.deadlocked:
-        print(f"[{r.variant}] host exited with {r.host.returncode}:\n{r.host.stderr_tail}", file=sys.stderr)
+        print(f"[{r.variant}] host exited with {r.host.returncode}:\n{r.host.stderr_tail}", file=err)
     for g in r.guests:
         if g.killed_by:
-            print(f"[{r.variant}] {g.name} was killed by {g.killed_by}", file=sys.stderr)
+            print(f"[{r.variant}] {g.name} was killed by {g.killed_by}", file=err)
         elif g.returncode not in (0, None):
-            print(f"[{r.variant}] {g.name} exited with {g.returncode}:\n{g.stderr_tail}", file=sys.stderr)
+            print(f"[{r.variant}] {g.name} exited with {g.returncode}:\n{g.stderr_tail}", file=err)
 
 
 if __name__ == "__main__":

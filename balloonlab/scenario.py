@@ -13,8 +13,11 @@ Schema (every table optional except where noted; README "Scenario files"):
     [disk.vdisk], [disk.swap]   proto.costs.DiskProfile fields + profile
     [locks], [monitors]         lock protocol and host monitors
     [variants.NAME]             any of the tables above, deep-merged over the base
+    [sweep]                     grid and seeds for balloonlab-sweep (balloonlab.sweep.spec); runs ignore it
 
-Errors name the file and the key.
+Errors name the file and the key. A policy given as ``file.py:Class``
+(``guest.policy``, ``balloon.policy``) is resolved against the scenario
+file's directory here, so every process gets an absolute path.
 """
 from __future__ import annotations
 
@@ -29,32 +32,36 @@ from typing import Any, Callable, Mapping
 from balloonlab.proto.clock import TICK_US_DEFAULT, s_to_us
 from balloonlab.proto.costs import CostModel, DiskProfile
 from balloonlab.proto.errors import ConfigError
+from balloonlab.proto.plugins import is_file_spec, resolve_file_spec
+
+from .overrides import Setting, apply_settings
 
 __all__ = ["Scenario", "Overrides", "load_scenario", "SCENARIO_DIR", "find_scenario", "MIB_PAGES"]
 
 SCENARIO_DIR = Path(str(importlib.resources.files("balloonlab.scenarios")))  # scripts/scenarios in the repository
 MIB_PAGES = 256  # 4 KiB pages per MiB
 
-_TOP = {"scenario", "host", "guest", "guests", "balloon", "costs", "disk", "locks", "monitors", "variants"}
+_TOP = {"scenario", "host", "guest", "guests", "balloon", "costs", "disk", "locks", "monitors", "variants", "sweep"}
 _SCENARIO_KEYS: dict[str, type | tuple[type, ...]] = {
     "name": str, "description": str, "seed": int, "guests": int, "duration_s": (int, float), "ticks": int,
     "tick_us": int, "metrics_every_ticks": int, "watchdog_s": (int, float), "unresponsive_s": (int, float),
     "connect_timeout_s": (int, float), "expect_deadlock": bool,
 }
-_BALLOON_KEYS = {"policy": str, "params": dict, "max_percent": (int, float)}
+_BALLOON_KEYS = {"policy": str, "params": dict, "max_percent": (int, float), "log_decisions": str}
 
 Validator = Callable[[Mapping[str, Any], str], None]
 
 
 @dataclass(frozen=True, slots=True)
 class Overrides:
-    """Command-line overrides, applied to every variant."""
+    """Command-line and API overrides, applied to every variant (``settings``: see ``balloonlab.overrides``)."""
 
     guests: int | None = None
     seed: int | None = None
     duration_s: float | None = None
     ticks: int | None = None
     variant: str | None = None
+    settings: tuple[Setting, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,8 +138,9 @@ def load_scenario(path: Path, overrides: Overrides = Overrides(),
     variants_raw = raw.get("variants", {})
     if not isinstance(variants_raw, dict):
         raise ConfigError(f"scenario {where}: [variants] must be a table of tables")
-    base = {k: v for k, v in raw.items() if k != "variants"}
+    base = {k: v for k, v in raw.items() if k not in ("variants", "sweep")}
     names = list(variants_raw) or ["default"]
+    all_names = list(names)
     if overrides.variant is not None:
         if overrides.variant not in names:
             raise ConfigError(f"scenario {where}: no variant {overrides.variant!r}; variants: {names}")
@@ -143,7 +151,7 @@ def load_scenario(path: Path, overrides: Overrides = Overrides(),
         if not isinstance(var, dict):
             raise ConfigError(f"scenario {where}: [variants.{name}] must be a table")
         for key in var:
-            if key not in _TOP - {"variants"}:
+            if key not in _TOP - {"variants", "sweep"}:
                 raise ConfigError(f"scenario {where}: [variants.{name}] unknown table {key!r}")
         merged = _deep_merge(base, var)
         sc = merged.setdefault("scenario", {})
@@ -157,11 +165,32 @@ def load_scenario(path: Path, overrides: Overrides = Overrides(),
         if overrides.duration_s is not None:
             sc["duration_s"] = overrides.duration_s
             sc.pop("ticks", None)
-        _validate(merged, f"{where} variant {name!r}" if variants_raw else where, validators or {})
+        added = apply_settings(merged, overrides.settings, name, all_names)
+        _resolve_policies(merged, path.parent)
+        try:
+            _validate(merged, f"{where} variant {name!r}" if variants_raw else where, validators or {})
+        except ConfigError as exc:
+            # A key an override added (not in the file), or one it changed, is most likely the culprit: say so.
+            paths = added + [p for p, _ in overrides.settings if p not in added]
+            culprit = next((p for p in paths if p.rsplit(".", 1)[-1] in str(exc)), None)
+            if culprit is None:
+                raise
+            raise ConfigError(f"override {culprit!r}: {exc}") from None
         merged_all[name] = merged
     sc0 = base.get("scenario", {})
     return Scenario(path=path, name=str(sc0.get("name", path.stem)), description=str(sc0.get("description", "")),
                     raw=raw, variants=merged_all, expect_deadlock=bool(sc0.get("expect_deadlock", False)))
+
+
+def _resolve_policies(merged: dict[str, Any], base_dir: Path) -> None:
+    """``file.py:Class`` policies relative to the scenario file's directory, made absolute."""
+    tables = [merged.get("balloon"), merged.get("guest")]
+    guests = merged.get("guests")
+    if isinstance(guests, list):
+        tables += guests
+    for table in tables:
+        if isinstance(table, dict) and is_file_spec(table.get("policy")):
+            table["policy"] = resolve_file_spec(table["policy"], base_dir)
 
 
 def _validate(merged: dict[str, Any], where: str, validators: Mapping[str, Validator]) -> None:

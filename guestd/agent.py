@@ -99,7 +99,8 @@ class GuestAgent:
         self.pause.context = lambda: {"mm_lock_held": bool(mm_lock.locked())}
         if self._early_target is not None:
             self.state.set_balloon_target(self._early_target)
-        log.info(ev.GUEST_STARTED, guest=self.guest_id, pid=os.getpid(), ram_pages=welcome.config.get("ram_pages"))
+        log.info(ev.GUEST_STARTED, guest=self.guest_id, pid=os.getpid(), ram_pages=welcome.config.get("ram_pages"),
+                 policy=welcome.config.get("policy", "esc"))
         if conn.is_closing:
             return self._fail(EXIT_HOST_LOST, "the host closed the connection right after the handshake")
         try:

@@ -17,7 +17,7 @@ class KernelConfig:
     layout: Layout                          # the workload's regions (vpages, files on disk)
     kernel_pages: int = 0                   # gpfns 0..kernel_pages-1 are the kernel's, never victims
     swap_pages: int | None = None           # guest swap slots; None = one per anonymous page
-    policy: str = "esc"                     # a name in guestd.replacement.POLICIES
+    policy: str = "esc"                     # a name in guestd.replacement.POLICIES, or "/abs/file.py:Class"
     policy_params: Mapping[str, Any] = field(default_factory=dict)
     ws_period_us: float = 100_000.0         # working-set sample and PFF period (virtual µs)
     ws_sample_pages: int = 100              # resident pages sampled per period (ESX-style)

@@ -21,7 +21,7 @@ from balloonlab.proto.messages import (BalloonDeflate, BalloonInflate, BalloonRe
                             DiskWrite, DiskWriteReply, EptFault, EptFaultReply, MsgType, TickDone)
 from balloonlab.proto.rpc import RequestHandler
 
-from .balloon import make_controller
+from .balloon import DecisionLog, make_controller
 from .balloon.noncoop import NonCooperationDetector
 from .balloon.view import GuestView, HostView
 from .config import RunConfig
@@ -69,6 +69,7 @@ class Machine:
         # Unresponsive guests: their frames go first to host swap, their shootdowns are deferred.
         self.watchdog = Watchdog(self.mem, host.sessions)
         self.controller = make_controller(self.balloon_cfg.policy, self.balloon_cfg.params)
+        self.decisions = DecisionLog(self.balloon_cfg.policy, self.balloon_cfg.log_decisions)
         self.specs = {g.guest_id: g for g in cfg.guests}
         self.targets: dict[int, int] = {}           # last target sent, per guest
         self.noncoop = NonCooperationDetector(self.mem_cfg.uncooperative_ticks)
@@ -303,12 +304,11 @@ class Machine:
             self.uncooperative.add(gid)
             log.warning(ev.GUEST_UNCOOPERATIVE, guest=gid, target_pages=g.target_pages, actual_pages=g.actual_pages,
                         ticks=self.noncoop.stall_ticks)
-        wanted = self.controller.targets(view)
+        # Clamped, an uncooperative guest not asked for more (host swapping covers it), every decision logged.
+        wanted = self.decisions.decide(self.controller, view, self.uncooperative)
         for g in snap_guests:
             gid = g.guest_id
-            new = int(min(max(wanted.get(gid, g.target_pages), 0), g.max_balloon_pages))
-            if gid in self.uncooperative:
-                new = min(new, g.actual_pages)  # stop asking; host swapping covers it
+            new = wanted[gid]
             if new != self.targets.get(gid, 0):
                 session = self.host.sessions[gid]
                 log.info(ev.BALLOON_TARGET_SET, guest=gid, target_pages=new, previous_pages=self.targets.get(gid, 0),
@@ -343,6 +343,7 @@ class Machine:
         return {"memory": snap, "guests_memory": guests, "peaks": dict(self.peak),
                 "invariant_violations": self.invariant_violations, "ram_pages": self.ram_pages,
                 "rejected_requests": dict(self.rejected), "uncooperative_guests": sorted(self.uncooperative),
+                "balloon_decisions": self.decisions.metrics(),
                 "watchdog": self.watchdog.metrics(), "monitors": self.monitors.metrics(),
                 "request_order": "arrival" if self.sequencer is None else "virtual-time",
                 **({} if self.sequencer is None else self.sequencer.stats())}

@@ -57,6 +57,7 @@ class BalloonConfig:
     policy: str
     params: dict[str, Any]
     max_percent: float
+    log_decisions: str = "changes"   # "changes": a hold only when its reason changes; "all": every decision
 
 
 def _check(table: Mapping[str, Any], keys: Mapping[str, tuple[type, ...]], where: str) -> None:
@@ -116,7 +117,7 @@ def host_memory_config(table: Mapping[str, Any], where: str = "[host]") -> HostM
 
 
 def balloon_config(table: Mapping[str, Any], where: str = "[balloon]") -> BalloonConfig:
-    _check(table, {"policy": (str,), "params": (dict,), "max_percent": (int, float)}, where)
+    _check(table, {"policy": (str,), "params": (dict,), "max_percent": (int, float), "log_decisions": (str,)}, where)
     policy = table.get("policy", "none")
     params = dict(table.get("params", {}))
     max_percent = float(_positive(table, "max_percent", where, 65.0, allow_zero=True))
@@ -127,4 +128,8 @@ def balloon_config(table: Mapping[str, Any], where: str = "[balloon]") -> Balloo
         make_controller(policy, params)
     except (KeyError, ValueError, TypeError) as exc:
         raise ConfigError(f"{where}: {exc}") from None
-    return BalloonConfig(policy, params, max_percent)
+    from .balloon.decision import LOG_DECISIONS
+    log_decisions = table.get("log_decisions", "changes")
+    if log_decisions not in LOG_DECISIONS:
+        raise ConfigError(f"{where}.log_decisions: must be one of {list(LOG_DECISIONS)}, got {log_decisions!r}")
+    return BalloonConfig(policy, params, max_percent, log_decisions)

@@ -22,13 +22,18 @@ FRAME_REJECTED = "frame_rejected"        # peer, reason
 INVARIANT_VIOLATED = "invariant_violated"  # what
 
 # guest lifecycle
-GUEST_STARTED = "guest_started"          # guest, pid, config
+GUEST_STARTED = "guest_started"          # guest, pid, ram_pages, policy (the replacement policy)
 GUEST_FINISHED = "guest_finished"        # guest, reason, stats
 HOST_LOST = "host_lost"                  # reason
 PAGE_LOST = "page_lost"                  # guest, vpage, expected, found
 
 # memory and ballooning
 BALLOON_TARGET_SET = "balloon_target_set"  # guest, target_pages, previous_pages, policy
+# guest, decision (inflate|deflate|hold), code, reason (words, with the numbers), target_pages,
+# previous_pages, actual_pages, policy, inputs {name: number}: why a controller set, or kept, a target;
+# a hold is logged when its reason changes ([balloon] log_decisions = "all": every one), and
+# run_finished.balloon_decisions counts every decision by code
+BALLOON_DECISION = "balloon_decision"
 GUEST_UNCOOPERATIVE = "guest_uncooperative"  # guest, target_pages, actual_pages, ticks
 SWAP_STORM_DETECTED = "swap_storm_detected"  # storm, chain [{link, value, threshold, ok, ...}], guests [rates]
 SWAP_STORM_ENDED = "swap_storm_ended"    # storm, lasted_ticks, quiet_ticks

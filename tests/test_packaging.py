@@ -32,3 +32,42 @@ def test_the_shipped_scenarios_are_package_data() -> None:
     names = {p.name for p in importlib.resources.files("balloonlab.scenarios").iterdir() if p.name.endswith(".toml")}
     assert "io-amplification.toml" in names and "basic.toml" in names
     assert find_scenario("basic") == SCENARIO_DIR / "basic.toml"
+
+
+def _sources(dest: Path) -> None:
+    """What the wheel is built from, copied: the build leaves build/ and *.egg-info behind."""
+    import shutil
+
+    shutil.copy(REPO / "pyproject.toml", dest)
+    shutil.copy(REPO / "README.md", dest)
+    _, package_dir = _declared()
+    for folder in set(package_dir.values()):
+        shutil.copytree(REPO / folder, dest / folder, ignore=shutil.ignore_patterns("__pycache__"))
+
+
+def test_the_wheel_has_one_top_level_name_and_the_console_scripts(tmp_path: Path) -> None:
+    """What ``pip install .`` puts into site-packages: balloonlab and its dist-info, nothing generic."""
+    import subprocess
+    import sys
+    import zipfile
+
+    _sources(tmp_path)
+    res = subprocess.run([sys.executable, "-c", "from setuptools import build_meta; print(build_meta.build_wheel('dist'))"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-3000:]
+    wheel = zipfile.ZipFile(tmp_path / "dist" / res.stdout.strip().splitlines()[-1])
+    names = wheel.namelist()
+    assert {n.split("/")[0] for n in names} == {"balloonlab", "balloonlab-0.2.0.dist-info"}
+    for module in ("balloonlab/api.py", "balloonlab/proto/plugins.py", "balloonlab/hostd/balloon/decision.py",
+                   "balloonlab/sweep/cli.py", "balloonlab/analysis/tables.py", "balloonlab/scenarios/swap-storm.toml"):
+        assert module in names, module
+    info = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
+    scripts = {line.split(" = ")[0]: line.split(" = ")[1] for line in wheel.read(info).decode().splitlines()
+               if " = " in line}
+    assert scripts == {"balloonlab-launch": "balloonlab.launch:main", "balloonlab-analyze": "balloonlab.analyze:main",
+                       "balloonlab-sweep": "balloonlab.sweep.cli:main"}
+    meta = wheel.read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
+    required = {line.split(":", 1)[1].split(";")[0].strip() for line in meta.splitlines()
+                if line.startswith("Requires-Dist:") and "extra ==" not in line}
+    for dep in ("matplotlib", "pandas", "dask[distributed]", "fastparquet"):   # ordinary dependencies, not extras
+        assert any(r.startswith(dep) for r in required), (dep, required)

@@ -25,6 +25,7 @@ import numpy as np
 from balloonlab.proto import events as ev
 
 from .compare import Column, compare_table, format_value
+from .decisions import decisions_section
 from .logs import VariantLogs, event_vt_us, find_variants, load_variant
 
 __all__ = ["write_report", "write_report_full", "render_report", "notable_events", "evidence", "variant_order",
@@ -38,7 +39,7 @@ RARE_KIND_COUNT = 5
 
 # Logged every run or every tick: not news.
 _ROUTINE = {ev.TICK_COMPLETED, ev.RUN_STARTED, ev.RUN_FINISHED, ev.GUEST_STARTED, ev.GUEST_FINISHED,
-            ev.GUEST_CONNECTED}
+            ev.GUEST_CONNECTED, ev.BALLOON_DECISION}   # decisions have their own table (decisions.py)
 # Fields every line carries: not evidence.
 _CONTEXT = {"event", "level", "timestamp", "proc", "run_id", "variant", "tick", "vt_us", "guest", "logger"}
 _LOUD = {"warning", "error", "critical", "exception"}
@@ -477,6 +478,7 @@ def render_report(run_dir: Path, summary: dict[str, Any], logs: Sequence[Variant
         v = variants[n]
         out += [f"## Variant `{n}`", ""]
         out += ["### Guests", "", _guest_table(v), ""]
+        out += decisions_section(v)
         if v.get("guests_lost"):
             out += [f"Guests lost mid-run: {_cell(v['guests_lost'])}", ""]
         details = _pathology_details(v)

@@ -16,6 +16,7 @@ from typing import Any
 
 from balloonlab.proto import events as ev
 
+from .decisions import decision_metrics
 from .logs import VariantLogs, find_variants, iter_events, load_variant
 from .pathologies import pathology_lines, pathology_metrics
 
@@ -134,6 +135,7 @@ def summarize_variant(v: VariantLogs) -> dict[str, Any]:
     out.update(lock_metrics(v, finished, guests))   # issue #6: deadlocks, lock-order violations
     out.update(pathology_metrics(v, finished, host))   # swap storms, double faults, pins, sweeps
     out.update(reliability_metrics(v, finished))
+    out.update(decision_metrics(v, finished))   # why the balloon controller set or kept each target
     return out
 
 

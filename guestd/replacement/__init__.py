@@ -3,6 +3,13 @@
 Names: ``fifo``, ``clock``, ``clock-r0``, ``esc``, ``lru``, ``opt``,
 ``file-first``, ``car`` (the working-set policy). Each module's docstring is
 the policy's exact definition; guestd/README.md collects them.
+
+A name ``"path/to/mine.py:MyPolicy"`` loads the user's class from that file
+(``balloonlab.proto.plugins``; the launcher made the path absolute and the
+host sent it in the guest's config). It is built as ``MyPolicy(n_frames,
+**policy_params)`` and must have every member of ``ReplacementPolicy``;
+subclassing ``replacement.base.PolicyBase`` gives the defaults
+(docs/policies.md has a worked example).
 """
 from __future__ import annotations
 
@@ -10,6 +17,8 @@ import inspect
 from typing import Any, Callable, Protocol, runtime_checkable
 
 import numpy as np
+
+from balloonlab.proto.plugins import PluginError, is_file_spec, load_class
 
 from ..errors import GuestConfigError, UnknownPolicy
 from ..memory import Frames
@@ -61,13 +70,43 @@ def policy_names() -> list[str]:
 
 def make_policy(name: str, n_frames: int, **params: Any) -> ReplacementPolicy:
     """Build policy ``name`` for ``n_frames`` frames; unknown names and parameters are typed errors."""
+    if is_file_spec(name):
+        try:
+            cls: Callable[..., Any] = load_class(name)
+        except PluginError as exc:
+            raise GuestConfigError(f"replacement {exc}") from None
+    else:
+        try:
+            cls = POLICIES[name]
+        except (KeyError, TypeError):
+            raise UnknownPolicy(name, POLICIES) from None
     try:
-        cls = POLICIES[name]
-    except (KeyError, TypeError):
-        raise UnknownPolicy(name, POLICIES) from None
-    accepted = set(inspect.signature(cls).parameters) - {"n_frames"}
+        accepted = set(inspect.signature(cls).parameters) - {"n_frames"}
+    except (TypeError, ValueError):
+        raise GuestConfigError(f"policy {name!r}: cannot read the signature of {cls!r}") from None
+    has_kwargs = any(p.kind is p.VAR_KEYWORD for p in inspect.signature(cls).parameters.values())
     extra = sorted(set(params) - accepted)
-    if extra:
+    if extra and not has_kwargs:
         raise GuestConfigError(
             f"policy {name!r}: unknown parameter(s) {', '.join(extra)}; accepted: {sorted(accepted) or 'none'}")
-    return cls(n_frames, **params)
+    if not is_file_spec(name):
+        return cls(n_frames, **params)
+    try:
+        policy = cls(n_frames, **params)
+    except Exception as exc:  # noqa: BLE001 -- the user's constructor: report what it raised
+        raise GuestConfigError(f"replacement policy {name!r}: {type(exc).__name__} from "
+                               f"{cls.__name__}({n_frames}, **{params!r}): {exc}") from None
+    _check_interface(name, policy)
+    return policy
+
+
+def _check_interface(spec: str, policy: Any) -> None:
+    """A user's policy must have every member the kernel uses; name the missing ones."""
+    methods = ("attach", "resize", "on_hits", "on_load", "select_victim", "select_victims")
+    missing = [m for m in methods if not callable(getattr(policy, m, None))]
+    missing += [a for a in ("name", "capacity_pages") if not hasattr(policy, a)]
+    if missing:
+        raise GuestConfigError(
+            f"replacement policy {spec!r}: {type(policy).__name__} lacks {', '.join(missing)} of the "
+            f"ReplacementPolicy interface (subclass balloonlab.guestd.replacement.base.PolicyBase for the "
+            f"defaults; docs/policies.md)")

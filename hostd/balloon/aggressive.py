@@ -10,13 +10,14 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from .policy import check_fraction, check_non_negative, clamp_target, is_due, parse_params
-from .view import HostView
+from .decision import Decision, hold
+from .policy import ControllerBase, check_fraction, check_non_negative, clamp_target, is_due, parse_params
+from .view import STAT_WORKING_SET, HostView
 
 __all__ = ["AggressiveBalloon"]
 
 
-class AggressiveBalloon:
+class AggressiveBalloon(ControllerBase):
     name = "aggressive"
 
     def __init__(self, free_target_fraction: float, period_ticks: int, start_tick: int = 0) -> None:
@@ -32,12 +33,23 @@ class AggressiveBalloon:
         check_non_negative(cls.name, "start_tick", p["start_tick"])
         return cls(p["free_target_fraction"], p["period_ticks"], p["start_tick"])
 
-    def targets(self, view: HostView) -> dict[int, int]:
-        out = view.current_targets()
-        if not view.guests or view.tick < self.start_tick or not is_due(view, self.period_ticks):
-            return out
-        deficit = self.free_target_fraction * view.total_frames - view.expected_free_frames
+    def decide(self, view: HostView) -> dict[int, Decision] | None:
+        if not view.guests or not is_due(view, self.period_ticks):
+            return None
+        if view.tick < self.start_tick:
+            return {g.guest_id: hold(g, "before_start", f"no inflation before start_tick {self.start_tick}",
+                                     start_tick=self.start_tick) for g in view.guests}
+        goal = self.free_target_fraction * view.total_frames
+        expected = view.expected_free_frames
+        deficit = goal - expected
+        host = {"free_frames": view.free_frames, "expected_free_frames": expected, "goal_free_frames": goal}
         if deficit <= 0:
-            return out
+            return {g.guest_id: hold(g, "no_deficit", f"host expects {expected} free frames, at or above its goal "
+                                     f"{goal:.0f} ({self.free_target_fraction:g} of host RAM)", **host)
+                    for g in view.guests}
         each = -(-int(deficit) // len(view.guests))
-        return {g.guest_id: clamp_target(g, g.target_pages + each) for g in view.guests}
+        return {g.guest_id: Decision(
+            clamp_target(g, g.target_pages + each), "deficit_split_evenly",
+            f"host short by {deficit:.0f} frames (expects {expected} free, goal {goal:.0f}): every guest inflates "
+            f"by an even share of {each} pages, whatever its working set",
+            {**host, "share_pages": each, "working_set_pages": g.stat(STAT_WORKING_SET)}) for g in view.guests}

@@ -16,13 +16,14 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from .policy import check_fraction, clamp_target, is_due, parse_params
+from .decision import Decision
+from .policy import ControllerBase, check_fraction, clamp_target, is_due, parse_params
 from .view import STAT_FREE, HostView
 
 __all__ = ["MomBalloon"]
 
 
-class MomBalloon:
+class MomBalloon(ControllerBase):
     name = "mom"
 
     def __init__(self, pressure_threshold: float, pressure_rate: float, min_guest_free_percent: float,
@@ -44,22 +45,38 @@ class MomBalloon:
             check_fraction(cls.name, name, p[name])
         return cls(**p)
 
-    def targets(self, view: HostView) -> dict[int, int]:
-        out = view.current_targets()
+    def decide(self, view: HostView) -> dict[int, Decision] | None:
         if not is_due(view, self.period_ticks):
-            return out
-        pressure = view.free_frames < self.pressure_threshold * view.total_frames
+            return None
+        threshold = self.pressure_threshold * view.total_frames
+        pressure = view.free_frames < threshold
+        out: dict[int, Decision] = {}
         for g in view.guests:
             step = self.pressure_rate * g.ram_pages
+            inputs: dict[str, float] = {"free_frames": view.free_frames, "pressure_frames": threshold,
+                                        "rate_pages": step}
             if pressure:
                 guest_mem = g.ram_pages - g.target_pages
                 guest_free = g.stat(self.free_stat)
-                step = min(step, guest_free - self.min_guest_free_percent * guest_mem)
+                room = guest_free - self.min_guest_free_percent * guest_mem
+                inputs.update(guest_free_pages=guest_free, guest_memory_pages=guest_mem, room_pages=room)
+                step = min(step, room)
                 new = g.target_pages + max(0.0, step)
+                code, why = (("host_pressure", f"host free {view.free_frames} < {threshold:.0f} frames "
+                              f"({self.pressure_threshold:g} of RAM): shrink the guest by up to {step:.0f} pages")
+                             if step > 0 else
+                             ("guest_free_low", f"host free {view.free_frames} < {threshold:.0f} frames, but the "
+                              f"guest has {guest_free:.0f} pages free, not more than {self.min_guest_free_percent:g} "
+                              f"of its {guest_mem} pages: not shrunk"))
             else:
                 new = g.target_pages - step
+                code, why = "no_host_pressure", (f"host free {view.free_frames} >= {threshold:.0f} frames: the "
+                                                 f"guest grows back by up to {step:.0f} pages")
             new_pages = clamp_target(g, int(new))   # floor: never overshoot the 20 % free rule
             if abs(new_pages - g.target_pages) < self.min_balloon_change_percent * g.ram_pages:
-                new_pages = out[g.guest_id]
-            out[g.guest_id] = new_pages
+                if new_pages != g.target_pages:
+                    code, why = "change_too_small", (f"{why}; a change of {new_pages - g.target_pages} pages is "
+                                                     f"below {self.min_balloon_change_percent:g} of its RAM: kept")
+                new_pages = min(max(g.target_pages, 0), g.max_balloon_pages)
+            out[g.guest_id] = Decision(new_pages, code, why, inputs)
         return out

@@ -3,13 +3,14 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from .policy import parse_params
+from .decision import Decision
+from .policy import ControllerBase, parse_params
 from .view import HostView
 
 __all__ = ["NoBalloon"]
 
 
-class NoBalloon:
+class NoBalloon(ControllerBase):
     name = "none"
 
     @classmethod
@@ -17,5 +18,6 @@ class NoBalloon:
         parse_params(cls.name, params, {})
         return cls()
 
-    def targets(self, view: HostView) -> dict[int, int]:
-        return {g.guest_id: 0 for g in view.guests}
+    def decide(self, view: HostView) -> dict[int, Decision]:
+        return {g.guest_id: Decision(0, "never_balloons", "policy none never balloons: the host relies on host swapping")
+                for g in view.guests}

@@ -1,27 +1,55 @@
 """The balloon-controller interface and what every policy shares.
 
-A controller is called once per tick with a ``HostView`` and returns the
-balloon target (pages) of every guest in the view. A policy that acts only
-every ``period_ticks`` returns the current targets on the other ticks.
-Targets are always clamped to ``[0, max_balloon_pages]``.
+A controller is called once per tick with a ``HostView`` (``view.py``) and
+returns, from ``decide(view)``, one ``Decision`` per guest of the view: the
+balloon target in pages it wants, a reason code, the reason in words and
+the numbers it used (``decision.py``). On a tick it does not act (a policy
+with ``period_ticks``) it returns ``None`` and the targets stand. The host
+clamps targets to ``[0, max_balloon_pages]`` and logs every decision
+(``balloon_decision``). ``ControllerBase.targets(view)`` gives just the
+targets, for tests and tools.
+
+The built-in controllers and a user's own (``[balloon] policy =
+"mine.py:MyController"``, docs/policies.md) implement the same interface.
 """
 from __future__ import annotations
 
 from typing import Any, Mapping, Protocol
 
 from ..errors import PolicyConfigError
+from .decision import Decision
 from .view import GuestView, HostView
 
-__all__ = ["BalloonController", "clamp_target", "is_due", "parse_params", "Spec", "check_fraction",
-           "check_non_negative"]
+__all__ = ["BalloonController", "ControllerBase", "clamp_target", "is_due", "parse_params", "Spec",
+           "check_fraction", "check_non_negative"]
 
 
 class BalloonController(Protocol):
     name: str
 
-    def targets(self, view: HostView) -> dict[int, int]:
-        """Balloon target in pages for every guest of ``view``."""
+    def decide(self, view: HostView) -> Mapping[int, Decision] | None:
+        """A ``Decision`` for every guest of ``view``, or ``None`` when the controller does not act this tick."""
         ...
+
+    def targets(self, view: HostView) -> dict[int, int]:
+        """Just the targets of ``decide`` (the current ones when it does not act)."""
+        ...
+
+
+class ControllerBase:
+    """``targets`` derived from ``decide``: what tests and tools that need no reasons call."""
+
+    def decide(self, view: HostView) -> Mapping[int, Decision] | None:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def targets(self, view: HostView) -> dict[int, int]:
+        decisions = self.decide(view)
+        out = view.current_targets()
+        if decisions is not None:
+            for g in view.guests:
+                if g.guest_id in decisions:
+                    out[g.guest_id] = clamp_target(g, decisions[g.guest_id].target_pages)
+        return out
 
 
 def clamp_target(guest: GuestView, pages: float) -> int:

@@ -27,7 +27,8 @@ from typing import Any, Mapping
 import numpy as np
 
 from ..errors import PolicyConfigError
-from .policy import check_fraction, check_non_negative, clamp_target, is_due, parse_params
+from .decision import Decision
+from .policy import ControllerBase, check_fraction, check_non_negative, clamp_target, is_due, parse_params
 from .view import STAT_WORKING_SET, HostView
 
 __all__ = ["ProportionalBalloon", "shares_per_page"]
@@ -45,7 +46,7 @@ def shares_per_page(shares: np.ndarray, pages: np.ndarray, active_fraction: np.n
         return np.where(pages > 0, shares / np.maximum(cost, 1e-300), np.inf)
 
 
-class ProportionalBalloon:
+class ProportionalBalloon(ControllerBase):
     name = "proportional"
 
     def __init__(self, tax_rate: float, free_target_fraction: float, release_fraction: float,
@@ -71,20 +72,43 @@ class ProportionalBalloon:
                 f"free_target_fraction {p['free_target_fraction']}")
         return cls(**p)
 
-    def targets(self, view: HostView) -> dict[int, int]:
-        out = view.current_targets()
+    def decide(self, view: HostView) -> dict[int, Decision] | None:
         if not view.guests or not is_due(view, self.period_ticks):
-            return out
+            return None
         expected_free = view.expected_free_frames
         low = self.free_target_fraction * view.total_frames
         high = self.release_fraction * view.total_frames
-        if expected_free < low:
-            self._move(view, out, int(np.ceil(low - expected_free)), inflate=True)
-        elif expected_free > high:
-            self._move(view, out, int(expected_free - high), inflate=False)
+        host = {"free_frames": view.free_frames, "expected_free_frames": expected_free, "goal_free_frames": low,
+                "release_free_frames": high}
+        if low <= expected_free <= high:
+            why = (f"host expects {expected_free} free frames, between its goal {low:.0f} and its release "
+                   f"level {high:.0f}: nothing to move")
+            return {g.guest_id: Decision(g.target_pages, "within_band", why, host) for g in view.guests}
+        inflate = expected_free < low
+        amount = int(np.ceil(low - expected_free)) if inflate else int(expected_free - high)
+        target, rho, active = self._move(view, amount, inflate=inflate)
+        out: dict[int, Decision] = {}
+        for i, g in enumerate(view.guests):
+            t = clamp_target(g, int(target[i]))
+            inputs = {**host, "amount_pages": amount, "shares_per_page": float(rho[i]),
+                      "active_fraction": float(active[i]), "shares": g.shares}
+            if inflate:
+                what = (f"host short by {amount} frames (expects {expected_free} free, goal {low:.0f}): "
+                        f"taken from the guests with the fewest shares per page first (this guest: "
+                        f"{rho[i]:.3g}, active fraction {active[i]:.2f})")
+                code = ("host_short_taken" if t > g.target_pages else
+                        "at_max_balloon" if g.target_pages >= g.max_balloon_pages else "host_short_others_first")
+            else:
+                what = (f"host has {amount} frames to spare (expects {expected_free} free, release level "
+                        f"{high:.0f}): given back to the guests with the most shares per page first (this "
+                        f"guest: {rho[i]:.3g})")
+                code = ("host_surplus_given" if t < g.target_pages else
+                        "balloon_empty" if g.target_pages <= 0 else "host_surplus_others_first")
+            out[g.guest_id] = Decision(t, code, what, inputs)
         return out
 
-    def _move(self, view: HostView, out: dict[int, int], amount: int, *, inflate: bool) -> None:
+    def _move(self, view: HostView, amount: int, *, inflate: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """New targets, and each guest's shares per page and active fraction before the move."""
         guests = list(view.guests)
         target = np.array([g.target_pages for g in guests], np.int64)
         owed = np.maximum(target - np.array([g.actual_pages for g in guests], np.int64), 0)
@@ -95,6 +119,7 @@ class ProportionalBalloon:
         limit = np.array([g.max_balloon_pages for g in guests], np.int64)
         step = np.full(len(guests), self.max_step_pages or np.iinfo(np.int64).max, np.int64)
         moved = np.zeros(len(guests), np.int64)
+        rho0, active0 = shares_per_page(shares, pages, active, self.tax_rate), active.copy()
         chunk = max(1, -(-amount // _CHUNKS))
         left = amount
         while left > 0:
@@ -120,5 +145,4 @@ class ProportionalBalloon:
             active[i] = min(active_pages / pages[i], 1.0) if pages[i] > 0 else 1.0
             moved[i] += take
             left -= take
-        for g, t in zip(guests, target.tolist()):
-            out[g.guest_id] = clamp_target(g, t)
+        return target, rho0, active0

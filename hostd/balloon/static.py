@@ -11,7 +11,8 @@ from typing import Any, Mapping
 from balloonlab.proto.costs import PAGE_BYTES
 
 from ..errors import PolicyConfigError
-from .policy import check_fraction, clamp_target, parse_params
+from .decision import Decision
+from .policy import ControllerBase, check_fraction, clamp_target, parse_params
 from .view import HostView
 
 __all__ = ["StaticBalloon"]
@@ -19,7 +20,7 @@ __all__ = ["StaticBalloon"]
 _PAGES_PER_MIB = (1 << 20) // PAGE_BYTES
 
 
-class StaticBalloon:
+class StaticBalloon(ControllerBase):
     name = "static"
 
     def __init__(self, targets_mib: Mapping[int, float], fraction: float, start_tick: int) -> None:
@@ -44,14 +45,18 @@ class StaticBalloon:
             targets[gid] = float(mib)
         return cls(targets, p["fraction"], p["start_tick"])
 
-    def targets(self, view: HostView) -> dict[int, int]:
+    def decide(self, view: HostView) -> dict[int, Decision]:
         if view.tick < self.start_tick:
-            return {g.guest_id: 0 for g in view.guests}
-        out: dict[int, int] = {}
+            return {g.guest_id: Decision(0, "before_start", f"no balloon before start_tick {self.start_tick}",
+                                         {"start_tick": self.start_tick}) for g in view.guests}
+        out: dict[int, Decision] = {}
         for g in view.guests:
             if g.guest_id in self.targets_mib:
-                pages = self.targets_mib[g.guest_id] * _PAGES_PER_MIB
+                mib = self.targets_mib[g.guest_id]
+                out[g.guest_id] = Decision(clamp_target(g, mib * _PAGES_PER_MIB), "static_mib",
+                                           f"static target {mib:g} MiB for this guest", {"target_mib": mib})
             else:
-                pages = self.fraction * g.ram_pages
-            out[g.guest_id] = clamp_target(g, pages)
+                out[g.guest_id] = Decision(clamp_target(g, self.fraction * g.ram_pages), "static_fraction",
+                                           f"static target {self.fraction:g} of the guest's {g.ram_pages} pages",
+                                           {"fraction": self.fraction, "ram_pages": g.ram_pages})
         return out

@@ -21,7 +21,8 @@ from typing import Any, Mapping
 import numpy as np
 
 from ..errors import PolicyConfigError
-from .policy import check_fraction, check_non_negative, clamp_target, parse_params
+from .decision import Decision
+from .policy import ControllerBase, check_fraction, check_non_negative, clamp_target, parse_params
 from .view import STAT_PFF, STAT_WORKING_SET, GuestView, HostView
 
 __all__ = ["SweepBalloon"]
@@ -29,7 +30,7 @@ __all__ = ["SweepBalloon"]
 STAT_KERNEL = "kernel_pages"
 
 
-class SweepBalloon:
+class SweepBalloon(ControllerBase):
     name = "sweep"
 
     def __init__(self, start_tick: int, step_ticks: int, step_fraction: float, max_fraction: float,
@@ -70,16 +71,32 @@ class SweepBalloon:
                  + int(g.stat(STAT_KERNEL)))
         return clamp_target(g, g.ram_pages - floor)
 
-    def targets(self, view: HostView) -> dict[int, int]:
-        out: dict[int, int] = {}
+    def decide(self, view: HostView) -> dict[int, Decision]:
+        out: dict[int, Decision] = {}
+        step = self.step_index(view.tick)
         for g in view.guests:
             want = self.sweep_pages(g, view.tick)
+            inputs: dict[str, float] = {"step": step, "sweep_pages": want}
+            code, why = (("before_start", f"no balloon before start_tick {self.start_tick}") if step == 0 else
+                         ("sweep_step", f"sweep step {step}: {min(step * self.step_fraction, self.max_fraction):g} "
+                                        f"of the guest's RAM = {want} pages"))
             if self.respect_working_set:
                 cap = self.cap_pages(g)
+                inputs.update(cap_pages=cap, working_set_pages=g.stat(STAT_WORKING_SET), pff=g.stat(STAT_PFF),
+                              pff_high=self.pff_high)
                 if want > g.target_pages:
                     thrashing = self.pff_high > 0 and g.stat(STAT_PFF) > self.pff_high
+                    if thrashing:
+                        code, why = "pff_above_high", (f"PFF {g.stat(STAT_PFF):.0f}/s above pff_high "
+                                                       f"{self.pff_high:g}/s: not inflated")
+                    elif want > max(cap, g.target_pages):
+                        code, why = "working_set_cap", (f"{why}, capped at {max(cap, g.target_pages)} pages by the "
+                                                        f"working set {g.stat(STAT_WORKING_SET):.0f} + headroom")
                     want = g.target_pages if thrashing else min(want, max(cap, g.target_pages))
                 if cap < g.target_pages:      # the working set grew past the balloon: give it back
+                    if want > cap:
+                        code, why = "working_set_grew", (f"working set {g.stat(STAT_WORKING_SET):.0f} + headroom "
+                                                         f"leaves a cap of {cap} pages, below the target: lowered")
                     want = min(want, cap)
-            out[g.guest_id] = clamp_target(g, want)
+            out[g.guest_id] = Decision(clamp_target(g, want), code, why, inputs)
         return out

@@ -34,7 +34,8 @@ from typing import Any, Mapping
 import numpy as np
 
 from ..errors import PolicyConfigError
-from .policy import check_fraction, check_non_negative, clamp_target, is_due, parse_params
+from .decision import Decision
+from .policy import ControllerBase, check_fraction, check_non_negative, clamp_target, is_due, parse_params
 from .view import STAT_PFF, STAT_WORKING_SET, GuestView, HostView
 
 STAT_KERNEL = "kernel_pages"   # guestd reports the frames its kernel holds
@@ -42,7 +43,7 @@ STAT_KERNEL = "kernel_pages"   # guestd reports the frames its kernel holds
 __all__ = ["WorkingSetBalloon"]
 
 
-class WorkingSetBalloon:
+class WorkingSetBalloon(ControllerBase):
     name = "working-set"
 
     def __init__(self, free_target_fraction: float, release_fraction: float, headroom: float,
@@ -99,13 +100,14 @@ class WorkingSetBalloon:
                  + int(g.stat(STAT_KERNEL)))
         return clamp_target(g, g.ram_pages - floor)
 
-    def targets(self, view: HostView) -> dict[int, int]:
-        out = view.current_targets()
+    def decide(self, view: HostView) -> dict[int, Decision] | None:
         if not view.guests or not is_due(view, self.period_ticks):
-            return out
+            return None
         guests = list(view.guests)
-        cap = np.array([self.cap_pages(g, self.working_set(g)) for g in guests], np.int64)
-        target = np.minimum(np.array([g.target_pages for g in guests], np.int64), cap)
+        ws = np.array([self.working_set(g) for g in guests], np.float64)
+        cap = np.array([self.cap_pages(g, w) for g, w in zip(guests, ws)], np.int64)
+        before = np.array([g.target_pages for g in guests], np.int64)
+        target = np.minimum(before, cap)
         thrashing = np.array([g.stat(STAT_PFF) > self.pff_high for g in guests])
         target[thrashing] = np.maximum(target[thrashing] - self.max_step_pages, 0)
 
@@ -119,16 +121,56 @@ class WorkingSetBalloon:
         expected_free = view.free_frames + int(pending.sum())
         low = self.free_target_fraction * view.total_frames
         high = self.release_fraction * view.total_frames
+        slack = np.where(thrashing, 0, np.maximum(cap - target - unbacked, 0))
+        add = np.zeros(len(guests), np.int64)
+        give = np.zeros(len(guests), np.int64)
         if expected_free < low:
-            slack = np.where(thrashing, 0, np.maximum(cap - target - unbacked, 0))
             add = _spread(int(np.ceil(low - expected_free)), slack, self.max_step_pages)
             # The step bounds what the host gains; the unbacked frames go along with it.
             target += np.where(add > 0, add + unbacked, 0)
         elif expected_free > high:
-            size = np.where(thrashing, 0, target)
-            target -= _spread(int(expected_free - high), size, self.max_step_pages)
-        return {g.guest_id: clamp_target(g, t) for g, t in zip(guests, np.minimum(target, cap).tolist())}
+            give = _spread(int(expected_free - high), np.where(thrashing, 0, target), self.max_step_pages)
+            target -= give
+        final = np.minimum(target, cap)
+        out: dict[int, Decision] = {}
+        for i, g in enumerate(guests):
+            inputs = {"working_set_pages": float(ws[i]), "ws_estimate_pages": g.stat(STAT_WORKING_SET),
+                      "cap_pages": int(cap[i]), "pff": g.stat(STAT_PFF), "pff_high": self.pff_high,
+                      "free_frames": view.free_frames, "expected_free_frames": expected_free,
+                      "goal_free_frames": low, "release_free_frames": high, "slack_pages": int(slack[i]),
+                      "unbacked_pages": int(unbacked[i]), "added_pages": int(add[i]), "given_back_pages": int(give[i])}
+            code, why = self._why(i, g, before, cap, thrashing, add, give, slack, unbacked, ws, expected_free,
+                                  low, high)
+            out[g.guest_id] = Decision(clamp_target(g, int(final[i])), code, why, inputs)
+        return out
 
+    def _why(self, i: int, g: GuestView, before: np.ndarray, cap: np.ndarray, thrashing: np.ndarray,
+             add: np.ndarray, give: np.ndarray, slack: np.ndarray, unbacked: np.ndarray, ws: np.ndarray,
+             expected_free: int, low: float, high: float) -> tuple[str, str]:
+        """The reason code and sentence for guest ``i``: the first rule that decided its target."""
+        host = f"host expects {expected_free} free frames (goal {low:.0f}, release level {high:.0f})"
+        floor = f"working set {ws[i]:.0f} pages + {self.headroom:g} headroom + reserve leaves a cap of {cap[i]}"
+        if thrashing[i]:
+            lowered = f", target lowered by up to {self.max_step_pages} pages" if before[i] > 0 else ""
+            return "pff_above_high", (f"PFF {g.stat(STAT_PFF):.0f}/s above pff_high {self.pff_high:g}/s: "
+                                      f"not inflated{lowered}; {host}")
+        if cap[i] < before[i]:
+            return "working_set_grew", f"{floor} pages, below the target {before[i]}: lowered to the cap"
+        if add[i] > 0:
+            return "host_short", (f"{host}: inflated by {add[i]} pages of its slack {slack[i]}"
+                                  + (f" (+{unbacked[i]} never-backed pages)" if unbacked[i] else "") + f"; {floor}")
+        if expected_free < low:
+            if slack[i] <= 0 and unbacked[i] > 0 and cap[i] > before[i]:
+                return "slack_unbacked", (f"{host}: its slack is only the {unbacked[i]} pages the host never "
+                                          f"backed; inflating them frees nothing")
+            if slack[i] <= 0:
+                return "no_slack", f"{host}: no slack, {floor} pages and the target is {before[i]}"
+            return "host_short_others", f"{host}: the deficit went to other guests' slack first"
+        if give[i] > 0:
+            return "host_surplus", f"{host}: balloon shrinks by {give[i]} pages"
+        if expected_free > high:
+            return "host_surplus_empty", f"{host}: nothing to give back, the balloon is {before[i]} pages"
+        return "within_band", host
 
 def _spread(amount: int, weight: np.ndarray, max_each: int) -> np.ndarray:
     """Split ``amount`` in proportion to ``weight``, each share at most its weight and ``max_each``."""

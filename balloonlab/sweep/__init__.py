@@ -1,0 +1,1 @@
+"""Sweeps: a scenario over a grid of overrides and seeds, on Dask distributed, with statistics."""
