@@ -139,6 +139,13 @@ class FramePool:
             mask &= self.kind == kind
         return np.flatnonzero(mask)
 
+    def check_counters(self) -> None:
+        """The counts kept as frames move agree with each other (O(1): the sampled invariant's part)."""
+        if int(self._kind_frames.sum()) != self.total_frames or self._kind_frames[FrameKind.FREE] != self._n_free \
+                or not 0 <= self._n_free <= self.total_frames:
+            raise InvariantViolation(f"kind counts drifted: kept {self._kind_frames.tolist()}, free stack "
+                                     f"{self._n_free}, total {self.total_frames}")
+
     def check_invariant(self) -> None:
         """The pool's own consistency; HostMemory cross-checks owners against p2m and vdisks."""
         counted = np.bincount(self.kind, minlength=len(FrameKind))

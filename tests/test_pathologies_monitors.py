@@ -154,6 +154,7 @@ async def test_double_faults_are_logged_with_their_blocks_and_count() -> None:
     FakeGuests(hm).add(1, 16, disk_blocks=64)
     log = Log()
     mon = HostMonitors({"double_faults": {"samples": 2}}, hm, 10_000)
+    hm.wire(observer=mon)
     mon.double_faults.log = log
     mon.guest_joined(1, 16, {"swap_base_block": 32, "swap_blocks": 32})
     await hm.vdisk_write(1, blocks(33, 34, 40), np.array([5, 6, 7], np.uint64), 0.0)
@@ -177,6 +178,7 @@ async def test_pinning_drops_swapped_copies_and_no_double_fault_follows() -> Non
     log = Log()
     mon = HostMonitors({"pinning": {"enabled": True, "swap_pages_per_s": 100.0, "window_ticks": 1,
                                     "calm_ticks": 2}}, hm, 10_000)
+    hm.wire(observer=mon)
     mon.pinner.log = log
     mon.guest_joined(1, 16, {"swap_base_block": 32, "swap_blocks": 32})
     vd = hm.vdisk(1)
@@ -221,6 +223,7 @@ async def test_a_page_the_host_swapped_and_the_guest_then_pages_out_is_double_pa
     guests.add(1, 8, disk_blocks=16)
     log = Log()
     mon = HostMonitors({}, hm, 10_000)
+    hm.wire(observer=mon)
     mon.double_faults.log = log
     mon.guest_joined(1, 8, {"swap_base_block": 8, "swap_blocks": 8})
     for g in range(8):                       # 8 pages on 4 frames: the host swaps some out
@@ -276,6 +279,7 @@ async def test_resident_pinning_keeps_the_whole_area_cached_and_never_trims_it()
     FakeGuests(hm).add(1, 16, disk_blocks=64)
     mon = HostMonitors({"pinning": {"enabled": True, "mode": "resident", "swap_pages_per_s": 1.0,
                                     "window_ticks": 1}}, hm, 10_000)
+    hm.wire(observer=mon)
     mon.pinner.log = Log()
     mon.guest_joined(1, 16, {"swap_base_block": 32, "swap_blocks": 32})
     vd = hm.vdisk(1)

@@ -63,7 +63,6 @@ class HostMonitors:
         self.convergence = ConvergenceTracker(c.convergence, tick_us, log)
         self.iobuf_pages_peak = 0       # host I/O-buffer frames, sampled at every disk write and tick end
         self.ram_pages: dict[int, int] = {}
-        mem.observer = self
 
     # -- guests ---------------------------------------------------------------------------
 
