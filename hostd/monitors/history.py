@@ -6,14 +6,35 @@ and what the host counted for it). Rates of a guest are per *guest* virtual
 second: a thrashing guest's clock runs ahead of the host's within a batch
 of references, so its own clock is the one its faults happened on. Rates
 of the host are per host virtual second.
+
+As a monitor, ``History`` records each tick's sample (before any other
+monitor judges the tick) and the host's largest I/O-buffer use, sampled at
+every disk write and tick end. It has no table of its own; it keeps as
+many ticks as the longest window any monitor reads. In summary.json, under
+``host``: ``io_buffer_pages_peak`` and ``cache_pages_peak``.
 """
 from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import Any, Mapping, Sequence
 
-__all__ = ["GuestSample", "TickSample", "History"]
+import numpy as np
+
+from ..framepool import FrameKind
+from .base import MonitorBase, MonitorSpec, SummaryKeys, TickContext
+
+__all__ = ["GuestSample", "TickSample", "History", "SPEC"]
+
+
+def _int(stats: Mapping[str, Any], key: str) -> int:
+    v = stats.get(key, 0)
+    return int(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else 0
+
+
+def _float(stats: Mapping[str, Any], key: str) -> float:
+    v = stats.get(key, 0.0)
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v) else 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,12 +79,64 @@ class TickSample:
         return self.total_frames - self.free_frames
 
 
-class History:
-    """The last ``keep_ticks`` + 1 samples."""
+class History(MonitorBase):
+    """The last ``keep_ticks`` + 1 samples (``mem``: host memory, when it records them itself)."""
 
-    def __init__(self, keep_ticks: int) -> None:
+    def __init__(self, keep_ticks: int, mem: Any = None) -> None:
         self.samples: deque[TickSample] = deque(maxlen=max(1, keep_ticks) + 1)
         self._last_rate: dict[tuple[int, str], float] = {}
+        self.mem = mem                  # hostd.memory.HostMemory
+        self.ram_pages: dict[int, int] = {}
+        self.iobuf_pages_peak = 0       # host I/O-buffer frames, sampled at every disk write and tick end
+
+    # -- as a monitor -----------------------------------------------------------------------
+
+    def guest_joined(self, guest_id: int, ram_pages: int, spec: Mapping[str, Any]) -> None:
+        self.ram_pages[guest_id] = int(ram_pages)
+
+    def guest_gone(self, guest_id: int) -> None:
+        self.forget(guest_id)
+        self.ram_pages.pop(guest_id, None)
+
+    def disk_written(self, guest_id: int, blocks: np.ndarray, tokens: np.ndarray) -> None:
+        self.iobuf_pages_peak = max(self.iobuf_pages_peak, self.mem.pool.frames_of(FrameKind.IOBUF))
+
+    def record_tick(self, tick: TickContext) -> None:
+        """The tick's sample: host memory's snapshot and each live guest's last report."""
+        snap, vt_us, targets = tick.snap, tick.vt_us, tick.targets
+        per_guest = snap.get("guests", {})
+        guests: dict[int, GuestSample] = {}
+        for gid, s in tick.stats.items():
+            h = per_guest.get(str(gid))
+            if h is None:
+                continue
+            known_area = self.mem.vdisk(gid).swap_area[1] > 0
+            if known_area:
+                swap_in = int(h.get("vdisk_swap_area_read_pages", 0))
+                swap_pages = swap_in + int(h.get("vdisk_swap_area_write_pages", 0))
+            else:
+                swap_in = _int(s, "swap_in")
+                swap_pages = swap_in + _int(s, "swap_out")
+            guests[gid] = GuestSample(
+                guest_id=gid, vt_us=_float(s, "vt_us") or float(vt_us), swap_pages=swap_pages, swap_in_pages=swap_in,
+                major_faults=_int(s, "major_faults"), faults=_int(s, "major_faults") + _int(s, "minor_faults"),
+                refs=_int(s, "refs"), pff=_float(s, "pff"), host_swap_out_pages=int(h.get("swap_out_pages", 0)),
+                target_pages=int(targets.get(gid, 0)), actual_pages=int(h.get("ballooned_pages", 0)),
+                working_set_pages=_int(s, "working_set_pages"),
+                ram_pages=self.ram_pages.get(gid, int(h.get("guest_pages", 0))), kernel_pages=_int(s, "kernel_pages"))
+        self.iobuf_pages_peak = max(self.iobuf_pages_peak, int(snap.get("iobuf_pages", 0)))
+        self.push(TickSample(
+            tick=tick.tick, vt_us=float(vt_us), total_frames=int(snap["total_frames"]),
+            free_frames=int(snap["free_frames"]), cache_pages=int(snap.get("cache_pages", 0)),
+            iobuf_pages=int(snap.get("iobuf_pages", 0)), pinned_frames=int(snap.get("pinned_frames", 0)),
+            swap_out_pages=int(snap.get("swap_out_pages", 0)),
+            vdisk_pages=int(snap.get("vdisk_read_pages", 0)) + int(snap.get("vdisk_write_pages", 0)),
+            guests=guests))
+
+    def finished_keys(self) -> dict[str, Any]:
+        return {"iobuf_pages_peak": self.iobuf_pages_peak}
+
+    # -- the window ---------------------------------------------------------------------------
 
     def push(self, sample: TickSample) -> None:
         self.samples.append(sample)
@@ -111,3 +184,23 @@ class History:
     def forget(self, guest_id: int) -> None:
         for k in [k for k in self._last_rate if k[0] == guest_id]:
             del self._last_rate[k]
+
+
+# --- the analysis ---------------------------------------------------------------------------------
+
+
+def summarize(monitors: Mapping[str, Any], host_events: Sequence[Mapping[str, Any]],
+              finished: Mapping[str, Any]) -> SummaryKeys:
+    peaks = finished.get("peaks") or {}
+    return SummaryKeys(host={
+        "io_buffer_pages_peak": max(int(monitors.get("iobuf_pages_peak", 0)), int(peaks.get("iobuf_pages", 0))),
+        "cache_pages_peak": int(peaks.get("cache_pages", 0)),
+    })
+
+
+SPEC = MonitorSpec(
+    name="history",
+    make=lambda cfg, ctx: History(ctx.history_ticks, ctx.mem),
+    summarize=summarize,
+    table_fragment=lambda v: f"io_buffer_pages_peak={v.get('host', {}).get('io_buffer_pages_peak', 0)}",
+)
