@@ -89,6 +89,18 @@ class HostSwap:
         self._free_stack[self._n_free:self._n_free + slots.size] = slots
         self._n_free += slots.size
 
+    def free_one(self, slot: int) -> None:
+        """``free`` of one slot, in scalars."""
+        if not self.used[slot]:
+            raise InvariantViolation(f"swap slot {slot} freed twice")
+        self.used[slot] = False
+        self.token[slot] = 0
+        self.owner_kind[slot] = 0
+        self.owner_guest[slot] = NO_OWNER
+        self.owner_index[slot] = NO_OWNER
+        self._free_stack[self._n_free] = slot
+        self._n_free += 1
+
     def slots_owned_by(self, guest_id: int) -> np.ndarray:
         return np.flatnonzero(self.used & (self.owner_guest == guest_id))
 

@@ -61,7 +61,7 @@ from .errors import (BadBatch, BalloonLimit, DuplicateGuest, HostOutOfMemory, In
 from .framepool import FrameKind, FramePool
 from .hostswap import HostSwap
 from .invariant import check_full
-from .p2m import P2M, PageState, as_page_numbers, unique_pages
+from .p2m import P2M, PageState, as_page_numbers, one_page_number, one_token, unique_pages
 from .vdisk import CLUSTER_PAGES_DEFAULT, MAX_INFLIGHT_REQUESTS_DEFAULT, VirtualDisk
 from .victim import VictimPolicy, make_victim_policy
 
@@ -87,6 +87,10 @@ class MemoryObserver(Protocol):
 
 
 MAX_BALLOON_FRACTION_DEFAULT = 0.65   # ESX Mem.CtlMaxPercent
+_FRAME = int(PageState.FRAME)         # plain ints for the one-page paths (an IntEnum lookup costs ~1 us)
+_SWAPPED = int(PageState.SWAPPED)
+_BALLOONED = int(PageState.BALLOONED)
+_GUEST_KIND = int(FrameKind.GUEST)
 _ZERO_PROGRESS_ROUNDS = 3             # reclaim rounds that free nothing before giving up
 
 
@@ -265,6 +269,9 @@ class HostMemory:
         A ballooned gpfn is refused: the guest must deflate it first.
         """
         g = self._guest(guest_id)
+        one = one_page_number(gpfns, guest_id, "gpfn", g.p2m.guest_pages)
+        if one is not None:
+            return await self._ept_fault_one(g, one, vt_us)
         gpfns = as_page_numbers(gpfns, guest_id, "gpfn", g.p2m.guest_pages)
         uniq = unique_pages(gpfns)
         start_us = float(vt_us)
@@ -315,6 +322,67 @@ class HostMemory:
         gc.swap_in_pages += int(swapped.size)
         gc.ept_fault_swapins += int(swapped.size)
         return self.pool.token[g.p2m.loc[gpfns]], done_us
+
+    async def _ept_fault_one(self, g: _Guest, gpfn: int, vt_us: float) -> tuple[np.ndarray, float]:
+        """``ept_fault`` of one gpfn, in scalars: the same books, the same frame, the same times."""
+        start_us = float(vt_us)
+        tried = False
+        while True:
+            g = self._same_guest(g)
+            p2m = g.p2m
+            state = p2m.state[gpfn]
+            if state == _BALLOONED:
+                raise InvalidState(g.guest_id, "gpfn", gpfn, "BALLOONED", "deflate it before touching it")
+            backed = state == _FRAME
+            if backed and self.pool.busy[p2m.loc[gpfn]]:
+                # Its eviction is in flight: the guest may already have dropped it.
+                await self._wait_eviction_settled()
+                continue
+            need = 0 if backed else 1
+            if self._room_ok(need, tried):
+                break
+            start_us = max(start_us, await self._make_room(need, vt_us))
+            tried = True
+
+        swapped = state == _SWAPPED
+        if not backed:
+            token = 0
+            if swapped:
+                slot = int(p2m.loc[gpfn])
+                token = int(self.swap.token[slot])
+                self.swap.free_one(slot)
+                if self._observer is not None:
+                    self._observer.guest_pages_swapped_in(g.guest_id, np.array((gpfn,), np.int64),
+                                                          np.array((token,), np.uint64))
+            f = self.pool.alloc_one(_GUEST_KIND, g.guest_id, gpfn, token)
+            if f < 0:
+                raise InvariantViolation(f"guest {g.guest_id}: host memory made room for too few frames")
+            self.pool.accessed[f] = True          # the guest is touching it right now
+            self.pool.pinned[f] = p2m.pinned[gpfn]
+            p2m.state[gpfn] = _FRAME
+            p2m.loc[gpfn] = f
+
+        if start_us > vt_us:
+            self.counters.direct_reclaims += 1
+        done_us = start_us
+        if swapped:
+            done_us = self.swap.disk.submit_serial(start_us, 1)
+        done_us += self.costs.ept_fault_us * 1
+
+        c, gc = self.counters, g.counters
+        c.ept_fault_calls += 1
+        gc.ept_fault_calls += 1
+        if backed:
+            c.ept_fault_spurious_pages += 1
+        else:
+            c.ept_faults += 1
+            gc.ept_faults += 1
+        if swapped:
+            c.swap_in_pages += 1
+            gc.swap_in_pages += 1
+            gc.ept_fault_swapins += 1
+        f = int(p2m.loc[gpfn])
+        return self.pool.token[f:f + 1].copy(), done_us
 
     def _refuse_ballooned(self, g: _Guest, gpfns: np.ndarray, state: np.ndarray) -> None:
         ballooned = state == PageState.BALLOONED
@@ -596,9 +664,16 @@ class HostMemory:
     async def vdisk_read(self, guest_id: int, blocks: np.ndarray | bytes, vt_us: float) -> tuple[np.ndarray, float]:
         """Read blocks through the host cache; returns their tokens and the completion time."""
         g = self._guest(guest_id)
-        blocks = g.vdisk.check_blocks(blocks)
-        start_us = await self._room_for_io(g, lambda: g.vdisk.frames_needed_read(blocks), vt_us)
-        res = g.vdisk.read(blocks, start_us)
+        vd = g.vdisk
+        one = one_page_number(blocks, guest_id, "block", vd.n_blocks)
+        if one is not None:
+            start_us = await self._room_for_io(g, lambda: vd.frames_needed_read_one(one), vt_us)
+            res = vd.read_one(one, start_us)
+            self._count_double_faults(g, res.swapped_in_pages)
+            return res.tokens, res.done_vt_us
+        blocks = vd.check_blocks(blocks)
+        start_us = await self._room_for_io(g, lambda: vd.frames_needed_read(blocks), vt_us)
+        res = vd.read(blocks, start_us)
         self._count_double_faults(g, res.swapped_in_pages)
         return res.tokens, res.done_vt_us
 
@@ -606,10 +681,22 @@ class HostMemory:
                           vt_us: float) -> float:
         """Write distinct blocks through; returns the completion time."""
         g = self._guest(guest_id)
-        blocks = g.vdisk.check_blocks(blocks, unique=True)
-        tokens = g.vdisk.check_tokens(blocks, tokens)
-        start_us = await self._room_for_io(g, lambda: g.vdisk.frames_needed_write(blocks), vt_us)
-        res = g.vdisk.write(blocks, tokens, start_us)
+        vd = g.vdisk
+        one = one_page_number(blocks, guest_id, "block", vd.n_blocks)
+        token = one_token(tokens) if one is not None else None
+        if one is not None and token is not None:
+            start_us = await self._room_for_io(g, lambda: vd.frames_needed_write_one(one), vt_us)
+            res = vd.write_one(one, token, start_us)
+            self._count_double_faults(g, res.swapped_in_pages)
+            if self._observer is not None:
+                self._observer.disk_written(
+                    guest_id, blocks if isinstance(blocks, np.ndarray) else np.array((one,), np.int64),
+                    tokens if isinstance(tokens, np.ndarray) else np.array((token,), np.uint64))
+            return res.done_vt_us
+        blocks = vd.check_blocks(blocks, unique=True)
+        tokens = vd.check_tokens(blocks, tokens)
+        start_us = await self._room_for_io(g, lambda: vd.frames_needed_write(blocks), vt_us)
+        res = vd.write(blocks, tokens, start_us)
         self._count_double_faults(g, res.swapped_in_pages)
         if self._observer is not None:
             self._observer.disk_written(guest_id, blocks, tokens)
