@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from balloonlab.hostd.monitors.registry import MONITORS
+from balloonlab.hostd.monitors import registry as monitor_registry
 from balloonlab.proto import events as ev
 
 from .logs import VariantLogs
@@ -147,7 +147,7 @@ def pathology_metrics(v: VariantLogs, finished: Mapping[str, Any], host: dict[st
     """Keys to merge into a variant's summary; adds its ``host.*`` keys to ``host`` in place."""
     mon = finished.get("monitors") or {}
     out: dict[str, Any] = {}
-    for spec in MONITORS:
+    for spec in monitor_registry.MONITORS:
         if spec.summarize is not None:
             keys = spec.summarize(mon, v.host, finished)
             host.update(keys.host)
@@ -169,11 +169,11 @@ def pathology_lines(v: Mapping[str, Any]) -> list[str]:
     out: list[str] = []
     if "throughput" in v:   # a summary written since the pathologies were
         tp = v.get("throughput", {})
-        parts = [spec.table_fragment(v) for spec in MONITORS if spec.table_fragment is not None]
+        parts = [spec.table_fragment(v) for spec in monitor_registry.MONITORS if spec.table_fragment is not None]
         out.append("   pathologies: " + "  ".join(parts)
                    + f"  refs/vs before/after the first inflation: {tp.get('before_inflation_refs_per_vsec')} -> "
                    f"{tp.get('after_inflation_refs_per_vsec')}")
-    for spec in MONITORS:
+    for spec in monitor_registry.MONITORS:
         if spec.table_lines is not None:
             out += spec.table_lines(v)
     for gid, c in (v.get("balloon_sweep") or {}).items():

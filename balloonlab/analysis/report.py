@@ -23,7 +23,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from balloonlab.hostd.monitors.base import ReportFormat
-from balloonlab.hostd.monitors.registry import MONITORS
+from balloonlab.hostd.monitors import registry as monitor_registry
 from balloonlab.proto import events as ev
 
 from .compare import Column, compare_table, format_value
@@ -482,7 +482,7 @@ def _pathology_details(v: dict[str, Any]) -> str:
     """What summary.json computed about the seed's pathologies for this variant, when there is any.
 
     The throughput around the first inflation, then each host monitor's
-    section (``MONITORS``, in order), then the balloon sweep.
+    section (``hostd.monitors.registry.MONITORS``, in order), then the balloon sweep.
     """
     out: list[str] = []
     thr = v.get("throughput")
@@ -491,7 +491,7 @@ def _pathology_details(v: dict[str, Any]) -> str:
         ratio = f" ({a / b:.2f}x)" if isinstance(a, (int, float)) and isinstance(b, (int, float)) and b else ""
         out.append(f"- throughput before the first inflation (tick {thr['first_inflation_tick']}): "
                    f"{_cell(b)} references per virtual s; after: {_cell(a)}{ratio}")
-    for spec in MONITORS:
+    for spec in monitor_registry.MONITORS:
         if spec.report is not None:
             out += spec.report(v, _FORMAT)
     sweep = v.get("balloon_sweep")

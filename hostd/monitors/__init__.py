@@ -38,6 +38,7 @@ from .convergence import ConvergenceTracker
 from .double_faults import DoubleFaultMonitor
 from .history import GuestSample, History, TickSample
 from .pinning import SwapAreaPinner
+from . import registry
 from .registry import MONITORS
 from .swap_storm import SwapStormDetector
 
@@ -56,10 +57,11 @@ class HostMonitors:
     def __init__(self, table: Mapping[str, Any] | None, mem: Any, tick_us: float) -> None:
         self.cfg = monitors_config(table)
         self.mem = mem                  # hostd.memory.HostMemory
-        keep = max(spec.history_ticks(self.cfg[spec.name]) for spec in MONITORS if spec.config is not None)
+        specs = registry.MONITORS
+        keep = max(spec.history_ticks(self.cfg[spec.name]) for spec in specs if spec.config is not None)
         self._by_name: dict[str, Monitor] = {}
         ctx = MonitorContext(mem=mem, tick_us=tick_us, log=log, history_ticks=keep, peers=self._by_name.get)
-        for spec in MONITORS:
+        for spec in specs:
             self._by_name[spec.name] = spec.make(self.cfg[spec.name], ctx)
         self.monitors = list(self._by_name.values())
         history = self._by_name.get("history")

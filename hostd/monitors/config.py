@@ -15,7 +15,7 @@ from typing import Any, Iterator, Mapping
 
 from balloonlab.proto.errors import ConfigError
 
-from .registry import MONITORS
+from . import registry
 
 __all__ = ["MonitorsConfig", "monitors_config", "parse_table"]
 
@@ -25,7 +25,7 @@ class MonitorsConfig:
 
     def __init__(self, by_name: Mapping[str, Any] | None = None) -> None:
         given = dict(by_name or {})
-        self._by_name = {spec.name: given.get(spec.name, spec.default_config()) for spec in MONITORS}
+        self._by_name = {spec.name: given.get(spec.name, spec.default_config()) for spec in registry.MONITORS}
 
     def __getitem__(self, name: str) -> Any:
         return self._by_name[name]
@@ -86,7 +86,7 @@ def monitors_config(table: Mapping[str, Any] | None, where: str = "[monitors]") 
     table = table or {}
     if not isinstance(table, Mapping):
         raise ConfigError(f"{where} must be a table")
-    sections = {spec.name: spec.config for spec in MONITORS if spec.config is not None}
+    sections = {spec.name: spec.config for spec in registry.MONITORS if spec.config is not None}
     out: dict[str, Any] = {}
     for key, value in table.items():
         if key not in sections:
