@@ -61,6 +61,7 @@ class Host:
         self.sessions = SessionRegistry()                # live, by guest id; who left and why; who came back
         self.pause = PausePoints.from_env("host")        # fault points for tests (BALLOONLAB_PAUSE_AT)
         self._unauthenticated: set[GuestSession] = set()
+        # running: the tick's barrier, the guests that may still send requests in this tick
         self.core = assemble(cfg, self.sessions, running=lambda: self._barrier, stop=self.stop,
                              clock=lambda: float(self.vt_us), progress=self._emit)
         self.machine = self.core.machine
@@ -169,11 +170,6 @@ class Host:
             return
         # The watchdog reports a slow tick and takes silent guests out of the barrier.
         await self.core.watchdog.watch(tick, self._barrier, self._barrier_done)
-
-    @property
-    def running_guests(self) -> set[int]:
-        """Guests that may still send requests in this tick (the barrier: not done, not given up on)."""
-        return self._barrier
 
     async def _end_run(self, reason: str) -> None:
         for s in self.sessions.sessions():
