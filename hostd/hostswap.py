@@ -5,8 +5,9 @@ block) so that a leak is detectable and a dead guest's slots can be freed.
 Slots are freed when the page is swapped back in, ballooned, or its guest
 dies. A slot may hold ``PENDING_TOKEN`` for a while: a deferred shootdown
 took the page before the (silent) guest told its content
-(``hostd.shootdown``); the guest's late answer fills it in. The ``disk`` is a ``proto.costs.DiskModel``: it only computes
-completion times in virtual time; the tokens are stored here at once.
+(``hostd.shootdown``); the guest's late answer fills it in. The ``disk``
+is a ``proto.costs.DiskModel``: it only computes completion times in
+virtual time; the tokens are stored here at once.
 """
 from __future__ import annotations
 

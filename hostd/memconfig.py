@@ -16,7 +16,8 @@ MIB_PAGES = 256
 _HOST_KEYS: dict[str, tuple[type, ...]] = {
     "ram_mib": (int, float), "overcommit": (int, float), "swap_mib": (int, float), "victim": (str,),
     "cache_max_mib": (int, float), "cluster_kib": (int,), "max_inflight_requests": (int,),
-    "low_watermark_pct": (int, float), "reclaim_batch_pages": (int,), "invariant_every_ticks": (int,), "invariant": (str,),
+    "low_watermark_pct": (int, float), "reclaim_batch_pages": (int,), "invariant_every_ticks": (int,),
+    "invariant": (str,),
     "shootdown_timeout_s": (int, float), "uncooperative_ticks": (int,), "request_order": (str,),
 }
 

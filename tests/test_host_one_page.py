@@ -109,7 +109,7 @@ def test_one_page_numbers_are_checked_like_the_array_path() -> None:
     assert one_page_number(np.array([5], np.uint64), 1, "gpfn", 8) == 5
     assert one_page_number((5).to_bytes(8, "little"), 1, "gpfn", 8) == 5
     assert one_page_number(np.array([1, 2], np.uint64), 1, "gpfn", 8) is None      # not one page: the array path
-    assert one_page_number(np.array([1.0]), 1, "gpfn", 8) is None                  # not integers: the array path refuses
+    assert one_page_number(np.array([1.0]), 1, "gpfn", 8) is None                  # not integers: the array path says so
     assert one_page_number([3], 1, "gpfn", 8) is None
     for bad in (np.array([8], np.uint64), np.array([-1], np.int64), np.array([2**64 - 1], np.uint64)):
         with pytest.raises(OutOfRange) as exc:

@@ -13,7 +13,7 @@ import pytest
 
 from balloonlab.hostd.monitors import HostMonitors, monitors_config
 from balloonlab.hostd.monitors.convergence import ConvergenceConfig, ConvergenceTracker
-from balloonlab.hostd.monitors.history import GuestSample, History, TickSample
+from balloonlab.hostd.monitors.window import GuestSample, History, TickSample
 from balloonlab.hostd.monitors.swap_storm import SwapStormConfig, SwapStormDetector
 from balloonlab.hostd.vdisk import CacheState
 from balloonlab.proto import events as ev

@@ -12,8 +12,8 @@ config, its keys in the summary, its report section), listed in
   memory (``swap_area_pinned`` / ``swap_area_unpinned``);
 - ``convergence.ConvergenceTracker``: after a step in host demand, when the
   balloon targets settle and by how much they overshot (``balloon_converged``);
-- ``history.History``: what the others read, the last ticks' samples (and
-  the host's I/O-buffer peak).
+- ``history.HistoryMonitor``: records the window the others read
+  (``window.History``, the last ticks' samples) and the host's I/O-buffer peak.
 
 ``HostMonitors`` runs them all for the machine, in the registry's order::
 
@@ -36,15 +36,16 @@ from .base import Monitor, MonitorBase, MonitorContext, MonitorSpec, TickContext
 from .config import MonitorsConfig, monitors_config
 from .convergence import ConvergenceTracker
 from .double_faults import DoubleFaultMonitor
-from .history import GuestSample, History, TickSample
+from .history import HistoryMonitor
 from .pinning import SwapAreaPinner
 from . import registry
 from .registry import MONITORS
 from .swap_storm import SwapStormDetector
+from .window import GuestSample, History, TickSample
 
 __all__ = ["HostMonitors", "MonitorsConfig", "monitors_config", "MONITORS", "Monitor", "MonitorSpec",
-           "SwapStormDetector", "SwapAreaPinner", "DoubleFaultMonitor", "ConvergenceTracker", "History",
-           "TickSample", "GuestSample"]
+           "SwapStormDetector", "SwapAreaPinner", "DoubleFaultMonitor", "ConvergenceTracker", "HistoryMonitor",
+           "History", "TickSample", "GuestSample"]
 
 log = structlog.get_logger("hostd.monitors")
 
@@ -64,9 +65,9 @@ class HostMonitors:
         for spec in specs:
             self._by_name[spec.name] = spec.make(self.cfg[spec.name], ctx)
         self.monitors = list(self._by_name.values())
-        history = self._by_name.get("history")
-        assert isinstance(history, History), "the monitors read a History: registry.MONITORS must list history.SPEC"
-        self.history = history
+        recorder = self._by_name.get("history")
+        assert isinstance(recorder, HistoryMonitor), "the monitors read its window: the registry must list history"
+        self.history = recorder.window
         # Per disk write and per swap-in: only the monitors that listen are called.
         self._on_swapped_in = [m for m in self.monitors if _overrides(m, "guest_pages_swapped_in")]
         self._on_written = [m for m in self.monitors if _overrides(m, "disk_written")]

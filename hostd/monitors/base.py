@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, Protocol, Sequence
 import numpy as np
 
 if TYPE_CHECKING:
-    from .history import History
+    from .window import History
 
 __all__ = ["Monitor", "MonitorBase", "MonitorSpec", "MonitorContext", "TickContext", "SummaryKeys", "Headline",
            "ReportFormat", "fraction", "at_least_one", "choice", "count_events"]

@@ -41,7 +41,7 @@ from typing import Any, Mapping, Sequence
 from balloonlab.proto import events as ev
 
 from .base import MonitorBase, MonitorSpec, ReportFormat, SummaryKeys, TickContext, at_least_one, fraction
-from .history import History
+from .window import History
 
 __all__ = ["ConvergenceTracker", "ConvergenceConfig", "SPEC"]
 

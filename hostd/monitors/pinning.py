@@ -44,7 +44,7 @@ from balloonlab.proto import events as ev
 
 from ..vdisk import CacheState
 from .base import Headline, MonitorBase, MonitorSpec, SummaryKeys, TickContext, at_least_one, choice, count_events
-from .history import History
+from .window import History
 
 __all__ = ["SwapAreaPinner", "PinningConfig", "SPEC"]
 

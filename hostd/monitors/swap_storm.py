@@ -54,7 +54,7 @@ from balloonlab.proto import events as ev
 
 from .base import (Headline, MonitorBase, MonitorSpec, ReportFormat, SummaryKeys, TickContext,
                    at_least_one, count_events, fraction)
-from .history import History
+from .window import History
 
 __all__ = ["SwapStormDetector", "SwapStormConfig", "SPEC"]
 
