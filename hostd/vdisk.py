@@ -451,9 +451,13 @@ class VirtualDisk:
 
     def _admit(self, vt_us: float) -> float:
         """Virtual start time of a new request, after the earliest in-flight ones complete."""
-        active = sorted(d for d in self._inflight_done_us if d > vt_us)
+        held = self._inflight_done_us   # requests whose buffers are not retired yet: a superset of those in flight
+        if len(held) < self.max_inflight_requests:
+            return float(vt_us)
+        active = [d for d in held if d > vt_us]
         if len(active) < self.max_inflight_requests:
             return float(vt_us)
+        active.sort()   # only when the queue is full: the usual request needs no sort
         start = active[len(active) - self.max_inflight_requests]
         self.counters.backpressure_waits += 1
         self.counters.backpressure_wait_us += start - vt_us
