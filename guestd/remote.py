@@ -34,7 +34,7 @@ class RemoteBlockDevice:
             assert isinstance(reply, DiskReadReply)
             return reply.tokens, reply.done_vt_us
         # One vCPU issues the parts one after another: each starts when the last is done,
-        # so no request of ours is ever earlier than the reply before it (hostd.sequencer).
+        # so no request of ours is ever earlier than the reply before it (hostd.discipline.virtual_time).
         parts, done = [], float(vt_us)
         for i in range(0, blocks.size, MAX_PAGES_PER_MESSAGE):
             tokens, done = await self.read(blocks[i:i + MAX_PAGES_PER_MESSAGE], done)

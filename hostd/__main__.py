@@ -38,7 +38,11 @@ def main(argv: list[str] | None = None) -> int:
     import uvloop
 
     from balloonlab.hostd.server import Host
-    host = Host(cfg, token, address, progress_out=sys.stdout)
+    try:
+        host = Host(cfg, token, address, progress_out=sys.stdout)
+    except ConfigError as exc:
+        print(f"hostd: {exc}", file=sys.stderr)
+        return 2
     return uvloop.run(host.run())
 
 

@@ -24,15 +24,17 @@ A problem names the guest, the page and both sides' views. The result is
 logged (``audit_completed``) and reported in ``run_finished`` as
 ``audit_ok`` and ``audit``.
 
-This module reads host memory's books directly (the p2m through
-``HostMemory._guest``): an auditor has to look at the raw state rather
-than at what the code under audit says about it. It changes nothing.
+This module reads host memory's books directly (``HostMemory.p2m``,
+``vdisk``, ``swap``, ``pool``): an auditor has to look at the raw state
+rather than at what the code under audit says about it. It changes
+nothing. It is handed what it needs: the registry of live sessions, host
+memory, the shootdowns (deferred ones settle first) and the guests' specs.
 """
 from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Mapping
 
 import numpy as np
 import structlog
@@ -41,13 +43,15 @@ from balloonlab.proto import events as ev
 from balloonlab.proto.errors import ProtoError
 from balloonlab.proto.messages import Audit, AuditReply
 
+from .config import GuestSpec
 from .errors import HostdError
+from .hostswap import PENDING_TOKEN
 from .p2m import PageState
-from .watchdog import PENDING_TOKEN
 
 if TYPE_CHECKING:
     from .memory import HostMemory
-    from .server import Host
+    from .registry import SessionRegistry
+    from .shootdown import Shootdowns
 
 __all__ = ["AUDIT_WINDOW_PAGES", "GuestClaims", "run_audit", "check_guest", "check_released"]
 
@@ -95,8 +99,7 @@ def check_guest(mem: "HostMemory", gid: int, claims: GuestClaims) -> list[str]:
         if len(problems) < MAX_PROBLEMS_PER_GUEST:
             problems.append(f"guest {gid}: {msg}")
 
-    g = mem._guest(gid)          # read-only: see the module docstring
-    p2m = g.p2m
+    p2m = mem.p2m(gid)           # read-only: see the module docstring
     n = p2m.guest_pages
     for what, arr in (("ram gpfn", claims.ram_gpfns), ("balloon gpfn", claims.balloon_gpfns)):
         if arr.size and (arr.min() < 0 or arr.max() >= n):
@@ -105,7 +108,7 @@ def check_guest(mem: "HostMemory", gid: int, claims: GuestClaims) -> list[str]:
     if claims.ram_backed.size != claims.ram_gpfns.size or claims.ram_tokens.size != claims.ram_gpfns.size:
         add("ram claims of different lengths")
         return problems
-    vd = g.vdisk
+    vd = mem.vdisk(gid)
     if claims.disk_blocks.size and (claims.disk_blocks.min() < 0 or claims.disk_blocks.max() >= vd.n_blocks):
         add(f"claims disk blocks outside [0, {vd.n_blocks})")
         return problems
@@ -179,9 +182,8 @@ def check_released(mem: "HostMemory", gid: int) -> list[str]:
     return problems
 
 
-async def _ask(host: "Host", gid: int, timeout_s: float) -> GuestClaims:
-    session = host.sessions[gid]
-    spec = host.machine.specs[gid]
+async def _ask(sessions: "SessionRegistry", spec: GuestSpec, gid: int, timeout_s: float) -> GuestClaims:
+    session = sessions[gid]
     disk_blocks = int(spec.config.get("disk_blocks", 0))
     span = max(spec.ram_pages, disk_blocks)
     replies: list[AuditReply] = []
@@ -192,24 +194,23 @@ async def _ask(host: "Host", gid: int, timeout_s: float) -> GuestClaims:
     return GuestClaims.from_replies(replies)
 
 
-async def run_audit(host: "Host") -> dict[str, Any]:
+async def run_audit(sessions: "SessionRegistry", mem: "HostMemory", shootdowns: "Shootdowns",
+                    specs: Mapping[int, GuestSpec], *, unresponsive_s: float) -> dict[str, Any]:
     """Audit every live guest and every guest that left; log ``audit_completed``; never raises."""
-    machine = host.machine
-    mem = machine.mem
-    watchdog = machine.watchdog
-    timeout_s = min(AUDIT_TIMEOUT_S, max(2.0, host.cfg.unresponsive_s))
+    timeout_s = min(AUDIT_TIMEOUT_S, max(2.0, unresponsive_s))
     problems: list[str] = []
     per_guest: dict[str, dict[str, Any]] = {}
     try:
-        live = sorted(gid for gid in host.sessions if gid in mem.guest_ids())
+        live = sorted(gid for gid in sessions if gid in mem.guest_ids())
         # Deferred shootdowns first: their answers turn placeholders into content.
         for gid in live:
-            if watchdog.pending(gid):
+            if shootdowns.pending(gid):
                 try:
-                    await asyncio.wait_for(watchdog.settled(gid), timeout_s)
+                    await asyncio.wait_for(shootdowns.settled(gid), timeout_s)
                 except asyncio.TimeoutError:
                     pass  # the placeholders left are reported below
-        results = await asyncio.gather(*(_ask(host, gid, timeout_s) for gid in live), return_exceptions=True)
+        results = await asyncio.gather(*(_ask(sessions, specs[gid], gid, timeout_s) for gid in live),
+                                       return_exceptions=True)
         for gid, res in zip(live, results):
             if isinstance(res, BaseException):
                 why = f"{type(res).__name__}: {res}" if isinstance(res, (ProtoError, HostdError, OSError)) else repr(res)
@@ -217,7 +218,7 @@ async def run_audit(host: "Host") -> dict[str, Any]:
                 per_guest[str(gid)] = {"ok": False, "answered": False}
             else:
                 mine = check_guest(mem, gid, res)
-                left = watchdog.leftover_placeholders(gid)
+                left = shootdowns.leftover_placeholders(gid)
                 if left:
                     mine.append(f"guest {gid}: {left} host swap slots still wait for a shootdown's answer")
                 per_guest[str(gid)] = {
@@ -226,7 +227,7 @@ async def run_audit(host: "Host") -> dict[str, Any]:
                     "disk_pages": int(res.disk_blocks.size), "balloon_pages": int(res.balloon_gpfns.size),
                     "host_balloon_pages": mem.balloon_pages(gid)}
             problems.extend(mine)
-        for gid in sorted(set(host.gone) - set(host.sessions)):
+        for gid in sessions.left_for_good():
             mine = check_released(mem, gid)
             per_guest[str(gid)] = {"ok": not mine, "released": True}
             problems.extend(mine)

@@ -3,8 +3,11 @@
 A used slot records whose content it holds (guest page or cached disk
 block) so that a leak is detectable and a dead guest's slots can be freed.
 Slots are freed when the page is swapped back in, ballooned, or its guest
-dies. The ``disk`` is a ``proto.costs.DiskModel``: it only computes
-completion times in virtual time; the tokens are stored here at once.
+dies. A slot may hold ``PENDING_TOKEN`` for a while: a deferred shootdown
+took the page before the (silent) guest told its content
+(``hostd.shootdown``); the guest's late answer fills it in. The ``disk``
+is a ``proto.costs.DiskModel``: it only computes completion times in
+virtual time; the tokens are stored here at once.
 """
 from __future__ import annotations
 
@@ -15,7 +18,11 @@ from balloonlab.proto.costs import DiskModel, DiskProfile, disk_profile
 from .errors import InvariantViolation
 from .framepool import NO_OWNER, FrameKind, has_duplicates
 
-__all__ = ["HostSwap"]
+__all__ = ["HostSwap", "PENDING_TOKEN"]
+
+PENDING_TOKEN = np.uint64(0xFFFF_FFFF_FFFF_FFFF)
+"""Held by a host swap slot whose content the silent guest has not told yet. No real
+token has it: that would take page id 2**32 - 2."""
 
 
 class HostSwap:
@@ -83,8 +90,43 @@ class HostSwap:
         self._free_stack[self._n_free:self._n_free + slots.size] = slots
         self._n_free += slots.size
 
+    def free_one(self, slot: int) -> None:
+        """``free`` of one slot, in scalars."""
+        if not self.used[slot]:
+            raise InvariantViolation(f"swap slot {slot} freed twice")
+        self.used[slot] = False
+        self.token[slot] = 0
+        self.owner_kind[slot] = 0
+        self.owner_guest[slot] = NO_OWNER
+        self.owner_index[slot] = NO_OWNER
+        self._free_stack[self._n_free] = slot
+        self._n_free += 1
+
     def slots_owned_by(self, guest_id: int) -> np.ndarray:
         return np.flatnonzero(self.used & (self.owner_guest == guest_id))
+
+    def fill_placeholders(self, guest_id: int, gpfns: np.ndarray, tokens: np.ndarray) -> int:
+        """Put ``tokens`` into the guest-page slots of ``guest_id`` that hold these gpfns' placeholders."""
+        slots = self.slots_owned_by(guest_id)
+        slots = slots[(self.owner_kind[slots] == FrameKind.GUEST) & (self.token[slots] == PENDING_TOKEN)]
+        if not slots.size:
+            return 0
+        order = np.argsort(gpfns, kind="stable")
+        sorted_g = gpfns[order].astype(np.int64)
+        idx = self.owner_index[slots]
+        pos = np.minimum(np.searchsorted(sorted_g, idx), sorted_g.size - 1)
+        hit = sorted_g[pos] == idx
+        self.token[slots[hit]] = np.asarray(tokens, np.uint64)[order][pos[hit]]
+        return int(np.count_nonzero(hit))
+
+    def placeholders(self, guest_id: int) -> int:
+        """Slots of ``guest_id`` still waiting for their content."""
+        return int(np.count_nonzero(self.token[self.slots_owned_by(guest_id)] == PENDING_TOKEN))
+
+    def check_counters(self) -> None:
+        """O(1): the free-slot count is in range (the sampled invariant's part)."""
+        if not 0 <= self._n_free <= self.n_slots:
+            raise InvariantViolation(f"{self._n_free} free swap slots of {self.n_slots}")
 
     def check_invariant(self) -> None:
         if int(np.count_nonzero(self.used)) != self.used_slots:

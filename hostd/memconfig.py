@@ -17,6 +17,7 @@ _HOST_KEYS: dict[str, tuple[type, ...]] = {
     "ram_mib": (int, float), "overcommit": (int, float), "swap_mib": (int, float), "victim": (str,),
     "cache_max_mib": (int, float), "cluster_kib": (int,), "max_inflight_requests": (int,),
     "low_watermark_pct": (int, float), "reclaim_batch_pages": (int,), "invariant_every_ticks": (int,),
+    "invariant": (str,),
     "shootdown_timeout_s": (int, float), "uncooperative_ticks": (int,), "request_order": (str,),
 }
 
@@ -33,14 +34,16 @@ class HostMemConfig:
     low_watermark_pct: float
     reclaim_batch_pages: int
     invariant_every_ticks: int
+    invariant: str                  # "sample" (each check a sample, the full one at the end) or "full" (debug)
     shootdown_timeout_s: float
     uncooperative_ticks: int        # no balloon progress for this long -> fall back to host swapping
     request_order: str | None       # "virtual-time" / "arrival"; None: virtual-time unless a lock model runs
 
     def resolved_request_order(self, locks_enabled: bool, where: str = "") -> str:
-        """``virtual-time`` unless a lock model runs; asking for it with one is an error."""
+        """The default mode (``virtual-time``) unless a lock model runs; asking for it with one is an error."""
         if not locks_enabled:
-            return self.request_order or "virtual-time"
+            from .discipline import REQUEST_ORDERS   # the first mode is the default
+            return self.request_order or REQUEST_ORDERS[0]
         if self.request_order == "virtual-time":
             raise ConfigError(f"{where}[host].request_order = \"virtual-time\" cannot go with a [locks] protocol: "
                               "the lock model needs the guests' requests to run concurrently")
@@ -95,8 +98,12 @@ def host_memory_config(table: Mapping[str, Any], where: str = "[host]") -> HostM
     pct = _positive(table, "low_watermark_pct", where, 1.0)
     if pct >= 50:
         raise ConfigError(f"{where}.low_watermark_pct: must be < 50, got {pct}")
+    from .invariant import INVARIANT_MODES
+    invariant = table.get("invariant", INVARIANT_MODES[0])
+    if invariant not in INVARIANT_MODES:
+        raise ConfigError(f"{where}.invariant: must be one of {list(INVARIANT_MODES)}, got {invariant!r}")
     order = table.get("request_order")
-    from .sequencer import REQUEST_ORDERS
+    from .discipline import REQUEST_ORDERS
     if order is not None and order not in REQUEST_ORDERS:
         raise ConfigError(f"{where}.request_order: must be one of {list(REQUEST_ORDERS)}, got {order!r}")
     return HostMemConfig(
@@ -110,6 +117,7 @@ def host_memory_config(table: Mapping[str, Any], where: str = "[host]") -> HostM
         low_watermark_pct=float(pct),
         reclaim_batch_pages=int(_positive(table, "reclaim_batch_pages", where, 32)),
         invariant_every_ticks=int(_positive(table, "invariant_every_ticks", where, 1)),
+        invariant=invariant,
         shootdown_timeout_s=float(_positive(table, "shootdown_timeout_s", where, 10.0)),
         uncooperative_ticks=int(_positive(table, "uncooperative_ticks", where, 50)),
         request_order=order,

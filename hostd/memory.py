@@ -1,9 +1,17 @@
 """Host memory: frames, per-guest p2m, host swap, virtual disks, and the invariant.
 
-``HostMemory`` is socket-free. The session injects ``shootdown``: an
-``async (guest_id, gpfns uint64) -> tokens uint64`` that sends the guest the
-TLB-shootdown (invalidate) RPC and returns the content tokens the guest held
-for those gpfns. The host waits for it before it reuses the frames.
+``HostMemory`` is socket-free. Its collaborators come in its constructor,
+or, for the two that need host memory themselves, in one ``wire`` call
+(``hostd.assembly`` does both; nothing else sets them):
+
+- ``victim``: the blind victim policy (``hostd.victim``);
+- ``shootdown``: an ``async (guest_id, gpfns uint64) -> tokens uint64`` that
+  sends the guest the TLB-shootdown (invalidate) RPC and returns the content
+  tokens the guest held for those gpfns (``hostd.shootdown``). The host
+  waits for it before it reuses the frames;
+- ``observer``: the host's monitors, told of swap-ins and disk writes as they
+  happen (``MemoryObserver``);
+- ``callout``: see "Concurrency" below.
 
 Concurrency: every method may be called from many session tasks at once.
 State changes happen only in synchronous stretches; the only awaits are the
@@ -22,6 +30,10 @@ Call order for one guest::
     add_guest -> (ept_fault | balloon_inflate | balloon_deflate | set_ad_bits
                   | vdisk_read | vdisk_write | pin_* | unpin_*)* -> remove_guest
     each tick, from the tick loop: tick(vt_us) [-> await balance(vt_us)] -> snapshot()
+
+The books are read through ``guest_ids``, ``p2m``, ``vdisk``, ``pool`` and
+``swap`` (the audit and the invariant look at the raw state); the frame
+invariant itself is ``hostd.invariant``.
 
 Every allocation (EPT fault, disk cache, I/O buffers) first tries to keep
 ``low_watermark_frames`` free beyond what it takes, by host swapping in
@@ -48,8 +60,9 @@ from .errors import (BadBatch, BalloonLimit, DuplicateGuest, HostOutOfMemory, In
                      InvariantViolation, UnknownGuest)
 from .framepool import FrameKind, FramePool
 from .hostswap import HostSwap
-from .p2m import NO_LOC, P2M, PageState, as_page_numbers, unique_pages
-from .vdisk import (CLUSTER_PAGES_DEFAULT, MAX_INFLIGHT_REQUESTS_DEFAULT, CacheState, VirtualDisk)
+from .invariant import check_full
+from .p2m import P2M, PageState, as_page_numbers, one_page_number, one_token, unique_pages
+from .vdisk import CLUSTER_PAGES_DEFAULT, MAX_INFLIGHT_REQUESTS_DEFAULT, VirtualDisk
 from .victim import VictimPolicy, make_victim_policy
 
 __all__ = ["HostMemory", "HostCounters", "GuestCounters", "Reclaimed", "Shootdown", "MemoryObserver",
@@ -74,6 +87,10 @@ class MemoryObserver(Protocol):
 
 
 MAX_BALLOON_FRACTION_DEFAULT = 0.65   # ESX Mem.CtlMaxPercent
+_FRAME = int(PageState.FRAME)         # plain ints for the one-page paths (an IntEnum lookup costs ~1 us)
+_SWAPPED = int(PageState.SWAPPED)
+_BALLOONED = int(PageState.BALLOONED)
+_GUEST_KIND = int(FrameKind.GUEST)
 _ZERO_PROGRESS_ROUNDS = 3             # reclaim rounds that free nothing before giving up
 
 
@@ -139,16 +156,18 @@ class HostMemory:
     def __init__(self, total_frames: int, swap_slots: int, victim: VictimPolicy | str,
                  rng: np.random.Generator, costs: CostModel | None = None,
                  swap_profile: DiskProfile | str = "ssd", shootdown: Shootdown | None = None, *,
+                 observer: MemoryObserver | None = None, callout: Callable[[], Any] | None = None,
                  low_watermark_frames: int | None = None, reclaim_batch_frames: int = 32,
                  cluster_pages: int = CLUSTER_PAGES_DEFAULT, vdisk_cache_max_pages: int | None = None,
                  max_inflight_requests: int = MAX_INFLIGHT_REQUESTS_DEFAULT) -> None:
         self.pool = FramePool(total_frames)
         self.swap = HostSwap(swap_slots, swap_profile)
-        self.victim: VictimPolicy = make_victim_policy(victim) if isinstance(victim, str) else victim
+        self._victim: VictimPolicy = make_victim_policy(victim) if isinstance(victim, str) else victim
         self.rng = rng
         self.costs = costs or CostModel()
-        # Settable after construction: the server creates host memory before sessions exist.
-        self.shootdown: Shootdown | None = shootdown
+        self._shootdown_fn: Shootdown | None = shootdown
+        self._observer: MemoryObserver | None = observer    # the host's monitors, if any
+        self._callout: Callable[[], Any] = callout or _no_callout   # see the module docstring
         self.low_watermark_frames = (max(1, total_frames // 100) if low_watermark_frames is None
                                      else int(low_watermark_frames))
         self.reclaim_batch_frames = max(1, int(reclaim_batch_frames))
@@ -161,8 +180,26 @@ class HostMemory:
         self._departed_vdisk: dict[str, float] = {}   # disk counters of guests that are gone
         self._evictions_pending = 0
         self._eviction_settled = asyncio.Event()
-        self.callout: Callable[[], Any] = _no_callout   # see the module docstring
-        self.observer: MemoryObserver | None = None   # the host's monitors, if any
+
+    def wire(self, *, shootdown: Shootdown | None = None, observer: MemoryObserver | None = None) -> None:
+        """Connect the collaborators that are built on host memory themselves (once each).
+
+        The shootdown module and the monitors need host memory to exist
+        first, so they cannot be constructor arguments; this is the one
+        place they are connected, and each only once.
+        """
+        if shootdown is not None:
+            if self._shootdown_fn is not None:
+                raise RuntimeError("host memory's shootdown is connected already")
+            self._shootdown_fn = shootdown
+        if observer is not None:
+            if self._observer is not None:
+                raise RuntimeError("host memory's observer is connected already")
+            self._observer = observer
+
+    @property
+    def victim(self) -> VictimPolicy:
+        return self._victim
 
     # -- guests ---------------------------------------------------------------
 
@@ -199,6 +236,18 @@ class HostMemory:
     def guest_ids(self) -> list[int]:
         return sorted(self._guests)
 
+    def p2m(self, guest_id: int) -> P2M:
+        """The guest's physical-to-machine map (read it; only host memory changes it)."""
+        return self._guest(guest_id).p2m
+
+    def max_balloon_pages(self, guest_id: int) -> int:
+        return self._guest(guest_id).max_balloon_pages
+
+    @property
+    def evictions_pending(self) -> int:
+        """Evictions waiting for their shootdowns: their reserved swap slots have no owner yet."""
+        return self._evictions_pending
+
     def _guest(self, guest_id: int) -> _Guest:
         try:
             return self._guests[guest_id]
@@ -220,6 +269,9 @@ class HostMemory:
         A ballooned gpfn is refused: the guest must deflate it first.
         """
         g = self._guest(guest_id)
+        one = one_page_number(gpfns, guest_id, "gpfn", g.p2m.guest_pages)
+        if one is not None:
+            return await self._ept_fault_one(g, one, vt_us)
         gpfns = as_page_numbers(gpfns, guest_id, "gpfn", g.p2m.guest_pages)
         uniq = unique_pages(gpfns)
         start_us = float(vt_us)
@@ -245,8 +297,8 @@ class HostMemory:
         tokens = np.zeros(todo.size, np.uint64)
         tokens[state[~backed] == PageState.SWAPPED] = self.swap.load(slots)
         self.swap.free(slots)
-        if swapped.size and self.observer is not None:
-            self.observer.guest_pages_swapped_in(guest_id, swapped, tokens[state[~backed] == PageState.SWAPPED])
+        if swapped.size and self._observer is not None:
+            self._observer.guest_pages_swapped_in(guest_id, swapped, tokens[state[~backed] == PageState.SWAPPED])
         frames = self.pool.alloc(todo.size, FrameKind.GUEST, guest_id, todo, tokens)
         self.pool.accessed[frames] = True          # the guest is touching it right now
         self.pool.pinned[frames] = g.p2m.pinned[todo]
@@ -270,6 +322,67 @@ class HostMemory:
         gc.swap_in_pages += int(swapped.size)
         gc.ept_fault_swapins += int(swapped.size)
         return self.pool.token[g.p2m.loc[gpfns]], done_us
+
+    async def _ept_fault_one(self, g: _Guest, gpfn: int, vt_us: float) -> tuple[np.ndarray, float]:
+        """``ept_fault`` of one gpfn, in scalars: the same books, the same frame, the same times."""
+        start_us = float(vt_us)
+        tried = False
+        while True:
+            g = self._same_guest(g)
+            p2m = g.p2m
+            state = p2m.state[gpfn]
+            if state == _BALLOONED:
+                raise InvalidState(g.guest_id, "gpfn", gpfn, "BALLOONED", "deflate it before touching it")
+            backed = state == _FRAME
+            if backed and self.pool.busy[p2m.loc[gpfn]]:
+                # Its eviction is in flight: the guest may already have dropped it.
+                await self._wait_eviction_settled()
+                continue
+            need = 0 if backed else 1
+            if self._room_ok(need, tried):
+                break
+            start_us = max(start_us, await self._make_room(need, vt_us))
+            tried = True
+
+        swapped = state == _SWAPPED
+        if not backed:
+            token = 0
+            if swapped:
+                slot = int(p2m.loc[gpfn])
+                token = int(self.swap.token[slot])
+                self.swap.free_one(slot)
+                if self._observer is not None:
+                    self._observer.guest_pages_swapped_in(g.guest_id, np.array((gpfn,), np.int64),
+                                                          np.array((token,), np.uint64))
+            f = self.pool.alloc_one(_GUEST_KIND, g.guest_id, gpfn, token)
+            if f < 0:
+                raise InvariantViolation(f"guest {g.guest_id}: host memory made room for too few frames")
+            self.pool.accessed[f] = True          # the guest is touching it right now
+            self.pool.pinned[f] = p2m.pinned[gpfn]
+            p2m.state[gpfn] = _FRAME
+            p2m.loc[gpfn] = f
+
+        if start_us > vt_us:
+            self.counters.direct_reclaims += 1
+        done_us = start_us
+        if swapped:
+            done_us = self.swap.disk.submit_serial(start_us, 1)
+        done_us += self.costs.ept_fault_us * 1
+
+        c, gc = self.counters, g.counters
+        c.ept_fault_calls += 1
+        gc.ept_fault_calls += 1
+        if backed:
+            c.ept_fault_spurious_pages += 1
+        else:
+            c.ept_faults += 1
+            gc.ept_faults += 1
+        if swapped:
+            c.swap_in_pages += 1
+            gc.swap_in_pages += 1
+            gc.ept_fault_swapins += 1
+        f = int(p2m.loc[gpfn])
+        return self.pool.token[f:f + 1].copy(), done_us
 
     def _refuse_ballooned(self, g: _Guest, gpfns: np.ndarray, state: np.ndarray) -> None:
         ballooned = state == PageState.BALLOONED
@@ -340,7 +453,7 @@ class HostMemory:
         """
         self.counters.reclaim_calls += 1
         n = min(int(n_frames), self.swap.free_slots)
-        victims = self.victim.pick(self.pool, n, self.rng) if n > 0 else np.zeros(0, np.int64)
+        victims = self._victim.pick(self.pool, n, self.rng) if n > 0 else np.zeros(0, np.int64)
         if victims.size == 0:
             return Reclaimed(0, float(vt_us))
         slots = self.swap.alloc(victims.size)       # reserved now: concurrent reclaims must not take them
@@ -367,7 +480,7 @@ class HostMemory:
         return Reclaimed(freed, done_us)
 
     async def _evict_guest_frames(self, frames: np.ndarray, slots: np.ndarray, vt_us: float) -> tuple[int, float]:
-        if self.shootdown is None:
+        if self._shootdown_fn is None:
             raise InvariantViolation("host memory has no shootdown callback: cannot evict guest frames")
         owners = self.pool.owner_guest[frames]
         groups = [(gid, owners == gid) for gid in np.unique(owners).tolist()]
@@ -375,7 +488,7 @@ class HostMemory:
         self._evictions_pending += 1
         results: list[Any] = [None] * len(groups)
         try:
-            async with self.callout():
+            async with self._callout():
                 results = await asyncio.gather(
                     *(self._shootdown(gid, self.pool.owner_index[frames[mine]]) for gid, mine in groups),
                     return_exceptions=True)
@@ -388,10 +501,10 @@ class HostMemory:
         return freed, done_us
 
     async def _shootdown(self, guest_id: int, gpfns: np.ndarray) -> np.ndarray:
-        assert self.shootdown is not None
+        assert self._shootdown_fn is not None
         self.counters.shootdowns += 1
         self.counters.shootdown_pages += int(gpfns.size)
-        tokens = await self.shootdown(guest_id, gpfns.astype(np.uint64))
+        tokens = await self._shootdown_fn(guest_id, gpfns.astype(np.uint64))
         tokens = np.asarray(tokens).reshape(-1)
         if tokens.size != gpfns.size:
             raise BadBatch(f"guest {guest_id}: shootdown of {gpfns.size} gpfns returned {tokens.size} tokens")
@@ -437,7 +550,7 @@ class HostMemory:
         return freed, done_us
 
     async def _wait_eviction_settled(self) -> None:
-        async with self.callout():
+        async with self._callout():
             await self._eviction_settled.wait()
 
     async def balance(self, vt_us: float) -> Reclaimed:
@@ -551,9 +664,16 @@ class HostMemory:
     async def vdisk_read(self, guest_id: int, blocks: np.ndarray | bytes, vt_us: float) -> tuple[np.ndarray, float]:
         """Read blocks through the host cache; returns their tokens and the completion time."""
         g = self._guest(guest_id)
-        blocks = g.vdisk.check_blocks(blocks)
-        start_us = await self._room_for_io(g, lambda: g.vdisk.frames_needed_read(blocks), vt_us)
-        res = g.vdisk.read(blocks, start_us)
+        vd = g.vdisk
+        one = one_page_number(blocks, guest_id, "block", vd.n_blocks)
+        if one is not None:
+            start_us = await self._room_for_io(g, lambda: vd.frames_needed_read_one(one), vt_us)
+            res = vd.read_one(one, start_us)
+            self._count_double_faults(g, res.swapped_in_pages)
+            return res.tokens, res.done_vt_us
+        blocks = vd.check_blocks(blocks)
+        start_us = await self._room_for_io(g, lambda: vd.frames_needed_read(blocks), vt_us)
+        res = vd.read(blocks, start_us)
         self._count_double_faults(g, res.swapped_in_pages)
         return res.tokens, res.done_vt_us
 
@@ -561,13 +681,25 @@ class HostMemory:
                           vt_us: float) -> float:
         """Write distinct blocks through; returns the completion time."""
         g = self._guest(guest_id)
-        blocks = g.vdisk.check_blocks(blocks, unique=True)
-        tokens = g.vdisk.check_tokens(blocks, tokens)
-        start_us = await self._room_for_io(g, lambda: g.vdisk.frames_needed_write(blocks), vt_us)
-        res = g.vdisk.write(blocks, tokens, start_us)
+        vd = g.vdisk
+        one = one_page_number(blocks, guest_id, "block", vd.n_blocks)
+        token = one_token(tokens) if one is not None else None
+        if one is not None and token is not None:
+            start_us = await self._room_for_io(g, lambda: vd.frames_needed_write_one(one), vt_us)
+            res = vd.write_one(one, token, start_us)
+            self._count_double_faults(g, res.swapped_in_pages)
+            if self._observer is not None:
+                self._observer.disk_written(
+                    guest_id, blocks if isinstance(blocks, np.ndarray) else np.array((one,), np.int64),
+                    tokens if isinstance(tokens, np.ndarray) else np.array((token,), np.uint64))
+            return res.done_vt_us
+        blocks = vd.check_blocks(blocks, unique=True)
+        tokens = vd.check_tokens(blocks, tokens)
+        start_us = await self._room_for_io(g, lambda: vd.frames_needed_write(blocks), vt_us)
+        res = vd.write(blocks, tokens, start_us)
         self._count_double_faults(g, res.swapped_in_pages)
-        if self.observer is not None:
-            self.observer.disk_written(guest_id, blocks, tokens)
+        if self._observer is not None:
+            self._observer.disk_written(guest_id, blocks, tokens)
         return res.done_vt_us
 
     async def _room_for_io(self, g: _Guest, need: Callable[[], int], vt_us: float) -> float:
@@ -649,132 +781,24 @@ class HostMemory:
         out["guests"] = guests
         return out
 
+    # -- deferred shootdowns: placeholders in host swap ---------------------------
+
+    def fill_placeholders(self, guest_id: int, gpfns: np.ndarray, tokens: np.ndarray) -> int:
+        """A late shootdown answer: put its tokens into the guest's slots that still wait for them.
+
+        Returns how many slots were filled (a gpfn faulted back in or
+        ballooned meanwhile holds no placeholder any more).
+        """
+        if guest_id not in self._guests:
+            return 0
+        return self.swap.fill_placeholders(guest_id, gpfns, tokens)
+
+    def placeholder_slots(self, guest_id: int) -> int:
+        """Host swap slots of ``guest_id`` still waiting for their content."""
+        return self.swap.placeholders(guest_id)
+
     # -- the invariant ------------------------------------------------------------
 
     def check_invariant(self) -> None:
-        """Raise ``InvariantViolation`` naming the first inconsistency found.
-
-        Frames with a pending shootdown (busy) may be orphans; everything else
-        must be referenced exactly once, and every reference must point back.
-        """
-        pool, swap = self.pool, self.swap
-        pool.check_invariant()
-        swap.check_invariant()
-        slot_lists: list[np.ndarray] = [np.zeros(0, np.int64)]
-        frame_lists: list[np.ndarray] = [np.zeros(0, np.int64)]
-        for g in self._guests.values():
-            self._check_guest(g, slot_lists, frame_lists)
-        slot_refs = np.bincount(np.concatenate(slot_lists), minlength=swap.n_slots)
-        frame_refs = np.bincount(np.concatenate(frame_lists), minlength=pool.total_frames)
-        kind = pool.kind
-        owned = kind != FrameKind.FREE
-        known = np.isin(pool.owner_guest, np.fromiter(self._guests, np.int64, len(self._guests)))
-        stray = owned & ~pool.busy & ~known
-        if np.any(stray):
-            f = int(np.flatnonzero(stray)[0])
-            raise InvariantViolation(f"frame {f} ({FrameKind(kind[f]).name}) belongs to unknown guest "
-                                     f"{int(pool.owner_guest[f])}")
-        unref = owned & ~pool.busy & (frame_refs == 0)
-        if np.any(unref):
-            f = int(np.flatnonzero(unref)[0])
-            raise InvariantViolation(
-                f"frame {f} ({FrameKind(kind[f]).name}) of guest {int(pool.owner_guest[f])} index "
-                f"{int(pool.owner_index[f])} is referenced by nobody (frame leak)")
-        if np.any(frame_refs > 1):
-            f = int(np.flatnonzero(frame_refs > 1)[0])
-            raise InvariantViolation(f"frame {f} is referenced {int(frame_refs[f])} times")
-        if np.any(frame_refs[~owned] > 0):
-            f = int(np.flatnonzero(frame_refs[~owned] > 0)[0])
-            raise InvariantViolation(f"free frame {int(np.flatnonzero(~owned)[f])} is still referenced")
-        leaked = swap.used & (slot_refs == 0)
-        if self._evictions_pending:
-            # Slots reserved for a pending eviction have no owner until it settles.
-            leaked &= swap.owner_guest != -1
-        if np.any(leaked):
-            s = int(np.flatnonzero(leaked)[0])
-            raise InvariantViolation(f"swap slot {s} (guest {int(swap.owner_guest[s])} index "
-                                     f"{int(swap.owner_index[s])}) is used but referenced by nobody (slot leak)")
-        if np.any(slot_refs > 1):
-            s = int(np.flatnonzero(slot_refs > 1)[0])
-            raise InvariantViolation(f"swap slot {s} is referenced {int(slot_refs[s])} times")
-        if np.any(slot_refs[~swap.used] > 0):
-            s = int(np.flatnonzero((slot_refs > 0) & ~swap.used)[0])
-            raise InvariantViolation(f"swap slot {s} is referenced but free")
-
-    def _check_guest(self, g: _Guest, slot_refs: list[np.ndarray], frame_refs: list[np.ndarray]) -> None:
-        pool, p2m, gid = self.pool, g.p2m, g.guest_id
-        if np.any(p2m.state >= len(PageState)):
-            bad = int(np.flatnonzero(p2m.state >= len(PageState))[0])
-            raise InvariantViolation(f"guest {gid} gpfn {bad} has no valid state ({int(p2m.state[bad])})")
-        on_frame = np.flatnonzero(p2m.state == PageState.FRAME)
-        f = p2m.loc[on_frame]
-        if np.any((f < 0) | (f >= pool.total_frames)):
-            raise InvariantViolation(f"guest {gid}: a FRAME gpfn points outside the pool")
-        ok = ((pool.kind[f] == FrameKind.GUEST) & (pool.owner_guest[f] == gid)
-              & (pool.owner_index[f] == on_frame) & (pool.pinned[f] == p2m.pinned[on_frame]))
-        if not np.all(ok):
-            i = int(np.flatnonzero(~ok)[0])
-            gp, fr = int(on_frame[i]), int(f[i])
-            raise InvariantViolation(
-                f"guest {gid} gpfn {gp} is FRAME {fr} but that frame is {FrameKind(pool.kind[fr]).name} of guest "
-                f"{int(pool.owner_guest[fr])} index {int(pool.owner_index[fr])} pinned {bool(pool.pinned[fr])}")
-        frame_refs.append(f)
-        on_swap = np.flatnonzero(p2m.state == PageState.SWAPPED)
-        s = p2m.loc[on_swap]
-        self._check_slots(s, on_swap, FrameKind.GUEST, gid, "gpfn")
-        slot_refs.append(s)
-        stray = (p2m.state != PageState.FRAME) & (p2m.state != PageState.SWAPPED) & (p2m.loc != NO_LOC)
-        if np.any(stray):
-            bad = int(np.flatnonzero(stray)[0])
-            raise InvariantViolation(f"guest {gid} gpfn {bad} is {PageState(p2m.state[bad]).name} "
-                                     f"but has location {int(p2m.loc[bad])}")
-        ballooned = int(np.count_nonzero(p2m.state == PageState.BALLOONED))
-        if ballooned != g.balloon_pages or ballooned > g.max_balloon_pages:
-            raise InvariantViolation(f"guest {gid}: {ballooned} gpfns BALLOONED, counter says {g.balloon_pages}, "
-                                     f"max {g.max_balloon_pages}")
-        self._check_vdisk(g.vdisk, slot_refs, frame_refs)
-
-    def _check_slots(self, slots: np.ndarray, index: np.ndarray, kind: FrameKind, gid: int, what: str) -> None:
-        swap = self.swap
-        if np.any((slots < 0) | (slots >= swap.n_slots)):
-            raise InvariantViolation(f"guest {gid}: a SWAPPED {what} points outside host swap")
-        ok = (swap.used[slots] & (swap.owner_kind[slots] == kind) & (swap.owner_guest[slots] == gid)
-              & (swap.owner_index[slots] == index))
-        if not np.all(ok):
-            i = int(np.flatnonzero(~ok)[0])
-            sl = int(slots[i])
-            raise InvariantViolation(
-                f"guest {gid} {what} {int(index[i])} is SWAPPED in slot {sl} but that slot is used={bool(swap.used[sl])} "
-                f"of guest {int(swap.owner_guest[sl])} index {int(swap.owner_index[sl])}")
-
-    def _check_vdisk(self, vd: VirtualDisk, slot_refs: list[np.ndarray], frame_refs: list[np.ndarray]) -> None:
-        pool, gid = self.pool, vd.guest_id
-        in_frame = np.flatnonzero(vd.cache_state == CacheState.FRAME)
-        f = vd.cache_loc[in_frame]
-        ok = ((pool.kind[f] == FrameKind.CACHE) & (pool.owner_guest[f] == gid)
-              & (pool.owner_index[f] == in_frame) & (pool.token[f] == vd.tokens[in_frame])
-              & (pool.pinned[f] == (vd.pinned[in_frame] | vd.swap_exempt[in_frame])))
-        if not np.all(ok):
-            i = int(np.flatnonzero(~ok)[0])
-            raise InvariantViolation(f"guest {gid} vdisk block {int(in_frame[i])}: cache frame {int(f[i])} "
-                                     f"is not a CACHE frame of this block holding its content")
-        frame_refs.append(f)
-        in_swap = np.flatnonzero(vd.cache_state == CacheState.SWAPPED)
-        s = vd.cache_loc[in_swap]
-        self._check_slots(s, in_swap, FrameKind.CACHE, gid, "vdisk block")
-        if np.any(self.swap.token[s] != vd.tokens[in_swap]):
-            raise InvariantViolation(f"guest {gid}: a swapped-out cache page differs from its disk block")
-        slot_refs.append(s)
-        if np.any((vd.cache_state == CacheState.NOT_CACHED) & (vd.cache_loc != NO_LOC)):
-            raise InvariantViolation(f"guest {gid}: an uncached vdisk block still has a location")
-        per_cluster = np.bincount(np.concatenate((in_frame, in_swap)) // vd.cluster_pages,
-                                  minlength=vd.cluster_cached.size)
-        if not np.array_equal(per_cluster, vd.cluster_cached):
-            raise InvariantViolation(f"guest {gid}: vdisk per-cluster cached counts drifted")
-        if vd.cached_pages != in_frame.size + in_swap.size:
-            raise InvariantViolation(f"guest {gid}: vdisk counts {vd.cached_pages} cached pages, "
-                                     f"has {in_frame.size + in_swap.size}")
-        io = vd.iobuf_frames()
-        if np.any((pool.kind[io] != FrameKind.IOBUF) | (pool.owner_guest[io] != gid)):
-            raise InvariantViolation(f"guest {gid}: an in-flight request holds a frame that is not its IOBUF")
-        frame_refs.append(io)
+        """The full frame invariant (``hostd.invariant.check_full``); raises ``InvariantViolation``."""
+        check_full(self)

@@ -12,7 +12,7 @@ import numpy as np
 
 from .errors import BadBatch, DuplicatePages, OutOfRange
 
-__all__ = ["PageState", "P2M", "NO_LOC", "as_page_numbers"]
+__all__ = ["PageState", "P2M", "NO_LOC", "as_page_numbers", "one_page_number", "one_token"]
 
 NO_LOC = -1
 
@@ -52,6 +52,39 @@ def as_page_numbers(values: np.ndarray | bytes | list[int], guest_id: int, what:
         if np.any(dup):
             raise DuplicatePages(guest_id, what, int(srt[1:][np.flatnonzero(dup)[0]]))
     return out
+
+
+def one_page_number(values: np.ndarray | bytes | list[int], guest_id: int, what: str, limit: int) -> int | None:
+    """The page number of a batch of exactly one, checked against ``[0, limit)``; None for any other batch.
+
+    The scalar path of ``as_page_numbers`` (same refusal, same message):
+    most requests carry one page, and a numpy call costs microseconds on
+    an array of one.
+    """
+    if isinstance(values, np.ndarray):
+        if values.size != 1 or values.dtype.kind not in "iu":
+            return None
+        v = values.item()
+    elif isinstance(values, (bytes, bytearray, memoryview)):
+        if len(values) != 8:
+            return None
+        v = int.from_bytes(values, "little")
+    else:
+        return None
+    if not 0 <= v < limit:
+        raise OutOfRange(guest_id, what, v, limit)
+    return v
+
+
+def one_token(values: np.ndarray | bytes) -> int | None:
+    """The token of a batch of exactly one (as a uint64 value), else None (the array path checks it)."""
+    if isinstance(values, np.ndarray):
+        if values.size != 1 or values.dtype.kind not in "iu":
+            return None
+        return values.item() & 0xFFFF_FFFF_FFFF_FFFF
+    if isinstance(values, (bytes, bytearray, memoryview)) and len(values) == 8:
+        return int.from_bytes(values, "little")
+    return None
 
 
 def unique_pages(pages: np.ndarray) -> np.ndarray:

@@ -6,7 +6,11 @@ buffers, balloon targets, monitors) and log the tick. A guest that dies is
 released and dropped from the barrier; a guest that stays silent past the
 watchdog bound is reported, and past ``unresponsive_s`` taken out of the
 barrier, so one guest never hangs the run: it gets no more ticks until it
-answers again, and its memory goes to host swap (``hostd.watchdog``).
+answers again, and its memory goes to host swap (``hostd.watchdog``,
+``hostd.silent``).
+
+The parts the server drives are built by ``hostd.assembly``; the live
+sessions are a ``SessionRegistry`` that the server fills and the parts read.
 
 After the last tick the host audits every guest's pages against its own
 books (``hostd.audit``) before it sends ``RunEnd``. A guest id whose session
@@ -26,14 +30,15 @@ import structlog
 from balloonlab.proto import events as ev
 from balloonlab.proto.errors import ErrorCode, PeerClosed
 from balloonlab.proto.handshake import HandshakeError, check_hello
-from balloonlab.proto.messages import Hello, MsgType, Ping, Pong, RunEnd, TickDone, TickStart, Welcome
+from balloonlab.proto.messages import Hello, MsgType, RunEnd, TickDone, TickStart, Welcome
 from balloonlab.proto.rpc import RpcConnection, RpcLimits
 from balloonlab.proto.locks import DEADLOCK_REASON, EXIT_DEADLOCK
 from balloonlab.proto.transport import Address, serve
 
+from .assembly import assemble
 from .config import RunConfig
 from .audit import run_audit
-from .machine import Machine
+from .registry import SessionRegistry
 from .session import GuestConnection, GuestSession, SessionState
 from balloonlab.proto.faultpoints import PausePoints
 
@@ -42,7 +47,6 @@ __all__ = ["Host"]
 log = structlog.get_logger("hostd")
 
 HANDSHAKE_TIMEOUT_S = 10.0
-FIRST_TICK_GRACE_S = 10.0   # a guest's first tick may take this long before it counts as unresponsive
 MAX_UNAUTHENTICATED = 256
 
 
@@ -54,12 +58,13 @@ class Host:
         self.address = address
         self.progress_out = progress_out
         self.limits = limits or RpcLimits()
-        self.sessions: dict[int, GuestSession] = {}     # active, by guest id
-        self.gone: dict[int, str] = {}                   # guest id -> why it left (last time)
-        self.rejoined: dict[int, int] = {}               # guest id -> times it connected again after leaving
+        self.sessions = SessionRegistry()                # live, by guest id; who left and why; who came back
         self.pause = PausePoints.from_env("host")        # fault points for tests (BALLOONLAB_PAUSE_AT)
         self._unauthenticated: set[GuestSession] = set()
-        self.machine = Machine(cfg, self)
+        # running: the tick's barrier, the guests that may still send requests in this tick
+        self.core = assemble(cfg, self.sessions, running=lambda: self._barrier, stop=self.stop,
+                             clock=lambda: float(self.vt_us), progress=self._emit)
+        self.machine = self.core.machine
         self.tick = 0
         self.vt_us = 0
         self._barrier: set[int] = set()
@@ -94,14 +99,15 @@ class Host:
                 reason = await self._tick_loop()
             if not reason.startswith("signal") and reason != DEADLOCK_REASON:
                 # (after a deadlock the guests are stuck mid-tick, with shootdowns in flight: nothing to audit)
-                audit = await run_audit(self)
+                audit = await run_audit(self.sessions, self.core.mem, self.core.shootdowns, self.machine.specs,
+                                        unresponsive_s=self.cfg.unresponsive_s)
         finally:
             await self._end_run(reason)
             server.close()
             await server.wait_closed()
         log.info(ev.RUN_FINISHED, ticks=self.tick, vt_us=self.vt_us, wall_s=round(time.monotonic() - wall0, 3),
-                 reason=reason, guests_lost=dict(sorted(self.gone.items())), refused=self.refused,
-                 guests_rejoined=dict(sorted(self.rejoined.items())), audit_ok=audit["ok"],
+                 reason=reason, guests_lost=self.sessions.gone(), refused=self.refused,
+                 guests_rejoined=self.sessions.rejoined(), audit_ok=audit["ok"],
                  audit={k: v for k, v in audit.items() if k not in ("ok", "guests")}, **self.machine.final_metrics())
         self._emit({"finished": reason, "tick": self.tick, "vt_us": self.vt_us})
         if reason == DEADLOCK_REASON:
@@ -124,7 +130,7 @@ class Host:
         try:
             await asyncio.wait_for(self._all_connected.wait(), self.cfg.connect_timeout_s)
         except asyncio.TimeoutError:
-            missing = sorted(self.cfg.guest_ids - set(self.sessions) - set(self.gone))
+            missing = self.sessions.missing(self.cfg.guest_ids)
             log.warning(ev.TICK_STALLED, tick=0, waited_s=self.cfg.connect_timeout_s, missing=missing,
                         phase="connect")
         return bool(self.sessions) and self._stop_reason is None
@@ -162,58 +168,11 @@ class Host:
         self.pause.reached("tick_started", tick=tick)
         if not self._barrier:
             return
-        started = time.monotonic()
-        while True:
-            waited = time.monotonic() - started
-            bound = min(self._unresponsive_bound_s(gid) for gid in self._barrier)
-            timeout = self.cfg.watchdog_s if waited >= bound else min(self.cfg.watchdog_s, bound - waited)
-            try:
-                await asyncio.wait_for(asyncio.shield(self._barrier_done), max(0.01, timeout))
-                return
-            except asyncio.TimeoutError:
-                waited = time.monotonic() - started
-                missing = sorted(self._barrier)
-                log.warning(ev.TICK_STALLED, tick=tick, waited_s=round(waited, 3), missing=missing)
-                self._emit({"stalled": tick, "missing": missing, "waited_s": round(waited, 1)})
-                for gid in missing:
-                    bound = self._unresponsive_bound_s(gid)
-                    # A guest waiting for the host to answer it is not silent: the host may be
-                    # waiting for another guest. Once that one is marked, its shootdowns stop
-                    # blocking; only much later is a waiting guest given up on too.
-                    if waited >= bound and (not self._waits_for_host(gid) or waited >= 3 * bound):
-                        self._mark_unresponsive(gid)
-                if not self._barrier:
-                    return
-
-    @property
-    def running_guests(self) -> set[int]:
-        """Guests that may still send requests in this tick (the barrier: not done, not given up on)."""
-        return self._barrier
-
-    def _waits_for_host(self, gid: int) -> bool:
-        """The host is still working on a request of this guest's (and the guest owes it no answer)."""
-        s = self.sessions.get(gid)
-        return (s is not None and getattr(s.conn, "in_progress", 0) > 0
-                and not self.machine.watchdog.pending(gid))
-
-    def _unresponsive_bound_s(self, gid: int) -> float:
-        """How long the barrier waits for ``gid``: a guest's first tick includes its start-up, so it gets more."""
-        s = self.sessions.get(gid)
-        if s is not None and s.last_tick_done < 0:
-            return max(self.cfg.unresponsive_s, FIRST_TICK_GRACE_S)
-        return self.cfg.unresponsive_s
-
-    def _mark_unresponsive(self, gid: int) -> None:
-        s = self.sessions.get(gid)
-        if s is None:
-            return
-        s.unresponsive = True
-        self._barrier.discard(gid)
-        log.warning(ev.GUEST_UNRESPONSIVE, guest=gid, tick=self.tick, waited_s=self.cfg.unresponsive_s)
-        self.machine.guest_unresponsive(s)
+        # The watchdog reports a slow tick and takes silent guests out of the barrier.
+        await self.core.watchdog.watch(tick, self._barrier, self._barrier_done)
 
     async def _end_run(self, reason: str) -> None:
-        for s in list(self.sessions.values()):
+        for s in self.sessions.sessions():
             s.state = SessionState.ENDING
             try:
                 s.conn.notify(RunEnd(reason, self.tick))
@@ -221,7 +180,7 @@ class Host:
                 pass
         # Guests close on RunEnd; give them a moment, then close what is left.
         deadline = time.monotonic() + 5.0
-        for s in list(self.sessions.values()):
+        for s in self.sessions.sessions():
             try:
                 await asyncio.wait_for(s.conn.wait_closed(), max(0.05, deadline - time.monotonic()))
             except asyncio.TimeoutError:
@@ -236,7 +195,7 @@ class Host:
                                on_refused=self._on_refused)
         session = GuestSession(conn)
         conn.session = session  # type: ignore[attr-defined]
-        conn.requests = {MsgType.HELLO: lambda m: self._on_hello(session, m)}  # type: ignore[dict-item]
+        self.core.handlers.handshake(lambda m: self._on_hello(session, m)).install(conn)
         if len(self._unauthenticated) >= MAX_UNAUTHENTICATED:
             # Refuse at once; the connection is closed after the error is written.
             asyncio.get_running_loop().call_soon(self._refuse_flood, conn)
@@ -285,14 +244,12 @@ class Host:
         if session.handshake_timer is not None:
             session.handshake_timer.cancel()
         session.guest_id = gid  # the machine's handlers are bound to it
-        session.activate(gid, hello.pid, self.machine.request_handlers(session) | {MsgType.PING: _pong},
-                         self._on_tick_done)
-        self.sessions[gid] = session
+        rejoined = self.sessions.join(session)
         self.machine.guest_joined(session)
-        if gid in self.gone:
-            self.rejoined[gid] = self.rejoined.get(gid, 0) + 1
-        log.info(ev.GUEST_CONNECTED, guest=gid, pid=hello.pid, rejoined=self.rejoined.get(gid, 0))
-        if set(self.sessions) | set(self.gone) >= self.cfg.guest_ids and self._all_connected is not None:
+        table = self.core.handlers.guest(session, self._on_tick_done)
+        session.activate(gid, hello.pid, table.requests, table.notifications)
+        log.info(ev.GUEST_CONNECTED, guest=gid, pid=hello.pid, rejoined=rejoined)
+        if self.sessions.all_accounted(self.cfg.guest_ids) and self._all_connected is not None:
             self._all_connected.set()
         spec = next(g for g in self.cfg.guests if g.guest_id == gid)
         config = dict(spec.config)
@@ -306,11 +263,9 @@ class Host:
         if session.unresponsive:
             # Alive again (e.g. SIGCONT): its tick is late, but it is a sign of
             # life; it is back in the barrier from the next tick on.
-            session.unresponsive = False
             session.last_vt_us = msg.vt_us
             self.machine.tick_done(session, msg)
-            self.machine.guest_responsive(session)
-            log.info(ev.GUEST_RESPONSIVE, guest=gid, tick=self.tick, late_tick=msg.tick)
+            self.core.watchdog.back(session, self.tick, msg.tick)
             return
         if msg.tick != self.tick or gid not in self._barrier:
             self.machine.count_rejection(session, "tick_done", ErrorCode.INVALID_STATE,
@@ -332,20 +287,16 @@ class Host:
         gid = session.guest_id
         was = session.state
         session.state = SessionState.GONE
-        if gid is None or self.sessions.get(gid) is not session:
+        reason = None if was is SessionState.ENDING else f"connection lost: {exc}" if exc else "connection closed"
+        if not self.sessions.leave(session, reason) or reason is None:
             return
-        del self.sessions[gid]
-        if was is SessionState.ENDING:
-            return
-        reason = f"connection lost: {exc}" if exc else "connection closed"
-        self.gone[gid] = reason
         released = self.machine.guest_gone(session)
         log.warning(ev.GUEST_DISCONNECTED, guest=gid, reason=reason, tick=self.tick, **released)
         self._emit({"guest_lost": gid, "tick": self.tick})
         self._barrier.discard(gid)
         if not self._barrier and self._barrier_done is not None and not self._barrier_done.done():
             self._barrier_done.set_result(None)
-        if self._all_connected is not None and set(self.sessions) | set(self.gone) >= self.cfg.guest_ids:
+        if self._all_connected is not None and self.sessions.all_accounted(self.cfg.guest_ids):
             self._all_connected.set()
 
     # --- progress for the launcher ----------------------------------------------
@@ -366,6 +317,3 @@ class Host:
             except (BrokenPipeError, ValueError):
                 self.progress_out = None  # the launcher is gone; keep running to a clean end
 
-
-def _pong(msg: Ping) -> Pong:
-    return Pong(msg.payload)

@@ -7,20 +7,21 @@ Call order (states in capitals)::
     ACTIVE --connection lost--> GONE   (the host releases everything it held)
 
 Before the handshake only ``Hello`` is accepted. The session's handlers for
-memory and disk requests are installed by the host after the handshake.
+memory and disk requests are installed by the host after the handshake
+(``hostd.handlers`` builds both tables).
 """
 from __future__ import annotations
 
 import enum
 import math
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import structlog
 
 from balloonlab.proto import events as ev
-from balloonlab.proto.messages import MsgType, TickDone
+from balloonlab.proto.messages import MsgType
 from balloonlab.proto.rpc import NotifyHandler, RequestHandler, RpcConnection
 
 __all__ = ["SessionState", "GuestSession", "GuestConnection", "sanitize_stats", "MAX_STAT_KEYS", "MAX_STAT_VALUE"]
@@ -58,17 +59,15 @@ class GuestSession:
     def active(self) -> bool:
         return self.state is SessionState.ACTIVE
 
-    def activate(self, guest_id: int, pid: int, requests: dict[MsgType, RequestHandler],
-                 on_tick_done: Callable[["GuestSession", TickDone], None],
-                 extra_notifications: dict[MsgType, NotifyHandler] | None = None) -> None:
+    def activate(self, guest_id: int, pid: int, requests: Mapping[MsgType, RequestHandler],
+                 notifications: Mapping[MsgType, NotifyHandler]) -> None:
+        """The handshake succeeded: the guest's own handler table replaces the handshake's."""
         self.guest_id = guest_id
         self.pid = pid
         self.state = SessionState.ACTIVE
         self.conn.name = f"guest-{guest_id}"
         self.conn.requests = dict(requests)
-        notes: dict[MsgType, NotifyHandler] = {MsgType.TICK_DONE: lambda m: on_tick_done(self, m)}  # type: ignore[arg-type, misc]
-        notes.update(extra_notifications or {})
-        self.conn.notifications = notes
+        self.conn.notifications = dict(notifications)
 
     def count_rejection(self, reason: str) -> int:
         """Count one refusal; returns how many of this reason this session has had."""

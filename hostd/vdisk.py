@@ -35,7 +35,11 @@ The call order, driven by ``HostMemory`` which owns the frames::
     swap_out (host reclaim)   retire, trim (each tick)
 
 ``read``/``write`` assume the pool has ``frames_needed_*`` free frames and
-do not await: host memory makes room first, then calls them.
+do not await: host memory makes room first, then calls them. ``read_one``,
+``write_one`` and ``frames_needed_*_one`` are the same for a request of one
+block, in scalars (most requests carry one page, and numpy's cost per call
+dominates on arrays of one); they change the books exactly as the array
+versions do, down to which frame is taken.
 """
 from __future__ import annotations
 
@@ -70,6 +74,9 @@ class CacheState(IntEnum):
 _NOT_CACHED = int(CacheState.NOT_CACHED)
 _FRAME = int(CacheState.FRAME)
 _SWAPPED = int(CacheState.SWAPPED)
+_CACHE_KIND = int(FrameKind.CACHE)
+_IOBUF_KIND = int(FrameKind.IOBUF)
+_NO_TOKENS = np.zeros(0, np.uint64)
 
 
 @dataclass(slots=True)
@@ -146,7 +153,7 @@ class VirtualDisk:
         self._use_stamp = 0
         self.cached_pages = 0                                  # blocks FRAME or SWAPPED
         self._inflight_done_us: list[float] = []
-        self._inflight_frames: list[np.ndarray] = []
+        self._inflight_frames: list[np.ndarray | int] = []    # a request's IOBUF frames (an int: one frame)
         self.counters = VdiskCounters()
         # The guest's swap area, once the host knows it: [first, end) blocks.
         self.swap_area: tuple[int, int] = (0, 0)
@@ -190,6 +197,24 @@ class VirtualDisk:
         uncached = np.count_nonzero(self.cache_state[blocks] != _FRAME)
         return int(blocks.size + uncached)
 
+    def frames_needed_read_one(self, block: int) -> int:
+        """``frames_needed_read`` of one block."""
+        state = self.cache_state[block]
+        if state == _FRAME:
+            return 1
+        if state == _SWAPPED:
+            return 2
+        return 1 + self._uncached_in_cluster(block)
+
+    def frames_needed_write_one(self, block: int) -> int:
+        return 1 if self.cache_state[block] == _FRAME else 2
+
+    def _uncached_in_cluster(self, block: int) -> int:
+        """Blocks of ``block``'s cluster that are neither in a frame nor in host swap."""
+        c = block // self.cluster_pages
+        size = min(self.cluster_pages, self.n_blocks - c * self.cluster_pages)
+        return size - int(self.cluster_cached[c])
+
     # -- I/O (synchronous: the pool must already have the frames) ---------------
 
     def read(self, blocks: np.ndarray, vt_us: float) -> IoResult:
@@ -225,6 +250,72 @@ class VirtualDisk:
         c.cache_miss_pages += int(blocks_u.size) - hits
         self.trim()
         return IoResult(tokens, done, int(swapped.size))
+
+    def read_one(self, block: int, vt_us: float) -> IoResult:
+        """``read`` of one block."""
+        c = self.counters
+        start = self._admit(vt_us)
+        state = self.cache_state[block]
+        hit = state == _FRAME
+        done = start + self.costs.page_copy_us if hit else start
+        swapped = 0
+        if state == _NOT_CACHED:
+            # The uncached blocks of its cluster, loaded by one disk request.
+            if self.cluster_pages == 1:
+                self._cache_in_one(block, int(self.tokens[block]))
+                n_fill = 1
+            else:
+                lo = block - block % self.cluster_pages
+                fill = lo + np.flatnonzero(self.cache_state[lo:lo + self.cluster_pages] == _NOT_CACHED)
+                self._cache_in(fill, self.tokens[fill])
+                n_fill = int(fill.size)
+            done = max(done, self.disk.submit(start, n_fill))
+            c.cluster_loads += 1
+            c.cluster_load_pages += n_fill
+        elif state == _SWAPPED:
+            done = max(done, self._double_fault(np.array((block,), np.int64), start, None, "read"))
+            swapped = 1
+        self._touch_one(block)
+        token = self.pool.token[self.cache_loc[block]]
+        self._hold_iobuf_one(block, done)
+        c.read_requests += 1
+        c.read_pages += 1
+        lo, hi = self.swap_area
+        c.swap_area_read_pages += lo <= block < hi
+        c.cache_hit_pages += int(hit)
+        c.cache_miss_pages += int(not hit)
+        self.trim()
+        return IoResult(np.array((token,), np.uint64), done, swapped)
+
+    def write_one(self, block: int, token: int, vt_us: float) -> IoResult:
+        """``write`` of one block."""
+        c = self.counters
+        start = self._admit(vt_us)
+        state = self.cache_state[block]
+        write_start = start
+        swapped = 0
+        if state == _SWAPPED:
+            # The host caches whole clusters: it must bring the page back first (nested swapping).
+            write_start = self._double_fault(np.array((block,), np.int64), start, np.array((token,), np.uint64),
+                                             "write")
+            swapped = 1
+        elif state == _NOT_CACHED:
+            self._cache_in_one(block, token)
+        else:
+            self.pool.token[self.cache_loc[block]] = token
+        self.tokens[block] = token
+        done = self.disk.submit(write_start, 1)
+        self._touch_one(block)
+        self._hold_iobuf_one(block, done)
+        c.write_requests += 1
+        c.write_pages += 1
+        lo, hi = self.swap_area
+        c.swap_area_write_pages += lo <= block < hi
+        hit = state == _FRAME
+        c.cache_hit_pages += int(hit)
+        c.cache_miss_pages += int(not hit)
+        self.trim()
+        return IoResult(_NO_TOKENS, done, swapped)
 
     def write(self, blocks: np.ndarray, tokens: np.ndarray, vt_us: float) -> IoResult:
         """Write-through of distinct ``blocks``; the cache copy is updated or allocated."""
@@ -273,6 +364,17 @@ class VirtualDisk:
         self.cache_state[blocks] = _FRAME
         self.cache_loc[blocks] = frames
 
+    def _cache_in_one(self, block: int, token: int) -> None:
+        """``_cache_in`` of one block that is not cached."""
+        f = self.pool.alloc_one(_CACHE_KIND, self.guest_id, block, token)
+        if f < 0:
+            raise InvariantViolation(f"vdisk {self.guest_id}: host memory made room for too few cache frames")
+        self.pool.pinned[f] = self.pinned[block] or self.swap_exempt[block]
+        self.cluster_cached[block // self.cluster_pages] += 1
+        self.cached_pages += 1
+        self.cache_state[block] = _FRAME
+        self.cache_loc[block] = f
+
     def _double_fault(self, blocks: np.ndarray, start_us: float, new_tokens: np.ndarray | None,
                       op: str = "read") -> float:
         """Swap cache pages back in from host swap; returns when the swap-in read is done."""
@@ -306,6 +408,10 @@ class VirtualDisk:
     def _touch(self, blocks: np.ndarray) -> None:
         self._use_stamp += 1
         self.cluster_used[blocks // self.cluster_pages] = self._use_stamp
+
+    def _touch_one(self, block: int) -> None:
+        self._use_stamp += 1
+        self.cluster_used[block // self.cluster_pages] = self._use_stamp
 
     def trim(self) -> int:
         """Once over ``cache_max_pages``, drop least recently used clusters down to 1/16 below it.
@@ -345,9 +451,13 @@ class VirtualDisk:
 
     def _admit(self, vt_us: float) -> float:
         """Virtual start time of a new request, after the earliest in-flight ones complete."""
-        active = sorted(d for d in self._inflight_done_us if d > vt_us)
+        held = self._inflight_done_us   # requests whose buffers are not retired yet: a superset of those in flight
+        if len(held) < self.max_inflight_requests:
+            return float(vt_us)
+        active = [d for d in held if d > vt_us]
         if len(active) < self.max_inflight_requests:
             return float(vt_us)
+        active.sort()   # only when the queue is full: the usual request needs no sort
         start = active[len(active) - self.max_inflight_requests]
         self.counters.backpressure_waits += 1
         self.counters.backpressure_wait_us += start - vt_us
@@ -360,11 +470,20 @@ class VirtualDisk:
         self._inflight_done_us.append(float(done_us))
         self._inflight_frames.append(frames)
 
+    def _hold_iobuf_one(self, block: int, done_us: float) -> None:
+        f = self.pool.alloc_one(_IOBUF_KIND, self.guest_id, block)
+        if f < 0:
+            raise InvariantViolation(f"vdisk {self.guest_id}: host memory made room for too few I/O buffers")
+        self._inflight_done_us.append(float(done_us))
+        self._inflight_frames.append(f)
+
     def retire(self, vt_us: float) -> int:
         """Free the I/O buffers of every request completed by ``vt_us``; returns pages freed."""
+        if not self._inflight_done_us or min(self._inflight_done_us) > vt_us:
+            return 0
         keep_done: list[float] = []
-        keep_frames: list[np.ndarray] = []
-        freed: list[np.ndarray] = []
+        keep_frames: list[np.ndarray | int] = []
+        freed: list[np.ndarray | int] = []
         for done, frames in zip(self._inflight_done_us, self._inflight_frames):
             if done <= vt_us:
                 freed.append(frames)
@@ -372,9 +491,7 @@ class VirtualDisk:
                 keep_done.append(done)
                 keep_frames.append(frames)
         self._inflight_done_us, self._inflight_frames = keep_done, keep_frames
-        if not freed:
-            return 0
-        frames = np.concatenate(freed)
+        frames = _in_order(freed)
         self.pool.free(frames)
         self.counters.iobuf_retired_pages += int(frames.size)
         return int(frames.size)
@@ -386,7 +503,7 @@ class VirtualDisk:
     def iobuf_frames(self) -> np.ndarray:
         if not self._inflight_frames:
             return np.zeros(0, np.int64)
-        return np.concatenate(self._inflight_frames)
+        return _in_order(self._inflight_frames)
 
     # -- pinning ----------------------------------------------------------------
 
@@ -467,6 +584,27 @@ class VirtualDisk:
         c = np.bincount(self.cache_state, minlength=len(CacheState))
         return {"cache_frame_pages": int(c[_FRAME]),
                 "cache_swapped_pages": int(c[_SWAPPED]),
-                "iobuf_pages": int(sum(f.size for f in self._inflight_frames)),
+                "iobuf_pages": sum(1 if type(f) is int else int(f.size) for f in self._inflight_frames),
                 "inflight_requests": self.inflight_requests,
                 "pinned_blocks": int(np.count_nonzero(self.pinned))}
+
+
+def _in_order(parts: list[np.ndarray | int]) -> np.ndarray:
+    """Frames of several requests as one array, in request order (ints: one-frame requests).
+
+    The order is the order they go back on the free stack, so it decides
+    which frame later requests get: it must not depend on how they were held.
+    """
+    arrays: list[np.ndarray] = []
+    run: list[int] = []
+    for p in parts:
+        if type(p) is int:
+            run.append(p)
+            continue
+        if run:
+            arrays.append(np.array(run, np.int64))
+            run = []
+        arrays.append(p)  # type: ignore[arg-type]
+    if run:
+        arrays.append(np.array(run, np.int64))
+    return arrays[0] if len(arrays) == 1 else np.concatenate(arrays)

@@ -407,7 +407,7 @@ async def _fuzz_host(data: bytes) -> None:
             raise HostdError("the guest did not answer")
         return held[gid][gpfns.astype(np.int64)]
 
-    mem.shootdown = shootdown
+    mem.wire(shootdown=shootdown)
     for gid in (1, 2):
         mem.add_guest(gid, pages, pages // 2, disk_blocks=blocks)
         held[gid] = np.arange(pages, dtype=np.uint64) + np.uint64(gid << 32)

@@ -32,6 +32,9 @@ __all__ = ["wait_until", "LOOP_FACTORIES"]
 T = TypeVar("T")
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+# Every host the tests start (they inherit this) checks the whole frame invariant at every tick,
+# not a sample: the suite is where a bookkeeping bug must show at once (hostd.invariant).
+os.environ.setdefault("BALLOONLAB_INVARIANT", "full")
 
 
 def _uvloop_factory() -> asyncio.AbstractEventLoop:

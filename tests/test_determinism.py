@@ -160,7 +160,7 @@ def test_same_seed_same_counts_under_host_swapping(tmp_path: Path) -> None:
     each request lands in the shared swap disk's queue: served in arrival
     order all of it would change run to run. The host serves requests in
     virtual-time order and sends shootdowns only to parked guests
-    (``hostd.sequencer``), so every count, tick by tick, is the same.
+    (``hostd.discipline.virtual_time``), so every count, tick by tick, is the same.
     """
     first = _host_pressure_run(tmp_path, "first")
     again = _host_pressure_run(tmp_path, "again")

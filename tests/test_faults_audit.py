@@ -24,9 +24,9 @@ from balloonlab.guestd.kernel_config import KernelConfig
 from balloonlab.guestd.workload import Layout, Region, build_workload
 from balloonlab.hostd.audit import GuestClaims, check_guest, check_released
 from balloonlab.hostd.framepool import FrameKind as HostKind
+from balloonlab.hostd.hostswap import PENDING_TOKEN
 from balloonlab.hostd.memory import HostMemory
 from balloonlab.hostd.p2m import PageState
-from balloonlab.hostd.watchdog import PENDING_TOKEN
 from balloonlab.proto.costs import CostModel
 
 GID = 3
@@ -76,7 +76,7 @@ async def make_world() -> SimpleNamespace:
         assert gid == GID
         return kernel.invalidate(gpfns)
 
-    mem.shootdown = shootdown
+    mem.wire(shootdown=shootdown)
     balloon = BalloonDriver(kernel, kernel.hypervisor)
     kernel.on_oom = balloon.deflate_on_oom
     work = build_workload([{"kind": "db", "region": "db", "weight": 2},
@@ -114,14 +114,14 @@ def _swapped_gpfn(w: SimpleNamespace) -> int:
 
 def corrupt_host_swap(w: SimpleNamespace) -> str:
     g = _swapped_gpfn(w)
-    slot = w.mem._guest(GID).p2m.loc[g]
+    slot = w.mem.p2m(GID).loc[g]
     w.mem.swap.token[slot] ^= np.uint64(1)
     return f"gpfn {g}: host swap holds"
 
 
 def leave_a_placeholder(w: SimpleNamespace) -> str:
     g = _swapped_gpfn(w)
-    w.mem.swap.token[w.mem._guest(GID).p2m.loc[g]] = PENDING_TOKEN
+    w.mem.swap.token[w.mem.p2m(GID).loc[g]] = PENDING_TOKEN
     return "placeholder of an unanswered shootdown"
 
 
@@ -133,7 +133,7 @@ def corrupt_a_disk_block(w: SimpleNamespace) -> str:
 
 
 def host_forgets_a_balloon_page(w: SimpleNamespace) -> str:
-    g = int(np.flatnonzero(w.mem._guest(GID).p2m.state == PageState.BALLOONED)[0])
+    g = int(np.flatnonzero(w.mem.p2m(GID).state == PageState.BALLOONED)[0])
     w.mem.balloon_deflate(GID, np.array([g], np.uint64))   # the host's books only: the guest still has it
     return "balloon"
 
@@ -153,7 +153,7 @@ def guest_loses_a_page(w: SimpleNamespace) -> str:
 
 def host_drops_a_swapped_page(w: SimpleNamespace) -> str:
     g = _swapped_gpfn(w)
-    p2m = w.mem._guest(GID).p2m
+    p2m = w.mem.p2m(GID)
     w.mem.swap.free(np.array([p2m.loc[g]]))
     p2m.set(np.array([g]), PageState.UNBACKED)
     return "the page is lost"

@@ -5,7 +5,7 @@ Guest 1 stops itself right after its 110th EPT fault (around tick 20) went out
 hypercall, its memory lock held. After ``unresponsive_s`` (1 s here) the
 host's watchdog takes it out of the tick barrier and, at the tick's end,
 swaps out every frame it has -- with a *deferred* shootdown, since a guest
-that is not running cannot acknowledge one (``hostd/watchdog.py`` explains
+that is not running cannot acknowledge one (``hostd/shootdown.py`` explains
 why that is safe). The test waits for that in the host's log, then sends
 SIGCONT. The guest answers the queued shootdown (its tokens replace the
 host's placeholders), finishes its late tick, is back in the barrier, and

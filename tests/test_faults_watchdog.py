@@ -1,7 +1,9 @@
-"""The watchdog's deferred shootdowns, in one process: frames taken at once, content filled in by the late answer.
+"""Deferred shootdowns of silent guests, in one process: frames taken at once, content filled in by the late answer.
 
-Host memory with the watchdog's shootdown; the guest's connection is a
-fake whose ``call`` the test answers when it likes -- a stopped guest.
+Host memory with the real shootdowns (``hostd.shootdown``), silent-guest
+memory (``hostd.silent``) and a request discipline, wired as
+``hostd.assembly`` wires them; the guest's connection is a fake whose
+``call`` the test answers when it likes -- a stopped guest.
 """
 from __future__ import annotations
 
@@ -11,10 +13,14 @@ from typing import Any
 
 import numpy as np
 
-from balloonlab.hostd.locks import HostLocks
+from balloonlab.hostd.discipline import ArrivalOrder, DisciplineContext, LockModel
 from balloonlab.hostd.memory import HostMemory
 from balloonlab.hostd.p2m import PageState
-from balloonlab.hostd.watchdog import PENDING_TOKEN, PreferVictims, Watchdog
+from balloonlab.hostd.registry import SessionRegistry
+from balloonlab.hostd.shootdown import PENDING_TOKEN, Shootdowns
+from balloonlab.hostd.silent import SilentGuestMemory
+from balloonlab.hostd.victim import make_victim_policy
+from balloonlab.hostd.victim.prefer import PreferVictims
 from balloonlab.proto.faultpoints import PausePoints
 from balloonlab.proto.costs import CostModel
 from balloonlab.proto.errors import PeerClosed
@@ -38,23 +44,28 @@ class StoppedGuestConn:
         return await fut
 
 
-def _world(victim: str = "random") -> SimpleNamespace:
-    mem = HostMemory(96, 256, victim, np.random.default_rng(3), CostModel(), "ssd")  # room for both
-    sessions: dict[int, Any] = {}
-    wd = Watchdog(mem, sessions)
+def _world(victim: str = "random", timeout_s: float = 5.0, locks: LockConfig | None = None,
+           conn: type = StoppedGuestConn) -> SimpleNamespace:
+    sessions = SessionRegistry()
+    silent = SilentGuestMemory(make_victim_policy(victim))
+    mem = HostMemory(96, 256, silent.victims, np.random.default_rng(3), CostModel(), "ssd")  # room for both
+    ctx = DisciplineContext(sessions=sessions, running=set, stop=lambda why: None, clock=lambda: 0.0,
+                            hypercall_us=2.0, shootdown_timeout_s=timeout_s)
+    discipline = ArrivalOrder(ctx) if locks is None else LockModel(locks, ctx)
+    sd = Shootdowns(mem, sessions, discipline, timeout_s, on_answered=silent.guest_answered)
+    mem.wire(shootdown=sd.shootdown)
     content = {gid: np.arange(PAGES, dtype=np.uint64) + np.uint64((gid << 32) | 7) for gid in (GID, OTHER)}
     for gid in (GID, OTHER):
         mem.add_guest(gid, PAGES, PAGES // 2)
-        sessions[gid] = SimpleNamespace(guest_id=gid, unresponsive=False, conn=StoppedGuestConn())
+        sessions.join(SimpleNamespace(guest_id=gid, unresponsive=False, conn=conn()))  # type: ignore[arg-type]
 
-    async def shootdown(gid: int, gpfns: np.ndarray) -> np.ndarray:   # as Machine._shootdown does
-        s = sessions[gid]
-        if s.unresponsive:
-            return wd.deferred_shootdown(s, gpfns)
-        return await wd.shootdown(s, gpfns, 5.0)
+    def go_silent(gid: int) -> None:   # the watchdog's verdict, passed on as Machine.guest_silent does
+        sessions[gid].unresponsive = True
+        silent.guest_silent(gid)
+        sd.guest_silent(gid)
+        discipline.guest_silent(gid)
 
-    mem.shootdown = shootdown
-    return SimpleNamespace(mem=mem, wd=wd, sessions=sessions, content=content)
+    return SimpleNamespace(mem=mem, sd=sd, silent=silent, sessions=sessions, content=content, go_silent=go_silent)
 
 
 def _answer(conn: StoppedGuestConn, content: np.ndarray) -> None:
@@ -67,18 +78,17 @@ async def test_an_unresponsive_guests_frames_go_at_once_and_its_late_answer_fill
     w = _world()
     for gid in (GID, OTHER):
         await w.mem.ept_fault(gid, np.arange(PAGES, dtype=np.uint64), 0.0)
-    w.sessions[GID].unresponsive = True
-    w.wd.guest_unresponsive(GID)
-    freed = await w.wd.reclaim_unresponsive(0.0)
+    w.go_silent(GID)
+    freed = await w.silent.reclaim(w.mem, 0.0, w.sd.pending_pages)
     # Every frame of the frozen guest, and only its frames, went to host swap without waiting.
     assert freed == PAGES and w.mem.guest_counts(GID)["resident_pages"] == 0
     assert w.mem.guest_counts(OTHER)["resident_pages"] == PAGES
-    p2m = w.mem._guest(GID).p2m
+    p2m = w.mem.p2m(GID)
     assert np.all(p2m.state == PageState.SWAPPED)
-    assert np.all(w.mem.swap.token[p2m.loc] == PENDING_TOKEN) and w.wd.pending(GID)
+    assert np.all(w.mem.swap.token[p2m.loc] == PENDING_TOKEN) and w.sd.pending(GID)
     # A fault of that guest waits for the answer (the host never hands back a placeholder) ...
     async def fault() -> np.ndarray:
-        await w.wd.settled(GID)
+        await w.sd.settled(GID)
         tokens, _ = await w.mem.ept_fault(GID, np.array([3, 4], np.uint64), 0.0)
         return tokens
 
@@ -89,13 +99,13 @@ async def test_an_unresponsive_guests_frames_go_at_once_and_its_late_answer_fill
     # ... the guest wakes and answers: the content it held is what comes back.
     _answer(w.sessions[GID].conn, w.content[GID])
     assert list(await task) == list(w.content[GID][[3, 4]])
-    assert w.wd.leftover_placeholders(GID) == 0 and not w.wd.pending(GID)
-    assert w.wd.metrics()["deferred_settled_pages"] == PAGES
+    assert w.sd.leftover_placeholders(GID) == 0 and not w.sd.pending(GID)
+    assert w.sd.metrics()["deferred_settled_pages"] == PAGES
     w.mem.check_invariant()
     # It answered, so it runs again: what it faults back in for its late tick stays, though it
     # is not back in the barrier yet (without this, every tick end took it again: a livelock).
-    assert GID not in w.wd.unresponsive and w.wd.metrics()["woke"] == 1
-    assert await w.wd.reclaim_unresponsive(0.0) == 0
+    assert GID not in w.silent.silent and w.silent.metrics()["woke"] == 1
+    assert await w.silent.reclaim(w.mem, 0.0, w.sd.pending_pages) == 0
     assert w.mem.guest_counts(GID)["resident_pages"] == 2
 
 
@@ -106,29 +116,28 @@ async def test_a_shootdown_already_waiting_is_deferred_when_the_guest_goes_silen
     for _ in range(5):
         await asyncio.sleep(0)
     assert not reclaim.done() and len(w.sessions[GID].conn.calls) == 1   # waiting for the acknowledgement
-    w.sessions[GID].unresponsive = True
-    w.wd.guest_unresponsive(GID)                                           # the watchdog's verdict
+    w.go_silent(GID)                                                       # the watchdog's verdict
     got = await asyncio.wait_for(reclaim, 1.0)
-    assert got.freed_frames == 8 and w.wd.late_shootdowns == 1
-    assert w.wd.leftover_placeholders(GID) == 8
+    assert got.freed_frames == 8 and w.sd.late_shootdowns == 1
+    assert w.sd.leftover_placeholders(GID) == 8
     _answer(w.sessions[GID].conn, w.content[GID])
-    await w.wd.settled(GID)
-    assert w.wd.leftover_placeholders(GID) == 0
+    await w.sd.settled(GID)
+    assert w.sd.leftover_placeholders(GID) == 0
     w.mem.check_invariant()
 
 
 async def test_a_guest_that_dies_before_answering_takes_its_placeholders_with_it() -> None:
     w = _world()
     await w.mem.ept_fault(GID, np.arange(PAGES, dtype=np.uint64), 0.0)
-    w.sessions[GID].unresponsive = True
-    w.wd.guest_unresponsive(GID)
-    await w.wd.reclaim_unresponsive(0.0)
+    w.go_silent(GID)
+    await w.silent.reclaim(w.mem, 0.0, w.sd.pending_pages)
     for _, fut in w.sessions[GID].conn.calls:
         fut.set_exception(PeerClosed("connection to guest-1 closed"))
-    await w.wd.settled(GID)
-    assert w.wd.metrics()["deferred_failed"] == 1 and not w.wd.pending(GID)
+    await w.sd.settled(GID)
+    assert w.sd.metrics()["deferred_failed"] == 1 and not w.sd.pending(GID)
     w.mem.remove_guest(GID)
-    w.wd.forget(GID)
+    w.sd.forget(GID)
+    w.silent.forget(GID)
     assert w.mem.swap.slots_owned_by(GID).size == 0
     w.mem.check_invariant()
 
@@ -136,7 +145,7 @@ async def test_a_guest_that_dies_before_answering_takes_its_placeholders_with_it
 def test_preferred_victims_come_first_then_the_blind_policy() -> None:
     w = _world()
     asyncio.run(_fault_all(w))
-    prefer = PreferVictims(w.mem.victim.inner, {GID})
+    prefer = PreferVictims(w.silent.victims.inner, {GID})
     picked = prefer.pick(w.mem.pool, PAGES + 4, np.random.default_rng(0))
     owners = w.mem.pool.owner_guest[picked]
     assert np.all(owners[:PAGES] == GID) and picked.size == np.unique(picked).size == PAGES + 4
@@ -178,24 +187,17 @@ async def test_under_a_lock_protocol_an_invalidate_left_unanswered_is_deferred_n
     guest, once it runs again, obeys the Invalidate and drops its mapping: a
     lost page. So past ``shootdown_timeout_s`` it is deferred, as without locks.
     """
-    w = _world()
-    conn = w.sessions[GID].conn = LockingStoppedGuestConn()
-    locks = HostLocks(LockConfig(protocol=LockProtocol.ORDERED), lambda why: None, lambda: 0.0)
-    s = w.sessions[GID]
-
-    async def shootdown(gid: int, gpfns: np.ndarray) -> np.ndarray:   # as Machine._shootdown does under locks
-        return await locks.shootdown(conn, gid, gpfns, 0.2, invalidate=lambda: w.wd.shootdown(s, gpfns, 0.2))
-
-    w.mem.shootdown = shootdown
+    w = _world(timeout_s=0.2, locks=LockConfig(protocol=LockProtocol.ORDERED), conn=LockingStoppedGuestConn)
+    conn = w.sessions[GID].conn
     await w.mem.ept_fault(GID, np.arange(PAGES, dtype=np.uint64), 0.0)
     got = await asyncio.wait_for(w.mem.reclaim(8, 0.0), 5.0)
-    assert got.freed_frames == 8 and w.wd.late_shootdowns == 1
+    assert got.freed_frames == 8 and w.sd.late_shootdowns == 1
     assert conn.sent == ["LockAcquire", "Invalidate", "LockRelease"]   # its lock is let go after the Invalidate
-    assert w.wd.leftover_placeholders(GID) == 8
+    assert w.sd.leftover_placeholders(GID) == 8
     _answer(conn, w.content[GID])
-    await w.wd.settled(GID)
-    assert w.wd.leftover_placeholders(GID) == 0
-    swapped = np.flatnonzero(w.mem._guest(GID).p2m.state == PageState.SWAPPED)
+    await w.sd.settled(GID)
+    assert w.sd.leftover_placeholders(GID) == 0
+    swapped = np.flatnonzero(w.mem.p2m(GID).state == PageState.SWAPPED)
     tokens, _ = await w.mem.ept_fault(GID, swapped.astype(np.uint64), 0.0)
     assert list(tokens) == list(w.content[GID][swapped])
     w.mem.check_invariant()

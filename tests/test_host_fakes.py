@@ -32,7 +32,7 @@ class FakeGuests:
         self.lost_pages = 0
         self.shootdowns: list[tuple[int, list[int]]] = []
         self.yield_in_shootdown = yield_in_shootdown
-        hm.shootdown = self.shootdown
+        hm.wire(shootdown=self.shootdown)
 
     def add(self, gid: int, pages: int, **kw: object) -> None:
         self.hm.add_guest(gid, pages, **kw)  # type: ignore[arg-type]

@@ -15,6 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from balloonlab.hostd.errors import HostOutOfMemory
+from balloonlab.hostd.invariant import check_sample
 
 from .test_host_fakes import FakeGuests, make_memory
 
@@ -31,6 +32,7 @@ class World:
                               low_watermark_frames=2, reclaim_batch_frames=4, cluster_pages=4,
                               vdisk_cache_max_pages=16, max_inflight_requests=4)
         self.guests = FakeGuests(self.hm)
+        self.sample_rng = np.random.default_rng(seed + 1)   # the sampled invariant's own: the ops' rng stays as it was
         self.disk_truth: dict[int, np.ndarray] = {}
         self.next_gid = 0
         self.vt_us = 0.0
@@ -90,6 +92,8 @@ class World:
         elif op == "balance":
             await self.hm.balance(self.vt_us)
         elif op == "check":
+            # While others wait for shootdowns: the sample, like the full check, holds at every await.
+            check_sample(self.hm, self.sample_rng)
             self.hm.check_invariant()
 
     async def round(self, ops: list[tuple[int, str]], host: str, rng: np.random.Generator) -> None:
@@ -118,6 +122,7 @@ class World:
         self.vt_us += 10_000.0
         self.hm.tick(self.vt_us)
         self.hm.check_invariant()
+        check_sample(self.hm, self.sample_rng)
 
     async def verify_everything(self) -> None:
         for gid in sorted(self.guests.content):

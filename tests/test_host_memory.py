@@ -38,7 +38,7 @@ class GatedShootdown:
         self.gate = asyncio.Event()
         self.calls: list[tuple[int, list[int]]] = []
         self.tokens_of = tokens_of
-        hm.shootdown = self
+        hm.wire(shootdown=self)
 
     async def __call__(self, gid: int, gpfns: np.ndarray) -> np.ndarray:
         self.calls.append((gid, gpfns.astype(int).tolist()))
@@ -289,7 +289,7 @@ async def test_a_failed_shootdown_keeps_the_mapping() -> None:
     async def broken(gid: int, gpfns: np.ndarray) -> np.ndarray:
         raise ConnectionError("guest went away")
 
-    hm.shootdown = broken
+    hm.wire(shootdown=broken)
     with pytest.raises(HostOutOfMemory):
         await hm.ept_fault(1, gp(2), 0.0)
     assert hm.counters.shootdown_failures >= 1
@@ -306,7 +306,7 @@ async def test_a_short_shootdown_reply_is_a_failure_not_a_loss() -> None:
     async def short(gid: int, gpfns: np.ndarray) -> np.ndarray:
         return np.zeros(0, np.uint64)
 
-    hm.shootdown = short
+    hm.wire(shootdown=short)
     got = await hm.reclaim(1, 0.0)
     assert got.freed_frames == 0 and hm.counters.shootdown_failures == 1
     hm.check_invariant()

@@ -1,4 +1,4 @@
-"""hostd.sequencer: the guests' requests one at a time, in virtual-time order, over real asyncio tasks.
+"""hostd.discipline.virtual_time: the guests' requests one at a time, in virtual-time order, over real asyncio tasks.
 
 No processes here: fake guests submit requests as tasks, and the tests
 check who is served when. The multi-process consequence (same seed, same
@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from balloonlab.hostd.sequencer import RequestSequencer
+from balloonlab.hostd.discipline.virtual_time import RequestSequencer
 from tests.conftest import wait_until
 
 pytestmark = pytest.mark.timeout(10)

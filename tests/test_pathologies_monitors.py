@@ -12,10 +12,9 @@ import numpy as np
 import pytest
 
 from balloonlab.hostd.monitors import HostMonitors, monitors_config
-from balloonlab.hostd.monitors.config import ConvergenceConfig, SwapStormConfig
-from balloonlab.hostd.monitors.convergence import ConvergenceTracker
-from balloonlab.hostd.monitors.history import GuestSample, History, TickSample
-from balloonlab.hostd.monitors.swap_storm import SwapStormDetector
+from balloonlab.hostd.monitors.convergence import ConvergenceConfig, ConvergenceTracker
+from balloonlab.hostd.monitors.window import GuestSample, History, TickSample
+from balloonlab.hostd.monitors.swap_storm import SwapStormConfig, SwapStormDetector
 from balloonlab.hostd.vdisk import CacheState
 from balloonlab.proto import events as ev
 from balloonlab.proto.errors import ConfigError
@@ -84,7 +83,7 @@ def test_the_storm_is_detected_once_with_every_link_of_the_chain() -> None:
     full = storm_ticks(20)
     for s in full.samples:
         hist.push(s)
-        det.end_tick(hist)
+        det.check(hist)
     (e,) = log.named(ev.SWAP_STORM_DETECTED)
     assert det.storms == 1 and e["storm"] == 1
     links = {link["link"]: link for link in e["chain"]}
@@ -106,7 +105,7 @@ def test_no_storm_while_one_link_is_missing(broken: str) -> None:
     replay = History(5)
     for s in hist.samples:
         replay.push(s)
-        det.end_tick(replay)
+        det.check(replay)
     assert det.storms == 0 and not log.named(ev.SWAP_STORM_DETECTED)
 
 
@@ -122,7 +121,7 @@ def test_a_second_storm_counts_only_after_the_chain_stayed_broken() -> None:
             g0 = guest(0, t * 10_000.0, swap_in=(1000 * t if storm else 0))
             swapped = 50 * t if storm else (hist.now.swap_out_pages if hist.samples else 0)
             hist.push(tick(t, free=200 if storm else 5000, io=2000, swapped=swapped, guests=(g0,)))
-            det.end_tick(hist)
+            det.check(hist)
             t += 1
 
     run(5, True)
@@ -154,19 +153,20 @@ async def test_double_faults_are_logged_with_their_blocks_and_count() -> None:
     FakeGuests(hm).add(1, 16, disk_blocks=64)
     log = Log()
     mon = HostMonitors({"double_faults": {"samples": 2}}, hm, 10_000)
-    mon.double_faults.log = log
+    hm.wire(observer=mon)
+    mon["double_faults"].log = log
     mon.guest_joined(1, 16, {"swap_base_block": 32, "swap_blocks": 32})
     await hm.vdisk_write(1, blocks(33, 34, 40), np.array([5, 6, 7], np.uint64), 0.0)
     await swap_out_cache(hm, 1e6)
     await hm.vdisk_write(1, blocks(33), np.array([8], np.uint64), 2e6)     # a swap-out into a swapped block
     await hm.vdisk_read(1, blocks(34, 40), 2e6)                          # swap-ins from swapped blocks
-    mon.double_faults.end_tick(0)
+    mon["double_faults"].drain(0)
     (e,) = log.named(ev.DOUBLE_FAULT)
     assert e["count"] == 3 == hm.snapshot()["double_faults"]
     assert e["reads"] == 2 and e["writes"] == 1 and e["in_swap_area"] == 3
     assert e["blocks"] == [33, 34] and e["swap_slots"] == [1, 2]         # a sample of `samples`
     assert e["clusters"] == [2] and e["added_us"] > 0 and not e["swap_area_pinned"]
-    mon.double_faults.end_tick(1)
+    mon["double_faults"].drain(1)
     assert len(log.named(ev.DOUBLE_FAULT)) == 1                           # nothing new, nothing logged
     hm.check_invariant()
 
@@ -177,7 +177,8 @@ async def test_pinning_drops_swapped_copies_and_no_double_fault_follows() -> Non
     log = Log()
     mon = HostMonitors({"pinning": {"enabled": True, "swap_pages_per_s": 100.0, "window_ticks": 1,
                                     "calm_ticks": 2}}, hm, 10_000)
-    mon.pinner.log = log
+    hm.wire(observer=mon)
+    mon["pinning"].log = log
     mon.guest_joined(1, 16, {"swap_base_block": 32, "swap_blocks": 32})
     vd = hm.vdisk(1)
     await hm.vdisk_write(1, blocks(33, 34, 35), np.array([5, 6, 7], np.uint64), 0.0)
@@ -209,7 +210,7 @@ async def test_pinning_drops_swapped_copies_and_no_double_fault_follows() -> Non
     end_tick(2, False)
     end_tick(3, False)
     end_tick(4, False)
-    assert log.named(ev.SWAP_AREA_UNPINNED) and not mon.pinner.is_pinned(1)
+    assert log.named(ev.SWAP_AREA_UNPINNED) and not mon["pinning"].is_pinned(1)
     assert not hm.pool.pinned.any()
     assert mon.metrics()["pinning"]["pinned_pages_peak"] >= 2
     hm.check_invariant()
@@ -221,7 +222,8 @@ async def test_a_page_the_host_swapped_and_the_guest_then_pages_out_is_double_pa
     guests.add(1, 8, disk_blocks=16)
     log = Log()
     mon = HostMonitors({}, hm, 10_000)
-    mon.double_faults.log = log
+    hm.wire(observer=mon)
+    mon["double_faults"].log = log
     mon.guest_joined(1, 8, {"swap_base_block": 8, "swap_blocks": 8})
     for g in range(8):                       # 8 pages on 4 frames: the host swaps some out
         await guests.touch(1, np.array([g]), write=True)
@@ -233,7 +235,7 @@ async def test_a_page_the_host_swapped_and_the_guest_then_pages_out_is_double_pa
     # ... and writes its content to its swap area.
     await hm.vdisk_write(1, blocks(9), guests.content[1][[g]], 0.0)
     await hm.vdisk_write(1, blocks(10), np.array([12345], np.uint64), 0.0)    # other content: not counted
-    mon.double_faults.end_tick(0)
+    mon["double_faults"].drain(0)
     (e,) = log.named(ev.DOUBLE_PAGING_DETECTED)
     assert e["guest"] == 1 and e["pages"] == 1 and e["blocks"] == [9]
     assert mon.metrics()["double_faults"]["double_paging_swap_area_pages"] == 1
@@ -250,7 +252,7 @@ def test_convergence_time_and_overshoot_after_a_step() -> None:
                                      (300, 6000, 0.0)] + [(300, 6000, 0.0)] * 5)
     for t, (target, free, pff) in enumerate(plan):
         hist.push(tick(t, free=free, guests=(guest(0, t * 1e4, pff=pff, target=target),)))
-        tr.end_tick(hist, {0: target})
+        tr.update(hist, {0: target})
     (e,) = log.named(ev.BALLOON_CONVERGED)
     assert e["step_tick"] == 4 and e["settled"]
     assert e["settled_tick"] == 8 and e["convergence_ticks"] == 4       # 300 from tick 7 on: steady from 8
@@ -265,7 +267,7 @@ def test_a_guest_above_its_pff_threshold_keeps_the_step_open() -> None:
     for t in range(20):
         free = 8000 if t < 3 else 5000
         hist.push(tick(t, free=free, guests=(guest(0, t * 1e4, pff=900.0, target=50),)))
-        tr.end_tick(hist, {0: 50})
+        tr.update(hist, {0: 50})
     (step,) = tr.metrics()["steps"]
     assert not step["settled"] and step["convergence_ticks"] is None
     assert step["longest_pff_above_ticks"] >= 15
@@ -276,16 +278,17 @@ async def test_resident_pinning_keeps_the_whole_area_cached_and_never_trims_it()
     FakeGuests(hm).add(1, 16, disk_blocks=64)
     mon = HostMonitors({"pinning": {"enabled": True, "mode": "resident", "swap_pages_per_s": 1.0,
                                     "window_ticks": 1}}, hm, 10_000)
-    mon.pinner.log = Log()
+    hm.wire(observer=mon)
+    mon["pinning"].log = Log()
     mon.guest_joined(1, 16, {"swap_base_block": 32, "swap_blocks": 32})
     vd = hm.vdisk(1)
     for t in range(2):
         vd.counters.swap_area_write_pages += 100
         mon.end_tick(t, (t + 1) * 10_000, hm.snapshot(), {1: {"vt_us": (t + 1) * 10_000.0}}, {1: 0})
-    assert mon.pinner.is_pinned(1) and vd.pinned[32:64].all()
+    assert mon["pinning"].is_pinned(1) and vd.pinned[32:64].all()
     await hm.vdisk_write(1, np.arange(32, 48, dtype=np.uint64), np.arange(1, 17, dtype=np.uint64), 2e4)
     hm.tick(1e9)
     # More than the cache's bound of 4 pages stays cached: a resident pin is never trimmed.
     assert np.count_nonzero(vd.cache_state[32:48] == CacheState.FRAME) == 16
-    assert mon.pinner.pinned_pages(1) == 16
+    assert mon["pinning"].pinned_pages(1) == 16
     hm.check_invariant()

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from balloonlab.hostd.monitors.registry import MONITORS
 from balloonlab.proto import events as ev
 
 __all__ = ["HEADLINE", "Metric", "Column", "headline_value", "ratio", "compare_table", "compare_runs",
@@ -54,11 +55,6 @@ def _events(*const_names: str, summary_key: str | None = None) -> Callable[[dict
     return get
 
 
-def _double_faults(v: dict[str, Any]) -> float | None:
-    n = (v.get("host") or {}).get("double_faults")
-    return float(n) if isinstance(n, (int, float)) else _events("DOUBLE_FAULT")(v)
-
-
 HEADLINE: tuple[Metric, ...] = (
     Metric("reason", "how the run ended", lambda v: v.get("reason"), text=True),
     Metric("refs_per_vsec", "throughput (references per virtual s, all guests)", lambda v: v.get("refs_per_vsec"),
@@ -84,10 +80,8 @@ HEADLINE: tuple[Metric, ...] = (
     Metric("lost_pages", "lost pages (integrity; must be 0)", lambda v: v.get("lost_pages"), "lower"),
     Metric("deadlocks", "deadlocks detected", _events("DEADLOCK_DETECTED", summary_key="deadlocks"), "lower"),
     Metric("lock_order_violations", "lock-order violations", _events("LOCK_ORDER_VIOLATION"), "lower"),
-    Metric("swap_storms", "swap storms detected", _events("SWAP_STORM_DETECTED", summary_key="swap_storms"),
-           "lower"),
-    Metric("double_faults", "double faults (nested swapping)", _double_faults, "lower"),
-    Metric("swap_areas_pinned", "swap areas pinned", _events("SWAP_AREA_PINNED")),
+    # the host monitors' rows (hostd.monitors.registry), in the registry's order
+    *(Metric(h.key, h.label, h.get, h.better) for spec in MONITORS for h in spec.headline),
     Metric("stalled_ticks", "stalled ticks (watchdog)", lambda v: v.get("stalled_ticks"), "lower"),
     Metric("guests_lost", "guests lost", lambda v: float(len(v.get("guests_lost") or {})), "lower"),
     Metric("virtual_s", "virtual seconds run", lambda v: v.get("virtual_s")),

@@ -1,27 +1,23 @@
-"""The pathologies of issue #5 in ``summary.json``: swap storms, nested swapping, the thrashing curve.
+"""The pathologies of issue #5 in ``summary.json``: what the host's monitors found, and the thrashing curve.
 
 ``pathology_metrics`` adds, per variant:
 
-- ``swap_storms``: ``swap_storm_detected`` events in the host's log;
-- ``host.double_faults`` (already there), ``host.double_faults_after_pin``
-  (double faults on a guest while its swap area was pinned),
-  ``host.double_fault_events`` and ``host.double_fault_logged_pages`` (the
-  ``double_fault`` events and the pages they name), ``host.double_paging_pages``
-  (ESX's double paging), ``host.pinned_pages_peak`` (host frames pinned for
-  guests' swap areas: what the cure costs), ``host.io_buffer_pages_peak``,
-  ``host.swap_area_pins``;
+- each host monitor's keys (``hostd.monitors.registry.MONITORS``; each
+  monitor's module says which): swap storms, double faults and double
+  paging, the pins of swap areas and what they cost, the host's I/O-buffer
+  and disk-cache peaks, the "central banker" convergence report;
 - ``throughput``: references per virtual second of all guests before the
   first balloon inflation and after it;
 - ``balloon_sweep`` (when a guest's balloon was stepped): one row per step
   (balloon size, the guest's free memory, throughput, faults per virtual
   second, its working-set estimate) with the true working set next to it
-  and where the knee is;
-- ``convergence``: the "central banker" report (``balloon_converged``).
+  and where the knee is.
 """
 from __future__ import annotations
 
 from typing import Any, Mapping
 
+from balloonlab.hostd.monitors import registry as monitor_registry
 from balloonlab.proto import events as ev
 
 from .logs import VariantLogs
@@ -150,33 +146,13 @@ def _throughput(v: VariantLogs) -> dict[str, Any]:
 def pathology_metrics(v: VariantLogs, finished: Mapping[str, Any], host: dict[str, Any]) -> dict[str, Any]:
     """Keys to merge into a variant's summary; adds its ``host.*`` keys to ``host`` in place."""
     mon = finished.get("monitors") or {}
-    df = mon.get("double_faults") or {}
-    pin = mon.get("pinning") or {}
-    df_events = [e for e in v.host if e.get("event") == ev.DOUBLE_FAULT]
-    peaks = finished.get("peaks") or {}
-    host.update({
-        "double_faults_after_pin": int(df.get("double_faults_after_pin", 0)),
-        "double_faults_in_swap_area": int(df.get("double_faults_in_swap_area", 0)),
-        "double_fault_added_us": df.get("double_fault_added_us", 0.0),
-        "double_fault_events": len(df_events),
-        "double_fault_logged_pages": sum(int(_num(e, "count")) for e in df_events),
-        "double_paging_pages": int(df.get("double_paging_pages", 0)),
-        "pinned_pages_peak": int(pin.get("pinned_pages_peak", 0)),
-        "swap_area_pins": int(pin.get("pins", 0)),
-        "swap_area_unpins": int(pin.get("unpins", 0)),
-        "io_buffer_pages_peak": max(int(mon.get("iobuf_pages_peak", 0)), int(peaks.get("iobuf_pages", 0))),
-        "cache_pages_peak": int(peaks.get("cache_pages", 0)),
-    })
-    storms = [e for e in v.host if e.get("event") == ev.SWAP_STORM_DETECTED]
-    out: dict[str, Any] = {
-        "swap_storms": len(storms),
-        "swap_storm": {"first_tick": storms[0].get("tick") if storms else None,
-                       "episodes": (mon.get("swap_storm") or {}).get("episodes", [])},
-        "throughput": _throughput(v),
-    }
-    conv = mon.get("convergence")
-    if conv is not None:
-        out["convergence"] = conv
+    out: dict[str, Any] = {}
+    for spec in monitor_registry.MONITORS:
+        if spec.summarize is not None:
+            keys = spec.summarize(mon, v.host, finished)
+            host.update(keys.host)
+            out.update(keys.variant)
+    out["throughput"] = _throughput(v)
     if (v.config.get("balloon") or {}).get("policy") == "sweep":
         guests_cfg = {int(g["id"]): g for g in v.config.get("guests", []) if isinstance(g.get("id"), int)}
         curves = {}
@@ -190,21 +166,16 @@ def pathology_metrics(v: VariantLogs, finished: Mapping[str, Any], host: dict[st
 
 def pathology_lines(v: Mapping[str, Any]) -> list[str]:
     """A variant's pathology numbers for the summary table."""
-    h = v.get("host", {})
     out: list[str] = []
-    if "swap_storms" in v:
+    if "throughput" in v:   # a summary written since the pathologies were
         tp = v.get("throughput", {})
-        out.append(f"   pathologies: swap_storms={v.get('swap_storms', 0)}  double_faults={h.get('double_faults', 0)} "
-                   f"(after pin {h.get('double_faults_after_pin', 0)})  double_paging_pages={h.get('double_paging_pages', 0)}"
-                   f"  pinned_pages_peak={h.get('pinned_pages_peak', 0)}  io_buffer_pages_peak={h.get('io_buffer_pages_peak', 0)}"
-                   f"  refs/vs before/after the first inflation: {tp.get('before_inflation_refs_per_vsec')} -> "
+        parts = [spec.table_fragment(v) for spec in monitor_registry.MONITORS if spec.table_fragment is not None]
+        out.append("   pathologies: " + "  ".join(parts)
+                   + f"  refs/vs before/after the first inflation: {tp.get('before_inflation_refs_per_vsec')} -> "
                    f"{tp.get('after_inflation_refs_per_vsec')}")
-    for st in (v.get("convergence") or {}).get("steps", []):
-        how = (f"settled after {st['convergence_ticks']} ticks" if st.get("settled")
-               else "never settled")
-        out.append(f"   convergence: demand step at tick {st['step_tick']} (+{st['demand_rise_pages']} pages), {how}, "
-                   f"overshoot {st['overshoot_pages']} pages ({st['overshoot_fraction']}), PFF above threshold "
-                   f"{st['pff_above_ticks']} ticks (longest {st['longest_pff_above_ticks']})")
+    for spec in monitor_registry.MONITORS:
+        if spec.table_lines is not None:
+            out += spec.table_lines(v)
     for gid, c in (v.get("balloon_sweep") or {}).items():
         knee = (f"knee at balloon {c['knee_balloon_pages']} pages, guest free {c['knee_guest_free_pages']} "
                 f"(last good {c['last_good_guest_free_pages']})" if c.get("knee_balloon_pages") is not None

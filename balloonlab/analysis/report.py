@@ -22,6 +22,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from balloonlab.hostd.monitors.base import ReportFormat
+from balloonlab.hostd.monitors import registry as monitor_registry
 from balloonlab.proto import events as ev
 
 from .compare import Column, compare_table, format_value
@@ -509,8 +511,16 @@ def _table(rows: list[Any], limit: int = 40) -> str:
     return "\n".join(lines)
 
 
+_FORMAT = ReportFormat(cell=_cell, table=_table)
+"""How a monitor's report section writes values and tables (``hostd.monitors.base``)."""
+
+
 def _pathology_details(v: dict[str, Any]) -> str:
-    """What summary.json computed about the seed's pathologies for this variant, when there is any."""
+    """What summary.json computed about the seed's pathologies for this variant, when there is any.
+
+    The throughput around the first inflation, then each host monitor's
+    section (``hostd.monitors.registry.MONITORS``, in order), then the balloon sweep.
+    """
     out: list[str] = []
     thr = v.get("throughput")
     if isinstance(thr, dict) and thr.get("first_inflation_tick") is not None:
@@ -518,13 +528,9 @@ def _pathology_details(v: dict[str, Any]) -> str:
         ratio = f" ({a / b:.2f}x)" if isinstance(a, (int, float)) and isinstance(b, (int, float)) and b else ""
         out.append(f"- throughput before the first inflation (tick {thr['first_inflation_tick']}): "
                    f"{_cell(b)} references per virtual s; after: {_cell(a)}{ratio}")
-    storm = v.get("swap_storm")
-    if v.get("swap_storms"):
-        first = storm.get("first_tick") if isinstance(storm, dict) else None
-        out.append(f"- swap storms: {v['swap_storms']}, the first at tick {_cell(first)}")
-        episodes = storm.get("episodes") if isinstance(storm, dict) else None
-        if isinstance(episodes, list) and episodes:
-            out += ["", "Swap storm episodes:", "", _table(episodes), ""]
+    for spec in monitor_registry.MONITORS:
+        if spec.report is not None:
+            out += spec.report(v, _FORMAT)
     sweep = v.get("balloon_sweep")
     if isinstance(sweep, dict):
         for gid, c in sweep.items():
@@ -540,14 +546,6 @@ def _pathology_details(v: dict[str, Any]) -> str:
                           if knee is not None else "no knee: throughput held at every step"))
             if isinstance(c.get("steps"), list):
                 out += ["", _table(c["steps"]), ""]
-    conv = v.get("convergence")
-    if isinstance(conv, dict):
-        steps = conv.get("steps")
-        scalars = {k: x for k, x in conv.items() if not isinstance(x, (list, dict))}
-        if scalars:
-            out.append("- convergence: " + ", ".join(f"{k}={_cell(x)}" for k, x in scalars.items()))
-        if isinstance(steps, list) and steps:
-            out += ["", "Convergence after each demand step:", "", _table(steps), ""]
     return "\n".join(out).strip()
 
 

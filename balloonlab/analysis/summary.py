@@ -128,7 +128,7 @@ def summarize_variant(v: VariantLogs) -> dict[str, Any]:
         "stalled_ticks": sum(1 for e in v.host if e.get("event") == ev.TICK_STALLED),
         "event_counts": event_counts(v),
         "refs_per_vsec": round(sum(g["refs_per_vsec"] for g in guests), 1),
-        # virtual-time: reproducible counts (hostd.sequencer); arrival: served as they came
+        # virtual-time: reproducible counts (hostd.discipline.virtual_time); arrival: served as they came
         "request_order": finished.get("request_order", "arrival"),
     }
     out.update(reclaim_metrics(host, guests))

@@ -1,24 +1,29 @@
 """The host's monitors: swap storms, nested swapping and its cure, balloon convergence.
 
-One module per monitor; ``HostMonitors`` owns them all for the machine:
+One module per monitor, each with its ``SPEC`` (``base.MonitorSpec``: its
+config, its keys in the summary, its report section), listed in
+``registry.MONITORS``:
 
 - ``swap_storm.SwapStormDetector``: the seed's chain of failures, logged
   as ``swap_storm_detected`` with every link's value and threshold;
-- ``pinning.SwapAreaPinner``: pins a swapping guest's swap area in host
-  memory (``swap_area_pinned`` / ``swap_area_unpinned``);
 - ``double_faults.DoubleFaultMonitor``: every double fault of the virtual
   disks and every case of double paging, logged per guest and tick;
+- ``pinning.SwapAreaPinner``: pins a swapping guest's swap area in host
+  memory (``swap_area_pinned`` / ``swap_area_unpinned``);
 - ``convergence.ConvergenceTracker``: after a step in host demand, when the
-  balloon targets settle and by how much they overshot (``balloon_converged``).
+  balloon targets settle and by how much they overshot (``balloon_converged``);
+- ``history.HistoryMonitor``: records the window the others read
+  (``window.History``, the last ticks' samples) and the host's I/O-buffer peak.
 
-Call order (from ``hostd.machine.Machine``)::
+``HostMonitors`` runs them all for the machine, in the registry's order::
 
-    HostMonitors(run_cfg, mem) -> (guest_joined | guest_gone)* ;
+    HostMonitors(run_cfg.monitors, mem, tick_us) -> (guest_joined | guest_gone)* ;
     each tick, after host memory's tick and the balloon targets: end_tick(...) ;
     at the end: metrics()
 
-``HostMonitors`` is also host memory's ``observer``: it hears about host
-swap-ins of guest pages and every disk write as they happen.
+It is also host memory's ``observer`` (``hostd.assembly`` connects it): it
+passes host swap-ins of guest pages and every disk write on, as they
+happen, to the monitors that listen.
 """
 from __future__ import annotations
 
@@ -27,110 +32,88 @@ from typing import Any, Mapping
 import numpy as np
 import structlog
 
-from ..framepool import FrameKind
+from .base import Monitor, MonitorBase, MonitorContext, MonitorSpec, TickContext
 from .config import MonitorsConfig, monitors_config
 from .convergence import ConvergenceTracker
 from .double_faults import DoubleFaultMonitor
-from .history import GuestSample, History, TickSample
+from .history import HistoryMonitor
 from .pinning import SwapAreaPinner
+from . import registry
+from .registry import MONITORS
 from .swap_storm import SwapStormDetector
+from .window import GuestSample, History, TickSample
 
-__all__ = ["HostMonitors", "MonitorsConfig", "monitors_config", "SwapStormDetector", "SwapAreaPinner",
-           "DoubleFaultMonitor", "ConvergenceTracker", "History", "TickSample", "GuestSample"]
+__all__ = ["HostMonitors", "MonitorsConfig", "monitors_config", "MONITORS", "Monitor", "MonitorSpec",
+           "SwapStormDetector", "SwapAreaPinner", "DoubleFaultMonitor", "ConvergenceTracker", "HistoryMonitor",
+           "History", "TickSample", "GuestSample"]
 
 log = structlog.get_logger("hostd.monitors")
 
 
-def _int(stats: Mapping[str, Any], key: str) -> int:
-    v = stats.get(key, 0)
-    return int(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else 0
-
-
-def _float(stats: Mapping[str, Any], key: str) -> float:
-    v = stats.get(key, 0.0)
-    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v) else 0.0
+def _overrides(m: Monitor, hook: str) -> bool:
+    return getattr(type(m), hook, None) is not getattr(MonitorBase, hook)
 
 
 class HostMonitors:
     def __init__(self, table: Mapping[str, Any] | None, mem: Any, tick_us: float) -> None:
         self.cfg = monitors_config(table)
         self.mem = mem                  # hostd.memory.HostMemory
-        c = self.cfg
-        self.history = History(max(c.swap_storm.window_ticks, c.pinning.window_ticks, c.convergence.step_ticks))
-        self.storm = SwapStormDetector(c.swap_storm, log)
-        self.pinner = SwapAreaPinner(c.pinning, mem, log)
-        self.double_faults = DoubleFaultMonitor(c.double_faults, mem, self.pinner.is_pinned, log)
-        self.convergence = ConvergenceTracker(c.convergence, tick_us, log)
-        self.iobuf_pages_peak = 0       # host I/O-buffer frames, sampled at every disk write and tick end
-        self.ram_pages: dict[int, int] = {}
-        mem.observer = self
+        specs = registry.MONITORS
+        keep = max(spec.history_ticks(self.cfg[spec.name]) for spec in specs if spec.config is not None)
+        self._by_name: dict[str, Monitor] = {}
+        ctx = MonitorContext(mem=mem, tick_us=tick_us, log=log, history_ticks=keep, peers=self._by_name.get)
+        for spec in specs:
+            self._by_name[spec.name] = spec.make(self.cfg[spec.name], ctx)
+        self.monitors = list(self._by_name.values())
+        recorder = self._by_name.get("history")
+        assert isinstance(recorder, HistoryMonitor), "the monitors read its window: the registry must list history"
+        self.history = recorder.window
+        # Per disk write and per swap-in: only the monitors that listen are called.
+        self._on_swapped_in = [m for m in self.monitors if _overrides(m, "guest_pages_swapped_in")]
+        self._on_written = [m for m in self.monitors if _overrides(m, "disk_written")]
+
+    def __getitem__(self, name: str) -> Any:
+        return self._by_name[name]
 
     # -- guests ---------------------------------------------------------------------------
 
     def guest_joined(self, guest_id: int, ram_pages: int, spec: Mapping[str, Any]) -> None:
         """``spec`` is the guest's run config; ``swap_base_block``/``swap_blocks`` locate its swap area."""
-        self.ram_pages[guest_id] = int(ram_pages)
         first, n = spec.get("swap_base_block"), spec.get("swap_blocks")
         if isinstance(first, int) and isinstance(n, int) and n > 0:
-            self.mem.vdisk(guest_id).set_swap_area(first, n)
-            self.pinner.guest_joined(guest_id, first, n)
+            self.mem.vdisk(guest_id).set_swap_area(first, n)   # its I/O is counted apart from now on
+        for m in self.monitors:
+            m.guest_joined(guest_id, ram_pages, spec)
 
     def guest_gone(self, guest_id: int) -> None:
-        self.pinner.guest_gone(guest_id)
-        self.double_faults.guest_gone(guest_id)
-        self.history.forget(guest_id)
-        self.ram_pages.pop(guest_id, None)
+        for m in self.monitors:
+            m.guest_gone(guest_id)
 
     # -- host memory's observer -------------------------------------------------------------
 
     def guest_pages_swapped_in(self, guest_id: int, gpfns: np.ndarray, tokens: np.ndarray) -> None:
-        self.double_faults.guest_pages_swapped_in(guest_id, gpfns, tokens)
+        for m in self._on_swapped_in:
+            m.guest_pages_swapped_in(guest_id, gpfns, tokens)
 
     def disk_written(self, guest_id: int, blocks: np.ndarray, tokens: np.ndarray) -> None:
-        self.iobuf_pages_peak = max(self.iobuf_pages_peak, self.mem.pool.frames_of(FrameKind.IOBUF))
-        self.double_faults.disk_written(guest_id, blocks, tokens)
+        for m in self._on_written:
+            m.disk_written(guest_id, blocks, tokens)
 
     # -- the tick ---------------------------------------------------------------------------
 
     def end_tick(self, tick: int, vt_us: float, snap: Mapping[str, Any], stats: Mapping[int, Mapping[str, Any]],
                  targets: Mapping[int, int]) -> None:
         """``snap`` is host memory's snapshot of this tick; ``stats`` each live guest's last report."""
-        per_guest = snap.get("guests", {})
-        guests: dict[int, GuestSample] = {}
-        for gid, s in stats.items():
-            h = per_guest.get(str(gid))
-            if h is None:
-                continue
-            known_area = self.mem.vdisk(gid).swap_area[1] > 0
-            if known_area:
-                swap_in = int(h.get("vdisk_swap_area_read_pages", 0))
-                swap_pages = swap_in + int(h.get("vdisk_swap_area_write_pages", 0))
-            else:
-                swap_in = _int(s, "swap_in")
-                swap_pages = swap_in + _int(s, "swap_out")
-            guests[gid] = GuestSample(
-                guest_id=gid, vt_us=_float(s, "vt_us") or float(vt_us), swap_pages=swap_pages, swap_in_pages=swap_in,
-                major_faults=_int(s, "major_faults"), faults=_int(s, "major_faults") + _int(s, "minor_faults"),
-                refs=_int(s, "refs"), pff=_float(s, "pff"), host_swap_out_pages=int(h.get("swap_out_pages", 0)),
-                target_pages=int(targets.get(gid, 0)), actual_pages=int(h.get("ballooned_pages", 0)),
-                working_set_pages=_int(s, "working_set_pages"),
-                ram_pages=self.ram_pages.get(gid, int(h.get("guest_pages", 0))), kernel_pages=_int(s, "kernel_pages"))
-        self.iobuf_pages_peak = max(self.iobuf_pages_peak, int(snap.get("iobuf_pages", 0)))
-        self.history.push(TickSample(
-            tick=tick, vt_us=float(vt_us), total_frames=int(snap["total_frames"]),
-            free_frames=int(snap["free_frames"]), cache_pages=int(snap.get("cache_pages", 0)),
-            iobuf_pages=int(snap.get("iobuf_pages", 0)), pinned_frames=int(snap.get("pinned_frames", 0)),
-            swap_out_pages=int(snap.get("swap_out_pages", 0)),
-            vdisk_pages=int(snap.get("vdisk_read_pages", 0)) + int(snap.get("vdisk_write_pages", 0)),
-            guests=guests))
-        # Double faults of this tick are judged against the pins it ran under, so drain them first.
-        self.double_faults.end_tick(tick)
-        self.storm.end_tick(self.history)
-        self.pinner.end_tick(self.history)
-        self.convergence.end_tick(self.history, targets)
+        ctx = TickContext(tick=tick, vt_us=float(vt_us), snap=snap, stats=stats, targets=targets,
+                          history=self.history)
+        for m in self.monitors:
+            m.record_tick(ctx)
+        for m in self.monitors:
+            m.end_tick(ctx)
 
     def metrics(self) -> dict[str, Any]:
-        """Counters for ``run_finished`` (the summary reads them)."""
-        return {"swap_storm": self.storm.metrics(), "double_faults": self.double_faults.metrics(),
-                "pinning": self.pinner.metrics(), "convergence": self.convergence.metrics(),
-                "iobuf_pages_peak": self.iobuf_pages_peak}
+        """``run_finished.monitors``: each monitor's keys (the summary reads them)."""
+        out: dict[str, Any] = {}
+        for m in self.monitors:
+            out.update(m.finished_keys())
+        return out

@@ -1,119 +1,63 @@
-"""The ``[monitors]`` table of a scenario, validated.
+"""The ``[monitors]`` table of a scenario, validated: one sub-table per monitor, every key optional.
 
-One sub-table per monitor; every key is optional::
-
-    [monitors.swap_storm]       # the detector (on by default)
-    enabled = true
-    window_ticks = 10           # rates and peaks are taken over this many ticks
-    guest_swap_in_pages_per_s = 500.0  # a guest reading back swapped pages faster than this thrashes,
-    guest_swap_in_per_kref = 2.0       # ... or more of them than this per 1000 references (a slow disk),
-    guest_swap_pages_per_s = 200.0     # ... or its balloon left it less than its working set and it
-                                       #     swaps (in or out) faster than this
-    min_guests = 1              # ... and at least this many must
-    io_fraction = 0.05          # host I/O buffers + disk cache reached this share of host RAM
-    free_fraction = 0.05        # host free frames fell to this share of host RAM
-    swap_out_fraction = 0.01    # the host swapped out this share of its RAM within the window
-    quiet_ticks = 20            # the chain must stay broken this long before a new storm counts
-
-    [monitors.pinning]          # the cure of nested swapping (off by default)
-    enabled = false
-    swap_pages_per_s = 200.0    # a guest whose swap I/O exceeds this (guest virtual s) is swapping
-    pff_high = 0.0              # ... or whose PFF exceeds this (0: PFF is not used)
-    pin_after_ticks = 1         # swapping for this many ticks in a row pins its swap area
-    calm_pages_per_s = 20.0     # below this (and below pff_high) it is calm ...
-    calm_ticks = 100            # ... and after this many calm ticks in a row it is unpinned
-    window_ticks = 5            # its swap rate is taken over this many ticks
-    mode = "exempt"             # "exempt": its cache pages are never host-swap victims, the cache stays
-                                # bounded; "resident": pinned and never trimmed (pin_vdisk_range)
-
-    [monitors.double_faults]
-    samples = 8                 # blocks named per double_fault event (the count covers all)
-
-    [monitors.convergence]      # the "central banker" report (off by default)
-    enabled = false
-    start_tick = 20             # warm-up ignored before this tick
-    step_fraction = 0.05        # host demand rising by this share of host RAM ...
-    step_ticks = 5              # ... within this many ticks is a step change
-    settle_ticks = 10           # targets steady (and no PFF above pff_high) this long = settled
-    tolerance_fraction = 0.01   # steady: no target moved more than this share of guest RAM per tick
-    pff_high = 5000.0           # faults per virtual second
+Each monitor owns its table (``[monitors.NAME]``): its keys, their types and
+defaults are the fields of its spec's ``config`` dataclass, documented in
+its module (``swap_storm``, ``pinning``, ``double_faults``, ``convergence``).
+This module only reads a table against them: a key the dataclass does not
+have, a value of the wrong type, a negative number, a ``fraction`` above 1,
+an ``at_least_one`` below 1 or a ``choice`` not offered is a ``ConfigError``
+naming it.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields, replace
-from typing import Any, Mapping
+from dataclasses import fields, replace
+from typing import Any, Iterator, Mapping
 
 from balloonlab.proto.errors import ConfigError
 
-__all__ = ["MonitorsConfig", "SwapStormConfig", "PinningConfig", "DoubleFaultConfig", "ConvergenceConfig",
-           "monitors_config"]
+from . import registry
+
+__all__ = ["MonitorsConfig", "monitors_config", "parse_table"]
 
 
-@dataclass(frozen=True, slots=True)
-class SwapStormConfig:
-    enabled: bool = True
-    window_ticks: int = 10
-    guest_swap_in_pages_per_s: float = 500.0
-    guest_swap_in_per_kref: float = 2.0
-    guest_swap_pages_per_s: float = 200.0
-    min_guests: int = 1
-    io_fraction: float = 0.05
-    free_fraction: float = 0.05
-    swap_out_fraction: float = 0.01
-    quiet_ticks: int = 20
-
-
-@dataclass(frozen=True, slots=True)
-class PinningConfig:
-    enabled: bool = False
-    swap_pages_per_s: float = 200.0
-    pff_high: float = 0.0
-    pin_after_ticks: int = 1
-    calm_pages_per_s: float = 20.0
-    calm_ticks: int = 100
-    window_ticks: int = 5
-    mode: str = "exempt"
-
-
-@dataclass(frozen=True, slots=True)
-class DoubleFaultConfig:
-    samples: int = 8
-
-
-@dataclass(frozen=True, slots=True)
-class ConvergenceConfig:
-    enabled: bool = False
-    start_tick: int = 20
-    step_fraction: float = 0.05
-    step_ticks: int = 5
-    settle_ticks: int = 10
-    tolerance_fraction: float = 0.01
-    pff_high: float = 5000.0
-
-
-@dataclass(frozen=True, slots=True)
 class MonitorsConfig:
-    swap_storm: SwapStormConfig = field(default_factory=SwapStormConfig)
-    pinning: PinningConfig = field(default_factory=PinningConfig)
-    double_faults: DoubleFaultConfig = field(default_factory=DoubleFaultConfig)
-    convergence: ConvergenceConfig = field(default_factory=ConvergenceConfig)
+    """Each monitor's config by name (``cfg["pinning"]`` or ``cfg.pinning``); defaults for tables not given."""
+
+    def __init__(self, by_name: Mapping[str, Any] | None = None) -> None:
+        given = dict(by_name or {})
+        self._by_name = {spec.name: given.get(spec.name, spec.default_config()) for spec in registry.MONITORS}
+
+    def __getitem__(self, name: str) -> Any:
+        return self._by_name[name]
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self.__dict__["_by_name"][name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._by_name)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, MonitorsConfig) and self._by_name == other._by_name
+
+    def __repr__(self) -> str:
+        return f"MonitorsConfig({self._by_name!r})"
 
 
-_FRACTIONS = {"io_fraction", "free_fraction", "swap_out_fraction", "step_fraction", "tolerance_fraction"}
-_CHOICES = {"mode": ("exempt", "resident")}
-_AT_LEAST_ONE = {"window_ticks", "min_guests", "pin_after_ticks", "calm_ticks", "step_ticks", "settle_ticks"}
-
-
-def _section(cls: type, raw: Any, where: str) -> Any:
+def parse_table(cls: type, raw: Any, where: str) -> Any:
+    """``raw`` (a TOML table) read as the config dataclass ``cls``; raises ``ConfigError`` naming a bad key."""
     if not isinstance(raw, Mapping):
         raise ConfigError(f"{where} must be a table, got {type(raw).__name__} {raw!r}")
     default = cls()
-    kinds = {f.name: type(getattr(default, f.name)) for f in fields(cls)}
+    declared = {f.name: f for f in fields(cls)}
     values: dict[str, Any] = {}
     for key, value in raw.items():
-        if key not in kinds:
-            raise ConfigError(f"{where}.{key}: unknown key; known: {sorted(kinds)}")
-        kind = kinds[key]
+        if key not in declared:
+            raise ConfigError(f"{where}.{key}: unknown key; known: {sorted(declared)}")
+        kind = type(getattr(default, key))
+        meta = declared[key].metadata
         if kind is bool:
             ok = isinstance(value, bool)
         elif kind is str:
@@ -127,11 +71,11 @@ def _section(cls: type, raw: Any, where: str) -> Any:
             raise ConfigError(f"{where}.{key}: expected {kind.__name__}, got {type(value).__name__} {value!r}")
         if kind in (int, float) and value < 0:
             raise ConfigError(f"{where}.{key}: must be >= 0, got {value}")
-        if key in _FRACTIONS and value > 1:
+        if meta.get("fraction") and value > 1:
             raise ConfigError(f"{where}.{key}: must be in [0, 1], got {value}")
-        if key in _CHOICES and value not in _CHOICES[key]:
-            raise ConfigError(f"{where}.{key}: {value!r} is not one of {list(_CHOICES[key])}")
-        if key in _AT_LEAST_ONE and value < 1:
+        if "choices" in meta and value not in meta["choices"]:
+            raise ConfigError(f"{where}.{key}: {value!r} is not one of {list(meta['choices'])}")
+        if meta.get("at_least_one") and value < 1:
             raise ConfigError(f"{where}.{key}: must be >= 1, got {value}")
         values[key] = value
     return replace(default, **values)
@@ -142,11 +86,10 @@ def monitors_config(table: Mapping[str, Any] | None, where: str = "[monitors]") 
     table = table or {}
     if not isinstance(table, Mapping):
         raise ConfigError(f"{where} must be a table")
-    sections = {"swap_storm": SwapStormConfig, "pinning": PinningConfig, "double_faults": DoubleFaultConfig,
-                "convergence": ConvergenceConfig}
+    sections = {spec.name: spec.config for spec in registry.MONITORS if spec.config is not None}
     out: dict[str, Any] = {}
     for key, value in table.items():
         if key not in sections:
             raise ConfigError(f"{where}.{key}: unknown monitor; known: {sorted(sections)}")
-        out[key] = _section(sections[key], value, f"{where}.{key}")
-    return MonitorsConfig(**out)
+        out[key] = parse_table(sections[key], value, f"{where}.{key}")
+    return MonitorsConfig(out)

@@ -18,18 +18,43 @@ This tracker measures how well a controller does it:
 
 Each settled step is logged as ``balloon_converged``; a step still open at
 the end of the run is reported with ``settled = false``.
+
+Its table (off by default; every key optional)::
+
+    [monitors.convergence]
+    enabled = false
+    start_tick = 20             # warm-up ignored before this tick
+    step_fraction = 0.05        # host demand rising by this share of host RAM ...
+    step_ticks = 5              # ... within this many ticks is a step change
+    settle_ticks = 10           # targets steady (and no PFF above pff_high) this long = settled
+    tolerance_fraction = 0.01   # steady: no target moved more than this share of guest RAM per tick
+    pff_high = 5000.0           # faults per virtual second
+
+In summary.json: ``convergence`` (every step); in the summary table and
+report.md, a line per step and a table of them.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from balloonlab.proto import events as ev
 
-from .config import ConvergenceConfig
-from .history import History
+from .base import MonitorBase, MonitorSpec, ReportFormat, SummaryKeys, TickContext, at_least_one, fraction
+from .window import History
 
-__all__ = ["ConvergenceTracker"]
+__all__ = ["ConvergenceTracker", "ConvergenceConfig", "SPEC"]
+
+
+@dataclass(frozen=True, slots=True)
+class ConvergenceConfig:
+    enabled: bool = False
+    start_tick: int = 20
+    step_fraction: float = fraction(0.05)
+    step_ticks: int = at_least_one(5)
+    settle_ticks: int = at_least_one(10)
+    tolerance_fraction: float = fraction(0.01)
+    pff_high: float = 5000.0
 
 
 @dataclass(slots=True)
@@ -63,7 +88,7 @@ class _Step:
         return out
 
 
-class ConvergenceTracker:
+class ConvergenceTracker(MonitorBase):
     def __init__(self, cfg: ConvergenceConfig, tick_us: float, log: Any) -> None:
         self.cfg = cfg
         self.tick_us = tick_us
@@ -73,7 +98,11 @@ class ConvergenceTracker:
         self._prev_targets: dict[int, int] = {}
         self._last_targets: dict[int, int] = {}
 
-    def end_tick(self, hist: History, targets: Mapping[int, int]) -> None:
+    def end_tick(self, tick: TickContext) -> None:
+        self.update(tick.history, tick.targets)
+
+    def update(self, hist: History, targets: Mapping[int, int]) -> None:
+        """Open a step when demand rises, close it once the targets have settled."""
         cfg = self.cfg
         now = hist.now
         targets = {gid: int(t) for gid, t in targets.items() if gid in now.guests}
@@ -108,3 +137,51 @@ class ConvergenceTracker:
         if self._open is not None:
             steps.append(self._open.report(None, self._last_targets, self.tick_us))
         return {"steps": steps}
+
+    def finished_keys(self) -> dict[str, Any]:
+        return {"convergence": self.metrics()}
+
+
+# --- the analysis ---------------------------------------------------------------------------------
+
+
+def summarize(monitors: Mapping[str, Any], host_events: Sequence[Mapping[str, Any]],
+              finished: Mapping[str, Any]) -> SummaryKeys:
+    conv = monitors.get("convergence")
+    return SummaryKeys(variant={} if conv is None else {"convergence": conv})
+
+
+def table_lines(v: Mapping[str, Any]) -> list[str]:
+    out = []
+    for st in (v.get("convergence") or {}).get("steps", []):
+        how = (f"settled after {st['convergence_ticks']} ticks" if st.get("settled")
+               else "never settled")
+        out.append(f"   convergence: demand step at tick {st['step_tick']} (+{st['demand_rise_pages']} pages), {how}, "
+                   f"overshoot {st['overshoot_pages']} pages ({st['overshoot_fraction']}), PFF above threshold "
+                   f"{st['pff_above_ticks']} ticks (longest {st['longest_pff_above_ticks']})")
+    return out
+
+
+def report(v: Mapping[str, Any], fmt: ReportFormat) -> list[str]:
+    conv = v.get("convergence")
+    if not isinstance(conv, dict):
+        return []
+    out = []
+    steps = conv.get("steps")
+    scalars = {k: x for k, x in conv.items() if not isinstance(x, (list, dict))}
+    if scalars:
+        out.append("- convergence: " + ", ".join(f"{k}={fmt.cell(x)}" for k, x in scalars.items()))
+    if isinstance(steps, list) and steps:
+        out += ["", "Convergence after each demand step:", "", fmt.table(steps), ""]
+    return out
+
+
+SPEC = MonitorSpec(
+    name="convergence",
+    config=ConvergenceConfig,
+    make=lambda cfg, ctx: ConvergenceTracker(cfg, ctx.tick_us, ctx.log),
+    history_ticks=lambda cfg: cfg.step_ticks,
+    summarize=summarize,
+    table_lines=table_lines,
+    report=report,
+)

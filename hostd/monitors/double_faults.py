@@ -18,19 +18,34 @@ Two cases:
   again. The host sees a page come back from host swap (an EPT fault) and,
   within the same or the next tick, the same content (token) written to
   the guest's disk. Logged as ``double_paging_detected`` per guest and tick.
+
+Its table::
+
+    [monitors.double_faults]
+    samples = 8                 # blocks named per double_fault event (the count covers all)
+
+In summary.json, under ``host``: ``double_faults_after_pin``,
+``double_faults_in_swap_area``, ``double_fault_added_us``,
+``double_fault_events`` and ``double_fault_logged_pages`` (the events and
+the pages they name), ``double_paging_pages``.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
 from balloonlab.proto import events as ev
 
-from .config import DoubleFaultConfig
+from .base import Headline, MonitorBase, MonitorContext, MonitorSpec, SummaryKeys, TickContext, count_events
 
-__all__ = ["DoubleFaultMonitor"]
+__all__ = ["DoubleFaultMonitor", "DoubleFaultConfig", "SPEC"]
+
+
+@dataclass(frozen=True, slots=True)
+class DoubleFaultConfig:
+    samples: int = 8
 
 
 @dataclass(slots=True)
@@ -44,8 +59,8 @@ class _GuestCounts:
     double_paging_swap_area_pages: int = 0
 
 
-class DoubleFaultMonitor:
-    def __init__(self, cfg: DoubleFaultConfig, mem: Any, is_pinned: Any, log: Any) -> None:
+class DoubleFaultMonitor(MonitorBase):
+    def __init__(self, cfg: DoubleFaultConfig, mem: Any, is_pinned: Callable[[int], bool], log: Any) -> None:
         self.cfg = cfg
         self.mem = mem                  # hostd.memory.HostMemory
         self.is_pinned = is_pinned      # guest id -> bool: its swap area is pinned now
@@ -98,7 +113,12 @@ class DoubleFaultMonitor:
 
     # -- each tick ------------------------------------------------------------------------
 
-    def end_tick(self, tick: int) -> None:
+    def record_tick(self, tick: TickContext) -> None:
+        # Judged against the pins this tick ran under: before the pinning monitor's end_tick.
+        self.drain(tick.tick)
+
+    def drain(self, tick: int) -> None:
+        """Log this tick's double faults (from the disks' records) and double paging; roll the window."""
         k = self.cfg.samples
         for gid in self.mem.guest_ids():
             vd = self.mem.vdisk(gid)
@@ -154,3 +174,57 @@ class DoubleFaultMonitor:
                 "guests": {str(gid): {"double_faults": c.double_faults, "after_pin": c.after_pin,
                                       "in_swap_area": c.in_swap_area, "double_paging_pages": c.double_paging_pages}
                            for gid, c in sorted(self.guests.items())}}
+
+    def finished_keys(self) -> dict[str, Any]:
+        return {"double_faults": self.metrics()}
+
+
+# --- the analysis ---------------------------------------------------------------------------------
+
+
+def _num(e: Mapping[str, Any], key: str) -> float:
+    v = e.get(key, 0)
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else 0.0
+
+
+def summarize(monitors: Mapping[str, Any], host_events: Sequence[Mapping[str, Any]],
+              finished: Mapping[str, Any]) -> SummaryKeys:
+    df = monitors.get("double_faults") or {}
+    df_events = [e for e in host_events if e.get("event") == ev.DOUBLE_FAULT]
+    return SummaryKeys(host={
+        "double_faults_after_pin": int(df.get("double_faults_after_pin", 0)),
+        "double_faults_in_swap_area": int(df.get("double_faults_in_swap_area", 0)),
+        "double_fault_added_us": df.get("double_fault_added_us", 0.0),
+        "double_fault_events": len(df_events),
+        "double_fault_logged_pages": sum(int(_num(e, "count")) for e in df_events),
+        "double_paging_pages": int(df.get("double_paging_pages", 0)),
+    })
+
+
+def _double_faults(v: dict[str, Any]) -> float | None:
+    n = (v.get("host") or {}).get("double_faults")
+    return float(n) if isinstance(n, (int, float)) else count_events(v, ev.DOUBLE_FAULT)
+
+
+def _fragment(v: Mapping[str, Any]) -> str:
+    h = v.get("host", {})
+    return (f"double_faults={h.get('double_faults', 0)} (after pin {h.get('double_faults_after_pin', 0)})  "
+            f"double_paging_pages={h.get('double_paging_pages', 0)}")
+
+
+def _make(cfg: DoubleFaultConfig, ctx: MonitorContext) -> DoubleFaultMonitor:
+    def is_pinned(guest_id: int) -> bool:
+        pinning = ctx.peers("pinning")
+        return pinning is not None and pinning.is_pinned(guest_id)
+
+    return DoubleFaultMonitor(cfg, ctx.mem, is_pinned, ctx.log)
+
+
+SPEC = MonitorSpec(
+    name="double_faults",
+    config=DoubleFaultConfig,
+    make=_make,
+    summarize=summarize,
+    headline=(Headline("double_faults", "double faults (nested swapping)", _double_faults, "lower"),),
+    table_fragment=_fragment,
+)

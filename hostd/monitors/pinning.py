@@ -16,21 +16,49 @@ which costs as much host memory as the guest has swapped. The guest is
 unpinned after ``calm_ticks`` calm ticks in a row. Each change is logged
 with the pages it pins or releases; the host memory the pins cost is the
 pinned cache frames (``pinned_pages``, and its peak in the metrics).
+
+Its table (off by default; every key optional)::
+
+    [monitors.pinning]
+    enabled = false
+    swap_pages_per_s = 200.0    # a guest whose swap I/O exceeds this (guest virtual s) is swapping
+    pff_high = 0.0              # ... or whose PFF exceeds this (0: PFF is not used)
+    pin_after_ticks = 1         # swapping for this many ticks in a row pins its swap area
+    calm_pages_per_s = 20.0     # below this (and below pff_high) it is calm ...
+    calm_ticks = 100            # ... and after this many calm ticks in a row it is unpinned
+    window_ticks = 5            # its swap rate is taken over this many ticks
+    mode = "exempt"             # "exempt": its cache pages are never host-swap victims, the cache stays
+                                # bounded; "resident": pinned and never trimmed (pin_vdisk_range)
+
+In summary.json, under ``host``: ``pinned_pages_peak``, ``swap_area_pins``,
+``swap_area_unpins``.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 from balloonlab.proto import events as ev
 
 from ..vdisk import CacheState
-from .config import PinningConfig
-from .history import History
+from .base import Headline, MonitorBase, MonitorSpec, SummaryKeys, TickContext, at_least_one, choice, count_events
+from .window import History
 
-__all__ = ["SwapAreaPinner"]
+__all__ = ["SwapAreaPinner", "PinningConfig", "SPEC"]
+
+
+@dataclass(frozen=True, slots=True)
+class PinningConfig:
+    enabled: bool = False
+    swap_pages_per_s: float = 200.0
+    pff_high: float = 0.0
+    pin_after_ticks: int = at_least_one(1)
+    calm_pages_per_s: float = 20.0
+    calm_ticks: int = at_least_one(100)
+    window_ticks: int = at_least_one(5)
+    mode: str = choice("exempt", ("exempt", "resident"))
 
 
 @dataclass(slots=True)
@@ -44,7 +72,7 @@ class _Area:
     pinned_pages_peak: int = 0
 
 
-class SwapAreaPinner:
+class SwapAreaPinner(MonitorBase):
     def __init__(self, cfg: PinningConfig, mem: Any, log: Any) -> None:
         self.cfg = cfg
         self.mem = mem              # hostd.memory.HostMemory
@@ -54,9 +82,11 @@ class SwapAreaPinner:
         self.unpins = 0
         self.pinned_pages_peak = 0  # host frames pinned for swap areas, all guests, at a tick's end
 
-    def guest_joined(self, guest_id: int, first_block: int, n_blocks: int) -> None:
-        if n_blocks > 0:
-            self.areas[guest_id] = _Area(first_block, n_blocks)
+    def guest_joined(self, guest_id: int, ram_pages: int, spec: Mapping[str, Any]) -> None:
+        """``spec`` is the guest's run config; ``swap_base_block``/``swap_blocks`` locate its swap area."""
+        first, n = spec.get("swap_base_block"), spec.get("swap_blocks")
+        if isinstance(first, int) and isinstance(n, int) and n > 0:
+            self.areas[guest_id] = _Area(first, n)
 
     def guest_gone(self, guest_id: int) -> None:
         self.areas.pop(guest_id, None)
@@ -74,7 +104,11 @@ class SwapAreaPinner:
         state = vd.cache_state[a.first_block:a.first_block + a.n_blocks]
         return int(np.count_nonzero(state == CacheState.FRAME))
 
-    def end_tick(self, hist: History) -> None:
+    def end_tick(self, tick: TickContext) -> None:
+        self.check(tick.history)
+
+    def check(self, hist: History) -> None:
+        """Pin the swap areas of guests swapping for long enough, unpin those calm for long enough."""
         if not self.cfg.enabled:
             return
         cfg = self.cfg
@@ -138,3 +172,27 @@ class SwapAreaPinner:
                                       "pinned_pages_peak": a.pinned_pages_peak,
                                       "swap_area": [a.first_block, a.n_blocks]}
                            for gid, a in sorted(self.areas.items())}}
+
+    def finished_keys(self) -> dict[str, Any]:
+        return {"pinning": self.metrics()}
+
+
+def summarize(monitors: Mapping[str, Any], host_events: Sequence[Mapping[str, Any]],
+              finished: Mapping[str, Any]) -> SummaryKeys:
+    pin = monitors.get("pinning") or {}
+    return SummaryKeys(host={
+        "pinned_pages_peak": int(pin.get("pinned_pages_peak", 0)),
+        "swap_area_pins": int(pin.get("pins", 0)),
+        "swap_area_unpins": int(pin.get("unpins", 0)),
+    })
+
+
+SPEC = MonitorSpec(
+    name="pinning",
+    config=PinningConfig,
+    make=lambda cfg, ctx: SwapAreaPinner(cfg, ctx.mem, ctx.log),
+    history_ticks=lambda cfg: cfg.window_ticks,
+    summarize=summarize,
+    headline=(Headline("swap_areas_pinned", "swap areas pinned", lambda v: count_events(v, ev.SWAP_AREA_PINNED)),),
+    table_fragment=lambda v: f"pinned_pages_peak={v.get('host', {}).get('pinned_pages_peak', 0)}",
+)

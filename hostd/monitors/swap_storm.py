@@ -25,22 +25,57 @@ When every link holds, one storm is counted and ``swap_storm_detected`` is
 logged with the whole chain (value and threshold of each link) and every
 guest's rates. The storm ends (``swap_storm_ended``) once the chain has been
 broken for ``quiet_ticks`` ticks; only then can another one be counted.
+
+Its table (on by default; every key optional)::
+
+    [monitors.swap_storm]
+    enabled = true
+    window_ticks = 10           # rates and peaks are taken over this many ticks
+    guest_swap_in_pages_per_s = 500.0  # a guest reading back swapped pages faster than this thrashes,
+    guest_swap_in_per_kref = 2.0       # ... or more of them than this per 1000 references (a slow disk),
+    guest_swap_pages_per_s = 200.0     # ... or its balloon left it less than its working set and it
+                                       #     swaps (in or out) faster than this
+    min_guests = 1              # ... and at least this many must
+    io_fraction = 0.05          # host I/O buffers + disk cache reached this share of host RAM
+    free_fraction = 0.05        # host free frames fell to this share of host RAM
+    swap_out_fraction = 0.01    # the host swapped out this share of its RAM within the window
+    quiet_ticks = 20            # the chain must stay broken this long before a new storm counts
+
+In summary.json: ``swap_storms`` (``swap_storm_detected`` events) and
+``swap_storm`` (the first storm's tick, every episode); in report.md, the
+storms and a table of their episodes.
 """
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
 
 from balloonlab.proto import events as ev
 
-from .config import SwapStormConfig
-from .history import History
+from .base import (Headline, MonitorBase, MonitorSpec, ReportFormat, SummaryKeys, TickContext,
+                   at_least_one, count_events, fraction)
+from .window import History
 
-__all__ = ["SwapStormDetector"]
+__all__ = ["SwapStormDetector", "SwapStormConfig", "SPEC"]
+
+
+@dataclass(frozen=True, slots=True)
+class SwapStormConfig:
+    enabled: bool = True
+    window_ticks: int = at_least_one(10)
+    guest_swap_in_pages_per_s: float = 500.0
+    guest_swap_in_per_kref: float = 2.0
+    guest_swap_pages_per_s: float = 200.0
+    min_guests: int = at_least_one(1)
+    io_fraction: float = fraction(0.05)
+    free_fraction: float = fraction(0.05)
+    swap_out_fraction: float = fraction(0.01)
+    quiet_ticks: int = 20
 
 _WS_DECAY = 0.98   # per tick: how fast a larger earlier working-set estimate is forgotten
 
 
-class SwapStormDetector:
+class SwapStormDetector(MonitorBase):
     def __init__(self, cfg: SwapStormConfig, log: Any) -> None:
         self.cfg = cfg
         self.log = log
@@ -80,7 +115,11 @@ class SwapStormDetector:
                                       or below)})
         return out
 
-    def end_tick(self, hist: History) -> None:
+    def end_tick(self, tick: TickContext) -> None:
+        self.check(tick.history)
+
+    def check(self, hist: History) -> None:
+        """Judge the chain over the window that ends at ``hist.now``; count and log a new storm."""
         cfg = self.cfg
         if not cfg.enabled or len(hist.samples) < 2:
             return
@@ -135,3 +174,44 @@ class SwapStormDetector:
     def metrics(self) -> dict[str, Any]:
         return {"swap_storms": self.storms, "storm_active_at_end": self.active, "episodes": self.episodes,
                 "thrashing_ticks": {str(k): v for k, v in sorted(self.thrashing_ticks.items())}}
+
+    def finished_keys(self) -> dict[str, Any]:
+        return {"swap_storm": self.metrics()}
+
+
+# --- the analysis ---------------------------------------------------------------------------------
+
+
+def summarize(monitors: Mapping[str, Any], host_events: Sequence[Mapping[str, Any]],
+              finished: Mapping[str, Any]) -> SummaryKeys:
+    storms = [e for e in host_events if e.get("event") == ev.SWAP_STORM_DETECTED]
+    return SummaryKeys(variant={
+        "swap_storms": len(storms),
+        "swap_storm": {"first_tick": storms[0].get("tick") if storms else None,
+                       "episodes": (monitors.get("swap_storm") or {}).get("episodes", [])},
+    })
+
+
+def report(v: Mapping[str, Any], fmt: ReportFormat) -> list[str]:
+    if not v.get("swap_storms"):
+        return []
+    storm = v.get("swap_storm")
+    first = storm.get("first_tick") if isinstance(storm, dict) else None
+    out = [f"- swap storms: {v['swap_storms']}, the first at tick {fmt.cell(first)}"]
+    episodes = storm.get("episodes") if isinstance(storm, dict) else None
+    if isinstance(episodes, list) and episodes:
+        out += ["", "Swap storm episodes:", "", fmt.table(episodes), ""]
+    return out
+
+
+SPEC = MonitorSpec(
+    name="swap_storm",
+    config=SwapStormConfig,
+    make=lambda cfg, ctx: SwapStormDetector(cfg, ctx.log),
+    history_ticks=lambda cfg: cfg.window_ticks,
+    summarize=summarize,
+    headline=(Headline("swap_storms", "swap storms detected",
+                       lambda v: count_events(v, ev.SWAP_STORM_DETECTED, summary_key="swap_storms"), "lower"),),
+    table_fragment=lambda v: f"swap_storms={v.get('swap_storms', 0)}",
+    report=report,
+)

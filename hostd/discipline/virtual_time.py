@@ -1,4 +1,4 @@
-"""The guests' memory and disk requests, served one at a time in virtual-time order.
+"""``request_order = "virtual-time"``: the guests' requests one at a time, in virtual-time order.
 
 Inside a tick the guests run for real, concurrently, and their requests
 reach the host in whatever order the machine's scheduler makes. Under
@@ -30,6 +30,9 @@ host to reach its next request, so the wait always ends.
 
 Lock-model runs (``[locks]``) do not use this: there the real interleaving
 of lock requests is the point.
+
+``RequestSequencer`` is the mechanism; ``VirtualTimeOrder`` is the request
+discipline (``hostd.discipline``) built on it.
 """
 from __future__ import annotations
 
@@ -37,11 +40,21 @@ import asyncio
 import heapq
 import inspect
 import itertools
-from typing import Any, Awaitable, Callable, Collection
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Collection, Mapping
 
-__all__ = ["RequestSequencer", "REQUEST_ORDERS"]
+import numpy as np
 
-REQUEST_ORDERS = ("virtual-time", "arrival")
+from balloonlab.proto.messages import MsgType
+from balloonlab.proto.rpc import RequestHandler
+
+from ..errors import HostdError
+from .base import DisciplineBase, DisciplineContext, GuestHandlers, Invalidate
+
+if TYPE_CHECKING:
+    from ..memory import HostMemory
+    from ..session import GuestSession
+
+__all__ = ["RequestSequencer", "VirtualTimeOrder"]
 
 
 class _Lane:
@@ -78,6 +91,10 @@ class RequestSequencer:
         if old is not None:
             self._wake_parked(old)
         return lane
+
+    def lane(self, gid: int) -> _Lane:
+        """The lane of the guest's current session (``join`` made it)."""
+        return self._lanes[gid]
 
     def leave(self, gid: int) -> None:
         """The guest is gone (its queued requests still drain, harmlessly)."""
@@ -193,3 +210,44 @@ class RequestSequencer:
     def stats(self) -> dict[str, int]:
         return {"requests_sequenced": self.granted, "requests_held": self.held,
                 "requests_behind_bound": self.behind_bound, "shootdowns_waited_for_park": self.park_waits}
+
+
+class VirtualTimeOrder(DisciplineBase):
+    """The request discipline on a ``RequestSequencer``: same scenario and seed, same counts."""
+
+    request_order = "virtual-time"
+
+    def __init__(self, ctx: DisciplineContext) -> None:
+        super().__init__(ctx)
+        self.sequencer = RequestSequencer(ctx.running)
+
+    def guest_joined(self, guest_id: int) -> None:
+        self.sequencer.join(guest_id)
+
+    def serve(self, guest_id: int, requests: Mapping[MsgType, RequestHandler]) -> GuestHandlers:
+        lane = self.sequencer.lane(guest_id)
+        return GuestHandlers({t: self.sequencer.wrap(lane, h) for t, h in requests.items()})  # type: ignore[misc]
+
+    def guest_left(self, guest_id: int) -> None:
+        self.sequencer.leave(guest_id)
+
+    def guest_silent(self, guest_id: int) -> None:
+        self.sequencer.running_changed()   # out of the barrier: the others' requests must not wait for it
+
+    def tick_started(self, tick: int, vt_us: float, mem: "HostMemory") -> None:
+        self.sequencer.tick_started(vt_us)
+
+    def tick_done(self, guest_id: int, vt_us: float) -> None:
+        self.sequencer.tick_done(guest_id, vt_us)
+
+    async def shootdown(self, session: "GuestSession", gpfns: np.ndarray, invalidate: Invalidate) -> np.ndarray:
+        gid = session.guest_id
+        assert gid is not None
+        # Only where the guest is parked, so the shootdown lands at the same point of its run every time.
+        await self.sequencer.until_parked(gid)
+        if self.ctx.sessions.get(gid) is not session:   # died meanwhile (maybe even came back)
+            raise HostdError(f"guest {gid} is gone; cannot invalidate its mappings")
+        return await invalidate()
+
+    def stats(self) -> dict[str, Any]:
+        return {"request_order": self.request_order, **self.sequencer.stats()}

@@ -1,0 +1,376 @@
+"""The frame invariant of host memory: every frame and swap slot accounted for exactly once.
+
+Every host frame is free, or the frame of exactly one guest page (its p2m
+says FRAME there), or the cache frame of exactly one virtual-disk block, or
+an I/O buffer of one in-flight disk request; every used host swap slot
+holds exactly one guest page or cached block; and every reference points
+back (owner, index, token and pin agree on both sides). Frames whose
+eviction waits for a shootdown (``busy``) may be orphans, and swap slots
+reserved for a pending eviction have no owner yet.
+
+Two ways to check it:
+
+- ``check_full``: everything, by counting every reference. Its cost grows
+  with host RAM, swap and every guest's pages.
+- ``check_sample``: what is maintained incrementally (the pool's and swap's
+  counters) always, plus a deterministic sample: ``FRAMES_PER_CHECK`` frames
+  and ``SLOTS_PER_CHECK`` slots, each followed back to its owner's books,
+  and ``PAGES_PER_CHECK`` gpfns and disk blocks of ``GUESTS_PER_CHECK``
+  guests, each followed forward to its frame or slot. Its cost does not
+  grow with the host. A leak or a double reference is found when one of the
+  frames or slots involved is in a sample.
+
+``InvariantChecker`` decides which runs when (``[host] invariant``): with
+``"full"`` (the debug setting; the test suite forces it with the environment
+variable ``BALLOONLAB_INVARIANT=full``) the full check every
+``invariant_every_ticks`` ticks, as before; with ``"sample"`` (the default)
+a sample every ``invariant_every_ticks`` ticks and the full check once at
+the end of the run. Both report a violation the same way:
+``invariant_violated`` with ``what`` and ``when``, counted in
+``run_finished.invariant_violations``. The check after a guest leaves is
+always full (a guest leaves rarely, and it releases a lot at once).
+
+Both raise ``InvariantViolation`` naming the first inconsistency found, in
+the same words.
+"""
+from __future__ import annotations
+
+from typing import Callable, Protocol
+
+import numpy as np
+import structlog
+
+from balloonlab.proto import events as ev
+
+from .errors import HostdError, InvariantViolation
+from .framepool import NO_OWNER, FrameKind, FramePool
+from .hostswap import HostSwap
+from .p2m import NO_LOC, P2M, PageState
+from .vdisk import CacheState, VirtualDisk
+
+__all__ = ["check_full", "check_sample", "InvariantChecker", "MemoryBooks", "INVARIANT_MODES", "FRAMES_PER_CHECK",
+           "SLOTS_PER_CHECK", "GUESTS_PER_CHECK", "PAGES_PER_CHECK"]
+
+log = structlog.get_logger("hostd.invariant")
+
+INVARIANT_MODES = ("sample", "full")
+FRAMES_PER_CHECK = 64
+SLOTS_PER_CHECK = 64
+GUESTS_PER_CHECK = 2
+PAGES_PER_CHECK = 64     # gpfns, and as many disk blocks, of each guest in the sample
+
+_FRAME = int(PageState.FRAME)
+_SWAPPED = int(PageState.SWAPPED)
+
+
+class MemoryBooks(Protocol):
+    """What the invariant reads of host memory (``HostMemory`` has it all)."""
+
+    pool: FramePool
+    swap: HostSwap
+
+    @property
+    def evictions_pending(self) -> int: ...
+
+    def guest_ids(self) -> list[int]: ...
+
+    def p2m(self, guest_id: int) -> P2M: ...
+
+    def vdisk(self, guest_id: int) -> VirtualDisk: ...
+
+    def balloon_pages(self, guest_id: int) -> int: ...
+
+    def max_balloon_pages(self, guest_id: int) -> int: ...
+
+
+# --- the full check -----------------------------------------------------------------
+
+
+def check_full(mem: "MemoryBooks") -> None:
+    """Raise ``InvariantViolation`` naming the first inconsistency found.
+
+    Frames with a pending shootdown (busy) may be orphans; everything else
+    must be referenced exactly once, and every reference must point back.
+    """
+    pool, swap = mem.pool, mem.swap
+    pool.check_invariant()
+    swap.check_invariant()
+    slot_lists: list[np.ndarray] = [np.zeros(0, np.int64)]
+    frame_lists: list[np.ndarray] = [np.zeros(0, np.int64)]
+    gids = mem.guest_ids()
+    for gid in gids:
+        _check_guest(mem, gid, None, None, slot_lists, frame_lists)
+    slot_refs = np.bincount(np.concatenate(slot_lists), minlength=swap.n_slots)
+    frame_refs = np.bincount(np.concatenate(frame_lists), minlength=pool.total_frames)
+    kind = pool.kind
+    owned = kind != FrameKind.FREE
+    known = np.isin(pool.owner_guest, np.asarray(gids, np.int64))
+    stray = owned & ~pool.busy & ~known
+    if np.any(stray):
+        _unknown_owner(mem, int(np.flatnonzero(stray)[0]))
+    unref = owned & ~pool.busy & (frame_refs == 0)
+    if np.any(unref):
+        _frame_leak(mem, int(np.flatnonzero(unref)[0]))
+    if np.any(frame_refs > 1):
+        f = int(np.flatnonzero(frame_refs > 1)[0])
+        raise InvariantViolation(f"frame {f} is referenced {int(frame_refs[f])} times")
+    if np.any(frame_refs[~owned] > 0):
+        f = int(np.flatnonzero(frame_refs[~owned] > 0)[0])
+        raise InvariantViolation(f"free frame {int(np.flatnonzero(~owned)[f])} is still referenced")
+    leaked = swap.used & (slot_refs == 0)
+    if mem.evictions_pending:
+        # Slots reserved for a pending eviction have no owner until it settles.
+        leaked &= swap.owner_guest != -1
+    if np.any(leaked):
+        _slot_leak(mem, int(np.flatnonzero(leaked)[0]))
+    if np.any(slot_refs > 1):
+        s = int(np.flatnonzero(slot_refs > 1)[0])
+        raise InvariantViolation(f"swap slot {s} is referenced {int(slot_refs[s])} times")
+    if np.any(slot_refs[~swap.used] > 0):
+        s = int(np.flatnonzero((slot_refs > 0) & ~swap.used)[0])
+        raise InvariantViolation(f"swap slot {s} is referenced but free")
+
+
+def _unknown_owner(mem: "MemoryBooks", f: int) -> None:
+    pool = mem.pool
+    raise InvariantViolation(f"frame {f} ({FrameKind(pool.kind[f]).name}) belongs to unknown guest "
+                             f"{int(pool.owner_guest[f])}")
+
+
+def _frame_leak(mem: "MemoryBooks", f: int) -> None:
+    pool = mem.pool
+    raise InvariantViolation(
+        f"frame {f} ({FrameKind(pool.kind[f]).name}) of guest {int(pool.owner_guest[f])} index "
+        f"{int(pool.owner_index[f])} is referenced by nobody (frame leak)")
+
+
+def _slot_leak(mem: "MemoryBooks", s: int) -> None:
+    swap = mem.swap
+    raise InvariantViolation(f"swap slot {s} (guest {int(swap.owner_guest[s])} index "
+                             f"{int(swap.owner_index[s])}) is used but referenced by nobody (slot leak)")
+
+
+# --- one guest: every gpfn (full) or some (sample) ---------------------------------------
+
+
+def _check_guest(mem: "MemoryBooks", gid: int, pages: np.ndarray | None, blocks: np.ndarray | None,
+                 slot_refs: list[np.ndarray], frame_refs: list[np.ndarray]) -> None:
+    """Forward checks from the guest's gpfns and disk blocks: all of them (None), or these."""
+    pool, p2m = mem.pool, mem.p2m(gid)
+    state = p2m.state if pages is None else p2m.state[pages]
+    loc = p2m.loc if pages is None else p2m.loc[pages]
+
+    def where(mask: np.ndarray) -> np.ndarray:
+        return np.flatnonzero(mask) if pages is None else pages[mask]
+
+    if np.any(state >= len(PageState)):
+        bad = int(where(state >= len(PageState))[0])
+        raise InvariantViolation(f"guest {gid} gpfn {bad} has no valid state ({int(p2m.state[bad])})")
+    on_frame = where(state == _FRAME)
+    f = p2m.loc[on_frame]
+    if np.any((f < 0) | (f >= pool.total_frames)):
+        raise InvariantViolation(f"guest {gid}: a FRAME gpfn points outside the pool")
+    ok = ((pool.kind[f] == FrameKind.GUEST) & (pool.owner_guest[f] == gid)
+          & (pool.owner_index[f] == on_frame) & (pool.pinned[f] == p2m.pinned[on_frame]))
+    if not np.all(ok):
+        i = int(np.flatnonzero(~ok)[0])
+        gp, fr = int(on_frame[i]), int(f[i])
+        raise InvariantViolation(
+            f"guest {gid} gpfn {gp} is FRAME {fr} but that frame is {FrameKind(pool.kind[fr]).name} of guest "
+            f"{int(pool.owner_guest[fr])} index {int(pool.owner_index[fr])} pinned {bool(pool.pinned[fr])}")
+    frame_refs.append(f)
+    on_swap = where(state == _SWAPPED)
+    s = p2m.loc[on_swap]
+    _check_slots(mem, s, on_swap, FrameKind.GUEST, gid, "gpfn")
+    slot_refs.append(s)
+    stray = (state != _FRAME) & (state != _SWAPPED) & (loc != NO_LOC)
+    if np.any(stray):
+        bad = int(where(stray)[0])
+        raise InvariantViolation(f"guest {gid} gpfn {bad} is {PageState(p2m.state[bad]).name} "
+                                 f"but has location {int(p2m.loc[bad])}")
+    balloon, max_balloon = mem.balloon_pages(gid), mem.max_balloon_pages(gid)
+    # Counting every BALLOONED gpfn is the full check's; the sample checks the counter's bound.
+    ballooned = int(np.count_nonzero(p2m.state == PageState.BALLOONED)) if pages is None else balloon
+    if ballooned != balloon or ballooned > max_balloon:
+        raise InvariantViolation(f"guest {gid}: {ballooned} gpfns BALLOONED, counter says {balloon}, "
+                                 f"max {max_balloon}")
+    _check_vdisk(mem, gid, blocks, slot_refs, frame_refs)
+
+
+def _check_slots(mem: "MemoryBooks", slots: np.ndarray, index: np.ndarray, kind: FrameKind, gid: int,
+                 what: str) -> None:
+    swap = mem.swap
+    if np.any((slots < 0) | (slots >= swap.n_slots)):
+        raise InvariantViolation(f"guest {gid}: a SWAPPED {what} points outside host swap")
+    ok = (swap.used[slots] & (swap.owner_kind[slots] == kind) & (swap.owner_guest[slots] == gid)
+          & (swap.owner_index[slots] == index))
+    if not np.all(ok):
+        i = int(np.flatnonzero(~ok)[0])
+        sl = int(slots[i])
+        raise InvariantViolation(
+            f"guest {gid} {what} {int(index[i])} is SWAPPED in slot {sl} but that slot is used={bool(swap.used[sl])} "
+            f"of guest {int(swap.owner_guest[sl])} index {int(swap.owner_index[sl])}")
+
+
+def _check_vdisk(mem: "MemoryBooks", gid: int, blocks: np.ndarray | None, slot_refs: list[np.ndarray],
+                 frame_refs: list[np.ndarray]) -> None:
+    pool, vd = mem.pool, mem.vdisk(gid)
+    state = vd.cache_state if blocks is None else vd.cache_state[blocks]
+
+    def where(mask: np.ndarray) -> np.ndarray:
+        return np.flatnonzero(mask) if blocks is None else blocks[mask]
+
+    in_frame = where(state == CacheState.FRAME)
+    f = vd.cache_loc[in_frame]
+    ok = ((pool.kind[f] == FrameKind.CACHE) & (pool.owner_guest[f] == gid)
+          & (pool.owner_index[f] == in_frame) & (pool.token[f] == vd.tokens[in_frame])
+          & (pool.pinned[f] == (vd.pinned[in_frame] | vd.swap_exempt[in_frame])))
+    if not np.all(ok):
+        i = int(np.flatnonzero(~ok)[0])
+        raise InvariantViolation(f"guest {gid} vdisk block {int(in_frame[i])}: cache frame {int(f[i])} "
+                                 f"is not a CACHE frame of this block holding its content")
+    frame_refs.append(f)
+    in_swap = where(state == CacheState.SWAPPED)
+    s = vd.cache_loc[in_swap]
+    _check_slots(mem, s, in_swap, FrameKind.CACHE, gid, "vdisk block")
+    if np.any(mem.swap.token[s] != vd.tokens[in_swap]):
+        raise InvariantViolation(f"guest {gid}: a swapped-out cache page differs from its disk block")
+    slot_refs.append(s)
+    loc = vd.cache_loc if blocks is None else vd.cache_loc[blocks]
+    if np.any((state == CacheState.NOT_CACHED) & (loc != NO_LOC)):
+        raise InvariantViolation(f"guest {gid}: an uncached vdisk block still has a location")
+    if blocks is None:
+        per_cluster = np.bincount(np.concatenate((in_frame, in_swap)) // vd.cluster_pages,
+                                  minlength=vd.cluster_cached.size)
+        if not np.array_equal(per_cluster, vd.cluster_cached):
+            raise InvariantViolation(f"guest {gid}: vdisk per-cluster cached counts drifted")
+        if vd.cached_pages != in_frame.size + in_swap.size:
+            raise InvariantViolation(f"guest {gid}: vdisk counts {vd.cached_pages} cached pages, "
+                                     f"has {in_frame.size + in_swap.size}")
+    elif vd.cached_pages != int(vd.cluster_cached.sum()):
+        raise InvariantViolation(f"guest {gid}: vdisk counts {vd.cached_pages} cached pages, "
+                                 f"its clusters {int(vd.cluster_cached.sum())}")
+    io = vd.iobuf_frames()
+    if np.any((pool.kind[io] != FrameKind.IOBUF) | (pool.owner_guest[io] != gid)):
+        raise InvariantViolation(f"guest {gid}: an in-flight request holds a frame that is not its IOBUF")
+    frame_refs.append(io)
+
+
+# --- the sample --------------------------------------------------------------------------
+
+
+def check_sample(mem: "MemoryBooks", rng: np.random.Generator) -> None:
+    """The maintained counters, and a sample of frames, slots and guest pages (see the module docstring)."""
+    pool, swap = mem.pool, mem.swap
+    pool.check_counters()
+    swap.check_counters()
+    gids = mem.guest_ids()
+    known = set(gids)
+    for f in np.unique(rng.integers(0, pool.total_frames, FRAMES_PER_CHECK)).tolist():
+        _frame_points_back(mem, f, known)
+    if swap.n_slots:
+        for s in np.unique(rng.integers(0, swap.n_slots, SLOTS_PER_CHECK)).tolist():
+            _slot_points_back(mem, s, known)
+    if gids:
+        picked = rng.choice(np.asarray(gids, np.int64), min(GUESTS_PER_CHECK, len(gids)), replace=False)
+        unused: list[np.ndarray] = []
+        for gid in sorted(picked.tolist()):
+            pages = np.unique(rng.integers(0, mem.p2m(gid).guest_pages, PAGES_PER_CHECK))
+            n_blocks = mem.vdisk(gid).n_blocks
+            blocks = np.unique(rng.integers(0, n_blocks, PAGES_PER_CHECK)) if n_blocks else np.zeros(0, np.int64)
+            _check_guest(mem, gid, pages, blocks, unused, unused)
+
+
+def _frame_points_back(mem: "MemoryBooks", f: int, known: set[int]) -> None:
+    """Frame ``f`` is free and clean, or its owner's books hold it exactly where the frame says."""
+    pool = mem.pool
+    kind = int(pool.kind[f])
+    owner = int(pool.owner_guest[f])
+    if kind == FrameKind.FREE:
+        if owner != NO_OWNER or pool.pinned[f] or pool.busy[f] or pool.token[f] != 0:
+            raise InvariantViolation(f"free frame {f} still carries an owner, pin, busy flag or token")
+        return
+    if pool.busy[f]:
+        return   # its eviction waits for a shootdown: it may be an orphan
+    if owner not in known:
+        _unknown_owner(mem, f)
+    index = int(pool.owner_index[f])
+    if kind == FrameKind.GUEST:
+        p2m = mem.p2m(owner)
+        held = 0 <= index < p2m.guest_pages and p2m.state[index] == _FRAME and p2m.loc[index] == f
+    elif kind == FrameKind.CACHE:
+        vd = mem.vdisk(owner)
+        held = (0 <= index < vd.n_blocks and vd.cache_state[index] == CacheState.FRAME
+                and vd.cache_loc[index] == f)
+    else:
+        held = bool(np.any(mem.vdisk(owner).iobuf_frames() == f))
+    if not held:
+        _frame_leak(mem, f)
+
+
+def _slot_points_back(mem: "MemoryBooks", s: int, known: set[int]) -> None:
+    """A used slot ``s`` is held by its owner's books where the slot says (or reserved for an eviction)."""
+    swap = mem.swap
+    if not swap.used[s]:
+        return
+    owner = int(swap.owner_guest[s])
+    if owner == NO_OWNER and mem.evictions_pending:
+        return   # reserved for a pending eviction
+    index = int(swap.owner_index[s])
+    held = False
+    if owner in known:
+        if swap.owner_kind[s] == FrameKind.GUEST:
+            p2m = mem.p2m(owner)
+            held = 0 <= index < p2m.guest_pages and p2m.state[index] == _SWAPPED and p2m.loc[index] == s
+        elif swap.owner_kind[s] == FrameKind.CACHE:
+            vd = mem.vdisk(owner)
+            held = (0 <= index < vd.n_blocks and vd.cache_state[index] == CacheState.SWAPPED
+                    and vd.cache_loc[index] == s)
+    if not held:
+        _slot_leak(mem, s)
+
+
+# --- when ---------------------------------------------------------------------------------
+
+
+class InvariantChecker:
+    """Runs the frame invariant when it is due and reports what it finds.
+
+    Call order (from the machine)::
+
+        tick(tick)* | after_guest_left()* ... -> finish()   (at the end of the run)
+    """
+
+    def __init__(self, mem: "MemoryBooks", mode: str, every_ticks: int, rng: np.random.Generator) -> None:
+        if mode not in INVARIANT_MODES:
+            raise ValueError(f"invariant mode {mode!r} is not one of {list(INVARIANT_MODES)}")
+        self.mem = mem
+        self.mode = mode
+        self.every_ticks = max(1, int(every_ticks))
+        self.rng = rng               # its own stream: sampling must not move host memory's generator
+        self.violations = 0
+        self.sampled_checks = 0
+
+    def tick(self, tick: int) -> None:
+        if (tick + 1) % self.every_ticks:
+            return
+        if self.mode == "full":
+            self._run("tick", check_full)
+        else:
+            self.sampled_checks += 1
+            self._run("tick", lambda mem: check_sample(mem, self.rng))
+
+    def after_guest_left(self) -> None:
+        self._run("guest_gone", check_full)
+
+    def finish(self) -> None:
+        """The end of the run: the full check, unless every tick had it already."""
+        if self.mode == "sample":
+            self._run("run_end", check_full)
+
+    def _run(self, when: str, check: Callable[["MemoryBooks"], None]) -> None:
+        try:
+            check(self.mem)
+        except HostdError as exc:
+            self.violations += 1
+            log.error(ev.INVARIANT_VIOLATED, what=str(exc), when=when)

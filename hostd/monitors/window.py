@@ -1,0 +1,114 @@
+"""What the monitors see each tick, and rates over a window of ticks.
+
+One ``TickSample`` per tick: the host's gauges and cumulative counters, and
+one ``GuestSample`` per live guest (its latest stats, as it reported them,
+and what the host counted for it). Rates of a guest are per *guest* virtual
+second: a thrashing guest's clock runs ahead of the host's within a batch
+of references, so its own clock is the one its faults happened on. Rates
+of the host are per host virtual second. The history monitor
+(``history.py``) fills it; the others read it.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Mapping
+
+__all__ = ["GuestSample", "TickSample", "History"]
+
+
+@dataclass(frozen=True, slots=True)
+class GuestSample:
+    guest_id: int
+    vt_us: float                  # the guest's virtual clock at its last report
+    swap_pages: int               # cumulative swap I/O pages (host-observed on its swap area, or its own count)
+    swap_in_pages: int            # ... of which reads: pages it had to fetch back (the thrashing part)
+    major_faults: int             # cumulative, as the guest reported
+    faults: int                   # cumulative major + minor
+    refs: int                     # cumulative references
+    pff: float                    # the guest's smoothed page-fault frequency (faults per virtual second)
+    host_swap_out_pages: int      # cumulative: its pages the host swapped out
+    target_pages: int             # balloon target the host set
+    actual_pages: int             # balloon size the host holds
+    working_set_pages: int        # the guest's estimate
+    ram_pages: int
+    kernel_pages: int = 0         # frames its kernel holds (never workload memory)
+
+
+@dataclass(frozen=True, slots=True)
+class TickSample:
+    tick: int
+    vt_us: float
+    total_frames: int
+    free_frames: int
+    cache_pages: int
+    iobuf_pages: int
+    pinned_frames: int
+    swap_out_pages: int           # cumulative host swap-outs (guest pages and cache pages)
+    vdisk_pages: int              # cumulative pages read + written by every virtual disk
+    guests: Mapping[int, GuestSample] = field(default_factory=dict)
+
+    @property
+    def io_pages(self) -> int:
+        """Host frames holding disk I/O: buffers in flight and the disk cache."""
+        return self.cache_pages + self.iobuf_pages
+
+    @property
+    def demand_pages(self) -> int:
+        """Host frames in use."""
+        return self.total_frames - self.free_frames
+
+
+class History:
+    """The last ``keep_ticks`` + 1 samples."""
+
+    def __init__(self, keep_ticks: int) -> None:
+        self.samples: deque[TickSample] = deque(maxlen=max(1, keep_ticks) + 1)
+        self._last_rate: dict[tuple[int, str], float] = {}
+
+    def push(self, sample: TickSample) -> None:
+        self.samples.append(sample)
+
+    @property
+    def now(self) -> TickSample:
+        return self.samples[-1]
+
+    def _window(self, ticks: int) -> list[TickSample]:
+        n = min(len(self.samples), ticks + 1)
+        return list(self.samples)[-n:]
+
+    def guest_rate(self, guest_id: int, key: str, ticks: int) -> float:
+        """Growth of a guest's cumulative ``key`` per guest virtual second over the window.
+
+        When its clock did not move in the window (it ran ahead and idles
+        until the host catches up) the last rate measured stands.
+        """
+        win = [s.guests[guest_id] for s in self._window(ticks) if guest_id in s.guests]
+        if len(win) >= 2:
+            dt = win[-1].vt_us - win[0].vt_us
+            if dt > 0:
+                rate = (getattr(win[-1], key) - getattr(win[0], key)) * 1e6 / dt
+                self._last_rate[(guest_id, key)] = rate
+                return rate
+        return self._last_rate.get((guest_id, key), 0.0)
+
+    def host_delta(self, key: str, ticks: int) -> float:
+        win = self._window(ticks)
+        return float(getattr(win[-1], key) - getattr(win[0], key)) if len(win) >= 2 else 0.0
+
+    def host_rate(self, key: str, ticks: int) -> float:
+        """Growth of a host counter per host virtual second over the window."""
+        win = self._window(ticks)
+        if len(win) < 2 or win[-1].vt_us <= win[0].vt_us:
+            return 0.0
+        return (getattr(win[-1], key) - getattr(win[0], key)) * 1e6 / (win[-1].vt_us - win[0].vt_us)
+
+    def host_max(self, key: str, ticks: int) -> float:
+        return float(max(getattr(s, key) for s in self._window(ticks)))
+
+    def host_min(self, key: str, ticks: int) -> float:
+        return float(min(getattr(s, key) for s in self._window(ticks)))
+
+    def forget(self, guest_id: int) -> None:
+        for k in [k for k in self._last_rate if k[0] == guest_id]:
+            del self._last_rate[k]
