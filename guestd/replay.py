@@ -50,8 +50,11 @@ async def _run_kernel(kernel: GuestKernel, pages: np.ndarray, writes: np.ndarray
 
 
 def replay_kernel(policy: str, frames: int, pages: np.ndarray, writes: np.ndarray | None = None,
-                  params: dict[str, Any] | None = None, batch: int = 4096) -> SimResult:
-    """Run the trace through ``GuestKernel`` with policy ``policy`` (the reference engine)."""
+                  params: dict[str, Any] | None = None, batch: int = 4096, engine: str | None = None) -> SimResult:
+    """Run the trace through ``GuestKernel`` with policy ``policy`` (the definition).
+
+    ``engine``: the kernel's paging engine (``compiled`` or ``reference``; None: its default).
+    """
     if policy not in POLICIES:
         raise UnknownPolicy(policy, POLICIES)
     if frames < 1:
@@ -70,7 +73,7 @@ def replay_kernel(policy: str, frames: int, pages: np.ndarray, writes: np.ndarra
     cfg = KernelConfig(ram_pages=frames, layout=Layout.single_anon(n_pages), policy=policy,
                        policy_params=params, ws_sample_pages=0)
     kernel = GuestKernel(cfg, np.random.default_rng(0), LocalBlockDevice(cfg.disk_blocks), NullHypervisor(),
-                         CostModel())
+                         CostModel(), engine=engine)
     asyncio.run(_run_kernel(kernel, dense, w, batch))
     c = kernel.counters
     if c.lost_pages:

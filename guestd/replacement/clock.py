@@ -13,6 +13,8 @@ In the kernel the circle is every gpfn; frames that hold no workload page
 """
 from __future__ import annotations
 
+import numpy as np
+
 from ..memory import first_true_from
 from .base import PolicyBase, clear_circular
 
@@ -29,7 +31,16 @@ class ClockPolicy(PolicyBase):
 
     def __init__(self, n_frames: int) -> None:
         super().__init__(n_frames)
-        self.hand = 0
+        # [hand, unused]: an array so the compiled paging core moves the same hand
+        self.state = np.zeros(2, np.int64)
+
+    @property
+    def hand(self) -> int:
+        return int(self.state[0])
+
+    @hand.setter
+    def hand(self, value: int) -> None:
+        self.state[0] = value
 
     def select_victim(self) -> int:
         fr = self.frames

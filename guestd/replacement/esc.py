@@ -30,11 +30,25 @@ class EscPolicy(PolicyBase):
 
     def __init__(self, n_frames: int) -> None:
         super().__init__(n_frames)
-        self.hand = 0
+        # [hand, bitmap stale]: arrays shared with the compiled paging core, which
+        # also keeps a bitmap of candidate (0,0) frames (``zero_zero_bits``);
+        # clearing R here makes (0,0) frames it has not seen, so it is marked stale
+        self.state = np.zeros(2, np.int64)
+        self.state[1] = 1
+        self.zero_zero_bits = np.zeros((n_frames + 63) // 64, np.uint64)
+
+    @property
+    def hand(self) -> int:
+        return int(self.state[0])
+
+    @hand.setter
+    def hand(self, value: int) -> None:
+        self.state[0] = value
 
     def select_victim(self) -> int:
         fr = self.frames
         assert fr is not None
+        self.state[1] = 1
         h = self.hand
         not_r = fr.resident & ~fr.R
         # step 1: first (0,0), nothing changes
@@ -72,6 +86,7 @@ class EscPolicy(PolicyBase):
         """
         fr = self.frames
         assert fr is not None
+        self.state[1] = 1
         n_frames = fr.n
         res, r_bits, m_bits = fr.resident, fr.R, fr.M
         parts: list[np.ndarray] = []
