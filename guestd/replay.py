@@ -31,7 +31,7 @@ from balloonlab.proto.costs import CostModel
 
 from .blockdev import LocalBlockDevice
 from .errors import GuestConfigError, GuestdError, UnknownPolicy
-from .fastsim import FAST_POLICIES, SimResult, simulate_fast
+from .fastsim import FAST_POLICIES, SimResult, dense_page_ids, simulate_fast
 from .hypervisor import NullHypervisor
 from .kernel import GuestKernel
 from .kernel_config import KernelConfig
@@ -64,8 +64,7 @@ def replay_kernel(policy: str, frames: int, pages: np.ndarray, writes: np.ndarra
     w = np.zeros(n, bool) if writes is None else np.asarray(writes, bool)
     if n == 0:
         return SimResult(policy, frames, 0, 0, 0)
-    _, dense = np.unique(pages, return_inverse=True)
-    dense = dense.astype(np.uint64)
+    dense = dense_page_ids(pages).astype(np.uint64)
     n_pages = int(dense.max()) + 1
     params = dict(params or {})
     if policy == "opt":
