@@ -164,11 +164,16 @@ static void soft_remove(Core *c, int64_t g) {
     c->soft_next[g] = SOFT_OUT;
 }
 
-/* lowest empty free frame, else the oldest soft-reclaimed one (its page dropped); -1 if none */
+/* lowest empty free frame, else the oldest soft-reclaimed one (its page dropped); -1 if none, -2 on error */
 static int64_t take_free(Core *c) {
     if (c->ks[KS_N_FREE] > 0) {
-        int64_t g = c->ks[KS_FREE_LO];
-        while (!c->free_mask[g]) g++;
+        int64_t g = c->ks[KS_FREE_LO] < 0 ? 0 : c->ks[KS_FREE_LO];
+        while (g < c->n_frames && !c->free_mask[g]) g++;
+        if (g >= c->n_frames) {
+            PyErr_Format(PyExc_RuntimeError, "paging core: %lld free frames counted, none at or above gpfn %lld",
+                         (long long)c->ks[KS_N_FREE], (long long)c->ks[KS_FREE_LO]);
+            return -2;
+        }
         c->free_mask[g] = 0;
         c->ks[KS_N_FREE]--;
         c->ks[KS_FREE_LO] = g + 1;
@@ -591,6 +596,7 @@ static PyObject *drive(Core *c) {
             break;
         case PH_ALLOC: {
             int64_t g = take_free(c);
+            if (g == -2) { end_batch(c); return NULL; }
             if (g >= 0) {
                 c->f_g = g;
                 c->phase = PH_AFTER_ALLOC;
