@@ -61,6 +61,13 @@ from .replacement.clock_r0 import ClockR0Policy
 from .replacement.esc import EscPolicy
 from .replacement.fifo import FifoPolicy
 from .replacement.lru import LruPolicy
+
+try:    # at import, so a pre-imported template process shares it with the guests it forks
+    from . import _paging
+    _PAGING_IMPORT_ERROR: ImportError | None = None
+except ImportError as _e:  # pragma: no cover - the install builds it
+    _paging = None
+    _PAGING_IMPORT_ERROR = _e
 from .stats import PagingCounters, PffMeter, WorkingSetSampler
 from .swap import SwapArea
 
@@ -166,12 +173,10 @@ class GuestKernel:
 
     def _build_core(self) -> Any:
         """The compiled core over this kernel's arrays (``guestd/_paging.c``)."""
-        try:
-            from . import _paging
-        except ImportError as e:
+        if _paging is None:
             raise GuestConfigError(
-                f"the compiled paging core (balloonlab.guestd._paging) is not built: {e}; reinstall the project "
-                "(scripts/test or pip install -e .) or run with BALLOONLAB_PAGING_ENGINE=reference") from None
+                f"the compiled paging core (balloonlab.guestd._paging) is not built: {_PAGING_IMPORT_ERROR}; reinstall "
+                "the project (scripts/test or pip install -e .) or run with BALLOONLAB_PAGING_ENGINE=reference")
         fr, pt, pol = self.frames, self.pt, self.policy
         kind, pol_state, pol_frames, esc_bits = _paging.P_PY, None, None, None
         if type(pol) in (ClockPolicy, ClockR0Policy):
