@@ -61,17 +61,22 @@ class SimResult:
         return asdict(self)
 
 
-def dense_page_ids(pages: np.ndarray) -> np.ndarray:
-    """Page ids 0..k-1 in increasing page-number order, one per reference (int64).
-
-    A lookup table when the page numbers are small (O(n)), else a sort.
-    """
+def _check_trace_pages(pages: np.ndarray) -> np.ndarray:
+    """Page numbers as uint64; a non-integer or negative trace is an error."""
     keys = np.asarray(pages)
     if keys.dtype.kind not in "ui":
         raise GuestConfigError(f"trace pages must be integers, got dtype {keys.dtype}")
     if keys.dtype.kind == "i" and keys.size and int(keys.min()) < 0:
         raise GuestConfigError("trace pages must be non-negative")
-    keys = keys.astype(np.uint64, copy=False)
+    return keys.astype(np.uint64, copy=False)
+
+
+def dense_page_ids(pages: np.ndarray) -> np.ndarray:
+    """Page ids 0..k-1 in increasing page-number order, one per reference (int64).
+
+    A lookup table when the page numbers are small (O(n)), else a sort.
+    """
+    keys = _check_trace_pages(pages)
     n = keys.shape[0]
     if n == 0:
         return np.zeros(0, np.int64)
@@ -118,12 +123,7 @@ class TraceIndex:
     """
 
     def __init__(self, pages: np.ndarray, writes: np.ndarray) -> None:
-        pages = np.asarray(pages)
-        if pages.dtype.kind not in "ui":
-            raise GuestConfigError(f"trace pages must be integers, got dtype {pages.dtype}")
-        if pages.dtype.kind == "i" and pages.size and int(pages.min()) < 0:
-            raise GuestConfigError("trace pages must be non-negative")
-        keys = pages.astype(np.uint64, copy=False)
+        keys = _check_trace_pages(pages)
         writes = np.asarray(writes, dtype=bool)
         n = keys.shape[0]
         if writes.shape != (n,):

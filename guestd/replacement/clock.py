@@ -13,10 +13,8 @@ In the kernel the circle is every gpfn; frames that hold no workload page
 """
 from __future__ import annotations
 
-import numpy as np
-
 from ..memory import first_true_from
-from .base import PolicyBase, clear_circular
+from .base import HandPolicy, clear_circular
 
 __all__ = ["ClockPolicy"]
 
@@ -25,22 +23,9 @@ __all__ = ["ClockPolicy"]
 _NEAR = 256
 
 
-class ClockPolicy(PolicyBase):
+class ClockPolicy(HandPolicy):
     name = "clock"
     load_sets_r = True
-
-    def __init__(self, n_frames: int) -> None:
-        super().__init__(n_frames)
-        # [hand, unused]: an array so the compiled paging core moves the same hand
-        self.state = np.zeros(2, np.int64)
-
-    @property
-    def hand(self) -> int:
-        return int(self.state[0])
-
-    @hand.setter
-    def hand(self, value: int) -> None:
-        self.state[0] = value
 
     def select_victim(self) -> int:
         fr = self.frames

@@ -19,31 +19,22 @@ from __future__ import annotations
 import numpy as np
 
 from ..memory import first_true_from
-from .base import PolicyBase, clear_circular
+from .base import HandPolicy, clear_circular
 
 __all__ = ["EscPolicy"]
 
 
-class EscPolicy(PolicyBase):
+class EscPolicy(HandPolicy):
     name = "esc"
     load_sets_r = True
 
     def __init__(self, n_frames: int) -> None:
         super().__init__(n_frames)
-        # [hand, bitmap stale]: arrays shared with the compiled paging core, which
-        # also keeps a bitmap of candidate (0,0) frames (``zero_zero_bits``);
-        # clearing R here makes (0,0) frames it has not seen, so it is marked stale
-        self.state = np.zeros(2, np.int64)
+        # state[1]: the compiled paging core keeps a bitmap of candidate (0,0) frames
+        # (``zero_zero_bits``); clearing R here makes (0,0) frames it has not seen,
+        # so these methods mark it stale and the core rebuilds it
         self.state[1] = 1
         self.zero_zero_bits = np.zeros((n_frames + 63) // 64, np.uint64)
-
-    @property
-    def hand(self) -> int:
-        return int(self.state[0])
-
-    @hand.setter
-    def hand(self, value: int) -> None:
-        self.state[0] = value
 
     def select_victim(self) -> int:
         fr = self.frames
