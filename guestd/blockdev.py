@@ -42,10 +42,25 @@ class LocalBlockDevice:
         self.n_blocks = n_blocks
         self.tokens = np.zeros(n_blocks, np.uint64)
         self.model = DiskModel(profile)
-        self.reads = 0          # requests
-        self.writes = 0
-        self.pages_read = 0
-        self.pages_written = 0
+        # requests read, requests written, pages read, pages written: an array the
+        # compiled paging core counts in too (it runs this device in-process)
+        self.io_counts = np.zeros(4, np.int64)
+
+    @property
+    def reads(self) -> int:
+        return int(self.io_counts[0])
+
+    @property
+    def writes(self) -> int:
+        return int(self.io_counts[1])
+
+    @property
+    def pages_read(self) -> int:
+        return int(self.io_counts[2])
+
+    @property
+    def pages_written(self) -> int:
+        return int(self.io_counts[3])
 
     def _check(self, blocks: np.ndarray) -> np.ndarray:
         b = np.asarray(blocks, dtype=np.int64)
@@ -63,13 +78,13 @@ class LocalBlockDevice:
 
     async def read(self, blocks: np.ndarray, vt_us: float) -> tuple[np.ndarray, float]:
         b = self._check(blocks)
-        self.reads += 1
-        self.pages_read += b.size
+        self.io_counts[0] += 1
+        self.io_counts[2] += b.size
         return self.tokens[b].copy(), self.model.submit(vt_us, int(b.size))
 
     async def write(self, blocks: np.ndarray, tokens: np.ndarray, vt_us: float) -> float:
         b = self._check(blocks)
-        self.writes += 1
-        self.pages_written += b.size
+        self.io_counts[1] += 1
+        self.io_counts[3] += b.size
         self.tokens[b] = np.asarray(tokens, dtype=np.uint64)
         return self.model.submit(vt_us, int(b.size))

@@ -20,6 +20,15 @@ O(misses x log) plus one sort, not O(references).
 step 2 clears, which visit frames in circle order from the hand, so the
 clean ones form a FIFO queue that is already in circle order from the
 hand; step 1 pops stale entries (referenced since) off its front.
+
+These loops are Python per miss (3-17 M references/s); the guest kernel's
+compiled core runs every reference in C at 30-180 M/s on the same traces
+(scripts/bench.py traces). So ``simulate_fast`` runs the compiled kernel for
+``clock``, ``clock-r0`` and ``esc`` (``engine="auto"``) and these loops for
+``fifo``, ``lru`` and ``opt`` (the compiled core finds a FIFO or LRU victim
+with a scan of every frame, slower than the heaps here past a few thousand
+frames), and keeps them all as a second, independent implementation
+(``engine="python"``).
 """
 from __future__ import annotations
 
@@ -32,7 +41,8 @@ import numpy as np
 
 from .errors import GuestConfigError, UnknownPolicy
 
-__all__ = ["SimResult", "FAST_POLICIES", "simulate_fast", "TraceIndex", "stable_argsort"]
+__all__ = ["SimResult", "FAST_POLICIES", "KERNEL_FASTER", "simulate_fast", "TraceIndex", "stable_argsort",
+           "dense_page_ids"]
 
 _MASK32 = (1 << 32) - 1
 
@@ -51,6 +61,35 @@ class SimResult:
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)
+
+
+def _check_trace_pages(pages: np.ndarray) -> np.ndarray:
+    """Page numbers as uint64; a non-integer or negative trace is an error."""
+    keys = np.asarray(pages)
+    if keys.dtype.kind not in "ui":
+        raise GuestConfigError(f"trace pages must be integers, got dtype {keys.dtype}")
+    if keys.dtype.kind == "i" and keys.size and int(keys.min()) < 0:
+        raise GuestConfigError("trace pages must be non-negative")
+    return keys.astype(np.uint64, copy=False)
+
+
+def dense_page_ids(pages: np.ndarray) -> np.ndarray:
+    """Page ids 0..k-1 in increasing page-number order, one per reference (int64).
+
+    A lookup table when the page numbers are small (O(n)), else a sort.
+    """
+    keys = _check_trace_pages(pages)
+    n = keys.shape[0]
+    if n == 0:
+        return np.zeros(0, np.int64)
+    hi = int(keys.max())
+    if hi < max(4 * n, 1 << 16):
+        present = np.zeros(hi + 1, bool)
+        present[keys] = True
+        rank = np.cumsum(present, dtype=np.int64) - 1
+        return rank[keys]
+    _, inv = np.unique(keys, return_inverse=True)
+    return inv.astype(np.int64, copy=False).reshape(n)
 
 
 def stable_argsort(keys: np.ndarray) -> np.ndarray:
@@ -86,12 +125,7 @@ class TraceIndex:
     """
 
     def __init__(self, pages: np.ndarray, writes: np.ndarray) -> None:
-        pages = np.asarray(pages)
-        if pages.dtype.kind not in "ui":
-            raise GuestConfigError(f"trace pages must be integers, got dtype {pages.dtype}")
-        if pages.dtype.kind == "i" and pages.size and int(pages.min()) < 0:
-            raise GuestConfigError("trace pages must be non-negative")
-        keys = pages.astype(np.uint64, copy=False)
+        keys = _check_trace_pages(pages)
         writes = np.asarray(writes, dtype=bool)
         n = keys.shape[0]
         if writes.shape != (n,):
@@ -497,11 +531,20 @@ FAST_POLICIES = {
 }
 
 
+KERNEL_FASTER = frozenset({"clock", "clock-r0", "esc"})
+"""Policies ``simulate_fast`` runs on the compiled kernel by default (scripts/bench.py paging measures why)."""
+
+_SIM_ENGINES = ("auto", "python", "kernel")
+
+
 def simulate_fast(policy: str, frames: int, pages: np.ndarray, writes: np.ndarray | None = None,
-                  index: TraceIndex | None = None) -> SimResult:
+                  index: TraceIndex | None = None, engine: str = "auto") -> SimResult:
     """Fault and write-back counts of ``policy`` with ``frames`` frames on a trace (all frames start free).
 
-    Pass a prebuilt ``index`` to run several policies or sizes over one trace.
+    ``engine``: ``kernel`` runs the guest kernel's compiled core over the
+    trace; ``python`` the O(misses) loops of this module (over ``index``,
+    prebuilt to run several policies or sizes over one trace); ``auto`` the
+    kernel for ``KERNEL_FASTER`` unless an ``index`` is given.
     """
     try:
         sim = FAST_POLICIES[policy]
@@ -509,8 +552,46 @@ def simulate_fast(policy: str, frames: int, pages: np.ndarray, writes: np.ndarra
         raise UnknownPolicy(policy, FAST_POLICIES) from None
     if frames < 1:
         raise GuestConfigError(f"frames must be >= 1, got {frames}")
+    if engine not in _SIM_ENGINES:
+        raise GuestConfigError(f"unknown simulator engine {engine!r}; known: {', '.join(_SIM_ENGINES)}")
+    if engine == "kernel" or (engine == "auto" and index is None and policy in KERNEL_FASTER):
+        return _simulate_kernel(policy, frames, pages, writes)
     if index is None:
         pages = np.asarray(pages)
         index = TraceIndex(pages, np.zeros(pages.shape[0], bool) if writes is None else writes)
     faults, wb = sim(index, frames) if index.n else (0, 0)
     return SimResult(policy, frames, index.n, faults, wb)
+
+
+def _simulate_kernel(policy: str, frames: int, pages: np.ndarray, writes: np.ndarray | None) -> SimResult:
+    """The guest kernel (compiled engine, in-process disk) over the trace in large batches."""
+    import asyncio
+
+    from balloonlab.proto.costs import CostModel
+
+    from .blockdev import LocalBlockDevice
+    from .hypervisor import NullHypervisor
+    from .kernel import GuestKernel
+    from .kernel_config import KernelConfig
+    from .workload.layout import Layout
+
+    dense = dense_page_ids(pages)
+    n = dense.shape[0]
+    w = np.zeros(n, bool) if writes is None else np.asarray(writes, bool)
+    if w.shape != (n,):
+        raise GuestConfigError(f"writes has shape {w.shape}, pages has {n} entries")
+    if n == 0:
+        return SimResult(policy, frames, 0, 0, 0)
+    cfg = KernelConfig(ram_pages=frames, layout=Layout.single_anon(int(dense.max()) + 1), policy=policy,
+                       ws_sample_pages=0)
+    k = GuestKernel(cfg, np.random.default_rng(0), LocalBlockDevice(cfg.disk_blocks), NullHypervisor(), CostModel(),
+                    engine="compiled")
+    batch = 1 << 20
+
+    async def run() -> None:
+        for i in range(0, n, batch):
+            await k.access(dense[i:i + batch], w[i:i + batch])
+
+    asyncio.run(run())
+    c = k.counters
+    return SimResult(policy, frames, c.refs, c.major_faults + c.minor_faults, c.writebacks)

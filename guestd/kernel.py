@@ -1,9 +1,23 @@
 """The guest's paging OS: references, faults, reclaim, balloon frames, host backing.
 
 ``GuestKernel`` is what the vCPU loop drives. One ``access`` call is one
-batch of references. Hits are handled in numpy over runs of the batch
-(residency through the vpage -> gpfn array, R/M/A/D bits and content-token
-checks with fancy indexing); each miss is handled in order in Python.
+batch of references, optionally bounded in virtual time (``deadline_us``).
+
+Two engines run a batch, with the same results to the last counter, bit and
+clock tick (tests/test_paging_engines.py):
+
+- ``compiled`` (the default): ``guestd/_paging.c`` runs the references,
+  faults, policy scans (clock, clock-r0, esc, fifo, lru; the others' Python
+  ``select_victim``/``on_load`` are called from it on a miss), evictions,
+  page-table updates and counters over the numpy arrays below. With the
+  in-process ``LocalBlockDevice`` and ``NullHypervisor`` a whole batch runs
+  there; with remote ones it returns to Python only for each disk read,
+  write, EPT fault or OOM hook it must await, and goes on after.
+- ``reference``: the Python below (``_run_reference`` and what it calls):
+  hits in numpy over windows of the batch, each miss in order. It is the
+  executable definition the compiled core is held to.
+
+``BALLOONLAB_PAGING_ENGINE=reference`` (or ``engine=``) selects the second.
 
 Call order and concurrency::
 
@@ -25,8 +39,8 @@ the block device or the hypervisor says it is done.
 from __future__ import annotations
 
 import asyncio
-import heapq
-from collections import deque
+import math
+import os
 from typing import Any, Awaitable, Callable
 
 import numpy as np
@@ -34,18 +48,30 @@ import structlog
 
 from balloonlab.proto.costs import CostModel
 
-from .blockdev import BlockDevice
-from .errors import BadFrames, BadPages, GuestConfigError, OutOfMemory, SwapExhausted
-from .hypervisor import Hypervisor
+from .blockdev import BlockDevice, LocalBlockDevice
+from .errors import BadFrames, BadPages, BlockOutOfRange, GuestConfigError, OutOfMemory, SwapExhausted
+from .hypervisor import Hypervisor, NullHypervisor
 from .kernel_config import KernelConfig
 from .memory import FrameKind, Frames
 from .pagetable import PageTable
 from .replacement import ReplacementPolicy, make_policy
 from .replacement.base import PolicyBase
+from .replacement.clock import ClockPolicy
+from .replacement.clock_r0 import ClockR0Policy
+from .replacement.esc import EscPolicy
+from .replacement.fifo import FifoPolicy
+from .replacement.lru import LruPolicy
+
+try:    # at import, so a pre-imported template process shares it with the guests it forks
+    from . import _paging
+    _PAGING_IMPORT_ERROR: ImportError | None = None
+except ImportError as _e:  # pragma: no cover - the install builds it
+    _paging = None
+    _PAGING_IMPORT_ERROR = _e
 from .stats import PagingCounters, PffMeter, WorkingSetSampler
 from .swap import SwapArea
 
-__all__ = ["GuestKernel", "OomHook", "EV_PAGE_LOST"]
+__all__ = ["GuestKernel", "OomHook", "EV_PAGE_LOST", "ENGINES", "default_engine"]
 
 OomHook = Callable[[int], Awaitable[Any]]
 
@@ -57,8 +83,23 @@ _WIN_MIN = 256
 _WIN_MAX = 8192
 
 _FREE = int(FrameKind.FREE)
+# what the compiled core hands back (guestd/_paging.c)
+_OP_DONE, _OP_EPT, _OP_READ, _OP_WRITE, _OP_NO_VICTIM, _OP_SWAP_FULL, _OP_BAD_BLOCK = range(7)
 _ANON = int(FrameKind.ANON)
 _FILE = int(FrameKind.FILE)
+
+# GuestKernel._ks: the kernel's scalar state, shared with the compiled core (its KS_NAMES)
+_KS_NAMES = ("free_lo", "n_free", "soft_head", "soft_tail")
+_KS_FREE_LO, _KS_N_FREE, _KS_SOFT_HEAD, _KS_SOFT_TAIL = range(4)
+_SOFT_OUT = -2          # soft_prev/soft_next of a frame that is not on the soft list
+
+ENGINES = ("compiled", "reference")
+
+
+def default_engine() -> str:
+    """``compiled`` unless ``BALLOONLAB_PAGING_ENGINE`` says otherwise."""
+    return os.environ.get("BALLOONLAB_PAGING_ENGINE", "compiled")
+
 
 # what _evict does with the freed frames
 _TO_CALLER = 0    # the caller takes them (fault path, balloon)
@@ -70,7 +111,7 @@ class GuestKernel:
 
     def __init__(self, config: KernelConfig, rng: np.random.Generator, blockdev: BlockDevice,
                  hypervisor: Hypervisor, costs: CostModel, *, mm_lock: Any = None,
-                 log: Any = None) -> None:
+                 log: Any = None, engine: str | None = None) -> None:
         self.config = config
         self.rng = rng
         self.blockdev = blockdev
@@ -92,16 +133,22 @@ class GuestKernel:
         # most policies need nothing beyond R/M on a hit: skip the call for them
         self._policy_sees_hits = type(self.policy).on_hits is not PolicyBase.on_hits
         self.counters = PagingCounters()
-        self.vt_us: float = 0.0
+        self._vt = np.zeros(1, np.float64)           # the vCPU clock (``vt_us``), shared with the compiled core
         # OOM hook: awaited with the number of frames needed when nothing is reclaimable
         self.on_oom: OomHook | None = None
         self.mm_lock = mm_lock if mm_lock is not None else asyncio.Lock()
-        # empty free frames, lowest gpfn first (a sorted list is a heap)
-        self._free: list[int] = list(range(config.kernel_pages, config.ram_pages))
-        # soft-reclaimed frames, oldest first: (stamp, gpfn); stale when the stamp changed
-        self._soft: deque[tuple[int, int]] = deque()
-        self._soft_stamp = np.full(config.ram_pages, -1, np.int64)
-        self._soft_next = 0
+        n = config.ram_pages
+        # empty free frames, taken lowest gpfn first: a mask, with ``_ks`` holding their
+        # number and a floor below which none is free
+        self._free_mask = np.zeros(n, bool)
+        self._free_mask[config.kernel_pages:] = True
+        self._ks = np.zeros(len(_KS_NAMES), np.int64)
+        self._ks[_KS_FREE_LO] = config.kernel_pages
+        self._ks[_KS_N_FREE] = n - config.kernel_pages
+        # soft-reclaimed frames, oldest first: a doubly linked list through two arrays
+        self._ks[_KS_SOFT_HEAD] = self._ks[_KS_SOFT_TAIL] = -1
+        self._soft_prev = np.full(n, _SOFT_OUT, np.int64)
+        self._soft_next = np.full(n, _SOFT_OUT, np.int64)
         # balloon frames in inflation order (dict as an ordered set)
         self._balloon: dict[int, None] = {}
         # bumped by every invalidate, so an EPT fault that raced a shootdown is not trusted
@@ -110,11 +157,87 @@ class GuestKernel:
         self.pff = PffMeter(config.pff_alpha)
         self._next_period_us = config.ws_period_us
         self._resize_policy()
+        self.engine = engine if engine is not None else default_engine()
+        if self.engine not in ENGINES:
+            raise GuestConfigError(f"engine: unknown paging engine {self.engine!r}; known: {', '.join(ENGINES)}")
+        self._core: Any = self._build_core() if self.engine == "compiled" else None
+
+    @property
+    def vt_us(self) -> float:
+        """The vCPU's virtual clock (µs)."""
+        return float(self._vt[0])
+
+    @vt_us.setter
+    def vt_us(self, value: float) -> None:
+        self._vt[0] = value
+
+    def _build_core(self) -> Any:
+        """The compiled core over this kernel's arrays (``guestd/_paging.c``)."""
+        if _paging is None:
+            raise GuestConfigError(
+                f"the compiled paging core (balloonlab.guestd._paging) is not built: {_PAGING_IMPORT_ERROR}; reinstall "
+                "the project (scripts/test or pip install -e .) or run with BALLOONLAB_PAGING_ENGINE=reference")
+        fr, pt, pol = self.frames, self.pt, self.policy
+        kind, pol_state, pol_frames, esc_bits = _paging.P_PY, None, None, None
+        if type(pol) in (ClockPolicy, ClockR0Policy):
+            kind, pol_state = _paging.P_CLOCK, pol.state
+        elif type(pol) is EscPolicy:
+            kind, pol_state, esc_bits = _paging.P_ESC, pol.state, pol.zero_zero_bits
+        elif type(pol) is FifoPolicy:
+            kind, pol_state, pol_frames = _paging.P_FIFO, pol.state, pol.load_seq
+        elif type(pol) is LruPolicy:
+            kind, pol_frames = _paging.P_LRU, pol.last_ref
+        n = fr.n
+        self._ept_gs = np.zeros(n, np.uint64)
+        self._ept_gen = np.zeros(n, np.int64)
+        self._hit_g = np.zeros(_paging.WIN_MAX, np.int64)
+        self._hit_w = np.zeros(_paging.WIN_MAX, bool)
+        spec: dict[str, Any] = dict(
+            counter_names=PagingCounters.FIELDS, ks_names=_KS_NAMES, n_frames=n, n_pages=pt.n,
+            kind=fr.kind, resident=fr.resident, R=fr.R, touched=fr.touched, A=fr.ad_accessed, M=fr.M,
+            D=fr.ad_dirty, backed=fr.backed, host_took=fr.host_took, vpage=fr.vpage, token=fr.token,
+            gpfn=pt.gpfn, cached=pt.cached, version=pt.version, block=pt.block, is_file=pt.is_file,
+            on_disk=pt.on_disk, evicted=pt.evicted, expect=pt.expect,
+            free_mask=self._free_mask, ks=self._ks, soft_prev=self._soft_prev, soft_next=self._soft_next,
+            inval_gen=self._inval_gen, counters=self.counters.array, vt=self._vt,
+            swap_used=self.swap.used_array, swap_base=self.swap.base_block, swap_slots=self.swap.n_slots,
+            fault_around=self.config.fault_around_pages, mem_ref_us=float(self.costs.mem_ref_us),
+            minor_fault_us=float(self.costs.minor_fault_us),
+            ept_gs=self._ept_gs, ept_gen=self._ept_gen, hit_g=self._hit_g, hit_w=self._hit_w,
+            policy_kind=kind, load_sets_r=int(bool(getattr(pol, "load_sets_r", True))),
+            py_hits=int(kind == _paging.P_PY and self._policy_sees_hits), policy=pol,
+            lost_cb=self._core_lost, hits_cb=self._core_hits,
+            disk_local=int(type(self.blockdev) is LocalBlockDevice),
+            hyp_local=int(type(self.hypervisor) is NullHypervisor),
+        )
+        if pol_state is not None:
+            spec["pol_state"] = pol_state
+        if pol_frames is not None:
+            spec["pol_frames"] = pol_frames
+        if esc_bits is not None:
+            spec["esc_bits"] = esc_bits
+        if spec["disk_local"]:
+            bd = self.blockdev
+            assert isinstance(bd, LocalBlockDevice)
+            spec.update(n_blocks=bd.n_blocks, disk_tokens=bd.tokens, disk_io=bd.io_counts,
+                        disk_chan_free=bd.model.free_at_us, disk_acct=bd.model.acct,
+                        disk_queue_depth=bd.model.profile.queue_depth,
+                        disk_latency_us=float(bd.model.profile.latency_us),
+                        disk_bandwidth_bps=float(bd.model.profile.bandwidth_bps))
+        return _paging.Core(spec)
 
     # ------------------------------------------------------------------ references
 
-    async def access(self, pages: np.ndarray, writes: np.ndarray | None = None) -> None:
-        """Run one batch of references (``pages`` virtual page numbers, ``writes`` bools)."""
+    async def access(self, pages: np.ndarray, writes: np.ndarray | None = None,
+                     deadline_us: float | None = None) -> int:
+        """Run one batch of references (``pages`` virtual page numbers, ``writes`` bools).
+
+        Returns the number of references completed: all of them, unless
+        ``deadline_us`` is given. Then a reference starts only while the
+        clock ``vt_us`` is below it, and the batch stops before the first
+        that would start at or past it (a fault started in time completes,
+        whenever its I/O does); the caller runs the rest later.
+        """
         p = self._check_pages(pages)
         n = p.shape[0]
         if writes is None:
@@ -123,10 +246,20 @@ class GuestKernel:
             w = np.asarray(writes, dtype=bool)
             if w.shape != (n,):
                 raise BadPages(f"writes has shape {w.shape}, pages has {n} entries")
+        if deadline_us is not None:
+            if isinstance(deadline_us, bool) or not isinstance(deadline_us, (int, float, np.floating, np.integer)) \
+                    or math.isnan(deadline_us):
+                raise BadPages(f"deadline_us must be a number of virtual µs or None, got {deadline_us!r}")
+            deadline_us = float(deadline_us)
+        done = 0
         if n:
             async with self.mm_lock:
-                await self._run(p, w)
+                if self._core is not None:
+                    done = await self._run_compiled(p, w, deadline_us)
+                else:
+                    done = await self._run_reference(p, w, deadline_us)
         self._maybe_end_period()
+        return done
 
     def _check_pages(self, pages: np.ndarray) -> np.ndarray:
         p = np.asarray(pages)
@@ -143,19 +276,65 @@ class GuestKernel:
             raise BadPages(f"page {hi} outside the layout's {self.pt.n} pages")
         return p.astype(np.int64, copy=False)
 
-    async def _run(self, p: np.ndarray, w: np.ndarray) -> None:
+    async def _run_compiled(self, p: np.ndarray, w: np.ndarray, deadline_us: float | None) -> int:
+        """The batch in the compiled core; here only what it hands back to be awaited."""
+        core = self._core
+        try:
+            op, a, b = core.start(np.ascontiguousarray(p), np.ascontiguousarray(w), deadline_us)
+            while op != _OP_DONE:
+                if op == _OP_EPT:
+                    gs = self._ept_gs[:a].copy()
+                    tokens, done = await self.hypervisor.ept_fault(gs, self.vt_us)
+                    op, a, b = core.resume_ept(np.ascontiguousarray(tokens, np.uint64), float(done))
+                elif op == _OP_READ:
+                    toks, done = await self.blockdev.read(np.array([a], np.int64), self.vt_us)
+                    op, a, b = core.resume_read(int(toks[0]), float(done))
+                elif op == _OP_WRITE:
+                    done = await self.blockdev.write(np.array([a], np.int64), np.array([b], np.uint64), self.vt_us)
+                    op, a, b = core.resume_write(float(done))
+                elif op == _OP_NO_VICTIM:
+                    if self.on_oom is None or a:
+                        raise OutOfMemory(1, self.config.ram_pages, self.config.kernel_pages, len(self._balloon))
+                    self.counters.oom_calls += 1
+                    await self.on_oom(1)
+                    op, a, b = core.resume_oom()
+                elif op == _OP_SWAP_FULL:
+                    raise SwapExhausted(self.swap.n_slots)
+                elif op == _OP_BAD_BLOCK:
+                    raise BlockOutOfRange(a, b)
+                else:  # pragma: no cover - the core returns only the ops above
+                    raise RuntimeError(f"paging core returned unknown op {op}")
+        except BaseException:
+            core.abort()
+            raise
+        return int(a)
+
+    def _core_lost(self, page: int, gpfn: int, got: int, want: int, where: str) -> None:
+        """The compiled core found a page with the wrong token (it counted and repaired it): log it."""
+        self.log.error(EV_PAGE_LOST, where=where, count=1, vpages=[page], gpfns=[gpfn],
+                       got_token=got, want_token=want, vt_us=self.vt_us)
+
+    def _core_hits(self, k: int, first_ref: int) -> None:
+        """A run of hits, for a Python policy that watches them (``on_hits``)."""
+        self.policy.on_hits(self._hit_g[:k].copy(), self._hit_w[:k].copy(), first_ref)
+
+    async def _run_reference(self, p: np.ndarray, w: np.ndarray, deadline_us: float | None) -> int:
         fr = self.frames
         where = self.pt.gpfn
         backed = fr.backed
+        mem_ref_us = self.costs.mem_ref_us
         pl = p.tolist()
         wl = w.tolist()
         n = p.shape[0]
         i = 0
+        started = -1        # the reference whose fault or backing began (it completes past the deadline)
         win = _WIN_MIN
         while i < n:
             if win == 0:
                 # right after a miss, one scalar probe (cheaper than numpy when misses come
                 # in runs); on a hit, go back to numpy windows
+                if deadline_us is not None and i != started and self.vt_us >= deadline_us:
+                    return i
                 page = pl[i]
                 g = int(where[page])
                 if g >= 0 and backed[g]:
@@ -163,17 +342,30 @@ class GuestKernel:
                     i += 1
                     win = _WIN_MIN
                 elif g >= 0:
+                    started = i
                     await self._back_window(p[i:i + _WIN_MAX], where, backed)
                 else:
+                    started = i
                     await self._fault(page, wl[i])
                     i += 1
                 continue
             end = min(n, i + win)
+            cut = end - i
+            if deadline_us is not None:
+                # reference i + k of this run starts at vt + k * mem_ref_us
+                late = self.vt_us + np.arange(end - i) * mem_ref_us >= deadline_us
+                if started == i:
+                    late[0] = False
+                if late.any():
+                    cut = int(late.argmax())
             g = where[p[i:end]]
             ok = g >= 0
             ok &= backed[g]          # g = -1 reads some frame's bit; masked by ok anyway
-            if ok.all():
-                self._hits(p[i:end], w[i:end], g)
+            if ok[:cut].all():
+                if cut:
+                    self._hits(p[i:i + cut], w[i:i + cut], g[:cut])
+                if cut < end - i:
+                    return i + cut
                 i = end
                 win = min(win * 4, _WIN_MAX)
                 continue
@@ -181,12 +373,14 @@ class GuestKernel:
             if j:
                 self._hits(p[i:i + j], w[i:i + j], g[:j])
                 i += j
+            started = i
             if g[j] >= 0:
                 await self._back_window(p[i:i + _WIN_MAX], where, backed)
             else:
                 await self._fault(pl[i], wl[i])
                 i += 1
                 win = 0
+        return n
 
     async def _back_window(self, p: np.ndarray, where: np.ndarray, backed: np.ndarray) -> None:
         """The next reference is resident but the host took its frame: back every such frame ahead at once."""
@@ -243,7 +437,7 @@ class GuestKernel:
         if g >= 0:
             # soft-reclaimed: the page is still in a free frame, take it back (minor fault)
             pt.cached[page] = -1
-            self._soft_stamp[g] = -1
+            self._soft_remove(g)
             if not fr.backed[g]:
                 await self._ensure_backed(np.array([g], np.int64))
             tok = int(fr.token[g])
@@ -295,18 +489,75 @@ class GuestKernel:
 
     def _take_free(self) -> int:
         """Lowest-numbered empty free frame, else the oldest soft-reclaimed one (its page dropped); -1 if none."""
-        if self._free:
-            return heapq.heappop(self._free)
-        fr = self.frames
-        while self._soft:
-            stamp, g = self._soft.popleft()
-            if self._soft_stamp[g] != stamp:
-                continue
-            self._soft_stamp[g] = -1
+        ks = self._ks
+        if ks[_KS_N_FREE] > 0:
+            lo = int(ks[_KS_FREE_LO])
+            g = lo + int(self._free_mask[lo:].argmax())
+            self._free_mask[g] = False
+            ks[_KS_N_FREE] -= 1
+            ks[_KS_FREE_LO] = g + 1
+            return g
+        g = int(ks[_KS_SOFT_HEAD])
+        if g >= 0:
+            fr = self.frames
+            self._soft_remove(g)
             self.pt.cached[fr.vpage[g]] = -1
             fr.vpage[g] = -1
             return g
         return -1
+
+    def _take_free_many(self, n: int) -> np.ndarray:
+        """``_take_free`` up to ``n`` times, in one go for the empty free frames."""
+        ks = self._ks
+        lo = int(ks[_KS_FREE_LO])
+        empty = lo + np.flatnonzero(self._free_mask[lo:])[:n]
+        if empty.size:
+            self._free_mask[empty] = False
+            ks[_KS_N_FREE] -= empty.size
+            ks[_KS_FREE_LO] = int(empty[-1]) + 1
+        got = [empty]
+        k = int(empty.size)
+        while k < n:
+            g = self._take_free()
+            if g < 0:
+                break
+            got.append(np.array([g], np.int64))
+            k += 1
+        return np.concatenate(got).astype(np.int64, copy=False)
+
+    def _push_free(self, gs: np.ndarray) -> None:
+        """Empty frames ``gs`` (not free yet) back into the free set."""
+        if gs.size:
+            self._free_mask[gs] = True
+            self._ks[_KS_N_FREE] += gs.size
+            self._ks[_KS_FREE_LO] = min(int(self._ks[_KS_FREE_LO]), int(gs.min()))
+
+    def _soft_remove(self, g: int) -> None:
+        prev, nxt = int(self._soft_prev[g]), int(self._soft_next[g])
+        if prev >= 0:
+            self._soft_next[prev] = nxt
+        else:
+            self._ks[_KS_SOFT_HEAD] = nxt
+        if nxt >= 0:
+            self._soft_prev[nxt] = prev
+        else:
+            self._ks[_KS_SOFT_TAIL] = prev
+        self._soft_prev[g] = self._soft_next[g] = _SOFT_OUT
+
+    def _soft_append(self, gs: np.ndarray) -> None:
+        """Frames ``gs``, in order, become the newest soft-reclaimed ones."""
+        if not gs.size:
+            return
+        tail = int(self._ks[_KS_SOFT_TAIL])
+        if tail >= 0:
+            self._soft_next[tail] = gs[0]
+        else:
+            self._ks[_KS_SOFT_HEAD] = gs[0]
+        self._soft_prev[gs[0]] = tail
+        self._soft_prev[gs[1:]] = gs[:-1]
+        self._soft_next[gs[:-1]] = gs[1:]
+        self._soft_next[gs[-1]] = -1
+        self._ks[_KS_SOFT_TAIL] = gs[-1]
 
     async def _alloc_frame(self) -> int:
         oom_tried = False
@@ -410,10 +661,7 @@ class GuestKernel:
         c.evictions += gs.size
         if mode == _SOFT:
             pt.cached[pages] = gs
-            for g in gs.tolist():
-                self._soft_stamp[g] = self._soft_next
-                self._soft.append((self._soft_next, g))
-                self._soft_next += 1
+            self._soft_append(gs)
             c.soft_reclaimed += gs.size
         else:
             fr.vpage[gs] = -1
@@ -487,12 +735,8 @@ class GuestKernel:
         come back when nothing else is reclaimable. Never calls ``on_oom``.
         """
         async with self.mm_lock:
-            got: list[int] = []
-            while len(got) < n:
-                g = self._take_free()
-                if g < 0:
-                    break
-                got.append(g)
+            free = self._take_free_many(max(n, 0))
+            got: list[int] = free.tolist()
             if len(got) < n:
                 victims = self._pick_victims(n - len(got))
                 if victims.size:
@@ -503,8 +747,8 @@ class GuestKernel:
                     try:
                         await self._evict(victims, _TO_CALLER)
                     except BaseException:
-                        for g in got:
-                            heapq.heappush(self._free, g)
+                        # taken, not used: back where they were (soft ones are plain free frames now)
+                        self._push_free(free)
                         raise
                     got.extend(victims.tolist())
             g = np.array(got, np.int64)
@@ -544,7 +788,7 @@ class GuestKernel:
         fr.vpage[g] = -1
         for x in g.tolist():
             del self._balloon[x]
-            heapq.heappush(self._free, x)
+        self._push_free(g)
         self.counters.balloon_deflated += g.size
         self._resize_policy()
 

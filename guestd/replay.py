@@ -31,7 +31,7 @@ from balloonlab.proto.costs import CostModel
 
 from .blockdev import LocalBlockDevice
 from .errors import GuestConfigError, GuestdError, UnknownPolicy
-from .fastsim import FAST_POLICIES, SimResult, simulate_fast
+from .fastsim import FAST_POLICIES, SimResult, dense_page_ids, simulate_fast
 from .hypervisor import NullHypervisor
 from .kernel import GuestKernel
 from .kernel_config import KernelConfig
@@ -50,8 +50,11 @@ async def _run_kernel(kernel: GuestKernel, pages: np.ndarray, writes: np.ndarray
 
 
 def replay_kernel(policy: str, frames: int, pages: np.ndarray, writes: np.ndarray | None = None,
-                  params: dict[str, Any] | None = None, batch: int = 4096) -> SimResult:
-    """Run the trace through ``GuestKernel`` with policy ``policy`` (the reference engine)."""
+                  params: dict[str, Any] | None = None, batch: int = 4096, engine: str | None = None) -> SimResult:
+    """Run the trace through ``GuestKernel`` with policy ``policy`` (the definition).
+
+    ``engine``: the kernel's paging engine (``compiled`` or ``reference``; None: its default).
+    """
     if policy not in POLICIES:
         raise UnknownPolicy(policy, POLICIES)
     if frames < 1:
@@ -61,8 +64,7 @@ def replay_kernel(policy: str, frames: int, pages: np.ndarray, writes: np.ndarra
     w = np.zeros(n, bool) if writes is None else np.asarray(writes, bool)
     if n == 0:
         return SimResult(policy, frames, 0, 0, 0)
-    _, dense = np.unique(pages, return_inverse=True)
-    dense = dense.astype(np.uint64)
+    dense = dense_page_ids(pages).astype(np.uint64)
     n_pages = int(dense.max()) + 1
     params = dict(params or {})
     if policy == "opt":
@@ -70,7 +72,7 @@ def replay_kernel(policy: str, frames: int, pages: np.ndarray, writes: np.ndarra
     cfg = KernelConfig(ram_pages=frames, layout=Layout.single_anon(n_pages), policy=policy,
                        policy_params=params, ws_sample_pages=0)
     kernel = GuestKernel(cfg, np.random.default_rng(0), LocalBlockDevice(cfg.disk_blocks), NullHypervisor(),
-                         CostModel())
+                         CostModel(), engine=engine)
     asyncio.run(_run_kernel(kernel, dense, w, batch))
     c = kernel.counters
     if c.lost_pages:

@@ -10,8 +10,6 @@ smoothed with an exponentially weighted moving average over periods.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-
 import numpy as np
 
 from .memory import Frames
@@ -19,41 +17,79 @@ from .memory import Frames
 __all__ = ["PagingCounters", "WorkingSetSampler", "PffMeter"]
 
 
-@dataclass(slots=True)
 class PagingCounters:
-    refs: int = 0              # references completed
-    hits: int = 0
-    major_faults: int = 0      # needed disk I/O (swap-in or file read)
-    minor_faults: int = 0      # no I/O: zero-fill of a fresh anonymous page, or a soft-reclaimed page taken back
-    swap_in: int = 0           # pages read from guest swap
-    swap_out: int = 0          # pages written to guest swap
-    file_reads: int = 0        # pages read from their file
-    file_writes: int = 0       # dirty page-cache pages written back to their file
-    writebacks: int = 0        # evictions of a page with M=1 (= swap_out + file_writes)
-    evictions: int = 0         # pages taken out of frames by the policy (faults, reclaim, balloon)
-    ept_faults: int = 0        # gpfns the host had to back (each EPT fault counted per page)
-    ept_fault_calls: int = 0
-    invalidations: int = 0     # gpfns the host took away (TLB shootdowns)
-    lost_pages: int = 0        # integrity violations: a page came back with the wrong token
-    soft_reclaimed: int = 0    # pages reclaimed by ``reclaim`` (content kept until the frame is reused)
-    balloon_inflated: int = 0  # frames handed to the balloon
-    balloon_deflated: int = 0  # frames given back
-    oom_calls: int = 0         # times the OOM hook ran
-    # Who reclaimed what, and what it cost later: the seed's I/O-amplification
-    # argument needs the guest's knowledge of what the host (blindly) took.
-    refaults: int = 0                   # faults on pages that had been evicted by the guest before
-    refault_reads: int = 0              # ... that needed a disk read (the I/O cost of having evicted them)
-    refault_file_reads: int = 0         # ... of which page cache re-read from its file
-    evicted_clean_file: int = 0         # evictions of clean page cache (dropped at no I/O)
-    balloon_reclaimed: int = 0          # pages the guest evicted to inflate its balloon
-    balloon_reclaimed_clean_file: int = 0   # ... of which clean page cache, dropped at no I/O
-    host_took_pages: int = 0            # pages whose frame the host swapped out (content held)
-    host_took_clean_file: int = 0       # ... of which clean page cache
-    host_refaults: int = 0              # EPT faults that brought such a page back (a host swap-in)
-    host_refaults_clean_file: int = 0   # ... of which clean page cache
+    """The guest kernel's cumulative counters, held in one int64 array.
+
+    The compiled paging core bumps them in place (``array``, in the order
+    of ``FIELDS``); Python reads and writes them as attributes.
+    """
+
+    __slots__ = ("array",)
+
+    FIELDS: tuple[str, ...] = (
+        "refs",                          # references completed
+        "hits",
+        "major_faults",                  # needed disk I/O (swap-in or file read)
+        "minor_faults",                  # no I/O: zero-fill of a fresh anonymous page, or a soft-reclaimed page taken back
+        "swap_in",                       # pages read from guest swap
+        "swap_out",                      # pages written to guest swap
+        "file_reads",                    # pages read from their file
+        "file_writes",                   # dirty page-cache pages written back to their file
+        "writebacks",                    # evictions of a page with M=1 (= swap_out + file_writes)
+        "evictions",                     # pages taken out of frames by the policy (faults, reclaim, balloon)
+        "ept_faults",                    # gpfns the host had to back (each EPT fault counted per page)
+        "ept_fault_calls",
+        "invalidations",                 # gpfns the host took away (TLB shootdowns)
+        "lost_pages",                    # integrity violations: a page came back with the wrong token
+        "soft_reclaimed",                # pages reclaimed by ``reclaim`` (content kept until the frame is reused)
+        "balloon_inflated",              # frames handed to the balloon
+        "balloon_deflated",              # frames given back
+        "oom_calls",                     # times the OOM hook ran
+        "refaults",                      # faults on pages that had been evicted by the guest before
+        "refault_reads",                 # ... that needed a disk read (the I/O cost of having evicted them)
+        "refault_file_reads",            # ... of which page cache re-read from its file
+        "evicted_clean_file",            # evictions of clean page cache (dropped at no I/O)
+        "balloon_reclaimed",             # pages the guest evicted to inflate its balloon
+        "balloon_reclaimed_clean_file",  # ... of which clean page cache, dropped at no I/O
+        "host_took_pages",               # pages whose frame the host swapped out (content held)
+        "host_took_clean_file",          # ... of which clean page cache
+        "host_refaults",                 # EPT faults that brought such a page back (a host swap-in)
+        "host_refaults_clean_file",      # ... of which clean page cache
+    )
+
+    __hash__ = None  # type: ignore[assignment]  # mutable
+
+    def __init__(self, **values: int) -> None:
+        unknown = sorted(set(values) - set(self.FIELDS))
+        if unknown:
+            raise TypeError(f"PagingCounters: unknown counter(s) {', '.join(unknown)}")
+        self.array = np.zeros(len(self.FIELDS), np.int64)
+        for name, value in values.items():
+            setattr(self, name, value)
 
     def as_dict(self) -> dict[str, int]:
-        return asdict(self)
+        return dict(zip(self.FIELDS, self.array.tolist()))
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, PagingCounters) and bool(np.array_equal(self.array, other.array))
+
+    def __repr__(self) -> str:
+        return "PagingCounters(" + ", ".join(f"{k}={v}" for k, v in self.as_dict().items()) + ")"
+
+
+def _counter(index: int) -> property:
+    def get(self: PagingCounters) -> int:
+        return int(self.array[index])
+
+    def set(self: PagingCounters, value: int) -> None:
+        self.array[index] = value
+
+    return property(get, set)
+
+
+for _i, _name in enumerate(PagingCounters.FIELDS):
+    setattr(PagingCounters, _name, _counter(_i))
+del _i, _name
 
 
 class WorkingSetSampler:

@@ -8,6 +8,8 @@ increasing order.
 """
 from __future__ import annotations
 
+import numpy as np
+
 from .errors import SwapExhausted
 
 __all__ = ["SwapArea"]
@@ -17,7 +19,16 @@ class SwapArea:
     def __init__(self, base_block: int, n_slots: int) -> None:
         self.base_block = base_block
         self.n_slots = n_slots
-        self.used = 0
+        # slots handed out so far; an array so the compiled paging core hands them out too
+        self.used_array = np.zeros(1, np.int64)
+
+    @property
+    def used(self) -> int:
+        return int(self.used_array[0])
+
+    @used.setter
+    def used(self, value: int) -> None:
+        self.used_array[0] = value
 
     def alloc_block(self) -> int:
         if self.used >= self.n_slots:

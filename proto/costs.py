@@ -5,8 +5,10 @@ A scenario may override any field (``[costs]`` and ``[disk.*]`` tables).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, fields, replace
 from typing import Any, Mapping
+
+import numpy as np
 
 from .errors import ConfigError
 
@@ -66,37 +68,49 @@ def disk_profile(name: str) -> DiskProfile:
         raise ConfigError(f"unknown disk profile {name!r}; known: {sorted(DISK_PROFILES)}") from None
 
 
-@dataclass(slots=True)
 class DiskModel:
     """FCFS queueing over ``queue_depth`` parallel channels, in virtual time.
 
     A request of ``n_pages`` submitted at ``vt_us`` starts when the earliest
     channel is free (never before ``vt_us``) and takes
     ``latency_us + n_pages * PAGE_BYTES / bandwidth``. Deterministic for a
-    given order of submissions.
+    given order of submissions. The state lives in two float64 arrays
+    (``free_at_us``: when each channel is next free; ``acct``: requests,
+    pages, busy µs) so that compiled code (the guest's paging core, for its
+    in-process disk) can run the same model over the same state.
     """
 
-    profile: DiskProfile
-    _free_at_us: list[float] = field(default_factory=list)
-    requests: int = 0
-    pages: int = 0
-    busy_us: float = 0.0
+    __slots__ = ("profile", "free_at_us", "acct")
 
-    def __post_init__(self) -> None:
-        if not self._free_at_us:
-            self._free_at_us = [0.0] * self.profile.queue_depth
+    def __init__(self, profile: DiskProfile) -> None:
+        self.profile = profile
+        self.free_at_us = np.zeros(profile.queue_depth, np.float64)
+        self.acct = np.zeros(3, np.float64)
+
+    @property
+    def requests(self) -> int:
+        return int(self.acct[0])
+
+    @property
+    def pages(self) -> int:
+        return int(self.acct[1])
+
+    @property
+    def busy_us(self) -> float:
+        return float(self.acct[2])
 
     def submit(self, vt_us: float, n_pages: int) -> float:
         """Account one request and return its completion time (virtual µs)."""
-        chans = self._free_at_us
-        i = min(range(len(chans)), key=chans.__getitem__)
-        start = max(float(vt_us), chans[i])
+        chans = self.free_at_us
+        i = int(chans.argmin())                    # the first of the earliest free
+        start = max(float(vt_us), float(chans[i]))
         service = self.profile.latency_us + n_pages * PAGE_BYTES * 1e6 / self.profile.bandwidth_bps
         done = start + service
         chans[i] = done
-        self.requests += 1
-        self.pages += n_pages
-        self.busy_us += service
+        acct = self.acct
+        acct[0] += 1
+        acct[1] += n_pages
+        acct[2] += service
         return done
 
     def submit_serial(self, vt_us: float, n_requests: int, pages_each: int = 1) -> float:
@@ -112,7 +126,10 @@ class DiskModel:
 
     def queue_delay_us(self, vt_us: float) -> float:
         """How long a request submitted now would wait before service starts."""
-        return max(0.0, min(self._free_at_us) - float(vt_us))
+        return max(0.0, float(self.free_at_us.min()) - float(vt_us))
+
+    def __repr__(self) -> str:
+        return f"DiskModel({self.profile!r}, requests={self.requests}, pages={self.pages}, busy_us={self.busy_us})"
 
 
 def _checked_floats(cls: type, raw: Mapping[str, Any], where: str) -> dict[str, float]:

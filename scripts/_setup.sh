@@ -1,5 +1,6 @@
 # Sourced by scripts/demo and scripts/test: make .venv and install the project
-# into it, skipping the install when pyproject.toml has not changed.
+# into it, skipping the install when neither the packaging files nor the
+# compiled sources changed (a pull that changes the C core rebuilds it).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -13,7 +14,7 @@ if [ ! -x .venv/bin/python ]; then
     "$PY" -m venv .venv
 fi
 STAMP=.venv/.balloonlab-installed
-WANT="$(cat pyproject.toml | sha256sum | cut -d' ' -f1)"
+WANT="$(cat pyproject.toml setup.py guestd/*.c | sha256sum | cut -d' ' -f1)"
 if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
     echo "setup: installing balloonlab into .venv" >&2
     .venv/bin/python -m pip install -q --upgrade pip >&2

@@ -6,14 +6,18 @@ Called as ``scripts/bench.py paging [options]`` (``main(argv)``), or directly
 The trace: ``--refs`` references (default 1M) from a seeded generator, a
 zipf-skewed hot working set plus a small share of references spread over a
 large cold area, 25 % writes; with the default frame counts a few percent
-of references miss. Each policy's offline simulator (``guestd.fastsim``) is
-timed including its one sort of the trace, best of ``--repeat`` runs,
-against a naive pure-Python CLOCK loop over the same trace in the same run
-(its fault count must agree with ``clock``). ``--kernel-refs`` also times
-the vCPU path (``GuestKernel.access`` in 4096-reference batches, first frame
-count only). The fast simulators cost one sort plus a few microseconds per
-miss, hits cost nothing, so their rate falls as the miss ratio rises; the
-naive loop costs the same per reference whatever the miss ratio.
+of references miss. Each policy's offline simulator (``guestd.fastsim``:
+the compiled kernel core for fifo/lru/clock/clock-r0/esc, ``fastsim-py``
+its O(misses) Python loops, which opt always uses) is timed including its
+preparation of the trace (dense page ids, or the sort), best of
+``--repeat`` runs, against a naive pure-Python CLOCK loop over the same trace
+in the same run (its fault count must agree with ``clock``).
+``--kernel-refs`` also times the vCPU path (``GuestKernel.access`` in
+4096-reference batches, first frame count only). The Python loops cost one
+sort plus a few microseconds per miss, hits cost nothing, so their rate
+falls as the miss ratio rises; the naive loop costs the same per reference
+whatever the miss ratio. Real programs' traces against libCacheSim:
+``scripts/bench.py traces``.
 """
 from __future__ import annotations
 
@@ -118,7 +122,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--policies", nargs="+", default=["clock", "esc", "clock-r0", "fifo", "lru", "opt"],
                     choices=sorted(FAST_POLICIES))
     ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--kernel-refs", type=int, default=200_000,
+    ap.add_argument("--kernel-refs", type=int, default=1_000_000,
                     help="references for the GuestKernel.access timing (0 to skip)")
     ap.add_argument("--json", action="store_true", help="also print the rows as one JSON list")
     args = ap.parse_args(argv)
@@ -142,11 +146,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         row(frames, "clock", "naive-python", faults, secs, n)
         naive_faults = faults
         for policy in args.policies:
-            secs, res = _best(lambda: simulate_fast(policy, frames, pages, writes), args.repeat)
-            row(frames, policy, "fastsim", res.faults, secs, n)
-            if policy == "clock" and res.faults != naive_faults:
-                print(f"  MISMATCH: fastsim clock {res.faults} faults, naive {naive_faults}")
-                return 1
+            for engine in ("auto", "python") if policy != "opt" else ("python",):
+                secs, res = _best(lambda: simulate_fast(policy, frames, pages, writes, engine=engine), args.repeat)
+                row(frames, policy, "fastsim" if engine == "auto" else "fastsim-py", res.faults, secs, n)
+                if policy == "clock" and res.faults != naive_faults:
+                    print(f"  MISMATCH: fastsim clock {res.faults} faults, naive {naive_faults}")
+                    return 1
         if args.kernel_refs and frames == args.frames[0]:
             kp, kw = pages[:args.kernel_refs], writes[:args.kernel_refs]
             for policy in ("clock", "esc"):
@@ -154,7 +159,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 row(frames, policy, "kernel.access", faults, secs, kp.size)
     t0 = time.perf_counter()
     TraceIndex(pages, writes)
-    print(f"(the trace sort every fastsim run includes: {time.perf_counter() - t0:.3f} s)")
+    print(f"(the trace sort every fastsim-py run includes: {time.perf_counter() - t0:.3f} s)")
     if args.json:
         print(json.dumps(rows))
     return 0

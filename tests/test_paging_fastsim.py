@@ -192,9 +192,16 @@ def test_longer_traces_fast_equals_kernel() -> None:
     pages, writes = random_trace(rng, 6000, 300)
     for policy in FAST_POLICIES:
         for k in (17, 64):
-            a = simulate_fast(policy, k, pages, writes)
-            b = replay_kernel(policy, k, pages, writes)
-            assert (a.faults, a.writebacks) == (b.faults, b.writebacks), policy
+            a = simulate_fast(policy, k, pages, writes, engine="python")
+            b = replay_kernel(policy, k, pages, writes, engine="reference")
+            c = simulate_fast(policy, k, pages, writes)      # the compiled kernel, where it runs the policy
+            assert (a.faults, a.writebacks) == (b.faults, b.writebacks) == (c.faults, c.writebacks), policy
+
+
+def test_dense_page_ids_keep_page_order() -> None:
+    from balloonlab.guestd.fastsim import dense_page_ids
+    for pages in (np.array([5, 3, 5, 9], np.uint64), np.array([1 << 40, 7, 1 << 40, 3], np.uint64)):
+        assert dense_page_ids(pages).tolist() == np.unique(pages, return_inverse=True)[1].tolist()
 
 
 def test_stable_argsort_is_a_stable_sort() -> None:

@@ -17,7 +17,7 @@ import numpy as np
 
 from ..memory import Frames
 
-__all__ = ["PolicyBase", "clear_circular"]
+__all__ = ["PolicyBase", "HandPolicy", "clear_circular"]
 
 
 class PolicyBase:
@@ -69,6 +69,22 @@ class PolicyBase:
             res[v] = False
             out.append(v)
         return np.array(out, np.int64)
+
+
+class HandPolicy(PolicyBase):
+    """A policy with one clock hand, kept in ``state[0]`` so the compiled paging core moves the same hand."""
+
+    def __init__(self, n_frames: int) -> None:
+        super().__init__(n_frames)
+        self.state = np.zeros(2, np.int64)     # [hand, policy's own]
+
+    @property
+    def hand(self) -> int:
+        return int(self.state[0])
+
+    @hand.setter
+    def hand(self, value: int) -> None:
+        self.state[0] = value
 
 
 def clear_circular(bits: np.ndarray, start: int, stop: int) -> None:

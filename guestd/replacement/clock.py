@@ -14,7 +14,7 @@ In the kernel the circle is every gpfn; frames that hold no workload page
 from __future__ import annotations
 
 from ..memory import first_true_from
-from .base import PolicyBase, clear_circular
+from .base import HandPolicy, clear_circular
 
 __all__ = ["ClockPolicy"]
 
@@ -23,13 +23,9 @@ __all__ = ["ClockPolicy"]
 _NEAR = 256
 
 
-class ClockPolicy(PolicyBase):
+class ClockPolicy(HandPolicy):
     name = "clock"
     load_sets_r = True
-
-    def __init__(self, n_frames: int) -> None:
-        super().__init__(n_frames)
-        self.hand = 0
 
     def select_victim(self) -> int:
         fr = self.frames

@@ -19,22 +19,27 @@ from __future__ import annotations
 import numpy as np
 
 from ..memory import first_true_from
-from .base import PolicyBase, clear_circular
+from .base import HandPolicy, clear_circular
 
 __all__ = ["EscPolicy"]
 
 
-class EscPolicy(PolicyBase):
+class EscPolicy(HandPolicy):
     name = "esc"
     load_sets_r = True
 
     def __init__(self, n_frames: int) -> None:
         super().__init__(n_frames)
-        self.hand = 0
+        # state[1]: the compiled paging core keeps a bitmap of candidate (0,0) frames
+        # (``zero_zero_bits``); clearing R here makes (0,0) frames it has not seen,
+        # so these methods mark it stale and the core rebuilds it
+        self.state[1] = 1
+        self.zero_zero_bits = np.zeros((n_frames + 63) // 64, np.uint64)
 
     def select_victim(self) -> int:
         fr = self.frames
         assert fr is not None
+        self.state[1] = 1
         h = self.hand
         not_r = fr.resident & ~fr.R
         # step 1: first (0,0), nothing changes
@@ -72,6 +77,7 @@ class EscPolicy(PolicyBase):
         """
         fr = self.frames
         assert fr is not None
+        self.state[1] = 1
         n_frames = fr.n
         res, r_bits, m_bits = fr.resident, fr.R, fr.M
         parts: list[np.ndarray] = []

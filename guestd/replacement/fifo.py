@@ -22,12 +22,12 @@ class FifoPolicy(PolicyBase):
     def __init__(self, n_frames: int) -> None:
         super().__init__(n_frames)
         self.load_seq = np.zeros(n_frames, np.int64)
-        self._next_seq = 0
+        self.state = np.zeros(2, np.int64)     # [next sequence number, unused], shared with the compiled core
 
     def on_load(self, gpfn: int, write: bool, ref: int) -> None:
         super().on_load(gpfn, write, ref)
-        self.load_seq[gpfn] = self._next_seq
-        self._next_seq += 1
+        self.load_seq[gpfn] = self.state[0]
+        self.state[0] += 1
 
     def select_victim(self) -> int:
         assert self.frames is not None

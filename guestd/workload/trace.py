@@ -4,7 +4,10 @@ Formats:
 
 - ``.npz`` (numpy zip) with array ``page`` (unsigned or non-negative
   integers; stored as uint64) and optionally ``write`` (bool or 0/1; all
-  reads if absent), one entry per reference.
+  reads if absent), one entry per reference, and optionally ``meta``: one
+  JSON string saying where the trace came from (``read_trace_meta``; e.g.
+  ``guestd.workload.lackey`` records the command, the window of references
+  kept and the page size).
 - text: page numbers, one per line or comma-separated (decimal, or hex with
   ``0x``). A write is marked by a ``W`` suffix (``42W``) or by a second,
   whitespace-separated column (``42 W``, ``42 1``; ``R``/``0`` is a read;
@@ -18,6 +21,7 @@ their zip magic).
 from __future__ import annotations
 
 import io
+import json
 import sys
 from pathlib import Path
 from typing import BinaryIO
@@ -26,7 +30,7 @@ import numpy as np
 
 from ..errors import TraceFormatError
 
-__all__ = ["read_trace", "parse_text_trace", "load_npz_trace", "write_npz_trace"]
+__all__ = ["read_trace", "read_trace_meta", "parse_text_trace", "load_npz_trace", "write_npz_trace"]
 
 _ZIP_MAGIC = b"PK\x03\x04"
 _WRITE_FLAGS = {"w": True, "1": True, "s": True, "m": True, "write": True,
@@ -80,8 +84,30 @@ def load_npz_trace(f: str | Path | BinaryIO, name: str | None = None) -> tuple[n
     return pages, write.astype(bool)
 
 
-def write_npz_trace(path: str | Path, pages: np.ndarray, writes: np.ndarray) -> None:
-    np.savez_compressed(path, page=np.asarray(pages, np.uint64), write=np.asarray(writes, bool))
+def write_npz_trace(path: str | Path, pages: np.ndarray, writes: np.ndarray,
+                    meta: dict[str, object] | None = None) -> None:
+    arrays: dict[str, np.ndarray] = {"page": np.asarray(pages, np.uint64), "write": np.asarray(writes, bool)}
+    if meta is not None:
+        arrays["meta"] = np.array(json.dumps(meta, sort_keys=True))
+    np.savez_compressed(path, **arrays)
+
+
+def read_trace_meta(path: str | Path) -> dict[str, object]:
+    """The ``meta`` of an ``.npz`` trace ({} when it has none)."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if "meta" not in z.files:
+                return {}
+            raw = str(z["meta"])
+    except Exception as e:
+        raise TraceFormatError(str(path), 0, f"not a readable .npz trace: {e}") from None
+    try:
+        meta = json.loads(raw)
+    except ValueError as e:
+        raise TraceFormatError(str(path), 0, f"'meta' is not JSON: {e}") from None
+    if not isinstance(meta, dict):
+        raise TraceFormatError(str(path), 0, f"'meta' must be a JSON object, got {type(meta).__name__}")
+    return meta
 
 
 def parse_text_trace(data: bytes | str, name: str = "<text>") -> tuple[np.ndarray, np.ndarray]:

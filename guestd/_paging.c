@@ -1,0 +1,1105 @@
+/* The guest kernel's compiled paging core: references, faults, evictions, EPT backing.
+ *
+ * It runs GuestKernel.access over the numpy arrays the Python side owns
+ * (Frames, PageTable, the free set and soft-reclaim list, the counters, the
+ * policy's state), with exactly the steps of the reference implementation in
+ * guestd/kernel.py (the executable definition; tests/test_paging_engines.py
+ * holds the two equal, counter for counter and array for array).
+ *
+ * One batch is a small state machine (Core.phase). Hits, the policy's scan,
+ * the eviction bookkeeping, the page table and the counters never leave C.
+ * An operation that needs an await (a disk read or write on a remote block
+ * device, an EPT fault on a remote hypervisor, the OOM hook) returns to
+ * Python as (op, a, b); Python awaits it and calls the matching resume_*
+ * method, which continues where the batch stopped. With the in-process disk
+ * (LocalBlockDevice, its DiskModel included) and NullHypervisor the whole
+ * batch runs here. Between a return and its resume only the kernel's sync
+ * methods may run (invalidate and friends change backed/host_took/inval_gen
+ * and the counters): every check after a resume rereads the arrays.
+ *
+ * Virtual time is accumulated exactly as the reference does it, run of hits
+ * by run of hits (vt += k * mem_ref_us over the same windows), so clocks are
+ * bit-identical too.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* ------------------------------------------------------------------ layouts shared with Python */
+
+/* guestd.stats.PagingCounters, in field order (checked when a Core is built) */
+enum {
+    C_REFS, C_HITS, C_MAJOR, C_MINOR, C_SWAP_IN, C_SWAP_OUT, C_FILE_READS, C_FILE_WRITES, C_WRITEBACKS,
+    C_EVICTIONS, C_EPT_FAULTS, C_EPT_FAULT_CALLS, C_INVALIDATIONS, C_LOST, C_SOFT_RECLAIMED,
+    C_BALLOON_INFLATED, C_BALLOON_DEFLATED, C_OOM_CALLS, C_REFAULTS, C_REFAULT_READS, C_REFAULT_FILE_READS,
+    C_EVICTED_CLEAN_FILE, C_BALLOON_RECLAIMED, C_BALLOON_RECLAIMED_CLEAN_FILE, C_HOST_TOOK,
+    C_HOST_TOOK_CLEAN_FILE, C_HOST_REFAULTS, C_HOST_REFAULTS_CLEAN_FILE, N_COUNTERS
+};
+static const char *COUNTER_NAMES[N_COUNTERS] = {
+    "refs", "hits", "major_faults", "minor_faults", "swap_in", "swap_out", "file_reads", "file_writes",
+    "writebacks", "evictions", "ept_faults", "ept_fault_calls", "invalidations", "lost_pages", "soft_reclaimed",
+    "balloon_inflated", "balloon_deflated", "oom_calls", "refaults", "refault_reads", "refault_file_reads",
+    "evicted_clean_file", "balloon_reclaimed", "balloon_reclaimed_clean_file", "host_took_pages",
+    "host_took_clean_file", "host_refaults", "host_refaults_clean_file"};
+
+/* the kernel's scalar state (GuestKernel._ks) */
+enum { KS_FREE_LO, KS_N_FREE, KS_SOFT_HEAD, KS_SOFT_TAIL, N_KS };
+static const char *KS_NAMES[N_KS] = {"free_lo", "n_free", "soft_head", "soft_tail"};
+#define SOFT_OUT (-2)   /* soft_prev/soft_next of a frame not on the soft list */
+
+enum { K_FREE = 0, K_ANON = 1, K_FILE = 2 };               /* guestd.memory.FrameKind */
+enum { P_CLOCK = 0, P_ESC = 1, P_FIFO = 2, P_LRU = 3, P_PY = 4 };   /* compiled policies, or Python's */
+enum { PS_HAND = 0, PS_DIRTY = 1, PS_SEQ = 0 };            /* policy state slots */
+
+/* what a return to Python asks for */
+enum { OP_DONE = 0, OP_EPT = 1, OP_READ = 2, OP_WRITE = 3, OP_NO_VICTIM = 4, OP_SWAP_FULL = 5, OP_BAD_BLOCK = 6 };
+
+enum {
+    PH_IDLE, PH_RUN, PH_FAULT, PH_SOFT_BACKED, PH_ALLOC, PH_EVICT_BODY, PH_EVICT_WROTE, PH_AFTER_ALLOC,
+    PH_READ_DONE, PH_ALLOC_BACKED, PH_FINISH, PH_EB, PH_BACK, PH_BACK_DONE, PH_BACKWIN
+};
+
+#define WIN_MIN 256
+#define WIN_MAX 8192
+#define PAGE_BYTES 4096
+
+typedef struct {
+    PyObject_HEAD
+    Py_buffer views[48];
+    int n_views;
+    /* frames */
+    int64_t n_frames;
+    uint8_t *kind, *resident, *R, *touched, *A, *M, *D, *backed, *host_took;
+    int64_t *vpage;
+    uint64_t *token;
+    /* page table */
+    int64_t n_pages;
+    int64_t *gpfn, *cached, *version, *block;
+    uint8_t *is_file, *on_disk, *evicted;
+    uint64_t *expect;
+    /* kernel */
+    uint8_t *free_mask;
+    int64_t *ks, *soft_prev, *soft_next, *inval_gen, *ctr, *swap_used;
+    double *vt;
+    int64_t swap_base, swap_slots, fault_around;
+    double mem_ref_us, minor_fault_us;
+    /* policy */
+    int pkind, load_sets_r, py_hits;
+    int64_t *pst, *pframes;
+    uint64_t *esc_bits;
+    PyObject *policy;
+    /* local disk (LocalBlockDevice + its DiskModel), local hypervisor (NullHypervisor) */
+    int disk_local, hyp_local;
+    uint64_t *disk_tokens;
+    int64_t n_blocks, qd;
+    double *chan_free, *disk_acct;
+    int64_t *disk_io;
+    double disk_latency_us, disk_bandwidth_bps;
+    /* callbacks into the kernel (rare: lost pages, hits of a Python policy that watches them) */
+    PyObject *lost_cb, *hits_cb;
+    /* scratch */
+    uint64_t *ept_gs;
+    int64_t *ept_gen, *hit_g;
+    uint8_t *hit_w;
+    /* the batch */
+    PyObject *pages_obj, *writes_obj;
+    Py_buffer pages_view, writes_view;
+    int have_batch;
+    const int64_t *P;
+    const uint8_t *W;
+    int64_t n, i, started_i;
+    int win, has_deadline;
+    double deadline;
+    int phase;
+    /* the fault in progress */
+    int64_t f_page, f_g, f_v, f_ref, f_blk;
+    uint64_t f_tok, f_wtok;
+    int f_write, f_is_file, f_dirty, f_oom_tried;
+    /* the backing in progress (ensure-backed loop, or one EPT fault) */
+    int64_t eb_g, ept_n;
+    int eb_cont, back_cont;
+} Core;
+
+/* ------------------------------------------------------------------ small helpers */
+
+static inline uint64_t make_token(int64_t page, int64_t version) {
+    return ((uint64_t)(page + 1) << 32) | ((uint64_t)version & 0xFFFFFFFFull);
+}
+
+static inline uint64_t bump_one(Core *c, int64_t page) {
+    int64_t v = c->version[page] + 1;
+    c->version[page] = v;
+    uint64_t tok = make_token(page, v);
+    c->expect[page] = tok;
+    return tok;
+}
+
+static inline void vt_max(Core *c, double done) {
+    if (done > c->vt[0]) c->vt[0] = done;      /* Python's max(vt, done) */
+}
+
+/* DiskModel.submit: FCFS over queue_depth channels, the earliest free (first of equals) takes it */
+static double disk_submit(Core *c, double vt, int64_t n_pages) {
+    double *ch = c->chan_free;
+    int64_t best = 0;
+    for (int64_t k = 1; k < c->qd; k++)
+        if (ch[k] < ch[best]) best = k;
+    double start = ch[best] > vt ? ch[best] : vt;
+    double service = c->disk_latency_us + (double)(n_pages * PAGE_BYTES) * 1e6 / c->disk_bandwidth_bps;
+    double done = start + service;
+    ch[best] = done;
+    c->disk_acct[0] += 1.0;
+    c->disk_acct[1] += (double)n_pages;
+    c->disk_acct[2] += service;
+    return done;
+}
+
+static void soft_remove(Core *c, int64_t g) {
+    int64_t p = c->soft_prev[g], n = c->soft_next[g];
+    if (p >= 0) c->soft_next[p] = n; else c->ks[KS_SOFT_HEAD] = n;
+    if (n >= 0) c->soft_prev[n] = p; else c->ks[KS_SOFT_TAIL] = p;
+    c->soft_prev[g] = SOFT_OUT;
+    c->soft_next[g] = SOFT_OUT;
+}
+
+/* lowest empty free frame, else the oldest soft-reclaimed one (its page dropped); -1 if none, -2 on error */
+static int64_t take_free(Core *c) {
+    if (c->ks[KS_N_FREE] > 0) {
+        int64_t g = c->ks[KS_FREE_LO] < 0 ? 0 : c->ks[KS_FREE_LO];
+        while (g < c->n_frames && !c->free_mask[g]) g++;
+        if (g >= c->n_frames) {
+            PyErr_Format(PyExc_RuntimeError, "paging core: %lld free frames counted, none at or above gpfn %lld",
+                         (long long)c->ks[KS_N_FREE], (long long)c->ks[KS_FREE_LO]);
+            return -2;
+        }
+        c->free_mask[g] = 0;
+        c->ks[KS_N_FREE]--;
+        c->ks[KS_FREE_LO] = g + 1;
+        return g;
+    }
+    int64_t g = c->ks[KS_SOFT_HEAD];
+    if (g >= 0) {
+        soft_remove(c, g);
+        c->cached[c->vpage[g]] = -1;
+        c->vpage[g] = -1;
+        return g;
+    }
+    return -1;
+}
+
+static int report_lost(Core *c, int64_t page, int64_t g, uint64_t got, uint64_t want, const char *where) {
+    c->ctr[C_LOST] += 1;
+    PyObject *r = PyObject_CallFunction(c->lost_cb, "LLKKs", (long long)page, (long long)g,
+                                        (unsigned long long)got, (unsigned long long)want, where);
+    if (r == NULL) return -1;
+    Py_DECREF(r);
+    return 0;
+}
+
+/* ------------------------------------------------------------------ policies */
+
+static inline void clear_r_circular(Core *c, int64_t h, int64_t v) {
+    if (h <= v) {
+        memset(c->R + h, 0, (size_t)(v - h));
+    } else {
+        memset(c->R + h, 0, (size_t)(c->n_frames - h));
+        memset(c->R, 0, (size_t)v);
+    }
+}
+
+static int64_t clock_victim(Core *c) {
+    int64_t n = c->n_frames, h = c->pst[PS_HAND], f = h, v = -1;
+    for (int64_t k = 0; k < n; k++) {
+        if (c->resident[f] && !c->R[f]) { v = f; break; }
+        if (++f == n) f = 0;
+    }
+    if (v >= 0) {
+        clear_r_circular(c, h, v);
+    } else {
+        /* every resident frame has R=1: one full turn clears them all */
+        f = h;
+        for (int64_t k = 0; k < n; k++) {
+            if (c->resident[f]) { v = f; break; }
+            if (++f == n) f = 0;
+        }
+        if (v < 0) return -1;
+        memset(c->R, 0, (size_t)n);
+    }
+    c->pst[PS_HAND] = v + 1 == n ? 0 : v + 1;
+    return v;
+}
+
+/* ESC keeps a bitmap that is a superset of its (0,0) frames: a frame becomes (0,0)
+ * only when R is cleared on a clean resident frame, which happens here (step 2,
+ * step 3) or in the Python methods, which mark the bitmap dirty. Stale bits (hit
+ * or written or evicted since) are dropped when the scan meets them. */
+static void esc_rebuild(Core *c) {
+    int64_t n = c->n_frames, nw = (n + 63) / 64;
+    memset(c->esc_bits, 0, (size_t)nw * 8);
+    for (int64_t f = 0; f < n; f++)
+        if (c->resident[f] & !c->R[f] & !c->M[f]) c->esc_bits[f >> 6] |= 1ull << (f & 63);
+    c->pst[PS_DIRTY] = 0;
+}
+
+static inline int is00(Core *c, int64_t f) { return c->resident[f] && !c->R[f] && !c->M[f]; }
+
+static int64_t esc_scan_word(Core *c, int64_t w, uint64_t mask) {
+    uint64_t x = c->esc_bits[w] & mask;
+    while (x) {
+        int b = __builtin_ctzll(x);
+        int64_t f = w * 64 + b;
+        if (is00(c, f)) return f;
+        c->esc_bits[w] &= ~(1ull << b);
+        x &= x - 1;
+    }
+    return -1;
+}
+
+/* step 1: the first (0,0) frame from h, circularly */
+static int64_t esc_find00(Core *c, int64_t h) {
+    int64_t n = c->n_frames, nw = (n + 63) / 64, w0 = h >> 6, f;
+    uint64_t hi_mask = ~0ull << (h & 63);
+    if ((f = esc_scan_word(c, w0, hi_mask)) >= 0) return f;
+    for (int64_t w = w0 + 1; w < nw; w++)
+        if ((f = esc_scan_word(c, w, ~0ull)) >= 0) return f;
+    for (int64_t w = 0; w < w0; w++)
+        if ((f = esc_scan_word(c, w, ~0ull)) >= 0) return f;
+    if (h & 63)
+        if ((f = esc_scan_word(c, w0, ~hi_mask)) >= 0) return f;
+    return -1;
+}
+
+static inline void clear_r_noting_00(Core *c, int64_t f) {
+    if (c->R[f]) {
+        c->R[f] = 0;
+        if (c->resident[f] && !c->M[f]) c->esc_bits[f >> 6] |= 1ull << (f & 63);
+    }
+}
+
+static int64_t esc_victim(Core *c) {
+    int64_t n = c->n_frames, h = c->pst[PS_HAND], v, f;
+    if (c->pst[PS_DIRTY]) esc_rebuild(c);
+    v = esc_find00(c, h);
+    if (v < 0) {
+        /* step 2: the first (0,1), clearing R on the frames passed */
+        f = h;
+        for (int64_t k = 0; k < n; k++) {
+            if (c->resident[f] && !c->R[f] && c->M[f]) { v = f; break; }
+            if (++f == n) f = 0;
+        }
+        if (v >= 0) {
+            for (f = h; f != v; f = f + 1 == n ? 0 : f + 1) clear_r_noting_00(c, f);
+        } else {
+            for (f = 0; f < n; f++) clear_r_noting_00(c, f);    /* all the way round: every R is now 0 */
+            v = esc_find00(c, h);                               /* step 1 again */
+            if (v < 0) {                                        /* step 2 again: all dirty */
+                f = h;
+                for (int64_t k = 0; k < n; k++) {
+                    if (c->resident[f]) { v = f; break; }
+                    if (++f == n) f = 0;
+                }
+                if (v < 0) return -1;
+            }
+        }
+    }
+    c->pst[PS_HAND] = v + 1 == n ? 0 : v + 1;
+    return v;
+}
+
+/* the resident frame with the smallest key (first of equals), as np.argmin over a masked array */
+static int64_t argmin_resident(Core *c, const int64_t *key) {
+    int64_t best = -1;
+    for (int64_t f = 0; f < c->n_frames; f++)
+        if (c->resident[f] && (best < 0 || key[f] < key[best])) best = f;
+    return best;
+}
+
+/* -2: a Python policy raised */
+static int64_t select_victim(Core *c) {
+    switch (c->pkind) {
+    case P_CLOCK: return clock_victim(c);
+    case P_ESC: return esc_victim(c);
+    case P_FIFO:
+    case P_LRU: return argmin_resident(c, c->pframes);
+    default: {
+        PyObject *r = PyObject_CallMethod(c->policy, "select_victim", NULL);
+        if (r == NULL) return -2;
+        long long v = PyLong_AsLongLong(r);
+        Py_DECREF(r);
+        if (v == -1 && PyErr_Occurred()) return -2;
+        if (v >= c->n_frames || v < -1) {
+            PyErr_Format(PyExc_ValueError, "policy select_victim returned gpfn %lld outside 0..%lld", v,
+                         (long long)c->n_frames - 1);
+            return -2;
+        }
+        return (int64_t)v;
+    }
+    }
+}
+
+static int policy_on_load(Core *c, int64_t g, int write, int64_t ref) {
+    switch (c->pkind) {
+    case P_CLOCK:
+    case P_ESC:
+        c->R[g] = (uint8_t)c->load_sets_r;
+        return 0;
+    case P_FIFO:
+        c->R[g] = (uint8_t)c->load_sets_r;
+        c->pframes[g] = c->pst[PS_SEQ]++;
+        return 0;
+    case P_LRU:
+        c->R[g] = (uint8_t)c->load_sets_r;
+        c->pframes[g] = ref;
+        return 0;
+    default: {
+        PyObject *r = PyObject_CallMethod(c->policy, "on_load", "LOL", (long long)g, write ? Py_True : Py_False,
+                                          (long long)ref);
+        if (r == NULL) return -1;
+        Py_DECREF(r);
+        return 0;
+    }
+    }
+}
+
+/* ------------------------------------------------------------------ references */
+
+/* Hits of references [i, j) are done; charge them as one run, as the reference does. */
+static int end_run(Core *c, int64_t k, int64_t first_ref) {
+    if (k == 0) return 0;
+    c->ctr[C_REFS] += k;
+    c->ctr[C_HITS] += k;
+    c->vt[0] += (double)k * c->mem_ref_us;
+    if (c->py_hits) {
+        PyObject *r = PyObject_CallFunction(c->hits_cb, "LL", (long long)k, (long long)first_ref);
+        if (r == NULL) return -1;
+        Py_DECREF(r);
+    }
+    return 0;
+}
+
+/* One hit at reference j of a run that started at reference ref0 with clock vt0. */
+static inline int do_hit(Core *c, int64_t page, int64_t g, int write, int64_t ref, int64_t slot) {
+    uint64_t exp = c->expect[page];
+    if (c->token[g] != exp) {
+        if (report_lost(c, page, g, c->token[g], exp, "read") < 0) return -1;
+        c->token[g] = exp;
+    }
+    c->R[g] = 1;
+    c->touched[g] = 1;
+    c->A[g] = 1;
+    if (write) {
+        c->token[g] = bump_one(c, page);
+        c->M[g] = 1;
+        c->D[g] = 1;
+    }
+    if (c->pkind == P_LRU) c->pframes[g] = ref;
+    else if (c->py_hits) { c->hit_g[slot] = g; c->hit_w[slot] = (uint8_t)write; }
+    return 0;
+}
+
+static inline int past_deadline(Core *c, int64_t i, double t) {
+    return c->has_deadline && i != c->started_i && t >= c->deadline;
+}
+
+/* The window loop of the reference's _run: returns the next phase. */
+static int run_refs(Core *c) {
+    const int64_t *P = c->P;
+    const uint8_t *W = c->W;
+    int64_t n = c->n, i = c->i;
+    int win = c->win;
+    while (i < n) {
+        if (win == 0) {
+            /* right after a miss: one probe */
+            int64_t page = P[i], g = c->gpfn[page];
+            if (past_deadline(c, i, c->vt[0])) { n = i; break; }
+            if (g >= 0 && c->backed[g]) {
+                int64_t ref = c->ctr[C_REFS];
+                if (do_hit(c, page, g, W[i], ref, 0) < 0) { c->i = i; return -1; }
+                if (end_run(c, 1, ref) < 0) { c->i = i + 1; return -1; }
+                i++;
+                win = WIN_MIN;
+                continue;
+            }
+            c->i = i;
+            c->win = win;
+            c->started_i = i;
+            return g >= 0 ? PH_BACKWIN : PH_FAULT;
+        }
+        int64_t end = i + win < n ? i + win : n;
+        int64_t ref0 = c->ctr[C_REFS];
+        double vt0 = c->vt[0];
+        int64_t j = i;
+        int stop = 0;
+        for (; j < end; j++) {
+            int64_t page = P[j], g = c->gpfn[page];
+            if (g < 0 || !c->backed[g]) break;
+            if (past_deadline(c, j, vt0 + (double)(j - i) * c->mem_ref_us)) { stop = 1; break; }
+            if (do_hit(c, page, g, W[j], ref0 + (j - i), j - i) < 0) {
+                end_run(c, j - i, ref0);
+                c->i = j;
+                return -1;
+            }
+        }
+        if (end_run(c, j - i, ref0) < 0) { c->i = j; return -1; }
+        if (stop) { n = j; i = j; break; }
+        if (j == end) {
+            i = end;
+            win = win * 4 < WIN_MAX ? win * 4 : WIN_MAX;
+            continue;
+        }
+        i = j;
+        int64_t g = c->gpfn[P[i]];
+        if (past_deadline(c, i, c->vt[0])) { n = i; break; }
+        c->i = i;
+        c->win = win;
+        c->started_i = i;
+        return g >= 0 ? PH_BACKWIN : PH_FAULT;
+    }
+    c->i = i;
+    c->n = n;
+    c->win = win;
+    return PH_IDLE;
+}
+
+/* ------------------------------------------------------------------ backing (EPT faults) */
+
+static int cmp_u64(const void *a, const void *b) {
+    uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+    return (x > y) - (x < y);
+}
+
+/* After the reference at i found its frame taken by the host: every such frame among the next WIN_MAX,
+ * sorted and unique (np.unique). -1: out of memory. */
+static int gather_back_window(Core *c) {
+    int64_t end = c->i + WIN_MAX < c->n ? c->i + WIN_MAX : c->n, k = 0;
+    uint64_t *tmp = (uint64_t *)malloc((size_t)(end - c->i) * sizeof(uint64_t));
+    if (tmp == NULL) { PyErr_NoMemory(); return -1; }
+    for (int64_t j = c->i; j < end; j++) {
+        int64_t g = c->gpfn[c->P[j]];
+        if (g >= 0 && !c->backed[g]) tmp[k++] = (uint64_t)g;
+    }
+    qsort(tmp, (size_t)k, sizeof(uint64_t), cmp_u64);
+    int64_t u = 0;
+    for (int64_t j = 0; j < k; j++)
+        if (u == 0 || c->ept_gs[u - 1] != tmp[j]) c->ept_gs[u++] = tmp[j];
+    free(tmp);
+    c->ept_n = u;
+    return 0;
+}
+
+/* _back's first half: fault-around for a single free frame, snapshot of the shootdown generations */
+static void prepare_back(Core *c) {
+    if (c->ept_n == 1) {
+        int64_t g0 = (int64_t)c->ept_gs[0];
+        if (c->kind[g0] == K_FREE) {
+            int64_t hi = g0 + c->fault_around < c->n_frames ? g0 + c->fault_around : c->n_frames;
+            int64_t k = 1;
+            for (int64_t g = g0 + 1; g < hi; g++)
+                if (c->kind[g] == K_FREE && !c->backed[g]) c->ept_gs[k++] = (uint64_t)g;
+            c->ept_n = k;
+        }
+    }
+    for (int64_t k = 0; k < c->ept_n; k++) c->ept_gen[k] = c->inval_gen[c->ept_gs[k]];
+}
+
+/* _back's second half, with the hypervisor's tokens (NULL: all zero) and completion time */
+static int finish_back(Core *c, const uint64_t *tokens, double done) {
+    vt_max(c, done);
+    c->ctr[C_EPT_FAULTS] += c->ept_n;
+    c->ctr[C_EPT_FAULT_CALLS] += 1;
+    for (int64_t k = 0; k < c->ept_n; k++) {
+        int64_t g = (int64_t)c->ept_gs[k];
+        if (c->inval_gen[g] != c->ept_gen[k]) continue;     /* shot down again while we waited */
+        int held = c->vpage[g] >= 0;
+        if (held && c->host_took[g]) {
+            c->ctr[C_HOST_REFAULTS] += 1;
+            if (c->is_file[c->vpage[g]] && !c->M[g]) c->ctr[C_HOST_REFAULTS_CLEAN_FILE] += 1;
+        }
+        c->host_took[g] = 0;
+        uint64_t tok = tokens ? tokens[k] : 0;
+        if (held && tok != c->token[g]) {
+            if (report_lost(c, c->vpage[g], g, tok, c->token[g], "ept_fault") < 0) return -1;
+            tok = c->token[g];
+        }
+        c->token[g] = tok;
+        c->backed[g] = 1;
+    }
+    return 0;
+}
+
+/* ------------------------------------------------------------------ the state machine */
+
+static PyObject *op_result(int op, long long a, long long b) {
+    return Py_BuildValue("(iLL)", op, a, b);
+}
+
+static void end_batch(Core *c) {
+    if (c->have_batch) {
+        PyBuffer_Release(&c->pages_view);
+        PyBuffer_Release(&c->writes_view);
+        Py_CLEAR(c->pages_obj);
+        Py_CLEAR(c->writes_obj);
+        c->have_batch = 0;
+    }
+    c->phase = PH_IDLE;
+}
+
+/* Go on from c->phase until the batch is done or Python must await something. */
+static PyObject *drive(Core *c) {
+    for (;;) {
+        switch (c->phase) {
+        case PH_RUN: {
+            int next = run_refs(c);
+            if (next < 0) { end_batch(c); return NULL; }
+            if (next == PH_IDLE) {
+                int64_t done = c->n;
+                end_batch(c);
+                return op_result(OP_DONE, done, 0);
+            }
+            c->phase = next;
+            break;
+        }
+        case PH_BACKWIN:
+            if (gather_back_window(c) < 0) { end_batch(c); return NULL; }
+            c->back_cont = PH_RUN;
+            c->phase = PH_BACK;
+            break;
+        case PH_FAULT: {
+            int64_t page = c->P[c->i];
+            c->f_page = page;
+            c->f_write = c->W[c->i];
+            c->f_ref = c->ctr[C_REFS];
+            c->f_is_file = c->is_file[page];
+            c->f_oom_tried = 0;
+            if (c->evicted[page]) c->ctr[C_REFAULTS] += 1;
+            int64_t g = c->cached[page];
+            if (g >= 0) {
+                /* soft-reclaimed: the page is still in a free frame, take it back (minor fault) */
+                c->cached[page] = -1;
+                soft_remove(c, g);
+                c->f_g = g;
+                c->eb_g = g;
+                c->eb_cont = PH_SOFT_BACKED;
+                c->phase = PH_EB;
+            } else {
+                c->phase = PH_ALLOC;
+            }
+            break;
+        }
+        case PH_SOFT_BACKED:
+            c->f_tok = c->token[c->f_g];
+            c->ctr[C_MINOR] += 1;
+            c->vt[0] += c->minor_fault_us;
+            c->phase = PH_FINISH;
+            break;
+        case PH_ALLOC: {
+            int64_t g = take_free(c);
+            if (g == -2) { end_batch(c); return NULL; }
+            if (g >= 0) {
+                c->f_g = g;
+                c->phase = PH_AFTER_ALLOC;
+                break;
+            }
+            int64_t v = select_victim(c);
+            if (v == -2) { end_batch(c); return NULL; }
+            if (v < 0) {
+                c->phase = PH_ALLOC;            /* Python runs the OOM hook (resume_oom) or raises */
+                return op_result(OP_NO_VICTIM, c->f_oom_tried, 0);
+            }
+            c->resident[v] = 0;
+            c->f_v = v;
+            c->f_dirty = c->M[v];
+            if (c->f_dirty && !c->backed[v]) {
+                /* double paging: the host swapped it out, read it back before writing it */
+                c->eb_g = v;
+                c->eb_cont = PH_EVICT_BODY;
+                c->phase = PH_EB;
+            } else {
+                c->phase = PH_EVICT_BODY;
+            }
+            break;
+        }
+        case PH_EVICT_BODY: {
+            int64_t g = c->f_v, page = c->vpage[g], blk = 0;
+            int dirty = c->f_dirty;
+            if (dirty) {
+                blk = c->block[page];
+                if (blk < 0) {
+                    if (c->swap_used[0] >= c->swap_slots) {
+                        c->resident[g] = 1;     /* stays in memory; the run cannot go on without more swap */
+                        c->phase = PH_ALLOC;
+                        return op_result(OP_SWAP_FULL, c->swap_slots, 0);
+                    }
+                    blk = c->swap_base + c->swap_used[0];
+                    c->swap_used[0] += 1;
+                    c->block[page] = blk;
+                }
+                c->on_disk[page] = 1;
+                c->f_wtok = c->token[g];
+                if (c->is_file[page]) c->ctr[C_FILE_WRITES] += 1; else c->ctr[C_SWAP_OUT] += 1;
+                c->ctr[C_WRITEBACKS] += 1;
+            }
+            c->gpfn[page] = -1;
+            c->evicted[page] = 1;
+            if (!dirty && c->is_file[page]) c->ctr[C_EVICTED_CLEAN_FILE] += 1;
+            c->kind[g] = K_FREE;
+            c->R[g] = 0;
+            c->M[g] = 0;
+            c->vpage[g] = -1;
+            c->ctr[C_EVICTIONS] += 1;
+            c->f_g = g;
+            if (!dirty) {
+                c->phase = PH_AFTER_ALLOC;
+                break;
+            }
+            c->f_blk = blk;
+            if (!c->disk_local) {
+                c->phase = PH_EVICT_WROTE;
+                return op_result(OP_WRITE, blk, (long long)c->f_wtok);
+            }
+            if (blk >= c->n_blocks) {
+                c->phase = PH_EVICT_WROTE;
+                return op_result(OP_BAD_BLOCK, blk, c->n_blocks);
+            }
+            c->disk_io[1] += 1;
+            c->disk_io[3] += 1;
+            c->disk_tokens[blk] = c->f_wtok;
+            vt_max(c, disk_submit(c, c->vt[0], 1));
+            c->phase = PH_AFTER_ALLOC;
+            break;
+        }
+        case PH_AFTER_ALLOC: {
+            int64_t page = c->f_page;
+            if (c->on_disk[page]) {
+                int64_t blk = c->block[page];
+                c->f_blk = blk;
+                if (!c->disk_local) {
+                    c->phase = PH_READ_DONE;
+                    return op_result(OP_READ, blk, 0);
+                }
+                if (blk < 0 || blk >= c->n_blocks) {
+                    c->phase = PH_READ_DONE;
+                    return op_result(OP_BAD_BLOCK, blk, c->n_blocks);
+                }
+                c->disk_io[0] += 1;
+                c->disk_io[2] += 1;
+                c->f_tok = c->disk_tokens[blk];
+                vt_max(c, disk_submit(c, c->vt[0], 1));
+                c->phase = PH_READ_DONE;
+                break;      /* the read's bookkeeping is shared with the remote path */
+            }
+            c->f_tok = 0;   /* a fresh anonymous page: zero fill */
+            c->ctr[C_MINOR] += 1;
+            c->vt[0] += c->minor_fault_us;
+            c->phase = PH_ALLOC_BACKED;
+            break;
+        }
+        case PH_READ_DONE: {
+            int64_t page = c->f_page;
+            if (c->f_is_file) {
+                c->ctr[C_FILE_READS] += 1;
+                if (c->f_tok == 0) c->f_tok = make_token(page, 0);   /* a block never written: the file's content */
+            } else {
+                c->ctr[C_SWAP_IN] += 1;
+            }
+            c->ctr[C_MAJOR] += 1;
+            if (c->evicted[page]) {
+                c->ctr[C_REFAULT_READS] += 1;
+                c->ctr[C_REFAULT_FILE_READS] += c->f_is_file;
+            }
+            c->phase = PH_ALLOC_BACKED;
+            break;
+        }
+        case PH_ALLOC_BACKED:
+            c->eb_g = c->f_g;
+            c->eb_cont = PH_FINISH;
+            c->phase = PH_EB;
+            break;
+        case PH_FINISH: {
+            /* nothing waits from here on: the frame stays backed while we fill it */
+            int64_t page = c->f_page, g = c->f_g;
+            uint64_t tok = c->f_tok, exp = c->expect[page];
+            if (tok != exp) {
+                if (report_lost(c, page, g, tok, exp, "fault") < 0) { end_batch(c); return NULL; }
+                tok = exp;
+            }
+            c->kind[g] = c->f_is_file ? K_FILE : K_ANON;
+            c->vpage[g] = page;
+            c->resident[g] = 1;
+            c->A[g] = 1;
+            c->D[g] = 1;            /* loading stored into the frame */
+            c->touched[g] = 1;
+            c->gpfn[page] = g;
+            if (c->f_write) tok = bump_one(c, page);
+            c->M[g] = (uint8_t)c->f_write;
+            c->token[g] = tok;
+            if (policy_on_load(c, g, c->f_write, c->f_ref) < 0) { end_batch(c); return NULL; }
+            c->ctr[C_REFS] += 1;
+            c->vt[0] += c->mem_ref_us;
+            c->i += 1;
+            c->win = 0;
+            c->phase = PH_RUN;
+            break;
+        }
+        case PH_EB:
+            if (c->backed[c->eb_g]) {
+                c->phase = c->eb_cont;
+                break;
+            }
+            c->ept_gs[0] = (uint64_t)c->eb_g;
+            c->ept_n = 1;
+            c->back_cont = PH_EB;
+            c->phase = PH_BACK;
+            break;
+        case PH_BACK:
+            prepare_back(c);
+            if (!c->hyp_local) {
+                c->phase = PH_BACK_DONE;
+                return op_result(OP_EPT, c->ept_n, 0);
+            }
+            if (finish_back(c, NULL, c->vt[0]) < 0) { end_batch(c); return NULL; }
+            c->phase = c->back_cont;
+            break;
+        default:
+            PyErr_Format(PyExc_RuntimeError, "paging core: no batch to go on with (phase %d)", c->phase);
+            return NULL;
+        }
+    }
+}
+
+/* ------------------------------------------------------------------ Python methods */
+
+static int get_view(Core *c, PyObject *spec, const char *key, Py_ssize_t itemsize, Py_ssize_t n, void **out) {
+    PyObject *obj = PyDict_GetItemString(spec, key);
+    if (obj == NULL) {
+        PyErr_Format(PyExc_KeyError, "paging core: spec has no %s", key);
+        return -1;
+    }
+    if (c->n_views >= (int)(sizeof(c->views) / sizeof(c->views[0]))) {
+        PyErr_SetString(PyExc_RuntimeError, "paging core: too many arrays");
+        return -1;
+    }
+    Py_buffer *v = &c->views[c->n_views];
+    if (PyObject_GetBuffer(obj, v, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) < 0) return -1;
+    c->n_views++;
+    if (v->itemsize != itemsize || (n >= 0 && v->len != n * itemsize)) {
+        PyErr_Format(PyExc_ValueError, "paging core: %s has %zd bytes of items of %zd, want %zd of %zd", key,
+                     v->len, v->itemsize, n * itemsize, itemsize);
+        return -1;
+    }
+    *out = v->buf;
+    return 0;
+}
+
+static int get_i64(PyObject *spec, const char *key, int64_t *out) {
+    PyObject *obj = PyDict_GetItemString(spec, key);
+    if (obj == NULL) { PyErr_Format(PyExc_KeyError, "paging core: spec has no %s", key); return -1; }
+    long long v = PyLong_AsLongLong(obj);
+    if (v == -1 && PyErr_Occurred()) return -1;
+    *out = v;
+    return 0;
+}
+
+static int get_f64(PyObject *spec, const char *key, double *out) {
+    PyObject *obj = PyDict_GetItemString(spec, key);
+    if (obj == NULL) { PyErr_Format(PyExc_KeyError, "paging core: spec has no %s", key); return -1; }
+    double v = PyFloat_AsDouble(obj);
+    if (v == -1.0 && PyErr_Occurred()) return -1;
+    *out = v;
+    return 0;
+}
+
+static int check_names(PyObject *spec, const char *key, const char **names, int n) {
+    PyObject *obj = PyDict_GetItemString(spec, key);
+    if (obj == NULL || !PyTuple_Check(obj) || PyTuple_GET_SIZE(obj) != n) {
+        PyErr_Format(PyExc_ValueError, "paging core: %s must be a tuple of %d names", key, n);
+        return -1;
+    }
+    for (int k = 0; k < n; k++) {
+        const char *s = PyUnicode_AsUTF8(PyTuple_GET_ITEM(obj, k));
+        if (s == NULL) return -1;
+        if (strcmp(s, names[k]) != 0) {
+            PyErr_Format(PyExc_ValueError, "paging core: %s[%d] is %s, the core has %s (rebuild the extension)",
+                         key, k, s, names[k]);
+            return -1;
+        }
+    }
+    return 0;
+}
+
+static int Core_init(Core *c, PyObject *args, PyObject *kwds) {
+    PyObject *spec;
+    if (!PyArg_ParseTuple(args, "O!", &PyDict_Type, &spec)) return -1;
+    if (c->n_views) { PyErr_SetString(PyExc_RuntimeError, "paging core: already initialised"); return -1; }
+    if (check_names(spec, "counter_names", COUNTER_NAMES, N_COUNTERS) < 0) return -1;
+    if (check_names(spec, "ks_names", KS_NAMES, N_KS) < 0) return -1;
+    int64_t nf, np_, pk, lsr, pyh, dl, hl;
+    if (get_i64(spec, "n_frames", &nf) < 0 || get_i64(spec, "n_pages", &np_) < 0) return -1;
+    c->n_frames = nf;
+    c->n_pages = np_;
+    if (get_view(c, spec, "kind", 1, nf, (void **)&c->kind) < 0 ||
+        get_view(c, spec, "resident", 1, nf, (void **)&c->resident) < 0 ||
+        get_view(c, spec, "R", 1, nf, (void **)&c->R) < 0 ||
+        get_view(c, spec, "touched", 1, nf, (void **)&c->touched) < 0 ||
+        get_view(c, spec, "A", 1, nf, (void **)&c->A) < 0 ||
+        get_view(c, spec, "M", 1, nf, (void **)&c->M) < 0 ||
+        get_view(c, spec, "D", 1, nf, (void **)&c->D) < 0 ||
+        get_view(c, spec, "backed", 1, nf, (void **)&c->backed) < 0 ||
+        get_view(c, spec, "host_took", 1, nf, (void **)&c->host_took) < 0 ||
+        get_view(c, spec, "vpage", 8, nf, (void **)&c->vpage) < 0 ||
+        get_view(c, spec, "token", 8, nf, (void **)&c->token) < 0 ||
+        get_view(c, spec, "gpfn", 8, np_, (void **)&c->gpfn) < 0 ||
+        get_view(c, spec, "cached", 8, np_, (void **)&c->cached) < 0 ||
+        get_view(c, spec, "version", 8, np_, (void **)&c->version) < 0 ||
+        get_view(c, spec, "block", 8, np_, (void **)&c->block) < 0 ||
+        get_view(c, spec, "is_file", 1, np_, (void **)&c->is_file) < 0 ||
+        get_view(c, spec, "on_disk", 1, np_, (void **)&c->on_disk) < 0 ||
+        get_view(c, spec, "evicted", 1, np_, (void **)&c->evicted) < 0 ||
+        get_view(c, spec, "expect", 8, np_, (void **)&c->expect) < 0 ||
+        get_view(c, spec, "free_mask", 1, nf, (void **)&c->free_mask) < 0 ||
+        get_view(c, spec, "ks", 8, N_KS, (void **)&c->ks) < 0 ||
+        get_view(c, spec, "soft_prev", 8, nf, (void **)&c->soft_prev) < 0 ||
+        get_view(c, spec, "soft_next", 8, nf, (void **)&c->soft_next) < 0 ||
+        get_view(c, spec, "inval_gen", 8, nf, (void **)&c->inval_gen) < 0 ||
+        get_view(c, spec, "counters", 8, N_COUNTERS, (void **)&c->ctr) < 0 ||
+        get_view(c, spec, "vt", 8, 1, (void **)&c->vt) < 0 ||
+        get_view(c, spec, "swap_used", 8, 1, (void **)&c->swap_used) < 0 ||
+        get_view(c, spec, "ept_gs", 8, nf, (void **)&c->ept_gs) < 0 ||
+        get_view(c, spec, "ept_gen", 8, nf, (void **)&c->ept_gen) < 0 ||
+        get_view(c, spec, "hit_g", 8, WIN_MAX, (void **)&c->hit_g) < 0 ||
+        get_view(c, spec, "hit_w", 1, WIN_MAX, (void **)&c->hit_w) < 0)
+        return -1;
+    if (get_i64(spec, "swap_base", &c->swap_base) < 0 || get_i64(spec, "swap_slots", &c->swap_slots) < 0 ||
+        get_i64(spec, "fault_around", &c->fault_around) < 0 ||
+        get_f64(spec, "mem_ref_us", &c->mem_ref_us) < 0 || get_f64(spec, "minor_fault_us", &c->minor_fault_us) < 0 ||
+        get_i64(spec, "policy_kind", &pk) < 0 || get_i64(spec, "load_sets_r", &lsr) < 0 ||
+        get_i64(spec, "py_hits", &pyh) < 0 || get_i64(spec, "disk_local", &dl) < 0 ||
+        get_i64(spec, "hyp_local", &hl) < 0)
+        return -1;
+    if (pk < P_CLOCK || pk > P_PY) { PyErr_Format(PyExc_ValueError, "paging core: policy_kind %lld", (long long)pk); return -1; }
+    c->pkind = (int)pk;
+    c->load_sets_r = lsr != 0;
+    c->py_hits = pyh != 0;
+    c->disk_local = dl != 0;
+    c->hyp_local = hl != 0;
+    if (pk == P_CLOCK || pk == P_ESC || pk == P_FIFO)
+        if (get_view(c, spec, "pol_state", 8, 2, (void **)&c->pst) < 0) return -1;
+    if (pk == P_FIFO || pk == P_LRU)
+        if (get_view(c, spec, "pol_frames", 8, nf, (void **)&c->pframes) < 0) return -1;
+    if (pk == P_ESC)
+        if (get_view(c, spec, "esc_bits", 8, (nf + 63) / 64, (void **)&c->esc_bits) < 0) return -1;
+    if (c->disk_local) {
+        if (get_i64(spec, "n_blocks", &c->n_blocks) < 0 || get_i64(spec, "disk_queue_depth", &c->qd) < 0 ||
+            get_f64(spec, "disk_latency_us", &c->disk_latency_us) < 0 ||
+            get_f64(spec, "disk_bandwidth_bps", &c->disk_bandwidth_bps) < 0 ||
+            get_view(c, spec, "disk_tokens", 8, c->n_blocks, (void **)&c->disk_tokens) < 0 ||
+            get_view(c, spec, "disk_chan_free", 8, c->qd, (void **)&c->chan_free) < 0 ||
+            get_view(c, spec, "disk_acct", 8, 3, (void **)&c->disk_acct) < 0 ||
+            get_view(c, spec, "disk_io", 8, 4, (void **)&c->disk_io) < 0)
+            return -1;
+    }
+    PyObject *pol = PyDict_GetItemString(spec, "policy");
+    PyObject *lost = PyDict_GetItemString(spec, "lost_cb");
+    PyObject *hits = PyDict_GetItemString(spec, "hits_cb");
+    if (pol == NULL || lost == NULL || hits == NULL) {
+        PyErr_SetString(PyExc_KeyError, "paging core: spec needs policy, lost_cb and hits_cb");
+        return -1;
+    }
+    Py_INCREF(pol); c->policy = pol;
+    Py_INCREF(lost); c->lost_cb = lost;
+    Py_INCREF(hits); c->hits_cb = hits;
+    c->phase = PH_IDLE;
+    return 0;
+}
+
+static PyObject *Core_start(Core *c, PyObject *args) {
+    PyObject *pages, *writes, *deadline;
+    if (!PyArg_ParseTuple(args, "OOO", &pages, &writes, &deadline)) return NULL;
+    end_batch(c);
+    if (PyObject_GetBuffer(pages, &c->pages_view, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) < 0) return NULL;
+    if (PyObject_GetBuffer(writes, &c->writes_view, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) < 0) {
+        PyBuffer_Release(&c->pages_view);
+        return NULL;
+    }
+    Py_INCREF(pages); c->pages_obj = pages;
+    Py_INCREF(writes); c->writes_obj = writes;
+    c->have_batch = 1;
+    if (c->pages_view.itemsize != 8 || c->writes_view.itemsize != 1 ||
+        c->pages_view.len / 8 != c->writes_view.len) {
+        end_batch(c);
+        PyErr_SetString(PyExc_ValueError, "paging core: pages must be int64 and writes bool, of one length");
+        return NULL;
+    }
+    c->P = (const int64_t *)c->pages_view.buf;
+    c->W = (const uint8_t *)c->writes_view.buf;
+    c->n = c->pages_view.len / 8;
+    c->i = 0;
+    c->started_i = -1;
+    c->win = WIN_MIN;
+    if (deadline == Py_None) {
+        c->has_deadline = 0;
+    } else {
+        c->deadline = PyFloat_AsDouble(deadline);
+        if (c->deadline == -1.0 && PyErr_Occurred()) { end_batch(c); return NULL; }
+        c->has_deadline = 1;
+    }
+    for (int64_t j = 0; j < c->n; j++) {
+        if (c->P[j] < 0 || c->P[j] >= c->n_pages) {
+            long long bad = c->P[j];
+            end_batch(c);
+            PyErr_Format(PyExc_ValueError, "paging core: page %lld outside 0..%lld", bad, (long long)c->n_pages - 1);
+            return NULL;
+        }
+    }
+    if (c->pkind == P_ESC && c->pst[PS_DIRTY]) esc_rebuild(c);
+    c->phase = PH_RUN;
+    return drive(c);
+}
+
+static int expect_phase(Core *c, int phase, const char *what) {
+    if (c->phase != phase) {
+        PyErr_Format(PyExc_RuntimeError, "paging core: %s while not waiting for it (phase %d)", what, c->phase);
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *Core_resume_ept(Core *c, PyObject *args) {
+    PyObject *tokens;
+    double done;
+    if (!PyArg_ParseTuple(args, "Od", &tokens, &done)) return NULL;
+    if (expect_phase(c, PH_BACK_DONE, "resume_ept") < 0) return NULL;
+    Py_buffer v;
+    if (PyObject_GetBuffer(tokens, &v, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) < 0) return NULL;
+    if (v.itemsize != 8 || v.len != c->ept_n * 8) {
+        PyBuffer_Release(&v);
+        PyErr_Format(PyExc_ValueError, "paging core: EPT fault of %lld gpfns answered with %zd tokens",
+                     (long long)c->ept_n, v.len / (v.itemsize ? v.itemsize : 1));
+        return NULL;
+    }
+    int r = finish_back(c, (const uint64_t *)v.buf, done);
+    PyBuffer_Release(&v);
+    if (r < 0) { end_batch(c); return NULL; }
+    c->phase = c->back_cont;
+    return drive(c);
+}
+
+static PyObject *Core_resume_read(Core *c, PyObject *args) {
+    unsigned long long tok;
+    double done;
+    if (!PyArg_ParseTuple(args, "Kd", &tok, &done)) return NULL;
+    if (expect_phase(c, PH_READ_DONE, "resume_read") < 0) return NULL;
+    vt_max(c, done);
+    c->f_tok = tok;
+    return drive(c);
+}
+
+static PyObject *Core_resume_write(Core *c, PyObject *args) {
+    double done;
+    if (!PyArg_ParseTuple(args, "d", &done)) return NULL;
+    if (expect_phase(c, PH_EVICT_WROTE, "resume_write") < 0) return NULL;
+    vt_max(c, done);
+    c->phase = PH_AFTER_ALLOC;
+    return drive(c);
+}
+
+static PyObject *Core_resume_oom(Core *c, PyObject *noargs) {
+    if (expect_phase(c, PH_ALLOC, "resume_oom") < 0) return NULL;
+    c->f_oom_tried = 1;
+    return drive(c);
+}
+
+static PyObject *Core_abort(Core *c, PyObject *noargs) {
+    end_batch(c);
+    Py_RETURN_NONE;
+}
+
+static PyObject *Core_esc_rebuild(Core *c, PyObject *noargs) {
+    if (c->pkind == P_ESC) esc_rebuild(c);
+    Py_RETURN_NONE;
+}
+
+static int Core_traverse(Core *c, visitproc visit, void *arg) {
+    Py_VISIT(c->policy);
+    Py_VISIT(c->lost_cb);
+    Py_VISIT(c->hits_cb);
+    Py_VISIT(c->pages_obj);
+    Py_VISIT(c->writes_obj);
+    for (int k = 0; k < c->n_views; k++) Py_VISIT(c->views[k].obj);
+    return 0;
+}
+
+static int Core_clear(Core *c) {
+    end_batch(c);
+    for (int k = 0; k < c->n_views; k++) PyBuffer_Release(&c->views[k]);
+    c->n_views = 0;
+    Py_CLEAR(c->policy);
+    Py_CLEAR(c->lost_cb);
+    Py_CLEAR(c->hits_cb);
+    return 0;
+}
+
+static void Core_dealloc(Core *c) {
+    PyObject_GC_UnTrack(c);
+    Core_clear(c);
+    Py_TYPE(c)->tp_free((PyObject *)c);
+}
+
+static PyMethodDef Core_methods[] = {
+    {"start", (PyCFunction)Core_start, METH_VARARGS,
+     "start(pages int64, writes bool, deadline_us float|None) -> (op, a, b): run a batch until done or an await"},
+    {"resume_ept", (PyCFunction)Core_resume_ept, METH_VARARGS, "resume_ept(tokens uint64, done_vt_us)"},
+    {"resume_read", (PyCFunction)Core_resume_read, METH_VARARGS, "resume_read(token, done_vt_us)"},
+    {"resume_write", (PyCFunction)Core_resume_write, METH_VARARGS, "resume_write(done_vt_us)"},
+    {"resume_oom", (PyCFunction)Core_resume_oom, METH_NOARGS, "resume_oom(): the OOM hook ran, try again"},
+    {"abort", (PyCFunction)Core_abort, METH_NOARGS, "abort(): drop the batch in progress"},
+    {"esc_rebuild", (PyCFunction)Core_esc_rebuild, METH_NOARGS, "esc_rebuild(): recompute ESC's (0,0) bitmap"},
+    {NULL, NULL, 0, NULL}};
+
+static PyTypeObject CoreType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "balloonlab.guestd._paging.Core",
+    .tp_basicsize = sizeof(Core),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "The compiled paging core of one GuestKernel (see guestd/kernel.py).",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)Core_init,
+    .tp_dealloc = (destructor)Core_dealloc,
+    .tp_traverse = (traverseproc)Core_traverse,
+    .tp_clear = (inquiry)Core_clear,
+    .tp_methods = Core_methods,
+};
+
+static struct PyModuleDef paging_module = {
+    PyModuleDef_HEAD_INIT, "_paging", "The guest kernel's compiled paging core.", -1, NULL};
+
+PyMODINIT_FUNC PyInit__paging(void) {
+    if (PyType_Ready(&CoreType) < 0) return NULL;
+    PyObject *m = PyModule_Create(&paging_module);
+    if (m == NULL) return NULL;
+    Py_INCREF(&CoreType);
+    if (PyModule_AddObject(m, "Core", (PyObject *)&CoreType) < 0) { Py_DECREF(&CoreType); Py_DECREF(m); return NULL; }
+    PyObject *names = PyTuple_New(N_COUNTERS);
+    for (int k = 0; k < N_COUNTERS; k++) PyTuple_SET_ITEM(names, k, PyUnicode_FromString(COUNTER_NAMES[k]));
+    PyModule_AddObject(m, "COUNTER_NAMES", names);
+    PyObject *ks = PyTuple_New(N_KS);
+    for (int k = 0; k < N_KS; k++) PyTuple_SET_ITEM(ks, k, PyUnicode_FromString(KS_NAMES[k]));
+    PyModule_AddObject(m, "KS_NAMES", ks);
+    PyModule_AddIntConstant(m, "OP_DONE", OP_DONE);
+    PyModule_AddIntConstant(m, "OP_EPT", OP_EPT);
+    PyModule_AddIntConstant(m, "OP_READ", OP_READ);
+    PyModule_AddIntConstant(m, "OP_WRITE", OP_WRITE);
+    PyModule_AddIntConstant(m, "OP_NO_VICTIM", OP_NO_VICTIM);
+    PyModule_AddIntConstant(m, "OP_SWAP_FULL", OP_SWAP_FULL);
+    PyModule_AddIntConstant(m, "OP_BAD_BLOCK", OP_BAD_BLOCK);
+    PyModule_AddIntConstant(m, "P_CLOCK", P_CLOCK);
+    PyModule_AddIntConstant(m, "P_ESC", P_ESC);
+    PyModule_AddIntConstant(m, "P_FIFO", P_FIFO);
+    PyModule_AddIntConstant(m, "P_LRU", P_LRU);
+    PyModule_AddIntConstant(m, "P_PY", P_PY);
+    PyModule_AddIntConstant(m, "WIN_MIN", WIN_MIN);
+    PyModule_AddIntConstant(m, "WIN_MAX", WIN_MAX);
+    return m;
+}
