@@ -40,6 +40,7 @@ def _sources(dest: Path) -> None:
 
     shutil.copy(REPO / "pyproject.toml", dest)
     shutil.copy(REPO / "README.md", dest)
+    shutil.copy(REPO / "setup.py", dest)   # the compiled paging core's extension module
     _, package_dir = _declared()
     for folder in set(package_dir.values()):
         shutil.copytree(REPO / folder, dest / folder, ignore=shutil.ignore_patterns("__pycache__"))
@@ -58,6 +59,8 @@ def test_the_wheel_has_one_top_level_name_and_the_console_scripts(tmp_path: Path
     wheel = zipfile.ZipFile(tmp_path / "dist" / res.stdout.strip().splitlines()[-1])
     names = wheel.namelist()
     assert {n.split("/")[0] for n in names} == {"balloonlab", "balloonlab-0.2.0.dist-info"}
+    assert any(n.startswith("balloonlab/guestd/_paging") and n.endswith(".so") for n in names), \
+        "the compiled paging core is missing from the wheel"
     for module in ("balloonlab/api.py", "balloonlab/proto/plugins.py", "balloonlab/hostd/balloon/decision.py",
                    "balloonlab/sweep/cli.py", "balloonlab/analysis/tables.py", "balloonlab/scenarios/swap-storm.toml"):
         assert module in names, module
