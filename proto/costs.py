@@ -26,6 +26,10 @@ class CostModel:
     ept_fault_us: float = 5.0      # guest touches a gpfn the host has not backed
     hypercall_us: float = 2.0      # any other guest->host call
     page_copy_us: float = 1.0      # host copies one page from its disk cache
+    # Not charged yet by every part (0 keeps today's behaviour): the engine's calibration sets them.
+    page_zero_us: float = 0.0      # zero-filling a fresh page
+    balloon_page_us: float = 0.0   # one page inflated or deflated (guest allocator + host unmap)
+    cpu_us_per_ref: float = 0.0    # the workload's own CPU work per page-level reference
 
     @classmethod
     def from_mapping(cls, raw: Mapping[str, Any], where: str = "costs") -> "CostModel":

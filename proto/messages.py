@@ -8,7 +8,7 @@ views without copying.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import MISSING, dataclass, fields
 from enum import IntEnum
 from typing import Any, Callable, ClassVar
 
@@ -87,6 +87,7 @@ class Message:
     _FIELDS: ClassVar[tuple[tuple[str, Callable[[str, str, Any], Any]], ...]]
     _NAMES: ClassVar[tuple[str, ...]]
     _PAGE_FIELDS: ClassVar[tuple[str, ...]]
+    _OPTIONAL: ClassVar[frozenset[str]]
     __slots__ = ()
 
     def to_body(self) -> dict[str, Any]:
@@ -127,6 +128,8 @@ class Message:
         values = {}
         for key, kind in spec.items():
             if key not in body:
+                if key in cls._OPTIONAL:
+                    continue   # added to the protocol later, with a default: an older peer omits it
                 raise BadField(name, key, "missing field")
             values[key] = _check(name, key, kind, body[key])
         return cls(**values)
@@ -202,6 +205,7 @@ def _message(msg_type: MsgType | None, **spec: str):
         cls._FIELDS = tuple((name, _CHECKERS[kind]) for name, kind in spec.items())
         cls._NAMES = tuple(spec)
         cls._PAGE_FIELDS = tuple(name for name, kind in spec.items() if kind == _PAGES)
+        cls._OPTIONAL = frozenset(f.name for f in fields(cls) if f.default is not MISSING)
         if msg_type is not None:
             cls.TYPE = msg_type
         return cls
@@ -256,10 +260,14 @@ class RunEnd(Message):
 
 # --- memory -----------------------------------------------------------------
 
-@_message(MsgType.EPT_FAULT, gpfns=_PAGES, vt_us=_NUM)
+@_message(MsgType.EPT_FAULT, gpfns=_PAGES, vt_us=_NUM, fresh=_BIN)
 class EptFault(Message):
+    """Back ``gpfns``. ``fresh`` is ``np.packbits`` over them (``ceil(n/8)`` bytes, or empty: none):
+    a set bit says the guest overwrites that page entirely before reading it, so the host need
+    not restore its content (no swap-in read; token 0 comes back)."""
     gpfns: np.ndarray
     vt_us: float
+    fresh: bytes = b""
 
 
 @_message(MsgType.EPT_FAULT, tokens=_PAGES, done_vt_us=_NUM)
@@ -273,9 +281,13 @@ class Invalidate(Message):
     gpfns: np.ndarray
 
 
-@_message(MsgType.INVALIDATE, tokens=_PAGES)
+@_message(MsgType.INVALIDATE, tokens=_PAGES, labels=_BIN)
 class InvalidateReply(Message):
+    """The tokens the gpfns held. ``labels`` (``np.packbits`` over the gpfns, or empty) marks the
+    pages that were clean page cache in the guest: instrumentation only, so the host can attribute
+    its real swap I/O; the host never decides anything from it."""
     tokens: np.ndarray
+    labels: bytes = b""
 
 
 @_message(MsgType.BALLOON_TARGET, target_pages=_INT)

@@ -110,11 +110,26 @@ def test_unknown_field_is_rejected_and_named(cls: type[m.Message]) -> None:
 @pytest.mark.parametrize("cls", ALL_CLASSES, ids=lambda c: c.__name__)
 def test_every_missing_field_is_rejected_and_named(cls: type[m.Message]) -> None:
     for name in cls.SPEC:
+        if name in cls._OPTIONAL:
+            continue
         body = _valid_body(cls)
         del body[name]
         with pytest.raises(BadField, match="missing field") as info:
             cls.from_body(body)
         assert info.value.field == name
+
+
+def test_a_field_added_later_may_be_omitted_and_takes_its_default() -> None:
+    """Fields with a default came after version 1: an older peer's body without them still decodes."""
+    assert m.EptFault._OPTIONAL == {"fresh"} and m.InvalidateReply._OPTIONAL == {"labels"}
+    old = {"gpfns": m.pages_to_bytes([3, 4]), "vt_us": 1.0}
+    fault = m.EptFault.from_body(old)
+    assert fault.fresh == b"" and fault.gpfns.tolist() == [3, 4]
+    assert m.EptFault.from_body(old | {"fresh": b"\x80"}).fresh == b"\x80"
+    with pytest.raises(BadField, match="expected bin"):
+        m.EptFault.from_body(old | {"fresh": [1]})
+    assert m.InvalidateReply.from_body({"tokens": m.pages_to_bytes([9])}).labels == b""
+    assert all(not c._OPTIONAL for c in ALL_CLASSES if c not in (m.EptFault, m.InvalidateReply))
 
 
 @pytest.mark.parametrize("cls", ALL_CLASSES, ids=lambda c: c.__name__)
@@ -284,6 +299,8 @@ def render_messages() -> str:
             lines += ["| field | msgpack type | constraints |", "|---|---|---|"]
             for name, kind in cls.SPEC.items():
                 wire, rule = _WIRE[kind]
+                if name in cls._OPTIONAL:
+                    rule += "; optional (added later): omitted means empty"
                 lines.append(f"| `{name}` | {wire} | {rule} |")
     return "\n".join(lines)
 
