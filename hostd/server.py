@@ -12,11 +12,30 @@ After the last tick the host audits every guest's pages against its own
 books (``hostd.audit``) before it sends ``RunEnd``. A guest id whose session
 has been released may connect again (a restarted guest joins as a fresh
 guest); a live one may not.
+
+Nothing at the host waits on one peer without a bound:
+
+- liveness is by heartbeat (``proto.liveness``): a guest that sends nothing
+  for ``unresponsive_s`` (it does not even answer pings) is out of the
+  barrier; a guest that answers pings but does nothing else for
+  ``STUCK_FACTOR * unresponsive_s`` while the host owes it nothing is *cut
+  off* (``cut_off``): told ``RunEnd``, disconnected, its memory released;
+  the run goes on and reports it (``guests_cut_off``). A slow guest, on a
+  slow machine, is neither: the run only takes longer.
+- a connection must complete its handshake within ``HANDSHAKE_TIMEOUT_S``
+  with frames of at most ``PREAUTH_MAX_FRAME_BYTES``; at most
+  ``MAX_UNAUTHENTICATED`` wait at once, and one beyond that is closed the
+  moment it is accepted; a refused ``Hello`` is answered, then nothing
+  more from that connection is read, and it is closed;
+- the end of the run (audit, ``RunEnd``, closing) has deadlines, and a
+  termination signal ends the host within ``SIGNAL_GRACE_S`` whatever a
+  guest does (a second signal at once).
 """
 from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import time
 from typing import IO, Any
@@ -25,16 +44,19 @@ import structlog
 
 from balloonlab.proto import events as ev
 from balloonlab.proto.errors import ErrorCode, PeerClosed
+from balloonlab.proto.faultpoints import flush_log
+from balloonlab.proto.framing import DecodeLimits
 from balloonlab.proto.handshake import HandshakeError, check_hello
+from balloonlab.proto.liveness import LIVENESS_KEY, Heartbeat
 from balloonlab.proto.messages import Hello, MsgType, Ping, Pong, RunEnd, TickDone, TickStart, Welcome
-from balloonlab.proto.rpc import RpcConnection, RpcLimits
+from balloonlab.proto.rpc import ByteBudget, RpcConnection, RpcLimits, should_log_count
 from balloonlab.proto.locks import DEADLOCK_REASON, EXIT_DEADLOCK
 from balloonlab.proto.transport import Address, serve
 
 from .config import RunConfig
 from .audit import run_audit
 from .machine import Machine
-from .session import GuestConnection, GuestSession, SessionState
+from .session import GuestConnection, GuestSession, SessionState, check_tick_done
 from balloonlab.proto.faultpoints import PausePoints
 
 __all__ = ["Host"]
@@ -44,6 +66,21 @@ log = structlog.get_logger("hostd")
 HANDSHAKE_TIMEOUT_S = 10.0
 FIRST_TICK_GRACE_S = 10.0   # a guest's first tick may take this long before it counts as unresponsive
 MAX_UNAUTHENTICATED = 256
+PREAUTH_MAX_FRAME_BYTES = 16 * 1024     # a Hello is under 100 bytes; nothing bigger is read before it
+PREAUTH_DECODE = DecodeLimits(max_containers=8, max_container_len=16, max_str_bytes=1024)
+GUEST_DECODE = DecodeLimits()           # what one frame of an authenticated guest may decode to
+REQUEST_BYTES_PER_GUEST = 16 << 20      # frame bytes of one guest's requests in progress
+REQUEST_BYTES_TOTAL = 256 << 20         # ... and of every guest's together (one each always gets through)
+STUCK_FACTOR = 3.0                      # alive but doing nothing this many times unresponsive_s: cut off
+END_GRACE_S = 5.0                       # after RunEnd, guests have this long to close before they are cut
+SIGNAL_GRACE_S = 15.0                   # a stop signal ends the process within this, audit or not
+CUT_OFF_GRACE_S = 1.0                   # a cut-off guest's RunEnd gets this long to leave before the abort
+
+
+def default_limits() -> RpcLimits:
+    """The host's bounds on an authenticated guest connection (bytes per guest and in total)."""
+    return RpcLimits(max_incoming_bytes=REQUEST_BYTES_PER_GUEST, budget=ByteBudget(REQUEST_BYTES_TOTAL),
+                     decode=GUEST_DECODE)
 
 
 class Host:
@@ -53,7 +90,12 @@ class Host:
         self._token = token
         self.address = address
         self.progress_out = progress_out
-        self.limits = limits or RpcLimits()
+        self.limits = limits or default_limits()
+        # Before the handshake a connection may send only a small Hello: its frames are tiny, its
+        # requests one at a time, and none of the guests' shared byte budget is its.
+        self._preauth_limits = self.limits.replace(
+            max_frame_bytes=min(PREAUTH_MAX_FRAME_BYTES, self.limits.max_frame_bytes), decode=PREAUTH_DECODE,
+            max_incoming=4, max_incoming_bytes=PREAUTH_MAX_FRAME_BYTES, budget=None)
         self.sessions: dict[int, GuestSession] = {}     # active, by guest id
         self.gone: dict[int, str] = {}                   # guest id -> why it left (last time)
         self.rejoined: dict[int, int] = {}               # guest id -> times it connected again after leaving
@@ -69,6 +111,14 @@ class Host:
         self._stop_event: asyncio.Event | None = None
         self._last_progress_s = 0.0
         self.refused = 0
+        self.refused_by_code: dict[str, int] = {}        # refused connections and Hellos, by code
+        self.peer_events: dict[str, int] = {}            # frame_rejected, peer_error, ... of every connection
+        self.guests_cut_off: dict[int, str] = {}         # guest id -> why the host cut it off (last time)
+        self._signals = 0
+        self._last_join_s = time.monotonic()
+        self.heartbeat_s = min(1.0, max(0.05, cfg.unresponsive_s / 4))
+        if self.machine.locks is not None:   # a guest must not keep L_hostmem while others wait (ordered)
+            self.machine.locks.guard_holds(cfg.unresponsive_s, self.cut_off)
 
     # --- lifecycle ------------------------------------------------------------
 
@@ -77,7 +127,7 @@ class Host:
         self._all_connected = asyncio.Event()
         self._stop_event = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self.stop, f"signal {signal.Signals(sig).name}")
+            loop.add_signal_handler(sig, self._on_signal, sig)
         server, bound = await serve(self.address, self._new_connection)
         self.address = bound
         log.info(ev.RUN_STARTED, scenario=self.cfg.scenario, variant=self.cfg.variant, seed=self.cfg.seed,
@@ -94,19 +144,58 @@ class Host:
                 reason = await self._tick_loop()
             if not reason.startswith("signal") and reason != DEADLOCK_REASON:
                 # (after a deadlock the guests are stuck mid-tick, with shootdowns in flight: nothing to audit)
-                audit = await run_audit(self)
+                audit = await self._audit()
+                reason = self._stop_reason if (self._stop_reason or "").startswith("signal") else reason
         finally:
             await self._end_run(reason)
             server.close()
-            await server.wait_closed()
+            try:   # a connection that will not close must not hold the host (uvloop waits for them all)
+                await asyncio.wait_for(server.wait_closed(), 2.0)
+            except asyncio.TimeoutError:
+                pass
         log.info(ev.RUN_FINISHED, ticks=self.tick, vt_us=self.vt_us, wall_s=round(time.monotonic() - wall0, 3),
                  reason=reason, guests_lost=dict(sorted(self.gone.items())), refused=self.refused,
                  guests_rejoined=dict(sorted(self.rejoined.items())), audit_ok=audit["ok"],
-                 audit={k: v for k, v in audit.items() if k not in ("ok", "guests")}, **self.machine.final_metrics())
+                 audit={k: v for k, v in audit.items() if k not in ("ok", "guests")},
+                 guests_cut_off=dict(sorted(self.guests_cut_off.items())),
+                 refused_by_code=dict(sorted(self.refused_by_code.items())), peer_events=self._peer_event_totals(),
+                 **self.machine.final_metrics())
         self._emit({"finished": reason, "tick": self.tick, "vt_us": self.vt_us})
         if reason == DEADLOCK_REASON:
             return EXIT_DEADLOCK
         return 0 if reason in ("completed",) or reason.startswith("signal") else 1
+
+    def _on_signal(self, sig: int) -> None:
+        """First signal: end the run (RunEnd, logs closed). It ends within SIGNAL_GRACE_S; a second one ends it now."""
+        self._signals += 1
+        name = signal.Signals(sig).name
+        if self._signals == 1:
+            self.stop(f"signal {name}")
+            asyncio.get_running_loop().call_later(SIGNAL_GRACE_S, self._force_exit, name)
+        else:
+            self._force_exit(name)
+
+    def _force_exit(self, name: str) -> None:
+        log.error(ev.RUN_FINISHED, ticks=self.tick, vt_us=self.vt_us, reason=f"signal {name} (forced)",
+                  guests_lost=dict(sorted(self.gone.items())), forced=True,
+                  guests_cut_off=dict(sorted(self.guests_cut_off.items())))
+        self._emit({"finished": f"signal {name} (forced)", "tick": self.tick, "vt_us": self.vt_us})
+        flush_log()
+        os._exit(1)
+
+    async def _audit(self) -> dict[str, Any]:
+        """The end-of-run audit, unless a stop signal comes first (it is not worth the wait then)."""
+        assert self._stop_event is not None
+        audit = asyncio.ensure_future(run_audit(self))
+        stopped = asyncio.ensure_future(self._stop_event.wait())
+        try:
+            await asyncio.wait((audit, stopped), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopped.cancel()
+        if audit.done():
+            return audit.result()
+        audit.cancel()
+        return {"ok": None, "reason": f"not finished: {self._stop_reason}"}
 
     def stop(self, reason: str) -> None:
         if self._stop_reason is None:
@@ -120,13 +209,19 @@ class Host:
             self._barrier_done.set_result(None)
 
     async def _wait_for_guests(self) -> bool:
+        """Until every guest has said hello, or none has for ``connect_timeout_s`` (a slow start is still a start)."""
         assert self._all_connected is not None
-        try:
-            await asyncio.wait_for(self._all_connected.wait(), self.cfg.connect_timeout_s)
-        except asyncio.TimeoutError:
-            missing = sorted(self.cfg.guest_ids - set(self.sessions) - set(self.gone))
-            log.warning(ev.TICK_STALLED, tick=0, waited_s=self.cfg.connect_timeout_s, missing=missing,
-                        phase="connect")
+        while not self._all_connected.is_set():
+            left = self._last_join_s + self.cfg.connect_timeout_s - time.monotonic()
+            if left <= 0:
+                missing = sorted(self.cfg.guest_ids - set(self.sessions) - set(self.gone))
+                log.warning(ev.TICK_STALLED, tick=0, waited_s=self.cfg.connect_timeout_s, missing=missing,
+                            phase="connect")
+                break
+            try:
+                await asyncio.wait_for(self._all_connected.wait(), left)
+            except asyncio.TimeoutError:
+                pass
         return bool(self.sessions) and self._stop_reason is None
 
     async def _tick_loop(self) -> str:
@@ -163,25 +258,23 @@ class Host:
         if not self._barrier:
             return
         started = time.monotonic()
+        next_report = started + self.cfg.watchdog_s
         while True:
-            waited = time.monotonic() - started
-            bound = min(self._unresponsive_bound_s(gid) for gid in self._barrier)
-            timeout = self.cfg.watchdog_s if waited >= bound else min(self.cfg.watchdog_s, bound - waited)
+            now = time.monotonic()
+            wake = min([next_report, *(self._judgement_due(gid, started) for gid in self._barrier)])
             try:
-                await asyncio.wait_for(asyncio.shield(self._barrier_done), max(0.01, timeout))
+                await asyncio.wait_for(asyncio.shield(self._barrier_done), max(0.01, wake - now))
                 return
             except asyncio.TimeoutError:
-                waited = time.monotonic() - started
+                now = time.monotonic()
+                waited = now - started
                 missing = sorted(self._barrier)
-                log.warning(ev.TICK_STALLED, tick=tick, waited_s=round(waited, 3), missing=missing)
-                self._emit({"stalled": tick, "missing": missing, "waited_s": round(waited, 1)})
+                if now >= next_report:
+                    next_report = now + self.cfg.watchdog_s
+                    log.warning(ev.TICK_STALLED, tick=tick, waited_s=round(waited, 3), missing=missing)
+                    self._emit({"stalled": tick, "missing": missing, "waited_s": round(waited, 1)})
                 for gid in missing:
-                    bound = self._unresponsive_bound_s(gid)
-                    # A guest waiting for the host to answer it is not silent: the host may be
-                    # waiting for another guest. Once that one is marked, its shootdowns stop
-                    # blocking; only much later is a waiting guest given up on too.
-                    if waited >= bound and (not self._waits_for_host(gid) or waited >= 3 * bound):
-                        self._mark_unresponsive(gid)
+                    self._judge(gid, started)
                 if not self._barrier:
                     return
 
@@ -196,6 +289,43 @@ class Host:
         return (s is not None and getattr(s.conn, "in_progress", 0) > 0
                 and not self.machine.watchdog.pending(gid))
 
+    def _quiet_s(self, gid: int, started: float) -> tuple[float, float]:
+        """Wall seconds the guest has been silent, and inactive (only heartbeats), within this tick."""
+        s = self.sessions[gid]
+        loop_now = asyncio.get_running_loop().time()
+        since = loop_now - (time.monotonic() - started)   # the tick's start, on the loop's clock
+        return loop_now - max(s.conn.heard_at, since), loop_now - max(s.conn.active_at, since)
+
+    def _judgement_due(self, gid: int, started: float) -> float:
+        """When (time.monotonic) the barrier must next look at ``gid``: its silence or idleness bound."""
+        if gid not in self.sessions:
+            return time.monotonic()
+        silent, idle = self._quiet_s(gid, started)
+        bound = self._unresponsive_bound_s(gid)
+        # While the host owes it an answer it is not stuck; look again a little later.
+        stuck_in = bound / 4 if self._waits_for_host(gid) else STUCK_FACTOR * bound - idle
+        return time.monotonic() + max(0.0, min(bound - silent, max(stuck_in, 0.05)))
+
+    def _judge(self, gid: int, started: float) -> None:
+        """Liveness by heartbeat: a silent guest leaves the barrier; one alive but doing nothing is cut off.
+
+        Silent: nothing at all heard from it (not even an answer to a ping)
+        for ``unresponsive_s``: stopped, or its loop hung; it comes back when
+        it answers. Stuck: it answers pings but sends nothing else for
+        ``STUCK_FACTOR`` times that while the host owes it no answer. A guest
+        that is merely slow does neither: the tick waits for it.
+        """
+        if gid not in self.sessions:
+            self._barrier.discard(gid)
+            return
+        silent, idle = self._quiet_s(gid, started)
+        bound = self._unresponsive_bound_s(gid)
+        if silent >= bound:
+            self._mark_unresponsive(gid)
+        elif idle >= STUCK_FACTOR * bound and not self._waits_for_host(gid):
+            self.cut_off(gid, f"alive (it answers pings) but it sent nothing else for {idle:.0f} s "
+                              f"in tick {self.tick}, and the host owed it no answer")
+
     def _unresponsive_bound_s(self, gid: int) -> float:
         """How long the barrier waits for ``gid``: a guest's first tick includes its start-up, so it gets more."""
         s = self.sessions.get(gid)
@@ -209,42 +339,60 @@ class Host:
             return
         s.unresponsive = True
         self._barrier.discard(gid)
-        log.warning(ev.GUEST_UNRESPONSIVE, guest=gid, tick=self.tick, waited_s=self.cfg.unresponsive_s)
+        log.warning(ev.GUEST_UNRESPONSIVE, guest=gid, tick=self.tick, waited_s=self.cfg.unresponsive_s,
+                    silent_s=round(asyncio.get_running_loop().time() - s.conn.heard_at, 3))
         self.machine.guest_unresponsive(s)
 
     async def _end_run(self, reason: str) -> None:
+        """RunEnd to every guest; END_GRACE_S for them to close; then every connection is aborted.
+
+        ``notify`` never waits (a guest that does not read only fills its own
+        send buffer, bounded by ``hard_limit_bytes``), and a connection still
+        open at the deadline is aborted, not closed: a graceful close would
+        wait for a guest that reads nothing.
+        """
         for s in list(self.sessions.values()):
             s.state = SessionState.ENDING
+            if s.heartbeat is not None:
+                s.heartbeat.stop()
             try:
                 s.conn.notify(RunEnd(reason, self.tick))
             except PeerClosed:
                 pass
-        # Guests close on RunEnd; give them a moment, then close what is left.
-        deadline = time.monotonic() + 5.0
-        for s in list(self.sessions.values()):
-            try:
-                await asyncio.wait_for(s.conn.wait_closed(), max(0.05, deadline - time.monotonic()))
-            except asyncio.TimeoutError:
-                s.conn.close()
         for s in list(self._unauthenticated):
-            s.conn.close()
+            s.conn.abort()
+        waits = [asyncio.ensure_future(s.conn.wait_closed()) for s in self.sessions.values()]
+        if waits:
+            await asyncio.wait(waits, timeout=END_GRACE_S)
+            for w in waits:
+                w.cancel()
+        for s in list(self.sessions.values()):
+            s.conn.abort()
 
     # --- connections ----------------------------------------------------------
 
     def _new_connection(self) -> RpcConnection:
-        conn = GuestConnection(name="unauthenticated", limits=self.limits, on_close=self._conn_closed,
+        conn = GuestConnection(name="unauthenticated", limits=self._preauth_limits, on_close=self._conn_closed,
                                on_refused=self._on_refused)
         session = GuestSession(conn)
         conn.session = session  # type: ignore[attr-defined]
-        conn.requests = {MsgType.HELLO: lambda m: self._on_hello(session, m)}  # type: ignore[dict-item]
         if len(self._unauthenticated) >= MAX_UNAUTHENTICATED:
-            # Refuse at once; the connection is closed after the error is written.
-            asyncio.get_running_loop().call_soon(self._refuse_flood, conn)
+            # Closed the moment it is accepted, without a frame: an idle flood must not hold fds.
+            conn.refuse_at_once = True
+            self._count_refusal("OVERLOADED", f"more than {MAX_UNAUTHENTICATED} connections wait for their handshake")
+            return conn
+        conn.requests = {MsgType.HELLO: lambda m: self._on_hello(session, m)}  # type: ignore[dict-item]
         self._unauthenticated.add(session)
         # Cancelled once the handshake is over: a pending timer would keep the session alive for its 10 s.
         session.handshake_timer = asyncio.get_running_loop().call_later(
             HANDSHAKE_TIMEOUT_S, self._handshake_deadline, session)
         return conn
+
+    def _count_refusal(self, code: str, reason: str, **fields: Any) -> None:
+        """A connection or Hello refused: counted in full by code, logged at counts 1-10, 100, 1000, ..."""
+        n = self.refused_by_code[code] = self.refused_by_code.get(code, 0) + 1
+        if should_log_count(n):
+            log.warning(ev.GUEST_REFUSED, code=code, reason=reason, count=n, **fields)
 
     def _on_refused(self, conn: GuestConnection, code: int, msg_type: int, message: str) -> None:
         """Every error reply to a guest (or a would-be guest) is counted by its code and logged."""
@@ -252,17 +400,15 @@ class Host:
             name = MsgType(msg_type).name.lower()
         except ValueError:
             name = str(msg_type)
-        self.machine.count_rejection(getattr(conn, "session", None), name, code, message)
-
-    def _refuse_flood(self, conn: RpcConnection) -> None:
-        log.warning(ev.GUEST_REFUSED, code=ErrorCode.OVERLOADED.name, reason="too many unauthenticated connections")
-        conn.close()
+        session = getattr(conn, "session", None)
+        # Before the handshake there is no guest to count per: a flood over many connections is one flood.
+        self.machine.count_rejection(session if session is not None and session.guest_id is not None else None,
+                                     name, code, message)
 
     def _handshake_deadline(self, session: GuestSession) -> None:
         if session.state is SessionState.NEW:
-            log.warning(ev.GUEST_REFUSED, code="HANDSHAKE_TIMEOUT",
-                        reason=f"no hello within {HANDSHAKE_TIMEOUT_S:g} s")
-            session.conn.close()
+            self._count_refusal("HANDSHAKE_TIMEOUT", f"no hello within {HANDSHAKE_TIMEOUT_S:g} s")
+            session.conn.abort()
 
     def _on_hello(self, session: GuestSession, hello: Hello) -> Welcome:
         if session.state is not SessionState.NEW:
@@ -276,33 +422,51 @@ class Host:
             check_hello(hello, self._token, self.cfg.guest_ids, connected)
         except HandshakeError as exc:
             self.refused += 1
-            log.warning(ev.GUEST_REFUSED, guest=hello.guest_id, code=ErrorCode(exc.code).name, reason=exc.message)
-            # The error reply is written first, then the connection closes.
+            self._count_refusal(ErrorCode(exc.code).name, exc.message, guest=hello.guest_id)
+            # The error reply is written; whatever the peer pipelined behind this Hello is not
+            # read, let alone answered; then the connection closes.
+            session.conn.stop_receiving()
             asyncio.get_running_loop().call_soon(session.conn.close)
             raise
         gid = hello.guest_id
         self._unauthenticated.discard(session)
         if session.handshake_timer is not None:
             session.handshake_timer.cancel()
+        session.conn.authenticated(self.limits)   # full-size frames from now on
         session.guest_id = gid  # the machine's handlers are bound to it
         session.activate(gid, hello.pid, self.machine.request_handlers(session) | {MsgType.PING: _pong},
                          self._on_tick_done)
+        session.heartbeat = Heartbeat(session.conn, self.heartbeat_s)
+        session.heartbeat.start()
         self.sessions[gid] = session
         self.machine.guest_joined(session)
         if gid in self.gone:
             self.rejoined[gid] = self.rejoined.get(gid, 0) + 1
         log.info(ev.GUEST_CONNECTED, guest=gid, pid=hello.pid, rejoined=self.rejoined.get(gid, 0))
+        self._last_join_s = time.monotonic()
         if set(self.sessions) | set(self.gone) >= self.cfg.guest_ids and self._all_connected is not None:
             self._all_connected.set()
         spec = next(g for g in self.cfg.guests if g.guest_id == gid)
         config = dict(spec.config)
         config.update(seed=self.cfg.seed, costs=self.cfg.costs, disk=self.cfg.disk, locks=self.cfg.locks,
                       ticks=self.cfg.ticks, metrics_every_ticks=self.cfg.metrics_every_ticks)
+        # How this guest proves it is alive and judges whether we are (proto.liveness).
+        config[LIVENESS_KEY] = {"heartbeat_s": self.heartbeat_s, "host_silent_s": self.host_silent_s}
         return Welcome(self.cfg.run_id, self.tick, float(self.vt_us), self.cfg.tick_us, config)
+
+    @property
+    def host_silent_s(self) -> float:
+        """How long a guest waits without a sign of life from us before it gives up on the host."""
+        return max(60.0, 2 * self.cfg.unresponsive_s)
 
     def _on_tick_done(self, session: GuestSession, msg: TickDone) -> None:
         gid = session.guest_id
         assert gid is not None
+        # A TickDone is taken whole or refused whole, with an error frame naming why.
+        problem = check_tick_done(msg, self.cfg.tick_us, self.machine.specs[gid].ram_pages)
+        if problem is not None:
+            session.conn.send_error(MsgType.TICK_DONE, ErrorCode.BAD_FIELD, problem)
+            return
         if session.unresponsive:
             # Alive again (e.g. SIGCONT): its tick is late, but it is a sign of
             # life; it is back in the barrier from the next tick on.
@@ -324,11 +488,44 @@ class Host:
         if not self._barrier and self._barrier_done is not None and not self._barrier_done.done():
             self._barrier_done.set_result(None)
 
+    def cut_off(self, gid: int, reason: str) -> None:
+        """This guest alone stops: ``RunEnd`` to it, its connection closed, its memory released; the run goes on.
+
+        For a guest that is alive but stuck, or that holds what the others
+        need past a bound. Reported in ``run_finished.guests_cut_off`` (and
+        ``guests_lost``, with the reason).
+        """
+        s = self.sessions.get(gid)
+        if s is None or s.state is not SessionState.ACTIVE:
+            return
+        self.guests_cut_off[gid] = reason
+        s.disconnect_reason = f"cut off: {reason}"
+        log.warning(ev.GUEST_CUT_OFF, guest=gid, reason=reason, tick=self.tick)
+        self._emit({"guest_cut_off": gid, "tick": self.tick, "reason": reason})
+        if s.heartbeat is not None:
+            s.heartbeat.stop()
+        try:
+            s.conn.notify(RunEnd(f"cut off: {reason}", self.tick))
+        except PeerClosed:
+            pass
+        s.conn.stop_receiving()
+        s.conn.close()
+        asyncio.get_running_loop().call_later(CUT_OFF_GRACE_S, s.conn.abort)
+        self._barrier.discard(gid)
+        if not self._barrier and self._barrier_done is not None and not self._barrier_done.done():
+            self._barrier_done.set_result(None)
+
     def _conn_closed(self, conn: RpcConnection, exc: BaseException | None) -> None:
         session: GuestSession = conn.session  # type: ignore[attr-defined]
         self._unauthenticated.discard(session)
         if session.handshake_timer is not None:
             session.handshake_timer.cancel()
+            session.handshake_timer = None
+        if session.heartbeat is not None:
+            session.heartbeat.stop()
+        for name, n in conn.peer_events.items():
+            self.peer_events[name] = self.peer_events.get(name, 0) + n
+        conn.peer_events = {}
         gid = session.guest_id
         was = session.state
         session.state = SessionState.GONE
@@ -337,7 +534,7 @@ class Host:
         del self.sessions[gid]
         if was is SessionState.ENDING:
             return
-        reason = f"connection lost: {exc}" if exc else "connection closed"
+        reason = session.disconnect_reason or (f"connection lost: {exc}" if exc else "connection closed")
         self.gone[gid] = reason
         released = self.machine.guest_gone(session)
         log.warning(ev.GUEST_DISCONNECTED, guest=gid, reason=reason, tick=self.tick, **released)
@@ -347,6 +544,14 @@ class Host:
             self._barrier_done.set_result(None)
         if self._all_connected is not None and set(self.sessions) | set(self.gone) >= self.cfg.guest_ids:
             self._all_connected.set()
+
+    def _peer_event_totals(self) -> dict[str, int]:
+        """Every peer-caused event of the run, connections still open included (logged or not)."""
+        totals = dict(self.peer_events)
+        for s in list(self.sessions.values()) + list(self._unauthenticated):
+            for name, n in s.conn.peer_events.items():
+                totals[name] = totals.get(name, 0) + n
+        return dict(sorted(totals.items()))
 
     # --- progress for the launcher ----------------------------------------------
 
