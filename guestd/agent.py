@@ -134,10 +134,13 @@ class GuestAgent:
         assert self.heartbeat is not None
         if not isinstance(raw, dict):
             return
-        for key, attr in (("heartbeat_s", "interval_s"), ("host_silent_s", "silent_s")):
-            value = raw.get(key)
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < 1e6:
-                setattr(self.heartbeat, attr, float(value))
+
+        def value(key: str, default: float) -> float:
+            v = raw.get(key)
+            return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < 1e6 else default
+
+        self.heartbeat.configure(value("heartbeat_s", self.heartbeat.interval_s),
+                                 value("host_silent_s", self.heartbeat.silent_s))
 
     def _on_host_silent(self, quiet_s: float) -> None:
         """Not a word from the host (not even an answer to a ping) for this long: it is dead or stopped."""

@@ -53,6 +53,15 @@ class Heartbeat:
         self._handle: asyncio.TimerHandle | None = None
         self._ping: asyncio.Future | None = None
 
+    def configure(self, interval_s: float, silent_s: float) -> None:
+        """New bounds (e.g. what the host said in Welcome); pings go out at least thrice per silence bound."""
+        self.silent_s = silent_s
+        self.interval_s = min(interval_s, silent_s / 3) if silent_s > 0 else interval_s
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+            self.start()
+
     def start(self) -> None:
         if self._handle is None:
             self._handle = asyncio.get_running_loop().call_later(self.interval_s, self._beat)
