@@ -274,11 +274,11 @@ def test_idle_floods_pipelined_hellos_log_floods_and_a_stuck_guest() -> None:
     finally:
         h.close()
     assert "error" not in out, repr(out.get("error"))
-    assert out["pipelined"] == (1, BAD_TOKEN, True)   # the right Hello behind them was not read
+    assert out["pipelined"] == (1, BAD_TOKEN, True), out   # the right Hello behind them was not read
     print(f"600 idle connections: +{out['fds_with_600_idle']} host fds, {out['idle_closed']} closed by the host")
-    assert out["fds_with_600_idle"] <= 256 + 8 and 600 - 256 <= out["idle_closed"] < 600 - 200
-    assert out["stuck_end"] is not None and out["stuck_end"]["reason"].startswith("cut off: alive (it answers pings)")
-    assert 3.0 <= out["stuck_for_s"] < 30 and out["stuck_closed"]
+    assert out["fds_with_600_idle"] <= 256 + 8 and 600 - 256 <= out["idle_closed"] < 600 - 200, out
+    assert out["stuck_end"] is not None and out["stuck_end"]["reason"].startswith("cut off: alive (it answers pings)"), out
+    assert 3.0 <= out["stuck_for_s"] < 30 and out["stuck_closed"], out
     assert rc == 0
     fin = [e for e in events if e["event"] == "run_finished"][0]
     assert fin["reason"] == "completed" and fin["ticks"] == 60 and list(fin["guests_cut_off"]) == ["1"]
