@@ -526,6 +526,8 @@ class Host:
         for name, n in conn.peer_events.items():
             self.peer_events[name] = self.peer_events.get(name, 0) + n
         conn.peer_events = {}
+        session.heartbeat = None
+        conn.session = None   # type: ignore[attr-defined]  # no cycle: freed by its reference count
         gid = session.guest_id
         was = session.state
         session.state = SessionState.GONE

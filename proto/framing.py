@@ -70,24 +70,38 @@ def encode_frame(obj: Any, max_frame_bytes: int = MAX_FRAME_BYTES_DEFAULT) -> by
     return _HEADER.pack(len(body)) + body
 
 
+_PACKER_BUF_BYTES = 4096         # a Packer's buffer to start with (msgpack's default is 256 KiB)
+_PACKER_KEEP_BYTES = 64 * 1024   # after a bigger body the Packer is replaced: its buffer never shrinks
+
+
+def _packer() -> Any:
+    return msgpack.Packer(use_bin_type=True, buf_size=_PACKER_BUF_BYTES).pack
+
+
 class FrameEncoder:
     """``encode_frame`` with a reusable msgpack ``Packer``: one per connection.
 
     ``msgpack.packb`` builds a new Packer on every call, which costs more
     than packing a small envelope. A Packer is not thread-safe, hence one
-    per connection rather than one per module.
+    per connection rather than one per module. Its buffer grows to the
+    largest body it packed and stays that big, so after a big one it is
+    replaced: an idle connection holds 4 KiB here, not what it once sent
+    (a host with hundreds of connections, many of them short-lived, would
+    otherwise keep megabytes per connection).
     """
 
     __slots__ = ("max_frame_bytes", "_pack")
 
     def __init__(self, max_frame_bytes: int = MAX_FRAME_BYTES_DEFAULT) -> None:
         self.max_frame_bytes = max_frame_bytes
-        self._pack = msgpack.Packer(use_bin_type=True).pack
+        self._pack = _packer()
 
     def encode(self, obj: Any) -> bytes:
         """Pack ``obj`` and prefix its length; ``FrameTooLarge`` if the peer would refuse it."""
         body = self._pack(obj)
         size = len(body)
+        if size > _PACKER_KEEP_BYTES:
+            self._pack = _packer()
         if size > self.max_frame_bytes:
             raise FrameTooLarge(size, self.max_frame_bytes)
         return _HEADER.pack(size) + body

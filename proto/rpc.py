@@ -206,8 +206,15 @@ class RpcConnection(asyncio.Protocol):
             self._can_write.set()  # wake drainers; they will see the closed transport
         if self._closed is not None and not self._closed.done():
             self._closed.set_result(None)
-        if self.on_close is not None:
-            self.on_close(self, exc)
+        on_close, self.on_close = self.on_close, None
+        if on_close is not None:
+            on_close(self, exc)
+        # Handlers are closures over whoever owns this connection (a session that holds the
+        # connection in turn): drop them, so a closed connection is freed now, by its reference
+        # count, not at some later full collection of cyclic garbage.
+        self.requests = {}
+        self.notifications = {}
+        self._decoder = FrameDecoder(self.limits.max_frame_bytes, self.limits.decode)
 
     def pause_writing(self) -> None:
         assert self._can_write is not None
