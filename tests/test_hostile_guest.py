@@ -37,6 +37,8 @@ from tests.rawclient import (AUDIT, BAD_FIELD, BAD_FRAME, BAD_TOKEN, BALLOON_DEF
 
 pytestmark = pytest.mark.multiprocess
 
+KEEP_TOKEN = 0xFFFF_FFFF_FFFF_FFFF   # proto/README.md, "Content tokens": the guest keeps its own content
+
 TICKS = 14
 REAL = (0, 1)
 HOSTILE, NEIGHBOUR = 2, 3
@@ -112,6 +114,10 @@ def attacks_tick_1(g: RawGuest) -> None:
     r = g.results
     r["ept_out_of_range"] = g.code(EPT_FAULT, {"gpfns": pages(n + 5), "vt_us": 0.0})
     r["ept_ok"] = g.code(EPT_FAULT, {"gpfns": pages(0, 1, 2), "vt_us": 0.0})
+    r["ept_twice_in_a_batch"] = g.code(EPT_FAULT, {"gpfns": pages(4, 4), "vt_us": 0.0})
+    # Backed already: the host never took those frames, so it cannot know what the guest wrote since.
+    reply = g.c.call(EPT_FAULT, {"gpfns": pages(0, 1, 2), "vt_us": 0.0})
+    r["ept_already_backed"] = unpack_pages(reply[3]["tokens"]) if reply[0] == REPLY else reply[3]["code"]
     # A clock far ahead of everyone's: served last in virtual-time order, but served (no hang).
     r["ept_far_future"] = g.code(EPT_FAULT, {"gpfns": pages(3), "vt_us": 1e15})
     r["inflate_not_its_page"] = g.code(BALLOON_INFLATE, {"gpfns": pages(1 << 40), "vt_us": 0.0})
@@ -243,6 +249,7 @@ def test_every_attack_is_refused_with_its_code(hostile_run: Any) -> None:
     r = g.results
     expected = {
         "ept_out_of_range": OUT_OF_RANGE, "ept_ok": "ok", "ept_far_future": "ok", "inflate_not_its_page": OUT_OF_RANGE,
+        "ept_twice_in_a_batch": BAD_FIELD, "ept_already_backed": [KEEP_TOKEN] * 3,
         "inflate_twice_in_a_batch": BAD_FIELD, "inflate_ok": "ok", "inflate_again": INVALID_STATE,
         "deflate_never_inflated": INVALID_STATE, "touch_ballooned": INVALID_STATE,
         "disk_out_of_range": OUT_OF_RANGE, "disk_tokens_mismatch": BAD_FIELD, "disk_same_block_twice": BAD_FIELD,
@@ -283,8 +290,8 @@ def test_each_refusal_is_counted_per_code_and_logged(hostile_run: Any) -> None:
     # and a second TickDone for tick 1 (the absurd one had counted).
     exact = {"OUT_OF_RANGE": 3, "INVALID_STATE": 4, "UNKNOWN_TYPE": 3, "NOT_AUTHENTICATED": 2,
              "DUPLICATE_GUEST": 1, "BAD_TOKEN": 1, "UNKNOWN_GUEST": 1, "VERSION_MISMATCH": 1, "BAD_FRAME": 2,
-             # 5 bad requests, 5 TickDones refused whole, the absurd stats
-             "BAD_FIELD": 11, "OVERLOADED": flood}
+             # 6 bad requests, 5 TickDones refused whole, the absurd stats
+             "BAD_FIELD": 12, "OVERLOADED": flood}
     assert counted == exact
     rejected = [e for e in hostile_run["h"].events("request_rejected")]
     logged = Counter(e["code"] for e in rejected)
