@@ -25,6 +25,7 @@ import numpy as np
 from balloonlab.proto import events as ev
 
 from .compare import Column, compare_table, format_value
+from .summary import baseline_variant
 from .logs import VariantLogs, event_vt_us, find_variants, load_variant
 
 __all__ = ["write_report", "write_report_full", "render_report", "notable_events", "evidence", "variant_order",
@@ -408,7 +409,9 @@ def render_report(run_dir: Path, summary: dict[str, Any], logs: Sequence[Variant
                    f"{v.get('wall_s', '?')} wall s; "
                    f"requests in {v.get('request_order', 'arrival')} order"
                    + (" (reproducible)" if v.get("request_order") == "virtual-time" else "")
-                   + f"; ended: {v.get('reason', '?')}")
+                   + f"; ended: {v.get('reason', '?')}"
+                   + (f"; **{v['status']}**: " + "; ".join(v.get("status_reasons") or [])
+                      if v.get("status") not in (None, "completed") else ""))
     bad = int(summary.get("bad_log_lines", 0) or 0)
     if bad:
         detail = "; ".join(f"{v.name}: " + ", ".join(f"{f} {k}" for f, k in v.bad_by_file.items())
@@ -424,13 +427,17 @@ def render_report(run_dir: Path, summary: dict[str, Any], logs: Sequence[Variant
     out.append("")
 
     out += ["## Variants side by side", ""]
-    columns = [Column(n, variants[n], 0 if i else None) for i, n in enumerate(names)]
+    base = baseline_variant(names, variants)   # a variant that lost guests is no yardstick
+    base_i = names.index(base) if base is not None else None
+    columns = [Column(n, variants[n], None if i == base_i else base_i) for i, n in enumerate(names)]
     table, _ = compare_table(columns)
     if len(names) > 1:
-        out.append(f"Ratios in parentheses are against `{names[0]}`. ↓: lower is better; ↑: higher is better.")
+        out.append(f"Ratios in parentheses are against `{base}` (the first variant that completed). ↓: lower is "
+                   f"better; ↑: higher is better." if base is not None else
+                   "No ratios: no variant completed (see each one's status).")
         out.append("")
     out += [table, ""]
-    out += [_reading(names, variants), ""] if len(names) > 1 else []
+    out += [_reading([base, *(n for n in names if n != base)], variants), ""] if len(names) > 1 and base else []
     across = [p for p in plots if p.variant is None]
     if across:
         out += [_plot_links(across, run_dir), ""]

@@ -20,7 +20,7 @@ from .logs import VariantLogs, find_variants, iter_events, load_variant
 from .pathologies import pathology_lines, pathology_metrics
 
 __all__ = ["summarize", "summarize_variant", "reclaim_metrics", "lock_metrics", "format_lock_table", "reliability_metrics",
-           "event_counts", "write_summary", "format_table", "run_status", "STATUSES"]
+           "event_counts", "write_summary", "format_table", "run_status", "STATUSES", "baseline_variant"]
 
 STATUSES = ("completed", "degraded", "failed", "deadlocked", "interrupted")
 """A variant's ``status``: ran to its end with every guest and nothing wrong; ran to its end but lost or
@@ -171,6 +171,17 @@ def run_status(v: dict[str, Any], finished: dict[str, Any]) -> tuple[str, list[s
         problems = v.get("audit_problems") or [str((finished.get("audit") or {}).get("reason", "not audited"))]
         why.append("the end-of-run audit failed: " + "; ".join(problems[:3]))
     return ("degraded", why) if why else ("completed", [])
+
+
+def baseline_variant(names: list[str], variants: dict[str, dict[str, Any]]) -> str | None:
+    """The variant others are compared against: the first that completed (never a degraded or failed one).
+
+    Summaries written before ``status`` existed count as completed.
+    """
+    for n in names:
+        if variants[n].get("status", "completed") == "completed":
+            return n
+    return None
 
 
 def reliability_metrics(v: VariantLogs, finished: dict[str, Any]) -> dict[str, Any]:
