@@ -68,8 +68,9 @@ def parse_args(argv: list[str] | None, prog: str = "balloonlab-launch") -> argpa
     ap.add_argument("--transport", choices=["unix", "tcp"], default="unix")
     ap.add_argument("--address", help="where the host listens (unix:PATH or tcp://HOST:PORT, port 0: any); "
                     "default a socket in the run directory, or tcp://127.0.0.1:0 with --transport tcp")
-    ap.add_argument("--external-guests", type=_ids, default=[], metavar="IDS",
-                    help="guest ids (0,2 or 'all') the launcher does not start: it prints how they join")
+    ap.add_argument("--external-guests", "--join", dest="external_guests", type=_ids, default=[], metavar="IDS",
+                    help="guest ids (0,2 or 'all') the launcher does not start: it prints how they join "
+                    "(address, credential file, command line) and writes join.json")
     ap.add_argument("--join-timeout", type=float, default=JOIN_TIMEOUT_S, metavar="S",
                     help=f"how long the host waits for the next guest to join (default {JOIN_TIMEOUT_S:g} s "
                     "with external guests)")
