@@ -112,7 +112,7 @@ class Host:
         self._last_progress_s = 0.0
         self.refused = 0
         self.refused_by_code: dict[str, int] = {}        # refused connections and Hellos, by code
-        self.peer_events: dict[str, int] = {}            # frame_rejected, peer_error, ... of every connection
+        self.peer_events: dict[str, int] = {}            # frame_rejected, peer_error, ... of every connection (shared)
         self.guests_cut_off: dict[int, str] = {}         # guest id -> why the host cut it off (last time)
         self._signals = 0
         self._last_join_s = time.monotonic()
@@ -373,7 +373,7 @@ class Host:
 
     def _new_connection(self) -> RpcConnection:
         conn = GuestConnection(name="unauthenticated", limits=self._preauth_limits, on_close=self._conn_closed,
-                               on_refused=self._on_refused)
+                               on_refused=self._on_refused, shared_events=self.peer_events)
         session = GuestSession(conn)
         conn.session = session  # type: ignore[attr-defined]
         if len(self._unauthenticated) >= MAX_UNAUTHENTICATED:
@@ -523,9 +523,6 @@ class Host:
             session.handshake_timer = None
         if session.heartbeat is not None:
             session.heartbeat.stop()
-        for name, n in conn.peer_events.items():
-            self.peer_events[name] = self.peer_events.get(name, 0) + n
-        conn.peer_events = {}
         session.heartbeat = None
         conn.session = None   # type: ignore[attr-defined]  # no cycle: freed by its reference count
         gid = session.guest_id
@@ -548,12 +545,8 @@ class Host:
             self._all_connected.set()
 
     def _peer_event_totals(self) -> dict[str, int]:
-        """Every peer-caused event of the run, connections still open included (logged or not)."""
-        totals = dict(self.peer_events)
-        for s in list(self.sessions.values()) + list(self._unauthenticated):
-            for name, n in s.conn.peer_events.items():
-                totals[name] = totals.get(name, 0) + n
-        return dict(sorted(totals.items()))
+        """Every peer-caused event of the run, over all connections (logged or not)."""
+        return dict(sorted(self.peer_events.items()))
 
     # --- progress for the launcher ----------------------------------------------
 

@@ -142,7 +142,8 @@ class GuestConnection(RpcConnection):
         return self._incoming
 
     def send_error(self, msg_type: int, code: int, message: str) -> None:
-        """An error tied to no request (id 0), e.g. about a bad notification."""
+        """An error tied to no request (id 0), e.g. about a bad notification; it is not activity."""
+        self._active = False   # a refused TickDone must not keep a stuck guest looking busy
         self._send_error(0, int(msg_type), int(code), message)
 
     def _send_error(self, req_id: int, msg_type: int, code: int, message: str) -> None:

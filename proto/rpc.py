@@ -22,11 +22,14 @@ bounded by ``DecodeLimits``.
 Liveness is not a per-call timeout: calls wait as long as the peer is alive
 (``proto.liveness.Heartbeat`` proves it), unless the caller gives a timeout.
 ``heard_at`` is when the peer last sent anything, ``active_at`` when it last
-sent something other than a heartbeat.
+sent a message that was served: a request or notification its handler
+took, an answer to one of ours -- not a heartbeat, not garbage or refusals.
 
 Events a peer causes (bad frames, error frames, failed handlers) are
 counted in full (``peer_events``) and logged only at counts 1-10, 100,
-1000, ...: a flood must not flood the log.
+1000, ...: a flood must not flood the log. A server shares one count over
+all its connections (``shared_events``), so that many connections cannot
+each log their first ten.
 """
 from __future__ import annotations
 
@@ -136,7 +139,8 @@ class RpcConnection(asyncio.Protocol):
     def __init__(self, *, name: str = "peer", limits: RpcLimits | None = None,
                  requests: Mapping[MsgType, RequestHandler] | None = None,
                  notifications: Mapping[MsgType, NotifyHandler] | None = None,
-                 on_close: Callable[["RpcConnection", BaseException | None], None] | None = None) -> None:
+                 on_close: Callable[["RpcConnection", BaseException | None], None] | None = None,
+                 shared_events: dict[str, int] | None = None) -> None:
         self.name = name
         self.limits = limits or RpcLimits()
         self.requests: dict[MsgType, RequestHandler] = dict(requests or {})
@@ -166,7 +170,7 @@ class RpcConnection(asyncio.Protocol):
         self._incoming = 0
         self._incoming_bytes = 0          # frame bytes of the peer's requests in progress
         self._receiving = True            # False once we stopped listening (stop_receiving)
-        self._active = False              # a frame other than a heartbeat in the current batch
+        self._active = False              # a message was served in the current batch (not a heartbeat, not garbage)
         self.heard_at = 0.0               # loop time the peer last sent anything
         self.active_at = 0.0              # ... anything but a heartbeat (Ping or its Pong)
         self._tasks: set[asyncio.Task] = set()
@@ -179,6 +183,8 @@ class RpcConnection(asyncio.Protocol):
         self.errors_received = 0
         self.stray_replies = 0
         self.peer_events: dict[str, int] = {}   # event name -> times this peer caused it (logged or not)
+        # The same over every connection of a server, if it keeps one; logging follows this count.
+        self.shared_events = shared_events
 
     # --- asyncio.Protocol ---------------------------------------------------
 
@@ -269,14 +275,10 @@ class RpcConnection(asyncio.Protocol):
                         self._on_reply(_REPLY, req_id, body)
                         continue
                     if kind == _REQUEST and type(kind) is int and req_id > 0:
-                        if raw_type != _PING:
-                            self._active = True
                         self._on_request(req_id, raw_type, body, size)
                         continue
-                self._active = True
                 self._dispatch(item, size)
                 continue
-            self._active = True
             if isinstance(item, FrameTooLarge):
                 self._send_error(0, 0, ErrorCode.BAD_FRAME, str(item))
                 self.peer_event("frame_rejected", reason=str(item))
@@ -296,8 +298,11 @@ class RpcConnection(asyncio.Protocol):
         return None  # close our side too
 
     def peer_event(self, event: str, level: str = "warning", **fields: Any) -> None:
-        """Count an event this peer caused; log it only at counts 1-10, 100, 1000, ..."""
+        """Count an event this peer caused; log it only at counts 1-10, 100, 1000, ... (of all peers, if shared)."""
         n = self.peer_events[event] = self.peer_events.get(event, 0) + 1
+        shared = self.shared_events
+        if shared is not None:
+            n = shared[event] = shared.get(event, 0) + 1
         if should_log_count(n):
             getattr(log, level)(event, peer=self.name, count=n, **fields)
 
@@ -576,6 +581,8 @@ class RpcConnection(asyncio.Protocol):
             self._release(size)
             self._send_error(req_id, raw_type, exc.code, str(exc))
             return
+        if raw_type != _PING:
+            self._active = True
         try:
             result = handler(msg)
         except Exception as exc:
@@ -640,7 +647,6 @@ class RpcConnection(asyncio.Protocol):
     def _on_reply(self, kind: int, req_id: int, body: Any) -> None:
         entry = self._pending.pop(req_id, None)
         if entry is None:
-            self._active = True
             if kind == _ERROR:
                 self.errors_received += 1
                 self._log_peer_error(body)
@@ -684,6 +690,7 @@ class RpcConnection(asyncio.Protocol):
         except MessageError as exc:
             self._send_error(0, raw_type, exc.code, str(exc))
             return
+        self._active = True
         try:
             result = handler(msg)
         except Exception as exc:

@@ -39,7 +39,7 @@ import pytest
 
 from balloonlab.analysis.summary import summarize
 from tests.rawclient import (BAD_FRAME, BAD_TOKEN, ERROR, HELLO, NOTIFY, OVERLOADED, PING, REPLY, REQUEST, RUN_END,
-                             TICK_START, HostProcess, RawClient, guest_token, pages, run_config)
+                             TICK_DONE, TICK_START, HostProcess, RawClient, guest_token, pages, run_config)
 
 pytestmark = pytest.mark.multiprocess
 
@@ -106,7 +106,16 @@ def _lock_attacker(h: HostProcess, out: dict[str, Any]) -> None:
         body = b"".join(_frame([REQUEST, first + i, DISK_WRITE, {"blocks": block, "tokens": block, "vt_us": 0.0}])
                         for i in range(WRITES))
         c.next_id += WRITES
-        sender = threading.Thread(target=c.sock.sendall, args=(body,), daemon=True)
+        c.answer_pings = False   # one writer at a time on the socket: a Pong must not land inside a write
+
+        def send_all() -> None:
+            try:
+                c.sock.sendall(body)
+                out["all_sent"] = True
+            except OSError:      # cut off before it was all read (a slow, loaded machine)
+                out["all_sent"] = False
+
+        sender = threading.Thread(target=send_all, daemon=True)
         sender.start()
         codes: Counter = Counter()
         end = None
@@ -156,20 +165,23 @@ def test_memory_is_bounded_in_bytes_and_a_kept_lock_is_revoked() -> None:
     finally:
         h.close()
     assert "error" not in out, repr(out.get("error"))
+    assert out.get("codes"), [e for e in events if e.get("guest") == 1 or e["event"] in ("guest_cut_off", "lock_revoked")]
     growth_mib = (max(rss.samples) - base_kib) / 1024
     print(f"host RSS {base_kib / 1024:.1f} MiB at the start, peak {max(rss.samples) / 1024:.1f} MiB "
           f"(+{growth_mib:.1f}) under a 4 MiB bomb and {WRITES} x 4 MiB writes; codes {dict(out['codes'])}")
     assert growth_mib < RSS_BOUND_MIB
     assert out["bomb_before_hello"] == (BAD_FRAME, True)
     assert out["bomb_after_hello"] == BAD_FRAME
-    # At most 16 MiB of its requests in progress: 4 writes held, the rest refused at once.
-    assert out["codes"][OVERLOADED] >= WRITES - 4 and sum(out["codes"].values()) <= WRITES
+    # At most 16 MiB of its requests in progress: 4 writes held, the rest refused at once (all of them, if
+    # the host read them all before it cut the attacker off; on a loaded machine it may not have).
+    assert set(out["codes"]) == {OVERLOADED} and sum(out["codes"].values()) <= WRITES, out["codes"]
+    assert out["codes"][OVERLOADED] >= (WRITES - 4 if out["all_sent"] else 10), (out["codes"], out["all_sent"])
     assert out["end"] is not None and out["end"]["reason"].startswith("cut off: held L_hostmem@host for ")
     assert 2.0 <= out["cut_off_after_s"] < 20
     assert rc == 0
     fin = [e for e in events if e["event"] == "run_finished"][0]
     assert fin["reason"] == "completed" and fin["ticks"] == 60 and fin["invariant_violations"] == 0
-    assert list(fin["guests_cut_off"]) == ["1"] and fin["rejected_requests"]["OVERLOADED"] >= WRITES - 4
+    assert list(fin["guests_cut_off"]) == ["1"] and fin["rejected_requests"]["OVERLOADED"] >= out["codes"][OVERLOADED]
     assert [e["guest"] for e in events if e["event"] == "lock_revoked"] == [1]
     assert done and done[0]["ticks"] == 60 and done[0]["stats"]["lost_pages"] == 0
     assert summary["status"] == "degraded" and summary["status_reasons"][0].startswith("guest 1 cut off: held L_hostmem")
@@ -183,15 +195,27 @@ def _fds(pid: int) -> int:
 
 
 def _stuck_guest(h: HostProcess, out: dict[str, Any]) -> None:
-    """Answers pings (RawClient does), plays tick 0, never finishes tick 1."""
+    """Answers pings (RawClient does), plays tick 0, never finishes tick 1: it only sends garbage and bad TickDones."""
     try:
         c = h.client()
         assert c.hello(1)[0] == REPLY
+        ram = h.config["guests"][1]["ram_pages"]
         t = _wait_tick_start(c)
-        c.tick_done(t["tick"], t["vt_us"] + t["tick_us"], h.config["guests"][1]["ram_pages"])
-        _wait_tick_start(c)
+        c.tick_done(t["tick"], t["vt_us"] + t["tick_us"], ram)
+        t = _wait_tick_start(c)
         t0 = time.monotonic()
-        end = c.recv_until(lambda f: f[0] == NOTIFY and f[2] == RUN_END, 60)
+        end = None
+        out["stuck_garbage"] = 0
+        while time.monotonic() - t0 < 60:
+            c.send_bytes(b"\xc1")                                   # garbage is no sign of work
+            out["stuck_garbage"] += 1
+            c.notify(TICK_DONE, {"tick": t["tick"], "vt_us": t["vt_us"] + t["tick_us"], "stats": {},
+                                 "accessed": b"", "dirty": b""})      # nor is a TickDone the host refuses
+            try:
+                end = c.recv_until(lambda f: f[0] == NOTIFY and f[2] == RUN_END, 0.3)
+                break
+            except AssertionError:   # nothing yet: keep pretending
+                continue
         out["stuck_end"] = end[3] if end else None
         out["stuck_for_s"] = time.monotonic() - t0
         out["stuck_closed"] = c.closed(10)
@@ -255,6 +279,10 @@ def test_idle_floods_pipelined_hellos_log_floods_and_a_stuck_guest() -> None:
         out["idle_closed"] = _count_closed(idle, 2.0)
         for s in idle:
             s.close()
+        deadline = time.monotonic() + 20   # until the host has seen them go (else the next is over the limit too)
+        while _fds(pid) > base_fds + 8:
+            assert time.monotonic() < deadline, f"the host still holds {_fds(pid) - base_fds} more fds"
+            time.sleep(0.02)
         # 10,000 error frames and 10,000 garbage frames before any handshake.
         flood = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         flood.connect(h.sock)
@@ -283,11 +311,15 @@ def test_idle_floods_pipelined_hellos_log_floods_and_a_stuck_guest() -> None:
     fin = [e for e in events if e["event"] == "run_finished"][0]
     assert fin["reason"] == "completed" and fin["ticks"] == 60 and list(fin["guests_cut_off"]) == ["1"]
     # Counts complete, log lines few.
-    assert fin["peer_events"]["peer_error"] == 10_000 and fin["peer_events"]["frame_rejected"] == 10_000
-    assert fin["rejected_requests"]["BAD_FRAME"] == 10_000
+    garbage = out["stuck_garbage"]   # the stuck guest's own garbage frames, one per 0.3 s
+    assert fin["peer_events"]["peer_error"] == 10_000 and fin["peer_events"]["frame_rejected"] == 10_000 + garbage
+    assert fin["rejected_requests"]["BAD_FRAME"] == 10_000 + garbage and garbage >= 5
     assert fin["refused_by_code"]["OVERLOADED"] >= 600 - 256 and fin["refused_by_code"]["BAD_TOKEN"] == 1
     logged = Counter(e["event"] for e in events)
-    assert logged["peer_error"] <= 13 and logged["frame_rejected"] <= 13 and logged["request_rejected"] <= 20
+    # One count over every connection: the flood's and the stuck guest's frames share their 1-10, 100, ...
+    # (refusals of requests are logged per guest and reason: 10 each for the stuck guest's two kinds,
+    # 13 for the flood's before any handshake, one for the refused Hello)
+    assert logged["peer_error"] == 13 and logged["frame_rejected"] == 13 and logged["request_rejected"] <= 40
     assert logged["guest_refused"] <= 30
     assert done and done[0]["ticks"] == 60 and done[0]["stats"]["lost_pages"] == 0
 
