@@ -55,6 +55,7 @@ from typing import Any, Awaitable, Callable, NamedTuple, Protocol
 import numpy as np
 
 from balloonlab.proto.costs import CostModel, DiskProfile
+from balloonlab.proto.tokens import KEEP_TOKEN
 
 from .errors import (BadBatch, BalloonLimit, DuplicateGuest, HostOutOfMemory, InvalidState,
                      InvariantViolation, UnknownGuest)
@@ -265,14 +266,17 @@ class HostMemory:
     async def ept_fault(self, guest_id: int, gpfns: np.ndarray | bytes, vt_us: float) -> tuple[np.ndarray, float]:
         """Back ``gpfns``; returns their content tokens (0 = fresh zero page) and the completion time.
 
-        Already backed gpfns just return the token the host stored (idempotent).
-        A ballooned gpfn is refused: the guest must deflate it first.
+        A gpfn already backed gets ``KEEP_TOKEN``: its frame was never taken,
+        so its content is what the guest last wrote, which the host does not
+        know (the token stored when it backed the frame is stale). The same
+        gpfn twice is refused (``BAD_FIELD``), as is a ballooned one: the
+        guest must deflate it first.
         """
         g = self._guest(guest_id)
         one = one_page_number(gpfns, guest_id, "gpfn", g.p2m.guest_pages)
         if one is not None:
             return await self._ept_fault_one(g, one, vt_us)
-        gpfns = as_page_numbers(gpfns, guest_id, "gpfn", g.p2m.guest_pages)
+        gpfns = as_page_numbers(gpfns, guest_id, "gpfn", g.p2m.guest_pages, unique=True)
         uniq = unique_pages(gpfns)
         start_us = float(vt_us)
         tried = False
@@ -321,7 +325,10 @@ class HostMemory:
         c.swap_in_pages += int(swapped.size)
         gc.swap_in_pages += int(swapped.size)
         gc.ept_fault_swapins += int(swapped.size)
-        return self.pool.token[g.p2m.loc[gpfns]], done_us
+        tokens = self.pool.token[g.p2m.loc[gpfns]]
+        if todo.size != uniq.size:   # some were backed already: the guest holds their content, not us
+            tokens[np.isin(gpfns, uniq[backed])] = KEEP_TOKEN
+        return tokens, done_us
 
     async def _ept_fault_one(self, g: _Guest, gpfn: int, vt_us: float) -> tuple[np.ndarray, float]:
         """``ept_fault`` of one gpfn, in scalars: the same books, the same frame, the same times."""
@@ -381,6 +388,8 @@ class HostMemory:
             c.swap_in_pages += 1
             gc.swap_in_pages += 1
             gc.ept_fault_swapins += 1
+        if backed:   # the guest holds its content, not us (see ept_fault)
+            return np.array((KEEP_TOKEN,), np.uint64), done_us
         f = int(p2m.loc[gpfn])
         return self.pool.token[f:f + 1].copy(), done_us
 

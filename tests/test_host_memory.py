@@ -13,6 +13,7 @@ from balloonlab.hostd.errors import (BadBatch, BalloonLimit, DuplicateGuest, Dup
 from balloonlab.hostd.memory import HostMemory
 from balloonlab.hostd.p2m import PageState
 from balloonlab.proto.costs import CostModel, DiskModel, disk_profile
+from balloonlab.proto.tokens import KEEP_TOKEN
 from balloonlab.proto.errors import ErrorCode
 
 from .test_host_fakes import FakeGuests, make_memory
@@ -51,8 +52,8 @@ class GatedShootdown:
 async def test_fault_backs_unbacked_pages_with_zero_pages() -> None:
     hm = make_memory(total_frames=8, costs=CostModel(ept_fault_us=5.0))
     hm.add_guest(1, 16)
-    tokens, done = await hm.ept_fault(1, gp(3, 5, 3), 1000.0)
-    assert tokens.tolist() == [0, 0, 0]
+    tokens, done = await hm.ept_fault(1, gp(3, 5), 1000.0)
+    assert tokens.tolist() == [0, 0]
     assert done == 1000.0 + 2 * 5.0
     assert hm.guest_counts(1)["resident_pages"] == 2
     assert hm.counters.ept_faults == 2 and hm.counters.ept_fault_calls == 1
@@ -67,16 +68,29 @@ async def test_fault_accepts_the_wire_form() -> None:
     assert tokens.size == 2 and hm.guest_counts(1)["resident_pages"] == 2
 
 
-async def test_fault_on_a_backed_page_is_idempotent() -> None:
+async def test_fault_on_a_backed_page_keeps_the_guests_content() -> None:
+    """The host never took that frame: only the guest knows what it wrote there since, so the reply says KEEP."""
     hm = make_memory()
     hm.add_guest(1, 16)
     await hm.ept_fault(1, gp(4), 0.0)
     frame = int(hm._guests[1].p2m.loc[4])
-    hm.pool.token[frame] = 77   # what the host stored when it backed it
+    hm.pool.token[frame] = 77   # what the host stored when it backed it: stale once the guest writes
     tokens, _ = await hm.ept_fault(1, gp(4), 0.0)
-    assert tokens.tolist() == [77]
-    assert hm._guests[1].p2m.loc[4] == frame
-    assert hm.counters.ept_faults == 1 and hm.counters.ept_fault_spurious_pages == 1
+    assert tokens.tolist() == [KEEP_TOKEN]
+    tokens, _ = await hm.ept_fault(1, gp(2, 4, 6), 0.0)   # mixed: fresh pages get theirs, the backed one KEEP
+    assert tokens.tolist() == [0, KEEP_TOKEN, 0]
+    assert hm._guests[1].p2m.loc[4] == frame and hm.pool.token[frame] == 77
+    assert hm.counters.ept_faults == 3 and hm.counters.ept_fault_spurious_pages == 2
+
+
+async def test_fault_refuses_the_same_gpfn_twice() -> None:
+    """proto/README.md: the same gpfn twice in one batch is BAD_FIELD, and nothing is done."""
+    hm = make_memory()
+    hm.add_guest(1, 16)
+    with pytest.raises(DuplicatePages, match="gpfn 3 appears twice") as e:
+        await hm.ept_fault(1, gp(3, 5, 3), 0.0)
+    assert e.value.code == ErrorCode.BAD_FIELD
+    assert hm.guest_counts(1)["resident_pages"] == 0
 
 
 async def test_fault_out_of_range_names_the_gpfn() -> None:
