@@ -10,6 +10,7 @@ import pytest
 
 from balloonlab.hostd.errors import (BadBatch, BalloonLimit, DuplicateGuest, DuplicatePages, HostdError, HostOutOfMemory,
                           InvalidState, InvariantViolation, OutOfRange, UnknownGuest)
+from balloonlab.hostd.hostswap import PENDING_TOKEN
 from balloonlab.hostd.memory import HostMemory
 from balloonlab.hostd.p2m import PageState
 from balloonlab.proto.costs import CostModel, DiskModel, disk_profile
@@ -256,6 +257,42 @@ async def test_a_fault_on_a_page_being_evicted_waits_for_the_shootdown() -> None
     await evicting
     tokens, _ = await refault
     assert tokens.tolist() == [held[victim]]
+    hm.check_invariant()
+
+
+@pytest.mark.parametrize("pages", [1, 2])   # the one-page path and the batch path
+async def test_a_fault_never_hands_back_a_deferred_shootdowns_placeholder(pages: int) -> None:
+    """A page evicted by a deferred shootdown comes back with the guest's answer, not the placeholder.
+
+    The deferral can start while the fault is already in host memory (a
+    silent guest's frames are taken at a tick end while its late fault waits
+    for room), so host memory itself waits for the answer before it reads
+    the slot.
+    """
+    hm = make_memory(total_frames=4, swap_slots=16, low_watermark_frames=0, reclaim_batch_frames=4)
+    hm.add_guest(1, 8)
+    held = np.arange(100, 108, dtype=np.uint64)
+    deferred: list[np.ndarray] = []
+
+    async def deferred_shootdown(gid: int, gpfns: np.ndarray) -> np.ndarray:
+        deferred.append(gpfns.astype(np.int64))
+        return np.full(gpfns.size, PENDING_TOKEN, np.uint64)
+
+    settles: list[int] = []
+
+    async def settle(gid: int) -> None:   # the guest's late answer arrives
+        settles.append(gid)
+        for g in deferred:
+            hm.fill_placeholders(gid, g.astype(np.uint64), held[g])
+        deferred.clear()
+
+    hm.wire(shootdown=deferred_shootdown, placeholders_settled=settle)
+    await hm.ept_fault(1, gp(0, 1, 2, 3), 0.0)
+    await hm.reclaim(4, 0.0)
+    assert hm.placeholder_slots(1) == 4
+    tokens, _ = await hm.ept_fault(1, gp(*range(pages)), 0.0)
+    assert tokens.tolist() == held[:pages].tolist() and settles == [1]
+    assert hm.placeholder_slots(1) == 0
     hm.check_invariant()
 
 
