@@ -286,7 +286,11 @@ class GuestKernel:
                 if op == _OP_EPT:
                     gs = self._ept_gs[:a].copy()
                     tokens, done = await self.hypervisor.ept_fault(gs, self.vt_us)
-                    op, a, b = core.resume_ept(np.ascontiguousarray(tokens, np.uint64), float(done))
+                    tokens = np.array(tokens, np.uint64)
+                    keep = tokens == np.uint64(KEEP_TOKEN)
+                    if keep.any():   # already backed at the host: it never took the frame, our content stands
+                        tokens[keep] = self.frames.token[gs[keep].astype(np.int64)]
+                    op, a, b = core.resume_ept(tokens, float(done))
                 elif op == _OP_READ:
                     toks, done = await self.blockdev.read(np.array([a], np.int64), self.vt_us)
                     op, a, b = core.resume_read(int(toks[0]), float(done))

@@ -97,14 +97,16 @@ def _lock_attacker(h: HostProcess, out: dict[str, Any]) -> None:
         c.send_bytes(msgpack.packb([[{}] * 256] * 256))
         err = c.recv_until(lambda f: f[0] == ERROR and f[1] == 0, 10)
         out["bomb_after_hello"] = err[3]["code"] if err else None
+        # The 400 MB of writes are built first: on a loaded machine that alone can outlast the lock's bound.
+        block = pages(*range(WRITE_BLOCKS))
+        first = c.next_id + 1       # after the LockAcquire's id
+        body = b"".join(_frame([REQUEST, first + i, DISK_WRITE, {"blocks": block, "tokens": block, "vt_us": 0.0}])
+                        for i in range(WRITES))
         _wait_tick_start(c)
         reply = c.call(LOCK_ACQUIRE, {"lock": "L_hostmem", "owner": "guest-1/hog", "site": "attack", "vt_us": 0.0}, 30)
         out["lock"] = reply[0]
         out["locked_at"] = time.monotonic()
-        block = pages(*range(WRITE_BLOCKS))
-        first = c.next_id
-        body = b"".join(_frame([REQUEST, first + i, DISK_WRITE, {"blocks": block, "tokens": block, "vt_us": 0.0}])
-                        for i in range(WRITES))
+        assert c.next_id == first, (c.next_id, first)
         c.next_id += WRITES
         c.answer_pings = False   # one writer at a time on the socket: a Pong must not land inside a write
 
@@ -201,9 +203,10 @@ def _stuck_guest(h: HostProcess, out: dict[str, Any]) -> None:
         assert c.hello(1)[0] == REPLY
         ram = h.config["guests"][1]["ram_pages"]
         t = _wait_tick_start(c)
+        # Its last sign of work: the host's idle clock starts when it reads this, so no earlier than now.
+        t0 = time.monotonic()
         c.tick_done(t["tick"], t["vt_us"] + t["tick_us"], ram)
         t = _wait_tick_start(c)
-        t0 = time.monotonic()
         end = None
         out["stuck_garbage"] = 0
         while time.monotonic() - t0 < 60:
