@@ -110,9 +110,9 @@ def test_swap_slots_hold_tokens_and_owners_until_freed() -> None:
 
 def test_swap_profile_is_settable() -> None:
     swap = HostSwap(1, "hdd")
-    assert swap.disk.profile.queue_depth == 1
+    assert swap.profile.queue_depth == 1
     swap.set_profile("ssd")
-    assert swap.disk.profile.queue_depth == 32
+    assert swap.profile.queue_depth == 32
 
 
 def test_a_grant_is_private_frames_taken_and_returned_by_their_owner_only() -> None:
