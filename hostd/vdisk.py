@@ -433,7 +433,10 @@ class VirtualDisk:
             cand = cand[np.argpartition(self.cluster_used[cand], k - 1)[:k]]
         order = cand[np.argsort(self.cluster_used[cand], kind="stable")]
         upto = int(np.searchsorted(np.cumsum(self.cluster_cached[order]), over)) + 1
-        victims = order[:upto]
+        return self._drop_clusters(order[:upto])
+
+    def _drop_clusters(self, victims: np.ndarray) -> int:
+        """Uncache every block of these clusters (frames and swapped copies freed); returns blocks dropped."""
         blocks = (victims[:, None] * self.cluster_pages + np.arange(self.cluster_pages)).ravel()
         blocks = blocks[blocks < self.n_blocks]
         state = self.cache_state[blocks]
@@ -474,18 +477,7 @@ class VirtualDisk:
                 break
         if not victims:
             return 0
-        vic = np.asarray(victims, np.int64)
-        blocks = (vic[:, None] * cp + np.arange(cp)).ravel()
-        blocks = blocks[blocks < self.n_blocks]
-        state = self.cache_state[blocks]
-        blocks, state = blocks[state != _NOT_CACHED], state[state != _NOT_CACHED]
-        self.pool.free(self.cache_loc[blocks[state == _FRAME]])
-        self.swap.free(self.cache_loc[blocks[state == _SWAPPED]])
-        self.cache_state[blocks] = _NOT_CACHED
-        self.cache_loc[blocks] = NO_LOC
-        self.cluster_cached[vic] = 0
-        self.cached_pages -= int(blocks.size)
-        self.counters.trimmed_pages += int(blocks.size)
+        self._drop_clusters(np.asarray(victims, np.int64))
         return freed
 
     # -- I/O buffers and backpressure ------------------------------------------
