@@ -144,3 +144,25 @@ async def test_a_tick_done_far_past_the_tick_end_is_counted_late_not_refused() -
     r.start(1)
     r.done(0, 1, vt_us=20_000.0 + 5_000.0)           # a batch that ran 5 ms past the gate
     assert r.disc.tick_done_late == 1 and r.disc.stats()["tick_done_late"] == 1
+
+
+def test_the_grant_plan_gives_held_needs_first_then_splits_the_rest_by_recent_demand() -> None:
+    from balloonlab.hostd.grants import FLOOR_PAGES, GrantPlanner
+    p = GrantPlanner()
+    assert p.plan(10, [2, 0, 1], {}) == {0: 4, 1: 3, 2: 3}          # equal weights: the spare one to the lowest id
+    p.record_demand({0: 0, 1: 98, 2: 0})                            # guest 1 took 98 frames last tick: weight 50
+    plan = p.plan(104, [0, 1, 2], {2: 30})
+    assert plan[2] >= 30 and sum(plan.values()) == 104             # the held need first, every frame handed out
+    assert plan[1] > 10 * plan[0]
+    assert p.plan(5, [0, 1], {0: 9}) == {0: 5, 1: 0}                # not even the held need fits: all of it to it
+    capped = GrantPlanner(floor_only=lambda gid: gid == 1)
+    assert capped.plan(1000, [0, 1], {}) == {0: 1000 - FLOOR_PAGES, 1: FLOOR_PAGES}
+
+
+def test_the_old_request_order_name_is_the_deterministic_mode_with_a_deprecation_line() -> None:
+    import structlog.testing
+    with structlog.testing.capture_logs() as logs:
+        core = assemble(run_config(host={"request_order": "virtual-time"}), SessionRegistry(),
+                        running=set, stop=lambda why: None, clock=lambda: 0.0)
+    assert core.discipline.request_order == "deterministic"
+    assert [e for e in logs if e["event"] == "config_deprecated" and e["value"] == "virtual-time"], logs
