@@ -230,7 +230,7 @@ class HostMemory:
         self._eviction_settled = asyncio.Event()
         self._hold: Hold | None = hold
         self._guest_rng = guest_rng or (lambda gid: np.random.default_rng([_GUEST_STREAM_DEFAULT, gid]))
-        self.boundary_free_frames = total_frames    # free frames at the last tick start (before its grants)
+        self.boundary_free_frames = total_frames    # free at the last tick start, before its grants, less held needs
         self.self_swap_allowed: Callable[[HostMemory, int], bool] = default_self_swap_allowed
 
     def wire(self, *, shootdown: Shootdown | None = None, observer: MemoryObserver | None = None,
