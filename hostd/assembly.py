@@ -2,7 +2,7 @@
 
 ``assemble`` reads the resolved run config and returns a ``HostCore``:
 
-    discipline      the request discipline (``hostd.discipline``: virtual-time, arrival, or the lock model)
+    discipline      the request discipline (``hostd.discipline``: deterministic, arrival, or the lock model)
     silent          silent-guest memory, which wraps the blind victim policy (``hostd.silent``)
     mem             host memory: victim policy, generator, costs, swap device, the discipline's callout
     shootdowns      the shootdowns (``hostd.shootdown``), host memory's shootdown callback
@@ -25,14 +25,16 @@ from dataclasses import dataclass
 from typing import Any, Callable, Collection
 
 import numpy as np
+import structlog
 
+from balloonlab.proto import events as ev
 from balloonlab.proto.costs import CostModel, DiskProfile
 from balloonlab.proto.errors import ConfigError
 from balloonlab.proto.locks import lock_config_from_mapping
 
 from .balloon import make_controller
 from .config import RunConfig
-from .discipline import DisciplineContext, RequestDiscipline, make_discipline
+from .discipline import DEPRECATED_ORDERS, DisciplineContext, RequestDiscipline, make_discipline
 from .handlers import HandlerTables
 from .invariant import INVARIANT_MODES, InvariantChecker
 from .machine import Machine
@@ -47,7 +49,9 @@ from .watchdog import Watchdog
 
 __all__ = ["HostCore", "assemble", "INVARIANT_ENV"]
 
-_HOST_STREAM = 0x6F5        # seeds the host's generator apart from the guests'
+log = structlog.get_logger("hostd")
+
+_HOST_STREAM = 0x6F5        # seeds the host's generator apart from the guests' (and, with a guest id, that guest's)
 _INVARIANT_STREAM = 0x1A7   # ... and the invariant's sample apart from both
 INVARIANT_ENV = "BALLOONLAB_INVARIANT"
 """Overrides ``[host] invariant`` for every run started with it in the environment (the test suite sets "full")."""
@@ -76,7 +80,8 @@ def invariant_mode(configured: str) -> str:
 
 def assemble(cfg: RunConfig, sessions: SessionRegistry, *, running: Callable[[], Collection[int]],
              stop: Callable[[str], None], clock: Callable[[], float],
-             progress: Callable[[dict[str, Any]], None] | None = None) -> HostCore:
+             progress: Callable[[dict[str, Any]], None] | None = None,
+             count_done: Callable[[int], None] = lambda gid: None) -> HostCore:
     """Build and connect the host's parts for ``cfg`` (see the module docstring)."""
     mem_cfg = host_memory_config(cfg.host)
     balloon_cfg = balloon_config(cfg.balloon)
@@ -88,16 +93,23 @@ def assemble(cfg: RunConfig, sessions: SessionRegistry, *, running: Callable[[],
     ram_pages = mem_cfg.host_ram_pages(guest_ram)
     swap_pages = mem_cfg.swap_pages if mem_cfg.swap_pages is not None else 2 * guest_ram
 
+    order = mem_cfg.resolved_request_order(lock_cfg.enabled)
+    if mem_cfg.request_order in DEPRECATED_ORDERS:
+        log.warning(ev.CONFIG_DEPRECATED, key="host.request_order", value=mem_cfg.request_order, resolved=order,
+                    reason=f"\"{mem_cfg.request_order}\" is now an alias of \"{order}\"; write that instead")
     discipline = make_discipline(
-        mem_cfg.resolved_request_order(lock_cfg.enabled), lock_cfg,
+        order, lock_cfg,
         DisciplineContext(sessions=sessions, running=running, stop=stop, clock=clock,
-                          hypercall_us=costs.hypercall_us, shootdown_timeout_s=mem_cfg.shootdown_timeout_s))
+                          hypercall_us=costs.hypercall_us, shootdown_timeout_s=mem_cfg.shootdown_timeout_s,
+                          count_done=count_done, tick_us=float(cfg.tick_us),
+                          ref_us=costs.mem_ref_us + costs.cpu_us_per_ref))
     # Silent guests' frames go first to host swap; the blind policy decides among the others.
     silent = SilentGuestMemory(make_victim_policy(mem_cfg.victim))
     mem = HostMemory(
         ram_pages, swap_pages, silent.victims,
         np.random.default_rng(np.random.SeedSequence([cfg.seed, _HOST_STREAM])), costs, swap_profile,
-        callout=discipline.memory_callout(),
+        callout=discipline.memory_callout(), hold=discipline.memory_hold(),
+        guest_rng=lambda gid: np.random.default_rng(np.random.SeedSequence([cfg.seed, _HOST_STREAM, gid])),
         low_watermark_frames=max(1, int(ram_pages * mem_cfg.low_watermark_pct / 100)),
         reclaim_batch_frames=mem_cfg.reclaim_batch_pages, cluster_pages=mem_cfg.cluster_pages,
         vdisk_cache_max_pages=mem_cfg.cache_max_pages,

@@ -5,9 +5,14 @@ block) so that a leak is detectable and a dead guest's slots can be freed.
 Slots are freed when the page is swapped back in, ballooned, or its guest
 dies. A slot may hold ``PENDING_TOKEN`` for a while: a deferred shootdown
 took the page before the (silent) guest told its content
-(``hostd.shootdown``); the guest's late answer fills it in. The ``disk``
-is a ``proto.costs.DiskModel``: it only computes completion times in
-virtual time; the tokens are stored here at once.
+(``hostd.shootdown``); the guest's late answer fills it in. The device's
+timing is one ``proto.costs.DiskModel`` per guest (``lane``): it only
+computes completion times in virtual time; the tokens are stored here at
+once. One queue per guest keeps a guest's swap I/O times a function of
+its own requests only (the deterministic discipline serves guests in
+parallel); each lane has the device's full profile, so several guests
+together get more than one device's throughput until the device is shared
+by fair shares.
 """
 from __future__ import annotations
 
@@ -40,11 +45,20 @@ class HostSwap:
         self.owner_index = np.full(n, NO_OWNER, np.int64)
         self._free_stack = np.arange(n - 1, -1, -1, dtype=np.int64)
         self._n_free = n
-        self.disk = DiskModel(disk_profile(profile) if isinstance(profile, str) else profile)
+        self.profile = disk_profile(profile) if isinstance(profile, str) else profile
+        self._lanes: dict[int, DiskModel] = {}
 
     def set_profile(self, profile: DiskProfile | str) -> None:
         """Replace the swap device's timing model (queues start empty)."""
-        self.disk = DiskModel(disk_profile(profile) if isinstance(profile, str) else profile)
+        self.profile = disk_profile(profile) if isinstance(profile, str) else profile
+        self._lanes = {}
+
+    def lane(self, guest_id: int) -> DiskModel:
+        """The swap device's queue for ``guest_id``'s pages (made on first use)."""
+        lane = self._lanes.get(guest_id)
+        if lane is None:
+            lane = self._lanes[guest_id] = DiskModel(self.profile)
+        return lane
 
     @property
     def free_slots(self) -> int:

@@ -116,7 +116,8 @@ class Machine:
     def guest_back(self, guest_id: int) -> None:
         self.silent.guest_back(guest_id)
 
-    def tick_done(self, session: GuestSession, msg: TickDone) -> None:
+    def tick_done(self, session: GuestSession, msg: TickDone, excused: bool = False) -> None:
+        """The guest's TickDone; ``excused``: for a tick the host had already counted done for it."""
         gid = session.guest_id
         assert gid is not None
         stats, problems = sanitize_stats(msg.stats)
@@ -129,7 +130,8 @@ class Machine:
             self.mem.set_ad_bits(gid, msg.accessed, msg.dirty)
         except HostdError as exc:
             self._rejected(session, "tick_done", exc)
-        self.discipline.tick_done(gid, msg.vt_us)
+        if not excused:
+            self.discipline.tick_done(gid, msg.vt_us)
 
     # --- refusals ---------------------------------------------------------------
 

@@ -37,16 +37,20 @@ class HostMemConfig:
     invariant: str                  # "sample" (each check a sample, the full one at the end) or "full" (debug)
     shootdown_timeout_s: float
     uncooperative_ticks: int        # no balloon progress for this long -> fall back to host swapping
-    request_order: str | None       # "virtual-time" / "arrival"; None: virtual-time unless a lock model runs
+    request_order: str | None       # "deterministic" / "arrival" ("virtual-time": deterministic); None: the default
 
     def resolved_request_order(self, locks_enabled: bool, where: str = "") -> str:
-        """The default mode (``virtual-time``) unless a lock model runs; asking for it with one is an error."""
+        """The default mode (``deterministic``) unless a lock model runs; asking for it with one is an error.
+
+        A deprecated name resolves to the mode it stands for (``DEPRECATED_ORDERS``).
+        """
+        from .discipline import DEPRECATED_ORDERS, REQUEST_ORDERS   # the first mode is the default
+        order = DEPRECATED_ORDERS.get(self.request_order or "", self.request_order)
         if not locks_enabled:
-            from .discipline import REQUEST_ORDERS   # the first mode is the default
-            return self.request_order or REQUEST_ORDERS[0]
-        if self.request_order == "virtual-time":
-            raise ConfigError(f"{where}[host].request_order = \"virtual-time\" cannot go with a [locks] protocol: "
-                              "the lock model needs the guests' requests to run concurrently")
+            return order or REQUEST_ORDERS[0]
+        if order is not None and order != "arrival":
+            raise ConfigError(f"{where}[host].request_order = \"{self.request_order}\" cannot go with a [locks] "
+                              "protocol: the lock model needs the guests' requests to run concurrently")
         return "arrival"
 
     def host_ram_pages(self, guest_ram_pages: int) -> int:
@@ -103,8 +107,8 @@ def host_memory_config(table: Mapping[str, Any], where: str = "[host]") -> HostM
     if invariant not in INVARIANT_MODES:
         raise ConfigError(f"{where}.invariant: must be one of {list(INVARIANT_MODES)}, got {invariant!r}")
     order = table.get("request_order")
-    from .discipline import REQUEST_ORDERS
-    if order is not None and order not in REQUEST_ORDERS:
+    from .discipline import DEPRECATED_ORDERS, REQUEST_ORDERS
+    if order is not None and order not in REQUEST_ORDERS and order not in DEPRECATED_ORDERS:
         raise ConfigError(f"{where}.request_order: must be one of {list(REQUEST_ORDERS)}, got {order!r}")
     return HostMemConfig(
         ram_pages=None if ram is None else int(ram * MIB_PAGES),

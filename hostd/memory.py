@@ -44,6 +44,19 @@ Costs in virtual time: an EPT fault costs ``ept_fault_us`` per page asked
 for; if the pool could not serve it without reclaiming, it also waits for
 those swap-out writes (direct reclaim); swapped pages add a read on the
 swap device. Refilling the watermark alone costs the vCPU nothing.
+
+Partitions (the deterministic discipline): while the pool's grants are
+open, an allocation for a guest with a grant takes only from that grant
+(``FramePool``), and when the grant is short the guest reclaims from its
+own partition only, in this order: retire its own I/O buffers of requests
+complete by the request's virtual time; drop its own clean disk-cache
+clusters, least recently used first; host-swap its own pages (random
+victims from its own stream, ``guest_rng``), if ``self_swap_allowed``
+says so; else the request is held (``hold``, from the discipline) until a
+refill round or the next tick. Nothing in that path reads or changes
+another guest's state, so the order in which guests' requests arrive
+cannot change any count. The swap device has one lane per guest
+(``HostSwap.lane``) for the same reason.
 """
 from __future__ import annotations
 
@@ -72,6 +85,27 @@ __all__ = ["HostMemory", "HostCounters", "GuestCounters", "Reclaimed", "Shootdow
 Shootdown = Callable[[int, np.ndarray], Awaitable[np.ndarray]]
 """``async (guest_id, gpfns) -> tokens``: invalidate the guest's mappings, return what it held."""
 
+Hold = Callable[[int, int, float], Awaitable[float]]
+"""``async (guest_id, need_frames, vt_us) -> resume_vt_us``: park a request whose grant ran out
+(the discipline's refill rounds; ``hostd.discipline.deterministic``)."""
+
+SELF_SWAP_BELOW_WATERMARKS = 3
+"""Host swapping inside a guest's partition is allowed by default when the free frames at the last
+tick boundary, after its reclaim and beyond what requests held across it need, were below this many
+low watermarks. The boundary's kswapd refills to two watermarks (plus the held requests' needs), so
+whenever the host had to reclaim this holds; with memory to spare the guest holds instead and a
+refill round hands it frames others did not use."""
+
+
+def default_self_swap_allowed(mem: "HostMemory", guest_id: int) -> bool:
+    """May ``guest_id`` host-swap its own pages when its grant runs out? (The memory states replace this.)
+
+    Decided from the state at the tick's start only (deterministic): the
+    free frames at the last boundary, beyond the held requests' needs, below
+    ``SELF_SWAP_BELOW_WATERMARKS`` low watermarks.
+    """
+    return mem.boundary_free_frames < SELF_SWAP_BELOW_WATERMARKS * mem.low_watermark_frames
+
 
 class MemoryObserver(Protocol):
     """What the host's monitors want to see as it happens (``HostMemory.observer``).
@@ -93,6 +127,7 @@ _SWAPPED = int(PageState.SWAPPED)
 _BALLOONED = int(PageState.BALLOONED)
 _GUEST_KIND = int(FrameKind.GUEST)
 _ZERO_PROGRESS_ROUNDS = 3             # reclaim rounds that free nothing before giving up
+_GUEST_STREAM_DEFAULT = 0x6F5         # per-guest streams when no seed is given (tests); assembly seeds them
 
 
 @contextlib.asynccontextmanager
@@ -119,6 +154,12 @@ class GuestCounters:
     shootdown_pages: int = 0
     balloon_inflated_pages: int = 0
     balloon_deflated_pages: int = 0
+    grant_pages: int = 0             # frames granted to it at tick starts and refill rounds
+    grant_exhausted: int = 0         # requests that found its grant short
+    self_retired_iobuf_pages: int = 0   # ... and freed its own completed I/O buffers
+    self_dropped_cache_pages: int = 0   # ... dropped its own clean cache
+    self_swap_pages: int = 0            # ... host-swapped its own pages
+    held_requests: int = 0              # ... and were held for a refill round
 
 
 @dataclass(slots=True)
@@ -141,6 +182,9 @@ class HostCounters:
     balloon_deflated_pages: int = 0
     oom_refusals: int = 0
     early_retired_iobuf_pages: int = 0  # completed I/O buffers freed before the tick under pressure
+    grant_pages: int = 0                # frames handed to guests as grants
+    grant_exhausted: int = 0            # requests whose guest's grant was short
+    self_reclaim_pages: int = 0         # frames guests freed inside their own partitions
 
 
 @dataclass(slots=True)
@@ -149,6 +193,7 @@ class _Guest:
     p2m: P2M
     max_balloon_pages: int
     vdisk: VirtualDisk
+    rng: np.random.Generator             # its own host stream: victims inside its partition
     balloon_pages: int = 0
     counters: GuestCounters = field(default_factory=GuestCounters)
 
@@ -160,7 +205,8 @@ class HostMemory:
                  observer: MemoryObserver | None = None, callout: Callable[[], Any] | None = None,
                  low_watermark_frames: int | None = None, reclaim_batch_frames: int = 32,
                  cluster_pages: int = CLUSTER_PAGES_DEFAULT, vdisk_cache_max_pages: int | None = None,
-                 max_inflight_requests: int = MAX_INFLIGHT_REQUESTS_DEFAULT) -> None:
+                 max_inflight_requests: int = MAX_INFLIGHT_REQUESTS_DEFAULT, hold: Hold | None = None,
+                 guest_rng: Callable[[int], np.random.Generator] | None = None) -> None:
         self.pool = FramePool(total_frames)
         self.swap = HostSwap(swap_slots, swap_profile)
         self._victim: VictimPolicy = make_victim_policy(victim) if isinstance(victim, str) else victim
@@ -182,6 +228,10 @@ class HostMemory:
         self._departed_vdisk: dict[str, float] = {}   # disk counters of guests that are gone
         self._evictions_pending = 0
         self._eviction_settled = asyncio.Event()
+        self._hold: Hold | None = hold
+        self._guest_rng = guest_rng or (lambda gid: np.random.default_rng([_GUEST_STREAM_DEFAULT, gid]))
+        self.boundary_free_frames = total_frames    # free at the last tick start, before its grants, less held needs
+        self.self_swap_allowed: Callable[[HostMemory, int], bool] = default_self_swap_allowed
 
     def wire(self, *, shootdown: Shootdown | None = None, observer: MemoryObserver | None = None,
              placeholders_settled: Callable[[int], Awaitable[None]] | None = None) -> None:
@@ -221,7 +271,7 @@ class HostMemory:
                             cluster_pages=self.cluster_pages,
                             cache_max_pages=self.vdisk_cache_max_pages if cache_max_pages is None else cache_max_pages,
                             max_inflight_requests=self.max_inflight_requests)
-        self._guests[guest_id] = _Guest(guest_id, P2M(guest_pages), max_balloon, vdisk)
+        self._guests[guest_id] = _Guest(guest_id, P2M(guest_pages), max_balloon, vdisk, self._guest_rng(guest_id))
         # In id order, not in the order guests happened to connect: every loop over the
         # guests (retiring I/O buffers frees frames onto the free stack) must be reproducible.
         self._guests = dict(sorted(self._guests.items()))
@@ -297,9 +347,9 @@ class HostMemory:
             if await self._placeholders_wait(g, uniq[state == PageState.SWAPPED]):
                 continue
             need = int(uniq.size - np.count_nonzero(backed))
-            if self._room_ok(need, tried):
+            if self._room_ok(need, tried, g):
                 break
-            start_us = max(start_us, await self._make_room(need, vt_us))
+            start_us = max(start_us, await self._make_room(need, vt_us, g))
             tried = True
 
         todo = uniq[~backed]
@@ -320,7 +370,7 @@ class HostMemory:
         done_us = start_us
         if swapped.size:
             # One vCPU faults its pages one at a time, however many one message carries.
-            done_us = self.swap.disk.submit_serial(start_us, int(swapped.size))
+            done_us = self.swap.lane(g.guest_id).submit_serial(start_us, int(swapped.size))
         done_us += self.costs.ept_fault_us * uniq.size
 
         c, gc = self.counters, g.counters
@@ -355,9 +405,9 @@ class HostMemory:
             if state == _SWAPPED and await self._placeholders_wait(g, np.array((gpfn,), np.int64)):
                 continue
             need = 0 if backed else 1
-            if self._room_ok(need, tried):
+            if self._room_ok(need, tried, g):
                 break
-            start_us = max(start_us, await self._make_room(need, vt_us))
+            start_us = max(start_us, await self._make_room(need, vt_us, g))
             tried = True
 
         swapped = state == _SWAPPED
@@ -382,7 +432,7 @@ class HostMemory:
             self.counters.direct_reclaims += 1
         done_us = start_us
         if swapped:
-            done_us = self.swap.disk.submit_serial(start_us, 1)
+            done_us = self.swap.lane(g.guest_id).submit_serial(start_us, 1)
         done_us += self.costs.ept_fault_us * 1
 
         c, gc = self.counters, g.counters
@@ -433,19 +483,21 @@ class HostMemory:
 
     # -- reclaim (host swapping) -------------------------------------------------
 
-    def _room_ok(self, need: int, tried: bool) -> bool:
+    def _room_ok(self, need: int, tried: bool, g: _Guest | None = None) -> bool:
         """Can an allocation of ``need`` frames go ahead now?
 
         Every allocation first tries to keep ``low_watermark_frames`` free
         beyond what it takes (``tried`` says it did); it only has to have
-        ``need``.
+        ``need``. Inside a partition, the guest's grant must hold ``need``.
         """
         if need == 0:
             return True
+        if g is not None and self.pool.has_grant(g.guest_id):
+            return self.pool.granted(g.guest_id) >= need
         free = self.pool.free_frames
         return free >= need and (tried or free >= need + self.low_watermark_frames)
 
-    async def _make_room(self, need: int, vt_us: float) -> float:
+    async def _make_room(self, need: int, vt_us: float, g: _Guest | None = None) -> float:
         """Reclaim towards ``need`` + the low watermark free frames.
 
         Returns when the allocation may go ahead in virtual time: ``vt_us``
@@ -455,6 +507,8 @@ class HostMemory:
         ``HostOutOfMemory`` when fewer than ``need`` can be had and no one
         else's eviction is pending.
         """
+        if g is not None and self.pool.has_grant(g.guest_id):
+            return await self._make_room_own(g, need, vt_us)
         fruitless = 0
         done_us = float(vt_us)
         must_wait = self.pool.free_frames < need
@@ -483,6 +537,77 @@ class HostMemory:
                 raise HostOutOfMemory(need, self.pool.free_frames, reason)
         return done_us if must_wait else float(vt_us)
 
+    async def _make_room_own(self, g: _Guest, need: int, vt_us: float) -> float:
+        """Make ``need`` frames available in ``g``'s grant from ``g``'s own partition (module docstring).
+
+        Returns when the allocation may go ahead in virtual time: ``vt_us``,
+        or later when it waited for its own swap-out writes, or the next
+        tick's start when it was held across the boundary.
+        """
+        pool, gid, gc = self.pool, g.guest_id, g.counters
+        gc.grant_exhausted += 1
+        self.counters.grant_exhausted += 1
+        start_us = float(vt_us)
+        fruitless = 0
+        while pool.has_grant(gid) and pool.granted(gid) < need:
+            short = need - pool.granted(gid)
+            freed = g.vdisk.retire(vt_us)               # 1. its own finished I/O buffers
+            gc.self_retired_iobuf_pages += freed
+            self.counters.early_retired_iobuf_pages += freed
+            if freed:
+                self.counters.self_reclaim_pages += freed
+                continue
+            freed = g.vdisk.drop_clean_lru(short)       # 2. its own clean cache, least recently used first
+            if freed:
+                gc.self_dropped_cache_pages += freed
+                self.counters.self_reclaim_pages += freed
+                continue
+            if self.self_swap_allowed(self, gid):       # 3. host swapping of its own pages
+                got = await self._reclaim_own(g, max(short, self.reclaim_batch_frames), vt_us)
+                g = self._same_guest(g)
+                if got.freed_frames:
+                    start_us = max(start_us, got.done_vt_us)
+                    fruitless = 0
+                    continue
+                fruitless += 1
+                if fruitless < _ZERO_PROGRESS_ROUNDS and np.any(pool.busy[g.p2m.loc[g.p2m.state == PageState.FRAME]]):
+                    await self._wait_eviction_settled()
+                    continue
+            if self._hold is None:                      # 4. held until a refill round or the next tick
+                self.counters.oom_refusals += 1
+                raise HostOutOfMemory(need, pool.granted(gid), f"guest {gid}'s grant is spent and nothing of its "
+                                      "own can be reclaimed")
+            gc.held_requests += 1
+            start_us = max(start_us, await self._hold(gid, need, vt_us))
+            g = self._same_guest(g)
+            vt_us = max(float(vt_us), start_us)
+        return start_us
+
+    async def _reclaim_own(self, g: _Guest, n_frames: int, vt_us: float) -> Reclaimed:
+        """Host-swap up to ``n_frames`` of ``g``'s own pages: random victims from ``g``'s own stream."""
+        self.counters.reclaim_calls += 1
+        p2m = g.p2m
+        frames = p2m.loc[p2m.state == PageState.FRAME]
+        pool = self.pool
+        frames = frames[~pool.pinned[frames] & ~pool.busy[frames]]
+        n = min(int(n_frames), int(frames.size), self.swap.free_slots)
+        if n <= 0:
+            return Reclaimed(0, float(vt_us))
+        victims = g.rng.choice(frames, size=n, replace=False).astype(np.int64)
+        slots = self.swap.alloc(n)
+        freed, done_us = await self._evict_guest_frames(victims, slots, vt_us)
+        self.counters.reclaim_frames += freed
+        self.counters.self_reclaim_pages += freed
+        g.counters.self_swap_pages += freed
+        return Reclaimed(freed, done_us)
+
+    def count_grant(self, guest_id: int, frames: int) -> None:
+        """The discipline granted ``frames`` to the guest (its books for the metrics)."""
+        self.counters.grant_pages += frames
+        g = self._guests.get(guest_id)
+        if g is not None:
+            g.counters.grant_pages += frames
+
     async def reclaim(self, n_frames: int, vt_us: float) -> Reclaimed:
         """Host swapping of up to ``n_frames``: the victim policy picks, blind.
 
@@ -506,8 +631,8 @@ class HostMemory:
         for gid in np.unique(self.pool.owner_guest[cache_frames]).tolist():
             mine = self.pool.owner_guest[cache_frames] == gid
             self._guests[gid].vdisk.swap_out(cache_frames[mine], cache_slots[mine])
+            done_us = max(done_us, self.swap.lane(gid).submit(vt_us, int(np.count_nonzero(mine))))
         if cache_frames.size:
-            done_us = self.swap.disk.submit(vt_us, int(cache_frames.size))
             self.counters.swap_out_pages += int(cache_frames.size)
             self.counters.swap_out_cache_pages += int(cache_frames.size)
 
@@ -574,7 +699,7 @@ class HostMemory:
                 self.pool.free(g_frames)
                 n_live = int(np.count_nonzero(live))
                 if n_live:
-                    done_us = max(done_us, self.swap.disk.submit(vt_us, n_live))
+                    done_us = max(done_us, self.swap.lane(gid).submit(vt_us, n_live))
                 self.counters.swap_out_pages += n_live
                 self.counters.dropped_evictions += int(g_frames.size) - n_live
                 freed += int(g_frames.size)
@@ -594,12 +719,13 @@ class HostMemory:
         async with self._callout():
             await self._eviction_settled.wait()
 
-    async def balance(self, vt_us: float) -> Reclaimed:
-        """Background reclaim (kswapd): bring free frames up to twice the low watermark.
+    async def balance(self, vt_us: float, extra_frames: int = 0) -> Reclaimed:
+        """Background reclaim (kswapd): bring free frames up to twice the low watermark (+ ``extra_frames``).
 
-        Charged to no vCPU; call it from the tick loop if wanted.
+        Charged to no vCPU; call it from the tick loop if wanted. ``extra_frames``:
+        what requests held across the tick boundary still need.
         """
-        high = min(2 * self.low_watermark_frames, self.pool.total_frames)
+        high = min(2 * self.low_watermark_frames + max(0, int(extra_frames)), self.pool.total_frames)
         want = high - self.pool.free_frames
         if want <= 0:
             return Reclaimed(0, float(vt_us))
@@ -749,11 +875,11 @@ class HostMemory:
         while True:
             g = self._same_guest(g)
             n = need()
-            if self._room_ok(n, tried):
+            if self._room_ok(n, tried, g):
                 if start_us > vt_us:
                     self.counters.direct_reclaims += 1
                 return start_us
-            start_us = max(start_us, await self._make_room(n, vt_us))
+            start_us = max(start_us, await self._make_room(n, vt_us, g))
             tried = True
 
     def _count_double_faults(self, g: _Guest, pages: int) -> None:

@@ -382,7 +382,7 @@ class VirtualDisk:
         tokens = self.swap.load(slots) if new_tokens is None else new_tokens
         self.swap.free(slots)
         self._cache_in(blocks, tokens)
-        done = self.swap.disk.submit(start_us, int(blocks.size))
+        done = self.swap.lane(self.guest_id).submit(start_us, int(blocks.size))
         self.counters.double_faults += int(blocks.size)
         self.counters.double_fault_wait_us += done - start_us
         if len(self.double_fault_records) < DOUBLE_FAULT_RECORDS_MAX:
@@ -433,7 +433,10 @@ class VirtualDisk:
             cand = cand[np.argpartition(self.cluster_used[cand], k - 1)[:k]]
         order = cand[np.argsort(self.cluster_used[cand], kind="stable")]
         upto = int(np.searchsorted(np.cumsum(self.cluster_cached[order]), over)) + 1
-        victims = order[:upto]
+        return self._drop_clusters(order[:upto])
+
+    def _drop_clusters(self, victims: np.ndarray) -> int:
+        """Uncache every block of these clusters (frames and swapped copies freed); returns blocks dropped."""
         blocks = (victims[:, None] * self.cluster_pages + np.arange(self.cluster_pages)).ravel()
         blocks = blocks[blocks < self.n_blocks]
         state = self.cache_state[blocks]
@@ -446,6 +449,36 @@ class VirtualDisk:
         self.cached_pages -= int(blocks.size)
         self.counters.trimmed_pages += int(blocks.size)
         return int(blocks.size)
+
+    def drop_clean_lru(self, n_frames: int) -> int:
+        """Drop least recently used unpinned clusters until at least ``n_frames`` frames are free; returns frames freed.
+
+        The guest's grant ran out: its own cache gives way before its
+        pages are host-swapped. Every cached page is clean (write-through),
+        so dropping costs nothing; ties in the LRU stamp go by cluster index.
+        """
+        if n_frames <= 0 or self.cached_pages == 0:
+            return 0
+        cand = np.flatnonzero((self.cluster_cached > 0) & ~self.cluster_pinned)
+        if cand.size == 0:
+            return 0
+        order = cand[np.lexsort((cand, self.cluster_used[cand]))]
+        freed = 0
+        victims: list[int] = []
+        cp = self.cluster_pages
+        for c in order.tolist():
+            blocks = np.arange(c * cp, min((c + 1) * cp, self.n_blocks))
+            in_frame = blocks[self.cache_state[blocks] == _FRAME]
+            if in_frame.size == 0:
+                continue   # only swapped copies: dropping it frees no frame
+            victims.append(c)
+            freed += int(in_frame.size)
+            if freed >= n_frames:
+                break
+        if not victims:
+            return 0
+        self._drop_clusters(np.asarray(victims, np.int64))
+        return freed
 
     # -- I/O buffers and backpressure ------------------------------------------
 

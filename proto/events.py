@@ -20,6 +20,7 @@ TICK_COMPLETED = "tick_completed"        # host: host metrics; guest: the guest'
 REQUEST_REJECTED = "request_rejected"    # guest, msg_type, code, reason
 FRAME_REJECTED = "frame_rejected"        # peer, reason
 INVARIANT_VIOLATED = "invariant_violated"  # what
+CONFIG_DEPRECATED = "config_deprecated"  # key, value, resolved, reason (an old value still accepted)
 
 # guest lifecycle
 GUEST_STARTED = "guest_started"          # guest, pid, ram_pages, policy (the replacement policy)

@@ -104,6 +104,23 @@ async def test_the_cache_is_trimmed_least_recently_used_cluster_first() -> None:
     assert vd.cached_pages == 28 and vd.counters.trimmed_pages == 8
 
 
+async def test_a_guest_short_of_frames_drops_its_own_least_recently_used_unpinned_clusters() -> None:
+    hm = make_memory(total_frames=256, vdisk_cache_max_pages=64, cluster_pages=4)
+    hm.add_guest(1, 16, disk_blocks=64)
+    for first in (0, 8, 16, 24):
+        await hm.vdisk_read(1, blocks(first), 0.0)
+    await hm.vdisk_read(1, blocks(0), 0.0)     # cluster 0 becomes the most recent
+    vd = hm.vdisk(1)
+    vd.set_pinned(8, 4, True)                  # cluster 2 is pinned: never dropped
+    free = hm.pool.free_frames
+    assert vd.drop_clean_lru(5) == 8           # whole clusters, oldest first, until 5 frames are free
+    cached = sorted(set((np.flatnonzero(vd.cache_state) // 4).tolist()))
+    assert cached == [0, 2]                    # 4 and 6 went (the oldest unpinned); pinned 2 and recent 0 stay
+    assert hm.pool.free_frames == free + 8
+    assert vd.drop_clean_lru(100) == 4 and vd.drop_clean_lru(1) == 0
+    hm.check_invariant()
+
+
 async def test_cache_pages_taken_by_host_swapping_come_back_by_double_fault() -> None:
     """Nested swapping: I/O to a cluster the host swapped out needs a host swap-in first."""
     hm = make_memory(total_frames=64, swap_slots=64, swap_profile="hdd", low_watermark_frames=0)

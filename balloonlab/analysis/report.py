@@ -424,7 +424,7 @@ def render_report(run_dir: Path, summary: dict[str, Any], logs: Sequence[Variant
                    f"{v.get('ticks', 0):,} ticks = {v.get('virtual_s', 0):g} virtual s in "
                    f"{v.get('wall_s', '?')} wall s; "
                    f"requests in {v.get('request_order', 'arrival')} order"
-                   + (" (reproducible)" if v.get("request_order") == "virtual-time" else "")
+                   + (" (reproducible)" if v.get("request_order") in ("deterministic", "virtual-time") else "")
                    + f"; ended: {v.get('reason', '?')}"
                    + (f"; **{v['status']}**: " + "; ".join(v.get("status_reasons") or [])
                       if v.get("status") not in (None, "completed") else ""))
