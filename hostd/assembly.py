@@ -4,7 +4,8 @@
 
     discipline      the request discipline (``hostd.discipline``: virtual-time, arrival, or the lock model)
     silent          silent-guest memory, which wraps the blind victim policy (``hostd.silent``)
-    mem             host memory: victim policy, generator, costs, swap device, the discipline's callout
+    mem             host memory: victim policy, generator, costs, swap device, the discipline's callout,
+                    the ESX memory states and per-VM victims (``hostd.memstate``, ``[host] memory_states``)
     shootdowns      the shootdowns (``hostd.shootdown``), host memory's shootdown callback
     monitors        the host's monitors (``hostd.monitors``), host memory's observer
     invariant       when and how the frame invariant is checked (``hostd.invariant``)
@@ -38,11 +39,13 @@ from .invariant import INVARIANT_MODES, InvariantChecker
 from .machine import Machine
 from .memconfig import balloon_config, host_memory_config
 from .memory import HostMemory
+from .memstate import MemoryStates, MemState
 from .monitors import HostMonitors
 from .registry import SessionRegistry
 from .shootdown import Shootdowns
 from .silent import SilentGuestMemory
 from .victim import make_victim_policy
+from .victim.per_vm import PerVmVictims
 from .watchdog import Watchdog
 
 __all__ = ["HostCore", "assemble", "INVARIANT_ENV"]
@@ -94,14 +97,18 @@ def assemble(cfg: RunConfig, sessions: SessionRegistry, *, running: Callable[[],
                           hypercall_us=costs.hypercall_us, shootdown_timeout_s=mem_cfg.shootdown_timeout_s))
     # Silent guests' frames go first to host swap; the blind policy decides among the others.
     silent = SilentGuestMemory(make_victim_policy(mem_cfg.victim))
+    states = (MemoryStates(ram_pages, mem_cfg.min_free_pct) if mem_cfg.memory_states == "esx" else None)
+    vm_victims = (PerVmVictims(cfg.seed, _HOST_STREAM)
+                  if states is not None and mem_cfg.victim_scope == "vm" else None)
     mem = HostMemory(
         ram_pages, swap_pages, silent.victims,
         np.random.default_rng(np.random.SeedSequence([cfg.seed, _HOST_STREAM])), costs, swap_profile,
         callout=discipline.memory_callout(),
-        low_watermark_frames=max(1, int(ram_pages * mem_cfg.low_watermark_pct / 100)),
+        low_watermark_frames=mem_cfg.low_watermark_frames(
+            ram_pages, None if states is None else states.thresholds[MemState.LOW.label]),
         reclaim_batch_frames=mem_cfg.reclaim_batch_pages, cluster_pages=mem_cfg.cluster_pages,
         vdisk_cache_max_pages=mem_cfg.cache_max_pages,
-        max_inflight_requests=mem_cfg.max_inflight_requests)
+        max_inflight_requests=mem_cfg.max_inflight_requests, states=states, vm_victims=vm_victims)
     shootdowns = Shootdowns(mem, sessions, discipline, mem_cfg.shootdown_timeout_s,
                             on_answered=silent.guest_answered)
     monitors = HostMonitors(cfg.monitors, mem, cfg.tick_us)
