@@ -435,7 +435,7 @@ class HostMemory:
         target = min(need + self.low_watermark_frames, self.pool.total_frames)
         while self.pool.free_frames < target:
             want = max(target - self.pool.free_frames, self.reclaim_batch_frames)
-            got = await self.reclaim(want, vt_us)
+            got = await self.reclaim(want, vt_us, self._state_after(need))
             done_us = max(done_us, got.done_vt_us)
             if got.freed_frames:
                 fruitless = 0
@@ -452,6 +452,16 @@ class HostMemory:
                           else "no evictable frame (all pinned, busy or I/O buffers)")
                 raise HostOutOfMemory(need, self.pool.free_frames, reason)
         return done_us if must_wait else float(vt_us)
+
+    def _state_after(self, need: int) -> MemState | None:
+        """The memory state an allocation of ``need`` frames would leave the host in (None: no states).
+
+        In-tick swapping is counted under it: the allocation is what drives
+        free memory below the watermark (the low state's threshold, with states).
+        """
+        if self.states is None:
+            return None
+        return state_of(max(self.pool.free_frames - need, 0), self.states.min_free_frames)
 
     async def reclaim(self, n_frames: int, vt_us: float, state: MemState | None = None) -> Reclaimed:
         """Host swapping of up to ``n_frames``: the victim policy picks, blind.
