@@ -98,8 +98,9 @@ def assemble(cfg: RunConfig, sessions: SessionRegistry, *, running: Callable[[],
     # Silent guests' frames go first to host swap; the blind policy decides among the others.
     silent = SilentGuestMemory(make_victim_policy(mem_cfg.victim))
     states = (MemoryStates(ram_pages, mem_cfg.min_free_pct) if mem_cfg.memory_states == "esx" else None)
-    vm_victims = (PerVmVictims(cfg.seed, _HOST_STREAM)
-                  if states is not None and mem_cfg.victim_scope == "vm" else None)
+    # One seeded stream per guest, SeedSequence([seed, _HOST_STREAM, gid]): victims within that guest.
+    guest_streams = PerVmVictims(cfg.seed, _HOST_STREAM)
+    vm_victims = guest_streams if states is not None and mem_cfg.victim_scope == "vm" else None
     mem = HostMemory(
         ram_pages, swap_pages, silent.victims,
         np.random.default_rng(np.random.SeedSequence([cfg.seed, _HOST_STREAM])), costs, swap_profile,

@@ -588,7 +588,7 @@ class HostMemory:
         async with self._callout():
             await self._eviction_settled.wait()
 
-    async def balance(self, vt_us: float) -> Reclaimed:
+    async def balance(self, vt_us: float, extra_frames: int = 0) -> Reclaimed:
         """The tick-end reclaim; charged to no vCPU.
 
         Without memory states (kswapd): bring free frames up to twice the
@@ -597,16 +597,19 @@ class HostMemory:
         threshold, from the VMs furthest above their allocation targets
         (random victims within each VM, from its own stream), or blind over
         the whole host when there are no per-VM victims
-        (``[host] victim_scope = "global"``).
+        (``[host] victim_scope = "global"``). ``extra_frames``: frames
+        requests held across the boundary still need, on top (in any state:
+        they must be served at the next tick's start).
         """
+        extra = max(0, int(extra_frames))
         if self.states is None:
-            high = min(2 * self.low_watermark_frames, self.pool.total_frames)
+            high = min(2 * self.low_watermark_frames + extra, self.pool.total_frames)
             want = high - self.pool.free_frames
             if want <= 0:
                 return Reclaimed(0, float(vt_us))
             return await self.reclaim(want, vt_us)
         state = self.states.state
-        want = self.states.swap_goal_frames(self.pool.free_frames)
+        want = max(self.states.swap_goal_frames(self.pool.free_frames - extra), extra - self.pool.free_frames)
         if want <= 0:
             return Reclaimed(0, float(vt_us))
         if self._vm_victims is None:

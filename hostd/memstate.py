@@ -52,7 +52,7 @@ from balloonlab.proto import events as ev
 __all__ = ["MemState", "Reclaim", "RECLAIM_BY_STATE", "STATE_PCT_OF_MIN_FREE", "HIGH_BREAK_LARGE_PAGES_PCT",
            "MEMORY_STATES_MODES", "VICTIM_SCOPES", "VmAllocation", "MemoryStates", "min_free_pages",
            "state_of", "thresholds_pages", "may_balloon", "may_host_swap", "blocks", "plan_boundary_swap",
-           "derived_alloc_target"]
+           "derived_alloc_target", "self_swap_allowed", "grant_floor_only"]
 
 log = structlog.get_logger("hostd.memstate")
 
@@ -306,6 +306,19 @@ class MemoryStates:
         a = self.allocation(guest_id, consumed_pages)
         return a is not None and blocks(self.state, a)
 
+    def may_self_swap(self, guest_id: int, consumed_pages: int) -> bool:
+        """May a guest whose grant ran out mid-tick host-swap its own pages (ENGINE.md 3.2 step 3)?
+
+        In hard and low, unless low blocks it (above its allocation target):
+        then its request is held until the boundary reclaims.
+        """
+        return self.may_host_swap() and not self.blocks(guest_id, consumed_pages)
+
+    def grows_no_further(self, guest_id: int, consumed_pages: int) -> bool:
+        """Should the next grant give this guest only a floor? (soft and worse, and above its target)"""
+        a = self.allocation(guest_id, consumed_pages)
+        return self.state >= MemState.SOFT and a is not None and a.above_target
+
     def swap_goal_frames(self, free_frames: int) -> int:
         """Frames the boundary reclaim must free: up to the soft threshold in hard and low, else none."""
         if not self.may_host_swap():
@@ -323,6 +336,20 @@ class MemoryStates:
                 "memory_state_ticks": dict(self.ticks_in_state), "memory_state_changes": self.changes,
                 "memory_state_first_tick": dict(self.first_tick_in),
                 "swap_out_pages_by_state": dict(self.swap_out_pages_by_state)}
+
+
+def self_swap_allowed(mem: Any, guest_id: int) -> bool:
+    """``HostMemory.self_swap_allowed`` with memory states: ``MemoryStates.may_self_swap`` for what it holds now.
+
+    (The deterministic engine's hook for a guest whose grant ran out; ``mem``
+    is the ``HostMemory``, whose ``states`` must be set.)
+    """
+    return mem.states.may_self_swap(guest_id, int(mem.p2m(guest_id).counts()["frame"]))
+
+
+def grant_floor_only(mem: Any) -> Any:
+    """The grant planner's ``floor_only(gid)`` with memory states: above target in soft or worse."""
+    return lambda gid: mem.states.grows_no_further(gid, int(mem.p2m(gid).counts()["frame"]))
 
 
 def _describe(state: MemState) -> list[str]:

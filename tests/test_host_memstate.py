@@ -70,6 +70,20 @@ def test_transitions_are_logged_once_each() -> None:
     assert st.summary()["memory_state_changes"] == 5
 
 
+def test_what_the_engine_asks_mid_tick() -> None:
+    st = MemoryStates(100_000, min_free_pct=1.0)
+    st.set_alloc_targets({0: VmAllocation(0, 500, 400), 1: VmAllocation(1, 300, 400)})
+    seen = {}
+    for free in (800, 500, 300, 100):      # clear, soft, hard, low
+        st.update(0, 0.0, free)
+        seen[st.state.label] = ([st.may_self_swap(g, c) for g, c in ((0, 500), (1, 300))],
+                                [st.grows_no_further(g, c) for g, c in ((0, 500), (1, 300))])
+    assert seen == {"clear": ([False, False], [False, False]), "soft": ([False, False], [True, False]),
+                    "hard": ([True, True], [True, False]), "low": ([False, True], [True, False])}
+    # Against what it consumes now: guest 0 back under its target swaps again in low.
+    assert st.may_self_swap(0, 350) and not st.blocks(0, 350)
+
+
 def test_swap_goal_only_in_hard_and_low_up_to_the_soft_threshold() -> None:
     st = MemoryStates(100_000, min_free_pct=1.0)
     for free, goal in [(700, 0), (500, 0), (300, 340), (50, 590)]:
