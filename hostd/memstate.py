@@ -326,6 +326,9 @@ class MemoryStates:
         return max(0, self.thresholds[MemState.SOFT.label] - int(free_frames))
 
     def count_swap_out(self, pages: int, state: MemState | None = None) -> None:
+        """Host swap-outs under ``state`` (default: the boundary's). The tick-end reclaim counts under the
+        boundary's state, an in-tick allocation under the state it leaves the host in, a silent guest's
+        memory under the state the free frames put the host in at that moment."""
         if pages > 0:
             self.swap_out_pages_by_state[(state or self.state).label] += int(pages)
 
