@@ -4,7 +4,8 @@
 
     discipline      the request discipline (``hostd.discipline``: deterministic, arrival, or the lock model)
     silent          silent-guest memory, which wraps the blind victim policy (``hostd.silent``)
-    mem             host memory: victim policy, generator, costs, swap device, the discipline's callout
+    mem             host memory: victim policy, generator, costs, swap device, the discipline's callout,
+                    the ESX memory states and per-VM victims (``hostd.memstate``, ``[host] memory_states``)
     shootdowns      the shootdowns (``hostd.shootdown``), host memory's shootdown callback
     monitors        the host's monitors (``hostd.monitors``), host memory's observer
     invariant       when and how the frame invariant is checked (``hostd.invariant``)
@@ -40,11 +41,13 @@ from .invariant import INVARIANT_MODES, InvariantChecker
 from .machine import Machine
 from .memconfig import balloon_config, host_memory_config
 from .memory import HostMemory
+from .memstate import MemoryStates, MemState, grant_floor_only, self_swap_allowed
 from .monitors import HostMonitors
 from .registry import SessionRegistry
 from .shootdown import Shootdowns
 from .silent import SilentGuestMemory
 from .victim import make_victim_policy
+from .victim.per_vm import PerVmVictims
 from .watchdog import Watchdog
 
 __all__ = ["HostCore", "assemble", "INVARIANT_ENV"]
@@ -105,15 +108,26 @@ def assemble(cfg: RunConfig, sessions: SessionRegistry, *, running: Callable[[],
                           ref_us=costs.mem_ref_us + costs.cpu_us_per_ref))
     # Silent guests' frames go first to host swap; the blind policy decides among the others.
     silent = SilentGuestMemory(make_victim_policy(mem_cfg.victim))
+    states = (MemoryStates(ram_pages, mem_cfg.min_free_pct) if mem_cfg.memory_states == "esx" else None)
+    # One seeded stream per guest, SeedSequence([seed, _HOST_STREAM, gid]): victims within that guest.
+    guest_streams = PerVmVictims(cfg.seed, _HOST_STREAM)
+    vm_victims = guest_streams if states is not None and mem_cfg.victim_scope == "vm" else None
     mem = HostMemory(
         ram_pages, swap_pages, silent.victims,
         np.random.default_rng(np.random.SeedSequence([cfg.seed, _HOST_STREAM])), costs, swap_profile,
-        callout=discipline.memory_callout(), hold=discipline.memory_hold(),
-        guest_rng=lambda gid: np.random.default_rng(np.random.SeedSequence([cfg.seed, _HOST_STREAM, gid])),
-        low_watermark_frames=max(1, int(ram_pages * mem_cfg.low_watermark_pct / 100)),
+        callout=discipline.memory_callout(), hold=discipline.memory_hold(), guest_rng=guest_streams.rng,
+        low_watermark_frames=mem_cfg.low_watermark_frames(
+            ram_pages, None if states is None else states.thresholds[MemState.LOW.label]),
         reclaim_batch_frames=mem_cfg.reclaim_batch_pages, cluster_pages=mem_cfg.cluster_pages,
         vdisk_cache_max_pages=mem_cfg.cache_max_pages,
-        max_inflight_requests=mem_cfg.max_inflight_requests)
+        max_inflight_requests=mem_cfg.max_inflight_requests, states=states, vm_victims=vm_victims)
+    if states is not None:
+        # Mid-tick, a guest whose grant runs out swaps its own pages only where the states allow it,
+        # and a guest above its allocation target in soft or worse gets only a floor of a grant.
+        mem.self_swap_allowed = self_swap_allowed
+        planner = getattr(discipline, "planner", None)
+        if planner is not None:
+            planner.floor_only = grant_floor_only(mem)
     shootdowns = Shootdowns(mem, sessions, discipline, mem_cfg.shootdown_timeout_s,
                             on_answered=silent.guest_answered)
     monitors = HostMonitors(cfg.monitors, mem, cfg.tick_us)

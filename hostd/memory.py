@@ -77,7 +77,9 @@ from .hostswap import PENDING_TOKEN, HostSwap
 from .invariant import check_full
 from .p2m import P2M, PageState, as_page_numbers, one_page_number, one_token, unique_pages
 from .vdisk import CLUSTER_PAGES_DEFAULT, MAX_INFLIGHT_REQUESTS_DEFAULT, VirtualDisk
+from .memstate import MemoryStates, MemState, VmAllocation, plan_boundary_swap, state_of
 from .victim import VictimPolicy, make_victim_policy
+from .victim.per_vm import PerVmVictims
 
 __all__ = ["HostMemory", "HostCounters", "GuestCounters", "Reclaimed", "Shootdown", "MemoryObserver",
            "MAX_BALLOON_FRACTION_DEFAULT", "default_max_balloon_pages"]
@@ -206,7 +208,8 @@ class HostMemory:
                  low_watermark_frames: int | None = None, reclaim_batch_frames: int = 32,
                  cluster_pages: int = CLUSTER_PAGES_DEFAULT, vdisk_cache_max_pages: int | None = None,
                  max_inflight_requests: int = MAX_INFLIGHT_REQUESTS_DEFAULT, hold: Hold | None = None,
-                 guest_rng: Callable[[int], np.random.Generator] | None = None) -> None:
+                 guest_rng: Callable[[int], np.random.Generator] | None = None,
+                 states: MemoryStates | None = None, vm_victims: PerVmVictims | None = None) -> None:
         self.pool = FramePool(total_frames)
         self.swap = HostSwap(swap_slots, swap_profile)
         self._victim: VictimPolicy = make_victim_policy(victim) if isinstance(victim, str) else victim
@@ -228,6 +231,10 @@ class HostMemory:
         self._departed_vdisk: dict[str, float] = {}   # disk counters of guests that are gone
         self._evictions_pending = 0
         self._eviction_settled = asyncio.Event()
+        # ESX memory states: with them, the tick-end reclaim runs by state (``balance``); with
+        # ``vm_victims`` too, it swaps from the VMs furthest above their allocation targets.
+        self.states = states
+        self._vm_victims = vm_victims
         self._hold: Hold | None = hold
         self._guest_rng = guest_rng or (lambda gid: np.random.default_rng([_GUEST_STREAM_DEFAULT, gid]))
         self.boundary_free_frames = total_frames    # free at the last tick start, before its grants, less held needs
@@ -288,6 +295,10 @@ class HostMemory:
         frames = self.pool.frames_owned_by(guest_id)
         self.pool.free(frames[~self.pool.busy[frames]])
         self.swap.free(self.swap.slots_owned_by(guest_id))
+        if self._vm_victims is not None:
+            self._vm_victims.forget(guest_id)
+        if self.states is not None:
+            self.states.guest_gone(guest_id)
 
     def guest_ids(self) -> list[int]:
         return sorted(self._guests)
@@ -519,7 +530,7 @@ class HostMemory:
         target = min(need + self.low_watermark_frames, self.pool.total_frames)
         while self.pool.free_frames < target:
             want = max(target - self.pool.free_frames, self.reclaim_batch_frames)
-            got = await self.reclaim(want, vt_us)
+            got = await self.reclaim(want, vt_us, self._state_after(need))
             done_us = max(done_us, got.done_vt_us)
             if got.freed_frames:
                 fruitless = 0
@@ -599,6 +610,8 @@ class HostMemory:
         self.counters.reclaim_frames += freed
         self.counters.self_reclaim_pages += freed
         g.counters.self_swap_pages += freed
+        if self.states is not None:
+            self.states.count_swap_out(freed, self.states.state)
         return Reclaimed(freed, done_us)
 
     def count_grant(self, guest_id: int, frames: int) -> None:
@@ -608,7 +621,17 @@ class HostMemory:
         if g is not None:
             g.counters.grant_pages += frames
 
-    async def reclaim(self, n_frames: int, vt_us: float) -> Reclaimed:
+    def _state_after(self, need: int) -> MemState | None:
+        """The memory state an allocation of ``need`` frames would leave the host in (None: no states).
+
+        In-tick swapping is counted under it: the allocation is what drives
+        free memory below the watermark (the low state's threshold, with states).
+        """
+        if self.states is None:
+            return None
+        return state_of(max(self.pool.free_frames - need, 0), self.states.min_free_frames)
+
+    async def reclaim(self, n_frames: int, vt_us: float, state: MemState | None = None) -> Reclaimed:
         """Host swapping of up to ``n_frames``: the victim policy picks, blind.
 
         Cache victims are host-owned and go to swap at once. Guest victims are
@@ -617,11 +640,23 @@ class HostMemory:
         run concurrently; results are applied in guest-id order, so the
         outcome does not depend on who answers first.
         """
-        self.counters.reclaim_calls += 1
         n = min(int(n_frames), self.swap.free_slots)
         victims = self._victim.pick(self.pool, n, self.rng) if n > 0 else np.zeros(0, np.int64)
+        return await self.reclaim_victims(victims, vt_us, state)
+
+    async def reclaim_victims(self, victims: np.ndarray, vt_us: float, state: MemState | None = None) -> Reclaimed:
+        """Host-swap these frames (evictable guest or cache frames, distinct; as many as free slots).
+
+        ``state`` is the memory state the swapping is counted under
+        (``MemoryStates.swap_out_pages_by_state``); None: the state that the
+        free frames right now put the host in.
+        """
+        self.counters.reclaim_calls += 1
+        victims = np.asarray(victims, np.int64)[:self.swap.free_slots]
         if victims.size == 0:
             return Reclaimed(0, float(vt_us))
+        if self.states is not None and state is None:
+            state = state_of(self.pool.free_frames, self.states.min_free_frames)
         slots = self.swap.alloc(victims.size)       # reserved now: concurrent reclaims must not take them
         kinds = self.pool.kind[victims]
         done_us = float(vt_us)
@@ -643,6 +678,8 @@ class HostMemory:
             freed += freed_guests
             done_us = max(done_us, done_guests)
         self.counters.reclaim_frames += freed
+        if self.states is not None:
+            self.states.count_swap_out(freed, state)
         return Reclaimed(freed, done_us)
 
     async def _evict_guest_frames(self, frames: np.ndarray, slots: np.ndarray, vt_us: float) -> tuple[int, float]:
@@ -720,16 +757,47 @@ class HostMemory:
             await self._eviction_settled.wait()
 
     async def balance(self, vt_us: float, extra_frames: int = 0) -> Reclaimed:
-        """Background reclaim (kswapd): bring free frames up to twice the low watermark (+ ``extra_frames``).
+        """The tick-end reclaim; charged to no vCPU.
 
-        Charged to no vCPU; call it from the tick loop if wanted. ``extra_frames``:
-        what requests held across the tick boundary still need.
+        Without memory states (kswapd): bring free frames up to twice the
+        low watermark, blind. With them (ESX, ``hostd.memstate``): only in
+        the hard and low states, host-swap until free frames reach the soft
+        threshold, from the VMs furthest above their allocation targets
+        (random victims within each VM, from its own stream), or blind over
+        the whole host when there are no per-VM victims
+        (``[host] victim_scope = "global"``). ``extra_frames``: frames
+        requests held across the boundary still need, on top (in any state:
+        they must be served at the next tick's start).
         """
-        high = min(2 * self.low_watermark_frames + max(0, int(extra_frames)), self.pool.total_frames)
-        want = high - self.pool.free_frames
+        extra = max(0, int(extra_frames))
+        if self.states is None:
+            high = min(2 * self.low_watermark_frames + extra, self.pool.total_frames)
+            want = high - self.pool.free_frames
+            if want <= 0:
+                return Reclaimed(0, float(vt_us))
+            return await self.reclaim(want, vt_us)
+        state = self.states.state
+        want = max(self.states.swap_goal_frames(self.pool.free_frames - extra), extra - self.pool.free_frames)
         if want <= 0:
             return Reclaimed(0, float(vt_us))
-        return await self.reclaim(want, vt_us)
+        if self._vm_victims is None:
+            return await self.reclaim(want, vt_us, state)
+        plan = plan_boundary_swap(min(want, self.swap.free_slots), self.vm_allocations(),
+                                  {gid: self._vm_victims.evictable_count(self.pool, g.p2m)
+                                   for gid, g in self._guests.items()})
+        picked = [self._vm_victims.pick(self.pool, self._guests[gid].p2m, gid, n)
+                  for gid, n in sorted(plan.items()) if n > 0]
+        victims = np.concatenate(picked) if picked else np.zeros(0, np.int64)
+        return await self.reclaim_victims(victims, vt_us, state)
+
+    def vm_allocations(self) -> list[VmAllocation]:
+        """Every guest's host frames against its allocation target (its consumption when it has none yet)."""
+        out = []
+        for gid, g in self._guests.items():
+            consumed = int(g.p2m.counts()["frame"])
+            a = self.states.allocation(gid, consumed) if self.states is not None else None
+            out.append(a if a is not None else VmAllocation(gid, consumed, consumed))
+        return out
 
     # -- balloon -------------------------------------------------------------------
 
