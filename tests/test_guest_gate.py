@@ -95,7 +95,7 @@ def guest_config(**costs: float) -> dict[str, Any]:
             "regions": [{"name": "db", "kind": "file", "mib": 1.5}, {"name": "heap", "kind": "anon", "mib": 1}],
             "workload": [{"kind": "db", "region": "db", "weight": 2, "write_frac": 0.1},
                          {"kind": "anon-hot", "region": "heap", "weight": 1}],
-            "costs": {"cpu_us_per_ref": 0.9, **costs}, "metrics_every_ticks": 1000}
+            "costs": {"cpu_us_per_ref": 0.9, **costs}, "metrics_every_ticks": 1000, "dirty_background_ratio": 10}
 
 
 async def run_guest(latency_us: float, ticks: int, prepare: Any = None, **costs: float) -> tuple[Any, FakeHost]:
