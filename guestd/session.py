@@ -142,6 +142,7 @@ class GuestSessionState:
         self.ticks_run += 1
         self.psi.advance(vt_us)
         stats = self.stats()
+        self._refs_at_park = int(stats["refs"])
         stats["tick_vt_us"] = round(float(vt_us), 3)
         # the part of the overshoot past the tick's end that a request in flight at the gate explains
         stats["tick_inflight_us"] = round(self.link.inflight_us(self.gate.gate_us), 3) if self.link else 0.0
@@ -155,9 +156,7 @@ class GuestSessionState:
         s = dict(self.kernel.stats())
         s.update(self.balloon.stats())
         s.update(self.psi.stats())
-        refs = int(s["refs"])
-        s["refs_done"] = refs - self._refs_at_park      # completed since the last TickDone
-        self._refs_at_park = refs
+        s["refs_done"] = int(s["refs"]) - self._refs_at_park      # completed since the last TickDone
         s["carried_refs"] = self.carried_refs
         s["gate_parks_in_request"] = self.gate.parks_in_request
         s["vt_us"] = round(float(self.kernel.vt_us), 3)
