@@ -123,6 +123,8 @@ async def test_requests_stay_in_their_tick_and_tick_done_lies_within_the_bound()
     assert s["major_faults"] > 100 and s["writebacks"] > 10 and s["ept_fault_calls"] > 0, s   # it really pages
     assert host.requests and not host.outside, host.outside[:5]
     assert [t for t, _, _ in host.tick_done] == list(range(100))
+    # refs_done: the references of each tick, adding up to the total
+    assert sum(st_["refs_done"] for _, _, st_ in host.tick_done) == host.tick_done[-1][2]["refs"]
     for tick, vt, stats in host.tick_done:
         end = (tick + 1) * TICK_US
         assert vt >= end, (tick, vt)
