@@ -105,7 +105,10 @@ def assemble(cfg: RunConfig, sessions: SessionRegistry, *, running: Callable[[],
         DisciplineContext(sessions=sessions, running=running, stop=stop, clock=clock,
                           hypercall_us=costs.hypercall_us, shootdown_timeout_s=mem_cfg.shootdown_timeout_s,
                           count_done=count_done, tick_us=float(cfg.tick_us),
-                          ref_us=costs.mem_ref_us + costs.cpu_us_per_ref))
+                          ref_us=costs.mem_ref_us + costs.cpu_us_per_ref,
+                          # what else a vCPU may finish past its gate: a fault's own work between two of its
+                          # requests, and one 256-PFN balloon round (proto/README.md, "The overshoot bound")
+                          overshoot_us=costs.minor_fault_us + costs.page_zero_us + 256 * costs.balloon_page_us))
     # Silent guests' frames go first to host swap; the blind policy decides among the others.
     silent = SilentGuestMemory(make_victim_policy(mem_cfg.victim))
     states = (MemoryStates(ram_pages, mem_cfg.min_free_pct) if mem_cfg.memory_states == "esx" else None)

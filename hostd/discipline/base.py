@@ -59,6 +59,7 @@ class DisciplineContext:
     count_done: Callable[[int], None] = lambda gid: None   # the host counts the guest done with this tick
     tick_us: float = 10_000.0
     ref_us: float = 0.0                      # one reference's cost (mem_ref_us + cpu_us_per_ref)
+    overshoot_us: float = 0.0                # past the gate beyond one reference (zero fill, a balloon round)
 
 
 class RequestDiscipline(Protocol):

@@ -311,7 +311,7 @@ class DeterministicOrder(DisciplineBase):
         if lane is not None:
             lane.done = True
             over = float(vt_us) - max(self._tick_end_us, lane.last_done_us)
-            if over > self.ctx.ref_us + 1e-6:
+            if over > self.ctx.ref_us + self.ctx.overshoot_us + 1e-6:
                 self.tick_done_late += 1
                 self.max_tick_done_over_us = max(self.max_tick_done_over_us, over)
         self._parked()
