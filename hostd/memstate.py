@@ -307,17 +307,35 @@ class MemoryStates:
         return a is not None and blocks(self.state, a)
 
     def may_self_swap(self, guest_id: int, consumed_pages: int) -> bool:
-        """May a guest whose grant ran out mid-tick host-swap its own pages (ENGINE.md 3.2 step 3)?
+        """May a guest whose grant ran out mid-tick host-swap its own pages?
 
-        In hard and low, unless low blocks it (above its allocation target):
-        then its request is held until the boundary reclaims.
+        Whenever the host is below minFree (clear or worse), unless low blocks
+        it (above its allocation target): then its request is held until the
+        boundary reclaims. Every free frame is granted at the tick start, so a
+        guest that used up its share of scarce memory is, for its own
+        partition, at zero free memory: ESX would be in low for it, swapping
+        (and blocking the VMs above target). Waiting for the boundary instead
+        starves it: free memory, retired I/O buffers refilling it at each
+        boundary, never falls to hard, where the boundary would swap, and the
+        guest crawls at one grant a tick (measured: 8 of 40 ticks finished by
+        two thrashing guests when only hard/low allowed it, 20 with soft, 38
+        with clear). In high, a guest beyond its share waits for a refill
+        round: memory is still free elsewhere. The boundary's own reclaim
+        still swaps only in hard and low.
         """
-        return self.may_host_swap() and not self.blocks(guest_id, consumed_pages)
+        return self.state >= MemState.CLEAR and not self.blocks(guest_id, consumed_pages)
 
     def grows_no_further(self, guest_id: int, consumed_pages: int) -> bool:
-        """Should the next grant give this guest only a floor? (soft and worse, and above its target)"""
+        """Should the next grant give this guest only a floor? (hard and worse, and above its target)
+
+        Not in soft: there a guest may not swap its own pages (only the
+        balloon reclaims), so a floor would hold its requests at every
+        boundary while free memory, which nobody takes, never falls to hard
+        where swapping could start -- the guest would crawl at one request a
+        tick. ESX lets VMs allocate in soft and blocks only in low.
+        """
         a = self.allocation(guest_id, consumed_pages)
-        return self.state >= MemState.SOFT and a is not None and a.above_target
+        return self.state >= MemState.HARD and a is not None and a.above_target
 
     def swap_goal_frames(self, free_frames: int) -> int:
         """Frames the boundary reclaim must free: up to the soft threshold in hard and low, else none."""
@@ -351,7 +369,7 @@ def self_swap_allowed(mem: Any, guest_id: int) -> bool:
 
 
 def grant_floor_only(mem: Any) -> Any:
-    """The grant planner's ``floor_only(gid)`` with memory states: above target in soft or worse."""
+    """The grant planner's ``floor_only(gid)`` with memory states: above target in hard or worse."""
     return lambda gid: mem.states.grows_no_further(gid, int(mem.p2m(gid).counts()["frame"]))
 
 

@@ -63,10 +63,15 @@ def test_a_thrashing_run_keeps_every_guest_within_its_tick(tmp_path: Path) -> No
     ref_us = costs.mem_ref_us + costs.cpu_us_per_ref
     zero_fill_us = costs.minor_fault_us + costs.page_zero_us
     worst = 0.0
+    host_fin = events_named(read_jsonl(run_dir / "host.jsonl"), "run_finished")[0]
+    skipped = 0
     for gid in (0, 1):
         lines = read_jsonl(run_dir / f"guest-{gid}.jsonl")
         ticks = events_named(lines, "tick_completed")
-        assert [e["tick"] for e in ticks] == list(range(40))
+        seen = [e["tick"] for e in ticks]
+        # A guest owes no TickDone for a tick in which the host held its request across the boundary.
+        assert seen == sorted(set(seen)) and seen[-1] == 39, seen
+        skipped += 40 - len(seen)
         for e in ticks[:-1]:     # in the last tick a fault in flight completes first (the audit): guestd/gate.py
             end = (e["tick"] + 1) * TICK_US
             over = e["tick_vt_us"] - end
@@ -82,6 +87,7 @@ def test_a_thrashing_run_keeps_every_guest_within_its_tick(tmp_path: Path) -> No
         busy = fin["refs"] * ref_us + fin["minor_faults"] * zero_fill_us
         assert fin["psi_some_us"] == pytest.approx(fin["vt_us"] - busy, rel=1e-6, abs=1.0)
         assert fin["lost_pages"] == 0
+    assert skipped <= host_fin.get("held_across_boundary", 0), (skipped, host_fin.get("held_across_boundary"))
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["variants"]["default"]["lost_pages"] == 0
     assert worst < TICK_US      # a request in flight, not whole batches of faults

@@ -78,7 +78,7 @@ def test_what_the_engine_asks_mid_tick() -> None:
         st.update(0, 0.0, free)
         seen[st.state.label] = ([st.may_self_swap(g, c) for g, c in ((0, 500), (1, 300))],
                                 [st.grows_no_further(g, c) for g, c in ((0, 500), (1, 300))])
-    assert seen == {"clear": ([False, False], [False, False]), "soft": ([False, False], [True, False]),
+    assert seen == {"clear": ([True, True], [False, False]), "soft": ([True, True], [False, False]),
                     "hard": ([True, True], [True, False]), "low": ([False, True], [True, False])}
     # Against what it consumes now: guest 0 back under its target swaps again in low.
     assert st.may_self_swap(0, 350) and not st.blocks(0, 350)

