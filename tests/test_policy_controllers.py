@@ -57,12 +57,47 @@ def test_squeezed_sets_freeing_targets_first_then_allocating_ones() -> None:
     assert out[2].code == "allocation_phase" and out[2].target_pages == 1000 - want[2]
 
 
-def test_squeezed_acts_once_per_period_of_virtual_time() -> None:
-    ctl = make_controller("squeezed", {"period_s": 0.5})
-    g = guest(1)
-    assert ctl.decide(at(g, vt_s=0.0)) is not None
-    assert ctl.decide(at(g, vt_s=0.49)) is None
-    assert ctl.decide(at(g, vt_s=0.5)) is not None
+def test_squeezed_iterates_every_period_within_a_call_and_checks_again_after_balance_check_s() -> None:
+    ctl = make_controller("squeezed", {"period_s": 0.5, "balance_check_s": 10.0, "host_free_target_mib": 0.0})
+    asked = guest(1, ram=1000, target=0)                  # on a host of 800 frames it must give memory
+    first = ctl.decide(at(asked, total=800, vt_s=0.0))
+    assert first[1].code == "freeing_phase" and first[1].inputs["balancing_call"] == 1
+    assert ctl.decide(at(asked, total=800, vt_s=0.49)) is None
+    moving = guest(1, ram=1000, target=first[1].target_pages, actual=10)   # on its way
+    assert ctl.decide(at(moving, total=800, vt_s=0.5))[1].code == "target_stands"
+    there = guest(1, ram=1000, target=first[1].target_pages)
+    done = ctl.decide(at(there, total=800, vt_s=1.0))[1]
+    assert done.code == "balanced" and "next check in 10 s" in done.reason
+    # Between calls nothing is decided, however the host changes; the next check is 10 s after the call ended.
+    assert ctl.decide(at(there, total=700, vt_s=5.0)) is None
+    again = ctl.decide(at(there, total=700, vt_s=11.0))[1]
+    assert again.code == "freeing_phase" and again.inputs["balancing_call"] == 2
+
+
+def test_each_balancing_call_judges_stuckness_afresh() -> None:
+    ctl = make_controller("squeezed", {"period_s": 1.0, "balance_check_s": 2.0, "host_free_target_mib": 0.0,
+                                       "inaccuracy_pages": 0})
+    b = ctl.decide(at(guest(1, ram=1000), guest(2, ram=1000), total=1400, vt_s=0.0))
+    targets = {g: b[g].target_pages for g in (1, 2)}
+    codes = []
+    for t in range(1, 8):     # guest 1 never moves, guest 2 follows at once
+        out = ctl.decide(at(guest(1, ram=1000, target=targets[1], actual=0),
+                            guest(2, ram=1000, target=targets[2]), total=1400, vt_s=float(t)))
+        if out is None:
+            codes.append(None)
+            continue
+        targets = {g: out[g].target_pages for g in (1, 2)}
+        codes.append(out[1].code)
+    assert codes[:6] == ["target_stands"] * 5 + ["stuck"]
+    # The call goes on with guest 2 alone until it is balanced, then a new call counts guest 1 in again.
+    later = [c for c in codes[6:] if c is not None]
+    for t in range(8, 14):
+        out = ctl.decide(at(guest(1, ram=1000, target=targets[1], actual=0),
+                            guest(2, ram=1000, target=targets[2]), total=1400, vt_s=float(t)))
+        if out is not None:
+            targets = {g: out[g].target_pages for g in (1, 2)}
+            later.append(out[1].code)
+    assert "stuck_excluded" in later and later[-1] not in ("stuck", "stuck_excluded"), later
 
 
 def test_stuckness_monitor_needs_five_seconds_without_progress_toward_a_request() -> None:

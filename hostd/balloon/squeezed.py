@@ -10,13 +10,18 @@ Per guest: ``dynamic_max`` (``dynamic_max_fraction`` of its RAM, default
 1: static max) and ``dynamic_min`` (``dynamic_min_fraction``, default 0.25:
 XenServer refuses a dynamic min below a quarter of static max; never below
 what the host's largest balloon allows, ``ram - max_balloon_pages``).
-Every ``period_s`` of virtual time (squeezed's loop waits 1 s between
-iterations) one iteration:
+
+squeezed's balancing thread checks every ``balance_check_s`` (10 s) whether
+a fresh iteration would change a target; if so it runs a balancing call
+(``change_host_free_memory``): one iteration every ``period_s`` (the loop
+waits 1 s) until every active guest has reached its target and none would
+change. One iteration:
 
 - host free memory as Xen counts it: host RAM minus the host's disk cache
-  and I/O buffers minus every guest's current memory (``ram - actual
-  balloon``), backed or not -- Xen does not overcommit, so a guest's
-  memory is the host's whether the host has faulted it in or not;
+  and I/O buffers (the host's own memory, as dom0's is in Xen) minus every
+  guest's current memory (``ram - actual balloon``), backed or not -- Xen
+  does not overcommit, so a guest's memory is the host's whether the host
+  has faulted it in or not;
 - ``min_freeable = max(0, actual - dynamic_min - 2 * inaccuracy)``;
   ``surplus = max(0, free + sum(min_freeable) - host_free_target)`` over the
   active guests, ``gamma = surplus / sum(dynamic_max - dynamic_min)``
@@ -27,18 +32,19 @@ iterations) one iteration:
   and the others wait; once none does, the allocating ones are set;
 - stuck: a guest asked to move (actual more than ``inaccuracy`` from its
   target) that has not moved toward it for more than ``stuck_after_s``
-  virtual seconds is declared inactive, left out of gamma's sums (the
-  others are squeezed harder) and its target clipped to
+  virtual seconds of the call is declared inactive, left out of gamma's
+  sums (the others are squeezed harder) and its target clipped to
   ``min(target, actual)`` within [dynamic_min, dynamic_max] (it may free
-  memory later, never take more); it is active again as soon as it moves
-  toward its target.
+  memory later, never take more). It is active again when it is seen
+  moving toward a target, or at the next call (each call starts from a
+  fresh ``Squeezer``, as squeezed's does).
 
 Defaults, all from the source: ``host_free_target_mib`` 9 (the 1 MiB low
 memory emergency pool + 8 MiB ``extra_mem_to_keep``), ``inaccuracy_pages``
 1 (4 KiB), ``stuck_after_s`` 5 (``assume_balloon_driver_stuck_after``),
-``period_s`` 1. What is left out: the 10 s ``balance_check_interval`` (an
-iteration that changes nothing is a hold here), reservations for new
-domains, dom0 management.
+``period_s`` 1, ``balance_check_s`` 10 (``squeezed.conf``), the 512 KiB
+``free_memory_tolerance`` of the success test. Left out: reservations for
+new domains and dom0 management.
 """
 from __future__ import annotations
 
@@ -57,6 +63,7 @@ __all__ = ["SqueezedBalloon", "Domain", "StucknessMonitor", "squeeze_gamma", "pr
            "xen_free_pages", "min_freeable"]
 
 _PAGES_PER_MIB = (1 << 20) // PAGE_BYTES
+_TOLERANCE_KIB = 512   # squeeze_xen.ml free_memory_tolerance_kib: "no need to be too exact"
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,26 +159,31 @@ class SqueezedBalloon(ControllerBase):
     name = "squeezed"
 
     def __init__(self, dynamic_min_fraction: float, dynamic_max_fraction: float, host_free_target_mib: float,
-                 inaccuracy_pages: int, stuck_after_s: float, period_s: float) -> None:
+                 inaccuracy_pages: int, stuck_after_s: float, period_s: float, balance_check_s: float) -> None:
         self.dynamic_min_fraction = dynamic_min_fraction
         self.dynamic_max_fraction = dynamic_max_fraction
         self.host_free_target_pages = int(round(host_free_target_mib * _PAGES_PER_MIB))
         self.inaccuracy = inaccuracy_pages
+        self.tolerance_pages = _TOLERANCE_KIB * 1024 // PAGE_BYTES
         self.stuck_after_s = stuck_after_s
         self.period_s = period_s
+        self.balance_check_s = balance_check_s
         self.monitor = StucknessMonitor(stuck_after_s, inaccuracy_pages)
         self.non_active: set[int] = set()
-        self._next_s: float | None = None
+        self.in_call = False                     # inside one change_host_free_memory loop
+        self.calls = 0
+        self._next_s: float | None = None        # next iteration (every period_s within a call)
+        self._next_check_s: float | None = None  # next balance check once a call is over
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any]) -> "SqueezedBalloon":
         p = parse_params(cls.name, params, {
             "dynamic_min_fraction": (float, 0.25), "dynamic_max_fraction": (float, 1.0),
             "host_free_target_mib": (float, 9.0), "inaccuracy_pages": (int, 1), "stuck_after_s": (float, 5.0),
-            "period_s": (float, 1.0)})
+            "period_s": (float, 1.0), "balance_check_s": (float, 10.0)})
         check_fraction(cls.name, "dynamic_min_fraction", p["dynamic_min_fraction"])
         check_fraction(cls.name, "dynamic_max_fraction", p["dynamic_max_fraction"])
-        for name in ("host_free_target_mib", "inaccuracy_pages", "stuck_after_s"):
+        for name in ("host_free_target_mib", "inaccuracy_pages", "stuck_after_s", "balance_check_s"):
             check_non_negative(cls.name, name, p[name])
         if p["dynamic_min_fraction"] > p["dynamic_max_fraction"]:
             raise PolicyConfigError(f"balloon policy 'squeezed': dynamic_min_fraction {p['dynamic_min_fraction']} "
@@ -190,6 +202,14 @@ class SqueezedBalloon(ControllerBase):
         now_s = view.vt_us / 1e6
         if not view.guests or (self._next_s is not None and now_s < self._next_s):
             return None
+        if not self.in_call:
+            if self._next_check_s is not None and now_s < self._next_check_s:
+                return None
+            # A balancing call starts from a fresh Squeezer: stuckness is judged within one call only.
+            self.in_call = True
+            self.calls += 1
+            self.monitor = StucknessMonitor(self.stuck_after_s, self.inaccuracy)
+            self.non_active = set()
         self._next_s = now_s + self.period_s
         guests = {g.guest_id: g for g in view.guests}
         domains = [self.domain(g) for g in view.guests]
@@ -203,9 +223,18 @@ class SqueezedBalloon(ControllerBase):
         freeing = {d.domid for d in active
                    if direction(self.inaccuracy, d.actual, wanted[d.domid]) is not None and wanted[d.domid] < d.actual}
         phase = "freeing" if freeing else "allocation"
+        selected = freeing if freeing else {d.domid for d in active} - freeing
+        # Squeezer.one_iteration: the call is over once every active guest has reached its target and no target
+        # would change (success, or failure naming the stuck guests); the next check comes balance_check_s later.
+        changes = any(wanted[d.domid] != d.target for d in active if d.domid in selected)
+        reached = all(direction(self.inaccuracy, d.actual, d.target) is None for d in active)
+        done = reached and not changes and not declared_inactive
+        if done:
+            self.in_call = False
+            self._next_check_s = now_s + self.balance_check_s
         host = {"xen_free_pages": free, "host_free_target_pages": self.host_free_target_pages,
                 "surplus_pages": surplus, "gamma": gamma, "active_guests": len(active),
-                "total_range_pages": sum(d.range for d in active)}
+                "total_range_pages": sum(d.range for d in active), "balancing_call": self.calls}
         out: dict[int, Decision] = {}
         for d in domains:
             g = guests[d.domid]
@@ -219,19 +248,29 @@ class SqueezedBalloon(ControllerBase):
                     f"no progress toward its target ({d.target} pages of memory, holds {d.actual}) for "
                     f"{self.monitor.idle_s(d.domid, now_s):.2f} s > {self.stuck_after_s:g} s: declared stuck, left "
                     f"out of the squeeze; its memory clipped to min(target, actual) = {mem} pages"), inputs)
-            elif d.domid in non_active:
+                continue
+            if d.domid in non_active:
                 out[d.domid] = hold(g, "stuck_excluded", (
-                    f"still stuck (no progress for {self.monitor.idle_s(d.domid, now_s):.2f} s): excluded; "
-                    f"gamma {gamma:.3f} over the {len(active)} active guest(s)"), **inputs)
+                    f"stuck in this balancing call (no progress for {self.monitor.idle_s(d.domid, now_s):.2f} s): "
+                    f"excluded; gamma {gamma:.3f} over the {len(active)} active guest(s)"), **inputs)
+                continue
+            mem = wanted[d.domid]
+            inputs["memory_wanted_pages"] = mem
+            why = (f"gamma = surplus {surplus} / range {host['total_range_pages']} = {gamma:.3f} "
+                   f"(Xen free {free}, host target {self.host_free_target_pages}): memory "
+                   f"{d.dynamic_min} + {gamma:.3f} x {d.range} = {mem} pages")
+            if done:
+                result = ("host free within tolerance" if free - self.host_free_target_pages < self.tolerance_pages
+                          else "cannot do better within the dynamic ranges")
+                out[d.domid] = hold(g, "balanced", f"{why}; every target reached, none to change: balancing "
+                                    f"call {self.calls} over ({result}), next check in {self.balance_check_s:g} s",
+                                    **inputs)
+            elif d.domid not in selected:
+                out[d.domid] = hold(g, "waiting_for_freeing", f"{why}; it allocates, so it waits until the "
+                                    f"{len(freeing)} freeing guest(s) have their targets", **inputs)
+            elif mem == d.target:
+                out[d.domid] = hold(g, "target_stands", f"{why}: its target already ({phase} phase; it holds "
+                                    f"{d.actual})", **inputs)
             else:
-                mem = wanted[d.domid]
-                inputs["memory_wanted_pages"] = mem
-                why = (f"gamma = surplus {surplus} / range {host['total_range_pages']} = {gamma:.3f} "
-                       f"(Xen free {free}, host target {self.host_free_target_pages}): memory "
-                       f"{d.dynamic_min} + {gamma:.3f} x {d.range} = {mem} pages")
-                if phase == "freeing" and d.domid not in freeing:
-                    out[d.domid] = hold(g, "waiting_for_freeing", f"{why}; it allocates, so it waits until the "
-                                        f"{len(freeing)} freeing guest(s) have their targets", **inputs)
-                else:
-                    out[d.domid] = Decision(g.ram_pages - mem, f"{phase}_phase", f"{why}; {phase} phase", inputs)
+                out[d.domid] = Decision(g.ram_pages - mem, f"{phase}_phase", f"{why}; {phase} phase", inputs)
         return out
