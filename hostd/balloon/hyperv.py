@@ -20,8 +20,8 @@ Per guest (memory in pages; the balloon target is ``ram - assigned``):
 - it asks for ``demand x (1 + buffer / 100)`` within [minimum, maximum]
   (startup RAM at boot: the balloon starts at ``ram - startup``).
 
-Every ``period_s`` (Hyper-V rebalances about once a second) the host's
-memory for guests -- RAM minus disk cache, I/O buffers and
+Every ``period_s`` (1 s: ours; how often the balancer runs is not
+documented) the host's memory for guests -- RAM minus disk cache, I/O buffers and
 ``host_reserve_mib`` -- is given out: every guest gets its minimum; if the
 requests fit, each gets its request; if not, first toward each guest's
 demand, then toward its buffer, each round split in proportion to weight
@@ -34,7 +34,7 @@ Defaults: ``buffer_percent`` 20, ``weight`` 50 (per guest:
 largest balloon, ``ram - max_balloon_pages``; Hyper-V's own default of
 512 MB is larger than these guests), ``maximum_fraction`` 1 and
 ``startup_fraction`` 1 (the guest's configured RAM), ``host_reserve_mib``
-0, ``period_s`` 1.
+0, ``period_s`` 1 (ours).
 """
 from __future__ import annotations
 
