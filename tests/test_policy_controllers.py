@@ -280,3 +280,10 @@ def test_senpai_without_bound_costs_uses_the_default_cost_model() -> None:
     given = make_controller("senpai", {"ref_cost_us": 7.0}, costs=CostModel(mem_ref_us=2.5))
     assert given.ref_cost_us == 7.0
     assert math.isclose(make_controller("senpai", {"time_scale": 0.1}).pressure_us, 1000.0)
+
+
+def test_xen_free_counts_the_disk_cache_and_every_guests_memory_but_not_io_buffers() -> None:
+    from balloonlab.hostd.balloon.squeezed import xen_free_pages
+    gs = [guest(1, ram=1000, target=300), guest(2, ram=1000, target=0)]       # memory 700 + 1000
+    v = HostView(tick=0, vt_us=0.0, total_frames=3000, free_frames=0, cache_pages=200, iobuf_pages=500, guests=gs)
+    assert xen_free_pages(v) == 3000 - 200 - 1700

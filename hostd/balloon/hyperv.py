@@ -21,8 +21,9 @@ Per guest (memory in pages; the balloon target is ``ram - assigned``):
   (startup RAM at boot: the balloon starts at ``ram - startup``).
 
 Every ``period_s`` (1 s: ours; how often the balancer runs is not
-documented) the host's memory for guests -- RAM minus disk cache, I/O buffers and
-``host_reserve_mib`` -- is given out: every guest gets its minimum; if the
+documented) the host's memory for guests -- RAM minus the disk cache and
+``host_reserve_mib``; the transient I/O buffers are left out, as squeezed
+does -- is given out: every guest gets its minimum; if the
 requests fit, each gets its request; if not, first toward each guest's
 demand, then toward its buffer, each round split in proportion to weight
 (water-filling: a guest never gets more than it asked for, what it cannot
@@ -190,7 +191,7 @@ class HyperVBalloon(ControllerBase):
         request = np.array([requested_pages(d, self.buffer_percent, int(lo), int(hi))
                             for d, lo, hi in zip(demand, minimum, maximum)], np.float64)
         weight = np.array([self.weights.get(g.guest_id, self.weight) for g in guests], np.float64)
-        budget = view.total_frames - view.cache_pages - view.iobuf_pages - self.host_reserve_pages
+        budget = view.total_frames - view.cache_pages - self.host_reserve_pages
         got, how = self.assign(budget, minimum, demand, request, weight)
         out: dict[int, Decision] = {}
         for i, g in enumerate(guests):

@@ -18,10 +18,13 @@ waits 1 s) until every active guest has reached its target and none would
 change. One iteration:
 
 - host free memory as Xen counts it: host RAM minus the host's disk cache
-  and I/O buffers (the host's own memory, as dom0's is in Xen) minus every
-  guest's current memory (``ram - actual balloon``), backed or not -- Xen
-  does not overcommit, so a guest's memory is the host's whether the host
-  has faulted it in or not;
+  (the host's own memory, as dom0's is in Xen) minus every guest's current
+  memory (``ram - actual balloon``), backed or not -- Xen does not
+  overcommit, so a guest's memory is the host's whether the host has
+  faulted it in or not. The host's I/O buffers are left out: they come and
+  go with the guests' disk I/O (in Xen they live in dom0's fixed memory),
+  and counting them would squeeze every guest harder whenever a squeezed
+  guest thrashes, which fills them;
 - ``min_freeable = max(0, actual - dynamic_min - 2 * inaccuracy)``;
   ``surplus = max(0, free + sum(min_freeable) - host_free_target)`` over the
   active guests, ``gamma = surplus / sum(dynamic_max - dynamic_min)``
@@ -116,8 +119,7 @@ def proportional_targets(domains: Sequence[Domain], free_pages: int, host_free_t
 
 def xen_free_pages(view: HostView) -> int:
     """Host free memory as Xen counts it: every page a guest may use is taken, faulted in or not."""
-    return (view.total_frames - view.cache_pages - view.iobuf_pages
-            - sum(g.ram_pages - g.actual_pages for g in view.guests))
+    return view.total_frames - view.cache_pages - sum(g.ram_pages - g.actual_pages for g in view.guests)
 
 
 class StucknessMonitor:
