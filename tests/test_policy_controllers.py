@@ -180,6 +180,11 @@ def test_hyperv_assigns_demand_plus_buffer_when_it_fits() -> None:
     assert out[1].code == "requests_fit" and out[1].target_pages == 1000 - 600     # (400 + 100) x 1.2
     assert out[2].target_pages == 1000 - 350      # (200 + 50) x 1.2 = 300, below the minimum 350 (max balloon 650)
     assert out[1].inputs["pressure"] == pytest.approx(50.0)     # 500 demanded of 1000 assigned
+    # Committed memory counts anonymous pages the guest swapped out too: demand may exceed what it holds.
+    swapped = guest(1, ram=1000, target=400, anon_pages=500, swap_used=300, kernel_pages=100)
+    d = ctl.decide(at(swapped, gs[1], total=4000, vt_s=0.2))[1]
+    assert d.inputs["demand_pages"] == 900 and d.inputs["pressure"] == pytest.approx(150.0)
+    assert d.target_pages == 1000 - 1000                        # 900 x 1.2 = 1080, at most the maximum 1000
 
 
 def test_hyperv_under_shortage_serves_demand_before_buffers_and_by_weight() -> None:

@@ -12,9 +12,10 @@ enough for every VM's request".
 Per guest (memory in pages; the balloon target is ``ram - assigned``):
 
 - ``demand``: the memory the guest's processes have committed. Here its
-  anonymous and kernel pages (``anon_pages + kernel_pages``; page cache is
-  standby memory, reclaimable); ``demand_stat = "working_set_pages"`` uses
-  the working-set estimate (+ kernel pages) instead;
+  anonymous memory in RAM or in its own swap, and its kernel pages
+  (``anon_pages + swap_used + kernel_pages``; page cache is standby
+  memory, reclaimable); ``demand_stat = "working_set_pages"`` uses the
+  working-set estimate (+ kernel pages) instead;
 - ``assigned``: what it holds now, ``ram - actual balloon``;
   ``pressure = demand / assigned x 100`` (logged; 100 = no free memory);
 - it asks for ``demand x (1 + buffer / 100)`` within [minimum, maximum]
@@ -93,7 +94,9 @@ def demand_pages(g: GuestView, demand_stat: str) -> float:
     kernel = g.stat("kernel_pages")
     if demand_stat == STAT_WORKING_SET:
         return g.stat(STAT_WORKING_SET) + kernel
-    return g.stat("anon_pages") + kernel
+    # Commit charge: anonymous memory wherever it is (in RAM or in the guest's swap), not only what is resident,
+    # else demand could never exceed what the host assigned and a squeezed guest would look satisfied.
+    return g.stat("anon_pages") + g.stat("swap_used") + kernel
 
 
 class HyperVBalloon(ControllerBase):
