@@ -140,7 +140,7 @@ def assemble(cfg: RunConfig, sessions: SessionRegistry, *, running: Callable[[],
     machine = Machine(cfg, mem_cfg=mem_cfg, balloon_cfg=balloon_cfg, costs=costs, vdisk_profile=vdisk_profile,
                       mem=mem, sessions=sessions, discipline=discipline, shootdowns=shootdowns, silent=silent,
                       monitors=monitors, invariant=invariant,
-                      controller=make_controller(balloon_cfg.policy, balloon_cfg.params))
+                      controller=make_controller(balloon_cfg.policy, balloon_cfg.params, costs=costs))
     watchdog = Watchdog(sessions, machine, watchdog_s=cfg.watchdog_s, unresponsive_s=cfg.unresponsive_s,
                         owes_host=shootdowns.pending, on_stalled=progress)
     handlers = HandlerTables(mem, shootdowns, discipline, costs.hypercall_us)
