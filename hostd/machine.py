@@ -32,6 +32,7 @@ from .config import GuestSpec, RunConfig
 from .errors import HostdError
 from .memconfig import BalloonConfig, HostMemConfig
 from .session import GuestSession, sanitize_stats
+from .wss import STAT_HOST_WSS
 
 if TYPE_CHECKING:
     from .discipline import RequestDiscipline
@@ -127,6 +128,7 @@ class Machine:
                                     "TickDone.stats: " + "; ".join(problems))
         try:
             self.mem.set_ad_bits(gid, msg.accessed, msg.dirty)
+            self.monitors.tick_bits(gid, msg.accessed)   # the host's working-set sample
         except HostdError as exc:
             self._rejected(session, "tick_done", exc)
         self.discipline.tick_done(gid, msg.vt_us)
@@ -163,6 +165,7 @@ class Machine:
         mem.tick(vt_us)
         await self.silent.reclaim(mem, vt_us, self.shootdowns.pending_pages)
         await self.discipline.balance(mem, vt_us)
+        self.monitors.close_wss_tick()      # the controllers read this tick's estimate
         self._set_targets(tick, vt_us)
         self.invariant.tick(tick)
         snap = mem.snapshot()
@@ -174,6 +177,8 @@ class Machine:
         every = self.cfg.metrics_every_ticks
         if (tick + 1) % every == 0 or tick + 1 == self.cfg.ticks:
             guests = snap.pop("guests")
+            for gid_s, row in guests.items():
+                row.update(self.monitors.wss_row(int(gid_s)))
             log.info(ev.TICK_COMPLETED, tick=tick, vt_us=vt_us, live_guests=len(self.sessions),
                      balloon_targets={str(k): v for k, v in sorted(self.targets.items())},
                      guests=guests, **snap)
@@ -186,10 +191,14 @@ class Machine:
             spec = self.specs[gid]
             actual = mem.balloon_pages(gid)
             target = self.targets.get(gid, 0)
+            stats = session.last_stats
+            host_wss = self.monitors.wss_estimate(gid)
+            if host_wss is not None:   # the host's own sampled estimate, beside the guest's report
+                stats = {**stats, STAT_HOST_WSS: host_wss}
             snap_guests.append(GuestView(
                 guest_id=gid, ram_pages=spec.ram_pages, max_balloon_pages=int(counts["max_balloon_pages"]),
                 target_pages=target, actual_pages=actual, resident_pages=int(counts["resident_pages"]),
-                stats=session.last_stats, shares=int(spec.config.get("shares", 1000))))
+                stats=stats, shares=int(spec.config.get("shares", 1000))))
         if not snap_guests:
             return
         pool = mem.pool.counts()
