@@ -211,8 +211,7 @@ async def test_pinning_drops_swapped_copies_and_no_double_fault_follows() -> Non
     hm = make_memory(total_frames=128, swap_slots=128, low_watermark_frames=0)
     FakeGuests(hm).add(1, 16, disk_blocks=64)
     log = Log()
-    mon = HostMonitors({"pinning": {"enabled": True, "swap_pages_per_s": 100.0, "window_ticks": 1,
-                                    "calm_ticks": 2}}, hm, 10_000)
+    mon = HostMonitors({"pinning": {"enabled": True, "window_ticks": 1, "calm_ticks": 2}}, hm, 10_000)
     hm.wire(observer=mon)
     mon["pinning"].log = log
     mon.guest_joined(1, 16, {"swap_base_block": 32, "swap_blocks": 32})
@@ -222,14 +221,19 @@ async def test_pinning_drops_swapped_copies_and_no_double_fault_follows() -> Non
     assert np.count_nonzero(vd.cache_state == CacheState.SWAPPED) == 3
     await hm.vdisk_write(1, blocks(36, 37), np.array([8, 9], np.uint64), 1e6)  # cached, in frames
 
-    def end_tick(t: int, swapping: bool) -> None:
+    major = {"n": 0}
+
+    def end_tick(t: int, swapping: bool, faults: int = 100) -> None:
         if swapping:   # the host counts the swap area's I/O itself; the guest's own count is not used
             vd.counters.swap_area_write_pages += 1000
-        stats = {1: {"vt_us": (t + 1) * 10_000.0, "pff": 0.0}}
+            major["n"] += faults          # per 10 ms tick: 100 faults = 10,000 per virtual s
+        stats = {1: {"vt_us": (t + 1) * 10_000.0, "pff": 0.0, "major_faults": major["n"]}}
         mon.end_tick(t, (t + 1) * 10_000, hm.snapshot(), stats, {1: 0})
 
     end_tick(0, True)
-    end_tick(1, True)
+    end_tick(1, True, faults=5)          # swapping, but PFF 500/s: below pff_high, no pin
+    assert not log.named(ev.SWAP_AREA_PINNED)
+    end_tick(2, True)
     (pin,) = log.named(ev.SWAP_AREA_PINNED)
     assert pin["guest"] == 1 and pin["blocks"] == 32 and pin["dropped_swapped_pages"] == 3
     assert pin["pinned_pages"] == 2 and pin["mode"] == "exempt"
@@ -243,9 +247,9 @@ async def test_pinning_drops_swapped_copies_and_no_double_fault_follows() -> Non
     assert tokens.tolist() == [5, 6, 7, 8]
     assert vd.counters.double_faults == 0
     # Calm for calm_ticks: unpinned, and the frames are victims again.
-    end_tick(2, False)
     end_tick(3, False)
     end_tick(4, False)
+    end_tick(5, False)
     assert log.named(ev.SWAP_AREA_UNPINNED) and not mon["pinning"].is_pinned(1)
     assert not hm.pool.pinned.any()
     assert mon.metrics()["pinning"]["pinned_pages_peak"] >= 2
@@ -312,15 +316,15 @@ def test_a_guest_above_its_pff_threshold_keeps_the_step_open() -> None:
 async def test_resident_pinning_keeps_the_whole_area_cached_and_never_trims_it() -> None:
     hm = make_memory(total_frames=128, swap_slots=128, low_watermark_frames=0, vdisk_cache_max_pages=4)
     FakeGuests(hm).add(1, 16, disk_blocks=64)
-    mon = HostMonitors({"pinning": {"enabled": True, "mode": "resident", "swap_pages_per_s": 1.0,
-                                    "window_ticks": 1}}, hm, 10_000)
+    mon = HostMonitors({"pinning": {"enabled": True, "mode": "resident", "window_ticks": 1}}, hm, 10_000)
     hm.wire(observer=mon)
     mon["pinning"].log = Log()
     mon.guest_joined(1, 16, {"swap_base_block": 32, "swap_blocks": 32})
     vd = hm.vdisk(1)
     for t in range(2):
         vd.counters.swap_area_write_pages += 100
-        mon.end_tick(t, (t + 1) * 10_000, hm.snapshot(), {1: {"vt_us": (t + 1) * 10_000.0}}, {1: 0})
+        mon.end_tick(t, (t + 1) * 10_000, hm.snapshot(),
+                     {1: {"vt_us": (t + 1) * 10_000.0, "major_faults": 100 * t}}, {1: 0})
     assert mon["pinning"].is_pinned(1) and vd.pinned[32:64].all()
     await hm.vdisk_write(1, np.arange(32, 48, dtype=np.uint64), np.arange(1, 17, dtype=np.uint64), 2e4)
     hm.tick(1e9)
