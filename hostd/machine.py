@@ -128,7 +128,7 @@ class Machine:
                                     "TickDone.stats: " + "; ".join(problems))
         try:
             self.mem.set_ad_bits(gid, msg.accessed, msg.dirty)
-            self.monitors.tick_bits(gid, msg.accessed)   # the host's working-set sample
+            self.monitors.tick_bits(gid, msg.accessed, stats)   # the host's working-set sample
         except HostdError as exc:
             self._rejected(session, "tick_done", exc)
         self.discipline.tick_done(gid, msg.vt_us)

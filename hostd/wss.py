@@ -9,7 +9,7 @@ the estimate; to respond fast to a growing working set and slowly to a
 shrinking one, ESX takes the maximum of a slow and a fast exponentially
 weighted moving average of ``f``.
 
-Here, per guest and per ``period_ticks`` ticks:
+Here, per guest and per sampling period:
 
 - ``sample_pages`` gpfns are drawn (without replacement, from the guest's
   own seeded stream) among its **non-balloon** gpfns: resident, host-swapped
@@ -21,6 +21,15 @@ Here, per guest and per ``period_ticks`` ticks:
   (``TickDone.accessed``, every gpfn it touched in the tick); the sampled
   gpfns among them are marked touched. That is the host's view of the
   invalidated mappings: a touched sample page would have faulted.
+- A period lasts ``period_exec_us`` of the guest's **execution** time, as
+  ESX's does ("successive periods of virtual machine execution time",
+  vSphere resource management guide): the references it completed times
+  what one costs (``mem_ref_us + cpu_us_per_ref``), not the time it spent
+  stalled on faults. A thrashing guest's period therefore stretches over
+  more virtual time and still sees as many of its references as a healthy
+  guest's: its estimate does not collapse because it is stalled. A period
+  also ends after ``max_period_ticks`` ticks whatever ran (a guest with
+  nothing to run is idle, not stalled).
 - At the period's end ``f`` = touched / sampled (sample pages ballooned in
   the meantime are left out), ``fast += fast_gain * (f - fast)``,
   ``slow += slow_gain * (f - slow)``, and the estimate is
@@ -30,17 +39,19 @@ Here, per guest and per ``period_ticks`` ticks:
 
 Defaults: ESX samples 100 pages per period (paper, section 5.2); its period
 is 30 s (``Mem.SamplePeriod``, 60 s in vSphere 6), far longer than these
-runs, so a period here is ``period_ticks`` ticks (10: 0.1 virtual s at the
-default 10 ms tick). The paper does not publish its gains; 0.5 (fast, about
-two periods to follow a rise) and 0.1 (slow, about ten periods to forget)
-are ours.
+runs. Here a period is 20 ms of execution: at 1 µs per reference, 20,000
+references, three per page of a 6,000-page working set, so a page in use is
+almost surely touched in it. The paper does not publish its gains; 0.5
+(fast: a rise is followed within three periods) and 0.1 (slow: a fall is
+forgotten over about ten) are ours.
 
 Its table (on by default; every key optional)::
 
     [monitors.wss]
     enabled = true
     sample_pages = 100      # gpfns sampled per guest and period (ESX: 100)
-    period_ticks = 10       # ticks per sampling period
+    period_exec_us = 20000  # a period: this much of the guest's execution time (its references' cost)
+    max_period_ticks = 100  # ... or this many ticks, whichever comes first
     fast_gain = 0.5         # EWMA gain of the fast average, per period
     slow_gain = 0.1         # ... of the slow one
 
@@ -78,6 +89,8 @@ class GuestWss:
         self.byte = np.zeros(0, np.int64)      # sample >> 3: its byte in the packed bits
         self.shift = np.zeros(0, np.uint8)     # 7 - (sample & 7): its bit (np.packbits is big-endian)
         self.ticks = 0
+        self.exec_us = 0.0                     # execution time in this period
+        self.refs = 0.0                        # the guest's cumulative references at its last report (0 at its start)
         self.periods = 0
         self.fast: float | None = None
         self.slow: float | None = None
@@ -93,6 +106,13 @@ class GuestWss:
         self.byte = self.sample >> 3
         self.shift = (7 - (self.sample & 7)).astype(np.uint8)
         self.ticks = 0
+        self.exec_us = 0.0
+
+    def executed(self, refs: float, us_per_ref: float) -> None:
+        """The guest's cumulative references at a tick's end: its execution time in the period grows."""
+        if refs > self.refs:
+            self.exec_us += (refs - self.refs) * us_per_ref
+        self.refs = refs
 
     def accessed(self, packed: bytes) -> None:
         """OR in the tick's accessed bits (``np.packbits`` over every gpfn) for the sampled gpfns."""
@@ -144,17 +164,23 @@ class HostWorkingSet:
     def guest_gone(self, guest_id: int) -> None:
         self.guests.pop(guest_id, None)
 
-    def accessed(self, guest_id: int, packed: bytes) -> None:
+    def accessed(self, guest_id: int, packed: bytes, stats: Mapping[str, Any] | None = None) -> None:
+        """A guest's tick: its accessed bits, and its cumulative ``refs`` (its execution time) from its stats."""
         g = self.guests.get(guest_id)
-        if g is not None:
-            g.accessed(bytes(packed))
+        if g is None:
+            return
+        g.accessed(bytes(packed))
+        refs = (stats or {}).get("refs")
+        if isinstance(refs, (int, float)) and not isinstance(refs, bool):
+            costs = self.mem.costs
+            g.executed(float(refs), float(costs.mem_ref_us) + float(getattr(costs, "cpu_us_per_ref", 0.0)))
 
     def close_tick(self) -> None:
         """Count the tick; close the periods that are due and draw their next samples (guest-id order)."""
         for gid in sorted(self.guests):
             g = self.guests[gid]
             g.ticks += 1
-            if g.ticks < self.cfg.period_ticks:
+            if g.exec_us < self.cfg.period_exec_us and g.ticks < self.cfg.max_period_ticks:
                 continue
             state = self.mem.p2m(gid).state
             g.close(state, self.mem.balloon_pages(gid), self.cfg.fast_gain, self.cfg.slow_gain)
@@ -175,7 +201,8 @@ class HostWorkingSet:
                 "wss_last_fraction": round(float(g.last_fraction or 0.0), 4)}
 
     def finished_keys(self) -> dict[str, Any]:
-        return {"wss": {"sample_pages": self.cfg.sample_pages, "period_ticks": self.cfg.period_ticks,
+        return {"wss": {"sample_pages": self.cfg.sample_pages, "period_exec_us": self.cfg.period_exec_us,
+                        "max_period_ticks": self.cfg.max_period_ticks,
                         "fast_gain": self.cfg.fast_gain, "slow_gain": self.cfg.slow_gain,
                         "guests": {str(gid): {"estimate_pages": g.estimate_pages, "periods": g.periods,
                                               "fast": g.fast, "slow": g.slow, "peak_pages": self.peak.get(gid)}

@@ -106,9 +106,9 @@ class HostMonitors:
 
     # -- the host's working-set estimate (read by the balloon controllers) -------------------
 
-    def tick_bits(self, guest_id: int, accessed: bytes) -> None:
-        """A guest's EPT accessed bits of the tick it just finished (``TickDone.accessed``)."""
-        self._by_name["wss"].accessed(guest_id, accessed)
+    def tick_bits(self, guest_id: int, accessed: bytes, stats: Mapping[str, Any] | None = None) -> None:
+        """A guest's EPT accessed bits of the tick it just finished (``TickDone.accessed``), and its stats."""
+        self._by_name["wss"].accessed(guest_id, accessed, stats)
 
     def close_wss_tick(self) -> None:
         """Close the estimator's tick: call before the controllers decide."""

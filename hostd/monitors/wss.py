@@ -25,7 +25,8 @@ __all__ = ["WssConfig", "WssMonitor", "SPEC"]
 class WssConfig:
     enabled: bool = True
     sample_pages: int = at_least_one(100)    # ESX: 100 pages per period (OSDI'02, 5.2)
-    period_ticks: int = at_least_one(10)
+    period_exec_us: float = 20_000.0         # a period: this much of the guest's execution time
+    max_period_ticks: int = at_least_one(100)
     fast_gain: float = fraction(0.5)
     slow_gain: float = fraction(0.1)
 
