@@ -45,7 +45,7 @@ _TOP = {"scenario", "host", "guest", "guests", "balloon", "costs", "disk", "lock
 _SCENARIO_KEYS: dict[str, type | tuple[type, ...]] = {
     "name": str, "description": str, "seed": int, "guests": int, "duration_s": (int, float), "ticks": int,
     "tick_us": int, "metrics_every_ticks": int, "watchdog_s": (int, float), "unresponsive_s": (int, float),
-    "connect_timeout_s": (int, float), "expect_deadlock": bool,
+    "connect_timeout_s": (int, float), "expect_deadlock": bool, "expect_guests_lost": list,
 }
 _BALLOON_KEYS = {"policy": str, "params": dict, "max_percent": (int, float), "log_decisions": str}
 
@@ -206,6 +206,9 @@ def _validate(merged: dict[str, Any], where: str, validators: Mapping[str, Valid
             raise ConfigError(f"{where}: [scenario].{key} must be > 0, got {sc[key]}")
     if "seed" in sc and sc["seed"] < 0:
         raise ConfigError(f"{where}: [scenario].seed must be >= 0, got {sc['seed']}")
+    for gid in sc.get("expect_guests_lost", []):
+        if isinstance(gid, bool) or not isinstance(gid, int) or gid < 0:
+            raise ConfigError(f"{where}: [scenario].expect_guests_lost: guest ids are integers >= 0, got {gid!r}")
     _check_table(merged.get("balloon", {}), _BALLOON_KEYS, f"{where}: [balloon]")
     CostModel.from_mapping(_table(merged, "costs", where), where=f"{where}: [costs]")
     disk = _table(merged, "disk", where)
