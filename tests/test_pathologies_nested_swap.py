@@ -42,6 +42,21 @@ def test_every_double_fault_is_logged_with_its_evidence(nested: tuple[Path, dict
 
 
 @pytest.mark.timeout(90)
+def test_double_paging_is_counted_per_guest_and_headlined(nested: tuple[Path, dict]) -> None:
+    from balloonlab.analysis.compare import HEADLINE, headline_value
+
+    run_dir, variants = nested
+    row = next(m for m in HEADLINE if m.key == "double_paging_pages")
+    for name, v in variants.items():
+        per_guest = [g["host_double_paging_pages"] for g in v["guests"]]
+        assert sum(per_guest) == v["host"]["double_paging_pages"] == headline_value(row, v), (name, per_guest)
+        logged = sum(e["pages"] for e in host_events(run_dir, name, ev.DOUBLE_PAGING_DETECTED))
+        assert logged == v["host"]["double_paging_pages"], name
+    # The guests page out pages the host had swapped: it happens here, on every guest.
+    assert all(g["host_double_paging_pages"] > 0 for g in variants["no-pinning"]["guests"]), variants["no-pinning"]
+
+
+@pytest.mark.timeout(90)
 def test_without_pinning_double_faults_keep_coming_with_pinning_none_after_the_pin(nested: tuple[Path, dict]) -> None:
     run_dir, variants = nested
     off, on = variants["no-pinning"], variants["pinning"]
