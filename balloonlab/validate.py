@@ -205,8 +205,9 @@ def fig6_trace(path: Path, seed: int, phases: Sequence[tuple[int, int]] = FIG6_P
 
 
 def _fig6_overrides(run_dir: Path, seed: int) -> dict[str, Any]:
-    run_dir.mkdir(parents=True, exist_ok=True)
-    trace = fig6_trace(run_dir / "toucher.npz", seed)
+    # Beside the run's directory, not in it: a run starts in an empty directory.
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    trace = fig6_trace(run_dir.parent / f"{run_dir.name}-toucher-seed{seed}.npz", seed)
     return {"guest.workload": [{"kind": "trace", "region": "heap", "path": str(trace.resolve())}]}
 
 
@@ -377,6 +378,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     chosen = [v for v in VALIDATIONS if not args.names or v.name in args.names]
     out = args.out or Path("runs") / f"validate-{time.strftime('%Y%m%d-%H%M%S')}"
     from balloonlab.proto.errors import ConfigError
+    from balloonlab.rundir import RunDirError
 
     checks: list[Check] = []
     for val in chosen:
@@ -384,7 +386,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             got, run_dir = validate(val, out, seed=args.seed, guests=args.guests, ticks=args.ticks,
                                     overrides=args.sets, verbose=args.verbose)
-        except ConfigError as exc:
+        except (ConfigError, RunDirError) as exc:
             print(f"balloonlab-validate: {val.name}: {exc}", file=sys.stderr)
             return 2
         checks += got

@@ -29,7 +29,7 @@ def test_fig6_the_sampled_estimate_tracks_the_toucher_fast_up_slow_down(tmp_path
     assert [c.status for c in checks] == [PASS] * len(checks), table
     names = " ".join(c.check for c in checks)
     assert "fast up" in names and "slow down" in names and "settles" in names
-    assert (run_dir / "toucher.npz").exists()
+    assert (run_dir.parent / "fig6-toucher-seed6.npz").exists()
 
 
 @pytest.mark.timeout(150)
