@@ -133,7 +133,7 @@ def assemble(cfg: RunConfig, sessions: SessionRegistry, *, running: Callable[[],
             planner.floor_only = grant_floor_only(mem)
     shootdowns = Shootdowns(mem, sessions, discipline, mem_cfg.shootdown_timeout_s,
                             on_answered=silent.guest_answered)
-    monitors = HostMonitors(cfg.monitors, mem, cfg.tick_us)
+    monitors = HostMonitors(cfg.monitors, mem, cfg.tick_us, seed=cfg.seed)
     mem.wire(shootdown=shootdowns.shootdown, observer=monitors, placeholders_settled=shootdowns.settled)
     invariant = InvariantChecker(mem, invariant_mode(mem_cfg.invariant), mem_cfg.invariant_every_ticks,
                                  np.random.default_rng(np.random.SeedSequence([cfg.seed, _INVARIANT_STREAM])))

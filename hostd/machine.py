@@ -33,6 +33,7 @@ from .errors import HostdError
 from .memconfig import BalloonConfig, HostMemConfig
 from .memstate import VmAllocation
 from .session import GuestSession, sanitize_stats
+from .wss import STAT_HOST_WSS
 
 if TYPE_CHECKING:
     from .discipline import RequestDiscipline
@@ -129,6 +130,7 @@ class Machine:
                                     "TickDone.stats: " + "; ".join(problems))
         try:
             self.mem.set_ad_bits(gid, msg.accessed, msg.dirty)
+            self.monitors.tick_bits(gid, msg.accessed, stats)   # the host's working-set sample
         except HostdError as exc:
             self._rejected(session, "tick_done", exc)
         if not excused:
@@ -168,6 +170,7 @@ class Machine:
         # ENGINE.md 3.4: the state from free frames, then the controllers' targets, then reclaim by state.
         if mem.states is not None:
             mem.states.update(tick, vt_us, mem.pool.free_frames)
+        self.monitors.close_wss_tick()      # the controllers read this tick's estimate
         self._set_targets(tick, vt_us)
         await self.discipline.balance(mem, vt_us)
         self.invariant.tick(tick)
@@ -183,6 +186,8 @@ class Machine:
             for gid, alloc in self.decisions.alloc_targets.items():
                 if str(gid) in guests:
                     guests[str(gid)]["alloc_target_pages"] = alloc
+            for gid_s, row in guests.items():
+                row.update(self.monitors.wss_row(int(gid_s)))
             log.info(ev.TICK_COMPLETED, tick=tick, vt_us=vt_us, live_guests=len(self.sessions),
                      balloon_targets={str(k): v for k, v in sorted(self.targets.items())},
                      guests=guests, **snap)
@@ -195,10 +200,14 @@ class Machine:
             spec = self.specs[gid]
             actual = mem.balloon_pages(gid)
             target = self.targets.get(gid, 0)
+            stats = session.last_stats
+            host_wss = self.monitors.wss_estimate(gid)
+            if host_wss is not None:   # the host's own sampled estimate, beside the guest's report
+                stats = {**stats, STAT_HOST_WSS: host_wss}
             snap_guests.append(GuestView(
                 guest_id=gid, ram_pages=spec.ram_pages, max_balloon_pages=int(counts["max_balloon_pages"]),
                 target_pages=target, actual_pages=actual, resident_pages=int(counts["resident_pages"]),
-                stats=session.last_stats, shares=int(spec.config.get("shares", 1000))))
+                stats=stats, shares=int(spec.config.get("shares", 1000))))
         if not snap_guests:
             return
         pool = mem.pool.counts()

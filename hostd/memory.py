@@ -162,6 +162,7 @@ class GuestCounters:
     self_dropped_cache_pages: int = 0   # ... dropped its own clean cache
     self_swap_pages: int = 0            # ... host-swapped its own pages
     held_requests: int = 0              # ... and were held for a refill round
+    balloon_freed_frames: int = 0    # host frames inflation freed (a never-backed or host-swapped page frees none)
 
 
 @dataclass(slots=True)
@@ -182,6 +183,7 @@ class HostCounters:
     dropped_evictions: int = 0          # frames ballooned or orphaned while their shootdown was pending
     balloon_inflated_pages: int = 0
     balloon_deflated_pages: int = 0
+    balloon_freed_frames: int = 0       # host frames freed by inflation (reclaimed by the balloon)
     oom_refusals: int = 0
     early_retired_iobuf_pages: int = 0  # completed I/O buffers freed before the tick under pressure
     grant_pages: int = 0                # frames handed to guests as grants
@@ -825,6 +827,8 @@ class HostMemory:
         g.balloon_pages += int(gpfns.size)
         g.counters.balloon_inflated_pages += int(gpfns.size)
         self.counters.balloon_inflated_pages += int(gpfns.size)
+        g.counters.balloon_freed_frames += int(frames.size)
+        self.counters.balloon_freed_frames += int(frames.size)
         return int(frames.size)
 
     def balloon_deflate(self, guest_id: int, gpfns: np.ndarray | bytes) -> None:

@@ -52,6 +52,21 @@ def test_every_double_fault_is_logged_with_its_evidence(nested: tuple[Path, dict
 
 
 @pytest.mark.timeout(90)
+def test_double_paging_is_counted_per_guest_and_headlined(nested: tuple[Path, dict]) -> None:
+    from balloonlab.analysis.compare import HEADLINE, headline_value
+
+    run_dir, variants = nested
+    row = next(m for m in HEADLINE if m.key == "double_paging_pages")
+    for name, v in variants.items():
+        per_guest = [g["host_double_paging_pages"] for g in v["guests"]]
+        assert sum(per_guest) == v["host"]["double_paging_pages"] == headline_value(row, v), (name, per_guest)
+        logged = sum(e["pages"] for e in host_events(run_dir, name, ev.DOUBLE_PAGING_DETECTED))
+        assert logged == v["host"]["double_paging_pages"], name
+    # The guests page out pages the host had swapped: it happens here, on every guest.
+    assert all(g["host_double_paging_pages"] > 0 for g in variants["no-pinning"]["guests"]), variants["no-pinning"]
+
+
+@pytest.mark.timeout(90)
 def test_without_pinning_double_faults_keep_coming_with_pinning_none_after_the_pin(nested: tuple[Path, dict]) -> None:
     run_dir, variants = nested
     off, on = variants["no-pinning"], variants["pinning"]
@@ -59,7 +74,15 @@ def test_without_pinning_double_faults_keep_coming_with_pinning_none_after_the_p
     pins = host_events(run_dir, "pinning", ev.SWAP_AREA_PINNED)
     assert {e["guest"] for e in pins} == {0, 1}, pins
     assert all(e["blocks"] > 0 and "pinned_pages" in e for e in pins), pins
+    # The trigger is the guest's page-fault frequency, above pff_high (1000 major faults per virtual s).
+    assert all(e["pff"] >= e["pff_high"] == 1000.0 for e in pins), pins
     pinned_at = {e["guest"]: e["tick"] for e in pins}
+    # The cure is judged by throughput too: each pinned guest's refs/vs before and after its pin.
+    cure = on["pinning"]
+    assert set(cure["guests"]) == {"0", "1"} and cure["first_pin_tick"] == min(pinned_at.values()), cure
+    assert all(g["refs_per_vsec_before_pin"] > 0 and g["refs_per_vsec_after_pin"] > 0
+               for g in cure["guests"].values()), cure
+    assert "pinning" not in off
     # No double fault on a guest after its swap area was pinned ...
     assert on["host"]["double_faults_after_pin"] == 0, msg
     for e in host_events(run_dir, "pinning", ev.DOUBLE_FAULT):

@@ -1,10 +1,12 @@
 """The swap storm of the seed, reproduced and avoided, over real processes.
 
-``swap-storm`` with two guests (one busy, one with cold memory to spare) for
-0.6 virtual seconds: ``aggressive`` inflates both at once from tick 30 and
-the chain of the seed unfolds (the busy guest thrashes, the host's I/O
-buffers and cache grow, its free memory falls, it swaps); ``working-set``
-takes only the cold memory. Orderings with wide margins, never exact counts.
+``swap-storm`` with four guests (three busy, one with cold memory to spare)
+for 0.6 virtual seconds: ``aggressive`` inflates all at once from tick 30
+and the chain of the seed unfolds (several guests thrash, the host's I/O
+buffers and cache grow, its free memory falls into ESX's hard state, it
+swaps); ``working-set`` takes only the cold memory, and the detector, with
+its default thresholds, stays quiet. Orderings with wide margins, never
+exact counts.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ pytestmark = pytest.mark.multiprocess
 @pytest.fixture(scope="module")
 def storm(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
     run_dir = tmp_path_factory.mktemp("swap-storm") / "run"
-    variants = run_scenario(run_dir, "swap-storm", "--guests", "2", "--ticks", "60")
+    variants = run_scenario(run_dir, "swap-storm", "--guests", "4", "--ticks", "60")
     assert sorted(variants) == ["aggressive", "working-set"]
     for name, v in variants.items():
         print(headline(name, v))
@@ -39,6 +41,8 @@ def test_aggressive_inflation_unfolds_the_storm_and_the_detector_names_the_chain
     links = {link["link"]: link for link in first["chain"]}
     assert set(links) == {"guests_thrashing", "host_io_memory", "host_free_low", "host_swapping"}
     assert all(link["ok"] and "value" in link and "threshold" in link for link in links.values()), first
+    assert len(links["guests_thrashing"]["guests"]) >= 2                       # several guests, not one
+    assert links["host_io_memory"]["grew_pages"] > 0
     assert first["tick"] >= 30                                   # after the inflation, not before
     ram = agg["host"]["ram_pages"]
     # Host swap-outs and I/O-buffer pages rise sharply; throughput falls by more than half.
