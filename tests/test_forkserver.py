@@ -194,3 +194,11 @@ def test_the_switch_picks_how_guests_start(monkeypatch: pytest.MonkeyPatch) -> N
         assert default_guest_start() == "exec"
     monkeypatch.setenv("BALLOONLAB_FORKSERVER", "1")
     assert default_guest_start() == "fork"
+
+
+def test_an_unknown_guest_start_is_refused_before_anything_starts(tmp_path: Path) -> None:
+    import balloonlab
+    from balloonlab.proto.errors import ConfigError
+    with pytest.raises(ConfigError, match="guest_start must be one of fork, exec, got 'spawn'"):
+        balloonlab.run(TINY, ticks=1, run_dir=tmp_path / "run", guest_start="spawn", verbose=False)
+    assert not (tmp_path / "run").exists()
