@@ -259,12 +259,18 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     sock.set_inheritable(False)
     t0 = time.monotonic()
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")   # no BLAS thread pool: fork only a single thread
     _preload()
+    threads = len(os.listdir("/proc/self/task"))
+    if threads != 1:
+        # A child forked from a threaded process may inherit a lock another thread held: refuse.
+        print(f"forkserver: {threads} threads after the imports (a BLAS pool? set OPENBLAS_NUM_THREADS=1); "
+              "forking would be unsafe", file=sys.stderr)
+        return 1
     gc.collect()
     gc.freeze()
     try:
-        _send(sock, {"op": "ready", "pid": os.getpid(), "preload_s": round(time.monotonic() - t0, 3),
-                     "threads": len(os.listdir("/proc/self/task"))})
+        _send(sock, {"op": "ready", "pid": os.getpid(), "preload_s": round(time.monotonic() - t0, 3)})
     except OSError as exc:
         if exc.errno in (errno.EPIPE, errno.ECONNRESET):
             return 0
