@@ -50,11 +50,17 @@ def _role(cmd: str) -> str | None:
     return None
 
 
-def _run_procs(run_dir: str) -> dict[int, str]:
-    """pid -> role of the live processes whose command line names ``run_dir``."""
+def _run_procs(run_dir: str, others: set[int], known: dict[int, str]) -> dict[int, str]:
+    """pid -> role of the live processes whose command line names ``run_dir``; the rest go into ``others``.
+
+    A child the fork server forked a moment ago still shows the server's command line: a
+    "forkserver" is read again each time, hosts and guests are not.
+    """
     out = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
+    entries = [e for e in os.listdir("/proc") if e.isdigit()]
+    others.intersection_update(int(e) for e in entries)   # a pid gone may come back as one of ours
+    for entry in entries:
+        if int(entry) not in others and known.get(int(entry), "forkserver") == "forkserver":
             try:
                 cmd = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
             except (FileNotFoundError, ProcessLookupError, PermissionError):
@@ -62,6 +68,8 @@ def _run_procs(run_dir: str) -> dict[int, str]:
             role = _role(cmd) if run_dir in cmd else None
             if role is not None:
                 out[int(entry)] = role
+            else:
+                others.add(int(entry))
     return out
 
 
@@ -92,6 +100,7 @@ class _Sampler:
     def __init__(self, run_dir: str) -> None:
         self.run_dir = run_dir
         self.roles: dict[int, str] = {}
+        self.others: set[int] = set()     # pids seen not to be this run's: not read again
         self.private_kib: dict[int, int] = {}
         self.pss_kib: dict[int, int] = {}
         self.rss_kib: dict[int, int] = {}
@@ -105,7 +114,7 @@ class _Sampler:
         while not self.done.is_set():
             now = time.monotonic()
             if now - last_scan >= 1.0:
-                self.roles.update(_run_procs(self.run_dir))
+                self.roles.update(_run_procs(self.run_dir, self.others, self.roles))
                 total = 0
                 for pid, role in list(self.roles.items()):
                     m = _smaps_kib(pid)
