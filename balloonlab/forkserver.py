@@ -9,8 +9,8 @@ does that once, freezes what it imported (``gc.freeze()``: the collector no
 longer writes to those objects, so the pages stay shared after a fork), and
 then forks one child per request, which runs the guest's normal entry point
 (``balloonlab.guestd.__main__.main``) with its own argv, environment (its
-own credential), working directory, stdout/stderr files, session and
-command line (``balloonlab.proctitle``). Guests share the imported pages
+own credential), working directory, stdout/stderr files, session, and
+command line and environment as /proc shows them (``balloonlab.proctitle``). Guests share the imported pages
 copy-on-write; each keeps privately only what it writes.
 
 The control channel is a ``SOCK_SEQPACKET`` socket (FD, inherited), one
@@ -112,9 +112,9 @@ def _run_child(req: dict[str, Any], server_pid: int) -> int:
     os.chdir(req.get("cwd") or "/")
     os.environ.clear()
     os.environ.update({str(k): str(v) for k, v in req["env"].items()})
-    from balloonlab.proctitle import set_cmdline
+    from balloonlab.proctitle import set_process_image
     args = [str(a) for a in req["args"]]
-    set_cmdline([req.get("python") or sys.executable, "-m", "balloonlab.guestd", *args])
+    set_process_image([req.get("python") or sys.executable, "-m", "balloonlab.guestd", *args], dict(os.environ))
     from balloonlab.guestd import __main__ as guest_main
     sys.argv = [guest_main.__file__, *args]
     try:

@@ -164,8 +164,10 @@ def test_the_client_restarts_signals_and_reaps_guests(tmp_path: Path) -> None:
             assert await asyncio.wait_for(bad.wait(), 30) == 2          # argparse's status, reaped by the server
             assert "--guest-id: invalid int value" in (tmp_path / "bad.stderr").read_text()
             first = await server.spawn("guest-7", nowhere, genv, tmp_path / "g7.stderr")
-            wait_until(lambda: b"--guest-id 7" in Path(f"/proc/{first.pid}/cmdline").read_bytes(), 30.0,
+            wait_until(lambda: b"--guest-id\x007\x00" in Path(f"/proc/{first.pid}/cmdline").read_bytes(), 30.0,
                        what="the guest's own command line")
+            environ = Path(f"/proc/{first.pid}/environ").read_bytes().split(b"\0")
+            assert b"BALLOONLAB_TOKEN=" + b"t" * 16 in environ        # its environment, as an exec'd one shows it
             first.send_signal(signal.SIGSTOP)
             wait_stopped(first.pid, 10.0)
             first.send_signal(signal.SIGKILL)
