@@ -319,6 +319,7 @@ def validate(val: Validation, out_dir: Path, *, seed: int | None = None, guests:
     from balloonlab.scenario import find_scenario, load_scenario
 
     run_dir = Path(out_dir) / val.name
+    Path(out_dir).mkdir(parents=True, exist_ok=True)   # the validations' own directory; each run's must be new
     if seed is None:
         seed = int(load_scenario(find_scenario(val.scenario)).raw.get("scenario", {}).get("seed", 1))
     sets: dict[str, Any] = dict(val.prepare(run_dir, seed)) if val.prepare else {}
