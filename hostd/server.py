@@ -215,6 +215,7 @@ class Host:
             self._all_connected.set()
         if self._barrier_done is not None and not self._barrier_done.done():
             self._barrier_done.set_result(None)
+        self.core.discipline.stopping()
 
     async def _wait_for_guests(self) -> bool:
         """Until every guest has said hello, or none has for ``connect_timeout_s`` (a slow start is still a start)."""

@@ -90,7 +90,10 @@ def test_invariant_holds_and_the_others_finish(killed_run: dict[str, Any]) -> No
             assert g["finished"] and g["balloon_pages"] == TARGET_PAGES, g
     for gid in (0, 2):
         done = events_named(read_jsonl(killed_run["run_dir"] / f"guest-{gid}.jsonl"), "guest_finished")
-        assert done and done[0]["ticks"] == fin["ticks"] and done[0]["stats"]["lost_pages"] == 0
+        # A tick in which the host held a request of its across the boundary owes no TickDone.
+        assert done and fin["ticks"] - fin.get("held_across_boundary", 0) <= done[0]["ticks"] <= fin["ticks"], \
+            (done[0]["ticks"], fin["ticks"], fin.get("held_across_boundary"))
+        assert done[0]["stats"]["lost_pages"] == 0
 
 
 @pytest.mark.timeout(300)

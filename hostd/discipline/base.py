@@ -109,6 +109,10 @@ class RequestDiscipline(Protocol):
         """Keys for ``run_finished``: ``request_order`` and the mode's counters."""
         ...
 
+    def stopping(self) -> None:
+        """The run is ending (a stop signal): nothing may wait for the guests' tick any more."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -155,6 +159,9 @@ class DisciplineBase:
 
     def stats(self) -> dict[str, Any]:
         return {"request_order": self.request_order}
+
+    def stopping(self) -> None:
+        pass
 
     def close(self) -> None:
         pass

@@ -105,6 +105,7 @@ class DeterministicOrder(DisciplineBase):
         self._tick_start_us = 0.0
         self._tick_end_us = 0.0
         self._parked_changed = asyncio.Event()
+        self._stopping = False
         self._in_round = False
         self._holding: set[int] = set()   # guests with a held request not yet across the boundary
         self.grant_pages = 0
@@ -319,6 +320,8 @@ class DeterministicOrder(DisciplineBase):
     async def finish_tick(self) -> bool:
         # Requests still in a lane (sent before the TickDone) finish inside the tick.
         while not self._all_parked():
+            if self._stopping:   # a guest that stopped reading must not hold the end of the run
+                return False
             self._parked_changed.clear()
             await self._parked_changed.wait()
         if self._mem is not None and self._mem.pool.grants_open:
@@ -342,6 +345,10 @@ class DeterministicOrder(DisciplineBase):
                 "refill_rounds": self.refill_rounds, "tick_done_late": self.tick_done_late,
                 "tick_done_max_over_us": round(self.max_tick_done_over_us, 3),
                 "requests_past_tick_end": self.requests_past_tick_end}
+
+    def stopping(self) -> None:
+        self._stopping = True
+        self._parked_changed.set()
 
     def close(self) -> None:
         for lane in self._lanes.values():
