@@ -265,19 +265,6 @@ class _Quiet:
         return False
 
 
-class _Quiet:
-    """Where the messages go when the caller asked for none."""
-
-    def write(self, text: str) -> int:
-        return len(text)
-
-    def flush(self) -> None:
-        pass
-
-    def isatty(self) -> bool:
-        return False
-
-
 def _check_guest_ids(scenario: Scenario, external_guests: Any, expect_guests_lost: Any) -> None:
     """--external-guests and --expect-guests-lost name guests every variant has."""
     for name, merged in scenario.variants.items():

@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 
 from tests.procs import Launched, dump_logs
-from tests.rawclient import record_fault, run_pids, wait_stopped
+from tests.rawclient import record_fault, wait_guest_stopped
 from tests.test_launch import assert_no_leftovers, events_named, read_jsonl, read_jsonl_partial
 
 pytestmark = pytest.mark.multiprocess
@@ -83,12 +83,7 @@ def test_a_frozen_guest_is_declared_stuck_after_five_virtual_seconds_and_rejoins
     finally:
         os.environ.pop("BALLOONLAB_PAUSE_AT", None)
     try:
-        deadline = time.monotonic() + 90.0
-        while f"guest-{FROZEN}" not in run_pids(run_dir):
-            assert time.monotonic() < deadline and run.proc.poll() is None, dump_logs(run_dir)
-            time.sleep(0.02)
-        pid = run_pids(run_dir)[f"guest-{FROZEN}"]
-        wait_stopped(pid, 90.0)
+        pid = wait_guest_stopped(run, run_dir, FROZEN)
         frozen_at = time.monotonic()
         while not [e for e in _decisions(run_dir) if e["guest"] == FROZEN and e["code"] == "stuck"]:
             assert time.monotonic() - frozen_at < 120.0 and run.proc.poll() is None, \
