@@ -19,6 +19,8 @@ _HOST_KEYS: dict[str, tuple[type, ...]] = {
     "low_watermark_pct": (int, float), "reclaim_batch_pages": (int,), "invariant_every_ticks": (int,),
     "invariant": (str,),
     "shootdown_timeout_s": (int, float), "uncooperative_ticks": (int,), "request_order": (str,),
+    "vdisk_cache": (str,), "dirty_expire_ms": (int, float), "dirty_writeback_ms": (int, float),
+    "dirty_background_pct": (int, float), "dirty_pct": (int, float),
 }
 
 
@@ -38,6 +40,11 @@ class HostMemConfig:
     shootdown_timeout_s: float
     uncooperative_ticks: int        # no balloon progress for this long -> fall back to host swapping
     request_order: str | None       # "virtual-time" / "arrival"; None: virtual-time unless a lock model runs
+    vdisk_cache: str = "writeback"  # the host page cache's mode for the virtual disks (QEMU's cache=)
+    dirty_expire_ms: float = 30_000.0      # Linux vm.dirty_expire_centisecs
+    dirty_writeback_ms: float = 5_000.0    # Linux vm.dirty_writeback_centisecs
+    dirty_background_pct: float = 10.0     # Linux vm.dirty_background_ratio, of the cache's budget
+    dirty_pct: float = 20.0                # Linux vm.dirty_ratio, of the cache's budget
 
     def resolved_request_order(self, locks_enabled: bool, where: str = "") -> str:
         """The default mode (``virtual-time``) unless a lock model runs; asking for it with one is an error."""
@@ -102,6 +109,19 @@ def host_memory_config(table: Mapping[str, Any], where: str = "[host]") -> HostM
     invariant = table.get("invariant", INVARIANT_MODES[0])
     if invariant not in INVARIANT_MODES:
         raise ConfigError(f"{where}.invariant: must be one of {list(INVARIANT_MODES)}, got {invariant!r}")
+    from .hostcache import (CACHE_MODE_DEFAULT, DIRTY_BACKGROUND_PCT_DEFAULT, DIRTY_EXPIRE_MS_DEFAULT,
+                            DIRTY_PCT_DEFAULT, DIRTY_WRITEBACK_MS_DEFAULT)
+    from .vdisk import CACHE_MODES
+    mode = table.get("vdisk_cache", CACHE_MODE_DEFAULT)
+    if mode not in CACHE_MODES:
+        raise ConfigError(f"{where}.vdisk_cache: must be one of {list(CACHE_MODES)}, got {mode!r}")
+    dirty_bg = float(_positive(table, "dirty_background_pct", where, DIRTY_BACKGROUND_PCT_DEFAULT, allow_zero=True))
+    dirty = float(_positive(table, "dirty_pct", where, DIRTY_PCT_DEFAULT))
+    if dirty > 100 or dirty_bg > 100:
+        raise ConfigError(f"{where}.dirty_pct / dirty_background_pct: must be <= 100, got {dirty} / {dirty_bg}")
+    if dirty_bg >= dirty:
+        raise ConfigError(f"{where}.dirty_background_pct ({dirty_bg}) must be below dirty_pct ({dirty}): the "
+                          f"flusher starts before writers are throttled")
     order = table.get("request_order")
     from .discipline import REQUEST_ORDERS
     if order is not None and order not in REQUEST_ORDERS:
@@ -121,6 +141,11 @@ def host_memory_config(table: Mapping[str, Any], where: str = "[host]") -> HostM
         shootdown_timeout_s=float(_positive(table, "shootdown_timeout_s", where, 10.0)),
         uncooperative_ticks=int(_positive(table, "uncooperative_ticks", where, 50)),
         request_order=order,
+        vdisk_cache=mode,
+        dirty_expire_ms=float(_positive(table, "dirty_expire_ms", where, DIRTY_EXPIRE_MS_DEFAULT, allow_zero=True)),
+        dirty_writeback_ms=float(_positive(table, "dirty_writeback_ms", where, DIRTY_WRITEBACK_MS_DEFAULT)),
+        dirty_background_pct=dirty_bg,
+        dirty_pct=dirty,
     )
 
 
