@@ -20,8 +20,9 @@ whatever order they arrive in: the result cannot depend on arrival order.
 **The one-tick lag.** Shares follow demand one tick late: a guest that
 starts hammering an idle-shared device gets its larger share from the
 next boundary on. A lane whose channels were all still busy at the tick's
-end (a backlog) counts as wanting the whole device, so a lane held back by
-a small share is not mistaken for a lane that wants little. Every lane
+end (a backlog), or that used 90 % of its share, counts as wanting the
+whole device, so a lane held back by a small share is not mistaken for a
+lane that wants little. Every lane
 keeps a floor of ``1 / (FLOOR_DIVISOR * lanes)`` of the device (like a
 reservation in mClock), so an idle guest's first request after a busy
 tick is slow, not stuck.
@@ -47,6 +48,7 @@ __all__ = ["DeviceProfile", "DEVICE_PROFILES", "Device", "DiskTopology", "disk_t
            "FLOOR_DIVISOR"]
 
 FLOOR_DIVISOR = 16   # each lane keeps at least 1/(16 x lanes) of a device
+SATURATED_FRACTION = 0.9   # a lane that used this much of its share in a tick wants more
 
 
 @dataclass(frozen=True, slots=True)
@@ -276,8 +278,10 @@ class Device:
         demand = []
         for gid in ids:
             lane = self.lanes[gid]
-            backlog = float(lane.free_at_us.min()) > tick_end_us
-            demand.append(math.inf if backlog else max(0.0, lane.demand_us - floor))
+            # Held back by its share: a queue left at the tick's end, or its share (nearly) used up.
+            saturated = (float(lane.free_at_us.min()) > tick_end_us
+                         or lane.demand_us >= SATURATED_FRACTION * lane.share * cap)
+            demand.append(math.inf if saturated else max(0.0, lane.demand_us - floor))
         alloc = _max_min(demand, cap - floor * n)
         spare = (cap - floor * n - sum(alloc)) / n
         shares: dict[int, float] = {}
