@@ -547,20 +547,24 @@ class VirtualDisk:
         """Pinned blocks' clusters stay cached: never dropped (budget, allowance or host pressure)."""
         sl = self._check_range(first_block, n_blocks)
         self.pinned[sl] = pinned
-        self.cluster_pinned = np.bincount(np.flatnonzero(self.pinned) // self.cluster_pages,
-                                          minlength=self.cluster_cached.size) > 0
+        self._kept_clusters()
         blocks = np.arange(sl.start, sl.stop)
         in_frame = blocks[self.cache_state[sl] == _FRAME]
         self.pool.pinned[self.cache_loc[in_frame]] = pinned
 
     def set_swap_exempt(self, first_block: int, n_blocks: int, exempt: bool) -> None:
-        """Record the blocks as exempt from host swapping.
+        """Keep these blocks' clusters cached (never dropped), without pinning their frames.
 
-        The host's cache is never host-swapped any more, so this changes
-        nothing; it stays for the pinning monitor's "exempt" mode. Use
-        ``set_pinned`` to keep blocks cached.
+        The pinning monitor's "exempt" mode. The cache is never host-swapped
+        any more, so being exempt from host swapping means nothing; what the
+        cure needs is that the area stays cached, as ``set_pinned`` does.
         """
         self.swap_exempt[self._check_range(first_block, n_blocks)] = exempt
+        self._kept_clusters()
+
+    def _kept_clusters(self) -> None:
+        kept = np.flatnonzero(self.pinned | self.swap_exempt)
+        self.cluster_pinned = np.bincount(kept // self.cluster_pages, minlength=self.cluster_cached.size) > 0
 
     def drop_swapped(self, first_block: int, n_blocks: int) -> int:
         """Cache copies in host swap: there are none any more (the cache is never host-swapped); returns 0.

@@ -277,3 +277,17 @@ async def test_disk_io_accepts_the_wire_form() -> None:
     tokens, _ = await hm.vdisk_read(1, np.asarray([3], "<u8").tobytes(), 0.0)
     assert tokens.tolist() == [5]
     assert hm.pool.kind[hm.vdisk(1).cache_loc[3]] == FrameKind.CACHE
+
+
+async def test_an_exempt_range_stays_cached_without_pinning_its_frames() -> None:
+    hm = mem("writethrough", budget=8, cluster_pages=4)
+    hm.add_guest(1, 8, disk_blocks=64)
+    vd = hm.vdisk(1)
+    vd.set_swap_exempt(8, 8, True)
+    await hm.vdisk_read(1, blocks(8, 12), 0.0)
+    hm.cache.boundary({1: vd}, 1e6, want_frames=1000)
+    assert (vd.cache_state[8:16] == CacheState.FRAME).all() and not hm.pool.pinned.any()
+    vd.set_swap_exempt(8, 8, False)
+    hm.cache.boundary({1: vd}, 2e6, want_frames=1000)
+    assert not (vd.cache_state[8:16] == CacheState.FRAME).any()
+    hm.check_invariant()
