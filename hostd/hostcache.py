@@ -92,6 +92,7 @@ class HostCache:
     def set_limits(self, vd: VirtualDisk, allowance_pages: int) -> None:
         vd.allowance_pages = int(allowance_pages)
         vd.dirty_limit_pages = max(1, int(allowance_pages * self.cfg.dirty_pct / 100))
+        vd.dirty_background_pages = int(allowance_pages * self.cfg.dirty_background_pct / 100)
 
     def boundary(self, disks: Mapping[int, VirtualDisk], vt_us: float, want_frames: int) -> int:
         """Flusher, budget, host pressure, allowances (in this order); returns clean pages dropped for pressure."""

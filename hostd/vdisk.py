@@ -147,6 +147,7 @@ class VirtualDisk:
         self.cluster_pages = int(cluster_pages)
         self.allowance_pages = int(allowance_pages)
         self.dirty_limit_pages = max(1, self.allowance_pages // 5)
+        self.dirty_background_pages = self.allowance_pages // 10
         self.max_inflight_requests = int(max_inflight_requests)
         self.pool = pool
         self.costs = costs
@@ -197,6 +198,11 @@ class VirtualDisk:
         return tok.astype(np.uint64, copy=False)
 
     def _cluster_blocks(self, clusters: np.ndarray) -> np.ndarray:
+        if self.cluster_pages == 1:
+            return clusters
+        if clusters.size == 1:
+            lo = int(clusters[0]) * self.cluster_pages
+            return np.arange(lo, min(lo + self.cluster_pages, self.n_blocks), dtype=np.int64)
         cand = (clusters[:, None] * self.cluster_pages + np.arange(self.cluster_pages)).ravel()
         return cand[cand < self.n_blocks]
 
@@ -217,6 +223,8 @@ class VirtualDisk:
         if written is not None:
             written[blocks] = True
             read = fill[~written[fill]]
+        elif blocks.size == 1:
+            read = fill[fill != blocks[0]]
         else:
             read = fill[~np.isin(fill, blocks)]
         return fill, read
@@ -246,6 +254,8 @@ class VirtualDisk:
         over = self.cached_pages + int(fill.size) - self.allowance_pages
         if over <= 0:
             return float(vt_us)
+        # In batches (1/16 of the allowance), so that the scan for the oldest clusters is not per request.
+        over += max(self.cluster_pages, self.allowance_pages // 16)
         keep = unique_pages(blocks_u // self.cluster_pages)
         return self.release_clusters(over, vt_us, keep=keep, dirty_too=True)
 
@@ -261,12 +271,7 @@ class VirtualDisk:
         freed = self.drop_clean(want_pages, keep=keep)
         if freed >= want_pages or not dirty_too:
             return done
-        cand = np.flatnonzero((self.cluster_cached > 0) & ~self.cluster_pinned)
-        if keep is not None and keep.size:
-            cand = cand[~np.isin(cand, keep)]
-        order = cand[np.lexsort((cand, self.cluster_stamp_us[cand]))]
-        upto = int(np.searchsorted(np.cumsum(self.cluster_cached[order]), want_pages - freed)) + 1
-        victims = order[:upto]
+        victims = self._oldest((self.cluster_cached > 0) & ~self._excluded(keep), want_pages - freed)
         if victims.size:
             done = max(done, self._write_back_clusters(victims, vt_us))
             self._drop_clusters(victims)
@@ -276,14 +281,32 @@ class VirtualDisk:
         """Drop own least recently used clean clusters (not pinned, not in ``keep``); returns pages freed."""
         if want_pages <= 0 or self.cached_pages == 0:
             return 0
-        cand = np.flatnonzero((self.cluster_cached > 0) & (self.cluster_dirty == 0) & ~self.cluster_pinned)
-        if keep is not None and keep.size and cand.size:
-            cand = cand[~np.isin(cand, keep)]
-        if cand.size == 0:
-            return 0
+        victims = self._oldest((self.cluster_cached > 0) & (self.cluster_dirty == 0) & ~self._excluded(keep),
+                               want_pages)
+        return self._drop_clusters(victims) if victims.size else 0
+
+    def _excluded(self, keep: np.ndarray | None) -> np.ndarray:
+        """Clusters never to drop now: pinned (or exempt), and ``keep``."""
+        if keep is None or keep.size == 0:
+            return self.cluster_pinned
+        out = self.cluster_pinned.copy()
+        out[keep] = True
+        return out
+
+    def _oldest(self, mask: np.ndarray, want_pages: int) -> np.ndarray:
+        """Clusters in ``mask``, least recently used first (ties by index), until they hold ``want_pages``."""
+        cand = np.flatnonzero(mask)
+        if cand.size == 0 or want_pages <= 0:
+            return cand[:0]
+        # Every candidate holds at least one page, so the `want` oldest suffice.
+        k = min(cand.size, int(want_pages))
+        if k < cand.size:
+            stamps = self.cluster_stamp_us[cand]
+            cut = np.partition(stamps, k - 1)[k - 1]
+            cand = cand[stamps <= cut]      # ties at the cut all stay: the order below decides among them
         order = cand[np.lexsort((cand, self.cluster_stamp_us[cand]))]
         upto = int(np.searchsorted(np.cumsum(self.cluster_cached[order]), want_pages)) + 1
-        return self._drop_clusters(order[:upto])
+        return order[:upto]
 
     def droppable_clusters(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(clusters, their stamps, their pages) of clean, unpinned cached clusters: the host cache's candidates."""
@@ -324,7 +347,8 @@ class VirtualDisk:
             done = self._load(fill, start)
         done += blocks.size * self.costs.page_copy_us
         self._touch(blocks_u, vt_us)
-        self._hold(None, done)
+        if fill.size:
+            self._hold(None, done)      # in the device's queue; a hit is not
         c.cache_hit_pages += hits
         c.cache_miss_pages += int(blocks_u.size) - hits
         return IoResult(self.pool.token[self.cache_loc[blocks]], done, 0)
@@ -378,11 +402,14 @@ class VirtualDisk:
                 np.add.at(self.cluster_dirty, newly // self.cluster_pages, 1)
                 self.dirty_pages += int(newly.size)
             if self.dirty_pages > self.dirty_limit_pages:
-                # Over its dirty limit the writer writes its own oldest back first (balance_dirty_pages).
+                # Over its dirty limit the writer writes its own oldest back first (balance_dirty_pages),
+                # down to the background level.
                 c.throttled_writes += 1
-                done = max(done, self.write_back_oldest(self.dirty_pages - self.dirty_limit_pages, write_start))
+                done = max(done, self.write_back_oldest(self.dirty_pages - self.dirty_background_pages,
+                                                        write_start))
         self._touch(blocks, vt_us)
-        self._hold(None, done)
+        if read.size or self.mode == "writethrough":
+            self._hold(None, done)      # in the device's queue; a write into the cache is not
         c.cache_hit_pages += hits
         c.cache_miss_pages += int(blocks.size) - hits
         return IoResult(_NO_TOKENS, done, rmw)
@@ -390,7 +417,11 @@ class VirtualDisk:
     def _load(self, blocks: np.ndarray, start_us: float) -> float:
         """Read ``blocks`` (whole clusters' missing parts) from the device into cache frames; one request each."""
         self._cache_in(blocks)
-        clusters, first, n = np.unique(blocks // self.cluster_pages, return_index=True, return_counts=True)
+        cp = self.cluster_pages
+        if int(blocks[0]) // cp == int(blocks[-1]) // cp:     # the usual case: one cluster, one request
+            clusters, first, n = blocks[:1] // cp, np.zeros(1, np.int64), np.array((blocks.size,))
+        else:
+            clusters, first, n = np.unique(blocks // cp, return_index=True, return_counts=True)
         done = float(start_us)
         for b0, k in zip(blocks[first].tolist(), n.tolist()):
             done = max(done, self.device.submit(self.guest_id, start_us, k, write=False,
@@ -485,6 +516,8 @@ class VirtualDisk:
         held = self._inflight_done_us
         if len(held) < self.max_inflight_requests:
             return float(vt_us)
+        self._forget_done(vt_us)
+        held = self._inflight_done_us
         active = [d for d in held if d > vt_us]
         if len(active) < self.max_inflight_requests:
             return float(vt_us)
@@ -493,6 +526,12 @@ class VirtualDisk:
         self.counters.backpressure_waits += 1
         self.counters.backpressure_wait_us += start - vt_us
         return start
+
+    def _forget_done(self, vt_us: float) -> None:
+        """Drop the completed requests that hold no frames (they only counted against the queue depth)."""
+        keep = [(d, f) for d, f in zip(self._inflight_done_us, self._inflight_frames) if d > vt_us or f.size]
+        self._inflight_done_us = [d for d, _ in keep]
+        self._inflight_frames = [f for _, f in keep]
 
     def _iobufs(self, blocks: np.ndarray) -> np.ndarray:
         frames = self.pool.alloc(blocks.size, FrameKind.IOBUF, self.guest_id, blocks)
