@@ -491,7 +491,8 @@ class VirtualDisk:
 
     def _cache_in(self, blocks: np.ndarray) -> None:
         """Cache frames for uncached ``blocks``, holding their current content."""
-        frames = self.pool.alloc(blocks.size, FrameKind.CACHE, self.guest_id, blocks, self.tokens[blocks])
+        frames = self.pool.alloc(blocks.size, FrameKind.CACHE, owner_guest=self.guest_id, owner_index=blocks,
+                                 tokens=self.tokens[blocks])
         if frames.size != blocks.size:
             raise InvariantViolation(f"vdisk {self.guest_id}: host memory made room for too few cache frames")
         self.pool.pinned[frames] = self.pinned[blocks]
@@ -534,7 +535,7 @@ class VirtualDisk:
         self._inflight_frames = [f for _, f in keep]
 
     def _iobufs(self, blocks: np.ndarray) -> np.ndarray:
-        frames = self.pool.alloc(blocks.size, FrameKind.IOBUF, self.guest_id, blocks)
+        frames = self.pool.alloc(blocks.size, FrameKind.IOBUF, owner_guest=self.guest_id, owner_index=blocks)
         if frames.size != blocks.size:
             raise InvariantViolation(f"vdisk {self.guest_id}: host memory made room for too few I/O buffers")
         return frames
