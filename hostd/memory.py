@@ -941,7 +941,6 @@ class HostMemory:
             "swap_used_slots": self.swap.used_slots,
             "swap_cached_slots": self.swap.cached_slots,
             "cache_dirty_pages": sum(g.vdisk.dirty_pages for g in self._guests.values()),
-            "cache_mode": self.cache.cfg.mode,
             **self.cache.metrics(),
             **{f"swap_device_{k}": v for k, v in self.swap.disk.counters().items()},
             **asdict(self.counters),
