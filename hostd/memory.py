@@ -207,6 +207,7 @@ class HostMemory:
         self.costs = costs or CostModel()
         self._shootdown_fn: Shootdown | None = shootdown
         self._placeholders_settled: Callable[[int], Awaitable[None]] | None = None
+        self._early_answers: dict[int, dict[int, int]] = {}   # gid -> gpfn -> token (see fill_placeholders)
         self._observer: MemoryObserver | None = observer    # the host's monitors, if any
         self._callout: Callable[[], Any] = callout or _no_callout   # see the module docstring
         self.low_watermark_frames = (max(1, total_frames // 100) if low_watermark_frames is None
@@ -285,6 +286,7 @@ class HostMemory:
         frames = self.pool.frames_owned_by(guest_id)
         self.pool.free(frames[~self.pool.busy[frames]])
         self.swap.remove_file(guest_id)
+        self._early_answers.pop(guest_id, None)
         if self.shared_device is not None:
             self.shared_device.remove_lane(guest_id)
 
@@ -640,7 +642,13 @@ class HostMemory:
                 if g is not None and n_live:
                     out = gpfns[live]
                     slots = self.swap.slots_of(gid, out)
-                    write = self.swap.store(slots, result[live])
+                    tokens = result[live]
+                    early = self._early_answers.get(gid)
+                    if early:
+                        tokens = tokens.copy()
+                        for i in np.flatnonzero(tokens == PENDING_TOKEN).tolist():
+                            tokens[i] = early.pop(int(out[i]), PENDING_TOKEN)
+                    write = self.swap.store(slots, tokens)
                     g.p2m.set(out, PageState.SWAPPED, slots)
                     n_write = int(np.count_nonzero(write))
                     if n_write:
@@ -659,6 +667,9 @@ class HostMemory:
                 # cancelled): the mapping stays; orphans can go.
                 if result is not None or g is None:
                     self.counters.shootdown_failures += 1
+                early = self._early_answers.get(gid)
+                for gp in (gpfns.tolist() if early else ()):
+                    early.pop(gp, None)      # an answer to a failed eviction must not fill a later one
                 self.pool.busy[g_frames[live]] = False
                 self.pool.free(g_frames[~live])
                 self.counters.dropped_evictions += int(np.count_nonzero(~live))
@@ -967,9 +978,20 @@ class HostMemory:
         Returns how many slots were filled (a gpfn faulted back in or
         ballooned meanwhile holds no placeholder any more).
         """
-        if guest_id not in self._guests:
+        g = self._guests.get(guest_id)
+        if g is None:
             return 0
-        return self.swap.fill_placeholders(guest_id, gpfns, tokens)
+        gpfns = np.asarray(gpfns, np.int64)
+        tokens = np.asarray(tokens, np.uint64)
+        filled = self.swap.fill_placeholders(guest_id, gpfns, tokens)
+        # The answer can come before its eviction is applied: an eviction's groups are applied
+        # together, in guest-id order, once every guest's shootdown returned. Keep the answer for
+        # the pages whose frames are still being evicted; the eviction takes it instead of a placeholder.
+        early = (g.p2m.state[gpfns] == PageState.FRAME) & self.pool.busy[g.p2m.loc[gpfns]]
+        if np.any(early):
+            book = self._early_answers.setdefault(guest_id, {})
+            book.update(zip(gpfns[early].tolist(), tokens[early].tolist()))
+        return filled + int(np.count_nonzero(early))
 
     def placeholder_slots(self, guest_id: int) -> int:
         """Host swap slots of ``guest_id`` still waiting for their content."""

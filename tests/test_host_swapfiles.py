@@ -1,6 +1,8 @@
 """Host swap: one file per guest, slot = gpfn, a swap cache that saves rewriting unchanged pages."""
 from __future__ import annotations
 
+import asyncio
+
 import numpy as np
 import pytest
 
@@ -186,3 +188,34 @@ def test_the_scenario_refuses_a_swap_too_small_for_the_files() -> None:
 def _settings(values: dict) -> tuple:
     from balloonlab.overrides import parse_setting
     return tuple(parse_setting(f"{k}={v}") for k, v in values.items())
+
+
+async def test_a_late_answer_that_comes_before_its_eviction_is_applied_is_not_lost() -> None:
+    """One reclaim, two guests: guest 0's shootdown is deferred (placeholders) and answered while guest 1's
+    shootdown is still out; the eviction is applied afterwards and must take the answer, not the placeholder."""
+    mem = HostMemory(8, 64, "random", np.random.default_rng(3), low_watermark_frames=0, reclaim_batch_frames=1)
+    content = {0: np.arange(4, dtype=np.uint64) + np.uint64(100), 1: np.arange(4, dtype=np.uint64) + np.uint64(200)}
+    gate = asyncio.Event()
+
+    async def shootdown(gid: int, gpfns: np.ndarray) -> np.ndarray:
+        g = gpfns.astype(np.int64)
+        if gid == 0:              # unresponsive: placeholders now, the answer a moment later
+            asyncio.get_running_loop().call_soon(mem.fill_placeholders, 0, g, content[0][g].copy())
+            return np.full(g.size, PENDING_TOKEN, np.uint64)
+        await gate.wait()
+        return content[1][g].copy()
+
+    mem.wire(shootdown=shootdown)
+    for gid in (0, 1):
+        mem.add_guest(gid, 4)
+        await mem.ept_fault(gid, np.arange(4, dtype=np.uint64), 0.0)
+    task = asyncio.ensure_future(mem.reclaim(8, 0.0))
+    for _ in range(5):
+        await asyncio.sleep(0)    # guest 0 answered; guest 1 has not
+    gate.set()
+    await task
+    assert mem.placeholder_slots(0) == 0
+    for gid in (0, 1):
+        tokens, _ = await mem.ept_fault(gid, np.arange(4, dtype=np.uint64), 10.0)
+        assert tokens.tolist() == content[gid].tolist()
+    mem.check_invariant()
