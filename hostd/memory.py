@@ -108,6 +108,7 @@ _FRAME = int(PageState.FRAME)         # plain ints for the one-page paths (an In
 _SWAPPED = int(PageState.SWAPPED)
 _BALLOONED = int(PageState.BALLOONED)
 _GUEST_KIND = int(FrameKind.GUEST)
+_CACHED = 1                           # vdisk.CacheState.FRAME
 _ZERO_PROGRESS_ROUNDS = 3             # reclaim rounds that free nothing before giving up
 
 
@@ -841,6 +842,9 @@ class HostMemory:
         g = self._guest(guest_id)
         vd = g.vdisk
         one = one_page_number(blocks, guest_id, "block", vd.n_blocks)
+        if one is not None and vd.cache_state[one] == _CACHED:
+            res = vd.read_hit_one(one, vt_us)      # a hit takes no frame and no room
+            return res.tokens, res.done_vt_us
         blocks = np.array((one,), np.int64) if one is not None else vd.check_blocks(blocks)
         start_us = vd.fit_allowance(blocks, vt_us, write=False)
         start_us = await self._room_for_io(g, lambda: vd.frames_needed_read(blocks), start_us)

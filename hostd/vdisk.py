@@ -252,7 +252,7 @@ class VirtualDisk:
         blocks_u = unique_pages(blocks)
         fill = self._fill_for_write(blocks_u)[0] if write else self._fill_for_read(blocks_u)
         over = self.cached_pages + int(fill.size) - self.allowance_pages
-        if over <= 0:
+        if over <= 0 or fill.size == 0:      # a request that caches nothing new needs no room
             return float(vt_us)
         # In batches (1/16 of the allowance), so that the scan for the oldest clusters is not per request.
         over += max(self.cluster_pages, self.allowance_pages // 16)
@@ -352,6 +352,19 @@ class VirtualDisk:
         c.cache_hit_pages += hits
         c.cache_miss_pages += int(blocks_u.size) - hits
         return IoResult(self.pool.token[self.cache_loc[blocks]], done, 0)
+
+    def read_hit_one(self, block: int, vt_us: float) -> IoResult:
+        """``read`` of one cached block, in scalars (the usual request): the same books and times."""
+        c = self.counters
+        start = self._admit(vt_us)
+        c.read_requests += 1
+        c.read_pages += 1
+        lo, hi = self.swap_area
+        c.swap_area_read_pages += lo <= block < hi
+        self.cluster_stamp_us[block // self.cluster_pages] = float(vt_us)
+        c.cache_hit_pages += 1
+        f = int(self.cache_loc[block])
+        return IoResult(self.pool.token[f:f + 1].copy(), start + self.costs.page_copy_us, 0)
 
     def write(self, blocks: np.ndarray, tokens: np.ndarray, vt_us: float) -> IoResult:
         """A write of distinct ``blocks`` in the disk's cache mode."""
