@@ -40,7 +40,7 @@ class HostMemConfig:
     shootdown_timeout_s: float
     uncooperative_ticks: int        # no balloon progress for this long -> fall back to host swapping
     request_order: str | None       # "virtual-time" / "arrival"; None: virtual-time unless a lock model runs
-    vdisk_cache: str = "writeback"  # the host page cache's mode for the virtual disks (QEMU's cache=)
+    vdisk_cache: str = "writethrough"  # the host page cache's mode for the virtual disks (QEMU's cache=)
     dirty_expire_ms: float = 30_000.0      # Linux vm.dirty_expire_centisecs
     dirty_writeback_ms: float = 5_000.0    # Linux vm.dirty_writeback_centisecs
     dirty_background_pct: float = 10.0     # Linux vm.dirty_background_ratio, of the cache's budget

@@ -69,7 +69,7 @@ CLUSTER_PAGES_DEFAULT = 16          # 64 KiB clusters of 4 KiB pages
 MAX_INFLIGHT_REQUESTS_DEFAULT = 32  # the disk's queue depth
 DOUBLE_FAULT_RECORDS_MAX = 256      # kept for the host's monitor between two drains; the counters see all
 CACHE_MODES = ("writeback", "writethrough", "none")
-"""QEMU's ``cache=`` modes; writeback is QEMU's default (``-drive cache=writeback``)."""
+"""QEMU's ``cache=`` modes (the lab's default is writethrough: ``hostd.hostcache``)."""
 
 
 class CacheState(IntEnum):
