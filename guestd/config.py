@@ -7,6 +7,7 @@ User-facing sizes are in MiB (256 pages each); the kernel sees pages::
     regions = [{name = "db", kind = "file", mib = 32}, {name = "heap", kind = "anon", pages = 4096}]
     workload = [{kind = "db", region = "db", weight = 3}, {kind = "anon-cold", region = "heap"}]
     batch_refs = 8192       shares = 1000
+    dirty_background_ratio = 0    # percent: the flusher writes dirty page cache back above it (0: off)
     ws_period_us, ws_sample_pages, pff_alpha, fault_around_pages    (kernel knobs)
 """
 from __future__ import annotations
@@ -28,7 +29,7 @@ MIB_PAGES = 256
 RUN_KEYS = frozenset({"id", "ram_pages", "disk_blocks", "seed", "costs", "disk", "locks", "ticks",
                       "metrics_every_ticks", "swap_base_block", "swap_blocks"})
 _OWN = {"ram_mib", "kernel_mib", "swap_mib", "policy", "policy_params", "regions", "workload", "batch_refs",
-        "shares", "ws_period_us", "ws_sample_pages", "pff_alpha", "fault_around_pages"}
+        "shares", "dirty_background_ratio", "ws_period_us", "ws_sample_pages", "pff_alpha", "fault_around_pages"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +38,12 @@ class GuestConfig:
     workload: tuple[dict[str, Any], ...]   # specs for guestd.workload.build_workload
     batch_refs: int                        # references per vCPU batch
     shares: int                            # proportional-share weight for the host
+    # Linux's vm.dirty_background_ratio (10 there, Documentation/admin-guide/sysctl/vm.rst): the flusher
+    # starts writing dirty page cache back once it exceeds this share of available memory. Off (0) by
+    # default for now: its writes are not waited for, so the guest's next request may be earlier than
+    # their completion, which the one-at-a-time virtual-time sequencer takes as a bound on the guest's
+    # clock (requests_behind_bound, and orders other guests by it). Per-guest lanes need no such bound.
+    dirty_background_ratio: float = 0.0
 
     @property
     def ram_pages(self) -> int:
@@ -90,4 +97,7 @@ def guest_config_from_mapping(raw: Mapping[str, Any], where: str = "guest") -> G
     for key, value in (("batch_refs", batch_refs), ("shares", shares)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise GuestConfigError(f"{where}.{key}: expected an integer >= 1, got {value!r}")
-    return GuestConfig(kcfg, tuple(dict(s) for s in specs), batch_refs, shares)
+    ratio = raw.get("dirty_background_ratio", 0.0)
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio <= 100:
+        raise GuestConfigError(f"{where}.dirty_background_ratio: expected a percentage in [0, 100], got {ratio!r}")
+    return GuestConfig(kcfg, tuple(dict(s) for s in specs), batch_refs, shares, float(ratio))

@@ -32,6 +32,7 @@ from .config import GuestSpec, RunConfig
 from .devices import DeviceProfile
 from .errors import HostdError
 from .memconfig import BalloonConfig, HostMemConfig
+from .memstate import VmAllocation
 from .session import GuestSession, sanitize_stats
 
 if TYPE_CHECKING:
@@ -117,7 +118,8 @@ class Machine:
     def guest_back(self, guest_id: int) -> None:
         self.silent.guest_back(guest_id)
 
-    def tick_done(self, session: GuestSession, msg: TickDone) -> None:
+    def tick_done(self, session: GuestSession, msg: TickDone, excused: bool = False) -> None:
+        """The guest's TickDone; ``excused``: for a tick the host had already counted done for it."""
         gid = session.guest_id
         assert gid is not None
         stats, problems = sanitize_stats(msg.stats)
@@ -130,7 +132,8 @@ class Machine:
             self.mem.set_ad_bits(gid, msg.accessed, msg.dirty)
         except HostdError as exc:
             self._rejected(session, "tick_done", exc)
-        self.discipline.tick_done(gid, msg.vt_us)
+        if not excused:
+            self.discipline.tick_done(gid, msg.vt_us)
 
     # --- refusals ---------------------------------------------------------------
 
@@ -163,10 +166,13 @@ class Machine:
             return
         mem.tick(vt_us)
         await self.silent.reclaim(mem, vt_us, self.shootdowns.pending_pages)
-        await self.discipline.balance(mem, vt_us)
+        # ENGINE.md 3.4: the state from free frames, then the controllers' targets, then reclaim by state.
+        if mem.states is not None:
+            mem.states.update(tick, vt_us, mem.pool.free_frames)
         self._set_targets(tick, vt_us)
+        await self.discipline.balance(mem, vt_us)
         self.invariant.tick(tick)
-        snap = mem.snapshot()
+        snap = self._snapshot()
         self.monitors.end_tick(tick, vt_us, snap, {gid: s.last_stats for gid, s in self.sessions.items()},
                                self.targets)
         for key in ("iobuf_pages", "cache_pages", "pinned_frames", "swap_used_slots"):
@@ -175,6 +181,9 @@ class Machine:
         every = self.cfg.metrics_every_ticks
         if (tick + 1) % every == 0 or tick + 1 == self.cfg.ticks:
             guests = snap.pop("guests")
+            for gid, alloc in self.decisions.alloc_targets.items():
+                if str(gid) in guests:
+                    guests[str(gid)]["alloc_target_pages"] = alloc
             log.info(ev.TICK_COMPLETED, tick=tick, vt_us=vt_us, live_guests=len(self.sessions),
                      balloon_targets={str(k): v for k, v in sorted(self.targets.items())},
                      guests=guests, **snap)
@@ -194,9 +203,11 @@ class Machine:
         if not snap_guests:
             return
         pool = mem.pool.counts()
+        states = mem.states
         view = HostView(tick=tick, vt_us=float(vt_us), total_frames=mem.pool.total_frames,
                         free_frames=pool["free"], cache_pages=pool["cache"], iobuf_pages=pool["iobuf"],
-                        guests=snap_guests)
+                        guests=snap_guests, memory_state=None if states is None else states.state.label,
+                        min_free_frames=0 if states is None else states.min_free_frames)
         for gid in self.noncoop.update(view) - self.uncooperative:
             g = next(x for x in snap_guests if x.guest_id == gid)
             self.uncooperative.add(gid)
@@ -204,6 +215,10 @@ class Machine:
                         ticks=self.noncoop.stall_ticks)
         # Clamped, an uncooperative guest not asked for more (host swapping covers it), every decision logged.
         wanted = self.decisions.decide(self.controller, view, self.uncooperative)
+        if states is not None:
+            states.set_alloc_targets({g.guest_id: VmAllocation(g.guest_id, g.resident_pages,
+                                                               self.decisions.alloc_targets[g.guest_id])
+                                      for g in snap_guests})
         for g in snap_guests:
             gid = g.guest_id
             new = wanted[gid]
@@ -218,6 +233,17 @@ class Machine:
 
     # --- reporting -------------------------------------------------------------------
 
+    def _snapshot(self, final: bool = False) -> dict[str, Any]:
+        """Host memory's snapshot with the memory state (each tick) and the states' summary (at the end)."""
+        snap = self.mem.snapshot()
+        states = self.mem.states
+        if states is not None:
+            snap["memory_state"] = states.state.label
+            snap["min_free_frames"] = states.min_free_frames
+            if final:
+                snap.update(states.summary())
+        return snap
+
     def progress_metrics(self) -> dict[str, Any]:
         pool = self.mem.pool.counts()
         return {"free_frames": pool["free"], "host_swapped": self.mem.counters.swap_out_pages}
@@ -225,7 +251,7 @@ class Machine:
     def final_metrics(self) -> dict[str, Any]:
         """The machine's part of ``run_finished``; the run is over (the full invariant check runs here)."""
         self.invariant.finish()
-        snap = self.mem.snapshot()
+        snap = self._snapshot(final=True)
         guests = snap.pop("guests")
         self.discipline.close()
         return {"memory": snap, "guests_memory": guests, "peaks": dict(self.peak),

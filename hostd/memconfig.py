@@ -21,6 +21,7 @@ _HOST_KEYS: dict[str, tuple[type, ...]] = {
     "shootdown_timeout_s": (int, float), "uncooperative_ticks": (int,), "request_order": (str,),
     "vdisk_cache": (str,), "dirty_expire_ms": (int, float), "dirty_writeback_ms": (int, float),
     "dirty_background_pct": (int, float), "dirty_pct": (int, float),
+    "memory_states": (str,), "min_free_pct": (int, float), "victim_scope": (str,),
 }
 
 
@@ -33,27 +34,47 @@ class HostMemConfig:
     cache_max_pages: int | None
     cluster_pages: int
     max_inflight_requests: int
-    low_watermark_pct: float
+    low_watermark_pct: float | None  # None: the low state's threshold with memory states, else 1 % of RAM
     reclaim_batch_pages: int
     invariant_every_ticks: int
     invariant: str                  # "sample" (each check a sample, the full one at the end) or "full" (debug)
     shootdown_timeout_s: float
     uncooperative_ticks: int        # no balloon progress for this long -> fall back to host swapping
-    request_order: str | None       # "virtual-time" / "arrival"; None: virtual-time unless a lock model runs
+    request_order: str | None       # "deterministic" / "arrival" ("virtual-time": deterministic); None: the default
     vdisk_cache: str = "writethrough"  # the host page cache's mode for the virtual disks (QEMU's cache=)
     dirty_expire_ms: float = 30_000.0      # Linux vm.dirty_expire_centisecs
     dirty_writeback_ms: float = 5_000.0    # Linux vm.dirty_writeback_centisecs
     dirty_background_pct: float = 10.0     # Linux vm.dirty_background_ratio, of the cache's budget
     dirty_pct: float = 20.0                # Linux vm.dirty_ratio, of the cache's budget
+    memory_states: str = "esx"      # "esx": ESX memory states decide reclaim (hostd.memstate); "none": watermark only
+    min_free_pct: float | None = None   # None: ESX's sliding scale for minFree
+    victim_scope: str = "vm"        # boundary host swap: "vm" (furthest above target first) or "global" (blind)
+
+    def low_watermark_frames(self, ram_pages: int, low_state_frames: int | None) -> int:
+        """The in-tick watermark: as configured, else the low state's threshold (states on) or 1 % of RAM.
+
+        With memory states an allocation swaps mid-tick only when free
+        memory is in the low state, where ESX swaps and blocks: the request
+        waits for the swap-out writes (direct reclaim).
+        """
+        if self.low_watermark_pct is not None:
+            return max(1, int(ram_pages * self.low_watermark_pct / 100))
+        if low_state_frames is not None:
+            return max(1, int(low_state_frames))
+        return max(1, int(ram_pages * 1.0 / 100))
 
     def resolved_request_order(self, locks_enabled: bool, where: str = "") -> str:
-        """The default mode (``virtual-time``) unless a lock model runs; asking for it with one is an error."""
+        """The default mode (``deterministic``) unless a lock model runs; asking for it with one is an error.
+
+        A deprecated name resolves to the mode it stands for (``DEPRECATED_ORDERS``).
+        """
+        from .discipline import DEPRECATED_ORDERS, REQUEST_ORDERS   # the first mode is the default
+        order = DEPRECATED_ORDERS.get(self.request_order or "", self.request_order)
         if not locks_enabled:
-            from .discipline import REQUEST_ORDERS   # the first mode is the default
-            return self.request_order or REQUEST_ORDERS[0]
-        if self.request_order == "virtual-time":
-            raise ConfigError(f"{where}[host].request_order = \"virtual-time\" cannot go with a [locks] protocol: "
-                              "the lock model needs the guests' requests to run concurrently")
+            return order or REQUEST_ORDERS[0]
+        if order is not None and order != "arrival":
+            raise ConfigError(f"{where}[host].request_order = \"{self.request_order}\" cannot go with a [locks] "
+                              "protocol: the lock model needs the guests' requests to run concurrently")
         return "arrival"
 
     def host_ram_pages(self, guest_ram_pages: int) -> int:
@@ -102,8 +123,8 @@ def host_memory_config(table: Mapping[str, Any], where: str = "[host]") -> HostM
     cluster_kib = _positive(table, "cluster_kib", where, 64)
     if cluster_kib % 4:
         raise ConfigError(f"{where}.cluster_kib: must be a multiple of 4 (the page size), got {cluster_kib}")
-    pct = _positive(table, "low_watermark_pct", where, 1.0)
-    if pct >= 50:
+    pct = _positive(table, "low_watermark_pct", where, None)
+    if pct is not None and pct >= 50:
         raise ConfigError(f"{where}.low_watermark_pct: must be < 50, got {pct}")
     from .invariant import INVARIANT_MODES
     invariant = table.get("invariant", INVARIANT_MODES[0])
@@ -122,9 +143,22 @@ def host_memory_config(table: Mapping[str, Any], where: str = "[host]") -> HostM
     if dirty_bg >= dirty:
         raise ConfigError(f"{where}.dirty_background_pct ({dirty_bg}) must be below dirty_pct ({dirty}): the "
                           f"flusher starts before writers are throttled")
+    from .memstate import MEMORY_STATES_MODES, VICTIM_SCOPES
+    states = table.get("memory_states", MEMORY_STATES_MODES[0])
+    if states not in MEMORY_STATES_MODES:
+        raise ConfigError(f"{where}.memory_states: must be one of {list(MEMORY_STATES_MODES)}, got {states!r}")
+    scope = table.get("victim_scope", VICTIM_SCOPES[0])
+    if scope not in VICTIM_SCOPES:
+        raise ConfigError(f"{where}.victim_scope: must be one of {list(VICTIM_SCOPES)}, got {scope!r}")
+    min_free_pct = _positive(table, "min_free_pct", where, None)
+    if min_free_pct is not None and min_free_pct > 25:
+        raise ConfigError(f"{where}.min_free_pct: must be in (0, 25] (ESX's minFree is 1-6 % of host RAM), "
+                          f"got {min_free_pct}")
+    if states == "none" and "min_free_pct" in table:
+        raise ConfigError(f"{where}.min_free_pct: has no effect with memory_states = \"none\"")
     order = table.get("request_order")
-    from .discipline import REQUEST_ORDERS
-    if order is not None and order not in REQUEST_ORDERS:
+    from .discipline import DEPRECATED_ORDERS, REQUEST_ORDERS
+    if order is not None and order not in REQUEST_ORDERS and order not in DEPRECATED_ORDERS:
         raise ConfigError(f"{where}.request_order: must be one of {list(REQUEST_ORDERS)}, got {order!r}")
     return HostMemConfig(
         ram_pages=None if ram is None else int(ram * MIB_PAGES),
@@ -134,7 +168,7 @@ def host_memory_config(table: Mapping[str, Any], where: str = "[host]") -> HostM
         cache_max_pages=None if cache is None else int(cache * MIB_PAGES),
         cluster_pages=cluster_kib // 4,
         max_inflight_requests=int(_positive(table, "max_inflight_requests", where, 32)),
-        low_watermark_pct=float(pct),
+        low_watermark_pct=None if pct is None else float(pct),
         reclaim_batch_pages=int(_positive(table, "reclaim_batch_pages", where, 32)),
         invariant_every_ticks=int(_positive(table, "invariant_every_ticks", where, 1)),
         invariant=invariant,
@@ -146,6 +180,9 @@ def host_memory_config(table: Mapping[str, Any], where: str = "[host]") -> HostM
         dirty_writeback_ms=float(_positive(table, "dirty_writeback_ms", where, DIRTY_WRITEBACK_MS_DEFAULT)),
         dirty_background_pct=dirty_bg,
         dirty_pct=dirty,
+        memory_states=states,
+        min_free_pct=None if min_free_pct is None else float(min_free_pct),
+        victim_scope=scope,
     )
 
 

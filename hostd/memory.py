@@ -52,6 +52,21 @@ it holds guest pages only. The virtual disks' cache (``hostd.vdisk``,
 victim policies only see guest frames. Under pressure a request first
 drops its own guest's clean cache clusters, then host-swaps.
 
+Partitions (the deterministic discipline): while the pool's grants are
+open, an allocation for a guest with a grant takes only from that grant
+(``FramePool``), and when the grant is short the guest reclaims from its
+own partition only, in this order: retire its own I/O buffers of requests
+complete by the request's virtual time; drop its own clean disk-cache
+clusters, least recently used first (``VirtualDisk.drop_clean``, the same
+cluster LRU the cache's own budget uses); host-swap its own pages (random
+victims from its own stream, ``guest_rng``), if ``self_swap_allowed``
+says so; else the request is held (``hold``, from the discipline) until a
+refill round or the next tick. Nothing in that path reads or changes
+another guest's state, so the order in which guests' requests arrive
+cannot change any count. Every device has one lane per guest
+(``hostd.devices``) for the same reason: its share is set at tick
+boundaries only.
+
 **Labels** (instrumentation only): a guest's shootdown reply marks the
 pages that were clean page cache in the guest (``record_labels``). The
 host counts its real swap writes of those pages and their later swap-in
@@ -80,13 +95,36 @@ from .hostswap import PENDING_TOKEN, HostSwap
 from .invariant import check_full
 from .p2m import P2M, PageState, as_page_numbers, one_page_number, unique_pages
 from .vdisk import CLUSTER_PAGES_DEFAULT, MAX_INFLIGHT_REQUESTS_DEFAULT, VirtualDisk
+from .memstate import MemoryStates, MemState, VmAllocation, plan_boundary_swap, state_of
 from .victim import VictimPolicy, make_victim_policy
+from .victim.per_vm import PerVmVictims
 
 __all__ = ["HostMemory", "HostCounters", "GuestCounters", "Reclaimed", "Shootdown", "MemoryObserver",
            "MAX_BALLOON_FRACTION_DEFAULT", "default_max_balloon_pages"]
 
 Shootdown = Callable[[int, np.ndarray], Awaitable[np.ndarray]]
 """``async (guest_id, gpfns) -> tokens``: invalidate the guest's mappings, return what it held."""
+
+Hold = Callable[[int, int, float], Awaitable[float]]
+"""``async (guest_id, need_frames, vt_us) -> resume_vt_us``: park a request whose grant ran out
+(the discipline's refill rounds; ``hostd.discipline.deterministic``)."""
+
+SELF_SWAP_BELOW_WATERMARKS = 3
+"""Host swapping inside a guest's partition is allowed by default when the free frames at the last
+tick boundary, after its reclaim and beyond what requests held across it need, were below this many
+low watermarks. The boundary's kswapd refills to two watermarks (plus the held requests' needs), so
+whenever the host had to reclaim this holds; with memory to spare the guest holds instead and a
+refill round hands it frames others did not use."""
+
+
+def default_self_swap_allowed(mem: "HostMemory", guest_id: int) -> bool:
+    """May ``guest_id`` host-swap its own pages when its grant runs out? (The memory states replace this.)
+
+    Decided from the state at the tick's start only (deterministic): the
+    free frames at the last boundary, beyond the held requests' needs, below
+    ``SELF_SWAP_BELOW_WATERMARKS`` low watermarks.
+    """
+    return mem.boundary_free_frames < SELF_SWAP_BELOW_WATERMARKS * mem.low_watermark_frames
 
 
 class MemoryObserver(Protocol):
@@ -110,6 +148,7 @@ _BALLOONED = int(PageState.BALLOONED)
 _GUEST_KIND = int(FrameKind.GUEST)
 _CACHED = 1                           # vdisk.CacheState.FRAME
 _ZERO_PROGRESS_ROUNDS = 3             # reclaim rounds that free nothing before giving up
+_GUEST_STREAM_DEFAULT = 0x6F5         # per-guest streams when no seed is given (tests); assembly seeds them
 
 
 @contextlib.asynccontextmanager
@@ -141,6 +180,12 @@ class GuestCounters:
     clean_cache_evicted_pages: int = 0     # labels: host-swapped pages the guest had as clean page cache
     clean_cache_swap_write_pages: int = 0  # ... of which written to host swap (a real write)
     clean_cache_swap_read_pages: int = 0   # ... read back from host swap later (a real read)
+    grant_pages: int = 0             # frames granted to it at tick starts and refill rounds
+    grant_exhausted: int = 0         # requests that found its grant short
+    self_retired_iobuf_pages: int = 0   # ... and freed its own completed I/O buffers
+    self_dropped_cache_pages: int = 0   # ... dropped its own clean cache
+    self_swap_pages: int = 0            # ... host-swapped its own pages
+    held_requests: int = 0              # ... and were held for a refill round
 
 
 @dataclass(slots=True)
@@ -171,6 +216,9 @@ class HostCounters:
     oom_refusals: int = 0
     early_retired_iobuf_pages: int = 0  # completed I/O buffers freed before the tick under pressure
     pressure_dropped_cache_pages: int = 0  # clean disk-cache pages a short request dropped from its own cache
+    grant_pages: int = 0                # frames handed to guests as grants
+    grant_exhausted: int = 0            # requests whose guest's grant was short
+    self_reclaim_pages: int = 0         # frames guests freed inside their own partitions
 
 
 @dataclass(slots=True)
@@ -180,6 +228,7 @@ class _Guest:
     max_balloon_pages: int
     vdisk: VirtualDisk
     labels: np.ndarray                  # bool per gpfn: clean page cache in the guest when last invalidated
+    rng: np.random.Generator             # its own host stream: victims inside its partition
     balloon_pages: int = 0
     counters: GuestCounters = field(default_factory=GuestCounters)
 
@@ -193,7 +242,9 @@ class HostMemory:
                  cluster_pages: int = CLUSTER_PAGES_DEFAULT, vdisk_cache_max_pages: int | None = None,
                  max_inflight_requests: int = MAX_INFLIGHT_REQUESTS_DEFAULT, cache: CacheConfig | None = None,
                  expected_guests: int = 1, shared_disk: DeviceProfile | str | None = None,
-                 tick_us: float = 10_000.0) -> None:
+                 tick_us: float = 10_000.0, hold: Hold | None = None,
+                 guest_rng: Callable[[int], np.random.Generator] | None = None,
+                 states: MemoryStates | None = None, vm_victims: PerVmVictims | None = None) -> None:
         self.pool = FramePool(total_frames)
         self.swap = HostSwap(swap_slots, swap_profile, expected_guests=expected_guests)
         # [disk] shared: every virtual disk and the swap files on one device, one lane per guest.
@@ -226,6 +277,14 @@ class HostMemory:
         self._departed_vdisk: dict[str, float] = {}   # disk counters of guests that are gone
         self._evictions_pending = 0
         self._eviction_settled = asyncio.Event()
+        # ESX memory states: with them, the tick-end reclaim runs by state (``balance``); with
+        # ``vm_victims`` too, it swaps from the VMs furthest above their allocation targets.
+        self.states = states
+        self._vm_victims = vm_victims
+        self._hold: Hold | None = hold
+        self._guest_rng = guest_rng or (lambda gid: np.random.default_rng([_GUEST_STREAM_DEFAULT, gid]))
+        self.boundary_free_frames = total_frames    # free at the last tick start, before its grants, less held needs
+        self.self_swap_allowed: Callable[[HostMemory, int], bool] = default_self_swap_allowed
 
     def wire(self, *, shootdown: Shootdown | None = None, observer: MemoryObserver | None = None,
              placeholders_settled: Callable[[int], Awaitable[None]] | None = None) -> None:
@@ -270,7 +329,7 @@ class HostMemory:
                             max_inflight_requests=self.max_inflight_requests)
         self.cache.set_limits(vdisk, vdisk.allowance_pages)
         self._guests[guest_id] = _Guest(guest_id, P2M(guest_pages), max_balloon, vdisk,
-                                        np.zeros(guest_pages, bool))
+                                        np.zeros(guest_pages, bool), self._guest_rng(guest_id))
         # In id order, not in the order guests happened to connect: every loop over the
         # guests (retiring I/O buffers frees frames onto the free stack) must be reproducible.
         self._guests = dict(sorted(self._guests.items()))
@@ -290,6 +349,10 @@ class HostMemory:
         self._early_answers.pop(guest_id, None)
         if self.shared_device is not None:
             self.shared_device.remove_lane(guest_id)
+        if self._vm_victims is not None:
+            self._vm_victims.forget(guest_id)
+        if self.states is not None:
+            self.states.guest_gone(guest_id)
 
     def guest_ids(self) -> list[int]:
         return sorted(self._guests)
@@ -353,7 +416,7 @@ class HostMemory:
             if await self._placeholders_wait(g, uniq[state == PageState.SWAPPED]):
                 continue
             need = int(uniq.size - np.count_nonzero(backed))
-            if self._room_ok(need, tried):
+            if self._room_ok(need, tried, g):
                 break
             start_us = max(start_us, await self._make_room(need, vt_us, g))
             tried = True
@@ -425,7 +488,7 @@ class HostMemory:
             if state == _SWAPPED and await self._placeholders_wait(g, np.array((gpfn,), np.int64)):
                 continue
             need = 0 if backed else 1
-            if self._room_ok(need, tried):
+            if self._room_ok(need, tried, g):
                 break
             start_us = max(start_us, await self._make_room(need, vt_us, g))
             tried = True
@@ -461,7 +524,7 @@ class HostMemory:
             self.counters.direct_reclaims += 1
         done_us = start_us
         if swapped:
-            done_us = self.swap.disk.submit(g.guest_id, start_us, 1, write=False, offset=int(p2m.loc[gpfn]))
+            done_us = self.swap.disk.submit(g.guest_id, start_us, 1, write=False, offset=slot)
         done_us += self.costs.ept_fault_us * 1
 
         c, gc = self.counters, g.counters
@@ -519,19 +582,21 @@ class HostMemory:
 
     # -- reclaim (host swapping) -------------------------------------------------
 
-    def _room_ok(self, need: int, tried: bool) -> bool:
+    def _room_ok(self, need: int, tried: bool, g: _Guest | None = None) -> bool:
         """Can an allocation of ``need`` frames go ahead now?
 
         Every allocation first tries to keep ``low_watermark_frames`` free
         beyond what it takes (``tried`` says it did); it only has to have
-        ``need``.
+        ``need``. Inside a partition, the guest's grant must hold ``need``.
         """
         if need == 0:
             return True
+        if g is not None and self.pool.has_grant(g.guest_id):
+            return self.pool.granted(g.guest_id) >= need
         free = self.pool.free_frames
         return free >= need and (tried or free >= need + self.low_watermark_frames)
 
-    async def _make_room(self, need: int, vt_us: float, g: "_Guest | None" = None) -> float:
+    async def _make_room(self, need: int, vt_us: float, g: _Guest | None = None) -> float:
         """Reclaim towards ``need`` + the low watermark free frames.
 
         Returns when the allocation may go ahead in virtual time: ``vt_us``
@@ -541,6 +606,8 @@ class HostMemory:
         ``HostOutOfMemory`` when fewer than ``need`` can be had and no one
         else's eviction is pending.
         """
+        if g is not None and self.pool.has_grant(g.guest_id):
+            return await self._make_room_own(g, need, vt_us)
         fruitless = 0
         done_us = float(vt_us)
         must_wait = self.pool.free_frames < need
@@ -554,7 +621,7 @@ class HostMemory:
             self.counters.pressure_dropped_cache_pages += g.vdisk.drop_clean(target - self.pool.free_frames)
         while self.pool.free_frames < target:
             want = max(target - self.pool.free_frames, self.reclaim_batch_frames)
-            got = await self.reclaim(want, vt_us)
+            got = await self.reclaim(want, vt_us, self._state_after(need))
             done_us = max(done_us, got.done_vt_us)
             if got.freed_frames:
                 fruitless = 0
@@ -574,8 +641,91 @@ class HostMemory:
             raise HostOutOfMemory(need, self.pool.free_frames, f"the host has only {self.pool.total_frames} frames")
         return done_us if must_wait else float(vt_us)
 
-    async def reclaim(self, n_frames: int, vt_us: float) -> Reclaimed:
-        """Host swapping of up to ``n_frames`` guest frames: the victim policy picks, blind.
+    async def _make_room_own(self, g: _Guest, need: int, vt_us: float) -> float:
+        """Make ``need`` frames available in ``g``'s grant from ``g``'s own partition (module docstring).
+
+        Returns when the allocation may go ahead in virtual time: ``vt_us``,
+        or later when it waited for its own swap-out writes, or the next
+        tick's start when it was held across the boundary.
+        """
+        pool, gid, gc = self.pool, g.guest_id, g.counters
+        gc.grant_exhausted += 1
+        self.counters.grant_exhausted += 1
+        start_us = float(vt_us)
+        fruitless = 0
+        while pool.has_grant(gid) and pool.granted(gid) < need:
+            short = need - pool.granted(gid)
+            freed = g.vdisk.retire(vt_us)               # 1. its own finished I/O buffers
+            gc.self_retired_iobuf_pages += freed
+            self.counters.early_retired_iobuf_pages += freed
+            if freed:
+                self.counters.self_reclaim_pages += freed
+                continue
+            freed = g.vdisk.drop_clean(short)           # 2. its own clean cache, least recently used first
+            if freed:
+                gc.self_dropped_cache_pages += freed
+                self.counters.pressure_dropped_cache_pages += freed
+                self.counters.self_reclaim_pages += freed
+                continue
+            if self.self_swap_allowed(self, gid):       # 3. host swapping of its own pages
+                got = await self._reclaim_own(g, max(short, self.reclaim_batch_frames), vt_us)
+                g = self._same_guest(g)
+                if got.freed_frames:
+                    start_us = max(start_us, got.done_vt_us)
+                    fruitless = 0
+                    continue
+                fruitless += 1
+                if fruitless < _ZERO_PROGRESS_ROUNDS and np.any(pool.busy[g.p2m.loc[g.p2m.state == PageState.FRAME]]):
+                    await self._wait_eviction_settled()
+                    continue
+            if self._hold is None:                      # 4. held until a refill round or the next tick
+                self.counters.oom_refusals += 1
+                raise HostOutOfMemory(need, pool.granted(gid), f"guest {gid}'s grant is spent and nothing of its "
+                                      "own can be reclaimed")
+            gc.held_requests += 1
+            start_us = max(start_us, await self._hold(gid, need, vt_us))
+            g = self._same_guest(g)
+            vt_us = max(float(vt_us), start_us)
+        return start_us
+
+    async def _reclaim_own(self, g: _Guest, n_frames: int, vt_us: float) -> Reclaimed:
+        """Host-swap up to ``n_frames`` of ``g``'s own pages: random victims from ``g``'s own stream."""
+        self.counters.reclaim_calls += 1
+        p2m = g.p2m
+        frames = p2m.loc[p2m.state == PageState.FRAME]
+        pool = self.pool
+        frames = frames[~pool.pinned[frames] & ~pool.busy[frames]]
+        n = min(int(n_frames), int(frames.size))
+        if n <= 0:
+            return Reclaimed(0, float(vt_us))
+        victims = g.rng.choice(frames, size=n, replace=False).astype(np.int64)
+        freed, done_us = await self._evict_guest_frames(victims, vt_us)
+        self.counters.reclaim_frames += freed
+        self.counters.self_reclaim_pages += freed
+        g.counters.self_swap_pages += freed
+        if self.states is not None:
+            self.states.count_swap_out(freed, self.states.state)
+        return Reclaimed(freed, done_us)
+
+    def count_grant(self, guest_id: int, frames: int) -> None:
+        """The discipline granted ``frames`` to the guest (its books for the metrics)."""
+        self.counters.grant_pages += frames
+        g = self._guests.get(guest_id)
+        if g is not None:
+            g.counters.grant_pages += frames
+
+    def _state_after(self, need: int) -> MemState | None:
+        """The memory state an allocation of ``need`` frames would leave the host in (None: no states).
+
+        In-tick swapping is counted under it: the allocation is what drives
+        free memory below the watermark (the low state's threshold, with states).
+        """
+        if self.states is None:
+            return None
+        return state_of(max(self.pool.free_frames - need, 0), self.states.min_free_frames)
+
+    async def reclaim(self, n_frames: int, vt_us: float, state: MemState | None = None) -> Reclaimed:
+        """Host swapping of up to ``n_frames``: the victim policy picks, blind.
 
         Victims are grouped by guest; each guest gets one shootdown for its
         gpfns and the tokens it returns go to its swap file (a write unless
@@ -583,15 +733,29 @@ class HostMemory:
         call run concurrently; results are applied in guest-id order, so the
         outcome does not depend on who answers first.
         """
-        self.counters.reclaim_calls += 1
-        n = int(n_frames)
+        n = int(n_frames)        # every guest page has its slot in its own swap file: swap is never short
         victims = self._victim.pick(self.pool, n, self.rng) if n > 0 else np.zeros(0, np.int64)
+        return await self.reclaim_victims(victims, vt_us, state)
+
+    async def reclaim_victims(self, victims: np.ndarray, vt_us: float, state: MemState | None = None) -> Reclaimed:
+        """Host-swap these frames (evictable guest frames, distinct: never disk cache).
+
+        ``state`` is the memory state the swapping is counted under
+        (``MemoryStates.swap_out_pages_by_state``); None: the state that the
+        free frames right now put the host in.
+        """
+        self.counters.reclaim_calls += 1
+        victims = np.asarray(victims, np.int64)
         if victims.size == 0:
             return Reclaimed(0, float(vt_us))
         if np.any(self.pool.kind[victims] != FrameKind.GUEST):
             raise InvariantViolation("a victim policy picked a frame that is not a guest page")
+        if self.states is not None and state is None:
+            state = state_of(self.pool.free_frames, self.states.min_free_frames)
         freed, done_us = await self._evict_guest_frames(victims, vt_us)
         self.counters.reclaim_frames += freed
+        if self.states is not None:
+            self.states.count_swap_out(freed, state)
         return Reclaimed(freed, done_us)
 
     async def _evict_guest_frames(self, frames: np.ndarray, vt_us: float) -> tuple[int, float]:
@@ -728,16 +892,48 @@ class HostMemory:
         async with self._callout():
             await self._eviction_settled.wait()
 
-    async def balance(self, vt_us: float) -> Reclaimed:
-        """Background reclaim (kswapd): bring free frames up to twice the low watermark.
+    async def balance(self, vt_us: float, extra_frames: int = 0) -> Reclaimed:
+        """The tick-end reclaim; charged to no vCPU.
 
-        Charged to no vCPU; call it from the tick loop if wanted.
+        Without memory states (kswapd): bring free frames up to twice the
+        low watermark, blind. With them (ESX, ``hostd.memstate``): only in
+        the hard and low states, host-swap until free frames reach the soft
+        threshold, from the VMs furthest above their allocation targets
+        (random victims within each VM, from its own stream), or blind over
+        the whole host when there are no per-VM victims
+        (``[host] victim_scope = "global"``). ``extra_frames``: frames
+        requests held across the boundary still need, on top (in any state:
+        they must be served at the next tick's start).
         """
-        high = min(2 * self.low_watermark_frames, self.pool.total_frames)
-        want = high - self.pool.free_frames
+        extra = max(0, int(extra_frames))
+        if self.states is None:
+            high = min(2 * self.low_watermark_frames + extra, self.pool.total_frames)
+            want = high - self.pool.free_frames
+            if want <= 0:
+                return Reclaimed(0, float(vt_us))
+            return await self.reclaim(want, vt_us)
+        state = self.states.state
+        want = max(self.states.swap_goal_frames(self.pool.free_frames - extra), extra - self.pool.free_frames)
         if want <= 0:
             return Reclaimed(0, float(vt_us))
-        return await self.reclaim(want, vt_us)
+        if self._vm_victims is None:
+            return await self.reclaim(want, vt_us, state)
+        plan = plan_boundary_swap(min(want, self.swap.free_slots), self.vm_allocations(),
+                                  {gid: self._vm_victims.evictable_count(self.pool, g.p2m)
+                                   for gid, g in self._guests.items()})
+        picked = [self._vm_victims.pick(self.pool, self._guests[gid].p2m, gid, n)
+                  for gid, n in sorted(plan.items()) if n > 0]
+        victims = np.concatenate(picked) if picked else np.zeros(0, np.int64)
+        return await self.reclaim_victims(victims, vt_us, state)
+
+    def vm_allocations(self) -> list[VmAllocation]:
+        """Every guest's host frames against its allocation target (its consumption when it has none yet)."""
+        out = []
+        for gid, g in self._guests.items():
+            consumed = int(g.p2m.counts()["frame"])
+            a = self.states.allocation(gid, consumed) if self.states is not None else None
+            out.append(a if a is not None else VmAllocation(gid, consumed, consumed))
+        return out
 
     # -- balloon -------------------------------------------------------------------
 
@@ -872,7 +1068,7 @@ class HostMemory:
         while True:
             g = self._same_guest(g)
             n = need()
-            if self._room_ok(n, tried):
+            if self._room_ok(n, tried, g):
                 if start_us > vt_us:
                     self.counters.direct_reclaims += 1
                 return start_us

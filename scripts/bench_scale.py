@@ -45,15 +45,10 @@ def _procs_with(text: str) -> dict[int, str]:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="bench.py scale", description=__doc__)
-    ap.add_argument("--guests", type=int, default=64)
-    ap.add_argument("--ticks", type=int, default=100)
-    ap.add_argument("--scenario", default="scale")
-    ap.add_argument("--timeout", type=float, default=900.0, help="wall seconds before giving up")
-    args = ap.parse_args(argv)
+def _run_once(args: argparse.Namespace, repo: Path, python: Path, label: str) -> tuple[int, float, float]:
+    """One launcher run from checkout ``repo``; prints its numbers; returns (exit code, wall s, virtual s)."""
     run_dir = Path(tempfile.mkdtemp(prefix="bench-scale-", dir="/tmp"))
-    cmd = [sys.executable, "-m", "balloonlab.launch", "--scenario", args.scenario, "--guests", str(args.guests),
+    cmd = [str(python), "-m", "balloonlab.launch", "--scenario", args.scenario, "--guests", str(args.guests),
            "--ticks", str(args.ticks), "--run-dir", str(run_dir), "--no-report"]
     peaks: dict[int, tuple[str, int]] = {}
     done = threading.Event()
@@ -69,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     sampler = threading.Thread(target=sample, daemon=True)
     wall0 = time.monotonic()
     sampler.start()
-    proc = subprocess.run(cmd, cwd=REPO, env=dict(os.environ, OPENBLAS_NUM_THREADS="1"), capture_output=True,
+    proc = subprocess.run(cmd, cwd=repo, env=dict(os.environ, OPENBLAS_NUM_THREADS="1"), capture_output=True,
                           text=True, timeout=args.timeout)
     wall = time.monotonic() - wall0
     done.set()
@@ -82,10 +77,13 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError):
         pass
     v = next(iter(summary.get("variants", {}).values()), {})
-    print(f"scale: {args.guests} guests x {args.ticks} ticks, launcher exit {proc.returncode}")
+    virtual_s = float(v.get("virtual_s", 0) or 0)
+    print(f"scale{label}: {args.guests} guests x {args.ticks} ticks, launcher exit {proc.returncode}")
     print(f"  wall time              {wall:8.1f} s")
-    print(f"  ticks completed        {v.get('ticks', '?')}   virtual {v.get('virtual_s', 0):.2f} s  "
-          f"({v.get('virtual_s', 0) / wall:.3f} virtual s per wall s)")
+    print(f"  ticks completed        {v.get('ticks', '?')}   virtual {virtual_s:.2f} s  "
+          f"({virtual_s / wall:.3f} virtual s per wall s)")
+    if v.get("request_order"):
+        print(f"  request order          {v['request_order']}")
     if guests:
         print(f"  guest peak RSS (MiB)   max {guests[-1] / 1024:.1f}  median {guests[len(guests) // 2] / 1024:.1f}  "
               f"min {guests[0] / 1024:.1f}  over {len(guests)} guests (target < 60 MB)")
@@ -95,7 +93,30 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  run directory          {run_dir}")
     if proc.returncode != 0:
         print(proc.stderr[-3000:], file=sys.stderr)
-    return proc.returncode
+    return proc.returncode, wall, virtual_s
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="bench.py scale", description=__doc__)
+    ap.add_argument("--guests", type=int, default=64)
+    ap.add_argument("--ticks", type=int, default=100)
+    ap.add_argument("--scenario", default="scale")
+    ap.add_argument("--timeout", type=float, default=900.0, help="wall seconds before giving up")
+    ap.add_argument("--anchor", type=Path,
+                    help="another checkout (with its .venv) to run first, in the same benchmark run, and compare against")
+    args = ap.parse_args(argv)
+    anchor = None
+    if args.anchor is not None:
+        a = args.anchor.resolve()
+        rc, wall, virtual_s = _run_once(args, a, a / ".venv" / "bin" / "python", f" (anchor {a})")
+        if rc != 0:
+            return rc
+        anchor = virtual_s / wall
+    rc, wall, virtual_s = _run_once(args, REPO, Path(sys.executable), "")
+    if anchor and rc == 0:
+        print(f"virtual s per wall s: {virtual_s / wall:.3f} here vs {anchor:.3f} for the anchor: "
+              f"{virtual_s / wall / anchor:.2f}x")
+    return rc
 
 
 if __name__ == "__main__":

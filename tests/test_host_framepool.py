@@ -91,3 +91,49 @@ def test_p2m_starts_unbacked_and_counts_states() -> None:
     assert p2m.in_state(PageState.FRAME).tolist() == [0, 1]
 
 
+def test_a_grant_is_private_frames_taken_and_returned_by_their_owner_only() -> None:
+    pool = FramePool(16)
+    pool.open_grants([1, 2])
+    assert pool.grant(1, 4) == 4 and pool.grant(2, 3) == 3
+    assert pool.global_free_frames == 9 and pool.free_frames == 16
+    mine = pool.alloc(4, FrameKind.GUEST, 1, np.arange(4))
+    assert mine.size == 4 and pool.available(1) == 0
+    # Guest 1's grant is spent: nothing comes from the global stack or guest 2's list for it.
+    assert pool.alloc(1, FrameKind.GUEST, 1, np.array([9])).size == 0
+    assert pool.alloc_one(FrameKind.GUEST, 1, 9) == -1
+    assert pool.available(2) == 3 and pool.global_free_frames == 9
+    # What guest 1 frees goes back to its own list, reused first.
+    pool.free(mine[:2])
+    assert pool.available(1) == 2 and pool.global_free_frames == 9
+    assert pool.alloc_one(FrameKind.IOBUF, 1, 0) == int(mine[1])
+    pool.free_one(int(mine[1]))
+    assert pool.available(1) == 2
+    # A guest without a grant still uses the global stack.
+    assert pool.alloc(2, FrameKind.CACHE, 3).size == 2 and pool.global_free_frames == 7
+    pool.check_invariant()
+    pool.check_counters()
+    demand = pool.close_grants()
+    assert demand == {1: 5, 2: 0}
+    assert not pool.grants_open and pool.global_free_frames == pool.free_frames == 16 - 2 - 2
+    pool.check_invariant()
+
+
+def test_grants_keep_the_stack_order_so_a_granted_alloc_takes_the_frames_a_global_one_would() -> None:
+    a, b = FramePool(32), FramePool(32)
+    a.free(a.alloc(7, FrameKind.GUEST, 0, np.arange(7))[::2])   # a shuffled stack
+    b.free(b.alloc(7, FrameKind.GUEST, 0, np.arange(7))[::2])
+    b.open_grants([5])
+    b.grant(5, 10)
+    assert a.alloc(6, FrameKind.GUEST, 5, np.arange(6)).tolist() == b.alloc(6, FrameKind.GUEST, 5, np.arange(6)).tolist()
+    b.close_grants()
+    assert a.alloc(20, FrameKind.CACHE, 1).tolist() == b.alloc(20, FrameKind.CACHE, 1).tolist()
+
+
+def test_a_frame_on_two_lists_is_an_invariant_violation() -> None:
+    pool = FramePool(8)
+    pool.open_grants([0])
+    pool.grant(0, 2)
+    g = pool._grants[0]   # corrupt on purpose: the frame also sits on the global stack
+    g.stack[0] = pool._free_stack[0]
+    with pytest.raises(InvariantViolation, match="twice"):
+        pool.check_invariant()

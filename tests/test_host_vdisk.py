@@ -87,6 +87,25 @@ async def test_writethrough_completes_on_the_device_and_leaves_the_copy_clean() 
     assert hm.pool.counts()["cache"] == 4
 
 
+async def test_a_guest_short_of_frames_drops_its_own_least_recently_used_unpinned_clusters() -> None:
+    """The one cluster-dropping step: the cache's budget and the engine's in-partition reclaim share it."""
+    hm = mem("writethrough", cluster_pages=4)
+    hm.add_guest(1, 16, disk_blocks=64)
+    for vt, first in enumerate((0, 8, 16, 24)):
+        await hm.vdisk_read(1, blocks(first), float(vt))
+    await hm.vdisk_read(1, blocks(0), 10.0)    # cluster 0 becomes the most recent
+    vd = hm.vdisk(1)
+    vd.set_pinned(8, 4, True)                  # cluster 2 is pinned: never dropped
+    hm.tick(1e12)                              # retire the reads' I/O buffers: only cache frames are left
+    free = hm.pool.free_frames
+    assert vd.drop_clean(5) == 8               # whole clusters, oldest first, until 5 frames are free
+    cached = sorted(set((np.flatnonzero(vd.cache_state) // 4).tolist()))
+    assert cached == [0, 2]                    # 4 and 6 went (the oldest unpinned); pinned 2 and recent 0 stay
+    assert hm.pool.free_frames == free + 8
+    assert vd.drop_clean(100) == 4 and vd.drop_clean(1) == 0
+    hm.check_invariant()
+
+
 async def test_none_holds_io_buffers_until_the_host_passes_completion() -> None:
     hm = mem("none")
     hm.add_guest(1, 16, disk_blocks=64)

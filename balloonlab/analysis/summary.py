@@ -116,7 +116,8 @@ def summarize_variant(v: VariantLogs) -> dict[str, Any]:
     virtual_s = float(finished.get("vt_us", 0)) / 1e6
     host: dict[str, Any] = dict(finished.get("memory") or {})
     for key in ("peaks", "invariant_violations", "ram_pages", "rejected_requests", "uncooperative_guests",
-                "requests_sequenced", "requests_held", "requests_behind_bound", "shootdowns_waited_for_park"):
+                "grant_pages", "grant_exhausted", "held_requests", "held_across_boundary", "refill_rounds",
+                "tick_done_late", "tick_done_max_over_us", "requests_past_tick_end"):
         if key in finished:
             host[key] = finished[key]
     host["refused_connections"] = finished.get("refused", 0)
@@ -133,7 +134,7 @@ def summarize_variant(v: VariantLogs) -> dict[str, Any]:
         "stalled_ticks": sum(1 for e in v.host if e.get("event") == ev.TICK_STALLED),
         "event_counts": event_counts(v),
         "refs_per_vsec": round(sum(g["refs_per_vsec"] for g in guests), 1),
-        # virtual-time: reproducible counts (hostd.discipline.virtual_time); arrival: served as they came
+        # deterministic: reproducible counts (hostd.discipline.deterministic); arrival: served as they came
         "request_order": finished.get("request_order", "arrival"),
     }
     out.update(reclaim_metrics(host, guests))

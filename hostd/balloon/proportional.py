@@ -19,6 +19,11 @@ The rule, applied every ``period_ticks``:
   given back the other way: the guest with the highest rho (most shares
   per page: it deserves memory most) is deflated first.
 - ``max_step_pages`` (0 = no limit) bounds each guest's change per step.
+
+With the host's ESX memory states (``hostd.memstate``, ``[host]
+memory_states = "esx"``, the default) it inflates only in the soft state
+and worse, as ESX balloons only from soft on: in high and clear a deficit
+is held (``state_no_inflate``); giving back a surplus is not gated.
 """
 from __future__ import annotations
 
@@ -85,6 +90,12 @@ class ProportionalBalloon(ControllerBase):
                    f"level {high:.0f}: nothing to move")
             return {g.guest_id: Decision(g.target_pages, "within_band", why, host) for g in view.guests}
         inflate = expected_free < low
+        if inflate and not view.may_inflate:
+            why = (f"host expects {expected_free} free frames, below its goal {low:.0f}, but the host's memory "
+                   f"state is {view.memory_state} ({view.free_frames} free, minFree {view.min_free_frames}): "
+                   f"the ESX controller inflates from the soft state on")
+            return {g.guest_id: Decision(g.target_pages, "state_no_inflate", why,
+                                         {**host, "min_free_frames": view.min_free_frames}) for g in view.guests}
         amount = int(np.ceil(low - expected_free)) if inflate else int(expected_free - high)
         target, rho, active = self._move(view, amount, inflate=inflate)
         out: dict[int, Decision] = {}
