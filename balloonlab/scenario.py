@@ -10,7 +10,7 @@ Schema (every table optional except where noted; README "Scenario files"):
     [[guests]]  per-guest overrides, each with `id = N` or `ids = [..]`
     [balloon]   policy, params, max_percent
     [costs]     proto.costs.CostModel fields
-    [disk.vdisk], [disk.swap]   proto.costs.DiskProfile fields + profile
+    [disk]      shared; [disk.vdisk], [disk.swap]: hostd.devices.DeviceProfile fields + profile
     [locks], [monitors]         lock protocol and host monitors
     [variants.NAME]             any of the tables above, deep-merged over the base
     [sweep]                     grid and seeds for balloonlab-sweep (balloonlab.sweep.spec); runs ignore it
@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from balloonlab.proto.clock import TICK_US_DEFAULT, s_to_us
-from balloonlab.proto.costs import CostModel, DiskProfile
+from balloonlab.proto.costs import CostModel
 from balloonlab.proto.errors import ConfigError
 from balloonlab.proto.plugins import is_file_spec, resolve_file_spec
 
@@ -211,17 +211,13 @@ def _validate(merged: dict[str, Any], where: str, validators: Mapping[str, Valid
             raise ConfigError(f"{where}: [scenario].expect_guests_lost: guest ids are integers >= 0, got {gid!r}")
     _check_table(merged.get("balloon", {}), _BALLOON_KEYS, f"{where}: [balloon]")
     CostModel.from_mapping(_table(merged, "costs", where), where=f"{where}: [costs]")
-    disk = _table(merged, "disk", where)
-    for dev, table in disk.items():
-        if dev not in ("vdisk", "swap"):
-            raise ConfigError(f"{where}: [disk.{dev}] unknown device; known: ['swap', 'vdisk']")
-        if not isinstance(table, dict):
-            raise ConfigError(f"{where}: [disk.{dev}] must be a table")
-        DiskProfile.from_mapping(table, where=f"{where}: [disk.{dev}]")
+    from balloonlab.hostd.devices import disk_topology
+    disk_topology(_table(merged, "disk", where), where=f"{where}: [disk]")
     for name in ("host", "guest", "locks", "monitors"):
         _table(merged, name, where)
     n_guests = int(sc.get("guests", 4))
     per_guest = _per_guest_overrides(merged.get("guests", []), n_guests, where)
+    _check_swap_files(merged, n_guests, per_guest, where)
     for table, fn in validators.items():
         if table == "guest":
             for gid in range(n_guests):
@@ -229,6 +225,19 @@ def _validate(merged: dict[str, Any], where: str, validators: Mapping[str, Valid
                 fn(g, f"{where}: guest {gid}")
         else:
             fn(merged.get(table, {}), f"{where}: [{table}]")
+
+
+def _check_swap_files(merged: Mapping[str, Any], n_guests: int, per_guest: Mapping[int, Any], where: str) -> None:
+    """``[host].swap_mib`` must hold every guest's swap file (one slot per page of guest RAM)."""
+    swap_mib = merged.get("host", {}).get("swap_mib") if isinstance(merged.get("host"), dict) else None
+    if not isinstance(swap_mib, (int, float)) or isinstance(swap_mib, bool):
+        return
+    ram = [float(_deep_merge(merged.get("guest", {}), per_guest.get(g, {})).get("ram_mib", 64))
+           for g in range(n_guests)]
+    if int(swap_mib * MIB_PAGES) < sum(int(round(r * MIB_PAGES)) for r in ram):
+        raise ConfigError(f"{where}: [host].swap_mib = {swap_mib:g} cannot hold the guests' swap files: each "
+                          f"guest has one of its RAM's size, {sum(ram):g} MiB for {n_guests} guests; raise "
+                          f"swap_mib to at least {sum(ram):g} or leave it out (default: twice the guests' RAM)")
 
 
 def _table(merged: Mapping[str, Any], name: str, where: str) -> dict[str, Any]:

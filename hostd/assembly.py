@@ -29,12 +29,15 @@ import numpy as np
 import structlog
 
 from balloonlab.proto import events as ev
-from balloonlab.proto.costs import CostModel, DiskProfile
+from balloonlab.proto.costs import CostModel
 from balloonlab.proto.errors import ConfigError
 from balloonlab.proto.locks import lock_config_from_mapping
 
 from .balloon import make_controller
 from .config import RunConfig
+from .devices import disk_topology
+from .hostcache import CacheConfig
+from .hostswap import SwapTooSmall
 from .discipline import DEPRECATED_ORDERS, DisciplineContext, RequestDiscipline, make_discipline
 from .handlers import HandlerTables
 from .invariant import INVARIANT_MODES, InvariantChecker
@@ -90,11 +93,16 @@ def assemble(cfg: RunConfig, sessions: SessionRegistry, *, running: Callable[[],
     balloon_cfg = balloon_config(cfg.balloon)
     lock_cfg = lock_config_from_mapping(cfg.locks)
     costs = CostModel.from_mapping(cfg.costs)
-    vdisk_profile = DiskProfile.from_mapping(cfg.disk.get("vdisk", {}), "[disk.vdisk]")
-    swap_profile = DiskProfile.from_mapping(cfg.disk.get("swap", {}), "[disk.swap]")
+    disks = disk_topology(cfg.disk)
     guest_ram = sum(g.ram_pages for g in cfg.guests)
     ram_pages = mem_cfg.host_ram_pages(guest_ram)
     swap_pages = mem_cfg.swap_pages if mem_cfg.swap_pages is not None else 2 * guest_ram
+    cluster_pages = mem_cfg.cluster_pages
+    cache = CacheConfig(
+        max(cluster_pages, ram_pages // 16) if mem_cfg.cache_max_pages is None else mem_cfg.cache_max_pages,
+        mem_cfg.vdisk_cache, dirty_expire_us=mem_cfg.dirty_expire_ms * 1000,
+        dirty_writeback_us=mem_cfg.dirty_writeback_ms * 1000, dirty_background_pct=mem_cfg.dirty_background_pct,
+        dirty_pct=mem_cfg.dirty_pct)
 
     order = mem_cfg.resolved_request_order(lock_cfg.enabled)
     if mem_cfg.request_order in DEPRECATED_ORDERS:
@@ -117,13 +125,19 @@ def assemble(cfg: RunConfig, sessions: SessionRegistry, *, running: Callable[[],
     vm_victims = guest_streams if states is not None and mem_cfg.victim_scope == "vm" else None
     mem = HostMemory(
         ram_pages, swap_pages, silent.victims,
-        np.random.default_rng(np.random.SeedSequence([cfg.seed, _HOST_STREAM])), costs, swap_profile,
+        np.random.default_rng(np.random.SeedSequence([cfg.seed, _HOST_STREAM])), costs, disks.swap,
         callout=discipline.memory_callout(), hold=discipline.memory_hold(), guest_rng=guest_streams.rng,
         low_watermark_frames=mem_cfg.low_watermark_frames(
             ram_pages, None if states is None else states.thresholds[MemState.LOW.label]),
-        reclaim_batch_frames=mem_cfg.reclaim_batch_pages, cluster_pages=mem_cfg.cluster_pages,
-        vdisk_cache_max_pages=mem_cfg.cache_max_pages,
-        max_inflight_requests=mem_cfg.max_inflight_requests, states=states, vm_victims=vm_victims)
+        reclaim_batch_frames=mem_cfg.reclaim_batch_pages, cluster_pages=cluster_pages, cache=cache,
+        max_inflight_requests=mem_cfg.max_inflight_requests, expected_guests=len(cfg.guests),
+        shared_disk=disks.vdisk if disks.shared else None, tick_us=cfg.tick_us,
+        states=states, vm_victims=vm_victims)
+    try:
+        # Each guest's swap file (one slot per page), laid out in guest-id order.
+        mem.swap.reserve({g.guest_id: g.ram_pages for g in cfg.guests})
+    except SwapTooSmall as exc:
+        raise ConfigError(f"[host].swap_mib: {exc}") from None
     if states is not None:
         # Mid-tick, a guest whose grant runs out swaps its own pages only where the states allow it,
         # and a guest above its allocation target in soft or worse gets only a floor of a grant.
@@ -137,7 +151,7 @@ def assemble(cfg: RunConfig, sessions: SessionRegistry, *, running: Callable[[],
     mem.wire(shootdown=shootdowns.shootdown, observer=monitors, placeholders_settled=shootdowns.settled)
     invariant = InvariantChecker(mem, invariant_mode(mem_cfg.invariant), mem_cfg.invariant_every_ticks,
                                  np.random.default_rng(np.random.SeedSequence([cfg.seed, _INVARIANT_STREAM])))
-    machine = Machine(cfg, mem_cfg=mem_cfg, balloon_cfg=balloon_cfg, costs=costs, vdisk_profile=vdisk_profile,
+    machine = Machine(cfg, mem_cfg=mem_cfg, balloon_cfg=balloon_cfg, costs=costs, vdisk_profile=disks.vdisk,
                       mem=mem, sessions=sessions, discipline=discipline, shootdowns=shootdowns, silent=silent,
                       monitors=monitors, invariant=invariant,
                       controller=make_controller(balloon_cfg.policy, balloon_cfg.params, costs=costs))

@@ -346,9 +346,12 @@ class FramePool:
     # -- queries --------------------------------------------------------------
 
     def evictable(self) -> np.ndarray:
-        """Mask of frames a victim policy may pick: guest or cache, not pinned, not busy."""
-        k = self.kind
-        return ((k == FrameKind.GUEST) | (k == FrameKind.CACHE)) & ~self.pinned & ~self.busy
+        """Mask of frames a victim policy may pick: guest pages, not pinned, not busy.
+
+        The host's disk cache is dropped or written back, never host-swapped,
+        so its frames are never victims.
+        """
+        return (self.kind == FrameKind.GUEST) & ~self.pinned & ~self.busy
 
     def frames_owned_by(self, guest_id: int, kind: FrameKind | None = None) -> np.ndarray:
         mask = self.owner_guest == guest_id

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from balloonlab.proto import events as ev
-from balloonlab.proto.costs import CostModel, DiskProfile
+from balloonlab.proto.costs import CostModel
 from balloonlab.proto.errors import ErrorCode
 from balloonlab.proto.messages import BalloonTarget, MsgType, TickDone
 
@@ -29,6 +29,7 @@ from .balloon.noncoop import NonCooperationDetector
 from .balloon.policy import BalloonController
 from .balloon.view import GuestView, HostView
 from .config import GuestSpec, RunConfig
+from .devices import DeviceProfile
 from .errors import HostdError
 from .memconfig import BalloonConfig, HostMemConfig
 from .memstate import VmAllocation
@@ -53,7 +54,7 @@ _LOG_FIRST_REJECTIONS = 10  # per guest and reason; then only at 100, 1000, ... 
 
 class Machine:
     def __init__(self, cfg: RunConfig, *, mem_cfg: HostMemConfig, balloon_cfg: BalloonConfig, costs: CostModel,
-                 vdisk_profile: DiskProfile, mem: "HostMemory", sessions: "SessionRegistry",
+                 vdisk_profile: DeviceProfile, mem: "HostMemory", sessions: "SessionRegistry",
                  discipline: "RequestDiscipline", shootdowns: "Shootdowns", silent: "SilentGuestMemory",
                  monitors: "HostMonitors", invariant: "InvariantChecker", controller: BalloonController) -> None:
         self.cfg = cfg

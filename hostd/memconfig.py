@@ -19,6 +19,8 @@ _HOST_KEYS: dict[str, tuple[type, ...]] = {
     "low_watermark_pct": (int, float), "reclaim_batch_pages": (int,), "invariant_every_ticks": (int,),
     "invariant": (str,),
     "shootdown_timeout_s": (int, float), "uncooperative_ticks": (int,), "request_order": (str,),
+    "vdisk_cache": (str,), "dirty_expire_ms": (int, float), "dirty_writeback_ms": (int, float),
+    "dirty_background_pct": (int, float), "dirty_pct": (int, float),
     "memory_states": (str,), "min_free_pct": (int, float), "victim_scope": (str,),
 }
 
@@ -39,6 +41,11 @@ class HostMemConfig:
     shootdown_timeout_s: float
     uncooperative_ticks: int        # no balloon progress for this long -> fall back to host swapping
     request_order: str | None       # "deterministic" / "arrival" ("virtual-time": deterministic); None: the default
+    vdisk_cache: str = "writethrough"  # the host page cache's mode for the virtual disks (QEMU's cache=)
+    dirty_expire_ms: float = 30_000.0      # Linux vm.dirty_expire_centisecs
+    dirty_writeback_ms: float = 5_000.0    # Linux vm.dirty_writeback_centisecs
+    dirty_background_pct: float = 10.0     # Linux vm.dirty_background_ratio, of the cache's budget
+    dirty_pct: float = 20.0                # Linux vm.dirty_ratio, of the cache's budget
     memory_states: str = "esx"      # "esx": ESX memory states decide reclaim (hostd.memstate); "none": watermark only
     min_free_pct: float | None = None   # None: ESX's sliding scale for minFree
     victim_scope: str = "vm"        # boundary host swap: "vm" (furthest above target first) or "global" (blind)
@@ -123,6 +130,19 @@ def host_memory_config(table: Mapping[str, Any], where: str = "[host]") -> HostM
     invariant = table.get("invariant", INVARIANT_MODES[0])
     if invariant not in INVARIANT_MODES:
         raise ConfigError(f"{where}.invariant: must be one of {list(INVARIANT_MODES)}, got {invariant!r}")
+    from .hostcache import (CACHE_MODE_DEFAULT, DIRTY_BACKGROUND_PCT_DEFAULT, DIRTY_EXPIRE_MS_DEFAULT,
+                            DIRTY_PCT_DEFAULT, DIRTY_WRITEBACK_MS_DEFAULT)
+    from .vdisk import CACHE_MODES
+    mode = table.get("vdisk_cache", CACHE_MODE_DEFAULT)
+    if mode not in CACHE_MODES:
+        raise ConfigError(f"{where}.vdisk_cache: must be one of {list(CACHE_MODES)}, got {mode!r}")
+    dirty_bg = float(_positive(table, "dirty_background_pct", where, DIRTY_BACKGROUND_PCT_DEFAULT, allow_zero=True))
+    dirty = float(_positive(table, "dirty_pct", where, DIRTY_PCT_DEFAULT))
+    if dirty > 100 or dirty_bg > 100:
+        raise ConfigError(f"{where}.dirty_pct / dirty_background_pct: must be <= 100, got {dirty} / {dirty_bg}")
+    if dirty_bg >= dirty:
+        raise ConfigError(f"{where}.dirty_background_pct ({dirty_bg}) must be below dirty_pct ({dirty}): the "
+                          f"flusher starts before writers are throttled")
     from .memstate import MEMORY_STATES_MODES, VICTIM_SCOPES
     states = table.get("memory_states", MEMORY_STATES_MODES[0])
     if states not in MEMORY_STATES_MODES:
@@ -155,6 +175,11 @@ def host_memory_config(table: Mapping[str, Any], where: str = "[host]") -> HostM
         shootdown_timeout_s=float(_positive(table, "shootdown_timeout_s", where, 10.0)),
         uncooperative_ticks=int(_positive(table, "uncooperative_ticks", where, 50)),
         request_order=order,
+        vdisk_cache=mode,
+        dirty_expire_ms=float(_positive(table, "dirty_expire_ms", where, DIRTY_EXPIRE_MS_DEFAULT, allow_zero=True)),
+        dirty_writeback_ms=float(_positive(table, "dirty_writeback_ms", where, DIRTY_WRITEBACK_MS_DEFAULT)),
+        dirty_background_pct=dirty_bg,
+        dirty_pct=dirty,
         memory_states=states,
         min_free_pct=None if min_free_pct is None else float(min_free_pct),
         victim_scope=scope,

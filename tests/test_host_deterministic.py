@@ -13,7 +13,7 @@ import numpy as np
 
 from balloonlab.hostd.assembly import assemble
 from balloonlab.hostd.registry import SessionRegistry
-from balloonlab.proto.messages import EptFault, MsgType, TickDone
+from balloonlab.proto.messages import DiskRead, EptFault, MsgType, TickDone
 from tests.test_host_core import fake_session, run_config
 
 
@@ -34,11 +34,11 @@ class _Conn:
 class Run:
     """Three guests of 512 pages on a host of 256 frames; the test plays the server's barrier."""
 
-    def __init__(self, guests: int = 3, ram_mib: float = 1.0) -> None:
+    def __init__(self, guests: int = 3, ram_mib: float = 1.0, **host: Any) -> None:
         self.barrier: set[int] = set()
         self.excused: list[int] = []
         self.sessions = SessionRegistry()
-        cfg = run_config(host={"ram_mib": ram_mib},
+        cfg = run_config(host={"ram_mib": ram_mib, **host},
                          guests=[{"id": i, "ram_pages": 512, "disk_blocks": 32} for i in range(guests)])
         self.core = assemble(cfg, self.sessions, running=lambda: self.barrier, stop=lambda why: None,
                              clock=lambda: 0.0, count_done=self._count_done)
@@ -115,6 +115,28 @@ async def test_when_nobody_can_be_served_the_held_request_crosses_the_boundary_a
     r.start(1)
     await settle()
     assert big.done() and big.result().done_vt_us >= 10_000   # served from the next tick's start
+
+
+async def test_a_short_grant_drops_its_own_least_recently_used_clean_clusters_before_holding() -> None:
+    """Step 2 of the in-partition reclaim is the host cache's own LRU drop, on the requester's disk only."""
+    r = Run(cache_max_mib=0.5)                     # 128 pages of cache: every disk's two clusters fit
+    r.start(0)
+    for gid in (0, 1):
+        for vt, first in ((1.0, 0), (2.0, 16)):   # cluster 0 used first, cluster 1 later
+            await r.tables[gid].requests[MsgType.DISK_READ](DiskRead(np.arange(first, first + 16, dtype=np.uint64), vt))
+    vd0, vd1 = r.mem.vdisk(0), r.mem.vdisk(1)
+    assert vd0.cached_pages == vd1.cached_pages == 32
+    r.mem.tick(5.0)                                # the reads' I/O buffers (if any) retire
+    short = 10
+    big = r.fault(0, np.arange(r.mem.pool.granted(0) + short), 5.0)
+    await settle()
+    assert big.done(), "held: the guest's own clean cache should have made the room"
+    gc = r.mem._guests[0].counters
+    assert gc.self_dropped_cache_pages == 16 and gc.held_requests == 0 and gc.self_swap_pages == 0
+    assert vd0.cache_state[:16].sum() == 0 and vd0.cache_state[16:32].all()   # the older cluster went
+    assert vd1.cached_pages == 32                  # nobody else's cache is touched
+    assert r.mem.counters.swap_out_pages == 0
+    r.mem.check_invariant()
 
 
 async def test_a_lane_serves_one_guests_requests_in_the_order_sent() -> None:

@@ -6,7 +6,6 @@ import pytest
 
 from balloonlab.hostd.errors import BadBatch, DuplicatePages, InvariantViolation, OutOfRange
 from balloonlab.hostd.framepool import FrameKind, FramePool
-from balloonlab.hostd.hostswap import HostSwap
 from balloonlab.hostd.p2m import P2M, PageState, as_page_numbers
 
 
@@ -57,14 +56,14 @@ def test_pool_invariant_catches_a_drifted_kind() -> None:
         pool.check_invariant()
 
 
-def test_evictable_is_guest_or_cache_not_pinned_not_busy() -> None:
+def test_evictable_is_guest_pages_not_pinned_not_busy_never_cache() -> None:
     pool = FramePool(6)
     g = pool.alloc(3, FrameKind.GUEST, 1)
-    c = pool.alloc(1, FrameKind.CACHE, 1)
+    pool.alloc(1, FrameKind.CACHE, 1)
     pool.alloc(1, FrameKind.IOBUF, 1)
     pool.pinned[g[0]] = True
     pool.busy[g[1]] = True
-    assert np.flatnonzero(pool.evictable()).tolist() == sorted([int(g[2]), int(c[0])])
+    assert np.flatnonzero(pool.evictable()).tolist() == [int(g[2])]
 
 
 def test_page_numbers_are_checked_and_named() -> None:
@@ -90,29 +89,6 @@ def test_p2m_starts_unbacked_and_counts_states() -> None:
     p2m.set(np.array([2]), PageState.BALLOONED)
     assert p2m.counts() == {"unbacked": 2, "frame": 2, "swapped": 0, "ballooned": 1}
     assert p2m.in_state(PageState.FRAME).tolist() == [0, 1]
-
-
-def test_swap_slots_hold_tokens_and_owners_until_freed() -> None:
-    swap = HostSwap(4)
-    slots = swap.alloc(3)
-    swap.store(slots, np.array([1, 2, 3], np.uint64), FrameKind.GUEST, 5, np.array([9, 8, 7]))
-    assert swap.load(slots).tolist() == [1, 2, 3]
-    assert swap.used_slots == 3 and swap.free_slots == 1
-    assert swap.slots_owned_by(5).tolist() == sorted(slots.tolist())
-    swap.free(slots[:2])
-    assert swap.used_slots == 1
-    assert swap.token[slots[0]] == 0 and swap.owner_guest[slots[0]] == -1
-    swap.check_invariant()
-    with pytest.raises(InvariantViolation, match="freed twice"):
-        swap.free(slots[:1])
-    assert swap.alloc(10).size == 3
-
-
-def test_swap_profile_is_settable() -> None:
-    swap = HostSwap(1, "hdd")
-    assert swap.profile.queue_depth == 1
-    swap.set_profile("ssd")
-    assert swap.profile.queue_depth == 32
 
 
 def test_a_grant_is_private_frames_taken_and_returned_by_their_owner_only() -> None:

@@ -176,15 +176,8 @@ def blocks(*values: int) -> np.ndarray:
     return np.array(values, np.uint64)
 
 
-async def swap_out_cache(hm: Any, vt_us: float) -> None:
-    """Retire the I/O buffers and let host swapping take every cache frame (they are the only victims)."""
-    hm.tick(vt_us)
-    n = hm.pool.counts()["cache"]
-    got = await hm.reclaim(n, vt_us)
-    assert got.freed_frames == n
-
-
 async def test_double_faults_are_logged_with_their_blocks_and_count() -> None:
+    """A partial write into a host cache cluster that is not cached reads the rest first (read-modify-write)."""
     hm = make_memory(total_frames=128, swap_slots=128, low_watermark_frames=0)
     FakeGuests(hm).add(1, 16, disk_blocks=64)
     log = Log()
@@ -192,34 +185,32 @@ async def test_double_faults_are_logged_with_their_blocks_and_count() -> None:
     hm.wire(observer=mon)
     mon["double_faults"].log = log
     mon.guest_joined(1, 16, {"swap_base_block": 32, "swap_blocks": 32})
-    await hm.vdisk_write(1, blocks(33, 34, 40), np.array([5, 6, 7], np.uint64), 0.0)
-    await swap_out_cache(hm, 1e6)
-    await hm.vdisk_write(1, blocks(33), np.array([8], np.uint64), 2e6)     # a swap-out into a swapped block
-    await hm.vdisk_read(1, blocks(34, 40), 2e6)                          # swap-ins from swapped blocks
+    await hm.vdisk_write(1, blocks(33, 34), np.array([5, 6], np.uint64), 0.0)   # cluster 2: read 14 first
+    await hm.vdisk_write(1, blocks(40), np.array([7], np.uint64), 1.0)           # cluster 2 is cached now
+    await hm.vdisk_write(1, blocks(50), np.array([8], np.uint64), 2.0)           # cluster 3: read 15 first
     mon["double_faults"].drain(0)
     (e,) = log.named(ev.DOUBLE_FAULT)
     assert e["count"] == 3 == hm.snapshot()["double_faults"]
-    assert e["reads"] == 2 and e["writes"] == 1 and e["in_swap_area"] == 3
+    assert e["reads"] == 0 and e["writes"] == 3 and e["in_swap_area"] == 3
     assert e["blocks"] == [33, 34] and e["swap_slots"] == [1, 2]         # a sample of `samples`
-    assert e["clusters"] == [2] and e["added_us"] > 0 and not e["swap_area_pinned"]
+    assert e["clusters"] == [2, 3] and e["added_us"] > 0 and not e["swap_area_pinned"]
     mon["double_faults"].drain(1)
     assert len(log.named(ev.DOUBLE_FAULT)) == 1                           # nothing new, nothing logged
     hm.check_invariant()
 
 
-async def test_pinning_drops_swapped_copies_and_no_double_fault_follows() -> None:
+async def test_pinning_keeps_the_swap_area_cached_so_no_double_fault_follows() -> None:
     hm = make_memory(total_frames=128, swap_slots=128, low_watermark_frames=0)
     FakeGuests(hm).add(1, 16, disk_blocks=64)
     log = Log()
-    mon = HostMonitors({"pinning": {"enabled": True, "window_ticks": 1, "calm_ticks": 2}}, hm, 10_000)
+    mon = HostMonitors({"pinning": {"enabled": True, "window_ticks": 1, "calm_ticks": 2, "mode": "resident"}},
+                       hm, 10_000)
     hm.wire(observer=mon)
     mon["pinning"].log = log
     mon.guest_joined(1, 16, {"swap_base_block": 32, "swap_blocks": 32})
     vd = hm.vdisk(1)
-    await hm.vdisk_write(1, blocks(33, 34, 35), np.array([5, 6, 7], np.uint64), 0.0)
-    await swap_out_cache(hm, 1e6)
-    assert np.count_nonzero(vd.cache_state == CacheState.SWAPPED) == 3
-    await hm.vdisk_write(1, blocks(36, 37), np.array([8, 9], np.uint64), 1e6)  # cached, in frames
+    await hm.vdisk_write(1, blocks(33, 34, 35), np.array([5, 6, 7], np.uint64), 0.0)   # cluster 2 cached
+    faults = vd.counters.double_faults
 
     major = {"n": 0}
 
@@ -235,29 +226,30 @@ async def test_pinning_drops_swapped_copies_and_no_double_fault_follows() -> Non
     assert not log.named(ev.SWAP_AREA_PINNED)
     end_tick(2, True)
     (pin,) = log.named(ev.SWAP_AREA_PINNED)
-    assert pin["guest"] == 1 and pin["blocks"] == 32 and pin["dropped_swapped_pages"] == 3
-    assert pin["pinned_pages"] == 2 and pin["mode"] == "exempt"
-    assert not np.any(vd.cache_state == CacheState.SWAPPED)
-    assert hm.pool.pinned[vd.cache_loc[[36, 37]]].all()
+    assert pin["guest"] == 1 and pin["blocks"] == 32 and pin["dropped_swapped_pages"] == 0
+    assert pin["pinned_pages"] == 16 and pin["mode"] == "resident"
+    assert hm.pool.pinned[vd.cache_loc[32:48]].all()
     hm.check_invariant()
-    # Host swapping cannot take the pinned frames; reads of the dropped blocks are plain misses.
-    hm.tick(2e6)
-    assert (await hm.reclaim(10, 2e6)).freed_frames == 0
+    # Neither the budget nor host pressure drops the pinned clusters; a write into them is a plain hit.
+    hm.cache.boundary({1: vd}, 2e6, want_frames=10_000)
+    assert (vd.cache_state[32:48] == CacheState.FRAME).all()
+    await hm.vdisk_write(1, blocks(36), np.array([8], np.uint64), 3e6)
     tokens, _ = await hm.vdisk_read(1, blocks(33, 34, 35, 36), 3e6)
     assert tokens.tolist() == [5, 6, 7, 8]
-    assert vd.counters.double_faults == 0
-    # Calm for calm_ticks: unpinned, and the frames are victims again.
+    assert vd.counters.double_faults == faults
+    # Calm for calm_ticks: unpinned, and the clusters may go again.
     end_tick(3, False)
     end_tick(4, False)
     end_tick(5, False)
     assert log.named(ev.SWAP_AREA_UNPINNED) and not mon["pinning"].is_pinned(1)
     assert not hm.pool.pinned.any()
-    assert mon.metrics()["pinning"]["pinned_pages_peak"] >= 2
+    assert mon.metrics()["pinning"]["pinned_pages_peak"] >= 16
     hm.check_invariant()
 
 
 async def test_a_page_the_host_swapped_and_the_guest_then_pages_out_is_double_paging() -> None:
-    hm = make_memory(total_frames=4, swap_slots=32, low_watermark_frames=0, reclaim_batch_frames=1)
+    hm = make_memory(total_frames=4, swap_slots=32, low_watermark_frames=0, reclaim_batch_frames=1,
+                     cluster_pages=1)
     guests = FakeGuests(hm)
     guests.add(1, 8, disk_blocks=16)
     log = Log()
