@@ -168,7 +168,9 @@ def test_the_host_released_them_and_the_others_ran_on(killed_run: dict[str, Any]
         f"guest {g} lost" for g in sorted(VICTIMS)], v["status_reasons"]
     for gid in SURVIVORS:
         done = events_named(read_jsonl(killed_run["run_dir"] / f"guest-{gid}.jsonl"), "guest_finished")
-        assert done and done[0]["ticks"] == TICKS and done[0]["stats"]["lost_pages"] == 0, done
+        # A tick in which the host held a request of its across the boundary owes no TickDone.
+        assert done and TICKS - fin.get("held_across_boundary", 0) <= done[0]["ticks"] <= TICKS, done
+        assert done[0]["stats"]["lost_pages"] == 0
 
 
 @pytest.mark.timeout(300)

@@ -84,7 +84,8 @@ def clean_cache_io(host: dict[str, Any]) -> tuple[int, int] | None:
     never decides with them); the host then counts its swap I/O on those
     pages, ``host_swap_writes_clean_cache`` and ``host_swap_reads_clean_cache``.
     """
-    w, r = host.get("host_swap_writes_clean_cache"), host.get("host_swap_reads_clean_cache")
+    w = host.get("host_swap_writes_clean_cache", host.get("clean_cache_swap_write_pages"))   # (the host's name)
+    r = host.get("host_swap_reads_clean_cache", host.get("clean_cache_swap_read_pages"))
     if isinstance(w, (int, float)) and isinstance(r, (int, float)) and not isinstance(w, bool):
         return int(w), int(r)
     return None
