@@ -24,7 +24,7 @@ def test_reclaim_by_mechanism_from_the_counters() -> None:
     assert m["reclaimed_by_mechanism"] == {"balloon_frames": 700, "guest_for_balloon": 150, "guest_own": 350,
                                            "host_swap": 400, "host_swap_cache": 100, "host_cache_drop": 30}
     assert "host_swap_writes_clean_cache" not in m          # not counted by this host: no number made up
-    m = reclaim_metrics({**host, "host_swap_writes_clean_cache": 90, "host_swap_reads_clean_cache": 60}, guests)
+    m = reclaim_metrics({**host, "clean_cache_swap_write_pages": 90, "clean_cache_swap_read_pages": 60}, guests)
     assert m["clean_cache_host_io_per_page"] == 1.5           # (90 + 60) / the 100 clean pages the host took
     row = next(r for r in HEADLINE if r.key == "reclaimed_guest_own")
     assert headline_value(row, m) == 350

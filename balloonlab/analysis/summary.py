@@ -82,10 +82,10 @@ def clean_cache_io(host: dict[str, Any]) -> tuple[int, int] | None:
     ``InvalidateReply.labels`` tell the host which pages it takes were clean
     page cache in the guest at that moment (instrumentation only: the host
     never decides with them); the host then counts its swap I/O on those
-    pages, ``host_swap_writes_clean_cache`` and ``host_swap_reads_clean_cache``.
+    pages, ``clean_cache_swap_write_pages`` and ``clean_cache_swap_read_pages``
+    (the summary names them ``host_swap_writes_clean_cache`` / ``..._reads_...``).
     """
-    w = host.get("host_swap_writes_clean_cache", host.get("clean_cache_swap_write_pages"))   # (the host's name)
-    r = host.get("host_swap_reads_clean_cache", host.get("clean_cache_swap_read_pages"))
+    w, r = host.get("clean_cache_swap_write_pages"), host.get("clean_cache_swap_read_pages")
     if isinstance(w, (int, float)) and isinstance(r, (int, float)) and not isinstance(w, bool):
         return int(w), int(r)
     return None
