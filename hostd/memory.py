@@ -83,6 +83,7 @@ from typing import Any, Awaitable, Callable, NamedTuple, Protocol
 
 import numpy as np
 
+from balloonlab.proto.content import ContentMap
 from balloonlab.proto.costs import CostModel
 from balloonlab.proto.tokens import KEEP_TOKEN
 
@@ -90,6 +91,7 @@ from .errors import (BadBatch, BalloonLimit, DuplicateGuest, HostOutOfMemory, In
                      InvariantViolation, UnknownGuest)
 from .devices import Device, DeviceProfile, device_profile
 from .framepool import FrameKind, FramePool
+from .compress import ReclaimZip, ZipConfig
 from .hostcache import CACHE_MODE_DEFAULT, CacheConfig, HostCache
 from .hostswap import PENDING_TOKEN, HostSwap
 from .invariant import check_full
@@ -145,6 +147,9 @@ MAX_BALLOON_FRACTION_DEFAULT = 0.65   # ESX Mem.CtlMaxPercent
 _FRAME = int(PageState.FRAME)         # plain ints for the one-page paths (an IntEnum lookup costs ~1 us)
 _SWAPPED = int(PageState.SWAPPED)
 _BALLOONED = int(PageState.BALLOONED)
+_COMPRESSED = int(PageState.COMPRESSED)
+_ZERO = int(PageState.ZERO)
+_NO_CONTENT_MAP = ContentMap()        # everything private, "mixed" compressibility (proto.content)
 _GUEST_KIND = int(FrameKind.GUEST)
 _CACHED = 1                           # vdisk.CacheState.FRAME
 _ZERO_PROGRESS_ROUNDS = 3             # reclaim rounds that free nothing before giving up
@@ -187,6 +192,9 @@ class GuestCounters:
     self_swap_pages: int = 0            # ... host-swapped its own pages
     held_requests: int = 0              # ... and were held for a refill round
     balloon_freed_frames: int = 0    # host frames inflation freed (a never-backed or host-swapped page frees none)
+    free_reports: int = 0            # free page reports it sent (virtio-balloon free page reporting)
+    pages_reported: int = 0          # gpfns in them
+    frames_discarded: int = 0        # host frames those reports freed
 
 
 @dataclass(slots=True)
@@ -221,6 +229,10 @@ class HostCounters:
     grant_pages: int = 0                # frames handed to guests as grants
     grant_exhausted: int = 0            # requests whose guest's grant was short
     self_reclaim_pages: int = 0         # frames guests freed inside their own partitions
+    free_reports: int = 0               # free page reports from the guests (see report_free)
+    pages_reported: int = 0             # gpfns reported free
+    frames_discarded: int = 0           # host frames freed by them (the rest held nothing, or swap)
+    reported_slots_dropped: int = 0     # host swap slots (or cache and zero entries) dropped by them
 
 
 @dataclass(slots=True)
@@ -246,8 +258,11 @@ class HostMemory:
                  expected_guests: int = 1, shared_disk: DeviceProfile | str | None = None,
                  tick_us: float = 10_000.0, hold: Hold | None = None,
                  guest_rng: Callable[[int], np.random.Generator] | None = None,
-                 states: MemoryStates | None = None, vm_victims: PerVmVictims | None = None) -> None:
+                 states: MemoryStates | None = None, vm_victims: PerVmVictims | None = None,
+                 zip: ZipConfig | None = None) -> None:
         self.pool = FramePool(total_frames)
+        # Zero-page detection and compression on the way to host swap (hostd.compress); None: off.
+        self.zip: ReclaimZip | None = ReclaimZip(zip, self.pool) if zip is not None and zip.enabled else None
         self.swap = HostSwap(swap_slots, swap_profile, expected_guests=expected_guests)
         # [disk] shared: every virtual disk and the swap files on one device, one lane per guest.
         self.shared_device: Device | None = None
@@ -332,6 +347,8 @@ class HostMemory:
         self.cache.set_limits(vdisk, vdisk.allowance_pages)
         self._guests[guest_id] = _Guest(guest_id, P2M(guest_pages), max_balloon, vdisk,
                                         np.zeros(guest_pages, bool), self._guest_rng(guest_id))
+        if self.zip is not None:
+            self.zip.add_guest(guest_id, guest_pages)
         # In id order, not in the order guests happened to connect: every loop over the
         # guests (retiring I/O buffers frees frames onto the free stack) must be reproducible.
         self._guests = dict(sorted(self._guests.items()))
@@ -348,6 +365,8 @@ class HostMemory:
         frames = self.pool.frames_owned_by(guest_id)
         self.pool.free(frames[~self.pool.busy[frames]])
         self.swap.remove_file(guest_id)
+        if self.zip is not None:
+            self.zip.remove_guest(guest_id)
         self._early_answers.pop(guest_id, None)
         if self.shared_device is not None:
             self.shared_device.remove_lane(guest_id)
@@ -425,6 +444,8 @@ class HostMemory:
 
         todo = uniq[~backed]
         was_swapped = state[~backed] == PageState.SWAPPED
+        was_zip = (state[~backed] == _COMPRESSED) | (state[~backed] == _ZERO)
+        is_fresh = np.zeros(todo.size, bool)
         if fresh_set.size:
             is_fresh = np.isin(todo, fresh_set)
             dropped = todo[was_swapped & is_fresh]
@@ -440,6 +461,14 @@ class HostMemory:
         slots = g.p2m.loc[swapped]
         tokens = np.zeros(todo.size, np.uint64)
         tokens[was_swapped] = self.swap.swap_in(slots)
+        zip_us = 0.0
+        if np.any(was_zip):
+            # Decompressed (CPU, no I/O) or a fresh zero page; a fresh one drops its old swap-cache copy too.
+            zp = todo[was_zip]
+            zfresh = is_fresh[was_zip]
+            tokens[was_zip], zip_us = self.zip.take_out(guest_id, zp, state[~backed][was_zip], zfresh)  # type: ignore[union-attr]
+            if np.any(zfresh):
+                self.swap.drop(self.swap.slots_of(guest_id, zp[zfresh]))
         if swapped.size:
             self._count_labelled_reads(g, swapped)
             if self._observer is not None:
@@ -455,7 +484,7 @@ class HostMemory:
         if swapped.size:
             # One vCPU faults its pages one at a time, however many one message carries.
             done_us = self.swap.disk.submit_serial(guest_id, start_us, slots)
-        done_us += self.costs.ept_fault_us * uniq.size
+        done_us += self.costs.ept_fault_us * uniq.size + zip_us
 
         c, gc = self.counters, g.counters
         c.ept_fault_calls += 1
@@ -496,8 +525,16 @@ class HostMemory:
             tried = True
 
         swapped = state == _SWAPPED
+        zip_us = 0.0
         if not backed:
             token = 0
+            if state == _COMPRESSED or state == _ZERO:
+                gp = np.array((gpfn,), np.int64)
+                toks, zip_us = self.zip.take_out(g.guest_id, gp, np.array((state,), np.uint8),  # type: ignore[union-attr]
+                                                 np.array((fresh,), bool))
+                token = int(toks[0])
+                if fresh:
+                    self.swap.drop_one(int(self.swap.slots_of(g.guest_id, gp)[0]))
             if swapped and fresh:
                 # The guest overwrites it whole: no read; the old content goes.
                 self.swap.drop_one(int(p2m.loc[gpfn]))
@@ -527,7 +564,7 @@ class HostMemory:
         done_us = start_us
         if swapped:
             done_us = self.swap.disk.submit(g.guest_id, start_us, 1, write=False, offset=slot)
-        done_us += self.costs.ept_fault_us * 1
+        done_us += self.costs.ept_fault_us * 1 + zip_us
 
         c, gc = self.counters, g.counters
         c.ept_fault_calls += 1
@@ -806,29 +843,43 @@ class HostMemory:
                 live = (g.p2m.state[gpfns] == PageState.FRAME) & (g.p2m.loc[gpfns] == g_frames)
             if isinstance(result, np.ndarray):
                 n_live = int(np.count_nonzero(live))
+                zipped = False
                 if g is not None and n_live:
                     out = gpfns[live]
-                    slots = self.swap.slots_of(gid, out)
                     tokens = result[live]
                     early = self._early_answers.get(gid)
                     if early:
                         tokens = tokens.copy()
                         for i in np.flatnonzero(tokens == PENDING_TOKEN).tolist():
                             tokens[i] = early.pop(int(out[i]), PENDING_TOKEN)
-                    write = self.swap.store(slots, tokens)
-                    g.p2m.set(out, PageState.SWAPPED, slots)
-                    n_write = int(np.count_nonzero(write))
-                    if n_write:
-                        # One request: the slots of one guest's victims, in gpfn order.
-                        done_us = max(done_us, self.swap.disk.submit(gid, vt_us, n_write, write=True,
-                                                                     offset=int(slots[write][0])))
-                    self._count_evicted(g, out, write, n_live)
+                    to_swap = np.ones(out.size, bool)
+                    if self.zip is not None:
+                        # Zero pages dropped, compressible ones into the VM's cache (hostd.compress):
+                        # the request waits for that CPU work as it would for its swap writes.
+                        taken, cpu = self.zip.absorb(gid, g.p2m, out, tokens, self._content(g), True)
+                        to_swap = ~taken
+                        zipped = bool(np.any(taken))
+                        done_us = max(done_us, vt_us + cpu)
+                    write = np.zeros(out.size, bool)
+                    if np.any(to_swap):
+                        write[to_swap], w_done = self._to_swap(g, out[to_swap], tokens[to_swap], vt_us)
+                        done_us = max(done_us, w_done)
+                    self._count_evicted(g, out, write, n_live, int(np.count_nonzero(to_swap)))
                 if g is not None:
                     g.counters.shootdown_pages += int(gpfns.size)
                 self.pool.free(g_frames)
+                freed += int(g_frames.size)
+                if zipped and g is not None:
+                    # The cache's frames come out of the frames just freed (the same partition).
+                    before = self.pool.free_frames
+                    spill, spill_tok, cpu = self.zip.fit(gid, g.p2m)   # type: ignore[union-attr]
+                    freed -= before - self.pool.free_frames
+                    if spill.size:
+                        write, w_done = self._to_swap(g, spill, spill_tok, vt_us + cpu)
+                        done_us = max(done_us, w_done)
+                        self._count_spilled(g, spill, write)
                 self.counters.swap_out_pages += n_live
                 self.counters.dropped_evictions += int(g_frames.size) - n_live
-                freed += int(g_frames.size)
             else:
                 # No answer (guest gone, timed out, bad reply, or we were
                 # cancelled): the mapping stays; orphans can go.
@@ -843,13 +894,44 @@ class HostMemory:
                 freed += int(np.count_nonzero(~live))
         return freed, done_us
 
-    def _count_evicted(self, g: "_Guest", gpfns: np.ndarray, write: np.ndarray, n_live: int) -> None:
+    def _content(self, g: "_Guest") -> ContentMap:
+        """The guest's content map (from its handshake, once page sharing's handshake field exists)."""
+        return getattr(g, "content", _NO_CONTENT_MAP)
+
+    def _to_swap(self, g: "_Guest", gpfns: np.ndarray, tokens: np.ndarray, vt_us: float) -> tuple[np.ndarray, float]:
+        """Pages go to their slots in the guest's swap file: SWAPPED; returns the write mask and when written."""
+        slots = self.swap.slots_of(g.guest_id, gpfns)
+        write = self.swap.store(slots, tokens)
+        g.p2m.set(gpfns, PageState.SWAPPED, slots)
+        n_write = int(np.count_nonzero(write))
+        done_us = float(vt_us)
+        if n_write:
+            # One request: the slots of one guest's victims, in gpfn order.
+            done_us = self.swap.disk.submit(g.guest_id, vt_us, n_write, write=True, offset=int(slots[write][0]))
+        return write, done_us
+
+    def _count_spilled(self, g: "_Guest", gpfns: np.ndarray, write: np.ndarray) -> None:
+        """The compression cache's oldest pages went to swap: real writes (labelled ones counted as such)."""
+        n_write = int(np.count_nonzero(write))
+        c, gc = self.counters, g.counters
+        gc.swap_write_pages += n_write
+        c.swap_write_pages += n_write
+        c.swap_writes_avoided += int(gpfns.size) - n_write
+        labelled = g.labels[gpfns] & write
+        if np.any(labelled):
+            n_lab = int(np.count_nonzero(labelled))
+            c.clean_cache_swap_write_pages += n_lab
+            gc.clean_cache_swap_write_pages += n_lab
+
+    def _count_evicted(self, g: "_Guest", gpfns: np.ndarray, write: np.ndarray, n_live: int,
+                       n_to_swap: int | None = None) -> None:
+        """``n_to_swap``: the pages that went to swap (the rest were dropped as zero or compressed)."""
         n_write = int(np.count_nonzero(write))
         c, gc = self.counters, g.counters
         gc.swap_out_pages += n_live
         gc.swap_write_pages += n_write
         c.swap_write_pages += n_write
-        c.swap_writes_avoided += n_live - n_write
+        c.swap_writes_avoided += (n_live if n_to_swap is None else n_to_swap) - n_write
         labelled = g.labels[gpfns]
         if np.any(labelled):
             n_lab = int(np.count_nonzero(labelled))
@@ -957,6 +1039,7 @@ class HostMemory:
         # A busy frame's shootdown is pending: it is freed when that settles.
         frames = frames[~self.pool.busy[frames]]
         self.pool.free(frames)
+        n_freed = int(frames.size) + self._drop_zipped(g, gpfns, state)
         self.swap.drop(self.swap.slots_of(guest_id, gpfns))    # in swap or in the swap cache: gone
         g.labels[gpfns] = False
         g.p2m.set(gpfns, PageState.BALLOONED)
@@ -964,9 +1047,74 @@ class HostMemory:
         g.balloon_pages += int(gpfns.size)
         g.counters.balloon_inflated_pages += int(gpfns.size)
         self.counters.balloon_inflated_pages += int(gpfns.size)
-        g.counters.balloon_freed_frames += int(frames.size)
-        self.counters.balloon_freed_frames += int(frames.size)
-        return int(frames.size)
+        g.counters.balloon_freed_frames += n_freed
+        self.counters.balloon_freed_frames += n_freed
+        return n_freed
+
+    def _drop_zipped(self, g: _Guest, gpfns: np.ndarray, state: np.ndarray) -> int:
+        """COMPRESSED and ZERO gpfns among ``gpfns`` leave the compression books; returns cache frames freed."""
+        if self.zip is None:
+            return 0
+        z = (state == _COMPRESSED) | (state == _ZERO)
+        if not np.any(z):
+            return 0
+        return self.zip.drop(g.guest_id, gpfns[z], state[z])
+
+    def report_free(self, guest_id: int, gpfns: np.ndarray | bytes) -> int:
+        """Free page reporting: the guest says these gpfns are free; discard what backs them. Returns frames freed.
+
+        virtio-balloon's VIRTIO_BALLOON_F_REPORTING: the device discards
+        the reported ranges (QEMU: ``ram_block_discard_range``, madvise
+        DONTNEED); the next touch is an ordinary EPT fault that maps a fresh
+        zero page, exactly as for a page never backed. A frame, a swap slot
+        (and its swap-cache copy), a compressed or zero-dropped page: all
+        go; the gpfn becomes UNBACKED. Refused as a whole (nothing changes)
+        on a bad or duplicate gpfn or a ballooned one (the balloon holds
+        it, it is not free). A frame whose eviction is pending (busy) is
+        freed when its shootdown settles, as for balloon inflation.
+        """
+        g = self._guest(guest_id)
+        gpfns = as_page_numbers(gpfns, guest_id, "gpfn", g.p2m.guest_pages, unique=True)
+        state = g.p2m.state[gpfns]
+        if np.any(state == PageState.BALLOONED):
+            raise InvalidState(guest_id, "gpfn", int(gpfns[np.flatnonzero(state == PageState.BALLOONED)[0]]),
+                               "BALLOONED", "a ballooned page is the balloon's, not free: deflate it first")
+        frames = g.p2m.loc[gpfns[state == PageState.FRAME]]
+        frames = frames[~self.pool.busy[frames]]
+        self.pool.free(frames)
+        n_freed = int(frames.size) + self._drop_zipped(g, gpfns, state)
+        slots = self.swap.slots_of(guest_id, gpfns)
+        n_slots = int(np.count_nonzero(self.swap.used[slots])) + int(np.count_nonzero(state == _ZERO)) \
+            + int(np.count_nonzero(state == _COMPRESSED))
+        self.swap.drop(slots)
+        g.labels[gpfns] = False
+        g.p2m.set(gpfns, PageState.UNBACKED)
+        c, gc = self.counters, g.counters
+        c.free_reports += 1
+        gc.free_reports += 1
+        c.pages_reported += int(gpfns.size)
+        gc.pages_reported += int(gpfns.size)
+        c.frames_discarded += n_freed
+        gc.frames_discarded += n_freed
+        c.reported_slots_dropped += n_slots
+        return n_freed
+
+    def host_copy(self, guest_id: int, gpfns: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """For gpfns the host took from the guest: which hold a copy and the content held (for the audit).
+
+        A copy is a host swap slot (SWAPPED), a compressed page (COMPRESSED)
+        or a zero-dropped page (ZERO: the token the guest had; a fault maps zeros).
+        """
+        g = self._guest(guest_id)
+        gpfns = np.asarray(gpfns, np.int64)
+        state = g.p2m.state[gpfns]
+        tokens = np.zeros(gpfns.size, np.uint64)
+        sw = state == _SWAPPED
+        tokens[sw] = self.swap.token[g.p2m.loc[gpfns[sw]]]
+        z = (state == _COMPRESSED) | (state == _ZERO)
+        if self.zip is not None and np.any(z):
+            tokens[z] = self.zip.tokens_of(guest_id, gpfns[z])
+        return sw | (z if self.zip is not None else np.zeros_like(z)), tokens
 
     def balloon_deflate(self, guest_id: int, gpfns: np.ndarray | bytes) -> None:
         """The guest takes ``gpfns`` back: they become UNBACKED (a fault gives a zero page)."""
@@ -1132,11 +1280,15 @@ class HostMemory:
         """Gauges of one guest, in pages: resident, swapped, ballooned, unbacked, disk cache."""
         g = self._guest(guest_id)
         p = g.p2m.counts()
-        return {"guest_pages": g.p2m.guest_pages,
-                "resident_pages": p["frame"], "swapped_pages": p["swapped"],
-                "ballooned_pages": p["ballooned"], "unbacked_pages": p["unbacked"],
-                "max_balloon_pages": g.max_balloon_pages,
-                **g.vdisk.counts()}
+        out = {"guest_pages": g.p2m.guest_pages,
+               "resident_pages": p["frame"], "swapped_pages": p["swapped"],
+               "ballooned_pages": p["ballooned"], "unbacked_pages": p["unbacked"],
+               "max_balloon_pages": g.max_balloon_pages,
+               **g.vdisk.counts()}
+        if self.zip is not None:
+            out.update(zcache_pages=p["compressed"], zero_held_pages=p["zero"],
+                       **self.zip.guest_snapshot(guest_id, g.p2m))
+        return out
 
     def snapshot(self) -> dict[str, Any]:
         """Counters and gauges, JSON-serialisable; per-guest under ``guests`` keyed by str(guest_id).
@@ -1159,6 +1311,10 @@ class HostMemory:
             **self.cache.metrics(),
             **{f"swap_device_{k}": v for k, v in self.swap.disk.counters().items()},
             **asdict(self.counters),
+            "zcache_frames": kinds["zcache"],
+            "compression": self.zip is not None and self.zip.cfg.compression,
+            "zero_page_detection": self.zip is not None and self.zip.cfg.zero_pages,
+            **(self.zip.snapshot() if self.zip is not None else {}),
         }
         vd_totals = dict(self._departed_vdisk)
         guests: dict[str, Any] = {}

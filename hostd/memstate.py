@@ -91,20 +91,25 @@ class Reclaim:
     sharing: bool        # page sharing (TPS): ESX from clear on; not modelled yet, so never on here
     balloon: bool        # the ESX controller (proportional) inflates
     host_swap: bool      # the host swaps guest pages (boundary reclaim; a guest's self-reclaim mid-tick)
+    compress: bool       # pages on their way to host swap are zero-checked and compressed (hostd.compress)
     block: bool          # a VM above its allocation target may be held until the boundary reclaims
 
 
-# The one table. ESX (vSphere 6) runs sharing from clear and compression from hard; neither is
-# modelled yet (page sharing and compression are later work), so those columns stay off here.
+# The one table. ESX (vSphere 6) runs sharing from clear and compression from hard, with swapping:
+# compression is a step on ESX's swap path (a page about to be swapped is compressed instead when it
+# fits in 2 KiB), so here it runs wherever the host swaps -- the boundary reclaim in hard and low, and a
+# guest's self-reclaim mid-tick, which ``may_self_swap`` allows from clear (that guest's own partition is
+# out of memory). It runs only when the scenario turns it on (``[host] compression`` /
+# ``zero_page_detection``). Page sharing is not modelled yet, so its column stays off.
 # Ballooning keeps going in hard and low: the controller's targets stand and the guests keep
 # inflating towards them (Epping notes vSphere 6 stops asking the balloon in hard; we keep the
 # balloon, because the targets are also what host swapping is steered by).
 RECLAIM_BY_STATE: Mapping[MemState, Reclaim] = {
-    MemState.HIGH:  Reclaim(sharing=False, balloon=False, host_swap=False, block=False),
-    MemState.CLEAR: Reclaim(sharing=False, balloon=False, host_swap=False, block=False),
-    MemState.SOFT:  Reclaim(sharing=False, balloon=True,  host_swap=False, block=False),
-    MemState.HARD:  Reclaim(sharing=False, balloon=True,  host_swap=True,  block=False),
-    MemState.LOW:   Reclaim(sharing=False, balloon=True,  host_swap=True,  block=True),
+    MemState.HIGH:  Reclaim(sharing=False, balloon=False, host_swap=False, compress=False, block=False),
+    MemState.CLEAR: Reclaim(sharing=False, balloon=False, host_swap=False, compress=False, block=False),
+    MemState.SOFT:  Reclaim(sharing=False, balloon=True,  host_swap=False, compress=False, block=False),
+    MemState.HARD:  Reclaim(sharing=False, balloon=True,  host_swap=True,  compress=True,  block=False),
+    MemState.LOW:   Reclaim(sharing=False, balloon=True,  host_swap=True,  compress=True,  block=True),
 }
 
 _GIB_BYTES = 1 << 30
@@ -375,4 +380,4 @@ def grant_floor_only(mem: Any) -> Any:
 
 def _describe(state: MemState) -> list[str]:
     r = RECLAIM_BY_STATE[state]
-    return [name for name in ("balloon", "host_swap", "block") if getattr(r, name)]
+    return [name for name in ("balloon", "host_swap", "compress", "block") if getattr(r, name)]
