@@ -9,6 +9,9 @@ User-facing sizes are in MiB (256 pages each); the kernel sees pages::
     batch_refs = 8192       shares = 1000
     dirty_background_ratio = 0    # percent: the flusher writes dirty page cache back above it (0: off)
     ws_period_us, ws_sample_pages, pff_alpha, fault_around_pages    (kernel knobs)
+    free_page_reporting = false   # virtio-balloon free page reporting (guestd.reporting)
+    report_delay_ms = 2000        # a block must stay free this long; the reporter runs this often
+    report_order_pages = 512      # reported blocks: aligned runs of this many free frames (a power of two)
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ import numpy as np
 
 from .errors import GuestConfigError
 from .kernel_config import KernelConfig, kernel_config_from_mapping
+from .reporting import REPORT_DELAY_MS_DEFAULT, REPORT_ORDER_PAGES_DEFAULT, ReportingConfig
 from .workload import build_workload
 
 __all__ = ["GuestConfig", "guest_config_from_mapping", "MIB_PAGES", "RUN_KEYS"]
@@ -29,7 +33,8 @@ MIB_PAGES = 256
 RUN_KEYS = frozenset({"id", "ram_pages", "disk_blocks", "seed", "costs", "disk", "locks", "ticks",
                       "metrics_every_ticks", "swap_base_block", "swap_blocks"})
 _OWN = {"ram_mib", "kernel_mib", "swap_mib", "policy", "policy_params", "regions", "workload", "batch_refs",
-        "shares", "dirty_background_ratio", "ws_period_us", "ws_sample_pages", "pff_alpha", "fault_around_pages"}
+        "shares", "dirty_background_ratio", "ws_period_us", "ws_sample_pages", "pff_alpha", "fault_around_pages",
+        "free_page_reporting", "report_delay_ms", "report_order_pages"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +49,7 @@ class GuestConfig:
     # their completion, which the one-at-a-time virtual-time sequencer takes as a bound on the guest's
     # clock (requests_behind_bound, and orders other guests by it). Per-guest lanes need no such bound.
     dirty_background_ratio: float = 0.0
+    reporting: ReportingConfig = ReportingConfig()   # free page reporting (off by default)
 
     @property
     def ram_pages(self) -> int:
@@ -100,4 +106,19 @@ def guest_config_from_mapping(raw: Mapping[str, Any], where: str = "guest") -> G
     ratio = raw.get("dirty_background_ratio", 0.0)
     if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio <= 100:
         raise GuestConfigError(f"{where}.dirty_background_ratio: expected a percentage in [0, 100], got {ratio!r}")
-    return GuestConfig(kcfg, tuple(dict(s) for s in specs), batch_refs, shares, float(ratio))
+    return GuestConfig(kcfg, tuple(dict(s) for s in specs), batch_refs, shares, float(ratio),
+                       _reporting(raw, where))
+
+
+def _reporting(raw: Mapping[str, Any], where: str) -> ReportingConfig:
+    on = raw.get("free_page_reporting", False)
+    if not isinstance(on, bool):
+        raise GuestConfigError(f"{where}.free_page_reporting: expected true or false, got {on!r}")
+    delay = raw.get("report_delay_ms", REPORT_DELAY_MS_DEFAULT)
+    if isinstance(delay, bool) or not isinstance(delay, (int, float)) or not 0 < delay < 1e9:
+        raise GuestConfigError(f"{where}.report_delay_ms: expected a number of virtual ms > 0, got {delay!r}")
+    order = raw.get("report_order_pages", REPORT_ORDER_PAGES_DEFAULT)
+    if isinstance(order, bool) or not isinstance(order, int) or order < 1 or order & (order - 1):
+        raise GuestConfigError(f"{where}.report_order_pages: expected a power of two >= 1 (a buddy block), "
+                               f"got {order!r}")
+    return ReportingConfig(on, float(delay), int(order))

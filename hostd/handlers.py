@@ -5,7 +5,7 @@ A connection answers only ``Hello`` until its handshake succeeds
 (``HandlerTables.guest``), its table is:
 
 - the memory and disk requests (``EptFault``, ``BalloonInflate``,
-  ``BalloonDeflate``, ``DiskRead``, ``DiskWrite``), answered by host memory
+  ``BalloonDeflate``, ``FreeReport``, ``DiskRead``, ``DiskWrite``), answered by host memory
   and served as the request discipline says (``hostd.discipline``: in
   virtual-time order, as they arrive, or under ``L_hostmem``);
 - the discipline's own messages (the lock model's ``LockAcquire``,
@@ -23,8 +23,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from balloonlab.proto.messages import (BalloonDeflate, BalloonInflate, BalloonReply, DiskRead, DiskReadReply, DiskWrite,
-                                       DiskWriteReply, EptFault, EptFaultReply, Hello, MsgType, Ping, Pong, TickDone,
-                                       Welcome)
+                                       DiskWriteReply, EptFault, EptFaultReply, FreeReport, FreeReportReply, Hello,
+                                       MsgType, Ping, Pong, TickDone, Welcome)
 from balloonlab.proto.rpc import NotifyHandler, RequestHandler, RpcConnection
 
 if TYPE_CHECKING:
@@ -65,6 +65,10 @@ def memory_requests(guest_id: int, mem: "HostMemory", shootdowns: "Shootdowns",
         mem.balloon_deflate(guest_id, m.gpfns)
         return BalloonReply(mem.balloon_pages(guest_id), m.vt_us + hypercall_us)
 
+    def free_report(m: FreeReport) -> FreeReportReply:
+        # one hypercall; discarding a range is an unmap, no I/O (QEMU: madvise DONTNEED on the range)
+        return FreeReportReply(mem.report_free(guest_id, m.gpfns), m.vt_us + hypercall_us)
+
     async def disk_read(m: DiskRead) -> DiskReadReply:
         tokens, done = await mem.vdisk_read(guest_id, m.blocks, m.vt_us)
         return DiskReadReply(tokens, done)
@@ -74,7 +78,7 @@ def memory_requests(guest_id: int, mem: "HostMemory", shootdowns: "Shootdowns",
 
     handlers: dict[MsgType, Callable[[Any], Any]] = {
         MsgType.EPT_FAULT: ept_fault, MsgType.BALLOON_INFLATE: inflate, MsgType.BALLOON_DEFLATE: deflate,
-        MsgType.DISK_READ: disk_read, MsgType.DISK_WRITE: disk_write,
+        MsgType.DISK_READ: disk_read, MsgType.DISK_WRITE: disk_write, MsgType.FREE_REPORT: free_report,
     }
     return handlers  # type: ignore[return-value]
 

@@ -20,7 +20,7 @@ __all__ = [
     "MsgType", "Kind", "Message", "pages_to_bytes",
     "Hello", "Welcome", "TickStart", "TickDone", "RunEnd",
     "EptFault", "EptFaultReply", "Invalidate", "InvalidateReply",
-    "BalloonTarget", "BalloonInflate", "BalloonDeflate", "BalloonReply",
+    "BalloonTarget", "BalloonInflate", "BalloonDeflate", "BalloonReply", "FreeReport", "FreeReportReply",
     "DiskRead", "DiskReadReply", "DiskWrite", "DiskWriteReply", "Audit", "AuditReply",
     "Ping", "Pong", "REQUESTS", "NOTIFICATIONS", "MAX_PAGES_PER_MESSAGE", "msg_type_of",
     "LockAcquire", "LockRelease", "LockReply", "LockEvent",
@@ -49,6 +49,7 @@ class MsgType(IntEnum):
     BALLOON_TARGET = 30   # host -> guest notification
     BALLOON_INFLATE = 31  # guest -> host request
     BALLOON_DEFLATE = 32  # guest -> host request
+    FREE_REPORT = 33      # guest -> host request: free page reporting (virtio-balloon VIRTIO_BALLOON_F_REPORTING)
     DISK_READ = 40        # guest -> host request
     DISK_WRITE = 41       # guest -> host request
     AUDIT = 50            # host -> guest request, once the last tick is done; reply AuditReply
@@ -315,6 +316,22 @@ class BalloonReply(Message):
     done_vt_us: float
 
 
+@_message(MsgType.FREE_REPORT, gpfns=_PAGES, vt_us=_NUM)
+class FreeReport(Message):
+    """Free page reporting: these gpfns are free in the guest (blocks that stayed free); the host
+    discards what backs them (frame, swap slot, compressed copy) and they become unbacked: the
+    next touch is an ordinary EPT fault that maps a fresh zero page."""
+
+    gpfns: np.ndarray
+    vt_us: float
+
+
+@_message(MsgType.FREE_REPORT, discarded_frames=_INT, done_vt_us=_NUM)
+class FreeReportReply(Message):
+    discarded_frames: int
+    done_vt_us: float
+
+
 # --- virtual disk -----------------------------------------------------------
 
 @_message(MsgType.DISK_READ, blocks=_PAGES, vt_us=_NUM)
@@ -438,6 +455,7 @@ REQUESTS: dict[MsgType, tuple[type[Message], type[Message]]] = {
     MsgType.INVALIDATE: (Invalidate, InvalidateReply),
     MsgType.BALLOON_INFLATE: (BalloonInflate, BalloonReply),
     MsgType.BALLOON_DEFLATE: (BalloonDeflate, BalloonReply),
+    MsgType.FREE_REPORT: (FreeReport, FreeReportReply),
     MsgType.DISK_READ: (DiskRead, DiskReadReply),
     MsgType.DISK_WRITE: (DiskWrite, DiskWriteReply),
     MsgType.AUDIT: (Audit, AuditReply),

@@ -26,7 +26,7 @@ from balloonlab.proto.errors import ConfigError
 from balloonlab.proto.messages import EptFault, EptFaultReply, MsgType, TickDone
 
 MEMORY_REQUESTS = {MsgType.EPT_FAULT, MsgType.BALLOON_INFLATE, MsgType.BALLOON_DEFLATE, MsgType.DISK_READ,
-                   MsgType.DISK_WRITE}
+                   MsgType.DISK_WRITE, MsgType.FREE_REPORT}
 
 
 def run_config(**over: Any) -> RunConfig:

@@ -76,7 +76,7 @@ def test_mix_interleaves_by_weight_and_drops_exhausted_parts() -> None:
 
 
 def test_build_errors_name_the_problem() -> None:
-    with pytest.raises(UnknownWorkload, match="'dbx'; known: anon-cold, anon-hot, db"):
+    with pytest.raises(UnknownWorkload, match="'dbx'; known: anon-cold, anon-hot, burst, db"):
         gen({"kind": "dbx", "region": "db"})
     with pytest.raises(GuestConfigError, match="unknown region 'nope'"):
         gen({"kind": "db", "region": "nope"})

@@ -40,6 +40,9 @@ def build_workload(specs: Sequence[Mapping[str, Any]], layout: Layout, rng: np.r
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight <= 0:
             raise GuestConfigError(f"{at}.weight: must be a number > 0, got {weight!r}")
         start, pages = layout.span(str(region))
+        if kind == "burst" and layout.region(str(region)).kind != "anon":
+            raise GuestConfigError(f"{at}.region: a burst frees its memory, so its region must be anonymous; "
+                                   f"{region!r} is a file")
         cls = WORKLOADS[kind]
         if kind == "trace" and "path" in params:
             tp, tw = read_trace(params.pop("path"))
