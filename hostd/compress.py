@@ -368,8 +368,9 @@ class ReclaimZip:
             bad = int(gp[np.flatnonzero((~comp & (b.size[gp] != 0)) | (~held & (b.token[gp] != 0)))[0]])
             raise InvariantViolation(f"guest {guest_id} gpfn {bad} is {PageState(p2m.state[bad]).name} but the "
                                      f"compression books still hold it")
-        if np.any(comp & ((b.size[gp] <= 0) | (b.size[gp] > self.cfg.max_bytes))) and self.cfg.compression:
-            bad = int(gp[np.flatnonzero(comp & ((b.size[gp] <= 0) | (b.size[gp] > self.cfg.max_bytes)))[0]])
+        # (a zero page compresses to nothing: 0 bytes is a real size; zswap stores same-filled pages so)
+        if np.any(comp & ((b.size[gp] < 0) | (b.size[gp] > self.cfg.max_bytes))):
+            bad = int(gp[np.flatnonzero(comp & ((b.size[gp] < 0) | (b.size[gp] > self.cfg.max_bytes)))[0]])
             raise InvariantViolation(f"guest {guest_id} gpfn {bad} is COMPRESSED with {int(b.size[bad])} bytes")
         if pages is None:
             total = int(b.size[comp].astype(np.int64).sum())

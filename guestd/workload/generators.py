@@ -20,8 +20,8 @@ Kinds (``WORKLOADS``):
   ``shift_pages`` (wrapping) every ``phase_refs`` references.
 - ``trace``: a recorded trace replayed in order (``loop`` to repeat); its
   distinct pages are mapped densely onto the region.
-- ``burst``: allocate the (anonymous) region, writing each page once in
-  order; use it for ``hold_refs`` references (uniform, ``write_frac``
+- ``burst``: after ``delay_refs`` references away (it yields none then),
+  allocate the (anonymous) region, writing each page once in order; use it for ``hold_refs`` references (uniform, ``write_frac``
   writes); free it all (``take_frees``: the vCPU hands the pages to
   ``GuestKernel.discard`` once the references before the free are done);
   stay away for ``idle_refs`` references (it yields none then); repeat,
@@ -240,15 +240,17 @@ class BurstWorkload(_Region):
     _ALLOC, _HOLD, _FREE, _IDLE = range(4)
 
     def __init__(self, start: int, pages: int, rng: np.random.Generator, hold_refs: int = 100_000,
-                 idle_refs: int = 100_000, cycles: int = 0, write_frac: float = 0.3) -> None:
+                 idle_refs: int = 100_000, cycles: int = 0, write_frac: float = 0.3, delay_refs: int = 0) -> None:
         super().__init__(start, pages, rng)
-        for key, v in (("hold_refs", hold_refs), ("idle_refs", idle_refs), ("cycles", cycles)):
+        for key, v in (("hold_refs", hold_refs), ("idle_refs", idle_refs), ("cycles", cycles),
+                       ("delay_refs", delay_refs)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise GuestConfigError(f"{self.name}: {key} must be an integer >= 0, got {v!r}")
         self.hold_refs, self.idle_refs, self.cycles = int(hold_refs), int(idle_refs), int(cycles)
         self.write_frac = _check_frac(self.name, write_frac)
         self._phase = self._ALLOC
         self._pos = 0
+        self._delay_left = int(delay_refs)
         self._cycle = 0
         self._frees: np.ndarray | None = None
         self.frees = 0              # free events so far
@@ -261,6 +263,10 @@ class BurstWorkload(_Region):
         pages: list[np.ndarray] = []
         writes: list[np.ndarray] = []
         left = int(n)
+        if self._delay_left:
+            k = min(left, self._delay_left)
+            self._delay_left -= k
+            left -= k
         while left > 0 and not self.exhausted and self._frees is None:
             if self._phase == self._ALLOC:
                 k = min(left, self.pages - self._pos)
