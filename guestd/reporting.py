@@ -12,8 +12,8 @@ reported so they are not reported again until allocated. The host
 the memory goes back to the host without the balloon, and a later touch
 is an ordinary fault on a zero page.
 
-Here, at deterministic virtual times inside the vCPU (at a tick start, the
-first one at or past ``next_run_us``; then ``report_delay_ms`` later):
+Here, at deterministic virtual times inside the vCPU: at every tick start
+the reporter looks for blocks to report (a numpy pass over the free mask):
 
 - a block is ``report_order_pages`` aligned frames, every one an empty
   free frame (no page, not soft-reclaimed: a soft-reclaimed frame still
@@ -59,20 +59,20 @@ class FreePageReporter:
         self.hypervisor = hypervisor
         self.cfg = cfg
         self.delay_us = float(cfg.delay_ms) * 1000.0
-        self.next_run_us = self.delay_us
         self.runs = 0
         self.calls = 0
         self.pages_reported = 0
 
     async def maybe_run(self) -> int:
-        """Report if it is time; returns the pages reported (0 when not due or nothing to report)."""
+        """Report the blocks that qualify now; returns the pages reported."""
         k = self.kernel
-        if not self.cfg.enabled or k.vt_us < self.next_run_us:
+        if not self.cfg.enabled:
             return 0
-        self.runs += 1
         n = 0
         async with k.mm_lock:                       # the blocks are isolated while being reported
             cand = k.reportable_frames(self.delay_us, self.cfg.order_pages)
+            if cand.size:
+                self.runs += 1
             per_call = REPORT_BLOCKS_PER_CALL * self.cfg.order_pages
             for i in range(0, cand.size, per_call):
                 part = cand[i:i + per_call]
@@ -82,7 +82,6 @@ class FreePageReporter:
                 self.calls += 1
                 n += int(part.size)
         self.pages_reported += n
-        self.next_run_us = k.vt_us + self.delay_us
         return n
 
     def stats(self) -> dict[str, int]:
