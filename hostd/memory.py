@@ -83,6 +83,7 @@ from typing import Any, Awaitable, Callable, NamedTuple, Protocol
 
 import numpy as np
 
+from balloonlab.proto.content import ContentMap
 from balloonlab.proto.costs import CostModel
 from balloonlab.proto.tokens import KEEP_TOKEN
 
@@ -233,6 +234,9 @@ class _Guest:
     rng: np.random.Generator             # its own host stream: victims inside its partition
     balloon_pages: int = 0
     counters: GuestCounters = field(default_factory=GuestCounters)
+    # What its pages hold (proto.content), from its ContentReport; the empty map until then
+    # (everything private, "mixed" compressibility): a guest that never reports still runs.
+    content: ContentMap = field(default_factory=ContentMap)
 
 
 class HostMemory:
@@ -358,6 +362,21 @@ class HostMemory:
 
     def guest_ids(self) -> list[int]:
         return sorted(self._guests)
+
+    def set_content(self, guest_id: int, raw: Any) -> ContentMap:
+        """Take the guest's content map (``ContentMap.to_wire`` form); a malformed one is refused
+        (``BadBatch``, naming the guest and the entry) and the guest keeps the map it had."""
+        g = self._guest(guest_id)
+        try:
+            cmap = ContentMap.from_wire(raw)
+        except ValueError as exc:
+            raise BadBatch(f"guest {guest_id}: malformed content map: {exc}") from None
+        g.content = cmap
+        return cmap
+
+    def content(self, guest_id: int) -> ContentMap:
+        """The guest's content map (``proto.content``)."""
+        return self._guest(guest_id).content
 
     def p2m(self, guest_id: int) -> P2M:
         """The guest's physical-to-machine map (read it; only host memory changes it)."""
