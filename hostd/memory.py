@@ -149,7 +149,6 @@ _SWAPPED = int(PageState.SWAPPED)
 _BALLOONED = int(PageState.BALLOONED)
 _COMPRESSED = int(PageState.COMPRESSED)
 _ZERO = int(PageState.ZERO)
-_NO_CONTENT_MAP = ContentMap()        # everything private, "mixed" compressibility (proto.content)
 _GUEST_KIND = int(FrameKind.GUEST)
 _CACHED = 1                           # vdisk.CacheState.FRAME
 _ZERO_PROGRESS_ROUNDS = 3             # reclaim rounds that free nothing before giving up
@@ -245,6 +244,9 @@ class _Guest:
     rng: np.random.Generator             # its own host stream: victims inside its partition
     balloon_pages: int = 0
     counters: GuestCounters = field(default_factory=GuestCounters)
+    # What its pages hold (proto.content), from its ContentReport; the empty map until then
+    # (everything private, "mixed" compressibility): a guest that never reports still runs.
+    content: ContentMap = field(default_factory=ContentMap)
 
 
 class HostMemory:
@@ -377,6 +379,21 @@ class HostMemory:
 
     def guest_ids(self) -> list[int]:
         return sorted(self._guests)
+
+    def set_content(self, guest_id: int, raw: Any) -> ContentMap:
+        """Take the guest's content map (``ContentMap.to_wire`` form); a malformed one is refused
+        (``BadBatch``, naming the guest and the entry) and the guest keeps the map it had."""
+        g = self._guest(guest_id)
+        try:
+            cmap = ContentMap.from_wire(raw)
+        except ValueError as exc:
+            raise BadBatch(f"guest {guest_id}: malformed content map: {exc}") from None
+        g.content = cmap
+        return cmap
+
+    def content(self, guest_id: int) -> ContentMap:
+        """The guest's content map (``proto.content``)."""
+        return self._guest(guest_id).content
 
     def p2m(self, guest_id: int) -> P2M:
         """The guest's physical-to-machine map (read it; only host memory changes it)."""
@@ -895,8 +912,8 @@ class HostMemory:
         return freed, done_us
 
     def _content(self, g: "_Guest") -> ContentMap:
-        """The guest's content map (from its handshake, once page sharing's handshake field exists)."""
-        return getattr(g, "content", _NO_CONTENT_MAP)
+        """The guest's content map (its ContentReport; the empty map until then)."""
+        return g.content
 
     def _to_swap(self, g: "_Guest", gpfns: np.ndarray, tokens: np.ndarray, vt_us: float) -> tuple[np.ndarray, float]:
         """Pages go to their slots in the guest's swap file: SWAPPED; returns the write mask and when written."""

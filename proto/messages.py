@@ -18,7 +18,7 @@ from .errors import BadField, UnknownMessageType
 
 __all__ = [
     "MsgType", "Kind", "Message", "pages_to_bytes",
-    "Hello", "Welcome", "TickStart", "TickDone", "RunEnd",
+    "Hello", "Welcome", "ContentReport", "ContentReportReply", "TickStart", "TickDone", "RunEnd",
     "EptFault", "EptFaultReply", "Invalidate", "InvalidateReply",
     "BalloonTarget", "BalloonInflate", "BalloonDeflate", "BalloonReply", "FreeReport", "FreeReportReply",
     "DiskRead", "DiskReadReply", "DiskWrite", "DiskWriteReply", "Audit", "AuditReply",
@@ -41,6 +41,7 @@ class Kind(IntEnum):
 
 class MsgType(IntEnum):
     HELLO = 1             # guest -> host request; reply Welcome
+    CONTENT_REPORT = 5    # guest -> host request, right after Welcome: its content map; reply ContentReportReply
     TICK_START = 10       # host -> guest notification
     TICK_DONE = 11        # guest -> host notification
     RUN_END = 12          # host -> guest notification
@@ -67,6 +68,7 @@ _STR = "str"
 _BIN = "bin"
 _PAGES = "pages"    # bin, length a multiple of 8, <= MAX_PAGES_PER_MESSAGE u64
 _MAP = "map"        # str -> any msgpack value
+_LIST = "list"      # msgpack array (the message's own checks look inside)
 
 _INF = float("inf")
 
@@ -184,9 +186,15 @@ def _check_map(msg: str, key: str, value: Any) -> dict:
     return value
 
 
+def _check_list(msg: str, key: str, value: Any) -> list:
+    if type(value) is not list:
+        raise BadField(msg, key, f"expected array, got {type(value).__name__}")
+    return value
+
+
 _CHECKERS: dict[str, Callable[[str, str, Any], Any]] = {
     _INT: _check_int, _NUM: _check_number, _STR: _check_str, _BIN: _check_bin,
-    _PAGES: _check_pages, _MAP: _check_map,
+    _PAGES: _check_pages, _MAP: _check_map, _LIST: _check_list,
 }
 
 
@@ -231,6 +239,22 @@ class Welcome(Message):
     vt_us: float
     tick_us: int
     config: dict
+
+
+@_message(MsgType.CONTENT_REPORT, ranges=_LIST)
+class ContentReport(Message):
+    """What the guest's pages hold, as ``proto.content.ContentMap.to_wire()``: sent once, right after
+    Welcome (the guest learns its regions from Welcome's config), before its vCPU starts. A guest
+    that never sends it is all private, "mixed" compressibility (the empty map)."""
+
+    ranges: list
+
+
+@_message(MsgType.CONTENT_REPORT, ranges=_INT)
+class ContentReportReply(Message):
+    """The host took the map: how many ranges it holds."""
+
+    ranges: int
 
 
 # --- the tick cycle ---------------------------------------------------------
@@ -451,6 +475,7 @@ class Pong(Message):
 
 REQUESTS: dict[MsgType, tuple[type[Message], type[Message]]] = {
     MsgType.HELLO: (Hello, Welcome),
+    MsgType.CONTENT_REPORT: (ContentReport, ContentReportReply),
     MsgType.EPT_FAULT: (EptFault, EptFaultReply),
     MsgType.INVALIDATE: (Invalidate, InvalidateReply),
     MsgType.BALLOON_INFLATE: (BalloonInflate, BalloonReply),

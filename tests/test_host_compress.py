@@ -27,7 +27,7 @@ def _setup(pages: int = 32, frames: int = 64, content: ContentMap = TEXT, **zip_
                      costs=CostModel(ept_fault_us=1.0))
     fg = FakeGuests(hm)
     fg.add(1, pages)
-    hm._content = lambda g: content     # what the handshake will give the host (page sharing adds the field)
+    hm.set_content(1, content.to_wire())     # what the guest's ContentReport gives the host
     return hm, fg
 
 
