@@ -461,8 +461,10 @@ class HostMemory:
 
         todo = uniq[~backed]
         was_swapped = state[~backed] == PageState.SWAPPED
-        was_zip = (state[~backed] == _COMPRESSED) | (state[~backed] == _ZERO)
-        is_fresh = np.zeros(todo.size, bool)
+        was_zip = None
+        if self.zip is not None:
+            was_zip = (state[~backed] == _COMPRESSED) | (state[~backed] == _ZERO)
+        is_fresh = np.zeros(todo.size, bool) if was_zip is not None else None
         if fresh_set.size:
             is_fresh = np.isin(todo, fresh_set)
             dropped = todo[was_swapped & is_fresh]
@@ -479,7 +481,7 @@ class HostMemory:
         tokens = np.zeros(todo.size, np.uint64)
         tokens[was_swapped] = self.swap.swap_in(slots)
         zip_us = 0.0
-        if np.any(was_zip):
+        if was_zip is not None and np.any(was_zip):
             # Decompressed (CPU, no I/O) or a fresh zero page; a fresh one drops its old swap-cache copy too.
             zp = todo[was_zip]
             zfresh = is_fresh[was_zip]
