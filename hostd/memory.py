@@ -1054,13 +1054,7 @@ class HostMemory:
                                "already BALLOONED", "inflate each page once")
         if g.balloon_pages + gpfns.size > g.max_balloon_pages:
             raise BalloonLimit(guest_id, g.balloon_pages, int(gpfns.size), g.max_balloon_pages)
-        frames = g.p2m.loc[gpfns[state == PageState.FRAME]]
-        # A busy frame's shootdown is pending: it is freed when that settles.
-        frames = frames[~self.pool.busy[frames]]
-        self.pool.free(frames)
-        n_freed = int(frames.size) + self._drop_zipped(g, gpfns, state)
-        self.swap.drop(self.swap.slots_of(guest_id, gpfns))    # in swap or in the swap cache: gone
-        g.labels[gpfns] = False
+        n_freed = self._release(g, gpfns, state)
         g.p2m.set(gpfns, PageState.BALLOONED)
         g.p2m.pinned[gpfns] = False
         g.balloon_pages += int(gpfns.size)
@@ -1068,6 +1062,21 @@ class HostMemory:
         self.counters.balloon_inflated_pages += int(gpfns.size)
         g.counters.balloon_freed_frames += n_freed
         self.counters.balloon_freed_frames += n_freed
+        return n_freed
+
+    def _release(self, g: _Guest, gpfns: np.ndarray, state: np.ndarray) -> int:
+        """Whatever holds these gpfns' content goes (the guest gave them away); returns frames freed.
+
+        Their frames (a busy one's shootdown is pending: it is freed when that
+        settles), swap slots and swap-cache copies, compressed and zero copies.
+        The caller sets their new p2m state.
+        """
+        frames = g.p2m.loc[gpfns[state == PageState.FRAME]]
+        frames = frames[~self.pool.busy[frames]]
+        self.pool.free(frames)
+        n_freed = int(frames.size) + self._drop_zipped(g, gpfns, state)
+        self.swap.drop(self.swap.slots_of(g.guest_id, gpfns))    # in swap or in the swap cache: gone
+        g.labels[gpfns] = False
         return n_freed
 
     def _drop_zipped(self, g: _Guest, gpfns: np.ndarray, state: np.ndarray) -> int:
@@ -1098,15 +1107,8 @@ class HostMemory:
         if np.any(state == PageState.BALLOONED):
             raise InvalidState(guest_id, "gpfn", int(gpfns[np.flatnonzero(state == PageState.BALLOONED)[0]]),
                                "BALLOONED", "a ballooned page is the balloon's, not free: deflate it first")
-        frames = g.p2m.loc[gpfns[state == PageState.FRAME]]
-        frames = frames[~self.pool.busy[frames]]
-        self.pool.free(frames)
-        n_freed = int(frames.size) + self._drop_zipped(g, gpfns, state)
-        slots = self.swap.slots_of(guest_id, gpfns)
-        n_slots = int(np.count_nonzero(self.swap.used[slots])) + int(np.count_nonzero(state == _ZERO)) \
-            + int(np.count_nonzero(state == _COMPRESSED))
-        self.swap.drop(slots)
-        g.labels[gpfns] = False
+        n_slots = int(np.count_nonzero((state == _SWAPPED) | (state == _ZERO) | (state == _COMPRESSED)))
+        n_freed = self._release(g, gpfns, state)
         g.p2m.set(gpfns, PageState.UNBACKED)
         c, gc = self.counters, g.counters
         c.free_reports += 1
