@@ -74,10 +74,11 @@ HEADLINE: tuple[Metric, ...] = (
            _host("decompressed_pages")),
     Metric("host_compress_spilled_pages", "host compression: oldest pages written to swap",
            _host("compress_spilled_pages")),
-    Metric("host_compress_cpu_us", "host compression: CPU (virtual µs)", _host("compress_cpu_us")),
+    Metric("host_compress_cpu_us", "host compression and zero checks: CPU (virtual µs)", _host("compress_cpu_us")),
     Metric("host_zero_pages_dropped", "host zero pages dropped (no slot, no I/O)", _host("zero_pages_dropped")),
-    Metric("pages_reported", "free page reporting: pages reported", _host("pages_reported")),
-    Metric("frames_discarded", "free page reporting: host frames discarded", _host("frames_discarded")),
+    # the guests' counts: present only where their reporter is on
+    Metric("pages_reported", "free page reporting: pages reported", _guests_sum("pages_reported")),
+    Metric("frames_discarded", "free page reporting: host frames discarded", _guests_sum("frames_discarded")),
     Metric("host_free_frames_mean", "host free frames, mean over the ticks", _host("free_frames_mean"), "higher"),
     # Reclaimed pages by mechanism, each counted where it happens (summary.reclaim_metrics).
     Metric("reclaimed_balloon_frames", "reclaimed: host frames freed by balloon inflation", _mechanism("balloon_frames")),
