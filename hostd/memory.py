@@ -1029,11 +1029,17 @@ class HostMemory:
         victims = np.concatenate(picked) if picked else np.zeros(0, np.int64)
         return await self.reclaim_victims(victims, vt_us, state)
 
+    def consumed_frames(self, guest_id: int) -> int:
+        """Host frames the VM consumes: those backing its gpfns and its compression cache's (ESX counts both)."""
+        g = self._guest(guest_id)
+        n = int(np.count_nonzero(g.p2m.state == _FRAME))
+        return n + (int(self.zip.frames_of(guest_id).size) if self.zip is not None else 0)
+
     def vm_allocations(self) -> list[VmAllocation]:
         """Every guest's host frames against its allocation target (its consumption when it has none yet)."""
         out = []
         for gid, g in self._guests.items():
-            consumed = int(g.p2m.counts()["frame"])
+            consumed = self.consumed_frames(gid)
             a = self.states.allocation(gid, consumed) if self.states is not None else None
             out.append(a if a is not None else VmAllocation(gid, consumed, consumed))
         return out

@@ -370,12 +370,12 @@ def self_swap_allowed(mem: Any, guest_id: int) -> bool:
     (The deterministic engine's hook for a guest whose grant ran out; ``mem``
     is the ``HostMemory``, whose ``states`` must be set.)
     """
-    return mem.states.may_self_swap(guest_id, int(mem.p2m(guest_id).counts()["frame"]))
+    return mem.states.may_self_swap(guest_id, mem.consumed_frames(guest_id))
 
 
 def grant_floor_only(mem: Any) -> Any:
     """The grant planner's ``floor_only(gid)`` with memory states: above target in hard or worse."""
-    return lambda gid: mem.states.grows_no_further(gid, int(mem.p2m(gid).counts()["frame"]))
+    return lambda gid: mem.states.grows_no_further(gid, mem.consumed_frames(gid))
 
 
 def _describe(state: MemState) -> list[str]:

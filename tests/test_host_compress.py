@@ -202,3 +202,14 @@ def test_frame_kind_and_snapshot_keys() -> None:
     assert FrameKind.ZCACHE == 4
     off = make_memory()
     assert off.zip is None and off.snapshot()["compression"] is False
+
+
+async def test_a_vms_consumption_counts_its_cache_frames() -> None:
+    """ESX counts the compression cache in what a VM consumes (allocation targets, blocking)."""
+    hm, fg = _setup(cache_pct=50)
+    await fg.touch(1, np.arange(20), write=True)
+    assert hm.consumed_frames(1) == 20
+    await hm.reclaim_victims(_frames_of(hm, 1, np.arange(16)), 0.0)
+    n_z = hm.pool.counts()["zcache"]
+    assert n_z > 0 and hm.consumed_frames(1) == 4 + n_z
+    assert hm.vm_allocations()[0].consumed_pages == 4 + n_z
