@@ -152,6 +152,7 @@ _ZERO = int(PageState.ZERO)
 _GUEST_KIND = int(FrameKind.GUEST)
 _CACHED = 1                           # vdisk.CacheState.FRAME
 _ZERO_PROGRESS_ROUNDS = 3             # reclaim rounds that free nothing before giving up
+_BALANCE_ROUNDS = 8                   # tick-end reclaim passes at most (compression frees part of a frame a page)
 _GUEST_STREAM_DEFAULT = 0x6F5         # per-guest streams when no seed is given (tests); assembly seeds them
 
 
@@ -1007,7 +1008,25 @@ class HostMemory:
         (``[host] victim_scope = "global"``). ``extra_frames``: frames
         requests held across the boundary still need, on top (in any state:
         they must be served at the next tick's start).
+
+        With compression on, a page taken frees only part of a frame (the
+        cache keeps its compressed bytes), so one pass falls short of the
+        goal: the reclaim goes on, at most ``_BALANCE_ROUNDS`` passes, while
+        it is short and each pass freed something. (Each compressed page
+        frees at least half a frame, so the shortfall halves every pass.)
         """
+        got = await self._balance_once(vt_us, extra_frames)
+        if self.zip is None:
+            return got
+        freed, done = got.freed_frames, got.done_vt_us
+        for _ in range(_BALANCE_ROUNDS - 1):
+            if got.freed_frames <= 0:
+                break
+            got = await self._balance_once(vt_us, extra_frames)
+            freed, done = freed + got.freed_frames, max(done, got.done_vt_us)
+        return Reclaimed(freed, done)
+
+    async def _balance_once(self, vt_us: float, extra_frames: int) -> Reclaimed:
         extra = max(0, int(extra_frames))
         if self.states is None:
             high = min(2 * self.low_watermark_frames + extra, self.pool.total_frames)
