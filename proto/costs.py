@@ -32,8 +32,11 @@ class CostModel:
     cpu_us_per_ref: float = 0.0    # the workload's own CPU work per page-level reference
 
     @classmethod
-    def from_mapping(cls, raw: Mapping[str, Any], where: str = "costs") -> "CostModel":
-        return replace(cls(), **_checked_floats(cls, raw, where))
+    def from_mapping(cls, raw: Mapping[str, Any], where: str = "") -> "CostModel":
+        """The ``[costs]`` table (its keys are this class's fields: ``proto.schema`` builds them from it)."""
+        from .schema import CostsTable, decode, split_where
+        t = decode(CostsTable, dict(raw), path="costs", where=split_where(where, "costs"))
+        return cls(**{f.name: float(getattr(t, f.name)) for f in fields(cls)})
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,18 +48,16 @@ class DiskProfile:
     queue_depth: int        # requests served in parallel
 
     @classmethod
-    def from_mapping(cls, raw: Mapping[str, Any], where: str) -> "DiskProfile":
-        name = raw.get("profile", "ssd")
-        if not isinstance(name, str) or name not in DISK_PROFILES:
-            raise ConfigError(f"{where}.profile: unknown disk profile {name!r}; known: {sorted(DISK_PROFILES)}")
-        base = DISK_PROFILES[name]
-        rest = {k: v for k, v in raw.items() if k != "profile"}
-        vals = _checked_floats(cls, rest, where)
-        if "queue_depth" in vals:
-            vals["queue_depth"] = int(vals["queue_depth"])
-            if vals["queue_depth"] < 1:
-                raise ConfigError(f"{where}.queue_depth: must be >= 1, got {vals['queue_depth']}")
-        return replace(base, **vals)
+    def from_mapping(cls, raw: Mapping[str, Any], where: str = "disk") -> "DiskProfile":
+        """A ``[disk.DEVICE]`` table: ``profile`` (ssd, hdd) and any field of this class to override.
+
+        ``where`` is the table's path (``disk.vdisk``), after the file's name when there is one.
+        """
+        from .schema import DiskDevice, decode
+        context, _, path = where.rpartition(": ")
+        t = decode(DiskDevice, dict(raw), path=path.strip("[]"), where=context)
+        given = {f.name: getattr(t, f.name) for f in fields(cls) if getattr(t, f.name) is not None}
+        return replace(DISK_PROFILES[t.profile], **given)
 
 
 DISK_PROFILES: dict[str, DiskProfile] = {
@@ -134,17 +135,3 @@ class DiskModel:
 
     def __repr__(self) -> str:
         return f"DiskModel({self.profile!r}, requests={self.requests}, pages={self.pages}, busy_us={self.busy_us})"
-
-
-def _checked_floats(cls: type, raw: Mapping[str, Any], where: str) -> dict[str, float]:
-    known = {f.name for f in fields(cls)}
-    out: dict[str, float] = {}
-    for key, value in raw.items():
-        if key not in known:
-            raise ConfigError(f"{where}.{key}: unknown key; known: {sorted(known)}")
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}.{key}: expected a number, got {type(value).__name__} {value!r}")
-        if value < 0:
-            raise ConfigError(f"{where}.{key}: must be >= 0, got {value}")
-        out[key] = float(value)
-    return out

@@ -15,6 +15,7 @@ import inspect
 from typing import Any, Callable, Mapping
 
 from balloonlab.proto.plugins import PluginError, is_file_spec, load_class
+from balloonlab.proto.schema import with_known
 
 from ..errors import PolicyConfigError
 from .aggressive import AggressiveBalloon
@@ -49,8 +50,7 @@ def make_controller(name: str, params: Mapping[str, Any] | None = None) -> Ballo
     try:
         factory = BALLOON_POLICIES[name]
     except (KeyError, TypeError):
-        raise PolicyConfigError(
-            f"balloon policy {name!r} is unknown; known: {sorted(BALLOON_POLICIES)}") from None
+        raise PolicyConfigError(with_known(f"balloon policy {name!r} is unknown", name, BALLOON_POLICIES)) from None
     return factory(params or {})
 
 

@@ -1,0 +1,370 @@
+"""The scenario's tables as msgspec structs: every key, its type, its bounds, its default, its meaning.
+
+One key is one line here. A struct rejects unknown keys, so a typo is an
+error with a suggestion (``errors.py``); bounds use ``Meta`` and appear in
+the JSON Schema (``balloonlab-launch --schema``). Sizes are in MiB (or KiB)
+as the user writes them; ``units.py`` turns them into pages, once.
+
+Tables whose keys belong to a part that proto cannot import are open here
+and checked by their owner with the same messages: ``[balloon] params``
+(the policy's parameters), ``[guest] policy_params``, ``[monitors.NAME]``
+(each monitor's config dataclass), ``[sweep]`` (``balloonlab.sweep.spec``),
+and the names of registries (``balloon.policy``, ``host.victim``,
+``guest.policy``). ``[costs]`` and ``[disk.*]`` are built from the
+dataclasses of ``proto/costs.py``, so a field added there is a key here.
+"""
+from __future__ import annotations
+
+import enum
+from dataclasses import MISSING, fields as dc_fields
+from typing import Annotated, Any, Literal, Union
+
+import msgspec
+from msgspec import Meta, field
+
+from ..clock import TICK_US_DEFAULT
+from ..costs import DISK_PROFILES, CostModel, DiskProfile
+from .units import kib_to_pages, mib_to_pages
+
+__all__ = [
+    "Table", "ScenarioTable", "HostTable", "BalloonTable", "LockProtocol", "LocksTable", "Region",
+    "Workload", "WORKLOAD_KINDS", "GuestTable", "GuestEntry", "CostsTable", "DiskDevice", "DiskTable",
+    "Tables", "ScenarioFile", "EditorScenario", "SweepTable", "TOP_TABLES",
+]
+
+
+def F(tp: Any, description: str, **bounds: Any) -> Any:
+    """A key's type with its meaning and bounds (``gt``, ``ge``, ``lt``, ``le``, ``multiple_of``, ``min_length``)."""
+    return Annotated[tp, Meta(description=description, **bounds)]
+
+
+class Table(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen=True):
+    """A scenario table: unknown keys are errors."""
+
+
+Fraction = F(float, "a fraction in [0, 1]", ge=0, le=1)
+
+
+# --- [scenario] ---------------------------------------------------------------------------
+
+class ScenarioTable(Table):
+    name: F(str, "the scenario's name (default: the file name)") | None = None
+    description: F(str, "one line about the scenario") = ""
+    seed: F(int, "seed of every random choice of the run", ge=0) = 1
+    guests: F(int, "number of guest processes", ge=1) = 4
+    duration_s: F(float, "virtual seconds to run (default 5.0; or ticks)", gt=0) | None = None
+    ticks: F(int, "ticks to run (or duration_s)", ge=1) | None = None
+    tick_us: F(int, "virtual length of a tick in µs", ge=1) = TICK_US_DEFAULT
+    metrics_every_ticks: F(int, "a metrics line per process every N ticks", ge=1) = 10
+    watchdog_s: F(float, "wall seconds before a slow tick is reported", gt=0) = 10.0
+    unresponsive_s: F(float, "wall seconds before silent guests leave the tick barrier", gt=0) = 30.0
+    connect_timeout_s: F(float, "wall seconds to wait for every guest's hello", gt=0) = 120.0
+    expect_deadlock: F(bool, "the run is meant to end on a deadlock (lock-model scenarios)") = False
+
+    def __post_init__(self) -> None:
+        if self.ticks is not None and self.duration_s is not None:
+            raise ValueError("give duration_s or ticks, not both")
+
+
+# --- [host] -------------------------------------------------------------------------------
+
+class HostTable(Table):
+    ram_mib: F(float, "host RAM in MiB (or overcommit)", gt=0) | None = None
+    overcommit: F(float, "sum of guest RAM / host RAM, when ram_mib is not given", gt=0) = 1.25
+    swap_mib: F(float, "host swap in MiB (default: twice the host RAM)", ge=0) | None = None
+    victim: F(str, "host swap victim selection: random | clock") = "random"
+    cache_max_mib: F(float, "the host's virtual-disk cache in MiB (default: no limit)", ge=0) | None = None
+    cluster_kib: F(int, "disk cache cluster in KiB, a multiple of the 4 KiB page", gt=0, multiple_of=4) = 64
+    max_inflight_requests: F(int, "disk requests in flight at once", ge=1) = 32
+    low_watermark_pct: F(float, "free frames (% of RAM) below which the host reclaims", gt=0, lt=50) = 1.0
+    reclaim_batch_pages: F(int, "pages reclaimed per step", ge=1) = 32
+    invariant_every_ticks: F(int, "the frame invariant every N ticks", ge=1) = 1
+    invariant: F(Literal["sample", "full"], "the frame invariant each tick: a seeded sample, or the full check") \
+        = "sample"
+    shootdown_timeout_s: F(float, "wall seconds a TLB shootdown may take", gt=0) = 10.0
+    uncooperative_ticks: F(int, "no balloon progress for this long: fall back to host swapping", ge=1) = 50
+    request_order: F(Literal["virtual-time", "arrival"],
+                     "the order the host serves requests in (default virtual-time; arrival with [locks])") | None = None
+
+    @property
+    def ram_pages(self) -> int | None:
+        return None if self.ram_mib is None else mib_to_pages(self.ram_mib)
+
+    @property
+    def swap_pages(self) -> int | None:
+        return None if self.swap_mib is None else mib_to_pages(self.swap_mib)
+
+    @property
+    def cache_max_pages(self) -> int | None:
+        return None if self.cache_max_mib is None else mib_to_pages(self.cache_max_mib)
+
+    @property
+    def cluster_pages(self) -> int:
+        return kib_to_pages(self.cluster_kib)
+
+
+# --- [balloon] ----------------------------------------------------------------------------
+
+class BalloonTable(Table):
+    policy: F(str, "none | static | proportional | mom | working-set | aggressive | sweep, or file.py:Class") = "none"
+    params: F(dict[str, Any], "the policy's parameters (docs/policies.md)") = {}
+    max_percent: F(float, "a balloon never exceeds this share of guest RAM", ge=0, le=100) = 65.0
+    log_decisions: F(Literal["changes", "all"], "balloon_decision events: on changes of reason, or all") = "changes"
+
+
+# --- [locks] ------------------------------------------------------------------------------
+
+class LockProtocol(str, enum.Enum):
+    NAIVE = "naive"
+    ORDERED = "ordered"
+    NO_CALLBACK = "no-callback-under-lock"
+
+
+class LocksTable(Table):
+    """Without a ``protocol`` there is no lock model (no locks, no events)."""
+
+    protocol: F(LockProtocol, "the cross-process lock protocol") | None = None
+    break_deadlocks: F(bool, "fail one request of each cycle (DEADLOCK_BROKEN) instead of ending the run") = False
+    hold_vmem: F(Literal["batch", "tick"], "the vCPU holds L_vmem per batch of references, or a whole tick") \
+        = "batch"
+    reclaim_free_pct: F(float, "the host's reclaim task runs in a tick when free frames < this % (0: never)",
+                        ge=0, lt=50) = 0.0
+    check_interval_s: F(float, "wall seconds between sweeps of the wait-for graph", gt=0, le=10) = 0.2
+
+    @property
+    def enabled(self) -> bool:
+        return self.protocol is not None
+
+
+# --- [guest]: regions and workloads -----------------------------------------------------------
+
+class Region(Table):
+    name: F(str, "the region's name, for workloads")
+    kind: F(Literal["file", "anon"], "a file on the virtual disk (page cache) or anonymous memory")
+    mib: F(float, "size in MiB (or pages)", gt=0) | None = None
+    pages: F(int, "size in 4 KiB pages (or mib)", ge=1) | None = None
+
+    def __post_init__(self) -> None:
+        if (self.mib is None) == (self.pages is None):
+            raise ValueError("give mib or pages, not both" if self.mib is not None else "give mib or pages")
+        if self.page_count < 1:
+            raise ValueError(f"mib: {self.mib} MiB is less than half a page")
+
+    @property
+    def page_count(self) -> int:
+        return self.pages if self.pages is not None else mib_to_pages(self.mib)
+
+
+class _Workload(Table, tag_field="kind"):
+    region: F(str, "the region it references")
+    weight: F(float, "its share of the guest's references among the workloads", gt=0) = 1.0
+
+
+class DbWorkload(_Workload, tag="db"):
+    """A database file read with a zipf-skewed hot set."""
+
+    theta: F(float, "zipf skew: rank r has weight r**-theta", ge=0) = 0.99
+    write_frac: Fraction = 0.02
+
+
+class ZipfWorkload(_Workload, tag="zipf"):
+    """Zipf-skewed references over any region."""
+
+    theta: F(float, "zipf skew: rank r has weight r**-theta", ge=0) = 0.99
+    write_frac: Fraction = 0.0
+
+
+class AnonColdWorkload(_Workload, tag="anon-cold"):
+    """Every page written once, in order, then idle."""
+
+
+class AnonHotWorkload(_Workload, tag="anon-hot"):
+    """Uniform references over a working set of ws_pages (default: the whole region)."""
+
+    ws_pages: F(int, "working set in pages (the region's first ones)", ge=1) | None = None
+    write_frac: Fraction = 0.3
+
+
+class ScanWorkload(_Workload, tag="scan"):
+    """A sequential read of the region, each page once per pass."""
+
+    loop: F(bool, "repeat the pass forever") = True
+
+
+class PhasesWorkload(_Workload, tag="phases"):
+    """A working set of ws_pages that moves by shift_pages every phase_refs references."""
+
+    ws_pages: F(int, "working set in pages (default: a quarter of the region)", ge=1) | None = None
+    phase_refs: F(int, "references per phase", ge=1) = 100_000
+    shift_pages: F(int, "how far the window moves each phase (default ws_pages)", ge=0) | None = None
+    write_frac: Fraction = 0.2
+
+
+class TraceWorkload(_Workload, tag="trace"):
+    """A recorded trace replayed in order: a file (path) or a shipped recording (program)."""
+
+    path: F(str, "a trace file (.npz or text; relative to the scenario file)") | None = None
+    program: F(str, "a shipped recording: balloonlab-trace list") | None = None
+    loop: F(bool, "replay it again at its end") = False
+
+    def __post_init__(self) -> None:
+        if (self.path is None) == (self.program is None):
+            raise ValueError("give path or program, not both" if self.path is not None else
+                             "give path (a trace file) or program (a shipped recording)")
+
+
+Workload = Union[DbWorkload, ZipfWorkload, AnonColdWorkload, AnonHotWorkload, ScanWorkload, PhasesWorkload,
+                 TraceWorkload]
+WORKLOAD_KINDS: dict[str, type] = {c.__struct_config__.tag: c for c in Workload.__args__}
+
+
+def _default_regions() -> list[Region]:
+    return [Region(name="heap", kind="anon", mib=16)]
+
+
+class GuestTable(Table):
+    """One guest: ``[guest]`` merged with its ``[[guests]]`` entries."""
+
+    ram_mib: F(float, "guest RAM in MiB", gt=0) = 64.0
+    kernel_mib: F(float, "the kernel's own memory in MiB (never reclaimed)", ge=0) = 1.0
+    swap_mib: F(float, "guest swap in MiB (default: one slot per anonymous page)", ge=0) | None = None
+    policy: F(str, "replacement policy: esc | clock | lru | fifo | car | ... or file.py:Class") = "esc"
+    policy_params: F(dict[str, Any], "the replacement policy's parameters") = {}
+    regions: F(list[Region], "the workload's memory: files and anonymous regions") = field(
+        default_factory=_default_regions)
+    workload: F(list[Workload], "what the guest references (default: anon-hot over the first region)",
+                min_length=1) | None = None
+    batch_refs: F(int, "references per vCPU batch", ge=1) = 8192
+    shares: F(int, "proportional-share weight for the host's controllers", ge=1) = 1000
+    ws_period_us: F(float, "working-set sample and PFF period, virtual µs (default: the kernel's)", gt=0) \
+        | None = None
+    ws_sample_pages: F(int, "resident pages sampled per period (default: the kernel's)", ge=0) | None = None
+    pff_alpha: F(float, "EWMA weight of the newest period in pff (default: the kernel's)", gt=0, le=1) | None = None
+    fault_around_pages: F(int, "EPT fault-around window (default: the kernel's)", ge=1) | None = None
+
+    @property
+    def ram_pages(self) -> int:
+        return mib_to_pages(self.ram_mib)
+
+    @property
+    def kernel_pages(self) -> int:
+        return mib_to_pages(self.kernel_mib)
+
+    @property
+    def swap_pages(self) -> int | None:
+        return None if self.swap_mib is None else mib_to_pages(self.swap_mib)
+
+    @property
+    def workloads(self) -> list[Any]:
+        """The workload, or its default: anon-hot over the first region."""
+        if self.workload is not None:
+            return list(self.workload)
+        return [AnonHotWorkload(region=self.regions[0].name)]
+
+    def check(self) -> None:
+        """What one key cannot say alone; raises ValueError with the key's relative path."""
+        if self.kernel_pages >= self.ram_pages:
+            raise ValueError(f"kernel_mib: {self.kernel_mib} MiB leaves no memory of ram_mib = {self.ram_mib}")
+        if not self.regions:
+            raise ValueError("regions: needs at least one region")
+        names = [r.name for r in self.regions]
+        for i, name in enumerate(names):
+            if name in names[:i]:
+                raise ValueError(f"regions[{i}].name: {name!r} is given twice")
+        for i, w in enumerate(self.workload or ()):
+            if w.region not in names:
+                from .errors import unknown_name
+                raise ValueError(f"workload[{i}].region: {unknown_name('region', w.region, names)}")
+
+
+class GuestEntry(GuestTable):
+    """A ``[[guests]]`` entry: some of a guest's keys, for the guests it names."""
+
+    id: F(int, "the guest this entry is for", ge=0) | None = None
+    ids: F(list[Annotated[int, Meta(ge=0)]], "the guests this entry is for") | None = None
+
+    def __post_init__(self) -> None:
+        if (self.id is None) == (self.ids is None):
+            raise ValueError("give `id = N` or `ids = [..]`, not both" if self.id is not None else
+                             "needs `id = N` or `ids = [..]`")
+
+
+# --- [costs] and [disk.*]: from proto/costs.py's dataclasses ----------------------------------
+
+def _from_dataclass(name: str, dc: type, *, defaults: bool, base: type = Table,
+                    extra: list[tuple[str, Any, Any]] = ()) -> type:
+    """A table struct with one key per field of ``dc``: numbers >= 0 (counts >= 1)."""
+    out = list(extra)
+    for f in dc_fields(dc):
+        kind = f.type if isinstance(f.type, type) else {"float": float, "int": int, "bool": bool}.get(str(f.type))
+        if kind is int:
+            tp = F(int, f"{dc.__name__}.{f.name}", ge=1)
+        elif kind is bool:
+            tp = F(bool, f"{dc.__name__}.{f.name}")
+        else:
+            tp = F(float, f"{dc.__name__}.{f.name}", ge=0)
+        if defaults and f.default is not MISSING:
+            out.append((f.name, tp, f.default))
+        else:
+            out.append((f.name, tp | None, None))
+    return msgspec.defstruct(name, out, bases=(base,), module=__name__)
+
+
+CostsTable = _from_dataclass("CostsTable", CostModel, defaults=True)
+
+
+class _DiskBase(Table):
+    def __post_init__(self) -> None:
+        if self.profile not in DISK_PROFILES:
+            from .errors import unknown_name
+            raise ValueError(f"profile: {unknown_name('disk profile', self.profile, DISK_PROFILES)}")
+
+
+DiskDevice = _from_dataclass("DiskDevice", DiskProfile, defaults=False, base=_DiskBase,
+                             extra=[("profile", F(str, "ssd | hdd, then any field to override"), "ssd")])
+
+
+class DiskTable(Table):
+    vdisk: F(DiskDevice, "the guests' virtual disks") | None = None
+    swap: F(DiskDevice, "the host's swap device") | None = None
+
+
+# --- the whole file ---------------------------------------------------------------------------
+
+class Tables(Table):
+    """One variant's tables, merged (or a variant's own, as written)."""
+
+    scenario: ScenarioTable = field(default_factory=ScenarioTable)
+    host: HostTable = field(default_factory=HostTable)
+    guest: F(GuestTable, "defaults for every guest") = field(default_factory=GuestTable)
+    guests: F(list[GuestEntry], "per-guest overrides") = []
+    balloon: BalloonTable = field(default_factory=BalloonTable)
+    costs: F(CostsTable, "virtual-time costs (proto/costs.py)") = field(default_factory=CostsTable)
+    disk: DiskTable = field(default_factory=DiskTable)
+    locks: LocksTable = field(default_factory=LocksTable)
+    monitors: F(dict[str, dict[str, Any]], "one table per host monitor: swap_storm, pinning, double_faults, "
+                                           "convergence, ...") = {}
+
+
+class SweepTable(Table):
+    grid: F(dict[str, list[Any]], "dotted key -> values, e.g. {\"host.overcommit\" = [1.2, 1.5]}") = {}
+    seeds: F(Union[int, list[int]], "how many seeds (1..N), or the list") = 1
+    metrics: F(list[str], "headline metrics to summarise and plot") | None = None
+    x: F(str, "the grid axis on the plots' x axis") | None = None
+
+
+class ScenarioFile(Tables):
+    """The file as written: variants are checked one by one, the sweep by ``balloonlab.sweep``."""
+
+    variants: F(dict[str, dict[str, Any]], "each deep-merged over the tables above") = {}
+    sweep: F(dict[str, Any], "balloonlab-sweep's grid and seeds") = {}
+
+
+class EditorScenario(Tables):
+    """What ``balloonlab-launch --schema`` describes: the file, with variants and sweep typed."""
+
+    variants: F(dict[str, Tables], "each deep-merged over the tables above") = {}
+    sweep: SweepTable = field(default_factory=SweepTable)
+
+
+TOP_TABLES = tuple(f.encode_name for f in msgspec.structs.fields(ScenarioFile))
