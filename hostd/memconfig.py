@@ -55,5 +55,6 @@ def balloon_config(table: Mapping[str, Any], where: str = "") -> BalloonConfig:
     try:
         make_controller(cfg.policy, dict(cfg.params))
     except (KeyError, ValueError, TypeError) as exc:
-        raise SchemaError("balloon", str(exc).strip("'\""), where) from None
+        reason = str(exc).strip("'\"")
+        raise SchemaError("balloon.params" if "parameter" in reason else "balloon.policy", reason, where) from None
     return cfg

@@ -159,8 +159,8 @@ def explain(message: str, cls: type, data: Any, *, path: str = "", where: str = 
         return SchemaError(here, f"must be a multiple of {got[1]}, got{shown}", where)
     got = re.match(r"Expected `array` of length (>=|<=) (\d+)$", msg)
     if got:
-        return SchemaError(here, "must not be empty" if got[1:] == (">=", "1") else
-                           f"expected an array of length {got[1]} {got[2]}", where)
+        return SchemaError(here, "must not be empty" if (got[1], got[2]) == (">=", "1") else
+                           f"expected an array of length {got[1]} {got[2]}, got{shown}", where)
     # A check of the table itself (``__post_init__``): its message may start with a key under ``here``.
     rel = re.match(r"^([A-Za-z_][\w-]*(?:\[\d+\])*(?:\.[A-Za-z_][\w-]*(?:\[\d+\])*)*): (.*)$", msg, re.S)
     if rel:
