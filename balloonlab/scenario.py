@@ -25,15 +25,13 @@ from typing import Any, Callable, Mapping
 from balloonlab.proto.clock import s_to_us
 from balloonlab.proto.errors import ConfigError
 from balloonlab.proto.plugins import is_file_spec, resolve_file_spec
-from balloonlab.proto.schema import (PAGES_PER_MIB, GuestTable, ScenarioFile, SchemaError, Tables, decode,
-                                     join_path)
+from balloonlab.proto.schema import GuestTable, ScenarioFile, SchemaError, Tables, decode, join_path
 
 from .overrides import Setting, apply_settings
 
-__all__ = ["Scenario", "Overrides", "load_scenario", "SCENARIO_DIR", "find_scenario", "MIB_PAGES"]
+__all__ = ["Scenario", "Overrides", "load_scenario", "SCENARIO_DIR", "find_scenario"]
 
 SCENARIO_DIR = Path(str(importlib.resources.files("balloonlab.scenarios")))  # scripts/scenarios in the repository
-MIB_PAGES = PAGES_PER_MIB  # kept for callers; the one definition is balloonlab.proto.schema.units
 
 Validator = Callable[[Mapping[str, Any], str], None]
 

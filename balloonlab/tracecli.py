@@ -149,7 +149,8 @@ def _run(args: argparse.Namespace) -> dict[str, Any] | None:
         for name, path in recorded.shipped_traces().items():
             pages, writes = read_trace(path)
             meta = read_trace_meta(path)
-            rows.append({"program": name, **summarize(pages, writes), "about": meta.get("about", ""),
+            extra = meta.get("extra") if isinstance(meta.get("extra"), dict) else {}
+            rows.append({"program": name, **summarize(pages, writes), "about": extra.get("about", ""),
                          "command": " ".join(str(c) for c in meta.get("command", []))})
         for r in rows:
             print(f"{r['program']:<12} {r['refs']:>9,} refs  {r['distinct_pages']:>6,} pages "

@@ -14,7 +14,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from balloonlab.proto.schema import PAGES_PER_MIB, GuestTable, SchemaError, decode
+from balloonlab.proto.schema import GuestTable, SchemaError, decode
 
 from .errors import GuestConfigError, GuestdError
 from .kernel_config import KernelConfig
@@ -23,9 +23,7 @@ from .workload import build_workload
 from .workload.build import spec_dict
 from .workload.layout import Layout, Region
 
-__all__ = ["GuestConfig", "guest_config_from_mapping", "MIB_PAGES", "RUN_KEYS"]
-
-MIB_PAGES = PAGES_PER_MIB
+__all__ = ["GuestConfig", "guest_config_from_mapping", "RUN_KEYS"]
 
 # Keys the host adds to the table it sends in Welcome; not the guest's to validate.
 RUN_KEYS = frozenset({"id", "ram_pages", "disk_blocks", "seed", "costs", "disk", "locks", "ticks",

@@ -11,11 +11,9 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from balloonlab.proto.errors import ConfigError
-from balloonlab.proto.schema import PAGES_PER_MIB, BalloonTable, HostTable, SchemaError, decode, unknown_name
+from balloonlab.proto.schema import BalloonTable, HostTable, SchemaError, decode, unknown_name
 
-__all__ = ["HostMemConfig", "BalloonConfig", "host_memory_config", "balloon_config", "MIB_PAGES"]
-
-MIB_PAGES = PAGES_PER_MIB
+__all__ = ["HostMemConfig", "BalloonConfig", "host_memory_config", "balloon_config"]
 
 
 class HostMemConfig(HostTable, frozen=True):
@@ -46,6 +44,10 @@ def host_memory_config(table: Mapping[str, Any], where: str = "") -> HostMemConf
     from .victim import VICTIM_POLICIES  # the registry names the valid victims
     if cfg.victim not in VICTIM_POLICIES:
         raise SchemaError("host.victim", unknown_name("victim policy", cfg.victim, VICTIM_POLICIES), where)
+    from .discipline import REQUEST_ORDERS   # a registry: a new discipline is one line there
+    if cfg.request_order is not None and cfg.request_order not in REQUEST_ORDERS:
+        raise SchemaError("host.request_order", unknown_name("request order", cfg.request_order, REQUEST_ORDERS),
+                          where)
     return cfg
 
 

@@ -16,6 +16,8 @@ dataclasses of ``proto/costs.py``, so a field added there is a key here.
 from __future__ import annotations
 
 import enum
+import inspect
+import re
 from dataclasses import MISSING, fields as dc_fields
 from typing import Annotated, Any, Literal, Union
 
@@ -42,7 +44,7 @@ class Table(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen=Tru
     """A scenario table: unknown keys are errors."""
 
 
-Fraction = F(float, "a fraction in [0, 1]", ge=0, le=1)
+Fraction = F(float, "the share of its references that write", ge=0, le=1)
 
 
 # --- [scenario] ---------------------------------------------------------------------------
@@ -83,8 +85,8 @@ class HostTable(Table):
         = "sample"
     shootdown_timeout_s: F(float, "wall seconds a TLB shootdown may take", gt=0) = 10.0
     uncooperative_ticks: F(int, "no balloon progress for this long: fall back to host swapping", ge=1) = 50
-    request_order: F(Literal["virtual-time", "arrival"],
-                     "the order the host serves requests in (default virtual-time; arrival with [locks])") | None = None
+    request_order: F(str, "the order the host serves requests in: virtual-time (default) | arrival (with [locks])") \
+        | None = None
 
     @property
     def ram_pages(self) -> int | None:
@@ -291,18 +293,28 @@ class GuestEntry(GuestTable):
 
 # --- [costs] and [disk.*]: from proto/costs.py's dataclasses ----------------------------------
 
+def _field_comments(dc: type) -> dict[str, str]:
+    """``name: float = 1.0   # what it is`` -> {name: "what it is"}: the dataclass's comments are the keys' meanings."""
+    try:
+        source = inspect.getsource(dc)
+    except (OSError, TypeError):
+        return {}
+    return {m[1]: m[2].strip() for m in re.finditer(r"^\s+(\w+):[^#\n]*#\s*(.*)$", source, re.M)}
+
+
 def _from_dataclass(name: str, dc: type, *, defaults: bool, base: type = Table,
-                    extra: list[tuple[str, Any, Any]] = ()) -> type:
-    """A table struct with one key per field of ``dc``: numbers >= 0 (counts >= 1)."""
+                    extra: list[tuple[str, Any, Any]] = (), positive: tuple[str, ...] = ()) -> type:
+    """A table struct with one key per field of ``dc``: numbers >= 0 (counts >= 1), described by their comments."""
     out = list(extra)
+    said = _field_comments(dc)
     for f in dc_fields(dc):
         kind = f.type if isinstance(f.type, type) else {"float": float, "int": int, "bool": bool}.get(str(f.type))
         if kind is int:
-            tp = F(int, f"{dc.__name__}.{f.name}", ge=1)
+            tp = F(int, said.get(f.name, f.name), ge=1)
         elif kind is bool:
-            tp = F(bool, f"{dc.__name__}.{f.name}")
+            tp = F(bool, said.get(f.name, f.name))
         else:
-            tp = F(float, f"{dc.__name__}.{f.name}", ge=0)
+            tp = F(float, said.get(f.name, f.name), **({"gt": 0} if f.name in positive else {"ge": 0}))
         if defaults and f.default is not MISSING:
             out.append((f.name, tp, f.default))
         else:
@@ -320,7 +332,7 @@ class _DiskBase(Table):
             raise ValueError(f"profile: {unknown_name('disk profile', self.profile, DISK_PROFILES)}")
 
 
-DiskDevice = _from_dataclass("DiskDevice", DiskProfile, defaults=False, base=_DiskBase,
+DiskDevice = _from_dataclass("DiskDevice", DiskProfile, defaults=False, base=_DiskBase, positive=("bandwidth_bps",),
                              extra=[("profile", F(str, "ssd | hdd, then any field to override"), "ssd")])
 
 
