@@ -11,7 +11,8 @@
         and writes them to FILE (default RUN_A/compare.md, and .json beside it)
 
 Malformed or truncated log lines are skipped with a warning that says how
-many. Exit status: 0 done, 2 no such run directory or no logs in it.
+many. Exit status: 0 done, 2 no such run directory or no logs in it, 141
+when the reader of the output went away (``... --json | head``; quietly).
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from typing import Any
 
 
 from balloonlab.analysis.logs import find_variants, load_variant
+from balloonlab.cli import run_cli
 from balloonlab.analysis.summary import format_table, summarize, write_summary
 
 __all__ = ["main", "analyze_run", "AnalyzeResult"]
@@ -94,6 +96,10 @@ def _compare(argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    return run_cli(_main, argv)
+
+
+def _main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "compare":
         return _compare(argv[1:])

@@ -1,16 +1,21 @@
 """Launch host + N guests from a scenario, variant by variant, and summarise.
 
     balloonlab-launch [--scenario NAME|FILE] [--guests N] [--seed S]
-                      [--duration SECONDS | --ticks N] [--variant NAME]
-                      [--set KEY=VALUE ...] [--run-dir DIR] [--transport unix|tcp]
+                      [--duration SECONDS | --ticks N] [--variant NAME] [--set KEY=VALUE ...]
+                      [--run-dir DIR [--force]] [--transport unix|tcp] [--address ADDR]
+                      [--external-guests IDS|all [--join-timeout S]] [--expect-guests-lost IDS]
                       [--dashboard [--dashboard-port PORT]] [--format png|svg|pdf[,...]]
 
-Exit status: 0 when every variant ran to its end, 1 when a variant failed
-(host error, a guest that crashed with an error, an unexpected deadlock),
-2 for a bad scenario or arguments, 130 on Ctrl-C.
+    balloonlab-host [same options]     every guest external: start a host, print how to join
 
-The command line is a thin layer over the Python API (``balloonlab.run``);
-``prepare`` and ``launch`` below are the one code path both take.
+Exit status: 0 when every variant completed (or ended as its scenario
+expected: ``expect_deadlock``, ``expect_guests_lost``); 1 when a variant
+failed, or was degraded (guests lost or cut off, the audit failed) or
+deadlocked without the scenario expecting it; 2 for a bad scenario, bad
+arguments or a bad run directory; 130 on Ctrl-C.
+
+The command line is a thin layer over the same two steps as the Python API
+(``balloonlab.run``): ``prepare`` and ``launch`` below.
 """
 from __future__ import annotations
 
@@ -28,17 +33,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Coroutine, TypeVar
 
+from balloonlab.cli import run_cli, say
 from balloonlab.proto.errors import ConfigError
 from balloonlab.proto.handshake import new_token
+from balloonlab.proto.transport import parse_address
 from balloonlab.progress import Progress
-from balloonlab.runner import VariantResult, run_variant
+from balloonlab.rundir import RunDirError, prepare_run_dir
+from balloonlab.runner import JoinInfo, VariantResult, run_variant
 from balloonlab.scenario import Overrides, Scenario, find_scenario, load_scenario
 from balloonlab.validators import VALIDATORS, guest_sizes, guest_swap_area
 
-__all__ = ["main", "prepare", "launch", "LaunchOutcome", "DEFAULT_SCENARIO"]
+__all__ = ["main", "host_main", "prepare", "launch", "LaunchOutcome", "DEFAULT_SCENARIO", "RunDirError"]
 
 DEFAULT_SCENARIO = "basic"
+JOIN_TIMEOUT_S = 600.0
 T = TypeVar("T")
+GuestIds = "list[int] | str"   # ids, or "all"
 
 
 @dataclass
@@ -51,8 +61,37 @@ class LaunchOutcome:
     summary: dict[str, Any] | None = None
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="balloonlab-launch", description=__doc__,
+@dataclass(frozen=True)
+class _Options:
+    """How to run the variants (the command line's options; the API's defaults)."""
+
+    transport: str = "unix"
+    address: str | None = None
+    external_guests: Any = ()               # guest ids the launcher does not start, or "all"
+    join_timeout_s: float = JOIN_TIMEOUT_S
+    expect_guests_lost: Any = None          # ids or "all"; None: the scenario's expect_guests_lost
+    log_level: str = "info"
+    report: bool = True
+    verbose: bool = True
+    formats: tuple[str, ...] = ("png",)
+    prog: str = "balloonlab-launch"
+    run_dir_created: bool = True
+
+
+def _ids(text: str) -> list[int] | str:
+    if text.strip() == "all":
+        return "all"
+    try:
+        ids = sorted({int(x) for x in text.split(",") if x.strip()})
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected guest ids like 0,2,3 (or 'all'), got {text!r}") from None
+    if not ids or ids[0] < 0:
+        raise argparse.ArgumentTypeError(f"expected guest ids >= 0 like 0,2,3 (or 'all'), got {text!r}")
+    return ids
+
+
+def parse_args(argv: list[str] | None, prog: str = "balloonlab-launch") -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog=prog, description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--scenario", default=DEFAULT_SCENARIO, help=f"scenario name or .toml path (default {DEFAULT_SCENARIO})")
     ap.add_argument("--guests", type=int, help="number of guests (overrides the scenario)")
@@ -64,8 +103,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
                     help="override a scenario key, e.g. host.overcommit=1.5 or balloon.params.pff_high=3000 "
                          "(repeatable; every variant)")
-    ap.add_argument("--run-dir", type=Path, help="where logs and the summary go (default runs/SCENARIO-TIME)")
+    ap.add_argument("--run-dir", type=Path, help="where logs and the summary go (default runs/SCENARIO-TIME); "
+                    "must not exist, or be empty")
+    ap.add_argument("--force", action="store_true", help="clear a non-empty --run-dir first")
     ap.add_argument("--transport", choices=["unix", "tcp"], default="unix")
+    ap.add_argument("--address", help="where the host listens (unix:PATH or tcp://HOST:PORT, port 0: any); "
+                    "default a socket in the run directory, or tcp://127.0.0.1:0 with --transport tcp")
+    ap.add_argument("--external-guests", "--join", dest="external_guests", type=_ids, default=[], metavar="IDS",
+                    help="guest ids (0,2 or 'all') the launcher does not start: it prints how they join "
+                    "(address, credential file, command line) and writes join.json")
+    ap.add_argument("--join-timeout", type=float, default=JOIN_TIMEOUT_S, metavar="S",
+                    help=f"how long the host waits for the next guest to join (default {JOIN_TIMEOUT_S:g} s "
+                    "with external guests)")
+    ap.add_argument("--expect-guests-lost", type=_ids, default=None, metavar="IDS",
+                    help="guests the run is expected to lose (killed by a test, say): a variant that lost only "
+                    "those is no failure (as [scenario] expect_guests_lost)")
     ap.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     ap.add_argument("--no-report", action="store_true", help="skip the report and plots at the end")
     ap.add_argument("--format", default="png", metavar="png|svg|pdf[,...]",
@@ -73,6 +125,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--dashboard", action="store_true",
                     help="serve a live dashboard on 127.0.0.1 and print its URL (balloonlab-dashboard replays it)")
     ap.add_argument("--dashboard-port", type=int, default=0, metavar="PORT", help="the dashboard's port (default: a free one)")
+    ap.add_argument("--schema", action="store_true",
+                    help="print the scenario file's JSON Schema (for editors: completion, checks) and exit")
     args = ap.parse_args(argv)
     if args.guests is not None and args.guests < 1:
         ap.error(f"--guests must be >= 1, got {args.guests}")
@@ -87,23 +141,50 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         ap.error(f"--format: {exc}")
     if not 0 <= args.dashboard_port <= 65535:
         ap.error(f"--dashboard-port must be in 0..65535, got {args.dashboard_port}")
+    if not args.join_timeout > 0:
+        ap.error(f"--join-timeout must be > 0, got {args.join_timeout}")
+    if args.address is not None:
+        try:
+            parse_address(args.address)
+        except ConfigError as exc:
+            ap.error(f"--address: {exc}")
+    args.prog = prog
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    from balloonlab.api import run
-    from balloonlab.overrides import parse_setting
+    return run_cli(_main, argv)
+
+
+def host_main(argv: list[str] | None = None) -> int:
+    """``balloonlab-host``: the launcher with every guest external -- a host that waits for guests to join."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    return run_cli(lambda a: _main(a, prog="balloonlab-host"), ["--external-guests", "all", *argv])
+
+
+def _main(argv: list[str] | None = None, prog: str = "balloonlab-launch") -> int:
+    args = parse_args(argv, prog)
+    if args.schema:
+        from balloonlab.proto.schema import json_schema
+        print(json.dumps(json_schema(), indent=2))
+        return 0
+    from balloonlab.overrides import normalize, parse_setting
     try:
-        run_ = run(args.scenario, guests=args.guests, seed=args.seed, duration_s=args.duration, ticks=args.ticks,
-                   variant=args.variant, overrides=[parse_setting(s) for s in args.settings],
-                   run_dir=args.run_dir, transport=args.transport, log_level=args.log_level,
-                   report=not args.no_report, formats=args.formats, dashboard=args.dashboard,
-                   dashboard_port=args.dashboard_port)
-    except ConfigError as exc:
-        print(f"balloonlab-launch: {exc}", file=sys.stderr)
+        settings = normalize([parse_setting(s) for s in args.settings])
+        path, scenario = prepare(args.scenario, Overrides(guests=args.guests, seed=args.seed,
+                                                          duration_s=args.duration, ticks=args.ticks,
+                                                          variant=args.variant, settings=settings))
+        _check_guest_ids(scenario, args.external_guests, args.expect_guests_lost)
+        outcome = launch(path, scenario, run_dir=args.run_dir, force=args.force, transport=args.transport,
+                         address=args.address, external_guests=args.external_guests,
+                         join_timeout_s=args.join_timeout, expect_guests_lost=args.expect_guests_lost,
+                         log_level=args.log_level, report=not args.no_report, settings=settings,
+                         formats=args.formats, dashboard=args.dashboard, dashboard_port=args.dashboard_port,
+                         prog=prog)
+    except (ConfigError, RunDirError) as exc:
+        say(f"{prog}: {exc}")
         return 2
-    return run_.exit_status
+    return outcome.exit_status
 
 
 def prepare(scenario: str | os.PathLike[str], overrides: Overrides = Overrides()) -> tuple[Path, Scenario]:
@@ -114,23 +195,33 @@ def prepare(scenario: str | os.PathLike[str], overrides: Overrides = Overrides()
     return path, loaded
 
 
-def launch(path: Path, scenario: Scenario, *, run_dir: Path | None = None, transport: str = "unix",
-           log_level: str = "info", report: bool = True, settings: tuple[tuple[str, Any], ...] = (),
-           verbose: bool = True, formats: tuple[str, ...] = ("png",), dashboard: bool = False,
-           dashboard_port: int = 0) -> LaunchOutcome:
-    """Run every variant of a prepared scenario to its end; write the summary (and the report)."""
+def launch(path: Path, scenario: Scenario, *, run_dir: Path | None = None, force: bool = False,
+           transport: str = "unix", address: str | None = None, external_guests: Any = (),
+           join_timeout_s: float = JOIN_TIMEOUT_S, expect_guests_lost: Any = None, log_level: str = "info",
+           report: bool = True, settings: tuple[tuple[str, Any], ...] = (), verbose: bool = True,
+           formats: tuple[str, ...] = ("png",), dashboard: bool = False, dashboard_port: int = 0,
+           prog: str = "balloonlab-launch") -> LaunchOutcome:
+    """Run every variant of a prepared scenario to its end; write the summary (and the report).
+
+    ``run_dir`` must not exist or be empty (``force`` clears it first);
+    a bad one raises ``RunDirError``. ``external_guests`` (ids or "all")
+    are not started: how they join is printed and written to join.json.
+    """
     if transport not in ("unix", "tcp"):
         raise ConfigError(f"transport must be 'unix' or 'tcp', got {transport!r}")
-    run_dir = Path(run_dir) if run_dir is not None else \
-        Path("runs") / f"{scenario.name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
-    run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    os.chmod(run_dir, 0o700)
-    shutil.copy(path, run_dir / "scenario.toml")
-    if settings:   # scenario.toml alone would not say how this run differed from it
-        (run_dir / "overrides.json").write_text(json.dumps(dict(settings), indent=1) + "\n")
+    default = Path("runs") / f"{scenario.name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    run_dir, created = prepare_run_dir(None if run_dir is None else Path(run_dir), default, force)
+    try:
+        shutil.copy(path, run_dir / "scenario.toml")
+        if settings:   # scenario.toml alone would not say how this run differed from it
+            (run_dir / "overrides.json").write_text(json.dumps(dict(settings), indent=1) + "\n")
+    except OSError as exc:
+        raise RunDirError(f"--run-dir {run_dir}: cannot write into it: {exc.strerror or exc}") from None
+    opts = _Options(transport=transport, address=address, external_guests=external_guests,
+                    join_timeout_s=join_timeout_s, expect_guests_lost=expect_guests_lost, log_level=log_level,
+                    report=report, verbose=verbose, formats=tuple(formats), prog=prog, run_dir_created=created)
     from balloonlab.dashboard.cli import with_dashboard
-    work = _launch(scenario, run_dir, transport=transport, log_level=log_level, report=report, verbose=verbose,
-                   formats=formats)
+    work = _launch(scenario, run_dir, opts)
     return _run_loop(with_dashboard(work, run_dir, enabled=dashboard, port=dashboard_port))
 
 
@@ -169,8 +260,30 @@ class _Quiet:
         return False
 
 
-async def _launch(scenario: Scenario, run_dir: Path, *, transport: str, log_level: str, report: bool,
-                  verbose: bool, formats: tuple[str, ...] = ("png",)) -> LaunchOutcome:
+class _Quiet:
+    """Where the messages go when the caller asked for none."""
+
+    def write(self, text: str) -> int:
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+    def isatty(self) -> bool:
+        return False
+
+
+def _check_guest_ids(scenario: Scenario, external_guests: Any, expect_guests_lost: Any) -> None:
+    """--external-guests and --expect-guests-lost name guests every variant has."""
+    for name, merged in scenario.variants.items():
+        n = int(merged.get("scenario", {}).get("guests", 4))
+        for opt, ids in (("external-guests", external_guests), ("expect-guests-lost", expect_guests_lost)):
+            if isinstance(ids, list) and ids and ids[-1] >= n:
+                raise ConfigError(f"--{opt}: guest {ids[-1]} is not in variant {name!r}, "
+                                  f"which has guests 0..{n - 1}")
+
+
+async def _launch(scenario: Scenario, run_dir: Path, o: _Options) -> LaunchOutcome:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -178,33 +291,31 @@ async def _launch(scenario: Scenario, run_dir: Path, *, transport: str, log_leve
             loop.add_signal_handler(sig, stop.set)
         except (RuntimeError, ValueError):   # not the main thread: the caller's own handlers stay
             break
-    err: Any = sys.stderr if verbose else _Quiet()
+    err: Any = sys.stderr if o.verbose else _Quiet()
     progress = Progress(out=err)
     results: list[VariantResult] = []
     names = list(scenario.variants)
-    print(f"balloonlab: scenario {scenario.name} ({', '.join(names)}), run directory {run_dir}", file=err)
+    say(f"balloonlab: scenario {scenario.name} ({', '.join(names)}), run directory {run_dir}", err)
     sock_dir = None
     try:
         for name in names:
             vdir = run_dir if len(names) == 1 else run_dir / name
-            token = new_token()
+            secret = new_token()
             run_id = f"{scenario.name}-{name}-{os.getpid()}-{int(time.time())}"
-            if transport == "tcp":
-                address = "tcp://127.0.0.1:0"
-            else:
-                sock = (vdir / "host.sock").resolve()
-                if len(os.fsencode(str(sock))) > 100:  # AF_UNIX paths are limited to ~107 bytes
-                    sock_dir = sock_dir or Path(tempfile.mkdtemp(prefix="balloonlab-", dir="/tmp"))
-                    sock = sock_dir / f"{name}.sock"
-                address = f"unix:{sock}"
+            address, sock_dir = _address(o, vdir, name, sock_dir)
             progress.start(name)
             run_config = scenario.run_config(name, run_id)
             for g in run_config["guests"]:
                 g["ram_pages"], g["disk_blocks"] = guest_sizes(g)
                 # Where the guest keeps its swap on that disk: the host's monitors watch it and may pin it.
                 g["swap_base_block"], g["swap_blocks"] = guest_swap_area(g)
-            result = await run_variant(run_config, vdir, address, token, progress.update, stop,
-                                       log_level=log_level)
+            external = _external(o, run_config)
+            if external:
+                # The host waits for each next guest this long: a person starts them by hand.
+                run_config["connect_timeout_s"] = max(float(run_config.get("connect_timeout_s", 0)), o.join_timeout_s)
+            result = await run_variant(run_config, vdir, address, secret, progress.update, stop,
+                                       log_level=o.log_level, external=external,
+                                       on_join=lambda j: _print_join(j, err))
             progress.done()
             results.append(result)
             _report_variant(result, err)
@@ -224,20 +335,78 @@ async def _launch(scenario: Scenario, run_dir: Path, *, transport: str, log_leve
     try:
         summary = summarize(run_dir)
         write_summary(run_dir, summary)
-        if verbose:
-            print(format_table(summary))
+        if o.verbose:
+            say(format_table(summary), sys.stdout)
     except Exception as exc:  # a broken analysis must not hide how the run went
-        print(f"balloonlab-launch: could not summarise {run_dir}: {type(exc).__name__}: {exc}", file=err)
+        say(f"{o.prog}: could not summarise {run_dir}: {type(exc).__name__}: {exc}", err)
         summary = None
-    where = _write_report(run_dir, summary, not report, interrupted, formats)
-    print(f"run directory: {run_dir}", file=err)
-    print(where, file=err)
+    where = _write_report(run_dir, summary, not o.report, interrupted, o.formats)
+    say(f"run directory: {run_dir}", err)
+    say(where, err)
     if interrupted:
-        print("balloonlab-launch: interrupted; every process was stopped", file=err)
+        say(f"{o.prog}: interrupted; every process was stopped", err)
         return LaunchOutcome(run_dir, 130, results, summary)
-    # A deadlock the scenario expects (expect_deadlock) is the result, not a failure.
-    ok = all(r.ok or (r.deadlocked and _expects_deadlock(scenario, r.variant)) for r in results)
-    return LaunchOutcome(run_dir, 0 if ok else 1, results, summary)
+    verdicts = [_verdict(r, summary, scenario, o) for r in results]
+    for line in verdicts:
+        if line:
+            say(line, err)
+    return LaunchOutcome(run_dir, 0 if not any(verdicts) else 1, results, summary)
+
+
+def _address(o: _Options, vdir: Path, name: str, sock_dir: Path | None) -> tuple[str, Path | None]:
+    """Where this variant's host listens: --address, loopback TCP, or a socket in a private directory."""
+    if o.address:
+        return o.address, sock_dir
+    if o.transport == "tcp":
+        return "tcp://127.0.0.1:0", sock_dir
+    sock = (vdir / "host.sock").resolve()
+    # Beside the logs only in a directory that is private and ours; AF_UNIX paths are limited to ~107 bytes.
+    if len(os.fsencode(str(sock))) > 100 or not o.run_dir_created:
+        sock_dir = sock_dir or Path(tempfile.mkdtemp(prefix="balloonlab-", dir="/tmp"))
+        sock = sock_dir / f"{name}.sock"
+    return f"unix:{sock}", sock_dir
+
+
+def _external(o: _Options, run_config: dict) -> frozenset[int]:
+    ids = [int(g["id"]) for g in run_config["guests"]]
+    return frozenset(ids) if o.external_guests == "all" else frozenset(o.external_guests)
+
+
+def _print_join(join: JoinInfo, err: Any = sys.stderr) -> None:
+    """How an outside guest joins: address, id, its credential file, the command line."""
+    say(f"[{join.variant}] the host listens at {join.address}; it waits for {len(join.token_files)} guest(s) to "
+        f"join. Each runs, wherever it is (its credential file copied there, kept 0600):", err)
+    for gid in sorted(join.token_files):
+        say(f"[{join.variant}]   guest {gid}: {join.command(gid)}", err)
+    say(f"[{join.variant}]   (or BALLOONLAB_TOKEN=<the file's content> instead of --token-file; "
+        f"join.json in the run directory says the same)", err)
+
+
+def _expected_lost(scenario: Scenario, variant: str, o: _Options) -> set[int]:
+    """``--expect-guests-lost``, else the variant's [scenario] expect_guests_lost."""
+    if o.expect_guests_lost is not None:
+        n = int(scenario.variants.get(variant, {}).get("scenario", {}).get("guests", 4))
+        return set(range(n)) if o.expect_guests_lost == "all" else set(o.expect_guests_lost)
+    merged = scenario.variants.get(variant, {}).get("scenario", {})
+    return {int(g) for g in merged.get("expect_guests_lost", [])}
+
+
+def _verdict(r: VariantResult, summary: dict | None, scenario: Scenario, o: _Options) -> str:
+    """Why this variant makes the launcher fail, or "" if it ended as it should (or as the scenario expected)."""
+    v = (summary or {}).get("variants", {}).get(r.variant, {})
+    status = v.get("status")
+    if r.deadlocked or status == "deadlocked":
+        return "" if _expects_deadlock(scenario, r.variant) else f"[{r.variant}] failed: an unexpected deadlock"
+    if not r.ok:
+        return f"[{r.variant}] failed: " + (r.error or "the host or a guest exited with an error")
+    if status in (None, "completed"):
+        return ""
+    if status == "degraded":
+        lost = {int(g) for g in v.get("guests_lost", {})} | {int(g) for g in v.get("guests_cut_off", {})}
+        expected = _expected_lost(scenario, r.variant, o)
+        if lost and lost <= expected and v.get("audit_ok"):
+            return ""
+    return f"[{r.variant}] {status}: " + "; ".join(v.get("status_reasons") or ["see summary.json"])
 
 
 def _write_report(run_dir: Path, summary: dict | None, no_report: bool, interrupted: bool,
@@ -263,7 +432,7 @@ def _check_locks(scenario: Scenario) -> None:
     from balloonlab.proto.locks import lock_config_from_mapping
     for name, merged in scenario.variants.items():
         where = f"{scenario.path.name} variant {name!r}"
-        locks = lock_config_from_mapping(merged.get("locks"), where=f"{where}: [locks]")
+        locks = lock_config_from_mapping(merged.get("locks"), where=where)
         host_memory_config(merged.get("host", {})).resolved_request_order(locks.enabled, where=f"{where}: ")
 
 
@@ -277,7 +446,7 @@ def _report_deadlock(r: VariantResult, expected: bool, err: Any = sys.stderr) ->
     """A variant the host ended on a deadlock: say so, with the cycle from the host's log."""
     if not r.deadlocked:
         if expected and not r.interrupted and r.host is not None and r.host.returncode == 0:
-            print(f"[{r.variant}] note: a deadlock was expected but none happened", file=err)
+            say(f"[{r.variant}] note: a deadlock was expected but none happened", err)
         return
     cycle = []
     try:
@@ -290,24 +459,24 @@ def _report_deadlock(r: VariantResult, expected: bool, err: Any = sys.stderr) ->
         pass
     what = "; ".join(f"{e.get('proc')}/{e.get('task')} holds {e.get('holds_lock')} and waits for "
                      f"{e.get('waits_for_lock')} (for {e.get('waited_s', '?')} s)" for e in cycle) or "see host.jsonl"
-    print(f"[{r.variant}] DEADLOCK{' (expected)' if expected else ''}: the host ended the run: {what}",
-          file=err)
+    say(f"[{r.variant}] DEADLOCK{' (expected)' if expected else ''}: the host ended the run: {what}",
+          err)
 
 
 def _report_variant(r: VariantResult, err: Any = sys.stderr) -> None:
     if r.error:
-        print(f"[{r.variant}] FAILED: {r.error}", file=err)
+        say(f"[{r.variant}] FAILED: {r.error}", err)
     if r.host is not None and r.host.killed_by and not r.interrupted:
         # The guests lose the host and exit on their own (exit 3, "lost the host"); the run is incomplete.
-        print(f"[{r.variant}] FAILED: the host was killed by {r.host.killed_by}; the run is incomplete",
-              file=err)
+        say(f"[{r.variant}] FAILED: the host was killed by {r.host.killed_by}; the run is incomplete",
+              err)
     elif r.host is not None and r.host.returncode not in (0, None) and not r.interrupted and not r.deadlocked:
-        print(f"[{r.variant}] host exited with {r.host.returncode}:\n{r.host.stderr_tail}", file=err)
+        say(f"[{r.variant}] host exited with {r.host.returncode}:\n{r.host.stderr_tail}", err)
     for g in r.guests:
         if g.killed_by:
-            print(f"[{r.variant}] {g.name} was killed by {g.killed_by}", file=err)
+            say(f"[{r.variant}] {g.name} was killed by {g.killed_by}", err)
         elif g.returncode not in (0, None):
-            print(f"[{r.variant}] {g.name} exited with {g.returncode}:\n{g.stderr_tail}", file=err)
+            say(f"[{r.variant}] {g.name} exited with {g.returncode}:\n{g.stderr_tail}", err)
 
 
 if __name__ == "__main__":

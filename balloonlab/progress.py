@@ -5,6 +5,8 @@ import sys
 import time
 from typing import IO, Any
 
+from .cli import say
+
 __all__ = ["Progress"]
 
 
@@ -29,6 +31,10 @@ class Progress:
         if "guest_lost" in msg:
             self._line(f"[{self.variant}] guest {msg['guest_lost']} lost at tick {msg['tick']}", force=True)
             return
+        if "guest_cut_off" in msg:
+            self._line(f"[{self.variant}] guest {msg['guest_cut_off']} cut off at tick {msg['tick']}: {msg['reason']}",
+                       force=True)
+            return
         if "tick" not in msg or "ticks" not in msg:
             return
         wall = time.monotonic() - self._wall0
@@ -41,14 +47,11 @@ class Progress:
     def _line(self, text: str, force: bool = False) -> None:
         now = time.monotonic()
         if self.tty:
-            self.out.write("\r\x1b[2K" + text[:200] + ("\n" if force else ""))
-            self.out.flush()
+            say("\r\x1b[2K" + text[:200], self.out, end="\n" if force else "")
         elif force or now - self._last >= self.plain_every_s:
             self._last = now
-            self.out.write(text + "\n")
-            self.out.flush()
+            say(text, self.out)
 
     def done(self) -> None:
         if self.tty:
-            self.out.write("\n")
-            self.out.flush()
+            say("", self.out)

@@ -4,6 +4,14 @@ Children run in their own sessions (a terminal's Ctrl-C reaches only the
 launcher, which then stops them in order) and die with the launcher
 (PR_SET_PDEATHSIG), so no process outlives a run. Teardown is always:
 SIGTERM, wait, SIGKILL.
+
+Credentials: the host gets the variant's run secret, each guest only its
+own credential (``proto.handshake.guest_token``), both in the environment.
+Every guest's credential is also written to ``RUN_DIR/credentials/guest-N.token``
+(the directory 0700, each file 0600) so that a guest started elsewhere
+(``external``) can be handed exactly its own; ``join.json`` says where the
+host listens and where each file is. The credentials go when the variant
+ends: they open nothing after it.
 """
 from __future__ import annotations
 
@@ -18,12 +26,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from balloonlab.proto.handshake import guest_token
 from balloonlab.proto.locks import EXIT_DEADLOCK
 
-__all__ = ["ChildResult", "VariantResult", "run_variant", "TEARDOWN_GRACE_S"]
+__all__ = ["ChildResult", "VariantResult", "JoinInfo", "run_variant", "write_credentials", "guest_command",
+           "TEARDOWN_GRACE_S"]
 
 TEARDOWN_GRACE_S = 5.0
-HOST_READY_TIMEOUT_S = 30.0
+HOST_READY_TIMEOUT_S = 120.0   # a host on a machine loaded many times over starts slowly, but it starts
+CREDENTIALS_DIR = "credentials"
 _PR_SET_PDEATHSIG = 1
 
 
@@ -73,6 +84,43 @@ class VariantResult:
         # A guest killed from outside is a reported event, not a launcher failure;
         # a guest that exited with an error code is a bug.
         return not any(g.returncode is not None and g.returncode > 0 for g in self.guests)
+
+
+@dataclass
+class JoinInfo:
+    """How an outside guest joins this variant: where the host listens and each guest's credential file."""
+
+    variant: str
+    address: str
+    token_files: dict[int, Path]
+
+    def command(self, gid: int, python: str = "python") -> str:
+        return guest_command(self.address, gid, self.token_files[gid], python)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"variant": self.variant, "address": self.address,
+                "guests": {str(g): {"token_file": str(p), "command": self.command(g)}
+                           for g, p in sorted(self.token_files.items())}}
+
+
+def guest_command(address: str, gid: int, token_file: Path, python: str = "python") -> str:
+    return (f"{python} -m balloonlab.guestd --address {address} --guest-id {gid} "
+            f"--token-file {token_file} --log guest-{gid}.jsonl")
+
+
+def write_credentials(run_dir: Path, secret: str, guest_ids: list[int]) -> dict[int, Path]:
+    """Each guest's own credential in ``run_dir/credentials/guest-N.token`` (0700 directory, 0600 files)."""
+    cdir = run_dir / CREDENTIALS_DIR
+    cdir.mkdir(mode=0o700, exist_ok=True)
+    os.chmod(cdir, 0o700)   # ours: made just now (or by us in an earlier variant of this run)
+    out = {}
+    for gid in guest_ids:
+        path = cdir / f"guest-{gid}.token"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)   # 0600 from birth
+        with os.fdopen(fd, "w") as f:
+            f.write(guest_token(secret, gid) + "\n")
+        out[gid] = path.resolve()
+    return out
 
 
 class _Children:
@@ -147,21 +195,29 @@ def _signal(p: asyncio.subprocess.Process, sig: int) -> None:
         pass
 
 
-async def run_variant(run_config: dict[str, Any], run_dir: Path, address: str, token: str,
+async def run_variant(run_config: dict[str, Any], run_dir: Path, address: str, secret: str,
                       on_progress: Callable[[dict[str, Any]], None], stop: asyncio.Event,
-                      python: str = sys.executable, log_level: str = "info") -> VariantResult:
-    """Start host + guests for one variant and supervise them to the end."""
-    run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+                      python: str = sys.executable, log_level: str = "info", external: frozenset[int] = frozenset(),
+                      on_join: Callable[[JoinInfo], None] | None = None) -> VariantResult:
+    """Start host + guests for one variant and supervise them to the end.
+
+    Guests in ``external`` are not started: ``on_join`` is told how they join
+    once the host listens, and ``join.json`` in ``run_dir`` says it too.
+    """
+    if not run_dir.exists():
+        run_dir.mkdir(mode=0o700)
     cfg_path = run_dir / "host-config.json"
     cfg_path.write_text(json.dumps(run_config, indent=1))
-    env = dict(os.environ, BALLOONLAB_TOKEN=token, OPENBLAS_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env = dict(os.environ, OPENBLAS_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env.pop("BALLOONLAB_TOKEN", None)
     result = VariantResult(run_config["variant"], run_dir)
     children = _Children()
     wall0 = time.monotonic()
+    token_files = write_credentials(run_dir, secret, [int(g["id"]) for g in run_config["guests"]])
     try:
         host = await children.spawn("host", [python, "-m", "balloonlab.hostd", "--config", str(cfg_path), "--address", address,
                                              "--log", str(run_dir / "host.jsonl"), "--log-level", log_level],
-                                    env, run_dir / "host.stderr", stdout_pipe=True)
+                                    dict(env, BALLOONLAB_TOKEN=secret), run_dir / "host.stderr", stdout_pipe=True)
         assert host.stdout is not None
         ready = await _wait_ready(host, stop)
         if ready is None:
@@ -171,11 +227,18 @@ async def run_variant(run_config: dict[str, Any], run_dir: Path, address: str, t
             result.error = None if stop.is_set() else "host did not become ready: " + (result.host.stderr_tail.strip()[-500:] or "no output")
             return result
         bound = ready
+        if external:
+            join = JoinInfo(result.variant, bound, {g: token_files[g] for g in sorted(external)})
+            (run_dir / "join.json").write_text(json.dumps(join.as_dict(), indent=1) + "\n")
+            if on_join is not None:
+                on_join(join)
         for g in run_config["guests"]:
             gid = g["id"]
+            if gid in external:
+                continue
             await children.spawn(f"guest-{gid}", [python, "-m", "balloonlab.guestd", "--address", bound, "--guest-id", str(gid),
                                                   "--log", str(run_dir / f"guest-{gid}.jsonl"), "--log-level", log_level],
-                                 env, run_dir / f"guest-{gid}.stderr")
+                                 dict(env, BALLOONLAB_TOKEN=guest_token(secret, gid)), run_dir / f"guest-{gid}.stderr")
         result.finished = await _follow_host(host, on_progress, stop)
         if stop.is_set():
             result.interrupted = True
@@ -192,6 +255,9 @@ async def run_variant(run_config: dict[str, Any], run_dir: Path, address: str, t
     finally:
         # Whatever happened above (an exception, a cancellation), nothing outlives the run.
         await asyncio.shield(children.teardown())
+        import shutil
+        shutil.rmtree(run_dir / CREDENTIALS_DIR, ignore_errors=True)   # dead secrets: they open nothing now
+        (run_dir / "join.json").unlink(missing_ok=True)
     result.host = children.result("host")
     result.guests = [children.result(n) for n in children.procs if n != "host"]
     result.wall_s = time.monotonic() - wall0

@@ -1,27 +1,57 @@
-"""``python -m balloonlab.guestd --address ADDR --guest-id N [--log FILE]``
+"""``python -m balloonlab.guestd --address ADDR --guest-id N [--token-file FILE] [--log FILE]``
 
-The per-run token comes in ``BALLOONLAB_TOKEN``. Exit status: 0 when the
-host ends the run, 3 when the host vanishes, 4 when it refuses us, 2 for bad
-arguments, 1 for a bug (with a traceback in the log).
+The guest's credential (its own, ``proto.handshake.guest_token``: it opens
+only guest N's session) comes in ``BALLOONLAB_TOKEN``, or from
+``--token-file`` (a file readable by its owner only, as the launcher writes
+them under ``RUN_DIR/credentials/``), never on the command line. Exit
+status: 0 when the host ends the run, 3 when the host vanishes (or falls
+silent), 4 when it refuses us, 2 for bad arguments, 1 for a bug (with a
+traceback in the log).
 """
 from __future__ import annotations
 
 import argparse
 import os
+import stat
 import sys
 from pathlib import Path
+
+
+def read_token_file(path: Path) -> str:
+    """The credential in ``path``; refuses a file others may read (it would not be a secret)."""
+    try:
+        st = os.stat(path)
+        if stat.S_IMODE(st.st_mode) & 0o077:
+            raise ValueError(f"credential file {path} is readable by others (mode "
+                             f"{stat.S_IMODE(st.st_mode):04o}); make it 0600")
+        token = path.read_text().strip()
+    except OSError as exc:
+        raise ValueError(f"credential file {path}: {exc.strerror or exc}") from None
+    if not token:
+        raise ValueError(f"credential file {path} is empty")
+    return token
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m balloonlab.guestd", description="balloonlab guest")
     ap.add_argument("--address", required=True, help="the host's unix:PATH, PATH or tcp://HOST:PORT")
     ap.add_argument("--guest-id", required=True, type=int)
+    ap.add_argument("--token-file", type=Path, default=None,
+                    help="this guest's credential (0600), instead of BALLOONLAB_TOKEN in the environment")
     ap.add_argument("--log", type=Path, default=None, help="JSON-lines log file (default: stderr)")
     ap.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     args = ap.parse_args(argv)
-    token = os.environ.get("BALLOONLAB_TOKEN", "")
+    if args.token_file is not None:
+        try:
+            token = read_token_file(args.token_file)
+        except ValueError as exc:
+            print(f"guestd: {exc}", file=sys.stderr)
+            return 2
+    else:
+        token = os.environ.get("BALLOONLAB_TOKEN", "")
     if not token:
-        print("guestd: BALLOONLAB_TOKEN is not set; the launcher passes the per-run token there", file=sys.stderr)
+        print("guestd: no credential: set BALLOONLAB_TOKEN or pass --token-file (the launcher writes one per "
+              "guest under RUN_DIR/credentials/)", file=sys.stderr)
         return 2
     from balloonlab.proto.errors import ConfigError
     from balloonlab.proto.logconf import configure_logging

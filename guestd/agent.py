@@ -8,6 +8,13 @@ Call order::
 
 One vCPU task runs ticks in order; the host's callbacks (Invalidate) are
 served between the vCPU's batches, on the same event loop.
+
+The guest waits for the host's answers as long as the host is alive, and no
+longer: there is no per-call timeout (on a machine loaded far beyond its
+cores a healthy host may take minutes to answer), but a heartbeat
+(``proto.liveness``) pings a quiet host, and a host silent for
+``host_silent_s`` (from ``Welcome.config["liveness"]``) is taken for dead:
+exit 3.
 """
 from __future__ import annotations
 
@@ -23,6 +30,7 @@ from balloonlab.proto import events as ev
 from balloonlab.proto.errors import ErrorCode, HandshakeRefused, PeerClosed, ProtoError
 from balloonlab.proto.faultpoints import PausePoints
 from balloonlab.proto.handshake import client_hello
+from balloonlab.proto.liveness import HEARTBEAT_S_DEFAULT, HOST_SILENT_S_DEFAULT, LIVENESS_KEY, Heartbeat
 from balloonlab.proto.messages import (Audit, AuditReply, BalloonTarget, Invalidate, InvalidateReply, MsgType, Pong,
                             RunEnd, TickDone, TickStart)
 from balloonlab.proto.messages import LockAcquire, LockRelease, LockReply
@@ -41,7 +49,7 @@ EXIT_OK = 0
 EXIT_BUG = 1
 EXIT_HOST_LOST = 3
 EXIT_REFUSED = 4
-CONNECT_TIMEOUT_S = 15.0
+CONNECT_TIMEOUT_S = 60.0     # the host may still be starting (or, on a loaded machine, slow to)
 _LOST = object()
 
 
@@ -63,6 +71,8 @@ class GuestAgent:
         self._early_target: int | None = None
         self.end_reason = ""
         self.pause = PausePoints.from_env(guest_id)  # fault points for tests (BALLOONLAB_PAUSE_AT)
+        self.heartbeat: Heartbeat | None = None
+        self._host_silent_s: float | None = None     # set when the heartbeat gave up on the host
 
     async def run(self) -> int:
         try:
@@ -79,6 +89,8 @@ class GuestAgent:
         conn.requests.update({MsgType.LOCK_ACQUIRE: self._on_lock_acquire, MsgType.LOCK_RELEASE: self._on_lock_release})
         conn.notifications = {MsgType.TICK_START: self._on_tick_start, MsgType.RUN_END: self._on_run_end,
                               MsgType.BALLOON_TARGET: self._on_balloon_target}
+        self.heartbeat = Heartbeat(conn, HEARTBEAT_S_DEFAULT, HOST_SILENT_S_DEFAULT, self._on_host_silent)
+        self.heartbeat.start()
         try:
             welcome = await client_hello(conn, self.guest_id, self._token, os.getpid())
         except HandshakeRefused as exc:
@@ -89,9 +101,11 @@ class GuestAgent:
             return self._fail(EXIT_REFUSED, f"the host refused guest {self.guest_id}: {why}")
         except (PeerClosed, ProtoError) as exc:
             conn.close()
-            return self._fail(EXIT_HOST_LOST, f"handshake with the host failed: {exc}")
+            return self._fail(EXIT_HOST_LOST, f"handshake with the host failed: {self._lost_why(exc)}")
+        config = dict(welcome.config)
+        self._set_liveness(config.pop(LIVENESS_KEY, None))
         try:
-            self.state = build_guest(self.guest_id, welcome.config, conn)
+            self.state = build_guest(self.guest_id, config, conn)
         except (ProtoError, GuestdError) as exc:
             conn.close()
             return self._fail(EXIT_REFUSED, f"bad guest config from the host: {exc}")
@@ -110,10 +124,35 @@ class GuestAgent:
                 self.state.log_finished(self.end_reason)
                 code = EXIT_OK
             else:
-                code = self._fail(EXIT_HOST_LOST, f"lost the host mid-tick: {exc}")
+                code = self._fail(EXIT_HOST_LOST, f"lost the host mid-tick: {self._lost_why(exc)}")
         finally:
+            self.heartbeat.stop()
             conn.close()
         return code
+
+    def _set_liveness(self, raw: Any) -> None:
+        """The host's heartbeat interval and how long we wait for it before we give it up."""
+        assert self.heartbeat is not None
+        if not isinstance(raw, dict):
+            return
+
+        def value(key: str, default: float) -> float:
+            v = raw.get(key)
+            return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < 1e6 else default
+
+        self.heartbeat.configure(value("heartbeat_s", self.heartbeat.interval_s),
+                                 value("host_silent_s", self.heartbeat.silent_s))
+
+    def _on_host_silent(self, quiet_s: float) -> None:
+        """Not a word from the host (not even an answer to a ping) for this long: it is dead or stopped."""
+        self._host_silent_s = quiet_s
+        if self.conn is not None:
+            self.conn.abort()
+
+    def _lost_why(self, exc: BaseException) -> str:
+        if self._host_silent_s is not None:
+            return f"no sign of life from the host for {self._host_silent_s:.0f} s (heartbeat)"
+        return str(exc)
 
     async def _connect(self) -> RpcConnection:
         deadline = time.monotonic() + CONNECT_TIMEOUT_S
@@ -135,7 +174,9 @@ class GuestAgent:
             item = await self._ticks.get()
             if item is _LOST:
                 st.log_finished("host lost")
-                return self._fail(EXIT_HOST_LOST, "the host closed the connection before ending the run")
+                why = ("no sign of life from the host for " f"{self._host_silent_s:.0f} s (heartbeat)"
+                       if self._host_silent_s is not None else "the host closed the connection before ending the run")
+                return self._fail(EXIT_HOST_LOST, why)
             if isinstance(item, RunEnd):
                 st.log_finished(item.reason)
                 return EXIT_OK

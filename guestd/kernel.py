@@ -47,6 +47,7 @@ import numpy as np
 import structlog
 
 from balloonlab.proto.costs import CostModel
+from balloonlab.proto.tokens import KEEP_TOKEN
 
 from .blockdev import BlockDevice, LocalBlockDevice
 from .errors import BadFrames, BadPages, BlockOutOfRange, GuestConfigError, OutOfMemory, SwapExhausted
@@ -285,7 +286,11 @@ class GuestKernel:
                 if op == _OP_EPT:
                     gs = self._ept_gs[:a].copy()
                     tokens, done = await self.hypervisor.ept_fault(gs, self.vt_us)
-                    op, a, b = core.resume_ept(np.ascontiguousarray(tokens, np.uint64), float(done))
+                    tokens = np.array(tokens, np.uint64)
+                    keep = tokens == np.uint64(KEEP_TOKEN)
+                    if keep.any():   # already backed at the host: it never took the frame, our content stands
+                        tokens[keep] = self.frames.token[gs[keep].astype(np.int64)]
+                    op, a, b = core.resume_ept(tokens, float(done))
                 elif op == _OP_READ:
                     toks, done = await self.blockdev.read(np.array([a], np.int64), self.vt_us)
                     op, a, b = core.resume_read(int(toks[0]), float(done))
@@ -690,6 +695,9 @@ class GuestKernel:
         tokens, done = await self.hypervisor.ept_fault(gs.astype(np.uint64), self.vt_us)
         self.vt_us = max(self.vt_us, float(done))
         tokens = np.asarray(tokens, dtype=np.uint64).copy()
+        keep = tokens == np.uint64(KEEP_TOKEN)
+        if keep.any():   # already backed at the host: it never took the frame, our content stands
+            tokens[keep] = fr.token[gs[keep]]
         c.ept_faults += gs.size
         c.ept_fault_calls += 1
         stable = self._inval_gen[gs] == gen        # not shot down again while we waited

@@ -1,8 +1,14 @@
 """``python -m balloonlab.hostd --config RUN.json --address ADDR [--log FILE]``
 
-The per-run token comes in the environment (``BALLOONLAB_TOKEN``), never on
-the command line. Progress and the ``ready`` line go to stdout as JSON lines
-for the launcher; the structured log goes to ``--log``.
+The run secret comes in the environment (``BALLOONLAB_TOKEN``), never on
+the command line; each guest proves its id with its own credential derived
+from it (``proto.handshake.guest_token``). The host listens on ``ADDR``
+only. Its first stdout line is ``{"ready": "ADDRESS"}`` (the address it
+really listens on, with the real port), then JSON progress lines, last
+``{"finished": REASON, ...}``; the structured log goes to ``--log``.
+proto/README.md, "Running a host and joining it from outside", is the
+contract. Exit status: 0 when the run ends (or a stop signal ends it), 5 on
+a deadlock, 2 for a bad config, address or environment, 1 otherwise.
 """
 from __future__ import annotations
 
@@ -25,7 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     token = os.environ.get("BALLOONLAB_TOKEN", "")
     if not token:
-        print("hostd: BALLOONLAB_TOKEN is not set; the launcher passes the per-run token there", file=sys.stderr)
+        print("hostd: BALLOONLAB_TOKEN is not set; it holds the run secret (the launcher passes it there)",
+              file=sys.stderr)
         return 2
     from balloonlab.hostd.config import load_run_config  # after argparse so --help is fast
     try:

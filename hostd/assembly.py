@@ -105,7 +105,7 @@ def assemble(cfg: RunConfig, sessions: SessionRegistry, *, running: Callable[[],
     shootdowns = Shootdowns(mem, sessions, discipline, mem_cfg.shootdown_timeout_s,
                             on_answered=silent.guest_answered)
     monitors = HostMonitors(cfg.monitors, mem, cfg.tick_us)
-    mem.wire(shootdown=shootdowns.shootdown, observer=monitors)
+    mem.wire(shootdown=shootdowns.shootdown, observer=monitors, placeholders_settled=shootdowns.settled)
     invariant = InvariantChecker(mem, invariant_mode(mem_cfg.invariant), mem_cfg.invariant_every_ticks,
                                  np.random.default_rng(np.random.SeedSequence([cfg.seed, _INVARIANT_STREAM])))
     machine = Machine(cfg, mem_cfg=mem_cfg, balloon_cfg=balloon_cfg, costs=costs, vdisk_profile=vdisk_profile,

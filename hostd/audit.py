@@ -22,7 +22,14 @@ reports what it finds. The host then checks each claim against its own:
 
 A problem names the guest, the page and both sides' views. The result is
 logged (``audit_completed``) and reported in ``run_finished`` as
-``audit_ok`` and ``audit``.
+``audit_ok`` and ``audit``; ``audit.lost_pages`` counts the pages the
+host's books show lost (``count_lost_pages``), whatever the guests say of
+themselves.
+
+Every wait is bounded: a guest's deferred shootdowns get one deadline all
+together, each ``Audit`` call ``timeout_s``, and a guest's whole answer
+``timeout_s`` per window; a guest that does not answer in time (it stopped
+reading, say) fails the audit, and the run ends anyway.
 
 This module reads host memory's books directly (``HostMemory.p2m``,
 ``vdisk``, ``swap``, ``pool``): an auditor has to look at the raw state
@@ -53,7 +60,7 @@ if TYPE_CHECKING:
     from .registry import SessionRegistry
     from .shootdown import Shootdowns
 
-__all__ = ["AUDIT_WINDOW_PAGES", "GuestClaims", "run_audit", "check_guest", "check_released"]
+__all__ = ["AUDIT_WINDOW_PAGES", "GuestClaims", "run_audit", "check_guest", "check_released", "count_lost_pages"]
 
 log = structlog.get_logger("hostd.audit")
 
@@ -167,6 +174,35 @@ def check_guest(mem: "HostMemory", gid: int, claims: GuestClaims) -> list[str]:
     return problems
 
 
+def count_lost_pages(mem: "HostMemory", gid: int, claims: GuestClaims) -> int:
+    """Pages the host's books show lost or stale: the host's own count, not the guest's.
+
+    A page the host took that is not in host swap, a host swap slot that
+    does not hold what the guest last wrote (or still a placeholder), a page
+    the guest believes backed that the host does not back, a disk block
+    that does not hold its page's last write.
+    """
+    g = mem._guest(gid)          # read-only: see the module docstring
+    p2m = g.p2m
+    gp, tok, backed = claims.ram_gpfns, claims.ram_tokens, claims.ram_backed
+    if gp.size != backed.size or gp.size != tok.size or (gp.size and (gp.min() < 0 or gp.max() >= p2m.guest_pages)):
+        return int(gp.size)      # claims the host cannot even read: none of them is known to be safe
+    state = p2m.state[gp]
+    lost = int(np.count_nonzero(backed & (state != PageState.FRAME)))
+    took = ~backed
+    lost += int(np.count_nonzero(took & (state != PageState.SWAPPED)))
+    swapped = took & (state == PageState.SWAPPED)
+    if np.any(swapped):
+        lost += int(np.count_nonzero(mem.swap.token[p2m.loc[gp[swapped]]] != tok[swapped]))
+    blocks = claims.disk_blocks
+    vd = g.vdisk
+    if blocks.size:
+        if blocks.min() < 0 or blocks.max() >= vd.n_blocks:
+            return lost + int(blocks.size)
+        lost += int(np.count_nonzero(vd.tokens[blocks] != claims.disk_tokens))
+    return lost
+
+
 def check_released(mem: "HostMemory", gid: int) -> list[str]:
     """A guest that left must hold nothing: no frame (but ones whose shootdown is still settling), no slot."""
     problems = []
@@ -186,12 +222,18 @@ async def _ask(sessions: "SessionRegistry", spec: GuestSpec, gid: int, timeout_s
     session = sessions[gid]
     disk_blocks = int(spec.config.get("disk_blocks", 0))
     span = max(spec.ram_pages, disk_blocks)
-    replies: list[AuditReply] = []
-    for first in range(0, span, AUDIT_WINDOW_PAGES):
-        reply = await session.conn.call(Audit(first, AUDIT_WINDOW_PAGES), timeout_s=timeout_s)
-        assert isinstance(reply, AuditReply)
-        replies.append(reply)
-    return GuestClaims.from_replies(replies)
+    windows = range(0, span, AUDIT_WINDOW_PAGES)
+
+    async def ask_all() -> list[AuditReply]:
+        replies: list[AuditReply] = []
+        for first in windows:
+            reply = await session.conn.call(Audit(first, AUDIT_WINDOW_PAGES), timeout_s=timeout_s)
+            assert isinstance(reply, AuditReply)
+            replies.append(reply)
+        return replies
+
+    # Each call is bounded, and so is the whole: a guest cannot stretch the end of the run window by window.
+    return GuestClaims.from_replies(await asyncio.wait_for(ask_all(), timeout_s * max(1, len(windows))))
 
 
 async def run_audit(sessions: "SessionRegistry", mem: "HostMemory", shootdowns: "Shootdowns",
@@ -200,15 +242,15 @@ async def run_audit(sessions: "SessionRegistry", mem: "HostMemory", shootdowns: 
     timeout_s = min(AUDIT_TIMEOUT_S, max(2.0, unresponsive_s))
     problems: list[str] = []
     per_guest: dict[str, dict[str, Any]] = {}
+    lost_pages = 0
     try:
         live = sorted(gid for gid in sessions if gid in mem.guest_ids())
-        # Deferred shootdowns first: their answers turn placeholders into content.
-        for gid in live:
-            if shootdowns.pending(gid):
-                try:
-                    await asyncio.wait_for(shootdowns.settled(gid), timeout_s)
-                except asyncio.TimeoutError:
-                    pass  # the placeholders left are reported below
+        # Deferred shootdowns first: their answers turn placeholders into content. One deadline for all.
+        settling = [asyncio.ensure_future(shootdowns.settled(gid)) for gid in live if shootdowns.pending(gid)]
+        if settling:
+            await asyncio.wait(settling, timeout=timeout_s)   # the placeholders left are reported below
+            for task in settling:
+                task.cancel()
         results = await asyncio.gather(*(_ask(sessions, specs[gid], gid, timeout_s) for gid in live),
                                        return_exceptions=True)
         for gid, res in zip(live, results):
@@ -221,8 +263,10 @@ async def run_audit(sessions: "SessionRegistry", mem: "HostMemory", shootdowns: 
                 left = shootdowns.leftover_placeholders(gid)
                 if left:
                     mine.append(f"guest {gid}: {left} host swap slots still wait for a shootdown's answer")
+                lost = count_lost_pages(mem, gid, res)
+                lost_pages += lost
                 per_guest[str(gid)] = {
-                    "ok": not mine, "answered": True, "ram_pages": int(res.ram_gpfns.size),
+                    "ok": not mine, "answered": True, "lost_pages": lost, "ram_pages": int(res.ram_gpfns.size),
                     "host_swapped_pages": int(np.count_nonzero(~res.ram_backed)),
                     "disk_pages": int(res.disk_blocks.size), "balloon_pages": int(res.balloon_gpfns.size),
                     "host_balloon_pages": mem.balloon_pages(gid)}
@@ -242,5 +286,6 @@ async def run_audit(sessions: "SessionRegistry", mem: "HostMemory", shootdowns: 
     log.log(20 if ok else 40, ev.AUDIT_COMPLETED, ok=ok, guests=per_guest, problems=problems[:50],
             problem_count=len(problems))
     return {"ok": ok, "guests": per_guest, "problems": problems[:50], "problem_count": len(problems),
+            "lost_pages": lost_pages,
             "audited": sum(1 for g in per_guest.values() if g.get("answered")),
             "released": sum(1 for g in per_guest.values() if g.get("released"))}

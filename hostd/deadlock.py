@@ -23,6 +23,13 @@ The graph is exact, not a guess: each process reports the transitions of its
 own locks in order, an event is sent before the reply that follows it, and
 an owner blocked in a call cannot change what it holds.
 
+But a guest is untrusted, so only waits the host *observed* (``observed``:
+a wait for the host's own lock, or the host's own task waiting for a lock
+it asked a guest for) can close a cycle. A wait a guest merely reports for
+its own tasks is kept, shown and counted, never followed: otherwise two
+task names a guest makes up could "deadlock" through the host's real lock
+and end everyone's run.
+
 ``LockdepValidator``: every acquisition attempt is checked against the
 global order of ``proto.locks`` with what its owner holds anywhere in the
 run; a violation is returned once per (held class, acquiring class, site).
@@ -47,6 +54,7 @@ class Hold:
     site: str
     since_vt_us: float
     since_wall_s: float
+    observed: bool = True  # seen by the host itself (see the module docstring); only these waits form cycles
 
 
 Wait = Hold               # the same record: who waits for which lock, since when
@@ -91,9 +99,9 @@ class WaitForGraph:
 
     # --- updates ----------------------------------------------------------------------
 
-    def apply(self, t: LockTransition, wall_s: float) -> None:
+    def apply(self, t: LockTransition, wall_s: float, observed: bool = True) -> None:
         ref = t.ref
-        rec = Hold(ref, t.lock, t.owner, t.proc, t.task, t.site, t.vt_us, wall_s)
+        rec = Hold(ref, t.lock, t.owner, t.proc, t.task, t.site, t.vt_us, wall_s, observed)
         if t.op is LockOp.WAIT:
             self._waits.setdefault(t.owner, {})[ref] = rec
         elif t.op is LockOp.CANCEL:
@@ -154,11 +162,15 @@ class WaitForGraph:
     def waiting_owners(self) -> list[str]:
         return sorted(self._waits)
 
+    def observed_waits(self, owner: str) -> list[Wait]:
+        """``owner``'s waits the host observed itself, in a deterministic order."""
+        return sorted((w for w in self._waits.get(owner, {}).values() if w.observed), key=lambda w: w.lock)
+
     def cycle_through(self, start: str) -> list[CycleEdge] | None:
-        """A cycle of waits that comes back to ``start``, or None (depth-first, deterministic)."""
+        """A cycle of observed waits that comes back to ``start``, or None (depth-first, deterministic)."""
         path: list[tuple[str, Wait]] = []   # the edges from the root to the top of the stack
         visited = {start}
-        stack: list[tuple[str, list[Wait]]] = [(start, sorted(self.waits(start), key=lambda w: w.lock))]
+        stack: list[tuple[str, list[Wait]]] = [(start, self.observed_waits(start))]
         while stack:
             owner, todo = stack[-1]
             if not todo:
@@ -177,7 +189,7 @@ class WaitForGraph:
                 continue
             visited.add(nxt)   # explored once: if it does not lead back to start, it never will
             path.append((owner, wait))
-            stack.append((nxt, sorted(self.waits(nxt), key=lambda w: w.lock)))
+            stack.append((nxt, self.observed_waits(nxt)))
         return None
 
     def cycles(self) -> list[list[CycleEdge]]:

@@ -23,6 +23,15 @@ Active only when the scenario's ``[locks]`` table names a protocol
   either the run ends (reason ``deadlock``) or, with ``break_deadlocks``,
   one guest's wait for ``L_hostmem`` in it fails with ``DEADLOCK_BROKEN``
   and the guest retries.
+- A cycle is made only of waits the host itself observed: waits for its
+  own ``L_hostmem`` (whoever the owner), and waits of its own tasks for a
+  guest's ``L_vmem`` that it asked for (``LockAcquire`` outstanding). A
+  guest may report its own tasks' waits (they are logged and counted), but
+  they never close a cycle: one guest's word about its own task names must
+  not end everyone's run.
+- A guest that took ``L_hostmem`` itself (``LockAcquire``, the ordered
+  protocol) and keeps it for ``hold_bound_s`` while others wait for it loses
+  it (``lock_revoked``) and is cut off (``guard_holds``); the run goes on.
 
 Individual lock events are logged at debug level (``lock_event``); counts
 go to ``run_finished``.
@@ -125,11 +134,20 @@ class HostLocks:
         # (guest id, host owner) -> the host's LockAcquires of that guest's L_vmem not yet released:
         # the only host owners a guest may report transitions for (it must not invent others' waits).
         self._asked: dict[tuple[int, str], int] = {}
+        # owner -> (guest id, wall time it got L_hostmem) for holds a guest took itself (LockAcquire).
+        self._guest_holds: dict[str, tuple[int, float]] = {}
+        self.hold_bound_s = 0.0                  # 0: no bound (guard_holds sets one)
+        self._on_overheld: Callable[[int, str], None] | None = None
+
+    def guard_holds(self, bound_s: float, on_overheld: Callable[[int, str], None]) -> None:
+        """A guest holding L_hostmem it took itself for ``bound_s`` while others wait loses it; ``on_overheld(gid, why)``."""
+        self.hold_bound_s = bound_s
+        self._on_overheld = on_overheld
 
     # --- events -----------------------------------------------------------------------
 
     def _on_host_event(self, t: LockTransition) -> None:
-        self._ingest(t)
+        self._ingest(t, observed=True)
 
     def on_guest_event(self, guest_id: int, msg: LockEvent) -> None:
         """A guest reports a transition of its ``L_vmem`` (a ``LockEvent`` notification)."""
@@ -150,9 +168,12 @@ class HostLocks:
             raise BadLockRequest(f"guest {guest_id}: lock event for {msg.owner!r}, which is neither its own task "
                                  f"nor a host task that asked for its L_vmem")
         self.counters.guest_events += 1
-        self._ingest(LockTransition(op, cls, guest_proc(guest_id), msg.owner, msg.task, msg.site, msg.vt_us))
+        # A host task's wait for this L_vmem is one the host observes itself (it asked and waits for the
+        # answer); a guest task's wait is only the guest's word.
+        self._ingest(LockTransition(op, cls, guest_proc(guest_id), msg.owner, msg.task, msg.site, msg.vt_us),
+                     observed=proc == HOST_PROC)
 
-    def _ingest(self, t: LockTransition) -> None:
+    def _ingest(self, t: LockTransition, observed: bool) -> None:
         now = time.time()
         c = self.counters
         c.events += 1
@@ -177,12 +198,12 @@ class HostLocks:
             else:
                 c.vmem_wait_s += now - w.since_wall_s
         c.violating_acquisitions = self.validator.violating_acquisitions
-        g.apply(t, now)
+        g.apply(t, now, observed=observed)
         record = {"op": t.op.value, "lock": ref, "owner": t.owner, "task": t.task, "site": t.site,
                   "vt_us": round(t.vt_us, 3)}
         self._recent.append(record)
         log.debug(ev.LOCK_EVENT, **record)
-        if t.op is LockOp.WAIT:
+        if t.op is LockOp.WAIT and observed:
             cycle = g.cycle_through(t.owner)
             if cycle is not None:
                 self._on_cycle(cycle)
@@ -237,6 +258,28 @@ class HostLocks:
         while True:
             await asyncio.sleep(self.cfg.check_interval_s)  # a wall-clock period, by design
             self.sweep()
+            self.check_holds()
+
+    def check_holds(self) -> list[int]:
+        """Revoke L_hostmem from a guest that took it itself and kept it past the bound while others wait."""
+        holder = self.hostmem.holder
+        if not self.hold_bound_s or holder is None or holder not in self._guest_holds or not self.hostmem.waiting():
+            return []
+        gid, since = self._guest_holds[holder]
+        held_s = time.monotonic() - since
+        if held_s < self.hold_bound_s:
+            return []
+        waiting = self.hostmem.waiting()
+        levels = self.hostmem.release_all(holder, vt_us=self._clock())
+        self._guest_holds.pop(holder, None)
+        self.counters.locks_revoked += 1
+        why = (f"held {self.hostmem.ref} for {held_s:.1f} s (bound {self.hold_bound_s:g} s) while "
+               f"{len(waiting)} owner(s) waited for it")
+        log.warning(ev.LOCK_REVOKED, guest=gid, owner=holder, lock=self.hostmem.ref, levels=levels, reason=why,
+                    waiting=waiting[:8])
+        if self._on_overheld is not None:
+            self._on_overheld(gid, why)
+        return [gid]
 
     def close(self) -> None:
         if self._sweeper is not None:
@@ -287,12 +330,16 @@ class HostLocks:
         async def acquire(m: LockAcquire) -> LockReply:
             owner = check(m)
             granted = await lock.acquire(owner, task=task, site=m.site or "lock_acquire", vt_us=m.vt_us)
+            if owner not in self._guest_holds and lock.held_by(owner):
+                self._guest_holds[owner] = (guest_id, time.monotonic())
             return LockReply(granted + self.hypercall_us)
 
         def release(m: LockRelease) -> LockReply:
             owner = check(m)
             if lock.held_by(owner):
                 lock.release(owner, site=m.site or "lock_release", vt_us=m.vt_us)
+                if not lock.held_by(owner):
+                    self._guest_holds.pop(owner, None)
             elif not lock.fail_waiter(owner, asyncio.CancelledError(f"{owner} gave up")):
                 raise LockStateError(f"guest {guest_id}: {owner} neither holds nor waits for {lock.ref}")
             return LockReply(m.vt_us + self.hypercall_us)
@@ -302,7 +349,12 @@ class HostLocks:
     def guest_unresponsive(self, guest_id: int) -> None:
         """A guest the watchdog gave up on loses L_hostmem if its vCPU holds it (ordered), or the host stalls."""
         owner = owner_name(guest_proc(guest_id), VCPU_TASK)
-        levels = self.hostmem.release_all(owner, vt_us=self._clock())
+        levels = 0
+        for o in self._owners_of(guest_proc(guest_id)):
+            n = self.hostmem.release_all(o, vt_us=self._clock())
+            if n:
+                owner, levels = o, n
+        self._forget_holds(guest_id)
         if levels:
             self.counters.locks_revoked += 1
             log.warning(ev.LOCK_REVOKED, guest=guest_id, owner=owner, lock=self.hostmem.ref, levels=levels)
@@ -310,8 +362,19 @@ class HostLocks:
     def guest_gone(self, guest_id: int) -> None:
         """Its vCPU's holds and waits end with it (or the others would wait forever)."""
         proc = guest_proc(guest_id)
-        self.hostmem.release_all(owner_name(proc, VCPU_TASK), vt_us=self._clock())
+        for owner in self._owners_of(proc):   # any task name it took or waits for the lock for
+            self.hostmem.release_all(owner, vt_us=self._clock())
+        self._forget_holds(guest_id)
         self.graph.drop_proc(proc)
+
+    def _owners_of(self, proc: str) -> list[str]:
+        owners = [self.hostmem.holder, *self.hostmem.waiting(), owner_name(proc, VCPU_TASK)]
+        return sorted({o for o in owners if o is not None and split_owner(o)[0] == proc})
+
+    def _forget_holds(self, guest_id: int) -> None:
+        for owner in [o for o, (g, _) in self._guest_holds.items() if g == guest_id]:
+            if not self.hostmem.held_by(owner):
+                del self._guest_holds[owner]
 
     # --- shootdowns ------------------------------------------------------------------------
 

@@ -55,11 +55,12 @@ from typing import Any, Awaitable, Callable, NamedTuple, Protocol
 import numpy as np
 
 from balloonlab.proto.costs import CostModel, DiskProfile
+from balloonlab.proto.tokens import KEEP_TOKEN
 
 from .errors import (BadBatch, BalloonLimit, DuplicateGuest, HostOutOfMemory, InvalidState,
                      InvariantViolation, UnknownGuest)
 from .framepool import FrameKind, FramePool
-from .hostswap import HostSwap
+from .hostswap import PENDING_TOKEN, HostSwap
 from .invariant import check_full
 from .p2m import P2M, PageState, as_page_numbers, one_page_number, one_token, unique_pages
 from .vdisk import CLUSTER_PAGES_DEFAULT, MAX_INFLIGHT_REQUESTS_DEFAULT, VirtualDisk
@@ -166,6 +167,7 @@ class HostMemory:
         self.rng = rng
         self.costs = costs or CostModel()
         self._shootdown_fn: Shootdown | None = shootdown
+        self._placeholders_settled: Callable[[int], Awaitable[None]] | None = None
         self._observer: MemoryObserver | None = observer    # the host's monitors, if any
         self._callout: Callable[[], Any] = callout or _no_callout   # see the module docstring
         self.low_watermark_frames = (max(1, total_frames // 100) if low_watermark_frames is None
@@ -181,7 +183,8 @@ class HostMemory:
         self._evictions_pending = 0
         self._eviction_settled = asyncio.Event()
 
-    def wire(self, *, shootdown: Shootdown | None = None, observer: MemoryObserver | None = None) -> None:
+    def wire(self, *, shootdown: Shootdown | None = None, observer: MemoryObserver | None = None,
+             placeholders_settled: Callable[[int], Awaitable[None]] | None = None) -> None:
         """Connect the collaborators that are built on host memory themselves (once each).
 
         The shootdown module and the monitors need host memory to exist
@@ -192,6 +195,9 @@ class HostMemory:
             if self._shootdown_fn is not None:
                 raise RuntimeError("host memory's shootdown is connected already")
             self._shootdown_fn = shootdown
+        if placeholders_settled is not None:
+            # gid -> until every deferred shootdown to it is answered (its placeholders hold content again)
+            self._placeholders_settled = placeholders_settled
         if observer is not None:
             if self._observer is not None:
                 raise RuntimeError("host memory's observer is connected already")
@@ -265,14 +271,17 @@ class HostMemory:
     async def ept_fault(self, guest_id: int, gpfns: np.ndarray | bytes, vt_us: float) -> tuple[np.ndarray, float]:
         """Back ``gpfns``; returns their content tokens (0 = fresh zero page) and the completion time.
 
-        Already backed gpfns just return the token the host stored (idempotent).
-        A ballooned gpfn is refused: the guest must deflate it first.
+        A gpfn already backed gets ``KEEP_TOKEN``: its frame was never taken,
+        so its content is what the guest last wrote, which the host does not
+        know (the token stored when it backed the frame is stale). The same
+        gpfn twice is refused (``BAD_FIELD``), as is a ballooned one: the
+        guest must deflate it first.
         """
         g = self._guest(guest_id)
         one = one_page_number(gpfns, guest_id, "gpfn", g.p2m.guest_pages)
         if one is not None:
             return await self._ept_fault_one(g, one, vt_us)
-        gpfns = as_page_numbers(gpfns, guest_id, "gpfn", g.p2m.guest_pages)
+        gpfns = as_page_numbers(gpfns, guest_id, "gpfn", g.p2m.guest_pages, unique=True)
         uniq = unique_pages(gpfns)
         start_us = float(vt_us)
         tried = False
@@ -284,6 +293,8 @@ class HostMemory:
             if np.any(self.pool.busy[g.p2m.loc[uniq[backed]]]):
                 # Its eviction is in flight: the guest may already have dropped it.
                 await self._wait_eviction_settled()
+                continue
+            if await self._placeholders_wait(g, uniq[state == PageState.SWAPPED]):
                 continue
             need = int(uniq.size - np.count_nonzero(backed))
             if self._room_ok(need, tried):
@@ -321,7 +332,10 @@ class HostMemory:
         c.swap_in_pages += int(swapped.size)
         gc.swap_in_pages += int(swapped.size)
         gc.ept_fault_swapins += int(swapped.size)
-        return self.pool.token[g.p2m.loc[gpfns]], done_us
+        tokens = self.pool.token[g.p2m.loc[gpfns]]
+        if todo.size != uniq.size:   # some were backed already: the guest holds their content, not us
+            tokens[np.isin(gpfns, uniq[backed])] = KEEP_TOKEN
+        return tokens, done_us
 
     async def _ept_fault_one(self, g: _Guest, gpfn: int, vt_us: float) -> tuple[np.ndarray, float]:
         """``ept_fault`` of one gpfn, in scalars: the same books, the same frame, the same times."""
@@ -337,6 +351,8 @@ class HostMemory:
             if backed and self.pool.busy[p2m.loc[gpfn]]:
                 # Its eviction is in flight: the guest may already have dropped it.
                 await self._wait_eviction_settled()
+                continue
+            if state == _SWAPPED and await self._placeholders_wait(g, np.array((gpfn,), np.int64)):
                 continue
             need = 0 if backed else 1
             if self._room_ok(need, tried):
@@ -381,8 +397,33 @@ class HostMemory:
             c.swap_in_pages += 1
             gc.swap_in_pages += 1
             gc.ept_fault_swapins += 1
+        if backed:   # the guest holds its content, not us (see ept_fault)
+            return np.array((KEEP_TOKEN,), np.uint64), done_us
         f = int(p2m.loc[gpfn])
         return self.pool.token[f:f + 1].copy(), done_us
+
+    async def _placeholders_wait(self, g: _Guest, swapped_gpfns: np.ndarray) -> bool:
+        """Wait if a slot of these gpfns still holds a deferred shootdown's placeholder; True if it waited.
+
+        The fault handler lets deferred shootdowns settle before it starts,
+        but one can begin while this fault waits for room (a silent guest's
+        memory is reclaimed at tick ends): a placeholder must never be handed
+        back as content, so the check is made here, where the slot is read.
+        """
+        if not swapped_gpfns.size:
+            return False
+        slots = g.p2m.loc[swapped_gpfns]
+        if not np.any(self.swap.token[slots] == PENDING_TOKEN):
+            return False
+        if self._placeholders_settled is None:
+            raise InvariantViolation(f"guest {g.guest_id}: a swap slot holds a placeholder and nothing settles it")
+        await self._placeholders_settled(g.guest_id)
+        if np.any(self.swap.token[g.p2m.loc[swapped_gpfns[g.p2m.state[swapped_gpfns] == PageState.SWAPPED]]]
+                  == PENDING_TOKEN):
+            # Settled, but the answer did not fill it (the guest failed the shootdown): the page is lost;
+            # hand it over as it is and let the guest's check say so, rather than wait for ever.
+            return False
+        return True
 
     def _refuse_ballooned(self, g: _Guest, gpfns: np.ndarray, state: np.ndarray) -> None:
         ballooned = state == PageState.BALLOONED

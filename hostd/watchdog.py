@@ -1,16 +1,18 @@
 """The host's watchdog: liveness only -- which guests have gone silent, and which are back.
 
-A guest is *unresponsive* (silent) once it has not finished a tick within
-``RunConfig.unresponsive_s`` wall seconds (a guest's first tick, which
-includes its start-up, gets at least ``FIRST_TICK_GRACE_S``): a stopped
-process (SIGSTOP), a guest that stopped reading its socket, a guest stuck
-in a loop. While the server waits for a tick's barrier, the watchdog
+Liveness is by heartbeat (``proto.liveness``). A guest is *unresponsive*
+(silent) once nothing at all has been heard from it, not even an answer to
+a ping, for ``RunConfig.unresponsive_s`` wall seconds (a guest's first
+tick, which includes its start-up, gets at least ``FIRST_TICK_GRACE_S``):
+a stopped process (SIGSTOP), a guest that stopped reading its socket, a
+hung loop. A guest that answers pings but sends nothing else for
+``STUCK_FACTOR`` times the bound while the host owes it no answer is
+*stuck*: it is cut off (``on_stuck``). A guest that is merely slow is
+neither: the tick waits for it. While the server waits for a tick's barrier, the watchdog
 reports the tick as stalled every ``watchdog_s`` wall seconds
 (``tick_stalled``) and, past the bound, takes silent guests out of the
 barrier (``guest_unresponsive``): they get no more ticks until they answer
-again. A guest waiting for the host to answer it is not silent -- the host
-may be waiting for another guest -- so it is given up on only after three
-times the bound. A silent guest that finishes its late tick is back
+again. A silent guest that finishes its late tick is back
 (``guest_responsive``) and rejoins the barrier at the next tick.
 
 What follows from a verdict is not the watchdog's business: it tells its
@@ -39,7 +41,7 @@ __all__ = ["Watchdog", "LivenessListener", "FIRST_TICK_GRACE_S"]
 log = structlog.get_logger("hostd.watchdog")
 
 FIRST_TICK_GRACE_S = 10.0   # a guest's first tick may take this long before it counts as unresponsive
-_WAITING_FOR_HOST_FACTOR = 3   # a guest the host owes an answer is given up on only after this many bounds
+STUCK_FACTOR = 3.0            # alive but doing nothing this many times the bound: cut off
 
 
 class LivenessListener(Protocol):
@@ -68,6 +70,8 @@ class Watchdog:
         self.unresponsive_s = unresponsive_s
         self.owes_host = owes_host       # gid -> the guest owes the host an answer (a deferred shootdown to it)
         self.on_stalled = on_stalled       # progress line for the launcher
+        # gid, why -> cut the guest off (the server's): it is alive but stuck, and the others must go on
+        self.on_stuck: Callable[[int, str], None] | None = None
 
     def bound_s(self, guest_id: int) -> float:
         """How long the barrier waits for ``guest_id``: a guest's first tick includes its start-up, so it gets more."""
@@ -83,31 +87,65 @@ class Watchdog:
                 and not self.owes_host(guest_id))
 
     async def watch(self, tick: int, barrier: set[int], done: asyncio.Future) -> None:
-        """Wait until ``done``, reporting stalls and taking silent guests out of ``barrier`` meanwhile."""
+        """Wait until ``done``, reporting stalls and judging the guests still in ``barrier`` meanwhile."""
         started = time.monotonic()
+        next_report = started + self.watchdog_s
         while True:
-            waited = time.monotonic() - started
-            bound = min(self.bound_s(gid) for gid in barrier)
-            timeout = self.watchdog_s if waited >= bound else min(self.watchdog_s, bound - waited)
+            now = time.monotonic()
+            wake = min([next_report, *(self._judgement_due(gid, started) for gid in barrier)])
             try:
-                await asyncio.wait_for(asyncio.shield(done), max(0.01, timeout))
+                await asyncio.wait_for(asyncio.shield(done), max(0.01, wake - now))
                 return
             except asyncio.TimeoutError:
-                waited = time.monotonic() - started
+                now = time.monotonic()
+                waited = now - started
                 missing = sorted(barrier)
-                log.warning(ev.TICK_STALLED, tick=tick, waited_s=round(waited, 3), missing=missing)
-                if self.on_stalled is not None:
-                    self.on_stalled({"stalled": tick, "missing": missing, "waited_s": round(waited, 1)})
+                if now >= next_report:
+                    next_report = now + self.watchdog_s
+                    log.warning(ev.TICK_STALLED, tick=tick, waited_s=round(waited, 3), missing=missing)
+                    if self.on_stalled is not None:
+                        self.on_stalled({"stalled": tick, "missing": missing, "waited_s": round(waited, 1)})
                 for gid in missing:
-                    bound = self.bound_s(gid)
-                    # A guest waiting for the host to answer it is not silent: the host may be
-                    # waiting for another guest. Once that one is marked, its shootdowns stop
-                    # blocking; only much later is a waiting guest given up on too.
-                    if waited >= bound and (not self.waits_for_host(gid)
-                                            or waited >= _WAITING_FOR_HOST_FACTOR * bound):
-                        self.mark_silent(gid, tick, barrier)
+                    self._judge(gid, tick, barrier, started)
                 if not barrier:
                     return
+
+    def _quiet_s(self, guest_id: int, started: float) -> tuple[float, float]:
+        """Wall seconds the guest has been silent, and inactive (only heartbeats), within this tick."""
+        s = self.sessions[guest_id]
+        loop_now = asyncio.get_running_loop().time()
+        since = loop_now - (time.monotonic() - started)   # the tick's start, on the loop's clock
+        return loop_now - max(s.conn.heard_at, since), loop_now - max(s.conn.active_at, since)
+
+    def _judgement_due(self, guest_id: int, started: float) -> float:
+        """When (time.monotonic) the barrier must next look at ``guest_id``: its silence or idleness bound."""
+        if guest_id not in self.sessions:
+            return time.monotonic()
+        silent, idle = self._quiet_s(guest_id, started)
+        bound = self.bound_s(guest_id)
+        # While the host owes it an answer it is not stuck; look again a little later.
+        stuck_in = bound / 4 if self.waits_for_host(guest_id) else STUCK_FACTOR * bound - idle
+        return time.monotonic() + max(0.0, min(bound - silent, max(stuck_in, 0.05)))
+
+    def _judge(self, guest_id: int, tick: int, barrier: set[int], started: float) -> None:
+        """Liveness by heartbeat: a silent guest leaves the barrier; one alive but doing nothing is cut off.
+
+        Silent: nothing at all heard from it (not even an answer to a ping)
+        for the bound: stopped, or its loop hung; it comes back when it
+        answers. Stuck: it answers pings but sends nothing else for
+        ``STUCK_FACTOR`` times the bound while the host owes it no answer. A
+        guest that is merely slow does neither: the tick waits for it.
+        """
+        if guest_id not in self.sessions:
+            barrier.discard(guest_id)
+            return
+        silent, idle = self._quiet_s(guest_id, started)
+        bound = self.bound_s(guest_id)
+        if silent >= bound:
+            self.mark_silent(guest_id, tick, barrier)
+        elif idle >= STUCK_FACTOR * bound and not self.waits_for_host(guest_id) and self.on_stuck is not None:
+            self.on_stuck(guest_id, f"alive (it answers pings) but it sent nothing else for {idle:.0f} s "
+                                    f"in tick {tick}, and the host owed it no answer")
 
     def mark_silent(self, guest_id: int, tick: int, barrier: set[int]) -> None:
         s = self.sessions.get(guest_id)
@@ -115,7 +153,8 @@ class Watchdog:
             return
         s.unresponsive = True
         barrier.discard(guest_id)
-        log.warning(ev.GUEST_UNRESPONSIVE, guest=guest_id, tick=tick, waited_s=self.unresponsive_s)
+        log.warning(ev.GUEST_UNRESPONSIVE, guest=guest_id, tick=tick, waited_s=self.unresponsive_s,
+                    silent_s=round(asyncio.get_running_loop().time() - s.conn.heard_at, 3))
         self.listener.guest_silent(guest_id)
         flush_log()  # an operator (or a test) waits for this line; it must not sit in a buffer
 

@@ -25,7 +25,7 @@ class ErrorCode(IntEnum):
     VERSION_MISMATCH = 10    # handshake: protocol version not supported
     UNKNOWN_GUEST = 11       # handshake: guest id not in this run
     DUPLICATE_GUEST = 12     # handshake: guest id already connected
-    BAD_TOKEN = 13           # handshake: token does not match the run's
+    BAD_TOKEN = 13           # handshake: the token is not that guest id's credential
     NOT_AUTHENTICATED = 14   # a request before the handshake completed
     NOT_OWNER = 20           # a page or block that is not this guest's
     OUT_OF_RANGE = 21        # gpfn / block number outside the guest's range

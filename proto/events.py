@@ -65,5 +65,6 @@ AUDIT_REPORTED = "audit_reported"        # guest: ram_pages, disk_pages, balloon
 FAULT_POINT_REACHED = "fault_point_reached"  # point, occurrence, pid, mm_lock_held: the process stops itself here
 FAULT_INJECTED = "fault_injected"        # target, pid, signal, tick: written to faults.jsonl by an injector
 GUEST_THROTTLED = "guest_throttled"      # guest, send_buffer_bytes: it does not read; the host stops reading it
+GUEST_CUT_OFF = "guest_cut_off"          # guest, reason, tick: alive but stuck, or holding what others need; disconnected
 
 __all__ = [name for name in dir() if name.isupper()]

@@ -2,22 +2,64 @@
 
 The length is checked against the maximum *before* any of the body is
 buffered, so an oversized frame costs the reader four bytes, not the frame.
+
+What a frame may cost once decoded is bounded too (``DecodeLimits``): a
+4 MiB body of one-byte empty maps would otherwise become four million
+Python dicts (~300 MiB). A receiver that does not trust its peer caps the
+maps and arrays per frame, their lengths and the length of each string.
 """
 from __future__ import annotations
 
+import functools
 import struct
+from dataclasses import dataclass
 from typing import Any
 
 import msgpack
 
 from .errors import FrameTooLarge, TruncatedFrame, UndecodableFrame
 
-__all__ = ["HEADER_BYTES", "MAX_FRAME_BYTES_DEFAULT", "encode_frame", "FrameEncoder", "FrameDecoder"]
+__all__ = ["HEADER_BYTES", "MAX_FRAME_BYTES_DEFAULT", "DecodeLimits", "encode_frame", "FrameEncoder", "FrameDecoder"]
 
 HEADER_BYTES = 4
 MAX_FRAME_BYTES_DEFAULT = 4 * 1024 * 1024
 _HEADER = struct.Struct(">I")
 _SLICE_MAX_BYTES = 64 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class DecodeLimits:
+    """What one decoded frame may hold: a bound on memory, not only on bytes.
+
+    ``max_containers`` counts maps and arrays in one frame (the envelope and
+    its body are two); ``max_container_len`` is the most entries of one map
+    or array; ``max_str_bytes`` the longest string. ``bin`` values are one
+    object each, bounded by the frame size. So one frame decodes to at most
+    ``max_containers * max_container_len`` scalars, whatever its bytes say.
+    """
+
+    max_containers: int = 1024
+    max_container_len: int = 256
+    max_str_bytes: int = 64 * 1024
+
+
+class _TooManyContainers(Exception):
+    pass
+
+
+class _ContainerCount:
+    """The hook msgpack calls for every map and array decoded: counts them against a budget."""
+
+    __slots__ = ("left",)
+
+    def __init__(self) -> None:
+        self.left = 0
+
+    def __call__(self, obj: Any) -> Any:
+        self.left -= 1
+        if self.left < 0:
+            raise _TooManyContainers()
+        return obj
 
 
 def encode_frame(obj: Any, max_frame_bytes: int = MAX_FRAME_BYTES_DEFAULT) -> bytes:
@@ -28,24 +70,38 @@ def encode_frame(obj: Any, max_frame_bytes: int = MAX_FRAME_BYTES_DEFAULT) -> by
     return _HEADER.pack(len(body)) + body
 
 
+_PACKER_BUF_BYTES = 4096         # a Packer's buffer to start with (msgpack's default is 256 KiB)
+_PACKER_KEEP_BYTES = 64 * 1024   # after a bigger body the Packer is replaced: its buffer never shrinks
+
+
+def _packer() -> Any:
+    return msgpack.Packer(use_bin_type=True, buf_size=_PACKER_BUF_BYTES).pack
+
+
 class FrameEncoder:
     """``encode_frame`` with a reusable msgpack ``Packer``: one per connection.
 
     ``msgpack.packb`` builds a new Packer on every call, which costs more
     than packing a small envelope. A Packer is not thread-safe, hence one
-    per connection rather than one per module.
+    per connection rather than one per module. Its buffer grows to the
+    largest body it packed and stays that big, so after a big one it is
+    replaced: an idle connection holds 4 KiB here, not what it once sent
+    (a host with hundreds of connections, many of them short-lived, would
+    otherwise keep megabytes per connection).
     """
 
     __slots__ = ("max_frame_bytes", "_pack")
 
     def __init__(self, max_frame_bytes: int = MAX_FRAME_BYTES_DEFAULT) -> None:
         self.max_frame_bytes = max_frame_bytes
-        self._pack = msgpack.Packer(use_bin_type=True).pack
+        self._pack = _packer()
 
     def encode(self, obj: Any) -> bytes:
         """Pack ``obj`` and prefix its length; ``FrameTooLarge`` if the peer would refuse it."""
         body = self._pack(obj)
         size = len(body)
+        if size > _PACKER_KEEP_BYTES:
+            self._pack = _packer()
         if size > self.max_frame_bytes:
             raise FrameTooLarge(size, self.max_frame_bytes)
         return _HEADER.pack(size) + body
@@ -59,12 +115,27 @@ class FrameDecoder:
     undecodable body was consumed whole, so decoding goes on after it.
     """
 
-    __slots__ = ("max_frame_bytes", "_buf", "_failed")
+    __slots__ = ("max_frame_bytes", "limits", "sizes", "_buf", "_failed", "_count", "_unpack")
 
-    def __init__(self, max_frame_bytes: int = MAX_FRAME_BYTES_DEFAULT) -> None:
+    def __init__(self, max_frame_bytes: int = MAX_FRAME_BYTES_DEFAULT, limits: DecodeLimits | None = None) -> None:
         self.max_frame_bytes = max_frame_bytes
         self._buf = bytearray()
         self._failed: FrameTooLarge | None = None
+        self.sizes: list[int] = []   # body bytes of each frame the last ``feed`` returned, in order
+        self._count = _ContainerCount()
+        self.limits: DecodeLimits | None = None
+        self._unpack: Any = None
+        self.set_limits(limits)
+
+    def set_limits(self, limits: DecodeLimits | None) -> None:
+        """Bound what a frame may decode to (None: only by its size)."""
+        self.limits = limits
+        kw: dict[str, Any] = {"raw": False, "strict_map_key": False}
+        if limits is not None:
+            kw.update(max_array_len=limits.max_container_len, max_map_len=limits.max_container_len,
+                      max_str_len=limits.max_str_bytes, max_ext_len=0,
+                      list_hook=self._count, object_hook=self._count)
+        self._unpack = functools.partial(msgpack.unpackb, **kw)
 
     def feed(self, data: bytes) -> list[Any]:
         """Append ``data``; return every complete frame, in order.
@@ -76,6 +147,7 @@ class FrameDecoder:
         """
         if self._failed is not None:
             raise self._failed
+        sizes = self.sizes = []
         buf = self._buf
         if buf:
             buf += data
@@ -95,7 +167,9 @@ class FrameDecoder:
         # are decoded straight from it. A small body is sliced (a copy of a
         # few bytes is cheaper than a memoryview); a large one is viewed.
         view = memoryview(data) if len(data) > _SLICE_MAX_BYTES else data
-        unpackb = msgpack.unpackb
+        unpackb = self._unpack
+        count = self._count
+        max_containers = self.limits.max_containers if self.limits is not None else 0
         max_frame = self.max_frame_bytes
         out: list[Any] = []
         pos = 0
@@ -105,14 +179,20 @@ class FrameDecoder:
             if size > max_frame:
                 self._failed = FrameTooLarge(size, max_frame)
                 out.append(self._failed)
+                sizes.append(size)
                 return out
             end = pos + HEADER_BYTES + size
             if end > n:
                 break
+            count.left = max_containers
             try:
-                out.append(unpackb(view[pos + HEADER_BYTES:end], raw=False, strict_map_key=False))
+                out.append(unpackb(view[pos + HEADER_BYTES:end]))
+            except _TooManyContainers:
+                out.append(UndecodableFrame(f"frame of {size} bytes holds more than {max_containers} maps and "
+                                            f"arrays (the most this receiver decodes from one frame)"))
             except Exception as exc:  # msgpack raises several unrelated types
                 out.append(UndecodableFrame(f"frame of {size} bytes is not valid msgpack: {exc}"))
+            sizes.append(size)
             pos = end
         if pos < n:
             buf += view[pos:]

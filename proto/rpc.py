@@ -12,9 +12,24 @@ Call order of one connection::
 
 Backpressure: at most ``max_outstanding`` requests of ours in flight
 (callers wait for a slot); at most ``max_incoming`` of the peer's handled at
-once (beyond that the peer gets ``OVERLOADED``); writes pause at the
-transport's high-water mark (``drain()``), and a peer that lets our send
-buffer grow past ``hard_limit_bytes`` is disconnected.
+once, holding at most ``max_incoming_bytes`` of their frames (and, with a
+shared ``ByteBudget``, at most its bytes over every connection); beyond that
+the peer gets ``OVERLOADED``. Writes pause at the transport's high-water mark
+(``drain()``), and a peer that lets our send buffer grow past
+``hard_limit_bytes`` is disconnected. What one frame may decode to is
+bounded by ``DecodeLimits``.
+
+Liveness is not a per-call timeout: calls wait as long as the peer is alive
+(``proto.liveness.Heartbeat`` proves it), unless the caller gives a timeout.
+``heard_at`` is when the peer last sent anything, ``active_at`` when it last
+sent a message that was served: a request or notification its handler
+took, an answer to one of ours -- not a heartbeat, not garbage or refusals.
+
+Events a peer causes (bad frames, error frames, failed handlers) are
+counted in full (``peer_events``) and logged only at counts 1-10, 100,
+1000, ...: a flood must not flood the log. A server shares one count over
+all its connections (``shared_events``), so that many connections cannot
+each log their first ten.
 """
 from __future__ import annotations
 
@@ -28,10 +43,10 @@ import structlog
 
 from .errors import (ErrorCode, FrameTooLarge, MessageError, PeerClosed, ProtoError,
                      RemoteError, RpcTimeout, TruncatedFrame, UndecodableFrame)
-from .framing import MAX_FRAME_BYTES_DEFAULT, FrameDecoder, FrameEncoder
+from .framing import MAX_FRAME_BYTES_DEFAULT, DecodeLimits, FrameDecoder, FrameEncoder
 from .messages import NOTIFICATIONS, REQUESTS, Kind, Message, MsgType
 
-__all__ = ["RpcConnection", "RequestHandler", "NotifyHandler", "RpcLimits"]
+__all__ = ["RpcConnection", "RequestHandler", "NotifyHandler", "RpcLimits", "ByteBudget", "should_log_count"]
 
 RequestHandler = Callable[[Message], "Message | Awaitable[Message]"]
 NotifyHandler = Callable[[Message], "None | Awaitable[None]"]
@@ -46,29 +61,76 @@ _REQUEST_TABLE: dict[int, tuple[MsgType, type[Message], type[Message]]] = {
 _NOTIFY_TABLE: dict[int, tuple[MsgType, type[Message]]] = {int(t): (t, cls) for t, cls in NOTIFICATIONS.items()}
 _WIRE_TYPE: dict[MsgType, int] = {t: int(t) for t in MsgType}  # MsgType -> its wire int
 _CALL_INFO: dict[MsgType, tuple[int, type[Message]]] = {t: (int(t), reply) for t, (_, reply) in REQUESTS.items()}
+_PING = int(MsgType.PING)
 # A coalesced batch is written once it reaches either bound. Small batches
 # keep both ends busy at once (the peer starts on the first frames while we
 # still produce the rest); whole-window batches would make them take turns.
 _CORK_MAX_FRAMES = 16
 _CORK_MAX_BYTES = 64 * 1024
 _TIMER_SLACK_S = 0.001
+_LOG_FIRST = 10   # a peer-caused event is logged at counts 1..10, then at 100, 1000, ...
+
+
+def should_log_count(n: int) -> bool:
+    """Log the ``n``-th occurrence of a peer-caused event? The first few, then each power of ten."""
+    return n <= _LOG_FIRST or (n >= 100 and str(n).rstrip("0") == "1")
+
+
+class ByteBudget:
+    """Bytes shared by many connections (e.g. every guest's requests in progress on the host)."""
+
+    __slots__ = ("limit_bytes", "used_bytes", "refused")
+
+    def __init__(self, limit_bytes: int) -> None:
+        self.limit_bytes = limit_bytes
+        self.used_bytes = 0
+        self.refused = 0
+
+    def take(self, n: int) -> bool:
+        if self.used_bytes + n > self.limit_bytes:
+            self.refused += 1
+            return False
+        self.used_bytes += n
+        return True
+
+    def give(self, n: int) -> None:
+        self.used_bytes -= n
 
 
 class RpcLimits:
-    """Per-connection bounds; every queue on a connection is bounded by one of these."""
+    """Per-connection bounds; every queue on a connection is bounded by one of these.
+
+    ``timeout_s`` is the default of ``call``: 0 waits for the answer as long
+    as the connection lives (liveness is the heartbeat's job).
+    ``max_incoming_bytes``: frame bytes of the peer's requests in progress;
+    ``budget``: the same, shared with other connections. A connection with
+    nothing in progress always gets one request through, so a peer is never
+    starved by the others. ``decode``: what one frame may decode to (None:
+    only its size bounds it; for peers we trust).
+    """
 
     __slots__ = ("max_frame_bytes", "max_outstanding", "max_incoming", "high_water_bytes",
-                 "hard_limit_bytes", "timeout_s")
+                 "hard_limit_bytes", "timeout_s", "max_incoming_bytes", "budget", "decode")
 
     def __init__(self, *, max_frame_bytes: int = MAX_FRAME_BYTES_DEFAULT, max_outstanding: int = 256,
                  max_incoming: int = 256, high_water_bytes: int = 1 << 20,
-                 hard_limit_bytes: int = 64 << 20, timeout_s: float = 30.0) -> None:
+                 hard_limit_bytes: int = 32 << 20, timeout_s: float = 0.0,
+                 max_incoming_bytes: int = 16 << 20, budget: ByteBudget | None = None,
+                 decode: DecodeLimits | None = None) -> None:
         self.max_frame_bytes = max_frame_bytes
         self.max_outstanding = max_outstanding
         self.max_incoming = max_incoming
         self.high_water_bytes = high_water_bytes
         self.hard_limit_bytes = hard_limit_bytes
         self.timeout_s = timeout_s
+        self.max_incoming_bytes = max_incoming_bytes
+        self.budget = budget
+        self.decode = decode
+
+    def replace(self, **changes: Any) -> "RpcLimits":
+        values = {name: getattr(self, name) for name in self.__slots__}
+        values.update(changes)
+        return RpcLimits(**values)
 
 
 class RpcConnection(asyncio.Protocol):
@@ -77,14 +139,15 @@ class RpcConnection(asyncio.Protocol):
     def __init__(self, *, name: str = "peer", limits: RpcLimits | None = None,
                  requests: Mapping[MsgType, RequestHandler] | None = None,
                  notifications: Mapping[MsgType, NotifyHandler] | None = None,
-                 on_close: Callable[["RpcConnection", BaseException | None], None] | None = None) -> None:
+                 on_close: Callable[["RpcConnection", BaseException | None], None] | None = None,
+                 shared_events: dict[str, int] | None = None) -> None:
         self.name = name
         self.limits = limits or RpcLimits()
         self.requests: dict[MsgType, RequestHandler] = dict(requests or {})
         self.notifications: dict[MsgType, NotifyHandler] = dict(notifications or {})
         self.on_close = on_close
         self.transport: asyncio.Transport | None = None
-        self._decoder = FrameDecoder(self.limits.max_frame_bytes)
+        self._decoder = FrameDecoder(self.limits.max_frame_bytes, self.limits.decode)
         self._encoder = FrameEncoder(self.limits.max_frame_bytes)
         self._encode = self._encoder.encode
         self._ids = itertools.count(1)
@@ -105,6 +168,11 @@ class RpcConnection(asyncio.Protocol):
         self._corked_bytes = 0
         self._replies_delivered = 0
         self._incoming = 0
+        self._incoming_bytes = 0          # frame bytes of the peer's requests in progress
+        self._receiving = True            # False once we stopped listening (stop_receiving)
+        self._active = False              # a message was served in the current batch (not a heartbeat, not garbage)
+        self.heard_at = 0.0               # loop time the peer last sent anything
+        self.active_at = 0.0              # ... anything but a heartbeat (Ping or its Pong)
         self._tasks: set[asyncio.Task] = set()
         self._can_write: asyncio.Event | None = None
         self._writable = True  # mirrors _can_write, without a method call per request
@@ -114,12 +182,16 @@ class RpcConnection(asyncio.Protocol):
         self.errors_sent = 0
         self.errors_received = 0
         self.stray_replies = 0
+        self.peer_events: dict[str, int] = {}   # event name -> times this peer caused it (logged or not)
+        # The same over every connection of a server, if it keeps one; logging follows this count.
+        self.shared_events = shared_events
 
     # --- asyncio.Protocol ---------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         loop = self._loop = asyncio.get_running_loop()
         self.transport = transport  # type: ignore[assignment]
+        self.heard_at = self.active_at = loop.time()
         self._can_write = asyncio.Event()
         self._can_write.set()
         self._closed = loop.create_future()
@@ -140,8 +212,15 @@ class RpcConnection(asyncio.Protocol):
             self._can_write.set()  # wake drainers; they will see the closed transport
         if self._closed is not None and not self._closed.done():
             self._closed.set_result(None)
-        if self.on_close is not None:
-            self.on_close(self, exc)
+        on_close, self.on_close = self.on_close, None
+        if on_close is not None:
+            on_close(self, exc)
+        # Handlers are closures over whoever owns this connection (a session that holds the
+        # connection in turn): drop them, so a closed connection is freed now, by its reference
+        # count, not at some later full collection of cyclic garbage.
+        self.requests = {}
+        self.notifications = {}
+        self._decoder = FrameDecoder(self.limits.max_frame_bytes, self.limits.decode)
 
     def pause_writing(self) -> None:
         assert self._can_write is not None
@@ -154,18 +233,26 @@ class RpcConnection(asyncio.Protocol):
         self._can_write.set()
 
     def data_received(self, data: bytes) -> None:
+        if not self._receiving:
+            return
+        now = self.heard_at = self._loop.time()  # type: ignore[union-attr]
         try:
             items = self._decoder.feed(data)
         except FrameTooLarge:
             return  # already reported when first seen; the connection is closing
+        self._active = False
         if self._corked is not None:  # a batch is already collecting
-            self._receive(items)
+            self._receive(items, self._decoder.sizes)
+            if self._active:
+                self.active_at = now
             return
         self._corked = []
         self._replies_delivered = 0
         try:
-            self._receive(items)
+            self._receive(items, self._decoder.sizes)
         finally:
+            if self._active:
+                self.active_at = now
             if self._replies_delivered > 1 and not self.is_closing:
                 # Several callers were woken: their next requests, written
                 # when they run right after this callback, go out together.
@@ -175,8 +262,10 @@ class RpcConnection(asyncio.Protocol):
                     self._flush_corked()
                 self._corked = None
 
-    def _receive(self, items: list[Any]) -> None:
-        for item in items:
+    def _receive(self, items: list[Any], sizes: list[int]) -> None:
+        for item, size in zip(items, sizes):
+            if not self._receiving:
+                return   # we stopped listening (a refused handshake): what follows is not answered
             # Fast path for well-formed replies and requests; everything
             # else (notifications, errors, bad envelopes) goes to _dispatch.
             if type(item) is list and len(item) == 4:
@@ -186,27 +275,36 @@ class RpcConnection(asyncio.Protocol):
                         self._on_reply(_REPLY, req_id, body)
                         continue
                     if kind == _REQUEST and type(kind) is int and req_id > 0:
-                        self._on_request(req_id, raw_type, body)
+                        self._on_request(req_id, raw_type, body, size)
                         continue
-                self._dispatch(item)
+                self._dispatch(item, size)
                 continue
             if isinstance(item, FrameTooLarge):
                 self._send_error(0, 0, ErrorCode.BAD_FRAME, str(item))
-                log.warning("frame_rejected", peer=self.name, reason=str(item))
+                self.peer_event("frame_rejected", reason=str(item))
                 self.close()
                 return
             if isinstance(item, UndecodableFrame):
                 self._send_error(0, 0, ErrorCode.BAD_FRAME, str(item))
-                log.warning("frame_rejected", peer=self.name, reason=str(item))
+                self.peer_event("frame_rejected", reason=str(item))
                 continue
-            self._dispatch(item)
+            self._dispatch(item, size)
 
     def eof_received(self) -> bool | None:
         try:
             self._decoder.check_eof()
         except TruncatedFrame as exc:
-            log.warning("frame_rejected", peer=self.name, reason=str(exc))
+            self.peer_event("frame_rejected", reason=str(exc))
         return None  # close our side too
+
+    def peer_event(self, event: str, level: str = "warning", **fields: Any) -> None:
+        """Count an event this peer caused; log it only at counts 1-10, 100, 1000, ... (of all peers, if shared)."""
+        n = self.peer_events[event] = self.peer_events.get(event, 0) + 1
+        shared = self.shared_events
+        if shared is not None:
+            n = shared[event] = shared.get(event, 0) + 1
+        if should_log_count(n):
+            getattr(log, level)(event, peer=self.name, count=n, **fields)
 
     # --- public API ---------------------------------------------------------
 
@@ -219,7 +317,9 @@ class RpcConnection(asyncio.Protocol):
 
         At most ``limits.max_outstanding`` calls are in flight; later callers
         wait, first come first served. ``timeout_s`` (default
-        ``limits.timeout_s``; 0 = none) raises ``RpcTimeout``.
+        ``limits.timeout_s``; 0 = none: as long as the connection lives)
+        raises ``RpcTimeout``; it bounds the whole call, the wait for room in
+        a full send buffer included.
         """
         if self.is_closing:
             raise PeerClosed(f"connection to {self.name} is closed")
@@ -248,7 +348,7 @@ class RpcConnection(asyncio.Protocol):
             try:
                 self._write([_REQUEST, req_id, wire_type, msg.to_body()])
                 if not self._writable:
-                    await self.drain()
+                    await self._drain_or(fut)
                 return await fut
             finally:
                 # Normally the reply already removed the entry. A cancelled
@@ -286,6 +386,15 @@ class RpcConnection(asyncio.Protocol):
             raise PeerClosed(f"connection to {self.name} is closed")
         self._write([_NOTIFY, 0, _WIRE_TYPE[msg.TYPE], msg.to_body()])
 
+    async def _drain_or(self, fut: asyncio.Future) -> None:
+        """Wait for room in the send buffer, or until ``fut`` is done (answered, timed out, closed)."""
+        assert self._can_write is not None
+        room = asyncio.ensure_future(self._can_write.wait())
+        try:
+            await asyncio.wait((room, fut), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            room.cancel()
+
     async def drain(self) -> None:
         """Wait until the send buffer is below its high-water mark."""
         assert self._can_write is not None
@@ -298,6 +407,19 @@ class RpcConnection(asyncio.Protocol):
         assert self.transport is not None
         self._flush_corked()
         self.transport.write(data)
+
+    def stop_receiving(self) -> None:
+        """Read nothing more from the peer, not even frames already received; then ``close``.
+
+        After a refusal (a bad handshake) whatever the peer pipelined behind
+        it must not be answered.
+        """
+        self._receiving = False
+        if self.transport is not None and not self.transport.is_closing():
+            try:
+                self.transport.pause_reading()
+            except RuntimeError:
+                pass
 
     def close(self) -> None:
         """Close after everything written so far has been sent."""
@@ -319,6 +441,11 @@ class RpcConnection(asyncio.Protocol):
     @property
     def outstanding(self) -> int:
         return len(self._pending)
+
+    @property
+    def incoming_bytes(self) -> int:
+        """Frame bytes of the peer's requests we are still working on."""
+        return self._incoming_bytes
 
     # --- internals ----------------------------------------------------------
 
@@ -354,8 +481,8 @@ class RpcConnection(asyncio.Protocol):
             return  # aborted meanwhile (hard limit, peer gone): nothing more goes out
         transport.write(data)
         if transport.get_write_buffer_size() > self.limits.hard_limit_bytes:
-            log.warning("peer_disconnected", peer=self.name,
-                        reason=f"send buffer above {self.limits.hard_limit_bytes} bytes: peer is not reading")
+            self.peer_event("peer_disconnected",
+                            reason=f"send buffer above {self.limits.hard_limit_bytes} bytes: peer is not reading")
             transport.abort()
 
     def _send_error(self, req_id: int, msg_type: int, code: int, message: str) -> None:
@@ -390,7 +517,7 @@ class RpcConnection(asyncio.Protocol):
         if later:
             self._arm_timeouts(min(later))
 
-    def _dispatch(self, item: Any) -> None:
+    def _dispatch(self, item: Any, size: int = 0) -> None:
         """Route one decoded frame, or answer why it is not a valid envelope."""
         if type(item) is not list or len(item) != 4:
             self._send_error(0, 0, ErrorCode.BAD_FRAME, "envelope must be an array [kind, id, type, body]")
@@ -403,15 +530,37 @@ class RpcConnection(asyncio.Protocol):
             if req_id <= 0:  # id 0 marks errors tied to no request; a reply to it would be lost
                 self._send_error(0, raw_type, ErrorCode.BAD_FRAME, f"request id must be >= 1, got {req_id}")
                 return
-            self._on_request(req_id, raw_type, body)
+            self._on_request(req_id, raw_type, body, size)
         elif kind == _REPLY or kind == _ERROR:
             self._on_reply(kind, req_id, body)
         elif kind == _NOTIFY:
-            self._on_notify(raw_type, body)
+            self._on_notify(raw_type, body, size)
         else:
             self._send_error(req_id, raw_type, ErrorCode.BAD_FRAME, f"unknown envelope kind {kind}")
 
-    def _on_request(self, req_id: int, raw_type: int, body: Any) -> None:
+    def _room_for(self, size: int) -> str | None:
+        """Why a request of ``size`` frame bytes cannot be taken on now, or None (and it is charged)."""
+        if self._incoming >= self.limits.max_incoming:
+            return f"more than {self.limits.max_incoming} requests outstanding"
+        if self._incoming:   # one request at a time always gets through
+            if self._incoming_bytes + size > self.limits.max_incoming_bytes:
+                return (f"requests in progress hold {self._incoming_bytes} bytes; {size} more would pass "
+                        f"this connection's {self.limits.max_incoming_bytes}")
+        budget = self.limits.budget
+        if budget is not None and not budget.take(size):
+            if self._incoming:
+                return (f"requests in progress on every connection hold {budget.used_bytes} bytes; {size} more "
+                        f"would pass the {budget.limit_bytes} they share")
+            budget.used_bytes += size   # the one request every connection may have
+        self._incoming_bytes += size
+        return None
+
+    def _release(self, size: int) -> None:
+        self._incoming_bytes -= size
+        if self.limits.budget is not None:
+            self.limits.budget.give(size)
+
+    def _on_request(self, req_id: int, raw_type: int, body: Any, size: int = 0) -> None:
         entry = _REQUEST_TABLE.get(raw_type)
         if entry is None:
             self._send_error(req_id, raw_type, ErrorCode.UNKNOWN_TYPE, f"unknown request type {raw_type}")
@@ -422,28 +571,34 @@ class RpcConnection(asyncio.Protocol):
             self._send_error(req_id, raw_type, self._refusal_code(msg_type),
                              f"{msg_type.name.lower()} is not accepted here now")
             return
-        if self._incoming >= self.limits.max_incoming:
-            self._send_error(req_id, raw_type, ErrorCode.OVERLOADED,
-                             f"more than {self.limits.max_incoming} requests outstanding")
+        full = self._room_for(size)
+        if full is not None:
+            self._send_error(req_id, raw_type, ErrorCode.OVERLOADED, full)
             return
         try:
             msg = req_cls.from_body(body)
         except MessageError as exc:
+            self._release(size)
             self._send_error(req_id, raw_type, exc.code, str(exc))
             return
+        if raw_type != _PING:
+            self._active = True
         try:
             result = handler(msg)
         except Exception as exc:
+            self._release(size)
             self._reply_exception(req_id, raw_type, exc)
             return
         if isinstance(result, Message):  # a plain handler: answer now, no task
+            self._release(size)
             self._reply(req_id, raw_type, result)
         elif inspect.isawaitable(result):
             self._incoming += 1
             task = asyncio.ensure_future(result)
             self._tasks.add(task)
-            task.add_done_callback(lambda t, i=req_id, r=raw_type: self._request_done(t, i, r))
+            task.add_done_callback(lambda t, i=req_id, r=raw_type, n=size: self._request_done(t, i, r, n))
         else:
+            self._release(size)
             self._reply(req_id, raw_type, result)
 
     def _refusal_code(self, msg_type: MsgType) -> ErrorCode:
@@ -453,9 +608,10 @@ class RpcConnection(asyncio.Protocol):
             return ErrorCode.NOT_AUTHENTICATED
         return ErrorCode.UNKNOWN_TYPE
 
-    def _request_done(self, task: asyncio.Task, req_id: int, raw_type: int) -> None:
+    def _request_done(self, task: asyncio.Task, req_id: int, raw_type: int, size: int = 0) -> None:
         self._tasks.discard(task)
         self._incoming -= 1
+        self._release(size)
         if task.cancelled():
             self._send_error(req_id, raw_type, ErrorCode.SHUTTING_DOWN, "request cancelled")
             return
@@ -484,8 +640,8 @@ class RpcConnection(asyncio.Protocol):
         if isinstance(code, int) and not isinstance(code, bool):
             self._send_error(req_id, raw_type, code, str(exc))
             return
-        log.error("request_failed", peer=self.name, msg_type=raw_type,
-                  exc_info=(type(exc), exc, exc.__traceback__))
+        self.peer_event("request_failed", level="error", msg_type=raw_type,
+                        exc_info=(type(exc), exc, exc.__traceback__))
         self._send_error(req_id, raw_type, ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}")
 
     def _on_reply(self, kind: int, req_id: int, body: Any) -> None:
@@ -497,7 +653,9 @@ class RpcConnection(asyncio.Protocol):
             else:
                 self.stray_replies += 1
             return
-        fut, _, reply_cls, _, _ = entry
+        fut, msg_type, reply_cls, _, _ = entry
+        if msg_type is not MsgType.PING:
+            self._active = True
         if fut.done():
             return
         if kind == _ERROR:
@@ -514,9 +672,9 @@ class RpcConnection(asyncio.Protocol):
             fut.set_exception(exc)
 
     def _log_peer_error(self, body: Any) -> None:
-        log.warning("peer_error", peer=self.name, body=repr(body)[:300])
+        self.peer_event("peer_error", body=repr(body)[:300])
 
-    def _on_notify(self, raw_type: int, body: Any) -> None:
+    def _on_notify(self, raw_type: int, body: Any, size: int = 0) -> None:
         entry = _NOTIFY_TABLE.get(raw_type)
         if entry is None:
             self._send_error(0, raw_type, ErrorCode.UNKNOWN_TYPE, f"unknown notification type {raw_type}")
@@ -532,27 +690,29 @@ class RpcConnection(asyncio.Protocol):
         except MessageError as exc:
             self._send_error(0, raw_type, exc.code, str(exc))
             return
+        self._active = True
         try:
             result = handler(msg)
         except Exception as exc:
             self._reply_exception(0, raw_type, exc)
             return
         if result is not None and inspect.isawaitable(result):
-            # Async notification handlers share the incoming bound with
+            # Async notification handlers share the incoming bounds with
             # requests: a peer flooding notifications cannot start unbounded tasks.
-            if self._incoming >= self.limits.max_incoming:
+            full = self._room_for(size)
+            if full is not None:
                 if inspect.iscoroutine(result):
                     result.close()
-                self._send_error(0, raw_type, ErrorCode.OVERLOADED,
-                                 f"more than {self.limits.max_incoming} requests and notifications outstanding")
+                self._send_error(0, raw_type, ErrorCode.OVERLOADED, full + " (requests and notifications)")
                 return
             self._incoming += 1
             task = asyncio.ensure_future(result)
             self._tasks.add(task)
-            task.add_done_callback(lambda t, r=raw_type: self._notify_done(t, r))
+            task.add_done_callback(lambda t, r=raw_type, n=size: self._notify_done(t, r, n))
 
-    def _notify_done(self, task: asyncio.Task, raw_type: int) -> None:
+    def _notify_done(self, task: asyncio.Task, raw_type: int, size: int = 0) -> None:
         self._tasks.discard(task)
         self._incoming -= 1
+        self._release(size)
         if not task.cancelled() and task.exception() is not None:
             self._reply_exception(0, raw_type, task.exception())  # type: ignore[arg-type]

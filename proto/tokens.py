@@ -3,14 +3,20 @@
 ``0`` is the zero page (never written). A page with id ``pid`` at version
 ``v`` has token ``((pid + 1) << 32) | (v & 0xFFFF_FFFF)``. The host stores
 tokens as opaque ``uint64`` and never interprets them.
+
+``KEEP_TOKEN`` (all ones; no page has it: that would take page id
+``2**32 - 2``) answers an EPT fault on a gpfn the host already backs: the
+host never took that frame, so its content is whatever the guest last wrote
+there, which only the guest knows. The guest keeps its own.
 """
 from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["ZERO_TOKEN", "make_tokens", "token_page_ids", "token_versions"]
+__all__ = ["ZERO_TOKEN", "KEEP_TOKEN", "make_tokens", "token_page_ids", "token_versions"]
 
 ZERO_TOKEN = 0
+KEEP_TOKEN = 0xFFFF_FFFF_FFFF_FFFF
 _VERSION_MASK = np.uint64(0xFFFF_FFFF)
 _SHIFT = np.uint64(32)
 

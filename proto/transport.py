@@ -2,7 +2,8 @@
 
 An address is ``unix:PATH`` (or a bare path) or ``tcp://HOST:PORT``. The
 Unix socket is created with mode 0600 inside a directory the launcher made
-0700; TCP binds to loopback unless told otherwise, with a warning.
+0700; TCP binds exactly the address it is given (loopback unless told
+otherwise), with a warning for any other.
 """
 from __future__ import annotations
 
@@ -78,7 +79,7 @@ async def serve(address: Address, factory: Callable[[], asyncio.Protocol]) -> tu
         return server, address
     if not _is_loopback(address.host):
         log.warning("tcp_not_loopback", host=address.host,
-                    hint="guests on other machines can reach this host; the per-run token is the only guard")
+                    hint="guests on other machines can reach this host; their credentials are the only guard")
     server = await loop.create_server(factory, host=address.host, port=address.port, backlog=1024,
                                       reuse_address=True)
     port = server.sockets[0].getsockname()[1]

@@ -17,10 +17,12 @@ asked for, so one missing or broken benchmark does not stop the others:
   guests: wall time per variant and the headline numbers; target under 60 s.
 - ``analyze``: ``scripts.bench_analyze`` -- the analyzer (read, summary,
   report, plots) on a synthetic run of 1M log lines; target under 10 s.
+- ``hog``: ``scripts.bench_hog`` -- the demo with every CPU saturated by
+  busy-loop processes (10 per CPU): same counts as unloaded, only slower.
 - ``soak``: ``scripts.bench_soak`` -- 64 guests for 10,000 ticks (``--guests``,
   ``--ticks``), mixed workloads and controllers, a guest killed and restarted
   every so often: host memory over time, lost pages, invariant violations.
-  Hours at its defaults, so ``all`` skips it.
+  Hours at its defaults, so ``all`` skips it (and ``hog``).
 - ``all``: each of the above in turn with its defaults.
 
 Options after the subcommand go to that benchmark (``bench.py rpc --help``).
@@ -51,6 +53,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "balloon": ("scripts.bench_balloon", "balloon inflation of 1 GiB of clean guest memory: wall vs the 1 s target"),
     "ioamp": ("scripts.bench_ioamp", "the io-amplification demo, 4 guests: wall per variant vs the 60 s target"),
     "analyze": ("scripts.bench_analyze", "the analyzer on a synthetic 1M-line run: lines/s vs the 10 s target"),
+    "hog": ("scripts.bench_hog", "the demo with the CPUs saturated by 10 hogs per CPU: same counts, only slower"),
     "soak": ("scripts.bench_soak", "many guests, many ticks, guests killed and restarted: nothing lost, memory bounded"),
 }
 """Subcommand -> (module with ``main(argv) -> int``, one-line description)."""
@@ -91,8 +94,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             ap.error("'all' takes no options; run one benchmark to pass options")
         status = 0
         for name in BENCHMARKS:
-            if name == "soak":
-                continue  # hours at its defaults: run it on its own
+            if name in ("soak", "hog"):
+                continue  # hours at its defaults, or the machine saturated on purpose: run them on their own
             print(f"=== {name} ===", flush=True)
             try:
                 rc = _load(name)([])

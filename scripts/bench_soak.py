@@ -130,8 +130,13 @@ class _Phase:
                                 stdout=stdout, stderr=err, start_new_session=True, preexec_fn=_die_with_parent)
 
     def _guest(self, gid: int) -> subprocess.Popen:
-        p = self._spawn(["-m", "balloonlab.guestd", "--address", self.address, "--guest-id", str(gid),
-                         "--log", str(self.dir / f"guest-{gid}.jsonl")], subprocess.DEVNULL, f"guest-{gid}")
+        from balloonlab.proto.handshake import guest_token
+        env, self.env = self.env, dict(self.env, BALLOONLAB_TOKEN=guest_token(self.token, gid))   # its own only
+        try:
+            p = self._spawn(["-m", "balloonlab.guestd", "--address", self.address, "--guest-id", str(gid),
+                             "--log", str(self.dir / f"guest-{gid}.jsonl")], subprocess.DEVNULL, f"guest-{gid}")
+        finally:
+            self.env = env
         self.guests[gid] = p
         return p
 

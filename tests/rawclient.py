@@ -12,6 +12,8 @@ JSON the launcher writes) in a private directory and always reaps it.
 """
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import os
 import select
@@ -27,7 +29,7 @@ from typing import Any, Callable
 
 import msgpack
 
-__all__ = ["RawClient", "HostProcess", "pages", "unpack_pages", "REQUEST", "REPLY", "ERROR", "NOTIFY",
+__all__ = ["RawClient", "HostProcess", "guest_token", "pages", "unpack_pages", "REQUEST", "REPLY", "ERROR", "NOTIFY",
            "HELLO", "TICK_START", "TICK_DONE", "RUN_END", "EPT_FAULT", "INVALIDATE", "BALLOON_TARGET",
            "BALLOON_INFLATE", "BALLOON_DEFLATE", "DISK_READ", "DISK_WRITE", "AUDIT", "PING",
            "BAD_FRAME", "UNKNOWN_TYPE", "BAD_FIELD", "VERSION_MISMATCH", "UNKNOWN_GUEST", "DUPLICATE_GUEST",
@@ -52,7 +54,12 @@ VERSION_MISMATCH, UNKNOWN_GUEST, DUPLICATE_GUEST, BAD_TOKEN, NOT_AUTHENTICATED =
 NOT_OWNER, OUT_OF_RANGE, INVALID_STATE = 20, 21, 22
 OVERLOADED = 30
 
-TOKEN = "t0k3n-for-tests"
+TOKEN = "t0k3n-for-tests"   # the run secret the test hosts are given (BALLOONLAB_TOKEN of hostd)
+
+
+def guest_token(guest_id: int, secret: str = TOKEN) -> str:
+    """Guest ``guest_id``'s credential, as proto/README.md ("Credentials") defines it."""
+    return hmac.new(secret.encode(), f"balloonlab guest {guest_id}".encode(), hashlib.sha256).hexdigest()[:32]
 
 
 def pages(*numbers: int) -> bytes:
@@ -87,6 +94,8 @@ class RawClient:
         # Called with each request the host sends while we wait for something else
         # (a TLB shootdown, the audit); returns True if it answered it.
         self.serve: Callable[[list], bool] | None = None
+        # A peer answers the host's heartbeat pings; a test of a silent guest turns this off.
+        self.answer_pings = True
 
     # --- sending -----------------------------------------------------------------
 
@@ -122,7 +131,10 @@ class RawClient:
             return frame
 
     def _answer_audit(self, frame: list) -> bool:
-        """A client that keeps no memory model holds no page: empty claims, an empty balloon."""
+        """Pings are answered at once; a client that keeps no memory model holds no page: empty claims, an empty balloon."""
+        if frame[2] == PING and self.answer_pings:
+            self.send(REPLY, frame[1], PING, {"payload": frame[3].get("payload", b"")})
+            return True
         if self.serve is not None:
             return self.serve(frame)
         if frame[2] != AUDIT:
@@ -192,7 +204,9 @@ class RawClient:
 
     # --- the guest's side of the protocol --------------------------------------------
 
-    def hello(self, guest_id: int, token: str = TOKEN, version: int = 1) -> list:
+    def hello(self, guest_id: int, token: str | None = None, version: int = 1) -> list:
+        """Say hello as ``guest_id`` with its own credential (or ``token``)."""
+        token = guest_token(guest_id) if token is None else token
         reply = self.call(HELLO, {"version": version, "guest_id": guest_id, "token": token, "pid": os.getpid()})
         return reply
 
@@ -243,7 +257,7 @@ class HostProcess:
 
     def start_guest(self, guest_id: int, extra_env: dict[str, str] | None = None) -> subprocess.Popen:
         """A real ``python -m balloonlab.guestd`` for ``guest_id``, logging to ``guest-N.jsonl`` beside the host's log."""
-        env = dict(self.env, **(extra_env or {}))
+        env = {**self.env, "BALLOONLAB_TOKEN": guest_token(guest_id, self.token), **(extra_env or {})}
         p = subprocess.Popen([sys.executable, "-m", "balloonlab.guestd", "--address", self.sock, "--guest-id", str(guest_id),
                               "--log", str(self.dir / f"guest-{guest_id}.jsonl")],
                              cwd=REPO, env=env, stdout=subprocess.DEVNULL,

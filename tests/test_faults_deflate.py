@@ -28,6 +28,7 @@ TICKS = 60
 SCENARIO = f"""
 [scenario]
 name = "faults-deflate"
+expect_guests_lost = [0, 1]   # killed at their fault points: the run is degraded, as expected
 seed = 29
 guests = 3
 ticks = {TICKS}

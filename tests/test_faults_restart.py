@@ -18,7 +18,7 @@ import time
 
 import pytest
 
-from tests.rawclient import REPO, HostProcess, proc_state, run_config
+from tests.rawclient import REPO, HostProcess, guest_token, proc_state, run_config
 
 pytestmark = pytest.mark.multiprocess
 
@@ -43,7 +43,8 @@ def test_a_restarted_guest_rejoins_and_a_live_duplicate_is_refused() -> None:
         # The host notices the broken connection and releases the session; then the id is free again.
         new = h.start_guest(VICTIM)
         dup = subprocess.run([sys.executable, "-m", "balloonlab.guestd", "--address", h.sock, "--guest-id", "0"], cwd=REPO,
-                             env=h.env, capture_output=True, text=True, timeout=60)
+                             env={**h.env, "BALLOONLAB_TOKEN": guest_token(0)}, capture_output=True, text=True,
+                             timeout=60)
         rc = h.wait(120)
         assert new.wait(30) == 0
     finally:

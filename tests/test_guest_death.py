@@ -40,7 +40,8 @@ def _target_set(run_dir: Path) -> bool:
 
 
 def _kill_mid_inflate(run_dir: Path) -> tuple[int, Launched]:
-    run = Launched("--scenario", SCENARIO, "--run-dir", str(run_dir), "--no-report")
+    run = Launched("--scenario", SCENARIO, "--run-dir", str(run_dir), "--no-report",
+                   "--expect-guests-lost", str(VICTIM))
     try:
         # Poll fast: the window is a few hundred wall milliseconds.
         wait_until(lambda: _target_set(run_dir), 60.0, interval_s=0.002, what="the balloon target of the victim")

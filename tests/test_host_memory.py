@@ -10,9 +10,11 @@ import pytest
 
 from balloonlab.hostd.errors import (BadBatch, BalloonLimit, DuplicateGuest, DuplicatePages, HostdError, HostOutOfMemory,
                           InvalidState, InvariantViolation, OutOfRange, UnknownGuest)
+from balloonlab.hostd.hostswap import PENDING_TOKEN
 from balloonlab.hostd.memory import HostMemory
 from balloonlab.hostd.p2m import PageState
 from balloonlab.proto.costs import CostModel, DiskModel, disk_profile
+from balloonlab.proto.tokens import KEEP_TOKEN
 from balloonlab.proto.errors import ErrorCode
 
 from .test_host_fakes import FakeGuests, make_memory
@@ -51,8 +53,8 @@ class GatedShootdown:
 async def test_fault_backs_unbacked_pages_with_zero_pages() -> None:
     hm = make_memory(total_frames=8, costs=CostModel(ept_fault_us=5.0))
     hm.add_guest(1, 16)
-    tokens, done = await hm.ept_fault(1, gp(3, 5, 3), 1000.0)
-    assert tokens.tolist() == [0, 0, 0]
+    tokens, done = await hm.ept_fault(1, gp(3, 5), 1000.0)
+    assert tokens.tolist() == [0, 0]
     assert done == 1000.0 + 2 * 5.0
     assert hm.guest_counts(1)["resident_pages"] == 2
     assert hm.counters.ept_faults == 2 and hm.counters.ept_fault_calls == 1
@@ -67,16 +69,29 @@ async def test_fault_accepts_the_wire_form() -> None:
     assert tokens.size == 2 and hm.guest_counts(1)["resident_pages"] == 2
 
 
-async def test_fault_on_a_backed_page_is_idempotent() -> None:
+async def test_fault_on_a_backed_page_keeps_the_guests_content() -> None:
+    """The host never took that frame: only the guest knows what it wrote there since, so the reply says KEEP."""
     hm = make_memory()
     hm.add_guest(1, 16)
     await hm.ept_fault(1, gp(4), 0.0)
     frame = int(hm._guests[1].p2m.loc[4])
-    hm.pool.token[frame] = 77   # what the host stored when it backed it
+    hm.pool.token[frame] = 77   # what the host stored when it backed it: stale once the guest writes
     tokens, _ = await hm.ept_fault(1, gp(4), 0.0)
-    assert tokens.tolist() == [77]
-    assert hm._guests[1].p2m.loc[4] == frame
-    assert hm.counters.ept_faults == 1 and hm.counters.ept_fault_spurious_pages == 1
+    assert tokens.tolist() == [KEEP_TOKEN]
+    tokens, _ = await hm.ept_fault(1, gp(2, 4, 6), 0.0)   # mixed: fresh pages get theirs, the backed one KEEP
+    assert tokens.tolist() == [0, KEEP_TOKEN, 0]
+    assert hm._guests[1].p2m.loc[4] == frame and hm.pool.token[frame] == 77
+    assert hm.counters.ept_faults == 3 and hm.counters.ept_fault_spurious_pages == 2
+
+
+async def test_fault_refuses_the_same_gpfn_twice() -> None:
+    """proto/README.md: the same gpfn twice in one batch is BAD_FIELD, and nothing is done."""
+    hm = make_memory()
+    hm.add_guest(1, 16)
+    with pytest.raises(DuplicatePages, match="gpfn 3 appears twice") as e:
+        await hm.ept_fault(1, gp(3, 5, 3), 0.0)
+    assert e.value.code == ErrorCode.BAD_FIELD
+    assert hm.guest_counts(1)["resident_pages"] == 0
 
 
 async def test_fault_out_of_range_names_the_gpfn() -> None:
@@ -242,6 +257,42 @@ async def test_a_fault_on_a_page_being_evicted_waits_for_the_shootdown() -> None
     await evicting
     tokens, _ = await refault
     assert tokens.tolist() == [held[victim]]
+    hm.check_invariant()
+
+
+@pytest.mark.parametrize("pages", [1, 2])   # the one-page path and the batch path
+async def test_a_fault_never_hands_back_a_deferred_shootdowns_placeholder(pages: int) -> None:
+    """A page evicted by a deferred shootdown comes back with the guest's answer, not the placeholder.
+
+    The deferral can start while the fault is already in host memory (a
+    silent guest's frames are taken at a tick end while its late fault waits
+    for room), so host memory itself waits for the answer before it reads
+    the slot.
+    """
+    hm = make_memory(total_frames=4, swap_slots=16, low_watermark_frames=0, reclaim_batch_frames=4)
+    hm.add_guest(1, 8)
+    held = np.arange(100, 108, dtype=np.uint64)
+    deferred: list[np.ndarray] = []
+
+    async def deferred_shootdown(gid: int, gpfns: np.ndarray) -> np.ndarray:
+        deferred.append(gpfns.astype(np.int64))
+        return np.full(gpfns.size, PENDING_TOKEN, np.uint64)
+
+    settles: list[int] = []
+
+    async def settle(gid: int) -> None:   # the guest's late answer arrives
+        settles.append(gid)
+        for g in deferred:
+            hm.fill_placeholders(gid, g.astype(np.uint64), held[g])
+        deferred.clear()
+
+    hm.wire(shootdown=deferred_shootdown, placeholders_settled=settle)
+    await hm.ept_fault(1, gp(0, 1, 2, 3), 0.0)
+    await hm.reclaim(4, 0.0)
+    assert hm.placeholder_slots(1) == 4
+    tokens, _ = await hm.ept_fault(1, gp(*range(pages)), 0.0)
+    assert tokens.tolist() == held[:pages].tolist() and settles == [1]
+    assert hm.placeholder_slots(1) == 0
     hm.check_invariant()
 
 

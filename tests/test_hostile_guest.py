@@ -37,6 +37,8 @@ from tests.rawclient import (AUDIT, BAD_FIELD, BAD_FRAME, BAD_TOKEN, BALLOON_DEF
 
 pytestmark = pytest.mark.multiprocess
 
+KEEP_TOKEN = 0xFFFF_FFFF_FFFF_FFFF   # proto/README.md, "Content tokens": the guest keeps its own content
+
 TICKS = 14
 REAL = (0, 1)
 HOSTILE, NEIGHBOUR = 2, 3
@@ -59,6 +61,7 @@ class RawGuest:
         self.results: dict[str, Any] = {}
         self.error: BaseException | None = None
         self.audits = 0
+        self.tick: dict[str, Any] = {}   # the TickStart being played
         self.ticking = threading.Event()   # set at the first TickStart: every guest has connected
         self.c.serve = self._serve
 
@@ -96,6 +99,7 @@ class RawGuest:
                     self.results["end"] = frame[3]
                     return
                 t = frame[3]
+                self.tick = t
                 self.ticking.set()
                 attack = self.attacks.get(t["tick"])
                 if attack is not None:
@@ -110,6 +114,10 @@ def attacks_tick_1(g: RawGuest) -> None:
     r = g.results
     r["ept_out_of_range"] = g.code(EPT_FAULT, {"gpfns": pages(n + 5), "vt_us": 0.0})
     r["ept_ok"] = g.code(EPT_FAULT, {"gpfns": pages(0, 1, 2), "vt_us": 0.0})
+    r["ept_twice_in_a_batch"] = g.code(EPT_FAULT, {"gpfns": pages(4, 4), "vt_us": 0.0})
+    # Backed already: the host never took those frames, so it cannot know what the guest wrote since.
+    reply = g.c.call(EPT_FAULT, {"gpfns": pages(0, 1, 2), "vt_us": 0.0})
+    r["ept_already_backed"] = unpack_pages(reply[3]["tokens"]) if reply[0] == REPLY else reply[3]["code"]
     # A clock far ahead of everyone's: served last in virtual-time order, but served (no hang).
     r["ept_far_future"] = g.code(EPT_FAULT, {"gpfns": pages(3), "vt_us": 1e15})
     r["inflate_not_its_page"] = g.code(BALLOON_INFLATE, {"gpfns": pages(1 << 40), "vt_us": 0.0})
@@ -131,14 +139,27 @@ def attacks_tick_1(g: RawGuest) -> None:
     r["extra_field"] = g.code(EPT_FAULT, {"gpfns": pages(0), "vt_us": 0.0, "guest_id": 0})
     r["hello_twice"] = g.code(HELLO, {"version": 1, "guest_id": 0, "token": "x", "pid": 1})
     r["host_only_request"] = g.code(INVALIDATE, {"gpfns": pages(0)})
-    # Notifications get no reply, only an error with id 0 when they are bad.
-    g.c.notify(TICK_DONE, {"tick": 10_000, "vt_us": 0.0, "stats": {}, "accessed": b"", "dirty": b""})
-    g.c.notify(TICK_DONE, {"tick": 1, "vt_us": 1.0, "stats": {"pff": "high", "free": -1.0, "refs": float("inf")},
-                           "accessed": b"\x00", "dirty": b""})
-    err = g.c.recv_until(lambda f: f[0] == ERROR and f[1] == 0, 10.0)
-    r["absurd_stats"] = (err[3]["code"], err[3]["message"]) if err else None
-    # That bad TickDone still counted for tick 1 (its bad stats and A/D bits are refused, not the tick),
-    # so the ordinary one the loop sends next is a second TickDone for the tick: refused too.
+    # Notifications get no reply, only an error with id 0 when they are bad. A TickDone is
+    # refused whole (and the tick not done) for a clock outside its tick, an A/D bitmap of the
+    # wrong length or empty stats; stat values out of range are dropped with an error, the tick counts.
+    t = g.tick
+    end = t["vt_us"] + t["tick_us"]
+    bitmap = bytes((g.ram_pages + 7) // 8)
+
+    def tick_done_error(body: dict[str, Any]) -> tuple[int, str] | None:
+        g.c.notify(TICK_DONE, {"tick": 1, "vt_us": end, "stats": {"refs": 1}, "accessed": bitmap,
+                               "dirty": bitmap} | body)
+        err = g.c.recv_until(lambda f: f[0] == ERROR and f[1] == 0 and f[2] == TICK_DONE, 10.0)
+        return (err[3]["code"], err[3]["message"]) if err else None
+
+    r["tick_done_wrong_tick"] = tick_done_error({"tick": 10_000, "vt_us": 0.0})
+    r["tick_done_bad_bitmap"] = tick_done_error({"accessed": b"\x00", "dirty": b"\xff" * len(bitmap)})
+    r["tick_done_empty_stats"] = tick_done_error({"stats": {}})
+    r["tick_done_far_future"] = tick_done_error({"vt_us": 1e15})
+    r["tick_done_before_its_tick"] = tick_done_error({"vt_us": t["vt_us"] - 1.0})
+    r["absurd_stats"] = tick_done_error({"stats": {"pff": "high", "free": -1.0, "refs": float("inf")}})
+    # That one counted for tick 1 (its bad stat values are dropped, not the tick), so the
+    # ordinary TickDone the loop sends next is a second one for the tick: refused too.
 
 
 def attacks_tick_3(g: RawGuest) -> None:
@@ -228,6 +249,7 @@ def test_every_attack_is_refused_with_its_code(hostile_run: Any) -> None:
     r = g.results
     expected = {
         "ept_out_of_range": OUT_OF_RANGE, "ept_ok": "ok", "ept_far_future": "ok", "inflate_not_its_page": OUT_OF_RANGE,
+        "ept_twice_in_a_batch": BAD_FIELD, "ept_already_backed": [KEEP_TOKEN] * 3,
         "inflate_twice_in_a_batch": BAD_FIELD, "inflate_ok": "ok", "inflate_again": INVALID_STATE,
         "deflate_never_inflated": INVALID_STATE, "touch_ballooned": INVALID_STATE,
         "disk_out_of_range": OUT_OF_RANGE, "disk_tokens_mismatch": BAD_FIELD, "disk_same_block_twice": BAD_FIELD,
@@ -237,6 +259,11 @@ def test_every_attack_is_refused_with_its_code(hostile_run: Any) -> None:
     assert {k: r[k] for k in expected} == expected
     code, message = r["absurd_stats"]
     assert code == BAD_FIELD and "pff" in message and "free" in message and "refs" in message
+    for key, words in (("tick_done_wrong_tick", ("vt_us", "tick 10000")), ("tick_done_bad_bitmap", ("accessed",)),
+                       ("tick_done_empty_stats", ("stats", "empty")), ("tick_done_far_future", ("vt_us", "1000000000000000.0")),
+                       ("tick_done_before_its_tick", ("vt_us",))):
+        code, message = r[key]
+        assert code == BAD_FIELD and all(w in message for w in words), (key, message)
     flood = r["flood"]
     assert flood[OVERLOADED] >= 1 and flood["ok"] >= 1 and set(flood) <= {"ok", OVERLOADED}, flood
     assert r["end"]["reason"] == "completed"
@@ -260,11 +287,11 @@ def test_each_refusal_is_counted_per_code_and_logged(hostile_run: Any) -> None:
     counted = fin["rejected_requests"]
     flood = hostile_run["hostile"].results["flood"][OVERLOADED]
     # INVALID_STATE: inflating a page twice, deflating one never inflated, touching a ballooned one,
-    # a TickDone for tick 10000 and a second one for tick 1 (the absurd one had counted).
-    exact = {"OUT_OF_RANGE": 3, "INVALID_STATE": 5, "UNKNOWN_TYPE": 3, "NOT_AUTHENTICATED": 2,
+    # and a second TickDone for tick 1 (the absurd one had counted).
+    exact = {"OUT_OF_RANGE": 3, "INVALID_STATE": 4, "UNKNOWN_TYPE": 3, "NOT_AUTHENTICATED": 2,
              "DUPLICATE_GUEST": 1, "BAD_TOKEN": 1, "UNKNOWN_GUEST": 1, "VERSION_MISMATCH": 1, "BAD_FRAME": 2,
-             # 5 bad requests, the absurd stats, the A/D bitmap of the wrong length
-             "BAD_FIELD": 7, "OVERLOADED": flood}
+             # 6 bad requests, 5 TickDones refused whole, the absurd stats
+             "BAD_FIELD": 12, "OVERLOADED": flood}
     assert counted == exact
     rejected = [e for e in hostile_run["h"].events("request_rejected")]
     logged = Counter(e["code"] for e in rejected)

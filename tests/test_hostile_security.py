@@ -3,9 +3,11 @@
 - Unix transport: the run directory is 0700 and the socket in it 0600.
 - TCP transport: the host listens on 127.0.0.1 (checked by
   ``test_faults_host.py``, which runs over TCP).
-- The per-run token travels only in the environment: it is on no command
-  line, and after the run no file of the run directory (logs, configs,
-  summary, stderr) contains it. (Constant-time comparison is
+- The run's secret travels only in the host's environment; each guest gets
+  only its own credential (``guest_token(secret, id)``), not the secret and
+  not another's. Neither is on a command line, and after the run no file of
+  the run directory (logs, configs, summary, stderr) contains the secret,
+  and the credential files are gone. (Constant-time comparison is
   ``tests/test_proto_rpc.py``'s; a session reaching only its own guest is
   ``test_hostile_guest.py``'s.)
 """
@@ -44,6 +46,8 @@ def _watch_run(run: Launched, run_dir: Path) -> dict[str, object]:
         assert run.proc.poll() is None and time.monotonic() < deadline, dump_logs(run_dir)
         time.sleep(0.02)
     seen: dict[str, object] = {"token": _environ(pids["host"])["BALLOONLAB_TOKEN"],
+                               "guest_tokens": {name: _environ(p)["BALLOONLAB_TOKEN"] for name, p in pids.items()
+                                                if name != "host"},
                                "cmdlines": [_cmdline(p) for p in pids.values()],
                                "dir_mode": stat.S_IMODE(os.stat(run_dir).st_mode)}
     argv = seen["cmdlines"][list(pids).index("host")].split()  # type: ignore[index]
@@ -82,9 +86,12 @@ def test_private_socket_and_no_token_anywhere(tmp_path: Path) -> None:
     assert rc == 0, f"{run.err}\n{dump_logs(run_dir)}"
     token = str(seen["token"])
     assert len(token) >= 32
+    from balloonlab.proto.handshake import guest_token
+    assert seen["guest_tokens"] == {f"guest-{g}": guest_token(token, g) for g in range(4)}   # its own, only
+    assert not (run_dir / "credentials").exists()
     assert seen["dir_mode"] == 0o700
     for cmd in seen["cmdlines"]:  # type: ignore[union-attr]
-        assert token not in cmd, cmd
+        assert token not in cmd and not any(t in cmd for t in seen["guest_tokens"].values()), cmd  # type: ignore
     started = events_named(read_jsonl(run_dir / "host.jsonl"), "run_started")[0]
     if transport == "unix":
         assert seen["is_socket"] and seen["sock_mode"] == 0o600 and seen["sock_dir_mode"] == 0o700, seen

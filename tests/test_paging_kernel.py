@@ -330,3 +330,21 @@ def test_config_from_mapping_builds_the_layout() -> None:
     assert lay.file_block[[0, 99, 150, 159]].tolist() == [0, 99, 100, 109]
     assert (lay.file_block[100:150] == -1).all()
     assert cfg.swap_base_block == 110 and cfg.disk_blocks == 160
+
+
+async def test_a_keep_token_leaves_the_pages_content_as_the_guest_wrote_it() -> None:
+    """A fault on a gpfn the host still backs is answered KEEP_TOKEN: the guest keeps its own content."""
+    from balloonlab.proto.tokens import KEEP_TOKEN
+
+    class KeepingHost(LocalHypervisor):
+        """Takes the mapping (a shootdown) but, as if it never took the frame, answers KEEP on the fault."""
+        async def ept_fault(self, gpfns: np.ndarray, vt_us: float) -> tuple[np.ndarray, float]:
+            tokens, done = await super().ept_fault(gpfns, vt_us)
+            return np.full(len(gpfns), KEEP_TOKEN, np.uint64), done
+
+    hv = KeepingHost(16)
+    k = make_kernel([("a", "anon", 10)], ram=16, policy="clock", hv=hv)
+    await k.access(pages(0, 1, 2), np.array([True, True, True]))     # written: their tokens are not 0 now
+    k.frames.backed[:] = False                                       # the guest dropped its mappings
+    await k.access(pages(0, 1, 2))                                   # faulted back: KEEP for each
+    assert hv.ept_faults == 3 and k.stats()["lost_pages"] == 0

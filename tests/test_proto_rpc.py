@@ -24,7 +24,7 @@ from balloonlab.proto import handshake
 from balloonlab.proto.errors import (ErrorCode, FrameTooLarge, HandshakeRefused, PeerClosed, RemoteError,
                           RpcTimeout)
 from balloonlab.proto.framing import FrameDecoder, encode_frame
-from balloonlab.proto.handshake import PROTOCOL_VERSION, HandshakeError, check_hello, client_hello, new_token
+from balloonlab.proto.handshake import PROTOCOL_VERSION, HandshakeError, check_hello, client_hello, guest_token, new_token
 from balloonlab.proto.messages import (Hello, Kind, MsgType, Ping, Pong, RunEnd, TickDone, TickStart,
                             Welcome)
 from balloonlab.proto.rpc import RpcConnection, RpcLimits
@@ -738,25 +738,41 @@ async def test_a_peer_that_does_not_read_is_disconnected_at_the_hard_limit(addre
 # --- handshake ---------------------------------------------------------------
 
 def test_check_hello_accepts_a_good_hello() -> None:
-    token = new_token()
-    check_hello(Hello(PROTOCOL_VERSION, 1, token, 99), token, {1, 2}, set())
+    secret = new_token()
+    check_hello(Hello(PROTOCOL_VERSION, 1, guest_token(secret, 1), 99), secret, {1, 2}, set())
+
+
+SECRET = "s3cret"
 
 
 @pytest.mark.parametrize("hello, code", [
-    (Hello(PROTOCOL_VERSION + 1, 1, "s3cret", 1), ErrorCode.VERSION_MISMATCH),
+    (Hello(PROTOCOL_VERSION + 1, 1, guest_token(SECRET, 1), 1), ErrorCode.VERSION_MISMATCH),
     (Hello(PROTOCOL_VERSION, 1, "wr0ng", 1), ErrorCode.BAD_TOKEN),
-    (Hello(PROTOCOL_VERSION, 9, "s3cret", 1), ErrorCode.UNKNOWN_GUEST),
-    (Hello(PROTOCOL_VERSION, 2, "s3cret", 1), ErrorCode.DUPLICATE_GUEST),
+    (Hello(PROTOCOL_VERSION, 9, guest_token(SECRET, 9), 1), ErrorCode.UNKNOWN_GUEST),
+    (Hello(PROTOCOL_VERSION, 2, guest_token(SECRET, 2), 1), ErrorCode.DUPLICATE_GUEST),
     # the token is judged before the id: a wrong token learns nothing about ids
     (Hello(PROTOCOL_VERSION, 9, "wr0ng", 1), ErrorCode.BAD_TOKEN),
+    # per-guest credentials: one guest's credential opens no other id, nor does the run secret
+    (Hello(PROTOCOL_VERSION, 1, guest_token(SECRET, 2), 1), ErrorCode.BAD_TOKEN),
+    (Hello(PROTOCOL_VERSION, 1, SECRET, 1), ErrorCode.BAD_TOKEN),
 ])
 def test_check_hello_refusals(hello: Hello, code: ErrorCode) -> None:
     with pytest.raises(HandshakeError) as info:
-        check_hello(hello, "s3cret", known_ids={1, 2}, connected_ids={2})
+        check_hello(hello, SECRET, known_ids={1, 2}, connected_ids={2})
     assert info.value.code == code
     assert isinstance(info.value, RemoteError)  # what client_hello re-raises as HandshakeRefused
-    # Neither token ever appears in a refusal (it is logged by the host).
-    assert "s3cret" not in str(info.value) and "wr0ng" not in str(info.value)
+    # No token ever appears in a refusal (it is logged by the host).
+    for secret in (SECRET, "wr0ng", guest_token(SECRET, 1), guest_token(SECRET, 2)):
+        assert secret not in str(info.value)
+
+
+def test_guest_tokens_are_the_documented_hmac() -> None:
+    """proto/README.md, "Credentials": HMAC-SHA256(secret, "balloonlab guest N"), 32 hex characters."""
+    import hashlib
+    want = hmac.new(b"s3cret", b"balloonlab guest 7", hashlib.sha256).hexdigest()[:32]
+    assert guest_token("s3cret", 7) == want
+    assert len({guest_token("s3cret", i) for i in range(1000)}) == 1000
+    assert guest_token("s3cret", 7) != guest_token("s3cres", 7)
 
 
 def test_check_hello_compares_tokens_in_constant_time(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -768,10 +784,11 @@ def test_check_hello_compares_tokens_in_constant_time(monkeypatch: pytest.Monkey
         return real(a, b)
 
     monkeypatch.setattr(handshake.hmac, "compare_digest", spy)
-    check_hello(Hello(PROTOCOL_VERSION, 1, "tok", 1), "tok", {1}, set())
+    mine = guest_token("tok", 1).encode()
+    check_hello(Hello(PROTOCOL_VERSION, 1, mine.decode(), 1), "tok", {1}, set())
     with pytest.raises(HandshakeError):
         check_hello(Hello(PROTOCOL_VERSION, 1, "tak", 1), "tok", {1}, set())
-    assert calls == [(b"tok", b"tok"), (b"tak", b"tok")]
+    assert calls == [(mine, mine), (b"tak", mine)]
 
 
 def test_new_tokens_are_long_and_distinct() -> None:
@@ -781,13 +798,14 @@ def test_new_tokens_are_long_and_distinct() -> None:
 
 async def test_handshake_over_the_socket(address: Address) -> None:
     """A host-like server: Hello answered by Welcome, or refused with a code and then closed."""
-    token = "t" * 32
+    secret = "t" * 32
+    token = guest_token(secret, 1)
     connected: set[int] = set()
 
     def host_side(conn: RpcConnection) -> None:
         def on_hello(hello: Hello) -> Welcome:
             try:
-                check_hello(hello, token, {1, 2}, connected)
+                check_hello(hello, secret, {1, 2}, connected)
             except HandshakeError:
                 asyncio.get_running_loop().call_soon(conn.close)  # after the error reply is written
                 raise
@@ -809,7 +827,7 @@ async def test_handshake_over_the_socket(address: Address) -> None:
         assert welcome == Welcome("run-1", 0, 0.0, 10_000, {"seed": 1})
         assert await ok_conn.call(Ping(b"after hello")) == Pong(b"after hello")
         for gid, tok, code in ((1, token, ErrorCode.DUPLICATE_GUEST), (2, "x" * 32, ErrorCode.BAD_TOKEN),
-                               (7, token, ErrorCode.UNKNOWN_GUEST)):
+                               (2, token, ErrorCode.BAD_TOKEN), (7, guest_token(secret, 7), ErrorCode.UNKNOWN_GUEST)):
             conn, refused = await guest(gid, tok)
             assert isinstance(refused, HandshakeRefused) and refused.code == code, refused
             await asyncio.wait_for(conn.wait_closed(), 5)  # the host closed after refusing

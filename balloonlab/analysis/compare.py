@@ -207,11 +207,15 @@ def compare_runs(run_dirs: Sequence[Path], summaries: Sequence[dict[str, Any]] |
     first: dict[str, int] = {}
     for r, (d, s, label) in enumerate(zip(run_dirs, summaries, labels)):
         names = order(Path(d), s) if order is not None else list(s.get("variants", {}))
+        # One run: its variants against the first that completed (a degraded one is no yardstick).
+        from .summary import baseline_variant
+        yardstick = baseline_variant(names, s["variants"]) if len(run_dirs) == 1 else None
         for name in names:
             v = s["variants"][name]
             col_label = name if len(run_dirs) == 1 else f"{label}/{name}"
             if r == 0:
-                base = 0 if (len(run_dirs) == 1 and columns) else None
+                base = (names.index(yardstick) if yardstick is not None and name != yardstick else None) \
+                    if len(run_dirs) == 1 else None
                 first[name] = len(columns)
             else:
                 base = first.get(name, 0)
@@ -222,7 +226,10 @@ def compare_runs(run_dirs: Sequence[Path], summaries: Sequence[dict[str, Any]] |
         head.append(f"- `{label}`: {Path(d)} — scenario {s.get('scenario', '?')}, seed {s.get('seed', '?')}, "
                     f"variants {', '.join(s.get('variants', {})) or '—'}")
     if len(run_dirs) == 1:
-        head.append(f"\nRatios are against the first variant, `{columns[0].label}`.")
+        yard = next((c.label for c in columns if c.baseline is None and any(x.baseline is not None for x in columns)),
+                    None)
+        head.append(f"\nRatios are against the first variant that completed, `{yard}`." if yard else
+                    "\nNo ratios: no variant completed, or there is only one.")
     else:
         head.append(f"\nRatios are against the same variant of the first run, `{labels[0]}`.")
     head.append("↓: lower is better; ↑: higher is better.\n")

@@ -28,6 +28,7 @@ from balloonlab.proto import events as ev
 
 from .compare import Column, compare_table, format_value
 from .decisions import decisions_section
+from .summary import baseline_variant
 from .logs import VariantLogs, event_vt_us, find_variants, load_variant
 
 __all__ = ["write_report", "write_report_full", "render_report", "notable_events", "evidence", "variant_order",
@@ -250,20 +251,6 @@ def variant_order(run_dir: Path, names: Sequence[str]) -> list[str]:
     return known + [n for n in names if n not in known]
 
 
-def baseline_variant(names: Sequence[str], variants: dict[str, dict[str, Any]]) -> str | None:
-    """The variant the others are compared with: the first (in the scenario's order) that ran to its end.
-
-    A variant that deadlocked, lost guests or ended early ran a different
-    experiment (the deadlock scenario's ``naive`` ran 5 ticks, too short to
-    meet the contention the others did): it is never the baseline while
-    another ran to its end.
-    """
-    for n in names:
-        if _comparable(variants.get(n) or {}):
-            return n
-    return names[0] if names else None
-
-
 def overcommit_ratio(cfg: dict[str, Any], vsummary: dict[str, Any]) -> float | None:
     """Sum of the guests' RAM over the host's RAM (both in pages), from the run config and summary."""
     ram = sum(int(g.get("ram_pages", 0)) for g in cfg.get("guests") or [] if isinstance(g, dict))
@@ -438,7 +425,9 @@ def render_report(run_dir: Path, summary: dict[str, Any], logs: Sequence[Variant
                    f"{v.get('wall_s', '?')} wall s; "
                    f"requests in {v.get('request_order', 'arrival')} order"
                    + (" (reproducible)" if v.get("request_order") == "virtual-time" else "")
-                   + f"; ended: {v.get('reason', '?')}")
+                   + f"; ended: {v.get('reason', '?')}"
+                   + (f"; **{v['status']}**: " + "; ".join(v.get("status_reasons") or [])
+                      if v.get("status") not in (None, "completed") else ""))
     bad = int(summary.get("bad_log_lines", 0) or 0)
     if bad:
         detail = "; ".join(f"{v.name}: " + ", ".join(f"{f} {k}" for f, k in v.bad_by_file.items())
@@ -550,7 +539,7 @@ def _pathology_details(v: dict[str, Any]) -> str:
 
 
 def _comparable(v: dict[str, Any]) -> bool:
-    return not v.get("deadlocked") and not v.get("guests_lost") and v.get("reason", "completed") == "completed"
+    return v.get("status", "completed") == "completed" and not v.get("deadlocked") and not v.get("guests_lost") and v.get("reason", "completed") == "completed"
 
 
 def _why_not(v: dict[str, Any]) -> str:

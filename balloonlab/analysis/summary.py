@@ -20,8 +20,13 @@ from .decisions import decision_metrics
 from .logs import VariantLogs, find_variants, iter_events, load_variant
 from .pathologies import pathology_lines, pathology_metrics
 
-__all__ = ["summarize", "summarize_variant", "reclaim_metrics", "lock_metrics", "format_lock_table", "reliability_metrics", "event_counts", "write_summary",
-           "format_table"]
+__all__ = ["summarize", "summarize_variant", "reclaim_metrics", "lock_metrics", "format_lock_table", "reliability_metrics",
+           "event_counts", "write_summary", "format_table", "run_status", "STATUSES", "baseline_variant"]
+
+STATUSES = ("completed", "degraded", "failed", "deadlocked", "interrupted")
+"""A variant's ``status``: ran to its end with every guest and nothing wrong; ran to its end but lost or
+cut off guests (or its audit failed); did not run to its end, or lost pages; ended on a deadlock; stopped
+by a signal."""
 
 HOST_TABLE_KEYS = ("ram_pages", "free_frames", "swap_out_pages", "swap_in_pages", "ept_faults", "double_faults",
                    "invariant_violations")
@@ -136,7 +141,52 @@ def summarize_variant(v: VariantLogs) -> dict[str, Any]:
     out.update(pathology_metrics(v, finished, host))   # swap storms, double faults, pins, sweeps
     out.update(reliability_metrics(v, finished))
     out.update(decision_metrics(v, finished))   # why the balloon controller set or kept each target
+    out["status"], out["status_reasons"] = run_status(out, finished)
     return out
+
+
+def run_status(v: dict[str, Any], finished: dict[str, Any]) -> tuple[str, list[str]]:
+    """What happened to a variant, in one word (``STATUSES``) and the reasons behind it (who and why)."""
+    if not finished:
+        return "failed", ["the host logged no run_finished (it was killed, or crashed)"]
+    reason = str(finished.get("reason", ""))
+    if reason.startswith("signal"):
+        return "interrupted", [f"the host was stopped: {reason}"]
+    if reason == "deadlock":
+        return "deadlocked", ["the host ended the run on a deadlock (deadlock_cycle)"]
+    why: list[str] = []
+    if reason != "completed":
+        why.append(f"the run ended early: {reason}")
+    lost_host = v.get("lost_pages_host")
+    if v.get("lost_pages"):
+        why.append(f"guests counted {v['lost_pages']} lost pages")
+    if lost_host:
+        why.append(f"the end-of-run audit found {lost_host} pages lost")
+    if v.get("host", {}).get("invariant_violations"):
+        why.append(f"{v['host']['invariant_violations']} host memory invariant violations")
+    if why:
+        return "failed", why
+    cut = {str(g): r for g, r in (v.get("guests_cut_off") or {}).items()}
+    for gid, r in sorted((v.get("guests_lost") or {}).items(), key=lambda kv: int(kv[0])):
+        why.append(f"guest {gid} cut off: {cut[str(gid)]}" if str(gid) in cut else f"guest {gid} lost: {r}")
+    if not v.get("audit_ok"):
+        problems = v.get("audit_problems") or [str((finished.get("audit") or {}).get("reason", "not audited"))]
+        why.append("the end-of-run audit failed: " + "; ".join(problems[:3]))
+    return ("degraded", why) if why else ("completed", [])
+
+
+def baseline_variant(names: list[str], variants: dict[str, dict[str, Any]]) -> str | None:
+    """The variant others are compared against: the first that completed (never a degraded or failed one).
+
+    Summaries written before ``status`` existed count as completed unless they
+    say the variant deadlocked, lost guests or ended early.
+    """
+    for n in names:
+        v = variants[n]
+        if v.get("status", "completed") == "completed" and not v.get("deadlocked") and not v.get("guests_lost") \
+                and v.get("reason", "completed") == "completed":
+            return n
+    return None
 
 
 def reliability_metrics(v: VariantLogs, finished: dict[str, Any]) -> dict[str, Any]:
@@ -159,6 +209,12 @@ def reliability_metrics(v: VariantLogs, finished: dict[str, Any]) -> dict[str, A
     return {
         "audit_ok": finished.get("audit_ok") is True,
         "audit_problems": list(audit.get("problems") or []),
+        # What the host's own books show lost at the end (the audit), beside the guests' own count
+        # (lost_pages); None when the run was not audited.
+        "lost_pages_host": audit.get("lost_pages") if "lost_pages" in audit else None,
+        "guests_cut_off": {str(g): r for g, r in (finished.get("guests_cut_off") or {}).items()},
+        "refused_connections": dict(finished.get("refused_by_code") or {}),
+        "peer_events": dict(finished.get("peer_events") or {}),
         "rejected_requests": dict(finished.get("rejected_requests") or {}),
         "faults_injected": faults,
         "fault_points_reached": points,
@@ -262,8 +318,10 @@ def format_table(summary: dict[str, Any]) -> str:
     lines = [f"scenario {summary['scenario']}  seed {summary['seed']}"]
     for name, v in summary["variants"].items():
         lines.append("")
-        lines.append(f"== {name}: {v['ticks']} ticks, {v['virtual_s']:.2f} virtual s, "
+        lines.append(f"== {name}: {v.get('status', '?').upper()}: {v['ticks']} ticks, {v['virtual_s']:.2f} virtual s, "
                      f"{v['wall_s'] if v['wall_s'] is not None else '?'} wall s, {v['reason']}")
+        for why in v.get("status_reasons") or []:
+            lines.append(f"   {why}")
         host = v["host"]
         shown = {k: host.get(k) for k in HOST_TABLE_KEYS if k in host}
         lines.append("   host: " + "  ".join(f"{k}={val}" for k, val in shown.items()))
@@ -281,6 +339,7 @@ def format_table(summary: dict[str, Any]) -> str:
             lines.append("   " + "  ".join(str(g.get(c, "")).rjust(w) for c, w in zip(cols, widths)))
         if v["guests_lost"]:
             lines.append(f"   guests lost: {v['guests_lost']}")
-        lines.append(f"   lost pages: {v['lost_pages']}")
+        lines.append(f"   lost pages: {v['lost_pages']}" + (f" (the host's audit: {v['lost_pages_host']})"
+                                                          if v.get("lost_pages_host") is not None else ""))
     lines.extend(format_lock_table(summary))
     return "\n".join(lines)

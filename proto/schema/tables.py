@@ -62,6 +62,7 @@ class ScenarioTable(Table):
     unresponsive_s: F(float, "wall seconds before silent guests leave the tick barrier", gt=0) = 30.0
     connect_timeout_s: F(float, "wall seconds to wait for every guest's hello", gt=0) = 120.0
     expect_deadlock: F(bool, "the run is meant to end on a deadlock (lock-model scenarios)") = False
+    expect_guests_lost: F(list[Annotated[int, Meta(ge=0)]], "guest ids the run is meant to lose (fault tests)") = []
 
     def __post_init__(self) -> None:
         if self.ticks is not None and self.duration_s is not None:
