@@ -83,7 +83,7 @@ def test_perf_mem_with_extra_columns_and_bad_lines() -> None:
 def test_bad_input_exits_2_naming_it(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["convert", str(tmp_path / "nothere.log")]) == 2
     assert "nothere.log" in capsys.readouterr().err
-    assert main(["program", "sqlite"]) == 2
+    assert main(["program", "sqlite"]) == 2     # a recipe, not a shipped trace
     assert "did you mean 'sqlite3'" in capsys.readouterr().err
     assert main(["record"]) == 2
     assert "give the command after --" in capsys.readouterr().err
@@ -123,5 +123,6 @@ def test_shipped_traces_are_listed_and_run_as_a_workload(capsys: pytest.CaptureF
         w = build_workload(cfg.workload, cfg.kernel.layout, np.random.default_rng(0))
         p, _ = w.next_batch(pages.size + 10)
         assert p.size == pages.size + 10 and int(np.unique(p).size) == distinct
-    with pytest.raises(GuestConfigError, match=r"workload\[0\]: .*unknown shipped trace 'sqlite'; did you mean"):
-        guest_config_from_mapping({"workload": [{"kind": "trace", "program": "sqlite", "region": "heap"}]})
+    with pytest.raises(GuestConfigError, match=r"guest.workload\[0\].program: unknown shipped trace 'sortt'; "
+                                               r"did you mean 'sort'\?"):
+        guest_config_from_mapping({"workload": [{"kind": "trace", "program": "sortt", "region": "heap"}]})

@@ -76,7 +76,9 @@ def build_workload(specs: Sequence[Mapping[str, Any] | Any], layout: Layout, rng
                 params["trace_pages"], params["trace_writes"] = tp, tw
             comps.append(WORKLOADS[kind](start, pages, children[i], **params))
         except GuestConfigError as e:
-            raise GuestConfigError(f"{at}: {e}") from None
+            key, sep, rest = str(e).partition(": ")
+            named = sep and key in spec.__struct_fields__     # the message names one of the spec's keys
+            raise GuestConfigError(f"{at}.{key}: {rest}" if named else f"{at}: {e}") from None
         except (TypeError, ValueError) as e:
             raise GuestConfigError(f"{at}: bad parameter for {kind!r}: {e}") from None
         weights.append(float(spec.weight))
