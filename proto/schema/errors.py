@@ -10,7 +10,6 @@ a table / an array, got ...", "must be >= 0, got -1", "must be one of
 """
 from __future__ import annotations
 
-import difflib
 import enum
 import re
 import typing
@@ -53,6 +52,7 @@ def suggest(word: object, known: Iterable[str], n: int = 3) -> list[str]:
     """The known names closest to ``word`` (difflib, cutoff 0.6), best first."""
     if not isinstance(word, str):
         return []
+    import difflib   # only when a message is being written
     known = [str(k) for k in known]
     lower = {k.lower(): k for k in known}
     close = difflib.get_close_matches(word.lower(), list(lower), n=n, cutoff=0.6)
