@@ -197,3 +197,12 @@ def test_schema_is_printed_by_the_launcher(capsys: pytest.CaptureFixture[str]) -
     assert doc["title"] == "balloonlab scenario"
     tables = doc["$defs"]["EditorScenario"]["properties"]
     assert {"scenario", "host", "guest", "guests", "balloon", "variants", "sweep"} <= set(tables)
+    victim = doc["$defs"]["HostTable"]["properties"]["victim"]
+    assert victim["enum"] == ["clock", "random"]                     # from the host's registry
+    programs = next(a for a in doc["$defs"]["TraceWorkload"]["properties"]["program"]["anyOf"] if "enum" in a)
+    assert {"sort", "python-json"} <= set(programs["enum"])
+    validator = jsonschema.Draft202012Validator(doc)
+    bad = tomllib.loads(BASE.replace("[guest]", "[host]\nvictim = \"clok\"\n[guest]"))
+    assert any("clok" in e.message for e in validator.iter_errors(bad))
+    for path in sorted(SCENARIO_DIR.glob("*.toml")):
+        assert not list(validator.iter_errors(tomllib.loads(path.read_text()))), path.name

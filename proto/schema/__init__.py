@@ -12,7 +12,7 @@ msgspec over pydantic: a guest process imports this, and msgspec costs
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterable, Mapping
 
 from .errors import (SchemaError, decode, describe, did_you_mean, join_path, known_list, split_where, suggest, unknown_name,
                      with_known)
@@ -31,11 +31,21 @@ __all__ = [
 ]
 
 
-def json_schema() -> dict[str, Any]:
-    """The JSON Schema (draft 2020-12) of a scenario file, for editors (TOML via taplo / Even Better TOML)."""
+def json_schema(names: Mapping[tuple[str, str], tuple[Iterable[str], bool]] | None = None) -> dict[str, Any]:
+    """The JSON Schema (draft 2020-12) of a scenario file, for editors (TOML via taplo / Even Better TOML).
+
+    ``names`` adds the values of keys whose valid names live in a registry
+    proto cannot import: ``{("HostTable", "victim"): (["clock", "random"], True)}``;
+    True makes them the only values (``enum``), False lists them as
+    ``examples`` (a policy may also be a user's ``file.py:Class``).
+    """
     import msgspec
     schema = msgspec.json.schema(EditorScenario)
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     schema["title"] = "balloonlab scenario"
     schema["description"] = "A balloonlab scenario file (TOML). README.md, 'Scenario files', documents every table."
+    for (table, key), (values, only) in (names or {}).items():
+        prop = schema["$defs"][table]["properties"][key]
+        target = next((a for a in prop.get("anyOf", [prop]) if a.get("type") == "string"), prop)
+        target["enum" if only else "examples"] = sorted(values)
     return schema
