@@ -310,7 +310,7 @@ async def test_bad_input_is_a_typed_error_naming_the_value() -> None:
         await k.access(pages(1, 2), np.array([True]))
     with pytest.raises(BadFrames, match="gpfn 4 outside"):
         k.invalidate(np.array([4], U64))
-    with pytest.raises(UnknownPolicy, match="'lfu'; known: car, clock"):
+    with pytest.raises(UnknownPolicy, match=r"'lfu'; did you mean 'lru'\? known: car, clock"):
         make_policy("lfu", 4)
     with pytest.raises(GuestConfigError, match="unknown parameter"):
         make_policy("clock", 4, tau=3)
