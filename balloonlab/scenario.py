@@ -25,7 +25,7 @@ from typing import Any, Callable, Mapping
 from balloonlab.proto.clock import s_to_us
 from balloonlab.proto.errors import ConfigError
 from balloonlab.proto.plugins import is_file_spec, resolve_file_spec
-from balloonlab.proto.schema import GuestTable, ScenarioFile, SchemaError, Tables, decode, join_path
+from balloonlab.proto.schema import GuestTable, ScenarioFile, SchemaError, Tables, decode, describe, join_path
 
 from .overrides import Setting, apply_settings
 
@@ -120,7 +120,7 @@ def load_scenario(path: Path, overrides: Overrides = Overrides(),
     variants_raw = raw.get("variants", {})
     for name, var in variants_raw.items():
         if not isinstance(var, dict):
-            raise SchemaError(f"variants.{name}", f"expected a table, got {type(var).__name__} {var!r}", where)
+            raise SchemaError(f"variants.{name}", f"expected a table, got {describe(var)}", where)
         decode(Tables, var, path=f"variants.{name}", where=where)
     base = {k: v for k, v in raw.items() if k not in ("variants", "sweep")}
     names = list(variants_raw) or ["default"]
@@ -145,7 +145,7 @@ def load_scenario(path: Path, overrides: Overrides = Overrides(),
             sc["duration_s"] = overrides.duration_s
             sc.pop("ticks", None)
         added = apply_settings(merged, overrides.settings, name, all_names)
-        _resolve_paths(merged, path.parent)
+        _resolve_paths(merged, path.parent.resolve())
         try:
             typed_all[name] = _validate(merged, f"{where} variant {name!r}" if variants_raw else where,
                                         validators or {})

@@ -69,7 +69,11 @@ def guest_config_from_mapping(raw: Mapping[str, Any], where: str = "guest") -> G
                             policy_params=dict(table.policy_params), **knobs)
         make_policy(kcfg.policy, 1, **kcfg.policy_params)   # names the bad parameter, if any
     except GuestdError as e:
-        raise GuestConfigError(f"{where}: {e}") from None
+        key = "guest.policy_params" if "parameter" in str(e) else "guest.policy"
+        raise GuestConfigError(f"{head}: {key}: {e}" if head else f"{key}: {e}") from None
     specs = tuple(spec_dict(s) for s in table.workloads)
-    build_workload(table.workloads, layout, np.random.default_rng(0), where=f"{where}.workload")
+    try:
+        build_workload(table.workloads, layout, np.random.default_rng(0), where=f"{path}.workload")
+    except GuestConfigError as e:
+        raise GuestConfigError(f"{head}: {e}" if head else str(e)) from None
     return GuestConfig(kcfg, specs, table.batch_refs, table.shares, table)

@@ -15,7 +15,7 @@ import numpy as np
 
 from balloonlab.proto.schema import SchemaError, Workload, decode
 
-from ..errors import GuestConfigError
+from ..errors import GuestConfigError, TraceFormatError
 from .generators import WORKLOADS, Mix
 from .generators import Workload as Generator
 from .layout import Layout
@@ -79,6 +79,8 @@ def build_workload(specs: Sequence[Mapping[str, Any] | Any], layout: Layout, rng
             key, sep, rest = str(e).partition(": ")
             named = sep and key in spec.__struct_fields__     # the message names one of the spec's keys
             raise GuestConfigError(f"{at}.{key}: {rest}" if named else f"{at}: {e}") from None
+        except TraceFormatError as e:
+            raise GuestConfigError(f"{at}.{'program' if spec.program else 'path'}: {e}") from None
         except (TypeError, ValueError) as e:
             raise GuestConfigError(f"{at}: bad parameter for {kind!r}: {e}") from None
         weights.append(float(spec.weight))

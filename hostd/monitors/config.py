@@ -52,7 +52,7 @@ class MonitorsConfig:
 def parse_table(cls: type, raw: Any, where: str) -> Any:
     """``raw`` (a TOML table) read as the config dataclass ``cls``; raises ``ConfigError`` naming a bad key."""
     if not isinstance(raw, Mapping):
-        raise ConfigError(f"{where} must be a table, got {type(raw).__name__} {raw!r}")
+        raise ConfigError(f"{where}: expected a table, got {describe(raw)}")
     default = cls()
     declared = {f.name: f for f in fields(cls)}
     values: dict[str, Any] = {}
@@ -89,7 +89,7 @@ def monitors_config(table: Mapping[str, Any] | None, where: str = "monitors") ->
     """Parse ``[monitors]``; a bad key or value raises ``ConfigError`` naming it."""
     table = table or {}
     if not isinstance(table, Mapping):
-        raise ConfigError(f"{where} must be a table")
+        raise ConfigError(f"{where}: expected a table, got {describe(table)}")
     sections = {spec.name: spec.config for spec in registry.MONITORS if spec.config is not None}
     out: dict[str, Any] = {}
     for key, value in table.items():

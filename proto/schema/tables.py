@@ -361,8 +361,8 @@ class Tables(Table):
     costs: F(CostsTable, "virtual-time costs (proto/costs.py)") = field(default_factory=CostsTable)
     disk: DiskTable = field(default_factory=DiskTable)
     locks: LocksTable = field(default_factory=LocksTable)
-    monitors: F(dict[str, dict[str, Any]], "one table per host monitor: swap_storm, pinning, double_faults, "
-                                           "convergence, ...") = {}
+    monitors: F(dict[str, Any], "one table per host monitor: swap_storm, pinning, double_faults, convergence, ... "
+                                "(each checked by its monitor)") = {}
 
 
 class SweepTable(Table):
@@ -373,9 +373,12 @@ class SweepTable(Table):
 
 
 class ScenarioFile(Tables):
-    """The file as written: variants are checked one by one, the sweep by ``balloonlab.sweep``."""
+    """The file as written: variants are checked one by one, the sweep by ``balloonlab.sweep``.
 
-    variants: F(dict[str, dict[str, Any]], "each deep-merged over the tables above") = {}
+    (A dict of tables is decoded key by key, not as ``dict[str, Table]``: msgspec's error path would not name the key.)
+    """
+
+    variants: F(dict[str, Any], "each deep-merged over the tables above") = {}
     sweep: F(dict[str, Any], "balloonlab-sweep's grid and seeds") = {}
 
 
@@ -384,6 +387,8 @@ class EditorScenario(Tables):
 
     variants: F(dict[str, Tables], "each deep-merged over the tables above") = {}
     sweep: SweepTable = field(default_factory=SweepTable)
+    monitors: F(dict[str, dict[str, Any]], "one table per host monitor: swap_storm, pinning, double_faults, "
+                                           "convergence, ...") = {}
 
 
 TOP_TABLES = tuple(f.encode_name for f in msgspec.structs.fields(ScenarioFile))
