@@ -1,7 +1,7 @@
 """One schema of the scenario file, shared by the launcher, the host and the guests.
 
 - ``tables``: every table and key as a msgspec struct (type, bounds,
-  default, meaning); one key is one line there.
+  default, meaning); one key is one field there.
 - ``errors``: ``decode(cls, data, path=, where=)`` and the messages
   (``guest.workload[1].wieght: unknown key; did you mean 'weight'? ...``).
 - ``units``: MiB/KiB -> pages, the only place.

@@ -1,6 +1,7 @@
 """The scenario's tables as msgspec structs: every key, its type, its bounds, its default, its meaning.
 
-One key is one line here. A struct rejects unknown keys, so a typo is an
+One key is one field here: its type, bounds, meaning (``Meta``) and default.
+A struct rejects unknown keys, so a typo is an
 error with a suggestion (``errors.py``); bounds use ``Meta`` and appear in
 the JSON Schema (``balloonlab-launch --schema``). Sizes are in MiB (or KiB)
 as the user writes them; ``units.py`` turns them into pages, once.
@@ -37,7 +38,7 @@ __all__ = [
 
 
 def F(tp: Any, description: str, **bounds: Any) -> Any:
-    """A key's type with its meaning and bounds (``gt``, ``ge``, ``lt``, ``le``, ``multiple_of``, ``min_length``)."""
+    """A key's type with its meaning and bounds, for keys built at run time (``[costs]``, ``[disk.*]``)."""
     return Annotated[tp, Meta(description=description, **bounds)]
 
 
@@ -45,25 +46,28 @@ class Table(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen=Tru
     """A scenario table: unknown keys are errors."""
 
 
-Fraction = F(float, "the share of its references that write", ge=0, le=1)
+Fraction = Annotated[float, Meta(description="the share of its references that write", ge=0, le=1)]
 
 
 # --- [scenario] ---------------------------------------------------------------------------
 
 class ScenarioTable(Table):
-    name: F(str, "the scenario's name (default: the file name)") | None = None
-    description: F(str, "one line about the scenario") = ""
-    seed: F(int, "seed of every random choice of the run", ge=0) = 1
-    guests: F(int, "number of guest processes", ge=1) = 4
-    duration_s: F(float, "virtual seconds to run (default 5.0; or ticks)", gt=0) | None = None
-    ticks: F(int, "ticks to run (or duration_s)", ge=1) | None = None
-    tick_us: F(int, "virtual length of a tick in µs", ge=1) = TICK_US_DEFAULT
-    metrics_every_ticks: F(int, "a metrics line per process every N ticks", ge=1) = 10
-    watchdog_s: F(float, "wall seconds before a slow tick is reported", gt=0) = 10.0
-    unresponsive_s: F(float, "wall seconds before silent guests leave the tick barrier", gt=0) = 30.0
-    connect_timeout_s: F(float, "wall seconds to wait for every guest's hello", gt=0) = 120.0
-    expect_deadlock: F(bool, "the run is meant to end on a deadlock (lock-model scenarios)") = False
-    expect_guests_lost: F(list[Annotated[int, Meta(ge=0)]], "guest ids the run is meant to lose (fault tests)") = []
+    name: Annotated[str, Meta(description="the scenario's name (default: the file name)")] | None = None
+    description: Annotated[str, Meta(description="one line about the scenario")] = ""
+    seed: Annotated[int, Meta(description="seed of every random choice of the run", ge=0)] = 1
+    guests: Annotated[int, Meta(description="number of guest processes", ge=1)] = 4
+    duration_s: Annotated[float, Meta(description="virtual seconds to run (default 5.0; or ticks)", gt=0)] | None = None
+    ticks: Annotated[int, Meta(description="ticks to run (or duration_s)", ge=1)] | None = None
+    tick_us: Annotated[int, Meta(description="virtual length of a tick in µs", ge=1)] = TICK_US_DEFAULT
+    metrics_every_ticks: Annotated[int, Meta(description="a metrics line per process every N ticks", ge=1)] = 10
+    watchdog_s: Annotated[float, Meta(description="wall seconds before a slow tick is reported", gt=0)] = 10.0
+    unresponsive_s: Annotated[float, Meta(
+        description="wall seconds before silent guests leave the tick barrier", gt=0)] = 30.0
+    connect_timeout_s: Annotated[float, Meta(description="wall seconds to wait for every guest's hello", gt=0)] = 120.0
+    expect_deadlock: Annotated[bool, Meta(
+        description="the run is meant to end on a deadlock (lock-model scenarios)")] = False
+    expect_guests_lost: Annotated[list[Annotated[int, Meta(ge=0)]], Meta(
+        description="guest ids the run is meant to lose (fault tests)")] = []
 
     def __post_init__(self) -> None:
         if self.ticks is not None and self.duration_s is not None:
@@ -73,21 +77,28 @@ class ScenarioTable(Table):
 # --- [host] -------------------------------------------------------------------------------
 
 class HostTable(Table):
-    ram_mib: F(float, "host RAM in MiB (or overcommit)", gt=0) | None = None
-    overcommit: F(float, "sum of guest RAM / host RAM, when ram_mib is not given", gt=0) = 1.25
-    swap_mib: F(float, "host swap in MiB (default: twice the host RAM)", ge=0) | None = None
-    victim: F(str, "host swap victim selection: random | clock") = "random"
-    cache_max_mib: F(float, "the host's virtual-disk cache in MiB (default: no limit)", ge=0) | None = None
-    cluster_kib: F(int, "disk cache cluster in KiB, a multiple of the 4 KiB page", gt=0, multiple_of=4) = 64
-    max_inflight_requests: F(int, "disk requests in flight at once", ge=1) = 32
-    low_watermark_pct: F(float, "free frames (% of RAM) below which the host reclaims", gt=0, lt=50) = 1.0
-    reclaim_batch_pages: F(int, "pages reclaimed per step", ge=1) = 32
-    invariant_every_ticks: F(int, "the frame invariant every N ticks", ge=1) = 1
-    invariant: F(Literal["sample", "full"], "the frame invariant each tick: a seeded sample, or the full check") \
+    ram_mib: Annotated[float, Meta(description="host RAM in MiB (or overcommit)", gt=0)] | None = None
+    overcommit: Annotated[float, Meta(
+        description="sum of guest RAM / host RAM, when ram_mib is not given", gt=0)] = 1.25
+    swap_mib: Annotated[float, Meta(description="host swap in MiB (default: twice the host RAM)", ge=0)] | None = None
+    victim: Annotated[str, Meta(description="host swap victim selection: random | clock")] = "random"
+    cache_max_mib: Annotated[float, Meta(
+        description="the host's virtual-disk cache in MiB (default: no limit)", ge=0)] | None = None
+    cluster_kib: Annotated[int, Meta(
+        description="disk cache cluster in KiB, a multiple of the 4 KiB page", gt=0, multiple_of=4)] = 64
+    max_inflight_requests: Annotated[int, Meta(description="disk requests in flight at once", ge=1)] = 32
+    low_watermark_pct: Annotated[float, Meta(
+        description="free frames (% of RAM) below which the host reclaims", gt=0, lt=50)] = 1.0
+    reclaim_batch_pages: Annotated[int, Meta(description="pages reclaimed per step", ge=1)] = 32
+    invariant_every_ticks: Annotated[int, Meta(description="the frame invariant every N ticks", ge=1)] = 1
+    invariant: Annotated[Literal["sample", "full"], Meta(
+        description="the frame invariant each tick: a seeded sample, or the full check")] \
         = "sample"
-    shootdown_timeout_s: F(float, "wall seconds a TLB shootdown may take", gt=0) = 10.0
-    uncooperative_ticks: F(int, "no balloon progress for this long: fall back to host swapping", ge=1) = 50
-    request_order: F(str, "the order the host serves requests in: virtual-time (default) | arrival (with [locks])") \
+    shootdown_timeout_s: Annotated[float, Meta(description="wall seconds a TLB shootdown may take", gt=0)] = 10.0
+    uncooperative_ticks: Annotated[int, Meta(
+        description="no balloon progress for this long: fall back to host swapping", ge=1)] = 50
+    request_order: Annotated[str, Meta(
+        description="the order the host serves requests in: virtual-time (default) | arrival (with [locks])")] \
         | None = None
 
     @property
@@ -110,10 +121,13 @@ class HostTable(Table):
 # --- [balloon] ----------------------------------------------------------------------------
 
 class BalloonTable(Table):
-    policy: F(str, "none | static | proportional | mom | working-set | aggressive | sweep, or file.py:Class") = "none"
-    params: F(dict[str, Any], "the policy's parameters (docs/policies.md)") = {}
-    max_percent: F(float, "a balloon never exceeds this share of guest RAM", ge=0, le=100) = 65.0
-    log_decisions: F(Literal["changes", "all"], "balloon_decision events: on changes of reason, or all") = "changes"
+    policy: Annotated[str, Meta(
+        description="none | static | proportional | mom | working-set | aggressive | sweep, or file.py:Class")] = "none"
+    params: Annotated[dict[str, Any], Meta(description="the policy's parameters (docs/policies.md)")] = {}
+    max_percent: Annotated[float, Meta(
+        description="a balloon never exceeds this share of guest RAM", ge=0, le=100)] = 65.0
+    log_decisions: Annotated[Literal["changes", "all"], Meta(
+        description="balloon_decision events: on changes of reason, or all")] = "changes"
 
 
 # --- [locks] ------------------------------------------------------------------------------
@@ -127,13 +141,17 @@ class LockProtocol(str, enum.Enum):
 class LocksTable(Table):
     """Without a ``protocol`` there is no lock model (no locks, no events)."""
 
-    protocol: F(LockProtocol, "the cross-process lock protocol") | None = None
-    break_deadlocks: F(bool, "fail one request of each cycle (DEADLOCK_BROKEN) instead of ending the run") = False
-    hold_vmem: F(Literal["batch", "tick"], "the vCPU holds L_vmem per batch of references, or a whole tick") \
+    protocol: Annotated[LockProtocol, Meta(description="the cross-process lock protocol")] | None = None
+    break_deadlocks: Annotated[bool, Meta(
+        description="fail one request of each cycle (DEADLOCK_BROKEN) instead of ending the run")] = False
+    hold_vmem: Annotated[Literal["batch", "tick"], Meta(
+        description="the vCPU holds L_vmem per batch of references, or a whole tick")] \
         = "batch"
-    reclaim_free_pct: F(float, "the host's reclaim task runs in a tick when free frames < this % (0: never)",
-                        ge=0, lt=50) = 0.0
-    check_interval_s: F(float, "wall seconds between sweeps of the wait-for graph", gt=0, le=10) = 0.2
+    reclaim_free_pct: Annotated[float, Meta(
+        description="the host's reclaim task runs in a tick when free frames < this % (0: never)",
+                        ge=0, lt=50)] = 0.0
+    check_interval_s: Annotated[float, Meta(
+        description="wall seconds between sweeps of the wait-for graph", gt=0, le=10)] = 0.2
 
     @property
     def enabled(self) -> bool:
@@ -143,10 +161,11 @@ class LocksTable(Table):
 # --- [guest]: regions and workloads -----------------------------------------------------------
 
 class Region(Table):
-    name: F(str, "the region's name, for workloads")
-    kind: F(Literal["file", "anon"], "a file on the virtual disk (page cache) or anonymous memory")
-    mib: F(float, "size in MiB (or pages)", gt=0) | None = None
-    pages: F(int, "size in 4 KiB pages (or mib)", ge=1) | None = None
+    name: Annotated[str, Meta(description="the region's name, for workloads")]
+    kind: Annotated[Literal["file", "anon"], Meta(
+        description="a file on the virtual disk (page cache) or anonymous memory")]
+    mib: Annotated[float, Meta(description="size in MiB (or pages)", gt=0)] | None = None
+    pages: Annotated[int, Meta(description="size in 4 KiB pages (or mib)", ge=1)] | None = None
 
     def __post_init__(self) -> None:
         if (self.mib is None) == (self.pages is None):
@@ -160,21 +179,21 @@ class Region(Table):
 
 
 class _Workload(Table, tag_field="kind"):
-    region: F(str, "the region it references")
-    weight: F(float, "its share of the guest's references among the workloads", gt=0) = 1.0
+    region: Annotated[str, Meta(description="the region it references")]
+    weight: Annotated[float, Meta(description="its share of the guest's references among the workloads", gt=0)] = 1.0
 
 
 class DbWorkload(_Workload, tag="db"):
     """A database file read with a zipf-skewed hot set."""
 
-    theta: F(float, "zipf skew: rank r has weight r**-theta", ge=0) = 0.99
+    theta: Annotated[float, Meta(description="zipf skew: rank r has weight r**-theta", ge=0)] = 0.99
     write_frac: Fraction = 0.02
 
 
 class ZipfWorkload(_Workload, tag="zipf"):
     """Zipf-skewed references over any region."""
 
-    theta: F(float, "zipf skew: rank r has weight r**-theta", ge=0) = 0.99
+    theta: Annotated[float, Meta(description="zipf skew: rank r has weight r**-theta", ge=0)] = 0.99
     write_frac: Fraction = 0.0
 
 
@@ -185,31 +204,33 @@ class AnonColdWorkload(_Workload, tag="anon-cold"):
 class AnonHotWorkload(_Workload, tag="anon-hot"):
     """Uniform references over a working set of ws_pages (default: the whole region)."""
 
-    ws_pages: F(int, "working set in pages (the region's first ones)", ge=1) | None = None
+    ws_pages: Annotated[int, Meta(description="working set in pages (the region's first ones)", ge=1)] | None = None
     write_frac: Fraction = 0.3
 
 
 class ScanWorkload(_Workload, tag="scan"):
     """A sequential read of the region, each page once per pass."""
 
-    loop: F(bool, "repeat the pass forever") = True
+    loop: Annotated[bool, Meta(description="repeat the pass forever")] = True
 
 
 class PhasesWorkload(_Workload, tag="phases"):
     """A working set of ws_pages that moves by shift_pages every phase_refs references."""
 
-    ws_pages: F(int, "working set in pages (default: a quarter of the region)", ge=1) | None = None
-    phase_refs: F(int, "references per phase", ge=1) = 100_000
-    shift_pages: F(int, "how far the window moves each phase (default ws_pages)", ge=0) | None = None
+    ws_pages: Annotated[int, Meta(
+        description="working set in pages (default: a quarter of the region)", ge=1)] | None = None
+    phase_refs: Annotated[int, Meta(description="references per phase", ge=1)] = 100_000
+    shift_pages: Annotated[int, Meta(
+        description="how far the window moves each phase (default ws_pages)", ge=0)] | None = None
     write_frac: Fraction = 0.2
 
 
 class TraceWorkload(_Workload, tag="trace"):
     """A recorded trace replayed in order: a file (path) or a shipped recording (program)."""
 
-    path: F(str, "a trace file (.npz or text; relative to the scenario file)") | None = None
-    program: F(str, "a shipped recording: balloonlab-trace list") | None = None
-    loop: F(bool, "replay it again at its end") = False
+    path: Annotated[str, Meta(description="a trace file (.npz or text; relative to the scenario file)")] | None = None
+    program: Annotated[str, Meta(description="a shipped recording: balloonlab-trace list")] | None = None
+    loop: Annotated[bool, Meta(description="replay it again at its end")] = False
 
     def __post_init__(self) -> None:
         if (self.path is None) == (self.program is None):
@@ -229,22 +250,29 @@ def _default_regions() -> list[Region]:
 class GuestTable(Table):
     """One guest: ``[guest]`` merged with its ``[[guests]]`` entries."""
 
-    ram_mib: F(float, "guest RAM in MiB", gt=0) = 64.0
-    kernel_mib: F(float, "the kernel's own memory in MiB (never reclaimed)", ge=0) = 1.0
-    swap_mib: F(float, "guest swap in MiB (default: one slot per anonymous page)", ge=0) | None = None
-    policy: F(str, "replacement policy: esc | clock | lru | fifo | car | ... or file.py:Class") = "esc"
-    policy_params: F(dict[str, Any], "the replacement policy's parameters") = {}
-    regions: F(list[Region], "the workload's memory: files and anonymous regions") = field(
+    ram_mib: Annotated[float, Meta(description="guest RAM in MiB", gt=0)] = 64.0
+    kernel_mib: Annotated[float, Meta(description="the kernel's own memory in MiB (never reclaimed)", ge=0)] = 1.0
+    swap_mib: Annotated[float, Meta(
+        description="guest swap in MiB (default: one slot per anonymous page)", ge=0)] | None = None
+    policy: Annotated[str, Meta(
+        description="replacement policy: esc | clock | lru | fifo | car | ... or file.py:Class")] = "esc"
+    policy_params: Annotated[dict[str, Any], Meta(description="the replacement policy's parameters")] = {}
+    regions: Annotated[list[Region], Meta(description="the workload's memory: files and anonymous regions")] = field(
         default_factory=_default_regions)
-    workload: F(list[Workload], "what the guest references (default: anon-hot over the first region)",
-                min_length=1) | None = None
-    batch_refs: F(int, "references per vCPU batch", ge=1) = 8192
-    shares: F(int, "proportional-share weight for the host's controllers", ge=1) = 1000
-    ws_period_us: F(float, "working-set sample and PFF period, virtual µs (default: the kernel's)", gt=0) \
+    workload: Annotated[list[Workload], Meta(
+        description="what the guest references (default: anon-hot over the first region)",
+                min_length=1)] | None = None
+    batch_refs: Annotated[int, Meta(description="references per vCPU batch", ge=1)] = 8192
+    shares: Annotated[int, Meta(description="proportional-share weight for the host's controllers", ge=1)] = 1000
+    ws_period_us: Annotated[float, Meta(
+        description="working-set sample and PFF period, virtual µs (default: the kernel's)", gt=0)] \
         | None = None
-    ws_sample_pages: F(int, "resident pages sampled per period (default: the kernel's)", ge=0) | None = None
-    pff_alpha: F(float, "EWMA weight of the newest period in pff (default: the kernel's)", gt=0, le=1) | None = None
-    fault_around_pages: F(int, "EPT fault-around window (default: the kernel's)", ge=1) | None = None
+    ws_sample_pages: Annotated[int, Meta(
+        description="resident pages sampled per period (default: the kernel's)", ge=0)] | None = None
+    pff_alpha: Annotated[float, Meta(
+        description="EWMA weight of the newest period in pff (default: the kernel's)", gt=0, le=1)] | None = None
+    fault_around_pages: Annotated[int, Meta(
+        description="EPT fault-around window (default: the kernel's)", ge=1)] | None = None
 
     @property
     def ram_pages(self) -> int:
@@ -284,8 +312,8 @@ class GuestTable(Table):
 class GuestEntry(GuestTable):
     """A ``[[guests]]`` entry: some of a guest's keys, for the guests it names."""
 
-    id: F(int, "the guest this entry is for", ge=0) | None = None
-    ids: F(list[Annotated[int, Meta(ge=0)]], "the guests this entry is for") | None = None
+    id: Annotated[int, Meta(description="the guest this entry is for", ge=0)] | None = None
+    ids: Annotated[list[Annotated[int, Meta(ge=0)]], Meta(description="the guests this entry is for")] | None = None
 
     def __post_init__(self) -> None:
         if (self.id is None) == (self.ids is None):
@@ -344,8 +372,8 @@ DiskDevice = _from_dataclass("DiskDevice", DiskProfile, defaults=False, base=_Di
 
 
 class DiskTable(Table):
-    vdisk: F(DiskDevice, "the guests' virtual disks") | None = None
-    swap: F(DiskDevice, "the host's swap device") | None = None
+    vdisk: Annotated[DiskDevice, Meta(description="the guests' virtual disks")] | None = None
+    swap: Annotated[DiskDevice, Meta(description="the host's swap device")] | None = None
 
 
 # --- the whole file ---------------------------------------------------------------------------
@@ -355,21 +383,24 @@ class Tables(Table):
 
     scenario: ScenarioTable = field(default_factory=ScenarioTable)
     host: HostTable = field(default_factory=HostTable)
-    guest: F(GuestTable, "defaults for every guest") = field(default_factory=GuestTable)
-    guests: F(list[GuestEntry], "per-guest overrides") = []
+    guest: Annotated[GuestTable, Meta(description="defaults for every guest")] = field(default_factory=GuestTable)
+    guests: Annotated[list[GuestEntry], Meta(description="per-guest overrides")] = []
     balloon: BalloonTable = field(default_factory=BalloonTable)
-    costs: F(CostsTable, "virtual-time costs (proto/costs.py)") = field(default_factory=CostsTable)
+    costs: Annotated[CostsTable, Meta(
+        description="virtual-time costs (proto/costs.py)")] = field(default_factory=CostsTable)
     disk: DiskTable = field(default_factory=DiskTable)
     locks: LocksTable = field(default_factory=LocksTable)
-    monitors: F(dict[str, Any], "one table per host monitor: swap_storm, pinning, double_faults, convergence, ... "
-                                "(each checked by its monitor)") = {}
+    monitors: Annotated[dict[str, Any], Meta(
+        description="one table per host monitor: swap_storm, pinning, double_faults, convergence, ... "
+                                "(each checked by its monitor)")] = {}
 
 
 class SweepTable(Table):
-    grid: F(dict[str, list[Any]], "dotted key -> values, e.g. {\"host.overcommit\" = [1.2, 1.5]}") = {}
-    seeds: F(Union[int, list[int]], "how many seeds (1..N), or the list") = 1
-    metrics: F(list[str], "headline metrics to summarise and plot") | None = None
-    x: F(str, "the grid axis on the plots' x axis") | None = None
+    grid: Annotated[dict[str, list[Any]], Meta(
+        description="dotted key -> values, e.g. {\"host.overcommit\" = [1.2, 1.5]}")] = {}
+    seeds: Annotated[Union[int, list[int]], Meta(description="how many seeds (1..N), or the list")] = 1
+    metrics: Annotated[list[str], Meta(description="headline metrics to summarise and plot")] | None = None
+    x: Annotated[str, Meta(description="the grid axis on the plots' x axis")] | None = None
 
 
 class ScenarioFile(Tables):
@@ -378,17 +409,18 @@ class ScenarioFile(Tables):
     (A dict of tables is decoded key by key, not as ``dict[str, Table]``: msgspec's error path would not name the key.)
     """
 
-    variants: F(dict[str, Any], "each deep-merged over the tables above") = {}
-    sweep: F(dict[str, Any], "balloonlab-sweep's grid and seeds") = {}
+    variants: Annotated[dict[str, Any], Meta(description="each deep-merged over the tables above")] = {}
+    sweep: Annotated[dict[str, Any], Meta(description="balloonlab-sweep's grid and seeds")] = {}
 
 
 class EditorScenario(Tables):
     """What ``balloonlab-launch --schema`` describes: the file, with variants and sweep typed."""
 
-    variants: F(dict[str, Tables], "each deep-merged over the tables above") = {}
+    variants: Annotated[dict[str, Tables], Meta(description="each deep-merged over the tables above")] = {}
     sweep: SweepTable = field(default_factory=SweepTable)
-    monitors: F(dict[str, dict[str, Any]], "one table per host monitor: swap_storm, pinning, double_faults, "
-                                           "convergence, ...") = {}
+    monitors: Annotated[dict[str, dict[str, Any]], Meta(
+        description="one table per host monitor: swap_storm, pinning, double_faults, "
+                                           "convergence, ...")] = {}
 
 
 TOP_TABLES = tuple(f.encode_name for f in msgspec.structs.fields(ScenarioFile))
