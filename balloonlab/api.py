@@ -42,7 +42,7 @@ def run(scenario: str | os.PathLike[str] = "basic", *, guests: int | None = None
         overrides: Mapping[str, Any] | Iterable[Setting] | None = None, run_dir: str | os.PathLike[str] | None = None,
         transport: str = "unix", log_level: str = "info", report: bool = True, verbose: bool = True,
         formats: Iterable[str] = ("png",), dashboard: bool = False, dashboard_port: int = 0,
-        force: bool = False) -> "Run":
+        force: bool = False, guest_start: str | None = None) -> "Run":
     """Run ``scenario`` (a name or a .toml path) with host + guest processes to its end.
 
     ``overrides`` maps dotted keys to values (``{"host.overcommit": 1.5,
@@ -50,7 +50,9 @@ def run(scenario: str | os.PathLike[str] = "basic", *, guests: int | None = None
     ``report=False`` skips report.md and the plots; ``formats`` are the
     figures' file formats (png, svg, pdf); ``dashboard=True`` serves the live
     dashboard on 127.0.0.1 while the run goes (its URL is printed);
-    ``verbose=False`` prints nothing. ``run_dir`` must not exist or be empty
+    ``verbose=False`` prints nothing. ``guest_start`` is ``"fork"`` (guests
+    forked from the fork server, the default) or ``"exec"`` (one interpreter
+    each; ``BALLOONLAB_FORKSERVER=0`` makes it the default). ``run_dir`` must not exist or be empty
     (``force=True`` clears it first; a bad one raises ``RunDirError``). Raises ``ConfigError`` for a bad scenario or argument,
     before any process starts; a run that fails is returned, with
     ``ok`` false and ``exit_status`` 1 (130 when interrupted).
@@ -72,7 +74,8 @@ def run(scenario: str | os.PathLike[str] = "basic", *, guests: int | None = None
     outcome = launcher.launch(path, loaded, run_dir=None if run_dir is None else Path(run_dir), force=force,
                               transport=transport,
                               log_level=log_level, report=report, settings=settings, verbose=verbose,
-                              formats=tuple(formats), dashboard=dashboard, dashboard_port=dashboard_port)
+                              formats=tuple(formats), dashboard=dashboard, dashboard_port=dashboard_port,
+                              guest_start=guest_start)
     return Run(outcome.run_dir, exit_status=outcome.exit_status, results=outcome.results, _summary=outcome.summary)
 
 

@@ -5,6 +5,7 @@
                       [--run-dir DIR [--force]] [--transport unix|tcp] [--address ADDR]
                       [--external-guests IDS|all [--join-timeout S]] [--expect-guests-lost IDS]
                       [--dashboard [--dashboard-port PORT]] [--format png|svg|pdf[,...]]
+                      [--guest-start fork|exec]
 
     balloonlab-host [same options]     every guest external: start a host, print how to join
 
@@ -39,7 +40,7 @@ from balloonlab.proto.handshake import new_token
 from balloonlab.proto.transport import parse_address
 from balloonlab.progress import Progress
 from balloonlab.rundir import RunDirError, prepare_run_dir
-from balloonlab.runner import JoinInfo, VariantResult, run_variant
+from balloonlab.runner import GUEST_START_MODES, JoinInfo, VariantResult, run_variant
 from balloonlab.scenario import Overrides, Scenario, find_scenario, load_scenario
 from balloonlab.validators import VALIDATORS, guest_sizes, guest_swap_area
 
@@ -76,6 +77,7 @@ class _Options:
     formats: tuple[str, ...] = ("png",)
     prog: str = "balloonlab-launch"
     run_dir_created: bool = True
+    guest_start: str | None = None          # "fork", "exec"; None: BALLOONLAB_FORKSERVER decides
 
 
 def _ids(text: str) -> list[int] | str:
@@ -119,6 +121,10 @@ def parse_args(argv: list[str] | None, prog: str = "balloonlab-launch") -> argpa
                     help="guests the run is expected to lose (killed by a test, say): a variant that lost only "
                     "those is no failure (as [scenario] expect_guests_lost)")
     ap.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    ap.add_argument("--guest-start", choices=list(GUEST_START_MODES), default=None,
+                    help="fork: every guest forked from one fork server that imported the guest once (small "
+                    "private memory per guest; the default); exec: each guest its own `python -m "
+                    "balloonlab.guestd` (the default when BALLOONLAB_FORKSERVER=0)")
     ap.add_argument("--no-report", action="store_true", help="skip the report and plots at the end")
     ap.add_argument("--format", default="png", metavar="png|svg|pdf[,...]",
                     help="the report's figure format(s), comma-separated (default png)")
@@ -179,7 +185,7 @@ def _main(argv: list[str] | None = None, prog: str = "balloonlab-launch") -> int
                          join_timeout_s=args.join_timeout, expect_guests_lost=args.expect_guests_lost,
                          log_level=args.log_level, report=not args.no_report, settings=settings,
                          formats=args.formats, dashboard=args.dashboard, dashboard_port=args.dashboard_port,
-                         prog=prog)
+                         prog=prog, guest_start=args.guest_start)
     except (ConfigError, RunDirError) as exc:
         say(f"{prog}: {exc}")
         return 2
@@ -213,15 +219,19 @@ def launch(path: Path, scenario: Scenario, *, run_dir: Path | None = None, force
            join_timeout_s: float = JOIN_TIMEOUT_S, expect_guests_lost: Any = None, log_level: str = "info",
            report: bool = True, settings: tuple[tuple[str, Any], ...] = (), verbose: bool = True,
            formats: tuple[str, ...] = ("png",), dashboard: bool = False, dashboard_port: int = 0,
-           prog: str = "balloonlab-launch") -> LaunchOutcome:
+           prog: str = "balloonlab-launch", guest_start: str | None = None) -> LaunchOutcome:
     """Run every variant of a prepared scenario to its end; write the summary (and the report).
 
     ``run_dir`` must not exist or be empty (``force`` clears it first);
     a bad one raises ``RunDirError``. ``external_guests`` (ids or "all")
     are not started: how they join is printed and written to join.json.
+    ``guest_start``: ``fork`` (the fork server) or ``exec``; None: ``fork``
+    unless ``BALLOONLAB_FORKSERVER=0``.
     """
     if transport not in ("unix", "tcp"):
         raise ConfigError(f"transport must be 'unix' or 'tcp', got {transport!r}")
+    if guest_start is not None and guest_start not in GUEST_START_MODES:
+        raise ConfigError(f"guest_start must be one of {', '.join(GUEST_START_MODES)}, got {guest_start!r}")
     default = Path("runs") / f"{scenario.name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
     run_dir, created = prepare_run_dir(None if run_dir is None else Path(run_dir), default, force)
     try:
@@ -232,7 +242,8 @@ def launch(path: Path, scenario: Scenario, *, run_dir: Path | None = None, force
         raise RunDirError(f"--run-dir {run_dir}: cannot write into it: {exc.strerror or exc}") from None
     opts = _Options(transport=transport, address=address, external_guests=external_guests,
                     join_timeout_s=join_timeout_s, expect_guests_lost=expect_guests_lost, log_level=log_level,
-                    report=report, verbose=verbose, formats=tuple(formats), prog=prog, run_dir_created=created)
+                    report=report, verbose=verbose, formats=tuple(formats), prog=prog, run_dir_created=created,
+                    guest_start=guest_start)
     from balloonlab.dashboard.cli import with_dashboard
     work = _launch(scenario, run_dir, opts)
     return _run_loop(with_dashboard(work, run_dir, enabled=dashboard, port=dashboard_port))
@@ -258,19 +269,6 @@ def _run_loop(coro: Coroutine[Any, Any, T]) -> T:
     if "error" in box:
         raise box["error"]
     return box["result"]
-
-
-class _Quiet:
-    """Where the messages go when the caller asked for none."""
-
-    def write(self, text: str) -> int:
-        return len(text)
-
-    def flush(self) -> None:
-        pass
-
-    def isatty(self) -> bool:
-        return False
 
 
 class _Quiet:
@@ -328,7 +326,7 @@ async def _launch(scenario: Scenario, run_dir: Path, o: _Options) -> LaunchOutco
                 run_config["connect_timeout_s"] = max(float(run_config.get("connect_timeout_s", 0)), o.join_timeout_s)
             result = await run_variant(run_config, vdir, address, secret, progress.update, stop,
                                        log_level=o.log_level, external=external,
-                                       on_join=lambda j: _print_join(j, err))
+                                       on_join=lambda j: _print_join(j, err), guest_start=o.guest_start)
             progress.done()
             results.append(result)
             _report_variant(result, err)

@@ -12,6 +12,15 @@ Every guest's credential is also written to ``RUN_DIR/credentials/guest-N.token`
 (``external``) can be handed exactly its own; ``join.json`` says where the
 host listens and where each file is. The credentials go when the variant
 ends: they open nothing after it.
+
+Guests start, by default, from a fork server (``balloonlab.forkserver``):
+one process that has imported the guest once and forks each guest from
+that image, so that guests share the imported pages. Each is still a real
+process with its own pid, session, argv, environment, stderr file and exit
+status (the server reaps it and reports the status). ``guest_start="exec"``
+(or ``BALLOONLAB_FORKSERVER=0``) starts each guest as
+``python -m balloonlab.guestd`` instead. A fork server that dies ends the
+variant with an error that says so.
 """
 from __future__ import annotations
 
@@ -26,16 +35,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from balloonlab.forkclient import ForkedProcess, ForkServer, ForkServerError, forkserver_default
 from balloonlab.proto.handshake import guest_token
 from balloonlab.proto.locks import EXIT_DEADLOCK
 
 __all__ = ["ChildResult", "VariantResult", "JoinInfo", "run_variant", "write_credentials", "guest_command",
-           "TEARDOWN_GRACE_S"]
+           "TEARDOWN_GRACE_S", "GUEST_START_MODES", "default_guest_start"]
 
 TEARDOWN_GRACE_S = 5.0
 HOST_READY_TIMEOUT_S = 120.0   # a host on a machine loaded many times over starts slowly, but it starts
 CREDENTIALS_DIR = "credentials"
 _PR_SET_PDEATHSIG = 1
+GUEST_START_MODES = ("fork", "exec")
+
+
+def default_guest_start() -> str:
+    """``fork`` (guests from the fork server) unless ``BALLOONLAB_FORKSERVER=0``: then ``exec``."""
+    return "fork" if forkserver_default() else "exec"
 
 
 def _die_with_parent() -> None:
@@ -125,8 +141,15 @@ def write_credentials(run_dir: Path, secret: str, guest_ids: list[int]) -> dict[
 
 class _Children:
     def __init__(self) -> None:
-        self.procs: dict[str, asyncio.subprocess.Process] = {}
+        self.procs: dict[str, Any] = {}     # name -> asyncio.subprocess.Process or ForkedProcess
         self.stderr_paths: dict[str, Path] = {}
+
+    async def fork(self, server: ForkServer, name: str, args: list[str], env: dict[str, str],
+                   stderr_path: Path) -> ForkedProcess:
+        proc = await server.spawn(name, args, env, stderr_path)
+        self.procs[name] = proc
+        self.stderr_paths[name] = stderr_path
+        return proc
 
     async def spawn(self, name: str, argv: list[str], env: dict[str, str], stderr_path: Path,
                     stdout_pipe: bool = False) -> asyncio.subprocess.Process:
@@ -188,7 +211,7 @@ class _Children:
         return ChildResult(name, p.pid, p.returncode, tail)
 
 
-def _signal(p: asyncio.subprocess.Process, sig: int) -> None:
+def _signal(p: Any, sig: int) -> None:
     try:
         p.send_signal(sig)
     except ProcessLookupError:
@@ -198,12 +221,18 @@ def _signal(p: asyncio.subprocess.Process, sig: int) -> None:
 async def run_variant(run_config: dict[str, Any], run_dir: Path, address: str, secret: str,
                       on_progress: Callable[[dict[str, Any]], None], stop: asyncio.Event,
                       python: str = sys.executable, log_level: str = "info", external: frozenset[int] = frozenset(),
-                      on_join: Callable[[JoinInfo], None] | None = None) -> VariantResult:
+                      on_join: Callable[[JoinInfo], None] | None = None,
+                      guest_start: str | None = None) -> VariantResult:
     """Start host + guests for one variant and supervise them to the end.
 
     Guests in ``external`` are not started: ``on_join`` is told how they join
     once the host listens, and ``join.json`` in ``run_dir`` says it too.
+    ``guest_start``: ``fork`` (from the fork server) or ``exec`` (one
+    interpreter each); None: ``default_guest_start()``.
     """
+    guest_start = default_guest_start() if guest_start is None else guest_start
+    if guest_start not in GUEST_START_MODES:
+        raise ValueError(f"guest_start must be one of {', '.join(GUEST_START_MODES)}, got {guest_start!r}")
     if not run_dir.exists():
         run_dir.mkdir(mode=0o700)
     cfg_path = run_dir / "host-config.json"
@@ -214,7 +243,15 @@ async def run_variant(run_config: dict[str, Any], run_dir: Path, address: str, s
     children = _Children()
     wall0 = time.monotonic()
     token_files = write_credentials(run_dir, secret, [int(g["id"]) for g in run_config["guests"]])
+    own_guests = [int(g["id"]) for g in run_config["guests"] if int(g["id"]) not in external]
+    server_start: asyncio.Future[ForkServer] | None = None
+    server: ForkServer | None = None
+    halt = asyncio.Event()          # Ctrl-C, or the fork server died: stop following the host
+    watchers: list[asyncio.Future[Any]] = [asyncio.ensure_future(_relay(stop, halt))]
     try:
+        if guest_start == "fork" and own_guests:
+            # It imports the guest while the host starts: neither waits for the other.
+            server_start = asyncio.ensure_future(ForkServer.start(run_dir, env, python, _die_with_parent))
         host = await children.spawn("host", [python, "-m", "balloonlab.hostd", "--config", str(cfg_path), "--address", address,
                                              "--log", str(run_dir / "host.jsonl"), "--log-level", log_level],
                                     dict(env, BALLOONLAB_TOKEN=secret), run_dir / "host.stderr", stdout_pipe=True)
@@ -232,16 +269,30 @@ async def run_variant(run_config: dict[str, Any], run_dir: Path, address: str, s
             (run_dir / "join.json").write_text(json.dumps(join.as_dict(), indent=1) + "\n")
             if on_join is not None:
                 on_join(join)
-        for g in run_config["guests"]:
-            gid = g["id"]
-            if gid in external:
-                continue
-            await children.spawn(f"guest-{gid}", [python, "-m", "balloonlab.guestd", "--address", bound, "--guest-id", str(gid),
-                                                  "--log", str(run_dir / f"guest-{gid}.jsonl"), "--log-level", log_level],
-                                 dict(env, BALLOONLAB_TOKEN=guest_token(secret, gid)), run_dir / f"guest-{gid}.stderr")
-        result.finished = await _follow_host(host, on_progress, stop)
-        if stop.is_set():
+        try:
+            if server_start is not None:
+                server = await server_start
+                watchers.append(asyncio.ensure_future(_relay(server.dead, halt)))
+            for gid in own_guests:
+                args = ["--address", bound, "--guest-id", str(gid), "--log", str(run_dir / f"guest-{gid}.jsonl"),
+                        "--log-level", log_level]
+                genv = dict(env, BALLOONLAB_TOKEN=guest_token(secret, gid))
+                if server is not None:
+                    await children.fork(server, f"guest-{gid}", args, genv, run_dir / f"guest-{gid}.stderr")
+                else:
+                    await children.spawn(f"guest-{gid}", [python, "-m", "balloonlab.guestd", *args], genv,
+                                         run_dir / f"guest-{gid}.stderr")
+            result.finished = await _follow_host(host, on_progress, halt)
+        except ForkServerError as exc:
+            result.error = await _server_error(server, exc)
+        if result.error:
+            await children.stop_host_first()
+        elif stop.is_set():
             result.interrupted = True
+            await children.stop_host_first()
+        elif server is not None and server.dead.is_set():
+            # The host ends the run for the guests it still has; the run failed all the same.
+            result.error = await _server_error(server, None)
             await children.stop_host_first()
         else:
             await host.wait()
@@ -254,7 +305,13 @@ async def run_variant(run_config: dict[str, Any], run_dir: Path, address: str, s
             await children.teardown()
     finally:
         # Whatever happened above (an exception, a cancellation), nothing outlives the run.
+        for w in watchers:
+            w.cancel()
         await asyncio.shield(children.teardown())
+        if server is None and server_start is not None:
+            server = await asyncio.shield(_started(server_start))
+        if server is not None:
+            await asyncio.shield(server.close())
         import shutil
         shutil.rmtree(run_dir / CREDENTIALS_DIR, ignore_errors=True)   # dead secrets: they open nothing now
         (run_dir / "join.json").unlink(missing_ok=True)
@@ -262,6 +319,28 @@ async def run_variant(run_config: dict[str, Any], run_dir: Path, address: str, s
     result.guests = [children.result(n) for n in children.procs if n != "host"]
     result.wall_s = time.monotonic() - wall0
     return result
+
+
+async def _relay(source: asyncio.Event, target: asyncio.Event) -> None:
+    await source.wait()
+    target.set()
+
+
+async def _started(start: asyncio.Future[ForkServer]) -> ForkServer | None:
+    """The fork server ``start`` brought up (to close it), or None if it never came up."""
+    if not start.done():
+        start.cancel()
+    try:
+        return await start
+    except (asyncio.CancelledError, ForkServerError, OSError):
+        return None
+
+
+async def _server_error(server: ForkServer | None, exc: ForkServerError | None) -> str:
+    """What the run's error says about a fork server that failed: how it died and its stderr."""
+    if server is not None and server.dead.is_set():
+        return await server.describe_death()
+    return str(exc) if exc is not None else "the guest fork server failed"
 
 
 async def _wait_ready(host: asyncio.subprocess.Process, stop: asyncio.Event) -> str | None:

@@ -183,9 +183,11 @@ def _resolve_paths(merged: dict[str, Any], base_dir: Path) -> None:
 def _validate(merged: dict[str, Any], where: str, validators: Mapping[str, Validator]) -> Tables:
     tables = decode(Tables, merged, where=where)
     n_guests = tables.scenario.guests
+    guests: list[GuestTable] = []
     for gid, g in _guest_tables(merged, n_guests).items():
         at = f"{where}: guest {gid}"
         guest = decode(GuestTable, g, path="guest", where=at)
+        guests.append(guest)
         try:
             guest.check()
         except ValueError as exc:
@@ -193,10 +195,22 @@ def _validate(merged: dict[str, Any], where: str, validators: Mapping[str, Valid
             raise SchemaError(join_path("guest", rel), reason, at) from None
         if "guest" in validators:
             validators["guest"](g, at)
+    _check_swap_files(tables, guests, where)
     for table, fn in validators.items():
         if table != "guest":
             fn(merged.get(table, {}), f"{where}: {table}")
     return tables
+
+
+def _check_swap_files(tables: Tables, guests: list[GuestTable], where: str) -> None:
+    """``host.swap_mib`` must hold every guest's swap file (one slot per page of guest RAM)."""
+    swap_pages = tables.host.swap_pages
+    need_pages = sum(g.ram_pages for g in guests)
+    if swap_pages is not None and swap_pages < need_pages:
+        need_mib = sum(g.ram_mib for g in guests)
+        raise SchemaError("host.swap_mib", f"swap_mib = {tables.host.swap_mib:g} cannot hold the guests' swap files: "
+                          f"each guest has one of its RAM's size, {need_mib:g} MiB for {len(guests)} guests; raise "
+                          f"swap_mib to at least {need_mib:g} or leave it out (default: twice the guests' RAM)", where)
 
 
 def _guest_tables(merged: Mapping[str, Any], n_guests: int) -> dict[int, dict[str, Any]]:

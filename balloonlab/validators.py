@@ -2,7 +2,7 @@
 
 The scenario's schema (``balloonlab.proto.schema``) checks every key; these
 add what only the host or a guest knows (registries of victim and balloon
-policies, replacement policies and their parameters, monitors, building the
+policies, disk profiles, replacement policies and their parameters, monitors, building the
 workload), with the same code the processes run, so a bad name is reported
 with the file name and the run never starts half-configured. Every error is
 a ValueError; it comes back as one ConfigError.
@@ -43,6 +43,11 @@ def _balloon(table: Mapping[str, Any], where: str) -> None:
     balloon_config(table, where=split_where(where, "balloon"))
 
 
+def _disk(table: Mapping[str, Any], where: str) -> None:
+    from balloonlab.hostd.devices import disk_topology   # the device profiles' names are the host's
+    disk_topology(table, where=where)
+
+
 def _monitors(table: Mapping[str, Any], where: str) -> None:
     from balloonlab.hostd.monitors.config import monitors_config
     context = split_where(where, "monitors")
@@ -50,7 +55,8 @@ def _monitors(table: Mapping[str, Any], where: str) -> None:
 
 
 VALIDATORS = {"guest": _as_config_error(_guest), "host": _as_config_error(_host),
-              "balloon": _as_config_error(_balloon), "monitors": _as_config_error(_monitors)}
+              "balloon": _as_config_error(_balloon), "disk": _as_config_error(_disk),
+              "monitors": _as_config_error(_monitors)}
 
 
 def guest_sizes(table: Mapping[str, Any]) -> tuple[int, int]:

@@ -35,14 +35,15 @@ enum {
     C_EVICTIONS, C_EPT_FAULTS, C_EPT_FAULT_CALLS, C_INVALIDATIONS, C_LOST, C_SOFT_RECLAIMED,
     C_BALLOON_INFLATED, C_BALLOON_DEFLATED, C_OOM_CALLS, C_REFAULTS, C_REFAULT_READS, C_REFAULT_FILE_READS,
     C_EVICTED_CLEAN_FILE, C_BALLOON_RECLAIMED, C_BALLOON_RECLAIMED_CLEAN_FILE, C_HOST_TOOK,
-    C_HOST_TOOK_CLEAN_FILE, C_HOST_REFAULTS, C_HOST_REFAULTS_CLEAN_FILE, N_COUNTERS
+    C_HOST_TOOK_CLEAN_FILE, C_HOST_REFAULTS, C_HOST_REFAULTS_CLEAN_FILE, C_DOUBLE_PAGING, C_EPT_FRESH, C_FLUSHER_WRITES, C_FLUSHER_CLEANED, N_COUNTERS
 };
 static const char *COUNTER_NAMES[N_COUNTERS] = {
     "refs", "hits", "major_faults", "minor_faults", "swap_in", "swap_out", "file_reads", "file_writes",
     "writebacks", "evictions", "ept_faults", "ept_fault_calls", "invalidations", "lost_pages", "soft_reclaimed",
     "balloon_inflated", "balloon_deflated", "oom_calls", "refaults", "refault_reads", "refault_file_reads",
     "evicted_clean_file", "balloon_reclaimed", "balloon_reclaimed_clean_file", "host_took_pages",
-    "host_took_clean_file", "host_refaults", "host_refaults_clean_file"};
+    "host_took_clean_file", "host_refaults", "host_refaults_clean_file", "double_paging_pages", "ept_fresh_pages",
+    "flusher_writes", "flusher_cleaned"};
 
 /* the kernel's scalar state (GuestKernel._ks) */
 enum { KS_FREE_LO, KS_N_FREE, KS_SOFT_HEAD, KS_SOFT_TAIL, N_KS };
@@ -84,7 +85,7 @@ typedef struct {
     int64_t *ks, *soft_prev, *soft_next, *inval_gen, *ctr, *swap_used;
     double *vt;
     int64_t swap_base, swap_slots, fault_around;
-    double mem_ref_us, minor_fault_us;
+    double mem_ref_us, minor_fault_us, zero_fill_us;
     /* policy */
     int pkind, load_sets_r, py_hits;
     int64_t *pst, *pframes;
@@ -613,6 +614,7 @@ static PyObject *drive(Core *c) {
             c->f_dirty = c->M[v];
             if (c->f_dirty && !c->backed[v]) {
                 /* double paging: the host swapped it out, read it back before writing it */
+                c->ctr[C_DOUBLE_PAGING] += 1;
                 c->eb_g = v;
                 c->eb_cont = PH_EVICT_BODY;
                 c->phase = PH_EB;
@@ -692,7 +694,7 @@ static PyObject *drive(Core *c) {
             }
             c->f_tok = 0;   /* a fresh anonymous page: zero fill */
             c->ctr[C_MINOR] += 1;
-            c->vt[0] += c->minor_fault_us;
+            c->vt[0] += c->zero_fill_us;
             c->phase = PH_ALLOC_BACKED;
             break;
         }
@@ -874,6 +876,7 @@ static int Core_init(Core *c, PyObject *args, PyObject *kwds) {
     if (get_i64(spec, "swap_base", &c->swap_base) < 0 || get_i64(spec, "swap_slots", &c->swap_slots) < 0 ||
         get_i64(spec, "fault_around", &c->fault_around) < 0 ||
         get_f64(spec, "mem_ref_us", &c->mem_ref_us) < 0 || get_f64(spec, "minor_fault_us", &c->minor_fault_us) < 0 ||
+        get_f64(spec, "zero_fill_us", &c->zero_fill_us) < 0 ||
         get_i64(spec, "policy_kind", &pk) < 0 || get_i64(spec, "load_sets_r", &lsr) < 0 ||
         get_i64(spec, "py_hits", &pyh) < 0 || get_i64(spec, "disk_local", &dl) < 0 ||
         get_i64(spec, "hyp_local", &hl) < 0)

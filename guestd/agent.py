@@ -6,8 +6,11 @@ Call order::
                                   any time: Invalidate (reply with tokens), BalloonTarget
     host vanishes -> exit 3;  host refuses -> exit 4
 
-One vCPU task runs ticks in order; the host's callbacks (Invalidate) are
-served between the vCPU's batches, on the same event loop.
+One vCPU coroutine runs for the whole run (``GuestSessionState.run_vcpu``).
+A ``TickStart`` moves its gate (``guestd.gate``); when the vCPU reaches the
+gate it sends ``TickDone`` and parks. The host's callbacks (Invalidate)
+are served between the vCPU's batches and while it waits, on the same
+event loop.
 
 The guest waits for the host's answers as long as the host is alive, and no
 longer: there is no per-call timeout (on a machine loaded far beyond its
@@ -24,6 +27,7 @@ import sys
 import time
 from typing import Any
 
+import numpy as np
 import structlog
 
 from balloonlab.proto import events as ev
@@ -39,6 +43,7 @@ from balloonlab.proto.transport import Address, connect
 
 from .audit import audit_reply, pausing_call
 from .errors import GuestdError
+from .gate import VcpuGate, VcpuStopped
 from .session import GuestSessionState, build_guest
 
 __all__ = ["GuestAgent", "EXIT_OK", "EXIT_HOST_LOST", "EXIT_REFUSED"]
@@ -50,7 +55,7 @@ EXIT_BUG = 1
 EXIT_HOST_LOST = 3
 EXIT_REFUSED = 4
 CONNECT_TIMEOUT_S = 60.0     # the host may still be starting (or, on a loaded machine, slow to)
-_LOST = object()
+_LOST = "host lost"
 
 
 class GuestNotReady(RuntimeError):
@@ -64,9 +69,9 @@ class GuestAgent:
         self.address = address
         self.conn: RpcConnection | None = None
         self.state: GuestSessionState | None = None
-        # The host sends one TickStart and waits for our TickDone, so more
-        # than two queued means the host broke the protocol.
-        self._ticks: asyncio.Queue[Any] = asyncio.Queue(maxsize=4)
+        # TickStarts move the gate even before the kernel is built (the host may start
+        # the first tick the moment every guest has said hello)
+        self.gate = VcpuGate()
         self._ending = False
         self._early_target: int | None = None
         self.end_reason = ""
@@ -105,7 +110,7 @@ class GuestAgent:
         config = dict(welcome.config)
         self._set_liveness(config.pop(LIVENESS_KEY, None))
         try:
-            self.state = build_guest(self.guest_id, config, conn)
+            self.state = build_guest(self.guest_id, config, conn, self.gate)
         except (ProtoError, GuestdError) as exc:
             conn.close()
             return self._fail(EXIT_REFUSED, f"bad guest config from the host: {exc}")
@@ -170,36 +175,39 @@ class GuestAgent:
     async def _vcpu_loop(self) -> int:
         assert self.state is not None and self.conn is not None
         st = self.state
-        while True:
-            item = await self._ticks.get()
-            if item is _LOST:
-                st.log_finished("host lost")
+        st.send_tick_done = self._send_tick_done
+        try:
+            await st.run_vcpu()
+        except VcpuStopped as stop:
+            st.log_finished(stop.reason)
+            if not self._ending:
                 why = ("no sign of life from the host for " f"{self._host_silent_s:.0f} s (heartbeat)"
                        if self._host_silent_s is not None else "the host closed the connection before ending the run")
                 return self._fail(EXIT_HOST_LOST, why)
-            if isinstance(item, RunEnd):
-                st.log_finished(item.reason)
-                return EXIT_OK
-            tick: TickStart = item
-            structlog.contextvars.bind_contextvars(tick=tick.tick)
-            stats, accessed, dirty = await st.run_tick(tick)
-            if self.conn.is_closing:
-                continue  # the loss is queued as _LOST
-            self.conn.notify(TickDone(tick.tick, float(st.vt_us), stats, accessed, dirty))
+            return EXIT_OK
+        raise AssertionError("the vCPU returned without the run ending")  # pragma: no cover
+
+    def _send_tick_done(self, tick: int, vt_us: float, stats: dict[str, Any], accessed: bytes, dirty: bytes) -> None:
+        if self.conn is None or self.conn.is_closing:
+            return   # the loss stops the gate
+        self.conn.notify(TickDone(tick, vt_us, stats, accessed, dirty))
 
     # --- handlers from the host ------------------------------------------------
 
     def _on_tick_start(self, msg: TickStart) -> None:
         try:
-            self._ticks.put_nowait(msg)
-        except asyncio.QueueFull:
-            log.error("protocol_violated", reason="host sent TickStart while ticks were still queued", tick=msg.tick)
+            self.gate.open(msg)
+        except ValueError as exc:
+            log.error("protocol_violated", reason=str(exc), tick=msg.tick)
+        else:
+            structlog.contextvars.bind_contextvars(tick=msg.tick)
 
     def _on_run_end(self, msg: RunEnd) -> None:
         self._ending = True
         self.end_reason = msg.reason
-        self._put_final(msg)
-        if self.state is not None and self.state.in_tick and self.conn is not None:
+        in_tick = self.state is not None and self.state.in_tick
+        self.gate.stop(msg.reason)
+        if in_tick and self.conn is not None:
             # The run ended under a running tick (a deadlock): our pending calls will never be
             # answered; closing fails them, and the vCPU stops.
             self.conn.close()
@@ -214,7 +222,9 @@ class GuestAgent:
         if self.state is None:
             raise GuestNotReady("invalidate before the guest has built its memory")
         self.pause.reached("invalidate", pages=int(msg.gpfns.size))
-        return InvalidateReply(self.state.invalidate(msg.gpfns))
+        tokens, clean_cache = self.state.invalidate(msg.gpfns)
+        labels = np.packbits(clean_cache).tobytes() if clean_cache.any() else b""
+        return InvalidateReply(tokens, labels)
 
     def _on_audit(self, msg: Audit) -> AuditReply:
         """The end-of-run audit: where our books say each page is (guestd.audit)."""
@@ -234,13 +244,7 @@ class GuestAgent:
 
     def _on_close(self, conn: RpcConnection, exc: BaseException | None) -> None:
         if not self._ending:
-            self._put_final(_LOST)
-
-    def _put_final(self, item: Any) -> None:
-        # The final item must get through even if the queue is full of ticks.
-        while self._ticks.full():
-            self._ticks.get_nowait()
-        self._ticks.put_nowait(item)
+            self.gate.stop(_LOST)
 
     def _fail(self, code: int, message: str) -> int:
         if code == EXIT_HOST_LOST:

@@ -35,7 +35,7 @@ class BalloonCounters:
 class BalloonDriver:
     kernel: Any                    # guestd.kernel.GuestKernel
     hypervisor: Any                # guestd.hypervisor.Hypervisor
-    batch_pages: int = 65_536      # per hypercall; virtio uses 256, we batch more
+    batch_pages: int = 256         # per round, as virtio_balloon's fill_balloon (VIRTIO_BALLOON_ARRAY_PFNS_MAX)
     max_pages_per_tick: int = 262_144
     backoff_ticks: int = 5         # after an allocator failure
     target_pages: int = 0          # set by the host

@@ -38,6 +38,12 @@ class GuestConfig:
     workload: tuple[dict[str, Any], ...]   # specs for guestd.workload.build_workload, defaults filled in
     batch_refs: int                        # references per vCPU batch
     shares: int                            # proportional-share weight for the host
+    # Linux's vm.dirty_background_ratio (10 there, Documentation/admin-guide/sysctl/vm.rst): the flusher
+    # starts writing dirty page cache back once it exceeds this share of available memory. Off (0) by
+    # default for now: its writes are not waited for, so the guest's next request may be earlier than
+    # their completion, which the one-at-a-time virtual-time sequencer takes as a bound on the guest's
+    # clock (requests_behind_bound, and orders other guests by it). Per-guest lanes need no such bound.
+    dirty_background_ratio: float = 0.0
     table: GuestTable | None = None        # every key as given (a new key is read from here)
 
     @property
@@ -76,4 +82,4 @@ def guest_config_from_mapping(raw: Mapping[str, Any], where: str = "guest") -> G
         build_workload(table.workloads, layout, np.random.default_rng(0), where=f"{path}.workload")
     except GuestConfigError as e:
         raise GuestConfigError(f"{head}: {e}" if head else str(e)) from None
-    return GuestConfig(kcfg, specs, table.batch_refs, table.shares, table)
+    return GuestConfig(kcfg, specs, table.batch_refs, table.shares, table.dirty_background_ratio, table)

@@ -24,7 +24,12 @@ __all__ = ["Hypervisor", "NullHypervisor", "LocalHypervisor"]
 @runtime_checkable
 class Hypervisor(Protocol):
     async def ept_fault(self, gpfns: np.ndarray, vt_us: float) -> tuple[np.ndarray, float]:
-        """Back ``gpfns``; returns their tokens (0 = fresh frame) and the virtual completion time."""
+        """Back ``gpfns``; returns their tokens (0 = fresh frame) and the virtual completion time.
+
+        A hypervisor with ``accepts_fresh = True`` also takes ``fresh=`` (a bool
+        per gpfn: the guest overwrites that page entirely, so its old content
+        need not come back; ``EptFault.fresh`` on the wire).
+        """
         ...
 
     async def balloon_inflate(self, gpfns: np.ndarray, vt_us: float) -> float: ...
@@ -53,10 +58,13 @@ class LocalHypervisor:
     ``swap_out(kernel, gpfns)`` is the host reclaiming frames: it calls
     ``kernel.invalidate`` and keeps the returned tokens. An EPT fault returns
     the kept token (0 for a frame never swapped) and costs ``ept_fault_us``
-    plus ``swap_in_us`` per page that was swapped.
+    plus ``swap_in_us`` per page that was swapped, unless the guest marked
+    it fresh (it will overwrite it): then its kept content is dropped, no
+    swap-in, token 0 (``fresh_pages`` counts them).
     """
 
     backs_all_initially = True
+    accepts_fresh = True
 
     def __init__(self, n_frames: int, costs: CostModel | None = None, swap_in_us: float = 100.0) -> None:
         self.costs = costs or CostModel()
@@ -64,6 +72,7 @@ class LocalHypervisor:
         self.kept = np.zeros(n_frames, np.uint64)
         self.swapped = np.zeros(n_frames, bool)
         self.ept_faults = 0
+        self.fresh_pages = 0
         self.inflated = 0
         self.deflated = 0
 
@@ -73,9 +82,15 @@ class LocalHypervisor:
         self.kept[g] = kernel.invalidate(g)
         self.swapped[g] = True
 
-    async def ept_fault(self, gpfns: np.ndarray, vt_us: float) -> tuple[np.ndarray, float]:
+    async def ept_fault(self, gpfns: np.ndarray, vt_us: float,
+                        fresh: np.ndarray | None = None) -> tuple[np.ndarray, float]:
         g = np.asarray(gpfns, dtype=np.int64)
         self.ept_faults += g.size
+        if fresh is not None:
+            f = g[np.asarray(fresh, bool)]
+            self.fresh_pages += int(f.size)
+            self.swapped[f] = False
+            self.kept[f] = 0
         tokens = np.where(self.swapped[g], self.kept[g], np.uint64(0)).astype(np.uint64)
         n_swapped = int(self.swapped[g].sum())
         self.swapped[g] = False

@@ -32,13 +32,15 @@ await for that reason. ``on_oom`` runs under ``mm_lock``: it may call the
 sync methods (``balloon_pick``/``balloon_release``) but not ``access``,
 ``reclaim`` or ``balloon_alloc``.
 
-Virtual time: every reference costs ``costs.mem_ref_us``; a minor fault
-``minor_fault_us``; a major fault, a write-back or an EPT fault waits until
-the block device or the hypervisor says it is done.
+Virtual time: every reference costs ``costs.mem_ref_us`` plus the
+workload's own ``cpu_us_per_ref``; a minor fault ``minor_fault_us``, and a
+zero-filled one ``page_zero_us`` on top; a major fault, a write-back or an
+EPT fault waits until the block device or the hypervisor says it is done.
 """
 from __future__ import annotations
 
 import asyncio
+import inspect
 import math
 import os
 from typing import Any, Awaitable, Callable
@@ -102,6 +104,16 @@ def default_engine() -> str:
     return os.environ.get("BALLOONLAB_PAGING_ENGINE", "compiled")
 
 
+def _takes_fresh(hypervisor: Any) -> bool:
+    """Does this hypervisor's ``ept_fault`` take ``fresh=`` (EptFault.fresh)? A subclass may not."""
+    if not getattr(hypervisor, "accepts_fresh", False):
+        return False
+    try:
+        return "fresh" in inspect.signature(hypervisor.ept_fault).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 # what _evict does with the freed frames
 _TO_CALLER = 0    # the caller takes them (fault path, balloon)
 _SOFT = 1         # they go to the free pool but keep their (clean) page until reused
@@ -118,6 +130,10 @@ class GuestKernel:
         self.blockdev = blockdev
         self.hypervisor = hypervisor
         self.costs = costs
+        # one page-level reference: the memory access plus the workload's compute around it
+        self.ref_us = float(costs.mem_ref_us) + float(costs.cpu_us_per_ref)
+        self.zero_fill_us = float(costs.minor_fault_us) + float(costs.page_zero_us)
+        self._hyp_fresh = _takes_fresh(hypervisor)
         self.log = log if log is not None else structlog.get_logger("guestd.kernel")
         if blockdev.n_blocks < config.disk_blocks:
             raise GuestConfigError(
@@ -157,6 +173,12 @@ class GuestKernel:
         self.ws = WorkingSetSampler(config.ws_sample_pages, rng)
         self.pff = PffMeter(config.pff_alpha)
         self._next_period_us = config.ws_period_us
+        # the flusher's write-backs in flight: frame, page, token written, completion time
+        self._wb_g = np.zeros(0, np.int64)
+        self._wb_page = np.zeros(0, np.int64)
+        self._wb_tok = np.zeros(0, np.uint64)
+        self._wb_done = np.zeros(0, np.float64)
+        self._wb_hand = 0
         self._resize_policy()
         self.engine = engine if engine is not None else default_engine()
         if self.engine not in ENGINES:
@@ -202,8 +224,8 @@ class GuestKernel:
             free_mask=self._free_mask, ks=self._ks, soft_prev=self._soft_prev, soft_next=self._soft_next,
             inval_gen=self._inval_gen, counters=self.counters.array, vt=self._vt,
             swap_used=self.swap.used_array, swap_base=self.swap.base_block, swap_slots=self.swap.n_slots,
-            fault_around=self.config.fault_around_pages, mem_ref_us=float(self.costs.mem_ref_us),
-            minor_fault_us=float(self.costs.minor_fault_us),
+            fault_around=self.config.fault_around_pages, mem_ref_us=self.ref_us,
+            minor_fault_us=float(self.costs.minor_fault_us), zero_fill_us=self.zero_fill_us,
             ept_gs=self._ept_gs, ept_gen=self._ept_gen, hit_g=self._hit_g, hit_w=self._hit_w,
             policy_kind=kind, load_sets_r=int(bool(getattr(pol, "load_sets_r", True))),
             py_hits=int(kind == _paging.P_PY and self._policy_sees_hits), policy=pol,
@@ -285,7 +307,7 @@ class GuestKernel:
             while op != _OP_DONE:
                 if op == _OP_EPT:
                     gs = self._ept_gs[:a].copy()
-                    tokens, done = await self.hypervisor.ept_fault(gs, self.vt_us)
+                    tokens, done = await self._ept_fault(gs)
                     tokens = np.array(tokens, np.uint64)
                     keep = tokens == np.uint64(KEEP_TOKEN)
                     if keep.any():   # already backed at the host: it never took the frame, our content stands
@@ -327,7 +349,7 @@ class GuestKernel:
         fr = self.frames
         where = self.pt.gpfn
         backed = fr.backed
-        mem_ref_us = self.costs.mem_ref_us
+        mem_ref_us = self.ref_us
         pl = p.tolist()
         wl = w.tolist()
         n = p.shape[0]
@@ -409,7 +431,7 @@ class GuestKernel:
             self.policy.on_hits(np.array([g], np.int64), np.array([write]), c.refs)
         c.refs += 1
         c.hits += 1
-        self.vt_us += self.costs.mem_ref_us
+        self.vt_us += self.ref_us
 
     def _hits(self, p: np.ndarray, w: np.ndarray, g: np.ndarray) -> None:
         fr = self.frames
@@ -428,7 +450,7 @@ class GuestKernel:
         k = p.shape[0]
         c.refs += k
         c.hits += k
-        self.vt_us += k * self.costs.mem_ref_us
+        self.vt_us += k * self.ref_us
 
     async def _fault(self, page: int, write: bool) -> None:
         fr = self.frames
@@ -467,7 +489,7 @@ class GuestKernel:
             else:
                 tok = 0                           # a fresh anonymous page: zero fill
                 c.minor_faults += 1
-                self.vt_us += self.costs.minor_fault_us
+                self.vt_us += self.zero_fill_us
             if not fr.backed[g]:
                 await self._ensure_backed(np.array([g], np.int64))
         # nothing awaits from here on: the frame stays backed while we fill it
@@ -488,7 +510,7 @@ class GuestKernel:
         fr.token[g] = tok
         self.policy.on_load(g, write, ref)
         c.refs += 1
-        self.vt_us += self.costs.mem_ref_us
+        self.vt_us += self.ref_us
 
     # ------------------------------------------------------------------ frames
 
@@ -600,6 +622,7 @@ class GuestKernel:
         c = self.counters
         dirty = bool(fr.M[g])
         if dirty and not fr.backed[g]:
+            c.double_paging_pages += 1
             await self._ensure_backed(np.array([g], np.int64))   # double paging: read it back first
         page = int(fr.vpage[g])
         if dirty:
@@ -640,6 +663,7 @@ class GuestKernel:
         c.evicted_clean_file += int(np.count_nonzero(pt.is_file[fr.vpage[clean]]))
         if dirty.size:
             # the write-back reads the frame: one the host swapped out must come back first (double paging)
+            c.double_paging_pages += int(np.count_nonzero(~fr.backed[dirty]))
             await self._ensure_backed(dirty)
             dp = fr.vpage[dirty]
             blocks = pt.block[dp].copy()
@@ -692,7 +716,7 @@ class GuestKernel:
             near = near[(fr.kind[g0:hi] == _FREE) & ~fr.backed[g0:hi]]
             gs = np.union1d(gs, near)
         gen = self._inval_gen[gs].copy()
-        tokens, done = await self.hypervisor.ept_fault(gs.astype(np.uint64), self.vt_us)
+        tokens, done = await self._ept_fault(gs.astype(np.uint64))
         self.vt_us = max(self.vt_us, float(done))
         tokens = np.asarray(tokens, dtype=np.uint64).copy()
         keep = tokens == np.uint64(KEEP_TOKEN)
@@ -714,6 +738,22 @@ class GuestKernel:
             tokens[bad] = fr.token[gs[bad]]
         fr.token[gs] = tokens
         fr.backed[gs] = True
+
+    async def _ept_fault(self, gs: np.ndarray) -> tuple[np.ndarray, float]:
+        """Ask the hypervisor to back ``gs``, saying which frames hold no page (``fresh``).
+
+        A frame that holds no page, resident or soft-reclaimed, is about to be
+        filled from scratch (zero fill, a disk read, or it is simply free): the
+        host need not bring its old content back (EptFault.fresh).
+        """
+        if not self._hyp_fresh:
+            return await self.hypervisor.ept_fault(gs, self.vt_us)
+        g = gs.astype(np.int64)
+        fresh = (self.frames.vpage[g] < 0) & (self.frames.kind[g] == _FREE)
+        if not fresh.any():
+            return await self.hypervisor.ept_fault(gs, self.vt_us)
+        self.counters.ept_fresh_pages += int(np.count_nonzero(fresh))
+        return await self.hypervisor.ept_fault(gs, self.vt_us, fresh=fresh)
 
     def _resize_policy(self) -> None:
         self.policy.resize(self.config.ram_pages - self.config.kernel_pages - len(self._balloon))
@@ -775,6 +815,66 @@ class GuestKernel:
             self._resize_policy()
             return g.astype(np.uint64)
 
+    async def flush_dirty_cache(self, background_ratio_pct: float, max_pages: int = 1024) -> int:
+        """The flusher: start writing back dirty page cache above ``background_ratio_pct`` of available memory.
+
+        As Linux's background write-back (``vm.dirty_background_ratio``, at
+        most ``MAX_WRITEBACK_PAGES`` = 1024 pages a pass): the writes are sent
+        but the vCPU's clock does not wait for them. A page stays dirty until
+        its write is complete (``complete_writeback``), so reclaim never reuses
+        a frame whose write-back is in flight: one evicted before then is
+        written again, synchronously, as any dirty page. Pages are taken in
+        frame order from a hand that moves on, so every dirty page gets its turn.
+        Returns how many writes were started.
+        """
+        self.complete_writeback()
+        fr = self.frames
+        dirty_file = fr.resident & fr.M & (fr.kind == _FILE) & fr.backed
+        if self._wb_tok.size:
+            dirty_file[self._wb_g] = False            # already in flight
+        n_dirty = int(np.count_nonzero(dirty_file))
+        kinds = np.bincount(fr.kind, minlength=len(FrameKind))
+        limit = background_ratio_pct / 100.0 * float(kinds[FrameKind.FREE] + kinds[FrameKind.FILE])
+        n = min(int(n_dirty - limit), max_pages)
+        if n <= 0:
+            return 0
+        async with self.mm_lock:
+            cand = np.flatnonzero(dirty_file)
+            start = int(np.searchsorted(cand, self._wb_hand))
+            gs = np.concatenate([cand[start:], cand[:start]])[:n]
+            self._wb_hand = (int(gs[-1]) + 1) % fr.n
+            pages = fr.vpage[gs].copy()
+            blocks = self.pt.block[pages].copy()
+            toks = fr.token[gs].copy()
+            done = await self.blockdev.write(blocks, toks, self.vt_us)     # the clock does not wait for it
+            self.pt.on_disk[pages] = True
+            self._wb_g = np.concatenate([self._wb_g, gs])
+            self._wb_page = np.concatenate([self._wb_page, pages])
+            self._wb_tok = np.concatenate([self._wb_tok, toks])
+            self._wb_done = np.concatenate([self._wb_done, np.full(gs.size, float(done))])
+            self.counters.flusher_writes += int(gs.size)
+        return int(gs.size)
+
+    def complete_writeback(self) -> int:
+        """Write-backs complete by now: their pages, still holding what was written, become clean."""
+        if not self._wb_tok.size:
+            return 0
+        due = self._wb_done <= self.vt_us
+        if not due.any():
+            return 0
+        g, page, tok = self._wb_g[due], self._wb_page[due], self._wb_tok[due]
+        fr = self.frames
+        same = (fr.vpage[g] == page) & (fr.token[g] == tok) & fr.resident[g] & fr.M[g]
+        fr.M[g[same]] = False
+        if isinstance(self.policy, EscPolicy):
+            self.policy.state[1] = 1      # new clean frames: the compiled core's (0,0) bitmap is stale
+        keep = ~due
+        self._wb_g, self._wb_page = self._wb_g[keep], self._wb_page[keep]
+        self._wb_tok, self._wb_done = self._wb_tok[keep], self._wb_done[keep]
+        n = int(np.count_nonzero(same))
+        self.counters.flusher_cleaned += n
+        return n
+
     def balloon_pick(self, n: int) -> np.ndarray:
         """Up to ``n`` balloon frames to give back, most recently inflated first (state unchanged)."""
         if n <= 0 or not self._balloon:
@@ -804,9 +904,22 @@ class GuestKernel:
 
     def invalidate(self, gpfns: np.ndarray) -> np.ndarray:
         """Host TLB shootdown: the gpfns lose their backing; returns the tokens they held."""
+        return self.invalidate_labelled(gpfns)[0]
+
+    def invalidate_labelled(self, gpfns: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``invalidate``, plus which of the gpfns held clean page cache at that moment (bools).
+
+        Clean page cache: a file page not written since it was loaded or
+        written back, in a resident frame or a soft-reclaimed one (the guest
+        could drop it at no I/O). InvalidateReply.labels carries it, for the
+        host's accounting only.
+        """
         g = self._check_gpfns(gpfns)
         fr = self.frames
         tokens = fr.token[g].copy()
+        vp = fr.vpage[g]
+        clean_cache = (vp >= 0) & ~fr.M[g]
+        clean_cache[clean_cache] = self.pt.is_file[vp[clean_cache]]
         c = self.counters
         held = g[fr.backed[g] & (fr.vpage[g] >= 0)]
         if held.size:
@@ -816,7 +929,7 @@ class GuestKernel:
         fr.backed[g] = False
         self._inval_gen[g] += 1
         c.invalidations += g.size
-        return tokens
+        return tokens, clean_cache
 
     def take_ad_bits(self) -> tuple[np.ndarray, np.ndarray]:
         """EPT accessed and dirty bits of every gpfn (np.packbits), cleared after."""

@@ -230,12 +230,16 @@ class GuardedHypervisor:
         self.inner = inner
         self.locks = locks
         self.backs_all_initially = bool(getattr(inner, "backs_all_initially", False))
+        self.accepts_fresh = bool(getattr(inner, "accepts_fresh", False))
 
     def __getattr__(self, name: str) -> Any:   # e.g. host_balloon_pages
         return getattr(self.inner, name)
 
-    async def ept_fault(self, gpfns: np.ndarray, vt_us: float) -> tuple[np.ndarray, float]:
-        return await self.locks.call("ept_fault", self.inner.ept_fault, gpfns, vt_us)
+    async def ept_fault(self, gpfns: np.ndarray, vt_us: float,
+                        fresh: np.ndarray | None = None) -> tuple[np.ndarray, float]:
+        if fresh is None or not self.accepts_fresh:
+            return await self.locks.call("ept_fault", self.inner.ept_fault, gpfns, vt_us)
+        return await self.locks.call("ept_fault", self.inner.ept_fault, gpfns, vt_us, fresh)
 
     async def balloon_inflate(self, gpfns: np.ndarray, vt_us: float) -> float:
         return await self.locks.call("balloon_inflate", self.inner.balloon_inflate, gpfns, vt_us)

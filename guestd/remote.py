@@ -4,8 +4,16 @@ These replace the in-process ``LocalBlockDevice`` and ``NullHypervisor``
 when the guest runs under ``hostd``: every call is one RPC carrying page
 numbers as ``bin`` of little-endian u64, and the reply says when (in virtual
 time) the operation completed.
+
+Every request passes the vCPU's gate first (``guestd.gate``): one whose
+virtual time is at or past the end of the current tick waits there for the
+next ``TickStart``, so the kernel above never needs to know about ticks.
+The time between a paging request's virtual time and its completion is
+the vCPU's memory stall, recorded in its PSI meter (``guestd.psi``).
 """
 from __future__ import annotations
+
+from typing import Any
 
 import numpy as np
 
@@ -13,28 +21,68 @@ from balloonlab.proto.messages import (BalloonDeflate, BalloonInflate, BalloonRe
                             DiskWriteReply, EptFault, EptFaultReply, MAX_PAGES_PER_MESSAGE)
 from balloonlab.proto.rpc import RpcConnection
 
-__all__ = ["RemoteBlockDevice", "RemoteHypervisor"]
+from .gate import VcpuGate
+from .psi import PsiMeter
+
+__all__ = ["RemoteBlockDevice", "RemoteHypervisor", "VcpuLink", "BALLOON_PFNS_PER_CALL"]
+
+# virtio-balloon moves at most VIRTIO_BALLOON_ARRAY_PFNS_MAX = 256 PFNs per request
+# (drivers/virtio/virtio_balloon.c), each a hypercall the vCPU waits for.
+BALLOON_PFNS_PER_CALL = 256
 
 
 def _u64(x: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(x, dtype="<u8")
 
 
+class VcpuLink:
+    """One vCPU's way to the host: every request is admitted by the gate; paging waits are PSI stalls."""
+
+    def __init__(self, conn: RpcConnection, gate: VcpuGate | None = None, psi: PsiMeter | None = None,
+                 *, gate_requests: bool = True) -> None:
+        self.conn = conn
+        self.gate = gate if gate is not None else VcpuGate()
+        # False under the lock model: a request parked at the gate would hold L_vmem across the
+        # tick boundary, where the host's shootdowns need it (a deadlock the model does not describe)
+        self.gate_requests = gate_requests
+        self.psi = psi if psi is not None else PsiMeter()
+        self.last_done_us = 0.0        # completion of the latest request (the one in flight at a gate)
+
+    async def call(self, msg: Any, vt_us: float, *, stall: bool, extra_us: float = 0.0) -> Any:
+        """Send ``msg`` (whose virtual time is ``vt_us``) once the gate admits it; the reply.
+
+        ``extra_us``: what the vCPU spends on this request after the reply (per-page balloon work).
+        """
+        if self.gate_requests:
+            await self.gate.admit(vt_us)
+        reply = await self.conn.call(msg)
+        done = float(reply.done_vt_us)
+        self.last_done_us = max(vt_us, done) + extra_us
+        if stall:
+            self.psi.stall(vt_us, done)
+        return reply
+
+    def inflight_us(self, gate_us: float) -> float:
+        """How far past ``gate_us`` the latest request completed (0: it completed before)."""
+        return max(0.0, self.last_done_us - gate_us)
+
+
 class RemoteBlockDevice:
     """The guest's virtual disk, served by the host through host memory."""
 
-    def __init__(self, conn: RpcConnection, n_blocks: int) -> None:
+    def __init__(self, conn: RpcConnection, n_blocks: int, link: VcpuLink | None = None) -> None:
         self.conn = conn
         self.n_blocks = n_blocks
+        self.link = link if link is not None else VcpuLink(conn)
 
     async def read(self, blocks: np.ndarray, vt_us: float) -> tuple[np.ndarray, float]:
         blocks = _u64(blocks)
         if blocks.size <= MAX_PAGES_PER_MESSAGE:
-            reply = await self.conn.call(DiskRead(blocks, float(vt_us)))
+            reply = await self.link.call(DiskRead(blocks, float(vt_us)), float(vt_us), stall=True)
             assert isinstance(reply, DiskReadReply)
             return reply.tokens, reply.done_vt_us
         # One vCPU issues the parts one after another: each starts when the last is done,
-        # so no request of ours is ever earlier than the reply before it (hostd.discipline.virtual_time).
+        # so no request of ours is ever earlier than the reply before it.
         parts, done = [], float(vt_us)
         for i in range(0, blocks.size, MAX_PAGES_PER_MESSAGE):
             tokens, done = await self.read(blocks[i:i + MAX_PAGES_PER_MESSAGE], done)
@@ -46,7 +94,7 @@ class RemoteBlockDevice:
         done = float(vt_us)
         for i in range(0, blocks.size, MAX_PAGES_PER_MESSAGE // 2):
             j = i + MAX_PAGES_PER_MESSAGE // 2
-            reply = await self.conn.call(DiskWrite(blocks[i:j], tokens[i:j], done))   # in sequence, as read
+            reply = await self.link.call(DiskWrite(blocks[i:j], tokens[i:j], done), done, stall=True)
             assert isinstance(reply, DiskWriteReply)
             done = max(done, reply.done_vt_us)
         return done
@@ -56,13 +104,19 @@ class RemoteHypervisor:
     """EPT faults and balloon hand-over as hypercalls to the host."""
 
     backs_all_initially = False  # the host backs gpfns lazily, on EPT faults
+    accepts_fresh = True         # ept_fault takes ``fresh`` (EptFault.fresh)
 
-    def __init__(self, conn: RpcConnection) -> None:
+    def __init__(self, conn: RpcConnection, link: VcpuLink | None = None, balloon_page_us: float = 0.0) -> None:
         self.conn = conn
+        self.link = link if link is not None else VcpuLink(conn)
+        self.balloon_page_us = float(balloon_page_us)
         self.host_balloon_pages = 0  # the host's count, from the last balloon reply
+        self.balloon_calls = 0
 
-    async def ept_fault(self, gpfns: np.ndarray, vt_us: float) -> tuple[np.ndarray, float]:
-        reply = await self.conn.call(EptFault(_u64(gpfns), float(vt_us)))
+    async def ept_fault(self, gpfns: np.ndarray, vt_us: float,
+                        fresh: np.ndarray | None = None) -> tuple[np.ndarray, float]:
+        bits = b"" if fresh is None or not np.any(fresh) else np.packbits(np.asarray(fresh, bool)).tobytes()
+        reply = await self.link.call(EptFault(_u64(gpfns), float(vt_us), bits), float(vt_us), stall=True)
         assert isinstance(reply, EptFaultReply)
         return reply.tokens, reply.done_vt_us
 
@@ -73,11 +127,19 @@ class RemoteHypervisor:
         return await self._balloon(BalloonDeflate, gpfns, vt_us)
 
     async def _balloon(self, cls: type, gpfns: np.ndarray, vt_us: float) -> float:
+        """One hypercall per 256 PFNs, in sequence; each page costs ``balloon_page_us`` on top.
+
+        The per-page cost (the guest allocator's work and the host's unmap) is
+        charged here, by the guest; the host charges ``hypercall_us`` per call.
+        """
         gpfns = _u64(gpfns)
         done = float(vt_us)
-        for i in range(0, gpfns.size, MAX_PAGES_PER_MESSAGE):
-            reply = await self.conn.call(cls(gpfns[i:i + MAX_PAGES_PER_MESSAGE], done))   # in sequence, as read
+        for i in range(0, gpfns.size, BALLOON_PFNS_PER_CALL):
+            part = gpfns[i:i + BALLOON_PFNS_PER_CALL]
+            reply = await self.link.call(cls(part, done), done, stall=False,
+                                         extra_us=part.size * self.balloon_page_us)
             assert isinstance(reply, BalloonReply)
             self.host_balloon_pages = reply.balloon_pages
-            done = max(done, reply.done_vt_us)
+            self.balloon_calls += 1
+            done = max(done, reply.done_vt_us) + part.size * self.balloon_page_us
         return done

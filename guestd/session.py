@@ -1,11 +1,30 @@
-"""One guest's run under the host: kernel, workload, balloon, the vCPU's tick.
+"""One guest's run under the host: kernel, workload, balloon, and the vCPU.
 
 ``build_guest`` turns the config the host sent in ``Welcome`` into a
 running guest whose disk and hypervisor are the host's, over the socket.
+
+The vCPU is one long-running coroutine (``GuestSessionState.run_vcpu``),
+not one call per tick. It runs references while its clock is below the
+gate (the end of the latest tick received, ``guestd.gate``); a batch stops
+before the first reference that would start at or past the gate, and the
+rest of the batch carries over to the next tick (it is never generated
+again). At the gate the vCPU parks and ``TickDone`` goes out. Its
+background work runs inside this coroutine, at virtual times that depend
+only on the guest's own run:
+
+- at each tick start: the balloon driver reconciles toward its target;
+- after every batch: the working-set and PFF period closes when the clock
+  passed its end (``GuestKernel._maybe_end_period``), and PSI's 2 s
+  averages are folded in (``guestd.psi``).
+
+Nothing runs as a separate asyncio task racing the vCPU in wall time; the
+only other code on the loop is the host's synchronous callbacks
+(``Invalidate``, ``BalloonTarget``, the end-of-run audit).
 """
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+from typing import Any, Callable
 
 import numpy as np
 import structlog
@@ -14,12 +33,13 @@ from balloonlab.proto import events as ev
 from balloonlab.proto.costs import CostModel
 from balloonlab.proto.errors import ConfigError
 from balloonlab.proto.locks import lock_config_from_mapping
-from balloonlab.proto.messages import TickStart
 from balloonlab.proto.rpc import RpcConnection
 
 from .balloon import BalloonDriver
+from .gate import VcpuGate
 from .locks import GuardedBlockDevice, GuardedHypervisor, GuestLocks
-from .remote import RemoteBlockDevice, RemoteHypervisor
+from .psi import PsiMeter
+from .remote import RemoteBlockDevice, RemoteHypervisor, VcpuLink
 
 __all__ = ["GuestSessionState", "build_guest"]
 
@@ -27,12 +47,15 @@ log = structlog.get_logger("guestd")
 
 MIN_BATCH_REFS = 64
 
+TickDoneSender = Callable[[int, float, dict[str, Any], bytes, bytes], None]
+
 
 class GuestSessionState:
     """Everything one guest process runs, between the socket and the paging model."""
 
     def __init__(self, guest_id: int, cfg: Any, kernel: Any, workload: Any, balloon: BalloonDriver,
-                 costs: CostModel, metrics_every_ticks: int, batch_refs: int) -> None:
+                 costs: CostModel, metrics_every_ticks: int, batch_refs: int,
+                 gate: VcpuGate | None = None, psi: PsiMeter | None = None) -> None:
         self.guest_id = guest_id
         self.cfg = cfg
         self.kernel = kernel
@@ -41,57 +64,109 @@ class GuestSessionState:
         self.costs = costs
         self.metrics_every_ticks = max(1, metrics_every_ticks)
         self.batch_refs = batch_refs
+        self.gate = gate if gate is not None else VcpuGate()
+        self.psi = psi if psi is not None else PsiMeter()
         self.ticks_run = 0
         self.locks: GuestLocks | None = None   # the lock model, when the host's [locks] names a protocol
-        self.in_tick = False
+        self.send_tick_done: TickDoneSender | None = None
+        self._refs_at_park = 0
+        self._carry: tuple[np.ndarray, np.ndarray] | None = None   # the rest of a batch cut at the gate
+        self.carried_refs = 0          # references carried over a gate (cumulative)
+        self.gate.on_park = self._parked
+        self.link: VcpuLink | None = None   # the requests' path to the host (gate, PSI), when remote
 
     @property
     def vt_us(self) -> float:
         return float(self.kernel.vt_us)
 
-    async def run_tick(self, tick: TickStart) -> tuple[dict[str, Any], bytes, bytes]:
-        """Run the vCPU until its virtual clock reaches the end of this tick."""
-        self.in_tick = True
-        try:
-            if self.locks is None:
-                return await self._run_tick(tick)
-            async with self.locks.tick_hold():   # hold_vmem = "tick": L_vmem across the whole tick
-                return await self._run_tick(tick)
-        finally:
-            self.in_tick = False
+    @property
+    def in_tick(self) -> bool:
+        """The vCPU is running (not parked at its gate, and the run not over)."""
+        return self.gate.tick >= 0 and not self.gate.parked
 
-    async def _run_tick(self, tick: TickStart) -> tuple[dict[str, Any], bytes, bytes]:
+    async def run_vcpu(self) -> None:
+        """Run the vCPU tick after tick until the run ends (``VcpuStopped`` from the gate)."""
         k = self.kernel
-        end_us = tick.vt_us + tick.tick_us
-        if k.vt_us < tick.vt_us:
-            k.vt_us = tick.vt_us
-        await self.balloon.reconcile()
-        per_ref = max(self.costs.mem_ref_us, 1e-6)
-        while k.vt_us < end_us:
-            n = int((end_us - k.vt_us) / per_ref) + 1
+        gate = self.gate
+        started = -1
+        while True:
+            await gate.wait_open(k.vt_us)            # parks at the end of each tick; raises VcpuStopped
+            tick = gate.tick
+            hold = self.locks.tick_hold() if self.locks is not None else contextlib.nullcontext()
+            async with hold:                          # hold_vmem = "tick": L_vmem across the tick
+                if tick != started:
+                    started = tick
+                    if k.vt_us < gate.tick_start_us:    # idle since (a finite workload ran dry)
+                        k.advance_to(gate.tick_start_us)
+                    await self.balloon.reconcile()
+                    await self._flush()
+                # a TickStart that arrives while a held request is answered moves the gate: the
+                # loop then goes round for that tick's start work
+                while k.vt_us < gate.gate_us and gate.tick == tick:
+                    await self._run_batch(gate.gate_us)
+            self.psi.advance(k.vt_us)
+
+    async def _flush(self) -> None:
+        """The flusher, at each tick start: write-backs it started that are complete make their pages clean,
+        then new ones start for the dirty page cache above the background ratio (the clock does not wait)."""
+        ratio = float(getattr(self.cfg, "dirty_background_ratio", 0.0))
+        if ratio <= 0:
+            return
+        self.psi.paused = True
+        try:
+            await self.kernel.flush_dirty_cache(ratio)
+        finally:
+            self.psi.paused = False
+
+    async def _run_batch(self, gate_us: float) -> None:
+        k = self.kernel
+        if self._carry is not None:
+            pages, writes = self._carry
+            self._carry = None
+        else:
+            per_ref = max(k.ref_us, 1e-6)
+            n = int((gate_us - k.vt_us) / per_ref) + 1
             n = min(max(n, MIN_BATCH_REFS), self.batch_refs)
             pages, writes = self.workload.next_batch(n)
-            if pages.size == 0:  # a finite workload (a trace) ran dry: the vCPU idles
-                k.advance_to(end_us)
-                break
-            await k.access(pages, writes)
+            if pages.size == 0:  # a finite workload (a trace) ran dry: the vCPU idles to the gate
+                k.advance_to(gate_us)
+                return
+        done = await k.access(pages, writes, deadline_us=gate_us)
+        if done < pages.size:
+            self._carry = (pages[done:], None if writes is None else writes[done:])
+            self.carried_refs += int(pages.size - done)
+        self.psi.advance(k.vt_us)
+
+    def _parked(self, tick: int, vt_us: float) -> None:
+        """The vCPU reached the gate of ``tick`` at ``vt_us``: report the tick (TickDone)."""
         self.ticks_run += 1
+        self.psi.advance(vt_us)
         stats = self.stats()
-        accessed, dirty = k.take_ad_bits()
-        if tick.tick % self.metrics_every_ticks == self.metrics_every_ticks - 1:
-            log.info(ev.TICK_COMPLETED, **stats)
-        return stats, accessed.tobytes(), dirty.tobytes()
+        self._refs_at_park = int(stats["refs"])
+        stats["tick_vt_us"] = round(float(vt_us), 3)
+        # the part of the overshoot past the tick's end that a request in flight at the gate explains
+        stats["tick_inflight_us"] = round(self.link.inflight_us(self.gate.gate_us), 3) if self.link else 0.0
+        accessed, dirty = self.kernel.take_ad_bits()
+        if tick % self.metrics_every_ticks == self.metrics_every_ticks - 1:
+            log.info(ev.TICK_COMPLETED, tick=tick, **stats)
+        if self.send_tick_done is not None:
+            self.send_tick_done(tick, float(vt_us), stats, accessed.tobytes(), dirty.tobytes())
 
     def stats(self) -> dict[str, Any]:
         s = dict(self.kernel.stats())
         s.update(self.balloon.stats())
+        s.update(self.psi.stats())
+        s["refs_done"] = int(s["refs"]) - self._refs_at_park      # completed since the last TickDone
+        s["carried_refs"] = self.carried_refs
+        s["gate_parks_in_request"] = self.gate.parks_in_request
         s["vt_us"] = round(float(self.kernel.vt_us), 3)
         if self.locks is not None:
             s.update(self.locks.stats())
         return s
 
-    def invalidate(self, gpfns: np.ndarray) -> np.ndarray:
-        return self.kernel.invalidate(gpfns)
+    def invalidate(self, gpfns: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """TLB shootdown: the tokens the gpfns held and which were clean page cache (bools)."""
+        return self.kernel.invalidate_labelled(gpfns)
 
     def set_balloon_target(self, target_pages: int) -> None:
         self.balloon.set_target(target_pages)
@@ -100,7 +175,8 @@ class GuestSessionState:
         log.info(ev.GUEST_FINISHED, reason=reason, ticks=self.ticks_run, stats=self.stats())
 
 
-def build_guest(guest_id: int, config: dict[str, Any], conn: RpcConnection) -> GuestSessionState:
+def build_guest(guest_id: int, config: dict[str, Any], conn: RpcConnection,
+                gate: VcpuGate | None = None) -> GuestSessionState:
     from .config import guest_config_from_mapping
     from .kernel import GuestKernel
     from .workload import build_workload
@@ -115,8 +191,14 @@ def build_guest(guest_id: int, config: dict[str, Any], conn: RpcConnection) -> G
     kernel_seed, workload_seed = root.spawn(2)
     lock_cfg = lock_config_from_mapping(config.get("locks"), where=f"guest {guest_id}: locks")
     locks = GuestLocks(guest_id, lock_cfg, conn) if lock_cfg.enabled else None
-    hyp: Any = RemoteHypervisor(conn)
-    blockdev: Any = RemoteBlockDevice(conn, cfg.disk_blocks)
+    gate = gate if gate is not None else VcpuGate()
+    ticks = config.get("ticks")
+    if isinstance(ticks, int) and not isinstance(ticks, bool) and ticks > 0:
+        gate.last_tick = ticks - 1
+    psi = PsiMeter()
+    link = VcpuLink(conn, gate, psi, gate_requests=locks is None)
+    hyp: Any = RemoteHypervisor(conn, link, balloon_page_us=costs.balloon_page_us)
+    blockdev: Any = RemoteBlockDevice(conn, cfg.disk_blocks, link)
     if locks is not None:   # hypercalls follow the lock protocol; the kernel's mm_lock is L_vmem
         hyp, blockdev = GuardedHypervisor(hyp, locks), GuardedBlockDevice(blockdev, locks)
     kernel = GuestKernel(cfg.kernel, np.random.default_rng(kernel_seed), blockdev, hyp, costs,
@@ -129,6 +211,8 @@ def build_guest(guest_id: int, config: dict[str, Any], conn: RpcConnection) -> G
     metrics_every = int(config.get("metrics_every_ticks", 10))
     if metrics_every < 1:
         raise ConfigError(f"guest {guest_id}: metrics_every_ticks must be >= 1")
-    state = GuestSessionState(guest_id, cfg, kernel, workload, balloon, costs, metrics_every, cfg.batch_refs)
+    state = GuestSessionState(guest_id, cfg, kernel, workload, balloon, costs, metrics_every, cfg.batch_refs,
+                              gate, psi)
     state.locks = locks
+    state.link = link
     return state

@@ -55,6 +55,10 @@ class PagingCounters:
         "host_took_clean_file",          # ... of which clean page cache
         "host_refaults",                 # EPT faults that brought such a page back (a host swap-in)
         "host_refaults_clean_file",      # ... of which clean page cache
+        "double_paging_pages",           # dirty pages the guest paged out after EPT-faulting them back first
+        "ept_fresh_pages",               # gpfns EPT-faulted with the fresh bit (no content to restore)
+        "flusher_writes",                # dirty page-cache pages the background flusher wrote (not waited for)
+        "flusher_cleaned",               # ... found still unchanged when their write completed: now clean
     )
 
     __hash__ = None  # type: ignore[assignment]  # mutable

@@ -9,6 +9,16 @@ it without telling the host; the TLB shootdown returns the current one).
 
 ``busy`` marks frames whose eviction is waiting for a guest's TLB-shootdown
 acknowledgement: they are neither free nor evictable until it arrives.
+
+Grants (the deterministic discipline's partitions of free memory): between
+``open_grants`` and ``close_grants`` each guest with a grant has a private
+free list of actual frame numbers, moved there from the global free stack
+(``grant``). ``alloc``/``alloc_one`` for that owner take from its private
+list only, and ``free``/``free_one`` of a frame it owned put the frame back
+on that list, so within a tick one guest's allocations and frees never see
+another guest's. ``close_grants`` returns every private list to the global
+stack in guest-id order. Frames on a private list are FREE like any other
+(``free_frames`` counts them); ``global_free_frames`` is the stack alone.
 """
 from __future__ import annotations
 
@@ -43,6 +53,33 @@ class FrameKind(IntEnum):
 _FREE = int(FrameKind.FREE)   # plain int: an IntEnum attribute costs about a microsecond per lookup
 
 
+class _Grant:
+    """One guest's private free list: ``stack[:n]``, top last (the next frame handed out)."""
+
+    __slots__ = ("stack", "n", "taken")
+
+    def __init__(self) -> None:
+        self.stack = np.zeros(64, np.int64)
+        self.n = 0
+        self.taken = 0          # frames handed out from it since it opened (the guest's demand)
+
+    def push(self, frames: np.ndarray) -> None:
+        need = self.n + frames.size
+        if need > self.stack.size:
+            grown = np.zeros(max(need, 2 * self.stack.size), np.int64)
+            grown[:self.n] = self.stack[:self.n]
+            self.stack = grown
+        self.stack[self.n:need] = frames
+        self.n = need
+
+    def push_one(self, frame: int) -> None:
+        if self.n == self.stack.size:
+            self.push(np.array((frame,), np.int64))
+            return
+        self.stack[self.n] = frame
+        self.n += 1
+
+
 class FramePool:
     """``total_frames`` host frames; alloc/free in O(n) numpy, no per-frame Python."""
 
@@ -65,16 +102,108 @@ class FramePool:
         self._n_free = n
         self._kind_frames = np.zeros(len(FrameKind), np.int64)
         self._kind_frames[FrameKind.FREE] = n
+        self._grants: dict[int, _Grant] | None = None   # None: no grants, one global free stack
+        self._n_granted = 0
+
+    # -- grants (see the module docstring) ------------------------------------
+
+    @property
+    def grants_open(self) -> bool:
+        return self._grants is not None
+
+    def open_grants(self, guest_ids: list[int] | tuple[int, ...] = ()) -> None:
+        """Start partitioning: each of ``guest_ids`` gets an (empty) private free list."""
+        if self._grants is not None:
+            raise InvariantViolation("grants are open already")
+        self._grants = {}
+        for gid in sorted(guest_ids):
+            self._grants[int(gid)] = _Grant()
+
+    def add_grant(self, guest_id: int) -> None:
+        """An empty private list for a guest that joined while grants are open (no-op otherwise)."""
+        if self._grants is not None and guest_id not in self._grants:
+            self._grants[int(guest_id)] = _Grant()
+
+    def has_grant(self, guest_id: int) -> bool:
+        return self._grants is not None and guest_id in self._grants
+
+    def granted(self, guest_id: int) -> int:
+        """Frames left on the guest's private list (0 without one)."""
+        g = None if self._grants is None else self._grants.get(guest_id)
+        return 0 if g is None else g.n
+
+    def grant(self, guest_id: int, n: int) -> int:
+        """Move up to ``n`` frames from the top of the global stack to the guest's list; returns how many."""
+        g = self._grants.get(guest_id) if self._grants is not None else None
+        if g is None:
+            raise InvariantViolation(f"guest {guest_id} has no open grant")
+        take = min(int(n), self._n_free)
+        if take <= 0:
+            return 0
+        # Keep the stack's order: the frame the global stack would have handed out first is on top.
+        g.push(self._free_stack[self._n_free - take:self._n_free])
+        self._n_free -= take
+        self._n_granted += take
+        return take
+
+    def take_back(self, guest_id: int) -> int:
+        """Return what is left of the guest's list to the global stack (its list stays open, empty)."""
+        g = self._grants.get(guest_id) if self._grants is not None else None
+        if g is None or g.n == 0:
+            return 0
+        n = g.n
+        self._free_stack[self._n_free:self._n_free + n] = g.stack[:n]
+        self._n_free += n
+        self._n_granted -= n
+        g.n = 0
+        return n
+
+    def close_grant(self, guest_id: int) -> int:
+        """The guest is gone: its list returns to the global stack and closes."""
+        n = self.take_back(guest_id)
+        if self._grants is not None:
+            self._grants.pop(guest_id, None)
+        return n
+
+    def close_grants(self) -> dict[int, int]:
+        """End partitioning: every list returns to the global stack in guest-id order.
+
+        Returns the frames each guest took from its list while it was open
+        (its demand in this period).
+        """
+        if self._grants is None:
+            return {}
+        taken = {}
+        for gid in sorted(self._grants):
+            self.take_back(gid)
+            taken[gid] = self._grants[gid].taken
+        self._grants = None
+        return taken
+
+    def _grant_of(self, owner_guest: int) -> _Grant | None:
+        grants = self._grants
+        return None if grants is None else grants.get(owner_guest)
 
     # -- allocation ---------------------------------------------------------
 
     @property
     def free_frames(self) -> int:
+        """Every FREE frame: the global stack and the guests' private lists."""
+        return self._n_free + self._n_granted
+
+    @property
+    def global_free_frames(self) -> int:
+        """Free frames on the global stack (outside every grant)."""
         return self._n_free
+
+    def available(self, guest_id: int) -> int:
+        """Frames an allocation for ``guest_id`` can take now: its grant when it has one, else the stack."""
+        g = self._grant_of(guest_id)
+        return self._n_free if g is None else g.n
 
     @property
     def used_frames(self) -> int:
-        return self.total_frames - self._n_free
+        return self.total_frames - self.free_frames
 
     def frames_of(self, kind: FrameKind) -> int:
         return int(self._kind_frames[kind])
@@ -92,9 +221,17 @@ class FramePool:
         """
         if kind == FrameKind.FREE:
             raise ValueError("cannot allocate frames as FREE")
-        take = min(int(n), self._n_free)
-        frames = self._free_stack[self._n_free - take:self._n_free][::-1].copy()
-        self._n_free -= take
+        g = self._grant_of(owner_guest)
+        if g is None:
+            take = min(int(n), self._n_free)
+            frames = self._free_stack[self._n_free - take:self._n_free][::-1].copy()
+            self._n_free -= take
+        else:
+            take = min(int(n), g.n)
+            frames = g.stack[g.n - take:g.n][::-1].copy()
+            g.n -= take
+            g.taken += take
+            self._n_granted -= take
         self.kind[frames] = kind
         self.owner_guest[frames] = owner_guest
         if owner_index is not None:
@@ -110,10 +247,19 @@ class FramePool:
 
         Takes the same frame ``alloc(1, ...)`` would.
         """
-        if self._n_free == 0:
-            return -1
-        self._n_free -= 1
-        f = int(self._free_stack[self._n_free])
+        g = self._grant_of(owner_guest) if self._grants is not None else None
+        if g is None:
+            if self._n_free == 0:
+                return -1
+            self._n_free -= 1
+            f = int(self._free_stack[self._n_free])
+        else:
+            if g.n == 0:
+                return -1
+            g.n -= 1
+            g.taken += 1
+            self._n_granted -= 1
+            f = int(g.stack[g.n])
         self.kind[f] = kind
         self.owner_guest[f] = owner_guest
         self.owner_index[f] = owner_index
@@ -132,6 +278,7 @@ class FramePool:
         counts = self._kind_frames
         counts[kind] -= 1
         counts[_FREE] += 1
+        g = self._grant_of(int(self.owner_guest[frame])) if self._grants is not None else None
         self.kind[frame] = _FREE
         self.owner_guest[frame] = NO_OWNER
         self.owner_index[frame] = NO_OWNER
@@ -140,6 +287,10 @@ class FramePool:
         self.dirty[frame] = False
         self.pinned[frame] = False
         self.busy[frame] = False
+        if g is not None:
+            g.push_one(frame)
+            self._n_granted += 1
+            return
         self._free_stack[self._n_free] = frame
         self._n_free += 1
 
@@ -156,6 +307,7 @@ class FramePool:
             raise InvariantViolation("the same frame appears twice in one free() call")
         self._kind_frames -= np.bincount(kinds, minlength=len(FrameKind))
         self._kind_frames[FrameKind.FREE] += frames.size
+        owners = self.owner_guest[frames] if self._grants else None
         self.kind[frames] = FrameKind.FREE
         self.owner_guest[frames] = NO_OWNER
         self.owner_index[frames] = NO_OWNER
@@ -164,15 +316,42 @@ class FramePool:
         self.dirty[frames] = False
         self.pinned[frames] = False
         self.busy[frames] = False
+        if owners is not None:
+            frames = self._to_grants(frames, owners)
         self._free_stack[self._n_free:self._n_free + frames.size] = frames
         self._n_free += frames.size
+
+    def _to_grants(self, frames: np.ndarray, owners: np.ndarray) -> np.ndarray:
+        """Push the frames whose owner has a grant onto its list (in the given order); returns the rest."""
+        assert self._grants is not None
+        first = int(owners[0])
+        if np.all(owners == first):   # the usual case: one guest's frames
+            g = self._grants.get(first)
+            if g is None:
+                return frames
+            g.push(frames)
+            self._n_granted += frames.size
+            return frames[:0]
+        rest = np.ones(frames.size, bool)
+        for gid in np.unique(owners).tolist():
+            g = self._grants.get(gid)
+            if g is None:
+                continue
+            mine = owners == gid
+            g.push(frames[mine])
+            self._n_granted += int(np.count_nonzero(mine))
+            rest &= ~mine
+        return frames[rest]
 
     # -- queries --------------------------------------------------------------
 
     def evictable(self) -> np.ndarray:
-        """Mask of frames a victim policy may pick: guest or cache, not pinned, not busy."""
-        k = self.kind
-        return ((k == FrameKind.GUEST) | (k == FrameKind.CACHE)) & ~self.pinned & ~self.busy
+        """Mask of frames a victim policy may pick: guest pages, not pinned, not busy.
+
+        The host's disk cache is dropped or written back, never host-swapped,
+        so its frames are never victims.
+        """
+        return (self.kind == FrameKind.GUEST) & ~self.pinned & ~self.busy
 
     def frames_owned_by(self, guest_id: int, kind: FrameKind | None = None) -> np.ndarray:
         mask = self.owner_guest == guest_id
@@ -182,10 +361,13 @@ class FramePool:
 
     def check_counters(self) -> None:
         """The counts kept as frames move agree with each other (O(1): the sampled invariant's part)."""
-        if int(self._kind_frames.sum()) != self.total_frames or self._kind_frames[FrameKind.FREE] != self._n_free \
+        granted = 0 if self._grants is None else sum(g.n for g in self._grants.values())
+        if int(self._kind_frames.sum()) != self.total_frames or granted != self._n_granted \
+                or self._kind_frames[FrameKind.FREE] != self._n_free + self._n_granted \
                 or not 0 <= self._n_free <= self.total_frames:
             raise InvariantViolation(f"kind counts drifted: kept {self._kind_frames.tolist()}, free stack "
-                                     f"{self._n_free}, total {self.total_frames}")
+                                     f"{self._n_free}, granted {self._n_granted} (lists hold {granted}), "
+                                     f"total {self.total_frames}")
 
     def check_invariant(self) -> None:
         """The pool's own consistency; HostMemory cross-checks owners against p2m and vdisks."""
@@ -195,17 +377,24 @@ class FramePool:
         if not np.array_equal(counted, self._kind_frames):
             raise InvariantViolation(
                 f"kind counts drifted: counted {counted.tolist()}, kept {self._kind_frames.tolist()}")
-        if counted.sum() != self.total_frames or self._n_free + self.used_frames != self.total_frames:
-            raise InvariantViolation(f"free {self._n_free} + used {self.used_frames} != total {self.total_frames}")
-        if counted[FrameKind.FREE] != self._n_free:
+        lists = [self._free_stack[:self._n_free]]
+        if self._grants is not None:
+            lists += [g.stack[:g.n] for _, g in sorted(self._grants.items())]
+        stack = np.concatenate(lists)
+        if stack.size != self._n_free + self._n_granted:
+            raise InvariantViolation(f"the grants hold {stack.size - self._n_free} frames, "
+                                     f"counted {self._n_granted}")
+        if counted.sum() != self.total_frames or self.free_frames + self.used_frames != self.total_frames:
+            raise InvariantViolation(f"free {self.free_frames} + used {self.used_frames} != total {self.total_frames}")
+        if counted[FrameKind.FREE] != stack.size:
             raise InvariantViolation(
-                f"{int(counted[FrameKind.FREE])} frames are FREE but the free stack holds {self._n_free}")
-        stack = self._free_stack[:self._n_free]
+                f"{int(counted[FrameKind.FREE])} frames are FREE but the free stack and grants hold {stack.size}")
         if has_duplicates(stack, self.total_frames):
-            raise InvariantViolation("a frame is on the free stack twice")
+            raise InvariantViolation("a frame is on the free stack (or a grant) twice")
         if np.any(self.kind[stack] != FrameKind.FREE):
             bad = int(stack[np.flatnonzero(self.kind[stack] != FrameKind.FREE)[0]])
-            raise InvariantViolation(f"frame {bad} is on the free stack but kind {FrameKind(self.kind[bad]).name}")
+            raise InvariantViolation(f"frame {bad} is on the free stack or a grant but kind "
+                                     f"{FrameKind(self.kind[bad]).name}")
         free = self.kind == FrameKind.FREE
         if np.any(free & ((self.owner_guest != NO_OWNER) | self.pinned | self.busy | (self.token != 0))):
             bad = int(np.flatnonzero(free & ((self.owner_guest != NO_OWNER) | self.pinned

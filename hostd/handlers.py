@@ -54,7 +54,7 @@ def memory_requests(guest_id: int, mem: "HostMemory", shootdowns: "Shootdowns",
         if shootdowns.pending(guest_id):
             # Never hand back a placeholder: let deferred shootdowns to this guest settle first.
             await shootdowns.settled(guest_id)
-        tokens, done = await mem.ept_fault(guest_id, m.gpfns, m.vt_us)
+        tokens, done = await mem.ept_fault(guest_id, m.gpfns, m.vt_us, m.fresh)
         return EptFaultReply(tokens, done)
 
     def inflate(m: BalloonInflate) -> BalloonReply:

@@ -3,10 +3,12 @@
 Every host frame is free, or the frame of exactly one guest page (its p2m
 says FRAME there), or the cache frame of exactly one virtual-disk block, or
 an I/O buffer of one in-flight disk request; every used host swap slot
-holds exactly one guest page or cached block; and every reference points
-back (owner, index, token and pin agree on both sides). Frames whose
-eviction waits for a shootdown (``busy``) may be orphans, and swap slots
-reserved for a pending eviction have no owner yet.
+holds the one guest page whose slot it is (slot = its file's base + gpfn),
+and a swap-cache slot belongs to a page that is resident again; every
+reference points back (owner, index, token and pin agree on both sides);
+a disk block's device copy equals its content unless the block is dirty in
+a cache frame. Frames whose eviction waits for a shootdown (``busy``) may
+be orphans.
 
 Two ways to check it:
 
@@ -118,9 +120,6 @@ def check_full(mem: "MemoryBooks") -> None:
         f = int(np.flatnonzero(frame_refs[~owned] > 0)[0])
         raise InvariantViolation(f"free frame {int(np.flatnonzero(~owned)[f])} is still referenced")
     leaked = swap.used & (slot_refs == 0)
-    if mem.evictions_pending:
-        # Slots reserved for a pending eviction have no owner until it settles.
-        leaked &= swap.owner_guest != -1
     if np.any(leaked):
         _slot_leak(mem, int(np.flatnonzero(leaked)[0]))
     if np.any(slot_refs > 1):
@@ -146,8 +145,8 @@ def _frame_leak(mem: "MemoryBooks", f: int) -> None:
 
 def _slot_leak(mem: "MemoryBooks", s: int) -> None:
     swap = mem.swap
-    raise InvariantViolation(f"swap slot {s} (guest {int(swap.owner_guest[s])} index "
-                             f"{int(swap.owner_index[s])}) is used but referenced by nobody (slot leak)")
+    raise InvariantViolation(f"swap slot {s} (guest {int(swap.owner_guest[s])}) is used but referenced by "
+                             f"nobody (slot leak)")
 
 
 # --- one guest: every gpfn (full) or some (sample) ---------------------------------------
@@ -181,8 +180,16 @@ def _check_guest(mem: "MemoryBooks", gid: int, pages: np.ndarray | None, blocks:
     frame_refs.append(f)
     on_swap = where(state == _SWAPPED)
     s = p2m.loc[on_swap]
-    _check_slots(mem, s, on_swap, FrameKind.GUEST, gid, "gpfn")
+    _check_slots(mem, s, on_swap, gid)
     slot_refs.append(s)
+    swap = mem.swap
+    base = swap.base(gid)
+    cached_gpfns = (np.flatnonzero(swap.cached[swap.extent(gid)]) if pages is None
+                    else pages[swap.cached[base + pages]])
+    if np.any(p2m.state[cached_gpfns] != _FRAME):
+        bad = int(cached_gpfns[np.flatnonzero(p2m.state[cached_gpfns] != _FRAME)[0]])
+        raise InvariantViolation(f"guest {gid} gpfn {bad} is {PageState(p2m.state[bad]).name} but its swap slot "
+                                 f"still holds a swap-cache copy")
     stray = (state != _FRAME) & (state != _SWAPPED) & (loc != NO_LOC)
     if np.any(stray):
         bad = int(where(stray)[0])
@@ -197,19 +204,17 @@ def _check_guest(mem: "MemoryBooks", gid: int, pages: np.ndarray | None, blocks:
     _check_vdisk(mem, gid, blocks, slot_refs, frame_refs)
 
 
-def _check_slots(mem: "MemoryBooks", slots: np.ndarray, index: np.ndarray, kind: FrameKind, gid: int,
-                 what: str) -> None:
+def _check_slots(mem: "MemoryBooks", slots: np.ndarray, gpfns: np.ndarray, gid: int) -> None:
     swap = mem.swap
     if np.any((slots < 0) | (slots >= swap.n_slots)):
-        raise InvariantViolation(f"guest {gid}: a SWAPPED {what} points outside host swap")
-    ok = (swap.used[slots] & (swap.owner_kind[slots] == kind) & (swap.owner_guest[slots] == gid)
-          & (swap.owner_index[slots] == index))
+        raise InvariantViolation(f"guest {gid}: a SWAPPED gpfn points outside host swap")
+    ok = swap.used[slots] & (swap.owner_guest[slots] == gid) & (slots == swap.base(gid) + gpfns)
     if not np.all(ok):
         i = int(np.flatnonzero(~ok)[0])
         sl = int(slots[i])
         raise InvariantViolation(
-            f"guest {gid} {what} {int(index[i])} is SWAPPED in slot {sl} but that slot is used={bool(swap.used[sl])} "
-            f"of guest {int(swap.owner_guest[sl])} index {int(swap.owner_index[sl])}")
+            f"guest {gid} gpfn {int(gpfns[i])} is SWAPPED in slot {sl} but that slot is used={bool(swap.used[sl])} "
+            f"in the file of guest {int(swap.owner_guest[sl])} (its own slot is {swap.base(gid) + int(gpfns[i])})")
 
 
 def _check_vdisk(mem: "MemoryBooks", gid: int, blocks: np.ndarray | None, slot_refs: list[np.ndarray],
@@ -224,29 +229,34 @@ def _check_vdisk(mem: "MemoryBooks", gid: int, blocks: np.ndarray | None, slot_r
     f = vd.cache_loc[in_frame]
     ok = ((pool.kind[f] == FrameKind.CACHE) & (pool.owner_guest[f] == gid)
           & (pool.owner_index[f] == in_frame) & (pool.token[f] == vd.tokens[in_frame])
-          & (pool.pinned[f] == (vd.pinned[in_frame] | vd.swap_exempt[in_frame])))
+          & (pool.pinned[f] == vd.pinned[in_frame]))
     if not np.all(ok):
         i = int(np.flatnonzero(~ok)[0])
         raise InvariantViolation(f"guest {gid} vdisk block {int(in_frame[i])}: cache frame {int(f[i])} "
                                  f"is not a CACHE frame of this block holding its content")
     frame_refs.append(f)
-    in_swap = where(state == CacheState.SWAPPED)
-    s = vd.cache_loc[in_swap]
-    _check_slots(mem, s, in_swap, FrameKind.CACHE, gid, "vdisk block")
-    if np.any(mem.swap.token[s] != vd.tokens[in_swap]):
-        raise InvariantViolation(f"guest {gid}: a swapped-out cache page differs from its disk block")
-    slot_refs.append(s)
+    dirty = vd.dirty if blocks is None else vd.dirty[blocks]
+    if np.any(dirty & (state != CacheState.FRAME)):
+        raise InvariantViolation(f"guest {gid} vdisk block {int(where(dirty & (state != CacheState.FRAME))[0])} "
+                                 f"is dirty but not cached: its content is lost")
+    img = vd.image if blocks is None else vd.image[blocks]
+    tok = vd.tokens if blocks is None else vd.tokens[blocks]
+    if np.any(~dirty & (img != tok)):
+        raise InvariantViolation(f"guest {gid} vdisk block {int(where(~dirty & (img != tok))[0])} is clean but "
+                                 f"the device holds other content")
     loc = vd.cache_loc if blocks is None else vd.cache_loc[blocks]
     if np.any((state == CacheState.NOT_CACHED) & (loc != NO_LOC)):
         raise InvariantViolation(f"guest {gid}: an uncached vdisk block still has a location")
     if blocks is None:
-        per_cluster = np.bincount(np.concatenate((in_frame, in_swap)) // vd.cluster_pages,
-                                  minlength=vd.cluster_cached.size)
+        per_cluster = np.bincount(in_frame // vd.cluster_pages, minlength=vd.cluster_cached.size)
         if not np.array_equal(per_cluster, vd.cluster_cached):
             raise InvariantViolation(f"guest {gid}: vdisk per-cluster cached counts drifted")
-        if vd.cached_pages != in_frame.size + in_swap.size:
-            raise InvariantViolation(f"guest {gid}: vdisk counts {vd.cached_pages} cached pages, "
-                                     f"has {in_frame.size + in_swap.size}")
+        per_cluster = np.bincount(np.flatnonzero(vd.dirty) // vd.cluster_pages, minlength=vd.cluster_dirty.size)
+        if not np.array_equal(per_cluster, vd.cluster_dirty):
+            raise InvariantViolation(f"guest {gid}: vdisk per-cluster dirty counts drifted")
+        if vd.cached_pages != in_frame.size or vd.dirty_pages != int(np.count_nonzero(vd.dirty)):
+            raise InvariantViolation(f"guest {gid}: vdisk counts {vd.cached_pages} cached and {vd.dirty_pages} "
+                                     f"dirty pages, has {in_frame.size} and {int(np.count_nonzero(vd.dirty))}")
     elif vd.cached_pages != int(vd.cluster_cached.sum()):
         raise InvariantViolation(f"guest {gid}: vdisk counts {vd.cached_pages} cached pages, "
                                  f"its clusters {int(vd.cluster_cached.sum())}")
@@ -314,18 +324,11 @@ def _slot_points_back(mem: "MemoryBooks", s: int, known: set[int]) -> None:
     if not swap.used[s]:
         return
     owner = int(swap.owner_guest[s])
-    if owner == NO_OWNER and mem.evictions_pending:
-        return   # reserved for a pending eviction
-    index = int(swap.owner_index[s])
     held = False
     if owner in known:
-        if swap.owner_kind[s] == FrameKind.GUEST:
-            p2m = mem.p2m(owner)
-            held = 0 <= index < p2m.guest_pages and p2m.state[index] == _SWAPPED and p2m.loc[index] == s
-        elif swap.owner_kind[s] == FrameKind.CACHE:
-            vd = mem.vdisk(owner)
-            held = (0 <= index < vd.n_blocks and vd.cache_state[index] == CacheState.SWAPPED
-                    and vd.cache_loc[index] == s)
+        index = s - swap.base(owner)
+        p2m = mem.p2m(owner)
+        held = 0 <= index < p2m.guest_pages and p2m.state[index] == _SWAPPED and p2m.loc[index] == s
     if not held:
         _slot_leak(mem, s)
 

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from balloonlab.proto import events as ev
-from balloonlab.proto.costs import CostModel, DiskProfile
+from balloonlab.proto.costs import CostModel
 from balloonlab.proto.errors import ErrorCode
 from balloonlab.proto.messages import BalloonTarget, MsgType, TickDone
 
@@ -29,9 +29,12 @@ from .balloon.noncoop import NonCooperationDetector
 from .balloon.policy import BalloonController
 from .balloon.view import GuestView, HostView
 from .config import GuestSpec, RunConfig
+from .devices import DeviceProfile
 from .errors import HostdError
 from .memconfig import BalloonConfig, HostMemConfig
+from .memstate import VmAllocation
 from .session import GuestSession, sanitize_stats
+from .wss import STAT_HOST_WSS
 
 if TYPE_CHECKING:
     from .discipline import RequestDiscipline
@@ -51,7 +54,7 @@ _LOG_FIRST_REJECTIONS = 10  # per guest and reason; then only at 100, 1000, ... 
 
 class Machine:
     def __init__(self, cfg: RunConfig, *, mem_cfg: HostMemConfig, balloon_cfg: BalloonConfig, costs: CostModel,
-                 vdisk_profile: DiskProfile, mem: "HostMemory", sessions: "SessionRegistry",
+                 vdisk_profile: DeviceProfile, mem: "HostMemory", sessions: "SessionRegistry",
                  discipline: "RequestDiscipline", shootdowns: "Shootdowns", silent: "SilentGuestMemory",
                  monitors: "HostMonitors", invariant: "InvariantChecker", controller: BalloonController) -> None:
         self.cfg = cfg
@@ -116,7 +119,8 @@ class Machine:
     def guest_back(self, guest_id: int) -> None:
         self.silent.guest_back(guest_id)
 
-    def tick_done(self, session: GuestSession, msg: TickDone) -> None:
+    def tick_done(self, session: GuestSession, msg: TickDone, excused: bool = False) -> None:
+        """The guest's TickDone; ``excused``: for a tick the host had already counted done for it."""
         gid = session.guest_id
         assert gid is not None
         stats, problems = sanitize_stats(msg.stats)
@@ -127,9 +131,11 @@ class Machine:
                                     "TickDone.stats: " + "; ".join(problems))
         try:
             self.mem.set_ad_bits(gid, msg.accessed, msg.dirty)
+            self.monitors.tick_bits(gid, msg.accessed, stats)   # the host's working-set sample
         except HostdError as exc:
             self._rejected(session, "tick_done", exc)
-        self.discipline.tick_done(gid, msg.vt_us)
+        if not excused:
+            self.discipline.tick_done(gid, msg.vt_us)
 
     # --- refusals ---------------------------------------------------------------
 
@@ -162,10 +168,14 @@ class Machine:
             return
         mem.tick(vt_us)
         await self.silent.reclaim(mem, vt_us, self.shootdowns.pending_pages)
-        await self.discipline.balance(mem, vt_us)
+        # ENGINE.md 3.4: the state from free frames, then the controllers' targets, then reclaim by state.
+        if mem.states is not None:
+            mem.states.update(tick, vt_us, mem.pool.free_frames)
+        self.monitors.close_wss_tick()      # the controllers read this tick's estimate
         self._set_targets(tick, vt_us)
+        await self.discipline.balance(mem, vt_us)
         self.invariant.tick(tick)
-        snap = mem.snapshot()
+        snap = self._snapshot()
         self.monitors.end_tick(tick, vt_us, snap, {gid: s.last_stats for gid, s in self.sessions.items()},
                                self.targets)
         for key in ("iobuf_pages", "cache_pages", "pinned_frames", "swap_used_slots"):
@@ -174,6 +184,11 @@ class Machine:
         every = self.cfg.metrics_every_ticks
         if (tick + 1) % every == 0 or tick + 1 == self.cfg.ticks:
             guests = snap.pop("guests")
+            for gid, alloc in self.decisions.alloc_targets.items():
+                if str(gid) in guests:
+                    guests[str(gid)]["alloc_target_pages"] = alloc
+            for gid_s, row in guests.items():
+                row.update(self.monitors.wss_row(int(gid_s)))
             log.info(ev.TICK_COMPLETED, tick=tick, vt_us=vt_us, live_guests=len(self.sessions),
                      balloon_targets={str(k): v for k, v in sorted(self.targets.items())},
                      guests=guests, **snap)
@@ -186,16 +201,22 @@ class Machine:
             spec = self.specs[gid]
             actual = mem.balloon_pages(gid)
             target = self.targets.get(gid, 0)
+            stats = session.last_stats
+            host_wss = self.monitors.wss_estimate(gid)
+            if host_wss is not None:   # the host's own sampled estimate, beside the guest's report
+                stats = {**stats, STAT_HOST_WSS: host_wss}
             snap_guests.append(GuestView(
                 guest_id=gid, ram_pages=spec.ram_pages, max_balloon_pages=int(counts["max_balloon_pages"]),
                 target_pages=target, actual_pages=actual, resident_pages=int(counts["resident_pages"]),
-                stats=session.last_stats, shares=int(spec.config.get("shares", 1000))))
+                stats=stats, shares=int(spec.config.get("shares", 1000))))
         if not snap_guests:
             return
         pool = mem.pool.counts()
+        states = mem.states
         view = HostView(tick=tick, vt_us=float(vt_us), total_frames=mem.pool.total_frames,
                         free_frames=pool["free"], cache_pages=pool["cache"], iobuf_pages=pool["iobuf"],
-                        guests=snap_guests)
+                        guests=snap_guests, memory_state=None if states is None else states.state.label,
+                        min_free_frames=0 if states is None else states.min_free_frames)
         for gid in self.noncoop.update(view) - self.uncooperative:
             g = next(x for x in snap_guests if x.guest_id == gid)
             self.uncooperative.add(gid)
@@ -203,6 +224,10 @@ class Machine:
                         ticks=self.noncoop.stall_ticks)
         # Clamped, an uncooperative guest not asked for more (host swapping covers it), every decision logged.
         wanted = self.decisions.decide(self.controller, view, self.uncooperative)
+        if states is not None:
+            states.set_alloc_targets({g.guest_id: VmAllocation(g.guest_id, g.resident_pages,
+                                                               self.decisions.alloc_targets[g.guest_id])
+                                      for g in snap_guests})
         for g in snap_guests:
             gid = g.guest_id
             new = wanted[gid]
@@ -217,6 +242,17 @@ class Machine:
 
     # --- reporting -------------------------------------------------------------------
 
+    def _snapshot(self, final: bool = False) -> dict[str, Any]:
+        """Host memory's snapshot with the memory state (each tick) and the states' summary (at the end)."""
+        snap = self.mem.snapshot()
+        states = self.mem.states
+        if states is not None:
+            snap["memory_state"] = states.state.label
+            snap["min_free_frames"] = states.min_free_frames
+            if final:
+                snap.update(states.summary())
+        return snap
+
     def progress_metrics(self) -> dict[str, Any]:
         pool = self.mem.pool.counts()
         return {"free_frames": pool["free"], "host_swapped": self.mem.counters.swap_out_pages}
@@ -224,7 +260,7 @@ class Machine:
     def final_metrics(self) -> dict[str, Any]:
         """The machine's part of ``run_finished``; the run is over (the full invariant check runs here)."""
         self.invariant.finish()
-        snap = self.mem.snapshot()
+        snap = self._snapshot(final=True)
         guests = snap.pop("guests")
         self.discipline.close()
         return {"memory": snap, "guests_memory": guests, "peaks": dict(self.peak),

@@ -43,7 +43,36 @@ kswapd) refills to twice the watermark in the background.
 Costs in virtual time: an EPT fault costs ``ept_fault_us`` per page asked
 for; if the pool could not serve it without reclaiming, it also waits for
 those swap-out writes (direct reclaim); swapped pages add a read on the
-swap device. Refilling the watermark alone costs the vCPU nothing.
+guest's lane of the swap device. Refilling the watermark alone costs the
+vCPU nothing.
+
+Host swap is one file per guest with a swap cache (``hostd.hostswap``);
+it holds guest pages only. The virtual disks' cache (``hostd.vdisk``,
+``hostd.hostcache``) is dropped or written back, never host-swapped: the
+victim policies only see guest frames. Under pressure a request first
+drops its own guest's clean cache clusters, then host-swaps.
+
+Partitions (the deterministic discipline): while the pool's grants are
+open, an allocation for a guest with a grant takes only from that grant
+(``FramePool``), and when the grant is short the guest reclaims from its
+own partition only, in this order: retire its own I/O buffers of requests
+complete by the request's virtual time; drop its own clean disk-cache
+clusters, least recently used first (``VirtualDisk.drop_clean``, the same
+cluster LRU the cache's own budget uses); host-swap its own pages (random
+victims from its own stream, ``guest_rng``), if ``self_swap_allowed``
+says so; else the request is held (``hold``, from the discipline) until a
+refill round or the next tick. Nothing in that path reads or changes
+another guest's state, so the order in which guests' requests arrive
+cannot change any count. Every device has one lane per guest
+(``hostd.devices``) for the same reason: its share is set at tick
+boundaries only.
+
+**Labels** (instrumentation only): a guest's shootdown reply marks the
+pages that were clean page cache in the guest (``record_labels``). The
+host counts its real swap writes of those pages and their later swap-in
+reads (``clean_cache_*`` counters), so the report can show the I/O clean
+page cache costs under blind host swapping. Nothing here decides anything
+from a label: victims, reclaim and controllers never read them.
 """
 from __future__ import annotations
 
@@ -54,23 +83,48 @@ from typing import Any, Awaitable, Callable, NamedTuple, Protocol
 
 import numpy as np
 
-from balloonlab.proto.costs import CostModel, DiskProfile
+from balloonlab.proto.costs import CostModel
 from balloonlab.proto.tokens import KEEP_TOKEN
 
 from .errors import (BadBatch, BalloonLimit, DuplicateGuest, HostOutOfMemory, InvalidState,
                      InvariantViolation, UnknownGuest)
+from .devices import Device, DeviceProfile, device_profile
 from .framepool import FrameKind, FramePool
+from .hostcache import CACHE_MODE_DEFAULT, CacheConfig, HostCache
 from .hostswap import PENDING_TOKEN, HostSwap
 from .invariant import check_full
-from .p2m import P2M, PageState, as_page_numbers, one_page_number, one_token, unique_pages
+from .p2m import P2M, PageState, as_page_numbers, one_page_number, unique_pages
 from .vdisk import CLUSTER_PAGES_DEFAULT, MAX_INFLIGHT_REQUESTS_DEFAULT, VirtualDisk
+from .memstate import MemoryStates, MemState, VmAllocation, plan_boundary_swap, state_of
 from .victim import VictimPolicy, make_victim_policy
+from .victim.per_vm import PerVmVictims
 
 __all__ = ["HostMemory", "HostCounters", "GuestCounters", "Reclaimed", "Shootdown", "MemoryObserver",
            "MAX_BALLOON_FRACTION_DEFAULT", "default_max_balloon_pages"]
 
 Shootdown = Callable[[int, np.ndarray], Awaitable[np.ndarray]]
 """``async (guest_id, gpfns) -> tokens``: invalidate the guest's mappings, return what it held."""
+
+Hold = Callable[[int, int, float], Awaitable[float]]
+"""``async (guest_id, need_frames, vt_us) -> resume_vt_us``: park a request whose grant ran out
+(the discipline's refill rounds; ``hostd.discipline.deterministic``)."""
+
+SELF_SWAP_BELOW_WATERMARKS = 3
+"""Host swapping inside a guest's partition is allowed by default when the free frames at the last
+tick boundary, after its reclaim and beyond what requests held across it need, were below this many
+low watermarks. The boundary's kswapd refills to two watermarks (plus the held requests' needs), so
+whenever the host had to reclaim this holds; with memory to spare the guest holds instead and a
+refill round hands it frames others did not use."""
+
+
+def default_self_swap_allowed(mem: "HostMemory", guest_id: int) -> bool:
+    """May ``guest_id`` host-swap its own pages when its grant runs out? (The memory states replace this.)
+
+    Decided from the state at the tick's start only (deterministic): the
+    free frames at the last boundary, beyond the held requests' needs, below
+    ``SELF_SWAP_BELOW_WATERMARKS`` low watermarks.
+    """
+    return mem.boundary_free_frames < SELF_SWAP_BELOW_WATERMARKS * mem.low_watermark_frames
 
 
 class MemoryObserver(Protocol):
@@ -92,7 +146,9 @@ _FRAME = int(PageState.FRAME)         # plain ints for the one-page paths (an In
 _SWAPPED = int(PageState.SWAPPED)
 _BALLOONED = int(PageState.BALLOONED)
 _GUEST_KIND = int(FrameKind.GUEST)
+_CACHED = 1                           # vdisk.CacheState.FRAME
 _ZERO_PROGRESS_ROUNDS = 3             # reclaim rounds that free nothing before giving up
+_GUEST_STREAM_DEFAULT = 0x6F5         # per-guest streams when no seed is given (tests); assembly seeds them
 
 
 @contextlib.asynccontextmanager
@@ -116,9 +172,21 @@ class GuestCounters:
     ept_fault_swapins: int = 0       # ... of which read back from host swap
     swap_out_pages: int = 0
     swap_in_pages: int = 0
+    swap_write_pages: int = 0        # swap-outs that wrote (the others were in the swap cache)
+    fresh_swapins_avoided: int = 0   # swapped pages a fresh fault took back without a read
     shootdown_pages: int = 0
     balloon_inflated_pages: int = 0
     balloon_deflated_pages: int = 0
+    clean_cache_evicted_pages: int = 0     # labels: host-swapped pages the guest had as clean page cache
+    clean_cache_swap_write_pages: int = 0  # ... of which written to host swap (a real write)
+    clean_cache_swap_read_pages: int = 0   # ... read back from host swap later (a real read)
+    grant_pages: int = 0             # frames granted to it at tick starts and refill rounds
+    grant_exhausted: int = 0         # requests that found its grant short
+    self_retired_iobuf_pages: int = 0   # ... and freed its own completed I/O buffers
+    self_dropped_cache_pages: int = 0   # ... dropped its own clean cache
+    self_swap_pages: int = 0            # ... host-swapped its own pages
+    held_requests: int = 0              # ... and were held for a refill round
+    balloon_freed_frames: int = 0    # host frames inflation freed (a never-backed or host-swapped page frees none)
 
 
 @dataclass(slots=True)
@@ -126,10 +194,17 @@ class HostCounters:
     ept_fault_calls: int = 0
     ept_faults: int = 0
     ept_fault_spurious_pages: int = 0   # asked for but already backed
-    swap_out_pages: int = 0             # guest and cache pages written to host swap
-    swap_out_cache_pages: int = 0
-    swap_in_pages: int = 0              # guest and cache pages read back
-    swap_in_cache_pages: int = 0        # = double faults of the virtual disks
+    swap_out_pages: int = 0             # guest pages taken to host swap
+    swap_out_cache_pages: int = 0       # disk-cache pages: always 0 (the cache is never host-swapped)
+    swap_in_pages: int = 0              # guest pages read back
+    swap_in_cache_pages: int = 0        # always 0, as swap_out_cache_pages
+    swap_write_pages: int = 0           # swap-outs that wrote; the rest the swap cache held already
+    swap_writes_avoided: int = 0        # swap-outs whose content was in the swap cache
+    fresh_swapins_avoided: int = 0      # swapped pages a fresh fault took back without a read
+    clean_cache_evicted_pages: int = 0     # labels: see the module docstring
+    clean_cache_swap_write_pages: int = 0
+    clean_cache_swap_read_pages: int = 0
+    bad_labels: int = 0                 # shootdown replies whose labels had the wrong length (ignored)
     reclaim_calls: int = 0
     reclaim_frames: int = 0
     direct_reclaims: int = 0            # a request waited for swap-out writes
@@ -139,8 +214,13 @@ class HostCounters:
     dropped_evictions: int = 0          # frames ballooned or orphaned while their shootdown was pending
     balloon_inflated_pages: int = 0
     balloon_deflated_pages: int = 0
+    balloon_freed_frames: int = 0       # host frames freed by inflation (reclaimed by the balloon)
     oom_refusals: int = 0
     early_retired_iobuf_pages: int = 0  # completed I/O buffers freed before the tick under pressure
+    pressure_dropped_cache_pages: int = 0  # clean disk-cache pages a short request dropped from its own cache
+    grant_pages: int = 0                # frames handed to guests as grants
+    grant_exhausted: int = 0            # requests whose guest's grant was short
+    self_reclaim_pages: int = 0         # frames guests freed inside their own partitions
 
 
 @dataclass(slots=True)
@@ -149,6 +229,8 @@ class _Guest:
     p2m: P2M
     max_balloon_pages: int
     vdisk: VirtualDisk
+    labels: np.ndarray                  # bool per gpfn: clean page cache in the guest when last invalidated
+    rng: np.random.Generator             # its own host stream: victims inside its partition
     balloon_pages: int = 0
     counters: GuestCounters = field(default_factory=GuestCounters)
 
@@ -156,32 +238,55 @@ class _Guest:
 class HostMemory:
     def __init__(self, total_frames: int, swap_slots: int, victim: VictimPolicy | str,
                  rng: np.random.Generator, costs: CostModel | None = None,
-                 swap_profile: DiskProfile | str = "ssd", shootdown: Shootdown | None = None, *,
+                 swap_profile: DeviceProfile | str = "ssd", shootdown: Shootdown | None = None, *,
                  observer: MemoryObserver | None = None, callout: Callable[[], Any] | None = None,
                  low_watermark_frames: int | None = None, reclaim_batch_frames: int = 32,
                  cluster_pages: int = CLUSTER_PAGES_DEFAULT, vdisk_cache_max_pages: int | None = None,
-                 max_inflight_requests: int = MAX_INFLIGHT_REQUESTS_DEFAULT) -> None:
+                 max_inflight_requests: int = MAX_INFLIGHT_REQUESTS_DEFAULT, cache: CacheConfig | None = None,
+                 expected_guests: int = 1, shared_disk: DeviceProfile | str | None = None,
+                 tick_us: float = 10_000.0, hold: Hold | None = None,
+                 guest_rng: Callable[[int], np.random.Generator] | None = None,
+                 states: MemoryStates | None = None, vm_victims: PerVmVictims | None = None) -> None:
         self.pool = FramePool(total_frames)
-        self.swap = HostSwap(swap_slots, swap_profile)
+        self.swap = HostSwap(swap_slots, swap_profile, expected_guests=expected_guests)
+        # [disk] shared: every virtual disk and the swap files on one device, one lane per guest.
+        self.shared_device: Device | None = None
+        if shared_disk is not None:
+            prof = device_profile(shared_disk) if isinstance(shared_disk, str) else shared_disk
+            self.shared_device = Device(prof, "shared", expected_guests)
+            self.swap.use_device(self.shared_device)
+        self.tick_us = float(tick_us)
         self._victim: VictimPolicy = make_victim_policy(victim) if isinstance(victim, str) else victim
         self.rng = rng
         self.costs = costs or CostModel()
         self._shootdown_fn: Shootdown | None = shootdown
         self._placeholders_settled: Callable[[int], Awaitable[None]] | None = None
+        self._early_answers: dict[int, dict[int, int]] = {}   # gid -> gpfn -> token (see fill_placeholders)
         self._observer: MemoryObserver | None = observer    # the host's monitors, if any
         self._callout: Callable[[], Any] = callout or _no_callout   # see the module docstring
         self.low_watermark_frames = (max(1, total_frames // 100) if low_watermark_frames is None
                                      else int(low_watermark_frames))
         self.reclaim_batch_frames = max(1, int(reclaim_batch_frames))
         self.cluster_pages = cluster_pages
-        self.vdisk_cache_max_pages = (max(cluster_pages, total_frames // 16) if vdisk_cache_max_pages is None
-                                      else int(vdisk_cache_max_pages))
+        if cache is None:
+            cache = CacheConfig(max(cluster_pages, total_frames // 16) if vdisk_cache_max_pages is None
+                                else int(vdisk_cache_max_pages), CACHE_MODE_DEFAULT)
+        self.cache = HostCache(cache, expected_guests)
+        self.vdisk_cache_max_pages = cache.max_pages
         self.max_inflight_requests = max_inflight_requests
         self.counters = HostCounters()
         self._guests: dict[int, _Guest] = {}
         self._departed_vdisk: dict[str, float] = {}   # disk counters of guests that are gone
         self._evictions_pending = 0
         self._eviction_settled = asyncio.Event()
+        # ESX memory states: with them, the tick-end reclaim runs by state (``balance``); with
+        # ``vm_victims`` too, it swaps from the VMs furthest above their allocation targets.
+        self.states = states
+        self._vm_victims = vm_victims
+        self._hold: Hold | None = hold
+        self._guest_rng = guest_rng or (lambda gid: np.random.default_rng([_GUEST_STREAM_DEFAULT, gid]))
+        self.boundary_free_frames = total_frames    # free at the last tick start, before its grants, less held needs
+        self.self_swap_allowed: Callable[[HostMemory, int], bool] = default_self_swap_allowed
 
     def wire(self, *, shootdown: Shootdown | None = None, observer: MemoryObserver | None = None,
              placeholders_settled: Callable[[int], Awaitable[None]] | None = None) -> None:
@@ -210,18 +315,23 @@ class HostMemory:
     # -- guests ---------------------------------------------------------------
 
     def add_guest(self, guest_id: int, guest_pages: int, max_balloon_pages: int | None = None, *,
-                  disk_blocks: int = 0, disk_profile: DiskProfile | str = "ssd",
-                  cache_max_pages: int | None = None) -> None:
+                  disk_blocks: int = 0, disk_profile: DeviceProfile | str = "ssd") -> None:
         if guest_id in self._guests:
             raise DuplicateGuest(guest_id)
         max_balloon = default_max_balloon_pages(guest_pages) if max_balloon_pages is None else int(max_balloon_pages)
         if not 0 <= max_balloon <= guest_pages:
             raise ValueError(f"guest {guest_id}: max_balloon_pages {max_balloon} not in [0, {guest_pages}]")
-        vdisk = VirtualDisk(guest_id, disk_blocks, self.pool, self.swap, self.costs, profile=disk_profile,
-                            cluster_pages=self.cluster_pages,
-                            cache_max_pages=self.vdisk_cache_max_pages if cache_max_pages is None else cache_max_pages,
+        self.swap.add_file(guest_id, guest_pages)
+        # On a shared device each guest's disk gets its own range of offsets (sequential within it).
+        vdisk = VirtualDisk(guest_id, disk_blocks, self.pool, self.costs, device=self.shared_device,
+                            profile=disk_profile, offset_base=(guest_id + 1) << 40 if self.shared_device else 0,
+                            mode=self.cache.cfg.mode, cluster_pages=self.cluster_pages,
+                            allowance_pages=self.cache.initial_allowance(
+                                {g: x.vdisk for g, x in self._guests.items()}),
                             max_inflight_requests=self.max_inflight_requests)
-        self._guests[guest_id] = _Guest(guest_id, P2M(guest_pages), max_balloon, vdisk)
+        self.cache.set_limits(vdisk, vdisk.allowance_pages)
+        self._guests[guest_id] = _Guest(guest_id, P2M(guest_pages), max_balloon, vdisk,
+                                        np.zeros(guest_pages, bool), self._guest_rng(guest_id))
         # In id order, not in the order guests happened to connect: every loop over the
         # guests (retiring I/O buffers frees frames onto the free stack) must be reproducible.
         self._guests = dict(sorted(self._guests.items()))
@@ -237,7 +347,14 @@ class HostMemory:
             self._departed_vdisk[k] = self._departed_vdisk.get(k, 0) + v
         frames = self.pool.frames_owned_by(guest_id)
         self.pool.free(frames[~self.pool.busy[frames]])
-        self.swap.free(self.swap.slots_owned_by(guest_id))
+        self.swap.remove_file(guest_id)
+        self._early_answers.pop(guest_id, None)
+        if self.shared_device is not None:
+            self.shared_device.remove_lane(guest_id)
+        if self._vm_victims is not None:
+            self._vm_victims.forget(guest_id)
+        if self.states is not None:
+            self.states.guest_gone(guest_id)
 
     def guest_ids(self) -> list[int]:
         return sorted(self._guests)
@@ -268,20 +385,24 @@ class HostMemory:
 
     # -- EPT faults -------------------------------------------------------------
 
-    async def ept_fault(self, guest_id: int, gpfns: np.ndarray | bytes, vt_us: float) -> tuple[np.ndarray, float]:
+    async def ept_fault(self, guest_id: int, gpfns: np.ndarray | bytes, vt_us: float,
+                        fresh: bytes = b"") -> tuple[np.ndarray, float]:
         """Back ``gpfns``; returns their content tokens (0 = fresh zero page) and the completion time.
 
         A gpfn already backed gets ``KEEP_TOKEN``: its frame was never taken,
         so its content is what the guest last wrote, which the host does not
         know (the token stored when it backed the frame is stale). The same
         gpfn twice is refused (``BAD_FIELD``), as is a ballooned one: the
-        guest must deflate it first.
+        guest must deflate it first. ``fresh`` (``np.packbits`` over ``gpfns``, or empty) marks pages the
+        guest overwrites whole before reading: one in host swap comes back
+        as token 0 without a swap-in read, and its slot's content is dropped.
         """
         g = self._guest(guest_id)
         one = one_page_number(gpfns, guest_id, "gpfn", g.p2m.guest_pages)
         if one is not None:
-            return await self._ept_fault_one(g, one, vt_us)
+            return await self._ept_fault_one(g, one, vt_us, bool(fresh) and self._fresh_bits(g, fresh, 1)[0])
         gpfns = as_page_numbers(gpfns, guest_id, "gpfn", g.p2m.guest_pages, unique=True)
+        fresh_set = gpfns[self._fresh_bits(g, fresh, gpfns.size)] if fresh else gpfns[:0]
         uniq = unique_pages(gpfns)
         start_us = float(vt_us)
         tried = False
@@ -297,19 +418,32 @@ class HostMemory:
             if await self._placeholders_wait(g, uniq[state == PageState.SWAPPED]):
                 continue
             need = int(uniq.size - np.count_nonzero(backed))
-            if self._room_ok(need, tried):
+            if self._room_ok(need, tried, g):
                 break
-            start_us = max(start_us, await self._make_room(need, vt_us))
+            start_us = max(start_us, await self._make_room(need, vt_us, g))
             tried = True
 
         todo = uniq[~backed]
-        swapped = todo[state[~backed] == PageState.SWAPPED]
+        was_swapped = state[~backed] == PageState.SWAPPED
+        if fresh_set.size:
+            is_fresh = np.isin(todo, fresh_set)
+            dropped = todo[was_swapped & is_fresh]
+            if dropped.size:
+                # The guest overwrites it whole: no read; the old content goes.
+                self.swap.drop(g.p2m.loc[dropped])
+                g.labels[dropped] = False
+                self.counters.fresh_swapins_avoided += int(dropped.size)
+                g.counters.fresh_swapins_avoided += int(dropped.size)
+                self.swap.fresh_drops += int(dropped.size)
+            was_swapped &= ~is_fresh
+        swapped = todo[was_swapped]
         slots = g.p2m.loc[swapped]
         tokens = np.zeros(todo.size, np.uint64)
-        tokens[state[~backed] == PageState.SWAPPED] = self.swap.load(slots)
-        self.swap.free(slots)
-        if swapped.size and self._observer is not None:
-            self._observer.guest_pages_swapped_in(guest_id, swapped, tokens[state[~backed] == PageState.SWAPPED])
+        tokens[was_swapped] = self.swap.swap_in(slots)
+        if swapped.size:
+            self._count_labelled_reads(g, swapped)
+            if self._observer is not None:
+                self._observer.guest_pages_swapped_in(guest_id, swapped, tokens[was_swapped])
         frames = self.pool.alloc(todo.size, FrameKind.GUEST, guest_id, todo, tokens)
         self.pool.accessed[frames] = True          # the guest is touching it right now
         self.pool.pinned[frames] = g.p2m.pinned[todo]
@@ -320,7 +454,7 @@ class HostMemory:
         done_us = start_us
         if swapped.size:
             # One vCPU faults its pages one at a time, however many one message carries.
-            done_us = self.swap.disk.submit_serial(start_us, int(swapped.size))
+            done_us = self.swap.disk.submit_serial(guest_id, start_us, slots)
         done_us += self.costs.ept_fault_us * uniq.size
 
         c, gc = self.counters, g.counters
@@ -337,7 +471,8 @@ class HostMemory:
             tokens[np.isin(gpfns, uniq[backed])] = KEEP_TOKEN
         return tokens, done_us
 
-    async def _ept_fault_one(self, g: _Guest, gpfn: int, vt_us: float) -> tuple[np.ndarray, float]:
+    async def _ept_fault_one(self, g: _Guest, gpfn: int, vt_us: float,
+                             fresh: bool = False) -> tuple[np.ndarray, float]:
         """``ept_fault`` of one gpfn, in scalars: the same books, the same frame, the same times."""
         start_us = float(vt_us)
         tried = False
@@ -355,18 +490,27 @@ class HostMemory:
             if state == _SWAPPED and await self._placeholders_wait(g, np.array((gpfn,), np.int64)):
                 continue
             need = 0 if backed else 1
-            if self._room_ok(need, tried):
+            if self._room_ok(need, tried, g):
                 break
-            start_us = max(start_us, await self._make_room(need, vt_us))
+            start_us = max(start_us, await self._make_room(need, vt_us, g))
             tried = True
 
         swapped = state == _SWAPPED
         if not backed:
             token = 0
+            if swapped and fresh:
+                # The guest overwrites it whole: no read; the old content goes.
+                self.swap.drop_one(int(p2m.loc[gpfn]))
+                g.labels[gpfn] = False
+                self.counters.fresh_swapins_avoided += 1
+                g.counters.fresh_swapins_avoided += 1
+                self.swap.fresh_drops += 1
+                swapped = False
             if swapped:
                 slot = int(p2m.loc[gpfn])
-                token = int(self.swap.token[slot])
-                self.swap.free_one(slot)
+                token = self.swap.swap_in_one(slot)
+                if g.labels[gpfn]:
+                    self._count_labelled_reads(g, np.array((gpfn,), np.int64))
                 if self._observer is not None:
                     self._observer.guest_pages_swapped_in(g.guest_id, np.array((gpfn,), np.int64),
                                                           np.array((token,), np.uint64))
@@ -382,7 +526,7 @@ class HostMemory:
             self.counters.direct_reclaims += 1
         done_us = start_us
         if swapped:
-            done_us = self.swap.disk.submit_serial(start_us, 1)
+            done_us = self.swap.disk.submit(g.guest_id, start_us, 1, write=False, offset=slot)
         done_us += self.costs.ept_fault_us * 1
 
         c, gc = self.counters, g.counters
@@ -425,6 +569,13 @@ class HostMemory:
             return False
         return True
 
+    def _fresh_bits(self, g: _Guest, fresh: bytes, n: int) -> np.ndarray:
+        raw = np.frombuffer(fresh, np.uint8)
+        if raw.size != -(-n // 8):
+            raise BadBatch(f"guest {g.guest_id}: fresh bits have {raw.size} bytes for {n} gpfns, "
+                           f"expected {-(-n // 8)} (or none)")
+        return np.unpackbits(raw, count=n).astype(bool)
+
     def _refuse_ballooned(self, g: _Guest, gpfns: np.ndarray, state: np.ndarray) -> None:
         ballooned = state == PageState.BALLOONED
         if np.any(ballooned):
@@ -433,19 +584,21 @@ class HostMemory:
 
     # -- reclaim (host swapping) -------------------------------------------------
 
-    def _room_ok(self, need: int, tried: bool) -> bool:
+    def _room_ok(self, need: int, tried: bool, g: _Guest | None = None) -> bool:
         """Can an allocation of ``need`` frames go ahead now?
 
         Every allocation first tries to keep ``low_watermark_frames`` free
         beyond what it takes (``tried`` says it did); it only has to have
-        ``need``.
+        ``need``. Inside a partition, the guest's grant must hold ``need``.
         """
         if need == 0:
             return True
+        if g is not None and self.pool.has_grant(g.guest_id):
+            return self.pool.granted(g.guest_id) >= need
         free = self.pool.free_frames
         return free >= need and (tried or free >= need + self.low_watermark_frames)
 
-    async def _make_room(self, need: int, vt_us: float) -> float:
+    async def _make_room(self, need: int, vt_us: float, g: _Guest | None = None) -> float:
         """Reclaim towards ``need`` + the low watermark free frames.
 
         Returns when the allocation may go ahead in virtual time: ``vt_us``
@@ -455,17 +608,22 @@ class HostMemory:
         ``HostOutOfMemory`` when fewer than ``need`` can be had and no one
         else's eviction is pending.
         """
+        if g is not None and self.pool.has_grant(g.guest_id):
+            return await self._make_room_own(g, need, vt_us)
         fruitless = 0
         done_us = float(vt_us)
         must_wait = self.pool.free_frames < need
         # I/O buffers of requests complete by now are only waiting for the
         # tick to free them: free them rather than swap guest pages for them.
-        for g in self._guests.values():
-            self.counters.early_retired_iobuf_pages += g.vdisk.retire(vt_us)
+        for other in self._guests.values():
+            self.counters.early_retired_iobuf_pages += other.vdisk.retire(vt_us)
         target = min(need + self.low_watermark_frames, self.pool.total_frames)
+        if g is not None and self.pool.free_frames < target:
+            # The requester's own clean disk cache goes before anyone's pages are host-swapped.
+            self.counters.pressure_dropped_cache_pages += g.vdisk.drop_clean(target - self.pool.free_frames)
         while self.pool.free_frames < target:
             want = max(target - self.pool.free_frames, self.reclaim_batch_frames)
-            got = await self.reclaim(want, vt_us)
+            got = await self.reclaim(want, vt_us, self._state_after(need))
             done_us = max(done_us, got.done_vt_us)
             if got.freed_frames:
                 fruitless = 0
@@ -478,49 +636,131 @@ class HostMemory:
             fruitless += 1
             if fruitless >= _ZERO_PROGRESS_ROUNDS:
                 self.counters.oom_refusals += 1
-                reason = (f"host swap is full ({self.swap.n_slots} slots)" if self.swap.free_slots == 0
-                          else "no evictable frame (all pinned, busy or I/O buffers)")
-                raise HostOutOfMemory(need, self.pool.free_frames, reason)
+                raise HostOutOfMemory(need, self.pool.free_frames,
+                                      "no evictable frame (all pinned, busy, disk cache or I/O buffers)")
+        if self.pool.free_frames < need and not self._evictions_pending:
+            self.counters.oom_refusals += 1
+            raise HostOutOfMemory(need, self.pool.free_frames, f"the host has only {self.pool.total_frames} frames")
         return done_us if must_wait else float(vt_us)
 
-    async def reclaim(self, n_frames: int, vt_us: float) -> Reclaimed:
-        """Host swapping of up to ``n_frames``: the victim policy picks, blind.
+    async def _make_room_own(self, g: _Guest, need: int, vt_us: float) -> float:
+        """Make ``need`` frames available in ``g``'s grant from ``g``'s own partition (module docstring).
 
-        Cache victims are host-owned and go to swap at once. Guest victims are
-        grouped by guest; each guest gets one shootdown for its gpfns and the
-        tokens it returns are what goes to swap. All shootdowns of one call
-        run concurrently; results are applied in guest-id order, so the
-        outcome does not depend on who answers first.
+        Returns when the allocation may go ahead in virtual time: ``vt_us``,
+        or later when it waited for its own swap-out writes, or the next
+        tick's start when it was held across the boundary.
         """
+        pool, gid, gc = self.pool, g.guest_id, g.counters
+        gc.grant_exhausted += 1
+        self.counters.grant_exhausted += 1
+        start_us = float(vt_us)
+        fruitless = 0
+        while pool.has_grant(gid) and pool.granted(gid) < need:
+            short = need - pool.granted(gid)
+            freed = g.vdisk.retire(vt_us)               # 1. its own finished I/O buffers
+            gc.self_retired_iobuf_pages += freed
+            self.counters.early_retired_iobuf_pages += freed
+            if freed:
+                self.counters.self_reclaim_pages += freed
+                continue
+            freed = g.vdisk.drop_clean(short)           # 2. its own clean cache, least recently used first
+            if freed:
+                gc.self_dropped_cache_pages += freed
+                self.counters.pressure_dropped_cache_pages += freed
+                self.counters.self_reclaim_pages += freed
+                continue
+            if self.self_swap_allowed(self, gid):       # 3. host swapping of its own pages
+                got = await self._reclaim_own(g, max(short, self.reclaim_batch_frames), vt_us)
+                g = self._same_guest(g)
+                if got.freed_frames:
+                    start_us = max(start_us, got.done_vt_us)
+                    fruitless = 0
+                    continue
+                fruitless += 1
+                if fruitless < _ZERO_PROGRESS_ROUNDS and np.any(pool.busy[g.p2m.loc[g.p2m.state == PageState.FRAME]]):
+                    await self._wait_eviction_settled()
+                    continue
+            if self._hold is None:                      # 4. held until a refill round or the next tick
+                self.counters.oom_refusals += 1
+                raise HostOutOfMemory(need, pool.granted(gid), f"guest {gid}'s grant is spent and nothing of its "
+                                      "own can be reclaimed")
+            gc.held_requests += 1
+            start_us = max(start_us, await self._hold(gid, need, vt_us))
+            g = self._same_guest(g)
+            vt_us = max(float(vt_us), start_us)
+        return start_us
+
+    async def _reclaim_own(self, g: _Guest, n_frames: int, vt_us: float) -> Reclaimed:
+        """Host-swap up to ``n_frames`` of ``g``'s own pages: random victims from ``g``'s own stream."""
         self.counters.reclaim_calls += 1
-        n = min(int(n_frames), self.swap.free_slots)
-        victims = self._victim.pick(self.pool, n, self.rng) if n > 0 else np.zeros(0, np.int64)
-        if victims.size == 0:
+        p2m = g.p2m
+        frames = p2m.loc[p2m.state == PageState.FRAME]
+        pool = self.pool
+        frames = frames[~pool.pinned[frames] & ~pool.busy[frames]]
+        n = min(int(n_frames), int(frames.size))
+        if n <= 0:
             return Reclaimed(0, float(vt_us))
-        slots = self.swap.alloc(victims.size)       # reserved now: concurrent reclaims must not take them
-        kinds = self.pool.kind[victims]
-        done_us = float(vt_us)
-
-        is_cache = kinds == FrameKind.CACHE
-        cache_frames, cache_slots = victims[is_cache], slots[is_cache]
-        for gid in np.unique(self.pool.owner_guest[cache_frames]).tolist():
-            mine = self.pool.owner_guest[cache_frames] == gid
-            self._guests[gid].vdisk.swap_out(cache_frames[mine], cache_slots[mine])
-        if cache_frames.size:
-            done_us = self.swap.disk.submit(vt_us, int(cache_frames.size))
-            self.counters.swap_out_pages += int(cache_frames.size)
-            self.counters.swap_out_cache_pages += int(cache_frames.size)
-
-        guest_frames, guest_slots = victims[~is_cache], slots[~is_cache]
-        freed = int(cache_frames.size)
-        if guest_frames.size:
-            freed_guests, done_guests = await self._evict_guest_frames(guest_frames, guest_slots, vt_us)
-            freed += freed_guests
-            done_us = max(done_us, done_guests)
+        victims = g.rng.choice(frames, size=n, replace=False).astype(np.int64)
+        freed, done_us = await self._evict_guest_frames(victims, vt_us)
         self.counters.reclaim_frames += freed
+        self.counters.self_reclaim_pages += freed
+        g.counters.self_swap_pages += freed
+        if self.states is not None:
+            self.states.count_swap_out(freed, self.states.state)
         return Reclaimed(freed, done_us)
 
-    async def _evict_guest_frames(self, frames: np.ndarray, slots: np.ndarray, vt_us: float) -> tuple[int, float]:
+    def count_grant(self, guest_id: int, frames: int) -> None:
+        """The discipline granted ``frames`` to the guest (its books for the metrics)."""
+        self.counters.grant_pages += frames
+        g = self._guests.get(guest_id)
+        if g is not None:
+            g.counters.grant_pages += frames
+
+    def _state_after(self, need: int) -> MemState | None:
+        """The memory state an allocation of ``need`` frames would leave the host in (None: no states).
+
+        In-tick swapping is counted under it: the allocation is what drives
+        free memory below the watermark (the low state's threshold, with states).
+        """
+        if self.states is None:
+            return None
+        return state_of(max(self.pool.free_frames - need, 0), self.states.min_free_frames)
+
+    async def reclaim(self, n_frames: int, vt_us: float, state: MemState | None = None) -> Reclaimed:
+        """Host swapping of up to ``n_frames``: the victim policy picks, blind.
+
+        Victims are grouped by guest; each guest gets one shootdown for its
+        gpfns and the tokens it returns go to its swap file (a write unless
+        the swap cache holds that content already). All shootdowns of one
+        call run concurrently; results are applied in guest-id order, so the
+        outcome does not depend on who answers first.
+        """
+        n = int(n_frames)        # every guest page has its slot in its own swap file: swap is never short
+        victims = self._victim.pick(self.pool, n, self.rng) if n > 0 else np.zeros(0, np.int64)
+        return await self.reclaim_victims(victims, vt_us, state)
+
+    async def reclaim_victims(self, victims: np.ndarray, vt_us: float, state: MemState | None = None) -> Reclaimed:
+        """Host-swap these frames (evictable guest frames, distinct: never disk cache).
+
+        ``state`` is the memory state the swapping is counted under
+        (``MemoryStates.swap_out_pages_by_state``); None: the state that the
+        free frames right now put the host in.
+        """
+        self.counters.reclaim_calls += 1
+        victims = np.asarray(victims, np.int64)
+        if victims.size == 0:
+            return Reclaimed(0, float(vt_us))
+        if np.any(self.pool.kind[victims] != FrameKind.GUEST):
+            raise InvariantViolation("a victim policy picked a frame that is not a guest page")
+        if self.states is not None and state is None:
+            state = state_of(self.pool.free_frames, self.states.min_free_frames)
+        freed, done_us = await self._evict_guest_frames(victims, vt_us)
+        self.counters.reclaim_frames += freed
+        if self.states is not None:
+            self.states.count_swap_out(freed, state)
+        return Reclaimed(freed, done_us)
+
+    async def _evict_guest_frames(self, frames: np.ndarray, vt_us: float) -> tuple[int, float]:
         if self._shootdown_fn is None:
             raise InvariantViolation("host memory has no shootdown callback: cannot evict guest frames")
         owners = self.pool.owner_guest[frames]
@@ -534,8 +774,8 @@ class HostMemory:
                     *(self._shootdown(gid, self.pool.owner_index[frames[mine]]) for gid, mine in groups),
                     return_exceptions=True)
         finally:
-            # Also on cancellation: un-busy what was not evicted, give back reserved slots.
-            freed, done_us = self._settle_evictions(groups, results, frames, slots, vt_us)
+            # Also on cancellation: un-busy what was not evicted.
+            freed, done_us = self._settle_evictions(groups, results, frames, vt_us)
             self._evictions_pending -= 1
             self._eviction_settled.set()
             self._eviction_settled = asyncio.Event()
@@ -552,11 +792,11 @@ class HostMemory:
         return tokens.astype(np.uint64, copy=False)
 
     def _settle_evictions(self, groups: list[tuple[int, np.ndarray]], results: list[Any],
-                          frames: np.ndarray, slots: np.ndarray, vt_us: float) -> tuple[int, float]:
+                          frames: np.ndarray, vt_us: float) -> tuple[int, float]:
         freed = 0
         done_us = float(vt_us)
         for (gid, mine), result in zip(groups, results):
-            g_frames, g_slots = frames[mine], slots[mine]
+            g_frames = frames[mine]
             gpfns = self.pool.owner_index[g_frames]
             g = self._guests.get(gid)
             # Still the guest's mapping? Balloon inflation or guest death while
@@ -565,16 +805,27 @@ class HostMemory:
             if g is not None:
                 live = (g.p2m.state[gpfns] == PageState.FRAME) & (g.p2m.loc[gpfns] == g_frames)
             if isinstance(result, np.ndarray):
-                self.swap.store(g_slots[live], result[live], FrameKind.GUEST, gid, gpfns[live])
-                if g is not None:
-                    g.p2m.set(gpfns[live], PageState.SWAPPED, g_slots[live])
-                    g.counters.swap_out_pages += int(np.count_nonzero(live))
-                    g.counters.shootdown_pages += int(gpfns.size)
-                self.swap.free(g_slots[~live])
-                self.pool.free(g_frames)
                 n_live = int(np.count_nonzero(live))
-                if n_live:
-                    done_us = max(done_us, self.swap.disk.submit(vt_us, n_live))
+                if g is not None and n_live:
+                    out = gpfns[live]
+                    slots = self.swap.slots_of(gid, out)
+                    tokens = result[live]
+                    early = self._early_answers.get(gid)
+                    if early:
+                        tokens = tokens.copy()
+                        for i in np.flatnonzero(tokens == PENDING_TOKEN).tolist():
+                            tokens[i] = early.pop(int(out[i]), PENDING_TOKEN)
+                    write = self.swap.store(slots, tokens)
+                    g.p2m.set(out, PageState.SWAPPED, slots)
+                    n_write = int(np.count_nonzero(write))
+                    if n_write:
+                        # One request: the slots of one guest's victims, in gpfn order.
+                        done_us = max(done_us, self.swap.disk.submit(gid, vt_us, n_write, write=True,
+                                                                     offset=int(slots[write][0])))
+                    self._count_evicted(g, out, write, n_live)
+                if g is not None:
+                    g.counters.shootdown_pages += int(gpfns.size)
+                self.pool.free(g_frames)
                 self.counters.swap_out_pages += n_live
                 self.counters.dropped_evictions += int(g_frames.size) - n_live
                 freed += int(g_frames.size)
@@ -583,27 +834,108 @@ class HostMemory:
                 # cancelled): the mapping stays; orphans can go.
                 if result is not None or g is None:
                     self.counters.shootdown_failures += 1
-                self.swap.free(g_slots)
+                early = self._early_answers.get(gid)
+                for gp in (gpfns.tolist() if early else ()):
+                    early.pop(gp, None)      # an answer to a failed eviction must not fill a later one
                 self.pool.busy[g_frames[live]] = False
                 self.pool.free(g_frames[~live])
                 self.counters.dropped_evictions += int(np.count_nonzero(~live))
                 freed += int(np.count_nonzero(~live))
         return freed, done_us
 
+    def _count_evicted(self, g: "_Guest", gpfns: np.ndarray, write: np.ndarray, n_live: int) -> None:
+        n_write = int(np.count_nonzero(write))
+        c, gc = self.counters, g.counters
+        gc.swap_out_pages += n_live
+        gc.swap_write_pages += n_write
+        c.swap_write_pages += n_write
+        c.swap_writes_avoided += n_live - n_write
+        labelled = g.labels[gpfns]
+        if np.any(labelled):
+            n_lab = int(np.count_nonzero(labelled))
+            n_lab_w = int(np.count_nonzero(labelled & write))
+            c.clean_cache_evicted_pages += n_lab
+            gc.clean_cache_evicted_pages += n_lab
+            c.clean_cache_swap_write_pages += n_lab_w
+            gc.clean_cache_swap_write_pages += n_lab_w
+
+    def _count_labelled_reads(self, g: "_Guest", gpfns: np.ndarray) -> None:
+        """Swap-in reads of pages labelled clean cache when they went out (the label is used up)."""
+        labelled = gpfns[g.labels[gpfns]]
+        if labelled.size:
+            self.counters.clean_cache_swap_read_pages += int(labelled.size)
+            g.counters.clean_cache_swap_read_pages += int(labelled.size)
+            g.labels[labelled] = False
+
+    def record_labels(self, guest_id: int, gpfns: np.ndarray, labels: bytes) -> bool:
+        """A shootdown reply's labels (``np.packbits`` over ``gpfns``; set = clean page cache in the guest).
+
+        Instrumentation only (see the module docstring). Empty labels mean
+        none set. Labels of the wrong length are counted and ignored: a
+        guest's oddity must not fail an eviction. Returns whether they were taken.
+        """
+        g = self._guests.get(guest_id)
+        if g is None:
+            return False
+        gpfns = np.asarray(gpfns, np.int64)
+        if gpfns.size == 0 or (gpfns.size and (gpfns.min() < 0 or gpfns.max() >= g.p2m.guest_pages)):
+            return False
+        if not labels:
+            g.labels[gpfns] = False
+            return True
+        raw = np.frombuffer(labels, np.uint8)
+        if raw.size != -(-gpfns.size // 8):
+            self.counters.bad_labels += 1
+            return False
+        g.labels[gpfns] = np.unpackbits(raw, count=gpfns.size).astype(bool)
+        return True
+
     async def _wait_eviction_settled(self) -> None:
         async with self._callout():
             await self._eviction_settled.wait()
 
-    async def balance(self, vt_us: float) -> Reclaimed:
-        """Background reclaim (kswapd): bring free frames up to twice the low watermark.
+    async def balance(self, vt_us: float, extra_frames: int = 0) -> Reclaimed:
+        """The tick-end reclaim; charged to no vCPU.
 
-        Charged to no vCPU; call it from the tick loop if wanted.
+        Without memory states (kswapd): bring free frames up to twice the
+        low watermark, blind. With them (ESX, ``hostd.memstate``): only in
+        the hard and low states, host-swap until free frames reach the soft
+        threshold, from the VMs furthest above their allocation targets
+        (random victims within each VM, from its own stream), or blind over
+        the whole host when there are no per-VM victims
+        (``[host] victim_scope = "global"``). ``extra_frames``: frames
+        requests held across the boundary still need, on top (in any state:
+        they must be served at the next tick's start).
         """
-        high = min(2 * self.low_watermark_frames, self.pool.total_frames)
-        want = high - self.pool.free_frames
+        extra = max(0, int(extra_frames))
+        if self.states is None:
+            high = min(2 * self.low_watermark_frames + extra, self.pool.total_frames)
+            want = high - self.pool.free_frames
+            if want <= 0:
+                return Reclaimed(0, float(vt_us))
+            return await self.reclaim(want, vt_us)
+        state = self.states.state
+        want = max(self.states.swap_goal_frames(self.pool.free_frames - extra), extra - self.pool.free_frames)
         if want <= 0:
             return Reclaimed(0, float(vt_us))
-        return await self.reclaim(want, vt_us)
+        if self._vm_victims is None:
+            return await self.reclaim(want, vt_us, state)
+        plan = plan_boundary_swap(min(want, self.swap.free_slots), self.vm_allocations(),
+                                  {gid: self._vm_victims.evictable_count(self.pool, g.p2m)
+                                   for gid, g in self._guests.items()})
+        picked = [self._vm_victims.pick(self.pool, self._guests[gid].p2m, gid, n)
+                  for gid, n in sorted(plan.items()) if n > 0]
+        victims = np.concatenate(picked) if picked else np.zeros(0, np.int64)
+        return await self.reclaim_victims(victims, vt_us, state)
+
+    def vm_allocations(self) -> list[VmAllocation]:
+        """Every guest's host frames against its allocation target (its consumption when it has none yet)."""
+        out = []
+        for gid, g in self._guests.items():
+            consumed = int(g.p2m.counts()["frame"])
+            a = self.states.allocation(gid, consumed) if self.states is not None else None
+            out.append(a if a is not None else VmAllocation(gid, consumed, consumed))
+        return out
 
     # -- balloon -------------------------------------------------------------------
 
@@ -625,12 +957,15 @@ class HostMemory:
         # A busy frame's shootdown is pending: it is freed when that settles.
         frames = frames[~self.pool.busy[frames]]
         self.pool.free(frames)
-        self.swap.free(g.p2m.loc[gpfns[state == PageState.SWAPPED]])
+        self.swap.drop(self.swap.slots_of(guest_id, gpfns))    # in swap or in the swap cache: gone
+        g.labels[gpfns] = False
         g.p2m.set(gpfns, PageState.BALLOONED)
         g.p2m.pinned[gpfns] = False
         g.balloon_pages += int(gpfns.size)
         g.counters.balloon_inflated_pages += int(gpfns.size)
         self.counters.balloon_inflated_pages += int(gpfns.size)
+        g.counters.balloon_freed_frames += int(frames.size)
+        self.counters.balloon_freed_frames += int(frames.size)
         return int(frames.size)
 
     def balloon_deflate(self, guest_id: int, gpfns: np.ndarray | bytes) -> None:
@@ -707,38 +1042,26 @@ class HostMemory:
         g = self._guest(guest_id)
         vd = g.vdisk
         one = one_page_number(blocks, guest_id, "block", vd.n_blocks)
-        if one is not None:
-            start_us = await self._room_for_io(g, lambda: vd.frames_needed_read_one(one), vt_us)
-            res = vd.read_one(one, start_us)
-            self._count_double_faults(g, res.swapped_in_pages)
+        if one is not None and vd.cache_state[one] == _CACHED:
+            res = vd.read_hit_one(one, vt_us)      # a hit takes no frame and no room
             return res.tokens, res.done_vt_us
-        blocks = vd.check_blocks(blocks)
-        start_us = await self._room_for_io(g, lambda: vd.frames_needed_read(blocks), vt_us)
+        blocks = np.array((one,), np.int64) if one is not None else vd.check_blocks(blocks)
+        start_us = vd.fit_allowance(blocks, vt_us, write=False)
+        start_us = await self._room_for_io(g, lambda: vd.frames_needed_read(blocks), start_us)
         res = vd.read(blocks, start_us)
-        self._count_double_faults(g, res.swapped_in_pages)
         return res.tokens, res.done_vt_us
 
     async def vdisk_write(self, guest_id: int, blocks: np.ndarray | bytes, tokens: np.ndarray | bytes,
                           vt_us: float) -> float:
-        """Write distinct blocks through; returns the completion time."""
+        """Write distinct blocks in the disk's cache mode; returns the completion time."""
         g = self._guest(guest_id)
         vd = g.vdisk
         one = one_page_number(blocks, guest_id, "block", vd.n_blocks)
-        token = one_token(tokens) if one is not None else None
-        if one is not None and token is not None:
-            start_us = await self._room_for_io(g, lambda: vd.frames_needed_write_one(one), vt_us)
-            res = vd.write_one(one, token, start_us)
-            self._count_double_faults(g, res.swapped_in_pages)
-            if self._observer is not None:
-                self._observer.disk_written(
-                    guest_id, blocks if isinstance(blocks, np.ndarray) else np.array((one,), np.int64),
-                    tokens if isinstance(tokens, np.ndarray) else np.array((token,), np.uint64))
-            return res.done_vt_us
-        blocks = vd.check_blocks(blocks, unique=True)
+        blocks = np.array((one,), np.int64) if one is not None else vd.check_blocks(blocks, unique=True)
         tokens = vd.check_tokens(blocks, tokens)
-        start_us = await self._room_for_io(g, lambda: vd.frames_needed_write(blocks), vt_us)
+        start_us = vd.fit_allowance(blocks, vt_us, write=True)
+        start_us = await self._room_for_io(g, lambda: vd.frames_needed_write(blocks), start_us)
         res = vd.write(blocks, tokens, start_us)
-        self._count_double_faults(g, res.swapped_in_pages)
         if self._observer is not None:
             self._observer.disk_written(guest_id, blocks, tokens)
         return res.done_vt_us
@@ -749,23 +1072,30 @@ class HostMemory:
         while True:
             g = self._same_guest(g)
             n = need()
-            if self._room_ok(n, tried):
+            if self._room_ok(n, tried, g):
                 if start_us > vt_us:
                     self.counters.direct_reclaims += 1
                 return start_us
-            start_us = max(start_us, await self._make_room(n, vt_us))
+            start_us = max(start_us, await self._make_room(n, vt_us, g))
             tried = True
 
-    def _count_double_faults(self, g: _Guest, pages: int) -> None:
-        self.counters.swap_in_pages += pages
-        self.counters.swap_in_cache_pages += pages
-        g.counters.swap_in_pages += pages
+    def set_vdisk_profile(self, guest_id: int, profile: DeviceProfile | str) -> None:
+        """Give the guest's disk a device of its own with this profile (not on a shared device)."""
+        if self.shared_device is not None:
+            raise ValueError("the virtual disks are on the shared device: set its profile in [disk.vdisk]")
+        vd = self._guest(guest_id).vdisk
+        vd.device = Device(device_profile(profile) if isinstance(profile, str) else profile, f"vdisk{guest_id}")
+        vd.device.add_lane(guest_id)
 
-    def set_vdisk_profile(self, guest_id: int, profile: DiskProfile | str) -> None:
-        self._guest(guest_id).vdisk.set_profile(profile)
-
-    def set_swap_profile(self, profile: DiskProfile | str) -> None:
-        self.swap.set_profile(profile)
+    def set_swap_profile(self, profile: DeviceProfile | str) -> None:
+        """A new swap device with this profile, lanes for the live guests (not on a shared device)."""
+        if self.shared_device is not None:
+            raise ValueError("the swap files are on the shared device: set its profile in [disk.vdisk]")
+        old = self.swap.disk
+        self.swap.disk = Device(device_profile(profile) if isinstance(profile, str) else profile, "swap",
+                                old.expected_lanes)
+        for gid in self._guests:
+            self.swap.disk.add_lane(gid)
 
     def vdisk(self, guest_id: int) -> VirtualDisk:
         return self._guest(guest_id).vdisk
@@ -773,10 +1103,28 @@ class HostMemory:
     # -- tick ----------------------------------------------------------------------
 
     def tick(self, vt_us: float) -> None:
-        """Once per tick: retire I/O buffers of completed requests, trim disk caches."""
+        """Once per tick, every guest parked: retire I/O buffers, the disk cache's boundary work, device shares.
+
+        The cache's boundary work (``hostd.hostcache``): the flusher, the
+        budget, and clean clusters dropped when free frames are below the
+        refill level (twice the low watermark) -- before anything is
+        host-swapped. Then each device's lanes get their shares for the
+        next tick from this tick's demand.
+        """
         for g in self._guests.values():
             g.vdisk.retire(vt_us)
-            g.vdisk.trim()
+        want = min(2 * self.low_watermark_frames, self.pool.total_frames) - self.pool.free_frames
+        self.cache.boundary({gid: g.vdisk for gid, g in self._guests.items()}, vt_us, want)
+        for dev in self._devices():
+            dev.rebalance(vt_us, self.tick_us)
+
+    def _devices(self) -> list[Device]:
+        """Every device once: the swap device (or the shared one), then each disk's own, by guest id."""
+        out: list[Device] = [self.swap.disk]
+        for g in self._guests.values():
+            if all(g.vdisk.device is not d for d in out):
+                out.append(g.vdisk.device)
+        return out
 
     # -- observation ---------------------------------------------------------------
 
@@ -806,6 +1154,10 @@ class HostMemory:
             "pinned_frames": int(np.count_nonzero(self.pool.pinned)),
             "swap_slots": self.swap.n_slots,
             "swap_used_slots": self.swap.used_slots,
+            "swap_cached_slots": self.swap.cached_slots,
+            "cache_dirty_pages": sum(g.vdisk.dirty_pages for g in self._guests.values()),
+            **self.cache.metrics(),
+            **{f"swap_device_{k}": v for k, v in self.swap.disk.counters().items()},
             **asdict(self.counters),
         }
         vd_totals = dict(self._departed_vdisk)
@@ -830,9 +1182,20 @@ class HostMemory:
         Returns how many slots were filled (a gpfn faulted back in or
         ballooned meanwhile holds no placeholder any more).
         """
-        if guest_id not in self._guests:
+        g = self._guests.get(guest_id)
+        if g is None:
             return 0
-        return self.swap.fill_placeholders(guest_id, gpfns, tokens)
+        gpfns = np.asarray(gpfns, np.int64)
+        tokens = np.asarray(tokens, np.uint64)
+        filled = self.swap.fill_placeholders(guest_id, gpfns, tokens)
+        # The answer can come before its eviction is applied: an eviction's groups are applied
+        # together, in guest-id order, once every guest's shootdown returned. Keep the answer for
+        # the pages whose frames are still being evicted; the eviction takes it instead of a placeholder.
+        early = (g.p2m.state[gpfns] == PageState.FRAME) & self.pool.busy[g.p2m.loc[gpfns]]
+        if np.any(early):
+            book = self._early_answers.setdefault(guest_id, {})
+            book.update(zip(gpfns[early].tolist(), tokens[early].tolist()))
+        return filled + int(np.count_nonzero(early))
 
     def placeholder_slots(self, guest_id: int) -> int:
         """Host swap slots of ``guest_id`` still waiting for their content."""

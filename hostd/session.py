@@ -55,6 +55,7 @@ class GuestSession:
         self.last_stats: dict[str, Any] = {}       # the guest's latest TickDone.stats
         self.last_tick_done = -1                    # highest tick the guest finished
         self.last_vt_us = 0.0
+        self.excused_ticks: set[int] = set()        # ticks the host counted done for it (its request was held)
         self.unresponsive = False                   # taken out of the tick barrier
         self.disconnect_reason = ""
         self.rejected: dict[str, int] = {}          # refused requests by reason code name

@@ -144,6 +144,7 @@ class Shootdowns:
         if task.done():
             reply = task.result()   # PeerClosed, RemoteError: the eviction fails, the mapping stays
             assert isinstance(reply, InvalidateReply)
+            self.mem.record_labels(gid, gpfns, reply.labels)   # instrumentation only
             return reply.tokens
         self.late_shootdowns += 1
         log.warning(ev.SHOOTDOWN_DEFERRED, guest=gid, pages=int(gpfns.size),
@@ -184,6 +185,7 @@ class Shootdowns:
             log.warning(ev.SHOOTDOWN_SETTLED, guest=gid, pages=int(gpfns.size), ok=False, reason=why,
                         connected=gid in self.sessions)
             return
+        self.mem.record_labels(gid, gpfns, reply.labels)   # instrumentation only
         patched = self.mem.fill_placeholders(gid, gpfns, np.asarray(reply.tokens, np.uint64))
         self.settled_pages += patched
         if self.on_answered is not None:

@@ -1,45 +1,52 @@
-"""One guest's virtual disk, served through host memory.
+"""One guest's virtual disk, served through the host's page cache (QEMU's cache modes).
 
-Authoritative content is one ``uint64`` token per block in ``tokens``; a
-block never written holds ``0``, which the guest reads as the block's
-initial content (for a file block: the file page at version 0). The host
-never interprets tokens.
+Content is one ``uint64`` token per block. ``tokens`` is what the guest
+would read now (its disk as it sees it); ``image`` is what the device
+holds. They differ only on **dirty** blocks (writeback mode), whose newest
+content is in the host's cache frame until the flusher writes it. A block
+never written holds ``0``, which the guest reads as its initial content.
 
-Host memory holds two things for the disk, both frames of the shared pool:
+The cache (``mode`` "writeback" or "writethrough"; none with "none"):
 
-- a cluster cache (``cluster_pages`` blocks per cluster, 64 KiB by default)
-  in CACHE frames. A read that misses loads every uncached block of its
-  cluster (one disk request per cluster); a hit costs ``page_copy_us`` per
-  page. Writes are write-through (completion = the disk write) and
-  write-allocate the written blocks. The cache is trimmed LRU by cluster when
-  it exceeds ``cache_max_pages`` (pages in frames or in host swap), down to
-  1/16 below it; trimming is free
-  because write-through pages are clean. Clusters holding a pinned block
-  are never trimmed.
-- I/O buffers: each request holds ``n`` IOBUF frames from submit until the
-  host's virtual time passes its completion (``retire``, each tick). When
-  host memory is short, it also retires buffers of requests complete by the
-  virtual time of the request that needs frames, instead of swapping.
-
-Host swapping may take cache frames (it is blind): the block's cache state
-becomes SWAPPED, and the next request touching it first swaps it back in: a
-double fault (nested swapping), counted with the added latency.
+- Its unit is a cluster of ``cluster_pages`` blocks (64 KiB by default),
+  cached whole or not at all: a read that misses loads the cluster (one
+  device request); a write into a cluster that is not cached and that does
+  not cover it whole must read the rest first (**read-modify-write**: the
+  seed's nested-swapping *double fault*, counted in ``double_faults`` and
+  recorded per request for the host's monitor). A hit costs
+  ``page_copy_us`` per page.
+- Per block: not cached / clean / dirty. Per cluster: an LRU stamp, the
+  virtual time of its last use.
+- writeback: a write lands in the cache (dirty) and completes after a page
+  copy; the flusher writes it to the device later (``flush``, at tick
+  boundaries: Linux's dirty expiry and background threshold). A guest over
+  its dirty limit writes its own oldest dirty clusters back before its
+  write completes (Linux's ``balance_dirty_pages`` throttling).
+  writethrough: a write completes when it is on the device; the cache copy
+  is clean. none: no cache; a request holds I/O buffers (IOBUF frames)
+  until the host's clock passes its completion.
+- The cache is bounded by one host budget (``hostd.hostcache``), which
+  gives each disk an **allowance** for the next tick at each boundary. A
+  request that would take the disk past its allowance first drops the
+  disk's own least recently used clean clusters (or writes back dirty
+  ones): within a tick a disk only ever touches its own cache, so the
+  result cannot depend on other guests' timing. Clean clusters are simply
+  dropped (a later read goes to the device); dirty ones are written back;
+  nothing here is ever host-swapped.
+- Pinned blocks (``set_pinned``: the pinning monitor's cure, on the guest's
+  swap area) keep their clusters cached: never dropped.
 
 At most ``max_inflight_requests`` requests are in service at once; a
 request beyond that starts, in virtual time, when the earliest in-flight
-one completes (backpressure without a queue).
+one completes.
 
-The call order, driven by ``HostMemory`` which owns the frames::
+Call order, driven by ``HostMemory`` which owns the frames::
 
-    check_blocks -> frames_needed_{read,write} -> [host makes room] -> read|write
-    swap_out (host reclaim)   retire, trim (each tick)
+    check_blocks -> fit_allowance -> frames_needed_{read,write} -> [host makes room] -> read|write
+    each tick: retire, flush (the host cache's boundary work), allowance set by hostd.hostcache
 
 ``read``/``write`` assume the pool has ``frames_needed_*`` free frames and
-do not await: host memory makes room first, then calls them. ``read_one``,
-``write_one`` and ``frames_needed_*_one`` are the same for a request of one
-block, in scalars (most requests carry one page, and numpy's cost per call
-dominates on arrays of one); they change the books exactly as the array
-versions do, down to which frame is taken.
+do not await.
 """
 from __future__ import annotations
 
@@ -48,34 +55,30 @@ from enum import IntEnum
 
 import numpy as np
 
-from balloonlab.proto.costs import CostModel, DiskModel, DiskProfile, disk_profile
+from balloonlab.proto.costs import CostModel
 
+from .devices import Device, DeviceProfile, device_profile
 from .errors import BadBatch, InvariantViolation, OutOfRange
 from .framepool import FrameKind, FramePool
-from .hostswap import HostSwap
 from .p2m import NO_LOC, as_page_numbers, unique_pages
 
 __all__ = ["CacheState", "VirtualDisk", "VdiskCounters", "IoResult", "DoubleFault", "CLUSTER_PAGES_DEFAULT",
-           "MAX_INFLIGHT_REQUESTS_DEFAULT", "DOUBLE_FAULT_RECORDS_MAX"]
+           "MAX_INFLIGHT_REQUESTS_DEFAULT", "DOUBLE_FAULT_RECORDS_MAX", "CACHE_MODES"]
 
 CLUSTER_PAGES_DEFAULT = 16          # 64 KiB clusters of 4 KiB pages
 MAX_INFLIGHT_REQUESTS_DEFAULT = 32  # the disk's queue depth
 DOUBLE_FAULT_RECORDS_MAX = 256      # kept for the host's monitor between two drains; the counters see all
+CACHE_MODES = ("writeback", "writethrough", "none")
+"""QEMU's ``cache=`` modes (the lab's default is writethrough: ``hostd.hostcache``)."""
 
 
 class CacheState(IntEnum):
     NOT_CACHED = 0
-    FRAME = 1
-    SWAPPED = 2
+    FRAME = 1          # in a host cache frame (clean or dirty: ``VirtualDisk.dirty``)
 
 
-# Plain ints for the per-request paths: an IntEnum attribute lookup costs
-# about a microsecond, and a one-page read made two dozen of them.
 _NOT_CACHED = int(CacheState.NOT_CACHED)
 _FRAME = int(CacheState.FRAME)
-_SWAPPED = int(CacheState.SWAPPED)
-_CACHE_KIND = int(FrameKind.CACHE)
-_IOBUF_KIND = int(FrameKind.IOBUF)
 _NO_TOKENS = np.zeros(0, np.uint64)
 
 
@@ -87,31 +90,36 @@ class VdiskCounters:
     write_pages: int = 0
     cache_hit_pages: int = 0
     cache_miss_pages: int = 0        # requested pages that were not cached
-    cluster_loads: int = 0           # disk reads of (the uncached part of) a cluster
+    cluster_loads: int = 0           # device reads of a cluster (a miss or a read-modify-write)
     cluster_load_pages: int = 0
-    double_faults: int = 0           # cache pages swapped back in from host swap
+    double_faults: int = 0           # written pages that waited for a read-modify-write read
+    double_fault_read_pages: int = 0  # ... the pages that read brought in
     double_fault_wait_us: float = 0.0
-    trimmed_pages: int = 0
+    dropped_clean_pages: int = 0     # clean cache pages dropped (budget, allowance, host pressure)
+    writeback_pages: int = 0         # dirty pages written to the device (flusher, throttling, dropping)
+    writeback_requests: int = 0
+    throttled_writes: int = 0        # writes that waited for the guest's own write-back (dirty limit)
+    device_read_pages: int = 0
+    device_write_pages: int = 0
     iobuf_retired_pages: int = 0
     backpressure_waits: int = 0
     backpressure_wait_us: float = 0.0
     swap_area_read_pages: int = 0    # pages read from / written to the guest's swap area, as the host
     swap_area_write_pages: int = 0   # sees them (``set_swap_area``); 0 until the area is known
-    swap_area_dropped_pages: int = 0  # swapped-out cache copies of the area dropped by ``drop_swapped``
 
 
 @dataclass(frozen=True, slots=True)
 class DoubleFault:
-    """One request's double faults: its blocks that had to come back from host swap first."""
+    """One write's read-modify-write: its blocks that waited for the rest of their clusters to be read."""
 
-    op: str                     # "read" or "write"
+    op: str                     # "write"
     blocks: np.ndarray          # the guest's disk blocks (int64)
     start_vt_us: float          # when the request started
-    done_vt_us: float           # when the host swap-in read was done
+    done_vt_us: float           # when the read was done
 
     @property
     def added_us(self) -> float:
-        """Virtual time the host swap-in added to the request."""
+        """Virtual time the read added to the request."""
         return self.done_vt_us - self.start_vt_us
 
 
@@ -119,50 +127,61 @@ class DoubleFault:
 class IoResult:
     tokens: np.ndarray          # per requested block (reads); empty for writes
     done_vt_us: float
-    swapped_in_pages: int       # host swap-ins this request caused (double faults)
+    double_fault_pages: int     # written pages that waited for a read-modify-write read
 
 
 class VirtualDisk:
-    def __init__(self, guest_id: int, n_blocks: int, pool: FramePool, swap: HostSwap,
-                 costs: CostModel, *, profile: DiskProfile | str = "ssd",
-                 cluster_pages: int = CLUSTER_PAGES_DEFAULT, cache_max_pages: int = 0,
+    def __init__(self, guest_id: int, n_blocks: int, pool: FramePool, costs: CostModel, *,
+                 device: Device | None = None, profile: DeviceProfile | str = "ssd", offset_base: int = 0,
+                 mode: str = "writeback", cluster_pages: int = CLUSTER_PAGES_DEFAULT, allowance_pages: int = 0,
                  max_inflight_requests: int = MAX_INFLIGHT_REQUESTS_DEFAULT) -> None:
-        if n_blocks < 0 or cluster_pages < 1 or cache_max_pages < 0 or max_inflight_requests < 1:
+        if n_blocks < 0 or cluster_pages < 1 or allowance_pages < 0 or max_inflight_requests < 1:
             raise ValueError(
                 f"vdisk of guest {guest_id}: n_blocks={n_blocks}, cluster_pages={cluster_pages}, "
-                f"cache_max_pages={cache_max_pages}, max_inflight_requests={max_inflight_requests}")
+                f"allowance_pages={allowance_pages}, max_inflight_requests={max_inflight_requests}")
+        if mode not in CACHE_MODES:
+            raise ValueError(f"vdisk of guest {guest_id}: cache mode {mode!r} is not one of {list(CACHE_MODES)}")
         self.guest_id = guest_id
         self.n_blocks = int(n_blocks)
+        self.mode = mode
         self.cluster_pages = int(cluster_pages)
-        self.cache_max_pages = int(cache_max_pages)
+        self.allowance_pages = int(allowance_pages)
+        self.dirty_limit_pages = max(1, self.allowance_pages // 5)
+        self.dirty_background_pages = self.allowance_pages // 10
         self.max_inflight_requests = int(max_inflight_requests)
         self.pool = pool
-        self.swap = swap
         self.costs = costs
-        self.disk = DiskModel(disk_profile(profile) if isinstance(profile, str) else profile)
+        if device is None:
+            device = Device(device_profile(profile) if isinstance(profile, str) else profile, f"vdisk{guest_id}")
+        self.device = device
+        self.offset_base = int(offset_base)
+        device.add_lane(guest_id)
         self.tokens = np.zeros(self.n_blocks, np.uint64)
+        self.image = np.zeros(self.n_blocks, np.uint64)
         self.cache_state = np.zeros(self.n_blocks, np.uint8)
         self.cache_loc = np.full(self.n_blocks, NO_LOC, np.int64)
+        self.dirty = np.zeros(self.n_blocks, bool)
+        self.dirty_since_us = np.zeros(self.n_blocks, np.float64)
         self.pinned = np.zeros(self.n_blocks, bool)
-        # Exempt from host swapping but trimmed like any cache page (``set_swap_exempt``).
         self.swap_exempt = np.zeros(self.n_blocks, bool)
         n_clusters = -(-self.n_blocks // self.cluster_pages)
-        self.cluster_used = np.zeros(n_clusters, np.int64)    # LRU stamp per cluster
-        self.cluster_cached = np.zeros(n_clusters, np.int64)  # blocks FRAME or SWAPPED per cluster
-        self.cluster_pinned = np.zeros(n_clusters, bool)      # holds a pinned block: never trimmed
-        self._use_stamp = 0
-        self.cached_pages = 0                                  # blocks FRAME or SWAPPED
+        self.cluster_stamp_us = np.zeros(n_clusters, np.float64)   # LRU: virtual time of the last use
+        self.cluster_cached = np.zeros(n_clusters, np.int64)       # cached blocks per cluster
+        self.cluster_dirty = np.zeros(n_clusters, np.int64)        # dirty blocks per cluster
+        self.cluster_pinned = np.zeros(n_clusters, bool)           # holds a pinned block: never dropped
+        self.cached_pages = 0
+        self.dirty_pages = 0
+        self.fill_pages_tick = 0                                   # cache fills this tick (allowance weights)
         self._inflight_done_us: list[float] = []
-        self._inflight_frames: list[np.ndarray | int] = []    # a request's IOBUF frames (an int: one frame)
+        self._inflight_frames: list[np.ndarray] = []    # a request's IOBUF frames ("none" mode; else empty)
         self.counters = VdiskCounters()
-        # The guest's swap area, once the host knows it: [first, end) blocks.
         self.swap_area: tuple[int, int] = (0, 0)
-        # Double faults since the host's monitor last drained them (bounded; counters see all).
         self.double_fault_records: list[DoubleFault] = []
         self.double_fault_records_dropped = 0
 
-    def set_profile(self, profile: DiskProfile | str) -> None:
-        self.disk = DiskModel(disk_profile(profile) if isinstance(profile, str) else profile)
+    @property
+    def cached(self) -> bool:
+        return self.mode != "none"
 
     # -- validation and planning -------------------------------------------
 
@@ -178,218 +197,325 @@ class VirtualDisk:
             raise BadBatch(f"guest {self.guest_id}: tokens must be integers, got dtype {tok.dtype}")
         return tok.astype(np.uint64, copy=False)
 
-    def _cluster_fill(self, blocks_u: np.ndarray) -> np.ndarray:
-        """Uncached blocks of every cluster that a requested uncached block falls in."""
+    def _cluster_blocks(self, clusters: np.ndarray) -> np.ndarray:
+        if self.cluster_pages == 1:
+            return clusters
+        if clusters.size == 1:
+            lo = int(clusters[0]) * self.cluster_pages
+            return np.arange(lo, min(lo + self.cluster_pages, self.n_blocks), dtype=np.int64)
+        cand = (clusters[:, None] * self.cluster_pages + np.arange(self.cluster_pages)).ravel()
+        return cand[cand < self.n_blocks]
+
+    def _fill_for_read(self, blocks_u: np.ndarray) -> np.ndarray:
+        """Blocks to load for a read: every block of each cluster with a missing block (clusters are whole)."""
         missing = blocks_u[self.cache_state[blocks_u] == _NOT_CACHED]
         if missing.size == 0:
             return missing
-        clusters = unique_pages(missing // self.cluster_pages)
-        cand = (clusters[:, None] * self.cluster_pages + np.arange(self.cluster_pages)).ravel()
-        cand = cand[cand < self.n_blocks]
-        return cand[self.cache_state[cand] == _NOT_CACHED]
+        return self._cluster_blocks(unique_pages(missing // self.cluster_pages))
+
+    def _fill_for_write(self, blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(blocks to cache, of which those to read first) for a write of distinct ``blocks``."""
+        missing = blocks[self.cache_state[blocks] == _NOT_CACHED]
+        if missing.size == 0:
+            return missing, missing
+        fill = self._cluster_blocks(unique_pages(missing // self.cluster_pages))
+        written = np.zeros(self.n_blocks, bool) if fill.size * 8 > self.n_blocks else None
+        if written is not None:
+            written[blocks] = True
+            read = fill[~written[fill]]
+        elif blocks.size == 1:
+            read = fill[fill != blocks[0]]
+        else:
+            read = fill[~np.isin(fill, blocks)]
+        return fill, read
 
     def frames_needed_read(self, blocks: np.ndarray) -> int:
-        blocks_u = unique_pages(blocks)
-        swapped = np.count_nonzero(self.cache_state[blocks_u] == _SWAPPED)
-        return int(blocks.size + self._cluster_fill(blocks_u).size + swapped)
+        if not self.cached:
+            return int(blocks.size)
+        return int(self._fill_for_read(unique_pages(blocks)).size)
 
     def frames_needed_write(self, blocks: np.ndarray) -> int:
-        uncached = np.count_nonzero(self.cache_state[blocks] != _FRAME)
-        return int(blocks.size + uncached)
+        if not self.cached:
+            return int(blocks.size)
+        return int(self._fill_for_write(blocks)[0].size)
 
-    def frames_needed_read_one(self, block: int) -> int:
-        """``frames_needed_read`` of one block."""
-        state = self.cache_state[block]
-        if state == _FRAME:
-            return 1
-        if state == _SWAPPED:
-            return 2
-        return 1 + self._uncached_in_cluster(block)
+    # -- the allowance: a request first makes room in its own disk's share -----------
 
-    def frames_needed_write_one(self, block: int) -> int:
-        return 1 if self.cache_state[block] == _FRAME else 2
+    def fit_allowance(self, blocks: np.ndarray, vt_us: float, write: bool) -> float:
+        """Drop (or write back) own LRU clusters so this request's fills stay within the allowance.
 
-    def _uncached_in_cluster(self, block: int) -> int:
-        """Blocks of ``block``'s cluster that are neither in a frame nor in host swap."""
-        c = block // self.cluster_pages
-        size = min(self.cluster_pages, self.n_blocks - c * self.cluster_pages)
-        return size - int(self.cluster_cached[c])
+        Returns when the request may start: later than ``vt_us`` only if
+        dirty clusters had to be written back first.
+        """
+        if not self.cached:
+            return float(vt_us)
+        blocks_u = unique_pages(blocks)
+        fill = self._fill_for_write(blocks_u)[0] if write else self._fill_for_read(blocks_u)
+        over = self.cached_pages + int(fill.size) - self.allowance_pages
+        if over <= 0 or fill.size == 0:      # a request that caches nothing new needs no room
+            return float(vt_us)
+        # In batches (1/16 of the allowance), so that the scan for the oldest clusters is not per request.
+        over += max(self.cluster_pages, self.allowance_pages // 16)
+        keep = unique_pages(blocks_u // self.cluster_pages)
+        return self.release_clusters(over, vt_us, keep=keep, dirty_too=True)
+
+    def release_clusters(self, want_pages: int, vt_us: float, *, keep: np.ndarray | None = None,
+                         dirty_too: bool = False) -> float:
+        """Drop own least recently used clusters (clean first) until ``want_pages`` are freed.
+
+        With ``dirty_too`` dirty clusters are written back, then dropped,
+        once the clean ones are gone; returns when those writes are done.
+        Pinned clusters and ``keep`` stay. Ties by cluster index.
+        """
+        done = float(vt_us)
+        freed = self.drop_clean(want_pages, keep=keep)
+        if freed >= want_pages or not dirty_too:
+            return done
+        victims = self._oldest((self.cluster_cached > 0) & ~self._excluded(keep), want_pages - freed)
+        if victims.size:
+            done = max(done, self._write_back_clusters(victims, vt_us))
+            self._drop_clusters(victims)
+        return done
+
+    def drop_clean(self, want_pages: int, *, keep: np.ndarray | None = None) -> int:
+        """Drop own least recently used clean clusters (not pinned, not in ``keep``); returns pages freed."""
+        if want_pages <= 0 or self.cached_pages == 0:
+            return 0
+        victims = self._oldest((self.cluster_cached > 0) & (self.cluster_dirty == 0) & ~self._excluded(keep),
+                               want_pages)
+        return self._drop_clusters(victims) if victims.size else 0
+
+    def _excluded(self, keep: np.ndarray | None) -> np.ndarray:
+        """Clusters never to drop now: pinned (or exempt), and ``keep``."""
+        if keep is None or keep.size == 0:
+            return self.cluster_pinned
+        out = self.cluster_pinned.copy()
+        out[keep] = True
+        return out
+
+    def _oldest(self, mask: np.ndarray, want_pages: int) -> np.ndarray:
+        """Clusters in ``mask``, least recently used first (ties by index), until they hold ``want_pages``."""
+        cand = np.flatnonzero(mask)
+        if cand.size == 0 or want_pages <= 0:
+            return cand[:0]
+        # Every candidate holds at least one page, so the `want` oldest suffice.
+        k = min(cand.size, int(want_pages))
+        if k < cand.size:
+            stamps = self.cluster_stamp_us[cand]
+            cut = np.partition(stamps, k - 1)[k - 1]
+            cand = cand[stamps <= cut]      # ties at the cut all stay: the order below decides among them
+        order = cand[np.lexsort((cand, self.cluster_stamp_us[cand]))]
+        upto = int(np.searchsorted(np.cumsum(self.cluster_cached[order]), want_pages)) + 1
+        return order[:upto]
+
+    def droppable_clusters(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(clusters, their stamps, their pages) of clean, unpinned cached clusters: the host cache's candidates."""
+        cand = np.flatnonzero((self.cluster_cached > 0) & (self.cluster_dirty == 0) & ~self.cluster_pinned)
+        return cand, self.cluster_stamp_us[cand], self.cluster_cached[cand]
+
+    def _drop_clusters(self, clusters: np.ndarray) -> int:
+        blocks = self._cluster_blocks(clusters)
+        blocks = blocks[self.cache_state[blocks] == _FRAME]
+        if np.any(self.dirty[blocks]):
+            raise InvariantViolation(f"vdisk {self.guest_id}: dropping a dirty cache page")
+        self.pool.free(self.cache_loc[blocks])
+        self.cache_state[blocks] = _NOT_CACHED
+        self.cache_loc[blocks] = NO_LOC
+        self.cluster_cached[clusters] = 0
+        self.cached_pages -= int(blocks.size)
+        self.counters.dropped_clean_pages += int(blocks.size)
+        return int(blocks.size)
 
     # -- I/O (synchronous: the pool must already have the frames) ---------------
 
     def read(self, blocks: np.ndarray, vt_us: float) -> IoResult:
         c = self.counters
         start = self._admit(vt_us)
-        blocks_u = unique_pages(blocks)
-        state = self.cache_state[blocks_u]
-        hits = int(np.count_nonzero(state == _FRAME))
-        done = start + hits * self.costs.page_copy_us
-
-        fill = self._cluster_fill(blocks_u)
-        if fill.size:
-            self._cache_in(fill, self.tokens[fill])
-            # One disk request per cluster: the clusters of one request are
-            # served in parallel over the disk's channels.
-            per_cluster = np.bincount(fill // self.cluster_pages)
-            for n_pages in per_cluster[per_cluster > 0]:
-                done = max(done, self.disk.submit(start, int(n_pages)))
-            c.cluster_loads += int(np.count_nonzero(per_cluster))
-            c.cluster_load_pages += int(fill.size)
-
-        swapped = blocks_u[state == _SWAPPED]
-        if swapped.size:
-            done = max(done, self._double_fault(swapped, start, None, "read"))
-
-        self._touch(blocks_u)
-        tokens = self.pool.token[self.cache_loc[blocks]]
-        self._hold_iobufs(blocks, done)
         c.read_requests += 1
         c.read_pages += int(blocks.size)
         c.swap_area_read_pages += self._in_swap_area(blocks)
+        if not self.cached:
+            done = self._device(start, blocks, write=False)
+            self._hold(self._iobufs(blocks), done)
+            c.cache_miss_pages += int(blocks.size)
+            return IoResult(self.tokens[blocks].copy(), done, 0)
+        blocks_u = unique_pages(blocks)
+        hits = int(np.count_nonzero(self.cache_state[blocks_u] == _FRAME))
+        done = start
+        fill = self._fill_for_read(blocks_u)
+        if fill.size:
+            done = self._load(fill, start)
+        done += blocks.size * self.costs.page_copy_us
+        self._touch(blocks_u, vt_us)
+        if fill.size:
+            self._hold(None, done)      # in the device's queue; a hit is not
         c.cache_hit_pages += hits
         c.cache_miss_pages += int(blocks_u.size) - hits
-        self.trim()
-        return IoResult(tokens, done, int(swapped.size))
+        return IoResult(self.pool.token[self.cache_loc[blocks]], done, 0)
 
-    def read_one(self, block: int, vt_us: float) -> IoResult:
-        """``read`` of one block."""
+    def read_hit_one(self, block: int, vt_us: float) -> IoResult:
+        """``read`` of one cached block, in scalars (the usual request): the same books and times."""
         c = self.counters
         start = self._admit(vt_us)
-        state = self.cache_state[block]
-        hit = state == _FRAME
-        done = start + self.costs.page_copy_us if hit else start
-        swapped = 0
-        if state == _NOT_CACHED:
-            # The uncached blocks of its cluster, loaded by one disk request.
-            if self.cluster_pages == 1:
-                self._cache_in_one(block, int(self.tokens[block]))
-                n_fill = 1
-            else:
-                lo = block - block % self.cluster_pages
-                fill = lo + np.flatnonzero(self.cache_state[lo:lo + self.cluster_pages] == _NOT_CACHED)
-                self._cache_in(fill, self.tokens[fill])
-                n_fill = int(fill.size)
-            done = max(done, self.disk.submit(start, n_fill))
-            c.cluster_loads += 1
-            c.cluster_load_pages += n_fill
-        elif state == _SWAPPED:
-            done = max(done, self._double_fault(np.array((block,), np.int64), start, None, "read"))
-            swapped = 1
-        self._touch_one(block)
-        token = self.pool.token[self.cache_loc[block]]
-        self._hold_iobuf_one(block, done)
         c.read_requests += 1
         c.read_pages += 1
         lo, hi = self.swap_area
         c.swap_area_read_pages += lo <= block < hi
-        c.cache_hit_pages += int(hit)
-        c.cache_miss_pages += int(not hit)
-        self.trim()
-        return IoResult(np.array((token,), np.uint64), done, swapped)
-
-    def write_one(self, block: int, token: int, vt_us: float) -> IoResult:
-        """``write`` of one block."""
-        c = self.counters
-        start = self._admit(vt_us)
-        state = self.cache_state[block]
-        write_start = start
-        swapped = 0
-        if state == _SWAPPED:
-            # The host caches whole clusters: it must bring the page back first (nested swapping).
-            write_start = self._double_fault(np.array((block,), np.int64), start, np.array((token,), np.uint64),
-                                             "write")
-            swapped = 1
-        elif state == _NOT_CACHED:
-            self._cache_in_one(block, token)
-        else:
-            self.pool.token[self.cache_loc[block]] = token
-        self.tokens[block] = token
-        done = self.disk.submit(write_start, 1)
-        self._touch_one(block)
-        self._hold_iobuf_one(block, done)
-        c.write_requests += 1
-        c.write_pages += 1
-        lo, hi = self.swap_area
-        c.swap_area_write_pages += lo <= block < hi
-        hit = state == _FRAME
-        c.cache_hit_pages += int(hit)
-        c.cache_miss_pages += int(not hit)
-        self.trim()
-        return IoResult(_NO_TOKENS, done, swapped)
+        self.cluster_stamp_us[block // self.cluster_pages] = float(vt_us)
+        c.cache_hit_pages += 1
+        f = int(self.cache_loc[block])
+        return IoResult(self.pool.token[f:f + 1].copy(), start + self.costs.page_copy_us, 0)
 
     def write(self, blocks: np.ndarray, tokens: np.ndarray, vt_us: float) -> IoResult:
-        """Write-through of distinct ``blocks``; the cache copy is updated or allocated."""
+        """A write of distinct ``blocks`` in the disk's cache mode."""
         c = self.counters
         start = self._admit(vt_us)
-        state = self.cache_state[blocks]
-        swapped = blocks[state == _SWAPPED]
-        write_start = start
-        if swapped.size:
-            # The host caches whole clusters: it must bring the page back
-            # before the write can land in it (nested swapping).
-            write_start = self._double_fault(swapped, start, tokens[state == _SWAPPED], "write")
-        uncached = state == _NOT_CACHED
-        if np.any(uncached):
-            self._cache_in(blocks[uncached], tokens[uncached])
-        cached = state == _FRAME
-        self.pool.token[self.cache_loc[blocks[cached]]] = tokens[cached]
-        self.tokens[blocks] = tokens
-        done = self.disk.submit(write_start, int(blocks.size))
-        self._touch(blocks)
-        self._hold_iobufs(blocks, done)
         c.write_requests += 1
         c.write_pages += int(blocks.size)
         c.swap_area_write_pages += self._in_swap_area(blocks)
-        c.cache_hit_pages += int(np.count_nonzero(cached))
-        c.cache_miss_pages += int(blocks.size - np.count_nonzero(cached))
-        self.trim()
-        return IoResult(np.zeros(0, np.uint64), done, int(swapped.size))
+        if not self.cached:
+            self.tokens[blocks] = tokens
+            self.image[blocks] = tokens
+            done = self._device(start, blocks, write=True)
+            self._hold(self._iobufs(blocks), done)
+            c.cache_miss_pages += int(blocks.size)
+            return IoResult(_NO_TOKENS, done, 0)
+        hits = int(np.count_nonzero(self.cache_state[blocks] == _FRAME))
+        fill, read = self._fill_for_write(blocks)
+        write_start = start
+        rmw = 0
+        if read.size:
+            # The host caches whole clusters: the rest of each cluster comes first (nested swapping).
+            write_start = self._load(read, start)
+            waited = blocks[np.isin(blocks // self.cluster_pages, unique_pages(read // self.cluster_pages))]
+            rmw = int(waited.size)
+            c.double_faults += rmw
+            c.double_fault_read_pages += int(read.size)
+            c.double_fault_wait_us += write_start - start
+            if len(self.double_fault_records) < DOUBLE_FAULT_RECORDS_MAX:
+                self.double_fault_records.append(DoubleFault("write", waited.astype(np.int64), float(start),
+                                                             float(write_start)))
+            else:
+                self.double_fault_records_dropped += 1
+        new = fill[self.cache_state[fill] == _NOT_CACHED]
+        if new.size:
+            self._cache_in(new)     # the rest of the clusters (read or about to be overwritten)
+        self.tokens[blocks] = tokens
+        self.pool.token[self.cache_loc[blocks]] = tokens
+        done = write_start + blocks.size * self.costs.page_copy_us
+        if self.mode == "writethrough":
+            self.image[blocks] = tokens
+            done = max(done, self._device(write_start, blocks, write=True))
+        else:
+            was_clean = ~self.dirty[blocks]
+            newly = blocks[was_clean]
+            self.dirty[newly] = True
+            self.dirty_since_us[newly] = float(vt_us)
+            if newly.size:
+                np.add.at(self.cluster_dirty, newly // self.cluster_pages, 1)
+                self.dirty_pages += int(newly.size)
+            if self.dirty_pages > self.dirty_limit_pages:
+                # Over its dirty limit the writer writes its own oldest back first (balance_dirty_pages),
+                # down to the background level.
+                c.throttled_writes += 1
+                done = max(done, self.write_back_oldest(self.dirty_pages - self.dirty_background_pages,
+                                                        write_start))
+        self._touch(blocks, vt_us)
+        if read.size or self.mode == "writethrough":
+            self._hold(None, done)      # in the device's queue; a write into the cache is not
+        c.cache_hit_pages += hits
+        c.cache_miss_pages += int(blocks.size) - hits
+        return IoResult(_NO_TOKENS, done, rmw)
+
+    def _load(self, blocks: np.ndarray, start_us: float) -> float:
+        """Read ``blocks`` (whole clusters' missing parts) from the device into cache frames; one request each."""
+        self._cache_in(blocks)
+        cp = self.cluster_pages
+        if int(blocks[0]) // cp == int(blocks[-1]) // cp:     # the usual case: one cluster, one request
+            clusters, first, n = blocks[:1] // cp, np.zeros(1, np.int64), np.array((blocks.size,))
+        else:
+            clusters, first, n = np.unique(blocks // cp, return_index=True, return_counts=True)
+        done = float(start_us)
+        for b0, k in zip(blocks[first].tolist(), n.tolist()):
+            done = max(done, self.device.submit(self.guest_id, start_us, k, write=False,
+                                                offset=self.offset_base + b0))
+        self.counters.cluster_loads += int(clusters.size)
+        self.counters.cluster_load_pages += int(blocks.size)
+        self.counters.device_read_pages += int(blocks.size)
+        self.fill_pages_tick += int(blocks.size)
+        return done
+
+    def _device(self, start_us: float, blocks: np.ndarray, *, write: bool) -> float:
+        """One uncached request straight to the device (mode "none")."""
+        if write:
+            self.counters.device_write_pages += int(blocks.size)
+        else:
+            self.counters.device_read_pages += int(blocks.size)
+        return self.device.submit(self.guest_id, start_us, int(blocks.size), write=write,
+                                  offset=self.offset_base + int(blocks[0]) if blocks.size else -1)
+
+    # -- write-back ---------------------------------------------------------------
+
+    def write_back_oldest(self, want_pages: int, vt_us: float) -> float:
+        """Write back the dirty clusters dirtied longest ago until ``want_pages`` are clean; returns when done."""
+        dirty_c = np.flatnonzero(self.cluster_dirty > 0)
+        if want_pages <= 0 or dirty_c.size == 0:
+            return float(vt_us)
+        first_dirty = np.full(self.cluster_cached.size, np.inf)
+        d = np.flatnonzero(self.dirty)
+        np.minimum.at(first_dirty, d // self.cluster_pages, self.dirty_since_us[d])
+        order = dirty_c[np.lexsort((dirty_c, first_dirty[dirty_c]))]
+        upto = int(np.searchsorted(np.cumsum(self.cluster_dirty[order]), want_pages)) + 1
+        return self._write_back_clusters(order[:upto], vt_us)
+
+    def flush(self, vt_us: float, expire_us: float, background_pages: int) -> int:
+        """The flusher at a tick boundary: write back expired dirty pages, then down to ``background_pages``."""
+        if self.dirty_pages == 0:
+            return 0
+        before = self.dirty_pages
+        d = np.flatnonzero(self.dirty)
+        expired = d[self.dirty_since_us[d] <= vt_us - expire_us]
+        if expired.size:
+            self._write_back_clusters(unique_pages(expired // self.cluster_pages), vt_us)
+        if self.dirty_pages > background_pages:
+            self.write_back_oldest(self.dirty_pages - background_pages, vt_us)
+        return before - self.dirty_pages
+
+    def _write_back_clusters(self, clusters: np.ndarray, vt_us: float) -> float:
+        """Each cluster's dirty blocks go to the device in one request, on this guest's lane; they become clean."""
+        done = float(vt_us)
+        blocks = self._cluster_blocks(clusters)
+        blocks = blocks[self.dirty[blocks]]
+        if blocks.size == 0:
+            return done
+        _, first, n = np.unique(blocks // self.cluster_pages, return_index=True, return_counts=True)
+        for b0, k in zip(blocks[first].tolist(), n.tolist()):
+            done = max(done, self.device.submit(self.guest_id, vt_us, k, write=True, offset=self.offset_base + b0))
+        self.image[blocks] = self.tokens[blocks]
+        self.dirty[blocks] = False
+        self.cluster_dirty[clusters] = 0
+        self.dirty_pages -= int(blocks.size)
+        self.counters.writeback_pages += int(blocks.size)
+        self.counters.writeback_requests += int(first.size)
+        self.counters.device_write_pages += int(blocks.size)
+        return done
 
     # -- cache mechanics -------------------------------------------------------
 
-    def _cache_in(self, blocks: np.ndarray, tokens: np.ndarray) -> None:
-        frames = self.pool.alloc(blocks.size, FrameKind.CACHE, self.guest_id, blocks, tokens)
+    def _cache_in(self, blocks: np.ndarray) -> None:
+        """Cache frames for uncached ``blocks``, holding their current content."""
+        frames = self.pool.alloc(blocks.size, FrameKind.CACHE, owner_guest=self.guest_id, owner_index=blocks,
+                                 tokens=self.tokens[blocks])
         if frames.size != blocks.size:
             raise InvariantViolation(f"vdisk {self.guest_id}: host memory made room for too few cache frames")
-        self.pool.pinned[frames] = self.pinned[blocks] | self.swap_exempt[blocks]
-        new = blocks[self.cache_state[blocks] == _NOT_CACHED]
-        if new.size:
-            of = new // self.cluster_pages
-            if of[0] == of[-1] and np.all(of == of[0]):   # the usual case: one cluster's fill
-                self.cluster_cached[of[0]] += of.size
-            else:
-                clusters, n_new = np.unique(of, return_counts=True)
-                self.cluster_cached[clusters] += n_new
-            self.cached_pages += int(new.size)
+        self.pool.pinned[frames] = self.pinned[blocks]
+        np.add.at(self.cluster_cached, blocks // self.cluster_pages, 1)
+        self.cached_pages += int(blocks.size)
         self.cache_state[blocks] = _FRAME
         self.cache_loc[blocks] = frames
 
-    def _cache_in_one(self, block: int, token: int) -> None:
-        """``_cache_in`` of one block that is not cached."""
-        f = self.pool.alloc_one(_CACHE_KIND, self.guest_id, block, token)
-        if f < 0:
-            raise InvariantViolation(f"vdisk {self.guest_id}: host memory made room for too few cache frames")
-        self.pool.pinned[f] = self.pinned[block] or self.swap_exempt[block]
-        self.cluster_cached[block // self.cluster_pages] += 1
-        self.cached_pages += 1
-        self.cache_state[block] = _FRAME
-        self.cache_loc[block] = f
-
-    def _double_fault(self, blocks: np.ndarray, start_us: float, new_tokens: np.ndarray | None,
-                      op: str = "read") -> float:
-        """Swap cache pages back in from host swap; returns when the swap-in read is done."""
-        slots = self.cache_loc[blocks]
-        tokens = self.swap.load(slots) if new_tokens is None else new_tokens
-        self.swap.free(slots)
-        self._cache_in(blocks, tokens)
-        done = self.swap.disk.submit(start_us, int(blocks.size))
-        self.counters.double_faults += int(blocks.size)
-        self.counters.double_fault_wait_us += done - start_us
-        if len(self.double_fault_records) < DOUBLE_FAULT_RECORDS_MAX:
-            self.double_fault_records.append(DoubleFault(op, blocks.astype(np.int64), float(start_us), float(done)))
-        else:
-            self.double_fault_records_dropped += 1
-        return done
+    def _touch(self, blocks: np.ndarray, vt_us: float) -> None:
+        self.cluster_stamp_us[blocks // self.cluster_pages] = float(vt_us)
 
     def take_double_faults(self) -> tuple[list[DoubleFault], int]:
         """The double faults recorded since the last call, and how many requests were not recorded."""
@@ -397,93 +523,47 @@ class VirtualDisk:
         self.double_fault_records, self.double_fault_records_dropped = [], 0
         return records, dropped
 
-    def swap_out(self, frames: np.ndarray, slots: np.ndarray) -> None:
-        """Host swapping took these CACHE frames of this disk: move their content to ``slots``."""
-        blocks = self.pool.owner_index[frames]
-        self.swap.store(slots, self.pool.token[frames], FrameKind.CACHE, self.guest_id, blocks)
-        self.cache_state[blocks] = _SWAPPED
-        self.cache_loc[blocks] = slots
-        self.pool.free(frames)
-
-    def _touch(self, blocks: np.ndarray) -> None:
-        self._use_stamp += 1
-        self.cluster_used[blocks // self.cluster_pages] = self._use_stamp
-
-    def _touch_one(self, block: int) -> None:
-        self._use_stamp += 1
-        self.cluster_used[block // self.cluster_pages] = self._use_stamp
-
-    def trim(self) -> int:
-        """Once over ``cache_max_pages``, drop least recently used clusters down to 1/16 below it.
-
-        Trimming in batches, not one cluster per request: a scan of every
-        cluster on each read of a full cache was a quarter of the host's time.
-        """
-        over = self.cached_pages - self.cache_max_pages
-        if over <= 0:
-            return 0
-        over += self.cache_max_pages // 16
-        cand = np.flatnonzero((self.cluster_cached > 0) & ~self.cluster_pinned)
-        if cand.size == 0:
-            return 0
-        # Every candidate holds at least one page, so the `over` oldest suffice:
-        # partition for them instead of sorting every cluster.
-        k = min(cand.size, over)
-        if k < cand.size:
-            cand = cand[np.argpartition(self.cluster_used[cand], k - 1)[:k]]
-        order = cand[np.argsort(self.cluster_used[cand], kind="stable")]
-        upto = int(np.searchsorted(np.cumsum(self.cluster_cached[order]), over)) + 1
-        victims = order[:upto]
-        blocks = (victims[:, None] * self.cluster_pages + np.arange(self.cluster_pages)).ravel()
-        blocks = blocks[blocks < self.n_blocks]
-        state = self.cache_state[blocks]
-        blocks, state = blocks[state != _NOT_CACHED], state[state != _NOT_CACHED]
-        self.pool.free(self.cache_loc[blocks[state == _FRAME]])
-        self.swap.free(self.cache_loc[blocks[state == _SWAPPED]])
-        self.cache_state[blocks] = _NOT_CACHED
-        self.cache_loc[blocks] = NO_LOC
-        self.cluster_cached[victims] = 0
-        self.cached_pages -= int(blocks.size)
-        self.counters.trimmed_pages += int(blocks.size)
-        return int(blocks.size)
-
     # -- I/O buffers and backpressure ------------------------------------------
 
     def _admit(self, vt_us: float) -> float:
         """Virtual start time of a new request, after the earliest in-flight ones complete."""
-        held = self._inflight_done_us   # requests whose buffers are not retired yet: a superset of those in flight
+        held = self._inflight_done_us
         if len(held) < self.max_inflight_requests:
             return float(vt_us)
+        self._forget_done(vt_us)
+        held = self._inflight_done_us
         active = [d for d in held if d > vt_us]
         if len(active) < self.max_inflight_requests:
             return float(vt_us)
-        active.sort()   # only when the queue is full: the usual request needs no sort
+        active.sort()
         start = active[len(active) - self.max_inflight_requests]
         self.counters.backpressure_waits += 1
         self.counters.backpressure_wait_us += start - vt_us
         return start
 
-    def _hold_iobufs(self, blocks: np.ndarray, done_us: float) -> None:
-        frames = self.pool.alloc(blocks.size, FrameKind.IOBUF, self.guest_id, blocks)
+    def _forget_done(self, vt_us: float) -> None:
+        """Drop the completed requests that hold no frames (they only counted against the queue depth)."""
+        keep = [(d, f) for d, f in zip(self._inflight_done_us, self._inflight_frames) if d > vt_us or f.size]
+        self._inflight_done_us = [d for d, _ in keep]
+        self._inflight_frames = [f for _, f in keep]
+
+    def _iobufs(self, blocks: np.ndarray) -> np.ndarray:
+        frames = self.pool.alloc(blocks.size, FrameKind.IOBUF, owner_guest=self.guest_id, owner_index=blocks)
         if frames.size != blocks.size:
             raise InvariantViolation(f"vdisk {self.guest_id}: host memory made room for too few I/O buffers")
-        self._inflight_done_us.append(float(done_us))
-        self._inflight_frames.append(frames)
+        return frames
 
-    def _hold_iobuf_one(self, block: int, done_us: float) -> None:
-        f = self.pool.alloc_one(_IOBUF_KIND, self.guest_id, block)
-        if f < 0:
-            raise InvariantViolation(f"vdisk {self.guest_id}: host memory made room for too few I/O buffers")
+    def _hold(self, frames: np.ndarray | None, done_us: float) -> None:
         self._inflight_done_us.append(float(done_us))
-        self._inflight_frames.append(f)
+        self._inflight_frames.append(_NO_FRAMES if frames is None else frames)
 
     def retire(self, vt_us: float) -> int:
-        """Free the I/O buffers of every request completed by ``vt_us``; returns pages freed."""
+        """Forget the requests completed by ``vt_us`` and free their I/O buffers; returns pages freed."""
         if not self._inflight_done_us or min(self._inflight_done_us) > vt_us:
             return 0
         keep_done: list[float] = []
-        keep_frames: list[np.ndarray | int] = []
-        freed: list[np.ndarray | int] = []
+        keep_frames: list[np.ndarray] = []
+        freed: list[np.ndarray] = []
         for done, frames in zip(self._inflight_done_us, self._inflight_frames):
             if done <= vt_us:
                 freed.append(frames)
@@ -491,7 +571,7 @@ class VirtualDisk:
                 keep_done.append(done)
                 keep_frames.append(frames)
         self._inflight_done_us, self._inflight_frames = keep_done, keep_frames
-        frames = _in_order(freed)
+        frames = np.concatenate(freed) if len(freed) > 1 else freed[0]
         self.pool.free(frames)
         self.counters.iobuf_retired_pages += int(frames.size)
         return int(frames.size)
@@ -503,44 +583,49 @@ class VirtualDisk:
     def iobuf_frames(self) -> np.ndarray:
         if not self._inflight_frames:
             return np.zeros(0, np.int64)
-        return _in_order(self._inflight_frames)
+        return np.concatenate(self._inflight_frames)
 
     # -- pinning ----------------------------------------------------------------
 
-    def set_pinned(self, first_block: int, n_blocks: int, pinned: bool) -> None:
+    def _check_range(self, first_block: int, n_blocks: int) -> slice:
         if n_blocks < 0:
             raise BadBatch(f"guest {self.guest_id}: n_blocks must be >= 0, got {n_blocks}")
         if first_block < 0 or (n_blocks and first_block >= self.n_blocks):
             raise OutOfRange(self.guest_id, "block", first_block, self.n_blocks)
         if first_block + n_blocks > self.n_blocks:
             raise OutOfRange(self.guest_id, "block", first_block + n_blocks - 1, self.n_blocks)
-        sl = slice(first_block, first_block + n_blocks)
+        return slice(first_block, first_block + n_blocks)
+
+    def set_pinned(self, first_block: int, n_blocks: int, pinned: bool) -> None:
+        """Pinned blocks' clusters stay cached: never dropped (budget, allowance or host pressure)."""
+        sl = self._check_range(first_block, n_blocks)
         self.pinned[sl] = pinned
-        self.cluster_pinned = np.bincount(np.flatnonzero(self.pinned) // self.cluster_pages,
-                                          minlength=self.cluster_used.size) > 0
-        blocks = np.arange(first_block, first_block + n_blocks)
+        self._kept_clusters()
+        blocks = np.arange(sl.start, sl.stop)
         in_frame = blocks[self.cache_state[sl] == _FRAME]
-        self.pool.pinned[self.cache_loc[in_frame]] = pinned | self.swap_exempt[in_frame]
+        self.pool.pinned[self.cache_loc[in_frame]] = pinned
 
     def set_swap_exempt(self, first_block: int, n_blocks: int, exempt: bool) -> None:
-        """Make the cache frames of these blocks never host-swap victims (now and when cached later).
+        """Keep these blocks' clusters cached (never dropped), without pinning their frames.
 
-        Unlike ``set_pinned`` the blocks are still trimmed with the rest of
-        the cache (LRU, to ``cache_max_pages``): a trimmed block is read from
-        the disk when next needed, which costs one I/O, not a host swap-in
-        first. The host memory this holds stays within the cache's bound.
+        The pinning monitor's "exempt" mode. The cache is never host-swapped
+        any more, so being exempt from host swapping means nothing; what the
+        cure needs is that the area stays cached, as ``set_pinned`` does.
         """
-        if n_blocks < 0:
-            raise BadBatch(f"guest {self.guest_id}: n_blocks must be >= 0, got {n_blocks}")
-        if first_block < 0 or (n_blocks and first_block >= self.n_blocks):
-            raise OutOfRange(self.guest_id, "block", first_block, self.n_blocks)
-        if first_block + n_blocks > self.n_blocks:
-            raise OutOfRange(self.guest_id, "block", first_block + n_blocks - 1, self.n_blocks)
-        sl = slice(first_block, first_block + n_blocks)
-        self.swap_exempt[sl] = exempt
-        blocks = np.arange(first_block, first_block + n_blocks)
-        in_frame = blocks[self.cache_state[sl] == _FRAME]
-        self.pool.pinned[self.cache_loc[in_frame]] = self.pinned[in_frame] | exempt
+        self.swap_exempt[self._check_range(first_block, n_blocks)] = exempt
+        self._kept_clusters()
+
+    def _kept_clusters(self) -> None:
+        kept = np.flatnonzero(self.pinned | self.swap_exempt)
+        self.cluster_pinned = np.bincount(kept // self.cluster_pages, minlength=self.cluster_cached.size) > 0
+
+    def drop_swapped(self, first_block: int, n_blocks: int) -> int:
+        """Cache copies in host swap: there are none any more (the cache is never host-swapped); returns 0.
+
+        Kept for the pinning monitor, which called it to clear the swapped
+        copies of an area before pinning it.
+        """
+        return 0
 
     # -- the guest's swap area (what the host's monitors watch) ----------------------
 
@@ -556,55 +641,13 @@ class VirtualDisk:
             return 0
         return int(np.count_nonzero((blocks >= lo) & (blocks < hi)))
 
-    def drop_swapped(self, first_block: int, n_blocks: int) -> int:
-        """Forget the cache copies of these blocks that sit in host swap; returns how many.
-
-        Writes are write-through, so such a copy is clean: the disk holds the
-        same content. Dropping it frees its swap slot, and the next access to
-        the block is an ordinary cache miss instead of a host swap-in (a
-        double fault). Pinning uses this so that nothing it pins is in swap.
-        """
-        if n_blocks <= 0:
-            return 0
-        lo = max(0, int(first_block))
-        hi = min(self.n_blocks, int(first_block) + int(n_blocks))
-        blocks = lo + np.flatnonzero(self.cache_state[lo:hi] == _SWAPPED)
-        if blocks.size == 0:
-            return 0
-        self.swap.free(self.cache_loc[blocks])
-        self.cache_state[blocks] = _NOT_CACHED
-        self.cache_loc[blocks] = NO_LOC
-        clusters, n = np.unique(blocks // self.cluster_pages, return_counts=True)
-        self.cluster_cached[clusters] -= n
-        self.cached_pages -= int(blocks.size)
-        self.counters.swap_area_dropped_pages += int(blocks.size)
-        return int(blocks.size)
-
     def counts(self) -> dict[str, int]:
-        c = np.bincount(self.cache_state, minlength=len(CacheState))
-        return {"cache_frame_pages": int(c[_FRAME]),
-                "cache_swapped_pages": int(c[_SWAPPED]),
-                "iobuf_pages": sum(1 if type(f) is int else int(f.size) for f in self._inflight_frames),
+        return {"cache_frame_pages": self.cached_pages,
+                "cache_dirty_pages": self.dirty_pages,
+                "cache_allowance_pages": self.allowance_pages,
+                "iobuf_pages": sum(int(f.size) for f in self._inflight_frames),
                 "inflight_requests": self.inflight_requests,
                 "pinned_blocks": int(np.count_nonzero(self.pinned))}
 
 
-def _in_order(parts: list[np.ndarray | int]) -> np.ndarray:
-    """Frames of several requests as one array, in request order (ints: one-frame requests).
-
-    The order is the order they go back on the free stack, so it decides
-    which frame later requests get: it must not depend on how they were held.
-    """
-    arrays: list[np.ndarray] = []
-    run: list[int] = []
-    for p in parts:
-        if type(p) is int:
-            run.append(p)
-            continue
-        if run:
-            arrays.append(np.array(run, np.int64))
-            run = []
-        arrays.append(p)  # type: ignore[arg-type]
-    if run:
-        arrays.append(np.array(run, np.int64))
-    return arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
+_NO_FRAMES = np.zeros(0, np.int64)

@@ -5,31 +5,56 @@ A scenario may override any field (``[costs]`` and ``[disk.*]`` tables).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields
 from typing import Any, Mapping
 
 import numpy as np
 
 from .errors import ConfigError
 
-__all__ = ["PAGE_BYTES", "CostModel", "DiskProfile", "DISK_PROFILES", "DiskModel", "disk_profile"]
+__all__ = ["PAGE_BYTES", "CostModel", "refs_per_vsec_ceiling", "DiskProfile", "DISK_PROFILES", "DiskModel", "disk_profile"]
 
 PAGE_BYTES = 4096
 
 
 @dataclass(frozen=True, slots=True)
 class CostModel:
-    """Virtual-time cost of the operations a vCPU performs (SSD-like defaults)."""
+    """Virtual-time cost of the operations a vCPU performs, calibrated on a current x86 server.
 
-    mem_ref_us: float = 0.1        # one memory reference that hits
-    minor_fault_us: float = 2.0    # page still in memory, only the mapping is rebuilt
-    ept_fault_us: float = 5.0      # guest touches a gpfn the host has not backed
-    hypercall_us: float = 2.0      # any other guest->host call
-    page_copy_us: float = 1.0      # host copies one page from its disk cache
-    # Not charged yet by every part (0 keeps today's behaviour): the engine's calibration sets them.
-    page_zero_us: float = 0.0      # zero-filling a fresh page
-    balloon_page_us: float = 0.0   # one page inflated or deflated (guest allocator + host unmap)
-    cpu_us_per_ref: float = 0.0    # the workload's own CPU work per page-level reference
+    Each default names where it comes from (README, "Model"). One page-level
+    reference costs ``mem_ref_us + cpu_us_per_ref``: the memory access and
+    the workload's own compute around it, so a guest that never waits runs
+    at most ``1 / (mem_ref_us + cpu_us_per_ref)`` references per virtual µs.
+    """
+
+    # A DRAM reference: ~100 ns ("main memory reference", Dean & Norvig's latency
+    # numbers; ~80-100 ns loaded latency on Intel Xeon / AMD EPYC, vendor tuning guides).
+    mem_ref_us: float = 0.1
+    # A minor fault (the page is in memory, only the mapping is rebuilt): kernel entry,
+    # page-table walk and update, exit: ~0.5-1 us on Linux 6.x x86-64 (median ~1 us
+    # measured with rdtsc for an anonymous zero-fill fault, of which ~0.25 us is the
+    # clearing charged below as page_zero_us).
+    minor_fault_us: float = 0.75
+    # An EPT violation: VM exit + entry (~0.5-1 us round trip on Skylake-and-later, Agesen
+    # et al., "Software techniques for avoiding hardware virtualization exits", USENIX
+    # ATC 2012, and KVM's vmexit unit tests) plus KVM backing the gfn with a fresh host
+    # page (get_user_pages fault-in, zeroing, EPT entry): ~2-3 us in all.
+    ept_fault_us: float = 3.0
+    # Any other hypercall (VMCALL round trip + the handler's bookkeeping): ~1 us (the
+    # same exit/entry cost as above, no page to back).
+    hypercall_us: float = 1.0
+    # Copying one 4 KiB page in DRAM: ~0.4 us at ~10 GB/s single-core memcpy bandwidth.
+    page_copy_us: float = 0.4
+    # Zero-filling one 4 KiB page (clear_page, rep stosb): ~0.25 us at ~16 GB/s.
+    page_zero_us: float = 0.25
+    # One page inflated or deflated, besides the hypercall per 256 PFNs: the guest's
+    # allocator (alloc_page + list insert, ~0.3 us) and the host's unmap
+    # (MADV_DONTNEED on one page with its TLB flush, ~1 us). An estimate from the parts,
+    # not a published end-to-end figure: ~0.75-1 GB/s of inflation per vCPU.
+    balloon_page_us: float = 1.0
+    # The workload's own CPU work per page-level reference. 0 = a pure memory toucher;
+    # scenarios set it to what one reference stands for (a burst of work on that page).
+    cpu_us_per_ref: float = 0.0
 
     @classmethod
     def from_mapping(cls, raw: Mapping[str, Any], where: str = "") -> "CostModel":
@@ -37,6 +62,20 @@ class CostModel:
         from .schema import CostsTable, decode, split_where
         t = decode(CostsTable, dict(raw), path="costs", where=split_where(where, "costs"))
         return cls(**{f.name: float(getattr(t, f.name)) for f in fields(cls)})
+
+    @property
+    def ref_us(self) -> float:
+        """One page-level reference: the memory access plus the workload's compute around it."""
+        return self.mem_ref_us + self.cpu_us_per_ref
+
+
+def refs_per_vsec_ceiling(raw: Mapping[str, Any] | None) -> float | None:
+    """References per virtual second of a guest that never waits, from a ``[costs]`` table (None if unusable)."""
+    try:
+        ref_us = CostModel.from_mapping(raw or {}).ref_us
+    except (ConfigError, TypeError):
+        return None
+    return 1e6 / ref_us if ref_us > 0 else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,18 +85,6 @@ class DiskProfile:
     latency_us: float       # fixed service time of one request
     bandwidth_bps: float    # bytes per (virtual) second once a request is served
     queue_depth: int        # requests served in parallel
-
-    @classmethod
-    def from_mapping(cls, raw: Mapping[str, Any], where: str = "disk") -> "DiskProfile":
-        """A ``[disk.DEVICE]`` table: ``profile`` (ssd, hdd) and any field of this class to override.
-
-        ``where`` is the table's path (``disk.vdisk``), after the file's name when there is one.
-        """
-        from .schema import DiskDevice, decode
-        context, _, path = where.rpartition(": ")
-        t = decode(DiskDevice, dict(raw), path=path.strip("[]"), where=context)
-        given = {f.name: getattr(t, f.name) for f in fields(cls) if getattr(t, f.name) is not None}
-        return replace(DISK_PROFILES[t.profile], **given)
 
 
 DISK_PROFILES: dict[str, DiskProfile] = {

@@ -20,6 +20,7 @@ TICK_COMPLETED = "tick_completed"        # host: host metrics; guest: the guest'
 REQUEST_REJECTED = "request_rejected"    # guest, msg_type, code, reason
 FRAME_REJECTED = "frame_rejected"        # peer, reason
 INVARIANT_VIOLATED = "invariant_violated"  # what
+CONFIG_DEPRECATED = "config_deprecated"  # key, value, resolved, reason (an old value still accepted)
 
 # guest lifecycle
 GUEST_STARTED = "guest_started"          # guest, pid, ram_pages, policy (the replacement policy)
@@ -30,7 +31,8 @@ PAGE_LOST = "page_lost"                  # guest, vpage, expected, found
 # memory and ballooning
 BALLOON_TARGET_SET = "balloon_target_set"  # guest, target_pages, previous_pages, policy
 # guest, decision (inflate|deflate|hold), code, reason (words, with the numbers), target_pages,
-# previous_pages, actual_pages, policy, inputs {name: number}: why a controller set, or kept, a target;
+# previous_pages, actual_pages, alloc_target_pages (host frames the VM may consume; hostd.memstate), policy,
+# inputs {name: number}: why a controller set, or kept, a target;
 # a hold is logged when its reason changes ([balloon] log_decisions = "all": every one), and
 # run_finished.balloon_decisions counts every decision by code
 BALLOON_DECISION = "balloon_decision"
@@ -42,6 +44,9 @@ DOUBLE_PAGING_DETECTED = "double_paging_detected"  # guest, pages, blocks (host 
 SWAP_AREA_PINNED = "swap_area_pinned"    # guest, first_block, blocks, pinned_pages, swap_pages_per_s, pff
 SWAP_AREA_UNPINNED = "swap_area_unpinned"  # guest, unpinned_pages, pinned_ticks
 BALLOON_CONVERGED = "balloon_converged"  # step_tick, settled_tick, convergence_ticks, overshoot_pages, pff_above_ticks
+# tick, vt_us, state (high|clear|soft|hard|low), previous, free_frames, min_free_frames, free_pct_of_min_free,
+# reclaim [mechanisms the new state runs]: the host's ESX memory state changed (hostd.memstate)
+MEMORY_STATE_CHANGED = "memory_state_changed"
 
 # locks (host log; proto.locks, hostd.locks)
 # cycle: [{owner, proc, task, holds, holds_lock, held_since_vt_us, waits_for, waits_for_lock, wait_proc,

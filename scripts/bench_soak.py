@@ -71,7 +71,7 @@ def _toml(value: Any) -> str:
 
 
 def soak_scenario(guests: int, ticks: int, controller: str, seed: int, guest_mib: float,
-                  request_order: str = "virtual-time") -> str:
+                  request_order: str = "deterministic") -> str:
     """The scenario of one phase, as TOML."""
     lines = [
         "[scenario]", 'name = "soak"', f"seed = {seed}", f"guests = {guests}", f"ticks = {ticks}",
@@ -234,7 +234,7 @@ class _Phase:
 
 
 def run_phase(run_dir: Path, guests: int, ticks: int, controller: str, seed: int, guest_mib: float,
-              restart_every: int, request_order: str = "virtual-time") -> dict[str, Any]:
+              restart_every: int, request_order: str = "deterministic") -> dict[str, Any]:
     """Run one phase; return its numbers."""
     from balloonlab import validators
     from balloonlab.analysis.summary import summarize, write_summary
@@ -285,7 +285,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--guest-mib", type=float, default=4.0, help="RAM per guest")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--run-dir", type=Path, default=None)
-    ap.add_argument("--request-order", choices=("virtual-time", "arrival"), default="virtual-time",
+    ap.add_argument("--request-order", choices=("deterministic", "arrival"), default="deterministic",
                     help="[host] request_order: reproducible, or served as they come (faster)")
     args = ap.parse_args(argv)
     if args.guests < 1 or args.ticks < 1:

@@ -356,6 +356,21 @@ def run_pids(run_dir: Path | str) -> dict[str, int]:
     return out
 
 
+def wait_guest_stopped(run: Any, run_dir: Path | str, guest_id: int, timeout_s: float = 90.0) -> int:
+    """The pid of guest ``guest_id`` of a launched run once it has stopped itself at a fault point.
+
+    ``run`` is the launcher (``tests.procs.Launched``): if it ends first, the wait fails with the run's logs.
+    """
+    from tests.procs import dump_logs
+    deadline = time.monotonic() + timeout_s
+    while f"guest-{guest_id}" not in run_pids(run_dir):
+        assert time.monotonic() < deadline and run.proc.poll() is None, dump_logs(Path(run_dir))
+        time.sleep(0.02)
+    pid = run_pids(run_dir)[f"guest-{guest_id}"]
+    wait_stopped(pid, timeout_s)
+    return pid
+
+
 def record_fault(run_dir: Path | str, target: str, pid: int, sig: str, **fields: Any) -> None:
     """Note a signal sent from outside in ``faults.jsonl`` (summary ``faults_injected`` counts these)."""
     line = {"event": "fault_injected", "level": "warning", "proc": "injector", "target": target, "pid": pid,

@@ -154,7 +154,7 @@ def guest_loses_a_page(w: SimpleNamespace) -> str:
 def host_drops_a_swapped_page(w: SimpleNamespace) -> str:
     g = _swapped_gpfn(w)
     p2m = w.mem.p2m(GID)
-    w.mem.swap.free(np.array([p2m.loc[g]]))
+    w.mem.swap.drop(np.array([p2m.loc[g]]))
     p2m.set(np.array([g]), PageState.UNBACKED)
     return "the page is lost"
 
@@ -178,8 +178,8 @@ async def test_a_dead_guest_must_hold_nothing() -> None:
     w = await make_world()
     w.mem.remove_guest(GID)
     assert check_released(w.mem, GID) == []
-    slot = w.mem.swap.alloc(1)
-    w.mem.swap.store(slot, np.array([7], np.uint64), HostKind.GUEST, GID, np.array([0]))
+    w.mem.swap.used[0] = True                  # a slot left behind, still marked as the dead guest's
+    w.mem.swap.owner_guest[0] = GID
     assert check_released(w.mem, GID) == [f"guest {GID} left but 1 host swap slots are still its own"]
 
 

@@ -94,5 +94,7 @@ def test_a_guest_killed_mid_deflate_loses_and_leaks_nothing(tmp_path: Path) -> N
     assert v["audit_ok"] is True, v["audit_problems"]
     assert v["lost_pages"] == 0 and v["faults_injected"] == 2
     done = events_named(read_jsonl(run_dir / f"guest-{SURVIVOR}.jsonl"), "guest_finished")
-    assert done and done[0]["ticks"] == TICKS and done[0]["stats"]["lost_pages"] == 0
+    # A tick in which the host held a request of its across the boundary owes no TickDone.
+    assert done and TICKS - fin.get("held_across_boundary", 0) <= done[0]["ticks"] <= TICKS, done
+    assert done[0]["stats"]["lost_pages"] == 0
     assert_no_leftovers(run_dir)

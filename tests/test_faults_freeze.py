@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 
 from tests.procs import Launched, dump_logs
-from tests.rawclient import record_fault, run_pids, wait_stopped
+from tests.rawclient import record_fault, wait_guest_stopped
 from tests.test_launch import assert_no_leftovers, events_named, read_jsonl, read_jsonl_partial
 
 pytestmark = pytest.mark.multiprocess
@@ -80,12 +80,7 @@ def _run(tmp: Path, name: str, freeze: bool) -> dict[str, Any]:
     out: dict[str, Any] = {"run_dir": run_dir}
     try:
         if freeze:
-            deadline = time.monotonic() + 90.0
-            while f"guest-{FROZEN}" not in run_pids(run_dir):
-                assert time.monotonic() < deadline and run.proc.poll() is None, dump_logs(run_dir)
-                time.sleep(0.02)
-            pid = run_pids(run_dir)[f"guest-{FROZEN}"]
-            wait_stopped(pid, 90.0)
+            pid = wait_guest_stopped(run, run_dir, FROZEN)
             frozen_at = time.monotonic()
 
             def reclaimed() -> list[dict[str, Any]]:

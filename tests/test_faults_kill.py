@@ -81,6 +81,9 @@ params = {{ fraction = 0.4, start_tick = 20 }}
 VICTIMS = {1: "balloon_inflate", 2: "disk_write", 3: "invalidate", 4: "ept_fault@40"}
 SURVIVORS = (0, 5)
 UNDER_LOCK = {"disk_write", "ept_fault"}
+# A shootdown at a tick boundary may reach a vCPU parked at its gate in the middle of a fault (with
+# its memory lock held) or between batches (without): both are the contract (proto/README.md, the gate).
+EITHER = {"invalidate"}
 RUN_TIMEOUT_S = 150.0
 
 
@@ -137,8 +140,11 @@ def test_each_victim_died_at_its_point(killed_run: dict[str, Any]) -> None:
         assert len(reached) == 1, reached
         e = reached[0]
         assert e["point"] == point and e["occurrence"] == int(nth or 1) and e["pid"] == killed_run["killed"][gid]
-        # The reclaim and fault paths hold the guest's memory lock across the request.
-        assert e["mm_lock_held"] is (point in UNDER_LOCK), e
+        # The reclaim and fault paths hold the guest's memory lock across the request. An Invalidate
+        # may come either way (EITHER): at a tick's end, or while the guest waits for its own fault,
+        # whose reclaim took its pages (only guest pages are host-swap victims).
+        if point not in EITHER:
+            assert e["mm_lock_held"] is (point in UNDER_LOCK), e
         assert f"guest-{gid} was killed by SIGKILL" in killed_run["err"]
 
 
@@ -162,7 +168,9 @@ def test_the_host_released_them_and_the_others_ran_on(killed_run: dict[str, Any]
         f"guest {g} lost" for g in sorted(VICTIMS)], v["status_reasons"]
     for gid in SURVIVORS:
         done = events_named(read_jsonl(killed_run["run_dir"] / f"guest-{gid}.jsonl"), "guest_finished")
-        assert done and done[0]["ticks"] == TICKS and done[0]["stats"]["lost_pages"] == 0, done
+        # A tick in which the host held a request of its across the boundary owes no TickDone.
+        assert done and TICKS - fin.get("held_across_boundary", 0) <= done[0]["ticks"] <= TICKS, done
+        assert done[0]["stats"]["lost_pages"] == 0
 
 
 @pytest.mark.timeout(300)

@@ -90,7 +90,10 @@ def test_invariant_holds_and_the_others_finish(killed_run: dict[str, Any]) -> No
             assert g["finished"] and g["balloon_pages"] == TARGET_PAGES, g
     for gid in (0, 2):
         done = events_named(read_jsonl(killed_run["run_dir"] / f"guest-{gid}.jsonl"), "guest_finished")
-        assert done and done[0]["ticks"] == fin["ticks"] and done[0]["stats"]["lost_pages"] == 0
+        # A tick in which the host held a request of its across the boundary owes no TickDone.
+        assert done and fin["ticks"] - fin.get("held_across_boundary", 0) <= done[0]["ticks"] <= fin["ticks"], \
+            (done[0]["ticks"], fin["ticks"], fin.get("held_across_boundary"))
+        assert done[0]["stats"]["lost_pages"] == 0
 
 
 @pytest.mark.timeout(300)
@@ -109,6 +112,6 @@ def test_a_dead_guest_leaves_nothing_behind(killed_run: dict[str, Any]) -> None:
     assert mem["guest_frames"] == total("resident_pages")
     assert mem["cache_pages"] == total("cache_frame_pages")
     assert mem["iobuf_pages"] == total("iobuf_pages")
-    assert mem["swap_used_slots"] == total("swapped_pages") + total("cache_swapped_pages")
+    assert mem["swap_used_slots"] == total("swapped_pages")   # the disk cache is never in host swap
     assert mem["busy_frames"] == 0
     assert mem["free_frames"] + mem["guest_frames"] + mem["cache_pages"] + mem["iobuf_pages"] == mem["total_frames"]

@@ -29,14 +29,14 @@ def view(*guests: GuestView, free: int, total: int = 4000, tick: int = 0) -> Hos
 # -- registry ----------------------------------------------------------------------
 
 def test_registry_knows_every_policy() -> None:
-    assert sorted(BALLOON_POLICIES) == ["aggressive", "mom", "none", "proportional", "static", "sweep",
-                                        "working-set"]
+    assert sorted(BALLOON_POLICIES) == ["aggressive", "hyperv", "mom", "none", "proportional", "senpai",
+                                        "squeezed", "static", "sweep", "working-set"]
     for name in BALLOON_POLICIES:
         assert make_controller(name).name == name
 
 
 def test_unknown_policy_lists_the_known_names() -> None:
-    with pytest.raises(PolicyConfigError, match=r"'greedy' is unknown; known: \['aggressive', 'mom'"):
+    with pytest.raises(PolicyConfigError, match=r"'greedy' is unknown; known: \['aggressive', 'hyperv', 'mom'"):
         make_controller("greedy")
 
 

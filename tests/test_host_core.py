@@ -14,8 +14,8 @@ import pytest
 
 from balloonlab.hostd.assembly import HostCore, assemble
 from balloonlab.hostd.config import RunConfig
-from balloonlab.hostd.discipline import (MODES, ArrivalOrder, DisciplineBase, DisciplineContext, LockModel,
-                                         VirtualTimeOrder)
+from balloonlab.hostd.discipline import (MODES, ArrivalOrder, DeterministicOrder, DisciplineBase, DisciplineContext,
+                                         LockModel)
 from balloonlab.hostd.errors import HostdError
 from balloonlab.hostd.memory import HostMemory
 from balloonlab.hostd.monitors import HostMonitors
@@ -51,7 +51,8 @@ def fake_session(gid: int) -> Any:
 
 
 @pytest.mark.parametrize("over, mode", [
-    ({}, VirtualTimeOrder),
+    ({}, DeterministicOrder),
+    ({"host": {"request_order": "virtual-time"}}, DeterministicOrder),   # the old name, an alias
     ({"host": {"request_order": "arrival"}}, ArrivalOrder),
     ({"locks": {"protocol": "ordered"}}, LockModel),
     ({"locks": {"protocol": "no-callback-under-lock"}}, LockModel),
@@ -59,16 +60,17 @@ def fake_session(gid: int) -> Any:
 def test_the_run_config_picks_one_request_discipline(over: dict[str, Any], mode: type) -> None:
     core, _ = core_for(run_config(**over))
     assert type(core.discipline) is mode
-    expected = "virtual-time" if mode is VirtualTimeOrder else "arrival"
+    expected = "deterministic" if mode is DeterministicOrder else "arrival"
     assert core.discipline.stats()["request_order"] == expected
     # Only no-callback-under-lock drops L_hostmem around the calls into guests.
     callout = core.discipline.memory_callout()
     assert (callout is not None) == (over.get("locks", {}).get("protocol") == "no-callback-under-lock")
 
 
-def test_virtual_time_with_a_lock_protocol_is_refused_naming_both() -> None:
-    with pytest.raises(ConfigError, match="request_order.*locks"):
-        core_for(run_config(host={"request_order": "virtual-time"}, locks={"protocol": "naive"}))
+@pytest.mark.parametrize("order", ["deterministic", "virtual-time"])
+def test_the_deterministic_order_with_a_lock_protocol_is_refused_naming_both(order: str) -> None:
+    with pytest.raises(ConfigError, match=f"request_order = \"{order}\".*locks"):
+        core_for(run_config(host={"request_order": order}, locks={"protocol": "naive"}))
 
 
 def test_the_assembly_connects_host_memory_once() -> None:

@@ -6,7 +6,6 @@ import pytest
 
 from balloonlab.hostd.errors import BadBatch, DuplicatePages, InvariantViolation, OutOfRange
 from balloonlab.hostd.framepool import FrameKind, FramePool
-from balloonlab.hostd.hostswap import HostSwap
 from balloonlab.hostd.p2m import P2M, PageState, as_page_numbers
 
 
@@ -57,14 +56,14 @@ def test_pool_invariant_catches_a_drifted_kind() -> None:
         pool.check_invariant()
 
 
-def test_evictable_is_guest_or_cache_not_pinned_not_busy() -> None:
+def test_evictable_is_guest_pages_not_pinned_not_busy_never_cache() -> None:
     pool = FramePool(6)
     g = pool.alloc(3, FrameKind.GUEST, 1)
-    c = pool.alloc(1, FrameKind.CACHE, 1)
+    pool.alloc(1, FrameKind.CACHE, 1)
     pool.alloc(1, FrameKind.IOBUF, 1)
     pool.pinned[g[0]] = True
     pool.busy[g[1]] = True
-    assert np.flatnonzero(pool.evictable()).tolist() == sorted([int(g[2]), int(c[0])])
+    assert np.flatnonzero(pool.evictable()).tolist() == [int(g[2])]
 
 
 def test_page_numbers_are_checked_and_named() -> None:
@@ -92,24 +91,49 @@ def test_p2m_starts_unbacked_and_counts_states() -> None:
     assert p2m.in_state(PageState.FRAME).tolist() == [0, 1]
 
 
-def test_swap_slots_hold_tokens_and_owners_until_freed() -> None:
-    swap = HostSwap(4)
-    slots = swap.alloc(3)
-    swap.store(slots, np.array([1, 2, 3], np.uint64), FrameKind.GUEST, 5, np.array([9, 8, 7]))
-    assert swap.load(slots).tolist() == [1, 2, 3]
-    assert swap.used_slots == 3 and swap.free_slots == 1
-    assert swap.slots_owned_by(5).tolist() == sorted(slots.tolist())
-    swap.free(slots[:2])
-    assert swap.used_slots == 1
-    assert swap.token[slots[0]] == 0 and swap.owner_guest[slots[0]] == -1
-    swap.check_invariant()
-    with pytest.raises(InvariantViolation, match="freed twice"):
-        swap.free(slots[:1])
-    assert swap.alloc(10).size == 3
+def test_a_grant_is_private_frames_taken_and_returned_by_their_owner_only() -> None:
+    pool = FramePool(16)
+    pool.open_grants([1, 2])
+    assert pool.grant(1, 4) == 4 and pool.grant(2, 3) == 3
+    assert pool.global_free_frames == 9 and pool.free_frames == 16
+    mine = pool.alloc(4, FrameKind.GUEST, 1, np.arange(4))
+    assert mine.size == 4 and pool.available(1) == 0
+    # Guest 1's grant is spent: nothing comes from the global stack or guest 2's list for it.
+    assert pool.alloc(1, FrameKind.GUEST, 1, np.array([9])).size == 0
+    assert pool.alloc_one(FrameKind.GUEST, 1, 9) == -1
+    assert pool.available(2) == 3 and pool.global_free_frames == 9
+    # What guest 1 frees goes back to its own list, reused first.
+    pool.free(mine[:2])
+    assert pool.available(1) == 2 and pool.global_free_frames == 9
+    assert pool.alloc_one(FrameKind.IOBUF, 1, 0) == int(mine[1])
+    pool.free_one(int(mine[1]))
+    assert pool.available(1) == 2
+    # A guest without a grant still uses the global stack.
+    assert pool.alloc(2, FrameKind.CACHE, 3).size == 2 and pool.global_free_frames == 7
+    pool.check_invariant()
+    pool.check_counters()
+    demand = pool.close_grants()
+    assert demand == {1: 5, 2: 0}
+    assert not pool.grants_open and pool.global_free_frames == pool.free_frames == 16 - 2 - 2
+    pool.check_invariant()
 
 
-def test_swap_profile_is_settable() -> None:
-    swap = HostSwap(1, "hdd")
-    assert swap.disk.profile.queue_depth == 1
-    swap.set_profile("ssd")
-    assert swap.disk.profile.queue_depth == 32
+def test_grants_keep_the_stack_order_so_a_granted_alloc_takes_the_frames_a_global_one_would() -> None:
+    a, b = FramePool(32), FramePool(32)
+    a.free(a.alloc(7, FrameKind.GUEST, 0, np.arange(7))[::2])   # a shuffled stack
+    b.free(b.alloc(7, FrameKind.GUEST, 0, np.arange(7))[::2])
+    b.open_grants([5])
+    b.grant(5, 10)
+    assert a.alloc(6, FrameKind.GUEST, 5, np.arange(6)).tolist() == b.alloc(6, FrameKind.GUEST, 5, np.arange(6)).tolist()
+    b.close_grants()
+    assert a.alloc(20, FrameKind.CACHE, 1).tolist() == b.alloc(20, FrameKind.CACHE, 1).tolist()
+
+
+def test_a_frame_on_two_lists_is_an_invariant_violation() -> None:
+    pool = FramePool(8)
+    pool.open_grants([0])
+    pool.grant(0, 2)
+    g = pool._grants[0]   # corrupt on purpose: the frame also sits on the global stack
+    g.stack[0] = pool._free_stack[0]
+    with pytest.raises(InvariantViolation, match="twice"):
+        pool.check_invariant()

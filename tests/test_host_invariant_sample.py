@@ -62,8 +62,8 @@ def point_two_gpfns_at_one_frame(hm: HostMemory) -> None:
 
 
 def leak_a_slot(hm: HostMemory) -> None:
-    slot = hm.swap.alloc(1)
-    hm.swap.store(slot, np.array([5], np.uint64), FrameKind.GUEST, 2, np.array([3]))
+    g = int(np.flatnonzero(hm.p2m(2).state == PageState.FRAME)[0])
+    hm.swap.store(hm.swap.slots_of(2, np.array([g])), np.array([5], np.uint64))   # its p2m says FRAME
 
 
 def forget_a_swapped_page(hm: HostMemory) -> None:

@@ -13,7 +13,9 @@ from balloonlab.hostd.errors import (BadBatch, BalloonLimit, DuplicateGuest, Dup
 from balloonlab.hostd.hostswap import PENDING_TOKEN
 from balloonlab.hostd.memory import HostMemory
 from balloonlab.hostd.p2m import PageState
-from balloonlab.proto.costs import CostModel, DiskModel, disk_profile
+from balloonlab.hostd.devices import Device, device_profile
+from balloonlab.hostd.hostswap import SwapTooSmall
+from balloonlab.proto.costs import CostModel
 from balloonlab.proto.tokens import KEEP_TOKEN
 from balloonlab.proto.errors import ErrorCode
 
@@ -169,16 +171,17 @@ async def test_direct_reclaim_waits_for_the_swap_out_write_and_swap_in_read() ->
     guests = FakeGuests(hm)
     guests.add(1, 4)
     await guests.touch(1, gp(0, 1), write=True)
-    ref = DiskModel(disk_profile("hdd"))
-    write_done = ref.submit(100.0, 1)
+    ref = Device(device_profile("hdd"))          # the guest's lane of the swap device, replayed
     _, done = await hm.ept_fault(1, gp(2), 100.0)
+    out = int(np.flatnonzero(hm._guests[1].p2m.state == PageState.SWAPPED)[0])
+    write_done = ref.submit(1, 100.0, 1, write=True, offset=out)     # its slot: the file's base (0) + gpfn
     assert done == write_done + 5.0
     assert hm.counters.direct_reclaims == 1
     # Faulting the swapped page back: another eviction write, then the read, on one hdd channel.
-    out = int(np.flatnonzero(hm._guests[1].p2m.state == PageState.SWAPPED)[0])
-    second_write = ref.submit(200.0, 1)
-    read_done = ref.submit(second_write, 1)
     tokens, done = await hm.ept_fault(1, gp(out), 200.0)
+    second = int(np.flatnonzero(hm._guests[1].p2m.state == PageState.SWAPPED)[0])
+    second_write = ref.submit(1, 200.0, 1, write=True, offset=second)
+    read_done = ref.submit(1, second_write, 1, write=False, offset=out)
     assert done == read_done + 5.0
     assert tokens[0] == guests.content[1][out]
 
@@ -210,16 +213,12 @@ async def test_out_of_memory_when_everything_is_pinned() -> None:
     hm.check_invariant()
 
 
-async def test_out_of_memory_when_host_swap_is_full() -> None:
-    hm = make_memory(total_frames=2, swap_slots=1, low_watermark_frames=0, reclaim_batch_frames=1)
-    guests = FakeGuests(hm)
-    guests.add(1, 8)
-    await guests.touch(1, gp(0, 1), write=False)
-    await guests.touch(1, gp(2), write=False)
-    with pytest.raises(HostOutOfMemory, match="host swap is full"):
-        await guests.touch(1, gp(3), write=False)
-    assert guests.lost_pages == 0
-    hm.check_invariant()
+def test_a_guest_whose_swap_file_does_not_fit_is_refused() -> None:
+    hm = make_memory(total_frames=2, swap_slots=6)
+    hm.add_guest(1, 4)
+    with pytest.raises(SwapTooSmall, match="need 12"):
+        hm.add_guest(2, 8)
+    assert hm.guest_ids() == [1]
 
 
 async def test_pinned_gpfns_stay_resident_and_stay_pinned_when_faulted_again() -> None:
@@ -482,7 +481,7 @@ async def test_ad_bits_are_ored_into_the_backing_frames() -> None:
 # -- dead guests, observation, invariant --------------------------------------------------------
 
 async def test_removing_a_guest_releases_frames_slots_cache_and_buffers() -> None:
-    hm = make_memory(total_frames=16, swap_slots=64, low_watermark_frames=0)
+    hm = make_memory(total_frames=16, swap_slots=64, low_watermark_frames=0, cluster_pages=4)
     guests = FakeGuests(hm)
     guests.add(1, 32, disk_blocks=64)
     guests.add(2, 8)
@@ -491,7 +490,7 @@ async def test_removing_a_guest_releases_frames_slots_cache_and_buffers() -> Non
     await hm.vdisk_write(1, np.arange(4), np.arange(4) + 1, 0.0)
     await guests.touch(2, np.arange(4), write=True)
     hm.balloon_inflate(1, gp(30))
-    assert hm.swap.used_slots > 0 and hm.pool.counts()["iobuf"] > 0
+    assert hm.swap.used_slots > 0 and hm.pool.counts()["cache"] > 0
     guests.remove(1)
     assert hm.guest_ids() == [2]
     assert hm.pool.counts()["guest"] == hm.guest_counts(2)["resident_pages"]
@@ -537,7 +536,7 @@ async def test_invariant_names_what_is_wrong() -> None:
 
     hm = make_memory(total_frames=8)
     hm.add_guest(1, 8)
-    hm.swap.alloc(1)
+    hm.swap.store(hm.swap.slots_of(1, np.array([3])), np.array([5], np.uint64))
     with pytest.raises(InvariantViolation, match="slot leak"):
         hm.check_invariant()
 

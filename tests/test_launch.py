@@ -243,7 +243,9 @@ def test_sigint_to_the_launcher_stops_everything(tmp_path: Path) -> None:
     run = Launched("--scenario", TINY, "--ticks", "100000", "--run-dir", str(run_dir), "--no-report")
     try:
         wait_until(lambda: host_tick(run_dir) >= 4, 60.0, what="tick 5 in host.jsonl")
-        assert len(procs_mentioning(str(run_dir))) == 6  # launcher, host, 4 guests
+        from balloonlab.runner import default_guest_start
+        forked = default_guest_start() == "fork"
+        assert len(procs_mentioning(str(run_dir))) == 6 + forked  # launcher, host, 4 guests (and the fork server)
         run.proc.send_signal(signal.SIGINT)
         rc = run.wait(RUN_TIMEOUT_S)
     finally:

@@ -83,7 +83,7 @@ def test_its_table_is_parsed_with_its_defaults_and_checks(with_writes: None) -> 
 
 def test_without_it_the_table_is_unknown() -> None:
     with pytest.raises(ConfigError, match="unknown monitor; known: \\['convergence', 'double_faults', 'pinning', "
-                                          "'swap_storm'\\]"):
+                                          "'swap_storm', 'wss'\\]"):
         monitors_config({"writes": {}})
 
 

@@ -70,6 +70,7 @@ def test_the_wheel_has_one_top_level_name_and_the_console_scripts(tmp_path: Path
                if " = " in line}
     assert scripts == {"balloonlab-launch": "balloonlab.launch:main", "balloonlab-analyze": "balloonlab.analyze:main",
                        "balloonlab-sweep": "balloonlab.sweep.cli:main",
+                       "balloonlab-validate": "balloonlab.validate:main",
                        "balloonlab-dashboard": "balloonlab.dashboard.cli:main", "balloonlab-top": "balloonlab.top:main",
                        "balloonlab-host": "balloonlab.launch:host_main", "balloonlab-trace": "balloonlab.tracecli:main"}
     meta = wheel.read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()

@@ -297,7 +297,7 @@ def test_out_of_memory_and_the_oom_hook_agree() -> None:
 @pytest.mark.parametrize("engine", ["reference", "compiled"])
 def test_deadline_stops_before_the_first_late_reference(engine: str) -> None:
     """References start only while the clock is below the deadline; a fault started in time completes."""
-    costs = CostModel(mem_ref_us=1.0, minor_fault_us=10.0)
+    costs = CostModel(mem_ref_us=1.0, minor_fault_us=10.0, page_zero_us=0.0)
     k, _ = build(engine, "clock", 64, [("a", "anon", 64)], kernel_pages=0, host="null", remote_disk=False,
                  meddle_seed=None, future=None, costs=costs)
 

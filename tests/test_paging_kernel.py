@@ -111,7 +111,7 @@ async def test_free_frames_fill_lowest_first_and_soft_ones_last() -> None:
 
 
 async def test_virtual_time_charges_references_faults_and_disk() -> None:
-    costs = CostModel(mem_ref_us=0.5, minor_fault_us=3.0)
+    costs = CostModel(mem_ref_us=0.5, minor_fault_us=3.0, page_zero_us=0.0)
     k = make_kernel([("a", "anon", 4), ("f", "file", 4)], ram=8, policy="clock", costs=costs)
     await k.access(pages(0, 0, 0))                                # one zero-fill fault + 3 references
     assert k.vt_us == pytest.approx(3 * 0.5 + 3.0)

@@ -135,3 +135,20 @@ def test_tests_scenario_tells_the_same_story() -> None:
                [(r["name"], r["kind"], r["mib"] / gs["ram_mib"]) for r in gs["regions"]]
         ratio = lambda c: sum(g["ram_pages"] for g in c["guests"]) / _host_ram_pages(c)  # noqa: E731
         assert ratio(f) == pytest.approx(ratio(s), rel=0.01)
+
+
+@pytest.mark.timeout(120)
+def test_reclaimed_pages_are_attributed_to_the_mechanism_that_reclaimed_them(claim_run: dict[str, Any]) -> None:
+    hs, b = claim_run["host-swap"], claim_run["ballooning"]
+    m_hs, m_b = hs["reclaimed_by_mechanism"], b["reclaimed_by_mechanism"]
+    msg = f"host-swap {m_hs}\nballooning {m_b}"
+    # Host swapping: no balloon, the host's swap-outs are all there is of it, split guest pages / cache pages.
+    assert m_hs["balloon_frames"] == 0 and m_hs["guest_for_balloon"] == 0, msg
+    assert m_hs["host_swap"] + m_hs["host_swap_cache"] == hs["host"]["swap_out_pages"] > 1000, msg
+    assert m_hs["guest_own"] == hs["reclaimed_by_guests_pages"], msg
+    # Ballooning: host frames freed by inflation, counted by the host, at most one per ballooned page; the
+    # guests' evictions split into those that filled the balloon and their own paging in a smaller memory.
+    ballooned = sum(g["balloon_pages"] for g in b["guests"])
+    assert 0 < m_b["balloon_frames"] <= ballooned, msg
+    assert m_b["guest_for_balloon"] + m_b["guest_own"] == b["reclaimed_by_guests_pages"], msg
+    assert m_b["host_swap"] <= 0.01 * m_hs["host_swap"], msg

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import os
 import signal
 import subprocess
@@ -94,6 +95,22 @@ def _record(key: str, overcommit: float, policy: str, seed: int, refs: float | N
     return {"key": key, "values": [["host.overcommit", overcommit], ["balloon.policy", policy]], "seed": seed,
             "status": status, "attempts": 1 if status == "ok" else 2, "wall_s": 1.0, "worker": "w",
             "error": None if status == "ok" else "boom", "summary": summary}
+
+
+@pytest.mark.timeout(120)
+def test_a_cell_with_a_dashboard_publishes_its_url_beside_the_sweeps_runs(tmp_path: Path) -> None:
+    from balloonlab.sweep.cell import run_cell
+    run_dir = tmp_path / "runs" / "c1"
+    task = {"key": "c1", "dashboard": True, "scenario": TINY, "seed": 1, "guests": 2, "ticks": 20, "duration_s": None,
+            "variant": None, "settings": [], "run_dir": str(run_dir), "timeout_s": 100}
+    assert "--dashboard" in launcher_argv(task)
+    rec = run_cell(task)
+    assert rec["ok"], rec["error"]
+    (line,) = (tmp_path / "dashboards.jsonl").read_text().splitlines()
+    published = json.loads(line)
+    assert published["cell"] == "c1" and published["run_dir"] == str(run_dir), published
+    assert re.fullmatch(r"http://127\.0\.0\.1:\d+/[A-Za-z0-9_-]{16,}/", published["url"]), published   # its secret
+    assert not procs_mentioning(str(run_dir))
 
 
 def test_runs_summary_and_plots(tmp_path: Path) -> None:

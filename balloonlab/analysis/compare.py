@@ -55,22 +55,33 @@ def _events(*const_names: str, summary_key: str | None = None) -> Callable[[dict
     return get
 
 
+def _mechanism(key: str) -> Callable[[dict[str, Any]], float | None]:
+    return lambda v: (v.get("reclaimed_by_mechanism") or {}).get(key)
+
+
 HEADLINE: tuple[Metric, ...] = (
     Metric("reason", "how the run ended", lambda v: v.get("reason"), text=True),
     Metric("refs_per_vsec", "throughput (references per virtual s, all guests)", lambda v: v.get("refs_per_vsec"),
            "higher"),
     Metric("host_swap_out_pages", "host swap-out (pages)", _host("swap_out_pages"), "lower"),
     Metric("host_swap_in_pages", "host swap-in (pages)", _host("swap_in_pages"), "lower"),
-    Metric("reclaimed_pages", "reclaimed pages", lambda v: v.get("reclaimed_pages")),
-    Metric("reclaimed_by_host_pages", "... by host swapping", lambda v: v.get("reclaimed_by_host_pages")),
-    Metric("reclaimed_by_guests_pages", "... by the guests (balloon, own reclaim)",
-           lambda v: v.get("reclaimed_by_guests_pages")),
+    # Reclaimed pages by mechanism, each counted where it happens (summary.reclaim_metrics).
+    Metric("reclaimed_balloon_frames", "reclaimed: host frames freed by balloon inflation", _mechanism("balloon_frames")),
+    Metric("reclaimed_guest_for_balloon", "reclaimed: guest evictions to fill its balloon",
+           _mechanism("guest_for_balloon")),
+    Metric("reclaimed_guest_own", "reclaimed: guest evictions of its own (paging, reclaim)", _mechanism("guest_own")),
+    Metric("reclaimed_host_swap", "reclaimed: guest pages swapped out by the host", _mechanism("host_swap")),
+    Metric("reclaimed_host_swap_cache", "reclaimed: host disk-cache pages swapped out", _mechanism("host_swap_cache")),
+    Metric("reclaimed_host_cache_drop", "reclaimed: host disk-cache pages dropped", _mechanism("host_cache_drop")),
     Metric("io_per_reclaimed_page", "disk I/O per reclaimed page", lambda v: v.get("io_per_reclaimed_page"),
            "lower"),
-    Metric("clean_cache_writes_per_page", "clean page cache: writes per reclaimed page",
-           lambda v: v.get("clean_cache_writes_per_page"), "lower"),
-    Metric("clean_cache_reads_per_page", "clean page cache: re-reads per reclaimed page",
-           lambda v: v.get("clean_cache_reads_per_page"), "lower"),
+    # The seed's clean page cache, by the host's real swap I/O on pages the guests labelled clean.
+    Metric("host_swap_writes_clean_cache", "host swap writes of clean page cache (labelled)",
+           lambda v: v.get("host_swap_writes_clean_cache"), "lower"),
+    Metric("host_swap_reads_clean_cache", "host swap reads of clean page cache (labelled)",
+           lambda v: v.get("host_swap_reads_clean_cache"), "lower"),
+    Metric("clean_cache_host_io_per_page", "host swap I/O per clean-cache page it took (labelled)",
+           lambda v: v.get("clean_cache_host_io_per_page"), "lower"),
     Metric("major_faults", "guest major faults (disk)", _guests_sum("major_faults"), "lower"),
     Metric("minor_faults", "guest minor faults", _guests_sum("minor_faults"), "lower"),
     Metric("ept_faults", "EPT faults (pages the host backed)", _host("ept_faults"), "lower"),

@@ -22,7 +22,7 @@ from balloonlab.proto import events as ev
 
 from .logs import VariantLogs
 
-__all__ = ["pathology_metrics", "pathology_lines", "true_working_set_pages", "sweep_curve",
+__all__ = ["pathology_metrics", "pathology_lines", "true_working_set_pages", "sweep_curve", "pinning_cure",
            "KNEE_THROUGHPUT_FRACTION"]
 
 KNEE_THROUGHPUT_FRACTION = 0.5
@@ -143,6 +143,37 @@ def _throughput(v: VariantLogs) -> dict[str, Any]:
             "after_inflation_refs_per_vsec": round(after, 1)}
 
 
+def _rate(a: Mapping[str, Any] | None, b: Mapping[str, Any] | None) -> float | None:
+    """References per (guest) virtual second between two of a guest's logged ticks (``a`` None: the start)."""
+    if b is None:
+        return None
+    refs0, vt0 = (_num(a, "refs"), _num(a, "vt_us")) if a is not None else (0.0, 0.0)
+    dt = _num(b, "vt_us") - vt0
+    return round((_num(b, "refs") - refs0) * 1e6 / dt, 1) if dt > 0 else None
+
+
+def pinning_cure(v: VariantLogs) -> dict[str, Any] | None:
+    """The pins judged by throughput: each pinned guest's refs/vs before and after its (first) pin; None if no pin."""
+    pins: dict[int, int] = {}
+    for e in v.host:
+        if e.get("event") == ev.SWAP_AREA_PINNED and isinstance(e.get("guest"), int) and isinstance(e.get("tick"), int):
+            pins.setdefault(e["guest"], e["tick"])
+    if not pins:
+        return None
+    guests = {}
+    for gid, tick in sorted(pins.items()):
+        ticks = _ticks(v.guests.get(gid, []))
+        before = [e for e in ticks if e["tick"] <= tick]
+        pivot = before[-1] if before else None
+        last = ticks[-1] if ticks else None
+        guests[str(gid)] = {"pinned_tick": tick, "refs_per_vsec_before_pin": _rate(None, pivot),
+                            "refs_per_vsec_after_pin": _rate(pivot, last) if last is not pivot else None}
+    tot = lambda key: round(sum(g[key] or 0.0 for g in guests.values()), 1)  # noqa: E731
+    return {"first_pin_tick": min(pins.values()), "guests": guests,
+            "pinned_guests_refs_per_vsec_before_pin": tot("refs_per_vsec_before_pin"),
+            "pinned_guests_refs_per_vsec_after_pin": tot("refs_per_vsec_after_pin")}
+
+
 def pathology_metrics(v: VariantLogs, finished: Mapping[str, Any], host: dict[str, Any]) -> dict[str, Any]:
     """Keys to merge into a variant's summary; adds its ``host.*`` keys to ``host`` in place."""
     mon = finished.get("monitors") or {}
@@ -153,6 +184,9 @@ def pathology_metrics(v: VariantLogs, finished: Mapping[str, Any], host: dict[st
             host.update(keys.host)
             out.update(keys.variant)
     out["throughput"] = _throughput(v)
+    cure = pinning_cure(v)
+    if cure is not None:
+        out["pinning"] = cure
     if (v.config.get("balloon") or {}).get("policy") == "sweep":
         guests_cfg = {int(g["id"]): g for g in v.config.get("guests", []) if isinstance(g.get("id"), int)}
         curves = {}

@@ -30,6 +30,7 @@ from .compare import Column, compare_table, format_value
 from .decisions import decisions_section
 from .summary import baseline_variant
 from .logs import VariantLogs, event_vt_us, find_variants, load_variant
+from .ranking import ranking_section
 
 __all__ = ["write_report", "write_report_full", "render_report", "notable_events", "evidence", "variant_order",
            "baseline_variant", "overcommit_ratio", "wall_seconds", "ReportResult", "MAX_EVENTS_SHOWN"]
@@ -424,7 +425,7 @@ def render_report(run_dir: Path, summary: dict[str, Any], logs: Sequence[Variant
                    f"{v.get('ticks', 0):,} ticks = {v.get('virtual_s', 0):g} virtual s in "
                    f"{v.get('wall_s', '?')} wall s; "
                    f"requests in {v.get('request_order', 'arrival')} order"
-                   + (" (reproducible)" if v.get("request_order") == "virtual-time" else "")
+                   + (" (reproducible)" if v.get("request_order") in ("deterministic", "virtual-time") else "")
                    + f"; ended: {v.get('reason', '?')}"
                    + (f"; **{v['status']}**: " + "; ".join(v.get("status_reasons") or [])
                       if v.get("status") not in (None, "completed") else ""))
@@ -458,6 +459,7 @@ def render_report(run_dir: Path, summary: dict[str, Any], logs: Sequence[Variant
         out.append("")
     out += [table, ""]
     out += [_reading(names, variants, b), ""] if len(names) > 1 else []
+    out += ranking_section(names, variants, logs)
     across = [p for p in plots if p.variant is None]
     if across:
         out += [_plot_links(across, run_dir), ""]

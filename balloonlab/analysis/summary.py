@@ -20,7 +20,7 @@ from .decisions import decision_metrics
 from .logs import VariantLogs, find_variants, iter_events, load_variant
 from .pathologies import pathology_lines, pathology_metrics
 
-__all__ = ["summarize", "summarize_variant", "reclaim_metrics", "lock_metrics", "format_lock_table", "reliability_metrics",
+__all__ = ["summarize", "summarize_variant", "reclaim_metrics", "clean_cache_io", "lock_metrics", "format_lock_table", "reliability_metrics",
            "event_counts", "write_summary", "format_table", "run_status", "STATUSES", "baseline_variant"]
 
 STATUSES = ("completed", "degraded", "failed", "deadlocked", "interrupted")
@@ -76,15 +76,46 @@ def _guest_entry(gid: int, events: list[dict[str, Any]], run_virtual_s: float) -
     return g
 
 
-def reclaim_metrics(host: dict[str, Any], guests: list[dict[str, Any]]) -> dict[str, Any]:
-    """Who reclaimed how many pages, and what I/O that cost (the seed's "Two Choices").
+def clean_cache_io(host: dict[str, Any]) -> tuple[int, int] | None:
+    """The host's real swap writes and reads of pages the guests labelled clean page cache; None if not counted.
 
-    Pages are reclaimed by the host (host swap-outs, blind) or by the guests
-    (their own evictions, which the balloon forces). Their I/O: host swap
-    writes and reads, guest write-backs, and guest re-reads of pages they had
-    evicted. Clean page cache is followed on both paths: the host writes
-    every such page it takes and reads it back if the guest touches it; the
-    guest drops it for free and re-reads it from its file if needed.
+    ``InvalidateReply.labels`` tell the host which pages it takes were clean
+    page cache in the guest at that moment (instrumentation only: the host
+    never decides with them); the host then counts its swap I/O on those
+    pages, ``clean_cache_swap_write_pages`` and ``clean_cache_swap_read_pages``
+    (the summary names them ``host_swap_writes_clean_cache`` / ``..._reads_...``).
+    """
+    w, r = host.get("clean_cache_swap_write_pages"), host.get("clean_cache_swap_read_pages")
+    if isinstance(w, (int, float)) and isinstance(r, (int, float)) and not isinstance(w, bool):
+        return int(w), int(r)
+    return None
+
+
+def reclaim_metrics(host: dict[str, Any], guests: list[dict[str, Any]]) -> dict[str, Any]:
+    """Who reclaimed how many pages, by which mechanism, and what I/O that cost (the seed's "Two Choices").
+
+    Reclaimed pages by mechanism (``reclaimed_by_mechanism``), each counted
+    where it happens:
+
+    - ``balloon_frames``: host frames freed by balloon inflation (a
+      ballooned page the host never backed frees nothing and is not counted);
+      ``None`` from a host that does not count them;
+    - ``guest_for_balloon``: pages the guests evicted to fill their balloons
+      (the balloon driver's allocation had to reclaim them);
+    - ``guest_own``: every other eviction of the guests: their own demand
+      paging and reclaim (in a memory the balloon may have made smaller);
+    - ``host_swap``: guest pages the host swapped out (blind);
+    - ``host_swap_cache``: host disk-cache pages the host swapped out;
+    - ``host_cache_drop``: host disk-cache pages dropped (trimmed).
+
+    The seed's clean page cache is measured by real I/O only:
+    ``host_swap_writes_clean_cache`` / ``host_swap_reads_clean_cache`` (the
+    host's swap I/O on pages the guest labelled clean cache) over
+    ``host_took_clean_cache_pages`` (such pages whose frames the host took):
+    ``clean_cache_host_io_per_page``. Without labels those keys are absent.
+    ``clean_cache_writes_per_page`` and ``..._reads_per_page`` stay for old
+    readers; the writes are 1.0 for host swapping by construction (every
+    page it takes is written), so no headline shows them.
     """
     def total(key: str) -> int:
         return sum(int(g.get(key, 0)) for g in guests)
@@ -96,10 +127,21 @@ def reclaim_metrics(host: dict[str, Any], guests: list[dict[str, Any]]) -> dict[
     io = host_out + host_in + total("writebacks") + total("refault_reads")
     clean_writes = total("host_took_clean_file")
     clean_reads = total("host_refaults_clean_file") + total("refault_file_reads")
-    return {
+    cache_out = int(host.get("swap_out_cache_pages", 0))
+    freed = host.get("balloon_freed_frames")
+    mechanism = {
+        "balloon_frames": int(freed) if isinstance(freed, (int, float)) else None,
+        "guest_for_balloon": total("balloon_reclaimed"),
+        "guest_own": total("evictions") - total("balloon_reclaimed"),
+        "host_swap": host_out - cache_out,
+        "host_swap_cache": cache_out,
+        "host_cache_drop": int(host.get("vdisk_trimmed_pages", 0)),
+    }
+    out: dict[str, Any] = {
         "reclaimed_pages": reclaimed,
         "reclaimed_by_host_pages": host_out,
         "reclaimed_by_guests_pages": total("evictions"),
+        "reclaimed_by_mechanism": mechanism,
         "reclaimed_clean_cache_pages": reclaimed_clean,
         "reclaim_io_pages": io,
         "io_per_reclaimed_page": round(io / reclaimed, 4) if reclaimed else 0.0,
@@ -107,7 +149,15 @@ def reclaim_metrics(host: dict[str, Any], guests: list[dict[str, Any]]) -> dict[
         "clean_cache_reads_per_page": round(clean_reads / reclaimed_clean, 4) if reclaimed_clean else 0.0,
         "clean_cache_io_per_page": round((clean_writes + clean_reads) / reclaimed_clean, 4) if reclaimed_clean else 0.0,
         "clean_rereads_via_host_swap": total("host_refaults_clean_file"),
+        "host_took_clean_cache_pages": clean_writes,
     }
+    labelled = clean_cache_io(host)
+    if labelled is not None:
+        w, r = labelled
+        out["host_swap_writes_clean_cache"] = w
+        out["host_swap_reads_clean_cache"] = r
+        out["clean_cache_host_io_per_page"] = round((w + r) / clean_writes, 4) if clean_writes else 0.0
+    return out
 
 
 def summarize_variant(v: VariantLogs) -> dict[str, Any]:
@@ -116,7 +166,8 @@ def summarize_variant(v: VariantLogs) -> dict[str, Any]:
     virtual_s = float(finished.get("vt_us", 0)) / 1e6
     host: dict[str, Any] = dict(finished.get("memory") or {})
     for key in ("peaks", "invariant_violations", "ram_pages", "rejected_requests", "uncooperative_guests",
-                "requests_sequenced", "requests_held", "requests_behind_bound", "shootdowns_waited_for_park"):
+                "grant_pages", "grant_exhausted", "held_requests", "held_across_boundary", "refill_rounds",
+                "tick_done_late", "tick_done_max_over_us", "requests_past_tick_end"):
         if key in finished:
             host[key] = finished[key]
     host["refused_connections"] = finished.get("refused", 0)
@@ -133,12 +184,15 @@ def summarize_variant(v: VariantLogs) -> dict[str, Any]:
         "stalled_ticks": sum(1 for e in v.host if e.get("event") == ev.TICK_STALLED),
         "event_counts": event_counts(v),
         "refs_per_vsec": round(sum(g["refs_per_vsec"] for g in guests), 1),
-        # virtual-time: reproducible counts (hostd.discipline.virtual_time); arrival: served as they came
+        # deterministic: reproducible counts (hostd.discipline.deterministic); arrival: served as they came
         "request_order": finished.get("request_order", "arrival"),
     }
     out.update(reclaim_metrics(host, guests))
     out.update(lock_metrics(v, finished, guests))   # issue #6: deadlocks, lock-order violations
     out.update(pathology_metrics(v, finished, host))   # swap storms, double faults, pins, sweeps
+    per_guest = ((finished.get("monitors") or {}).get("double_faults") or {}).get("guests") or {}
+    for g in guests:   # the host's count (the guest may report its own as double_paging_pages)
+        g["host_double_paging_pages"] = int((per_guest.get(str(g["id"])) or {}).get("double_paging_pages", 0))
     out.update(reliability_metrics(v, finished))
     out.update(decision_metrics(v, finished))   # why the balloon controller set or kept each target
     out["status"], out["status_reasons"] = run_status(out, finished)
@@ -325,10 +379,13 @@ def format_table(summary: dict[str, Any]) -> str:
         host = v["host"]
         shown = {k: host.get(k) for k in HOST_TABLE_KEYS if k in host}
         lines.append("   host: " + "  ".join(f"{k}={val}" for k, val in shown.items()))
-        lines.append(f"   reclaimed {v.get('reclaimed_pages', 0)} pages ({v.get('reclaimed_clean_cache_pages', 0)} clean cache), "
-                     f"{v.get('io_per_reclaimed_page', 0)} I/O per page; clean cache: "
-                     f"{v.get('clean_cache_writes_per_page', 0)} writes + {v.get('clean_cache_reads_per_page', 0)} reads "
-                     f"per page; throughput {v.get('refs_per_vsec', 0)} refs/vs")
+        mech = v.get("reclaimed_by_mechanism") or {}
+        clean = (f"clean cache under host swap: {v['host_swap_writes_clean_cache']} writes + "
+                 f"{v['host_swap_reads_clean_cache']} reads ({v.get('clean_cache_host_io_per_page')} I/O per page)"
+                 if "host_swap_writes_clean_cache" in v else "clean cache host I/O: not labelled by this host")
+        lines.append(f"   reclaimed {v.get('reclaimed_pages', 0)} pages, {v.get('io_per_reclaimed_page', 0)} I/O per page; "
+                     "by mechanism: " + " ".join(f"{k}={val}" for k, val in mech.items())
+                     + f"; {clean}; throughput {v.get('refs_per_vsec', 0)} refs/vs")
         lines.extend(pathology_lines(v))
         cols = ["id", "refs", "refs_per_vsec", "major_faults", "minor_faults", "disk_read_pages",
                 "disk_write_pages", "ept_faults", "balloon_pages", "lost_pages"]

@@ -30,6 +30,7 @@ from typing import Any
 
 from balloonlab.analysis.report import evidence, wall_seconds as _wall
 from balloonlab.proto import events as ev
+from balloonlab.proto.costs import refs_per_vsec_ceiling
 
 from .tail import LogTail
 
@@ -188,8 +189,8 @@ class VariantModel:
             "lock_protocol": (cfg.get("locks") or {}).get("protocol"),
             "guest_ram_pages": ram, "guest_ram_pages_total": sum(ram.values()),
             "mem_ref_us": mem_ref_us,
-            # A guest that never waits runs one reference per mem_ref_us: the ceiling of its throughput.
-            "refs_per_vsec_ceiling": 1e6 / mem_ref_us if _is_num(mem_ref_us) and mem_ref_us > 0 else None,
+            # A guest that never waits runs one reference per mem_ref_us + cpu_us_per_ref: its ceiling.
+            "refs_per_vsec_ceiling": refs_per_vsec_ceiling(cfg.get("costs")),
         })
         changes.append(("meta", self.name, dict(self.meta)))
 

@@ -129,12 +129,14 @@ def sweep(scenario: str | os.PathLike[str], *, grid: Mapping[str, Sequence[Any]]
           guests: int | None = None, ticks: int | None = None, duration_s: float | None = None,
           variant: str | None = None, out: str | os.PathLike[str] | None = None, scheduler: str | None = None,
           workers: int | None = None, timeout_s: float | None = None, metrics: Sequence[str] | None = None,
-          x: str | None = None, progress: bool = True) -> SweepResult:
+          x: str | None = None, progress: bool = True, dashboard: bool = False) -> SweepResult:
     """Run every cell (grid point x seed) not finished yet in ``out``; write the tables and plots.
 
     ``scheduler``: a Dask scheduler's address (``tcp://HOST:PORT``); without
     it an embedded LocalCluster of ``workers`` (default: half the cores, at least 2)
-    runs the cells. ``timeout_s`` bounds each run's wall time.
+    runs the cells. ``timeout_s`` bounds each run's wall time. ``dashboard``:
+    each run serves its live dashboard on its worker's 127.0.0.1, and each
+    URL is appended to ``dashboards.jsonl`` in ``out`` as its run starts.
     """
     spec = make_spec(scenario, grid=grid, seeds=seeds, overrides=overrides, guests=guests, ticks=ticks,
                      duration_s=duration_s, variant=variant, metrics=metrics, x=x)
@@ -145,7 +147,7 @@ def sweep(scenario: str | os.PathLike[str], *, grid: Mapping[str, Sequence[Any]]
     done = {k for k, r in read_records(out_dir).items() if r.get("status") == "ok"}
     todo = [c for c in cells if c.key not in done]
     run_cells(spec, todo, out_dir, scheduler=scheduler, workers=workers, timeout_s=timeout_s,
-              resumed=len(cells) - len(todo), total=len(cells), progress=progress)
+              resumed=len(cells) - len(todo), total=len(cells), progress=progress, dashboard=dashboard)
     return write_results(out_dir, spec)
 
 

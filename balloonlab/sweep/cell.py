@@ -37,6 +37,8 @@ def launcher_argv(task: dict[str, Any]) -> list[str]:
     """The ``balloonlab-launch`` command line of a task (values as TOML literals, so types survive)."""
     argv = [sys.executable, "-m", "balloonlab.launch", "--scenario", str(task["scenario"]),
             "--seed", str(task["seed"]), "--run-dir", str(task["run_dir"]), "--no-report"]
+    if task.get("dashboard"):
+        argv.append("--dashboard")
     for flag, key in (("--guests", "guests"), ("--ticks", "ticks"), ("--duration", "duration_s"),
                       ("--variant", "variant")):
         if task.get(key) is not None:
@@ -61,6 +63,10 @@ def run_cell(task: dict[str, Any]) -> dict[str, Any]:
                                 env=env, start_new_session=True)
         with _RUNNING_LOCK:
             _RUNNING.add(proc)
+        watcher = None
+        if task.get("dashboard"):   # the run's URL, for whoever watches the sweep (dashboards.jsonl)
+            watcher = threading.Thread(target=_publish_dashboard, args=(task, log_path, proc), daemon=True)
+            watcher.start()
         try:
             rc = proc.wait(timeout=task.get("timeout_s"))
         except subprocess.TimeoutExpired:
@@ -74,6 +80,8 @@ def run_cell(task: dict[str, Any]) -> dict[str, Any]:
         finally:
             with _RUNNING_LOCK:
                 _RUNNING.discard(proc)
+            if watcher is not None:
+                watcher.join(5.0)
     wall_s = time.monotonic() - t0
     summary = None
     try:
@@ -90,6 +98,30 @@ def run_cell(task: dict[str, Any]) -> dict[str, Any]:
         error = f"{error}: {tail.strip()}" if tail.strip() else error
     return {"ok": rc == 0 and summary is not None, "exit_status": rc, "summary": summary,
             "wall_s": round(wall_s, 3), "worker": _worker_name(), "error": error}
+
+
+_DASHBOARD_LINE = "balloonlab: dashboard at "
+
+
+def _publish_dashboard(task: dict[str, Any], log_path: Path, proc: subprocess.Popen) -> None:
+    """Append the run's dashboard URL to ``dashboards.jsonl`` beside the sweep's runs once the launcher prints it."""
+    out = Path(task["run_dir"]).parent.parent / "dashboards.jsonl"
+    while True:
+        running = proc.poll() is None
+        try:
+            text = log_path.read_text(errors="replace")
+        except OSError:
+            text = ""
+        for line in text.splitlines():
+            if line.startswith(_DASHBOARD_LINE):
+                record = {"cell": task["key"], "url": line[len(_DASHBOARD_LINE):].strip(), "run_dir": task["run_dir"],
+                          "worker": _worker_name()}
+                with _RUNNING_LOCK, open(out, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+                return
+        if not running:
+            return
+        time.sleep(0.2)   # polling a log file another process writes; bounded by the run's life
 
 
 def _worker_name() -> str:

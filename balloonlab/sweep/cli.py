@@ -50,6 +50,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--x", metavar="KEY", help="the grid axis on the plots' x axis (default the first numeric one)")
     ap.add_argument("--out", type=Path, help="the sweep's directory (default sweeps/SCENARIO-TIME)")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
+    ap.add_argument("--dashboard", action="store_true",
+                    help="each run serves its live dashboard; the URLs go to OUT/dashboards.jsonl as runs start")
     args = ap.parse_args(argv)
     for name in ("guests", "ticks", "workers"):
         value = getattr(args, name)
@@ -71,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         result = sweep(args.scenario, grid=grid, seeds=args.seeds, overrides=[parse_setting(s) for s in args.settings],
                        guests=args.guests, ticks=args.ticks, duration_s=args.duration, variant=args.variant,
                        out=args.out, scheduler=args.scheduler, workers=args.workers, timeout_s=args.cell_timeout,
-                       metrics=args.metrics, x=args.x, progress=not args.quiet)
+                       metrics=args.metrics, x=args.x, progress=not args.quiet, dashboard=args.dashboard)
     except ConfigError as exc:
         print(f"balloonlab-sweep: {exc}", file=sys.stderr)
         return 2

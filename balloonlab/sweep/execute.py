@@ -66,8 +66,8 @@ def write_record(out: Path, record: dict[str, Any]) -> Path:
     return path
 
 
-def _task(spec: SweepSpec, cell: Cell, out: Path, timeout_s: float | None) -> dict[str, Any]:
-    return {"key": cell.key, "scenario": spec.scenario, "seed": cell.seed, "guests": spec.guests,
+def _task(spec: SweepSpec, cell: Cell, out: Path, timeout_s: float | None, dashboard: bool = False) -> dict[str, Any]:
+    return {"key": cell.key, "dashboard": dashboard, "scenario": spec.scenario, "seed": cell.seed, "guests": spec.guests,
             "ticks": spec.ticks, "duration_s": spec.duration_s, "variant": spec.variant,
             "settings": [list(s) for s in (*spec.settings, *cell.values)],
             "run_dir": str((Path(out) / "runs" / cell.key).absolute()), "timeout_s": timeout_s}
@@ -88,7 +88,8 @@ def _client(scheduler: str | None, workers: int | None) -> tuple[Any, Any]:
 
 def run_cells(spec: SweepSpec, cells: Iterable[Cell], out: Path, *, scheduler: str | None = None,
               workers: int | None = None, timeout_s: float | None = None, resumed: int = 0, total: int | None = None,
-              progress: bool = True, on_record: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
+              progress: bool = True, on_record: Callable[[dict[str, Any]], None] | None = None,
+              dashboard: bool = False) -> list[dict[str, Any]]:
     """Run ``cells`` on the cluster; write and return each one's record (ok, or failed after a retry)."""
     from distributed import as_completed
 
@@ -104,7 +105,8 @@ def run_cells(spec: SweepSpec, cells: Iterable[Cell], out: Path, *, scheduler: s
         bar.show(f"sweep: {len(todo)} cell(s) to run on {where}")
         pending: dict[Any, tuple[Cell, int]] = {}
         for cell in todo:
-            fut = client.submit(run_cell, _task(spec, cell, out, timeout_s), key=f"cell-{cell.key}-1", pure=False)
+            fut = client.submit(run_cell, _task(spec, cell, out, timeout_s, dashboard), key=f"cell-{cell.key}-1",
+                                pure=False)
             pending[fut] = (cell, 1)
         done_iter = as_completed(list(pending))
         for fut in done_iter:
@@ -118,8 +120,8 @@ def run_cells(spec: SweepSpec, cells: Iterable[Cell], out: Path, *, scheduler: s
                 bar.retrying += 1
                 bar.show(f"sweep: cell {cell.key} failed (attempt {attempt}): {_short(result.get('error'))}; "
                          f"retrying")
-                again = client.submit(run_cell, _task(spec, cell, out, timeout_s), key=f"cell-{cell.key}-{attempt + 1}",
-                                      pure=False)
+                again = client.submit(run_cell, _task(spec, cell, out, timeout_s, dashboard),
+                                      key=f"cell-{cell.key}-{attempt + 1}", pure=False)
                 pending[again] = (cell, attempt + 1)
                 done_iter.add(again)
                 continue
@@ -127,7 +129,7 @@ def run_cells(spec: SweepSpec, cells: Iterable[Cell], out: Path, *, scheduler: s
                 bar.retrying -= 1
             record = {"key": cell.key, "values": [list(v) for v in cell.values], "seed": cell.seed,
                       "status": "ok" if result.get("ok") else "failed", "attempts": attempt,
-                      "run_dir": _task(spec, cell, out, timeout_s)["run_dir"], **result}
+                      "run_dir": _task(spec, cell, out, timeout_s, dashboard)["run_dir"], **result}
             record.pop("ok", None)
             write_record(out, record)
             records.append(record)

@@ -68,6 +68,8 @@ def summary_table(spec: SweepSpec, runs: pd.DataFrame, metrics: Sequence[str] = 
     ok = runs[runs["status"] == "ok"]
     keys = [*axes, "variant"]
     rows = []
+    # A metric no run measured (e.g. labelled clean-cache I/O from a host that does not count it) has no rows.
+    metrics = [m for m in metrics if m in ok and ok[m].notna().any()]
     if not ok.empty:
         for point, group in ok.groupby(keys, sort=False, dropna=False):
             point = point if isinstance(point, tuple) else (point,)

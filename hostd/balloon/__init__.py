@@ -7,7 +7,9 @@ class from that file (``balloonlab.proto.plugins``; the launcher has made
 the path absolute): it is built with ``MyController.from_params(params)``
 when it has that classmethod, else ``MyController(**params)``, and must
 have ``decide(view)`` (the full interface, ``policy.py``) or at least
-``targets(view)`` (then its decisions carry no reasons).
+``targets(view)`` (then its decisions carry no reasons). A controller with
+``bind_costs(costs)`` is handed the run's cost model when ``costs`` is given
+(senpai needs what a reference costs to read stall time from the guest's clock).
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import inspect
 from typing import Any, Callable, Mapping
 
 from balloonlab.proto.plugins import PluginError, is_file_spec, load_class
+from balloonlab.proto.costs import CostModel
 from balloonlab.proto.schema import with_known
 
 from ..errors import PolicyConfigError
@@ -23,8 +26,11 @@ from .mom import MomBalloon
 from .noncoop import NonCooperationDetector
 from .none import NoBalloon
 from .decision import Decision, DecisionLog, hold
+from .hyperv import HyperVBalloon
 from .policy import BalloonController, ControllerBase, clamp_target
 from .proportional import ProportionalBalloon
+from .senpai import SenpaiBalloon
+from .squeezed import SqueezedBalloon
 from .static import StaticBalloon
 from .sweep import SweepBalloon
 from .view import GuestView, HostView
@@ -41,17 +47,27 @@ BALLOON_POLICIES: dict[str, Callable[[Mapping[str, Any]], BalloonController]] = 
     WorkingSetBalloon.name: WorkingSetBalloon.from_params,
     AggressiveBalloon.name: AggressiveBalloon.from_params,
     SweepBalloon.name: SweepBalloon.from_params,
+    SqueezedBalloon.name: SqueezedBalloon.from_params,
+    HyperVBalloon.name: HyperVBalloon.from_params,
+    SenpaiBalloon.name: SenpaiBalloon.from_params,
 }
 
 
-def make_controller(name: str, params: Mapping[str, Any] | None = None) -> BalloonController:
+def make_controller(name: str, params: Mapping[str, Any] | None = None, *,
+                    costs: CostModel | None = None) -> BalloonController:
     if is_file_spec(name):
-        return _user_controller(name, params or {})
-    try:
-        factory = BALLOON_POLICIES[name]
-    except (KeyError, TypeError):
-        raise PolicyConfigError(with_known(f"balloon policy {name!r} is unknown", name, BALLOON_POLICIES)) from None
-    return factory(params or {})
+        controller = _user_controller(name, params or {})
+    else:
+        try:
+            factory = BALLOON_POLICIES[name]
+        except (KeyError, TypeError):
+            raise PolicyConfigError(
+                with_known(f"balloon policy {name!r} is unknown", name, BALLOON_POLICIES)) from None
+        controller = factory(params or {})
+    bind = getattr(controller, "bind_costs", None)
+    if costs is not None and callable(bind):
+        bind(costs)
+    return controller
 
 
 class _TargetsOnly(ControllerBase):

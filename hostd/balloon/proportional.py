@@ -6,7 +6,9 @@ Waldspurger (OSDI 2002): a guest's shares-per-page ratio is
 
 with S its shares, P the pages it holds (here: its resident host frames,
 minus balloon pages it still owes), f its active fraction (working-set
-estimate / resident, clipped to [0, 1]) and tau the tax rate (0.75 by
+estimate / P, clipped to [0, 1]; the estimate is the host's own sample of
+the guest's accessed bits, ``hostd.wss``, as ESX measures idle memory --
+the guest's report only until the host has one) and tau the tax rate (0.75 by
 default: an idle page costs k = 4 times an active one).
 
 The rule, applied every ``period_ticks``:
@@ -19,6 +21,11 @@ The rule, applied every ``period_ticks``:
   given back the other way: the guest with the highest rho (most shares
   per page: it deserves memory most) is deflated first.
 - ``max_step_pages`` (0 = no limit) bounds each guest's change per step.
+
+With the host's ESX memory states (``hostd.memstate``, ``[host]
+memory_states = "esx"``, the default) it inflates only in the soft state
+and worse, as ESX balloons only from soft on: in high and clear a deficit
+is held (``state_no_inflate``); giving back a surplus is not gated.
 """
 from __future__ import annotations
 
@@ -29,7 +36,8 @@ import numpy as np
 from ..errors import PolicyConfigError
 from .decision import Decision
 from .policy import ControllerBase, check_fraction, check_non_negative, clamp_target, is_due, parse_params
-from .view import STAT_WORKING_SET, HostView
+from .view import HostView
+from .working_set import working_set_estimate
 
 __all__ = ["ProportionalBalloon", "shares_per_page"]
 
@@ -85,6 +93,12 @@ class ProportionalBalloon(ControllerBase):
                    f"level {high:.0f}: nothing to move")
             return {g.guest_id: Decision(g.target_pages, "within_band", why, host) for g in view.guests}
         inflate = expected_free < low
+        if inflate and not view.may_inflate:
+            why = (f"host expects {expected_free} free frames, below its goal {low:.0f}, but the host's memory "
+                   f"state is {view.memory_state} ({view.free_frames} free, minFree {view.min_free_frames}): "
+                   f"the ESX controller inflates from the soft state on")
+            return {g.guest_id: Decision(g.target_pages, "state_no_inflate", why,
+                                         {**host, "min_free_frames": view.min_free_frames}) for g in view.guests}
         amount = int(np.ceil(low - expected_free)) if inflate else int(expected_free - high)
         target, rho, active = self._move(view, amount, inflate=inflate)
         out: dict[int, Decision] = {}
@@ -113,7 +127,7 @@ class ProportionalBalloon(ControllerBase):
         target = np.array([g.target_pages for g in guests], np.int64)
         owed = np.maximum(target - np.array([g.actual_pages for g in guests], np.int64), 0)
         pages = np.maximum(np.array([g.resident_pages for g in guests], np.float64) - owed, 0.0)
-        ws = np.array([g.stat(STAT_WORKING_SET) for g in guests], np.float64)
+        ws = np.array([working_set_estimate(g) for g in guests], np.float64)
         shares = np.array([g.shares for g in guests], np.float64)
         active = np.divide(ws, pages, out=np.ones_like(pages), where=pages > 0)
         limit = np.array([g.max_balloon_pages for g in guests], np.int64)

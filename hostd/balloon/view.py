@@ -50,6 +50,8 @@ class HostView:
     cache_pages: int
     iobuf_pages: int
     guests: Sequence[GuestView]
+    memory_state: str | None = None   # the host's ESX memory state this tick (hostd.memstate); None: no states
+    min_free_frames: int = 0          # ESX's minFree for this host (0: no states)
 
     @property
     def pending_pages(self) -> int:
@@ -65,6 +67,16 @@ class HostView:
         the guests catch up.
         """
         return self.free_frames + self.pending_pages
+
+    @property
+    def may_inflate(self) -> bool:
+        """Does the host's memory state let a controller that follows it inflate (soft and worse)?
+
+        True without states. Only controllers that follow the host's states
+        ask (``proportional``, the ESX one); the others keep their own schedule.
+        """
+        from ..memstate import MemState, may_balloon
+        return self.memory_state is None or may_balloon(MemState[self.memory_state.upper()])
 
     def current_targets(self) -> dict[int, int]:
         """The targets as they stand, clamped to ``[0, max_balloon_pages]``."""

@@ -2,8 +2,10 @@
 
 For each guest the floor is ``working_set_pages * (1 + headroom) +
 reserve_pages + kernel_pages`` (the kernel's own pages, if it reports
-them, hold no workload; the working set is the guest's estimate or, if
-larger, a recent estimate decayed by ``ws_decay`` per step): its memory (RAM - balloon target) is never set
+them, hold no workload; the working set is the host's sampled estimate,
+``hostd.wss``, as ESX samples it -- the guest's own report only until the
+host has one -- or, if larger, a recent estimate decayed by ``ws_decay``
+per step): its memory (RAM - balloon target) is never set
 below it, so the cap on its target is ``ram - floor`` (and
 ``max_balloon_pages``). Every ``period_ticks``:
 - a target above the cap (the working set grew) is lowered to the cap at once;
@@ -36,11 +38,20 @@ import numpy as np
 from ..errors import PolicyConfigError
 from .decision import Decision
 from .policy import ControllerBase, check_fraction, check_non_negative, clamp_target, is_due, parse_params
+from ..wss import STAT_HOST_WSS
 from .view import STAT_PFF, STAT_WORKING_SET, GuestView, HostView
 
 STAT_KERNEL = "kernel_pages"   # guestd reports the frames its kernel holds
 
-__all__ = ["WorkingSetBalloon"]
+__all__ = ["WorkingSetBalloon", "working_set_estimate"]
+
+
+def working_set_estimate(g: GuestView) -> float:
+    """The host's sampled estimate of the guest's working set, or the guest's own until the host has one."""
+    host = g.stats.get(STAT_HOST_WSS)
+    if isinstance(host, (int, float)) and not isinstance(host, bool):
+        return float(host)
+    return g.stat(STAT_WORKING_SET)
 
 
 class WorkingSetBalloon(ControllerBase):
@@ -89,13 +100,13 @@ class WorkingSetBalloon(ControllerBase):
         its estimate drops just when it is short of memory. Remembering a
         recent larger estimate keeps the controller from taking more then.
         """
-        ws = max(g.stat(STAT_WORKING_SET), self._ws.get(g.guest_id, 0.0) * self.ws_decay)
+        ws = max(working_set_estimate(g), self._ws.get(g.guest_id, 0.0) * self.ws_decay)
         self._ws[g.guest_id] = ws
         return ws
 
     def cap_pages(self, g: GuestView, working_set_pages: float | None = None) -> int:
         """The largest target that leaves the guest its working set plus headroom."""
-        ws = g.stat(STAT_WORKING_SET) if working_set_pages is None else working_set_pages
+        ws = working_set_estimate(g) if working_set_pages is None else working_set_pages
         floor = (int(np.ceil(ws * (1.0 + self.headroom))) + self.reserve_pages
                  + int(g.stat(STAT_KERNEL)))
         return clamp_target(g, g.ram_pages - floor)
@@ -134,7 +145,8 @@ class WorkingSetBalloon(ControllerBase):
         final = np.minimum(target, cap)
         out: dict[int, Decision] = {}
         for i, g in enumerate(guests):
-            inputs = {"working_set_pages": float(ws[i]), "ws_estimate_pages": g.stat(STAT_WORKING_SET),
+            inputs = {"working_set_pages": float(ws[i]), "ws_estimate_pages": working_set_estimate(g),
+                      "guest_ws_estimate_pages": g.stat(STAT_WORKING_SET),
                       "cap_pages": int(cap[i]), "pff": g.stat(STAT_PFF), "pff_high": self.pff_high,
                       "free_frames": view.free_frames, "expected_free_frames": expected_free,
                       "goal_free_frames": low, "release_free_frames": high, "slack_pages": int(slack[i]),

@@ -5,9 +5,12 @@ picks the lock model instead (it needs arrival order). ``make_discipline``
 is the one place that chooses; the machine then talks to the mode only
 through ``RequestDiscipline`` (``base.py``: the interface and its call order).
 
-- ``virtual_time.VirtualTimeOrder``: one request at a time, earliest
-  virtual time first; shootdowns only to parked guests (reproducible).
-- ``arrival.ArrivalOrder``: as they arrive, concurrently.
+- ``deterministic.DeterministicOrder`` (the default): each guest's requests
+  in its own serial lane as they arrive, guests in parallel, each inside its
+  own partition of host memory (a grant of free frames per tick); held
+  requests, refill rounds and all cross-guest work at points where every
+  guest is parked (reproducible).
+- ``arrival.ArrivalOrder``: as they arrive, concurrently, one global pool.
 - ``lock_model.LockModel``: arrival order, every request under
   ``L_hostmem``, shootdowns under the guest's ``L_vmem`` (``hostd.locks``).
 
@@ -22,19 +25,22 @@ from balloonlab.proto.locks import LockConfig
 
 from .arrival import ArrivalOrder
 from .base import DisciplineBase, DisciplineContext, GuestHandlers, RequestDiscipline
+from .deterministic import DeterministicOrder
 from .lock_model import LockModel
-from .virtual_time import VirtualTimeOrder
 
 __all__ = ["RequestDiscipline", "DisciplineBase", "DisciplineContext", "GuestHandlers", "MODES", "REQUEST_ORDERS",
-           "make_discipline", "ArrivalOrder", "VirtualTimeOrder", "LockModel"]
+           "DEPRECATED_ORDERS", "make_discipline", "ArrivalOrder", "DeterministicOrder", "LockModel"]
 
 MODES: dict[str, Callable[[DisciplineContext], RequestDiscipline]] = {
-    "virtual-time": VirtualTimeOrder,
+    "deterministic": DeterministicOrder,
     "arrival": ArrivalOrder,
 }
 """``[host] request_order`` -> the mode; the first is the default."""
 
 REQUEST_ORDERS = tuple(MODES)
+
+DEPRECATED_ORDERS: dict[str, str] = {"virtual-time": "deterministic"}
+"""Old ``request_order`` values still accepted (with a deprecation line in the host's log) -> the mode they mean."""
 
 
 def make_discipline(request_order: str, locks: LockConfig, ctx: DisciplineContext) -> RequestDiscipline:

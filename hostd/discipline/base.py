@@ -5,6 +5,7 @@ and disk requests are served, and where a TLB shootdown may land in a
 guest's run. The machine never asks which mode it runs; it calls this
 interface at fixed points:
 
+    assembly:            memory_callout(), memory_hold()   (handed to host memory)
     guest joins:         guest_joined(gid) -> serve(gid, requests)   (its handler table)
     guest goes silent:   guest_silent(gid)          (the watchdog gave up on it)
     guest leaves:        guest_left(gid)
@@ -55,11 +56,15 @@ class DisciplineContext:
     clock: Callable[[], float]               # the host's virtual time now (µs)
     hypercall_us: float
     shootdown_timeout_s: float
+    count_done: Callable[[int], None] = lambda gid: None   # the host counts the guest done with this tick
+    tick_us: float = 10_000.0
+    ref_us: float = 0.0                      # one reference's cost (mem_ref_us + cpu_us_per_ref)
+    overshoot_us: float = 0.0                # past the gate beyond one reference (zero fill, a balloon round)
 
 
 class RequestDiscipline(Protocol):
     request_order: str
-    """Reported in ``run_finished.request_order``: ``virtual-time`` or ``arrival``."""
+    """Reported in ``run_finished.request_order``: ``deterministic`` or ``arrival``."""
 
     def serve(self, guest_id: int, requests: Mapping[MsgType, RequestHandler]) -> GuestHandlers:
         """The guest's memory and disk handlers as this mode serves them, plus the mode's own messages."""
@@ -67,6 +72,11 @@ class RequestDiscipline(Protocol):
 
     def memory_callout(self) -> Callable[[], AsyncContextManager[Any]] | None:
         """Run around every wait of host memory for a guest (``HostMemory`` ``callout``); None: nothing."""
+        ...
+
+    def memory_hold(self) -> Callable[[int, int, float], Awaitable[float]] | None:
+        """``async (guest_id, need_frames, vt_us) -> resume_vt_us``: where host memory parks a request
+        whose guest's grant ran out (``HostMemory`` ``hold``); None: the mode has no grants."""
         ...
 
     def guest_joined(self, guest_id: int) -> None: ...
@@ -99,6 +109,10 @@ class RequestDiscipline(Protocol):
         """Keys for ``run_finished``: ``request_order`` and the mode's counters."""
         ...
 
+    def stopping(self) -> None:
+        """The run is ending (a stop signal): nothing may wait for the guests' tick any more."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -114,6 +128,9 @@ class DisciplineBase:
         return GuestHandlers(dict(requests))
 
     def memory_callout(self) -> Callable[[], AsyncContextManager[Any]] | None:
+        return None
+
+    def memory_hold(self) -> Callable[[int, int, float], Awaitable[float]] | None:
         return None
 
     def guest_joined(self, guest_id: int) -> None:
@@ -142,6 +159,9 @@ class DisciplineBase:
 
     def stats(self) -> dict[str, Any]:
         return {"request_order": self.request_order}
+
+    def stopping(self) -> None:
+        pass
 
     def close(self) -> None:
         pass

@@ -13,7 +13,11 @@ config, its keys in the summary, its report section), listed in
 - ``convergence.ConvergenceTracker``: after a step in host demand, when the
   balloon targets settle and by how much they overshot (``balloon_converged``);
 - ``history.HistoryMonitor``: records the window the others read
-  (``window.History``, the last ticks' samples) and the host's I/O-buffer peak.
+  (``window.History``, the last ticks' samples) and the host's I/O-buffer peak;
+- ``wss.WssMonitor``: the host's working-set estimate of each guest, sampled
+  as ESX samples it (``hostd.wss``); the balloon controllers read it, so the
+  machine feeds it each guest's accessed bits (``tick_bits``) and closes its
+  tick before the controllers decide (``close_wss_tick``).
 
 ``HostMonitors`` runs them all for the machine, in the registry's order::
 
@@ -55,13 +59,14 @@ def _overrides(m: Monitor, hook: str) -> bool:
 
 
 class HostMonitors:
-    def __init__(self, table: Mapping[str, Any] | None, mem: Any, tick_us: float) -> None:
+    def __init__(self, table: Mapping[str, Any] | None, mem: Any, tick_us: float, seed: int = 0) -> None:
         self.cfg = monitors_config(table)
         self.mem = mem                  # hostd.memory.HostMemory
         specs = registry.MONITORS
         keep = max(spec.history_ticks(self.cfg[spec.name]) for spec in specs if spec.config is not None)
         self._by_name: dict[str, Monitor] = {}
-        ctx = MonitorContext(mem=mem, tick_us=tick_us, log=log, history_ticks=keep, peers=self._by_name.get)
+        ctx = MonitorContext(mem=mem, tick_us=tick_us, log=log, history_ticks=keep, peers=self._by_name.get,
+                             seed=int(seed))
         for spec in specs:
             self._by_name[spec.name] = spec.make(self.cfg[spec.name], ctx)
         self.monitors = list(self._by_name.values())
@@ -98,6 +103,23 @@ class HostMonitors:
     def disk_written(self, guest_id: int, blocks: np.ndarray, tokens: np.ndarray) -> None:
         for m in self._on_written:
             m.disk_written(guest_id, blocks, tokens)
+
+    # -- the host's working-set estimate (read by the balloon controllers) -------------------
+
+    def tick_bits(self, guest_id: int, accessed: bytes, stats: Mapping[str, Any] | None = None) -> None:
+        """A guest's EPT accessed bits of the tick it just finished (``TickDone.accessed``), and its stats."""
+        self._by_name["wss"].accessed(guest_id, accessed, stats)
+
+    def close_wss_tick(self) -> None:
+        """Close the estimator's tick: call before the controllers decide."""
+        self._by_name["wss"].close_tick()
+
+    def wss_estimate(self, guest_id: int) -> int | None:
+        """The host's working-set estimate of a guest in pages; None before its first period ends."""
+        return self._by_name["wss"].estimate(guest_id)
+
+    def wss_row(self, guest_id: int) -> dict[str, Any]:
+        return self._by_name["wss"].row(guest_id)
 
     # -- the tick ---------------------------------------------------------------------------
 

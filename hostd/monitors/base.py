@@ -126,6 +126,7 @@ class MonitorContext:
     log: Any
     history_ticks: int                         # the longest window any monitor reads
     peers: Callable[[str], Any]                # name -> that monitor (resolved when called), or None
+    seed: int = 0                              # the run's seed (a monitor that samples seeds its stream from it)
 
 
 # --- the analysis side -----------------------------------------------------------------------------

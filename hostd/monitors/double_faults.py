@@ -225,6 +225,8 @@ SPEC = MonitorSpec(
     config=DoubleFaultConfig,
     make=_make,
     summarize=summarize,
-    headline=(Headline("double_faults", "double faults (nested swapping)", _double_faults, "lower"),),
+    headline=(Headline("double_paging_pages", "double paging: pages the host swapped in only for the guest to "
+                       "write them to its disk", lambda v: (v.get("host") or {}).get("double_paging_pages"), "lower"),
+              Headline("double_faults", "double faults (nested swapping)", _double_faults, "lower")),
     table_fragment=_fragment,
 )

@@ -36,6 +36,7 @@ class HistoryMonitor(MonitorBase):
         self.mem = mem                  # hostd.memory.HostMemory
         self.ram_pages: dict[int, int] = {}
         self.iobuf_pages_peak = 0       # host I/O-buffer frames, sampled at every disk write and tick end
+        self._free_low = 1 << 62        # fewest free frames seen this tick (disk writes, host swap-ins)
 
     def guest_joined(self, guest_id: int, ram_pages: int, spec: Mapping[str, Any]) -> None:
         self.ram_pages[guest_id] = int(ram_pages)
@@ -46,6 +47,11 @@ class HistoryMonitor(MonitorBase):
 
     def disk_written(self, guest_id: int, blocks: np.ndarray, tokens: np.ndarray) -> None:
         self.iobuf_pages_peak = max(self.iobuf_pages_peak, self.mem.pool.frames_of(FrameKind.IOBUF))
+        self._free_low = min(self._free_low, self.mem.pool.free_frames)
+
+    def guest_pages_swapped_in(self, guest_id: int, gpfns: np.ndarray, tokens: np.ndarray) -> None:
+        # A host swap-in happens under pressure: the tick's low point of free memory is near it.
+        self._free_low = min(self._free_low, self.mem.pool.free_frames)
 
     def record_tick(self, tick: TickContext) -> None:
         """The tick's sample: host memory's snapshot and each live guest's last report."""
@@ -69,7 +75,8 @@ class HistoryMonitor(MonitorBase):
                 refs=_int(s, "refs"), pff=_float(s, "pff"), host_swap_out_pages=int(h.get("swap_out_pages", 0)),
                 target_pages=int(targets.get(gid, 0)), actual_pages=int(h.get("ballooned_pages", 0)),
                 working_set_pages=_int(s, "working_set_pages"),
-                ram_pages=self.ram_pages.get(gid, int(h.get("guest_pages", 0))), kernel_pages=_int(s, "kernel_pages"))
+                ram_pages=self.ram_pages.get(gid, int(h.get("guest_pages", 0))), kernel_pages=_int(s, "kernel_pages"),
+                psi_some_us=_float(s, "psi_some_us") if "psi_some_us" in s else None)
         self.iobuf_pages_peak = max(self.iobuf_pages_peak, int(snap.get("iobuf_pages", 0)))
         self.window.push(TickSample(
             tick=tick.tick, vt_us=float(vt_us), total_frames=int(snap["total_frames"]),
@@ -77,7 +84,9 @@ class HistoryMonitor(MonitorBase):
             iobuf_pages=int(snap.get("iobuf_pages", 0)), pinned_frames=int(snap.get("pinned_frames", 0)),
             swap_out_pages=int(snap.get("swap_out_pages", 0)),
             vdisk_pages=int(snap.get("vdisk_read_pages", 0)) + int(snap.get("vdisk_write_pages", 0)),
-            guests=guests))
+            guests=guests, free_frames_low=self._free_low if self._free_low < (1 << 62) else None,
+            memory_state=snap["memory_state"] if isinstance(snap.get("memory_state"), str) else None))
+        self._free_low = 1 << 62
 
     def finished_keys(self) -> dict[str, Any]:
         return {"iobuf_pages_peak": self.iobuf_pages_peak}

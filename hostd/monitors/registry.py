@@ -6,12 +6,13 @@ summary.json, its rows and sections in the analysis.
 """
 from __future__ import annotations
 
-from . import convergence, double_faults, history, pinning, swap_storm
+from . import convergence, double_faults, history, pinning, swap_storm, wss
 from .base import MonitorSpec
 
 __all__ = ["MONITORS", "monitor_spec"]
 
 MONITORS: tuple[MonitorSpec, ...] = (
+    wss.SPEC,
     swap_storm.SPEC,
     double_faults.SPEC,
     pinning.SPEC,

@@ -4,22 +4,36 @@
 their swap I/O floods the host's virtual-disk path; the host's I/O buffers
 and disk cache grow in host frames; host free memory falls; the host starts
 swapping, pages of healthy guests too. Over a window of ticks the detector
-checks each link against its threshold:
+checks each link against its threshold, and a storm needs all four:
 
-1. ``guests_thrashing``: at least ``min_guests`` guests read pages back
-   from their swap faster than ``guest_swap_in_pages_per_s`` (per guest
-   virtual second) or more often than ``guest_swap_in_per_kref`` per 1000
-   references (on a slow disk a thrashing guest cannot fault fast, but
-   it faults often): they need what they just gave up. (A guest giving up
-   cold pages to its balloon writes swap but reads none back.) A guest
-   whose balloon leaves it less memory than its working set (its largest
-   recent estimate: a stalled guest's estimate drops) and that swaps
-   faster than ``guest_swap_pages_per_s`` counts too: on a slow disk the
-   inflation's own swap-outs can take longer than the run.
-2. ``host_io_memory``: the host's I/O buffers + disk cache reached
-   ``io_fraction`` of its RAM;
-3. ``host_free_low``: its free frames fell to ``free_fraction`` of its RAM;
-4. ``host_swapping``: it swapped out ``swap_out_fraction`` of its RAM.
+1. ``guests_thrashing``: **several** guests thrash: at least ``min_guests``
+   (2: one thrashing guest is that guest's problem, not a storm), or
+   ``min_guest_share`` of the live guests if that is more. A guest thrashes
+   (Denning, "Thrashing: its causes and prevention", AFIPS 1968: it spends
+   more time paging than computing) when, with PSI in its stats, its memory
+   stall time (``psi_some_us``) is at least ``stall_share`` (0.5) of its
+   virtual time over the window; without PSI, when it reads pages back from
+   its swap faster than ``guest_swap_in_pages_per_s`` (per guest virtual
+   second) or more often than ``guest_swap_in_per_kref`` per 1000
+   references, or when its balloon left it less memory than its working
+   set and it swaps faster than ``guest_swap_pages_per_s``. (A guest giving
+   cold pages to its balloon writes swap but reads none back.)
+2. ``host_io_memory``: the host's I/O memory (I/O buffers + disk cache)
+   **grew** over the window by at least ``io_growth_fraction`` of its RAM
+   **and** reached ``io_fraction`` of it. The 10 % default is Linux's
+   ``vm.dirty_background_ratio`` (Documentation/admin-guide/sysctl/vm.rst):
+   the share of memory at which the kernel itself starts pushing I/O out in
+   the background; I/O memory beyond it is more than a host lets pile up.
+3. ``host_free_low``: the host's memory state was **hard or low** at some
+   tick of the window (ESX: free memory below 32 % of minFree, where it
+   swaps; vSphere 6 resource management guide). The host's own
+   ``memory_state`` when it logs one; otherwise the state is derived here
+   from the fewest free frames seen in each tick (sampled at every disk
+   write and host swap-in, and at the tick's end) and ESX's minFree (6 % of the first 4 GiB, 4 % of the
+   next 8, 2 % of the next 16, 1 % of the rest), or ``free_fraction`` of
+   RAM if that is larger (the frames this engine's reclaim keeps free).
+4. ``host_swapping``: the host swapped out guest or cache pages within the
+   window (more than ``swap_out_fraction`` of its RAM; 0: any).
 
 When every link holds, one storm is counted and ``swap_storm_detected`` is
 logged with the whole chain (value and threshold of each link) and every
@@ -31,14 +45,16 @@ Its table (on by default; every key optional)::
     [monitors.swap_storm]
     enabled = true
     window_ticks = 10           # rates and peaks are taken over this many ticks
-    guest_swap_in_pages_per_s = 500.0  # a guest reading back swapped pages faster than this thrashes,
+    min_guests = 2              # at least this many guests thrash ...
+    min_guest_share = 0.0       # ... and at least this share of the live guests (0: not used)
+    stall_share = 0.5           # with PSI: a guest stalled on memory this share of its time thrashes
+    guest_swap_in_pages_per_s = 500.0  # without PSI: reading back swapped pages faster than this,
     guest_swap_in_per_kref = 2.0       # ... or more of them than this per 1000 references (a slow disk),
-    guest_swap_pages_per_s = 200.0     # ... or its balloon left it less than its working set and it
-                                       #     swaps (in or out) faster than this
-    min_guests = 1              # ... and at least this many must
-    io_fraction = 0.05          # host I/O buffers + disk cache reached this share of host RAM
-    free_fraction = 0.05        # host free frames fell to this share of host RAM
-    swap_out_fraction = 0.01    # the host swapped out this share of its RAM within the window
+    guest_swap_pages_per_s = 200.0     # ... or below its working set and swapping faster than this
+    io_fraction = 0.10          # host I/O memory reached this share of host RAM (dirty_background_ratio) ...
+    io_growth_fraction = 0.01   # ... after growing by this share within the window
+    free_fraction = 0.0         # without a host memory state: free frames at or below this share also count
+    swap_out_fraction = 0.0     # the host swapped out more than this share of its RAM within the window
     quiet_ticks = 20            # the chain must stay broken this long before a new storm counts
 
 In summary.json: ``swap_storms`` (``swap_storm_detected`` events) and
@@ -47,6 +63,7 @@ storms and a table of their episodes.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
@@ -56,21 +73,44 @@ from .base import (Headline, MonitorBase, MonitorSpec, ReportFormat, SummaryKeys
                    at_least_one, count_events, fraction)
 from .window import History
 
-__all__ = ["SwapStormDetector", "SwapStormConfig", "SPEC"]
+__all__ = ["SwapStormDetector", "SwapStormConfig", "SPEC", "esx_min_free_pages", "HARD_STATES"]
 
 
 @dataclass(frozen=True, slots=True)
 class SwapStormConfig:
     enabled: bool = True
     window_ticks: int = at_least_one(10)
+    min_guests: int = at_least_one(2)
+    min_guest_share: float = fraction(0.0)
+    stall_share: float = fraction(0.5)
     guest_swap_in_pages_per_s: float = 500.0
     guest_swap_in_per_kref: float = 2.0
     guest_swap_pages_per_s: float = 200.0
-    min_guests: int = at_least_one(1)
-    io_fraction: float = fraction(0.05)
-    free_fraction: float = fraction(0.05)
-    swap_out_fraction: float = fraction(0.01)
+    io_fraction: float = fraction(0.10)
+    io_growth_fraction: float = fraction(0.01)
+    free_fraction: float = fraction(0.0)
+    swap_out_fraction: float = fraction(0.0)
     quiet_ticks: int = 20
+
+
+HARD_STATES = ("hard", "low")
+"""ESX memory states in which the host swaps (vSphere 6 resource management guide)."""
+HARD_SHARE_OF_MIN_FREE = 0.32
+"""ESX's hard state: free memory below 32 % of minFree."""
+
+
+def esx_min_free_pages(total_pages: int) -> int:
+    """ESX's minFree for a host of ``total_pages`` 4 KiB pages: 6 % of the first 4 GiB, 4 % of the next 8,
+    2 % of the next 16, 1 % of the rest (vSphere 6 resource management guide)."""
+    gib = 262_144
+    out, left = 0.0, float(total_pages)
+    for span, share in ((4 * gib, 0.06), (8 * gib, 0.04), (16 * gib, 0.02), (float("inf"), 0.01)):
+        part = min(left, span)
+        out += part * share
+        left -= part
+        if left <= 0:
+            break
+    return int(out)
 
 _WS_DECAY = 0.98   # per tick: how fast a larger earlier working-set estimate is forgotten
 
@@ -96,6 +136,7 @@ class SwapStormDetector(MonitorBase):
             swap_in_rate = hist.guest_rate(gid, "swap_in_pages", w)
             refs_rate = hist.guest_rate(gid, "refs", w)
             per_kref = swap_in_rate * 1000.0 / refs_rate if refs_rate > 0 else (float("inf") if swap_in_rate else 0.0)
+            stall = self._stall_share(hist, gid, w)
             ws = max(float(g.working_set_pages), self._ws.get(gid, 0.0) * _WS_DECAY)
             self._ws[gid] = ws
             memory = g.ram_pages - g.kernel_pages - g.actual_pages
@@ -110,10 +151,25 @@ class SwapStormDetector(MonitorBase):
                         "balloon_target_pages": g.target_pages, "balloon_pages": g.actual_pages,
                         "working_set_pages": g.working_set_pages, "memory_pages": memory,
                         "below_working_set": memory < ws,
-                        "thrashing": (swap_in_rate >= self.cfg.guest_swap_in_pages_per_s
-                                      or (swap_in_rate > 0 and per_kref >= self.cfg.guest_swap_in_per_kref)
-                                      or below)})
+                        "stall_share": None if stall is None else round(stall, 3),
+                        "thrashing": (stall >= self.cfg.stall_share if stall is not None else
+                                      (swap_in_rate >= self.cfg.guest_swap_in_pages_per_s
+                                       or (swap_in_rate > 0 and per_kref >= self.cfg.guest_swap_in_per_kref)
+                                       or below))})
         return out
+
+    @staticmethod
+    def _stall_share(hist: History, gid: int, w: int) -> float | None:
+        """Share of the guest's virtual time over the window it was stalled on memory (PSI some); None without PSI."""
+        win = [s.guests[gid] for s in hist._window(w) if gid in s.guests]
+        if len(win) < 2 or win[0].psi_some_us is None or win[-1].psi_some_us is None:
+            return None
+        dt = win[-1].vt_us - win[0].vt_us
+        return (win[-1].psi_some_us - win[0].psi_some_us) / dt if dt > 0 else None
+
+    def hard_frames(self, total: int) -> int:
+        """Free frames at or below which the host counts as hard/low when it logs no memory state."""
+        return max(int(HARD_SHARE_OF_MIN_FREE * esx_min_free_pages(total)), int(self.cfg.free_fraction * total))
 
     def end_tick(self, tick: TickContext) -> None:
         self.check(tick.history)
@@ -132,25 +188,37 @@ class SwapStormDetector(MonitorBase):
             self.thrashing_ticks[gid] = self.thrashing_ticks.get(gid, 0) + 1
         healthy_hit = [g["guest"] for g in guests if not g["thrashing"] and g["host_swapped_out_pages"] > 0]
         io_peak = hist.host_max("io_pages", w)
-        free_min = hist.host_min("free_frames", w)
+        window = hist._window(w)
+        io_grew = io_peak - window[0].io_pages
+        need_guests = max(cfg.min_guests, math.ceil(cfg.min_guest_share * len(guests)))
+        states = [s.memory_state for s in window if s.memory_state is not None]
+        hard = self.hard_frames(total)
+        free_min = hist.host_min("free_frames_min", w)
+        if states:
+            free_ok = any(st in HARD_STATES for st in states)
+            free_link = {"link": "host_free_low", "value": states[-1], "threshold": "hard or low",
+                         "states": sorted(set(states)), "free_frames_min": int(free_min), "ok": free_ok}
+        else:
+            free_link = {"link": "host_free_low", "value": int(free_min), "threshold": hard,
+                         "min_free_pages": esx_min_free_pages(total), "ok": free_min <= hard}
         swapped = hist.host_delta("swap_out_pages", w)
         chain = [
-            {"link": "guests_thrashing", "value": len(thrashing), "threshold": cfg.min_guests,
-             "guests": thrashing, "guest_swap_in_pages_per_s_threshold": cfg.guest_swap_in_pages_per_s,
+            {"link": "guests_thrashing", "value": len(thrashing), "threshold": need_guests,
+             "guests": thrashing, "stall_share_threshold": cfg.stall_share,
+             "guest_swap_in_pages_per_s_threshold": cfg.guest_swap_in_pages_per_s,
              "guest_swap_in_per_kref_threshold": cfg.guest_swap_in_per_kref,
              "guest_swap_pages_per_s_threshold": cfg.guest_swap_pages_per_s,
              "guests_swap_pages_per_s": round(sum(g["swap_pages_per_s"] for g in guests), 1),
-             "ok": len(thrashing) >= cfg.min_guests},
+             "ok": len(thrashing) >= need_guests},
             {"link": "host_io_memory", "value": int(io_peak), "threshold": int(cfg.io_fraction * total),
              "cache_pages": now.cache_pages, "iobuf_pages": now.iobuf_pages,
-             "grew_pages": int(io_peak - hist.host_min("io_pages", w)),
+             "grew_pages": int(io_grew), "growth_threshold": int(cfg.io_growth_fraction * total),
              "vdisk_pages_per_s": round(hist.host_rate("vdisk_pages", w), 1),
-             "ok": io_peak >= cfg.io_fraction * total},
-            {"link": "host_free_low", "value": int(free_min), "threshold": int(cfg.free_fraction * total),
-             "ok": free_min <= cfg.free_fraction * total},
+             "ok": io_peak >= cfg.io_fraction * total and io_grew >= max(1.0, cfg.io_growth_fraction * total)},
+            free_link,
             {"link": "host_swapping", "value": int(swapped), "threshold": int(cfg.swap_out_fraction * total),
              "pages_per_s": round(hist.host_rate("swap_out_pages", w), 1), "healthy_guests_hit": healthy_hit,
-             "ok": swapped >= max(1.0, cfg.swap_out_fraction * total)},
+             "ok": swapped > cfg.swap_out_fraction * total},
         ]
         whole = all(link["ok"] for link in chain)
         if whole and not self.active:

@@ -33,6 +33,7 @@ class GuestSample:
     working_set_pages: int        # the guest's estimate
     ram_pages: int
     kernel_pages: int = 0         # frames its kernel holds (never workload memory)
+    psi_some_us: float | None = None   # cumulative virtual µs with some task stalled on memory (PSI), if reported
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +48,13 @@ class TickSample:
     swap_out_pages: int           # cumulative host swap-outs (guest pages and cache pages)
     vdisk_pages: int              # cumulative pages read + written by every virtual disk
     guests: Mapping[int, GuestSample] = field(default_factory=dict)
+    memory_state: str | None = None   # the host's memory state (high/clear/soft/hard/low) when it logs one
+    free_frames_low: int | None = None  # the fewest free frames seen during the tick (at disk writes, swap-ins)
+
+    @property
+    def free_frames_min(self) -> int:
+        """Free frames at their lowest in the tick: the in-tick low when sampled, else the tick end's."""
+        return self.free_frames if self.free_frames_low is None else min(self.free_frames, self.free_frames_low)
 
     @property
     def io_pages(self) -> int:

@@ -34,7 +34,7 @@ class ClockVictims:
             w = min(max(4 * need, _MIN_WINDOW), total - hand, 2 * total - scanned)
             sl = slice(hand, hand + w)
             k = pool.kind[sl]
-            ev = ((k == FrameKind.GUEST) | (k == FrameKind.CACHE)) & ~pool.pinned[sl] & ~pool.busy[sl]
+            ev = (k == FrameKind.GUEST) & ~pool.pinned[sl] & ~pool.busy[sl]   # the disk cache is never a victim
             acc = pool.accessed[sl]
             cand = np.flatnonzero(ev & ~acc)
             if cand.size >= need:

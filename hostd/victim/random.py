@@ -23,7 +23,7 @@ class RandomVictims:
         for _ in range(_SAMPLING_ROUNDS):
             draw = rng.integers(0, pool.total_frames, 2 * (n - picked.size) + 16)
             k = pool.kind[draw]
-            ok = ((k == FrameKind.GUEST) | (k == FrameKind.CACHE)) & ~pool.pinned[draw] & ~pool.busy[draw]
+            ok = (k == FrameKind.GUEST) & ~pool.pinned[draw] & ~pool.busy[draw]   # the disk cache is never a victim
             cand = np.concatenate((picked, draw[ok]))
             _, first = np.unique(cand, return_index=True)
             picked = cand[np.sort(first)][:n]

@@ -27,7 +27,7 @@ import msgspec
 from msgspec import Meta, field
 
 from ..clock import TICK_US_DEFAULT
-from ..costs import DISK_PROFILES, CostModel, DiskProfile
+from ..costs import CostModel
 from .units import kib_to_pages, mib_to_pages
 
 __all__ = [
@@ -80,26 +80,61 @@ class HostTable(Table):
     ram_mib: Annotated[float, Meta(description="host RAM in MiB (or overcommit)", gt=0)] | None = None
     overcommit: Annotated[float, Meta(
         description="sum of guest RAM / host RAM, when ram_mib is not given", gt=0)] = 1.25
-    swap_mib: Annotated[float, Meta(description="host swap in MiB (default: twice the host RAM)", ge=0)] | None = None
-    victim: Annotated[str, Meta(description="host swap victim selection: random | clock")] = "random"
+    swap_mib: Annotated[float, Meta(
+        description="host swap in MiB; must hold one swap file per guest (default: twice the guests' RAM)",
+        ge=0)] | None = None
+    victim: Annotated[str, Meta(description="host swap victim selection: random | clock | per-vm")] = "random"
     cache_max_mib: Annotated[float, Meta(
-        description="the host's virtual-disk cache in MiB (default: no limit)", ge=0)] | None = None
+        description="the host's virtual-disk page cache in MiB, ONE budget for all guests "
+                    "(default: host RAM / 16)", ge=0)] | None = None
     cluster_kib: Annotated[int, Meta(
         description="disk cache cluster in KiB, a multiple of the 4 KiB page", gt=0, multiple_of=4)] = 64
+    vdisk_cache: Annotated[Literal["writethrough", "writeback", "none"], Meta(
+        description="the host page cache's mode for the virtual disks, QEMU's cache=")] = "writethrough"
+    dirty_expire_ms: Annotated[float, Meta(
+        description="writeback: the flusher writes pages dirty this long, virtual ms (Linux dirty_expire)",
+        ge=0)] = 30_000.0
+    dirty_writeback_ms: Annotated[float, Meta(
+        description="writeback: the flusher looks every this often, virtual ms (Linux dirty_writeback)",
+        gt=0)] = 5_000.0
+    dirty_background_pct: Annotated[float, Meta(
+        description="writeback: the flusher writes a disk's dirty pages down to this % of its cache share "
+                    "(Linux dirty_background_ratio; below dirty_pct)", ge=0, le=100)] = 10.0
+    dirty_pct: Annotated[float, Meta(
+        description="a writer above this % of its cache share writes its own dirty pages back first "
+                    "(Linux dirty_ratio)", gt=0, le=100)] = 20.0
     max_inflight_requests: Annotated[int, Meta(description="disk requests in flight at once", ge=1)] = 32
+    memory_states: Annotated[Literal["esx", "none"], Meta(
+        description="\"esx\": ESX memory states (high/clear/soft/hard/low) decide when the host balloons and "
+                    "swaps; \"none\": a blind refill of the watermark each tick")] = "esx"
+    min_free_pct: Annotated[float, Meta(
+        description="ESX's minFree as a flat % of host RAM, at most 25 (ESX's is 1-6 %; default: ESX's "
+                    "sliding scale; needs memory_states)",
+        gt=0, le=25)] | None = None
+    victim_scope: Annotated[Literal["vm", "global"], Meta(
+        description="tick-end host swap: from the VMs furthest above their allocation targets (vm), "
+                    "or blind over the whole host (global)")] = "vm"
     low_watermark_pct: Annotated[float, Meta(
-        description="free frames (% of RAM) below which the host reclaims", gt=0, lt=50)] = 1.0
+        description="free frames (% of RAM) the in-tick reclaim keeps (default: the low state's threshold "
+                    "with memory states, else 1 %)", gt=0, lt=50)] | None = None
     reclaim_batch_pages: Annotated[int, Meta(description="pages reclaimed per step", ge=1)] = 32
     invariant_every_ticks: Annotated[int, Meta(description="the frame invariant every N ticks", ge=1)] = 1
     invariant: Annotated[Literal["sample", "full"], Meta(
-        description="the frame invariant each tick: a seeded sample, or the full check")] \
-        = "sample"
+        description="the frame invariant each tick: a seeded sample (the full check at the end), "
+                    "or the full check every tick (debug)")] = "sample"
     shootdown_timeout_s: Annotated[float, Meta(description="wall seconds a TLB shootdown may take", gt=0)] = 10.0
     uncooperative_ticks: Annotated[int, Meta(
         description="no balloon progress for this long: fall back to host swapping", ge=1)] = 50
     request_order: Annotated[str, Meta(
-        description="the order the host serves requests in: virtual-time (default) | arrival (with [locks])")] \
-        | None = None
+        description="the order the host serves requests in: deterministic (default; same seed, same counts) | "
+                    "arrival (one global pool; with [locks])")] | None = None
+
+    def __post_init__(self) -> None:
+        if self.dirty_background_pct >= self.dirty_pct:
+            raise ValueError(f"dirty_background_pct: {self.dirty_background_pct} must be below dirty_pct = "
+                             f"{self.dirty_pct} (the flusher starts before writers are throttled)")
+        if self.memory_states == "none" and self.min_free_pct is not None:
+            raise ValueError("min_free_pct: has no effect with memory_states = \"none\"")
 
     @property
     def ram_pages(self) -> int | None:
@@ -264,6 +299,9 @@ class GuestTable(Table):
                 min_length=1)] | None = None
     batch_refs: Annotated[int, Meta(description="references per vCPU batch", ge=1)] = 8192
     shares: Annotated[int, Meta(description="proportional-share weight for the host's controllers", ge=1)] = 1000
+    dirty_background_ratio: Annotated[float, Meta(
+        description="% of the guest's memory: the background flusher writes dirty page cache back above it "
+                    "(Linux vm.dirty_background_ratio; 0: off)", ge=0, le=100)] = 0.0
     ws_period_us: Annotated[float, Meta(
         description="working-set sample and PFF period, virtual µs (default: the kernel's)", gt=0)] \
         | None = None
@@ -324,7 +362,11 @@ class GuestEntry(GuestTable):
 # --- [costs] and [disk.*]: from proto/costs.py's dataclasses ----------------------------------
 
 def _field_comments(dc: type) -> dict[str, str]:
-    """``name: float = 1.0   # what it is`` -> {name: "what it is"}: the dataclass's comments are the keys' meanings."""
+    """A dataclass's comments as its keys' meanings.
+
+    ``name: float = 1.0   # what it is``, or the comment lines just above the
+    field (their first sentence: the rest gives sources and numbers).
+    """
     try:   # the class's block of its module's text (inspect.getsource parses the whole module: 20 ms a process)
         text = Path(inspect.getfile(dc)).read_text()
     except (OSError, TypeError):
@@ -334,7 +376,24 @@ def _field_comments(dc: type) -> dict[str, str]:
         return {}
     end = text.find("\nclass ", start + 1)
     block = text[start:end if end > 0 else len(text)]
-    return {m[1]: m[2].strip() for m in re.finditer(r"^    (\w+):[^#\n]*#\s*(.*)$", block, re.M)}
+    out: dict[str, str] = {}
+    above: list[str] = []
+    for line in block.splitlines():
+        comment = re.match(r"^    #\s?(.*)$", line)
+        if comment:
+            above.append(comment[1].strip())
+            continue
+        m = re.match(r"^    (\w+):[^#\n]*?(?:#\s*(.*))?$", line)
+        if m and (m[2] or above):
+            out[m[1]] = (m[2] or "").strip() or _first_sentence(" ".join(above))
+        above = []
+    return out
+
+
+def _first_sentence(text: str) -> str:
+    """Up to the first ':' or '. ' (the rest of a field's comment is its sources)."""
+    cut = min((i for i in (text.find(": "), text.find(". "), text.find(" (")) if i > 0), default=len(text))
+    return text[:cut].rstrip(".")
 
 
 def _from_dataclass(name: str, dc: type, *, defaults: bool, base: type = Table,
@@ -360,20 +419,47 @@ def _from_dataclass(name: str, dc: type, *, defaults: bool, base: type = Table,
 CostsTable = _from_dataclass("CostsTable", CostModel, defaults=True)
 
 
-class _DiskBase(Table):
-    def __post_init__(self) -> None:
-        if self.profile not in DISK_PROFILES:
-            from .errors import unknown_name
-            raise ValueError(f"profile: {unknown_name('disk profile', self.profile, DISK_PROFILES)}")
+class DiskDevice(Table):
+    """A ``[disk.vdisk]`` or ``[disk.swap]`` table: a profile, then any of its fields to override.
 
+    The profiles and the device model are the host's (``hostd/devices.py``:
+    ``DEVICE_PROFILES``, ``DeviceProfile``); it checks the profile's name.
+    Left out, a field is the profile's.
+    """
 
-DiskDevice = _from_dataclass("DiskDevice", DiskProfile, defaults=False, base=_DiskBase, positive=("bandwidth_bps",),
-                             extra=[("profile", F(str, "ssd | hdd, then any field to override"), "ssd")])
+    profile: Annotated[str, Meta(description="nvme | ssd | hdd, then any field to override")] = "ssd"
+    read_latency_us: Annotated[float, Meta(description="service time of one read request, virtual µs", ge=0)] \
+        | None = None
+    write_latency_us: Annotated[float, Meta(description="service time of one write request, virtual µs", ge=0)] \
+        | None = None
+    read_bandwidth_bps: Annotated[float, Meta(
+        description="bytes read per virtual second once a request is served", gt=0)] | None = None
+    write_bandwidth_bps: Annotated[float, Meta(
+        description="bytes written per virtual second once a request is served", gt=0)] | None = None
+    queue_depth: Annotated[int, Meta(description="requests served in parallel", ge=1)] | None = None
+    read_seek_us: Annotated[float, Meta(
+        description="a read that does not continue its lane's last request pays this first (seek + rotation)",
+        ge=0)] | None = None
+    write_seek_us: Annotated[float, Meta(description="the same for a write", ge=0)] | None = None
+    latency_us: Annotated[float, Meta(
+        description="read_latency_us and write_latency_us at once", ge=0)] | None = None
+    bandwidth_bps: Annotated[float, Meta(
+        description="read_bandwidth_bps and write_bandwidth_bps at once", gt=0)] | None = None
 
 
 class DiskTable(Table):
-    vdisk: Annotated[DiskDevice, Meta(description="the guests' virtual disks")] | None = None
-    swap: Annotated[DiskDevice, Meta(description="the host's swap device")] | None = None
+    shared: Annotated[bool, Meta(
+        description="every virtual disk and the host swap files on ONE device ([disk.vdisk]'s profile; "
+                    "[disk.swap] is then refused)")] = False
+    vdisk: Annotated[DiskDevice, Meta(
+        description="the guests' virtual disks (each its own device unless shared)")] | None = None
+    swap: Annotated[DiskDevice, Meta(
+        description="the host's swap device (the swap files of all guests, one lane each)")] | None = None
+
+    def __post_init__(self) -> None:
+        if self.shared and self.swap is not None:
+            raise ValueError("swap: with shared = true the host swap files are on the one shared device, whose "
+                             "profile is [disk.vdisk]'s; drop [disk.swap] or set shared = false")
 
 
 # --- the whole file ---------------------------------------------------------------------------

@@ -540,7 +540,8 @@ function readHash() {
 function setup() {
   readHash();
   $("play").onclick = () => (S.playing ? stop() : play());
-  $("slider").oninput = () => { S.pos = Number($("slider").value); $("follow").checked = false; S.dirty = true; };
+  // Moving the slider takes over from playback: a timer still running would step on from where it was put.
+  $("slider").oninput = () => { stop(); S.pos = Number($("slider").value); $("follow").checked = false; S.dirty = true; };
   $("follow").onchange = () => { if ($("follow").checked) { S.pos = null; stop(); } S.dirty = true; };
   $("speed").onchange = () => { if (S.playing) play(); };
   document.addEventListener("keydown", (e) => {

@@ -1,0 +1,282 @@
+"""The guest fork server: one process that imports a guest once and forks every guest from it.
+
+    python -m balloonlab.forkserver --control-fd FD [--run-dir DIR]
+
+A guest started as ``python -m balloonlab.guestd`` spends its first second
+and most of its private memory importing numpy, msgpack, uvloop, structlog
+and the guest's own modules (its compiled paging core too). This process
+does that once, freezes what it imported (``gc.freeze()``: the collector no
+longer writes to those objects, so the pages stay shared after a fork), and
+then forks one child per request, which runs the guest's normal entry point
+(``balloonlab.guestd.__main__.main``) with its own argv, environment (its
+own credential), working directory, stdout/stderr files, session, and
+command line and environment as /proc shows them (``balloonlab.proctitle``). Guests share the imported pages
+copy-on-write; each keeps privately only what it writes.
+
+The control channel is a ``SOCK_SEQPACKET`` socket (FD, inherited), one
+JSON object per packet:
+
+- the server says ``{"op": "ready", "pid": ..., "preload_s": ...}`` once;
+- the client asks ``{"op": "spawn", "id": N, "name": ..., "args": [...],
+  "env": {...}, "cwd": ..., "stderr": PATH, "stdout": PATH|null}``; the server
+  answers ``{"op": "spawned", "id": N, "pid": PID}`` with a pidfd of the child
+  attached (so that the client can signal it without racing pid reuse), or
+  ``{"op": "spawn_failed", "id": N, "error": ...}``;
+- the server reaps its children and says ``{"op": "exited", "pid": PID,
+  "returncode": RC}`` (RC as ``subprocess`` has it: -N for signal N).
+
+When the client closes its end, the server SIGKILLs the children it still
+has, reaps them and exits 0. Each child dies with the server
+(PR_SET_PDEATHSIG), and the server with whoever started it, so a crash at
+any level leaves nothing behind.
+"""
+from __future__ import annotations
+
+import argparse
+import array
+import ctypes
+import errno
+import gc
+import json
+import os
+import selectors
+import signal
+import socket
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+__all__ = ["main", "PRELOAD", "MAX_PACKET"]
+
+MAX_PACKET = 1 << 20          # one spawn request: argv + environment, far below this
+PRELOAD = ("numpy", "msgpack", "uvloop", "structlog", "asyncio", "balloonlab.guestd.__main__",
+           "balloonlab.guestd.agent", "balloonlab.guestd._paging", "balloonlab.proto.logconf",
+           "balloonlab.proto.transport", "balloonlab.proto.rpc", "balloonlab.proto.messages")
+_PR_SET_PDEATHSIG = 1
+
+
+def _preload() -> None:
+    import importlib
+    import pkgutil
+    for name in PRELOAD:
+        importlib.import_module(name)
+    # Every module of the guest, not only those the entry point imports at the top: the ones it
+    # imports later (a replacement policy, a workload kind) would otherwise be private per guest.
+    import balloonlab.guestd as guestd
+    for mod in pkgutil.walk_packages(guestd.__path__, "balloonlab.guestd."):
+        importlib.import_module(mod.name)
+
+
+def _die_with_parent() -> None:
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def _send(sock: socket.socket, msg: dict[str, Any], fds: list[int] | None = None) -> None:
+    data = json.dumps(msg).encode()
+    if fds:
+        socket.send_fds(sock, [data], fds)
+    else:
+        sock.send(data)
+
+
+def _exit_code(code: object) -> int:
+    if code is None:
+        return 0
+    if isinstance(code, int):
+        return code & 0xFF
+    print(code, file=sys.stderr)
+    return 1
+
+
+def _run_child(req: dict[str, Any], server_pid: int) -> int:
+    """In the forked child: become the guest ``req`` describes and run it; returns its exit status."""
+    os.setsid()
+    _die_with_parent()
+    if os.getppid() != server_pid:   # the server died between fork and prctl
+        return 1
+    signal.set_wakeup_fd(-1)
+    for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGPIPE, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)   # as in a fresh interpreter
+    signal.pthread_sigmask(signal.SIG_SETMASK, [])
+    null = os.open(os.devnull, os.O_RDWR)
+    out = os.open(req["stdout"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644) if req.get("stdout") else null
+    err = os.open(req["stderr"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644) if req.get("stderr") else null
+    os.dup2(null, 0)
+    os.dup2(out, 1)
+    os.dup2(err, 2)
+    os.closerange(3, os.sysconf("SC_OPEN_MAX") if os.sysconf("SC_OPEN_MAX") < 1 << 16 else 1 << 16)
+    os.chdir(req.get("cwd") or "/")
+    os.environ.clear()
+    os.environ.update({str(k): str(v) for k, v in req["env"].items()})
+    from balloonlab.proctitle import set_process_image
+    args = [str(a) for a in req["args"]]
+    set_process_image([req.get("python") or sys.executable, "-m", "balloonlab.guestd", *args], dict(os.environ))
+    from balloonlab.guestd import __main__ as guest_main
+    sys.argv = [guest_main.__file__, *args]
+    try:
+        return _exit_code(guest_main.main(args))
+    except SystemExit as exc:
+        return _exit_code(exc.code)
+    except KeyboardInterrupt:
+        # A fresh interpreter dies of the SIGINT it did not handle; so does this one.
+        sys.stderr.flush()
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGINT)
+        return 130
+    except BaseException:  # noqa: BLE001 -- the guest's bug: its traceback, exit 1, as a fresh process
+        traceback.print_exc()
+        return 1
+
+
+class _Server:
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.children: set[int] = set()
+        self.pid = os.getpid()
+
+    def spawn(self, req: dict[str, Any]) -> None:
+        rid = req.get("id")
+        for key in ("args", "env"):
+            if key not in req:
+                _send(self.sock, {"op": "spawn_failed", "id": rid, "error": f"spawn request without {key!r}"})
+                return
+        sys.stdout.flush()
+        sys.stderr.flush()
+        try:
+            pid = os.fork()
+        except OSError as exc:
+            _send(self.sock, {"op": "spawn_failed", "id": rid, "error": f"fork: {exc.strerror or exc}"})
+            return
+        if pid == 0:
+            code = 1
+            try:
+                code = _run_child(req, self.pid)
+            except BaseException:  # noqa: BLE001 -- never return into the server's loop
+                try:
+                    traceback.print_exc()
+                except BaseException:  # noqa: BLE001
+                    pass
+            finally:
+                try:
+                    sys.stdout.flush()
+                    sys.stderr.flush()
+                finally:
+                    os._exit(code)
+        self.children.add(pid)
+        pidfd = os.pidfd_open(pid)
+        try:
+            _send(self.sock, {"op": "spawned", "id": rid, "pid": pid}, [pidfd])
+        finally:
+            os.close(pidfd)
+
+    def reap(self) -> None:
+        while self.children:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                self.children.clear()
+                return
+            if pid == 0:
+                return
+            self.children.discard(pid)
+            try:
+                _send(self.sock, {"op": "exited", "pid": pid, "returncode": os.waitstatus_to_exitcode(status)})
+            except OSError:
+                pass   # the client is gone; shutdown() kills and reaps the rest
+
+    def shutdown(self) -> None:
+        for pid in list(self.children):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + 10.0
+        while self.children and time.monotonic() < deadline:
+            try:
+                pid, _ = os.waitpid(-1, 0)
+                self.children.discard(pid)
+            except ChildProcessError:
+                break
+            except InterruptedError:
+                continue
+
+    def serve(self) -> int:
+        rfd, wfd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.set_wakeup_fd(wfd)
+        signal.signal(signal.SIGCHLD, lambda *_: None)   # the wakeup fd does the work
+        sel = selectors.DefaultSelector()
+        sel.register(self.sock, selectors.EVENT_READ, "control")
+        sel.register(rfd, selectors.EVENT_READ, "sigchld")
+        try:
+            while True:
+                for key, _ in sel.select():
+                    if key.data == "sigchld":
+                        try:
+                            while os.read(rfd, 4096):
+                                pass
+                        except BlockingIOError:
+                            pass
+                        self.reap()
+                        continue
+                    try:
+                        data = self.sock.recv(MAX_PACKET)
+                    except InterruptedError:
+                        continue
+                    except ConnectionResetError:
+                        data = b""
+                    if not data:
+                        return 0
+                    try:
+                        req = json.loads(data)
+                    except ValueError:
+                        print(f"forkserver: a control packet that is not JSON: {data[:80]!r}", file=sys.stderr)
+                        continue
+                    if req.get("op") == "spawn":
+                        self.spawn(req)
+                    else:
+                        _send(self.sock, {"op": "error", "error": f"unknown op {req.get('op')!r}"})
+                self.reap()   # a SIGCHLD that arrived between select and the handler
+        finally:
+            self.shutdown()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m balloonlab.forkserver", description=__doc__.splitlines()[0])
+    ap.add_argument("--control-fd", type=int, required=True, help="the inherited SOCK_SEQPACKET control socket")
+    ap.add_argument("--run-dir", type=Path, default=None, help="the run this server serves (shown on its command line)")
+    args = ap.parse_args(argv)
+    try:
+        sock = socket.socket(fileno=args.control_fd)
+    except OSError as exc:
+        print(f"forkserver: --control-fd {args.control_fd}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
+    if sock.type != socket.SOCK_SEQPACKET:
+        print(f"forkserver: --control-fd {args.control_fd} is not a SOCK_SEQPACKET socket", file=sys.stderr)
+        return 2
+    sock.set_inheritable(False)
+    t0 = time.monotonic()
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")   # no BLAS thread pool: fork only a single thread
+    _preload()
+    threads = len(os.listdir("/proc/self/task"))
+    if threads != 1:
+        # A child forked from a threaded process may inherit a lock another thread held: refuse.
+        print(f"forkserver: {threads} threads after the imports (a BLAS pool? set OPENBLAS_NUM_THREADS=1); "
+              "forking would be unsafe", file=sys.stderr)
+        return 1
+    gc.collect()
+    gc.freeze()
+    try:
+        _send(sock, {"op": "ready", "pid": os.getpid(), "preload_s": round(time.monotonic() - t0, 3)})
+    except OSError as exc:
+        if exc.errno in (errno.EPIPE, errno.ECONNRESET):
+            return 0
+        raise
+    return _Server(sock).serve()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

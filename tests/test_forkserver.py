@@ -1,0 +1,206 @@
+"""Guests forked from the fork server: same counts as exec'd guests, real processes, a dead server reported.
+
+The launcher runs as a user runs it (real host, fork server and guests over a
+Unix socket); each test bounds its time and checks that no process of the
+run is left. The last test drives the fork server's client directly.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+from pathlib import Path
+
+import pytest
+
+from tests.procs import Launched, dump_logs, procs_mentioning, run_launcher, wait_until
+from tests.rawclient import proc_state, run_pids, wait_stopped
+from tests.test_determinism import SCENARIO
+from tests.test_launch import RUN_TIMEOUT_S, TINY, assert_no_leftovers, events_named, guest_pid, host_tick, read_jsonl
+
+pytestmark = pytest.mark.multiprocess
+
+PRIVATE_MIB_TARGET = 20.0
+
+
+def _status(pid: int) -> dict[str, str]:
+    out = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        out[key] = value.strip()
+    return out
+
+
+def _private_mib(pid: int) -> float:
+    kib = 0
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+        if line.startswith(("Private_Clean:", "Private_Dirty:")):
+            kib += int(line.split()[1])
+    return kib / 1024
+
+
+def _forkserver_pid(run_dir: Path) -> int:
+    found = [pid for pid, cmd in procs_mentioning(str(run_dir)) if "-m balloonlab.forkserver" in cmd]
+    assert len(found) == 1, procs_mentioning(str(run_dir))
+    return found[0]
+
+
+def _fail(run: Launched, run_dir: Path) -> str:
+    return f"stderr:\n{run.err}\n{dump_logs(run_dir)}"
+
+
+@pytest.mark.timeout(240)
+def test_forked_guests_count_exactly_what_execd_guests_count(tmp_path: Path) -> None:
+    """Same scenario + seed: every guest stat and the host's books identical, forked or exec'd."""
+    scenario = tmp_path / "determinism.toml"
+    scenario.write_text(SCENARIO)
+    got = {}
+    for mode in ("fork", "exec"):
+        run_dir = tmp_path / mode
+        res = run_launcher("--scenario", str(scenario), "--run-dir", str(run_dir), "--no-report",
+                           "--guest-start", mode, timeout_s=90)
+        assert res.returncode == 0, f"{mode}: stderr:\n{res.stderr}\n{dump_logs(run_dir)}"
+        assert not procs_mentioning(str(run_dir))
+        # The fork run's fork server said nothing on stderr (an empty file is removed).
+        assert not (run_dir / "forkserver.stderr").exists()
+        guests = {gid: events_named(read_jsonl(run_dir / f"guest-{gid}.jsonl"), "guest_finished")[0]["stats"]
+                  for gid in (0, 1)}
+        host = events_named(read_jsonl(run_dir / "host.jsonl"), "run_finished")[0]
+        got[mode] = (guests, host)
+    (fork_guests, fork_host), (exec_guests, exec_host) = got["fork"], got["exec"]
+    for gid in (0, 1):
+        a, b = fork_guests[gid], exec_guests[gid]
+        assert a["evictions"] > 100 and a["refs"] > 0, a          # the run really paged
+        assert a == b, {k: (a[k], b.get(k)) for k in a if a[k] != b.get(k)}
+    assert fork_host["guests_memory"] == exec_host["guests_memory"]
+    assert fork_host["ticks"] == exec_host["ticks"] and fork_host["reason"] == "completed"
+
+
+@pytest.mark.timeout(180)
+def test_a_forked_guest_is_a_real_process_stopped_and_killed_as_before(tmp_path: Path) -> None:
+    """Forked guests: children of the fork server, own session and command line, small private memory.
+
+    SIGSTOP/SIGCONT on a guest's pid work; a SIGKILLed guest is reported by the launcher as today
+    (its exit status comes from the fork server, which reaps it).
+    """
+    run_dir = tmp_path / "run"
+    ticks = 300
+    run = Launched("--scenario", TINY, "--ticks", str(ticks), "--run-dir", str(run_dir), "--no-report",
+                   "--guest-start", "fork")
+    try:
+        wait_until(lambda: host_tick(run_dir) >= 9 and guest_pid(run_dir, 2), 60.0, what="tick 10 in host.jsonl")
+        server = _forkserver_pid(run_dir)
+        pids = run_pids(run_dir)    # found by their command lines, as the fault tests find them
+        assert sorted(pids) == ["guest-0", "guest-1", "guest-2", "guest-3", "host"], pids
+        for gid in range(4):
+            pid = pids[f"guest-{gid}"]
+            assert pid == guest_pid(run_dir, gid), "the host saw another process than the command line names"
+            st = _status(pid)
+            assert int(st["PPid"]) == server, st
+            assert os.getsid(pid) == pid                     # its own session, as exec'd guests have
+            private = _private_mib(pid)
+            assert private < PRIVATE_MIB_TARGET, f"guest {gid}: {private:.1f} MiB private"
+        victim = pids["guest-1"]
+        os.kill(victim, signal.SIGSTOP)
+        wait_stopped(victim, 10.0)
+        os.kill(victim, signal.SIGCONT)
+        wait_until(lambda: proc_state(victim) not in ("T", ""), 10.0, what="guest 1 running again")
+        os.kill(pids["guest-2"], signal.SIGKILL)
+        rc = run.wait(RUN_TIMEOUT_S)
+    finally:
+        run.close()
+    assert rc == 1, _fail(run, run_dir)
+    assert "[default] degraded: guest 2 lost" in run.err, run.err
+    assert "guest-2 was killed by SIGKILL" in run.err, run.err
+    fin = events_named(read_jsonl(run_dir / "host.jsonl"), "run_finished")[0]
+    assert fin["reason"] == "completed" and fin["ticks"] == ticks
+    for gid in (0, 1, 3):
+        done = events_named(read_jsonl(run_dir / f"guest-{gid}.jsonl"), "guest_finished")
+        assert done and done[0]["ticks"] == ticks, f"guest {gid} did not run to the end"
+    summary = json.loads((run_dir / "summary.json").read_text())["variants"]["default"]
+    assert list(summary["guests_lost"]) == ["2"] and summary["lost_pages"] == 0
+    assert_no_leftovers(run_dir)
+
+
+@pytest.mark.timeout(180)
+def test_a_dead_fork_server_fails_the_run_and_says_so(tmp_path: Path) -> None:
+    """SIGKILL the fork server mid-run: its guests die with it, the host ends the run, the launcher says why."""
+    run_dir = tmp_path / "run"
+    run = Launched("--scenario", TINY, "--ticks", "100000", "--run-dir", str(run_dir), "--no-report",
+                   "--guest-start", "fork")
+    try:
+        wait_until(lambda: host_tick(run_dir) >= 4, 60.0, what="tick 5 in host.jsonl")
+        server = _forkserver_pid(run_dir)
+        guests = [pid for name, pid in run_pids(run_dir).items() if name.startswith("guest-")]
+        assert len(guests) == 4
+        os.kill(server, signal.SIGKILL)
+        rc = run.wait(RUN_TIMEOUT_S)
+    finally:
+        run.close()
+    assert rc == 1, _fail(run, run_dir)
+    assert f"the guest fork server (pid {server}) died" in run.err, run.err
+    assert "killed by SIGKILL" in run.err and "guest(s) were killed with it" in run.err, run.err
+    # The host was stopped in order: it ended the run and wrote its summary line.
+    fin = events_named(read_jsonl(run_dir / "host.jsonl"), "run_finished")
+    assert fin, dump_logs(run_dir)
+    for pid in guests:
+        assert proc_state(pid) in ("", "Z") or not Path(f"/proc/{pid}").exists()
+    assert_no_leftovers(run_dir)
+
+
+@pytest.mark.timeout(120)
+def test_the_client_restarts_signals_and_reaps_guests(tmp_path: Path) -> None:
+    """The client API: exit statuses from the server, a guest started again under its id, cleanup on close."""
+    from balloonlab.forkclient import ForkServer, ForkServerError
+
+    async def scenario() -> None:
+        env = dict(os.environ, OPENBLAS_NUM_THREADS="1")
+        server = await ForkServer.start(tmp_path, env)
+        nowhere = ["--address", f"unix:{tmp_path}/nobody.sock", "--guest-id", "7"]
+        genv = {"BALLOONLAB_TOKEN": "t" * 16, "PATH": os.environ.get("PATH", "")}
+        try:
+            bad = await server.spawn("guest-7", ["--guest-id", "x"], genv, tmp_path / "bad.stderr")
+            assert await asyncio.wait_for(bad.wait(), 30) == 2          # argparse's status, reaped by the server
+            assert "--guest-id: invalid int value" in (tmp_path / "bad.stderr").read_text()
+            first = await server.spawn("guest-7", nowhere, genv, tmp_path / "g7.stderr")
+            wait_until(lambda: b"--guest-id\x007\x00" in Path(f"/proc/{first.pid}/cmdline").read_bytes(), 30.0,
+                       what="the guest's own command line")
+            environ = Path(f"/proc/{first.pid}/environ").read_bytes().split(b"\0")
+            assert b"BALLOONLAB_TOKEN=" + b"t" * 16 in environ        # its environment, as an exec'd one shows it
+            first.send_signal(signal.SIGSTOP)
+            wait_stopped(first.pid, 10.0)
+            first.send_signal(signal.SIGKILL)
+            assert await asyncio.wait_for(first.wait(), 30) == -signal.SIGKILL
+            first.send_signal(signal.SIGKILL)                           # after its end: a no-op, not an error
+            again = await server.spawn("guest-7", nowhere, genv, tmp_path / "g7.stderr")
+            assert again.pid != first.pid and again.returncode is None
+        finally:
+            await server.close()
+        assert server.proc.returncode == 0
+        assert again.lost and again.returncode is None                  # closed under it: killed, not reported
+        wait_until(lambda: proc_state(again.pid) in ("", "Z"), 10.0, what="the guest gone with its server")
+        with pytest.raises(ForkServerError, match="cannot start guest-8"):
+            await server.spawn("guest-8", nowhere, genv, tmp_path / "g8.stderr")
+
+    asyncio.run(asyncio.wait_for(scenario(), 100))
+    assert not procs_mentioning(str(tmp_path))
+
+
+def test_the_switch_picks_how_guests_start(monkeypatch: pytest.MonkeyPatch) -> None:
+    from balloonlab.runner import default_guest_start
+    monkeypatch.delenv("BALLOONLAB_FORKSERVER", raising=False)
+    assert default_guest_start() == "fork"
+    for off in ("0", "no", "off", "false"):
+        monkeypatch.setenv("BALLOONLAB_FORKSERVER", off)
+        assert default_guest_start() == "exec"
+    monkeypatch.setenv("BALLOONLAB_FORKSERVER", "1")
+    assert default_guest_start() == "fork"
+
+
+def test_an_unknown_guest_start_is_refused_before_anything_starts(tmp_path: Path) -> None:
+    import balloonlab
+    from balloonlab.proto.errors import ConfigError
+    with pytest.raises(ConfigError, match="guest_start must be one of fork, exec, got 'spawn'"):
+        balloonlab.run(TINY, ticks=1, run_dir=tmp_path / "run", guest_start="spawn", verbose=False)
+    assert not (tmp_path / "run").exists()
