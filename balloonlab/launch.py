@@ -171,6 +171,7 @@ def host_main(argv: list[str] | None = None) -> int:
 def _main(argv: list[str] | None = None, prog: str = "balloonlab-launch") -> int:
     args = parse_args(argv, prog)
     if args.schema:
+        from .editorschema import editor_schema
         print(json.dumps(editor_schema(), indent=2))
         return 0
     from balloonlab.overrides import normalize, parse_setting
@@ -190,20 +191,6 @@ def _main(argv: list[str] | None = None, prog: str = "balloonlab-launch") -> int
         say(f"{prog}: {exc}")
         return 2
     return outcome.exit_status
-
-
-def editor_schema() -> dict[str, Any]:
-    """The scenario's JSON Schema with the names the host's and the guests' registries know today."""
-    from balloonlab.guestd.replacement import POLICIES
-    from balloonlab.guestd.workload.recorded import shipped_traces
-    from balloonlab.hostd.balloon import BALLOON_POLICIES
-    from balloonlab.hostd.discipline import REQUEST_ORDERS
-    from balloonlab.hostd.victim import VICTIM_POLICIES
-    from balloonlab.proto.schema import json_schema
-    names = {("HostTable", "victim"): (VICTIM_POLICIES, True), ("HostTable", "request_order"): (REQUEST_ORDERS, True),
-             ("BalloonTable", "policy"): (BALLOON_POLICIES, False), ("GuestTable", "policy"): (POLICIES, False),
-             ("GuestEntry", "policy"): (POLICIES, False), ("TraceWorkload", "program"): (shipped_traces(), True)}
-    return json_schema(names)
 
 
 def prepare(scenario: str | os.PathLike[str], overrides: Overrides = Overrides()) -> tuple[Path, Scenario]:

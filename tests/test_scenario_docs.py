@@ -28,7 +28,7 @@ def example() -> str:
 
 def test_every_table_and_key_of_the_schema_is_documented() -> None:
     docs = scenario_docs()
-    structs = [schema.ScenarioTable, schema.HostTable, schema.GuestTable, schema.GuestEntry, schema.Region,
+    structs = [schema.ScenarioTable, schema.HostTable, schema.GuestTable, schema.GuestEntry, schema.Region, schema.DiskTable,
                schema.BalloonTable, schema.LocksTable, schema.CostsTable, schema.DiskDevice, schema.SweepTable,
                *schema.WORKLOAD_KINDS.values()]
     missing = [f"{s.__name__}.{f.encode_name}" for s in structs for f in msgspec.structs.fields(s)

@@ -174,9 +174,81 @@ def test_the_hosts_choices_are_the_schemas() -> None:
             tp = next(a for a in typing.get_args(tp) if a is not type(None))
         return typing.get_args(tp)
 
+    from balloonlab.hostd.memstate import MEMORY_STATES_MODES, VICTIM_SCOPES
+    from balloonlab.hostd.vdisk import CACHE_MODES
     assert literal(schema.HostTable, "invariant") == INVARIANT_MODES
+    assert literal(schema.HostTable, "memory_states") == MEMORY_STATES_MODES     # the first is the default
+    assert literal(schema.HostTable, "victim_scope") == VICTIM_SCOPES
+    assert set(literal(schema.HostTable, "vdisk_cache")) == set(CACHE_MODES)
     assert literal(schema.BalloonTable, "log_decisions") == LOG_DECISIONS
     assert literal(schema.LocksTable, "hold_vmem") == HOLD_VMEM_CHOICES
+
+
+def test_the_hosts_defaults_are_the_schemas() -> None:
+    # hostd keeps named constants for a library caller that builds its parts directly: they must agree.
+    from balloonlab.hostd import hostcache
+    from balloonlab.hostd.memstate import MEMORY_STATES_MODES, VICTIM_SCOPES
+    cfg = host_memory_config({})
+    assert cfg.vdisk_cache == hostcache.CACHE_MODE_DEFAULT == "writethrough"
+    assert (cfg.dirty_expire_ms, cfg.dirty_writeback_ms, cfg.dirty_background_pct, cfg.dirty_pct) == (
+        hostcache.DIRTY_EXPIRE_MS_DEFAULT, hostcache.DIRTY_WRITEBACK_MS_DEFAULT,
+        hostcache.DIRTY_BACKGROUND_PCT_DEFAULT, hostcache.DIRTY_PCT_DEFAULT)
+    assert (cfg.memory_states, cfg.victim_scope) == (MEMORY_STATES_MODES[0], VICTIM_SCOPES[0])
+    assert cfg.low_watermark_pct is None and cfg.min_free_pct is None
+
+
+@pytest.mark.parametrize("table, expected", [
+    ({"vdisk_cache": "writeback"}, None),
+    ({"vdisk_cache": "write-back"}, "host.vdisk_cache: must be one of ['writethrough', 'writeback', 'none'], "
+                                    "got 'write-back'; did you mean 'writeback'?"),
+    ({"dirty_pct": 5}, "host.dirty_background_pct: 10.0 must be below dirty_pct = 5"),
+    ({"dirty_background_pct": 101}, "host.dirty_background_pct: must be <= 100, got 101"),
+    ({"dirty_writeback_ms": 0}, "host.dirty_writeback_ms: must be > 0, got 0"),
+    ({"memory_states": "none", "min_free_pct": 2}, "host.min_free_pct: has no effect with memory_states = \"none\""),
+    ({"victim_scop": "vm"}, "host.victim_scop: unknown key; did you mean 'victim_scope' or 'victim'?"),
+    ({"request_order": "virtual-time"}, None),
+    ({"request_order": "determinstic"}, "host.request_order: unknown request order 'determinstic'; "
+                                        "did you mean 'deterministic'?"),
+])
+def test_the_hosts_new_keys_are_checked_by_the_schema(table: dict, expected: str | None) -> None:
+    if expected is None:
+        host_memory_config(table)
+        return
+    with pytest.raises(ConfigError) as e:
+        host_memory_config(table)
+    assert str(e.value).startswith(expected), str(e.value)
+
+
+def test_the_deprecated_request_order_resolves() -> None:
+    assert host_memory_config({"request_order": "virtual-time"}).resolved_request_order(False) == "deterministic"
+    assert host_memory_config({}).resolved_request_order(False) == "deterministic"
+    assert host_memory_config({}).resolved_request_order(True) == "arrival"
+    with pytest.raises(ConfigError, match=r"host.request_order: \"virtual-time\" cannot go with a \[locks\]"):
+        host_memory_config({"request_order": "virtual-time"}).resolved_request_order(True)
+
+
+def test_the_disk_keys_are_the_device_models() -> None:
+    import dataclasses
+
+    from balloonlab.hostd.devices import DeviceProfile
+    keys = {f.name for f in msgspec.structs.fields(schema.DiskDevice)}
+    assert keys == {f.name for f in dataclasses.fields(DeviceProfile)} | {"profile", "latency_us", "bandwidth_bps"}
+    assert {f.name for f in msgspec.structs.fields(schema.DiskTable)} == {"shared", "vdisk", "swap"}
+
+
+def test_a_guests_dirty_background_ratio_is_a_schema_key(tmp_path: Path) -> None:
+    assert guest_config_from_mapping({"dirty_background_ratio": 10}).dirty_background_ratio == 10.0
+    assert guest_config_from_mapping({}).dirty_background_ratio == 0.0
+    msg = error(tmp_path, BASE.replace("ram_mib = 8", "ram_mib = 8\ndirty_background_ration = 10"))
+    assert "guest.dirty_background_ration: unknown key; did you mean 'dirty_background_ratio'?" in msg
+    msg = error(tmp_path, BASE.replace("ram_mib = 8", "ram_mib = 8\ndirty_background_ratio = 150"))
+    assert "guest.dirty_background_ratio: must be <= 100, got 150" in msg
+
+
+def test_the_scenario_refuses_swap_too_small_for_the_guests_files(tmp_path: Path) -> None:
+    msg = error(tmp_path, BASE + "[host]\nswap_mib = 15\n")
+    assert "s.toml: host.swap_mib: swap_mib = 15 cannot hold the guests' swap files" in msg
+    load(tmp_path, BASE + "[host]\nswap_mib = 16\n")                      # two guests of 8 MiB
 
 
 def test_a_new_cost_field_is_a_key() -> None:
@@ -206,3 +278,19 @@ def test_schema_is_printed_by_the_launcher(capsys: pytest.CaptureFixture[str]) -
     assert any("clok" in e.message for e in validator.iter_errors(bad))
     for path in sorted(SCENARIO_DIR.glob("*.toml")):
         assert not list(validator.iter_errors(tomllib.loads(path.read_text()))), path.name
+    host = doc["$defs"]["HostTable"]["properties"]
+    assert {"vdisk_cache", "dirty_expire_ms", "dirty_writeback_ms", "dirty_background_pct", "dirty_pct",
+            "memory_states", "min_free_pct", "victim_scope", "low_watermark_pct"} <= set(host)
+    assert doc["$defs"]["DiskTable"]["properties"]["shared"]["type"] == "boolean"
+    assert doc["$defs"]["DiskDevice"]["properties"]["profile"]["enum"] == ["hdd", "nvme", "ssd"]
+    # the tables the host's registries own: each monitor's keys, each built-in policy's params
+    monitors = doc["$defs"]["EditorScenario"]["properties"]["monitors"]["properties"]
+    assert {"pff_high", "pff_low", "mode"} <= set(monitors["pinning"]["properties"])
+    assert {"min_guests", "stall_share", "io_fraction"} <= set(monitors["swap_storm"]["properties"])
+    params = {c["if"]["properties"]["policy"]["const"]: c["then"]["properties"]["params"]["properties"]
+              for c in doc["$defs"]["BalloonTable"]["allOf"]}
+    assert params["squeezed"]["host_free_target_mib"] == {"type": "number", "default": 9.0}
+    assert {"buffer_percent", "weights"} <= set(params["hyperv"]) and "pressure_us" in params["senpai"]
+    for edit in ("[monitors.pinning]\npff_hihg = 3\n", "[balloon]\npolicy = \"squeezed\"\nparams = { period = 1 }\n",
+                 "[disk]\nshared = \"yes\"\n", "[host]\nvdisk_cache = \"fast\"\n"):
+        assert list(validator.iter_errors(tomllib.loads(BASE + edit))), edit

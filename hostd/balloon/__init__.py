@@ -36,8 +36,8 @@ from .sweep import SweepBalloon
 from .view import GuestView, HostView
 from .working_set import WorkingSetBalloon
 
-__all__ = ["BalloonController", "ControllerBase", "BALLOON_POLICIES", "make_controller", "GuestView", "HostView",
-           "NonCooperationDetector", "clamp_target", "Decision", "DecisionLog", "hold"]
+__all__ = ["BalloonController", "ControllerBase", "BALLOON_POLICIES", "make_controller", "policy_params", "GuestView",
+           "HostView", "NonCooperationDetector", "clamp_target", "Decision", "DecisionLog", "hold"]
 
 BALLOON_POLICIES: dict[str, Callable[[Mapping[str, Any]], BalloonController]] = {
     NoBalloon.name: NoBalloon.from_params,
@@ -81,6 +81,14 @@ class _TargetsOnly(ControllerBase):
         wanted = self.inner.targets(view)
         return {gid: Decision(int(t), "targets", f"target from {self.name}.targets() (it gives no reasons)")
                 for gid, t in dict(wanted).items()}
+
+
+def policy_params() -> dict[str, Mapping[str, tuple[type, Any]]]:
+    """Each built-in policy's parameters, ``name -> (type, default)``, read by building it with its defaults."""
+    from .policy import PARAM_SPECS
+    for name in BALLOON_POLICIES:
+        make_controller(name, {})
+    return {name: dict(PARAM_SPECS.get(name, {})) for name in BALLOON_POLICIES}
 
 
 def _user_controller(spec: str, params: Mapping[str, Any]) -> BalloonController:

@@ -22,7 +22,7 @@ from ..errors import PolicyConfigError
 from .decision import Decision
 from .view import GuestView, HostView
 
-__all__ = ["BalloonController", "ControllerBase", "clamp_target", "is_due", "parse_params", "Spec",
+__all__ = ["BalloonController", "ControllerBase", "clamp_target", "is_due", "parse_params", "PARAM_SPECS", "Spec",
            "check_fraction", "check_non_negative"]
 
 
@@ -68,8 +68,13 @@ Spec = Mapping[str, tuple[type, Any]]
 """name -> (type, default); ``float`` accepts ints; ``dict`` means any mapping."""
 
 
+PARAM_SPECS: dict[str, Spec] = {}
+"""Each built-in policy's parameters as its ``parse_params`` last read them (``balloonlab-launch --schema``)."""
+
+
 def parse_params(policy: str, params: Mapping[str, Any] | None, spec: Spec) -> dict[str, Any]:
     """Defaults overridden by ``params``; unknown names and wrong types are refused by name."""
+    PARAM_SPECS[policy] = spec
     params = dict(params or {})
     unknown = sorted(set(params) - set(spec))
     if unknown:

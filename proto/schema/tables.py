@@ -83,7 +83,7 @@ class HostTable(Table):
     swap_mib: Annotated[float, Meta(
         description="host swap in MiB; must hold one swap file per guest (default: twice the guests' RAM)",
         ge=0)] | None = None
-    victim: Annotated[str, Meta(description="host swap victim selection: random | clock | per-vm")] = "random"
+    victim: Annotated[str, Meta(description="host swap victim selection: random | clock")] = "random"
     cache_max_mib: Annotated[float, Meta(
         description="the host's virtual-disk page cache in MiB, ONE budget for all guests "
                     "(default: host RAM / 16)", ge=0)] | None = None
@@ -157,7 +157,8 @@ class HostTable(Table):
 
 class BalloonTable(Table):
     policy: Annotated[str, Meta(
-        description="none | static | proportional | mom | working-set | aggressive | sweep, or file.py:Class")] = "none"
+        description="none | static | proportional | mom | working-set | aggressive | sweep | squeezed | hyperv | "
+                    "senpai, or file.py:Class")] = "none"
     params: Annotated[dict[str, Any], Meta(description="the policy's parameters (docs/policies.md)")] = {}
     max_percent: Annotated[float, Meta(
         description="a balloon never exceeds this share of guest RAM", ge=0, le=100)] = 65.0
@@ -361,7 +362,7 @@ class GuestEntry(GuestTable):
 
 # --- [costs] and [disk.*]: from proto/costs.py's dataclasses ----------------------------------
 
-def _field_comments(dc: type) -> dict[str, str]:
+def field_comments(dc: type) -> dict[str, str]:
     """A dataclass's comments as its keys' meanings.
 
     ``name: float = 1.0   # what it is``, or the comment lines just above the
@@ -391,16 +392,17 @@ def _field_comments(dc: type) -> dict[str, str]:
 
 
 def _first_sentence(text: str) -> str:
-    """Up to the first ':' or '. ' (the rest of a field's comment is its sources)."""
-    cut = min((i for i in (text.find(": "), text.find(". "), text.find(" (")) if i > 0), default=len(text))
-    return text[:cut].rstrip(".")
+    """Up to the first ': ' or '. ' (the rest of a field's comment is its numbers and sources)."""
+    cut = min((i for i in (text.find(": "), text.find(". ")) if i > 0), default=len(text))
+    text = text[:cut].rstrip(".")
+    return text[:1].lower() + text[1:]
 
 
 def _from_dataclass(name: str, dc: type, *, defaults: bool, base: type = Table,
                     extra: list[tuple[str, Any, Any]] = (), positive: tuple[str, ...] = ()) -> type:
     """A table struct with one key per field of ``dc``: numbers >= 0 (counts >= 1), described by their comments."""
     out = list(extra)
-    said = _field_comments(dc)
+    said = field_comments(dc)
     for f in dc_fields(dc):
         kind = f.type if isinstance(f.type, type) else {"float": float, "int": int, "bool": bool}.get(str(f.type))
         if kind is int:
