@@ -11,8 +11,12 @@ and checked by their owner with the same messages: ``[balloon] params``
 (the policy's parameters), ``[guest] policy_params``, ``[monitors.NAME]``
 (each monitor's config dataclass), ``[sweep]`` (``balloonlab.sweep.spec``),
 and the names of registries (``balloon.policy``, ``host.victim``,
-``guest.policy``). ``[costs]`` and ``[disk.*]`` are built from the
-dataclasses of ``proto/costs.py``, so a field added there is a key here.
+``host.request_order``, ``disk.*.profile``, ``guest.policy``); their keys
+and names are added to ``--schema`` from the registries
+(``balloonlab/editorschema.py``). ``[costs]`` is built from ``CostModel``
+in ``proto/costs.py``, so a field added there is a key here. ``[disk.*]``'s
+keys are ``hostd/devices.py``'s ``DeviceProfile`` fields, written out here
+(proto cannot import hostd; ``tests/test_schema.py`` checks they agree).
 """
 from __future__ import annotations
 
