@@ -51,20 +51,18 @@ cache's oldest page is by insertion order, ties impossible.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 
 from balloonlab.proto.content import PAGE_BYTES, ZERO_KEY, ContentMap, compressed_bytes, content_keys
-from balloonlab.proto.errors import ConfigError
 
 from .errors import InvariantViolation
 from .framepool import FrameKind, FramePool
 from .hostswap import PENDING_TOKEN
 from .p2m import P2M, PageState
 
-__all__ = ["ZipConfig", "ReclaimZip", "zip_config", "ZIP_KEYS", "COMPRESS_CACHE_PCT_DEFAULT",
-           "COMPRESS_MAX_BYTES_DEFAULT"]
+__all__ = ["ZipConfig", "ReclaimZip", "COMPRESS_CACHE_PCT_DEFAULT", "COMPRESS_MAX_BYTES_DEFAULT"]
 
 COMPRESS_CACHE_PCT_DEFAULT = 10.0   # ESX Mem.MemZipMaxPct
 COMPRESS_MAX_BYTES_DEFAULT = 2048   # ESX keeps a page only if it compresses to 2 KiB or less
@@ -75,16 +73,10 @@ ZERO_CHECK_PAGE_US_DEFAULT = 0.4    # a 4 KiB read at ~10 GB/s
 _COMPRESSED = int(PageState.COMPRESSED)
 _ZERO = int(PageState.ZERO)
 
-ZIP_KEYS: dict[str, tuple[type, ...]] = {
-    "compression": (bool,), "zero_page_detection": (bool,), "compression_cache_pct": (int, float),
-    "compression_max_bytes": (int,), "compress_page_us": (int, float), "decompress_page_us": (int, float),
-    "zero_check_page_us": (int, float),
-}
-"""The ``[host]`` keys of this module (``zip_config`` validates them)."""
-
-
 @dataclass(frozen=True, slots=True)
 class ZipConfig:
+    """``[host] compression``, ``zero_page_detection`` and their knobs (the schema's ``HostTable`` checks them)."""
+
     compression: bool = False
     zero_pages: bool = False
     cache_pct: float = COMPRESS_CACHE_PCT_DEFAULT
@@ -96,34 +88,6 @@ class ZipConfig:
     @property
     def enabled(self) -> bool:
         return self.compression or self.zero_pages
-
-
-def zip_config(table: Mapping[str, Any], where: str = "[host]") -> ZipConfig:
-    """The compression and zero-page keys of ``[host]`` (other keys are not looked at)."""
-    def get(key: str, default: Any) -> Any:
-        value = table.get(key, default)
-        if key in table and (not isinstance(value, ZIP_KEYS[key])
-                             or (bool not in ZIP_KEYS[key] and isinstance(value, bool))):
-            raise ConfigError(f"{where}.{key}: expected {'/'.join(t.__name__ for t in ZIP_KEYS[key])}, "
-                              f"got {type(value).__name__} {value!r}")
-        return value
-
-    pct = float(get("compression_cache_pct", COMPRESS_CACHE_PCT_DEFAULT))
-    if not 0 < pct <= 100:
-        raise ConfigError(f"{where}.compression_cache_pct: must be in (0, 100], got {pct}")
-    max_bytes = int(get("compression_max_bytes", COMPRESS_MAX_BYTES_DEFAULT))
-    if not 0 < max_bytes <= PAGE_BYTES:
-        raise ConfigError(f"{where}.compression_max_bytes: must be in 1..{PAGE_BYTES}, got {max_bytes}")
-    costs = {}
-    for key, default in (("compress_page_us", COMPRESS_PAGE_US_DEFAULT),
-                         ("decompress_page_us", DECOMPRESS_PAGE_US_DEFAULT),
-                         ("zero_check_page_us", ZERO_CHECK_PAGE_US_DEFAULT)):
-        v = float(get(key, default))
-        if v < 0:
-            raise ConfigError(f"{where}.{key}: must be >= 0, got {v}")
-        costs[key] = v
-    return ZipConfig(bool(get("compression", False)), bool(get("zero_page_detection", False)), pct, max_bytes,
-                     **costs)
 
 
 class _Book:
