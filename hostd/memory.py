@@ -97,7 +97,7 @@ from .hostswap import PENDING_TOKEN, HostSwap
 from .invariant import check_full
 from .p2m import P2M, PageState, as_page_numbers, one_page_number, unique_pages
 from .vdisk import CLUSTER_PAGES_DEFAULT, MAX_INFLIGHT_REQUESTS_DEFAULT, VirtualDisk
-from .memstate import MemoryStates, MemState, VmAllocation, plan_boundary_swap, state_of
+from .memstate import MemoryStates, MemState, VmAllocation, may_compress, plan_boundary_swap, state_of
 from .victim import VictimPolicy, make_victim_policy
 from .victim.per_vm import PerVmVictims
 
@@ -758,7 +758,9 @@ class HostMemory:
         if n <= 0:
             return Reclaimed(0, float(vt_us))
         victims = g.rng.choice(frames, size=n, replace=False).astype(np.int64)
-        freed, done_us = await self._evict_guest_frames(victims, vt_us)
+        # Compression runs on every host swap-out (RECLAIM_BY_STATE): a guest whose grant ran out is, for its
+        # own partition, out of memory -- ESX's low state (MemoryStates.may_self_swap) -- whatever the host's.
+        freed, done_us = await self._evict_guest_frames(victims, vt_us, compress=True)
         self.counters.reclaim_frames += freed
         self.counters.self_reclaim_pages += freed
         g.counters.self_swap_pages += freed
@@ -811,13 +813,17 @@ class HostMemory:
             raise InvariantViolation("a victim policy picked a frame that is not a guest page")
         if self.states is not None and state is None:
             state = state_of(self.pool.free_frames, self.states.min_free_frames)
-        freed, done_us = await self._evict_guest_frames(victims, vt_us)
+        # the memory states' table decides whether pages on their way to swap are compressed (hard, low)
+        freed, done_us = await self._evict_guest_frames(victims, vt_us,
+                                                        compress=state is None or may_compress(state))
         self.counters.reclaim_frames += freed
         if self.states is not None:
             self.states.count_swap_out(freed, state)
         return Reclaimed(freed, done_us)
 
-    async def _evict_guest_frames(self, frames: np.ndarray, vt_us: float) -> tuple[int, float]:
+    async def _evict_guest_frames(self, frames: np.ndarray, vt_us: float,
+                                  compress: bool = True) -> tuple[int, float]:
+        """Shoot the frames down and take their pages; ``compress``: the memory state lets compression run."""
         if self._shootdown_fn is None:
             raise InvariantViolation("host memory has no shootdown callback: cannot evict guest frames")
         owners = self.pool.owner_guest[frames]
@@ -832,7 +838,7 @@ class HostMemory:
                     return_exceptions=True)
         finally:
             # Also on cancellation: un-busy what was not evicted.
-            freed, done_us = self._settle_evictions(groups, results, frames, vt_us)
+            freed, done_us = self._settle_evictions(groups, results, frames, vt_us, compress)
             self._evictions_pending -= 1
             self._eviction_settled.set()
             self._eviction_settled = asyncio.Event()
@@ -849,7 +855,7 @@ class HostMemory:
         return tokens.astype(np.uint64, copy=False)
 
     def _settle_evictions(self, groups: list[tuple[int, np.ndarray]], results: list[Any],
-                          frames: np.ndarray, vt_us: float) -> tuple[int, float]:
+                          frames: np.ndarray, vt_us: float, compress: bool = True) -> tuple[int, float]:
         freed = 0
         done_us = float(vt_us)
         for (gid, mine), result in zip(groups, results):
@@ -876,7 +882,7 @@ class HostMemory:
                     if self.zip is not None:
                         # Zero pages dropped, compressible ones into the VM's cache (hostd.compress):
                         # the request waits for that CPU work as it would for its swap writes.
-                        taken, cpu = self.zip.absorb(gid, g.p2m, out, tokens, self._content(g), True)
+                        taken, cpu = self.zip.absorb(gid, g.p2m, out, tokens, self._content(g), compress)
                         to_swap = ~taken
                         zipped = bool(np.any(taken))
                         done_us = max(done_us, vt_us + cpu)

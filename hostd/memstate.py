@@ -51,7 +51,7 @@ from balloonlab.proto import events as ev
 
 __all__ = ["MemState", "Reclaim", "RECLAIM_BY_STATE", "STATE_PCT_OF_MIN_FREE", "HIGH_BREAK_LARGE_PAGES_PCT",
            "MEMORY_STATES_MODES", "VICTIM_SCOPES", "VmAllocation", "MemoryStates", "min_free_pages",
-           "state_of", "thresholds_pages", "may_balloon", "may_host_swap", "blocks", "plan_boundary_swap",
+           "state_of", "thresholds_pages", "may_balloon", "may_compress", "may_host_swap", "blocks", "plan_boundary_swap",
            "derived_alloc_target", "self_swap_allowed", "grant_floor_only"]
 
 log = structlog.get_logger("hostd.memstate")
@@ -154,6 +154,11 @@ def state_of(free_frames: int, min_free: int) -> MemState:
 def may_balloon(state: MemState) -> bool:
     """Does the ESX controller inflate balloons in ``state``? (soft and worse)"""
     return RECLAIM_BY_STATE[state].balloon
+
+
+def may_compress(state: MemState) -> bool:
+    """Are pages on their way to host swap compressed (and zero-checked) in ``state``? (hard and low)"""
+    return RECLAIM_BY_STATE[state].compress
 
 
 def may_host_swap(state: MemState) -> bool:

@@ -230,3 +230,14 @@ async def test_the_tick_end_reclaim_reaches_its_goal_although_compressed_pages_f
     hm.check_invariant()
     await fg.touch(1, np.arange(60), write=False)
     assert fg.lost_pages == 0
+
+
+async def test_the_state_table_decides_whether_swapped_pages_are_compressed() -> None:
+    """Swapping counted under soft (arrival mode's in-tick reclaim can) does not compress; hard does."""
+    hm, fg = _setup(cache_pct=50)
+    await fg.touch(1, np.arange(16), write=True)
+    await hm.reclaim_victims(_frames_of(hm, 1, np.arange(8)), 0.0, MemState.SOFT)
+    assert np.all(hm.p2m(1).state[:8] == PageState.SWAPPED) and hm.zip.counters.compress_attempts == 0
+    await hm.reclaim_victims(_frames_of(hm, 1, np.arange(8, 16)), 0.0, MemState.HARD)
+    assert np.all(hm.p2m(1).state[8:16] == PageState.COMPRESSED)
+    hm.check_invariant()
