@@ -157,14 +157,15 @@ class ReclaimZip:
         Returns the mask of pages taken (now ZERO or COMPRESSED in ``p2m``;
         the rest go to swap as before) and the CPU time spent. Call
         ``fit`` after the evicted frames are freed: the cache's frames come
-        from them. ``compress``: the memory state lets compression run.
+        from them. ``compress``: the memory state lets them run (``memstate.may_compress``); else
+        every page goes to swap.
         """
         taken = np.zeros(gpfns.size, bool)
         known = tokens != PENDING_TOKEN          # a silent guest's placeholder: only swap can wait for it
         c, gc = self.counters, self._guest_counters[guest_id]
         b = self._books[guest_id]
         cpu = 0.0
-        if self.cfg.zero_pages and np.any(known):
+        if self.cfg.zero_pages and compress and np.any(known):
             idx = np.flatnonzero(known)
             zero = content_keys(cmap, guest_id, tokens[idx]) == np.uint64(ZERO_KEY)
             n = int(idx.size)
