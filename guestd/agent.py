@@ -2,7 +2,7 @@
 
 Call order::
 
-    connect -> Hello/Welcome -> (TickStart -> vCPU runs to the tick's end -> TickDone)* -> RunEnd -> exit 0
+    connect -> Hello/Welcome -> ContentReport -> (TickStart -> vCPU runs to the tick's end -> TickDone)* -> RunEnd -> exit 0
                                   any time: Invalidate (reply with tokens), BalloonTarget
     host vanishes -> exit 3;  host refuses -> exit 4
 
@@ -31,12 +31,12 @@ import numpy as np
 import structlog
 
 from balloonlab.proto import events as ev
-from balloonlab.proto.errors import ErrorCode, HandshakeRefused, PeerClosed, ProtoError
+from balloonlab.proto.errors import ErrorCode, HandshakeRefused, PeerClosed, ProtoError, RemoteError
 from balloonlab.proto.faultpoints import PausePoints
 from balloonlab.proto.handshake import client_hello
 from balloonlab.proto.liveness import HEARTBEAT_S_DEFAULT, HOST_SILENT_S_DEFAULT, LIVENESS_KEY, Heartbeat
-from balloonlab.proto.messages import (Audit, AuditReply, BalloonTarget, Invalidate, InvalidateReply, MsgType, Pong,
-                            RunEnd, TickDone, TickStart)
+from balloonlab.proto.messages import (Audit, AuditReply, BalloonTarget, ContentReport, Invalidate, InvalidateReply,
+                                       MsgType, Pong, RunEnd, TickDone, TickStart)
 from balloonlab.proto.messages import LockAcquire, LockRelease, LockReply
 from balloonlab.proto.rpc import RpcConnection
 from balloonlab.proto.transport import Address, connect
@@ -114,6 +114,9 @@ class GuestAgent:
         except (ProtoError, GuestdError) as exc:
             conn.close()
             return self._fail(EXIT_REFUSED, f"bad guest config from the host: {exc}")
+        refused = await self._report_content(conn)
+        if refused is not None:
+            return refused
         mm_lock = self.state.kernel.mm_lock
         self.pause.context = lambda: {"mm_lock_held": bool(mm_lock.locked())}
         if self._early_target is not None:
@@ -134,6 +137,28 @@ class GuestAgent:
             self.heartbeat.stop()
             conn.close()
         return code
+
+    async def _report_content(self, conn: RpcConnection) -> int | None:
+        """Tell the host what our pages hold (``proto.content``), before the vCPU starts; an exit code if refused.
+
+        Our regions come in Welcome's config, so the map cannot ride on Hello.
+        A host that does not know the message (older) leaves us with the
+        empty map: nothing shared, nothing is lost either.
+        """
+        assert self.state is not None
+        cmap = self.state.kernel.config.layout.content_map()
+        try:
+            await conn.call(ContentReport(cmap.to_wire()))
+        except RemoteError as exc:
+            if exc.code == ErrorCode.UNKNOWN_TYPE:
+                log.warning(ev.CONTENT_MAP_TAKEN, guest=self.guest_id, taken=False, reason=str(exc))
+                return None
+            conn.close()
+            return self._fail(EXIT_REFUSED, f"the host refused guest {self.guest_id}'s content map: {exc}")
+        except (PeerClosed, ProtoError) as exc:
+            conn.close()
+            return self._fail(EXIT_HOST_LOST, f"lost the host sending the content map: {self._lost_why(exc)}")
+        return None
 
     def _set_liveness(self, raw: Any) -> None:
         """The host's heartbeat interval and how long we wait for it before we give it up."""

@@ -19,6 +19,7 @@ from balloonlab.proto.schema import GuestTable, SchemaError, decode
 from .errors import GuestConfigError, GuestdError
 from .kernel_config import KernelConfig
 from .replacement import make_policy
+from .reporting import ReportingConfig
 from .workload import build_workload
 from .workload.build import spec_dict
 from .workload.layout import Layout, Region
@@ -49,6 +50,14 @@ class GuestConfig:
     @property
     def ram_pages(self) -> int:
         return self.kernel.ram_pages
+
+    @property
+    def reporting(self) -> ReportingConfig:
+        """Free page reporting (``guestd.reporting``); off without a table."""
+        t = self.table
+        if t is None:
+            return ReportingConfig()
+        return ReportingConfig(t.free_page_reporting, float(t.report_delay_ms), int(t.report_order_pages))
 
     @property
     def disk_blocks(self) -> int:

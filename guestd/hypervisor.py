@@ -75,6 +75,7 @@ class LocalHypervisor:
         self.fresh_pages = 0
         self.inflated = 0
         self.deflated = 0
+        self.reported = 0
 
     def swap_out(self, kernel: "GuestKernel", gpfns: np.ndarray) -> None:
         g = np.asarray(gpfns, dtype=np.int64)
@@ -106,4 +107,12 @@ class LocalHypervisor:
 
     async def balloon_deflate(self, gpfns: np.ndarray, vt_us: float) -> float:
         self.deflated += len(gpfns)
+        return vt_us + self.costs.hypercall_us
+
+    async def report_free(self, gpfns: np.ndarray, vt_us: float) -> float:
+        """Free page reporting: drop whatever is kept for these frames (a later fault gives token 0)."""
+        g = np.asarray(gpfns, dtype=np.int64)
+        self.reported += g.size
+        self.swapped[g] = False
+        self.kept[g] = 0
         return vt_us + self.costs.hypercall_us

@@ -162,6 +162,9 @@ class GuestKernel:
         self._ks = np.zeros(len(_KS_NAMES), np.int64)
         self._ks[_KS_FREE_LO] = config.kernel_pages
         self._ks[_KS_N_FREE] = n - config.kernel_pages
+        # when each frame last became empty and free (free page reporting waits for it to stay free)
+        self.free_since_us = np.zeros(n, np.float64)
+        self.discarded_pages = 0          # pages the workload freed (``discard``)
         # soft-reclaimed frames, oldest first: a doubly linked list through two arrays
         self._ks[_KS_SOFT_HEAD] = self._ks[_KS_SOFT_TAIL] = -1
         self._soft_prev = np.full(n, _SOFT_OUT, np.int64)
@@ -556,6 +559,7 @@ class GuestKernel:
         """Empty frames ``gs`` (not free yet) back into the free set."""
         if gs.size:
             self._free_mask[gs] = True
+            self.free_since_us[gs] = self.vt_us
             self._ks[_KS_N_FREE] += gs.size
             self._ks[_KS_FREE_LO] = min(int(self._ks[_KS_FREE_LO]), int(gs.min()))
 
@@ -855,6 +859,79 @@ class GuestKernel:
             self.counters.flusher_writes += int(gs.size)
         return int(gs.size)
 
+    async def discard(self, pages: np.ndarray) -> int:
+        """The workload frees these anonymous pages (``munmap``, ``free`` of a large block, MADV_DONTNEED).
+
+        Their content is gone: a resident or soft-reclaimed page's frame
+        becomes an empty free frame (it still holds the old bytes, and the
+        host may still back it or hold it in host swap: only free page
+        reporting tells the host), a page in guest swap leaves it (its slot
+        stays its own, as every anonymous page keeps its slot), and the next
+        touch of the page is a fresh zero fill. Returns the frames freed.
+        """
+        p = self._check_pages(pages)
+        p = np.unique(p)
+        if p.size and np.any(self.pt.is_file[p]):
+            raise BadPages(f"discard: page {int(p[np.flatnonzero(self.pt.is_file[p])[0]])} is a file page; "
+                           "only anonymous memory is freed")
+        async with self.mm_lock:
+            fr, pt = self.frames, self.pt
+            res = p[pt.gpfn[p] >= 0]
+            g_res = pt.gpfn[res]
+            soft = p[pt.cached[p] >= 0]
+            g_soft = pt.cached[soft]
+            for g in g_soft.tolist():
+                self._soft_remove(g)
+            pt.gpfn[res] = -1
+            pt.cached[soft] = -1
+            pt.on_disk[p] = False          # a copy in guest swap is garbage now
+            pt.expect[p] = 0               # freed memory is the zero page when it is touched again
+            pt.evicted[p] = False          # a later touch is a new allocation, not a refault
+            gs = np.concatenate((g_res, g_soft)).astype(np.int64)
+            fr.resident[g_res] = False
+            fr.kind[gs] = _FREE
+            fr.vpage[gs] = -1
+            fr.R[gs] = False
+            fr.M[gs] = False
+            if isinstance(self.policy, EscPolicy):
+                self.policy.state[1] = 1      # the compiled core's (0,0) bitmap is stale
+            self._push_free(np.sort(gs))
+            self.discarded_pages += int(p.size)
+            return int(gs.size)
+
+    def reportable_frames(self, delay_us: float, block_pages: int) -> np.ndarray:
+        """Free page reporting's candidates: frames the host may still hold something for, in free blocks.
+
+        A block is ``block_pages`` aligned frames (the buddy allocator's
+        blocks: Linux reports whole free blocks of order >= pageblock_order)
+        every one of them empty and free for at least ``delay_us``; of those
+        blocks, the frames the host backs or holds content for (it took the
+        frame while it held a page) are the ones to report. A soft-reclaimed
+        frame still holds a page the guest may take back: it is not free here.
+        """
+        fr = self.frames
+        nb = fr.n // block_pages
+        if nb == 0:
+            return np.zeros(0, np.int64)
+        end = nb * block_pages
+        ok = self._free_mask[:end] & (self.vt_us - self.free_since_us[:end] >= delay_us)
+        whole = ok.reshape(nb, block_pages).all(axis=1)
+        if not whole.any():
+            return np.zeros(0, np.int64)
+        held = (fr.backed[:end] | fr.host_took[:end]).reshape(nb, block_pages) & whole[:, None]
+        return np.flatnonzero(held.reshape(-1)).astype(np.int64)
+
+    def reported(self, gpfns: np.ndarray) -> None:
+        """The host discarded these free frames: the next touch is an EPT fault for a fresh zero page."""
+        g = self._check_gpfns(gpfns)
+        if g.size and np.any(~self._free_mask[g]):
+            raise BadFrames(f"reported: gpfn {int(g[np.flatnonzero(~self._free_mask[g])[0]])} is not free")
+        fr = self.frames
+        fr.backed[g] = False
+        fr.host_took[g] = False
+        fr.token[g] = 0
+        self._inval_gen[g] += 1
+
     def complete_writeback(self) -> int:
         """Write-backs complete by now: their pages, still holding what was written, become clean."""
         if not self._wb_tok.size:
@@ -986,6 +1063,7 @@ class GuestKernel:
             balloon_pages=int(kinds[FrameKind.BALLOON]),
             kernel_pages=int(kinds[FrameKind.KERNEL]),
             soft_cached_pages=int(np.count_nonzero(self.pt.cached >= 0)),
+            discarded_pages=self.discarded_pages,
             unbacked_pages=int(np.count_nonzero(~fr.backed)),
             swap_used=self.swap.used,
             swap_total=self.swap.n_slots,

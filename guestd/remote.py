@@ -18,7 +18,8 @@ from typing import Any
 import numpy as np
 
 from balloonlab.proto.messages import (BalloonDeflate, BalloonInflate, BalloonReply, DiskRead, DiskReadReply, DiskWrite,
-                            DiskWriteReply, EptFault, EptFaultReply, MAX_PAGES_PER_MESSAGE)
+                            DiskWriteReply, EptFault, EptFaultReply, FreeReport, FreeReportReply,
+                            MAX_PAGES_PER_MESSAGE)
 from balloonlab.proto.rpc import RpcConnection
 
 from .gate import VcpuGate
@@ -112,6 +113,8 @@ class RemoteHypervisor:
         self.balloon_page_us = float(balloon_page_us)
         self.host_balloon_pages = 0  # the host's count, from the last balloon reply
         self.balloon_calls = 0
+        self.free_reports = 0
+        self.frames_discarded = 0    # host frames our reports freed (the host's replies)
 
     async def ept_fault(self, gpfns: np.ndarray, vt_us: float,
                         fresh: np.ndarray | None = None) -> tuple[np.ndarray, float]:
@@ -125,6 +128,14 @@ class RemoteHypervisor:
 
     async def balloon_deflate(self, gpfns: np.ndarray, vt_us: float) -> float:
         return await self._balloon(BalloonDeflate, gpfns, vt_us)
+
+    async def report_free(self, gpfns: np.ndarray, vt_us: float) -> float:
+        """Free page reporting: one request for these free gpfns; returns when the host has discarded them."""
+        reply = await self.link.call(FreeReport(_u64(gpfns), float(vt_us)), float(vt_us), stall=False)
+        assert isinstance(reply, FreeReportReply)
+        self.free_reports += 1
+        self.frames_discarded += reply.discarded_frames
+        return reply.done_vt_us
 
     async def _balloon(self, cls: type, gpfns: np.ndarray, vt_us: float) -> float:
         """One hypercall per 256 PFNs, in sequence; each page costs ``balloon_page_us`` on top.

@@ -13,9 +13,13 @@ background work runs inside this coroutine, at virtual times that depend
 only on the guest's own run:
 
 - at each tick start: the balloon driver reconciles toward its target;
+- at each tick start, when free page reporting is on and its time has
+  come: the reporter (``guestd.reporting``);
 - after every batch: the working-set and PFF period closes when the clock
   passed its end (``GuestKernel._maybe_end_period``), and PSI's 2 s
-  averages are folded in (``guestd.psi``).
+  averages are folded in (``guestd.psi``); memory the workload freed at
+  the end of the batch is freed (``GuestKernel.discard``) once the batch
+  has run to its end (a batch cut at the gate frees it when its rest has run).
 
 Nothing runs as a separate asyncio task racing the vCPU in wall time; the
 only other code on the loop is the host's synchronous callbacks
@@ -40,6 +44,8 @@ from .gate import VcpuGate
 from .locks import GuardedBlockDevice, GuardedHypervisor, GuestLocks
 from .psi import PsiMeter
 from .remote import RemoteBlockDevice, RemoteHypervisor, VcpuLink
+from .reporting import FreePageReporter
+from .workload.generators import take_frees
 
 __all__ = ["GuestSessionState", "build_guest"]
 
@@ -74,6 +80,8 @@ class GuestSessionState:
         self.carried_refs = 0          # references carried over a gate (cumulative)
         self.gate.on_park = self._parked
         self.link: VcpuLink | None = None   # the requests' path to the host (gate, PSI), when remote
+        self.reporter: FreePageReporter | None = None   # free page reporting, when on
+        self._frees: np.ndarray | None = None          # memory the workload frees once its batch is done
 
     @property
     def vt_us(self) -> float:
@@ -100,6 +108,7 @@ class GuestSessionState:
                         k.advance_to(gate.tick_start_us)
                     await self.balloon.reconcile()
                     await self._flush()
+                    await self._report()
                 # a TickStart that arrives while a held request is answered moves the gate: the
                 # loop then goes round for that tick's start work
                 while k.vt_us < gate.gate_us and gate.tick == tick:
@@ -118,6 +127,16 @@ class GuestSessionState:
         finally:
             self.psi.paused = False
 
+    async def _report(self) -> None:
+        """Free page reporting, when it is on and due (background work: not a memory stall)."""
+        if self.reporter is None:
+            return
+        self.psi.paused = True
+        try:
+            await self.reporter.maybe_run()
+        finally:
+            self.psi.paused = False
+
     async def _run_batch(self, gate_us: float) -> None:
         k = self.kernel
         if self._carry is not None:
@@ -128,14 +147,23 @@ class GuestSessionState:
             n = int((gate_us - k.vt_us) / per_ref) + 1
             n = min(max(n, MIN_BATCH_REFS), self.batch_refs)
             pages, writes = self.workload.next_batch(n)
-            if pages.size == 0:  # a finite workload (a trace) ran dry: the vCPU idles to the gate
+            self._frees = take_frees(self.workload)
+            if pages.size == 0:  # a finite workload (a trace) ran dry, or it is idle: the vCPU idles to the gate
+                await self._free_now()
                 k.advance_to(gate_us)
                 return
         done = await k.access(pages, writes, deadline_us=gate_us)
         if done < pages.size:
             self._carry = (pages[done:], None if writes is None else writes[done:])
             self.carried_refs += int(pages.size - done)
+        else:
+            await self._free_now()
         self.psi.advance(k.vt_us)
+
+    async def _free_now(self) -> None:
+        if self._frees is not None:
+            frees, self._frees = self._frees, None
+            await self.kernel.discard(frees)
 
     def _parked(self, tick: int, vt_us: float) -> None:
         """The vCPU reached the gate of ``tick`` at ``vt_us``: report the tick (TickDone)."""
@@ -156,6 +184,9 @@ class GuestSessionState:
         s = dict(self.kernel.stats())
         s.update(self.balloon.stats())
         s.update(self.psi.stats())
+        if self.reporter is not None:
+            s.update(self.reporter.stats())
+            s["frames_discarded"] = int(getattr(self.reporter.hypervisor, "frames_discarded", 0))
         s["refs_done"] = int(s["refs"]) - self._refs_at_park      # completed since the last TickDone
         s["carried_refs"] = self.carried_refs
         s["gate_parks_in_request"] = self.gate.parks_in_request
@@ -215,4 +246,9 @@ def build_guest(guest_id: int, config: dict[str, Any], conn: RpcConnection,
                               gate, psi)
     state.locks = locks
     state.link = link
+    if cfg.reporting.enabled:
+        if not hasattr(hyp, "report_free"):
+            raise ConfigError(f"guest {guest_id}: free_page_reporting cannot go with a [locks] protocol "
+                              "(its hypercalls are not in the lock model)")
+        state.reporter = FreePageReporter(kernel, hyp, cfg.reporting)
     return state

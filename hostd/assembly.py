@@ -132,7 +132,7 @@ def assemble(cfg: RunConfig, sessions: SessionRegistry, *, running: Callable[[],
         reclaim_batch_frames=mem_cfg.reclaim_batch_pages, cluster_pages=cluster_pages, cache=cache,
         max_inflight_requests=mem_cfg.max_inflight_requests, expected_guests=len(cfg.guests),
         shared_disk=disks.vdisk if disks.shared else None, tick_us=cfg.tick_us,
-        states=states, vm_victims=vm_victims)
+        states=states, vm_victims=vm_victims, zip=mem_cfg.zip)
     try:
         # Each guest's swap file (one slot per page), laid out in guest-id order.
         mem.swap.reserve({g.guest_id: g.ram_pages for g in cfg.guests})

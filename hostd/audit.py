@@ -128,12 +128,16 @@ def check_guest(mem: "HostMemory", gid: int, claims: GuestClaims) -> list[str]:
         add(f"gpfn {int(gp[i])} holds a page the guest believes backed, but the host has it "
             f"{PageState(int(state[i])).name}")
     took = ~backed
-    swapped = took & (state == PageState.SWAPPED)
+    # in host swap, or (hostd.compress) compressed or dropped as a zero page
+    swapped, held_all = mem.host_copy(gid, gp[took]) if np.any(took) else (np.zeros(0, bool), None)
+    swapped_full = np.zeros(gp.size, bool)
+    swapped_full[took] = swapped
+    swapped = swapped_full
     for i in np.flatnonzero(took & ~swapped)[:5]:
         add(f"gpfn {int(gp[i])}: the host took its page (token {_fmt(tok[i])}) but has it "
             f"{PageState(int(state[i])).name}, not in host swap: the page is lost")
     if np.any(swapped):
-        held = mem.swap.token[p2m.loc[gp[swapped]]]
+        held = held_all[swapped[took]]
         wrong = held != tok[swapped]
         for j in np.flatnonzero(wrong)[:5]:
             i = np.flatnonzero(swapped)[j]
@@ -190,10 +194,10 @@ def count_lost_pages(mem: "HostMemory", gid: int, claims: GuestClaims) -> int:
     state = p2m.state[gp]
     lost = int(np.count_nonzero(backed & (state != PageState.FRAME)))
     took = ~backed
-    lost += int(np.count_nonzero(took & (state != PageState.SWAPPED)))
-    swapped = took & (state == PageState.SWAPPED)
-    if np.any(swapped):
-        lost += int(np.count_nonzero(mem.swap.token[p2m.loc[gp[swapped]]] != tok[swapped]))
+    if np.any(took):
+        has_copy, held = mem.host_copy(gid, gp[took])
+        lost += int(np.count_nonzero(~has_copy))
+        lost += int(np.count_nonzero(held[has_copy] != tok[took][has_copy]))
     blocks = claims.disk_blocks
     vd = g.vdisk
     if blocks.size:

@@ -2,7 +2,8 @@
 
 A frame is FREE, or backs a guest page (GUEST: owner guest + gpfn), or
 caches a virtual-disk block (CACHE: owner guest + block), or is an I/O
-buffer of an in-flight virtual-disk request (IOBUF). ``token`` is the
+buffer of an in-flight virtual-disk request (IOBUF), or holds compressed
+pages of one VM's compression cache (ZCACHE: owner guest, no index). ``token`` is the
 content the frame holds: for CACHE frames the block's content, for GUEST
 frames the content the page had when the host backed it (the guest changes
 it without telling the host; the TLB shootdown returns the current one).
@@ -48,6 +49,7 @@ class FrameKind(IntEnum):
     GUEST = 1
     CACHE = 2
     IOBUF = 3
+    ZCACHE = 4    # holds compressed guest pages of one VM's compression cache (hostd.compress)
 
 
 _FREE = int(FrameKind.FREE)   # plain int: an IntEnum attribute costs about a microsecond per lookup

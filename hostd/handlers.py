@@ -5,12 +5,13 @@ A connection answers only ``Hello`` until its handshake succeeds
 (``HandlerTables.guest``), its table is:
 
 - the memory and disk requests (``EptFault``, ``BalloonInflate``,
-  ``BalloonDeflate``, ``DiskRead``, ``DiskWrite``), answered by host memory
+  ``BalloonDeflate``, ``FreeReport``, ``DiskRead``, ``DiskWrite``), answered by host memory
   and served as the request discipline says (``hostd.discipline``: in
   virtual-time order, as they arrive, or under ``L_hostmem``);
 - the discipline's own messages (the lock model's ``LockAcquire``,
   ``LockRelease`` and ``LockEvent``);
 - ``Ping``;
+- ``ContentReport`` (the guest's content map, stored in host memory);
 - the ``TickDone`` notification, to the server's tick barrier.
 
 A ``HostdError`` raised by a handler goes back to the guest as an error
@@ -22,9 +23,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
-from balloonlab.proto.messages import (BalloonDeflate, BalloonInflate, BalloonReply, DiskRead, DiskReadReply, DiskWrite,
-                                       DiskWriteReply, EptFault, EptFaultReply, Hello, MsgType, Ping, Pong, TickDone,
-                                       Welcome)
+import structlog
+
+from balloonlab.proto.messages import (BalloonDeflate, BalloonInflate, BalloonReply, ContentReport,
+                                       ContentReportReply, DiskRead, DiskReadReply, DiskWrite, DiskWriteReply,
+                                       EptFault, EptFaultReply, FreeReport, FreeReportReply, Hello, MsgType, Ping,
+                                       Pong, TickDone, Welcome)
+from balloonlab.proto import events as ev
 from balloonlab.proto.rpc import NotifyHandler, RequestHandler, RpcConnection
 
 if TYPE_CHECKING:
@@ -34,6 +39,8 @@ if TYPE_CHECKING:
     from .shootdown import Shootdowns
 
 __all__ = ["HandlerTable", "HandlerTables", "memory_requests"]
+
+log = structlog.get_logger("hostd")
 
 
 @dataclass(frozen=True)
@@ -65,6 +72,10 @@ def memory_requests(guest_id: int, mem: "HostMemory", shootdowns: "Shootdowns",
         mem.balloon_deflate(guest_id, m.gpfns)
         return BalloonReply(mem.balloon_pages(guest_id), m.vt_us + hypercall_us)
 
+    def free_report(m: FreeReport) -> FreeReportReply:
+        # one hypercall; discarding a range is an unmap, no I/O (QEMU: madvise DONTNEED on the range)
+        return FreeReportReply(mem.report_free(guest_id, m.gpfns), m.vt_us + hypercall_us)
+
     async def disk_read(m: DiskRead) -> DiskReadReply:
         tokens, done = await mem.vdisk_read(guest_id, m.blocks, m.vt_us)
         return DiskReadReply(tokens, done)
@@ -74,7 +85,7 @@ def memory_requests(guest_id: int, mem: "HostMemory", shootdowns: "Shootdowns",
 
     handlers: dict[MsgType, Callable[[Any], Any]] = {
         MsgType.EPT_FAULT: ept_fault, MsgType.BALLOON_INFLATE: inflate, MsgType.BALLOON_DEFLATE: deflate,
-        MsgType.DISK_READ: disk_read, MsgType.DISK_WRITE: disk_write,
+        MsgType.DISK_READ: disk_read, MsgType.DISK_WRITE: disk_write, MsgType.FREE_REPORT: free_report,
     }
     return handlers  # type: ignore[return-value]
 
@@ -106,6 +117,17 @@ class HandlerTables:
         served = self.discipline.serve(gid, memory_requests(gid, self.mem, self.shootdowns, self.hypercall_us))
         requests = dict(served.requests)
         requests[MsgType.PING] = _pong  # type: ignore[assignment]
+        mem = self.mem
+
+        def content_report(m: ContentReport) -> ContentReportReply:
+            # Per-guest state nothing reads within a tick: it needs no discipline.
+            cmap = mem.set_content(gid, m.ranges)
+            log.info(ev.CONTENT_MAP_TAKEN, guest=gid, taken=True, ranges=len(cmap.ranges),
+                     image_pages=sum(r.pages for r in cmap.ranges if r.image),
+                     zero_write_pages=sum(r.pages for r in cmap.ranges if r.zero_writes))
+            return ContentReportReply(len(cmap.ranges))
+
+        requests[MsgType.CONTENT_REPORT] = content_report  # type: ignore[assignment]
         notifications: dict[MsgType, NotifyHandler] = {
             MsgType.TICK_DONE: lambda m: on_tick_done(session, m)}  # type: ignore[arg-type, misc]
         notifications.update(served.notifications)

@@ -2,7 +2,9 @@
 
 Every host frame is free, or the frame of exactly one guest page (its p2m
 says FRAME there), or the cache frame of exactly one virtual-disk block, or
-an I/O buffer of one in-flight disk request; every used host swap slot
+an I/O buffer of one in-flight disk request, or a frame of one VM's
+compression cache (which holds exactly ``ceil(bytes / page)`` of them for
+the compressed bytes of its COMPRESSED pages, ``hostd.compress``); every used host swap slot
 holds the one guest page whose slot it is (slot = its file's base + gpfn),
 and a swap-cache slot belongs to a page that is resident again; every
 reference points back (owner, index, token and pin agree on both sides);
@@ -47,7 +49,7 @@ from balloonlab.proto import events as ev
 from .errors import HostdError, InvariantViolation
 from .framepool import NO_OWNER, FrameKind, FramePool
 from .hostswap import HostSwap
-from .p2m import NO_LOC, P2M, PageState
+from .p2m import NO_LOC, P2M, VALID_STATE, PageState
 from .vdisk import CacheState, VirtualDisk
 
 __all__ = ["check_full", "check_sample", "InvariantChecker", "MemoryBooks", "INVARIANT_MODES", "FRAMES_PER_CHECK",
@@ -63,6 +65,8 @@ PAGES_PER_CHECK = 64     # gpfns, and as many disk blocks, of each guest in the 
 
 _FRAME = int(PageState.FRAME)
 _SWAPPED = int(PageState.SWAPPED)
+_COMPRESSED = int(PageState.COMPRESSED)
+_ZERO = int(PageState.ZERO)
 
 
 class MemoryBooks(Protocol):
@@ -162,8 +166,8 @@ def _check_guest(mem: "MemoryBooks", gid: int, pages: np.ndarray | None, blocks:
     def where(mask: np.ndarray) -> np.ndarray:
         return np.flatnonzero(mask) if pages is None else pages[mask]
 
-    if np.any(state >= len(PageState)):
-        bad = int(where(state >= len(PageState))[0])
+    if not np.all(VALID_STATE[state]):
+        bad = int(where(~VALID_STATE[state])[0])
         raise InvariantViolation(f"guest {gid} gpfn {bad} has no valid state ({int(p2m.state[bad])})")
     on_frame = where(state == _FRAME)
     f = p2m.loc[on_frame]
@@ -186,8 +190,11 @@ def _check_guest(mem: "MemoryBooks", gid: int, pages: np.ndarray | None, blocks:
     base = swap.base(gid)
     cached_gpfns = (np.flatnonzero(swap.cached[swap.extent(gid)]) if pages is None
                     else pages[swap.cached[base + pages]])
-    if np.any(p2m.state[cached_gpfns] != _FRAME):
-        bad = int(cached_gpfns[np.flatnonzero(p2m.state[cached_gpfns] != _FRAME)[0]])
+    # a swap-cache copy is of a page the host holds elsewhere: in a frame, compressed, or as a zero page
+    away = p2m.state[cached_gpfns]
+    away = (away != _FRAME) & (away != _COMPRESSED) & (away != _ZERO)
+    if np.any(away):
+        bad = int(cached_gpfns[np.flatnonzero(away)[0]])
         raise InvariantViolation(f"guest {gid} gpfn {bad} is {PageState(p2m.state[bad]).name} but its swap slot "
                                  f"still holds a swap-cache copy")
     stray = (state != _FRAME) & (state != _SWAPPED) & (loc != NO_LOC)
@@ -201,6 +208,14 @@ def _check_guest(mem: "MemoryBooks", gid: int, pages: np.ndarray | None, blocks:
     if ballooned != balloon or ballooned > max_balloon:
         raise InvariantViolation(f"guest {gid}: {ballooned} gpfns BALLOONED, counter says {balloon}, "
                                  f"max {max_balloon}")
+    zip_ = getattr(mem, "zip", None)
+    if zip_ is not None:
+        zip_.check_guest(gid, p2m, pages)
+        frame_refs.append(zip_.frames_of(gid))
+    elif np.any((state == _COMPRESSED) | (state == _ZERO)):
+        bad = int(where((state == _COMPRESSED) | (state == _ZERO))[0])
+        raise InvariantViolation(f"guest {gid} gpfn {bad} is {PageState(p2m.state[bad]).name} but the host "
+                                 f"has no compression books")
     _check_vdisk(mem, gid, blocks, slot_refs, frame_refs)
 
 
@@ -312,6 +327,9 @@ def _frame_points_back(mem: "MemoryBooks", f: int, known: set[int]) -> None:
         vd = mem.vdisk(owner)
         held = (0 <= index < vd.n_blocks and vd.cache_state[index] == CacheState.FRAME
                 and vd.cache_loc[index] == f)
+    elif kind == FrameKind.ZCACHE:
+        zip_ = getattr(mem, "zip", None)
+        held = zip_ is not None and zip_.holds_frame(owner, f)
     else:
         held = bool(np.any(mem.vdisk(owner).iobuf_frames() == f))
     if not held:

@@ -14,6 +14,8 @@ from typing import Any, Mapping
 from balloonlab.proto.errors import ConfigError
 from balloonlab.proto.schema import BalloonTable, HostTable, SchemaError, decode, unknown_name
 
+from .compress import ZipConfig
+
 __all__ = ["HostMemConfig", "BalloonConfig", "host_memory_config", "balloon_config"]
 
 
@@ -46,6 +48,13 @@ class HostMemConfig(HostTable, frozen=True):
             raise ConfigError(f"{where}host.request_order: \"{self.request_order}\" cannot go with a [locks] "
                               "protocol: the lock model needs the guests' requests to run concurrently")
         return "arrival"
+
+    @property
+    def zip(self) -> ZipConfig:
+        """Zero-page detection and compression on the way to host swap (``hostd.compress``)."""
+        return ZipConfig(self.compression, self.zero_page_detection, self.compression_cache_pct,
+                         self.compression_max_bytes, self.compress_page_us, self.decompress_page_us,
+                         self.zero_check_page_us)
 
     def host_ram_pages(self, guest_ram_pages: int) -> int:
         if self.ram_pages is not None:

@@ -83,6 +83,7 @@ from typing import Any, Awaitable, Callable, NamedTuple, Protocol
 
 import numpy as np
 
+from balloonlab.proto.content import ContentMap
 from balloonlab.proto.costs import CostModel
 from balloonlab.proto.tokens import KEEP_TOKEN
 
@@ -90,12 +91,13 @@ from .errors import (BadBatch, BalloonLimit, DuplicateGuest, HostOutOfMemory, In
                      InvariantViolation, UnknownGuest)
 from .devices import Device, DeviceProfile, device_profile
 from .framepool import FrameKind, FramePool
+from .compress import ReclaimZip, ZipConfig
 from .hostcache import CACHE_MODE_DEFAULT, CacheConfig, HostCache
 from .hostswap import PENDING_TOKEN, HostSwap
 from .invariant import check_full
 from .p2m import P2M, PageState, as_page_numbers, one_page_number, unique_pages
 from .vdisk import CLUSTER_PAGES_DEFAULT, MAX_INFLIGHT_REQUESTS_DEFAULT, VirtualDisk
-from .memstate import MemoryStates, MemState, VmAllocation, plan_boundary_swap, state_of
+from .memstate import MemoryStates, MemState, VmAllocation, may_compress, plan_boundary_swap, state_of
 from .victim import VictimPolicy, make_victim_policy
 from .victim.per_vm import PerVmVictims
 
@@ -145,9 +147,12 @@ MAX_BALLOON_FRACTION_DEFAULT = 0.65   # ESX Mem.CtlMaxPercent
 _FRAME = int(PageState.FRAME)         # plain ints for the one-page paths (an IntEnum lookup costs ~1 us)
 _SWAPPED = int(PageState.SWAPPED)
 _BALLOONED = int(PageState.BALLOONED)
+_COMPRESSED = int(PageState.COMPRESSED)
+_ZERO = int(PageState.ZERO)
 _GUEST_KIND = int(FrameKind.GUEST)
 _CACHED = 1                           # vdisk.CacheState.FRAME
 _ZERO_PROGRESS_ROUNDS = 3             # reclaim rounds that free nothing before giving up
+_BALANCE_ROUNDS = 8                   # tick-end reclaim passes at most (compression frees part of a frame a page)
 _GUEST_STREAM_DEFAULT = 0x6F5         # per-guest streams when no seed is given (tests); assembly seeds them
 
 
@@ -187,6 +192,9 @@ class GuestCounters:
     self_swap_pages: int = 0            # ... host-swapped its own pages
     held_requests: int = 0              # ... and were held for a refill round
     balloon_freed_frames: int = 0    # host frames inflation freed (a never-backed or host-swapped page frees none)
+    free_reports: int = 0            # free page reports it sent (virtio-balloon free page reporting)
+    pages_reported: int = 0          # gpfns in them
+    frames_discarded: int = 0        # host frames those reports freed
 
 
 @dataclass(slots=True)
@@ -221,6 +229,10 @@ class HostCounters:
     grant_pages: int = 0                # frames handed to guests as grants
     grant_exhausted: int = 0            # requests whose guest's grant was short
     self_reclaim_pages: int = 0         # frames guests freed inside their own partitions
+    free_reports: int = 0               # free page reports from the guests (see report_free)
+    pages_reported: int = 0             # gpfns reported free
+    frames_discarded: int = 0           # host frames freed by them (the rest held nothing, or swap)
+    reported_slots_dropped: int = 0     # host swap slots (or cache and zero entries) dropped by them
 
 
 @dataclass(slots=True)
@@ -233,6 +245,9 @@ class _Guest:
     rng: np.random.Generator             # its own host stream: victims inside its partition
     balloon_pages: int = 0
     counters: GuestCounters = field(default_factory=GuestCounters)
+    # What its pages hold (proto.content), from its ContentReport; the empty map until then
+    # (everything private, "mixed" compressibility): a guest that never reports still runs.
+    content: ContentMap = field(default_factory=ContentMap)
 
 
 class HostMemory:
@@ -246,8 +261,11 @@ class HostMemory:
                  expected_guests: int = 1, shared_disk: DeviceProfile | str | None = None,
                  tick_us: float = 10_000.0, hold: Hold | None = None,
                  guest_rng: Callable[[int], np.random.Generator] | None = None,
-                 states: MemoryStates | None = None, vm_victims: PerVmVictims | None = None) -> None:
+                 states: MemoryStates | None = None, vm_victims: PerVmVictims | None = None,
+                 zip: ZipConfig | None = None) -> None:
         self.pool = FramePool(total_frames)
+        # Zero-page detection and compression on the way to host swap (hostd.compress); None: off.
+        self.zip: ReclaimZip | None = ReclaimZip(zip, self.pool) if zip is not None and zip.enabled else None
         self.swap = HostSwap(swap_slots, swap_profile, expected_guests=expected_guests)
         # [disk] shared: every virtual disk and the swap files on one device, one lane per guest.
         self.shared_device: Device | None = None
@@ -332,6 +350,8 @@ class HostMemory:
         self.cache.set_limits(vdisk, vdisk.allowance_pages)
         self._guests[guest_id] = _Guest(guest_id, P2M(guest_pages), max_balloon, vdisk,
                                         np.zeros(guest_pages, bool), self._guest_rng(guest_id))
+        if self.zip is not None:
+            self.zip.add_guest(guest_id, guest_pages)
         # In id order, not in the order guests happened to connect: every loop over the
         # guests (retiring I/O buffers frees frames onto the free stack) must be reproducible.
         self._guests = dict(sorted(self._guests.items()))
@@ -348,6 +368,8 @@ class HostMemory:
         frames = self.pool.frames_owned_by(guest_id)
         self.pool.free(frames[~self.pool.busy[frames]])
         self.swap.remove_file(guest_id)
+        if self.zip is not None:
+            self.zip.remove_guest(guest_id)
         self._early_answers.pop(guest_id, None)
         if self.shared_device is not None:
             self.shared_device.remove_lane(guest_id)
@@ -358,6 +380,21 @@ class HostMemory:
 
     def guest_ids(self) -> list[int]:
         return sorted(self._guests)
+
+    def set_content(self, guest_id: int, raw: Any) -> ContentMap:
+        """Take the guest's content map (``ContentMap.to_wire`` form); a malformed one is refused
+        (``BadBatch``, naming the guest and the entry) and the guest keeps the map it had."""
+        g = self._guest(guest_id)
+        try:
+            cmap = ContentMap.from_wire(raw)
+        except ValueError as exc:
+            raise BadBatch(f"guest {guest_id}: malformed content map: {exc}") from None
+        g.content = cmap
+        return cmap
+
+    def content(self, guest_id: int) -> ContentMap:
+        """The guest's content map (``proto.content``)."""
+        return self._guest(guest_id).content
 
     def p2m(self, guest_id: int) -> P2M:
         """The guest's physical-to-machine map (read it; only host memory changes it)."""
@@ -425,6 +462,10 @@ class HostMemory:
 
         todo = uniq[~backed]
         was_swapped = state[~backed] == PageState.SWAPPED
+        was_zip = None
+        if self.zip is not None:
+            was_zip = (state[~backed] == _COMPRESSED) | (state[~backed] == _ZERO)
+        is_fresh = np.zeros(todo.size, bool) if was_zip is not None else None
         if fresh_set.size:
             is_fresh = np.isin(todo, fresh_set)
             dropped = todo[was_swapped & is_fresh]
@@ -440,6 +481,14 @@ class HostMemory:
         slots = g.p2m.loc[swapped]
         tokens = np.zeros(todo.size, np.uint64)
         tokens[was_swapped] = self.swap.swap_in(slots)
+        zip_us = 0.0
+        if was_zip is not None and np.any(was_zip):
+            # Decompressed (CPU, no I/O) or a fresh zero page; a fresh one drops its old swap-cache copy too.
+            zp = todo[was_zip]
+            zfresh = is_fresh[was_zip]
+            tokens[was_zip], zip_us = self.zip.take_out(guest_id, zp, state[~backed][was_zip], zfresh)  # type: ignore[union-attr]
+            if np.any(zfresh):
+                self.swap.drop(self.swap.slots_of(guest_id, zp[zfresh]))
         if swapped.size:
             self._count_labelled_reads(g, swapped)
             if self._observer is not None:
@@ -455,7 +504,7 @@ class HostMemory:
         if swapped.size:
             # One vCPU faults its pages one at a time, however many one message carries.
             done_us = self.swap.disk.submit_serial(guest_id, start_us, slots)
-        done_us += self.costs.ept_fault_us * uniq.size
+        done_us += self.costs.ept_fault_us * uniq.size + zip_us
 
         c, gc = self.counters, g.counters
         c.ept_fault_calls += 1
@@ -496,8 +545,16 @@ class HostMemory:
             tried = True
 
         swapped = state == _SWAPPED
+        zip_us = 0.0
         if not backed:
             token = 0
+            if state == _COMPRESSED or state == _ZERO:
+                gp = np.array((gpfn,), np.int64)
+                toks, zip_us = self.zip.take_out(g.guest_id, gp, np.array((state,), np.uint8),  # type: ignore[union-attr]
+                                                 np.array((fresh,), bool))
+                token = int(toks[0])
+                if fresh:
+                    self.swap.drop_one(int(self.swap.slots_of(g.guest_id, gp)[0]))
             if swapped and fresh:
                 # The guest overwrites it whole: no read; the old content goes.
                 self.swap.drop_one(int(p2m.loc[gpfn]))
@@ -527,7 +584,7 @@ class HostMemory:
         done_us = start_us
         if swapped:
             done_us = self.swap.disk.submit(g.guest_id, start_us, 1, write=False, offset=slot)
-        done_us += self.costs.ept_fault_us * 1
+        done_us += self.costs.ept_fault_us * 1 + zip_us
 
         c, gc = self.counters, g.counters
         c.ept_fault_calls += 1
@@ -701,7 +758,9 @@ class HostMemory:
         if n <= 0:
             return Reclaimed(0, float(vt_us))
         victims = g.rng.choice(frames, size=n, replace=False).astype(np.int64)
-        freed, done_us = await self._evict_guest_frames(victims, vt_us)
+        # Compression runs on every host swap-out (RECLAIM_BY_STATE): a guest whose grant ran out is, for its
+        # own partition, out of memory -- ESX's low state (MemoryStates.may_self_swap) -- whatever the host's.
+        freed, done_us = await self._evict_guest_frames(victims, vt_us, compress=True)
         self.counters.reclaim_frames += freed
         self.counters.self_reclaim_pages += freed
         g.counters.self_swap_pages += freed
@@ -754,13 +813,17 @@ class HostMemory:
             raise InvariantViolation("a victim policy picked a frame that is not a guest page")
         if self.states is not None and state is None:
             state = state_of(self.pool.free_frames, self.states.min_free_frames)
-        freed, done_us = await self._evict_guest_frames(victims, vt_us)
+        # the memory states' table decides whether pages on their way to swap are compressed (hard, low)
+        freed, done_us = await self._evict_guest_frames(victims, vt_us,
+                                                        compress=state is None or may_compress(state))
         self.counters.reclaim_frames += freed
         if self.states is not None:
             self.states.count_swap_out(freed, state)
         return Reclaimed(freed, done_us)
 
-    async def _evict_guest_frames(self, frames: np.ndarray, vt_us: float) -> tuple[int, float]:
+    async def _evict_guest_frames(self, frames: np.ndarray, vt_us: float,
+                                  compress: bool = True) -> tuple[int, float]:
+        """Shoot the frames down and take their pages; ``compress``: the memory state lets compression run."""
         if self._shootdown_fn is None:
             raise InvariantViolation("host memory has no shootdown callback: cannot evict guest frames")
         owners = self.pool.owner_guest[frames]
@@ -775,7 +838,7 @@ class HostMemory:
                     return_exceptions=True)
         finally:
             # Also on cancellation: un-busy what was not evicted.
-            freed, done_us = self._settle_evictions(groups, results, frames, vt_us)
+            freed, done_us = self._settle_evictions(groups, results, frames, vt_us, compress)
             self._evictions_pending -= 1
             self._eviction_settled.set()
             self._eviction_settled = asyncio.Event()
@@ -792,7 +855,7 @@ class HostMemory:
         return tokens.astype(np.uint64, copy=False)
 
     def _settle_evictions(self, groups: list[tuple[int, np.ndarray]], results: list[Any],
-                          frames: np.ndarray, vt_us: float) -> tuple[int, float]:
+                          frames: np.ndarray, vt_us: float, compress: bool = True) -> tuple[int, float]:
         freed = 0
         done_us = float(vt_us)
         for (gid, mine), result in zip(groups, results):
@@ -806,29 +869,43 @@ class HostMemory:
                 live = (g.p2m.state[gpfns] == PageState.FRAME) & (g.p2m.loc[gpfns] == g_frames)
             if isinstance(result, np.ndarray):
                 n_live = int(np.count_nonzero(live))
+                zipped = False
                 if g is not None and n_live:
                     out = gpfns[live]
-                    slots = self.swap.slots_of(gid, out)
                     tokens = result[live]
                     early = self._early_answers.get(gid)
                     if early:
                         tokens = tokens.copy()
                         for i in np.flatnonzero(tokens == PENDING_TOKEN).tolist():
                             tokens[i] = early.pop(int(out[i]), PENDING_TOKEN)
-                    write = self.swap.store(slots, tokens)
-                    g.p2m.set(out, PageState.SWAPPED, slots)
-                    n_write = int(np.count_nonzero(write))
-                    if n_write:
-                        # One request: the slots of one guest's victims, in gpfn order.
-                        done_us = max(done_us, self.swap.disk.submit(gid, vt_us, n_write, write=True,
-                                                                     offset=int(slots[write][0])))
-                    self._count_evicted(g, out, write, n_live)
+                    to_swap = np.ones(out.size, bool)
+                    if self.zip is not None:
+                        # Zero pages dropped, compressible ones into the VM's cache (hostd.compress):
+                        # the request waits for that CPU work as it would for its swap writes.
+                        taken, cpu = self.zip.absorb(gid, g.p2m, out, tokens, self._content(g), compress)
+                        to_swap = ~taken
+                        zipped = bool(np.any(taken))
+                        done_us = max(done_us, vt_us + cpu)
+                    write = np.zeros(out.size, bool)
+                    if np.any(to_swap):
+                        write[to_swap], w_done = self._to_swap(g, out[to_swap], tokens[to_swap], vt_us)
+                        done_us = max(done_us, w_done)
+                    self._count_evicted(g, out, write, n_live, int(np.count_nonzero(to_swap)))
                 if g is not None:
                     g.counters.shootdown_pages += int(gpfns.size)
                 self.pool.free(g_frames)
+                freed += int(g_frames.size)
+                if zipped and g is not None:
+                    # The cache's frames come out of the frames just freed (the same partition).
+                    before = self.pool.free_frames
+                    spill, spill_tok, cpu = self.zip.fit(gid, g.p2m)   # type: ignore[union-attr]
+                    freed -= before - self.pool.free_frames
+                    if spill.size:
+                        write, w_done = self._to_swap(g, spill, spill_tok, vt_us + cpu)
+                        done_us = max(done_us, w_done)
+                        self._count_spilled(g, spill, write)
                 self.counters.swap_out_pages += n_live
                 self.counters.dropped_evictions += int(g_frames.size) - n_live
-                freed += int(g_frames.size)
             else:
                 # No answer (guest gone, timed out, bad reply, or we were
                 # cancelled): the mapping stays; orphans can go.
@@ -843,13 +920,44 @@ class HostMemory:
                 freed += int(np.count_nonzero(~live))
         return freed, done_us
 
-    def _count_evicted(self, g: "_Guest", gpfns: np.ndarray, write: np.ndarray, n_live: int) -> None:
+    def _content(self, g: "_Guest") -> ContentMap:
+        """The guest's content map (its ContentReport; the empty map until then)."""
+        return g.content
+
+    def _to_swap(self, g: "_Guest", gpfns: np.ndarray, tokens: np.ndarray, vt_us: float) -> tuple[np.ndarray, float]:
+        """Pages go to their slots in the guest's swap file: SWAPPED; returns the write mask and when written."""
+        slots = self.swap.slots_of(g.guest_id, gpfns)
+        write = self.swap.store(slots, tokens)
+        g.p2m.set(gpfns, PageState.SWAPPED, slots)
+        n_write = int(np.count_nonzero(write))
+        done_us = float(vt_us)
+        if n_write:
+            # One request: the slots of one guest's victims, in gpfn order.
+            done_us = self.swap.disk.submit(g.guest_id, vt_us, n_write, write=True, offset=int(slots[write][0]))
+        return write, done_us
+
+    def _count_spilled(self, g: "_Guest", gpfns: np.ndarray, write: np.ndarray) -> None:
+        """The compression cache's oldest pages went to swap: real writes (labelled ones counted as such)."""
+        n_write = int(np.count_nonzero(write))
+        c, gc = self.counters, g.counters
+        gc.swap_write_pages += n_write
+        c.swap_write_pages += n_write
+        c.swap_writes_avoided += int(gpfns.size) - n_write
+        labelled = g.labels[gpfns] & write
+        if np.any(labelled):
+            n_lab = int(np.count_nonzero(labelled))
+            c.clean_cache_swap_write_pages += n_lab
+            gc.clean_cache_swap_write_pages += n_lab
+
+    def _count_evicted(self, g: "_Guest", gpfns: np.ndarray, write: np.ndarray, n_live: int,
+                       n_to_swap: int | None = None) -> None:
+        """``n_to_swap``: the pages that went to swap (the rest were dropped as zero or compressed)."""
         n_write = int(np.count_nonzero(write))
         c, gc = self.counters, g.counters
         gc.swap_out_pages += n_live
         gc.swap_write_pages += n_write
         c.swap_write_pages += n_write
-        c.swap_writes_avoided += n_live - n_write
+        c.swap_writes_avoided += (n_live if n_to_swap is None else n_to_swap) - n_write
         labelled = g.labels[gpfns]
         if np.any(labelled):
             n_lab = int(np.count_nonzero(labelled))
@@ -906,7 +1014,25 @@ class HostMemory:
         (``[host] victim_scope = "global"``). ``extra_frames``: frames
         requests held across the boundary still need, on top (in any state:
         they must be served at the next tick's start).
+
+        With compression on, a page taken frees only part of a frame (the
+        cache keeps its compressed bytes), so one pass falls short of the
+        goal: the reclaim goes on, at most ``_BALANCE_ROUNDS`` passes, while
+        it is short and each pass freed something. (Each compressed page
+        frees at least half a frame, so the shortfall halves every pass.)
         """
+        got = await self._balance_once(vt_us, extra_frames)
+        if self.zip is None:
+            return got
+        freed, done = got.freed_frames, got.done_vt_us
+        for _ in range(_BALANCE_ROUNDS - 1):
+            if got.freed_frames <= 0:
+                break
+            got = await self._balance_once(vt_us, extra_frames)
+            freed, done = freed + got.freed_frames, max(done, got.done_vt_us)
+        return Reclaimed(freed, done)
+
+    async def _balance_once(self, vt_us: float, extra_frames: int) -> Reclaimed:
         extra = max(0, int(extra_frames))
         if self.states is None:
             high = min(2 * self.low_watermark_frames + extra, self.pool.total_frames)
@@ -928,11 +1054,17 @@ class HostMemory:
         victims = np.concatenate(picked) if picked else np.zeros(0, np.int64)
         return await self.reclaim_victims(victims, vt_us, state)
 
+    def consumed_frames(self, guest_id: int) -> int:
+        """Host frames the VM consumes: those backing its gpfns and its compression cache's (ESX counts both)."""
+        g = self._guest(guest_id)
+        n = int(np.count_nonzero(g.p2m.state == _FRAME))
+        return n + (int(self.zip.frames_of(guest_id).size) if self.zip is not None else 0)
+
     def vm_allocations(self) -> list[VmAllocation]:
         """Every guest's host frames against its allocation target (its consumption when it has none yet)."""
         out = []
         for gid, g in self._guests.items():
-            consumed = int(g.p2m.counts()["frame"])
+            consumed = self.consumed_frames(gid)
             a = self.states.allocation(gid, consumed) if self.states is not None else None
             out.append(a if a is not None else VmAllocation(gid, consumed, consumed))
         return out
@@ -953,20 +1085,88 @@ class HostMemory:
                                "already BALLOONED", "inflate each page once")
         if g.balloon_pages + gpfns.size > g.max_balloon_pages:
             raise BalloonLimit(guest_id, g.balloon_pages, int(gpfns.size), g.max_balloon_pages)
-        frames = g.p2m.loc[gpfns[state == PageState.FRAME]]
-        # A busy frame's shootdown is pending: it is freed when that settles.
-        frames = frames[~self.pool.busy[frames]]
-        self.pool.free(frames)
-        self.swap.drop(self.swap.slots_of(guest_id, gpfns))    # in swap or in the swap cache: gone
-        g.labels[gpfns] = False
+        n_freed = self._release(g, gpfns, state)
         g.p2m.set(gpfns, PageState.BALLOONED)
         g.p2m.pinned[gpfns] = False
         g.balloon_pages += int(gpfns.size)
         g.counters.balloon_inflated_pages += int(gpfns.size)
         self.counters.balloon_inflated_pages += int(gpfns.size)
-        g.counters.balloon_freed_frames += int(frames.size)
-        self.counters.balloon_freed_frames += int(frames.size)
-        return int(frames.size)
+        g.counters.balloon_freed_frames += n_freed
+        self.counters.balloon_freed_frames += n_freed
+        return n_freed
+
+    def _release(self, g: _Guest, gpfns: np.ndarray, state: np.ndarray) -> int:
+        """Whatever holds these gpfns' content goes (the guest gave them away); returns frames freed.
+
+        Their frames (a busy one's shootdown is pending: it is freed when that
+        settles), swap slots and swap-cache copies, compressed and zero copies.
+        The caller sets their new p2m state.
+        """
+        frames = g.p2m.loc[gpfns[state == PageState.FRAME]]
+        frames = frames[~self.pool.busy[frames]]
+        self.pool.free(frames)
+        n_freed = int(frames.size) + self._drop_zipped(g, gpfns, state)
+        self.swap.drop(self.swap.slots_of(g.guest_id, gpfns))    # in swap or in the swap cache: gone
+        g.labels[gpfns] = False
+        return n_freed
+
+    def _drop_zipped(self, g: _Guest, gpfns: np.ndarray, state: np.ndarray) -> int:
+        """COMPRESSED and ZERO gpfns among ``gpfns`` leave the compression books; returns cache frames freed."""
+        if self.zip is None:
+            return 0
+        z = (state == _COMPRESSED) | (state == _ZERO)
+        if not np.any(z):
+            return 0
+        return self.zip.drop(g.guest_id, gpfns[z], state[z])
+
+    def report_free(self, guest_id: int, gpfns: np.ndarray | bytes) -> int:
+        """Free page reporting: the guest says these gpfns are free; discard what backs them. Returns frames freed.
+
+        virtio-balloon's VIRTIO_BALLOON_F_REPORTING: the device discards
+        the reported ranges (QEMU: ``ram_block_discard_range``, madvise
+        DONTNEED); the next touch is an ordinary EPT fault that maps a fresh
+        zero page, exactly as for a page never backed. A frame, a swap slot
+        (and its swap-cache copy), a compressed or zero-dropped page: all
+        go; the gpfn becomes UNBACKED. Refused as a whole (nothing changes)
+        on a bad or duplicate gpfn or a ballooned one (the balloon holds
+        it, it is not free). A frame whose eviction is pending (busy) is
+        freed when its shootdown settles, as for balloon inflation.
+        """
+        g = self._guest(guest_id)
+        gpfns = as_page_numbers(gpfns, guest_id, "gpfn", g.p2m.guest_pages, unique=True)
+        state = g.p2m.state[gpfns]
+        if np.any(state == PageState.BALLOONED):
+            raise InvalidState(guest_id, "gpfn", int(gpfns[np.flatnonzero(state == PageState.BALLOONED)[0]]),
+                               "BALLOONED", "a ballooned page is the balloon's, not free: deflate it first")
+        n_slots = int(np.count_nonzero((state == _SWAPPED) | (state == _ZERO) | (state == _COMPRESSED)))
+        n_freed = self._release(g, gpfns, state)
+        g.p2m.set(gpfns, PageState.UNBACKED)
+        c, gc = self.counters, g.counters
+        c.free_reports += 1
+        gc.free_reports += 1
+        c.pages_reported += int(gpfns.size)
+        gc.pages_reported += int(gpfns.size)
+        c.frames_discarded += n_freed
+        gc.frames_discarded += n_freed
+        c.reported_slots_dropped += n_slots
+        return n_freed
+
+    def host_copy(self, guest_id: int, gpfns: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """For gpfns the host took from the guest: which hold a copy and the content held (for the audit).
+
+        A copy is a host swap slot (SWAPPED), a compressed page (COMPRESSED)
+        or a zero-dropped page (ZERO: the token the guest had; a fault maps zeros).
+        """
+        g = self._guest(guest_id)
+        gpfns = np.asarray(gpfns, np.int64)
+        state = g.p2m.state[gpfns]
+        tokens = np.zeros(gpfns.size, np.uint64)
+        sw = state == _SWAPPED
+        tokens[sw] = self.swap.token[g.p2m.loc[gpfns[sw]]]
+        z = (state == _COMPRESSED) | (state == _ZERO)
+        if self.zip is not None and np.any(z):
+            tokens[z] = self.zip.tokens_of(guest_id, gpfns[z])
+        return sw | (z if self.zip is not None else np.zeros_like(z)), tokens
 
     def balloon_deflate(self, guest_id: int, gpfns: np.ndarray | bytes) -> None:
         """The guest takes ``gpfns`` back: they become UNBACKED (a fault gives a zero page)."""
@@ -1132,11 +1332,15 @@ class HostMemory:
         """Gauges of one guest, in pages: resident, swapped, ballooned, unbacked, disk cache."""
         g = self._guest(guest_id)
         p = g.p2m.counts()
-        return {"guest_pages": g.p2m.guest_pages,
-                "resident_pages": p["frame"], "swapped_pages": p["swapped"],
-                "ballooned_pages": p["ballooned"], "unbacked_pages": p["unbacked"],
-                "max_balloon_pages": g.max_balloon_pages,
-                **g.vdisk.counts()}
+        out = {"guest_pages": g.p2m.guest_pages,
+               "resident_pages": p["frame"], "swapped_pages": p["swapped"],
+               "ballooned_pages": p["ballooned"], "unbacked_pages": p["unbacked"],
+               "max_balloon_pages": g.max_balloon_pages,
+               **g.vdisk.counts()}
+        if self.zip is not None:
+            out.update(zcache_pages=p["compressed"], zero_held_pages=p["zero"],
+                       **self.zip.guest_snapshot(guest_id, g.p2m))
+        return out
 
     def snapshot(self) -> dict[str, Any]:
         """Counters and gauges, JSON-serialisable; per-guest under ``guests`` keyed by str(guest_id).
@@ -1159,6 +1363,10 @@ class HostMemory:
             **self.cache.metrics(),
             **{f"swap_device_{k}": v for k, v in self.swap.disk.counters().items()},
             **asdict(self.counters),
+            "zcache_frames": kinds["zcache"],
+            "compression": self.zip is not None and self.zip.cfg.compression,
+            "zero_page_detection": self.zip is not None and self.zip.cfg.zero_pages,
+            **(self.zip.snapshot() if self.zip is not None else {}),
         }
         vd_totals = dict(self._departed_vdisk)
         guests: dict[str, Any] = {}

@@ -51,7 +51,7 @@ from balloonlab.proto import events as ev
 
 __all__ = ["MemState", "Reclaim", "RECLAIM_BY_STATE", "STATE_PCT_OF_MIN_FREE", "HIGH_BREAK_LARGE_PAGES_PCT",
            "MEMORY_STATES_MODES", "VICTIM_SCOPES", "VmAllocation", "MemoryStates", "min_free_pages",
-           "state_of", "thresholds_pages", "may_balloon", "may_host_swap", "blocks", "plan_boundary_swap",
+           "state_of", "thresholds_pages", "may_balloon", "may_compress", "may_host_swap", "blocks", "plan_boundary_swap",
            "derived_alloc_target", "self_swap_allowed", "grant_floor_only"]
 
 log = structlog.get_logger("hostd.memstate")
@@ -91,20 +91,25 @@ class Reclaim:
     sharing: bool        # page sharing (TPS): ESX from clear on; not modelled yet, so never on here
     balloon: bool        # the ESX controller (proportional) inflates
     host_swap: bool      # the host swaps guest pages (boundary reclaim; a guest's self-reclaim mid-tick)
+    compress: bool       # pages on their way to host swap are zero-checked and compressed (hostd.compress)
     block: bool          # a VM above its allocation target may be held until the boundary reclaims
 
 
-# The one table. ESX (vSphere 6) runs sharing from clear and compression from hard; neither is
-# modelled yet (page sharing and compression are later work), so those columns stay off here.
+# The one table. ESX (vSphere 6) runs sharing from clear and compression from hard, with swapping:
+# compression is a step on ESX's swap path (a page about to be swapped is compressed instead when it
+# fits in 2 KiB), so here it runs wherever the host swaps -- the boundary reclaim in hard and low, and a
+# guest's self-reclaim mid-tick, which ``may_self_swap`` allows from clear (that guest's own partition is
+# out of memory). It runs only when the scenario turns it on (``[host] compression`` /
+# ``zero_page_detection``). Page sharing is not modelled yet, so its column stays off.
 # Ballooning keeps going in hard and low: the controller's targets stand and the guests keep
 # inflating towards them (Epping notes vSphere 6 stops asking the balloon in hard; we keep the
 # balloon, because the targets are also what host swapping is steered by).
 RECLAIM_BY_STATE: Mapping[MemState, Reclaim] = {
-    MemState.HIGH:  Reclaim(sharing=False, balloon=False, host_swap=False, block=False),
-    MemState.CLEAR: Reclaim(sharing=False, balloon=False, host_swap=False, block=False),
-    MemState.SOFT:  Reclaim(sharing=False, balloon=True,  host_swap=False, block=False),
-    MemState.HARD:  Reclaim(sharing=False, balloon=True,  host_swap=True,  block=False),
-    MemState.LOW:   Reclaim(sharing=False, balloon=True,  host_swap=True,  block=True),
+    MemState.HIGH:  Reclaim(sharing=False, balloon=False, host_swap=False, compress=False, block=False),
+    MemState.CLEAR: Reclaim(sharing=False, balloon=False, host_swap=False, compress=False, block=False),
+    MemState.SOFT:  Reclaim(sharing=False, balloon=True,  host_swap=False, compress=False, block=False),
+    MemState.HARD:  Reclaim(sharing=False, balloon=True,  host_swap=True,  compress=True,  block=False),
+    MemState.LOW:   Reclaim(sharing=False, balloon=True,  host_swap=True,  compress=True,  block=True),
 }
 
 _GIB_BYTES = 1 << 30
@@ -149,6 +154,11 @@ def state_of(free_frames: int, min_free: int) -> MemState:
 def may_balloon(state: MemState) -> bool:
     """Does the ESX controller inflate balloons in ``state``? (soft and worse)"""
     return RECLAIM_BY_STATE[state].balloon
+
+
+def may_compress(state: MemState) -> bool:
+    """Are pages on their way to host swap compressed (and zero-checked) in ``state``? (hard and low)"""
+    return RECLAIM_BY_STATE[state].compress
 
 
 def may_host_swap(state: MemState) -> bool:
@@ -365,14 +375,14 @@ def self_swap_allowed(mem: Any, guest_id: int) -> bool:
     (The deterministic engine's hook for a guest whose grant ran out; ``mem``
     is the ``HostMemory``, whose ``states`` must be set.)
     """
-    return mem.states.may_self_swap(guest_id, int(mem.p2m(guest_id).counts()["frame"]))
+    return mem.states.may_self_swap(guest_id, mem.consumed_frames(guest_id))
 
 
 def grant_floor_only(mem: Any) -> Any:
     """The grant planner's ``floor_only(gid)`` with memory states: above target in hard or worse."""
-    return lambda gid: mem.states.grows_no_further(gid, int(mem.p2m(gid).counts()["frame"]))
+    return lambda gid: mem.states.grows_no_further(gid, mem.consumed_frames(gid))
 
 
 def _describe(state: MemState) -> list[str]:
     r = RECLAIM_BY_STATE[state]
-    return [name for name in ("balloon", "host_swap", "block") if getattr(r, name)]
+    return [name for name in ("balloon", "host_swap", "compress", "block") if getattr(r, name)]

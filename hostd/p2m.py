@@ -1,8 +1,12 @@
 """One guest's physical-to-machine map: where each gpfn's content lives.
 
 Every gpfn is in exactly one state: UNBACKED (no content: a fault gives a
-zero page), FRAME (``loc`` = host frame), SWAPPED (``loc`` = host swap slot)
-or BALLOONED (given to the host by the guest's balloon driver; ``loc`` -1).
+zero page), FRAME (``loc`` = host frame), SWAPPED (``loc`` = host swap slot),
+BALLOONED (given to the host by the guest's balloon driver; ``loc`` -1),
+COMPRESSED (in its VM's compression cache, ``hostd.compress``; ``loc`` -1)
+or ZERO (it held the zero page when the host reclaimed it: nothing is
+stored, a fault maps a fresh zero page; ``loc`` -1). The last two keep the
+guest's content token in the compression books, not here.
 """
 from __future__ import annotations
 
@@ -12,7 +16,7 @@ import numpy as np
 
 from .errors import BadBatch, DuplicatePages, OutOfRange
 
-__all__ = ["PageState", "P2M", "NO_LOC", "as_page_numbers", "one_page_number", "one_token"]
+__all__ = ["PageState", "P2M", "NO_LOC", "N_STATE_CODES", "VALID_STATE", "as_page_numbers", "one_page_number", "one_token"]
 
 NO_LOC = -1
 
@@ -22,6 +26,14 @@ class PageState(IntEnum):
     FRAME = 1
     SWAPPED = 2
     BALLOONED = 3
+    COMPRESSED = 5      # (4 is page sharing's SHARED)
+    ZERO = 6
+
+
+N_STATE_CODES = max(PageState) + 1
+"""Size of a table indexed by state value (the values are not dense)."""
+VALID_STATE = np.zeros(256, bool)
+VALID_STATE[[int(s) for s in PageState]] = True
 
 
 def as_page_numbers(values: np.ndarray | bytes | list[int], guest_id: int, what: str,
@@ -108,7 +120,7 @@ class P2M:
         return int(np.count_nonzero(self.state == state))
 
     def counts(self) -> dict[str, int]:
-        c = np.bincount(self.state, minlength=len(PageState))
+        c = np.bincount(self.state, minlength=N_STATE_CODES)
         return {s.name.lower(): int(c[s]) for s in PageState}
 
     def in_state(self, state: PageState) -> np.ndarray:

@@ -18,9 +18,9 @@ from .errors import BadField, UnknownMessageType
 
 __all__ = [
     "MsgType", "Kind", "Message", "pages_to_bytes",
-    "Hello", "Welcome", "TickStart", "TickDone", "RunEnd",
+    "Hello", "Welcome", "ContentReport", "ContentReportReply", "TickStart", "TickDone", "RunEnd",
     "EptFault", "EptFaultReply", "Invalidate", "InvalidateReply",
-    "BalloonTarget", "BalloonInflate", "BalloonDeflate", "BalloonReply",
+    "BalloonTarget", "BalloonInflate", "BalloonDeflate", "BalloonReply", "FreeReport", "FreeReportReply",
     "DiskRead", "DiskReadReply", "DiskWrite", "DiskWriteReply", "Audit", "AuditReply",
     "Ping", "Pong", "REQUESTS", "NOTIFICATIONS", "MAX_PAGES_PER_MESSAGE", "msg_type_of",
     "LockAcquire", "LockRelease", "LockReply", "LockEvent",
@@ -41,6 +41,7 @@ class Kind(IntEnum):
 
 class MsgType(IntEnum):
     HELLO = 1             # guest -> host request; reply Welcome
+    CONTENT_REPORT = 5    # guest -> host request, right after Welcome: its content map; reply ContentReportReply
     TICK_START = 10       # host -> guest notification
     TICK_DONE = 11        # guest -> host notification
     RUN_END = 12          # host -> guest notification
@@ -49,6 +50,7 @@ class MsgType(IntEnum):
     BALLOON_TARGET = 30   # host -> guest notification
     BALLOON_INFLATE = 31  # guest -> host request
     BALLOON_DEFLATE = 32  # guest -> host request
+    FREE_REPORT = 33      # guest -> host request: free page reporting (virtio-balloon VIRTIO_BALLOON_F_REPORTING)
     DISK_READ = 40        # guest -> host request
     DISK_WRITE = 41       # guest -> host request
     AUDIT = 50            # host -> guest request, once the last tick is done; reply AuditReply
@@ -66,6 +68,7 @@ _STR = "str"
 _BIN = "bin"
 _PAGES = "pages"    # bin, length a multiple of 8, <= MAX_PAGES_PER_MESSAGE u64
 _MAP = "map"        # str -> any msgpack value
+_LIST = "list"      # msgpack array (the message's own checks look inside)
 
 _INF = float("inf")
 
@@ -183,9 +186,15 @@ def _check_map(msg: str, key: str, value: Any) -> dict:
     return value
 
 
+def _check_list(msg: str, key: str, value: Any) -> list:
+    if type(value) is not list:
+        raise BadField(msg, key, f"expected array, got {type(value).__name__}")
+    return value
+
+
 _CHECKERS: dict[str, Callable[[str, str, Any], Any]] = {
     _INT: _check_int, _NUM: _check_number, _STR: _check_str, _BIN: _check_bin,
-    _PAGES: _check_pages, _MAP: _check_map,
+    _PAGES: _check_pages, _MAP: _check_map, _LIST: _check_list,
 }
 
 
@@ -230,6 +239,22 @@ class Welcome(Message):
     vt_us: float
     tick_us: int
     config: dict
+
+
+@_message(MsgType.CONTENT_REPORT, ranges=_LIST)
+class ContentReport(Message):
+    """What the guest's pages hold, as ``proto.content.ContentMap.to_wire()``: sent once, right after
+    Welcome (the guest learns its regions from Welcome's config), before its vCPU starts. A guest
+    that never sends it is all private, "mixed" compressibility (the empty map)."""
+
+    ranges: list
+
+
+@_message(MsgType.CONTENT_REPORT, ranges=_INT)
+class ContentReportReply(Message):
+    """The host took the map: how many ranges it holds."""
+
+    ranges: int
 
 
 # --- the tick cycle ---------------------------------------------------------
@@ -312,6 +337,22 @@ class BalloonReply(Message):
     """Reply to inflate and deflate: the host's count of this guest's balloon."""
 
     balloon_pages: int
+    done_vt_us: float
+
+
+@_message(MsgType.FREE_REPORT, gpfns=_PAGES, vt_us=_NUM)
+class FreeReport(Message):
+    """Free page reporting: these gpfns are free in the guest (blocks that stayed free); the host
+    discards what backs them (frame, swap slot, compressed copy) and they become unbacked: the
+    next touch is an ordinary EPT fault that maps a fresh zero page."""
+
+    gpfns: np.ndarray
+    vt_us: float
+
+
+@_message(MsgType.FREE_REPORT, discarded_frames=_INT, done_vt_us=_NUM)
+class FreeReportReply(Message):
+    discarded_frames: int
     done_vt_us: float
 
 
@@ -434,10 +475,12 @@ class Pong(Message):
 
 REQUESTS: dict[MsgType, tuple[type[Message], type[Message]]] = {
     MsgType.HELLO: (Hello, Welcome),
+    MsgType.CONTENT_REPORT: (ContentReport, ContentReportReply),
     MsgType.EPT_FAULT: (EptFault, EptFaultReply),
     MsgType.INVALIDATE: (Invalidate, InvalidateReply),
     MsgType.BALLOON_INFLATE: (BalloonInflate, BalloonReply),
     MsgType.BALLOON_DEFLATE: (BalloonDeflate, BalloonReply),
+    MsgType.FREE_REPORT: (FreeReport, FreeReportReply),
     MsgType.DISK_READ: (DiskRead, DiskReadReply),
     MsgType.DISK_WRITE: (DiskWrite, DiskWriteReply),
     MsgType.AUDIT: (Audit, AuditReply),

@@ -22,7 +22,13 @@ def test_reclaim_by_mechanism_from_the_counters() -> None:
               {"evictions": 100, "balloon_reclaimed": 0, "host_took_clean_file": 20}]
     m = reclaim_metrics(host, guests)
     assert m["reclaimed_by_mechanism"] == {"balloon_frames": 700, "guest_for_balloon": 150, "guest_own": 350,
-                                           "host_swap": 400, "host_swap_cache": 100, "host_cache_drop": 30}
+                                           "host_swap": 400, "host_swap_cache": 100, "host_cache_drop": 30,
+                                           "host_compress": None, "host_zero": None}
+    # with compression and zero pages on: what they took is not swap (and no swap I/O)
+    zipped = reclaim_metrics({**host, "compressed_pages": 120, "zero_pages_dropped": 30}, guests)
+    assert zipped["reclaimed_by_mechanism"]["host_swap"] == 250
+    assert (zipped["reclaimed_by_mechanism"]["host_compress"], zipped["reclaimed_by_mechanism"]["host_zero"]) == (120, 30)
+    assert zipped["reclaim_io_pages"] == m["reclaim_io_pages"] - 150
     assert "host_swap_writes_clean_cache" not in m          # not counted by this host: no number made up
     m = reclaim_metrics({**host, "clean_cache_swap_write_pages": 90, "clean_cache_swap_read_pages": 60}, guests)
     assert m["clean_cache_host_io_per_page"] == 1.5           # (90 + 60) / the 100 clean pages the host took

@@ -14,7 +14,7 @@ def test_alloc_takes_frames_and_counts_them_by_kind() -> None:
     frames = pool.alloc(3, FrameKind.GUEST, 1, np.array([10, 11, 12]), np.array([7, 8, 9], np.uint64))
     assert frames.size == 3 and np.unique(frames).size == 3
     assert pool.free_frames == 5 and pool.used_frames == 3
-    assert pool.counts() == {"free": 5, "guest": 3, "cache": 0, "iobuf": 0}
+    assert pool.counts() == {"free": 5, "guest": 3, "cache": 0, "iobuf": 0, "zcache": 0}
     assert pool.owner_index[frames].tolist() == [10, 11, 12]
     assert pool.token[frames].tolist() == [7, 8, 9]
     pool.check_invariant()
@@ -87,7 +87,7 @@ def test_p2m_starts_unbacked_and_counts_states() -> None:
     p2m = P2M(5)
     p2m.set(np.array([0, 1]), PageState.FRAME, np.array([3, 4]))
     p2m.set(np.array([2]), PageState.BALLOONED)
-    assert p2m.counts() == {"unbacked": 2, "frame": 2, "swapped": 0, "ballooned": 1}
+    assert p2m.counts() == {"unbacked": 2, "frame": 2, "swapped": 0, "ballooned": 1, "compressed": 0, "zero": 0}
     assert p2m.in_state(PageState.FRAME).tolist() == [0, 1]
 
 

@@ -326,7 +326,7 @@ async def test_a_guest_dying_while_its_shootdown_is_pending_leaks_nothing() -> N
     hm.check_invariant()
     gate.gate.set()
     await faulting
-    assert hm.pool.counts() == {"free": 3, "guest": 1, "cache": 0, "iobuf": 0}
+    assert hm.pool.counts() == {"free": 3, "guest": 1, "cache": 0, "iobuf": 0, "zcache": 0}
     assert hm.swap.used_slots == 0
     hm.check_invariant()
 

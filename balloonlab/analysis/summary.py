@@ -105,6 +105,9 @@ def reclaim_metrics(host: dict[str, Any], guests: list[dict[str, Any]]) -> dict[
     - ``guest_own``: every other eviction of the guests: their own demand
       paging and reclaim (in a memory the balloon may have made smaller);
     - ``host_swap``: guest pages the host swapped out (blind);
+    - ``host_compress`` / ``host_zero``: guest pages the host took into its
+      compression cache / dropped as zero pages instead of swapping them
+      (``hostd.compress``; None when both are off);
     - ``host_swap_cache``: host disk-cache pages the host swapped out;
     - ``host_cache_drop``: host disk-cache pages dropped (trimmed).
 
@@ -124,7 +127,9 @@ def reclaim_metrics(host: dict[str, Any], guests: list[dict[str, Any]]) -> dict[
     host_in = int(host.get("swap_in_pages", 0))
     reclaimed = host_out + total("evictions")
     reclaimed_clean = total("host_took_clean_file") + total("evicted_clean_file")
-    io = host_out + host_in + total("writebacks") + total("refault_reads")
+    # pages the host took that went to its compression cache or were dropped as zero pages, not to swap
+    zipped = int(host.get("compressed_pages", 0) or 0) + int(host.get("zero_pages_dropped", 0) or 0)
+    io = host_out - zipped + host_in + total("writebacks") + total("refault_reads")
     clean_writes = total("host_took_clean_file")
     clean_reads = total("host_refaults_clean_file") + total("refault_file_reads")
     cache_out = int(host.get("swap_out_cache_pages", 0))
@@ -133,7 +138,10 @@ def reclaim_metrics(host: dict[str, Any], guests: list[dict[str, Any]]) -> dict[
         "balloon_frames": int(freed) if isinstance(freed, (int, float)) else None,
         "guest_for_balloon": total("balloon_reclaimed"),
         "guest_own": total("evictions") - total("balloon_reclaimed"),
-        "host_swap": host_out - cache_out,
+        "host_swap": host_out - cache_out - zipped,
+        # None from a host with neither mechanism on (the keys are absent)
+        "host_compress": int(host["compressed_pages"]) if "compressed_pages" in host else None,
+        "host_zero": int(host["zero_pages_dropped"]) if "zero_pages_dropped" in host else None,
         "host_swap_cache": cache_out,
         "host_cache_drop": int(host.get("vdisk_trimmed_pages", 0)),
     }
@@ -171,6 +179,9 @@ def summarize_variant(v: VariantLogs) -> dict[str, Any]:
         if key in finished:
             host[key] = finished[key]
     host["refused_connections"] = finished.get("refused", 0)
+    free = [e["free_frames"] for e in v.host if e.get("event") == ev.TICK_COMPLETED and "free_frames" in e]
+    if free:   # host free memory over the run (the boundary's view, every logged tick)
+        host["free_frames_mean"] = round(sum(free) / len(free), 1)
     guests = [_guest_entry(gid, events, virtual_s) for gid, events in sorted(v.guests.items())]
     out: dict[str, Any] = {
         "virtual_s": round(virtual_s, 6),

@@ -69,6 +69,9 @@ def build_workload(specs: Sequence[Mapping[str, Any] | Any], layout: Layout, rng
             start, pages = layout.span(spec.region)
         except GuestConfigError as e:
             raise GuestConfigError(f"{at}.region: {e}") from None
+        if kind == "burst" and layout.region(spec.region).kind != "anon":
+            raise GuestConfigError(f"{at}.region: a burst frees its memory, so its region must be anonymous; "
+                                   f"{spec.region!r} is a file")
         params = spec_params(spec)
         try:
             if kind == "trace":

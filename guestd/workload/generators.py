@@ -20,6 +20,16 @@ Kinds (``WORKLOADS``):
   ``shift_pages`` (wrapping) every ``phase_refs`` references.
 - ``trace``: a recorded trace replayed in order (``loop`` to repeat); its
   distinct pages are mapped densely onto the region.
+- ``burst``: after ``delay_refs`` references away (it yields none then),
+  allocate the (anonymous) region, writing each page once in order; use it for ``hold_refs`` references (uniform, ``write_frac``
+  writes); free it all (``take_frees``: the vCPU hands the pages to
+  ``GuestKernel.discard`` once the references before the free are done);
+  stay away for ``idle_refs`` references (it yields none then); repeat,
+  ``cycles`` times (0: for ever).
+
+A generator that frees memory has ``take_frees() -> pages or None``: the
+pages freed at the end of the batch it just returned (its batch stops at
+the free, so no reference after it is in that batch).
 """
 from __future__ import annotations
 
@@ -31,7 +41,7 @@ from ..errors import GuestConfigError
 
 __all__ = [
     "Workload", "DbWorkload", "ZipfWorkload", "AnonColdWorkload", "AnonHotWorkload",
-    "ScanWorkload", "PhasesWorkload", "TraceWorkload", "Mix", "WORKLOADS",
+    "ScanWorkload", "PhasesWorkload", "TraceWorkload", "BurstWorkload", "Mix", "WORKLOADS", "take_frees",
 ]
 
 _EMPTY = (np.zeros(0, np.uint64), np.zeros(0, bool))
@@ -223,6 +233,80 @@ class TraceWorkload(_Region):
         return p, w
 
 
+class BurstWorkload(_Region):
+    """Allocate the region, use it, free it, stay away; again (see the module docstring)."""
+
+    name = "burst"
+    _ALLOC, _HOLD, _FREE, _IDLE = range(4)
+
+    def __init__(self, start: int, pages: int, rng: np.random.Generator, hold_refs: int = 100_000,
+                 idle_refs: int = 100_000, cycles: int = 0, write_frac: float = 0.3, delay_refs: int = 0) -> None:
+        super().__init__(start, pages, rng)
+        for key, v in (("hold_refs", hold_refs), ("idle_refs", idle_refs), ("cycles", cycles),
+                       ("delay_refs", delay_refs)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise GuestConfigError(f"{self.name}: {key} must be an integer >= 0, got {v!r}")
+        self.hold_refs, self.idle_refs, self.cycles = int(hold_refs), int(idle_refs), int(cycles)
+        self.write_frac = _check_frac(self.name, write_frac)
+        self._phase = self._ALLOC
+        self._pos = 0
+        self._delay_left = int(delay_refs)
+        self._cycle = 0
+        self._frees: np.ndarray | None = None
+        self.frees = 0              # free events so far
+
+    def take_frees(self) -> np.ndarray | None:
+        f, self._frees = self._frees, None
+        return f
+
+    def next_batch(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        pages: list[np.ndarray] = []
+        writes: list[np.ndarray] = []
+        left = int(n)
+        if self._delay_left:
+            k = min(left, self._delay_left)
+            self._delay_left -= k
+            left -= k
+        while left > 0 and not self.exhausted and self._frees is None:
+            if self._phase == self._ALLOC:
+                k = min(left, self.pages - self._pos)
+                pages.append(np.arange(self.start + self._pos, self.start + self._pos + k, dtype=np.uint64))
+                writes.append(np.ones(k, bool))
+                self._pos += k
+                if self._pos >= self.pages:
+                    self._phase, self._pos = self._HOLD, 0
+            elif self._phase == self._HOLD:
+                k = min(left, self.hold_refs - self._pos)
+                pages.append((self.start + self.rng.integers(0, self.pages, k)).astype(np.uint64))
+                writes.append(self._writes(k, self.write_frac))
+                self._pos += k
+                if self._pos >= self.hold_refs:
+                    self._phase, self._pos = self._FREE, 0
+            elif self._phase == self._FREE:
+                self._frees = np.arange(self.start, self.start + self.pages, dtype=np.uint64)
+                self.frees += 1
+                self._phase, self._pos = self._IDLE, 0
+                break
+            else:
+                k = min(left, self.idle_refs - self._pos)
+                self._pos += k
+                if self._pos >= self.idle_refs:
+                    self._cycle += 1
+                    self._phase, self._pos = self._ALLOC, 0
+                    self.exhausted = self.cycles > 0 and self._cycle >= self.cycles
+                # idle references are asked for and not made: the other components' time passes
+            left -= k
+        if not pages:
+            return _EMPTY
+        return np.concatenate(pages), np.concatenate(writes)
+
+
+def take_frees(workload: Workload) -> np.ndarray | None:
+    """The pages the workload freed at the end of its last batch (None: none)."""
+    take = getattr(workload, "take_frees", None)
+    return take() if take is not None else None
+
+
 class Mix:
     """Several workloads of one guest, interleaved reference by reference with fixed weights.
 
@@ -245,6 +329,10 @@ class Mix:
     @property
     def exhausted(self) -> bool:
         return all(c.exhausted for c in self.components)
+
+    def take_frees(self) -> np.ndarray | None:
+        got = [f for f in (take_frees(c) for c in self.components) if f is not None]
+        return np.concatenate(got) if got else None
 
     def next_batch(self, n: int) -> tuple[np.ndarray, np.ndarray]:
         active = [i for i, c in enumerate(self.components) if not c.exhausted]
@@ -277,4 +365,5 @@ WORKLOADS = {
     "scan": ScanWorkload,
     "phases": PhasesWorkload,
     "trace": TraceWorkload,
+    "burst": BurstWorkload,
 }

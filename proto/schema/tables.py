@@ -132,6 +132,24 @@ class HostTable(Table):
     request_order: Annotated[str, Meta(
         description="the order the host serves requests in: deterministic (default; same seed, same counts) | "
                     "arrival (one global pool; with [locks])")] | None = None
+    # Compression and zero pages on the way to host swap (hostd/compress.py: the defaults' sources).
+    compression: Annotated[bool, Meta(
+        description="ESX memory compression: a page about to be host-swapped that compresses to "
+                    "compression_max_bytes or less goes into its VM's compression cache instead")] = False
+    compression_cache_pct: Annotated[float, Meta(
+        description="the compression cache's cap, % of the VM's memory (ESX Mem.MemZipMaxPct)",
+        gt=0, le=100)] = 10.0
+    compression_max_bytes: Annotated[int, Meta(
+        description="a page is kept compressed only at this size or less (ESX: 2 KiB, half a page)",
+        ge=1, le=4096)] = 2048
+    zero_page_detection: Annotated[bool, Meta(
+        description="a zero page about to be host-swapped is dropped: no slot, no I/O")] = False
+    compress_page_us: Annotated[float, Meta(
+        description="compressing a page, virtual µs (LZ4 at 780 MB/s)", ge=0)] = 5.3
+    decompress_page_us: Annotated[float, Meta(
+        description="decompressing a page, virtual µs (LZ4 at 4970 MB/s)", ge=0)] = 0.8
+    zero_check_page_us: Annotated[float, Meta(
+        description="checking a page for zeros, virtual µs (4 KiB at ~10 GB/s)", ge=0)] = 0.4
 
     def __post_init__(self) -> None:
         if self.dirty_background_pct >= self.dirty_pct:
@@ -265,6 +283,17 @@ class PhasesWorkload(_Workload, tag="phases"):
     write_frac: Fraction = 0.2
 
 
+class BurstWorkload(_Workload, tag="burst"):
+    """Allocate the (anonymous) region, use it for hold_refs, free it, stay away idle_refs; again."""
+
+    hold_refs: Annotated[int, Meta(description="references over the region between allocating and freeing it",
+                                   ge=0)] = 100_000
+    idle_refs: Annotated[int, Meta(description="references it sits out after freeing it", ge=0)] = 100_000
+    cycles: Annotated[int, Meta(description="how many times (0: for ever)", ge=0)] = 0
+    delay_refs: Annotated[int, Meta(description="references it sits out before the first cycle", ge=0)] = 0
+    write_frac: Fraction = 0.3
+
+
 class TraceWorkload(_Workload, tag="trace"):
     """A recorded trace replayed in order: a file (path) or a shipped recording (program)."""
 
@@ -279,7 +308,7 @@ class TraceWorkload(_Workload, tag="trace"):
 
 
 Workload = Union[DbWorkload, ZipfWorkload, AnonColdWorkload, AnonHotWorkload, ScanWorkload, PhasesWorkload,
-                 TraceWorkload]
+                 TraceWorkload, BurstWorkload]
 WORKLOAD_KINDS: dict[str, type] = {c.__struct_config__.tag: c for c in Workload.__args__}
 
 
@@ -316,6 +345,15 @@ class GuestTable(Table):
         description="EWMA weight of the newest period in pff (default: the kernel's)", gt=0, le=1)] | None = None
     fault_around_pages: Annotated[int, Meta(
         description="EPT fault-around window (default: the kernel's)", ge=1)] | None = None
+    free_page_reporting: Annotated[bool, Meta(
+        description="virtio-balloon free page reporting: free blocks go back to the host (guestd/reporting.py)")] \
+        = False
+    report_delay_ms: Annotated[float, Meta(
+        description="a block is reported once it has stayed free this long, virtual ms "
+                    "(Linux PAGE_REPORTING_DELAY)", gt=0)] = 2000.0
+    report_order_pages: Annotated[int, Meta(
+        description="reported blocks: aligned runs of this many free frames, a power of two "
+                    "(pageblock_order: 512 = 2 MiB)", ge=1)] = 512
 
     @property
     def ram_pages(self) -> int:
@@ -338,6 +376,8 @@ class GuestTable(Table):
 
     def check(self) -> None:
         """What one key cannot say alone; raises ValueError with the key's relative path."""
+        if self.report_order_pages & (self.report_order_pages - 1):
+            raise ValueError(f"report_order_pages: {self.report_order_pages} is not a power of two (a buddy block)")
         if self.kernel_pages >= self.ram_pages:
             raise ValueError(f"kernel_mib: {self.kernel_mib} MiB leaves no memory of ram_mib = {self.ram_mib}")
         if not self.regions:
