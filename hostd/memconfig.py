@@ -22,6 +22,7 @@ _HOST_KEYS: dict[str, tuple[type, ...]] = {
     "vdisk_cache": (str,), "dirty_expire_ms": (int, float), "dirty_writeback_ms": (int, float),
     "dirty_background_pct": (int, float), "dirty_pct": (int, float),
     "memory_states": (str,), "min_free_pct": (int, float), "victim_scope": (str,),
+    "page_sharing": (bool,), "share_scan_pages_per_s": (int, float),
 }
 
 
@@ -49,6 +50,8 @@ class HostMemConfig:
     memory_states: str = "esx"      # "esx": ESX memory states decide reclaim (hostd.memstate); "none": watermark only
     min_free_pct: float | None = None   # None: ESX's sliding scale for minFree
     victim_scope: str = "vm"        # boundary host swap: "vm" (furthest above target first) or "global" (blind)
+    page_sharing: bool = False      # content-based page sharing (hostd.sharing): off unless a scenario asks
+    share_scan_pages_per_s: float = 5000.0   # its scan rate, host-wide (KSM's default: 100 pages / 20 ms)
 
     def low_watermark_frames(self, ram_pages: int, low_state_frames: int | None) -> int:
         """The in-tick watermark: as configured, else the low state's threshold (states on) or 1 % of RAM.
@@ -97,7 +100,7 @@ def _check(table: Mapping[str, Any], keys: Mapping[str, tuple[type, ...]], where
     for key, value in table.items():
         if key not in keys:
             raise ConfigError(f"{where}.{key}: unknown key; known: {sorted(keys)}")
-        if isinstance(value, bool) or not isinstance(value, keys[key]):
+        if (isinstance(value, bool) and bool not in keys[key]) or not isinstance(value, keys[key]):
             raise ConfigError(f"{where}.{key}: expected {'/'.join(t.__name__ for t in keys[key])}, "
                               f"got {type(value).__name__} {value!r}")
 
@@ -156,6 +159,11 @@ def host_memory_config(table: Mapping[str, Any], where: str = "[host]") -> HostM
                           f"got {min_free_pct}")
     if states == "none" and "min_free_pct" in table:
         raise ConfigError(f"{where}.min_free_pct: has no effect with memory_states = \"none\"")
+    from .sharing import SCAN_PAGES_PER_S_DEFAULT
+    sharing = table.get("page_sharing", False)
+    scan_rate = float(_positive(table, "share_scan_pages_per_s", where, SCAN_PAGES_PER_S_DEFAULT))
+    if "share_scan_pages_per_s" in table and not sharing:
+        raise ConfigError(f"{where}.share_scan_pages_per_s: has no effect without page_sharing = true")
     order = table.get("request_order")
     from .discipline import DEPRECATED_ORDERS, REQUEST_ORDERS
     if order is not None and order not in REQUEST_ORDERS and order not in DEPRECATED_ORDERS:
@@ -183,6 +191,8 @@ def host_memory_config(table: Mapping[str, Any], where: str = "[host]") -> HostM
         memory_states=states,
         min_free_pct=None if min_free_pct is None else float(min_free_pct),
         victim_scope=scope,
+        page_sharing=bool(sharing),
+        share_scan_pages_per_s=scan_rate,
     )
 
 

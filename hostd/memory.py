@@ -99,6 +99,7 @@ from .vdisk import CLUSTER_PAGES_DEFAULT, MAX_INFLIGHT_REQUESTS_DEFAULT, Virtual
 from .memstate import MemoryStates, MemState, VmAllocation, plan_boundary_swap, state_of
 from .victim import VictimPolicy, make_victim_policy
 from .victim.per_vm import PerVmVictims
+from .sharing import PageSharing
 
 __all__ = ["HostMemory", "HostCounters", "GuestCounters", "Reclaimed", "Shootdown", "MemoryObserver",
            "MAX_BALLOON_FRACTION_DEFAULT", "default_max_balloon_pages"]
@@ -146,6 +147,7 @@ MAX_BALLOON_FRACTION_DEFAULT = 0.65   # ESX Mem.CtlMaxPercent
 _FRAME = int(PageState.FRAME)         # plain ints for the one-page paths (an IntEnum lookup costs ~1 us)
 _SWAPPED = int(PageState.SWAPPED)
 _BALLOONED = int(PageState.BALLOONED)
+_SHARED = int(PageState.SHARED)
 _GUEST_KIND = int(FrameKind.GUEST)
 _CACHED = 1                           # vdisk.CacheState.FRAME
 _ZERO_PROGRESS_ROUNDS = 3             # reclaim rounds that free nothing before giving up
@@ -291,6 +293,14 @@ class HostMemory:
         self._guest_rng = guest_rng or (lambda gid: np.random.default_rng([_GUEST_STREAM_DEFAULT, gid]))
         self.boundary_free_frames = total_frames    # free at the last tick start, before its grants, less held needs
         self.self_swap_allowed: Callable[[HostMemory, int], bool] = default_self_swap_allowed
+        self.sharing: PageSharing | None = None     # page sharing, when the scenario turns it on
+
+    def enable_sharing(self, scan_pages_per_s: float) -> PageSharing:
+        """Turn page sharing on (``hostd.sharing``), before any guest joins."""
+        if self._guests:
+            raise RuntimeError("page sharing must be on before guests join")
+        self.sharing = PageSharing(self, scan_pages_per_s)
+        return self.sharing
 
     def wire(self, *, shootdown: Shootdown | None = None, observer: MemoryObserver | None = None,
              placeholders_settled: Callable[[int], Awaitable[None]] | None = None) -> None:
@@ -336,6 +346,8 @@ class HostMemory:
         self.cache.set_limits(vdisk, vdisk.allowance_pages)
         self._guests[guest_id] = _Guest(guest_id, P2M(guest_pages), max_balloon, vdisk,
                                         np.zeros(guest_pages, bool), self._guest_rng(guest_id))
+        if self.sharing is not None:
+            self.sharing.add_guest(guest_id, guest_pages)
         # In id order, not in the order guests happened to connect: every loop over the
         # guests (retiring I/O buffers frees frames onto the free stack) must be reproducible.
         self._guests = dict(sorted(self._guests.items()))
@@ -351,6 +363,9 @@ class HostMemory:
             self._departed_vdisk[k] = self._departed_vdisk.get(k, 0) + v
         frames = self.pool.frames_owned_by(guest_id)
         self.pool.free(frames[~self.pool.busy[frames]])
+        if self.sharing is not None:
+            shared = g.p2m.state == _SHARED
+            self.sharing.remove_guest(guest_id, np.flatnonzero(shared), g.p2m.loc[shared])
         self.swap.remove_file(guest_id)
         self._early_answers.pop(guest_id, None)
         if self.shared_device is not None:
@@ -423,6 +438,8 @@ class HostMemory:
         gpfns = as_page_numbers(gpfns, guest_id, "gpfn", g.p2m.guest_pages, unique=True)
         fresh_set = gpfns[self._fresh_bits(g, fresh, gpfns.size)] if fresh else gpfns[:0]
         uniq = unique_pages(gpfns)
+        # A SHARED gpfn faults on a write (it is write-protected): the copy-on-write break. It takes
+        # a frame like an unbacked page; its content is the guest's (KEEP_TOKEN), copied unless fresh.
         start_us = float(vt_us)
         tried = False
         while True:
@@ -444,6 +461,8 @@ class HostMemory:
 
         todo = uniq[~backed]
         was_swapped = state[~backed] == PageState.SWAPPED
+        was_shared = state[~backed] == _SHARED
+        cow_from = g.p2m.loc[todo[was_shared]]
         if fresh_set.size:
             is_fresh = np.isin(todo, fresh_set)
             dropped = todo[was_swapped & is_fresh]
@@ -467,6 +486,11 @@ class HostMemory:
         self.pool.accessed[frames] = True          # the guest is touching it right now
         self.pool.pinned[frames] = g.p2m.pinned[todo]
         g.p2m.set(todo, PageState.FRAME, frames)
+        n_cow = int(cow_from.size)
+        if n_cow:
+            n_fresh = int(np.count_nonzero(np.isin(todo[was_shared], fresh_set))) if fresh_set.size else 0
+            assert self.sharing is not None
+            self.sharing.cow(guest_id, cow_from, n_fresh)
 
         if start_us > vt_us:
             self.counters.direct_reclaims += 1
@@ -475,12 +499,14 @@ class HostMemory:
             # One vCPU faults its pages one at a time, however many one message carries.
             done_us = self.swap.disk.submit_serial(guest_id, start_us, slots)
         done_us += self.costs.ept_fault_us * uniq.size
+        if n_cow:
+            done_us += self.costs.page_copy_us * (n_cow - n_fresh)
 
         c, gc = self.counters, g.counters
         c.ept_fault_calls += 1
         gc.ept_fault_calls += 1
-        c.ept_faults += int(todo.size)
-        gc.ept_faults += int(todo.size)
+        c.ept_faults += int(todo.size - n_cow)
+        gc.ept_faults += int(todo.size - n_cow)
         c.ept_fault_spurious_pages += int(uniq.size - todo.size)
         c.swap_in_pages += int(swapped.size)
         gc.swap_in_pages += int(swapped.size)
@@ -488,6 +514,8 @@ class HostMemory:
         tokens = self.pool.token[g.p2m.loc[gpfns]]
         if todo.size != uniq.size:   # some were backed already: the guest holds their content, not us
             tokens[np.isin(gpfns, uniq[backed])] = KEEP_TOKEN
+        if n_cow:                    # so were the shared ones, now copied
+            tokens[np.isin(gpfns, todo[was_shared])] = KEEP_TOKEN
         return tokens, done_us
 
     async def _ept_fault_one(self, g: _Guest, gpfn: int, vt_us: float,
@@ -515,6 +543,7 @@ class HostMemory:
             tried = True
 
         swapped = state == _SWAPPED
+        shared_from = int(p2m.loc[gpfn]) if state == _SHARED else -1
         if not backed:
             token = 0
             if swapped and fresh:
@@ -540,6 +569,9 @@ class HostMemory:
             self.pool.pinned[f] = p2m.pinned[gpfn]
             p2m.state[gpfn] = _FRAME
             p2m.loc[gpfn] = f
+            if shared_from >= 0:                  # the copy-on-write break (see ept_fault)
+                assert self.sharing is not None
+                self.sharing.cow(g.guest_id, np.array((shared_from,), np.int64), int(fresh))
 
         if start_us > vt_us:
             self.counters.direct_reclaims += 1
@@ -547,20 +579,22 @@ class HostMemory:
         if swapped:
             done_us = self.swap.disk.submit(g.guest_id, start_us, 1, write=False, offset=slot)
         done_us += self.costs.ept_fault_us * 1
+        if shared_from >= 0 and not fresh:
+            done_us += self.costs.page_copy_us
 
         c, gc = self.counters, g.counters
         c.ept_fault_calls += 1
         gc.ept_fault_calls += 1
         if backed:
             c.ept_fault_spurious_pages += 1
-        else:
+        elif shared_from < 0:
             c.ept_faults += 1
             gc.ept_faults += 1
         if swapped:
             c.swap_in_pages += 1
             gc.swap_in_pages += 1
             gc.ept_fault_swapins += 1
-        if backed:   # the guest holds its content, not us (see ept_fault)
+        if backed or shared_from >= 0:   # the guest holds its content, not us (see ept_fault)
             return np.array((KEEP_TOKEN,), np.uint64), done_us
         f = int(p2m.loc[gpfn])
         return self.pool.token[f:f + 1].copy(), done_us
@@ -976,6 +1010,10 @@ class HostMemory:
         # A busy frame's shootdown is pending: it is freed when that settles.
         frames = frames[~self.pool.busy[frames]]
         self.pool.free(frames)
+        shared = g.p2m.loc[gpfns[state == _SHARED]]
+        if shared.size:            # one sharer less; the frame goes when the last one does
+            assert self.sharing is not None
+            self.sharing.ballooned(guest_id, shared)
         self.swap.drop(self.swap.slots_of(guest_id, gpfns))    # in swap or in the swap cache: gone
         g.labels[gpfns] = False
         g.p2m.set(gpfns, PageState.BALLOONED)
@@ -1021,6 +1059,8 @@ class HostMemory:
             bits = self._unpack(g, name, packed)
             hit = bits & backed
             target[g.p2m.loc[hit]] = True
+            if name == "dirty" and self.sharing is not None:
+                self.sharing.note_dirty(guest_id, bits)
 
     def _unpack(self, g: _Guest, name: str, packed: np.ndarray | bytes) -> np.ndarray:
         raw = np.frombuffer(packed, np.uint8) if isinstance(packed, (bytes, bytearray, memoryview)) \
@@ -1152,7 +1192,7 @@ class HostMemory:
         g = self._guest(guest_id)
         p = g.p2m.counts()
         return {"guest_pages": g.p2m.guest_pages,
-                "resident_pages": p["frame"], "swapped_pages": p["swapped"],
+                "resident_pages": p["frame"], "shared_pages": p["shared"], "swapped_pages": p["swapped"],
                 "ballooned_pages": p["ballooned"], "unbacked_pages": p["unbacked"],
                 "max_balloon_pages": g.max_balloon_pages,
                 **g.vdisk.counts()}
@@ -1170,7 +1210,9 @@ class HostMemory:
             "cache_pages": kinds["cache"],
             "iobuf_pages": kinds["iobuf"],
             "busy_frames": int(np.count_nonzero(self.pool.busy)),
-            "pinned_frames": int(np.count_nonzero(self.pool.pinned)),
+            # shared frames are pinned in the pool only so no victim policy picks them
+            "pinned_frames": int(np.count_nonzero(self.pool.pinned))
+            - (int(np.count_nonzero(self.sharing.shared)) if self.sharing is not None else 0),
             "swap_slots": self.swap.n_slots,
             "swap_used_slots": self.swap.used_slots,
             "swap_cached_slots": self.swap.cached_slots,
@@ -1188,7 +1230,11 @@ class HostMemory:
                 vd_totals[k] = vd_totals.get(k, 0) + v
             guests[str(gid)] = {**self.guest_counts(gid), **asdict(g.counters),
                                 **{f"vdisk_{k}": v for k, v in vd.items()}}
+            if self.sharing is not None:
+                guests[str(gid)].update(self.sharing.guest_metrics(gid))
         out.update({f"vdisk_{k}": v for k, v in vd_totals.items()})
+        if self.sharing is not None:
+            out.update(self.sharing.metrics())
         out["double_faults"] = int(vd_totals.get("double_faults", 0))
         out["guests"] = guests
         return out

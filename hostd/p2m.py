@@ -1,8 +1,10 @@
 """One guest's physical-to-machine map: where each gpfn's content lives.
 
 Every gpfn is in exactly one state: UNBACKED (no content: a fault gives a
-zero page), FRAME (``loc`` = host frame), SWAPPED (``loc`` = host swap slot)
-or BALLOONED (given to the host by the guest's balloon driver; ``loc`` -1).
+zero page), FRAME (``loc`` = host frame), SWAPPED (``loc`` = host swap slot),
+BALLOONED (given to the host by the guest's balloon driver; ``loc`` -1) or
+SHARED (``loc`` = a shared frame other gpfns map too, write-protected in the
+guest: ``hostd.sharing``).
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ class PageState(IntEnum):
     FRAME = 1
     SWAPPED = 2
     BALLOONED = 3
+    SHARED = 4
 
 
 def as_page_numbers(values: np.ndarray | bytes | list[int], guest_id: int, what: str,
