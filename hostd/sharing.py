@@ -520,17 +520,43 @@ class PageSharing:
 
     def metrics(self) -> dict[str, Any]:
         """Host-wide, with KSM's names: ``pages_shared`` frames hold shared content, ``pages_sharing``
-        frames saved (sharers beyond the first); ``zero_pages_shared`` guest pages on zero frames."""
+        frames saved (sharers beyond the first); ``zero_pages_shared`` guest pages on zero frames, of
+        which ``zero_frames_saved`` are savings. ``image_pages_declared``: image pages in the live
+        guests' content maps; ``image_saving_bound``: the frames sharing could save if every one were
+        resident and unwritten (all but one copy of each distinct image page)."""
         live = self.shared & (self.refs > 0)
         refs = self.refs[live]
+        zero = live & (self.key == ZERO_KEY)
+        declared, distinct = self._image_pages()
         return {"pages_shared": int(np.count_nonzero(live)),
                 "pages_sharing": int(refs.sum() - refs.size),
-                "zero_pages_shared": int(self.refs[live & (self.key == ZERO_KEY)].sum()),
+                "zero_pages_shared": int(self.refs[zero].sum()),
+                "zero_frames_saved": int(self.refs[zero].sum() - np.count_nonzero(zero)),
+                "image_pages_declared": declared, "image_saving_bound": declared - distinct,
                 "share_candidates": int(self._ck.size),
                 "share_scan_cpu_us": round(self.scan_cpu_us, 3),
                 "unshared_frames": self.unshared_frames, "released_shared_frames": self.released_frames,
                 "share_failures": self.protect_failures,
                 **asdict(self.counters)}
+
+
+    def _image_pages(self) -> tuple[int, int]:
+        """Image pages the live guests declare, and how many distinct (image, offset) pages they are."""
+        total = 0
+        spans: dict[str, list[tuple[int, int]]] = {}
+        for gid in self.mem.guest_ids():
+            for r in self.mem.content(gid).ranges:
+                if r.image:
+                    total += r.pages
+                    spans.setdefault(r.image, []).append((r.image_offset, r.image_offset + r.pages))
+        distinct = 0
+        for ranges in spans.values():
+            end = -1
+            for lo, hi in sorted(ranges):          # the union of the offset ranges
+                if hi > end:
+                    distinct += hi - max(lo, end)
+                    end = hi
+        return total, distinct
 
 
 @dataclass(slots=True)
