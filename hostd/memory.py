@@ -87,7 +87,7 @@ from balloonlab.proto.content import ContentMap
 from balloonlab.proto.costs import CostModel
 from balloonlab.proto.tokens import KEEP_TOKEN
 
-from .errors import (BadBatch, BalloonLimit, DuplicateGuest, HostOutOfMemory, InvalidState,
+from .errors import (BadBatch, BalloonLimit, ContentMapTaken, DuplicateGuest, HostOutOfMemory, InvalidState,
                      InvariantViolation, UnknownGuest)
 from .devices import Device, DeviceProfile, device_profile
 from .framepool import FrameKind, FramePool
@@ -239,6 +239,7 @@ class _Guest:
     # What its pages hold (proto.content), from its ContentReport; the empty map until then
     # (everything private, "mixed" compressibility): a guest that never reports still runs.
     content: ContentMap = field(default_factory=ContentMap)
+    content_reported: bool = False
 
 
 class HostMemory:
@@ -382,11 +383,15 @@ class HostMemory:
         """Take the guest's content map (``ContentMap.to_wire`` form); a malformed one is refused
         (``BadBatch``, naming the guest and the entry) and the guest keeps the map it had."""
         g = self._guest(guest_id)
+        if g.content_reported:
+            # Shared frames were merged under the map it had: another would make their keys a lie.
+            raise ContentMapTaken(guest_id)
         try:
             cmap = ContentMap.from_wire(raw)
         except ValueError as exc:
             raise BadBatch(f"guest {guest_id}: malformed content map: {exc}") from None
         g.content = cmap
+        g.content_reported = True
         return cmap
 
     def content(self, guest_id: int) -> ContentMap:

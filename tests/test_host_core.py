@@ -137,7 +137,7 @@ def test_an_admitted_guest_gets_one_table_from_one_place(over: dict[str, Any], e
     core.machine.guest_joined(s)
     done: list[Any] = []
     table = core.handlers.guest(s, lambda session, m: done.append((session, m)))
-    assert set(table.requests) == MEMORY_REQUESTS | {MsgType.PING} | extra_requests
+    assert set(table.requests) == MEMORY_REQUESTS | {MsgType.PING, MsgType.CONTENT_REPORT} | extra_requests
     assert set(table.notifications) == {MsgType.TICK_DONE} | extra_notes
     msg = TickDone(0, 10.0, {}, b"", b"")
     table.notifications[MsgType.TICK_DONE](msg)

@@ -4,7 +4,7 @@ import pytest
 
 from balloonlab.guestd.errors import GuestConfigError
 from balloonlab.guestd.workload.layout import Layout
-from balloonlab.hostd.errors import BadBatch
+from balloonlab.hostd.errors import BadBatch, ContentMapTaken
 from balloonlab.hostd.memory import HostMemory
 from balloonlab.proto.content import COMPRESS_PRESETS, ZERO_KEY, ContentMap, content_keys
 from balloonlab.proto.messages import ContentReport
@@ -64,10 +64,13 @@ def test_host_keeps_the_map_and_refuses_a_malformed_one() -> None:
     mem.add_guest(3, 32)
     assert mem.content(3).ranges == ()                     # never reported: everything private
     cm = _layout().content_map()
-    mem.set_content(3, cm.to_wire())
-    assert mem.content(3).ranges == cm.ranges
     with pytest.raises(BadBatch, match=r"guest 3: malformed content map: content map entry 0"):
         mem.set_content(3, [[0, "x", "", 0, False, [0.5, 0.5]]])
     with pytest.raises(BadBatch, match=r"guest 3: malformed content map: .*overlap"):
         mem.set_content(3, [[0, 10, "", 0, False, [0.5, 0.5]], [5, 10, "", 0, False, [0.5, 0.5]]])
-    assert mem.content(3).ranges == cm.ranges              # a refused map leaves the old one
+    assert mem.content(3).ranges == ()                     # a refused map changes nothing
+    mem.set_content(3, cm.to_wire())
+    assert mem.content(3).ranges == cm.ranges
+    with pytest.raises(ContentMapTaken, match="guest 3: the content map was taken already"):
+        mem.set_content(3, ContentMap().to_wire())
+    assert mem.content(3).ranges == cm.ranges
