@@ -49,7 +49,7 @@ from .memory import HostMemory
 from .memstate import MemoryStates, MemState, grant_floor_only, self_swap_allowed
 from .monitors import HostMonitors
 from .registry import SessionRegistry
-from .sharing import PageSharing
+from .sharing import SCAN_PAGES_PER_S_DEFAULT, PageSharing
 from .shootdown import Shootdowns
 from .silent import SilentGuestMemory
 from .victim import make_victim_policy
@@ -170,7 +170,8 @@ def assemble(cfg: RunConfig, sessions: SessionRegistry, *, running: Callable[[],
         if planner is not None:
             planner.floor_only = grant_floor_only(mem)
     if mem_cfg.page_sharing:
-        wire_sharing(mem.enable_sharing(mem_cfg.share_scan_pages_per_s), sessions, mem_cfg.shootdown_timeout_s)
+        rate = mem_cfg.share_scan_pages_per_s or SCAN_PAGES_PER_S_DEFAULT
+        wire_sharing(mem.enable_sharing(rate), sessions, mem_cfg.shootdown_timeout_s)
     shootdowns = Shootdowns(mem, sessions, discipline, mem_cfg.shootdown_timeout_s,
                             on_answered=silent.guest_answered)
     monitors = HostMonitors(cfg.monitors, mem, cfg.tick_us, seed=cfg.seed)

@@ -74,3 +74,31 @@ def test_host_keeps_the_map_and_refuses_a_malformed_one() -> None:
     with pytest.raises(ContentMapTaken, match="guest 3: the content map was taken already"):
         mem.set_content(3, ContentMap().to_wire())
     assert mem.content(3).ranges == cm.ranges
+
+
+@pytest.mark.parametrize("region, match", [
+    ({"kind": "anon", "image": "os"}, r"regions\[0\]\.image: 'os' needs kind = \"file\""),
+    ({"kind": "file", "image_offset": 2}, "image_offset: 2 without an image"),
+    ({"kind": "file", "compress": "zip"}, "compress"),
+    ({"kind": "file", "compress": [0.5, 0.2]}, r"lo <= hi"),
+    ({"kind": "file", "zero_writes": 1}, "zero_writes"),
+])
+def test_the_scenario_schema_refuses_bad_content_keys(region: dict, match: str) -> None:
+    from balloonlab.proto.schema import Region, SchemaError, decode
+    with pytest.raises(SchemaError, match=match):
+        decode(Region, {"name": "r", "pages": 4, **region}, path="guest.regions[0]")
+    ok = decode(Region, {"name": "r", "pages": 4, "kind": "file", "image": "os", "image_offset": 3,
+                         "compress": [0.3, 0.6]}, path="guest.regions[0]")
+    assert (ok.image, ok.image_offset, ok.compress, ok.zero_writes) == ("os", 3, [0.3, 0.6], False)
+
+
+def test_host_sharing_keys_in_the_schema() -> None:
+    from balloonlab.hostd.memconfig import host_memory_config
+    from balloonlab.proto.schema import SchemaError
+    cfg = host_memory_config({"page_sharing": True, "share_scan_pages_per_s": 20000})
+    assert cfg.page_sharing and cfg.share_scan_pages_per_s == 20000
+    assert not host_memory_config({}).page_sharing
+    with pytest.raises(SchemaError, match="share_scan_pages_per_s: has no effect without page_sharing"):
+        host_memory_config({"share_scan_pages_per_s": 20000})
+    with pytest.raises(SchemaError, match="share_scan_pages_per_s"):
+        host_memory_config({"page_sharing": True, "share_scan_pages_per_s": 0})

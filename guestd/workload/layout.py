@@ -29,6 +29,7 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 
 from balloonlab.proto.content import COMPRESS_PRESETS, ContentMap, ranges_from_regions
+from balloonlab.proto.schema import unknown_name
 
 from ..errors import GuestConfigError
 
@@ -127,7 +128,7 @@ class Layout:
         for r in self.regions:
             if r.name == name:
                 return r
-        raise GuestConfigError(f"unknown region {name!r}; regions: {', '.join(r.name for r in self.regions) or 'none'}")
+        raise GuestConfigError(unknown_name("region", name, [r.name for r in self.regions]))
 
     def span(self, name: str) -> tuple[int, int]:
         """(first vpage, number of pages) of region ``name``."""
