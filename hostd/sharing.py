@@ -85,6 +85,7 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable
 import numpy as np
 import structlog
 
+from balloonlab.proto import events as ev
 from balloonlab.proto.content import ZERO_KEY, content_keys
 from balloonlab.proto.tokens import KEEP_TOKEN
 
@@ -152,6 +153,7 @@ class PageSharing:
         self.unshared_frames = 0               # shared frames back to private: one sharer left
         self.released_frames = 0               # shared frames freed: no sharer left
         self.protect_failures = 0              # guests whose peek or protect failed (their pages not merged)
+        self._failures: dict[int, int] = {}
         self.peek: Peek | None = None
         self.protect: Protect | None = None
         self.eligible: Callable[[int], bool] = lambda gid: True
@@ -352,6 +354,7 @@ class PageSharing:
             if not isinstance(res, np.ndarray) or res.size != int(np.count_nonzero(mine)) \
                     or gid not in self.mem.guest_ids():
                 self.protect_failures += 1
+                self._failed(gid, "peek", res)
                 continue
             tok = np.asarray(res, np.uint64)
             has = tok != np.uint64(KEEP_TOKEN)
@@ -448,8 +451,15 @@ class PageSharing:
         self.protect_failures += len(failed)
         for gid, res in zip(gids, results):
             if isinstance(res, BaseException):
-                log.warning("share_protect_failed", guest=gid, reason=repr(res)[:200])
+                self._failed(gid, "protect", res)
         return failed
+
+    def _failed(self, gid: int, step: str, res: Any) -> None:
+        """Logged the 1st, 10th, 100th, ... time per guest: an older guest fails every boundary."""
+        n = self._failures.get(gid, 0) + 1
+        self._failures[gid] = n
+        if str(n).rstrip("0") == "1":
+            log.warning(ev.SHARE_FAILED, guest=gid, step=step, reason=repr(res)[:200], count=n)
 
     def _without(self, failed: set[int], *arrays: np.ndarray) -> tuple[np.ndarray, ...]:
         keep = ~np.isin(arrays[0], np.asarray(sorted(failed), np.int64))
