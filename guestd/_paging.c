@@ -25,8 +25,8 @@
  * (wp). A write to it leaves the hit loop (one byte tested, and only on a
  * write) and returns OP_COW: Python sends the EPT fault that is the host's
  * copy-on-write break, and resume_cow goes on as after any backing. A frame
- * about to be filled (a fault's target) that is still write-protected is
- * broken the same way before the fill.
+ * about to be filled (a fault's target) that is still write-protected, or a
+ * soft-reclaimed page taken back by a write, is broken the same way first.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -604,6 +604,15 @@ static PyObject *drive(Core *c) {
             break;
         }
         case PH_SOFT_BACKED:
+            if (c->f_write && c->backed[c->f_g] && c->wp[c->f_g]) {
+                /* a write fault on a soft-reclaimed page in a shared frame: broken first (with a copy) */
+                c->ept_gs[0] = (uint64_t)c->f_g;
+                c->eb_g = c->f_g;
+                c->eb_cont = PH_SOFT_BACKED;
+                c->cow_cont = PH_EB;        /* shot down while it waited: backed again first */
+                c->phase = PH_COW;
+                break;
+            }
             c->f_tok = c->token[c->f_g];
             c->ctr[C_MINOR] += 1;
             c->vt[0] += c->minor_fault_us;

@@ -486,6 +486,10 @@ class GuestKernel:
             self._soft_remove(g)
             if not fr.backed[g]:
                 await self._ensure_backed(np.array([g], np.int64))
+            if write and fr.backed[g] and fr.wp[g]:
+                await self._cow(g)                # taken back by a write: a shared frame is broken first
+                if not fr.backed[g]:              # shot down while it waited
+                    await self._ensure_backed(np.array([g], np.int64))
             tok = int(fr.token[g])
             c.minor_faults += 1
             self.vt_us += self.costs.minor_fault_us

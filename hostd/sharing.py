@@ -154,6 +154,7 @@ class PageSharing:
         self.released_frames = 0               # shared frames freed: no sharer left
         self.protect_failures = 0              # guests whose peek or protect failed (their pages not merged)
         self._failures: dict[int, int] = {}
+        self.stale_candidates = 0              # earlier candidates found changed when read again before a merge
         self.peek: Peek | None = None
         self.protect: Protect | None = None
         self.eligible: Callable[[int], bool] = lambda gid: True
@@ -229,6 +230,8 @@ class PageSharing:
         if cand is None:
             return
         cg, cp = cand
+        # A page scanned now supersedes what an earlier scan of it found, whatever this scan decides.
+        self._forget_candidates(cg, cp)
         costs = self.mem.costs
         self.scan_cpu_us += costs.page_hash_us * cg.size
         self._count("scan_pages", cg)
@@ -252,6 +255,12 @@ class PageSharing:
         plan = self._plan(cg, cp, keys)
         if plan is None:
             return
+        if await self._recheck(plan):
+            # Some earlier candidates hold something else now (a guest held across the boundary has not
+            # reported its dirty bits yet): without them. Removing pages never makes a new match.
+            plan = self._plan(cg, cp, keys)
+            if plan is None:
+                return
         failed = await self._protect(plan)
         if failed:
             # Their pages stay private; what is left of the plan is a part of what was protected.
@@ -382,12 +391,17 @@ class PageSharing:
             into[hit] = sf[pos[hit]]
         rest = into < 0
         # 2. Among the candidates still valid (private, in a frame, not written since) and the rest.
-        ck, ckg, ckp = self._valid_candidates(cg[rest], cp[rest])
+        ck, ckg, ckp = self._valid_candidates()
         lk = np.concatenate([ck, keys[rest]])
         lg = np.concatenate([ckg, cg[rest]])
         lp = np.concatenate([ckp, cp[rest]])
+        lold = np.arange(lk.size) < ck.size               # from an earlier scan: its key may be stale
+        ids = (lg << 32) | lp
+        if np.unique(ids).size != ids.size:                # a page twice would be merged with itself
+            from .errors import InvariantViolation
+            raise InvariantViolation("page sharing: a page is a candidate twice in one merge")
         order = np.argsort(lk, kind="stable")            # older candidates first within a key
-        lk, lg, lp = lk[order], lg[order], lp[order]
+        lk, lg, lp, lold = lk[order], lg[order], lp[order], lold[order]
         first = np.ones(lk.size, bool)
         first[1:] = lk[1:] != lk[:-1]
         group = np.cumsum(first) - 1
@@ -402,11 +416,23 @@ class PageSharing:
             stable_g=cg[~rest], stable_p=cp[~rest], stable_f=into[~rest],
             anchor_g=lg[anchor], anchor_p=lp[anchor], anchor_f=new_frames, anchor_k=lk[anchor],
             member_g=lg[member], member_p=lp[member], member_f=member_f,
+            old_g=lg[(anchor | member) & lold], old_p=lp[(anchor | member) & lold],
+            old_k=lk[(anchor | member) & lold],
             single_k=lk[~multi], single_g=lg[~multi], single_p=lp[~multi])
         if not plan.stable_g.size and not plan.anchor_g.size:
             self._ck, self._cg, self._cp = plan.single_k, plan.single_g, plan.single_p
             return None
         return plan
+
+    def _forget_candidates(self, g: np.ndarray, p: np.ndarray) -> None:
+        if not self._ck.size:
+            return
+        keep = np.ones(self._ck.size, bool)
+        for gid in np.unique(g).tolist():
+            mine = self._cg == gid
+            if np.any(mine):
+                keep[mine] &= ~np.isin(self._cp[mine], p[g == gid])
+        self._ck, self._cg, self._cp = self._ck[keep], self._cg[keep], self._cp[keep]
 
     def _locs(self, g: np.ndarray, p: np.ndarray) -> np.ndarray:
         out = np.zeros(g.size, np.int64)
@@ -415,8 +441,9 @@ class PageSharing:
             out[mine] = self.mem.p2m(gid).loc[p[mine]]
         return out
 
-    def _valid_candidates(self, scan_g: np.ndarray, scan_p: np.ndarray) -> tuple[np.ndarray, ...]:
-        """The candidates from earlier scans that still hold what they held then (and are not rescanned now)."""
+    def _valid_candidates(self) -> tuple[np.ndarray, ...]:
+        """The candidates from earlier scans that still hold what they held then, as far as the dirty bits
+        tell (``_recheck`` reads the ones a merge would use again)."""
         ck, cg, cp = self._ck, self._cg, self._cp
         if not ck.size:
             return ck, cg, cp
@@ -432,11 +459,44 @@ class PageSharing:
             good = p2m.state[p] == _FRAME
             f = np.where(good, p2m.loc[p], 0)
             good &= ~pool.pinned[f] & ~pool.busy[f] & ~self._dirty[gid][p]
-            again = scan_p[scan_g == gid]
-            if again.size:
-                good &= ~np.isin(p, again)
             ok[mine] = good
         return ck[ok], cg[ok], cp[ok]
+
+    async def _recheck(self, plan: "_Plan") -> bool:
+        """Read again what earlier candidates the plan merges hold now; drop those that changed (True if any).
+
+        Their dirty bits say whether they were written since their scan, but
+        a guest whose request is held across the boundary has not sent them
+        for its last tick. ESX and KSM compare the full page before merging
+        for the same reason: what was scanned may have changed.
+        """
+        if not plan.old_g.size:
+            return False
+        assert self.peek is not None
+        # Their dirty bits cover what the guests reported; a guest whose request is held across the
+        # boundary has not reported its last tick's yet.
+        g, p, want = plan.old_g, plan.old_p, plan.old_k
+        gids = np.unique(g).tolist()
+        results = await asyncio.gather(*(self.peek(gid, p[g == gid].astype(np.uint64)) for gid in gids),
+                                       return_exceptions=True)
+        stale = np.ones(g.size, bool)
+        for gid, res in zip(gids, results):
+            mine = g == gid
+            if not isinstance(res, np.ndarray) or res.size != int(np.count_nonzero(mine)) \
+                    or gid not in self.mem.guest_ids():
+                self._failed(gid, "peek", res)
+                continue
+            tok = np.asarray(res, np.uint64)
+            has = tok != np.uint64(KEEP_TOKEN)
+            k = np.zeros(tok.size, np.uint64)
+            if np.any(has):
+                k[has] = content_keys(self.mem.content(gid), gid, tok[has])
+            stale[mine] = ~has | (k != want[mine])
+        if not np.any(stale):
+            return False
+        self.stale_candidates += int(np.count_nonzero(stale))
+        self._forget_candidates(g[stale], p[stale])
+        return True
 
     async def _protect(self, plan: "_Plan") -> set[int]:
         """Write-protect every page the plan merges, per guest; the guests that failed."""
@@ -546,7 +606,7 @@ class PageSharing:
                 "share_candidates": int(self._ck.size),
                 "share_scan_cpu_us": round(self.scan_cpu_us, 3),
                 "unshared_frames": self.unshared_frames, "released_shared_frames": self.released_frames,
-                "share_failures": self.protect_failures,
+                "share_failures": self.protect_failures, "stale_candidates": self.stale_candidates,
                 **asdict(self.counters)}
 
 
@@ -581,6 +641,9 @@ class _Plan:
     member_g: np.ndarray
     member_p: np.ndarray
     member_f: np.ndarray
+    old_g: np.ndarray           # candidates from earlier scans the plan merges (read again before merging)
+    old_p: np.ndarray
+    old_k: np.ndarray
     single_k: np.ndarray
     single_g: np.ndarray
     single_p: np.ndarray

@@ -236,3 +236,38 @@ def test_same_inputs_same_frames() -> None:
         return (tuple(mem.sharing.metrics().items()),
                 tuple(np.concatenate([mem.p2m(g).loc for g in range(3)]).tolist()))
     assert run() == run()
+
+
+def test_an_earlier_candidate_is_read_again_before_it_is_merged() -> None:
+    """A guest held across a boundary has not reported the dirty bits of its last tick: its earlier
+    candidates may have changed without the host knowing. They are read again before any merge."""
+    mem, guests = _host(2, rate=IMAGE * 1e6 / TICK_US)         # one guest's image per tick
+    img = np.arange(IMAGE)
+    for gid in range(2):
+        _back(mem, guests, gid, img, _image(img))
+    _boundary(mem)                                             # guest 0's pages: candidates
+    assert mem.sharing.metrics()["share_candidates"] == IMAGE
+    guests.tokens[0][:4] = make_tokens(np.arange(4), np.ones(4))   # written; no dirty bits reported
+    _boundary(mem)                                             # guest 1's pages match guest 0's candidates
+    sh = mem.sharing
+    assert sh.stale_candidates == 4
+    assert np.all(mem.p2m(0).state[:4] == PageState.FRAME) and np.all(mem.p2m(0).state[4:IMAGE] == PageState.SHARED)
+    assert sh.metrics()["pages_sharing"] == IMAGE - 4
+
+
+def test_a_rescanned_page_supersedes_its_earlier_candidate() -> None:
+    """Guest 0's page is a candidate, then written (dirty reported) and scanned again in the same pass
+    that scans guest 1's equal page: skipped as volatile, and its stale candidate must not merge."""
+    mem, guests = _host(2, rate=8 * 1e6 / TICK_US)
+    img = np.arange(4)
+    for gid in range(2):
+        _back(mem, guests, gid, img, _image(img))
+    mem.sharing._cursor = (0, 0)
+    asyncio.run(mem.sharing.boundary(0.0, TICK_US / 2))          # 4 pages: guest 0's, candidates
+    guests.tokens[0][0] = make_tokens(np.array([0]), np.array([1]))[0]
+    mem.set_ad_bits(0, b"", np.packbits(np.eye(1, PAGES, 0, dtype=bool)[0]).tobytes())
+    _boundary(mem)                                             # guest 1's 4, then guest 0's 4 again
+    sh = mem.sharing
+    assert mem.p2m(0).state[0] == PageState.FRAME and mem.p2m(1).state[0] == PageState.FRAME
+    assert np.all(mem.p2m(0).state[1:4] == PageState.SHARED) and sh.stale_candidates == 0
+    assert sh.counters.scan_skipped_dirty == 1
