@@ -170,7 +170,7 @@ class Machine:
         await self.silent.reclaim(mem, vt_us, self.shootdowns.pending_pages)
         if mem.sharing is not None and (mem.states is None or may_share(mem.states.state)):
             # before the state is taken: what sharing frees is free memory for the state's decisions
-            await mem.sharing.boundary(vt_us, self.cfg.tick_us)
+            await mem.sharing.boundary(self.cfg.tick_us)
         # ENGINE.md 3.4: the state from free frames, then the controllers' targets, then reclaim by state.
         if mem.states is not None:
             mem.states.update(tick, vt_us, mem.pool.free_frames)

@@ -365,8 +365,7 @@ class HostMemory:
         frames = self.pool.frames_owned_by(guest_id)
         self.pool.free(frames[~self.pool.busy[frames]])
         if self.sharing is not None:
-            shared = g.p2m.state == _SHARED
-            self.sharing.remove_guest(guest_id, np.flatnonzero(shared), g.p2m.loc[shared])
+            self.sharing.remove_guest(guest_id, g.p2m.loc[g.p2m.state == _SHARED])
         self.swap.remove_file(guest_id)
         self._early_answers.pop(guest_id, None)
         if self.shared_device is not None:

@@ -165,7 +165,7 @@ class PageSharing:
         self._dirty[guest_id] = np.zeros(guest_pages, bool)
         self.guest_counters[guest_id] = SharingCounters()
 
-    def remove_guest(self, guest_id: int, gpfns_shared: np.ndarray, frames: np.ndarray) -> None:
+    def remove_guest(self, guest_id: int, frames: np.ndarray) -> None:
         """The guest is gone: its references drop (frames of last sharers are freed at the boundary)."""
         self.drop(frames)
         self._dirty.pop(guest_id, None)
@@ -217,8 +217,8 @@ class PageSharing:
 
     # -- the boundary -------------------------------------------------------------------
 
-    async def boundary(self, vt_us: float, tick_us: float) -> None:
-        """Free what the last sharers left, give single-sharer frames back, scan and merge."""
+    async def boundary(self, tick_us: float) -> None:
+        """Free what the last sharers left, give single-sharer frames back, scan ``tick_us``'s worth and merge."""
         self._free_released()
         self._unshare_single()
         budget = self._carry + self.scan_pages_per_s * tick_us / 1e6

@@ -67,7 +67,7 @@ def _image(gpfns: np.ndarray) -> np.ndarray:
 
 def _boundary(mem: HostMemory) -> None:
     assert mem.sharing is not None
-    asyncio.run(mem.sharing.boundary(0.0, TICK_US))
+    asyncio.run(mem.sharing.boundary(TICK_US))
     check_full(mem)
 
 
@@ -263,7 +263,7 @@ def test_a_rescanned_page_supersedes_its_earlier_candidate() -> None:
     for gid in range(2):
         _back(mem, guests, gid, img, _image(img))
     mem.sharing._cursor = (0, 0)
-    asyncio.run(mem.sharing.boundary(0.0, TICK_US / 2))          # 4 pages: guest 0's, candidates
+    asyncio.run(mem.sharing.boundary(TICK_US / 2))          # 4 pages: guest 0's, candidates
     guests.tokens[0][0] = make_tokens(np.array([0]), np.array([1]))[0]
     mem.set_ad_bits(0, b"", np.packbits(np.eye(1, PAGES, 0, dtype=bool)[0]).tobytes())
     _boundary(mem)                                             # guest 1's 4, then guest 0's 4 again
