@@ -65,6 +65,15 @@ def _image(gpfns: np.ndarray) -> np.ndarray:
     return make_tokens(gpfns, np.zeros(gpfns.size, np.int64))
 
 
+def _booted(n_guests: int, image_pages: int, rate: float = 1e9) -> tuple[HostMemory, Guests]:
+    """Every guest holds the image's first ``image_pages`` pages, unwritten, in gpfns 0.. (not scanned yet)."""
+    mem, guests = _host(n_guests, rate=rate)
+    img = np.arange(image_pages)
+    for gid in range(n_guests):
+        _back(mem, guests, gid, img, _image(img))
+    return mem, guests
+
+
 def _boundary(mem: HostMemory) -> None:
     assert mem.sharing is not None
     asyncio.run(mem.sharing.boundary(TICK_US))
@@ -111,10 +120,7 @@ def test_zero_pages_share_across_and_within_guests() -> None:
 
 def test_scan_rate_cursor_and_later_matches() -> None:
     # 10 pages a tick: guest 0's image is scanned before guest 1's; they merge once both were seen
-    mem, guests = _host(2, rate=10 * 1e6 / TICK_US)
-    img = np.arange(IMAGE)
-    for gid in range(2):
-        _back(mem, guests, gid, img, _image(img))
+    mem, guests = _booted(2, IMAGE, rate=10 * 1e6 / TICK_US)
     for _ in range(3):
         _boundary(mem)
     assert mem.sharing.metrics()["pages_shared"] == 0
@@ -128,10 +134,7 @@ def test_scan_rate_cursor_and_later_matches() -> None:
 
 
 def test_pages_written_since_their_last_scan_are_skipped() -> None:
-    mem, guests = _host(2)
-    img = np.arange(IMAGE)
-    for gid in range(2):
-        _back(mem, guests, gid, img, _image(img))
+    mem, guests = _booted(2, IMAGE)
     dirty = np.zeros(PAGES, bool)
     dirty[:8] = True
     mem.set_ad_bits(1, b"", np.packbits(dirty).tobytes())
@@ -144,10 +147,7 @@ def test_pages_written_since_their_last_scan_are_skipped() -> None:
 
 
 def test_copy_on_write_costs_a_copy_and_the_last_sharer_frees_the_frame_at_the_boundary() -> None:
-    mem, guests = _host(3)
-    img = np.arange(4)
-    for gid in range(3):
-        _back(mem, guests, gid, img, _image(img))
+    mem, guests = _booted(3, 4)
     _boundary(mem)
     sh = mem.sharing
     f = int(mem.p2m(0).loc[0])
@@ -171,10 +171,7 @@ def test_copy_on_write_costs_a_copy_and_the_last_sharer_frees_the_frame_at_the_b
 
 
 def test_one_sharer_left_gets_its_frame_back_private() -> None:
-    mem, guests = _host(2)
-    img = np.arange(4)
-    for gid in range(2):
-        _back(mem, guests, gid, img, _image(img))
+    mem, guests = _booted(2, 4)
     _boundary(mem)
     f = int(mem.p2m(1).loc[2])
     asyncio.run(mem.ept_fault(0, np.array([2], np.uint64), 0.0))
@@ -190,10 +187,7 @@ def test_one_sharer_left_gets_its_frame_back_private() -> None:
 
 
 def test_balloon_and_death_drop_references() -> None:
-    mem, guests = _host(3)
-    img = np.arange(8)
-    for gid in range(3):
-        _back(mem, guests, gid, img, _image(img))
+    mem, guests = _booted(3, 8)
     _boundary(mem)
     sh = mem.sharing
     f = mem.p2m(0).loc[:8].copy()
@@ -212,10 +206,7 @@ def test_balloon_and_death_drop_references() -> None:
 
 
 def test_a_guest_that_fails_to_protect_keeps_its_pages_private() -> None:
-    mem, guests = _host(3)
-    img = np.arange(IMAGE)
-    for gid in range(3):
-        _back(mem, guests, gid, img, _image(img))
+    mem, guests = _booted(3, IMAGE)
     guests.fail_protect = {0}
     _boundary(mem)
     assert np.all(mem.p2m(0).state[:IMAGE] == PageState.FRAME)
@@ -241,10 +232,7 @@ def test_same_inputs_same_frames() -> None:
 def test_an_earlier_candidate_is_read_again_before_it_is_merged() -> None:
     """A guest held across a boundary has not reported the dirty bits of its last tick: its earlier
     candidates may have changed without the host knowing. They are read again before any merge."""
-    mem, guests = _host(2, rate=IMAGE * 1e6 / TICK_US)         # one guest's image per tick
-    img = np.arange(IMAGE)
-    for gid in range(2):
-        _back(mem, guests, gid, img, _image(img))
+    mem, guests = _booted(2, IMAGE, rate=IMAGE * 1e6 / TICK_US)         # one guest's image per tick
     _boundary(mem)                                             # guest 0's pages: candidates
     assert mem.sharing.metrics()["share_candidates"] == IMAGE
     guests.tokens[0][:4] = make_tokens(np.arange(4), np.ones(4))   # written; no dirty bits reported
@@ -258,10 +246,7 @@ def test_an_earlier_candidate_is_read_again_before_it_is_merged() -> None:
 def test_a_rescanned_page_supersedes_its_earlier_candidate() -> None:
     """Guest 0's page is a candidate, then written (dirty reported) and scanned again in the same pass
     that scans guest 1's equal page: skipped as volatile, and its stale candidate must not merge."""
-    mem, guests = _host(2, rate=8 * 1e6 / TICK_US)
-    img = np.arange(4)
-    for gid in range(2):
-        _back(mem, guests, gid, img, _image(img))
+    mem, guests = _booted(2, 4, rate=8 * 1e6 / TICK_US)
     mem.sharing._cursor = (0, 0)
     asyncio.run(mem.sharing.boundary(TICK_US / 2))          # 4 pages: guest 0's, candidates
     guests.tokens[0][0] = make_tokens(np.array([0]), np.array([1]))[0]
