@@ -1195,8 +1195,11 @@ class HostMemory:
         """Gauges of one guest, in pages: resident, swapped, ballooned, unbacked, disk cache."""
         g = self._guest(guest_id)
         p = g.p2m.counts()
+        # ESX's "consumed": its private frames plus its share of the shared ones (1/r of a frame of r sharers)
+        consumed = p["frame"] + (self.sharing.frames_attributed(guest_id) if self.sharing is not None else 0)
         return {"guest_pages": g.p2m.guest_pages,
-                "resident_pages": p["frame"], "shared_pages": p["shared"], "swapped_pages": p["swapped"],
+                "resident_pages": p["frame"], "shared_pages": p["shared"], "consumed_pages": consumed,
+                "swapped_pages": p["swapped"],
                 "ballooned_pages": p["ballooned"], "unbacked_pages": p["unbacked"],
                 "max_balloon_pages": g.max_balloon_pages,
                 **g.vdisk.counts()}

@@ -576,6 +576,12 @@ class PageSharing:
 
     # -- observation -----------------------------------------------------------------------
 
+    def frames_attributed(self, guest_id: int) -> int:
+        """The guest's share of the shared frames it maps: 1/r of each frame of r sharers, rounded."""
+        p2m = self.mem.p2m(guest_id)
+        f = p2m.loc[p2m.state == _SHARED]
+        return int(round(float(np.sum(1.0 / np.maximum(self.refs[f], 1))))) if f.size else 0
+
     def guest_metrics(self, guest_id: int) -> dict[str, Any]:
         """Its pages on shared frames, the frames that saves (a frame of r sharers saves (r - 1) / r
         for each), its zero pages shared, and its counters."""

@@ -104,6 +104,8 @@ def test_equal_image_pages_merge_and_their_frames_are_freed() -> None:
     assert m["merged_pages"] == 3 * IMAGE and m["scan_pages"] == 3 * (IMAGE + 8)
     g = sh.guest_metrics(1)
     assert g["pages_shared"] == IMAGE and g["pages_sharing"] == pytest.approx(IMAGE * 2 / 3, abs=0.01)
+    c = mem.guest_counts(1)     # ESX's consumed: 8 private frames + a third of 32 shared ones
+    assert c["resident_pages"] == 8 and c["consumed_pages"] == 8 + round(IMAGE / 3)
     # host swap never takes a shared frame
     assert not np.any(mem.pool.evictable()[f])
 
