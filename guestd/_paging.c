@@ -20,6 +20,13 @@
  * Virtual time is accumulated exactly as the reference does it, run of hits
  * by run of hits (vt += k * mem_ref_us over the same windows), so clocks are
  * bit-identical too.
+ *
+ * Page sharing: a frame the host shares with other guests is write-protected
+ * (wp). A write to it leaves the hit loop (one byte tested, and only on a
+ * write) and returns OP_COW: Python sends the EPT fault that is the host's
+ * copy-on-write break, and resume_cow goes on as after any backing. A frame
+ * about to be filled (a fault's target) that is still write-protected, or a
+ * soft-reclaimed page taken back by a write, is broken the same way first.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -55,11 +62,12 @@ enum { P_CLOCK = 0, P_ESC = 1, P_FIFO = 2, P_LRU = 3, P_PY = 4 };   /* compiled 
 enum { PS_HAND = 0, PS_DIRTY = 1, PS_SEQ = 0 };            /* policy state slots */
 
 /* what a return to Python asks for */
-enum { OP_DONE = 0, OP_EPT = 1, OP_READ = 2, OP_WRITE = 3, OP_NO_VICTIM = 4, OP_SWAP_FULL = 5, OP_BAD_BLOCK = 6 };
+enum { OP_DONE = 0, OP_EPT = 1, OP_READ = 2, OP_WRITE = 3, OP_NO_VICTIM = 4, OP_SWAP_FULL = 5, OP_BAD_BLOCK = 6,
+       OP_COW = 7 };
 
 enum {
     PH_IDLE, PH_RUN, PH_FAULT, PH_SOFT_BACKED, PH_ALLOC, PH_EVICT_BODY, PH_EVICT_WROTE, PH_AFTER_ALLOC,
-    PH_READ_DONE, PH_ALLOC_BACKED, PH_FINISH, PH_EB, PH_BACK, PH_BACK_DONE, PH_BACKWIN
+    PH_READ_DONE, PH_ALLOC_BACKED, PH_FINISH, PH_EB, PH_BACK, PH_BACK_DONE, PH_BACKWIN, PH_COW, PH_COW_DONE
 };
 
 #define WIN_MIN 256
@@ -72,7 +80,7 @@ typedef struct {
     int n_views;
     /* frames */
     int64_t n_frames;
-    uint8_t *kind, *resident, *R, *touched, *A, *M, *D, *backed, *host_took;
+    uint8_t *kind, *resident, *R, *touched, *A, *M, *D, *backed, *host_took, *wp;
     int64_t *vpage;
     uint64_t *token;
     /* page table */
@@ -120,7 +128,7 @@ typedef struct {
     int f_write, f_is_file, f_dirty, f_oom_tried;
     /* the backing in progress (ensure-backed loop, or one EPT fault) */
     int64_t eb_g, ept_n;
-    int eb_cont, back_cont;
+    int eb_cont, back_cont, cow_cont;
 } Core;
 
 /* ------------------------------------------------------------------ small helpers */
@@ -415,7 +423,7 @@ static int run_refs(Core *c) {
             /* right after a miss: one probe */
             int64_t page = P[i], g = c->gpfn[page];
             if (past_deadline(c, i, c->vt[0])) { n = i; break; }
-            if (g >= 0 && c->backed[g]) {
+            if (g >= 0 && c->backed[g] && !(W[i] && c->wp[g])) {
                 int64_t ref = c->ctr[C_REFS];
                 if (do_hit(c, page, g, W[i], ref, 0) < 0) { c->i = i; return -1; }
                 if (end_run(c, 1, ref) < 0) { c->i = i + 1; return -1; }
@@ -426,6 +434,7 @@ static int run_refs(Core *c) {
             c->i = i;
             c->win = win;
             c->started_i = i;
+            if (g >= 0 && c->backed[g]) { c->ept_gs[0] = (uint64_t)g; c->cow_cont = PH_RUN; return PH_COW; }
             return g >= 0 ? PH_BACKWIN : PH_FAULT;
         }
         int64_t end = i + win < n ? i + win : n;
@@ -435,7 +444,7 @@ static int run_refs(Core *c) {
         int stop = 0;
         for (; j < end; j++) {
             int64_t page = P[j], g = c->gpfn[page];
-            if (g < 0 || !c->backed[g]) break;
+            if (g < 0 || !c->backed[g] || (W[j] && c->wp[g])) break;
             if (past_deadline(c, j, vt0 + (double)(j - i) * c->mem_ref_us)) { stop = 1; break; }
             if (do_hit(c, page, g, W[j], ref0 + (j - i), j - i) < 0) {
                 end_run(c, j - i, ref0);
@@ -456,6 +465,7 @@ static int run_refs(Core *c) {
         c->i = i;
         c->win = win;
         c->started_i = i;
+        if (g >= 0 && c->backed[g]) { c->ept_gs[0] = (uint64_t)g; c->cow_cont = PH_RUN; return PH_COW; }
         return g >= 0 ? PH_BACKWIN : PH_FAULT;
     }
     c->i = i;
@@ -505,11 +515,14 @@ static void prepare_back(Core *c) {
     for (int64_t k = 0; k < c->ept_n; k++) c->ept_gen[k] = c->inval_gen[c->ept_gs[k]];
 }
 
-/* _back's second half, with the hypervisor's tokens (NULL: all zero) and completion time */
-static int finish_back(Core *c, const uint64_t *tokens, double done) {
+/* _back's second half, with the hypervisor's tokens (NULL: all zero) and completion time; a copy-on-write
+ * break (cow) is the same backing of one frame, counted apart (GuestKernel.cow_faults) */
+static int finish_back(Core *c, const uint64_t *tokens, double done, int cow) {
     vt_max(c, done);
-    c->ctr[C_EPT_FAULTS] += c->ept_n;
-    c->ctr[C_EPT_FAULT_CALLS] += 1;
+    if (!cow) {
+        c->ctr[C_EPT_FAULTS] += c->ept_n;
+        c->ctr[C_EPT_FAULT_CALLS] += 1;
+    }
     for (int64_t k = 0; k < c->ept_n; k++) {
         int64_t g = (int64_t)c->ept_gs[k];
         if (c->inval_gen[g] != c->ept_gen[k]) continue;     /* shot down again while we waited */
@@ -526,6 +539,7 @@ static int finish_back(Core *c, const uint64_t *tokens, double done) {
         }
         c->token[g] = tok;
         c->backed[g] = 1;
+        c->wp[g] = 0;
     }
     return 0;
 }
@@ -590,6 +604,15 @@ static PyObject *drive(Core *c) {
             break;
         }
         case PH_SOFT_BACKED:
+            if (c->f_write && c->backed[c->f_g] && c->wp[c->f_g]) {
+                /* a write fault on a soft-reclaimed page in a shared frame: broken first (with a copy) */
+                c->ept_gs[0] = (uint64_t)c->f_g;
+                c->eb_g = c->f_g;
+                c->eb_cont = PH_SOFT_BACKED;
+                c->cow_cont = PH_EB;        /* shot down while it waited: backed again first */
+                c->phase = PH_COW;
+                break;
+            }
             c->f_tok = c->token[c->f_g];
             c->ctr[C_MINOR] += 1;
             c->vt[0] += c->minor_fault_us;
@@ -715,10 +738,27 @@ static PyObject *drive(Core *c) {
             break;
         }
         case PH_ALLOC_BACKED:
+            if (c->backed[c->f_g] && c->wp[c->f_g]) {
+                /* the fill writes the frame: a shared one is broken first (fresh: nothing to copy) */
+                c->ept_gs[0] = (uint64_t)c->f_g;
+                c->cow_cont = PH_ALLOC_BACKED;
+                c->phase = PH_COW;
+                break;
+            }
             c->eb_g = c->f_g;
             c->eb_cont = PH_FINISH;
             c->phase = PH_EB;
             break;
+        case PH_COW:            /* ept_gs[0] and cow_cont are set by whoever comes here */
+            c->ept_n = 1;
+            c->ept_gen[0] = c->inval_gen[c->ept_gs[0]];
+            if (c->hyp_local) {     /* no host shares anything: nothing to break */
+                c->wp[c->ept_gs[0]] = 0;
+                c->phase = c->cow_cont;
+                break;
+            }
+            c->phase = PH_COW_DONE;
+            return op_result(OP_COW, (long long)c->ept_gs[0], 0);
         case PH_FINISH: {
             /* nothing waits from here on: the frame stays backed while we fill it */
             int64_t page = c->f_page, g = c->f_g;
@@ -761,7 +801,7 @@ static PyObject *drive(Core *c) {
                 c->phase = PH_BACK_DONE;
                 return op_result(OP_EPT, c->ept_n, 0);
             }
-            if (finish_back(c, NULL, c->vt[0]) < 0) { end_batch(c); return NULL; }
+            if (finish_back(c, NULL, c->vt[0], 0) < 0) { end_batch(c); return NULL; }
             c->phase = c->back_cont;
             break;
         default:
@@ -850,6 +890,7 @@ static int Core_init(Core *c, PyObject *args, PyObject *kwds) {
         get_view(c, spec, "D", 1, nf, (void **)&c->D) < 0 ||
         get_view(c, spec, "backed", 1, nf, (void **)&c->backed) < 0 ||
         get_view(c, spec, "host_took", 1, nf, (void **)&c->host_took) < 0 ||
+        get_view(c, spec, "wp", 1, nf, (void **)&c->wp) < 0 ||
         get_view(c, spec, "vpage", 8, nf, (void **)&c->vpage) < 0 ||
         get_view(c, spec, "token", 8, nf, (void **)&c->token) < 0 ||
         get_view(c, spec, "gpfn", 8, np_, (void **)&c->gpfn) < 0 ||
@@ -941,6 +982,7 @@ static PyObject *Core_start(Core *c, PyObject *args) {
     c->i = 0;
     c->started_i = -1;
     c->win = WIN_MIN;
+    c->cow_cont = PH_RUN;
     if (deadline == Py_None) {
         c->has_deadline = 0;
     } else {
@@ -982,10 +1024,22 @@ static PyObject *Core_resume_ept(Core *c, PyObject *args) {
                      (long long)c->ept_n, v.len / (v.itemsize ? v.itemsize : 1));
         return NULL;
     }
-    int r = finish_back(c, (const uint64_t *)v.buf, done);
+    int r = finish_back(c, (const uint64_t *)v.buf, done, 0);
     PyBuffer_Release(&v);
     if (r < 0) { end_batch(c); return NULL; }
     c->phase = c->back_cont;
+    return drive(c);
+}
+
+static PyObject *Core_resume_cow(Core *c, PyObject *args) {
+    unsigned long long tok;
+    double done;
+    if (!PyArg_ParseTuple(args, "Kd", &tok, &done)) return NULL;
+    if (expect_phase(c, PH_COW_DONE, "resume_cow") < 0) return NULL;
+    uint64_t t = (uint64_t)tok;
+    int r = finish_back(c, &t, done, 1);
+    if (r < 0) { end_batch(c); return NULL; }
+    c->phase = c->cow_cont;
     return drive(c);
 }
 
@@ -1054,6 +1108,8 @@ static PyMethodDef Core_methods[] = {
     {"start", (PyCFunction)Core_start, METH_VARARGS,
      "start(pages int64, writes bool, deadline_us float|None) -> (op, a, b): run a batch until done or an await"},
     {"resume_ept", (PyCFunction)Core_resume_ept, METH_VARARGS, "resume_ept(tokens uint64, done_vt_us)"},
+    {"resume_cow", (PyCFunction)Core_resume_cow, METH_VARARGS,
+     "resume_cow(token, done_vt_us): the copy-on-write break of ept_gs[0] is done (token: what it holds)"},
     {"resume_read", (PyCFunction)Core_resume_read, METH_VARARGS, "resume_read(token, done_vt_us)"},
     {"resume_write", (PyCFunction)Core_resume_write, METH_VARARGS, "resume_write(done_vt_us)"},
     {"resume_oom", (PyCFunction)Core_resume_oom, METH_NOARGS, "resume_oom(): the OOM hook ran, try again"},
@@ -1097,6 +1153,7 @@ PyMODINIT_FUNC PyInit__paging(void) {
     PyModule_AddIntConstant(m, "OP_NO_VICTIM", OP_NO_VICTIM);
     PyModule_AddIntConstant(m, "OP_SWAP_FULL", OP_SWAP_FULL);
     PyModule_AddIntConstant(m, "OP_BAD_BLOCK", OP_BAD_BLOCK);
+    PyModule_AddIntConstant(m, "OP_COW", OP_COW);
     PyModule_AddIntConstant(m, "P_CLOCK", P_CLOCK);
     PyModule_AddIntConstant(m, "P_ESC", P_ESC);
     PyModule_AddIntConstant(m, "P_FIFO", P_FIFO);

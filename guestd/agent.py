@@ -4,6 +4,7 @@ Call order::
 
     connect -> Hello/Welcome -> ContentReport -> (TickStart -> vCPU runs to the tick's end -> TickDone)* -> RunEnd -> exit 0
                                   any time: Invalidate (reply with tokens), BalloonTarget
+                                  at tick boundaries: SharePeek, ShareProtect (page sharing)
     host vanishes -> exit 3;  host refuses -> exit 4
 
 One vCPU coroutine runs for the whole run (``GuestSessionState.run_vcpu``).
@@ -36,7 +37,8 @@ from balloonlab.proto.faultpoints import PausePoints
 from balloonlab.proto.handshake import client_hello
 from balloonlab.proto.liveness import HEARTBEAT_S_DEFAULT, HOST_SILENT_S_DEFAULT, LIVENESS_KEY, Heartbeat
 from balloonlab.proto.messages import (Audit, AuditReply, BalloonTarget, ContentReport, Invalidate, InvalidateReply,
-                                       MsgType, Pong, RunEnd, TickDone, TickStart)
+                                       MsgType, Pong, RunEnd, SharePeek, SharePeekReply, ShareProtect,
+                                       ShareProtectReply, TickDone, TickStart)
 from balloonlab.proto.messages import LockAcquire, LockRelease, LockReply
 from balloonlab.proto.rpc import RpcConnection
 from balloonlab.proto.transport import Address, connect
@@ -91,7 +93,8 @@ class GuestAgent:
                          MsgType.AUDIT: self._on_audit}
         if self.pause:
             conn.call = pausing_call(conn.call, self.pause)  # type: ignore[method-assign]
-        conn.requests.update({MsgType.LOCK_ACQUIRE: self._on_lock_acquire, MsgType.LOCK_RELEASE: self._on_lock_release})
+        conn.requests.update({MsgType.LOCK_ACQUIRE: self._on_lock_acquire, MsgType.LOCK_RELEASE: self._on_lock_release,
+                              MsgType.SHARE_PEEK: self._on_share_peek, MsgType.SHARE_PROTECT: self._on_share_protect})
         conn.notifications = {MsgType.TICK_START: self._on_tick_start, MsgType.RUN_END: self._on_run_end,
                               MsgType.BALLOON_TARGET: self._on_balloon_target}
         self.heartbeat = Heartbeat(conn, HEARTBEAT_S_DEFAULT, HOST_SILENT_S_DEFAULT, self._on_host_silent)
@@ -250,6 +253,18 @@ class GuestAgent:
         tokens, clean_cache = self.state.invalidate(msg.gpfns)
         labels = np.packbits(clean_cache).tobytes() if clean_cache.any() else b""
         return InvalidateReply(tokens, labels)
+
+    def _on_share_peek(self, msg: SharePeek) -> SharePeekReply:
+        """Page sharing's scanner reads our frames (we are parked at a tick boundary)."""
+        if self.state is None:
+            raise GuestNotReady("share peek before the guest has built its memory")
+        return SharePeekReply(self.state.kernel.share_peek(msg.gpfns))
+
+    def _on_share_protect(self, msg: ShareProtect) -> ShareProtectReply:
+        """The host merged these frames with others: our writes to them fault first (copy-on-write)."""
+        if self.state is None:
+            raise GuestNotReady("share protect before the guest has built its memory")
+        return ShareProtectReply(self.state.kernel.share_protect(msg.gpfns))
 
     def _on_audit(self, msg: Audit) -> AuditReply:
         """The end-of-run audit: where our books say each page is (guestd.audit)."""

@@ -76,7 +76,9 @@ def guest_config_from_mapping(raw: Mapping[str, Any], where: str = "guest") -> G
             raise SchemaError(f"{path}.{rel}", reason, head) from None
     except SchemaError as exc:
         raise GuestConfigError(str(exc)) from None
-    layout = Layout([Region(r.name, r.kind, r.page_count) for r in table.regions])
+    layout = Layout([Region(r.name, r.kind, r.page_count, r.image, r.image_offset, r.zero_writes,
+                            tuple(r.compress) if isinstance(r.compress, list) else r.compress)
+                     for r in table.regions])
     knobs = {k: getattr(table, k) for k in _KERNEL_KNOBS if getattr(table, k) is not None}
     try:
         kcfg = KernelConfig(ram_pages=table.ram_pages, layout=layout, kernel_pages=table.kernel_pages,

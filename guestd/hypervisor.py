@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 import numpy as np
 
 from balloonlab.proto.costs import CostModel
+from balloonlab.proto.tokens import KEEP_TOKEN
 
 if TYPE_CHECKING:
     from .kernel import GuestKernel
@@ -61,6 +62,11 @@ class LocalHypervisor:
     plus ``swap_in_us`` per page that was swapped, unless the guest marked
     it fresh (it will overwrite it): then its kept content is dropped, no
     swap-in, token 0 (``fresh_pages`` counts them).
+
+    ``share(kernel, gpfns)`` is the host merging those frames with others'
+    (page sharing): the guest write-protects them, and an EPT fault on one
+    is the copy-on-write break: ``KEEP_TOKEN`` (the content stands) for
+    ``ept_fault_us`` plus ``page_copy_us`` unless fresh (``cow_breaks``).
     """
 
     backs_all_initially = True
@@ -71,6 +77,8 @@ class LocalHypervisor:
         self.swap_in_us = swap_in_us
         self.kept = np.zeros(n_frames, np.uint64)
         self.swapped = np.zeros(n_frames, bool)
+        self.shared = np.zeros(n_frames, bool)
+        self.cow_breaks = 0
         self.ept_faults = 0
         self.fresh_pages = 0
         self.inflated = 0
@@ -82,27 +90,42 @@ class LocalHypervisor:
         g = g[kernel.frames.backed[g]]
         self.kept[g] = kernel.invalidate(g)
         self.swapped[g] = True
+        self.shared[g] = False          # a real host never swaps a shared frame; this one unshares first
+
+    def share(self, kernel: "GuestKernel", gpfns: np.ndarray) -> None:
+        g = np.asarray(gpfns, dtype=np.int64)
+        g = g[kernel.frames.backed[g]]
+        kernel.share_protect(g)
+        self.shared[g] = True
 
     async def ept_fault(self, gpfns: np.ndarray, vt_us: float,
                         fresh: np.ndarray | None = None) -> tuple[np.ndarray, float]:
         g = np.asarray(gpfns, dtype=np.int64)
         self.ept_faults += g.size
+        cow = self.shared[g]
+        copies = 0
+        if cow.any():
+            self.cow_breaks += int(cow.sum())
+            copies = int(np.count_nonzero(cow & ~np.asarray(fresh, bool))) if fresh is not None else int(cow.sum())
+            self.shared[g] = False
         if fresh is not None:
             f = g[np.asarray(fresh, bool)]
             self.fresh_pages += int(f.size)
             self.swapped[f] = False
             self.kept[f] = 0
         tokens = np.where(self.swapped[g], self.kept[g], np.uint64(0)).astype(np.uint64)
+        tokens[cow] = np.uint64(KEEP_TOKEN)
         n_swapped = int(self.swapped[g].sum())
         self.swapped[g] = False
         self.kept[g] = 0
-        return tokens, vt_us + self.costs.ept_fault_us + n_swapped * self.swap_in_us
+        return tokens, vt_us + self.costs.ept_fault_us + n_swapped * self.swap_in_us + copies * self.costs.page_copy_us
 
     async def balloon_inflate(self, gpfns: np.ndarray, vt_us: float) -> float:
         g = np.asarray(gpfns, dtype=np.int64)
         self.inflated += g.size
         self.swapped[g] = False     # the host drops whatever it kept for these frames
         self.kept[g] = 0
+        self.shared[g] = False
         return vt_us + self.costs.hypercall_us
 
     async def balloon_deflate(self, gpfns: np.ndarray, vt_us: float) -> float:

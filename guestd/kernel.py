@@ -23,6 +23,7 @@ Call order and concurrency::
 
     access*  |  reclaim  |  balloon_alloc        (async; serialised by ``mm_lock``)
     invalidate | take_ad_bits | balloon_pick | balloon_release | stats   (sync, any time)
+    share_peek | share_protect   (sync; the host's page sharing, at tick boundaries)
 
 The async operations hold ``mm_lock`` for their whole duration, so a batch
 never sees a page half-evicted by the balloon. The sync ones may run while
@@ -31,6 +32,12 @@ fault waits for the disk); the async code re-checks backing after every
 await for that reason. ``on_oom`` runs under ``mm_lock``: it may call the
 sync methods (``balloon_pick``/``balloon_release``) but not ``access``,
 ``reclaim`` or ``balloon_alloc``.
+
+Page sharing: the host reads what frames hold (``share_peek``) and
+write-protects the ones it merged (``share_protect``, ``Frames.wp``). A
+write to a write-protected frame, or a fill of one, is an EPT fault first:
+the host's copy-on-write break (``cow_faults``), which answers
+``KEEP_TOKEN`` (the content stands) after its copy.
 
 Virtual time: every reference costs ``costs.mem_ref_us`` plus the
 workload's own ``cpu_us_per_ref``; a minor fault ``minor_fault_us``, and a
@@ -87,7 +94,7 @@ _WIN_MAX = 8192
 
 _FREE = int(FrameKind.FREE)
 # what the compiled core hands back (guestd/_paging.c)
-_OP_DONE, _OP_EPT, _OP_READ, _OP_WRITE, _OP_NO_VICTIM, _OP_SWAP_FULL, _OP_BAD_BLOCK = range(7)
+_OP_DONE, _OP_EPT, _OP_READ, _OP_WRITE, _OP_NO_VICTIM, _OP_SWAP_FULL, _OP_BAD_BLOCK, _OP_COW = range(8)
 _ANON = int(FrameKind.ANON)
 _FILE = int(FrameKind.FILE)
 
@@ -150,6 +157,8 @@ class GuestKernel:
         # most policies need nothing beyond R/M on a hit: skip the call for them
         self._policy_sees_hits = type(self.policy).on_hits is not PolicyBase.on_hits
         self.counters = PagingCounters()
+        self.cow_faults = 0             # copy-on-write breaks of shared frames (page sharing)
+        self.share_protected = 0        # frames the host write-protected (merged into shared frames)
         self._vt = np.zeros(1, np.float64)           # the vCPU clock (``vt_us``), shared with the compiled core
         # OOM hook: awaited with the number of frames needed when nothing is reclaimable
         self.on_oom: OomHook | None = None
@@ -221,7 +230,7 @@ class GuestKernel:
         spec: dict[str, Any] = dict(
             counter_names=PagingCounters.FIELDS, ks_names=_KS_NAMES, n_frames=n, n_pages=pt.n,
             kind=fr.kind, resident=fr.resident, R=fr.R, touched=fr.touched, A=fr.ad_accessed, M=fr.M,
-            D=fr.ad_dirty, backed=fr.backed, host_took=fr.host_took, vpage=fr.vpage, token=fr.token,
+            D=fr.ad_dirty, backed=fr.backed, host_took=fr.host_took, wp=fr.wp, vpage=fr.vpage, token=fr.token,
             gpfn=pt.gpfn, cached=pt.cached, version=pt.version, block=pt.block, is_file=pt.is_file,
             on_disk=pt.on_disk, evicted=pt.evicted, expect=pt.expect,
             free_mask=self._free_mask, ks=self._ks, soft_prev=self._soft_prev, soft_next=self._soft_next,
@@ -316,6 +325,9 @@ class GuestKernel:
                     if keep.any():   # already backed at the host: it never took the frame, our content stands
                         tokens[keep] = self.frames.token[gs[keep].astype(np.int64)]
                     op, a, b = core.resume_ept(tokens, float(done))
+                elif op == _OP_COW:
+                    tok, done = await self._cow_fault(a)
+                    op, a, b = core.resume_cow(tok, float(done))
                 elif op == _OP_READ:
                     toks, done = await self.blockdev.read(np.array([a], np.int64), self.vt_us)
                     op, a, b = core.resume_read(int(toks[0]), float(done))
@@ -352,6 +364,7 @@ class GuestKernel:
         fr = self.frames
         where = self.pt.gpfn
         backed = fr.backed
+        wp = fr.wp
         mem_ref_us = self.ref_us
         pl = p.tolist()
         wl = w.tolist()
@@ -367,10 +380,13 @@ class GuestKernel:
                     return i
                 page = pl[i]
                 g = int(where[page])
-                if g >= 0 and backed[g]:
+                if g >= 0 and backed[g] and not (wl[i] and wp[g]):
                     self._hit_one(page, wl[i], g)
                     i += 1
                     win = _WIN_MIN
+                elif g >= 0 and backed[g]:
+                    started = i
+                    await self._cow(g)
                 elif g >= 0:
                     started = i
                     await self._back_window(p[i:i + _WIN_MAX], where, backed)
@@ -391,6 +407,7 @@ class GuestKernel:
             g = where[p[i:end]]
             ok = g >= 0
             ok &= backed[g]          # g = -1 reads some frame's bit; masked by ok anyway
+            ok &= ~(wp[g] & w[i:end])   # a write to a shared frame breaks it first
             if ok[:cut].all():
                 if cut:
                     self._hits(p[i:i + cut], w[i:i + cut], g[:cut])
@@ -404,7 +421,9 @@ class GuestKernel:
                 self._hits(p[i:i + j], w[i:i + j], g[:j])
                 i += j
             started = i
-            if g[j] >= 0:
+            if g[j] >= 0 and backed[g[j]]:
+                await self._cow(int(g[j]))
+            elif g[j] >= 0:
                 await self._back_window(p[i:i + _WIN_MAX], where, backed)
             else:
                 await self._fault(pl[i], wl[i])
@@ -470,6 +489,10 @@ class GuestKernel:
             self._soft_remove(g)
             if not fr.backed[g]:
                 await self._ensure_backed(np.array([g], np.int64))
+            if write and fr.backed[g] and fr.wp[g]:
+                await self._cow(g)                # taken back by a write: a shared frame is broken first
+                if not fr.backed[g]:              # shot down while it waited
+                    await self._ensure_backed(np.array([g], np.int64))
             tok = int(fr.token[g])
             c.minor_faults += 1
             self.vt_us += self.costs.minor_fault_us
@@ -493,6 +516,8 @@ class GuestKernel:
                 tok = 0                           # a fresh anonymous page: zero fill
                 c.minor_faults += 1
                 self.vt_us += self.zero_fill_us
+            if fr.backed[g] and fr.wp[g]:
+                await self._cow(g)                # the fill writes it: a shared frame is broken first
             if not fr.backed[g]:
                 await self._ensure_backed(np.array([g], np.int64))
         # nothing awaits from here on: the frame stays backed while we fill it
@@ -742,6 +767,39 @@ class GuestKernel:
             tokens[bad] = fr.token[gs[bad]]
         fr.token[gs] = tokens
         fr.backed[gs] = True
+        fr.wp[gs] = False
+
+    async def _cow(self, g: int) -> None:
+        """Break the sharing of frame ``g`` before writing it (the reference engine's OP_COW)."""
+        if type(self.hypervisor) is NullHypervisor:
+            self.frames.wp[g] = False       # no host shares anything (the compiled core does the same)
+            return
+        gen = int(self._inval_gen[g])
+        tok, done = await self._cow_fault(g)
+        self.vt_us = max(self.vt_us, float(done))
+        if int(self._inval_gen[g]) != gen:
+            return                          # shot down while we waited: not backed, nor protected
+        fr = self.frames
+        held = fr.vpage[g] >= 0
+        if held and fr.host_took[g]:
+            self.counters.host_refaults += 1
+            self.counters.host_refaults_clean_file += int(bool(self.pt.is_file[fr.vpage[g]]) and not fr.M[g])
+        fr.host_took[g] = False
+        if held and tok != int(fr.token[g]):
+            self._lost_one(int(fr.vpage[g]), g, tok, int(fr.token[g]), "ept_fault")
+            tok = int(fr.token[g])
+        fr.token[g] = tok
+        fr.backed[g] = True
+        fr.wp[g] = False
+
+    async def _cow_fault(self, g: int) -> tuple[int, float]:
+        """The EPT fault that is the host's copy-on-write break of frame ``g``: (its token, done time)."""
+        self.cow_faults += 1
+        tokens, done = await self._ept_fault(np.array([g], np.uint64))
+        tok = int(np.asarray(tokens, np.uint64)[0])
+        if tok == KEEP_TOKEN:      # the host kept (copied) the content: ours stands
+            tok = int(self.frames.token[g])
+        return tok, float(done)
 
     async def _ept_fault(self, gs: np.ndarray) -> tuple[np.ndarray, float]:
         """Ask the hypervisor to back ``gs``, saying which frames hold no page (``fresh``).
@@ -807,6 +865,7 @@ class GuestKernel:
             fr = self.frames
             fr.kind[g] = FrameKind.BALLOON
             fr.backed[g] = False
+            fr.wp[g] = False
             fr.vpage[g] = -1
             fr.token[g] = 0
             fr.R[g] = False
@@ -1004,9 +1063,32 @@ class GuestKernel:
             c.host_took_clean_file += int(np.count_nonzero(self.pt.is_file[fr.vpage[held]] & ~fr.M[held]))
             fr.host_took[held] = True
         fr.backed[g] = False
+        fr.wp[g] = False
         self._inval_gen[g] += 1
         c.invalidations += g.size
         return tokens, clean_cache
+
+    def share_peek(self, gpfns: np.ndarray) -> np.ndarray:
+        """Page sharing's scanner reads these frames: their tokens, ``KEEP_TOKEN`` where no page of ours is.
+
+        Only frames holding a resident page count (ANON or FILE): a free
+        frame's leftovers, balloon and kernel frames are not the scanner's.
+        """
+        g = self._check_gpfns(gpfns)
+        fr = self.frames
+        has = fr.resident[g] & fr.backed[g] & ((fr.kind[g] == _ANON) | (fr.kind[g] == _FILE))
+        return np.where(has, fr.token[g], np.uint64(KEEP_TOKEN)).astype(np.uint64)
+
+    def share_protect(self, gpfns: np.ndarray) -> int:
+        """The host shares these frames now: write-protect them; returns how many."""
+        g = self._check_gpfns(gpfns)
+        fr = self.frames
+        if np.any(~fr.backed[g]):
+            bad = int(g[np.flatnonzero(~fr.backed[g])[0]])
+            raise BadFrames(f"share_protect: gpfn {bad} is not backed by the host")
+        fr.wp[g] = True
+        self.share_protected += int(g.size)
+        return int(g.size)
 
     def take_ad_bits(self) -> tuple[np.ndarray, np.ndarray]:
         """EPT accessed and dirty bits of every gpfn (np.packbits), cleared after."""
@@ -1065,6 +1147,9 @@ class GuestKernel:
             soft_cached_pages=int(np.count_nonzero(self.pt.cached >= 0)),
             discarded_pages=self.discarded_pages,
             unbacked_pages=int(np.count_nonzero(~fr.backed)),
+            shared_pages=int(np.count_nonzero(fr.wp)),
+            cow_faults=self.cow_faults,
+            share_protected=self.share_protected,
             swap_used=self.swap.used,
             swap_total=self.swap.n_slots,
             pff=float(self.pff.pff),

@@ -53,6 +53,9 @@ class Frames:
         self.backed = np.full(n_frames, backed, bool)
         # the host took this frame while it held a page (host swap-out); cleared when backed again
         self.host_took = np.zeros(n_frames, bool)
+        # write-protected: the host shares this frame with others (page sharing); a write to it
+        # faults to the host first (copy-on-write). Only ever set on a backed frame.
+        self.wp = np.zeros(n_frames, bool)
         # EPT accessed/dirty bits: set on every reference, cleared only when reported
         # to the host (take_ad_bits), independent of R/M which the policy clears
         self.ad_accessed = self.ref_bits[2]

@@ -32,10 +32,12 @@ from balloonlab.proto import events as ev
 from balloonlab.proto.costs import CostModel
 from balloonlab.proto.errors import ConfigError
 from balloonlab.proto.locks import lock_config_from_mapping
+from balloonlab.proto.messages import SharePeek, SharePeekReply, ShareProtect, ShareProtectReply
 
 from .balloon import make_controller
 from .config import RunConfig
 from .devices import disk_topology
+from .errors import HostdError
 from .hostcache import CacheConfig
 from .hostswap import SwapTooSmall
 from .discipline import DEPRECATED_ORDERS, DisciplineContext, RequestDiscipline, make_discipline
@@ -47,6 +49,7 @@ from .memory import HostMemory
 from .memstate import MemoryStates, MemState, grant_floor_only, self_swap_allowed
 from .monitors import HostMonitors
 from .registry import SessionRegistry
+from .sharing import SCAN_PAGES_PER_S_DEFAULT, PageSharing
 from .shootdown import Shootdowns
 from .silent import SilentGuestMemory
 from .victim import make_victim_policy
@@ -82,6 +85,27 @@ def invariant_mode(configured: str) -> str:
     if mode not in INVARIANT_MODES:
         raise ConfigError(f"{INVARIANT_ENV}={mode!r}: must be one of {list(INVARIANT_MODES)}")
     return mode
+
+
+def wire_sharing(sharing: PageSharing, sessions: SessionRegistry, timeout_s: float) -> None:
+    """The scanner's two requests to a parked guest, each bounded by the shootdown timeout."""
+
+    async def peek(gid: int, gpfns: np.ndarray) -> np.ndarray:
+        reply = await sessions[gid].conn.call(SharePeek(gpfns), timeout_s=timeout_s)
+        assert isinstance(reply, SharePeekReply)
+        return np.asarray(reply.tokens, np.uint64)
+
+    async def protect(gid: int, gpfns: np.ndarray) -> None:
+        reply = await sessions[gid].conn.call(ShareProtect(gpfns), timeout_s=timeout_s)
+        assert isinstance(reply, ShareProtectReply)
+        if reply.pages != gpfns.size:
+            raise HostdError(f"guest {gid} write-protected {reply.pages} of {gpfns.size} shared gpfns")
+
+    def eligible(gid: int) -> bool:
+        session = sessions.get(gid)
+        return session is not None and not session.unresponsive and not session.conn.is_closing
+
+    sharing.peek, sharing.protect, sharing.eligible = peek, protect, eligible
 
 
 def assemble(cfg: RunConfig, sessions: SessionRegistry, *, running: Callable[[], Collection[int]],
@@ -145,6 +169,9 @@ def assemble(cfg: RunConfig, sessions: SessionRegistry, *, running: Callable[[],
         planner = getattr(discipline, "planner", None)
         if planner is not None:
             planner.floor_only = grant_floor_only(mem)
+    if mem_cfg.page_sharing:
+        rate = mem_cfg.share_scan_pages_per_s or SCAN_PAGES_PER_S_DEFAULT
+        wire_sharing(mem.enable_sharing(rate), sessions, mem_cfg.shootdown_timeout_s)
     shootdowns = Shootdowns(mem, sessions, discipline, mem_cfg.shootdown_timeout_s,
                             on_answered=silent.guest_answered)
     monitors = HostMonitors(cfg.monitors, mem, cfg.tick_us, seed=cfg.seed)

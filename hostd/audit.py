@@ -10,7 +10,9 @@ its swap slot or file block, or nowhere for a page never written) and
 reports what it finds. The host then checks each claim against its own:
 
 - a gpfn the guest holds and believes backed is a host FRAME (the content
-  is in guest RAM, which the guest checked);
+  is in guest RAM, which the guest checked), or SHARED (``hostd.sharing``)
+  on a shared frame whose content key is the key of the token the guest
+  last wrote there (``proto.content``): no sharer's write went unnoticed;
 - a gpfn the guest holds but the host took (not backed) is SWAPPED, and
   its host swap slot holds exactly the guest's token (not a placeholder of
   a shootdown still unanswered);
@@ -47,6 +49,7 @@ import numpy as np
 import structlog
 
 from balloonlab.proto import events as ev
+from balloonlab.proto.content import content_keys
 from balloonlab.proto.errors import ProtoError
 from balloonlab.proto.messages import Audit, AuditReply
 
@@ -123,10 +126,13 @@ def check_guest(mem: "HostMemory", gid: int, claims: GuestClaims) -> list[str]:
     # Pages in guest RAM.
     gp, tok, backed = claims.ram_gpfns, claims.ram_tokens, claims.ram_backed
     state = p2m.state[gp]
-    bad = backed & (state != PageState.FRAME)
+    bad = backed & (state != PageState.FRAME) & (state != PageState.SHARED)
     for i in np.flatnonzero(bad)[:5]:
         add(f"gpfn {int(gp[i])} holds a page the guest believes backed, but the host has it "
             f"{PageState(int(state[i])).name}")
+    for i in np.flatnonzero(_shared_mismatch(mem, gid, gp, tok, backed & (state == PageState.SHARED)))[:5]:
+        add(f"gpfn {int(gp[i])} is SHARED on frame {int(p2m.loc[gp[i]])}, but the guest last wrote "
+            f"{_fmt(tok[i])}, other content: a write to a shared page went past its copy-on-write")
     took = ~backed
     # in host swap, or (hostd.compress) compressed or dropped as a zero page
     swapped, held_all = mem.host_copy(gid, gp[took]) if np.any(took) else (np.zeros(0, bool), None)
@@ -192,7 +198,8 @@ def count_lost_pages(mem: "HostMemory", gid: int, claims: GuestClaims) -> int:
     if gp.size != backed.size or gp.size != tok.size or (gp.size and (gp.min() < 0 or gp.max() >= p2m.guest_pages)):
         return int(gp.size)      # claims the host cannot even read: none of them is known to be safe
     state = p2m.state[gp]
-    lost = int(np.count_nonzero(backed & (state != PageState.FRAME)))
+    lost = int(np.count_nonzero(backed & (state != PageState.FRAME) & (state != PageState.SHARED)))
+    lost += int(np.count_nonzero(_shared_mismatch(mem, gid, gp, tok, backed & (state == PageState.SHARED))))
     took = ~backed
     if np.any(took):
         has_copy, held = mem.host_copy(gid, gp[took])
@@ -205,6 +212,18 @@ def count_lost_pages(mem: "HostMemory", gid: int, claims: GuestClaims) -> int:
             return lost + int(blocks.size)
         lost += int(np.count_nonzero(vd.tokens[blocks] != claims.disk_tokens))
     return lost
+
+
+def _shared_mismatch(mem: "HostMemory", gid: int, gp: np.ndarray, tok: np.ndarray, on_shared: np.ndarray) -> np.ndarray:
+    """Per claim: SHARED, and the content key of the guest's token is not its shared frame's."""
+    out = np.zeros(gp.size, bool)
+    sharing = mem.sharing
+    if not np.any(on_shared) or sharing is None:
+        return out | on_shared if sharing is None else out
+    frames = mem.p2m(gid).loc[gp[on_shared]]
+    keys = content_keys(mem.content(gid), gid, np.asarray(tok[on_shared], np.uint64))
+    out[on_shared] = keys != sharing.key[frames]
+    return out
 
 
 def check_released(mem: "HostMemory", gid: int) -> list[str]:

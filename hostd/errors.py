@@ -10,7 +10,7 @@ from balloonlab.proto.errors import ConfigError, ErrorCode
 
 __all__ = [
     "HostdError", "UnknownGuest", "DuplicateGuest", "OutOfRange", "NotOwner",
-    "InvalidState", "DuplicatePages", "BadBatch", "BalloonLimit",
+    "InvalidState", "ContentMapTaken", "DuplicatePages", "BadBatch", "BalloonLimit",
     "HostOutOfMemory", "InvariantViolation", "PolicyConfigError",
 ]
 
@@ -88,6 +88,18 @@ class DuplicatePages(HostdError, ValueError):
         self.guest_id = guest_id
         self.what = what
         self.value = value
+
+
+class ContentMapTaken(InvalidState):
+    """A guest reports its content map once: shared frames were merged under the one it sent."""
+
+    def __init__(self, guest_id: int) -> None:
+        HostdError.__init__(self, f"guest {guest_id}: the content map was taken already; a guest reports it "
+                                  "once, right after Welcome")
+        self.guest_id = guest_id
+        self.what = "content map"
+        self.value = 0
+        self.state = "taken"
 
 
 class BadBatch(HostdError, ValueError):

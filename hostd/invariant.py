@@ -1,7 +1,9 @@
 """The frame invariant of host memory: every frame and swap slot accounted for exactly once.
 
 Every host frame is free, or the frame of exactly one guest page (its p2m
-says FRAME there), or the cache frame of exactly one virtual-disk block, or
+says FRAME there), or a shared frame (``hostd.sharing``) whose refcount is
+the number of gpfns, over all guests, whose p2m says SHARED there (zero
+only while it waits for the boundary to free it), or the cache frame of exactly one virtual-disk block, or
 an I/O buffer of one in-flight disk request, or a frame of one VM's
 compression cache (which holds exactly ``ceil(bytes / page)`` of them for
 the compressed bytes of its COMPRESSED pages, ``hostd.compress``); every used host swap slot
@@ -50,6 +52,7 @@ from .errors import HostdError, InvariantViolation
 from .framepool import NO_OWNER, FrameKind, FramePool
 from .hostswap import HostSwap
 from .p2m import NO_LOC, P2M, VALID_STATE, PageState
+from .sharing import SHARED_OWNER
 from .vdisk import CacheState, VirtualDisk
 
 __all__ = ["check_full", "check_sample", "InvariantChecker", "MemoryBooks", "INVARIANT_MODES", "FRAMES_PER_CHECK",
@@ -67,6 +70,7 @@ _FRAME = int(PageState.FRAME)
 _SWAPPED = int(PageState.SWAPPED)
 _COMPRESSED = int(PageState.COMPRESSED)
 _ZERO = int(PageState.ZERO)
+_SHARED = int(PageState.SHARED)
 
 
 class MemoryBooks(Protocol):
@@ -103,14 +107,21 @@ def check_full(mem: "MemoryBooks") -> None:
     swap.check_invariant()
     slot_lists: list[np.ndarray] = [np.zeros(0, np.int64)]
     frame_lists: list[np.ndarray] = [np.zeros(0, np.int64)]
+    shared_lists: list[np.ndarray] = [np.zeros(0, np.int64)]
     gids = mem.guest_ids()
     for gid in gids:
-        _check_guest(mem, gid, None, None, slot_lists, frame_lists)
+        _check_guest(mem, gid, None, None, slot_lists, frame_lists, shared_lists)
+    sharing = getattr(mem, "sharing", None)
+    if sharing is not None:
+        _check_shared(mem, sharing, np.concatenate(shared_lists))
+        frame_lists.append(np.flatnonzero(sharing.shared))     # each shared frame: the sharing table's
     slot_refs = np.bincount(np.concatenate(slot_lists), minlength=swap.n_slots)
     frame_refs = np.bincount(np.concatenate(frame_lists), minlength=pool.total_frames)
     kind = pool.kind
     owned = kind != FrameKind.FREE
     known = np.isin(pool.owner_guest, np.asarray(gids, np.int64))
+    if sharing is not None:
+        known |= sharing.shared
     stray = owned & ~pool.busy & ~known
     if np.any(stray):
         _unknown_owner(mem, int(np.flatnonzero(stray)[0]))
@@ -132,6 +143,36 @@ def check_full(mem: "MemoryBooks") -> None:
     if np.any(slot_refs[~swap.used] > 0):
         s = int(np.flatnonzero((slot_refs > 0) & ~swap.used)[0])
         raise InvariantViolation(f"swap slot {s} is referenced but free")
+
+
+def _check_shared(mem: "MemoryBooks", sharing: "object", sharer_frames: np.ndarray) -> None:
+    """Each shared frame is a GUEST frame of no one guest whose refcount counts its SHARED gpfns."""
+    pool = mem.pool
+    shared = sharing.shared                           # type: ignore[attr-defined]
+    refs = sharing.refs                               # type: ignore[attr-defined]
+    f = np.flatnonzero(shared)
+    ok = (pool.kind[f] == FrameKind.GUEST) & (pool.owner_guest[f] == SHARED_OWNER)
+    if not np.all(ok):
+        bad = int(f[np.flatnonzero(~ok)[0]])
+        raise InvariantViolation(f"shared frame {bad} is {FrameKind(pool.kind[bad]).name} of guest "
+                                 f"{int(pool.owner_guest[bad])}, not a shared guest frame")
+    stray = (pool.owner_guest == SHARED_OWNER) & ~shared
+    if np.any(stray):
+        raise InvariantViolation(f"frame {int(np.flatnonzero(stray)[0])} is marked shared in the pool but not "
+                                 "in the sharing table")
+    counted = np.bincount(sharer_frames, minlength=pool.total_frames)
+    wrong = shared & (counted != refs)
+    if np.any(wrong):
+        bad = int(np.flatnonzero(wrong)[0])
+        raise InvariantViolation(f"shared frame {bad} has refcount {int(refs[bad])} but {int(counted[bad])} "
+                                 "SHARED gpfns map it")
+    if np.any(counted[~shared]):
+        bad = int(np.flatnonzero(counted * ~shared)[0])
+        raise InvariantViolation(f"frame {bad} is mapped SHARED but is not a shared frame")
+    empty = np.flatnonzero(shared & (refs == 0))
+    if empty.size and not np.all(np.isin(empty, sharing.released_pending)):   # type: ignore[attr-defined]
+        bad = int(empty[~np.isin(empty, sharing.released_pending)][0])        # type: ignore[attr-defined]
+        raise InvariantViolation(f"shared frame {bad} has no sharer and is not waiting to be freed (leak)")
 
 
 def _unknown_owner(mem: "MemoryBooks", f: int) -> None:
@@ -157,7 +198,8 @@ def _slot_leak(mem: "MemoryBooks", s: int) -> None:
 
 
 def _check_guest(mem: "MemoryBooks", gid: int, pages: np.ndarray | None, blocks: np.ndarray | None,
-                 slot_refs: list[np.ndarray], frame_refs: list[np.ndarray]) -> None:
+                 slot_refs: list[np.ndarray], frame_refs: list[np.ndarray],
+                 shared_refs: list[np.ndarray] | None = None) -> None:
     """Forward checks from the guest's gpfns and disk blocks: all of them (None), or these."""
     pool, p2m = mem.pool, mem.p2m(gid)
     state = p2m.state if pages is None else p2m.state[pages]
@@ -182,6 +224,20 @@ def _check_guest(mem: "MemoryBooks", gid: int, pages: np.ndarray | None, blocks:
             f"guest {gid} gpfn {gp} is FRAME {fr} but that frame is {FrameKind(pool.kind[fr]).name} of guest "
             f"{int(pool.owner_guest[fr])} index {int(pool.owner_index[fr])} pinned {bool(pool.pinned[fr])}")
     frame_refs.append(f)
+    on_shared = where(state == _SHARED)
+    if on_shared.size:
+        sharing = getattr(mem, "sharing", None)
+        f = p2m.loc[on_shared]
+        if sharing is None or np.any((f < 0) | (f >= pool.total_frames)):
+            raise InvariantViolation(f"guest {gid} gpfn {int(on_shared[0])} is SHARED but there is no shared frame "
+                                     "it could be")
+        ok = sharing.shared[f] & (sharing.refs[f] > 0)
+        if not np.all(ok):
+            i = int(np.flatnonzero(~ok)[0])
+            raise InvariantViolation(f"guest {gid} gpfn {int(on_shared[i])} is SHARED on frame {int(f[i])}, which "
+                                     f"is not a live shared frame (refs {int(sharing.refs[f[i]])})")
+        if shared_refs is not None:
+            shared_refs.append(f)
     on_swap = where(state == _SWAPPED)
     s = p2m.loc[on_swap]
     _check_slots(mem, s, on_swap, gid)
@@ -190,14 +246,15 @@ def _check_guest(mem: "MemoryBooks", gid: int, pages: np.ndarray | None, blocks:
     base = swap.base(gid)
     cached_gpfns = (np.flatnonzero(swap.cached[swap.extent(gid)]) if pages is None
                     else pages[swap.cached[base + pages]])
-    # a swap-cache copy is of a page the host holds elsewhere: in a frame, compressed, or as a zero page
+    # a swap-cache copy is of a page the host holds elsewhere: in a frame (private or shared,
+    # write-protected), compressed, or as a zero page
     away = p2m.state[cached_gpfns]
-    away = (away != _FRAME) & (away != _COMPRESSED) & (away != _ZERO)
+    away = (away != _FRAME) & (away != _SHARED) & (away != _COMPRESSED) & (away != _ZERO)
     if np.any(away):
         bad = int(cached_gpfns[np.flatnonzero(away)[0]])
         raise InvariantViolation(f"guest {gid} gpfn {bad} is {PageState(p2m.state[bad]).name} but its swap slot "
                                  f"still holds a swap-cache copy")
-    stray = (state != _FRAME) & (state != _SWAPPED) & (loc != NO_LOC)
+    stray = (state != _FRAME) & (state != _SWAPPED) & (state != _SHARED) & (loc != NO_LOC)
     if np.any(stray):
         bad = int(where(stray)[0])
         raise InvariantViolation(f"guest {gid} gpfn {bad} is {PageState(p2m.state[bad]).name} "
@@ -317,6 +374,11 @@ def _frame_points_back(mem: "MemoryBooks", f: int, known: set[int]) -> None:
         return
     if pool.busy[f]:
         return   # its eviction waits for a shootdown: it may be an orphan
+    if owner == SHARED_OWNER:
+        sharing = getattr(mem, "sharing", None)
+        if sharing is None or not sharing.shared[f] or kind != FrameKind.GUEST:
+            _frame_leak(mem, f)
+        return
     if owner not in known:
         _unknown_owner(mem, f)
     index = int(pool.owner_index[f])

@@ -32,7 +32,7 @@ from .config import GuestSpec, RunConfig
 from .devices import DeviceProfile
 from .errors import HostdError
 from .memconfig import BalloonConfig, HostMemConfig
-from .memstate import VmAllocation
+from .memstate import VmAllocation, may_share
 from .session import GuestSession, sanitize_stats
 from .wss import STAT_HOST_WSS
 
@@ -168,6 +168,9 @@ class Machine:
             return
         mem.tick(vt_us)
         await self.silent.reclaim(mem, vt_us, self.shootdowns.pending_pages)
+        if mem.sharing is not None and (mem.states is None or may_share(mem.states.state)):
+            # before the state is taken: what sharing frees is free memory for the state's decisions
+            await mem.sharing.boundary(self.cfg.tick_us)
         # ENGINE.md 3.4: the state from free frames, then the controllers' targets, then reclaim by state.
         if mem.states is not None:
             mem.states.update(tick, vt_us, mem.pool.free_frames)

@@ -87,7 +87,7 @@ from balloonlab.proto.content import ContentMap
 from balloonlab.proto.costs import CostModel
 from balloonlab.proto.tokens import KEEP_TOKEN
 
-from .errors import (BadBatch, BalloonLimit, DuplicateGuest, HostOutOfMemory, InvalidState,
+from .errors import (BadBatch, BalloonLimit, ContentMapTaken, DuplicateGuest, HostOutOfMemory, InvalidState,
                      InvariantViolation, UnknownGuest)
 from .devices import Device, DeviceProfile, device_profile
 from .framepool import FrameKind, FramePool
@@ -100,6 +100,7 @@ from .vdisk import CLUSTER_PAGES_DEFAULT, MAX_INFLIGHT_REQUESTS_DEFAULT, Virtual
 from .memstate import MemoryStates, MemState, VmAllocation, may_compress, plan_boundary_swap, state_of
 from .victim import VictimPolicy, make_victim_policy
 from .victim.per_vm import PerVmVictims
+from .sharing import PageSharing
 
 __all__ = ["HostMemory", "HostCounters", "GuestCounters", "Reclaimed", "Shootdown", "MemoryObserver",
            "MAX_BALLOON_FRACTION_DEFAULT", "default_max_balloon_pages"]
@@ -149,6 +150,7 @@ _SWAPPED = int(PageState.SWAPPED)
 _BALLOONED = int(PageState.BALLOONED)
 _COMPRESSED = int(PageState.COMPRESSED)
 _ZERO = int(PageState.ZERO)
+_SHARED = int(PageState.SHARED)
 _GUEST_KIND = int(FrameKind.GUEST)
 _CACHED = 1                           # vdisk.CacheState.FRAME
 _ZERO_PROGRESS_ROUNDS = 3             # reclaim rounds that free nothing before giving up
@@ -248,6 +250,7 @@ class _Guest:
     # What its pages hold (proto.content), from its ContentReport; the empty map until then
     # (everything private, "mixed" compressibility): a guest that never reports still runs.
     content: ContentMap = field(default_factory=ContentMap)
+    content_reported: bool = False
 
 
 class HostMemory:
@@ -305,6 +308,14 @@ class HostMemory:
         self._guest_rng = guest_rng or (lambda gid: np.random.default_rng([_GUEST_STREAM_DEFAULT, gid]))
         self.boundary_free_frames = total_frames    # free at the last tick start, before its grants, less held needs
         self.self_swap_allowed: Callable[[HostMemory, int], bool] = default_self_swap_allowed
+        self.sharing: PageSharing | None = None     # page sharing, when the scenario turns it on
+
+    def enable_sharing(self, scan_pages_per_s: float) -> PageSharing:
+        """Turn page sharing on (``hostd.sharing``), before any guest joins."""
+        if self._guests:
+            raise RuntimeError("page sharing must be on before guests join")
+        self.sharing = PageSharing(self, scan_pages_per_s)
+        return self.sharing
 
     def wire(self, *, shootdown: Shootdown | None = None, observer: MemoryObserver | None = None,
              placeholders_settled: Callable[[int], Awaitable[None]] | None = None) -> None:
@@ -352,6 +363,8 @@ class HostMemory:
                                         np.zeros(guest_pages, bool), self._guest_rng(guest_id))
         if self.zip is not None:
             self.zip.add_guest(guest_id, guest_pages)
+        if self.sharing is not None:
+            self.sharing.add_guest(guest_id, guest_pages)
         # In id order, not in the order guests happened to connect: every loop over the
         # guests (retiring I/O buffers frees frames onto the free stack) must be reproducible.
         self._guests = dict(sorted(self._guests.items()))
@@ -367,6 +380,8 @@ class HostMemory:
             self._departed_vdisk[k] = self._departed_vdisk.get(k, 0) + v
         frames = self.pool.frames_owned_by(guest_id)
         self.pool.free(frames[~self.pool.busy[frames]])
+        if self.sharing is not None:
+            self.sharing.remove_guest(guest_id, g.p2m.loc[g.p2m.state == _SHARED])
         self.swap.remove_file(guest_id)
         if self.zip is not None:
             self.zip.remove_guest(guest_id)
@@ -385,11 +400,15 @@ class HostMemory:
         """Take the guest's content map (``ContentMap.to_wire`` form); a malformed one is refused
         (``BadBatch``, naming the guest and the entry) and the guest keeps the map it had."""
         g = self._guest(guest_id)
+        if g.content_reported:
+            # Shared frames were merged under the map it had: another would make their keys a lie.
+            raise ContentMapTaken(guest_id)
         try:
             cmap = ContentMap.from_wire(raw)
         except ValueError as exc:
             raise BadBatch(f"guest {guest_id}: malformed content map: {exc}") from None
         g.content = cmap
+        g.content_reported = True
         return cmap
 
     def content(self, guest_id: int) -> ContentMap:
@@ -441,6 +460,8 @@ class HostMemory:
         gpfns = as_page_numbers(gpfns, guest_id, "gpfn", g.p2m.guest_pages, unique=True)
         fresh_set = gpfns[self._fresh_bits(g, fresh, gpfns.size)] if fresh else gpfns[:0]
         uniq = unique_pages(gpfns)
+        # A SHARED gpfn faults on a write (it is write-protected): the copy-on-write break. It takes
+        # a frame like an unbacked page; its content is the guest's (KEEP_TOKEN), copied unless fresh.
         start_us = float(vt_us)
         tried = False
         while True:
@@ -466,6 +487,8 @@ class HostMemory:
         if self.zip is not None:
             was_zip = (state[~backed] == _COMPRESSED) | (state[~backed] == _ZERO)
         is_fresh = np.zeros(todo.size, bool) if was_zip is not None else None
+        was_shared = state[~backed] == _SHARED
+        cow_from = g.p2m.loc[todo[was_shared]]
         if fresh_set.size:
             is_fresh = np.isin(todo, fresh_set)
             dropped = todo[was_swapped & is_fresh]
@@ -497,6 +520,11 @@ class HostMemory:
         self.pool.accessed[frames] = True          # the guest is touching it right now
         self.pool.pinned[frames] = g.p2m.pinned[todo]
         g.p2m.set(todo, PageState.FRAME, frames)
+        n_cow = int(cow_from.size)
+        if n_cow:
+            n_fresh = int(np.count_nonzero(np.isin(todo[was_shared], fresh_set))) if fresh_set.size else 0
+            assert self.sharing is not None
+            self.sharing.cow(guest_id, cow_from, n_fresh)
 
         if start_us > vt_us:
             self.counters.direct_reclaims += 1
@@ -505,12 +533,14 @@ class HostMemory:
             # One vCPU faults its pages one at a time, however many one message carries.
             done_us = self.swap.disk.submit_serial(guest_id, start_us, slots)
         done_us += self.costs.ept_fault_us * uniq.size + zip_us
+        if n_cow:
+            done_us += self.costs.page_copy_us * (n_cow - n_fresh)
 
         c, gc = self.counters, g.counters
         c.ept_fault_calls += 1
         gc.ept_fault_calls += 1
-        c.ept_faults += int(todo.size)
-        gc.ept_faults += int(todo.size)
+        c.ept_faults += int(todo.size - n_cow)
+        gc.ept_faults += int(todo.size - n_cow)
         c.ept_fault_spurious_pages += int(uniq.size - todo.size)
         c.swap_in_pages += int(swapped.size)
         gc.swap_in_pages += int(swapped.size)
@@ -518,6 +548,8 @@ class HostMemory:
         tokens = self.pool.token[g.p2m.loc[gpfns]]
         if todo.size != uniq.size:   # some were backed already: the guest holds their content, not us
             tokens[np.isin(gpfns, uniq[backed])] = KEEP_TOKEN
+        if n_cow:                    # so were the shared ones, now copied
+            tokens[np.isin(gpfns, todo[was_shared])] = KEEP_TOKEN
         return tokens, done_us
 
     async def _ept_fault_one(self, g: _Guest, gpfn: int, vt_us: float,
@@ -546,6 +578,7 @@ class HostMemory:
 
         swapped = state == _SWAPPED
         zip_us = 0.0
+        shared_from = int(p2m.loc[gpfn]) if state == _SHARED else -1
         if not backed:
             token = 0
             if state == _COMPRESSED or state == _ZERO:
@@ -578,6 +611,9 @@ class HostMemory:
             self.pool.pinned[f] = p2m.pinned[gpfn]
             p2m.state[gpfn] = _FRAME
             p2m.loc[gpfn] = f
+            if shared_from >= 0:                  # the copy-on-write break (see ept_fault)
+                assert self.sharing is not None
+                self.sharing.cow(g.guest_id, np.array((shared_from,), np.int64), int(fresh))
 
         if start_us > vt_us:
             self.counters.direct_reclaims += 1
@@ -585,20 +621,22 @@ class HostMemory:
         if swapped:
             done_us = self.swap.disk.submit(g.guest_id, start_us, 1, write=False, offset=slot)
         done_us += self.costs.ept_fault_us * 1 + zip_us
+        if shared_from >= 0 and not fresh:
+            done_us += self.costs.page_copy_us
 
         c, gc = self.counters, g.counters
         c.ept_fault_calls += 1
         gc.ept_fault_calls += 1
         if backed:
             c.ept_fault_spurious_pages += 1
-        else:
+        elif shared_from < 0:
             c.ept_faults += 1
             gc.ept_faults += 1
         if swapped:
             c.swap_in_pages += 1
             gc.swap_in_pages += 1
             gc.ept_fault_swapins += 1
-        if backed:   # the guest holds its content, not us (see ept_fault)
+        if backed or shared_from >= 0:   # the guest holds its content, not us (see ept_fault)
             return np.array((KEEP_TOKEN,), np.uint64), done_us
         f = int(p2m.loc[gpfn])
         return self.pool.token[f:f + 1].copy(), done_us
@@ -1105,6 +1143,10 @@ class HostMemory:
         frames = g.p2m.loc[gpfns[state == PageState.FRAME]]
         frames = frames[~self.pool.busy[frames]]
         self.pool.free(frames)
+        shared = g.p2m.loc[gpfns[state == _SHARED]]
+        if shared.size:            # one sharer less; the frame goes when the last one does
+            assert self.sharing is not None
+            self.sharing.ballooned(g.guest_id, shared)
         n_freed = int(frames.size) + self._drop_zipped(g, gpfns, state)
         self.swap.drop(self.swap.slots_of(g.guest_id, gpfns))    # in swap or in the swap cache: gone
         g.labels[gpfns] = False
@@ -1202,6 +1244,8 @@ class HostMemory:
             bits = self._unpack(g, name, packed)
             hit = bits & backed
             target[g.p2m.loc[hit]] = True
+            if name == "dirty" and self.sharing is not None:
+                self.sharing.note_dirty(guest_id, bits)
 
     def _unpack(self, g: _Guest, name: str, packed: np.ndarray | bytes) -> np.ndarray:
         raw = np.frombuffer(packed, np.uint8) if isinstance(packed, (bytes, bytearray, memoryview)) \
@@ -1332,8 +1376,11 @@ class HostMemory:
         """Gauges of one guest, in pages: resident, swapped, ballooned, unbacked, disk cache."""
         g = self._guest(guest_id)
         p = g.p2m.counts()
+        # ESX's "consumed": its private frames plus its share of the shared ones (1/r of a frame of r sharers)
+        consumed = p["frame"] + (self.sharing.frames_attributed(guest_id) if self.sharing is not None else 0)
         out = {"guest_pages": g.p2m.guest_pages,
-               "resident_pages": p["frame"], "swapped_pages": p["swapped"],
+               "resident_pages": p["frame"], "shared_pages": p["shared"], "consumed_pages": consumed,
+               "swapped_pages": p["swapped"],
                "ballooned_pages": p["ballooned"], "unbacked_pages": p["unbacked"],
                "max_balloon_pages": g.max_balloon_pages,
                **g.vdisk.counts()}
@@ -1355,7 +1402,9 @@ class HostMemory:
             "cache_pages": kinds["cache"],
             "iobuf_pages": kinds["iobuf"],
             "busy_frames": int(np.count_nonzero(self.pool.busy)),
-            "pinned_frames": int(np.count_nonzero(self.pool.pinned)),
+            # shared frames are pinned in the pool only so no victim policy picks them
+            "pinned_frames": int(np.count_nonzero(self.pool.pinned))
+            - (int(np.count_nonzero(self.sharing.shared)) if self.sharing is not None else 0),
             "swap_slots": self.swap.n_slots,
             "swap_used_slots": self.swap.used_slots,
             "swap_cached_slots": self.swap.cached_slots,
@@ -1377,7 +1426,11 @@ class HostMemory:
                 vd_totals[k] = vd_totals.get(k, 0) + v
             guests[str(gid)] = {**self.guest_counts(gid), **asdict(g.counters),
                                 **{f"vdisk_{k}": v for k, v in vd.items()}}
+            if self.sharing is not None:
+                guests[str(gid)].update(self.sharing.guest_metrics(gid))
         out.update({f"vdisk_{k}": v for k, v in vd_totals.items()})
+        if self.sharing is not None:
+            out.update(self.sharing.metrics())
         out["double_faults"] = int(vd_totals.get("double_faults", 0))
         out["guests"] = guests
         return out

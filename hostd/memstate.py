@@ -51,7 +51,7 @@ from balloonlab.proto import events as ev
 
 __all__ = ["MemState", "Reclaim", "RECLAIM_BY_STATE", "STATE_PCT_OF_MIN_FREE", "HIGH_BREAK_LARGE_PAGES_PCT",
            "MEMORY_STATES_MODES", "VICTIM_SCOPES", "VmAllocation", "MemoryStates", "min_free_pages",
-           "state_of", "thresholds_pages", "may_balloon", "may_compress", "may_host_swap", "blocks", "plan_boundary_swap",
+           "state_of", "thresholds_pages", "may_balloon", "may_compress", "may_share", "may_host_swap", "blocks", "plan_boundary_swap",
            "derived_alloc_target", "self_swap_allowed", "grant_floor_only"]
 
 log = structlog.get_logger("hostd.memstate")
@@ -88,28 +88,30 @@ HIGH_BREAK_LARGE_PAGES_PCT = 400.0   # vSphere 6: below this, large pages are br
 class Reclaim:
     """Which mechanisms run in a state (True: this lab runs it; see ``RECLAIM_BY_STATE``)."""
 
-    sharing: bool        # page sharing (TPS): ESX from clear on; not modelled yet, so never on here
+    sharing: bool        # page sharing (TPS, hostd.sharing), when the scenario turns it on
     balloon: bool        # the ESX controller (proportional) inflates
     host_swap: bool      # the host swaps guest pages (boundary reclaim; a guest's self-reclaim mid-tick)
     compress: bool       # pages on their way to host swap are zero-checked and compressed (hostd.compress)
     block: bool          # a VM above its allocation target may be held until the boundary reclaims
 
 
-# The one table. ESX (vSphere 6) runs sharing from clear and compression from hard, with swapping:
+# The one table. Page sharing runs in every state: ESX scans and shares whatever the state (large
+# pages are broken up for it below the 400 % mark; with no large pages here that distinction goes),
+# and KSM runs whenever it is on. ESX (vSphere 6) runs compression from hard, with swapping:
 # compression is a step on ESX's swap path (a page about to be swapped is compressed instead when it
 # fits in 2 KiB), so here it runs wherever the host swaps -- the boundary reclaim in hard and low, and a
 # guest's self-reclaim mid-tick, which ``may_self_swap`` allows from clear (that guest's own partition is
-# out of memory). It runs only when the scenario turns it on (``[host] compression`` /
-# ``zero_page_detection``). Page sharing is not modelled yet, so its column stays off.
+# out of memory). Each runs only when the scenario turns it on (``[host] page_sharing``,
+# ``compression`` / ``zero_page_detection``).
 # Ballooning keeps going in hard and low: the controller's targets stand and the guests keep
 # inflating towards them (Epping notes vSphere 6 stops asking the balloon in hard; we keep the
 # balloon, because the targets are also what host swapping is steered by).
 RECLAIM_BY_STATE: Mapping[MemState, Reclaim] = {
-    MemState.HIGH:  Reclaim(sharing=False, balloon=False, host_swap=False, compress=False, block=False),
-    MemState.CLEAR: Reclaim(sharing=False, balloon=False, host_swap=False, compress=False, block=False),
-    MemState.SOFT:  Reclaim(sharing=False, balloon=True,  host_swap=False, compress=False, block=False),
-    MemState.HARD:  Reclaim(sharing=False, balloon=True,  host_swap=True,  compress=True,  block=False),
-    MemState.LOW:   Reclaim(sharing=False, balloon=True,  host_swap=True,  compress=True,  block=True),
+    MemState.HIGH:  Reclaim(sharing=True,  balloon=False, host_swap=False, compress=False, block=False),
+    MemState.CLEAR: Reclaim(sharing=True,  balloon=False, host_swap=False, compress=False, block=False),
+    MemState.SOFT:  Reclaim(sharing=True,  balloon=True,  host_swap=False, compress=False, block=False),
+    MemState.HARD:  Reclaim(sharing=True,  balloon=True,  host_swap=True,  compress=True,  block=False),
+    MemState.LOW:   Reclaim(sharing=True,  balloon=True,  host_swap=True,  compress=True,  block=True),
 }
 
 _GIB_BYTES = 1 << 30
@@ -159,6 +161,11 @@ def may_balloon(state: MemState) -> bool:
 def may_compress(state: MemState) -> bool:
     """Are pages on their way to host swap compressed (and zero-checked) in ``state``? (hard and low)"""
     return RECLAIM_BY_STATE[state].compress
+
+
+def may_share(state: MemState) -> bool:
+    """Does page sharing scan and merge in ``state``? (every state, when sharing is on)"""
+    return RECLAIM_BY_STATE[state].sharing
 
 
 def may_host_swap(state: MemState) -> bool:

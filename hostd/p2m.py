@@ -3,10 +3,11 @@
 Every gpfn is in exactly one state: UNBACKED (no content: a fault gives a
 zero page), FRAME (``loc`` = host frame), SWAPPED (``loc`` = host swap slot),
 BALLOONED (given to the host by the guest's balloon driver; ``loc`` -1),
-COMPRESSED (in its VM's compression cache, ``hostd.compress``; ``loc`` -1)
-or ZERO (it held the zero page when the host reclaimed it: nothing is
-stored, a fault maps a fresh zero page; ``loc`` -1). The last two keep the
-guest's content token in the compression books, not here.
+SHARED (``loc`` = a shared frame other gpfns map too, write-protected in the
+guest: ``hostd.sharing``), COMPRESSED (in its VM's compression cache,
+``hostd.compress``; ``loc`` -1) or ZERO (it held the zero page when the host
+reclaimed it: nothing is stored, a fault maps a fresh zero page; ``loc`` -1).
+The last two keep the guest's content token in the compression books, not here.
 """
 from __future__ import annotations
 
@@ -26,7 +27,8 @@ class PageState(IntEnum):
     FRAME = 1
     SWAPPED = 2
     BALLOONED = 3
-    COMPRESSED = 5      # (4 is page sharing's SHARED)
+    SHARED = 4
+    COMPRESSED = 5
     ZERO = 6
 
 

@@ -25,6 +25,7 @@ CONFIG_DEPRECATED = "config_deprecated"  # key, value, resolved, reason (an old 
 # guest lifecycle
 GUEST_STARTED = "guest_started"          # guest, pid, ram_pages, policy (the replacement policy)
 CONTENT_MAP_TAKEN = "content_map_taken"  # guest, taken, ranges, image_pages, zero_write_pages (proto.content)
+SHARE_FAILED = "share_failed"            # guest, step (peek | protect), reason: its pages stay private this boundary
 GUEST_FINISHED = "guest_finished"        # guest, reason, stats
 HOST_LOST = "host_lost"                  # reason
 PAGE_LOST = "page_lost"                  # guest, vpage, expected, found

@@ -24,6 +24,7 @@ __all__ = [
     "DiskRead", "DiskReadReply", "DiskWrite", "DiskWriteReply", "Audit", "AuditReply",
     "Ping", "Pong", "REQUESTS", "NOTIFICATIONS", "MAX_PAGES_PER_MESSAGE", "msg_type_of",
     "LockAcquire", "LockRelease", "LockReply", "LockEvent",
+    "SharePeek", "SharePeekReply", "ShareProtect", "ShareProtectReply",
 ]
 
 # A page batch of this many u64 fits a 4 MiB frame with room to spare.
@@ -58,6 +59,8 @@ class MsgType(IntEnum):
     LOCK_ACQUIRE = 70     # either way: take a lock on behalf of a task; reply LockReply once held
     LOCK_RELEASE = 71     # either way: release it, or give up a pending acquisition; reply LockReply
     LOCK_EVENT = 72       # guest -> host notification: a wait/acquire/release/cancel of the guest's lock
+    SHARE_PEEK = 80       # host -> guest request at a tick boundary: what these gpfns hold now; reply SharePeekReply
+    SHARE_PROTECT = 81    # host -> guest request at a tick boundary: write-protect these (now shared); reply ShareProtectReply
 
 
 # Field kinds. Checking with exact types is deliberate: bool is an int in
@@ -461,6 +464,39 @@ class LockEvent(Message):
     vt_us: float
 
 
+# --- page sharing (hostd.sharing) --------------------------------------------------
+
+@_message(MsgType.SHARE_PEEK, gpfns=_PAGES)
+class SharePeek(Message):
+    """The page-sharing scanner reads these gpfns (the guest is parked at a tick boundary): nothing is
+    invalidated, nothing is charged to the guest (a hypervisor reads guest memory directly)."""
+
+    gpfns: np.ndarray
+
+
+@_message(MsgType.SHARE_PEEK, tokens=_PAGES)
+class SharePeekReply(Message):
+    """The token each gpfn's frame holds now; ``KEEP_TOKEN`` where it holds no page of the guest's
+    (a free, balloon or kernel frame: not the scanner's to share)."""
+
+    tokens: np.ndarray
+
+
+@_message(MsgType.SHARE_PROTECT, gpfns=_PAGES)
+class ShareProtect(Message):
+    """These gpfns are now backed by shared frames: a write to one must fault to the host first
+    (an ``EptFault`` on it is the copy-on-write break; its reply is ``KEEP_TOKEN``)."""
+
+    gpfns: np.ndarray
+
+
+@_message(MsgType.SHARE_PROTECT, pages=_INT)
+class ShareProtectReply(Message):
+    """How many gpfns the guest write-protected."""
+
+    pages: int
+
+
 # --- liveness and benchmarks ------------------------------------------------
 
 @_message(MsgType.PING, payload=_BIN)
@@ -487,6 +523,8 @@ REQUESTS: dict[MsgType, tuple[type[Message], type[Message]]] = {
     MsgType.PING: (Ping, Pong),
     MsgType.LOCK_ACQUIRE: (LockAcquire, LockReply),
     MsgType.LOCK_RELEASE: (LockRelease, LockReply),
+    MsgType.SHARE_PEEK: (SharePeek, SharePeekReply),
+    MsgType.SHARE_PROTECT: (ShareProtect, ShareProtectReply),
 }
 """Request type -> (request class, reply class)."""
 

@@ -87,7 +87,7 @@ def test_p2m_starts_unbacked_and_counts_states() -> None:
     p2m = P2M(5)
     p2m.set(np.array([0, 1]), PageState.FRAME, np.array([3, 4]))
     p2m.set(np.array([2]), PageState.BALLOONED)
-    assert p2m.counts() == {"unbacked": 2, "frame": 2, "swapped": 0, "ballooned": 1, "compressed": 0, "zero": 0}
+    assert p2m.counts() == {"unbacked": 2, "frame": 2, "swapped": 0, "ballooned": 1, "shared": 0, "compressed": 0, "zero": 0}
     assert p2m.in_state(PageState.FRAME).tolist() == [0, 1]
 
 

@@ -9,7 +9,7 @@ from balloonlab.hostd.balloon import DecisionLog, GuestView, HostView, make_cont
 from balloonlab.hostd.balloon.decision import Decision
 from balloonlab.hostd.memconfig import host_memory_config
 from balloonlab.hostd.memstate import (RECLAIM_BY_STATE, MemoryStates, MemState, VmAllocation, blocks,
-                                       derived_alloc_target, may_balloon, may_host_swap, min_free_pages,
+                                       derived_alloc_target, may_balloon, may_host_swap, may_share, min_free_pages,
                                        plan_boundary_swap, state_of, thresholds_pages)
 from balloonlab.hostd.victim.per_vm import PerVmVictims
 from balloonlab.proto.errors import ConfigError
@@ -49,8 +49,9 @@ def test_states_at_their_thresholds() -> None:
 def test_the_reclaim_table() -> None:
     runs = {s.label: [m for m in ("sharing", "balloon", "host_swap", "block") if getattr(RECLAIM_BY_STATE[s], m)]
             for s in MemState}
-    assert runs == {"high": [], "clear": [], "soft": ["balloon"], "hard": ["balloon", "host_swap"],
-                    "low": ["balloon", "host_swap", "block"]}
+    assert runs == {"high": ["sharing"], "clear": ["sharing"], "soft": ["sharing", "balloon"],
+                    "hard": ["sharing", "balloon", "host_swap"], "low": ["sharing", "balloon", "host_swap", "block"]}
+    assert all(may_share(s) for s in MemState)
     assert [may_balloon(s) for s in MemState] == [False, False, True, True, True]
     assert [may_host_swap(s) for s in MemState] == [False, False, False, True, True]
     above, at = VmAllocation(0, 500, 400), VmAllocation(1, 400, 400)

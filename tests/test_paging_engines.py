@@ -368,3 +368,35 @@ def test_engines_agree_on_a_real_trace(policy: str, lackey_trace: tuple[np.ndarr
         c = simulate_fast(policy, frames, pages, writes)
         assert (a.faults, a.writebacks) == (b.faults, b.writebacks) == (c.faults, c.writebacks), (policy, frames)
         assert a.faults > 0
+
+
+@pytest.mark.parametrize("policy", ["clock", "esc", "fifo", "lru", "car"])
+def test_engines_agree_with_shared_frames(policy: str) -> None:
+    """The host shares random resident frames between batches; writes and fills break them (copy-on-write)."""
+    regions = [("f", "file", 40), ("a", "anon", 60)]
+    ops = script(11, 100, 80)
+    states = []
+    for engine, remote in (("reference", False), ("compiled", False), ("compiled", True)):
+        k, hv = build(engine, policy, 48, regions, kernel_pages=1, host="local", remote_disk=remote,
+                      meddle_seed=None, future=None, costs=CostModel())
+        rng = np.random.default_rng(5)
+
+        async def run() -> list[Any]:
+            log: list[Any] = []
+            for op in ops:
+                got = await drive(k, hv, [op])
+                if op[0] == "inflate":       # the driver would tell the host: it drops their sharing
+                    await hv.balloon_inflate(np.asarray(got[0], np.int64), k.vt_us)
+                log += got
+                cand = np.flatnonzero(k.share_peek(np.arange(k.frames.n, dtype=U64)) != U64(0xFFFF_FFFF_FFFF_FFFF))
+                if cand.size:
+                    hv.share(k, rng.choice(cand, min(cand.size, int(rng.integers(1, 12))), replace=False))
+            return log
+        log = asyncio.run(run())
+        states.append((snapshot(k), log, k.cow_faults, k.frames.wp.copy(), hv.cow_breaks))
+    ref = states[0]
+    assert ref[2] > 20 and ref[2] == ref[4], "writes and fills broke shared frames, each once at the host"
+    assert ref[0]["counters"]["lost_pages"] == 0
+    for other in states[1:]:
+        assert other[1] == ref[1] and other[2] == ref[2] and np.array_equal(other[3], ref[3])
+        assert_same(ref[0], other[0], f"{policy} shared")

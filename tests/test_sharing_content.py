@@ -4,7 +4,7 @@ import pytest
 
 from balloonlab.guestd.errors import GuestConfigError
 from balloonlab.guestd.workload.layout import Layout
-from balloonlab.hostd.errors import BadBatch
+from balloonlab.hostd.errors import BadBatch, ContentMapTaken
 from balloonlab.hostd.memory import HostMemory
 from balloonlab.proto.content import COMPRESS_PRESETS, ZERO_KEY, ContentMap, content_keys
 from balloonlab.proto.messages import ContentReport
@@ -64,10 +64,41 @@ def test_host_keeps_the_map_and_refuses_a_malformed_one() -> None:
     mem.add_guest(3, 32)
     assert mem.content(3).ranges == ()                     # never reported: everything private
     cm = _layout().content_map()
-    mem.set_content(3, cm.to_wire())
-    assert mem.content(3).ranges == cm.ranges
     with pytest.raises(BadBatch, match=r"guest 3: malformed content map: content map entry 0"):
         mem.set_content(3, [[0, "x", "", 0, False, [0.5, 0.5]]])
     with pytest.raises(BadBatch, match=r"guest 3: malformed content map: .*overlap"):
         mem.set_content(3, [[0, 10, "", 0, False, [0.5, 0.5]], [5, 10, "", 0, False, [0.5, 0.5]]])
-    assert mem.content(3).ranges == cm.ranges              # a refused map leaves the old one
+    assert mem.content(3).ranges == ()                     # a refused map changes nothing
+    mem.set_content(3, cm.to_wire())
+    assert mem.content(3).ranges == cm.ranges
+    with pytest.raises(ContentMapTaken, match="guest 3: the content map was taken already"):
+        mem.set_content(3, ContentMap().to_wire())
+    assert mem.content(3).ranges == cm.ranges
+
+
+@pytest.mark.parametrize("region, match", [
+    ({"kind": "anon", "image": "os"}, r"regions\[0\]\.image: 'os' needs kind = \"file\""),
+    ({"kind": "file", "image_offset": 2}, "image_offset: 2 without an image"),
+    ({"kind": "file", "compress": "zip"}, "compress"),
+    ({"kind": "file", "compress": [0.5, 0.2]}, r"lo <= hi"),
+    ({"kind": "file", "zero_writes": 1}, "zero_writes"),
+])
+def test_the_scenario_schema_refuses_bad_content_keys(region: dict, match: str) -> None:
+    from balloonlab.proto.schema import Region, SchemaError, decode
+    with pytest.raises(SchemaError, match=match):
+        decode(Region, {"name": "r", "pages": 4, **region}, path="guest.regions[0]")
+    ok = decode(Region, {"name": "r", "pages": 4, "kind": "file", "image": "os", "image_offset": 3,
+                         "compress": [0.3, 0.6]}, path="guest.regions[0]")
+    assert (ok.image, ok.image_offset, ok.compress, ok.zero_writes) == ("os", 3, [0.3, 0.6], False)
+
+
+def test_host_sharing_keys_in_the_schema() -> None:
+    from balloonlab.hostd.memconfig import host_memory_config
+    from balloonlab.proto.schema import SchemaError
+    cfg = host_memory_config({"page_sharing": True, "share_scan_pages_per_s": 20000})
+    assert cfg.page_sharing and cfg.share_scan_pages_per_s == 20000
+    assert not host_memory_config({}).page_sharing
+    with pytest.raises(SchemaError, match="share_scan_pages_per_s: has no effect without page_sharing"):
+        host_memory_config({"share_scan_pages_per_s": 20000})
+    with pytest.raises(SchemaError, match="share_scan_pages_per_s"):
+        host_memory_config({"page_sharing": True, "share_scan_pages_per_s": 0})

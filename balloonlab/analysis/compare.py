@@ -55,6 +55,10 @@ def _events(*const_names: str, summary_key: str | None = None) -> Callable[[dict
     return get
 
 
+def _sharing(key: str) -> Callable[[dict[str, Any]], float | None]:
+    return lambda v: (v.get("sharing") or {}).get(key)
+
+
 def _mechanism(key: str) -> Callable[[dict[str, Any]], float | None]:
     return lambda v: (v.get("reclaimed_by_mechanism") or {}).get(key)
 
@@ -90,6 +94,11 @@ HEADLINE: tuple[Metric, ...] = (
     Metric("reclaimed_host_zero", "reclaimed: zero pages the host dropped", _mechanism("host_zero")),
     Metric("reclaimed_host_swap_cache", "reclaimed: host disk-cache pages swapped out", _mechanism("host_swap_cache")),
     Metric("reclaimed_host_cache_drop", "reclaimed: host disk-cache pages dropped", _mechanism("host_cache_drop")),
+    # Page sharing (hostd/sharing.py), against what the guests' content classes allow (analysis.sharing).
+    Metric("sharing_saved_frames", "page sharing: host frames saved", _sharing("saved_frames"), "higher"),
+    Metric("sharing_image_saved_of_bound", "page sharing: image frames saved / what the image allows",
+           _sharing("image_saved_of_bound"), "higher"),
+    Metric("sharing_cow_breaks", "page sharing: copy-on-write breaks", _sharing("cow_breaks"), "lower"),
     Metric("io_per_reclaimed_page", "disk I/O per reclaimed page", lambda v: v.get("io_per_reclaimed_page"),
            "lower"),
     # The seed's clean page cache, by the host's real swap I/O on pages the guests labelled clean.

@@ -19,6 +19,7 @@ from balloonlab.proto import events as ev
 from .decisions import decision_metrics
 from .logs import VariantLogs, find_variants, iter_events, load_variant
 from .pathologies import pathology_lines, pathology_metrics
+from .sharing import sharing_lines, sharing_metrics
 
 __all__ = ["summarize", "summarize_variant", "reclaim_metrics", "clean_cache_io", "lock_metrics", "format_lock_table", "reliability_metrics",
            "event_counts", "write_summary", "format_table", "run_status", "STATUSES", "baseline_variant"]
@@ -206,6 +207,7 @@ def summarize_variant(v: VariantLogs) -> dict[str, Any]:
         g["host_double_paging_pages"] = int((per_guest.get(str(g["id"])) or {}).get("double_paging_pages", 0))
     out.update(reliability_metrics(v, finished))
     out.update(decision_metrics(v, finished))   # why the balloon controller set or kept each target
+    out.update(sharing_metrics(finished, host, guests))   # page sharing: frames saved vs the content classes
     out["status"], out["status_reasons"] = run_status(out, finished)
     return out
 
@@ -398,6 +400,7 @@ def format_table(summary: dict[str, Any]) -> str:
                      "by mechanism: " + " ".join(f"{k}={val}" for k, val in mech.items())
                      + f"; {clean}; throughput {v.get('refs_per_vsec', 0)} refs/vs")
         lines.extend(pathology_lines(v))
+        lines.extend(sharing_lines(v))
         cols = ["id", "refs", "refs_per_vsec", "major_faults", "minor_faults", "disk_read_pages",
                 "disk_write_pages", "ept_faults", "balloon_pages", "lost_pages"]
         cols = [c for c in cols if any(c in g for g in v["guests"])]

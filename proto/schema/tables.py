@@ -150,6 +150,12 @@ class HostTable(Table):
         description="decompressing a page, virtual µs (LZ4 at 4970 MB/s)", ge=0)] = 0.8
     zero_check_page_us: Annotated[float, Meta(
         description="checking a page for zeros, virtual µs (4 KiB at ~10 GB/s)", ge=0)] = 0.4
+    page_sharing: Annotated[bool, Meta(
+        description="content-based page sharing, ESX TPS / KVM KSM: a scanner at tick boundaries merges equal "
+                    "pages copy-on-write (hostd/sharing.py)")] = False
+    share_scan_pages_per_s: Annotated[float, Meta(
+        description="page sharing's scan rate, host-wide, pages per virtual second (KSM's default: 100 pages "
+                    "every 20 ms); needs page_sharing", gt=0)] | None = None
 
     def __post_init__(self) -> None:
         if self.dirty_background_pct >= self.dirty_pct:
@@ -157,6 +163,8 @@ class HostTable(Table):
                              f"{self.dirty_pct} (the flusher starts before writers are throttled)")
         if self.memory_states == "none" and self.min_free_pct is not None:
             raise ValueError("min_free_pct: has no effect with memory_states = \"none\"")
+        if self.share_scan_pages_per_s is not None and not self.page_sharing:
+            raise ValueError("share_scan_pages_per_s: has no effect without page_sharing = true")
 
     @property
     def ram_pages(self) -> int | None:
@@ -224,12 +232,27 @@ class Region(Table):
         description="a file on the virtual disk (page cache) or anonymous memory")]
     mib: Annotated[float, Meta(description="size in MiB (or pages)", gt=0)] | None = None
     pages: Annotated[int, Meta(description="size in 4 KiB pages (or mib)", ge=1)] | None = None
+    image: Annotated[str, Meta(
+        description="version 0 of its pages is this image's: the same bytes in every guest booted from it "
+                    "(file regions only; proto/content.py)", min_length=1)] | None = None
+    image_offset: Annotated[int, Meta(description="the region starts at this page of its image", ge=0)] = 0
+    zero_writes: Annotated[bool, Meta(description="written with zeros: its pages stay zero pages")] = False
+    compress: Annotated[Literal["text", "mixed", "random"] | Annotated[list[Annotated[float, Meta(gt=0, le=1)]], Meta(
+        min_length=2, max_length=2)], Meta(
+        description="what is left of a page after compression: a preset or [lo, hi] fractions")] = "mixed"
 
     def __post_init__(self) -> None:
         if (self.mib is None) == (self.pages is None):
             raise ValueError("give mib or pages, not both" if self.mib is not None else "give mib or pages")
         if self.page_count < 1:
             raise ValueError(f"mib: {self.mib} MiB is less than half a page")
+        if self.image is not None and self.kind != "file":
+            raise ValueError(f"image: {self.image!r} needs kind = \"file\" (image content reaches memory through "
+                             "the page cache; an anonymous page never written is the zero page)")
+        if self.image_offset and self.image is None:
+            raise ValueError(f"image_offset: {self.image_offset} without an image")
+        if isinstance(self.compress, list) and self.compress[0] > self.compress[1]:
+            raise ValueError(f"compress: [lo, hi] needs lo <= hi, got {self.compress}")
 
     @property
     def page_count(self) -> int:
