@@ -8,6 +8,8 @@ User-facing sizes are in MiB (256 pages each); the kernel sees pages::
     workload = [{kind = "db", region = "db", weight = 3}, {kind = "anon-cold", region = "heap"}]
     batch_refs = 8192       shares = 1000
     dirty_background_ratio = 0    # percent: the flusher writes dirty page cache back above it (0: off)
+    watermark_scale_factor = 0    # kswapd between Linux's low and high watermarks (10 in Linux; 0: off)
+    read_ahead_kb = 0             # readahead of sequential file reads, window up to this (128 in Linux; 0: off)
     ws_period_us, ws_sample_pages, pff_alpha, fault_around_pages    (kernel knobs)
 """
 from __future__ import annotations
@@ -29,7 +31,8 @@ MIB_PAGES = 256
 RUN_KEYS = frozenset({"id", "ram_pages", "disk_blocks", "seed", "costs", "disk", "locks", "ticks",
                       "metrics_every_ticks", "swap_base_block", "swap_blocks"})
 _OWN = {"ram_mib", "kernel_mib", "swap_mib", "policy", "policy_params", "regions", "workload", "batch_refs",
-        "shares", "dirty_background_ratio", "ws_period_us", "ws_sample_pages", "pff_alpha", "fault_around_pages"}
+        "shares", "dirty_background_ratio", "watermark_scale_factor", "read_ahead_kb", "ws_period_us",
+        "ws_sample_pages", "pff_alpha", "fault_around_pages"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,9 +72,15 @@ def guest_config_from_mapping(raw: Mapping[str, Any], where: str = "guest") -> G
                                                                              f"{where}.kernel_mib")}
     if "swap_mib" in raw:
         kernel["swap_pages"] = _pages(raw["swap_mib"], f"{where}.swap_mib")
-    for key in ("policy", "policy_params", "ws_period_us", "ws_sample_pages", "pff_alpha", "fault_around_pages"):
+    for key in ("policy", "policy_params", "ws_period_us", "ws_sample_pages", "pff_alpha", "fault_around_pages",
+                "watermark_scale_factor"):
         if key in raw:
             kernel[key] = raw[key]
+    if "read_ahead_kb" in raw:
+        ra = raw["read_ahead_kb"]
+        if isinstance(ra, bool) or not isinstance(ra, int) or ra < 0 or ra % 4:
+            raise GuestConfigError(f"{where}.read_ahead_kb: expected a multiple of 4 KiB >= 0, got {ra!r}")
+        kernel["read_ahead_pages"] = ra // 4
     regions_raw = raw.get("regions", [{"name": "heap", "kind": "anon", "mib": 16}])
     if not isinstance(regions_raw, list):
         raise GuestConfigError(f"{where}.regions: expected an array of tables")
