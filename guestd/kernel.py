@@ -89,6 +89,7 @@ _WIN_MIN = 256
 _WIN_MAX = 8192
 
 _FREE = int(FrameKind.FREE)
+_FULL_WRITE = 2     # write code of a write that stores the whole page (guestd.workload.FULL_WRITE)
 # what the compiled core hands back (guestd/_paging.c)
 _OP_DONE, _OP_EPT, _OP_READ, _OP_WRITE, _OP_NO_VICTIM, _OP_SWAP_FULL, _OP_BAD_BLOCK = range(7)
 _ANON = int(FrameKind.ANON)
@@ -210,6 +211,8 @@ class GuestKernel:
         # asynchronous readahead windows in flight: (vpages, tokens, completion)
         self._ra_inflight: list[tuple[np.ndarray, np.ndarray, float]] = []
         self._bg_on = self.wmark is not None or self._ra is not None
+        # the compiled core hands every disk read back (readahead, full-page writes must see them)
+        self._reads_in_python = self._ra is not None
         self._next_bg_us = BG_PERIOD_US
         # background requests are not the vCPU's stalls: the process layer pauses its PSI meter here
         self.bg_quiet: Callable[[], ContextManager[Any]] = contextlib.nullcontext
@@ -265,7 +268,7 @@ class GuestKernel:
             py_hits=int(kind == _paging.P_PY and self._policy_sees_hits), policy=pol,
             lost_cb=self._core_lost, hits_cb=self._core_hits,
             # reads come back to Python when readahead must see them
-            disk_local=int(type(self.blockdev) is LocalBlockDevice and self._ra is None),
+            disk_local=int(type(self.blockdev) is LocalBlockDevice and not self._reads_in_python),
             hyp_local=int(type(self.hypervisor) is NullHypervisor),
         )
         if pol_state is not None:
@@ -290,6 +293,10 @@ class GuestKernel:
                      deadline_us: float | None = None) -> int:
         """Run one batch of references (``pages`` virtual page numbers, ``writes`` bools).
 
+        ``writes`` may also be write codes (``uint8``, ``workload.FULL_WRITE``
+        = 2 for a write that stores the whole page): such a write fault on a
+        page in guest swap needs no swap-in read.
+
         Returns the number of references completed: all of them, unless
         ``deadline_us`` is given. Then a reference starts only while the
         clock ``vt_us`` is below it, and the batch stops before the first
@@ -298,12 +305,22 @@ class GuestKernel:
         """
         p = self._check_pages(pages)
         n = p.shape[0]
+        full: np.ndarray | None = None
         if writes is None:
             w = np.zeros(n, bool)
         else:
-            w = np.asarray(writes, dtype=bool)
+            codes = np.asarray(writes)
+            w = codes.astype(bool, copy=False)
             if w.shape != (n,):
                 raise BadPages(f"writes has shape {w.shape}, pages has {n} entries")
+            if codes.dtype == np.uint8 and n:
+                full = codes == _FULL_WRITE
+                if not full.any():
+                    full = None
+                elif not self._reads_in_python:
+                    self._reads_in_python = True      # from now on the core hands its reads back
+                    if self._core is not None:
+                        self._core = self._build_core()
         if deadline_us is not None:
             if isinstance(deadline_us, bool) or not isinstance(deadline_us, (int, float, np.floating, np.integer)) \
                     or math.isnan(deadline_us):
@@ -313,18 +330,20 @@ class GuestKernel:
         if n:
             async with self.mm_lock:
                 if self._bg_on:
-                    done = await self._run_with_background(p, w, deadline_us)
+                    done = await self._run_with_background(p, w, deadline_us, full)
                 else:
-                    done = await self._run(p, w, deadline_us)
+                    done = await self._run(p, w, deadline_us, full)
         self._maybe_end_period()
         return done
 
-    async def _run(self, p: np.ndarray, w: np.ndarray, deadline_us: float | None) -> int:
+    async def _run(self, p: np.ndarray, w: np.ndarray, deadline_us: float | None,
+                   full: np.ndarray | None) -> int:
         if self._core is not None:
-            return await self._run_compiled(p, w, deadline_us)
-        return await self._run_reference(p, w, deadline_us)
+            return await self._run_compiled(p, w, deadline_us, full)
+        return await self._run_reference(p, w, deadline_us, full)
 
-    async def _run_with_background(self, p: np.ndarray, w: np.ndarray, deadline_us: float | None) -> int:
+    async def _run_with_background(self, p: np.ndarray, w: np.ndarray, deadline_us: float | None,
+                                   full: np.ndarray | None) -> int:
         """The batch cut at every background point (a multiple of ``BG_PERIOD_US``) it crosses.
 
         Each cut is a deadline like the gate's (a fault started before it
@@ -340,7 +359,7 @@ class GuestKernel:
                 break
             stop = self._next_bg_us
             cut = stop if deadline_us is None else min(deadline_us, stop)
-            done += await self._run(p[done:], w[done:], cut)
+            done += await self._run(p[done:], w[done:], cut, None if full is None else full[done:])
             if self.vt_us >= self._next_bg_us:
                 self._next_bg_us = (self.vt_us // BG_PERIOD_US + 1) * BG_PERIOD_US
                 if deadline_us is None or self.vt_us < deadline_us:
@@ -377,9 +396,11 @@ class GuestKernel:
             raise BadPages(f"page {hi} outside the layout's {self.pt.n} pages")
         return p.astype(np.int64, copy=False)
 
-    async def _run_compiled(self, p: np.ndarray, w: np.ndarray, deadline_us: float | None) -> int:
+    async def _run_compiled(self, p: np.ndarray, w: np.ndarray, deadline_us: float | None,
+                            full: np.ndarray | None = None) -> int:
         """The batch in the compiled core; here only what it hands back to be awaited."""
         core = self._core
+        refs0 = self.counters.refs      # the reference a fault is for: refs0 + those completed since
         try:
             op, a, b = core.start(np.ascontiguousarray(p), np.ascontiguousarray(w), deadline_us)
             while op != _OP_DONE:
@@ -392,6 +413,17 @@ class GuestKernel:
                         tokens[keep] = self.frames.token[gs[keep].astype(np.int64)]
                     op, a, b = core.resume_ept(tokens, float(done))
                 elif op == _OP_READ:
+                    if full is not None and full[self.counters.refs - refs0] and a >= self.swap.base_block:
+                        page = int(p[self.counters.refs - refs0])
+                        evicted = bool(self.pt.evicted[page])
+                        op, a, b = core.resume_read(self._overwrite_token(page), self.vt_us + self.costs.minor_fault_us)
+                        # the core booked a swap-in, a major fault (and a refault read): it was none of those
+                        c = self.counters
+                        c.swap_in -= 1
+                        c.major_faults -= 1
+                        c.minor_faults += 1
+                        c.refault_reads -= evicted
+                        continue
                     tok, done = await self._disk_read(int(a))
                     op, a, b = core.resume_read(tok, done)
                 elif op == _OP_WRITE:
@@ -423,13 +455,25 @@ class GuestKernel:
         """A run of hits, for a Python policy that watches them (``on_hits``)."""
         self.policy.on_hits(self._hit_g[:k].copy(), self._hit_w[:k].copy(), first_ref)
 
-    async def _run_reference(self, p: np.ndarray, w: np.ndarray, deadline_us: float | None) -> int:
+    def _overwrite_token(self, page: int) -> int:
+        """A write fault that stores the whole swapped-out page: no swap-in, the page is rewritten whole.
+
+        Its old content is never looked at, so the fault takes the token the
+        page has now (the write then bumps it) without reading the slot; the
+        slot's stale copy is rewritten when the page is next swapped out.
+        """
+        self.bg.overwrite_reads_avoided += 1
+        return int(self.pt.expect[page])
+
+    async def _run_reference(self, p: np.ndarray, w: np.ndarray, deadline_us: float | None,
+                             full: np.ndarray | None = None) -> int:
         fr = self.frames
         where = self.pt.gpfn
         backed = fr.backed
         mem_ref_us = self.ref_us
         pl = p.tolist()
         wl = w.tolist()
+        fl = full.tolist() if full is not None else None
         n = p.shape[0]
         i = 0
         started = -1        # the reference whose fault or backing began (it completes past the deadline)
@@ -451,7 +495,7 @@ class GuestKernel:
                     await self._back_window(p[i:i + _WIN_MAX], where, backed)
                 else:
                     started = i
-                    await self._fault(page, wl[i])
+                    await self._fault(page, wl[i], fl is not None and fl[i])
                     i += 1
                 continue
             end = min(n, i + win)
@@ -482,7 +526,7 @@ class GuestKernel:
             if g[j] >= 0:
                 await self._back_window(p[i:i + _WIN_MAX], where, backed)
             else:
-                await self._fault(pl[i], wl[i])
+                await self._fault(pl[i], wl[i], fl is not None and fl[i])
                 i += 1
                 win = 0
         return n
@@ -530,7 +574,7 @@ class GuestKernel:
         c.hits += k
         self.vt_us += k * self.ref_us
 
-    async def _fault(self, page: int, write: bool) -> None:
+    async def _fault(self, page: int, write: bool, full: bool = False) -> None:
         fr = self.frames
         pt = self.pt
         c = self.counters
@@ -550,7 +594,11 @@ class GuestKernel:
             self.vt_us += self.costs.minor_fault_us
         else:
             g = await self._alloc_frame()
-            if pt.on_disk[page]:
+            if pt.on_disk[page] and full and not is_file:
+                tok = self._overwrite_token(page)
+                c.minor_faults += 1
+                self.vt_us = self.vt_us + self.costs.minor_fault_us
+            elif pt.on_disk[page]:
                 tok, done = await self._disk_read(int(pt.block[page]))
                 self.vt_us = max(self.vt_us, done)
                 if is_file:

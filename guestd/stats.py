@@ -116,8 +116,7 @@ class BackgroundCounters:
         "readahead_wasted",        # read-ahead pages dropped or never placed without having been used
         "readahead_waited",        # faults that waited for a page still in an asynchronous readahead (a
                                    # hit; the fault also counts in file_reads, the read in readahead_pages)
-        "overwrite_faults",        # write faults on a swapped-out page that overwrite all of it
-        "overwrite_reads_avoided",  # ... whose swap-in read was skipped (the page is rewritten whole)
+        "overwrite_reads_avoided",  # write faults on a page in guest swap that store all of it: no swap-in
     )
 
     def __init__(self) -> None:

@@ -204,7 +204,7 @@ regions = [
 ]
 workload = [
   { kind = "db", region = "db", weight = 3, write_frac = 0.05 },
-  { kind = "anon-hot", region = "heap", weight = 2 },
+  { kind = "anon-hot", region = "heap", weight = 2, overwrite_frac = 0.5 },
   { kind = "scan", region = "logs", weight = 1 },
 ]
 
@@ -216,7 +216,8 @@ mem_ref_us = 10.0
 @pytest.mark.multiprocess
 @pytest.mark.timeout(200)
 def test_all_on_under_the_host_is_deterministic_and_loses_nothing(tmp_path) -> None:
-    """Readahead, kswapd and the flusher in real guests under a host that swaps: twice, the same counts."""
+    """Readahead, kswapd, the flusher and full-page writes in real guests under a host that swaps:
+    twice, the same counts, every tick inside its bound, no page lost."""
     from tests.procs import dump_logs, procs_mentioning, run_launcher
     from tests.test_launch import events_named, read_jsonl
 
@@ -243,5 +244,47 @@ def test_all_on_under_the_host_is_deterministic_and_loses_nothing(tmp_path) -> N
         assert s["lost_pages"] == 0 and b[gid]["lost_pages"] == 0
         assert s["readahead_pages"] > 0 and s["readahead_hits"] > 0, s
         assert s["pgsteal_kswapd"] > 0 and s["flusher_writes"] > 0, s
+        assert s["overwrite_reads_avoided"] > 0, s
         assert s["readahead_hits"] + s["readahead_wasted"] <= s["readahead_pages"]
         assert a[gid] == b[gid], {k: (a[gid][k], b[gid].get(k)) for k in a[gid] if a[gid][k] != b[gid].get(k)}
+
+
+@pytest.mark.parametrize("engine", ["compiled", "reference"])
+async def test_full_page_overwrite_of_a_swapped_page_reads_nothing(engine: str, monkeypatch) -> None:
+    """Pages pushed to guest swap, then rewritten whole: no swap-in; the content checks still hold."""
+    monkeypatch.setenv("BALLOONLAB_PAGING_ENGINE", engine)
+
+    async def run(code: int) -> dict:
+        k = make_kernel([("h", "anon", 100)], ram=20, policy="clock")
+        assert k.engine == engine
+        await k.access(np.arange(100, dtype=U64), np.ones(100, bool))          # 80 of them go to swap
+        assert k.stats()["swap_out"] >= 80
+        again = np.arange(50, dtype=U64)
+        await k.access(again, np.full(50, code, np.uint8))                     # rewrite pages 0..49
+        await k.access(np.arange(100, dtype=U64))                              # read every page back
+        return k.stats()
+
+    plain, full = await run(1), await run(2)
+    assert plain["overwrite_reads_avoided"] == 0
+    assert full["overwrite_reads_avoided"] == 50               # each of 0..49 was in swap
+    assert full["swap_in"] == plain["swap_in"] - 50
+    assert full["major_faults"] == plain["major_faults"] - 50
+    assert full["minor_faults"] == plain["minor_faults"] + 50
+    assert full["lost_pages"] == 0 and plain["lost_pages"] == 0
+    assert full["refs"] == plain["refs"] == 250
+
+
+def test_overwrite_frac_marks_writes_without_changing_the_references() -> None:
+    from balloonlab.guestd.workload import build_workload
+
+    layout = Layout([Region("h", "anon", 500), Region("f", "file", 100)])
+    base = [{"kind": "anon-hot", "region": "h", "write_frac": 0.5}, {"kind": "scan", "region": "f"}]
+    with_full = [dict(base[0], overwrite_frac=0.4), base[1]]
+    p0, w0 = build_workload(base, layout, np.random.default_rng(3)).next_batch(4000)
+    p1, w1 = build_workload(with_full, layout, np.random.default_rng(3)).next_batch(4000)
+    assert w0.dtype == bool and w1.dtype == np.uint8
+    assert np.array_equal(p0, p1) and np.array_equal(w0, w1 != 0)
+    frac = np.count_nonzero(w1 == 2) / np.count_nonzero(w1)
+    assert 0.35 < frac < 0.45
+    with pytest.raises(GuestConfigError, match="overwrite_frac"):
+        build_workload([dict(base[0], overwrite_frac=1.5)], layout, np.random.default_rng(3))

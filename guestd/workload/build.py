@@ -7,7 +7,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from ..errors import GuestConfigError, UnknownWorkload
-from .generators import WORKLOADS, Mix, Workload
+from .generators import WORKLOADS, FullWrites, Mix, Workload
 from .layout import Layout
 from .trace import read_trace
 
@@ -18,7 +18,9 @@ def build_workload(specs: Sequence[Mapping[str, Any]], layout: Layout, rng: np.r
                    where: str = "workload") -> Workload:
     """One workload (a ``Mix`` when there are several specs), each component on its own child generator.
 
-    A ``trace`` spec takes ``path`` (a trace file) instead of arrays.
+    A ``trace`` spec takes ``path`` (a trace file) instead of arrays. Any
+    spec takes ``overwrite_frac`` (``FullWrites``; 0 = no write is known to
+    cover its whole page, and nothing extra is drawn).
     """
     if not specs:
         raise GuestConfigError(f"{where}: at least one workload spec is needed")
@@ -37,6 +39,7 @@ def build_workload(specs: Sequence[Mapping[str, Any]], layout: Layout, rng: np.r
             raise GuestConfigError(f"{at}.region: missing (regions: {', '.join(r.name for r in layout.regions)})")
         region = params.pop("region")
         weight = params.pop("weight", 1.0)
+        overwrite_frac = params.pop("overwrite_frac", 0.0)
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight <= 0:
             raise GuestConfigError(f"{at}.weight: must be a number > 0, got {weight!r}")
         start, pages = layout.span(str(region))
@@ -50,7 +53,11 @@ def build_workload(specs: Sequence[Mapping[str, Any]], layout: Layout, rng: np.r
             raise GuestConfigError(f"{at}: unknown parameter(s) {', '.join(extra)} for {kind!r}; "
                                    f"accepted: {', '.join(sorted(accepted)) or 'none'}")
         try:
-            comps.append(cls(start, pages, children[i], **params))
+            comp = cls(start, pages, children[i], **params)
+            if overwrite_frac != 0.0:
+                # its own stream (spawning draws nothing), so the references are those without it
+                comp = FullWrites(comp, overwrite_frac, children[i].spawn(1)[0])
+            comps.append(comp)
         except GuestConfigError as e:
             raise GuestConfigError(f"{at}: {e}") from None
         except (TypeError, ValueError) as e:
