@@ -214,6 +214,7 @@ class GuestKernel:
         # the compiled core hands every disk read back (readahead, full-page writes must see them)
         self._reads_in_python = self._ra is not None
         self._next_bg_us = BG_PERIOD_US
+        self._deadline_us = math.inf         # the running batch's deadline (the gate)
         # background requests are not the vCPU's stalls: the process layer pauses its PSI meter here
         self.bg_quiet: Callable[[], ContextManager[Any]] = contextlib.nullcontext
         self._resize_policy()
@@ -329,6 +330,7 @@ class GuestKernel:
         done = 0
         if n:
             async with self.mm_lock:
+                self._deadline_us = math.inf if deadline_us is None else deadline_us
                 if self._bg_on:
                     done = await self._run_with_background(p, w, deadline_us, full)
                 else:
@@ -1085,8 +1087,9 @@ class GuestKernel:
                 hit = self._ra_take_inflight(page)
                 if hit is not None:      # waits for it; the rest of its window is then in memory too
                     self.vt_us = max(self.vt_us, hit[1])
-            with self.bg_quiet():
-                await self._ra_poll()        # a mark used since the last look: its window goes first
+            if self.vt_us < self._deadline_us:     # past the gate it would belong to the next tick
+                with self.bg_quiet():
+                    await self._ra_poll()    # a mark used since the last look: its window goes first
             if page >= 0:
                 if hit is None:              # the mark's window may start at this very page
                     hit = self._ra_take_inflight(page)
