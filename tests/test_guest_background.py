@@ -179,38 +179,18 @@ async def test_everything_on_same_seed_same_counts() -> None:
     assert a["readahead_hits"] > 0 and a["pgsteal_kswapd"] > 0 and a["lost_pages"] == 0
 
 
-ALL_ON = """\
-[scenario]
-name = "guest-background"
-seed = 5
-guests = 2
-ticks = 30
+def _all_on_scenario() -> str:
+    """test_determinism's two guests, every background feature on, and a host that swaps too
+    (shootdowns land while readahead and kswapd run)."""
+    from tests.test_determinism import SCENARIO
 
-[host]
-overcommit = 1.3          # the host swaps too: shootdowns land while readahead and kswapd run
-
-[guest]
-ram_mib = 3
-kernel_mib = 0.25
-policy = "esc"
-batch_refs = 1024
-read_ahead_kb = 128
-watermark_scale_factor = 10
-dirty_background_ratio = 1     # low, so that a short run writes some back
-regions = [
-  { name = "db", kind = "file", mib = 2.5 },
-  { name = "heap", kind = "anon", mib = 1.5 },
-  { name = "logs", kind = "file", mib = 1 },
-]
-workload = [
-  { kind = "db", region = "db", weight = 3, write_frac = 0.05 },
-  { kind = "anon-hot", region = "heap", weight = 2, overwrite_frac = 0.5 },
-  { kind = "scan", region = "logs", weight = 1 },
-]
-
-[costs]
-mem_ref_us = 10.0
-"""
+    out = SCENARIO.replace("overcommit = 0.5 ", "overcommit = 1.3 ")
+    out = out.replace('policy = "esc"\n', 'policy = "esc"\nread_ahead_kb = 128\nwatermark_scale_factor = 10\n'
+                      'dirty_background_ratio = 1     # low, so that a short run writes some back\n')
+    out = out.replace('{ kind = "anon-hot", region = "heap", weight = 2 }',
+                      '{ kind = "anon-hot", region = "heap", weight = 2, overwrite_frac = 0.5 }')
+    assert out.count("read_ahead_kb") == 1 and "overwrite_frac" in out and "overcommit = 1.3" in out
+    return out.replace("ticks = 20", "ticks = 30")
 
 
 @pytest.mark.multiprocess
@@ -222,7 +202,7 @@ def test_all_on_under_the_host_is_deterministic_and_loses_nothing(tmp_path) -> N
     from tests.test_launch import events_named, read_jsonl
 
     scenario = tmp_path / "all-on.toml"
-    scenario.write_text(ALL_ON)
+    scenario.write_text(_all_on_scenario())
 
     def run(name: str) -> dict:
         run_dir = tmp_path / name
