@@ -1141,6 +1141,9 @@ class GuestKernel:
         assert self._ra is not None
         first, n, mark = self._ra.on_sync_miss(page)
         pt = self.pt
+        if n <= 1:                  # a random read: the page alone
+            toks, done = await self.blockdev.read(np.array([pt.block[page]], np.int64), self.vt_us)
+            return int(toks[0]), float(done)
         ahead = np.arange(first, first + n, dtype=np.int64)
         ahead = ahead[ahead != page]
         ahead = ahead[~self._ra_busy(ahead)][:self._ra_room()]
@@ -1226,6 +1229,9 @@ class GuestKernel:
         """Readahead's background part: finished asynchronous reads placed; a used mark starts the next."""
         assert self._ra is not None
         self._ra_resolve()
+        marked = np.flatnonzero(self._ra.marker >= 0)
+        if not self._ra_inflight and not marked.size:
+            return
         ready = [x for x in self._ra_inflight if x[2] <= self.vt_us]
         if ready:
             self._ra_inflight = [x for x in self._ra_inflight if x[2] > self.vt_us]
@@ -1233,7 +1239,7 @@ class GuestKernel:
                 if wp.size:
                     await self._ra_place(wp, wt)
         ra, pt = self._ra, self.pt
-        for r in np.flatnonzero(ra.marker >= 0).tolist():
+        for r in marked.tolist():
             if pt.gpfn[ra.marker[r]] < 0:
                 continue                     # the marked page not used yet
             first, n, _ = ra.on_marker(r)
