@@ -368,9 +368,13 @@ class GuestKernel:
                     await self._background()
         return done
 
-    async def background(self) -> None:
-        """Background work now (the process layer calls it at each tick start): kswapd, readahead."""
-        if not self._bg_on:
+    async def background(self, deadline_us: float | None = None) -> None:
+        """Background work now (the process layer calls it at each tick start): kswapd, readahead.
+
+        Nothing runs with the clock at or past ``deadline_us`` (the gate):
+        its requests would belong to the next tick.
+        """
+        if not self._bg_on or (deadline_us is not None and self.vt_us >= deadline_us):
             return
         async with self.mm_lock:
             await self._background()

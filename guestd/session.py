@@ -103,7 +103,7 @@ class GuestSessionState:
                         k.advance_to(gate.tick_start_us)
                     await self.balloon.reconcile()
                     await self._flush()
-                    await k.background()
+                    await k.background(gate.gate_us)
                 # a TickStart that arrives while a held request is answered moves the gate: the
                 # loop then goes round for that tick's start work
                 while k.vt_us < gate.gate_us and gate.tick == tick:
