@@ -30,7 +30,7 @@ __all__ = ["GuestConfig", "guest_config_from_mapping", "RUN_KEYS"]
 RUN_KEYS = frozenset({"id", "ram_pages", "disk_blocks", "seed", "costs", "disk", "locks", "ticks",
                       "metrics_every_ticks", "swap_base_block", "swap_blocks"})
 # The kernel's knobs: given, they go to KernelConfig as they are; left out, the kernel's defaults hold.
-_KERNEL_KNOBS = ("ws_period_us", "ws_sample_pages", "pff_alpha", "fault_around_pages")
+_KERNEL_KNOBS = ("ws_period_us", "ws_sample_pages", "pff_alpha", "fault_around_pages", "watermark_scale_factor")
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +80,7 @@ def guest_config_from_mapping(raw: Mapping[str, Any], where: str = "guest") -> G
                             tuple(r.compress) if isinstance(r.compress, list) else r.compress)
                      for r in table.regions])
     knobs = {k: getattr(table, k) for k in _KERNEL_KNOBS if getattr(table, k) is not None}
+    knobs["read_ahead_pages"] = table.read_ahead_kb // 4
     try:
         kcfg = KernelConfig(ram_pages=table.ram_pages, layout=layout, kernel_pages=table.kernel_pages,
                             swap_pages=table.swap_pages, policy=table.policy,

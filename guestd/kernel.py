@@ -47,10 +47,11 @@ EPT fault waits until the block device or the hypervisor says it is done.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import math
 import os
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, ContextManager
 
 import numpy as np
 import structlog
@@ -62,6 +63,7 @@ from .blockdev import BlockDevice, LocalBlockDevice
 from .errors import BadFrames, BadPages, BlockOutOfRange, GuestConfigError, OutOfMemory, SwapExhausted
 from .hypervisor import Hypervisor, NullHypervisor
 from .kernel_config import KernelConfig
+from .kswapd import BG_PERIOD_US, Watermarks, watermarks
 from .memory import FrameKind, Frames
 from .pagetable import PageTable
 from .replacement import ReplacementPolicy, make_policy
@@ -78,7 +80,8 @@ try:    # at import, so a pre-imported template process shares it with the guest
 except ImportError as _e:  # pragma: no cover - the install builds it
     _paging = None
     _PAGING_IMPORT_ERROR = _e
-from .stats import PagingCounters, PffMeter, WorkingSetSampler
+from .readahead import Readahead
+from .stats import BackgroundCounters, PagingCounters, PffMeter, WorkingSetSampler
 from .swap import SwapArea
 
 __all__ = ["GuestKernel", "OomHook", "EV_PAGE_LOST", "ENGINES", "default_engine"]
@@ -93,6 +96,7 @@ _WIN_MIN = 256
 _WIN_MAX = 8192
 
 _FREE = int(FrameKind.FREE)
+_FULL_WRITE = 2     # write code of a write that stores the whole page (guestd.workload.FULL_WRITE)
 # what the compiled core hands back (guestd/_paging.c)
 _OP_DONE, _OP_EPT, _OP_READ, _OP_WRITE, _OP_NO_VICTIM, _OP_SWAP_FULL, _OP_BAD_BLOCK, _OP_COW = range(8)
 _ANON = int(FrameKind.ANON)
@@ -120,6 +124,13 @@ def _takes_fresh(hypervisor: Any) -> bool:
     except (TypeError, ValueError):
         return False
 
+
+# who started a write-back that the clock does not wait for
+_WB_FLUSHER = 0
+_WB_KSWAPD = 1
+# policies whose victims kswapd can hand back (a dirty one stays resident while it is written):
+# their state is the hand, R/M and per-frame stamps, none of which picking a victim changes
+_KSWAPD_POLICIES = ("clock", "clock-r0", "esc", "fifo", "lru")
 
 # what _evict does with the freed frames
 _TO_CALLER = 0    # the caller takes them (fault path, balloon)
@@ -190,7 +201,34 @@ class GuestKernel:
         self._wb_page = np.zeros(0, np.int64)
         self._wb_tok = np.zeros(0, np.uint64)
         self._wb_done = np.zeros(0, np.float64)
+        self._wb_src = np.zeros(0, np.int8)
         self._wb_hand = 0
+        # background work beside the references: kswapd between watermarks, the readahead mark
+        self.bg = BackgroundCounters()
+        self.wmark: Watermarks | None = None
+        if config.watermark_scale_factor:
+            if config.policy not in _KSWAPD_POLICIES:
+                raise GuestConfigError(
+                    f"watermark_scale_factor: kswapd runs with the policies {', '.join(_KSWAPD_POLICIES)}, "
+                    f"not {config.policy!r} (set watermark_scale_factor = 0)")
+            self.wmark = watermarks(config.ram_pages - config.kernel_pages, config.watermark_scale_factor)
+        self._kswapd_awake = False
+        self._ra = Readahead(config.layout, config.read_ahead_pages) if config.read_ahead_pages else None
+        self._block_page = np.full(config.layout.n_file_blocks, -1, np.int64)   # file block -> vpage
+        fb = config.layout.file_block
+        self._block_page[fb[fb >= 0]] = np.flatnonzero(fb >= 0)
+        # pages read ahead into free frames, not yet used or dropped: vpage, frame
+        self._ra_page = np.zeros(0, np.int64)
+        self._ra_g = np.zeros(0, np.int64)
+        # asynchronous readahead windows in flight: (vpages, tokens, completion)
+        self._ra_inflight: list[tuple[np.ndarray, np.ndarray, float]] = []
+        self._bg_on = self.wmark is not None or self._ra is not None
+        # the compiled core hands every disk read back (readahead, full-page writes must see them)
+        self._reads_in_python = self._ra is not None
+        self._next_bg_us = BG_PERIOD_US
+        self._deadline_us = math.inf         # the running batch's deadline (the gate)
+        # background requests are not the vCPU's stalls: the process layer pauses its PSI meter here
+        self.bg_quiet: Callable[[], ContextManager[Any]] = contextlib.nullcontext
         self._resize_policy()
         self.engine = engine if engine is not None else default_engine()
         if self.engine not in ENGINES:
@@ -242,7 +280,8 @@ class GuestKernel:
             policy_kind=kind, load_sets_r=int(bool(getattr(pol, "load_sets_r", True))),
             py_hits=int(kind == _paging.P_PY and self._policy_sees_hits), policy=pol,
             lost_cb=self._core_lost, hits_cb=self._core_hits,
-            disk_local=int(type(self.blockdev) is LocalBlockDevice),
+            # reads come back to Python when readahead must see them
+            disk_local=int(type(self.blockdev) is LocalBlockDevice and not self._reads_in_python),
             hyp_local=int(type(self.hypervisor) is NullHypervisor),
         )
         if pol_state is not None:
@@ -267,6 +306,10 @@ class GuestKernel:
                      deadline_us: float | None = None) -> int:
         """Run one batch of references (``pages`` virtual page numbers, ``writes`` bools).
 
+        ``writes`` may also be write codes (``uint8``, ``workload.FULL_WRITE``
+        = 2 for a write that stores the whole page): such a write fault on a
+        page in guest swap needs no swap-in read.
+
         Returns the number of references completed: all of them, unless
         ``deadline_us`` is given. Then a reference starts only while the
         clock ``vt_us`` is below it, and the batch stops before the first
@@ -275,12 +318,22 @@ class GuestKernel:
         """
         p = self._check_pages(pages)
         n = p.shape[0]
+        full: np.ndarray | None = None
         if writes is None:
             w = np.zeros(n, bool)
         else:
-            w = np.asarray(writes, dtype=bool)
+            codes = np.asarray(writes)
+            w = codes.astype(bool, copy=False)
             if w.shape != (n,):
                 raise BadPages(f"writes has shape {w.shape}, pages has {n} entries")
+            if codes.dtype == np.uint8 and n:
+                full = codes == _FULL_WRITE
+                if not full.any():
+                    full = None
+                elif not self._reads_in_python:
+                    self._reads_in_python = True      # from now on the core hands its reads back
+                    if self._core is not None:
+                        self._core = self._build_core()
         if deadline_us is not None:
             if isinstance(deadline_us, bool) or not isinstance(deadline_us, (int, float, np.floating, np.integer)) \
                     or math.isnan(deadline_us):
@@ -289,12 +342,62 @@ class GuestKernel:
         done = 0
         if n:
             async with self.mm_lock:
-                if self._core is not None:
-                    done = await self._run_compiled(p, w, deadline_us)
+                self._deadline_us = math.inf if deadline_us is None else deadline_us
+                if self._bg_on:
+                    done = await self._run_with_background(p, w, deadline_us, full)
                 else:
-                    done = await self._run_reference(p, w, deadline_us)
+                    done = await self._run(p, w, deadline_us, full)
         self._maybe_end_period()
         return done
+
+    async def _run(self, p: np.ndarray, w: np.ndarray, deadline_us: float | None,
+                   full: np.ndarray | None) -> int:
+        if self._core is not None:
+            return await self._run_compiled(p, w, deadline_us, full)
+        return await self._run_reference(p, w, deadline_us, full)
+
+    async def _run_with_background(self, p: np.ndarray, w: np.ndarray, deadline_us: float | None,
+                                   full: np.ndarray | None) -> int:
+        """The batch cut at every background point (a multiple of ``BG_PERIOD_US``) it crosses.
+
+        Each cut is a deadline like the gate's (a fault started before it
+        completes), so the references run exactly as in one call; between two
+        pieces kswapd and the readahead mark get their turn, at virtual times
+        that depend only on this guest's run. Past the gate nothing runs:
+        its requests would belong to the next tick (it runs at the tick start).
+        """
+        n = p.shape[0]
+        done = 0
+        while done < n:
+            if deadline_us is not None and self.vt_us >= deadline_us:
+                break
+            stop = self._next_bg_us
+            cut = stop if deadline_us is None else min(deadline_us, stop)
+            done += await self._run(p[done:], w[done:], cut, None if full is None else full[done:])
+            if self.vt_us >= self._next_bg_us:
+                self._next_bg_us = (self.vt_us // BG_PERIOD_US + 1) * BG_PERIOD_US
+                if deadline_us is None or self.vt_us < deadline_us:
+                    await self._background()
+        return done
+
+    async def background(self, deadline_us: float | None = None) -> None:
+        """Background work now (the process layer calls it at each tick start): kswapd, readahead.
+
+        Nothing runs with the clock at or past ``deadline_us`` (the gate):
+        its requests would belong to the next tick.
+        """
+        if not self._bg_on or (deadline_us is not None and self.vt_us >= deadline_us):
+            return
+        async with self.mm_lock:
+            await self._background()
+
+    async def _background(self) -> None:
+        with self.bg_quiet():
+            self.complete_writeback()
+            if self._ra is not None:
+                await self._ra_poll()
+            if self.wmark is not None:
+                await self._kswapd_pass()
 
     def _check_pages(self, pages: np.ndarray) -> np.ndarray:
         p = np.asarray(pages)
@@ -311,9 +414,11 @@ class GuestKernel:
             raise BadPages(f"page {hi} outside the layout's {self.pt.n} pages")
         return p.astype(np.int64, copy=False)
 
-    async def _run_compiled(self, p: np.ndarray, w: np.ndarray, deadline_us: float | None) -> int:
+    async def _run_compiled(self, p: np.ndarray, w: np.ndarray, deadline_us: float | None,
+                            full: np.ndarray | None = None) -> int:
         """The batch in the compiled core; here only what it hands back to be awaited."""
         core = self._core
+        refs0 = self.counters.refs      # the reference a fault is for: refs0 + those completed since
         try:
             op, a, b = core.start(np.ascontiguousarray(p), np.ascontiguousarray(w), deadline_us)
             while op != _OP_DONE:
@@ -329,8 +434,19 @@ class GuestKernel:
                     tok, done = await self._cow_fault(a)
                     op, a, b = core.resume_cow(tok, float(done))
                 elif op == _OP_READ:
-                    toks, done = await self.blockdev.read(np.array([a], np.int64), self.vt_us)
-                    op, a, b = core.resume_read(int(toks[0]), float(done))
+                    if full is not None and full[self.counters.refs - refs0] and a >= self.swap.base_block:
+                        page = int(p[self.counters.refs - refs0])
+                        evicted = bool(self.pt.evicted[page])
+                        op, a, b = core.resume_read(self._overwrite_token(page), self.vt_us + self.costs.minor_fault_us)
+                        # the core booked a swap-in, a major fault (and a refault read): it was none of those
+                        c = self.counters
+                        c.swap_in -= 1
+                        c.major_faults -= 1
+                        c.minor_faults += 1
+                        c.refault_reads -= evicted
+                        continue
+                    tok, done = await self._disk_read(int(a))
+                    op, a, b = core.resume_read(tok, done)
                 elif op == _OP_WRITE:
                     done = await self.blockdev.write(np.array([a], np.int64), np.array([b], np.uint64), self.vt_us)
                     op, a, b = core.resume_write(float(done))
@@ -360,7 +476,18 @@ class GuestKernel:
         """A run of hits, for a Python policy that watches them (``on_hits``)."""
         self.policy.on_hits(self._hit_g[:k].copy(), self._hit_w[:k].copy(), first_ref)
 
-    async def _run_reference(self, p: np.ndarray, w: np.ndarray, deadline_us: float | None) -> int:
+    def _overwrite_token(self, page: int) -> int:
+        """A write fault that stores the whole swapped-out page: no swap-in, the page is rewritten whole.
+
+        Its old content is never looked at, so the fault takes the token the
+        page has now (the write then bumps it) without reading the slot; the
+        slot's stale copy is rewritten when the page is next swapped out.
+        """
+        self.bg.overwrite_reads_avoided += 1
+        return int(self.pt.expect[page])
+
+    async def _run_reference(self, p: np.ndarray, w: np.ndarray, deadline_us: float | None,
+                             full: np.ndarray | None = None) -> int:
         fr = self.frames
         where = self.pt.gpfn
         backed = fr.backed
@@ -368,6 +495,7 @@ class GuestKernel:
         mem_ref_us = self.ref_us
         pl = p.tolist()
         wl = w.tolist()
+        fl = full.tolist() if full is not None else None
         n = p.shape[0]
         i = 0
         started = -1        # the reference whose fault or backing began (it completes past the deadline)
@@ -392,7 +520,7 @@ class GuestKernel:
                     await self._back_window(p[i:i + _WIN_MAX], where, backed)
                 else:
                     started = i
-                    await self._fault(page, wl[i])
+                    await self._fault(page, wl[i], fl is not None and fl[i])
                     i += 1
                 continue
             end = min(n, i + win)
@@ -426,7 +554,7 @@ class GuestKernel:
             elif g[j] >= 0:
                 await self._back_window(p[i:i + _WIN_MAX], where, backed)
             else:
-                await self._fault(pl[i], wl[i])
+                await self._fault(pl[i], wl[i], fl is not None and fl[i])
                 i += 1
                 win = 0
         return n
@@ -474,7 +602,7 @@ class GuestKernel:
         c.hits += k
         self.vt_us += k * self.ref_us
 
-    async def _fault(self, page: int, write: bool) -> None:
+    async def _fault(self, page: int, write: bool, full: bool = False) -> None:
         fr = self.frames
         pt = self.pt
         c = self.counters
@@ -498,10 +626,13 @@ class GuestKernel:
             self.vt_us += self.costs.minor_fault_us
         else:
             g = await self._alloc_frame()
-            if pt.on_disk[page]:
-                toks, done = await self.blockdev.read(np.array([pt.block[page]], np.int64), self.vt_us)
-                self.vt_us = max(self.vt_us, float(done))
-                tok = int(toks[0])
+            if pt.on_disk[page] and full and not is_file:
+                tok = self._overwrite_token(page)
+                c.minor_faults += 1
+                self.vt_us = self.vt_us + self.costs.minor_fault_us
+            elif pt.on_disk[page]:
+                tok, done = await self._disk_read(int(pt.block[page]))
+                self.vt_us = max(self.vt_us, done)
                 if is_file:
                     c.file_reads += 1
                     if tok == 0:
@@ -906,15 +1037,7 @@ class GuestKernel:
             start = int(np.searchsorted(cand, self._wb_hand))
             gs = np.concatenate([cand[start:], cand[:start]])[:n]
             self._wb_hand = (int(gs[-1]) + 1) % fr.n
-            pages = fr.vpage[gs].copy()
-            blocks = self.pt.block[pages].copy()
-            toks = fr.token[gs].copy()
-            done = await self.blockdev.write(blocks, toks, self.vt_us)     # the clock does not wait for it
-            self.pt.on_disk[pages] = True
-            self._wb_g = np.concatenate([self._wb_g, gs])
-            self._wb_page = np.concatenate([self._wb_page, pages])
-            self._wb_tok = np.concatenate([self._wb_tok, toks])
-            self._wb_done = np.concatenate([self._wb_done, np.full(gs.size, float(done))])
+            await self._start_writeback(gs, _WB_FLUSHER)
             self.counters.flusher_writes += int(gs.size)
         return int(gs.size)
 
@@ -989,7 +1112,28 @@ class GuestKernel:
         fr.backed[g] = False
         fr.host_took[g] = False
         fr.token[g] = 0
+        fr.wp[g] = False                 # a shared frame the host discarded comes back private
         self._inval_gen[g] += 1
+
+    async def _start_writeback(self, gs: np.ndarray, source: int) -> None:
+        """Send the pages of frames ``gs`` (resident, dirty, backed) to disk; the clock does not wait.
+
+        An anonymous page gets its swap slot now (as add_to_swap before
+        pageout). Each stays dirty until its write completes (``complete_writeback``).
+        """
+        pt = self.pt
+        pages = self.frames.vpage[gs].copy()
+        blocks = pt.block[pages].copy()
+        for k in np.flatnonzero(blocks < 0).tolist():
+            blocks[k] = pt.block[pages[k]] = self.swap.alloc_block()
+        toks = self.frames.token[gs].copy()
+        done = await self.blockdev.write(blocks, toks, self.vt_us)     # the clock does not wait for it
+        pt.on_disk[pages] = True
+        self._wb_g = np.concatenate([self._wb_g, gs])
+        self._wb_page = np.concatenate([self._wb_page, pages])
+        self._wb_tok = np.concatenate([self._wb_tok, toks])
+        self._wb_done = np.concatenate([self._wb_done, np.full(gs.size, float(done))])
+        self._wb_src = np.concatenate([self._wb_src, np.full(gs.size, source, np.int8)])
 
     def complete_writeback(self) -> int:
         """Write-backs complete by now: their pages, still holding what was written, become clean."""
@@ -1004,12 +1148,254 @@ class GuestKernel:
         fr.M[g[same]] = False
         if isinstance(self.policy, EscPolicy):
             self.policy.state[1] = 1      # new clean frames: the compiled core's (0,0) bitmap is stale
+        by_kswapd = self._wb_src[due] == _WB_KSWAPD
         keep = ~due
         self._wb_g, self._wb_page = self._wb_g[keep], self._wb_page[keep]
         self._wb_tok, self._wb_done = self._wb_tok[keep], self._wb_done[keep]
+        self._wb_src = self._wb_src[keep]
         n = int(np.count_nonzero(same))
-        self.counters.flusher_cleaned += n
+        n_kswapd = int(np.count_nonzero(same & by_kswapd))
+        self.counters.flusher_cleaned += n - n_kswapd
+        self.bg.kswapd_cleaned += n_kswapd
         return n
+
+    # ------------------------------------------------------------------ kswapd
+
+    def _free_frames(self) -> int:
+        """Free frames: empty ones and soft-reclaimed ones (whose page may still be taken back)."""
+        return int(np.count_nonzero(self.frames.kind == _FREE))
+
+    async def _kswapd_pass(self) -> None:
+        """Reclaim ahead of demand: below the low watermark, wake; reclaim toward the high one; sleep there.
+
+        As ``balance_pgdat``: victims come from the policy, in its order.
+        Clean ones are soft-reclaimed at once (no I/O: their frames are free,
+        their pages still there until reused). A dirty one stays resident
+        and its write-back starts (``pageout``), the clock not waiting; once
+        clean it is reclaimed by a later pass. A frame the host took is left
+        alone (writing it back would EPT-fault it in).
+        """
+        wm = self.wmark
+        assert wm is not None
+        free = self._free_frames()
+        if not self._kswapd_awake:
+            if free >= wm.low_pages:
+                return
+            self._kswapd_awake = True
+            self.bg.kswapd_wakeups += 1
+        want = wm.high_pages - free
+        if want <= 0:
+            self._kswapd_awake = False
+            return
+        self._ra_resolve()       # before a read-ahead page used since could go back to the soft list
+        victims = self._pick_victims(want)
+        if not victims.size:
+            return
+        fr = self.frames
+        self.bg.pgscan_kswapd += int(victims.size)
+        dirty_m = fr.M[victims]
+        dirty, clean = victims[dirty_m], victims[~dirty_m]
+        if dirty.size:
+            fr.resident[dirty] = True         # handed back: reclaimed once its write-back made it clean
+            if isinstance(self.policy, EscPolicy):
+                self.policy.state[1] = 1
+        if clean.size:
+            await self._evict(clean, _SOFT)
+            self.bg.pgsteal_kswapd += int(clean.size)
+        if dirty.size:
+            start = dirty[fr.backed[dirty] & ~np.isin(dirty, self._wb_g)]
+            if start.size:
+                no_slot = self.pt.block[fr.vpage[start]] < 0
+                room = self.swap.n_slots - self.swap.used
+                if int(no_slot.sum()) > room:   # no swap left for them: the fault path will say so
+                    start = np.concatenate([start[~no_slot], start[no_slot][:room]])
+                if start.size:
+                    await self._start_writeback(start, _WB_KSWAPD)
+                    self.bg.kswapd_writes += int(start.size)
+        if free + int(clean.size) >= wm.high_pages:
+            self._kswapd_awake = False
+
+    # ------------------------------------------------------------------ readahead
+
+    async def _disk_read(self, blk: int) -> tuple[int, float]:
+        """A fault's read of block ``blk``: the token and the completion; with readahead, its window too."""
+        ra = self._ra
+        if ra is not None:
+            page = int(self._block_page[blk]) if blk < self._block_page.size else -1
+            hit = None
+            if page >= 0:
+                self._ra_resolve()
+                hit = self._ra_take_inflight(page)
+                if hit is not None:      # waits for it; the rest of its window is then in memory too
+                    self.vt_us = max(self.vt_us, hit[1])
+            if self.vt_us < self._deadline_us:     # past the gate it would belong to the next tick
+                with self.bg_quiet():
+                    await self._ra_poll()    # a mark used since the last look: its window goes first
+            if page >= 0:
+                if hit is None:              # the mark's window may start at this very page
+                    hit = self._ra_take_inflight(page)
+                if hit is not None:
+                    return hit
+                return await self._read_file_page(page)
+        toks, done = await self.blockdev.read(np.array([blk], np.int64), self.vt_us)
+        return int(toks[0]), float(done)
+
+    def _ra_busy(self, pages: np.ndarray) -> np.ndarray:
+        """Which of ``pages`` need no read: in a frame, soft-reclaimed, or in an asynchronous read in flight."""
+        pt = self.pt
+        busy = (pt.gpfn[pages] >= 0) | (pt.cached[pages] >= 0)
+        for wp, _, _ in self._ra_inflight:
+            busy |= np.isin(pages, wp)
+        return busy
+
+    def _ra_room(self) -> int:
+        """Frames readahead may fill: free ones not holding pages it read ahead itself, less kswapd's
+        low watermark (readahead does not reclaim, and must not wake kswapd)."""
+        reserve = self.wmark.low_pages if self.wmark is not None else 0
+        return max(0, self._free_frames() - int(self._ra_page.size) - reserve)
+
+    def _ra_frames(self, n: int) -> np.ndarray:
+        """Up to ``n`` free frames for pages read ahead: empty ones first, then the oldest
+        soft-reclaimed ones, passing over those that hold read-ahead pages not used yet."""
+        n = min(n, self._ra_room())
+        gs = self._take_free_many(min(n, int(self._ks[_KS_N_FREE])))
+        if gs.size >= n:
+            return gs
+        got = [gs]
+        k = int(gs.size)
+        mine = np.zeros(self.frames.n, bool)
+        mine[self._ra_g] = True
+        g = int(self._ks[_KS_SOFT_HEAD])
+        while g >= 0 and k < n:
+            nxt = int(self._soft_next[g])
+            if not mine[g]:
+                self._soft_remove(g)
+                self.pt.cached[self.frames.vpage[g]] = -1
+                self.frames.vpage[g] = -1
+                got.append(np.array([g], np.int64))
+                k += 1
+            g = nxt
+        return np.concatenate(got).astype(np.int64, copy=False)
+
+    async def _read_file_page(self, page: int) -> tuple[int, float]:
+        """A file page must come from disk: the readahead window around it, in one request."""
+        assert self._ra is not None
+        first, n, mark = self._ra.on_sync_miss(page)
+        pt = self.pt
+        if n <= 1:                  # a random read: the page alone
+            toks, done = await self.blockdev.read(np.array([pt.block[page]], np.int64), self.vt_us)
+            return int(toks[0]), float(done)
+        ahead = np.arange(first, first + n, dtype=np.int64)
+        ahead = ahead[ahead != page]
+        ahead = ahead[~self._ra_busy(ahead)][:self._ra_room()]
+        gs = self._ra_frames(ahead.size)     # the pages to read into, as the kernel allocates them first
+        ahead = ahead[:gs.size]
+        pages = np.concatenate([np.array([page], np.int64), ahead])
+        toks, done = await self.blockdev.read(pt.block[pages], self.vt_us)
+        toks = np.asarray(toks, np.uint64)
+        if ahead.size:
+            self.bg.readahead_requests += 1
+            self.bg.readahead_pages += int(ahead.size)
+            await self._ensure_backed(gs)        # the host may have taken them while the read ran
+            self._ra_fill(gs, ahead, toks[1:])
+        if mark >= 0 and not np.isin(mark, ahead):
+            self._ra.marker[self._ra.region_of[page]] = -1
+        return int(toks[0]), float(done)
+
+    def _ra_take_inflight(self, page: int) -> tuple[int, float] | None:
+        """The page is in an asynchronous read in flight: wait for it there (as for a locked page)."""
+        for i, (wp, wt, done) in enumerate(self._ra_inflight):
+            k = np.flatnonzero(wp == page)
+            if k.size:
+                j = int(k[0])
+                tok = int(wt[j])
+                self._ra_inflight[i] = (np.delete(wp, j), np.delete(wt, j), done)
+                self.bg.readahead_hits += 1
+                self.bg.readahead_waited += 1
+                return tok, float(done)
+        return None
+
+    async def _ra_place(self, pages: np.ndarray, toks: np.ndarray) -> None:
+        """An asynchronous window whose read completed: into free frames, those that find one."""
+        gs = self._ra_frames(pages.size)
+        if gs.size < pages.size:
+            self.bg.readahead_wasted += int(pages.size - gs.size)
+        if gs.size:
+            await self._ensure_backed(gs)
+            self._ra_fill(gs, pages[:gs.size], toks[:gs.size])
+
+    def _ra_fill(self, gs: np.ndarray, pages: np.ndarray, toks: np.ndarray) -> None:
+        """Pages read ahead go into frames ``gs`` as page cache not yet used (soft-reclaimed, R=0).
+
+        The first reference takes one back at a minor fault; the allocator
+        reuses their frames oldest first when no empty frame is left, before
+        the policy evicts anything (they are the inactive list's tail).
+        """
+        fr, pt = self.frames, self.pt
+        toks = toks.copy()
+        never = toks == 0       # a block never written holds the file's initial content
+        toks[never] = (pages[never].astype(np.uint64) + np.uint64(1)) << np.uint64(32)
+        exp = pt.expect[pages]
+        if (toks != exp).any():
+            self._lost_batch(pages, gs, toks, exp, "readahead")
+            toks = exp.copy()
+        fr.kind[gs] = _FREE
+        fr.vpage[gs] = pages
+        fr.token[gs] = toks
+        fr.resident[gs] = False
+        fr.R[gs] = False
+        fr.M[gs] = False
+        fr.touched[gs] = False
+        fr.ad_accessed[gs] = True
+        fr.ad_dirty[gs] = True        # the read stored into the frame
+        pt.cached[pages] = gs
+        pt.evicted[pages] = False     # its first use is no refault (and tells a later drop from a use)
+        self._soft_append(gs)
+        self._ra_page = np.concatenate([self._ra_page, pages])
+        self._ra_g = np.concatenate([self._ra_g, gs])
+
+    def _ra_resolve(self) -> None:
+        """Read-ahead pages whose fate is known: used (taken back, or evicted after) or wasted (dropped)."""
+        if not self._ra_page.size:
+            return
+        pt = self.pt
+        p, g = self._ra_page, self._ra_g
+        waiting = pt.cached[p] == g
+        used = ~waiting & ((pt.gpfn[p] == g) | pt.evicted[p])
+        self.bg.readahead_hits += int(np.count_nonzero(used))
+        self.bg.readahead_wasted += int(np.count_nonzero(~waiting & ~used))
+        self._ra_page, self._ra_g = p[waiting], g[waiting]
+
+    async def _ra_poll(self) -> None:
+        """Readahead's background part: finished asynchronous reads placed; a used mark starts the next."""
+        assert self._ra is not None
+        self._ra_resolve()
+        marked = np.flatnonzero(self._ra.marker >= 0)
+        if not self._ra_inflight and not marked.size:
+            return
+        ready = [x for x in self._ra_inflight if x[2] <= self.vt_us]
+        if ready:
+            self._ra_inflight = [x for x in self._ra_inflight if x[2] > self.vt_us]
+            for wp, wt, _ in ready:
+                if wp.size:
+                    await self._ra_place(wp, wt)
+        ra, pt = self._ra, self.pt
+        for r in marked.tolist():
+            if pt.gpfn[ra.marker[r]] < 0:
+                continue                     # the marked page not used yet
+            first, n, _ = ra.on_marker(r)
+            ahead = np.arange(first, first + n, dtype=np.int64)
+            ahead = ahead[~self._ra_busy(ahead)][:self._ra_room()]
+            if not ahead.size:
+                ra.marker[r] = -1
+                continue
+            toks, done = await self.blockdev.read(pt.block[ahead], self.vt_us)    # not waited for
+            self._ra_inflight.append((ahead, np.asarray(toks, np.uint64).copy(), float(done)))
+            self.bg.readahead_requests += 1
+            self.bg.readahead_async += 1
+            self.bg.readahead_pages += int(ahead.size)
+            if not np.isin(ra.marker[r], ahead):
+                ra.marker[r] = -1
 
     def balloon_pick(self, n: int) -> np.ndarray:
         """Up to ``n`` balloon frames to give back, most recently inflated first (state unchanged)."""
@@ -1135,6 +1521,11 @@ class GuestKernel:
         free = int(kinds[FrameKind.FREE])
         file_pages = int(kinds[FrameKind.FILE])
         out: dict[str, int | float] = dict(self.counters.as_dict())
+        self._ra_resolve()
+        out.update(self.bg.as_dict())
+        c = self.counters
+        # direct reclaim: the faults' own evictions (everything not kswapd's, reclaim()'s or the balloon's)
+        out["pgsteal_direct"] = c.evictions - c.soft_reclaimed - c.balloon_reclaimed
         out.update(
             free=free,
             total=self.config.ram_pages,

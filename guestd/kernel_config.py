@@ -28,6 +28,9 @@ class KernelConfig:
     pff_alpha: float = 0.3                  # EWMA weight of the newest period in ``pff``
     fault_around_pages: int = 16            # EPT fault-around window over upcoming free frames
     initially_backed: bool | None = None    # None: ask the hypervisor (``backs_all_initially``)
+    # kswapd: Linux's vm.watermark_scale_factor (10 there, in 1/10,000 of memory); 0 = no kswapd here
+    watermark_scale_factor: int = 0
+    read_ahead_pages: int = 0               # readahead window's maximum (Linux's read_ahead_kb / 4); 0 = none
 
     def __post_init__(self) -> None:
         def bad(key: str, why: str) -> GuestConfigError:
@@ -48,6 +51,10 @@ class KernelConfig:
             raise bad("pff_alpha", "must be in (0, 1]")
         if self.fault_around_pages < 1:
             raise bad("fault_around_pages", "must be >= 1")
+        if not 0 <= self.watermark_scale_factor <= 3000:     # Linux's sysctl range is 1..3000
+            raise bad("watermark_scale_factor", "must be in 0..3000 (0: no kswapd)")
+        if not 0 <= self.read_ahead_pages <= 4096:
+            raise bad("read_ahead_pages", "must be in 0..4096 (0: no readahead)")
 
     @property
     def swap_slots(self) -> int:
@@ -78,6 +85,8 @@ class _KernelTable(Table):
     pff_alpha: Annotated[float, Meta(gt=0, le=1)] | None = None
     fault_around_pages: Annotated[int, Meta(ge=1)] | None = None
     initially_backed: bool | None = None
+    watermark_scale_factor: Annotated[int, Meta(ge=0, le=3000)] | None = None
+    read_ahead_pages: Annotated[int, Meta(ge=0, le=4096)] | None = None
 
 
 def kernel_config_from_mapping(raw: Mapping[str, Any], where: str = "guest") -> KernelConfig:
@@ -85,7 +94,8 @@ def kernel_config_from_mapping(raw: Mapping[str, Any], where: str = "guest") -> 
 
     Keys: ram_pages, kernel_pages, swap_pages, policy, policy_params (table),
     regions (list of {name, kind, pages}), ws_period_us, ws_sample_pages,
-    pff_alpha, fault_around_pages, initially_backed.
+    pff_alpha, fault_around_pages, initially_backed, watermark_scale_factor,
+    read_ahead_pages.
     """
     try:
         t = decode(_KernelTable, dict(raw), path=where)

@@ -12,9 +12,12 @@ again). At the gate the vCPU parks and ``TickDone`` goes out. Its
 background work runs inside this coroutine, at virtual times that depend
 only on the guest's own run:
 
-- at each tick start: the balloon driver reconciles toward its target;
+- at each tick start: the balloon driver reconciles toward its target, the
+  flusher starts its write-backs, kswapd and readahead get their turn;
 - at each tick start, when free page reporting is on and its time has
   come: the reporter (``guestd.reporting``);
+- inside a batch, whenever the clock passes a multiple of 1 ms (with kswapd
+  or readahead on): kswapd and the readahead mark (``GuestKernel.background``);
 - after every batch: the working-set and PFF period closes when the clock
   passed its end (``GuestKernel._maybe_end_period``), and PSI's 2 s
   averages are folded in (``guestd.psi``); memory the workload freed at
@@ -28,7 +31,7 @@ only other code on the loop is the host's synchronous callbacks
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import structlog
@@ -109,6 +112,7 @@ class GuestSessionState:
                     await self.balloon.reconcile()
                     await self._flush()
                     await self._report()
+                    await k.background(gate.gate_us)
                 # a TickStart that arrives while a held request is answered moves the gate: the
                 # loop then goes round for that tick's start work
                 while k.vt_us < gate.gate_us and gate.tick == tick:
@@ -206,6 +210,16 @@ class GuestSessionState:
         log.info(ev.GUEST_FINISHED, reason=reason, ticks=self.ticks_run, stats=self.stats())
 
 
+@contextlib.contextmanager
+def _psi_paused(psi: PsiMeter) -> Iterator[None]:
+    was = psi.paused
+    psi.paused = True
+    try:
+        yield
+    finally:
+        psi.paused = was
+
+
 def build_guest(guest_id: int, config: dict[str, Any], conn: RpcConnection,
                 gate: VcpuGate | None = None) -> GuestSessionState:
     from .config import guest_config_from_mapping
@@ -239,6 +253,7 @@ def build_guest(guest_id: int, config: dict[str, Any], conn: RpcConnection,
     workload = build_workload(cfg.workload, cfg.kernel.layout, np.random.default_rng(workload_seed))
     balloon = BalloonDriver(kernel, hyp)
     kernel.on_oom = balloon.deflate_on_oom
+    kernel.bg_quiet = lambda: _psi_paused(psi)     # kswapd's and readahead's requests are no vCPU stall
     metrics_every = int(config.get("metrics_every_ticks", 10))
     if metrics_every < 1:
         raise ConfigError(f"guest {guest_id}: metrics_every_ticks must be >= 1")

@@ -14,7 +14,7 @@ import numpy as np
 
 from .memory import Frames
 
-__all__ = ["PagingCounters", "WorkingSetSampler", "PffMeter"]
+__all__ = ["PagingCounters", "BackgroundCounters", "WorkingSetSampler", "PffMeter"]
 
 
 class PagingCounters:
@@ -94,6 +94,37 @@ def _counter(index: int) -> property:
 for _i, _name in enumerate(PagingCounters.FIELDS):
     setattr(PagingCounters, _name, _counter(_i))
 del _i, _name
+
+
+class BackgroundCounters:
+    """Counters of the work the kernel does beside the compiled core: kswapd, readahead, overwrites.
+
+    Kept apart from ``PagingCounters``, whose layout the compiled core
+    shares; all cumulative.
+    """
+
+    FIELDS: tuple[str, ...] = (
+        "kswapd_wakeups",          # times free memory fell below the low watermark with kswapd asleep
+        "pgscan_kswapd",           # victims kswapd's passes took from the policy (Linux's pgscan_kswapd)
+        "pgsteal_kswapd",          # ... reclaimed (clean: soft-reclaimed at no I/O; Linux's pgsteal_kswapd)
+        "kswapd_writes",           # dirty victims kswapd started writing back (not waited for), reclaimed once clean
+        "kswapd_cleaned",          # ... found unchanged when their write completed: now clean
+        "readahead_requests",      # disk reads that carried pages read ahead
+        "readahead_async",         # ... of them started by the readahead mark, the vCPU not waiting
+        "readahead_pages",         # pages read ahead (beyond the page the fault needed)
+        "readahead_hits",          # read-ahead pages later used (taken back at a minor fault, or waited for)
+        "readahead_wasted",        # read-ahead pages dropped or never placed without having been used
+        "readahead_waited",        # faults that waited for a page still in an asynchronous readahead (a
+                                   # hit; the fault also counts in file_reads, the read in readahead_pages)
+        "overwrite_reads_avoided",  # write faults on a page in guest swap that store all of it: no swap-in
+    )
+
+    def __init__(self) -> None:
+        for name in self.FIELDS:
+            setattr(self, name, 0)
+
+    def as_dict(self) -> dict[str, int]:
+        return {name: int(getattr(self, name)) for name in self.FIELDS}
 
 
 class WorkingSetSampler:

@@ -16,14 +16,14 @@ import numpy as np
 from balloonlab.proto.schema import SchemaError, Workload, decode
 
 from ..errors import GuestConfigError, TraceFormatError
-from .generators import WORKLOADS, Mix
+from .generators import WORKLOADS, FullWrites, Mix
 from .generators import Workload as Generator
 from .layout import Layout
 from .recorded import trace_of
 
 __all__ = ["build_workload", "decode_spec", "spec_kind", "spec_params", "spec_dict"]
 
-_COMMON = ("region", "weight")
+_COMMON = ("region", "weight", "overwrite_frac")     # every kind's keys; not its generator's
 
 
 def decode_spec(spec: Any, where: str = "workload") -> Any:
@@ -47,7 +47,10 @@ def spec_params(spec: Any) -> dict[str, Any]:
 
 def spec_dict(spec: Any) -> dict[str, Any]:
     """A decoded spec as a plain table: kind, region, weight and the parameters given or defaulted (not None)."""
-    return {"kind": spec_kind(spec), "region": spec.region, "weight": spec.weight, **spec_params(spec)}
+    out = {"kind": spec_kind(spec), "region": spec.region, "weight": spec.weight, **spec_params(spec)}
+    if spec.overwrite_frac:
+        out["overwrite_frac"] = spec.overwrite_frac
+    return out
 
 
 def build_workload(specs: Sequence[Mapping[str, Any] | Any], layout: Layout, rng: np.random.Generator,
@@ -55,6 +58,9 @@ def build_workload(specs: Sequence[Mapping[str, Any] | Any], layout: Layout, rng
     """One workload (a ``Mix`` when there are several specs), each component on its own child generator.
 
     A ``trace`` spec names a trace file (``path``) or a shipped recording (``program``).
+    ``overwrite_frac`` (any kind) wraps the generator in ``FullWrites`` on a
+    generator of its own, so the references do not change (0: not wrapped,
+    nothing extra drawn).
     """
     if not specs:
         raise GuestConfigError(f"{where}: at least one workload spec is needed")
@@ -77,7 +83,10 @@ def build_workload(specs: Sequence[Mapping[str, Any] | Any], layout: Layout, rng
             if kind == "trace":
                 tp, tw = trace_of(params.pop("path", None), params.pop("program", None))
                 params["trace_pages"], params["trace_writes"] = tp, tw
-            comps.append(WORKLOADS[kind](start, pages, children[i], **params))
+            comp = WORKLOADS[kind](start, pages, children[i], **params)
+            if spec.overwrite_frac:
+                comp = FullWrites(comp, spec.overwrite_frac, children[i].spawn(1)[0])
+            comps.append(comp)
         except GuestConfigError as e:
             key, sep, rest = str(e).partition(": ")
             named = sep and key in spec.__struct_fields__     # the message names one of the spec's keys

@@ -30,6 +30,12 @@ Kinds (``WORKLOADS``):
 A generator that frees memory has ``take_frees() -> pages or None``: the
 pages freed at the end of the batch it just returned (its batch stops at
 the free, so no reference after it is in that batch).
+
+Any spec may add ``overwrite_frac``: that fraction of its writes store the
+whole page (a memset, a page-sized copy), drawn from a generator of its
+own (``FullWrites``), so the references themselves do not change. Such a
+batch's ``writes`` is then ``uint8`` write codes: ``READ`` 0, ``WRITE`` 1,
+``FULL_WRITE`` 2 (any non-zero code is a write).
 """
 from __future__ import annotations
 
@@ -41,8 +47,10 @@ from ..errors import GuestConfigError
 
 __all__ = [
     "Workload", "DbWorkload", "ZipfWorkload", "AnonColdWorkload", "AnonHotWorkload",
-    "ScanWorkload", "PhasesWorkload", "TraceWorkload", "BurstWorkload", "Mix", "WORKLOADS", "take_frees",
+    "ScanWorkload", "PhasesWorkload", "TraceWorkload", "BurstWorkload", "Mix", "WORKLOADS", "take_frees", "FullWrites", "FULL_WRITE",
 ]
+
+FULL_WRITE = 2      # write code: the write stores every byte of the page (its old content is not needed)
 
 _EMPTY = (np.zeros(0, np.uint64), np.zeros(0, bool))
 
@@ -307,6 +315,33 @@ def take_frees(workload: Workload) -> np.ndarray | None:
     return take() if take is not None else None
 
 
+class FullWrites:
+    """A workload whose writes overwrite the whole page with probability ``overwrite_frac``."""
+
+    def __init__(self, inner: Workload, overwrite_frac: float, rng: np.random.Generator) -> None:
+        if isinstance(overwrite_frac, bool) or not isinstance(overwrite_frac, (int, float)) \
+                or not 0.0 <= overwrite_frac <= 1.0:
+            raise GuestConfigError(f"{inner.name}: overwrite_frac must be in [0, 1], got {overwrite_frac!r}")
+        self.inner = inner
+        self.name = inner.name
+        self.overwrite_frac = float(overwrite_frac)
+        self.rng = rng
+
+    @property
+    def exhausted(self) -> bool:
+        return self.inner.exhausted
+
+    def take_frees(self) -> np.ndarray | None:
+        return take_frees(self.inner)
+
+    def next_batch(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        p, w = self.inner.next_batch(n)
+        codes = np.asarray(w, bool).astype(np.uint8)
+        wi = np.flatnonzero(codes)
+        codes[wi[self.rng.random(wi.size) < self.overwrite_frac]] = FULL_WRITE
+        return p, codes
+
+
 class Mix:
     """Several workloads of one guest, interleaved reference by reference with fixed weights.
 
@@ -325,6 +360,7 @@ class Mix:
         self.components = list(components)
         self.weights = [float(w) for w in weights]
         self.rng = rng
+        self._codes = any(isinstance(c, FullWrites) for c in self.components)   # write codes, not bools
 
     @property
     def exhausted(self) -> bool:
@@ -343,7 +379,7 @@ class Mix:
         w = np.array([self.weights[i] for i in active])
         pick = self.rng.choice(len(active), size=n, p=w / w.sum())
         pages = np.zeros(n, np.uint64)
-        writes = np.zeros(n, bool)
+        writes = np.zeros(n, np.uint8 if self._codes else bool)
         keep = np.ones(n, bool)
         for j, i in enumerate(active):
             where = np.flatnonzero(pick == j)

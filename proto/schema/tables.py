@@ -262,6 +262,9 @@ class Region(Table):
 class _Workload(Table, tag_field="kind"):
     region: Annotated[str, Meta(description="the region it references")]
     weight: Annotated[float, Meta(description="its share of the guest's references among the workloads", gt=0)] = 1.0
+    overwrite_frac: Annotated[float, Meta(
+        description="the share of its writes that store the whole page (a swapped-out page then needs no "
+                    "swap-in)", ge=0, le=1)] = 0.0
 
 
 class DbWorkload(_Workload, tag="db"):
@@ -359,6 +362,13 @@ class GuestTable(Table):
     dirty_background_ratio: Annotated[float, Meta(
         description="% of the guest's memory: the background flusher writes dirty page cache back above it "
                     "(Linux vm.dirty_background_ratio; 0: off)", ge=0, le=100)] = 0.0
+    watermark_scale_factor: Annotated[int, Meta(
+        description="kswapd reclaims ahead of demand between Linux's low and high watermarks, this far apart in "
+                    "1/10,000 of memory (Linux vm.watermark_scale_factor, 10 there; 0: off; policies clock, "
+                    "clock-r0, esc, fifo, lru)", ge=0, le=3000)] = 0
+    read_ahead_kb: Annotated[int, Meta(
+        description="readahead of sequential file reads, windows up to this many KiB, a multiple of 4 "
+                    "(Linux read_ahead_kb, 128 there; 0: off)", ge=0, le=16384)] = 0
     ws_period_us: Annotated[float, Meta(
         description="working-set sample and PFF period, virtual µs (default: the kernel's)", gt=0)] \
         | None = None
@@ -403,6 +413,8 @@ class GuestTable(Table):
             raise ValueError(f"report_order_pages: {self.report_order_pages} is not a power of two (a buddy block)")
         if self.kernel_pages >= self.ram_pages:
             raise ValueError(f"kernel_mib: {self.kernel_mib} MiB leaves no memory of ram_mib = {self.ram_mib}")
+        if self.read_ahead_kb % 4:
+            raise ValueError(f"read_ahead_kb: {self.read_ahead_kb} is not a whole number of 4 KiB pages")
         if not self.regions:
             raise ValueError("regions: needs at least one region")
         names = [r.name for r in self.regions]
