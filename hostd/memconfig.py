@@ -22,6 +22,7 @@ _HOST_KEYS: dict[str, tuple[type, ...]] = {
     "vdisk_cache": (str,), "dirty_expire_ms": (int, float), "dirty_writeback_ms": (int, float),
     "dirty_background_pct": (int, float), "dirty_pct": (int, float),
     "memory_states": (str,), "min_free_pct": (int, float), "victim_scope": (str,),
+    "swap_cache": (bool,),
 }
 
 
@@ -49,6 +50,7 @@ class HostMemConfig:
     memory_states: str = "esx"      # "esx": ESX memory states decide reclaim (hostd.memstate); "none": watermark only
     min_free_pct: float | None = None   # None: ESX's sliding scale for minFree
     victim_scope: str = "vm"        # boundary host swap: "vm" (furthest above target first) or "global" (blind)
+    swap_cache: bool = True         # a page swapped in keeps its slot until written (Linux and ESX do)
 
     def low_watermark_frames(self, ram_pages: int, low_state_frames: int | None) -> int:
         """The in-tick watermark: as configured, else the low state's threshold (states on) or 1 % of RAM.
@@ -97,7 +99,7 @@ def _check(table: Mapping[str, Any], keys: Mapping[str, tuple[type, ...]], where
     for key, value in table.items():
         if key not in keys:
             raise ConfigError(f"{where}.{key}: unknown key; known: {sorted(keys)}")
-        if isinstance(value, bool) or not isinstance(value, keys[key]):
+        if (isinstance(value, bool) and bool not in keys[key]) or not isinstance(value, keys[key]):
             raise ConfigError(f"{where}.{key}: expected {'/'.join(t.__name__ for t in keys[key])}, "
                               f"got {type(value).__name__} {value!r}")
 
@@ -183,6 +185,7 @@ def host_memory_config(table: Mapping[str, Any], where: str = "[host]") -> HostM
         memory_states=states,
         min_free_pct=None if min_free_pct is None else float(min_free_pct),
         victim_scope=scope,
+        swap_cache=bool(table.get("swap_cache", True)),
     )
 
 
