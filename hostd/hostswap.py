@@ -199,6 +199,8 @@ class HostSwap:
         tokens = self.token[slots].copy()
         self.used[slots] = False
         self.cached[slots] = self.keep_cache
+        if not self.keep_cache:
+            self.token[slots] = 0
         self._n_used -= int(slots.size)
         return tokens
 
@@ -208,7 +210,10 @@ class HostSwap:
         self.used[slot] = False
         self.cached[slot] = self.keep_cache
         self._n_used -= 1
-        return int(self.token[slot])
+        token = int(self.token[slot])
+        if not self.keep_cache:
+            self.token[slot] = 0
+        return token
 
     def drop(self, slots: np.ndarray) -> None:
         """Forget the content of these slots (in swap or cached): the page was ballooned or is fresh."""
