@@ -265,6 +265,19 @@ def test_proportional_does_not_revoke_for_a_guest_that_does_not_demand_or_when_o
     assert _tax_pair(tax_rate=0.75, revoke_on_demand=False)[1] == {1: 400, 2: 600}
 
 
+def test_proportional_gives_a_surplus_back_only_to_a_guest_that_demands_memory() -> None:
+    ctl = make_controller("proportional", {"free_target_fraction": 0.05, "release_fraction": 0.1})
+    # Surplus 100. The idle guest touches 100 of the 600 pages its balloon leaves it: it would never back
+    # pages given back, the host's free memory would not fall and the same surplus would go again next step.
+    idle = guest(1, ram=1000, target=400, resident=600, host_working_set_pages=100)
+    assert ctl.targets(view(idle, free=500, total=4000)) == {1: 400}
+    busy = guest(2, ram=1000, target=400, resident=600, host_working_set_pages=590)
+    assert ctl.targets(view(idle, busy, free=500, total=4000)) == {1: 400, 2: 300}
+    anyone = make_controller("proportional", {"free_target_fraction": 0.05, "release_fraction": 0.1,
+                                              "release_needs_demand": False})
+    assert anyone.targets(view(idle, free=500, total=4000)) == {1: 300}
+
+
 # -- non-cooperation ----------------------------------------------------------------------------------
 
 def test_a_guest_that_does_not_follow_its_target_is_flagged() -> None:

@@ -19,7 +19,13 @@ The rule, applied every ``period_ticks``:
   reclaim spreads once rhos meet. A guest at its maximum balloon is skipped.
 - When they are above ``release_fraction`` of host RAM, the surplus is
   given back the other way: the guest with the highest rho (most shares
-  per page: it deserves memory most) is deflated first.
+  per page: it deserves memory most) is deflated first, among the guests
+  that demand memory (below; ``release_needs_demand = false``: any guest).
+  A guest that does not use what its balloon already leaves it never backs
+  the pages given back, so the host's free memory would not fall and the
+  same surplus would be given again at every step, draining its balloon
+  into memory it does not touch (Figure 7's idle VM lost its whole balloon
+  that way, one step at a time, and its target never settled).
 - Otherwise (free memory within the band) memory is **revoked on demand**,
   as min-funding revocation does when a VM asks for memory: a guest that
   demands memory (its balloon is not empty and its working set fills at
@@ -53,6 +59,8 @@ from ..errors import PolicyConfigError
 from .decision import Decision
 from .policy import ControllerBase, check_fraction, check_non_negative, clamp_target, is_due, parse_params
 from .view import HostView
+from ..wss import STAT_HOST_WSS
+from .view import STAT_WORKING_SET
 from .working_set import working_set_estimate
 
 __all__ = ["ProportionalBalloon", "shares_per_page"]
@@ -75,8 +83,10 @@ class ProportionalBalloon(ControllerBase):
 
     def __init__(self, tax_rate: float, free_target_fraction: float, release_fraction: float,
                  max_step_pages: int, period_ticks: int, revoke_on_demand: bool = True,
-                 demand_fraction: float = 0.8, revoke_hysteresis: float = 0.1) -> None:
+                 demand_fraction: float = 0.8, revoke_hysteresis: float = 0.1,
+                 release_needs_demand: bool = True) -> None:
         self.tax_rate = tax_rate
+        self.release_needs_demand = release_needs_demand
         self.revoke_on_demand = revoke_on_demand
         self.demand_fraction = demand_fraction
         self.revoke_hysteresis = revoke_hysteresis
@@ -90,7 +100,8 @@ class ProportionalBalloon(ControllerBase):
         p = parse_params(cls.name, params, {
             "tax_rate": (float, 0.75), "free_target_fraction": (float, 0.06),
             "release_fraction": (float, 0.12), "max_step_pages": (int, 0), "period_ticks": (int, 1),
-            "revoke_on_demand": (bool, True), "demand_fraction": (float, 0.8), "revoke_hysteresis": (float, 0.1)})
+            "revoke_on_demand": (bool, True), "demand_fraction": (float, 0.8), "revoke_hysteresis": (float, 0.1),
+            "release_needs_demand": (bool, True)})
         check_fraction(cls.name, "demand_fraction", p["demand_fraction"])
         check_non_negative(cls.name, "revoke_hysteresis", p["revoke_hysteresis"])
         check_fraction(cls.name, "tax_rate", p["tax_rate"], below_one=True)
@@ -159,6 +170,15 @@ class ProportionalBalloon(ControllerBase):
         limit = np.array([g.max_balloon_pages for g in guests], np.int64)
         return guests, target, pages, ws, shares, limit
 
+    def _wants(self, guests: list[Any], ws: np.ndarray, ram: np.ndarray, target: np.ndarray) -> np.ndarray:
+        """Which guests demand memory: the working set fills >= ``demand_fraction`` of what the balloon leaves.
+
+        A guest with no working-set estimate at all (neither the host's nor its own) counts as demanding:
+        nothing says it would not use the memory.
+        """
+        known = np.array([STAT_HOST_WSS in g.stats or STAT_WORKING_SET in g.stats for g in guests], bool)
+        return ~known | (ws >= self.demand_fraction * np.maximum(ram - target, 1.0))
+
     def _revoke(self, view: HostView, host: Mapping[str, Any]) -> dict[int, Decision] | None:
         """Min-funding revocation on demand: move memory from the lowest rho to a demanding guest with a higher one.
 
@@ -167,7 +187,7 @@ class ProportionalBalloon(ControllerBase):
         guests, target, pages, ws, shares, limit = self._state(view)
         ram = np.array([g.ram_pages for g in guests], np.float64)
         usable = np.maximum(ram - target, 1.0)
-        demands = (target > 0) & (ws >= self.demand_fraction * usable)
+        demands = (target > 0) & self._wants(guests, ws, ram, target)
         if not demands.any() or len(guests) < 2:
             return None
         active = np.divide(ws, pages, out=np.ones_like(pages), where=pages > 0)
@@ -179,7 +199,7 @@ class ProportionalBalloon(ControllerBase):
         while True:
             rho = shares_per_page(shares, pages, active, self.tax_rate)
             # Demand is re-read as the balloon shrinks: a guest gets no more than its working set asks for.
-            wants = (target > 0) & (ws >= self.demand_fraction * np.maximum(ram - target, 1.0))
+            wants = (target > 0) & self._wants(guests, ws, ram, target)
             give = np.where(wants & (moved < step), rho, -np.inf)
             r = int(np.argmax(give))
             if give[r] == -np.inf:
@@ -222,6 +242,7 @@ class ProportionalBalloon(ControllerBase):
     def _move(self, view: HostView, amount: int, *, inflate: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """New targets, and each guest's shares per page and active fraction before the move."""
         guests, target, pages, ws, shares, limit = self._state(view)
+        ram = np.array([g.ram_pages for g in guests], np.float64)
         active = np.divide(ws, pages, out=np.ones_like(pages), where=pages > 0)
         step = np.full(len(guests), self.max_step_pages or np.iinfo(np.int64).max, np.int64)
         moved = np.zeros(len(guests), np.int64)
@@ -229,8 +250,12 @@ class ProportionalBalloon(ControllerBase):
         chunk = max(1, -(-amount // _CHUNKS))
         left = amount
         while left > 0:
-            room = (np.minimum(limit - target, step - moved) if inflate
-                    else np.minimum(target, step - moved))
+            if inflate:
+                room = np.minimum(limit - target, step - moved)
+            else:
+                room = np.minimum(target, step - moved)
+                if self.release_needs_demand:
+                    room = np.where(self._wants(guests, ws, ram, target), room, 0)
             rho = shares_per_page(shares, pages, active, self.tax_rate)
             if inflate:
                 rho = np.where((room > 0) & np.isfinite(rho), rho, np.inf)
