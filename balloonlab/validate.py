@@ -319,19 +319,21 @@ def judge_seed_claim(run_dir: Path, summary: Mapping[str, Any], tolerance: float
 # --- the ESX 4.1 study: ballooning degrades gracefully, host swapping sharply ---------------------------
 
 ESX41_IDLE_MIB = 12
-"""What the validate-esx41 guest holds idle (its cold memory): ballooning up to this much costs little."""
+"""What the validate-esx41 guest holds idle (its file read once): ballooning less than this costs little.
+At this much the guest is left exactly its working set and kernel, with no slack: not idle any more."""
 
 
 def _esx41_point(run_dir: Path, variant: str) -> dict[str, float]:
-    """Second-half throughput (refs per virtual s), resident, ballooned and host-swapped pages of guest 0."""
+    """Whole-run throughput (refs per virtual s); second-half resident; ballooned and host-swapped pages of guest 0."""
     g = guest_ticks(run_dir, variant, 0)
     h = host_ticks(run_dir, variant)
     if len(g) < 4 or len(h) < 4:
         raise ValueError(f"{variant}: too few ticks logged ({len(g)} guest, {len(h)} host)")
-    mid = g[len(g) // 2]
     end = g[-1]
-    dt_us = float(end["vt_us"]) - float(mid["vt_us"])
-    refs = float(end["refs"]) - float(mid["refs"])
+    # The benchmark's score over the whole run, the limit (or balloon) in place from the start, as the
+    # study's runs are: the cost of getting there is part of what each mechanism costs.
+    dt_us = float(end["vt_us"])
+    refs = float(end["refs"])
     tail = h[len(h) // 2:]
     return {"refs_per_vsec": refs / dt_us * 1e6 if dt_us > 0 else float("nan"),
             "resident_pages": float(np.median(_guest_series(tail, 0, "resident_pages"))),
@@ -380,8 +382,8 @@ def judge_esx41(run_dir: Path, summary: Mapping[str, Any]) -> list[Check]:
     out.append(_check(name, "drop per MiB taken, swap / balloon, per point", "swapping's drop steeper",
                       [f"{slope(w[r]):.3f}/{max(slope(b[r]), 0.0):.3f}" for r in both],
                       "swap's > balloon's at every point", all(slope(w[r]) > slope(b[r]) for r in both)))
-    idle = [r for r in both if r <= ESX41_IDLE_MIB]
-    out.append(_check(name, f"graceful: balloon throughput while it takes idle memory (<= {ESX41_IDLE_MIB} MiB)",
+    idle = [r for r in both if r < ESX41_IDLE_MIB]
+    out.append(_check(name, f"graceful: balloon throughput while it takes idle memory (< {ESX41_IDLE_MIB} MiB)",
                       "about unchanged", [b[r][1] for r in idle], ">= 0.9 at each",
                       bool(idle) and all(b[r][1] >= 0.9 for r in idle)))
     return out
