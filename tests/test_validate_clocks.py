@@ -58,6 +58,16 @@ def test_a_guest_past_the_bound_or_before_the_tick_end_fails(tmp_path: Path) -> 
     assert {w["tick"]: w["what"] for w in c.worst} == {0: "past the bound", 1: "before the tick's end"}
 
 
+def test_a_request_counts_only_in_the_tick_it_was_sent_in(tmp_path: Path) -> None:
+    # Tick 0: a fault sent before the gate completes 25 ms late (in flight: allowed). Ticks 1 and 2: the
+    # guest's clock is still past their ends with nothing in flight: late, as the host counts them.
+    run = _write_run(tmp_path, {0: [(0, 35_000.0, 25_000.0), (1, 35_000.0, 15_000.0), (2, 35_000.0, 5_000.0),
+                                    (3, 40_000.5, 0.0)]})
+    [c] = check_clocks(run)
+    assert c.late == 2 and c.ahead == 2 and not c.ok
+    assert [w["tick"] for w in c.worst] == [1, 2]
+
+
 def test_the_host_s_own_count_over_every_tick_done_fails_the_check_and_locks_are_exempt(tmp_path: Path) -> None:
     rows = {0: [(0, 10_000.0, 0.0)]}
     [c] = check_clocks(_write_run(tmp_path / "a", rows, host_late=2))
