@@ -46,6 +46,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = args.out or Path("runs") / f"clocks-{time.strftime('%Y%m%d-%H%M%S')}"
     checks = []
     status = 0
+    out.mkdir(parents=True, exist_ok=True)
     for name in names:
         sc = load_scenario(find_scenario(name))
         guests = min(args.guests, int(sc.raw.get("scenario", {}).get("guests", args.guests)))

@@ -194,6 +194,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     import balloonlab
     from balloonlab.validate import VALIDATIONS as VALS, validate
 
+    out.mkdir(parents=True, exist_ok=True)
     table: list[dict[str, Any]] = []
     status = 0
     for name in chosen:
