@@ -89,9 +89,13 @@ def _ioamp(v: Mapping[str, Any]) -> list[tuple[str, Any]]:
 def _storm(v: Mapping[str, Any]) -> list[tuple[str, Any]]:
     t = v.get("throughput") or {}
     host = v.get("host") or {}
+    peaks = host.get("peaks") or {}
+    io = (peaks.get("iobuf_pages") or 0) + (peaks.get("cache_pages") or 0) if peaks else None
     return [("swap_storms", v.get("swap_storms")), ("I/O buffer peak (pages)", host.get("io_buffer_pages_peak")),
-            ("refs/vs before first inflation", _round(t.get("before_refs_per_vsec", t.get("before")))),
-            ("refs/vs after first inflation", _round(t.get("after_refs_per_vsec", t.get("after"))))]
+            ("host I/O memory peak (I/O buffers + cache, pages)", io),
+            ("first inflation tick", t.get("first_inflation_tick")),
+            ("refs/vs before first inflation", _round(t.get("before_inflation_refs_per_vsec"))),
+            ("refs/vs after first inflation", _round(t.get("after_inflation_refs_per_vsec")))]
 
 
 def _nested(v: Mapping[str, Any]) -> list[tuple[str, Any]]:
@@ -107,8 +111,9 @@ def _banker(v: Mapping[str, Any]) -> list[tuple[str, Any]]:
     steps = _get(v, "convergence.steps", []) or []
     out: list[tuple[str, Any]] = []
     for i, s in enumerate(steps[:2]):
-        out.append((f"step {i + 1}: tick / settled after / overshoot / PFF-above ticks",
-                    f"{s.get('tick')} / {s.get('convergence_ticks', s.get('settled_after'))} / "
+        out.append((f"step {i + 1}: tick / demand rise / settled after / overshoot / PFF-above ticks",
+                    f"{s.get('step_tick')} / +{s.get('demand_rise_pages')} / "
+                    f"{s.get('convergence_ticks') if s.get('settled') else 'never'} / "
                     f"{s.get('overshoot_pages')} / {s.get('pff_above_ticks')}"))
     return out
 
