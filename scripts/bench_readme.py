@@ -123,7 +123,9 @@ def _sweep(v: Mapping[str, Any]) -> list[tuple[str, Any]]:
     return [("knee at guest free (pages)", s.get("knee_guest_free_pages")),
             ("last good guest free (pages)", s.get("last_good_guest_free_pages")),
             ("true working set (pages)", s.get("true_working_set_pages")),
-            ("guest's estimate (pages)", s.get("working_set_estimate_pages", s.get("estimate_pages")))]
+            ("guest's estimate at the knee (pages)", s.get("working_set_estimate_at_knee_pages")),
+            ("throughput at the knee (refs/vs)", _round(s.get("knee_refs_per_vsec"))),
+            ("throughput before the sweep (refs/vs)", _round(s.get("baseline_refs_per_vsec")))]
 
 
 def _states(v: Mapping[str, Any]) -> list[tuple[str, Any]]:
