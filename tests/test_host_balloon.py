@@ -265,6 +265,19 @@ def test_proportional_does_not_revoke_for_a_guest_that_does_not_demand_or_when_o
     assert _tax_pair(tax_rate=0.75, revoke_on_demand=False)[1] == {1: 400, 2: 600}
 
 
+def test_proportional_revokes_only_for_a_guest_that_pages() -> None:
+    # The same pair as _tax_pair, but the busy guest's pages all fit (it barely faults): nothing moves, however
+    # its sampled working set compares; thrashing (pff 3000) it gets memory.
+    ctl = make_controller("proportional", {"free_target_fraction": 0.05, "release_fraction": 0.2,
+                                           "tax_rate": 0.75})
+    idle = guest(1, ram=1000, target=400, resident=600, host_working_set_pages=100, pff=0.0)
+    fits = guest(2, ram=1000, target=600, resident=400, host_working_set_pages=400, pff=20.0)
+    assert ctl.targets(view(idle, fits, free=400, total=4000)) == {1: 400, 2: 600}
+    pages = guest(2, ram=1000, target=600, resident=400, host_working_set_pages=400, pff=3000.0)
+    after = ctl.targets(view(idle, pages, free=400, total=4000))
+    assert after[1] > 400 and after[2] < 600
+
+
 def test_proportional_gives_a_surplus_back_only_to_a_guest_that_demands_memory() -> None:
     ctl = make_controller("proportional", {"free_target_fraction": 0.05, "release_fraction": 0.1})
     # Surplus 100. The idle guest touches 100 of the 600 pages its balloon leaves it: it would never back

@@ -28,8 +28,10 @@ The rule, applied every ``period_ticks``:
   that way, one step at a time, and its target never settled).
 - Otherwise (free memory within the band) memory is **revoked on demand**,
   as min-funding revocation does when a VM asks for memory: a guest that
-  demands memory (its balloon is not empty and its working set fills at
-  least ``demand_fraction`` of the memory its balloon leaves it) and whose
+  demands memory (its balloon is not empty, its working set fills at
+  least ``demand_fraction`` of the memory its balloon leaves it, and it
+  pages: its ``pff`` is at least ``demand_pff`` faults per virtual second,
+  1000 as the working-set controller's ``pff_high``) and whose
   rho exceeds the lowest rho of the others by more than
   ``revoke_hysteresis`` gets memory from that guest: the donor's balloon
   grows and the demander's shrinks by the same amount (expected free frames
@@ -60,7 +62,7 @@ from .decision import Decision
 from .policy import ControllerBase, check_fraction, check_non_negative, clamp_target, is_due, parse_params
 from .view import HostView
 from ..wss import STAT_HOST_WSS
-from .view import STAT_WORKING_SET
+from .view import STAT_PFF, STAT_WORKING_SET
 from .working_set import working_set_estimate
 
 __all__ = ["ProportionalBalloon", "shares_per_page"]
@@ -84,8 +86,9 @@ class ProportionalBalloon(ControllerBase):
     def __init__(self, tax_rate: float, free_target_fraction: float, release_fraction: float,
                  max_step_pages: int, period_ticks: int, revoke_on_demand: bool = True,
                  demand_fraction: float = 0.8, revoke_hysteresis: float = 0.1,
-                 release_needs_demand: bool = True) -> None:
+                 release_needs_demand: bool = True, demand_pff: float = 1000.0) -> None:
         self.tax_rate = tax_rate
+        self.demand_pff = demand_pff
         self.release_needs_demand = release_needs_demand
         self.revoke_on_demand = revoke_on_demand
         self.demand_fraction = demand_fraction
@@ -101,7 +104,8 @@ class ProportionalBalloon(ControllerBase):
             "tax_rate": (float, 0.75), "free_target_fraction": (float, 0.06),
             "release_fraction": (float, 0.12), "max_step_pages": (int, 0), "period_ticks": (int, 1),
             "revoke_on_demand": (bool, True), "demand_fraction": (float, 0.8), "revoke_hysteresis": (float, 0.1),
-            "release_needs_demand": (bool, True)})
+            "release_needs_demand": (bool, True), "demand_pff": (float, 1000.0)})
+        check_non_negative(cls.name, "demand_pff", p["demand_pff"])
         check_fraction(cls.name, "demand_fraction", p["demand_fraction"])
         check_non_negative(cls.name, "revoke_hysteresis", p["revoke_hysteresis"])
         check_fraction(cls.name, "tax_rate", p["tax_rate"], below_one=True)
@@ -171,13 +175,18 @@ class ProportionalBalloon(ControllerBase):
         return guests, target, pages, ws, shares, limit
 
     def _wants(self, guests: list[Any], ws: np.ndarray, ram: np.ndarray, target: np.ndarray) -> np.ndarray:
-        """Which guests demand memory: the working set fills >= ``demand_fraction`` of what the balloon leaves.
+        """Which guests demand memory: the working set fills >= ``demand_fraction`` of what the balloon leaves
+        and the guest faults at least ``demand_pff`` times per virtual second (its ``pff`` stat).
 
-        A guest with no working-set estimate at all (neither the host's nor its own) counts as demanding:
-        nothing says it would not use the memory.
+        A guest with no working-set estimate at all (neither the host's nor its own), or no ``pff``, counts
+        as demanding on that count: nothing says it would not use the memory.
         """
         known = np.array([STAT_HOST_WSS in g.stats or STAT_WORKING_SET in g.stats for g in guests], bool)
-        return ~known | (ws >= self.demand_fraction * np.maximum(ram - target, 1.0))
+        fills = ~known | (ws >= self.demand_fraction * np.maximum(ram - target, 1.0))
+        # ... and it pages: a guest whose pages all fit faults little, whatever the sampled estimate's noise
+        # says (with the tax, a few % of noise in the active fraction moves rho by three times as much).
+        pff = np.array([g.stat(STAT_PFF, np.inf) if STAT_PFF in g.stats else np.inf for g in guests], np.float64)
+        return fills & (pff >= self.demand_pff)
 
     def _revoke(self, view: HostView, host: Mapping[str, Any]) -> dict[int, Decision] | None:
         """Min-funding revocation on demand: move memory from the lowest rho to a demanding guest with a higher one.
