@@ -50,6 +50,12 @@ memory_states = "esx"``, the default) it inflates only in the soft state
 and worse, as ESX balloons only from soft on: in high and clear a deficit
 is held (``state_no_inflate``), and so is revocation on demand (it
 inflates the donor); giving back a surplus is not gated.
+
+Parameters (``[balloon.params]``, defaults): ``tax_rate`` 0.75,
+``free_target_fraction`` 0.06, ``release_fraction`` 0.12,
+``max_step_pages`` 0, ``period_ticks`` 1, ``revoke_on_demand`` true,
+``demand_fraction`` 0.8, ``demand_pff`` 1000, ``revoke_hysteresis`` 0.1,
+``release_needs_demand`` true.
 """
 from __future__ import annotations
 
