@@ -131,6 +131,8 @@ def parse_args(argv: list[str] | None, prog: str = "balloonlab-launch") -> argpa
     ap.add_argument("--dashboard", action="store_true",
                     help="serve a live dashboard on 127.0.0.1 and print its URL (balloonlab-dashboard replays it)")
     ap.add_argument("--dashboard-port", type=int, default=0, metavar="PORT", help="the dashboard's port (default: a free one)")
+    ap.add_argument("--schema", action="store_true",
+                    help="print the scenario file's JSON Schema (for editors: completion, checks) and exit")
     args = ap.parse_args(argv)
     if args.guests is not None and args.guests < 1:
         ap.error(f"--guests must be >= 1, got {args.guests}")
@@ -168,6 +170,10 @@ def host_main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str] | None = None, prog: str = "balloonlab-launch") -> int:
     args = parse_args(argv, prog)
+    if args.schema:
+        from .editorschema import editor_schema
+        print(json.dumps(editor_schema(), indent=2))
+        return 0
     from balloonlab.overrides import normalize, parse_setting
     try:
         settings = normalize([parse_setting(s) for s in args.settings])
@@ -424,7 +430,7 @@ def _check_locks(scenario: Scenario) -> None:
     from balloonlab.proto.locks import lock_config_from_mapping
     for name, merged in scenario.variants.items():
         where = f"{scenario.path.name} variant {name!r}"
-        locks = lock_config_from_mapping(merged.get("locks"), where=f"{where}: [locks]")
+        locks = lock_config_from_mapping(merged.get("locks"), where=where)
         host_memory_config(merged.get("host", {})).resolved_request_order(locks.enabled, where=f"{where}: ")
 
 

@@ -27,13 +27,14 @@ from typing import Any, Iterable, Mapping
 
 from balloonlab.proto.errors import ConfigError
 from balloonlab.proto.plugins import is_file_spec, resolve_file_spec
+from balloonlab.proto.schema import TOP_TABLES, unknown_name
 
 __all__ = ["Setting", "parse_setting", "parse_value", "normalize", "apply_settings", "TABLES", "POLICY_KEYS"]
 
 Setting = tuple[str, Any]
 
 # The tables a dotted path may start with (scenario.py's top-level tables; [[guests]] by id).
-TABLES = ("scenario", "host", "guest", "guests", "balloon", "costs", "disk", "locks", "monitors")
+TABLES = tuple(t for t in TOP_TABLES if t not in ("variants", "sweep"))
 # Keys whose value may be a user's ``file.py:Class``.
 POLICY_KEYS = ("policy",)
 # A policy's parameters, by the table that names the policy.
@@ -81,7 +82,7 @@ def _split(path: str) -> list[str]:
     if parts[0] == "variants" and len(parts) < 4:
         raise ConfigError(f"override {path!r}: expected variants.NAME.TABLE.KEY")
     if head[0] not in TABLES:
-        raise ConfigError(f"override {path!r}: unknown table {head[0]!r}; known: {sorted(TABLES)}")
+        raise ConfigError(f"override {path!r}: {unknown_name('table', head[0], TABLES)}")
     if len(head) < 2:
         raise ConfigError(f"override {path!r}: name a key in [{head[0]}], e.g. {head[0]}.KEY")
     if head[0] == "guests" and (not head[1].isdigit() or len(head) < 3):

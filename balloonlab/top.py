@@ -39,9 +39,11 @@ from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
 
+from balloonlab.proto.schema.units import PAGES_PER_MIB
+
 __all__ = ["main", "render", "SORT_KEYS", "Source", "RunDirSource", "UrlSource", "guest_rows"]
 
-MIB_PAGES = 256
+MIB_PAGES = PAGES_PER_MIB
 
 SORT_KEYS: dict[str, tuple[str, str]] = {   # key -> (column, what)
     "i": ("GID", "guest id"), "m": ("MEMSZ", "memory in use"), "b": ("MCTLSZ", "balloon size"),

@@ -26,14 +26,18 @@ class UnknownPolicy(GuestdError, ValueError):
     def __init__(self, name: object, known: Iterable[str]) -> None:
         self.name = name
         self.known = sorted(known)
-        super().__init__(f"unknown replacement policy {name!r}; known: {', '.join(self.known)}")
+        from balloonlab.proto.schema import did_you_mean
+        super().__init__(f"unknown replacement policy {name!r}{did_you_mean(name, self.known)}"
+                         f"{'' if did_you_mean(name, self.known) else ';'} known: {', '.join(self.known)}")
 
 
 class UnknownWorkload(GuestdError, ValueError):
     def __init__(self, name: object, known: Iterable[str]) -> None:
         self.name = name
         self.known = sorted(known)
-        super().__init__(f"unknown workload kind {name!r}; known: {', '.join(self.known)}")
+        from balloonlab.proto.schema import did_you_mean
+        super().__init__(f"unknown workload kind {name!r}{did_you_mean(name, self.known)}"
+                         f"{'' if did_you_mean(name, self.known) else ';'} known: {', '.join(self.known)}")
 
 
 class PolicyNeedsTrace(GuestdError, ValueError):

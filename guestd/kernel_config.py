@@ -2,7 +2,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Annotated, Any, Mapping
+
+from msgspec import Meta
+
+from balloonlab.proto.schema import SchemaError, Table, decode
 
 from .errors import GuestConfigError, GuestdError
 from .replacement import POLICIES, make_policy
@@ -60,46 +64,36 @@ class KernelConfig:
         return self.layout.n_file_blocks + self.swap_slots
 
 
-_INT_KEYS = {"ram_pages", "kernel_pages", "swap_pages", "ws_sample_pages", "fault_around_pages"}
-_FLOAT_KEYS = {"ws_period_us", "pff_alpha"}
+class _KernelTable(Table):
+    """``kernel_config_from_mapping``'s keys: the kernel's own, in pages (a scenario gives MiB: ``GuestTable``)."""
+
+    ram_pages: Annotated[int, Meta(ge=1)]
+    kernel_pages: Annotated[int, Meta(ge=0)] = 0
+    swap_pages: Annotated[int, Meta(ge=0)] | None = None
+    policy: str = "esc"
+    policy_params: dict[str, Any] = {}
+    regions: list[Any] = []
+    ws_period_us: Annotated[float, Meta(gt=0)] | None = None
+    ws_sample_pages: Annotated[int, Meta(ge=0)] | None = None
+    pff_alpha: Annotated[float, Meta(gt=0, le=1)] | None = None
+    fault_around_pages: Annotated[int, Meta(ge=1)] | None = None
+    initially_backed: bool | None = None
 
 
 def kernel_config_from_mapping(raw: Mapping[str, Any], where: str = "guest") -> KernelConfig:
-    """Build a ``KernelConfig`` from a scenario table; every bad key is named with ``where``.
+    """Build a ``KernelConfig`` from a table in pages; every bad key is named with ``where``.
 
     Keys: ram_pages, kernel_pages, swap_pages, policy, policy_params (table),
     regions (list of {name, kind, pages}), ws_period_us, ws_sample_pages,
     pff_alpha, fault_around_pages, initially_backed.
     """
-    known = _INT_KEYS | _FLOAT_KEYS | {"policy", "policy_params", "regions", "initially_backed"}
-    extra = sorted(set(raw) - known)
-    if extra:
-        raise GuestConfigError(f"{where}: unknown key(s) {', '.join(extra)}; known: {', '.join(sorted(known))}")
-    if "ram_pages" not in raw:
-        raise GuestConfigError(f"{where}.ram_pages: missing")
-    kw: dict[str, Any] = {}
-    for key, value in raw.items():
-        if key in _INT_KEYS:
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise GuestConfigError(f"{where}.{key}: expected an integer, got {value!r}")
-            kw[key] = value
-        elif key in _FLOAT_KEYS:
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise GuestConfigError(f"{where}.{key}: expected a number, got {value!r}")
-            kw[key] = float(value)
-        elif key == "policy":
-            if not isinstance(value, str):
-                raise GuestConfigError(f"{where}.policy: expected a string, got {value!r}")
-            kw[key] = value
-        elif key == "policy_params":
-            if not isinstance(value, Mapping):
-                raise GuestConfigError(f"{where}.policy_params: expected a table, got {value!r}")
-            kw[key] = dict(value)
-        elif key == "initially_backed":
-            if not isinstance(value, bool):
-                raise GuestConfigError(f"{where}.initially_backed: expected true/false, got {value!r}")
-            kw[key] = value
-    kw["layout"] = Layout.from_mapping(raw.get("regions", []), where=f"{where}.regions")
+    try:
+        t = decode(_KernelTable, dict(raw), path=where)
+    except SchemaError as e:
+        raise GuestConfigError(str(e)) from None
+    kw: dict[str, Any] = {f: getattr(t, f) for f in t.__struct_fields__ if f != "regions" and getattr(t, f) is not None}
+    kw["policy_params"] = dict(t.policy_params)
+    kw["layout"] = Layout.from_mapping(t.regions, where=f"{where}.regions")
     try:
         cfg = KernelConfig(**kw)
         make_policy(cfg.policy, 1, **cfg.policy_params)   # names the bad parameter, if any

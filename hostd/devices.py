@@ -104,34 +104,31 @@ def device_profile(name: str) -> DeviceProfile:
         raise ConfigError(f"unknown disk profile {name!r}; known: {sorted(DEVICE_PROFILES)}") from None
 
 
-_OLD_KEYS = {"latency_us": ("read_latency_us", "write_latency_us"),
-             "bandwidth_bps": ("read_bandwidth_bps", "write_bandwidth_bps")}
+_BOTH = {"latency_us": ("read_latency_us", "write_latency_us"),
+         "bandwidth_bps": ("read_bandwidth_bps", "write_bandwidth_bps")}
 
 
 def profile_from_mapping(raw: Mapping[str, Any], where: str) -> DeviceProfile:
-    """``profile = NAME`` and any field to override; ``latency_us``/``bandwidth_bps`` set both directions."""
-    name = raw.get("profile", "ssd")
-    if not isinstance(name, str) or name not in DEVICE_PROFILES:
-        raise ConfigError(f"{where}.profile: unknown disk profile {name!r}; known: {sorted(DEVICE_PROFILES)}")
-    known = {f.name for f in fields(DeviceProfile)} | set(_OLD_KEYS)
+    """``profile = NAME`` and any field to override; ``latency_us``/``bandwidth_bps`` set both directions.
+
+    The keys and their bounds are the schema's (``proto.schema.DiskDevice``);
+    the profiles' names are this module's.
+    """
+    from balloonlab.proto.schema import DiskDevice, decode
+    context, _, path = where.rpartition(": ")
+    return _profile(decode(DiskDevice, dict(raw), path=path, where=context), path, context)
+
+
+def _profile(t: Any, path: str, context: str) -> DeviceProfile:
+    from balloonlab.proto.schema import SchemaError, unknown_name
+    if t.profile not in DEVICE_PROFILES:
+        raise SchemaError(f"{path}.profile", unknown_name("disk profile", t.profile, DEVICE_PROFILES), context)
     vals: dict[str, Any] = {}
-    for key, value in raw.items():
-        if key == "profile":
-            continue
-        if key not in known:
-            raise ConfigError(f"{where}.{key}: unknown key; known: {sorted(known | {'profile'})}")
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}.{key}: expected a number, got {type(value).__name__} {value!r}")
-        if value < 0 or (value == 0 and ("bandwidth" in key or key == "queue_depth")):
-            raise ConfigError(f"{where}.{key}: must be {'> 0' if 'bandwidth' in key or key == 'queue_depth' else '>= 0'}"
-                              f", got {value}")
-        for k in _OLD_KEYS.get(key, (key,)):
-            vals[k] = float(value)
-    if "queue_depth" in vals:
-        if vals["queue_depth"] != int(vals["queue_depth"]):
-            raise ConfigError(f"{where}.queue_depth: must be a whole number, got {vals['queue_depth']}")
-        vals["queue_depth"] = int(vals["queue_depth"])
-    return replace(DEVICE_PROFILES[name], **vals)
+    for key in (*_BOTH, *(f.name for f in fields(DeviceProfile))):   # a direction's own key wins over both
+        value = getattr(t, key)
+        if value is not None:
+            vals.update({k: value for k in _BOTH.get(key, (key,))})
+    return replace(DEVICE_PROFILES[t.profile], **vals)
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,26 +140,14 @@ class DiskTopology:
     shared: bool = False
 
 
-def disk_topology(table: Mapping[str, Any], where: str = "[disk]") -> DiskTopology:
-    """Parse ``[disk]``: ``shared`` (bool), ``[disk.vdisk]`` and ``[disk.swap]`` (profile + fields)."""
-    if not isinstance(table, Mapping):
-        raise ConfigError(f"{where} must be a table")
-    for key, value in table.items():
-        if key == "shared":
-            if not isinstance(value, bool):
-                raise ConfigError(f"{where}.shared: expected true or false, got {type(value).__name__} {value!r}")
-        elif key in ("vdisk", "swap"):
-            if not isinstance(value, Mapping):
-                raise ConfigError(f"{where}.{key} must be a table")
-        else:
-            raise ConfigError(f"{where}.{key}: unknown key; known: ['shared', 'swap', 'vdisk']")
-    shared = bool(table.get("shared", False))
-    if shared and "swap" in table:
-        raise ConfigError(f"{where}.swap: with shared = true the host swap files are on the one shared device, "
-                          f"whose profile is [disk.vdisk]'s; drop [disk.swap] or set shared = false")
-    vdisk = profile_from_mapping(table.get("vdisk", {}), f"{where}.vdisk")
-    swap = vdisk if shared else profile_from_mapping(table.get("swap", {}), f"{where}.swap")
-    return DiskTopology(vdisk, swap, shared)
+def disk_topology(table: Mapping[str, Any], where: str = "") -> DiskTopology:
+    """Parse ``[disk]`` through the schema (``proto.schema.DiskTable``): ``shared``, ``[disk.vdisk]``, ``[disk.swap]``."""
+    from balloonlab.proto.schema import DiskDevice, DiskTable, decode, split_where
+    context = split_where(where, "disk")
+    t = decode(DiskTable, dict(table) if isinstance(table, Mapping) else table, path="disk", where=context)
+    vdisk = _profile(t.vdisk or DiskDevice(), "disk.vdisk", context)
+    swap = vdisk if t.shared else _profile(t.swap or DiskDevice(), "disk.swap", context)
+    return DiskTopology(vdisk, swap, t.shared)
 
 
 class _Lane:

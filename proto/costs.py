@@ -5,7 +5,7 @@ A scenario may override any field (``[costs]`` and ``[disk.*]`` tables).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields
 from typing import Any, Mapping
 
 import numpy as np
@@ -57,8 +57,11 @@ class CostModel:
     cpu_us_per_ref: float = 0.0
 
     @classmethod
-    def from_mapping(cls, raw: Mapping[str, Any], where: str = "costs") -> "CostModel":
-        return replace(cls(), **_checked_floats(cls, raw, where))
+    def from_mapping(cls, raw: Mapping[str, Any], where: str = "") -> "CostModel":
+        """The ``[costs]`` table (its keys are this class's fields: ``proto.schema`` builds them from it)."""
+        from .schema import CostsTable, decode, split_where
+        t = decode(CostsTable, dict(raw), path="costs", where=split_where(where, "costs"))
+        return cls(**{f.name: float(getattr(t, f.name)) for f in fields(cls)})
 
     @property
     def ref_us(self) -> float:
@@ -82,20 +85,6 @@ class DiskProfile:
     latency_us: float       # fixed service time of one request
     bandwidth_bps: float    # bytes per (virtual) second once a request is served
     queue_depth: int        # requests served in parallel
-
-    @classmethod
-    def from_mapping(cls, raw: Mapping[str, Any], where: str) -> "DiskProfile":
-        name = raw.get("profile", "ssd")
-        if not isinstance(name, str) or name not in DISK_PROFILES:
-            raise ConfigError(f"{where}.profile: unknown disk profile {name!r}; known: {sorted(DISK_PROFILES)}")
-        base = DISK_PROFILES[name]
-        rest = {k: v for k, v in raw.items() if k != "profile"}
-        vals = _checked_floats(cls, rest, where)
-        if "queue_depth" in vals:
-            vals["queue_depth"] = int(vals["queue_depth"])
-            if vals["queue_depth"] < 1:
-                raise ConfigError(f"{where}.queue_depth: must be >= 1, got {vals['queue_depth']}")
-        return replace(base, **vals)
 
 
 DISK_PROFILES: dict[str, DiskProfile] = {
@@ -173,17 +162,3 @@ class DiskModel:
 
     def __repr__(self) -> str:
         return f"DiskModel({self.profile!r}, requests={self.requests}, pages={self.pages}, busy_us={self.busy_us})"
-
-
-def _checked_floats(cls: type, raw: Mapping[str, Any], where: str) -> dict[str, float]:
-    known = {f.name for f in fields(cls)}
-    out: dict[str, float] = {}
-    for key, value in raw.items():
-        if key not in known:
-            raise ConfigError(f"{where}.{key}: unknown key; known: {sorted(known)}")
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}.{key}: expected a number, got {type(value).__name__} {value!r}")
-        if value < 0:
-            raise ConfigError(f"{where}.{key}: must be >= 0, got {value}")
-        out[key] = float(value)
-    return out

@@ -51,7 +51,7 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any, AsyncIterator, Callable, Iterable, Mapping
 
-from .errors import ConfigError
+from .schema import LockProtocol, LocksTable, decode, split_where
 
 __all__ = [
     "LockClass", "GLOBAL_ORDER", "order_violation", "LockProtocol", "LockConfig", "lock_config_from_mapping",
@@ -119,64 +119,15 @@ def split_owner(owner: str) -> tuple[str, str]:
 
 # --- protocols and the [locks] table ------------------------------------------------
 
-class LockProtocol(str, enum.Enum):
-    NAIVE = "naive"
-    ORDERED = "ordered"
-    NO_CALLBACK = "no-callback-under-lock"
-
-
+# The [locks] table's keys, bounds and defaults are the schema's (proto/schema/tables.py: LocksTable);
+# LockConfig is that table, decoded.
+LockConfig = LocksTable
 HOLD_VMEM_CHOICES = ("batch", "tick")
 
 
-@dataclass(frozen=True, slots=True)
-class LockConfig:
-    """The ``[locks]`` table. Without a ``protocol`` there is no lock model (no locks, no events)."""
-
-    protocol: LockProtocol | None = None
-    break_deadlocks: bool = False     # fail one request of a cycle (DEADLOCK_BROKEN) instead of ending the run
-    hold_vmem: str = "batch"          # the vCPU holds L_vmem per batch of references, or across a whole tick
-    reclaim_free_pct: float = 0.0     # the host's reclaim task runs during a tick when free frames < this % of RAM
-    check_interval_s: float = 0.2     # wall seconds between sweeps of the wait-for graph (waits are also checked at once)
-
-    @property
-    def enabled(self) -> bool:
-        return self.protocol is not None
-
-
-_LOCK_KEYS: dict[str, tuple[type, ...]] = {
-    "protocol": (str,), "break_deadlocks": (bool,), "hold_vmem": (str,), "reclaim_free_pct": (int, float),
-    "check_interval_s": (int, float),
-}
-
-
-def lock_config_from_mapping(raw: Mapping[str, Any] | None, where: str = "[locks]") -> LockConfig:
+def lock_config_from_mapping(raw: Mapping[str, Any] | None, where: str = "") -> LockConfig:
     """Validate a ``[locks]`` table; errors name the key and the bad value."""
-    raw = dict(raw or {})
-    for key, value in raw.items():
-        if key not in _LOCK_KEYS:
-            raise ConfigError(f"{where}.{key}: unknown key; known: {sorted(_LOCK_KEYS)}")
-        want = _LOCK_KEYS[key]
-        if (isinstance(value, bool) and bool not in want) or not isinstance(value, want):
-            raise ConfigError(f"{where}.{key}: expected {'/'.join(t.__name__ for t in want)}, "
-                              f"got {type(value).__name__} {value!r}")
-    protocol = None
-    if "protocol" in raw:
-        try:
-            protocol = LockProtocol(raw["protocol"])
-        except ValueError:
-            raise ConfigError(f"{where}.protocol: unknown protocol {raw['protocol']!r}; "
-                              f"known: {[p.value for p in LockProtocol]}") from None
-    hold = raw.get("hold_vmem", "batch")
-    if hold not in HOLD_VMEM_CHOICES:
-        raise ConfigError(f"{where}.hold_vmem: expected one of {list(HOLD_VMEM_CHOICES)}, got {hold!r}")
-    pct = float(raw.get("reclaim_free_pct", 0.0))
-    if not 0.0 <= pct < 50.0:
-        raise ConfigError(f"{where}.reclaim_free_pct: must be in [0, 50), got {pct}")
-    interval = float(raw.get("check_interval_s", 0.2))
-    if not 0.0 < interval <= 10.0:
-        raise ConfigError(f"{where}.check_interval_s: must be in (0, 10], got {interval}")
-    return LockConfig(protocol=protocol, break_deadlocks=bool(raw.get("break_deadlocks", False)),
-                      hold_vmem=hold, reclaim_free_pct=pct, check_interval_s=interval)
+    return decode(LocksTable, dict(raw or {}), path="locks", where=split_where(where, "locks"))
 
 
 # --- the owner lock ------------------------------------------------------------------

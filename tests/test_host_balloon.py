@@ -43,7 +43,7 @@ def test_unknown_policy_lists_the_known_names() -> None:
 def test_unknown_and_mistyped_params_are_named() -> None:
     with pytest.raises(PolicyConfigError, match=r"unknown parameter\(s\) \['rate'\]; known: .*pressure_rate"):
         make_controller("mom", {"rate": 0.1})
-    with pytest.raises(PolicyConfigError, match="'pressure_rate' must be float, got str"):
+    with pytest.raises(PolicyConfigError, match="parameter 'pressure_rate': expected a number, got a string 'fast'"):
         make_controller("mom", {"pressure_rate": "fast"})
     with pytest.raises(PolicyConfigError, match="'tax_rate' must be in \\[0, 1\\)"):
         make_controller("proportional", {"tax_rate": 1.0})

@@ -42,8 +42,8 @@ def test_one_variant_and_one_guest() -> None:
 
 
 @pytest.mark.parametrize("settings, message", [
-    ({"hots.overcommit": 1}, r"override 'hots.overcommit': unknown table 'hots'; known: \['balloon'"),
-    ({"host.overcomit": 1.5}, r"override 'host.overcomit': .*\[host\].overcomit: unknown key; known: .*'overcommit'"),
+    ({"hots.overcommit": 1}, r"override 'hots.overcommit': unknown table 'hots'; did you mean 'host'.*known: \['balloon'"),
+    ({"host.overcomit": 1.5}, r"override 'host.overcomit': .*: host.overcomit: unknown key; did you mean 'overcommit'\? known: .*'overcommit'"),
     ({"host.overcommit": "lots"}, r"override 'host.overcommit': .*overcommit.*'lots'"),
     ({"host": 1}, r"override 'host': name a key in \[host\]"),
     ({"host.victim.x": 1}, r"override 'host.victim.x': host.victim is 'random', not a table"),

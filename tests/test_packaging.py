@@ -62,7 +62,8 @@ def test_the_wheel_has_one_top_level_name_and_the_console_scripts(tmp_path: Path
     assert any(n.startswith("balloonlab/guestd/_paging") and n.endswith(".so") for n in names), \
         "the compiled paging core is missing from the wheel"
     for module in ("balloonlab/api.py", "balloonlab/proto/plugins.py", "balloonlab/hostd/balloon/decision.py",
-                   "balloonlab/sweep/cli.py", "balloonlab/analysis/tables.py", "balloonlab/scenarios/swap-storm.toml"):
+                   "balloonlab/sweep/cli.py", "balloonlab/analysis/tables.py", "balloonlab/scenarios/swap-storm.toml",
+                   "balloonlab/proto/schema/tables.py", "balloonlab/guestd/workload/traces/sort.npz"):
         assert module in names, module
     info = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
     scripts = {line.split(" = ")[0]: line.split(" = ")[1] for line in wheel.read(info).decode().splitlines()
@@ -71,9 +72,9 @@ def test_the_wheel_has_one_top_level_name_and_the_console_scripts(tmp_path: Path
                        "balloonlab-sweep": "balloonlab.sweep.cli:main",
                        "balloonlab-validate": "balloonlab.validate:main",
                        "balloonlab-dashboard": "balloonlab.dashboard.cli:main", "balloonlab-top": "balloonlab.top:main",
-                       "balloonlab-host": "balloonlab.launch:host_main"}
+                       "balloonlab-host": "balloonlab.launch:host_main", "balloonlab-trace": "balloonlab.tracecli:main"}
     meta = wheel.read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
     required = {line.split(":", 1)[1].split(";")[0].strip() for line in meta.splitlines()
                 if line.startswith("Requires-Dist:") and "extra ==" not in line}
-    for dep in ("matplotlib", "pandas", "dask[distributed]", "fastparquet"):   # ordinary dependencies, not extras
+    for dep in ("matplotlib", "pandas", "dask[distributed]", "fastparquet", "msgspec"):   # ordinary dependencies, not extras
         assert any(r.startswith(dep) for r in required), (dep, required)

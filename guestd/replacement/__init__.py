@@ -19,6 +19,7 @@ from typing import Any, Callable, Protocol, runtime_checkable
 import numpy as np
 
 from balloonlab.proto.plugins import PluginError, is_file_spec, load_class
+from balloonlab.proto.schema import did_you_mean
 
 from ..errors import GuestConfigError, UnknownPolicy
 from ..memory import Frames
@@ -87,8 +88,8 @@ def make_policy(name: str, n_frames: int, **params: Any) -> ReplacementPolicy:
     has_kwargs = any(p.kind is p.VAR_KEYWORD for p in inspect.signature(cls).parameters.values())
     extra = sorted(set(params) - accepted)
     if extra and not has_kwargs:
-        raise GuestConfigError(
-            f"policy {name!r}: unknown parameter(s) {', '.join(extra)}; accepted: {sorted(accepted) or 'none'}")
+        raise GuestConfigError(f"policy {name!r}: unknown parameter(s) {', '.join(extra)}"
+                               f"{did_you_mean(extra[0], accepted)}; accepted: {sorted(accepted) or 'none'}")
     if not is_file_spec(name):
         return cls(n_frames, **params)
     try:

@@ -13,6 +13,8 @@ from typing import Any, Iterable, Mapping
 
 import numpy as np
 
+from balloonlab.proto.schema import unknown_name
+
 from ..errors import GuestConfigError
 
 __all__ = ["Region", "Layout", "FILE", "ANON"]
@@ -69,7 +71,7 @@ class Layout:
         for r in self.regions:
             if r.name == name:
                 return r
-        raise GuestConfigError(f"unknown region {name!r}; regions: {', '.join(r.name for r in self.regions) or 'none'}")
+        raise GuestConfigError(unknown_name("region", name, [r.name for r in self.regions]))
 
     def span(self, name: str) -> tuple[int, int]:
         """(first vpage, number of pages) of region ``name``."""

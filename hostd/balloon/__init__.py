@@ -17,8 +17,8 @@ import inspect
 from typing import Any, Callable, Mapping
 
 from balloonlab.proto.plugins import PluginError, is_file_spec, load_class
-
 from balloonlab.proto.costs import CostModel
+from balloonlab.proto.schema import with_known
 
 from ..errors import PolicyConfigError
 from .aggressive import AggressiveBalloon
@@ -36,8 +36,8 @@ from .sweep import SweepBalloon
 from .view import GuestView, HostView
 from .working_set import WorkingSetBalloon
 
-__all__ = ["BalloonController", "ControllerBase", "BALLOON_POLICIES", "make_controller", "GuestView", "HostView",
-           "NonCooperationDetector", "clamp_target", "Decision", "DecisionLog", "hold"]
+__all__ = ["BalloonController", "ControllerBase", "BALLOON_POLICIES", "make_controller", "policy_params", "GuestView",
+           "HostView", "NonCooperationDetector", "clamp_target", "Decision", "DecisionLog", "hold"]
 
 BALLOON_POLICIES: dict[str, Callable[[Mapping[str, Any]], BalloonController]] = {
     NoBalloon.name: NoBalloon.from_params,
@@ -62,7 +62,7 @@ def make_controller(name: str, params: Mapping[str, Any] | None = None, *,
             factory = BALLOON_POLICIES[name]
         except (KeyError, TypeError):
             raise PolicyConfigError(
-                f"balloon policy {name!r} is unknown; known: {sorted(BALLOON_POLICIES)}") from None
+                with_known(f"balloon policy {name!r} is unknown", name, BALLOON_POLICIES)) from None
         controller = factory(params or {})
     bind = getattr(controller, "bind_costs", None)
     if costs is not None and callable(bind):
@@ -81,6 +81,14 @@ class _TargetsOnly(ControllerBase):
         wanted = self.inner.targets(view)
         return {gid: Decision(int(t), "targets", f"target from {self.name}.targets() (it gives no reasons)")
                 for gid, t in dict(wanted).items()}
+
+
+def policy_params() -> dict[str, Mapping[str, tuple[type, Any]]]:
+    """Each built-in policy's parameters, ``name -> (type, default)``, read by building it with its defaults."""
+    from .policy import PARAM_SPECS
+    for name in BALLOON_POLICIES:
+        make_controller(name, {})
+    return {name: dict(PARAM_SPECS.get(name, {})) for name in BALLOON_POLICIES}
 
 
 def _user_controller(spec: str, params: Mapping[str, Any]) -> BalloonController:

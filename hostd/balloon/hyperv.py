@@ -44,7 +44,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from balloonlab.proto.costs import PAGE_BYTES
+from balloonlab.proto.schema import mib_to_pages
 
 from ..errors import PolicyConfigError
 from .decision import Decision
@@ -53,7 +53,6 @@ from .view import STAT_WORKING_SET, GuestView, HostView
 
 __all__ = ["HyperVBalloon", "memory_pressure", "requested_pages", "weighted_fill", "demand_pages"]
 
-_PAGES_PER_MIB = (1 << 20) // PAGE_BYTES
 DEMAND_STATS = ("committed", STAT_WORKING_SET)
 
 
@@ -111,7 +110,7 @@ class HyperVBalloon(ControllerBase):
         self.minimum_fraction = minimum_fraction
         self.maximum_fraction = maximum_fraction
         self.startup_fraction = startup_fraction
-        self.host_reserve_pages = int(round(host_reserve_mib * _PAGES_PER_MIB))
+        self.host_reserve_pages = mib_to_pages(host_reserve_mib)
         self.demand_stat = demand_stat
         self.period_s = period_s
         self._next_s: float | None = None

@@ -16,11 +16,13 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Protocol
 
+from balloonlab.proto.schema import describe, with_known
+
 from ..errors import PolicyConfigError
 from .decision import Decision
 from .view import GuestView, HostView
 
-__all__ = ["BalloonController", "ControllerBase", "clamp_target", "is_due", "parse_params", "Spec",
+__all__ = ["BalloonController", "ControllerBase", "clamp_target", "is_due", "parse_params", "PARAM_SPECS", "Spec",
            "check_fraction", "check_non_negative"]
 
 
@@ -60,17 +62,24 @@ def is_due(view: HostView, period_ticks: int) -> bool:
     return view.tick % period_ticks == 0
 
 
+_WORDS = {float: "a number", int: "an integer", str: "a string", bool: "true or false", dict: "a table"}
+
 Spec = Mapping[str, tuple[type, Any]]
 """name -> (type, default); ``float`` accepts ints; ``dict`` means any mapping."""
 
 
+PARAM_SPECS: dict[str, Spec] = {}
+"""Each built-in policy's parameters as its ``parse_params`` last read them (``balloonlab-launch --schema``)."""
+
+
 def parse_params(policy: str, params: Mapping[str, Any] | None, spec: Spec) -> dict[str, Any]:
     """Defaults overridden by ``params``; unknown names and wrong types are refused by name."""
+    PARAM_SPECS[policy] = spec
     params = dict(params or {})
     unknown = sorted(set(params) - set(spec))
     if unknown:
         raise PolicyConfigError(
-            f"balloon policy {policy!r}: unknown parameter(s) {unknown}; known: {sorted(spec)}")
+            f"balloon policy {policy!r}: {with_known(f'unknown parameter(s) {unknown}', unknown[0], spec)}")
     out: dict[str, Any] = {}
     for name, (kind, default) in spec.items():
         if name not in params:
@@ -88,8 +97,8 @@ def parse_params(policy: str, params: Mapping[str, Any] | None, spec: Spec) -> d
             ok = isinstance(value, kind)
         if not ok:
             raise PolicyConfigError(
-                f"balloon policy {policy!r}: parameter {name!r} must be {kind.__name__}, "
-                f"got {type(value).__name__} {value!r}")
+                f"balloon policy {policy!r}: parameter {name!r}: expected {_WORDS.get(kind, kind.__name__)}, "
+                f"got {describe(value)}")
         out[name] = value
     if "period_ticks" in out and out["period_ticks"] < 1:
         raise PolicyConfigError(f"balloon policy {policy!r}: period_ticks must be >= 1, got {out['period_ticks']}")

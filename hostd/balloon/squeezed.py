@@ -55,7 +55,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
-from balloonlab.proto.costs import PAGE_BYTES
+from balloonlab.proto.schema import kib_to_pages, mib_to_pages
 
 from ..errors import PolicyConfigError
 from .decision import Decision, hold
@@ -65,7 +65,6 @@ from .view import GuestView, HostView
 __all__ = ["SqueezedBalloon", "Domain", "StucknessMonitor", "squeeze_gamma", "proportional_targets",
            "xen_free_pages", "min_freeable"]
 
-_PAGES_PER_MIB = (1 << 20) // PAGE_BYTES
 _TOLERANCE_KIB = 512   # squeeze_xen.ml free_memory_tolerance_kib: "no need to be too exact"
 
 
@@ -164,9 +163,9 @@ class SqueezedBalloon(ControllerBase):
                  inaccuracy_pages: int, stuck_after_s: float, period_s: float, balance_check_s: float) -> None:
         self.dynamic_min_fraction = dynamic_min_fraction
         self.dynamic_max_fraction = dynamic_max_fraction
-        self.host_free_target_pages = int(round(host_free_target_mib * _PAGES_PER_MIB))
+        self.host_free_target_pages = mib_to_pages(host_free_target_mib)
         self.inaccuracy = inaccuracy_pages
-        self.tolerance_pages = _TOLERANCE_KIB * 1024 // PAGE_BYTES
+        self.tolerance_pages = kib_to_pages(_TOLERANCE_KIB)
         self.stuck_after_s = stuck_after_s
         self.period_s = period_s
         self.balance_check_s = balance_check_s

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from balloonlab.proto.costs import PAGE_BYTES
+from balloonlab.proto.schema import mib_to_pages
 
 from ..errors import PolicyConfigError
 from .decision import Decision
@@ -17,7 +17,6 @@ from .view import HostView
 
 __all__ = ["StaticBalloon"]
 
-_PAGES_PER_MIB = (1 << 20) // PAGE_BYTES
 
 
 class StaticBalloon(ControllerBase):
@@ -53,7 +52,7 @@ class StaticBalloon(ControllerBase):
         for g in view.guests:
             if g.guest_id in self.targets_mib:
                 mib = self.targets_mib[g.guest_id]
-                out[g.guest_id] = Decision(clamp_target(g, mib * _PAGES_PER_MIB), "static_mib",
+                out[g.guest_id] = Decision(clamp_target(g, mib_to_pages(mib)), "static_mib",
                                            f"static target {mib:g} MiB for this guest", {"target_mib": mib})
             else:
                 out[g.guest_id] = Decision(clamp_target(g, self.fraction * g.ram_pages), "static_fraction",

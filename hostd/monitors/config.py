@@ -14,10 +14,13 @@ from dataclasses import fields, replace
 from typing import Any, Iterator, Mapping
 
 from balloonlab.proto.errors import ConfigError
+from balloonlab.proto.schema import describe, did_you_mean, with_known
 
 from . import registry
 
 __all__ = ["MonitorsConfig", "monitors_config", "parse_table"]
+
+_WORDS = {bool: "true or false", str: "a string", float: "a number", int: "an integer"}
 
 
 class MonitorsConfig:
@@ -49,13 +52,13 @@ class MonitorsConfig:
 def parse_table(cls: type, raw: Any, where: str) -> Any:
     """``raw`` (a TOML table) read as the config dataclass ``cls``; raises ``ConfigError`` naming a bad key."""
     if not isinstance(raw, Mapping):
-        raise ConfigError(f"{where} must be a table, got {type(raw).__name__} {raw!r}")
+        raise ConfigError(f"{where}: expected a table, got {describe(raw)}")
     default = cls()
     declared = {f.name: f for f in fields(cls)}
     values: dict[str, Any] = {}
     for key, value in raw.items():
         if key not in declared:
-            raise ConfigError(f"{where}.{key}: unknown key; known: {sorted(declared)}")
+            raise ConfigError(f"{where}.{key}: {with_known('unknown key', key, declared)}")
         kind = type(getattr(default, key))
         meta = declared[key].metadata
         if kind is bool:
@@ -68,28 +71,29 @@ def parse_table(cls: type, raw: Any, where: str) -> Any:
         else:
             ok = isinstance(value, int) and not isinstance(value, bool)
         if not ok:
-            raise ConfigError(f"{where}.{key}: expected {kind.__name__}, got {type(value).__name__} {value!r}")
+            raise ConfigError(f"{where}.{key}: expected {_WORDS[kind]}, got {describe(value)}")
         if kind in (int, float) and value < 0:
             raise ConfigError(f"{where}.{key}: must be >= 0, got {value}")
         if meta.get("fraction") and value > 1:
             raise ConfigError(f"{where}.{key}: must be in [0, 1], got {value}")
         if "choices" in meta and value not in meta["choices"]:
-            raise ConfigError(f"{where}.{key}: {value!r} is not one of {list(meta['choices'])}")
+            raise ConfigError(f"{where}.{key}: must be one of {list(meta['choices'])}, got {value!r}"
+                              f"{did_you_mean(value, meta['choices'])}")
         if meta.get("at_least_one") and value < 1:
             raise ConfigError(f"{where}.{key}: must be >= 1, got {value}")
         values[key] = value
     return replace(default, **values)
 
 
-def monitors_config(table: Mapping[str, Any] | None, where: str = "[monitors]") -> MonitorsConfig:
+def monitors_config(table: Mapping[str, Any] | None, where: str = "monitors") -> MonitorsConfig:
     """Parse ``[monitors]``; a bad key or value raises ``ConfigError`` naming it."""
     table = table or {}
     if not isinstance(table, Mapping):
-        raise ConfigError(f"{where} must be a table")
+        raise ConfigError(f"{where}: expected a table, got {describe(table)}")
     sections = {spec.name: spec.config for spec in registry.MONITORS if spec.config is not None}
     out: dict[str, Any] = {}
     for key, value in table.items():
         if key not in sections:
-            raise ConfigError(f"{where}.{key}: unknown monitor; known: {sorted(sections)}")
+            raise ConfigError(f"{where}.{key}: {with_known('unknown monitor', key, sections)}")
         out[key] = parse_table(sections[key], value, f"{where}.{key}")
     return MonitorsConfig(out)
