@@ -157,6 +157,7 @@ def assemble(cfg: RunConfig, sessions: SessionRegistry, *, running: Callable[[],
         max_inflight_requests=mem_cfg.max_inflight_requests, expected_guests=len(cfg.guests),
         shared_disk=disks.vdisk if disks.shared else None, tick_us=cfg.tick_us,
         states=states, vm_victims=vm_victims, zip=mem_cfg.zip)
+    mem.swap.keep_cache = mem_cfg.swap_cache
     try:
         # Each guest's swap file (one slot per page), laid out in guest-id order.
         mem.swap.reserve({g.guest_id: g.ram_pages for g in cfg.guests})

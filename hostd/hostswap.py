@@ -18,7 +18,9 @@ Per slot:
   the content is already on the device: no write (``writes_avoided``).
   A write by the guest changes the page's token, so the next eviction
   writes. Ballooning the page, a fresh fault (the guest will overwrite
-  it) and the guest's death drop the cached content.
+  it) and the guest's death drop the cached content. ``keep_cache = False``
+  (``[host] swap_cache = false``) turns the swap cache off: a swap-in frees
+  the slot, so every eviction writes (the host the seed's arithmetic assumes).
 
 A slot may hold ``PENDING_TOKEN`` for a while: a deferred shootdown took
 the page before the (silent) guest told its content (``hostd.shootdown``);
@@ -66,6 +68,7 @@ class HostSwap:
         self.token = np.zeros(n, np.uint64)
         self.used = np.zeros(n, bool)
         self.cached = np.zeros(n, bool)
+        self.keep_cache = True                              # the swap cache (``[host] swap_cache``)
         self.owner_guest = np.full(n, NO_OWNER, np.int32)   # the file's guest, for every slot of a live file
         self._n_used = 0
         self._bases: dict[int, tuple[int, int]] = {}        # guest -> (base, pages): its file's extent
@@ -195,7 +198,9 @@ class HostSwap:
             raise InvariantViolation(f"swap slot {int(slots[np.flatnonzero(~self.used[slots])[0]])} read but empty")
         tokens = self.token[slots].copy()
         self.used[slots] = False
-        self.cached[slots] = True
+        self.cached[slots] = self.keep_cache
+        if not self.keep_cache:
+            self.token[slots] = 0
         self._n_used -= int(slots.size)
         return tokens
 
@@ -203,9 +208,12 @@ class HostSwap:
         if not self.used[slot]:
             raise InvariantViolation(f"swap slot {slot} read but empty")
         self.used[slot] = False
-        self.cached[slot] = True
+        self.cached[slot] = self.keep_cache
         self._n_used -= 1
-        return int(self.token[slot])
+        token = int(self.token[slot])
+        if not self.keep_cache:
+            self.token[slot] = 0
+        return token
 
     def drop(self, slots: np.ndarray) -> None:
         """Forget the content of these slots (in swap or cached): the page was ballooned or is fresh."""

@@ -23,6 +23,12 @@ asked for, so one missing or broken benchmark does not stop the others:
   ``--ticks``), mixed workloads and controllers, a guest killed and restarted
   every so often: host memory over time, lost pages, invariant violations.
   Hours at its defaults, so ``all`` skips it (and ``hog``).
+- ``readme``: ``scripts.bench_readme`` -- re-measures every number the README
+  quotes for the shipped scenarios (and the validations), with the command
+  that measured each; ``--from DIR`` re-reads earlier runs. Minutes; ``all``
+  skips it.
+- ``clocks``: ``scripts.bench_clocks`` -- every shipped scenario at small
+  sizes, its guests' clocks checked against the host's at every tick end.
 - ``all``: each of the above in turn with its defaults.
 
 Options after the subcommand go to that benchmark (``bench.py rpc --help``).
@@ -55,6 +61,8 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "analyze": ("scripts.bench_analyze", "the analyzer on a synthetic 1M-line run: lines/s vs the 10 s target"),
     "hog": ("scripts.bench_hog", "the demo with the CPUs saturated by 10 hogs per CPU: same counts, only slower"),
     "soak": ("scripts.bench_soak", "many guests, many ticks, guests killed and restarted: nothing lost, memory bounded"),
+    "readme": ("scripts.bench_readme", "every number the README quotes for the shipped scenarios, re-measured"),
+    "clocks": ("scripts.bench_clocks", "every shipped scenario, small: guests' clocks vs the host's at tick ends"),
 }
 """Subcommand -> (module with ``main(argv) -> int``, one-line description)."""
 
@@ -94,7 +102,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             ap.error("'all' takes no options; run one benchmark to pass options")
         status = 0
         for name in BENCHMARKS:
-            if name in ("soak", "hog"):
+            if name in ("soak", "hog", "readme", "clocks"):
                 continue  # hours at its defaults, or the machine saturated on purpose: run them on their own
             print(f"=== {name} ===", flush=True)
             try:

@@ -229,6 +229,68 @@ def test_proportional_gives_back_to_the_most_deserving_first() -> None:
     assert out == {1: 100, 2: 200}
 
 
+def _tax_pair(**params: object) -> tuple[dict[int, int], dict[int, int]]:
+    """An idle guest holding 600 pages (100 active) and a thrashing one ballooned to 400 pages it all uses;
+    free memory within the band. Returns the targets before and after."""
+    ctl = make_controller("proportional", {"free_target_fraction": 0.05, "release_fraction": 0.2, **params})
+    idle = guest(1, ram=1000, target=400, resident=600, host_working_set_pages=100)
+    busy = guest(2, ram=1000, target=600, resident=400, host_working_set_pages=400)
+    return {1: 400, 2: 600}, ctl.targets(view(idle, busy, free=400, total=4000))
+
+
+def test_proportional_revokes_from_the_idle_guest_for_a_demanding_one_within_the_band() -> None:
+    before, after = _tax_pair(tax_rate=0.75)
+    assert after[1] > before[1] and after[2] < before[2]
+    # An exchange: the host's expected free memory does not change.
+    assert after[1] - before[1] == before[2] - after[2]
+    # No more than the demand asks for: the busy guest's working set still fills >= 80 % of what it may use.
+    assert 400 >= 0.8 * (1000 - after[2]) - 1000 // 256
+
+
+def test_proportional_revocation_stops_where_the_rhos_meet() -> None:
+    # Tax 0: rho = shares / pages; the busy guest (400 pages) gets pages until both hold about as many.
+    _, after = _tax_pair(tax_rate=0.0)
+    held_idle, held_busy = 600 - (after[1] - 400), 400 + (600 - after[2])
+    assert after[2] < 600
+    # Stopped once the busy guest's rho is within the 10 % hysteresis of the idle one's (one chunk: 3 pages).
+    assert 1.0 <= held_idle / held_busy <= 1.1 and (held_idle + 3) / (held_busy - 3) > 1.1
+
+
+def test_proportional_does_not_revoke_for_a_guest_that_does_not_demand_or_when_off() -> None:
+    ctl = make_controller("proportional", {"free_target_fraction": 0.05, "release_fraction": 0.2})
+    # The small guest has the higher rho but touches little of what its balloon leaves it: no demand.
+    idle = guest(1, ram=1000, target=400, resident=600, host_working_set_pages=100)
+    lazy = guest(2, ram=1000, target=600, resident=400, host_working_set_pages=150)
+    assert ctl.targets(view(idle, lazy, free=400, total=4000)) == {1: 400, 2: 600}
+    assert _tax_pair(tax_rate=0.75, revoke_on_demand=False)[1] == {1: 400, 2: 600}
+
+
+def test_proportional_revokes_only_for_a_guest_that_pages() -> None:
+    # The same pair as _tax_pair, but the busy guest's pages all fit (it barely faults): nothing moves, however
+    # its sampled working set compares; thrashing (pff 3000) it gets memory.
+    ctl = make_controller("proportional", {"free_target_fraction": 0.05, "release_fraction": 0.2,
+                                           "tax_rate": 0.75})
+    idle = guest(1, ram=1000, target=400, resident=600, host_working_set_pages=100, pff=0.0)
+    fits = guest(2, ram=1000, target=600, resident=400, host_working_set_pages=400, pff=20.0)
+    assert ctl.targets(view(idle, fits, free=400, total=4000)) == {1: 400, 2: 600}
+    pages = guest(2, ram=1000, target=600, resident=400, host_working_set_pages=400, pff=3000.0)
+    after = ctl.targets(view(idle, pages, free=400, total=4000))
+    assert after[1] > 400 and after[2] < 600
+
+
+def test_proportional_gives_a_surplus_back_only_to_a_guest_that_demands_memory() -> None:
+    ctl = make_controller("proportional", {"free_target_fraction": 0.05, "release_fraction": 0.1})
+    # Surplus 100. The idle guest touches 100 of the 600 pages its balloon leaves it: it would never back
+    # pages given back, the host's free memory would not fall and the same surplus would go again next step.
+    idle = guest(1, ram=1000, target=400, resident=600, host_working_set_pages=100)
+    assert ctl.targets(view(idle, free=500, total=4000)) == {1: 400}
+    busy = guest(2, ram=1000, target=400, resident=600, host_working_set_pages=590)
+    assert ctl.targets(view(idle, busy, free=500, total=4000)) == {1: 400, 2: 300}
+    anyone = make_controller("proportional", {"free_target_fraction": 0.05, "release_fraction": 0.1,
+                                              "release_needs_demand": False})
+    assert anyone.targets(view(idle, free=500, total=4000)) == {1: 300}
+
+
 # -- non-cooperation ----------------------------------------------------------------------------------
 
 def test_a_guest_that_does_not_follow_its_target_is_flagged() -> None:

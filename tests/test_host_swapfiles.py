@@ -219,3 +219,24 @@ async def test_a_late_answer_that_comes_before_its_eviction_is_applied_is_not_lo
         tokens, _ = await mem.ept_fault(gid, np.arange(4, dtype=np.uint64), 10.0)
         assert tokens.tolist() == content[gid].tolist()
     mem.check_invariant()
+
+
+def test_without_the_swap_cache_every_eviction_writes() -> None:
+    """``[host] swap_cache = false``: a swapped-in page keeps no slot, so taking it again unchanged writes again."""
+    from balloonlab.hostd.memconfig import host_memory_config
+
+    for keep, writes in ((True, [3, 0]), (False, [3, 3])):
+        swap = HostSwap(16)
+        swap.keep_cache = keep
+        swap.add_file(3, 8)
+        slots = swap.slots_of(3, np.array([1, 2, 5]))
+        got = []
+        for _ in range(2):
+            got.append(int(np.count_nonzero(swap.store(slots, np.array([11, 12, 15], np.uint64)))))
+            swap.swap_in(slots)
+        assert got == writes and swap.cached_slots == (3 if keep else 0)
+        swap.check_invariant()
+    assert host_memory_config({"swap_cache": False}).swap_cache is False
+    assert host_memory_config({}).swap_cache is True
+    with pytest.raises(ConfigError, match="swap_cache"):
+        host_memory_config({"swap_cache": "no"})

@@ -118,6 +118,10 @@ class HostTable(Table):
     victim_scope: Annotated[Literal["vm", "global"], Meta(
         description="tick-end host swap: from the VMs furthest above their allocation targets (vm), "
                     "or blind over the whole host (global)")] = "vm"
+    swap_cache: Annotated[bool, Meta(
+        description="host swap keeps a swap cache: a page swapped in keeps its slot until written, so "
+                    "evicting it again unchanged costs no write (Linux and ESX do); false: every eviction "
+                    "writes (the host the seed's two-I/Os-per-clean-page arithmetic assumes)")] = True
     low_watermark_pct: Annotated[float, Meta(
         description="free frames (% of RAM) the in-tick reclaim keeps (default: the low state's threshold "
                     "with memory states, else 1 %)", gt=0, lt=50)] | None = None
