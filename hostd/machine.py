@@ -210,7 +210,10 @@ class Machine:
                 stats = {**stats, STAT_HOST_WSS: host_wss}
             snap_guests.append(GuestView(
                 guest_id=gid, ram_pages=spec.ram_pages, max_balloon_pages=int(counts["max_balloon_pages"]),
-                target_pages=target, actual_pages=actual, resident_pages=int(counts["resident_pages"]),
+                target_pages=target, actual_pages=actual,
+                # a shared page is backed too: controllers that look for unbacked memory must not
+                # mistake sharing's savings for pages the guest lost
+                resident_pages=int(counts["resident_pages"]) + int(counts.get("shared_pages", 0)),
                 stats=stats, shares=int(spec.config.get("shares", 1000))))
         if not snap_guests:
             return

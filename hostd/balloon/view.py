@@ -32,7 +32,7 @@ class GuestView:
     max_balloon_pages: int      # targets are clamped to [0, this]
     target_pages: int           # balloon target the host last set
     actual_pages: int           # balloon size the guest last reported
-    resident_pages: int         # host frames backing the guest now
+    resident_pages: int         # guest pages backed by a host frame now (its own, or shared copy-on-write)
     stats: Mapping[str, float] = field(default_factory=dict)
     shares: int = 1000
 
