@@ -1116,11 +1116,7 @@ class HostMemory:
         ballooned gpfn, or beyond ``max_balloon_pages``.
         """
         g = self._guest(guest_id)
-        gpfns = as_page_numbers(gpfns, guest_id, "gpfn", g.p2m.guest_pages, unique=True)
-        state = g.p2m.state[gpfns]
-        if np.any(state == PageState.BALLOONED):
-            raise InvalidState(guest_id, "gpfn", int(gpfns[np.flatnonzero(state == PageState.BALLOONED)[0]]),
-                               "already BALLOONED", "inflate each page once")
+        gpfns, state = self._unballooned(g, gpfns, "already BALLOONED", "inflate each page once")
         if g.balloon_pages + gpfns.size > g.max_balloon_pages:
             raise BalloonLimit(guest_id, g.balloon_pages, int(gpfns.size), g.max_balloon_pages)
         n_freed = self._release(g, gpfns, state)
@@ -1132,6 +1128,15 @@ class HostMemory:
         g.counters.balloon_freed_frames += n_freed
         self.counters.balloon_freed_frames += n_freed
         return n_freed
+
+    def _unballooned(self, g: _Guest, gpfns: np.ndarray | bytes, found: str, hint: str) -> tuple[np.ndarray, np.ndarray]:
+        """``gpfns`` checked (in range, each once, none in the balloon) and their p2m states."""
+        gpfns = as_page_numbers(gpfns, g.guest_id, "gpfn", g.p2m.guest_pages, unique=True)
+        state = g.p2m.state[gpfns]
+        if np.any(state == PageState.BALLOONED):
+            raise InvalidState(g.guest_id, "gpfn", int(gpfns[np.flatnonzero(state == PageState.BALLOONED)[0]]),
+                               found, hint)
+        return gpfns, state
 
     def _release(self, g: _Guest, gpfns: np.ndarray, state: np.ndarray) -> int:
         """Whatever holds these gpfns' content goes (the guest gave them away); returns frames freed.
@@ -1175,11 +1180,8 @@ class HostMemory:
         freed when its shootdown settles, as for balloon inflation.
         """
         g = self._guest(guest_id)
-        gpfns = as_page_numbers(gpfns, guest_id, "gpfn", g.p2m.guest_pages, unique=True)
-        state = g.p2m.state[gpfns]
-        if np.any(state == PageState.BALLOONED):
-            raise InvalidState(guest_id, "gpfn", int(gpfns[np.flatnonzero(state == PageState.BALLOONED)[0]]),
-                               "BALLOONED", "a ballooned page is the balloon's, not free: deflate it first")
+        gpfns, state = self._unballooned(g, gpfns, "BALLOONED",
+                                         "a ballooned page is the balloon's, not free: deflate it first")
         n_slots = int(np.count_nonzero((state == _SWAPPED) | (state == _ZERO) | (state == _COMPRESSED)))
         n_freed = self._release(g, gpfns, state)
         g.p2m.set(gpfns, PageState.UNBACKED)
