@@ -78,7 +78,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Awaitable, Callable, NamedTuple, Protocol
 
 import numpy as np
@@ -170,6 +170,18 @@ def default_max_balloon_pages(guest_pages: int) -> int:
 class Reclaimed(NamedTuple):
     freed_frames: int
     done_vt_us: float     # when the swap-out writes are on disk
+
+
+_COUNTER_NAMES: dict[type, tuple[str, ...]] = {}
+
+
+def _counts_of(counters: Any) -> dict[str, Any]:
+    """A counters dataclass as a dict, as ``asdict`` gives it but without its deep copies (every field is a
+    number): the snapshot runs every tick, for every guest."""
+    names = _COUNTER_NAMES.get(type(counters))
+    if names is None:
+        names = _COUNTER_NAMES[type(counters)] = tuple(f.name for f in fields(counters))
+    return {name: getattr(counters, name) for name in names}
 
 
 @dataclass(slots=True)
@@ -1413,7 +1425,7 @@ class HostMemory:
             "cache_dirty_pages": sum(g.vdisk.dirty_pages for g in self._guests.values()),
             **self.cache.metrics(),
             **{f"swap_device_{k}": v for k, v in self.swap.disk.counters().items()},
-            **asdict(self.counters),
+            **_counts_of(self.counters),
             "zcache_frames": kinds["zcache"],
             "compression": self.zip is not None and self.zip.cfg.compression,
             "zero_page_detection": self.zip is not None and self.zip.cfg.zero_pages,
@@ -1423,10 +1435,10 @@ class HostMemory:
         guests: dict[str, Any] = {}
         for gid in sorted(self._guests):
             g = self._guests[gid]
-            vd = asdict(g.vdisk.counters)
+            vd = _counts_of(g.vdisk.counters)
             for k, v in vd.items():
                 vd_totals[k] = vd_totals.get(k, 0) + v
-            guests[str(gid)] = {**self.guest_counts(gid), **asdict(g.counters),
+            guests[str(gid)] = {**self.guest_counts(gid), **_counts_of(g.counters),
                                 **{f"vdisk_{k}": v for k, v in vd.items()}}
             if self.sharing is not None:
                 guests[str(gid)].update(self.sharing.guest_metrics(gid))

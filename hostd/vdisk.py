@@ -208,6 +208,10 @@ class VirtualDisk:
 
     def _fill_for_read(self, blocks_u: np.ndarray) -> np.ndarray:
         """Blocks to load for a read: every block of each cluster with a missing block (clusters are whole)."""
+        if blocks_u.size == 1:    # the usual one-page request, in scalars: the same blocks
+            if self.cache_state[blocks_u[0]] != _NOT_CACHED:
+                return blocks_u[:0]
+            return self._cluster_blocks(blocks_u // self.cluster_pages)
         missing = blocks_u[self.cache_state[blocks_u] == _NOT_CACHED]
         if missing.size == 0:
             return missing
@@ -281,8 +285,12 @@ class VirtualDisk:
         """Drop own least recently used clean clusters (not pinned, not in ``keep``); returns pages freed."""
         if want_pages <= 0 or self.cached_pages == 0:
             return 0
-        victims = self._oldest((self.cluster_cached > 0) & (self.cluster_dirty == 0) & ~self._excluded(keep),
-                               want_pages)
+        # The cached clusters are few (the allowance): one pass finds them, the rest of the test runs on them.
+        cand = np.flatnonzero(self.cluster_cached)
+        cand = cand[(self.cluster_dirty[cand] == 0) & ~self.cluster_pinned[cand]]
+        if keep is not None and keep.size:
+            cand = cand[cand != keep[0]] if keep.size == 1 else cand[~np.isin(cand, keep)]
+        victims = self._oldest_of(cand, want_pages)
         return self._drop_clusters(victims) if victims.size else 0
 
     def _excluded(self, keep: np.ndarray | None) -> np.ndarray:
@@ -295,7 +303,10 @@ class VirtualDisk:
 
     def _oldest(self, mask: np.ndarray, want_pages: int) -> np.ndarray:
         """Clusters in ``mask``, least recently used first (ties by index), until they hold ``want_pages``."""
-        cand = np.flatnonzero(mask)
+        return self._oldest_of(np.flatnonzero(mask), want_pages)
+
+    def _oldest_of(self, cand: np.ndarray, want_pages: int) -> np.ndarray:
+        """``_oldest`` of the clusters ``cand`` (ascending, each holding a page or more)."""
         if cand.size == 0 or want_pages <= 0:
             return cand[:0]
         # Every candidate holds at least one page, so the `want` oldest suffice.
@@ -340,7 +351,8 @@ class VirtualDisk:
             c.cache_miss_pages += int(blocks.size)
             return IoResult(self.tokens[blocks].copy(), done, 0)
         blocks_u = unique_pages(blocks)
-        hits = int(np.count_nonzero(self.cache_state[blocks_u] == _FRAME))
+        hits = (int(self.cache_state[blocks_u[0]] == _FRAME) if blocks_u.size == 1
+                else int(np.count_nonzero(self.cache_state[blocks_u] == _FRAME)))
         done = start
         fill = self._fill_for_read(blocks_u)
         if fill.size:
@@ -431,15 +443,19 @@ class VirtualDisk:
         """Read ``blocks`` (whole clusters' missing parts) from the device into cache frames; one request each."""
         self._cache_in(blocks)
         cp = self.cluster_pages
-        if int(blocks[0]) // cp == int(blocks[-1]) // cp:     # the usual case: one cluster, one request
-            clusters, first, n = blocks[:1] // cp, np.zeros(1, np.int64), np.array((blocks.size,))
+        done = float(start_us)
+        b0 = int(blocks[0])
+        if b0 // cp == int(blocks[-1]) // cp:     # the usual case: one cluster, one request
+            n_clusters = 1
+            done = max(done, self.device.submit(self.guest_id, start_us, int(blocks.size), write=False,
+                                                offset=self.offset_base + b0))
         else:
             clusters, first, n = np.unique(blocks // cp, return_index=True, return_counts=True)
-        done = float(start_us)
-        for b0, k in zip(blocks[first].tolist(), n.tolist()):
-            done = max(done, self.device.submit(self.guest_id, start_us, k, write=False,
-                                                offset=self.offset_base + b0))
-        self.counters.cluster_loads += int(clusters.size)
+            n_clusters = int(clusters.size)
+            for b0, k in zip(blocks[first].tolist(), n.tolist()):
+                done = max(done, self.device.submit(self.guest_id, start_us, k, write=False,
+                                                    offset=self.offset_base + b0))
+        self.counters.cluster_loads += n_clusters
         self.counters.cluster_load_pages += int(blocks.size)
         self.counters.device_read_pages += int(blocks.size)
         self.fill_pages_tick += int(blocks.size)
@@ -509,7 +525,10 @@ class VirtualDisk:
         if frames.size != blocks.size:
             raise InvariantViolation(f"vdisk {self.guest_id}: host memory made room for too few cache frames")
         self.pool.pinned[frames] = self.pinned[blocks]
-        np.add.at(self.cluster_cached, blocks // self.cluster_pages, 1)
+        if blocks.size == 1:
+            self.cluster_cached[int(blocks[0]) // self.cluster_pages] += 1
+        else:
+            np.add.at(self.cluster_cached, blocks // self.cluster_pages, 1)
         self.cached_pages += int(blocks.size)
         self.cache_state[blocks] = _FRAME
         self.cache_loc[blocks] = frames
@@ -639,6 +658,8 @@ class VirtualDisk:
         lo, hi = self.swap_area
         if hi <= lo:
             return 0
+        if blocks.size == 1:
+            return int(lo <= int(blocks[0]) < hi)
         return int(np.count_nonzero((blocks >= lo) & (blocks < hi)))
 
     def counts(self) -> dict[str, int]:

@@ -14,6 +14,14 @@ ballooning / host-swap throughput ratio.
 project (with its own ``DIR/.venv``, e.g. an export of main before a
 change), first, in the same benchmark run, and prints this checkout's
 virtual seconds per wall second as a ratio of the anchor's.
+
+It also reads the host's and the guests' CPU from ``/proc`` while the run
+goes (every 0.2 s) and prints the host's CPU per request served (EPT
+faults and disk reads and writes: every second of the host's CPU, its tick
+work included, over those requests), against a bare framed uvloop echo's
+server CPU per round trip (``scripts.bench_rpc``'s echo, unpinned, one
+request outstanding, ``--echo-iterations`` round trips) measured in the
+same run (``--echo-iterations 0`` skips it). Target (issue #10): at most 2x.
 """
 from __future__ import annotations
 
@@ -24,6 +32,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -31,6 +40,7 @@ from typing import Any, Sequence
 __all__ = ["main", "TARGET_S"]
 
 TARGET_S = 60.0                  # issue #4: the 4-guest demo in under 60 s of wall time
+TARGET_CPU_PER_REQUEST_RATIO = 2.0   # host CPU per request at most this many times the echo's per round trip
 REPO = Path(__file__).resolve().parent.parent
 
 _COLUMNS = [
@@ -63,8 +73,72 @@ def _row(v: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _launch(args: argparse.Namespace, repo: Path, python: Path) -> tuple[float, dict[str, Any], Path] | None:
-    """One launcher run of the scenario from checkout ``repo``: (wall s, summary.json, run dir) or None."""
+class _CpuSampler:
+    """CPU seconds of this run's host and guest processes (by their command lines naming ``run_dir``)."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = str(run_dir)
+        self.cpu_s: dict[int, tuple[str, float]] = {}    # pid -> (role, its CPU seconds when last read)
+        self._others: set[int] = set()
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self) -> None:
+        tck = os.sysconf("SC_CLK_TCK")
+        while not self.done.is_set():
+            for entry in os.listdir("/proc"):
+                if not entry.isdigit() or int(entry) in self._others:
+                    continue
+                pid = int(entry)
+                try:
+                    if pid not in self.cpu_s:
+                        cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                        role = ("host" if "balloonlab.hostd" in cmd else "guest" if "balloonlab.guestd" in cmd
+                                else None)
+                        if role is None or self.run_dir not in cmd:
+                            if "balloonlab.forkserver" not in cmd:   # a fresh fork shows the server's at first
+                                self._others.add(pid)
+                            continue
+                    else:
+                        role = self.cpu_s[pid][0]
+                    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                    self.cpu_s[pid] = (role, (int(fields[11]) + int(fields[12])) / tck)
+                except (OSError, IndexError, ValueError):
+                    continue
+            self.done.wait(0.2)
+
+    def total(self, role: str) -> float:
+        return sum(cpu for r, cpu in self.cpu_s.values() if r == role)
+
+
+def _echo_server_cpu_us(iterations: int) -> float | None:
+    """A bare framed uvloop echo's server CPU per round trip (µs), one request outstanding, unpinned."""
+    import uvloop
+
+    from scripts.bench_rpc import _Server, run_client
+    from balloonlab.proto.transport import Address
+    tmp = tempfile.mkdtemp(prefix="bl-ioamp-echo-", dir="/tmp")
+    try:
+        server = _Server("echo", Address("unix", path=os.path.join(tmp, "echo.sock")), None, 1)
+        try:
+            res = uvloop.run(run_client("echo", server.address, iterations, min(500, iterations), 1, 1,
+                                        server.proc.pid))
+        finally:
+            server.stop()
+        return float(res["rtt_server_cpu_us"])
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _requests(summary: dict[str, Any]) -> int:
+    """EPT fault calls and disk reads and writes the host served, over every variant."""
+    return sum(int(v["host"].get(k, 0)) for v in summary["variants"].values()
+               for k in ("ept_fault_calls", "vdisk_read_requests", "vdisk_write_requests"))
+
+
+def _launch(args: argparse.Namespace, repo: Path, python: Path
+            ) -> tuple[float, dict[str, Any], Path, dict[str, float]] | None:
+    """One launcher run of the scenario from checkout ``repo``: (wall s, summary.json, run dir, CPU s by role)."""
     run_dir = Path(tempfile.mkdtemp(prefix="bl-ioamp-", dir="/tmp")) / "run"
     cmd = [str(python), "-m", "balloonlab.launch", "--scenario", args.scenario, "--guests", str(args.guests),
            "--run-dir", str(run_dir), "--no-report"]
@@ -73,14 +147,22 @@ def _launch(args: argparse.Namespace, repo: Path, python: Path) -> tuple[float, 
     if args.duration is not None:
         cmd += ["--duration", str(args.duration)]
     env = dict(os.environ, OPENBLAS_NUM_THREADS="1", PYTHONPATH=str(repo))
+    sampler = _CpuSampler(run_dir)
+    sampler.thread.start()
     t0 = time.monotonic()
     try:
-        proc = subprocess.run(cmd, cwd=repo, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        total_s = time.monotonic() - t0
+        try:
+            proc = subprocess.run(cmd, cwd=repo, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                  text=True)
+        finally:
+            total_s = time.monotonic() - t0
+            sampler.done.set()
+            sampler.thread.join()
         if proc.returncode != 0:
             print(f"the launcher ({repo}) exited with {proc.returncode}:\n{proc.stderr[-3000:]}", file=sys.stderr)
             return None
-        return total_s, json.loads((run_dir / "summary.json").read_text()), run_dir
+        cpu = {"host": sampler.total("host"), "guests": sampler.total("guest")}
+        return total_s, json.loads((run_dir / "summary.json").read_text()), run_dir, cpu
     finally:
         if not args.keep:
             shutil.rmtree(run_dir.parent, ignore_errors=True)
@@ -96,22 +178,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--keep", action="store_true", help="keep the run directory and print where it is")
     ap.add_argument("--json", type=Path, help="also write the results here")
     ap.add_argument("--anchor", type=Path, help="another checkout (with its .venv) to run first and compare against")
+    ap.add_argument("--echo-iterations", type=int, default=3000,
+                    help="round trips of the echo whose server CPU is the anchor of the host's CPU per request "
+                         "(0: skip it)")
     args = ap.parse_args(argv)
 
     anchor_vs = None
+    anchor_cpu_us = None
     if args.anchor is not None:
         got = _launch(args, args.anchor.resolve(), args.anchor.resolve() / ".venv" / "bin" / "python")
         if got is None:
             return 1
-        a_total, a_summary, _ = got
+        a_total, a_summary, _, a_cpu = got
         a_rows = {name: _row(v) for name, v in a_summary["variants"].items()}
         anchor_vs = sum(r["virtual_s"] for r in a_rows.values()) / a_total
+        a_req = _requests(a_summary)
+        anchor_cpu_us = a_cpu["host"] / a_req * 1e6 if a_req else None
         print(f"anchor {args.anchor}: total wall {a_total:.1f} s, {anchor_vs:.3f} virtual s per wall s; per variant "
-              + ", ".join(f"{n} {r['wall_s']:.1f} s ({r['vs_per_ws']:.3f} virt s/wall s)" for n, r in a_rows.items()))
+              + ", ".join(f"{n} {r['wall_s']:.1f} s ({r['vs_per_ws']:.3f} virt s/wall s)" for n, r in a_rows.items())
+              + f"; host CPU {a_cpu['host']:.1f} s, guests {a_cpu['guests']:.1f} s"
+              + (f", {anchor_cpu_us:.0f} µs host CPU per request ({a_req:,} requests)" if anchor_cpu_us else ""))
     got = _launch(args, REPO, Path(sys.executable))
     if got is None:
         return 1
-    total_s, summary, run_dir = got
+    total_s, summary, run_dir, cpu = got
+    echo_us = _echo_server_cpu_us(args.echo_iterations) if args.echo_iterations > 0 else None
 
     rows = {name: _row(v) for name, v in summary["variants"].items()}
     print(f"io-amplification benchmark: scenario {summary['scenario']}, seed {summary['seed']}, "
@@ -129,6 +220,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if anchor_vs:
         print(f"virtual s per wall s: {virtual / total_s:.3f} here vs {anchor_vs:.3f} for the anchor: "
               f"{virtual / total_s / anchor_vs:.2f}x")
+    n_req = _requests(summary)
+    cpu_us = cpu["host"] / n_req * 1e6 if n_req else None
+    print(f"CPU: host {cpu['host']:.1f} s, guests {cpu['guests']:.1f} s (all {args.guests} per variant); "
+          f"{n_req:,} EPT fault and disk requests"
+          + (f"; host CPU per request {cpu_us:.0f} µs" if cpu_us else "")
+          + (f" ({cpu_us / anchor_cpu_us:.2f}x the anchor's {anchor_cpu_us:.0f} µs)" if cpu_us and anchor_cpu_us else ""))
+    if cpu_us and echo_us:
+        print(f"host CPU per request {cpu_us:.0f} µs vs a framed uvloop echo's server CPU per round trip "
+              f"{echo_us:.1f} µs: {cpu_us / echo_us:.2f}x (target <= {TARGET_CPU_PER_REQUEST_RATIO:g}x)")
     if "ballooning" in rows and "host-swap" in rows and rows["host-swap"]["refs_per_vsec"]:
         ratio = rows["ballooning"]["refs_per_vsec"] / rows["host-swap"]["refs_per_vsec"]
         print(f"throughput ballooning / host-swap: {ratio:.3f}")
@@ -136,7 +236,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"run directory: {run_dir}")
     if args.json:
         args.json.write_text(json.dumps({"total_wall_s": total_s, "target_s": TARGET_S, "guests": args.guests,
-                                         "seed": summary["seed"], "variants": rows}, indent=1))
+                                         "seed": summary["seed"], "variants": rows, "cpu_s": cpu,
+                                         "requests": n_req, "host_cpu_us_per_request": cpu_us,
+                                         "echo_server_cpu_us_per_round_trip": echo_us,
+                                         "anchor_vs_per_ws": anchor_vs,
+                                         "anchor_host_cpu_us_per_request": anchor_cpu_us}, indent=1))
     bad = [n for n, r in rows.items() if r["lost_pages"] or r["reason"] != "completed"]
     if bad:
         print(f"variants with lost pages or not completed: {bad}", file=sys.stderr)

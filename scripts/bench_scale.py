@@ -1,7 +1,7 @@
 """Scale: host + N mostly idle guests for T ticks, guests from the fork server and one interpreter each.
 
     python scripts/bench.py scale [--guests 4,16,64,256] [--ticks 100] [--modes fork,exec]
-                                  [--exec-max-guests N] [--json FILE]
+                                  [--exec-max-guests N] [--json FILE] [--anchor DIR [--anchor-guests 64]]
 
 For each guest count (the scaling curve) and each way of starting guests
 (``--guest-start fork``: forked from the fork server; ``exec``: one
@@ -11,8 +11,13 @@ per virtual second, the host's CPU seconds, each guest's private memory
 (``Private_Clean + Private_Dirty`` of ``/proc/PID/smaps_rollup``, its peak
 over the run) and the total memory of the run (the sum of every process's
 PSS, shared pages divided among their sharers, at its peak), lost pages;
-then exec/fork ratios per guest count. Targets: 256 guests run the ticks
-with lost pages 0; guest private memory under 20 MiB each.
+then exec/fork ratios per guest count, the curve as a table (wall seconds
+per virtual second per guest count and mode, with its growth from the
+count before), and with ``--anchor DIR`` the fork-mode wall time of
+another checkout (its own ``.venv``) at ``--anchor-guests`` counts, run
+first in the same benchmark run, as a ratio. Targets: 256 guests run the
+ticks with lost pages 0; guest private memory under 20 MiB each; 64
+guests >= 10x the original code's speed.
 
 ``exec`` at a guest count whose estimated memory does not fit in what the
 machine has available is skipped and says so (``--exec-max-guests`` caps it
@@ -138,18 +143,22 @@ class _Sampler:
         return sorted(v for pid, v in table.items() if self.roles.get(pid) == role)
 
 
-def run_one(guests: int, ticks: int, mode: str, scenario: str = "scale", timeout_s: float = 1800.0) -> dict[str, Any]:
-    """One launcher run; its numbers."""
+def run_one(guests: int, ticks: int, mode: str, scenario: str = "scale", timeout_s: float = 1800.0,
+            repo: Path = REPO) -> dict[str, Any]:
+    """One launcher run from checkout ``repo`` (its own ``.venv`` unless it is this one); its numbers."""
     run_dir = Path(tempfile.mkdtemp(prefix=f"bench-scale-{mode}-{guests}-", dir="/tmp"))
-    cmd = [sys.executable, "-m", "balloonlab.launch", "--scenario", scenario, "--guests", str(guests),
-           "--ticks", str(ticks), "--run-dir", str(run_dir), "--no-report", "--guest-start", mode]
+    python = sys.executable if repo == REPO else str(repo / ".venv" / "bin" / "python")
+    cmd = [python, "-m", "balloonlab.launch", "--scenario", scenario, "--guests", str(guests),
+           "--ticks", str(ticks), "--run-dir", str(run_dir), "--no-report"]
+    if repo == REPO or "--guest-start" in (repo / "balloonlab" / "launch.py").read_text():
+        cmd += ["--guest-start", mode]   # (an anchor from before the fork server exec's its guests)
     sampler = _Sampler(str(run_dir))
     load0 = os.getloadavg()[0]
     wall0 = time.monotonic()
     sampler.thread.start()
     try:
-        proc = subprocess.run(cmd, cwd=REPO, env=dict(os.environ, OPENBLAS_NUM_THREADS="1"), capture_output=True,
-                              text=True, timeout=timeout_s)
+        proc = subprocess.run(cmd, cwd=repo, env=dict(os.environ, OPENBLAS_NUM_THREADS="1", PYTHONPATH=str(repo)),
+                              capture_output=True, text=True, timeout=timeout_s)
     finally:
         wall = time.monotonic() - wall0
         sampler.done.set()
@@ -224,6 +233,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--scenario", default="scale")
     ap.add_argument("--timeout", type=float, default=1800.0, help="wall seconds per run before giving up")
     ap.add_argument("--json", type=Path, default=None, help="write every row here")
+    ap.add_argument("--anchor", type=Path, default=None,
+                    help="another checkout (with its own .venv, e.g. an export of the code before a change): each "
+                         "fork-mode run of --anchor-guests runs there first, and the wall times are compared")
+    ap.add_argument("--anchor-guests", default="64", help="guest counts the anchor runs (comma-separated; default 64)")
     args = ap.parse_args(argv)
     try:
         counts = [int(x) for x in args.guests.split(",") if x.strip()]
@@ -239,8 +252,15 @@ def main(argv: list[str] | None = None) -> int:
     print(f"scale: {', '.join(map(str, counts))} guests x {args.ticks} ticks, modes {', '.join(modes)}; "
           f"open files limit {nofile[0]}; load average {os.getloadavg()[0]:.2f}; {os.cpu_count()} CPUs", flush=True)
     rows: list[dict[str, Any]] = []
+    anchors: dict[int, dict[str, Any]] = {}
+    anchor_counts = {int(x) for x in args.anchor_guests.split(",") if x.strip()} if args.anchor else set()
     status = 0
     for n in counts:
+        if n in anchor_counts:
+            a = run_one(n, args.ticks, "fork", args.scenario, args.timeout, args.anchor.resolve())
+            anchors[n] = a
+            print(f"  anchor {args.anchor} (its own guest start):", end="")
+            _print_row(a)
         for mode in modes:
             if mode == "exec":
                 cap = args.exec_max_guests
@@ -269,14 +289,34 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {n:>4} exec/fork: wall {ratio['wall_exec_over_fork']}x, guest private "
                   f"{ratio['private_exec_over_fork']}x, total memory {ratio['total_exec_over_fork']}x, host CPU "
                   f"{ratio['host_cpu_exec_over_fork']}x")
+    for n, a in sorted(anchors.items()):
+        f = by.get((n, "fork"))
+        if f and f["wall_s"] and a["wall_s"]:
+            print(f"  {n:>4} guests, fork: wall {f['wall_s']:.1f} s here vs {a['wall_s']:.1f} s for the anchor: "
+                  f"{a['wall_s'] / f['wall_s']:.2f}x faster; host CPU {f['host_cpu_s']:.1f} s vs {a['host_cpu_s']:.1f} s")
+    print("  the curve: wall seconds per virtual second (and its growth per step) by guest count")
+    print("  " + "guests".rjust(6) + "".join(m.rjust(16) for m in modes))
+    for n in counts:
+        cells = []
+        for mode in modes:
+            r = by.get((n, mode))
+            prev = [x for x in rows if x["mode"] == mode and x["guests"] < n and x["wall_s_per_vs"]]
+            if r is None or not r["wall_s_per_vs"]:
+                cells.append("-".rjust(16))
+                continue
+            grow = f" ({r['wall_s_per_vs'] / prev[-1]['wall_s_per_vs']:.1f}x)" if prev else ""
+            cells.append(f"{r['wall_s_per_vs']:.1f}{grow}".rjust(16))
+        print("  " + str(n).rjust(6) + "".join(cells))
     for mode in modes:
         curve = [r for r in rows if r["mode"] == mode and r["wall_s_per_vs"]]
         if len(curve) > 1:
             steps = ", ".join(f"{a['guests']}->{b['guests']}: {b['wall_s_per_vs'] / a['wall_s_per_vs']:.2f}x"
                               for a, b in zip(curve, curve[1:]))
-            print(f"  {mode}: wall s per virtual s grows {steps}")
+            per_guest = ", ".join(f"{r['guests']}: {r['wall_s_per_vs'] / r['guests']:.2f}" for r in curve)
+            print(f"  {mode}: wall s per virtual s grows {steps}; per guest {per_guest}")
     if args.json is not None:
-        args.json.write_text(json.dumps({"rows": rows, "ratios": ratios}, indent=1) + "\n")
+        args.json.write_text(json.dumps({"rows": rows, "ratios": ratios,
+                                         "anchor": {str(n): a for n, a in anchors.items()}}, indent=1) + "\n")
     return status
 
 

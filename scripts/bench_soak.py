@@ -18,6 +18,11 @@ memory is bounded), the host's frame pool and swap over virtual time, lost
 pages (must be 0), invariant violations (must be 0), the end-of-run audit,
 guests killed and rejoined, wall time. Written to ``soak.json`` in the run
 directory; every phase leaves the usual logs and ``summary.json``.
+
+Guests, restarted ones included, are forked from a fork server
+(``balloonlab.forkserver``, one per phase, as the launcher does) unless
+``--guest-start exec`` (or ``BALLOONLAB_FORKSERVER=0``) runs one
+interpreter each.
 """
 from __future__ import annotations
 
@@ -29,6 +34,7 @@ import select
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -108,10 +114,69 @@ def _rss_kib(pid: int) -> int:
     return 0
 
 
+class _Forked:
+    """A guest forked by the fork server, seen through ``subprocess.Popen``'s methods the soak uses."""
+
+    def __init__(self, loop: Any, child: Any) -> None:
+        self._loop = loop
+        self._child = child
+        self.pid = child.pid
+
+    @property
+    def returncode(self) -> int | None:
+        return self._child.returncode
+
+    def poll(self) -> int | None:
+        return self._child.returncode if self._child._exited.done() else None
+
+    def wait(self, timeout: float | None = None) -> int | None:
+        import asyncio
+        fut = asyncio.run_coroutine_threadsafe(asyncio.wait_for(self._child.wait(), timeout), self._loop)
+        try:
+            return fut.result()
+        except asyncio.TimeoutError:
+            raise subprocess.TimeoutExpired(f"guest {self.pid}", timeout or 0.0) from None
+
+    def send_signal(self, sig: int) -> None:
+        self._loop.call_soon_threadsafe(self._child.send_signal, sig)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+
+class _ForkLoop:
+    """The launcher's fork server client (asyncio) on a loop of its own thread, for the soak's synchronous code."""
+
+    def __init__(self, run_dir: Path, env: dict[str, str]) -> None:
+        import asyncio
+
+        from balloonlab.forkclient import ForkServer
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.server = asyncio.run_coroutine_threadsafe(
+            ForkServer.start(run_dir, env, sys.executable, _die_with_parent), self.loop).result()
+
+    def spawn(self, name: str, args: list[str], env: dict[str, str], stderr_path: Path) -> _Forked:
+        import asyncio
+        child = asyncio.run_coroutine_threadsafe(
+            self.server.spawn(name, args, env, stderr_path, cwd=str(REPO)), self.loop).result()
+        return _Forked(self.loop, child)
+
+    def close(self) -> None:
+        import asyncio
+        try:
+            asyncio.run_coroutine_threadsafe(self.server.close(), self.loop).result(30)
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(5)
+
+
 class _Phase:
     """One host and its guests; restarts a guest every so often."""
 
-    def __init__(self, run_dir: Path, run_config: dict[str, Any], restart_every: int, rng: np.random.Generator) -> None:
+    def __init__(self, run_dir: Path, run_config: dict[str, Any], restart_every: int, rng: np.random.Generator,
+                 guest_start: str = "fork") -> None:
         from balloonlab.proto.handshake import new_token
         self.dir = run_dir
         self.cfg = run_config
@@ -120,23 +185,29 @@ class _Phase:
         self.token = new_token()
         self.env = dict(os.environ, BALLOONLAB_TOKEN=self.token, OPENBLAS_NUM_THREADS="1", PYTHONUNBUFFERED="1",
                         PYTHONPATH=str(REPO))
-        self.guests: dict[int, subprocess.Popen] = {}
+        self.guests: dict[int, Any] = {}      # subprocess.Popen, or _Forked
         self.kills: list[dict[str, Any]] = []
         self.rss: list[tuple[float, int]] = []
+        self.guest_start = guest_start
+        self.forks: _ForkLoop | None = None
 
     def _spawn(self, argv: list[str], stdout: Any, name: str) -> subprocess.Popen:
         err = open(self.dir / f"{name}.stderr", "ab")
         return subprocess.Popen([sys.executable, *argv], cwd=REPO, env=self.env, stdin=subprocess.DEVNULL,
                                 stdout=stdout, stderr=err, start_new_session=True, preexec_fn=_die_with_parent)
 
-    def _guest(self, gid: int) -> subprocess.Popen:
+    def _guest(self, gid: int) -> Any:
         from balloonlab.proto.handshake import guest_token
-        env, self.env = self.env, dict(self.env, BALLOONLAB_TOKEN=guest_token(self.token, gid))   # its own only
-        try:
-            p = self._spawn(["-m", "balloonlab.guestd", "--address", self.address, "--guest-id", str(gid),
-                             "--log", str(self.dir / f"guest-{gid}.jsonl")], subprocess.DEVNULL, f"guest-{gid}")
-        finally:
-            self.env = env
+        env = dict(self.env, BALLOONLAB_TOKEN=guest_token(self.token, gid))   # its own credential only
+        args = ["--address", self.address, "--guest-id", str(gid), "--log", str(self.dir / f"guest-{gid}.jsonl")]
+        if self.forks is not None:
+            p: Any = self.forks.spawn(f"guest-{gid}", args, env, self.dir / f"guest-{gid}.stderr")
+        else:
+            saved, self.env = self.env, env
+            try:
+                p = self._spawn(["-m", "balloonlab.guestd", *args], subprocess.DEVNULL, f"guest-{gid}")
+            finally:
+                self.env = saved
         self.guests[gid] = p
         return p
 
@@ -150,6 +221,9 @@ class _Phase:
                             "--log", str(self.dir / "host.jsonl")], subprocess.PIPE, "host")
         wall0 = time.monotonic()
         try:
+            if self.guest_start == "fork":
+                # the server holds no credential: each guest gets its own in its spawn request
+                self.forks = _ForkLoop(self.dir, {k: v for k, v in self.env.items() if k != "BALLOONLAB_TOKEN"})
             ready = self._readline(host, 60.0)
             if ready is None or "ready" not in ready:
                 raise RuntimeError(f"host did not become ready: {(self.dir / 'host.stderr').read_text()[-500:]}")
@@ -184,6 +258,8 @@ class _Phase:
                 if p.poll() is None:
                     p.kill()
                     p.wait()
+            if self.forks is not None:
+                self.forks.close()
             if host.stdout is not None:
                 host.stdout.close()
             for path in self.dir.glob("*.stderr"):
@@ -234,7 +310,7 @@ class _Phase:
 
 
 def run_phase(run_dir: Path, guests: int, ticks: int, controller: str, seed: int, guest_mib: float,
-              restart_every: int, request_order: str = "deterministic") -> dict[str, Any]:
+              restart_every: int, request_order: str = "deterministic", guest_start: str = "fork") -> dict[str, Any]:
     """Run one phase; return its numbers."""
     from balloonlab import validators
     from balloonlab.analysis.summary import summarize, write_summary
@@ -250,7 +326,7 @@ def run_phase(run_dir: Path, guests: int, ticks: int, controller: str, seed: int
         swap_area = getattr(validators, "guest_swap_area", None)
         if swap_area is not None:
             g["swap_base_block"], g["swap_blocks"] = swap_area(g)
-    phase = _Phase(run_dir, cfg, restart_every, np.random.default_rng(seed))
+    phase = _Phase(run_dir, cfg, restart_every, np.random.default_rng(seed), guest_start)
     res = phase.run()
     summary = summarize(run_dir)
     write_summary(run_dir, summary)
@@ -287,19 +363,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--run-dir", type=Path, default=None)
     ap.add_argument("--request-order", choices=("deterministic", "arrival"), default="deterministic",
                     help="[host] request_order: reproducible, or served as they come (faster)")
+    ap.add_argument("--guest-start", choices=("fork", "exec"), default=None,
+                    help="guests forked from a fork server (default; BALLOONLAB_FORKSERVER=0: exec) or one "
+                         "interpreter each")
     args = ap.parse_args(argv)
+    if args.guest_start is None:
+        from balloonlab.forkclient import forkserver_default
+        args.guest_start = "fork" if forkserver_default() else "exec"
     if args.guests < 1 or args.ticks < 1:
         ap.error("--guests and --ticks must be >= 1")
     controllers = [c.strip() for c in args.controllers.split(",") if c.strip()]
     run_dir = args.run_dir or REPO / "runs" / f"soak-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
     per_phase = max(1, args.ticks // len(controllers))
-    print(f"soak: {args.guests} guests, {per_phase} ticks x {len(controllers)} controllers "
+    print(f"soak: {args.guests} guests ({args.guest_start}), {per_phase} ticks x {len(controllers)} controllers "
           f"({', '.join(controllers)}), a guest restarted every {args.restart_every_ticks} ticks; {run_dir}",
           flush=True)
     phases = []
     for i, controller in enumerate(controllers):
         res = run_phase(run_dir / f"{i}-{controller}", args.guests, per_phase, controller, args.seed + i,
-                        args.guest_mib, args.restart_every_ticks, args.request_order)
+                        args.guest_mib, args.restart_every_ticks, args.request_order, args.guest_start)
         phases.append(res)
         r = res["host_rss_mib"]
         print(f"[{controller}] {res['ticks']} ticks in {res['wall_s']} s ({res['reason']}): lost pages "
