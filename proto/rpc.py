@@ -34,12 +34,9 @@ each log their first ten.
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import inspect
 import itertools
-import types
 from collections import deque
-from types import CoroutineType
 from typing import Any, Awaitable, Callable, Mapping
 
 import structlog
@@ -72,24 +69,6 @@ _CORK_MAX_FRAMES = 16
 _CORK_MAX_BYTES = 64 * 1024
 _TIMER_SLACK_S = 0.001
 _LOG_FIRST = 10   # a peer-caused event is logged at counts 1..10, then at 100, 1000, ...
-
-
-@types.coroutine
-def _resume(coro: Any, yielded: Any) -> Any:
-    """Go on with a coroutine that was stepped once already (``yielded``: what it waits for), as a task's body."""
-    while True:
-        try:
-            sent = yield yielded
-        except BaseException as exc:   # the task thrown into (cancelled): pass it on
-            try:
-                yielded = coro.throw(exc)
-            except StopIteration as stop:
-                return stop.value
-        else:
-            try:
-                yielded = coro.send(sent)
-            except StopIteration as stop:
-                return stop.value
 
 
 def should_log_count(n: int) -> bool:
@@ -613,29 +592,6 @@ class RpcConnection(asyncio.Protocol):
         if isinstance(result, Message):  # a plain handler: answer now, no task
             self._release(size)
             self._reply(req_id, raw_type, result)
-        elif type(result) is CoroutineType:
-            # Run it now, as an eager task would: most requests (an idle lane, a page the
-            # host has) finish without waiting, and then need no task and no further loop
-            # iterations. One that waits goes on as a task, in the context it started in.
-            ctx = contextvars.copy_context()
-            try:
-                first = ctx.run(result.send, None)
-            except StopIteration as stop:
-                self._release(size)
-                self._reply(req_id, raw_type, stop.value)
-                return
-            except asyncio.CancelledError:
-                self._release(size)
-                self._send_error(req_id, raw_type, ErrorCode.SHUTTING_DOWN, "request cancelled")
-                return
-            except Exception as exc:
-                self._release(size)
-                self._reply_exception(req_id, raw_type, exc)
-                return
-            self._incoming += 1
-            task = self._loop.create_task(_resume(result, first), context=ctx)  # type: ignore[union-attr]
-            self._tasks.add(task)
-            task.add_done_callback(lambda t, i=req_id, r=raw_type, n=size: self._request_done(t, i, r, n))
         elif inspect.isawaitable(result):
             self._incoming += 1
             task = asyncio.ensure_future(result)
