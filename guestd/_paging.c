@@ -72,6 +72,7 @@ enum {
 
 #define WIN_MIN 256
 #define WIN_MAX 8192
+#define LATER_TOKEN 0xFFFFFFFFFFFFFFFEULL   /* proto.tokens.LATER_TOKEN */
 #define PAGE_BYTES 4096
 
 typedef struct {
@@ -482,7 +483,8 @@ static int cmp_u64(const void *a, const void *b) {
 }
 
 /* After the reference at i found its frame taken by the host: every such frame among the next WIN_MAX,
- * sorted and unique (np.unique). -1: out of memory. */
+ * its own first, then the others sorted and unique (np.unique): the host serves a fault's pages in the
+ * order sent and may stop at the tick's end, so the one the vCPU waits for goes first. -1: out of memory. */
 static int gather_back_window(Core *c) {
     int64_t end = c->i + WIN_MAX < c->n ? c->i + WIN_MAX : c->n, k = 0;
     uint64_t *tmp = (uint64_t *)malloc((size_t)(end - c->i) * sizeof(uint64_t));
@@ -496,6 +498,13 @@ static int gather_back_window(Core *c) {
     for (int64_t j = 0; j < k; j++)
         if (u == 0 || c->ept_gs[u - 1] != tmp[j]) c->ept_gs[u++] = tmp[j];
     free(tmp);
+    uint64_t first = (uint64_t)c->gpfn[c->P[c->i]];
+    for (int64_t j = 1; j < u; j++)
+        if (c->ept_gs[j] == first) {
+            memmove(c->ept_gs + 1, c->ept_gs, (size_t)j * sizeof(uint64_t));
+            c->ept_gs[0] = first;
+            break;
+        }
     c->ept_n = u;
     return 0;
 }
@@ -519,12 +528,12 @@ static void prepare_back(Core *c) {
  * break (cow) is the same backing of one frame, counted apart (GuestKernel.cow_faults) */
 static int finish_back(Core *c, const uint64_t *tokens, double done, int cow) {
     vt_max(c, done);
-    if (!cow) {
-        c->ctr[C_EPT_FAULTS] += c->ept_n;
-        c->ctr[C_EPT_FAULT_CALLS] += 1;
-    }
+    if (!cow) c->ctr[C_EPT_FAULT_CALLS] += 1;
     for (int64_t k = 0; k < c->ept_n; k++) {
         int64_t g = (int64_t)c->ept_gs[k];
+        /* the host stopped at the tick's end before this page: it stays unbacked, faulted again later */
+        if (tokens && tokens[k] == LATER_TOKEN) continue;
+        if (!cow) c->ctr[C_EPT_FAULTS] += 1;
         if (c->inval_gen[g] != c->ept_gen[k]) continue;     /* shot down again while we waited */
         int held = c->vpage[g] >= 0;
         if (held && c->host_took[g]) {

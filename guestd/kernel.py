@@ -57,7 +57,7 @@ import numpy as np
 import structlog
 
 from balloonlab.proto.costs import CostModel
-from balloonlab.proto.tokens import KEEP_TOKEN
+from balloonlab.proto.tokens import KEEP_TOKEN, LATER_TOKEN
 
 from .blockdev import BlockDevice, LocalBlockDevice
 from .errors import BadFrames, BadPages, BlockOutOfRange, GuestConfigError, OutOfMemory, SwapExhausted
@@ -560,10 +560,17 @@ class GuestKernel:
         return n
 
     async def _back_window(self, p: np.ndarray, where: np.ndarray, backed: np.ndarray) -> None:
-        """The next reference is resident but the host took its frame: back every such frame ahead at once."""
+        """The next reference is resident but the host took its frame: back every such frame ahead at once.
+
+        Its own frame first (the host may stop a fault at the tick's end), then the others in order.
+        """
         g = where[p]
         g = g[g >= 0]
-        await self._back(np.unique(g[~backed[g]]))
+        g = np.unique(g[~backed[g]])
+        first = where[p[0]]
+        if g.size > 1 and g[0] != first:
+            g = np.concatenate(([first], g[g != first]))
+        await self._back(g)
 
     def _hit_one(self, page: int, write: bool, g: int) -> None:
         fr = self.frames
@@ -882,9 +889,10 @@ class GuestKernel:
         keep = tokens == np.uint64(KEEP_TOKEN)
         if keep.any():   # already backed at the host: it never took the frame, our content stands
             tokens[keep] = fr.token[gs[keep]]
-        c.ept_faults += gs.size
+        reached = tokens != np.uint64(LATER_TOKEN)  # the rest: the host stopped at the tick's end first
+        c.ept_faults += int(np.count_nonzero(reached))
         c.ept_fault_calls += 1
-        stable = self._inval_gen[gs] == gen        # not shot down again while we waited
+        stable = (self._inval_gen[gs] == gen) & reached   # not shot down again while we waited
         gs, tokens = gs[stable], tokens[stable]
         held = fr.vpage[gs] >= 0                   # resident or soft-reclaimed: content must come back intact
         took = gs[held & fr.host_took[gs]]

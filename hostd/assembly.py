@@ -140,7 +140,8 @@ def assemble(cfg: RunConfig, sessions: SessionRegistry, *, running: Callable[[],
                           ref_us=costs.mem_ref_us + costs.cpu_us_per_ref,
                           # what else a vCPU may finish past its gate: a fault's own work between two of its
                           # requests, and one 256-PFN balloon round (proto/README.md, "The overshoot bound")
-                          overshoot_us=costs.minor_fault_us + costs.page_zero_us + 256 * costs.balloon_page_us))
+                          overshoot_us=costs.minor_fault_us + costs.page_zero_us + 256 * costs.balloon_page_us,
+                          last_tick=cfg.ticks - 1))
     # Silent guests' frames go first to host swap; the blind policy decides among the others.
     silent = SilentGuestMemory(make_victim_policy(mem_cfg.victim))
     states = (MemoryStates(ram_pages, mem_cfg.min_free_pct) if mem_cfg.memory_states == "esx" else None)

@@ -243,6 +243,20 @@ class Device:
             self.read_pages += n_pages
         return done
 
+    def chain_read_us(self, lane_id: int, offsets: np.ndarray) -> np.ndarray:
+        """Each one-page read of a chain at ``offsets`` (one after another), at the lane's speed, with no
+        wait for a channel: a lower bound on what ``submit`` will make each take."""
+        lane = self.lanes.get(lane_id)
+        offs = np.asarray(offsets, np.int64)
+        prev = np.empty_like(offs)
+        if offs.size:
+            prev[0] = lane.next_offset if lane is not None else -1
+            prev[1:] = offs[:-1] + 1
+        prof = self.profile
+        seq_us = prof.service_us(1, False, True)
+        cost = np.where(offs == prev, seq_us, seq_us + prof.read_seek_us)
+        return cost / (lane.speed if lane is not None else 1.0)
+
     def submit_serial(self, lane_id: int, vt_us: float, offsets: np.ndarray, *, write: bool = False) -> float:
         """One page at each offset, each issued when the previous completed (one stalled vCPU's faults)."""
         done = float(vt_us)

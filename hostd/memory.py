@@ -85,7 +85,7 @@ import numpy as np
 
 from balloonlab.proto.content import ContentMap
 from balloonlab.proto.costs import CostModel
-from balloonlab.proto.tokens import KEEP_TOKEN
+from balloonlab.proto.tokens import KEEP_TOKEN, LATER_TOKEN
 
 from .errors import (BadBatch, BalloonLimit, ContentMapTaken, DuplicateGuest, HostOutOfMemory, InvalidState,
                      InvariantViolation, UnknownGuest)
@@ -216,6 +216,8 @@ class HostCounters:
     ept_fault_calls: int = 0
     ept_faults: int = 0
     ept_fault_spurious_pages: int = 0   # asked for but already backed
+    ept_faults_cut: int = 0             # faults of several pages that reached the tick's end (open_tick)
+    ept_fault_later_pages: int = 0      # ... the pages they left for the next tick (LATER_TOKEN)
     swap_out_pages: int = 0             # guest pages taken to host swap
     swap_out_cache_pages: int = 0       # disk-cache pages: always 0 (the cache is never host-swapped)
     swap_in_pages: int = 0              # guest pages read back
@@ -321,6 +323,8 @@ class HostMemory:
         self.boundary_free_frames = total_frames    # free at the last tick start, before its grants, less held needs
         self.self_swap_allowed: Callable[[HostMemory, int], bool] = default_self_swap_allowed
         self.sharing: PageSharing | None = None     # page sharing, when the scenario turns it on
+        # The end of the tick now running, when the guests park at it (``open_tick``); None: faults unbounded.
+        self.fault_gate_us: float | None = None
 
     def enable_sharing(self, scan_pages_per_s: float) -> PageSharing:
         """Turn page sharing on (``hostd.sharing``), before any guest joins."""
@@ -464,20 +468,29 @@ class HostMemory:
         guest must deflate it first. ``fresh`` (``np.packbits`` over ``gpfns``, or empty) marks pages the
         guest overwrites whole before reading: one in host swap comes back
         as token 0 without a swap-in read, and its slot's content is dropped.
+        The pages are served one after another in the order sent, as one vCPU
+        takes them; in a tick with a gate (``open_tick``) those whose turn
+        comes after it get ``LATER_TOKEN`` and stay as they were.
         """
         g = self._guest(guest_id)
         one = one_page_number(gpfns, guest_id, "gpfn", g.p2m.guest_pages)
         if one is not None:
             return await self._ept_fault_one(g, one, vt_us, bool(fresh) and self._fresh_bits(g, fresh, 1)[0])
         gpfns = as_page_numbers(gpfns, guest_id, "gpfn", g.p2m.guest_pages, unique=True)
-        fresh_set = gpfns[self._fresh_bits(g, fresh, gpfns.size)] if fresh else gpfns[:0]
+        fresh_bits = self._fresh_bits(g, fresh, gpfns.size) if fresh else np.zeros(gpfns.size, bool)
+        fresh_set = gpfns[fresh_bits]
         uniq = unique_pages(gpfns)
         # A SHARED gpfn faults on a write (it is write-protected): the copy-on-write break. It takes
         # a frame like an unbacked page; its content is the guest's (KEEP_TOKEN), copied unless fresh.
         start_us = float(vt_us)
         tried = False
+        served = gpfns.size          # how many of gpfns, in the order sent, this fault backs (see _fault_fit)
         while True:
             g = self._same_guest(g)
+            gate_us = self._fault_gate(vt_us)
+            if gate_us is not None and gpfns.size > 1:
+                served = self._fault_fit(g, gpfns, fresh_bits, start_us, gate_us)
+                uniq = unique_pages(gpfns[:served])
             state = g.p2m.state[uniq]
             self._refuse_ballooned(g, uniq, state)
             backed = state == PageState.FRAME
@@ -493,6 +506,17 @@ class HostMemory:
             start_us = max(start_us, await self._make_room(need, vt_us, g))
             tried = True
 
+        chain_us = None
+        if gate_us is not None and gpfns.size > 1:
+            # Bounded by the tick's end: the pages in the order sent, one after another, the last one
+            # started before the gate; the rest are answered LATER_TOKEN (the guest faults them again).
+            served, chain_us = self._fault_chain(g, gpfns[:served], fresh_bits[:served], start_us, gate_us)
+            if served < uniq.size:
+                uniq = unique_pages(gpfns[:served])
+                state = g.p2m.state[uniq]
+                backed = state == PageState.FRAME
+            self.counters.ept_fault_later_pages += int(gpfns.size - served)
+            self.counters.ept_faults_cut += int(served < gpfns.size)
         todo = uniq[~backed]
         was_swapped = state[~backed] == PageState.SWAPPED
         was_zip = None
@@ -540,13 +564,16 @@ class HostMemory:
 
         if start_us > vt_us:
             self.counters.direct_reclaims += 1
-        done_us = start_us
-        if swapped.size:
-            # One vCPU faults its pages one at a time, however many one message carries.
-            done_us = self.swap.disk.submit_serial(guest_id, start_us, slots)
-        done_us += self.costs.ept_fault_us * uniq.size + zip_us
-        if n_cow:
-            done_us += self.costs.page_copy_us * (n_cow - n_fresh)
+        if chain_us is not None:
+            done_us = chain_us
+        else:
+            done_us = start_us
+            if swapped.size:
+                # One vCPU faults its pages one at a time, however many one message carries.
+                done_us = self.swap.disk.submit_serial(guest_id, start_us, slots)
+            done_us += self.costs.ept_fault_us * uniq.size + zip_us
+            if n_cow:
+                done_us += self.costs.page_copy_us * (n_cow - n_fresh)
 
         c, gc = self.counters, g.counters
         c.ept_fault_calls += 1
@@ -557,7 +584,11 @@ class HostMemory:
         c.swap_in_pages += int(swapped.size)
         gc.swap_in_pages += int(swapped.size)
         gc.ept_fault_swapins += int(swapped.size)
-        tokens = self.pool.token[g.p2m.loc[gpfns]]
+        if served < gpfns.size:
+            tokens = np.full(gpfns.size, LATER_TOKEN, np.uint64)
+            tokens[:served] = self.pool.token[g.p2m.loc[gpfns[:served]]]
+        else:
+            tokens = self.pool.token[g.p2m.loc[gpfns]]
         if todo.size != uniq.size:   # some were backed already: the guest holds their content, not us
             tokens[np.isin(gpfns, uniq[backed])] = KEEP_TOKEN
         if n_cow:                    # so were the shared ones, now copied
@@ -675,6 +706,85 @@ class HostMemory:
             # hand it over as it is and let the guest's check say so, rather than wait for ever.
             return False
         return True
+
+    # -- faults bounded by the tick's end ------------------------------------------
+
+    def open_tick(self, tick_end_us: float | None) -> None:
+        """The tick now running ends at ``tick_end_us``, where the guests park (None: they do not).
+
+        A fault of several pages is then served as the vCPU would take them,
+        one after another in the order sent, and stops at the gate: every page
+        whose service starts before ``tick_end_us`` is backed (the last may
+        end past it: the one request in flight), the rest are answered
+        ``LATER_TOKEN`` and the guest faults them again in the next tick. One
+        message of hundreds of host-swapped pages used to read them all, one
+        after another, 10-40 virtual ms past the tick's end.
+        """
+        self.fault_gate_us = None if tick_end_us is None else float(tick_end_us)
+
+    def _fault_gate(self, vt_us: float) -> float | None:
+        """The gate a fault sent at ``vt_us`` stops at; None: unbounded (no ticks, or sent past the gate:
+        the run's last tick lets a fault in flight finish whole)."""
+        gate = self.fault_gate_us
+        return gate if gate is not None and vt_us < gate else None
+
+    def _fault_costs(self, g: _Guest, gpfns: np.ndarray, fresh: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Per page of a fault, in the order sent: its swap slot when it needs a read (else -1), and the
+        CPU time it costs on top (the exit, a decompression, a copy-on-write copy)."""
+        state = g.p2m.state[gpfns]
+        slot = np.where((state == PageState.SWAPPED) & ~fresh, g.p2m.loc[gpfns], -1)
+        extra = np.full(gpfns.size, self.costs.ept_fault_us)
+        if self.zip is not None:
+            extra[(state == PageState.COMPRESSED) & ~fresh] += self.zip.cfg.decompress_page_us
+        extra[(state == PageState.SHARED) & ~fresh] += self.costs.page_copy_us
+        return slot, extra
+
+    def _fault_fit(self, g: _Guest, gpfns: np.ndarray, fresh: np.ndarray, start_us: float, gate_us: float) -> int:
+        """How many of ``gpfns`` can start before the gate: at least as many as ``_fault_chain`` will serve.
+
+        Each read costs its service time at the lane's speed with no wait
+        for a channel, so the estimate never falls short; the fault makes
+        room for these only, not for pages the next tick will fault.
+        """
+        slot, extra = self._fault_costs(g, gpfns, fresh)
+        io = slot >= 0
+        if np.any(io):
+            extra[io] += self.swap.disk.chain_read_us(g.guest_id, slot[io])
+        starts = start_us + np.concatenate(([0.0], np.cumsum(extra[:-1])))
+        return max(1, int(np.searchsorted(starts, gate_us, side="left")))
+
+    def _fault_chain(self, g: _Guest, gpfns: np.ndarray, fresh: np.ndarray, start_us: float,
+                     gate_us: float) -> tuple[int, float]:
+        """Serve ``gpfns`` one after another from ``start_us``, up to the gate: (pages served, done_vt_us).
+
+        The first page is always served (a fault makes progress); a later one
+        only if its turn comes before ``gate_us``. Reads go on the guest's
+        lane of the swap device one at a time, each after the page before.
+        Loops over the pages that read only; the others advance by their CPU
+        time, found in a cumulative sum.
+        """
+        slot, extra = self._fault_costs(g, gpfns, fresh)
+        n = int(gpfns.size)
+        cum = np.concatenate(([0.0], np.cumsum(extra)))
+        disk, gid = self.swap.disk, g.guest_id
+        t = float(start_us)
+        i = 0
+        for j in [*np.flatnonzero(slot >= 0).tolist(), n]:
+            if j > i:     # pages i .. j-1 read nothing: page p starts at t + cum[p] - cum[i]
+                starts = t + (cum[i:j] - cum[i])
+                first = 1 if i == 0 else 0
+                late = np.flatnonzero(starts[first:] >= gate_us)
+                if late.size:
+                    k = i + first + int(late[0])
+                    return k, t + float(cum[k] - cum[i])
+                t += float(cum[j] - cum[i])
+            if j == n:
+                break
+            if j > 0 and t >= gate_us:
+                return j, t
+            t = disk.submit(gid, t, 1, write=False, offset=int(slot[j])) + float(extra[j])
+            i = j + 1
+        return n, t
 
     def _fresh_bits(self, g: _Guest, fresh: bytes, n: int) -> np.ndarray:
         raw = np.frombuffer(fresh, np.uint8)

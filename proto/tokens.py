@@ -8,15 +8,22 @@ tokens as opaque ``uint64`` and never interprets them.
 ``2**32 - 2``) answers an EPT fault on a gpfn the host already backs: the
 host never took that frame, so its content is whatever the guest last wrote
 there, which only the guest knows. The guest keeps its own.
+
+``LATER_TOKEN`` (all ones but the last bit; no page has it, as above)
+answers an EPT fault on a gpfn the host did not reach: a fault of several
+pages is served one page after another, as a vCPU takes them, and stops at
+the end of the tick it runs in. The gpfn stays as it was (not backed); the
+guest faults it again, in the next tick.
 """
 from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["ZERO_TOKEN", "KEEP_TOKEN", "make_tokens", "token_page_ids", "token_versions"]
+__all__ = ["ZERO_TOKEN", "KEEP_TOKEN", "LATER_TOKEN", "make_tokens", "token_page_ids", "token_versions"]
 
 ZERO_TOKEN = 0
 KEEP_TOKEN = 0xFFFF_FFFF_FFFF_FFFF
+LATER_TOKEN = 0xFFFF_FFFF_FFFF_FFFE
 _VERSION_MASK = np.uint64(0xFFFF_FFFF)
 _SHIFT = np.uint64(32)
 

@@ -49,8 +49,9 @@ def test_aggressive_inflation_unfolds_the_storm_and_the_detector_names_the_chain
     assert agg["host"]["swap_out_pages"] >= 0.02 * ram, msg
     # (At 1.3x overcommit working-set host-swaps too, before its balloons catch up: the storm is told
     # apart by the detector's chain and by throughput, below, not by the swap-out count alone.)
-    # Host I/O memory: I/O buffers and the disk cache (with writeback the swap-outs pile up as dirty cache)
-    assert _io_peak(agg) >= 3 * max(_io_peak(ws), 100), msg
+    # Host I/O memory: I/O buffers and the disk cache (with writeback the swap-outs pile up as dirty cache),
+    # across the detector's own I/O threshold (Linux's dirty_background_ratio, 10 % of RAM) in the storm only.
+    assert _io_peak(agg) >= _IO_FRACTION * ram > _io_peak(ws), msg
     tp = agg["throughput"]
     assert tp["first_inflation_tick"] >= 30, msg
     # Throughput falls once the balloon squeezes both guests. Under the deterministic discipline a guest
@@ -66,13 +67,19 @@ def test_the_working_set_controller_has_no_storm_and_keeps_throughput(storm: tup
     agg, ws = variants["aggressive"], variants["working-set"]
     msg = headline("aggressive", agg) + "\n" + headline("working-set", ws)
     assert ws["swap_storms"] == 0 and not host_events(run_dir, "working-set", ev.SWAP_STORM_DETECTED), msg
-    assert _io_peak(ws) * 3 <= _io_peak(agg), msg   # no I/O pile-up
+    # No I/O pile-up: below the detector's I/O threshold, where the storm's is above it. (The peaks were
+    # 1,024 and 4,032 pages; with faults stopped at the tick's end working-set's guests run 26 % faster and
+    # write more through the writeback cache: 1,776 and 4,048, of 2,521 at the threshold.)
+    assert _io_peak(ws) < _IO_FRACTION * agg["host"]["ram_pages"] <= _io_peak(agg), msg
     assert sum(g["balloon_pages"] for g in ws["guests"]) > 1000, msg                 # it did reclaim
     # (1.37x under the deterministic discipline, where the aggressive variant's guests drop their own
     # clean cache before anything is host-swapped; 2.6x with mid-tick global blind reclaim)
     assert ws["refs_per_vsec"] >= 1.3 * agg["refs_per_vsec"], msg
     tp = ws["throughput"]
     assert tp["after_inflation_refs_per_vsec"] >= 0.8 * tp["before_inflation_refs_per_vsec"], msg
+
+
+_IO_FRACTION = 0.10   # swap-storm.toml [monitors.swap_storm] io_fraction
 
 
 def _io_peak(v: dict) -> int:

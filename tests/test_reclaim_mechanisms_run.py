@@ -59,8 +59,11 @@ def test_free_page_reporting_gives_the_host_its_memory_back(tmp_path: Path) -> N
                        timeout_s=60)["default"]
     h, h0 = on["host"], off["host"]
     reported = sum(int(g["pages_reported"]) for g in on["guests"])
-    # Two bursts of each guest freed and reported, two whole 2 MiB blocks each; every reported frame was backed.
-    assert reported == h["pages_reported"] == 2 * 2 * 2 * 512, (reported, h)
+    # Two bursts of each guest freed and reported, two whole 2 MiB blocks each (ticks 44 and 109); every
+    # reported frame was backed. Since faults stop at the tick's end a third report follows at tick 129 with
+    # the 6-7 frames a block freed again had backed: less than a block more.
+    assert reported == h["pages_reported"], (reported, h)
+    assert 2 * 2 * 2 * 512 <= reported < 2 * 2 * 2 * 512 + 2 * 512, (reported, h)
     assert h["frames_discarded"] == h["pages_reported"]
     assert all(g["free_report_calls"] >= 2 and g["frames_discarded"] == g["pages_reported"] for g in on["guests"])
     assert h0["pages_reported"] == 0 and all("pages_reported" not in g for g in off["guests"])

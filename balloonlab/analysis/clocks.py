@@ -13,10 +13,15 @@ requests) and the last term one balloon hypercall's per-page work.
 ``inflight_us`` is what the guest reports with the tick
 (``tick_inflight_us``: how far past the tick's end the last request it sent
 before the gate completed). A request counts only in the tick it was sent
-in: when one overran by more than a tick (a fault whose direct reclaim
-waited for many swap-out writes), the guest's clock is still past the
-next tick's end with nothing in flight, and that tick end is late (the host
-counts it so too); such tick ends are also counted as ``ahead``.
+in: when one overran by more than a tick, the guest's clock is still past
+the next tick's end with nothing in flight, and that tick end is late (the
+host counts it so too); such tick ends are also counted as ``ahead``. (The
+request that did so was an EPT fault of a window of hundreds of
+host-swapped pages, read one after another; the host now stops a fault at
+the tick's end, ``HostMemory.open_tick``, so the one request in flight is
+at most one page's read.) In the run's last tick a guest lets its fault in
+flight finish whole (guestd/gate.py): the logs' bound still holds there,
+because ``tick_inflight_us`` covers it, and the host does not count it.
 
 Two readings, both per variant:
 
@@ -28,7 +33,8 @@ Two readings, both per variant:
 - **the host's own count** over every ``TickDone`` of every guest
   (``tick_done_late``, ``tick_done_max_over_us`` in summary.json's host
   section: over = ``vt_us - max(tick end, the guest's last reply's
-  completion)`` beyond one reference plus the zero-fill and balloon terms).
+  completion)`` beyond one reference plus the zero-fill and balloon terms;
+  every tick but the run's last).
 
 A run under a lock model (``[locks]`` enabled) is reported but exempt: its
 guests do not hold requests at the gate (proto/README.md says why).

@@ -60,11 +60,14 @@ class DisciplineContext:
     tick_us: float = 10_000.0
     ref_us: float = 0.0                      # one reference's cost (mem_ref_us + cpu_us_per_ref)
     overshoot_us: float = 0.0                # past the gate beyond one reference (zero fill, a balloon round)
+    last_tick: int | None = None             # the run's last tick: guests finish their fault in flight there
 
 
 class RequestDiscipline(Protocol):
     request_order: str
     """Reported in ``run_finished.request_order``: ``deterministic`` or ``arrival``."""
+    guests_park_at_gate: bool
+    """The guests park at each tick's end: host memory stops a fault of several pages there."""
 
     def serve(self, guest_id: int, requests: Mapping[MsgType, RequestHandler]) -> GuestHandlers:
         """The guest's memory and disk handlers as this mode serves them, plus the mode's own messages."""
@@ -120,6 +123,9 @@ class DisciplineBase:
     """Requests served as they arrive; shootdowns sent at once; nothing held (the arrival mode's behaviour)."""
 
     request_order = "arrival"
+    # The guests' vCPUs park at the end of each tick, so a fault of several pages stops there
+    # (HostMemory.open_tick); a mode whose guests do not park must say False.
+    guests_park_at_gate = True
 
     def __init__(self, ctx: DisciplineContext) -> None:
         self.ctx = ctx

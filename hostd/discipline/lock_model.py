@@ -29,6 +29,7 @@ __all__ = ["LockModel"]
 
 class LockModel(DisciplineBase):
     request_order = "arrival"
+    guests_park_at_gate = False   # guestd does not hold requests at the gate under a lock protocol
 
     def __init__(self, cfg: LockConfig, ctx: DisciplineContext) -> None:
         super().__init__(ctx)
