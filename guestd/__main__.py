@@ -65,7 +65,17 @@ def main(argv: list[str] | None = None) -> int:
     import uvloop
 
     from balloonlab.guestd.agent import GuestAgent
-    return uvloop.run(GuestAgent(args.guest_id, token, address).run())
+    agent = GuestAgent(args.guest_id, token, address)
+    profile_dir = os.environ.get("BALLOONLAB_PROFILE_DIR")
+    if not profile_dir:
+        return uvloop.run(agent.run())
+    # As the host's: a guest's per-request cost only shows under the real host.
+    import cProfile
+    prof = cProfile.Profile()
+    try:
+        return prof.runcall(uvloop.run, agent.run())
+    finally:
+        prof.dump_stats(os.path.join(profile_dir, f"guest-{args.guest_id}-{os.getpid()}.prof"))
 
 
 if __name__ == "__main__":

@@ -50,7 +50,17 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"hostd: {exc}", file=sys.stderr)
         return 2
-    return uvloop.run(host.run())
+    profile_dir = os.environ.get("BALLOONLAB_PROFILE_DIR")
+    if not profile_dir:
+        return uvloop.run(host.run())
+    # Profiling the host in place is the only way to see its per-request cost
+    # under the real guests' load; the stats land beside the run for pstats.
+    import cProfile
+    prof = cProfile.Profile()
+    try:
+        return prof.runcall(uvloop.run, host.run())
+    finally:
+        prof.dump_stats(Path(profile_dir) / f"host-{cfg.variant or 'run'}-{os.getpid()}.prof")
 
 
 if __name__ == "__main__":
