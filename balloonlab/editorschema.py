@@ -5,7 +5,7 @@ tables whose keys belong to the host's registries are added here from those
 registries, so an editor completes them too: each monitor's table
 (``[monitors.NAME]``, from its config dataclass: type, default, bounds,
 choices, the field's comment) and each built-in balloon policy's
-``params`` (type and default; docs/policies.md says what each means).
+``params`` (type, default, meaning and bounds, from its ``parse_params`` spec).
 """
 from __future__ import annotations
 
@@ -68,11 +68,19 @@ def _dataclass_object(dc: type) -> dict[str, Any]:
     return {"type": "object", "properties": props, "additionalProperties": False}
 
 
-def _params_object(spec: Mapping[str, tuple[type, Any]]) -> dict[str, Any]:
+def _params_object(spec: Mapping[str, Any]) -> dict[str, Any]:
     props = {}
-    for name, (kind, default) in spec.items():
+    for name, param in spec.items():
+        kind, default = param.kind, param.default
         prop: dict[str, Any] = {"type": "number" if kind is float else _JSON_TYPES.get(kind, "string")}
         if default is not None:
             prop["default"] = default
+        if param.doc:
+            prop["description"] = param.doc
+        as_kind = int if kind is int else float
+        if param.lo is not None:
+            prop["exclusiveMinimum" if param.lo_open else "minimum"] = as_kind(param.lo)
+        if param.hi is not None:
+            prop["exclusiveMaximum" if param.hi_open else "maximum"] = as_kind(param.hi)
         props[name] = prop
     return {"type": "object", "properties": props, "additionalProperties": False}

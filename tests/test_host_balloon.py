@@ -47,7 +47,7 @@ def test_unknown_and_mistyped_params_are_named() -> None:
         make_controller("mom", {"pressure_rate": "fast"})
     with pytest.raises(PolicyConfigError, match="'tax_rate' must be in \\[0, 1\\)"):
         make_controller("proportional", {"tax_rate": 1.0})
-    with pytest.raises(PolicyConfigError, match="period_ticks must be >= 1"):
+    with pytest.raises(PolicyConfigError, match="'period_ticks' must be >= 1, got 0"):
         make_controller("aggressive", {"period_ticks": 0})
     with pytest.raises(ConfigError):       # the scenario loader catches ConfigError
         make_controller("none", {"x": 1})

@@ -145,7 +145,7 @@ def test_a_stuck_guest_is_excluded_and_the_others_are_squeezed_harder() -> None:
 def test_squeezed_refuses_bad_params_by_name() -> None:
     with pytest.raises(PolicyConfigError, match="dynamic_min_fraction 0.9 is above dynamic_max_fraction 0.5"):
         make_controller("squeezed", {"dynamic_min_fraction": 0.9, "dynamic_max_fraction": 0.5})
-    with pytest.raises(PolicyConfigError, match="period_s must be > 0, got 0.0"):
+    with pytest.raises(PolicyConfigError, match="'period_s' must be > 0, got 0.0"):
         make_controller("squeezed", {"period_s": 0.0})
 
 
@@ -204,7 +204,7 @@ def test_hyperv_under_shortage_serves_demand_before_buffers_and_by_weight() -> N
 
 
 def test_hyperv_refuses_values_set_vmmemory_refuses() -> None:
-    with pytest.raises(PolicyConfigError, match=r"buffer_percent must be in \[5, 2000\].*got 3.0"):
+    with pytest.raises(PolicyConfigError, match=r"'buffer_percent' must be in \[5, 2000\].*got 3.0"):
         make_controller("hyperv", {"buffer_percent": 3.0})
     with pytest.raises(PolicyConfigError, match=r"weight '2' must be an integer in \[0, 100\].*got 101"):
         make_controller("hyperv", {"weights": {"2": 101}})

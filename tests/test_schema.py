@@ -289,8 +289,17 @@ def test_schema_is_printed_by_the_launcher(capsys: pytest.CaptureFixture[str]) -
     assert {"min_guests", "stall_share", "io_fraction"} <= set(monitors["swap_storm"]["properties"])
     params = {c["if"]["properties"]["policy"]["const"]: c["then"]["properties"]["params"]["properties"]
               for c in doc["$defs"]["BalloonTable"]["allOf"]}
-    assert params["squeezed"]["host_free_target_mib"] == {"type": "number", "default": 9.0}
+    assert params["squeezed"]["host_free_target_mib"]["default"] == 9.0
+    assert params["squeezed"]["host_free_target_mib"]["minimum"] == 0
     assert {"buffer_percent", "weights"} <= set(params["hyperv"]) and "pressure_us" in params["senpai"]
+    assert (params["hyperv"]["buffer_percent"]["minimum"], params["hyperv"]["buffer_percent"]["maximum"]) == (5, 2000)
+    assert params["proportional"]["tax_rate"]["exclusiveMaximum"] == 1
+    # every built-in policy's every parameter says what it means
+    undocumented = [f"{pol}.{name}" for pol, props in params.items() for name, p in props.items()
+                    if not p.get("description")]
+    assert not undocumented, undocumented
     for edit in ("[monitors.pinning]\npff_hihg = 3\n", "[balloon]\npolicy = \"squeezed\"\nparams = { period = 1 }\n",
+                 "[balloon]\npolicy = \"proportional\"\nparams = { tax_rate = 1.0 }\n",
+                 "[balloon]\npolicy = \"hyperv\"\nparams = { buffer_percent = 3 }\n",
                  "[disk]\nshared = \"yes\"\n", "[host]\nvdisk_cache = \"fast\"\n"):
         assert list(validator.iter_errors(tomllib.loads(BASE + edit))), edit

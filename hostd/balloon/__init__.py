@@ -27,7 +27,7 @@ from .noncoop import NonCooperationDetector
 from .none import NoBalloon
 from .decision import Decision, DecisionLog, hold
 from .hyperv import HyperVBalloon
-from .policy import BalloonController, ControllerBase, clamp_target
+from .policy import BalloonController, ControllerBase, Param, clamp_target
 from .proportional import ProportionalBalloon
 from .senpai import SenpaiBalloon
 from .squeezed import SqueezedBalloon
@@ -83,8 +83,9 @@ class _TargetsOnly(ControllerBase):
                 for gid, t in dict(wanted).items()}
 
 
-def policy_params() -> dict[str, Mapping[str, tuple[type, Any]]]:
-    """Each built-in policy's parameters, ``name -> (type, default)``, read by building it with its defaults."""
+def policy_params() -> dict[str, Mapping[str, Param]]:
+    """Each built-in policy's parameters (``Param``: type, default, meaning, bounds), read by building it with its
+    defaults."""
     from .policy import PARAM_SPECS
     for name in BALLOON_POLICIES:
         make_controller(name, {})

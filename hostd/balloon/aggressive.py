@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from .decision import Decision, hold
-from .policy import ControllerBase, check_fraction, check_non_negative, clamp_target, is_due, parse_params
+from .policy import ControllerBase, clamp_target, fraction, is_due, non_negative, parse_params, period_ticks
 from .view import STAT_WORKING_SET, HostView
 
 __all__ = ["AggressiveBalloon"]
@@ -27,10 +27,11 @@ class AggressiveBalloon(ControllerBase):
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any]) -> "AggressiveBalloon":
-        p = parse_params(cls.name, params, {"free_target_fraction": (float, 0.10), "period_ticks": (int, 1),
-                                            "start_tick": (int, 0)})
-        check_fraction(cls.name, "free_target_fraction", p["free_target_fraction"])
-        check_non_negative(cls.name, "start_tick", p["start_tick"])
+        p = parse_params(cls.name, params, {
+            "free_target_fraction": fraction("inflate when expected free frames fall below this share of host RAM",
+                                             0.10),
+            "period_ticks": period_ticks(),
+            "start_tick": non_negative(int, "no inflation before this tick (lets the guests warm up)", 0)})
         return cls(p["free_target_fraction"], p["period_ticks"], p["start_tick"])
 
     def decide(self, view: HostView) -> dict[int, Decision] | None:

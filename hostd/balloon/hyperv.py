@@ -48,7 +48,7 @@ from balloonlab.proto.schema import mib_to_pages
 
 from ..errors import PolicyConfigError
 from .decision import Decision
-from .policy import ControllerBase, check_fraction, check_non_negative, parse_params
+from .policy import ControllerBase, Param, fraction, non_negative, parse_params
 from .view import STAT_WORKING_SET, GuestView, HostView
 
 __all__ = ["HyperVBalloon", "memory_pressure", "requested_pages", "weighted_fill", "demand_pages"]
@@ -118,12 +118,16 @@ class HyperVBalloon(ControllerBase):
     @classmethod
     def from_params(cls, params: Mapping[str, Any]) -> "HyperVBalloon":
         p = parse_params(cls.name, params, {
-            "buffer_percent": (float, 20.0), "weight": (int, 50), "weights": (dict, {}),
-            "minimum_fraction": (float, 0.0), "maximum_fraction": (float, 1.0), "startup_fraction": (float, 1.0),
-            "host_reserve_mib": (float, 0.0), "demand_stat": (str, "committed"), "period_s": (float, 1.0)})
-        if not 5.0 <= p["buffer_percent"] <= 2000.0:
-            raise PolicyConfigError(f"balloon policy 'hyperv': buffer_percent must be in [5, 2000] (Set-VMMemory "
-                                    f"-Buffer), got {p['buffer_percent']}")
+            "buffer_percent": Param(float, 20.0, "Set-VMMemory -Buffer: memory asked above demand, in % of demand",
+                                    5.0, 2000.0),
+            "weight": Param(int, 50, "Set-VMMemory -Priority of every guest not in weights", 0.0, 100.0),
+            "weights": Param(dict, {}, "memory weight (0-100) by guest id"),
+            "minimum_fraction": fraction("-MinimumBytes as a share of the guest's RAM", 0.0),
+            "maximum_fraction": fraction("-MaximumBytes as a share of the guest's RAM", 1.0),
+            "startup_fraction": fraction("-StartupBytes as a share of the guest's RAM", 1.0),
+            "host_reserve_mib": non_negative(float, "the root partition's reserve", 0.0),
+            "demand_stat": Param(str, "committed", "what demand reads: committed or working_set_pages"),
+            "period_s": Param(float, 1.0, "how often the balancer runs (virtual s)", 0.0, lo_open=True)})
         weights: dict[int, int] = {}
         for key, w in {"default": p["weight"], **p["weights"]}.items():
             if isinstance(w, bool) or not isinstance(w, int) or not 0 <= w <= 100:
@@ -135,18 +139,13 @@ class HyperVBalloon(ControllerBase):
                 except (TypeError, ValueError):
                     raise PolicyConfigError(f"balloon policy 'hyperv': weights key {key!r} is not a guest id") from None
         p["weights"] = weights
-        for name in ("minimum_fraction", "maximum_fraction", "startup_fraction"):
-            check_fraction(cls.name, name, p[name])
         if not p["minimum_fraction"] <= p["startup_fraction"] <= p["maximum_fraction"]:
             raise PolicyConfigError(
                 f"balloon policy 'hyperv': need minimum_fraction <= startup_fraction <= maximum_fraction, got "
                 f"{p['minimum_fraction']}, {p['startup_fraction']}, {p['maximum_fraction']}")
-        check_non_negative(cls.name, "host_reserve_mib", p["host_reserve_mib"])
         if p["demand_stat"] not in DEMAND_STATS:
             raise PolicyConfigError(f"balloon policy 'hyperv': demand_stat must be one of {list(DEMAND_STATS)}, "
                                     f"got {p['demand_stat']!r}")
-        if p["period_s"] <= 0:
-            raise PolicyConfigError(f"balloon policy 'hyperv': period_s must be > 0, got {p['period_s']}")
         return cls(**p)
 
     def limits(self, g: GuestView) -> tuple[int, int, int]:

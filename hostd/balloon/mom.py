@@ -17,7 +17,7 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from .decision import Decision
-from .policy import ControllerBase, check_fraction, clamp_target, is_due, parse_params
+from .policy import ControllerBase, Param, clamp_target, fraction, is_due, parse_params, period_ticks
 from .view import STAT_FREE, HostView
 
 __all__ = ["MomBalloon"]
@@ -38,11 +38,13 @@ class MomBalloon(ControllerBase):
     @classmethod
     def from_params(cls, params: Mapping[str, Any]) -> "MomBalloon":
         p = parse_params(cls.name, params, {
-            "pressure_threshold": (float, 0.20), "pressure_rate": (float, 0.05),
-            "min_guest_free_percent": (float, 0.20), "min_balloon_change_percent": (float, 0.0025),
-            "free_stat": (str, STAT_FREE), "period_ticks": (int, 1)})
-        for name in ("pressure_threshold", "pressure_rate", "min_guest_free_percent", "min_balloon_change_percent"):
-            check_fraction(cls.name, name, p[name])
+            "pressure_threshold": fraction("the host is under pressure below this share of its RAM free", 0.20),
+            "pressure_rate": fraction("at most this share of the guest's RAM is moved per step", 0.05),
+            "min_guest_free_percent": fraction("never shrink a guest below this share of its memory free", 0.20),
+            "min_balloon_change_percent": fraction("changes smaller than this share of guest RAM are not made",
+                                                   0.0025),
+            "free_stat": Param(str, STAT_FREE, "the guest stat read as its free memory (pages)"),
+            "period_ticks": period_ticks()})
         return cls(**p)
 
     def decide(self, view: HostView) -> dict[int, Decision] | None:

@@ -14,7 +14,7 @@ The built-in controllers and a user's own (``[balloon] policy =
 """
 from __future__ import annotations
 
-from typing import Any, Mapping, Protocol
+from typing import Any, Mapping, NamedTuple, Protocol
 
 from balloonlab.proto.schema import describe, with_known
 
@@ -23,7 +23,7 @@ from .decision import Decision
 from .view import GuestView, HostView
 
 __all__ = ["BalloonController", "ControllerBase", "clamp_target", "is_due", "parse_params", "PARAM_SPECS", "Spec",
-           "check_fraction", "check_non_negative"]
+           "Param", "fraction", "non_negative", "period_ticks", "check_fraction", "check_non_negative"]
 
 
 class BalloonController(Protocol):
@@ -64,26 +64,68 @@ def is_due(view: HostView, period_ticks: int) -> bool:
 
 _WORDS = {float: "a number", int: "an integer", str: "a string", bool: "true or false", dict: "a table"}
 
-Spec = Mapping[str, tuple[type, Any]]
-"""name -> (type, default); ``float`` accepts ints; ``dict`` means any mapping."""
+
+class Param(NamedTuple):
+    """One controller parameter: its type, default, meaning and bounds (checked here, shown by ``--schema``)."""
+    kind: type
+    default: Any
+    doc: str = ""
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False    # ``value > lo`` rather than ``>=``
+    hi_open: bool = False    # ``value < hi`` rather than ``<=``
+
+    def bounds_error(self, value: Any) -> str | None:
+        """Why ``value`` is out of bounds, in the words the message uses; None when it is within them."""
+        if value is None or self.kind not in (int, float) or (self.lo is None and self.hi is None):
+            return None
+        low_ok = self.lo is None or (value > self.lo if self.lo_open else value >= self.lo)
+        high_ok = self.hi is None or (value < self.hi if self.hi_open else value <= self.hi)
+        if low_ok and high_ok:
+            return None
+        if self.hi is None:
+            return f"must be {'>' if self.lo_open else '>='} {self.lo:g}"
+        if self.lo is None:
+            return f"must be {'<' if self.hi_open else '<='} {self.hi:g}"
+        return (f"must be in {'(' if self.lo_open else '['}{self.lo:g}, {self.hi:g}"
+                f"{')' if self.hi_open else ']'}")
 
 
-PARAM_SPECS: dict[str, Spec] = {}
+def fraction(doc: str, default: float, *, below_one: bool = False) -> Param:
+    """A share in [0, 1] (or [0, 1))."""
+    return Param(float, default, doc, 0.0, 1.0, hi_open=below_one)
+
+
+def non_negative(kind: type, doc: str, default: Any) -> Param:
+    return Param(kind, default, doc, 0.0)
+
+
+def period_ticks(default: int = 1) -> Param:
+    return Param(int, default, "act every this many ticks", 1.0)
+
+
+Spec = Mapping[str, "tuple[type, Any] | Param"]
+"""name -> ``Param`` (or a bare ``(type, default)``); ``float`` accepts ints; ``dict`` means any mapping."""
+
+
+PARAM_SPECS: dict[str, dict[str, Param]] = {}
 """Each built-in policy's parameters as its ``parse_params`` last read them (``balloonlab-launch --schema``)."""
 
 
 def parse_params(policy: str, params: Mapping[str, Any] | None, spec: Spec) -> dict[str, Any]:
-    """Defaults overridden by ``params``; unknown names and wrong types are refused by name."""
-    PARAM_SPECS[policy] = spec
+    """Defaults overridden by ``params``; unknown names, wrong types and values out of bounds are refused by name."""
+    full = {name: p if isinstance(p, Param) else Param(*p) for name, p in spec.items()}
+    PARAM_SPECS[policy] = full
     params = dict(params or {})
-    unknown = sorted(set(params) - set(spec))
+    unknown = sorted(set(params) - set(full))
     if unknown:
         raise PolicyConfigError(
-            f"balloon policy {policy!r}: {with_known(f'unknown parameter(s) {unknown}', unknown[0], spec)}")
+            f"balloon policy {policy!r}: {with_known(f'unknown parameter(s) {unknown}', unknown[0], full)}")
     out: dict[str, Any] = {}
-    for name, (kind, default) in spec.items():
+    for name, param in full.items():
+        kind = param.kind
         if name not in params:
-            out[name] = default
+            out[name] = param.default
             continue
         value = params[name]
         if kind is dict:
@@ -99,9 +141,10 @@ def parse_params(policy: str, params: Mapping[str, Any] | None, spec: Spec) -> d
             raise PolicyConfigError(
                 f"balloon policy {policy!r}: parameter {name!r}: expected {_WORDS.get(kind, kind.__name__)}, "
                 f"got {describe(value)}")
+        why = param.bounds_error(value)
+        if why is not None:
+            raise PolicyConfigError(f"balloon policy {policy!r}: parameter {name!r} {why}, got {value}")
         out[name] = value
-    if "period_ticks" in out and out["period_ticks"] < 1:
-        raise PolicyConfigError(f"balloon policy {policy!r}: period_ticks must be >= 1, got {out['period_ticks']}")
     return out
 
 

@@ -65,7 +65,7 @@ import numpy as np
 
 from ..errors import PolicyConfigError
 from .decision import Decision
-from .policy import ControllerBase, check_fraction, check_non_negative, clamp_target, is_due, parse_params
+from .policy import ControllerBase, Param, clamp_target, fraction, is_due, non_negative, parse_params, period_ticks
 from .view import HostView
 from ..wss import STAT_HOST_WSS
 from .view import STAT_PFF, STAT_WORKING_SET
@@ -107,17 +107,23 @@ class ProportionalBalloon(ControllerBase):
     @classmethod
     def from_params(cls, params: Mapping[str, Any]) -> "ProportionalBalloon":
         p = parse_params(cls.name, params, {
-            "tax_rate": (float, 0.75), "free_target_fraction": (float, 0.06),
-            "release_fraction": (float, 0.12), "max_step_pages": (int, 0), "period_ticks": (int, 1),
-            "revoke_on_demand": (bool, True), "demand_fraction": (float, 0.8), "revoke_hysteresis": (float, 0.1),
-            "release_needs_demand": (bool, True), "demand_pff": (float, 1000.0)})
-        check_non_negative(cls.name, "demand_pff", p["demand_pff"])
-        check_fraction(cls.name, "demand_fraction", p["demand_fraction"])
-        check_non_negative(cls.name, "revoke_hysteresis", p["revoke_hysteresis"])
-        check_fraction(cls.name, "tax_rate", p["tax_rate"], below_one=True)
-        check_fraction(cls.name, "free_target_fraction", p["free_target_fraction"])
-        check_fraction(cls.name, "release_fraction", p["release_fraction"])
-        check_non_negative(cls.name, "max_step_pages", p["max_step_pages"])
+            "tax_rate": fraction("idle-memory tax: an idle page costs 1 / (1 - tax_rate) active ones", 0.75,
+                                 below_one=True),
+            "free_target_fraction": fraction("reclaim when expected free frames fall below this share of host "
+                                             "RAM", 0.06),
+            "release_fraction": fraction("give back when expected free frames rise above this share of host "
+                                         "RAM", 0.12),
+            "max_step_pages": non_negative(int, "largest change of one guest's target per step; 0 = no limit", 0),
+            "period_ticks": period_ticks(),
+            "revoke_on_demand": Param(bool, True, "within the band, move memory from the lowest shares per page "
+                                                  "to a guest that demands it"),
+            "demand_fraction": fraction("a guest demands memory when its working set fills this share of what "
+                                        "its balloon leaves it", 0.8),
+            "revoke_hysteresis": non_negative(float, "revoke only while shares per page differ by more than this "
+                                                     "share", 0.1),
+            "release_needs_demand": Param(bool, True, "give a surplus back only to guests that demand memory"),
+            "demand_pff": non_negative(float, "demand also needs this page-fault frequency (faults per virtual s)",
+                                       1000.0)})
         if p["release_fraction"] < p["free_target_fraction"]:
             raise PolicyConfigError(
                 f"balloon policy 'proportional': release_fraction {p['release_fraction']} is below "

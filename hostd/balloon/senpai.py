@@ -45,7 +45,7 @@ from balloonlab.proto.costs import CostModel
 
 from ..errors import PolicyConfigError
 from .decision import Decision, hold
-from .policy import ControllerBase, check_fraction, parse_params
+from .policy import ControllerBase, Param, fraction, non_negative, parse_params
 from .view import STAT_FREE, STAT_REFS, GuestView, HostView
 
 __all__ = ["SenpaiBalloon", "memory_stall_us", "STALL_PSI", "STALL_DERIVED", "backoff_factor", "probe_factor"]
@@ -105,18 +105,21 @@ class SenpaiBalloon(ControllerBase):
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any]) -> "SenpaiBalloon":
+        def positive(doc: str, default: float) -> Param:
+            return Param(float, default, doc, 0.0, lo_open=True)
         p = parse_params(cls.name, params, {
-            "interval": (int, 6), "pressure_us": (float, 10_000.0), "max_probe": (float, 0.01),
-            "max_backoff": (float, 1.0), "coeff_probe": (float, 10.0), "coeff_backoff": (float, 20.0),
-            "tick_s": (float, 1.0), "time_scale": (float, 1.0), "min_fraction": (float, 0.0),
-            "max_fraction": (float, 1.0), "ref_cost_us": (float, None)})
-        for name in ("pressure_us", "coeff_probe", "coeff_backoff", "tick_s", "time_scale"):
-            if p[name] <= 0:
-                raise PolicyConfigError(f"balloon policy 'senpai': {name} must be > 0, got {p[name]}")
-        if p["interval"] < 1:
-            raise PolicyConfigError(f"balloon policy 'senpai': interval must be >= 1, got {p['interval']}")
-        for name in ("max_probe", "max_backoff", "min_fraction", "max_fraction"):
-            check_fraction(cls.name, name, p[name])
+            "interval": Param(int, 6, "senpai --interval: ticks of grace before tightening", 1.0),
+            "pressure_us": positive("senpai --pressure: stall (virtual us) per interval it aims for", 10_000.0),
+            "max_probe": fraction("senpai --max-probe: largest tightening step (share of the limit)", 0.01),
+            "max_backoff": fraction("senpai --max-backoff: largest loosening step (share of the limit)", 1.0),
+            "coeff_probe": positive("senpai --coeff-probe", 10.0),
+            "coeff_backoff": positive("senpai --coeff-backoff", 20.0),
+            "tick_s": positive("senpai's tick (virtual s): time.sleep(1)", 1.0),
+            "time_scale": positive("scales tick_s and pressure_us together (0.1: every 0.1 s, 1 ms)", 1.0),
+            "min_fraction": fraction("senpai --min-size as a share of the guest's RAM", 0.0),
+            "max_fraction": fraction("senpai --max-size as a share of the guest's RAM", 1.0),
+            "ref_cost_us": non_negative(float, "one reference's cost (virtual us) when the guest reports no PSI; "
+                                               "default: the run's mem_ref_us + cpu_us_per_ref", None)})
         if p["min_fraction"] > p["max_fraction"]:
             raise PolicyConfigError(f"balloon policy 'senpai': min_fraction {p['min_fraction']} is above "
                                     f"max_fraction {p['max_fraction']}")

@@ -59,7 +59,7 @@ from balloonlab.proto.schema import kib_to_pages, mib_to_pages
 
 from ..errors import PolicyConfigError
 from .decision import Decision, hold
-from .policy import ControllerBase, check_fraction, check_non_negative, parse_params
+from .policy import ControllerBase, Param, fraction, non_negative, parse_params
 from .view import GuestView, HostView
 
 __all__ = ["SqueezedBalloon", "Domain", "StucknessMonitor", "squeeze_gamma", "proportional_targets",
@@ -179,18 +179,20 @@ class SqueezedBalloon(ControllerBase):
     @classmethod
     def from_params(cls, params: Mapping[str, Any]) -> "SqueezedBalloon":
         p = parse_params(cls.name, params, {
-            "dynamic_min_fraction": (float, 0.25), "dynamic_max_fraction": (float, 1.0),
-            "host_free_target_mib": (float, 9.0), "inaccuracy_pages": (int, 1), "stuck_after_s": (float, 5.0),
-            "period_s": (float, 1.0), "balance_check_s": (float, 10.0)})
-        check_fraction(cls.name, "dynamic_min_fraction", p["dynamic_min_fraction"])
-        check_fraction(cls.name, "dynamic_max_fraction", p["dynamic_max_fraction"])
-        for name in ("host_free_target_mib", "inaccuracy_pages", "stuck_after_s", "balance_check_s"):
-            check_non_negative(cls.name, name, p[name])
+            "dynamic_min_fraction": fraction("a domain's dynamic-min as a share of its RAM (XenServer: a quarter)",
+                                             0.25),
+            "dynamic_max_fraction": fraction("a domain's dynamic-max as a share of its RAM", 1.0),
+            "host_free_target_mib": non_negative(float, "host memory squeezed keeps free: 1 MiB emergency pool + "
+                                                        "8 MiB extra_mem_to_keep", 9.0),
+            "inaccuracy_pages": non_negative(int, "a guest within this many pages of its target has reached it", 1),
+            "stuck_after_s": non_negative(float, "a guest not moving toward its target for this long (virtual s) "
+                                                 "is stuck", 5.0),
+            "period_s": Param(float, 1.0, "iterations of a balancing call are this far apart (virtual s)", 0.0,
+                              lo_open=True),
+            "balance_check_s": non_negative(float, "how often a balancing call may start (virtual s)", 10.0)})
         if p["dynamic_min_fraction"] > p["dynamic_max_fraction"]:
             raise PolicyConfigError(f"balloon policy 'squeezed': dynamic_min_fraction {p['dynamic_min_fraction']} "
                                     f"is above dynamic_max_fraction {p['dynamic_max_fraction']}")
-        if p["period_s"] <= 0:
-            raise PolicyConfigError(f"balloon policy 'squeezed': period_s must be > 0, got {p['period_s']}")
         return cls(**p)
 
     def domain(self, g: GuestView) -> Domain:

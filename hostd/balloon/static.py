@@ -12,7 +12,7 @@ from balloonlab.proto.schema import mib_to_pages
 
 from ..errors import PolicyConfigError
 from .decision import Decision
-from .policy import ControllerBase, check_fraction, clamp_target, parse_params
+from .policy import ControllerBase, Param, clamp_target, fraction, non_negative, parse_params
 from .view import HostView
 
 __all__ = ["StaticBalloon"]
@@ -29,9 +29,10 @@ class StaticBalloon(ControllerBase):
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any]) -> "StaticBalloon":
-        p = parse_params(cls.name, params, {"targets_mib": (dict, {}), "fraction": (float, 0.0),
-                                            "start_tick": (int, 0)})
-        check_fraction(cls.name, "fraction", p["fraction"])
+        p = parse_params(cls.name, params, {
+            "targets_mib": Param(dict, {}, "balloon size in MiB by guest id; guests not listed get fraction"),
+            "fraction": fraction("balloon size as a share of the guest's RAM for guests not in targets_mib", 0.0),
+            "start_tick": non_negative(int, "every target is 0 before this tick", 0)})
         targets: dict[int, float] = {}
         for key, mib in p["targets_mib"].items():
             try:

@@ -20,9 +20,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from ..errors import PolicyConfigError
 from .decision import Decision
-from .policy import ControllerBase, check_fraction, check_non_negative, clamp_target, parse_params
+from .policy import ControllerBase, Param, clamp_target, fraction, non_negative, parse_params
 from .view import STAT_PFF, STAT_WORKING_SET, GuestView, HostView
 
 __all__ = ["SweepBalloon"]
@@ -47,15 +46,15 @@ class SweepBalloon(ControllerBase):
     @classmethod
     def from_params(cls, params: Mapping[str, Any]) -> "SweepBalloon":
         p = parse_params(cls.name, params, {
-            "start_tick": (int, 20), "step_ticks": (int, 20), "step_fraction": (float, 0.05),
-            "max_fraction": (float, 0.65), "respect_working_set": (bool, False), "headroom": (float, 0.10),
-            "reserve_pages": (int, 64), "pff_high": (float, 0.0)})
-        check_fraction(cls.name, "step_fraction", p["step_fraction"])
-        check_fraction(cls.name, "max_fraction", p["max_fraction"])
-        for name in ("start_tick", "headroom", "reserve_pages", "pff_high"):
-            check_non_negative(cls.name, name, p[name])
-        if p["step_ticks"] < 1:
-            raise PolicyConfigError(f"balloon policy 'sweep': step_ticks must be >= 1, got {p['step_ticks']}")
+            "start_tick": non_negative(int, "the first step is taken at this tick", 20),
+            "step_ticks": Param(int, 20, "ticks between steps", 1.0),
+            "step_fraction": fraction("each step grows every target by this share of the guest's RAM", 0.05),
+            "max_fraction": fraction("targets stop growing at this share of the guest's RAM", 0.65),
+            "respect_working_set": Param(bool, False, "stop short of the knee: never below the working-set floor"),
+            "headroom": non_negative(float, "working-set floor's margin (share of the working set)", 0.10),
+            "reserve_pages": non_negative(int, "pages added to the working-set floor", 64),
+            "pff_high": non_negative(float, "with respect_working_set: no step while the guest's page-fault "
+                                            "frequency (faults per virtual s) is above this; 0 = no limit", 0.0)})
         return cls(**p)
 
     def step_index(self, tick: int) -> int:

@@ -37,7 +37,7 @@ import numpy as np
 
 from ..errors import PolicyConfigError
 from .decision import Decision
-from .policy import ControllerBase, check_fraction, check_non_negative, clamp_target, is_due, parse_params
+from .policy import ControllerBase, Param, clamp_target, fraction, is_due, non_negative, parse_params, period_ticks
 from ..wss import STAT_HOST_WSS
 from .view import STAT_PFF, STAT_WORKING_SET, GuestView, HostView
 
@@ -74,18 +74,17 @@ class WorkingSetBalloon(ControllerBase):
     @classmethod
     def from_params(cls, params: Mapping[str, Any]) -> "WorkingSetBalloon":
         p = parse_params(cls.name, params, {
-            "free_target_fraction": (float, 0.10), "release_fraction": (float, 0.20),
-            "headroom": (float, 0.10), "reserve_pages": (int, 256), "max_step_pages": (int, 1024),
-            "pff_high": (float, 1000.0), "period_ticks": (int, 1), "backed_slack": (bool, True),
-            "ws_decay": (float, 0.98)})
-        check_fraction(cls.name, "free_target_fraction", p["free_target_fraction"])
-        check_fraction(cls.name, "release_fraction", p["release_fraction"])
-        for name in ("headroom", "reserve_pages", "pff_high"):
-            check_non_negative(cls.name, name, p[name])
-        check_fraction(cls.name, "ws_decay", p["ws_decay"])
-        if p["max_step_pages"] < 1:
-            raise PolicyConfigError(f"balloon policy 'working-set': max_step_pages must be >= 1, "
-                                    f"got {p['max_step_pages']}")
+            "free_target_fraction": fraction("inflate when expected free frames fall below this share of host RAM",
+                                             0.10),
+            "release_fraction": fraction("deflate when expected free frames rise above this share of host RAM",
+                                         0.20),
+            "headroom": non_negative(float, "the floor's margin above the working set (share of it)", 0.10),
+            "reserve_pages": non_negative(int, "pages added to every guest's floor", 256),
+            "max_step_pages": Param(int, 1024, "largest change of one guest's target per step", 1.0),
+            "pff_high": non_negative(float, "a guest faulting more often (faults per virtual s) backs off", 1000.0),
+            "period_ticks": period_ticks(),
+            "backed_slack": Param(bool, True, "leave gpfns the host never backed out of a guest's slack"),
+            "ws_decay": fraction("per-step decay of the recent working-set estimate", 0.98)})
         if p["release_fraction"] < p["free_target_fraction"]:
             raise PolicyConfigError(
                 f"balloon policy 'working-set': release_fraction {p['release_fraction']} is below "
