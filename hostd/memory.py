@@ -77,7 +77,7 @@ from a label: victims, reclaim and controllers never read them.
 from __future__ import annotations
 
 import asyncio
-from dataclasses import asdict, fields
+from dataclasses import fields
 from typing import Any, Awaitable, Callable, NamedTuple
 
 import numpy as np
@@ -85,32 +85,25 @@ import numpy as np
 from balloonlab.proto.content import ContentMap
 from balloonlab.proto.tokens import KEEP_TOKEN, LATER_TOKEN
 
-from .errors import (BadBatch, BalloonLimit, ContentMapTaken, DuplicateGuest, HostOutOfMemory, InvalidState,
-                     InvariantViolation)
-from .devices import Device, DeviceProfile, device_profile
+from .errors import BadBatch, BalloonLimit, HostOutOfMemory, InvalidState, InvariantViolation
+from .devices import Device
 from .framepool import FrameKind
 from .hostswap import PENDING_TOKEN
 from .invariant import check_full
-from .p2m import P2M, PageState, as_page_numbers, one_page_number, unique_pages
-from .vdisk import VirtualDisk
-from .memparts.books import (_BALLOONED, _COMPRESSED, _FRAME, _SHARED, _SWAPPED, _ZERO, MemoryBooks, MemoryObserver,
-                             Shootdown, _Guest)
+from .p2m import PageState, as_page_numbers, one_page_number, unique_pages
+from .memparts.books import _BALLOONED, _COMPRESSED, _FRAME, _SHARED, _SWAPPED, _ZERO, MemoryObserver, Shootdown, _Guest
 from .memparts.counters import GuestCounters, HostCounters
+from .memparts.guests import MAX_BALLOON_FRACTION_DEFAULT, Guests, default_max_balloon_pages
 from .memstate import MemState, VmAllocation, may_compress, plan_boundary_swap, state_of
 from .sharing import PageSharing
 
 __all__ = ["HostMemory", "HostCounters", "GuestCounters", "Reclaimed", "Shootdown", "MemoryObserver",
            "MAX_BALLOON_FRACTION_DEFAULT", "default_max_balloon_pages"]
 
-MAX_BALLOON_FRACTION_DEFAULT = 0.65   # ESX Mem.CtlMaxPercent
 _GUEST_KIND = int(FrameKind.GUEST)
 _CACHED = 1                           # vdisk.CacheState.FRAME
 _ZERO_PROGRESS_ROUNDS = 3             # reclaim rounds that free nothing before giving up
 _BALANCE_ROUNDS = 8                   # tick-end reclaim passes at most (compression frees part of a frame a page)
-
-
-def default_max_balloon_pages(guest_pages: int) -> int:
-    return int(guest_pages * MAX_BALLOON_FRACTION_DEFAULT)
 
 
 class Reclaimed(NamedTuple):
@@ -130,7 +123,7 @@ def _counts_of(counters: Any) -> dict[str, Any]:
     return {name: getattr(counters, name) for name in names}
 
 
-class HostMemory(MemoryBooks):
+class HostMemory(Guests):
     def enable_sharing(self, scan_pages_per_s: float) -> PageSharing:
         """Turn page sharing on (``hostd.sharing``), before any guest joins."""
         if self._guests:
@@ -157,73 +150,6 @@ class HostMemory(MemoryBooks):
             if self._observer is not None:
                 raise RuntimeError("host memory's observer is connected already")
             self._observer = observer
-
-    # -- guests ---------------------------------------------------------------
-
-    def add_guest(self, guest_id: int, guest_pages: int, max_balloon_pages: int | None = None, *,
-                  disk_blocks: int = 0, disk_profile: DeviceProfile | str = "ssd") -> None:
-        if guest_id in self._guests:
-            raise DuplicateGuest(guest_id)
-        max_balloon = default_max_balloon_pages(guest_pages) if max_balloon_pages is None else int(max_balloon_pages)
-        if not 0 <= max_balloon <= guest_pages:
-            raise ValueError(f"guest {guest_id}: max_balloon_pages {max_balloon} not in [0, {guest_pages}]")
-        self.swap.add_file(guest_id, guest_pages)
-        # On a shared device each guest's disk gets its own range of offsets (sequential within it).
-        vdisk = VirtualDisk(guest_id, disk_blocks, self.pool, self.costs, device=self.shared_device,
-                            profile=disk_profile, offset_base=(guest_id + 1) << 40 if self.shared_device else 0,
-                            mode=self.cache.cfg.mode, cluster_pages=self.cluster_pages,
-                            allowance_pages=self.cache.initial_allowance(
-                                {g: x.vdisk for g, x in self._guests.items()}),
-                            max_inflight_requests=self.max_inflight_requests)
-        self.cache.set_limits(vdisk, vdisk.allowance_pages)
-        self._guests[guest_id] = _Guest(guest_id, P2M(guest_pages), max_balloon, vdisk,
-                                        np.zeros(guest_pages, bool), self._guest_rng(guest_id))
-        if self.zip is not None:
-            self.zip.add_guest(guest_id, guest_pages)
-        if self.sharing is not None:
-            self.sharing.add_guest(guest_id, guest_pages)
-        # In id order, not in the order guests happened to connect: every loop over the
-        # guests (retiring I/O buffers frees frames onto the free stack) must be reproducible.
-        self._guests = dict(sorted(self._guests.items()))
-
-    def remove_guest(self, guest_id: int) -> None:
-        """Release everything a dead guest held: frames, swap slots, disk cache and buffers.
-
-        Frames with a shootdown pending stay busy until it settles, then are freed.
-        """
-        g = self._guest(guest_id)
-        del self._guests[guest_id]
-        for k, v in asdict(g.vdisk.counters).items():
-            self._departed_vdisk[k] = self._departed_vdisk.get(k, 0) + v
-        frames = self.pool.frames_owned_by(guest_id)
-        self.pool.free(frames[~self.pool.busy[frames]])
-        if self.sharing is not None:
-            self.sharing.remove_guest(guest_id, g.p2m.loc[g.p2m.state == _SHARED])
-        self.swap.remove_file(guest_id)
-        if self.zip is not None:
-            self.zip.remove_guest(guest_id)
-        self._early_answers.pop(guest_id, None)
-        if self.shared_device is not None:
-            self.shared_device.remove_lane(guest_id)
-        if self._vm_victims is not None:
-            self._vm_victims.forget(guest_id)
-        if self.states is not None:
-            self.states.guest_gone(guest_id)
-
-    def set_content(self, guest_id: int, raw: Any) -> ContentMap:
-        """Take the guest's content map (``ContentMap.to_wire`` form); a malformed one is refused
-        (``BadBatch``, naming the guest and the entry) and the guest keeps the map it had."""
-        g = self._guest(guest_id)
-        if g.content_reported:
-            # Shared frames were merged under the map it had: another would make their keys a lie.
-            raise ContentMapTaken(guest_id)
-        try:
-            cmap = ContentMap.from_wire(raw)
-        except ValueError as exc:
-            raise BadBatch(f"guest {guest_id}: malformed content map: {exc}") from None
-        g.content = cmap
-        g.content_reported = True
-        return cmap
 
     # -- EPT faults -------------------------------------------------------------
 
@@ -1213,24 +1139,6 @@ class HostMemory(MemoryBooks):
                 return start_us
             start_us = max(start_us, await self._make_room(n, vt_us, g))
             tried = True
-
-    def set_vdisk_profile(self, guest_id: int, profile: DeviceProfile | str) -> None:
-        """Give the guest's disk a device of its own with this profile (not on a shared device)."""
-        if self.shared_device is not None:
-            raise ValueError("the virtual disks are on the shared device: set its profile in [disk.vdisk]")
-        vd = self._guest(guest_id).vdisk
-        vd.device = Device(device_profile(profile) if isinstance(profile, str) else profile, f"vdisk{guest_id}")
-        vd.device.add_lane(guest_id)
-
-    def set_swap_profile(self, profile: DeviceProfile | str) -> None:
-        """A new swap device with this profile, lanes for the live guests (not on a shared device)."""
-        if self.shared_device is not None:
-            raise ValueError("the swap files are on the shared device: set its profile in [disk.vdisk]")
-        old = self.swap.disk
-        self.swap.disk = Device(device_profile(profile) if isinstance(profile, str) else profile, "swap",
-                                old.expected_lanes)
-        for gid in self._guests:
-            self.swap.disk.add_lane(gid)
 
     # -- tick ----------------------------------------------------------------------
 
