@@ -88,6 +88,7 @@ from .framepool import FrameKind
 from .hostswap import PENDING_TOKEN
 from .invariant import check_full
 from .p2m import PageState, as_page_numbers, one_page_number, unique_pages
+from .memparts.bits import BitsAndPins
 from .memparts.books import _BALLOONED, _COMPRESSED, _FRAME, _SHARED, _SWAPPED, _ZERO, MemoryObserver, Shootdown, _Guest
 from .memparts.counters import GuestCounters, HostCounters
 from .memparts.boundary import Boundary
@@ -115,7 +116,7 @@ def _counts_of(counters: Any) -> dict[str, Any]:
     return {name: getattr(counters, name) for name in names}
 
 
-class HostMemory(Guests, Boundary, Releases):
+class HostMemory(Guests, Boundary, Releases, BitsAndPins):
     def enable_sharing(self, scan_pages_per_s: float) -> PageSharing:
         """Turn page sharing on (``hostd.sharing``), before any guest joins."""
         if self._guests:
@@ -527,58 +528,6 @@ class HostMemory(Guests, Boundary, Releases):
         if self.zip is not None and np.any(z):
             tokens[z] = self.zip.tokens_of(guest_id, gpfns[z])
         return sw | (z if self.zip is not None else np.zeros_like(z)), tokens
-
-    # -- accessed/dirty bits and pinning ----------------------------------------
-
-    def set_ad_bits(self, guest_id: int, accessed_packbits: np.ndarray | bytes,
-                    dirty_packbits: np.ndarray | bytes) -> None:
-        """OR the guest's EPT A/D bits (``np.packbits`` over its gpfns) into the frames backing them.
-
-        Empty bit strings mean "nothing to report".
-        """
-        g = self._guest(guest_id)
-        backed = g.p2m.state == PageState.FRAME
-        for name, packed, target in (("accessed", accessed_packbits, self.pool.accessed),
-                                     ("dirty", dirty_packbits, self.pool.dirty)):
-            if len(packed) == 0:
-                continue
-            bits = self._unpack(g, name, packed)
-            hit = bits & backed
-            target[g.p2m.loc[hit]] = True
-            if name == "dirty" and self.sharing is not None:
-                self.sharing.note_dirty(guest_id, bits)
-
-    def _unpack(self, g: _Guest, name: str, packed: np.ndarray | bytes) -> np.ndarray:
-        raw = np.frombuffer(packed, np.uint8) if isinstance(packed, (bytes, bytearray, memoryview)) \
-            else np.asarray(packed, np.uint8).reshape(-1)
-        want = -(-g.p2m.guest_pages // 8)
-        if raw.size != want:
-            raise BadBatch(f"guest {g.guest_id}: {name} bits have {raw.size} bytes, expected {want}")
-        return np.unpackbits(raw, count=g.p2m.guest_pages).astype(bool)
-
-    def pin_gpfns(self, guest_id: int, gpfns: np.ndarray | bytes) -> None:
-        """Their frames are never host-swap victims (now and whenever faulted in again)."""
-        self._set_pinned(guest_id, gpfns, True)
-
-    def unpin_gpfns(self, guest_id: int, gpfns: np.ndarray | bytes) -> None:
-        self._set_pinned(guest_id, gpfns, False)
-
-    def _set_pinned(self, guest_id: int, gpfns: np.ndarray | bytes, pinned: bool) -> None:
-        g = self._guest(guest_id)
-        gpfns = as_page_numbers(gpfns, guest_id, "gpfn", g.p2m.guest_pages)
-        g.p2m.pinned[gpfns] = pinned
-        backed = gpfns[g.p2m.state[gpfns] == PageState.FRAME]
-        self.pool.pinned[g.p2m.loc[backed]] = pinned
-
-    def pin_vdisk_range(self, guest_id: int, first_block: int, n_blocks: int) -> None:
-        """Pin the cache frames of these blocks (e.g. the guest's swap area) and keep them cached.
-
-        Blocks that are in host swap right now become pinned when next touched.
-        """
-        self._guest(guest_id).vdisk.set_pinned(first_block, n_blocks, True)
-
-    def unpin_vdisk_range(self, guest_id: int, first_block: int, n_blocks: int) -> None:
-        self._guest(guest_id).vdisk.set_pinned(first_block, n_blocks, False)
 
     # -- virtual disks ---------------------------------------------------------------
 
