@@ -1,8 +1,36 @@
-"""Host memory: frames, per-guest p2m, host swap, virtual disks, and the invariant.
+"""Host memory: ``HostMemory``, made of parts by concern, and the per-request path.
 
-``HostMemory`` is socket-free. Its collaborators come in its constructor,
-or, for the two that need host memory themselves, in one ``wire`` call
-(``hostd.assembly`` does both; nothing else sets them):
+``HostMemory`` is socket-free. Every public method is found on it; each
+lives in the module named for what it holds (``hostd/memparts/``), and
+the request path lives here:
+
+    memparts/books.py      MemoryBooks: the state (the constructor builds it) and its readers
+                           (guest_ids, p2m, vdisk, content, balloon_pages), a guest's record,
+                           the collaborators' types (Shootdown, Hold, MemoryObserver)
+    memparts/counters.py   HostCounters, GuestCounters: every count host memory keeps
+    memparts/guests.py     Guests: add_guest, remove_guest, set_content, device profiles
+    memparts/evict.py      Evictions: shootdowns, settling them in guest-id order, pages to host
+                           swap or compression, labels, late answers (fill_placeholders)
+    memparts/reclaim.py    Reclaim: room for an allocation in its order (host-wide or inside a
+                           guest's partition), reclaim, reclaim_victims, count_grant
+    memparts/boundary.py   Boundary: tick (buffers, disk cache, device shares), balance (the
+                           tick-end reclaim), consumed_frames, vm_allocations
+    memparts/release.py    Releases: balloon_inflate, balloon_deflate, report_free
+    memparts/bits.py       BitsAndPins: set_ad_bits, pin_gpfns, pin_vdisk_range (and unpin_*)
+    memparts/snapshot.py   Readout: snapshot, guest_counts, host_copy
+    memory.py (here)       HostMemory: wire, enable_sharing, check_invariant, and the request
+                           path: ept_fault (open_tick: the tick's gate), vdisk_read, vdisk_write
+
+Each part is a class over ``MemoryBooks`` and ``HostMemory`` inherits
+them all, rather than holding them as objects: the request path runs
+once per fault and calls into several parts (room, reclaim, evictions,
+labels), and one object keeps those calls direct, with no delegating
+layer. A part changes only the books and calls only the parts it is
+built on (reclaim on evict, boundary on reclaim).
+
+Its collaborators come in its constructor, or, for the two that need
+host memory themselves, in one ``wire`` call (``hostd.assembly`` does
+both; nothing else sets them):
 
 - ``victim``: the blind victim policy (``hostd.victim``);
 - ``shootdown``: an ``async (guest_id, gpfns uint64) -> tokens uint64`` that
@@ -11,7 +39,9 @@ or, for the two that need host memory themselves, in one ``wire`` call
   waits for it before it reuses the frames;
 - ``observer``: the host's monitors, told of swap-ins and disk writes as they
   happen (``MemoryObserver``);
-- ``callout``: see "Concurrency" below.
+- ``callout``: see "Concurrency" below;
+- ``hold``: where the discipline parks a request whose grant ran out
+  (``memparts.reclaim``).
 
 Concurrency: every method may be called from many session tasks at once.
 State changes happen only in synchronous stretches; the only awaits are the
@@ -35,44 +65,17 @@ The books are read through ``guest_ids``, ``p2m``, ``vdisk``, ``pool`` and
 ``swap`` (the audit and the invariant look at the raw state); the frame
 invariant itself is ``hostd.invariant``.
 
-Every allocation (EPT fault, disk cache, I/O buffers) first tries to keep
-``low_watermark_frames`` free beyond what it takes, by host swapping in
-batches of at least ``reclaim_batch_frames``; ``balance`` (the tick loop's
-kswapd) refills to twice the watermark in the background.
-
 Costs in virtual time: an EPT fault costs ``ept_fault_us`` per page asked
 for; if the pool could not serve it without reclaiming, it also waits for
-those swap-out writes (direct reclaim); swapped pages add a read on the
-guest's lane of the swap device. Refilling the watermark alone costs the
-vCPU nothing.
+those swap-out writes (direct reclaim, ``memparts.reclaim``); swapped pages
+add a read on the guest's lane of the swap device. Refilling the watermark
+alone costs the vCPU nothing.
 
 Host swap is one file per guest with a swap cache (``hostd.hostswap``);
 it holds guest pages only. The virtual disks' cache (``hostd.vdisk``,
 ``hostd.hostcache``) is dropped or written back, never host-swapped: the
 victim policies only see guest frames. Under pressure a request first
 drops its own guest's clean cache clusters, then host-swaps.
-
-Partitions (the deterministic discipline): while the pool's grants are
-open, an allocation for a guest with a grant takes only from that grant
-(``FramePool``), and when the grant is short the guest reclaims from its
-own partition only, in this order: retire its own I/O buffers of requests
-complete by the request's virtual time; drop its own clean disk-cache
-clusters, least recently used first (``VirtualDisk.drop_clean``, the same
-cluster LRU the cache's own budget uses); host-swap its own pages (random
-victims from its own stream, ``guest_rng``), if ``self_swap_allowed``
-says so; else the request is held (``hold``, from the discipline) until a
-refill round or the next tick. Nothing in that path reads or changes
-another guest's state, so the order in which guests' requests arrive
-cannot change any count. Every device has one lane per guest
-(``hostd.devices``) for the same reason: its share is set at tick
-boundaries only.
-
-**Labels** (instrumentation only): a guest's shootdown reply marks the
-pages that were clean page cache in the guest (``record_labels``). The
-host counts its real swap writes of those pages and their later swap-in
-reads (``clean_cache_*`` counters), so the report can show the I/O clean
-page cache costs under blind host swapping. Nothing here decides anything
-from a label: victims, reclaim and controllers never read them.
 """
 from __future__ import annotations
 
@@ -89,12 +92,12 @@ from .invariant import check_full
 from .p2m import PageState, as_page_numbers, one_page_number, unique_pages
 from .memparts.bits import BitsAndPins
 from .memparts.books import _BALLOONED, _COMPRESSED, _FRAME, _SHARED, _SWAPPED, _ZERO, MemoryObserver, Shootdown, _Guest
-from .memparts.counters import GuestCounters, HostCounters
 from .memparts.boundary import Boundary
+from .memparts.counters import GuestCounters, HostCounters
+from .memparts.guests import MAX_BALLOON_FRACTION_DEFAULT, Guests, default_max_balloon_pages
 from .memparts.reclaim import Reclaimed
 from .memparts.release import Releases
 from .memparts.snapshot import Readout
-from .memparts.guests import MAX_BALLOON_FRACTION_DEFAULT, Guests, default_max_balloon_pages
 from .sharing import PageSharing
 
 __all__ = ["HostMemory", "HostCounters", "GuestCounters", "Reclaimed", "Shootdown", "MemoryObserver",
@@ -105,6 +108,8 @@ _CACHED = 1                           # vdisk.CacheState.FRAME
 
 
 class HostMemory(Guests, Boundary, Releases, BitsAndPins, Readout):
+    """Host memory (the module docstring): its parts, and the per-request path."""
+
     def enable_sharing(self, scan_pages_per_s: float) -> PageSharing:
         """Turn page sharing on (``hostd.sharing``), before any guest joins."""
         if self._guests:
@@ -476,7 +481,7 @@ class HostMemory(Guests, Boundary, Releases, BitsAndPins, Readout):
             raise InvalidState(g.guest_id, "gpfn", int(gpfns[np.flatnonzero(ballooned)[0]]), "BALLOONED",
                                "deflate it before touching it")
 
-    # -- reclaim (host swapping) -------------------------------------------------
+    # -- a request's room, and what its swap-ins count ---------------------------
 
     def _room_ok(self, need: int, tried: bool, g: _Guest | None = None) -> bool:
         """Can an allocation of ``need`` frames go ahead now?
