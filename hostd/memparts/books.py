@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Awaitable, Callable, Protocol
+from typing import Any, Awaitable, Callable, Protocol
 
 import numpy as np
 
@@ -33,9 +33,6 @@ from ..vdisk import CLUSTER_PAGES_DEFAULT, MAX_INFLIGHT_REQUESTS_DEFAULT, Virtua
 from ..victim import VictimPolicy, make_victim_policy
 from ..victim.per_vm import PerVmVictims
 from .counters import GuestCounters, HostCounters
-
-if TYPE_CHECKING:
-    from ..sharing import PageSharing
 
 __all__ = ["MemoryBooks", "Shootdown", "Hold", "MemoryObserver", "SELF_SWAP_BELOW_WATERMARKS",
            "default_self_swap_allowed"]
@@ -168,7 +165,8 @@ class MemoryBooks:
         self._guest_rng = guest_rng or (lambda gid: np.random.default_rng([_GUEST_STREAM_DEFAULT, gid]))
         self.boundary_free_frames = total_frames    # free at the last tick start, before its grants, less held needs
         self.self_swap_allowed: Callable[[MemoryBooks, int], bool] = default_self_swap_allowed
-        self.sharing: PageSharing | None = None     # page sharing, when the scenario turns it on
+        # hostd.sharing.PageSharing when the scenario turns it on (enable_sharing); it is built on these books
+        self.sharing: Any = None
         # The end of the tick now running, when the guests park at it (``open_tick``); None: faults unbounded.
         self.fault_gate_us: float | None = None
 
