@@ -93,7 +93,7 @@ from .framepool import NO_OWNER
 from .p2m import NO_LOC, PageState
 
 if TYPE_CHECKING:
-    from .memory import HostMemory
+    from .memparts.books import MemoryBooks
 
 __all__ = ["PageSharing", "SharingCounters", "SHARED_OWNER", "SCAN_PAGES_PER_S_DEFAULT", "Peek", "Protect"]
 
@@ -130,7 +130,7 @@ class SharingCounters:
 class PageSharing:
     """The scanner, the shared frames' refcounts and keys, the candidates. See the module docstring."""
 
-    def __init__(self, mem: "HostMemory", scan_pages_per_s: float = SCAN_PAGES_PER_S_DEFAULT) -> None:
+    def __init__(self, mem: "MemoryBooks", scan_pages_per_s: float = SCAN_PAGES_PER_S_DEFAULT) -> None:
         if not scan_pages_per_s >= 0:
             raise ValueError(f"scan_pages_per_s must be >= 0, got {scan_pages_per_s}")
         self.mem = mem
