@@ -95,7 +95,7 @@ from .compress import ReclaimZip, ZipConfig
 from .hostcache import CACHE_MODE_DEFAULT, CacheConfig, HostCache
 from .hostswap import PENDING_TOKEN, HostSwap
 from .invariant import check_full
-from .p2m import P2M, PageState, as_page_numbers, one_page_number, unique_pages
+from .p2m import P2M, PageState, as_page_numbers, one_page_number, one_token, unique_pages
 from .vdisk import CLUSTER_PAGES_DEFAULT, MAX_INFLIGHT_REQUESTS_DEFAULT, VirtualDisk
 from .memstate import MemoryStates, MemState, VmAllocation, may_compress, plan_boundary_swap, state_of
 from .victim import VictimPolicy, make_victim_policy
@@ -1410,8 +1410,14 @@ class HostMemory:
         g = self._guest(guest_id)
         vd = g.vdisk
         one = one_page_number(blocks, guest_id, "block", vd.n_blocks)
-        if one is not None and vd.cache_state[one] == _CACHED:
-            res = vd.read_hit_one(one, vt_us)      # a hit takes no frame and no room
+        if one is not None and vd.cached:
+            if vd.cache_state[one] == _CACHED:
+                res = vd.read_hit_one(one, vt_us)      # a hit takes no frame and no room
+                return res.tokens, res.done_vt_us
+            # The usual request, in scalars: the same drops, frames and times as the array path below.
+            start_us = vd.fit_allowance_one(one, vt_us)
+            start_us = await self._room_for_io(g, lambda: vd.frames_needed_one(one), start_us)
+            res = vd.read_one(one, start_us)
             return res.tokens, res.done_vt_us
         blocks = np.array((one,), np.int64) if one is not None else vd.check_blocks(blocks)
         start_us = vd.fit_allowance(blocks, vt_us, write=False)
@@ -1425,6 +1431,15 @@ class HostMemory:
         g = self._guest(guest_id)
         vd = g.vdisk
         one = one_page_number(blocks, guest_id, "block", vd.n_blocks)
+        token = one_token(tokens) if one is not None and vd.cached else None
+        if token is not None:
+            # The usual request, in scalars: the same drops, frames and times as the array path below.
+            start_us = vd.fit_allowance_one(one, vt_us)
+            start_us = await self._room_for_io(g, lambda: vd.frames_needed_one(one), start_us)
+            done_us = vd.write_one(one, token, start_us).done_vt_us
+            if self._observer is not None:
+                self._observer.disk_written(guest_id, np.array((one,), np.int64), np.array((token,), np.uint64))
+            return done_us
         blocks = np.array((one,), np.int64) if one is not None else vd.check_blocks(blocks, unique=True)
         tokens = vd.check_tokens(blocks, tokens)
         start_us = vd.fit_allowance(blocks, vt_us, write=True)
