@@ -1416,7 +1416,8 @@ class HostMemory:
                 return res.tokens, res.done_vt_us
             # The usual request, in scalars: the same drops, frames and times as the array path below.
             start_us = vd.fit_allowance_one(one, vt_us)
-            start_us = await self._room_for_io(g, lambda: vd.frames_needed_one(one), start_us)
+            if not self._room_ok(vd.frames_needed_one(one), False, g):   # else _room_for_io returns at once
+                start_us = await self._room_for_io(g, lambda: vd.frames_needed_one(one), start_us)
             res = vd.read_one(one, start_us)
             return res.tokens, res.done_vt_us
         blocks = np.array((one,), np.int64) if one is not None else vd.check_blocks(blocks)
@@ -1435,7 +1436,8 @@ class HostMemory:
         if token is not None:
             # The usual request, in scalars: the same drops, frames and times as the array path below.
             start_us = vd.fit_allowance_one(one, vt_us)
-            start_us = await self._room_for_io(g, lambda: vd.frames_needed_one(one), start_us)
+            if not self._room_ok(vd.frames_needed_one(one), False, g):   # else _room_for_io returns at once
+                start_us = await self._room_for_io(g, lambda: vd.frames_needed_one(one), start_us)
             done_us = vd.write_one(one, token, start_us).done_vt_us
             if self._observer is not None:
                 self._observer.disk_written(guest_id, np.array((one,), np.int64), np.array((token,), np.uint64))

@@ -83,6 +83,7 @@ _NOT_CACHED = int(CacheState.NOT_CACHED)
 _FRAME = int(CacheState.FRAME)
 _NO_TOKENS = np.zeros(0, np.uint64)
 _CACHE_KIND = int(FrameKind.CACHE)
+_FEW_PAGES = 8      # up to this many pages a loop of scalar frees beats the array calls' fixed cost
 
 
 @dataclass(slots=True)
@@ -348,6 +349,8 @@ class VirtualDisk:
             heappush(heap, entry)
         if not victims:
             return 0
+        if got <= _FEW_PAGES:
+            return self._drop_few(victims)
         return self._drop_clusters(np.array(victims, np.int64))
 
     def _lru_push(self, stamp: float, cluster: int) -> None:
@@ -392,6 +395,27 @@ class VirtualDisk:
         """(clusters, their stamps, their pages) of clean, unpinned cached clusters: the host cache's candidates."""
         cand = np.flatnonzero((self.cluster_cached > 0) & (self.cluster_dirty == 0) & ~self.cluster_pinned)
         return cand, self.cluster_stamp_us[cand], self.cluster_cached[cand]
+
+    def _drop_few(self, clusters: list[int]) -> int:
+        """``_drop_clusters`` of a few clean clusters, in scalars: the same frames freed in the same order."""
+        cp, dirty, state, loc, pool = self.cluster_pages, self.cluster_dirty, self.cache_state, self.cache_loc, \
+            self.pool
+        for c in clusters:
+            if dirty[c]:
+                raise InvariantViolation(f"vdisk {self.guest_id}: dropping a dirty cache page")
+        n = 0
+        for c in clusters:
+            b0 = c * cp
+            for b in range(b0, min(b0 + cp, self.n_blocks)):
+                if state[b] == _FRAME:
+                    pool.free_one(int(loc[b]))
+                    state[b] = _NOT_CACHED
+                    loc[b] = NO_LOC
+                    n += 1
+            self.cluster_cached[c] = 0
+        self.cached_pages -= n
+        self.counters.dropped_clean_pages += n
+        return n
 
     def _drop_clusters(self, clusters: np.ndarray) -> int:
         blocks = self._cluster_blocks(clusters)
