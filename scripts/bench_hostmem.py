@@ -121,7 +121,9 @@ async def _drive(world: _World, stream: str, gids: np.ndarray, pages: list[np.nd
         h.update(np.float64(done).tobytes())
         vt += step_us
     cpu_s = time.process_time() - t0
-    snap = hm.snapshot()
+    # Float totals to 12 significant digits: a device's busy time is a sum whose order (arrival, or lane
+    # by lane) moves its last bits; every reply's time above and every count stay exact.
+    snap = {k: float(f"{v:.12g}") if isinstance(v, float) else v for k, v in hm.snapshot().items()}
     h.update(json.dumps(snap, sort_keys=True, default=str).encode())
     h.update(hm.pool._free_stack[:hm.pool._n_free].tobytes())
     for g in hm.guest_ids():
