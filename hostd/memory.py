@@ -1444,7 +1444,7 @@ class HostMemory:
         one = one_page_number(blocks, guest_id, "block", vd.n_blocks)
         if one is not None and vd.cached:
             if vd.cache_state[one] == _CACHED:
-                res = vd.read_hit_one(one, vt_us)      # a hit takes no frame and no room
+                res = vd.read_one(one, vt_us)      # a hit takes no frame and no room
                 return res.tokens, res.done_vt_us
             # The usual request, in scalars: the same drops, frames and times as the array path below.
             start_us = vd.fit_allowance_one(one, vt_us)

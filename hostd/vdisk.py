@@ -458,33 +458,23 @@ class VirtualDisk:
         c.cache_miss_pages += int(blocks_u.size) - hits
         return IoResult(self.pool.token[self.cache_loc[blocks]], done, 0)
 
-    def read_hit_one(self, block: int, vt_us: float) -> IoResult:
-        """``read`` of one cached block, in scalars (the usual request): the same books and times."""
-        c = self.counters
-        start = self._admit(vt_us)
-        c.read_requests += 1
-        c.read_pages += 1
-        lo, hi = self.swap_area
-        c.swap_area_read_pages += lo <= block < hi
-        self._touch_cluster(block // self.cluster_pages, float(vt_us))
-        c.cache_hit_pages += 1
-        f = int(self.cache_loc[block])
-        return IoResult(self.pool.token[f:f + 1].copy(), start + self.costs.page_copy_us, 0)
-
     def read_one(self, block: int, vt_us: float) -> IoResult:
-        """``read`` of one block in a cached mode, in scalars: the same books, frames and times."""
-        if self.cache_state[block] != _NOT_CACHED:
-            return self.read_hit_one(block, vt_us)
+        """``read`` of one block in a cached mode, in scalars (the usual request): the same books, frames
+        and times. A hit takes no frame; a miss needs ``frames_needed_one`` free (``fit_allowance_one``)."""
         c = self.counters
         start = self._admit(vt_us)
         c.read_requests += 1
         c.read_pages += 1
         lo, hi = self.swap_area
         c.swap_area_read_pages += lo <= block < hi
-        done = self._load_cluster_of(block, start) + self.costs.page_copy_us
+        if self.cache_state[block] != _NOT_CACHED:
+            done = start + self.costs.page_copy_us
+            c.cache_hit_pages += 1
+        else:
+            done = self._load_cluster_of(block, start) + self.costs.page_copy_us
+            self._hold(None, done)          # in the device's queue; a hit is not
+            c.cache_miss_pages += 1
         self._touch_cluster(block // self.cluster_pages, float(vt_us))
-        self._hold(None, done)          # in the device's queue
-        c.cache_miss_pages += 1
         f = int(self.cache_loc[block])
         return IoResult(self.pool.token[f:f + 1].copy(), done, 0)
 
