@@ -198,7 +198,7 @@ class Device:
         self.pages = 0
         self.read_pages = 0
         self.write_pages = 0
-        self.busy_us = 0.0     # service at full speed, all lanes
+        self._departed_busy_us = 0.0   # busy_us of lanes removed
 
     def add_lane(self, lane_id: int, now_us: float = 0.0) -> None:
         """A guest's lane: before the first boundary an equal share of ``expected_lanes``, after it the floor."""
@@ -209,7 +209,23 @@ class Device:
         self.lanes[lane_id] = _Lane(share, self.profile.queue_depth, now_us)
 
     def remove_lane(self, lane_id: int) -> None:
-        self.lanes.pop(lane_id, None)
+        lane = self.lanes.pop(lane_id, None)
+        if lane is not None:
+            self._departed_busy_us += lane.busy_us
+
+    @property
+    def busy_us(self) -> float:
+        """Service at full speed, all lanes.
+
+        Each lane's own sum (its requests come in an order its guest
+        decides), added up in lane-id order: a float sum kept in arrival
+        order would depend, in its last bits, on how the guests' requests
+        happened to interleave, which the partitioned discipline leaves free.
+        """
+        total = self._departed_busy_us
+        for lane_id in sorted(self.lanes):
+            total += self.lanes[lane_id].busy_us
+        return total
 
     def share(self, lane_id: int) -> float:
         return self.lanes[lane_id].share
@@ -236,7 +252,6 @@ class Device:
         lane.busy_us += full
         self.requests += 1
         self.pages += n_pages
-        self.busy_us += full
         if write:
             self.write_pages += n_pages
         else:

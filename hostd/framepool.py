@@ -221,7 +221,7 @@ class FramePool:
         ``owner_index`` and ``tokens`` (if given) must have ``n`` entries;
         only the first ``len(result)`` are used.
         """
-        if kind == FrameKind.FREE:
+        if kind == _FREE:
             raise ValueError("cannot allocate frames as FREE")
         g = self._grant_of(owner_guest)
         if g is None:
@@ -240,7 +240,7 @@ class FramePool:
             self.owner_index[frames] = np.asarray(owner_index, np.int64)[:take]
         if tokens is not None:
             self.token[frames] = np.asarray(tokens, np.uint64)[:take]
-        self._kind_frames[FrameKind.FREE] -= take
+        self._kind_frames[_FREE] -= take
         self._kind_frames[kind] += take
         return frames
 
@@ -302,15 +302,15 @@ class FramePool:
         if frames.size == 0:
             return
         kinds = self.kind[frames]
-        if np.any(kinds == FrameKind.FREE):
-            bad = int(frames[np.flatnonzero(kinds == FrameKind.FREE)[0]])
+        if np.any(kinds == _FREE):
+            bad = int(frames[np.flatnonzero(kinds == _FREE)[0]])
             raise InvariantViolation(f"frame {bad} freed twice")
         if has_duplicates(frames, self.total_frames):
             raise InvariantViolation("the same frame appears twice in one free() call")
         self._kind_frames -= np.bincount(kinds, minlength=len(FrameKind))
-        self._kind_frames[FrameKind.FREE] += frames.size
+        self._kind_frames[_FREE] += frames.size
         owners = self.owner_guest[frames] if self._grants else None
-        self.kind[frames] = FrameKind.FREE
+        self.kind[frames] = _FREE
         self.owner_guest[frames] = NO_OWNER
         self.owner_index[frames] = NO_OWNER
         self.token[frames] = 0

@@ -89,7 +89,7 @@ from .errors import BadBatch, InvalidState, InvariantViolation
 from .framepool import FrameKind
 from .hostswap import PENDING_TOKEN
 from .invariant import check_full
-from .p2m import PageState, as_page_numbers, one_page_number, unique_pages
+from .p2m import PageState, as_page_numbers, one_page_number, one_token
 from .memparts.bits import BitsAndPins
 from .memparts.books import _BALLOONED, _COMPRESSED, _FRAME, _SHARED, _SWAPPED, _ZERO, MemoryObserver, Shootdown, _Guest
 from .memparts.boundary import Boundary
@@ -159,29 +159,39 @@ class HostMemory(Guests, Boundary, Releases, BitsAndPins, Readout):
         if one is not None:
             return await self._ept_fault_one(g, one, vt_us, bool(fresh) and self._fresh_bits(g, fresh, 1)[0])
         gpfns = as_page_numbers(gpfns, guest_id, "gpfn", g.p2m.guest_pages, unique=True)
-        fresh_bits = self._fresh_bits(g, fresh, gpfns.size) if fresh else np.zeros(gpfns.size, bool)
-        fresh_set = gpfns[fresh_bits]
-        uniq = unique_pages(gpfns)
+        n = int(gpfns.size)
+        fresh_bits = self._fresh_bits(g, fresh, n) if fresh else np.zeros(n, bool)
+        any_fresh = bool(fresh_bits.any())
+        # The pages in gpfn order (as they are backed and their frames taken): ``order`` maps them back
+        # to their places in the message. gpfns are distinct, so no np.unique and no np.isin is needed.
+        order_all = np.argsort(gpfns, kind="stable")
+        order = order_all
+        uniq = gpfns[order]
         # A SHARED gpfn faults on a write (it is write-protected): the copy-on-write break. It takes
         # a frame like an unbacked page; its content is the guest's (KEEP_TOKEN), copied unless fresh.
         start_us = float(vt_us)
         tried = False
-        served = gpfns.size          # how many of gpfns, in the order sent, this fault backs (see _fault_fit)
+        served = n                   # how many of gpfns, in the order sent, this fault backs (see _fault_fit)
+        costs = None                 # the last fit's per-page costs, while no await has changed the books
         while True:
             g = self._same_guest(g)
             gate_us = self._fault_gate(vt_us)
-            if gate_us is not None and gpfns.size > 1:
-                served = self._fault_fit(g, gpfns, fresh_bits, start_us, gate_us)
-                uniq = unique_pages(gpfns[:served])
+            if gate_us is not None and n > 1:
+                served, costs = self._fault_fit(g, gpfns, fresh_bits, start_us, gate_us)
+                order = order_all if served == n else np.argsort(gpfns[:served], kind="stable")
+                uniq = gpfns[order]
             state = g.p2m.state[uniq]
             self._refuse_ballooned(g, uniq, state)
-            backed = state == PageState.FRAME
-            if np.any(self.pool.busy[g.p2m.loc[uniq[backed]]]):
+            backed = state == _FRAME
+            if backed.any() and self.pool.busy[g.p2m.loc[uniq[backed]]].any():
                 # Its eviction is in flight: the guest may already have dropped it.
                 await self._wait_eviction_settled()
                 continue
-            if await self._placeholders_wait(g, uniq[state == PageState.SWAPPED]):
-                continue
+            swapped_u = uniq[state == _SWAPPED]
+            if self._placeholders_pending(g, swapped_u):
+                costs = None
+                if await self._placeholders_wait(g, swapped_u):
+                    continue
             need = int(uniq.size - np.count_nonzero(backed))
             if self._room_ok(need, tried, g):
                 break
@@ -189,26 +199,32 @@ class HostMemory(Guests, Boundary, Releases, BitsAndPins, Readout):
             tried = True
 
         chain_us = None
-        if gate_us is not None and gpfns.size > 1:
+        if gate_us is not None and n > 1:
             # Bounded by the tick's end: the pages in the order sent, one after another, the last one
             # started before the gate; the rest are answered LATER_TOKEN (the guest faults them again).
-            served, chain_us = self._fault_chain(g, gpfns[:served], fresh_bits[:served], start_us, gate_us)
+            if costs is not None:
+                costs = (costs[0][:served], costs[1][:served])
+            served, chain_us = self._fault_chain(g, gpfns[:served], fresh_bits[:served], start_us, gate_us, costs)
             if served < uniq.size:
-                uniq = unique_pages(gpfns[:served])
+                order = np.argsort(gpfns[:served], kind="stable")
+                uniq = gpfns[order]
                 state = g.p2m.state[uniq]
-                backed = state == PageState.FRAME
-            self.counters.ept_fault_later_pages += int(gpfns.size - served)
-            self.counters.ept_faults_cut += int(served < gpfns.size)
-        todo = uniq[~backed]
-        was_swapped = state[~backed] == PageState.SWAPPED
+                backed = state == _FRAME
+            self.counters.ept_fault_later_pages += int(n - served)
+            self.counters.ept_faults_cut += int(served < n)
+        unbacked = ~backed
+        todo = uniq[unbacked]
+        todo_state = state[unbacked]
+        was_swapped = todo_state == _SWAPPED
         was_zip = None
         if self.zip is not None:
-            was_zip = (state[~backed] == _COMPRESSED) | (state[~backed] == _ZERO)
+            was_zip = (todo_state == _COMPRESSED) | (todo_state == _ZERO)
         is_fresh = np.zeros(todo.size, bool) if was_zip is not None else None
-        was_shared = state[~backed] == _SHARED
-        cow_from = g.p2m.loc[todo[was_shared]]
-        if fresh_set.size:
-            is_fresh = np.isin(todo, fresh_set)
+        was_shared = todo_state == _SHARED
+        n_cow = int(np.count_nonzero(was_shared))
+        cow_from = g.p2m.loc[todo[was_shared]] if n_cow else None
+        if any_fresh:
+            is_fresh = fresh_bits[order][unbacked]
             dropped = todo[was_swapped & is_fresh]
             if dropped.size:
                 # The guest overwrites it whole: no read; the old content goes.
@@ -221,28 +237,29 @@ class HostMemory(Guests, Boundary, Releases, BitsAndPins, Readout):
         swapped = todo[was_swapped]
         slots = g.p2m.loc[swapped]
         tokens = np.zeros(todo.size, np.uint64)
-        tokens[was_swapped] = self.swap.swap_in(slots)
+        if swapped.size:
+            tokens[was_swapped] = self.swap.swap_in(slots)
         zip_us = 0.0
-        if was_zip is not None and np.any(was_zip):
+        if was_zip is not None and was_zip.any():
             # Decompressed (CPU, no I/O) or a fresh zero page; a fresh one drops its old swap-cache copy too.
             zp = todo[was_zip]
-            zfresh = is_fresh[was_zip]
-            tokens[was_zip], zip_us = self.zip.take_out(guest_id, zp, state[~backed][was_zip], zfresh)  # type: ignore[union-attr]
-            if np.any(zfresh):
+            zfresh = is_fresh[was_zip]  # type: ignore[index]
+            tokens[was_zip], zip_us = self.zip.take_out(guest_id, zp, todo_state[was_zip], zfresh)  # type: ignore[union-attr]
+            if zfresh.any():
                 self.swap.drop(self.swap.slots_of(guest_id, zp[zfresh]))
         if swapped.size:
             self._count_labelled_reads(g, swapped)
             if self._observer is not None:
                 self._observer.guest_pages_swapped_in(guest_id, swapped, tokens[was_swapped])
-        frames = self.pool.alloc(todo.size, FrameKind.GUEST, guest_id, todo, tokens)
+        frames = self.pool.alloc(todo.size, _GUEST_KIND, guest_id, todo, tokens)
         self.pool.accessed[frames] = True          # the guest is touching it right now
         self.pool.pinned[frames] = g.p2m.pinned[todo]
-        g.p2m.set(todo, PageState.FRAME, frames)
-        n_cow = int(cow_from.size)
+        g.p2m.set(todo, _FRAME, frames)  # type: ignore[arg-type]
+        n_fresh = 0
         if n_cow:
-            n_fresh = int(np.count_nonzero(np.isin(todo[was_shared], fresh_set))) if fresh_set.size else 0
+            n_fresh = int(np.count_nonzero(is_fresh[was_shared])) if any_fresh else 0  # type: ignore[index]
             assert self.sharing is not None
-            self.sharing.cow(guest_id, cow_from, n_fresh)
+            self.sharing.cow(guest_id, cow_from, n_fresh)  # type: ignore[arg-type]
 
         if start_us > vt_us:
             self.counters.direct_reclaims += 1
@@ -266,15 +283,16 @@ class HostMemory(Guests, Boundary, Releases, BitsAndPins, Readout):
         c.swap_in_pages += int(swapped.size)
         gc.swap_in_pages += int(swapped.size)
         gc.ept_fault_swapins += int(swapped.size)
-        if served < gpfns.size:
-            tokens = np.full(gpfns.size, LATER_TOKEN, np.uint64)
+        if served < n:
+            tokens = np.full(n, LATER_TOKEN, np.uint64)
             tokens[:served] = self.pool.token[g.p2m.loc[gpfns[:served]]]
         else:
             tokens = self.pool.token[g.p2m.loc[gpfns]]
-        if todo.size != uniq.size:   # some were backed already: the guest holds their content, not us
-            tokens[np.isin(gpfns, uniq[backed])] = KEEP_TOKEN
-        if n_cow:                    # so were the shared ones, now copied
-            tokens[np.isin(gpfns, todo[was_shared])] = KEEP_TOKEN
+        # Backed already: the guest holds their content, not us; so were the shared ones, now copied.
+        if todo.size != uniq.size:
+            tokens[order[backed]] = KEEP_TOKEN
+        if n_cow:
+            tokens[order[unbacked][was_shared]] = KEEP_TOKEN
         return tokens, done_us
 
     async def _ept_fault_one(self, g: _Guest, gpfn: int, vt_us: float,
@@ -366,6 +384,10 @@ class HostMemory(Guests, Boundary, Releases, BitsAndPins, Readout):
         f = int(p2m.loc[gpfn])
         return self.pool.token[f:f + 1].copy(), done_us
 
+    def _placeholders_pending(self, g: _Guest, swapped_gpfns: np.ndarray) -> bool:
+        """Whether a slot of these (SWAPPED) gpfns holds a deferred shootdown's placeholder."""
+        return bool(swapped_gpfns.size) and bool((self.swap.token[g.p2m.loc[swapped_gpfns]] == PENDING_TOKEN).any())
+
     async def _placeholders_wait(self, g: _Guest, swapped_gpfns: np.ndarray) -> bool:
         """Wait if a slot of these gpfns still holds a deferred shootdown's placeholder; True if it waited.
 
@@ -374,10 +396,7 @@ class HostMemory(Guests, Boundary, Releases, BitsAndPins, Readout):
         memory is reclaimed at tick ends): a placeholder must never be handed
         back as content, so the check is made here, where the slot is read.
         """
-        if not swapped_gpfns.size:
-            return False
-        slots = g.p2m.loc[swapped_gpfns]
-        if not np.any(self.swap.token[slots] == PENDING_TOKEN):
+        if not self._placeholders_pending(g, swapped_gpfns):
             return False
         if self._placeholders_settled is None:
             raise InvariantViolation(f"guest {g.guest_id}: a swap slot holds a placeholder and nothing settles it")
@@ -414,29 +433,40 @@ class HostMemory(Guests, Boundary, Releases, BitsAndPins, Readout):
         """Per page of a fault, in the order sent: its swap slot when it needs a read (else -1), and the
         CPU time it costs on top (the exit, a decompression, a copy-on-write copy)."""
         state = g.p2m.state[gpfns]
-        slot = np.where((state == PageState.SWAPPED) & ~fresh, g.p2m.loc[gpfns], -1)
+        kept = ~fresh
+        slot = np.where((state == _SWAPPED) & kept, g.p2m.loc[gpfns], -1)
         extra = np.full(gpfns.size, self.costs.ept_fault_us)
         if self.zip is not None:
-            extra[(state == PageState.COMPRESSED) & ~fresh] += self.zip.cfg.decompress_page_us
-        extra[(state == PageState.SHARED) & ~fresh] += self.costs.page_copy_us
+            extra[(state == _COMPRESSED) & kept] += self.zip.cfg.decompress_page_us
+        shared = (state == _SHARED) & kept
+        if shared.any():
+            extra[shared] += self.costs.page_copy_us
         return slot, extra
 
-    def _fault_fit(self, g: _Guest, gpfns: np.ndarray, fresh: np.ndarray, start_us: float, gate_us: float) -> int:
+    def _fault_fit(self, g: _Guest, gpfns: np.ndarray, fresh: np.ndarray, start_us: float,
+                   gate_us: float) -> tuple[int, tuple[np.ndarray, np.ndarray]]:
         """How many of ``gpfns`` can start before the gate: at least as many as ``_fault_chain`` will serve.
 
         Each read costs its service time at the lane's speed with no wait
         for a channel, so the estimate never falls short; the fault makes
-        room for these only, not for pages the next tick will fault.
+        room for these only, not for pages the next tick will fault. Also
+        returns ``_fault_costs``, which the chain reuses while the books
+        have not changed.
         """
         slot, extra = self._fault_costs(g, gpfns, fresh)
         io = slot >= 0
-        if np.any(io):
-            extra[io] += self.swap.disk.chain_read_us(g.guest_id, slot[io])
-        starts = start_us + np.concatenate(([0.0], np.cumsum(extra[:-1])))
-        return max(1, int(np.searchsorted(starts, gate_us, side="left")))
+        cost = extra
+        if io.any():
+            cost = extra.copy()
+            cost[io] += self.swap.disk.chain_read_us(g.guest_id, slot[io])
+        starts = np.empty(cost.size)
+        starts[0] = 0.0
+        np.cumsum(cost[:-1], out=starts[1:])
+        starts += start_us
+        return max(1, int(np.searchsorted(starts, gate_us, side="left"))), (slot, extra)
 
     def _fault_chain(self, g: _Guest, gpfns: np.ndarray, fresh: np.ndarray, start_us: float,
-                     gate_us: float) -> tuple[int, float]:
+                     gate_us: float, costs: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[int, float]:
         """Serve ``gpfns`` one after another from ``start_us``, up to the gate: (pages served, done_vt_us).
 
         The first page is always served (a fault makes progress); a later one
@@ -445,9 +475,11 @@ class HostMemory(Guests, Boundary, Releases, BitsAndPins, Readout):
         Loops over the pages that read only; the others advance by their CPU
         time, found in a cumulative sum.
         """
-        slot, extra = self._fault_costs(g, gpfns, fresh)
+        slot, extra = self._fault_costs(g, gpfns, fresh) if costs is None else costs
         n = int(gpfns.size)
-        cum = np.concatenate(([0.0], np.cumsum(extra)))
+        cum = np.empty(n + 1)
+        cum[0] = 0.0
+        np.cumsum(extra, out=cum[1:])
         disk, gid = self.swap.disk, g.guest_id
         t = float(start_us)
         i = 0
@@ -476,8 +508,8 @@ class HostMemory(Guests, Boundary, Releases, BitsAndPins, Readout):
         return np.unpackbits(raw, count=n).astype(bool)
 
     def _refuse_ballooned(self, g: _Guest, gpfns: np.ndarray, state: np.ndarray) -> None:
-        ballooned = state == PageState.BALLOONED
-        if np.any(ballooned):
+        ballooned = state == _BALLOONED
+        if ballooned.any():
             raise InvalidState(g.guest_id, "gpfn", int(gpfns[np.flatnonzero(ballooned)[0]]), "BALLOONED",
                                "deflate it before touching it")
 
@@ -512,8 +544,15 @@ class HostMemory(Guests, Boundary, Releases, BitsAndPins, Readout):
         g = self._guest(guest_id)
         vd = g.vdisk
         one = one_page_number(blocks, guest_id, "block", vd.n_blocks)
-        if one is not None and vd.cache_state[one] == _CACHED:
-            res = vd.read_hit_one(one, vt_us)      # a hit takes no frame and no room
+        if one is not None and vd.cached:
+            if vd.cache_state[one] == _CACHED:
+                res = vd.read_one(one, vt_us)      # a hit takes no frame and no room
+                return res.tokens, res.done_vt_us
+            # The usual request, in scalars: the same drops, frames and times as the array path below.
+            start_us = vd.fit_allowance_one(one, vt_us)
+            if not self._room_ok(vd.frames_needed_one(one), False, g):   # else _room_for_io returns at once
+                start_us = await self._room_for_io(g, lambda: vd.frames_needed_one(one), start_us)
+            res = vd.read_one(one, start_us)
             return res.tokens, res.done_vt_us
         blocks = np.array((one,), np.int64) if one is not None else vd.check_blocks(blocks)
         start_us = vd.fit_allowance(blocks, vt_us, write=False)
@@ -527,6 +566,16 @@ class HostMemory(Guests, Boundary, Releases, BitsAndPins, Readout):
         g = self._guest(guest_id)
         vd = g.vdisk
         one = one_page_number(blocks, guest_id, "block", vd.n_blocks)
+        token = one_token(tokens) if one is not None and vd.cached else None
+        if token is not None:
+            # The usual request, in scalars: the same drops, frames and times as the array path below.
+            start_us = vd.fit_allowance_one(one, vt_us)
+            if not self._room_ok(vd.frames_needed_one(one), False, g):   # else _room_for_io returns at once
+                start_us = await self._room_for_io(g, lambda: vd.frames_needed_one(one), start_us)
+            done_us = vd.write_one(one, token, start_us).done_vt_us
+            if self._observer is not None:
+                self._observer.disk_written(guest_id, np.array((one,), np.int64), np.array((token,), np.uint64))
+            return done_us
         blocks = np.array((one,), np.int64) if one is not None else vd.check_blocks(blocks, unique=True)
         tokens = vd.check_tokens(blocks, tokens)
         start_us = vd.fit_allowance(blocks, vt_us, write=True)

@@ -52,6 +52,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import IntEnum
+from typing import Collection
+from heapq import heapify, heappop, heappush
 
 import numpy as np
 
@@ -80,6 +82,8 @@ class CacheState(IntEnum):
 _NOT_CACHED = int(CacheState.NOT_CACHED)
 _FRAME = int(CacheState.FRAME)
 _NO_TOKENS = np.zeros(0, np.uint64)
+_CACHE_KIND = int(FrameKind.CACHE)
+_FEW_PAGES = 8      # up to this many pages a loop of scalar frees beats the array calls' fixed cost
 
 
 @dataclass(slots=True)
@@ -169,6 +173,11 @@ class VirtualDisk:
         self.cluster_cached = np.zeros(n_clusters, np.int64)       # cached blocks per cluster
         self.cluster_dirty = np.zeros(n_clusters, np.int64)        # dirty blocks per cluster
         self.cluster_pinned = np.zeros(n_clusters, bool)           # holds a pinned block: never dropped
+        # The LRU order of the cached clusters, kept as they are touched so that dropping the oldest
+        # needs no scan: a heap of (stamp, cluster). Every cached cluster has an entry with its current
+        # stamp; entries whose stamp is no longer the cluster's, or whose cluster left the cache, are
+        # stale and skipped when popped (rebuilt when they outnumber the live ones).
+        self._lru: list[tuple[float, int]] = []
         self.cached_pages = 0
         self.dirty_pages = 0
         self.fill_pages_tick = 0                                   # cache fills this tick (allowance weights)
@@ -243,6 +252,17 @@ class VirtualDisk:
             return int(blocks.size)
         return int(self._fill_for_write(blocks)[0].size)
 
+    def _fill_one(self, block: int) -> int:
+        """``frames_needed_*`` of a request for one block in a cached mode: its whole cluster, or nothing."""
+        if self.cache_state[block] != _NOT_CACHED:
+            return 0
+        b0 = block - block % self.cluster_pages
+        return min(b0 + self.cluster_pages, self.n_blocks) - b0
+
+    def frames_needed_one(self, block: int) -> int:
+        """``frames_needed_read``/``_write`` of one block, in scalars (they agree on one block)."""
+        return self._fill_one(block) if self.cached else 1
+
     # -- the allowance: a request first makes room in its own disk's share -----------
 
     def fit_allowance(self, blocks: np.ndarray, vt_us: float, write: bool) -> float:
@@ -263,7 +283,18 @@ class VirtualDisk:
         keep = unique_pages(blocks_u // self.cluster_pages)
         return self.release_clusters(over, vt_us, keep=keep, dirty_too=True)
 
-    def release_clusters(self, want_pages: int, vt_us: float, *, keep: np.ndarray | None = None,
+    def fit_allowance_one(self, block: int, vt_us: float) -> float:
+        """``fit_allowance`` of a read or a write of one block, in scalars: the same drops, the same time."""
+        if not self.cached:
+            return float(vt_us)
+        n = self._fill_one(block)
+        over = self.cached_pages + n - self.allowance_pages
+        if over <= 0 or n == 0:
+            return float(vt_us)
+        over += max(self.cluster_pages, self.allowance_pages // 16)
+        return self.release_clusters(over, vt_us, keep=block // self.cluster_pages, dirty_too=True)
+
+    def release_clusters(self, want_pages: int, vt_us: float, *, keep: np.ndarray | int | None = None,
                          dirty_too: bool = False) -> float:
         """Drop own least recently used clusters (clean first) until ``want_pages`` are freed.
 
@@ -281,21 +312,62 @@ class VirtualDisk:
             self._drop_clusters(victims)
         return done
 
-    def drop_clean(self, want_pages: int, *, keep: np.ndarray | None = None) -> int:
-        """Drop own least recently used clean clusters (not pinned, not in ``keep``); returns pages freed."""
+    def drop_clean(self, want_pages: int, *, keep: np.ndarray | int | None = None) -> int:
+        """Drop own least recently used clean clusters (not pinned, not in ``keep``); returns pages freed.
+
+        The oldest first, ties by cluster index, until they hold ``want_pages``
+        (the last one may hold more): popped off the LRU heap, so the cost is
+        the clusters dropped and passed over, not the disk's size.
+        """
         if want_pages <= 0 or self.cached_pages == 0:
             return 0
-        # The cached clusters are few (the allowance): one pass finds them, the rest of the test runs on them.
-        cand = np.flatnonzero(self.cluster_cached)
-        cand = cand[(self.cluster_dirty[cand] == 0) & ~self.cluster_pinned[cand]]
-        if keep is not None and keep.size:
-            cand = cand[cand != keep[0]] if keep.size == 1 else cand[~np.isin(cand, keep)]
-        victims = self._oldest_of(cand, want_pages)
-        return self._drop_clusters(victims) if victims.size else 0
+        if keep is None:
+            kept: Collection[int] = ()
+        elif isinstance(keep, np.ndarray):
+            kept = keep.tolist() if keep.size < 8 else set(keep.tolist())
+        else:
+            kept = (int(keep),)
+        heap = self._lru
+        stamps, cached, dirty, pinned = self.cluster_stamp_us, self.cluster_cached, self.cluster_dirty, \
+            self.cluster_pinned
+        victims: list[int] = []
+        passed: list[tuple[float, int]] = []
+        seen: set[int] = set()
+        got = 0
+        while got < want_pages and heap:
+            entry = heappop(heap)
+            s, c = entry
+            if c in seen or not cached[c] or stamps[c] != s:
+                continue            # stale, or a second entry of the same (stamp, cluster)
+            seen.add(c)
+            if dirty[c] or pinned[c] or c in kept:
+                passed.append(entry)
+                continue
+            victims.append(c)
+            got += int(cached[c])
+        for entry in passed:
+            heappush(heap, entry)
+        if not victims:
+            return 0
+        if got <= _FEW_PAGES:
+            return self._drop_few(victims)
+        return self._drop_clusters(np.array(victims, np.int64))
 
-    def _excluded(self, keep: np.ndarray | None) -> np.ndarray:
+    def _lru_push(self, stamp: float, cluster: int) -> None:
+        heap = self._lru
+        heappush(heap, (stamp, cluster))
+        if len(heap) > 2 * self.cached_pages + 256:
+            self._lru_rebuild()
+
+    def _lru_rebuild(self) -> None:
+        """One live entry per cached cluster (a sorted list is a heap)."""
+        cand = np.flatnonzero(self.cluster_cached)
+        order = cand[np.lexsort((cand, self.cluster_stamp_us[cand]))]
+        self._lru = list(zip(self.cluster_stamp_us[order].tolist(), order.tolist()))
+
+    def _excluded(self, keep: np.ndarray | int | None) -> np.ndarray:
         """Clusters never to drop now: pinned (or exempt), and ``keep``."""
-        if keep is None or keep.size == 0:
+        if keep is None or (isinstance(keep, np.ndarray) and keep.size == 0):
             return self.cluster_pinned
         out = self.cluster_pinned.copy()
         out[keep] = True
@@ -323,6 +395,27 @@ class VirtualDisk:
         """(clusters, their stamps, their pages) of clean, unpinned cached clusters: the host cache's candidates."""
         cand = np.flatnonzero((self.cluster_cached > 0) & (self.cluster_dirty == 0) & ~self.cluster_pinned)
         return cand, self.cluster_stamp_us[cand], self.cluster_cached[cand]
+
+    def _drop_few(self, clusters: list[int]) -> int:
+        """``_drop_clusters`` of a few clean clusters, in scalars: the same frames freed in the same order."""
+        cp, dirty, state, loc, pool = self.cluster_pages, self.cluster_dirty, self.cache_state, self.cache_loc, \
+            self.pool
+        for c in clusters:
+            if dirty[c]:
+                raise InvariantViolation(f"vdisk {self.guest_id}: dropping a dirty cache page")
+        n = 0
+        for c in clusters:
+            b0 = c * cp
+            for b in range(b0, min(b0 + cp, self.n_blocks)):
+                if state[b] == _FRAME:
+                    pool.free_one(int(loc[b]))
+                    state[b] = _NOT_CACHED
+                    loc[b] = NO_LOC
+                    n += 1
+            self.cluster_cached[c] = 0
+        self.cached_pages -= n
+        self.counters.dropped_clean_pages += n
+        return n
 
     def _drop_clusters(self, clusters: np.ndarray) -> int:
         blocks = self._cluster_blocks(clusters)
@@ -365,18 +458,43 @@ class VirtualDisk:
         c.cache_miss_pages += int(blocks_u.size) - hits
         return IoResult(self.pool.token[self.cache_loc[blocks]], done, 0)
 
-    def read_hit_one(self, block: int, vt_us: float) -> IoResult:
-        """``read`` of one cached block, in scalars (the usual request): the same books and times."""
+    def read_one(self, block: int, vt_us: float) -> IoResult:
+        """``read`` of one block in a cached mode, in scalars (the usual request): the same books, frames
+        and times. A hit takes no frame; a miss needs ``frames_needed_one`` free (``fit_allowance_one``)."""
         c = self.counters
         start = self._admit(vt_us)
         c.read_requests += 1
         c.read_pages += 1
         lo, hi = self.swap_area
         c.swap_area_read_pages += lo <= block < hi
-        self.cluster_stamp_us[block // self.cluster_pages] = float(vt_us)
-        c.cache_hit_pages += 1
+        if self.cache_state[block] != _NOT_CACHED:
+            done = start + self.costs.page_copy_us
+            c.cache_hit_pages += 1
+        else:
+            done = self._load_cluster_of(block, start) + self.costs.page_copy_us
+            self._hold(None, done)          # in the device's queue; a hit is not
+            c.cache_miss_pages += 1
+        self._touch_cluster(block // self.cluster_pages, float(vt_us))
         f = int(self.cache_loc[block])
-        return IoResult(self.pool.token[f:f + 1].copy(), start + self.costs.page_copy_us, 0)
+        return IoResult(self.pool.token[f:f + 1].copy(), done, 0)
+
+    def _load_cluster_of(self, block: int, start_us: float) -> float:
+        """``_load`` of the (uncached) cluster holding ``block``: one device request."""
+        cp = self.cluster_pages
+        b0 = block - block % cp
+        n = min(b0 + cp, self.n_blocks) - b0
+        if n == 1:
+            self._cache_in_one(block)
+        else:
+            self._cache_in(np.arange(b0, b0 + n, dtype=np.int64))
+        done = max(float(start_us), self.device.submit(self.guest_id, start_us, n, write=False,
+                                                       offset=self.offset_base + b0))
+        c = self.counters
+        c.cluster_loads += 1
+        c.cluster_load_pages += n
+        c.device_read_pages += n
+        self.fill_pages_tick += n
+        return done
 
     def write(self, blocks: np.ndarray, tokens: np.ndarray, vt_us: float) -> IoResult:
         """A write of distinct ``blocks`` in the disk's cache mode."""
@@ -438,6 +556,52 @@ class VirtualDisk:
         c.cache_hit_pages += hits
         c.cache_miss_pages += int(blocks.size) - hits
         return IoResult(_NO_TOKENS, done, rmw)
+
+    def write_one(self, block: int, token: int, vt_us: float) -> IoResult:
+        """``write`` of one block in a cached mode, in scalars: the same books, frames and times.
+
+        A block whose cluster is not cached and holds other blocks is a
+        read-modify-write: that rare request takes the array path.
+        """
+        cp = self.cluster_pages
+        b0 = block - block % cp
+        hit = self.cache_state[block] != _NOT_CACHED
+        if not hit and min(b0 + cp, self.n_blocks) - b0 > 1:
+            return self.write(np.array((block,), np.int64), np.array((token,), np.uint64), vt_us)
+        c = self.counters
+        start = self._admit(vt_us)
+        c.write_requests += 1
+        c.write_pages += 1
+        lo, hi = self.swap_area
+        c.swap_area_write_pages += lo <= block < hi
+        f = int(self.cache_loc[block]) if hit else self._cache_in_one(block)
+        self.tokens[block] = token
+        self.pool.token[f] = token
+        done = start + self.costs.page_copy_us
+        cl = block // cp
+        if self.mode == "writethrough":
+            self.image[block] = token
+            c.device_write_pages += 1
+            done = max(done, self.device.submit(self.guest_id, start, 1, write=True,
+                                                offset=self.offset_base + block))
+        else:
+            if not self.dirty[block]:
+                self.dirty[block] = True
+                self.dirty_since_us[block] = float(vt_us)
+                self.cluster_dirty[cl] += 1
+                self.dirty_pages += 1
+            if self.dirty_pages > self.dirty_limit_pages:
+                # Over its dirty limit the writer writes its own oldest back first (see ``write``).
+                c.throttled_writes += 1
+                done = max(done, self.write_back_oldest(self.dirty_pages - self.dirty_background_pages, start))
+        self._touch_cluster(cl, float(vt_us))
+        if self.mode == "writethrough":
+            self._hold(None, done)
+        if hit:
+            c.cache_hit_pages += 1
+        else:
+            c.cache_miss_pages += 1
+        return IoResult(_NO_TOKENS, done, 0)
 
     def _load(self, blocks: np.ndarray, start_us: float) -> float:
         """Read ``blocks`` (whole clusters' missing parts) from the device into cache frames; one request each."""
@@ -526,15 +690,51 @@ class VirtualDisk:
             raise InvariantViolation(f"vdisk {self.guest_id}: host memory made room for too few cache frames")
         self.pool.pinned[frames] = self.pinned[blocks]
         if blocks.size == 1:
-            self.cluster_cached[int(blocks[0]) // self.cluster_pages] += 1
+            c = int(blocks[0]) // self.cluster_pages
+            if not self.cluster_cached[c]:
+                self._lru_push(float(self.cluster_stamp_us[c]), c)
+            self.cluster_cached[c] += 1
         else:
+            clusters = unique_pages(blocks // self.cluster_pages)
+            for c in clusters[self.cluster_cached[clusters] == 0].tolist():
+                self._lru_push(float(self.cluster_stamp_us[c]), c)
             np.add.at(self.cluster_cached, blocks // self.cluster_pages, 1)
         self.cached_pages += int(blocks.size)
         self.cache_state[blocks] = _FRAME
         self.cache_loc[blocks] = frames
 
+    def _cache_in_one(self, block: int) -> int:
+        """``_cache_in`` of one block, in scalars (the same frame); returns the frame."""
+        f = self.pool.alloc_one(_CACHE_KIND, self.guest_id, block, int(self.tokens[block]))
+        if f < 0:
+            raise InvariantViolation(f"vdisk {self.guest_id}: host memory made room for too few cache frames")
+        self.pool.pinned[f] = self.pinned[block]
+        c = block // self.cluster_pages
+        if not self.cluster_cached[c]:
+            self._lru_push(float(self.cluster_stamp_us[c]), c)
+        self.cluster_cached[c] += 1
+        self.cached_pages += 1
+        self.cache_state[block] = _FRAME
+        self.cache_loc[block] = f
+        return f
+
     def _touch(self, blocks: np.ndarray, vt_us: float) -> None:
-        self.cluster_stamp_us[blocks // self.cluster_pages] = float(vt_us)
+        s = float(vt_us)
+        if blocks.size == 1:
+            self._touch_cluster(int(blocks[0]) // self.cluster_pages, s)
+            return
+        clusters = unique_pages(blocks // self.cluster_pages)
+        moved = clusters[(self.cluster_stamp_us[clusters] != s) & (self.cluster_cached[clusters] > 0)]
+        self.cluster_stamp_us[clusters] = s
+        for c in moved.tolist():
+            self._lru_push(s, c)
+
+    def _touch_cluster(self, cluster: int, stamp: float) -> None:
+        """A use of a cached cluster at ``stamp``: its LRU stamp and (if it moved) its heap entry."""
+        if self.cluster_stamp_us[cluster] != stamp:
+            self.cluster_stamp_us[cluster] = stamp
+            if self.cluster_cached[cluster]:
+                self._lru_push(stamp, cluster)
 
     def take_double_faults(self) -> tuple[list[DoubleFault], int]:
         """The double faults recorded since the last call, and how many requests were not recorded."""

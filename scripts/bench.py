@@ -15,6 +15,8 @@ asked for, so one missing or broken benchmark does not stop the others:
   of clean guest memory to host frames freed; target under 1 s.
 - ``ioamp``: ``scripts.bench_ioamp`` -- the io-amplification demo with 4
   guests: wall time per variant and the headline numbers; target under 60 s.
+- ``hostmem``: ``scripts.bench_hostmem`` -- host memory's own CPU per disk
+  read, disk write and EPT fault, ``HostMemory`` driven in process.
 - ``analyze``: ``scripts.bench_analyze`` -- the analyzer (read, summary,
   report, plots) on a synthetic run of 1M log lines; target under 10 s.
 - ``hog``: ``scripts.bench_hog`` -- the demo with every CPU saturated by
@@ -58,6 +60,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "scale": ("scripts.bench_scale", "host + N guests: wall time, virtual s per wall s, RSS"),
     "balloon": ("scripts.bench_balloon", "balloon inflation of 1 GiB of clean guest memory: wall vs the 1 s target"),
     "ioamp": ("scripts.bench_ioamp", "the io-amplification demo, 4 guests: wall per variant vs the 60 s target"),
+    "hostmem": ("scripts.bench_hostmem", "host memory's CPU per disk read/write and EPT fault, in process (no sockets)"),
     "analyze": ("scripts.bench_analyze", "the analyzer on a synthetic 1M-line run: lines/s vs the 10 s target"),
     "hog": ("scripts.bench_hog", "the demo with the CPUs saturated by 10 hogs per CPU: same counts, only slower"),
     "soak": ("scripts.bench_soak", "many guests, many ticks, guests killed and restarted: nothing lost, memory bounded"),
