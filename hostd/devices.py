@@ -198,7 +198,7 @@ class Device:
         self.pages = 0
         self.read_pages = 0
         self.write_pages = 0
-        self.busy_us = 0.0     # service at full speed, all lanes
+        self._gone_busy_us: dict[int, float] = {}   # lanes removed: their busy_us, by lane id
 
     def add_lane(self, lane_id: int, now_us: float = 0.0) -> None:
         """A guest's lane: before the first boundary an equal share of ``expected_lanes``, after it the floor."""
@@ -209,7 +209,22 @@ class Device:
         self.lanes[lane_id] = _Lane(share, self.profile.queue_depth, now_us)
 
     def remove_lane(self, lane_id: int) -> None:
-        self.lanes.pop(lane_id, None)
+        lane = self.lanes.pop(lane_id, None)
+        if lane is not None:
+            self._gone_busy_us[lane_id] = self._gone_busy_us.get(lane_id, 0.0) + lane.busy_us
+
+    @property
+    def busy_us(self) -> float:
+        """Service at full speed, all lanes.
+
+        Summed lane by lane in lane-id order, not as requests arrive: lanes
+        (guests) are served in parallel, and a float sum in arrival order
+        differs in its last bits from run to run of one seed.
+        """
+        busy = dict(self._gone_busy_us)
+        for lane_id, lane in self.lanes.items():
+            busy[lane_id] = busy.get(lane_id, 0.0) + lane.busy_us
+        return sum(busy[k] for k in sorted(busy))
 
     def share(self, lane_id: int) -> float:
         return self.lanes[lane_id].share
@@ -236,7 +251,6 @@ class Device:
         lane.busy_us += full
         self.requests += 1
         self.pages += n_pages
-        self.busy_us += full
         if write:
             self.write_pages += n_pages
         else:
