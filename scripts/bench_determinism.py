@@ -134,12 +134,6 @@ def compare_summaries(ref: Mapping[str, Any], other: Mapping[str, Any]) -> dict[
     return out
 
 
-def shipped_scenarios() -> list[str]:
-    from balloonlab.scenario import find_scenario
-
-    return sorted(p.stem for p in find_scenario("basic").parent.glob("*.toml"))
-
-
 def _loadavg() -> float:
     return float(Path("/proc/loadavg").read_text().split()[0])
 
@@ -247,6 +241,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         ap.error(f"--runs: unknown {bad}; known: {list(RUNS)}")
     if args.ticks < 1 or args.guests < 1 or args.hogs < 1:
         ap.error("--ticks, --guests and --hogs must be >= 1")
+    from scripts.bench_clocks import shipped_scenarios
+
     known = shipped_scenarios()
     unknown = [n for n in args.names if n not in known]
     if unknown:
