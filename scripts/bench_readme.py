@@ -232,6 +232,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 summaries = [json.loads((p / "summary.json").read_text()) for p in parts]
             else:
                 summaries = []
+                if args.variants:
+                    run_dir.mkdir(exist_ok=True)      # the parts' parent (a run directory's must exist)
                 for part in parts:
                     variant = part.name[len("variant-"):] if part != run_dir else None
                     r = balloonlab.run(m.scenario, guests=m.guests, seed=m.seed, ticks=m.ticks, run_dir=part,
