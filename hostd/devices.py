@@ -198,7 +198,7 @@ class Device:
         self.pages = 0
         self.read_pages = 0
         self.write_pages = 0
-        self._departed_busy_us = 0.0   # busy_us of lanes removed
+        self._gone_busy_us: dict[int, float] = {}   # lanes removed: their busy_us, by lane id
 
     def add_lane(self, lane_id: int, now_us: float = 0.0) -> None:
         """A guest's lane: before the first boundary an equal share of ``expected_lanes``, after it the floor."""
@@ -211,21 +211,20 @@ class Device:
     def remove_lane(self, lane_id: int) -> None:
         lane = self.lanes.pop(lane_id, None)
         if lane is not None:
-            self._departed_busy_us += lane.busy_us
+            self._gone_busy_us[lane_id] = self._gone_busy_us.get(lane_id, 0.0) + lane.busy_us
 
     @property
     def busy_us(self) -> float:
         """Service at full speed, all lanes.
 
-        Each lane's own sum (its requests come in an order its guest
-        decides), added up in lane-id order: a float sum kept in arrival
-        order would depend, in its last bits, on how the guests' requests
-        happened to interleave, which the partitioned discipline leaves free.
+        Summed lane by lane in lane-id order, not as requests arrive: lanes
+        (guests) are served in parallel, and a float sum in arrival order
+        differs in its last bits from run to run of one seed.
         """
-        total = self._departed_busy_us
-        for lane_id in sorted(self.lanes):
-            total += self.lanes[lane_id].busy_us
-        return total
+        busy = dict(self._gone_busy_us)
+        for lane_id, lane in self.lanes.items():
+            busy[lane_id] = busy.get(lane_id, 0.0) + lane.busy_us
+        return sum(busy[k] for k in sorted(busy))
 
     def share(self, lane_id: int) -> float:
         return self.lanes[lane_id].share

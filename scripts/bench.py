@@ -1,4 +1,4 @@
-"""Benchmarks: ``python scripts/bench.py [rpc|paging|traces|scale|balloon|ioamp|analyze|soak|all] [options]``.
+"""Benchmarks: ``python scripts/bench.py [rpc|paging|traces|scale|balloon|ioamp|analyze|soak|readme|clocks|determinism|all] [options]``.
 
 Each subcommand is a module with ``main(argv) -> int``, imported only when
 asked for, so one missing or broken benchmark does not stop the others:
@@ -31,6 +31,10 @@ asked for, so one missing or broken benchmark does not stop the others:
   skips it.
 - ``clocks``: ``scripts.bench_clocks`` -- every shipped scenario at small
   sizes, its guests' clocks checked against the host's at every tick end.
+- ``determinism``: ``scripts.bench_determinism`` -- every shipped scenario
+  and variant, small, run quiet, with the CPUs loaded and with exec-started
+  guests: every deterministic count in summary.json compared, scenario x
+  variant -> same / DIFFERENT. Minutes; ``all`` skips it.
 - ``all``: each of the above in turn with its defaults.
 
 Options after the subcommand go to that benchmark (``bench.py rpc --help``).
@@ -66,6 +70,8 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "soak": ("scripts.bench_soak", "many guests, many ticks, guests killed and restarted: nothing lost, memory bounded"),
     "readme": ("scripts.bench_readme", "every number the README quotes for the shipped scenarios, re-measured"),
     "clocks": ("scripts.bench_clocks", "every shipped scenario, small: guests' clocks vs the host's at tick ends"),
+    "determinism": ("scripts.bench_determinism", "every shipped scenario and variant, small: same counts quiet, "
+                    "loaded and exec-started"),
 }
 """Subcommand -> (module with ``main(argv) -> int``, one-line description)."""
 
@@ -105,7 +111,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             ap.error("'all' takes no options; run one benchmark to pass options")
         status = 0
         for name in BENCHMARKS:
-            if name in ("soak", "hog", "readme", "clocks"):
+            if name in ("soak", "hog", "readme", "clocks", "determinism"):
                 continue  # hours at its defaults, or the machine saturated on purpose: run them on their own
             print(f"=== {name} ===", flush=True)
             try:

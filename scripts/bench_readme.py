@@ -10,6 +10,8 @@ against the host's on every run too (``balloonlab.analysis.clocks``).
     python scripts/bench.py readme swap-storm nested-swap
     python scripts/bench.py readme --from runs/readme-TIME   # re-read finished runs, run nothing
     python scripts/bench.py readme --json
+    python scripts/bench.py readme policies --variants none,static,mom --out runs/readme-X   # a long scenario
+                                                  # in parts (one lock hold each), then --from runs/readme-X
 
 Run it under the suite lock, a few scenarios at a time if the whole set would
 hold it too long. The validations (``validate-*``) run through
@@ -190,6 +192,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=None, help="where the runs go (default runs/readme-TIME)")
     ap.add_argument("--from", dest="src", type=Path, default=None,
                     help="re-read the runs of an earlier `readme` (its --out) instead of running")
+    ap.add_argument("--variants", default=None, metavar="V1,V2",
+                    help="only these variants of the named scenario(s), each its own run in OUT/NAME/variant-V "
+                         "(a scenario too long for one lock hold measured in parts; --from reads the parts)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     unknown = [n for n in args.names if n not in names]
@@ -220,15 +225,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             m = next(s for s in SCENARIOS if s.scenario == name)
             run_dir = out / name
+            parts = [run_dir / f"variant-{v}" for v in args.variants.split(",")] if args.variants else [run_dir]
             if args.src:
-                summary = json.loads((run_dir / "summary.json").read_text())
+                if not args.variants and not (run_dir / "summary.json").exists():
+                    parts = sorted(run_dir.glob("variant-*"))     # measured in parts
+                summaries = [json.loads((p / "summary.json").read_text()) for p in parts]
             else:
-                r = balloonlab.run(m.scenario, guests=m.guests, seed=m.seed, ticks=m.ticks, run_dir=run_dir,
-                                   report=False, verbose=False)
-                summary = r.summary
-                if not r.ok:
-                    status = 1
-            for variant, metric, value in [*metrics_of(m, summary), *_clock_rows(run_dir)]:
+                summaries = []
+                if args.variants:
+                    run_dir.mkdir(exist_ok=True)      # the parts' parent (a run directory's must exist)
+                for part in parts:
+                    variant = part.name[len("variant-"):] if part != run_dir else None
+                    r = balloonlab.run(m.scenario, guests=m.guests, seed=m.seed, ticks=m.ticks, run_dir=part,
+                                       variant=variant, report=False, verbose=False)
+                    summaries.append(r.summary)
+                    if not r.ok:
+                        status = 1
+            summary = {"variants": {k: v for s in summaries for k, v in (s.get("variants") or {}).items()}}
+            for variant, metric, value in [*metrics_of(m, summary), *(row for p in parts for row in _clock_rows(p))]:
                 table.append({"scenario": name, "variant": variant, "metric": metric, "value": value, "note": "",
                               "command": m.command})
         print(f"bench.py readme: {name}: {time.monotonic() - t0:.0f} s wall ({run_dir})", file=sys.stderr)
