@@ -115,7 +115,8 @@ class FrameDecoder:
     undecodable body was consumed whole, so decoding goes on after it.
     """
 
-    __slots__ = ("max_frame_bytes", "limits", "sizes", "_buf", "_failed", "_count", "_unpack")
+    __slots__ = ("max_frame_bytes", "limits", "sizes", "_buf", "_failed", "_count", "_unpack", "_unpack_small",
+                 "_small_max_bytes")
 
     def __init__(self, max_frame_bytes: int = MAX_FRAME_BYTES_DEFAULT, limits: DecodeLimits | None = None) -> None:
         self.max_frame_bytes = max_frame_bytes
@@ -125,6 +126,8 @@ class FrameDecoder:
         self._count = _ContainerCount()
         self.limits: DecodeLimits | None = None
         self._unpack: Any = None
+        self._unpack_small: Any = None
+        self._small_max_bytes = 0
         self.set_limits(limits)
 
     def set_limits(self, limits: DecodeLimits | None) -> None:
@@ -133,9 +136,15 @@ class FrameDecoder:
         kw: dict[str, Any] = {"raw": False, "strict_map_key": False}
         if limits is not None:
             kw.update(max_array_len=limits.max_container_len, max_map_len=limits.max_container_len,
-                      max_str_len=limits.max_str_bytes, max_ext_len=0,
-                      list_hook=self._count, object_hook=self._count)
+                      max_str_len=limits.max_str_bytes, max_ext_len=0)
+        self._unpack_small = functools.partial(msgpack.unpackb, **kw)
+        if limits is not None:
+            kw.update(list_hook=self._count, object_hook=self._count)
         self._unpack = functools.partial(msgpack.unpackb, **kw)
+        # Every map or array takes at least one byte of the body, so a body of at most
+        # max_containers bytes cannot hold more of them: it is decoded without the
+        # counting hooks (two Python calls per frame, on every request a guest sends).
+        self._small_max_bytes = limits.max_containers if limits is not None else max(self.max_frame_bytes, 0)
 
     def feed(self, data: bytes) -> list[Any]:
         """Append ``data``; return every complete frame, in order.
@@ -168,6 +177,8 @@ class FrameDecoder:
         # few bytes is cheaper than a memoryview); a large one is viewed.
         view = memoryview(data) if len(data) > _SLICE_MAX_BYTES else data
         unpackb = self._unpack
+        unpack_small = self._unpack_small
+        small_max = self._small_max_bytes
         count = self._count
         max_containers = self.limits.max_containers if self.limits is not None else 0
         max_frame = self.max_frame_bytes
@@ -184,9 +195,12 @@ class FrameDecoder:
             end = pos + HEADER_BYTES + size
             if end > n:
                 break
-            count.left = max_containers
             try:
-                out.append(unpackb(view[pos + HEADER_BYTES:end]))
+                if size <= small_max:
+                    out.append(unpack_small(view[pos + HEADER_BYTES:end]))
+                else:
+                    count.left = max_containers
+                    out.append(unpackb(view[pos + HEADER_BYTES:end]))
             except _TooManyContainers:
                 out.append(UndecodableFrame(f"frame of {size} bytes holds more than {max_containers} maps and "
                                             f"arrays (the most this receiver decodes from one frame)"))

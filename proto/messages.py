@@ -76,8 +76,11 @@ _LIST = "list"      # msgpack array (the message's own checks look inside)
 _INF = float("inf")
 
 
+_U64 = np.dtype("<u8")   # a dtype object: a string would be parsed on every call
+
+
 def pages_to_bytes(pages: Any) -> bytes:
-    return np.asarray(pages, dtype="<u8").tobytes()
+    return np.asarray(pages, dtype=_U64).tobytes()
 
 
 class Message:
@@ -148,7 +151,7 @@ def _check_pages(msg: str, key: str, value: Any) -> np.ndarray:
         raise BadField(msg, key, f"length {len(value)} is not a multiple of 8")
     if len(value) > MAX_PAGES_PER_MESSAGE * 8:
         raise BadField(msg, key, f"{len(value) // 8} pages exceed the limit of {MAX_PAGES_PER_MESSAGE}")
-    return np.frombuffer(value, dtype="<u8")
+    return np.frombuffer(value, _U64)
 
 
 def _check_int(msg: str, key: str, value: Any) -> int:

@@ -31,6 +31,13 @@ the JSON also has the medians and every run. CPU columns are µs of CPU
 per message for client and server (server from /proc, clock-tick
 resolution). Targets (issue #2): rpc round trip <= 1.5x echo, rpc
 pipelined >= 0.5x echo's msgs/s.
+
+``--lane N`` measures instead the host's request path in one process: a
+guest connection calls one-page ``DiskRead`` N times (one outstanding)
+through a ``DeterministicOrder`` lane over a Unix socketpair, once with the
+lane's handler ``eager`` (as the host runs it) and once with a task per
+request, alternating ``--repeat`` times; it prints both sides' CPU and the
+wall time per round trip (the handler itself does no memory work).
 """
 from __future__ import annotations
 
@@ -201,6 +208,66 @@ async def _rpc_pipelined(conn: RpcConnection, messages: int, window: int) -> tup
     t0, c0 = time.perf_counter(), time.process_time()
     await asyncio.gather(*(worker() for _ in range(min(window, messages))))
     return messages / (time.perf_counter() - t0), (time.process_time() - c0) / messages * 1e6
+
+
+# --- the host's request path, in one process ------------------------------------------
+
+async def _lane_once(calls: int, eager_lane: bool) -> tuple[float, float]:
+    """CPU (both sides) and wall µs per DiskRead round trip through a DeterministicOrder lane."""
+    import socket
+
+    import numpy as np
+
+    from balloonlab.hostd.discipline import DeterministicOrder, DisciplineContext
+    from balloonlab.proto.framing import DecodeLimits
+    from balloonlab.proto.messages import DiskRead, DiskReadReply
+    from balloonlab.proto.rpc import ByteBudget
+
+    loop = asyncio.get_running_loop()
+    ctx = DisciplineContext(sessions=None, running=lambda: (), stop=lambda reason: None,  # type: ignore[arg-type]
+                            clock=lambda: 0.0, hypercall_us=1.0, shootdown_timeout_s=1.0)
+    order = DeterministicOrder(ctx)
+    order.guest_joined(0)
+    tokens = np.zeros(1, dtype="<u8")
+
+    async def memory(vt_us: float) -> tuple[np.ndarray, float]:
+        return tokens, vt_us + 5.0
+
+    async def disk_read(m: DiskRead) -> DiskReadReply:
+        t, done = await memory(m.vt_us)
+        return DiskReadReply(t, done)
+
+    served = dict(order.serve(0, {MsgType.DISK_READ: disk_read}).requests)
+    if not eager_lane:
+        for handler in served.values():
+            handler.__dict__.pop("_rpc_eager", None)
+    a, b = socket.socketpair()
+    limits = RpcLimits(budget=ByteBudget(256 << 20), decode=DecodeLimits())   # as the host's for a guest
+    tr_a, _ = await loop.create_unix_connection(lambda: RpcConnection(name="host", limits=limits, requests=served),
+                                                sock=a)
+    tr_b, client = await loop.create_unix_connection(lambda: RpcConnection(name="guest"), sock=b)
+    blocks = np.zeros(1, dtype="<u8")
+    for i in range(min(2_000, calls)):
+        await client.call(DiskRead(blocks, float(i)))
+    c0, t0 = time.process_time(), time.perf_counter()
+    for i in range(calls):
+        await client.call(DiskRead(blocks, float(i)))
+    cpu_us = (time.process_time() - c0) / calls * 1e6
+    wall_us = (time.perf_counter() - t0) / calls * 1e6
+    tr_a.close()
+    tr_b.close()
+    return cpu_us, wall_us
+
+
+def _lane_ab(calls: int, repeat: int) -> None:
+    runs: dict[str, list[tuple[float, float]]] = {"task": [], "eager": []}
+    for _ in range(repeat):
+        for name in ("task", "eager"):
+            runs[name].append(uvloop.run(_lane_once(calls, name == "eager")))
+    print(f"host request path in one process: {calls} DiskRead round trips through a lane, {repeat} runs each")
+    for name, rs in runs.items():
+        print(f"  {name:5}  CPU (both sides) per round trip: best {min(r[0] for r in rs):6.1f} µs, median "
+              f"{statistics.median(r[0] for r in rs):6.1f} µs;  wall: median {statistics.median(r[1] for r in rs):6.1f} µs")
 
 
 # --- processes --------------------------------------------------------------------
@@ -417,6 +484,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--json", metavar="PATH", help="also write the results (with every run) as JSON")
     ap.add_argument("--profile", metavar="DIR", help="cProfile the first rpc client and server into DIR")
+    ap.add_argument("--lane", type=int, metavar="N", default=0,
+                    help="instead: N DiskRead round trips through a host lane in one process, eager vs a task each")
     # internal: the server subprocess
     ap.add_argument("--serve", choices=IMPLS, help=argparse.SUPPRESS)
     ap.add_argument("--address", help=argparse.SUPPRESS)
@@ -427,6 +496,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _server_main(args)
     if min(args.iterations, args.messages, args.window, args.repeat) < 1 or args.warmup < 0:
         ap.error("--iterations, --messages, --window and --repeat must be >= 1, --warmup >= 0")
+    if args.lane:
+        _lane_ab(args.lane, args.repeat)
+        return 0
     if args.profile:
         os.makedirs(args.profile, exist_ok=True)
     res = _run(args)

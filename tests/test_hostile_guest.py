@@ -265,7 +265,11 @@ def test_every_attack_is_refused_with_its_code(hostile_run: Any) -> None:
         code, message = r[key]
         assert code == BAD_FIELD and all(w in message for w in words), (key, message)
     flood = r["flood"]
-    assert flood[OVERLOADED] >= 1 and flood["ok"] >= 1 and set(flood) <= {"ok", OVERLOADED}, flood
+    # Each flooded request is an EPT fault of a page the host backs already: answered at once, it holds
+    # nothing in progress, so it need not be refused (the host starts a request's handler as it arrives).
+    # The bound on requests in progress (OVERLOADED) is flooded with requests that wait in
+    # test_hostile_bounds.py (a guest that stops reading) and test_proto_bounds.py.
+    assert sum(flood.values()) == FLOOD and flood["ok"] >= 1 and set(flood) <= {"ok", OVERLOADED}, flood
     assert r["end"]["reason"] == "completed"
     assert hostile_run["unauth"] == {
         "request_before_hello": NOT_AUTHENTICATED, "notify_before_hello": NOT_AUTHENTICATED, "garbage": BAD_FRAME,
@@ -291,7 +295,7 @@ def test_each_refusal_is_counted_per_code_and_logged(hostile_run: Any) -> None:
     exact = {"OUT_OF_RANGE": 3, "INVALID_STATE": 4, "UNKNOWN_TYPE": 3, "NOT_AUTHENTICATED": 2,
              "DUPLICATE_GUEST": 1, "BAD_TOKEN": 1, "UNKNOWN_GUEST": 1, "VERSION_MISMATCH": 1, "BAD_FRAME": 2,
              # 6 bad requests, 5 TickDones refused whole, the absurd stats
-             "BAD_FIELD": 12, "OVERLOADED": flood}
+             "BAD_FIELD": 12, **({"OVERLOADED": flood} if flood else {})}
     assert counted == exact
     rejected = [e for e in hostile_run["h"].events("request_rejected")]
     logged = Counter(e["code"] for e in rejected)

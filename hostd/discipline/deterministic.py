@@ -48,7 +48,7 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable, Mapping
 import structlog
 
 from balloonlab.proto.messages import MsgType
-from balloonlab.proto.rpc import RequestHandler
+from balloonlab.proto.rpc import RequestHandler, eager
 
 from ..errors import HostOutOfMemory, UnknownGuest
 from ..grants import GrantPlanner
@@ -129,7 +129,15 @@ class DeterministicOrder(DisciplineBase):
         return GuestHandlers({t: self._in_lane(lane, h) for t, h in requests.items()})  # type: ignore[misc]
 
     def _in_lane(self, lane: _Lane, handler: Callable[[Any], Any]) -> Callable[[Any], Awaitable[Any]]:
-        """``handler`` served after every earlier request of the lane (queued when it arrives, not when it runs)."""
+        """``handler`` served after every earlier request of the lane (queued when it arrives, not when it runs).
+
+        ``eager``: a request that finds its lane idle and its memory there is
+        answered inside the read that brought it, with no task (most of them).
+        Requests of different guests commute (the partition), so starting one
+        before the rest of the read is handled changes no count; one that waits
+        becomes a task, counted in its lane (``inflight``) as before.
+        """
+        @eager
         def queue(msg: Any) -> Awaitable[Any]:
             prev = lane.tail
             mine = asyncio.get_running_loop().create_future()
