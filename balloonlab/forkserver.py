@@ -71,6 +71,8 @@ def _preload() -> None:
     import balloonlab.guestd as guestd
     for mod in pkgutil.walk_packages(guestd.__path__, "balloonlab.guestd."):
         importlib.import_module(mod.name)
+    from balloonlab.guestd.session import warm_up
+    warm_up()   # the config classes' msgspec type information, built once here instead of in every guest
 
 
 def _die_with_parent() -> None:

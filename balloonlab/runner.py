@@ -47,6 +47,10 @@ HOST_READY_TIMEOUT_S = 120.0   # a host on a machine loaded many times over star
 CREDENTIALS_DIR = "credentials"
 _PR_SET_PDEATHSIG = 1
 GUEST_START_MODES = ("fork", "exec")
+# Spawn requests in flight to the fork server at once: it forks one after the other without waiting for
+# the launcher to read each reply (a round trip per guest, 30-40 ms each on a loaded machine), and the
+# control socket's buffer never holds more than a few requests (each carries an environment).
+FORK_WINDOW = 8
 
 
 def default_guest_start() -> str:
@@ -150,6 +154,29 @@ class _Children:
         self.procs[name] = proc
         self.stderr_paths[name] = stderr_path
         return proc
+
+    async def fork_all(self, server: ForkServer, guests: list[tuple[str, list[str], dict[str, str], Path]]) -> None:
+        """Fork every guest, ``FORK_WINDOW`` requests in flight, asked in the order given.
+
+        Every fork asked for is awaited (and, when it worked, recorded for the
+        teardown) before the first failure, in the order given, is raised.
+        """
+        window = asyncio.Semaphore(FORK_WINDOW)
+
+        async def one(name: str, args: list[str], env: dict[str, str], stderr_path: Path) -> None:
+            async with window:
+                await self.fork(server, name, args, env, stderr_path)
+
+        tasks = [asyncio.ensure_future(one(*g)) for g in guests]
+        try:
+            results = await asyncio.gather(*tasks, return_exceptions=True)
+        except asyncio.CancelledError:
+            for t in tasks:
+                t.cancel()
+            raise
+        for r in results:
+            if isinstance(r, BaseException):
+                raise r
 
     async def spawn(self, name: str, argv: list[str], env: dict[str, str], stderr_path: Path,
                     stdout_pipe: bool = False) -> asyncio.subprocess.Process:
@@ -273,15 +300,15 @@ async def run_variant(run_config: dict[str, Any], run_dir: Path, address: str, s
             if server_start is not None:
                 server = await server_start
                 watchers.append(asyncio.ensure_future(_relay(server.dead, halt)))
-            for gid in own_guests:
-                args = ["--address", bound, "--guest-id", str(gid), "--log", str(run_dir / f"guest-{gid}.jsonl"),
-                        "--log-level", log_level]
-                genv = dict(env, BALLOONLAB_TOKEN=guest_token(secret, gid))
-                if server is not None:
-                    await children.fork(server, f"guest-{gid}", args, genv, run_dir / f"guest-{gid}.stderr")
-                else:
-                    await children.spawn(f"guest-{gid}", [python, "-m", "balloonlab.guestd", *args], genv,
-                                         run_dir / f"guest-{gid}.stderr")
+            starts = [(f"guest-{gid}", ["--address", bound, "--guest-id", str(gid), "--log",
+                                        str(run_dir / f"guest-{gid}.jsonl"), "--log-level", log_level],
+                       dict(env, BALLOONLAB_TOKEN=guest_token(secret, gid)), run_dir / f"guest-{gid}.stderr")
+                      for gid in own_guests]
+            if server is not None:
+                await children.fork_all(server, starts)
+            else:
+                for name, args, genv, stderr_path in starts:
+                    await children.spawn(name, [python, "-m", "balloonlab.guestd", *args], genv, stderr_path)
             result.finished = await _follow_host(host, on_progress, halt)
         except ForkServerError as exc:
             result.error = await _server_error(server, exc)

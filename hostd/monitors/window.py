@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import Mapping, Sequence
 
 __all__ = ["GuestSample", "TickSample", "History"]
 
@@ -73,17 +73,23 @@ class History:
     def __init__(self, keep_ticks: int) -> None:
         self.samples: deque[TickSample] = deque(maxlen=max(1, keep_ticks) + 1)
         self._last_rate: dict[tuple[int, str], float] = {}
+        # windows taken since the last push, by length: the detectors ask for the same one per guest and key
+        self._windows: dict[int, tuple[TickSample, ...]] = {}
 
     def push(self, sample: TickSample) -> None:
         self.samples.append(sample)
+        self._windows.clear()
 
     @property
     def now(self) -> TickSample:
         return self.samples[-1]
 
-    def _window(self, ticks: int) -> list[TickSample]:
+    def _window(self, ticks: int) -> Sequence[TickSample]:
         n = min(len(self.samples), ticks + 1)
-        return list(self.samples)[-n:]
+        win = self._windows.get(n)
+        if win is None or (win and win[-1] is not self.samples[-1]):   # or appended to the deque directly
+            win = self._windows[n] = tuple(self.samples)[-n:]
+        return win
 
     def guest_rate(self, guest_id: int, key: str, ticks: int) -> float:
         """Growth of a guest's cumulative ``key`` per guest virtual second over the window.
@@ -91,11 +97,15 @@ class History:
         When its clock did not move in the window (it ran ahead and idles
         until the host catches up) the last rate measured stands.
         """
-        win = [s.guests[guest_id] for s in self._window(ticks) if guest_id in s.guests]
-        if len(win) >= 2:
-            dt = win[-1].vt_us - win[0].vt_us
+        win = self._window(ticks)
+        # its first and last sample in the window, from two different ticks
+        i = next((i for i, s in enumerate(win) if guest_id in s.guests), len(win))
+        j = next((j for j in range(len(win) - 1, i, -1) if guest_id in win[j].guests), None)
+        if j is not None:
+            first, last = win[i].guests[guest_id], win[j].guests[guest_id]
+            dt = last.vt_us - first.vt_us
             if dt > 0:
-                rate = (getattr(win[-1], key) - getattr(win[0], key)) * 1e6 / dt
+                rate = (getattr(last, key) - getattr(first, key)) * 1e6 / dt
                 self._last_rate[(guest_id, key)] = rate
                 return rate
         return self._last_rate.get((guest_id, key), 0.0)

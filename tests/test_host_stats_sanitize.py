@@ -1,0 +1,68 @@
+"""The host's check of a guest's TickDone.stats: exactly the plausible numbers kept, each bad one named."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from balloonlab.hostd.session import MAX_STAT_KEYS, MAX_STAT_VALUE, sanitize_stats
+
+
+def _one_by_one(stats: dict) -> tuple[dict, int]:
+    """The rule stated key by key: what is kept, and how many problems there are."""
+    clean, problems = {}, 0
+    for key, value in stats.items():
+        if len(clean) >= MAX_STAT_KEYS:
+            return clean, problems + 1
+        if len(key) <= 64 and type(value) in (int, float) and 0 <= value <= MAX_STAT_VALUE and math.isfinite(value):
+            clean[key] = value
+        else:
+            problems += 1
+    return clean, problems
+
+
+def test_all_plausible_kept_whole_in_order() -> None:
+    stats = {f"stat_{i}": (i if i % 2 else i * 0.5) for i in range(70)}
+    stats["at_bound"] = MAX_STAT_VALUE
+    clean, problems = sanitize_stats(stats)
+    assert problems == [] and clean == stats and list(clean) == list(stats)
+    assert clean is not stats   # the session keeps it: not the message's own dict
+
+
+def test_one_bad_value_anywhere_is_dropped_and_named() -> None:
+    # NaN after the first key: min() and max() may pass over it, the check must not
+    for bad, why in ((math.nan, "nan is not a finite number"), (math.inf, "inf is not a finite number"),
+                     (-math.inf, "-inf is not a finite number"), (-1, "-1 is not a finite number"),
+                     (2 ** 60, "is not a finite number"), (True, "expected a number, got bool"),
+                     ("7", "expected a number, got str"), (None, "expected a number, got NoneType")):
+        for pos in (0, 5, 9):
+            stats = {f"s{i}": float(i) for i in range(10)}
+            stats[f"s{pos}"] = bad
+            clean, problems = sanitize_stats(stats)
+            assert f"s{pos}" not in clean and len(clean) == 9, (bad, pos)
+            assert len(problems) == 1 and problems[0].startswith(f"s{pos}: ") and why in problems[0], problems
+
+
+def test_long_key_and_too_many_keys() -> None:
+    clean, problems = sanitize_stats({"k" * 65: 1, "ok": 2})
+    assert clean == {"ok": 2} and "longer than 64 characters" in problems[0]
+    many = {f"s{i}": i for i in range(MAX_STAT_KEYS + 3)}
+    clean, problems = sanitize_stats(many)
+    assert len(clean) == MAX_STAT_KEYS and "more than 128 keys" in problems[0]
+    assert sanitize_stats({}) == ({}, [])
+
+
+def test_random_mixtures_match_the_rule_key_by_key() -> None:
+    rng = np.random.default_rng(7)
+    odd = [0, 1, 2.5, math.nan, math.inf, -math.inf, -1, -0.0, 2 ** 53, 2 ** 53 + 1, float(2 ** 53), True, None,
+           "s", 1e300]
+    for _ in range(800):
+        n = int(rng.choice([1, 2, 5, 127, 128, 129, 200]))
+        stats = {}
+        for i in range(n):
+            key = "k" * int(rng.choice([1, 63, 65])) + str(i)
+            stats[key] = odd[int(rng.integers(len(odd)))] if rng.random() < 0.05 else float(rng.random() * 100)
+        clean, problems = sanitize_stats(stats)
+        want, n_problems = _one_by_one(stats)
+        assert clean == want and list(clean) == list(want)
+        assert len(problems) == min(n_problems, 8)
