@@ -35,9 +35,16 @@ def test_fig6_the_sampled_estimate_tracks_the_toucher_fast_up_slow_down(tmp_path
     assert (run_dir.parent / "fig6-toucher-seed6.npz").exists()
 
 
+FIG7_TICKS = 150
+"""Half the scenario's 3 virtual seconds: the targets settle long before (measured at 150 and at 200 ticks: the
+same allocations, idle 4692 -> 2584 and active 4693 -> 6148 pages, idle balloon +2577 against host swap -469,
+the targets' range over the last third 0, five revoked_for_demand and five given_on_demand decisions), so every
+check is judged on the settled state as at 300; tax-0 is the run the tax-75 checks fail against."""
+
+
 @pytest.mark.timeout(150)
 def test_fig7_the_idle_tax_moves_the_idle_vm_s_memory_by_its_balloon(tmp_path: Path) -> None:
-    checks, run_dir = validate(_by_name("fig7"), tmp_path)
+    checks, run_dir = validate(_by_name("fig7"), tmp_path, ticks=FIG7_TICKS)
     table = "\n".join(" | ".join(c.row()) for c in checks)
     by = {c.check.split(":")[0] if c.check.startswith("tax-") else c.check: c for c in checks}
     assert len(by) == len(checks)
