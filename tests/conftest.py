@@ -10,6 +10,9 @@
   sleep.
 - ``sock_dir``: a short, private directory for Unix sockets. AF_UNIX paths
   are limited to ~107 bytes, and pytest's ``tmp_path`` is often longer.
+- ``determinism_seed5``: one real run of tests/test_determinism.py's
+  scenario (seed 5, guests forked), shared by the tests that compare
+  other runs against it (a second run at seed 5, exec'd guests).
 - ``loop_errors``: records what reaches the loop's exception handler
   ("Future exception was never retrieved", exceptions in callbacks) and fails
   the test if anything did, as asyncio's own tests do.
@@ -116,3 +119,11 @@ async def loop_errors() -> Any:
         loop.set_exception_handler(previous)
     assert not seen, "the event loop's exception handler was called: " + "; ".join(
         str(c.get("message")) + (f" ({c['exception']!r})" if "exception" in c else "") for c in seen)
+
+
+@pytest.fixture(scope="session")
+def determinism_seed5(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """test_determinism's scenario at seed 5 with forked guests, run once for every test that compares with it."""
+    from tests.test_determinism import determinism_run
+
+    return determinism_run(tmp_path_factory.mktemp("determinism"), "seed5-fork")

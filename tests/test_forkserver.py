@@ -11,12 +11,13 @@ import json
 import os
 import signal
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from tests.procs import Launched, dump_logs, procs_mentioning, run_launcher, wait_until
+from tests.procs import Launched, dump_logs, procs_mentioning, wait_until
 from tests.rawclient import proc_state, run_pids, wait_stopped
-from tests.test_determinism import SCENARIO
+from tests.test_determinism import determinism_run
 from tests.test_launch import RUN_TIMEOUT_S, TINY, assert_no_leftovers, events_named, guest_pid, host_tick, read_jsonl
 
 pytestmark = pytest.mark.multiprocess
@@ -51,30 +52,21 @@ def _fail(run: Launched, run_dir: Path) -> str:
 
 
 @pytest.mark.timeout(240)
-def test_forked_guests_count_exactly_what_execd_guests_count(tmp_path: Path) -> None:
-    """Same scenario + seed: every guest stat and the host's books identical, forked or exec'd."""
-    scenario = tmp_path / "determinism.toml"
-    scenario.write_text(SCENARIO)
-    got = {}
-    for mode in ("fork", "exec"):
-        run_dir = tmp_path / mode
-        res = run_launcher("--scenario", str(scenario), "--run-dir", str(run_dir), "--no-report",
-                           "--guest-start", mode, timeout_s=90)
-        assert res.returncode == 0, f"{mode}: stderr:\n{res.stderr}\n{dump_logs(run_dir)}"
-        assert not procs_mentioning(str(run_dir))
-        # The fork run's fork server said nothing on stderr (an empty file is removed).
-        assert not (run_dir / "forkserver.stderr").exists()
-        guests = {gid: events_named(read_jsonl(run_dir / f"guest-{gid}.jsonl"), "guest_finished")[0]["stats"]
-                  for gid in (0, 1)}
-        host = events_named(read_jsonl(run_dir / "host.jsonl"), "run_finished")[0]
-        got[mode] = (guests, host)
-    (fork_guests, fork_host), (exec_guests, exec_host) = got["fork"], got["exec"]
+def test_forked_guests_count_exactly_what_execd_guests_count(tmp_path: Path, determinism_seed5: dict[str, Any]
+                                                           ) -> None:
+    """Same scenario + seed: every guest stat and the host's books identical, forked or exec'd.
+
+    The forked run is test_determinism's seed-5 run (a session fixture: the same launcher command, run once)."""
+    fork = determinism_seed5
+    # The fork run's fork server said nothing on stderr (an empty file is removed).
+    assert not (fork["run_dir"] / "forkserver.stderr").exists()
+    execd = determinism_run(tmp_path, "exec", guest_start="exec")
     for gid in (0, 1):
-        a, b = fork_guests[gid], exec_guests[gid]
+        a, b = fork["guests"][gid], execd["guests"][gid]
         assert a["evictions"] > 100 and a["refs"] > 0, a          # the run really paged
         assert a == b, {k: (a[k], b.get(k)) for k in a if a[k] != b.get(k)}
-    assert fork_host["guests_memory"] == exec_host["guests_memory"]
-    assert fork_host["ticks"] == exec_host["ticks"] and fork_host["reason"] == "completed"
+    assert fork["host"]["guests_memory"] == execd["host"]["guests_memory"]
+    assert fork["host"]["ticks"] == execd["host"]["ticks"] and fork["host"]["reason"] == "completed"
 
 
 @pytest.mark.timeout(180)
