@@ -192,8 +192,7 @@ def count_lost_pages(mem: "HostMemory", gid: int, claims: GuestClaims) -> int:
     the guest believes backed that the host does not back, a disk block
     that does not hold its page's last write.
     """
-    g = mem._guest(gid)          # read-only: see the module docstring
-    p2m = g.p2m
+    p2m = mem.p2m(gid)
     gp, tok, backed = claims.ram_gpfns, claims.ram_tokens, claims.ram_backed
     if gp.size != backed.size or gp.size != tok.size or (gp.size and (gp.min() < 0 or gp.max() >= p2m.guest_pages)):
         return int(gp.size)      # claims the host cannot even read: none of them is known to be safe
@@ -206,7 +205,7 @@ def count_lost_pages(mem: "HostMemory", gid: int, claims: GuestClaims) -> int:
         lost += int(np.count_nonzero(~has_copy))
         lost += int(np.count_nonzero(held[has_copy] != tok[took][has_copy]))
     blocks = claims.disk_blocks
-    vd = g.vdisk
+    vd = mem.vdisk(gid)
     if blocks.size:
         if blocks.min() < 0 or blocks.max() >= vd.n_blocks:
             return lost + int(blocks.size)
