@@ -78,7 +78,10 @@ def test_a_guest_that_left_is_shown_as_gone(run: FakeRun) -> None:
     assert "left: killed" in [ln for ln in text.splitlines() if ln.lstrip().startswith("2 ")][0]
 
 
-def test_once_from_the_command_line_and_bad_targets(run: FakeRun, capsys, tmp_path: Path) -> None:
+def test_once_from_the_command_line_and_bad_targets(run: FakeRun, capsys, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    # Not a terminal: the table is as wide as COLUMNS says, else 200 (pytest-xdist's workers set COLUMNS=80).
+    monkeypatch.delenv("COLUMNS", raising=False)
     assert top.main([str(run.dir), "--once", "--sort", "balloon"]) == 0
     out = capsys.readouterr().out
     assert [r[0] for r in _rows(out)] == ["2", "1", "0"]
