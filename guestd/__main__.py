@@ -66,16 +66,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from balloonlab.guestd.agent import GuestAgent
     agent = GuestAgent(args.guest_id, token, address)
-    profile_dir = os.environ.get("BALLOONLAB_PROFILE_DIR")
-    if not profile_dir:
-        return uvloop.run(agent.run())
-    # As the host's: a guest's per-request cost only shows under the real host.
-    import cProfile
-    prof = cProfile.Profile()
-    try:
-        return prof.runcall(uvloop.run, agent.run())
-    finally:
-        prof.dump_stats(os.path.join(profile_dir, f"guest-{args.guest_id}-{os.getpid()}.prof"))
+    from balloonlab.proto.profiling import run_profiled
+    return run_profiled(lambda: uvloop.run(agent.run()), f"guest-{args.guest_id}")
 
 
 if __name__ == "__main__":

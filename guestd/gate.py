@@ -82,9 +82,13 @@ class VcpuGate:
     def stopped(self) -> str | None:
         return self._stopped
 
+    def is_open(self, vt_us: float) -> bool:
+        """A request at ``vt_us`` may go now: it lies inside the current tick and the vCPU is not stopped."""
+        return vt_us < self.gate_us and self._stopped is None
+
     async def admit(self, vt_us: float) -> None:
         """A request at ``vt_us``: return once it lies inside the current tick (park at the gate until then)."""
-        if vt_us < self.gate_us and self._stopped is None:
+        if self.is_open(vt_us):
             return
         self.parks_in_request += vt_us >= self.gate_us and not self._in_last_tick()
         await self.wait_open(vt_us, in_request=True)

@@ -54,11 +54,10 @@ class VcpuLink:
 
         ``extra_us``: what the vCPU spends on this request after the reply (per-page balloon work).
         """
-        gate = self.gate
-        # The gate's own first test, inline: a request inside the open tick (nearly all) goes on
-        # without a coroutine for admit.
-        if self.gate_requests and (vt_us >= gate.gate_us or gate.stopped is not None):
-            await gate.admit(vt_us)
+        # The gate's test first: a request inside the open tick (nearly all) goes on without a
+        # coroutine for admit.
+        if self.gate_requests and not self.gate.is_open(vt_us):
+            await self.gate.admit(vt_us)
         reply = await self.conn.call(msg)
         done = float(reply.done_vt_us)
         self.last_done_us = max(vt_us, done) + extra_us

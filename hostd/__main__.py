@@ -50,17 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"hostd: {exc}", file=sys.stderr)
         return 2
-    profile_dir = os.environ.get("BALLOONLAB_PROFILE_DIR")
-    if not profile_dir:
-        return uvloop.run(host.run())
-    # Profiling the host in place is the only way to see its per-request cost
-    # under the real guests' load; the stats land beside the run for pstats.
-    import cProfile
-    prof = cProfile.Profile()
-    try:
-        return prof.runcall(uvloop.run, host.run())
-    finally:
-        prof.dump_stats(Path(profile_dir) / f"host-{cfg.variant or 'run'}-{os.getpid()}.prof")
+    from balloonlab.proto.profiling import run_profiled
+    return run_profiled(lambda: uvloop.run(host.run()), f"host-{cfg.variant or 'run'}")
 
 
 if __name__ == "__main__":
