@@ -49,7 +49,8 @@ from .errors import (ErrorCode, FrameTooLarge, MessageError, PeerClosed, ProtoEr
 from .framing import MAX_FRAME_BYTES_DEFAULT, DecodeLimits, FrameDecoder, FrameEncoder
 from .messages import NOTIFICATIONS, REQUESTS, Kind, Message, MsgType
 
-__all__ = ["RpcConnection", "RequestHandler", "NotifyHandler", "RpcLimits", "ByteBudget", "should_log_count", "eager"]
+__all__ = ["RpcConnection", "RequestHandler", "NotifyHandler", "RpcLimits", "ByteBudget", "should_log_count", "eager",
+           "resume_stepped"]
 
 RequestHandler = Callable[[Message], "Message | Awaitable[Message]"]
 NotifyHandler = Callable[[Message], "None | Awaitable[None]"]
@@ -97,8 +98,8 @@ def eager(handler: _H) -> _H:
 
 
 @types.coroutine
-def _resume(coro: Any, yielded: Any) -> Any:
-    """Go on with a coroutine stepped once already (``yielded``: what it waits for), as a task's body."""
+def resume_stepped(coro: Any, yielded: Any) -> Any:
+    """Go on with a coroutine stepped once already (``yielded``: what it waits for): awaitable, or a task's body."""
     while True:
         try:
             sent = yield yielded
@@ -666,7 +667,7 @@ class RpcConnection(asyncio.Protocol):
             self._reply_exception(req_id, raw_type, exc)
             return
         self._incoming += 1
-        task = self._loop.create_task(_resume(coro, yielded), context=ctx)  # type: ignore[union-attr]
+        task = self._loop.create_task(resume_stepped(coro, yielded), context=ctx)  # type: ignore[union-attr]
         self._tasks.add(task)
         task.add_done_callback(functools.partial(self._request_done, req_id=req_id, raw_type=raw_type, size=size))
 

@@ -7,13 +7,16 @@ through the real assembly with fake sessions and a barrier the test holds.
 from __future__ import annotations
 
 import asyncio
+import inspect
 from typing import Any
 
 import numpy as np
+import pytest
 
 from balloonlab.hostd.assembly import assemble
 from balloonlab.hostd.registry import SessionRegistry
-from balloonlab.proto.messages import DiskRead, EptFault, MsgType, TickDone
+from balloonlab.hostd.errors import UnknownGuest
+from balloonlab.proto.messages import DiskRead, EptFault, EptFaultReply, MsgType, TickDone
 from tests.test_host_core import fake_session, run_config
 
 
@@ -66,8 +69,13 @@ class Run:
         self.barrier.discard(gid)
 
     def fault(self, gid: int, gpfns: np.ndarray, vt_us: float) -> "asyncio.Future[Any]":
-        return asyncio.ensure_future(self.tables[gid].requests[MsgType.EPT_FAULT](
-            EptFault(np.asarray(gpfns, np.uint64), vt_us)))
+        return asyncio.ensure_future(answered(self.tables[gid].requests[MsgType.EPT_FAULT](
+            EptFault(np.asarray(gpfns, np.uint64), vt_us))))
+
+
+async def answered(result: Any) -> Any:
+    """A served handler's reply: a lane answers a request that did not wait at once, not as an awaitable."""
+    return await result if inspect.isawaitable(result) else result
 
 
 async def settle() -> None:
@@ -123,7 +131,8 @@ async def test_a_short_grant_drops_its_own_least_recently_used_clean_clusters_be
     r.start(0)
     for gid in (0, 1):
         for vt, first in ((1.0, 0), (2.0, 16)):   # cluster 0 used first, cluster 1 later
-            await r.tables[gid].requests[MsgType.DISK_READ](DiskRead(np.arange(first, first + 16, dtype=np.uint64), vt))
+            await answered(r.tables[gid].requests[MsgType.DISK_READ](
+                DiskRead(np.arange(first, first + 16, dtype=np.uint64), vt)))
     vd0, vd1 = r.mem.vdisk(0), r.mem.vdisk(1)
     assert vd0.cached_pages == vd1.cached_pages == 32
     r.mem.tick(5.0)                                # the reads' I/O buffers (if any) retire
@@ -144,10 +153,37 @@ async def test_a_lane_serves_one_guests_requests_in_the_order_sent() -> None:
     r.start(0)
     order: list[int] = []
     served = r.disc._in_lane(r.disc._lanes[0], lambda m: _record(order, m))
-    first = asyncio.ensure_future(served(EptFault(np.array([1], np.uint64), 3.0)))    # slow
-    second = asyncio.ensure_future(served(EptFault(np.array([2], np.uint64), 1.0)))   # earlier vt, sent later
+    first = asyncio.ensure_future(answered(served(EptFault(np.array([1], np.uint64), 3.0))))    # slow
+    second = asyncio.ensure_future(answered(served(EptFault(np.array([2], np.uint64), 1.0))))   # earlier vt, sent later
     await asyncio.gather(first, second)
     assert order == [1, 2]
+
+
+async def test_an_idle_lane_answers_a_request_that_does_not_wait_at_once_and_stays_idle() -> None:
+    r = Run()
+    r.start(0)
+    lane = r.disc._lanes[0]
+
+    async def quick(m: EptFault) -> EptFaultReply:
+        return EptFaultReply(np.zeros(1, np.uint64), m.vt_us + 2.0)
+
+    reply = r.disc._in_lane(lane, quick)(EptFault(np.array([1], np.uint64), 3.0))
+    assert isinstance(reply, EptFaultReply) and reply.done_vt_us == 5.0     # no awaitable: served inline
+    assert lane.inflight == 0 and lane.last_done_us == 5.0
+
+    async def broken(m: EptFault) -> EptFaultReply:
+        raise UnknownGuest(7)
+
+    with pytest.raises(UnknownGuest):
+        r.disc._in_lane(lane, broken)(EptFault(np.array([2], np.uint64), 4.0))
+    assert lane.inflight == 0, "a request that failed must not leave its lane busy (the tick would never end)"
+    order: list[int] = []
+    served = r.disc._in_lane(lane, lambda m: _record(order, m))
+    slow = served(EptFault(np.array([1], np.uint64), 6.0))     # waits: becomes a lane request
+    assert inspect.isawaitable(slow) and lane.inflight == 1
+    behind = served(EptFault(np.array([2], np.uint64), 7.0))   # queued behind it
+    await asyncio.gather(answered(slow), answered(behind))
+    assert order == [1, 2] and lane.inflight == 0
 
 
 async def _record(order: list[int], m: EptFault) -> None:

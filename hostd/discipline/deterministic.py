@@ -43,12 +43,13 @@ the end of the tick they arrived in).
 from __future__ import annotations
 
 import asyncio
+import types
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, Mapping
 
 import structlog
 
 from balloonlab.proto.messages import MsgType
-from balloonlab.proto.rpc import RequestHandler, eager
+from balloonlab.proto.rpc import RequestHandler, eager, resume_stepped
 
 from ..errors import HostOutOfMemory, UnknownGuest
 from ..grants import GrantPlanner
@@ -63,6 +64,13 @@ if TYPE_CHECKING:
 __all__ = ["DeterministicOrder", "HELD_BOUNDARIES_MAX"]
 
 log = structlog.get_logger("hostd.discipline")
+
+_CoroutineType = types.CoroutineType
+_resume = resume_stepped
+
+
+async def _raise(exc: BaseException) -> Any:
+    raise exc
 
 HELD_BOUNDARIES_MAX = 3
 """Boundaries a request may stay held with nothing free to grant before it is refused (out of memory)."""
@@ -101,6 +109,7 @@ class DeterministicOrder(DisciplineBase):
         super().__init__(ctx)
         self.planner = GrantPlanner()
         self._lanes: dict[int, _Lane] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._mem: "HostMemory | None" = None
         self._tick_start_us = 0.0
         self._tick_end_us = 0.0
@@ -128,45 +137,102 @@ class DeterministicOrder(DisciplineBase):
         lane = self._lanes[guest_id]
         return GuestHandlers({t: self._in_lane(lane, h) for t, h in requests.items()})  # type: ignore[misc]
 
-    def _in_lane(self, lane: _Lane, handler: Callable[[Any], Any]) -> Callable[[Any], Awaitable[Any]]:
+    def _in_lane(self, lane: _Lane, handler: Callable[[Any], Any]) -> Callable[[Any], Any]:
         """``handler`` served after every earlier request of the lane (queued when it arrives, not when it runs).
 
-        ``eager``: a request that finds its lane idle and its memory there is
-        answered inside the read that brought it, with no task (most of them).
-        Requests of different guests commute (the partition), so starting one
-        before the rest of the read is handled changes no count; one that waits
-        becomes a task, counted in its lane (``inflight``) as before.
+        A request that finds its lane idle is stepped at once, inside the read
+        that brought it: most finish without waiting (a page the host has, a
+        grant with room) and their reply is returned as it is, with no future,
+        task or context of their own. One that waits, or one that finds the
+        lane busy, becomes a lane request later ones queue behind
+        (``eager``: a task only once it waits). Requests of different guests
+        commute (the partition), so serving one before the rest of the read is
+        handled changes no count.
         """
         @eager
-        def queue(msg: Any) -> Awaitable[Any]:
-            prev = lane.tail
-            mine = asyncio.get_running_loop().create_future()
-            lane.tail = mine
-            lane.inflight += 1
+        def queue(msg: Any) -> Any:
             vt = float(msg.vt_us)
             if vt >= self._tick_end_us > 0:
                 self.requests_past_tick_end += 1
-            return self._serve_after(lane, prev, mine, handler, msg, vt)
+            if lane.inflight:
+                prev = lane.tail
+                mine = self._new_future()
+                lane.tail = mine
+                lane.inflight += 1
+                return self._serve_after(lane, prev, mine, handler, msg, vt)
+            lane.inflight = 1
+            try:
+                reply = handler(msg)
+                if type(reply) is _CoroutineType:
+                    try:
+                        yielded = reply.send(None)
+                    except StopIteration as stop:
+                        reply = stop.value
+                    else:   # it waits: from here on a lane request like any other
+                        mine = lane.tail = self._new_future()
+                        return self._finish(lane, mine, _resume(reply, yielded), vt)
+                elif isinstance(reply, asyncio.Future):
+                    mine = lane.tail = self._new_future()
+                    return self._finish(lane, mine, reply, vt)
+            except asyncio.CancelledError as exc:
+                self._lane_drained(lane)
+                return _raise(exc)    # answered as a cancelled request, as a task's would be
+            except BaseException:
+                self._lane_drained(lane)
+                raise
+            self._served(lane, reply, vt)
+            self._lane_drained(lane)
+            return reply
         return queue
+
+    def _new_future(self) -> asyncio.Future:
+        loop = self._loop
+        if loop is None:   # asyncio.get_running_loop asks the OS for the pid on every call
+            loop = self._loop = asyncio.get_running_loop()
+        return loop.create_future()
+
+    def _served(self, lane: _Lane, reply: Any, vt: float) -> None:
+        done = getattr(reply, "done_vt_us", None)
+        if done is not None and vt < self._tick_end_us:
+            lane.last_done_us = max(lane.last_done_us, float(done))
+
+    def _lane_drained(self, lane: _Lane) -> None:
+        lane.inflight -= 1
+        if lane.inflight == 0:
+            self._parked()
 
     async def _serve_after(self, lane: _Lane, prev: asyncio.Future | None, mine: asyncio.Future,
                            handler: Callable[[Any], Any], msg: Any, vt: float) -> Any:
-        try:
-            if prev is not None and not prev.done():
+        if prev is not None and not prev.done():
+            try:
                 await asyncio.shield(prev)
+            except BaseException:
+                self._release_lane(lane, mine)
+                raise
+        try:
             reply = handler(msg)
-            if asyncio.iscoroutine(reply) or isinstance(reply, asyncio.Future):
-                reply = await reply
-            done = getattr(reply, "done_vt_us", None)
-            if done is not None and vt < self._tick_end_us:
-                lane.last_done_us = max(lane.last_done_us, float(done))
+        except BaseException:
+            self._release_lane(lane, mine)
+            raise
+        if asyncio.iscoroutine(reply) or isinstance(reply, asyncio.Future):
+            return await self._finish(lane, mine, reply, vt)
+        self._served(lane, reply, vt)
+        self._release_lane(lane, mine)
+        return reply
+
+    async def _finish(self, lane: _Lane, mine: asyncio.Future, waiting: Awaitable[Any], vt: float) -> Any:
+        """The rest of a lane request that waits; ``mine`` completes when it is served."""
+        try:
+            reply = await waiting
+            self._served(lane, reply, vt)
             return reply
         finally:
-            if not mine.done():
-                mine.set_result(None)
-            lane.inflight -= 1
-            if lane.inflight == 0:
-                self._parked()
+            self._release_lane(lane, mine)
+
+    def _release_lane(self, lane: _Lane, mine: asyncio.Future) -> None:
+        if not mine.done():
+            mine.set_result(None)
+        self._lane_drained(lane)
 
     def guest_left(self, guest_id: int) -> None:
         lane = self._lanes.pop(guest_id, None)
