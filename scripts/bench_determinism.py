@@ -46,16 +46,24 @@ RUNS = ("quiet", "loaded", "exec")
 """The runs of one scenario; ``quiet`` is the reference the others are compared with."""
 
 NOT_DETERMINISTIC = re.compile(
-    r"(^|_)wall($|_)|_wall_s$|^wall_s$|cpu|(^|_)pid(s)?$|path|(^|_)dir$|date|timestamp|(^|_)time$|run_id|"
-    r"(^|_)rss|loadavg|hostname|python|version|started_at|finished_at")
+    r"(^|_)wall($|_)|_wall_s$|^wall_s$|(^|_)wait(ed)?_s$|(^|_)cpu(_s|_seconds|_time)?$|(^|_)pid(s)?$|"
+    r"(^|_)path(s)?$|(^|_)dir$|(^|_)date$|timestamp|(^|_)time$|run_id|(^|_)rss|loadavg|hostname|python|"
+    r"(^|_)version$|started_at|finished_at|^stalled_ticks$|^tick_stalled$")
 """Summary keys (any component of a value's path) whose values come from the machine, not the model.
 
-Wall seconds (``wall_s``, ``refs_per_wall_s``: by the naming rule ``*_s``
-is wall time, ``*_us`` virtual time), CPU seconds, process ids, file paths
-and directories, dates and timestamps, run ids, memory sizes of processes,
-load averages. Everything else in summary.json is a count, a page count, a
-virtual time, a rate per virtual second, a state name or a configuration
-value, and must be equal, bit for bit, run to run.
+Wall seconds (``wall_s``, ``refs_per_wall_s``, the lock model's
+``hostmem_wait_s`` and a deadlock cycle's ``waited_s``: by the naming rule
+``*_s`` is wall time, ``*_us`` virtual time; ``virtual_s`` is the one
+exception, and compared), CPU seconds (``cpu``, ``cpu_s``: *not*
+``compress_cpu_us`` or ``share_scan_cpu_us``, the host CPU the model
+charges in virtual µs), process ids, file paths and directories, dates and
+timestamps, run ids, memory sizes of processes, load averages, and the
+watchdog's wall-clock reports (``stalled_ticks``, ``event_counts.tick_stalled``:
+a tick that took longer than ``watchdog_s`` wall seconds; it changes nothing
+in the model). Whole words only: ``share_candidates`` is a count, not a
+date. Everything else in summary.json is a count, a page count, a virtual
+time, a rate per virtual second, a state name or a configuration value, and
+must be equal, bit for bit, run to run.
 """
 
 

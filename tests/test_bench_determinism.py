@@ -75,6 +75,52 @@ def test_one_differing_value_is_reported_with_both_values(path: tuple, value: An
     assert diffs["a"] == [(key, old, value)]
 
 
+@pytest.mark.parametrize("path, value", [
+    (("host", "compress_cpu_us"), 200115.5),             # host CPU the model charges, in virtual µs
+    (("host", "share_scan_cpu_us"), 12.5),
+    (("scan_cpu_share_of_a_core",), 0.0002),
+    (("host", "share_candidates"), 41),                  # "date" inside a word: a count all the same
+    (("host", "stale_candidates"), 3),
+    (("guests", 0, "virtual_s"), 1.5002),                # the one *_s that is virtual time
+])
+def test_model_values_whose_names_look_like_machine_facts_are_compared(path: tuple, value: Any) -> None:
+    a = _summary()
+    cur = a["variants"]["a"]
+    for p in path[:-1]:
+        cur = cur[p]
+    cur[path[-1]] = value
+    b = copy.deepcopy(a)
+    cur = b["variants"]["a"]
+    for p in path[:-1]:
+        cur = cur[p]
+    cur[path[-1]] = value * 2
+    key = ".".join(str(p) for p in path).replace(".0.", "[0].")
+    assert compare_summaries(a, b)["a"] == [(key, value, value * 2)]
+
+
+@pytest.mark.parametrize("path", [
+    ("stalled_ticks",),                                  # the watchdog's wall-clock reports
+    ("event_counts", "tick_stalled"),
+    ("lock_stats", "hostmem_wait_s"),                    # wall seconds waited for a lock
+    ("lock_stats", "vmem_wait_s"),
+    ("deadlock_cycle", "waited_s"),
+    ("host", "cpu_s"),
+])
+def test_wall_clock_values_are_not_compared(path: tuple) -> None:
+    a = _summary()
+    cur = a["variants"]["a"]
+    for p in path[:-1]:
+        cur[p] = cur.get(p) or {}
+        cur = cur[p]
+    cur[path[-1]] = 1
+    b = copy.deepcopy(a)
+    cur = b["variants"]["a"]
+    for p in path[:-1]:
+        cur = cur[p]
+    cur[path[-1]] = 2
+    assert compare_summaries(a, b)["a"] == []
+
+
 def test_missing_keys_and_variants_are_differences() -> None:
     a, b = _summary(), _summary()
     del b["variants"]["a"]["host"]["swap_out_pages"]
