@@ -4,9 +4,11 @@
     python scripts/bench.py determinism swap-storm deadlock --ticks 30 --guests 2
     python scripts/bench.py determinism --runs quiet,loaded  # skip the exec-started run
     python scripts/bench.py determinism --from runs/determinism-TIME   # re-read finished runs, run nothing
+    python scripts/bench.py determinism policies --ticks 0 --guests 0  # at the scenario's own length and guests
 
 Each scenario (its variants, its seed) runs at ``--ticks`` ticks with at
-most ``--guests`` guests, up to three times:
+most ``--guests`` guests (0: the scenario's own length, its own guest
+count: the run an outside checker makes), up to three times:
 
 - ``quiet``: the machine as it is (the reference; other users' load is
   whatever it is, and its load average is printed);
@@ -40,7 +42,8 @@ import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-__all__ = ["main", "deterministic_counts", "promised_counts", "compare_summaries", "NOT_DETERMINISTIC", "RUNS"]
+__all__ = ["main", "deterministic_counts", "promised_counts", "compare_summaries", "run_size", "NOT_DETERMINISTIC",
+           "RUNS"]
 
 RUNS = ("quiet", "loaded", "exec")
 """The runs of one scenario; ``quiet`` is the reference the others are compared with."""
@@ -146,6 +149,14 @@ def _loadavg() -> float:
     return float(Path("/proc/loadavg").read_text().split()[0])
 
 
+def run_size(sc: Any, ticks: int, guests_cap: int) -> tuple[int, int]:
+    """(ticks, guests) a run of scenario ``sc`` makes: ``ticks`` (0: its own length), at most ``guests_cap`` guests
+    (0: its own count)."""
+    own = sc.run_config(next(iter(sc.variants)), "size")
+    return (ticks or int(own["ticks"]),
+            len(own["guests"]) if guests_cap == 0 else min(guests_cap, len(own["guests"])))
+
+
 def _run_one(name: str, mode: str, run_dir: Path, ticks: int, guests_cap: int, hogs: int) -> dict[str, Any]:
     import balloonlab
     from balloonlab.scenario import find_scenario, load_scenario
@@ -154,7 +165,7 @@ def _run_one(name: str, mode: str, run_dir: Path, ticks: int, guests_cap: int, h
 
     sc = load_scenario(find_scenario(name))
     raw = sc.raw.get("scenario", {})
-    guests = min(guests_cap, int(raw.get("guests", guests_cap)))
+    ticks, guests = run_size(sc, ticks, guests_cap)
     sets: dict[str, Any] = {}
     val = next((v for v in VALIDATIONS if v.scenario == name), None)
     if val is not None and val.prepare is not None:
@@ -233,8 +244,9 @@ def _print_table(rows: list[list[str]]) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="bench.py determinism", description=__doc__.splitlines()[0])
     ap.add_argument("names", nargs="*", metavar="SCENARIO", help="scenarios (default: every shipped one)")
-    ap.add_argument("--ticks", type=int, default=15, help="ticks per run (default 15)")
-    ap.add_argument("--guests", type=int, default=3, help="at most this many guests (default 3)")
+    ap.add_argument("--ticks", type=int, default=15, help="ticks per run (default 15; 0: each scenario's own)")
+    ap.add_argument("--guests", type=int, default=3, help="at most this many guests (default 3; 0: each "
+                    "scenario's own)")
     ap.add_argument("--runs", default=",".join(RUNS), help=f"which of {','.join(RUNS)} (quiet is always run)")
     ap.add_argument("--hogs", type=int, default=os.cpu_count() or 2, help="busy loops for the loaded run (one per CPU)")
     ap.add_argument("--out", type=Path, default=None, help="where the runs go (default runs/determinism-TIME); "
@@ -247,8 +259,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     bad = [m for m in runs if m not in RUNS]
     if bad:
         ap.error(f"--runs: unknown {bad}; known: {list(RUNS)}")
-    if args.ticks < 1 or args.guests < 1 or args.hogs < 1:
-        ap.error("--ticks, --guests and --hogs must be >= 1")
+    if args.ticks < 0 or args.guests < 0 or args.hogs < 1:
+        ap.error("--ticks and --guests must be >= 0 (0: the scenario's own), --hogs >= 1")
     from scripts.bench_clocks import shipped_scenarios
 
     known = shipped_scenarios()

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from scripts.bench_determinism import compare_summaries, deterministic_counts, promised_counts
+from scripts.bench_determinism import compare_summaries, deterministic_counts, promised_counts, run_size
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -119,6 +119,19 @@ def test_wall_clock_values_are_not_compared(path: tuple) -> None:
         cur = cur[p]
     cur[path[-1]] = 2
     assert compare_summaries(a, b)["a"] == []
+
+
+@pytest.mark.parametrize("name, ticks, guests, want", [
+    ("scale", 0, 0, (100, 64)),                # the scenario's own length and guest count
+    ("io-amplification", 0, 0, (400, 4)),      # its own length from duration_s (4 s of 10 ms ticks)
+    ("scale", 60, 16, (60, 16)),
+    ("validate-fig6", 15, 3, (15, 1)),         # at most the scenario's guests
+])
+def test_run_size_is_the_scenario_s_own_when_asked_for_0(name: str, ticks: int, guests: int,
+                                                        want: tuple[int, int]) -> None:
+    from balloonlab.scenario import find_scenario, load_scenario
+
+    assert run_size(load_scenario(find_scenario(name)), ticks, guests) == want
 
 
 def test_missing_keys_and_variants_are_differences() -> None:
