@@ -161,11 +161,14 @@ class SwapStormDetector(MonitorBase):
     @staticmethod
     def _stall_share(hist: History, gid: int, w: int) -> float | None:
         """Share of the guest's virtual time over the window it was stalled on memory (PSI some); None without PSI."""
-        win = [s.guests[gid] for s in hist._window(w) if gid in s.guests]
-        if len(win) < 2 or win[0].psi_some_us is None or win[-1].psi_some_us is None:
+        ends = hist.ends(gid, w)
+        if ends is None:
             return None
-        dt = win[-1].vt_us - win[0].vt_us
-        return (win[-1].psi_some_us - win[0].psi_some_us) / dt if dt > 0 else None
+        first, last = ends
+        if first.psi_some_us is None or last.psi_some_us is None:
+            return None
+        dt = last.vt_us - first.vt_us
+        return (last.psi_some_us - first.psi_some_us) / dt if dt > 0 else None
 
     def hard_frames(self, total: int) -> int:
         """Free frames at or below which the host counts as hard/low when it logs no memory state."""
