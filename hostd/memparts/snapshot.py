@@ -95,17 +95,20 @@ class Readout(MemoryBooks):
         }
         vd_totals = dict(self._departed_vdisk)
         guests: dict[str, Any] = {}
+        disks: list[tuple[Any, ...]] = []   # each guest's disk counters, summed per counter below
+        names: tuple[str, ...] = ()
         for gid in sorted(self._guests):
             g = self._guests[gid]
-            names, get, prefixed = _reader(type(g.vdisk.counters))
+            names, get, prefixed = _reader(type(g.vdisk.counters))   # one type for every guest's disk
             values = get(g.vdisk.counters)
-            for k, v in zip(names, values):
-                vd_totals[k] = vd_totals.get(k, 0) + v
+            disks.append(values)
             if per_guest:
                 row = guests[str(gid)] = {**self.guest_counts(gid), **_counts_of(g.counters),
                                           **dict(zip(prefixed, values))}
                 if self.sharing is not None:
                     row.update(self.sharing.guest_metrics(gid))
+        for k, column in zip(names, zip(*disks)):
+            vd_totals[k] = sum(column, vd_totals.get(k, 0))   # departed first, then by guest id, as ever
         out.update({f"vdisk_{k}": v for k, v in vd_totals.items()})
         if self.sharing is not None:
             out.update(self.sharing.metrics())

@@ -23,6 +23,8 @@ __all__ = ["HistoryMonitor", "SPEC"]
 
 def _int(stats: Mapping[str, Any], key: str) -> int:
     v = stats.get(key, 0)
+    if type(v) is int:   # the common case (the machine sanitised the stats), per guest and key each tick
+        return v
     return int(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else 0
 
 

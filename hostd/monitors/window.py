@@ -117,15 +117,22 @@ class History:
         When its clock did not move in the window (it ran ahead and idles
         until the host catches up) the last rate measured stands.
         """
+        return self.guest_rates(guest_id, (key,), ticks)[0]
+
+    def guest_rates(self, guest_id: int, keys: Sequence[str], ticks: int) -> list[float]:
+        """``guest_rate`` of each of ``keys``, over one lookup of the guest's samples."""
         ends = self.ends(guest_id, ticks)
         if ends is not None:
             first, last = ends
             dt = last.vt_us - first.vt_us
             if dt > 0:
-                rate = (getattr(last, key) - getattr(first, key)) * 1e6 / dt
-                self._last_rate[(guest_id, key)] = rate
-                return rate
-        return self._last_rate.get((guest_id, key), 0.0)
+                out = []
+                for key in keys:
+                    rate = (getattr(last, key) - getattr(first, key)) * 1e6 / dt
+                    self._last_rate[(guest_id, key)] = rate
+                    out.append(rate)
+                return out
+        return [self._last_rate.get((guest_id, key), 0.0) for key in keys]
 
     def host_delta(self, key: str, ticks: int) -> float:
         win = self._window(ticks)
