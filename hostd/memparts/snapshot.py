@@ -108,7 +108,10 @@ class Readout(MemoryBooks):
                 if self.sharing is not None:
                     row.update(self.sharing.guest_metrics(gid))
         for k, column in zip(names, zip(*disks)):
-            vd_totals[k] = sum(column, vd_totals.get(k, 0))   # departed first, then by guest id, as ever
+            total = vd_totals.get(k, 0)   # departed first, then by guest id, one by one: float totals as ever
+            for v in column:              # (not sum(): Python 3.12's compensates float rounding)
+                total += v
+            vd_totals[k] = total
         out.update({f"vdisk_{k}": v for k, v in vd_totals.items()})
         if self.sharing is not None:
             out.update(self.sharing.metrics())
