@@ -182,14 +182,14 @@ class Machine:
         self._set_targets(tick, vt_us)
         await self.discipline.balance(mem, vt_us)
         self.invariant.tick(tick)
-        snap = self._snapshot()
+        logged = (tick + 1) % self.cfg.metrics_every_ticks == 0 or tick + 1 == self.cfg.ticks
+        snap = self._snapshot(per_guest=logged)   # the per-guest rows only for the log (the monitors read memory)
         self.monitors.end_tick(tick, vt_us, snap, {gid: s.last_stats for gid, s in self.sessions.items()},
                                self.targets)
         for key in ("iobuf_pages", "cache_pages", "pinned_frames", "swap_used_slots"):
             self.peak[key] = max(self.peak.get(key, 0), int(snap.get(key, 0)))
         self.peak["min_free_frames"] = min(self.peak.get("min_free_frames", snap["free_frames"]), snap["free_frames"])
-        every = self.cfg.metrics_every_ticks
-        if (tick + 1) % every == 0 or tick + 1 == self.cfg.ticks:
+        if logged:
             guests = snap.pop("guests")
             for gid, alloc in self.decisions.alloc_targets.items():
                 if str(gid) in guests:
@@ -204,7 +204,7 @@ class Machine:
         mem = self.mem
         snap_guests = []
         for gid, session in self.sessions.items():
-            counts = mem.guest_counts(gid)
+            counts = mem.p2m(gid).counts()   # not guest_counts: its disk and sharing gauges are not read here
             spec = self.specs[gid]
             actual = mem.balloon_pages(gid)
             target = self.targets.get(gid, 0)
@@ -213,11 +213,11 @@ class Machine:
             if host_wss is not None:   # the host's own sampled estimate, beside the guest's report
                 stats = {**stats, STAT_HOST_WSS: host_wss}
             snap_guests.append(GuestView(
-                guest_id=gid, ram_pages=spec.ram_pages, max_balloon_pages=int(counts["max_balloon_pages"]),
+                guest_id=gid, ram_pages=spec.ram_pages, max_balloon_pages=int(mem.max_balloon_pages(gid)),
                 target_pages=target, actual_pages=actual,
                 # a shared page is backed too: controllers that look for unbacked memory must not
                 # mistake sharing's savings for pages the guest lost
-                resident_pages=int(counts["resident_pages"]) + int(counts.get("shared_pages", 0)),
+                resident_pages=int(counts["frame"]) + int(counts["shared"]),
                 stats=stats, shares=int(spec.config.get("shares", 1000))))
         if not snap_guests:
             return
@@ -252,9 +252,9 @@ class Machine:
 
     # --- reporting -------------------------------------------------------------------
 
-    def _snapshot(self, final: bool = False) -> dict[str, Any]:
+    def _snapshot(self, final: bool = False, per_guest: bool = True) -> dict[str, Any]:
         """Host memory's snapshot with the memory state (each tick) and the states' summary (at the end)."""
-        snap = self.mem.snapshot()
+        snap = self.mem.snapshot(per_guest)
         states = self.mem.states
         if states is not None:
             snap["memory_state"] = states.state.label

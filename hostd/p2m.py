@@ -36,6 +36,8 @@ N_STATE_CODES = max(PageState) + 1
 """Size of a table indexed by state value (the values are not dense)."""
 VALID_STATE = np.zeros(256, bool)
 VALID_STATE[[int(s) for s in PageState]] = True
+# (key, code) per state: an enum member's ``.name`` is a descriptor lookup, too slow for every guest every tick
+_COUNT_KEYS = tuple((s.name.lower(), int(s)) for s in PageState)
 
 
 def as_page_numbers(values: np.ndarray | bytes | list[int], guest_id: int, what: str,
@@ -122,8 +124,8 @@ class P2M:
         return int(np.count_nonzero(self.state == state))
 
     def counts(self) -> dict[str, int]:
-        c = np.bincount(self.state, minlength=N_STATE_CODES)
-        return {s.name.lower(): int(c[s]) for s in PageState}
+        c = np.bincount(self.state, minlength=N_STATE_CODES).tolist()
+        return {key: c[code] for key, code in _COUNT_KEYS}
 
     def in_state(self, state: PageState) -> np.ndarray:
         return np.flatnonzero(self.state == state)

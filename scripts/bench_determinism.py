@@ -4,9 +4,11 @@
     python scripts/bench.py determinism swap-storm deadlock --ticks 30 --guests 2
     python scripts/bench.py determinism --runs quiet,loaded  # skip the exec-started run
     python scripts/bench.py determinism --from runs/determinism-TIME   # re-read finished runs, run nothing
+    python scripts/bench.py determinism policies --ticks 0 --guests 0  # at the scenario's own length and guests
 
 Each scenario (its variants, its seed) runs at ``--ticks`` ticks with at
-most ``--guests`` guests, up to three times:
+most ``--guests`` guests (0: the scenario's own length, its own guest
+count: the run an outside checker makes), up to three times:
 
 - ``quiet``: the machine as it is (the reference; other users' load is
   whatever it is, and its load average is printed);
@@ -40,22 +42,31 @@ import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-__all__ = ["main", "deterministic_counts", "promised_counts", "compare_summaries", "NOT_DETERMINISTIC", "RUNS"]
+__all__ = ["main", "deterministic_counts", "promised_counts", "compare_summaries", "run_size", "NOT_DETERMINISTIC",
+           "RUNS"]
 
 RUNS = ("quiet", "loaded", "exec")
 """The runs of one scenario; ``quiet`` is the reference the others are compared with."""
 
 NOT_DETERMINISTIC = re.compile(
-    r"(^|_)wall($|_)|_wall_s$|^wall_s$|cpu|(^|_)pid(s)?$|path|(^|_)dir$|date|timestamp|(^|_)time$|run_id|"
-    r"(^|_)rss|loadavg|hostname|python|version|started_at|finished_at")
+    r"(^|_)wall($|_)|_wall_s$|^wall_s$|(^|_)wait(ed)?_s$|(^|_)cpu(_s|_seconds|_time)?$|(^|_)pid(s)?$|"
+    r"(^|_)path(s)?$|(^|_)dir$|(^|_)date$|timestamp|(^|_)time$|run_id|(^|_)rss|loadavg|hostname|python|"
+    r"(^|_)version$|started_at|finished_at|^stalled_ticks$|^tick_stalled$")
 """Summary keys (any component of a value's path) whose values come from the machine, not the model.
 
-Wall seconds (``wall_s``, ``refs_per_wall_s``: by the naming rule ``*_s``
-is wall time, ``*_us`` virtual time), CPU seconds, process ids, file paths
-and directories, dates and timestamps, run ids, memory sizes of processes,
-load averages. Everything else in summary.json is a count, a page count, a
-virtual time, a rate per virtual second, a state name or a configuration
-value, and must be equal, bit for bit, run to run.
+Wall seconds (``wall_s``, ``refs_per_wall_s``, the lock model's
+``hostmem_wait_s`` and a deadlock cycle's ``waited_s``: by the naming rule
+``*_s`` is wall time, ``*_us`` virtual time; ``virtual_s`` is the one
+exception, and compared), CPU seconds (``cpu``, ``cpu_s``: *not*
+``compress_cpu_us`` or ``share_scan_cpu_us``, the host CPU the model
+charges in virtual µs), process ids, file paths and directories, dates and
+timestamps, run ids, memory sizes of processes, load averages, and the
+watchdog's wall-clock reports (``stalled_ticks``, ``event_counts.tick_stalled``:
+a tick that took longer than ``watchdog_s`` wall seconds; it changes nothing
+in the model). Whole words only: ``share_candidates`` is a count, not a
+date. Everything else in summary.json is a count, a page count, a virtual
+time, a rate per virtual second, a state name or a configuration value, and
+must be equal, bit for bit, run to run.
 """
 
 
@@ -138,6 +149,14 @@ def _loadavg() -> float:
     return float(Path("/proc/loadavg").read_text().split()[0])
 
 
+def run_size(sc: Any, ticks: int, guests_cap: int) -> tuple[int, int]:
+    """(ticks, guests) a run of scenario ``sc`` makes: ``ticks`` (0: its own length), at most ``guests_cap`` guests
+    (0: its own count)."""
+    own = sc.run_config(next(iter(sc.variants)), "size")
+    return (ticks or int(own["ticks"]),
+            len(own["guests"]) if guests_cap == 0 else min(guests_cap, len(own["guests"])))
+
+
 def _run_one(name: str, mode: str, run_dir: Path, ticks: int, guests_cap: int, hogs: int) -> dict[str, Any]:
     import balloonlab
     from balloonlab.scenario import find_scenario, load_scenario
@@ -146,7 +165,7 @@ def _run_one(name: str, mode: str, run_dir: Path, ticks: int, guests_cap: int, h
 
     sc = load_scenario(find_scenario(name))
     raw = sc.raw.get("scenario", {})
-    guests = min(guests_cap, int(raw.get("guests", guests_cap)))
+    ticks, guests = run_size(sc, ticks, guests_cap)
     sets: dict[str, Any] = {}
     val = next((v for v in VALIDATIONS if v.scenario == name), None)
     if val is not None and val.prepare is not None:
@@ -225,8 +244,9 @@ def _print_table(rows: list[list[str]]) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="bench.py determinism", description=__doc__.splitlines()[0])
     ap.add_argument("names", nargs="*", metavar="SCENARIO", help="scenarios (default: every shipped one)")
-    ap.add_argument("--ticks", type=int, default=15, help="ticks per run (default 15)")
-    ap.add_argument("--guests", type=int, default=3, help="at most this many guests (default 3)")
+    ap.add_argument("--ticks", type=int, default=15, help="ticks per run (default 15; 0: each scenario's own)")
+    ap.add_argument("--guests", type=int, default=3, help="at most this many guests (default 3; 0: each "
+                    "scenario's own)")
     ap.add_argument("--runs", default=",".join(RUNS), help=f"which of {','.join(RUNS)} (quiet is always run)")
     ap.add_argument("--hogs", type=int, default=os.cpu_count() or 2, help="busy loops for the loaded run (one per CPU)")
     ap.add_argument("--out", type=Path, default=None, help="where the runs go (default runs/determinism-TIME); "
@@ -239,8 +259,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     bad = [m for m in runs if m not in RUNS]
     if bad:
         ap.error(f"--runs: unknown {bad}; known: {list(RUNS)}")
-    if args.ticks < 1 or args.guests < 1 or args.hogs < 1:
-        ap.error("--ticks, --guests and --hogs must be >= 1")
+    if args.ticks < 0 or args.guests < 0 or args.hogs < 1:
+        ap.error("--ticks and --guests must be >= 0 (0: the scenario's own), --hogs >= 1")
     from scripts.bench_clocks import shipped_scenarios
 
     known = shipped_scenarios()

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from scripts.bench_determinism import compare_summaries, deterministic_counts, promised_counts
+from scripts.bench_determinism import compare_summaries, deterministic_counts, promised_counts, run_size
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -73,6 +73,65 @@ def test_one_differing_value_is_reported_with_both_values(path: tuple, value: An
     diffs = compare_summaries(a, b)
     assert diffs["naive"] == []
     assert diffs["a"] == [(key, old, value)]
+
+
+@pytest.mark.parametrize("path, value", [
+    (("host", "compress_cpu_us"), 200115.5),             # host CPU the model charges, in virtual µs
+    (("host", "share_scan_cpu_us"), 12.5),
+    (("scan_cpu_share_of_a_core",), 0.0002),
+    (("host", "share_candidates"), 41),                  # "date" inside a word: a count all the same
+    (("host", "stale_candidates"), 3),
+    (("guests", 0, "virtual_s"), 1.5002),                # the one *_s that is virtual time
+])
+def test_model_values_whose_names_look_like_machine_facts_are_compared(path: tuple, value: Any) -> None:
+    a = _summary()
+    cur = a["variants"]["a"]
+    for p in path[:-1]:
+        cur = cur[p]
+    cur[path[-1]] = value
+    b = copy.deepcopy(a)
+    cur = b["variants"]["a"]
+    for p in path[:-1]:
+        cur = cur[p]
+    cur[path[-1]] = value * 2
+    key = ".".join(str(p) for p in path).replace(".0.", "[0].")
+    assert compare_summaries(a, b)["a"] == [(key, value, value * 2)]
+
+
+@pytest.mark.parametrize("path", [
+    ("stalled_ticks",),                                  # the watchdog's wall-clock reports
+    ("event_counts", "tick_stalled"),
+    ("lock_stats", "hostmem_wait_s"),                    # wall seconds waited for a lock
+    ("lock_stats", "vmem_wait_s"),
+    ("deadlock_cycle", "waited_s"),
+    ("host", "cpu_s"),
+])
+def test_wall_clock_values_are_not_compared(path: tuple) -> None:
+    a = _summary()
+    cur = a["variants"]["a"]
+    for p in path[:-1]:
+        cur[p] = cur.get(p) or {}
+        cur = cur[p]
+    cur[path[-1]] = 1
+    b = copy.deepcopy(a)
+    cur = b["variants"]["a"]
+    for p in path[:-1]:
+        cur = cur[p]
+    cur[path[-1]] = 2
+    assert compare_summaries(a, b)["a"] == []
+
+
+@pytest.mark.parametrize("name, ticks, guests, want", [
+    ("scale", 0, 0, (100, 64)),                # the scenario's own length and guest count
+    ("io-amplification", 0, 0, (400, 4)),      # its own length from duration_s (4 s of 10 ms ticks)
+    ("scale", 60, 16, (60, 16)),
+    ("validate-fig6", 15, 3, (15, 1)),         # at most the scenario's guests
+])
+def test_run_size_is_the_scenario_s_own_when_asked_for_0(name: str, ticks: int, guests: int,
+                                                        want: tuple[int, int]) -> None:
+    from balloonlab.scenario import find_scenario, load_scenario
+
+    assert run_size(load_scenario(find_scenario(name)), ticks, guests) == want
 
 
 def test_missing_keys_and_variants_are_differences() -> None:

@@ -11,7 +11,7 @@ import numpy as np
 
 from ..errors import BadBatch
 from ..p2m import PageState, as_page_numbers
-from .books import MemoryBooks, _Guest
+from .books import _FRAME, MemoryBooks, _Guest
 
 __all__ = ["BitsAndPins"]
 
@@ -26,7 +26,7 @@ class BitsAndPins(MemoryBooks):
         Empty bit strings mean "nothing to report".
         """
         g = self._guest(guest_id)
-        backed = g.p2m.state == PageState.FRAME
+        backed = g.p2m.state == _FRAME
         for name, packed, target in (("accessed", accessed_packbits, self.pool.accessed),
                                      ("dirty", dirty_packbits, self.pool.dirty)):
             if len(packed) == 0:
@@ -43,7 +43,7 @@ class BitsAndPins(MemoryBooks):
         want = -(-g.p2m.guest_pages // 8)
         if raw.size != want:
             raise BadBatch(f"guest {g.guest_id}: {name} bits have {raw.size} bytes, expected {want}")
-        return np.unpackbits(raw, count=g.p2m.guest_pages).astype(bool)
+        return np.unpackbits(raw, count=g.p2m.guest_pages).view(bool)   # 0/1 bytes: a view, not a copy
 
     def pin_gpfns(self, guest_id: int, gpfns: np.ndarray | bytes) -> None:
         """Their frames are never host-swap victims (now and whenever faulted in again)."""

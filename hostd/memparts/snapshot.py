@@ -8,24 +8,35 @@ cache, compression and page sharing.
 from __future__ import annotations
 
 from dataclasses import fields
-from typing import Any
+from operator import attrgetter
+from typing import Any, Callable
 
 import numpy as np
 
 from .books import _COMPRESSED, _SWAPPED, _ZERO, MemoryBooks
+from .counters import GuestCounters
 
 __all__ = ["Readout"]
 
-_COUNTER_NAMES: dict[type, tuple[str, ...]] = {}
+# Per counters dataclass: its field names, a getter of all of them at once, and the names prefixed "vdisk_".
+_READERS: dict[type, tuple[tuple[str, ...], Callable[[Any], tuple[Any, ...]], tuple[str, ...]]] = {}
+
+
+def _reader(cls: type) -> tuple[tuple[str, ...], Callable[[Any], tuple[Any, ...]], tuple[str, ...]]:
+    r = _READERS.get(cls)
+    if r is None:
+        names = tuple(f.name for f in fields(cls))
+        get = attrgetter(*names)
+        r = _READERS[cls] = (names, get if len(names) > 1 else lambda c: (get(c),),
+                             tuple(f"vdisk_{n}" for n in names))
+    return r
 
 
 def _counts_of(counters: Any) -> dict[str, Any]:
     """A counters dataclass as a dict, as ``asdict`` gives it but without its deep copies (every field is a
     number): the snapshot runs every tick, for every guest."""
-    names = _COUNTER_NAMES.get(type(counters))
-    if names is None:
-        names = _COUNTER_NAMES[type(counters)] = tuple(f.name for f in fields(counters))
-    return {name: getattr(counters, name) for name in names}
+    names, get, _ = _reader(type(counters))
+    return dict(zip(names, get(counters)))
 
 
 class Readout(MemoryBooks):
@@ -48,10 +59,16 @@ class Readout(MemoryBooks):
                        **self.zip.guest_snapshot(guest_id, g.p2m))
         return out
 
-    def snapshot(self) -> dict[str, Any]:
+    def guest_counters(self, guest_id: int) -> GuestCounters:
+        """The guest's counters as they stand (read them; only host memory changes them)."""
+        return self._guest(guest_id).counters
+
+    def snapshot(self, per_guest: bool = True) -> dict[str, Any]:
         """Counters and gauges, JSON-serialisable; per-guest under ``guests`` keyed by str(guest_id).
 
         Host-wide counters (``vdisk_*`` included) cover guests that are gone too.
+        ``per_guest=False`` leaves ``guests`` out: the rows cost most of the
+        snapshot with many guests, and are wanted only in the ticks that are logged.
         """
         kinds = self.pool.counts()
         out: dict[str, Any] = {
@@ -78,20 +95,29 @@ class Readout(MemoryBooks):
         }
         vd_totals = dict(self._departed_vdisk)
         guests: dict[str, Any] = {}
+        disks: list[tuple[Any, ...]] = []   # each guest's disk counters, summed per counter below
+        names: tuple[str, ...] = ()
         for gid in sorted(self._guests):
             g = self._guests[gid]
-            vd = _counts_of(g.vdisk.counters)
-            for k, v in vd.items():
-                vd_totals[k] = vd_totals.get(k, 0) + v
-            guests[str(gid)] = {**self.guest_counts(gid), **_counts_of(g.counters),
-                                **{f"vdisk_{k}": v for k, v in vd.items()}}
-            if self.sharing is not None:
-                guests[str(gid)].update(self.sharing.guest_metrics(gid))
+            names, get, prefixed = _reader(type(g.vdisk.counters))   # one type for every guest's disk
+            values = get(g.vdisk.counters)
+            disks.append(values)
+            if per_guest:
+                row = guests[str(gid)] = {**self.guest_counts(gid), **_counts_of(g.counters),
+                                          **dict(zip(prefixed, values))}
+                if self.sharing is not None:
+                    row.update(self.sharing.guest_metrics(gid))
+        for k, column in zip(names, zip(*disks)):
+            total = vd_totals.get(k, 0)   # departed first, then by guest id, one by one: float totals as ever
+            for v in column:              # (not sum(): Python 3.12's compensates float rounding)
+                total += v
+            vd_totals[k] = total
         out.update({f"vdisk_{k}": v for k, v in vd_totals.items()})
         if self.sharing is not None:
             out.update(self.sharing.metrics())
         out["double_faults"] = int(vd_totals.get("double_faults", 0))
-        out["guests"] = guests
+        if per_guest:
+            out["guests"] = guests
         return out
 
     def host_copy(self, guest_id: int, gpfns: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -68,7 +68,9 @@ class TickContext:
 
     tick: int
     vt_us: float
-    snap: Mapping[str, Any]                   # host memory's snapshot of this tick
+    # host memory's snapshot of this tick; its per-guest "guests" rows only in the ticks the machine logs
+    # (they cost most of it with many guests): a monitor reads a guest's gauges from host memory
+    snap: Mapping[str, Any]
     stats: Mapping[int, Mapping[str, Any]]    # each live guest's last report
     targets: Mapping[int, int]                # the balloon targets set this tick
     history: "History"                        # the last ticks (this one included from end_tick on)

@@ -9,6 +9,7 @@ It has no table of its own. In summary.json, under ``host``:
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -22,12 +23,15 @@ __all__ = ["HistoryMonitor", "SPEC"]
 
 def _int(stats: Mapping[str, Any], key: str) -> int:
     v = stats.get(key, 0)
+    if type(v) is int:   # the common case (the machine sanitised the stats), per guest and key each tick
+        return v
     return int(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else 0
 
 
 def _float(stats: Mapping[str, Any], key: str) -> float:
     v = stats.get(key, 0.0)
-    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v) else 0.0
+    # math, not numpy: a numpy call on one number costs a microsecond, and this runs per guest and key each tick
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else 0.0
 
 
 class HistoryMonitor(MonitorBase):
@@ -54,28 +58,35 @@ class HistoryMonitor(MonitorBase):
         self._free_low = min(self._free_low, self.mem.pool.free_frames)
 
     def record_tick(self, tick: TickContext) -> None:
-        """The tick's sample: host memory's snapshot and each live guest's last report."""
+        """The tick's sample: host memory's gauges and each live guest's last report.
+
+        A guest's gauges are read from host memory itself, not from the
+        snapshot's per-guest rows: the machine builds those only in the ticks it logs.
+        """
         snap, vt_us, targets = tick.snap, tick.vt_us, tick.targets
-        per_guest = snap.get("guests", {})
+        mem = self.mem
+        live = set(mem.guest_ids())
         guests: dict[int, GuestSample] = {}
         for gid, s in tick.stats.items():
-            h = per_guest.get(str(gid))
-            if h is None:
+            if gid not in live:
                 continue
-            known_area = self.mem.vdisk(gid).swap_area[1] > 0
-            if known_area:
-                swap_in = int(h.get("vdisk_swap_area_read_pages", 0))
-                swap_pages = swap_in + int(h.get("vdisk_swap_area_write_pages", 0))
+            vdisk = mem.vdisk(gid)
+            if vdisk.swap_area[1] > 0:
+                swap_in = int(vdisk.counters.swap_area_read_pages)
+                swap_pages = swap_in + int(vdisk.counters.swap_area_write_pages)
             else:
                 swap_in = _int(s, "swap_in")
                 swap_pages = swap_in + _int(s, "swap_out")
+            ram_pages = self.ram_pages.get(gid)
             guests[gid] = GuestSample(
                 guest_id=gid, vt_us=_float(s, "vt_us") or float(vt_us), swap_pages=swap_pages, swap_in_pages=swap_in,
                 major_faults=_int(s, "major_faults"), faults=_int(s, "major_faults") + _int(s, "minor_faults"),
-                refs=_int(s, "refs"), pff=_float(s, "pff"), host_swap_out_pages=int(h.get("swap_out_pages", 0)),
-                target_pages=int(targets.get(gid, 0)), actual_pages=int(h.get("ballooned_pages", 0)),
+                refs=_int(s, "refs"), pff=_float(s, "pff"),
+                host_swap_out_pages=int(mem.guest_counters(gid).swap_out_pages),
+                target_pages=int(targets.get(gid, 0)), actual_pages=int(mem.balloon_pages(gid)),
                 working_set_pages=_int(s, "working_set_pages"),
-                ram_pages=self.ram_pages.get(gid, int(h.get("guest_pages", 0))), kernel_pages=_int(s, "kernel_pages"),
+                ram_pages=ram_pages if ram_pages is not None else int(mem.p2m(gid).guest_pages),
+                kernel_pages=_int(s, "kernel_pages"),
                 psi_some_us=_float(s, "psi_some_us") if "psi_some_us" in s else None)
         self.iobuf_pages_peak = max(self.iobuf_pages_peak, int(snap.get("iobuf_pages", 0)))
         self.window.push(TickSample(

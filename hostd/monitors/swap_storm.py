@@ -113,6 +113,7 @@ def esx_min_free_pages(total_pages: int) -> int:
     return int(out)
 
 _WS_DECAY = 0.98   # per tick: how fast a larger earlier working-set estimate is forgotten
+_RATE_KEYS = ("swap_pages", "swap_in_pages", "refs", "major_faults")   # each guest's rates, every tick
 
 
 class SwapStormDetector(MonitorBase):
@@ -132,9 +133,7 @@ class SwapStormDetector(MonitorBase):
         out = []
         first = hist._window(w)[0]
         for gid, g in sorted(hist.now.guests.items()):
-            swap_rate = hist.guest_rate(gid, "swap_pages", w)
-            swap_in_rate = hist.guest_rate(gid, "swap_in_pages", w)
-            refs_rate = hist.guest_rate(gid, "refs", w)
+            swap_rate, swap_in_rate, refs_rate, major_rate = hist.guest_rates(gid, _RATE_KEYS, w)
             per_kref = swap_in_rate * 1000.0 / refs_rate if refs_rate > 0 else (float("inf") if swap_in_rate else 0.0)
             stall = self._stall_share(hist, gid, w)
             ws = max(float(g.working_set_pages), self._ws.get(gid, 0.0) * _WS_DECAY)
@@ -146,7 +145,7 @@ class SwapStormDetector(MonitorBase):
             out.append({"guest": gid, "swap_pages_per_s": round(swap_rate, 1),
                         "swap_in_pages_per_s": round(swap_in_rate, 1),
                         "swap_in_per_kref": round(per_kref, 3) if per_kref != float("inf") else None,
-                        "major_faults_per_s": round(hist.guest_rate(gid, "major_faults", w), 1),
+                        "major_faults_per_s": round(major_rate, 1),
                         "pff": round(g.pff, 1), "host_swapped_out_pages": int(host_took),
                         "balloon_target_pages": g.target_pages, "balloon_pages": g.actual_pages,
                         "working_set_pages": g.working_set_pages, "memory_pages": memory,
@@ -161,11 +160,14 @@ class SwapStormDetector(MonitorBase):
     @staticmethod
     def _stall_share(hist: History, gid: int, w: int) -> float | None:
         """Share of the guest's virtual time over the window it was stalled on memory (PSI some); None without PSI."""
-        win = [s.guests[gid] for s in hist._window(w) if gid in s.guests]
-        if len(win) < 2 or win[0].psi_some_us is None or win[-1].psi_some_us is None:
+        ends = hist.ends(gid, w)
+        if ends is None:
             return None
-        dt = win[-1].vt_us - win[0].vt_us
-        return (win[-1].psi_some_us - win[0].psi_some_us) / dt if dt > 0 else None
+        first, last = ends
+        if first.psi_some_us is None or last.psi_some_us is None:
+            return None
+        dt = last.vt_us - first.vt_us
+        return (last.psi_some_us - first.psi_some_us) / dt if dt > 0 else None
 
     def hard_frames(self, total: int) -> int:
         """Free frames at or below which the host counts as hard/low when it logs no memory state."""

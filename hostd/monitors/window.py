@@ -75,10 +75,13 @@ class History:
         self._last_rate: dict[tuple[int, str], float] = {}
         # windows taken since the last push, by length: the detectors ask for the same one per guest and key
         self._windows: dict[int, tuple[TickSample, ...]] = {}
+        # per (window length, guest): its first and last sample in that window (``ends``), for the same reason
+        self._ends: dict[tuple[int, int], tuple[GuestSample, GuestSample] | None] = {}
 
     def push(self, sample: TickSample) -> None:
         self.samples.append(sample)
         self._windows.clear()
+        self._ends.clear()
 
     @property
     def now(self) -> TickSample:
@@ -88,8 +91,25 @@ class History:
         n = min(len(self.samples), ticks + 1)
         win = self._windows.get(n)
         if win is None or (win and win[-1] is not self.samples[-1]):   # or appended to the deque directly
+            if win is not None:
+                self._windows.clear()
+                self._ends.clear()
             win = self._windows[n] = tuple(self.samples)[-n:]
         return win
+
+    def ends(self, guest_id: int, ticks: int) -> tuple[GuestSample, GuestSample] | None:
+        """The guest's first and last sample in the window, from two different ticks; None without two."""
+        win = self._window(ticks)
+        key = (len(win), guest_id)
+        try:
+            return self._ends[key]
+        except KeyError:
+            pass
+        i = next((i for i, s in enumerate(win) if guest_id in s.guests), len(win))
+        j = next((j for j in range(len(win) - 1, i, -1) if guest_id in win[j].guests), None)
+        out = None if j is None else (win[i].guests[guest_id], win[j].guests[guest_id])
+        self._ends[key] = out
+        return out
 
     def guest_rate(self, guest_id: int, key: str, ticks: int) -> float:
         """Growth of a guest's cumulative ``key`` per guest virtual second over the window.
@@ -97,18 +117,22 @@ class History:
         When its clock did not move in the window (it ran ahead and idles
         until the host catches up) the last rate measured stands.
         """
-        win = self._window(ticks)
-        # its first and last sample in the window, from two different ticks
-        i = next((i for i, s in enumerate(win) if guest_id in s.guests), len(win))
-        j = next((j for j in range(len(win) - 1, i, -1) if guest_id in win[j].guests), None)
-        if j is not None:
-            first, last = win[i].guests[guest_id], win[j].guests[guest_id]
+        return self.guest_rates(guest_id, (key,), ticks)[0]
+
+    def guest_rates(self, guest_id: int, keys: Sequence[str], ticks: int) -> list[float]:
+        """``guest_rate`` of each of ``keys``, over one lookup of the guest's samples."""
+        ends = self.ends(guest_id, ticks)
+        if ends is not None:
+            first, last = ends
             dt = last.vt_us - first.vt_us
             if dt > 0:
-                rate = (getattr(last, key) - getattr(first, key)) * 1e6 / dt
-                self._last_rate[(guest_id, key)] = rate
-                return rate
-        return self._last_rate.get((guest_id, key), 0.0)
+                out = []
+                for key in keys:
+                    rate = (getattr(last, key) - getattr(first, key)) * 1e6 / dt
+                    self._last_rate[(guest_id, key)] = rate
+                    out.append(rate)
+                return out
+        return [self._last_rate.get((guest_id, key), 0.0) for key in keys]
 
     def host_delta(self, key: str, ticks: int) -> float:
         win = self._window(ticks)
