@@ -173,6 +173,9 @@ class _Lane:
         width = share * queue_depth
         m = max(1, math.ceil(width - 1e-9))
         self.speed = width / m
+        if m == self.free_at_us.size:
+            # submit reads its channels as a multiset (the earliest free one), so they need no order
+            return
         old = np.sort(self.free_at_us)
         if m <= old.size:
             self.free_at_us = old[old.size - m:].copy()   # work already promised keeps its channels
