@@ -51,6 +51,7 @@ from balloonlab.proto import events as ev
 from .errors import HostdError, InvariantViolation
 from .framepool import NO_OWNER, FrameKind, FramePool
 from .hostswap import HostSwap
+from .invariant_sample import Sample, draw_sample, sample_holds
 from .p2m import NO_LOC, P2M, VALID_STATE, PageState
 from .sharing import SHARED_OWNER
 from .vdisk import CacheState, VirtualDisk
@@ -342,25 +343,35 @@ def _check_vdisk(mem: "MemoryBooks", gid: int, blocks: np.ndarray | None, slot_r
 
 
 def check_sample(mem: "MemoryBooks", rng: np.random.Generator) -> None:
-    """The maintained counters, and a sample of frames, slots and guest pages (see the module docstring)."""
+    """The maintained counters, and a sample of frames, slots and guest pages (see the module docstring).
+
+    The sample is tested by ``hostd.invariant_sample`` in a few numpy
+    expressions; only when that test fails do the per-frame checks below
+    run over the same sample, to name the first inconsistency.
+    """
     pool, swap = mem.pool, mem.swap
-    pool.check_counters()
-    swap.check_counters()
+    pool.check_counters()      # O(guests with a grant): the pool's kind counts, free stack and grant lists
+    swap.check_counters()      # O(1)
     gids = mem.guest_ids()
+    sample = draw_sample(mem, gids, rng, FRAMES_PER_CHECK, SLOTS_PER_CHECK, GUESTS_PER_CHECK, PAGES_PER_CHECK)
+    if not sample_holds(mem, gids, sample):
+        _explain(mem, gids, sample)
+
+
+def _explain(mem: "MemoryBooks", gids: list[int], sample: Sample) -> None:
+    """Raise naming the sample's first inconsistency: frames, then slots, then each guest, lowest index first."""
     known = set(gids)
-    for f in np.unique(rng.integers(0, pool.total_frames, FRAMES_PER_CHECK)).tolist():
+    for f in np.unique(sample.frames).tolist():
         _frame_points_back(mem, f, known)
-    if swap.n_slots:
-        for s in np.unique(rng.integers(0, swap.n_slots, SLOTS_PER_CHECK)).tolist():
-            _slot_points_back(mem, s, known)
-    if gids:
-        picked = rng.choice(np.asarray(gids, np.int64), min(GUESTS_PER_CHECK, len(gids)), replace=False)
-        unused: list[np.ndarray] = []
-        for gid in sorted(picked.tolist()):
-            pages = np.unique(rng.integers(0, mem.p2m(gid).guest_pages, PAGES_PER_CHECK))
-            n_blocks = mem.vdisk(gid).n_blocks
-            blocks = np.unique(rng.integers(0, n_blocks, PAGES_PER_CHECK)) if n_blocks else np.zeros(0, np.int64)
-            _check_guest(mem, gid, pages, blocks, unused, unused)
+    for s in np.unique(sample.slots).tolist():
+        _slot_points_back(mem, s, known)
+    unused: list[np.ndarray] = []
+    for gid, pages, blocks in sample.guests:
+        _check_guest(mem, gid, np.unique(pages), np.unique(blocks), unused, unused)
+    # Each condition of the fast test is one of the checks above: reaching here is a bug in the checker.
+    raise InvariantViolation("the sampled invariant's fast test failed but the per-frame checks find nothing "
+                             f"(frames {np.unique(sample.frames).tolist()}, slots {np.unique(sample.slots).tolist()}, "
+                             f"guests {[g for g, _, _ in sample.guests]})")
 
 
 def _frame_points_back(mem: "MemoryBooks", f: int, known: set[int]) -> None:
