@@ -23,8 +23,12 @@ Two ways to check it:
   and ``SLOTS_PER_CHECK`` slots, each followed back to its owner's books,
   and ``PAGES_PER_CHECK`` gpfns and disk blocks of ``GUESTS_PER_CHECK``
   guests, each followed forward to its frame or slot. Its cost does not
-  grow with the host. A leak or a double reference is found when one of the
-  frames or slots involved is in a sample.
+  grow with the host (but for one sum over each sampled guest's per-cluster
+  cache counts). A leak or a double reference is found when one of the
+  frames or slots involved is in a sample. The sample is drawn with one
+  generator call and tested in a few numpy expressions
+  (``hostd.invariant_sample``); only when that test fails does
+  ``check_each`` go through it frame by frame to name the inconsistency.
 
 ``InvariantChecker`` decides which runs when (``[host] invariant``): with
 ``"full"`` (the debug setting; the test suite forces it with the environment
@@ -56,7 +60,7 @@ from .p2m import NO_LOC, P2M, VALID_STATE, PageState
 from .sharing import SHARED_OWNER
 from .vdisk import CacheState, VirtualDisk
 
-__all__ = ["check_full", "check_sample", "InvariantChecker", "MemoryBooks", "INVARIANT_MODES", "FRAMES_PER_CHECK",
+__all__ = ["check_full", "check_sample", "check_each", "InvariantChecker", "MemoryBooks", "INVARIANT_MODES", "FRAMES_PER_CHECK",
            "SLOTS_PER_CHECK", "GUESTS_PER_CHECK", "PAGES_PER_CHECK"]
 
 log = structlog.get_logger("hostd.invariant")
@@ -359,7 +363,20 @@ def check_sample(mem: "MemoryBooks", rng: np.random.Generator) -> None:
 
 
 def _explain(mem: "MemoryBooks", gids: list[int], sample: Sample) -> None:
-    """Raise naming the sample's first inconsistency: frames, then slots, then each guest, lowest index first."""
+    """Raise naming the sample's first inconsistency, in the per-frame checks' words."""
+    check_each(mem, gids, sample)
+    # Each condition of the fast test is one of the per-frame checks': reaching here is a bug in the checker.
+    raise InvariantViolation("the sampled invariant's fast test failed but the per-frame checks find nothing "
+                             f"(frames {np.unique(sample.frames).tolist()}, slots {np.unique(sample.slots).tolist()}, "
+                             f"guests {[g for g, _, _ in sample.guests]})")
+
+
+def check_each(mem: "MemoryBooks", gids: list[int], sample: Sample) -> None:
+    """The sample checked one frame and one slot at a time, then each guest: raise at the first inconsistency.
+
+    Frames, then slots, lowest number first, then the guests by id. Slow
+    (Python per frame); ``check_sample`` runs it only once its fast test failed.
+    """
     known = set(gids)
     for f in np.unique(sample.frames).tolist():
         _frame_points_back(mem, f, known)
@@ -368,10 +385,6 @@ def _explain(mem: "MemoryBooks", gids: list[int], sample: Sample) -> None:
     unused: list[np.ndarray] = []
     for gid, pages, blocks in sample.guests:
         _check_guest(mem, gid, np.unique(pages), np.unique(blocks), unused, unused)
-    # Each condition of the fast test is one of the checks above: reaching here is a bug in the checker.
-    raise InvariantViolation("the sampled invariant's fast test failed but the per-frame checks find nothing "
-                             f"(frames {np.unique(sample.frames).tolist()}, slots {np.unique(sample.slots).tolist()}, "
-                             f"guests {[g for g, _, _ in sample.guests]})")
 
 
 def _frame_points_back(mem: "MemoryBooks", f: int, known: set[int]) -> None:

@@ -41,8 +41,10 @@ _ZCACHE_KIND = int(FrameKind.ZCACHE)
 _CACHED = int(CacheState.FRAME)
 _NOT_CACHED = int(CacheState.NOT_CACHED)
 # A frame's owner index points into a p2m (GUEST) or a disk's block table (CACHE), a used swap slot
-# into its owner's p2m; a live reference's entry there is in this state (the same code in both tables).
-assert _FRAME == _CACHED
+# into its owner's p2m; a live reference's entry there is FRAME (the same code in both tables) or SWAPPED.
+# Kinds above CACHE are looked up elsewhere (``_held_elsewhere``).
+_SLOT_CODE = 3                  # in ``_backward_holds``' group keys, beside the frame kinds GUEST and CACHE
+assert _FRAME == _CACHED and (_GUEST_KIND, _CACHE_KIND) == (1, 2) and _IOBUF_KIND > _CACHE_KIND < _ZCACHE_KIND
 
 
 def _states(*states: PageState) -> np.ndarray:
@@ -208,56 +210,53 @@ def _backward_holds(mem: "object", gids: list[int], frames: np.ndarray, slots: n
         if sharing is None or _not_all(sharing.shared[frames[shared]] & (kind[shared] == _GUEST_KIND)):
             return False
         live &= ~shared
-    booked = (kind == _GUEST_KIND) | (kind == _CACHE_KIND)
-    odd = live & ~booked
+    odd = live & (kind > _CACHE_KIND)
     if _nz(odd):
         if not _held_elsewhere(mem, gids, frames[odd], kind[odd], owner[odd]):
             return False
-        live &= booked
+        live &= ~odd
     used = slots[swap.used[slots]]
-    # One list of references to look up: live frames, then used slots, each with its owner guest,
-    # its table (0 the p2m, 1 the disk's blocks), its index there and the state the entry must be in.
-    ref = np.concatenate((frames[live], used))
+    f = frames[live]
     who = np.concatenate((owner[live], swap.owner_guest[used]))
-    if not ref.size:
+    if not who.size:
         return True
     if not gids:
         return False
-    known = np.asarray(gids, np.int64)                    # sorted
-    at = np.minimum(np.searchsorted(known, who), known.size - 1)
-    if _not_all(known[at] == who):
+    known = np.asarray(gids, np.int32)                    # sorted
+    at = known.searchsorted(who)
+    if _not_all(known.take(at, mode="clip") == who):
         return False
-    n_frames = ref.size - used.size
-    index = np.empty(ref.size, np.int64)
-    index[:n_frames] = pool.owner_index[ref[:n_frames]]
-    if used.size:
-        slot_owners = set(who[n_frames:].tolist())
-        base = np.asarray([swap.base(g) if g in slot_owners else 0 for g in gids], np.int64)
-        index[n_frames:] = used - base[at[n_frames:]]
-    want = np.full(ref.size, _SWAPPED, np.uint8)
-    want[:n_frames] = _FRAME
-    table = np.zeros(ref.size, np.int64)
-    table[:n_frames] = kind[live] == _CACHE_KIND
-    key = at * 2 + table
-    order = np.argsort(key, kind="stable")
-    key, index, ref, want = key[order], index[order], ref[order], want[order]
-    got_state = np.empty(ref.size, np.uint8)
-    got_loc = np.empty(ref.size, np.int64)
-    limit = np.empty(ref.size, np.int64)
+    # One list of references to look up, grouped by (owner, what refers): a GUEST frame (its owner's p2m
+    # entry at its index), a CACHE frame (its owner's disk block at its index), a used slot (its
+    # owner's p2m entry at slot - base). Each group's table is read with one ``take``.
+    key = at * 4 + np.concatenate((kind[live], np.full(used.size, _SLOT_CODE, np.uint8)))
+    ref = np.concatenate((f, used))
+    index = np.concatenate((pool.owner_index[f], used))
+    order = key.argsort()
+    key, ref, index = key[order], ref[order], index[order]
+    n = ref.size
+    want, got_state = np.empty(n, np.uint8), np.empty(n, np.uint8)
+    got_loc, limit = np.empty(n, np.int64), np.empty(n, np.uint64)
     keys = key.tolist()
-    starts = [0, *((key[1:] != key[:-1]).nonzero()[0] + 1).tolist(), ref.size]
+    starts = [0, *((key[1:] != key[:-1]).nonzero()[0] + 1).tolist(), n]
     for a, b in zip(starts[:-1], starts[1:]):
-        gid = gids[keys[a] >> 1]
-        if keys[a] & 1:
+        k = keys[a]
+        gid, code = gids[k >> 2], k & 3
+        if code == _CACHE_KIND:
             vd = mem.vdisk(gid)                           # type: ignore[attr-defined]
-            state, loc, limit[a:b] = vd.cache_state, vd.cache_loc, vd.n_blocks
+            state, loc, limit[a:b], want[a:b] = vd.cache_state, vd.cache_loc, vd.n_blocks, _CACHED
         else:
             p2m = mem.p2m(gid)                            # type: ignore[attr-defined]
             state, loc, limit[a:b] = p2m.state, p2m.loc, p2m.guest_pages
+            if code == _SLOT_CODE:
+                index[a:b] -= swap.base(gid)
+                want[a:b] = _SWAPPED
+            else:
+                want[a:b] = _FRAME
         # clip: an index out of range reads some entry, and the range test below fails it anyway
         state.take(index[a:b], out=got_state[a:b], mode="clip")
         loc.take(index[a:b], out=got_loc[a:b], mode="clip")
-    return not _not_all((index >= 0) & (index < limit) & (got_state == want) & (got_loc == ref))
+    return not _not_all((index.view(np.uint64) < limit) & (got_state == want) & (got_loc == ref))
 
 
 def _held_elsewhere(mem: "object", gids: list[int], frames: np.ndarray, kind: np.ndarray,
