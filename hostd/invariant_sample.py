@@ -17,6 +17,7 @@ checks that they do).
 """
 from __future__ import annotations
 
+from functools import lru_cache
 from itertools import accumulate
 from typing import NamedTuple
 
@@ -43,7 +44,17 @@ _NOT_CACHED = int(CacheState.NOT_CACHED)
 # A frame's owner index points into a p2m (GUEST) or a disk's block table (CACHE), a used swap slot
 # into its owner's p2m; a live reference's entry there is FRAME (the same code in both tables) or SWAPPED.
 # Kinds above CACHE are looked up elsewhere (``_held_elsewhere``).
-_SLOT_CODE = 3                  # in ``_backward_holds``' group keys, beside the frame kinds GUEST and CACHE
+# Constant columns to slice views of (a slot's table code is GUEST's: both look in the p2m)
+_MAX_SAMPLE = 4096
+_GUEST_CODES = np.full(_MAX_SAMPLE, _GUEST_KIND, np.uint8)
+_FRAME_CODES = np.full(_MAX_SAMPLE, _FRAME, np.uint8)
+_SWAPPED_CODES = np.full(_MAX_SAMPLE, _SWAPPED, np.uint8)
+for _codes in (_GUEST_CODES, _FRAME_CODES, _SWAPPED_CODES):
+    _codes.flags.writeable = False
+
+
+def _column(codes: np.ndarray, n: int) -> np.ndarray:
+    return codes[:n] if n <= codes.size else np.full(n, codes[0], codes.dtype)
 assert _FRAME == _CACHED and (_GUEST_KIND, _CACHE_KIND) == (1, 2) and _IOBUF_KIND > _CACHE_KIND < _ZCACHE_KIND
 
 
@@ -92,15 +103,23 @@ def draw_sample(mem: "object", gids: list[int], rng: np.random.Generator, frames
         order[j], order[r] = order[r], order[j]
     picked = sorted(gids[i] for i in order[:n_pick])
     sizes = [pool.total_frames, swap.n_slots]
-    counts = [frames, slots]
     for gid in picked:
         sizes += [mem.p2m(gid).guest_pages, mem.vdisk(gid).n_blocks]    # type: ignore[attr-defined]
-        counts += [pages, pages]
-    counts = [c if n else 0 for c, n in zip(counts, sizes)]          # nothing to draw from an empty range
-    drawn = (u[n_pick:n_pick + sum(counts)] * np.repeat(np.asarray(sizes, np.float64), counts)).astype(np.int64)
-    ends = list(accumulate(counts))
-    parts = [drawn[a:b] for a, b in zip([0, *ends[:-1]], ends)]
+    scale, cuts = _scale(tuple(sizes), frames, slots, pages)
+    drawn = (u[n_pick:n_pick + scale.size] * scale).astype(np.int64)
+    parts = [drawn[a:b] for a, b in cuts]
     return Sample(parts[0], parts[1], [(gid, parts[2 + 2 * i], parts[3 + 2 * i]) for i, gid in enumerate(picked)])
+
+
+@lru_cache(maxsize=256)
+def _scale(sizes: tuple[int, ...], frames: int, slots: int, pages: int) -> tuple[np.ndarray, list[tuple[int, int]]]:
+    """Each drawn float's range size, and each range's slice of the draws (the same tuple: the same arrays)."""
+    counts = [frames, slots, *[pages] * (len(sizes) - 2)]
+    counts = [c if n else 0 for c, n in zip(counts, sizes)]          # nothing to draw from an empty range
+    scale = np.repeat(np.asarray(sizes, np.float64), counts)
+    scale.flags.writeable = False
+    ends = list(accumulate(counts))
+    return scale, list(zip([0, *ends[:-1]], ends))
 
 
 def sample_holds(mem: "object", gids: list[int], sample: Sample) -> bool:
@@ -134,9 +153,8 @@ def _forward_holds(mem: "object", guests: list[tuple[int, np.ndarray, np.ndarray
         gpfns.append(pages)
         bases.append(swap.base(gid))
     st, loc, gp = np.concatenate(states), np.concatenate(locs), np.concatenate(gpfns)
-    sizes = [p.size for p in gpfns]
-    owner = np.repeat(np.asarray([g for g, _, _ in guests], np.int32), sizes)
-    own_slot = gp + np.repeat(np.asarray(bases, np.int64), sizes)
+    owner, base = _per_page(tuple(g for g, _, _ in guests), tuple(bases), tuple(p.size for p in gpfns))
+    own_slot = gp + base
     bad = (_BAD_STATE[zip_ is not None][st] | (_LOCLESS[st] & (loc != NO_LOC))
            | (_NOT_HELD_ELSEWHERE[st] & swap.cached[own_slot]))
     if _nz(bad):
@@ -166,6 +184,15 @@ def _forward_holds(mem: "object", guests: list[tuple[int, np.ndarray, np.ndarray
         if _not_all(sharing.shared[f] & (sharing.refs[f] > 0)):
             return False
     return True
+
+
+@lru_cache(maxsize=256)
+def _per_page(gids: tuple[int, ...], bases: tuple[int, ...], sizes: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """Each sampled gpfn's guest and that guest's first swap slot (the same tuples: the same arrays)."""
+    owner = np.repeat(np.asarray(gids, np.int32), sizes)
+    base = np.repeat(np.asarray(bases, np.int64), sizes)
+    owner.flags.writeable = base.flags.writeable = False
+    return owner, base
 
 
 def _disk_holds(mem: "object", gid: int, blocks: np.ndarray) -> bool:
@@ -226,33 +253,34 @@ def _backward_holds(mem: "object", gids: list[int], frames: np.ndarray, slots: n
     at = known.searchsorted(who)
     if _not_all(known.take(at, mode="clip") == who):
         return False
-    # One list of references to look up, grouped by (owner, what refers): a GUEST frame (its owner's p2m
-    # entry at its index), a CACHE frame (its owner's disk block at its index), a used slot (its
-    # owner's p2m entry at slot - base). Each group's table is read with one ``take``.
-    key = at * 4 + np.concatenate((kind[live], np.full(used.size, _SLOT_CODE, np.uint8)))
+    # One list of references to look up, grouped by (owner, table): a GUEST frame (its owner's p2m entry
+    # at its index, FRAME there), a used slot (its owner's p2m entry at slot - base, SWAPPED there), a
+    # CACHE frame (its owner's disk block at its index, cached there). Each group's table is read with
+    # one ``take`` per column.
+    n_frames = f.size
+    key = at * 4 + np.concatenate((kind[live], _column(_GUEST_CODES, used.size)))
     ref = np.concatenate((f, used))
     index = np.concatenate((pool.owner_index[f], used))
+    want = np.concatenate((_column(_FRAME_CODES, n_frames), _column(_SWAPPED_CODES, used.size)))
+    if used.size:
+        slot_owners = set(who[n_frames:].tolist())
+        base = np.asarray([swap.base(g) if g in slot_owners else 0 for g in gids], np.int64)
+        index[n_frames:] -= base[at[n_frames:]]
     order = key.argsort()
-    key, ref, index = key[order], ref[order], index[order]
+    key, ref, index, want = key[order], ref[order], index[order], want[order]
     n = ref.size
-    want, got_state = np.empty(n, np.uint8), np.empty(n, np.uint8)
-    got_loc, limit = np.empty(n, np.int64), np.empty(n, np.uint64)
+    got_state, got_loc, limit = np.empty(n, np.uint8), np.empty(n, np.int64), np.empty(n, np.uint64)
     keys = key.tolist()
     starts = [0, *((key[1:] != key[:-1]).nonzero()[0] + 1).tolist(), n]
     for a, b in zip(starts[:-1], starts[1:]):
         k = keys[a]
-        gid, code = gids[k >> 2], k & 3
-        if code == _CACHE_KIND:
+        gid = gids[k >> 2]
+        if k & 3 == _CACHE_KIND:
             vd = mem.vdisk(gid)                           # type: ignore[attr-defined]
-            state, loc, limit[a:b], want[a:b] = vd.cache_state, vd.cache_loc, vd.n_blocks, _CACHED
+            state, loc, limit[a:b] = vd.cache_state, vd.cache_loc, vd.n_blocks
         else:
             p2m = mem.p2m(gid)                            # type: ignore[attr-defined]
             state, loc, limit[a:b] = p2m.state, p2m.loc, p2m.guest_pages
-            if code == _SLOT_CODE:
-                index[a:b] -= swap.base(gid)
-                want[a:b] = _SWAPPED
-            else:
-                want[a:b] = _FRAME
         # clip: an index out of range reads some entry, and the range test below fails it anyway
         state.take(index[a:b], out=got_state[a:b], mode="clip")
         loc.take(index[a:b], out=got_loc[a:b], mode="clip")
