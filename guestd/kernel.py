@@ -1245,7 +1245,8 @@ class GuestKernel:
                 if hit is not None:
                     return hit
                 return await self._read_file_page(page)
-        toks, done = await self.blockdev.read(np.array([blk], np.int64), self.vt_us)
+        # u64, the wire's type: the remote disk sends it as is (a local one makes it int64)
+        toks, done = await self.blockdev.read(np.array([blk], np.uint64), self.vt_us)
         return int(toks[0]), float(done)
 
     def _ra_busy(self, pages: np.ndarray) -> np.ndarray:
