@@ -97,6 +97,13 @@ class RemoteBlockDevice:
             parts.append(tokens)
         return np.concatenate(parts), done
 
+    async def read_one(self, blk: int, vt_us: float) -> tuple[int, float]:
+        """One block, a fault's read: ``read`` without its conversions and parts (the common request)."""
+        vt = float(vt_us)
+        reply = await self.link.call(DiskRead(np.array([blk], _U64), vt), vt, stall=True)
+        assert isinstance(reply, DiskReadReply)
+        return int(reply.tokens[0]), float(reply.done_vt_us)
+
     async def write(self, blocks: np.ndarray, tokens: np.ndarray, vt_us: float) -> float:
         blocks, tokens = _u64(blocks), _u64(tokens)
         done = float(vt_us)
