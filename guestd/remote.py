@@ -32,8 +32,13 @@ __all__ = ["RemoteBlockDevice", "RemoteHypervisor", "VcpuLink", "BALLOON_PFNS_PE
 BALLOON_PFNS_PER_CALL = 256
 
 
+_U64 = np.dtype("<u8")   # a dtype object: a string would be parsed on every request
+
+
 def _u64(x: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(x, dtype="<u8")
+    if type(x) is np.ndarray and x.dtype is _U64 and x.flags.c_contiguous:
+        return x
+    return np.ascontiguousarray(x, dtype=_U64)
 
 
 class VcpuLink:
@@ -60,7 +65,7 @@ class VcpuLink:
             await self.gate.admit(vt_us)
         reply = await self.conn.call(msg)
         done = float(reply.done_vt_us)
-        self.last_done_us = max(vt_us, done) + extra_us
+        self.last_done_us = (vt_us if vt_us > done else done) + extra_us
         if stall:
             self.psi.stall(vt_us, done)
         return reply
@@ -91,6 +96,13 @@ class RemoteBlockDevice:
             tokens, done = await self.read(blocks[i:i + MAX_PAGES_PER_MESSAGE], done)
             parts.append(tokens)
         return np.concatenate(parts), done
+
+    async def read_one(self, blk: int, vt_us: float) -> tuple[int, float]:
+        """One block, a fault's read: ``read`` without its conversions and parts (the common request)."""
+        vt = float(vt_us)
+        reply = await self.link.call(DiskRead(np.array([blk], _U64), vt), vt, stall=True)
+        assert isinstance(reply, DiskReadReply)
+        return int(reply.tokens[0]), float(reply.done_vt_us)
 
     async def write(self, blocks: np.ndarray, tokens: np.ndarray, vt_us: float) -> float:
         blocks, tokens = _u64(blocks), _u64(tokens)

@@ -23,8 +23,12 @@ Two ways to check it:
   and ``SLOTS_PER_CHECK`` slots, each followed back to its owner's books,
   and ``PAGES_PER_CHECK`` gpfns and disk blocks of ``GUESTS_PER_CHECK``
   guests, each followed forward to its frame or slot. Its cost does not
-  grow with the host. A leak or a double reference is found when one of the
-  frames or slots involved is in a sample.
+  grow with the host (but for one sum over each sampled guest's per-cluster
+  cache counts). A leak or a double reference is found when one of the
+  frames or slots involved is in a sample. The sample is drawn with one
+  generator call and tested in a few numpy expressions
+  (``hostd.invariant_sample``); only when that test fails does
+  ``check_each`` go through it frame by frame to name the inconsistency.
 
 ``InvariantChecker`` decides which runs when (``[host] invariant``): with
 ``"full"`` (the debug setting; the test suite forces it with the environment
@@ -51,11 +55,12 @@ from balloonlab.proto import events as ev
 from .errors import HostdError, InvariantViolation
 from .framepool import NO_OWNER, FrameKind, FramePool
 from .hostswap import HostSwap
+from .invariant_sample import Sample, draw_sample, sample_holds
 from .p2m import NO_LOC, P2M, VALID_STATE, PageState
 from .sharing import SHARED_OWNER
 from .vdisk import CacheState, VirtualDisk
 
-__all__ = ["check_full", "check_sample", "InvariantChecker", "MemoryBooks", "INVARIANT_MODES", "FRAMES_PER_CHECK",
+__all__ = ["check_full", "check_sample", "check_each", "InvariantChecker", "MemoryBooks", "INVARIANT_MODES", "FRAMES_PER_CHECK",
            "SLOTS_PER_CHECK", "GUESTS_PER_CHECK", "PAGES_PER_CHECK"]
 
 log = structlog.get_logger("hostd.invariant")
@@ -342,25 +347,44 @@ def _check_vdisk(mem: "MemoryBooks", gid: int, blocks: np.ndarray | None, slot_r
 
 
 def check_sample(mem: "MemoryBooks", rng: np.random.Generator) -> None:
-    """The maintained counters, and a sample of frames, slots and guest pages (see the module docstring)."""
+    """The maintained counters, and a sample of frames, slots and guest pages (see the module docstring).
+
+    The sample is tested by ``hostd.invariant_sample`` in a few numpy
+    expressions; only when that test fails do the per-frame checks below
+    run over the same sample, to name the first inconsistency.
+    """
     pool, swap = mem.pool, mem.swap
-    pool.check_counters()
-    swap.check_counters()
+    pool.check_counters()      # O(guests with a grant): the pool's kind counts, free stack and grant lists
+    swap.check_counters()      # O(1)
     gids = mem.guest_ids()
+    sample = draw_sample(mem, gids, rng, FRAMES_PER_CHECK, SLOTS_PER_CHECK, GUESTS_PER_CHECK, PAGES_PER_CHECK)
+    if not sample_holds(mem, gids, sample):
+        _explain(mem, gids, sample)
+
+
+def _explain(mem: "MemoryBooks", gids: list[int], sample: Sample) -> None:
+    """Raise naming the sample's first inconsistency, in the per-frame checks' words."""
+    check_each(mem, gids, sample)
+    # Each condition of the fast test is one of the per-frame checks': reaching here is a bug in the checker.
+    raise InvariantViolation("the sampled invariant's fast test failed but the per-frame checks find nothing "
+                             f"(frames {np.unique(sample.frames).tolist()}, slots {np.unique(sample.slots).tolist()}, "
+                             f"guests {[g for g, _, _ in sample.guests]})")
+
+
+def check_each(mem: "MemoryBooks", gids: list[int], sample: Sample) -> None:
+    """The sample checked one frame and one slot at a time, then each guest: raise at the first inconsistency.
+
+    Frames, then slots, lowest number first, then the guests by id. Slow
+    (Python per frame); ``check_sample`` runs it only once its fast test failed.
+    """
     known = set(gids)
-    for f in np.unique(rng.integers(0, pool.total_frames, FRAMES_PER_CHECK)).tolist():
+    for f in np.unique(sample.frames).tolist():
         _frame_points_back(mem, f, known)
-    if swap.n_slots:
-        for s in np.unique(rng.integers(0, swap.n_slots, SLOTS_PER_CHECK)).tolist():
-            _slot_points_back(mem, s, known)
-    if gids:
-        picked = rng.choice(np.asarray(gids, np.int64), min(GUESTS_PER_CHECK, len(gids)), replace=False)
-        unused: list[np.ndarray] = []
-        for gid in sorted(picked.tolist()):
-            pages = np.unique(rng.integers(0, mem.p2m(gid).guest_pages, PAGES_PER_CHECK))
-            n_blocks = mem.vdisk(gid).n_blocks
-            blocks = np.unique(rng.integers(0, n_blocks, PAGES_PER_CHECK)) if n_blocks else np.zeros(0, np.int64)
-            _check_guest(mem, gid, pages, blocks, unused, unused)
+    for s in np.unique(sample.slots).tolist():
+        _slot_points_back(mem, s, known)
+    unused: list[np.ndarray] = []
+    for gid, pages, blocks in sample.guests:
+        _check_guest(mem, gid, np.unique(pages), np.unique(blocks), unused, unused)
 
 
 def _frame_points_back(mem: "MemoryBooks", f: int, known: set[int]) -> None:

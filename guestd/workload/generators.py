@@ -361,6 +361,18 @@ class Mix:
         self.weights = [float(w) for w in weights]
         self.rng = rng
         self._codes = any(isinstance(c, FullWrites) for c in self.components)   # write codes, not bools
+        self._active: list[int] = []
+        self._cdf = np.ones(1)
+
+    def _pick_cdf(self, active: list[int]) -> np.ndarray:
+        """The cumulative weights of ``active``, computed as ``Generator.choice(p=...)`` does, once per
+        set of active components (it changes only when one runs dry)."""
+        if active != self._active:
+            w = np.array([self.weights[i] for i in active])
+            cdf = (w / w.sum()).cumsum()
+            cdf /= cdf[-1]
+            self._active, self._cdf = active, cdf
+        return self._cdf
 
     @property
     def exhausted(self) -> bool:
@@ -376,11 +388,12 @@ class Mix:
             return _EMPTY
         if len(active) == 1:
             return self.components[active[0]].next_batch(n)
-        w = np.array([self.weights[i] for i in active])
-        pick = self.rng.choice(len(active), size=n, p=w / w.sum())
-        pages = np.zeros(n, np.uint64)
-        writes = np.zeros(n, np.uint8 if self._codes else bool)
-        keep = np.ones(n, bool)
+        # Exactly ``rng.choice(len(active), size=n, p=weights)`` (same draws, same picks), without
+        # choice's per-call checks of p: this runs once per batch, every tick of every guest.
+        pick = self._pick_cdf(active).searchsorted(self.rng.random(n), side="right")
+        pages = np.empty(n, np.uint64)
+        writes = np.empty(n, np.uint8 if self._codes else bool)
+        keep: np.ndarray | None = None
         for j, i in enumerate(active):
             where = np.flatnonzero(pick == j)
             if not where.size:
@@ -389,7 +402,12 @@ class Mix:
             got = p.size
             pages[where[:got]] = p
             writes[where[:got]] = wr
-            keep[where[got:]] = False
+            if got < where.size:     # it ran dry: its other slots yield no reference
+                if keep is None:
+                    keep = np.ones(n, bool)
+                keep[where[got:]] = False
+        if keep is None:
+            return pages, writes
         return pages[keep], writes[keep]
 
 
