@@ -16,7 +16,11 @@ count: the run an outside checker makes), up to three times:
   default) keep every core busy, so the host and guests are descheduled at
   arbitrary points;
 - ``exec``: quiet again, but each guest started as its own interpreter
-  (``--guest-start exec``) instead of forked from the fork server.
+  (``--guest-start exec``) instead of forked from the fork server;
+- ``against`` (with ``--against DIR``): quiet, but run by another checkout
+  of the project (its own ``DIR/.venv``): a change that must not move any
+  count (a faster path, a refactoring) is checked against the code before
+  it, scenario by scenario, variant by variant.
 
 Then every deterministic value of each variant's summary.json is compared
 with the quiet run's (``deterministic_counts``): everything but wall-clock
@@ -42,10 +46,10 @@ import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-__all__ = ["main", "deterministic_counts", "promised_counts", "compare_summaries", "run_size", "NOT_DETERMINISTIC",
-           "RUNS"]
+__all__ = ["main", "deterministic_counts", "promised_counts", "compare_summaries", "run_size", "toml_value",
+           "NOT_DETERMINISTIC", "RUNS"]
 
-RUNS = ("quiet", "loaded", "exec")
+RUNS = ("quiet", "loaded", "exec", "against")
 """The runs of one scenario; ``quiet`` is the reference the others are compared with."""
 
 NOT_DETERMINISTIC = re.compile(
@@ -157,7 +161,37 @@ def run_size(sc: Any, ticks: int, guests_cap: int) -> tuple[int, int]:
             len(own["guests"]) if guests_cap == 0 else min(guests_cap, len(own["guests"])))
 
 
-def _run_one(name: str, mode: str, run_dir: Path, ticks: int, guests_cap: int, hogs: int) -> dict[str, Any]:
+def toml_value(value: Any) -> str:
+    """``value`` as a TOML inline value, as ``--set KEY=VALUE`` reads it back."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float, str)):
+        return json.dumps(value)   # a JSON number or string is a TOML one too
+    if isinstance(value, Mapping):
+        return "{" + ", ".join(f"{json.dumps(str(k))} = {toml_value(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    raise TypeError(f"{type(value).__name__} has no TOML inline form: {value!r:.80}")
+
+
+def _run_other(checkout: Path, name: str, run_dir: Path, ticks: int, guests: int, sets: Mapping[str, Any]) -> int:
+    """The quiet run by another checkout's own launcher and interpreter; its exit status."""
+    import subprocess
+
+    cmd = [str(checkout / ".venv" / "bin" / "python"), "-m", "balloonlab.launch", "--scenario", name,
+           "--ticks", str(ticks), "--guests", str(guests), "--run-dir", str(run_dir), "--force", "--no-report"]
+    for key, value in sets.items():
+        cmd += ["--set", f"{key}={toml_value(value)}"]
+    proc = subprocess.run(cmd, cwd=checkout, capture_output=True, text=True,
+                          env=dict(os.environ, PYTHONPATH=str(checkout), OPENBLAS_NUM_THREADS="1"))
+    if proc.returncode not in (0, 1):
+        print(f"bench.py determinism: {checkout} {name}: exit {proc.returncode}: {proc.stderr[-1000:]}",
+              file=sys.stderr, flush=True)
+    return proc.returncode
+
+
+def _run_one(name: str, mode: str, run_dir: Path, ticks: int, guests_cap: int, hogs: int,
+             against: Path | None = None) -> dict[str, Any]:
     import balloonlab
     from balloonlab.scenario import find_scenario, load_scenario
     from balloonlab.validate import VALIDATIONS
@@ -174,15 +208,19 @@ def _run_one(name: str, mode: str, run_dir: Path, ticks: int, guests_cap: int, h
     kw = dict(guests=guests, ticks=ticks, overrides=sets, run_dir=run_dir, report=False, verbose=False,
               guest_start="exec" if mode == "exec" else "fork")
     t0 = time.monotonic()
-    if mode == "loaded":
+    if mode == "against":
+        assert against is not None
+        load0, alive = _loadavg(), True
+        exit_status = _run_other(against, name, run_dir, ticks, guests, sets)
+    elif mode == "loaded":
         with Hogs(hogs) as h:
             load0 = _loadavg()
-            r = balloonlab.run(name, **kw)
+            exit_status = balloonlab.run(name, **kw).exit_status
             alive = all(p.poll() is None for p in h.procs)
     else:
         load0, alive = _loadavg(), True
-        r = balloonlab.run(name, **kw)
-    info = {"scenario": name, "mode": mode, "guests": guests, "ticks": ticks, "exit": r.exit_status,
+        exit_status = balloonlab.run(name, **kw).exit_status
+    info = {"scenario": name, "mode": mode, "guests": guests, "ticks": ticks, "exit": exit_status,
             "wall_s": round(time.monotonic() - t0, 1), "loadavg_at_start": load0,
             "hogs": hogs if mode == "loaded" else 0, "hogs_alive_to_the_end": alive}
     (run_dir / "determinism-run.json").write_text(json.dumps(info, indent=1) + "\n")
@@ -247,7 +285,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--ticks", type=int, default=15, help="ticks per run (default 15; 0: each scenario's own)")
     ap.add_argument("--guests", type=int, default=3, help="at most this many guests (default 3; 0: each "
                     "scenario's own)")
-    ap.add_argument("--runs", default=",".join(RUNS), help=f"which of {','.join(RUNS)} (quiet is always run)")
+    ap.add_argument("--runs", default="quiet,loaded,exec",
+                    help=f"which of {','.join(RUNS)} (default quiet,loaded,exec; quiet is always run)")
+    ap.add_argument("--against", type=Path, default=None, metavar="DIR",
+                    help="also run each scenario with another checkout (its own DIR/.venv) and compare it "
+                    "with the quiet run (the 'against' run; --runs quiet,against for only that)")
     ap.add_argument("--hogs", type=int, default=os.cpu_count() or 2, help="busy loops for the loaded run (one per CPU)")
     ap.add_argument("--out", type=Path, default=None, help="where the runs go (default runs/determinism-TIME); "
                     "a scenario already run there is not run again")
@@ -259,6 +301,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     bad = [m for m in runs if m not in RUNS]
     if bad:
         ap.error(f"--runs: unknown {bad}; known: {list(RUNS)}")
+    if args.against is not None:
+        if not (args.against / ".venv" / "bin" / "python").exists():
+            ap.error(f"--against {args.against}: no .venv/bin/python there (make it with scripts/test in that "
+                     "checkout, or python -m venv .venv && .venv/bin/pip install -e .)")
+        args.against = args.against.resolve()
+        if "against" not in runs:
+            runs.append("against")
+    elif "against" in runs:
+        ap.error("--runs against needs --against DIR")
     if args.ticks < 0 or args.guests < 0 or args.hogs < 1:
         ap.error("--ticks and --guests must be >= 0 (0: the scenario's own), --hogs >= 1")
     from scripts.bench_clocks import shipped_scenarios
@@ -280,7 +331,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     import shutil
                     shutil.rmtree(run_dir)
                 run_dir.mkdir(parents=True)
-                info = _run_one(name, mode, run_dir, args.ticks, args.guests, args.hogs)
+                info = _run_one(name, mode, run_dir, args.ticks, args.guests, args.hogs, args.against)
                 print(f"bench.py determinism: {name} {mode}: exit {info['exit']}, {info['wall_s']} s wall, "
                       f"load average {info['loadavg_at_start']:.1f} at the start"
                       + (f", {info['hogs']} hogs" if info["hogs"] else ""), file=sys.stderr, flush=True)

@@ -19,7 +19,9 @@ from typing import Any
 
 import pytest
 
-from scripts.bench_determinism import compare_summaries, deterministic_counts, promised_counts, run_size
+from balloonlab.overrides import parse_value
+from scripts.bench_determinism import (compare_summaries, deterministic_counts, promised_counts, run_size,
+                                      toml_value)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -194,3 +196,29 @@ def test_the_benchmark_finds_a_tiny_scenario_the_same_and_a_changed_count_differ
     res = bench(sys.executable, "scripts/bench.py", "determinism", "--from", str(out), "--runs", "quiet,exec")
     assert res.returncode == 1, res.stdout + res.stderr
     assert f"DIFFERENT: guests[1].refs {refs} vs {refs + 1}" in res.stdout, res.stdout
+
+
+@pytest.mark.parametrize("value", [
+    3, 1.5, True, False, "a path/with \"quotes\"", [1, 2.5, "x"],
+    [{"kind": "trace", "region": "heap", "path": "/tmp/x.npz"}], {"a": {"b": [1, {"c": False}]}}])
+def test_a_setting_passed_to_another_checkout_reads_back_as_the_same_value(value: Any) -> None:
+    assert parse_value(toml_value(value)) == value
+
+
+def test_counts_against_another_checkout_and_its_errors(tmp_path: Path) -> None:
+    """``--against``: this checkout stands in for the other one (its own .venv): the same counts."""
+    def bench(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "scripts/bench.py", "determinism", *args], cwd=REPO, text=True,
+                              capture_output=True, timeout=120, env=dict(os.environ, OPENBLAS_NUM_THREADS="1"))
+
+    out = tmp_path / "det"
+    res = bench("tests-tiny", "--ticks", "3", "--guests", "2", "--runs", "quiet", "--against", str(REPO),
+                "--out", str(out))
+    assert res.returncode == 0, res.stdout + res.stderr
+    row = next(line for line in res.stdout.splitlines() if line.startswith("tests-tiny"))
+    assert " same " in row and "against vs quiet" in res.stdout, res.stdout
+    assert json.loads((out / "tests-tiny" / "against" / "summary.json").read_text())["variants"]["default"]["ticks"] == 3
+    res = bench("tests-tiny", "--runs", "quiet,against", "--out", str(tmp_path / "x"))
+    assert res.returncode == 2 and "needs --against" in res.stderr, res.stderr
+    res = bench("tests-tiny", "--against", str(tmp_path), "--out", str(tmp_path / "y"))
+    assert res.returncode == 2 and "no .venv/bin/python" in res.stderr, res.stderr
