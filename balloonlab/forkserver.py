@@ -33,7 +33,6 @@ any level leaves nothing behind.
 from __future__ import annotations
 
 import argparse
-import array
 import ctypes
 import errno
 import gc

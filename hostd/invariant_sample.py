@@ -44,6 +44,8 @@ _NOT_CACHED = int(CacheState.NOT_CACHED)
 # A frame's owner index points into a p2m (GUEST) or a disk's block table (CACHE), a used swap slot
 # into its owner's p2m; a live reference's entry there is FRAME (the same code in both tables) or SWAPPED.
 # Kinds above CACHE are looked up elsewhere (``_held_elsewhere``).
+assert _FRAME == _CACHED and (_GUEST_KIND, _CACHE_KIND) == (1, 2) and _IOBUF_KIND > _CACHE_KIND < _ZCACHE_KIND
+
 # Constant columns to slice views of (a slot's table code is GUEST's: both look in the p2m)
 _MAX_SAMPLE = 4096
 _GUEST_CODES = np.full(_MAX_SAMPLE, _GUEST_KIND, np.uint8)
@@ -55,7 +57,6 @@ for _codes in (_GUEST_CODES, _FRAME_CODES, _SWAPPED_CODES):
 
 def _column(codes: np.ndarray, n: int) -> np.ndarray:
     return codes[:n] if n <= codes.size else np.full(n, codes[0], codes.dtype)
-assert _FRAME == _CACHED and (_GUEST_KIND, _CACHE_KIND) == (1, 2) and _IOBUF_KIND > _CACHE_KIND < _ZCACHE_KIND
 
 
 def _states(*states: PageState) -> np.ndarray:

@@ -52,7 +52,7 @@ from balloonlab.proto.faultpoints import flush_log
 from balloonlab.proto.framing import DecodeLimits
 from balloonlab.proto.handshake import HandshakeError, check_hello
 from balloonlab.proto.liveness import LIVENESS_KEY, Heartbeat
-from balloonlab.proto.messages import Hello, MsgType, Ping, Pong, RunEnd, TickDone, TickStart, Welcome
+from balloonlab.proto.messages import Hello, MsgType, RunEnd, TickDone, TickStart, Welcome
 from balloonlab.proto.rpc import ByteBudget, RpcConnection, RpcLimits, should_log_count
 from balloonlab.proto.locks import DEADLOCK_REASON, EXIT_DEADLOCK
 from balloonlab.proto.transport import Address, serve

@@ -90,7 +90,7 @@ from balloonlab.proto.content import ZERO_KEY, content_keys
 from balloonlab.proto.tokens import KEEP_TOKEN
 
 from .framepool import NO_OWNER
-from .p2m import NO_LOC, PageState
+from .p2m import PageState
 
 if TYPE_CHECKING:
     from .memparts.books import MemoryBooks
