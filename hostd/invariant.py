@@ -60,8 +60,8 @@ from .p2m import NO_LOC, P2M, VALID_STATE, PageState
 from .sharing import SHARED_OWNER
 from .vdisk import CacheState, VirtualDisk
 
-__all__ = ["check_full", "check_sample", "check_each", "InvariantChecker", "MemoryBooks", "INVARIANT_MODES", "FRAMES_PER_CHECK",
-           "SLOTS_PER_CHECK", "GUESTS_PER_CHECK", "PAGES_PER_CHECK"]
+__all__ = ["check_full", "check_sample", "check_each", "InvariantChecker", "MemoryBooks", "INVARIANT_MODES",
+           "FRAMES_PER_CHECK", "SLOTS_PER_CHECK", "GUESTS_PER_CHECK", "PAGES_PER_CHECK"]
 
 log = structlog.get_logger("hostd.invariant")
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from itertools import accumulate
-from typing import NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
@@ -28,6 +28,9 @@ from .framepool import NO_OWNER, FrameKind
 from .p2m import NO_LOC, VALID_STATE, PageState
 from .sharing import SHARED_OWNER
 from .vdisk import CacheState
+
+if TYPE_CHECKING:
+    from .invariant import MemoryBooks
 
 __all__ = ["Sample", "draw_sample", "sample_holds"]
 
@@ -87,7 +90,7 @@ class Sample(NamedTuple):
     guests: list[tuple[int, np.ndarray, np.ndarray]]    # (guest id, gpfns, disk blocks), by guest id
 
 
-def draw_sample(mem: "object", gids: list[int], rng: np.random.Generator, frames: int, slots: int,
+def draw_sample(mem: "MemoryBooks", gids: list[int], rng: np.random.Generator, frames: int, slots: int,
                 guests: int, pages: int) -> Sample:
     """``frames`` frames, ``slots`` slots, ``guests`` distinct guests and ``pages`` gpfns and blocks of each.
 
@@ -95,7 +98,7 @@ def draw_sample(mem: "object", gids: list[int], rng: np.random.Generator, frames
     Fisher-Yates shuffle), the rest scaled by their range's size and
     truncated are the indices (``floor(u * n) < n`` for every ``u < 1``).
     """
-    pool, swap = mem.pool, mem.swap                       # type: ignore[attr-defined]
+    pool, swap = mem.pool, mem.swap
     n_pick = min(guests, len(gids))
     u = rng.random(n_pick + frames + slots + 2 * pages * n_pick)
     order = list(range(len(gids)))
@@ -105,7 +108,7 @@ def draw_sample(mem: "object", gids: list[int], rng: np.random.Generator, frames
     picked = sorted(gids[i] for i in order[:n_pick])
     sizes = [pool.total_frames, swap.n_slots]
     for gid in picked:
-        sizes += [mem.p2m(gid).guest_pages, mem.vdisk(gid).n_blocks]    # type: ignore[attr-defined]
+        sizes += [mem.p2m(gid).guest_pages, mem.vdisk(gid).n_blocks]
     scale, cuts = _scale(tuple(sizes), frames, slots, pages)
     drawn = (u[n_pick:n_pick + scale.size] * scale).astype(np.int64)
     parts = [drawn[a:b] for a, b in cuts]
@@ -123,7 +126,7 @@ def _scale(sizes: tuple[int, ...], frames: int, slots: int, pages: int) -> tuple
     return scale, list(zip([0, *ends[:-1]], ends))
 
 
-def sample_holds(mem: "object", gids: list[int], sample: Sample) -> bool:
+def sample_holds(mem: "MemoryBooks", gids: list[int], sample: Sample) -> bool:
     """Whether every sampled frame, slot, gpfn and block is consistent (see the module docstring)."""
     return _forward_holds(mem, sample.guests) and _backward_holds(mem, gids, sample.frames, sample.slots)
 
@@ -131,15 +134,15 @@ def sample_holds(mem: "object", gids: list[int], sample: Sample) -> bool:
 # --- forward: from the sampled gpfns and blocks to their frames and slots ---------------------------
 
 
-def _forward_holds(mem: "object", guests: list[tuple[int, np.ndarray, np.ndarray]]) -> bool:
+def _forward_holds(mem: "MemoryBooks", guests: list[tuple[int, np.ndarray, np.ndarray]]) -> bool:
     if not guests:
         return True
-    pool, swap = mem.pool, mem.swap                       # type: ignore[attr-defined]
+    pool, swap = mem.pool, mem.swap
     zip_ = getattr(mem, "zip", None)
     states, locs, gpfns, pins, bases = [], [], [], [], []
     for gid, pages, blocks in guests:
-        p2m = mem.p2m(gid)                                # type: ignore[attr-defined]
-        if mem.balloon_pages(gid) > mem.max_balloon_pages(gid):   # type: ignore[attr-defined]
+        p2m = mem.p2m(gid)
+        if mem.balloon_pages(gid) > mem.max_balloon_pages(gid):
             return False
         if zip_ is not None:
             try:
@@ -196,8 +199,8 @@ def _per_page(gids: tuple[int, ...], bases: tuple[int, ...], sizes: tuple[int, .
     return owner, base
 
 
-def _disk_holds(mem: "object", gid: int, blocks: np.ndarray) -> bool:
-    pool, vd = mem.pool, mem.vdisk(gid)                   # type: ignore[attr-defined]
+def _disk_holds(mem: "MemoryBooks", gid: int, blocks: np.ndarray) -> bool:
+    pool, vd = mem.pool, mem.vdisk(gid)
     # O(clusters of the disk), not O(sample): one sum over an int64 array, a few microseconds
     if vd.cached_pages != int(vd.cluster_cached.sum()):
         return False
@@ -224,9 +227,9 @@ def _disk_holds(mem: "object", gid: int, blocks: np.ndarray) -> bool:
 # --- backward: from the sampled frames and slots to their owners' books -----------------------------
 
 
-def _backward_holds(mem: "object", gids: list[int], frames: np.ndarray, slots: np.ndarray) -> bool:
+def _backward_holds(mem: "MemoryBooks", gids: list[int], frames: np.ndarray, slots: np.ndarray) -> bool:
     """Each sampled frame is free and clean, or busy, or where its owner's books say; each used slot too."""
-    pool, swap = mem.pool, mem.swap                       # type: ignore[attr-defined]
+    pool, swap = mem.pool, mem.swap
     kind, owner, busy = pool.kind[frames], pool.owner_guest[frames], pool.busy[frames]
     free = kind == _FREE_KIND
     if _nz(free & ((owner != NO_OWNER) | pool.pinned[frames] | busy | (pool.token[frames] != 0))):
@@ -277,10 +280,10 @@ def _backward_holds(mem: "object", gids: list[int], frames: np.ndarray, slots: n
         k = keys[a]
         gid = gids[k >> 2]
         if k & 3 == _CACHE_KIND:
-            vd = mem.vdisk(gid)                           # type: ignore[attr-defined]
+            vd = mem.vdisk(gid)
             state, loc, limit[a:b] = vd.cache_state, vd.cache_loc, vd.n_blocks
         else:
-            p2m = mem.p2m(gid)                            # type: ignore[attr-defined]
+            p2m = mem.p2m(gid)
             state, loc, limit[a:b] = p2m.state, p2m.loc, p2m.guest_pages
         # clip: an index out of range reads some entry, and the range test below fails it anyway
         state.take(index[a:b], out=got_state[a:b], mode="clip")
@@ -288,7 +291,7 @@ def _backward_holds(mem: "object", gids: list[int], frames: np.ndarray, slots: n
     return not _not_all((index.view(np.uint64) < limit) & (got_state == want) & (got_loc == ref))
 
 
-def _held_elsewhere(mem: "object", gids: list[int], frames: np.ndarray, kind: np.ndarray,
+def _held_elsewhere(mem: "MemoryBooks", gids: list[int], frames: np.ndarray, kind: np.ndarray,
                     owner: np.ndarray) -> bool:
     """Frames that are neither a guest page's nor a block's: I/O buffers and compression caches."""
     zip_ = getattr(mem, "zip", None)
@@ -301,13 +304,13 @@ def _held_elsewhere(mem: "object", gids: list[int], frames: np.ndarray, kind: np
             if zip_ is None or _not_all(np.isin(frames[zc], _zip_frames(zip_, gid))):
                 return False
         io = mine & ~zc            # any other kind: an in-flight request's buffer, as the per-frame check reads it
-        if _nz(io) and _not_all(np.isin(frames[io], mem.vdisk(gid).iobuf_frames())):   # type: ignore[attr-defined]
+        if _nz(io) and _not_all(np.isin(frames[io], mem.vdisk(gid).iobuf_frames())):
             return False
     return True
 
 
-def _zip_frames(zip_: "object", gid: int) -> np.ndarray:
+def _zip_frames(zip_: Any, gid: int) -> np.ndarray:
     try:
-        return zip_.frames_of(gid)                        # type: ignore[attr-defined]
+        return zip_.frames_of(gid)
     except KeyError:                                      # no compression books for this guest
         return np.zeros(0, np.int64)
