@@ -168,9 +168,7 @@ def assemble(cfg: RunConfig, sessions: SessionRegistry, *, running: Callable[[],
         # Mid-tick, a guest whose grant runs out swaps its own pages only where the states allow it,
         # and a guest above its allocation target in soft or worse gets only a floor of a grant.
         mem.self_swap_allowed = self_swap_allowed
-        planner = getattr(discipline, "planner", None)
-        if planner is not None:
-            planner.floor_only = grant_floor_only(mem)
+        discipline.floor_grants(grant_floor_only(mem))
     if mem_cfg.page_sharing:
         rate = mem_cfg.share_scan_pages_per_s or SCAN_PAGES_PER_S_DEFAULT
         wire_sharing(mem.enable_sharing(rate), sessions, mem_cfg.shootdown_timeout_s)

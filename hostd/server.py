@@ -123,9 +123,7 @@ class Host:
         self._signals = 0
         self._last_join_s = time.monotonic()
         self.heartbeat_s = min(1.0, max(0.05, cfg.unresponsive_s / 4))
-        locks = getattr(self.core.discipline, "locks", None)
-        if locks is not None:   # a guest must not keep L_hostmem while others wait (ordered)
-            locks.guard_holds(cfg.unresponsive_s, self.cut_off)
+        self.core.discipline.guard_holds(cfg.unresponsive_s, self.cut_off)
 
     # --- lifecycle ------------------------------------------------------------
 

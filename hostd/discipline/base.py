@@ -5,8 +5,9 @@ and disk requests are served, and where a TLB shootdown may land in a
 guest's run. The machine never asks which mode it runs; it calls this
 interface at fixed points:
 
-    assembly:            memory_callout(), memory_hold()   (handed to host memory)
+    assembly:            memory_callout(), memory_hold()   (handed to host memory), floor_grants(floor_only)
     guest joins:         guest_joined(gid) -> serve(gid, requests)   (its handler table)
+    liveness:            guard_holds(bound_s, cut_off)   (a guest keeping a host lock too long)
     guest goes silent:   guest_silent(gid)          (the watchdog gave up on it)
     guest leaves:        guest_left(gid)
     each tick:           tick_started(tick, vt_us, mem) -> [tick_done(gid, vt_us)]*
@@ -82,7 +83,17 @@ class RequestDiscipline(Protocol):
         whose guest's grant ran out (``HostMemory`` ``hold``); None: the mode has no grants."""
         ...
 
+    def floor_grants(self, floor_only: Callable[[int], bool]) -> None:
+        """A guest for which ``floor_only(gid)`` holds at a tick's start gets only a floor of a grant (the
+        memory states); a mode without grants ignores it."""
+        ...
+
     def guest_joined(self, guest_id: int) -> None: ...
+
+    def guard_holds(self, bound_s: float, cut_off: Callable[[int, str], None]) -> None:
+        """A guest that keeps something of the mode's (a host lock) for ``bound_s`` while others wait for it
+        loses it and is ``cut_off(gid, why)``; a mode with nothing a guest can keep does nothing."""
+        ...
 
     def guest_left(self, guest_id: int) -> None: ...
 
@@ -139,7 +150,13 @@ class DisciplineBase:
     def memory_hold(self) -> Callable[[int, int, float], Awaitable[float]] | None:
         return None
 
+    def floor_grants(self, floor_only: Callable[[int], bool]) -> None:
+        pass
+
     def guest_joined(self, guest_id: int) -> None:
+        pass
+
+    def guard_holds(self, bound_s: float, cut_off: Callable[[int, str], None]) -> None:
         pass
 
     def guest_left(self, guest_id: int) -> None:

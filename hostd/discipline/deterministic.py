@@ -248,6 +248,9 @@ class DeterministicOrder(DisciplineBase):
 
     # -- holds and refill rounds -----------------------------------------------------
 
+    def floor_grants(self, floor_only: Callable[[int], bool]) -> None:
+        self.planner.floor_only = floor_only
+
     def memory_hold(self) -> Callable[[int, int, float], Awaitable[float]] | None:
         return self.hold
 
@@ -360,8 +363,7 @@ class DeterministicOrder(DisciplineBase):
         gids = [gid for gid in mem.guest_ids() if gid in self._lanes]
         across = [lane.hold for _, lane in sorted(self._lanes.items())
                   if lane.hold is not None and lane.hold.across and not lane.hold.fut.done()]
-        # What the boundary left free beyond the held requests' needs: the pressure the tick starts under.
-        mem.boundary_free_frames = pool.free_frames - sum(h.need for h in across)
+        mem.note_boundary(sum(h.need for h in across))
         pool.open_grants(gids)
         sizes = self.planner.plan(pool.global_free_frames, gids, {h.gid: h.need for h in across})
         for gid in gids:

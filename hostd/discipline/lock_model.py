@@ -47,6 +47,9 @@ class LockModel(DisciplineBase):
             return self.locks.callout   # L_hostmem is dropped around every call into a guest
         return None
 
+    def guard_holds(self, bound_s: float, cut_off: Callable[[int, str], None]) -> None:
+        self.locks.guard_holds(bound_s, cut_off)   # a guest must not keep L_hostmem while others wait (ordered)
+
     def guest_left(self, guest_id: int) -> None:
         self.locks.guest_gone(guest_id)
 

@@ -174,6 +174,11 @@ class MemoryBooks:
     def victim(self) -> VictimPolicy:
         return self._victim
 
+    def note_boundary(self, held_frames: int) -> None:
+        """A tick starts: what the boundary left free beyond ``held_frames`` (the needs of requests held across
+        it) is the pressure the tick runs under (``boundary_free_frames``, read by ``self_swap_allowed``)."""
+        self.boundary_free_frames = self.pool.free_frames - int(held_frames)
+
     def guest_ids(self) -> list[int]:
         return sorted(self._guests)
 
