@@ -5,7 +5,12 @@ benchmark, not a test: it prints numbers, never fails on a slow run.
 
 For each traced program (``guestd.workload.programs``: sqlite3, sort, CPython
 json; recorded once under valgrind lackey into ``--cache-dir``, default
-``~/.cache/balloonlab/traces``, and reused), the page sequence is made dense
+``~/.cache/balloonlab/traces``, and reused), each ``--command`` (any program:
+recorded the same way, references ``--skip-refs`` to ``--skip-refs +
+--max-refs`` kept, cached by its command line) and each ``--trace`` (a trace
+recorded elsewhere: a lackey log as ``valgrind --tool=lackey --trace-mem=yes
+--log-file=F PROG`` writes it, or a ``.npz`` / text trace as
+``guestd.workload.trace`` reads them), the page sequence is made dense
 and run at two frame counts, chosen so that libCacheSim's Clock misses about
 ``--targets`` (2 % and 10 %) of the references:
 
@@ -25,8 +30,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import json
 import os
+import re
+import shlex
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -37,6 +45,7 @@ import numpy as np  # noqa: E402
 
 __all__ = ["main", "write_oracle_general", "libcachesim_clock", "kernel_run", "pick_frames"]
 
+_LACKEY_LINE = re.compile(rb"^(==\d+==|I  [0-9A-Fa-f]+,\d+| [LSM] [0-9A-Fa-f]+,\d+)", re.MULTILINE)
 _ORACLE = np.dtype([("t", "<u4"), ("id", "<u8"), ("size", "<u4"), ("next", "<i8")])
 
 
@@ -108,6 +117,54 @@ def pick_frames(miss_at: Callable[[int], float], n_pages: int, target: float) ->
     return best
 
 
+def is_lackey_log(path: Path) -> bool:
+    """Whether ``path`` looks like lackey's own output (its ``==PID==`` banner or its reference lines)."""
+    with open(path, "rb") as f:
+        head = f.read(1 << 16)
+    return not head.startswith(b"PK") and _LACKEY_LINE.search(head) is not None
+
+
+def load_trace_file(path: Path, cache_dir: Path, skip_refs: int, max_refs: int | None) -> Path:
+    """A ``--trace`` as an ``.npz`` the bench can load: a lackey log is converted once (cached by its path,
+    size and modification time, and the window); any other trace is read as ``guestd.workload.trace`` reads it."""
+    from balloonlab.guestd.workload.lackey import convert_lackey_log
+    from balloonlab.guestd.workload.trace import read_trace, write_npz_trace
+    if not path.is_file():
+        raise SystemExit(f"bench traces: --trace {path}: no such file")
+    st = path.stat()
+    key = hashlib.sha256(json.dumps([str(path.resolve()), st.st_size, st.st_mtime_ns, skip_refs, max_refs]).encode())
+    out = cache_dir / f"trace-{path.stem}-{key.hexdigest()[:12]}.npz"
+    if out.exists():
+        return out
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp.npz")
+    if is_lackey_log(path):
+        convert_lackey_log(path, tmp, max_refs=max_refs, skip_refs=skip_refs)
+    else:
+        pages, writes = read_trace(path)
+        end = None if max_refs is None else skip_refs + max_refs
+        write_npz_trace(tmp, pages[skip_refs:end], writes[skip_refs:end])
+    tmp.replace(out)
+    return out
+
+
+def record_command(command: str, cache_dir: Path, skip_refs: int, max_refs: int | None) -> Path:
+    """A ``--command`` recorded under lackey once (cached by the command line and the window)."""
+    from balloonlab.guestd.workload.lackey import record_lackey
+    argv = shlex.split(command)
+    if not argv:
+        raise SystemExit("bench traces: --command: empty command")
+    key = hashlib.sha256(json.dumps([argv, skip_refs, max_refs, "v1"]).encode()).hexdigest()[:12]
+    out = cache_dir / f"cmd-{Path(argv[0]).name}-{key}.npz"
+    if out.exists():
+        return out
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp.npz")
+    record_lackey(argv, tmp, max_refs=max_refs, skip_refs=skip_refs)
+    tmp.replace(out)
+    return out
+
+
 def _best(fn: Callable[[], tuple[float, Any]], repeat: int) -> tuple[float, Any]:
     best, out = float("inf"), None
     for _ in range(repeat):
@@ -120,10 +177,20 @@ def _best(fn: Callable[[], tuple[float, Any]], repeat: int) -> tuple[float, Any]
 def main(argv: Sequence[str] | None = None) -> int:
     from balloonlab.guestd.fastsim import simulate_fast
     from balloonlab.guestd.workload.programs import PROGRAMS, default_cache_dir, record_program
+    from balloonlab.guestd.errors import GuestdError
     from balloonlab.guestd.workload.trace import load_npz_trace
 
     ap = argparse.ArgumentParser(prog="bench.py traces", description=__doc__.splitlines()[0])
-    ap.add_argument("--programs", nargs="+", default=list(PROGRAMS), choices=sorted(PROGRAMS))
+    ap.add_argument("--programs", nargs="*", default=None, choices=sorted(PROGRAMS),
+                    help="built-in traced programs (default: all of them, or none when --command/--trace is given)")
+    ap.add_argument("--command", action="append", default=[], metavar="CMD",
+                    help="also trace this program under valgrind lackey (a shell-quoted command line; repeatable)")
+    ap.add_argument("--trace", action="append", default=[], type=Path, metavar="FILE",
+                    help="also run this recorded trace: a lackey log, or a .npz / text trace (repeatable)")
+    ap.add_argument("--skip-refs", type=int, default=1_000_000,
+                    help="references left out at the start of a --command or --trace (start-up; default 1M)")
+    ap.add_argument("--max-refs", type=int, default=10_000_000,
+                    help="references kept of a --command or --trace (0: all; default 10M)")
     ap.add_argument("--cache-dir", type=Path, default=default_cache_dir())
     ap.add_argument("--targets", type=float, nargs="+", default=[0.02, 0.10], help="miss ratios to aim at")
     ap.add_argument("--policies", nargs="+", default=["clock", "esc"])
@@ -150,12 +217,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"{'':<12} {'M':>6} {'':>6} {'':>6} {'':>6}  {'M refs/s':>11}  "
           + "  ".join(f"{'M refs/s':>13} {'':>5}" for _ in args.policies)
           + ("  " + "  ".join(f"{'M refs/s':>13}" for _ in args.policies) if not args.no_fastsim else ""))
-    for name in args.programs:
+    if args.skip_refs < 0 or args.max_refs < 0:
+        ap.error("--skip-refs and --max-refs must be >= 0")
+    max_refs = args.max_refs or None
+    programs = args.programs if args.programs is not None else ([] if args.command or args.trace else list(PROGRAMS))
+    sources: list[tuple[str, Callable[[], Path]]] = [
+        (name, lambda name=name: record_program(name, args.cache_dir)) for name in programs]
+    sources += [(Path(shlex.split(cmd)[0]).name if shlex.split(cmd) else "?",
+                 lambda cmd=cmd: record_command(cmd, args.cache_dir, args.skip_refs, max_refs))
+                for cmd in args.command]
+    sources += [(f.stem, lambda f=f: load_trace_file(f, args.cache_dir, args.skip_refs, max_refs))
+                for f in args.trace]
+    if not sources:
+        ap.error("nothing to run: give --programs, --command or --trace")
+    for name, get in sources:
         t0 = time.perf_counter()
-        path = record_program(name, args.cache_dir)
+        try:
+            path = get()
+        except GuestdError as exc:
+            print(f"bench traces: {name}: {exc}")
+            return 2
         if time.perf_counter() - t0 > 1:
-            print(f"  (recorded {name} under valgrind lackey in {time.perf_counter() - t0:.0f} s: {path})")
+            print(f"  (recorded {name} in {time.perf_counter() - t0:.0f} s: {path})")
         pages, writes = load_npz_trace(path)
+        if pages.size == 0:
+            print(f"bench traces: {name}: the trace holds no references")
+            return 2
         _, dense = np.unique(pages, return_inverse=True)
         dense = dense.astype(np.uint64)
         n_pages = int(dense.max()) + 1
