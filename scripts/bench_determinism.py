@@ -22,6 +22,11 @@ count: the run an outside checker makes), up to three times:
   count (a faster path, a refactoring) is checked against the code before
   it, scenario by scenario, variant by variant.
 
+``--other DIR`` compares every quiet run with the quiet run of another
+sweep: the same command's ``--out`` on another machine (a different CPU,
+another load), copied here; the sizes must match. Same seed, same counts
+across machines: ``--out A`` there, ``--out B --other A`` here.
+
 Then every deterministic value of each variant's summary.json is compared
 with the quiet run's (``deterministic_counts``): everything but wall-clock
 and machine facts (see ``NOT_DETERMINISTIC``). Variants served in arrival
@@ -244,11 +249,27 @@ def _short(x: Any) -> str:
     return s if len(s) <= 40 else s[:37] + "..."
 
 
-def table(out: Path, names: Sequence[str], runs: Sequence[str], shown: int = 3) -> tuple[list[list[str]], bool]:
-    """Rows scenario / variant / mode(s) / one cell per compared run, from the runs under ``out``; ok?"""
+def _other_sweep(other: Path, name: str, size: tuple[int, int]) -> tuple[dict[str, Any] | None, str | None]:
+    """The quiet summary of ``name`` in another machine's sweep (its ``--out``), or why it cannot be compared."""
+    info_p, summ_p = other / name / "quiet" / "determinism-run.json", other / name / "quiet" / "summary.json"
+    if not info_p.exists() or not summ_p.exists():
+        return None, "not in the other sweep"
+    info = json.loads(info_p.read_text())
+    if (info.get("guests"), info.get("ticks")) != size:
+        return None, f"other sweep ran {info.get('guests')}g x {info.get('ticks')}t"
+    return json.loads(summ_p.read_text()), None
+
+
+def table(out: Path, names: Sequence[str], runs: Sequence[str], shown: int = 3,
+          other: Path | None = None) -> tuple[list[list[str]], bool]:
+    """Rows scenario / variant / mode(s) / one cell per compared run, from the runs under ``out``; ok?
+
+    ``other``: another sweep's ``--out`` (e.g. run on another machine): its
+    quiet runs are compared with these, one more column.
+    """
     rows: list[list[str]] = []
     ok = True
-    others = [m for m in runs if m != "quiet"]
+    others = [m for m in runs if m != "quiet"] + (["other"] if other is not None else [])
     for name in names:
         ref_dir = out / name / "quiet"
         infos = {m: json.loads((out / name / m / "determinism-run.json").read_text())
@@ -257,17 +278,27 @@ def table(out: Path, names: Sequence[str], runs: Sequence[str], shown: int = 3) 
             continue
         ref = json.loads((ref_dir / "summary.json").read_text()) if (ref_dir / "summary.json").exists() else {}
         compared: dict[str, dict[str, list] | None] = {}
+        why_not: dict[str, str] = {}
         for m in others:
+            if m == "other":
+                assert other is not None
+                theirs, why = _other_sweep(other, name, (infos["quiet"]["guests"], infos["quiet"]["ticks"]))
+                compared[m] = compare_summaries(ref, theirs) if theirs is not None else None
+                if why:
+                    why_not[m] = why
+                continue
             p = out / name / m / "summary.json"
             compared[m] = compare_summaries(ref, json.loads(p.read_text())) if p.exists() else None
         size = f"{infos['quiet']['guests']}g x {infos['quiet']['ticks']}t"
         for variant, v in (ref.get("variants") or {"(no summary)": {}}).items():
             kind = "promises" if _arrival(v) else "counts"
-            cells = [_cell(variant, compared.get(m), shown) for m in others]
+            cells = [why_not.get(m) or _cell(variant, compared.get(m), shown) for m in others]
             fails = [f"{m} exit {i['exit']}" for m, i in infos.items() if i["exit"] != 0]
-            ok = ok and not fails and all(c in ("same", "not run") for c in cells) and bool(ref)
+            ok = ok and not fails and all(c in ("same", "not run") for c in cells) and bool(ref) \
+                and not any(m in why_not for m in others)
             rows.append([name, variant, size, kind, *cells, ", ".join(fails) or "-"])
-    return [["scenario", "variant", "size", "compared", *(f"{m} vs quiet" for m in others), "failed runs"],
+    return [["scenario", "variant", "size", "compared",
+             *("other sweep's quiet vs quiet" if m == "other" else f"{m} vs quiet" for m in others), "failed runs"],
             *rows], ok
 
 
@@ -294,6 +325,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=None, help="where the runs go (default runs/determinism-TIME); "
                     "a scenario already run there is not run again")
     ap.add_argument("--from", dest="src", type=Path, default=None, help="re-read the runs in this directory")
+    ap.add_argument("--other", type=Path, default=None, metavar="DIR",
+                    help="also compare each quiet run with the quiet run of another sweep, e.g. the --out of the "
+                    "same command on another machine (copied here): same sizes, every count the same")
     ap.add_argument("--show", type=int, default=3, help="differing keys shown per cell")
     ap.add_argument("--json", type=Path, default=None, help="also write every difference here")
     args = ap.parse_args(argv)
@@ -337,7 +371,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                       + (f", {info['hogs']} hogs" if info["hogs"] else ""), file=sys.stderr, flush=True)
     else:
         names = args.names or [n for n in known if (out / n / "quiet").is_dir()]
-    rows, ok = table(out, names, runs, args.show)
+    if args.other is not None and not args.other.is_dir():
+        ap.error(f"--other {args.other}: no such directory (the --out of a sweep run elsewhere)")
+    rows, ok = table(out, names, runs, args.show, args.other)
     _print_table(rows)
     if args.json:
         full = {}

@@ -222,3 +222,28 @@ def test_counts_against_another_checkout_and_its_errors(tmp_path: Path) -> None:
     assert res.returncode == 2 and "needs --against" in res.stderr, res.stderr
     res = bench("tests-tiny", "--against", str(tmp_path), "--out", str(tmp_path / "y"))
     assert res.returncode == 2 and "no .venv/bin/python" in res.stderr, res.stderr
+
+
+def test_another_machine_s_sweep_is_compared_run_for_run(tmp_path: Path) -> None:
+    """``--other``: a sweep's ``--out`` from elsewhere; its quiet runs against these, sizes checked."""
+    from scripts.bench_determinism import table
+
+    def sweep(root: Path, summary: dict[str, Any], guests: int = 2, ticks: int = 15) -> Path:
+        d = root / "swap-storm" / "quiet"
+        d.mkdir(parents=True)
+        (d / "summary.json").write_text(json.dumps(summary))
+        (d / "determinism-run.json").write_text(json.dumps({"guests": guests, "ticks": ticks, "exit": 0}))
+        return root
+
+    here = sweep(tmp_path / "here", _summary())
+    rows, ok = table(here, ["swap-storm"], ["quiet"], other=sweep(tmp_path / "there", _summary()))
+    assert ok and rows[0][-2] == "other sweep's quiet vs quiet" and all(r[-2] == "same" for r in rows[1:]), rows
+    changed = _summary()
+    variant = next(iter(changed["variants"]))
+    changed["variants"][variant]["ticks"] += 1
+    rows, ok = table(here, ["swap-storm"], ["quiet"], other=sweep(tmp_path / "changed", changed))
+    assert not ok and any(r[-2].startswith("DIFFERENT: ticks") for r in rows[1:]), rows
+    rows, ok = table(here, ["swap-storm"], ["quiet"], other=sweep(tmp_path / "bigger", _summary(), guests=4))
+    assert not ok and "other sweep ran 4g x 15t" in rows[1][-2], rows
+    rows, ok = table(here, ["swap-storm"], ["quiet"], other=tmp_path / "empty")
+    assert not ok and rows[1][-2] == "not in the other sweep", rows
