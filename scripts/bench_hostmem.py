@@ -17,6 +17,12 @@ between them. Three request streams, each seeded:
   swap-ins; ``fault16``: the same, 16 distinct pages per message, as the
   host-swap variant's guests send them (its 3,500 faults carry 75,000 pages).
 
+- ``cluster``: the scale benchmark's shape instead (``scenarios/scale.toml``
+  at 64 guests: 8 MiB guests, host RAM not overcommitted, the default
+  64 KiB clusters and cache budget): one-page reads of a 2 MiB file per
+  guest, each miss loading its 16-page cluster and dropping others from
+  the guest's small share of the cache.
+
 Each stream prints µs of CPU (``time.process_time``) per request, the best of
 ``--repeat`` runs, and a digest of every reply and of the host's final books:
 the same digest before and after a change says the change kept every count,
@@ -49,41 +55,55 @@ DISK_BLOCKS = 8192
 FILE_BLOCKS = 5120            # the 20 MiB database file
 CACHE_MAX_PAGES = 256         # [host] cache_max_mib = 1
 TICK_US = 10_000.0
-STREAMS = ("read", "write", "fault", "fault16")
+STREAMS = ("read", "write", "fault", "fault16", "cluster")
 FAULT_BATCH = 16              # pages per EPT fault message in ``fault16`` (the host-swap variant sends ~20)
 # Requests per 10 ms tick, as in the io-amplification variants (163 disk reads a tick; 9 faults of ~20
 # pages a tick, of which 1 in 70 reaches the tick's end and is cut).
-PER_TICK = {"read": 160, "write": 160, "fault": 160, "fault16": 10}
+PER_TICK = {"read": 160, "write": 160, "fault": 160, "fault16": 10, "cluster": 384}
+
+
+class _Shape:
+    """Guests, their memory and disks, the host: io-amplification's, or the scale benchmark's (``cluster``)."""
+
+    def __init__(self, stream: str) -> None:
+        scale = stream == "cluster"
+        self.guests = 64 if scale else GUESTS
+        self.guest_pages = 2048 if scale else GUEST_PAGES            # 8 MiB, or 32 MiB
+        self.host_frames = self.guests * self.guest_pages if scale else HOST_FRAMES
+        self.disk_blocks = 2048 if scale else DISK_BLOCKS
+        self.file_blocks = 512 if scale else FILE_BLOCKS              # a 2 MiB file, or 20 MiB
+        # The default 64 KiB clusters and cache budget (a 16th of RAM), or io-amplification's settings.
+        self.memory_kw: dict[str, Any] = {} if scale else {"cluster_pages": 1, "vdisk_cache_max_pages": CACHE_MAX_PAGES}
 
 
 class _World:
-    def __init__(self, seed: int) -> None:
-        self.hm = HostMemory(HOST_FRAMES, 4 * GUEST_PAGES, "random", np.random.default_rng(seed),
-                             cluster_pages=1, vdisk_cache_max_pages=CACHE_MAX_PAGES, expected_guests=GUESTS,
-                             tick_us=TICK_US)
-        self.content = {g: np.arange(GUEST_PAGES, dtype=np.uint64) + np.uint64((g + 1) << 32)
-                        for g in range(GUESTS)}
+    def __init__(self, seed: int, shape: _Shape) -> None:
+        self.hm = HostMemory(shape.host_frames, shape.guests * shape.guest_pages, "random",
+                             np.random.default_rng(seed), expected_guests=shape.guests, tick_us=TICK_US,
+                             **shape.memory_kw)
+        self.content = {g: np.arange(shape.guest_pages, dtype=np.uint64) + np.uint64((g + 1) << 32)
+                        for g in range(shape.guests)}
         self.hm.wire(shootdown=self._shootdown)
-        for g in range(GUESTS):
-            self.hm.add_guest(g, GUEST_PAGES, GUEST_PAGES // 2, disk_blocks=DISK_BLOCKS)
+        for g in range(shape.guests):
+            self.hm.add_guest(g, shape.guest_pages, shape.guest_pages // 2, disk_blocks=shape.disk_blocks)
 
     async def _shootdown(self, gid: int, gpfns: np.ndarray) -> np.ndarray:
         return self.content[gid][gpfns.astype(np.int64)].copy()
 
 
-def _plan(stream: str, seed: int, requests: int) -> tuple[np.ndarray, list[np.ndarray]]:
+def _plan(stream: str, seed: int, requests: int, shape: _Shape) -> tuple[np.ndarray, list[np.ndarray]]:
     """(guest per request, pages per request): round-robin over the guests, pages seeded per stream."""
     rng = np.random.default_rng([seed, STREAMS.index(stream)])
-    gids = np.arange(requests) % GUESTS
+    gids = np.arange(requests) % shape.guests
     if stream == "fault16":
-        pages = [rng.choice(GUEST_PAGES, FAULT_BATCH, replace=False) for _ in range(requests)]
+        pages = [rng.choice(shape.guest_pages, FAULT_BATCH, replace=False) for _ in range(requests)]
     else:
-        pages = list(rng.integers(0, GUEST_PAGES if stream == "fault" else FILE_BLOCKS, (requests, 1)))
+        pages = list(rng.integers(0, shape.guest_pages if stream == "fault" else shape.file_blocks, (requests, 1)))
     return gids.astype(np.int64), pages
 
 
 async def _drive(world: _World, stream: str, gids: np.ndarray, pages: list[np.ndarray],
-                 per_tick: int) -> tuple[float, Any]:
+                 per_tick: int, shape: _Shape) -> tuple[float, Any]:
     hm = world.hm
     h = hashlib.sha256()
     # Requests as the RPC layer hands them over: one-page arrays decoded from the wire.
@@ -96,8 +116,8 @@ async def _drive(world: _World, stream: str, gids: np.ndarray, pages: list[np.nd
     hm.open_tick(tick_end)
     if stream.startswith("fault"):
         # Every guest's memory touched once first (untimed): the host is full and the timed faults swap.
-        for p in range(0, GUEST_PAGES, 64):
-            for gid in range(GUESTS):
+        for p in range(0, shape.guest_pages, 64):
+            for gid in range(shape.guests):
                 await hm.ept_fault(gid, np.arange(p, p + 64, dtype=np.uint64), vt)
                 vt += TICK_US / 40
                 if vt >= tick_end:
@@ -110,7 +130,7 @@ async def _drive(world: _World, stream: str, gids: np.ndarray, pages: list[np.nd
             hm.tick(tick_end)
             tick_end += TICK_US
             hm.open_tick(tick_end)
-        if stream == "read":
+        if stream == "read" or stream == "cluster":
             tokens, done = await hm.vdisk_read(gid, wire[i], vt)
             h.update(tokens.tobytes())
         elif stream == "write":
@@ -136,9 +156,10 @@ async def _drive(world: _World, stream: str, gids: np.ndarray, pages: list[np.nd
 
 def run_stream(stream: str, requests: int, seed: int = 42) -> tuple[float, str]:
     """One run of one stream: (µs of CPU per request, digest of replies and books)."""
-    world = _World(seed)
-    gids, pages = _plan(stream, seed, requests)
-    cpu_s, digest = asyncio.run(_drive(world, stream, gids, pages, PER_TICK[stream]))
+    shape = _Shape(stream)
+    world = _World(seed, shape)
+    gids, pages = _plan(stream, seed, requests, shape)
+    cpu_s, digest = asyncio.run(_drive(world, stream, gids, pages, PER_TICK[stream], shape))
     return cpu_s / requests * 1e6, digest
 
 
