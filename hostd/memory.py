@@ -545,15 +545,12 @@ class HostMemory(Guests, Boundary, Releases, BitsAndPins, Readout):
         vd = g.vdisk
         one = one_page_number(blocks, guest_id, "block", vd.n_blocks)
         if one is not None and vd.cached:
-            if vd.cache_state[one] == _CACHED:
-                res = vd.read_one(one, vt_us)      # a hit takes no frame and no room
-                return res.tokens, res.done_vt_us
             # The usual request, in scalars: the same drops, frames and times as the array path below.
-            start_us = vd.fit_allowance_one(one, vt_us)
-            if not self._room_ok(vd.frames_needed_one(one), False, g):   # else _room_for_io returns at once
+            # A hit needs no room and drops nothing (need 0).
+            start_us, need = vd.fit_one(one, vt_us)
+            if need and not self._room_ok(need, False, g):   # else _room_for_io returns at once
                 start_us = await self._room_for_io(g, lambda: vd.frames_needed_one(one), start_us)
-            res = vd.read_one(one, start_us)
-            return res.tokens, res.done_vt_us
+            return vd.read_one_reply(one, start_us)
         blocks = np.array((one,), np.int64) if one is not None else vd.check_blocks(blocks)
         start_us = vd.fit_allowance(blocks, vt_us, write=False)
         start_us = await self._room_for_io(g, lambda: vd.frames_needed_read(blocks), start_us)
@@ -569,10 +566,10 @@ class HostMemory(Guests, Boundary, Releases, BitsAndPins, Readout):
         token = one_token(tokens) if one is not None and vd.cached else None
         if token is not None:
             # The usual request, in scalars: the same drops, frames and times as the array path below.
-            start_us = vd.fit_allowance_one(one, vt_us)
-            if not self._room_ok(vd.frames_needed_one(one), False, g):   # else _room_for_io returns at once
+            start_us, need = vd.fit_one(one, vt_us)
+            if need and not self._room_ok(need, False, g):   # else _room_for_io returns at once
                 start_us = await self._room_for_io(g, lambda: vd.frames_needed_one(one), start_us)
-            done_us = vd.write_one(one, token, start_us).done_vt_us
+            done_us = vd.write_one_done(one, token, start_us)
             if self._observer is not None:
                 self._observer.disk_written(guest_id, np.array((one,), np.int64), np.array((token,), np.uint64))
             return done_us
