@@ -213,6 +213,12 @@ class FramePool:
         """Free frames on the global stack (outside every grant)."""
         return self._n_free
 
+    def grant_left(self, guest_id: int) -> int:
+        """Frames left on the guest's private list; -1 without one (``has_grant`` and ``granted`` in one call)."""
+        grants = self._grants
+        g = None if grants is None else grants.get(guest_id)
+        return -1 if g is None else g.n
+
     def available(self, guest_id: int) -> int:
         """Frames an allocation for ``guest_id`` can take now: its grant when it has one, else the stack."""
         g = self._grant_of(guest_id)
@@ -316,6 +322,33 @@ class FramePool:
             return
         self._free_stack_mv[self._n_free] = frame
         self._n_free += 1
+
+    def free_ones(self, frames: list[int]) -> None:
+        """``free_one`` of each frame in turn (the same stack or grant order), with the views bound once."""
+        kind, owner_guest, owner_index, token = self.kind_mv, self.owner_guest_mv, self.owner_index_mv, self.token_mv
+        accessed, dirty, pinned, busy = self.accessed_mv, self.dirty_mv, self.pinned_mv, self.busy_mv
+        counts, stack, grants = self._kind_frames_mv, self._free_stack_mv, self._grants
+        for frame in frames:
+            k = kind[frame]
+            if k == _FREE:
+                raise InvariantViolation(f"frame {frame} freed twice")
+            counts[k] -= 1
+            counts[_FREE] += 1
+            g = None if grants is None else grants.get(owner_guest[frame])
+            kind[frame] = _FREE
+            owner_guest[frame] = NO_OWNER
+            owner_index[frame] = NO_OWNER
+            token[frame] = 0
+            accessed[frame] = False
+            dirty[frame] = False
+            pinned[frame] = False
+            busy[frame] = False
+            if g is not None:
+                g.push_one(frame)
+                self._n_granted += 1
+            else:
+                stack[self._n_free] = frame
+                self._n_free += 1
 
     def free(self, frames: np.ndarray) -> None:
         """Return frames to the pool and clear everything they held."""

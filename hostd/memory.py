@@ -524,9 +524,12 @@ class HostMemory(Guests, Boundary, Releases, BitsAndPins, Readout):
         """
         if need == 0:
             return True
-        if g is not None and self.pool.has_grant(g.guest_id):
-            return self.pool.granted(g.guest_id) >= need
-        free = self.pool.free_frames
+        pool = self.pool
+        if g is not None:
+            left = pool.grant_left(g.guest_id)
+            if left >= 0:
+                return left >= need
+        free = pool.free_frames
         return free >= need and (tried or free >= need + self.low_watermark_frames)
 
     def _count_labelled_reads(self, g: "_Guest", gpfns: np.ndarray) -> None:
@@ -544,7 +547,7 @@ class HostMemory(Guests, Boundary, Releases, BitsAndPins, Readout):
         g = self._guest(guest_id)
         vd = g.vdisk
         one = one_page_number(blocks, guest_id, "block", vd.n_blocks)
-        if one is not None and vd.cached:
+        if one is not None and vd.mode != "none":      # cached
             # The usual request, in scalars: the same drops, frames and times as the array path below.
             # A hit needs no room and drops nothing (need 0).
             start_us, need = vd.fit_one(one, vt_us)

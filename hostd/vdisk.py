@@ -431,29 +431,28 @@ class VirtualDisk:
         """``_drop_clusters`` of a few clean clusters, in scalars: the same frames freed in the same order."""
         cp, dirty, state, loc, cached = self.cluster_pages, self._v_cdirty, self._v_state, self._v_loc, \
             self._v_cached
-        free_one = self.pool.free_one
         for c in clusters:
             if dirty[c]:
                 raise InvariantViolation(f"vdisk {self.guest_id}: dropping a dirty cache page")
-        n = 0
+        frames: list[int] = []
         if cp == 1:
             for b in clusters:      # a cluster is its block
                 if state[b] == _FRAME:
-                    free_one(loc[b])
+                    frames.append(loc[b])
                     state[b] = _NOT_CACHED
                     loc[b] = NO_LOC
-                    n += 1
                 cached[b] = 0
         else:
             for c in clusters:
                 b0 = c * cp
                 for b in range(b0, min(b0 + cp, self.n_blocks)):
                     if state[b] == _FRAME:
-                        free_one(loc[b])
+                        frames.append(loc[b])
                         state[b] = _NOT_CACHED
                         loc[b] = NO_LOC
-                        n += 1
                 cached[c] = 0
+        self.pool.free_ones(frames)     # in the order found, as one free_one each
+        n = len(frames)
         self.cached_pages -= n
         self.counters.dropped_clean_pages += n
         return n
@@ -522,22 +521,52 @@ class VirtualDisk:
         lo, hi = self.swap_area
         if lo <= block < hi:
             c.swap_area_read_pages += 1
+        cp = self.cluster_pages
+        cl = block // cp
+        stamps, cached = self._v_stamp, self._v_cached
         if self._v_state[block] != _NOT_CACHED:
             done = start + self.costs.page_copy_us
             c.cache_hit_pages += 1
-        else:
-            done = self._load_cluster_of(block, start) + self.costs.page_copy_us
+            f = self._v_loc[block]
+        elif cp == 1:
+            # ``_load_cluster_of`` a cluster of one block, with ``_cache_in_one`` and ``_lru_push``
+            pool = self.pool
+            f = pool.alloc_one(_CACHE_KIND, self.guest_id, block, self._v_tokens[block])
+            if f < 0:
+                raise InvariantViolation(f"vdisk {self.guest_id}: host memory made room for too few cache frames")
+            pool.pinned_mv[f] = self._v_pinned[block]
+            if not cached[cl]:
+                heappush(self._lru, (stamps[cl], cl))
+                if len(self._lru) > 2 * self.cached_pages + 256:
+                    self._lru_rebuild()
+            cached[cl] += 1
+            self.cached_pages += 1
+            self._v_state[block] = _FRAME
+            self._v_loc[block] = f
+            done = self.device.submit(self.guest_id, start, 1, write=False, offset=self.offset_base + block)
+            if not done > start:
+                done = start
+            c.cluster_loads += 1
+            c.cluster_load_pages += 1
+            c.device_read_pages += 1
+            self.fill_pages_tick += 1
+            done += self.costs.page_copy_us
             self._inflight_done_us.append(done)     # in the device's queue; a hit is not (``_hold``)
             self._inflight_frames.append(_NO_FRAMES)
             c.cache_miss_pages += 1
+        else:
+            done = self._load_cluster_of(block, start) + self.costs.page_copy_us
+            self._inflight_done_us.append(done)
+            self._inflight_frames.append(_NO_FRAMES)
+            c.cache_miss_pages += 1
+            f = self._v_loc[block]
         stamp = float(vt_us)
-        cl = block // self.cluster_pages
-        stamps = self._v_stamp
         if stamps[cl] != stamp:                     # ``_touch_cluster``
             stamps[cl] = stamp
-            if self._v_cached[cl]:
-                self._lru_push(stamp, cl)
-        f = self._v_loc[block]
+            if cached[cl]:
+                heappush(self._lru, (stamp, cl))    # ``_lru_push``
+                if len(self._lru) > 2 * self.cached_pages + 256:
+                    self._lru_rebuild()
         return self.pool.token[f:f + 1].copy(), done
 
     def _load_cluster_of(self, block: int, start_us: float) -> float:
