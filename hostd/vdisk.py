@@ -507,10 +507,10 @@ class VirtualDisk:
     def read_one_reply(self, block: int, vt_us: float) -> tuple[np.ndarray, float]:
         """``read_one`` as the reply carries it, (tokens, done_vt_us): the one path both take.
 
-        Flattened (``_admit``, ``_load_cluster_of``, ``_hold`` and
-        ``_touch_cluster`` inlined for a cluster of one block), it must agree
-        with ``read`` on an array of one; ``tests/test_vdisk_lru.py`` drives
-        both side by side on random requests.
+        Flattened (``_admit``, ``_load_cluster_of`` with ``_cache_in_one``,
+        ``_hold`` and ``_touch_cluster`` inlined for a cluster of one block),
+        it must agree with ``read`` on an array of one;
+        ``tests/test_vdisk_lru.py`` drives both side by side on random requests.
         """
         c = self.counters
         start = float(vt_us)
@@ -671,13 +671,15 @@ class VirtualDisk:
     def write_one_done(self, block: int, token: int, vt_us: float) -> float:
         """``write_one``'s completion time: the one path both take (the reply carries nothing else).
 
-        Flattened (``_admit``, ``_hold`` and ``_touch_cluster`` inlined), it
-        must agree with ``write`` on an array of one;
-        ``tests/test_vdisk_lru.py`` drives both side by side on random requests.
+        Flattened (``_admit``, ``_cache_in_one``, ``_hold`` and
+        ``_touch_cluster`` inlined), it must agree with ``write`` on an array
+        of one; ``tests/test_vdisk_lru.py`` drives both side by side on
+        random requests.
         """
-        if self._write_one_rmw(block):
-            return self.write(np.array((block,), np.int64), np.array((token,), np.uint64), vt_us).done_vt_us
         hit = self._v_state[block] != _NOT_CACHED
+        cp = self.cluster_pages
+        if not hit and cp > 1 and self._write_one_rmw(block):
+            return self.write(np.array((block,), np.int64), np.array((token,), np.uint64), vt_us).done_vt_us
         c = self.counters
         start = float(vt_us)
         if len(self._inflight_done_us) >= self.max_inflight_requests:
@@ -687,11 +689,28 @@ class VirtualDisk:
         lo, hi = self.swap_area
         if lo <= block < hi:
             c.swap_area_write_pages += 1
-        f = self._v_loc[block] if hit else self._cache_in_one(block)
+        cl = block // cp
+        stamps, cached = self._v_stamp, self._v_cached
+        pool = self.pool
+        if hit:
+            f = self._v_loc[block]
+        else:
+            # ``_cache_in_one``, with ``_lru_push``
+            f = pool.alloc_one(_CACHE_KIND, self.guest_id, block, self._v_tokens[block])
+            if f < 0:
+                raise InvariantViolation(f"vdisk {self.guest_id}: host memory made room for too few cache frames")
+            pool.pinned_mv[f] = self._v_pinned[block]
+            if not cached[cl]:
+                heappush(self._lru, (stamps[cl], cl))
+                if len(self._lru) > 2 * self.cached_pages + 256:
+                    self._lru_rebuild()
+            cached[cl] += 1
+            self.cached_pages += 1
+            self._v_state[block] = _FRAME
+            self._v_loc[block] = f
         self._v_tokens[block] = token
-        self.pool.token_mv[f] = token
+        pool.token_mv[f] = token
         done = start + self.costs.page_copy_us
-        cl = block // self.cluster_pages
         writethrough = self.mode == "writethrough"
         if writethrough:
             self._v_image[block] = token
@@ -712,11 +731,12 @@ class VirtualDisk:
                 if wb_done > done:
                     done = wb_done
         stamp = float(vt_us)
-        stamps = self._v_stamp
         if stamps[cl] != stamp:                     # ``_touch_cluster``
             stamps[cl] = stamp
-            if self._v_cached[cl]:
-                self._lru_push(stamp, cl)
+            if cached[cl]:
+                heappush(self._lru, (stamp, cl))    # ``_lru_push``
+                if len(self._lru) > 2 * self.cached_pages + 256:
+                    self._lru_rebuild()
         if writethrough:
             self._inflight_done_us.append(done)     # ``_hold``
             self._inflight_frames.append(_NO_FRAMES)
