@@ -297,21 +297,27 @@ class HostMemory(Guests, Boundary, Releases, BitsAndPins, Readout):
 
     async def _ept_fault_one(self, g: _Guest, gpfn: int, vt_us: float,
                              fresh: bool = False) -> tuple[np.ndarray, float]:
-        """``ept_fault`` of one gpfn, in scalars: the same books, the same frame, the same times."""
+        """``ept_fault`` of one gpfn, in scalars: the same books, the same frame, the same times.
+
+        ``tests/test_host_one_page.py`` drives it side by side with the array path.
+        """
         start_us = float(vt_us)
         tried = False
+        pool = self.pool
         while True:
             g = self._same_guest(g)
             p2m = g.p2m
-            state = p2m.state[gpfn]
+            state = p2m.state_mv[gpfn]
             if state == _BALLOONED:
                 raise InvalidState(g.guest_id, "gpfn", gpfn, "BALLOONED", "deflate it before touching it")
             backed = state == _FRAME
-            if backed and self.pool.busy[p2m.loc[gpfn]]:
+            if backed and pool.busy_mv[p2m.loc_mv[gpfn]]:
                 # Its eviction is in flight: the guest may already have dropped it.
                 await self._wait_eviction_settled()
                 continue
-            if state == _SWAPPED and await self._placeholders_wait(g, np.array((gpfn,), np.int64)):
+            # ``_placeholders_wait`` returns at once unless the slot holds a placeholder: ask only then
+            if state == _SWAPPED and self.swap.token[p2m.loc_mv[gpfn]] == PENDING_TOKEN \
+                    and await self._placeholders_wait(g, np.array((gpfn,), np.int64)):
                 continue
             need = 0 if backed else 1
             if self._room_ok(need, tried, g):
@@ -321,7 +327,7 @@ class HostMemory(Guests, Boundary, Releases, BitsAndPins, Readout):
 
         swapped = state == _SWAPPED
         zip_us = 0.0
-        shared_from = int(p2m.loc[gpfn]) if state == _SHARED else -1
+        shared_from = p2m.loc_mv[gpfn] if state == _SHARED else -1
         if not backed:
             token = 0
             if state == _COMPRESSED or state == _ZERO:
@@ -333,27 +339,27 @@ class HostMemory(Guests, Boundary, Releases, BitsAndPins, Readout):
                     self.swap.drop_one(int(self.swap.slots_of(g.guest_id, gp)[0]))
             if swapped and fresh:
                 # The guest overwrites it whole: no read; the old content goes.
-                self.swap.drop_one(int(p2m.loc[gpfn]))
+                self.swap.drop_one(p2m.loc_mv[gpfn])
                 g.labels[gpfn] = False
                 self.counters.fresh_swapins_avoided += 1
                 g.counters.fresh_swapins_avoided += 1
                 self.swap.fresh_drops += 1
                 swapped = False
             if swapped:
-                slot = int(p2m.loc[gpfn])
+                slot = p2m.loc_mv[gpfn]
                 token = self.swap.swap_in_one(slot)
                 if g.labels[gpfn]:
                     self._count_labelled_reads(g, np.array((gpfn,), np.int64))
                 if self._observer is not None:
                     self._observer.guest_pages_swapped_in(g.guest_id, np.array((gpfn,), np.int64),
                                                           np.array((token,), np.uint64))
-            f = self.pool.alloc_one(_GUEST_KIND, g.guest_id, gpfn, token)
+            f = pool.alloc_one(_GUEST_KIND, g.guest_id, gpfn, token)
             if f < 0:
                 raise InvariantViolation(f"guest {g.guest_id}: host memory made room for too few frames")
-            self.pool.accessed[f] = True          # the guest is touching it right now
-            self.pool.pinned[f] = p2m.pinned[gpfn]
-            p2m.state[gpfn] = _FRAME
-            p2m.loc[gpfn] = f
+            pool.accessed_mv[f] = True          # the guest is touching it right now
+            pool.pinned_mv[f] = p2m.pinned_mv[gpfn]
+            p2m.state_mv[gpfn] = _FRAME
+            p2m.loc_mv[gpfn] = f
             if shared_from >= 0:                  # the copy-on-write break (see ept_fault)
                 assert self.sharing is not None
                 self.sharing.cow(g.guest_id, np.array((shared_from,), np.int64), int(fresh))
@@ -381,8 +387,8 @@ class HostMemory(Guests, Boundary, Releases, BitsAndPins, Readout):
             gc.ept_fault_swapins += 1
         if backed or shared_from >= 0:   # the guest holds its content, not us (see ept_fault)
             return np.array((KEEP_TOKEN,), np.uint64), done_us
-        f = int(p2m.loc[gpfn])
-        return self.pool.token[f:f + 1].copy(), done_us
+        f = p2m.loc_mv[gpfn]
+        return pool.token[f:f + 1].copy(), done_us
 
     def _placeholders_pending(self, g: _Guest, swapped_gpfns: np.ndarray) -> bool:
         """Whether a slot of these (SWAPPED) gpfns holds a deferred shootdown's placeholder."""
