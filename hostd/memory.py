@@ -104,7 +104,6 @@ __all__ = ["HostMemory", "HostCounters", "GuestCounters", "Reclaimed", "Shootdow
            "MAX_BALLOON_FRACTION_DEFAULT", "default_max_balloon_pages"]
 
 _GUEST_KIND = int(FrameKind.GUEST)
-_CACHED = 1                           # vdisk.CacheState.FRAME
 
 
 class HostMemory(Guests, Boundary, Releases, BitsAndPins, Readout):
