@@ -36,6 +36,7 @@ disk and swap I/O share its one lane there.
 from __future__ import annotations
 
 import math
+from heapq import heapify, heapreplace
 from dataclasses import dataclass, fields, replace
 from typing import Any, Mapping
 
@@ -159,7 +160,10 @@ class _Lane:
     def __init__(self, share: float, queue_depth: int, now_us: float) -> None:
         self.share = share
         self.speed = 1.0
-        self.free_at_us = np.zeros(0, np.float64)
+        # A heap (a plain list): ``submit`` takes the earliest free channel and puts it back busy, in
+        # O(log channels). The channels are a multiset of free times: which of two equally free ones
+        # serves a request changes nothing, so the heap's order among ties does not matter.
+        self.free_at_us: list[float] = []
         self.demand_us = 0.0          # service asked for this tick, at full speed
         self.next_offset = -1         # where a sequential request would start
         self.requests = 0
@@ -173,14 +177,14 @@ class _Lane:
         width = share * queue_depth
         m = max(1, math.ceil(width - 1e-9))
         self.speed = width / m
-        if m == self.free_at_us.size:
-            # submit reads its channels as a multiset (the earliest free one), so they need no order
+        if m == len(self.free_at_us):
             return
-        old = np.sort(self.free_at_us)
-        if m <= old.size:
-            self.free_at_us = old[old.size - m:].copy()   # work already promised keeps its channels
+        old = sorted(self.free_at_us)
+        if m <= len(old):
+            self.free_at_us = old[len(old) - m:]   # work already promised keeps its channels (sorted: a heap)
         else:
-            self.free_at_us = np.concatenate((old, np.full(m - old.size, now_us)))
+            self.free_at_us = old + [float(now_us)] * (m - len(old))
+            heapify(self.free_at_us)
 
 
 class Device:
@@ -202,6 +206,12 @@ class Device:
         self.read_pages = 0
         self.write_pages = 0
         self._gone_busy_us: dict[int, float] = {}   # lanes removed: their busy_us, by lane id
+        # One page's service (the usual request), computed once by the same formula
+        self._read_seq_us = profile.service_us(1, False, True)
+        self._read_seek_us = profile.service_us(1, False, False)
+        self._write_seq_us = profile.service_us(1, True, True)
+        self._write_seek_us = profile.service_us(1, True, False)
+        self._seeks = profile.seeks
 
     def add_lane(self, lane_id: int, now_us: float = 0.0) -> None:
         """A guest's lane: before the first boundary an equal share of ``expected_lanes``, after it the floor."""
@@ -238,16 +248,23 @@ class Device:
         if lane is None:
             self.add_lane(lane_id, vt_us)
             lane = self.lanes[lane_id]
-        prof = self.profile
         sequential = offset == lane.next_offset
-        full = prof.service_us(n_pages, write, sequential)
-        lane.seeks += not sequential and prof.seeks
+        if n_pages == 1:
+            if write:
+                full = self._write_seq_us if sequential else self._write_seek_us
+            else:
+                full = self._read_seq_us if sequential else self._read_seek_us
+        else:
+            full = self.profile.service_us(n_pages, write, sequential)
+        if not sequential and self._seeks:
+            lane.seeks += 1
         lane.next_offset = offset + n_pages if offset >= 0 else -1
         chans = lane.free_at_us
-        i = int(chans.argmin())
-        start = max(float(vt_us), float(chans[i]))
+        start = float(vt_us)
+        if chans[0] > start:            # the earliest free channel (a heap)
+            start = chans[0]
         done = start + full / lane.speed
-        chans[i] = done
+        heapreplace(chans, done)
         lane.demand_us += full
         lane.requests += 1
         lane.pages += n_pages
@@ -295,7 +312,7 @@ class Device:
         for gid in ids:
             lane = self.lanes[gid]
             # Held back by its share: a queue left at the tick's end, or its share (nearly) used up.
-            saturated = (float(lane.free_at_us.min()) > tick_end_us
+            saturated = (lane.free_at_us[0] > tick_end_us
                          or lane.demand_us >= SATURATED_FRACTION * lane.share * cap)
             demand.append(math.inf if saturated else max(0.0, lane.demand_us - floor))
         alloc = _max_min(demand, cap - floor * n)

@@ -104,7 +104,6 @@ __all__ = ["HostMemory", "HostCounters", "GuestCounters", "Reclaimed", "Shootdow
            "MAX_BALLOON_FRACTION_DEFAULT", "default_max_balloon_pages"]
 
 _GUEST_KIND = int(FrameKind.GUEST)
-_CACHED = 1                           # vdisk.CacheState.FRAME
 
 
 class HostMemory(Guests, Boundary, Releases, BitsAndPins, Readout):
@@ -297,21 +296,27 @@ class HostMemory(Guests, Boundary, Releases, BitsAndPins, Readout):
 
     async def _ept_fault_one(self, g: _Guest, gpfn: int, vt_us: float,
                              fresh: bool = False) -> tuple[np.ndarray, float]:
-        """``ept_fault`` of one gpfn, in scalars: the same books, the same frame, the same times."""
+        """``ept_fault`` of one gpfn, in scalars: the same books, the same frame, the same times.
+
+        ``tests/test_host_one_page.py`` drives it side by side with the array path.
+        """
         start_us = float(vt_us)
         tried = False
+        pool = self.pool
         while True:
             g = self._same_guest(g)
             p2m = g.p2m
-            state = p2m.state[gpfn]
+            state = p2m.state_mv[gpfn]
             if state == _BALLOONED:
                 raise InvalidState(g.guest_id, "gpfn", gpfn, "BALLOONED", "deflate it before touching it")
             backed = state == _FRAME
-            if backed and self.pool.busy[p2m.loc[gpfn]]:
+            if backed and pool.busy_mv[p2m.loc_mv[gpfn]]:
                 # Its eviction is in flight: the guest may already have dropped it.
                 await self._wait_eviction_settled()
                 continue
-            if state == _SWAPPED and await self._placeholders_wait(g, np.array((gpfn,), np.int64)):
+            # ``_placeholders_wait`` returns at once unless the slot holds a placeholder: ask only then
+            if state == _SWAPPED and self.swap.token[p2m.loc_mv[gpfn]] == PENDING_TOKEN \
+                    and await self._placeholders_wait(g, np.array((gpfn,), np.int64)):
                 continue
             need = 0 if backed else 1
             if self._room_ok(need, tried, g):
@@ -321,7 +326,7 @@ class HostMemory(Guests, Boundary, Releases, BitsAndPins, Readout):
 
         swapped = state == _SWAPPED
         zip_us = 0.0
-        shared_from = int(p2m.loc[gpfn]) if state == _SHARED else -1
+        shared_from = p2m.loc_mv[gpfn] if state == _SHARED else -1
         if not backed:
             token = 0
             if state == _COMPRESSED or state == _ZERO:
@@ -333,27 +338,27 @@ class HostMemory(Guests, Boundary, Releases, BitsAndPins, Readout):
                     self.swap.drop_one(int(self.swap.slots_of(g.guest_id, gp)[0]))
             if swapped and fresh:
                 # The guest overwrites it whole: no read; the old content goes.
-                self.swap.drop_one(int(p2m.loc[gpfn]))
+                self.swap.drop_one(p2m.loc_mv[gpfn])
                 g.labels[gpfn] = False
                 self.counters.fresh_swapins_avoided += 1
                 g.counters.fresh_swapins_avoided += 1
                 self.swap.fresh_drops += 1
                 swapped = False
             if swapped:
-                slot = int(p2m.loc[gpfn])
+                slot = p2m.loc_mv[gpfn]
                 token = self.swap.swap_in_one(slot)
                 if g.labels[gpfn]:
                     self._count_labelled_reads(g, np.array((gpfn,), np.int64))
                 if self._observer is not None:
                     self._observer.guest_pages_swapped_in(g.guest_id, np.array((gpfn,), np.int64),
                                                           np.array((token,), np.uint64))
-            f = self.pool.alloc_one(_GUEST_KIND, g.guest_id, gpfn, token)
+            f = pool.alloc_one(_GUEST_KIND, g.guest_id, gpfn, token)
             if f < 0:
                 raise InvariantViolation(f"guest {g.guest_id}: host memory made room for too few frames")
-            self.pool.accessed[f] = True          # the guest is touching it right now
-            self.pool.pinned[f] = p2m.pinned[gpfn]
-            p2m.state[gpfn] = _FRAME
-            p2m.loc[gpfn] = f
+            pool.accessed_mv[f] = True          # the guest is touching it right now
+            pool.pinned_mv[f] = p2m.pinned_mv[gpfn]
+            p2m.state_mv[gpfn] = _FRAME
+            p2m.loc_mv[gpfn] = f
             if shared_from >= 0:                  # the copy-on-write break (see ept_fault)
                 assert self.sharing is not None
                 self.sharing.cow(g.guest_id, np.array((shared_from,), np.int64), int(fresh))
@@ -381,8 +386,8 @@ class HostMemory(Guests, Boundary, Releases, BitsAndPins, Readout):
             gc.ept_fault_swapins += 1
         if backed or shared_from >= 0:   # the guest holds its content, not us (see ept_fault)
             return np.array((KEEP_TOKEN,), np.uint64), done_us
-        f = int(p2m.loc[gpfn])
-        return self.pool.token[f:f + 1].copy(), done_us
+        f = p2m.loc_mv[gpfn]
+        return pool.token[f:f + 1].copy(), done_us
 
     def _placeholders_pending(self, g: _Guest, swapped_gpfns: np.ndarray) -> bool:
         """Whether a slot of these (SWAPPED) gpfns holds a deferred shootdown's placeholder."""
@@ -524,9 +529,12 @@ class HostMemory(Guests, Boundary, Releases, BitsAndPins, Readout):
         """
         if need == 0:
             return True
-        if g is not None and self.pool.has_grant(g.guest_id):
-            return self.pool.granted(g.guest_id) >= need
-        free = self.pool.free_frames
+        pool = self.pool
+        if g is not None:
+            left = pool.grant_left(g.guest_id)
+            if left >= 0:
+                return left >= need
+        free = pool.free_frames
         return free >= need and (tried or free >= need + self.low_watermark_frames)
 
     def _count_labelled_reads(self, g: "_Guest", gpfns: np.ndarray) -> None:
@@ -544,16 +552,13 @@ class HostMemory(Guests, Boundary, Releases, BitsAndPins, Readout):
         g = self._guest(guest_id)
         vd = g.vdisk
         one = one_page_number(blocks, guest_id, "block", vd.n_blocks)
-        if one is not None and vd.cached:
-            if vd.cache_state[one] == _CACHED:
-                res = vd.read_one(one, vt_us)      # a hit takes no frame and no room
-                return res.tokens, res.done_vt_us
+        if one is not None and vd.mode != "none":      # cached
             # The usual request, in scalars: the same drops, frames and times as the array path below.
-            start_us = vd.fit_allowance_one(one, vt_us)
-            if not self._room_ok(vd.frames_needed_one(one), False, g):   # else _room_for_io returns at once
+            # A hit needs no room and drops nothing (need 0).
+            start_us, need = vd.fit_one(one, vt_us)
+            if need and not self._room_ok(need, False, g):   # else _room_for_io returns at once
                 start_us = await self._room_for_io(g, lambda: vd.frames_needed_one(one), start_us)
-            res = vd.read_one(one, start_us)
-            return res.tokens, res.done_vt_us
+            return vd.read_one_reply(one, start_us)
         blocks = np.array((one,), np.int64) if one is not None else vd.check_blocks(blocks)
         start_us = vd.fit_allowance(blocks, vt_us, write=False)
         start_us = await self._room_for_io(g, lambda: vd.frames_needed_read(blocks), start_us)
@@ -569,10 +574,10 @@ class HostMemory(Guests, Boundary, Releases, BitsAndPins, Readout):
         token = one_token(tokens) if one is not None and vd.cached else None
         if token is not None:
             # The usual request, in scalars: the same drops, frames and times as the array path below.
-            start_us = vd.fit_allowance_one(one, vt_us)
-            if not self._room_ok(vd.frames_needed_one(one), False, g):   # else _room_for_io returns at once
+            start_us, need = vd.fit_one(one, vt_us)
+            if need and not self._room_ok(need, False, g):   # else _room_for_io returns at once
                 start_us = await self._room_for_io(g, lambda: vd.frames_needed_one(one), start_us)
-            done_us = vd.write_one(one, token, start_us).done_vt_us
+            done_us = vd.write_one_done(one, token, start_us)
             if self._observer is not None:
                 self._observer.disk_written(guest_id, np.array((one,), np.int64), np.array((token,), np.uint64))
             return done_us

@@ -119,6 +119,11 @@ class P2M:
         self.loc = np.full(self.guest_pages, NO_LOC, np.int64)
         # Pinned gpfns keep their host frame pinned, also when faulted in again.
         self.pinned = np.zeros(self.guest_pages, bool)
+        # Scalar views for the one-page fault path (a memoryview element is a plain int or bool, 2-3x
+        # cheaper than a numpy element); the arrays are never replaced.
+        self.state_mv = memoryview(self.state)
+        self.loc_mv = memoryview(self.loc)
+        self.pinned_mv = memoryview(self.pinned)
 
     def count(self, state: PageState) -> int:
         return int(np.count_nonzero(self.state == state))

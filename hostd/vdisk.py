@@ -187,6 +187,26 @@ class VirtualDisk:
         self.swap_area: tuple[int, int] = (0, 0)
         self.double_fault_records: list[DoubleFault] = []
         self.double_fault_records_dropped = 0
+        self._views()
+
+    def _views(self) -> None:
+        """Scalar views of the per-block and per-cluster arrays for the one-block paths.
+
+        An element of a memoryview is a plain int, float or bool, 2-3x
+        cheaper to get or set than a numpy element. Only ``cluster_pinned``
+        is ever replaced (``_kept_clusters``), which renews its view.
+        """
+        self._v_tokens = memoryview(self.tokens)
+        self._v_image = memoryview(self.image)
+        self._v_state = memoryview(self.cache_state)
+        self._v_loc = memoryview(self.cache_loc)
+        self._v_dirty = memoryview(self.dirty)
+        self._v_since = memoryview(self.dirty_since_us)
+        self._v_pinned = memoryview(self.pinned)
+        self._v_stamp = memoryview(self.cluster_stamp_us)
+        self._v_cached = memoryview(self.cluster_cached)
+        self._v_cdirty = memoryview(self.cluster_dirty)
+        self._v_cpinned = memoryview(self.cluster_pinned)
 
     @property
     def cached(self) -> bool:
@@ -254,7 +274,7 @@ class VirtualDisk:
 
     def _fill_one(self, block: int) -> int:
         """``frames_needed_*`` of a request for one block in a cached mode: its whole cluster, or nothing."""
-        if self.cache_state[block] != _NOT_CACHED:
+        if self._v_state[block] != _NOT_CACHED:
             return 0
         b0 = block - block % self.cluster_pages
         return min(b0 + self.cluster_pages, self.n_blocks) - b0
@@ -285,14 +305,26 @@ class VirtualDisk:
 
     def fit_allowance_one(self, block: int, vt_us: float) -> float:
         """``fit_allowance`` of a read or a write of one block, in scalars: the same drops, the same time."""
-        if not self.cached:
-            return float(vt_us)
-        n = self._fill_one(block)
-        over = self.cached_pages + n - self.allowance_pages
-        if over <= 0 or n == 0:
-            return float(vt_us)
-        over += max(self.cluster_pages, self.allowance_pages // 16)
-        return self.release_clusters(over, vt_us, keep=block // self.cluster_pages, dirty_too=True)
+        return self.fit_one(block, vt_us)[0]
+
+    def fit_one(self, block: int, vt_us: float) -> tuple[float, int]:
+        """``fit_allowance_one``, then ``frames_needed_one``: (when the request may start, frames it needs).
+
+        One call for the usual request; a hit needs no room and drops nothing.
+        """
+        if self.mode == "none":
+            return float(vt_us), 1
+        if self._v_state[block] != _NOT_CACHED:
+            return float(vt_us), 0
+        cp = self.cluster_pages
+        b0 = block - block % cp
+        n = min(b0 + cp, self.n_blocks) - b0
+        allowance = self.allowance_pages
+        over = self.cached_pages + n - allowance
+        if over <= 0:
+            return float(vt_us), n
+        over += max(cp, allowance // 16)
+        return self.release_clusters(over, vt_us, keep=block // cp, dirty_too=True), n
 
     def release_clusters(self, want_pages: int, vt_us: float, *, keep: np.ndarray | int | None = None,
                          dirty_too: bool = False) -> float:
@@ -328,8 +360,7 @@ class VirtualDisk:
         else:
             kept = (int(keep),)
         heap = self._lru
-        stamps, cached, dirty, pinned = self.cluster_stamp_us, self.cluster_cached, self.cluster_dirty, \
-            self.cluster_pinned
+        stamps, cached, dirty, pinned = self._v_stamp, self._v_cached, self._v_cdirty, self._v_cpinned
         victims: list[int] = []
         passed: list[tuple[float, int]] = []
         seen: set[int] = set()
@@ -344,7 +375,7 @@ class VirtualDisk:
                 passed.append(entry)
                 continue
             victims.append(c)
-            got += int(cached[c])
+            got += cached[c]
         for entry in passed:
             heappush(heap, entry)
         if not victims:
@@ -398,21 +429,30 @@ class VirtualDisk:
 
     def _drop_few(self, clusters: list[int]) -> int:
         """``_drop_clusters`` of a few clean clusters, in scalars: the same frames freed in the same order."""
-        cp, dirty, state, loc, pool = self.cluster_pages, self.cluster_dirty, self.cache_state, self.cache_loc, \
-            self.pool
+        cp, dirty, state, loc, cached = self.cluster_pages, self._v_cdirty, self._v_state, self._v_loc, \
+            self._v_cached
         for c in clusters:
             if dirty[c]:
                 raise InvariantViolation(f"vdisk {self.guest_id}: dropping a dirty cache page")
-        n = 0
-        for c in clusters:
-            b0 = c * cp
-            for b in range(b0, min(b0 + cp, self.n_blocks)):
+        frames: list[int] = []
+        if cp == 1:
+            for b in clusters:      # a cluster is its block
                 if state[b] == _FRAME:
-                    pool.free_one(int(loc[b]))
+                    frames.append(loc[b])
                     state[b] = _NOT_CACHED
                     loc[b] = NO_LOC
-                    n += 1
-            self.cluster_cached[c] = 0
+                cached[b] = 0
+        else:
+            for c in clusters:
+                b0 = c * cp
+                for b in range(b0, min(b0 + cp, self.n_blocks)):
+                    if state[b] == _FRAME:
+                        frames.append(loc[b])
+                        state[b] = _NOT_CACHED
+                        loc[b] = NO_LOC
+                cached[c] = 0
+        self.pool.free_ones(frames)     # in the order found, as one free_one each
+        n = len(frames)
         self.cached_pages -= n
         self.counters.dropped_clean_pages += n
         return n
@@ -461,22 +501,73 @@ class VirtualDisk:
     def read_one(self, block: int, vt_us: float) -> IoResult:
         """``read`` of one block in a cached mode, in scalars (the usual request): the same books, frames
         and times. A hit takes no frame; a miss needs ``frames_needed_one`` free (``fit_allowance_one``)."""
+        tokens, done = self.read_one_reply(block, vt_us)
+        return IoResult(tokens, done, 0)
+
+    def read_one_reply(self, block: int, vt_us: float) -> tuple[np.ndarray, float]:
+        """``read_one`` as the reply carries it, (tokens, done_vt_us): the one path both take.
+
+        Flattened (``_admit``, ``_load_cluster_of`` with ``_cache_in_one``,
+        ``_hold`` and ``_touch_cluster`` inlined for a cluster of one block),
+        it must agree with ``read`` on an array of one;
+        ``tests/test_vdisk_lru.py`` drives both side by side on random requests.
+        """
         c = self.counters
-        start = self._admit(vt_us)
+        start = float(vt_us)
+        if len(self._inflight_done_us) >= self.max_inflight_requests:
+            start = self._admit(vt_us)
         c.read_requests += 1
         c.read_pages += 1
         lo, hi = self.swap_area
-        c.swap_area_read_pages += lo <= block < hi
-        if self.cache_state[block] != _NOT_CACHED:
+        if lo <= block < hi:
+            c.swap_area_read_pages += 1
+        cp = self.cluster_pages
+        cl = block // cp
+        stamps, cached = self._v_stamp, self._v_cached
+        if self._v_state[block] != _NOT_CACHED:
             done = start + self.costs.page_copy_us
             c.cache_hit_pages += 1
+            f = self._v_loc[block]
+        elif cp == 1:
+            # ``_load_cluster_of`` a cluster of one block, with ``_cache_in_one`` and ``_lru_push``
+            pool = self.pool
+            f = pool.alloc_one(_CACHE_KIND, self.guest_id, block, self._v_tokens[block])
+            if f < 0:
+                raise InvariantViolation(f"vdisk {self.guest_id}: host memory made room for too few cache frames")
+            pool.pinned_mv[f] = self._v_pinned[block]
+            if not cached[cl]:
+                heappush(self._lru, (stamps[cl], cl))
+                if len(self._lru) > 2 * self.cached_pages + 256:
+                    self._lru_rebuild()
+            cached[cl] += 1
+            self.cached_pages += 1
+            self._v_state[block] = _FRAME
+            self._v_loc[block] = f
+            done = self.device.submit(self.guest_id, start, 1, write=False, offset=self.offset_base + block)
+            if not done > start:
+                done = start
+            c.cluster_loads += 1
+            c.cluster_load_pages += 1
+            c.device_read_pages += 1
+            self.fill_pages_tick += 1
+            done += self.costs.page_copy_us
+            self._inflight_done_us.append(done)     # in the device's queue; a hit is not (``_hold``)
+            self._inflight_frames.append(_NO_FRAMES)
+            c.cache_miss_pages += 1
         else:
             done = self._load_cluster_of(block, start) + self.costs.page_copy_us
-            self._hold(None, done)          # in the device's queue; a hit is not
+            self._inflight_done_us.append(done)
+            self._inflight_frames.append(_NO_FRAMES)
             c.cache_miss_pages += 1
-        self._touch_cluster(block // self.cluster_pages, float(vt_us))
-        f = int(self.cache_loc[block])
-        return IoResult(self.pool.token[f:f + 1].copy(), done, 0)
+            f = self._v_loc[block]
+        stamp = float(vt_us)
+        if stamps[cl] != stamp:                     # ``_touch_cluster``
+            stamps[cl] = stamp
+            if cached[cl]:
+                heappush(self._lru, (stamp, cl))    # ``_lru_push``
+                if len(self._lru) > 2 * self.cached_pages + 256:
+                    self._lru_rebuild()
+        return self.pool.token[f:f + 1].copy(), done
 
     def _load_cluster_of(self, block: int, start_us: float) -> float:
         """``_load`` of the (uncached) cluster holding ``block``: one device request."""
@@ -487,8 +578,10 @@ class VirtualDisk:
             self._cache_in_one(block)
         else:
             self._cache_in(np.arange(b0, b0 + n, dtype=np.int64))
-        done = max(float(start_us), self.device.submit(self.guest_id, start_us, n, write=False,
-                                                       offset=self.offset_base + b0))
+        start_us = float(start_us)
+        done = self.device.submit(self.guest_id, start_us, n, write=False, offset=self.offset_base + b0)
+        if not done > start_us:         # max(start_us, done), the same float
+            done = start_us
         c = self.counters
         c.cluster_loads += 1
         c.cluster_load_pages += n
@@ -563,45 +656,95 @@ class VirtualDisk:
         A block whose cluster is not cached and holds other blocks is a
         read-modify-write: that rare request takes the array path.
         """
+        if self._write_one_rmw(block):
+            return self.write(np.array((block,), np.int64), np.array((token,), np.uint64), vt_us)
+        return IoResult(_NO_TOKENS, self.write_one_done(block, token, vt_us), 0)
+
+    def _write_one_rmw(self, block: int) -> bool:
+        """Whether a write of ``block`` alone must read the rest of its cluster first."""
+        if self._v_state[block] != _NOT_CACHED:
+            return False
         cp = self.cluster_pages
         b0 = block - block % cp
-        hit = self.cache_state[block] != _NOT_CACHED
-        if not hit and min(b0 + cp, self.n_blocks) - b0 > 1:
-            return self.write(np.array((block,), np.int64), np.array((token,), np.uint64), vt_us)
+        return min(b0 + cp, self.n_blocks) - b0 > 1
+
+    def write_one_done(self, block: int, token: int, vt_us: float) -> float:
+        """``write_one``'s completion time: the one path both take (the reply carries nothing else).
+
+        Flattened (``_admit``, ``_cache_in_one``, ``_hold`` and
+        ``_touch_cluster`` inlined), it must agree with ``write`` on an array
+        of one; ``tests/test_vdisk_lru.py`` drives both side by side on
+        random requests.
+        """
+        hit = self._v_state[block] != _NOT_CACHED
+        cp = self.cluster_pages
+        if not hit and cp > 1 and self._write_one_rmw(block):
+            return self.write(np.array((block,), np.int64), np.array((token,), np.uint64), vt_us).done_vt_us
         c = self.counters
-        start = self._admit(vt_us)
+        start = float(vt_us)
+        if len(self._inflight_done_us) >= self.max_inflight_requests:
+            start = self._admit(vt_us)
         c.write_requests += 1
         c.write_pages += 1
         lo, hi = self.swap_area
-        c.swap_area_write_pages += lo <= block < hi
-        f = int(self.cache_loc[block]) if hit else self._cache_in_one(block)
-        self.tokens[block] = token
-        self.pool.token[f] = token
-        done = start + self.costs.page_copy_us
+        if lo <= block < hi:
+            c.swap_area_write_pages += 1
         cl = block // cp
-        if self.mode == "writethrough":
-            self.image[block] = token
-            c.device_write_pages += 1
-            done = max(done, self.device.submit(self.guest_id, start, 1, write=True,
-                                                offset=self.offset_base + block))
+        stamps, cached = self._v_stamp, self._v_cached
+        pool = self.pool
+        if hit:
+            f = self._v_loc[block]
         else:
-            if not self.dirty[block]:
-                self.dirty[block] = True
-                self.dirty_since_us[block] = float(vt_us)
-                self.cluster_dirty[cl] += 1
+            # ``_cache_in_one``, with ``_lru_push``
+            f = pool.alloc_one(_CACHE_KIND, self.guest_id, block, self._v_tokens[block])
+            if f < 0:
+                raise InvariantViolation(f"vdisk {self.guest_id}: host memory made room for too few cache frames")
+            pool.pinned_mv[f] = self._v_pinned[block]
+            if not cached[cl]:
+                heappush(self._lru, (stamps[cl], cl))
+                if len(self._lru) > 2 * self.cached_pages + 256:
+                    self._lru_rebuild()
+            cached[cl] += 1
+            self.cached_pages += 1
+            self._v_state[block] = _FRAME
+            self._v_loc[block] = f
+        self._v_tokens[block] = token
+        pool.token_mv[f] = token
+        done = start + self.costs.page_copy_us
+        writethrough = self.mode == "writethrough"
+        if writethrough:
+            self._v_image[block] = token
+            c.device_write_pages += 1
+            dev_done = self.device.submit(self.guest_id, start, 1, write=True, offset=self.offset_base + block)
+            if dev_done > done:
+                done = dev_done
+        else:
+            if not self._v_dirty[block]:
+                self._v_dirty[block] = True
+                self._v_since[block] = float(vt_us)
+                self._v_cdirty[cl] += 1
                 self.dirty_pages += 1
             if self.dirty_pages > self.dirty_limit_pages:
                 # Over its dirty limit the writer writes its own oldest back first (see ``write``).
                 c.throttled_writes += 1
-                done = max(done, self.write_back_oldest(self.dirty_pages - self.dirty_background_pages, start))
-        self._touch_cluster(cl, float(vt_us))
-        if self.mode == "writethrough":
-            self._hold(None, done)
+                wb_done = self.write_back_oldest(self.dirty_pages - self.dirty_background_pages, start)
+                if wb_done > done:
+                    done = wb_done
+        stamp = float(vt_us)
+        if stamps[cl] != stamp:                     # ``_touch_cluster``
+            stamps[cl] = stamp
+            if cached[cl]:
+                heappush(self._lru, (stamp, cl))    # ``_lru_push``
+                if len(self._lru) > 2 * self.cached_pages + 256:
+                    self._lru_rebuild()
+        if writethrough:
+            self._inflight_done_us.append(done)     # ``_hold``
+            self._inflight_frames.append(_NO_FRAMES)
         if hit:
             c.cache_hit_pages += 1
         else:
             c.cache_miss_pages += 1
-        return IoResult(_NO_TOKENS, done, 0)
+        return done
 
     def _load(self, blocks: np.ndarray, start_us: float) -> float:
         """Read ``blocks`` (whole clusters' missing parts) from the device into cache frames; one request each."""
@@ -705,17 +848,19 @@ class VirtualDisk:
 
     def _cache_in_one(self, block: int) -> int:
         """``_cache_in`` of one block, in scalars (the same frame); returns the frame."""
-        f = self.pool.alloc_one(_CACHE_KIND, self.guest_id, block, int(self.tokens[block]))
+        pool = self.pool
+        f = pool.alloc_one(_CACHE_KIND, self.guest_id, block, self._v_tokens[block])
         if f < 0:
             raise InvariantViolation(f"vdisk {self.guest_id}: host memory made room for too few cache frames")
-        self.pool.pinned[f] = self.pinned[block]
+        pool.pinned_mv[f] = self._v_pinned[block]
         c = block // self.cluster_pages
-        if not self.cluster_cached[c]:
-            self._lru_push(float(self.cluster_stamp_us[c]), c)
-        self.cluster_cached[c] += 1
+        cached = self._v_cached
+        if not cached[c]:
+            self._lru_push(self._v_stamp[c], c)
+        cached[c] += 1
         self.cached_pages += 1
-        self.cache_state[block] = _FRAME
-        self.cache_loc[block] = f
+        self._v_state[block] = _FRAME
+        self._v_loc[block] = f
         return f
 
     def _touch(self, blocks: np.ndarray, vt_us: float) -> None:
@@ -731,9 +876,10 @@ class VirtualDisk:
 
     def _touch_cluster(self, cluster: int, stamp: float) -> None:
         """A use of a cached cluster at ``stamp``: its LRU stamp and (if it moved) its heap entry."""
-        if self.cluster_stamp_us[cluster] != stamp:
-            self.cluster_stamp_us[cluster] = stamp
-            if self.cluster_cached[cluster]:
+        stamps = self._v_stamp
+        if stamps[cluster] != stamp:
+            stamps[cluster] = stamp
+            if self._v_cached[cluster]:
                 self._lru_push(stamp, cluster)
 
     def take_double_faults(self) -> tuple[list[DoubleFault], int]:
@@ -837,6 +983,7 @@ class VirtualDisk:
     def _kept_clusters(self) -> None:
         kept = np.flatnonzero(self.pinned | self.swap_exempt)
         self.cluster_pinned = np.bincount(kept // self.cluster_pages, minlength=self.cluster_cached.size) > 0
+        self._v_cpinned = memoryview(self.cluster_pinned)
 
     def drop_swapped(self, first_block: int, n_blocks: int) -> int:
         """Cache copies in host swap: there are none any more (the cache is never host-swapped); returns 0.

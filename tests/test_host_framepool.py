@@ -137,3 +137,43 @@ def test_a_frame_on_two_lists_is_an_invariant_violation() -> None:
     g.stack[0] = pool._free_stack[0]
     with pytest.raises(InvariantViolation, match="twice"):
         pool.check_invariant()
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_free_ones_frees_as_free_one_each_in_turn(seed: int) -> None:
+    """``free_ones`` (the disk cache's drops) against ``free_one`` per frame, with and without grants."""
+    rng = np.random.default_rng(seed)
+    one, many = FramePool(96), FramePool(96)
+    for trial in range(60):
+        if trial % 10 == 0:
+            grants = rng.random() < 0.7
+            sizes = rng.integers(0, 20, 2).tolist()
+            for pool in (one, many):
+                pool.close_grants()
+                if grants:
+                    pool.open_grants([1, 2])
+                    pool.grant(1, sizes[0])
+                    pool.grant(2, sizes[1])
+        gid = int(rng.integers(0, 4))
+        n = int(rng.integers(1, 6))
+        for pool in (one, many):
+            got = pool.alloc(n, FrameKind.CACHE, gid, np.arange(n), np.arange(1, n + 1, dtype=np.uint64))
+            pool.pinned[got[::2]] = True
+        used = np.flatnonzero(one.kind != FrameKind.FREE)
+        frames = rng.choice(used, min(used.size, int(rng.integers(0, 6))), replace=False).tolist()
+        for f in frames:
+            one.free_one(f)
+        many.free_ones(frames)
+        for name in ("kind", "owner_guest", "owner_index", "token", "accessed", "dirty", "pinned", "busy"):
+            assert getattr(one, name).tolist() == getattr(many, name).tolist(), name
+        assert one._free_stack[:one._n_free].tolist() == many._free_stack[:many._n_free].tolist()
+        assert one.counts() == many.counts() and one.free_frames == many.free_frames
+        for gid in (1, 2):
+            assert one.granted(gid) == many.granted(gid)
+            if one.has_grant(gid):
+                assert one._grants[gid].stack[:one.granted(gid)].tolist() \
+                    == many._grants[gid].stack[:many.granted(gid)].tolist()
+        many.check_invariant()
+        many.check_counters()
+    with pytest.raises(InvariantViolation, match="freed twice"):
+        many.free_ones([int(np.flatnonzero(many.kind == FrameKind.FREE)[0])])

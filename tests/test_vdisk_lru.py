@@ -10,7 +10,9 @@ requests get, so the test compares the stack too.
 ``read_one``/``write_one``/``fit_allowance_one`` (the scalar one-block
 requests) are driven side by side with ``fit_allowance``/``read``/``write``
 on arrays of one, in both cached modes and with clusters of 1 and 4 blocks;
-every array of both disks and pools must agree after each request.
+every array of both disks and pools must agree after each request, also
+with the pools partitioned into grants (frames taken from and freed to the
+guest's private list).
 """
 from __future__ import annotations
 
@@ -109,18 +111,35 @@ def _requests(seed: int) -> list[tuple[str, int, int, float]]:
     return out
 
 
+def _regrant(vd: VirtualDisk) -> None:
+    """A tick boundary of the deterministic discipline: the disk's guest gets a fresh private free list.
+
+    Exactly the list's initial size, so that frames cached before and dropped
+    now (they return to the guest's list) make it grow.
+    """
+    vd.pool.close_grants()
+    vd.pool.open_grants([vd.guest_id])
+    vd.pool.grant(vd.guest_id, 64)
+
+
+@pytest.mark.parametrize("granted", [False, True])
 @pytest.mark.parametrize("mode", ["writethrough", "writeback"])
 @pytest.mark.parametrize("cluster_pages", [1, 4])
 @pytest.mark.parametrize("seed", [5, 6])
-def test_one_block_requests_keep_the_books_of_the_array_path(seed: int, cluster_pages: int, mode: str) -> None:
+def test_one_block_requests_keep_the_books_of_the_array_path(seed: int, cluster_pages: int, mode: str,
+                                                             granted: bool) -> None:
     scalar, arrays = _disk(mode, cluster_pages), _disk(mode, cluster_pages)
     scalar.set_swap_area(32, 16)
     arrays.set_swap_area(32, 16)
+    for vd in (scalar, arrays) if granted else ():
+        _regrant(vd)
     for i, (op, block, token, vt_us) in enumerate(_requests(seed)):
         if op == "tick":
             for vd in (scalar, arrays):
                 vd.retire(vt_us)
                 vd.flush(vt_us, 1000.0, vd.dirty_background_pages)
+                if granted:
+                    _regrant(vd)
             continue
         one = np.array((block,), np.int64)
         start_s = scalar.fit_allowance_one(block, vt_us)
@@ -136,6 +155,10 @@ def test_one_block_requests_keep_the_books_of_the_array_path(seed: int, cluster_
             ra = arrays.write(one, np.array((token,), np.uint64), start_a)
         assert (rs.done_vt_us, rs.double_fault_pages) == (ra.done_vt_us, ra.double_fault_pages), f"request {i}"
         assert _books(scalar) == _books(arrays), f"books differ after request {i} ({op} {block})"
+        if granted:
+            assert scalar.pool.granted(0) == arrays.pool.granted(0), f"request {i}"
+            assert scalar.pool._grants[0].stack[:scalar.pool.granted(0)].tolist() \
+                == arrays.pool._grants[0].stack[:arrays.pool.granted(0)].tolist(), f"request {i}"
     c = scalar.counters
     assert c.dropped_clean_pages > 50 and c.cache_hit_pages > 50 and c.cache_miss_pages > 50
     assert (c.double_faults > 0) == (cluster_pages > 1)
