@@ -154,6 +154,24 @@ class FrameDecoder:
         instance in its place; an oversized one as a ``FrameTooLarge``
         instance, always last, after which every ``feed`` raises it.
         """
+        n = len(data)
+        if not self._buf and HEADER_BYTES <= n <= _SLICE_MAX_BYTES and self._failed is None:
+            # The usual read on a request path with one request outstanding: exactly one
+            # whole small frame. ``_feed_general`` would return the same, in more steps; a
+            # body that does not decode is left to it, to say why in band.
+            (size,) = _HEADER.unpack_from(data, 0)
+            if size == n - HEADER_BYTES and size <= self._small_max_bytes and size <= self.max_frame_bytes:
+                try:
+                    obj = self._unpack_small(data[HEADER_BYTES:])
+                except Exception:
+                    pass
+                else:
+                    self.sizes = [size]
+                    return [obj]
+        return self._feed_general(data)
+
+    def _feed_general(self, data: bytes) -> list[Any]:
+        """``feed`` for any bytes: the path its one-frame shortcut must agree with."""
         if self._failed is not None:
             raise self._failed
         sizes = self.sizes = []
