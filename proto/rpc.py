@@ -122,7 +122,10 @@ def should_log_count(n: int) -> bool:
 
 
 class ByteBudget:
-    """Bytes shared by many connections (e.g. every guest's requests in progress on the host)."""
+    """Bytes shared by many connections (e.g. every guest's requests in progress on the host).
+
+    ``RpcConnection._room_for`` and ``_release`` do ``take`` and ``give`` inline (every request).
+    """
 
     __slots__ = ("limit_bytes", "used_bytes", "refused")
 
@@ -303,8 +306,10 @@ class RpcConnection(asyncio.Protocol):
                 # when they run right after this callback, go out together.
                 self._loop.call_soon(self._uncork)  # type: ignore[union-attr]
             else:
-                if self._corked:
-                    self._flush_corked()
+                corked = self._corked
+                if corked:   # _flush_corked, without a call per read
+                    self._corked_bytes = 0
+                    self._send(corked[0] if len(corked) == 1 else b"".join(corked))
                 self._corked = None
 
     def _receive(self, items: list[Any], sizes: list[int]) -> None:
@@ -598,11 +603,15 @@ class RpcConnection(asyncio.Protocol):
                 return (f"requests in progress hold {self._incoming_bytes} bytes; {size} more would pass "
                         f"this connection's {limits.max_incoming_bytes}")
         budget = limits.budget
-        if budget is not None and not budget.take(size):
-            if incoming:
-                return (f"requests in progress on every connection hold {budget.used_bytes} bytes; {size} more "
-                        f"would pass the {budget.limit_bytes} they share")
-            budget.used_bytes += size   # the one request every connection may have
+        if budget is not None:
+            if budget.used_bytes + size <= budget.limit_bytes:   # budget.take(size), without a call per request
+                budget.used_bytes += size
+            else:
+                budget.refused += 1
+                if incoming:
+                    return (f"requests in progress on every connection hold {budget.used_bytes} bytes; {size} "
+                            f"more would pass the {budget.limit_bytes} they share")
+                budget.used_bytes += size   # the one request every connection may have
         self._incoming_bytes += size
         return None
 
@@ -610,7 +619,7 @@ class RpcConnection(asyncio.Protocol):
         self._incoming_bytes -= size
         budget = self.limits.budget
         if budget is not None:
-            budget.give(size)
+            budget.used_bytes -= size   # budget.give(size)
 
     def _on_request(self, req_id: int, raw_type: int, body: Any, size: int = 0) -> None:
         entry = _REQUEST_TABLE.get(raw_type)
