@@ -25,7 +25,7 @@ HEADER_BYTES = 4
 MAX_FRAME_BYTES_DEFAULT = 4 * 1024 * 1024
 _HEADER = struct.Struct(">I")
 _SLICE_MAX_BYTES = 64 * 1024
-_ONE_MAX_BYTES = 4096   # the longest body a single-frame read is decoded by the reused Unpacker (its buffer)
+_ONE_MAX_BYTES = 4096   # the longest body the one-frame shortcut decodes (its reused Unpacker holds no more)
 
 
 @dataclass(frozen=True, slots=True)
