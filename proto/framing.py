@@ -25,6 +25,7 @@ HEADER_BYTES = 4
 MAX_FRAME_BYTES_DEFAULT = 4 * 1024 * 1024
 _HEADER = struct.Struct(">I")
 _SLICE_MAX_BYTES = 64 * 1024
+_ONE_MAX_BYTES = 4096   # the longest body the one-frame shortcut decodes (its reused Unpacker holds no more)
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,7 +117,7 @@ class FrameDecoder:
     """
 
     __slots__ = ("max_frame_bytes", "limits", "sizes", "_buf", "_failed", "_count", "_unpack", "_unpack_small",
-                 "_small_max_bytes")
+                 "_small_max_bytes", "_one_max_bytes", "_unpacker", "_unpacker_kw", "_unpacked")
 
     def __init__(self, max_frame_bytes: int = MAX_FRAME_BYTES_DEFAULT, limits: DecodeLimits | None = None) -> None:
         self.max_frame_bytes = max_frame_bytes
@@ -128,6 +129,10 @@ class FrameDecoder:
         self._unpack: Any = None
         self._unpack_small: Any = None
         self._small_max_bytes = 0
+        self._one_max_bytes = 0
+        self._unpacker: Any = None
+        self._unpacker_kw: dict[str, Any] = {}
+        self._unpacked = 0
         self.set_limits(limits)
 
     def set_limits(self, limits: DecodeLimits | None) -> None:
@@ -138,6 +143,8 @@ class FrameDecoder:
             kw.update(max_array_len=limits.max_container_len, max_map_len=limits.max_container_len,
                       max_str_len=limits.max_str_bytes, max_ext_len=0)
         self._unpack_small = functools.partial(msgpack.unpackb, **kw)
+        self._unpacker_kw = dict(kw, max_buffer_size=_ONE_MAX_BYTES)
+        self._new_unpacker()
         if limits is not None:
             kw.update(list_hook=self._count, object_hook=self._count)
         self._unpack = functools.partial(msgpack.unpackb, **kw)
@@ -145,6 +152,11 @@ class FrameDecoder:
         # max_containers bytes cannot hold more of them: it is decoded without the
         # counting hooks (two Python calls per frame, on every request a guest sends).
         self._small_max_bytes = limits.max_containers if limits is not None else max(self.max_frame_bytes, 0)
+        self._one_max_bytes = min(self._small_max_bytes, _ONE_MAX_BYTES)
+
+    def _new_unpacker(self) -> None:
+        self._unpacker = msgpack.Unpacker(**self._unpacker_kw)
+        self._unpacked = 0   # bytes it has consumed
 
     def feed(self, data: bytes) -> list[Any]:
         """Append ``data``; return every complete frame, in order.
@@ -154,6 +166,31 @@ class FrameDecoder:
         instance in its place; an oversized one as a ``FrameTooLarge``
         instance, always last, after which every ``feed`` raises it.
         """
+        n = len(data) - HEADER_BYTES
+        if 0 < n <= self._one_max_bytes and not self._buf and self._failed is None:
+            # The usual read on a request path with one request outstanding: exactly one
+            # whole small frame. ``_feed_general`` would return the same, in more steps.
+            # A reused Unpacker (with the same options) does what ``unpackb`` does without
+            # parsing six keyword arguments per frame; it must consume the body exactly.
+            # A body it does not decode is left to the general path, to say why in band.
+            (size,) = _HEADER.unpack_from(data, 0)
+            if size == n and size <= self.max_frame_bytes:
+                unpacker = self._unpacker
+                try:
+                    unpacker.feed(data[HEADER_BYTES:])
+                    obj = unpacker.unpack()
+                except Exception:
+                    pass
+                else:
+                    self._unpacked += size
+                    if unpacker.tell() == self._unpacked:
+                        self.sizes = [size]
+                        return [obj]
+                self._new_unpacker()   # whatever it holds now is not a frame's start
+        return self._feed_general(data)
+
+    def _feed_general(self, data: bytes) -> list[Any]:
+        """``feed`` for any bytes: the path its one-frame shortcut must agree with."""
         if self._failed is not None:
             raise self._failed
         sizes = self.sizes = []

@@ -88,7 +88,10 @@ class Message:
 
     ``SPEC`` maps each field, in order, to its wire kind; the decorator
     below derives ``_FIELDS`` (name, checker) and ``_PAGE_FIELDS`` from it
-    once per class, so encoding and decoding do no per-message lookups.
+    once per class, and compiles the class's own ``from_body``,
+    ``to_body`` and ``__init__`` from it (``_compile``): straight-line
+    code per class, because a host serves every guest request through
+    them. The general methods here are what those must agree with.
     """
 
     TYPE: ClassVar[MsgType]
@@ -100,8 +103,12 @@ class Message:
     __slots__ = ()
 
     def to_body(self) -> dict[str, Any]:
+        return self._to_body_general()
+
+    def _to_body_general(self) -> dict[str, Any]:
+        """The body of this message, field by field (each class's compiled ``to_body`` must give the same)."""
         out = {}
-        for name in self._NAMES:  # a plain loop: cheaper than a comprehension's frame
+        for name in self._NAMES:
             out[name] = getattr(self, name)
         for name in self._PAGE_FIELDS:
             out[name] = pages_to_bytes(out[name])
@@ -109,6 +116,11 @@ class Message:
 
     @classmethod
     def from_body(cls, body: Any) -> "Message":
+        return cls._from_body_general(body)
+
+    @classmethod
+    def _from_body_general(cls, body: Any) -> "Message":
+        """Decode and validate ``body`` (each class's compiled ``from_body`` must agree: value or error)."""
         fields_ = cls._FIELDS
         # Fast path: exactly the expected keys (same count, and every one
         # present implies no unknown one), checked in SPEC order.
@@ -209,8 +221,95 @@ def _check(msg: str, key: str, kind: str, value: Any) -> Any:
     return _CHECKERS[kind](msg, key, value)
 
 
+# What a compiled ``from_body`` tests inline per field kind: a condition that holds only for
+# values the kind's checker returns unchanged. Any other value goes through the checker itself
+# (which converts it, or raises), so compiled and general paths cannot disagree on an error.
+_PASSES = {
+    _INT: "type({v}) is int and {v} >= 0",
+    _NUM: "type({v}) is float and 0.0 <= {v} < _INF",
+    _STR: "type({v}) is str",
+    _BIN: "type({v}) is bytes",
+    _LIST: "type({v}) is list",
+}
+_MAX_PAGE_BYTES = MAX_PAGES_PER_MESSAGE * 8
+
+
+def _compile(cls: type, spec: dict[str, str]) -> None:
+    """Give ``cls`` its own ``from_body``, ``to_body`` and ``__init__``, compiled from its spec.
+
+    They do what ``Message._from_body_general``, ``Message._to_body_general``
+    and the dataclass ``__init__`` do (tests pin them together on random
+    bodies), without a loop over the fields, a checker call per valid field,
+    or ``object.__setattr__`` per field: slots are set through their
+    descriptors, which a frozen class's ``__setattr__`` never sees.
+    """
+    names = list(spec)
+    env: dict[str, Any] = {
+        "_cls": cls, "_NAME": cls.__name__, "_new": object.__new__, "_slow": cls._from_body_slow,
+        "_frombuffer": np.frombuffer, "_asarray": np.asarray, "_ndarray": np.ndarray, "_U64": _U64,
+        "_INF": _INF, "_MAX_PAGE_BYTES": _MAX_PAGE_BYTES,
+    }
+    decode = ["def from_body(body):",
+              f"    if type(body) is not dict or len(body) != {len(names)}:",
+              "        return _slow(body)"]
+    for i, (name, kind) in enumerate(spec.items()):
+        v = f"v{i}"
+        env[f"_set{i}"] = cls.__dict__[name].__set__
+        env[f"_check{i}"] = _CHECKERS[kind]
+        decode += ["    try:",
+                   f"        {v} = body[{name!r}]",
+                   "    except KeyError:",   # one missing and another unknown: the slow path says which
+                   "        return _slow(body)"]
+        if kind == _PAGES:
+            decode += [f"    if type({v}) is bytes and not len({v}) % 8 and len({v}) <= _MAX_PAGE_BYTES:",
+                       f"        {v} = _frombuffer({v}, _U64)",
+                       "    else:",
+                       f"        {v} = _check{i}(_NAME, {name!r}, {v})"]
+        elif kind in _PASSES:
+            decode += [f"    if not ({_PASSES[kind].format(v=v)}):",
+                       f"        {v} = _check{i}(_NAME, {name!r}, {v})"]
+        else:
+            decode += [f"    {v} = _check{i}(_NAME, {name!r}, {v})"]
+    decode += ["    self = _new(_cls)"] + [f"    _set{i}(self, v{i})" for i in range(len(names))] + ["    return self"]
+
+    encode = ["def to_body(self):"]
+    items = []
+    for i, (name, kind) in enumerate(spec.items()):
+        if kind == _PAGES:   # pages_to_bytes, without its asarray for the usual u64 array
+            encode += [f"    v{i} = self.{name}",
+                       f"    if type(v{i}) is not _ndarray or v{i}.dtype is not _U64:",
+                       f"        v{i} = _asarray(v{i}, dtype=_U64)"]
+            items.append(f"{name!r}: v{i}.tobytes()")
+        else:
+            items.append(f"{name!r}: self.{name}")
+    encode.append("    return {" + ", ".join(items) + "}")
+
+    params = []
+    for i, f in enumerate(fields(cls)):
+        assert f.default_factory is MISSING and f.init, (cls.__name__, f.name)
+        if f.default is MISSING:
+            params.append(f.name)
+        else:
+            env[f"_default{i}"] = f.default
+            params.append(f"{f.name}=_default{i}")
+    assert not hasattr(cls, "__post_init__"), cls.__name__
+    init = [f"def __init__(self, {', '.join(params)}):"] + [f"    _set{i}(self, {name})" for i, name in
+                                                            enumerate(names)]
+
+    exec("\n".join(decode + encode + init), env)
+    annotations = cls.__init__.__annotations__
+    for fname in ("from_body", "to_body", "__init__"):
+        fn = env[fname]
+        fn.__qualname__ = f"{cls.__qualname__}.{fname}"
+        fn.__module__ = cls.__module__
+    env["__init__"].__annotations__ = annotations
+    cls.from_body = staticmethod(env["from_body"])
+    cls.to_body = env["to_body"]
+    cls.__init__ = env["__init__"]
+
+
 def _message(msg_type: MsgType | None, **spec: str):
-    """Class decorator: a frozen slotted dataclass with its wire spec."""
+    """Class decorator: a frozen slotted dataclass with its wire spec, and its compiled codecs."""
 
     def wrap(cls: type) -> type:
         cls = dataclass(frozen=True, slots=True)(cls)
@@ -223,6 +322,7 @@ def _message(msg_type: MsgType | None, **spec: str):
         cls._OPTIONAL = frozenset(f.name for f in fields(cls) if f.default is not MISSING)
         if msg_type is not None:
             cls.TYPE = msg_type
+        _compile(cls, spec)
         return cls
 
     return wrap

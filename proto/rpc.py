@@ -60,12 +60,13 @@ log = structlog.get_logger("proto.rpc")
 # The hot path works on plain ints: comparing with, hashing and packing an
 # IntEnum member all cost more than with the int it stands for.
 _REQUEST, _REPLY, _ERROR, _NOTIFY = int(Kind.REQUEST), int(Kind.REPLY), int(Kind.ERROR), int(Kind.NOTIFY)
-_REQUEST_TABLE: dict[int, tuple[MsgType, type[Message], type[Message]]] = {
-    int(t): (t, req, reply) for t, (req, reply) in REQUESTS.items()}
+_REQUEST_TABLE: dict[int, tuple[MsgType, Callable[[Any], Message]]] = {
+    int(t): (t, req.from_body) for t, (req, _reply) in REQUESTS.items()}
 _NOTIFY_TABLE: dict[int, tuple[MsgType, type[Message]]] = {int(t): (t, cls) for t, cls in NOTIFICATIONS.items()}
 _WIRE_TYPE: dict[MsgType, int] = {t: int(t) for t in MsgType}  # MsgType -> its wire int
 _CALL_INFO: dict[MsgType, tuple[int, type[Message]]] = {t: (int(t), reply) for t, (_, reply) in REQUESTS.items()}
 _PING = int(MsgType.PING)
+_PING_TYPE = MsgType.PING
 # A coalesced batch is written once it reaches either bound. Small batches
 # keep both ends busy at once (the peer starts on the first frames while we
 # still produce the rest); whole-window batches would make them take turns.
@@ -121,7 +122,10 @@ def should_log_count(n: int) -> bool:
 
 
 class ByteBudget:
-    """Bytes shared by many connections (e.g. every guest's requests in progress on the host)."""
+    """Bytes shared by many connections (e.g. every guest's requests in progress on the host).
+
+    ``RpcConnection._room_for`` and ``_release`` do ``take`` and ``give`` inline (every request).
+    """
 
     __slots__ = ("limit_bytes", "used_bytes", "refused")
 
@@ -302,8 +306,10 @@ class RpcConnection(asyncio.Protocol):
                 # when they run right after this callback, go out together.
                 self._loop.call_soon(self._uncork)  # type: ignore[union-attr]
             else:
-                if self._corked:
-                    self._flush_corked()
+                corked = self._corked
+                if corked:   # _flush_corked, without a call per read
+                    self._corked_bytes = 0
+                    self._send(corked[0] if len(corked) == 1 else b"".join(corked))
                 self._corked = None
 
     def _receive(self, items: list[Any], sizes: list[int]) -> None:
@@ -365,7 +371,8 @@ class RpcConnection(asyncio.Protocol):
         raises ``RpcTimeout``; it bounds the whole call, the wait for room in
         a full send buffer included.
         """
-        if self.is_closing:
+        transport = self.transport
+        if transport is None or transport.is_closing():   # self.is_closing, without a property call per call
             raise PeerClosed(f"connection to {self.name} is closed")
         if self._in_flight < self.limits.max_outstanding and not self._slot_waiters:
             self._in_flight += 1
@@ -400,7 +407,10 @@ class RpcConnection(asyncio.Protocol):
                 # leave it behind until its deadline.
                 self._pending.pop(req_id, None)
         finally:
-            self._release_slot()
+            if self._slot_waiters:
+                self._release_slot()
+            else:   # _release_slot with nobody to hand the slot to
+                self._in_flight -= 1
 
     async def _wait_for_slot(self) -> None:
         assert self._loop is not None
@@ -584,32 +594,39 @@ class RpcConnection(asyncio.Protocol):
 
     def _room_for(self, size: int) -> str | None:
         """Why a request of ``size`` frame bytes cannot be taken on now, or None (and it is charged)."""
-        if self._incoming >= self.limits.max_incoming:
-            return f"more than {self.limits.max_incoming} requests outstanding"
-        if self._incoming:   # one request at a time always gets through
-            if self._incoming_bytes + size > self.limits.max_incoming_bytes:
+        limits = self.limits
+        incoming = self._incoming
+        if incoming >= limits.max_incoming:
+            return f"more than {limits.max_incoming} requests outstanding"
+        if incoming:   # one request at a time always gets through
+            if self._incoming_bytes + size > limits.max_incoming_bytes:
                 return (f"requests in progress hold {self._incoming_bytes} bytes; {size} more would pass "
-                        f"this connection's {self.limits.max_incoming_bytes}")
-        budget = self.limits.budget
-        if budget is not None and not budget.take(size):
-            if self._incoming:
-                return (f"requests in progress on every connection hold {budget.used_bytes} bytes; {size} more "
-                        f"would pass the {budget.limit_bytes} they share")
-            budget.used_bytes += size   # the one request every connection may have
+                        f"this connection's {limits.max_incoming_bytes}")
+        budget = limits.budget
+        if budget is not None:
+            if budget.used_bytes + size <= budget.limit_bytes:   # budget.take(size), without a call per request
+                budget.used_bytes += size
+            else:
+                budget.refused += 1
+                if incoming:
+                    return (f"requests in progress on every connection hold {budget.used_bytes} bytes; {size} "
+                            f"more would pass the {budget.limit_bytes} they share")
+                budget.used_bytes += size   # the one request every connection may have
         self._incoming_bytes += size
         return None
 
     def _release(self, size: int) -> None:
         self._incoming_bytes -= size
-        if self.limits.budget is not None:
-            self.limits.budget.give(size)
+        budget = self.limits.budget
+        if budget is not None:
+            budget.used_bytes -= size   # budget.give(size)
 
     def _on_request(self, req_id: int, raw_type: int, body: Any, size: int = 0) -> None:
         entry = _REQUEST_TABLE.get(raw_type)
         if entry is None:
             self._send_error(req_id, raw_type, ErrorCode.UNKNOWN_TYPE, f"unknown request type {raw_type}")
             return
-        msg_type, req_cls, _ = entry
+        msg_type, decode = entry
         handler = self.requests.get(msg_type)
         if handler is None:
             self._send_error(req_id, raw_type, self._refusal_code(msg_type),
@@ -620,7 +637,7 @@ class RpcConnection(asyncio.Protocol):
             self._send_error(req_id, raw_type, ErrorCode.OVERLOADED, full)
             return
         try:
-            msg = req_cls.from_body(body)
+            msg = decode(body)
         except MessageError as exc:
             self._release(size)
             self._send_error(req_id, raw_type, exc.code, str(exc))
@@ -692,7 +709,8 @@ class RpcConnection(asyncio.Protocol):
             self._reply(req_id, raw_type, task.result())
 
     def _reply(self, req_id: int, raw_type: int, result: Message) -> None:
-        if self.is_closing:
+        transport = self.transport
+        if transport is None or transport.is_closing():   # self.is_closing, without a property call per reply
             return
         if not isinstance(result, Message):
             # A handler bug; answered as one instead of failing data_received,
@@ -724,7 +742,7 @@ class RpcConnection(asyncio.Protocol):
                 self.stray_replies += 1
             return
         fut, msg_type, reply_cls, _, _ = entry
-        if msg_type is not MsgType.PING:
+        if msg_type is not _PING_TYPE:
             self._active = True
         if fut.done():
             return
