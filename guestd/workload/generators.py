@@ -44,6 +44,7 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 
 from ..errors import GuestConfigError
+from .cdf import CdfTable
 
 __all__ = [
     "Workload", "DbWorkload", "ZipfWorkload", "AnonColdWorkload", "AnonHotWorkload",
@@ -101,11 +102,12 @@ class ZipfWorkload(_Region):
         w = np.arange(1, pages + 1, dtype=np.float64) ** -self.theta
         self._cdf = np.cumsum(w / w.sum())
         self._cdf[-1] = 1.0
+        self._rank_of = CdfTable(self._cdf)     # searchsorted(_cdf, u, side="right"), sooner
         # the hottest ranks land anywhere in the file, not at its start
         self._page_of_rank = (self.start + rng.permutation(pages)).astype(np.uint64)
 
     def next_batch(self, n: int) -> tuple[np.ndarray, np.ndarray]:
-        ranks = np.searchsorted(self._cdf, self.rng.random(n), side="right")
+        ranks = self._rank_of(self.rng.random(n))
         np.minimum(ranks, self.pages - 1, out=ranks)
         return self._page_of_rank[ranks], self._writes(n, self.write_frac)
 
@@ -363,6 +365,7 @@ class Mix:
         self._codes = any(isinstance(c, FullWrites) for c in self.components)   # write codes, not bools
         self._active: list[int] = []
         self._cdf = np.ones(1)
+        self._pick = CdfTable(self._cdf)
 
     def _pick_cdf(self, active: list[int]) -> np.ndarray:
         """The cumulative weights of ``active``, computed as ``Generator.choice(p=...)`` does, once per
@@ -371,7 +374,7 @@ class Mix:
             w = np.array([self.weights[i] for i in active])
             cdf = (w / w.sum()).cumsum()
             cdf /= cdf[-1]
-            self._active, self._cdf = active, cdf
+            self._active, self._cdf, self._pick = active, cdf, CdfTable(cdf)
         return self._cdf
 
     @property
@@ -390,7 +393,8 @@ class Mix:
             return self.components[active[0]].next_batch(n)
         # Exactly ``rng.choice(len(active), size=n, p=weights)`` (same draws, same picks), without
         # choice's per-call checks of p: this runs once per batch, every tick of every guest.
-        pick = self._pick_cdf(active).searchsorted(self.rng.random(n), side="right")
+        self._pick_cdf(active)
+        pick = self._pick(self.rng.random(n))     # = self._cdf.searchsorted(u, side="right")
         pages = np.empty(n, np.uint64)
         writes = np.empty(n, np.uint8 if self._codes else bool)
         keep: np.ndarray | None = None
