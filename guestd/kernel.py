@@ -96,6 +96,7 @@ _WIN_MIN = 256
 _WIN_MAX = 8192
 
 _FREE = int(FrameKind.FREE)
+_KEEP = np.uint64(KEEP_TOKEN)
 _FULL_WRITE = 2     # write code of a write that stores the whole page (guestd.workload.FULL_WRITE)
 # what the compiled core hands back (guestd/_paging.c)
 _OP_DONE, _OP_EPT, _OP_READ, _OP_WRITE, _OP_NO_VICTIM, _OP_SWAP_FULL, _OP_BAD_BLOCK, _OP_COW = range(8)
@@ -425,9 +426,10 @@ class GuestKernel:
                 if op == _OP_EPT:
                     gs = self._ept_gs[:a].copy()
                     tokens, done = await self._ept_fault(gs)
-                    tokens = np.array(tokens, np.uint64)
-                    keep = tokens == np.uint64(KEEP_TOKEN)
+                    tokens = np.ascontiguousarray(tokens, np.uint64)     # the core only reads them
+                    keep = tokens == _KEEP
                     if keep.any():   # already backed at the host: it never took the frame, our content stands
+                        tokens = tokens.copy()
                         tokens[keep] = self.frames.token[gs[keep].astype(np.int64)]
                     op, a, b = core.resume_ept(tokens, float(done))
                 elif op == _OP_COW:
@@ -950,10 +952,13 @@ class GuestKernel:
         if not self._hyp_fresh:
             return await self.hypervisor.ept_fault(gs, self.vt_us)
         g = gs.astype(np.int64)
-        fresh = (self.frames.vpage[g] < 0) & (self.frames.kind[g] == _FREE)
-        if not fresh.any():
+        fr = self.frames
+        fresh = fr.vpage[g] < 0
+        fresh &= fr.kind[g] == _FREE
+        n_fresh = int(np.count_nonzero(fresh))
+        if not n_fresh:
             return await self.hypervisor.ept_fault(gs, self.vt_us)
-        self.counters.ept_fresh_pages += int(np.count_nonzero(fresh))
+        self.counters.ept_fresh_pages += n_fresh
         return await self.hypervisor.ept_fault(gs, self.vt_us, fresh=fresh)
 
     def _resize_policy(self) -> None:
