@@ -102,6 +102,9 @@ _FULL_WRITE = 2     # write code of a write that stores the whole page (guestd.w
 _OP_DONE, _OP_EPT, _OP_READ, _OP_WRITE, _OP_NO_VICTIM, _OP_SWAP_FULL, _OP_BAD_BLOCK, _OP_COW = range(8)
 _ANON = int(FrameKind.ANON)
 _FILE = int(FrameKind.FILE)
+_BALLOON = int(FrameKind.BALLOON)
+_KERNEL = int(FrameKind.KERNEL)
+_N_KINDS = len(FrameKind)
 
 # GuestKernel._ks: the kernel's scalar state, shared with the compiled core (its KS_NAMES)
 _KS_NAMES = ("free_lo", "n_free", "soft_head", "soft_tail")
@@ -1554,10 +1557,10 @@ class GuestKernel:
     def stats(self) -> dict[str, int | float]:
         """Cumulative counters and current gauges (virtio-balloon's, plus ours); JSON-serialisable."""
         fr = self.frames
-        kinds = np.bincount(fr.kind, minlength=len(FrameKind))
-        free = int(kinds[FrameKind.FREE])
-        file_pages = int(kinds[FrameKind.FILE])
-        out: dict[str, int | float] = dict(self.counters.as_dict())
+        kinds = np.bincount(fr.kind, minlength=_N_KINDS).tolist()
+        free = kinds[_FREE]
+        file_pages = kinds[_FILE]
+        out: dict[str, int | float] = self.counters.as_dict()    # a new dict
         self._ra_resolve()
         out.update(self.bg.as_dict())
         c = self.counters
@@ -1568,13 +1571,13 @@ class GuestKernel:
             total=self.config.ram_pages,
             available=free + file_pages,
             caches=file_pages,
-            anon_pages=int(kinds[FrameKind.ANON]),
+            anon_pages=kinds[_ANON],
             file_pages=file_pages,
-            balloon_pages=int(kinds[FrameKind.BALLOON]),
-            kernel_pages=int(kinds[FrameKind.KERNEL]),
+            balloon_pages=kinds[_BALLOON],
+            kernel_pages=kinds[_KERNEL],
             soft_cached_pages=int(np.count_nonzero(self.pt.cached >= 0)),
             discarded_pages=self.discarded_pages,
-            unbacked_pages=int(np.count_nonzero(~fr.backed)),
+            unbacked_pages=fr.n - int(np.count_nonzero(fr.backed)),
             shared_pages=int(np.count_nonzero(fr.wp)),
             cow_faults=self.cow_faults,
             share_protected=self.share_protected,

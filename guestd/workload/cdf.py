@@ -16,7 +16,7 @@ import numpy as np
 __all__ = ["CdfTable"]
 
 _MIN_BUCKETS = 1 << 10
-_MAX_BUCKETS = 1 << 16       # 256 KiB of int32: a larger CDF sends more keys to the search instead
+_MAX_BUCKETS = 1 << 16       # a larger CDF sends more keys to the search instead
 _SEARCH = -1                 # a bucket with a CDF entry inside: its keys need the search
 
 
@@ -40,7 +40,9 @@ class CdfTable:
         self.buckets = k
         at_edges = self.cdf.searchsorted(np.arange(k + 1, dtype=np.float64) / k, side="right")
         answer = np.where(at_edges[:-1] == at_edges[1:], at_edges[:-1], _SEARCH)
-        self._answer = answer.astype(np.int32 if self.cdf.size < 2**31 else np.int64)
+        # the narrowest type for answers 0..size (and the -1 mark): a table that stays in cache
+        small = np.int16 if self.cdf.size < 2**15 else np.int32 if self.cdf.size < 2**31 else np.int64
+        self._answer = answer.astype(small)
 
     def __call__(self, u: np.ndarray) -> np.ndarray:
         """The index of each draw (``intp``), as ``searchsorted(cdf, u, side="right")``."""
