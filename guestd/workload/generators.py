@@ -365,7 +365,6 @@ class Mix:
         self._codes = any(isinstance(c, FullWrites) for c in self.components)   # write codes, not bools
         self._active: list[int] = []
         self._cdf = np.ones(1)
-        self._pick = CdfTable(self._cdf)
 
     def _pick_cdf(self, active: list[int]) -> np.ndarray:
         """The cumulative weights of ``active``, computed as ``Generator.choice(p=...)`` does, once per
@@ -374,7 +373,7 @@ class Mix:
             w = np.array([self.weights[i] for i in active])
             cdf = (w / w.sum()).cumsum()
             cdf /= cdf[-1]
-            self._active, self._cdf, self._pick = active, cdf, CdfTable(cdf)
+            self._active, self._cdf = active, cdf
         return self._cdf
 
     @property
@@ -393,8 +392,7 @@ class Mix:
             return self.components[active[0]].next_batch(n)
         # Exactly ``rng.choice(len(active), size=n, p=weights)`` (same draws, same picks), without
         # choice's per-call checks of p: this runs once per batch, every tick of every guest.
-        self._pick_cdf(active)
-        pick = self._pick(self.rng.random(n))     # = self._cdf.searchsorted(u, side="right")
+        pick = self._pick_cdf(active).searchsorted(self.rng.random(n), side="right")
         pages = np.empty(n, np.uint64)
         writes = np.empty(n, np.uint8 if self._codes else bool)
         keep: np.ndarray | None = None
