@@ -96,11 +96,15 @@ _WIN_MIN = 256
 _WIN_MAX = 8192
 
 _FREE = int(FrameKind.FREE)
+_KEEP = np.uint64(KEEP_TOKEN)
 _FULL_WRITE = 2     # write code of a write that stores the whole page (guestd.workload.FULL_WRITE)
 # what the compiled core hands back (guestd/_paging.c)
 _OP_DONE, _OP_EPT, _OP_READ, _OP_WRITE, _OP_NO_VICTIM, _OP_SWAP_FULL, _OP_BAD_BLOCK, _OP_COW = range(8)
 _ANON = int(FrameKind.ANON)
 _FILE = int(FrameKind.FILE)
+_BALLOON = int(FrameKind.BALLOON)
+_KERNEL = int(FrameKind.KERNEL)
+_N_KINDS = len(FrameKind)
 
 # GuestKernel._ks: the kernel's scalar state, shared with the compiled core (its KS_NAMES)
 _KS_NAMES = ("free_lo", "n_free", "soft_head", "soft_tail")
@@ -345,8 +349,10 @@ class GuestKernel:
                 self._deadline_us = math.inf if deadline_us is None else deadline_us
                 if self._bg_on:
                     done = await self._run_with_background(p, w, deadline_us, full)
+                elif self._core is not None:      # (``_run``, one coroutine less on every request's way)
+                    done = await self._run_compiled(p, w, deadline_us, full)
                 else:
-                    done = await self._run(p, w, deadline_us, full)
+                    done = await self._run_reference(p, w, deadline_us, full)
         self._maybe_end_period()
         return done
 
@@ -419,15 +425,17 @@ class GuestKernel:
         """The batch in the compiled core; here only what it hands back to be awaited."""
         core = self._core
         refs0 = self.counters.refs      # the reference a fault is for: refs0 + those completed since
+        read_one = self._plain_read_one()
         try:
             op, a, b = core.start(np.ascontiguousarray(p), np.ascontiguousarray(w), deadline_us)
             while op != _OP_DONE:
                 if op == _OP_EPT:
                     gs = self._ept_gs[:a].copy()
                     tokens, done = await self._ept_fault(gs)
-                    tokens = np.array(tokens, np.uint64)
-                    keep = tokens == np.uint64(KEEP_TOKEN)
+                    tokens = np.ascontiguousarray(tokens, np.uint64)     # the core only reads them
+                    keep = tokens == _KEEP
                     if keep.any():   # already backed at the host: it never took the frame, our content stands
+                        tokens = tokens.copy()
                         tokens[keep] = self.frames.token[gs[keep].astype(np.int64)]
                     op, a, b = core.resume_ept(tokens, float(done))
                 elif op == _OP_COW:
@@ -445,7 +453,10 @@ class GuestKernel:
                         c.minor_faults += 1
                         c.refault_reads -= evicted
                         continue
-                    tok, done = await self._disk_read(int(a))
+                    if read_one is not None:
+                        tok, done = await read_one(int(a), self.vt_us)
+                    else:
+                        tok, done = await self._disk_read(int(a))
                     op, a, b = core.resume_read(tok, done)
                 elif op == _OP_WRITE:
                     done = await self.blockdev.write(np.array([a], np.int64), np.array([b], np.uint64), self.vt_us)
@@ -950,10 +961,13 @@ class GuestKernel:
         if not self._hyp_fresh:
             return await self.hypervisor.ept_fault(gs, self.vt_us)
         g = gs.astype(np.int64)
-        fresh = (self.frames.vpage[g] < 0) & (self.frames.kind[g] == _FREE)
-        if not fresh.any():
+        fr = self.frames
+        fresh = fr.vpage[g] < 0
+        fresh &= fr.kind[g] == _FREE
+        n_fresh = int(np.count_nonzero(fresh))
+        if not n_fresh:
             return await self.hypervisor.ept_fault(gs, self.vt_us)
-        self.counters.ept_fresh_pages += int(np.count_nonzero(fresh))
+        self.counters.ept_fresh_pages += n_fresh
         return await self.hypervisor.ept_fault(gs, self.vt_us, fresh=fresh)
 
     def _resize_policy(self) -> None:
@@ -1224,6 +1238,18 @@ class GuestKernel:
             self._kswapd_awake = False
 
     # ------------------------------------------------------------------ readahead
+
+    def _plain_read_one(self) -> Callable[[int, float], Awaitable[tuple[int, float]]] | None:
+        """The device's one-block read when a fault's read is nothing more (no readahead), bound; else None.
+
+        ``_disk_read`` without readahead is exactly this call; the compiled
+        path awaits it directly, one coroutine fewer per request.
+        """
+        if self._ra is not None:
+            return None
+        bd = self.blockdev
+        read_one = getattr(type(bd), "read_one", None)
+        return None if read_one is None else read_one.__get__(bd)
 
     async def _disk_read(self, blk: int) -> tuple[int, float]:
         """A fault's read of block ``blk``: the token and the completion; with readahead, its window too."""
@@ -1531,10 +1557,10 @@ class GuestKernel:
     def stats(self) -> dict[str, int | float]:
         """Cumulative counters and current gauges (virtio-balloon's, plus ours); JSON-serialisable."""
         fr = self.frames
-        kinds = np.bincount(fr.kind, minlength=len(FrameKind))
-        free = int(kinds[FrameKind.FREE])
-        file_pages = int(kinds[FrameKind.FILE])
-        out: dict[str, int | float] = dict(self.counters.as_dict())
+        kinds = np.bincount(fr.kind, minlength=_N_KINDS).tolist()
+        free = kinds[_FREE]
+        file_pages = kinds[_FILE]
+        out: dict[str, int | float] = self.counters.as_dict()    # a new dict
         self._ra_resolve()
         out.update(self.bg.as_dict())
         c = self.counters
@@ -1545,13 +1571,13 @@ class GuestKernel:
             total=self.config.ram_pages,
             available=free + file_pages,
             caches=file_pages,
-            anon_pages=int(kinds[FrameKind.ANON]),
+            anon_pages=kinds[_ANON],
             file_pages=file_pages,
-            balloon_pages=int(kinds[FrameKind.BALLOON]),
-            kernel_pages=int(kinds[FrameKind.KERNEL]),
+            balloon_pages=kinds[_BALLOON],
+            kernel_pages=kinds[_KERNEL],
             soft_cached_pages=int(np.count_nonzero(self.pt.cached >= 0)),
             discarded_pages=self.discarded_pages,
-            unbacked_pages=int(np.count_nonzero(~fr.backed)),
+            unbacked_pages=fr.n - int(np.count_nonzero(fr.backed)),
             shared_pages=int(np.count_nonzero(fr.wp)),
             cow_faults=self.cow_faults,
             share_protected=self.share_protected,

@@ -53,12 +53,15 @@ class PsiMeter:
         """
         if self.paused:
             return 0.0
-        start_us = max(float(start_us), self._last_us)
+        start_us = float(start_us)
+        if start_us < self._last_us:
+            start_us = self._last_us
         end_us = float(end_us)
-        if end_us <= start_us:
+        if start_us >= self._period_end_us:    # (``advance``; nearly every request stays inside its period)
             self.advance(start_us)
+        if end_us <= start_us:
+            self._last_us = start_us
             return 0.0
-        self.advance(start_us)
         counted = end_us - start_us
         while end_us >= self._period_end_us:
             self._in_period_us += self._period_end_us - start_us

@@ -132,7 +132,11 @@ class RemoteHypervisor:
 
     async def ept_fault(self, gpfns: np.ndarray, vt_us: float,
                         fresh: np.ndarray | None = None) -> tuple[np.ndarray, float]:
-        bits = b"" if fresh is None or not np.any(fresh) else np.packbits(np.asarray(fresh, bool)).tobytes()
+        bits = b""
+        if fresh is not None:
+            fresh = np.asarray(fresh, bool)
+            if fresh.any():
+                bits = np.packbits(fresh).tobytes()
         reply = await self.link.call(EptFault(_u64(gpfns), float(vt_us), bits), float(vt_us), stall=True)
         assert isinstance(reply, EptFaultReply)
         return reply.tokens, reply.done_vt_us

@@ -185,7 +185,7 @@ class GuestSessionState:
             self.send_tick_done(tick, float(vt_us), stats, accessed.tobytes(), dirty.tobytes())
 
     def stats(self) -> dict[str, Any]:
-        s = dict(self.kernel.stats())
+        s = self.kernel.stats()     # a new dict each time
         s.update(self.balloon.stats())
         s.update(self.psi.stats())
         if self.reporter is not None:

@@ -75,3 +75,26 @@ def test_kernel_reads_through_a_forwarding_wrapper_with_its_read() -> None:
     k.blockdev = dev
     assert asyncio.run(GuestKernel._disk_read(k, 9)) == (1009, 10.0)   # type: ignore[arg-type]
     assert wrapped.reads == 1
+
+
+def test_compiled_path_reads_one_block_as_disk_read_does() -> None:
+    """``_plain_read_one`` (what the compiled path awaits) is ``_disk_read``'s own choice without readahead."""
+    from balloonlab.guestd.kernel import GuestKernel
+
+    dev, _ = _device()
+    wrapped = _Forwarding(dev)
+
+    class _K:
+        _ra: Any = None
+        vt_us = 3.0
+        blockdev: Any = None
+
+    k = _K()
+    k.blockdev = dev
+    read_one = GuestKernel._plain_read_one(k)   # type: ignore[arg-type]
+    assert read_one is not None
+    assert asyncio.run(read_one(9, k.vt_us)) == asyncio.run(GuestKernel._disk_read(k, 9)) == (1009, 10.0)   # type: ignore[arg-type]
+    k.blockdev = wrapped                     # the wrapper's class has no read_one: its read() is used
+    assert GuestKernel._plain_read_one(k) is None   # type: ignore[arg-type]
+    k.blockdev, k._ra = dev, object()        # readahead must see every read
+    assert GuestKernel._plain_read_one(k) is None   # type: ignore[arg-type]

@@ -44,6 +44,7 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 
 from ..errors import GuestConfigError
+from .cdf import CdfTable
 
 __all__ = [
     "Workload", "DbWorkload", "ZipfWorkload", "AnonColdWorkload", "AnonHotWorkload",
@@ -101,11 +102,12 @@ class ZipfWorkload(_Region):
         w = np.arange(1, pages + 1, dtype=np.float64) ** -self.theta
         self._cdf = np.cumsum(w / w.sum())
         self._cdf[-1] = 1.0
+        self._rank_of = CdfTable(self._cdf)     # searchsorted(_cdf, u, side="right"), sooner
         # the hottest ranks land anywhere in the file, not at its start
         self._page_of_rank = (self.start + rng.permutation(pages)).astype(np.uint64)
 
     def next_batch(self, n: int) -> tuple[np.ndarray, np.ndarray]:
-        ranks = np.searchsorted(self._cdf, self.rng.random(n), side="right")
+        ranks = self._rank_of(self.rng.random(n))
         np.minimum(ranks, self.pages - 1, out=ranks)
         return self._page_of_rank[ranks], self._writes(n, self.write_frac)
 
