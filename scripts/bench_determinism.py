@@ -352,7 +352,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     unknown = [n for n in args.names if n not in known]
     if unknown:
         ap.error(f"unknown scenario(s) {unknown}; shipped: {known}")
-    out = args.src or args.out or Path("runs") / f"determinism-{time.strftime('%Y%m%d-%H%M%S')}"
+    # Absolute: an --against run starts the other checkout in its own directory.
+    out = (args.src or args.out or Path("runs") / f"determinism-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
     names = args.names or known
     if args.src is None:
         out.mkdir(parents=True, exist_ok=True)
