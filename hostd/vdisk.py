@@ -530,19 +530,7 @@ class VirtualDisk:
             f = self._v_loc[block]
         elif cp == 1:
             # ``_load_cluster_of`` a cluster of one block, with ``_cache_in_one`` and ``_lru_push``
-            pool = self.pool
-            f = pool.alloc_one(_CACHE_KIND, self.guest_id, block, self._v_tokens[block])
-            if f < 0:
-                raise InvariantViolation(f"vdisk {self.guest_id}: host memory made room for too few cache frames")
-            pool.pinned_mv[f] = self._v_pinned[block]
-            if not cached[cl]:
-                heappush(self._lru, (stamps[cl], cl))
-                if len(self._lru) > 2 * self.cached_pages + 256:
-                    self._lru_rebuild()
-            cached[cl] += 1
-            self.cached_pages += 1
-            self._v_state[block] = _FRAME
-            self._v_loc[block] = f
+            f = self._cache_block(block, cl)
             done = self.device.submit(self.guest_id, start, 1, write=False, offset=self.offset_base + block)
             if not done > start:
                 done = start
@@ -696,18 +684,7 @@ class VirtualDisk:
             f = self._v_loc[block]
         else:
             # ``_cache_in_one``, with ``_lru_push``
-            f = pool.alloc_one(_CACHE_KIND, self.guest_id, block, self._v_tokens[block])
-            if f < 0:
-                raise InvariantViolation(f"vdisk {self.guest_id}: host memory made room for too few cache frames")
-            pool.pinned_mv[f] = self._v_pinned[block]
-            if not cached[cl]:
-                heappush(self._lru, (stamps[cl], cl))
-                if len(self._lru) > 2 * self.cached_pages + 256:
-                    self._lru_rebuild()
-            cached[cl] += 1
-            self.cached_pages += 1
-            self._v_state[block] = _FRAME
-            self._v_loc[block] = f
+            f = self._cache_block(block, cl)
         self._v_tokens[block] = token
         pool.token_mv[f] = token
         done = start + self.costs.page_copy_us
@@ -845,6 +822,24 @@ class VirtualDisk:
         self.cached_pages += int(blocks.size)
         self.cache_state[blocks] = _FRAME
         self.cache_loc[blocks] = frames
+
+    def _cache_block(self, block: int, cl: int) -> int:
+        """``_cache_in_one`` of ``block`` (in cluster ``cl``) through the memoryviews, ``_lru_push`` inline:
+        the one-block read and write paths' cache-in; returns the frame."""
+        f = self.pool.alloc_one(_CACHE_KIND, self.guest_id, block, self._v_tokens[block])
+        if f < 0:
+            raise InvariantViolation(f"vdisk {self.guest_id}: host memory made room for too few cache frames")
+        self.pool.pinned_mv[f] = self._v_pinned[block]
+        cached = self._v_cached
+        if not cached[cl]:
+            heappush(self._lru, (self._v_stamp[cl], cl))
+            if len(self._lru) > 2 * self.cached_pages + 256:
+                self._lru_rebuild()
+        cached[cl] += 1
+        self.cached_pages += 1
+        self._v_state[block] = _FRAME
+        self._v_loc[block] = f
+        return f
 
     def _cache_in_one(self, block: int) -> int:
         """``_cache_in`` of one block, in scalars (the same frame); returns the frame."""
