@@ -25,7 +25,11 @@ def _plain(item: object) -> object:
     if isinstance(item, Exception):
         return (type(item), str(item))
     if isinstance(item, float) and math.isnan(item):
-        return "nan"
+        return "nan"     # nan != nan: compared by name, also inside containers
+    if isinstance(item, (list, tuple)):
+        return [_plain(x) for x in item]
+    if isinstance(item, dict):
+        return {repr(k): _plain(v) for k, v in item.items()}
     return item
 
 
