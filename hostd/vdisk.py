@@ -523,7 +523,6 @@ class VirtualDisk:
             c.swap_area_read_pages += 1
         cp = self.cluster_pages
         cl = block // cp
-        stamps, cached = self._v_stamp, self._v_cached
         if self._v_state[block] != _NOT_CACHED:
             done = start + self.costs.page_copy_us
             c.cache_hit_pages += 1
@@ -548,13 +547,7 @@ class VirtualDisk:
             self._inflight_frames.append(_NO_FRAMES)
             c.cache_miss_pages += 1
             f = self._v_loc[block]
-        stamp = float(vt_us)
-        if stamps[cl] != stamp:                     # ``_touch_cluster``
-            stamps[cl] = stamp
-            if cached[cl]:
-                heappush(self._lru, (stamp, cl))    # ``_lru_push``
-                if len(self._lru) > 2 * self.cached_pages + 256:
-                    self._lru_rebuild()
+        self._touch_cluster(cl, float(vt_us))
         return self.pool.token[f:f + 1].copy(), done
 
     def _load_cluster_of(self, block: int, start_us: float) -> float:
@@ -678,7 +671,6 @@ class VirtualDisk:
         if lo <= block < hi:
             c.swap_area_write_pages += 1
         cl = block // cp
-        stamps, cached = self._v_stamp, self._v_cached
         pool = self.pool
         if hit:
             f = self._v_loc[block]
@@ -707,13 +699,7 @@ class VirtualDisk:
                 wb_done = self.write_back_oldest(self.dirty_pages - self.dirty_background_pages, start)
                 if wb_done > done:
                     done = wb_done
-        stamp = float(vt_us)
-        if stamps[cl] != stamp:                     # ``_touch_cluster``
-            stamps[cl] = stamp
-            if cached[cl]:
-                heappush(self._lru, (stamp, cl))    # ``_lru_push``
-                if len(self._lru) > 2 * self.cached_pages + 256:
-                    self._lru_rebuild()
+        self._touch_cluster(cl, float(vt_us))
         if writethrough:
             self._inflight_done_us.append(done)     # ``_hold``
             self._inflight_frames.append(_NO_FRAMES)
