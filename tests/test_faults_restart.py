@@ -7,6 +7,13 @@ guest with fresh memory and a fresh disk, in the barrier from its first
 tick, audited at the end like the others. Meanwhile a second process
 claiming guest 0, which is alive, is refused with DUPLICATE_GUEST and
 exits 4.
+
+Both joins race the run: a tiny run's remaining ticks take well under the
+second a Python process needs to start. So the test holds the run while
+they happen: guest 1 is stopped from outside (SIGSTOP) once the victim is
+stopped, which keeps every tick barrier waiting for it (its
+``unresponsive_s`` is far away), and is continued (SIGCONT) only after the
+host has logged the restarted guest's join and the duplicate's refusal.
 """
 from __future__ import annotations
 
@@ -18,26 +25,32 @@ import time
 
 import pytest
 
-from tests.rawclient import REPO, HostProcess, guest_token, proc_state, run_config
+from tests.rawclient import REPO, HostProcess, guest_token, proc_state, run_config, wait_stopped
 
 pytestmark = pytest.mark.multiprocess
 
 TICKS = 250
 VICTIM = 2
+HOLDER = 1
 
 
 @pytest.mark.timeout(300)
 def test_a_restarted_guest_rejoins_and_a_live_duplicate_is_refused() -> None:
-    cfg = run_config("tests-tiny", guests=3, ticks=TICKS, connect_timeout_s=60.0)
+    cfg = run_config("tests-tiny", guests=3, ticks=TICKS, connect_timeout_s=60.0, unresponsive_s=240.0)
     h = HostProcess(cfg)
     try:
+        holder = None
         for gid in (0, 1):
-            h.start_guest(gid)
+            started = h.start_guest(gid)
+            holder = started if gid == HOLDER else holder
         old = h.start_guest(VICTIM, {"BALLOONLAB_PAUSE_AT": f"{VICTIM}:ept_fault@20"})
         deadline = time.monotonic() + 60.0
         while proc_state(old.pid) != "T":
             assert time.monotonic() < deadline and old.poll() is None, "the victim never reached its fault point"
             time.sleep(0.005)
+        # The stopped victim holds the tick open; the stopped holder keeps every later one open.
+        os.kill(holder.pid, signal.SIGSTOP)
+        wait_stopped(holder.pid, 30.0)
         os.kill(old.pid, signal.SIGKILL)
         assert old.wait(10) == -signal.SIGKILL
         # The host notices the broken connection and releases the session; then the id is free again.
@@ -45,6 +58,12 @@ def test_a_restarted_guest_rejoins_and_a_live_duplicate_is_refused() -> None:
         dup = subprocess.run([sys.executable, "-m", "balloonlab.guestd", "--address", h.sock, "--guest-id", "0"], cwd=REPO,
                              env={**h.env, "BALLOONLAB_TOKEN": guest_token(0)}, capture_output=True, text=True,
                              timeout=60)
+        deadline = time.monotonic() + 60.0
+        while not [e for e in h.events("guest_connected") if e["guest"] == VICTIM and e["rejoined"]]:
+            assert time.monotonic() < deadline and h.proc.poll() is None and new.poll() is None, \
+                "the restarted guest never joined"
+            time.sleep(0.01)
+        os.kill(holder.pid, signal.SIGCONT)
         rc = h.wait(120)
         assert new.wait(30) == 0
     finally:
