@@ -13,7 +13,10 @@ ballooning / host-swap throughput ratio.
 ``--anchor DIR`` also runs the same command in another checkout of the
 project (with its own ``DIR/.venv``, e.g. an export of main before a
 change), first, in the same benchmark run, and prints this checkout's
-virtual seconds per wall second as a ratio of the anchor's.
+virtual seconds per wall second as a ratio of the anchor's. The anchor may
+be from before the package layout (its launcher ``scripts/launch.py``):
+an export of the code as it was when the speed targets were set, e.g.
+``git archive bf5efbc``, is run as it ran then (``scripts/bench_checkout.py``).
 
 It also reads the host's and the guests' CPU from ``/proc`` while the run
 goes (every 0.2 s) and prints the host's CPU per request served (EPT
@@ -36,6 +39,8 @@ import threading
 import time
 from pathlib import Path
 from typing import Any, Sequence
+
+from scripts.bench_checkout import launcher_argv, process_role
 
 __all__ = ["main", "TARGET_S"]
 
@@ -93,10 +98,9 @@ class _CpuSampler:
                 try:
                     if pid not in self.cpu_s:
                         cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-                        role = ("host" if "balloonlab.hostd" in cmd else "guest" if "balloonlab.guestd" in cmd
-                                else None)
-                        if role is None or self.run_dir not in cmd:
-                            if "balloonlab.forkserver" not in cmd:   # a fresh fork shows the server's at first
+                        role = process_role(cmd)
+                        if role not in ("host", "guest") or self.run_dir not in cmd:
+                            if role != "forkserver":   # a fresh fork shows the server's at first
                                 self._others.add(pid)
                             continue
                     else:
@@ -140,7 +144,7 @@ def _launch(args: argparse.Namespace, repo: Path, python: Path
             ) -> tuple[float, dict[str, Any], Path, dict[str, float]] | None:
     """One launcher run of the scenario from checkout ``repo``: (wall s, summary.json, run dir, CPU s by role)."""
     run_dir = Path(tempfile.mkdtemp(prefix="bl-ioamp-", dir="/tmp")) / "run"
-    cmd = [str(python), "-m", "balloonlab.launch", "--scenario", args.scenario, "--guests", str(args.guests),
+    cmd = [*launcher_argv(repo, python), "--scenario", args.scenario, "--guests", str(args.guests),
            "--run-dir", str(run_dir), "--no-report"]
     if args.seed is not None:
         cmd += ["--seed", str(args.seed)]

@@ -15,7 +15,9 @@ then exec/fork ratios per guest count, the curve as a table (wall seconds
 per virtual second per guest count and mode, with its growth from the
 count before), and with ``--anchor DIR`` the fork-mode wall time of
 another checkout (its own ``.venv``) at ``--anchor-guests`` counts, run
-first in the same benchmark run, as a ratio. Targets: 256 guests run the
+first in the same benchmark run, as a ratio (an anchor from before the
+package layout, e.g. an export of bf5efbc, runs its ``scripts/launch.py``
+and starts its guests as it did then). Targets: 256 guests run the
 ticks with lost pages 0; guest private memory under 20 MiB each; 64
 guests >= 10x the original code's speed.
 
@@ -38,21 +40,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+from scripts.bench_checkout import launcher_argv, launcher_source, process_role
+
 REPO = Path(__file__).resolve().parent.parent
 
 __all__ = ["main", "run_one"]
 
 EXEC_GUEST_MIB_ESTIMATE = 48.0   # RSS of an exec'd idle guest (measured: 46-50 MiB)
-
-
-def _role(cmd: str) -> str | None:
-    if "-m balloonlab.hostd" in cmd:
-        return "host"
-    if "-m balloonlab.guestd" in cmd:
-        return "guest"
-    if "-m balloonlab.forkserver" in cmd:
-        return "forkserver"
-    return None
 
 
 def _run_procs(run_dir: str, others: set[int], known: dict[int, str]) -> dict[int, str]:
@@ -70,7 +64,7 @@ def _run_procs(run_dir: str, others: set[int], known: dict[int, str]) -> dict[in
                 cmd = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
             except (FileNotFoundError, ProcessLookupError, PermissionError):
                 continue
-            role = _role(cmd) if run_dir in cmd else None
+            role = process_role(cmd) if run_dir in cmd else None
             if role is not None:
                 out[int(entry)] = role
             else:
@@ -150,9 +144,9 @@ def run_one(guests: int, ticks: int, mode: str, scenario: str = "scale", timeout
     """One launcher run from checkout ``repo`` (its own ``.venv`` unless it is this one); its numbers."""
     run_dir = Path(tempfile.mkdtemp(prefix=f"bench-scale-{mode}-{guests}-", dir="/tmp"))
     python = sys.executable if repo == REPO else str(repo / ".venv" / "bin" / "python")
-    cmd = [python, "-m", "balloonlab.launch", "--scenario", scenario, "--guests", str(guests),
+    cmd = [*launcher_argv(repo, python), "--scenario", scenario, "--guests", str(guests),
            "--ticks", str(ticks), "--run-dir", str(run_dir), "--no-report"]
-    if repo == REPO or "--guest-start" in (repo / "balloonlab" / "launch.py").read_text():
+    if repo == REPO or "--guest-start" in launcher_source(repo).read_text():
         cmd += ["--guest-start", mode]   # (an anchor from before the fork server exec's its guests)
     sampler = _Sampler(str(run_dir))
     load0 = os.getloadavg()[0]
