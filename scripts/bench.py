@@ -1,4 +1,4 @@
-"""Benchmarks: ``python scripts/bench.py [rpc|paging|traces|scale|balloon|ioamp|analyze|soak|readme|clocks|determinism|all] [options]``.
+"""Benchmarks: ``python scripts/bench.py [rpc|paging|traces|scale|balloon|ioamp|analyze|soak|readme|clocks|determinism|targets|all] [options]``.
 
 Each subcommand is a module with ``main(argv) -> int``, imported only when
 asked for, so one missing or broken benchmark does not stop the others:
@@ -35,6 +35,10 @@ asked for, so one missing or broken benchmark does not stop the others:
   and variant, small, run quiet, with the CPUs loaded and with exec-started
   guests: every deterministic count in summary.json compared, scenario x
   variant -> same / DIFFERENT. Minutes; ``all`` skips it.
+- ``targets``: ``scripts.bench_targets`` -- traces, ioamp and the scale
+  curve (4 to 256 guests) in turn, then one table of the engine's speed and
+  memory targets, each against ``--anchor DIR`` (the code when the targets
+  were set) measured in the same run. Many minutes; ``all`` skips it.
 - ``all``: each of the above in turn with its defaults.
 
 Options after the subcommand go to that benchmark (``bench.py rpc --help``).
@@ -72,6 +76,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "clocks": ("scripts.bench_clocks", "every shipped scenario, small: guests' clocks vs the host's at tick ends"),
     "determinism": ("scripts.bench_determinism", "every shipped scenario and variant, small: same counts quiet, "
                     "loaded and exec-started"),
+    "targets": ("scripts.bench_targets", "the engine's speed and memory targets in one table, against --anchor"),
 }
 """Subcommand -> (module with ``main(argv) -> int``, one-line description)."""
 
@@ -111,7 +116,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             ap.error("'all' takes no options; run one benchmark to pass options")
         status = 0
         for name in BENCHMARKS:
-            if name in ("soak", "hog", "readme", "clocks", "determinism"):
+            if name in ("soak", "hog", "readme", "clocks", "determinism", "targets"):
                 continue  # hours at its defaults, or the machine saturated on purpose: run them on their own
             print(f"=== {name} ===", flush=True)
             try:

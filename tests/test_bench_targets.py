@@ -1,0 +1,59 @@
+"""bench.py targets turns the benchmarks' JSON into the targets table (the benchmarks themselves faked here)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from scripts import bench_targets as bt
+
+
+def _row(guests: int, wall: float, priv: float, lost: int = 0, ticks: int = 100) -> dict:
+    return {"guests": guests, "mode": "fork", "exit": 0, "wall_s": wall, "ticks_done": ticks, "status": "completed",
+            "lost_pages": lost, "wall_s_per_vs": wall, "guest_private_mib": {"max": priv, "median": priv - 0.2}}
+
+
+def test_scale_targets_ratio_memory_and_completion(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def fake_run(argv: list[str]) -> int:
+        assert "--anchor-guests" in argv
+        out = Path(argv[argv.index("--json") + 1])
+        out.write_text(json.dumps({"rows": [_row(64, 5.0, 10.0), _row(256, 20.0, 21.5, lost=0)],
+                                   "anchor": {"64": _row(64, 40.0, 24.0)}}))
+        return 0
+    monkeypatch.setattr(bt, "_run", fake_run)
+    got = {t.what: t for t in bt.scale_targets(tmp_path, Path("/anchor"), "64,256")}
+    speed = got["scale, 64 guests, 100 ticks: speed vs the anchor"]
+    assert speed.value == pytest.approx(8.0) and speed.met is False
+    assert got["256 guests run 100 ticks, nothing lost"].met is True
+    mem = got["256 guests: private memory per guest (peak, max)"]
+    assert mem.value == 21.5 and mem.met is False
+
+
+def test_a_lost_page_fails_the_run_target(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def fake_run(argv: list[str]) -> int:
+        Path(argv[argv.index("--json") + 1]).write_text(json.dumps({"rows": [_row(4, 1.0, 9.0, lost=3)],
+                                                                    "anchor": {}}))
+        return 0
+    monkeypatch.setattr(bt, "_run", fake_run)
+    got = {t.what: t for t in bt.scale_targets(tmp_path, None, "4")}
+    assert got["4 guests run 100 ticks, nothing lost"].met is False
+    assert "no --anchor" in got["scale, 64 guests, 100 ticks: speed vs the anchor"].shown
+
+
+def test_ioamp_targets_from_its_json(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def fake_run(argv: list[str]) -> int:
+        Path(argv[argv.index("--json") + 1]).write_text(json.dumps({
+            "total_wall_s": 8.0, "variants": {"a": {"virtual_s": 4.0}, "b": {"virtual_s": 4.0}},
+            "anchor_vs_per_ws": 0.25, "host_cpu_us_per_request": 45.0, "echo_server_cpu_us_per_round_trip": 25.0}))
+        return 0
+    monkeypatch.setattr(bt, "_run", fake_run)
+    vs, cpu = bt.ioamp_targets(tmp_path, Path("/anchor"))
+    assert vs.value == pytest.approx(4.0) and vs.met is False
+    assert cpu.value == pytest.approx(1.8) and cpu.met is True
+
+
+def test_a_benchmark_that_did_not_run_is_not_measured(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(bt, "_run", lambda argv: 2)
+    vs, cpu = bt.ioamp_targets(tmp_path, Path("/anchor"))
+    assert vs.value is None and vs.met is None and cpu.met is None
