@@ -74,7 +74,9 @@ def traces_targets(out: Path) -> list[Target]:
     except ValueError:
         rows = []
     (out / "traces.json").write_text(json.dumps(rows))
-    ratios = [(v, r["program"], k) for r in rows for k, v in r.items() if k.endswith("_ratio")]
+    # kernel_<policy>_ratio is refs/s against libCacheSim's; kernel_<policy>_miss_ratio is a miss ratio.
+    ratios = [(v, r["program"], k) for r in rows for k, v in r.items()
+              if k.startswith("kernel_") and k.endswith("_ratio") and not k.endswith("_miss_ratio")]
     if proc.returncode != 0 or not ratios:
         return [Target("guest kernel path vs libCacheSim Clock (refs/s)", ">= 0.5x", None,
                        f"not measured (bench traces exit {proc.returncode})", None)]

@@ -57,3 +57,17 @@ def test_a_benchmark_that_did_not_run_is_not_measured(tmp_path: Path, monkeypatc
     monkeypatch.setattr(bt, "_run", lambda argv: 2)
     vs, cpu = bt.ioamp_targets(tmp_path, Path("/anchor"))
     assert vs.value is None and vs.met is None and cpu.met is None
+
+
+def test_traces_targets_take_the_speed_ratios_not_the_miss_ratios(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    rows = [{"program": "sort", "miss_ratio": 0.02, "kernel_clock_mrefs_s": 30.0, "kernel_clock_miss_ratio": 0.02,
+             "kernel_clock_ratio": 0.9, "kernel_esc_miss_ratio": 0.01, "kernel_esc_ratio": 0.6},
+            {"program": "ls", "miss_ratio": 0.1, "kernel_clock_miss_ratio": 0.1, "kernel_clock_ratio": 1.4}]
+
+    class Done:
+        returncode = 0
+        stdout = "table\n" + json.dumps(rows) + "\n"
+    monkeypatch.setattr(bt.subprocess, "run", lambda *a, **k: Done())
+    (t,) = bt.traces_targets(tmp_path)
+    assert t.value == pytest.approx(0.6) and t.met is True and "sort, esc" in t.shown
