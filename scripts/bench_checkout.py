@@ -9,9 +9,10 @@ benchmarks pass (``--scenario --guests --seed --duration --ticks --run-dir
 """
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
-__all__ = ["launcher_argv", "launcher_source", "process_role"]
+__all__ = ["launcher_argv", "launcher_source", "process_role", "precompile"]
 
 
 def launcher_source(checkout: Path) -> Path:
@@ -37,3 +38,18 @@ def process_role(cmdline: str) -> str | None:
             module = words[i + 1].removeprefix("balloonlab.")
             return {"hostd": "host", "guestd": "guest", "forkserver": "forkserver"}.get(module)
     return None
+
+
+PACKAGE_DIRS = ("balloonlab", "scripts", "hostd", "guestd", "proto")
+
+
+def precompile(checkout: Path, python: str | Path) -> None:
+    """Compile a checkout's sources to bytecode before it is timed, the same for every checkout compared.
+
+    With PYTHONDONTWRITEBYTECODE set (as here) a checkout without
+    ``__pycache__`` recompiles its sources at every process start; a ratio
+    would then count that against whichever side lacks them.
+    """
+    dirs = [d for d in PACKAGE_DIRS if (checkout / d).is_dir()]
+    subprocess.run([str(python), "-m", "compileall", "-q", "-j", "0", *dirs], cwd=checkout,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)

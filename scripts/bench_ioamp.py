@@ -40,7 +40,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from scripts.bench_checkout import launcher_argv, process_role
+from scripts.bench_checkout import launcher_argv, precompile, process_role
 
 __all__ = ["main", "TARGET_S"]
 
@@ -216,7 +216,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     anchor_vs = None
     anchor_cpu_us = None
+    precompile(REPO, sys.executable)
     if args.anchor is not None:
+        precompile(args.anchor.resolve(), args.anchor.resolve() / ".venv" / "bin" / "python")
         got = _launch(args, args.anchor.resolve(), args.anchor.resolve() / ".venv" / "bin" / "python")
         if got is None:
             return 1

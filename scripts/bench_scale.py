@@ -40,7 +40,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from scripts.bench_checkout import launcher_argv, launcher_source, process_role
+from scripts.bench_checkout import launcher_argv, launcher_source, precompile, process_role
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -250,6 +250,9 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict[str, Any]] = []
     anchors: dict[int, dict[str, Any]] = {}
     anchor_counts = {int(x) for x in args.anchor_guests.split(",") if x.strip()} if args.anchor else set()
+    precompile(REPO, sys.executable)
+    if args.anchor:
+        precompile(args.anchor.resolve(), args.anchor.resolve() / ".venv" / "bin" / "python")
     status = 0
     for n in counts:
         if n in anchor_counts:

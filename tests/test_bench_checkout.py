@@ -36,3 +36,18 @@ def test_a_directory_without_a_launcher_is_named(tmp_path: Path) -> None:
 ])
 def test_process_roles_in_either_layout(cmd: str, role: str | None) -> None:
     assert process_role(cmd) == role
+
+
+def test_precompile_writes_bytecode_even_when_the_environment_forbids_writing_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    from scripts.bench_checkout import precompile
+    (tmp_path / "hostd").mkdir()
+    (tmp_path / "hostd" / "mod.py").write_text("X = 1\n")
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "other.py").write_text("Y = 2\n")
+    monkeypatch.setenv("PYTHONDONTWRITEBYTECODE", "1")
+    precompile(tmp_path, sys.executable)
+    assert list((tmp_path / "hostd" / "__pycache__").glob("mod.*.pyc"))
+    assert not (tmp_path / "elsewhere" / "__pycache__").exists()   # only the project's package folders
