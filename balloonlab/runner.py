@@ -36,11 +36,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 from balloonlab.forkclient import ForkedProcess, ForkServer, ForkServerError, forkserver_default
-from balloonlab.proto.handshake import guest_token
-from balloonlab.proto.locks import EXIT_DEADLOCK
 
 __all__ = ["ChildResult", "VariantResult", "JoinInfo", "run_variant", "write_credentials", "guest_command",
-           "TEARDOWN_GRACE_S", "GUEST_START_MODES", "default_guest_start"]
+           "TEARDOWN_GRACE_S", "GUEST_START_MODES", "default_guest_start", "child_env", "die_with_parent"]
 
 TEARDOWN_GRACE_S = 5.0
 HOST_READY_TIMEOUT_S = 120.0   # a host on a machine loaded many times over starts slowly, but it starts
@@ -58,7 +56,15 @@ def default_guest_start() -> str:
     return "fork" if forkserver_default() else "exec"
 
 
-def _die_with_parent() -> None:
+def child_env() -> dict[str, str]:
+    """The environment every process of a run starts from (each adds its own credential)."""
+    env = dict(os.environ, OPENBLAS_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env.pop("BALLOONLAB_TOKEN", None)
+    return env
+
+
+def die_with_parent() -> None:
+    """``preexec_fn`` of every child: it is SIGKILLed when the launcher dies."""
     # Runs in the child between fork and exec.
     try:
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
@@ -95,6 +101,7 @@ class VariantResult:
     @property
     def deadlocked(self) -> bool:
         """The host ended the run on a deadlock it detected (its exit status ``EXIT_DEADLOCK``)."""
+        from balloonlab.proto.locks import EXIT_DEADLOCK   # here: the launcher starts its children before proto loads
         return self.host is not None and self.host.returncode == EXIT_DEADLOCK and not self.interrupted
 
     @property
@@ -130,6 +137,7 @@ def guest_command(address: str, gid: int, token_file: Path, python: str = "pytho
 
 def write_credentials(run_dir: Path, secret: str, guest_ids: list[int]) -> dict[int, Path]:
     """Each guest's own credential in ``run_dir/credentials/guest-N.token`` (0700 directory, 0600 files)."""
+    from balloonlab.proto.handshake import guest_token
     cdir = run_dir / CREDENTIALS_DIR
     cdir.mkdir(mode=0o700, exist_ok=True)
     os.chmod(cdir, 0o700)   # ours: made just now (or by us in an earlier variant of this run)
@@ -184,7 +192,7 @@ class _Children:
             proc = await asyncio.create_subprocess_exec(
                 *argv, env=env, stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE if stdout_pipe else asyncio.subprocess.DEVNULL,
-                stderr=err, start_new_session=True, preexec_fn=_die_with_parent)
+                stderr=err, start_new_session=True, preexec_fn=die_with_parent)
         self.procs[name] = proc
         self.stderr_paths[name] = stderr_path
         return proc
@@ -249,14 +257,17 @@ async def run_variant(run_config: dict[str, Any], run_dir: Path, address: str, s
                       on_progress: Callable[[dict[str, Any]], None], stop: asyncio.Event,
                       python: str = sys.executable, log_level: str = "info", external: frozenset[int] = frozenset(),
                       on_join: Callable[[JoinInfo], None] | None = None,
-                      guest_start: str | None = None) -> VariantResult:
+                      guest_start: str | None = None, fork_server: ForkServer | None = None) -> VariantResult:
     """Start host + guests for one variant and supervise them to the end.
 
     Guests in ``external`` are not started: ``on_join`` is told how they join
     once the host listens, and ``join.json`` in ``run_dir`` says it too.
     ``guest_start``: ``fork`` (from the fork server) or ``exec`` (one
-    interpreter each); None: ``default_guest_start()``.
+    interpreter each); None: ``default_guest_start()``. ``fork_server``:
+    a server the caller started and closes (one for every variant); None, or
+    dead: this variant starts its own.
     """
+    from balloonlab.proto.handshake import guest_token
     guest_start = default_guest_start() if guest_start is None else guest_start
     if guest_start not in GUEST_START_MODES:
         raise ValueError(f"guest_start must be one of {', '.join(GUEST_START_MODES)}, got {guest_start!r}")
@@ -264,13 +275,13 @@ async def run_variant(run_config: dict[str, Any], run_dir: Path, address: str, s
         run_dir.mkdir(mode=0o700)
     cfg_path = run_dir / "host-config.json"
     cfg_path.write_text(json.dumps(run_config, indent=1))
-    env = dict(os.environ, OPENBLAS_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    env.pop("BALLOONLAB_TOKEN", None)
+    env = child_env()
     result = VariantResult(run_config["variant"], run_dir)
     children = _Children()
     wall0 = time.monotonic()
     token_files = write_credentials(run_dir, secret, [int(g["id"]) for g in run_config["guests"]])
     own_guests = [int(g["id"]) for g in run_config["guests"] if int(g["id"]) not in external]
+    shared = fork_server if fork_server is not None and not fork_server.dead.is_set() else None
     server_start: asyncio.Future[ForkServer] | None = None
     server: ForkServer | None = None
     halt = asyncio.Event()          # Ctrl-C, or the fork server died: stop following the host
@@ -278,7 +289,10 @@ async def run_variant(run_config: dict[str, Any], run_dir: Path, address: str, s
     try:
         if guest_start == "fork" and own_guests:
             # It imports the guest while the host starts: neither waits for the other.
-            server_start = asyncio.ensure_future(ForkServer.start(run_dir, env, python, _die_with_parent))
+            if shared is not None:
+                server_start = asyncio.ensure_future(shared.wait_ready())
+            else:
+                server_start = asyncio.ensure_future(ForkServer.start(run_dir, env, python, die_with_parent))
         host = await children.spawn("host", [python, "-m", "balloonlab.hostd", "--config", str(cfg_path), "--address", address,
                                              "--log", str(run_dir / "host.jsonl"), "--log-level", log_level],
                                     dict(env, BALLOONLAB_TOKEN=secret), run_dir / "host.stderr", stdout_pipe=True)
@@ -337,7 +351,7 @@ async def run_variant(run_config: dict[str, Any], run_dir: Path, address: str, s
         await asyncio.shield(children.teardown())
         if server is None and server_start is not None:
             server = await asyncio.shield(_started(server_start))
-        if server is not None:
+        if server is not None and server is not shared:
             await asyncio.shield(server.close())
         import shutil
         shutil.rmtree(run_dir / CREDENTIALS_DIR, ignore_errors=True)   # dead secrets: they open nothing now
