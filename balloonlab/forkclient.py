@@ -31,7 +31,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ForkServer", "ForkedProcess", "ForkServerError", "EarlyForkServer", "start_early",
+__all__ = ["ForkServer", "ForkedProcess", "ForkServerError", "EarlyForkServer", "start_early", "PopenProcess",
            "forkserver_default", "READY_TIMEOUT_S", "SPAWN_TIMEOUT_S"]
 
 READY_TIMEOUT_S = 120.0   # importing numpy & co on a machine loaded many times over
@@ -134,17 +134,25 @@ def start_early(env: dict[str, str], python: str = sys.executable, preexec_fn: A
     return EarlyForkServer(popen, ours, stderr)
 
 
-class _PopenProcess:
-    """A ``subprocess.Popen`` child awaited on the event loop through a pidfd (it was started before the loop)."""
+class PopenProcess:
+    """A ``subprocess.Popen`` child awaited on the event loop through a pidfd (it was started before the loop).
 
-    def __init__(self, popen: subprocess.Popen[bytes]) -> None:
+    It answers as an ``asyncio.subprocess.Process`` does: ``pid``, ``returncode``,
+    ``wait()``, ``send_signal()``, ``kill()``, and ``stdout`` (a StreamReader, or None).
+    """
+
+    def __init__(self, popen: subprocess.Popen[bytes], stdout: asyncio.StreamReader | None = None) -> None:
         self._popen = popen
         self.pid = popen.pid
+        self.stdout = stdout
         self._exited: asyncio.Future[None] | None = None
 
     @property
     def returncode(self) -> int | None:
         return self._popen.returncode
+
+    def send_signal(self, sig: int) -> None:
+        self._popen.send_signal(sig)   # nothing once reaped: a reused pid is never signalled
 
     def kill(self) -> None:
         self._popen.kill()
@@ -172,7 +180,7 @@ class ForkServer:
     """One running fork server and the guests it forked."""
 
     def __init__(self, proc: Any, sock: socket.socket, stderr_path: Path, early_stderr: Any = None) -> None:
-        self.proc = proc              # an asyncio.subprocess.Process, or a _PopenProcess
+        self.proc = proc              # an asyncio.subprocess.Process, or a PopenProcess
         self.sock = sock
         self.stderr_path = stderr_path
         self._early_stderr = early_stderr   # an adopted server's stderr before adoption (its own copy follows)
@@ -222,7 +230,7 @@ class ForkServer:
         """
         stderr_path = run_dir / "forkserver.stderr"
         early.adopted = True
-        server = cls(_PopenProcess(early.popen), early.sock, stderr_path, early.stderr)
+        server = cls(PopenProcess(early.popen), early.sock, stderr_path, early.stderr)
         early.sock.setblocking(False)
         asyncio.get_running_loop().add_reader(early.sock.fileno(), server._on_readable)
         fd = os.open(stderr_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)

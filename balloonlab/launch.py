@@ -44,8 +44,8 @@ from balloonlab.forkclient import EarlyForkServer, ForkServer, start_early
 from balloonlab.proto.errors import ConfigError
 from balloonlab.progress import Progress
 from balloonlab.rundir import RunDirError, prepare_run_dir
-from balloonlab.runner import (GUEST_START_MODES, JoinInfo, VariantResult, child_env, default_guest_start,
-                               die_with_parent, run_variant)
+from balloonlab.runner import (GUEST_START_MODES, EarlyHost, JoinInfo, VariantResult, child_env,
+                               default_guest_start, die_with_parent, run_variant, start_early_host)
 
 if TYPE_CHECKING:
     from balloonlab.scenario import Overrides, Scenario
@@ -181,6 +181,9 @@ def _main(argv: list[str] | None = None, prog: str = "balloonlab-launch") -> int
         from .editorschema import editor_schema
         print(json.dumps(editor_schema(), indent=2))
         return 0
+    # The host and the fork server import while the scenario loads (they need only the environment);
+    # the first variant hands the host its arguments, and every variant forks from the server.
+    early_host = start_early_host(child_env(), sys.executable, args.run_dir)
     early = None
     if (args.guest_start or default_guest_start()) == "fork" and args.external_guests != "all":
         early = start_early(child_env(), sys.executable, die_with_parent, args.run_dir)
@@ -197,13 +200,16 @@ def _main(argv: list[str] | None = None, prog: str = "balloonlab-launch") -> int
                          join_timeout_s=args.join_timeout, expect_guests_lost=args.expect_guests_lost,
                          log_level=args.log_level, report=not args.no_report, settings=settings,
                          formats=args.formats, dashboard=args.dashboard, dashboard_port=args.dashboard_port,
-                         prog=prog, guest_start=args.guest_start, early_fork_server=early)
+                         prog=prog, guest_start=args.guest_start, early_fork_server=early,
+                         early_host=early_host)
     except (ConfigError, RunDirError) as exc:
         say(f"{prog}: {exc}")
         return 2
     finally:
+        # A bad scenario or run directory: the run never adopted them.
+        early_host.discard()
         if early is not None:
-            early.discard()   # a bad scenario or run directory: the run never adopted it
+            early.discard()
     return outcome.exit_status
 
 
@@ -223,7 +229,7 @@ def launch(path: Path, scenario: Scenario, *, run_dir: Path | None = None, force
            report: bool = True, settings: tuple[tuple[str, Any], ...] = (), verbose: bool = True,
            formats: tuple[str, ...] = ("png",), dashboard: bool = False, dashboard_port: int = 0,
            prog: str = "balloonlab-launch", guest_start: str | None = None,
-           early_fork_server: EarlyForkServer | None = None) -> LaunchOutcome:
+           early_fork_server: EarlyForkServer | None = None, early_host: EarlyHost | None = None) -> LaunchOutcome:
     """Run every variant of a prepared scenario to its end; write the summary (and the report).
 
     ``run_dir`` must not exist or be empty (``force`` clears it first);
@@ -231,8 +237,9 @@ def launch(path: Path, scenario: Scenario, *, run_dir: Path | None = None, force
     are not started: how they join is printed and written to join.json.
     ``guest_start``: ``fork`` (the fork server) or ``exec``; None: ``fork``
     unless ``BALLOONLAB_FORKSERVER=0``. ``early_fork_server``: a fork server
-    from ``forkclient.start_early`` to use (the caller discards it if this
-    raises before the run starts); None: one is started here when needed.
+    from ``forkclient.start_early`` to use; None: one is started here when
+    needed. ``early_host``: a host from ``runner.start_early_host`` for the
+    first variant. The caller discards both if this raises before the run.
     """
     if transport not in ("unix", "tcp"):
         raise ConfigError(f"transport must be 'unix' or 'tcp', got {transport!r}")
@@ -251,7 +258,7 @@ def launch(path: Path, scenario: Scenario, *, run_dir: Path | None = None, force
                     report=report, verbose=verbose, formats=tuple(formats), prog=prog, run_dir_created=created,
                     guest_start=guest_start)
     from balloonlab.dashboard.cli import with_dashboard
-    work = _launch(scenario, run_dir, opts, early_fork_server)
+    work = _launch(scenario, run_dir, opts, early_fork_server, early_host)
     return _run_loop(with_dashboard(work, run_dir, enabled=dashboard, port=dashboard_port))
 
 
@@ -308,8 +315,8 @@ def _needs_fork_server(scenario: Scenario, o: _Options) -> bool:
     return any(set(range(int(v.get("scenario", {}).get("guests", 4)))) - external for v in scenario.variants.values())
 
 
-async def _launch(scenario: Scenario, run_dir: Path, o: _Options,
-                  early: EarlyForkServer | None = None) -> LaunchOutcome:
+async def _launch(scenario: Scenario, run_dir: Path, o: _Options, early: EarlyForkServer | None = None,
+                  early_host: EarlyHost | None = None) -> LaunchOutcome:
     from balloonlab.proto.handshake import new_token
     from balloonlab.validators import guest_sizes, guest_swap_area
     loop = asyncio.get_running_loop()
@@ -348,7 +355,8 @@ async def _launch(scenario: Scenario, run_dir: Path, o: _Options,
             result = await run_variant(run_config, vdir, address, secret, progress.update, stop,
                                        log_level=o.log_level, external=external,
                                        on_join=lambda j: _print_join(j, err), guest_start=o.guest_start,
-                                       fork_server=server)
+                                       fork_server=server, early_host=early_host)
+            early_host = None   # one host per variant: the next starts its own
             progress.done()
             results.append(result)
             _report_variant(result, err)
