@@ -337,8 +337,17 @@ async def _launch(scenario: Scenario, run_dir: Path, o: _Options, early: EarlyFo
         if _needs_fork_server(scenario, o):
             # One server for every variant: each forks fresh guests from the same imported image.
             server = ForkServer.adopt(early or start_early(child_env(), sys.executable, die_with_parent), run_dir)
-        for name in names:
+        for i, name in enumerate(names):
             vdir = run_dir if len(names) == 1 else run_dir / name
+            following = run_dir / names[i + 1] if i + 1 < len(names) else None
+
+            def on_progress(msg: dict[str, Any], following: Path | None = following) -> None:
+                nonlocal early_host
+                progress.update(msg)
+                if following is not None and early_host is None and "tick" in msg:
+                    # The next variant's host imports while this one ticks (on a core its guests leave idle
+                    # more often than not), instead of while the next one waits for it.
+                    early_host = start_early_host(child_env(), sys.executable, following)
             secret = new_token()
             run_id = f"{scenario.name}-{name}-{os.getpid()}-{int(time.time())}"
             address, sock_dir = _address(o, vdir, name, sock_dir)
@@ -352,11 +361,11 @@ async def _launch(scenario: Scenario, run_dir: Path, o: _Options, early: EarlyFo
             if external:
                 # The host waits for each next guest this long: a person starts them by hand.
                 run_config["connect_timeout_s"] = max(float(run_config.get("connect_timeout_s", 0)), o.join_timeout_s)
-            result = await run_variant(run_config, vdir, address, secret, progress.update, stop,
+            this_host, early_host = early_host, None
+            result = await run_variant(run_config, vdir, address, secret, on_progress, stop,
                                        log_level=o.log_level, external=external,
                                        on_join=lambda j: _print_join(j, err), guest_start=o.guest_start,
-                                       fork_server=server, early_host=early_host)
-            early_host = None   # one host per variant: the next starts its own
+                                       fork_server=server, early_host=this_host)
             progress.done()
             results.append(result)
             _report_variant(result, err)
@@ -364,6 +373,8 @@ async def _launch(scenario: Scenario, run_dir: Path, o: _Options, early: EarlyFo
             if result.interrupted:
                 break
     finally:
+        if early_host is not None:
+            early_host.discard()   # the run stopped before the variant it was for
         if server is not None:
             await asyncio.shield(server.close())
         if sock_dir is not None:
