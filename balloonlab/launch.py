@@ -32,11 +32,9 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Coroutine, TypeVar
+from typing import TYPE_CHECKING, Any, Coroutine, TypeVar
 
-from typing import TYPE_CHECKING
-
-# Only what starting the fork server needs is imported here: it then imports the guest while the
+# Only what starting the host and the fork server needs is imported here: they then import while the
 # launcher imports the scenario's schema and checks (which load numpy and the protocol) and loads the
 # scenario. The rest is imported where it is used.
 from balloonlab.cli import run_cli, say
