@@ -424,6 +424,8 @@ async def run_variant(run_config: dict[str, Any], run_dir: Path, address: str, s
         # Whatever happened above (an exception, a cancellation), nothing outlives the run.
         for w in watchers:
             w.cancel()
+        if early_host is not None:
+            early_host.discard()   # never adopted: this variant failed before its host started
         await asyncio.shield(children.teardown())
         if server is None and server_start is not None:
             server = await asyncio.shield(_started(server_start))
