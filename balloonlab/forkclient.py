@@ -11,6 +11,12 @@ children's parent and reaps them.
 If the server dies, ``dead`` is set and ``death`` says how; its children die
 with it (PR_SET_PDEATHSIG), are SIGKILLed through their pidfds to be sure,
 and every ``wait()`` returns with ``returncode`` None and ``lost`` set.
+
+The launcher starts its server before it has loaded the scenario, without an
+event loop and before the run directory exists (``start_early``: the
+server's imports then overlap the launcher's), and hands it the run
+directory once it has one (``ForkServer.adopt``); one server serves every
+variant of a launch.
 """
 from __future__ import annotations
 
@@ -19,12 +25,14 @@ import json
 import os
 import signal
 import socket
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ForkServer", "ForkedProcess", "ForkServerError", "forkserver_default", "READY_TIMEOUT_S",
-           "SPAWN_TIMEOUT_S"]
+__all__ = ["ForkServer", "ForkedProcess", "ForkServerError", "EarlyForkServer", "start_early", "PopenProcess",
+           "forkserver_default", "READY_TIMEOUT_S", "SPAWN_TIMEOUT_S"]
 
 READY_TIMEOUT_S = 120.0   # importing numpy & co on a machine loaded many times over
 SPAWN_TIMEOUT_S = 60.0
@@ -79,13 +87,103 @@ class ForkedProcess:
             self._pidfd = None
 
 
+class EarlyForkServer:
+    """A fork server started by ``start_early``, not yet adopted by a run (``ForkServer.adopt``)."""
+
+    def __init__(self, popen: subprocess.Popen[bytes], sock: socket.socket, stderr: Any) -> None:
+        self.popen = popen
+        self.sock = sock
+        self.stderr = stderr          # an unlinked temporary file: what the server writes before adoption
+        self.adopted = False
+
+    def discard(self) -> None:
+        """Stop a server no run adopted (the scenario was bad, say); nothing if one did."""
+        if self.adopted:
+            return
+        self.adopted = True
+        self.sock.close()             # the server sees its client go and exits
+        try:
+            self.popen.wait(10.0)
+        except subprocess.TimeoutExpired:
+            self.popen.kill()
+            self.popen.wait()
+        self.stderr.close()
+
+
+def start_early(env: dict[str, str], python: str = sys.executable, preexec_fn: Any = None,
+                run_dir: Path | None = None) -> EarlyForkServer:
+    """Start a fork server now, outside any event loop, before the run directory exists.
+
+    ``run_dir``, when already known, is on its command line from the start (tools find a run's
+    processes by it); otherwise it is added there on adoption.
+    """
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    stderr = tempfile.TemporaryFile()
+    shown = [] if run_dir is None else ["--run-dir", str(run_dir)]
+    try:
+        popen = subprocess.Popen(
+            [python, "-m", "balloonlab.forkserver", "--control-fd", str(theirs.fileno()), *shown], env=env,
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True,
+            preexec_fn=preexec_fn, pass_fds=(theirs.fileno(),))
+    except BaseException:
+        ours.close()
+        stderr.close()
+        raise
+    finally:
+        theirs.close()
+    return EarlyForkServer(popen, ours, stderr)
+
+
+class PopenProcess:
+    """A ``subprocess.Popen`` child awaited on the event loop through a pidfd (it was started before the loop).
+
+    It answers as an ``asyncio.subprocess.Process`` does: ``pid``, ``returncode``,
+    ``wait()``, ``send_signal()``, ``kill()``, and ``stdout`` (a StreamReader, or None).
+    """
+
+    def __init__(self, popen: subprocess.Popen[bytes], stdout: asyncio.StreamReader | None = None) -> None:
+        self._popen = popen
+        self.pid = popen.pid
+        self.stdout = stdout
+        self._exited: asyncio.Future[None] | None = None
+
+    @property
+    def returncode(self) -> int | None:
+        return self._popen.returncode
+
+    def send_signal(self, sig: int) -> None:
+        self._popen.send_signal(sig)   # nothing once reaped: a reused pid is never signalled
+
+    def kill(self) -> None:
+        self._popen.kill()
+
+    async def wait(self) -> int:
+        if self._popen.poll() is not None:
+            return self._popen.returncode
+        if self._exited is None:
+            loop = asyncio.get_running_loop()
+            exited: asyncio.Future[None] = loop.create_future()
+            pidfd = os.pidfd_open(self.pid)
+
+            def on_exit() -> None:
+                loop.remove_reader(pidfd)
+                os.close(pidfd)
+                if not exited.done():
+                    exited.set_result(None)
+            loop.add_reader(pidfd, on_exit)
+            self._exited = exited
+        await asyncio.shield(self._exited)
+        return self._popen.wait()
+
+
 class ForkServer:
     """One running fork server and the guests it forked."""
 
-    def __init__(self, proc: asyncio.subprocess.Process, sock: socket.socket, stderr_path: Path) -> None:
-        self.proc = proc
+    def __init__(self, proc: Any, sock: socket.socket, stderr_path: Path, early_stderr: Any = None) -> None:
+        self.proc = proc              # an asyncio.subprocess.Process, or a PopenProcess
         self.sock = sock
         self.stderr_path = stderr_path
+        self._early_stderr = early_stderr   # an adopted server's stderr before adoption (its own copy follows)
         self.dead = asyncio.Event()
         self.death = ""
         self.preload_s = 0.0
@@ -118,16 +216,41 @@ class ForkServer:
         server = cls(proc, ours, stderr_path)
         asyncio.get_running_loop().add_reader(ours.fileno(), server._on_readable)
         try:
-            ready = await asyncio.wait_for(asyncio.shield(server._ready), timeout_s)
-        except asyncio.TimeoutError:
-            await server.close()
-            raise ForkServerError(f"the guest fork server (pid {proc.pid}) was not ready within {timeout_s:g} s"
-                                  f"{server._stderr_note()}") from None
-        except (ForkServerError, asyncio.CancelledError):
+            await server.wait_ready(timeout_s)
+        except BaseException:
             await asyncio.shield(server.close())
             raise
-        server.preload_s = float(ready.get("preload_s", 0.0))
         return server
+
+    @classmethod
+    def adopt(cls, early: EarlyForkServer, run_dir: Path) -> "ForkServer":
+        """Take over a server from ``start_early`` for the run in ``run_dir`` (its stderr: ``run_dir/forkserver.stderr``).
+
+        Returns at once; ``wait_ready`` waits for its imports.
+        """
+        stderr_path = run_dir / "forkserver.stderr"
+        early.adopted = True
+        server = cls(PopenProcess(early.popen), early.sock, stderr_path, early.stderr)
+        early.sock.setblocking(False)
+        asyncio.get_running_loop().add_reader(early.sock.fileno(), server._on_readable)
+        fd = os.open(stderr_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        try:
+            socket.send_fds(early.sock, [json.dumps({"op": "adopt", "run_dir": str(run_dir)}).encode()], [fd])
+        except OSError as exc:
+            server._died(f"its control socket failed ({exc.strerror or exc})")
+        finally:
+            os.close(fd)
+        return server
+
+    async def wait_ready(self, timeout_s: float = READY_TIMEOUT_S) -> "ForkServer":
+        """Wait until the server has imported the guest; raises ``ForkServerError`` if it does not."""
+        try:
+            ready = await asyncio.wait_for(asyncio.shield(self._ready), timeout_s)
+        except asyncio.TimeoutError:
+            raise ForkServerError(f"the guest fork server (pid {self.pid}) was not ready within {timeout_s:g} s"
+                                  f"{self._stderr_note()}") from None
+        self.preload_s = float(ready.get("preload_s", 0.0))
+        return self
 
     @property
     def pid(self) -> int:
@@ -252,10 +375,20 @@ class ForkServer:
 
     def _stderr_note(self) -> str:
         try:
-            tail = self.stderr_path.read_bytes()[-1500:].decode(errors="replace").strip()
+            data = self.stderr_path.read_bytes()
         except OSError:
-            tail = ""
+            data = b""
+        if not data:
+            data = self._early_stderr_bytes()
+        tail = data[-1500:].decode(errors="replace").strip()
         return f"; its stderr ends:\n{tail}" if tail else ""
+
+    def _early_stderr_bytes(self) -> bytes:
+        """What an adopted server wrote before it took the run's stderr file (it died first, say)."""
+        if self._early_stderr is None or self._early_stderr.closed:
+            return b""
+        self._early_stderr.seek(0)
+        return self._early_stderr.read()
 
     async def close(self, grace_s: float = 10.0) -> None:
         """Close the control socket (the server kills what it still has and exits) and reap the server."""
@@ -273,6 +406,12 @@ class ForkServer:
             await self.proc.wait()
         try:
             if self.stderr_path.stat().st_size == 0:
-                self.stderr_path.unlink()
+                early = self._early_stderr_bytes()   # it died before it could move there
+                if early:
+                    self.stderr_path.write_bytes(early)
+                else:
+                    self.stderr_path.unlink()
         except OSError:
             pass
+        if self._early_stderr is not None:
+            self._early_stderr.close()

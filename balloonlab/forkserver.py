@@ -23,7 +23,12 @@ JSON object per packet:
   attached (so that the client can signal it without racing pid reuse), or
   ``{"op": "spawn_failed", "id": N, "error": ...}``;
 - the server reaps its children and says ``{"op": "exited", "pid": PID,
-  "returncode": RC}`` (RC as ``subprocess`` has it: -N for signal N).
+  "returncode": RC}`` (RC as ``subprocess`` has it: -N for signal N);
+- a server started before its run directory existed (without ``--run-dir``;
+  it imports while the launcher loads the scenario) is told it with
+  ``{"op": "adopt", "run_dir": DIR}`` and that run's stderr file attached:
+  it copies what it wrote to stderr so far into that file, writes there from
+  then on, and shows ``--run-dir DIR`` on its command line. No answer.
 
 When the client closes its end, the server SIGKILLs the children it still
 has, reaps them and exits 0. Each child dies with the server
@@ -137,6 +142,23 @@ def _run_child(req: dict[str, Any], server_pid: int) -> int:
         return 1
 
 
+def _adopt(run_dir: str, stderr_fd: int) -> None:
+    """Move to the run's stderr file (with what was written before) and show the run on the command line."""
+    sys.stderr.flush()
+    try:
+        offset = 0
+        while chunk := os.pread(2, 1 << 16, offset):   # the launcher's unlinked temporary file
+            os.write(stderr_fd, chunk)
+            offset += len(chunk)
+    except OSError:
+        pass   # not a regular file (a terminal, a pipe): nothing of ours to carry over
+    os.dup2(stderr_fd, 2)
+    if "--run-dir" not in sys.argv:
+        from balloonlab.proctitle import set_process_image
+        set_process_image([sys.executable, "-m", "balloonlab.forkserver", *sys.argv[1:], "--run-dir", run_dir],
+                          dict(os.environ))
+
+
 class _Server:
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
@@ -228,22 +250,28 @@ class _Server:
                         self.reap()
                         continue
                     try:
-                        data = self.sock.recv(MAX_PACKET)
+                        data, fds, _flags, _addr = socket.recv_fds(self.sock, MAX_PACKET, 1)
                     except InterruptedError:
                         continue
                     except ConnectionResetError:
-                        data = b""
-                    if not data:
-                        return 0
+                        data, fds = b"", []
                     try:
-                        req = json.loads(data)
-                    except ValueError:
-                        print(f"forkserver: a control packet that is not JSON: {data[:80]!r}", file=sys.stderr)
-                        continue
-                    if req.get("op") == "spawn":
-                        self.spawn(req)
-                    else:
-                        _send(self.sock, {"op": "error", "error": f"unknown op {req.get('op')!r}"})
+                        if not data:
+                            return 0
+                        try:
+                            req = json.loads(data)
+                        except ValueError:
+                            print(f"forkserver: a control packet that is not JSON: {data[:80]!r}", file=sys.stderr)
+                            continue
+                        if req.get("op") == "spawn":
+                            self.spawn(req)
+                        elif req.get("op") == "adopt" and fds:
+                            _adopt(str(req.get("run_dir", "")), fds[0])
+                        else:
+                            _send(self.sock, {"op": "error", "error": f"unknown op {req.get('op')!r}"})
+                    finally:
+                        for fd in fds:
+                            os.close(fd)
                 self.reap()   # a SIGCHLD that arrived between select and the handler
         finally:
             self.shutdown()

@@ -32,17 +32,21 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Coroutine, TypeVar
+from typing import TYPE_CHECKING, Any, Coroutine, TypeVar
 
+# Only what starting the host and the fork server needs is imported here: they then import while the
+# launcher imports the scenario's schema and checks (which load numpy and the protocol) and loads the
+# scenario. The rest is imported where it is used.
 from balloonlab.cli import run_cli, say
+from balloonlab.forkclient import EarlyForkServer, ForkServer, start_early
 from balloonlab.proto.errors import ConfigError
-from balloonlab.proto.handshake import new_token
-from balloonlab.proto.transport import parse_address
 from balloonlab.progress import Progress
 from balloonlab.rundir import RunDirError, prepare_run_dir
-from balloonlab.runner import GUEST_START_MODES, JoinInfo, VariantResult, run_variant
-from balloonlab.scenario import Overrides, Scenario, find_scenario, load_scenario
-from balloonlab.validators import VALIDATORS, guest_sizes, guest_swap_area
+from balloonlab.runner import (GUEST_START_MODES, EarlyHost, JoinInfo, VariantResult, child_env,
+                               default_guest_start, die_with_parent, run_variant, start_early_host)
+
+if TYPE_CHECKING:
+    from balloonlab.scenario import Overrides, Scenario
 
 __all__ = ["main", "host_main", "prepare", "launch", "LaunchOutcome", "DEFAULT_SCENARIO", "RunDirError"]
 
@@ -150,6 +154,7 @@ def parse_args(argv: list[str] | None, prog: str = "balloonlab-launch") -> argpa
     if not args.join_timeout > 0:
         ap.error(f"--join-timeout must be > 0, got {args.join_timeout}")
     if args.address is not None:
+        from balloonlab.proto.transport import parse_address
         try:
             parse_address(args.address)
         except ConfigError as exc:
@@ -174,8 +179,15 @@ def _main(argv: list[str] | None = None, prog: str = "balloonlab-launch") -> int
         from .editorschema import editor_schema
         print(json.dumps(editor_schema(), indent=2))
         return 0
-    from balloonlab.overrides import normalize, parse_setting
+    # The host and the fork server import while the scenario loads (they need only the environment);
+    # the first variant hands the host its arguments, and every variant forks from the server.
+    early_host = start_early_host(child_env(), sys.executable, args.run_dir)
+    early = None
+    if (args.guest_start or default_guest_start()) == "fork" and args.external_guests != "all":
+        early = start_early(child_env(), sys.executable, die_with_parent, args.run_dir)
     try:
+        from balloonlab.overrides import normalize, parse_setting
+        from balloonlab.scenario import Overrides
         settings = normalize([parse_setting(s) for s in args.settings])
         path, scenario = prepare(args.scenario, Overrides(guests=args.guests, seed=args.seed,
                                                           duration_s=args.duration, ticks=args.ticks,
@@ -186,17 +198,25 @@ def _main(argv: list[str] | None = None, prog: str = "balloonlab-launch") -> int
                          join_timeout_s=args.join_timeout, expect_guests_lost=args.expect_guests_lost,
                          log_level=args.log_level, report=not args.no_report, settings=settings,
                          formats=args.formats, dashboard=args.dashboard, dashboard_port=args.dashboard_port,
-                         prog=prog, guest_start=args.guest_start)
+                         prog=prog, guest_start=args.guest_start, early_fork_server=early,
+                         early_host=early_host)
     except (ConfigError, RunDirError) as exc:
         say(f"{prog}: {exc}")
         return 2
+    finally:
+        # A bad scenario or run directory: the run never adopted them.
+        early_host.discard()
+        if early is not None:
+            early.discard()
     return outcome.exit_status
 
 
-def prepare(scenario: str | os.PathLike[str], overrides: Overrides = Overrides()) -> tuple[Path, Scenario]:
+def prepare(scenario: str | os.PathLike[str], overrides: Overrides | None = None) -> tuple[Path, Scenario]:
     """Find, load and check a scenario before any process starts; a bad one raises ``ConfigError``."""
+    from balloonlab.scenario import Overrides, find_scenario, load_scenario
+    from balloonlab.validators import VALIDATORS
     path = find_scenario(str(scenario))
-    loaded = load_scenario(path, overrides, VALIDATORS)
+    loaded = load_scenario(path, Overrides() if overrides is None else overrides, VALIDATORS)
     _check_locks(loaded)
     return path, loaded
 
@@ -206,14 +226,18 @@ def launch(path: Path, scenario: Scenario, *, run_dir: Path | None = None, force
            join_timeout_s: float = JOIN_TIMEOUT_S, expect_guests_lost: Any = None, log_level: str = "info",
            report: bool = True, settings: tuple[tuple[str, Any], ...] = (), verbose: bool = True,
            formats: tuple[str, ...] = ("png",), dashboard: bool = False, dashboard_port: int = 0,
-           prog: str = "balloonlab-launch", guest_start: str | None = None) -> LaunchOutcome:
+           prog: str = "balloonlab-launch", guest_start: str | None = None,
+           early_fork_server: EarlyForkServer | None = None, early_host: EarlyHost | None = None) -> LaunchOutcome:
     """Run every variant of a prepared scenario to its end; write the summary (and the report).
 
     ``run_dir`` must not exist or be empty (``force`` clears it first);
     a bad one raises ``RunDirError``. ``external_guests`` (ids or "all")
     are not started: how they join is printed and written to join.json.
     ``guest_start``: ``fork`` (the fork server) or ``exec``; None: ``fork``
-    unless ``BALLOONLAB_FORKSERVER=0``.
+    unless ``BALLOONLAB_FORKSERVER=0``. ``early_fork_server``: a fork server
+    from ``forkclient.start_early`` to use; None: one is started here when
+    needed. ``early_host``: a host from ``runner.start_early_host`` for the
+    first variant. The caller discards both if this raises before the run.
     """
     if transport not in ("unix", "tcp"):
         raise ConfigError(f"transport must be 'unix' or 'tcp', got {transport!r}")
@@ -232,7 +256,7 @@ def launch(path: Path, scenario: Scenario, *, run_dir: Path | None = None, force
                     report=report, verbose=verbose, formats=tuple(formats), prog=prog, run_dir_created=created,
                     guest_start=guest_start)
     from balloonlab.dashboard.cli import with_dashboard
-    work = _launch(scenario, run_dir, opts)
+    work = _launch(scenario, run_dir, opts, early_fork_server, early_host)
     return _run_loop(with_dashboard(work, run_dir, enabled=dashboard, port=dashboard_port))
 
 
@@ -281,7 +305,18 @@ def _check_guest_ids(scenario: Scenario, external_guests: Any, expect_guests_los
                                   f"which has guests 0..{n - 1}")
 
 
-async def _launch(scenario: Scenario, run_dir: Path, o: _Options) -> LaunchOutcome:
+def _needs_fork_server(scenario: Scenario, o: _Options) -> bool:
+    """Whether some variant forks a guest of its own (not external) from the fork server."""
+    if (o.guest_start or default_guest_start()) != "fork" or o.external_guests == "all":
+        return False
+    external = set(o.external_guests)
+    return any(set(range(int(v.get("scenario", {}).get("guests", 4)))) - external for v in scenario.variants.values())
+
+
+async def _launch(scenario: Scenario, run_dir: Path, o: _Options, early: EarlyForkServer | None = None,
+                  early_host: EarlyHost | None = None) -> LaunchOutcome:
+    from balloonlab.proto.handshake import new_token
+    from balloonlab.validators import guest_sizes, guest_swap_area
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -295,9 +330,22 @@ async def _launch(scenario: Scenario, run_dir: Path, o: _Options) -> LaunchOutco
     names = list(scenario.variants)
     say(f"balloonlab: scenario {scenario.name} ({', '.join(names)}), run directory {run_dir}", err)
     sock_dir = None
+    server: ForkServer | None = None
     try:
-        for name in names:
+        if _needs_fork_server(scenario, o):
+            # One server for every variant: each forks fresh guests from the same imported image.
+            server = ForkServer.adopt(early or start_early(child_env(), sys.executable, die_with_parent), run_dir)
+        for i, name in enumerate(names):
             vdir = run_dir if len(names) == 1 else run_dir / name
+            following = run_dir / names[i + 1] if i + 1 < len(names) else None
+
+            def on_progress(msg: dict[str, Any], following: Path | None = following) -> None:
+                nonlocal early_host
+                progress.update(msg)
+                if following is not None and early_host is None and "tick" in msg:
+                    # The next variant's host imports while this one ticks (on a core its guests leave idle
+                    # more often than not), instead of while the next one waits for it.
+                    early_host = start_early_host(child_env(), sys.executable, following)
             secret = new_token()
             run_id = f"{scenario.name}-{name}-{os.getpid()}-{int(time.time())}"
             address, sock_dir = _address(o, vdir, name, sock_dir)
@@ -311,9 +359,11 @@ async def _launch(scenario: Scenario, run_dir: Path, o: _Options) -> LaunchOutco
             if external:
                 # The host waits for each next guest this long: a person starts them by hand.
                 run_config["connect_timeout_s"] = max(float(run_config.get("connect_timeout_s", 0)), o.join_timeout_s)
-            result = await run_variant(run_config, vdir, address, secret, progress.update, stop,
+            this_host, early_host = early_host, None
+            result = await run_variant(run_config, vdir, address, secret, on_progress, stop,
                                        log_level=o.log_level, external=external,
-                                       on_join=lambda j: _print_join(j, err), guest_start=o.guest_start)
+                                       on_join=lambda j: _print_join(j, err), guest_start=o.guest_start,
+                                       fork_server=server, early_host=this_host)
             progress.done()
             results.append(result)
             _report_variant(result, err)
@@ -321,6 +371,10 @@ async def _launch(scenario: Scenario, run_dir: Path, o: _Options) -> LaunchOutco
             if result.interrupted:
                 break
     finally:
+        if early_host is not None:
+            early_host.discard()   # the run stopped before the variant it was for
+        if server is not None:
+            await asyncio.shield(server.close())
         if sock_dir is not None:
             shutil.rmtree(sock_dir, ignore_errors=True)
         for sig in (signal.SIGINT, signal.SIGTERM):

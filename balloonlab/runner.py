@@ -29,18 +29,19 @@ import ctypes
 import json
 import os
 import signal
+import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from balloonlab.forkclient import ForkedProcess, ForkServer, ForkServerError, forkserver_default
-from balloonlab.proto.handshake import guest_token
-from balloonlab.proto.locks import EXIT_DEADLOCK
+from balloonlab.forkclient import ForkedProcess, ForkServer, ForkServerError, PopenProcess, forkserver_default
 
 __all__ = ["ChildResult", "VariantResult", "JoinInfo", "run_variant", "write_credentials", "guest_command",
-           "TEARDOWN_GRACE_S", "GUEST_START_MODES", "default_guest_start"]
+           "TEARDOWN_GRACE_S", "GUEST_START_MODES", "default_guest_start", "child_env", "die_with_parent",
+           "EarlyHost", "start_early_host"]
 
 TEARDOWN_GRACE_S = 5.0
 HOST_READY_TIMEOUT_S = 120.0   # a host on a machine loaded many times over starts slowly, but it starts
@@ -58,13 +59,58 @@ def default_guest_start() -> str:
     return "fork" if forkserver_default() else "exec"
 
 
-def _die_with_parent() -> None:
+def child_env() -> dict[str, str]:
+    """The environment every process of a run starts from (each adds its own credential)."""
+    env = dict(os.environ, OPENBLAS_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env.pop("BALLOONLAB_TOKEN", None)
+    return env
+
+
+def die_with_parent() -> None:
+    """``preexec_fn`` of every child: it is SIGKILLed when the launcher dies."""
     # Runs in the child between fork and exec.
     try:
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
     except OSError:
         pass
+
+
+class EarlyHost:
+    """A host started before the launcher loaded the scenario (``hostd --args-on-stdin``), for one variant to adopt."""
+
+    def __init__(self, popen: subprocess.Popen[bytes], stderr: Any) -> None:
+        self.popen = popen
+        self.stderr = stderr          # an unlinked temporary file: what the host writes before adoption
+        self.adopted = False
+
+    def discard(self) -> None:
+        """Stop a host no variant adopted (the scenario was bad, say); nothing if one did."""
+        if self.adopted:
+            return
+        self.adopted = True
+        self.popen.kill()             # still importing, or waiting for its arguments: nothing to end cleanly
+        self.popen.wait()
+        for f in (self.popen.stdin, self.popen.stdout, self.stderr):
+            if f is not None:
+                f.close()
+
+
+def start_early_host(env: dict[str, str], python: str = sys.executable, run_dir: Path | None = None) -> EarlyHost:
+    """Start a host now, outside any event loop: it imports while the launcher loads the scenario.
+
+    ``run_dir``, when already known, is shown on its command line (tools find a run's processes by it).
+    """
+    stderr = tempfile.TemporaryFile()
+    shown = [] if run_dir is None else ["--run-dir", str(run_dir)]
+    try:
+        popen = subprocess.Popen([python, "-m", "balloonlab.hostd", "--args-on-stdin", *shown], env=env,
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr, start_new_session=True,
+                                 preexec_fn=die_with_parent)
+    except BaseException:
+        stderr.close()
+        raise
+    return EarlyHost(popen, stderr)
 
 
 @dataclass
@@ -95,6 +141,7 @@ class VariantResult:
     @property
     def deadlocked(self) -> bool:
         """The host ended the run on a deadlock it detected (its exit status ``EXIT_DEADLOCK``)."""
+        from balloonlab.proto.locks import EXIT_DEADLOCK   # here: the launcher starts its children before proto loads
         return self.host is not None and self.host.returncode == EXIT_DEADLOCK and not self.interrupted
 
     @property
@@ -130,6 +177,7 @@ def guest_command(address: str, gid: int, token_file: Path, python: str = "pytho
 
 def write_credentials(run_dir: Path, secret: str, guest_ids: list[int]) -> dict[int, Path]:
     """Each guest's own credential in ``run_dir/credentials/guest-N.token`` (0700 directory, 0600 files)."""
+    from balloonlab.proto.handshake import guest_token
     cdir = run_dir / CREDENTIALS_DIR
     cdir.mkdir(mode=0o700, exist_ok=True)
     os.chmod(cdir, 0o700)   # ours: made just now (or by us in an earlier variant of this run)
@@ -145,8 +193,9 @@ def write_credentials(run_dir: Path, secret: str, guest_ids: list[int]) -> dict[
 
 class _Children:
     def __init__(self) -> None:
-        self.procs: dict[str, Any] = {}     # name -> asyncio.subprocess.Process or ForkedProcess
+        self.procs: dict[str, Any] = {}     # name -> asyncio.subprocess.Process, ForkedProcess or PopenProcess
         self.stderr_paths: dict[str, Path] = {}
+        self.early_stderr: dict[str, Any] = {}   # name -> an adopted early host's stderr before adoption
 
     async def fork(self, server: ForkServer, name: str, args: list[str], env: dict[str, str],
                    stderr_path: Path) -> ForkedProcess:
@@ -184,9 +233,28 @@ class _Children:
             proc = await asyncio.create_subprocess_exec(
                 *argv, env=env, stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE if stdout_pipe else asyncio.subprocess.DEVNULL,
-                stderr=err, start_new_session=True, preexec_fn=_die_with_parent)
+                stderr=err, start_new_session=True, preexec_fn=die_with_parent)
         self.procs[name] = proc
         self.stderr_paths[name] = stderr_path
+        return proc
+
+    async def adopt_host(self, early: EarlyHost, args: list[str], env: dict[str, str],
+                         stderr_path: Path) -> PopenProcess:
+        """Give a host from ``start_early_host`` its command line, environment and stderr file; it runs as "host"."""
+        early.adopted = True
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader(loop=loop)
+        assert early.popen.stdout is not None and early.popen.stdin is not None
+        await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader, loop=loop), early.popen.stdout)
+        proc = PopenProcess(early.popen, reader)
+        self.procs["host"] = proc
+        self.stderr_paths["host"] = stderr_path
+        self.early_stderr["host"] = early.stderr
+        try:
+            early.popen.stdin.write(json.dumps({"argv": args, "env": env, "stderr": str(stderr_path)}).encode() + b"\n")
+            early.popen.stdin.close()
+        except OSError:
+            pass   # it died while importing: its exit status and stderr say how
         return proc
 
     async def teardown(self, grace_s: float = TEARDOWN_GRACE_S) -> None:
@@ -234,7 +302,16 @@ class _Children:
             if not data:
                 path.unlink()
         except FileNotFoundError:
-            pass
+            data = b""
+        early = self.early_stderr.pop(name, None)
+        if early is not None:
+            if not data:   # it died before it moved to its stderr file
+                early.seek(0)
+                data = early.read()
+                tail = data[-2000:].decode(errors="replace")
+                if data:
+                    path.write_bytes(data)
+            early.close()
         return ChildResult(name, p.pid, p.returncode, tail)
 
 
@@ -249,14 +326,19 @@ async def run_variant(run_config: dict[str, Any], run_dir: Path, address: str, s
                       on_progress: Callable[[dict[str, Any]], None], stop: asyncio.Event,
                       python: str = sys.executable, log_level: str = "info", external: frozenset[int] = frozenset(),
                       on_join: Callable[[JoinInfo], None] | None = None,
-                      guest_start: str | None = None) -> VariantResult:
+                      guest_start: str | None = None, fork_server: ForkServer | None = None,
+                      early_host: EarlyHost | None = None) -> VariantResult:
     """Start host + guests for one variant and supervise them to the end.
 
     Guests in ``external`` are not started: ``on_join`` is told how they join
     once the host listens, and ``join.json`` in ``run_dir`` says it too.
     ``guest_start``: ``fork`` (from the fork server) or ``exec`` (one
-    interpreter each); None: ``default_guest_start()``.
+    interpreter each); None: ``default_guest_start()``. ``fork_server``:
+    a server the caller started and closes (one for every variant); None, or
+    dead: this variant starts its own. ``early_host``: a host from
+    ``start_early_host`` to run this variant's host in instead of starting one.
     """
+    from balloonlab.proto.handshake import guest_token
     guest_start = default_guest_start() if guest_start is None else guest_start
     if guest_start not in GUEST_START_MODES:
         raise ValueError(f"guest_start must be one of {', '.join(GUEST_START_MODES)}, got {guest_start!r}")
@@ -264,13 +346,13 @@ async def run_variant(run_config: dict[str, Any], run_dir: Path, address: str, s
         run_dir.mkdir(mode=0o700)
     cfg_path = run_dir / "host-config.json"
     cfg_path.write_text(json.dumps(run_config, indent=1))
-    env = dict(os.environ, OPENBLAS_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    env.pop("BALLOONLAB_TOKEN", None)
+    env = child_env()
     result = VariantResult(run_config["variant"], run_dir)
     children = _Children()
     wall0 = time.monotonic()
     token_files = write_credentials(run_dir, secret, [int(g["id"]) for g in run_config["guests"]])
     own_guests = [int(g["id"]) for g in run_config["guests"] if int(g["id"]) not in external]
+    shared = fork_server if fork_server is not None and not fork_server.dead.is_set() else None
     server_start: asyncio.Future[ForkServer] | None = None
     server: ForkServer | None = None
     halt = asyncio.Event()          # Ctrl-C, or the fork server died: stop following the host
@@ -278,10 +360,18 @@ async def run_variant(run_config: dict[str, Any], run_dir: Path, address: str, s
     try:
         if guest_start == "fork" and own_guests:
             # It imports the guest while the host starts: neither waits for the other.
-            server_start = asyncio.ensure_future(ForkServer.start(run_dir, env, python, _die_with_parent))
-        host = await children.spawn("host", [python, "-m", "balloonlab.hostd", "--config", str(cfg_path), "--address", address,
-                                             "--log", str(run_dir / "host.jsonl"), "--log-level", log_level],
-                                    dict(env, BALLOONLAB_TOKEN=secret), run_dir / "host.stderr", stdout_pipe=True)
+            if shared is not None:
+                server_start = asyncio.ensure_future(shared.wait_ready())
+            else:
+                server_start = asyncio.ensure_future(ForkServer.start(run_dir, env, python, die_with_parent))
+        host_args = ["--config", str(cfg_path), "--address", address, "--log", str(run_dir / "host.jsonl"),
+                     "--log-level", log_level]
+        host_env = dict(env, BALLOONLAB_TOKEN=secret)
+        if early_host is not None:
+            host: Any = await children.adopt_host(early_host, host_args, host_env, run_dir / "host.stderr")
+        else:
+            host = await children.spawn("host", [python, "-m", "balloonlab.hostd", *host_args], host_env,
+                                        run_dir / "host.stderr", stdout_pipe=True)
         assert host.stdout is not None
         ready = await _wait_ready(host, stop)
         if ready is None:
@@ -334,10 +424,12 @@ async def run_variant(run_config: dict[str, Any], run_dir: Path, address: str, s
         # Whatever happened above (an exception, a cancellation), nothing outlives the run.
         for w in watchers:
             w.cancel()
+        if early_host is not None:
+            early_host.discard()   # never adopted: this variant failed before its host started
         await asyncio.shield(children.teardown())
         if server is None and server_start is not None:
             server = await asyncio.shield(_started(server_start))
-        if server is not None:
+        if server is not None and server is not shared:
             await asyncio.shield(server.close())
         import shutil
         shutil.rmtree(run_dir / CREDENTIALS_DIR, ignore_errors=True)   # dead secrets: they open nothing now

@@ -9,20 +9,78 @@ really listens on, with the real port), then JSON progress lines, last
 proto/README.md, "Running a host and joining it from outside", is the
 contract. Exit status: 0 when the run ends (or a stop signal ends it), 5 on
 a deadlock, 2 for a bad config, address or environment, 1 otherwise.
+
+``python -m balloonlab.hostd --args-on-stdin [--run-dir DIR]`` is how the
+launcher starts a host before it has loaded the scenario: the host imports
+what a run needs, then reads its real command line and environment (and
+where its stderr goes) as one JSON line on stdin and carries on exactly as
+if it had been started with them (/proc shows them too). ``--run-dir`` is
+only shown, for tools that find a run's processes by it. EOF instead of
+that line: exit 0.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
+from typing import IO
 
 from balloonlab.proto.errors import ConfigError
 from balloonlab.proto.logconf import configure_logging
 from balloonlab.proto.transport import parse_address
 
+ARGS_ON_STDIN = "--args-on-stdin"
+# What main() imports once it has its arguments (its run and the event loop).
+PRESTART_IMPORTS = ("uvloop", "balloonlab.hostd.config", "balloonlab.hostd.server", "balloonlab.proto.profiling")
+
+
+def _args_from_stdin() -> list[str] | None:
+    """Import what a run needs, then take on the command line and environment the launcher sends."""
+    import importlib
+    for name in PRESTART_IMPORTS:   # now, while the launcher loads the scenario
+        importlib.import_module(name)
+    line = sys.stdin.buffer.readline()
+    if not line:
+        return None
+    req = json.loads(line)
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)    # as exec'd: nothing more to read
+    os.close(null)
+    if req.get("stderr"):
+        _move_stderr(req["stderr"])
+    os.environ.clear()
+    os.environ.update({str(k): str(v) for k, v in req["env"].items()})
+    argv = [str(a) for a in req["argv"]]
+    from balloonlab.proctitle import set_process_image
+    set_process_image([sys.executable, "-m", "balloonlab.hostd", *argv], dict(os.environ))
+    return argv
+
+
+def _move_stderr(path: str) -> None:
+    """Write stderr to ``path`` from now on, beginning with what was written before (the launcher's temporary file)."""
+    sys.stderr.flush()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+    try:
+        offset = 0
+        while chunk := os.pread(2, 1 << 16, offset):
+            os.write(fd, chunk)
+            offset += len(chunk)
+    except OSError:
+        pass   # not a regular file: nothing of ours to carry over
+    os.dup2(fd, 2)
+    os.close(fd)
+
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:
+        argv = sys.argv[1:]
+    if argv and argv[0] == ARGS_ON_STDIN:
+        got = _args_from_stdin()
+        if got is None:
+            return 0
+        argv = got
     ap = argparse.ArgumentParser(prog="python -m balloonlab.hostd", description="balloonlab host hypervisor")
     ap.add_argument("--config", required=True, type=Path, help="resolved run config (JSON) written by the launcher")
     ap.add_argument("--address", required=True, help="unix:PATH, PATH or tcp://HOST:PORT to listen on")
@@ -41,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"hostd: {exc}", file=sys.stderr)
         return 2
-    configure_logging(args.log, proc="host", level=args.log_level, run_id=cfg.run_id, variant=cfg.variant)
+    _open_files.append(configure_logging(args.log, proc="host", level=args.log_level, run_id=cfg.run_id,
+                                         variant=cfg.variant))
     import uvloop
 
     from balloonlab.hostd.server import Host
@@ -54,5 +113,23 @@ def main(argv: list[str] | None = None) -> int:
     return run_profiled(lambda: uvloop.run(host.run()), f"host-{cfg.variant or 'run'}")
 
 
+def _exit_now(code: int) -> None:
+    """Flush what the host wrote and end the process without finalizing the interpreter.
+
+    Tearing down a host's heap after a run (its memory model, sessions,
+    modules) took ~0.1 s that the launcher waits for before it can read the
+    logs; nothing in it is needed: the log, stdout and stderr are flushed here.
+    """
+    for f in (*_open_files, sys.stdout, sys.stderr):
+        try:
+            f.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
+
+
+_open_files: list[IO[str]] = []   # the log file main() opened
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    _exit_now(main())
