@@ -1325,7 +1325,60 @@ done:
     return ret;
 }
 
+/* frame_gauges(kind uint8[n], backed uint8[n], wp uint8[n], cached int64[m], out int64[k+3]): the frames of
+ * each kind 0..k-1 (np.bincount), the backed ones, the write-protected ones, and the pages whose frame was
+ * soft-reclaimed (cached >= 0): the tick-end gauges in one pass instead of four numpy calls */
+static PyObject *mod_frame_gauges(PyObject *self, PyObject *args) {
+    PyObject *ko, *bo, *wo, *co, *oo;
+    if (!PyArg_ParseTuple(args, "OOOOO", &ko, &bo, &wo, &co, &oo)) return NULL;
+    Py_buffer kind, backed, wp, cached, out;
+    PyObject *ret = NULL;
+    if (get_buf(ko, &kind, 1, 0, "kind") < 0) return NULL;
+    if (get_buf(bo, &backed, 1, 0, "backed") < 0) { PyBuffer_Release(&kind); return NULL; }
+    if (get_buf(wo, &wp, 1, 0, "wp") < 0) { PyBuffer_Release(&kind); PyBuffer_Release(&backed); return NULL; }
+    if (get_buf(co, &cached, 8, 0, "cached") < 0) {
+        PyBuffer_Release(&kind); PyBuffer_Release(&backed); PyBuffer_Release(&wp); return NULL;
+    }
+    if (get_buf(oo, &out, 8, 1, "out") < 0) {
+        PyBuffer_Release(&kind); PyBuffer_Release(&backed); PyBuffer_Release(&wp); PyBuffer_Release(&cached);
+        return NULL;
+    }
+    int64_t n = kind.len, k = out.len / 8 - 3, m = cached.len / 8;
+    if (k < 1 || backed.len != n || wp.len != n) {
+        PyErr_SetString(PyExc_ValueError, "paging: frame_gauges needs kind, backed, wp of one length and out of k+3");
+        goto done;
+    }
+    {
+        const uint8_t *K = (const uint8_t *)kind.buf, *B = (const uint8_t *)backed.buf, *W = (const uint8_t *)wp.buf;
+        const int64_t *C = (const int64_t *)cached.buf;
+        int64_t *O = (int64_t *)out.buf, nb = 0, nw = 0, nc = 0;
+        memset(O, 0, (size_t)(k + 3) * 8);
+        for (int64_t i = 0; i < n; i++) {
+            if (K[i] >= k) {
+                PyErr_Format(PyExc_ValueError, "paging: frame_gauges: frame %lld has kind %d of %lld",
+                             (long long)i, K[i], (long long)k);
+                goto done;
+            }
+            O[K[i]]++;
+            nb += B[i] != 0;
+            nw += W[i] != 0;
+        }
+        for (int64_t i = 0; i < m; i++) nc += C[i] >= 0;
+        O[k] = nb;
+        O[k + 1] = nw;
+        O[k + 2] = nc;
+        ret = Py_None;
+        Py_INCREF(ret);
+    }
+done:
+    PyBuffer_Release(&kind); PyBuffer_Release(&backed); PyBuffer_Release(&wp); PyBuffer_Release(&cached);
+    PyBuffer_Release(&out);
+    return ret;
+}
+
 static PyMethodDef paging_functions[] = {
+    {"frame_gauges", mod_frame_gauges, METH_VARARGS,
+     "frame_gauges(kind, backed, wp, cached, out): frames per kind, backed, write-protected; soft-cached pages"},
     {"mix_pick", mod_mix_pick, METH_VARARGS,
      "mix_pick(u, cdf, pick_out uint8, counts_out int64): searchsorted(cdf, u, 'right') and its counts"},
     {"mix_gather", mod_mix_gather, METH_VARARGS,
