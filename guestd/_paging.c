@@ -1140,8 +1140,255 @@ static PyTypeObject CoreType = {
     .tp_methods = Core_methods,
 };
 
+/* ------------------------------------------------------------------ workload batches
+ *
+ * A vCPU batch of a few hundred references is built every tick of every guest (guestd.workload.generators):
+ * with numpy, a dozen calls on arrays of that size, each costing more than its work. These do the
+ * per-reference steps in one pass; the random draws stay numpy's (the caller draws them), so the
+ * references are the same to the last bit (tests/test_guestrt_workload.py holds both paths equal). */
+
+static int get_buf(PyObject *obj, Py_buffer *v, Py_ssize_t itemsize, int writable, const char *what) {
+    if (PyObject_GetBuffer(obj, v, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT | (writable ? PyBUF_WRITABLE : 0)) < 0)
+        return -1;
+    if (itemsize && v->itemsize != itemsize) {
+        PyErr_Format(PyExc_ValueError, "paging: %s has items of %zd bytes, want %zd", what, v->itemsize, itemsize);
+        PyBuffer_Release(v);
+        return -1;
+    }
+    return 0;
+}
+
+/* searchsorted(cdf, u, side="right"): the first index whose entry is > u */
+static inline int64_t upper_bound(const double *cdf, int64_t m, double u) {
+    int64_t lo = 0, hi = m;
+    while (lo < hi) {
+        int64_t mid = lo + ((hi - lo) >> 1);
+        if (cdf[mid] <= u) lo = mid + 1; else hi = mid;
+    }
+    return lo;
+}
+
+/* mix_pick(u float64[n], cdf float64[m], pick uint8[n] out, counts int64[m] out): Mix's component of each
+ * reference, cdf.searchsorted(u, side="right") over a CDF of a few entries (its last is 1 > every u) */
+static PyObject *mod_mix_pick(PyObject *self, PyObject *args) {
+    PyObject *uo, *co, *po, *no;
+    if (!PyArg_ParseTuple(args, "OOOO", &uo, &co, &po, &no)) return NULL;
+    Py_buffer u, cdf, pick, counts;
+    if (get_buf(uo, &u, 8, 0, "u") < 0) return NULL;
+    if (get_buf(co, &cdf, 8, 0, "cdf") < 0) { PyBuffer_Release(&u); return NULL; }
+    if (get_buf(po, &pick, 1, 1, "pick") < 0) { PyBuffer_Release(&u); PyBuffer_Release(&cdf); return NULL; }
+    if (get_buf(no, &counts, 8, 1, "counts") < 0) {
+        PyBuffer_Release(&u); PyBuffer_Release(&cdf); PyBuffer_Release(&pick); return NULL;
+    }
+    int64_t n = u.len / 8, m = cdf.len / 8;
+    PyObject *ret = NULL;
+    if (pick.len < n || counts.len / 8 != m || m < 1 || m > 255) {
+        PyErr_SetString(PyExc_ValueError, "paging: mix_pick needs pick of len(u) and counts of len(cdf) <= 255");
+    } else {
+        const double *U = (const double *)u.buf, *C = (const double *)cdf.buf;
+        uint8_t *P = (uint8_t *)pick.buf;
+        int64_t *N = (int64_t *)counts.buf;
+        memset(N, 0, (size_t)m * 8);
+        for (int64_t i = 0; i < n; i++) {
+            int64_t j = 0;
+            while (j < m && C[j] <= U[i]) j++;
+            if (j >= m) {   /* past the last entry: no component of that number (numpy would index past it) */
+                PyErr_Format(PyExc_ValueError, "paging: mix_pick draw %g is not below the CDF's end", U[i]);
+                goto done;
+            }
+            P[i] = (uint8_t)j;
+            N[j]++;
+        }
+        ret = Py_None;
+        Py_INCREF(ret);
+    }
+done:
+    PyBuffer_Release(&u); PyBuffer_Release(&cdf); PyBuffer_Release(&pick); PyBuffer_Release(&counts);
+    return ret;
+}
+
+/* mix_gather(pick uint8[n], parts ((pages u64, writes 1-byte) or None per component), pages u64[n] out,
+ * writes 1-byte[n] out) -> k: the k-th reference of component j goes where j is picked for the k-th time;
+ * the slots of a component that ran dry (fewer references than picks) are left out, the rest close up */
+static PyObject *mod_mix_gather(PyObject *self, PyObject *args) {
+    PyObject *po, *parts, *pgo, *wo;
+    if (!PyArg_ParseTuple(args, "OO!OO", &po, &PyTuple_Type, &parts, &pgo, &wo)) return NULL;
+    Py_ssize_t m = PyTuple_GET_SIZE(parts);
+    if (m > 255) { PyErr_SetString(PyExc_ValueError, "paging: mix_gather of more than 255 parts"); return NULL; }
+    Py_buffer pick, pages, writes, pp[256], pw[256];
+    int64_t got[256], used[256];
+    const uint64_t *PP[256];
+    const uint8_t *PW[256];
+    Py_ssize_t nb = 0;
+    PyObject *ret = NULL;
+    if (get_buf(po, &pick, 1, 0, "pick") < 0) return NULL;
+    if (get_buf(pgo, &pages, 8, 1, "pages") < 0) { PyBuffer_Release(&pick); return NULL; }
+    if (get_buf(wo, &writes, 1, 1, "writes") < 0) { PyBuffer_Release(&pick); PyBuffer_Release(&pages); return NULL; }
+    for (nb = 0; nb < m; nb++) {
+        PyObject *part = PyTuple_GET_ITEM(parts, nb);
+        got[nb] = 0;
+        used[nb] = 0;
+        if (part == Py_None) {
+            pp[nb].obj = NULL;
+            pw[nb].obj = NULL;
+            continue;
+        }
+        if (!PyTuple_Check(part) || PyTuple_GET_SIZE(part) != 2) {
+            PyErr_SetString(PyExc_ValueError, "paging: mix_gather parts are (pages, writes) or None");
+            goto done;
+        }
+        if (get_buf(PyTuple_GET_ITEM(part, 0), &pp[nb], 8, 0, "part pages") < 0) goto done;
+        if (get_buf(PyTuple_GET_ITEM(part, 1), &pw[nb], 1, 0, "part writes") < 0) {
+            PyBuffer_Release(&pp[nb]);
+            goto done;
+        }
+        got[nb] = pp[nb].len / 8;
+        if (pw[nb].len < got[nb]) {
+            PyErr_SetString(PyExc_ValueError, "paging: mix_gather part with fewer writes than pages");
+            PyBuffer_Release(&pp[nb]); PyBuffer_Release(&pw[nb]);
+            goto done;
+        }
+        PP[nb] = (const uint64_t *)pp[nb].buf;
+        PW[nb] = (const uint8_t *)pw[nb].buf;
+    }
+    {
+        int64_t n = pick.len, k = 0;
+        if (pages.len / 8 < n || writes.len < n) {
+            PyErr_SetString(PyExc_ValueError, "paging: mix_gather outputs shorter than pick");
+            goto done;
+        }
+        const uint8_t *P = (const uint8_t *)pick.buf;
+        uint64_t *OP = (uint64_t *)pages.buf;
+        uint8_t *OW = (uint8_t *)writes.buf;
+        for (int64_t i = 0; i < n; i++) {
+            int j = P[i];
+            if (j >= m) { PyErr_Format(PyExc_ValueError, "paging: mix_gather pick %d of %zd parts", j, m); goto done; }
+            int64_t r = used[j]++;
+            if (r < got[j]) { OP[k] = PP[j][r]; OW[k] = PW[j][r]; k++; }
+        }
+        ret = PyLong_FromLongLong(k);
+    }
+done:
+    for (Py_ssize_t j = 0; j < nb; j++)
+        if (pp[j].obj != NULL) { PyBuffer_Release(&pp[j]); PyBuffer_Release(&pw[j]); }
+    PyBuffer_Release(&pick); PyBuffer_Release(&pages); PyBuffer_Release(&writes);
+    return ret;
+}
+
+/* zipf_pages(u float64[n], answer int16|int32|int64[K], cdf float64[m], page_of_rank u64[m], out u64[n]):
+ * CdfTable(u) (the guide table, searchsorted where a bucket holds a CDF entry), capped at the last rank,
+ * through the rank->page permutation */
+static PyObject *mod_zipf_pages(PyObject *self, PyObject *args) {
+    PyObject *uo, *ao, *co, *ro, *oo;
+    if (!PyArg_ParseTuple(args, "OOOOO", &uo, &ao, &co, &ro, &oo)) return NULL;
+    Py_buffer u, ans, cdf, rank, out;
+    PyObject *ret = NULL;
+    if (get_buf(uo, &u, 8, 0, "u") < 0) return NULL;
+    if (get_buf(ao, &ans, 0, 0, "answer") < 0) { PyBuffer_Release(&u); return NULL; }
+    if (get_buf(co, &cdf, 8, 0, "cdf") < 0) { PyBuffer_Release(&u); PyBuffer_Release(&ans); return NULL; }
+    if (get_buf(ro, &rank, 8, 0, "page_of_rank") < 0) {
+        PyBuffer_Release(&u); PyBuffer_Release(&ans); PyBuffer_Release(&cdf); return NULL;
+    }
+    if (get_buf(oo, &out, 8, 1, "out") < 0) {
+        PyBuffer_Release(&u); PyBuffer_Release(&ans); PyBuffer_Release(&cdf); PyBuffer_Release(&rank); return NULL;
+    }
+    int64_t n = u.len / 8, m = cdf.len / 8, isz = ans.itemsize, K = isz ? ans.len / isz : 0, pages = rank.len / 8;
+    if ((isz != 2 && isz != 4 && isz != 8) || K < 1 || (K & (K - 1)) || out.len / 8 < n || pages < 1) {
+        PyErr_SetString(PyExc_ValueError, "paging: zipf_pages needs a power-of-two table of int16/32/64, "
+                        "a rank permutation and out of len(u)");
+        goto done;
+    }
+    {
+        const double *U = (const double *)u.buf, *C = (const double *)cdf.buf;
+        const uint64_t *R = (const uint64_t *)rank.buf;
+        uint64_t *O = (uint64_t *)out.buf;
+        const double k = (double)K;
+        for (int64_t i = 0; i < n; i++) {
+            double x = U[i];
+            if (!(x >= 0.0 && x < 1.0)) {
+                PyErr_Format(PyExc_ValueError, "paging: zipf_pages draw %g outside [0, 1)", x);
+                goto done;
+            }
+            int64_t b = (int64_t)(x * k), r;
+            r = isz == 2 ? ((const int16_t *)ans.buf)[b] : isz == 4 ? ((const int32_t *)ans.buf)[b]
+                                                                     : ((const int64_t *)ans.buf)[b];
+            if (r < 0) r = upper_bound(C, m, x);
+            if (r > pages - 1) r = pages - 1;
+            O[i] = R[r];
+        }
+        ret = Py_None;
+        Py_INCREF(ret);
+    }
+done:
+    PyBuffer_Release(&u); PyBuffer_Release(&ans); PyBuffer_Release(&cdf); PyBuffer_Release(&rank);
+    PyBuffer_Release(&out);
+    return ret;
+}
+
+/* frame_gauges(kind uint8[n], backed uint8[n], wp uint8[n], cached int64[m], out int64[k+3]): the frames of
+ * each kind 0..k-1 (np.bincount), the backed ones, the write-protected ones, and the pages whose frame was
+ * soft-reclaimed (cached >= 0): the tick-end gauges in one pass instead of four numpy calls */
+static PyObject *mod_frame_gauges(PyObject *self, PyObject *args) {
+    PyObject *ko, *bo, *wo, *co, *oo;
+    if (!PyArg_ParseTuple(args, "OOOOO", &ko, &bo, &wo, &co, &oo)) return NULL;
+    Py_buffer kind, backed, wp, cached, out;
+    PyObject *ret = NULL;
+    if (get_buf(ko, &kind, 1, 0, "kind") < 0) return NULL;
+    if (get_buf(bo, &backed, 1, 0, "backed") < 0) { PyBuffer_Release(&kind); return NULL; }
+    if (get_buf(wo, &wp, 1, 0, "wp") < 0) { PyBuffer_Release(&kind); PyBuffer_Release(&backed); return NULL; }
+    if (get_buf(co, &cached, 8, 0, "cached") < 0) {
+        PyBuffer_Release(&kind); PyBuffer_Release(&backed); PyBuffer_Release(&wp); return NULL;
+    }
+    if (get_buf(oo, &out, 8, 1, "out") < 0) {
+        PyBuffer_Release(&kind); PyBuffer_Release(&backed); PyBuffer_Release(&wp); PyBuffer_Release(&cached);
+        return NULL;
+    }
+    int64_t n = kind.len, k = out.len / 8 - 3, m = cached.len / 8;
+    if (k < 1 || backed.len != n || wp.len != n) {
+        PyErr_SetString(PyExc_ValueError, "paging: frame_gauges needs kind, backed, wp of one length and out of k+3");
+        goto done;
+    }
+    {
+        const uint8_t *K = (const uint8_t *)kind.buf, *B = (const uint8_t *)backed.buf, *W = (const uint8_t *)wp.buf;
+        const int64_t *C = (const int64_t *)cached.buf;
+        int64_t *O = (int64_t *)out.buf, nb = 0, nw = 0, nc = 0;
+        memset(O, 0, (size_t)(k + 3) * 8);
+        for (int64_t i = 0; i < n; i++) {
+            if (K[i] >= k) {
+                PyErr_Format(PyExc_ValueError, "paging: frame_gauges: frame %lld has kind %d of %lld",
+                             (long long)i, K[i], (long long)k);
+                goto done;
+            }
+            O[K[i]]++;
+            nb += B[i] != 0;
+            nw += W[i] != 0;
+        }
+        for (int64_t i = 0; i < m; i++) nc += C[i] >= 0;
+        O[k] = nb;
+        O[k + 1] = nw;
+        O[k + 2] = nc;
+        ret = Py_None;
+        Py_INCREF(ret);
+    }
+done:
+    PyBuffer_Release(&kind); PyBuffer_Release(&backed); PyBuffer_Release(&wp); PyBuffer_Release(&cached);
+    PyBuffer_Release(&out);
+    return ret;
+}
+
+static PyMethodDef paging_functions[] = {
+    {"frame_gauges", mod_frame_gauges, METH_VARARGS,
+     "frame_gauges(kind, backed, wp, cached, out): frames per kind, backed, write-protected; soft-cached pages"},
+    {"mix_pick", mod_mix_pick, METH_VARARGS,
+     "mix_pick(u, cdf, pick_out uint8, counts_out int64): searchsorted(cdf, u, 'right') and its counts"},
+    {"mix_gather", mod_mix_gather, METH_VARARGS,
+     "mix_gather(pick, parts, pages_out, writes_out) -> n: the components' references in pick order"},
+    {"zipf_pages", mod_zipf_pages, METH_VARARGS,
+     "zipf_pages(u, answer, cdf, page_of_rank, out): CdfTable(u), capped, through page_of_rank"},
+    {NULL, NULL, 0, NULL}};
+
 static struct PyModuleDef paging_module = {
-    PyModuleDef_HEAD_INIT, "_paging", "The guest kernel's compiled paging core.", -1, NULL};
+    PyModuleDef_HEAD_INIT, "_paging", "The guest kernel's compiled paging core.", -1, paging_functions};
 
 PyMODINIT_FUNC PyInit__paging(void) {
     if (PyType_Ready(&CoreType) < 0) return NULL;

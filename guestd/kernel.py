@@ -105,6 +105,9 @@ _FILE = int(FrameKind.FILE)
 _BALLOON = int(FrameKind.BALLOON)
 _KERNEL = int(FrameKind.KERNEL)
 _N_KINDS = len(FrameKind)
+_C_EVICTIONS = PagingCounters.FIELDS.index("evictions")
+_C_SOFT_RECLAIMED = PagingCounters.FIELDS.index("soft_reclaimed")
+_C_BALLOON_RECLAIMED = PagingCounters.FIELDS.index("balloon_reclaimed")
 
 # GuestKernel._ks: the kernel's scalar state, shared with the compiled core (its KS_NAMES)
 _KS_NAMES = ("free_lo", "n_free", "soft_head", "soft_tail")
@@ -233,6 +236,7 @@ class GuestKernel:
         self._deadline_us = math.inf         # the running batch's deadline (the gate)
         # background requests are not the vCPU's stalls: the process layer pauses its PSI meter here
         self.bg_quiet: Callable[[], ContextManager[Any]] = contextlib.nullcontext
+        self._gauges = np.zeros(_N_KINDS + 3, np.int64)   # stats(): frames per kind, backed, wp; soft-cached pages
         self._resize_policy()
         self.engine = engine if engine is not None else default_engine()
         if self.engine not in ENGINES:
@@ -1557,15 +1561,22 @@ class GuestKernel:
     def stats(self) -> dict[str, int | float]:
         """Cumulative counters and current gauges (virtio-balloon's, plus ours); JSON-serialisable."""
         fr = self.frames
-        kinds = np.bincount(fr.kind, minlength=_N_KINDS).tolist()
+        g = self._gauges
+        if _paging is not None:     # every tick of every guest: one pass, not four numpy calls
+            _paging.frame_gauges(fr.kind, fr.backed, fr.wp, self.pt.cached, g)
+        else:  # pragma: no cover - the install builds it
+            g[:_N_KINDS] = np.bincount(fr.kind, minlength=_N_KINDS)
+            g[_N_KINDS:] = (np.count_nonzero(fr.backed), np.count_nonzero(fr.wp),
+                            np.count_nonzero(self.pt.cached >= 0))
+        kinds = g.tolist()
         free = kinds[_FREE]
         file_pages = kinds[_FILE]
-        out: dict[str, int | float] = self.counters.as_dict()    # a new dict
+        counts = self.counters.array.tolist()
+        out: dict[str, int | float] = dict(zip(PagingCounters.FIELDS, counts))    # a new dict
         self._ra_resolve()
         out.update(self.bg.as_dict())
-        c = self.counters
         # direct reclaim: the faults' own evictions (everything not kswapd's, reclaim()'s or the balloon's)
-        out["pgsteal_direct"] = c.evictions - c.soft_reclaimed - c.balloon_reclaimed
+        out["pgsteal_direct"] = counts[_C_EVICTIONS] - counts[_C_SOFT_RECLAIMED] - counts[_C_BALLOON_RECLAIMED]
         out.update(
             free=free,
             total=self.config.ram_pages,
@@ -1575,10 +1586,10 @@ class GuestKernel:
             file_pages=file_pages,
             balloon_pages=kinds[_BALLOON],
             kernel_pages=kinds[_KERNEL],
-            soft_cached_pages=int(np.count_nonzero(self.pt.cached >= 0)),
+            soft_cached_pages=kinds[_N_KINDS + 2],
             discarded_pages=self.discarded_pages,
-            unbacked_pages=fr.n - int(np.count_nonzero(fr.backed)),
-            shared_pages=int(np.count_nonzero(fr.wp)),
+            unbacked_pages=fr.n - kinds[_N_KINDS],
+            shared_pages=kinds[_N_KINDS + 1],
             cow_faults=self.cow_faults,
             share_protected=self.share_protected,
             swap_used=self.swap.used,
@@ -1587,7 +1598,7 @@ class GuestKernel:
             pff_last=float(self.pff.last_rate),
             working_set_pages=int(self.ws.estimate_pages),
             working_set_fraction=float(self.ws.last_fraction),
-            vt_us=float(self.vt_us),
+            vt_us=float(self._vt[0]),
         )
         return out
 

@@ -46,6 +46,14 @@ import numpy as np
 from ..errors import GuestConfigError
 from .cdf import CdfTable
 
+try:    # the per-reference steps of a batch in one pass each (guestd/_paging.c); numpy's below otherwise
+    from .. import _paging
+    _mix_pick = _paging.mix_pick
+    _mix_gather = _paging.mix_gather
+    _zipf_pages = _paging.zipf_pages
+except (ImportError, AttributeError):  # pragma: no cover - the install builds it
+    _mix_pick = _mix_gather = _zipf_pages = None
+
 __all__ = [
     "Workload", "DbWorkload", "ZipfWorkload", "AnonColdWorkload", "AnonHotWorkload",
     "ScanWorkload", "PhasesWorkload", "TraceWorkload", "BurstWorkload", "Mix", "WORKLOADS", "take_frees", "FullWrites", "FULL_WRITE",
@@ -54,6 +62,7 @@ __all__ = [
 FULL_WRITE = 2      # write code: the write stores every byte of the page (its old content is not needed)
 
 _EMPTY = (np.zeros(0, np.uint64), np.zeros(0, bool))
+_U64 = np.dtype(np.uint64)
 
 
 @runtime_checkable
@@ -105,9 +114,16 @@ class ZipfWorkload(_Region):
         self._rank_of = CdfTable(self._cdf)     # searchsorted(_cdf, u, side="right"), sooner
         # the hottest ranks land anywhere in the file, not at its start
         self._page_of_rank = (self.start + rng.permutation(pages)).astype(np.uint64)
+        self.compiled = True      # False: numpy's path (the tests hold the two equal)
 
     def next_batch(self, n: int) -> tuple[np.ndarray, np.ndarray]:
-        ranks = self._rank_of(self.rng.random(n))
+        u = self.rng.random(n)
+        if _zipf_pages is not None and self.compiled:
+            t = self._rank_of
+            pages = np.empty(n, np.uint64)
+            _zipf_pages(u, t._answer, t.cdf, self._page_of_rank, pages)
+            return pages, self._writes(n, self.write_frac)
+        ranks = self._rank_of(u)
         np.minimum(ranks, self.pages - 1, out=ranks)
         return self._page_of_rank[ranks], self._writes(n, self.write_frac)
 
@@ -363,6 +379,8 @@ class Mix:
         self.weights = [float(w) for w in weights]
         self.rng = rng
         self._codes = any(isinstance(c, FullWrites) for c in self.components)   # write codes, not bools
+        self._wdtype = np.dtype(np.uint8 if self._codes else bool)
+        self.compiled = True      # False: numpy's path (the tests hold the two equal)
         self._active: list[int] = []
         self._cdf = np.ones(1)
 
@@ -392,7 +410,10 @@ class Mix:
             return self.components[active[0]].next_batch(n)
         # Exactly ``rng.choice(len(active), size=n, p=weights)`` (same draws, same picks), without
         # choice's per-call checks of p: this runs once per batch, every tick of every guest.
-        pick = self._pick_cdf(active).searchsorted(self.rng.random(n), side="right")
+        u = self.rng.random(n)
+        if _mix_pick is not None and self.compiled:
+            return self._next_compiled(active, u)
+        pick = self._pick_cdf(active).searchsorted(u, side="right")
         pages = np.empty(n, np.uint64)
         writes = np.empty(n, np.uint8 if self._codes else bool)
         keep: np.ndarray | None = None
@@ -411,6 +432,36 @@ class Mix:
         if keep is None:
             return pages, writes
         return pages[keep], writes[keep]
+
+    def _next_compiled(self, active: list[int], u: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``next_batch``'s picks and scatter in two compiled passes: the same components asked for the
+        same counts in the same order, their references placed as numpy's loop places them."""
+        n = u.size
+        pick = np.empty(n, np.uint8)
+        counts = np.empty(len(active), np.int64)
+        _mix_pick(u, self._pick_cdf(active), pick, counts)
+        wdt = self._wdtype
+        parts: list[tuple[np.ndarray, np.ndarray] | None] = []
+        for j, k in enumerate(counts.tolist()):
+            if not k:
+                parts.append(None)
+                continue
+            p, wr = self.components[active[j]].next_batch(k)
+            # the casts numpy's assignment into pages/writes makes (none for the usual dtypes)
+            if type(p) is not np.ndarray or p.dtype is not _U64 or not p.flags.c_contiguous:
+                p = np.ascontiguousarray(p, dtype=np.uint64)
+            if type(wr) is not np.ndarray or wr.dtype is not wdt or not wr.flags.c_contiguous:
+                wr = np.ascontiguousarray(np.asarray(wr).astype(wdt), dtype=wdt)
+            if wr.size < p.size:
+                raise GuestConfigError(f"{self.components[active[j]].name}: a batch of {p.size} pages "
+                                       f"and {wr.size} writes")
+            parts.append((p, wr))
+        pages = np.empty(n, np.uint64)
+        writes = np.empty(n, wdt)
+        got = _mix_gather(pick, tuple(parts), pages, writes)
+        if got == n:
+            return pages, writes
+        return pages[:got], writes[:got]
 
 
 WORKLOADS = {
