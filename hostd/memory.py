@@ -79,7 +79,7 @@ drops its own guest's clean cache clusters, then host-swaps.
 """
 from __future__ import annotations
 
-from typing import Awaitable, Callable
+from typing import Any, Awaitable, Callable, Coroutine
 
 import numpy as np
 
@@ -549,6 +549,13 @@ class HostMemory(Guests, Boundary, Releases, BitsAndPins, Readout):
 
     async def vdisk_read(self, guest_id: int, blocks: np.ndarray | bytes, vt_us: float) -> tuple[np.ndarray, float]:
         """Read blocks through the host cache; returns their tokens and the completion time."""
+        got = self.vdisk_read_now(guest_id, blocks, vt_us)
+        return got if type(got) is tuple else await got
+
+    def vdisk_read_now(self, guest_id: int, blocks: np.ndarray | bytes,
+                       vt_us: float) -> tuple[np.ndarray, float] | Coroutine[Any, Any, tuple[np.ndarray, float]]:
+        """``vdisk_read``: its result now when the read need not wait (the usual one-block read), else a
+        coroutine that finishes it. A request handler answers the first without a coroutine of its own."""
         g = self._guest(guest_id)
         vd = g.vdisk
         one = one_page_number(blocks, guest_id, "block", vd.n_blocks)
@@ -557,8 +564,18 @@ class HostMemory(Guests, Boundary, Releases, BitsAndPins, Readout):
             # A hit needs no room and drops nothing (need 0).
             start_us, need = vd.fit_one(one, vt_us)
             if need and not self._room_ok(need, False, g):   # else _room_for_io returns at once
-                start_us = await self._room_for_io(g, lambda: vd.frames_needed_one(one), start_us)
+                return self._vdisk_read_one_later(g, one, start_us)
             return vd.read_one_reply(one, start_us)
+        return self._vdisk_read_many(g, one, blocks, vt_us)
+
+    async def _vdisk_read_one_later(self, g: _Guest, one: int, start_us: float) -> tuple[np.ndarray, float]:
+        vd = g.vdisk
+        start_us = await self._room_for_io(g, lambda: vd.frames_needed_one(one), start_us)
+        return vd.read_one_reply(one, start_us)
+
+    async def _vdisk_read_many(self, g: _Guest, one: int | None, blocks: np.ndarray | bytes,
+                               vt_us: float) -> tuple[np.ndarray, float]:
+        vd = g.vdisk
         blocks = np.array((one,), np.int64) if one is not None else vd.check_blocks(blocks)
         start_us = vd.fit_allowance(blocks, vt_us, write=False)
         start_us = await self._room_for_io(g, lambda: vd.frames_needed_read(blocks), start_us)
@@ -568,6 +585,13 @@ class HostMemory(Guests, Boundary, Releases, BitsAndPins, Readout):
     async def vdisk_write(self, guest_id: int, blocks: np.ndarray | bytes, tokens: np.ndarray | bytes,
                           vt_us: float) -> float:
         """Write distinct blocks in the disk's cache mode; returns the completion time."""
+        got = self.vdisk_write_now(guest_id, blocks, tokens, vt_us)
+        return got if type(got) is float else await got
+
+    def vdisk_write_now(self, guest_id: int, blocks: np.ndarray | bytes, tokens: np.ndarray | bytes,
+                        vt_us: float) -> float | Coroutine[Any, Any, float]:
+        """``vdisk_write``: its completion time now when the write need not wait (the usual one-block write),
+        else a coroutine that finishes it (as ``vdisk_read_now``)."""
         g = self._guest(guest_id)
         vd = g.vdisk
         one = one_page_number(blocks, guest_id, "block", vd.n_blocks)
@@ -576,18 +600,31 @@ class HostMemory(Guests, Boundary, Releases, BitsAndPins, Readout):
             # The usual request, in scalars: the same drops, frames and times as the array path below.
             start_us, need = vd.fit_one(one, vt_us)
             if need and not self._room_ok(need, False, g):   # else _room_for_io returns at once
-                start_us = await self._room_for_io(g, lambda: vd.frames_needed_one(one), start_us)
-            done_us = vd.write_one_done(one, token, start_us)
-            if self._observer is not None:
-                self._observer.disk_written(guest_id, np.array((one,), np.int64), np.array((token,), np.uint64))
-            return done_us
+                return self._vdisk_write_one_later(g, one, token, start_us)
+            return self._vdisk_write_one(g, one, token, start_us)
+        return self._vdisk_write_many(g, one, blocks, tokens, vt_us)
+
+    def _vdisk_write_one(self, g: _Guest, one: int, token: int, start_us: float) -> float:
+        done_us = float(g.vdisk.write_one_done(one, token, start_us))
+        if self._observer is not None:
+            self._observer.disk_written(g.guest_id, np.array((one,), np.int64), np.array((token,), np.uint64))
+        return done_us
+
+    async def _vdisk_write_one_later(self, g: _Guest, one: int, token: int, start_us: float) -> float:
+        vd = g.vdisk
+        start_us = await self._room_for_io(g, lambda: vd.frames_needed_one(one), start_us)
+        return self._vdisk_write_one(g, one, token, start_us)
+
+    async def _vdisk_write_many(self, g: _Guest, one: int | None, blocks: np.ndarray | bytes,
+                                tokens: np.ndarray | bytes, vt_us: float) -> float:
+        vd = g.vdisk
         blocks = np.array((one,), np.int64) if one is not None else vd.check_blocks(blocks, unique=True)
         tokens = vd.check_tokens(blocks, tokens)
         start_us = vd.fit_allowance(blocks, vt_us, write=True)
         start_us = await self._room_for_io(g, lambda: vd.frames_needed_write(blocks), start_us)
         res = vd.write(blocks, tokens, start_us)
         if self._observer is not None:
-            self._observer.disk_written(guest_id, blocks, tokens)
+            self._observer.disk_written(g.guest_id, blocks, tokens)
         return res.done_vt_us
 
     async def _room_for_io(self, g: _Guest, need: Callable[[], int], vt_us: float) -> float:
