@@ -104,6 +104,9 @@ __all__ = ["HostMemory", "HostCounters", "GuestCounters", "Reclaimed", "Shootdow
            "MAX_BALLOON_FRACTION_DEFAULT", "default_max_balloon_pages"]
 
 _GUEST_KIND = int(FrameKind.GUEST)
+# On the fault path the masks are small: these C calls cost a fraction of ``np.any(m)`` / ``m.any()``,
+# ``np.flatnonzero`` and ``np.cumsum``, which go through Python wrappers.
+_nz = np.count_nonzero
 
 
 class HostMemory(Guests, Boundary, Releases, BitsAndPins, Readout):
@@ -160,10 +163,10 @@ class HostMemory(Guests, Boundary, Releases, BitsAndPins, Readout):
         gpfns = as_page_numbers(gpfns, guest_id, "gpfn", g.p2m.guest_pages, unique=True)
         n = int(gpfns.size)
         fresh_bits = self._fresh_bits(g, fresh, n) if fresh else np.zeros(n, bool)
-        any_fresh = bool(fresh_bits.any())
+        any_fresh = bool(_nz(fresh_bits))
         # The pages in gpfn order (as they are backed and their frames taken): ``order`` maps them back
         # to their places in the message. gpfns are distinct, so no np.unique and no np.isin is needed.
-        order_all = np.argsort(gpfns, kind="stable")
+        order_all = gpfns.argsort(kind="stable")
         order = order_all
         uniq = gpfns[order]
         # A SHARED gpfn faults on a write (it is write-protected): the copy-on-write break. It takes
@@ -177,12 +180,12 @@ class HostMemory(Guests, Boundary, Releases, BitsAndPins, Readout):
             gate_us = self._fault_gate(vt_us)
             if gate_us is not None and n > 1:
                 served, costs = self._fault_fit(g, gpfns, fresh_bits, start_us, gate_us)
-                order = order_all if served == n else np.argsort(gpfns[:served], kind="stable")
+                order = order_all if served == n else gpfns[:served].argsort(kind="stable")
                 uniq = gpfns[order]
             state = g.p2m.state[uniq]
             self._refuse_ballooned(g, uniq, state)
             backed = state == _FRAME
-            if backed.any() and self.pool.busy[g.p2m.loc[uniq[backed]]].any():
+            if _nz(backed) and _nz(self.pool.busy[g.p2m.loc[uniq[backed]]]):
                 # Its eviction is in flight: the guest may already have dropped it.
                 await self._wait_eviction_settled()
                 continue
@@ -205,7 +208,7 @@ class HostMemory(Guests, Boundary, Releases, BitsAndPins, Readout):
                 costs = (costs[0][:served], costs[1][:served])
             served, chain_us = self._fault_chain(g, gpfns[:served], fresh_bits[:served], start_us, gate_us, costs)
             if served < uniq.size:
-                order = np.argsort(gpfns[:served], kind="stable")
+                order = gpfns[:served].argsort(kind="stable")
                 uniq = gpfns[order]
                 state = g.p2m.state[uniq]
                 backed = state == _FRAME
@@ -239,12 +242,12 @@ class HostMemory(Guests, Boundary, Releases, BitsAndPins, Readout):
         if swapped.size:
             tokens[was_swapped] = self.swap.swap_in(slots)
         zip_us = 0.0
-        if was_zip is not None and was_zip.any():
+        if was_zip is not None and _nz(was_zip):
             # Decompressed (CPU, no I/O) or a fresh zero page; a fresh one drops its old swap-cache copy too.
             zp = todo[was_zip]
             zfresh = is_fresh[was_zip]  # type: ignore[index]
             tokens[was_zip], zip_us = self.zip.take_out(guest_id, zp, todo_state[was_zip], zfresh)  # type: ignore[union-attr]
-            if zfresh.any():
+            if _nz(zfresh):
                 self.swap.drop(self.swap.slots_of(guest_id, zp[zfresh]))
         if swapped.size:
             self._count_labelled_reads(g, swapped)
@@ -391,7 +394,7 @@ class HostMemory(Guests, Boundary, Releases, BitsAndPins, Readout):
 
     def _placeholders_pending(self, g: _Guest, swapped_gpfns: np.ndarray) -> bool:
         """Whether a slot of these (SWAPPED) gpfns holds a deferred shootdown's placeholder."""
-        return bool(swapped_gpfns.size) and bool((self.swap.token[g.p2m.loc[swapped_gpfns]] == PENDING_TOKEN).any())
+        return bool(swapped_gpfns.size) and bool(_nz(self.swap.token[g.p2m.loc[swapped_gpfns]] == PENDING_TOKEN))
 
     async def _placeholders_wait(self, g: _Guest, swapped_gpfns: np.ndarray) -> bool:
         """Wait if a slot of these gpfns still holds a deferred shootdown's placeholder; True if it waited.
@@ -444,7 +447,7 @@ class HostMemory(Guests, Boundary, Releases, BitsAndPins, Readout):
         if self.zip is not None:
             extra[(state == _COMPRESSED) & kept] += self.zip.cfg.decompress_page_us
         shared = (state == _SHARED) & kept
-        if shared.any():
+        if _nz(shared):
             extra[shared] += self.costs.page_copy_us
         return slot, extra
 
@@ -461,14 +464,14 @@ class HostMemory(Guests, Boundary, Releases, BitsAndPins, Readout):
         slot, extra = self._fault_costs(g, gpfns, fresh)
         io = slot >= 0
         cost = extra
-        if io.any():
+        if _nz(io):
             cost = extra.copy()
             cost[io] += self.swap.disk.chain_read_us(g.guest_id, slot[io])
         starts = np.empty(cost.size)
         starts[0] = 0.0
-        np.cumsum(cost[:-1], out=starts[1:])
+        cost[:-1].cumsum(out=starts[1:])
         starts += start_us
-        return max(1, int(np.searchsorted(starts, gate_us, side="left"))), (slot, extra)
+        return max(1, int(starts.searchsorted(gate_us, side="left"))), (slot, extra)
 
     def _fault_chain(self, g: _Guest, gpfns: np.ndarray, fresh: np.ndarray, start_us: float,
                      gate_us: float, costs: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[int, float]:
@@ -484,15 +487,15 @@ class HostMemory(Guests, Boundary, Releases, BitsAndPins, Readout):
         n = int(gpfns.size)
         cum = np.empty(n + 1)
         cum[0] = 0.0
-        np.cumsum(extra, out=cum[1:])
+        extra.cumsum(out=cum[1:])
         disk, gid = self.swap.disk, g.guest_id
         t = float(start_us)
         i = 0
-        for j in [*np.flatnonzero(slot >= 0).tolist(), n]:
+        for j in [*(slot >= 0).nonzero()[0].tolist(), n]:
             if j > i:     # pages i .. j-1 read nothing: page p starts at t + cum[p] - cum[i]
                 starts = t + (cum[i:j] - cum[i])
                 first = 1 if i == 0 else 0
-                late = np.flatnonzero(starts[first:] >= gate_us)
+                late = (starts[first:] >= gate_us).nonzero()[0]
                 if late.size:
                     k = i + first + int(late[0])
                     return k, t + float(cum[k] - cum[i])
@@ -514,7 +517,7 @@ class HostMemory(Guests, Boundary, Releases, BitsAndPins, Readout):
 
     def _refuse_ballooned(self, g: _Guest, gpfns: np.ndarray, state: np.ndarray) -> None:
         ballooned = state == _BALLOONED
-        if ballooned.any():
+        if _nz(ballooned):
             raise InvalidState(g.guest_id, "gpfn", int(gpfns[np.flatnonzero(ballooned)[0]]), "BALLOONED",
                                "deflate it before touching it")
 
