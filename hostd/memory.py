@@ -79,7 +79,7 @@ drops its own guest's clean cache clusters, then host-swaps.
 """
 from __future__ import annotations
 
-from typing import Awaitable, Callable
+from typing import Any, Awaitable, Callable, Coroutine
 
 import numpy as np
 
@@ -104,6 +104,9 @@ __all__ = ["HostMemory", "HostCounters", "GuestCounters", "Reclaimed", "Shootdow
            "MAX_BALLOON_FRACTION_DEFAULT", "default_max_balloon_pages"]
 
 _GUEST_KIND = int(FrameKind.GUEST)
+# On the fault path the masks are small: these C calls cost a fraction of ``np.any(m)`` / ``m.any()``,
+# ``np.flatnonzero`` and ``np.cumsum``, which go through Python wrappers.
+_nz = np.count_nonzero
 
 
 class HostMemory(Guests, Boundary, Releases, BitsAndPins, Readout):
@@ -160,10 +163,10 @@ class HostMemory(Guests, Boundary, Releases, BitsAndPins, Readout):
         gpfns = as_page_numbers(gpfns, guest_id, "gpfn", g.p2m.guest_pages, unique=True)
         n = int(gpfns.size)
         fresh_bits = self._fresh_bits(g, fresh, n) if fresh else np.zeros(n, bool)
-        any_fresh = bool(fresh_bits.any())
+        any_fresh = bool(_nz(fresh_bits))
         # The pages in gpfn order (as they are backed and their frames taken): ``order`` maps them back
         # to their places in the message. gpfns are distinct, so no np.unique and no np.isin is needed.
-        order_all = np.argsort(gpfns, kind="stable")
+        order_all = gpfns.argsort(kind="stable")
         order = order_all
         uniq = gpfns[order]
         # A SHARED gpfn faults on a write (it is write-protected): the copy-on-write break. It takes
@@ -177,12 +180,12 @@ class HostMemory(Guests, Boundary, Releases, BitsAndPins, Readout):
             gate_us = self._fault_gate(vt_us)
             if gate_us is not None and n > 1:
                 served, costs = self._fault_fit(g, gpfns, fresh_bits, start_us, gate_us)
-                order = order_all if served == n else np.argsort(gpfns[:served], kind="stable")
+                order = order_all if served == n else gpfns[:served].argsort(kind="stable")
                 uniq = gpfns[order]
             state = g.p2m.state[uniq]
             self._refuse_ballooned(g, uniq, state)
             backed = state == _FRAME
-            if backed.any() and self.pool.busy[g.p2m.loc[uniq[backed]]].any():
+            if _nz(backed) and _nz(self.pool.busy[g.p2m.loc[uniq[backed]]]):
                 # Its eviction is in flight: the guest may already have dropped it.
                 await self._wait_eviction_settled()
                 continue
@@ -205,7 +208,7 @@ class HostMemory(Guests, Boundary, Releases, BitsAndPins, Readout):
                 costs = (costs[0][:served], costs[1][:served])
             served, chain_us = self._fault_chain(g, gpfns[:served], fresh_bits[:served], start_us, gate_us, costs)
             if served < uniq.size:
-                order = np.argsort(gpfns[:served], kind="stable")
+                order = gpfns[:served].argsort(kind="stable")
                 uniq = gpfns[order]
                 state = g.p2m.state[uniq]
                 backed = state == _FRAME
@@ -239,12 +242,12 @@ class HostMemory(Guests, Boundary, Releases, BitsAndPins, Readout):
         if swapped.size:
             tokens[was_swapped] = self.swap.swap_in(slots)
         zip_us = 0.0
-        if was_zip is not None and was_zip.any():
+        if was_zip is not None and _nz(was_zip):
             # Decompressed (CPU, no I/O) or a fresh zero page; a fresh one drops its old swap-cache copy too.
             zp = todo[was_zip]
             zfresh = is_fresh[was_zip]  # type: ignore[index]
             tokens[was_zip], zip_us = self.zip.take_out(guest_id, zp, todo_state[was_zip], zfresh)  # type: ignore[union-attr]
-            if zfresh.any():
+            if _nz(zfresh):
                 self.swap.drop(self.swap.slots_of(guest_id, zp[zfresh]))
         if swapped.size:
             self._count_labelled_reads(g, swapped)
@@ -391,7 +394,7 @@ class HostMemory(Guests, Boundary, Releases, BitsAndPins, Readout):
 
     def _placeholders_pending(self, g: _Guest, swapped_gpfns: np.ndarray) -> bool:
         """Whether a slot of these (SWAPPED) gpfns holds a deferred shootdown's placeholder."""
-        return bool(swapped_gpfns.size) and bool((self.swap.token[g.p2m.loc[swapped_gpfns]] == PENDING_TOKEN).any())
+        return bool(swapped_gpfns.size) and bool(_nz(self.swap.token[g.p2m.loc[swapped_gpfns]] == PENDING_TOKEN))
 
     async def _placeholders_wait(self, g: _Guest, swapped_gpfns: np.ndarray) -> bool:
         """Wait if a slot of these gpfns still holds a deferred shootdown's placeholder; True if it waited.
@@ -444,7 +447,7 @@ class HostMemory(Guests, Boundary, Releases, BitsAndPins, Readout):
         if self.zip is not None:
             extra[(state == _COMPRESSED) & kept] += self.zip.cfg.decompress_page_us
         shared = (state == _SHARED) & kept
-        if shared.any():
+        if _nz(shared):
             extra[shared] += self.costs.page_copy_us
         return slot, extra
 
@@ -461,14 +464,14 @@ class HostMemory(Guests, Boundary, Releases, BitsAndPins, Readout):
         slot, extra = self._fault_costs(g, gpfns, fresh)
         io = slot >= 0
         cost = extra
-        if io.any():
+        if _nz(io):
             cost = extra.copy()
             cost[io] += self.swap.disk.chain_read_us(g.guest_id, slot[io])
         starts = np.empty(cost.size)
         starts[0] = 0.0
-        np.cumsum(cost[:-1], out=starts[1:])
+        cost[:-1].cumsum(out=starts[1:])
         starts += start_us
-        return max(1, int(np.searchsorted(starts, gate_us, side="left"))), (slot, extra)
+        return max(1, int(starts.searchsorted(gate_us, side="left"))), (slot, extra)
 
     def _fault_chain(self, g: _Guest, gpfns: np.ndarray, fresh: np.ndarray, start_us: float,
                      gate_us: float, costs: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[int, float]:
@@ -484,15 +487,15 @@ class HostMemory(Guests, Boundary, Releases, BitsAndPins, Readout):
         n = int(gpfns.size)
         cum = np.empty(n + 1)
         cum[0] = 0.0
-        np.cumsum(extra, out=cum[1:])
+        extra.cumsum(out=cum[1:])
         disk, gid = self.swap.disk, g.guest_id
         t = float(start_us)
         i = 0
-        for j in [*np.flatnonzero(slot >= 0).tolist(), n]:
+        for j in [*(slot >= 0).nonzero()[0].tolist(), n]:
             if j > i:     # pages i .. j-1 read nothing: page p starts at t + cum[p] - cum[i]
                 starts = t + (cum[i:j] - cum[i])
                 first = 1 if i == 0 else 0
-                late = np.flatnonzero(starts[first:] >= gate_us)
+                late = (starts[first:] >= gate_us).nonzero()[0]
                 if late.size:
                     k = i + first + int(late[0])
                     return k, t + float(cum[k] - cum[i])
@@ -514,7 +517,7 @@ class HostMemory(Guests, Boundary, Releases, BitsAndPins, Readout):
 
     def _refuse_ballooned(self, g: _Guest, gpfns: np.ndarray, state: np.ndarray) -> None:
         ballooned = state == _BALLOONED
-        if ballooned.any():
+        if _nz(ballooned):
             raise InvalidState(g.guest_id, "gpfn", int(gpfns[np.flatnonzero(ballooned)[0]]), "BALLOONED",
                                "deflate it before touching it")
 
@@ -549,6 +552,13 @@ class HostMemory(Guests, Boundary, Releases, BitsAndPins, Readout):
 
     async def vdisk_read(self, guest_id: int, blocks: np.ndarray | bytes, vt_us: float) -> tuple[np.ndarray, float]:
         """Read blocks through the host cache; returns their tokens and the completion time."""
+        got = self.vdisk_read_now(guest_id, blocks, vt_us)
+        return got if type(got) is tuple else await got
+
+    def vdisk_read_now(self, guest_id: int, blocks: np.ndarray | bytes,
+                       vt_us: float) -> tuple[np.ndarray, float] | Coroutine[Any, Any, tuple[np.ndarray, float]]:
+        """``vdisk_read``: its result now when the read need not wait (the usual one-block read), else a
+        coroutine that finishes it. A request handler answers the first without a coroutine of its own."""
         g = self._guest(guest_id)
         vd = g.vdisk
         one = one_page_number(blocks, guest_id, "block", vd.n_blocks)
@@ -557,8 +567,18 @@ class HostMemory(Guests, Boundary, Releases, BitsAndPins, Readout):
             # A hit needs no room and drops nothing (need 0).
             start_us, need = vd.fit_one(one, vt_us)
             if need and not self._room_ok(need, False, g):   # else _room_for_io returns at once
-                start_us = await self._room_for_io(g, lambda: vd.frames_needed_one(one), start_us)
+                return self._vdisk_read_one_later(g, one, start_us)
             return vd.read_one_reply(one, start_us)
+        return self._vdisk_read_many(g, one, blocks, vt_us)
+
+    async def _vdisk_read_one_later(self, g: _Guest, one: int, start_us: float) -> tuple[np.ndarray, float]:
+        vd = g.vdisk
+        start_us = await self._room_for_io(g, lambda: vd.frames_needed_one(one), start_us)
+        return vd.read_one_reply(one, start_us)
+
+    async def _vdisk_read_many(self, g: _Guest, one: int | None, blocks: np.ndarray | bytes,
+                               vt_us: float) -> tuple[np.ndarray, float]:
+        vd = g.vdisk
         blocks = np.array((one,), np.int64) if one is not None else vd.check_blocks(blocks)
         start_us = vd.fit_allowance(blocks, vt_us, write=False)
         start_us = await self._room_for_io(g, lambda: vd.frames_needed_read(blocks), start_us)
@@ -568,6 +588,13 @@ class HostMemory(Guests, Boundary, Releases, BitsAndPins, Readout):
     async def vdisk_write(self, guest_id: int, blocks: np.ndarray | bytes, tokens: np.ndarray | bytes,
                           vt_us: float) -> float:
         """Write distinct blocks in the disk's cache mode; returns the completion time."""
+        got = self.vdisk_write_now(guest_id, blocks, tokens, vt_us)
+        return got if type(got) is float else await got
+
+    def vdisk_write_now(self, guest_id: int, blocks: np.ndarray | bytes, tokens: np.ndarray | bytes,
+                        vt_us: float) -> float | Coroutine[Any, Any, float]:
+        """``vdisk_write``: its completion time now when the write need not wait (the usual one-block write),
+        else a coroutine that finishes it (as ``vdisk_read_now``)."""
         g = self._guest(guest_id)
         vd = g.vdisk
         one = one_page_number(blocks, guest_id, "block", vd.n_blocks)
@@ -576,18 +603,31 @@ class HostMemory(Guests, Boundary, Releases, BitsAndPins, Readout):
             # The usual request, in scalars: the same drops, frames and times as the array path below.
             start_us, need = vd.fit_one(one, vt_us)
             if need and not self._room_ok(need, False, g):   # else _room_for_io returns at once
-                start_us = await self._room_for_io(g, lambda: vd.frames_needed_one(one), start_us)
-            done_us = vd.write_one_done(one, token, start_us)
-            if self._observer is not None:
-                self._observer.disk_written(guest_id, np.array((one,), np.int64), np.array((token,), np.uint64))
-            return done_us
+                return self._vdisk_write_one_later(g, one, token, start_us)
+            return self._vdisk_write_one(g, one, token, start_us)
+        return self._vdisk_write_many(g, one, blocks, tokens, vt_us)
+
+    def _vdisk_write_one(self, g: _Guest, one: int, token: int, start_us: float) -> float:
+        done_us = float(g.vdisk.write_one_done(one, token, start_us))
+        if self._observer is not None:
+            self._observer.disk_written(g.guest_id, np.array((one,), np.int64), np.array((token,), np.uint64))
+        return done_us
+
+    async def _vdisk_write_one_later(self, g: _Guest, one: int, token: int, start_us: float) -> float:
+        vd = g.vdisk
+        start_us = await self._room_for_io(g, lambda: vd.frames_needed_one(one), start_us)
+        return self._vdisk_write_one(g, one, token, start_us)
+
+    async def _vdisk_write_many(self, g: _Guest, one: int | None, blocks: np.ndarray | bytes,
+                                tokens: np.ndarray | bytes, vt_us: float) -> float:
+        vd = g.vdisk
         blocks = np.array((one,), np.int64) if one is not None else vd.check_blocks(blocks, unique=True)
         tokens = vd.check_tokens(blocks, tokens)
         start_us = vd.fit_allowance(blocks, vt_us, write=True)
         start_us = await self._room_for_io(g, lambda: vd.frames_needed_write(blocks), start_us)
         res = vd.write(blocks, tokens, start_us)
         if self._observer is not None:
-            self._observer.disk_written(guest_id, blocks, tokens)
+            self._observer.disk_written(g.guest_id, blocks, tokens)
         return res.done_vt_us
 
     async def _room_for_io(self, g: _Guest, need: Callable[[], int], vt_us: float) -> float:

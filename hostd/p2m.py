@@ -59,13 +59,14 @@ def as_page_numbers(values: np.ndarray | bytes | list[int], guest_id: int, what:
         bad = arr >= np.uint64(limit)
     else:
         bad = (arr < 0) | (arr >= limit)
-    if np.any(bad):
+    if np.count_nonzero(bad):   # np.any goes through Python wrappers: several times the cost on a request's array
         raise OutOfRange(guest_id, what, int(arr[np.flatnonzero(bad)[0]]), limit)
     out = arr.astype(np.int64, copy=False)
     if unique and out.size > 1:
-        srt = np.sort(out)
+        srt = out.copy()
+        srt.sort()
         dup = srt[1:] == srt[:-1]
-        if np.any(dup):
+        if np.count_nonzero(dup):
             raise DuplicatePages(guest_id, what, int(srt[1:][np.flatnonzero(dup)[0]]))
     return out
 

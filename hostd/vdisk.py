@@ -528,8 +528,10 @@ class VirtualDisk:
             c.cache_hit_pages += 1
             f = self._v_loc[block]
         elif cp == 1:
-            # ``_load_cluster_of`` a cluster of one block, with ``_cache_in_one`` and ``_lru_push``
-            f = self._cache_block(block, cl)
+            # ``_load_cluster_of`` a cluster of one block, with ``_cache_in_one`` and ``_lru_push``; stamped
+            # now, as ``_touch_cluster`` below would (nothing between reads the stamp), so the heap gets its one
+            # live entry and not a stale one besides
+            f = self._cache_block(block, cl, float(vt_us))
             done = self.device.submit(self.guest_id, start, 1, write=False, offset=self.offset_base + block)
             if not done > start:
                 done = start
@@ -809,14 +811,21 @@ class VirtualDisk:
         self.cache_state[blocks] = _FRAME
         self.cache_loc[blocks] = frames
 
-    def _cache_block(self, block: int, cl: int) -> int:
+    def _cache_block(self, block: int, cl: int, stamp: float | None = None) -> int:
         """``_cache_in_one`` of ``block`` (in cluster ``cl``) through the memoryviews, ``_lru_push`` inline:
-        the one-block read and write paths' cache-in; returns the frame."""
+        the one-block read and write paths' cache-in; returns the frame. ``stamp``: the cluster is touched
+        at it first (``_touch_cluster``, for a caller whose next step would touch it anyway).
+
+        A heap entry whose stamp is not its cluster's is stale and skipped (``drop_clean``), so which
+        clusters are dropped depends only on the live entries; a stale one only costs a push and a pop.
+        """
         f = self.pool.alloc_one(_CACHE_KIND, self.guest_id, block, self._v_tokens[block])
         if f < 0:
             raise InvariantViolation(f"vdisk {self.guest_id}: host memory made room for too few cache frames")
         self.pool.pinned_mv[f] = self._v_pinned[block]
         cached = self._v_cached
+        if stamp is not None:
+            self._v_stamp[cl] = stamp
         if not cached[cl]:
             heappush(self._lru, (self._v_stamp[cl], cl))
             if len(self._lru) > 2 * self.cached_pages + 256:

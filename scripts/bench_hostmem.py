@@ -17,6 +17,13 @@ between them. Three request streams, each seeded:
   swap-ins; ``fault16``: the same, 16 distinct pages per message, as the
   host-swap variant's guests send them (its 3,500 faults carry 75,000 pages).
 
+- ``wire``: the ``read`` stream's requests as the host gets them, whole:
+  each a frame fed to the guest's connection (``GuestConnection.data_received``,
+  a transport that only hashes what is written), decoded, served in the
+  guest's lane of the deterministic discipline (its grants opened and
+  closed each tick) by the handlers the host installs, and its reply
+  encoded: the host's request path without the socket system calls.
+
 - ``cluster``: the scale benchmark's shape instead (``scenarios/scale.toml``
   at 64 guests: 8 MiB guests, host RAM not overcommitted, the default
   64 KiB clusters and cache budget): one-page reads of a 2 MiB file per
@@ -55,11 +62,11 @@ DISK_BLOCKS = 8192
 FILE_BLOCKS = 5120            # the 20 MiB database file
 CACHE_MAX_PAGES = 256         # [host] cache_max_mib = 1
 TICK_US = 10_000.0
-STREAMS = ("read", "write", "fault", "fault16", "cluster")
+STREAMS = ("read", "write", "fault", "fault16", "cluster", "wire")   # appended only: a stream's index seeds it
 FAULT_BATCH = 16              # pages per EPT fault message in ``fault16`` (the host-swap variant sends ~20)
 # Requests per 10 ms tick, as in the io-amplification variants (163 disk reads a tick; 9 faults of ~20
 # pages a tick, of which 1 in 70 reaches the tick's end and is cut).
-PER_TICK = {"read": 160, "write": 160, "fault": 160, "fault16": 10, "cluster": 384}
+PER_TICK = {"read": 160, "write": 160, "fault": 160, "fault16": 10, "cluster": 384, "wire": 160}
 
 
 class _Shape:
@@ -154,12 +161,88 @@ async def _drive(world: _World, stream: str, gids: np.ndarray, pages: list[np.nd
     return cpu_s, h.hexdigest()[:16]
 
 
+class _HashingTransport:
+    """What a connection writes goes into a digest; the send buffer is always empty."""
+
+    def __init__(self, digest: Any) -> None:
+        self.digest = digest
+
+    def write(self, data: bytes) -> None:
+        self.digest.update(data)
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+    def is_closing(self) -> bool:
+        return False
+
+    def set_write_buffer_limits(self, high: int | None = None) -> None:
+        pass
+
+
+async def _drive_wire(world: _World, gids: np.ndarray, pages: list[np.ndarray], per_tick: int,
+                      shape: _Shape) -> tuple[float, Any]:
+    from balloonlab.hostd.discipline.base import DisciplineContext
+    from balloonlab.hostd.discipline.deterministic import DeterministicOrder
+    from balloonlab.hostd.handlers import memory_requests
+    from balloonlab.hostd.session import GuestConnection
+    from balloonlab.proto.framing import FrameEncoder
+    from balloonlab.proto.messages import MsgType
+
+    hm = world.hm
+    h = hashlib.sha256()
+
+    class _NoSessions:
+        def get(self, gid: int) -> None:
+            return None
+
+    ctx = DisciplineContext(sessions=_NoSessions(), running=lambda: set(range(shape.guests)),  # type: ignore[arg-type]
+                            stop=lambda reason: None, clock=lambda: 0.0, hypercall_us=1.0, shootdown_timeout_s=5.0,
+                            tick_us=TICK_US)
+    order = DeterministicOrder(ctx)
+    conns = []
+    for g in range(shape.guests):
+        order.guest_joined(g)
+        conn = GuestConnection(name=f"guest-{g}")
+        conn.connection_made(_HashingTransport(h))  # type: ignore[arg-type]
+        conn.requests = dict(order.serve(g, memory_requests(g, hm, None, 1.0)).requests)  # type: ignore[arg-type]
+        conns.append(conn)
+    enc = FrameEncoder()
+    step_us = TICK_US / per_tick
+    frames = [enc.encode([0, i + 1, int(MsgType.DISK_READ), {"blocks": p.astype("<u8").tobytes(), "vt_us": i * step_us}])
+              for i, p in enumerate(pages)]
+    gl = gids.tolist()
+    tick, tick_end = 0, TICK_US
+    order.tick_started(0, 0.0, hm)
+    hm.open_tick(tick_end)
+    t0 = time.process_time()
+    for i, gid in enumerate(gl):
+        if i * step_us >= tick_end:
+            await order.finish_tick()
+            hm.tick(tick_end)
+            tick += 1
+            order.tick_started(tick, tick_end, hm)
+            tick_end += TICK_US
+            hm.open_tick(tick_end)
+        conns[gid].data_received(frames[i])
+    cpu_s = time.process_time() - t0
+    await order.finish_tick()
+    snap = {k: float(f"{v:.12g}") if isinstance(v, float) else v for k, v in hm.snapshot().items()}
+    h.update(json.dumps(snap, sort_keys=True, default=str).encode())
+    hm.check_invariant()
+    return cpu_s, h.hexdigest()[:16]
+
+
 def run_stream(stream: str, requests: int, seed: int = 42) -> tuple[float, str]:
     """One run of one stream: (µs of CPU per request, digest of replies and books)."""
     shape = _Shape(stream)
     world = _World(seed, shape)
-    gids, pages = _plan(stream, seed, requests, shape)
-    cpu_s, digest = asyncio.run(_drive(world, stream, gids, pages, PER_TICK[stream], shape))
+    if stream == "wire":
+        gids, pages = _plan("read", seed, requests, shape)
+        cpu_s, digest = asyncio.run(_drive_wire(world, gids, pages, PER_TICK[stream], shape))
+    else:
+        gids, pages = _plan(stream, seed, requests, shape)
+        cpu_s, digest = asyncio.run(_drive(world, stream, gids, pages, PER_TICK[stream], shape))
     return cpu_s / requests * 1e6, digest
 
 
