@@ -31,7 +31,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ForkServer", "ForkedProcess", "ForkServerError", "EarlyForkServer", "start_early", "PopenProcess",
+__all__ = ["EarlyChild",
+           "ForkServer", "ForkedProcess", "ForkServerError", "EarlyForkServer", "start_early", "PopenProcess",
            "forkserver_default", "READY_TIMEOUT_S", "SPAWN_TIMEOUT_S"]
 
 READY_TIMEOUT_S = 120.0   # importing numpy & co on a machine loaded many times over
@@ -87,27 +88,45 @@ class ForkedProcess:
             self._pidfd = None
 
 
-class EarlyForkServer:
-    """A fork server started by ``start_early``, not yet adopted by a run (``ForkServer.adopt``)."""
+class EarlyChild:
+    """A child started before its run was known (its imports overlap the launcher's), until a run adopts it.
 
-    def __init__(self, popen: subprocess.Popen[bytes], sock: socket.socket, stderr: Any) -> None:
+    ``discard`` stops one no run adopted (the scenario was bad, say) and
+    closes what the launcher holds of it; after adoption it does nothing.
+    """
+
+    def __init__(self, popen: subprocess.Popen[bytes], stderr: Any) -> None:
         self.popen = popen
-        self.sock = sock
-        self.stderr = stderr          # an unlinked temporary file: what the server writes before adoption
+        self.stderr = stderr          # an unlinked temporary file: what the child writes before adoption
         self.adopted = False
 
     def discard(self) -> None:
-        """Stop a server no run adopted (the scenario was bad, say); nothing if one did."""
         if self.adopted:
             return
         self.adopted = True
+        self._stop()
+        for f in (self.popen.stdin, self.popen.stdout, self.stderr):
+            if f is not None:
+                f.close()
+
+    def _stop(self) -> None:
+        self.popen.kill()             # still importing, or waiting for its arguments: nothing to end cleanly
+        self.popen.wait()
+
+
+class EarlyForkServer(EarlyChild):
+    """A fork server started by ``start_early``, not yet adopted by a run (``ForkServer.adopt``)."""
+
+    def __init__(self, popen: subprocess.Popen[bytes], sock: socket.socket, stderr: Any) -> None:
+        super().__init__(popen, stderr)
+        self.sock = sock
+
+    def _stop(self) -> None:
         self.sock.close()             # the server sees its client go and exits
         try:
             self.popen.wait(10.0)
         except subprocess.TimeoutExpired:
-            self.popen.kill()
-            self.popen.wait()
-        self.stderr.close()
+            super()._stop()
 
 
 def start_early(env: dict[str, str], python: str = sys.executable, preexec_fn: Any = None,

@@ -37,7 +37,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from balloonlab.forkclient import ForkedProcess, ForkServer, ForkServerError, PopenProcess, forkserver_default
+from balloonlab.forkclient import (EarlyChild, ForkedProcess, ForkServer, ForkServerError, PopenProcess,
+                                  forkserver_default)
 
 __all__ = ["ChildResult", "VariantResult", "JoinInfo", "run_variant", "write_credentials", "guest_command",
            "TEARDOWN_GRACE_S", "GUEST_START_MODES", "default_guest_start", "child_env", "die_with_parent",
@@ -76,24 +77,8 @@ def die_with_parent() -> None:
         pass
 
 
-class EarlyHost:
+class EarlyHost(EarlyChild):
     """A host started before the launcher loaded the scenario (``hostd --args-on-stdin``), for one variant to adopt."""
-
-    def __init__(self, popen: subprocess.Popen[bytes], stderr: Any) -> None:
-        self.popen = popen
-        self.stderr = stderr          # an unlinked temporary file: what the host writes before adoption
-        self.adopted = False
-
-    def discard(self) -> None:
-        """Stop a host no variant adopted (the scenario was bad, say); nothing if one did."""
-        if self.adopted:
-            return
-        self.adopted = True
-        self.popen.kill()             # still importing, or waiting for its arguments: nothing to end cleanly
-        self.popen.wait()
-        for f in (self.popen.stdin, self.popen.stdout, self.stderr):
-            if f is not None:
-                f.close()
 
 
 def start_early_host(env: dict[str, str], python: str = sys.executable, run_dir: Path | None = None) -> EarlyHost:
