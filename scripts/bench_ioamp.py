@@ -119,7 +119,9 @@ class _CpuSampler:
                 continue
             role = process_role(cmd)
             if role not in ("host", "guest") or self.run_dir not in cmd:
-                if role != "forkserver":   # a fresh fork shows the server's at first
+                # Read again next time: a fresh fork shows its parent's command line until it
+                # execs, and a child of the launcher (which names run_dir) becomes a host then.
+                if role != "forkserver" and self.run_dir not in cmd:
                     self._others.add(pid)
                 continue
             self._read(pid, role)

@@ -64,11 +64,13 @@ def _run_procs(run_dir: str, others: set[int], known: dict[int, str]) -> dict[in
                 cmd = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
             except (FileNotFoundError, ProcessLookupError, PermissionError):
                 continue
-            role = process_role(cmd) if run_dir in cmd else None
+            if run_dir not in cmd:
+                others.add(int(entry))
+                continue
+            # the launcher, or a child of it not yet exec'd as a host or guest: read again next time
+            role = process_role(cmd)
             if role is not None:
                 out[int(entry)] = role
-            else:
-                others.add(int(entry))
     return out
 
 
