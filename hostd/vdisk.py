@@ -83,7 +83,8 @@ _NOT_CACHED = int(CacheState.NOT_CACHED)
 _FRAME = int(CacheState.FRAME)
 _NO_TOKENS = np.zeros(0, np.uint64)
 _CACHE_KIND = int(FrameKind.CACHE)
-_FEW_PAGES = 8      # up to this many pages a loop of scalar frees beats the array calls' fixed cost
+_FEW_PAGES = 32     # up to this many pages a loop of scalar frees beats the array calls' fixed cost
+_FEW_CACHE_IN = 16  # the same for a cluster's cache-in (the default cluster is 16 pages)
 
 
 @dataclass(slots=True)
@@ -557,8 +558,10 @@ class VirtualDisk:
         cp = self.cluster_pages
         b0 = block - block % cp
         n = min(b0 + cp, self.n_blocks) - b0
-        if n == 1:
-            self._cache_in_one(block)
+        if n <= _FEW_CACHE_IN:
+            # one frame at a time off the same stack: the same frames, in the same order, as ``_cache_in``
+            for b in range(b0, b0 + n):
+                self._cache_in_one(b)
         else:
             self._cache_in(np.arange(b0, b0 + n, dtype=np.int64))
         start_us = float(start_us)

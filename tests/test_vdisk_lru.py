@@ -163,3 +163,39 @@ def test_one_block_requests_keep_the_books_of_the_array_path(seed: int, cluster_
     assert c.dropped_clean_pages > 50 and c.cache_hit_pages > 50 and c.cache_miss_pages > 50
     assert (c.double_faults > 0) == (cluster_pages > 1)
     assert (c.throttled_writes > 0) == (mode == "writeback")
+
+
+def _books_after_each(seed: int, cluster_pages: int, granted: bool) -> list[dict[str, Any]]:
+    vd = _disk("writeback", cluster_pages, allowance_pages=40)
+    if granted:
+        _regrant(vd)
+    out = []
+    for op, block, token, vt_us in _requests(seed):
+        if op == "tick":
+            vd.retire(vt_us)
+            vd.flush(vt_us, 1000.0, vd.dirty_background_pages)
+            if granted:
+                _regrant(vd)
+        elif op == "read":
+            vd.read_one(block, vd.fit_allowance_one(block, vt_us))
+        else:
+            vd.write_one(block, token, vd.fit_allowance_one(block, vt_us))
+        out.append(_books(vd))
+    return out
+
+
+@pytest.mark.parametrize("granted", [False, True])
+@pytest.mark.parametrize("cluster_pages", [4, 16])
+def test_scalar_cache_in_and_drops_free_and_take_the_frames_the_array_calls_do(
+        monkeypatch: pytest.MonkeyPatch, cluster_pages: int, granted: bool) -> None:
+    """A cluster's cache-in and a drop of up to ``_FEW_PAGES`` pages run as loops of one-frame calls; with
+    the thresholds at 0 every one goes through the array calls instead: the books must not tell them apart."""
+    import balloonlab.hostd.vdisk as vdisk_mod
+    scalar = _books_after_each(7, cluster_pages, granted)
+    assert vdisk_mod._FEW_CACHE_IN >= 16 and vdisk_mod._FEW_PAGES >= cluster_pages
+    monkeypatch.setattr(vdisk_mod, "_FEW_CACHE_IN", 0)
+    monkeypatch.setattr(vdisk_mod, "_FEW_PAGES", 0)
+    arrays = _books_after_each(7, cluster_pages, granted)
+    for i, (s, a) in enumerate(zip(scalar, arrays)):
+        assert s == a, f"books differ after request {i}"
+    assert int(scalar[-1]["counters"].split("dropped_clean_pages=")[1].split(",")[0]) > 50
