@@ -65,7 +65,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, NamedTuple, Sequence
 
 from balloonlab.proto import events as ev
 
@@ -116,6 +116,20 @@ _WS_DECAY = 0.98   # per tick: how fast a larger earlier working-set estimate is
 _RATE_KEYS = ("swap_pages", "swap_in_pages", "refs", "major_faults")   # each guest's rates, every tick
 
 
+class _Judged(NamedTuple):
+    guest: int
+    sample: Any              # its GuestSample at the window's end
+    swap_rate: float
+    swap_in_rate: float
+    major_rate: float
+    per_kref: float
+    stall: float | None
+    memory: int
+    ws: float
+    host_took: int
+    thrashing: bool
+
+
 class SwapStormDetector(MonitorBase):
     def __init__(self, cfg: SwapStormConfig, log: Any) -> None:
         self.cfg = cfg
@@ -129,33 +143,51 @@ class SwapStormDetector(MonitorBase):
         self._ws: dict[int, float] = {}             # per guest: largest recent working-set estimate
 
     def guest_rates(self, hist: History) -> list[dict[str, Any]]:
+        """Each guest's rates and its thrashing verdict over the window (the rows a detected storm logs)."""
+        return [self._row(j) for j in self._judge_guests(hist)]
+
+    def _judge_guests(self, hist: History) -> list[_Judged]:
+        """Each guest's numbers and verdict over the window, by guest id; updates the decaying working sets.
+
+        Every tick, so only numbers: the rows with their rounding are built
+        when a storm is logged (``_row``).
+        """
         w = self.cfg.window_ticks
+        cfg = self.cfg
         out = []
         first = hist._window(w)[0]
+        inf = float("inf")
         for gid, g in sorted(hist.now.guests.items()):
             swap_rate, swap_in_rate, refs_rate, major_rate = hist.guest_rates(gid, _RATE_KEYS, w)
-            per_kref = swap_in_rate * 1000.0 / refs_rate if refs_rate > 0 else (float("inf") if swap_in_rate else 0.0)
+            per_kref = swap_in_rate * 1000.0 / refs_rate if refs_rate > 0 else (inf if swap_in_rate else 0.0)
             stall = self._stall_share(hist, gid, w)
             ws = max(float(g.working_set_pages), self._ws.get(gid, 0.0) * _WS_DECAY)
             self._ws[gid] = ws
             memory = g.ram_pages - g.kernel_pages - g.actual_pages
-            below = memory < ws and swap_rate >= self.cfg.guest_swap_pages_per_s
+            below = memory < ws and swap_rate >= cfg.guest_swap_pages_per_s
             before = first.guests.get(gid)
             host_took = g.host_swap_out_pages - (before.host_swap_out_pages if before else 0)
-            out.append({"guest": gid, "swap_pages_per_s": round(swap_rate, 1),
-                        "swap_in_pages_per_s": round(swap_in_rate, 1),
-                        "swap_in_per_kref": round(per_kref, 3) if per_kref != float("inf") else None,
-                        "major_faults_per_s": round(major_rate, 1),
-                        "pff": round(g.pff, 1), "host_swapped_out_pages": int(host_took),
-                        "balloon_target_pages": g.target_pages, "balloon_pages": g.actual_pages,
-                        "working_set_pages": g.working_set_pages, "memory_pages": memory,
-                        "below_working_set": memory < ws,
-                        "stall_share": None if stall is None else round(stall, 3),
-                        "thrashing": (stall >= self.cfg.stall_share if stall is not None else
-                                      (swap_in_rate >= self.cfg.guest_swap_in_pages_per_s
-                                       or (swap_in_rate > 0 and per_kref >= self.cfg.guest_swap_in_per_kref)
-                                       or below))})
+            thrashing = (stall >= cfg.stall_share if stall is not None else
+                         (swap_in_rate >= cfg.guest_swap_in_pages_per_s
+                          or (swap_in_rate > 0 and per_kref >= cfg.guest_swap_in_per_kref)
+                          or below))
+            out.append(_Judged(gid, g, swap_rate, swap_in_rate, major_rate, per_kref, stall, memory, ws,
+                               host_took, thrashing))
         return out
+
+    @staticmethod
+    def _row(judged: _Judged) -> dict[str, Any]:
+        gid, g, swap_rate, swap_in_rate, major_rate, per_kref, stall, memory, ws, host_took, thrashing = judged
+        return {"guest": gid, "swap_pages_per_s": round(swap_rate, 1),
+                "swap_in_pages_per_s": round(swap_in_rate, 1),
+                "swap_in_per_kref": round(per_kref, 3) if per_kref != float("inf") else None,
+                "major_faults_per_s": round(major_rate, 1),
+                "pff": round(g.pff, 1), "host_swapped_out_pages": int(host_took),
+                "balloon_target_pages": g.target_pages, "balloon_pages": g.actual_pages,
+                "working_set_pages": g.working_set_pages, "memory_pages": memory,
+                "below_working_set": memory < ws,
+                "stall_share": None if stall is None else round(stall, 3),
+                "thrashing": thrashing}
 
     @staticmethod
     def _stall_share(hist: History, gid: int, w: int) -> float | None:
@@ -184,46 +216,50 @@ class SwapStormDetector(MonitorBase):
         now = hist.now
         w = cfg.window_ticks
         total = now.total_frames
-        guests = self.guest_rates(hist)
-        thrashing = [g["guest"] for g in guests if g["thrashing"]]
+        judged = self._judge_guests(hist)
+        thrashing = [j.guest for j in judged if j.thrashing]
         for gid in thrashing:
             self.thrashing_ticks[gid] = self.thrashing_ticks.get(gid, 0) + 1
-        healthy_hit = [g["guest"] for g in guests if not g["thrashing"] and g["host_swapped_out_pages"] > 0]
         io_peak = hist.host_max("io_pages", w)
         window = hist._window(w)
         io_grew = io_peak - window[0].io_pages
-        need_guests = max(cfg.min_guests, math.ceil(cfg.min_guest_share * len(guests)))
+        need_guests = max(cfg.min_guests, math.ceil(cfg.min_guest_share * len(judged)))
         states = [s.memory_state for s in window if s.memory_state is not None]
         hard = self.hard_frames(total)
         free_min = hist.host_min("free_frames_min", w)
-        if states:
-            free_ok = any(st in HARD_STATES for st in states)
-            free_link = {"link": "host_free_low", "value": states[-1], "threshold": "hard or low",
-                         "states": sorted(set(states)), "free_frames_min": int(free_min), "ok": free_ok}
-        else:
-            free_link = {"link": "host_free_low", "value": int(free_min), "threshold": hard,
-                         "min_free_pages": esx_min_free_pages(total), "ok": free_min <= hard}
         swapped = hist.host_delta("swap_out_pages", w)
-        chain = [
-            {"link": "guests_thrashing", "value": len(thrashing), "threshold": need_guests,
-             "guests": thrashing, "stall_share_threshold": cfg.stall_share,
-             "guest_swap_in_pages_per_s_threshold": cfg.guest_swap_in_pages_per_s,
-             "guest_swap_in_per_kref_threshold": cfg.guest_swap_in_per_kref,
-             "guest_swap_pages_per_s_threshold": cfg.guest_swap_pages_per_s,
-             "guests_swap_pages_per_s": round(sum(g["swap_pages_per_s"] for g in guests), 1),
-             "ok": len(thrashing) >= need_guests},
-            {"link": "host_io_memory", "value": int(io_peak), "threshold": int(cfg.io_fraction * total),
-             "cache_pages": now.cache_pages, "iobuf_pages": now.iobuf_pages,
-             "grew_pages": int(io_grew), "growth_threshold": int(cfg.io_growth_fraction * total),
-             "vdisk_pages_per_s": round(hist.host_rate("vdisk_pages", w), 1),
-             "ok": io_peak >= cfg.io_fraction * total and io_grew >= max(1.0, cfg.io_growth_fraction * total)},
-            free_link,
-            {"link": "host_swapping", "value": int(swapped), "threshold": int(cfg.swap_out_fraction * total),
-             "pages_per_s": round(hist.host_rate("swap_out_pages", w), 1), "healthy_guests_hit": healthy_hit,
-             "ok": swapped > cfg.swap_out_fraction * total},
-        ]
-        whole = all(link["ok"] for link in chain)
+        oks = (len(thrashing) >= need_guests,
+               io_peak >= cfg.io_fraction * total and io_grew >= max(1.0, cfg.io_growth_fraction * total),
+               any(st in HARD_STATES for st in states) if states else free_min <= hard,
+               swapped > cfg.swap_out_fraction * total)
+        whole = all(oks)
         if whole and not self.active:
+            # Only a storm that is logged needs the chain and the rows, with their rounding.
+            guests = [self._row(j) for j in judged]
+            healthy_hit = [j.guest for j in judged if not j.thrashing and j.host_took > 0]
+            if states:
+                free_link = {"link": "host_free_low", "value": states[-1], "threshold": "hard or low",
+                             "states": sorted(set(states)), "free_frames_min": int(free_min), "ok": oks[2]}
+            else:
+                free_link = {"link": "host_free_low", "value": int(free_min), "threshold": hard,
+                             "min_free_pages": esx_min_free_pages(total), "ok": oks[2]}
+            chain = [
+                {"link": "guests_thrashing", "value": len(thrashing), "threshold": need_guests,
+                 "guests": thrashing, "stall_share_threshold": cfg.stall_share,
+                 "guest_swap_in_pages_per_s_threshold": cfg.guest_swap_in_pages_per_s,
+                 "guest_swap_in_per_kref_threshold": cfg.guest_swap_in_per_kref,
+                 "guest_swap_pages_per_s_threshold": cfg.guest_swap_pages_per_s,
+                 "guests_swap_pages_per_s": round(sum(g["swap_pages_per_s"] for g in guests), 1),
+                 "ok": oks[0]},
+                {"link": "host_io_memory", "value": int(io_peak), "threshold": int(cfg.io_fraction * total),
+                 "cache_pages": now.cache_pages, "iobuf_pages": now.iobuf_pages,
+                 "grew_pages": int(io_grew), "growth_threshold": int(cfg.io_growth_fraction * total),
+                 "vdisk_pages_per_s": round(hist.host_rate("vdisk_pages", w), 1), "ok": oks[1]},
+                free_link,
+                {"link": "host_swapping", "value": int(swapped), "threshold": int(cfg.swap_out_fraction * total),
+                 "pages_per_s": round(hist.host_rate("swap_out_pages", w), 1), "healthy_guests_hit": healthy_hit,
+                 "ok": oks[3]},
+            ]
             self.storms += 1
             self.active = True
             self._broken_ticks = 0
