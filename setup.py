@@ -1,4 +1,5 @@
-"""Build of the one compiled module, the guest kernel's paging core (guestd/_paging.c).
+"""Build of the compiled modules: the guest kernel's paging core (guestd/_paging.c) and the host's
+reading of the guests' EPT bitmaps (hostd/_bits.c).
 
 Everything else about the package is in pyproject.toml; setuptools reads
 both. Plain C over the CPython API and the buffer protocol: it needs only a C
@@ -6,9 +7,12 @@ compiler and Python's headers, no numpy headers and no extra build tool.
 """
 from setuptools import Extension, setup
 
-setup(ext_modules=[Extension(
-    "balloonlab.guestd._paging",
-    sources=["guestd/_paging.c"],
-    # -ffp-contract=off: no fused multiply-add, so virtual clocks match the Python reference bit for bit
-    extra_compile_args=["-O2", "-ffp-contract=off", "-fno-strict-aliasing"],
-)])
+setup(ext_modules=[
+    Extension(
+        "balloonlab.guestd._paging",
+        sources=["guestd/_paging.c"],
+        # -ffp-contract=off: no fused multiply-add, so virtual clocks match the Python reference bit for bit
+        extra_compile_args=["-O2", "-ffp-contract=off", "-fno-strict-aliasing"],
+    ),
+    Extension("balloonlab.hostd._bits", sources=["hostd/_bits.c"], extra_compile_args=["-O2"]),
+])

@@ -66,6 +66,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from ._bits import gather_or
 from .p2m import PageState
 
 __all__ = ["HostWorkingSet", "GuestWss", "STAT_HOST_WSS", "WSS_STREAM"]
@@ -86,8 +87,6 @@ class GuestWss:
         self.rng = rng
         self.sample = np.zeros(0, np.int64)
         self.touched = np.zeros(0, bool)
-        self.byte = np.zeros(0, np.int64)      # sample >> 3: its byte in the packed bits
-        self.shift = np.zeros(0, np.uint8)     # 7 - (sample & 7): its bit (np.packbits is big-endian)
         self.ticks = 0
         self.exec_us = 0.0                     # execution time in this period
         self.refs = 0.0                        # the guest's cumulative references at its last report (0 at its start)
@@ -103,8 +102,6 @@ class GuestWss:
         k = min(int(n), int(candidates.size))
         self.sample = np.sort(self.rng.choice(candidates, size=k, replace=False)) if k else np.zeros(0, np.int64)
         self.touched = np.zeros(self.sample.size, bool)
-        self.byte = self.sample >> 3
-        self.shift = (7 - (self.sample & 7)).astype(np.uint8)
         self.ticks = 0
         self.exec_us = 0.0
 
@@ -118,10 +115,9 @@ class GuestWss:
         """OR in the tick's accessed bits (``np.packbits`` over every gpfn) for the sampled gpfns."""
         if not packed or not self.sample.size:
             return
-        raw = np.frombuffer(packed, np.uint8)
-        if raw.size * 8 < self.ram_pages:
+        if len(packed) * 8 < self.ram_pages:
             return   # host memory refused these bits already (wrong size)
-        self.touched |= ((raw[self.byte] >> self.shift) & 1).astype(bool)
+        gather_or(packed, self.sample, self.touched)
 
     def close(self, state: np.ndarray, balloon_pages: int, fast_gain: float, slow_gain: float) -> None:
         """End the period: update the averages and the estimate (sample pages ballooned since do not count)."""

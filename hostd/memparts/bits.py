@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .._bits import or_backed
 from ..errors import BadBatch
 from ..p2m import PageState, as_page_numbers
 from .books import _FRAME, MemoryBooks, _Guest
@@ -26,16 +27,21 @@ class BitsAndPins(MemoryBooks):
         Empty bit strings mean "nothing to report".
         """
         g = self._guest(guest_id)
-        backed = g.p2m.state == _FRAME
         for name, packed, target in (("accessed", accessed_packbits, self.pool.accessed),
                                      ("dirty", dirty_packbits, self.pool.dirty)):
             if len(packed) == 0:
                 continue
-            bits = self._unpack(g, name, packed)
-            hit = bits & backed
-            target[g.p2m.loc[hit]] = True
             if name == "dirty" and self.sharing is not None:
+                bits = self._unpack(g, name, packed)    # sharing keeps the bitmap itself
+                target[g.p2m.loc[bits & (g.p2m.state == _FRAME)]] = True
                 self.sharing.note_dirty(guest_id, bits)
+                continue
+            if isinstance(packed, np.ndarray):
+                packed = np.ascontiguousarray(packed, np.uint8).reshape(-1)
+            want = -(-g.p2m.guest_pages // 8)
+            if len(packed) != want:
+                raise BadBatch(f"guest {g.guest_id}: {name} bits have {len(packed)} bytes, expected {want}")
+            or_backed(packed, g.p2m.state, _FRAME, g.p2m.loc, target)
 
     def _unpack(self, g: _Guest, name: str, packed: np.ndarray | bytes) -> np.ndarray:
         raw = np.frombuffer(packed, np.uint8) if isinstance(packed, (bytes, bytearray, memoryview)) \

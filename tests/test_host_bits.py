@@ -1,0 +1,55 @@
+"""The compiled reading of the guests' EPT bitmaps (hostd/_bits.c) against its numpy definition."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from balloonlab.hostd._bits import gather_or, or_backed
+
+FRAME = 1
+
+
+def _or_backed_numpy(packed: bytes, state: np.ndarray, loc: np.ndarray, target: np.ndarray) -> int:
+    bits = np.unpackbits(np.frombuffer(packed, np.uint8), count=state.size).view(bool)
+    target[loc[bits & (state == FRAME)]] = True
+    return int(np.count_nonzero(bits))
+
+
+@pytest.mark.parametrize("pages", [1, 7, 8, 9, 2048, 2051])
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_or_backed_sets_exactly_the_frames_numpy_sets(pages: int, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    state = rng.integers(0, 4, pages).astype(np.uint8)
+    loc = rng.permutation(3 * pages)[:pages].astype(np.int64)
+    for density in (0.0, 0.05, 0.5, 1.0):
+        bits = rng.random(pages) < density
+        packed = np.packbits(bits).tobytes()
+        if pages % 8:   # padding bits set in the last byte must be ignored
+            packed = packed[:-1] + bytes([packed[-1] | (0xFF >> (pages % 8))])
+        want, got = np.zeros(3 * pages, bool), np.zeros(3 * pages, bool)
+        n_want = _or_backed_numpy(packed, state, loc, want)
+        assert or_backed(packed, state, FRAME, loc, got) == n_want
+        assert np.array_equal(got, want)
+
+
+def test_or_backed_refuses_a_bitmap_of_the_wrong_size_and_a_frame_outside_the_pool() -> None:
+    state, loc = np.full(16, FRAME, np.uint8), np.arange(16, dtype=np.int64)
+    with pytest.raises(ValueError, match="bitmap bytes"):
+        or_backed(b"\xff", state, FRAME, loc, np.zeros(16, bool))
+    with pytest.raises(IndexError, match="outside"):
+        or_backed(b"\x00\x01", state, FRAME, loc, np.zeros(15, bool))
+    with pytest.raises(TypeError, match="items of 8 bytes"):
+        or_backed(b"\x00\x01", state, FRAME, loc.astype(np.int32), np.zeros(16, bool))
+
+
+def test_gather_or_ors_in_the_sampled_bits() -> None:
+    rng = np.random.default_rng(4)
+    bits = rng.random(1000) < 0.3
+    packed = np.packbits(bits).tobytes()
+    idx = np.sort(rng.choice(1000, 100, replace=False)).astype(np.int64)
+    out = rng.random(100) < 0.2
+    want = out | bits[idx]
+    gather_or(packed, idx, out)
+    assert np.array_equal(out, want)
+    with pytest.raises(IndexError):
+        gather_or(packed, np.array([1000], np.int64), np.zeros(1, bool))
