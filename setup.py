@@ -1,5 +1,5 @@
 """Build of the compiled modules: the guest kernel's paging core (guestd/_paging.c) and the host's
-reading of the guests' EPT bitmaps (hostd/_bits.c).
+compiled passes over its books (hostd/_books.c).
 
 Everything else about the package is in pyproject.toml; setuptools reads
 both. Plain C over the CPython API and the buffer protocol: it needs only a C
@@ -14,5 +14,5 @@ setup(ext_modules=[
         # -ffp-contract=off: no fused multiply-add, so virtual clocks match the Python reference bit for bit
         extra_compile_args=["-O2", "-ffp-contract=off", "-fno-strict-aliasing"],
     ),
-    Extension("balloonlab.hostd._bits", sources=["hostd/_bits.c"], extra_compile_args=["-O2"]),
+    Extension("balloonlab.hostd._books", sources=["hostd/_books.c"], extra_compile_args=["-O2"]),
 ])

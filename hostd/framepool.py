@@ -27,6 +27,7 @@ from enum import IntEnum
 
 import numpy as np
 
+from ._books import alloc_run
 from .errors import InvariantViolation
 
 __all__ = ["FrameKind", "FramePool", "NO_OWNER", "has_duplicates"]
@@ -264,6 +265,41 @@ class FramePool:
         self._kind_frames[_FREE] -= take
         self._kind_frames[kind] += take
         return frames
+
+    def alloc_run(self, kind: FrameKind | int, owner_guest: int, first: int, n: int, src_token: np.ndarray,
+                  src_pinned: np.ndarray, out_loc: np.ndarray, out_state: np.ndarray, state_value: int) -> bool:
+        """``alloc_one`` for entries ``first .. first + n - 1`` of a disk, in one compiled pass; False if dry.
+
+        Entry ``first + i`` gets the frame the ``i``-th ``alloc_one`` would
+        (the free list's top first), holding ``src_token[first + i]``, pinned
+        as ``src_pinned[first + i]``; ``out_loc`` and ``out_state`` (the
+        disk's) get the frame and ``state_value``. Nothing changes when the
+        pool has fewer than ``n`` frames for this owner.
+        """
+        grants = self._grants
+        g = None if grants is None else grants.get(owner_guest)
+        if g is None:
+            top = self._n_free
+            if top < n:
+                return False
+            alloc_run(self._free_stack, top, n, self.kind, self.owner_guest, self.owner_index, self.token,
+                      self.pinned, int(kind), owner_guest, first, src_token, src_pinned, out_loc, out_state,
+                      state_value)
+            self._n_free = top - n
+        else:
+            top = g.n
+            if top < n:
+                return False
+            alloc_run(g.stack, top, n, self.kind, self.owner_guest, self.owner_index, self.token,
+                      self.pinned, int(kind), owner_guest, first, src_token, src_pinned, out_loc, out_state,
+                      state_value)
+            g.n = top - n
+            g.taken += n
+            self._n_granted -= n
+        counts = self._kind_frames_mv
+        counts[_FREE] -= n
+        counts[kind] += n
+        return True
 
     def alloc_one(self, kind: FrameKind | int, owner_guest: int, owner_index: int, token: int | None = None) -> int:
         """``alloc`` of one frame, in scalars (the one-page requests that dominate); -1 when the pool is dry.

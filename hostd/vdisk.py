@@ -84,7 +84,6 @@ _FRAME = int(CacheState.FRAME)
 _NO_TOKENS = np.zeros(0, np.uint64)
 _CACHE_KIND = int(FrameKind.CACHE)
 _FEW_PAGES = 32     # up to this many pages a loop of scalar frees beats the array calls' fixed cost
-_FEW_CACHE_IN = 16  # the same for a cluster's cache-in (the default cluster is 16 pages)
 
 
 @dataclass(slots=True)
@@ -558,12 +557,10 @@ class VirtualDisk:
         cp = self.cluster_pages
         b0 = block - block % cp
         n = min(b0 + cp, self.n_blocks) - b0
-        if n <= _FEW_CACHE_IN:
-            # one frame at a time off the same stack: the same frames, in the same order, as ``_cache_in``
-            for b in range(b0, b0 + n):
-                self._cache_in_one(b)
+        if n == 1:
+            self._cache_in_one(block)
         else:
-            self._cache_in(np.arange(b0, b0 + n, dtype=np.int64))
+            self._cache_in_run(b0, n)
         start_us = float(start_us)
         done = self.device.submit(self.guest_id, start_us, n, write=False, offset=self.offset_base + b0)
         if not done > start_us:         # max(start_us, done), the same float
@@ -838,6 +835,18 @@ class VirtualDisk:
         self._v_state[block] = _FRAME
         self._v_loc[block] = f
         return f
+
+    def _cache_in_run(self, b0: int, n: int) -> None:
+        """``_cache_in`` of the ``n`` uncached blocks from ``b0`` (one cluster's): the same frames, one pass."""
+        if not self.pool.alloc_run(_CACHE_KIND, self.guest_id, b0, n, self.tokens, self.pinned, self.cache_loc,
+                                   self.cache_state, _FRAME):
+            raise InvariantViolation(f"vdisk {self.guest_id}: host memory made room for too few cache frames")
+        c = b0 // self.cluster_pages
+        cached = self._v_cached
+        if not cached[c]:
+            self._lru_push(self._v_stamp[c], c)
+        cached[c] += n
+        self.cached_pages += n
 
     def _cache_in_one(self, block: int) -> int:
         """``_cache_in`` of one block, in scalars (the same frame); returns the frame."""

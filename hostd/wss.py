@@ -66,7 +66,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from ._bits import gather_or
+from ._books import gather_or
 from .p2m import PageState
 
 __all__ = ["HostWorkingSet", "GuestWss", "STAT_HOST_WSS", "WSS_STREAM"]

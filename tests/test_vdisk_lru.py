@@ -186,16 +186,27 @@ def _books_after_each(seed: int, cluster_pages: int, granted: bool) -> list[dict
 
 @pytest.mark.parametrize("granted", [False, True])
 @pytest.mark.parametrize("cluster_pages", [4, 16])
-def test_scalar_cache_in_and_drops_free_and_take_the_frames_the_array_calls_do(
+def test_compiled_cache_in_and_scalar_drops_take_and_free_the_frames_the_array_calls_do(
         monkeypatch: pytest.MonkeyPatch, cluster_pages: int, granted: bool) -> None:
-    """A cluster's cache-in and a drop of up to ``_FEW_PAGES`` pages run as loops of one-frame calls; with
-    the thresholds at 0 every one goes through the array calls instead: the books must not tell them apart."""
+    """A cluster's cache-in runs in one compiled pass (``FramePool.alloc_run``) and a drop of up to
+    ``_FEW_PAGES`` pages as a loop of one-frame frees; with both sent through the array calls instead
+    the books must not tell them apart, after every request."""
     import balloonlab.hostd.vdisk as vdisk_mod
-    scalar = _books_after_each(7, cluster_pages, granted)
-    assert vdisk_mod._FEW_CACHE_IN >= 16 and vdisk_mod._FEW_PAGES >= cluster_pages
-    monkeypatch.setattr(vdisk_mod, "_FEW_CACHE_IN", 0)
+    fast = _books_after_each(7, cluster_pages, granted)
+    assert vdisk_mod._FEW_PAGES >= cluster_pages
     monkeypatch.setattr(vdisk_mod, "_FEW_PAGES", 0)
+    monkeypatch.setattr(VirtualDisk, "_cache_in_run",
+                        lambda self, b0, n: self._cache_in(np.arange(b0, b0 + n, dtype=np.int64)))
     arrays = _books_after_each(7, cluster_pages, granted)
-    for i, (s, a) in enumerate(zip(scalar, arrays)):
+    for i, (s, a) in enumerate(zip(fast, arrays)):
         assert s == a, f"books differ after request {i}"
-    assert int(scalar[-1]["counters"].split("dropped_clean_pages=")[1].split(",")[0]) > 50
+    assert int(fast[-1]["counters"].split("dropped_clean_pages=")[1].split(",")[0]) > 50
+    assert int(fast[-1]["counters"].split("cluster_loads=")[1].split(",")[0]) > 50
+
+
+def test_alloc_run_takes_nothing_from_a_pool_short_of_frames() -> None:
+    pool = FramePool(8)
+    vd = VirtualDisk(0, 32, pool, CostModel(), mode="writethrough", cluster_pages=16, allowance_pages=64)
+    before = (pool.kind.tolist(), pool._n_free, vd.cache_state.tolist())
+    assert not pool.alloc_run(2, 0, 0, 16, vd.tokens, vd.pinned, vd.cache_loc, vd.cache_state, 1)
+    assert (pool.kind.tolist(), pool._n_free, vd.cache_state.tolist()) == before

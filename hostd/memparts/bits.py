@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .._bits import or_backed
+from .._books import or_backed
 from ..errors import BadBatch
 from ..p2m import PageState, as_page_numbers
 from .books import _FRAME, MemoryBooks, _Guest

@@ -1,4 +1,4 @@
-/* The guests' EPT accessed/dirty bitmaps read into the host's books, in one pass each.
+/* Compiled passes over the host's books: the guests' EPT bitmaps, and a run of frames for one cluster.
  *
  * Every TickDone carries two bitmaps (np.packbits over the guest's gpfns:
  * bit 7 of byte 0 is gpfn 0). The host ORs them into the frames backing
@@ -6,9 +6,14 @@
  * with numpy that is about a dozen calls on arrays of one guest's pages, per
  * guest per tick; here it is one loop that skips the zero bytes.
  *
+ * A disk cache miss loads a whole cluster (16 pages by default): 16 frames
+ * taken off a free list and 16 entries of the frame pool's and the disk's
+ * books written. alloc_run does that in one call, taking the frames in the
+ * order 16 FramePool.alloc_one calls would.
+ *
  * Plain C over the buffer protocol, like guestd/_paging.c. The Python side
- * (hostd/memparts/bits.py, hostd/wss.py) checks the bitmap's length first,
- * and keeps a numpy reference of each function for the tests.
+ * (hostd/memparts/bits.py, hostd/wss.py, hostd/framepool.py) checks sizes
+ * first; tests hold each function to its Python definition.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -107,15 +112,84 @@ static PyObject *mod_gather_or(PyObject *self, PyObject *args) {
     return result;
 }
 
-static PyMethodDef bits_functions[] = {
+
+/* alloc_run(stack, top, count, kind, owner_guest, owner_index, token, pinned, kind_value, owner, first,
+ *           src_token, src_pinned, out_loc, out_state, state_value)
+ * Frame i (0 <= i < count) is stack[top - 1 - i]; it becomes kind_value, owned by (owner, first + i), holding
+ * src_token[first + i], pinned as src_pinned[first + i] (owner_guest is int32, as in FramePool); out_loc[first + i] = frame, out_state[first + i] =
+ * state_value. The caller moves the stack's top and the counts. */
+static PyObject *mod_alloc_run(PyObject *self, PyObject *args) {
+    PyObject *o[13];
+    Py_ssize_t top, count, first;
+    int kind_value, owner, state_value;
+    if (!PyArg_ParseTuple(args, "OnnOOOOOiinOOOOi", &o[0], &top, &count, &o[1], &o[2], &o[3], &o[4], &o[5],
+                          &kind_value, &owner, &first, &o[6], &o[7], &o[8], &o[9], &state_value)) return NULL;
+    static const Py_ssize_t size[10] = {8, 1, 4, 8, 8, 1, 8, 1, 8, 1};
+    static const int writable[10] = {0, 1, 1, 1, 1, 1, 0, 0, 1, 1};
+    static const char *names[10] = {"stack", "kind", "owner_guest", "owner_index", "token", "pinned",
+                                    "src_token", "src_pinned", "out_loc", "out_state"};
+    Py_buffer b[10];
+    int got = 0;
+    PyObject *result = NULL;
+    for (; got < 10; got++)
+        if (get_buf(o[got], &b[got], size[got], writable[got], names[got]) < 0) goto done;
+    Py_ssize_t n_frames = b[1].len, n_src = b[6].len / 8;
+    if (b[2].len / 4 != n_frames || b[3].len / 8 != n_frames || b[4].len / 8 != n_frames || b[5].len != n_frames
+        || b[7].len != n_src || b[8].len / 8 != n_src || b[9].len != n_src) {
+        PyErr_SetString(PyExc_ValueError, "alloc_run: the pool's arrays or the disk's arrays differ in length");
+        goto done;
+    }
+    if (count < 0 || top < count || top > b[0].len / 8 || first < 0 || first + count > n_src) {
+        PyErr_Format(PyExc_ValueError, "alloc_run: %zd frames off a stack of %zd (top %zd) for entries "
+                     "[%zd, %zd) of %zd", count, b[0].len / 8, top, first, first + count, n_src);
+        goto done;
+    }
+    const int64_t *stack = b[0].buf;
+    for (Py_ssize_t i = 0; i < count; i++) {
+        int64_t f = stack[top - 1 - i];
+        if (f < 0 || f >= n_frames) {
+            PyErr_Format(PyExc_IndexError, "alloc_run: frame %lld on the stack is outside the pool's %zd",
+                         (long long)f, n_frames);
+            goto done;
+        }
+    }
+    uint8_t *kind = b[1].buf, *pinned = b[5].buf, *out_state = b[9].buf;
+    const uint8_t *src_pinned = b[7].buf;
+    int32_t *owner_guest = b[2].buf;
+    int64_t *owner_index = b[3].buf, *out_loc = b[8].buf;
+    uint64_t *token = b[4].buf;
+    const uint64_t *src_token = b[6].buf;
+    for (Py_ssize_t i = 0; i < count; i++) {
+        int64_t f = stack[top - 1 - i];
+        Py_ssize_t e = first + i;
+        kind[f] = (uint8_t)kind_value;
+        owner_guest[f] = owner;
+        owner_index[f] = e;
+        token[f] = src_token[e];
+        pinned[f] = src_pinned[e];
+        out_loc[e] = f;
+        out_state[e] = (uint8_t)state_value;
+    }
+    result = Py_None;
+    Py_INCREF(result);
+done:
+    while (got-- > 0) PyBuffer_Release(&b[got]);
+    return result;
+}
+
+static PyMethodDef books_functions[] = {
     {"or_backed", mod_or_backed, METH_VARARGS,
      "or_backed(packed, state uint8, frame_state, loc int64, target bool) -> bits set: target[loc[g]] = 1 for "
      "each gpfn g whose bit is set and whose state is frame_state"},
     {"gather_or", mod_gather_or, METH_VARARGS,
      "gather_or(packed, idx int64, out bool): out[i] |= the bit of gpfn idx[i]"},
+    {"alloc_run", mod_alloc_run, METH_VARARGS,
+     "alloc_run(stack, top, count, kind, owner_guest, owner_index, token, pinned, kind_value, owner, first, "
+     "src_token, src_pinned, out_loc, out_state, state_value): count frames off the stack's top for entries "
+     "first.. of a disk"},
     {NULL, NULL, 0, NULL}};
 
-static struct PyModuleDef bits_module = {
-    PyModuleDef_HEAD_INIT, "_bits", "EPT accessed/dirty bitmaps into the host's books.", -1, bits_functions};
+static struct PyModuleDef books_module = {
+    PyModuleDef_HEAD_INIT, "_books", "Compiled passes over the host's books.", -1, books_functions};
 
-PyMODINIT_FUNC PyInit__bits(void) { return PyModule_Create(&bits_module); }
+PyMODINIT_FUNC PyInit__books(void) { return PyModule_Create(&books_module); }

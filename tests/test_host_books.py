@@ -1,10 +1,10 @@
-"""The compiled reading of the guests' EPT bitmaps (hostd/_bits.c) against its numpy definition."""
+"""The compiled passes over the host's books (hostd/_books.c) against their numpy definitions."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from balloonlab.hostd._bits import gather_or, or_backed
+from balloonlab.hostd._books import alloc_run, gather_or, or_backed
 
 FRAME = 1
 
@@ -53,3 +53,22 @@ def test_gather_or_ors_in_the_sampled_bits() -> None:
     assert np.array_equal(out, want)
     with pytest.raises(IndexError):
         gather_or(packed, np.array([1000], np.int64), np.zeros(1, bool))
+
+
+def test_alloc_run_refuses_arrays_that_do_not_fit() -> None:
+    n = 8
+    pool = [np.zeros(n, np.uint8), np.full(n, -1, np.int32), np.full(n, -1, np.int64), np.zeros(n, np.uint64),
+            np.zeros(n, bool)]
+    disk = [np.arange(16, dtype=np.uint64), np.zeros(16, bool), np.full(16, -1, np.int64), np.zeros(16, np.uint8)]
+    stack = np.arange(n, dtype=np.int64)
+    alloc_run(stack, 8, 4, *pool, 2, 5, 3, *disk, 1)
+    assert disk[2][3:7].tolist() == [7, 6, 5, 4] and pool[2][[7, 6, 5, 4]].tolist() == [3, 4, 5, 6]
+    assert pool[3][7] == 3 and pool[1][4] == 5 and disk[3][3:7].tolist() == [1, 1, 1, 1]
+    with pytest.raises(ValueError, match="frames off a stack"):
+        alloc_run(stack, 3, 4, *pool, 2, 5, 0, *disk, 1)          # fewer than count on the stack
+    with pytest.raises(ValueError, match="frames off a stack"):
+        alloc_run(stack, 8, 4, *pool, 2, 5, 14, *disk, 1)         # entries past the disk's end
+    with pytest.raises(IndexError, match="outside the pool"):
+        alloc_run(np.array([99], np.int64), 1, 1, *pool, 2, 5, 0, *disk, 1)
+    with pytest.raises(TypeError, match="owner_guest"):
+        alloc_run(stack, 8, 1, pool[0], pool[2], pool[2], pool[3], pool[4], 2, 5, 0, *disk, 1)
