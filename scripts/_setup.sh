@@ -14,7 +14,7 @@ if [ ! -x .venv/bin/python ]; then
     "$PY" -m venv .venv
 fi
 STAMP=.venv/.balloonlab-installed
-WANT="$(cat pyproject.toml setup.py guestd/*.c | sha256sum | cut -d' ' -f1)"
+WANT="$(cat pyproject.toml setup.py guestd/*.c hostd/*.c | sha256sum | cut -d' ' -f1)"
 if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
     echo "setup: installing balloonlab into .venv" >&2
     .venv/bin/python -m pip install -q --upgrade pip >&2
