@@ -40,7 +40,7 @@ def _sources(dest: Path) -> None:
 
     shutil.copy(REPO / "pyproject.toml", dest)
     shutil.copy(REPO / "README.md", dest)
-    shutil.copy(REPO / "setup.py", dest)   # the compiled paging core's extension module
+    shutil.copy(REPO / "setup.py", dest)   # the compiled modules (guestd/_paging.c, hostd/_books.c)
     _, package_dir = _declared()
     for folder in set(package_dir.values()):
         shutil.copytree(REPO / folder, dest / folder, ignore=shutil.ignore_patterns("__pycache__"))
@@ -61,6 +61,8 @@ def test_the_wheel_has_one_top_level_name_and_the_console_scripts(tmp_path: Path
     assert {n.split("/")[0] for n in names} == {"balloonlab", "balloonlab-0.2.0.dist-info"}
     assert any(n.startswith("balloonlab/guestd/_paging") and n.endswith(".so") for n in names), \
         "the compiled paging core is missing from the wheel"
+    assert any(n.startswith("balloonlab/hostd/_books") and n.endswith(".so") for n in names), \
+        "the host's compiled module is missing from the wheel"
     for module in ("balloonlab/api.py", "balloonlab/proto/plugins.py", "balloonlab/hostd/balloon/decision.py",
                    "balloonlab/sweep/cli.py", "balloonlab/analysis/tables.py", "balloonlab/scenarios/swap-storm.toml",
                    "balloonlab/proto/schema/tables.py", "balloonlab/guestd/workload/traces/sort.npz"):
