@@ -9,7 +9,8 @@
  * A disk cache miss loads a whole cluster (16 pages by default): 16 frames
  * taken off a free list and 16 entries of the frame pool's and the disk's
  * books written. alloc_run does that in one call, taking the frames in the
- * order 16 FramePool.alloc_one calls would.
+ * order 16 FramePool.alloc_one calls would; release_run clears a dropped
+ * cluster's frames the way FramePool.free_ones does.
  *
  * Plain C over the buffer protocol, like guestd/_paging.c. The Python side
  * (hostd/memparts/bits.py, hostd/wss.py, hostd/framepool.py) checks sizes
@@ -177,6 +178,76 @@ done:
     return result;
 }
 
+/* release_run(frames, owner, kind, owner_guest, owner_index, token, accessed, dirty, pinned, busy, counts)
+ * Every frame (each held by ``owner``, none free) becomes free with nothing in it; counts[kind] moves to
+ * counts[0] (FREE). Checked whole before anything changes. The caller puts the frames on a free list. */
+static PyObject *mod_release_run(PyObject *self, PyObject *args) {
+    PyObject *o[10];
+    int owner;
+    if (!PyArg_ParseTuple(args, "OiOOOOOOOOO", &o[0], &owner, &o[1], &o[2], &o[3], &o[4], &o[5], &o[6], &o[7],
+                          &o[8], &o[9])) return NULL;
+    static const Py_ssize_t size[10] = {8, 1, 4, 8, 8, 1, 1, 1, 1, 8};
+    static const int writable[10] = {0, 1, 1, 1, 1, 1, 1, 1, 1, 1};
+    static const char *names[10] = {"frames", "kind", "owner_guest", "owner_index", "token", "accessed", "dirty",
+                                    "pinned", "busy", "counts"};
+    Py_buffer b[10];
+    int got = 0;
+    PyObject *result = NULL;
+    for (; got < 10; got++)
+        if (get_buf(o[got], &b[got], size[got], writable[got], names[got]) < 0) goto done;
+    Py_ssize_t n_frames = b[1].len, count = b[0].len / 8, n_kinds = b[9].len / 8;
+    for (int k = 2; k <= 8; k++) {
+        if (b[k].len / size[k] != n_frames) {
+            PyErr_Format(PyExc_ValueError, "release_run: %s has %zd entries, the pool %zd", names[k],
+                         b[k].len / size[k], n_frames);
+            goto done;
+        }
+    }
+    const int64_t *fr = b[0].buf;
+    uint8_t *kind = b[1].buf;
+    int32_t *owner_guest = b[2].buf;
+    for (Py_ssize_t i = 0; i < count; i++) {
+        int64_t f = fr[i];
+        if (f < 0 || f >= n_frames) {
+            PyErr_Format(PyExc_IndexError, "release_run: frame %lld outside the pool's %zd", (long long)f, n_frames);
+            goto done;
+        }
+        if (kind[f] == 0 || kind[f] >= n_kinds) {
+            PyErr_Format(PyExc_ValueError, "release_run: frame %lld %s", (long long)f,
+                         kind[f] == 0 ? "freed twice" : "of an unknown kind");
+            goto done;
+        }
+        if (owner_guest[f] != owner) {
+            PyErr_Format(PyExc_ValueError, "release_run: frame %lld is held by guest %d, not %d", (long long)f,
+                         (int)owner_guest[f], owner);
+            goto done;
+        }
+    }
+    int64_t *owner_index = b[3].buf, *counts = b[9].buf;
+    uint64_t *token = b[4].buf;
+    uint8_t *accessed = b[5].buf, *dirty = b[6].buf, *pinned = b[7].buf, *busy = b[8].buf;
+    for (Py_ssize_t i = 0; i < count; i++) {
+        int64_t f = fr[i];
+        if (kind[f] == 0) {   /* the same frame twice in this run: the second is a double free */
+            PyErr_Format(PyExc_ValueError, "release_run: frame %lld appears twice", (long long)f);
+            /* undo nothing: the earlier ones are free already, as free_ones would have left them */
+            goto done;
+        }
+        counts[kind[f]] -= 1;
+        counts[0] += 1;
+        kind[f] = 0;
+        owner_guest[f] = -1;
+        owner_index[f] = -1;
+        token[f] = 0;
+        accessed[f] = dirty[f] = pinned[f] = busy[f] = 0;
+    }
+    result = Py_None;
+    Py_INCREF(result);
+done:
+    while (got-- > 0) PyBuffer_Release(&b[got]);
+    return result;
+}
+
 static PyMethodDef books_functions[] = {
     {"or_backed", mod_or_backed, METH_VARARGS,
      "or_backed(packed, state uint8, frame_state, loc int64, target bool) -> bits set: target[loc[g]] = 1 for "
@@ -187,6 +258,9 @@ static PyMethodDef books_functions[] = {
      "alloc_run(stack, top, count, kind, owner_guest, owner_index, token, pinned, kind_value, owner, first, "
      "src_token, src_pinned, out_loc, out_state, state_value): count frames off the stack's top for entries "
      "first.. of a disk"},
+    {"release_run", mod_release_run, METH_VARARGS,
+     "release_run(frames int64, owner, kind, owner_guest, owner_index, token, accessed, dirty, pinned, busy, "
+     "counts): free frames held by owner, clearing what they held"},
     {NULL, NULL, 0, NULL}};
 
 static struct PyModuleDef books_module = {

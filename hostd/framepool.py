@@ -27,7 +27,7 @@ from enum import IntEnum
 
 import numpy as np
 
-from ._books import alloc_run
+from ._books import alloc_run, release_run
 from .errors import InvariantViolation
 
 __all__ = ["FrameKind", "FramePool", "NO_OWNER", "has_duplicates"]
@@ -358,6 +358,25 @@ class FramePool:
             return
         self._free_stack_mv[self._n_free] = frame
         self._n_free += 1
+
+    def free_run(self, frames: list[int], owner: int) -> None:
+        """``free_ones`` of frames all held by guest ``owner`` (a dropped cluster's), in one compiled pass.
+
+        The same frames end on the same list in the same order.
+        """
+        arr = np.array(frames, np.int64)
+        try:
+            release_run(arr, owner, self.kind, self.owner_guest, self.owner_index, self.token, self.accessed,
+                        self.dirty, self.pinned, self.busy, self._kind_frames)
+        except ValueError as exc:
+            raise InvariantViolation(str(exc)) from None
+        g = None if self._grants is None else self._grants.get(owner)
+        if g is not None:
+            g.push(arr)
+            self._n_granted += arr.size
+        else:
+            self._free_stack[self._n_free:self._n_free + arr.size] = arr
+            self._n_free += arr.size
 
     def free_ones(self, frames: list[int]) -> None:
         """``free_one`` of each frame in turn (the same stack or grant order), with the views bound once."""

@@ -84,6 +84,7 @@ _FRAME = int(CacheState.FRAME)
 _NO_TOKENS = np.zeros(0, np.uint64)
 _CACHE_KIND = int(FrameKind.CACHE)
 _FEW_PAGES = 32     # up to this many pages a loop of scalar frees beats the array calls' fixed cost
+_FEW_FRAMES_SCALAR = 4   # above this many frames one compiled release beats free_one calls
 
 
 @dataclass(slots=True)
@@ -451,7 +452,10 @@ class VirtualDisk:
                         state[b] = _NOT_CACHED
                         loc[b] = NO_LOC
                 cached[c] = 0
-        self.pool.free_ones(frames)     # in the order found, as one free_one each
+        if len(frames) > _FEW_FRAMES_SCALAR:
+            self.pool.free_run(frames, self.guest_id)   # the same frames, order and lists as free_ones
+        else:
+            self.pool.free_ones(frames)     # in the order found, as one free_one each
         n = len(frames)
         self.cached_pages -= n
         self.counters.dropped_clean_pages += n

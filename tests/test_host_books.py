@@ -72,3 +72,25 @@ def test_alloc_run_refuses_arrays_that_do_not_fit() -> None:
         alloc_run(np.array([99], np.int64), 1, 1, *pool, 2, 5, 0, *disk, 1)
     with pytest.raises(TypeError, match="owner_guest"):
         alloc_run(stack, 8, 1, pool[0], pool[2], pool[2], pool[3], pool[4], 2, 5, 0, *disk, 1)
+
+
+def test_release_run_clears_the_frames_and_moves_the_counts_or_changes_nothing() -> None:
+    from balloonlab.hostd._books import release_run
+    n = 8
+    kind = np.array([0, 2, 2, 2, 1, 0, 2, 2], np.uint8)
+    owner = np.array([-1, 3, 3, 3, 3, -1, 4, 3], np.int32)
+    index, token = np.arange(n, dtype=np.int64), np.arange(n, dtype=np.uint64) + 10
+    flags = [np.ones(n, bool) for _ in range(4)]
+    counts = np.array([2, 1, 5, 0, 0], np.int64)
+    pool = (kind, owner, index, token, *flags, counts)
+    release_run(np.array([3, 1], np.int64), 3, *pool)
+    assert kind.tolist() == [0, 0, 2, 0, 1, 0, 2, 2] and owner[[1, 3]].tolist() == [-1, -1]
+    assert index[[1, 3]].tolist() == [-1, -1] and token[[1, 3]].tolist() == [0, 0]
+    assert all(f[[1, 3]].tolist() == [False, False] and f[2] for f in flags)
+    assert counts.tolist() == [4, 1, 3, 0, 0]
+    before = [a.copy() for a in pool]
+    for frames, owner_id, match in (([2, 1], 3, "freed twice"), ([2, 6], 3, "held by guest 4"),
+                                    ([9], 3, "outside")):
+        with pytest.raises((ValueError, IndexError), match=match):
+            release_run(np.array(frames, np.int64), owner_id, *pool)
+        assert all(np.array_equal(a, b) for a, b in zip(pool, before)), "a refused run changed the books"
