@@ -409,7 +409,7 @@ class HostMemory(Guests, Boundary, Releases, BitsAndPins, Readout):
         if self._placeholders_settled is None:
             raise InvariantViolation(f"guest {g.guest_id}: a swap slot holds a placeholder and nothing settles it")
         await self._placeholders_settled(g.guest_id)
-        if np.any(self.swap.token[g.p2m.loc[swapped_gpfns[g.p2m.state[swapped_gpfns] == PageState.SWAPPED]]]
+        if _nz(self.swap.token[g.p2m.loc[swapped_gpfns[g.p2m.state[swapped_gpfns] == PageState.SWAPPED]]]
                   == PENDING_TOKEN):
             # Settled, but the answer did not fill it (the guest failed the shootdown): the page is lost;
             # hand it over as it is and let the guest's check say so, rather than wait for ever.
