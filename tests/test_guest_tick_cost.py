@@ -1,0 +1,140 @@
+"""The guest's per-tick shortcuts give exactly what the plain code gives.
+
+Every tick of every guest ends with ``GuestSessionState._parked``: the
+stats dict (``GuestKernel.stats``, ``PsiMeter.stats``), the EPT A/D bits
+(``GuestKernel.take_ad_bytes``) and, per batch, the bounds check of the
+references (``GuestKernel._check_pages``). Each is held here to the
+straightforward numpy/dict computation it replaces: same keys in the same
+order, same values and types, same errors.
+"""
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import numpy as np
+import pytest
+
+from balloonlab.guestd import _paging
+from balloonlab.guestd.errors import BadPages
+from balloonlab.guestd.kernel import GuestKernel
+from balloonlab.guestd.memory import FrameKind
+from balloonlab.guestd.psi import PsiMeter
+from balloonlab.guestd.stats import BackgroundCounters, PagingCounters
+from balloonlab.proto.costs import CostModel
+
+from .test_paging_engines import build, drive, script
+
+
+def plain_stats(k: GuestKernel) -> dict[str, Any]:
+    """``GuestKernel.stats`` as a dict built key by key (its earlier form)."""
+    fr = k.frames
+    kinds = np.bincount(fr.kind, minlength=len(FrameKind)).tolist()
+    counts = k.counters.array.tolist()
+    out: dict[str, Any] = dict(zip(PagingCounters.FIELDS, counts))
+    k._ra_resolve()
+    out.update({name: int(getattr(k.bg, name)) for name in BackgroundCounters.FIELDS})
+    out["pgsteal_direct"] = k.counters.evictions - k.counters.soft_reclaimed - k.counters.balloon_reclaimed
+    free, file_pages = kinds[FrameKind.FREE], kinds[FrameKind.FILE]
+    out.update(free=free, total=k.config.ram_pages, available=free + file_pages, caches=file_pages,
+               anon_pages=kinds[FrameKind.ANON], file_pages=file_pages, balloon_pages=kinds[FrameKind.BALLOON],
+               kernel_pages=kinds[FrameKind.KERNEL], soft_cached_pages=int(np.count_nonzero(k.pt.cached >= 0)),
+               discarded_pages=k.discarded_pages, unbacked_pages=fr.n - int(np.count_nonzero(fr.backed)),
+               shared_pages=int(np.count_nonzero(fr.wp)), cow_faults=k.cow_faults,
+               share_protected=k.share_protected, swap_used=k.swap.used, swap_total=k.swap.n_slots,
+               pff=float(k.pff.pff), pff_last=float(k.pff.last_rate), working_set_pages=int(k.ws.estimate_pages),
+               working_set_fraction=float(k.ws.last_fraction), vt_us=float(k.vt_us))
+    return out
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_stats_are_the_plain_dict_key_for_key_in_order(seed: int) -> None:
+    k, hv = build("compiled", "clock", 64, [("f", "file", 60), ("a", "anon", 70)], kernel_pages=3,
+                  host="null", remote_disk=False, meddle_seed=None, future=None, costs=CostModel())
+
+    async def run() -> None:
+        ops = script(seed, 130, 30)
+        for i in range(len(ops)):
+            await drive(k, hv, ops[i:i + 1])
+            if i % 7 == 0:
+                await k.reclaim(2)
+                k.bg.readahead_pages += 3        # a background counter that moved
+            got, want = k.stats(), plain_stats(k)
+            assert list(got.items()) == list(want.items())
+            assert [type(v) for v in got.values()] == [type(v) for v in want.values()]
+
+    asyncio.run(run())
+
+
+def test_background_counters_values_follow_fields() -> None:
+    bg = BackgroundCounters()
+    bg.kswapd_wakeups = 2
+    bg.readahead_wasted = np.int64(5)    # a numpy int that slipped in comes out a Python int
+    assert bg.values() == [2 if n == "kswapd_wakeups" else 5 if n == "readahead_wasted" else 0
+                           for n in BackgroundCounters.FIELDS]
+    assert list(bg.as_dict()) == list(BackgroundCounters.FIELDS) and type(bg.as_dict()["readahead_wasted"]) is int
+
+
+@pytest.mark.parametrize("n", [1, 7, 8, 9, 64, 2047, 2048])
+def test_take_ad_bytes_is_packbits_then_clear(n: int) -> None:
+    rng = np.random.default_rng(n)
+    a, d = rng.random(n) < 0.5, rng.random(n) < 0.1
+    want = (np.packbits(a).tobytes(), np.packbits(d).tobytes())
+    assert _paging.take_ad_bits(a, d) == want
+    assert not a.any() and not d.any()
+
+
+def test_kernel_take_ad_bytes_equals_take_ad_bits() -> None:
+    k, hv = build("compiled", "clock", 64, [("f", "file", 60), ("a", "anon", 70)], kernel_pages=3,
+                  host="null", remote_disk=False, meddle_seed=None, future=None, costs=CostModel())
+    asyncio.run(drive(k, hv, script(3, 130, 20)))
+    fr = k.frames
+    saved = fr.ad_accessed.copy(), fr.ad_dirty.copy()
+    assert saved[0].any() and saved[1].any()
+    a, d = k.take_ad_bits()
+    fr.ad_accessed[:], fr.ad_dirty[:] = saved
+    assert k.take_ad_bytes() == (a.tobytes(), d.tobytes())
+    assert not fr.ad_accessed.any() and not fr.ad_dirty.any()
+
+
+def test_take_ad_bits_refuses_arrays_of_two_lengths() -> None:
+    with pytest.raises(ValueError, match="one length"):
+        _paging.take_ad_bits(np.zeros(8, bool), np.zeros(9, bool))
+
+
+@pytest.mark.parametrize("dtype", [np.uint64, np.int64, np.uint32, np.int16])
+def test_check_pages_bounds_and_values_for_every_integer_dtype(dtype: Any) -> None:
+    k, _ = build("compiled", "clock", 64, [("f", "file", 60), ("a", "anon", 70)], kernel_pages=3,
+                 host="null", remote_disk=False, meddle_seed=None, future=None, costs=CostModel())
+    pages = np.array([5, 0, 129, 77], dtype)
+    got = k._check_pages(pages)
+    assert got.dtype == np.int64 and got.tolist() == [5, 0, 129, 77]
+    assert k._check_pages(pages[::2]).tolist() == [5, 129]          # not contiguous: numpy's path
+    with pytest.raises(BadPages, match="page 130 outside the layout's 130 pages"):
+        k._check_pages(np.array([3, 130, 1], dtype))
+    if np.dtype(dtype).kind == "i":
+        with pytest.raises(BadPages, match="page -2 is negative"):
+            k._check_pages(np.array([3, -2, 1], dtype))
+    big = np.array([1, 2**63 + 5], np.uint64)
+    with pytest.raises(BadPages, match=f"page {2**63 + 5} outside"):
+        k._check_pages(big)
+
+
+def test_psi_stats_follow_every_stall_and_period() -> None:
+    m = PsiMeter(period_us=1000.0)
+
+    def plain() -> dict[str, float]:
+        t = round(m.total_us, 3)
+        a10, a60, a300 = (round(a, 4) for a in m.avgs)
+        return {"psi_some_us": t, "psi_full_us": t, "psi_some_avg10": a10, "psi_some_avg60": a60,
+                "psi_some_avg300": a300, "psi_full_avg10": a10, "psi_full_avg60": a60, "psi_full_avg300": a300}
+
+    assert m.stats() == plain()
+    for start, end in ((10.0, 250.0), (900.0, 1300.0), (1300.0, 1300.0), (2500.0, 2600.5)):
+        m.stall(start, end)
+        got = m.stats()
+        assert list(got.items()) == list(plain().items())
+        got["psi_some_us"] = -1.0            # the caller's copy: the next answer is not touched
+        assert m.stats() == plain()
+    m.advance(9000.0)                        # periods close with no stall: the averages decay
+    assert list(m.stats().items()) == list(plain().items()) and m.stats()["psi_some_avg10"] < 100.0
