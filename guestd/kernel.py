@@ -350,7 +350,8 @@ class GuestKernel:
                     self._reads_in_python = True      # from now on the core hands its reads back
                     if self._core is not None:
                         self._core = self._build_core()
-        if deadline_us is not None:
+        # (the vCPU's gate: a float, not NaN, passes at once)
+        if deadline_us is not None and (type(deadline_us) is not float or deadline_us != deadline_us):
             if isinstance(deadline_us, bool) or not isinstance(deadline_us, (int, float, np.floating, np.integer)) \
                     or math.isnan(deadline_us):
                 raise BadPages(f"deadline_us must be a number of virtual µs or None, got {deadline_us!r}")
@@ -452,7 +453,7 @@ class GuestKernel:
         """The batch in the compiled core; here only what it hands back to be awaited."""
         core = self._core
         refs0 = self.counters.refs      # the reference a fault is for: refs0 + those completed since
-        read_one = self._plain_read_one()
+        read_one: Any = False           # (looked up at the first read: most batches are all hits)
         try:
             op, a, b = core.start(np.ascontiguousarray(p), np.ascontiguousarray(w), deadline_us)
             while op != _OP_DONE:
@@ -480,6 +481,8 @@ class GuestKernel:
                         c.minor_faults += 1
                         c.refault_reads -= evicted
                         continue
+                    if read_one is False:
+                        read_one = self._plain_read_one()
                     if read_one is not None:
                         tok, done = await read_one(int(a), self.vt_us)
                     else:

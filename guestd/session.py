@@ -167,7 +167,7 @@ class GuestSessionState:
         if done < pages.size:
             self._carry = (pages[done:], None if writes is None else writes[done:])
             self.carried_refs += int(pages.size - done)
-        else:
+        elif self._frees is not None:
             await self._free_now()
         self.psi.advance(k.vt_us)
 

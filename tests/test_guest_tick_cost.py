@@ -138,3 +138,34 @@ def test_psi_stats_follow_every_stall_and_period() -> None:
         assert m.stats() == plain()
     m.advance(9000.0)                        # periods close with no stall: the averages decay
     assert list(m.stats().items()) == list(plain().items()) and m.stats()["psi_some_avg10"] < 100.0
+
+
+@pytest.mark.parametrize("ws_pages", [1, 2, 255, 256, 257, 5000])
+def test_anon_hot_draws_what_start_plus_integers_draws(ws_pages: int) -> None:
+    """Its batch is start + integers(0, ws): the same pages, and the generator left where that leaves it."""
+    from balloonlab.guestd.workload.generators import AnonHotWorkload
+    w = AnonHotWorkload(1000, 6000, np.random.default_rng(7), ws_pages=ws_pages, write_frac=0.3)
+    ref = np.random.default_rng(7)
+    for n in (1, 64, 500, 1024):
+        pages, writes = w.next_batch(n)
+        want = (1000 + ref.integers(0, ws_pages, n)).astype(np.uint64)
+        want_w = ref.random(n) < 0.3
+        assert pages.dtype == np.uint64 and np.array_equal(pages, want) and np.array_equal(writes, want_w)
+    assert w.rng.random() == ref.random()
+
+
+def test_mix_without_freeing_components_takes_no_frees() -> None:
+    from balloonlab.guestd.workload.generators import AnonHotWorkload, BurstWorkload, Mix, ZipfWorkload
+    rng = np.random.default_rng(1)
+    quiet = Mix([ZipfWorkload(0, 50, rng), AnonHotWorkload(50, 50, rng)], [1, 1], rng)
+    quiet.next_batch(100)
+    assert quiet.take_frees() is None
+    burst = BurstWorkload(100, 8, rng, hold_refs=10, idle_refs=5)
+    mix = Mix([ZipfWorkload(0, 50, rng), burst], [1, 1], rng)
+    freed = None
+    for _ in range(20):
+        mix.next_batch(16)
+        freed = mix.take_frees()
+        if freed is not None:
+            break
+    assert freed is not None and freed.tolist() == list(range(100, 108))

@@ -172,7 +172,9 @@ class AnonHotWorkload(_Region):
         self.write_frac = _check_frac(self.name, write_frac)
 
     def next_batch(self, n: int) -> tuple[np.ndarray, np.ndarray]:
-        p = (self.start + self.rng.integers(0, self.ws_pages, n)).astype(np.uint64)
+        # integers(start, start + ws) draws exactly what start + integers(0, ws) does (numpy bounds the
+        # draw by the range's width, then adds the low end), without the two passes for + and the cast
+        p = self.rng.integers(self.start, self.start + self.ws_pages, n).view(np.uint64)
         return p, self._writes(n, self.write_frac)
 
 
@@ -383,6 +385,7 @@ class Mix:
         self.compiled = True      # False: numpy's path (the tests hold the two equal)
         self._active: list[int] = []
         self._cdf = np.ones(1)
+        self._freeing = [c for c in self.components if hasattr(c, "take_frees")]   # those that free memory
 
     def _pick_cdf(self, active: list[int]) -> np.ndarray:
         """The cumulative weights of ``active``, computed as ``Generator.choice(p=...)`` does, once per
@@ -399,7 +402,9 @@ class Mix:
         return all(c.exhausted for c in self.components)
 
     def take_frees(self) -> np.ndarray | None:
-        got = [f for f in (take_frees(c) for c in self.components) if f is not None]
+        if not self._freeing:       # (asked after every batch)
+            return None
+        got = [f for f in (take_frees(c) for c in self._freeing) if f is not None]
         return np.concatenate(got) if got else None
 
     def next_batch(self, n: int) -> tuple[np.ndarray, np.ndarray]:
