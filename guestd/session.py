@@ -242,12 +242,15 @@ def warm_up() -> None:
     annotations: ``typing``, ``compile``, ``inspect``) the first time it
     converts to it, and keeps it on the class: about 80 ms of CPU in every
     guest. The fork server calls this before it forks; its children inherit
-    the caches copy-on-write.
+    the caches copy-on-write. So too the check that the workloads' compiled
+    draws are numpy's (a few ms in a fresh process).
     """
     from .config import guest_config_from_mapping
+    from .workload.generators import draws_as_numpy
     guest_config_from_mapping(_WARM_UP_CONFIG)
     CostModel.from_mapping({})
     lock_config_from_mapping(None)
+    draws_as_numpy()
 
 
 def build_guest(guest_id: int, config: dict[str, Any], conn: RpcConnection,

@@ -169,3 +169,92 @@ def test_mix_without_freeing_components_takes_no_frees() -> None:
         if freed is not None:
             break
     assert freed is not None and freed.tolist() == list(range(100, 108))
+
+
+def _drawn_and_numpy(seed: int, shared: bool, specs: list[tuple[str, dict[str, Any]]]) -> tuple[Any, Any]:
+    from balloonlab.guestd.workload.generators import AnonHotWorkload, DbWorkload, Mix, ZipfWorkload
+    kinds = {"db": DbWorkload, "zipf": ZipfWorkload, "anon-hot": AnonHotWorkload}
+    out = []
+    for drawn in (True, False):
+        rng = np.random.default_rng(seed)
+        comps = [kinds[k](i * 5000, 5000, rng, **kw) for i, (k, kw) in enumerate(specs)]
+        mix = Mix(comps, [1.0 + i for i in range(len(comps))], rng if shared else np.random.default_rng(seed + 99))
+        if not drawn:
+            mix.compiled = False
+        out.append(mix)
+    return out[0], out[1]
+
+
+@pytest.mark.parametrize("shared", [False, True])
+@pytest.mark.parametrize("specs", [
+    [("db", {}), ("anon-hot", {"ws_pages": 256})],
+    [("zipf", {"theta": 0.0, "write_frac": 0.0}), ("anon-hot", {"ws_pages": 1, "write_frac": 1.0}),
+     ("db", {"theta": 1.4, "write_frac": 0.5})],
+    [("anon-hot", {"ws_pages": 4999, "write_frac": 0.0}), ("zipf", {"theta": 2.5})],
+])
+def test_mix_draw_gives_numpy_batches_and_leaves_the_generators_alike(shared: bool, specs: Any) -> None:
+    """The compiled draw (one pass from the bit generators) against Mix's numpy path, batch after batch."""
+    from balloonlab.guestd.workload import generators
+    assert generators.draws_as_numpy()
+    drawn, slow = _drawn_and_numpy(5, shared, specs)
+    assert drawn._draw_specs(list(range(len(specs)))) is not None
+    for n in np.random.default_rng(1).integers(1, 1500, 40).tolist() + [1, 2, 8192]:
+        pd, wd = drawn.next_batch(n)
+        ps, ws = slow.next_batch(n)
+        assert pd.dtype == ps.dtype and wd.dtype == ws.dtype
+        assert np.array_equal(pd, ps) and np.array_equal(wd, ws), n
+    assert drawn.rng.bit_generator.state == slow.rng.bit_generator.state
+    assert [c.rng.bit_generator.state for c in drawn.components] == [c.rng.bit_generator.state
+                                                                      for c in slow.components]
+
+
+def test_mix_draw_only_for_the_kinds_it_knows() -> None:
+    from balloonlab.guestd.workload.generators import AnonHotWorkload, DbWorkload, Mix, ScanWorkload
+    rng = np.random.default_rng(2)
+    mix = Mix([DbWorkload(0, 100, rng), ScanWorkload(100, 50, rng)], [1, 1], rng)
+    assert mix._draw_specs([0, 1]) is None          # a scan draws nothing: numpy's path
+    db = DbWorkload(0, 100, rng)
+    db.compiled = False
+    assert Mix([db, AnonHotWorkload(100, 50, rng)], [1, 1], rng)._draw_specs([0, 1]) is None
+    wide = AnonHotWorkload(0, 2**33, rng)
+    assert wide.draw_spec() is None                  # a range past 32 bits: numpy's path
+
+
+def test_mix_keeps_numpy_draws_when_the_check_fails(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A numpy that drew otherwise than mix_draw: every batch stays numpy's own."""
+    from balloonlab.guestd.workload import generators
+    monkeypatch.setattr(generators, "_draws_checked", None)
+    calls: list[bool] = []
+
+    def sample(drawn: bool) -> list[bytes]:
+        calls.append(drawn)
+        return [b"drawn" if drawn else b"numpy"]
+
+    monkeypatch.setattr(generators, "_sample_batches", sample)
+    drawn, slow = _drawn_and_numpy(3, False, [("db", {}), ("anon-hot", {})])
+    monkeypatch.setattr(generators, "_mix_draw", _refuse)
+    for n in (10, 500):
+        pd, wd = drawn.next_batch(n)
+        ps, ws = slow.next_batch(n)
+        assert np.array_equal(pd, ps) and np.array_equal(wd, ws)
+    assert calls == [True, False] and generators.draws_as_numpy() is False
+
+
+def _refuse(*args: Any) -> None:
+    raise AssertionError("mix_draw used after its check failed")
+
+
+def test_mix_draw_refuses_bad_arguments() -> None:
+    rng = np.random.default_rng(0)
+    cap = rng.bit_generator.capsule
+    cdf = np.array([0.5, 1.0])
+    pages, writes = np.empty(4, np.uint64), np.empty(4, bool)
+    with pytest.raises(ValueError, match="one spec per CDF entry"):
+        _paging.mix_draw(cap, cdf, ((1, cap, 0, 4, 0.0),), pages, writes)
+    one = np.array([1.0])       # every reference picks the one component: its spec is read
+    with pytest.raises(ValueError, match="unknown kind"):
+        _paging.mix_draw(cap, one, ((7, cap, 0, 4, 0.0),), pages, writes)
+    with pytest.raises(ValueError, match="ws < 2"):
+        _paging.mix_draw(cap, one, ((1, cap, 0, 0, 0.0),), pages, writes)
+    with pytest.raises(ValueError):
+        _paging.mix_draw(object(), cdf, ((1, cap, 0, 4, 0.0), (1, cap, 0, 4, 0.0)), pages, writes)
