@@ -1325,6 +1325,21 @@ done:
     return ret;
 }
 
+/* the non-zero bytes of p[0..n): eight at a time, each made 0 or 1, then a popcount */
+static int64_t count_nonzero_bytes(const uint8_t *p, int64_t n) {
+    int64_t c = 0, i = 0;
+    for (; i + 8 <= n; i += 8) {
+        uint64_t x;
+        memcpy(&x, p + i, 8);
+        x |= x >> 4;
+        x |= x >> 2;
+        x |= x >> 1;
+        c += __builtin_popcountll(x & 0x0101010101010101ull);
+    }
+    for (; i < n; i++) c += p[i] != 0;
+    return c;
+}
+
 /* frame_gauges(kind uint8[n], backed uint8[n], wp uint8[n], cached int64[m], out int64[k+3]): the frames of
  * each kind 0..k-1 (np.bincount), the backed ones, the write-protected ones, and the pages whose frame was
  * soft-reclaimed (cached >= 0): the tick-end gauges in one pass instead of four numpy calls */
@@ -1344,26 +1359,47 @@ static PyObject *mod_frame_gauges(PyObject *self, PyObject *args) {
         return NULL;
     }
     int64_t n = kind.len, k = out.len / 8 - 3, m = cached.len / 8;
-    if (k < 1 || backed.len != n || wp.len != n) {
-        PyErr_SetString(PyExc_ValueError, "paging: frame_gauges needs kind, backed, wp of one length and out of k+3");
+    if (k < 1 || k > 8 || backed.len != n || wp.len != n) {
+        PyErr_SetString(PyExc_ValueError, "paging: frame_gauges needs kind, backed, wp of one length and out of k+3 "
+                        "(k <= 8)");
         goto done;
     }
     {
         const uint8_t *K = (const uint8_t *)kind.buf, *B = (const uint8_t *)backed.buf, *W = (const uint8_t *)wp.buf;
         const int64_t *C = (const int64_t *)cached.buf;
         int64_t *O = (int64_t *)out.buf, nb = 0, nw = 0, nc = 0;
-        memset(O, 0, (size_t)(k + 3) * 8);
-        for (int64_t i = 0; i < n; i++) {
-            if (K[i] >= k) {
-                PyErr_Format(PyExc_ValueError, "paging: frame_gauges: frame %lld has kind %d of %lld",
-                             (long long)i, K[i], (long long)k);
-                goto done;
-            }
-            O[K[i]]++;
-            nb += B[i] != 0;
-            nw += W[i] != 0;
+        /* four histograms, one per frame mod 4: neighbours of one kind (the usual run) do not wait for
+         * each other's increment */
+        int64_t h[4][8];
+        uint8_t top = 0;
+        memset(h, 0, sizeof(h));
+        int64_t i = 0;
+        for (; i + 4 <= n; i += 4) {
+            uint8_t a = K[i], b = K[i + 1], c = K[i + 2], d = K[i + 3];
+            top |= a | b | c | d;
+            h[0][a & 7]++;
+            h[1][b & 7]++;
+            h[2][c & 7]++;
+            h[3][d & 7]++;
         }
-        for (int64_t i = 0; i < m; i++) nc += C[i] >= 0;
+        for (; i < n; i++) {
+            top |= K[i];
+            h[0][K[i] & 7]++;
+        }
+        if (top >= k) {     /* (an OR bounds the largest kind from above: look for one that is out of range) */
+            for (i = 0; i < n; i++) {
+                if (K[i] >= k) {
+                    PyErr_Format(PyExc_ValueError, "paging: frame_gauges: frame %lld has kind %d of %lld",
+                                 (long long)i, K[i], (long long)k);
+                    goto done;
+                }
+            }
+        }
+        memset(O, 0, (size_t)(k + 3) * 8);
+        for (int v = 0; v < (int)k; v++) O[v] = h[0][v] + h[1][v] + h[2][v] + h[3][v];
+        nb = count_nonzero_bytes(B, n);
+        nw = count_nonzero_bytes(W, n);
+        for (i = 0; i < m; i++) nc += C[i] >= 0;
         O[k] = nb;
         O[k + 1] = nw;
         O[k + 2] = nc;
@@ -1538,6 +1574,21 @@ done:
     return ret;
 }
 
+/* eight bytes as eight bits, the first byte in the high bit (np.packbits of one byte's worth): each byte
+ * made 0 or 1 (any non-zero byte counts), then gathered into the top byte by one multiply */
+static inline uint8_t pack8(const uint8_t *p) {
+    uint64_t x;
+    memcpy(&x, p, 8);
+    if (x == 0) return 0;
+    x |= x >> 4;
+    x |= x >> 2;
+    x |= x >> 1;
+    x &= 0x0101010101010101ull;
+    /* little-endian: byte j (bit 8j) must land on bit 63-j, a shift of 63-9j; the multiplier's bits
+     * 0, 9, ..., 63 shift every byte at once, and no two partial products meet (so nothing carries) */
+    return (uint8_t)((x * 0x8040201008040201ull) >> 56);
+}
+
 /* take_ad_bits(accessed 1-byte[n], dirty 1-byte[n]) -> (bytes, bytes): np.packbits of each (the first frame in
  * a byte's high bit, the last byte padded with zeros), then both cleared: the EPT A/D bits every TickDone
  * carries, in one pass instead of six numpy calls */
@@ -1562,7 +1613,12 @@ static PyObject *mod_take_ad_bits(PyObject *self, PyObject *args) {
         uint8_t *OA = (uint8_t *)PyBytes_AS_STRING(pa), *OD = (uint8_t *)PyBytes_AS_STRING(pd);
         memset(OA, 0, (size_t)nb);
         memset(OD, 0, (size_t)nb);
-        for (int64_t i = 0; i < n; i++) {
+        int64_t i = 0;
+        for (; i + 8 <= n; i += 8) {     /* eight frames a byte at a time (most words of D are zero) */
+            OA[i >> 3] = pack8(A + i);
+            OD[i >> 3] = pack8(D + i);
+        }
+        for (; i < n; i++) {
             OA[i >> 3] |= (uint8_t)((A[i] != 0) << (7 - (i & 7)));
             OD[i >> 3] |= (uint8_t)((D[i] != 0) << (7 - (i & 7)));
         }

@@ -258,3 +258,28 @@ def test_mix_draw_refuses_bad_arguments() -> None:
         _paging.mix_draw(cap, one, ((1, cap, 0, 0, 0.0),), pages, writes)
     with pytest.raises(ValueError):
         _paging.mix_draw(object(), cdf, ((1, cap, 0, 4, 0.0), (1, cap, 0, 4, 0.0)), pages, writes)
+
+
+@pytest.mark.parametrize("n", [1, 3, 4, 5, 8, 9, 63, 2048, 2051])
+def test_frame_gauges_equal_numpy_counts_at_every_length(n: int) -> None:
+    rng = np.random.default_rng(n)
+    kind = rng.integers(0, 5, n).astype(np.uint8)
+    kind[: n // 3] = 1                                    # runs of one kind, as guests have them
+    backed = rng.integers(0, 3, n).astype(np.uint8).view(bool)   # bytes of 2 count as set, as numpy counts them
+    wp = rng.random(n) < 0.2
+    cached = rng.integers(-1, 40, max(1, n // 2)).astype(np.int64)
+    out = np.zeros(8, np.int64)
+    _paging.frame_gauges(kind, backed, wp, cached, out)
+    want = np.bincount(kind, minlength=5).tolist() + [int(np.count_nonzero(backed)), int(np.count_nonzero(wp)),
+                                                      int(np.count_nonzero(cached >= 0))]
+    assert out.tolist() == want
+
+
+@pytest.mark.parametrize("where, bad", [(0, 5), (6, 255), (9, 8)])
+def test_frame_gauges_names_the_first_frame_of_an_unknown_kind(where: int, bad: int) -> None:
+    kind = np.zeros(12, np.uint8)
+    kind[where] = bad
+    kind[-1] = 200                      # a later one is not the one named
+    z = np.zeros(12, bool)
+    with pytest.raises(ValueError, match=f"frame {where} has kind {bad} of 5"):
+        _paging.frame_gauges(kind, z, z, np.zeros(2, np.int64), np.zeros(8, np.int64))
