@@ -1325,6 +1325,21 @@ done:
     return ret;
 }
 
+/* the non-zero bytes of p[0..n): eight at a time, each made 0 or 1, then a popcount */
+static int64_t count_nonzero_bytes(const uint8_t *p, int64_t n) {
+    int64_t c = 0, i = 0;
+    for (; i + 8 <= n; i += 8) {
+        uint64_t x;
+        memcpy(&x, p + i, 8);
+        x |= x >> 4;
+        x |= x >> 2;
+        x |= x >> 1;
+        c += __builtin_popcountll(x & 0x0101010101010101ull);
+    }
+    for (; i < n; i++) c += p[i] != 0;
+    return c;
+}
+
 /* frame_gauges(kind uint8[n], backed uint8[n], wp uint8[n], cached int64[m], out int64[k+3]): the frames of
  * each kind 0..k-1 (np.bincount), the backed ones, the write-protected ones, and the pages whose frame was
  * soft-reclaimed (cached >= 0): the tick-end gauges in one pass instead of four numpy calls */
@@ -1344,26 +1359,47 @@ static PyObject *mod_frame_gauges(PyObject *self, PyObject *args) {
         return NULL;
     }
     int64_t n = kind.len, k = out.len / 8 - 3, m = cached.len / 8;
-    if (k < 1 || backed.len != n || wp.len != n) {
-        PyErr_SetString(PyExc_ValueError, "paging: frame_gauges needs kind, backed, wp of one length and out of k+3");
+    if (k < 1 || k > 8 || backed.len != n || wp.len != n) {
+        PyErr_SetString(PyExc_ValueError, "paging: frame_gauges needs kind, backed, wp of one length and out of k+3 "
+                        "(k <= 8)");
         goto done;
     }
     {
         const uint8_t *K = (const uint8_t *)kind.buf, *B = (const uint8_t *)backed.buf, *W = (const uint8_t *)wp.buf;
         const int64_t *C = (const int64_t *)cached.buf;
         int64_t *O = (int64_t *)out.buf, nb = 0, nw = 0, nc = 0;
-        memset(O, 0, (size_t)(k + 3) * 8);
-        for (int64_t i = 0; i < n; i++) {
-            if (K[i] >= k) {
-                PyErr_Format(PyExc_ValueError, "paging: frame_gauges: frame %lld has kind %d of %lld",
-                             (long long)i, K[i], (long long)k);
-                goto done;
-            }
-            O[K[i]]++;
-            nb += B[i] != 0;
-            nw += W[i] != 0;
+        /* four histograms, one per frame mod 4: neighbours of one kind (the usual run) do not wait for
+         * each other's increment */
+        int64_t h[4][8];
+        uint8_t top = 0;
+        memset(h, 0, sizeof(h));
+        int64_t i = 0;
+        for (; i + 4 <= n; i += 4) {
+            uint8_t a = K[i], b = K[i + 1], c = K[i + 2], d = K[i + 3];
+            top |= a | b | c | d;
+            h[0][a & 7]++;
+            h[1][b & 7]++;
+            h[2][c & 7]++;
+            h[3][d & 7]++;
         }
-        for (int64_t i = 0; i < m; i++) nc += C[i] >= 0;
+        for (; i < n; i++) {
+            top |= K[i];
+            h[0][K[i] & 7]++;
+        }
+        if (top >= k) {     /* (an OR bounds the largest kind from above: look for one that is out of range) */
+            for (i = 0; i < n; i++) {
+                if (K[i] >= k) {
+                    PyErr_Format(PyExc_ValueError, "paging: frame_gauges: frame %lld has kind %d of %lld",
+                                 (long long)i, K[i], (long long)k);
+                    goto done;
+                }
+            }
+        }
+        memset(O, 0, (size_t)(k + 3) * 8);
+        for (int v = 0; v < (int)k; v++) O[v] = h[0][v] + h[1][v] + h[2][v] + h[3][v];
+        nb = count_nonzero_bytes(B, n);
+        nw = count_nonzero_bytes(W, n);
+        for (i = 0; i < m; i++) nc += C[i] >= 0;
         O[k] = nb;
         O[k + 1] = nw;
         O[k + 2] = nc;
@@ -1376,13 +1412,273 @@ done:
     return ret;
 }
 
+/* numpy's bit generator interface (numpy/random/bitgen.h, public): a BitGenerator's ``capsule`` holds it */
+typedef struct {
+    void *state;
+    uint64_t (*next_uint64)(void *st);
+    uint32_t (*next_uint32)(void *st);
+    double (*next_double)(void *st);
+    uint64_t (*next_raw)(void *st);
+} np_bitgen_t;
+
+static np_bitgen_t *get_bitgen(PyObject *capsule) {
+    return (np_bitgen_t *)PyCapsule_GetPointer(capsule, "BitGenerator");
+}
+
+/* a uniform integer in [0, rng] (rng < 2**32 - 1) from 32-bit draws, by Lemire's multiply-and-reject
+ * (arXiv:1805.10941): what Generator.integers draws for a range that fits in 32 bits. The module checks
+ * that against numpy itself before it uses it (generators.py) */
+static inline uint32_t bounded_u32(np_bitgen_t *g, uint32_t rng) {
+    const uint32_t s = rng + 1;
+    uint64_t m = (uint64_t)g->next_uint32(g->state) * s;
+    uint32_t low = (uint32_t)m;
+    if (low < s) {
+        const uint32_t floor = (uint32_t)(0u - s) % s;
+        while (low < floor) {
+            m = (uint64_t)g->next_uint32(g->state) * s;
+            low = (uint32_t)m;
+        }
+    }
+    return (uint32_t)(m >> 32);
+}
+
+#define DRAW_ZIPF 0
+#define DRAW_UNIFORM 1
+
+/* one component's references for mix_draw: k pages into P, k write flags into W, drawn as its next_batch
+ * draws them (pages first, then the writes, none when write_frac <= 0) */
+static int draw_part(PyObject *spec, int64_t k, uint64_t *P, uint8_t *W) {
+    if (!PyTuple_Check(spec) || PyTuple_GET_SIZE(spec) < 2) {
+        PyErr_SetString(PyExc_ValueError, "paging: mix_draw spec is (kind, capsule, ...)");
+        return -1;
+    }
+    long kind = PyLong_AsLong(PyTuple_GET_ITEM(spec, 0));
+    np_bitgen_t *g = get_bitgen(PyTuple_GET_ITEM(spec, 1));
+    if (g == NULL || (kind == -1 && PyErr_Occurred())) return -1;
+    double frac;
+    if (kind == DRAW_ZIPF && PyTuple_GET_SIZE(spec) == 6) {
+        Py_buffer ans, cdf, rank;
+        frac = PyFloat_AsDouble(PyTuple_GET_ITEM(spec, 5));
+        if (frac == -1.0 && PyErr_Occurred()) return -1;
+        if (get_buf(PyTuple_GET_ITEM(spec, 2), &ans, 0, 0, "answer") < 0) return -1;
+        if (get_buf(PyTuple_GET_ITEM(spec, 3), &cdf, 8, 0, "cdf") < 0) { PyBuffer_Release(&ans); return -1; }
+        if (get_buf(PyTuple_GET_ITEM(spec, 4), &rank, 8, 0, "page_of_rank") < 0) {
+            PyBuffer_Release(&ans); PyBuffer_Release(&cdf); return -1;
+        }
+        int64_t isz = ans.itemsize, K = isz ? ans.len / isz : 0, m = cdf.len / 8, pages = rank.len / 8;
+        int bad = (isz != 2 && isz != 4 && isz != 8) || K < 1 || (K & (K - 1)) || pages < 1;
+        if (!bad) {
+            const double *C = (const double *)cdf.buf, kk = (double)K;
+            const uint64_t *R = (const uint64_t *)rank.buf;
+            for (int64_t i = 0; i < k; i++) {      /* as zipf_pages over rng.random(k) */
+                double x = g->next_double(g->state);
+                int64_t b = (int64_t)(x * kk), r;
+                r = isz == 2 ? ((const int16_t *)ans.buf)[b] : isz == 4 ? ((const int32_t *)ans.buf)[b]
+                                                                         : ((const int64_t *)ans.buf)[b];
+                if (r < 0) r = upper_bound(C, m, x);
+                if (r > pages - 1) r = pages - 1;
+                P[i] = R[r];
+            }
+        }
+        PyBuffer_Release(&ans); PyBuffer_Release(&cdf); PyBuffer_Release(&rank);
+        if (bad) {
+            PyErr_SetString(PyExc_ValueError, "paging: mix_draw zipf spec needs a power-of-two table and ranks");
+            return -1;
+        }
+    } else if (kind == DRAW_UNIFORM && PyTuple_GET_SIZE(spec) == 5) {
+        unsigned long long start = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(spec, 2));
+        unsigned long long ws = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(spec, 3));
+        frac = PyFloat_AsDouble(PyTuple_GET_ITEM(spec, 4));
+        if (PyErr_Occurred()) return -1;
+        if (ws < 1 || ws - 1 >= 0xFFFFFFFFull) {
+            PyErr_SetString(PyExc_ValueError, "paging: mix_draw uniform spec needs 1 <= ws < 2**32");
+            return -1;
+        }
+        if (ws == 1) {
+            for (int64_t i = 0; i < k; i++) P[i] = start;      /* a range of one value draws nothing */
+        } else {
+            for (int64_t i = 0; i < k; i++) P[i] = start + bounded_u32(g, (uint32_t)(ws - 1));
+        }
+    } else {
+        PyErr_Format(PyExc_ValueError, "paging: mix_draw spec of unknown kind %ld", kind);
+        return -1;
+    }
+    if (frac <= 0.0) {
+        memset(W, 0, (size_t)k);
+    } else {
+        for (int64_t i = 0; i < k; i++) W[i] = g->next_double(g->state) < frac;
+    }
+    return 0;
+}
+
+/* mix_draw(capsule, cdf float64[m], specs (one per component), pages u64[n] out, writes 1-byte[n] out): Mix's
+ * batch of n references in one pass, drawn from the generators' own streams in numpy's order (the mix's
+ * n picks, then each component in turn, its pages then its writes) and placed as mix_gather places them:
+ * the per-batch numpy calls and Python frames of every tick of every guest, in one call */
+static PyObject *mod_mix_draw(PyObject *self, PyObject *args) {
+    PyObject *mcap, *co, *specs, *pgo, *wo;
+    if (!PyArg_ParseTuple(args, "OOO!OO", &mcap, &co, &PyTuple_Type, &specs, &pgo, &wo)) return NULL;
+    np_bitgen_t *mg = get_bitgen(mcap);
+    if (mg == NULL) return NULL;
+    Py_ssize_t m = PyTuple_GET_SIZE(specs);
+    Py_buffer cdf, pages, writes;
+    if (get_buf(co, &cdf, 8, 0, "cdf") < 0) return NULL;
+    if (get_buf(pgo, &pages, 8, 1, "pages") < 0) { PyBuffer_Release(&cdf); return NULL; }
+    if (get_buf(wo, &writes, 1, 1, "writes") < 0) { PyBuffer_Release(&cdf); PyBuffer_Release(&pages); return NULL; }
+    PyObject *ret = NULL;
+    int64_t n = pages.len / 8;
+    uint8_t *pick = NULL, *tw = NULL;
+    uint64_t *tp = NULL;
+    int64_t counts[256], seg[256];
+    if (cdf.len / 8 != m || m < 1 || m > 255 || writes.len != n) {
+        PyErr_SetString(PyExc_ValueError, "paging: mix_draw needs one spec per CDF entry (<= 255), writes of len(pages)");
+        goto done;
+    }
+    pick = (uint8_t *)malloc((size_t)n + 1);
+    tw = (uint8_t *)malloc((size_t)n + 1);
+    tp = (uint64_t *)malloc((size_t)n * 8 + 8);
+    if (pick == NULL || tw == NULL || tp == NULL) { PyErr_NoMemory(); goto done; }
+    {
+        const double *C = (const double *)cdf.buf;
+        memset(counts, 0, sizeof(counts));
+        for (int64_t i = 0; i < n; i++) {     /* as mix_pick over rng.random(n) */
+            double u = mg->next_double(mg->state);
+            int64_t j = 0;
+            while (j < m && C[j] <= u) j++;
+            if (j >= m) {
+                PyErr_Format(PyExc_ValueError, "paging: mix_draw draw %g is not below the CDF's end", u);
+                goto done;
+            }
+            pick[i] = (uint8_t)j;
+            counts[j]++;
+        }
+        int64_t at = 0;
+        for (Py_ssize_t j = 0; j < m; j++) {
+            seg[j] = at;
+            if (counts[j] && draw_part(PyTuple_GET_ITEM(specs, j), counts[j], tp + at, tw + at) < 0) goto done;
+            at += counts[j];
+        }
+        uint64_t *OP = (uint64_t *)pages.buf;
+        uint8_t *OW = (uint8_t *)writes.buf;
+        for (int64_t i = 0; i < n; i++) {
+            int64_t r = seg[pick[i]]++;
+            OP[i] = tp[r];
+            OW[i] = tw[r];
+        }
+        ret = Py_None;
+        Py_INCREF(ret);
+    }
+done:
+    free(pick); free(tw); free(tp);
+    PyBuffer_Release(&cdf); PyBuffer_Release(&pages); PyBuffer_Release(&writes);
+    return ret;
+}
+
+/* eight bytes as eight bits, the first byte in the high bit (np.packbits of one byte's worth): each byte
+ * made 0 or 1 (any non-zero byte counts), then gathered into the top byte by one multiply */
+static inline uint8_t pack8(const uint8_t *p) {
+    uint64_t x;
+    memcpy(&x, p, 8);
+    if (x == 0) return 0;
+    x |= x >> 4;
+    x |= x >> 2;
+    x |= x >> 1;
+    x &= 0x0101010101010101ull;
+    /* little-endian: byte j (bit 8j) must land on bit 63-j, a shift of 63-9j; the multiplier's bits
+     * 0, 9, ..., 63 shift every byte at once, and no two partial products meet (so nothing carries) */
+    return (uint8_t)((x * 0x8040201008040201ull) >> 56);
+}
+
+/* take_ad_bits(accessed 1-byte[n], dirty 1-byte[n]) -> (bytes, bytes): np.packbits of each (the first frame in
+ * a byte's high bit, the last byte padded with zeros), then both cleared: the EPT A/D bits every TickDone
+ * carries, in one pass instead of six numpy calls */
+static PyObject *mod_take_ad_bits(PyObject *self, PyObject *args) {
+    PyObject *ao, *dob;
+    if (!PyArg_ParseTuple(args, "OO", &ao, &dob)) return NULL;
+    Py_buffer a, d;
+    if (get_buf(ao, &a, 1, 1, "accessed") < 0) return NULL;
+    if (get_buf(dob, &d, 1, 1, "dirty") < 0) { PyBuffer_Release(&a); return NULL; }
+    PyObject *ret = NULL, *pa = NULL, *pd = NULL;
+    int64_t n = a.len;
+    if (d.len != n) {
+        PyErr_SetString(PyExc_ValueError, "paging: take_ad_bits needs accessed and dirty of one length");
+        goto done;
+    }
+    {
+        Py_ssize_t nb = (Py_ssize_t)((n + 7) / 8);
+        pa = PyBytes_FromStringAndSize(NULL, nb);
+        pd = PyBytes_FromStringAndSize(NULL, nb);
+        if (pa == NULL || pd == NULL) goto done;
+        uint8_t *A = (uint8_t *)a.buf, *D = (uint8_t *)d.buf;
+        uint8_t *OA = (uint8_t *)PyBytes_AS_STRING(pa), *OD = (uint8_t *)PyBytes_AS_STRING(pd);
+        memset(OA, 0, (size_t)nb);
+        memset(OD, 0, (size_t)nb);
+        int64_t i = 0;
+        for (; i + 8 <= n; i += 8) {     /* eight frames a byte at a time (most words of D are zero) */
+            OA[i >> 3] = pack8(A + i);
+            OD[i >> 3] = pack8(D + i);
+        }
+        for (; i < n; i++) {
+            OA[i >> 3] |= (uint8_t)((A[i] != 0) << (7 - (i & 7)));
+            OD[i >> 3] |= (uint8_t)((D[i] != 0) << (7 - (i & 7)));
+        }
+        memset(A, 0, (size_t)n);
+        memset(D, 0, (size_t)n);
+        ret = PyTuple_Pack(2, pa, pd);
+    }
+done:
+    Py_XDECREF(pa);
+    Py_XDECREF(pd);
+    PyBuffer_Release(&a); PyBuffer_Release(&d);
+    return ret;
+}
+
+/* page_range(pages 8-byte[n], signed) -> (lo, hi): the smallest and the largest entry (int64 when signed, else
+ * uint64) in one pass: the bounds check of every batch of references, instead of two numpy reductions */
+static PyObject *mod_page_range(PyObject *self, PyObject *args) {
+    PyObject *po;
+    int is_signed;
+    if (!PyArg_ParseTuple(args, "Op", &po, &is_signed)) return NULL;
+    Py_buffer p;
+    if (get_buf(po, &p, 8, 0, "pages") < 0) return NULL;
+    PyObject *ret = NULL;
+    int64_t n = p.len / 8;
+    if (n < 1) {
+        PyErr_SetString(PyExc_ValueError, "paging: page_range of no pages");
+    } else if (is_signed) {
+        const int64_t *P = (const int64_t *)p.buf;
+        int64_t lo = P[0], hi = P[0];
+        for (int64_t i = 1; i < n; i++) {
+            if (P[i] < lo) lo = P[i];
+            if (P[i] > hi) hi = P[i];
+        }
+        ret = Py_BuildValue("(LL)", (long long)lo, (long long)hi);
+    } else {
+        const uint64_t *P = (const uint64_t *)p.buf;
+        uint64_t lo = P[0], hi = P[0];
+        for (int64_t i = 1; i < n; i++) {
+            if (P[i] < lo) lo = P[i];
+            if (P[i] > hi) hi = P[i];
+        }
+        ret = Py_BuildValue("(KK)", (unsigned long long)lo, (unsigned long long)hi);
+    }
+    PyBuffer_Release(&p);
+    return ret;
+}
+
 static PyMethodDef paging_functions[] = {
+    {"take_ad_bits", mod_take_ad_bits, METH_VARARGS,
+     "take_ad_bits(accessed, dirty) -> (bytes, bytes): np.packbits of each, then both cleared"},
+    {"page_range", mod_page_range, METH_VARARGS,
+     "page_range(pages int64|uint64, signed) -> (lo, hi): the smallest and the largest page"},
     {"frame_gauges", mod_frame_gauges, METH_VARARGS,
      "frame_gauges(kind, backed, wp, cached, out): frames per kind, backed, write-protected; soft-cached pages"},
     {"mix_pick", mod_mix_pick, METH_VARARGS,
      "mix_pick(u, cdf, pick_out uint8, counts_out int64): searchsorted(cdf, u, 'right') and its counts"},
     {"mix_gather", mod_mix_gather, METH_VARARGS,
      "mix_gather(pick, parts, pages_out, writes_out) -> n: the components' references in pick order"},
+    {"mix_draw", mod_mix_draw, METH_VARARGS,
+     "mix_draw(capsule, cdf, specs, pages_out, writes_out): Mix's batch drawn and placed in one pass"},
     {"zipf_pages", mod_zipf_pages, METH_VARARGS,
      "zipf_pages(u, answer, cdf, page_of_rank, out): CdfTable(u), capped, through page_of_rank"},
     {NULL, NULL, 0, NULL}};

@@ -61,7 +61,9 @@ class VcpuGate:
         # a page marked written whose write is still parked here.
         self.last_tick: int | None = None
         self._stopped: str | None = None
-        self._moved = asyncio.Event()
+        # who waits for the gate to move: a future each, resolved by the next open or stop (an Event's
+        # clear/wait/set bookkeeping, on every park of every guest, for what is one waiter)
+        self._waiters: list[asyncio.Future[None]] = []
 
     def open(self, msg: TickStart) -> None:
         """A ``TickStart``: the gate moves to the end of that tick."""
@@ -70,13 +72,19 @@ class VcpuGate:
         self.tick = msg.tick
         self.tick_start_us = float(msg.vt_us)
         self.gate_us = float(msg.vt_us) + float(msg.tick_us)
-        self._moved.set()
+        self._wake()
 
     def stop(self, reason: str) -> None:
         """The run is over: whoever waits at the gate gets ``VcpuStopped``."""
         if self._stopped is None:
             self._stopped = reason
-        self._moved.set()
+        self._wake()
+
+    def _wake(self) -> None:
+        waiters, self._waiters = self._waiters, []
+        for fut in waiters:
+            if not fut.done():
+                fut.set_result(None)
 
     @property
     def stopped(self) -> str | None:
@@ -114,9 +122,12 @@ class VcpuGate:
                 self.parks += 1
                 if self.on_park is not None:
                     self.on_park(self.tick, vt_us)
-            self._moved.clear()
+            fut = asyncio.get_running_loop().create_future()
+            self._waiters.append(fut)
             self.parked = True
             try:
-                await self._moved.wait()
+                await fut
             finally:
                 self.parked = False
+                if self._waiters and fut in self._waiters:    # cancelled while it waited
+                    self._waiters.remove(fut)

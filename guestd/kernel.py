@@ -108,6 +108,14 @@ _N_KINDS = len(FrameKind)
 _C_EVICTIONS = PagingCounters.FIELDS.index("evictions")
 _C_SOFT_RECLAIMED = PagingCounters.FIELDS.index("soft_reclaimed")
 _C_BALLOON_RECLAIMED = PagingCounters.FIELDS.index("balloon_reclaimed")
+_U64 = np.dtype(np.uint64)
+# stats(): the counters, the background counters, then the gauges (a new key goes where stats() computes it)
+_STAT_KEYS = PagingCounters.FIELDS + BackgroundCounters.FIELDS + (
+    "pgsteal_direct", "free", "total", "available", "caches", "anon_pages", "file_pages", "balloon_pages",
+    "kernel_pages", "soft_cached_pages", "discarded_pages", "unbacked_pages", "shared_pages", "cow_faults",
+    "share_protected", "swap_used", "swap_total", "pff", "pff_last", "working_set_pages", "working_set_fraction",
+    "vt_us")
+_I64 = np.dtype(np.int64)
 
 # GuestKernel._ks: the kernel's scalar state, shared with the compiled core (its KS_NAMES)
 _KS_NAMES = ("free_lo", "n_free", "soft_head", "soft_tail")
@@ -342,7 +350,8 @@ class GuestKernel:
                     self._reads_in_python = True      # from now on the core hands its reads back
                     if self._core is not None:
                         self._core = self._build_core()
-        if deadline_us is not None:
+        # (the vCPU's gate: a float, not NaN, passes at once)
+        if deadline_us is not None and (type(deadline_us) is not float or deadline_us != deadline_us):
             if isinstance(deadline_us, bool) or not isinstance(deadline_us, (int, float, np.floating, np.integer)) \
                     or math.isnan(deadline_us):
                 raise BadPages(f"deadline_us must be a number of virtual µs or None, got {deadline_us!r}")
@@ -390,6 +399,11 @@ class GuestKernel:
                     await self._background()
         return done
 
+    @property
+    def has_background(self) -> bool:
+        """kswapd or readahead is on: ``background`` has work to look at."""
+        return self._bg_on
+
     async def background(self, deadline_us: float | None = None) -> None:
         """Background work now (the process layer calls it at each tick start): kswapd, readahead.
 
@@ -415,9 +429,19 @@ class GuestKernel:
             raise BadPages(f"pages must be a 1-d array, got shape {p.shape}")
         if p.size == 0:
             return p.astype(np.int64)
-        if p.dtype.kind not in "ui":
+        dt = p.dtype
+        if dt.kind not in "ui":
             raise BadPages(f"pages must be integers, got dtype {p.dtype}")
-        if p.dtype.kind == "i" and int(p.min()) < 0:
+        if (dt is _U64 or dt is _I64) and _paging is not None and p.flags.c_contiguous:
+            # every batch of every tick: one pass for both bounds, and the workload's uint64 pages
+            # read in place (below the layout's size they are the same int64s), not copied
+            lo, hi = _paging.page_range(p, dt is _I64)
+            if lo < 0:
+                raise BadPages(f"page {lo} is negative")
+            if hi >= self.pt.n:
+                raise BadPages(f"page {hi} outside the layout's {self.pt.n} pages")
+            return p if dt is _I64 else p.view(np.int64)
+        if dt.kind == "i" and int(p.min()) < 0:
             raise BadPages(f"page {int(p.min())} is negative")
         hi = int(p.max())
         if hi >= self.pt.n:
@@ -429,7 +453,7 @@ class GuestKernel:
         """The batch in the compiled core; here only what it hands back to be awaited."""
         core = self._core
         refs0 = self.counters.refs      # the reference a fault is for: refs0 + those completed since
-        read_one = self._plain_read_one()
+        read_one: Any = False           # (looked up at the first read: most batches are all hits)
         try:
             op, a, b = core.start(np.ascontiguousarray(p), np.ascontiguousarray(w), deadline_us)
             while op != _OP_DONE:
@@ -457,6 +481,8 @@ class GuestKernel:
                         c.minor_faults += 1
                         c.refault_reads -= evicted
                         continue
+                    if read_one is False:
+                        read_one = self._plain_read_one()
                     if read_one is not None:
                         tok, done = await read_one(int(a), self.vt_us)
                     else:
@@ -1529,6 +1555,14 @@ class GuestKernel:
         fr.ad_dirty[:] = False
         return a, d
 
+    def take_ad_bytes(self) -> tuple[bytes, bytes]:
+        """``take_ad_bits`` as the bytes TickDone carries (one compiled pass at every tick end)."""
+        fr = self.frames
+        if _paging is not None:
+            return _paging.take_ad_bits(fr.ad_accessed, fr.ad_dirty)
+        a, d = self.take_ad_bits()   # pragma: no cover - the install builds it
+        return a.tobytes(), d.tobytes()
+
     def _check_gpfns(self, gpfns: np.ndarray) -> np.ndarray:
         g = np.asarray(gpfns)
         if g.ndim != 1 or (g.size and g.dtype.kind not in "ui"):
@@ -1572,35 +1606,20 @@ class GuestKernel:
         free = kinds[_FREE]
         file_pages = kinds[_FILE]
         counts = self.counters.array.tolist()
-        out: dict[str, int | float] = dict(zip(PagingCounters.FIELDS, counts))    # a new dict
         self._ra_resolve()
-        out.update(self.bg.as_dict())
-        # direct reclaim: the faults' own evictions (everything not kswapd's, reclaim()'s or the balloon's)
-        out["pgsteal_direct"] = counts[_C_EVICTIONS] - counts[_C_SOFT_RECLAIMED] - counts[_C_BALLOON_RECLAIMED]
-        out.update(
-            free=free,
-            total=self.config.ram_pages,
-            available=free + file_pages,
-            caches=file_pages,
-            anon_pages=kinds[_ANON],
-            file_pages=file_pages,
-            balloon_pages=kinds[_BALLOON],
-            kernel_pages=kinds[_KERNEL],
-            soft_cached_pages=kinds[_N_KINDS + 2],
-            discarded_pages=self.discarded_pages,
-            unbacked_pages=fr.n - kinds[_N_KINDS],
-            shared_pages=kinds[_N_KINDS + 1],
-            cow_faults=self.cow_faults,
-            share_protected=self.share_protected,
-            swap_used=self.swap.used,
-            swap_total=self.swap.n_slots,
-            pff=float(self.pff.pff),
-            pff_last=float(self.pff.last_rate),
-            working_set_pages=int(self.ws.estimate_pages),
-            working_set_fraction=float(self.ws.last_fraction),
-            vt_us=float(self._vt[0]),
+        ws = self.ws
+        # one list in _STAT_KEYS' order and one dict from it: this runs at every tick end of every guest
+        counts += self.bg.values()
+        counts += (
+            # direct reclaim: the faults' own evictions (everything not kswapd's, reclaim()'s or the balloon's)
+            counts[_C_EVICTIONS] - counts[_C_SOFT_RECLAIMED] - counts[_C_BALLOON_RECLAIMED],
+            free, self.config.ram_pages, free + file_pages, file_pages, kinds[_ANON], file_pages,
+            kinds[_BALLOON], kinds[_KERNEL], kinds[_N_KINDS + 2], self.discarded_pages, fr.n - kinds[_N_KINDS],
+            kinds[_N_KINDS + 1], self.cow_faults, self.share_protected, self.swap.used, self.swap.n_slots,
+            float(self.pff.pff), float(self.pff.last_rate), int(ws.estimate_pages), float(ws.last_fraction),
+            float(self._vt[0]),
         )
-        return out
+        return dict(zip(_STAT_KEYS, counts))    # a new dict
 
     # ------------------------------------------------------------------ integrity
 

@@ -44,6 +44,9 @@ class PsiMeter:
         self._period_end_us = self.period_us
         self._in_period_us = 0.0       # stall so far in the open period
         self._last_us = 0.0            # nothing is recorded before this (intervals come in order)
+        self._stats: dict[str, float] = {}      # stats() as of _stats_total and the avgs list _stats_avgs
+        self._stats_total = math.nan
+        self._stats_avgs: list[float] | None = None
 
     def stall(self, start_us: float, end_us: float) -> float:
         """Record that the vCPU waited on memory over [start_us, end_us); returns the µs counted.
@@ -87,8 +90,13 @@ class PsiMeter:
 
     def stats(self) -> dict[str, float]:
         """TickDone's PSI keys: cumulative µs and averages in percent (``full`` = ``some``, see the module)."""
-        total = round(self.total_us, 3)
-        a10, a60, a300 = (round(a, 4) for a in self.avgs)
-        return {"psi_some_us": total, "psi_full_us": total,
-                "psi_some_avg10": a10, "psi_some_avg60": a60, "psi_some_avg300": a300,
-                "psi_full_avg10": a10, "psi_full_avg60": a60, "psi_full_avg300": a300}
+        total, avgs = self.total_us, self.avgs
+        # every tick end asks; the rounded values change only with a stall or a period's close
+        if total != self._stats_total or avgs is not self._stats_avgs:
+            t = round(total, 3)
+            a10, a60, a300 = (round(a, 4) for a in avgs)
+            self._stats = {"psi_some_us": t, "psi_full_us": t,
+                           "psi_some_avg10": a10, "psi_some_avg60": a60, "psi_some_avg300": a300,
+                           "psi_full_avg10": a10, "psi_full_avg60": a60, "psi_full_avg300": a300}
+            self._stats_total, self._stats_avgs = total, avgs
+        return self._stats.copy()

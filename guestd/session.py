@@ -56,6 +56,8 @@ log = structlog.get_logger("guestd")
 
 MIN_BATCH_REFS = 64
 
+_NO_HOLD = contextlib.nullcontext()     # reusable: no lock model, nothing held across the tick
+
 TickDoneSender = Callable[[int, float, dict[str, Any], bytes, bytes], None]
 
 
@@ -85,6 +87,7 @@ class GuestSessionState:
         self.link: VcpuLink | None = None   # the requests' path to the host (gate, PSI), when remote
         self.reporter: FreePageReporter | None = None   # free page reporting, when on
         self._frees: np.ndarray | None = None          # memory the workload frees once its batch is done
+        self._dirty_ratio = float(getattr(cfg, "dirty_background_ratio", 0.0))   # the flusher's; 0: off
 
     @property
     def vt_us(self) -> float:
@@ -103,16 +106,20 @@ class GuestSessionState:
         while True:
             await gate.wait_open(k.vt_us)            # parks at the end of each tick; raises VcpuStopped
             tick = gate.tick
-            hold = self.locks.tick_hold() if self.locks is not None else contextlib.nullcontext()
+            hold = self.locks.tick_hold() if self.locks is not None else _NO_HOLD
             async with hold:                          # hold_vmem = "tick": L_vmem across the tick
                 if tick != started:
                     started = tick
                     if k.vt_us < gate.tick_start_us:    # idle since (a finite workload ran dry)
                         k.advance_to(gate.tick_start_us)
                     await self.balloon.reconcile()
-                    await self._flush()
-                    await self._report()
-                    await k.background(gate.gate_us)
+                    # (only the work that is on: a coroutine that returns at once still costs its call)
+                    if self._dirty_ratio > 0:
+                        await self._flush()
+                    if self.reporter is not None:
+                        await self._report()
+                    if k.has_background:
+                        await k.background(gate.gate_us)
                 # a TickStart that arrives while a held request is answered moves the gate: the
                 # loop then goes round for that tick's start work
                 while k.vt_us < gate.gate_us and gate.tick == tick:
@@ -122,7 +129,7 @@ class GuestSessionState:
     async def _flush(self) -> None:
         """The flusher, at each tick start: write-backs it started that are complete make their pages clean,
         then new ones start for the dirty page cache above the background ratio (the clock does not wait)."""
-        ratio = float(getattr(self.cfg, "dirty_background_ratio", 0.0))
+        ratio = self._dirty_ratio
         if ratio <= 0:
             return
         self.psi.paused = True
@@ -160,7 +167,7 @@ class GuestSessionState:
         if done < pages.size:
             self._carry = (pages[done:], None if writes is None else writes[done:])
             self.carried_refs += int(pages.size - done)
-        else:
+        elif self._frees is not None:
             await self._free_now()
         self.psi.advance(k.vt_us)
 
@@ -178,11 +185,11 @@ class GuestSessionState:
         stats["tick_vt_us"] = round(float(vt_us), 3)
         # the part of the overshoot past the tick's end that a request in flight at the gate explains
         stats["tick_inflight_us"] = round(self.link.inflight_us(self.gate.gate_us), 3) if self.link else 0.0
-        accessed, dirty = self.kernel.take_ad_bits()
+        accessed, dirty = self.kernel.take_ad_bytes()
         if tick % self.metrics_every_ticks == self.metrics_every_ticks - 1:
             log.info(ev.TICK_COMPLETED, tick=tick, **stats)
         if self.send_tick_done is not None:
-            self.send_tick_done(tick, float(vt_us), stats, accessed.tobytes(), dirty.tobytes())
+            self.send_tick_done(tick, float(vt_us), stats, accessed, dirty)
 
     def stats(self) -> dict[str, Any]:
         s = self.kernel.stats()     # a new dict each time
@@ -235,12 +242,15 @@ def warm_up() -> None:
     annotations: ``typing``, ``compile``, ``inspect``) the first time it
     converts to it, and keeps it on the class: about 80 ms of CPU in every
     guest. The fork server calls this before it forks; its children inherit
-    the caches copy-on-write.
+    the caches copy-on-write. So too the check that the workloads' compiled
+    draws are numpy's (a few ms in a fresh process).
     """
     from .config import guest_config_from_mapping
+    from .workload.generators import draws_as_numpy
     guest_config_from_mapping(_WARM_UP_CONFIG)
     CostModel.from_mapping({})
     lock_config_from_mapping(None)
+    draws_as_numpy()
 
 
 def build_guest(guest_id: int, config: dict[str, Any], conn: RpcConnection,

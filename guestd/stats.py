@@ -10,6 +10,8 @@ smoothed with an exponentially weighted moving average over periods.
 """
 from __future__ import annotations
 
+import operator
+
 import numpy as np
 
 from .memory import Frames
@@ -124,7 +126,14 @@ class BackgroundCounters:
             setattr(self, name, 0)
 
     def as_dict(self) -> dict[str, int]:
-        return {name: int(getattr(self, name)) for name in self.FIELDS}
+        return dict(zip(self.FIELDS, self.values()))
+
+    def values(self) -> list[int]:
+        """The counters in ``FIELDS`` order (read at every tick end)."""
+        return list(map(int, _background_getter(self)))
+
+
+_background_getter = operator.attrgetter(*BackgroundCounters.FIELDS)
 
 
 class WorkingSetSampler:

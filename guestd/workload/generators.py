@@ -51,12 +51,17 @@ try:    # the per-reference steps of a batch in one pass each (guestd/_paging.c)
     _mix_pick = _paging.mix_pick
     _mix_gather = _paging.mix_gather
     _zipf_pages = _paging.zipf_pages
+    _mix_draw = _paging.mix_draw
 except (ImportError, AttributeError):  # pragma: no cover - the install builds it
-    _mix_pick = _mix_gather = _zipf_pages = None
+    _mix_pick = _mix_gather = _zipf_pages = _mix_draw = None
+
+_DRAW_ZIPF, _DRAW_UNIFORM = 0, 1      # the kinds of component ``_paging.mix_draw`` draws itself
+_U32_RANGE = 0xFFFF_FFFF              # it draws integers from ranges narrower than this
 
 __all__ = [
     "Workload", "DbWorkload", "ZipfWorkload", "AnonColdWorkload", "AnonHotWorkload",
     "ScanWorkload", "PhasesWorkload", "TraceWorkload", "BurstWorkload", "Mix", "WORKLOADS", "take_frees", "FullWrites", "FULL_WRITE",
+    "draws_as_numpy",
 ]
 
 FULL_WRITE = 2      # write code: the write stores every byte of the page (its old content is not needed)
@@ -116,6 +121,13 @@ class ZipfWorkload(_Region):
         self._page_of_rank = (self.start + rng.permutation(pages)).astype(np.uint64)
         self.compiled = True      # False: numpy's path (the tests hold the two equal)
 
+    def draw_spec(self) -> tuple | None:
+        """What ``_paging.mix_draw`` needs to draw this component's batch as ``next_batch`` does (None: it cannot)."""
+        if not self.compiled:
+            return None
+        t = self._rank_of
+        return (_DRAW_ZIPF, self.rng.bit_generator.capsule, t._answer, t.cdf, self._page_of_rank, self.write_frac)
+
     def next_batch(self, n: int) -> tuple[np.ndarray, np.ndarray]:
         u = self.rng.random(n)
         if _zipf_pages is not None and self.compiled:
@@ -171,8 +183,16 @@ class AnonHotWorkload(_Region):
             raise GuestConfigError(f"{self.name}: ws_pages must be in 1..{pages}, got {ws_pages}")
         self.write_frac = _check_frac(self.name, write_frac)
 
+    def draw_spec(self) -> tuple | None:
+        """What ``_paging.mix_draw`` needs to draw this component's batch as ``next_batch`` does (None: it cannot)."""
+        if self.ws_pages - 1 >= _U32_RANGE:
+            return None
+        return (_DRAW_UNIFORM, self.rng.bit_generator.capsule, self.start, self.ws_pages, self.write_frac)
+
     def next_batch(self, n: int) -> tuple[np.ndarray, np.ndarray]:
-        p = (self.start + self.rng.integers(0, self.ws_pages, n)).astype(np.uint64)
+        # integers(start, start + ws) draws exactly what start + integers(0, ws) does (numpy bounds the
+        # draw by the range's width, then adds the low end), without the two passes for + and the cast
+        p = self.rng.integers(self.start, self.start + self.ws_pages, n).view(np.uint64)
         return p, self._writes(n, self.write_frac)
 
 
@@ -383,6 +403,9 @@ class Mix:
         self.compiled = True      # False: numpy's path (the tests hold the two equal)
         self._active: list[int] = []
         self._cdf = np.ones(1)
+        self._freeing = [c for c in self.components if hasattr(c, "take_frees")]   # those that free memory
+        self._specs_for: list[int] | None = None     # the active components _specs was made for
+        self._specs: tuple | None = None             # their draw specs for mix_draw (None: numpy's path)
 
     def _pick_cdf(self, active: list[int]) -> np.ndarray:
         """The cumulative weights of ``active``, computed as ``Generator.choice(p=...)`` does, once per
@@ -399,7 +422,9 @@ class Mix:
         return all(c.exhausted for c in self.components)
 
     def take_frees(self) -> np.ndarray | None:
-        got = [f for f in (take_frees(c) for c in self.components) if f is not None]
+        if not self._freeing:       # (asked after every batch)
+            return None
+        got = [f for f in (take_frees(c) for c in self._freeing) if f is not None]
         return np.concatenate(got) if got else None
 
     def next_batch(self, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -408,6 +433,10 @@ class Mix:
             return _EMPTY
         if len(active) == 1:
             return self.components[active[0]].next_batch(n)
+        if self.compiled and _mix_draw is not None:
+            specs = self._draw_specs(active)
+            if specs is not None and draws_as_numpy():   # the whole batch in one compiled pass
+                return self._next_drawn(active, specs, n)
         # Exactly ``rng.choice(len(active), size=n, p=weights)`` (same draws, same picks), without
         # choice's per-call checks of p: this runs once per batch, every tick of every guest.
         u = self.rng.random(n)
@@ -432,6 +461,30 @@ class Mix:
         if keep is None:
             return pages, writes
         return pages[keep], writes[keep]
+
+    def _draw_specs(self, active: list[int]) -> tuple | None:
+        """The active components' draw specs, when ``mix_draw`` can draw every one of them (else None).
+
+        Made again only when the active set changes: a component's ``compiled`` is read then.
+        """
+        if active != self._specs_for:
+            specs = []
+            for i in active:
+                c = self.components[i]
+                spec = c.draw_spec() if type(c) in _DRAWN_KINDS else None
+                if spec is None:
+                    specs = None
+                    break
+                specs.append(spec)
+            self._specs_for, self._specs = list(active), (tuple(specs) if specs is not None else None)
+        return self._specs
+
+    def _next_drawn(self, active: list[int], specs: tuple, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """``next_batch`` of components that ``mix_draw`` draws: the same draws from the same streams."""
+        pages = np.empty(n, np.uint64)
+        writes = np.empty(n, self._wdtype)
+        _mix_draw(self.rng.bit_generator.capsule, self._pick_cdf(active), specs, pages, writes)
+        return pages, writes
 
     def _next_compiled(self, active: list[int], u: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """``next_batch``'s picks and scatter in two compiled passes: the same components asked for the
@@ -462,6 +515,50 @@ class Mix:
         if got == n:
             return pages, writes
         return pages[:got], writes[:got]
+
+
+_DRAWN_KINDS = (ZipfWorkload, DbWorkload, AnonHotWorkload)     # exactly these types: a subclass may draw otherwise
+
+_draws_checked: bool | None = None
+
+
+def draws_as_numpy() -> bool:
+    """Does ``mix_draw`` draw exactly what numpy's Generator draws here? Checked once per process.
+
+    It calls the bit generators itself (numpy's public bitgen interface), so
+    it repeats what ``random()`` and ``integers()`` do with their draws. A
+    numpy whose ``integers`` drew otherwise would change every count; on a
+    mismatch the batches stay numpy's. (The fork server checks before it forks.)
+    """
+    global _draws_checked
+    if _draws_checked is None:
+        _draws_checked = False
+        got = _sample_batches(True)
+        _draws_checked = got == _sample_batches(False)
+    return _draws_checked
+
+
+def _sample_batches(drawn: bool) -> list[bytes]:
+    """A few batches of db + anon-hot mixes (ranges of one, a few and many pages; one generator shared by the
+    mix and its components, or not), by ``mix_draw`` or by numpy, and where the generators were left."""
+    out = []
+    for seed, ws, frac, shared in ((1, 256, 0.3, False), (2, 3, 0.0, True), (3, 1, 0.5, False),
+                                   (4, 70_000, 1.0, True)):
+        rng = np.random.default_rng(seed)
+        mix = Mix([DbWorkload(0, 300, rng), AnonHotWorkload(300, 70_000, rng, ws_pages=ws, write_frac=frac)],
+                  [2.0, 1.0], rng if shared else np.random.default_rng(seed + 10))
+        mix.compiled = drawn
+        for n in (1, 7, 500, 1024):
+            if drawn:
+                specs = mix._draw_specs([0, 1])
+                if specs is None:      # (the install did not build mix_draw)
+                    return []
+                p, w = mix._next_drawn([0, 1], specs, n)
+            else:
+                p, w = mix.next_batch(n)
+            out += [p.tobytes(), w.tobytes()]
+        out.append(repr(rng.bit_generator.state).encode() + repr(mix.rng.bit_generator.state).encode())
+    return out
 
 
 WORKLOADS = {
