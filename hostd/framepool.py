@@ -280,21 +280,14 @@ class FramePool:
         """
         grants = self._grants
         g = None if grants is None else grants.get(owner_guest)
+        stack, top = (self._free_stack, self._n_free) if g is None else (g.stack, g.n)
+        if top < n:
+            return False
+        alloc_run(stack, top, n, self.kind, self.owner_guest, self.owner_index, self.token, self.pinned, int(kind),
+                  owner_guest, first, src_token, src_pinned, out_loc, out_state, state_value)
         if g is None:
-            top = self._n_free
-            if top < n:
-                return False
-            alloc_run(self._free_stack, top, n, self.kind, self.owner_guest, self.owner_index, self.token,
-                      self.pinned, int(kind), owner_guest, first, src_token, src_pinned, out_loc, out_state,
-                      state_value)
             self._n_free = top - n
         else:
-            top = g.n
-            if top < n:
-                return False
-            alloc_run(g.stack, top, n, self.kind, self.owner_guest, self.owner_index, self.token,
-                      self.pinned, int(kind), owner_guest, first, src_token, src_pinned, out_loc, out_state,
-                      state_value)
             g.n = top - n
             g.taken += n
             self._n_granted -= n
