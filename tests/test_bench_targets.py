@@ -71,3 +71,35 @@ def test_traces_targets_take_the_speed_ratios_not_the_miss_ratios(tmp_path: Path
     monkeypatch.setattr(bt.subprocess, "run", lambda *a, **k: Done())
     (t,) = bt.traces_targets(tmp_path)
     assert t.value == pytest.approx(0.6) and t.met is True and "sort, esc" in t.shown
+
+
+def test_rounds_take_each_ratio_within_its_round_and_show_the_median(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """The machine drifts between rounds: a ratio pairs the anchor with the run right after it, never across."""
+    walls = iter([(8.0, 0.25), (16.0, 0.125), (10.0, 0.25)])     # (our wall, the anchor's vs/ws), per round
+
+    def fake_ioamp(argv: list[str]) -> int:
+        ours, anchor_vs = next(walls)
+        Path(argv[argv.index("--json") + 1]).write_text(json.dumps({
+            "total_wall_s": ours, "variants": {"a": {"virtual_s": 8.0}}, "anchor_vs_per_ws": anchor_vs,
+            "host_cpu_us_per_request": 40.0 + ours, "echo_server_cpu_us_per_round_trip": 25.0}))
+        return 0
+    monkeypatch.setattr(bt, "_run", fake_ioamp)
+    vs, cpu = bt.ioamp_targets(tmp_path, Path("/anchor"), rounds=3)
+    assert vs.value == pytest.approx(4.0)          # rounds 4.0, 4.0, 3.2: the median, not 8/11.3 / mean anchor
+    assert "median 4.00x over 3 rounds (4.00, 4.00, 3.20)" in vs.shown and vs.met is False
+    assert cpu.value == pytest.approx(50.0 / 25.0)
+
+    scale_walls = iter([(5.0, 40.0), (10.0, 60.0), (4.0, 44.0)])
+
+    def fake_scale(argv: list[str]) -> int:
+        here, there = next(scale_walls)
+        guests = [int(g) for g in argv[argv.index("--guests") + 1].split(",")]
+        Path(argv[argv.index("--json") + 1]).write_text(json.dumps({
+            "rows": [_row(g, here if g == 64 else 20.0, 9.0) for g in guests], "anchor": {"64": _row(64, there, 24.0)}}))
+        return 0
+    monkeypatch.setattr(bt, "_run", fake_scale)
+    got = {t.what: t for t in bt.scale_targets(tmp_path, Path("/anchor"), "64,256", rounds=3)}
+    speed = got["scale, 64 guests, 100 ticks: speed vs the anchor"]
+    assert speed.value == pytest.approx(8.0) and "(8.00, 6.00, 11.00)" in speed.shown
+    assert got["256 guests run 100 ticks, nothing lost"].met is True     # the curve is run once, in round 1
