@@ -9,8 +9,9 @@
  * A disk cache miss loads a whole cluster (16 pages by default): 16 frames
  * taken off a free list and 16 entries of the frame pool's and the disk's
  * books written. alloc_run does that in one call, taking the frames in the
- * order 16 FramePool.alloc_one calls would; release_run clears a dropped
- * cluster's frames the way FramePool.free_ones does.
+ * order 16 FramePool.alloc_one calls would; take_clusters takes a dropped
+ * cluster's frames out of the disk's books and release_run clears them the
+ * way FramePool.free_ones does.
  *
  * Plain C over the buffer protocol, like guestd/_paging.c. The Python side
  * (hostd/memparts/bits.py, hostd/wss.py, hostd/framepool.py) checks sizes
@@ -248,6 +249,63 @@ done:
     return result;
 }
 
+/* take_clusters(clusters, cp, state, loc, cluster_dirty, cluster_cached, frame_state, not_cached, no_loc, out)
+ * -> n: a drop of clean clusters from a disk's books. Every block of each cluster (in the order given,
+ * blocks ascending) that holds a frame gives it up: its frame goes to out (in that order), the block
+ * becomes not_cached with no_loc, and the cluster counts no cached block. A dirty cluster (or one outside
+ * the disk) changes nothing and raises. The caller frees out[:n]. */
+static PyObject *mod_take_clusters(PyObject *self, PyObject *args) {
+    PyObject *o[6];
+    Py_ssize_t cp;
+    int frame_state, not_cached;
+    long long no_loc;
+    if (!PyArg_ParseTuple(args, "OnOOOOiiLO", &o[0], &cp, &o[1], &o[2], &o[3], &o[4], &frame_state, &not_cached,
+                          &no_loc, &o[5])) return NULL;
+    static const Py_ssize_t size[6] = {8, 1, 8, 8, 8, 8};
+    static const int writable[6] = {0, 1, 1, 0, 1, 1};
+    static const char *names[6] = {"clusters", "state", "loc", "cluster_dirty", "cluster_cached", "out"};
+    Py_buffer b[6];
+    int got = 0;
+    PyObject *result = NULL;
+    for (; got < 6; got++)
+        if (get_buf(o[got], &b[got], size[got], writable[got], names[got]) < 0) goto done;
+    Py_ssize_t k = b[0].len / 8, n_blocks = b[1].len, n_clusters = b[3].len / 8;
+    if (cp < 1 || b[2].len / 8 != n_blocks || b[4].len / 8 != n_clusters || b[5].len / 8 < k * cp) {
+        PyErr_SetString(PyExc_ValueError, "take_clusters: the disk's arrays or out do not fit");
+        goto done;
+    }
+    const int64_t *cl = b[0].buf, *cdirty = b[3].buf;
+    for (Py_ssize_t i = 0; i < k; i++) {
+        if (cl[i] < 0 || cl[i] >= n_clusters) {
+            PyErr_Format(PyExc_ValueError, "take_clusters: cluster %lld outside the disk's %zd", (long long)cl[i],
+                         n_clusters);
+            goto done;
+        }
+        if (cdirty[cl[i]]) {
+            PyErr_SetString(PyExc_ValueError, "dropping a dirty cache page");
+            goto done;
+        }
+    }
+    uint8_t *state = b[1].buf;
+    int64_t *loc = b[2].buf, *cached = b[4].buf, *out = b[5].buf;
+    Py_ssize_t n = 0;
+    for (Py_ssize_t i = 0; i < k; i++) {
+        Py_ssize_t b0 = (Py_ssize_t)cl[i] * cp, b1 = b0 + cp < n_blocks ? b0 + cp : n_blocks;
+        for (Py_ssize_t blk = b0; blk < b1; blk++) {
+            if (state[blk] == (uint8_t)frame_state) {
+                out[n++] = loc[blk];
+                state[blk] = (uint8_t)not_cached;
+                loc[blk] = no_loc;
+            }
+        }
+        cached[cl[i]] = 0;
+    }
+    result = PyLong_FromSsize_t(n);
+done:
+    while (got-- > 0) PyBuffer_Release(&b[got]);
+    return result;
+}
+
 static PyMethodDef books_functions[] = {
     {"or_backed", mod_or_backed, METH_VARARGS,
      "or_backed(packed, state uint8, frame_state, loc int64, target bool) -> bits set: target[loc[g]] = 1 for "
@@ -261,6 +319,9 @@ static PyMethodDef books_functions[] = {
     {"release_run", mod_release_run, METH_VARARGS,
      "release_run(frames int64, owner, kind, owner_guest, owner_index, token, accessed, dirty, pinned, busy, "
      "counts): free frames held by owner, clearing what they held"},
+    {"take_clusters", mod_take_clusters, METH_VARARGS,
+     "take_clusters(clusters int64, cp, state, loc, cluster_dirty, cluster_cached, frame_state, not_cached, "
+     "no_loc, out int64) -> n: the frames of clean clusters dropped from a disk's books, into out"},
     {NULL, NULL, 0, NULL}};
 
 static struct PyModuleDef books_module = {

@@ -354,12 +354,12 @@ class FramePool:
         self._free_stack_mv[self._n_free] = frame
         self._n_free += 1
 
-    def free_run(self, frames: list[int], owner: int) -> None:
+    def free_run(self, frames: np.ndarray | list[int], owner: int) -> None:
         """``free_ones`` of frames all held by guest ``owner`` (a dropped cluster's), in one compiled pass.
 
         The same frames end on the same list in the same order.
         """
-        arr = np.array(frames, np.int64)
+        arr = np.ascontiguousarray(frames, np.int64)
         try:
             release_run(arr, owner, self.kind, self.owner_guest, self.owner_index, self.token, self.accessed,
                         self.dirty, self.pinned, self.busy, self._kind_frames)

@@ -61,6 +61,7 @@ from balloonlab.proto.costs import CostModel
 
 from .devices import Device, DeviceProfile, device_profile
 from .errors import BadBatch, InvariantViolation, OutOfRange
+from ._books import take_clusters
 from .framepool import FrameKind, FramePool
 from .p2m import NO_LOC, as_page_numbers, unique_pages
 
@@ -431,34 +432,18 @@ class VirtualDisk:
         return cand, self.cluster_stamp_us[cand], self.cluster_cached[cand]
 
     def _drop_few(self, clusters: list[int]) -> int:
-        """``_drop_clusters`` of a few clean clusters, in scalars: the same frames freed in the same order."""
-        cp, dirty, state, loc, cached = self.cluster_pages, self._v_cdirty, self._v_state, self._v_loc, \
-            self._v_cached
-        for c in clusters:
-            if dirty[c]:
-                raise InvariantViolation(f"vdisk {self.guest_id}: dropping a dirty cache page")
-        frames: list[int] = []
-        if cp == 1:
-            for b in clusters:      # a cluster is its block
-                if state[b] == _FRAME:
-                    frames.append(loc[b])
-                    state[b] = _NOT_CACHED
-                    loc[b] = NO_LOC
-                cached[b] = 0
+        """``_drop_clusters`` of a few clean clusters in one compiled pass: the same frames freed in the same
+        order (the clusters in the order given, each one's blocks ascending)."""
+        out = np.empty(len(clusters) * self.cluster_pages, np.int64)
+        try:
+            n = take_clusters(np.array(clusters, np.int64), self.cluster_pages, self.cache_state, self.cache_loc,
+                              self.cluster_dirty, self.cluster_cached, _FRAME, _NOT_CACHED, NO_LOC, out)
+        except ValueError as exc:
+            raise InvariantViolation(f"vdisk {self.guest_id}: {exc}") from None
+        if n > _FEW_FRAMES_SCALAR:
+            self.pool.free_run(out[:n], self.guest_id)   # the same frames, order and lists as free_ones
         else:
-            for c in clusters:
-                b0 = c * cp
-                for b in range(b0, min(b0 + cp, self.n_blocks)):
-                    if state[b] == _FRAME:
-                        frames.append(loc[b])
-                        state[b] = _NOT_CACHED
-                        loc[b] = NO_LOC
-                cached[c] = 0
-        if len(frames) > _FEW_FRAMES_SCALAR:
-            self.pool.free_run(frames, self.guest_id)   # the same frames, order and lists as free_ones
-        else:
-            self.pool.free_ones(frames)     # in the order found, as one free_one each
-        n = len(frames)
+            self.pool.free_ones(out[:n].tolist())     # in the order found, as one free_one each
         self.cached_pages -= n
         self.counters.dropped_clean_pages += n
         return n

@@ -94,3 +94,23 @@ def test_release_run_clears_the_frames_and_moves_the_counts_or_changes_nothing()
         with pytest.raises((ValueError, IndexError), match=match):
             release_run(np.array(frames, np.int64), owner_id, *pool)
         assert all(np.array_equal(a, b) for a, b in zip(pool, before)), "a refused run changed the books"
+
+
+def test_take_clusters_gives_up_their_frames_in_order_or_changes_nothing() -> None:
+    from balloonlab.hostd._books import take_clusters
+    cp, frame, not_cached, no_loc = 4, 1, 0, -1
+    state = np.array([1, 1, 0, 1, 1, 1, 1, 1, 1, 0], np.uint8)     # 10 blocks: clusters of 4, the last of 2
+    loc = np.array([10, 11, -1, 13, 14, 15, 16, 17, 18, -1], np.int64)
+    cdirty, cached = np.zeros(3, np.int64), np.array([3, 4, 1], np.int64)
+    out = np.full(12, -7, np.int64)
+    n = take_clusters(np.array([2, 0], np.int64), cp, state, loc, cdirty, cached, frame, not_cached, no_loc, out)
+    assert n == 4 and out[:n].tolist() == [18, 10, 11, 13]         # the clusters as given, blocks ascending
+    assert state.tolist() == [0, 0, 0, 0, 1, 1, 1, 1, 0, 0] and cached.tolist() == [0, 4, 0]
+    assert loc[[0, 1, 3, 8]].tolist() == [-1, -1, -1, -1]
+    cdirty[1] = 2
+    before = (state.copy(), loc.copy(), cached.copy())
+    with pytest.raises(ValueError, match="dirty"):
+        take_clusters(np.array([1], np.int64), cp, state, loc, cdirty, cached, frame, not_cached, no_loc, out)
+    with pytest.raises(ValueError, match="outside"):
+        take_clusters(np.array([3], np.int64), cp, state, loc, cdirty, cached, frame, not_cached, no_loc, out)
+    assert all(np.array_equal(a, b) for a, b in zip((state, loc, cached), before))
