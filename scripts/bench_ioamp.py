@@ -93,21 +93,35 @@ class _CpuSampler:
 
     def __init__(self, run_dir: Path) -> None:
         self.run_dir = str(run_dir)
-        self.cpu_s: dict[int, tuple[str, float]] = {}    # pid -> (role, its CPU seconds when last read)
+        # pid -> (role, its CPU seconds when last read, its start time): the start time tells a pid the
+        # machine gave to another process (pid_max is 32768 here, and a run forks many) from ours
+        self.cpu_s: dict[int, tuple[str, float, int]] = {}
+        self.gone: list[tuple[str, float]] = []          # (role, CPU seconds) of processes that ended
         self._others: set[int] = set()
         self.done = threading.Event()
         self.thread = threading.Thread(target=self._loop, daemon=True)
 
     def _read(self, pid: int, role: str) -> None:
         try:
+            start = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
             ns = int(Path(f"/proc/{pid}/schedstat").read_text().split()[0])
         except (OSError, IndexError, ValueError):
-            return   # gone: its last read stands
-        self.cpu_s[pid] = (role, ns / 1e9)
+            start, ns = -1, -1
+        known = self.cpu_s.get(pid)
+        if known is not None and start != known[2]:
+            # Ended (its last read stands), or ended and its pid went to a new process: the new one
+            # is classified afresh by the next scan, never added to this one's CPU.
+            self.gone.append(known[:2])
+            del self.cpu_s[pid]
+            return
+        if ns >= 0:
+            self.cpu_s[pid] = (role, ns / 1e9, start)
 
     def _scan(self) -> None:
-        for entry in os.listdir("/proc"):
-            if not entry.isdigit() or int(entry) in self._others:
+        entries = [e for e in os.listdir("/proc") if e.isdigit()]
+        self._others.intersection_update(int(e) for e in entries)   # a pid gone may come back as one of ours
+        for entry in entries:
+            if int(entry) in self._others:
                 continue
             pid = int(entry)
             if pid in self.cpu_s:
@@ -134,14 +148,15 @@ class _CpuSampler:
                 self._scan()
                 next_scan = now + self.SCAN_S
             else:
-                for pid, (role, _) in list(self.cpu_s.items()):
+                for pid, (role, _, _) in list(self.cpu_s.items()):
                     if role == "host":
                         self._read(pid, role)
             self.done.wait(self.HOST_READ_S)
         self._scan()   # whoever is still there at the end
 
     def total(self, role: str) -> float:
-        return sum(cpu for r, cpu in self.cpu_s.values() if r == role)
+        return (sum(cpu for r, cpu, _ in self.cpu_s.values() if r == role)
+                + sum(cpu for r, cpu in self.gone if r == role))
 
 
 def _echo_server_cpu_us(iterations: int) -> float | None:
