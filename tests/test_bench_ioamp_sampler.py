@@ -25,9 +25,11 @@ def test_a_reused_pid_ends_the_process_we_knew_and_adds_nothing_of_the_new_one(t
 def test_a_process_that_ended_keeps_its_last_read(tmp_path: Path) -> None:
     s = _CpuSampler(tmp_path)
     # it runs until its stdin closes: alive for the first read, gone for the second
-    proc = subprocess.Popen([sys.executable, "-c", "import sys; sum(range(10**6)); sys.stdin.read()"],
-                            stdin=subprocess.PIPE)
+    proc = subprocess.Popen([sys.executable, "-c",
+                             "import sys; sum(range(10**6)); print('ready', flush=True); sys.stdin.read()"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     pid = proc.pid
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
     s._read(pid, "host")
     first = s.cpu_s[pid][1]
     assert first > 0.0
