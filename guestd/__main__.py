@@ -43,7 +43,7 @@ def yield_to_host() -> None:
     the woken guest may preempt the host on its own CPU in the middle of
     its loop, so the other guests' replies wait behind it. A batch task
     never preempts on wake-up; it runs when a CPU is free. Counts do not
-    depend on scheduling, only wall time does (README, "Benchmarks").
+    depend on scheduling, only wall time does (README, "Guests yield to the host").
     """
     want = os.environ.get(GUEST_SCHED_ENV, "batch")
     if want == "normal" or not hasattr(os, "SCHED_BATCH"):
