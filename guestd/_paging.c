@@ -1168,6 +1168,25 @@ static inline int64_t upper_bound(const double *cdf, int64_t m, double u) {
     return lo;
 }
 
+/* Mix's component of a draw u: the first CDF entry above u (m: past the last entry, which numpy would not
+ * index: the callers refuse it) */
+static inline int64_t mix_part(const double *cdf, int64_t m, double u) {
+    int64_t j = 0;
+    while (j < m && cdf[j] <= u) j++;
+    return j;
+}
+
+/* the zipf page rank of a draw x in [0, 1): the guide table's bucket (answer[K], int16/32/64 by isz; < 0 where
+ * a bucket holds a CDF entry, then searchsorted), capped at the last of ``pages`` ranks */
+static inline int64_t zipf_rank(const void *answer, int64_t isz, double k, const double *cdf, int64_t m,
+                                int64_t pages, double x) {
+    int64_t b = (int64_t)(x * k), r;
+    r = isz == 2 ? ((const int16_t *)answer)[b] : isz == 4 ? ((const int32_t *)answer)[b]
+                                                           : ((const int64_t *)answer)[b];
+    if (r < 0) r = upper_bound(cdf, m, x);
+    return r > pages - 1 ? pages - 1 : r;
+}
+
 /* mix_pick(u float64[n], cdf float64[m], pick uint8[n] out, counts int64[m] out): Mix's component of each
  * reference, cdf.searchsorted(u, side="right") over a CDF of a few entries (its last is 1 > every u) */
 static PyObject *mod_mix_pick(PyObject *self, PyObject *args) {
@@ -1190,8 +1209,7 @@ static PyObject *mod_mix_pick(PyObject *self, PyObject *args) {
         int64_t *N = (int64_t *)counts.buf;
         memset(N, 0, (size_t)m * 8);
         for (int64_t i = 0; i < n; i++) {
-            int64_t j = 0;
-            while (j < m && C[j] <= U[i]) j++;
+            int64_t j = mix_part(C, m, U[i]);
             if (j >= m) {   /* past the last entry: no component of that number (numpy would index past it) */
                 PyErr_Format(PyExc_ValueError, "paging: mix_pick draw %g is not below the CDF's end", U[i]);
                 goto done;
@@ -1309,12 +1327,7 @@ static PyObject *mod_zipf_pages(PyObject *self, PyObject *args) {
                 PyErr_Format(PyExc_ValueError, "paging: zipf_pages draw %g outside [0, 1)", x);
                 goto done;
             }
-            int64_t b = (int64_t)(x * k), r;
-            r = isz == 2 ? ((const int16_t *)ans.buf)[b] : isz == 4 ? ((const int32_t *)ans.buf)[b]
-                                                                     : ((const int64_t *)ans.buf)[b];
-            if (r < 0) r = upper_bound(C, m, x);
-            if (r > pages - 1) r = pages - 1;
-            O[i] = R[r];
+            O[i] = R[zipf_rank(ans.buf, isz, k, C, m, pages, x)];
         }
         ret = Py_None;
         Py_INCREF(ret);
@@ -1471,13 +1484,7 @@ static int draw_part(PyObject *spec, int64_t k, uint64_t *P, uint8_t *W) {
             const double *C = (const double *)cdf.buf, kk = (double)K;
             const uint64_t *R = (const uint64_t *)rank.buf;
             for (int64_t i = 0; i < k; i++) {      /* as zipf_pages over rng.random(k) */
-                double x = g->next_double(g->state);
-                int64_t b = (int64_t)(x * kk), r;
-                r = isz == 2 ? ((const int16_t *)ans.buf)[b] : isz == 4 ? ((const int32_t *)ans.buf)[b]
-                                                                         : ((const int64_t *)ans.buf)[b];
-                if (r < 0) r = upper_bound(C, m, x);
-                if (r > pages - 1) r = pages - 1;
-                P[i] = R[r];
+                P[i] = R[zipf_rank(ans.buf, isz, kk, C, m, pages, g->next_double(g->state))];
             }
         }
         PyBuffer_Release(&ans); PyBuffer_Release(&cdf); PyBuffer_Release(&rank);
@@ -1543,8 +1550,7 @@ static PyObject *mod_mix_draw(PyObject *self, PyObject *args) {
         memset(counts, 0, sizeof(counts));
         for (int64_t i = 0; i < n; i++) {     /* as mix_pick over rng.random(n) */
             double u = mg->next_double(mg->state);
-            int64_t j = 0;
-            while (j < m && C[j] <= u) j++;
+            int64_t j = mix_part(C, m, u);
             if (j >= m) {
                 PyErr_Format(PyExc_ValueError, "paging: mix_draw draw %g is not below the CDF's end", u);
                 goto done;

@@ -31,6 +31,19 @@ static int get_buf(PyObject *obj, Py_buffer *view, Py_ssize_t itemsize, int writ
     return 0;
 }
 
+/* get_buf of objs[0..n) into views[0..n) (item sizes, writability and names from the tables); on failure
+ * releases what it took and returns -1 */
+static int get_bufs(PyObject **objs, Py_buffer *views, int n, const Py_ssize_t *size, const int *writable,
+                    const char **names) {
+    for (int i = 0; i < n; i++) {
+        if (get_buf(objs[i], &views[i], size[i], writable[i], names[i]) < 0) {
+            while (i-- > 0) PyBuffer_Release(&views[i]);
+            return -1;
+        }
+    }
+    return 0;
+}
+
 /* or_backed(packed, state, frame_state, loc, target) -> int */
 static PyObject *mod_or_backed(PyObject *self, PyObject *args) {
     PyObject *o_packed, *o_state, *o_loc, *o_target;
@@ -131,10 +144,9 @@ static PyObject *mod_alloc_run(PyObject *self, PyObject *args) {
     static const char *names[10] = {"stack", "kind", "owner_guest", "owner_index", "token", "pinned",
                                     "src_token", "src_pinned", "out_loc", "out_state"};
     Py_buffer b[10];
-    int got = 0;
+    if (get_bufs(o, b, 10, size, writable, names) < 0) return NULL;
+    int got = 10;
     PyObject *result = NULL;
-    for (; got < 10; got++)
-        if (get_buf(o[got], &b[got], size[got], writable[got], names[got]) < 0) goto done;
     Py_ssize_t n_frames = b[1].len, n_src = b[6].len / 8;
     if (b[2].len / 4 != n_frames || b[3].len / 8 != n_frames || b[4].len / 8 != n_frames || b[5].len != n_frames
         || b[7].len != n_src || b[8].len / 8 != n_src || b[9].len != n_src) {
@@ -192,10 +204,9 @@ static PyObject *mod_release_run(PyObject *self, PyObject *args) {
     static const char *names[10] = {"frames", "kind", "owner_guest", "owner_index", "token", "accessed", "dirty",
                                     "pinned", "busy", "counts"};
     Py_buffer b[10];
-    int got = 0;
+    if (get_bufs(o, b, 10, size, writable, names) < 0) return NULL;
+    int got = 10;
     PyObject *result = NULL;
-    for (; got < 10; got++)
-        if (get_buf(o[got], &b[got], size[got], writable[got], names[got]) < 0) goto done;
     Py_ssize_t n_frames = b[1].len, count = b[0].len / 8, n_kinds = b[9].len / 8;
     for (int k = 2; k <= 8; k++) {
         if (b[k].len / size[k] != n_frames) {
@@ -265,10 +276,9 @@ static PyObject *mod_take_clusters(PyObject *self, PyObject *args) {
     static const int writable[6] = {0, 1, 1, 0, 1, 1};
     static const char *names[6] = {"clusters", "state", "loc", "cluster_dirty", "cluster_cached", "out"};
     Py_buffer b[6];
-    int got = 0;
+    if (get_bufs(o, b, 6, size, writable, names) < 0) return NULL;
+    int got = 6;
     PyObject *result = NULL;
-    for (; got < 6; got++)
-        if (get_buf(o[got], &b[got], size[got], writable[got], names[got]) < 0) goto done;
     Py_ssize_t k = b[0].len / 8, n_blocks = b[1].len, n_clusters = b[3].len / 8;
     if (cp < 1 || b[2].len / 8 != n_blocks || b[4].len / 8 != n_clusters || b[5].len / 8 < k * cp) {
         PyErr_SetString(PyExc_ValueError, "take_clusters: the disk's arrays or out do not fit");
