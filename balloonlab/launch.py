@@ -4,7 +4,7 @@
                       [--duration SECONDS | --ticks N] [--variant NAME] [--set KEY=VALUE ...]
                       [--run-dir DIR [--force]] [--transport unix|tcp] [--address ADDR]
                       [--external-guests IDS|all [--join-timeout S]] [--expect-guests-lost IDS]
-                      [--dashboard [--dashboard-port PORT]] [--format png|svg|pdf[,...]]
+                      [--dashboard [--dashboard-port PORT]] [--pace RATE] [--format png|svg|pdf[,...]]
                       [--guest-start fork|exec]
 
     balloonlab-host [same options]     every guest external: start a host, print how to join
@@ -134,6 +134,9 @@ def parse_args(argv: list[str] | None, prog: str = "balloonlab-launch") -> argpa
                     help="the report's figure format(s), comma-separated (default png)")
     ap.add_argument("--dashboard", action="store_true",
                     help="serve a live dashboard on 127.0.0.1 and print its URL (balloonlab-dashboard replays it)")
+    ap.add_argument("--pace", type=float, metavar="RATE",
+                    help="at most RATE virtual seconds per wall second, to watch a run live (e.g. 1: real time; "
+                         "same as --set scenario.pace=RATE; the counts do not depend on it)")
     ap.add_argument("--dashboard-port", type=int, default=0, metavar="PORT", help="the dashboard's port (default: a free one)")
     ap.add_argument("--schema", action="store_true",
                     help="print the scenario file's JSON Schema (for editors: completion, checks) and exit")
@@ -151,6 +154,8 @@ def parse_args(argv: list[str] | None, prog: str = "balloonlab-launch") -> argpa
         ap.error(f"--format: {exc}")
     if not 0 <= args.dashboard_port <= 65535:
         ap.error(f"--dashboard-port must be in 0..65535, got {args.dashboard_port}")
+    if args.pace is not None and not args.pace > 0:
+        ap.error(f"--pace must be > 0 virtual seconds per wall second, got {args.pace:g}")
     if not args.join_timeout > 0:
         ap.error(f"--join-timeout must be > 0, got {args.join_timeout}")
     if args.address is not None:
@@ -188,7 +193,8 @@ def _main(argv: list[str] | None = None, prog: str = "balloonlab-launch") -> int
     try:
         from balloonlab.overrides import normalize, parse_setting
         from balloonlab.scenario import Overrides
-        settings = normalize([parse_setting(s) for s in args.settings])
+        settings = normalize([parse_setting(s) for s in args.settings]
+                             + ([("scenario.pace", args.pace)] if args.pace is not None else []))
         path, scenario = prepare(args.scenario, Overrides(guests=args.guests, seed=args.seed,
                                                           duration_s=args.duration, ticks=args.ticks,
                                                           variant=args.variant, settings=settings))

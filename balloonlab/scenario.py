@@ -82,6 +82,7 @@ class Scenario:
             "locks": merged.get("locks", {}), "monitors": merged.get("monitors", {}),
             "metrics_every_ticks": sc.metrics_every_ticks, "watchdog_s": sc.watchdog_s,
             "unresponsive_s": sc.unresponsive_s, "connect_timeout_s": sc.connect_timeout_s,
+            "pace": sc.pace,
         }
         return out
 

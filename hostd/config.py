@@ -36,6 +36,7 @@ class RunConfig:
     watchdog_s: float = 10.0            # report a tick that takes longer than this
     unresponsive_s: float = 30.0        # then take the silent guests out of the barrier
     connect_timeout_s: float = 120.0    # wait this long for all guests to say hello
+    pace: float = 0.0                   # at most this many virtual s per wall s; 0: unpaced
     host: dict[str, Any] = field(default_factory=dict)
     balloon: dict[str, Any] = field(default_factory=dict)
     costs: dict[str, Any] = field(default_factory=dict)
@@ -69,11 +70,13 @@ class RunConfig:
             raise ConfigError(f"run config: duplicate guest ids in {ids}")
         opt: dict[str, Any] = {}
         for key, typ in (("tick_us", int), ("metrics_every_ticks", int), ("watchdog_s", float),
-                         ("unresponsive_s", float), ("connect_timeout_s", float), ("host", dict),
+                         ("unresponsive_s", float), ("connect_timeout_s", float), ("pace", float), ("host", dict),
                          ("balloon", dict), ("costs", dict), ("disk", dict), ("locks", dict),
                          ("monitors", dict)):
             if key in raw:
                 opt[key] = need(key, typ)
+        if opt.get("pace", 0.0) < 0:
+            raise ConfigError(f"run config: pace must be >= 0, got {opt['pace']!r}")
         return cls(run_id=need("run_id", str), scenario=need("scenario", str), variant=need("variant", str),
                    seed=need("seed", int), ticks=need("ticks", int), guests=tuple(guests), **opt)
 

@@ -233,8 +233,11 @@ class Host:
 
     async def _tick_loop(self) -> str:
         cfg = self.cfg
+        wall0 = asyncio.get_running_loop().time()
         for tick in range(cfg.ticks):
             self.tick = tick  # ticks completed so far, as run_finished reports them when the run stops here
+            if cfg.pace > 0:
+                await self._pace(wall0 + tick * cfg.tick_us / 1e6 / cfg.pace)
             if self._stop_reason is not None:
                 return self._stop_reason
             if not self.sessions:
@@ -248,6 +251,16 @@ class Host:
             self._progress(tick + 1)
         self.tick = cfg.ticks
         return self._stop_reason or "completed"
+
+    async def _pace(self, due: float) -> None:
+        """Holds the next tick until wall time ``due``, or a stop: only when ticks start, never what they do."""
+        assert self._stop_event is not None
+        left = due - asyncio.get_running_loop().time()
+        if left > 0:
+            try:
+                await asyncio.wait_for(self._stop_event.wait(), left)
+            except asyncio.TimeoutError:
+                pass
 
     async def _run_one_tick(self, tick: int) -> None:
         loop = asyncio.get_running_loop()

@@ -1,7 +1,7 @@
 """The dashboard in a real browser: headless Chromium on a live run, then on its replay.
 
 A short run whose balloons step up every few ticks is launched with
-``--dashboard``; Chromium opens the URL the launcher prints as soon as it is
+``--dashboard`` and ``--pace`` (else it can be over before the page has drawn it); Chromium opens the URL the launcher prints as soon as it is
 printed. A MutationObserver (installed by the test, not the page) records
 what the page shows at each change, so the test sees every tick the page
 drew even on a loaded machine. Then the page's last tick is checked against
@@ -66,6 +66,10 @@ params = { start_tick = 6, step_ticks = 9, step_fraction = 0.05, max_fraction = 
 [costs]
 mem_ref_us = 10.0
 """
+
+# 1.5 virtual s at 0.3 virtual s per wall s: the run lasts 5 wall s or more however fast this machine runs it,
+# so the page, polled every 0.25 s, has ticks to follow while it is live.
+PACE = 0.3
 
 # Records, at every change of the page, what it shows: status, tick, guest 0's balloon bar, the events listed.
 OBSERVE = """
@@ -153,7 +157,7 @@ async def test_a_live_run_and_its_replay_in_headless_chromium(tmp_path: Path) ->
             # --- live: the page opens while the run starts, and follows it -----------------------
             launcher = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "balloonlab.launch", "--scenario", str(scenario), "--run-dir", str(run_dir),
-                "--dashboard", "--no-report", cwd=REPO, env=_env(), stdin=asyncio.subprocess.DEVNULL,
+                "--dashboard", "--no-report", "--pace", str(PACE), cwd=REPO, env=_env(), stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE, start_new_session=True)
             assert launcher.stderr is not None
             url = await _read_url(launcher.stderr, "dashboard at", 30, err)

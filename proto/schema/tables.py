@@ -68,6 +68,9 @@ class ScenarioTable(Table):
     unresponsive_s: Annotated[float, Meta(
         description="wall seconds before silent guests leave the tick barrier", gt=0)] = 30.0
     connect_timeout_s: Annotated[float, Meta(description="wall seconds to wait for every guest's hello", gt=0)] = 120.0
+    pace: Annotated[float, Meta(
+        description="at most this many virtual seconds per wall second, to watch a run live (0: as fast as it "
+                    "runs); the counts do not depend on it", ge=0)] = 0.0
     expect_deadlock: Annotated[bool, Meta(
         description="the run is meant to end on a deadlock (lock-model scenarios)")] = False
     expect_guests_lost: Annotated[list[Annotated[int, Meta(ge=0)]], Meta(
