@@ -10,12 +10,22 @@ invariant checker. Refused requests are counted per reason and logged.
 Call order (from the server)::
 
     guest_joined -> (tick_done | guest_silent | guest_back)* -> guest_gone
-    each tick: tick_started(tick, vt_us) -> [the guests run] -> await end_tick(tick, vt_us)
-    at the end: final_metrics()
+    each tick: tick_started(tick, vt_us) -> [the guests run] -> observe = await end_tick(tick, vt_us)
+               -> [TickStart(tick + 1) sent] -> observe()      (before the next tick_started)
+    at the end: observe() if the last boundary left one -> final_metrics()
+
+``end_tick`` does the boundary's work that must finish before the guests
+run again (reclaim with shootdowns, balloon targets); it returns the rest,
+which only reads the boundary's state or changes the host's own books
+(the invariant sample, the snapshot, the monitors, the tick's log line). The
+server sends the next TickStart first and calls it then, without yielding
+to the loop in between: no request of the next tick is read before it has
+run, so it sees the state it would have seen before the TickStart went
+out, while the guests already compute on the other core.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import structlog
 
@@ -166,10 +176,11 @@ class Machine:
         self.mem.open_tick(vt_us + self.cfg.tick_us if bounded else None)
         self.discipline.tick_started(tick, vt_us, self.mem)
 
-    async def end_tick(self, tick: int, vt_us: int) -> None:
+    async def end_tick(self, tick: int, vt_us: int) -> Callable[[], None] | None:
+        """The boundary's work the guests wait for; returns the observations (see the module docstring)."""
         mem = self.mem
         if not await self.discipline.finish_tick():
-            return
+            return None
         mem.tick(vt_us)
         await self.silent.reclaim(mem, vt_us, self.shootdowns.pending_pages)
         if mem.sharing is not None and (mem.states is None or may_share(mem.states.state)):
@@ -181,6 +192,10 @@ class Machine:
         self.monitors.close_wss_tick()      # the controllers read this tick's estimate
         self._set_targets(tick, vt_us)
         await self.discipline.balance(mem, vt_us)
+        return lambda: self._observe(tick, vt_us)
+
+    def _observe(self, tick: int, vt_us: int) -> None:
+        """The boundary's invariant sample, snapshot, monitors and log line: synchronous, never awaits."""
         self.invariant.tick(tick)
         logged = (tick + 1) % self.cfg.metrics_every_ticks == 0 or tick + 1 == self.cfg.ticks
         snap = self._snapshot(per_guest=logged)   # the per-guest rows only for the log (the monitors read memory)

@@ -42,7 +42,7 @@ import json
 import os
 import signal
 import time
-from typing import IO, Any
+from typing import IO, Any, Callable
 
 import structlog
 
@@ -234,23 +234,33 @@ class Host:
     async def _tick_loop(self) -> str:
         cfg = self.cfg
         wall0 = asyncio.get_running_loop().time()
-        for tick in range(cfg.ticks):
-            self.tick = tick  # ticks completed so far, as run_finished reports them when the run stops here
-            if cfg.pace > 0:
-                await self._pace(wall0 + tick * cfg.tick_us / 1e6 / cfg.pace)
-            if self._stop_reason is not None:
-                return self._stop_reason
-            if not self.sessions:
-                return "all guests gone"
-            self.vt_us = tick * cfg.tick_us
-            structlog.contextvars.bind_contextvars(tick=tick, vt_us=self.vt_us)
-            self.machine.tick_started(tick, self.vt_us)
-            await self._run_one_tick(tick)
-            self.vt_us = (tick + 1) * cfg.tick_us
-            await self.machine.end_tick(tick, self.vt_us)
-            self._progress(tick + 1)
-        self.tick = cfg.ticks
-        return self._stop_reason or "completed"
+        observe: Callable[[], None] | None = None     # the last boundary's observations (Machine.end_tick)
+        try:
+            for tick in range(cfg.ticks):
+                self.tick = tick  # ticks completed so far, as run_finished reports them when the run stops here
+                if cfg.pace > 0:
+                    # the wait yields to the loop: what it lets in (a late TickDone, a hello) must not reach
+                    # the observations, so they run first
+                    observe = _run(observe)
+                    await self._pace(wall0 + tick * cfg.tick_us / 1e6 / cfg.pace)
+                if self._stop_reason is not None:
+                    return self._stop_reason
+                if not self.sessions:
+                    return "all guests gone"
+                vt_us = tick * cfg.tick_us
+                self._send_tick_start(tick, vt_us)
+                observe = _run(observe)    # no yield since end_tick: the guests' next requests are not read yet
+                self.vt_us = vt_us
+                structlog.contextvars.bind_contextvars(tick=tick, vt_us=vt_us)
+                self.machine.tick_started(tick, vt_us)
+                await self._wait_tick(tick)
+                self.vt_us = (tick + 1) * cfg.tick_us
+                observe = await self.machine.end_tick(tick, self.vt_us)
+                self._progress(tick + 1)
+            self.tick = cfg.ticks
+            return self._stop_reason or "completed"
+        finally:
+            _run(observe)
 
     async def _pace(self, due: float) -> None:
         """Holds the next tick until wall time ``due``, or a stop: only when ticks start, never what they do."""
@@ -262,11 +272,11 @@ class Host:
             except asyncio.TimeoutError:
                 pass
 
-    async def _run_one_tick(self, tick: int) -> None:
+    def _send_tick_start(self, tick: int, vt_us: int) -> None:
         loop = asyncio.get_running_loop()
         self._barrier = {gid for gid, s in self.sessions.items() if not s.unresponsive}
         self._barrier_done = loop.create_future()
-        msg = TickStart(tick, float(self.vt_us), self.cfg.tick_us)
+        msg = TickStart(tick, float(vt_us), self.cfg.tick_us)
         # An unresponsive guest gets no ticks: a stopped one would find a
         # backlog of stale ticks when it wakes. It rejoins by answering.
         for gid in sorted(self._barrier):
@@ -274,10 +284,13 @@ class Host:
                 self.sessions[gid].conn.notify(msg)
             except PeerClosed:
                 self._barrier.discard(gid)
+
+    async def _wait_tick(self, tick: int) -> None:
         self.pause.reached("tick_started", tick=tick)
         if not self._barrier:
             return
         # The watchdog reports a slow tick and takes silent guests out of the barrier.
+        assert self._barrier_done is not None
         await self.core.watchdog.watch(tick, self._barrier, self._barrier_done)
 
     async def _end_run(self, reason: str) -> None:
@@ -503,3 +516,9 @@ class Host:
             except (BrokenPipeError, ValueError):
                 self.progress_out = None  # the launcher is gone; keep running to a clean end
 
+
+def _run(observe: Callable[[], None] | None) -> None:
+    """Run a boundary's pending observations (if any); returns None, the nothing-pending value."""
+    if observe is not None:
+        observe()
+    return None
