@@ -68,6 +68,8 @@ _PR_SET_PDEATHSIG = 1
 def _preload() -> None:
     import importlib
     import pkgutil
+    from balloonlab.proto.plainlog import import_structlog
+    import_structlog()
     for name in PRELOAD:
         importlib.import_module(name)
     # Every module of the guest, not only those the entry point imports at the top: the ones it

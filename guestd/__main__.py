@@ -77,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
         print("guestd: no credential: set BALLOONLAB_TOKEN or pass --token-file (the launcher writes one per "
               "guest under RUN_DIR/credentials/)", file=sys.stderr)
         return 2
+    from balloonlab.proto.plainlog import import_structlog
+    import_structlog()
     from balloonlab.proto.errors import ConfigError
     from balloonlab.proto.logconf import configure_logging
     from balloonlab.proto.transport import parse_address

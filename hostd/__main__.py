@@ -27,9 +27,13 @@ import sys
 from pathlib import Path
 from typing import IO
 
-from balloonlab.proto.errors import ConfigError
-from balloonlab.proto.logconf import configure_logging
-from balloonlab.proto.transport import parse_address
+from balloonlab.proto.plainlog import import_structlog
+
+import_structlog()   # before anything below imports it
+
+from balloonlab.proto.errors import ConfigError  # noqa: E402
+from balloonlab.proto.logconf import configure_logging  # noqa: E402
+from balloonlab.proto.transport import parse_address  # noqa: E402
 
 ARGS_ON_STDIN = "--args-on-stdin"
 # What main() imports once it has its arguments (its run and the event loop). numpy.ma: numpy
