@@ -248,10 +248,14 @@ class Host:
                 if not self.sessions:
                     return "all guests gone"
                 vt_us = tick * cfg.tick_us
-                self._send_tick_start(tick, vt_us)
-                observe = _run(observe)    # no yield since end_tick: the guests' next requests are not read yet
-                self.vt_us = vt_us
                 structlog.contextvars.bind_contextvars(tick=tick, vt_us=vt_us)
+                self._send_tick_start(tick, vt_us)
+                if observe is not None:
+                    # no yield since end_tick: the guests' next requests are not read yet; logged as the
+                    # tick they observe
+                    with structlog.contextvars.bound_contextvars(tick=tick - 1, vt_us=(tick - 1) * cfg.tick_us):
+                        observe = _run(observe)
+                self.vt_us = vt_us
                 self.machine.tick_started(tick, vt_us)
                 await self._wait_tick(tick)
                 self.vt_us = (tick + 1) * cfg.tick_us
