@@ -158,10 +158,13 @@ class HostCache:
             return
         total = sum(disks[g].cached_pages for g in ids)
         headroom = max(0, self.cfg.max_pages - total)
-        weights = np.array([disks[g].fill_pages_tick + 1 for g in ids], np.int64)
-        share = headroom * weights // int(weights.sum())
-        share[: headroom - int(share.sum())] += 1      # the remainder, to the lowest ids
-        for gid, extra in zip(ids, share.tolist()):
+        # plain ints: a handful of guests, at every boundary
+        weights = [disks[g].fill_pages_tick + 1 for g in ids]
+        total_weight = sum(weights)
+        share = [headroom * w // total_weight for w in weights]
+        for i in range(headroom - sum(share)):        # the remainder (fewer than the guests), to the lowest ids
+            share[i] += 1
+        for gid, extra in zip(ids, share):
             vd = disks[gid]
             self.set_limits(vd, vd.cached_pages + extra)
             vd.fill_pages_tick = 0

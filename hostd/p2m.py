@@ -15,6 +15,7 @@ from enum import IntEnum
 
 import numpy as np
 
+from ._books import count_codes
 from .errors import BadBatch, DuplicatePages, OutOfRange
 
 __all__ = ["PageState", "P2M", "NO_LOC", "N_STATE_CODES", "VALID_STATE", "as_page_numbers", "one_page_number", "one_token"]
@@ -130,7 +131,9 @@ class P2M:
         return int(np.count_nonzero(self.state == state))
 
     def counts(self) -> dict[str, int]:
-        c = np.bincount(self.state, minlength=N_STATE_CODES).tolist()
+        out = np.empty(N_STATE_CODES, np.int64)
+        count_codes(self.state, out)     # np.bincount(self.state, minlength=N_STATE_CODES), without its copy
+        c = out.tolist()
         return {key: c[code] for key, code in _COUNT_KEYS}
 
     def in_state(self, state: PageState) -> np.ndarray:

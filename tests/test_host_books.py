@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from balloonlab.hostd._books import alloc_run, gather_or, or_backed
+from balloonlab.hostd._books import alloc_run, count_codes, gather_or, or_backed
 
 FRAME = 1
 
@@ -114,3 +114,25 @@ def test_take_clusters_gives_up_their_frames_in_order_or_changes_nothing() -> No
     with pytest.raises(ValueError, match="outside"):
         take_clusters(np.array([3], np.int64), cp, state, loc, cdirty, cached, frame, not_cached, no_loc, out)
     assert all(np.array_equal(a, b) for a, b in zip((state, loc, cached), before))
+
+
+@pytest.mark.parametrize("pages", [0, 1, 3, 4, 5, 4099])
+@pytest.mark.parametrize("seed", [1, 2])
+def test_count_codes_counts_what_bincount_counts(pages: int, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    codes = rng.integers(0, 7, pages).astype(np.uint8)
+    codes[: pages // 3] = 4                       # a run of one code too
+    out = np.full(9, -1, np.int64)
+    count_codes(codes, out)
+    assert out.tolist() == np.bincount(codes, minlength=9).tolist()
+
+
+def test_count_codes_refuses_a_code_out_has_no_place_for_and_a_wrong_item_size() -> None:
+    out = np.full(3, -1, np.int64)
+    with pytest.raises(ValueError, match="code 5 found"):
+        count_codes(np.array([0, 5, 1], np.uint8), out)
+    assert out.tolist() == [-1, -1, -1]          # left as it was
+    with pytest.raises(TypeError, match="codes: expected items of 1 bytes"):
+        count_codes(np.array([0, 1], np.int64), out)
+    with pytest.raises(TypeError, match="out: expected items of 8 bytes"):
+        count_codes(np.array([0, 1], np.uint8), np.zeros(3, np.int32))
