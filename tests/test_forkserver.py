@@ -78,8 +78,9 @@ def test_a_forked_guest_is_a_real_process_stopped_and_killed_as_before(tmp_path:
     """
     run_dir = tmp_path / "run"
     ticks = 300
+    # paced (3 wall s at least): the processes are looked at while the run is live
     run = Launched("--scenario", TINY, "--ticks", str(ticks), "--run-dir", str(run_dir), "--no-report",
-                   "--guest-start", "fork")
+                   "--guest-start", "fork", "--pace", "1")
     try:
         wait_until(lambda: host_tick(run_dir) >= 9 and guest_pid(run_dir, 2), 60.0, what="tick 10 in host.jsonl")
         server = _forkserver_pid(run_dir)

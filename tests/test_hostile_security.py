@@ -76,8 +76,9 @@ def test_private_socket_and_no_token_anywhere(tmp_path: Path) -> None:
     # (Over TCP the host binds to loopback: test_faults_host.py runs over TCP and checks that, and the token.)
     transport = "unix"
     run_dir = tmp_path / "run"
+    # paced (2.4 wall s at least): the processes are looked at while the run is live
     run = Launched("--scenario", "tests-tiny", "--ticks", "120", "--transport", transport, "--run-dir",
-                   str(run_dir), "--no-report")
+                   str(run_dir), "--no-report", "--pace", "0.5")
     try:
         seen = _watch_run(run, run_dir)
         rc = run.wait(120.0)

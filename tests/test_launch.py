@@ -171,7 +171,8 @@ def test_killed_guest_leaves_host_and_others_running(tmp_path: Path) -> None:
     """
     run_dir = tmp_path / "run"
     ticks = 300
-    run = Launched("--scenario", TINY, "--ticks", str(ticks), "--run-dir", str(run_dir), "--no-report")
+    # paced (3 wall s at least): unpaced, 300 of these ticks can be over before the kill lands
+    run = Launched("--scenario", TINY, "--ticks", str(ticks), "--run-dir", str(run_dir), "--no-report", "--pace", "1")
     try:
         wait_until(lambda: host_tick(run_dir) >= 9 and guest_pid(run_dir, 2), 60.0, what="tick 10 in host.jsonl")
         pid = guest_pid(run_dir, 2)
