@@ -233,16 +233,19 @@ class Host:
 
     async def _tick_loop(self) -> str:
         cfg = self.cfg
-        wall0 = asyncio.get_running_loop().time()
+        loop = asyncio.get_running_loop()
+        started = loop.time()         # when the last tick started (pace)
         observe: Callable[[], None] | None = None     # the last boundary's observations (Machine.end_tick)
         try:
             for tick in range(cfg.ticks):
                 self.tick = tick  # ticks completed so far, as run_finished reports them when the run stops here
-                if cfg.pace > 0:
+                if cfg.pace > 0 and tick > 0:
                     # the wait yields to the loop: what it lets in (a late TickDone, a hello) must not reach
-                    # the observations, so they run first
+                    # the observations, so they run first; a paced run is watched, so its log goes out now
                     observe = _run(observe)
-                    await self._pace(wall0 + tick * cfg.tick_us / 1e6 / cfg.pace)
+                    flush_log()
+                    await self._pace(started + cfg.tick_us / 1e6 / cfg.pace)
+                    started = loop.time()
                 if self._stop_reason is not None:
                     return self._stop_reason
                 if not self.sessions:
@@ -267,7 +270,8 @@ class Host:
             _run(observe)
 
     async def _pace(self, due: float) -> None:
-        """Holds the next tick until wall time ``due``, or a stop: only when ticks start, never what they do."""
+        """Holds the next tick until wall time ``due`` (a tick's length at the pace after the last one started,
+        so a stall is not made up for), or a stop: only when ticks start, never what they do."""
         assert self._stop_event is not None
         left = due - asyncio.get_running_loop().time()
         if left > 0:

@@ -44,6 +44,9 @@ tick_us = {TICK_US}
 metrics_every_ticks = 10
 watchdog_s = 0.5
 unresponsive_s = 1.0
+# 2 virtual s per wall s at most, and the host's log written out at each tick: the test sees the stuck
+# declaration and unfreezes the guest long before another 5 virtual s could declare it stuck again
+pace = 2.0
 
 [host]
 overcommit = 1.5
