@@ -241,9 +241,8 @@ class Host:
                 self.tick = tick  # ticks completed so far, as run_finished reports them when the run stops here
                 if cfg.pace > 0 and tick > 0:
                     # the wait yields to the loop: what it lets in (a late TickDone, a hello) must not reach
-                    # the observations, so they run first; a paced run is watched, so its log goes out now
+                    # the observations, so they run first
                     observe = _run(observe)
-                    flush_log()
                     await self._pace(started + cfg.tick_us / 1e6 / cfg.pace)
                     started = loop.time()
                 if self._stop_reason is not None:

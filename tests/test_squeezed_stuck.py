@@ -44,8 +44,8 @@ tick_us = {TICK_US}
 metrics_every_ticks = 10
 watchdog_s = 0.5
 unresponsive_s = 1.0
-# 2 virtual s per wall s at most, and the host's log written out at each tick: the test sees the stuck
-# declaration and unfreezes the guest long before another 5 virtual s could declare it stuck again
+# 2 virtual s per wall s at most: the test sees the stuck declaration (it re-reads a log that grows by
+# every decision) and unfreezes the guest long before another 5 virtual s could declare it stuck again
 pace = 2.0
 
 [host]
