@@ -134,10 +134,10 @@ def parse_args(argv: list[str] | None, prog: str = "balloonlab-launch") -> argpa
                     help="the report's figure format(s), comma-separated (default png)")
     ap.add_argument("--dashboard", action="store_true",
                     help="serve a live dashboard on 127.0.0.1 and print its URL (balloonlab-dashboard replays it)")
+    ap.add_argument("--dashboard-port", type=int, default=0, metavar="PORT", help="the dashboard's port (default: a free one)")
     ap.add_argument("--pace", type=float, metavar="RATE",
                     help="at most RATE virtual seconds per wall second, to watch a run live (e.g. 1: real time; "
                          "same as --set scenario.pace=RATE; the counts do not depend on it)")
-    ap.add_argument("--dashboard-port", type=int, default=0, metavar="PORT", help="the dashboard's port (default: a free one)")
     ap.add_argument("--schema", action="store_true",
                     help="print the scenario file's JSON Schema (for editors: completion, checks) and exit")
     args = ap.parse_args(argv)
