@@ -100,6 +100,7 @@ class Message:
     _NAMES: ClassVar[tuple[str, ...]]
     _PAGE_FIELDS: ClassVar[tuple[str, ...]]
     _OPTIONAL: ClassVar[frozenset[str]]
+    _DEFAULTS: ClassVar[dict[str, Any]]
     __slots__ = ()
 
     def to_body(self) -> dict[str, Any]:
@@ -109,7 +110,11 @@ class Message:
         """The body of this message, field by field (each class's compiled ``to_body`` must give the same)."""
         out = {}
         for name in self._NAMES:
-            out[name] = getattr(self, name)
+            value = getattr(self, name)
+            # An optional field (added to the protocol later) is left out while it has its default, so
+            # a peer that predates it never sees it.
+            if name not in self._OPTIONAL or value != self._DEFAULTS[name]:
+                out[name] = value
         for name in self._PAGE_FIELDS:
             out[name] = pages_to_bytes(out[name])
         return out
@@ -249,32 +254,66 @@ def _compile(cls: type, spec: dict[str, str]) -> None:
         "_frombuffer": np.frombuffer, "_asarray": np.asarray, "_ndarray": np.ndarray, "_U64": _U64,
         "_INF": _INF, "_MAX_PAGE_BYTES": _MAX_PAGE_BYTES,
     }
-    decode = ["def from_body(body):",
-              f"    if type(body) is not dict or len(body) != {len(names)}:",
-              "        return _slow(body)"]
-    for i, (name, kind) in enumerate(spec.items()):
+    defaults = {f.name: f.default for f in fields(cls) if f.default is not MISSING}
+    required = len(names) - len(defaults)
+
+    def lookup(i: int, name: str, indent: str) -> list[str]:
+        return [f"{indent}try:", f"{indent}    v{i} = body[{name!r}]",
+                f"{indent}except KeyError:",   # one missing and another unknown: the slow path says which
+                f"{indent}    return _slow(body)"]
+
+    def check(i: int, name: str, kind: str, indent: str) -> list[str]:
         v = f"v{i}"
+        if kind == _PAGES:
+            return [f"{indent}if type({v}) is bytes and not len({v}) % 8 and len({v}) <= _MAX_PAGE_BYTES:",
+                    f"{indent}    {v} = _frombuffer({v}, _U64)",
+                    f"{indent}else:",
+                    f"{indent}    {v} = _check{i}(_NAME, {name!r}, {v})"]
+        if kind in _PASSES:
+            return [f"{indent}if not ({_PASSES[kind].format(v=v)}):", f"{indent}    {v} = _check{i}(_NAME, {name!r}, {v})"]
+        return [f"{indent}{v} = _check{i}(_NAME, {name!r}, {v})"]
+
+    for i, (name, kind) in enumerate(spec.items()):
         env[f"_set{i}"] = cls.__dict__[name].__set__
         env[f"_check{i}"] = _CHECKERS[kind]
-        decode += ["    try:",
-                   f"        {v} = body[{name!r}]",
-                   "    except KeyError:",   # one missing and another unknown: the slow path says which
-                   "        return _slow(body)"]
-        if kind == _PAGES:
-            decode += [f"    if type({v}) is bytes and not len({v}) % 8 and len({v}) <= _MAX_PAGE_BYTES:",
-                       f"        {v} = _frombuffer({v}, _U64)",
-                       "    else:",
-                       f"        {v} = _check{i}(_NAME, {name!r}, {v})"]
-        elif kind in _PASSES:
-            decode += [f"    if not ({_PASSES[kind].format(v=v)}):",
-                       f"        {v} = _check{i}(_NAME, {name!r}, {v})"]
-        else:
-            decode += [f"    {v} = _check{i}(_NAME, {name!r}, {v})"]
+        if name in defaults:
+            env[f"_default{name}"] = defaults[name]
+    # Every field given: each looked up and checked in turn (_from_body_general's fast path).
+    full = []
+    for i, (name, kind) in enumerate(spec.items()):
+        full += lookup(i, name, "    " * (2 if defaults else 1)) + check(i, name, kind, "    " * (2 if defaults else 1))
+    if not defaults:
+        decode = ["def from_body(body):",
+                  f"    if type(body) is not dict or len(body) != {len(names)}:",
+                  "        return _slow(body)"] + full
+    else:
+        # Optional fields left out (Message.to_body omits them at their default): the slow path's order,
+        # an unknown key first, then each field in turn.
+        part = [f"        found = {required}"]
+        checks: list[str] = []
+        for i, (name, kind) in enumerate(spec.items()):
+            if name in defaults:
+                part += ["        try:", f"            v{i} = body[{name!r}]", "            found += 1",
+                         "        except KeyError:", f"            v{i} = _default{name}", f"            given{i} = False",
+                         "        else:", f"            given{i} = True"]
+                checks += [f"        if given{i}:"] + check(i, name, kind, "            ")
+            else:
+                part += lookup(i, name, "        ")
+                checks += check(i, name, kind, "        ")
+        decode = ["def from_body(body):",
+                  "    if type(body) is not dict:",
+                  "        return _slow(body)",
+                  f"    if len(body) == {len(names)}:"] + full + [
+                  f"    elif {required} <= len(body) < {len(names)}:"] + part + [
+                  "        if found != len(body):", "            return _slow(body)"] + checks + [
+                  "    else:", "        return _slow(body)"]
     decode += ["    self = _new(_cls)"] + [f"    _set{i}(self, v{i})" for i in range(len(names))] + ["    return self"]
 
     encode = ["def to_body(self):"]
     items = []
     for i, (name, kind) in enumerate(spec.items()):
+        if name in defaults:
+            continue
         if kind == _PAGES:   # pages_to_bytes, without its asarray for the usual u64 array
             encode += [f"    v{i} = self.{name}",
                        f"    if type(v{i}) is not _ndarray or v{i}.dtype is not _U64:",
@@ -282,7 +321,10 @@ def _compile(cls: type, spec: dict[str, str]) -> None:
             items.append(f"{name!r}: v{i}.tobytes()")
         else:
             items.append(f"{name!r}: self.{name}")
-    encode.append("    return {" + ", ".join(items) + "}")
+    encode.append("    body = {" + ", ".join(items) + "}")
+    for name in defaults:   # optional fields carry no pages (asserted in _message)
+        encode += [f"    if self.{name} != _default{name}:", f"        body[{name!r}] = self.{name}"]
+    encode.append("    return body")
 
     params = []
     for i, f in enumerate(fields(cls)):
@@ -320,6 +362,8 @@ def _message(msg_type: MsgType | None, **spec: str):
         cls._NAMES = tuple(spec)
         cls._PAGE_FIELDS = tuple(name for name, kind in spec.items() if kind == _PAGES)
         cls._OPTIONAL = frozenset(f.name for f in fields(cls) if f.default is not MISSING)
+        cls._DEFAULTS = {f.name: f.default for f in fields(cls) if f.default is not MISSING}
+        assert not any(spec[name] == _PAGES for name in cls._OPTIONAL), cls.__name__
         if msg_type is not None:
             cls.TYPE = msg_type
         _compile(cls, spec)
@@ -464,16 +508,24 @@ class FreeReportReply(Message):
 
 # --- virtual disk -----------------------------------------------------------
 
-@_message(MsgType.DISK_READ, blocks=_PAGES, vt_us=_NUM)
+@_message(MsgType.DISK_READ, blocks=_PAGES, vt_us=_NUM, chain=_BIN)
 class DiskRead(Message):
+    """Read ``blocks``. ``chain`` (one block only; only to a host whose Welcome config offers ``read_chain``):
+    the reads that certainly follow this one, as a program of clock steps and checks the host runs to
+    serve them too (proto/README.md, "Read chains"); empty: none."""
     blocks: np.ndarray
     vt_us: float
+    chain: bytes = b""
 
 
-@_message(MsgType.DISK_READ, tokens=_PAGES, done_vt_us=_NUM)
+@_message(MsgType.DISK_READ, tokens=_PAGES, done_vt_us=_NUM, chain_vt_us=_BIN)
 class DiskReadReply(Message):
+    """The content token of each block, in order. With ``chain``: one more token per chained read served,
+    ``done_vt_us`` is the last read's completion, and ``chain_vt_us`` (float64 little-endian) holds the
+    first read's completion, then each chained read's start and completion; empty: no chained read."""
     tokens: np.ndarray
     done_vt_us: float
+    chain_vt_us: bytes = b""
 
 
 @_message(MsgType.DISK_WRITE, blocks=_PAGES, tokens=_PAGES, vt_us=_NUM)

@@ -131,7 +131,26 @@ def test_a_field_added_later_may_be_omitted_and_takes_its_default() -> None:
     with pytest.raises(BadField, match="expected bin"):
         m.EptFault.from_body(old | {"fresh": [1]})
     assert m.InvalidateReply.from_body({"tokens": m.pages_to_bytes([9])}).labels == b""
-    assert all(not c._OPTIONAL for c in ALL_CLASSES if c not in (m.EptFault, m.InvalidateReply))
+    assert m.DiskRead._OPTIONAL == {"chain"} and m.DiskReadReply._OPTIONAL == {"chain_vt_us"}
+    later = (m.EptFault, m.InvalidateReply, m.DiskRead, m.DiskReadReply)
+    assert all(not c._OPTIONAL for c in ALL_CLASSES if c not in later)
+
+
+def test_an_optional_field_at_its_default_is_left_out() -> None:
+    """So a peer that predates the field never sees it; the fast decoder still takes either form,
+    and an unknown key in the place of the omitted one is still named."""
+    read = m.DiskRead(np.array([7], np.uint64), 2.0)
+    for body in (read.to_body(), read._to_body_general()):
+        assert set(body) == {"blocks", "vt_us"}
+    chained = m.DiskRead(np.array([7], np.uint64), 2.0, b"\0" * 16)
+    assert chained.to_body() == chained._to_body_general() and chained.to_body()["chain"] == b"\0" * 16
+    assert m.DiskRead.from_body(chained.to_body()).chain == b"\0" * 16
+    assert m.DiskRead.from_body(read.to_body()).chain == b""
+    with pytest.raises(BadField, match="unknown field") as info:
+        m.DiskRead.from_body(read.to_body() | {"chian": b""})
+    assert info.value.field == "chian"
+    reply = m.DiskReadReply(np.array([1], np.uint64), 3.0)
+    assert set(reply.to_body()) == {"tokens", "done_vt_us"}
 
 
 @pytest.mark.parametrize("cls", ALL_CLASSES, ids=lambda c: c.__name__)
