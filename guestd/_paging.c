@@ -30,6 +30,7 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -1113,6 +1114,121 @@ static void Core_dealloc(Core *c) {
     Py_TYPE(c)->tp_free((PyObject *)c);
 }
 
+/* ------------------------------------------------------------------ read chains
+ *
+ * With a remote disk every file read is a round trip. Right after the core
+ * hands back a read (phase PH_READ_DONE), lookahead() works out what the
+ * batch will do once that read is done, as far as the result is certain
+ * whatever the read's completion time: hits, zero-filled first touches and
+ * further file reads into free frames that are backed and not shared. Only
+ * the clock depends on the completions, and the clock enters the core's
+ * decisions only through the deadline checks; so the program it returns
+ * carries each clock step and each check exactly as drive() makes them (the
+ * same double operations in the same order), and the host, which knows the
+ * completions, runs it (hostd/readchain.py): it serves each further read at
+ * the clock the core would have sent it at, and stops where a check fails.
+ * It stops before anything else (an eviction, an EPT fault or copy-on-write
+ * break, a soft-reclaimed page, a swap read, the batch's end), so the pages
+ * it reads ahead are exactly those the core would read one by one.
+ *
+ * Program: float64 [deadline (inf: none), mem_ref_us] then (op, value) pairs.
+ */
+enum { RC_WIN = 0, RC_CHECK = 1, RC_ADD = 2, RC_READ = 3 };
+
+typedef struct { double *v; Py_ssize_t n, cap; } RcBuf;
+
+static int rc_put(RcBuf *b, double op, double x) {
+    if (b->n + 2 > b->cap) {
+        Py_ssize_t cap = b->cap ? b->cap * 2 : 64;
+        double *v = (double *)realloc(b->v, (size_t)cap * sizeof(double));
+        if (v == NULL) { PyErr_NoMemory(); return -1; }
+        b->v = v;
+        b->cap = cap;
+    }
+    b->v[b->n++] = op;
+    b->v[b->n++] = x;
+    return 0;
+}
+
+static PyObject *Core_lookahead(Core *c, PyObject *args) {
+    long long max_reads;
+    if (!PyArg_ParseTuple(args, "L", &max_reads)) return NULL;
+    if (c->phase != PH_READ_DONE || c->disk_local || c->pkind == P_PY || max_reads < 1) Py_RETURN_NONE;
+    int64_t g0 = c->f_g;
+    if (!c->backed[g0] || c->wp[g0]) Py_RETURN_NONE;     /* the read's frame is backed (or broken) after it */
+    int64_t lim = max_reads < 4096 ? (int64_t)max_reads : 4096;
+    int64_t *spec_page = (int64_t *)malloc((size_t)(lim + 1) * 2 * sizeof(int64_t));
+    if (spec_page == NULL) return PyErr_NoMemory();
+    /* pages resident once the program has run (page, frame): the read's own first (its page table entry
+     * is written when the fault finishes) */
+    spec_page[0] = c->f_page;
+    spec_page[1] = g0;
+    int64_t n_spec = 1;
+    RcBuf b = {NULL, 0, 0};
+    Py_ssize_t keep = 0;        /* the program up to its last read */
+    int64_t reads = 0;
+    int64_t lo = c->ks[KS_FREE_LO] < 0 ? 0 : c->ks[KS_FREE_LO], nfree = c->ks[KS_N_FREE];
+    const int64_t *P = c->P;
+    const uint8_t *W = c->W;
+    int64_t n = c->n, i = c->i + 1;
+    int win = 0;
+    int err = rc_put(&b, c->has_deadline ? c->deadline : INFINITY, c->mem_ref_us) < 0
+              || rc_put(&b, RC_ADD, c->mem_ref_us) < 0;        /* the faulting reference itself */
+    while (!err && i < n && reads < lim) {
+        int64_t j = i, end = win == 0 ? i + 1 : (i + win < n ? i + win : n);
+        for (; j < end; j++) {
+            int64_t page = P[j], g = c->gpfn[page];
+            if (g < 0) {
+                for (int64_t k = 0; k < n_spec; k++)
+                    if (spec_page[2 * k] == page) { g = spec_page[2 * k + 1]; break; }
+            }
+            if (g < 0 || !c->backed[g] || (W[j] && c->wp[g])) break;
+        }
+        if (j > i && rc_put(&b, RC_WIN, (double)(j - i)) < 0) { err = 1; break; }
+        if (j == end) {
+            i = end;
+            win = win == 0 ? WIN_MIN : (win * 4 < WIN_MAX ? win * 4 : WIN_MAX);
+            continue;
+        }
+        /* a miss at j: what drive() does with it, if that does not depend on the clock */
+        i = j;
+        int64_t page = P[i];
+        if (c->gpfn[page] >= 0 || c->cached[page] >= 0 || nfree <= 0) break;
+        while (lo < c->n_frames && !c->free_mask[lo]) lo++;
+        if (lo >= c->n_frames) break;
+        int64_t g = lo++;
+        nfree--;
+        int ready = c->backed[g] && !c->wp[g];
+        if (rc_put(&b, RC_CHECK, 0.0) < 0) { err = 1; break; }
+        if (c->on_disk[page]) {
+            int64_t blk = c->block[page];
+            if (blk < 0 || blk >= c->swap_base) break;      /* a swap read may be a full overwrite (kernel.py) */
+            if (rc_put(&b, RC_READ, (double)blk) < 0) { err = 1; break; }
+            reads++;
+            keep = b.n;
+            if (!ready) break;          /* backed or broken after this read: the host stops here */
+        } else {
+            if (!ready) break;
+            if (rc_put(&b, RC_ADD, c->zero_fill_us) < 0) { err = 1; break; }
+        }
+        if (rc_put(&b, RC_ADD, c->mem_ref_us) < 0) { err = 1; break; }
+        spec_page[2 * n_spec] = page;
+        spec_page[2 * n_spec + 1] = g;
+        n_spec++;
+        if (n_spec > lim) break;
+        i++;
+        win = 0;
+    }
+    free(spec_page);
+    PyObject *out = NULL;
+    if (!err) {
+        if (reads == 0) { Py_INCREF(Py_None); out = Py_None; }
+        else out = PyBytes_FromStringAndSize((const char *)b.v, keep * (Py_ssize_t)sizeof(double));
+    }
+    free(b.v);
+    return out;
+}
+
 static PyMethodDef Core_methods[] = {
     {"start", (PyCFunction)Core_start, METH_VARARGS,
      "start(pages int64, writes bool, deadline_us float|None) -> (op, a, b): run a batch until done or an await"},
@@ -1123,6 +1239,8 @@ static PyMethodDef Core_methods[] = {
     {"resume_write", (PyCFunction)Core_resume_write, METH_VARARGS, "resume_write(done_vt_us)"},
     {"resume_oom", (PyCFunction)Core_resume_oom, METH_NOARGS, "resume_oom(): the OOM hook ran, try again"},
     {"abort", (PyCFunction)Core_abort, METH_NOARGS, "abort(): drop the batch in progress"},
+    {"lookahead", (PyCFunction)Core_lookahead, METH_VARARGS,
+     "lookahead(max_reads) -> bytes|None: after OP_READ, the read chain that certainly follows (see above)"},
     {"esc_rebuild", (PyCFunction)Core_esc_rebuild, METH_NOARGS, "esc_rebuild(): recompute ESC's (0,0) bitmap"},
     {NULL, NULL, 0, NULL}};
 

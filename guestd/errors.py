@@ -10,7 +10,7 @@ from typing import Iterable
 __all__ = [
     "GuestdError", "GuestConfigError", "UnknownPolicy", "UnknownWorkload",
     "PolicyNeedsTrace", "TraceFormatError", "BadPages", "BadFrames",
-    "OutOfMemory", "SwapExhausted", "BlockOutOfRange",
+    "OutOfMemory", "SwapExhausted", "BlockOutOfRange", "ReadChainDiverged",
 ]
 
 
@@ -84,3 +84,12 @@ class BlockOutOfRange(GuestdError, IndexError):
         self.block = block
         self.n_blocks = n_blocks
         super().__init__(f"block {block} outside the device's {n_blocks} blocks")
+
+
+class ReadChainDiverged(GuestdError, RuntimeError):
+    """The host answered chained reads the paging core then did not ask for, or asked for otherwise.
+
+    The chain is built so that this cannot happen (``hostd/readchain.py``);
+    if it does, the host served reads this guest would not have sent, and
+    the run stops rather than go on from a state no sequential run reaches.
+    """

@@ -60,7 +60,8 @@ from balloonlab.proto.costs import CostModel
 from balloonlab.proto.tokens import KEEP_TOKEN, LATER_TOKEN
 
 from .blockdev import BlockDevice, LocalBlockDevice
-from .errors import BadFrames, BadPages, BlockOutOfRange, GuestConfigError, OutOfMemory, SwapExhausted
+from .errors import (BadFrames, BadPages, BlockOutOfRange, GuestConfigError, OutOfMemory, ReadChainDiverged,
+                     SwapExhausted)
 from .hypervisor import Hypervisor, NullHypervisor
 from .kernel_config import KernelConfig
 from .kswapd import BG_PERIOD_US, Watermarks, watermarks
@@ -100,6 +101,7 @@ _KEEP = np.uint64(KEEP_TOKEN)
 _FULL_WRITE = 2     # write code of a write that stores the whole page (guestd.workload.FULL_WRITE)
 # what the compiled core hands back (guestd/_paging.c)
 _OP_DONE, _OP_EPT, _OP_READ, _OP_WRITE, _OP_NO_VICTIM, _OP_SWAP_FULL, _OP_BAD_BLOCK, _OP_COW = range(8)
+_RC_READ = 3.0      # a read in a read chain's program (_paging.c, hostd/readchain.py)
 _ANON = int(FrameKind.ANON)
 _FILE = int(FrameKind.FILE)
 _BALLOON = int(FrameKind.BALLOON)
@@ -242,6 +244,9 @@ class GuestKernel:
         self._reads_in_python = self._ra is not None
         self._next_bg_us = BG_PERIOD_US
         self._deadline_us = math.inf         # the running batch's deadline (the gate)
+        # file reads chained onto one remote read when they certainly follow it (the host's offer,
+        # ``enable_read_chain``); 0: one round trip per read
+        self.read_chain = 0
         # background requests are not the vCPU's stalls: the process layer pauses its PSI meter here
         self.bg_quiet: Callable[[], ContextManager[Any]] = contextlib.nullcontext
         self._gauges = np.zeros(_N_KINDS + 3, np.int64)   # stats(): frames per kind, backed, wp; soft-cached pages
@@ -454,9 +459,19 @@ class GuestKernel:
         core = self._core
         refs0 = self.counters.refs      # the reference a fault is for: refs0 + those completed since
         read_one: Any = False           # (looked up at the first read: most batches are all hits)
+        chained: list[tuple[int, float, float, int]] = []   # answered ahead: (block, start, done, token), last first
         try:
             op, a, b = core.start(np.ascontiguousarray(p), np.ascontiguousarray(w), deadline_us)
             while op != _OP_DONE:
+                if chained:
+                    if op != _OP_READ:
+                        raise self._diverged(chained, f"op {op}")
+                    if a != chained[-1][0] or self.vt_us != chained[-1][1] or not self._gate_open(self.vt_us):
+                        raise self._diverged(chained, f"a read of block {a} at {self.vt_us!r} µs")
+                    blk, start, done, tok = chained.pop()
+                    self.blockdev.link.took(start, done)
+                    op, a, b = core.resume_read(tok, done)
+                    continue
                 if op == _OP_EPT:
                     gs = self._ept_gs[:a].copy()
                     tokens, done = await self._ept_fault(gs)
@@ -484,7 +499,11 @@ class GuestKernel:
                     if read_one is False:
                         read_one = self._plain_read_one()
                     if read_one is not None:
-                        tok, done = await read_one(int(a), self.vt_us)
+                        prog = core.lookahead(self.read_chain) if self.read_chain else None
+                        if prog is not None:
+                            tok, done = await self._read_chain(int(a), prog, chained)
+                        else:
+                            tok, done = await read_one(int(a), self.vt_us)
                     else:
                         tok, done = await self._disk_read(int(a))
                     op, a, b = core.resume_read(tok, done)
@@ -503,10 +522,43 @@ class GuestKernel:
                     raise BlockOutOfRange(a, b)
                 else:  # pragma: no cover - the core returns only the ops above
                     raise RuntimeError(f"paging core returned unknown op {op}")
+            if chained:
+                raise self._diverged(chained, "the batch's end")
         except BaseException:
             core.abort()
             raise
         return int(a)
+
+    async def _read_chain(self, blk: int, prog: bytes, chained: list[tuple[int, float, float, int]]
+                          ) -> tuple[int, float]:
+        """The read with the reads the core says follow it (``_paging.c``, "read chains"): its own answer;
+        the chained ones go into ``chained``, last first."""
+        steps = np.frombuffer(prog, np.float64)[2:].reshape(-1, 2)
+        blocks = steps[steps[:, 0] == _RC_READ, 1].astype(np.int64).tolist()
+        tok, done, more = await self.blockdev.read_chain(blk, self.vt_us, prog, len(blocks))
+        chained.extend((blocks[k], *more[k]) for k in range(len(more) - 1, -1, -1))
+        return tok, done
+
+    def _gate_open(self, vt_us: float) -> bool:
+        """Whether the vCPU's link would send a request at ``vt_us`` now (not park it at the gate)."""
+        link = self.blockdev.link
+        return not link.gate_requests or link.gate.is_open(vt_us)
+
+    def _diverged(self, chained: list[tuple[int, float, float, int]], got: str) -> ReadChainDiverged:
+        blk, start, _, _ = chained[-1]
+        return ReadChainDiverged(f"read chain: the host answered a read of block {blk} at {start!r} µs "
+                                 f"({len(chained)} answered ahead), and the paging core came to {got}")
+
+    def enable_read_chain(self, max_reads: int) -> None:
+        """Chain up to ``max_reads`` file reads onto one read (the host offered it; ``hostd.readchain``).
+
+        Only with the compiled core, a compiled policy and a block device
+        that chains (the remote disk): elsewhere every read stays its own
+        request. The counts are the same either way.
+        """
+        if max_reads > 0 and self._core is not None and callable(getattr(self.blockdev, "read_chain", None)) \
+                and self._plain_read_one() is not None:
+            self.read_chain = int(max_reads)
 
     def _core_lost(self, page: int, gpfn: int, got: int, want: int, where: str) -> None:
         """The compiled core found a page with the wrong token (it counted and repaired it): log it."""

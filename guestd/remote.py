@@ -20,6 +20,7 @@ import numpy as np
 from balloonlab.proto.messages import (BalloonDeflate, BalloonInflate, BalloonReply, DiskRead, DiskReadReply, DiskWrite,
                             DiskWriteReply, EptFault, EptFaultReply, FreeReport, FreeReportReply,
                             MAX_PAGES_PER_MESSAGE)
+from balloonlab.proto.errors import ProtoError
 from balloonlab.proto.rpc import RpcConnection
 
 from .gate import VcpuGate
@@ -70,6 +71,11 @@ class VcpuLink:
             self.psi.stall(vt_us, done)
         return reply
 
+    def took(self, vt_us: float, done_us: float) -> None:
+        """A paging request at ``vt_us`` done at ``done_us`` whose answer came with another's (a read chain)."""
+        self.last_done_us = vt_us if vt_us > done_us else done_us
+        self.psi.stall(vt_us, done_us)
+
     def inflight_us(self, gate_us: float) -> float:
         """How far past ``gate_us`` the latest request completed (0: it completed before)."""
         return max(0.0, self.last_done_us - gate_us)
@@ -103,6 +109,31 @@ class RemoteBlockDevice:
         reply = await self.link.call(DiskRead(np.array([blk], _U64), vt), vt, stall=True)
         assert isinstance(reply, DiskReadReply)
         return int(reply.tokens[0]), float(reply.done_vt_us)
+
+    async def read_chain(self, blk: int, vt_us: float, chain: bytes,
+                         n_reads: int) -> tuple[int, float, list[tuple[float, float, int]]]:
+        """``read_one`` with the reads chained onto it (``hostd.readchain``; ``chain`` holds ``n_reads``):
+        its token and completion, and (start, completion, token) of each chained read the host served."""
+        vt = float(vt_us)
+        link = self.link
+        if link.gate_requests and not link.gate.is_open(vt):
+            await link.gate.admit(vt)
+        reply = await link.conn.call(DiskRead(np.array([blk], _U64), vt, chain))
+        assert isinstance(reply, DiskReadReply)
+        tokens = reply.tokens
+        if not reply.chain_vt_us:
+            done = float(reply.done_vt_us)
+            link.took(vt, done)
+            return int(tokens[0]), done, []
+        times = np.frombuffer(reply.chain_vt_us, "<f8")
+        m = len(tokens) - 1
+        if m < 1 or m > n_reads or times.size != 2 * m + 1 or times[-1] != reply.done_vt_us:
+            raise ProtoError(f"DiskReadReply: {len(tokens)} tokens and {times.size} chain times for a chain "
+                             f"of {n_reads} reads (want 1 + m tokens and 2m + 1 times, m <= {n_reads})")
+        done = float(times[0])
+        link.took(vt, done)
+        t = times.tolist()
+        return int(tokens[0]), done, [(t[2 * k + 1], t[2 * k + 2], int(tokens[k + 1])) for k in range(m)]
 
     async def write(self, blocks: np.ndarray, tokens: np.ndarray, vt_us: float) -> float:
         blocks, tokens = _u64(blocks), _u64(tokens)

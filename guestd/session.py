@@ -284,6 +284,9 @@ def build_guest(guest_id: int, config: dict[str, Any], conn: RpcConnection,
     if locks is not None:
         locks.attach(kernel)
     workload = build_workload(cfg.workload, cfg.kernel.layout, np.random.default_rng(workload_seed))
+    chain = config.get("read_chain", 0)
+    if locks is None and type(chain) is int and chain > 0:
+        kernel.enable_read_chain(chain)
     balloon = BalloonDriver(kernel, hyp)
     kernel.on_oom = balloon.deflate_on_oom
     kernel.bg_quiet = lambda: _psi_paused(psi)     # kswapd's and readahead's requests are no vCPU stall

@@ -32,6 +32,8 @@ from balloonlab.proto.messages import (BalloonDeflate, BalloonInflate, BalloonRe
 from balloonlab.proto import events as ev
 from balloonlab.proto.rpc import NotifyHandler, RequestHandler, RpcConnection
 
+from .readchain import check_program
+
 if TYPE_CHECKING:
     from .discipline import RequestDiscipline
     from .memory import HostMemory
@@ -79,10 +81,15 @@ def memory_requests(guest_id: int, mem: "HostMemory", shootdowns: "Shootdowns",
     # Most disk requests need no wait: answered at once, with no coroutine (the disciplines and the
     # connection take a reply or an awaitable of one).
     def disk_read(m: DiskRead) -> DiskReadReply | Coroutine[Any, Any, DiskReadReply]:
+        chain = m.chain
+        if chain:
+            check_program(guest_id, chain)
         got = mem.vdisk_read_now(guest_id, m.blocks, m.vt_us)
         if type(got) is tuple:
+            if chain and len(m.blocks) == 1:
+                return DiskReadReply(*mem.vdisk_read_chain(guest_id, got, m.vt_us, chain))
             return DiskReadReply(*got)
-        return _read_later(got)  # type: ignore[arg-type]
+        return _read_later(got)  # type: ignore[arg-type]   # it waited: no chain after it
 
     def disk_write(m: DiskWrite) -> DiskWriteReply | Coroutine[Any, Any, DiskWriteReply]:
         got = mem.vdisk_write_now(guest_id, m.blocks, m.tokens, m.vt_us)

@@ -90,6 +90,7 @@ from .framepool import FrameKind
 from .hostswap import PENDING_TOKEN
 from .invariant import check_full
 from .p2m import PageState, as_page_numbers, one_page_number, one_token
+from .readchain import run_chain
 from .memparts.bits import BitsAndPins
 from .memparts.books import _BALLOONED, _COMPRESSED, _FRAME, _SHARED, _SWAPPED, _ZERO, MemoryObserver, Shootdown, _Guest
 from .memparts.boundary import Boundary
@@ -570,6 +571,38 @@ class HostMemory(Guests, Boundary, Releases, BitsAndPins, Readout):
                 return self._vdisk_read_one_later(g, one, start_us)
             return vd.read_one_reply(one, start_us)
         return self._vdisk_read_many(g, one, blocks, vt_us)
+
+    def vdisk_read_chain(self, guest_id: int, first: tuple[np.ndarray, float], vt_us: float,
+                         chain: bytes) -> tuple[np.ndarray, float, bytes]:
+        """A one-block read served at once (``first``), then the reads chained onto it (``hostd.readchain``):
+        (tokens, done_vt_us of the last, chain_vt_us). Only reads that need not wait are chained."""
+        tokens0, done0 = first
+        gate = self.fault_gate_us
+        if gate is None or self.read_chain <= 0:
+            return tokens0, done0, b""
+        g = self._guest(guest_id)
+        vd, pool = g.vdisk, self.pool
+        if vd.mode == "none":
+            return tokens0, done0, b""
+
+        def read(blk: int, vt: float) -> tuple[int, float] | None:
+            if not 0 <= blk < vd.n_blocks:
+                return None
+            bound = vd.need_bound_one(blk)
+            if bound and pool.grant_left(guest_id) < bound:   # it might wait for room: not in a chain
+                return None
+            start_us, need = vd.fit_one(blk, vt)
+            if need and not self._room_ok(need, False, g):
+                raise InvariantViolation(f"guest {guest_id}: chained read of block {blk} needs {need} frames, "
+                                         f"more than its grant held ({bound} at most)")
+            tokens, done = vd.read_one_reply(blk, start_us)
+            return int(tokens[0]), float(done)
+
+        toks, times = run_chain(chain, vt_us, int(tokens0[0]), float(done0), self.read_chain, gate, read)
+        if len(toks) == 1:
+            return tokens0, done0, b""
+        vd.counters.chained_reads += len(toks) - 1
+        return np.array(toks, np.uint64), times[-1], np.array(times, np.float64).tobytes()
 
     async def _vdisk_read_one_later(self, g: _Guest, one: int, start_us: float) -> tuple[np.ndarray, float]:
         vd = g.vdisk

@@ -398,6 +398,8 @@ class Host:
         config = dict(spec.config)
         config.update(seed=self.cfg.seed, costs=self.cfg.costs, disk=self.cfg.disk, locks=self.cfg.locks,
                       ticks=self.cfg.ticks, metrics_every_ticks=self.cfg.metrics_every_ticks)
+        if self.core.mem.read_chain:   # offered only where the host serves chains (hostd.readchain)
+            config["read_chain"] = self.core.mem.read_chain
         # How this guest proves it is alive and judges whether we are (proto.liveness).
         config[LIVENESS_KEY] = {"heartbeat_s": self.heartbeat_s, "host_silent_s": self.host_silent_s}
         return Welcome(self.cfg.run_id, self.tick, float(self.vt_us), self.cfg.tick_us, config)

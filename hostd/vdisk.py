@@ -114,6 +114,7 @@ class VdiskCounters:
     backpressure_wait_us: float = 0.0
     swap_area_read_pages: int = 0    # pages read from / written to the guest's swap area, as the host
     swap_area_write_pages: int = 0   # sees them (``set_swap_area``); 0 until the area is known
+    chained_reads: int = 0           # reads served with an earlier one (hostd.readchain): round trips saved
 
 
 @dataclass(frozen=True, slots=True)
@@ -329,6 +330,16 @@ class VirtualDisk:
             return float(vt_us), n
         over += max(cp, allowance // 16)
         return self.release_clusters(over, vt_us, keep=block // cp, dirty_too=True), n
+
+    def need_bound_one(self, block: int) -> int:
+        """The most frames ``fit_one`` can ask for ``block`` (0: a hit), without changing anything."""
+        if self.mode == "none":
+            return 1
+        if self._v_state[block] != _NOT_CACHED:
+            return 0
+        cp = self.cluster_pages
+        b0 = block - block % cp
+        return min(b0 + cp, self.n_blocks) - b0
 
     def release_clusters(self, want_pages: int, vt_us: float, *, keep: np.ndarray | int | None = None,
                          dirty_too: bool = False) -> float:

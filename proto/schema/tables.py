@@ -136,6 +136,10 @@ class HostTable(Table):
     shootdown_timeout_s: Annotated[float, Meta(description="wall seconds a TLB shootdown may take", gt=0)] = 10.0
     uncooperative_ticks: Annotated[int, Meta(
         description="no balloon progress for this long: fall back to host swapping", ge=1)] = 50
+    read_chain: Annotated[int, Meta(
+        description="file reads a guest may chain onto one DiskRead when they certainly follow it "
+                    "(deterministic order only; 0: one round trip per read). The counts do not change",
+        ge=0, le=4096)] = 64
     request_order: Annotated[str, Meta(
         description="the order the host serves requests in: deterministic (default; same seed, same counts) | "
                     "arrival (one global pool; with [locks])")] | None = None

@@ -1,0 +1,205 @@
+"""Read chains: file reads the paging core knows will follow a read, served with it (hostd/readchain.py).
+
+The chain must change nothing but the number of round trips: the paging
+core with chains and without ends in the same state, array for array and
+clock for clock, through deadlines that cut batches mid-chain, evictions
+and every compiled policy; the host refuses a malformed program before it
+serves anything; and a real run with chains has the counts of one with
+``host.read_chain = 0``.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import pytest
+
+from balloonlab.guestd.errors import ReadChainDiverged
+from balloonlab.hostd.errors import BadBatch
+from balloonlab.hostd.readchain import ADD, CHECK, READ, WIN, check_program, run_chain
+from balloonlab.proto.costs import CostModel
+from tests.procs import run_launcher
+from tests.test_paging_engines import AwaitedDisk, assert_same, build, snapshot
+
+
+class ModelDisk(AwaitedDisk):
+    """A remote disk in process: each request answered after a suspension point by the disk model; with
+    ``chain`` > 0 it serves read chains as the host does (``run_chain`` over the same model)."""
+
+    def __init__(self, n_blocks: int, chain: int) -> None:
+        super().__init__(n_blocks)
+        self.chain = chain
+        self.requests = 0
+        self.stalls: list[tuple[float, float]] = []     # what the vCPU's link records per paging request
+        self.link = SimpleNamespace(gate_requests=False, took=lambda vt, done: self.stalls.append((vt, done)))
+        self.chained = 0
+
+    def _read_now(self, blk: int, vt: float) -> tuple[int, float]:
+        inner = self.inner
+        inner.io_counts[0] += 1
+        inner.io_counts[2] += 1
+        return int(inner.tokens[blk]), float(inner.model.submit(vt, 1))
+
+    async def read_one(self, blk: int, vt_us: float) -> tuple[int, float]:
+        self.requests += 1
+        await asyncio.sleep(0)
+        tok, done = self._read_now(blk, vt_us)
+        self.stalls.append((vt_us, done))
+        return tok, done
+
+    async def read_chain(self, blk: int, vt_us: float, chain: bytes,
+                         n_reads: int) -> tuple[int, float, list[tuple[float, float, int]]]:
+        self.requests += 1
+        check_program(0, chain)
+        await asyncio.sleep(0)
+        tok, done = self._read_now(blk, vt_us)
+        toks, times = run_chain(chain, vt_us, tok, done, self.chain, math.inf, self._read_now)
+        self.stalls.append((vt_us, times[0]))
+        self.chained += len(toks) - 1
+        assert len(toks) - 1 <= n_reads
+        return toks[0], times[0], [(times[2 * k + 1], times[2 * k + 2], toks[k + 1]) for k in range(len(toks) - 1)]
+
+
+def _kernel(policy: str, ram: int, chain: int, ref_us: float = 0.1) -> Any:
+    k, _ = build("compiled", policy, ram, [("db", "file", 96), ("log", "file", 64), ("heap", "anon", 96)],
+                 kernel_pages=8, host="awaited-null", remote_disk=False, meddle_seed=None, future=None,
+                 costs=CostModel(mem_ref_us=ref_us, page_zero_us=1.5, minor_fault_us=0.7))
+    k.blockdev = ModelDisk(k.config.disk_blocks, chain)
+    k._core = k._build_core()
+    k.enable_read_chain(chain)
+    return k
+
+
+async def _drive(k: Any, seed: int, ticks: int, tick_us: float) -> None:
+    """Batches cut at each tick's end, as the vCPU's gate cuts them; the rest runs in the next tick."""
+    rng = np.random.default_rng(seed)
+    n = k.pt.gpfn.size
+    pending = np.zeros(0, np.int64)
+    pending_w = np.zeros(0, bool)
+    for t in range(ticks):
+        if pending.size < 400:
+            hot = rng.integers(0, n, 40)
+            pages = np.where(rng.random(600) < 0.5, rng.choice(hot, 600), rng.integers(0, n, 600))
+            pending = np.concatenate([pending, pages.astype(np.int64)])
+            pending_w = np.concatenate([pending_w, rng.random(600) < 0.2])
+        k.vt_us = max(k.vt_us, t * tick_us)
+        done = await k.access(pending, pending_w, deadline_us=(t + 1) * tick_us)
+        pending, pending_w = pending[done:], pending_w[done:]
+
+
+@pytest.mark.parametrize("policy", ["clock", "esc", "fifo", "lru"])
+@pytest.mark.parametrize("ram", [288, 200], ids=["roomy", "tight"])
+@pytest.mark.parametrize("tick_us, ref_us", [(150.0, 0.1), (1000.0, 0.1), (700.0, 13.7)])
+def test_a_chain_changes_nothing_but_the_round_trips(policy: str, ram: int, tick_us: float, ref_us: float) -> None:
+    """With references of 13.7 µs a tick's end falls inside runs of hits between two reads, where the
+    host's check of the run's last reference decides whether the next read is the guest's."""
+    plain, chained = _kernel(policy, ram, 0, ref_us), _kernel(policy, ram, 64, ref_us)
+    assert plain.read_chain == 0 and chained.read_chain == 64
+    asyncio.run(_drive(plain, 7, 60, tick_us))
+    asyncio.run(_drive(chained, 7, 60, tick_us))
+    assert_same(snapshot(plain), snapshot(chained), f"{policy} ram={ram} tick={tick_us} ref={ref_us}")
+    assert plain.blockdev.stalls == chained.blockdev.stalls        # every read's start and completion
+    assert chained.blockdev.chained > 0
+    assert chained.blockdev.requests + chained.blockdev.chained == plain.blockdev.requests
+
+
+def test_chains_stop_where_the_deadline_cuts_the_batch() -> None:
+    """Ticks of 150 µs end inside chains: the host's checks stop them exactly where the core stops."""
+    k = _kernel("clock", 288, 64)
+    asyncio.run(_drive(k, 3, 60, 150.0))
+    long = _kernel("clock", 288, 64)
+    asyncio.run(_drive(long, 3, 9, 6000.0))
+    per_request_short = k.blockdev.chained / k.blockdev.requests
+    per_request_long = long.blockdev.chained / long.blockdev.requests
+    assert per_request_short < per_request_long
+
+
+def test_a_limit_of_one_chains_one_read_at_most() -> None:
+    k = _kernel("clock", 288, 1)
+    asyncio.run(_drive(k, 5, 20, 1000.0))
+    assert 0 < k.blockdev.chained <= k.blockdev.requests
+
+
+def test_an_answer_the_core_does_not_ask_for_stops_the_run() -> None:
+    """A host that answers a read the guest would not have sent: the guest says so and stops."""
+    k = _kernel("clock", 288, 64)
+    disk = k.blockdev
+    real = disk.read_chain
+
+    async def lying(blk: int, vt_us: float, chain: bytes, n_reads: int) -> Any:
+        tok, done, more = await real(blk, vt_us, chain, n_reads)
+        return tok, done, [(s + 1.0, d, t) for s, d, t in more]   # each chained read one µs late
+    disk.read_chain = lying
+    with pytest.raises(ReadChainDiverged, match="answered a read of block"):
+        asyncio.run(_drive(k, 7, 20, 1000.0))
+
+
+def _program(*ops: tuple[int, float], deadline: float = 1e9, ref_us: float = 0.5) -> bytes:
+    return np.array([deadline, ref_us, *[x for op in ops for x in op]], "<f8").tobytes()
+
+
+def test_the_host_runs_the_program_as_the_core_counts() -> None:
+    served: list[tuple[int, float]] = []
+
+    def read(blk: int, vt: float) -> tuple[int, float]:
+        served.append((blk, vt))
+        return 100 + blk, vt + 10.0
+
+    prog = _program((ADD, 0.5), (WIN, 4.0), (CHECK, 0.0), (READ, 7.0), (ADD, 0.5), (WIN, 1.0), (CHECK, 0.0),
+                    (READ, 9.0), deadline=40.0)
+    toks, times = run_chain(prog, 1.0, 55, 20.0, 64, 1e9, read)
+    # after the first read (done 20): +0.5, a run of 4 hits (+2.0), read 7 at 22.5 (done 32.5), +0.5 +0.5,
+    # read 9 at 33.5
+    assert served == [(7, 22.5), (9, 33.5)] and toks == [55, 107, 109]
+    assert times == [20.0, 22.5, 32.5, 33.5, 43.5]
+    served.clear()
+    # a run of hits whose last reference starts at the deadline stops the chain before it
+    toks, times = run_chain(_program((WIN, 5.0), (CHECK, 0.0), (READ, 7.0), deadline=22.0), 1.0, 55, 20.0,
+                            64, 1e9, read)
+    assert served == [] and toks == [55] and times == [20.0]
+    # so does a read whose clock is at the deadline (the core starts nothing at or past it)
+    toks, _ = run_chain(_program((ADD, 2.0), (CHECK, 0.0), (READ, 7.0), deadline=22.0), 1.0, 55, 20.0, 64, 1e9,
+                        read)
+    assert served == [] and toks == [55]
+    # the host's own gate, the limit, and a read it cannot serve now stop it too
+    assert run_chain(prog, 1.0, 55, 20.0, 64, 22.0, read)[0] == [55]
+    assert run_chain(prog, 1.0, 55, 20.0, 1, 1e9, read)[0] == [55, 107]
+    assert run_chain(prog, 1.0, 55, 20.0, 64, 1e9, lambda b, v: None)[0] == [55]
+
+
+@pytest.mark.parametrize("chain, why", [
+    (b"\0" * 8, "bytes"),
+    (np.array([1.0, 0.1, 9.0, 1.0], "<f8").tobytes(), "unknown op"),
+    (np.array([1.0, 0.1, READ, -1.0], "<f8").tobytes(), "finite number"),
+    (np.array([1.0, 0.1, ADD, math.nan], "<f8").tobytes(), "finite number"),
+])
+def test_a_malformed_program_is_refused(chain: bytes, why: str) -> None:
+    with pytest.raises(BadBatch, match=why):
+        check_program(3, chain)
+
+
+def _counts(run_dir: Any) -> dict[str, Any]:
+    summary = json.loads((run_dir / "summary.json").read_text())
+    v = summary["variants"]["default"]
+    host = {k: x for k, x in v["host"].items() if k != "vdisk_chained_reads"}
+    return {"guests": v["guests"], "host": host, "status": v["status"]}
+
+
+def test_a_run_with_chains_counts_as_one_without(tmp_path: Any) -> None:
+    runs = {}
+    for chain in (64, 0):
+        run_dir = tmp_path / f"chain{chain}"
+        proc = run_launcher("--scenario", "scale", "--guests", "4", "--ticks", "30", "--set",
+                            f"host.read_chain={chain}", "--run-dir", str(run_dir), "--no-report", timeout_s=90)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        runs[chain] = run_dir
+    with_chain, without = _counts(runs[64]), _counts(runs[0])
+    assert with_chain == without and with_chain["status"] == "completed"
+    assert all(g["lost_pages"] == 0 for g in with_chain["guests"])
+    chained = json.loads((runs[64] / "summary.json").read_text())["variants"]["default"]["host"]
+    unchained = json.loads((runs[0] / "summary.json").read_text())["variants"]["default"]["host"]
+    assert chained["vdisk_chained_reads"] > 0 and unchained["vdisk_chained_reads"] == 0
