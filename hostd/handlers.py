@@ -81,12 +81,10 @@ def memory_requests(guest_id: int, mem: "HostMemory", shootdowns: "Shootdowns",
     # Most disk requests need no wait: answered at once, with no coroutine (the disciplines and the
     # connection take a reply or an awaitable of one).
     def disk_read(m: DiskRead) -> DiskReadReply | Coroutine[Any, Any, DiskReadReply]:
-        chain = m.chain
-        if chain:
-            check_program(guest_id, chain)
+        chain = check_program(guest_id, m.chain) if m.chain else None
         got = mem.vdisk_read_now(guest_id, m.blocks, m.vt_us)
         if type(got) is tuple:
-            if chain and len(m.blocks) == 1:
+            if chain is not None and len(m.blocks) == 1:
                 return DiskReadReply(*mem.vdisk_read_chain(guest_id, got, m.vt_us, chain))
             return DiskReadReply(*got)
         return _read_later(got)  # type: ignore[arg-type]   # it waited: no chain after it

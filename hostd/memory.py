@@ -573,7 +573,7 @@ class HostMemory(Guests, Boundary, Releases, BitsAndPins, Readout):
         return self._vdisk_read_many(g, one, blocks, vt_us)
 
     def vdisk_read_chain(self, guest_id: int, first: tuple[np.ndarray, float], vt_us: float,
-                         chain: bytes) -> tuple[np.ndarray, float, bytes]:
+                         chain: list[float]) -> tuple[np.ndarray, float, bytes]:
         """A one-block read served at once (``first``), then the reads chained onto it (``hostd.readchain``):
         (tokens, done_vt_us of the last, chain_vt_us). Only reads that need not wait are chained."""
         tokens0, done0 = first

@@ -34,6 +34,7 @@ then ``vt = max(vt, done)``).
 """
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import numpy as np
@@ -43,30 +44,34 @@ from .errors import BadBatch
 __all__ = ["check_program", "run_chain", "WIN", "CHECK", "ADD", "READ"]
 
 WIN, CHECK, ADD, READ = 0, 1, 2, 3
+_OPS = frozenset((0.0, 1.0, 2.0, 3.0))
 _F64 = np.dtype("<f8")
 
 
-def check_program(guest_id: int, chain: bytes) -> None:
-    """Refuse a malformed program before anything is served (a refused request changes nothing)."""
+def check_program(guest_id: int, chain: bytes) -> list[float]:
+    """The program as a list, or ``BadBatch`` before anything is served (a refused request changes nothing).
+
+    In plain Python over the list: a program is a few dozen numbers, where
+    numpy's calls would cost more than the read they come with.
+    """
     if len(chain) % 16 or len(chain) < 32:
         raise BadBatch(f"guest {guest_id}: DiskRead.chain has {len(chain)} bytes; want [deadline, mem_ref_us] "
                        "and at least one (op, value) pair of float64")
-    prog = np.frombuffer(chain, _F64)
-    ops = prog[2::2]
-    known = np.isin(ops, (WIN, CHECK, ADD, READ))
-    if not known.all():
-        raise BadBatch(f"guest {guest_id}: DiskRead.chain has an unknown op {float(ops[~known][0])!r}")
-    values = prog[3::2]
-    if np.isnan(prog).any() or not np.isfinite(values).all() or (values < 0).any() or not prog[1] >= 0:
-        raise BadBatch(f"guest {guest_id}: DiskRead.chain has a value that is not a finite number >= 0")
-
-
-def run_chain(chain: bytes, vt_us: float, token0: int, done0: float, limit: int, gate_us: float,
-              read: Callable[[int, float], tuple[int, float] | None]) -> tuple[list[int], list[float]]:
-    """Run the program from the first read's completion: the tokens of every read served, the first's
-    included, and [done0, start, done, start, done, ...]. ``read(block, vt)`` serves one read, or says
-    None: not now (the chain stops there)."""
     prog = np.frombuffer(chain, _F64).tolist()
+    ops, values = prog[2::2], prog[3::2]
+    if not _OPS.issuperset(ops):
+        raise BadBatch(f"guest {guest_id}: DiskRead.chain has an unknown op {next(o for o in ops if o not in _OPS)!r}")
+    total = math.fsum(values) + prog[1]     # NaN or inf anywhere makes it NaN or inf
+    if not (math.isfinite(total) and min(values) >= 0 and prog[1] >= 0 and prog[0] == prog[0]):
+        raise BadBatch(f"guest {guest_id}: DiskRead.chain has a value that is not a finite number >= 0")
+    return prog
+
+
+def run_chain(prog: list[float], vt_us: float, token0: int, done0: float, limit: int, gate_us: float,
+              read: Callable[[int, float], tuple[int, float] | None]) -> tuple[list[int], list[float]]:
+    """Run the program (``check_program``'s list) from the first read's completion: the tokens of every
+    read served, the first's included, and [done0, start, done, start, done, ...]. ``read(block, vt)``
+    serves one read, or says None: not now (the chain stops there)."""
     deadline, ref_us = prog[0], prog[1]
     vt = vt_us if vt_us > done0 else done0      # the core's max(vt, done)
     toks = [token0]

@@ -128,6 +128,15 @@ def attacks_tick_1(g: RawGuest) -> None:
     r["deflate_never_inflated"] = g.code(BALLOON_DEFLATE, {"gpfns": pages(7), "vt_us": 0.0})
     r["touch_ballooned"] = g.code(EPT_FAULT, {"gpfns": pages(6), "vt_us": 0.0})
     r["disk_out_of_range"] = g.code(DISK_READ, {"blocks": pages(g.disk_blocks + 1), "vt_us": 0.0})
+    # A read chain (proto/README.md, "Read chains") the host cannot run is refused before it reads anything;
+    # one that names a block past the disk is served up to that read, and the guest learns nothing more.
+    chain = {"blocks": pages(0), "vt_us": 0.0}
+    r["chain_too_short"] = g.code(DISK_READ, chain | {"chain": struct.pack("<d", 1.0)})
+    r["chain_unknown_op"] = g.code(DISK_READ, chain | {"chain": struct.pack("<4d", 1e9, 0.1, 9.0, 1.0)})
+    r["chain_nan"] = g.code(DISK_READ, chain | {"chain": struct.pack("<4d", 1e9, 0.1, 2.0, float("nan"))})
+    reply = g.c.call(DISK_READ, chain | {"chain": struct.pack("<6d", 1e9, 0.1, 1.0, 0.0, 3.0, g.disk_blocks + 7.0)})
+    r["chain_past_the_disk"] = (len(unpack_pages(reply[3]["tokens"])), "chain_vt_us" in reply[3]) \
+        if reply[0] == REPLY else reply[3]["code"]
     r["disk_tokens_mismatch"] = g.code(DISK_WRITE, {"blocks": pages(0, 1), "tokens": pages(9), "vt_us": 0.0})
     r["disk_same_block_twice"] = g.code(DISK_WRITE, {"blocks": pages(0, 0), "tokens": pages(1, 2), "vt_us": 0.0})
     blocks = sorted(WRITTEN)
@@ -255,6 +264,8 @@ def test_every_attack_is_refused_with_its_code(hostile_run: Any) -> None:
         "disk_out_of_range": OUT_OF_RANGE, "disk_tokens_mismatch": BAD_FIELD, "disk_same_block_twice": BAD_FIELD,
         "disk_write_ok": "ok", "unknown_type": UNKNOWN_TYPE, "pages_as_a_list": BAD_FIELD, "extra_field": BAD_FIELD,
         "hello_twice": UNKNOWN_TYPE, "host_only_request": UNKNOWN_TYPE,
+        "chain_too_short": BAD_FIELD, "chain_unknown_op": BAD_FIELD, "chain_nan": BAD_FIELD,
+        "chain_past_the_disk": (1, False),
     }
     assert {k: r[k] for k in expected} == expected
     code, message = r["absurd_stats"]
@@ -294,8 +305,8 @@ def test_each_refusal_is_counted_per_code_and_logged(hostile_run: Any) -> None:
     # and a second TickDone for tick 1 (the absurd one had counted).
     exact = {"OUT_OF_RANGE": 3, "INVALID_STATE": 4, "UNKNOWN_TYPE": 3, "NOT_AUTHENTICATED": 2,
              "DUPLICATE_GUEST": 1, "BAD_TOKEN": 1, "UNKNOWN_GUEST": 1, "VERSION_MISMATCH": 1, "BAD_FRAME": 2,
-             # 6 bad requests, 5 TickDones refused whole, the absurd stats
-             "BAD_FIELD": 12, **({"OVERLOADED": flood} if flood else {})}
+             # 6 bad requests, 3 bad read chains, 5 TickDones refused whole, the absurd stats
+             "BAD_FIELD": 15, **({"OVERLOADED": flood} if flood else {})}
     assert counted == exact
     rejected = [e for e in hostile_run["h"].events("request_rejected")]
     logged = Counter(e["code"] for e in rejected)

@@ -54,10 +54,10 @@ class ModelDisk(AwaitedDisk):
     async def read_chain(self, blk: int, vt_us: float, chain: bytes,
                          n_reads: int) -> tuple[int, float, list[tuple[float, float, int]]]:
         self.requests += 1
-        check_program(0, chain)
+        prog = check_program(0, chain)
         await asyncio.sleep(0)
         tok, done = self._read_now(blk, vt_us)
-        toks, times = run_chain(chain, vt_us, tok, done, self.chain, math.inf, self._read_now)
+        toks, times = run_chain(prog, vt_us, tok, done, self.chain, math.inf, self._read_now)
         self.stalls.append((vt_us, times[0]))
         self.chained += len(toks) - 1
         assert len(toks) - 1 <= n_reads
@@ -138,8 +138,8 @@ def test_an_answer_the_core_does_not_ask_for_stops_the_run() -> None:
         asyncio.run(_drive(k, 7, 20, 1000.0))
 
 
-def _program(*ops: tuple[int, float], deadline: float = 1e9, ref_us: float = 0.5) -> bytes:
-    return np.array([deadline, ref_us, *[x for op in ops for x in op]], "<f8").tobytes()
+def _program(*ops: tuple[int, float], deadline: float = 1e9, ref_us: float = 0.5) -> list[float]:
+    return check_program(0, np.array([deadline, ref_us, *[x for op in ops for x in op]], "<f8").tobytes())
 
 
 def test_the_host_runs_the_program_as_the_core_counts() -> None:
@@ -176,6 +176,8 @@ def test_the_host_runs_the_program_as_the_core_counts() -> None:
     (np.array([1.0, 0.1, 9.0, 1.0], "<f8").tobytes(), "unknown op"),
     (np.array([1.0, 0.1, READ, -1.0], "<f8").tobytes(), "finite number"),
     (np.array([1.0, 0.1, ADD, math.nan], "<f8").tobytes(), "finite number"),
+    (np.array([1.0, math.inf, ADD, 1.0], "<f8").tobytes(), "finite number"),
+    (np.array([math.nan, 0.1, ADD, 1.0], "<f8").tobytes(), "finite number"),
 ])
 def test_a_malformed_program_is_refused(chain: bytes, why: str) -> None:
     with pytest.raises(BadBatch, match=why):
