@@ -1131,9 +1131,10 @@ static void Core_dealloc(Core *c) {
  * break, a soft-reclaimed page, a swap read, the batch's end), so the pages
  * it reads ahead are exactly those the core would read one by one.
  *
- * Program: float64 [deadline (inf: none), mem_ref_us] then (op, value) pairs.
+ * Program: float64 [deadline (inf: none), mem_ref_us] then at most RC_MAX_PAIRS (op, value) pairs.
  */
 enum { RC_WIN = 0, RC_CHECK = 1, RC_ADD = 2, RC_READ = 3 };
+#define RC_MAX_PAIRS 4096   /* (op, value) pairs after the header: hostd.readchain.MAX_PAIRS */
 
 typedef struct { double *v; Py_ssize_t n, cap; } RcBuf;
 
@@ -1174,7 +1175,7 @@ static PyObject *Core_lookahead(Core *c, PyObject *args) {
     int win = 0;
     int err = rc_put(&b, c->has_deadline ? c->deadline : INFINITY, c->mem_ref_us) < 0
               || rc_put(&b, RC_ADD, c->mem_ref_us) < 0;        /* the faulting reference itself */
-    while (!err && i < n && reads < lim) {
+    while (!err && i < n && reads < lim && b.n + 8 <= 2 * (RC_MAX_PAIRS + 1)) {   /* one pass adds <= 4 pairs */
         int64_t j = i, end = win == 0 ? i + 1 : (i + win < n ? i + win : n);
         for (; j < end; j++) {
             int64_t page = P[j], g = c->gpfn[page];

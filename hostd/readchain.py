@@ -41,9 +41,12 @@ import numpy as np
 
 from .errors import BadBatch
 
-__all__ = ["check_program", "run_chain", "WIN", "CHECK", "ADD", "READ"]
+__all__ = ["check_program", "run_chain", "WIN", "CHECK", "ADD", "READ", "MAX_PAIRS"]
 
 WIN, CHECK, ADD, READ = 0, 1, 2, 3
+# (op, value) pairs a program may hold (guestd/_paging.c's RC_MAX_PAIRS): the host's work per request is
+# bounded by it, not by the frame size
+MAX_PAIRS = 4096
 _OPS = frozenset((0.0, 1.0, 2.0, 3.0))
 _F64 = np.dtype("<f8")
 
@@ -54,9 +57,9 @@ def check_program(guest_id: int, chain: bytes) -> list[float]:
     In plain Python over the list: a program is a few dozen numbers, where
     numpy's calls would cost more than the read they come with.
     """
-    if len(chain) % 16 or len(chain) < 32:
+    if len(chain) % 16 or not 32 <= len(chain) <= 16 * (MAX_PAIRS + 1):
         raise BadBatch(f"guest {guest_id}: DiskRead.chain has {len(chain)} bytes; want [deadline, mem_ref_us] "
-                       "and at least one (op, value) pair of float64")
+                       f"and 1 to {MAX_PAIRS} (op, value) pairs of float64")
     prog = np.frombuffer(chain, _F64).tolist()
     ops, values = prog[2::2], prog[3::2]
     if not _OPS.issuperset(ops):

@@ -20,7 +20,7 @@ import pytest
 
 from balloonlab.guestd.errors import ReadChainDiverged
 from balloonlab.hostd.errors import BadBatch
-from balloonlab.hostd.readchain import ADD, CHECK, READ, WIN, check_program, run_chain
+from balloonlab.hostd.readchain import ADD, CHECK, MAX_PAIRS, READ, WIN, check_program, run_chain
 from balloonlab.proto.costs import CostModel
 from tests.procs import run_launcher
 from tests.test_paging_engines import AwaitedDisk, assert_same, build, snapshot
@@ -173,6 +173,7 @@ def test_the_host_runs_the_program_as_the_core_counts() -> None:
 
 @pytest.mark.parametrize("chain, why", [
     (b"\0" * 8, "bytes"),
+    (np.array([1.0, 0.1] + [ADD, 1.0] * (MAX_PAIRS + 1), "<f8").tobytes(), f"1 to {MAX_PAIRS}"),
     (np.array([1.0, 0.1, 9.0, 1.0], "<f8").tobytes(), "unknown op"),
     (np.array([1.0, 0.1, READ, -1.0], "<f8").tobytes(), "finite number"),
     (np.array([1.0, 0.1, ADD, math.nan], "<f8").tobytes(), "finite number"),
