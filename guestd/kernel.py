@@ -533,7 +533,7 @@ class GuestKernel:
                           ) -> tuple[int, float]:
         """The read with the reads the core says follow it (``_paging.c``, "read chains"): its own answer;
         the chained ones go into ``chained``, last first."""
-        steps = np.frombuffer(prog, np.float64)[2:].reshape(-1, 2)
+        steps = np.frombuffer(prog, "<f8")[2:].reshape(-1, 2)
         blocks = steps[steps[:, 0] == _RC_READ, 1].astype(np.int64).tolist()
         tok, done, more = await self.blockdev.read_chain(blk, self.vt_us, prog, len(blocks))
         chained.extend((blocks[k], *more[k]) for k in range(len(more) - 1, -1, -1))
