@@ -547,7 +547,8 @@ class GuestKernel:
     def _diverged(self, chained: list[tuple[int, float, float, int]], got: str) -> ReadChainDiverged:
         blk, start, _, _ = chained[-1]
         return ReadChainDiverged(f"read chain: the host answered a read of block {blk} at {start!r} µs "
-                                 f"({len(chained)} answered ahead), and the paging core came to {got}")
+                                 f"({len(chained)} answered ahead), and the paging core came to {got}; "
+                                 "this is a bug: report it, and run with [host] read_chain = 0 meanwhile")
 
     def enable_read_chain(self, max_reads: int) -> None:
         """Chain up to ``max_reads`` file reads onto one read (the host offered it; ``hostd.readchain``).
