@@ -1127,13 +1127,15 @@ static void Core_dealloc(Core *c) {
  * same double operations in the same order), and the host, which knows the
  * completions, runs it (hostd/readchain.py): it serves each further read at
  * the clock the core would have sent it at, and stops where a check fails.
- * It stops before anything else (an eviction, an EPT fault or copy-on-write
- * break, a soft-reclaimed page, a swap read, the batch's end), so the pages
- * it reads ahead are exactly those the core would read one by one.
+ * The EPT fault that backs a fault-around group of free frames holding no
+ * page goes in too (the host restores nothing for it). The walk stops
+ * before anything else (an eviction, any other EPT fault, a copy-on-write
+ * break, a soft-reclaimed page, a swap read, the batch's end), so what it
+ * asks for is exactly what the core would ask for one request at a time.
  *
  * Program: float64 [deadline (inf: none), mem_ref_us] then at most RC_MAX_PAIRS (op, value) pairs.
  */
-enum { RC_WIN = 0, RC_CHECK = 1, RC_ADD = 2, RC_READ = 3 };
+enum { RC_WIN = 0, RC_CHECK = 1, RC_ADD = 2, RC_READ = 3, RC_EPT = 4, RC_EPT_PAGE = 5 };
 #define RC_MAX_PAIRS 4096   /* (op, value) pairs after the header: hostd.readchain.MAX_PAIRS */
 
 typedef struct { double *v; Py_ssize_t n, cap; } RcBuf;
@@ -1151,39 +1153,87 @@ static int rc_put(RcBuf *b, double op, double x) {
     return 0;
 }
 
+/* The walk's frames backed by the EPT faults it has put in the program: each fault-around group is the
+ * free, unbacked frames of [lo, hi) at the start of the walk (none of them changes until its fault). */
+typedef struct { int64_t *lo, *hi; int64_t n; } RcGroups;
+
+static int rc_backed(const Core *c, const RcGroups *gr, int64_t g) {
+    if (c->backed[g]) return 1;
+    for (int64_t k = 0; k < gr->n; k++)
+        if (gr->lo[k] <= g && g < gr->hi[k] && c->kind[g] == K_FREE) return 1;
+    return 0;
+}
+
+/* The EPT fault drive() makes for the free frame g0 it is about to fill (PH_EB, prepare_back's
+ * fault-around), if every frame in it holds no page (all fresh: the host restores nothing, and nothing
+ * of what it does depends on a page's old state but the books it keeps for this guest).
+ * 1: put in the program; 0: not one to chain; -1: error. */
+static int rc_ept(Core *c, RcBuf *b, RcGroups *gr, int64_t g0) {
+    if (c->hyp_local || c->kind[g0] != K_FREE || c->vpage[g0] >= 0 || c->fault_around < 1) return 0;
+    int64_t hi = g0 + c->fault_around < c->n_frames ? g0 + c->fault_around : c->n_frames;
+    int64_t k = 1;
+    for (int64_t g = g0 + 1; g < hi; g++)
+        if (c->kind[g] == K_FREE && !rc_backed(c, gr, g)) {
+            if (c->vpage[g] >= 0) return 0;     /* a soft-reclaimed page: not fresh */
+            k++;
+        }
+    if (b->n + 2 * (k + 1) > 2 * (RC_MAX_PAIRS + 1)) return 0;
+    if (rc_put(b, RC_EPT_PAGE, (double)g0) < 0) return -1;
+    for (int64_t g = g0 + 1; g < hi; g++)
+        if (c->kind[g] == K_FREE && !rc_backed(c, gr, g) && rc_put(b, RC_EPT_PAGE, (double)g) < 0) return -1;
+    if (rc_put(b, RC_EPT, (double)k) < 0) return -1;
+    gr->lo[gr->n] = g0;
+    gr->hi[gr->n] = hi;
+    gr->n++;
+    return 1;
+}
+
 static PyObject *Core_lookahead(Core *c, PyObject *args) {
     long long max_reads;
     if (!PyArg_ParseTuple(args, "L", &max_reads)) return NULL;
     if (c->phase != PH_READ_DONE || c->disk_local || c->pkind == P_PY || max_reads < 1) Py_RETURN_NONE;
     int64_t g0 = c->f_g;
-    if (!c->backed[g0] || c->wp[g0]) Py_RETURN_NONE;     /* the read's frame is backed (or broken) after it */
+    if (c->backed[g0] && c->wp[g0]) Py_RETURN_NONE;      /* broken (copy-on-write) after the read */
     int64_t lim = max_reads < 4096 ? (int64_t)max_reads : 4096;
     int64_t *spec_page = (int64_t *)malloc((size_t)(lim + 1) * 2 * sizeof(int64_t));
-    if (spec_page == NULL) return PyErr_NoMemory();
+    int64_t *glo = (int64_t *)malloc((size_t)(lim + 2) * 2 * sizeof(int64_t));
+    if (spec_page == NULL || glo == NULL) { free(spec_page); free(glo); return PyErr_NoMemory(); }
+    RcGroups gr = {glo, glo + lim + 2, 0};
     /* pages resident once the program has run (page, frame): the read's own first (its page table entry
      * is written when the fault finishes) */
     spec_page[0] = c->f_page;
     spec_page[1] = g0;
     int64_t n_spec = 1;
     RcBuf b = {NULL, 0, 0};
-    Py_ssize_t keep = 0;        /* the program up to its last read */
+    Py_ssize_t keep = 0;        /* the program up to its last read or EPT fault */
     int64_t reads = 0;
     int64_t lo = c->ks[KS_FREE_LO] < 0 ? 0 : c->ks[KS_FREE_LO], nfree = c->ks[KS_N_FREE];
     const int64_t *P = c->P;
     const uint8_t *W = c->W;
     int64_t n = c->n, i = c->i + 1;
     int win = 0;
-    int err = rc_put(&b, c->has_deadline ? c->deadline : INFINITY, c->mem_ref_us) < 0
-              || rc_put(&b, RC_ADD, c->mem_ref_us) < 0;        /* the faulting reference itself */
-    while (!err && i < n && reads < lim && b.n + 8 <= 2 * (RC_MAX_PAIRS + 1)) {   /* one pass adds <= 4 pairs */
+    int err = rc_put(&b, c->has_deadline ? c->deadline : INFINITY, c->mem_ref_us) < 0;
+    int go = !err;
+    if (go && !c->backed[g0]) {     /* the read's frame is backed after it: the fault-around */
+        int r = rc_ept(c, &b, &gr, g0);
+        if (r < 0) err = 1;
+        else if (r == 0) go = 0;
+        else keep = b.n;
+    }
+    if (go && !err && rc_put(&b, RC_ADD, c->mem_ref_us) < 0) err = 1;   /* the faulting reference itself */
+    /* one pass adds at most 4 pairs besides an EPT fault, whose room rc_ept checks */
+    while (go && !err && i < n && reads < lim && b.n + 8 <= 2 * (RC_MAX_PAIRS + 1)) {
         int64_t j = i, end = win == 0 ? i + 1 : (i + win < n ? i + win : n);
         for (; j < end; j++) {
             int64_t page = P[j], g = c->gpfn[page];
-            if (g < 0) {
+            if (g < 0) {    /* a page this walk has loaded: its frame is backed and writable */
+                int found = 0;
                 for (int64_t k = 0; k < n_spec; k++)
-                    if (spec_page[2 * k] == page) { g = spec_page[2 * k + 1]; break; }
+                    if (spec_page[2 * k] == page) { found = 1; break; }
+                if (!found) break;
+                continue;
             }
-            if (g < 0 || !c->backed[g] || (W[j] && c->wp[g])) break;
+            if (!c->backed[g] || (W[j] && c->wp[g])) break;
         }
         if (j > i && rc_put(&b, RC_WIN, (double)(j - i)) < 0) { err = 1; break; }
         if (j == end) {
@@ -1199,7 +1249,8 @@ static PyObject *Core_lookahead(Core *c, PyObject *args) {
         if (lo >= c->n_frames) break;
         int64_t g = lo++;
         nfree--;
-        int ready = c->backed[g] && !c->wp[g];
+        int backed = rc_backed(c, &gr, g);
+        if (c->backed[g] && c->wp[g]) break;                /* a copy-on-write break first */
         if (rc_put(&b, RC_CHECK, 0.0) < 0) { err = 1; break; }
         if (c->on_disk[page]) {
             int64_t blk = c->block[page];
@@ -1207,10 +1258,15 @@ static PyObject *Core_lookahead(Core *c, PyObject *args) {
             if (rc_put(&b, RC_READ, (double)blk) < 0) { err = 1; break; }
             reads++;
             keep = b.n;
-            if (!ready) break;          /* backed or broken after this read: the host stops here */
-        } else {
-            if (!ready) break;
-            if (rc_put(&b, RC_ADD, c->zero_fill_us) < 0) { err = 1; break; }
+        } else if (rc_put(&b, RC_ADD, c->zero_fill_us) < 0) {
+            err = 1;
+            break;
+        }
+        if (!backed) {              /* backed after the read or the zero fill: the fault-around */
+            int r = rc_ept(c, &b, &gr, g);
+            if (r < 0) { err = 1; break; }
+            if (r == 0) break;
+            keep = b.n;
         }
         if (rc_put(&b, RC_ADD, c->mem_ref_us) < 0) { err = 1; break; }
         spec_page[2 * n_spec] = page;
@@ -1221,9 +1277,10 @@ static PyObject *Core_lookahead(Core *c, PyObject *args) {
         win = 0;
     }
     free(spec_page);
+    free(glo);
     PyObject *out = NULL;
     if (!err) {
-        if (reads == 0) { Py_INCREF(Py_None); out = Py_None; }
+        if (keep == 0) { Py_INCREF(Py_None); out = Py_None; }
         else out = PyBytes_FromStringAndSize((const char *)b.v, keep * (Py_ssize_t)sizeof(double));
     }
     free(b.v);

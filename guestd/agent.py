@@ -122,6 +122,10 @@ class GuestAgent:
             return refused
         mm_lock = self.state.kernel.mm_lock
         self.pause.context = lambda: {"mm_lock_held": bool(mm_lock.locked())}
+        if {"ept_fault", "disk_read"} & set(self.pause.wanted):
+            # "Stop after the Nth EPT fault (or read) sent" counts the requests of a run without read
+            # chains, whose counts are the same: each of those requests is sent on its own.
+            self.state.kernel.read_chain = 0
         if self._early_target is not None:
             self.state.set_balloon_target(self._early_target)
         log.info(ev.GUEST_STARTED, guest=self.guest_id, pid=os.getpid(), ram_pages=welcome.config.get("ram_pages"),

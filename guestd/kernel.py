@@ -60,6 +60,7 @@ from balloonlab.proto.costs import CostModel
 from balloonlab.proto.tokens import KEEP_TOKEN, LATER_TOKEN
 
 from .blockdev import BlockDevice, LocalBlockDevice
+from .gate import VcpuStopped
 from .errors import (BadFrames, BadPages, BlockOutOfRange, GuestConfigError, OutOfMemory, ReadChainDiverged,
                      SwapExhausted)
 from .hypervisor import Hypervisor, NullHypervisor
@@ -101,7 +102,8 @@ _KEEP = np.uint64(KEEP_TOKEN)
 _FULL_WRITE = 2     # write code of a write that stores the whole page (guestd.workload.FULL_WRITE)
 # what the compiled core hands back (guestd/_paging.c)
 _OP_DONE, _OP_EPT, _OP_READ, _OP_WRITE, _OP_NO_VICTIM, _OP_SWAP_FULL, _OP_BAD_BLOCK, _OP_COW = range(8)
-_RC_READ = 3.0      # a read in a read chain's program (_paging.c, hostd/readchain.py)
+# a read chain's program (_paging.c, hostd/readchain.py): a read, an EPT fault of the pages named before it
+_RC_READ, _RC_EPT, _RC_EPT_PAGE = 3.0, 4.0, 5.0
 _ANON = int(FrameKind.ANON)
 _FILE = int(FrameKind.FILE)
 _BALLOON = int(FrameKind.BALLOON)
@@ -459,22 +461,23 @@ class GuestKernel:
         core = self._core
         refs0 = self.counters.refs      # the reference a fault is for: refs0 + those completed since
         read_one: Any = False           # (looked up at the first read: most batches are all hits)
-        chained: list[tuple[int, float, float, int]] = []   # answered ahead: (block, start, done, token), last first
+        # requests answered ahead by a read chain, last first: (block or gpfns, start, done, tokens)
+        chained: list[tuple[Any, float, float, np.ndarray]] = []
         try:
             op, a, b = core.start(np.ascontiguousarray(p), np.ascontiguousarray(w), deadline_us)
             while op != _OP_DONE:
-                if chained:
-                    if op != _OP_READ:
-                        raise self._diverged(chained, f"op {op}")
-                    if a != chained[-1][0] or self.vt_us != chained[-1][1] or not self._gate_open(self.vt_us):
-                        raise self._diverged(chained, f"a read of block {a} at {self.vt_us!r} µs")
-                    blk, start, done, tok = chained.pop()
-                    self.blockdev.link.took(start, done)
-                    op, a, b = core.resume_read(tok, done)
+                if chained and op == _OP_READ:
+                    start, done, toks = self._replayed(chained, int(a), f"a read of block {a}")
+                    op, a, b = core.resume_read(int(toks[0]), done)
                     continue
+                if chained and op != _OP_EPT:
+                    raise self._diverged(chained, f"op {op}")
                 if op == _OP_EPT:
                     gs = self._ept_gs[:a].copy()
-                    tokens, done = await self._ept_fault(gs)
+                    if chained:
+                        tokens, done = self._replayed_ept(gs, chained)
+                    else:
+                        tokens, done = await self._ept_fault(gs)
                     tokens = np.ascontiguousarray(tokens, np.uint64)     # the core only reads them
                     keep = tokens == _KEEP
                     if keep.any():   # already backed at the host: it never took the frame, our content stands
@@ -529,24 +532,62 @@ class GuestKernel:
             raise
         return int(a)
 
-    async def _read_chain(self, blk: int, prog: bytes, chained: list[tuple[int, float, float, int]]
+    async def _read_chain(self, blk: int, prog: bytes, chained: list[tuple[Any, float, float, np.ndarray]]
                           ) -> tuple[int, float]:
-        """The read with the reads the core says follow it (``_paging.c``, "read chains"): its own answer;
-        the chained ones go into ``chained``, last first."""
-        steps = np.frombuffer(prog, "<f8")[2:].reshape(-1, 2)
-        blocks = steps[steps[:, 0] == _RC_READ, 1].astype(np.int64).tolist()
-        tok, done, more = await self.blockdev.read_chain(blk, self.vt_us, prog, len(blocks))
-        chained.extend((blocks[k], *more[k]) for k in range(len(more) - 1, -1, -1))
+        """The read with the requests the core says follow it (``_paging.c``, "read chains"): its own
+        answer; the chained ones go into ``chained``, last first."""
+        steps = np.frombuffer(prog, "<f8")[2:].reshape(-1, 2).tolist()
+        asked: list[Any] = []       # each request of the program: a block, or a fault's gpfns
+        pages: list[int] = []
+        for op, x in steps:
+            if op == _RC_READ:
+                asked.append(int(x))
+            elif op == _RC_EPT_PAGE:
+                pages.append(int(x))
+            elif op == _RC_EPT:
+                asked.append(tuple(pages))
+                pages = []
+        sizes = [len(q) if type(q) is tuple else 1 for q in asked]
+        tok, done, more = await self.blockdev.read_chain(blk, self.vt_us, prog, sizes)
+        chained.extend((asked[k], *more[k]) for k in range(len(more) - 1, -1, -1))
         return tok, done
+
+    def _replayed(self, chained: list[tuple[Any, float, float, np.ndarray]], key: Any,
+                  what: str) -> tuple[float, float, np.ndarray]:
+        """The next answer ahead, if it is for this request at this clock inside the gate; else the run stops."""
+        want, start, done, toks = chained[-1]
+        vt = self.vt_us
+        link = self.blockdev.link
+        if link.gate_requests and link.gate.stopped is not None:
+            # the run ended while the answers were on their way: the request would stop at the gate
+            raise VcpuStopped(link.gate.stopped)
+        if want != key or vt != start or not self._gate_open(vt):
+            raise self._diverged(chained, f"{what} at {vt!r} µs")
+        chained.pop()
+        self.blockdev.link.took(start, done)
+        return start, done, toks
+
+    def _replayed_ept(self, gs: np.ndarray, chained: list[tuple[Any, float, float, np.ndarray]]
+                      ) -> tuple[np.ndarray, float]:
+        """``_ept_fault`` answered ahead: the same books (every page fresh, as the chain's fault said)."""
+        g = gs.astype(np.int64)
+        fr = self.frames
+        n_fresh = int(np.count_nonzero((fr.vpage[g] < 0) & (fr.kind[g] == _FREE))) if self._hyp_fresh else -1
+        if n_fresh != g.size:
+            raise self._diverged(chained, f"an EPT fault of {g.size} pages, {n_fresh} of them fresh")
+        _, done, toks = self._replayed(chained, tuple(g.tolist()), f"an EPT fault of gpfns {g.tolist()[:4]}...")
+        self.counters.ept_fresh_pages += n_fresh
+        return toks, done
 
     def _gate_open(self, vt_us: float) -> bool:
         """Whether the vCPU's link would send a request at ``vt_us`` now (not park it at the gate)."""
         link = self.blockdev.link
         return not link.gate_requests or link.gate.is_open(vt_us)
 
-    def _diverged(self, chained: list[tuple[int, float, float, int]], got: str) -> ReadChainDiverged:
-        blk, start, _, _ = chained[-1]
-        return ReadChainDiverged(f"read chain: the host answered a read of block {blk} at {start!r} µs "
+    def _diverged(self, chained: list[tuple[Any, float, float, np.ndarray]], got: str) -> ReadChainDiverged:
+        want, start, _, _ = chained[-1]
+        what = f"an EPT fault of gpfns {list(want)[:4]}..." if type(want) is tuple else f"a read of block {want}"
+        return ReadChainDiverged(f"read chain: the host answered {what} at {start!r} µs "
                                  f"({len(chained)} answered ahead), and the paging core came to {got}; "
                                  "this is a bug: report it, and run with [host] read_chain = 0 meanwhile")
 

@@ -111,9 +111,10 @@ class RemoteBlockDevice:
         return int(reply.tokens[0]), float(reply.done_vt_us)
 
     async def read_chain(self, blk: int, vt_us: float, chain: bytes,
-                         n_reads: int) -> tuple[int, float, list[tuple[float, float, int]]]:
-        """``read_one`` with the reads chained onto it (``hostd.readchain``; ``chain`` holds ``n_reads``):
-        its token and completion, and (start, completion, token) of each chained read the host served."""
+                         sizes: list[int]) -> tuple[int, float, list[tuple[float, float, np.ndarray]]]:
+        """``read_one`` with the requests chained onto it (``hostd.readchain``; ``sizes``: how many tokens
+        each request of ``chain`` is answered with, 1 for a read, n for an EPT fault of n pages): its
+        token and completion, and (start, completion, tokens) of each chained request the host served."""
         vt = float(vt_us)
         link = self.link
         if link.gate_requests and not link.gate.is_open(vt):
@@ -126,14 +127,20 @@ class RemoteBlockDevice:
             link.took(vt, done)
             return int(tokens[0]), done, []
         times = np.frombuffer(reply.chain_vt_us, "<f8")
-        m = len(tokens) - 1
-        if m < 1 or m > n_reads or times.size != 2 * m + 1 or times[-1] != reply.done_vt_us:
-            raise ProtoError(f"DiskReadReply: {len(tokens)} tokens and {times.size} chain times for a chain "
-                             f"of {n_reads} reads (want 1 + m tokens and 2m + 1 times, m <= {n_reads})")
+        m = (times.size - 1) // 2
+        if times.size % 2 != 1 or not 1 <= m <= len(sizes) or len(tokens) != 1 + sum(sizes[:m]) \
+                or times[-1] != reply.done_vt_us:
+            raise ProtoError(f"DiskReadReply: {len(tokens)} tokens and {times.size} chain times for a chain of "
+                             f"{len(sizes)} requests (want 2m + 1 times for m of them, and their tokens)")
         done = float(times[0])
         link.took(vt, done)
         t = times.tolist()
-        return int(tokens[0]), done, [(t[2 * k + 1], t[2 * k + 2], int(tokens[k + 1])) for k in range(m)]
+        out = []
+        at = 1
+        for k in range(m):
+            out.append((t[2 * k + 1], t[2 * k + 2], tokens[at:at + sizes[k]]))
+            at += sizes[k]
+        return int(tokens[0]), done, out
 
     async def write(self, blocks: np.ndarray, tokens: np.ndarray, vt_us: float) -> float:
         blocks, tokens = _u64(blocks), _u64(tokens)

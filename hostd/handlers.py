@@ -85,7 +85,8 @@ def memory_requests(guest_id: int, mem: "HostMemory", shootdowns: "Shootdowns",
         got = mem.vdisk_read_now(guest_id, m.blocks, m.vt_us)
         if type(got) is tuple:
             if chain is not None and len(m.blocks) == 1:
-                return DiskReadReply(*mem.vdisk_read_chain(guest_id, got, m.vt_us, chain))
+                return DiskReadReply(*mem.vdisk_read_chain(guest_id, got, m.vt_us, chain,
+                                                           lambda: not shootdowns.pending(guest_id)))
             return DiskReadReply(*got)
         return _read_later(got)  # type: ignore[arg-type]   # it waited: no chain after it
 

@@ -573,17 +573,21 @@ class HostMemory(Guests, Boundary, Releases, BitsAndPins, Readout):
         return self._vdisk_read_many(g, one, blocks, vt_us)
 
     def vdisk_read_chain(self, guest_id: int, first: tuple[np.ndarray, float], vt_us: float,
-                         chain: list[float]) -> tuple[np.ndarray, float, bytes]:
-        """A one-block read served at once (``first``), then the reads chained onto it (``hostd.readchain``):
-        (tokens, done_vt_us of the last, chain_vt_us). Only reads that need not wait are chained."""
+                         chain: list[float], can_fault: Callable[[], bool] = lambda: True
+                         ) -> tuple[np.ndarray, float, bytes]:
+        """A one-block read served at once (``first``), then the requests chained onto it
+        (``hostd.readchain``): (tokens, done_vt_us of the last, chain_vt_us). Only requests that need
+        not wait are chained; ``can_fault`` says whether an EPT fault may go now (no shootdown of this
+        guest waiting to settle)."""
         tokens0, done0 = first
         gate = self.fault_gate_us
         if gate is None or self.read_chain <= 0:
             return tokens0, done0, b""
         g = self._guest(guest_id)
-        vd, pool = g.vdisk, self.pool
+        vd, pool, p2m = g.vdisk, self.pool, g.p2m
         if vd.mode == "none":
             return tokens0, done0, b""
+        faults = 0
 
         def read(blk: int, vt: float) -> tuple[int, float] | None:
             if not 0 <= blk < vd.n_blocks:
@@ -598,10 +602,36 @@ class HostMemory(Guests, Boundary, Releases, BitsAndPins, Readout):
             tokens, done = vd.read_one_reply(blk, start_us)
             return int(tokens[0]), float(done)
 
-        toks, times = run_chain(chain, vt_us, int(tokens0[0]), float(done0), self.read_chain, gate, read)
-        if len(toks) == 1:
+        def fault(gpfns: list[int], vt: float) -> tuple[list[int], float, bool] | None:
+            nonlocal faults
+            n = len(gpfns)
+            if not can_fault() or len(set(gpfns)) != n or min(gpfns) < 0 or max(gpfns) >= p2m.guest_pages:
+                return None
+            pages = np.array(gpfns, np.int64)
+            state = p2m.state[pages]
+            backed = state == _FRAME
+            # the waits ept_fault may make, checked first: it must finish without one
+            if _nz(state == _BALLOONED) or (_nz(backed) and _nz(pool.busy[p2m.loc[pages[backed]]])) \
+                    or self._placeholders_pending(g, pages[state == _SWAPPED]) \
+                    or not self._room_ok(n - int(np.count_nonzero(backed)), False, g):
+                return None
+            run = self.ept_fault(guest_id, pages.astype(np.uint64), vt, np.packbits(np.ones(n, bool)).tobytes())
+            try:
+                run.send(None)
+            except StopIteration as stop:
+                tokens, done = stop.value
+            else:
+                run.close()
+                raise InvariantViolation(f"guest {guest_id}: a chained EPT fault of {n} pages waited")
+            faults += 1
+            toks = tokens.tolist()
+            return toks, float(done), LATER_TOKEN in toks
+
+        toks, times = run_chain(chain, vt_us, int(tokens0[0]), float(done0), self.read_chain, gate, read, fault)
+        if len(times) == 1:
             return tokens0, done0, b""
-        vd.counters.chained_reads += len(toks) - 1
+        vd.counters.chained_reads += (len(times) - 1) // 2 - faults
+        vd.counters.chained_faults += faults
         return np.array(toks, np.uint64), times[-1], np.array(times, np.float64).tobytes()
 
     async def _vdisk_read_one_later(self, g: _Guest, one: int, start_us: float) -> tuple[np.ndarray, float]:

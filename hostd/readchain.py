@@ -4,7 +4,8 @@ A guest's page-cache misses are one-block ``DiskRead``s, each a round trip
 the vCPU waits for. When the paging core hands a read back, it can tell
 what the batch will do once the read is done as far as that does not depend
 on when it is done: hits, zero-filled first touches and further file reads
-into free frames that are backed (``guestd/_paging.c``, "read chains"). It
+into free frames that are backed, and the EPT fault that backs a group of
+free frames holding no page (``guestd/_paging.c``, "read chains"). It
 cannot tell *when* each further read starts, since that adds up the
 completions the host is about to compute; and the clock decides where the
 batch stops (the gate, a background point). So the guest sends, with the
@@ -17,10 +18,11 @@ virtual times; the guest replays its batch with the answers and checks each
 read's block and start against its own clock.
 
 The host stops early, never late: at the tick's end (``fault_gate_us``),
-after ``limit`` reads, before a read that could have to wait for room (a
-miss whose cluster the guest's grant may not hold: waiting could mean a
-shootdown of this guest, which must find it where the read it waits for
-left it), and on anything it does not understand. Stopping early only
+after ``limit`` reads, before a read or fault that could have to wait (for
+room, or for a shootdown of this guest to settle: a wait could mean a
+shootdown, which must find the guest where the request it waits for left
+it), after a fault the gate cut short, and on anything it does not
+understand. Stopping early only
 means the guest sends the next read itself. Only the deterministic order
 offers chains (``read_chain`` in Welcome's config): there a guest's reads
 touch only its own partition, so serving them back to back, before other
@@ -30,7 +32,9 @@ Program: float64 ``[deadline, mem_ref_us]`` then ``(op, value)`` pairs:
 ``WIN k`` (a run of ``k`` hits: stop if ``vt + (k - 1) * mem_ref_us >=
 deadline``, else ``vt += k * mem_ref_us``), ``CHECK`` (stop if ``vt >=
 deadline``), ``ADD x`` (``vt += x``), ``READ block`` (read it at ``vt``;
-then ``vt = max(vt, done)``).
+then ``vt = max(vt, done)``), ``EPT_PAGE gpfn`` (one page of the next
+fault) and ``EPT n`` (fault the ``n`` pages just named, all fresh, at
+``vt``; then ``vt = max(vt, done)``).
 """
 from __future__ import annotations
 
@@ -41,13 +45,13 @@ import numpy as np
 
 from .errors import BadBatch
 
-__all__ = ["check_program", "run_chain", "WIN", "CHECK", "ADD", "READ", "MAX_PAIRS"]
+__all__ = ["check_program", "run_chain", "WIN", "CHECK", "ADD", "READ", "EPT", "EPT_PAGE", "MAX_PAIRS"]
 
-WIN, CHECK, ADD, READ = 0, 1, 2, 3
+WIN, CHECK, ADD, READ, EPT, EPT_PAGE = 0, 1, 2, 3, 4, 5
 # (op, value) pairs a program may hold (guestd/_paging.c's RC_MAX_PAIRS): the host's work per request is
 # bounded by it, not by the frame size
 MAX_PAIRS = 4096
-_OPS = frozenset((0.0, 1.0, 2.0, 3.0))
+_OPS = frozenset((0.0, 1.0, 2.0, 3.0, 4.0, 5.0))
 _F64 = np.dtype("<f8")
 
 
@@ -67,18 +71,41 @@ def check_program(guest_id: int, chain: bytes) -> list[float]:
     total = math.fsum(values) + prog[1]     # NaN or inf anywhere makes it NaN or inf
     if not (math.isfinite(total) and min(values) >= 0 and prog[1] >= 0 and prog[0] == prog[0]):
         raise BadBatch(f"guest {guest_id}: DiskRead.chain has a value that is not a finite number >= 0")
+    if EPT in ops or EPT_PAGE in ops:
+        pages = 0
+        for op, x in zip(ops, values):
+            if op == EPT_PAGE:
+                pages += 1
+            elif op == EPT:
+                if x != pages or not pages:
+                    raise BadBatch(f"guest {guest_id}: DiskRead.chain has an EPT of {x!r} pages after {pages} EPT_PAGEs")
+                pages = 0
+            elif pages:
+                raise BadBatch(f"guest {guest_id}: DiskRead.chain has EPT_PAGEs without their EPT")
+        if pages:
+            raise BadBatch(f"guest {guest_id}: DiskRead.chain ends in EPT_PAGEs without their EPT")
     return prog
 
 
 def run_chain(prog: list[float], vt_us: float, token0: int, done0: float, limit: int, gate_us: float,
-              read: Callable[[int, float], tuple[int, float] | None]) -> tuple[list[int], list[float]]:
-    """Run the program (``check_program``'s list) from the first read's completion: the tokens of every
-    read served, the first's included, and [done0, start, done, start, done, ...]. ``read(block, vt)``
-    serves one read, or says None: not now (the chain stops there)."""
+              read: Callable[[int, float], tuple[int, float] | None],
+              fault: Callable[[list[int], float], tuple[list[int], float, bool] | None] | None = None
+              ) -> tuple[list[int], list[float]]:
+    """Run the program (``check_program``'s list) from the first read's completion.
+
+    Returns the tokens of every request served (the first read's, one per
+    read, ``n`` per fault) and ``[done0, start, done, start, done, ...]``,
+    one pair per request after the first. ``read(block, vt)`` serves one
+    read and ``fault(gpfns, vt)`` one fault (its tokens, completion, and
+    whether it was cut short at the gate), or either says None: not now (the
+    chain stops there, before it).
+    """
     deadline, ref_us = prog[0], prog[1]
     vt = vt_us if vt_us > done0 else done0      # the core's max(vt, done)
     toks = [token0]
     times = [done0]
+    reads = 0
+    pages: list[int] = []
     for k in range(2, len(prog), 2):
         op, x = prog[k], prog[k + 1]
         if op == WIN:
@@ -90,16 +117,33 @@ def run_chain(prog: list[float], vt_us: float, token0: int, done0: float, limit:
                 break
         elif op == ADD:
             vt += x
-        else:
+        elif op == READ:
             blk = int(x)
-            if len(toks) > limit or vt >= gate_us or blk != x:
+            if reads >= limit or vt >= gate_us or blk != x:
                 break
             got = read(blk, vt)
             if got is None:
                 break
             token, done = got
+            reads += 1
             toks.append(token)
             times += (vt, done)
             if done > vt:
                 vt = done
+        elif op == EPT_PAGE:
+            pages.append(int(x))
+        else:
+            if fault is None or vt >= gate_us:
+                break
+            answer = fault(pages, vt)
+            if answer is None:
+                break
+            tokens, done, cut = answer
+            toks += tokens
+            times += (vt, done)
+            if cut:     # pages left unbacked: the core goes another way from here
+                break
+            if done > vt:
+                vt = done
+            pages = []
     return toks, times

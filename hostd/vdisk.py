@@ -115,6 +115,7 @@ class VdiskCounters:
     swap_area_read_pages: int = 0    # pages read from / written to the guest's swap area, as the host
     swap_area_write_pages: int = 0   # sees them (``set_swap_area``); 0 until the area is known
     chained_reads: int = 0           # reads served with an earlier one (hostd.readchain): round trips saved
+    chained_faults: int = 0          # EPT faults served with a read (hostd.readchain): round trips saved
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,16 +19,51 @@ import numpy as np
 import pytest
 
 from balloonlab.guestd.errors import ReadChainDiverged
+from balloonlab.guestd.gate import VcpuGate, VcpuStopped
+from balloonlab.proto.messages import TickStart
 from balloonlab.hostd.errors import BadBatch
-from balloonlab.hostd.readchain import ADD, CHECK, MAX_PAIRS, READ, WIN, check_program, run_chain
+from balloonlab.hostd.readchain import ADD, CHECK, EPT, EPT_PAGE, MAX_PAIRS, READ, WIN, check_program, run_chain
 from balloonlab.proto.costs import CostModel
 from tests.procs import run_launcher
-from tests.test_paging_engines import AwaitedDisk, assert_same, build, snapshot
+from balloonlab.guestd.hypervisor import LocalHypervisor
+from balloonlab.guestd.kernel import GuestKernel
+from balloonlab.guestd.kernel_config import KernelConfig
+from balloonlab.guestd.workload import Layout, Region
+from tests.test_paging_engines import AwaitedDisk, AwaitedNull, _quiet_log, assert_same, snapshot
+
+
+def _now(run: Any) -> Any:
+    """The value of a coroutine that never suspends (the in-process models' requests)."""
+    try:
+        run.send(None)
+    except StopIteration as stop:
+        return stop.value
+    raise AssertionError("an in-process request suspended")
+
+
+class ColdHost(LocalHypervisor):
+    """A host that backs nothing before the guest faults it, as hostd does; each fault answered after a
+    suspension point and recorded as a vCPU stall, as the remote link records it."""
+
+    backs_all_initially = False
+
+    def __init__(self, n_frames: int, costs: CostModel, stalls: list[tuple[float, float]]) -> None:
+        super().__init__(n_frames, costs)
+        self.stalls = stalls
+        self.calls = 0
+
+    async def ept_fault(self, gpfns: np.ndarray, vt_us: float,
+                        fresh: np.ndarray | None = None) -> tuple[np.ndarray, float]:
+        self.calls += 1
+        await asyncio.sleep(0)
+        tokens, done = _now(super().ept_fault(gpfns, vt_us, fresh))
+        self.stalls.append((vt_us, done))
+        return tokens, done
 
 
 class ModelDisk(AwaitedDisk):
     """A remote disk in process: each request answered after a suspension point by the disk model; with
-    ``chain`` > 0 it serves read chains as the host does (``run_chain`` over the same model)."""
+    ``chain`` > 0 it serves read chains as the host does (``run_chain`` over the same models)."""
 
     def __init__(self, n_blocks: int, chain: int) -> None:
         super().__init__(n_blocks)
@@ -37,12 +72,21 @@ class ModelDisk(AwaitedDisk):
         self.stalls: list[tuple[float, float]] = []     # what the vCPU's link records per paging request
         self.link = SimpleNamespace(gate_requests=False, took=lambda vt, done: self.stalls.append((vt, done)))
         self.chained = 0
+        self.chained_faults = 0
+        self.host: LocalHypervisor | None = None        # the EPT faults a chain carries go here
 
     def _read_now(self, blk: int, vt: float) -> tuple[int, float]:
         inner = self.inner
         inner.io_counts[0] += 1
         inner.io_counts[2] += 1
         return int(inner.tokens[blk]), float(inner.model.submit(vt, 1))
+
+    def _fault_now(self, gpfns: list[int], vt: float) -> tuple[list[int], float, bool]:
+        assert self.host is not None
+        self.chained_faults += 1
+        tokens, done = _now(LocalHypervisor.ept_fault(self.host, np.array(gpfns, np.int64), vt,
+                                                      np.ones(len(gpfns), bool)))
+        return tokens.tolist(), float(done), False
 
     async def read_one(self, blk: int, vt_us: float) -> tuple[int, float]:
         self.requests += 1
@@ -52,24 +96,36 @@ class ModelDisk(AwaitedDisk):
         return tok, done
 
     async def read_chain(self, blk: int, vt_us: float, chain: bytes,
-                         n_reads: int) -> tuple[int, float, list[tuple[float, float, int]]]:
+                         sizes: list[int]) -> tuple[int, float, list[tuple[float, float, np.ndarray]]]:
         self.requests += 1
         prog = check_program(0, chain)
         await asyncio.sleep(0)
         tok, done = self._read_now(blk, vt_us)
-        toks, times = run_chain(prog, vt_us, tok, done, self.chain, math.inf, self._read_now)
+        faults = self.chained_faults
+        toks, times = run_chain(prog, vt_us, tok, done, self.chain, math.inf, self._read_now,
+                                self._fault_now if self.host is not None else None)
         self.stalls.append((vt_us, times[0]))
-        self.chained += len(toks) - 1
-        assert len(toks) - 1 <= n_reads
-        return toks[0], times[0], [(times[2 * k + 1], times[2 * k + 2], toks[k + 1]) for k in range(len(toks) - 1)]
+        m = (len(times) - 1) // 2
+        self.chained += m - (self.chained_faults - faults)
+        assert m <= len(sizes) and len(toks) == 1 + sum(sizes[:m])
+        out, at = [], 1
+        for k in range(m):
+            out.append((times[2 * k + 1], times[2 * k + 2], np.array(toks[at:at + sizes[k]], np.uint64)))
+            at += sizes[k]
+        return toks[0], times[0], out
 
 
-def _kernel(policy: str, ram: int, chain: int, ref_us: float = 0.1) -> Any:
-    k, _ = build("compiled", policy, ram, [("db", "file", 96), ("log", "file", 64), ("heap", "anon", 96)],
-                 kernel_pages=8, host="awaited-null", remote_disk=False, meddle_seed=None, future=None,
-                 costs=CostModel(mem_ref_us=ref_us, page_zero_us=1.5, minor_fault_us=0.7))
-    k.blockdev = ModelDisk(k.config.disk_blocks, chain)
-    k._core = k._build_core()
+def _kernel(policy: str, ram: int, chain: int, ref_us: float = 0.1, cold: bool = False) -> Any:
+    """A guest kernel on the model disk; ``cold``: on a host that backs frames only when they fault."""
+    costs = CostModel(mem_ref_us=ref_us, page_zero_us=1.5, minor_fault_us=0.7)
+    layout = Layout([Region("db", "file", 96), Region("log", "file", 64), Region("heap", "anon", 96)])
+    cfg = KernelConfig(ram_pages=ram, layout=layout, policy=policy, kernel_pages=8, ws_sample_pages=8,
+                       ws_period_us=500.0, fault_around_pages=6)
+    disk = ModelDisk(cfg.disk_blocks, chain)
+    host: Any = ColdHost(ram, costs, disk.stalls) if cold else AwaitedNull()
+    if cold:
+        disk.host = host
+    k = GuestKernel(cfg, np.random.default_rng(3), disk, host, costs, engine="compiled", log=_quiet_log())
     k.enable_read_chain(chain)
     return k
 
@@ -94,17 +150,26 @@ async def _drive(k: Any, seed: int, ticks: int, tick_us: float) -> None:
 @pytest.mark.parametrize("policy", ["clock", "esc", "fifo", "lru"])
 @pytest.mark.parametrize("ram", [288, 200], ids=["roomy", "tight"])
 @pytest.mark.parametrize("tick_us, ref_us", [(150.0, 0.1), (1000.0, 0.1), (700.0, 13.7)])
-def test_a_chain_changes_nothing_but_the_round_trips(policy: str, ram: int, tick_us: float, ref_us: float) -> None:
+@pytest.mark.parametrize("cold", [False, True], ids=["backed", "cold"])
+def test_a_chain_changes_nothing_but_the_round_trips(policy: str, ram: int, tick_us: float, ref_us: float,
+                                                     cold: bool) -> None:
     """With references of 13.7 µs a tick's end falls inside runs of hits between two reads, where the
-    host's check of the run's last reference decides whether the next read is the guest's."""
-    plain, chained = _kernel(policy, ram, 0, ref_us), _kernel(policy, ram, 64, ref_us)
+    host's check of the run's last reference decides whether the next read is the guest's. On a cold
+    host the chains carry the fault-around EPT faults of the free frames they fill."""
+    plain, chained = _kernel(policy, ram, 0, ref_us, cold), _kernel(policy, ram, 64, ref_us, cold)
     assert plain.read_chain == 0 and chained.read_chain == 64
     asyncio.run(_drive(plain, 7, 60, tick_us))
     asyncio.run(_drive(chained, 7, 60, tick_us))
     assert_same(snapshot(plain), snapshot(chained), f"{policy} ram={ram} tick={tick_us} ref={ref_us}")
-    assert plain.blockdev.stalls == chained.blockdev.stalls        # every read's start and completion
+    # every read's and fault's start and completion, in order
+    assert plain.blockdev.stalls == chained.blockdev.stalls
     assert chained.blockdev.chained > 0
-    assert chained.blockdev.requests + chained.blockdev.chained == plain.blockdev.requests
+    saved = chained.blockdev.chained + chained.blockdev.chained_faults
+    assert chained.blockdev.requests + saved == plain.blockdev.requests + (
+        plain.hypervisor.calls - chained.hypervisor.calls if cold else 0)
+    if cold:
+        assert chained.blockdev.chained_faults > 0
+        assert chained.hypervisor.calls + chained.blockdev.chained_faults == plain.hypervisor.calls
 
 
 def test_chains_stop_where_the_deadline_cuts_the_batch() -> None:
@@ -135,6 +200,26 @@ def test_an_answer_the_core_does_not_ask_for_stops_the_run() -> None:
         return tok, done, [(s + 1.0, d, t) for s, d, t in more]   # each chained read one µs late
     disk.read_chain = lying
     with pytest.raises(ReadChainDiverged, match="answered a read of block"):
+        asyncio.run(_drive(k, 7, 20, 1000.0))
+
+
+def test_a_run_that_ends_while_answers_are_on_their_way_stops_the_vcpu_as_a_request_would() -> None:
+    """The host ends the run (RunEnd stops the vCPU's gate) after answering a chain: the next request the
+    core makes would stop at the gate, so the replay stops there too, not as a divergence."""
+    k = _kernel("clock", 288, 64)
+    gate = VcpuGate()
+    gate.open(TickStart(0, 0.0, 10**9))
+    disk = k.blockdev
+    disk.link = SimpleNamespace(gate_requests=True, gate=gate, took=lambda vt, done: None)
+    real = disk.read_chain
+
+    async def ending(blk: int, vt_us: float, chain: bytes, sizes: list[int]) -> Any:
+        got = await real(blk, vt_us, chain, sizes)
+        if got[2]:
+            gate.stop("run ended")
+        return got
+    disk.read_chain = ending
+    with pytest.raises(VcpuStopped, match="run ended"):
         asyncio.run(_drive(k, 7, 20, 1000.0))
 
 
@@ -171,6 +256,27 @@ def test_the_host_runs_the_program_as_the_core_counts() -> None:
     assert run_chain(prog, 1.0, 55, 20.0, 64, 1e9, lambda b, v: None)[0] == [55]
 
 
+def test_the_host_runs_a_chained_fault_and_stops_after_one_the_gate_cut() -> None:
+    faults: list[tuple[list[int], float]] = []
+
+    def read(blk: int, vt: float) -> tuple[int, float]:
+        return 100 + blk, vt + 10.0
+
+    def fault(gpfns: list[int], vt: float) -> tuple[list[int], float, bool]:
+        faults.append((gpfns, vt))
+        return [0] * len(gpfns), vt + 3.0, len(faults) == 2
+
+    prog = _program((EPT_PAGE, 5.0), (EPT_PAGE, 6.0), (EPT, 2.0), (ADD, 0.5), (CHECK, 0.0), (READ, 7.0),
+                    (EPT_PAGE, 9.0), (EPT, 1.0), (ADD, 0.5), (CHECK, 0.0), (READ, 8.0))
+    toks, times = run_chain(prog, 1.0, 55, 20.0, 64, 1e9, read, fault)
+    # the fault at 20 (done 23), +0.5, read 7 at 23.5 (done 33.5), the fault at 33.5: cut short, so no read 8
+    assert faults == [([5, 6], 20.0), ([9], 33.5)]
+    assert toks == [55, 0, 0, 107, 0] and times == [20.0, 20.0, 23.0, 23.5, 33.5, 33.5, 36.5]
+    # a host that cannot fault now stops the chain before the fault
+    assert run_chain(prog, 1.0, 55, 20.0, 64, 1e9, read, lambda g, v: None) == ([55], [20.0])
+    assert run_chain(prog, 1.0, 55, 20.0, 64, 1e9, read) == ([55], [20.0])
+
+
 @pytest.mark.parametrize("chain, why", [
     (b"\0" * 8, "bytes"),
     (np.array([1.0, 0.1] + [ADD, 1.0] * (MAX_PAIRS + 1), "<f8").tobytes(), f"1 to {MAX_PAIRS}"),
@@ -178,6 +284,10 @@ def test_the_host_runs_the_program_as_the_core_counts() -> None:
     (np.array([1.0, 0.1, READ, -1.0], "<f8").tobytes(), "finite number"),
     (np.array([1.0, 0.1, ADD, math.nan], "<f8").tobytes(), "finite number"),
     (np.array([1.0, math.inf, ADD, 1.0], "<f8").tobytes(), "finite number"),
+    (np.array([1.0, 0.1, EPT_PAGE, 4.0, EPT, 2.0], "<f8").tobytes(), "EPT of 2.0 pages after 1"),
+    (np.array([1.0, 0.1, EPT, 0.0], "<f8").tobytes(), "EPT of 0.0 pages after 0"),
+    (np.array([1.0, 0.1, EPT_PAGE, 4.0, ADD, 1.0], "<f8").tobytes(), "without their EPT"),
+    (np.array([1.0, 0.1, ADD, 1.0, EPT_PAGE, 4.0], "<f8").tobytes(), "ends in EPT_PAGEs"),
     (np.array([math.nan, 0.1, ADD, 1.0], "<f8").tobytes(), "finite number"),
 ])
 def test_a_malformed_program_is_refused(chain: bytes, why: str) -> None:
@@ -188,7 +298,7 @@ def test_a_malformed_program_is_refused(chain: bytes, why: str) -> None:
 def _counts(run_dir: Any) -> dict[str, Any]:
     summary = json.loads((run_dir / "summary.json").read_text())
     v = summary["variants"]["default"]
-    host = {k: x for k, x in v["host"].items() if k != "vdisk_chained_reads"}
+    host = {k: x for k, x in v["host"].items() if k not in ("vdisk_chained_reads", "vdisk_chained_faults")}
     return {"guests": v["guests"], "host": host, "status": v["status"]}
 
 
@@ -206,3 +316,4 @@ def test_a_run_with_chains_counts_as_one_without(tmp_path: Any) -> None:
     chained = json.loads((runs[64] / "summary.json").read_text())["variants"]["default"]["host"]
     unchained = json.loads((runs[0] / "summary.json").read_text())["variants"]["default"]["host"]
     assert chained["vdisk_chained_reads"] > 0 and unchained["vdisk_chained_reads"] == 0
+    assert chained["vdisk_chained_faults"] > 0 and unchained["vdisk_chained_faults"] == 0
