@@ -137,8 +137,9 @@ class HostTable(Table):
     uncooperative_ticks: Annotated[int, Meta(
         description="no balloon progress for this long: fall back to host swapping", ge=1)] = 50
     read_chain: Annotated[int, Meta(
-        description="file reads a guest may chain onto one DiskRead when they certainly follow it "
-                    "(deterministic order only; 0: one round trip per read). The counts do not change",
+        description="file reads a guest may chain onto one DiskRead when they certainly follow it, with the "
+                    "EPT faults of the free frames they fill (deterministic order only; 0: one round trip per "
+                    "request). The counts do not change",
         ge=0, le=4096)] = 64
     request_order: Annotated[str, Meta(
         description="the order the host serves requests in: deterministic (default; same seed, same counts) | "
