@@ -75,6 +75,8 @@ def check_program(guest_id: int, chain: bytes) -> list[float]:
         pages = 0
         for op, x in zip(ops, values):
             if op == EPT_PAGE:
+                if x != int(x):
+                    raise BadBatch(f"guest {guest_id}: DiskRead.chain has an EPT_PAGE of gpfn {x!r}")
                 pages += 1
             elif op == EPT:
                 if x != pages or not pages:

@@ -286,6 +286,7 @@ def test_the_host_runs_a_chained_fault_and_stops_after_one_the_gate_cut() -> Non
     (np.array([1.0, math.inf, ADD, 1.0], "<f8").tobytes(), "finite number"),
     (np.array([1.0, 0.1, EPT_PAGE, 4.0, EPT, 2.0], "<f8").tobytes(), "EPT of 2.0 pages after 1"),
     (np.array([1.0, 0.1, EPT, 0.0], "<f8").tobytes(), "EPT of 0.0 pages after 0"),
+    (np.array([1.0, 0.1, EPT_PAGE, 4.5, EPT, 1.0], "<f8").tobytes(), "EPT_PAGE of gpfn 4.5"),
     (np.array([1.0, 0.1, EPT_PAGE, 4.0, ADD, 1.0], "<f8").tobytes(), "without their EPT"),
     (np.array([1.0, 0.1, ADD, 1.0, EPT_PAGE, 4.0], "<f8").tobytes(), "ends in EPT_PAGEs"),
     (np.array([math.nan, 0.1, ADD, 1.0], "<f8").tobytes(), "finite number"),
