@@ -80,7 +80,8 @@ def check_program(guest_id: int, chain: bytes) -> list[float]:
                 pages += 1
             elif op == EPT:
                 if x != pages or not pages:
-                    raise BadBatch(f"guest {guest_id}: DiskRead.chain has an EPT of {x!r} pages after {pages} EPT_PAGEs")
+                    raise BadBatch(f"guest {guest_id}: DiskRead.chain has an EPT of {x!r} pages "
+                                   f"after {pages} EPT_PAGEs")
                 pages = 0
             elif pages:
                 raise BadBatch(f"guest {guest_id}: DiskRead.chain has EPT_PAGEs without their EPT")

@@ -270,7 +270,8 @@ def _compile(cls: type, spec: dict[str, str]) -> None:
                     f"{indent}else:",
                     f"{indent}    {v} = _check{i}(_NAME, {name!r}, {v})"]
         if kind in _PASSES:
-            return [f"{indent}if not ({_PASSES[kind].format(v=v)}):", f"{indent}    {v} = _check{i}(_NAME, {name!r}, {v})"]
+            return [f"{indent}if not ({_PASSES[kind].format(v=v)}):",
+                    f"{indent}    {v} = _check{i}(_NAME, {name!r}, {v})"]
         return [f"{indent}{v} = _check{i}(_NAME, {name!r}, {v})"]
 
     for i, (name, kind) in enumerate(spec.items()):
@@ -294,7 +295,8 @@ def _compile(cls: type, spec: dict[str, str]) -> None:
         for i, (name, kind) in enumerate(spec.items()):
             if name in defaults:
                 part += ["        try:", f"            v{i} = body[{name!r}]", "            found += 1",
-                         "        except KeyError:", f"            v{i} = _default{name}", f"            given{i} = False",
+                         "        except KeyError:", f"            v{i} = _default{name}",
+                         f"            given{i} = False",
                          "        else:", f"            given{i} = True"]
                 checks += [f"        if given{i}:"] + check(i, name, kind, "            ")
             else:
