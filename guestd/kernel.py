@@ -571,8 +571,7 @@ class GuestKernel:
                       ) -> tuple[np.ndarray, float]:
         """``_ept_fault`` answered ahead: the same books (every page fresh, as the chain's fault said)."""
         g = gs.astype(np.int64)
-        fr = self.frames
-        n_fresh = int(np.count_nonzero((fr.vpage[g] < 0) & (fr.kind[g] == _FREE))) if self._hyp_fresh else -1
+        n_fresh = int(np.count_nonzero(self._fresh(g))) if self._hyp_fresh else -1
         if n_fresh != g.size:
             raise self._diverged(chained, f"an EPT fault of {g.size} pages, {n_fresh} of them fresh")
         _, done, toks = self._replayed(chained, tuple(g.tolist()), f"an EPT fault of gpfns {g.tolist()[:4]}...")
@@ -1084,15 +1083,20 @@ class GuestKernel:
         """
         if not self._hyp_fresh:
             return await self.hypervisor.ept_fault(gs, self.vt_us)
-        g = gs.astype(np.int64)
-        fr = self.frames
-        fresh = fr.vpage[g] < 0
-        fresh &= fr.kind[g] == _FREE
+        fresh = self._fresh(gs)
         n_fresh = int(np.count_nonzero(fresh))
         if not n_fresh:
             return await self.hypervisor.ept_fault(gs, self.vt_us)
         self.counters.ept_fresh_pages += n_fresh
         return await self.hypervisor.ept_fault(gs, self.vt_us, fresh=fresh)
+
+    def _fresh(self, gs: np.ndarray) -> np.ndarray:
+        """Which of frames ``gs`` hold no page (free, not soft-reclaimed): the host restores nothing for them."""
+        g = gs.astype(np.int64, copy=False)
+        fr = self.frames
+        fresh = fr.vpage[g] < 0
+        fresh &= fr.kind[g] == _FREE
+        return fresh
 
     def _resize_policy(self) -> None:
         self.policy.resize(self.config.ram_pages - self.config.kernel_pages - len(self._balloon))

@@ -117,9 +117,8 @@ class RemoteBlockDevice:
         token and completion, and (start, completion, tokens) of each chained request the host served."""
         vt = float(vt_us)
         link = self.link
-        if link.gate_requests and not link.gate.is_open(vt):
-            await link.gate.admit(vt)
-        reply = await link.conn.call(DiskRead(np.array([blk], _U64), vt, chain))
+        # the stall is the first read's (done_vt_us is the last request's): recorded below
+        reply = await link.call(DiskRead(np.array([blk], _U64), vt, chain), vt, stall=False)
         assert isinstance(reply, DiskReadReply)
         tokens = reply.tokens
         if not reply.chain_vt_us:

@@ -592,15 +592,15 @@ class HostMemory(Guests, Boundary, Releases, BitsAndPins, Readout):
         def read(blk: int, vt: float) -> tuple[int, float] | None:
             if not 0 <= blk < vd.n_blocks:
                 return None
-            bound = vd.need_bound_one(blk)
-            if bound and pool.grant_left(guest_id) < bound:   # it might wait for room: not in a chain
+            need = vd.need_bound_one(blk)
+            if need and pool.grant_left(guest_id) < need:   # it might wait for room: not in a chain
                 return None
-            start_us, need = vd.fit_one(blk, vt)
-            if need and not self._room_ok(need, False, g):
-                raise InvariantViolation(f"guest {guest_id}: chained read of block {blk} needs {need} frames, "
-                                         f"more than its grant held ({bound} at most)")
-            tokens, done = vd.read_one_reply(blk, start_us)
-            return int(tokens[0]), float(done)
+            got = self.vdisk_read_now(guest_id, blk.to_bytes(8, "little"), vt)
+            if type(got) is not tuple:
+                got.close()
+                raise InvariantViolation(f"guest {guest_id}: chained read of block {blk} waited for room "
+                                         f"its grant held ({need} frames)")
+            return int(got[0][0]), float(got[1])
 
         def fault(gpfns: list[int], vt: float) -> tuple[list[int], float, bool] | None:
             nonlocal faults

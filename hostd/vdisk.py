@@ -318,13 +318,10 @@ class VirtualDisk:
 
         One call for the usual request; a hit needs no room and drops nothing.
         """
-        if self.mode == "none":
-            return float(vt_us), 1
-        if self._v_state[block] != _NOT_CACHED:
-            return float(vt_us), 0
+        n = self.need_bound_one(block)
+        if n == 0 or self.mode == "none":
+            return float(vt_us), n
         cp = self.cluster_pages
-        b0 = block - block % cp
-        n = min(b0 + cp, self.n_blocks) - b0
         allowance = self.allowance_pages
         over = self.cached_pages + n - allowance
         if over <= 0:
@@ -333,7 +330,7 @@ class VirtualDisk:
         return self.release_clusters(over, vt_us, keep=block // cp, dirty_too=True), n
 
     def need_bound_one(self, block: int) -> int:
-        """The most frames ``fit_one`` can ask for ``block`` (0: a hit), without changing anything."""
+        """The frames ``fit_one`` asks for ``block`` (0: a hit), found without changing anything."""
         if self.mode == "none":
             return 1
         if self._v_state[block] != _NOT_CACHED:
