@@ -172,8 +172,8 @@ class Machine:
     def tick_started(self, tick: int, vt_us: int) -> None:
         # Before the discipline releases requests held across the boundary: they run in this tick. In the
         # run's last tick the guests let a fault in flight finish whole (guestd/gate.py): so does the host.
-        bounded = self.discipline.guests_park_at_gate and tick < self.cfg.ticks - 1
-        self.mem.open_tick(vt_us + self.cfg.tick_us if bounded else None)
+        parks = self.discipline.guests_park_at_gate
+        self.mem.open_tick(vt_us + self.cfg.tick_us if parks else None, bound_faults=tick < self.cfg.ticks - 1)
         self.discipline.tick_started(tick, vt_us, self.mem)
 
     async def end_tick(self, tick: int, vt_us: int) -> Callable[[], None] | None:

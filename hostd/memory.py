@@ -419,7 +419,7 @@ class HostMemory(Guests, Boundary, Releases, BitsAndPins, Readout):
 
     # -- faults bounded by the tick's end ------------------------------------------
 
-    def open_tick(self, tick_end_us: float | None) -> None:
+    def open_tick(self, tick_end_us: float | None, *, bound_faults: bool = True) -> None:
         """The tick now running ends at ``tick_end_us``, where the guests park (None: they do not).
 
         A fault of several pages is then served as the vCPU would take them,
@@ -429,8 +429,14 @@ class HostMemory(Guests, Boundary, Releases, BitsAndPins, Readout):
         ``LATER_TOKEN`` and the guest faults them again in the next tick. One
         message of hundreds of host-swapped pages used to read them all, one
         after another, 10-40 virtual ms past the tick's end.
+
+        Without ``bound_faults`` (the run's last tick, where a guest lets the fault in flight finish
+        whole) faults are not cut; read chains still stop at ``tick_end_us``, where the vCPU stops
+        sending requests of its own accord.
         """
-        self.fault_gate_us = None if tick_end_us is None else float(tick_end_us)
+        end = None if tick_end_us is None else float(tick_end_us)
+        self.chain_gate_us = end
+        self.fault_gate_us = end if bound_faults else None
 
     def _fault_gate(self, vt_us: float) -> float | None:
         """The gate a fault sent at ``vt_us`` stops at; None: unbounded (no ticks, or sent past the gate:
@@ -580,7 +586,7 @@ class HostMemory(Guests, Boundary, Releases, BitsAndPins, Readout):
         not wait are chained; ``can_fault`` says whether an EPT fault may go now (no shootdown of this
         guest waiting to settle)."""
         tokens0, done0 = first
-        gate = self.fault_gate_us
+        gate = self.chain_gate_us
         if gate is None or self.read_chain <= 0:
             return tokens0, done0, b""
         g = self._guest(guest_id)

@@ -17,7 +17,7 @@ the guest would have asked for one round trip at a time, at the same
 virtual times; the guest replays its batch with the answers and checks each
 read's block and start against its own clock.
 
-The host stops early, never late: at the tick's end (``fault_gate_us``),
+The host stops early, never late: at the tick's end (``chain_gate_us``),
 after ``limit`` reads, before a read or fault that could have to wait (for
 room, or for a shootdown of this guest to settle: a wait could mean a
 shootdown, which must find the guest where the request it waits for left

@@ -169,6 +169,8 @@ class MemoryBooks:
         self.sharing: Any = None
         # The end of the tick now running, when the guests park at it (``open_tick``); None: faults unbounded.
         self.fault_gate_us: float | None = None
+        # Where read chains stop: the tick's end, also in the run's last tick (where faults are unbounded).
+        self.chain_gate_us: float | None = None
         # Reads a guest may chain onto one DiskRead (hostd.readchain); 0: none. Assembly sets it.
         self.read_chain = 0
 
