@@ -467,7 +467,7 @@ class GuestKernel:
             op, a, b = core.start(np.ascontiguousarray(p), np.ascontiguousarray(w), deadline_us)
             while op != _OP_DONE:
                 if chained and op == _OP_READ:
-                    start, done, toks = self._replayed(chained, int(a), f"a read of block {a}")
+                    start, done, toks = self._replayed(chained, int(a))
                     op, a, b = core.resume_read(int(toks[0]), done)
                     continue
                 if chained and op != _OP_EPT:
@@ -552,9 +552,10 @@ class GuestKernel:
         chained.extend((asked[k], *more[k]) for k in range(len(more) - 1, -1, -1))
         return tok, done
 
-    def _replayed(self, chained: list[tuple[Any, float, float, np.ndarray]], key: Any,
-                  what: str) -> tuple[float, float, np.ndarray]:
-        """The next answer ahead, if it is for this request at this clock inside the gate; else the run stops."""
+    def _replayed(self, chained: list[tuple[Any, float, float, np.ndarray]], key: Any
+                  ) -> tuple[float, float, np.ndarray]:
+        """The next answer ahead, if it is for request ``key`` (a block, or a fault's gpfns) at this clock
+        inside the gate; else the run stops."""
         want, start, done, toks = chained[-1]
         vt = self.vt_us
         link = self.blockdev.link
@@ -562,6 +563,7 @@ class GuestKernel:
             # the run ended while the answers were on their way: the request would stop at the gate
             raise VcpuStopped(link.gate.stopped)
         if want != key or vt != start or not self._gate_open(vt):
+            what = f"an EPT fault of gpfns {list(key)[:4]}..." if type(key) is tuple else f"a read of block {key}"
             raise self._diverged(chained, f"{what} at {vt!r} µs")
         chained.pop()
         self.blockdev.link.took(start, done)
@@ -574,7 +576,7 @@ class GuestKernel:
         n_fresh = int(np.count_nonzero(self._fresh(g))) if self._hyp_fresh else -1
         if n_fresh != g.size:
             raise self._diverged(chained, f"an EPT fault of {g.size} pages, {n_fresh} of them fresh")
-        _, done, toks = self._replayed(chained, tuple(g.tolist()), f"an EPT fault of gpfns {g.tolist()[:4]}...")
+        _, done, toks = self._replayed(chained, tuple(g.tolist()))
         self.counters.ept_fresh_pages += n_fresh
         return toks, done
 

@@ -24,6 +24,11 @@ between them. Three request streams, each seeded:
   closed each tick) by the handlers the host installs, and its reply
   encoded: the host's request path without the socket system calls.
 
+- ``chain``: the ``wire`` path with read chains (``hostd.readchain``): each
+  ``DiskRead`` carries a program of 15 more one-page reads of the same file
+  (a reference's 1 µs between them), served in the guest's lane with its
+  grant, as a cold guest's reads are; µs per read, not per message.
+
 - ``cluster``: the scale benchmark's shape instead (``scenarios/scale.toml``
   at 64 guests: 8 MiB guests, host RAM not overcommitted, the default
   64 KiB clusters and cache budget): one-page reads of a 2 MiB file per
@@ -62,11 +67,12 @@ DISK_BLOCKS = 8192
 FILE_BLOCKS = 5120            # the 20 MiB database file
 CACHE_MAX_PAGES = 256         # [host] cache_max_mib = 1
 TICK_US = 10_000.0
-STREAMS = ("read", "write", "fault", "fault16", "cluster", "wire")   # appended only: a stream's index seeds it
+STREAMS = ("read", "write", "fault", "fault16", "cluster", "wire", "chain")   # appended only: a stream's index seeds it
+CHAIN_READS = 16              # reads per DiskRead in ``chain``: the first and 15 chained onto it
 FAULT_BATCH = 16              # pages per EPT fault message in ``fault16`` (the host-swap variant sends ~20)
 # Requests per 10 ms tick, as in the io-amplification variants (163 disk reads a tick; 9 faults of ~20
 # pages a tick, of which 1 in 70 reaches the tick's end and is cut).
-PER_TICK = {"read": 160, "write": 160, "fault": 160, "fault16": 10, "cluster": 384, "wire": 160}
+PER_TICK = {"read": 160, "write": 160, "fault": 160, "fault16": 10, "cluster": 384, "wire": 160, "chain": 160}
 
 
 class _Shape:
@@ -104,6 +110,8 @@ def _plan(stream: str, seed: int, requests: int, shape: _Shape) -> tuple[np.ndar
     gids = np.arange(requests) % shape.guests
     if stream == "fault16":
         pages = [rng.choice(shape.guest_pages, FAULT_BATCH, replace=False) for _ in range(requests)]
+    elif stream == "chain":
+        pages = [rng.choice(shape.file_blocks, CHAIN_READS, replace=False) for _ in range(requests)]
     else:
         pages = list(rng.integers(0, shape.guest_pages if stream == "fault" else shape.file_blocks, (requests, 1)))
     return gids.astype(np.int64), pages
@@ -181,7 +189,7 @@ class _HashingTransport:
 
 
 async def _drive_wire(world: _World, gids: np.ndarray, pages: list[np.ndarray], per_tick: int,
-                      shape: _Shape) -> tuple[float, Any]:
+                      shape: _Shape, chain: int = 0) -> tuple[float, Any]:
     from balloonlab.hostd.discipline.base import DisciplineContext
     from balloonlab.hostd.discipline.deterministic import DeterministicOrder
     from balloonlab.hostd.handlers import memory_requests
@@ -209,8 +217,15 @@ async def _drive_wire(world: _World, gids: np.ndarray, pages: list[np.ndarray], 
         conns.append(conn)
     enc = FrameEncoder()
     step_us = TICK_US / per_tick
-    frames = [enc.encode([0, i + 1, int(MsgType.DISK_READ), {"blocks": p.astype("<u8").tobytes(), "vt_us": i * step_us}])
-              for i, p in enumerate(pages)]
+    bodies = [{"blocks": p[:1].astype("<u8").tobytes(), "vt_us": i * step_us} for i, p in enumerate(pages)]
+    if chain:
+        from balloonlab.hostd.readchain import ADD, CHECK, READ
+        hm.read_chain = 64
+        for i, p in enumerate(pages):
+            steps = [x for b in p[1:].tolist() for x in (ADD, 1.0, CHECK, 0.0, READ, float(b))]
+            tick_end = (i * step_us // TICK_US + 1) * TICK_US     # the batch's deadline: the gate
+            bodies[i]["chain"] = np.array([tick_end, 0.1, *steps], "<f8").tobytes()
+    frames = [enc.encode([0, i + 1, int(MsgType.DISK_READ), b]) for i, b in enumerate(bodies)]
     gl = gids.tolist()
     tick, tick_end = 0, TICK_US
     order.tick_started(0, 0.0, hm)
@@ -240,6 +255,11 @@ def run_stream(stream: str, requests: int, seed: int = 42) -> tuple[float, str]:
     if stream == "wire":
         gids, pages = _plan("read", seed, requests, shape)
         cpu_s, digest = asyncio.run(_drive_wire(world, gids, pages, PER_TICK[stream], shape))
+    elif stream == "chain":
+        gids, pages = _plan(stream, seed, -(-requests // CHAIN_READS), shape)
+        cpu_s, digest = asyncio.run(_drive_wire(world, gids, pages, PER_TICK[stream], shape, chain=CHAIN_READS))
+        reads = sum(world.hm.vdisk(g).counters.read_requests for g in world.hm.guest_ids())
+        return cpu_s / reads * 1e6, digest
     else:
         gids, pages = _plan(stream, seed, requests, shape)
         cpu_s, digest = asyncio.run(_drive(world, stream, gids, pages, PER_TICK[stream], shape))
