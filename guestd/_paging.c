@@ -1128,10 +1128,17 @@ static void Core_dealloc(Core *c) {
  * completions, runs it (hostd/readchain.py): it serves each further read at
  * the clock the core would have sent it at, and stops where a check fails.
  * The EPT fault that backs a fault-around group of free frames holding no
- * page goes in too (the host restores nothing for it). The walk stops
- * before anything else (an eviction, any other EPT fault, a copy-on-write
- * break, a soft-reclaimed page, a swap read, the batch's end), so what it
- * asks for is exactly what the core would ask for one request at a time.
+ * page goes in too (the host restores nothing for it). So does the eviction
+ * of a clean page when no frame is free: which page the policy picks does
+ * not depend on the clock either, only on its state (hand, R and M bits,
+ * load order), so the walk runs the policy's own scan on copies of that
+ * state, and applies to the copies what drive() does to the real one on the
+ * way (the hits' R and M bits, the loads, the evictions); a clean eviction
+ * asks nothing of the host. The walk stops before anything else (a dirty
+ * victim, whose write is a request of its own; any other EPT fault, a
+ * copy-on-write break, a soft-reclaimed page, a swap read, the batch's
+ * end), so what it asks for is exactly what the core would ask for one
+ * request at a time.
  *
  * Program: float64 [deadline (inf: none), mem_ref_us] then at most RC_MAX_PAIRS (op, value) pairs.
  */
@@ -1188,6 +1195,72 @@ static int rc_ept(Core *c, RcBuf *b, RcGroups *gr, int64_t g0) {
     return 1;
 }
 
+/* The policy's state as the walk leaves it: copies of what drive() changes on the way and the scan reads
+ * (resident, R, M; the hand, the ESC bitmap, the load order), in a Core whose policy state points at them,
+ * so that select_victim() runs on it as on the real one. mark[page]: 1 loaded by the walk, 2 evicted by it. */
+typedef struct {
+    Core tmp;
+    uint8_t *res, *R, *M, *mark;
+    uint64_t *esc;
+    int64_t *pfr;
+    int64_t pst[2];
+    int on;
+} RcPolicy;
+
+static void rc_policy_free(RcPolicy *s) {
+    free(s->res); free(s->R); free(s->M); free(s->mark); free(s->esc); free(s->pfr);
+}
+
+static int rc_policy_init(RcPolicy *s, Core *c) {
+    int64_t n = c->n_frames, nw = (n + 63) / 64;
+    memset(s, 0, sizeof(*s));
+    s->tmp = *c;
+    s->res = (uint8_t *)malloc((size_t)n + 1);     /* (+1: never a request for no bytes) */
+    s->R = (uint8_t *)malloc((size_t)n + 1);
+    s->M = (uint8_t *)malloc((size_t)n + 1);
+    s->mark = (uint8_t *)calloc((size_t)c->n_pages + 1, 1);
+    if (c->pkind == P_ESC) s->esc = (uint64_t *)malloc((size_t)nw * 8 + 8);
+    if (c->pkind == P_FIFO || c->pkind == P_LRU) s->pfr = (int64_t *)malloc((size_t)n * 8 + 8);
+    if (!s->res || !s->R || !s->M || !s->mark || (c->pkind == P_ESC && !s->esc)
+            || ((c->pkind == P_FIFO || c->pkind == P_LRU) && !s->pfr)) {
+        rc_policy_free(s);
+        PyErr_NoMemory();
+        return -1;
+    }
+    memcpy(s->res, c->resident, (size_t)n);
+    memcpy(s->R, c->R, (size_t)n);
+    memcpy(s->M, c->M, (size_t)n);
+    if (s->esc) memcpy(s->esc, c->esc_bits, (size_t)nw * 8);
+    if (s->pfr) memcpy(s->pfr, c->pframes, (size_t)n * 8);
+    if (c->pst) { s->pst[0] = c->pst[0]; s->pst[1] = c->pst[1]; }
+    s->tmp.resident = s->res;
+    s->tmp.R = s->R;
+    s->tmp.M = s->M;
+    s->tmp.esc_bits = s->esc;
+    s->tmp.pframes = s->pfr;
+    s->tmp.pst = s->pst;
+    s->on = 1;
+    return 0;
+}
+
+/* drive()'s PH_FINISH and policy_on_load, on the copies: page now in frame g, loaded by reference ref */
+static void rc_policy_load(RcPolicy *s, int64_t page, int64_t g, int write, int64_t ref) {
+    Core *t = &s->tmp;
+    s->res[g] = 1;
+    s->M[g] = (uint8_t)write;
+    s->R[g] = (uint8_t)t->load_sets_r;
+    if (t->pkind == P_FIFO) s->pfr[g] = s->pst[PS_SEQ]++;
+    else if (t->pkind == P_LRU) s->pfr[g] = ref;
+    s->mark[page] = 1;
+}
+
+/* the frame the walk has put page in, or -1 (the latest entry: a page evicted and loaded again has two) */
+static int64_t rc_spec_frame(const int64_t *spec, int64_t n_spec, int64_t page) {
+    for (int64_t k = n_spec - 1; k >= 0; k--)
+        if (spec[2 * k] == page) return spec[2 * k + 1];
+    return -1;
+}
+
 static PyObject *Core_lookahead(Core *c, PyObject *args) {
     long long max_reads;
     if (!PyArg_ParseTuple(args, "L", &max_reads)) return NULL;
@@ -1214,6 +1287,16 @@ static PyObject *Core_lookahead(Core *c, PyObject *args) {
     int win = 0;
     int err = rc_put(&b, c->has_deadline ? c->deadline : INFINITY, c->mem_ref_us) < 0;
     int go = !err;
+    /* every miss takes a frame: once the free ones run out, the walk evicts (a soft-reclaimed frame first
+     * would be taken instead: the walk stops there) */
+    RcPolicy pol;
+    pol.on = 0;
+    int64_t ref0 = c->ctr[C_REFS] - c->i;      /* the reference count at P[j] is ref0 + j */
+    if (go && nfree <= lim && c->ks[KS_SOFT_HEAD] < 0) {
+        if (rc_policy_init(&pol, c) < 0) err = 1;
+        else rc_policy_load(&pol, c->f_page, g0, c->f_write, c->f_ref);   /* the read in flight, once done */
+    }
+    uint8_t *mark = pol.on ? pol.mark : NULL;
     if (go && !c->backed[g0]) {     /* the read's frame is backed after it: the fault-around */
         int r = rc_ept(c, &b, &gr, g0);
         if (r < 0) err = 1;
@@ -1226,14 +1309,19 @@ static PyObject *Core_lookahead(Core *c, PyObject *args) {
         int64_t j = i, end = win == 0 ? i + 1 : (i + win < n ? i + win : n);
         for (; j < end; j++) {
             int64_t page = P[j], g = c->gpfn[page];
-            if (g < 0) {    /* a page this walk has loaded: its frame is backed and writable */
-                int found = 0;
-                for (int64_t k = 0; k < n_spec; k++)
-                    if (spec_page[2 * k] == page) { found = 1; break; }
-                if (!found) break;
-                continue;
+            int mk = mark ? mark[page] : 0;
+            if (mk == 2) break;                         /* evicted by this walk: a miss */
+            if (g < 0 || mk == 1) {     /* a page this walk has loaded: its frame is backed and writable */
+                g = rc_spec_frame(spec_page, n_spec, page);
+                if (g < 0) break;
+            } else if (!c->backed[g] || (W[j] && c->wp[g])) {
+                break;
             }
-            if (!c->backed[g] || (W[j] && c->wp[g])) break;
+            if (mark) {                 /* do_hit's marks, which the policy's next scan reads */
+                pol.R[g] = 1;
+                if (W[j]) pol.M[g] = 1;
+                if (c->pkind == P_LRU) pol.pfr[g] = ref0 + j;
+            }
         }
         if (j > i && rc_put(&b, RC_WIN, (double)(j - i)) < 0) { err = 1; break; }
         if (j == end) {
@@ -1244,13 +1332,35 @@ static PyObject *Core_lookahead(Core *c, PyObject *args) {
         /* a miss at j: what drive() does with it, if that does not depend on the clock */
         i = j;
         int64_t page = P[i];
-        if (c->gpfn[page] >= 0 || c->cached[page] >= 0 || nfree <= 0) break;
-        while (lo < c->n_frames && !c->free_mask[lo]) lo++;
-        if (lo >= c->n_frames) break;
-        int64_t g = lo++;
-        nfree--;
-        int backed = rc_backed(c, &gr, g);
-        if (c->backed[g] && c->wp[g]) break;                /* a copy-on-write break first */
+        if ((c->gpfn[page] >= 0 && !(mark && mark[page] == 2)) || c->cached[page] >= 0) break;
+        int64_t g;
+        int backed;
+        if (nfree > 0) {
+            while (lo < c->n_frames && !c->free_mask[lo]) lo++;
+            if (lo >= c->n_frames) break;
+            g = lo++;
+            nfree--;
+            backed = rc_backed(c, &gr, g);
+            if (c->backed[g] && c->wp[g]) break;            /* a copy-on-write break first */
+        } else {
+            if (!mark) break;
+            int64_t v = select_victim(&pol.tmp);            /* compiled policies only: never -2 */
+            if (v < 0 || pol.M[v]) break;                   /* no victim, or a dirty one: its write first */
+            if (!rc_backed(c, &gr, v) || c->wp[v]) break;   /* backed again, or broken, before the fill */
+            int64_t vp = -1;
+            for (int64_t k = n_spec - 1; k >= 0 && vp < 0; k--)
+                if (spec_page[2 * k + 1] == v && spec_page[2 * k] >= 0) vp = spec_page[2 * k];
+            if (vp < 0) vp = c->vpage[v];
+            if (vp < 0) break;      /* (a resident frame holds a page) */
+            for (int64_t k = 0; k < n_spec; k++)
+                if (spec_page[2 * k] == vp) spec_page[2 * k] = -1;
+            mark[vp] = 2;
+            pol.res[v] = 0;         /* PH_ALLOC, then PH_EVICT_BODY */
+            pol.R[v] = 0;
+            pol.M[v] = 0;
+            g = v;
+            backed = 1;
+        }
         if (rc_put(&b, RC_CHECK, 0.0) < 0) { err = 1; break; }
         if (c->on_disk[page]) {
             int64_t blk = c->block[page];
@@ -1269,6 +1379,7 @@ static PyObject *Core_lookahead(Core *c, PyObject *args) {
             keep = b.n;
         }
         if (rc_put(&b, RC_ADD, c->mem_ref_us) < 0) { err = 1; break; }
+        if (mark) rc_policy_load(&pol, page, g, W[i], ref0 + i);
         spec_page[2 * n_spec] = page;
         spec_page[2 * n_spec + 1] = g;
         n_spec++;
@@ -1278,6 +1389,7 @@ static PyObject *Core_lookahead(Core *c, PyObject *args) {
     }
     free(spec_page);
     free(glo);
+    if (pol.on) rc_policy_free(&pol);
     PyObject *out = NULL;
     if (!err) {
         if (keep == 0) { Py_INCREF(Py_None); out = Py_None; }

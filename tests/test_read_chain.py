@@ -148,7 +148,7 @@ async def _drive(k: Any, seed: int, ticks: int, tick_us: float) -> None:
 
 
 @pytest.mark.parametrize("policy", ["clock", "esc", "fifo", "lru"])
-@pytest.mark.parametrize("ram", [288, 200], ids=["roomy", "tight"])
+@pytest.mark.parametrize("ram", [288, 200, 40], ids=["roomy", "tight", "tiny"])
 @pytest.mark.parametrize("tick_us, ref_us", [(150.0, 0.1), (1000.0, 0.1), (700.0, 13.7)])
 @pytest.mark.parametrize("cold", [False, True], ids=["backed", "cold"])
 def test_a_chain_changes_nothing_but_the_round_trips(policy: str, ram: int, tick_us: float, ref_us: float,
@@ -181,6 +181,34 @@ def test_chains_stop_where_the_deadline_cuts_the_batch() -> None:
     per_request_short = k.blockdev.chained / k.blockdev.requests
     per_request_long = long.blockdev.chained / long.blockdev.requests
     assert per_request_short < per_request_long
+
+
+@pytest.mark.parametrize("policy", ["clock", "esc", "fifo", "lru"])
+def test_a_chain_goes_on_through_clean_evictions_and_stops_at_a_dirty_one(policy: str) -> None:
+    """Memory full of clean file pages; then one batch writes a new page and reads 38 more: every miss
+    evicts. The walk picks each victim with the policy's own scan on copies of its state. Clock, FIFO
+    and LRU come to the written page as their 32nd victim: it is dirty, its write-back is a request of
+    the guest's own, and the chain stops before it; ESC spares it (a modified page goes last)."""
+    runs = {}
+    for chain in (0, 64):
+        k = _kernel(policy, 40, chain)
+        free = int(np.count_nonzero(k.frames.kind == 0))
+        fill = np.arange(free, dtype=np.int64)                 # the db file's first pages: memory full
+        asyncio.run(k.access(fill, np.zeros(free, bool)))
+        assert int(np.count_nonzero(k.frames.kind == 0)) == 0
+        before = (k.blockdev.requests, k.blockdev.chained, int(k.counters.evictions))
+        pages = np.arange(free, free + 39, dtype=np.int64)
+        writes = np.zeros(39, bool)
+        writes[0] = True
+        asyncio.run(k.access(pages, writes))
+        runs[chain] = (k, before)
+    (plain, p0), (chained, c0) = runs[0], runs[64]
+    assert_same(snapshot(plain), snapshot(chained), policy)
+    assert plain.blockdev.stalls == chained.blockdev.stalls
+    assert int(chained.counters.evictions) - c0[2] == 39
+    assert int(chained.counters.writebacks) == (0 if policy == "esc" else 1)
+    assert chained.blockdev.chained - c0[1] >= 30          # the reads behind clean evictions went in chains
+    assert chained.blockdev.requests - c0[0] <= plain.blockdev.requests - p0[0] - 30
 
 
 def test_a_limit_of_one_chains_one_read_at_most() -> None:
