@@ -131,6 +131,8 @@ typedef struct {
     /* the backing in progress (ensure-backed loop, or one EPT fault) */
     int64_t eb_g, ept_n;
     int eb_cont, back_cont, cow_cont;
+    /* read chains through evictions: one byte per page, zero between walks (lookahead) */
+    uint8_t *rc_mark;
 } Core;
 
 /* ------------------------------------------------------------------ small helpers */
@@ -1105,6 +1107,8 @@ static int Core_clear(Core *c) {
     Py_CLEAR(c->policy);
     Py_CLEAR(c->lost_cb);
     Py_CLEAR(c->hits_cb);
+    free(c->rc_mark);
+    c->rc_mark = NULL;
     return 0;
 }
 
@@ -1197,33 +1201,46 @@ static int rc_ept(Core *c, RcBuf *b, RcGroups *gr, int64_t g0) {
 
 /* The policy's state as the walk leaves it: copies of what drive() changes on the way and the scan reads
  * (resident, R, M; the hand, the ESC bitmap, the load order), in a Core whose policy state points at them,
- * so that select_victim() runs on it as on the real one. mark[page]: 1 loaded by the walk, 2 evicted by it. */
+ * so that select_victim() runs on it as on the real one. mark[page] (the Core's, zero between walks): 1
+ * loaded by the walk, 2 evicted by it. The copies cost the guest's frames per chain, so a guest of more
+ * than RC_EVICT_MAX_FRAMES frames stops its chains at an eviction instead. */
+#define RC_EVICT_MAX_FRAMES (1 << 16)
 typedef struct {
     Core tmp;
     uint8_t *res, *R, *M, *mark;
     uint64_t *esc;
-    int64_t *pfr;
+    int64_t *pfr, *gone;    /* gone: the pages evicted, to clear their marks */
+    int64_t n_gone;
     int64_t pst[2];
     int on;
 } RcPolicy;
 
-static void rc_policy_free(RcPolicy *s) {
-    free(s->res); free(s->R); free(s->M); free(s->mark); free(s->esc); free(s->pfr);
+/* frees the copies and zeroes the marks the walk set (its pages: spec, n_spec; and those it evicted) */
+static void rc_policy_free(RcPolicy *s, const int64_t *spec, int64_t n_spec) {
+    if (s->mark) {
+        for (int64_t k = 0; k < n_spec; k++)
+            if (spec[2 * k] >= 0) s->mark[spec[2 * k]] = 0;
+        for (int64_t k = 0; k < s->n_gone; k++) s->mark[s->gone[k]] = 0;
+    }
+    free(s->res); free(s->R); free(s->M); free(s->esc); free(s->pfr); free(s->gone);
+    s->on = 0;
 }
 
-static int rc_policy_init(RcPolicy *s, Core *c) {
+static int rc_policy_init(RcPolicy *s, Core *c, int64_t lim) {
     int64_t n = c->n_frames, nw = (n + 63) / 64;
     memset(s, 0, sizeof(*s));
     s->tmp = *c;
+    if (c->rc_mark == NULL) c->rc_mark = (uint8_t *)calloc((size_t)c->n_pages + 1, 1);
+    s->mark = c->rc_mark;
     s->res = (uint8_t *)malloc((size_t)n + 1);     /* (+1: never a request for no bytes) */
     s->R = (uint8_t *)malloc((size_t)n + 1);
     s->M = (uint8_t *)malloc((size_t)n + 1);
-    s->mark = (uint8_t *)calloc((size_t)c->n_pages + 1, 1);
+    s->gone = (int64_t *)malloc((size_t)(lim + 2) * sizeof(int64_t));
     if (c->pkind == P_ESC) s->esc = (uint64_t *)malloc((size_t)nw * 8 + 8);
     if (c->pkind == P_FIFO || c->pkind == P_LRU) s->pfr = (int64_t *)malloc((size_t)n * 8 + 8);
-    if (!s->res || !s->R || !s->M || !s->mark || (c->pkind == P_ESC && !s->esc)
+    if (!s->res || !s->R || !s->M || !s->mark || !s->gone || (c->pkind == P_ESC && !s->esc)
             || ((c->pkind == P_FIFO || c->pkind == P_LRU) && !s->pfr)) {
-        rc_policy_free(s);
+        rc_policy_free(s, NULL, 0);
         PyErr_NoMemory();
         return -1;
     }
@@ -1292,8 +1309,8 @@ static PyObject *Core_lookahead(Core *c, PyObject *args) {
     RcPolicy pol;
     pol.on = 0;
     int64_t ref0 = c->ctr[C_REFS] - c->i;      /* the reference count at P[j] is ref0 + j */
-    if (go && nfree <= lim && c->ks[KS_SOFT_HEAD] < 0) {
-        if (rc_policy_init(&pol, c) < 0) err = 1;
+    if (go && nfree <= lim && c->ks[KS_SOFT_HEAD] < 0 && c->n_frames <= RC_EVICT_MAX_FRAMES) {
+        if (rc_policy_init(&pol, c, lim) < 0) err = 1;
         else rc_policy_load(&pol, c->f_page, g0, c->f_write, c->f_ref);   /* the read in flight, once done */
     }
     uint8_t *mark = pol.on ? pol.mark : NULL;
@@ -1355,6 +1372,7 @@ static PyObject *Core_lookahead(Core *c, PyObject *args) {
             for (int64_t k = 0; k < n_spec; k++)
                 if (spec_page[2 * k] == vp) spec_page[2 * k] = -1;
             mark[vp] = 2;
+            pol.gone[pol.n_gone++] = vp;
             pol.res[v] = 0;         /* PH_ALLOC, then PH_EVICT_BODY */
             pol.R[v] = 0;
             pol.M[v] = 0;
@@ -1387,9 +1405,9 @@ static PyObject *Core_lookahead(Core *c, PyObject *args) {
         i++;
         win = 0;
     }
+    if (pol.on) rc_policy_free(&pol, spec_page, n_spec);
     free(spec_page);
     free(glo);
-    if (pol.on) rc_policy_free(&pol);
     PyObject *out = NULL;
     if (!err) {
         if (keep == 0) { Py_INCREF(Py_None); out = Py_None; }
