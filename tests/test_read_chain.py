@@ -211,6 +211,33 @@ def test_a_chain_goes_on_through_clean_evictions_and_stops_at_a_dirty_one(policy
     assert chained.blockdev.requests - c0[0] <= plain.blockdev.requests - p0[0] - 30
 
 
+def test_a_chain_evicts_in_fifo_load_order_not_frame_order() -> None:
+    """FIFO evicts by load order. Here the first page the batch loads lands in the highest frame (freed
+    by a discard), so after the 31 pages loaded before the batch, the walk's 32nd victim is that frame,
+    not the lowest of the frames the walk filled since; the batch then touches both pages again, and
+    which of them misses decides the chain's reads: the walk must keep the load order as it loads."""
+    runs = {}
+    for chain in (0, 64):
+        k = _kernel("fifo", 40, chain)
+        free = int(np.count_nonzero(k.frames.kind == 0))
+        asyncio.run(k.access(np.arange(free - 1, dtype=np.int64), np.zeros(free - 1, bool)))
+        heap = 160                                              # the first anonymous page (Region "heap")
+        asyncio.run(k.access(np.array([heap], np.int64), np.ones(1, bool)))
+        assert int(np.count_nonzero(k.frames.kind == 0)) == 0
+        top = int(k.pt.gpfn[heap])
+        assert top == int(k.pt.gpfn[:free - 1].max()) + 1      # the highest frame in use
+        asyncio.run(k.discard(np.array([heap], np.int64)))
+        before = k.blockdev.chained
+        first = free - 1
+        pages = np.concatenate([np.arange(first, first + 33), [first, first + 1]]).astype(np.int64)
+        asyncio.run(k.access(pages, np.zeros(pages.size, bool)))
+        runs[chain] = (k, before)
+    (plain, _), (chained, c0) = runs[0], runs[64]
+    assert_same(snapshot(plain), snapshot(chained), "fifo")
+    assert plain.blockdev.stalls == chained.blockdev.stalls
+    assert chained.blockdev.chained - c0 >= 32
+
+
 def test_a_limit_of_one_chains_one_read_at_most() -> None:
     k = _kernel("clock", 288, 1)
     asyncio.run(_drive(k, 5, 20, 1000.0))
