@@ -3,9 +3,11 @@
 A guest's page-cache misses are one-block ``DiskRead``s, each a round trip
 the vCPU waits for. When the paging core hands a read back, it can tell
 what the batch will do once the read is done as far as that does not depend
-on when it is done: hits, zero-filled first touches and further file reads
-into free frames that are backed, and the EPT fault that backs a group of
-free frames holding no page (``guestd/_paging.c``, "read chains"). It
+on when it is done: hits, zero-filled first touches, further file reads
+into free frames that are backed or into frames a clean page's eviction
+frees (the policy picks it whatever the clock says), and the EPT fault that
+backs a group of free frames holding no page (``guestd/_paging.c``, "read
+chains"). It
 cannot tell *when* each further read starts, since that adds up the
 completions the host is about to compute; and the clock decides where the
 batch stops (the gate, a background point). So the guest sends, with the

@@ -105,13 +105,6 @@ class History:
             return self._ends[key]
         except KeyError:
             pass
-        if len(win) >= 2:
-            # the usual guest, in every sample of the window: no scan (per guest and tick)
-            first = win[0].guests.get(guest_id)
-            last = win[-1].guests.get(guest_id)
-            if first is not None and last is not None:
-                out = self._ends[key] = (first, last)
-                return out
         i = next((i for i, s in enumerate(win) if guest_id in s.guests), len(win))
         j = next((j for j in range(len(win) - 1, i, -1) if guest_id in win[j].guests), None)
         out = None if j is None else (win[i].guests[guest_id], win[j].guests[guest_id])
