@@ -6,6 +6,9 @@
  * with numpy that is about a dozen calls on arrays of one guest's pages, per
  * guest per tick; here it is one loop that skips the zero bytes.
  *
+ * An EPT fault of first touches (alloc_pages) takes a frame per page and writes
+ * both books the same way.
+ *
  * A disk cache miss loads a whole cluster (16 pages by default): 16 frames
  * taken off a free list and 16 entries of the frame pool's and the disk's
  * books written. alloc_run does that in one call, taking the frames in the
@@ -194,6 +197,72 @@ done:
     return result;
 }
 
+/* alloc_pages(stack, top, gpfns, kind, owner_guest, owner_index, token, pinned, accessed, kind_value, owner,
+ *             p2m_pinned, p2m_state, p2m_loc, state_value)
+ * An EPT fault's first touches: len(gpfns) frames off the stack's top (FramePool.alloc's order) for the
+ * gpfns, ascending, each holding a zero page, accessed, pinned as its gpfn; then P2M.set(gpfns, state_value,
+ * frames). Checked whole before anything changes. */
+static PyObject *mod_alloc_pages(PyObject *self, PyObject *args) {
+    PyObject *o[12];
+    Py_ssize_t top;
+    int kind_value, owner, state_value;
+    if (!PyArg_ParseTuple(args, "OnOOOOOOOiiOOOi", &o[0], &top, &o[1], &o[2], &o[3], &o[4], &o[5], &o[6],
+                          &o[7], &kind_value, &owner, &o[8], &o[9], &o[10], &state_value)) return NULL;
+    static const Py_ssize_t size[11] = {8, 8, 1, 4, 8, 8, 1, 1, 1, 1, 8};
+    static const int writable[11] = {0, 0, 1, 1, 1, 1, 1, 1, 0, 1, 1};
+    static const char *names[11] = {"stack", "gpfns", "kind", "owner_guest", "owner_index", "token", "pinned",
+                                    "accessed", "p2m_pinned", "p2m_state", "p2m_loc"};
+    Py_buffer b[11];
+    if (get_bufs(o, b, 11, size, writable, names) < 0) return NULL;
+    int got = 11;
+    PyObject *result = NULL;
+    Py_ssize_t n_frames = b[2].len, count = b[1].len / 8, n_pages = b[8].len;
+    if (b[3].len / 4 != n_frames || b[4].len / 8 != n_frames || b[5].len / 8 != n_frames || b[6].len != n_frames
+        || b[7].len != n_frames || b[9].len != n_pages || b[10].len / 8 != n_pages) {
+        PyErr_SetString(PyExc_ValueError, "alloc_pages: the pool's arrays or the p2m's arrays differ in length");
+        goto done;
+    }
+    if (top < count || top > b[0].len / 8) {
+        PyErr_Format(PyExc_ValueError, "alloc_pages: %zd frames off a stack of %zd (top %zd)", count,
+                     b[0].len / 8, top);
+        goto done;
+    }
+    const int64_t *stack = b[0].buf, *gpfns = b[1].buf;
+    for (Py_ssize_t i = 0; i < count; i++) {
+        int64_t f = stack[top - 1 - i], g = gpfns[i];
+        if (f < 0 || f >= n_frames) {
+            PyErr_Format(PyExc_IndexError, "alloc_pages: frame %lld on the stack is outside the pool's %zd",
+                         (long long)f, n_frames);
+            goto done;
+        }
+        if (g < 0 || g >= n_pages) {
+            PyErr_Format(PyExc_IndexError, "alloc_pages: gpfn %lld outside the p2m's %zd", (long long)g, n_pages);
+            goto done;
+        }
+    }
+    uint8_t *kind = b[2].buf, *pinned = b[6].buf, *accessed = b[7].buf, *p2m_state = b[9].buf;
+    const uint8_t *p2m_pinned = b[8].buf;
+    int32_t *owner_guest = b[3].buf;
+    int64_t *owner_index = b[4].buf, *p2m_loc = b[10].buf;
+    uint64_t *token = b[5].buf;
+    for (Py_ssize_t i = 0; i < count; i++) {
+        int64_t f = stack[top - 1 - i], g = gpfns[i];
+        kind[f] = (uint8_t)kind_value;
+        owner_guest[f] = owner;
+        owner_index[f] = g;
+        token[f] = 0;
+        accessed[f] = 1;
+        pinned[f] = p2m_pinned[g];
+        p2m_state[g] = (uint8_t)state_value;
+        p2m_loc[g] = f;
+    }
+    result = Py_None;
+    Py_INCREF(result);
+done:
+    while (got-- > 0) PyBuffer_Release(&b[got]);
+    return result;
+}
+
 /* release_run(frames, owner, kind, owner_guest, owner_index, token, accessed, dirty, pinned, busy, counts)
  * Every frame (each held by ``owner``, none free) becomes free with nothing in it; counts[kind] moves to
  * counts[0] (FREE). Checked whole before anything changes. The caller puts the frames on a free list. */
@@ -365,6 +434,10 @@ static PyMethodDef books_functions[] = {
      "alloc_run(stack, top, count, kind, owner_guest, owner_index, token, pinned, kind_value, owner, first, "
      "src_token, src_pinned, out_loc, out_state, state_value): count frames off the stack's top for entries "
      "first.. of a disk"},
+    {"alloc_pages", mod_alloc_pages, METH_VARARGS,
+     "alloc_pages(stack, top, gpfns int64, kind, owner_guest, owner_index, token, pinned, accessed, kind_value, "
+     "owner, p2m_pinned, p2m_state, p2m_loc, state_value): frames off the stack's top for first touches of "
+     "gpfns, zero-filled and accessed, set in the p2m"},
     {"release_run", mod_release_run, METH_VARARGS,
      "release_run(frames int64, owner, kind, owner_guest, owner_index, token, accessed, dirty, pinned, busy, "
      "counts): free frames held by owner, clearing what they held"},

@@ -27,7 +27,7 @@ from enum import IntEnum
 
 import numpy as np
 
-from ._books import alloc_run, release_run
+from ._books import alloc_pages, alloc_run, release_run
 from .errors import InvariantViolation
 
 _nz = np.count_nonzero   # on small masks a fraction of np.any's cost; truthy exactly when np.any is
@@ -285,6 +285,30 @@ class FramePool:
             return False
         alloc_run(stack, top, n, self.kind, self.owner_guest, self.owner_index, self.token, self.pinned, int(kind),
                   owner_guest, first, src_token, src_pinned, out_loc, out_state, state_value)
+        if g is None:
+            self._n_free = top - n
+        else:
+            g.n = top - n
+            g.taken += n
+            self._n_granted -= n
+        counts = self._kind_frames_mv
+        counts[_FREE] -= n
+        counts[kind] += n
+        return True
+
+    def alloc_pages(self, kind: FrameKind | int, owner_guest: int, gpfns: np.ndarray, p2m_pinned: np.ndarray,
+                    p2m_state: np.ndarray, p2m_loc: np.ndarray, state_value: int) -> bool:
+        """``alloc`` of a frame per gpfn (int64, ascending), each holding a zero page, accessed and pinned as
+        ``p2m_pinned`` says, then the p2m's ``set(gpfns, state_value, frames)``: one compiled pass, the same
+        frames in the same order. False (nothing changed) when the pool has too few for this owner."""
+        grants = self._grants
+        g = None if grants is None else grants.get(owner_guest)
+        stack, top = (self._free_stack, self._n_free) if g is None else (g.stack, g.n)
+        n = int(gpfns.size)
+        if top < n:
+            return False
+        alloc_pages(stack, top, gpfns, self.kind, self.owner_guest, self.owner_index, self.token, self.pinned,
+                    self.accessed, int(kind), owner_guest, p2m_pinned, p2m_state, p2m_loc, state_value)
         if g is None:
             self._n_free = top - n
         else:

@@ -505,7 +505,13 @@ class VirtualDisk:
         return IoResult(tokens, done, 0)
 
     def read_one_reply(self, block: int, vt_us: float) -> tuple[np.ndarray, float]:
-        """``read_one`` as the reply carries it, (tokens, done_vt_us): the one path both take.
+        """``read_one`` as the reply carries it, (tokens, done_vt_us): the one path both take."""
+        f, done = self.read_one_frame(block, vt_us)
+        return self.pool.token[f:f + 1].copy(), done
+
+    def read_one_frame(self, block: int, vt_us: float) -> tuple[int, float]:
+        """``read_one_reply`` as (the frame that holds the block now, done_vt_us): a read chain takes the
+        token from the frame itself, with no array of one on its way.
 
         Flattened (``_admit``, ``_load_cluster_of`` with ``_cache_in_one``,
         ``_hold`` and ``_touch_cluster`` inlined for a cluster of one block),
@@ -550,7 +556,7 @@ class VirtualDisk:
             c.cache_miss_pages += 1
             f = self._v_loc[block]
         self._touch_cluster(cl, float(vt_us))
-        return self.pool.token[f:f + 1].copy(), done
+        return f, done
 
     def _load_cluster_of(self, block: int, start_us: float) -> float:
         """``_load`` of the (uncached) cluster holding ``block``: one device request."""
