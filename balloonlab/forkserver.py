@@ -38,7 +38,6 @@ any level leaves nothing behind.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import errno
 import gc
 import json
@@ -79,11 +78,15 @@ def _preload() -> None:
         importlib.import_module(mod.name)
     from balloonlab.guestd.session import warm_up
     warm_up()   # the config classes' msgspec type information, built once here instead of in every guest
+    from balloonlab.proctitle import shared_libc
+    shared_libc()   # each child's prctl calls (its parent-death signal, its command line)
+    from balloonlab.guestd.__main__ import arg_parser
+    arg_parser()    # its objects, built here, stay shared: parse_args only reads them
 
 
 def _die_with_parent() -> None:
-    libc = ctypes.CDLL("libc.so.6", use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    from balloonlab.proctitle import shared_libc
+    shared_libc().prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def _send(sock: socket.socket, msg: dict[str, Any], fds: list[int] | None = None) -> None:

@@ -17,11 +17,12 @@ import ctypes
 import mmap
 from pathlib import Path
 
-__all__ = ["set_process_image"]
+__all__ = ["set_process_image", "shared_libc"]
 
 _PR_SET_MM = 35
 _PR_SET_MM_MAP = 14
 _keep: list[mmap.mmap] = []      # the new areas must live as long as the process
+_libc: list[ctypes.CDLL] = []     # loaded once: the fork server's, shared by every guest it forks
 
 
 class _MmMap(ctypes.Structure):
@@ -35,12 +36,22 @@ def _stat_fields() -> list[str]:
     return Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
 
 
+def shared_libc() -> ctypes.CDLL:
+    """libc, loaded once (with ``sbrk`` and ``prctl`` looked up): in the fork server before it forks, so
+    a guest does not load it again into pages of its own."""
+    if not _libc:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.sbrk.restype = ctypes.c_void_p
+        libc.prctl.restype = ctypes.c_int
+        _libc.append(libc)
+    return _libc[0]
+
+
 def set_process_image(argv: list[str], env: dict[str, str]) -> bool:
     """Show ``argv`` and ``env`` in /proc; True if both are shown exactly, False if only a space-joined title."""
     args = b"".join(a.encode(errors="surrogateescape") + b"\0" for a in argv)
     envb = b"".join(f"{k}={v}".encode(errors="surrogateescape") + b"\0" for k, v in env.items())
-    libc = ctypes.CDLL("libc.so.6", use_errno=True)
-    libc.sbrk.restype = ctypes.c_void_p
+    libc = shared_libc()
     f = _stat_fields()
     # MAP_PRIVATE: the kernel reads these areas only from anonymous private memory.
     buf = mmap.mmap(-1, max(1, len(args) + len(envb)), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)

@@ -11,6 +11,7 @@ traceback in the log).
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import stat
 import sys
@@ -56,7 +57,9 @@ def yield_to_host() -> None:
         pass   # a sandbox may forbid it; the guest only runs slower
 
 
-def main(argv: list[str] | None = None) -> int:
+@functools.cache
+def arg_parser() -> argparse.ArgumentParser:
+    """The command line's parser; built once (the fork server builds it before it forks the guests)."""
     ap = argparse.ArgumentParser(prog="python -m balloonlab.guestd", description="balloonlab guest")
     ap.add_argument("--address", required=True, help="the host's unix:PATH, PATH or tcp://HOST:PORT")
     ap.add_argument("--guest-id", required=True, type=int)
@@ -64,7 +67,11 @@ def main(argv: list[str] | None = None) -> int:
                     help="this guest's credential (0600), instead of BALLOONLAB_TOKEN in the environment")
     ap.add_argument("--log", type=Path, default=None, help="JSON-lines log file (default: stderr)")
     ap.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = arg_parser().parse_args(argv)
     if args.token_file is not None:
         try:
             token = read_token_file(args.token_file)
