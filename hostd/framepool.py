@@ -278,22 +278,12 @@ class FramePool:
         disk's) get the frame and ``state_value``. Nothing changes when the
         pool has fewer than ``n`` frames for this owner.
         """
-        grants = self._grants
-        g = None if grants is None else grants.get(owner_guest)
-        stack, top = (self._free_stack, self._n_free) if g is None else (g.stack, g.n)
+        g, stack, top = self._list_of(owner_guest)
         if top < n:
             return False
         alloc_run(stack, top, n, self.kind, self.owner_guest, self.owner_index, self.token, self.pinned, int(kind),
                   owner_guest, first, src_token, src_pinned, out_loc, out_state, state_value)
-        if g is None:
-            self._n_free = top - n
-        else:
-            g.n = top - n
-            g.taken += n
-            self._n_granted -= n
-        counts = self._kind_frames_mv
-        counts[_FREE] -= n
-        counts[kind] += n
+        self._took(g, top, n, kind)
         return True
 
     def alloc_pages(self, kind: FrameKind | int, owner_guest: int, gpfns: np.ndarray, p2m_pinned: np.ndarray,
@@ -301,14 +291,23 @@ class FramePool:
         """``alloc`` of a frame per gpfn (int64, ascending), each holding a zero page, accessed and pinned as
         ``p2m_pinned`` says, then the p2m's ``set(gpfns, state_value, frames)``: one compiled pass, the same
         frames in the same order. False (nothing changed) when the pool has too few for this owner."""
-        grants = self._grants
-        g = None if grants is None else grants.get(owner_guest)
-        stack, top = (self._free_stack, self._n_free) if g is None else (g.stack, g.n)
+        g, stack, top = self._list_of(owner_guest)
         n = int(gpfns.size)
         if top < n:
             return False
         alloc_pages(stack, top, gpfns, self.kind, self.owner_guest, self.owner_index, self.token, self.pinned,
                     self.accessed, int(kind), owner_guest, p2m_pinned, p2m_state, p2m_loc, state_value)
+        self._took(g, top, n, kind)
+        return True
+
+    def _list_of(self, owner_guest: int) -> tuple[_Grant | None, np.ndarray, int]:
+        """The free list an allocation for ``owner_guest`` takes from: (its grant or None, the stack, its top)."""
+        grants = self._grants
+        g = None if grants is None else grants.get(owner_guest)
+        return (None, self._free_stack, self._n_free) if g is None else (g, g.stack, g.n)
+
+    def _took(self, g: _Grant | None, top: int, n: int, kind: FrameKind | int) -> None:
+        """The books once ``n`` frames came off the top of ``g``'s list (None: the global stack) as ``kind``."""
         if g is None:
             self._n_free = top - n
         else:
@@ -318,7 +317,6 @@ class FramePool:
         counts = self._kind_frames_mv
         counts[_FREE] -= n
         counts[kind] += n
-        return True
 
     def alloc_one(self, kind: FrameKind | int, owner_guest: int, owner_index: int, token: int | None = None) -> int:
         """``alloc`` of one frame, in scalars (the one-page requests that dominate); -1 when the pool is dry.

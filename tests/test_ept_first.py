@@ -21,6 +21,7 @@ from balloonlab.hostd.errors import HostOutOfMemory
 from balloonlab.hostd.memory import HostMemory
 from balloonlab.proto.costs import CostModel
 from balloonlab.proto.tokens import LATER_TOKEN
+from tests.test_host_one_page import assert_same, in_lockstep, memory_books, reclaim_or_tick
 
 GUESTS, PAGES = 3, 1024
 TICK_US = 400.0
@@ -66,11 +67,9 @@ class World:
                 self.replies.append(("refused", str(exc)))
                 return
             self.replies.append((op, tokens.dtype.str, tokens.tolist(), done))
-        elif op == "reclaim":
-            got = await hm.reclaim(int(pages.size) + 2, vt_us)
-            self.replies.append((op, got.freed_frames, got.done_vt_us))
-        elif op == "tick":
-            hm.tick(vt_us)
+        else:
+            await reclaim_or_tick(hm, self.replies, op, pages, vt_us)
+        if op == "tick":
             end = (vt_us // TICK_US + 1) * TICK_US
             hm.open_tick(end, bound_faults=bool(pages.size % 2))
             if self.grants:
@@ -78,17 +77,7 @@ class World:
                     self.replies.append(("grant", g, hm.pool.grant(g, int(pages[0]) % 24)))
 
     def books(self) -> dict[str, Any]:
-        hm = self.hm
-        out: dict[str, Any] = {"snapshot": hm.snapshot(), "grants": [hm.pool.grant_left(g) for g in range(GUESTS)]}
-        for name in ("kind", "owner_guest", "owner_index", "token", "accessed", "dirty", "pinned", "busy",
-                     "_free_stack"):
-            out[f"pool.{name}"] = getattr(hm.pool, name).tolist()
-        for name in ("token", "used", "cached", "owner_guest"):
-            out[f"swap.{name}"] = getattr(hm.swap, name).tolist()
-        for g in hm.guest_ids():
-            p2m = hm.p2m(g)
-            out[f"{g}.p2m"] = (p2m.state.tolist(), p2m.loc.tolist())
-        return out
+        return {**memory_books(self.hm), "grants": [self.hm.pool.grant_left(g) for g in range(GUESTS)]}
 
 
 @pytest.mark.parametrize("grants", [False, True])
@@ -113,12 +102,8 @@ async def test_first_touch_faults_leave_the_books_as_the_array_path_does(seed: i
                 for w in (short, full):   # the guest wrote to them: their content changed
                     w.content[gid][pages] += np.uint64(1)
         vt_us += float(rng.integers(0, 120))
-        for w in (short, full):
-            await w.step(op, gid, pages, fresh, vt_us)
-        if i % 50 == 49:
-            assert short.books() == full.books(), f"books differ after request {i}"
-    assert short.replies == full.replies
-    assert short.books() == full.books()
+        await in_lockstep(short, full, i, op, gid, pages, fresh, vt_us)
+    assert_same(short, full)
     c = short.hm.counters
     # the short path was really taken, and the long one really had work of its own
     assert short.short_taken > 30 and c.swap_in_pages > 10 and c.ept_faults_cut > 0, \

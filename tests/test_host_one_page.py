@@ -21,6 +21,42 @@ from balloonlab.hostd.p2m import one_page_number, one_token
 GUESTS, PAGES, BLOCKS = 3, 40, 64
 
 
+def memory_books(hm: HostMemory) -> dict[str, Any]:
+    """The snapshot, every array of the frame pool (its free stack too) and of host swap, and each p2m."""
+    out: dict[str, Any] = {"snapshot": hm.snapshot()}
+    for name in ("kind", "owner_guest", "owner_index", "token", "accessed", "dirty", "pinned", "busy",
+                 "_free_stack"):
+        out[f"pool.{name}"] = getattr(hm.pool, name).tolist()
+    for name in ("token", "used", "cached", "owner_guest"):
+        out[f"swap.{name}"] = getattr(hm.swap, name).tolist()
+    for g in hm.guest_ids():
+        p2m = hm.p2m(g)
+        out[f"{g}.p2m"] = (p2m.state.tolist(), p2m.loc.tolist())
+    return out
+
+
+async def in_lockstep(a: Any, b: Any, i: int, *step: Any) -> None:
+    """Request ``i`` to both worlds; their books compared every 50 requests."""
+    for w in (a, b):
+        await w.step(*step)
+    if i % 50 == 49:
+        assert a.books() == b.books(), f"books differ after request {i}"
+
+
+async def reclaim_or_tick(hm: HostMemory, replies: list[Any], op: str, pages: np.ndarray, vt_us: float) -> None:
+    """A host-wide reclaim of a few more frames than ``pages`` (its reply into ``replies``), or a tick's end."""
+    if op == "reclaim":
+        got = await hm.reclaim(int(pages.size) + 2, vt_us)
+        replies.append((op, got.freed_frames, got.done_vt_us))
+    elif op == "tick":
+        hm.tick(vt_us)
+
+
+def assert_same(a: Any, b: Any) -> None:
+    assert a.replies == b.replies
+    assert a.books() == b.books()
+
+
 class World:
     def __init__(self, as_list: bool, cluster_pages: int) -> None:
         self.as_list = as_list
@@ -52,23 +88,14 @@ class World:
         elif op == "read":
             tokens, done = await hm.vdisk_read(gid, self.pages(pages.astype(np.uint64)), vt_us)
             self.replies.append((op, tokens.dtype.str, tokens.tolist(), done))
-        elif op == "reclaim":
-            got = await hm.reclaim(int(pages.size) + 2, vt_us)
-            self.replies.append((op, got.freed_frames, got.done_vt_us))
-        elif op == "tick":
-            hm.tick(vt_us)
+        else:
+            await reclaim_or_tick(hm, self.replies, op, pages, vt_us)
 
     def books(self) -> dict[str, Any]:
         hm = self.hm
-        out: dict[str, Any] = {"snapshot": hm.snapshot()}
-        for name in ("kind", "owner_guest", "owner_index", "token", "accessed", "dirty", "pinned", "busy",
-                     "_free_stack"):
-            out[f"pool.{name}"] = getattr(hm.pool, name).tolist()
-        for name in ("token", "used", "cached", "owner_guest"):
-            out[f"swap.{name}"] = getattr(hm.swap, name).tolist()
+        out = memory_books(hm)
         for g in hm.guest_ids():
-            p2m, vd = hm.p2m(g), hm.vdisk(g)
-            out[f"{g}.p2m"] = (p2m.state.tolist(), p2m.loc.tolist())
+            vd = hm.vdisk(g)
             out[f"{g}.vdisk"] = (vd.tokens.tolist(), vd.image.tolist(), vd.cache_state.tolist(),
                                  vd.cache_loc.tolist(), vd.dirty.tolist(), vd.cluster_stamp_us.tolist(),
                                  vd.cluster_cached.tolist(), vd.cached_pages, vd.iobuf_frames().tolist(),
@@ -94,12 +121,8 @@ async def test_one_page_requests_leave_the_books_as_the_array_paths_do(seed: int
             for w in (scalar, arrays):   # the guest wrote to it: its content changed
                 w.content[gid][pages] += np.uint64(1)
         vt_us += float(rng.integers(0, 300))
-        for w in (scalar, arrays):
-            await w.step(op, gid, pages, token, vt_us)
-        if i % 50 == 49:
-            assert scalar.books() == arrays.books(), f"books differ after request {i}"
-    assert scalar.replies == arrays.replies
-    assert scalar.books() == arrays.books()
+        await in_lockstep(scalar, arrays, i, op, gid, pages, token, vt_us)
+    assert_same(scalar, arrays)
     c = scalar.hm.counters
     assert c.swap_out_pages > 50 and c.swap_in_pages > 20 and c.direct_reclaims > 0   # it really was under pressure
     assert (scalar.hm.snapshot()["double_faults"] > 0) == (cluster_pages > 1)   # 1-page clusters: no RMW
