@@ -181,8 +181,8 @@ def host_main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str] | None = None, prog: str = "balloonlab-launch") -> int:
     # The scenario's checks import the host's modules, and with them structlog, which would import rich
-    # for console renderers the launcher never uses: ~0.1 s of CPU while the host and the fork server
-    # start on the same two cores (``balloonlab.proto.plainlog``).
+    # for console renderers the launcher never uses: ~30 ms of CPU (-X importtime) while the host and
+    # the fork server start on the same two cores (``balloonlab.proto.plainlog``).
     import_structlog()
     args = parse_args(argv, prog)
     if args.schema:
