@@ -34,6 +34,10 @@ between them. Three request streams, each seeded:
   64 KiB clusters and cache budget): one-page reads of a 2 MiB file per
   guest, each miss loading its 16-page cluster and dropping others from
   the guest's small share of the cache.
+- ``first16``: the same shape's EPT faults as a warming guest sends them:
+  16 pages a message, none touched before (at most every page of every
+  guest once, 8,192 faults): the first-touch path, a fault the tick's end
+  cuts now and then.
 
 Each stream prints µs of CPU (``time.process_time``) per request, the best of
 ``--repeat`` runs, and a digest of every reply and of the host's final books:
@@ -67,19 +71,21 @@ DISK_BLOCKS = 8192
 FILE_BLOCKS = 5120            # the 20 MiB database file
 CACHE_MAX_PAGES = 256         # [host] cache_max_mib = 1
 TICK_US = 10_000.0
-STREAMS = ("read", "write", "fault", "fault16", "cluster", "wire", "chain")   # appended only: a stream's index seeds it
+STREAMS = ("read", "write", "fault", "fault16", "cluster", "wire", "chain",
+           "first16")   # appended only: a stream's index seeds it
 CHAIN_READS = 16              # reads per DiskRead in ``chain``: the first and 15 chained onto it
 FAULT_BATCH = 16              # pages per EPT fault message in ``fault16`` (the host-swap variant sends ~20)
 # Requests per 10 ms tick, as in the io-amplification variants (163 disk reads a tick; 9 faults of ~20
 # pages a tick, of which 1 in 70 reaches the tick's end and is cut).
-PER_TICK = {"read": 160, "write": 160, "fault": 160, "fault16": 10, "cluster": 384, "wire": 160, "chain": 160}
+PER_TICK = {"read": 160, "write": 160, "fault": 160, "fault16": 10, "cluster": 384, "wire": 160, "chain": 160,
+            "first16": 96}
 
 
 class _Shape:
     """Guests, their memory and disks, the host: io-amplification's, or the scale benchmark's (``cluster``)."""
 
     def __init__(self, stream: str) -> None:
-        scale = stream == "cluster"
+        scale = stream in ("cluster", "first16")
         self.guests = 64 if scale else GUESTS
         self.guest_pages = 2048 if scale else GUEST_PAGES            # 8 MiB, or 32 MiB
         self.host_frames = self.guests * self.guest_pages if scale else HOST_FRAMES
@@ -110,6 +116,12 @@ def _plan(stream: str, seed: int, requests: int, shape: _Shape) -> tuple[np.ndar
     gids = np.arange(requests) % shape.guests
     if stream == "fault16":
         pages = [rng.choice(shape.guest_pages, FAULT_BATCH, replace=False) for _ in range(requests)]
+    elif stream == "first16":
+        # Each guest's pages in a seeded order, 16 a fault, never one twice: every fault a first touch.
+        per_guest = [rng.permutation(shape.guest_pages).reshape(-1, FAULT_BATCH) for _ in range(shape.guests)]
+        requests = min(requests, shape.guests * (shape.guest_pages // FAULT_BATCH))
+        gids = np.arange(requests) % shape.guests
+        pages = [per_guest[g][i // shape.guests] for i, g in enumerate(gids.tolist())]
     elif stream == "chain":
         pages = [rng.choice(shape.file_blocks, CHAIN_READS, replace=False) for _ in range(requests)]
     else:
@@ -263,6 +275,7 @@ def run_stream(stream: str, requests: int, seed: int = 42) -> tuple[float, str]:
     else:
         gids, pages = _plan(stream, seed, requests, shape)
         cpu_s, digest = asyncio.run(_drive(world, stream, gids, pages, PER_TICK[stream], shape))
+        requests = len(gids)      # (first16 runs out of untouched pages)
     return cpu_s / requests * 1e6, digest
 
 
