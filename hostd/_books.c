@@ -239,6 +239,10 @@ static PyObject *mod_alloc_pages(PyObject *self, PyObject *args) {
             PyErr_Format(PyExc_IndexError, "alloc_pages: gpfn %lld outside the p2m's %zd", (long long)g, n_pages);
             goto done;
         }
+        if (i > 0 && g <= gpfns[i - 1]) {   /* a gpfn twice would leave a frame that no gpfn maps */
+            PyErr_Format(PyExc_ValueError, "alloc_pages: gpfns not strictly ascending at %lld", (long long)g);
+            goto done;
+        }
     }
     uint8_t *kind = b[2].buf, *pinned = b[6].buf, *accessed = b[7].buf, *p2m_state = b[9].buf;
     const uint8_t *p2m_pinned = b[8].buf;

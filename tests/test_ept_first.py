@@ -18,7 +18,9 @@ import numpy as np
 import pytest
 
 from balloonlab.hostd.errors import HostOutOfMemory
+from balloonlab.hostd.framepool import FrameKind
 from balloonlab.hostd.memory import HostMemory
+from balloonlab.hostd.p2m import PageState
 from balloonlab.proto.costs import CostModel
 from balloonlab.proto.tokens import LATER_TOKEN
 from tests.test_host_one_page import assert_same, in_lockstep, memory_books, reclaim_or_tick
@@ -138,3 +140,15 @@ async def test_the_gate_cuts_where_the_array_path_does_to_the_last_bit(gate_us: 
     assert short_books == full_books
     served = 7 - short_reply[0].tolist().count(LATER_TOKEN)
     assert served == {None: 7, 2.5: 4, 100.0: 7}[gate_us]     # pages start at 0, 0.7, 1.4, 2.1 (< 2.5), 2.8
+
+
+def test_the_compiled_pass_refuses_gpfns_out_of_order_before_it_changes_anything() -> None:
+    hm = World(True, False).hm
+    p2m, pool = hm.p2m(0), hm.pool
+    before = (pool.kind.copy(), p2m.state.copy(), p2m.loc.copy(), pool.free_frames)
+    for bad in ([5, 5], [7, 3]):
+        with pytest.raises(ValueError, match="strictly ascending"):
+            pool.alloc_pages(FrameKind.GUEST, 0, np.array(bad, np.int64), p2m.pinned, p2m.state, p2m.loc,
+                             int(PageState.FRAME))
+    assert (pool.kind == before[0]).all() and (p2m.state == before[1]).all() and (p2m.loc == before[2]).all()
+    assert pool.free_frames == before[3]
