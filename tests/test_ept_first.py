@@ -23,7 +23,7 @@ from balloonlab.hostd.memory import HostMemory
 from balloonlab.hostd.p2m import PageState
 from balloonlab.proto.costs import CostModel
 from balloonlab.proto.tokens import LATER_TOKEN
-from tests.test_host_one_page import assert_same, in_lockstep, memory_books, reclaim_or_tick
+from tests.test_host_one_page import assert_same, guest_wrote, in_lockstep, memory_books, reclaim_or_tick
 
 GUESTS, PAGES = 3, 1024
 TICK_US = 400.0
@@ -99,10 +99,8 @@ async def test_first_touch_faults_leave_the_books_as_the_array_path_does(seed: i
         else:
             pages = rng.choice(PAGES, n, replace=False)
         fresh = np.packbits(rng.random(n) < 0.5).tobytes() if rng.random() < 0.5 else b""
-        if op == "fault":
-            if rng.random() < 0.5:
-                for w in (short, full):   # the guest wrote to them: their content changed
-                    w.content[gid][pages] += np.uint64(1)
+        if op == "fault" and rng.random() < 0.5:
+            guest_wrote(gid, pages, short, full)
         vt_us += float(rng.integers(0, 120))
         await in_lockstep(short, full, i, op, gid, pages, fresh, vt_us)
     assert_same(short, full)

@@ -35,6 +35,12 @@ def memory_books(hm: HostMemory) -> dict[str, Any]:
     return out
 
 
+def guest_wrote(gid: int, pages: np.ndarray, *worlds: Any) -> None:
+    """The guest wrote to ``pages``: their content changed, in every world alike."""
+    for w in worlds:
+        w.content[gid][pages] += np.uint64(1)
+
+
 async def in_lockstep(a: Any, b: Any, i: int, *step: Any) -> None:
     """Request ``i`` to both worlds; their books compared every 50 requests."""
     for w in (a, b):
@@ -118,8 +124,7 @@ async def test_one_page_requests_leave_the_books_as_the_array_paths_do(seed: int
         pages = rng.choice(limit, n, replace=False)
         token = int(rng.integers(1, 2**62))
         if op == "fault" and rng.random() < 0.5:
-            for w in (scalar, arrays):   # the guest wrote to it: its content changed
-                w.content[gid][pages] += np.uint64(1)
+            guest_wrote(gid, pages, scalar, arrays)
         vt_us += float(rng.integers(0, 300))
         await in_lockstep(scalar, arrays, i, op, gid, pages, token, vt_us)
     assert_same(scalar, arrays)
