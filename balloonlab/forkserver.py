@@ -317,4 +317,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from balloonlab.cli import exit_now
+    exit_now(main())

@@ -543,4 +543,5 @@ def _report_variant(r: VariantResult, err: Any = sys.stderr) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from balloonlab.cli import exit_now
+    exit_now(main())

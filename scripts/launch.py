@@ -1,7 +1,6 @@
 """``scripts/launch.py`` is ``balloonlab-launch``: host + N guests from a scenario (``balloonlab.launch``)."""
-import sys
-
+from balloonlab.cli import exit_now
 from balloonlab.launch import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())

@@ -100,3 +100,16 @@ def test_a_reader_that_goes_away_ends_analyze_quietly(forced_run: Path) -> None:
     assert len(json.dumps(json.loads((forced_run / "summary.json").read_text()), indent=2)) > 4096 + 1024
     assert "Traceback" not in err and "BrokenPipeError" not in err and len(err.strip().splitlines()) <= 1, err
     assert rc in (0, 141), rc
+
+
+def test_exit_now_flushes_both_streams_and_keeps_the_status() -> None:
+    # The launcher and the fork server end with it (no interpreter teardown): what they wrote last, with
+    # Python's own buffering on a pipe, must still arrive, and the status be sys.exit's.
+    code = ("import sys; from balloonlab.cli import exit_now\n"
+            "for _ in range(3000): sys.stdout.write('out-')\n"
+            "sys.stderr.write('err'); exit_now(int(sys.argv[1]))")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}   # the buffers under test
+    for status, want in ((0, 0), (2, 2), (258, 2)):
+        res = subprocess.run([sys.executable, "-c", code, str(status)], cwd=REPO, env=env, capture_output=True,
+                             text=True, timeout=60)
+        assert (res.returncode, len(res.stdout), res.stderr) == (want, 12000, "err"), res
