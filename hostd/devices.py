@@ -303,6 +303,11 @@ class Device:
         self.rebalanced = True
         if not self.lanes:
             return {}
+        if len(self.lanes) == 1:
+            return self._rebalance_one(tick_end_us, tick_us)
+        return self._rebalance_many(tick_end_us, tick_us)
+
+    def _rebalance_many(self, tick_end_us: float, tick_us: float) -> dict[int, float]:
         ids = sorted(self.lanes)
         qd = self.profile.queue_depth
         cap = qd * float(tick_us)
@@ -325,6 +330,23 @@ class Device:
             lane.demand_us = 0.0
             shares[gid] = share
         return shares
+
+    def _rebalance_one(self, tick_end_us: float, tick_us: float) -> dict[int, float]:
+        """``rebalance`` of a device with one lane (every guest's own disk), in scalars: the same float
+        operations as the general path with ``n = 1`` (``_max_min`` of one demand is ``min(demand, left / 1)``),
+        so the same share to the last bit, without its lists and sort at every tick of every guest."""
+        (gid, lane), = self.lanes.items()
+        qd = self.profile.queue_depth
+        cap = qd * float(tick_us)
+        floor = cap / (FLOOR_DIVISOR * 1)
+        saturated = lane.free_at_us[0] > tick_end_us or lane.demand_us >= SATURATED_FRACTION * lane.share * cap
+        demand = math.inf if saturated else max(0.0, lane.demand_us - floor)
+        give = min(demand, max(0.0, cap - floor * 1) / 1)
+        spare = (cap - floor * 1 - (0 + give)) / 1
+        share = (floor + give + spare) / cap
+        lane.resize(share, qd, tick_end_us)
+        lane.demand_us = 0.0
+        return {gid: share}
 
     def counters(self) -> dict[str, float]:
         return {"requests": self.requests, "pages": self.pages, "read_pages": self.read_pages,

@@ -1,6 +1,8 @@
 """Device profiles (read/write costs, hdd seeks) and shared devices: lanes with max-min fair shares."""
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 
@@ -166,3 +168,34 @@ async def test_shared_puts_disks_and_swap_files_on_one_device_in_per_guest_lanes
     assert sum(dev.share(g) for g in (0, 1)) == pytest.approx(1.0)
     assert guests.lost_pages == 0
     hm.check_invariant()
+
+
+def test_a_lone_lanes_rebalance_is_the_general_one_to_the_last_bit() -> None:
+    # Every guest's own disk has one lane and is rebalanced at every tick: its scalar path must give the
+    # share, speed and channels the general path gives (completion times hang on the last bit).
+    rng = np.random.default_rng(7)
+    for k in range(400):
+        prof = device_profile(("hdd", "ssd", "nvme")[k % 3])
+        one = Device(prof, expected_lanes=1)
+        one.add_lane(3)
+        lane = one.lanes[3]
+        # odd tick lengths too: there the share of a lone lane is 1.0 give or take its last bit
+        tick_us = float(rng.choice([1000.0, 10000.0, rng.uniform(1.0, 20000.0)]))
+        end = tick_us * int(rng.integers(1, 50))
+        for _ in range(int(rng.integers(1, 4))):        # a few ticks: shares below 1 after the floor, and back
+            lane.demand_us = float(rng.choice([0.0, rng.uniform(0, 2) * prof.queue_depth * tick_us,
+                                               0.9 * lane.share * prof.queue_depth * tick_us]))
+            lane.free_at_us = sorted(float(end + rng.uniform(-2, 1) * tick_us) for _ in lane.free_at_us)
+            many = copy.deepcopy(one)
+            got, want = one._rebalance_one(end, tick_us), many._rebalance_many(end, tick_us)
+            assert got == want and type(got[3]) is float
+            mine, theirs = one.lanes[3], many.lanes[3]
+            assert (mine.share, mine.speed, mine.free_at_us, mine.demand_us) == \
+                   (theirs.share, theirs.speed, theirs.free_at_us, theirs.demand_us)
+            end += tick_us
+    dev = Device(device_profile("ssd"), expected_lanes=1)
+    dev.add_lane(0)
+    calls = []
+    dev._rebalance_many = lambda *a: calls.append(a) or {}      # type: ignore[method-assign]
+    dev.rebalance(TICK_US, TICK_US)
+    assert calls == [] and dev.rebalanced
