@@ -136,6 +136,32 @@ def test_the_run_config_sizes_a_guest_as_the_guest_does(tmp_path: Path) -> None:
     assert g["ram_pages"] == guest_config_from_mapping(g).ram_pages == 1869     # 1868.8
 
 
+def test_guests_of_one_table_share_one_config_build_and_a_bad_one_is_still_named(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import balloonlab.guestd.config as guest_config
+    import balloonlab.validators as validators
+    builds = []
+
+    def counted(raw, where="guest"):
+        builds.append(where)
+        return guest_config_from_mapping(raw, where=where)
+    monkeypatch.setattr(guest_config, "guest_config_from_mapping", counted)
+    monkeypatch.setattr(validators, "_CONFIGS", {})
+    s = load(tmp_path, BASE.replace("guests = 2", "guests = 5"))
+    guests = s.run_config("default", "r")["guests"]
+    sizes = {validators.guest_sizes(g) for g in guests} | {validators.guest_sizes(dict(g, id=99, seed=7))
+                                                         for g in guests}
+    areas = {validators.guest_swap_area(g) for g in guests}
+    assert len(builds) == 1 and len(sizes) == 1 and len(areas) == 1   # checked, sized and placed: one build
+    other = dict(guests[0], ram_mib=16)
+    assert validators.guest_sizes(other)[0] == 4096 and len(builds) == 2
+    bad = dict(guests[0], ram_mib=-1)
+    for where in ("guest 3", "guest 4"):   # never kept: each is refused in its own words
+        with pytest.raises(ConfigError, match=where):
+            VALIDATORS["guest"](bad, where)
+    assert len(builds) == 4
+
+
 def test_the_json_schema_validates_the_shipped_scenarios_and_refuses_typos() -> None:
     doc = schema.json_schema()
     jsonschema.Draft202012Validator.check_schema(doc)
