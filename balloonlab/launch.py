@@ -225,7 +225,8 @@ def _main(argv: list[str] | None = None, prog: str = "balloonlab-launch") -> int
 def prepare(scenario: str | os.PathLike[str], overrides: Overrides | None = None) -> tuple[Path, Scenario]:
     """Find, load and check a scenario before any process starts; a bad one raises ``ConfigError``."""
     from balloonlab.scenario import Overrides, find_scenario, load_scenario
-    from balloonlab.validators import VALIDATORS
+    from balloonlab.validators import VALIDATORS, reset_guest_configs
+    reset_guest_configs()
     path = find_scenario(str(scenario))
     loaded = load_scenario(path, Overrides() if overrides is None else overrides, VALIDATORS)
     _check_locks(loaded)

@@ -15,7 +15,7 @@ from typing import Any, Callable, Mapping
 from balloonlab.proto.errors import ConfigError
 from balloonlab.proto.schema import split_where
 
-__all__ = ["VALIDATORS", "guest_sizes", "guest_swap_area"]
+__all__ = ["VALIDATORS", "guest_sizes", "guest_swap_area", "reset_guest_configs"]
 
 
 def _as_config_error(fn: Callable[[Mapping[str, Any], str], Any]) -> Callable[[Mapping[str, Any], str], None]:
@@ -33,8 +33,14 @@ def _as_config_error(fn: Callable[[Mapping[str, Any], str], Any]) -> Callable[[M
 # of its config (a workload and a policy each). The config depends only on the table, so one build per
 # distinct table serves them all: 192 builds for 64 guests were ~30 ms of the launcher's start, on the cores
 # where the host and the fork server import. Only configs that built are kept: a bad table raises each
-# time, naming its own guest.
+# time, naming its own guest. A launch starts with none (``reset_guest_configs``): a policy or workload
+# loaded from the user's file is read again by the next run in the same process.
 _CONFIGS: dict[str, Any] = {}
+
+
+def reset_guest_configs() -> None:
+    """Forget the guest configs built so far (a new launch reads plugin files afresh)."""
+    _CONFIGS.clear()
 
 
 def _guest_config(table: Mapping[str, Any], where: str = "guest") -> Any:

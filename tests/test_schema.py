@@ -160,6 +160,9 @@ def test_guests_of_one_table_share_one_config_build_and_a_bad_one_is_still_named
         with pytest.raises(ConfigError, match=where):
             VALIDATORS["guest"](bad, where)
     assert len(builds) == 4
+    validators.reset_guest_configs()        # a new launch: built afresh (a plugin file may have changed)
+    validators.guest_sizes(guests[0])
+    assert len(builds) == 5
 
 
 def test_the_json_schema_validates_the_shipped_scenarios_and_refuses_typos() -> None:
