@@ -10,7 +10,9 @@ children's parent and reaps them.
 
 If the server dies, ``dead`` is set and ``death`` says how; its children die
 with it (PR_SET_PDEATHSIG), are SIGKILLed through their pidfds to be sure,
-and every ``wait()`` returns with ``returncode`` None and ``lost`` set.
+and every ``wait()`` returns with ``returncode`` None and ``lost`` set, once
+the child has exited (its pidfd says so): a launcher that returns then
+leaves none of them running.
 
 The launcher starts its server before it has loaded the scenario, without an
 event loop and before the run directory exists (``start_early``: the
@@ -33,10 +35,11 @@ from typing import Any
 
 __all__ = ["EarlyChild",
            "ForkServer", "ForkedProcess", "ForkServerError", "EarlyForkServer", "start_early", "PopenProcess",
-           "forkserver_default", "READY_TIMEOUT_S", "SPAWN_TIMEOUT_S"]
+           "forkserver_default", "READY_TIMEOUT_S", "SPAWN_TIMEOUT_S", "GONE_TIMEOUT_S"]
 
 READY_TIMEOUT_S = 120.0   # importing numpy & co on a machine loaded many times over
 SPAWN_TIMEOUT_S = 60.0
+GONE_TIMEOUT_S = 10.0     # a SIGKILLed child whose exit is never seen still ends its wait() after this
 ENV_SWITCH = "BALLOONLAB_FORKSERVER"
 
 
@@ -86,6 +89,24 @@ class ForkedProcess:
         if self._pidfd is not None:
             os.close(self._pidfd)
             self._pidfd = None
+
+    def _lost_when_gone(self, timeout_s: float = GONE_TIMEOUT_S) -> None:
+        """Its server died (nobody will reap it or say how it ended): ``wait()`` returns, ``lost``, once the
+        process has exited, which its pidfd says by becoming readable; a SIGKILLed process takes a moment
+        to tear down its memory, more on a loaded machine."""
+        fd = self._pidfd
+        if fd is None or self._exited.done():
+            self._finish(None, lost=True)
+            return
+        self.lost = True                # known now; only the wait waits
+        loop = asyncio.get_running_loop()
+
+        def gone() -> None:
+            timer.cancel()
+            loop.remove_reader(fd)      # before _finish closes it
+            self._finish(None, lost=True)
+        loop.add_reader(fd, gone)
+        timer = loop.call_later(timeout_s, gone)
 
 
 class EarlyChild:
@@ -369,7 +390,7 @@ class ForkServer:
         live = [c for c in self.children.values() if c.returncode is None]
         for c in live:
             c.send_signal(signal.SIGKILL)   # they die with the server anyway (PR_SET_PDEATHSIG): make sure
-            c._finish(None, lost=True)
+            c._lost_when_gone()
         self.death = why
         if not self._closing:
             self.death = (f"the guest fork server (pid {self.pid}) died" + (f": {why}" if why else "") +

@@ -197,3 +197,32 @@ def test_an_unknown_guest_start_is_refused_before_anything_starts(tmp_path: Path
     with pytest.raises(ConfigError, match="guest_start must be one of fork, exec, got 'spawn'"):
         balloonlab.run(TINY, ticks=1, run_dir=tmp_path / "run", guest_start="spawn", verbose=False)
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.timeout(120)
+def test_a_guest_of_a_dead_server_is_waited_for_until_it_has_exited(tmp_path: Path) -> None:
+    """Its server gone, a guest's wait() returns (lost) only once the process has exited: a launcher that
+    returns then leaves none of its guests running (it used to return at once, while they still died)."""
+    from balloonlab.forkclient import ForkServer
+
+    async def scenario() -> None:
+        server = await ForkServer.start(tmp_path, dict(os.environ, OPENBLAS_NUM_THREADS="1"))
+        nowhere = ["--address", f"unix:{tmp_path}/nobody.sock", "--guest-id", "3"]
+        genv = {"BALLOONLAB_TOKEN": "t" * 16, "PATH": os.environ.get("PATH", "")}
+        try:
+            guest = await server.spawn("guest-3", nowhere, genv, tmp_path / "g3.stderr")
+            # The server's death as the client sees it, with the guest still alive: its kill held back, so
+            # that the wait has something to wait for.
+            guest.send_signal = lambda sig: None          # type: ignore[method-assign]
+            server._died("a test")
+            waiting = asyncio.ensure_future(guest.wait())
+            await asyncio.sleep(0.3)
+            assert guest.lost and not waiting.done() and proc_state(guest.pid) not in ("", "Z")
+            os.kill(guest.pid, signal.SIGKILL)
+            assert await asyncio.wait_for(waiting, 30) is None
+            assert proc_state(guest.pid) in ("", "Z")
+        finally:
+            await server.close()
+
+    asyncio.run(asyncio.wait_for(scenario(), 100))
+    assert not procs_mentioning(str(tmp_path))
