@@ -8,7 +8,10 @@ not one call per tick. It runs references while its clock is below the
 gate (the end of the latest tick received, ``guestd.gate``); a batch stops
 before the first reference that would start at or past the gate, and the
 rest of the batch carries over to the next tick (it is never generated
-again). At the gate the vCPU parks and ``TickDone`` goes out. Its
+again). There, after the tick's start work, the next batch is drawn behind
+it, as many references as reach the gate (``batch_refs`` in all at most),
+and both run in one call, so that a read chain can run from the one into
+the other. At the gate the vCPU parks and ``TickDone`` goes out. Its
 background work runs inside this coroutine, at virtual times that depend
 only on the guest's own run:
 
@@ -153,6 +156,7 @@ class GuestSessionState:
         if self._carry is not None:
             pages, writes = self._carry
             self._carry = None
+            pages, writes = self._topped_up(pages, writes, gate_us)
         else:
             per_ref = max(k.ref_us, 1e-6)
             n = int((gate_us - k.vt_us) / per_ref) + 1
@@ -170,6 +174,34 @@ class GuestSessionState:
         elif self._frees is not None:
             await self._free_now()
         self.psi.advance(k.vt_us)
+
+    def _topped_up(self, pages: np.ndarray, writes: np.ndarray | None,
+                   gate_us: float) -> tuple[np.ndarray, np.ndarray | None]:
+        """A carried rest, with the next batch drawn now and run behind it in the same call.
+
+        As many references as reach the gate at ``ref_us`` each, less the
+        carried ones, and no more than ``batch_refs`` in all (a guest that
+        pages hard would otherwise draw ever further ahead of what it runs). Run apart, the rest's last read chain stops at its end
+        (the next batch's size depends on the clock there) and the new batch
+        needs a round trip of its own; in one call a chain runs on into it.
+        Not when the rest still has memory to free at its end (the new batch's
+        frees would come first), nor for a workload that has run dry.
+        """
+        if self._frees is not None:
+            return pages, writes
+        k = self.kernel
+        n = min(int((gate_us - k.vt_us) / max(k.ref_us, 1e-6)) + 1, self.batch_refs) - int(pages.size)
+        if n <= 0:
+            return pages, writes
+        more, more_w = self.workload.next_batch(n)
+        self._frees = take_frees(self.workload)
+        if more.size == 0:
+            return pages, writes
+        pages = np.concatenate((pages, more.astype(pages.dtype, copy=False)))
+        if writes is None or writes.dtype != more_w.dtype:   # write codes (uint8) beside bools: codes hold both
+            writes = np.zeros(0, np.uint8) if writes is None else writes.astype(np.uint8)
+            more_w = more_w.astype(np.uint8)
+        return pages, np.concatenate((writes, more_w))
 
     async def _free_now(self) -> None:
         if self._frees is not None:
