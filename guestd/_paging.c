@@ -1278,12 +1278,13 @@ static int64_t rc_spec_frame(const int64_t *spec, int64_t n_spec, int64_t page) 
     return -1;
 }
 
-static PyObject *Core_lookahead(Core *c, PyObject *args) {
-    long long max_reads;
-    if (!PyArg_ParseTuple(args, "L", &max_reads)) return NULL;
-    if (c->phase != PH_READ_DONE || c->disk_local || c->pkind == P_PY || max_reads < 1) Py_RETURN_NONE;
-    int64_t g0 = c->f_g;
-    if (c->backed[g0] && c->wp[g0]) Py_RETURN_NONE;      /* broken (copy-on-write) after the read */
+/* The walk of references P[i..n) (see above). from_read: right after the core handed back the read of
+ * P[i - 1] (phase PH_READ_DONE): that read's page and its frame's fault-around are in flight, and the walk
+ * starts with one probe (win 0). Otherwise from a batch's start (the core idle): windows from WIN_MIN, as
+ * run_refs starts them, and the first miss is the first request. ref0: the reference count at P[0]. */
+static PyObject *rc_walk(Core *c, const int64_t *P, const uint8_t *W, int64_t n, int64_t i, int win,
+                         double deadline, int64_t ref0, long long max_reads, int from_read) {
+    int64_t g0 = from_read ? c->f_g : -1;
     int64_t lim = max_reads < 4096 ? (int64_t)max_reads : 4096;
     int64_t *spec_page = (int64_t *)malloc((size_t)(lim + 1) * 2 * sizeof(int64_t));
     int64_t *glo = (int64_t *)malloc((size_t)(lim + 2) * 2 * sizeof(int64_t));
@@ -1291,36 +1292,34 @@ static PyObject *Core_lookahead(Core *c, PyObject *args) {
     RcGroups gr = {glo, glo + lim + 2, 0};
     /* pages resident once the program has run (page, frame): the read's own first (its page table entry
      * is written when the fault finishes) */
-    spec_page[0] = c->f_page;
-    spec_page[1] = g0;
-    int64_t n_spec = 1;
+    int64_t n_spec = 0;
+    if (from_read) {
+        spec_page[0] = c->f_page;
+        spec_page[1] = g0;
+        n_spec = 1;
+    }
     RcBuf b = {NULL, 0, 0};
     Py_ssize_t keep = 0;        /* the program up to its last read or EPT fault */
     int64_t reads = 0;
     int64_t lo = c->ks[KS_FREE_LO] < 0 ? 0 : c->ks[KS_FREE_LO], nfree = c->ks[KS_N_FREE];
-    const int64_t *P = c->P;
-    const uint8_t *W = c->W;
-    int64_t n = c->n, i = c->i + 1;
-    int win = 0;
-    int err = rc_put(&b, c->has_deadline ? c->deadline : INFINITY, c->mem_ref_us) < 0;
+    int err = rc_put(&b, deadline, c->mem_ref_us) < 0;
     int go = !err;
     /* every miss takes a frame: once the free ones run out, the walk evicts (a soft-reclaimed frame first
      * would be taken instead: the walk stops there) */
     RcPolicy pol;
     pol.on = 0;
-    int64_t ref0 = c->ctr[C_REFS] - c->i;      /* the reference count at P[j] is ref0 + j */
     if (go && nfree <= lim && c->ks[KS_SOFT_HEAD] < 0 && c->n_frames <= RC_EVICT_MAX_FRAMES) {
         if (rc_policy_init(&pol, c, lim) < 0) err = 1;
-        else rc_policy_load(&pol, c->f_page, g0, c->f_write, c->f_ref);   /* the read in flight, once done */
+        else if (from_read) rc_policy_load(&pol, c->f_page, g0, c->f_write, c->f_ref);   /* the read, once done */
     }
     uint8_t *mark = pol.on ? pol.mark : NULL;
-    if (go && !c->backed[g0]) {     /* the read's frame is backed after it: the fault-around */
+    if (from_read && go && !c->backed[g0]) {     /* the read's frame is backed after it: the fault-around */
         int r = rc_ept(c, &b, &gr, g0);
         if (r < 0) err = 1;
         else if (r == 0) go = 0;
         else keep = b.n;
     }
-    if (go && !err && rc_put(&b, RC_ADD, c->mem_ref_us) < 0) err = 1;   /* the faulting reference itself */
+    if (from_read && go && !err && rc_put(&b, RC_ADD, c->mem_ref_us) < 0) err = 1;   /* the faulting reference */
     /* one pass adds at most 4 pairs besides an EPT fault, whose room rc_ept checks */
     while (go && !err && i < n && reads < lim && b.n + 8 <= 2 * (RC_MAX_PAIRS + 1)) {
         int64_t j = i, end = win == 0 ? i + 1 : (i + win < n ? i + win : n);
@@ -1417,6 +1416,53 @@ static PyObject *Core_lookahead(Core *c, PyObject *args) {
     return out;
 }
 
+static PyObject *Core_lookahead(Core *c, PyObject *args) {
+    long long max_reads;
+    if (!PyArg_ParseTuple(args, "L", &max_reads)) return NULL;
+    if (c->phase != PH_READ_DONE || c->disk_local || c->pkind == P_PY || max_reads < 1) Py_RETURN_NONE;
+    if (c->backed[c->f_g] && c->wp[c->f_g]) Py_RETURN_NONE;      /* broken (copy-on-write) after the read */
+    return rc_walk(c, c->P, c->W, c->n, c->i + 1, 0, c->has_deadline ? c->deadline : INFINITY,
+                   c->ctr[C_REFS] - c->i, max_reads, 1);
+}
+
+/* The walk from the start of a batch the core has not started (start(pages, writes, deadline) would run
+ * it next, with nothing changed in between): the requests it certainly makes first, as the same program,
+ * for a host to serve before the batch runs (TickDone.ahead). None: no request to chain, or a state the
+ * walk does not cover (a Python policy, a local disk, ESC's bitmap out of date). */
+static PyObject *Core_lookahead_batch(Core *c, PyObject *args) {
+    PyObject *pages, *writes;
+    double deadline;
+    long long max_reads;
+    if (!PyArg_ParseTuple(args, "OOdL", &pages, &writes, &deadline, &max_reads)) return NULL;
+    if (c->phase != PH_IDLE || c->have_batch || c->disk_local || c->pkind == P_PY || max_reads < 1
+            || (c->pkind == P_ESC && c->pst[PS_DIRTY]))
+        Py_RETURN_NONE;
+    Py_buffer pv, wv;
+    if (PyObject_GetBuffer(pages, &pv, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) < 0) return NULL;
+    if (PyObject_GetBuffer(writes, &wv, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) < 0) {
+        PyBuffer_Release(&pv);
+        return NULL;
+    }
+    PyObject *out = NULL;
+    if (pv.itemsize != 8 || wv.itemsize != 1 || pv.len / 8 != wv.len) {
+        PyErr_SetString(PyExc_ValueError, "paging core: pages must be int64 and writes bool, of one length");
+        goto done;
+    }
+    const int64_t *P = (const int64_t *)pv.buf;
+    int64_t n = pv.len / 8;
+    for (int64_t j = 0; j < n; j++)
+        if (P[j] < 0 || P[j] >= c->n_pages) {
+            PyErr_Format(PyExc_ValueError, "paging core: page %lld outside 0..%lld", (long long)P[j],
+                         (long long)c->n_pages - 1);
+            goto done;
+        }
+    out = rc_walk(c, P, (const uint8_t *)wv.buf, n, 0, WIN_MIN, deadline, c->ctr[C_REFS], max_reads, 0);
+done:
+    PyBuffer_Release(&pv);
+    PyBuffer_Release(&wv);
+    return out;
+}
+
 static PyMethodDef Core_methods[] = {
     {"start", (PyCFunction)Core_start, METH_VARARGS,
      "start(pages int64, writes bool, deadline_us float|None) -> (op, a, b): run a batch until done or an await"},
@@ -1429,6 +1475,8 @@ static PyMethodDef Core_methods[] = {
     {"abort", (PyCFunction)Core_abort, METH_NOARGS, "abort(): drop the batch in progress"},
     {"lookahead", (PyCFunction)Core_lookahead, METH_VARARGS,
      "lookahead(max_reads) -> bytes|None: after OP_READ, the read chain that certainly follows (see above)"},
+    {"lookahead_batch", (PyCFunction)Core_lookahead_batch, METH_VARARGS,
+     "lookahead_batch(pages, writes, deadline, max_reads) -> bytes|None: the first requests of a batch not started"},
     {"esc_rebuild", (PyCFunction)Core_esc_rebuild, METH_NOARGS, "esc_rebuild(): recompute ESC's (0,0) bitmap"},
     {NULL, NULL, 0, NULL}};
 

@@ -104,6 +104,22 @@ _FULL_WRITE = 2     # write code of a write that stores the whole page (guestd.w
 _OP_DONE, _OP_EPT, _OP_READ, _OP_WRITE, _OP_NO_VICTIM, _OP_SWAP_FULL, _OP_BAD_BLOCK, _OP_COW = range(8)
 # a read chain's program (_paging.c, hostd/readchain.py): a read, an EPT fault of the pages named before it
 _RC_READ, _RC_EPT, _RC_EPT_PAGE = 3.0, 4.0, 5.0
+
+
+def _asked(prog: bytes) -> list[Any]:
+    """Each request of a read chain's program, in order: a block, or a fault's gpfns (a tuple)."""
+    asked: list[Any] = []
+    pages: list[int] = []
+    for op, x in np.frombuffer(prog, "<f8")[2:].reshape(-1, 2).tolist():
+        if op == _RC_READ:
+            asked.append(int(x))
+        elif op == _RC_EPT_PAGE:
+            pages.append(int(x))
+        elif op == _RC_EPT:
+            asked.append(tuple(pages))
+            pages = []
+    return asked
+
 _ANON = int(FrameKind.ANON)
 _FILE = int(FrameKind.FILE)
 _BALLOON = int(FrameKind.BALLOON)
@@ -249,6 +265,8 @@ class GuestKernel:
         # file reads chained onto one remote read when they certainly follow it (the host's offer,
         # ``enable_read_chain``); 0: one round trip per read
         self.read_chain = 0
+        # requests of the next batch answered before it runs (``ahead_program``, ``answered_ahead``), last first
+        self._ahead: list[tuple[Any, float, float, np.ndarray]] = []
         # background requests are not the vCPU's stalls: the process layer pauses its PSI meter here
         self.bg_quiet: Callable[[], ContextManager[Any]] = contextlib.nullcontext
         self._gauges = np.zeros(_N_KINDS + 3, np.int64)   # stats(): frames per kind, backed, wp; soft-cached pages
@@ -463,6 +481,8 @@ class GuestKernel:
         read_one: Any = False           # (looked up at the first read: most batches are all hits)
         # requests answered ahead by a read chain, last first: (block or gpfns, start, done, tokens)
         chained: list[tuple[Any, float, float, np.ndarray]] = []
+        if self._ahead:
+            chained, self._ahead = self._ahead, []
         try:
             op, a, b = core.start(np.ascontiguousarray(p), np.ascontiguousarray(w), deadline_us)
             while op != _OP_DONE:
@@ -536,21 +556,48 @@ class GuestKernel:
                           ) -> tuple[int, float]:
         """The read with the requests the core says follow it (``_paging.c``, "read chains"): its own
         answer; the chained ones go into ``chained``, last first."""
-        steps = np.frombuffer(prog, "<f8")[2:].reshape(-1, 2).tolist()
-        asked: list[Any] = []       # each request of the program: a block, or a fault's gpfns
-        pages: list[int] = []
-        for op, x in steps:
-            if op == _RC_READ:
-                asked.append(int(x))
-            elif op == _RC_EPT_PAGE:
-                pages.append(int(x))
-            elif op == _RC_EPT:
-                asked.append(tuple(pages))
-                pages = []
+        asked = _asked(prog)
         sizes = [len(q) if type(q) is tuple else 1 for q in asked]
         tok, done, more = await self.blockdev.read_chain(blk, self.vt_us, prog, sizes)
         chained.extend((asked[k], *more[k]) for k in range(len(more) - 1, -1, -1))
         return tok, done
+
+    def ahead_program(self, pages: np.ndarray, writes: np.ndarray, deadline_us: float) -> bytes | None:
+        """The requests the batch ``access(pages, writes, deadline_us)`` certainly makes first, as a read
+        chain's program from its first reference (``_paging.c``, "read chains"), for a host to serve
+        before the batch runs; None when there is none to offer.
+
+        Valid only if that call comes next with nothing changed in between;
+        the caller (the vCPU, at its park) makes sure of that, and the
+        replay of the answers (``answered_ahead``) stops the run if not.
+        """
+        if not self.read_chain or self._core is None or self._bg_on or self._reads_in_python:
+            return None
+        p = self._check_pages(pages)
+        codes = np.asarray(writes)
+        if codes.shape != p.shape or (codes.dtype == np.uint8 and bool(np.any(codes == _FULL_WRITE))):
+            return None
+        w = np.ascontiguousarray(codes.astype(bool, copy=False))
+        return self._core.lookahead_batch(np.ascontiguousarray(p), w, float(deadline_us), self.read_chain)
+
+    def answered_ahead(self, prog: bytes, tokens: np.ndarray, times: list[float]) -> int:
+        """The host's answers to ``ahead_program``'s requests: ``tokens`` of each request served, in order
+        (1 per read, n per fault of n pages), ``times`` a start and a completion each. The next batch
+        replays them as it would a chain's; returns how many requests they answer."""
+        asked = _asked(prog)
+        m = len(times) // 2
+        sizes = [len(q) if type(q) is tuple else 1 for q in asked[:m]]
+        if len(times) % 2 or m > len(asked) or len(tokens) != sum(sizes):
+            raise ReadChainDiverged(f"answers ahead: {len(tokens)} tokens and {len(times)} times for a program "
+                                    f"of {len(asked)} requests (want a start and a completion per request "
+                                    "served, and its tokens)")
+        out, at = [], 0
+        for k in range(m):
+            out.append((asked[k], times[2 * k], times[2 * k + 1], tokens[at:at + sizes[k]]))
+            at += sizes[k]
+        out.reverse()
+        self._ahead = out
+        return m
 
     def _replayed(self, chained: list[tuple[Any, float, float, np.ndarray]], key: Any
                   ) -> tuple[float, float, np.ndarray]:

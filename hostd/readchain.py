@@ -92,8 +92,8 @@ def check_program(guest_id: int, chain: bytes) -> list[float]:
     return prog
 
 
-def run_chain(prog: list[float], vt_us: float, token0: int, done0: float, limit: int, gate_us: float,
-              read: Callable[[int, float], tuple[int, float] | None],
+def run_chain(prog: list[float], vt_us: float, token0: int | None, done0: float | None, limit: int,
+              gate_us: float, read: Callable[[int, float], tuple[int, float] | None],
               fault: Callable[[list[int], float], tuple[list[int], float, bool] | None] | None = None
               ) -> tuple[list[int], list[float]]:
     """Run the program (``check_program``'s list) from the first read's completion.
@@ -104,11 +104,20 @@ def run_chain(prog: list[float], vt_us: float, token0: int, done0: float, limit:
     read and ``fault(gpfns, vt)`` one fault (its tokens, completion, and
     whether it was cut short at the gate), or either says None: not now (the
     chain stops there, before it).
+
+    With ``token0`` None the program is a batch's from its first reference
+    at ``vt_us`` (``TickDone.ahead``): nothing is served before it, and the
+    times are one pair per request served.
     """
     deadline, ref_us = prog[0], prog[1]
-    vt = vt_us if vt_us > done0 else done0      # the core's max(vt, done)
-    toks = [token0]
-    times = [done0]
+    if token0 is None or done0 is None:
+        vt = vt_us
+        toks: list[int] = []
+        times: list[float] = []
+    else:
+        vt = vt_us if vt_us > done0 else done0      # the core's max(vt, done)
+        toks = [token0]
+        times = [done0]
     reads = 0
     pages: list[int] = []
     for k in range(2, len(prog), 2):
