@@ -26,7 +26,7 @@ import asyncio
 import os
 import sys
 import time
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import structlog
@@ -38,7 +38,7 @@ from balloonlab.proto.handshake import client_hello
 from balloonlab.proto.liveness import HEARTBEAT_S_DEFAULT, HOST_SILENT_S_DEFAULT, LIVENESS_KEY, Heartbeat
 from balloonlab.proto.messages import (Audit, AuditReply, BalloonTarget, ContentReport, Invalidate, InvalidateReply,
                                        MsgType, Pong, RunEnd, SharePeek, SharePeekReply, ShareProtect,
-                                       ShareProtectReply, TickDone, TickStart)
+                                       ShareProtectReply, TickAhead, TickDone, TickStart)
 from balloonlab.proto.messages import LockAcquire, LockRelease, LockReply
 from balloonlab.proto.rpc import RpcConnection
 from balloonlab.proto.transport import Address, connect
@@ -80,6 +80,7 @@ class GuestAgent:
         self.pause = PausePoints.from_env(guest_id)  # fault points for tests (BALLOONLAB_PAUSE_AT)
         self.heartbeat: Heartbeat | None = None
         self._host_silent_s: float | None = None     # set when the heartbeat gave up on the host
+        self.host_messages = 0      # the host's own messages that may touch our state, received so far
 
     async def run(self) -> int:
         try:
@@ -89,14 +90,20 @@ class GuestAgent:
         self.conn = conn
         # Handlers go in before Hello: the host may start the first tick the
         # moment every guest has said hello, before we have built our kernel.
-        conn.requests = {MsgType.INVALIDATE: self._on_invalidate, MsgType.PING: lambda m: Pong(m.payload),
-                         MsgType.AUDIT: self._on_audit}
+        # Each of the host's own messages that may touch our state is counted (``TickDone.ahead_seen``):
+        # the host answers a batch's requests ahead only if it has sent us none we had not seen at the park.
+        counted = self._counted
+        conn.requests = {MsgType.INVALIDATE: counted(self._on_invalidate), MsgType.PING: lambda m: Pong(m.payload),
+                         MsgType.AUDIT: counted(self._on_audit)}
         if self.pause:
             conn.call = pausing_call(conn.call, self.pause)  # type: ignore[method-assign]
-        conn.requests.update({MsgType.LOCK_ACQUIRE: self._on_lock_acquire, MsgType.LOCK_RELEASE: self._on_lock_release,
-                              MsgType.SHARE_PEEK: self._on_share_peek, MsgType.SHARE_PROTECT: self._on_share_protect})
+        conn.requests.update({MsgType.LOCK_ACQUIRE: counted(self._on_lock_acquire),
+                              MsgType.LOCK_RELEASE: counted(self._on_lock_release),
+                              MsgType.SHARE_PEEK: counted(self._on_share_peek),
+                              MsgType.SHARE_PROTECT: counted(self._on_share_protect)})
         conn.notifications = {MsgType.TICK_START: self._on_tick_start, MsgType.RUN_END: self._on_run_end,
-                              MsgType.BALLOON_TARGET: self._on_balloon_target}
+                              MsgType.BALLOON_TARGET: counted(self._on_balloon_target),
+                              MsgType.TICK_AHEAD: self._on_tick_ahead}
         self.heartbeat = Heartbeat(conn, HEARTBEAT_S_DEFAULT, HOST_SILENT_S_DEFAULT, self._on_host_silent)
         self.heartbeat.start()
         try:
@@ -219,10 +226,23 @@ class GuestAgent:
             return EXIT_OK
         raise AssertionError("the vCPU returned without the run ending")  # pragma: no cover
 
-    def _send_tick_done(self, tick: int, vt_us: float, stats: dict[str, Any], accessed: bytes, dirty: bytes) -> None:
+    def _send_tick_done(self, tick: int, vt_us: float, stats: dict[str, Any], accessed: bytes, dirty: bytes,
+                        ahead: bytes = b"") -> None:
         if self.conn is None or self.conn.is_closing:
             return   # the loss stops the gate
-        self.conn.notify(TickDone(tick, vt_us, stats, accessed, dirty))
+        self.conn.notify(TickDone(tick, vt_us, stats, accessed, dirty, ahead, self.host_messages if ahead else 0))
+
+    def _counted(self, handler: Callable[[Any], Any]) -> Callable[[Any], Any]:
+        def handle(msg: Any) -> Any:
+            self.host_messages += 1
+            return handler(msg)
+        return handle
+
+    def _on_tick_ahead(self, msg: TickAhead) -> None:
+        if self.state is None:
+            log.error("protocol_violated", reason="TickAhead before the guest has built its memory", tick=msg.tick)
+            return
+        self.state.take_ahead(msg.tick, msg.tokens, msg.times)
 
     # --- handlers from the host ------------------------------------------------
 

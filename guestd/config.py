@@ -28,7 +28,7 @@ __all__ = ["GuestConfig", "guest_config_from_mapping", "RUN_KEYS"]
 
 # Keys the host adds to the table it sends in Welcome; not the guest's to validate.
 RUN_KEYS = frozenset({"id", "ram_pages", "disk_blocks", "seed", "costs", "disk", "locks", "ticks",
-                      "metrics_every_ticks", "swap_base_block", "swap_blocks", "read_chain"})
+                      "metrics_every_ticks", "swap_base_block", "swap_blocks", "read_chain", "ahead_chain"})
 # The kernel's knobs: given, they go to KernelConfig as they are; left out, the kernel's defaults hold.
 _KERNEL_KNOBS = ("ws_period_us", "ws_sample_pages", "pff_alpha", "fault_around_pages", "watermark_scale_factor")
 

@@ -28,7 +28,7 @@ moved, and no ``TickDone`` is owed for the tick the guest did not park in.
 from __future__ import annotations
 
 import asyncio
-from typing import Callable
+from typing import Any, Callable
 
 from balloonlab.proto.messages import TickStart
 
@@ -89,6 +89,18 @@ class VcpuGate:
     @property
     def stopped(self) -> str | None:
         return self._stopped
+
+    async def wait_for(self, fut: "asyncio.Future[Any]") -> None:
+        """Wait until ``fut`` (an answer the host owes the vCPU) is done, or the run ends: ``VcpuStopped``."""
+        if self._stopped is None and not fut.done():
+            self._waiters.append(fut)
+            try:
+                await fut
+            finally:
+                if fut in self._waiters:
+                    self._waiters.remove(fut)
+        if self._stopped is not None and (not fut.done() or fut.result() is None):
+            raise VcpuStopped(self._stopped)
 
     def is_open(self, vt_us: float) -> bool:
         """A request at ``vt_us`` may go now: it lies inside the current tick and the vCPU is not stopped."""

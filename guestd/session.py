@@ -33,6 +33,7 @@ only other code on the loop is the host's synchronous callbacks
 """
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from typing import Any, Callable, Iterator
 
@@ -41,7 +42,7 @@ import structlog
 
 from balloonlab.proto import events as ev
 from balloonlab.proto.costs import CostModel
-from balloonlab.proto.errors import ConfigError
+from balloonlab.proto.errors import ConfigError, ProtoError
 from balloonlab.proto.locks import lock_config_from_mapping
 from balloonlab.proto.rpc import RpcConnection
 
@@ -61,7 +62,7 @@ MIN_BATCH_REFS = 64
 
 _NO_HOLD = contextlib.nullcontext()     # reusable: no lock model, nothing held across the tick
 
-TickDoneSender = Callable[[int, float, dict[str, Any], bytes, bytes], None]
+TickDoneSender = Callable[..., None]    # (tick, vt_us, stats, accessed, dirty[, ahead])
 
 
 class GuestSessionState:
@@ -91,6 +92,11 @@ class GuestSessionState:
         self.reporter: FreePageReporter | None = None   # free page reporting, when on
         self._frees: np.ndarray | None = None          # memory the workload frees once its batch is done
         self._dirty_ratio = float(getattr(cfg, "dirty_background_ratio", 0.0))   # the flusher's; 0: off
+        # answers ahead (``TickDone.ahead``): offered when the host's Welcome says it serves them
+        self.ahead_chain = False
+        self.ahead_answered = 0        # requests the host answered before their batch ran (cumulative)
+        self._ahead_prog: bytes | None = None      # offered at the last park; the host owes its TickAhead
+        self._ahead_got: asyncio.Future[Any] | None = None
 
     @property
     def vt_us(self) -> float:
@@ -113,6 +119,8 @@ class GuestSessionState:
             async with hold:                          # hold_vmem = "tick": L_vmem across the tick
                 if tick != started:
                     started = tick
+                    if self._ahead_prog is not None:
+                        await self._answers_ahead(tick)
                     if k.vt_us < gate.tick_start_us:    # idle since (a finite workload ran dry)
                         k.advance_to(gate.tick_start_us)
                     await self.balloon.reconcile()
@@ -156,7 +164,6 @@ class GuestSessionState:
         if self._carry is not None:
             pages, writes = self._carry
             self._carry = None
-            pages, writes = self._topped_up(pages, writes, gate_us)
         else:
             per_ref = max(k.ref_us, 1e-6)
             n = int((gate_us - k.vt_us) / per_ref) + 1
@@ -177,15 +184,18 @@ class GuestSessionState:
 
     def _topped_up(self, pages: np.ndarray, writes: np.ndarray | None,
                    gate_us: float) -> tuple[np.ndarray, np.ndarray | None]:
-        """A carried rest, with the next batch drawn now and run behind it in the same call.
+        """A carried rest, with the next batch drawn now (at the park) to run behind it in the same call.
 
-        As many references as reach the gate at ``ref_us`` each, less the
-        carried ones, and no more than ``batch_refs`` in all (a guest that
-        pages hard would otherwise draw ever further ahead of what it runs). Run apart, the rest's last read chain stops at its end
-        (the next batch's size depends on the clock there) and the new batch
-        needs a round trip of its own; in one call a chain runs on into it.
-        Not when the rest still has memory to free at its end (the new batch's
-        frees would come first), nor for a workload that has run dry.
+        As many references as reach ``gate_us`` (the next tick's end) from the
+        clock at the park at ``ref_us`` each, less the carried ones, and no
+        more than ``batch_refs`` in all (a guest that pages hard would
+        otherwise draw ever further ahead of what it runs). Run apart, the
+        rest's last read chain stops at its end (the next batch's size
+        depends on the clock there) and the new batch needs a round trip of
+        its own; in one call a chain runs on into it, and drawn at the park
+        the whole batch is known before the tick starts (``TickDone.ahead``).
+        Not when the rest still has memory to free at its end (the new
+        batch's frees would come first), nor for a workload that has run dry.
         """
         if self._frees is not None:
             return pages, writes
@@ -220,8 +230,52 @@ class GuestSessionState:
         accessed, dirty = self.kernel.take_ad_bytes()
         if tick % self.metrics_every_ticks == self.metrics_every_ticks - 1:
             log.info(ev.TICK_COMPLETED, tick=tick, **stats)
+        ahead = b""
+        gate = self.gate
+        if self._carry is not None and self._frees is None and tick != gate.last_tick:
+            next_gate = gate.gate_us + (gate.gate_us - gate.tick_start_us)
+            self._carry = pages, writes = self._topped_up(*self._carry, next_gate)
+            if self.ahead_chain and self._start_work_is_none():
+                ahead = self.kernel.ahead_program(pages, writes, next_gate) or b""
+                if ahead:
+                    self._ahead_prog = ahead
         if self.send_tick_done is not None:
-            self.send_tick_done(tick, float(vt_us), stats, accessed, dirty)
+            if ahead:
+                self.send_tick_done(tick, float(vt_us), stats, accessed, dirty, ahead)
+            else:
+                self.send_tick_done(tick, float(vt_us), stats, accessed, dirty)
+
+    def _start_work_is_none(self) -> bool:
+        """The next tick's start work will change nothing unless the host sends us something first: no lock
+        model, flusher, free page reporting, kswapd or readahead, and the balloon at its target."""
+        return (self.locks is None and self._dirty_ratio <= 0 and self.reporter is None
+                and not self.kernel.has_background and self.balloon.target_pages == self.balloon.actual_pages
+                and self.link is not None and self.link.gate_requests)
+
+    def take_ahead(self, tick: int, tokens: np.ndarray, times: bytes) -> None:
+        """The host's ``TickAhead``: the answers to the program of the last park (maybe none)."""
+        if self._ahead_prog is None or (self._ahead_got is not None and self._ahead_got.done()):
+            raise ProtoError(f"TickAhead for tick {tick}, but no TickDone.ahead is waiting for its answers")
+        if self._ahead_got is None:
+            self._ahead_got = asyncio.get_running_loop().create_future()
+        self._ahead_got.set_result((tick, tokens, times))
+
+    async def _answers_ahead(self, tick: int) -> None:
+        """The tick starts with a program offered at the park: its answers (the host's TickAhead, sent right
+        after TickStart) go to the kernel before anything of the tick runs."""
+        if self._ahead_got is None:
+            self._ahead_got = asyncio.get_running_loop().create_future()
+        await self.gate.wait_for(self._ahead_got)      # VcpuStopped if the run ends first
+        prog, got = self._ahead_prog, self._ahead_got.result()
+        self._ahead_prog = self._ahead_got = None
+        if got is None:
+            raise ProtoError(f"tick {tick} started again before the host's TickAhead came")
+        t, tokens, times = got
+        if t != tick:
+            raise ProtoError(f"TickAhead for tick {t} at the start of tick {tick}")
+        if times:
+            assert prog is not None
+            self.ahead_answered += self.kernel.answered_ahead(prog, tokens, np.frombuffer(times, "<f8").tolist())
 
     def stats(self) -> dict[str, Any]:
         s = self.kernel.stats()     # a new dict each time
@@ -232,6 +286,7 @@ class GuestSessionState:
             s["frames_discarded"] = int(getattr(self.reporter.hypervisor, "frames_discarded", 0))
         s["refs_done"] = int(s["refs"]) - self._refs_at_park      # completed since the last TickDone
         s["carried_refs"] = self.carried_refs
+        s["ahead_answered"] = self.ahead_answered
         s["gate_parks_in_request"] = self.gate.parks_in_request
         s["vt_us"] = round(float(self.kernel.vt_us), 3)
         if self.locks is not None:
@@ -329,6 +384,7 @@ def build_guest(guest_id: int, config: dict[str, Any], conn: RpcConnection,
                               gate, psi)
     state.locks = locks
     state.link = link
+    state.ahead_chain = config.get("ahead_chain") is True and kernel.read_chain > 0
     if cfg.reporting.enabled:
         if not hasattr(hyp, "report_free"):
             raise ConfigError(f"guest {guest_id}: free_page_reporting cannot go with a [locks] protocol "

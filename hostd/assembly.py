@@ -161,6 +161,7 @@ def assemble(cfg: RunConfig, sessions: SessionRegistry, *, running: Callable[[],
     mem.swap.keep_cache = mem_cfg.swap_cache
     # Chained reads are served ahead of other guests' requests: only where those commute (hostd.readchain).
     mem.read_chain = mem_cfg.read_chain if order == "deterministic" else 0
+    mem.ahead_chain = bool(mem_cfg.ahead_chain) and mem.read_chain > 0
     try:
         # Each guest's swap file (one slot per page), laid out in guest-id order.
         mem.swap.reserve({g.guest_id: g.ram_pages for g in cfg.guests})

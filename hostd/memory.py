@@ -108,6 +108,7 @@ _GUEST_KIND = int(FrameKind.GUEST)
 # On the fault path the masks are small: these C calls cost a fraction of ``np.any(m)`` / ``m.any()``,
 # ``np.flatnonzero`` and ``np.cumsum``, which go through Python wrappers.
 _nz = np.count_nonzero
+_NO_TOKENS = np.zeros(0, np.uint64)
 
 
 class HostMemory(Guests, Boundary, Releases, BitsAndPins, Readout):
@@ -638,11 +639,48 @@ class HostMemory(Guests, Boundary, Releases, BitsAndPins, Readout):
         gate = self.chain_gate_us
         if gate is None or self.read_chain <= 0:
             return tokens0, done0, b""
+        steps = self._chain_steps(guest_id, can_fault)
+        if steps is None:
+            return tokens0, done0, b""
+        read, fault, faults = steps
+        toks, times = run_chain(chain, vt_us, int(tokens0[0]), float(done0), self.read_chain, gate, read, fault)
+        if len(times) == 1:
+            return tokens0, done0, b""
+        vd = self._guest(guest_id).vdisk
+        vd.counters.chained_reads += (len(times) - 1) // 2 - faults[0]
+        vd.counters.chained_faults += faults[0]
+        return np.array(toks, np.uint64), times[-1], np.array(times, np.float64).tobytes()
+
+    def vdisk_chain_ahead(self, guest_id: int, vt_us: float, chain: list[float],
+                          can_fault: Callable[[], bool] = lambda: True) -> tuple[np.ndarray, bytes]:
+        """A batch's first requests from its first reference at ``vt_us`` (``TickDone.ahead``), served
+        before the guest runs it, as chained ones (none that could wait): (tokens, a float64 start and
+        completion per request served). Only a program whose deadline is this tick's end is served."""
+        gate = self.chain_gate_us
+        if gate is None or self.read_chain <= 0 or chain[0] != gate or not vt_us < gate:
+            return _NO_TOKENS, b""
+        steps = self._chain_steps(guest_id, can_fault)
+        if steps is None:
+            return _NO_TOKENS, b""
+        read, fault, faults = steps
+        toks, times = run_chain(chain, vt_us, None, None, self.read_chain, gate, read, fault)
+        if not times:
+            return _NO_TOKENS, b""
+        vd = self._guest(guest_id).vdisk
+        vd.counters.ahead_reads += len(times) // 2 - faults[0]
+        vd.counters.ahead_faults += faults[0]
+        return np.array(toks, np.uint64), np.array(times, np.float64).tobytes()
+
+    def _chain_steps(self, guest_id: int, can_fault: Callable[[], bool]) -> tuple[
+            Callable[[int, float], tuple[int, float] | None],
+            Callable[[list[int], float], tuple[list[int], float, bool] | None], list[int]] | None:
+        """How a chain serves one read and one EPT fault of this guest without a wait (None from either:
+        not now), and a count of the faults served; None: this guest's disk serves no chains."""
         g = self._guest(guest_id)
         vd, pool, p2m = g.vdisk, self.pool, g.p2m
         if vd.mode == "none":
-            return tokens0, done0, b""
-        faults = 0
+            return None
+        faults = [0]
         n_blocks, need_of, grant_left, token_of = vd.n_blocks, vd.need_bound_one, pool.grant_left, pool.token_mv
 
         def read(blk: int, vt: float) -> tuple[int, float] | None:
@@ -663,7 +701,6 @@ class HostMemory(Guests, Boundary, Releases, BitsAndPins, Readout):
             return token_of[f], float(done)
 
         def fault(gpfns: list[int], vt: float) -> tuple[list[int], float, bool] | None:
-            nonlocal faults
             n = len(gpfns)
             if not can_fault() or len(set(gpfns)) != n or min(gpfns) < 0 or max(gpfns) >= p2m.guest_pages:
                 return None
@@ -671,7 +708,7 @@ class HostMemory(Guests, Boundary, Releases, BitsAndPins, Readout):
             if n > 1:
                 first = self._ept_fault_first(g, pages, vt)     # (first touches: no wait to check for)
                 if first is not None:
-                    faults += 1
+                    faults[0] += 1
                     tokens, done = first
                     return tokens.tolist(), done, bool(tokens[-1] == LATER_TOKEN)
             state = p2m.state[pages]
@@ -689,16 +726,11 @@ class HostMemory(Guests, Boundary, Releases, BitsAndPins, Readout):
             else:
                 run.close()
                 raise InvariantViolation(f"guest {guest_id}: a chained EPT fault of {n} pages waited")
-            faults += 1
+            faults[0] += 1
             toks = tokens.tolist()
             return toks, float(done), LATER_TOKEN in toks
 
-        toks, times = run_chain(chain, vt_us, int(tokens0[0]), float(done0), self.read_chain, gate, read, fault)
-        if len(times) == 1:
-            return tokens0, done0, b""
-        vd.counters.chained_reads += (len(times) - 1) // 2 - faults
-        vd.counters.chained_faults += faults
-        return np.array(toks, np.uint64), times[-1], np.array(times, np.float64).tobytes()
+        return read, fault, faults
 
     async def _vdisk_read_one_later(self, g: _Guest, one: int, start_us: float) -> tuple[np.ndarray, float]:
         vd = g.vdisk

@@ -44,6 +44,7 @@ import signal
 import time
 from typing import IO, Any, Callable
 
+import numpy as np
 import structlog
 
 from balloonlab.proto import events as ev
@@ -52,7 +53,7 @@ from balloonlab.proto.faultpoints import flush_log
 from balloonlab.proto.framing import DecodeLimits
 from balloonlab.proto.handshake import HandshakeError, check_hello
 from balloonlab.proto.liveness import LIVENESS_KEY, Heartbeat
-from balloonlab.proto.messages import Hello, MsgType, RunEnd, TickDone, TickStart, Welcome
+from balloonlab.proto.messages import Hello, MsgType, RunEnd, TickAhead, TickDone, TickStart, Welcome
 from balloonlab.proto.rpc import ByteBudget, RpcConnection, RpcLimits, should_log_count
 from balloonlab.proto.locks import DEADLOCK_REASON, EXIT_DEADLOCK
 from balloonlab.proto.transport import Address, serve
@@ -60,6 +61,8 @@ from balloonlab.proto.transport import Address, serve
 from .assembly import assemble
 from .config import RunConfig
 from .audit import run_audit
+from .errors import HostdError
+from .readchain import check_program
 from .registry import SessionRegistry
 from .session import GuestConnection, GuestSession, SessionState, check_tick_done
 from balloonlab.proto.faultpoints import PausePoints
@@ -76,6 +79,7 @@ GUEST_DECODE = DecodeLimits()           # what one frame of an authenticated gue
 REQUEST_BYTES_PER_GUEST = 16 << 20      # frame bytes of one guest's requests in progress
 REQUEST_BYTES_TOTAL = 256 << 20         # ... and of every guest's together (one each always gets through)
 STUCK_FACTOR = 3.0                      # alive but doing nothing this many times unresponsive_s: cut off
+_NO_TOKENS = np.zeros(0, np.uint64)
 END_GRACE_S = 5.0                       # after RunEnd, guests have this long to close before they are cut
 SIGNAL_GRACE_S = 15.0                   # a stop signal ends the process within this, audit or not
 CUT_OFF_GRACE_S = 1.0                   # a cut-off guest's RunEnd gets this long to leave before the abort
@@ -259,6 +263,7 @@ class Host:
                         observe = _run(observe)
                 self.vt_us = vt_us
                 self.machine.tick_started(tick, vt_us)
+                self._answer_ahead(tick)
                 await self._wait_tick(tick)
                 self.vt_us = (tick + 1) * cfg.tick_us
                 observe = await self.machine.end_tick(tick, self.vt_us)
@@ -277,6 +282,26 @@ class Host:
             try:
                 await asyncio.wait_for(self._stop_event.wait(), left)
             except asyncio.TimeoutError:
+                pass
+
+    def _answer_ahead(self, tick: int) -> None:
+        """``TickAhead`` to each guest of the tick that offered ``TickDone.ahead`` at its park: the requests
+        served, when nothing touched the guest since (``GuestConnection.touches`` = what it had seen), else
+        none. Here, after the boundary's observations, as its first requests of the tick would be."""
+        mem = self.core.mem
+        shootdowns = self.core.shootdowns
+        for gid in sorted(self._barrier):
+            s = self.sessions.get(gid)
+            if s is None or s.ahead is None:
+                continue
+            t, prog, vt, seen = s.ahead
+            s.ahead = None
+            tokens, times = _NO_TOKENS, b""
+            if t == tick - 1 and s.conn.touches == seen and not s.unresponsive:
+                tokens, times = mem.vdisk_chain_ahead(gid, vt, prog, lambda: not shootdowns.pending(gid))
+            try:
+                s.conn.notify(TickAhead(tick, tokens, times))
+            except PeerClosed:
                 pass
 
     def _send_tick_start(self, tick: int, vt_us: int) -> None:
@@ -400,6 +425,8 @@ class Host:
                       ticks=self.cfg.ticks, metrics_every_ticks=self.cfg.metrics_every_ticks)
         if self.core.mem.read_chain:   # offered only where the host serves chains (hostd.readchain)
             config["read_chain"] = self.core.mem.read_chain
+            if self.core.mem.ahead_chain:
+                config["ahead_chain"] = True
         # How this guest proves it is alive and judges whether we are (proto.liveness).
         config[LIVENESS_KEY] = {"heartbeat_s": self.heartbeat_s, "host_silent_s": self.host_silent_s}
         return Welcome(self.cfg.run_id, self.tick, float(self.vt_us), self.cfg.tick_us, config)
@@ -426,6 +453,15 @@ class Host:
         if problem is not None:
             session.conn.send_error(MsgType.TICK_DONE, ErrorCode.BAD_FIELD, problem)
             return
+        session.ahead = None
+        if msg.ahead:
+            try:
+                prog = check_program(gid, msg.ahead)
+            except HostdError as exc:
+                session.conn.send_error(MsgType.TICK_DONE, ErrorCode.BAD_FIELD, f"TickDone.ahead: {exc}")
+                return
+            if self.core.mem.ahead_chain:
+                session.ahead = (msg.tick, prog, msg.vt_us, msg.ahead_seen)
         if msg.tick in session.excused_ticks:
             # A guest that does not know it was excused still finishes that tick: its bits and stats count.
             session.excused_ticks.discard(msg.tick)

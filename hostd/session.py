@@ -21,7 +21,7 @@ import numpy as np
 import structlog
 
 from balloonlab.proto import events as ev
-from balloonlab.proto.messages import MsgType, TickDone
+from balloonlab.proto.messages import Message, MsgType, TickDone
 from balloonlab.proto.rpc import NotifyHandler, RequestHandler, RpcConnection, RpcLimits
 
 __all__ = ["SessionState", "GuestSession", "GuestConnection", "sanitize_stats", "check_tick_done", "MAX_STAT_KEYS",
@@ -57,6 +57,8 @@ class GuestSession:
         self.last_tick_done = -1                    # highest tick the guest finished
         self.last_vt_us = 0.0
         self.excused_ticks: set[int] = set()        # ticks the host counted done for it (its request was held)
+        # TickDone.ahead of its last park, until the next TickStart answers it: (tick, program, vt_us, seen)
+        self.ahead: tuple[int, list[float], float, int] | None = None
         self.unresponsive = False                   # taken out of the tick barrier
         self.disconnect_reason = ""
         self.rejected: dict[str, int] = {}          # refused requests by reason code name
@@ -83,6 +85,9 @@ class GuestSession:
         return n
 
 
+_UNTOUCHED = frozenset((MsgType.TICK_START, MsgType.TICK_AHEAD, MsgType.RUN_END, MsgType.PING))
+
+
 class GuestConnection(RpcConnection):
     """The host's end of one guest connection: every refusal reported, reads paused while writes are.
 
@@ -102,6 +107,20 @@ class GuestConnection(RpcConnection):
         self.on_refused = on_refused
         self.read_pauses = 0
         self.refuse_at_once = False   # over the pending-handshake limit: closed as soon as it is accepted
+        # the host's own requests and notifications that may touch the guest's state, sent so far (not
+        # TickStart, TickAhead, RunEnd, Ping): the guest says how many it had seen when it parked
+        # (TickDone.ahead_seen), and answers ahead are only for a guest nothing has touched since
+        self.touches = 0
+
+    def notify(self, msg: Message) -> None:
+        if msg.TYPE not in _UNTOUCHED:
+            self.touches += 1
+        super().notify(msg)
+
+    async def call(self, msg: Message, timeout_s: float | None = None) -> Message:
+        if msg.TYPE not in _UNTOUCHED:
+            self.touches += 1
+        return await super().call(msg, timeout_s)
 
     def connection_made(self, transport: Any) -> None:
         super().connection_made(transport)

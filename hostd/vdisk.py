@@ -116,6 +116,8 @@ class VdiskCounters:
     swap_area_write_pages: int = 0   # sees them (``set_swap_area``); 0 until the area is known
     chained_reads: int = 0           # reads served with an earlier one (hostd.readchain): round trips saved
     chained_faults: int = 0          # EPT faults served with a read (hostd.readchain): round trips saved
+    ahead_reads: int = 0             # reads served before their batch ran (TickDone.ahead): round trips saved
+    ahead_faults: int = 0            # EPT faults served so (TickDone.ahead): round trips saved
 
 
 @dataclass(frozen=True, slots=True)

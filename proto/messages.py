@@ -22,7 +22,7 @@ __all__ = [
     "EptFault", "EptFaultReply", "Invalidate", "InvalidateReply",
     "BalloonTarget", "BalloonInflate", "BalloonDeflate", "BalloonReply", "FreeReport", "FreeReportReply",
     "DiskRead", "DiskReadReply", "DiskWrite", "DiskWriteReply", "Audit", "AuditReply",
-    "Ping", "Pong", "REQUESTS", "NOTIFICATIONS", "MAX_PAGES_PER_MESSAGE", "msg_type_of",
+    "Ping", "Pong", "TickAhead", "REQUESTS", "NOTIFICATIONS", "MAX_PAGES_PER_MESSAGE", "msg_type_of",
     "LockAcquire", "LockRelease", "LockReply", "LockEvent",
     "SharePeek", "SharePeekReply", "ShareProtect", "ShareProtectReply",
 ]
@@ -46,6 +46,7 @@ class MsgType(IntEnum):
     TICK_START = 10       # host -> guest notification
     TICK_DONE = 11        # guest -> host notification
     RUN_END = 12          # host -> guest notification
+    TICK_AHEAD = 13       # host -> guest notification, right after TickStart: the answers to TickDone.ahead
     EPT_FAULT = 20        # guest -> host request
     INVALIDATE = 21       # host -> guest request (TLB shootdown)
     BALLOON_TARGET = 30   # host -> guest notification
@@ -418,15 +419,37 @@ class TickStart(Message):
     tick_us: int
 
 
-@_message(MsgType.TICK_DONE, tick=_INT, vt_us=_NUM, stats=_MAP, accessed=_BIN, dirty=_BIN)
+@_message(MsgType.TICK_DONE, tick=_INT, vt_us=_NUM, stats=_MAP, accessed=_BIN, dirty=_BIN, ahead=_BIN,
+          ahead_seen=_INT)
 class TickDone(Message):
-    """``accessed``/``dirty``: EPT A/D bits, ``np.packbits`` over the guest's gpfns."""
+    """``accessed``/``dirty``: EPT A/D bits, ``np.packbits`` over the guest's gpfns.
+
+    ``ahead`` (only to a host whose Welcome config offers ``ahead_chain``):
+    the requests the next tick's first batch certainly makes first, as a read
+    chain's program from its first reference at ``vt_us`` (proto/README.md,
+    "Answers ahead"); ``ahead_seen``: how many of the host's requests and
+    notifications other than TickStart, TickAhead, RunEnd and Ping the guest
+    had received when it parked. Empty: none; a guest that offers one waits
+    for the host's ``TickAhead`` after its next ``TickStart``."""
 
     tick: int
     vt_us: float
     stats: dict
     accessed: bytes
     dirty: bytes
+    ahead: bytes = b""
+    ahead_seen: int = 0
+
+
+@_message(MsgType.TICK_AHEAD, tick=_INT, tokens=_PAGES, times=_BIN)
+class TickAhead(Message):
+    """The answers to the last ``TickDone.ahead``, sent right after ``TickStart`` of ``tick``: ``tokens`` of
+    each request served in order (1 per read, n per fault of n pages), ``times`` float64 (start,
+    completion) per request served. Empty: none served (the guest sends them itself)."""
+
+    tick: int
+    tokens: np.ndarray
+    times: bytes
 
 
 @_message(MsgType.RUN_END, reason=_STR, tick=_INT)
@@ -689,6 +712,7 @@ NOTIFICATIONS: dict[MsgType, type[Message]] = {
     MsgType.TICK_START: TickStart,
     MsgType.TICK_DONE: TickDone,
     MsgType.RUN_END: RunEnd,
+    MsgType.TICK_AHEAD: TickAhead,
     MsgType.BALLOON_TARGET: BalloonTarget,
     MsgType.LOCK_EVENT: LockEvent,
 }

@@ -213,9 +213,10 @@ def test_all_on_under_the_host_is_deterministic_and_loses_nothing(tmp_path) -> N
         for gid in (0, 1):
             log = read_jsonl(run_dir / f"guest-{gid}.jsonl")
             out[gid] = events_named(log, "guest_finished")[0]["stats"]
-            # time-bounded: every tick's TickDone within a reference and one request of the tick's end
+            # time-bounded: every tick's TickDone within one request and one reference's own costs (10 µs,
+            # and its minor fault or zero fill: 0.75 or 0.25 µs) of the tick's end
             for e in events_named(log, "tick_completed"):
-                assert e["tick_vt_us"] - (e["tick"] + 1) * 10_000 <= 10.0 + e["tick_inflight_us"] + 1e-6, e
+                assert e["tick_vt_us"] - (e["tick"] + 1) * 10_000 <= 11.0 + e["tick_inflight_us"] + 1e-6, e
         return out
 
     a, b = run("first"), run("again")

@@ -132,7 +132,11 @@ def test_a_field_added_later_may_be_omitted_and_takes_its_default() -> None:
         m.EptFault.from_body(old | {"fresh": [1]})
     assert m.InvalidateReply.from_body({"tokens": m.pages_to_bytes([9])}).labels == b""
     assert m.DiskRead._OPTIONAL == {"chain"} and m.DiskReadReply._OPTIONAL == {"chain_vt_us"}
-    later = (m.EptFault, m.InvalidateReply, m.DiskRead, m.DiskReadReply)
+    assert m.TickDone._OPTIONAL == {"ahead", "ahead_seen"}
+    done = m.TickDone.from_body({"tick": 3, "vt_us": 1.0, "stats": {}, "accessed": b"", "dirty": b""})
+    assert done.ahead == b"" and done.ahead_seen == 0
+    assert set(m.TickDone(3, 1.0, {}, b"", b"").to_body()) == {"tick", "vt_us", "stats", "accessed", "dirty"}
+    later = (m.EptFault, m.InvalidateReply, m.DiskRead, m.DiskReadReply, m.TickDone)
     assert all(not c._OPTIONAL for c in ALL_CLASSES if c not in later)
 
 

@@ -393,27 +393,39 @@ def test_a_malformed_program_is_refused(chain: bytes, why: str) -> None:
 def _counts(run_dir: Any, variant: str = "default") -> dict[str, Any]:
     summary = json.loads((run_dir / "summary.json").read_text())
     v = summary["variants"][variant]
-    host = {k: x for k, x in v["host"].items() if k not in ("vdisk_chained_reads", "vdisk_chained_faults")}
-    return {"guests": v["guests"], "host": host, "status": v["status"]}
+    engine = ("vdisk_chained_reads", "vdisk_chained_faults", "vdisk_ahead_reads", "vdisk_ahead_faults")
+    host = {k: x for k, x in v["host"].items() if k not in engine}
+    guests = [{k: x for k, x in g.items() if k != "ahead_answered"} for g in v["guests"]]
+    return {"guests": guests, "host": host, "status": v["status"]}
 
 
 @pytest.mark.parametrize("ticks", [30, 1])
 def test_a_run_with_chains_counts_as_one_without(tmp_path: Any, ticks: int) -> None:
-    # (one tick: the run's last tick, where faults are not cut at the gate, chains too)
+    """One request at a time, chains, and chains with answers ahead: the same counts. (One tick: the run's
+    last tick, where faults are not cut at the gate, chains too, and there is no next tick to answer.)"""
     runs = {}
-    for chain in (64, 0):
-        run_dir = tmp_path / f"chain{chain}"
-        proc = run_launcher("--scenario", "scale", "--guests", "4", "--ticks", str(ticks), "--set",
-                            f"host.read_chain={chain}", "--run-dir", str(run_dir), "--no-report", timeout_s=90)
+    for name, sets in (("ahead", ()), ("chains", ("host.ahead_chain=false",)), ("none", ("host.read_chain=0",))):
+        run_dir = tmp_path / name
+        args = [a for s in sets for a in ("--set", s)]
+        proc = run_launcher("--scenario", "scale", "--guests", "4", "--ticks", str(ticks), *args,
+                            "--run-dir", str(run_dir), "--no-report", timeout_s=90)
         assert proc.returncode == 0, proc.stderr[-2000:]
-        runs[chain] = run_dir
-    with_chain, without = _counts(runs[64]), _counts(runs[0])
-    assert with_chain == without and with_chain["status"] == "completed"
-    assert all(g["lost_pages"] == 0 for g in with_chain["guests"])
-    chained = json.loads((runs[64] / "summary.json").read_text())["variants"]["default"]["host"]
-    unchained = json.loads((runs[0] / "summary.json").read_text())["variants"]["default"]["host"]
-    assert chained["vdisk_chained_reads"] > 0 and unchained["vdisk_chained_reads"] == 0
-    assert chained["vdisk_chained_faults"] > 0 and unchained["vdisk_chained_faults"] == 0
+        runs[name] = run_dir
+    counts = {name: _counts(d) for name, d in runs.items()}
+    assert counts["ahead"] == counts["chains"] == counts["none"] and counts["ahead"]["status"] == "completed"
+    assert all(g["lost_pages"] == 0 for g in counts["ahead"]["guests"])
+    host = {name: json.loads((d / "summary.json").read_text())["variants"]["default"]["host"]
+            for name, d in runs.items()}
+    assert host["chains"]["vdisk_chained_reads"] > 0 and host["none"]["vdisk_chained_reads"] == 0
+    assert host["chains"]["vdisk_chained_faults"] > 0 and host["none"]["vdisk_chained_faults"] == 0
+    assert host["chains"]["vdisk_ahead_reads"] == 0 and host["none"]["vdisk_ahead_reads"] == 0
+    if ticks > 1:   # a cold tick's first requests answered at its start: reads and faults
+        assert host["ahead"]["vdisk_ahead_reads"] > 0 and host["ahead"]["vdisk_ahead_faults"] > 0
+        saved = {n: sum(host[n][k] for k in ("vdisk_chained_reads", "vdisk_chained_faults", "vdisk_ahead_reads",
+                                               "vdisk_ahead_faults")) for n in ("ahead", "chains")}
+        assert saved["ahead"] > saved["chains"]
+    else:
+        assert host["ahead"]["vdisk_ahead_reads"] == 0
 
 
 def test_a_squeezed_run_chains_through_its_evictions_and_counts_as_one_without(tmp_path: Any) -> None:
@@ -437,4 +449,4 @@ def test_a_squeezed_run_chains_through_its_evictions_and_counts_as_one_without(t
     # were chained here before, under a bound of 4,660).
     evicting_reads = sum(g["pgsteal_direct"] for g in guests) - sum(g["minor_faults"] for g in guests)
     assert evicting_reads > 0
-    assert host["vdisk_chained_reads"] > host["vdisk_read_requests"] - evicting_reads
+    assert host["vdisk_chained_reads"] + host["vdisk_ahead_reads"] > host["vdisk_read_requests"] - evicting_reads

@@ -173,6 +173,7 @@ class MemoryBooks:
         self.chain_gate_us: float | None = None
         # Reads a guest may chain onto one DiskRead (hostd.readchain); 0: none. Assembly sets it.
         self.read_chain = 0
+        self.ahead_chain = False    # TickDone.ahead answered at the next tick's start (hostd.readchain)
 
     @property
     def victim(self) -> VictimPolicy:

@@ -141,6 +141,11 @@ class HostTable(Table):
                     "EPT faults of the free frames they fill (deterministic order only; 0: one round trip per "
                     "request). The counts do not change",
         ge=0, le=4096)] = 64
+    ahead_chain: Annotated[bool, Meta(
+        description="a guest parked with a batch to finish may send that batch's first requests with its "
+                    "TickDone; the host answers them with the next TickStart when nothing at the boundary "
+                    "touched the guest (with read_chain > 0, deterministic order only). The counts do not "
+                    "change")] = True
     request_order: Annotated[str, Meta(
         description="the order the host serves requests in: deterministic (default; same seed, same counts) | "
                     "arrival (one global pool; with [locks])")] | None = None
