@@ -115,6 +115,8 @@ class Host:
         self.tick = 0
         self.vt_us = 0
         self._barrier: set[int] = set()
+        self._ahead_owed: list[int] = []      # guests of this tick owed TickStart + TickAhead (_answer_ahead)
+        self._tick_start_msg: TickStart | None = None
         self._barrier_done: asyncio.Future | None = None
         self._all_connected: asyncio.Event | None = None
         self._stop_reason: str | None = None
@@ -285,35 +287,47 @@ class Host:
                 pass
 
     def _answer_ahead(self, tick: int) -> None:
-        """``TickAhead`` to each guest of the tick that offered ``TickDone.ahead`` at its park: the requests
-        served, when nothing touched the guest since (``GuestConnection.touches`` = what it had seen), else
-        none. Here, after the boundary's observations, as its first requests of the tick would be."""
+        """``TickStart`` and ``TickAhead`` in one write to each guest of the tick that offered
+        ``TickDone.ahead`` at its park: the requests served, when nothing touched the guest since
+        (``GuestConnection.touches`` = what it had seen), else none. Here, after the boundary's
+        observations, as its first requests of the tick would be; guest by guest, so that each runs while
+        the next one's are served."""
         mem = self.core.mem
         shootdowns = self.core.shootdowns
-        for gid in sorted(self._barrier):
+        start = self._tick_start_msg
+        assert start is not None
+        owed, self._ahead_owed = self._ahead_owed, []
+        for gid in owed:
             s = self.sessions.get(gid)
-            if s is None or s.ahead is None:
+            if s is None:
                 continue
-            t, prog, vt, seen = s.ahead
+            t, prog, vt, seen = s.ahead if s.ahead is not None else (-1, [], 0.0, -1)
             s.ahead = None
             tokens, times = _NO_TOKENS, b""
             if t == tick - 1 and s.conn.touches == seen and not s.unresponsive:
                 tokens, times = mem.vdisk_chain_ahead(gid, vt, prog, lambda: not shootdowns.pending(gid))
             try:
-                s.conn.notify(TickAhead(tick, tokens, times))
+                # its TickStart held back until now: one write, one wake-up, while the next guest is served
+                s.conn.notify_together(start, TickAhead(tick, tokens, times))
             except PeerClosed:
-                pass
+                self._barrier.discard(gid)
 
     def _send_tick_start(self, tick: int, vt_us: int) -> None:
         loop = asyncio.get_running_loop()
         self._barrier = {gid for gid, s in self.sessions.items() if not s.unresponsive}
         self._barrier_done = loop.create_future()
-        msg = TickStart(tick, float(vt_us), self.cfg.tick_us)
+        msg = self._tick_start_msg = TickStart(tick, float(vt_us), self.cfg.tick_us)
         # An unresponsive guest gets no ticks: a stopped one would find a
         # backlog of stale ticks when it wakes. It rejoins by answering.
+        # A guest owed a TickAhead gets its TickStart with it (``_answer_ahead``).
+        self._ahead_owed = []
         for gid in sorted(self._barrier):
+            s = self.sessions[gid]
+            if s.ahead is not None:
+                self._ahead_owed.append(gid)
+                continue
             try:
-                self.sessions[gid].conn.notify(msg)
+                s.conn.notify(msg)
             except PeerClosed:
                 self._barrier.discard(gid)
 

@@ -117,6 +117,10 @@ class GuestConnection(RpcConnection):
             self.touches += 1
         super().notify(msg)
 
+    def notify_together(self, *msgs: Message) -> None:
+        self.touches += sum(m.TYPE not in _UNTOUCHED for m in msgs)
+        super().notify_together(*msgs)
+
     async def call(self, msg: Message, timeout_s: float | None = None) -> Message:
         if msg.TYPE not in _UNTOUCHED:
             self.touches += 1

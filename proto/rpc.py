@@ -440,6 +440,17 @@ class RpcConnection(asyncio.Protocol):
             raise PeerClosed(f"connection to {self.name} is closed")
         self._write([_NOTIFY, 0, _WIRE_TYPE[msg.TYPE], msg.to_body()])
 
+    def notify_together(self, *msgs: Message) -> None:
+        """Notifications in one write, in order: the peer wakes once for all of them."""
+        if self.is_closing:
+            raise PeerClosed(f"connection to {self.name} is closed")
+        frames = [self._encode([_NOTIFY, 0, _WIRE_TYPE[m.TYPE], m.to_body()]) for m in msgs]
+        if self._corked is not None:
+            self._corked.extend(frames)
+            self._corked_bytes += sum(len(f) for f in frames)
+        else:
+            self._send(b"".join(frames))
+
     async def _drain_or(self, fut: asyncio.Future) -> None:
         """Wait for room in the send buffer, or until ``fut`` is done (answered, timed out, closed)."""
         assert self._can_write is not None
