@@ -8,10 +8,12 @@ not one call per tick. It runs references while its clock is below the
 gate (the end of the latest tick received, ``guestd.gate``); a batch stops
 before the first reference that would start at or past the gate, and the
 rest of the batch carries over to the next tick (it is never generated
-again). There, after the tick's start work, the next batch is drawn behind
-it, as many references as reach the gate (``batch_refs`` in all at most),
-and both run in one call, so that a read chain can run from the one into
-the other. At the gate the vCPU parks and ``TickDone`` goes out. Its
+again). At the park the next batch is drawn behind it, as many references
+as reach the next tick's end (``batch_refs`` in all at most), and both run
+in one call, so that a read chain can run from the one into the other; and
+when the tick's start work will change nothing, the batch's first requests
+go with ``TickDone`` (``ahead``) for the host to answer with the next
+``TickStart``. At the gate the vCPU parks and ``TickDone`` goes out. Its
 background work runs inside this coroutine, at virtual times that depend
 only on the guest's own run:
 

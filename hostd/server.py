@@ -123,6 +123,7 @@ class Host:
         self._stop_event: asyncio.Event | None = None
         self._last_progress_s = 0.0
         self.refused = 0
+        self.ahead_declined = 0     # TickDone.ahead answered empty: the guest was touched since its park
         self.refused_by_code: dict[str, int] = {}        # refused connections and Hellos, by code
         self.peer_events: dict[str, int] = {}            # frame_rejected, peer_error, ... of every connection (shared)
         self.guests_cut_off: dict[int, str] = {}         # guest id -> why the host cut it off (last time)
@@ -170,6 +171,7 @@ class Host:
                  audit={k: v for k, v in audit.items() if k not in ("ok", "guests")},
                  guests_cut_off=dict(sorted(self.guests_cut_off.items())),
                  refused_by_code=dict(sorted(self.refused_by_code.items())), peer_events=self._peer_event_totals(),
+                 ahead_declined=self.ahead_declined,
                  **self.machine.final_metrics())
         self._emit({"finished": reason, "tick": self.tick, "vt_us": self.vt_us})
         if reason == DEADLOCK_REASON:
@@ -306,6 +308,8 @@ class Host:
             tokens, times = _NO_TOKENS, b""
             if t == tick - 1 and s.conn.touches == seen and not s.unresponsive:
                 tokens, times = mem.vdisk_chain_ahead(gid, vt, prog, lambda: not shootdowns.pending(gid))
+            else:
+                self.ahead_declined += 1
             try:
                 # its TickStart held back until now: one write, one wake-up, while the next guest is served
                 s.conn.notify_together(start, TickAhead(tick, tokens, times))

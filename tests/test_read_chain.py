@@ -450,3 +450,8 @@ def test_a_squeezed_run_chains_through_its_evictions_and_counts_as_one_without(t
     evicting_reads = sum(g["pgsteal_direct"] for g in guests) - sum(g["minor_faults"] for g in guests)
     assert evicting_reads > 0
     assert host["vdisk_chained_reads"] + host["vdisk_ahead_reads"] > host["vdisk_read_requests"] - evicting_reads
+    # The balloon's new targets touch guests at boundaries: their offers ahead were declined (answered
+    # empty), as a host that served them anyway would have made the run diverge.
+    finished = [json.loads(line) for line in (runs[64] / "host.jsonl").read_text().splitlines()
+                if '"run_finished"' in line][0]
+    assert host["vdisk_ahead_reads"] > 0 and finished["ahead_declined"] > 0
