@@ -20,6 +20,7 @@ from balloonlab.guestd.gate import VcpuGate, VcpuStopped
 from balloonlab.guestd.psi import PSI_PERIOD_US, PsiMeter
 from balloonlab.guestd.session import build_guest
 from balloonlab.proto.costs import CostModel
+from balloonlab.proto.errors import ProtoError
 from balloonlab.proto.messages import (BalloonDeflate, BalloonInflate, BalloonReply, DiskRead, DiskReadReply,
                                        DiskWrite, DiskWriteReply, EptFault, EptFaultReply, TickStart)
 
@@ -257,3 +258,25 @@ async def test_double_paging_and_clean_cache_labels() -> None:
     # afterwards the guest evicts dirty pages whose frames the host took: each must be faulted back first
     assert seen["before"] == 0 and 0 < k.counters.double_paging_pages <= seen["dirty"]
     assert k.counters.lost_pages == 0
+
+
+async def test_answers_ahead_are_waited_for_until_they_come_or_the_run_ends() -> None:
+    """The vCPU that offered ``TickDone.ahead`` waits at the tick's start for ``TickAhead``; a run that ends
+    meanwhile stops it as a park would; answers nobody asked for are refused."""
+    loop = asyncio.get_running_loop()
+    gate = VcpuGate()
+    owed = loop.create_future()
+    waiting = asyncio.ensure_future(gate.wait_for(owed))
+    await asyncio.sleep(0)
+    assert not waiting.done()
+    gate.stop("run over")
+    with pytest.raises(VcpuStopped, match="run over"):
+        await waiting
+    answered = loop.create_future()
+    answered.set_result((3, np.zeros(0, np.uint64), b""))
+    await VcpuGate().wait_for(answered)             # already there: no wait, no stop
+
+    host = FakeHost(500.0, 5)
+    st = build_guest(0, guest_config(), host, VcpuGate())   # type: ignore[arg-type]
+    with pytest.raises(ProtoError, match="no TickDone.ahead"):
+        st.take_ahead(1, np.zeros(0, np.uint64), b"")

@@ -455,3 +455,19 @@ def test_a_squeezed_run_chains_through_its_evictions_and_counts_as_one_without(t
     finished = [json.loads(line) for line in (runs[64] / "host.jsonl").read_text().splitlines()
                 if '"run_finished"' in line][0]
     assert host["vdisk_ahead_reads"] > 0 and finished["ahead_declined"] > 0
+
+
+def test_the_walk_from_a_batch_start_checks_its_input_and_needs_an_idle_core() -> None:
+    k = _kernel("clock", 200, 64)
+    n = k.pt.gpfn.size
+    core = k._core
+    with pytest.raises(ValueError, match="int64"):
+        core.lookahead_batch(np.zeros(4, np.int32), np.zeros(4, bool), 1e9, 64)
+    with pytest.raises(ValueError, match="outside"):
+        core.lookahead_batch(np.array([0, n], np.int64), np.zeros(2, bool), 1e9, 64)
+    # a cold guest's first batch: its first miss is the program's first request
+    prog = k.ahead_program(np.arange(10, dtype=np.int64), np.zeros(10, bool), 1e9)
+    assert prog is not None and READ in np.frombuffer(prog, "<f8")[2::2]
+    assert k.ahead_program(np.arange(10, dtype=np.int64), np.zeros(10, bool), 1e9) == prog   # it changed nothing
+    k.read_chain = 0
+    assert k.ahead_program(np.arange(10, dtype=np.int64), np.zeros(10, bool), 1e9) is None
