@@ -2,7 +2,11 @@
 
 A tick is: send ``TickStart`` to every live guest, wait until each has sent
 ``TickDone`` (the barrier), then let the machine resolve what is due (disk
-buffers, balloon targets, monitors) and log the tick. A guest that dies is
+buffers, balloon targets, monitors) and log the tick. A guest that parked
+with the next batch's first requests in its ``TickDone`` (``ahead``) gets
+its ``TickStart`` with their answers (``TickAhead``), served once the
+boundary is over, unless the host sent it anything since it parked
+(``_answer_ahead``; proto/README.md, "Answers ahead"). A guest that dies is
 released and dropped from the barrier; a guest that stays silent past the
 watchdog bound is reported, and past ``unresponsive_s`` taken out of the
 barrier, so one guest never hangs the run: it gets no more ticks until it
@@ -79,10 +83,10 @@ GUEST_DECODE = DecodeLimits()           # what one frame of an authenticated gue
 REQUEST_BYTES_PER_GUEST = 16 << 20      # frame bytes of one guest's requests in progress
 REQUEST_BYTES_TOTAL = 256 << 20         # ... and of every guest's together (one each always gets through)
 STUCK_FACTOR = 3.0                      # alive but doing nothing this many times unresponsive_s: cut off
-_NO_TOKENS = np.zeros(0, np.uint64)
 END_GRACE_S = 5.0                       # after RunEnd, guests have this long to close before they are cut
 SIGNAL_GRACE_S = 15.0                   # a stop signal ends the process within this, audit or not
 CUT_OFF_GRACE_S = 1.0                   # a cut-off guest's RunEnd gets this long to leave before the abort
+_NO_TOKENS = np.zeros(0, np.uint64)     # a TickAhead that answers nothing
 
 
 def default_limits() -> RpcLimits:
@@ -123,7 +127,7 @@ class Host:
         self._stop_event: asyncio.Event | None = None
         self._last_progress_s = 0.0
         self.refused = 0
-        self.ahead_declined = 0     # TickDone.ahead answered empty: the guest was touched since its park
+        self.ahead_declined = 0     # TickDone.ahead answered empty: the guest touched since its park (or stale)
         self.refused_by_code: dict[str, int] = {}        # refused connections and Hellos, by code
         self.peer_events: dict[str, int] = {}            # frame_rejected, peer_error, ... of every connection (shared)
         self.guests_cut_off: dict[int, str] = {}         # guest id -> why the host cut it off (last time)
