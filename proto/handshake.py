@@ -17,9 +17,12 @@ import hashlib
 import hmac
 import secrets
 from collections.abc import Container
+from typing import TYPE_CHECKING
 
 from .errors import ErrorCode, HandshakeRefused, RemoteError
-from .messages import Hello, Welcome
+
+if TYPE_CHECKING:   # (the launcher makes tokens without the wire's message classes)
+    from .messages import Hello, Welcome
 
 __all__ = ["PROTOCOL_VERSION", "HandshakeError", "new_token", "guest_token", "check_hello", "client_hello",
            "TOKEN_HEX_CHARS"]
@@ -70,6 +73,7 @@ async def client_hello(conn, guest_id: int, token: str, pid: int, timeout_s: flo
 
     ``token`` is this guest's own credential (``guest_token``), not the run secret.
     """
+    from .messages import Hello, Welcome
     try:
         reply = await conn.call(Hello(PROTOCOL_VERSION, guest_id, token, pid), timeout_s=timeout_s)
     except RemoteError as exc:
