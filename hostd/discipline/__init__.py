@@ -15,7 +15,8 @@ through ``RequestDiscipline`` (``base.py``: the interface and its call order).
   ``L_hostmem``, shootdowns under the guest's ``L_vmem`` (``hostd.locks``).
 
 A new mode is one module with a ``DisciplineBase`` subclass and one line in
-``MODES``; ``docs/internals.md`` says what each hook must guarantee.
+``MODES`` (``_mode(".module", "Class")``: imported when a run uses it);
+``docs/internals.md`` says what each hook must guarantee.
 """
 from __future__ import annotations
 
@@ -47,16 +48,17 @@ def __getattr__(name: str) -> Any:
     return getattr(importlib.import_module(where, __name__), name)
 
 
-def _mode(name: str) -> Callable[[DisciplineContext], RequestDiscipline]:
+def _mode(where: str, name: str) -> Callable[[DisciplineContext], RequestDiscipline]:
+    """A mode's constructor that imports its module (``where``, relative to this package) when first used."""
     def make(ctx: DisciplineContext) -> RequestDiscipline:
-        return __getattr__(name)(ctx)
+        return getattr(importlib.import_module(where, __name__), name)(ctx)
     make.__qualname__ = make.__name__ = name
     return make
 
 
 MODES: dict[str, Callable[[DisciplineContext], RequestDiscipline]] = {
-    "deterministic": _mode("DeterministicOrder"),
-    "arrival": _mode("ArrivalOrder"),
+    "deterministic": _mode(".deterministic", "DeterministicOrder"),
+    "arrival": _mode(".arrival", "ArrivalOrder"),
 }
 """``[host] request_order`` -> the mode; the first is the default."""
 
