@@ -61,6 +61,13 @@ class Launched:
             self.out, self.err = self.proc.communicate()
 
 
+def python_prints(code: str, timeout_s: float = 60.0) -> str:
+    """What ``python -c code`` prints (stripped), run from the repository in a fresh interpreter; it must exit 0."""
+    res = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=timeout_s)
+    assert res.returncode == 0, res.stderr[-2000:]
+    return res.stdout.strip()
+
+
 def procs_mentioning(text: str) -> list[tuple[int, str]]:
     """Live processes whose command line contains ``text`` (zombies excluded)."""
     found = []

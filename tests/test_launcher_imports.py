@@ -6,25 +6,17 @@ moment the host gets its arguments.
 """
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 
-from tests.procs import REPO
-
-
-def _run(code: str) -> str:
-    res = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
-    assert res.returncode == 0, res.stderr[-2000:]
-    return res.stdout.strip()
+from tests.procs import python_prints as _run
 
 
 def test_checking_a_scenario_and_making_credentials_leaves_the_wire_messages_out() -> None:
-    out = _run("import sys\nfrom balloonlab.launch import prepare\nprepare('scale')\n"
-               "from balloonlab.proto.handshake import guest_token, new_token\nguest_token(new_token(), 3)\n"
-               "print('balloonlab.proto.messages' in sys.modules, 'balloonlab.hostd.discipline.base' in sys.modules)")
-    assert out == "False False"
+    loaded = set(_run("import sys\nfrom balloonlab.launch import prepare\nprepare('scale')\n"
+                      "from balloonlab.proto.handshake import guest_token, new_token\nguest_token(new_token(), 3)\n"
+                      "print(*sorted(m for m in sys.modules if m.startswith('balloonlab.')))").split())
+    assert {"balloonlab.hostd.memconfig", "balloonlab.hostd.discipline"} <= loaded     # the scenario was checked
+    assert not {"balloonlab.proto.messages", "balloonlab.proto.rpc", "balloonlab.hostd.discipline.base"} & loaded
 
 
 def test_the_discipline_registry_names_its_modes_and_imports_a_class_when_asked() -> None:

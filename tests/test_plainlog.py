@@ -1,20 +1,11 @@
 """The host, guest and fork-server processes import structlog without rich (0.1 s or more of every host start)."""
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 
-from tests.procs import REPO
+from tests.procs import python_prints as _run
 
 pytest.importorskip("rich")
-
-
-def _run(code: str) -> str:
-    res = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
-    assert res.returncode == 0, res.stderr[-2000:]
-    return res.stdout.strip()
 
 
 def test_the_host_entry_point_and_what_it_preimports_leave_rich_out() -> None:
