@@ -970,6 +970,22 @@ static int Core_init(Core *c, PyObject *args, PyObject *kwds) {
     return 0;
 }
 
+/* A batch's pages (int64, each a page of the layout) and writes (one byte each), or -1 with ValueError set. */
+static int check_batch(Core *c, const Py_buffer *pv, const Py_buffer *wv) {
+    if (pv->itemsize != 8 || wv->itemsize != 1 || pv->len / 8 != wv->len) {
+        PyErr_SetString(PyExc_ValueError, "paging core: pages must be int64 and writes bool, of one length");
+        return -1;
+    }
+    const int64_t *P = (const int64_t *)pv->buf;
+    for (int64_t j = 0, n = pv->len / 8; j < n; j++)
+        if (P[j] < 0 || P[j] >= c->n_pages) {
+            PyErr_Format(PyExc_ValueError, "paging core: page %lld outside 0..%lld", (long long)P[j],
+                         (long long)c->n_pages - 1);
+            return -1;
+        }
+    return 0;
+}
+
 static PyObject *Core_start(Core *c, PyObject *args) {
     PyObject *pages, *writes, *deadline;
     if (!PyArg_ParseTuple(args, "OOO", &pages, &writes, &deadline)) return NULL;
@@ -982,10 +998,8 @@ static PyObject *Core_start(Core *c, PyObject *args) {
     Py_INCREF(pages); c->pages_obj = pages;
     Py_INCREF(writes); c->writes_obj = writes;
     c->have_batch = 1;
-    if (c->pages_view.itemsize != 8 || c->writes_view.itemsize != 1 ||
-        c->pages_view.len / 8 != c->writes_view.len) {
+    if (check_batch(c, &c->pages_view, &c->writes_view) < 0) {
         end_batch(c);
-        PyErr_SetString(PyExc_ValueError, "paging core: pages must be int64 and writes bool, of one length");
         return NULL;
     }
     c->P = (const int64_t *)c->pages_view.buf;
@@ -1001,14 +1015,6 @@ static PyObject *Core_start(Core *c, PyObject *args) {
         c->deadline = PyFloat_AsDouble(deadline);
         if (c->deadline == -1.0 && PyErr_Occurred()) { end_batch(c); return NULL; }
         c->has_deadline = 1;
-    }
-    for (int64_t j = 0; j < c->n; j++) {
-        if (c->P[j] < 0 || c->P[j] >= c->n_pages) {
-            long long bad = c->P[j];
-            end_batch(c);
-            PyErr_Format(PyExc_ValueError, "paging core: page %lld outside 0..%lld", bad, (long long)c->n_pages - 1);
-            return NULL;
-        }
     }
     if (c->pkind == P_ESC && c->pst[PS_DIRTY]) esc_rebuild(c);
     c->phase = PH_RUN;
@@ -1444,20 +1450,9 @@ static PyObject *Core_lookahead_batch(Core *c, PyObject *args) {
         return NULL;
     }
     PyObject *out = NULL;
-    if (pv.itemsize != 8 || wv.itemsize != 1 || pv.len / 8 != wv.len) {
-        PyErr_SetString(PyExc_ValueError, "paging core: pages must be int64 and writes bool, of one length");
-        goto done;
-    }
-    const int64_t *P = (const int64_t *)pv.buf;
-    int64_t n = pv.len / 8;
-    for (int64_t j = 0; j < n; j++)
-        if (P[j] < 0 || P[j] >= c->n_pages) {
-            PyErr_Format(PyExc_ValueError, "paging core: page %lld outside 0..%lld", (long long)P[j],
-                         (long long)c->n_pages - 1);
-            goto done;
-        }
-    out = rc_walk(c, P, (const uint8_t *)wv.buf, n, 0, WIN_MIN, deadline, c->ctr[C_REFS], max_reads, 0);
-done:
+    if (check_batch(c, &pv, &wv) == 0)
+        out = rc_walk(c, (const int64_t *)pv.buf, (const uint8_t *)wv.buf, pv.len / 8, 0, WIN_MIN, deadline,
+                      c->ctr[C_REFS], max_reads, 0);
     PyBuffer_Release(&pv);
     PyBuffer_Release(&wv);
     return out;

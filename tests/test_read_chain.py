@@ -457,7 +457,7 @@ def test_a_squeezed_run_chains_through_its_evictions_and_counts_as_one_without(t
     assert host["vdisk_ahead_reads"] > 0 and finished["ahead_declined"] > 0
 
 
-def test_the_walk_from_a_batch_start_checks_its_input_and_needs_an_idle_core() -> None:
+def test_the_walk_from_a_batch_start_checks_its_input_and_changes_nothing() -> None:
     k = _kernel("clock", 200, 64)
     n = k.pt.gpfn.size
     core = k._core
