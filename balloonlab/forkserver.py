@@ -9,9 +9,11 @@ does that once, freezes what it imported (``gc.freeze()``: the collector no
 longer writes to those objects, so the pages stay shared after a fork), and
 then forks one child per request, which runs the guest's normal entry point
 (``balloonlab.guestd.__main__.main``) with its own argv, environment (its
-own credential), working directory, stdout/stderr files, session, and
+own credential), working directory, stdout/stderr files, process group, and
 command line and environment as /proc shows them (``balloonlab.proctitle``). Guests share the imported pages
-copy-on-write; each keeps privately only what it writes.
+copy-on-write; each keeps privately only what it writes. Guests stay in the
+server's session, so that the kernel schedules them as one group, which the
+server lowers below the host's (``guestd.__main__.yield_group_to_host``).
 
 The control channel is a ``SOCK_SEQPACKET`` socket (FD, inherited), one
 JSON object per packet:
@@ -108,7 +110,9 @@ def _exit_code(code: object) -> int:
 
 def _run_child(req: dict[str, Any], server_pid: int) -> int:
     """In the forked child: become the guest ``req`` describes and run it; returns its exit status."""
-    os.setsid()
+    # Its own process group (signals and kills address it alone) but the
+    # server's session: the guests share one scheduling group, lowered below the host's.
+    os.setpgid(0, 0)
     _die_with_parent()
     if os.getppid() != server_pid:   # the server died between fork and prctl
         return 1
@@ -307,6 +311,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     gc.collect()
     gc.freeze()
+    from balloonlab.guestd.__main__ import yield_group_to_host
+    yield_group_to_host()
     try:
         _send(sock, {"op": "ready", "pid": os.getpid(), "preload_s": round(time.monotonic() - t0, 3)})
     except OSError as exc:

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from balloonlab.guestd.__main__ import GUEST_NICE
 from tests.procs import Launched, dump_logs, procs_mentioning, wait_until
 from tests.rawclient import proc_state, run_pids, wait_stopped
 from tests.test_determinism import determinism_run
@@ -71,7 +72,7 @@ def test_forked_guests_count_exactly_what_execd_guests_count(tmp_path: Path, det
 
 @pytest.mark.timeout(180)
 def test_a_forked_guest_is_a_real_process_stopped_and_killed_as_before(tmp_path: Path) -> None:
-    """Forked guests: children of the fork server, own session and command line, small private memory.
+    """Forked guests: children of the fork server, own process group and command line, small private memory.
 
     SIGSTOP/SIGCONT on a guest's pid work; a SIGKILLed guest is reported by the launcher as today
     (its exit status comes from the fork server, which reaps it).
@@ -91,7 +92,13 @@ def test_a_forked_guest_is_a_real_process_stopped_and_killed_as_before(tmp_path:
             assert pid == guest_pid(run_dir, gid), "the host saw another process than the command line names"
             st = _status(pid)
             assert int(st["PPid"]) == server, st
-            assert os.getsid(pid) == pid                     # its own session, as exec'd guests have
+            assert os.getpgid(pid) == pid                    # its own process group, as exec'd guests have
+            assert os.getsid(pid) == os.getsid(server)       # in the server's session: one scheduling group
+            assert os.getpriority(os.PRIO_PROCESS, pid) >= GUEST_NICE
+            if os.path.exists(f"/proc/{server}/autogroup"):
+                group = Path(f"/proc/{pid}/autogroup").read_text().split()
+                assert group == Path(f"/proc/{server}/autogroup").read_text().split(), group
+                assert group[-1] == str(GUEST_NICE), group   # the group yields to the host's
             private = _private_mib(pid)
             assert private < PRIVATE_MIB_TARGET, f"guest {gid}: {private:.1f} MiB private"
         victim = pids["guest-1"]
