@@ -12,8 +12,9 @@ then forks one child per request, which runs the guest's normal entry point
 own credential), working directory, stdout/stderr files, process group, and
 command line and environment as /proc shows them (``balloonlab.proctitle``). Guests share the imported pages
 copy-on-write; each keeps privately only what it writes. Guests stay in the
-server's session, so that the kernel schedules them as one group, which the
-server lowers below the host's (``guestd.__main__.yield_group_to_host``).
+server's session, so that a kernel that shares the CPU by session first
+(``CONFIG_SCHED_AUTOGROUP``) schedules them as one group beside the host's,
+not as 64 groups each equal to it.
 
 The control channel is a ``SOCK_SEQPACKET`` socket (FD, inherited), one
 JSON object per packet:
@@ -111,7 +112,7 @@ def _exit_code(code: object) -> int:
 def _run_child(req: dict[str, Any], server_pid: int) -> int:
     """In the forked child: become the guest ``req`` describes and run it; returns its exit status."""
     # Its own process group (signals and kills address it alone) but the
-    # server's session: the guests share one scheduling group, lowered below the host's.
+    # server's session: the guests share one autogroup, so the host gets half the CPU, not 1/65.
     os.setpgid(0, 0)
     _die_with_parent()
     if os.getppid() != server_pid:   # the server died between fork and prctl
@@ -311,8 +312,6 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     gc.collect()
     gc.freeze()
-    from balloonlab.guestd.__main__ import yield_group_to_host
-    yield_group_to_host()
     try:
         _send(sock, {"op": "ready", "pid": os.getpid(), "preload_s": round(time.monotonic() - t0, 3)})
     except OSError as exc:

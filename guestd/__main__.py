@@ -11,12 +11,10 @@ traceback in the log).
 from __future__ import annotations
 
 import argparse
-import errno
 import functools
 import os
 import stat
 import sys
-import time
 from pathlib import Path
 
 
@@ -36,72 +34,27 @@ def read_token_file(path: Path) -> str:
 
 
 GUEST_SCHED_ENV = "BALLOONLAB_GUEST_SCHED"
-# A guest's nice, and its fork server's session group's: the host is the run's
-# serial bottleneck, so when both are runnable on a CPU the host should win.
-GUEST_NICE = 10
-
-
-def _yielding() -> bool:
-    want = os.environ.get(GUEST_SCHED_ENV, "batch")
-    if want not in ("batch", "normal"):
-        raise ValueError(f"{GUEST_SCHED_ENV}={want!r}: expected 'batch' or 'normal'")
-    return want == "batch"
 
 
 def yield_to_host() -> None:
-    """Run this guest as ``SCHED_BATCH`` at nice ``GUEST_NICE`` (``BALLOONLAB_GUEST_SCHED=normal``: neither).
+    """Run this guest as ``SCHED_BATCH`` (``BALLOONLAB_GUEST_SCHED=normal`` keeps ``SCHED_OTHER``).
 
     The host serves every guest from one process and is the run's
     bottleneck. A reply or ``TickStart`` wakes a guest; as ``SCHED_OTHER``
     the woken guest may preempt the host on its own CPU in the middle of
     its loop, so the other guests' replies wait behind it. A batch task
-    never preempts on wake-up; it runs when a CPU is free. The nice makes
-    the host win the CPU whenever both are runnable (when the kernel groups
-    tasks by session, ``yield_group_to_host`` does that for the group).
-    Counts do not depend on scheduling, only wall time does (README,
-    "Guests yield to the host").
+    never preempts on wake-up; it runs when a CPU is free. Counts do not
+    depend on scheduling, only wall time does (README, "Guests yield to the host").
     """
-    if not _yielding():
+    want = os.environ.get(GUEST_SCHED_ENV, "batch")
+    if want == "normal" or not hasattr(os, "SCHED_BATCH"):
         return
+    if want != "batch":
+        raise ValueError(f"{GUEST_SCHED_ENV}={want!r}: expected 'batch' or 'normal'")
     try:
-        if hasattr(os, "SCHED_BATCH"):
-            os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
-        if os.getpriority(os.PRIO_PROCESS, 0) < GUEST_NICE:
-            os.setpriority(os.PRIO_PROCESS, 0, GUEST_NICE)
+        os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
     except OSError:
         pass   # a sandbox may forbid it; the guest only runs slower
-
-
-def yield_group_to_host() -> bool:
-    """Lower this session's scheduling group to nice ``GUEST_NICE``; whether it was lowered.
-
-    With ``CONFIG_SCHED_AUTOGROUP`` (on by default in most distributions'
-    kernels) the CPU is shared fairly between sessions first and between a
-    session's tasks second, so a task's own nice only ranks it within its
-    session. The fork server calls this once for the session its guests
-    share (each guest is its own process group in it, not its own
-    session); the host, in a session of its own, then gets the CPU
-    whenever it is runnable instead of one share among 65. Lowering a
-    group's weight needs no privilege. A kernel without autogroups has no
-    ``/proc/self/autogroup``: the guests' own nice does it there.
-    """
-    try:
-        if not _yielding():
-            return False
-    except ValueError:
-        return False   # each guest reports the bad switch itself
-    for _ in range(8):
-        try:
-            with open("/proc/self/autogroup", "w") as f:
-                f.write(str(GUEST_NICE))
-            return True
-        except OSError as exc:
-            if exc.errno != errno.EAGAIN:
-                return False   # no autogroups here
-        # The kernel takes one such change per 100 ms from unprivileged users:
-        # another run's fork server started just now.
-        time.sleep(0.02)
-    return False
 
 
 @functools.cache
