@@ -332,10 +332,13 @@ def warm_up() -> None:
     converts to it, and keeps it on the class: about 80 ms of CPU in every
     guest. The fork server calls this before it forks; its children inherit
     the caches copy-on-write. So too the check that the workloads' compiled
-    draws are numpy's (a few ms in a fresh process).
+    draws are numpy's (a few ms in a fresh process), and the built-in
+    replacement policies' parameters (``inspect.signature``).
     """
     from .config import guest_config_from_mapping
+    from .replacement import warm_up_policies
     from .workload.generators import draws_as_numpy
+    warm_up_policies()
     guest_config_from_mapping(_WARM_UP_CONFIG)
     CostModel.from_mapping({})
     lock_config_from_mapping(None)

@@ -13,6 +13,7 @@ subclassing ``replacement.base.PolicyBase`` gives the defaults
 """
 from __future__ import annotations
 
+import functools
 import inspect
 from typing import Any, Callable, Protocol, runtime_checkable
 
@@ -69,6 +70,24 @@ def policy_names() -> list[str]:
     return sorted(POLICIES)
 
 
+@functools.cache
+def _parameters(cls: Callable[..., Any]) -> tuple[frozenset[str], bool]:
+    """The keyword parameters ``cls`` takes besides ``n_frames``, and whether it takes ``**kwargs``.
+
+    ``inspect.signature`` costs ~0.1 ms a call; every guest builds its
+    policy, and the fork server reads the built-in ones once before it forks
+    (``warm_up_policies``).
+    """
+    params = inspect.signature(cls).parameters
+    return frozenset(params) - {"n_frames"}, any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+
+def warm_up_policies() -> None:
+    """Read every built-in policy's parameters now (a process forked after this inherits them)."""
+    for cls in POLICIES.values():
+        _parameters(cls)
+
+
 def make_policy(name: str, n_frames: int, **params: Any) -> ReplacementPolicy:
     """Build policy ``name`` for ``n_frames`` frames; unknown names and parameters are typed errors."""
     if is_file_spec(name):
@@ -82,10 +101,9 @@ def make_policy(name: str, n_frames: int, **params: Any) -> ReplacementPolicy:
         except (KeyError, TypeError):
             raise UnknownPolicy(name, POLICIES) from None
     try:
-        accepted = set(inspect.signature(cls).parameters) - {"n_frames"}
+        accepted, has_kwargs = _parameters(cls)
     except (TypeError, ValueError):
         raise GuestConfigError(f"policy {name!r}: cannot read the signature of {cls!r}") from None
-    has_kwargs = any(p.kind is p.VAR_KEYWORD for p in inspect.signature(cls).parameters.values())
     extra = sorted(set(params) - accepted)
     if extra and not has_kwargs:
         raise GuestConfigError(f"policy {name!r}: unknown parameter(s) {', '.join(extra)}"
