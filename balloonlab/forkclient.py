@@ -298,8 +298,13 @@ class ForkServer:
 
     async def spawn(self, name: str, args: list[str], env: dict[str, str], stderr_path: Path,
                     stdout_path: Path | None = None, cwd: str | None = None,
-                    timeout_s: float = SPAWN_TIMEOUT_S) -> ForkedProcess:
-        """Fork a guest running ``python -m balloonlab.guestd ARGS`` with ``env``; raises ``ForkServerError``."""
+                    timeout_s: float = SPAWN_TIMEOUT_S, own_session: bool = False) -> ForkedProcess:
+        """Fork a guest running ``python -m balloonlab.guestd ARGS`` with ``env``; raises ``ForkServerError``.
+
+        The guest is its own process group in the server's session, so that the
+        kernel schedules a run's guests as one group (``CONFIG_SCHED_AUTOGROUP``);
+        ``own_session``: a session of its own instead, as an exec'd guest has.
+        """
         if self.dead.is_set():
             raise ForkServerError(f"cannot start {name}: {self.death}")
         self._next_id += 1
@@ -308,7 +313,7 @@ class ForkServer:
         self._replies[rid] = fut
         req = {"op": "spawn", "id": rid, "name": name, "args": list(args), "env": env, "cwd": cwd or os.getcwd(),
                "stderr": str(stderr_path), "stdout": None if stdout_path is None else str(stdout_path),
-               "python": sys.executable}
+               "python": sys.executable, "own_session": bool(own_session)}
         try:
             self.sock.send(json.dumps(req).encode())
         except OSError as exc:

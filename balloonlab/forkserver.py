@@ -12,16 +12,18 @@ then forks one child per request, which runs the guest's normal entry point
 own credential), working directory, stdout/stderr files, process group, and
 command line and environment as /proc shows them (``balloonlab.proctitle``). Guests share the imported pages
 copy-on-write; each keeps privately only what it writes. Guests stay in the
-server's session, so that a kernel that shares the CPU by session first
-(``CONFIG_SCHED_AUTOGROUP``) schedules them as one group beside the host's,
-not as 64 groups each equal to it.
+server's session unless asked otherwise (``own_session``), so that a kernel
+that shares the CPU by session first (``CONFIG_SCHED_AUTOGROUP``) schedules
+them as one group beside the host's, not as 64 groups each equal to it.
 
 The control channel is a ``SOCK_SEQPACKET`` socket (FD, inherited), one
 JSON object per packet:
 
 - the server says ``{"op": "ready", "pid": ..., "preload_s": ...}`` once;
 - the client asks ``{"op": "spawn", "id": N, "name": ..., "args": [...],
-  "env": {...}, "cwd": ..., "stderr": PATH, "stdout": PATH|null}``; the server
+  "env": {...}, "cwd": ..., "stderr": PATH, "stdout": PATH|null, "own_session": BOOL}``
+  (``own_session`` true: the child starts a session of its own; false or
+  absent: it stays in the server's session, as its own process group); the server
   answers ``{"op": "spawned", "id": N, "pid": PID}`` with a pidfd of the child
   attached (so that the client can signal it without racing pid reuse), or
   ``{"op": "spawn_failed", "id": N, "error": ...}``;
@@ -111,9 +113,12 @@ def _exit_code(code: object) -> int:
 
 def _run_child(req: dict[str, Any], server_pid: int) -> int:
     """In the forked child: become the guest ``req`` describes and run it; returns its exit status."""
-    # Its own process group (signals and kills address it alone) but the
-    # server's session: the guests share one autogroup, so the host gets half the CPU, not 1/65.
-    os.setpgid(0, 0)
+    if req.get("own_session"):
+        os.setsid()
+    else:
+        # Its own process group (signals and kills address it alone) but the
+        # server's session: the guests share one autogroup, so the host gets half the CPU, not 1/65.
+        os.setpgid(0, 0)
     _die_with_parent()
     if os.getppid() != server_pid:   # the server died between fork and prctl
         return 1

@@ -163,6 +163,7 @@ def test_the_client_restarts_signals_and_reaps_guests(tmp_path: Path) -> None:
             first = await server.spawn("guest-7", nowhere, genv, tmp_path / "g7.stderr")
             wait_until(lambda: b"--guest-id\x007\x00" in Path(f"/proc/{first.pid}/cmdline").read_bytes(), 30.0,
                        what="the guest's own command line")
+            assert os.getsid(first.pid) == os.getsid(server.pid) and os.getpgid(first.pid) == first.pid
             environ = Path(f"/proc/{first.pid}/environ").read_bytes().split(b"\0")
             assert b"BALLOONLAB_TOKEN=" + b"t" * 16 in environ        # its environment, as an exec'd one shows it
             first.send_signal(signal.SIGSTOP)
@@ -170,8 +171,10 @@ def test_the_client_restarts_signals_and_reaps_guests(tmp_path: Path) -> None:
             first.send_signal(signal.SIGKILL)
             assert await asyncio.wait_for(first.wait(), 30) == -signal.SIGKILL
             first.send_signal(signal.SIGKILL)                           # after its end: a no-op, not an error
-            again = await server.spawn("guest-7", nowhere, genv, tmp_path / "g7.stderr")
+            again = await server.spawn("guest-7", nowhere, genv, tmp_path / "g7.stderr", own_session=True)
             assert again.pid != first.pid and again.returncode is None
+            # asked for: a session of its own (the reply comes at the fork; the child then sets it up)
+            wait_until(lambda: os.getsid(again.pid) == again.pid, 30.0, what="guest 7 in a session of its own")
         finally:
             await server.close()
         assert server.proc.returncode == 0
@@ -182,6 +185,14 @@ def test_the_client_restarts_signals_and_reaps_guests(tmp_path: Path) -> None:
 
     asyncio.run(asyncio.wait_for(scenario(), 100))
     assert not procs_mentioning(str(tmp_path))
+
+
+def test_forked_guests_share_the_servers_session_unless_requests_come_in_arrival_order() -> None:
+    from balloonlab.runner import _arrival_order
+    assert not _arrival_order({"host": {}, "locks": {}})                       # deterministic, the default
+    assert not _arrival_order({"host": {"request_order": "deterministic"}})
+    assert _arrival_order({"host": {"request_order": "arrival"}, "locks": {}})
+    assert _arrival_order({"host": {}, "locks": {"protocol": "ordered"}})      # a lock model runs in arrival order
 
 
 def test_the_switch_picks_how_guests_start(monkeypatch: pytest.MonkeyPatch) -> None:
