@@ -639,16 +639,13 @@ class HostMemory(Guests, Boundary, Releases, BitsAndPins, Readout):
         gate = self.chain_gate_us
         if gate is None or self.read_chain <= 0:
             return tokens0, done0, b""
-        steps = self._chain_steps(guest_id, can_fault)
-        if steps is None:
+        served = self._serve_chain(guest_id, can_fault, chain, vt_us, int(tokens0[0]), float(done0))
+        if served is None or len(served[1]) == 1:
             return tokens0, done0, b""
-        read, fault, faults = steps
-        toks, times = run_chain(chain, vt_us, int(tokens0[0]), float(done0), self.read_chain, gate, read, fault)
-        if len(times) == 1:
-            return tokens0, done0, b""
+        toks, times, faults = served
         vd = self._guest(guest_id).vdisk
-        vd.counters.chained_reads += (len(times) - 1) // 2 - faults[0]
-        vd.counters.chained_faults += faults[0]
+        vd.counters.chained_reads += (len(times) - 1) // 2 - faults
+        vd.counters.chained_faults += faults
         return np.array(toks, np.uint64), times[-1], np.array(times, np.float64).tobytes()
 
     def vdisk_chain_ahead(self, guest_id: int, vt_us: float, chain: list[float],
@@ -659,28 +656,26 @@ class HostMemory(Guests, Boundary, Releases, BitsAndPins, Readout):
         gate = self.chain_gate_us
         if gate is None or self.read_chain <= 0 or chain[0] != gate or not vt_us < gate:
             return _NO_TOKENS, b""
-        steps = self._chain_steps(guest_id, can_fault)
-        if steps is None:
+        served = self._serve_chain(guest_id, can_fault, chain, vt_us, None, None)
+        if served is None or not served[1]:
             return _NO_TOKENS, b""
-        read, fault, faults = steps
-        toks, times = run_chain(chain, vt_us, None, None, self.read_chain, gate, read, fault)
-        if not times:
-            return _NO_TOKENS, b""
+        toks, times, faults = served
         vd = self._guest(guest_id).vdisk
-        vd.counters.ahead_reads += len(times) // 2 - faults[0]
-        vd.counters.ahead_faults += faults[0]
+        vd.counters.ahead_reads += len(times) // 2 - faults
+        vd.counters.ahead_faults += faults
         return np.array(toks, np.uint64), np.array(times, np.float64).tobytes()
 
-    def _chain_steps(self, guest_id: int, can_fault: Callable[[], bool]) -> tuple[
-            Callable[[int, float], tuple[int, float] | None],
-            Callable[[list[int], float], tuple[list[int], float, bool] | None], list[int]] | None:
-        """How a chain serves one read and one EPT fault of this guest without a wait (None from either:
-        not now), and a count of the faults served; None: this guest's disk serves no chains."""
+    def _serve_chain(self, guest_id: int, can_fault: Callable[[], bool], chain: list[float], vt_us: float,
+                     token0: int | None, done0: float | None) -> tuple[list[int], list[float], int] | None:
+        """``run_chain`` of ``chain`` (``token0``/``done0``: its first read's answer, or None for a batch's
+        program) with this guest's steps, each one read or EPT fault served without a wait (a step that
+        would wait ends the chain): (tokens, times, EPT faults served); None: this guest's disk serves
+        no chains."""
         g = self._guest(guest_id)
         vd, pool, p2m = g.vdisk, self.pool, g.p2m
         if vd.mode == "none":
             return None
-        faults = [0]
+        faults = 0
         n_blocks, need_of, grant_left, token_of = vd.n_blocks, vd.need_bound_one, pool.grant_left, pool.token_mv
 
         def read(blk: int, vt: float) -> tuple[int, float] | None:
@@ -701,6 +696,7 @@ class HostMemory(Guests, Boundary, Releases, BitsAndPins, Readout):
             return token_of[f], float(done)
 
         def fault(gpfns: list[int], vt: float) -> tuple[list[int], float, bool] | None:
+            nonlocal faults
             n = len(gpfns)
             if not can_fault() or len(set(gpfns)) != n or min(gpfns) < 0 or max(gpfns) >= p2m.guest_pages:
                 return None
@@ -708,7 +704,7 @@ class HostMemory(Guests, Boundary, Releases, BitsAndPins, Readout):
             if n > 1:
                 first = self._ept_fault_first(g, pages, vt)     # (first touches: no wait to check for)
                 if first is not None:
-                    faults[0] += 1
+                    faults += 1
                     tokens, done = first
                     return tokens.tolist(), done, bool(tokens[-1] == LATER_TOKEN)
             state = p2m.state[pages]
@@ -726,11 +722,14 @@ class HostMemory(Guests, Boundary, Releases, BitsAndPins, Readout):
             else:
                 run.close()
                 raise InvariantViolation(f"guest {guest_id}: a chained EPT fault of {n} pages waited")
-            faults[0] += 1
+            faults += 1
             toks = tokens.tolist()
             return toks, float(done), LATER_TOKEN in toks
 
-        return read, fault, faults
+        gate = self.chain_gate_us
+        assert gate is not None
+        toks, times = run_chain(chain, vt_us, token0, done0, self.read_chain, gate, read, fault)
+        return toks, times, faults
 
     async def _vdisk_read_one_later(self, g: _Guest, one: int, start_us: float) -> tuple[np.ndarray, float]:
         vd = g.vdisk
