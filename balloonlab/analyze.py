@@ -114,7 +114,7 @@ def _main(argv: list[str] | None = None) -> int:
     ap.add_argument("--csv", type=Path, metavar="DIR", help="export the tables as DIR/{guests,host,events,decisions}.csv")
     ap.add_argument("--parquet", type=Path, metavar="DIR", help="the same tables as .parquet files")
     args = ap.parse_args(argv)
-    from balloonlab.analysis.plots import parse_formats
+    from balloonlab.analysis.formats import parse_formats
     try:
         formats = parse_formats(args.format)
     except ValueError as exc:

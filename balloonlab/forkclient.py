@@ -29,9 +29,10 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
+
+from balloonlab.early import EarlyChild, EarlyForkServer, forkserver_default, start_early
 
 __all__ = ["EarlyChild",
            "ForkServer", "ForkedProcess", "ForkServerError", "EarlyForkServer", "start_early", "PopenProcess",
@@ -40,12 +41,6 @@ __all__ = ["EarlyChild",
 READY_TIMEOUT_S = 120.0   # importing numpy & co on a machine loaded many times over
 SPAWN_TIMEOUT_S = 60.0
 GONE_TIMEOUT_S = 10.0     # a SIGKILLed child whose exit is never seen still ends its wait() after this
-ENV_SWITCH = "BALLOONLAB_FORKSERVER"
-
-
-def forkserver_default() -> bool:
-    """Guests start from the fork server unless ``BALLOONLAB_FORKSERVER=0`` (or ``no``/``false``/``off``)."""
-    return os.environ.get(ENV_SWITCH, "1").strip().lower() not in ("0", "no", "false", "off")
 
 
 class ForkServerError(RuntimeError):
@@ -107,71 +102,6 @@ class ForkedProcess:
             self._finish(None, lost=True)
         loop.add_reader(fd, gone)
         timer = loop.call_later(timeout_s, gone)
-
-
-class EarlyChild:
-    """A child started before its run was known (its imports overlap the launcher's), until a run adopts it.
-
-    ``discard`` stops one no run adopted (the scenario was bad, say) and
-    closes what the launcher holds of it; after adoption it does nothing.
-    """
-
-    def __init__(self, popen: subprocess.Popen[bytes], stderr: Any) -> None:
-        self.popen = popen
-        self.stderr = stderr          # an unlinked temporary file: what the child writes before adoption
-        self.adopted = False
-
-    def discard(self) -> None:
-        if self.adopted:
-            return
-        self.adopted = True
-        self._stop()
-        for f in (self.popen.stdin, self.popen.stdout, self.stderr):
-            if f is not None:
-                f.close()
-
-    def _stop(self) -> None:
-        self.popen.kill()             # still importing, or waiting for its arguments: nothing to end cleanly
-        self.popen.wait()
-
-
-class EarlyForkServer(EarlyChild):
-    """A fork server started by ``start_early``, not yet adopted by a run (``ForkServer.adopt``)."""
-
-    def __init__(self, popen: subprocess.Popen[bytes], sock: socket.socket, stderr: Any) -> None:
-        super().__init__(popen, stderr)
-        self.sock = sock
-
-    def _stop(self) -> None:
-        self.sock.close()             # the server sees its client go and exits
-        try:
-            self.popen.wait(10.0)
-        except subprocess.TimeoutExpired:
-            super()._stop()
-
-
-def start_early(env: dict[str, str], python: str = sys.executable, preexec_fn: Any = None,
-                run_dir: Path | None = None) -> EarlyForkServer:
-    """Start a fork server now, outside any event loop, before the run directory exists.
-
-    ``run_dir``, when already known, is on its command line from the start (tools find a run's
-    processes by it); otherwise it is added there on adoption.
-    """
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    stderr = tempfile.TemporaryFile()
-    shown = [] if run_dir is None else ["--run-dir", str(run_dir)]
-    try:
-        popen = subprocess.Popen(
-            [python, "-m", "balloonlab.forkserver", "--control-fd", str(theirs.fileno()), *shown], env=env,
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True,
-            preexec_fn=preexec_fn, pass_fds=(theirs.fileno(),))
-    except BaseException:
-        ours.close()
-        stderr.close()
-        raise
-    finally:
-        theirs.close()
-    return EarlyForkServer(popen, ours, stderr)
 
 
 class PopenProcess:

@@ -21,7 +21,6 @@ The command line is a thin layer over the same two steps as the Python API
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import shutil
@@ -34,19 +33,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Coroutine, TypeVar
 
-# Only what starting the host and the fork server needs is imported here: they then import while the
-# launcher imports the scenario's schema and checks (which load numpy and the protocol) and loads the
-# scenario. The rest is imported where it is used.
+# Only what starting the host and the fork server needs is imported here (no event loop, no numpy):
+# the command line starts them first, and they import while the launcher imports the rest (the runner,
+# the scenario's schema and checks, which load numpy and the protocol) and loads the scenario.
 from balloonlab.cli import run_cli, say
-from balloonlab.forkclient import EarlyForkServer, ForkServer, start_early
+from balloonlab.early import (GUEST_START_MODES, EarlyForkServer, EarlyHost, child_env, default_guest_start,
+                              die_with_parent, start_early, start_early_host)
 from balloonlab.proto.errors import ConfigError
-from balloonlab.proto.plainlog import import_structlog
-from balloonlab.progress import Progress
 from balloonlab.rundir import RunDirError, prepare_run_dir
-from balloonlab.runner import (GUEST_START_MODES, EarlyHost, JoinInfo, VariantResult, child_env,
-                               default_guest_start, die_with_parent, run_variant, start_early_host)
 
 if TYPE_CHECKING:
+    from balloonlab.runner import JoinInfo, VariantResult
     from balloonlab.scenario import Overrides, Scenario
 
 __all__ = ["main", "host_main", "prepare", "launch", "LaunchOutcome", "DEFAULT_SCENARIO", "RunDirError"]
@@ -148,7 +145,7 @@ def parse_args(argv: list[str] | None, prog: str = "balloonlab-launch") -> argpa
         ap.error(f"--ticks must be >= 1, got {args.ticks}")
     if args.duration is not None and not args.duration > 0:
         ap.error(f"--duration must be > 0, got {args.duration}")
-    from balloonlab.analysis.plots import parse_formats
+    from balloonlab.analysis.formats import parse_formats
     try:
         args.formats = parse_formats(args.format)
     except ValueError as exc:
@@ -180,21 +177,23 @@ def host_main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str] | None = None, prog: str = "balloonlab-launch") -> int:
-    # The scenario's checks import the host's modules, and with them structlog, which would import rich
-    # for console renderers the launcher never uses: ~30 ms of CPU (-X importtime) while the host and
-    # the fork server start on the same two cores (``balloonlab.proto.plainlog``).
-    import_structlog()
     args = parse_args(argv, prog)
     if args.schema:
         from .editorschema import editor_schema
         print(json.dumps(editor_schema(), indent=2))
         return 0
-    # The host and the fork server import while the scenario loads (they need only the environment);
-    # the first variant hands the host its arguments, and every variant forks from the server.
+    # The host and the fork server import while the launcher imports and loads the scenario (they need
+    # only the environment); the first variant hands the host its arguments, and every variant forks
+    # from the server.
     early_host = start_early_host(child_env(), sys.executable, args.run_dir)
     early = None
     if (args.guest_start or default_guest_start()) == "fork" and args.external_guests != "all":
         early = start_early(child_env(), sys.executable, die_with_parent, args.run_dir)
+    # The scenario's checks import the host's modules, and with them structlog, which would import rich
+    # for console renderers the launcher never uses: ~30 ms of CPU (-X importtime) while the host and
+    # the fork server start on the same two cores (``balloonlab.proto.plainlog``).
+    from balloonlab.proto.plainlog import import_structlog
+    import_structlog()
     try:
         from balloonlab.overrides import normalize, parse_setting
         from balloonlab.scenario import Overrides
@@ -274,6 +273,8 @@ def launch(path: Path, scenario: Scenario, *, run_dir: Path | None = None, force
 
 def _run_loop(coro: Coroutine[Any, Any, T]) -> T:
     """Run ``coro`` on uvloop; from inside a running event loop (a notebook) on a thread of its own."""
+    import asyncio
+
     import uvloop
     try:
         asyncio.get_running_loop()
@@ -327,6 +328,11 @@ def _needs_fork_server(scenario: Scenario, o: _Options) -> bool:
 
 async def _launch(scenario: Scenario, run_dir: Path, o: _Options, early: EarlyForkServer | None = None,
                   early_host: EarlyHost | None = None) -> LaunchOutcome:
+    import asyncio
+
+    from balloonlab.forkclient import ForkServer
+    from balloonlab.progress import Progress
+    from balloonlab.runner import run_variant
     from balloonlab.proto.handshake import new_token
     from balloonlab.validators import guest_sizes, guest_swap_area
     loop = asyncio.get_running_loop()

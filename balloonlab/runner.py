@@ -25,20 +25,18 @@ variant with an error that says so.
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import json
 import os
 import signal
-import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from balloonlab.forkclient import (EarlyChild, ForkedProcess, ForkServer, ForkServerError, PopenProcess,
-                                  forkserver_default)
+from balloonlab.early import (GUEST_START_MODES, EarlyHost, child_env, default_guest_start, die_with_parent,
+                              start_early_host)
+from balloonlab.forkclient import ForkedProcess, ForkServer, ForkServerError, PopenProcess
 
 __all__ = ["ChildResult", "VariantResult", "JoinInfo", "run_variant", "write_credentials", "guest_command",
            "TEARDOWN_GRACE_S", "GUEST_START_MODES", "default_guest_start", "child_env", "die_with_parent",
@@ -47,55 +45,10 @@ __all__ = ["ChildResult", "VariantResult", "JoinInfo", "run_variant", "write_cre
 TEARDOWN_GRACE_S = 5.0
 HOST_READY_TIMEOUT_S = 120.0   # a host on a machine loaded many times over starts slowly, but it starts
 CREDENTIALS_DIR = "credentials"
-_PR_SET_PDEATHSIG = 1
-GUEST_START_MODES = ("fork", "exec")
 # Spawn requests in flight to the fork server at once: it forks one after the other without waiting for
 # the launcher to read each reply (a round trip per guest, 30-40 ms each on a loaded machine), and the
 # control socket's buffer never holds more than a few requests (each carries an environment).
 FORK_WINDOW = 8
-
-
-def default_guest_start() -> str:
-    """``fork`` (guests from the fork server) unless ``BALLOONLAB_FORKSERVER=0``: then ``exec``."""
-    return "fork" if forkserver_default() else "exec"
-
-
-def child_env() -> dict[str, str]:
-    """The environment every process of a run starts from (each adds its own credential)."""
-    env = dict(os.environ, OPENBLAS_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    env.pop("BALLOONLAB_TOKEN", None)
-    return env
-
-
-def die_with_parent() -> None:
-    """``preexec_fn`` of every child: it is SIGKILLed when the launcher dies."""
-    # Runs in the child between fork and exec.
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    except OSError:
-        pass
-
-
-class EarlyHost(EarlyChild):
-    """A host started before the launcher loaded the scenario (``hostd --args-on-stdin``), for one variant to adopt."""
-
-
-def start_early_host(env: dict[str, str], python: str = sys.executable, run_dir: Path | None = None) -> EarlyHost:
-    """Start a host now, outside any event loop: it imports while the launcher loads the scenario.
-
-    ``run_dir``, when already known, is shown on its command line (tools find a run's processes by it).
-    """
-    stderr = tempfile.TemporaryFile()
-    shown = [] if run_dir is None else ["--run-dir", str(run_dir)]
-    try:
-        popen = subprocess.Popen([python, "-m", "balloonlab.hostd", "--args-on-stdin", *shown], env=env,
-                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr, start_new_session=True,
-                                 preexec_fn=die_with_parent)
-    except BaseException:
-        stderr.close()
-        raise
-    return EarlyHost(popen, stderr)
 
 
 @dataclass

@@ -37,12 +37,12 @@ import numpy as np
 from balloonlab.proto import events as ev
 from balloonlab.proto.costs import refs_per_vsec_ceiling
 
+from .formats import FORMATS, parse_formats
 from .logs import VariantLogs, event_vt_us, guest_series, host_series
 
 __all__ = ["VariantSeries", "variant_series", "plot_variant", "plot_across", "Plot", "safe_name", "FORMATS",
            "parse_formats", "rate_per_s", "balloon_varies"]
 
-FORMATS = ("png", "svg", "pdf")
 _formats: ContextVar[tuple[str, ...]] = ContextVar("plot_formats", default=("png",))
 
 GUEST_KEYS = ("refs", "major_faults", "minor_faults", "free", "total", "anon_pages", "file_pages", "balloon_pages",
@@ -73,15 +73,6 @@ class Plot:
     path: Path
     variant: str | None = None   # None: across variants
     files: list[Path] = field(default_factory=list)
-
-
-def parse_formats(text: str) -> tuple[str, ...]:
-    """``"png,svg"`` -> ("png", "svg"); an unknown format is a ValueError naming it."""
-    out = tuple(dict.fromkeys(f.strip().lower() for f in text.split(",") if f.strip()))
-    bad = [f for f in out if f not in FORMATS]
-    if bad or not out:
-        raise ValueError(f"unknown figure format {', '.join(bad) or repr(text)}: choose from {', '.join(FORMATS)}")
-    return out
 
 
 @contextmanager
