@@ -258,6 +258,13 @@ async def _ask(sessions: "SessionRegistry", spec: GuestSpec, gid: int, timeout_s
     return GuestClaims.from_replies(await asyncio.wait_for(ask_all(), timeout_s * max(1, len(windows))))
 
 
+class _CheckFailed:
+    """A guest's claims came, but checking them raised: re-raised once every guest has answered."""
+
+    def __init__(self, exc: Exception) -> None:
+        self.exc = exc
+
+
 async def run_audit(sessions: "SessionRegistry", mem: "HostMemory", shootdowns: "Shootdowns",
                     specs: Mapping[int, GuestSpec], *, unresponsive_s: float) -> dict[str, Any]:
     """Audit every live guest and every guest that left; log ``audit_completed``; never raises."""
@@ -273,25 +280,42 @@ async def run_audit(sessions: "SessionRegistry", mem: "HostMemory", shootdowns: 
             await asyncio.wait(settling, timeout=timeout_s)   # the placeholders left are reported below
             for task in settling:
                 task.cancel()
-        results = await asyncio.gather(*(_ask(sessions, specs[gid], gid, timeout_s) for gid in live),
-                                       return_exceptions=True)
+        def check(gid: int, res: GuestClaims) -> tuple[list[str], int, dict[str, Any]]:
+            mine = check_guest(mem, gid, res)
+            left = shootdowns.leftover_placeholders(gid)
+            if left:
+                mine.append(f"guest {gid}: {left} host swap slots still wait for a shootdown's answer")
+            lost = count_lost_pages(mem, gid, res)
+            return mine, lost, {
+                "ok": not mine, "answered": True, "lost_pages": lost, "ram_pages": int(res.ram_gpfns.size),
+                "host_swapped_pages": int(np.count_nonzero(~res.ram_backed)),
+                "disk_pages": int(res.disk_blocks.size), "balloon_pages": int(res.balloon_gpfns.size),
+                "host_balloon_pages": mem.balloon_pages(gid)}
+
+        async def audit_one(gid: int) -> Any:
+            # Each guest's claims are checked as they come, while the others still gather theirs: the
+            # host's checks and the guests' answers share the CPU instead of following one another.
+            # (Nothing changes host memory now: every guest is parked at the run's end.)
+            try:
+                res = await _ask(sessions, specs[gid], gid, timeout_s)
+            except Exception as exc:     # did not answer (CancelledError, like any BaseException, passes)
+                return exc
+            try:
+                return check(gid, res)
+            except Exception as exc:     # the check itself failed: the audit fails, as before
+                return _CheckFailed(exc)
+
+        results = await asyncio.gather(*(audit_one(gid) for gid in live), return_exceptions=True)
         for gid, res in zip(live, results):
+            if isinstance(res, _CheckFailed):
+                raise res.exc
             if isinstance(res, BaseException):
                 why = f"{type(res).__name__}: {res}" if isinstance(res, (ProtoError, HostdError, OSError)) else repr(res)
                 mine = [f"guest {gid}: did not answer the audit ({why})"]
                 per_guest[str(gid)] = {"ok": False, "answered": False}
             else:
-                mine = check_guest(mem, gid, res)
-                left = shootdowns.leftover_placeholders(gid)
-                if left:
-                    mine.append(f"guest {gid}: {left} host swap slots still wait for a shootdown's answer")
-                lost = count_lost_pages(mem, gid, res)
+                mine, lost, per_guest[str(gid)] = res
                 lost_pages += lost
-                per_guest[str(gid)] = {
-                    "ok": not mine, "answered": True, "lost_pages": lost, "ram_pages": int(res.ram_gpfns.size),
-                    "host_swapped_pages": int(np.count_nonzero(~res.ram_backed)),
-                    "disk_pages": int(res.disk_blocks.size), "balloon_pages": int(res.balloon_gpfns.size),
-                    "host_balloon_pages": mem.balloon_pages(gid)}
             problems.extend(mine)
         for gid in sessions.left_for_good():
             mine = check_released(mem, gid)

@@ -188,3 +188,48 @@ def test_the_guest_reports_an_empty_audit_before_it_has_started() -> None:
     claims = GuestClaims.from_replies([reply])
     assert claims.ram_gpfns.size == claims.disk_blocks.size == claims.balloon_gpfns.size == 0
     assert reply.report["not_started"] is True
+
+
+async def test_each_guests_claims_are_checked_as_they_come(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The host checks a guest's claims when they arrive, not once every guest has answered (its checks
+    and the other guests' answers then share the CPU); the result is the same, in guest order."""
+    import asyncio
+
+    from balloonlab.hostd import audit as host_audit
+    order: list[str] = []
+    answer = {gid: asyncio.Event() for gid in (0, 1, 2)}
+
+    async def ask(sessions: object, spec: object, gid: int, timeout_s: float) -> SimpleNamespace:
+        await answer[gid].wait()
+        order.append(f"answer {gid}")
+        return SimpleNamespace(ram_gpfns=np.arange(gid + 1), ram_backed=np.ones(gid + 1, bool),
+                               disk_blocks=np.zeros(0), balloon_gpfns=np.zeros(0))
+
+    def check(mem: object, gid: int, res: object) -> list[str]:
+        order.append(f"check {gid}")
+        return [f"guest {gid}: made up"] if gid == 1 else []
+
+    monkeypatch.setattr(host_audit, "_ask", ask)
+    monkeypatch.setattr(host_audit, "check_guest", check)
+    monkeypatch.setattr(host_audit, "count_lost_pages", lambda mem, gid, res: gid)
+    mem = SimpleNamespace(guest_ids=lambda: [0, 1, 2], balloon_pages=lambda gid: 0, check_invariant=lambda: None)
+    shootdowns = SimpleNamespace(pending=lambda gid: False, leftover_placeholders=lambda gid: 0)
+
+    class Sessions(list):
+        def left_for_good(self) -> list[int]:
+            return []
+
+    run = asyncio.ensure_future(host_audit.run_audit(Sessions([2, 0, 1]), mem, shootdowns, {0: None, 1: None, 2: None},
+                                                     unresponsive_s=5.0))
+
+    async def settle(step: str) -> None:
+        while step not in order:
+            await asyncio.sleep(0)
+
+    for gid in (2, 0, 1):
+        answer[gid].set()
+        await asyncio.wait_for(settle(f"check {gid}"), 5.0)
+    result = await asyncio.wait_for(run, 5.0)
+    assert order == ["answer 2", "check 2", "answer 0", "check 0", "answer 1", "check 1"]
+    assert result["problems"] == ["guest 1: made up"] and result["lost_pages"] == 3 and result["audited"] == 3
+    assert list(result["guests"]) == ["0", "1", "2"] and result["guests"]["2"]["ram_pages"] == 3
