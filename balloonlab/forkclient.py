@@ -157,6 +157,7 @@ class ForkServer:
         self.dead = asyncio.Event()
         self.death = ""
         self.preload_s = 0.0
+        self.rehearsed = False        # it played a guest's first ticks before its first fork
         self.children: dict[int, ForkedProcess] = {}
         self._early_exits: dict[int, int] = {}
         self._replies: dict[int, asyncio.Future[tuple[dict[str, Any], list[int]]]] = {}
@@ -220,6 +221,7 @@ class ForkServer:
             raise ForkServerError(f"the guest fork server (pid {self.pid}) was not ready within {timeout_s:g} s"
                                   f"{self._stderr_note()}") from None
         self.preload_s = float(ready.get("preload_s", 0.0))
+        self.rehearsed = ready.get("rehearsed") is True
         return self
 
     @property

@@ -59,6 +59,7 @@ from typing import Any
 __all__ = ["main", "PRELOAD", "MAX_PACKET"]
 
 MAX_PACKET = 1 << 20          # one spawn request: argv + environment, far below this
+REHEARSAL_SWITCH = "BALLOONLAB_REHEARSAL"   # 0: no rehearsal of a guest before the first fork
 # numpy.ma and numpy.random: numpy imports them lazily (np.unique pulls in numpy.ma, which builds its
 # functions' signatures as it loads): in every guest at its end-of-run audit, 0.1-0.5 s of CPU each,
 # with all guests at once, unless they are here.
@@ -87,6 +88,25 @@ def _preload() -> None:
     shared_libc()   # each child's prctl calls (its parent-death signal, its command line)
     from balloonlab.guestd.__main__ import arg_parser
     arg_parser()    # its objects, built here, stay shared: parse_args only reads them
+
+
+def _rehearse() -> bool:
+    """A guest's first ticks, played once here (``guestd/rehearsal.py``): every guest then starts on code
+    and caches already warm. One that fails is reported, not fatal: the guests only start colder.
+    ``BALLOONLAB_REHEARSAL=0`` skips it (to measure what it saves)."""
+    from balloonlab.guestd.rehearsal import rehearse
+    if os.environ.get(REHEARSAL_SWITCH, "1").strip().lower() in ("0", "no", "false", "off"):
+        return False
+    try:
+        lost = rehearse()
+    except Exception:  # noqa: BLE001 -- the guests' own runs will show a bug; the server still serves them
+        print("forkserver: the rehearsal of a guest failed; guests start without it:", file=sys.stderr)
+        traceback.print_exc()
+        return False
+    if lost:
+        print(f"forkserver: the rehearsal's guest lost {lost} pages", file=sys.stderr)
+        return False
+    return True
 
 
 def _die_with_parent() -> None:
@@ -309,6 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.monotonic()
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")   # no BLAS thread pool: fork only a single thread
     _preload()
+    rehearsed = _rehearse()
     threads = len(os.listdir("/proc/self/task"))
     if threads != 1:
         # A child forked from a threaded process may inherit a lock another thread held: refuse.
@@ -318,7 +339,8 @@ def main(argv: list[str] | None = None) -> int:
     gc.collect()
     gc.freeze()
     try:
-        _send(sock, {"op": "ready", "pid": os.getpid(), "preload_s": round(time.monotonic() - t0, 3)})
+        _send(sock, {"op": "ready", "pid": os.getpid(), "preload_s": round(time.monotonic() - t0, 3),
+                     "rehearsed": rehearsed})
     except OSError as exc:
         if exc.errno in (errno.EPIPE, errno.ECONNRESET):
             return 0

@@ -10,6 +10,8 @@ import asyncio
 import json
 import os
 import signal
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -154,6 +156,7 @@ def test_the_client_restarts_signals_and_reaps_guests(tmp_path: Path) -> None:
     async def scenario() -> None:
         env = dict(os.environ, OPENBLAS_NUM_THREADS="1")
         server = await ForkServer.start(tmp_path, env)
+        assert server.rehearsed   # it played a guest's first ticks before its first fork (guestd/rehearsal.py)
         nowhere = ["--address", f"unix:{tmp_path}/nobody.sock", "--guest-id", "7"]
         genv = {"BALLOONLAB_TOKEN": "t" * 16, "PATH": os.environ.get("PATH", "")}
         try:
@@ -241,3 +244,45 @@ def test_a_guest_of_a_dead_server_is_waited_for_until_it_has_exited(tmp_path: Pa
 
     asyncio.run(asyncio.wait_for(scenario(), 100))
     assert not procs_mentioning(str(tmp_path))
+
+
+def test_the_rehearsal_plays_a_guests_first_ticks_clean_and_leaves_nothing_running() -> None:
+    """In a fresh interpreter, as in the fork server: the rehearsal's guest faults, reads (chained), offers
+    answers ahead and loses no page; afterwards no loop runs, and no thread or file is left open."""
+    probe = """
+import asyncio, os, threading
+from balloonlab.guestd import rehearsal
+calls = {}
+orig = rehearsal._StandIn.call
+async def counted(self, msg, **kw):
+    kind = type(msg).__name__ + ("+chain" if getattr(msg, "chain", b"") else "")
+    calls[kind] = calls.get(kind, 0) + 1
+    return await orig(self, msg, **kw)
+rehearsal._StandIn.call = counted
+aheads = []
+done = rehearsal._StandIn.tick_done
+def tick_done(self, *a, **kw):
+    aheads.append(bool(a[5]) if len(a) > 5 else False)
+    return done(self, *a, **kw)
+rehearsal._StandIn.tick_done = tick_done
+fds = sorted(os.listdir("/proc/self/fd"))
+lost = rehearsal.rehearse()
+try:
+    asyncio.get_running_loop()
+    running = True
+except RuntimeError:
+    running = False
+print(lost, len(aheads), sum(aheads), calls.get("EptFault", 0) > 0, calls.get("DiskRead+chain", 0) > 0,
+      running, threading.active_count(), sorted(os.listdir("/proc/self/fd")) == fds)
+"""
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    lost, ticks, aheads, faulted, chained, running, threads, same_fds = done.stdout.split()
+    assert (lost, ticks, faulted, chained, running, threads, same_fds) == (
+        "0", str(rehearsal_ticks()), "True", "True", "False", "1", "True"), done.stdout
+    assert int(aheads) > 0, done.stdout
+
+
+def rehearsal_ticks() -> int:
+    from balloonlab.guestd.rehearsal import REHEARSAL_TICKS
+    return REHEARSAL_TICKS
