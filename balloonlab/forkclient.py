@@ -15,7 +15,7 @@ the child has exited (its pidfd says so): a launcher that returns then
 leaves none of them running.
 
 The launcher starts its server before it has loaded the scenario, without an
-event loop and before the run directory exists (``start_early``: the
+event loop and before the run directory exists (``early.start_early``: the
 server's imports then overlap the launcher's), and hands it the run
 directory once it has one (``ForkServer.adopt``); one server serves every
 variant of a launch.

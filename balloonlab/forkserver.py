@@ -94,9 +94,9 @@ def _rehearse() -> bool:
     """A guest's first ticks, played once here (``guestd/rehearsal.py``): every guest then starts on code
     and caches already warm. One that fails is reported, not fatal: the guests only start colder.
     ``BALLOONLAB_REHEARSAL=0`` skips it (to measure what it saves)."""
-    from balloonlab.guestd.rehearsal import rehearse
     if os.environ.get(REHEARSAL_SWITCH, "1").strip().lower() in ("0", "no", "false", "off"):
         return False
+    from balloonlab.guestd.rehearsal import rehearse
     try:
         lost = rehearse()
     except Exception:  # noqa: BLE001 -- the guests' own runs will show a bug; the server still serves them

@@ -246,8 +246,8 @@ def launch(path: Path, scenario: Scenario, *, run_dir: Path | None = None, force
     are not started: how they join is printed and written to join.json.
     ``guest_start``: ``fork`` (the fork server) or ``exec``; None: ``fork``
     unless ``BALLOONLAB_FORKSERVER=0``. ``early_fork_server``: a fork server
-    from ``forkclient.start_early`` to use; None: one is started here when
-    needed. ``early_host``: a host from ``runner.start_early_host`` for the
+    from ``early.start_early`` to use; None: one is started here when
+    needed. ``early_host``: a host from ``early.start_early_host`` for the
     first variant. The caller discards both if this raises before the run.
     """
     if transport not in ("unix", "tcp"):

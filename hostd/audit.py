@@ -294,8 +294,8 @@ async def run_audit(sessions: "SessionRegistry", mem: "HostMemory", shootdowns: 
 
         async def audit_one(gid: int) -> Any:
             # Each guest's claims are checked as they come, while the others still gather theirs: the
-            # host's checks and the guests' answers share the CPU instead of following one another.
-            # (Nothing changes host memory now: every guest is parked at the run's end.)
+            # host's checks and the guests' answers share the CPU instead of following one another,
+            # and a guest's check runs as close to its answer as it can.
             try:
                 res = await _ask(sessions, specs[gid], gid, timeout_s)
             except Exception as exc:     # did not answer (CancelledError, like any BaseException, passes)
