@@ -286,3 +286,19 @@ print(lost, len(aheads), sum(aheads), calls.get("EptFault", 0) > 0, calls.get("D
 def rehearsal_ticks() -> int:
     from balloonlab.guestd.rehearsal import REHEARSAL_TICKS
     return REHEARSAL_TICKS
+
+
+@pytest.mark.timeout(120)
+def test_the_rehearsal_can_be_switched_off(tmp_path: Path) -> None:
+    """``BALLOONLAB_REHEARSAL=0``: the server forks without having played a guest first (to measure it)."""
+    from balloonlab.forkclient import ForkServer
+
+    async def start() -> bool:
+        server = await ForkServer.start(tmp_path, dict(os.environ, OPENBLAS_NUM_THREADS="1", BALLOONLAB_REHEARSAL="0"))
+        try:
+            return server.rehearsed
+        finally:
+            await server.close()
+
+    assert asyncio.run(asyncio.wait_for(start(), 100)) is False
+    assert not procs_mentioning(str(tmp_path))
