@@ -684,10 +684,11 @@ class HostMemory(Guests, Boundary, Releases, BitsAndPins, Readout):
                 return None
             need = need_of(blk)
             if need:
+                # (no grant: -1, and the chain stops; so past here ``_room_ok`` is the grant's check)
                 if grant_left(guest_id) < need:   # it might wait for room: not in a chain
                     return None
-                start, _ = vd.fit_one(blk, vt)
-                if not self._room_ok(need, False, g):
+                start, _ = vd.fit_one(blk, vt, need)
+                if grant_left(guest_id) < need:
                     raise InvariantViolation(f"guest {guest_id}: chained read of block {blk} waited for room "
                                              f"its grant held ({need} frames)")
             else:

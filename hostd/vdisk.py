@@ -315,12 +315,13 @@ class VirtualDisk:
         """``fit_allowance`` of a read or a write of one block, in scalars: the same drops, the same time."""
         return self.fit_one(block, vt_us)[0]
 
-    def fit_one(self, block: int, vt_us: float) -> tuple[float, int]:
+    def fit_one(self, block: int, vt_us: float, need: int | None = None) -> tuple[float, int]:
         """``fit_allowance_one``, then ``frames_needed_one``: (when the request may start, frames it needs).
 
-        One call for the usual request; a hit needs no room and drops nothing.
+        One call for the usual request; a hit needs no room and drops nothing. ``need``: the block's
+        ``need_bound_one``, when the caller has it already.
         """
-        n = self.need_bound_one(block)
+        n = self.need_bound_one(block) if need is None else need
         if n == 0 or self.mode == "none":
             return float(vt_us), n
         cp = self.cluster_pages
@@ -552,11 +553,18 @@ class VirtualDisk:
             self._inflight_frames.append(_NO_FRAMES)
             c.cache_miss_pages += 1
         else:
+            fresh = not self._v_cached[cl]
+            if fresh:
+                # stamped now, as ``_touch_cluster`` would (nothing between reads the stamp): the heap
+                # gets the cluster's one live entry as it is cached, not a stale one besides
+                self._v_stamp[cl] = float(vt_us)
             done = self._load_cluster_of(block, start) + self.costs.page_copy_us
             self._inflight_done_us.append(done)
             self._inflight_frames.append(_NO_FRAMES)
             c.cache_miss_pages += 1
             f = self._v_loc[block]
+            if fresh:
+                return f, done
         self._touch_cluster(cl, float(vt_us))
         return f, done
 
