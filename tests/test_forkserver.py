@@ -10,14 +10,12 @@ import asyncio
 import json
 import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.procs import Launched, dump_logs, procs_mentioning, wait_until
+from tests.procs import Launched, dump_logs, procs_mentioning, python_prints, wait_until
 from tests.rawclient import proc_state, run_pids, wait_stopped
 from tests.test_determinism import determinism_run
 from tests.test_launch import RUN_TIMEOUT_S, TINY, assert_no_leftovers, events_named, guest_pid, host_tick, read_jsonl
@@ -275,17 +273,12 @@ except RuntimeError:
 print(lost, len(aheads), sum(aheads), calls.get("EptFault", 0) > 0, calls.get("DiskRead+chain", 0) > 0,
       running, threading.active_count(), sorted(os.listdir("/proc/self/fd")) == fds)
 """
-    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
-    lost, ticks, aheads, faulted, chained, running, threads, same_fds = done.stdout.split()
-    assert (lost, ticks, faulted, chained, running, threads, same_fds) == (
-        "0", str(rehearsal_ticks()), "True", "True", "False", "1", "True"), done.stdout
-    assert int(aheads) > 0, done.stdout
-
-
-def rehearsal_ticks() -> int:
+    out = python_prints(probe, 120.0)
+    lost, ticks, aheads, faulted, chained, running, threads, same_fds = out.split()
     from balloonlab.guestd.rehearsal import REHEARSAL_TICKS
-    return REHEARSAL_TICKS
+    assert (lost, ticks, faulted, chained, running, threads, same_fds) == (
+        "0", str(REHEARSAL_TICKS), "True", "True", "False", "1", "True"), out
+    assert int(aheads) > 0, out
 
 
 @pytest.mark.timeout(120)

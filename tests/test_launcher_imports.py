@@ -26,3 +26,14 @@ def test_the_discipline_registry_names_its_modes_and_imports_a_class_when_asked(
     assert discipline.MODES["arrival"].__name__ == "ArrivalOrder"
     with pytest.raises(AttributeError, match="NoSuchOrder"):
         discipline.NoSuchOrder   # noqa: B018
+
+
+def test_the_launcher_starts_its_children_before_it_imports_numpy_or_an_event_loop() -> None:
+    """What runs before the host and the fork server start -- the launcher's module and its argument
+    parsing -- imports neither numpy nor asyncio: those are what the children import meanwhile."""
+    out = _run("import sys\nfrom balloonlab.launch import parse_args\n"
+               "a = parse_args(['--scenario', 'scale', '--format', 'png,svg', '--guest-start', 'fork'], 'x')\n"
+               "import balloonlab.early\n"
+               "print(sorted(m for m in ('numpy', 'asyncio', 'uvloop', 'structlog', 'balloonlab.runner', "
+               "'balloonlab.forkclient') if m in sys.modules), a.formats)")
+    assert out.split() == ["[]", "('png',", "'svg')"], out

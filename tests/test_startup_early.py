@@ -101,15 +101,3 @@ def test_a_launch_that_never_starts_leaves_no_early_process(tmp_path: Path) -> N
     assert left == []
     assert not (tmp_path / "run").exists()
 
-
-def test_the_launcher_starts_its_children_before_it_imports_numpy_or_an_event_loop() -> None:
-    """What runs before the host and the fork server start -- the launcher's module and its argument
-    parsing -- imports neither numpy nor asyncio: those are what the children import meanwhile."""
-    probe = ("import sys; from balloonlab.launch import parse_args; "
-             "a = parse_args(['--scenario', 'scale', '--format', 'png,svg', '--guest-start', 'fork'], 'x'); "
-             "import balloonlab.early; "
-             "print(sorted(m for m in ('numpy', 'asyncio', 'uvloop', 'structlog', 'balloonlab.runner', "
-             "'balloonlab.forkclient') if m in sys.modules), a.formats)")
-    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, timeout=120, text=True)
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.split() == ["[]", "('png',", "'svg')"], done.stdout
