@@ -17,6 +17,9 @@ import pytest
 
 from tests.procs import Launched, dump_logs, procs_mentioning, python_prints, wait_until
 from tests.rawclient import proc_state, run_pids, wait_stopped
+
+# An exited process: gone, a zombie not yet reaped (Z), or one being reaped right now (X).
+_GONE = ("", "Z", "X")
 from tests.test_determinism import determinism_run
 from tests.test_launch import RUN_TIMEOUT_S, TINY, assert_no_leftovers, events_named, guest_pid, host_tick, read_jsonl
 
@@ -142,7 +145,7 @@ def test_a_dead_fork_server_fails_the_run_and_says_so(tmp_path: Path) -> None:
     fin = events_named(read_jsonl(run_dir / "host.jsonl"), "run_finished")
     assert fin, dump_logs(run_dir)
     for pid in guests:
-        assert proc_state(pid) in ("", "Z") or not Path(f"/proc/{pid}").exists()
+        assert proc_state(pid) in _GONE or not Path(f"/proc/{pid}").exists()
     assert_no_leftovers(run_dir)
 
 
@@ -180,7 +183,7 @@ def test_the_client_restarts_signals_and_reaps_guests(tmp_path: Path) -> None:
             await server.close()
         assert server.proc.returncode == 0
         assert again.lost and again.returncode is None                  # closed under it: killed, not reported
-        wait_until(lambda: proc_state(again.pid) in ("", "Z"), 10.0, what="the guest gone with its server")
+        wait_until(lambda: proc_state(again.pid) in _GONE, 10.0, what="the guest gone with its server")
         with pytest.raises(ForkServerError, match="cannot start guest-8"):
             await server.spawn("guest-8", nowhere, genv, tmp_path / "g8.stderr")
 
@@ -233,10 +236,10 @@ def test_a_guest_of_a_dead_server_is_waited_for_until_it_has_exited(tmp_path: Pa
             server._died("a test")
             waiting = asyncio.ensure_future(guest.wait())
             await asyncio.sleep(0.3)
-            assert guest.lost and not waiting.done() and proc_state(guest.pid) not in ("", "Z")
+            assert guest.lost and not waiting.done() and proc_state(guest.pid) not in _GONE
             os.kill(guest.pid, signal.SIGKILL)
             assert await asyncio.wait_for(waiting, 30) is None
-            assert proc_state(guest.pid) in ("", "Z")
+            assert proc_state(guest.pid) in _GONE
         finally:
             await server.close()
 
