@@ -72,12 +72,20 @@ class _Grant:
     def push(self, frames: np.ndarray) -> None:
         need = self.n + frames.size
         if need > self.stack.size:
-            grown = np.zeros(max(need, 2 * self.stack.size), np.int64)
-            grown[:self.n] = self.stack[:self.n]
-            self.stack = grown
-            self.view = memoryview(grown)
+            self._grow(need)
         self.stack[self.n:need] = frames
         self.n = need
+
+    def reserve(self, more: int) -> None:
+        """Room for ``more`` frames on top without growing: a compiled pass pushes onto ``stack`` in place."""
+        if self.n + more > self.stack.size:
+            self._grow(self.n + more)
+
+    def _grow(self, need: int) -> None:
+        grown = np.zeros(max(need, 2 * self.stack.size), np.int64)
+        grown[:self.n] = self.stack[:self.n]
+        self.stack = grown
+        self.view = memoryview(grown)
 
     def push_one(self, frame: int) -> None:
         if self.n == self.stack.size:
@@ -199,6 +207,10 @@ class FramePool:
             taken[gid] = self._grants[gid].taken
         self._grants = None
         return taken
+
+    def grant_of(self, owner_guest: int) -> _Grant | None:
+        """The guest's open grant (its private free list), or None."""
+        return self._grant_of(owner_guest)
 
     def _grant_of(self, owner_guest: int) -> _Grant | None:
         grants = self._grants

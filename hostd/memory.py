@@ -90,6 +90,7 @@ from .framepool import FrameKind
 from .hostswap import PENDING_TOKEN
 from .invariant import check_full
 from .p2m import PageState, as_page_numbers, one_page_number, one_token
+from .chainsteps import chain_steps
 from .readchain import run_chain
 from .memparts.bits import BitsAndPins
 from .memparts.books import _BALLOONED, _COMPRESSED, _FRAME, _SHARED, _SWAPPED, _ZERO, MemoryObserver, Shootdown, _Guest
@@ -729,7 +730,8 @@ class HostMemory(Guests, Boundary, Releases, BitsAndPins, Readout):
 
         gate = self.chain_gate_us
         assert gate is not None
-        toks, times = run_chain(chain, vt_us, token0, done0, self.read_chain, gate, read, fault)
+        toks, times = run_chain(chain, vt_us, token0, done0, self.read_chain, gate, read, fault,
+                                chain_steps(vd, chain, self.read_chain, gate))
         return toks, times, faults
 
     async def _vdisk_read_one_later(self, g: _Guest, one: int, start_us: float) -> tuple[np.ndarray, float]:

@@ -92,10 +92,14 @@ def check_program(guest_id: int, chain: bytes) -> list[float]:
     return prog
 
 
+# ``fast(k, vt, reads, toks, times) -> (k, vt, reads, stopped)``: the steps from ``k`` it can serve itself
+Fast = Callable[[int, float, int, list[int], list[float]], tuple[int, float, int, bool]]
+
+
 def run_chain(prog: list[float], vt_us: float, token0: int | None, done0: float | None, limit: int,
               gate_us: float, read: Callable[[int, float], tuple[int, float] | None],
-              fault: Callable[[list[int], float], tuple[list[int], float, bool] | None] | None = None
-              ) -> tuple[list[int], list[float]]:
+              fault: Callable[[list[int], float], tuple[list[int], float, bool] | None] | None = None,
+              fast: Fast | None = None) -> tuple[list[int], list[float]]:
     """Run the program (``check_program``'s list) from the first read's completion.
 
     Returns the tokens of every request served (the first read's, one per
@@ -108,6 +112,11 @@ def run_chain(prog: list[float], vt_us: float, token0: int | None, done0: float 
     With ``token0`` None the program is a batch's from its first reference
     at ``vt_us`` (``TickDone.ahead``): nothing is served before it, and the
     times are one pair per request served.
+
+    ``fast`` (the host's compiled steps, ``hostd/_chain.c``) serves the
+    steps it can from a step on, exactly as the loop below would, and hands
+    back the first it cannot (an EPT fault, a read that might wait); the loop
+    serves that one and calls it again.
     """
     deadline, ref_us = prog[0], prog[1]
     if token0 is None or done0 is None:
@@ -120,8 +129,14 @@ def run_chain(prog: list[float], vt_us: float, token0: int | None, done0: float 
         times = [done0]
     reads = 0
     pages: list[int] = []
-    for k in range(2, len(prog), 2):
+    k, n = 2, len(prog)
+    while k < n:
+        if fast is not None and not pages:
+            k, vt, reads, stopped = fast(k, vt, reads, toks, times)
+            if stopped or k >= n:
+                break
         op, x = prog[k], prog[k + 1]
+        k += 2
         if op == WIN:
             if vt + (x - 1.0) * ref_us >= deadline:
                 break
