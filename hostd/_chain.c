@@ -331,6 +331,19 @@ static int push_entry(Ctx *c, PyObject *e) {
 
 /* --- the frame pool ---------------------------------------------------------------------------------------- */
 
+/* A full grant stack grows as _Grant.push grows it (its own reserve, with ``n`` as the call has it). */
+static int grow_stack(Ctx *c) {
+    PyBuffer_Release(&c->b[G_STACK].view);
+    c->b[G_STACK].held = 0;
+    if (set_ll(c->grant, "n", c->g_n) < 0) return -1;
+    PyObject *r = PyObject_CallMethod(c->grant, "reserve", "L", c->cp);
+    if (r == NULL) return -1;
+    Py_DECREF(r);
+    if (get_array(c->grant, "stack", &c->b[G_STACK], 8, c->g_n + 1) < 0) return -1;
+    c->g_cap = c->b[G_STACK].view.len / 8;
+    return 0;
+}
+
 /* FramePool.free_ones of one of this disk's cache frames onto the guest's grant. */
 static int release_frame(Ctx *c, int64_t f) {
     uint8_t *kind = U8(c, P_KIND);
@@ -339,10 +352,7 @@ static int release_frame(Ctx *c, int64_t f) {
                      (long long)f, c->gid);
         return -1;
     }
-    if (c->g_n >= c->g_cap) {
-        PyErr_SetString(PyExc_RuntimeError, "serve_reads: the grant's stack has no room (reserve it first)");
-        return -1;
-    }
+    if (c->g_n >= c->g_cap && grow_stack(c) < 0) return -1;
     int64_t *counts = I64(c, P_COUNTS);
     counts[kind[f]] -= 1;
     counts[KIND_FREE] += 1;

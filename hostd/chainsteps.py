@@ -34,11 +34,8 @@ def chain_steps(vd: VirtualDisk, prog: list[float], limit: int, gate_us: float) 
     svc = _service(vd)
 
     def fast(k: int, vt: float, reads: int, toks: list[int], times: list[float]) -> tuple[int, float, int, bool]:
-        grant = pool.grant_of(gid)
-        if grant is not None:       # every frame the disk caches could come back onto it in one pass
-            grant.reserve(vd.cached_pages + vd.cluster_pages)
-        k, vt, reads, status = serve_reads(vd, pool, grant, lane, device, svc, _NO_FRAMES, prog, k, vt, reads,
-                                           limit, gate_us, toks, times)
+        k, vt, reads, status = serve_reads(vd, pool, pool.grant_of(gid), lane, device, svc, _NO_FRAMES, prog, k,
+                                           vt, reads, limit, gate_us, toks, times)
         if status == _WAITED:
             blk = int(prog[k + 1])
             raise InvariantViolation(f"guest {gid}: chained read of block {blk} waited for room its grant held "

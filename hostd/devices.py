@@ -313,6 +313,12 @@ class Device:
         cap = qd * float(tick_us)
         n = len(ids)
         floor = cap / (FLOOR_DIVISOR * n)
+        if self._idle(tick_end_us):
+            # No lane asked for anything and none has a queue left: every demand is 0.0, ``_max_min`` gives
+            # each 0.0, and every lane gets the same share, the float the general path below computes.
+            share = (floor + 0.0 + (cap - floor * n - 0.0) / n) / cap
+            self._set_shares(share, qd, tick_end_us)
+            return dict.fromkeys(ids, share)
         demand = []
         for gid in ids:
             lane = self.lanes[gid]
@@ -339,6 +345,11 @@ class Device:
         qd = self.profile.queue_depth
         cap = qd * float(tick_us)
         floor = cap / (FLOOR_DIVISOR * 1)
+        if lane.demand_us == 0.0 and lane.free_at_us[0] <= tick_end_us:
+            # idle (the usual tick of a guest's own disk): demand 0.0, give 0.0, the same float as below
+            share = (floor + 0.0 + (cap - floor * 1 - (0 + 0.0)) / 1) / cap
+            self._set_shares(share, qd, tick_end_us)
+            return {gid: share}
         saturated = lane.free_at_us[0] > tick_end_us or lane.demand_us >= SATURATED_FRACTION * lane.share * cap
         demand = math.inf if saturated else max(0.0, lane.demand_us - floor)
         give = min(demand, max(0.0, cap - floor * 1) / 1)
@@ -347,6 +358,17 @@ class Device:
         lane.resize(share, qd, tick_end_us)
         lane.demand_us = 0.0
         return {gid: share}
+
+    def _idle(self, tick_end_us: float) -> bool:
+        """No lane asked for service this tick and none has a queue left at its end."""
+        return all(lane.demand_us == 0.0 and lane.free_at_us[0] <= tick_end_us for lane in self.lanes.values())
+
+    def _set_shares(self, share: float, queue_depth: int, tick_end_us: float) -> None:
+        """Every lane at ``share`` (each demand is 0.0 already); a lane already there is left as it is, which
+        is what ``resize`` to the same share does."""
+        for lane in self.lanes.values():
+            if lane.share != share:
+                lane.resize(share, queue_depth, tick_end_us)
 
     def counters(self) -> dict[str, float]:
         return {"requests": self.requests, "pages": self.pages, "read_pages": self.read_pages,

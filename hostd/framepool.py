@@ -77,7 +77,7 @@ class _Grant:
         self.n = need
 
     def reserve(self, more: int) -> None:
-        """Room for ``more`` frames on top without growing: a compiled pass pushes onto ``stack`` in place."""
+        """Room for ``more`` frames on top (``hostd/_chain.c`` pushes onto ``stack`` in place)."""
         if self.n + more > self.stack.size:
             self._grow(self.n + more)
 

@@ -149,6 +149,7 @@ class HostWorkingSet:
         self.seed = int(seed)
         self.guests: dict[int, GuestWss] = {}
         self.peak: dict[int, int] = {}
+        self._due: list[int] = []   # closed periods whose next sample is still to draw (``close_tick(draw=False)``)
 
     def guest_joined(self, guest_id: int, ram_pages: int, spec: Mapping[str, Any]) -> None:
         if not self.cfg.enabled:
@@ -171,18 +172,36 @@ class HostWorkingSet:
             costs = self.mem.costs
             g.executed(float(refs), float(costs.mem_ref_us) + float(getattr(costs, "cpu_us_per_ref", 0.0)))
 
-    def close_tick(self) -> None:
-        """Count the tick; close the periods that are due and draw their next samples (guest-id order)."""
+    def close_tick(self, draw: bool = True) -> None:
+        """Count the tick; close the periods that are due and draw their next samples (guest-id order).
+
+        With ``draw=False`` the samples are drawn at ``draw_due`` instead: the
+        machine closes the tick at the boundary, where the guests wait for it,
+        and draws once their next ``TickStart`` is out (its observations),
+        before it reads any request of theirs. A draw reads only which pages
+        are ballooned, which nothing but those requests changes, and each
+        guest's own generator: the same samples either way.
+        """
+        self.draw_due()
         for gid in sorted(self.guests):
             g = self.guests[gid]
             g.ticks += 1
             if g.exec_us < self.cfg.period_exec_us and g.ticks < self.cfg.max_period_ticks:
                 continue
-            state = self.mem.p2m(gid).state
-            g.close(state, self.mem.balloon_pages(gid), self.cfg.fast_gain, self.cfg.slow_gain)
+            g.close(self.mem.p2m(gid).state, self.mem.balloon_pages(gid), self.cfg.fast_gain, self.cfg.slow_gain)
             if g.estimate_pages is not None:
                 self.peak[gid] = max(self.peak.get(gid, 0), g.estimate_pages)
-            g.draw(state, self.cfg.sample_pages)
+            self._due.append(gid)
+        if draw:
+            self.draw_due()
+
+    def draw_due(self) -> None:
+        """The next samples of the periods ``close_tick`` closed."""
+        for gid in self._due:
+            g = self.guests.get(gid)
+            if g is not None:
+                g.draw(self.mem.p2m(gid).state, self.cfg.sample_pages)
+        self._due = []
 
     def estimate(self, guest_id: int) -> int | None:
         g = self.guests.get(guest_id)

@@ -111,8 +111,9 @@ class HostMonitors:
         self._by_name["wss"].accessed(guest_id, accessed, stats)
 
     def close_wss_tick(self) -> None:
-        """Close the estimator's tick: call before the controllers decide."""
-        self._by_name["wss"].close_tick()
+        """Close the estimator's tick: call before the controllers decide. Its next samples are drawn at the
+        monitors' ``end_tick`` (off the boundary the guests wait for)."""
+        self._by_name["wss"].close_tick(draw=False)
 
     def wss_estimate(self, guest_id: int) -> int | None:
         """The host's working-set estimate of a guest in pages; None before its first period ends."""

@@ -5,7 +5,9 @@ section 5.2; the table's keys and their sources are documented there).
 Unlike the other monitors it feeds the balloon controllers, so the machine
 drives it apart from the monitors' ``end_tick``: it hands it every guest's
 accessed bits as each ``TickDone`` arrives and closes its tick *before*
-the controllers decide (``HostMonitors.tick_bits`` / ``close_wss_tick``).
+the controllers decide (``HostMonitors.tick_bits`` / ``close_wss_tick``);
+its own ``end_tick``, with the other monitors' after the next
+``TickStart`` has gone out, draws the samples of the periods that closed.
 
 In summary.json, under ``host``: ``working_set`` (per guest the last
 estimate, the periods measured, both averages and the peak).
@@ -32,7 +34,8 @@ class WssConfig:
 
 
 class WssMonitor(HostWorkingSet, MonitorBase):
-    pass
+    def end_tick(self, tick: Any) -> None:
+        self.draw_due()      # the samples of the periods the boundary closed (``close_wss_tick``)
 
 
 def summarize(monitors: Mapping[str, Any], host_events: Sequence[Mapping[str, Any]],
