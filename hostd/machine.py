@@ -219,7 +219,6 @@ class Machine:
         mem = self.mem
         snap_guests = []
         for gid, session in self.sessions.items():
-            counts = mem.p2m(gid).counts()   # not guest_counts: its disk and sharing gauges are not read here
             spec = self.specs[gid]
             actual = mem.balloon_pages(gid)
             target = self.targets.get(gid, 0)
@@ -232,7 +231,7 @@ class Machine:
                 target_pages=target, actual_pages=actual,
                 # a shared page is backed too: controllers that look for unbacked memory must not
                 # mistake sharing's savings for pages the guest lost
-                resident_pages=int(counts["frame"]) + int(counts["shared"]),
+                resident_pages=mem.p2m(gid).resident_pages(),
                 stats=stats, shares=int(spec.config.get("shares", 1000))))
         if not snap_guests:
             return

@@ -39,6 +39,7 @@ VALID_STATE = np.zeros(256, bool)
 VALID_STATE[[int(s) for s in PageState]] = True
 # (key, code) per state: an enum member's ``.name`` is a descriptor lookup, too slow for every guest every tick
 _COUNT_KEYS = tuple((s.name.lower(), int(s)) for s in PageState)
+_FRAME_CODE, _SHARED_CODE = int(PageState.FRAME), int(PageState.SHARED)
 
 
 def as_page_numbers(values: np.ndarray | bytes | list[int], guest_id: int, what: str,
@@ -126,6 +127,7 @@ class P2M:
         self.state_mv = memoryview(self.state)
         self.loc_mv = memoryview(self.loc)
         self.pinned_mv = memoryview(self.pinned)
+        self._codes = np.empty(N_STATE_CODES, np.int64)   # ``resident_pages``'s counts, reused
 
     def count(self, state: PageState) -> int:
         return int(np.count_nonzero(self.state == state))
@@ -135,6 +137,12 @@ class P2M:
         count_codes(self.state, out)     # np.bincount(self.state, minlength=N_STATE_CODES), without its copy
         c = out.tolist()
         return {key: c[code] for key, code in _COUNT_KEYS}
+
+    def resident_pages(self) -> int:
+        """Pages backed by a frame, their own or shared: ``counts()``'s ``frame`` + ``shared``."""
+        out = self._codes
+        count_codes(self.state, out)
+        return int(out[_FRAME_CODE]) + int(out[_SHARED_CODE])
 
     def in_state(self, state: PageState) -> np.ndarray:
         return np.flatnonzero(self.state == state)

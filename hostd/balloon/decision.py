@@ -37,6 +37,7 @@ import structlog
 
 from balloonlab.proto import events as ev
 
+from ..memstate import derived_alloc_target as _derive
 from .view import GuestView, HostView
 
 __all__ = ["Decision", "DecisionLog", "LOG_DECISIONS", "hold"]
@@ -70,8 +71,7 @@ def hold(g: GuestView, code: str, reason: str, **inputs: float) -> Decision:
 
 def derived_alloc_target(g: GuestView, balloon_target_pages: int) -> int:
     """A balloon-only controller's allocation target for ``g``: what it consumes once at its balloon target."""
-    from ..memstate import derived_alloc_target as derive
-    return derive(g.resident_pages, balloon_target_pages, g.actual_pages)
+    return _derive(g.resident_pages, balloon_target_pages, g.actual_pages)
 
 
 def _round(x: Any) -> Any:
