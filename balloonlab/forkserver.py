@@ -84,8 +84,9 @@ def _preload() -> None:
         importlib.import_module(mod.name)
     from balloonlab.guestd.session import warm_up
     warm_up()   # the config classes' msgspec type information, built once here instead of in every guest
-    from balloonlab.proctitle import shared_libc
+    from balloonlab.proctitle import prime, shared_libc
     shared_libc()   # each child's prctl calls (its parent-death signal, its command line)
+    prime()         # and the address space's layout each child's command line needs
     from balloonlab.guestd.__main__ import arg_parser
     arg_parser()    # its objects, built here, stay shared: parse_args only reads them
 
@@ -131,8 +132,29 @@ def _exit_code(code: object) -> int:
     return 1
 
 
-def _run_child(req: dict[str, Any], server_pid: int) -> int:
-    """In the forked child: become the guest ``req`` describes and run it; returns its exit status."""
+def _environ_diff(want: dict[str, str]) -> tuple[list[str], dict[str, str]]:
+    """(variables to remove, variables to set) that make the server's ``os.environ`` exactly ``want``.
+
+    Found here, before the fork: a child shares the server's environment
+    pages until it writes to them, and clearing and refilling every
+    variable (or even reading each one) there copied ~180 pages per guest.
+    """
+    env = os.environ
+    return [k for k in env if k not in want], {k: v for k, v in want.items() if env.get(k) != v}
+
+
+def _set_environ(diff: tuple[list[str], dict[str, str]]) -> None:
+    gone, changed = diff
+    for key in gone:
+        del os.environ[key]
+    for key, value in changed.items():
+        os.environ[key] = value
+
+
+def _run_child(req: dict[str, Any], server_pid: int, env: tuple[dict[str, str], tuple[list[str], dict[str, str]]]
+               ) -> int:
+    """In the forked child: become the guest ``req`` describes and run it; returns its exit status.
+    ``env``: its environment and what differs from the server's (``_environ_diff``)."""
     if req.get("own_session"):
         os.setsid()
     else:
@@ -155,11 +177,11 @@ def _run_child(req: dict[str, Any], server_pid: int) -> int:
     os.dup2(err, 2)
     os.closerange(3, os.sysconf("SC_OPEN_MAX") if os.sysconf("SC_OPEN_MAX") < 1 << 16 else 1 << 16)
     os.chdir(req.get("cwd") or "/")
-    os.environ.clear()
-    os.environ.update({str(k): str(v) for k, v in req["env"].items()})
+    want, diff = env
+    _set_environ(diff)
     from balloonlab.proctitle import set_process_image
     args = [str(a) for a in req["args"]]
-    set_process_image([req.get("python") or sys.executable, "-m", "balloonlab.guestd", *args], dict(os.environ))
+    set_process_image([req.get("python") or sys.executable, "-m", "balloonlab.guestd", *args], want)
     from balloonlab.guestd import __main__ as guest_main
     sys.argv = [guest_main.__file__, *args]
     try:
@@ -209,6 +231,12 @@ class _Server:
         sys.stdout.flush()
         sys.stderr.flush()
         try:
+            want = {str(k): str(v) for k, v in req["env"].items()}
+        except (AttributeError, TypeError):
+            _send(self.sock, {"op": "spawn_failed", "id": rid, "error": "spawn request's 'env' is not a map"})
+            return
+        env = (want, _environ_diff(want))
+        try:
             pid = os.fork()
         except OSError as exc:
             _send(self.sock, {"op": "spawn_failed", "id": rid, "error": f"fork: {exc.strerror or exc}"})
@@ -216,7 +244,7 @@ class _Server:
         if pid == 0:
             code = 1
             try:
-                code = _run_child(req, self.pid)
+                code = _run_child(req, self.pid, env)
             except BaseException:  # noqa: BLE001 -- never return into the server's loop
                 try:
                     traceback.print_exc()

@@ -17,7 +17,7 @@ import ctypes
 import mmap
 from pathlib import Path
 
-__all__ = ["set_process_image", "shared_libc"]
+__all__ = ["set_process_image", "shared_libc", "prime"]
 
 _PR_SET_MM = 35
 _PR_SET_MM_MAP = 14
@@ -36,6 +36,24 @@ def _stat_fields() -> list[str]:
     return Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
 
 
+_layout: list[int] = []   # start_code, end_code, start_stack, start_data, end_data, start_brk (``prime``)
+
+
+def _image_layout() -> list[int]:
+    """The fields of the address space's layout that ``PR_SET_MM_MAP`` wants besides the areas it moves:
+    read once (``prime``), since a fork keeps them all (the break, which moves, is read live)."""
+    if not _layout:
+        f = _stat_fields()
+        _layout.extend(int(f[i]) for i in (23, 24, 25, 42, 43, 44))
+    return _layout
+
+
+def prime() -> None:
+    """Read the layout now, in a process that forks children which set their image (the fork server):
+    each child then finds it here instead of reading /proc (its own, the same after a fork)."""
+    _image_layout()
+
+
 def shared_libc() -> ctypes.CDLL:
     """libc, loaded once (with ``sbrk`` and ``prctl`` looked up): in the fork server before it forks, so
     a guest does not load it again into pages of its own."""
@@ -52,13 +70,13 @@ def set_process_image(argv: list[str], env: dict[str, str]) -> bool:
     args = b"".join(a.encode(errors="surrogateescape") + b"\0" for a in argv)
     envb = b"".join(f"{k}={v}".encode(errors="surrogateescape") + b"\0" for k, v in env.items())
     libc = shared_libc()
-    f = _stat_fields()
+    start_code, end_code, start_stack, start_data, end_data, start_brk = _image_layout()
     # MAP_PRIVATE: the kernel reads these areas only from anonymous private memory.
     buf = mmap.mmap(-1, max(1, len(args) + len(envb)), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     buf[:len(args) + len(envb)] = args + envb
     base = ctypes.addressof(ctypes.c_char.from_buffer(buf))
-    mm = _MmMap(start_code=int(f[23]), end_code=int(f[24]), start_stack=int(f[25]), start_data=int(f[42]),
-                end_data=int(f[43]), start_brk=int(f[44]), brk=libc.sbrk(0) or int(f[44]),
+    mm = _MmMap(start_code=start_code, end_code=end_code, start_stack=start_stack, start_data=start_data,
+                end_data=end_data, start_brk=start_brk, brk=libc.sbrk(0) or start_brk,
                 arg_start=base, arg_end=base + len(args), env_start=base + len(args),
                 env_end=base + len(args) + len(envb), auxv=0, auxv_size=0, exe_fd=0xFFFFFFFF)
     if libc.prctl(_PR_SET_MM, _PR_SET_MM_MAP, ctypes.byref(mm), ctypes.sizeof(mm), 0) == 0:

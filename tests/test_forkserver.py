@@ -298,3 +298,29 @@ def test_the_rehearsal_can_be_switched_off(tmp_path: Path) -> None:
 
     assert asyncio.run(asyncio.wait_for(start(), 100)) is False
     assert not procs_mentioning(str(tmp_path))
+
+
+def test_a_forked_guest_gets_exactly_its_own_environment_and_a_bad_one_is_refused() -> None:
+    """The server works out before the fork what differs from its own environment; the child applies only
+    that, and must end with exactly the environment asked for (removed, changed and added variables)."""
+    out = python_prints("""
+import json, os, socket
+os.environ["ONLY_THE_SERVER"] = "1"; os.environ["CHANGED"] = "old"
+from balloonlab.forkserver import _Server, _environ_diff, _set_environ
+want = {k: v for k, v in os.environ.items() if k != "ONLY_THE_SERVER"}
+want.update(CHANGED="new", ADDED="x")
+diff = _environ_diff(want)
+r, w = os.pipe()
+pid = os.fork()
+if pid == 0:
+    _set_environ(diff)
+    os.write(w, json.dumps(dict(os.environ)).encode()); os._exit(0)
+os.close(w)
+got = json.loads(os.read(r, 1 << 20).decode()); os.waitpid(pid, 0)
+a, b = socket.socketpair()
+_Server(a).spawn({"id": 9, "args": [], "env": ["not", "a", "map"]})
+print(json.dumps([got == want, sorted(diff[0]), sorted(diff[1]), json.loads(b.recv(4096))]))
+""")
+    same, gone, changed, reply = json.loads(out)
+    assert same and gone == ["ONLY_THE_SERVER"] and changed == ["ADDED", "CHANGED"]
+    assert reply == {"op": "spawn_failed", "id": 9, "error": "spawn request's 'env' is not a map"}
