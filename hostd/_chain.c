@@ -131,7 +131,7 @@ typedef struct {
         c_dropped;
     /* the pool and the grant */
     PyObject *pool, *grant;
-    long long n_frames, n_granted, g_n, g_taken, g_cap;
+    long long n_frames, n_kinds, n_granted, g_n, g_taken, g_cap;
     /* the device lane */
     PyObject *lane, *device, *chans;
     long long l_next_offset, l_seeks, l_requests, l_pages, d_requests, d_pages, d_read_pages;
@@ -209,6 +209,7 @@ static int ctx_load(Ctx *c) {
         || get_array(pool, "busy", &c->b[P_BUSY], 1, c->n_frames) < 0
         || get_array(pool, "_kind_frames", &c->b[P_COUNTS], 8, KIND_CACHE + 1) < 0
         || get_ll(pool, "_n_granted", &c->n_granted) < 0) return -1;
+    c->n_kinds = c->b[P_COUNTS].view.len / 8;
     if (c->grant != Py_None) {
         if (get_ll(c->grant, "n", &c->g_n) < 0 || get_ll(c->grant, "taken", &c->g_taken) < 0
             || get_array(c->grant, "stack", &c->b[G_STACK], 8, 0) < 0) return -1;
@@ -347,7 +348,7 @@ static int grow_stack(Ctx *c) {
 /* FramePool.free_ones of one of this disk's cache frames onto the guest's grant. */
 static int release_frame(Ctx *c, int64_t f) {
     uint8_t *kind = U8(c, P_KIND);
-    if (f < 0 || f >= c->n_frames || kind[f] == KIND_FREE || I32(c, P_OWNER)[f] != c->gid) {
+    if (f < 0 || f >= c->n_frames || kind[f] == KIND_FREE || kind[f] >= c->n_kinds || I32(c, P_OWNER)[f] != c->gid) {
         PyErr_Format(PyExc_RuntimeError, "serve_reads: frame %lld of guest %lld's disk cache is not its own",
                      (long long)f, c->gid);
         return -1;
@@ -484,6 +485,11 @@ static int read_one(Ctx *c, long long blk, double vt, uint64_t *token, double *d
         double done = vt + c->page_copy_us;
         c->c_hit++;
         int64_t f = loc[blk];
+        if (f < 0 || f >= c->n_frames) {
+            PyErr_Format(PyExc_RuntimeError, "serve_reads: block %lld of guest %lld's disk is cached in frame %lld, "
+                         "outside the pool", blk, c->gid, (long long)f);
+            return -1;
+        }
         if (stamps[cl] != vt) {
             stamps[cl] = vt;
             if (cached[cl] && lru_push(c, vt, cl) < 0) return -1;

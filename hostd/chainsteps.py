@@ -34,8 +34,11 @@ def chain_steps(vd: VirtualDisk, prog: list[float], limit: int, gate_us: float) 
     svc = _service(vd)
 
     def fast(k: int, vt: float, reads: int, toks: list[int], times: list[float]) -> tuple[int, float, int, bool]:
-        k, vt, reads, status = serve_reads(vd, pool, pool.grant_of(gid), lane, device, svc, _NO_FRAMES, prog, k,
-                                           vt, reads, limit, gate_us, toks, times)
+        try:
+            k, vt, reads, status = serve_reads(vd, pool, pool.grant_of(gid), lane, device, svc, _NO_FRAMES, prog,
+                                               k, vt, reads, limit, gate_us, toks, times)
+        except RuntimeError as exc:     # books that contradict themselves, as the Python steps would find them
+            raise InvariantViolation(f"guest {gid}: {exc}") from None
         if status == _WAITED:
             blk = int(prog[k + 1])
             raise InvariantViolation(f"guest {gid}: chained read of block {blk} waited for room its grant held "

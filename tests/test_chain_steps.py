@@ -21,7 +21,7 @@ import pytest
 
 import balloonlab.hostd.chainsteps as chainsteps
 import balloonlab.hostd.memory as memory_mod
-from balloonlab.hostd.errors import HostOutOfMemory
+from balloonlab.hostd.errors import HostOutOfMemory, InvariantViolation
 from balloonlab.hostd.hostcache import CacheConfig
 from balloonlab.hostd.memory import HostMemory
 from balloonlab.hostd.readchain import ADD, CHECK, EPT, EPT_PAGE, READ, WIN, check_program
@@ -216,3 +216,16 @@ async def test_a_drop_short_of_clean_clusters_is_handed_back_with_nothing_change
     toks, times = __import__("balloonlab.hostd.readchain", fromlist=["run_chain"]).run_chain(
         prog, 5.0, None, None, 24, TICK_US, lambda b, v: None, None, fast)
     assert toks == [] and times == []   # (a read the Python step refuses ends the chain there)
+
+
+def test_books_that_contradict_themselves_are_an_invariant_violation() -> None:
+    w = World(True, 4, 64)
+    w.open_tick(0.0, [60, 60, 60])
+    hm, vd = w.hm, w.hm.vdisk(0)
+    assert type(hm.vdisk_read_now(0, np.array([1], np.uint64), 1.0)) is tuple    # cluster 0 cached
+    vd.cache_loc[2] = -1                                                          # a cached block without a frame
+    prog = check_program(0, np.array([TICK_US, 0.5, READ, 2.0], "<f8").tobytes())
+    fast = chainsteps.chain_steps(vd, prog, 24, TICK_US)
+    assert fast is not None
+    with pytest.raises(InvariantViolation, match="guest 0: .*block 2 .* outside the pool"):
+        fast(2, 5.0, 0, [], [])
