@@ -17,9 +17,20 @@ from balloonlab.proto.costs import CostModel
 from balloonlab.proto.tokens import KEEP_TOKEN
 
 if TYPE_CHECKING:
-    from .kernel import GuestKernel
+    from .memory import Frames
 
-__all__ = ["Hypervisor", "NullHypervisor", "LocalHypervisor"]
+__all__ = ["Hypervisor", "NullHypervisor", "LocalHypervisor", "SwappableKernel"]
+
+
+class SwappableKernel(Protocol):
+    """What ``LocalHypervisor`` asks of a guest kernel (``GuestKernel`` has it): its frames, and the two
+    shootdowns a host sends (take a frame's page away, or make it copy-on-write)."""
+
+    frames: "Frames"
+
+    def invalidate(self, gpfns: np.ndarray) -> np.ndarray: ...
+
+    def share_protect(self, gpfns: np.ndarray) -> int: ...
 
 
 @runtime_checkable
@@ -85,14 +96,14 @@ class LocalHypervisor:
         self.deflated = 0
         self.reported = 0
 
-    def swap_out(self, kernel: "GuestKernel", gpfns: np.ndarray) -> None:
+    def swap_out(self, kernel: SwappableKernel, gpfns: np.ndarray) -> None:
         g = np.asarray(gpfns, dtype=np.int64)
         g = g[kernel.frames.backed[g]]
         self.kept[g] = kernel.invalidate(g)
         self.swapped[g] = True
         self.shared[g] = False          # a real host never swaps a shared frame; this one unshares first
 
-    def share(self, kernel: "GuestKernel", gpfns: np.ndarray) -> None:
+    def share(self, kernel: SwappableKernel, gpfns: np.ndarray) -> None:
         g = np.asarray(gpfns, dtype=np.int64)
         g = g[kernel.frames.backed[g]]
         kernel.share_protect(g)

@@ -45,7 +45,7 @@ the same words.
 """
 from __future__ import annotations
 
-from typing import Callable, Protocol
+from typing import Callable
 
 import numpy as np
 import structlog
@@ -53,12 +53,11 @@ import structlog
 from balloonlab.proto import events as ev
 
 from .errors import HostdError, InvariantViolation
-from .framepool import NO_OWNER, FrameKind, FramePool
-from .hostswap import HostSwap
-from .invariant_sample import Sample, draw_sample, sample_holds
-from .p2m import NO_LOC, P2M, VALID_STATE, PageState
+from .framepool import NO_OWNER, FrameKind
+from .invariant_sample import MemoryBooks, Sample, draw_sample, sample_holds
+from .p2m import NO_LOC, VALID_STATE, PageState
 from .sharing import SHARED_OWNER
-from .vdisk import CacheState, VirtualDisk
+from .vdisk import CacheState
 
 __all__ = ["check_full", "check_sample", "check_each", "InvariantChecker", "MemoryBooks", "INVARIANT_MODES",
            "FRAMES_PER_CHECK", "SLOTS_PER_CHECK", "GUESTS_PER_CHECK", "PAGES_PER_CHECK"]
@@ -76,26 +75,6 @@ _SWAPPED = int(PageState.SWAPPED)
 _COMPRESSED = int(PageState.COMPRESSED)
 _ZERO = int(PageState.ZERO)
 _SHARED = int(PageState.SHARED)
-
-
-class MemoryBooks(Protocol):
-    """What the invariant reads of host memory (``HostMemory`` has it all)."""
-
-    pool: FramePool
-    swap: HostSwap
-
-    @property
-    def evictions_pending(self) -> int: ...
-
-    def guest_ids(self) -> list[int]: ...
-
-    def p2m(self, guest_id: int) -> P2M: ...
-
-    def vdisk(self, guest_id: int) -> VirtualDisk: ...
-
-    def balloon_pages(self, guest_id: int) -> int: ...
-
-    def max_balloon_pages(self, guest_id: int) -> int: ...
 
 
 # --- the full check -----------------------------------------------------------------

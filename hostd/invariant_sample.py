@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from itertools import accumulate
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 import numpy as np
 
@@ -30,9 +30,33 @@ from .sharing import SHARED_OWNER
 from .vdisk import CacheState
 
 if TYPE_CHECKING:
-    from .invariant import MemoryBooks
+    from .framepool import FramePool
+    from .hostswap import HostSwap
+    from .p2m import P2M
+    from .vdisk import VirtualDisk
 
-__all__ = ["Sample", "draw_sample", "sample_holds"]
+__all__ = ["MemoryBooks", "Sample", "draw_sample", "sample_holds"]
+
+
+class MemoryBooks(Protocol):
+    """What the invariant reads of host memory (``HostMemory`` has it all)."""
+
+    pool: FramePool
+    swap: HostSwap
+
+    @property
+    def evictions_pending(self) -> int: ...
+
+    def guest_ids(self) -> list[int]: ...
+
+    def p2m(self, guest_id: int) -> P2M: ...
+
+    def vdisk(self, guest_id: int) -> VirtualDisk: ...
+
+    def balloon_pages(self, guest_id: int) -> int: ...
+
+    def max_balloon_pages(self, guest_id: int) -> int: ...
+
 
 _FRAME = int(PageState.FRAME)
 _SWAPPED = int(PageState.SWAPPED)
