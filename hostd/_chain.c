@@ -119,6 +119,20 @@ static int get_array(PyObject *owner, const char *name, Buf *b, Py_ssize_t items
 enum { V_STATE, V_LOC, V_STAMP, V_CACHED, V_CDIRTY, V_CPINNED, V_TOKENS, V_PINNED,
        P_KIND, P_OWNER, P_INDEX, P_TOKEN, P_PINNED, P_ACCESSED, P_DIRTY, P_BUSY, P_COUNTS, G_STACK, N_BUFS };
 
+/* Where each array comes from (the disk or the pool), its item size and the least length it must have. */
+enum { LEN_ANY, LEN_BLOCKS, LEN_CLUSTERS, LEN_FRAMES, LEN_KINDS };
+static const struct { int pool; const char *name; Py_ssize_t itemsize; int len; } ARRAYS[N_BUFS] = {
+    [V_STATE] = {0, "cache_state", 1, LEN_BLOCKS}, [V_LOC] = {0, "cache_loc", 8, LEN_BLOCKS},
+    [V_STAMP] = {0, "cluster_stamp_us", 8, LEN_CLUSTERS}, [V_CACHED] = {0, "cluster_cached", 8, LEN_CLUSTERS},
+    [V_CDIRTY] = {0, "cluster_dirty", 8, LEN_CLUSTERS}, [V_CPINNED] = {0, "cluster_pinned", 1, LEN_CLUSTERS},
+    [V_TOKENS] = {0, "tokens", 8, LEN_BLOCKS}, [V_PINNED] = {0, "pinned", 1, LEN_BLOCKS},
+    [P_KIND] = {1, "kind", 1, LEN_ANY}, [P_OWNER] = {1, "owner_guest", 4, LEN_FRAMES},
+    [P_INDEX] = {1, "owner_index", 8, LEN_FRAMES}, [P_TOKEN] = {1, "token", 8, LEN_FRAMES},
+    [P_PINNED] = {1, "pinned", 1, LEN_FRAMES}, [P_ACCESSED] = {1, "accessed", 1, LEN_FRAMES},
+    [P_DIRTY] = {1, "dirty", 1, LEN_FRAMES}, [P_BUSY] = {1, "busy", 1, LEN_FRAMES},
+    [P_COUNTS] = {1, "_kind_frames", 8, LEN_KINDS}, [G_STACK] = {2, "stack", 8, LEN_ANY},
+};
+
 typedef struct {
     Buf b[N_BUFS];
     /* the disk */
@@ -190,25 +204,13 @@ static int ctx_load(Ctx *c) {
         return -1;
     }
     c->inflight_len = PyList_GET_SIZE(c->inflight_done);
-    if (get_array(vd, "cache_state", &c->b[V_STATE], 1, c->n_blocks) < 0
-        || get_array(vd, "cache_loc", &c->b[V_LOC], 8, c->n_blocks) < 0
-        || get_array(vd, "cluster_stamp_us", &c->b[V_STAMP], 8, c->n_clusters) < 0
-        || get_array(vd, "cluster_cached", &c->b[V_CACHED], 8, c->n_clusters) < 0
-        || get_array(vd, "cluster_dirty", &c->b[V_CDIRTY], 8, c->n_clusters) < 0
-        || get_array(vd, "cluster_pinned", &c->b[V_CPINNED], 1, c->n_clusters) < 0
-        || get_array(vd, "tokens", &c->b[V_TOKENS], 8, c->n_blocks) < 0
-        || get_array(vd, "pinned", &c->b[V_PINNED], 1, c->n_blocks) < 0
-        || get_array(pool, "kind", &c->b[P_KIND], 1, 0) < 0) return -1;
-    c->n_frames = c->b[P_KIND].view.len;
-    if (get_array(pool, "owner_guest", &c->b[P_OWNER], 4, c->n_frames) < 0
-        || get_array(pool, "owner_index", &c->b[P_INDEX], 8, c->n_frames) < 0
-        || get_array(pool, "token", &c->b[P_TOKEN], 8, c->n_frames) < 0
-        || get_array(pool, "pinned", &c->b[P_PINNED], 1, c->n_frames) < 0
-        || get_array(pool, "accessed", &c->b[P_ACCESSED], 1, c->n_frames) < 0
-        || get_array(pool, "dirty", &c->b[P_DIRTY], 1, c->n_frames) < 0
-        || get_array(pool, "busy", &c->b[P_BUSY], 1, c->n_frames) < 0
-        || get_array(pool, "_kind_frames", &c->b[P_COUNTS], 8, KIND_CACHE + 1) < 0
-        || get_ll(pool, "_n_granted", &c->n_granted) < 0) return -1;
+    for (int i = V_STATE; i <= P_COUNTS; i++) {
+        long long want = ARRAYS[i].len == LEN_BLOCKS ? c->n_blocks : ARRAYS[i].len == LEN_CLUSTERS ? c->n_clusters
+                         : ARRAYS[i].len == LEN_FRAMES ? c->n_frames : ARRAYS[i].len == LEN_KINDS ? KIND_CACHE + 1 : 0;
+        if (get_array(ARRAYS[i].pool ? pool : vd, ARRAYS[i].name, &c->b[i], ARRAYS[i].itemsize, want) < 0) return -1;
+        if (i == P_KIND) c->n_frames = c->b[P_KIND].view.len;
+    }
+    if (get_ll(pool, "_n_granted", &c->n_granted) < 0) return -1;
     c->n_kinds = c->b[P_COUNTS].view.len / 8;
     if (c->grant != Py_None) {
         if (get_ll(c->grant, "n", &c->g_n) < 0 || get_ll(c->grant, "taken", &c->g_taken) < 0
@@ -368,6 +370,24 @@ static int release_frame(Ctx *c, int64_t f) {
     return 0;
 }
 
+/* A growable list of integers (the clusters one drop meets, passes over and takes). */
+typedef struct {
+    long long *v;
+    Py_ssize_t n, cap;
+} Vec;
+
+static int vec_push(Vec *a, long long x) {
+    if (a->n == a->cap) {
+        Py_ssize_t cap = a->cap ? 2 * a->cap : 16;
+        long long *grown = realloc(a->v, sizeof(long long) * cap);
+        if (grown == NULL) { PyErr_NoMemory(); return -1; }
+        a->v = grown;
+        a->cap = cap;
+    }
+    a->v[a->n++] = x;
+    return 0;
+}
+
 /* VirtualDisk.drop_clean(want, keep=keep): returns the pages freed, or -2 when the clean clusters would fall
  * short (nothing changed: the heap holds the same entries), -1 on error. */
 static long long drop_clean(Ctx *c, long long want, long long keep) {
@@ -381,13 +401,8 @@ static long long drop_clean(Ctx *c, long long want, long long keep) {
     }
     PyObject *popped = PyList_New(0);
     if (popped == NULL) return -1;
-    Py_ssize_t cap = 16, nv = 0, np_ = 0;
-    long long *victims = malloc(sizeof(long long) * cap);
-    Py_ssize_t *passed = malloc(sizeof(Py_ssize_t) * cap);
-    long long *seen_list = malloc(sizeof(long long) * cap);
-    Py_ssize_t ns = 0, seen_cap = cap, passed_cap = cap;
+    Vec seen = {0}, passed = {0}, victims = {0};   /* clusters met; popped entries passed over; clusters taken */
     long long got = 0, result = -1;
-    if (victims == NULL || passed == NULL || seen_list == NULL) { PyErr_NoMemory(); goto out; }
     while (got < want && PyList_GET_SIZE(c->lru) > 0) {
         PyObject *e = PyObject_CallFunctionObjArgs(heappop, c->lru, NULL);
         if (e == NULL) goto out;
@@ -403,30 +418,12 @@ static long long drop_clean(Ctx *c, long long want, long long keep) {
         }
         if (c->seen[cl] || !cached[cl] || stamps[cl] != s) continue;   /* stale, or a second entry */
         c->seen[cl] = 1;
-        if (ns == seen_cap) {
-            seen_cap *= 2;
-            long long *grown = realloc(seen_list, sizeof(long long) * seen_cap);
-            if (grown == NULL) { PyErr_NoMemory(); goto out; }
-            seen_list = grown;
-        }
-        seen_list[ns++] = cl;
+        if (vec_push(&seen, cl) < 0) goto out;
         if (cdirty[cl] || cpinned[cl] || cl == keep) {
-            if (np_ == passed_cap) {
-                passed_cap *= 2;
-                Py_ssize_t *grown = realloc(passed, sizeof(Py_ssize_t) * passed_cap);
-                if (grown == NULL) { PyErr_NoMemory(); goto out; }
-                passed = grown;
-            }
-            passed[np_++] = PyList_GET_SIZE(popped) - 1;
+            if (vec_push(&passed, PyList_GET_SIZE(popped) - 1) < 0) goto out;
             continue;
         }
-        if (nv == cap) {
-            cap *= 2;
-            long long *grown = realloc(victims, sizeof(long long) * cap);
-            if (grown == NULL) { PyErr_NoMemory(); goto out; }
-            victims = grown;
-        }
-        victims[nv++] = cl;
+        if (vec_push(&victims, cl) < 0) goto out;
         got += cached[cl];
     }
     if (got < want) {
@@ -436,14 +433,14 @@ static long long drop_clean(Ctx *c, long long want, long long keep) {
         result = -2;
         goto out;
     }
-    for (Py_ssize_t i = 0; i < np_; i++)
-        if (push_entry(c, PyList_GET_ITEM(popped, passed[i])) < 0) goto out;
+    for (Py_ssize_t i = 0; i < passed.n; i++)
+        if (push_entry(c, PyList_GET_ITEM(popped, passed.v[i])) < 0) goto out;
     /* _drop_few / _drop_clusters: each victim's cached blocks, ascending, their frames freed in that order */
     uint8_t *state = U8(c, V_STATE);
     int64_t *loc = I64(c, V_LOC);
     long long freed = 0;
-    for (Py_ssize_t i = 0; i < nv; i++) {
-        long long b0 = victims[i] * c->cp, b1 = b0 + c->cp < c->n_blocks ? b0 + c->cp : c->n_blocks;
+    for (Py_ssize_t i = 0; i < victims.n; i++) {
+        long long b0 = victims.v[i] * c->cp, b1 = b0 + c->cp < c->n_blocks ? b0 + c->cp : c->n_blocks;
         for (long long blk = b0; blk < b1; blk++) {
             if (state[blk] != FRAME) continue;
             if (release_frame(c, loc[blk]) < 0) goto out;
@@ -451,16 +448,16 @@ static long long drop_clean(Ctx *c, long long want, long long keep) {
             loc[blk] = NO_LOC;
             freed++;
         }
-        cached[victims[i]] = 0;
+        cached[victims.v[i]] = 0;
     }
     c->cached_pages -= freed;
     c->c_dropped += freed;
     result = freed;
 out:
-    for (Py_ssize_t i = 0; i < ns; i++) c->seen[seen_list[i]] = 0;
-    free(victims);
-    free(passed);
-    free(seen_list);
+    for (Py_ssize_t i = 0; i < seen.n; i++) c->seen[seen.v[i]] = 0;
+    free(seen.v);
+    free(passed.v);
+    free(victims.v);
     Py_DECREF(popped);
     return result;
 }
