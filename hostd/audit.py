@@ -305,7 +305,21 @@ async def run_audit(sessions: "SessionRegistry", mem: "HostMemory", shootdowns: 
             except Exception as exc:     # the check itself failed: the audit fails, as before
                 return _CheckFailed(exc)
 
-        results = await asyncio.gather(*(audit_one(gid) for gid in live), return_exceptions=True)
+        asking = [asyncio.ensure_future(audit_one(gid)) for gid in live]
+        memory_problem: str | None = None
+        memory_failed: Exception | None = None
+        try:
+            await asyncio.sleep(0)      # every Audit request is out: the guests gather their claims ...
+            try:                        # ... while host memory's own invariant is checked (nothing changes it now)
+                mem.check_invariant()
+            except HostdError as exc:
+                memory_problem = f"host memory invariant: {exc}"
+            except Exception as exc:    # the audit's own failure: reported once every guest has answered
+                memory_failed = exc
+            results = await asyncio.gather(*asking, return_exceptions=True)
+        finally:
+            for task in asking:         # cancelled meanwhile (a stop signal): no request left behind
+                task.cancel()
         for gid, res in zip(live, results):
             if isinstance(res, _CheckFailed):
                 raise res.exc
@@ -321,10 +335,10 @@ async def run_audit(sessions: "SessionRegistry", mem: "HostMemory", shootdowns: 
             mine = check_released(mem, gid)
             per_guest[str(gid)] = {"ok": not mine, "released": True}
             problems.extend(mine)
-        try:
-            mem.check_invariant()
-        except HostdError as exc:
-            problems.append(f"host memory invariant: {exc}")
+        if memory_failed is not None:
+            raise memory_failed
+        if memory_problem is not None:
+            problems.append(memory_problem)
     except Exception as exc:  # the audit must not take the run's end down with it
         log.exception("audit_failed")
         problems.append(f"the audit itself failed: {type(exc).__name__}: {exc}")

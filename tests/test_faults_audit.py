@@ -22,6 +22,7 @@ from balloonlab.guestd.balloon import BalloonDriver
 from balloonlab.guestd.kernel import GuestKernel
 from balloonlab.guestd.kernel_config import KernelConfig
 from balloonlab.guestd.workload import Layout, Region, build_workload
+from balloonlab.hostd.errors import InvariantViolation
 from balloonlab.hostd.audit import GuestClaims, check_guest, check_released
 from balloonlab.hostd.framepool import FrameKind as HostKind
 from balloonlab.hostd.hostswap import PENDING_TOKEN
@@ -190,9 +191,11 @@ def test_the_guest_reports_an_empty_audit_before_it_has_started() -> None:
     assert reply.report["not_started"] is True
 
 
-async def test_each_guests_claims_are_checked_as_they_come(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("memory", ["holds", "violated"])
+async def test_each_guests_claims_are_checked_as_they_come(monkeypatch: pytest.MonkeyPatch, memory: str) -> None:
     """The host checks a guest's claims when they arrive, not once every guest has answered (its checks
-    and the other guests' answers then share the CPU); the result is the same, in guest order."""
+    and the other guests' answers then share the CPU); the result is the same, in guest order. Host
+    memory's own invariant is checked while the guests gather their claims, and reported last."""
     import asyncio
 
     from balloonlab.hostd import audit as host_audit
@@ -212,7 +215,12 @@ async def test_each_guests_claims_are_checked_as_they_come(monkeypatch: pytest.M
     monkeypatch.setattr(host_audit, "_ask", ask)
     monkeypatch.setattr(host_audit, "check_guest", check)
     monkeypatch.setattr(host_audit, "count_lost_pages", lambda mem, gid, res: gid)
-    mem = SimpleNamespace(guest_ids=lambda: [0, 1, 2], balloon_pages=lambda gid: 0, check_invariant=lambda: None)
+    def check_invariant() -> None:
+        order.append("invariant")
+        if memory == "violated":
+            raise InvariantViolation("frame 7 is made up")
+
+    mem = SimpleNamespace(guest_ids=lambda: [0, 1, 2], balloon_pages=lambda gid: 0, check_invariant=check_invariant)
     shootdowns = SimpleNamespace(pending=lambda gid: False, leftover_placeholders=lambda gid: 0)
 
     class Sessions(list):
@@ -226,10 +234,13 @@ async def test_each_guests_claims_are_checked_as_they_come(monkeypatch: pytest.M
         while step not in order:
             await asyncio.sleep(0)
 
+    await asyncio.wait_for(settle("invariant"), 5.0)     # checked before any guest has answered
     for gid in (2, 0, 1):
         answer[gid].set()
         await asyncio.wait_for(settle(f"check {gid}"), 5.0)
     result = await asyncio.wait_for(run, 5.0)
-    assert order == ["answer 2", "check 2", "answer 0", "check 0", "answer 1", "check 1"]
-    assert result["problems"] == ["guest 1: made up"] and result["lost_pages"] == 3 and result["audited"] == 3
+    assert order == ["invariant", "answer 2", "check 2", "answer 0", "check 0", "answer 1", "check 1"]
+    assert result["problems"] == ["guest 1: made up"] + (
+        ["host memory invariant: frame 7 is made up"] if memory == "violated" else [])
+    assert result["lost_pages"] == 3 and result["audited"] == 3
     assert list(result["guests"]) == ["0", "1", "2"] and result["guests"]["2"]["ram_pages"] == 3
