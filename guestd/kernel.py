@@ -106,11 +106,19 @@ _OP_DONE, _OP_EPT, _OP_READ, _OP_WRITE, _OP_NO_VICTIM, _OP_SWAP_FULL, _OP_BAD_BL
 _RC_READ, _RC_EPT, _RC_EPT_PAGE = 3.0, 4.0, 5.0
 
 
+# a request answered ahead or chained: (its block or a fault's gpfns, start, completion, its tokens)
+_Answer = tuple[Any, float, float, Any]
+
+
 def _asked(prog: bytes) -> list[Any]:
     """Each request of a read chain's program, in order: a block, or a fault's gpfns (a tuple)."""
+    pairs = np.frombuffer(prog, "<f8")[2:]
+    ops = pairs[0::2]
+    if not (ops >= _RC_EPT).any():       # reads only (most programs): their blocks in one pass
+        return pairs[1::2][ops == _RC_READ].astype(np.int64).tolist()
     asked: list[Any] = []
     pages: list[int] = []
-    for op, x in np.frombuffer(prog, "<f8")[2:].reshape(-1, 2).tolist():
+    for op, x in pairs.reshape(-1, 2).tolist():
         if op == _RC_READ:
             asked.append(int(x))
         elif op == _RC_EPT_PAGE:
@@ -266,7 +274,7 @@ class GuestKernel:
         # ``enable_read_chain``); 0: one round trip per read
         self.read_chain = 0
         # requests of the next batch answered before it runs (``ahead_program``, ``answered_ahead``), last first
-        self._ahead: list[tuple[Any, float, float, np.ndarray]] = []
+        self._ahead: list[_Answer] = []
         # background requests are not the vCPU's stalls: the process layer pauses its PSI meter here
         self.bg_quiet: Callable[[], ContextManager[Any]] = contextlib.nullcontext
         self._gauges = np.zeros(_N_KINDS + 3, np.int64)   # stats(): frames per kind, backed, wp; soft-cached pages
@@ -480,7 +488,7 @@ class GuestKernel:
         refs0 = self.counters.refs      # the reference a fault is for: refs0 + those completed since
         read_one: Any = False           # (looked up at the first read: most batches are all hits)
         # requests answered ahead by a read chain, last first: (block or gpfns, start, done, tokens)
-        chained: list[tuple[Any, float, float, np.ndarray]] = []
+        chained: list[_Answer] = []
         if self._ahead:
             chained, self._ahead = self._ahead, []
         try:
@@ -552,7 +560,7 @@ class GuestKernel:
             raise
         return int(a)
 
-    async def _read_chain(self, blk: int, prog: bytes, chained: list[tuple[Any, float, float, np.ndarray]]
+    async def _read_chain(self, blk: int, prog: bytes, chained: list[_Answer]
                           ) -> tuple[int, float]:
         """The read with the requests the core says follow it (``_paging.c``, "read chains"): its own
         answer; the chained ones go into ``chained``, last first."""
@@ -592,15 +600,15 @@ class GuestKernel:
                                     f"of {len(asked)} requests (want a start and a completion per request "
                                     "served, and its tokens)")
         out, at = [], 0
+        toks = tokens.tolist()      # plain ints, as a chain's answers (``RemoteBlockDevice.read_chain``)
         for k in range(m):
-            out.append((asked[k], times[2 * k], times[2 * k + 1], tokens[at:at + sizes[k]]))
+            out.append((asked[k], times[2 * k], times[2 * k + 1], toks[at:at + sizes[k]]))
             at += sizes[k]
         out.reverse()
         self._ahead = out
         return m
 
-    def _replayed(self, chained: list[tuple[Any, float, float, np.ndarray]], key: Any
-                  ) -> tuple[float, float, np.ndarray]:
+    def _replayed(self, chained: list[_Answer], key: Any) -> tuple[float, float, Any]:
         """The next answer ahead, if it is for request ``key`` (a block, or a fault's gpfns) at this clock
         inside the gate; else the run stops."""
         want, start, done, toks = chained[-1]
@@ -616,8 +624,7 @@ class GuestKernel:
         self.blockdev.link.took(start, done)
         return start, done, toks
 
-    def _replayed_ept(self, gs: np.ndarray, chained: list[tuple[Any, float, float, np.ndarray]]
-                      ) -> tuple[np.ndarray, float]:
+    def _replayed_ept(self, gs: np.ndarray, chained: list[_Answer]) -> tuple[Any, float]:
         """``_ept_fault`` answered ahead: the same books (every page fresh, as the chain's fault said)."""
         g = gs.astype(np.int64)
         n_fresh = int(np.count_nonzero(self._fresh(g))) if self._hyp_fresh else -1
@@ -632,7 +639,7 @@ class GuestKernel:
         link = self.blockdev.link
         return not link.gate_requests or link.gate.is_open(vt_us)
 
-    def _diverged(self, chained: list[tuple[Any, float, float, np.ndarray]], got: str) -> ReadChainDiverged:
+    def _diverged(self, chained: list[_Answer], got: str) -> ReadChainDiverged:
         want, start, _, _ = chained[-1]
         what = f"an EPT fault of gpfns {list(want)[:4]}..." if type(want) is tuple else f"a read of block {want}"
         return ReadChainDiverged(f"read chain: the host answered {what} at {start!r} µs "

@@ -111,7 +111,7 @@ class RemoteBlockDevice:
         return int(reply.tokens[0]), float(reply.done_vt_us)
 
     async def read_chain(self, blk: int, vt_us: float, chain: bytes,
-                         sizes: list[int]) -> tuple[int, float, list[tuple[float, float, np.ndarray]]]:
+                         sizes: list[int]) -> tuple[int, float, list[tuple[float, float, list[int]]]]:
         """``read_one`` with the requests chained onto it (``hostd.readchain``; ``sizes``: how many tokens
         each request of ``chain`` is answered with, 1 for a read, n for an EPT fault of n pages): its
         token and completion, and (start, completion, tokens) of each chained request the host served."""
@@ -134,12 +134,13 @@ class RemoteBlockDevice:
         done = float(times[0])
         link.took(vt, done)
         t = times.tolist()
+        toks = tokens.tolist()      # plain ints: each answer is replayed one by one (a numpy slice each cost more)
         out = []
         at = 1
         for k in range(m):
-            out.append((t[2 * k + 1], t[2 * k + 2], tokens[at:at + sizes[k]]))
+            out.append((t[2 * k + 1], t[2 * k + 2], toks[at:at + sizes[k]]))
             at += sizes[k]
-        return int(tokens[0]), done, out
+        return toks[0], done, out
 
     async def write(self, blocks: np.ndarray, tokens: np.ndarray, vt_us: float) -> float:
         blocks, tokens = _u64(blocks), _u64(tokens)
