@@ -17,7 +17,8 @@
  * way FramePool.free_ones does.
  *
  * count_codes is np.bincount for the p2m's uint8 page states, which the
- * balloon targets read for every guest at every boundary.
+ * balloon targets read for every guest at every boundary; sample_touched is a
+ * working-set period's close (the share of its sampled pages touched).
  *
  * Plain C over the buffer protocol, like guestd/_paging.c. The Python side
  * (hostd/memparts/bits.py, hostd/wss.py, hostd/framepool.py) checks sizes
@@ -426,7 +427,48 @@ static PyObject *mod_count_codes(PyObject *self, PyObject *args) {
     return result;
 }
 
+/* sample_touched(state uint8, sample int64, touched bool, skip_code) -> (kept, touched_kept): of the sampled
+ * gpfns whose state is not skip_code (ballooned), how many, and how many of those were touched: a working-set
+ * period's close (hostd/wss.py), one pass instead of five numpy calls on a hundred entries. */
+static PyObject *mod_sample_touched(PyObject *self, PyObject *args) {
+    PyObject *o_state, *o_sample, *o_touched;
+    int skip;
+    if (!PyArg_ParseTuple(args, "OOOi", &o_state, &o_sample, &o_touched, &skip)) return NULL;
+    Py_buffer state, sample, touched;
+    if (get_buf(o_state, &state, 1, 0, "state") < 0) return NULL;
+    if (get_buf(o_sample, &sample, 8, 0, "sample") < 0) { PyBuffer_Release(&state); return NULL; }
+    if (get_buf(o_touched, &touched, 1, 0, "touched") < 0) {
+        PyBuffer_Release(&sample); PyBuffer_Release(&state); return NULL;
+    }
+    PyObject *result = NULL;
+    Py_ssize_t n = sample.len / 8, kept = 0, hit = 0;
+    const int64_t *g = sample.buf;
+    const uint8_t *st = state.buf, *t = touched.buf;
+    if (touched.len != n) {
+        PyErr_Format(PyExc_ValueError, "sample_touched: %zd sampled gpfns, %zd touched bits", n, touched.len);
+        goto done;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (g[i] < 0 || g[i] >= state.len) {
+            PyErr_Format(PyExc_IndexError, "sample_touched: gpfn %lld outside the guest's %zd", (long long)g[i],
+                         state.len);
+            goto done;
+        }
+        if (st[g[i]] != (uint8_t)skip) {
+            kept++;
+            hit += t[i] != 0;
+        }
+    }
+    result = Py_BuildValue("(nn)", kept, hit);
+done:
+    PyBuffer_Release(&touched); PyBuffer_Release(&sample); PyBuffer_Release(&state);
+    return result;
+}
+
 static PyMethodDef books_functions[] = {
+    {"sample_touched", mod_sample_touched, METH_VARARGS,
+     "sample_touched(state uint8, sample int64, touched bool, skip_code) -> (kept, touched_kept): of the sampled "
+     "gpfns not in state skip_code, how many, and how many of them were touched"},
     {"count_codes", mod_count_codes, METH_VARARGS,
      "count_codes(codes uint8, out int64): out[v] = how many codes are v (np.bincount without its copy)"},
     {"or_backed", mod_or_backed, METH_VARARGS,

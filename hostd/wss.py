@@ -66,7 +66,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from ._books import gather_or
+from ._books import gather_or, sample_touched
 from .p2m import PageState
 
 __all__ = ["HostWorkingSet", "GuestWss", "STAT_HOST_WSS", "WSS_STREAM"]
@@ -121,9 +121,9 @@ class GuestWss:
 
     def close(self, state: np.ndarray, balloon_pages: int, fast_gain: float, slow_gain: float) -> None:
         """End the period: update the averages and the estimate (sample pages ballooned since do not count)."""
-        keep = state[self.sample] != _BALLOONED if self.sample.size else np.zeros(0, bool)
-        if np.any(keep):
-            f = float(np.count_nonzero(self.touched[keep])) / float(np.count_nonzero(keep))
+        kept, hit = sample_touched(state, self.sample, self.touched, _BALLOONED) if self.sample.size else (0, 0)
+        if kept:
+            f = float(hit) / float(kept)
             self.last_fraction = f
             self.fast = f if self.fast is None else self.fast + fast_gain * (f - self.fast)
             self.slow = f if self.slow is None else self.slow + slow_gain * (f - self.slow)

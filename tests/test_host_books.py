@@ -136,3 +136,23 @@ def test_count_codes_refuses_a_code_out_has_no_place_for_and_a_wrong_item_size()
         count_codes(np.array([0, 1], np.int64), out)
     with pytest.raises(TypeError, match="out: expected items of 8 bytes"):
         count_codes(np.array([0, 1], np.uint8), np.zeros(3, np.int32))
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_sample_touched_counts_what_numpy_counts_and_refuses_a_bad_sample(seed: int) -> None:
+    """A working-set period's close: of the sampled gpfns not ballooned, how many, and how many touched."""
+    from balloonlab.hostd._books import sample_touched
+    rng = np.random.default_rng(seed)
+    for _ in range(50):
+        n = int(rng.integers(1, 3000))
+        k = int(rng.integers(0, min(n, 200)))
+        state = rng.integers(0, 5, n).astype(np.uint8)
+        sample = np.sort(rng.choice(n, k, replace=False)).astype(np.int64)
+        touched = rng.random(k) < 0.4
+        keep = state[sample] != 2
+        assert sample_touched(state, sample, touched, 2) == (int(np.count_nonzero(keep)),
+                                                             int(np.count_nonzero(touched[keep])))
+    with pytest.raises(IndexError, match="outside"):
+        sample_touched(np.zeros(4, np.uint8), np.array([4], np.int64), np.ones(1, bool), 2)
+    with pytest.raises(ValueError, match="touched bits"):
+        sample_touched(np.zeros(4, np.uint8), np.array([1], np.int64), np.ones(2, bool), 2)
