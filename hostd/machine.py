@@ -224,8 +224,11 @@ class Machine:
             target = self.targets.get(gid, 0)
             stats = session.last_stats
             host_wss = self.monitors.wss_estimate(gid)
-            if host_wss is not None:   # the host's own sampled estimate, beside the guest's report
-                stats = {**stats, STAT_HOST_WSS: host_wss}
+            if host_wss is not None:
+                # the host's own sampled estimate, beside the guest's report: into the session's copy itself
+                # (sanitize_stats made it for this session; only the history monitor reads it after, by key)
+                # rather than a copy of its ~85 keys per guest at every boundary
+                stats[STAT_HOST_WSS] = host_wss
             snap_guests.append(GuestView(
                 guest_id=gid, ram_pages=spec.ram_pages, max_balloon_pages=int(mem.max_balloon_pages(gid)),
                 target_pages=target, actual_pages=actual,
