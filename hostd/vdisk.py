@@ -942,7 +942,15 @@ class VirtualDisk:
 
     def retire(self, vt_us: float) -> int:
         """Forget the requests completed by ``vt_us`` and free their I/O buffers; returns pages freed."""
-        if not self._inflight_done_us or min(self._inflight_done_us) > vt_us:
+        held = self._inflight_done_us
+        if not held or min(held) > vt_us:
+            return 0
+        if self.mode != "none":
+            # A cached disk's requests hold no I/O buffers (their frames are all _NO_FRAMES): only their
+            # place in the queue depth is forgotten. Every guest's disk, at every boundary.
+            keep = [d for d in held if d > vt_us]
+            self._inflight_done_us = keep
+            self._inflight_frames = [_NO_FRAMES] * len(keep)
             return 0
         keep_done: list[float] = []
         keep_frames: list[np.ndarray] = []
