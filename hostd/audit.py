@@ -59,6 +59,7 @@ from .hostswap import PENDING_TOKEN
 from .p2m import PageState
 
 if TYPE_CHECKING:
+    from .invariant import InvariantChecker
     from .memory import HostMemory
     from .registry import SessionRegistry
     from .shootdown import Shootdowns
@@ -266,8 +267,13 @@ class _CheckFailed:
 
 
 async def run_audit(sessions: "SessionRegistry", mem: "HostMemory", shootdowns: "Shootdowns",
-                    specs: Mapping[int, GuestSpec], *, unresponsive_s: float) -> dict[str, Any]:
-    """Audit every live guest and every guest that left; log ``audit_completed``; never raises."""
+                    specs: Mapping[int, GuestSpec], *, unresponsive_s: float,
+                    invariant: "InvariantChecker | None" = None) -> dict[str, Any]:
+    """Audit every live guest and every guest that left; log ``audit_completed``; never raises.
+
+    ``invariant``: the run's invariant checker, whose end-of-run full check
+    is then this one (``InvariantChecker.check_end``), not a second one.
+    """
     timeout_s = min(AUDIT_TIMEOUT_S, max(2.0, unresponsive_s))
     problems: list[str] = []
     per_guest: dict[str, dict[str, Any]] = {}
@@ -311,7 +317,9 @@ async def run_audit(sessions: "SessionRegistry", mem: "HostMemory", shootdowns: 
         try:
             await asyncio.sleep(0)      # every Audit request is out: the guests gather their claims ...
             try:                        # ... while host memory's own invariant is checked (nothing changes it now)
-                mem.check_invariant()
+                found = mem.check_invariant() if invariant is None else invariant.check_end()
+                if found is not None:
+                    raise found
             except HostdError as exc:
                 memory_problem = f"host memory invariant: {exc}"
             except Exception as exc:    # the audit's own failure: reported once every guest has answered

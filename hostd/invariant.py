@@ -436,6 +436,7 @@ class InvariantChecker:
         self.rng = rng               # its own stream: sampling must not move host memory's generator
         self.violations = 0
         self.sampled_checks = 0
+        self._ended = False          # the end's full check ran (``check_end``) and nothing left since
 
     def tick(self, tick: int) -> None:
         if (tick + 1) % self.every_ticks:
@@ -447,11 +448,30 @@ class InvariantChecker:
             self._run("tick", lambda mem: check_sample(mem, self.rng))
 
     def after_guest_left(self) -> None:
+        self._ended = False
         self._run("guest_gone", check_full)
 
+    def check_end(self) -> HostdError | None:
+        """The end of the run's full check, now (the audit's, once every tick is over): what it found, or None.
+
+        Counted and logged as ``finish`` counts it, which then does not run it
+        again unless a guest left since (the only change host memory sees
+        between the audit and the run's end).
+        """
+        try:
+            check_full(self.mem)
+            found = None
+        except HostdError as exc:
+            found = exc
+            if self.mode == "sample":
+                self.violations += 1
+                log.error(ev.INVARIANT_VIOLATED, what=str(exc), when="run_end")
+        self._ended = True
+        return found
+
     def finish(self) -> None:
-        """The end of the run: the full check, unless every tick had it already."""
-        if self.mode == "sample":
+        """The end of the run: the full check, unless every tick had it already (or ``check_end`` did)."""
+        if self.mode == "sample" and not self._ended:
             self._run("run_end", check_full)
 
     def _run(self, when: str, check: Callable[["MemoryBooks"], None]) -> None:

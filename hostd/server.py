@@ -204,7 +204,8 @@ class Host:
         """The end-of-run audit, unless a stop signal comes first (it is not worth the wait then)."""
         assert self._stop_event is not None
         audit = asyncio.ensure_future(run_audit(self.sessions, self.core.mem, self.core.shootdowns, self.machine.specs,
-                                                unresponsive_s=self.cfg.unresponsive_s))
+                                                unresponsive_s=self.cfg.unresponsive_s,
+                                                invariant=self.core.invariant))
         stopped = asyncio.ensure_future(self._stop_event.wait())
         try:
             await asyncio.wait((audit, stopped), return_when=asyncio.FIRST_COMPLETED)

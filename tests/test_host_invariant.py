@@ -11,6 +11,7 @@ import asyncio
 from typing import Any
 
 import numpy as np
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -189,3 +190,32 @@ def test_any_sequence_keeps_the_invariant(victim: str, seed: int,
                                           rounds: list[tuple[list[tuple[int, str]], str]]) -> None:
     world = asyncio.run(run_world(victim, seed, rounds))
     assert world.oom == 0
+
+
+@pytest.mark.parametrize("mode", ["sample", "full"])
+def test_the_audits_end_check_is_the_runs_last_full_check_unless_a_guest_left_after_it(
+        monkeypatch: pytest.MonkeyPatch, mode: str) -> None:
+    import balloonlab.hostd.invariant as inv
+    from balloonlab.hostd.errors import InvariantViolation
+    runs: list[str] = []
+    broken = {"now": False}
+
+    def check_full(mem: object) -> None:
+        runs.append("full")
+        if broken["now"]:
+            raise InvariantViolation("frame 3 is nobody's")
+
+    monkeypatch.setattr(inv, "check_full", check_full)
+    checker = inv.InvariantChecker(object(), mode, 1, np.random.default_rng(0))   # type: ignore[arg-type]
+    assert checker.check_end() is None and runs == ["full"]
+    checker.finish()
+    assert runs == ["full"]                              # the audit's check was the end's: not run twice
+    checker.after_guest_left()                           # host memory changed after it: the end checks again
+    checker.finish()
+    assert runs == ["full"] * (3 if mode == "sample" else 2)
+    broken["now"] = True
+    found = checker.check_end()
+    assert isinstance(found, InvariantViolation)
+    assert checker.violations == (1 if mode == "sample" else 0)   # counted once, as finish would have
+    checker.finish()
+    assert checker.violations == (1 if mode == "sample" else 0)
