@@ -14,6 +14,9 @@ in a partly cached cluster, a drop that needs dirty clusters written back.
 """
 from __future__ import annotations
 
+from functools import lru_cache
+
+from .devices import DeviceProfile
 from .errors import InvariantViolation
 from .readchain import Fast
 from .vdisk import _NO_FRAMES, VirtualDisk
@@ -51,8 +54,12 @@ def chain_steps(vd: VirtualDisk, prog: list[float], limit: int, gate_us: float) 
 def _service(vd: VirtualDisk) -> tuple[float, float, float, float]:
     """The device's service time at full speed of one read of a cluster, sequential and with a seek, then the
     same for the disk's last cluster (shorter when the disk is not a whole number of clusters)."""
-    prof = vd.device.profile
     cp = vd.cluster_pages
-    last = vd.n_blocks - (-(-vd.n_blocks // cp) - 1) * cp
+    return _service_of(vd.device.profile, cp, vd.n_blocks - (-(-vd.n_blocks // cp) - 1) * cp)
+
+
+@lru_cache(maxsize=64)
+def _service_of(prof: DeviceProfile, cp: int, last: int) -> tuple[float, float, float, float]:
+    # a disk's profile and shape never change: worked out once, not at every chain
     return (prof.service_us(cp, False, True), prof.service_us(cp, False, False),
             prof.service_us(last, False, True), prof.service_us(last, False, False))
