@@ -52,8 +52,38 @@ static PyObject *heappush, *heappop, *heapreplace;
 
 /* --- attributes, read into C locals and written back -------------------------------------------------- */
 
+/* A call reads and writes back some fifty attributes: each name (a string literal, known by its address) is
+ * made an interned str once, not decoded from C at every lookup as PyObject_GetAttrString would. */
+#define N_NAMES 256
+static struct { const char *key; PyObject *name; } names[N_NAMES];
+
+static PyObject *name_of(const char *s) {
+    size_t i = ((uintptr_t)s >> 3) % N_NAMES;
+    for (size_t probes = 0; probes < N_NAMES; probes++, i = (i + 1) % N_NAMES) {
+        if (names[i].key == s) return names[i].name;
+        if (names[i].key == NULL) {
+            PyObject *o = PyUnicode_InternFromString(s);
+            if (o == NULL) return NULL;
+            names[i].key = s;
+            names[i].name = o;   /* kept for the life of the module */
+            return o;
+        }
+    }
+    return PyUnicode_FromString(s);   /* never: there are far fewer names than slots (a new reference, leaked) */
+}
+
+static PyObject *get_attr(PyObject *obj, const char *s) {
+    PyObject *name = name_of(s);
+    return name == NULL ? NULL : PyObject_GetAttr(obj, name);
+}
+
+static int set_attr(PyObject *obj, const char *s, PyObject *v) {
+    PyObject *name = name_of(s);
+    return name == NULL ? -1 : PyObject_SetAttr(obj, name, v);
+}
+
 static int get_ll(PyObject *obj, const char *name, long long *out) {
-    PyObject *v = PyObject_GetAttrString(obj, name);
+    PyObject *v = get_attr(obj, name);
     if (v == NULL) return -1;
     *out = PyLong_AsLongLong(v);
     Py_DECREF(v);
@@ -61,7 +91,7 @@ static int get_ll(PyObject *obj, const char *name, long long *out) {
 }
 
 static int get_d(PyObject *obj, const char *name, double *out) {
-    PyObject *v = PyObject_GetAttrString(obj, name);
+    PyObject *v = get_attr(obj, name);
     if (v == NULL) return -1;
     *out = PyFloat_AsDouble(v);
     Py_DECREF(v);
@@ -71,7 +101,7 @@ static int get_d(PyObject *obj, const char *name, double *out) {
 static int set_ll(PyObject *obj, const char *name, long long value) {
     PyObject *v = PyLong_FromLongLong(value);
     if (v == NULL) return -1;
-    int r = PyObject_SetAttrString(obj, name, v);
+    int r = set_attr(obj, name, v);
     Py_DECREF(v);
     return r;
 }
@@ -79,7 +109,7 @@ static int set_ll(PyObject *obj, const char *name, long long value) {
 static int set_d(PyObject *obj, const char *name, double value) {
     PyObject *v = PyFloat_FromDouble(value);
     if (v == NULL) return -1;
-    int r = PyObject_SetAttrString(obj, name, v);
+    int r = set_attr(obj, name, v);
     Py_DECREF(v);
     return r;
 }
@@ -99,7 +129,7 @@ typedef struct {
 } Buf;
 
 static int get_array(PyObject *owner, const char *name, Buf *b, Py_ssize_t itemsize, Py_ssize_t min_items) {
-    PyObject *arr = PyObject_GetAttrString(owner, name);
+    PyObject *arr = get_attr(owner, name);
     if (arr == NULL) return -1;
     int r = PyObject_GetBuffer(arr, &b->view, PyBUF_C_CONTIGUOUS | PyBUF_WRITABLE);
     Py_DECREF(arr);   /* the owner keeps the array alive for the call */
@@ -187,18 +217,18 @@ static int ctx_load(Ctx *c) {
     }
     c->n_clusters = (c->n_blocks + c->cp - 1) / c->cp;
     c->last_cluster_blocks = c->n_blocks - (c->n_clusters - 1) * c->cp;
-    sw = PyObject_GetAttrString(vd, "swap_area");
+    sw = get_attr(vd, "swap_area");
     if (sw == NULL) return -1;
     if (!PyArg_ParseTuple(sw, "LL", &c->swap_lo, &c->swap_hi)) { Py_DECREF(sw); return -1; }
     Py_DECREF(sw);
-    PyObject *costs = PyObject_GetAttrString(vd, "costs");
+    PyObject *costs = get_attr(vd, "costs");
     if (costs == NULL) return -1;
     int r = get_d(costs, "page_copy_us", &c->page_copy_us);
     Py_DECREF(costs);
     if (r < 0) return -1;
-    if ((c->lru = PyObject_GetAttrString(vd, "_lru")) == NULL
-        || (c->inflight_done = PyObject_GetAttrString(vd, "_inflight_done_us")) == NULL
-        || (c->inflight_frames = PyObject_GetAttrString(vd, "_inflight_frames")) == NULL) return -1;
+    if ((c->lru = get_attr(vd, "_lru")) == NULL
+        || (c->inflight_done = get_attr(vd, "_inflight_done_us")) == NULL
+        || (c->inflight_frames = get_attr(vd, "_inflight_frames")) == NULL) return -1;
     if (!PyList_CheckExact(c->lru) || !PyList_CheckExact(c->inflight_done) || !PyList_CheckExact(c->inflight_frames)) {
         PyErr_SetString(PyExc_TypeError, "serve_reads: the disk's LRU heap and in-flight books must be lists");
         return -1;
@@ -220,12 +250,12 @@ static int ctx_load(Ctx *c) {
         c->g_n = -1;   /* grant_left: no grant */
     }
     if (c->lane != Py_None) {
-        if ((c->chans = PyObject_GetAttrString(c->lane, "free_at_us")) == NULL) return -1;
+        if ((c->chans = get_attr(c->lane, "free_at_us")) == NULL) return -1;
         if (!PyList_CheckExact(c->chans) || PyList_GET_SIZE(c->chans) < 1) {
             PyErr_SetString(PyExc_TypeError, "serve_reads: a lane's channels must be a non-empty list");
             return -1;
         }
-        PyObject *seeks = PyObject_GetAttrString(c->device, "_seeks");
+        PyObject *seeks = get_attr(c->device, "_seeks");
         if (seeks == NULL) return -1;
         c->dev_seeks = PyObject_IsTrue(seeks);
         Py_DECREF(seeks);
@@ -246,7 +276,7 @@ static int ctx_store(Ctx *c, int any_read) {
     PyObject *vd = c->vd;
     if (set_ll(vd, "cached_pages", c->cached_pages) < 0 || set_ll(vd, "fill_pages_tick", c->fill_pages_tick) < 0)
         return -1;
-    PyObject *cnt = PyObject_GetAttrString(vd, "counters");
+    PyObject *cnt = get_attr(vd, "counters");
     if (cnt == NULL) return -1;
     int r = (add_ll(cnt, "read_requests", c->c_read_requests) < 0 || add_ll(cnt, "read_pages", c->c_read_pages) < 0
              || add_ll(cnt, "swap_area_read_pages", c->c_swap_read) < 0 || add_ll(cnt, "cache_hit_pages", c->c_hit) < 0
@@ -307,7 +337,7 @@ static int lru_rebuild(Ctx *c) {
         PyList_SET_ITEM(lst, i, e);
     }
     free(pairs);
-    if (PyObject_SetAttrString(c->vd, "_lru", lst) < 0) { Py_DECREF(lst); return -1; }
+    if (set_attr(c->vd, "_lru", lst) < 0) { Py_DECREF(lst); return -1; }
     Py_SETREF(c->lru, lst);
     return 0;
 }
@@ -670,7 +700,72 @@ done:
     return result;
 }
 
+/* --- a program's check ------------------------------------------------------------------------------------ */
+
+enum { OP_EPT = 4, OP_EPT_PAGE = 5 };
+
+/* check_program(chain: bytes, max_pairs) -> list of floats, or None.
+ *
+ * hostd/readchain.py's check_program, for the programs it accepts: the same list np.frombuffer(chain,
+ * "<f8").tolist() gives. None for anything it might refuse or that lies near a float's edge (a sum of
+ * values close to overflowing); the Python check then decides, and words the refusal. */
+static PyObject *mod_check_program(PyObject *self, PyObject *args) {
+    Py_buffer v;
+    Py_ssize_t max_pairs;
+    if (!PyArg_ParseTuple(args, "y*n", &v, &max_pairs)) return NULL;
+    PyObject *out = NULL;
+    const unsigned char *raw = (const unsigned char *)v.buf;
+    Py_ssize_t len = v.len, n = len / 8;
+    int ok = !(len % 16) && len >= 32 && len <= 16 * (max_pairs + 1);
+#if !defined(__BYTE_ORDER__) || __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
+    ok = 0;   /* "<f8" read as a double needs a little-endian machine; elsewhere Python decides */
+#endif
+    double first, ref_us, sum = 0.0;
+    long long pages = 0;
+    if (ok) {
+        memcpy(&first, raw, 8);
+        memcpy(&ref_us, raw + 8, 8);
+        /* (a NaN deadline is refused; an infinite one is a chain without a deadline) */
+        ok = first == first && ref_us >= 0.0 && ref_us < 1e300;
+    }
+    for (Py_ssize_t i = 2; ok && i + 1 < n; i += 2) {
+        double op, x;
+        memcpy(&op, raw + 8 * i, 8);
+        memcpy(&x, raw + 8 * (i + 1), 8);
+        if (!(op == OP_WIN || op == OP_CHECK || op == OP_ADD || op == OP_READ || op == OP_EPT || op == OP_EPT_PAGE)
+            || !(x >= 0.0 && x < 1e300)) { ok = 0; break; }
+        sum += x;
+        if (op == OP_EPT_PAGE) {
+            if (!(x < 9.0e15) || x != (double)(long long)x) { ok = 0; break; }
+            pages++;
+        } else if (op == OP_EPT) {
+            if (x != (double)pages || !pages) { ok = 0; break; }
+            pages = 0;
+        } else if (pages) {
+            ok = 0;
+        }
+    }
+    if (ok && (pages || !(sum + ref_us < 1e300))) ok = 0;
+    if (!ok) {
+        PyBuffer_Release(&v);
+        Py_RETURN_NONE;
+    }
+    out = PyList_New(n);
+    for (Py_ssize_t i = 0; out != NULL && i < n; i++) {
+        double d;
+        memcpy(&d, raw + 8 * i, 8);
+        PyObject *f = PyFloat_FromDouble(d);
+        if (f == NULL) { Py_CLEAR(out); break; }
+        PyList_SET_ITEM(out, i, f);
+    }
+    PyBuffer_Release(&v);
+    return out;
+}
+
 static PyMethodDef chain_functions[] = {
+    {"check_program", mod_check_program, METH_VARARGS,
+     "check_program(chain, max_pairs) -> list of floats, or None: a program hostd.readchain.check_program "
+     "accepts, as its list (None: let the Python check decide)"},
     {"serve_reads", mod_serve_reads, METH_VARARGS,
      "serve_reads(vd, pool, grant, lane, device, svc, no_frames, prog, k, vt, reads, limit, gate, toks, times) "
      "-> (k, vt, reads, status): a read chain's clock steps and one-block reads from step k, compiled"},
@@ -685,9 +780,9 @@ static struct PyModuleDef chain_module = {
 PyMODINIT_FUNC PyInit__chain(void) {
     PyObject *hq = PyImport_ImportModule("_heapq");
     if (hq == NULL) return NULL;
-    heappush = PyObject_GetAttrString(hq, "heappush");
-    heappop = PyObject_GetAttrString(hq, "heappop");
-    heapreplace = PyObject_GetAttrString(hq, "heapreplace");
+    heappush = get_attr(hq, "heappush");
+    heappop = get_attr(hq, "heappop");
+    heapreplace = get_attr(hq, "heapreplace");
     Py_DECREF(hq);
     if (heappush == NULL || heappop == NULL || heapreplace == NULL) return NULL;
     return PyModule_Create(&chain_module);

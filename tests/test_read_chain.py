@@ -22,7 +22,8 @@ from balloonlab.guestd.errors import ReadChainDiverged
 from balloonlab.guestd.gate import VcpuGate, VcpuStopped
 from balloonlab.proto.messages import TickStart
 from balloonlab.hostd.errors import BadBatch
-from balloonlab.hostd.readchain import ADD, CHECK, EPT, EPT_PAGE, MAX_PAIRS, READ, WIN, check_program, run_chain
+from balloonlab.hostd.readchain import (ADD, CHECK, EPT, EPT_PAGE, MAX_PAIRS, READ, WIN, _check_program, _checked,
+                                        check_program, run_chain)
 from balloonlab.proto.costs import CostModel
 from tests.procs import run_launcher
 from balloonlab.guestd.hypervisor import LocalHypervisor
@@ -384,10 +385,57 @@ def test_the_host_runs_a_chained_fault_and_stops_after_one_the_gate_cut() -> Non
     (np.array([1.0, 0.1, EPT_PAGE, 4.0, ADD, 1.0], "<f8").tobytes(), "without their EPT"),
     (np.array([1.0, 0.1, ADD, 1.0, EPT_PAGE, 4.0], "<f8").tobytes(), "ends in EPT_PAGEs"),
     (np.array([math.nan, 0.1, ADD, 1.0], "<f8").tobytes(), "finite number"),
+    # each value finite, their sum not (math.fsum raises OverflowError, which must not reach the server)
+    (np.array([1e308, 1.0, ADD, 1e308, ADD, 1e308], "<f8").tobytes(), "finite number"),
 ])
 def test_a_malformed_program_is_refused(chain: bytes, why: str) -> None:
     with pytest.raises(BadBatch, match=why):
         check_program(3, chain)
+    with pytest.raises(BadBatch, match=why):
+        _check_program(3, chain)
+
+
+def _random_program(rng: np.random.Generator) -> bytes:
+    """A program that is often well formed and often broken in one place (an op, a value, the EPT runs)."""
+    pairs: list[tuple[float, float]] = []
+    for _ in range(int(rng.integers(0, 12))):
+        op = rng.choice([WIN, CHECK, ADD, READ, EPT_PAGE])
+        if op == EPT_PAGE:
+            n = int(rng.integers(1, 4))
+            pairs += [(EPT_PAGE, float(rng.integers(0, 64))) for _ in range(n)] + [(EPT, float(n))]
+        else:
+            pairs.append((float(op), float(rng.integers(0, 9)) * float(rng.choice([1.0, 0.25]))))
+    prog = [float(rng.choice([1e4, math.inf])), float(rng.choice([0.5, 0.0]))] + [x for p in pairs for x in p]
+    if len(prog) > 2 and rng.random() < 0.5:
+        i = int(rng.integers(0, len(prog)))
+        prog[i] = float(rng.choice([-1.0, math.nan, math.inf, 1e308, 2.5, 6.0, 4.0, 5.0, -0.0, 1e20]))
+    data = np.array(prog, "<f8").tobytes()
+    return data[:-8] if rng.random() < 0.05 else data
+
+
+def test_the_compiled_check_takes_exactly_the_programs_python_takes() -> None:
+    """The compiled check returns Python's list for a program Python accepts, or leaves it to Python; it
+    never accepts what Python refuses (the refusal's wording is Python's in both)."""
+    rng = np.random.default_rng(7)
+    compiled = refused = 0
+    for _ in range(4000):
+        chain = _random_program(rng)
+        try:
+            want: Any = _check_program(5, chain)
+        except BadBatch as exc:
+            want = str(exc)
+        fast = _checked(chain, MAX_PAIRS)
+        if fast is not None:
+            assert fast == want and [math.copysign(1, x) for x in fast] == [math.copysign(1, x) for x in want]
+            compiled += 1
+        got: Any
+        try:
+            got = check_program(5, chain)
+        except BadBatch as exc:
+            got = str(exc)
+            refused += 1
+        assert got == want
+    assert compiled > 1000 and refused > 1000
 
 
 def _counts(run_dir: Any, variant: str = "default") -> dict[str, Any]:
