@@ -41,7 +41,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-enum { OP_WIN = 0, OP_CHECK = 1, OP_ADD = 2, OP_READ = 3 };
+enum { OP_WIN = 0, OP_CHECK = 1, OP_ADD = 2, OP_READ = 3, OP_EPT = 4, OP_EPT_PAGE = 5 };
 enum { NEED_PYTHON = 0, STOP = 1, WAITED = 2 };
 enum { NOT_CACHED = 0, FRAME = 1 };
 enum { KIND_FREE = 0, KIND_CACHE = 2 };
@@ -147,7 +147,8 @@ static int get_array(PyObject *owner, const char *name, Buf *b, Py_ssize_t items
 /* --- the state of one call -------------------------------------------------------------------------------- */
 
 enum { V_STATE, V_LOC, V_STAMP, V_CACHED, V_CDIRTY, V_CPINNED, V_TOKENS, V_PINNED,
-       P_KIND, P_OWNER, P_INDEX, P_TOKEN, P_PINNED, P_ACCESSED, P_DIRTY, P_BUSY, P_COUNTS, G_STACK, N_BUFS };
+       P_KIND, P_OWNER, P_INDEX, P_TOKEN, P_PINNED, P_ACCESSED, P_DIRTY, P_BUSY, P_COUNTS, G_STACK,
+       E_STATE, E_LOC, E_PINNED, N_BUFS };
 
 /* Where each array comes from (the disk or the pool), its item size and the least length it must have. */
 enum { LEN_ANY, LEN_BLOCKS, LEN_CLUSTERS, LEN_FRAMES, LEN_KINDS };
@@ -185,6 +186,14 @@ typedef struct {
     long long last_cluster_blocks;
     int pooled;              /* a frame was taken or given back: the pool, grant, lane and device change */
     unsigned char *seen;     /* clusters met in one drop (calloc'd on the first drop) */
+    /* EPT faults of first touches: the ept tuple, read at the first one (E_* buffers: the guest's p2m) */
+    PyObject *ept, *hc, *gc;
+    int ept_loaded, can_fault, guest_kind, frame_state, granted;
+    double each_us, fault_gate;
+    unsigned long long later_token;
+    long long guest_pages, e_calls, e_faults, e_cut, e_later, faults;
+    int64_t *pages;          /* a fault's gpfns, and the ones it serves sorted (malloc'd at the first) */
+    Py_ssize_t pages_cap;
 } Ctx;
 
 #define U8(c, i) ((uint8_t *)(c)->b[i].view.buf)
@@ -201,6 +210,7 @@ static void ctx_release(Ctx *c) {
     Py_XDECREF(c->inflight_frames);
     Py_XDECREF(c->chans);
     free(c->seen);
+    free(c->pages);
 }
 
 static int ctx_load(Ctx *c) {
@@ -272,6 +282,15 @@ static int ctx_load(Ctx *c) {
 
 /* What the call changed, back into the Python objects. */
 static int ctx_store(Ctx *c, int any_read) {
+    if (c->faults) {
+        if (add_ll(c->hc, "ept_fault_calls", c->e_calls) < 0 || add_ll(c->gc, "ept_fault_calls", c->e_calls) < 0
+            || add_ll(c->hc, "ept_fault_later_pages", c->e_later) < 0 || add_ll(c->hc, "ept_faults_cut", c->e_cut) < 0
+            || add_ll(c->hc, "ept_faults", c->e_faults) < 0 || add_ll(c->gc, "ept_faults", c->e_faults) < 0)
+            return -1;
+        if (!c->pooled && c->granted
+            && (set_ll(c->pool, "_n_granted", c->n_granted) < 0 || set_ll(c->grant, "n", c->g_n) < 0
+                || set_ll(c->grant, "taken", c->g_taken) < 0)) return -1;
+    }
     if (!any_read) return 0;
     PyObject *vd = c->vd;
     if (set_ll(vd, "cached_pages", c->cached_pages) < 0 || set_ll(vd, "fill_pages_tick", c->fill_pages_tick) < 0)
@@ -639,6 +658,147 @@ static int append_d(PyObject *lst, double v) {
     return r;
 }
 
+/* --- an EPT fault of first touches ------------------------------------------------------------------------ */
+
+/* The ept tuple: (p2m, host counters, guest counters, ept_fault_us, fault gate (NaN: none), guest frame kind,
+ * p2m FRAME state, LATER_TOKEN), and the p2m's arrays. */
+static int ept_load(Ctx *c) {
+    if (c->ept_loaded) return 0;
+    PyObject *p2m;
+    if (!PyArg_ParseTuple(c->ept, "OOOddiiK", &p2m, &c->hc, &c->gc, &c->each_us, &c->fault_gate, &c->guest_kind,
+                          &c->frame_state, &c->later_token)) return -1;
+    if (c->guest_kind <= KIND_FREE || c->guest_kind >= c->n_kinds) {
+        PyErr_SetString(PyExc_ValueError, "serve_reads: the guest frame kind is outside the pool's kinds");
+        return -1;
+    }
+    if (get_array(p2m, "state", &c->b[E_STATE], 1, 0) < 0 || get_array(p2m, "loc", &c->b[E_LOC], 8, 0) < 0
+        || get_array(p2m, "pinned", &c->b[E_PINNED], 1, 0) < 0) return -1;
+    c->guest_pages = c->b[E_STATE].view.len;
+    if (c->b[E_LOC].view.len / 8 != c->guest_pages || c->b[E_PINNED].view.len != c->guest_pages) {
+        PyErr_SetString(PyExc_ValueError, "serve_reads: the p2m's arrays differ in length");
+        return -1;
+    }
+    c->ept_loaded = 1;
+    return 0;
+}
+
+static int cmp_i64(const void *a, const void *b) {
+    int64_t x = *(const int64_t *)a, y = *(const int64_t *)b;
+    return (x > y) - (x < y);
+}
+
+/* The EPT_PAGE run from *k and its EPT, as run_chain's fault step and HostMemory._ept_fault_first serve a
+ * fault of several pages none of which has content yet, with the room there in the guest's grant: the same
+ * frames (taken off the grant's top in gpfn order), p2m entries, counters, tokens and times. Returns 0
+ * served (*k at the EPT, *vt past it), 1 STOP (before the fault, or after one the gate cut short: *k past
+ * it), 2 NEED_PYTHON (at *k: one page, a page with content, no grant or too small a one), -1 an error. */
+static int ept_step(Ctx *c, PyObject *prog, Py_ssize_t n, Py_ssize_t *k, double *vt, double gate, PyObject *toks,
+                    PyObject *times) {
+    Py_ssize_t j = *k;
+    long long m = 0;
+    double op = 0.0, x;
+    while (j + 1 < n) {
+        if (prog_at(prog, j, &op) < 0) return -1;
+        if (op != OP_EPT_PAGE) break;
+        m++;
+        j += 2;
+    }
+    if (j + 1 >= n || op != OP_EPT) return 2;           /* (a program check_program would refuse) */
+    if (prog_at(prog, j + 1, &x) < 0) return -1;
+    if (x != (double)m || m < 2) return 2;             /* one page: the general path */
+    if (*vt >= gate || !c->can_fault) return 1;
+    if (ept_load(c) < 0) return -1;
+    if (c->pages_cap < 2 * m) {
+        int64_t *grown = realloc(c->pages, sizeof(int64_t) * 2 * m);
+        if (grown == NULL) { PyErr_NoMemory(); return -1; }
+        c->pages = grown;
+        c->pages_cap = 2 * m;
+    }
+    int64_t *pg = c->pages, *todo = c->pages + m;
+    for (long long i = 0; i < m; i++) {
+        if (prog_at(prog, *k + 2 * i + 1, &x) < 0) return -1;
+        if (!(x >= -9.0e15 && x <= 9.0e15) || x != (double)(long long)x) return 2;
+        pg[i] = (long long)x;
+        if (pg[i] < 0 || pg[i] >= c->guest_pages) return 1;    /* outside the guest: the chain stops */
+    }
+    memcpy(todo, pg, sizeof(int64_t) * m);
+    qsort(todo, m, sizeof(int64_t), cmp_i64);
+    for (long long i = 1; i < m; i++)
+        if (todo[i] == todo[i - 1]) return 1;                   /* a page twice: the chain stops */
+    uint8_t *p2m_state = U8(c, E_STATE);
+    for (long long i = 0; i < m; i++)
+        if (p2m_state[pg[i]] != 0) return 2;                    /* not UNBACKED: the general path */
+    double start = *vt, done;
+    long long served;
+    int gated = start < c->fault_gate;                          /* (NaN: no gate) */
+    if (!gated) {
+        served = m;
+        done = start + c->each_us * (double)m;
+    } else {
+        double cum = 0.0;
+        served = 0;
+        while (served < m && (served == 0 || start + cum < c->fault_gate)) {
+            cum += c->each_us;
+            served++;
+        }
+        done = start + cum;
+    }
+    if (c->grant == Py_None || c->g_n < served) return 2;      /* room it might wait for: Python's */
+    /* FramePool.alloc_pages: frames off the grant's top for the first ``served`` pages in gpfn order */
+    memcpy(todo, pg, sizeof(int64_t) * served);
+    qsort(todo, served, sizeof(int64_t), cmp_i64);
+    int64_t *stack = I64(c, G_STACK);
+    for (long long i = 0; i < served; i++) {
+        int64_t f = stack[c->g_n - 1 - i];
+        if (f < 0 || f >= c->n_frames || U8(c, P_KIND)[f] != KIND_FREE) {
+            PyErr_Format(PyExc_RuntimeError, "serve_reads: frame %lld on guest %lld's grant is not a free frame "
+                         "of the pool", (long long)f, c->gid);
+            return -1;
+        }
+    }
+    int64_t *p2m_loc = I64(c, E_LOC);
+    uint8_t *p2m_pinned = U8(c, E_PINNED);
+    for (long long i = 0; i < served; i++) {
+        int64_t f = stack[c->g_n - 1 - i], g = todo[i];
+        U8(c, P_KIND)[f] = (uint8_t)c->guest_kind;
+        I32(c, P_OWNER)[f] = (int32_t)c->gid;
+        I64(c, P_INDEX)[f] = g;
+        U64(c, P_TOKEN)[f] = 0;
+        U8(c, P_ACCESSED)[f] = 1;
+        U8(c, P_PINNED)[f] = p2m_pinned[g];
+        p2m_state[g] = (uint8_t)c->frame_state;
+        p2m_loc[g] = f;
+    }
+    c->g_n -= served;       /* _took */
+    c->g_taken += served;
+    c->n_granted -= served;
+    I64(c, P_COUNTS)[KIND_FREE] -= served;
+    I64(c, P_COUNTS)[c->guest_kind] += served;
+    c->granted = 1;
+    c->e_calls++;
+    c->e_faults += served;
+    if (gated) {
+        c->e_later += m - served;
+        c->e_cut += served < m;
+    }
+    c->faults++;
+    for (long long i = 0; i < m; i++) {
+        PyObject *t = PyLong_FromUnsignedLongLong(i < served ? 0 : c->later_token);
+        if (t == NULL) return -1;
+        int ra = PyList_Append(toks, t);
+        Py_DECREF(t);
+        if (ra < 0) return -1;
+    }
+    if (append_d(times, start) < 0 || append_d(times, done) < 0) return -1;
+    if (served < m) {       /* pages left unbacked: the core goes another way from here */
+        *k = j + 2;
+        return 1;
+    }
+    if (done > *vt) *vt = done;
+    *k = j;
+    return 0;
+}
+
 static PyObject *mod_serve_reads(PyObject *self, PyObject *args) {
     Ctx c;
     memset(&c, 0, sizeof c);
@@ -646,10 +806,15 @@ static PyObject *mod_serve_reads(PyObject *self, PyObject *args) {
     Py_ssize_t k;
     double vt, gate;
     long long reads, limit;
-    if (!PyArg_ParseTuple(args, "OOOOO(dddd)OO!ndLLdO!O!", &c.vd, &c.pool, &c.grant, &c.lane, &c.device,
+    c.ept = Py_None;
+    if (!PyArg_ParseTuple(args, "OOOOO(dddd)OO!ndLLdO!O!|Op", &c.vd, &c.pool, &c.grant, &c.lane, &c.device,
                           &c.svc_seq, &c.svc_seek, &c.svc_last_seq, &c.svc_last_seek, &c.no_frames,
                           &PyList_Type, &prog, &k, &vt, &reads, &limit, &gate, &PyList_Type, &toks,
-                          &PyList_Type, &times)) return NULL;
+                          &PyList_Type, &times, &c.ept, &c.can_fault)) return NULL;
+    if (c.ept != Py_None && !PyTuple_Check(c.ept)) {
+        PyErr_SetString(PyExc_TypeError, "serve_reads: ept must be a tuple or None");
+        return NULL;
+    }
     Py_ssize_t n = PyList_GET_SIZE(prog);
     int status = NEED_PYTHON, any_read = 0;
     PyObject *result = NULL;
@@ -689,20 +854,23 @@ static PyObject *mod_serve_reads(PyObject *self, PyObject *args) {
             Py_DECREF(t);
             if (ra < 0 || append_d(times, vt) < 0 || append_d(times, done) < 0) goto done;
             if (done > vt) vt = done;
+        } else if (op == OP_EPT_PAGE && c.ept != Py_None) {
+            int r = ept_step(&c, prog, n, &k, &vt, gate, toks, times);
+            if (r < 0) goto done;
+            if (r == 1) { status = STOP; break; }
+            if (r == 2) break;
         } else {
-            break;                                             /* an EPT step: Python */
+            break;                                             /* an EPT step Python serves */
         }
     }
     if (ctx_store(&c, any_read) < 0) goto done;
-    result = Py_BuildValue("(ndLi)", k, vt, reads, status);
+    result = Py_BuildValue("(ndLiL)", k, vt, reads, status, c.faults);
 done:
     ctx_release(&c);
     return result;
 }
 
 /* --- a program's check ------------------------------------------------------------------------------------ */
-
-enum { OP_EPT = 4, OP_EPT_PAGE = 5 };
 
 /* check_program(chain: bytes, max_pairs) -> list of floats, or None.
  *
@@ -767,8 +935,9 @@ static PyMethodDef chain_functions[] = {
      "check_program(chain, max_pairs) -> list of floats, or None: a program hostd.readchain.check_program "
      "accepts, as its list (None: let the Python check decide)"},
     {"serve_reads", mod_serve_reads, METH_VARARGS,
-     "serve_reads(vd, pool, grant, lane, device, svc, no_frames, prog, k, vt, reads, limit, gate, toks, times) "
-     "-> (k, vt, reads, status): a read chain's clock steps and one-block reads from step k, compiled"},
+     "serve_reads(vd, pool, grant, lane, device, svc, no_frames, prog, k, vt, reads, limit, gate, toks, times"
+     "[, ept, can_fault]) -> (k, vt, reads, status, faults): a read chain's clock steps, one-block reads and "
+     "(with ept) EPT faults of first touches from step k, compiled"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -79,6 +79,7 @@ drops its own guest's clean cache clusters, then host-swaps.
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Awaitable, Callable, Coroutine
 
 import numpy as np
@@ -730,9 +731,13 @@ class HostMemory(Guests, Boundary, Releases, BitsAndPins, Readout):
 
         gate = self.chain_gate_us
         assert gate is not None
-        toks, times = run_chain(chain, vt_us, token0, done0, self.read_chain, gate, read, fault,
-                                chain_steps(vd, chain, self.read_chain, gate))
-        return toks, times, faults
+        fault_gate = self.fault_gate_us
+        # first touches of several pages served compiled, as ``_ept_fault_first`` serves them above
+        ept = (p2m, self.counters, g.counters, self.costs.ept_fault_us, math.nan if fault_gate is None else fault_gate,
+               _GUEST_KIND, _FRAME, LATER_TOKEN)
+        fast = chain_steps(vd, chain, self.read_chain, gate, ept, can_fault)
+        toks, times = run_chain(chain, vt_us, token0, done0, self.read_chain, gate, read, fault, fast)
+        return toks, times, faults + (fast.faults if fast is not None else 0)
 
     async def _vdisk_read_one_later(self, g: _Guest, one: int, start_us: float) -> tuple[np.ndarray, float]:
         vd = g.vdisk

@@ -25,6 +25,7 @@ from balloonlab.hostd.errors import HostOutOfMemory, InvariantViolation
 from balloonlab.hostd.hostcache import CacheConfig
 from balloonlab.hostd.memory import HostMemory
 from balloonlab.hostd.readchain import ADD, CHECK, EPT, EPT_PAGE, READ, WIN, check_program
+from balloonlab.proto.tokens import LATER_TOKEN
 from tests.test_host_one_page import memory_books
 
 GUESTS, PAGES, TICK_US = 3, 64, 1000.0
@@ -92,6 +93,9 @@ class World:
         out = memory_books(hm)
         pool = hm.pool
         out["pool.kinds"] = (pool._kind_frames.tolist(), pool._n_granted, pool._n_free)
+        out["counters"] = dataclasses.asdict(hm.counters)
+        out["guest counters"] = [dataclasses.asdict(hm._guest(g).counters) for g in range(GUESTS)]
+        out["p2m pinned"] = [hm.p2m(g).pinned.tolist() for g in range(GUESTS)]
         for g in range(GUESTS):
             vd = hm.vdisk(g)
             out[f"{g}.vdisk"] = (vd.cache_state.tolist(), vd.cache_loc.tolist(), vd.dirty.tolist(),
@@ -134,15 +138,16 @@ def _program(rng: np.random.Generator, blocks: int, deadline: float, faults: boo
 
 
 def _count_fast(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
-    seen = {"reads": 0, "handed_back": 0, "stopped": 0}
+    seen = {"reads": 0, "faults": 0, "handed_back": 0, "stopped": 0}
     real = chainsteps.serve_reads
 
     def counting(*args: Any) -> Any:
-        k, vt, reads, status = real(*args)
+        k, vt, reads, status, faults = real(*args)
         seen["reads"] += reads - args[10]
+        seen["faults"] += faults
         seen["stopped"] += status == 1
         seen["handed_back"] += status == 0 and k < len(args[7])
-        return k, vt, reads, status
+        return k, vt, reads, status, faults
 
     monkeypatch.setattr(chainsteps, "serve_reads", counting)
     return seen
@@ -177,9 +182,9 @@ async def test_compiled_chain_steps_leave_the_books_as_the_python_steps_do(
                                                int(rng.integers(1, 2**62))))
         elif r < 0.22:
             step = ("pin", (int(rng.integers(0, blocks - 8)), 8, bool(rng.random() < 0.5)))
-        elif r < 0.45:
+        elif r < 0.45:     # a batch's program served ahead: a cold tick's reads and first touches
             step = ("ahead", check_program(gid, np.array(
-                _program(rng, blocks, (tick + 1) * TICK_US, faults=False), "<f8").tobytes()))
+                _program(rng, blocks, (tick + 1) * TICK_US, faults=True), "<f8").tobytes()))
         else:
             prog = _program(rng, blocks, (tick + 1) * TICK_US, faults=True)
             step = ("chain", (int(rng.integers(0, blocks)), check_program(gid, np.array(prog, "<f8").tobytes())))
@@ -192,6 +197,7 @@ async def test_compiled_chain_steps_leave_the_books_as_the_python_steps_do(
     compiled.hm.check_invariant()
     # it was the compiled side that served them, and it handed steps back and stopped chains too
     assert fast["reads"] > 300 and fast["handed_back"] > 10 and fast["stopped"] > 10, fast
+    assert fast["faults"] > 8, fast     # first touches of several pages, served compiled
     c = compiled.hm.vdisk(0).counters
     assert c.cluster_loads > 20 and c.cache_hit_pages > 20 and c.dropped_clean_pages > 0, c
     assert (c.writeback_pages > 0) == (mode == "writeback"), c    # dirty clusters the drops passed over
@@ -229,3 +235,33 @@ def test_books_that_contradict_themselves_are_an_invariant_violation() -> None:
     assert fast is not None
     with pytest.raises(InvariantViolation, match="guest 0: .*block 2 .* outside the pool"):
         fast(2, 5.0, 0, [], [])
+
+
+@pytest.mark.parametrize("at", [0.5, 4.0, 7.0, 500.0])   # µs before the tick's end: cut after 1, 2 or 3 pages, or not
+async def test_first_touches_served_compiled_are_cut_and_pinned_as_in_python(
+        monkeypatch: pytest.MonkeyPatch, at: float) -> None:
+    """A fault of several fresh pages in a chain (3 µs a page here) near the tick's end: the pages past the gate
+    are answered LATER and counted as cut, the frames taken are pinned as the p2m says, and the chain stops
+    after a cut fault or goes on to the next one; both sides alike, the compiled one serving them."""
+    fast = _count_fast(monkeypatch)
+    worlds = World(True, 4, 96), World(False, 4, 96)
+    for w in worlds:
+        w.open_tick(0.0, [60, 60, 60])
+        w.hm.p2m(1).pinned[[3, 9, 40]] = True
+    prog = check_program(1, np.array([TICK_US, 0.5, EPT_PAGE, 9.0, EPT_PAGE, 2.0, EPT_PAGE, 40.0, EPT, 3.0,
+                                      WIN, 2.0, EPT_PAGE, 3.0, EPT_PAGE, 5.0, EPT, 2.0, READ, 7.0], "<f8").tobytes())
+    for w in worlds:
+        await w.step(monkeypatch, "ahead", 1, prog, TICK_US - at)
+    compiled, python = worlds
+    assert compiled.replies == python.replies
+    assert compiled.books() == python.books()
+    tokens, times = compiled.replies[0][1:]
+    cut = {0.5: 2, 4.0: 1, 7.0: 0, 500.0: 0}[at]     # pages left LATER by the first fault
+    assert tokens.count(int(LATER_TOKEN)) == cut
+    c = compiled.hm.counters
+    assert c.ept_faults_cut == (cut > 0) and c.ept_fault_later_pages == cut
+    assert fast["faults"] == (1 if cut or at < 10 else 2)
+    p2m, pool = compiled.hm.p2m(1), compiled.hm.pool
+    backed = [g for g in (9, 2, 40, 3, 5) if p2m.state[g] == 1]
+    assert backed and all(pool.pinned[p2m.loc[g]] == (g in (3, 9, 40)) for g in backed)
+    compiled.hm.check_invariant()
