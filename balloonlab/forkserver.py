@@ -185,7 +185,7 @@ def _run_child(req: dict[str, Any], server_pid: int, env: tuple[dict[str, str], 
     from balloonlab.guestd import __main__ as guest_main
     sys.argv = [guest_main.__file__, *args]
     try:
-        return _exit_code(guest_main.main(args))
+        return _exit_code(guest_main.main(args, teardown=False))   # (it exits right after: _run_child's caller)
     except SystemExit as exc:
         return _exit_code(exc.code)
     except KeyboardInterrupt:

@@ -324,3 +324,55 @@ print(json.dumps([got == want, sorted(diff[0]), sorted(diff[1]), json.loads(b.re
     same, gone, changed, reply = json.loads(out)
     assert same and gone == ["ONLY_THE_SERVER"] and changed == ["ADDED", "CHANGED"]
     assert reply == {"op": "spawn_failed", "id": 9, "error": "spawn request's 'env' is not a map"}
+
+
+def test_a_forked_guest_leaves_its_loop_standing_but_not_its_last_writes() -> None:
+    """``main(teardown=False)`` (a forked guest, which exits right after) does not take its event loop down,
+    but it returns only once its connection is closed: everything it wrote reached the peer."""
+    import asyncio
+    import socket
+    import threading
+
+    from balloonlab.guestd.__main__ import _run_and_leave
+
+    mine, peer = socket.socketpair()
+    got = bytearray()
+
+    def read_all() -> None:
+        while chunk := peer.recv(1 << 16):
+            got.extend(chunk)
+
+    reader = threading.Thread(target=read_all)
+
+    class Conn(asyncio.Protocol):
+        def __init__(self) -> None:
+            self.closed = asyncio.get_running_loop().create_future()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self.closed.set_result(None)
+
+        async def wait_closed(self) -> None:
+            await self.closed
+
+    class Agent:
+        conn: Any = None
+
+        async def run(self) -> int:
+            transport, self.conn = await asyncio.get_running_loop().create_unix_connection(Conn, sock=mine)
+            transport.write(b"x" * (4 << 20))     # far more than the socket takes at once: still buffered
+            transport.close()
+            reader.start()                         # the peer reads only now
+            return 7
+
+    agent = Agent()
+    try:
+        assert _run_and_leave(agent) == 7
+        reader.join(5)      # returns at the peer's EOF: only a closed socket, its writes all out, gives one
+        assert not reader.is_alive() and len(got) == 4 << 20
+        loop = asyncio.get_event_loop_policy().get_event_loop()
+        assert not loop.is_closed()                # left standing: the process exits next
+    finally:
+        peer.shutdown(socket.SHUT_RDWR)            # (a reader still blocked, had it not been closed)
+        reader.join(5)
+        peer.close()
+        asyncio.set_event_loop(None)
