@@ -573,23 +573,31 @@ static void end_batch(Core *c) {
     c->phase = PH_IDLE;
 }
 
-/* Go on from c->phase until the batch is done or Python must await something. */
-static PyObject *drive(Core *c) {
+static int set_op(int *o_op, long long *o_a, long long *o_b, int op, long long a, long long b) {
+    *o_op = op;
+    *o_a = a;
+    *o_b = b;
+    return 0;
+}
+
+/* Go on from c->phase until the batch is done or Python must await something: that op in *o_op, *o_a, *o_b
+ * (0), or -1 with an exception set. */
+static int drive_op(Core *c, int *o_op, long long *o_a, long long *o_b) {
     for (;;) {
         switch (c->phase) {
         case PH_RUN: {
             int next = run_refs(c);
-            if (next < 0) { end_batch(c); return NULL; }
+            if (next < 0) { end_batch(c); return -1; }
             if (next == PH_IDLE) {
                 int64_t done = c->n;
                 end_batch(c);
-                return op_result(OP_DONE, done, 0);
+                return set_op(o_op, o_a, o_b, OP_DONE, done, 0);
             }
             c->phase = next;
             break;
         }
         case PH_BACKWIN:
-            if (gather_back_window(c) < 0) { end_batch(c); return NULL; }
+            if (gather_back_window(c) < 0) { end_batch(c); return -1; }
             c->back_cont = PH_RUN;
             c->phase = PH_BACK;
             break;
@@ -632,17 +640,17 @@ static PyObject *drive(Core *c) {
             break;
         case PH_ALLOC: {
             int64_t g = take_free(c);
-            if (g == -2) { end_batch(c); return NULL; }
+            if (g == -2) { end_batch(c); return -1; }
             if (g >= 0) {
                 c->f_g = g;
                 c->phase = PH_AFTER_ALLOC;
                 break;
             }
             int64_t v = select_victim(c);
-            if (v == -2) { end_batch(c); return NULL; }
+            if (v == -2) { end_batch(c); return -1; }
             if (v < 0) {
                 c->phase = PH_ALLOC;            /* Python runs the OOM hook (resume_oom) or raises */
-                return op_result(OP_NO_VICTIM, c->f_oom_tried, 0);
+                return set_op(o_op, o_a, o_b, OP_NO_VICTIM, c->f_oom_tried, 0);
             }
             c->resident[v] = 0;
             c->f_v = v;
@@ -667,7 +675,7 @@ static PyObject *drive(Core *c) {
                     if (c->swap_used[0] >= c->swap_slots) {
                         c->resident[g] = 1;     /* stays in memory; the run cannot go on without more swap */
                         c->phase = PH_ALLOC;
-                        return op_result(OP_SWAP_FULL, c->swap_slots, 0);
+                        return set_op(o_op, o_a, o_b, OP_SWAP_FULL, c->swap_slots, 0);
                     }
                     blk = c->swap_base + c->swap_used[0];
                     c->swap_used[0] += 1;
@@ -694,11 +702,11 @@ static PyObject *drive(Core *c) {
             c->f_blk = blk;
             if (!c->disk_local) {
                 c->phase = PH_EVICT_WROTE;
-                return op_result(OP_WRITE, blk, (long long)c->f_wtok);
+                return set_op(o_op, o_a, o_b, OP_WRITE, blk, (long long)c->f_wtok);
             }
             if (blk >= c->n_blocks) {
                 c->phase = PH_EVICT_WROTE;
-                return op_result(OP_BAD_BLOCK, blk, c->n_blocks);
+                return set_op(o_op, o_a, o_b, OP_BAD_BLOCK, blk, c->n_blocks);
             }
             c->disk_io[1] += 1;
             c->disk_io[3] += 1;
@@ -714,11 +722,11 @@ static PyObject *drive(Core *c) {
                 c->f_blk = blk;
                 if (!c->disk_local) {
                     c->phase = PH_READ_DONE;
-                    return op_result(OP_READ, blk, 0);
+                    return set_op(o_op, o_a, o_b, OP_READ, blk, 0);
                 }
                 if (blk < 0 || blk >= c->n_blocks) {
                     c->phase = PH_READ_DONE;
-                    return op_result(OP_BAD_BLOCK, blk, c->n_blocks);
+                    return set_op(o_op, o_a, o_b, OP_BAD_BLOCK, blk, c->n_blocks);
                 }
                 c->disk_io[0] += 1;
                 c->disk_io[2] += 1;
@@ -770,13 +778,13 @@ static PyObject *drive(Core *c) {
                 break;
             }
             c->phase = PH_COW_DONE;
-            return op_result(OP_COW, (long long)c->ept_gs[0], 0);
+            return set_op(o_op, o_a, o_b, OP_COW, (long long)c->ept_gs[0], 0);
         case PH_FINISH: {
             /* nothing waits from here on: the frame stays backed while we fill it */
             int64_t page = c->f_page, g = c->f_g;
             uint64_t tok = c->f_tok, exp = c->expect[page];
             if (tok != exp) {
-                if (report_lost(c, page, g, tok, exp, "fault") < 0) { end_batch(c); return NULL; }
+                if (report_lost(c, page, g, tok, exp, "fault") < 0) { end_batch(c); return -1; }
                 tok = exp;
             }
             c->kind[g] = c->f_is_file ? K_FILE : K_ANON;
@@ -789,7 +797,7 @@ static PyObject *drive(Core *c) {
             if (c->f_write) tok = bump_one(c, page);
             c->M[g] = (uint8_t)c->f_write;
             c->token[g] = tok;
-            if (policy_on_load(c, g, c->f_write, c->f_ref) < 0) { end_batch(c); return NULL; }
+            if (policy_on_load(c, g, c->f_write, c->f_ref) < 0) { end_batch(c); return -1; }
             c->ctr[C_REFS] += 1;
             c->vt[0] += c->mem_ref_us;
             c->i += 1;
@@ -811,16 +819,23 @@ static PyObject *drive(Core *c) {
             prepare_back(c);
             if (!c->hyp_local) {
                 c->phase = PH_BACK_DONE;
-                return op_result(OP_EPT, c->ept_n, 0);
+                return set_op(o_op, o_a, o_b, OP_EPT, c->ept_n, 0);
             }
-            if (finish_back(c, NULL, c->vt[0], 0) < 0) { end_batch(c); return NULL; }
+            if (finish_back(c, NULL, c->vt[0], 0) < 0) { end_batch(c); return -1; }
             c->phase = c->back_cont;
             break;
         default:
             PyErr_Format(PyExc_RuntimeError, "paging core: no batch to go on with (phase %d)", c->phase);
-            return NULL;
+            return -1;
         }
     }
+}
+
+static PyObject *drive(Core *c) {
+    int op;
+    long long a, b;
+    if (drive_op(c, &op, &a, &b) < 0) return NULL;
+    return op_result(op, a, b);
 }
 
 /* ------------------------------------------------------------------ Python methods */
@@ -1069,6 +1084,50 @@ static PyObject *Core_resume_read(Core *c, PyObject *args) {
     vt_max(c, done);
     c->f_tok = tok;
     return drive(c);
+}
+
+/* resume_read with this read's answer, then the answers given ahead for the reads that follow, while each
+ * read the batch comes to is the next one's (its block, at that answer's start, before the gate): the
+ * Python replay (GuestKernel._replayed) of a read chain's or a batch's answers ahead, without a return to
+ * Python per read. blocks, starts, dones, tokens: lists, the next answer first. Returns (op, a, b, used):
+ * the op the batch stopped at, as resume_read's, and how many of the answers it used. The caller books
+ * those (their stalls) in order; an answer not used is Python's to check again (and report). */
+static PyObject *Core_replay_reads(Core *c, PyObject *args) {
+    unsigned long long tok;
+    double done, gate;
+    PyObject *blocks, *starts, *dones, *tokens;
+    if (!PyArg_ParseTuple(args, "KdO!O!O!O!d", &tok, &done, &PyList_Type, &blocks, &PyList_Type, &starts,
+                          &PyList_Type, &dones, &PyList_Type, &tokens, &gate)) return NULL;
+    if (expect_phase(c, PH_READ_DONE, "replay_reads") < 0) return NULL;
+    Py_ssize_t n = PyList_GET_SIZE(blocks);
+    if (PyList_GET_SIZE(starts) != n || PyList_GET_SIZE(dones) != n || PyList_GET_SIZE(tokens) != n) {
+        PyErr_SetString(PyExc_ValueError, "paging core: replay_reads wants as many starts, dones and tokens "
+                        "as blocks");
+        return NULL;
+    }
+    vt_max(c, done);
+    c->f_tok = tok;
+    Py_ssize_t used = 0;
+    int op;
+    long long a, b;
+    for (;;) {
+        if (drive_op(c, &op, &a, &b) < 0) return NULL;
+        if (op != OP_READ || used >= n) break;
+        long long blk = PyLong_AsLongLong(PyList_GET_ITEM(blocks, used));
+        double start = PyFloat_AsDouble(PyList_GET_ITEM(starts, used));
+        double d = PyFloat_AsDouble(PyList_GET_ITEM(dones, used));
+        unsigned long long t = PyLong_AsUnsignedLongLong(PyList_GET_ITEM(tokens, used));
+        if (PyErr_Occurred()) {      /* a malformed answer: Python's replay checks it and says so */
+            PyErr_Clear();
+            break;
+        }
+        double vt = c->vt[0];
+        if (blk != a || vt != start || !(vt < gate)) break;
+        vt_max(c, d);
+        c->f_tok = t;
+        used++;
+    }
+    return Py_BuildValue("(iLLn)", op, a, b, used);
 }
 
 static PyObject *Core_resume_write(Core *c, PyObject *args) {
@@ -1465,6 +1524,9 @@ static PyMethodDef Core_methods[] = {
     {"resume_cow", (PyCFunction)Core_resume_cow, METH_VARARGS,
      "resume_cow(token, done_vt_us): the copy-on-write break of ept_gs[0] is done (token: what it holds)"},
     {"resume_read", (PyCFunction)Core_resume_read, METH_VARARGS, "resume_read(token, done_vt_us)"},
+    {"replay_reads", (PyCFunction)Core_replay_reads, METH_VARARGS,
+     "replay_reads(token, done_vt_us, blocks, starts, dones, tokens, gate_us) -> (op, a, b, used): resume_read, "
+     "then the answers given for the reads that follow while they match"},
     {"resume_write", (PyCFunction)Core_resume_write, METH_VARARGS, "resume_write(done_vt_us)"},
     {"resume_oom", (PyCFunction)Core_resume_oom, METH_NOARGS, "resume_oom(): the OOM hook ran, try again"},
     {"abort", (PyCFunction)Core_abort, METH_NOARGS, "abort(): drop the batch in progress"},

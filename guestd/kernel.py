@@ -496,7 +496,10 @@ class GuestKernel:
             while op != _OP_DONE:
                 if chained and op == _OP_READ:
                     start, done, toks = self._replayed(chained, int(a))
-                    op, a, b = core.resume_read(int(toks[0]), done)
+                    if chained and type(chained[-1][0]) is int:     # more reads answered: replayed compiled
+                        op, a, b = self._replay_reads(core, int(toks[0]), done, chained)
+                    else:
+                        op, a, b = core.resume_read(int(toks[0]), done)
                     continue
                 if chained and op != _OP_EPT:
                     raise self._diverged(chained, f"op {op}")
@@ -623,6 +626,32 @@ class GuestKernel:
         chained.pop()
         self.blockdev.link.took(start, done)
         return start, done, toks
+
+    def _replay_reads(self, core: Any, token: int, done: float, chained: list[_Answer]) -> tuple[int, int, int]:
+        """``resume_read`` with a read's answer, then the reads answered after it (the run of them at the end of
+        ``chained``) as ``_replayed`` would replay them, in one compiled call; the answers used are taken off
+        ``chained`` and their stalls booked in order. The core stops at the first read that is not the
+        next answer's: back here, ``_replayed`` finds it and says how it diverged."""
+        blocks: list[int] = []
+        starts: list[float] = []
+        dones: list[float] = []
+        tokens: list[int] = []
+        for i in range(len(chained) - 1, -1, -1):
+            want, start, d, toks = chained[i]
+            if type(want) is not int:
+                break
+            blocks.append(want)
+            starts.append(start)
+            dones.append(d)
+            tokens.append(int(toks[0]))
+        link = self.blockdev.link
+        gate = link.gate.gate_us if link.gate_requests else math.inf
+        op, a, b, used = core.replay_reads(token, done, blocks, starts, dones, tokens, float(gate))
+        took = link.took
+        for i in range(used):
+            chained.pop()
+            took(starts[i], dones[i])
+        return op, a, b
 
     def _replayed_ept(self, gs: np.ndarray, chained: list[_Answer]) -> tuple[Any, float]:
         """``_ept_fault`` answered ahead: the same books (every page fresh, as the chain's fault said)."""

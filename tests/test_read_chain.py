@@ -212,6 +212,31 @@ def test_a_batch_answered_ahead_changes_nothing_but_the_round_trips(policy: str,
     assert sent + saved == plain.blockdev.requests + (plain.hypervisor.calls if cold else 0)
 
 
+@pytest.mark.parametrize("ahead", [False, True], ids=["chains", "ahead"])
+def test_runs_of_read_answers_are_replayed_in_the_compiled_core(monkeypatch: pytest.MonkeyPatch,
+                                                               ahead: bool) -> None:
+    """The answers after a read's own, when they are reads too, are replayed by the core in one call
+    (``GuestKernel._replay_reads``); the books and stalls are those of one request at a time (the tests
+    above), and it is that call that replays most of them."""
+    used: list[int] = []
+    real = GuestKernel._replay_reads
+
+    def counting(self: Any, core: Any, token: int, done: float, chained: list[Any]) -> Any:
+        before = len(chained)
+        out = real(self, core, token, done, chained)
+        used.append(before - len(chained))
+        return out
+
+    monkeypatch.setattr(GuestKernel, "_replay_reads", counting)
+    plain, k = _kernel("clock", 200, 0), _kernel("clock", 200, 64)
+    asyncio.run(_drive(plain, 7, 60, 1000.0))
+    asyncio.run(_drive(k, 7, 60, 1000.0, ahead=ahead))
+    assert_same(snapshot(plain), snapshot(k), f"ahead={ahead}")
+    assert plain.blockdev.stalls == k.blockdev.stalls
+    replayed = k.blockdev.ahead + k.blockdev.chained
+    assert sum(used) > replayed // 2 and max(used) >= 5, (sum(used), replayed, max(used, default=0))
+
+
 def test_chains_stop_where_the_deadline_cuts_the_batch() -> None:
     """Ticks of 150 µs end inside chains: the host's checks stop them exactly where the core stops."""
     k = _kernel("clock", 288, 64)
@@ -284,18 +309,27 @@ def test_a_limit_of_one_chains_one_read_at_most() -> None:
     assert 0 < k.blockdev.chained <= k.blockdev.requests
 
 
-def test_an_answer_the_core_does_not_ask_for_stops_the_run() -> None:
-    """A host that answers a read the guest would not have sent: the guest says so and stops."""
+@pytest.mark.parametrize("late", ["each", "the third"])
+def test_an_answer_the_core_does_not_ask_for_stops_the_run(late: str) -> None:
+    """A host that answers a read the guest would not have sent: the guest says so and stops, whether the
+    answer is the first after the read's own (replayed in Python) or one the core replays in a run."""
     k = _kernel("clock", 288, 64)
     disk = k.blockdev
     real = disk.read_chain
+    lied = []
 
     async def lying(blk: int, vt_us: float, chain: bytes, n_reads: int) -> Any:
         tok, done, more = await real(blk, vt_us, chain, n_reads)
-        return tok, done, [(s + 1.0, d, t) for s, d, t in more]   # each chained read one µs late
+        if late == "each":
+            return tok, done, [(s + 1.0, d, t) for s, d, t in more]   # each chained read one µs late
+        if len(more) >= 3:
+            lied.append(len(more))
+            more = [(s + 1.0, d, t) if i == 2 else (s, d, t) for i, (s, d, t) in enumerate(more)]
+        return tok, done, more
     disk.read_chain = lying
     with pytest.raises(ReadChainDiverged, match="answered a read of block"):
         asyncio.run(_drive(k, 7, 20, 1000.0))
+    assert late == "each" or lied
 
 
 def test_a_run_that_ends_while_answers_are_on_their_way_stops_the_vcpu_as_a_request_would() -> None:
