@@ -465,7 +465,46 @@ done:
     return result;
 }
 
+/* plausible_stats(stats, max_keys, max_key_chars, max_value) -> a copy of stats, or None.
+ *
+ * hostd/session.py's sanitize_stats for the stats every TickDone brings (all plausible): a dict of at
+ * most max_keys str keys of at most max_key_chars characters, each value exactly an int or a float in
+ * [0, max_value] (not NaN); the copy in one pass. None for anything else (a refusal to word, an int
+ * beyond 64 bits): sanitize_stats's own checks then decide. */
+static PyObject *mod_plausible_stats(PyObject *self, PyObject *args) {
+    PyObject *stats;
+    Py_ssize_t max_keys, max_chars;
+    double max_value;
+    if (!PyArg_ParseTuple(args, "O!nnd", &PyDict_Type, &stats, &max_keys, &max_chars, &max_value)) return NULL;
+    Py_ssize_t n = PyDict_GET_SIZE(stats), pos = 0;
+    if (n < 1 || n > max_keys || !(max_value >= 0.0 && max_value < 9.0e18)) Py_RETURN_NONE;
+    /* an int against the bound exactly, as Python compares them (2**53 + 1 > 2.0**53) */
+    long long max_int = (long long)max_value;
+    PyObject *key, *value;
+    while (PyDict_Next(stats, &pos, &key, &value)) {
+        if (!PyUnicode_CheckExact(key) || PyUnicode_GET_LENGTH(key) > max_chars) Py_RETURN_NONE;
+        if (PyFloat_CheckExact(value)) {
+            double d = PyFloat_AS_DOUBLE(value);
+            if (!(d >= 0.0 && d <= max_value)) Py_RETURN_NONE;      /* (NaN fails both) */
+        } else if (PyLong_CheckExact(value)) {
+            int overflow;
+            long long x = PyLong_AsLongLongAndOverflow(value, &overflow);
+            if (overflow || (x == -1 && PyErr_Occurred())) {
+                PyErr_Clear();
+                Py_RETURN_NONE;
+            }
+            if (x < 0 || x > max_int) Py_RETURN_NONE;
+        } else {
+            Py_RETURN_NONE;
+        }
+    }
+    return PyDict_Copy(stats);
+}
+
 static PyMethodDef books_functions[] = {
+    {"plausible_stats", mod_plausible_stats, METH_VARARGS,
+     "plausible_stats(stats, max_keys, max_key_chars, max_value) -> a copy of stats when every key and value "
+     "is plausible (sanitize_stats's common case), else None"},
     {"sample_touched", mod_sample_touched, METH_VARARGS,
      "sample_touched(state uint8, sample int64, touched bool, skip_code) -> (kept, touched_kept): of the sampled "
      "gpfns not in state skip_code, how many, and how many of them were touched"},

@@ -24,6 +24,8 @@ from balloonlab.proto import events as ev
 from balloonlab.proto.messages import Message, MsgType, TickDone
 from balloonlab.proto.rpc import NotifyHandler, RequestHandler, RpcConnection, RpcLimits
 
+from ._books import plausible_stats
+
 __all__ = ["SessionState", "GuestSession", "GuestConnection", "sanitize_stats", "check_tick_done", "MAX_STAT_KEYS",
            "MAX_STAT_VALUE", "TICK_DONE_SLACK_US"]
 
@@ -183,8 +185,18 @@ def sanitize_stats(stats: dict[str, Any]) -> tuple[dict[str, float], list[str]]:
     or an astronomically large value from a hostile guest must not reach
     them. Values are counters and gauges: finite, >= 0, <= ``MAX_STAT_VALUE``.
     """
-    # Every TickDone of every guest comes through here: the common case (all plausible) in a few passes
-    # in C. A NaN makes the sum NaN (min and max may skip it); an infinity fails one of the bounds.
+    # Every TickDone of every guest comes through here: the common case (all plausible) in one compiled
+    # pass, else a few passes in C. A NaN makes the sum NaN (min and max may skip it); an infinity fails
+    # one of the bounds.
+    clean_copy = plausible_stats(stats, MAX_STAT_KEYS, MAX_STAT_KEY_CHARS, MAX_STAT_VALUE) \
+        if type(stats) is dict else None
+    if clean_copy is not None:
+        return clean_copy, []
+    return _sanitize_in_python(stats)
+
+
+def _sanitize_in_python(stats: dict[str, Any]) -> tuple[dict[str, float], list[str]]:
+    """``sanitize_stats`` in Python: the definition its compiled common case must agree with."""
     vals = stats.values()
     if (0 < len(stats) <= MAX_STAT_KEYS and set(map(type, vals)) <= _NUMBER_TYPES
             and max(map(len, stats)) <= MAX_STAT_KEY_CHARS):

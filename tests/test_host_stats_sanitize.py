@@ -66,3 +66,37 @@ def test_random_mixtures_match_the_rule_key_by_key() -> None:
         want, n_problems = _one_by_one(stats)
         assert clean == want and list(clean) == list(want)
         assert len(problems) == min(n_problems, 8)
+
+
+def test_the_compiled_common_case_agrees_with_the_python_check() -> None:
+    """Random stats maps, most plausible, some with one bad key or value of each kind (and ints past 64
+    bits, which only Python may judge): the compiled pass keeps exactly what the Python check keeps, as a
+    copy, and takes every plausible map itself."""
+    from balloonlab.hostd._books import plausible_stats
+    from balloonlab.hostd.session import MAX_STAT_KEY_CHARS, _sanitize_in_python
+
+    rng = np.random.default_rng(11)
+    bad_values: list = [-1, -0.5, math.nan, math.inf, MAX_STAT_VALUE * 2, 2**53 + 1, 2**70, True, "7", None, [1]]
+    taken = 0
+    for _ in range(3000):
+        n = int(rng.integers(0, 140))
+        stats: dict = {f"k{i}": (int(rng.integers(0, 2**53)) if rng.random() < 0.5 else float(rng.random() * 1e6))
+                       for i in range(n)}
+        if n and rng.random() < 0.5:
+            key = f"k{int(rng.integers(0, n))}"
+            if rng.random() < 0.8:
+                stats[key] = bad_values[int(rng.integers(0, len(bad_values)))]
+            else:
+                stats["x" * int(rng.integers(MAX_STAT_KEY_CHARS, MAX_STAT_KEY_CHARS + 2))] = 1
+        if rng.random() < 0.05:
+            stats["neg_zero"] = -0.0
+        fast = plausible_stats(stats, MAX_STAT_KEYS, MAX_STAT_KEY_CHARS, MAX_STAT_VALUE)
+        want = _sanitize_in_python(stats)
+        got = sanitize_stats(stats)
+        assert got == want and list(got[0]) == list(want[0])
+        if fast is not None:
+            taken += 1
+            assert want[1] == [] and fast == want[0] and fast is not stats
+        else:
+            assert want[1] or not stats or any(type(v) is int and v > 2**63 for v in stats.values())
+    assert taken > 1000
