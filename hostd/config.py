@@ -43,10 +43,15 @@ class RunConfig:
     disk: dict[str, Any] = field(default_factory=dict)
     locks: dict[str, Any] = field(default_factory=dict)
     monitors: dict[str, Any] = field(default_factory=dict)
+    # every Hello checks its id against these: made once, not a set of all guests per Hello (n^2 at a start)
+    _guest_ids: frozenset[int] = field(init=False, repr=False, compare=False, default=frozenset())
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_guest_ids", frozenset(g.guest_id for g in self.guests))
 
     @property
     def guest_ids(self) -> frozenset[int]:
-        return frozenset(g.guest_id for g in self.guests)
+        return self._guest_ids
 
     @classmethod
     def from_mapping(cls, raw: Mapping[str, Any]) -> "RunConfig":
