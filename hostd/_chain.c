@@ -187,8 +187,8 @@ typedef struct {
     int pooled;              /* a frame was taken or given back: the pool, grant, lane and device change */
     unsigned char *seen;     /* clusters met in one drop (calloc'd on the first drop) */
     /* EPT faults of first touches: the ept tuple, read at the first one (E_* buffers: the guest's p2m) */
-    PyObject *ept, *hc, *gc;
-    int ept_loaded, can_fault, guest_kind, frame_state, granted;
+    PyObject *ept, *hc, *gc, *can_fault_fn;
+    int ept_loaded, can_fault, guest_kind, frame_state, granted;   /* can_fault: -1 not asked yet */
     double each_us, fault_gate;
     unsigned long long later_token;
     long long guest_pages, e_calls, e_faults, e_cut, e_later, faults;
@@ -706,7 +706,15 @@ static int ept_step(Ctx *c, PyObject *prog, Py_ssize_t n, Py_ssize_t *k, double 
     if (j + 1 >= n || op != OP_EPT) return 2;           /* (a program check_program would refuse) */
     if (prog_at(prog, j + 1, &x) < 0) return -1;
     if (x != (double)m || m < 2) return 2;             /* one page: the general path */
-    if (*vt >= gate || !c->can_fault) return 1;
+    if (*vt >= gate) return 1;
+    if (c->can_fault < 0) {      /* asked at the first fault, as run_chain's fault step asks (nothing in a call changes it) */
+        PyObject *r = PyObject_CallNoArgs(c->can_fault_fn);
+        if (r == NULL) return -1;
+        c->can_fault = PyObject_IsTrue(r);
+        Py_DECREF(r);
+        if (c->can_fault < 0) return -1;
+    }
+    if (!c->can_fault) return 1;
     if (ept_load(c) < 0) return -1;
     if (c->pages_cap < 2 * m) {
         int64_t *grown = realloc(c->pages, sizeof(int64_t) * 2 * m);
@@ -807,12 +815,14 @@ static PyObject *mod_serve_reads(PyObject *self, PyObject *args) {
     double vt, gate;
     long long reads, limit;
     c.ept = Py_None;
-    if (!PyArg_ParseTuple(args, "OOOOO(dddd)OO!ndLLdO!O!|Op", &c.vd, &c.pool, &c.grant, &c.lane, &c.device,
+    c.can_fault_fn = Py_None;
+    c.can_fault = -1;
+    if (!PyArg_ParseTuple(args, "OOOOO(dddd)OO!ndLLdO!O!|OO", &c.vd, &c.pool, &c.grant, &c.lane, &c.device,
                           &c.svc_seq, &c.svc_seek, &c.svc_last_seq, &c.svc_last_seek, &c.no_frames,
                           &PyList_Type, &prog, &k, &vt, &reads, &limit, &gate, &PyList_Type, &toks,
-                          &PyList_Type, &times, &c.ept, &c.can_fault)) return NULL;
-    if (c.ept != Py_None && !PyTuple_Check(c.ept)) {
-        PyErr_SetString(PyExc_TypeError, "serve_reads: ept must be a tuple or None");
+                          &PyList_Type, &times, &c.ept, &c.can_fault_fn)) return NULL;
+    if (c.ept != Py_None && (!PyTuple_Check(c.ept) || !PyCallable_Check(c.can_fault_fn))) {
+        PyErr_SetString(PyExc_TypeError, "serve_reads: ept must be a tuple (with can_fault a callable) or None");
         return NULL;
     }
     Py_ssize_t n = PyList_GET_SIZE(prog);
@@ -937,7 +947,7 @@ static PyMethodDef chain_functions[] = {
     {"serve_reads", mod_serve_reads, METH_VARARGS,
      "serve_reads(vd, pool, grant, lane, device, svc, no_frames, prog, k, vt, reads, limit, gate, toks, times"
      "[, ept, can_fault]) -> (k, vt, reads, status, faults): a read chain's clock steps, one-block reads and "
-     "(with ept) EPT faults of first touches from step k, compiled"},
+     "(with ept) EPT faults of first touches from step k, compiled; can_fault() is asked at the first fault"},
     {NULL, NULL, 0, NULL},
 };
 

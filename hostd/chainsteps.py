@@ -50,8 +50,7 @@ class ChainSteps:
         try:
             k, vt, reads, status, faults = serve_reads(vd, pool, pool.grant_of(self.gid), self.lane, vd.device,
                                                        self.svc, _NO_FRAMES, self.prog, k, vt, reads, self.limit,
-                                                       self.gate_us, toks, times, ept,
-                                                       ept is not None and self.can_fault())
+                                                       self.gate_us, toks, times, ept, self.can_fault)
         except RuntimeError as exc:     # books that contradict themselves, as the Python steps would find them
             raise InvariantViolation(f"guest {self.gid}: {exc}") from None
         self.faults += faults
@@ -66,8 +65,9 @@ def chain_steps(vd: VirtualDisk, prog: list[float], limit: int, gate_us: float, 
                 can_fault: Callable[[], bool] = lambda: True) -> ChainSteps | None:
     """``run_chain``'s ``fast`` for ``prog`` over ``vd``; None where every step is Python's (an uncached
     disk). ``ept``: ``(p2m, host counters, guest counters, ept_fault_us, the fault gate or NaN, the guest
-    frame kind, the p2m's FRAME state, LATER_TOKEN)`` to serve first touches too (``can_fault()`` says
-    whether a fault may be served now); None leaves every EPT step to Python."""
+    frame kind, the p2m's FRAME state, LATER_TOKEN)`` to serve first touches too (``can_fault()``, asked
+    only when a fault is reached, as ``run_chain``'s fault step asks: whether one may be served now);
+    None leaves every EPT step to Python."""
     if vd.mode == "none":
         return None
     return ChainSteps(vd, prog, limit, gate_us, ept, can_fault)

@@ -265,3 +265,24 @@ async def test_first_touches_served_compiled_are_cut_and_pinned_as_in_python(
     backed = [g for g in (9, 2, 40, 3, 5) if p2m.state[g] == 1]
     assert backed and all(pool.pinned[p2m.loc[g]] == (g in (3, 9, 40)) for g in backed)
     compiled.hm.check_invariant()
+
+
+async def test_can_fault_is_asked_only_when_a_fault_is_reached(monkeypatch: pytest.MonkeyPatch) -> None:
+    """As ``run_chain``'s fault step: a program without faults never asks (a host without shootdowns passes
+    a ``can_fault`` that cannot answer), one with faults asks, and a no stops the chain before the fault."""
+    w = World(True, 4, 96)
+    w.open_tick(0.0, [60, 60, 60])
+    hm = w.hm
+    reads = check_program(0, np.array([TICK_US, 0.5, READ, 3.0, WIN, 2.0, READ, 4.0], "<f8").tobytes())
+
+    def cannot_say() -> bool:
+        raise AssertionError("asked without a fault to serve")
+
+    hm.vdisk_chain_ahead(0, 5.0, reads, cannot_say)
+    asked = []
+    faults = check_program(0, np.array([TICK_US, 0.5, READ, 9.0, EPT_PAGE, 7.0, EPT_PAGE, 8.0, EPT, 2.0,
+                                        READ, 10.0], "<f8").tobytes())
+    tokens, times = hm.vdisk_chain_ahead(0, 50.0, faults, lambda: asked.append(1) or False)
+    assert asked and len(tokens) == 1 and hm.p2m(0).state[7] == 0      # the read before the fault only
+    tokens, times = hm.vdisk_chain_ahead(0, 100.0, faults, lambda: True)
+    assert len(tokens) == 4 and hm.p2m(0).state[7] == 1                # the read, the fault's two, the read
