@@ -2083,7 +2083,105 @@ static PyObject *mod_page_range(PyObject *self, PyObject *args) {
     return ret;
 }
 
+/* ahead_answers(prog, tokens, times) -> list, or None.
+ *
+ * GuestKernel.answered_ahead's replay list in one pass: for the first m = len(times) // 2 requests of
+ * the read-chain program prog (a block for each READ, a tuple of the EPT_PAGEs before it for each EPT, as
+ * _asked gives them), (request, start, completion, its tokens as a list of ints), last first. tokens: the
+ * host's uint64 tokens, 1 per read and n per fault of n pages. None when the answers do not fit the
+ * program (an odd number of times, more requests answered than asked, the wrong number of tokens): the
+ * Python replay then says how. */
+static PyObject *mod_ahead_answers(PyObject *self, PyObject *args) {
+    Py_buffer pv, tv;
+    PyObject *times;
+    if (!PyArg_ParseTuple(args, "y*y*O!", &pv, &tv, &PyList_Type, &times)) return NULL;
+    PyObject *out = NULL, *item = NULL;
+    Py_ssize_t n_times = PyList_GET_SIZE(times), m = n_times / 2, n_tok = tv.len / 8;
+    Py_ssize_t n_vals = pv.len / 8, pairs = n_vals >= 2 ? (n_vals - 2) / 2 : 0;
+    const unsigned char *raw = pv.buf;
+    const unsigned char *traw = tv.buf;
+    /* the first m requests: where each is, and how many tokens it takes */
+    Py_ssize_t *at = NULL, *size = NULL, *first_page = NULL;
+    if ((n_times & 1) || (tv.len & 7) || pv.len % 8) goto fit;
+    at = PyMem_Malloc(sizeof(Py_ssize_t) * (m + 1));
+    size = PyMem_Malloc(sizeof(Py_ssize_t) * (m + 1));
+    first_page = PyMem_Malloc(sizeof(Py_ssize_t) * (m + 1));
+    if (at == NULL || size == NULL || first_page == NULL) { PyErr_NoMemory(); goto done; }
+    Py_ssize_t found = 0, pages_from = -1, n_pages = 0, want_tokens = 0;
+    for (Py_ssize_t i = 0; i < pairs && found < m; i++) {
+        double op;
+        memcpy(&op, raw + 8 * (2 + 2 * i), 8);
+        if (op == RC_READ) {
+            at[found] = i; size[found] = 1; first_page[found] = -1; found++;
+            want_tokens += 1;
+        } else if (op == RC_EPT_PAGE) {
+            if (!n_pages) pages_from = i;
+            n_pages++;
+        } else if (op == RC_EPT) {
+            at[found] = i; size[found] = n_pages; first_page[found] = n_pages ? pages_from : -1; found++;
+            want_tokens += n_pages;
+            n_pages = 0;
+        }
+    }
+    if (found < m || want_tokens != n_tok) goto fit;
+    out = PyList_New(m);
+    if (out == NULL) goto done;
+    Py_ssize_t tk = 0;
+    for (Py_ssize_t r = 0; r < m; r++) {
+        double x;
+        PyObject *want;
+        if (first_page[r] < 0 && size[r] == 1) {          /* a read: its block */
+            memcpy(&x, raw + 8 * (2 + 2 * at[r] + 1), 8);
+            want = PyLong_FromDouble(x);
+        } else {                                         /* a fault: its gpfns, the EPT_PAGEs before it */
+            want = PyTuple_New(size[r]);
+            Py_ssize_t got = 0;
+            for (Py_ssize_t i = first_page[r]; want != NULL && got < size[r]; i++) {
+                double op;
+                memcpy(&op, raw + 8 * (2 + 2 * i), 8);
+                if (op != RC_EPT_PAGE) continue;        /* (a READ among them belongs to the READ) */
+                memcpy(&x, raw + 8 * (2 + 2 * i + 1), 8);
+                PyObject *g = PyLong_FromDouble(x);
+                if (g == NULL) { Py_CLEAR(want); break; }
+                PyTuple_SET_ITEM(want, got++, g);
+            }
+        }
+        if (want == NULL) goto done;
+        PyObject *toks = PyList_New(size[r]);
+        if (toks == NULL) { Py_DECREF(want); goto done; }
+        for (Py_ssize_t j = 0; j < size[r]; j++, tk++) {
+            uint64_t t;
+            memcpy(&t, traw + 8 * tk, 8);
+            PyObject *o = PyLong_FromUnsignedLongLong(t);
+            if (o == NULL) { Py_DECREF(want); Py_DECREF(toks); goto done; }
+            PyList_SET_ITEM(toks, j, o);
+        }
+        PyObject *start = PyList_GET_ITEM(times, 2 * r), *done_t = PyList_GET_ITEM(times, 2 * r + 1);
+        item = PyTuple_Pack(4, want, start, done_t, toks);
+        Py_DECREF(want);
+        Py_DECREF(toks);
+        if (item == NULL) goto done;
+        PyList_SET_ITEM(out, m - 1 - r, item);          /* last first */
+        item = NULL;
+    }
+    goto done;
+fit:
+    out = Py_None;
+    Py_INCREF(out);
+done:
+    if (PyErr_Occurred()) Py_CLEAR(out);
+    PyMem_Free(at);
+    PyMem_Free(size);
+    PyMem_Free(first_page);
+    PyBuffer_Release(&pv);
+    PyBuffer_Release(&tv);
+    return out;
+}
+
 static PyMethodDef paging_functions[] = {
+    {"ahead_answers", mod_ahead_answers, METH_VARARGS,
+     "ahead_answers(prog, tokens uint64, times) -> [(request, start, done, tokens), ...] last first, or None: "
+     "GuestKernel.answered_ahead's replay list"},
     {"take_ad_bits", mod_take_ad_bits, METH_VARARGS,
      "take_ad_bits(accessed, dirty) -> (bytes, bytes): np.packbits of each, then both cleared"},
     {"page_range", mod_page_range, METH_VARARGS,

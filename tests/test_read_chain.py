@@ -237,6 +237,54 @@ def test_runs_of_read_answers_are_replayed_in_the_compiled_core(monkeypatch: pyt
     assert sum(used) > replayed // 2 and max(used) >= 5, (sum(used), replayed, max(used, default=0))
 
 
+def test_the_compiled_answer_list_is_the_python_one() -> None:
+    """``answered_ahead``'s replay list built compiled (``_paging.ahead_answers``) from random programs --
+    reads, faults of 0 to 3 pages, pages with a read among them, clock steps -- and as many answers as
+    there are requests or fewer, or answers that do not fit (which the Python replay refuses): the same
+    list, or the same refusal."""
+    from balloonlab.guestd import _paging
+    rng = np.random.default_rng(5)
+    k = SimpleNamespace(_ahead=None)
+    compiled = 0
+    for _ in range(3000):
+        prog: list[float] = [1e4, 0.5]
+        for _ in range(int(rng.integers(0, 40))):
+            r = rng.random()
+            if r < 0.4:
+                prog += [float(rng.choice([WIN, CHECK, ADD])), float(rng.integers(0, 9))]
+            elif r < 0.7:
+                prog += [READ, float(rng.integers(0, 4000))]
+            else:
+                n = int(rng.integers(0, 4))
+                for j in range(n):
+                    prog += [EPT_PAGE, float(rng.integers(0, 4000))]
+                    if rng.random() < 0.1:
+                        prog += [READ, float(rng.integers(0, 4000))]
+                prog += [EPT, float(n)]
+        data = np.array(prog, "<f8").tobytes()
+        asked = [q for q in _python_asked(data)]
+        m = int(rng.integers(0, len(asked) + 1)) + (1 if rng.random() < 0.05 else 0)
+        n_tok = sum(len(q) if type(q) is tuple else 1 for q in asked[:m]) + (1 if rng.random() < 0.05 else 0)
+        tokens = rng.integers(0, 2**63, n_tok, dtype=np.uint64)
+        times = rng.random(2 * m + (1 if rng.random() < 0.03 else 0)).tolist()
+        results = []
+        # contiguous: the compiled list; a strided view of the same tokens: the Python one
+        for toks in (tokens, np.repeat(tokens, 2)[::2]):
+            k._ahead = None
+            try:
+                results.append((GuestKernel.answered_ahead(k, data, toks, times), k._ahead))
+            except ReadChainDiverged as exc:
+                results.append(("refused", str(exc)))
+        assert results[0] == results[1]
+        compiled += _paging.ahead_answers(data, tokens, times) is not None
+    assert compiled > 1500
+
+
+def _python_asked(prog: bytes) -> list[Any]:
+    from balloonlab.guestd.kernel import _asked
+    return _asked(prog)
+
+
 def test_chains_stop_where_the_deadline_cuts_the_batch() -> None:
     """Ticks of 150 µs end inside chains: the host's checks stop them exactly where the core stops."""
     k = _kernel("clock", 288, 64)
