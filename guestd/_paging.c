@@ -1130,6 +1130,29 @@ static PyObject *Core_replay_reads(Core *c, PyObject *args) {
     return Py_BuildValue("(iLLn)", op, a, b, used);
 }
 
+/* How many of the first n gpfns of the EPT fault the core handed back hold no page (GuestKernel._fresh):
+ * a replayed fault's check that every page is fresh, as the host's answer ahead said. */
+static PyObject *Core_count_fresh(Core *c, PyObject *args) {
+    Py_ssize_t n;
+    if (!PyArg_ParseTuple(args, "n", &n)) return NULL;
+    if (n < 0 || n > c->ept_n) {
+        PyErr_Format(PyExc_ValueError, "paging core: count_fresh of %zd gpfns, the fault has %lld", n,
+                     (long long)c->ept_n);
+        return NULL;
+    }
+    Py_ssize_t fresh = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        uint64_t g = c->ept_gs[i];
+        if (g >= (uint64_t)c->n_frames) {
+            PyErr_Format(PyExc_IndexError, "paging core: gpfn %llu outside the guest's frames",
+                         (unsigned long long)g);
+            return NULL;
+        }
+        fresh += c->vpage[g] < 0 && c->kind[g] == K_FREE;
+    }
+    return PyLong_FromSsize_t(fresh);
+}
+
 static PyObject *Core_resume_write(Core *c, PyObject *args) {
     double done;
     if (!PyArg_ParseTuple(args, "d", &done)) return NULL;
@@ -1524,6 +1547,8 @@ static PyMethodDef Core_methods[] = {
     {"resume_cow", (PyCFunction)Core_resume_cow, METH_VARARGS,
      "resume_cow(token, done_vt_us): the copy-on-write break of ept_gs[0] is done (token: what it holds)"},
     {"resume_read", (PyCFunction)Core_resume_read, METH_VARARGS, "resume_read(token, done_vt_us)"},
+    {"count_fresh", (PyCFunction)Core_count_fresh, METH_VARARGS,
+     "count_fresh(n) -> how many of the fault's first n gpfns hold no page (free, not soft-reclaimed)"},
     {"replay_reads", (PyCFunction)Core_replay_reads, METH_VARARGS,
      "replay_reads(token, done_vt_us, blocks, starts, dones, tokens, gate_us) -> (op, a, b, used): resume_read, "
      "then the answers given for the reads that follow while they match"},

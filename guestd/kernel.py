@@ -506,7 +506,10 @@ class GuestKernel:
                 if op == _OP_EPT:
                     gs = self._ept_gs[:a].copy()
                     if chained:
-                        tokens, done = self._replayed_ept(gs, chained)
+                        tokens, done = self._replayed_ept(gs, chained, core)
+                        if KEEP_TOKEN not in tokens:    # (a first touch's answers: zeros, LATER past the gate)
+                            op, a, b = core.resume_ept(np.array(tokens, np.uint64), float(done))
+                            continue
                     else:
                         tokens, done = await self._ept_fault(gs)
                     tokens = np.ascontiguousarray(tokens, np.uint64)     # the core only reads them
@@ -659,13 +662,19 @@ class GuestKernel:
             took(starts[i], dones[i])
         return op, a, b
 
-    def _replayed_ept(self, gs: np.ndarray, chained: list[_Answer]) -> tuple[Any, float]:
-        """``_ept_fault`` answered ahead: the same books (every page fresh, as the chain's fault said)."""
-        g = gs.astype(np.int64)
-        n_fresh = int(np.count_nonzero(self._fresh(g))) if self._hyp_fresh else -1
-        if n_fresh != g.size:
-            raise self._diverged(chained, f"an EPT fault of {g.size} pages, {n_fresh} of them fresh")
-        _, done, toks = self._replayed(chained, tuple(g.tolist()))
+    def _replayed_ept(self, gs: np.ndarray, chained: list[_Answer], core: Any = None) -> tuple[Any, float]:
+        """``_ept_fault`` answered ahead: the same books (every page fresh, as the chain's fault said).
+        ``core``: the compiled core that handed the fault back, which counts its fresh pages itself."""
+        n = int(gs.size)
+        if not self._hyp_fresh:
+            n_fresh = -1
+        elif core is not None:
+            n_fresh = core.count_fresh(n)
+        else:
+            n_fresh = int(np.count_nonzero(self._fresh(gs)))
+        if n_fresh != n:
+            raise self._diverged(chained, f"an EPT fault of {n} pages, {n_fresh} of them fresh")
+        _, done, toks = self._replayed(chained, tuple(gs.tolist()))
         self.counters.ept_fresh_pages += n_fresh
         return toks, done
 

@@ -280,6 +280,32 @@ def test_the_compiled_answer_list_is_the_python_one() -> None:
     assert compiled > 1500
 
 
+def test_the_core_counts_a_faults_fresh_frames_as_the_kernel_does() -> None:
+    """``Core.count_fresh`` (a replayed fault's check) against ``GuestKernel._fresh`` over frames of every
+    kind: free, holding a page, the kernel's and the balloon's."""
+    k = _kernel("clock", 200, 64, cold=True)
+    asyncio.run(_drive(k, 7, 10, 1000.0))
+    asyncio.run(k.balloon_alloc(5))
+    core, fr = k._core, k.frames
+    kinds = {int(x) for x in fr.kind}
+    assert len(kinds) >= 4, kinds     # free, anon, file, the kernel's and the balloon's
+    most = next(n for n in range(1, 64) if _refuses(core, n + 1))      # the last fault's size
+    rng = np.random.default_rng(2)
+    for _ in range(200):
+        n = int(rng.integers(1, most + 1))
+        k._ept_gs[:n] = rng.integers(0, fr.n, n).astype(np.uint64)
+        fresh = int(np.count_nonzero(k._fresh(k._ept_gs[:n])))
+        assert core.count_fresh(n) == fresh
+
+
+def _refuses(core: Any, n: int) -> bool:
+    try:
+        core.count_fresh(n)
+    except ValueError:
+        return True
+    return False
+
+
 def _python_asked(prog: bytes) -> list[Any]:
     from balloonlab.guestd.kernel import _asked
     return _asked(prog)
