@@ -121,6 +121,7 @@ class Host:
         self._barrier: set[int] = set()
         self._ahead_owed: list[int] = []      # guests of this tick owed TickStart + TickAhead (_answer_ahead)
         self._tick_start_msg: TickStart | None = None
+        self._tick_start_frame: bytes | None = None
         self._barrier_done: asyncio.Future | None = None
         self._all_connected: asyncio.Event | None = None
         self._stop_reason: str | None = None
@@ -317,7 +318,7 @@ class Host:
                 self.ahead_declined += 1
             try:
                 # its TickStart held back until now: one write, one wake-up, while the next guest is served
-                s.conn.notify_together(start, TickAhead(tick, tokens, times))
+                s.conn.notify_framed(start, self._start_frame(s.conn), TickAhead(tick, tokens, times))
             except PeerClosed:
                 self._barrier.discard(gid)
 
@@ -326,6 +327,7 @@ class Host:
         self._barrier = {gid for gid, s in self.sessions.items() if not s.unresponsive}
         self._barrier_done = loop.create_future()
         msg = self._tick_start_msg = TickStart(tick, float(vt_us), self.cfg.tick_us)
+        self._tick_start_frame = None   # the same TickStart to every guest: framed once (``_start_frame``)
         # An unresponsive guest gets no ticks: a stopped one would find a
         # backlog of stale ticks when it wakes. It rejoins by answering.
         # A guest owed a TickAhead gets its TickStart with it (``_answer_ahead``).
@@ -336,9 +338,17 @@ class Host:
                 self._ahead_owed.append(gid)
                 continue
             try:
-                s.conn.notify(msg)
+                s.conn.notify_framed(msg, self._start_frame(s.conn))
             except PeerClosed:
                 self._barrier.discard(gid)
+
+    def _start_frame(self, conn: RpcConnection) -> bytes:
+        """This tick's ``TickStart`` as a frame, made by the first connection it goes to."""
+        frame = self._tick_start_frame
+        if frame is None:
+            assert self._tick_start_msg is not None
+            frame = self._tick_start_frame = conn.notification_frame(self._tick_start_msg)
+        return frame
 
     async def _wait_tick(self, tick: int) -> None:
         self.pause.reached("tick_started", tick=tick)

@@ -123,6 +123,10 @@ class GuestConnection(RpcConnection):
         self.touches += sum(m.TYPE not in _UNTOUCHED for m in msgs)
         super().notify_together(*msgs)
 
+    def notify_framed(self, msg: Message, frame: bytes, *more: Message) -> None:
+        self.touches += (msg.TYPE not in _UNTOUCHED) + sum(m.TYPE not in _UNTOUCHED for m in more)
+        super().notify_framed(msg, frame, *more)
+
     async def call(self, msg: Message, timeout_s: float | None = None) -> Message:
         if msg.TYPE not in _UNTOUCHED:
             self.touches += 1

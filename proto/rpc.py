@@ -444,12 +444,25 @@ class RpcConnection(asyncio.Protocol):
         """Notifications in one write, in order: the peer wakes once for all of them."""
         if self.is_closing:
             raise PeerClosed(f"connection to {self.name} is closed")
-        frames = [self._encode([_NOTIFY, 0, _WIRE_TYPE[m.TYPE], m.to_body()]) for m in msgs]
+        self._send_frames([self._encode([_NOTIFY, 0, _WIRE_TYPE[m.TYPE], m.to_body()]) for m in msgs])
+
+    def notification_frame(self, msg: Message) -> bytes:
+        """``msg`` framed as ``notify`` sends it: one notification for many peers encoded once."""
+        return self._encode([_NOTIFY, 0, _WIRE_TYPE[msg.TYPE], msg.to_body()])
+
+    def notify_framed(self, msg: Message, frame: bytes, *more: Message) -> None:
+        """``notify_together(msg, *more)`` with ``msg``'s frame made already (``notification_frame``, by a
+        connection with the same frame limit)."""
+        if self.is_closing:
+            raise PeerClosed(f"connection to {self.name} is closed")
+        self._send_frames([frame, *(self._encode([_NOTIFY, 0, _WIRE_TYPE[m.TYPE], m.to_body()]) for m in more)])
+
+    def _send_frames(self, frames: list[bytes]) -> None:
         if self._corked is not None:
             self._corked.extend(frames)
             self._corked_bytes += sum(len(f) for f in frames)
         else:
-            self._send(b"".join(frames))
+            self._send(frames[0] if len(frames) == 1 else b"".join(frames))
 
     async def _drain_or(self, fut: asyncio.Future) -> None:
         """Wait for room in the send buffer, or until ``fut`` is done (answered, timed out, closed)."""

@@ -577,6 +577,28 @@ async def test_notifications_arrive_in_order_without_reply(address: Address) -> 
         assert p.server.errors_received == 0 and p.client.errors_sent == 0
 
 
+async def test_a_notification_framed_once_arrives_as_one_sent_each_time(address: Address) -> None:
+    """The host frames a tick's TickStart once for every guest (``notification_frame``) and sends it alone or
+    ahead of others in one write (``notify_framed``): the peer gets exactly what ``notify`` and
+    ``notify_together`` would have sent."""
+    got: list[Any] = []
+    done = asyncio.Event()
+
+    async def on_run_end(msg: RunEnd) -> None:
+        got.append(msg)
+        done.set()
+
+    async with rpc_pair(address, client={"notifications": {MsgType.TICK_START: got.append,
+                                                           MsgType.RUN_END: on_run_end}}) as p:
+        start = TickStart(3, 30_000.0, 10_000)
+        frame = p.server.notification_frame(start)
+        p.server.notify_framed(start, frame)
+        p.server.notify_framed(start, frame, TickStart(4, 40_000.0, 10_000), RunEnd("completed", 5))
+        await asyncio.wait_for(done.wait(), 5)
+        assert got == [start, start, TickStart(4, 40_000.0, 10_000), RunEnd("completed", 5)]
+        assert p.server.errors_received == 0 and p.client.errors_sent == 0
+
+
 async def test_bad_or_unserved_notification_gets_error_with_id_0(address: Address) -> None:
     async with raw_peer(address, notifications={MsgType.TICK_DONE: lambda m: None}) as (peer, _):
         peer.send([NOTIFY, 0, int(MsgType.TICK_DONE), {"tick": -1}])
