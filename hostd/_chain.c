@@ -57,6 +57,8 @@ static PyObject *heappush, *heappop, *heapreplace;
 #define N_NAMES 256
 static struct { const char *key; PyObject *name; } names[N_NAMES];
 
+/* The interned name (a borrowed reference), or NULL: an error set, or none when the table is full (there
+ * are far fewer names than slots; the caller then looks the name up as PyObject_GetAttrString does). */
 static PyObject *name_of(const char *s) {
     size_t i = ((uintptr_t)s >> 3) % N_NAMES;
     for (size_t probes = 0; probes < N_NAMES; probes++, i = (i + 1) % N_NAMES) {
@@ -69,17 +71,21 @@ static PyObject *name_of(const char *s) {
             return o;
         }
     }
-    return PyUnicode_FromString(s);   /* never: there are far fewer names than slots (a new reference, leaked) */
+    return NULL;
 }
 
 static PyObject *get_attr(PyObject *obj, const char *s) {
     PyObject *name = name_of(s);
-    return name == NULL ? NULL : PyObject_GetAttr(obj, name);
+    if (name == NULL)
+        return PyErr_Occurred() ? NULL : PyObject_GetAttrString(obj, s);
+    return PyObject_GetAttr(obj, name);
 }
 
 static int set_attr(PyObject *obj, const char *s, PyObject *v) {
     PyObject *name = name_of(s);
-    return name == NULL ? -1 : PyObject_SetAttr(obj, name, v);
+    if (name == NULL)
+        return PyErr_Occurred() ? -1 : PyObject_SetAttrString(obj, s, v);
+    return PyObject_SetAttr(obj, name, v);
 }
 
 static int get_ll(PyObject *obj, const char *name, long long *out) {
