@@ -662,16 +662,11 @@ class GuestKernel:
             took(starts[i], dones[i])
         return op, a, b
 
-    def _replayed_ept(self, gs: np.ndarray, chained: list[_Answer], core: Any = None) -> tuple[Any, float]:
+    def _replayed_ept(self, gs: np.ndarray, chained: list[_Answer], core: Any) -> tuple[Any, float]:
         """``_ept_fault`` answered ahead: the same books (every page fresh, as the chain's fault said).
         ``core``: the compiled core that handed the fault back, which counts its fresh pages itself."""
         n = int(gs.size)
-        if not self._hyp_fresh:
-            n_fresh = -1
-        elif core is not None:
-            n_fresh = core.count_fresh(n)
-        else:
-            n_fresh = int(np.count_nonzero(self._fresh(gs)))
+        n_fresh = core.count_fresh(n) if self._hyp_fresh else -1
         if n_fresh != n:
             raise self._diverged(chained, f"an EPT fault of {n} pages, {n_fresh} of them fresh")
         _, done, toks = self._replayed(chained, tuple(gs.tolist()))

@@ -444,7 +444,7 @@ class RpcConnection(asyncio.Protocol):
         """Notifications in one write, in order: the peer wakes once for all of them."""
         if self.is_closing:
             raise PeerClosed(f"connection to {self.name} is closed")
-        self._send_frames([self._encode([_NOTIFY, 0, _WIRE_TYPE[m.TYPE], m.to_body()]) for m in msgs])
+        self._send_frames([self.notification_frame(m) for m in msgs])
 
     def notification_frame(self, msg: Message) -> bytes:
         """``msg`` framed as ``notify`` sends it: one notification for many peers encoded once."""
@@ -455,7 +455,7 @@ class RpcConnection(asyncio.Protocol):
         connection with the same frame limit)."""
         if self.is_closing:
             raise PeerClosed(f"connection to {self.name} is closed")
-        self._send_frames([frame, *(self._encode([_NOTIFY, 0, _WIRE_TYPE[m.TYPE], m.to_body()]) for m in more)])
+        self._send_frames([frame, *map(self.notification_frame, more)])
 
     def _send_frames(self, frames: list[bytes]) -> None:
         if self._corked is not None:
