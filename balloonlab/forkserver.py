@@ -356,6 +356,9 @@ def main(argv: list[str] | None = None) -> int:
     sock.set_inheritable(False)
     t0 = time.monotonic()
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")   # no BLAS thread pool: fork only a single thread
+    # What the imports and the rehearsal allocate stays (it is what the guests share): the collector's
+    # passes over it would find nothing, and everything is frozen below anyway.
+    gc.disable()
     _preload()
     rehearsed = _rehearse()
     threads = len(os.listdir("/proc/self/task"))
@@ -364,8 +367,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"forkserver: {threads} threads after the imports (a BLAS pool? set OPENBLAS_NUM_THREADS=1); "
               "forking would be unsafe", file=sys.stderr)
         return 1
-    gc.collect()
+    gc.collect()   # the rehearsal's cycles
     gc.freeze()
+    gc.enable()    # the guests collect as any process does
     try:
         _send(sock, {"op": "ready", "pid": os.getpid(), "preload_s": round(time.monotonic() - t0, 3),
                      "rehearsed": rehearsed})

@@ -21,6 +21,7 @@ The command line is a thin layer over the same two steps as the Python API
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import shutil
@@ -177,6 +178,10 @@ def host_main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str] | None = None, prog: str = "balloonlab-launch") -> int:
+    # The scenario's checks import numpy here too, and OpenBLAS would start a thread per core that the
+    # launcher never uses: ~60 ms of CPU (perf sched, 64 guests) while the host and the fork server import
+    # on the same two cores. Its children get the same from ``child_env``; a value the user set is kept.
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     args = parse_args(argv, prog)
     if args.schema:
         from .editorschema import editor_schema
@@ -189,12 +194,15 @@ def _main(argv: list[str] | None = None, prog: str = "balloonlab-launch") -> int
     early = None
     if (args.guest_start or default_guest_start()) == "fork" and args.external_guests != "all":
         early = start_early(child_env(), sys.executable, die_with_parent, args.run_dir)
-    # The scenario's checks import the host's modules, and with them structlog, which would import rich
-    # for console renderers the launcher never uses: ~30 ms of CPU (-X importtime) while the host and
-    # the fork server start on the same two cores (``balloonlab.proto.plainlog``).
-    from balloonlab.proto.plainlog import import_structlog
-    import_structlog()
+    # The scenario's checks import the host's modules, while the host and the fork server start on the
+    # same two cores: without the collector's passes over them (nothing they build is garbage, ~8 % of
+    # that CPU) and with structlog imported without rich, for console renderers the launcher never uses
+    # (~30 ms of CPU, -X importtime; ``balloonlab.proto.plainlog``).
+    gc_paused = gc.isenabled()
+    gc.disable()
     try:
+        from balloonlab.proto.plainlog import import_structlog
+        import_structlog()
         from balloonlab.overrides import normalize, parse_setting
         from balloonlab.scenario import Overrides
         settings = normalize([parse_setting(s) for s in args.settings]
@@ -203,6 +211,9 @@ def _main(argv: list[str] | None = None, prog: str = "balloonlab-launch") -> int
                                                           duration_s=args.duration, ticks=args.ticks,
                                                           variant=args.variant, settings=settings))
         _check_guest_ids(scenario, args.external_guests, args.expect_guests_lost)
+        if gc_paused:
+            gc_paused = False
+            gc.enable()
         outcome = launch(path, scenario, run_dir=args.run_dir, force=args.force, transport=args.transport,
                          address=args.address, external_guests=args.external_guests,
                          join_timeout_s=args.join_timeout, expect_guests_lost=args.expect_guests_lost,
@@ -214,6 +225,8 @@ def _main(argv: list[str] | None = None, prog: str = "balloonlab-launch") -> int
         say(f"{prog}: {exc}")
         return 2
     finally:
+        if gc_paused:
+            gc.enable()
         # A bad scenario or run directory: the run never adopted them.
         early_host.discard()
         if early is not None:
