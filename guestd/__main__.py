@@ -3,7 +3,8 @@
 The guest's credential (its own, ``proto.handshake.guest_token``: it opens
 only guest N's session) comes in ``BALLOONLAB_TOKEN``, or from
 ``--token-file`` (a file readable by its owner only, as the launcher writes
-them under ``RUN_DIR/credentials/``), never on the command line. Exit
+them for external guests under ``RUN_DIR/credentials/``), never on the
+command line. Exit
 status: 0 when the host ends the run, 3 when the host vanishes (or falls
 silent), 4 when it refuses us, 2 for bad arguments, 1 for a bug (with a
 traceback in the log).
@@ -91,7 +92,7 @@ def main(argv: list[str] | None = None, *, teardown: bool = True) -> int:
         token = os.environ.get("BALLOONLAB_TOKEN", "")
     if not token:
         print("guestd: no credential: set BALLOONLAB_TOKEN or pass --token-file (the launcher writes one per "
-              "guest under RUN_DIR/credentials/)", file=sys.stderr)
+              "external guest under RUN_DIR/credentials/)", file=sys.stderr)
         return 2
     from balloonlab.proto.plainlog import import_structlog
     import_structlog()

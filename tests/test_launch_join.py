@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shlex
 import stat
 import subprocess
@@ -50,16 +51,19 @@ def test_an_outside_guest_joins_with_its_own_credential(tmp_path: Path) -> None:
         join = wait_for_join(run, run_dir)
         cred_dir = run_dir / "credentials"
         mine = Path(join["guests"]["1"]["token_file"])
-        other = cred_dir / "guest-0.token"
         assert sorted(join["guests"]) == ["1"] and join["address"].startswith("unix:")
         assert stat.S_IMODE(os.stat(cred_dir).st_mode) == 0o700
-        for f in (mine, other):
-            assert stat.S_IMODE(os.stat(f).st_mode) == 0o600 and len(f.read_text().strip()) == 32
-        assert mine.read_text() != other.read_text()
+        assert stat.S_IMODE(os.stat(mine).st_mode) == 0o600 and len(mine.read_text().strip()) == 32
+        # The guest the launcher started has its credential in its environment only: no file of it.
+        assert sorted(p.name for p in cred_dir.iterdir()) == ["guest-1.token"]
+        other = tmp_path / "guessed.token"
+        other.write_text(secrets.token_hex(16) + "\n")
+        other.chmod(0o600)
         env = dict(os.environ, PYTHONPATH=str(REPO))
         env.pop("BALLOONLAB_TOKEN", None)
         argv = guest_argv(join["guests"]["1"]["command"])
-        # Guest 0's credential does not open guest 1's session.
+        # A credential that is not guest 1's does not open its session (another guest's valid one does not
+        # either: tests/test_proto_rpc.py).
         intruder = subprocess.run([*argv[:argv.index("--token-file") + 1], str(other)], cwd=run_dir, env=env,
                                   capture_output=True, text=True, timeout=60)
         assert intruder.returncode == 4 and "BAD_TOKEN" in intruder.stderr, intruder.stderr
