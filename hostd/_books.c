@@ -26,6 +26,7 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <math.h>
 #include <stdint.h>
 
 static int get_buf(PyObject *obj, Py_buffer *view, Py_ssize_t itemsize, int writable, const char *name) {
@@ -501,7 +502,74 @@ static PyObject *mod_plausible_stats(PyObject *self, PyObject *args) {
     return PyDict_Copy(stats);
 }
 
+/* stat_numbers(stats, keys, kinds) -> tuple: each key's value in stats as the history monitor reads it.
+ *
+ * kinds[i] is 'i' (an int: an int as it is, a float truncated by int(), a bool or anything else 0, a
+ * missing key 0), 'f' (a float: a finite int or float as float(), anything else or a missing key 0.0) or
+ * 'o' (as 'f', but None for a missing key). hostd/monitors/history.py's _int and _float are the
+ * definition, raising where they raise (int() of a NaN, an int too large for a float); one call per guest
+ * and tick instead of a Python call per key. */
+static PyObject *mod_stat_numbers(PyObject *self, PyObject *args) {
+    PyObject *stats, *keys;
+    const char *kinds;
+    Py_ssize_t n_kinds;
+    if (!PyArg_ParseTuple(args, "O!O!s#", &PyDict_Type, &stats, &PyTuple_Type, &keys, &kinds, &n_kinds))
+        return NULL;
+    Py_ssize_t n = PyTuple_GET_SIZE(keys);
+    if (n_kinds != n) {
+        PyErr_Format(PyExc_ValueError, "stat_numbers: %zd keys, %zd kinds", n, n_kinds);
+        return NULL;
+    }
+    PyObject *out = PyTuple_New(n);
+    if (out == NULL) return NULL;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *v = PyDict_GetItemWithError(stats, PyTuple_GET_ITEM(keys, i));   /* borrowed */
+        if (v == NULL && PyErr_Occurred()) goto fail;
+        PyObject *r;
+        char kind = kinds[i];
+        if (kind == 'i') {
+            if (v != NULL && PyLong_CheckExact(v)) {
+                Py_INCREF(v);
+                r = v;
+            } else if (v != NULL && !PyBool_Check(v) && (PyLong_Check(v) || PyFloat_Check(v))) {
+                r = PyNumber_Long(v);
+            } else {
+                r = PyLong_FromLong(0);
+            }
+        } else if (kind == 'f' || kind == 'o') {
+            if (v == NULL && kind == 'o') {
+                Py_INCREF(Py_None);
+                r = Py_None;
+            } else if (v != NULL && !PyBool_Check(v) && PyFloat_Check(v)) {
+                double d = PyFloat_AS_DOUBLE(v);
+                r = !isfinite(d) ? PyFloat_FromDouble(0.0) : PyFloat_CheckExact(v) ? (Py_INCREF(v), v)
+                                                                                  : PyNumber_Float(v);
+            } else if (v != NULL && !PyBool_Check(v) && PyLong_Check(v)) {
+                /* math.isfinite(v) converts it first: OverflowError for an int beyond a float */
+                double d = PyLong_CheckExact(v) ? PyLong_AsDouble(v) : PyFloat_AsDouble(v);
+                if (d == -1.0 && PyErr_Occurred()) goto fail;
+                r = !isfinite(d) ? PyFloat_FromDouble(0.0) : PyLong_CheckExact(v) ? PyFloat_FromDouble(d)
+                                                                                 : PyNumber_Float(v);
+            } else {
+                r = PyFloat_FromDouble(0.0);
+            }
+        } else {
+            PyErr_Format(PyExc_ValueError, "stat_numbers: kind %c is not one of i, f, o", kind);
+            goto fail;
+        }
+        if (r == NULL) goto fail;
+        PyTuple_SET_ITEM(out, i, r);
+    }
+    return out;
+fail:
+    Py_DECREF(out);
+    return NULL;
+}
+
 static PyMethodDef books_functions[] = {
+    {"stat_numbers", mod_stat_numbers, METH_VARARGS,
+     "stat_numbers(stats dict, keys tuple, kinds str) -> tuple: each key's value as an int ('i'), a float "
+     "('f') or a float or None when missing ('o'), by the history monitor's rules"},
     {"plausible_stats", mod_plausible_stats, METH_VARARGS,
      "plausible_stats(stats, max_keys, max_key_chars, max_value) -> a copy of stats when every key and value "
      "is plausible (sanitize_stats's common case), else None"},

@@ -118,6 +118,9 @@ class FramePool:
         self._kind_frames = np.zeros(len(FrameKind), np.int64)
         self._kind_frames[FrameKind.FREE] = n
         self._grants: dict[int, _Grant] | None = None   # None: no grants, one global free stack
+        # Closed lists, empty, kept for the next open: each tick opens one per guest, and a new one would
+        # grow its stack again to the grant's size (allocated and copied, per guest and tick).
+        self._spare_grants: dict[int, _Grant] = {}
         self._n_granted = 0
         # Scalar views of the arrays above for the one-frame paths (``alloc_one``, ``free_one``, the
         # one-page requests): an element of a memoryview is a plain int (or bool), 2-3x cheaper to get
@@ -145,12 +148,19 @@ class FramePool:
             raise InvariantViolation("grants are open already")
         self._grants = {}
         for gid in sorted(guest_ids):
-            self._grants[int(gid)] = _Grant()
+            self._grants[int(gid)] = self._new_grant(int(gid))
 
     def add_grant(self, guest_id: int) -> None:
         """An empty private list for a guest that joined while grants are open (no-op otherwise)."""
         if self._grants is not None and guest_id not in self._grants:
-            self._grants[int(guest_id)] = _Grant()
+            self._grants[int(guest_id)] = self._new_grant(int(guest_id))
+
+    def _new_grant(self, guest_id: int) -> _Grant:
+        g = self._spare_grants.pop(guest_id, None)
+        if g is None:
+            return _Grant()
+        g.taken = 0    # (n is 0: closed lists are emptied first)
+        return g
 
     def has_grant(self, guest_id: int) -> bool:
         return self._grants is not None and guest_id in self._grants
@@ -191,6 +201,7 @@ class FramePool:
         n = self.take_back(guest_id)
         if self._grants is not None:
             self._grants.pop(guest_id, None)
+        self._spare_grants.pop(guest_id, None)
         return n
 
     def close_grants(self) -> dict[int, int]:
@@ -205,6 +216,7 @@ class FramePool:
         for gid in sorted(self._grants):
             self.take_back(gid)
             taken[gid] = self._grants[gid].taken
+        self._spare_grants = self._grants
         self._grants = None
         return taken
 

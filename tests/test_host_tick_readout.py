@@ -90,3 +90,47 @@ def test_guest_rates_are_guest_rate_per_key_and_keep_the_last_rate_when_the_cloc
     assert one.guest_rate(3, "refs", 3) == 0.0
     first, last = many.ends(2, 3) or (None, None)
     assert first is not None and last is not None and (first.vt_us, last.vt_us) == (40_000.0, 70_000.0)
+
+
+def test_a_guests_stats_read_in_one_compiled_pass_as_the_python_rules_read_them() -> None:
+    """``stat_numbers`` (the history monitor's per-guest read) against ``_int`` and ``_float``, the definition:
+    the same values of the same types, and the same exceptions, on values no sanitised report holds."""
+    import math
+
+    import pytest
+
+    from balloonlab.hostd._books import stat_numbers
+    from balloonlab.hostd.monitors import history
+
+    class F(float):
+        pass
+
+    class I(int):
+        pass
+
+    values = [0, 1, 2**53, 2**70, 10**400, -3, 3.7, -2.5, 0.0, math.nan, math.inf, -math.inf, True, False, None,
+              "7", F(2.5), F(math.nan), I(9), 1e308]
+
+    def by_python(stats: dict, kind: str) -> object:
+        if kind == "i":
+            return history._int(stats, "k")
+        return history._float(stats, "k") if kind == "f" or "k" in stats else None
+
+    for value in values:
+        for kind in "ifo":
+            for stats in ({"k": value}, {}):
+                try:
+                    want = ("value", by_python(stats, kind))
+                except Exception as exc:  # noqa: BLE001 -- the exception is what is compared
+                    want = ("raised", type(exc))
+                if want[0] == "raised":
+                    with pytest.raises(want[1]):
+                        stat_numbers(stats, ("k",), kind)
+                    continue
+                got = stat_numbers(stats, ("k",), kind)[0]
+                assert type(got) is type(want[1]) and got == want[1], (value, kind, stats, got, want)
+    assert stat_numbers({"a": 3, "b": 2.5}, ("a", "b", "c", "c"), "ifio") == (3, 2.5, 0, None)
+    with pytest.raises(ValueError, match="kinds"):
+        stat_numbers({}, ("a",), "ii")
+    with pytest.raises(ValueError, match="kind"):
+        stat_numbers({}, ("a",), "x")

@@ -14,6 +14,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from .._books import stat_numbers
 from ..framepool import FrameKind
 from .base import MonitorBase, MonitorSpec, SummaryKeys, TickContext
 from .window import GuestSample, History, TickSample
@@ -32,6 +33,27 @@ def _float(stats: Mapping[str, Any], key: str) -> float:
     v = stats.get(key, 0.0)
     # math, not numpy: a numpy call on one number costs a microsecond, and this runs per guest and key each tick
     return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else 0.0
+
+
+# What a guest's sample reads from its stats, and how (``stat_numbers``: _int, _float, _float or None).
+_SAMPLE_KEYS = ("vt_us", "major_faults", "minor_faults", "refs", "pff", "working_set_pages", "kernel_pages",
+                "psi_some_us")
+_SAMPLE_KINDS = "fiiifiio"
+_SWAP_KEYS = ("swap_in", "swap_out")
+
+
+def _sample_numbers(stats: Mapping[str, Any]) -> tuple[Any, ...]:
+    if type(stats) is dict:
+        return stat_numbers(stats, _SAMPLE_KEYS, _SAMPLE_KINDS)
+    return (_float(stats, "vt_us"), _int(stats, "major_faults"), _int(stats, "minor_faults"), _int(stats, "refs"),
+            _float(stats, "pff"), _int(stats, "working_set_pages"), _int(stats, "kernel_pages"),
+            _float(stats, "psi_some_us") if "psi_some_us" in stats else None)
+
+
+def _swap_numbers(stats: Mapping[str, Any]) -> tuple[int, int]:
+    if type(stats) is dict:
+        return stat_numbers(stats, _SWAP_KEYS, "ii")
+    return _int(stats, "swap_in"), _int(stats, "swap_out")
 
 
 class HistoryMonitor(MonitorBase):
@@ -75,19 +97,18 @@ class HistoryMonitor(MonitorBase):
                 swap_in = int(vdisk.counters.swap_area_read_pages)
                 swap_pages = swap_in + int(vdisk.counters.swap_area_write_pages)
             else:
-                swap_in = _int(s, "swap_in")
-                swap_pages = swap_in + _int(s, "swap_out")
+                swap_in, swap_out = _swap_numbers(s)
+                swap_pages = swap_in + swap_out
             ram_pages = self.ram_pages.get(gid)
+            g_vt_us, major, minor, refs, pff, ws_pages, kernel_pages, psi_some_us = _sample_numbers(s)
             guests[gid] = GuestSample(
-                guest_id=gid, vt_us=_float(s, "vt_us") or float(vt_us), swap_pages=swap_pages, swap_in_pages=swap_in,
-                major_faults=_int(s, "major_faults"), faults=_int(s, "major_faults") + _int(s, "minor_faults"),
-                refs=_int(s, "refs"), pff=_float(s, "pff"),
+                guest_id=gid, vt_us=g_vt_us or float(vt_us), swap_pages=swap_pages, swap_in_pages=swap_in,
+                major_faults=major, faults=major + minor, refs=refs, pff=pff,
                 host_swap_out_pages=int(mem.guest_counters(gid).swap_out_pages),
                 target_pages=int(targets.get(gid, 0)), actual_pages=int(mem.balloon_pages(gid)),
-                working_set_pages=_int(s, "working_set_pages"),
+                working_set_pages=ws_pages,
                 ram_pages=ram_pages if ram_pages is not None else int(mem.p2m(gid).guest_pages),
-                kernel_pages=_int(s, "kernel_pages"),
-                psi_some_us=_float(s, "psi_some_us") if "psi_some_us" in s else None)
+                kernel_pages=kernel_pages, psi_some_us=psi_some_us)
         self.iobuf_pages_peak = max(self.iobuf_pages_peak, int(snap.get("iobuf_pages", 0)))
         self.window.push(TickSample(
             tick=tick.tick, vt_us=float(vt_us), total_frames=int(snap["total_frames"]),

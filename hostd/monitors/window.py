@@ -105,6 +105,11 @@ class History:
             return self._ends[key]
         except KeyError:
             pass
+        first, last = win[0].guests.get(guest_id), win[-1].guests.get(guest_id)
+        if first is not None and last is not None and len(win) > 1:   # in the whole window: every guest, mostly
+            out: tuple[GuestSample, GuestSample] | None = (first, last)
+            self._ends[key] = out
+            return out
         i = next((i for i, s in enumerate(win) if guest_id in s.guests), len(win))
         j = next((j for j in range(len(win) - 1, i, -1) if guest_id in win[j].guests), None)
         out = None if j is None else (win[i].guests[guest_id], win[j].guests[guest_id])
