@@ -130,6 +130,12 @@ def test_a_guests_stats_read_in_one_compiled_pass_as_the_python_rules_read_them(
                 got = stat_numbers(stats, ("k",), kind)[0]
                 assert type(got) is type(want[1]) and got == want[1], (value, kind, stats, got, want)
     assert stat_numbers({"a": 3, "b": 2.5}, ("a", "b", "c", "c"), "ifio") == (3, 2.5, 0, None)
+    # a report that is not a plain dict is read in Python, to the same values
+    from types import MappingProxyType
+    report = {"vt_us": 12.5, "major_faults": 3, "minor_faults": 4.0, "refs": True, "pff": "x", "kernel_pages": 7}
+    got = history._numbers(MappingProxyType(report), history._SAMPLE_KEYS, history._SAMPLE_KINDS)
+    assert got == history._numbers(report, history._SAMPLE_KEYS, history._SAMPLE_KINDS) == \
+        (12.5, 3, 4, 0, 0.0, 0, 7, None)
     with pytest.raises(ValueError, match="kinds"):
         stat_numbers({}, ("a",), "ii")
     with pytest.raises(ValueError, match="kind"):

@@ -35,25 +35,19 @@ def _float(stats: Mapping[str, Any], key: str) -> float:
     return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else 0.0
 
 
-# What a guest's sample reads from its stats, and how (``stat_numbers``: _int, _float, _float or None).
+# What a guest's sample reads from its stats, and how (``stat_numbers``: i _int, f _float, o _float or None).
 _SAMPLE_KEYS = ("vt_us", "major_faults", "minor_faults", "refs", "pff", "working_set_pages", "kernel_pages",
                 "psi_some_us")
 _SAMPLE_KINDS = "fiiifiio"
 _SWAP_KEYS = ("swap_in", "swap_out")
 
 
-def _sample_numbers(stats: Mapping[str, Any]) -> tuple[Any, ...]:
+def _numbers(stats: Mapping[str, Any], keys: tuple[str, ...], kinds: str) -> tuple[Any, ...]:
+    """``keys``' values read as ``kinds`` says: compiled for a dict (every sanitised report), else in Python."""
     if type(stats) is dict:
-        return stat_numbers(stats, _SAMPLE_KEYS, _SAMPLE_KINDS)
-    return (_float(stats, "vt_us"), _int(stats, "major_faults"), _int(stats, "minor_faults"), _int(stats, "refs"),
-            _float(stats, "pff"), _int(stats, "working_set_pages"), _int(stats, "kernel_pages"),
-            _float(stats, "psi_some_us") if "psi_some_us" in stats else None)
-
-
-def _swap_numbers(stats: Mapping[str, Any]) -> tuple[int, int]:
-    if type(stats) is dict:
-        return stat_numbers(stats, _SWAP_KEYS, "ii")
-    return _int(stats, "swap_in"), _int(stats, "swap_out")
+        return stat_numbers(stats, keys, kinds)
+    return tuple(_int(stats, k) if kind == "i" else _float(stats, k) if kind == "f" or k in stats else None
+                 for k, kind in zip(keys, kinds))
 
 
 class HistoryMonitor(MonitorBase):
@@ -97,10 +91,11 @@ class HistoryMonitor(MonitorBase):
                 swap_in = int(vdisk.counters.swap_area_read_pages)
                 swap_pages = swap_in + int(vdisk.counters.swap_area_write_pages)
             else:
-                swap_in, swap_out = _swap_numbers(s)
+                swap_in, swap_out = _numbers(s, _SWAP_KEYS, "ii")
                 swap_pages = swap_in + swap_out
             ram_pages = self.ram_pages.get(gid)
-            g_vt_us, major, minor, refs, pff, ws_pages, kernel_pages, psi_some_us = _sample_numbers(s)
+            g_vt_us, major, minor, refs, pff, ws_pages, kernel_pages, psi_some_us = \
+                _numbers(s, _SAMPLE_KEYS, _SAMPLE_KINDS)
             guests[gid] = GuestSample(
                 guest_id=gid, vt_us=g_vt_us or float(vt_us), swap_pages=swap_pages, swap_in_pages=swap_in,
                 major_faults=major, faults=major + minor, refs=refs, pff=pff,
