@@ -292,6 +292,7 @@ class GuestAgent:
 
     def _on_audit(self, msg: Audit) -> AuditReply:
         """The end-of-run audit: where our books say each page is (guestd.audit)."""
+        self.pause.reached("audit", first=msg.first)
         return audit_reply(self.state, msg.first, msg.count)
 
     def _lock_state(self) -> Any:

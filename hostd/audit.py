@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import numpy as np
 import structlog
@@ -268,11 +268,15 @@ class _CheckFailed:
 
 async def run_audit(sessions: "SessionRegistry", mem: "HostMemory", shootdowns: "Shootdowns",
                     specs: Mapping[int, GuestSpec], *, unresponsive_s: float,
-                    invariant: "InvariantChecker | None" = None) -> dict[str, Any]:
+                    invariant: "InvariantChecker | None" = None,
+                    answered: Callable[[int], None] | None = None) -> dict[str, Any]:
     """Audit every live guest and every guest that left; log ``audit_completed``; never raises.
 
     ``invariant``: the run's invariant checker, whose end-of-run full check
     is then this one (``InvariantChecker.check_end``), not a second one.
+    ``answered(gid)``: called once a guest's claims are in and checked (the
+    audit needs nothing more of it; the host ends its run there, and its exit
+    overlaps the others' audits).
     """
     timeout_s = min(AUDIT_TIMEOUT_S, max(2.0, unresponsive_s))
     problems: list[str] = []
@@ -310,6 +314,9 @@ async def run_audit(sessions: "SessionRegistry", mem: "HostMemory", shootdowns: 
                 return check(gid, res)
             except Exception as exc:     # the check itself failed: the audit fails, as before
                 return _CheckFailed(exc)
+            finally:
+                if answered is not None:
+                    answered(gid)
 
         asking = [asyncio.ensure_future(audit_one(gid)) for gid in live]
         memory_problem: str | None = None

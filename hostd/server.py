@@ -161,7 +161,7 @@ class Host:
                 reason = await self._tick_loop()
             if not reason.startswith("signal") and reason != DEADLOCK_REASON:
                 # (after a deadlock the guests are stuck mid-tick, with shootdowns in flight: nothing to audit)
-                audit = await self._audit()
+                audit = await self._audit(reason)
                 reason = self._stop_reason if (self._stop_reason or "").startswith("signal") else reason
         finally:
             await self._end_run(reason)
@@ -201,12 +201,22 @@ class Host:
         flush_log()
         os._exit(1)
 
-    async def _audit(self) -> dict[str, Any]:
-        """The end-of-run audit, unless a stop signal comes first (it is not worth the wait then)."""
+    async def _audit(self, reason: str) -> dict[str, Any]:
+        """The end-of-run audit, unless a stop signal comes first (it is not worth the wait then).
+
+        A guest whose claims are in and checked is told the run is over (``reason``) at once: the audit
+        asks nothing more of it, and its way out overlaps the other guests' audits.
+        """
         assert self._stop_event is not None
+
+        def answered(gid: int) -> None:
+            session = self.sessions.get(gid)
+            if session is not None:
+                self._end_session(session, reason)
+
         audit = asyncio.ensure_future(run_audit(self.sessions, self.core.mem, self.core.shootdowns, self.machine.specs,
                                                 unresponsive_s=self.cfg.unresponsive_s,
-                                                invariant=self.core.invariant))
+                                                invariant=self.core.invariant, answered=answered))
         stopped = asyncio.ensure_future(self._stop_event.wait())
         try:
             await asyncio.wait((audit, stopped), return_when=asyncio.FIRST_COMPLETED)
@@ -358,15 +368,21 @@ class Host:
         assert self._barrier_done is not None
         await self.core.watchdog.watch(tick, self._barrier, self._barrier_done)
 
+    def _end_session(self, s: GuestSession, reason: str) -> None:
+        """``RunEnd`` to one guest, once: from then on its connection's close is the run's end, not a loss."""
+        if s.state is SessionState.ENDING:
+            return
+        s.state = SessionState.ENDING
+        if s.heartbeat is not None:
+            s.heartbeat.stop()
+        try:
+            s.conn.notify(RunEnd(reason, self.tick))
+        except PeerClosed:
+            pass
+
     async def _end_run(self, reason: str) -> None:
         for s in self.sessions.sessions():
-            s.state = SessionState.ENDING
-            if s.heartbeat is not None:
-                s.heartbeat.stop()
-            try:
-                s.conn.notify(RunEnd(reason, self.tick))
-            except PeerClosed:
-                pass
+            self._end_session(s, reason)
         for s in list(self._unauthenticated):
             s.conn.abort()
         waits = [asyncio.ensure_future(s.conn.wait_closed()) for s in self.sessions.sessions()]
