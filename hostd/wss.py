@@ -96,11 +96,19 @@ class GuestWss:
         self.last_fraction: float | None = None
         self.estimate_pages: int | None = None
 
-    def draw(self, state: np.ndarray, n: int) -> None:
-        """A fresh sample among the gpfns not ballooned (``state``: the guest's p2m states)."""
-        candidates = np.flatnonzero(state != _BALLOONED)
-        k = min(int(n), int(candidates.size))
-        self.sample = np.sort(self.rng.choice(candidates, size=k, replace=False)) if k else np.zeros(0, np.int64)
+    def draw(self, state: np.ndarray, n: int, ballooned: int = -1) -> None:
+        """A fresh sample among the gpfns not ballooned (``state``: the guest's p2m states; ``ballooned``:
+        how many are, when known: host memory's counter, which its invariant holds to the states)."""
+        rng = self.rng
+        if ballooned == 0:
+            # Every gpfn: the same draw as from their list (``Generator.choice`` of n draws the same
+            # indices as of arange(n)), without making the list at every period of every guest.
+            k = min(int(n), self.ram_pages)
+            self.sample = np.sort(rng.choice(self.ram_pages, size=k, replace=False)) if k else np.zeros(0, np.int64)
+        else:
+            candidates = np.flatnonzero(state != _BALLOONED)
+            k = min(int(n), int(candidates.size))
+            self.sample = np.sort(rng.choice(candidates, size=k, replace=False)) if k else np.zeros(0, np.int64)
         self.touched = np.zeros(self.sample.size, bool)
         self.ticks = 0
         self.exec_us = 0.0
@@ -156,7 +164,7 @@ class HostWorkingSet:
             return
         rng = np.random.default_rng(np.random.SeedSequence([self.seed, WSS_STREAM, int(guest_id)]))
         g = self.guests[guest_id] = GuestWss(ram_pages, rng)
-        g.draw(self.mem.p2m(guest_id).state, self.cfg.sample_pages)
+        g.draw(self.mem.p2m(guest_id).state, self.cfg.sample_pages, self.mem.balloon_pages(guest_id))
 
     def guest_gone(self, guest_id: int) -> None:
         self.guests.pop(guest_id, None)
@@ -200,7 +208,7 @@ class HostWorkingSet:
         for gid in self._due:
             g = self.guests.get(gid)
             if g is not None:
-                g.draw(self.mem.p2m(gid).state, self.cfg.sample_pages)
+                g.draw(self.mem.p2m(gid).state, self.cfg.sample_pages, self.mem.balloon_pages(gid))
         self._due = []
 
     def estimate(self, guest_id: int) -> int | None:

@@ -130,6 +130,21 @@ def test_same_seed_same_samples_and_another_seed_others() -> None:
     assert not np.array_equal(a.guests[0].sample, c.guests[0].sample)
 
 
+@pytest.mark.parametrize("ram,n", [(RAM, 100), (RAM, 400), (5, 5), (3, 7), (2048, 2048)])
+def test_a_guest_with_nothing_ballooned_draws_as_from_the_list_of_its_gpfns(ram: int, n: int) -> None:
+    # The shortcut (no list of candidates when host memory counts no balloon page) draws the same
+    # samples and leaves the generator where the list's draw leaves it.
+    from balloonlab.hostd.wss import GuestWss
+    state = np.full(ram, int(PageState.FRAME), np.int8)
+    fast, listed = GuestWss(ram, np.random.default_rng(9)), GuestWss(ram, np.random.default_rng(9))
+    for _ in range(3):
+        fast.draw(state, n, ballooned=0)
+        listed.draw(state, n)
+        assert np.array_equal(fast.sample, listed.sample) and fast.sample.dtype == listed.sample.dtype
+        assert fast.touched.size == listed.touched.size == min(n, ram)
+    assert fast.rng.bit_generator.state == listed.rng.bit_generator.state
+
+
 @pytest.mark.parametrize("bad", [{"sample_pages": 0}, {"fast_gain": 1.5}, {"max_period_ticks": 0}])
 def test_bad_keys_are_refused_by_name(bad: dict) -> None:
     from balloonlab.hostd.monitors import monitors_config
