@@ -26,7 +26,7 @@ from balloonlab.proto.rpc import RpcConnection
 from .gate import VcpuGate
 from .psi import PsiMeter
 
-__all__ = ["RemoteBlockDevice", "RemoteHypervisor", "VcpuLink", "BALLOON_PFNS_PER_CALL"]
+__all__ = ["RemoteBlockDevice", "RemoteHypervisor", "VcpuLink", "BALLOON_PFNS_PER_CALL", "chain_mismatch"]
 
 # virtio-balloon moves at most VIRTIO_BALLOON_ARRAY_PFNS_MAX = 256 PFNs per request
 # (drivers/virtio/virtio_balloon.c), each a hypercall the vCPU waits for.
@@ -115,32 +115,35 @@ class RemoteBlockDevice:
         """``read_one`` with the requests chained onto it (``hostd.readchain``; ``sizes``: how many tokens
         each request of ``chain`` is answered with, 1 for a read, n for an EPT fault of n pages): its
         token and completion, and (start, completion, tokens) of each chained request the host served."""
+        tok, done, rest, times = await self.read_chain_raw(blk, vt_us, chain)
+        m = len(times) // 2
+        if times and (m > len(sizes) or len(rest) != sum(sizes[:m])):
+            raise chain_mismatch(len(rest) + 1, len(times) + 1, len(sizes))
+        self.link.took(float(vt_us), done)
+        toks = rest.tolist()        # plain ints: each answer is replayed one by one (a numpy slice each cost more)
+        out = []
+        at = 0
+        for k in range(m):
+            out.append((times[2 * k], times[2 * k + 1], toks[at:at + sizes[k]]))
+            at += sizes[k]
+        return tok, done, out
+
+    async def read_chain_raw(self, blk: int, vt_us: float, chain: bytes) -> tuple[int, float, np.ndarray, list[float]]:
+        """``read_chain``'s reply as it came, before it is split by request: the first read's token and
+        completion, then the chained requests' tokens (uint64, in order) and their start and completion
+        each (empty: none was served). The caller books the first read's stall (``VcpuLink.took``) once
+        the answers fit its program."""
         vt = float(vt_us)
-        link = self.link
-        # the stall is the first read's (done_vt_us is the last request's): recorded below
-        reply = await link.call(DiskRead(np.array([blk], _U64), vt, chain), vt, stall=False)
+        # the stall is the first read's (done_vt_us is the last request's): the caller's to record
+        reply = await self.link.call(DiskRead(np.array([blk], _U64), vt, chain), vt, stall=False)
         assert isinstance(reply, DiskReadReply)
         tokens = reply.tokens
         if not reply.chain_vt_us:
-            done = float(reply.done_vt_us)
-            link.took(vt, done)
-            return int(tokens[0]), done, []
+            return int(tokens[0]), float(reply.done_vt_us), tokens[1:], []
         times = np.frombuffer(reply.chain_vt_us, "<f8")
-        m = (times.size - 1) // 2
-        if times.size % 2 != 1 or not 1 <= m <= len(sizes) or len(tokens) != 1 + sum(sizes[:m]) \
-                or times[-1] != reply.done_vt_us:
-            raise ProtoError(f"DiskReadReply: {len(tokens)} tokens and {times.size} chain times for a chain of "
-                             f"{len(sizes)} requests (want 2m + 1 times for m of them, and their tokens)")
-        done = float(times[0])
-        link.took(vt, done)
-        t = times.tolist()
-        toks = tokens.tolist()      # plain ints: each answer is replayed one by one (a numpy slice each cost more)
-        out = []
-        at = 1
-        for k in range(m):
-            out.append((t[2 * k + 1], t[2 * k + 2], toks[at:at + sizes[k]]))
-            at += sizes[k]
-        return toks[0], done, out
+        if times.size % 2 != 1 or times.size < 3 or len(tokens) < 1 or times[-1] != reply.done_vt_us:
+            raise chain_mismatch(len(tokens), times.size, None)
+        return int(tokens[0]), float(times[0]), tokens[1:], times[1:].tolist()
 
     async def write(self, blocks: np.ndarray, tokens: np.ndarray, vt_us: float) -> float:
         blocks, tokens = _u64(blocks), _u64(tokens)
@@ -210,3 +213,10 @@ class RemoteHypervisor:
             self.balloon_calls += 1
             done = max(done, reply.done_vt_us) + part.size * self.balloon_page_us
         return done
+
+
+def chain_mismatch(n_tokens: int, n_times: int, n_requests: int | None) -> ProtoError:
+    """A ``DiskReadReply`` whose chain answers do not fit the program it answers."""
+    of = f"a chain of {n_requests} requests" if n_requests is not None else "a chain"
+    return ProtoError(f"DiskReadReply: {n_tokens} tokens and {n_times} chain times for {of} "
+                      "(want 2m + 1 times for m of them, and their tokens)")

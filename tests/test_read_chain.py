@@ -280,6 +280,61 @@ def test_the_compiled_answer_list_is_the_python_one() -> None:
     assert compiled > 1500
 
 
+class _ReplyLink:
+    """A guest's link to the host that answers every call with one reply and records the stalls booked."""
+
+    gate_requests = False
+
+    def __init__(self, reply: Any) -> None:
+        self.reply = reply
+        self.stalls: list[tuple[float, float]] = []
+
+    async def call(self, msg: Any, vt_us: float, stall: bool = True) -> Any:
+        return self.reply
+
+    def took(self, vt_us: float, done_us: float) -> None:
+        self.stalls.append((vt_us, done_us))
+
+
+def test_a_remote_chain_s_answers_are_paired_compiled_as_the_reply_split_by_request() -> None:
+    """The remote disk hands a chain's reply over as it came (``read_chain_raw``) and the kernel pairs it
+    with the program's requests in one compiled pass (``_paging.ahead_answers``): the answers, last first,
+    and the stall booked are those of ``read_chain``'s split by request; a reply that does not fit the
+    program is refused before any stall is booked."""
+    from balloonlab.guestd.remote import RemoteBlockDevice
+    from balloonlab.proto.errors import ProtoError
+    from balloonlab.proto.messages import DiskReadReply
+    prog = np.array([1e4, 0.5, READ, 7, WIN, 2, EPT_PAGE, 40, EPT_PAGE, 41, EPT, 2, READ, 9], "<f8").tobytes()
+
+    def reply(tokens: list[int], times: list[float]) -> Any:
+        return DiskReadReply(np.array(tokens, np.uint64), times[-1] if times else 5.0,
+                             np.array(times, "<f8").tobytes())
+
+    cases = {   # tokens, times -> the answers chained, last first
+        "two of three": (([100, 101, 102, 103], [5.0, 6.0, 7.0, 8.0, 9.0]),
+                         [((40, 41), 8.0, 9.0, [102, 103]), (7, 6.0, 7.0, [101])]),
+        "all": (([100, 101, 102, 103, 104], [5.0, 6.0, 7.0, 8.0, 9.0, 10.0, 11.0]),
+                [(9, 10.0, 11.0, [104]), ((40, 41), 8.0, 9.0, [102, 103]), (7, 6.0, 7.0, [101])]),
+        "none": (([100], []), []),
+    }
+    for name, ((tokens, times), want) in cases.items():
+        split, paired = _ReplyLink(reply(tokens, times)), _ReplyLink(reply(tokens, times))
+        tok, done, more = asyncio.run(RemoteBlockDevice(None, 64, split).read_chain(3, 1.0, prog, [1, 2, 1]))
+        asked = [7, (40, 41), 9]
+        assert [(asked[k], *more[k]) for k in range(len(more) - 1, -1, -1)] == want, name
+        k = SimpleNamespace(blockdev=RemoteBlockDevice(None, 64, paired), vt_us=1.0)
+        chained: list[Any] = []
+        assert asyncio.run(GuestKernel._read_chain(k, 3, prog, chained)) == (tok, done) == (100, 5.0), name
+        assert chained == want, name
+        assert paired.stalls == split.stalls == [(1.0, 5.0)], name
+    for tokens in ([100, 101, 102], [100, 101, 102, 103, 104]):     # the fault's second token missing; one extra
+        link = _ReplyLink(reply(tokens, [5.0, 6.0, 7.0, 8.0, 9.0]))
+        k = SimpleNamespace(blockdev=RemoteBlockDevice(None, 64, link), vt_us=1.0)
+        with pytest.raises(ProtoError, match=f"{len(tokens)} tokens and 5 chain times for a chain of 3 requests"):
+            asyncio.run(GuestKernel._read_chain(k, 3, prog, []))
+        assert link.stalls == []
+
+
 def test_the_core_counts_a_faults_fresh_frames_as_the_kernel_does() -> None:
     """``Core.count_fresh`` (a replayed fault's check) against ``GuestKernel._fresh`` over frames of every
     kind: free, holding a page, the kernel's and the balloon's."""
