@@ -1089,22 +1089,19 @@ static PyObject *Core_resume_read(Core *c, PyObject *args) {
 /* resume_read with this read's answer, then the answers given ahead for the reads that follow, while each
  * read the batch comes to is the next one's (its block, at that answer's start, before the gate): the
  * Python replay (GuestKernel._replayed) of a read chain's or a batch's answers ahead, without a return to
- * Python per read. blocks, starts, dones, tokens: lists, the next answer first. Returns (op, a, b, used):
- * the op the batch stopped at, as resume_read's, and how many of the answers it used. The caller books
- * those (their stalls) in order; an answer not used is Python's to check again (and report). */
+ * Python per read. chained: GuestKernel's answers, last first, each (a block or a fault's gpfns tuple,
+ * start, completion, tokens); they are read from its end only as far as the core replays them (a chain's
+ * answers run to dozens, of which a batch step uses a few: lists of all of them at every step were ~3/4
+ * of a cold guest's replay). Returns the op the core stopped at and how many answers it used; the caller
+ * takes those off chained and books their stalls. A malformed answer stops the replay there: Python's
+ * replay of it says what is wrong. */
 static PyObject *Core_replay_reads(Core *c, PyObject *args) {
     unsigned long long tok;
     double done, gate;
-    PyObject *blocks, *starts, *dones, *tokens;
-    if (!PyArg_ParseTuple(args, "KdO!O!O!O!d", &tok, &done, &PyList_Type, &blocks, &PyList_Type, &starts,
-                          &PyList_Type, &dones, &PyList_Type, &tokens, &gate)) return NULL;
+    PyObject *chained;
+    if (!PyArg_ParseTuple(args, "KdO!d", &tok, &done, &PyList_Type, &chained, &gate)) return NULL;
     if (expect_phase(c, PH_READ_DONE, "replay_reads") < 0) return NULL;
-    Py_ssize_t n = PyList_GET_SIZE(blocks);
-    if (PyList_GET_SIZE(starts) != n || PyList_GET_SIZE(dones) != n || PyList_GET_SIZE(tokens) != n) {
-        PyErr_SetString(PyExc_ValueError, "paging core: replay_reads wants as many starts, dones and tokens "
-                        "as blocks");
-        return NULL;
-    }
+    Py_ssize_t n = PyList_GET_SIZE(chained);
     vt_max(c, done);
     c->f_tok = tok;
     Py_ssize_t used = 0;
@@ -1113,10 +1110,22 @@ static PyObject *Core_replay_reads(Core *c, PyObject *args) {
     for (;;) {
         if (drive_op(c, &op, &a, &b) < 0) return NULL;
         if (op != OP_READ || used >= n) break;
-        long long blk = PyLong_AsLongLong(PyList_GET_ITEM(blocks, used));
-        double start = PyFloat_AsDouble(PyList_GET_ITEM(starts, used));
-        double d = PyFloat_AsDouble(PyList_GET_ITEM(dones, used));
-        unsigned long long t = PyLong_AsUnsignedLongLong(PyList_GET_ITEM(tokens, used));
+        PyObject *item = PyList_GET_ITEM(chained, n - 1 - used);
+        if (!PyTuple_CheckExact(item) || PyTuple_GET_SIZE(item) != 4 || !PyLong_CheckExact(PyTuple_GET_ITEM(item, 0)))
+            break;                   /* a fault's answer (its gpfns), or no answer of ours: Python's replay */
+        long long blk = PyLong_AsLongLong(PyTuple_GET_ITEM(item, 0));
+        double start = PyFloat_AsDouble(PyTuple_GET_ITEM(item, 1));
+        double d = PyFloat_AsDouble(PyTuple_GET_ITEM(item, 2));
+        unsigned long long t = 0;
+        PyObject *t0 = PyErr_Occurred() ? NULL : PySequence_GetItem(PyTuple_GET_ITEM(item, 3), 0);
+        if (t0 != NULL) {
+            PyObject *ti = PyNumber_Index(t0);     /* int(tokens[0]), as the Python replay reads it */
+            Py_DECREF(t0);
+            if (ti != NULL) {
+                t = PyLong_AsUnsignedLongLong(ti);
+                Py_DECREF(ti);
+            }
+        }
         if (PyErr_Occurred()) {      /* a malformed answer: Python's replay checks it and says so */
             PyErr_Clear();
             break;
@@ -1550,8 +1559,8 @@ static PyMethodDef Core_methods[] = {
     {"count_fresh", (PyCFunction)Core_count_fresh, METH_VARARGS,
      "count_fresh(n) -> how many of the fault's first n gpfns hold no page (free, not soft-reclaimed)"},
     {"replay_reads", (PyCFunction)Core_replay_reads, METH_VARARGS,
-     "replay_reads(token, done_vt_us, blocks, starts, dones, tokens, gate_us) -> (op, a, b, used): resume_read, "
-     "then the answers given for the reads that follow while they match"},
+     "replay_reads(token, done_vt_us, chained, gate_us) -> (op, a, b, used): resume_read, then the answers in "
+     "chained (last first) for the reads that follow while they match"},
     {"resume_write", (PyCFunction)Core_resume_write, METH_VARARGS, "resume_write(done_vt_us)"},
     {"resume_oom", (PyCFunction)Core_resume_oom, METH_NOARGS, "resume_oom(): the OOM hook ran, try again"},
     {"abort", (PyCFunction)Core_abort, METH_NOARGS, "abort(): drop the batch in progress"},

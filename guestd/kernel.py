@@ -656,25 +656,13 @@ class GuestKernel:
         ``chained``) as ``_replayed`` would replay them, in one compiled call; the answers used are taken off
         ``chained`` and their stalls booked in order. The core stops at the first read that is not the
         next answer's: back here, ``_replayed`` finds it and says how it diverged."""
-        blocks: list[int] = []
-        starts: list[float] = []
-        dones: list[float] = []
-        tokens: list[int] = []
-        for i in range(len(chained) - 1, -1, -1):
-            want, start, d, toks = chained[i]
-            if type(want) is not int:
-                break
-            blocks.append(want)
-            starts.append(start)
-            dones.append(d)
-            tokens.append(int(toks[0]))
         link = self.blockdev.link
         gate = link.gate.gate_us if link.gate_requests else math.inf
-        op, a, b, used = core.replay_reads(token, done, blocks, starts, dones, tokens, float(gate))
+        op, a, b, used = core.replay_reads(token, done, chained, float(gate))
         took = link.took
-        for i in range(used):
-            chained.pop()
-            took(starts[i], dones[i])
+        for _ in range(used):
+            _, start, d, _ = chained.pop()
+            took(start, d)
         return op, a, b
 
     def _replayed_ept(self, gs: np.ndarray, chained: list[_Answer], core: Any) -> tuple[Any, float]:
