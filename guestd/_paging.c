@@ -74,6 +74,7 @@ enum {
 #define WIN_MIN 256
 #define WIN_MAX 8192
 #define LATER_TOKEN 0xFFFFFFFFFFFFFFFEULL   /* proto.tokens.LATER_TOKEN */
+#define KEEP_TOKEN 0xFFFFFFFFFFFFFFFFULL    /* proto.tokens.KEEP_TOKEN */
 #define PAGE_BYTES 4096
 
 typedef struct {
@@ -1086,56 +1087,93 @@ static PyObject *Core_resume_read(Core *c, PyObject *args) {
     return drive(c);
 }
 
-/* resume_read with this read's answer, then the answers given ahead for the reads that follow, while each
- * read the batch comes to is the next one's (its block, at that answer's start, before the gate): the
- * Python replay (GuestKernel._replayed) of a read chain's or a batch's answers ahead, without a return to
- * Python per read. chained: GuestKernel's answers, last first, each (a block or a fault's gpfns tuple,
- * start, completion, tokens); they are read from its end only as far as the core replays them (a chain's
- * answers run to dozens, of which a batch step uses a few: lists of all of them at every step were ~3/4
- * of a cold guest's replay). Returns the op the core stopped at and how many answers it used; the caller
- * takes those off chained and books their stalls. A malformed answer stops the replay there: Python's
- * replay of it says what is wrong. */
-static PyObject *Core_replay_reads(Core *c, PyObject *args) {
-    unsigned long long tok;
-    double done, gate;
+/* One answer of `chained` as an unsigned 64-bit value: int(x) as the Python replay reads it. */
+static int answer_u64(PyObject *x, uint64_t *out) {
+    PyObject *i = PyNumber_Index(x);
+    if (i == NULL) return -1;
+    unsigned long long v = PyLong_AsUnsignedLongLong(i);
+    Py_DECREF(i);
+    if (v == (unsigned long long)-1 && PyErr_Occurred()) return -1;
+    *out = (uint64_t)v;
+    return 0;
+}
+
+/* replay(chained, gate, fresh_ok) -> (op, a, b, used): the answers given ahead, replayed in the core.
+ *
+ * The core has handed back a read (PH_READ_DONE) or an EPT fault (PH_BACK_DONE); chained holds
+ * GuestKernel's answers, last first, each (a block or a fault's gpfns tuple, start, completion, tokens).
+ * While the request the core is at is the last answer's (the block, or the fault's gpfns in order, every
+ * one of them fresh when fresh_ok), at that answer's start and before the gate, the core takes that
+ * answer (resume_read's or resume_ept's work, the fault's fresh pages counted as _replayed_ept counts
+ * them) and runs on to its next request. It stops at the first request that is not the next answer's, at
+ * a fault answered with KEEP (the Python path puts the pages' own tokens in), at a malformed answer, or
+ * when the core needs something else; Python's replay (GuestKernel._replayed) then says what was wrong,
+ * or serves it. Returns how many answers were used (the caller takes them off chained and books their
+ * stalls, in order) and, if any, the op the core is at now: a cold tick's answers, dozens a batch, without
+ * a return to Python each (a list of all the reads ahead copied at each step was ~3/4 of that replay). */
+static PyObject *Core_replay(Core *c, PyObject *args) {
+    double gate;
+    int fresh_ok;
     PyObject *chained;
-    if (!PyArg_ParseTuple(args, "KdO!d", &tok, &done, &PyList_Type, &chained, &gate)) return NULL;
-    if (expect_phase(c, PH_READ_DONE, "replay_reads") < 0) return NULL;
-    Py_ssize_t n = PyList_GET_SIZE(chained);
-    vt_max(c, done);
-    c->f_tok = tok;
-    Py_ssize_t used = 0;
-    int op;
-    long long a, b;
-    for (;;) {
-        if (drive_op(c, &op, &a, &b) < 0) return NULL;
-        if (op != OP_READ || used >= n) break;
+    if (!PyArg_ParseTuple(args, "O!dp", &PyList_Type, &chained, &gate, &fresh_ok)) return NULL;
+    Py_ssize_t n = PyList_GET_SIZE(chained), used = 0;
+    int op = -1;
+    long long a = 0, b = 0;
+    uint64_t *toks = NULL;
+    while (used < n && (c->phase == PH_READ_DONE || c->phase == PH_BACK_DONE)) {
         PyObject *item = PyList_GET_ITEM(chained, n - 1 - used);
-        if (!PyTuple_CheckExact(item) || PyTuple_GET_SIZE(item) != 4 || !PyLong_CheckExact(PyTuple_GET_ITEM(item, 0)))
-            break;                   /* a fault's answer (its gpfns), or no answer of ours: Python's replay */
-        long long blk = PyLong_AsLongLong(PyTuple_GET_ITEM(item, 0));
+        if (!PyTuple_CheckExact(item) || PyTuple_GET_SIZE(item) != 4) break;
+        PyObject *want = PyTuple_GET_ITEM(item, 0), *answer = PyTuple_GET_ITEM(item, 3);
         double start = PyFloat_AsDouble(PyTuple_GET_ITEM(item, 1));
         double d = PyFloat_AsDouble(PyTuple_GET_ITEM(item, 2));
-        unsigned long long t = 0;
-        PyObject *t0 = PyErr_Occurred() ? NULL : PySequence_GetItem(PyTuple_GET_ITEM(item, 3), 0);
-        if (t0 != NULL) {
-            PyObject *ti = PyNumber_Index(t0);     /* int(tokens[0]), as the Python replay reads it */
-            Py_DECREF(t0);
-            if (ti != NULL) {
-                t = PyLong_AsUnsignedLongLong(ti);
-                Py_DECREF(ti);
-            }
-        }
-        if (PyErr_Occurred()) {      /* a malformed answer: Python's replay checks it and says so */
-            PyErr_Clear();
-            break;
-        }
+        if (PyErr_Occurred()) { PyErr_Clear(); break; }
         double vt = c->vt[0];
-        if (blk != a || vt != start || !(vt < gate)) break;
-        vt_max(c, d);
-        c->f_tok = t;
+        if (vt != start || !(vt < gate)) break;
+        if (c->phase == PH_READ_DONE) {
+            if (!PyLong_CheckExact(want)) break;
+            long long blk = PyLong_AsLongLong(want);
+            uint64_t t = 0;
+            PyObject *t0 = PyErr_Occurred() ? NULL : PySequence_GetItem(answer, 0);
+            if (t0 != NULL) {
+                answer_u64(t0, &t);
+                Py_DECREF(t0);
+            }
+            if (PyErr_Occurred()) { PyErr_Clear(); break; }
+            if (blk != c->f_blk) break;
+            vt_max(c, d);
+            c->f_tok = t;
+        } else {
+            int64_t m = c->ept_n;
+            if (!fresh_ok || !PyTuple_CheckExact(want) || PyTuple_GET_SIZE(want) != m) break;
+            int fits = 1;
+            for (int64_t k = 0; k < m && fits; k++) {
+                uint64_t g;
+                PyObject *x = PyTuple_GET_ITEM(want, k);
+                if (!PyLong_CheckExact(x) || answer_u64(x, &g) < 0) { PyErr_Clear(); fits = 0; break; }
+                fits = g == c->ept_gs[k] && g < (uint64_t)c->n_frames
+                       && c->vpage[g] < 0 && c->kind[g] == K_FREE;            /* the gpfn, and fresh */
+            }
+            if (!fits) break;
+            Py_ssize_t nt = PySequence_Size(answer);
+            if (nt != m) { PyErr_Clear(); break; }
+            PyMem_Free(toks);
+            toks = PyMem_Malloc(sizeof(uint64_t) * (size_t)(m ? m : 1));
+            if (toks == NULL) return PyErr_NoMemory();
+            for (int64_t k = 0; k < m && fits; k++) {
+                PyObject *x = PySequence_GetItem(answer, k);
+                if (x == NULL || answer_u64(x, &toks[k]) < 0) { PyErr_Clear(); fits = 0; }
+                Py_XDECREF(x);
+                if (fits && toks[k] == KEEP_TOKEN) fits = 0;   /* the Python path fills those in */
+            }
+            if (!fits) break;
+            c->ctr[C_EPT_FRESH] += m;
+            if (finish_back(c, toks, d, 0) < 0) { end_batch(c); PyMem_Free(toks); return NULL; }
+            c->phase = c->back_cont;
+        }
         used++;
+        if (drive_op(c, &op, &a, &b) < 0) { PyMem_Free(toks); return NULL; }
     }
+    PyMem_Free(toks);
     return Py_BuildValue("(iLLn)", op, a, b, used);
 }
 
@@ -1558,9 +1596,9 @@ static PyMethodDef Core_methods[] = {
     {"resume_read", (PyCFunction)Core_resume_read, METH_VARARGS, "resume_read(token, done_vt_us)"},
     {"count_fresh", (PyCFunction)Core_count_fresh, METH_VARARGS,
      "count_fresh(n) -> how many of the fault's first n gpfns hold no page (free, not soft-reclaimed)"},
-    {"replay_reads", (PyCFunction)Core_replay_reads, METH_VARARGS,
-     "replay_reads(token, done_vt_us, chained, gate_us) -> (op, a, b, used): resume_read, then the answers in "
-     "chained (last first) for the reads that follow while they match"},
+    {"replay", (PyCFunction)Core_replay, METH_VARARGS,
+     "replay(chained, gate_us, fresh_ok) -> (op, a, b, used): the answers ahead (last first) the core's reads "
+     "and EPT faults match, taken in the core"},
     {"resume_write", (PyCFunction)Core_resume_write, METH_VARARGS, "resume_write(done_vt_us)"},
     {"resume_oom", (PyCFunction)Core_resume_oom, METH_NOARGS, "resume_oom(): the OOM hook ran, try again"},
     {"abort", (PyCFunction)Core_abort, METH_NOARGS, "abort(): drop the batch in progress"},

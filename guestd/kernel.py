@@ -494,12 +494,14 @@ class GuestKernel:
         try:
             op, a, b = core.start(np.ascontiguousarray(p), np.ascontiguousarray(w), deadline_us)
             while op != _OP_DONE:
-                if chained and op == _OP_READ:
+                if chained and (op == _OP_READ or op == _OP_EPT):
+                    replayed = self._replay_compiled(core, chained)
+                    if replayed is not None:
+                        op, a, b = replayed
+                        continue
+                if chained and op == _OP_READ:     # not the answer's: _replayed says how
                     start, done, toks = self._replayed(chained, int(a))
-                    if chained and type(chained[-1][0]) is int:     # more reads answered: replayed compiled
-                        op, a, b = self._replay_reads(core, int(toks[0]), done, chained)
-                    else:
-                        op, a, b = core.resume_read(int(toks[0]), done)
+                    op, a, b = core.resume_read(int(toks[0]), done)
                     continue
                 if chained and op != _OP_EPT:
                     raise self._diverged(chained, f"op {op}")
@@ -651,14 +653,21 @@ class GuestKernel:
         self.blockdev.link.took(start, done)
         return start, done, toks
 
-    def _replay_reads(self, core: Any, token: int, done: float, chained: list[_Answer]) -> tuple[int, int, int]:
-        """``resume_read`` with a read's answer, then the reads answered after it (the run of them at the end of
-        ``chained``) as ``_replayed`` would replay them, in one compiled call; the answers used are taken off
-        ``chained`` and their stalls booked in order. The core stops at the first read that is not the
-        next answer's: back here, ``_replayed`` finds it and says how it diverged."""
+    def _replay_compiled(self, core: Any, chained: list[_Answer]) -> tuple[int, int, int] | None:
+        """The answers ahead the core's reads and faults match, replayed in the core (``Core.replay``) as
+        ``_replayed`` and ``_replayed_ept`` would replay them one by one; the answers used are taken off
+        ``chained`` and their stalls booked in order. The op the core is at then, or None if it used none
+        (the request is not the next answer's, or needs the Python path: ``_replayed`` says which)."""
         link = self.blockdev.link
-        gate = link.gate.gate_us if link.gate_requests else math.inf
-        op, a, b, used = core.replay_reads(token, done, chained, float(gate))
+        if link.gate_requests:
+            if link.gate.stopped is not None:
+                return None             # the run ended while the answers were on their way: _replayed stops
+            gate = link.gate.gate_us
+        else:
+            gate = math.inf
+        op, a, b, used = core.replay(chained, float(gate), self._hyp_fresh)
+        if not used:
+            return None
         took = link.took
         for _ in range(used):
             _, start, d, _ = chained.pop()
