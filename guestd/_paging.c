@@ -1172,6 +1172,7 @@ static PyObject *Core_replay(Core *c, PyObject *args) {
         }
         used++;
         if (drive_op(c, &op, &a, &b) < 0) { PyMem_Free(toks); return NULL; }
+        if (op != OP_READ && op != OP_EPT) break;      /* the batch's end, or a request no answer is for */
     }
     PyMem_Free(toks);
     return Py_BuildValue("(iLLn)", op, a, b, used);
