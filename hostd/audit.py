@@ -284,6 +284,9 @@ async def run_audit(sessions: "SessionRegistry", mem: "HostMemory", shootdowns: 
     lost_pages = 0
     try:
         live = sorted(gid for gid in sessions if gid in mem.guest_ids())
+        # Taken now: a guest audited live may close once it has answered (``answered``), and one that left
+        # earlier in the run and rejoined must still be audited as the live guest it is, not as released.
+        gone_for_good = sessions.left_for_good()
         # Deferred shootdowns first: their answers turn placeholders into content. One deadline for all.
         settling = [asyncio.ensure_future(shootdowns.settled(gid)) for gid in live if shootdowns.pending(gid)]
         if settling:
@@ -346,7 +349,7 @@ async def run_audit(sessions: "SessionRegistry", mem: "HostMemory", shootdowns: 
                 mine, lost, per_guest[str(gid)] = res
                 lost_pages += lost
             problems.extend(mine)
-        for gid in sessions.left_for_good():
+        for gid in gone_for_good:
             mine = check_released(mem, gid)
             per_guest[str(gid)] = {"ok": not mine, "released": True}
             problems.extend(mine)

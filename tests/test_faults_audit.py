@@ -191,6 +191,59 @@ def test_the_guest_reports_an_empty_audit_before_it_has_started() -> None:
     assert reply.report["not_started"] is True
 
 
+async def test_a_guest_answered_is_let_go_and_a_rejoined_one_is_audited_as_live(monkeypatch: pytest.MonkeyPatch
+                                                                                   ) -> None:
+    """``answered`` comes once per guest as its claims are checked, in the order they come; a guest let go
+    there may close before the audit ends (it leaves the live sessions quietly), and one that had left
+    earlier in the run and rejoined is still audited as the live guest it was at the audit's start, not
+    as one that left for good (whose memory must have been released)."""
+    import asyncio
+
+    from balloonlab.hostd import audit as host_audit
+    answer = {gid: asyncio.Event() for gid in (0, 1)}
+
+    async def ask(sessions: object, spec: object, gid: int, timeout_s: float) -> SimpleNamespace:
+        await answer[gid].wait()
+        return SimpleNamespace(ram_gpfns=np.arange(2), ram_backed=np.ones(2, bool), disk_blocks=np.zeros(0),
+                               balloon_gpfns=np.zeros(0))
+
+    released: list[int] = []
+    monkeypatch.setattr(host_audit, "_ask", ask)
+    monkeypatch.setattr(host_audit, "check_guest", lambda mem, gid, res: [])
+    monkeypatch.setattr(host_audit, "count_lost_pages", lambda mem, gid, res: 0)
+    monkeypatch.setattr(host_audit, "check_released", lambda mem, gid: released.append(gid) or [])
+    mem = SimpleNamespace(guest_ids=lambda: [0, 1], balloon_pages=lambda gid: 0, check_invariant=lambda: None)
+    shootdowns = SimpleNamespace(pending=lambda gid: False, leftover_placeholders=lambda gid: 0)
+
+    class Sessions:
+        live, gone = {0, 1}, {0, 2}     # guest 0 was lost once and rejoined; guest 2 left for good
+
+        def __iter__(self):  # type: ignore[no-untyped-def]
+            return iter(sorted(self.live))
+
+        def left_for_good(self) -> list[int]:
+            return sorted(self.gone - self.live)
+
+    sessions = Sessions()
+    let_go: list[int] = []
+
+    def answered(gid: int) -> None:
+        let_go.append(gid)
+        sessions.live.discard(gid)      # its RunEnd, and its connection's close, before the audit ends
+
+    run = asyncio.ensure_future(host_audit.run_audit(sessions, mem, shootdowns, {0: None, 1: None},  # type: ignore
+                                                     unresponsive_s=5.0, answered=answered))
+    for gid in (0, 1):
+        answer[gid].set()
+        while gid not in let_go:
+            await asyncio.sleep(0)
+        assert not run.done()
+    result = await asyncio.wait_for(run, 5.0)
+    assert let_go == [0, 1] and released == [2]
+    assert result["guests"]["0"]["answered"] and result["guests"]["2"] == {"ok": True, "released": True}
+    assert result["audited"] == 2 and result["released"] == 1 and result["ok"] is True
+
+
 @pytest.mark.parametrize("memory", ["holds", "violated"])
 async def test_each_guests_claims_are_checked_as_they_come(monkeypatch: pytest.MonkeyPatch, memory: str) -> None:
     """The host checks a guest's claims when they arrive, not once every guest has answered (its checks
