@@ -573,15 +573,8 @@ class GuestKernel:
         """The read with the requests the core says follow it (``_paging.c``, "read chains"): its own
         answer; the chained ones go into ``chained``, last first."""
         dev = self.blockdev
-        raw = getattr(dev, "read_chain_raw", None) if _paging is not None else None
-        if raw is None:   # a block device that splits the answers itself (a test's model disk)
-            asked = _asked(prog)
-            sizes = [len(q) if type(q) is tuple else 1 for q in asked]
-            tok, done, more = await dev.read_chain(blk, self.vt_us, prog, sizes)
-            chained.extend((asked[k], *more[k]) for k in range(len(more) - 1, -1, -1))
-            return tok, done
         vt = self.vt_us
-        tok, done, rest, times = await raw(blk, vt, prog)
+        tok, done, rest, times = await dev.read_chain(blk, vt, prog)
         if times:
             # the program's requests and their answers paired in one compiled pass, as for answers ahead
             # (a cold tick's programs run to hundreds of pairs: ~90 us of Python each, per guest and read)
@@ -629,7 +622,7 @@ class GuestKernel:
                                     f"of {len(asked)} requests (want a start and a completion per request "
                                     "served, and its tokens)")
         out, at = [], 0
-        toks = tokens.tolist()      # plain ints, as a chain's answers (``RemoteBlockDevice.read_chain``)
+        toks = tokens.tolist()      # plain ints, as a chain's answers (``_paging.ahead_answers``)
         for k in range(m):
             out.append((asked[k], times[2 * k], times[2 * k + 1], toks[at:at + sizes[k]]))
             at += sizes[k]

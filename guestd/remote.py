@@ -110,29 +110,12 @@ class RemoteBlockDevice:
         assert isinstance(reply, DiskReadReply)
         return int(reply.tokens[0]), float(reply.done_vt_us)
 
-    async def read_chain(self, blk: int, vt_us: float, chain: bytes,
-                         sizes: list[int]) -> tuple[int, float, list[tuple[float, float, list[int]]]]:
-        """``read_one`` with the requests chained onto it (``hostd.readchain``; ``sizes``: how many tokens
-        each request of ``chain`` is answered with, 1 for a read, n for an EPT fault of n pages): its
-        token and completion, and (start, completion, tokens) of each chained request the host served."""
-        tok, done, rest, times = await self.read_chain_raw(blk, vt_us, chain)
-        m = len(times) // 2
-        if times and (m > len(sizes) or len(rest) != sum(sizes[:m])):
-            raise chain_mismatch(len(rest) + 1, len(times) + 1, len(sizes))
-        self.link.took(float(vt_us), done)
-        toks = rest.tolist()        # plain ints: each answer is replayed one by one (a numpy slice each cost more)
-        out = []
-        at = 0
-        for k in range(m):
-            out.append((times[2 * k], times[2 * k + 1], toks[at:at + sizes[k]]))
-            at += sizes[k]
-        return tok, done, out
-
-    async def read_chain_raw(self, blk: int, vt_us: float, chain: bytes) -> tuple[int, float, np.ndarray, list[float]]:
-        """``read_chain``'s reply as it came, before it is split by request: the first read's token and
-        completion, then the chained requests' tokens (uint64, in order) and their start and completion
-        each (empty: none was served). The caller books the first read's stall (``VcpuLink.took``) once
-        the answers fit its program."""
+    async def read_chain(self, blk: int, vt_us: float, chain: bytes) -> tuple[int, float, np.ndarray, list[float]]:
+        """``read_one`` with the requests ``chain`` says follow it (``hostd.readchain``), the reply as it came:
+        the first read's token and completion, then the chained requests' tokens (uint64, in order: 1 per
+        read, n per EPT fault of n pages) and a start and a completion each (empty: none was served). The
+        caller pairs them with the program's requests and books the first read's stall
+        (``VcpuLink.took``) once they fit."""
         vt = float(vt_us)
         # the stall is the first read's (done_vt_us is the last request's): the caller's to record
         reply = await self.link.call(DiskRead(np.array([blk], _U64), vt, chain), vt, stall=False)

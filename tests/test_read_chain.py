@@ -97,8 +97,8 @@ class ModelDisk(AwaitedDisk):
         self.stalls.append((vt_us, done))
         return tok, done
 
-    async def read_chain(self, blk: int, vt_us: float, chain: bytes,
-                         sizes: list[int]) -> tuple[int, float, list[tuple[float, float, np.ndarray]]]:
+    async def read_chain(self, blk: int, vt_us: float, chain: bytes) -> tuple[int, float, np.ndarray, list[float]]:
+        """``RemoteBlockDevice.read_chain``'s reply, as a host serves it (the kernel books the stall)."""
         self.requests += 1
         prog = check_program(0, chain)
         await asyncio.sleep(0)
@@ -106,15 +106,8 @@ class ModelDisk(AwaitedDisk):
         faults = self.chained_faults
         toks, times = run_chain(prog, vt_us, tok, done, self.chain, math.inf, self._read_now,
                                 self._fault_now if self.host is not None else None)
-        self.stalls.append((vt_us, times[0]))
-        m = (len(times) - 1) // 2
-        self.chained += m - (self.chained_faults - faults)
-        assert m <= len(sizes) and len(toks) == 1 + sum(sizes[:m])
-        out, at = [], 1
-        for k in range(m):
-            out.append((times[2 * k + 1], times[2 * k + 2], np.array(toks[at:at + sizes[k]], np.uint64)))
-            at += sizes[k]
-        return toks[0], times[0], out
+        self.chained += (len(times) - 1) // 2 - (self.chained_faults - faults)
+        return toks[0], times[0], np.array(toks[1:], np.uint64), times[1:]
 
 
 def _kernel(policy: str, ram: int, chain: int, ref_us: float = 0.1, cold: bool = False) -> Any:
@@ -300,10 +293,10 @@ class _ReplyLink:
         self.stalls.append((vt_us, done_us))
 
 
-def test_a_remote_chain_s_answers_are_paired_compiled_as_the_reply_split_by_request() -> None:
-    """The remote disk hands a chain's reply over as it came (``read_chain_raw``) and the kernel pairs it
-    with the program's requests in one compiled pass (``_paging.ahead_answers``): the answers, last first,
-    and the stall booked are those of ``read_chain``'s split by request; a reply that does not fit the
+def test_a_remote_chain_s_answers_are_paired_with_its_requests_in_one_compiled_pass() -> None:
+    """The remote disk hands a chain's reply over as it came (``read_chain``) and the kernel pairs it with
+    the program's requests in one compiled pass (``_paging.ahead_answers``): each request with its start,
+    completion and tokens, last first, and the first read's stall booked; a reply that does not fit the
     program is refused before any stall is booked."""
     from balloonlab.guestd.remote import RemoteBlockDevice
     from balloonlab.proto.errors import ProtoError
@@ -322,15 +315,12 @@ def test_a_remote_chain_s_answers_are_paired_compiled_as_the_reply_split_by_requ
         "none": (([100], []), []),
     }
     for name, ((tokens, times), want) in cases.items():
-        split, paired = _ReplyLink(reply(tokens, times)), _ReplyLink(reply(tokens, times))
-        tok, done, more = asyncio.run(RemoteBlockDevice(None, 64, split).read_chain(3, 1.0, prog, [1, 2, 1]))
-        asked = [7, (40, 41), 9]
-        assert [(asked[k], *more[k]) for k in range(len(more) - 1, -1, -1)] == want, name
-        k = SimpleNamespace(blockdev=RemoteBlockDevice(None, 64, paired), vt_us=1.0)
+        link = _ReplyLink(reply(tokens, times))
+        k = SimpleNamespace(blockdev=RemoteBlockDevice(None, 64, link), vt_us=1.0)
         chained: list[Any] = []
-        assert asyncio.run(GuestKernel._read_chain(k, 3, prog, chained)) == (tok, done) == (100, 5.0), name
+        assert asyncio.run(GuestKernel._read_chain(k, 3, prog, chained)) == (100, 5.0), name
         assert chained == want, name
-        assert paired.stalls == split.stalls == [(1.0, 5.0)], name
+        assert link.stalls == [(1.0, 5.0)], name
     for tokens in ([100, 101, 102], [100, 101, 102, 103, 104]):     # the fault's second token missing; one extra
         link = _ReplyLink(reply(tokens, [5.0, 6.0, 7.0, 8.0, 9.0]))
         k = SimpleNamespace(blockdev=RemoteBlockDevice(None, 64, link), vt_us=1.0)
@@ -451,14 +441,14 @@ def test_an_answer_the_core_does_not_ask_for_stops_the_run(late: str) -> None:
     real = disk.read_chain
     lied = []
 
-    async def lying(blk: int, vt_us: float, chain: bytes, n_reads: int) -> Any:
-        tok, done, more = await real(blk, vt_us, chain, n_reads)
+    async def lying(blk: int, vt_us: float, chain: bytes) -> Any:
+        tok, done, rest, times = await real(blk, vt_us, chain)     # times: a start and a completion each
         if late == "each":
-            return tok, done, [(s + 1.0, d, t) for s, d, t in more]   # each chained read one µs late
-        if len(more) >= 3:
-            lied.append(len(more))
-            more = [(s + 1.0, d, t) if i == 2 else (s, d, t) for i, (s, d, t) in enumerate(more)]
-        return tok, done, more
+            return tok, done, rest, [t + 1.0 if i % 2 == 0 else t for i, t in enumerate(times)]   # one µs late
+        if len(times) >= 6:
+            lied.append(len(times) // 2)
+            times = [t + 1.0 if i == 4 else t for i, t in enumerate(times)]     # the third one's start
+        return tok, done, rest, times
     disk.read_chain = lying
     with pytest.raises(ReadChainDiverged, match="answered a read of block"):
         asyncio.run(_drive(k, 7, 20, 1000.0))
@@ -475,9 +465,9 @@ def test_a_run_that_ends_while_answers_are_on_their_way_stops_the_vcpu_as_a_requ
     disk.link = SimpleNamespace(gate_requests=True, gate=gate, took=lambda vt, done: None)
     real = disk.read_chain
 
-    async def ending(blk: int, vt_us: float, chain: bytes, sizes: list[int]) -> Any:
-        got = await real(blk, vt_us, chain, sizes)
-        if got[2]:
+    async def ending(blk: int, vt_us: float, chain: bytes) -> Any:
+        got = await real(blk, vt_us, chain)
+        if got[3]:      # requests chained after the read
             gate.stop("run ended")
         return got
     disk.read_chain = ending
