@@ -99,16 +99,15 @@ class GuestWss:
     def draw(self, state: np.ndarray, n: int, ballooned: int = -1) -> None:
         """A fresh sample among the gpfns not ballooned (``state``: the guest's p2m states; ``ballooned``:
         how many are, when known: host memory's counter, which its invariant holds to the states)."""
-        rng = self.rng
         if ballooned == 0:
-            # Every gpfn: the same draw as from their list (``Generator.choice`` of n draws the same
-            # indices as of arange(n)), without making the list at every period of every guest.
+            # every gpfn: ``Generator.choice`` of a count draws what it draws of arange(count), without
+            # making that list at every period of every guest
+            candidates: np.ndarray | int = self.ram_pages
             k = min(int(n), self.ram_pages)
-            self.sample = np.sort(rng.choice(self.ram_pages, size=k, replace=False)) if k else np.zeros(0, np.int64)
         else:
             candidates = np.flatnonzero(state != _BALLOONED)
             k = min(int(n), int(candidates.size))
-            self.sample = np.sort(rng.choice(candidates, size=k, replace=False)) if k else np.zeros(0, np.int64)
+        self.sample = np.sort(self.rng.choice(candidates, size=k, replace=False)) if k else np.zeros(0, np.int64)
         self.touched = np.zeros(self.sample.size, bool)
         self.ticks = 0
         self.exec_us = 0.0
