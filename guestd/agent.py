@@ -47,6 +47,7 @@ from .audit import audit_reply, pausing_call
 from .errors import GuestdError
 from .gate import VcpuGate, VcpuStopped
 from .session import GuestSessionState, build_guest
+from .statswire import StatsOnWire
 
 __all__ = ["GuestAgent", "EXIT_OK", "EXIT_HOST_LOST", "EXIT_REFUSED"]
 
@@ -81,6 +82,7 @@ class GuestAgent:
         self.heartbeat: Heartbeat | None = None
         self._host_silent_s: float | None = None     # set when the heartbeat gave up on the host
         self.host_messages = 0      # the host's own messages that may touch our state, received so far
+        self._stats_on_wire = StatsOnWire()     # one connection per agent: the host has seen what it sent
 
     async def run(self) -> int:
         try:
@@ -230,7 +232,8 @@ class GuestAgent:
                         ahead: bytes = b"") -> None:
         if self.conn is None or self.conn.is_closing:
             return   # the loss stops the gate
-        self.conn.notify(TickDone(tick, vt_us, stats, accessed, dirty, ahead, self.host_messages if ahead else 0))
+        self.conn.notify(TickDone(tick, vt_us, self._stats_on_wire(stats), accessed, dirty, ahead,
+                                  self.host_messages if ahead else 0))
 
     def _counted(self, handler: Callable[[Any], Any]) -> Callable[[Any], Any]:
         def handle(msg: Any) -> Any:

@@ -31,6 +31,7 @@ from balloonlab.proto.rpc import RpcConnection
 
 from .gate import VcpuGate, VcpuStopped
 from .session import GuestSessionState, build_guest
+from .statswire import StatsOnWire
 
 __all__ = ["rehearse", "REHEARSAL_TICKS"]
 
@@ -56,6 +57,7 @@ class _StandIn:
         self.codec = RpcConnection(name="rehearsal")    # only its frame encoder
         self.ahead_owed = False
         self.lost_pages = 0
+        self.stats_on_wire = StatsOnWire()   # a map first, then values: both ways warmed before the fork
 
     def start(self, state: GuestSessionState) -> None:
         self.state = state
@@ -76,8 +78,8 @@ class _StandIn:
 
     def tick_done(self, tick: int, vt_us: float, stats: dict[str, Any], accessed: bytes, dirty: bytes,
                   ahead: bytes = b"") -> None:
-        self.codec._encode([2, 0, int(MsgType.TICK_DONE), TickDone(tick, vt_us, stats, accessed, dirty,
-                                                                    ahead).to_body()])
+        self.codec._encode([2, 0, int(MsgType.TICK_DONE), TickDone(tick, vt_us, self.stats_on_wire(stats),
+                                                                    accessed, dirty, ahead).to_body()])
         self.ahead_owed = bool(ahead)
         self.lost_pages = int(stats.get("lost_pages", 0))
         asyncio.get_running_loop().call_soon(self._next_tick)

@@ -502,6 +502,53 @@ static PyObject *mod_plausible_stats(PyObject *self, PyObject *args) {
     return PyDict_Copy(stats);
 }
 
+/* plausible_values(keys, values, max_keys, max_key_chars, max_value) -> {keys[i]: values[i]}, or None.
+ *
+ * A TickDone's stats as an array (the values of the keys the guest's last map named, checked when that
+ * map's keys, as that map sent them): plausible_stats's tests of each key and value, the dict built in the
+ * same pass. None when the lengths differ or anything is not plainly plausible: sanitize_stats's own
+ * checks then decide. */
+static PyObject *mod_plausible_values(PyObject *self, PyObject *args) {
+    PyObject *keys, *values;
+    Py_ssize_t max_keys, max_chars;
+    double max_value;
+    if (!PyArg_ParseTuple(args, "O!O!nnd", &PyTuple_Type, &keys, &PyList_Type, &values, &max_keys, &max_chars,
+                          &max_value))
+        return NULL;
+    Py_ssize_t n = PyTuple_GET_SIZE(keys);
+    if (n < 1 || n > max_keys || PyList_GET_SIZE(values) != n || !(max_value >= 0.0 && max_value < 9.0e18))
+        Py_RETURN_NONE;
+    long long max_int = (long long)max_value;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *key = PyTuple_GET_ITEM(keys, i);
+        if (!PyUnicode_CheckExact(key) || PyUnicode_GET_LENGTH(key) > max_chars) Py_RETURN_NONE;
+        PyObject *value = PyList_GET_ITEM(values, i);
+        if (PyFloat_CheckExact(value)) {
+            double d = PyFloat_AS_DOUBLE(value);
+            if (!(d >= 0.0 && d <= max_value)) Py_RETURN_NONE;      /* (NaN fails both) */
+        } else if (PyLong_CheckExact(value)) {
+            int overflow;
+            long long x = PyLong_AsLongLongAndOverflow(value, &overflow);
+            if (overflow || (x == -1 && PyErr_Occurred())) {
+                PyErr_Clear();
+                Py_RETURN_NONE;
+            }
+            if (x < 0 || x > max_int) Py_RETURN_NONE;
+        } else {
+            Py_RETURN_NONE;
+        }
+    }
+    PyObject *out = _PyDict_NewPresized(n);
+    if (out == NULL) return NULL;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (PyDict_SetItem(out, PyTuple_GET_ITEM(keys, i), PyList_GET_ITEM(values, i)) < 0) {
+            Py_DECREF(out);
+            return NULL;
+        }
+    }
+    return out;
+}
+
 /* stat_numbers(stats, keys, kinds) -> tuple: each key's value in stats as the history monitor reads it.
  *
  * kinds[i] is 'i' (an int: an int as it is, a float truncated by int(), a bool or anything else 0, a
@@ -573,6 +620,9 @@ static PyMethodDef books_functions[] = {
     {"plausible_stats", mod_plausible_stats, METH_VARARGS,
      "plausible_stats(stats, max_keys, max_key_chars, max_value) -> a copy of stats when every key and value "
      "is plausible (sanitize_stats's common case), else None"},
+    {"plausible_values", mod_plausible_values, METH_VARARGS,
+     "plausible_values(keys tuple, values list, max_keys, max_key_chars, max_value) -> dict(zip(keys, values)) "
+     "when the lengths agree and every key and value is plausible (as plausible_stats), else None"},
     {"sample_touched", mod_sample_touched, METH_VARARGS,
      "sample_touched(state uint8, sample int64, touched bool, skip_code) -> (kept, touched_kept): of the sampled "
      "gpfns not in state skip_code, how many, and how many of them were touched"},

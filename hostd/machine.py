@@ -133,7 +133,7 @@ class Machine:
         """The guest's TickDone; ``excused``: for a tick the host had already counted done for it."""
         gid = session.guest_id
         assert gid is not None
-        stats, problems = sanitize_stats(msg.stats)
+        stats, problems = sanitize_stats(msg.stats, session.stats_keys)
         session.last_stats = stats
         if problems and hasattr(session.conn, "send_error"):
             # Counted and logged as a refusal; the tick itself still counts.

@@ -498,7 +498,7 @@ class Host:
         gid = session.guest_id
         assert gid is not None
         # A TickDone is taken whole or refused whole, with an error frame naming why.
-        problem = check_tick_done(msg, self.cfg.tick_us, self.machine.specs[gid].ram_pages)
+        problem = check_tick_done(msg, self.cfg.tick_us, self.machine.specs[gid].ram_pages, session.stats_keys)
         if problem is not None:
             session.conn.send_error(MsgType.TICK_DONE, ErrorCode.BAD_FIELD, problem)
             return
@@ -511,6 +511,8 @@ class Host:
                 return
             if self.core.mem.ahead_chain:
                 session.ahead = (msg.tick, prog, msg.vt_us, msg.ahead_seen)
+        if type(msg.stats) is dict:
+            session.stats_keys = tuple(msg.stats)   # a TickDone taken: its next ones' arrays are these keys' values
         if msg.tick in session.excused_ticks:
             # A guest that does not know it was excused still finishes that tick: its bits and stats count.
             session.excused_ticks.discard(msg.tick)

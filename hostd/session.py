@@ -24,7 +24,7 @@ from balloonlab.proto import events as ev
 from balloonlab.proto.messages import Message, MsgType, TickDone
 from balloonlab.proto.rpc import NotifyHandler, RequestHandler, RpcConnection, RpcLimits
 
-from ._books import plausible_stats
+from ._books import plausible_stats, plausible_values
 
 __all__ = ["SessionState", "GuestSession", "GuestConnection", "sanitize_stats", "check_tick_done", "MAX_STAT_KEYS",
            "MAX_STAT_VALUE", "TICK_DONE_SLACK_US"]
@@ -56,6 +56,8 @@ class GuestSession:
         self.pid: int | None = None
         self.connected_wall_s = time.monotonic()
         self.last_stats: dict[str, Any] = {}       # the guest's latest TickDone.stats
+        # the keys of its last TickDone.stats sent as a map, in order: what a stats array's values belong to
+        self.stats_keys: tuple[str, ...] | None = None
         self.last_tick_done = -1                    # highest tick the guest finished
         self.last_vt_us = 0.0
         self.excused_ticks: set[int] = set()        # ticks the host counted done for it (its request was held)
@@ -182,16 +184,28 @@ class GuestConnection(RpcConnection):
         super()._send_error(req_id, msg_type, code, message)
 
 
-def sanitize_stats(stats: dict[str, Any]) -> tuple[dict[str, float], list[str]]:
+def sanitize_stats(stats: dict[str, Any] | list[Any],
+                   keys: tuple[str, ...] | None = None) -> tuple[dict[str, float], list[str]]:
     """Keep the guest's stats that are plausible numbers; name the first few that are not.
 
-    Balloon controllers do arithmetic on these; a string, NaN, a negative
-    or an astronomically large value from a hostile guest must not reach
-    them. Values are counters and gauges: finite, >= 0, <= ``MAX_STAT_VALUE``.
+    ``stats`` is a map, or an array of the values of ``keys`` (the keys of
+    the guest's last map, in order; ``check_tick_done`` has matched their
+    counts). Balloon controllers do arithmetic on these; a string, NaN, a
+    negative or an astronomically large value from a hostile guest must not
+    reach them. Values are counters and gauges: finite, >= 0, <=
+    ``MAX_STAT_VALUE``.
     """
     # Every TickDone of every guest comes through here: the common case (all plausible) in one compiled
     # pass, else a few passes in C. A NaN makes the sum NaN (min and max may skip it); an infinity fails
     # one of the bounds.
+    if type(stats) is list:
+        if keys is None or len(keys) != len(stats):
+            return {}, [f"an array of {len(stats)} values, but the last map named "
+                        f"{'no' if keys is None else len(keys)} keys"]
+        clean = plausible_values(keys, stats, MAX_STAT_KEYS, MAX_STAT_KEY_CHARS, MAX_STAT_VALUE)
+        if clean is not None:
+            return clean, []
+        return _sanitize_in_python(dict(zip(keys, stats)))
     clean_copy = plausible_stats(stats, MAX_STAT_KEYS, MAX_STAT_KEY_CHARS, MAX_STAT_VALUE) \
         if type(stats) is dict else None
     if clean_copy is not None:
@@ -224,14 +238,17 @@ def _sanitize_in_python(stats: dict[str, Any]) -> tuple[dict[str, float], list[s
     return clean, problems[:8]
 
 
-def check_tick_done(msg: TickDone, tick_us: int, ram_pages: int) -> str | None:
+def check_tick_done(msg: TickDone, tick_us: int, ram_pages: int,
+                    stats_keys: tuple[str, ...] | None = None) -> str | None:
     """Why this ``TickDone`` must be refused whole, or None.
 
     Its clock must lie in its own tick, give or take the overshoot of the
     vCPU's last batch: ``tick * tick_us <= vt_us < (tick + 1) * tick_us +
     TICK_DONE_SLACK_US``. Its A/D bitmaps are empty or exactly one bit per
-    gpfn. Its stats say something. (Stat values out of range are dropped
-    one by one later, by ``sanitize_stats``; the tick still counts.)
+    gpfn. Its stats say something: a map, or an array of as many values as
+    ``stats_keys`` (the keys of the guest's last map) names. (Stat values
+    out of range are dropped one by one later, by ``sanitize_stats``; the
+    tick still counts.)
     """
     start_us = float(msg.tick) * tick_us
     if not start_us <= msg.vt_us < start_us + tick_us + TICK_DONE_SLACK_US:
@@ -246,6 +263,12 @@ def check_tick_done(msg: TickDone, tick_us: int, ram_pages: int) -> str | None:
                     f"(nothing to report); the tick was not taken")
     if not msg.stats:
         return "TickDone.stats: empty; a guest reports its counters every tick (proto/README.md, TickDone.stats)"
+    if type(msg.stats) is list and (stats_keys is None or len(stats_keys) != len(msg.stats)):
+        if stats_keys is None:
+            return (f"TickDone.stats: an array of {len(msg.stats)} values before any map named their keys "
+                    "(the first TickDone of a connection, and any whose keys change, sends a map)")
+        return (f"TickDone.stats: an array of {len(msg.stats)} values; the guest's last map named "
+                f"{len(stats_keys)} keys (a TickDone whose keys change sends a map)")
     return None
 
 

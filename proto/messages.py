@@ -72,6 +72,7 @@ _STR = "str"
 _BIN = "bin"
 _PAGES = "pages"    # bin, length a multiple of 8, <= MAX_PAGES_PER_MESSAGE u64
 _MAP = "map"        # str -> any msgpack value
+_STATS = "stats"    # a map as _MAP, or an array: the values of the keys the sender's last map named, in order
 _LIST = "list"      # msgpack array (the message's own checks look inside)
 
 _INF = float("inf")
@@ -210,6 +211,14 @@ def _check_map(msg: str, key: str, value: Any) -> dict:
     return value
 
 
+def _check_stats(msg: str, key: str, value: Any) -> dict | list:
+    if type(value) is list:
+        return value   # values only: the receiver pairs them with the keys it last saw (and checks them)
+    if type(value) is not dict:
+        raise BadField(msg, key, f"expected map or array, got {type(value).__name__}")
+    return _check_map(msg, key, value)
+
+
 def _check_list(msg: str, key: str, value: Any) -> list:
     if type(value) is not list:
         raise BadField(msg, key, f"expected array, got {type(value).__name__}")
@@ -218,7 +227,7 @@ def _check_list(msg: str, key: str, value: Any) -> list:
 
 _CHECKERS: dict[str, Callable[[str, str, Any], Any]] = {
     _INT: _check_int, _NUM: _check_number, _STR: _check_str, _BIN: _check_bin,
-    _PAGES: _check_pages, _MAP: _check_map, _LIST: _check_list,
+    _PAGES: _check_pages, _MAP: _check_map, _STATS: _check_stats, _LIST: _check_list,
 }
 
 
@@ -236,6 +245,7 @@ _PASSES = {
     _STR: "type({v}) is str",
     _BIN: "type({v}) is bytes",
     _LIST: "type({v}) is list",
+    _STATS: "type({v}) is list",   # a map goes through the checker (its keys)
 }
 _MAX_PAGE_BYTES = MAX_PAGES_PER_MESSAGE * 8
 
@@ -419,7 +429,7 @@ class TickStart(Message):
     tick_us: int
 
 
-@_message(MsgType.TICK_DONE, tick=_INT, vt_us=_NUM, stats=_MAP, accessed=_BIN, dirty=_BIN, ahead=_BIN,
+@_message(MsgType.TICK_DONE, tick=_INT, vt_us=_NUM, stats=_STATS, accessed=_BIN, dirty=_BIN, ahead=_BIN,
           ahead_seen=_INT)
 class TickDone(Message):
     """``accessed``/``dirty``: EPT A/D bits, ``np.packbits`` over the guest's gpfns.
@@ -430,11 +440,14 @@ class TickDone(Message):
     "Answers ahead"); ``ahead_seen``: how many of the host's requests and
     notifications other than TickStart, TickAhead, RunEnd and Ping the guest
     had received when it parked. Empty: none; a guest that offers one waits
-    for the host's ``TickAhead`` after its next ``TickStart``."""
+    for the host's ``TickAhead`` after its next ``TickStart``.
+
+    ``stats``: a map, or an array of the values of the keys the guest's last
+    map named, in that order (proto/README.md, ``TickDone.stats``)."""
 
     tick: int
     vt_us: float
-    stats: dict
+    stats: dict | list
     accessed: bytes
     dirty: bytes
     ahead: bytes = b""

@@ -140,8 +140,10 @@ def _field_value(inp: Input, kind: str) -> Any:
             n = inp.below(6)
             return b"".join(struct.pack("<Q", inp.pick([0, 1, 2, 5, 63, 64, 1023, 1024, 2**40, 2**64 - 1]))
                             for _ in range(n))
-        if kind == "map":
+        if kind == "map" or (kind == "stats" and inp.chance(2)):
             return {inp.pick(["refs", "pff", "free", "x"]): inp.value(1) for _ in range(inp.below(4))}
+        if kind == "stats":
+            return [inp.value(1) for _ in range(inp.below(4))]
     return inp.value(1)
 
 

@@ -43,7 +43,7 @@ def core_for(cfg: RunConfig) -> tuple[HostCore, SessionRegistry]:
 
 
 def fake_session(gid: int) -> Any:
-    return SimpleNamespace(guest_id=gid, unresponsive=False, last_tick_done=-1, last_stats={},
+    return SimpleNamespace(guest_id=gid, unresponsive=False, last_tick_done=-1, last_stats={}, stats_keys=None,
                            conn=SimpleNamespace(is_closing=False, in_progress=0))
 
 

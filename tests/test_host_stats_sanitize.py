@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 
@@ -100,3 +101,64 @@ def test_the_compiled_common_case_agrees_with_the_python_check() -> None:
         else:
             assert want[1] or not stats or any(type(v) is int and v > 2**63 for v in stats.values())
     assert taken > 1000
+
+
+def test_stats_as_values_alone_are_the_map_they_stand_for() -> None:
+    """An array of values with the keys of the guest's last map: the same clean stats and problems as the map
+    itself, whether the compiled pass takes it or the Python check names what is wrong; a length that does
+    not match names both counts."""
+    from balloonlab.hostd._books import plausible_values
+    from balloonlab.hostd.session import MAX_STAT_KEY_CHARS
+
+    rng = np.random.default_rng(12)
+    bad_values: list = [-1, -0.5, math.nan, math.inf, MAX_STAT_VALUE * 2, 2**53 + 1, 2**70, True, "7", None, [1]]
+    taken = 0
+    for _ in range(3000):
+        n = int(rng.integers(1, 140))
+        stats: dict = {f"k{i}": (int(rng.integers(0, 2**53)) if rng.random() < 0.5 else float(rng.random() * 1e6))
+                       for i in range(n)}
+        if rng.random() < 0.4:
+            stats[f"k{int(rng.integers(0, n))}"] = bad_values[int(rng.integers(0, len(bad_values)))]
+        if rng.random() < 0.1:
+            stats["x" * int(rng.integers(MAX_STAT_KEY_CHARS, MAX_STAT_KEY_CHARS + 2))] = 1
+        keys, values = tuple(stats), list(stats.values())
+        got = sanitize_stats(values, keys)
+        want = sanitize_stats(stats)
+        assert got == want and list(got[0]) == list(want[0])
+        fast = plausible_values(keys, values, MAX_STAT_KEYS, MAX_STAT_KEY_CHARS, MAX_STAT_VALUE)
+        if fast is not None:
+            taken += 1
+            assert want[1] == [] and fast == want[0]
+    assert taken > 1000
+    assert plausible_values(("a", "b"), [1], MAX_STAT_KEYS, MAX_STAT_KEY_CHARS, MAX_STAT_VALUE) is None
+    clean, problems = sanitize_stats([1, 2], ("a",))
+    assert clean == {} and "2 values" in problems[0] and "1 keys" in problems[0]
+    clean, problems = sanitize_stats([1], None)
+    assert clean == {} and "no keys" in problems[0]
+
+
+def test_a_tick_done_array_needs_the_keys_of_a_map_before_it() -> None:
+    from balloonlab.hostd.session import check_tick_done
+    from balloonlab.proto.messages import TickDone
+
+    def done(stats: Any) -> TickDone:
+        return TickDone(0, 10_000.0, stats, b"", b"")
+
+    assert check_tick_done(done({"refs": 1, "pff": 0.5}), 10_000, 16) is None
+    assert check_tick_done(done([1, 0.5]), 10_000, 16, ("refs", "pff")) is None
+    assert "before any map" in check_tick_done(done([1, 0.5]), 10_000, 16)
+    assert "3 values" in check_tick_done(done([1, 0.5, 2]), 10_000, 16, ("refs", "pff"))
+    assert "empty" in check_tick_done(done([]), 10_000, 16, ("refs",))
+
+
+def test_a_guest_sends_its_keys_once_then_values_until_they_change() -> None:
+    from balloonlab.guestd.statswire import StatsOnWire
+
+    wire = StatsOnWire()
+    first = {"refs": 1, "pff": 0.5}
+    assert wire(first) is first
+    assert wire({"refs": 2, "pff": 0.25}) == [2, 0.25]
+    assert wire({"pff": 0.25, "refs": 3}) == {"pff": 0.25, "refs": 3}      # another order: a map again
+    assert wire({"pff": 0.5, "refs": 4}) == [0.5, 4]
+    assert wire({"pff": 0.5, "refs": 4, "free": 9}) == {"pff": 0.5, "refs": 4, "free": 9}
+    assert StatsOnWire()({"refs": 5, "pff": 0.5}) == {"refs": 5, "pff": 0.5}   # a new connection starts with a map

@@ -166,6 +166,8 @@ def attacks_tick_1(g: RawGuest) -> None:
     r["tick_done_empty_stats"] = tick_done_error({"stats": {}})
     r["tick_done_far_future"] = tick_done_error({"vt_us": 1e15})
     r["tick_done_before_its_tick"] = tick_done_error({"vt_us": t["vt_us"] - 1.0})
+    # Stats as values alone stand for the keys of this connection's last map (tick 0's: just "refs").
+    r["tick_done_values_not_the_keys"] = tick_done_error({"stats": [1, 2]})
     # A program of requests to answer ahead (proto/README.md, "Answers ahead") that the host cannot run:
     # the TickDone is refused whole, before anything is served.
     r["tick_done_bad_ahead"] = tick_done_error({"ahead": struct.pack("<4d", 1e9, 0.1, 3.0, float("inf")),
@@ -276,7 +278,8 @@ def test_every_attack_is_refused_with_its_code(hostile_run: Any) -> None:
     assert code == BAD_FIELD and "pff" in message and "free" in message and "refs" in message
     for key, words in (("tick_done_wrong_tick", ("vt_us", "tick 10000")), ("tick_done_bad_bitmap", ("accessed",)),
                        ("tick_done_empty_stats", ("stats", "empty")), ("tick_done_far_future", ("vt_us", "1000000000000000.0")),
-                       ("tick_done_before_its_tick", ("vt_us",)), ("tick_done_bad_ahead", ("TickDone.ahead",))):
+                       ("tick_done_before_its_tick", ("vt_us",)), ("tick_done_bad_ahead", ("TickDone.ahead",)),
+                       ("tick_done_values_not_the_keys", ("TickDone.stats", "2 values", "1 keys"))):
         code, message = r[key]
         assert code == BAD_FIELD and all(w in message for w in words), (key, message)
     flood = r["flood"]
@@ -309,8 +312,8 @@ def test_each_refusal_is_counted_per_code_and_logged(hostile_run: Any) -> None:
     # and a second TickDone for tick 1 (the absurd one had counted).
     exact = {"OUT_OF_RANGE": 3, "INVALID_STATE": 4, "UNKNOWN_TYPE": 3, "NOT_AUTHENTICATED": 2,
              "DUPLICATE_GUEST": 1, "BAD_TOKEN": 1, "UNKNOWN_GUEST": 1, "VERSION_MISMATCH": 1, "BAD_FRAME": 2,
-             # 6 bad requests, 3 bad read chains, 6 TickDones refused whole, the absurd stats
-             "BAD_FIELD": 16, **({"OVERLOADED": flood} if flood else {})}
+             # 6 bad requests, 3 bad read chains, 7 TickDones refused whole, the absurd stats
+             "BAD_FIELD": 17, **({"OVERLOADED": flood} if flood else {})}
     assert counted == exact
     rejected = [e for e in hostile_run["h"].events("request_rejected")]
     logged = Counter(e["code"] for e in rejected)

@@ -30,6 +30,7 @@ VALID = {
     "bin": b"\x01\x02",
     "pages": np.array([0, 1, 2**63 + 5], dtype="<u8").tobytes(),
     "map": {"k": 1, "nested": {"x": [1, 2]}},
+    "stats": {"refs": 1, "pff": 0.5},
     "list": [[0, 4, "img", 0, False, [0.25, 0.45]]],
 }
 
@@ -41,6 +42,7 @@ INVALID = {
     "bin": ["abc", 1, None, [1, 2]],
     "pages": ["abc", [1, 2], 1, None, b"\x00" * 7, b"\x00" * 12],
     "map": [[("k", 1)], "k", 1, None, {1: "int key"}, {b"k": "bin key"}],
+    "stats": ["k", 1, None, b"\x01", {1: "int key"}, {b"k": "bin key"}],
     "list": [{"k": 1}, "k", 1, None, b"\x01"],
 }
 
@@ -271,6 +273,8 @@ _WIRE = {  # SPEC kind -> (msgpack type, constraints)
     "pages": ("bin", f"little-endian u64 each; length a multiple of 8; at most "
                      f"{m.MAX_PAGES_PER_MESSAGE:,} entries"),
     "map": ("map", "keys are str; values any msgpack value"),
+    "stats": ("map or array", "a map (keys are str; values any msgpack value), or an array: the values of the "
+                              "keys of the sender's last map, in that order (see the field's description)"),
     "list": ("array", "its entries are checked by the message (see its description)"),
 }
 

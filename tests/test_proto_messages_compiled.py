@@ -57,7 +57,7 @@ def test_compiled_from_body_agrees_with_the_general_path(data: bytes) -> None:
 def test_compiled_from_body_agrees_on_every_edge_value(cls: type[m.Message]) -> None:
     """Values at each inline test's edges, field by field, in bodies that are otherwise valid."""
     valid = {"int": 7, "number": 12.5, "str": "abc", "bin": b"\x01", "pages": b"\x00" * 16,
-             "map": {"k": 1}, "list": [1]}
+             "map": {"k": 1}, "stats": [1], "list": [1]}
     edges = [0, -0.0, 0.0, -1, 1, 2**64 - 1, -2**63, True, False, None, math.nan, math.inf, -math.inf,
              1e308, 5e-324, "", "x", b"", b"\x00" * 7, b"\x00" * 8, b"\x00" * 8 * m.MAX_PAGES_PER_MESSAGE,
              b"\x00" * 8 * (m.MAX_PAGES_PER_MESSAGE + 1), bytearray(8), [], [1], {}, {"a": 1}, {1: 1}, (1,)]
