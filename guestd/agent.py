@@ -47,7 +47,7 @@ from .audit import audit_reply, pausing_call
 from .errors import GuestdError
 from .gate import VcpuGate, VcpuStopped
 from .session import GuestSessionState, build_guest
-from .statswire import StatsOnWire
+from .statswire import StatsOnWire, StatsRow
 
 __all__ = ["GuestAgent", "EXIT_OK", "EXIT_HOST_LOST", "EXIT_REFUSED"]
 
@@ -228,7 +228,7 @@ class GuestAgent:
             return EXIT_OK
         raise AssertionError("the vCPU returned without the run ending")  # pragma: no cover
 
-    def _send_tick_done(self, tick: int, vt_us: float, stats: dict[str, Any], accessed: bytes, dirty: bytes,
+    def _send_tick_done(self, tick: int, vt_us: float, stats: StatsRow, accessed: bytes, dirty: bytes,
                         ahead: bytes = b"") -> None:
         if self.conn is None or self.conn.is_closing:
             return   # the loss stops the gate

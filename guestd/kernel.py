@@ -86,7 +86,7 @@ from .readahead import Readahead
 from .stats import BackgroundCounters, PagingCounters, PffMeter, WorkingSetSampler
 from .swap import SwapArea
 
-__all__ = ["GuestKernel", "OomHook", "EV_PAGE_LOST", "ENGINES", "default_engine"]
+__all__ = ["GuestKernel", "OomHook", "EV_PAGE_LOST", "ENGINES", "default_engine", "STAT_KEYS"]
 
 OomHook = Callable[[int], Awaitable[Any]]
 
@@ -143,6 +143,7 @@ _STAT_KEYS = PagingCounters.FIELDS + BackgroundCounters.FIELDS + (
     "kernel_pages", "soft_cached_pages", "discarded_pages", "unbacked_pages", "shared_pages", "cow_faults",
     "share_protected", "swap_used", "swap_total", "pff", "pff_last", "working_set_pages", "working_set_fraction",
     "vt_us")
+STAT_KEYS = _STAT_KEYS     # the keys of ``GuestKernel.stats()``, in order (``stat_values()``)
 _I64 = np.dtype(np.int64)
 
 # GuestKernel._ks: the kernel's scalar state, shared with the compiled core (its KS_NAMES)
@@ -1792,6 +1793,10 @@ class GuestKernel:
 
     def stats(self) -> dict[str, int | float]:
         """Cumulative counters and current gauges (virtio-balloon's, plus ours); JSON-serialisable."""
+        return dict(zip(_STAT_KEYS, self.stat_values()))    # a new dict
+
+    def stat_values(self) -> list[int | float]:
+        """``stats()``'s values alone, in ``STAT_KEYS`` order (a new list): every tick end of every guest."""
         fr = self.frames
         g = self._gauges
         if _paging is not None:     # every tick of every guest: one pass, not four numpy calls
@@ -1806,7 +1811,7 @@ class GuestKernel:
         counts = self.counters.array.tolist()
         self._ra_resolve()
         ws = self.ws
-        # one list in _STAT_KEYS' order and one dict from it: this runs at every tick end of every guest
+        # one list in _STAT_KEYS' order: this runs at every tick end of every guest
         counts += self.bg.values()
         counts += (
             # direct reclaim: the faults' own evictions (everything not kswapd's, reclaim()'s or the balloon's)
@@ -1817,7 +1822,7 @@ class GuestKernel:
             float(self.pff.pff), float(self.pff.last_rate), int(ws.estimate_pages), float(ws.last_fraction),
             float(self._vt[0]),
         )
-        return dict(zip(_STAT_KEYS, counts))    # a new dict
+        return counts
 
     # ------------------------------------------------------------------ integrity
 

@@ -31,7 +31,7 @@ from balloonlab.proto.rpc import RpcConnection
 
 from .gate import VcpuGate, VcpuStopped
 from .session import GuestSessionState, build_guest
-from .statswire import StatsOnWire
+from .statswire import StatsOnWire, StatsRow
 
 __all__ = ["rehearse", "REHEARSAL_TICKS"]
 
@@ -76,7 +76,7 @@ class _StandIn:
             self.ahead_owed = False
             st.take_ahead(self.tick, _NO_TOKENS, b"")
 
-    def tick_done(self, tick: int, vt_us: float, stats: dict[str, Any], accessed: bytes, dirty: bytes,
+    def tick_done(self, tick: int, vt_us: float, stats: StatsRow, accessed: bytes, dirty: bytes,
                   ahead: bytes = b"") -> None:
         self.codec._encode([2, 0, int(MsgType.TICK_DONE), TickDone(tick, vt_us, self.stats_on_wire(stats),
                                                                     accessed, dirty, ahead).to_body()])

@@ -50,10 +50,12 @@ from balloonlab.proto.rpc import RpcConnection
 
 from .balloon import BalloonDriver
 from .gate import VcpuGate
+from .kernel import STAT_KEYS
 from .locks import GuardedBlockDevice, GuardedHypervisor, GuestLocks
 from .psi import PsiMeter
 from .remote import RemoteBlockDevice, RemoteHypervisor, VcpuLink
 from .reporting import FreePageReporter
+from .statswire import StatsRow
 from .workload.generators import take_frees
 
 __all__ = ["GuestSessionState", "build_guest", "warm_up"]
@@ -63,8 +65,10 @@ log = structlog.get_logger("guestd")
 MIN_BATCH_REFS = 64
 
 _NO_HOLD = contextlib.nullcontext()     # reusable: no lock model, nothing held across the tick
+_KERNEL_KEY_SET = frozenset(STAT_KEYS)
+_K_REFS, _K_VT_US = STAT_KEYS.index("refs"), STAT_KEYS.index("vt_us")
 
-TickDoneSender = Callable[..., None]    # (tick, vt_us, stats, accessed, dirty[, ahead])
+TickDoneSender = Callable[..., None]    # (tick, vt_us, stats: StatsRow, accessed, dirty[, ahead])
 
 
 class GuestSessionState:
@@ -87,6 +91,8 @@ class GuestSessionState:
         self.locks: GuestLocks | None = None   # the lock model, when the host's [locks] names a protocol
         self.send_tick_done: TickDoneSender | None = None
         self._refs_at_park = 0
+        self._rest_keys: tuple[str, ...] | None = None    # stat_row(): the keys after the kernel's, last time
+        self._row_keys: tuple[str, ...] | None = None     # ... and all of them (None: merged as maps)
         self._carry: tuple[np.ndarray, np.ndarray] | None = None   # the rest of a batch cut at the gate
         self.carried_refs = 0          # references carried over a gate (cumulative)
         self.gate.on_park = self._parked
@@ -224,14 +230,14 @@ class GuestSessionState:
         """The vCPU reached the gate of ``tick`` at ``vt_us``: report the tick (TickDone)."""
         self.ticks_run += 1
         self.psi.advance(vt_us)
-        stats = self.stats()
+        stats = self.stat_row({
+            "tick_vt_us": round(float(vt_us), 3),
+            # the part of the overshoot past the tick's end that a request in flight at the gate explains
+            "tick_inflight_us": round(self.link.inflight_us(self.gate.gate_us), 3) if self.link else 0.0})
         self._refs_at_park = int(stats["refs"])
-        stats["tick_vt_us"] = round(float(vt_us), 3)
-        # the part of the overshoot past the tick's end that a request in flight at the gate explains
-        stats["tick_inflight_us"] = round(self.link.inflight_us(self.gate.gate_us), 3) if self.link else 0.0
         accessed, dirty = self.kernel.take_ad_bytes()
         if tick % self.metrics_every_ticks == self.metrics_every_ticks - 1:
-            log.info(ev.TICK_COMPLETED, tick=tick, **stats)
+            log.info(ev.TICK_COMPLETED, tick=tick, **stats.as_dict())
         ahead = b""
         gate = self.gate
         if self._carry is not None and self._frees is None and tick != gate.last_tick:
@@ -280,20 +286,38 @@ class GuestSessionState:
             self.ahead_answered += self.kernel.answered_ahead(prog, tokens, np.frombuffer(times, "<f8").tolist())
 
     def stats(self) -> dict[str, Any]:
-        s = self.kernel.stats()     # a new dict each time
-        s.update(self.balloon.stats())
-        s.update(self.psi.stats())
+        """The stats a TickDone would report now, as a map."""
+        return self.stat_row().as_dict()
+
+    def stat_row(self, tail: dict[str, Any] | None = None) -> StatsRow:
+        """The stats a TickDone reports (then ``tail``'s), as keys and values: the kernel's ~65 as one list,
+        the rest from a small map; the keys one tuple for as long as they stay the same."""
+        values = self.kernel.stat_values()
+        values[_K_VT_US] = round(float(self.kernel.vt_us), 3)
+        rest = self.balloon.stats()
+        rest.update(self.psi.stats())
         if self.reporter is not None:
-            s.update(self.reporter.stats())
-            s["frames_discarded"] = int(getattr(self.reporter.hypervisor, "frames_discarded", 0))
-        s["refs_done"] = int(s["refs"]) - self._refs_at_park      # completed since the last TickDone
-        s["carried_refs"] = self.carried_refs
-        s["ahead_answered"] = self.ahead_answered
-        s["gate_parks_in_request"] = self.gate.parks_in_request
-        s["vt_us"] = round(float(self.kernel.vt_us), 3)
+            rest.update(self.reporter.stats())
+            rest["frames_discarded"] = int(getattr(self.reporter.hypervisor, "frames_discarded", 0))
+        rest["refs_done"] = int(values[_K_REFS]) - self._refs_at_park      # completed since the last TickDone
+        rest["carried_refs"] = self.carried_refs
+        rest["ahead_answered"] = self.ahead_answered
+        rest["gate_parks_in_request"] = self.gate.parks_in_request
         if self.locks is not None:
-            s.update(self.locks.stats())
-        return s
+            rest.update(self.locks.stats())
+        if tail:
+            rest.update(tail)
+        rest_keys = tuple(rest)
+        if rest_keys != self._rest_keys:
+            self._rest_keys = rest_keys
+            # a key of the rest that the kernel reports too takes the kernel's place, as a map's update does
+            self._row_keys = None if _KERNEL_KEY_SET.intersection(rest_keys) else STAT_KEYS + rest_keys
+        if self._row_keys is None:
+            merged = dict(zip(STAT_KEYS, values))
+            merged.update(rest)
+            return StatsRow(tuple(merged), list(merged.values()))
+        values += rest.values()
+        return StatsRow(self._row_keys, values)
 
     def invalidate(self, gpfns: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """TLB shootdown: the tokens the gpfns held and which were clean page cache (bools)."""

@@ -55,9 +55,9 @@ class FakeHost:
         else:
             self.gate.open(TickStart(self.tick, float(self.tick * TICK_US), TICK_US))
 
-    def on_tick_done(self, tick: int, vt_us: float, stats: dict[str, Any], accessed: bytes, dirty: bytes) -> None:
+    def on_tick_done(self, tick: int, vt_us: float, stats: Any, accessed: bytes, dirty: bytes) -> None:
         assert tick == self.tick, (tick, self.tick)
-        self.tick_done.append((tick, vt_us, stats))
+        self.tick_done.append((tick, vt_us, stats.as_dict()))
         if self.boundary is not None:
             self.boundary(tick)
         asyncio.get_running_loop().call_soon(self._next_tick)   # as the host does, after the barrier

@@ -152,13 +152,45 @@ def test_a_tick_done_array_needs_the_keys_of_a_map_before_it() -> None:
 
 
 def test_a_guest_sends_its_keys_once_then_values_until_they_change() -> None:
-    from balloonlab.guestd.statswire import StatsOnWire
+    from balloonlab.guestd.statswire import StatsOnWire, StatsRow
 
     wire = StatsOnWire()
-    first = {"refs": 1, "pff": 0.5}
-    assert wire(first) is first
-    assert wire({"refs": 2, "pff": 0.25}) == [2, 0.25]
-    assert wire({"pff": 0.25, "refs": 3}) == {"pff": 0.25, "refs": 3}      # another order: a map again
-    assert wire({"pff": 0.5, "refs": 4}) == [0.5, 4]
+    keys = ("refs", "pff")
+    assert wire(StatsRow(keys, [1, 0.5])) == {"refs": 1, "pff": 0.5}
+    assert wire(StatsRow(keys, [2, 0.25])) == [2, 0.25]
+    assert wire(StatsRow(("refs", "pff"), [3, 0.25])) == [3, 0.25]          # equal keys, another tuple
+    assert wire(StatsRow(("pff", "refs"), [0.25, 3])) == {"pff": 0.25, "refs": 3}   # another order: a map again
+    assert wire(StatsRow(("pff", "refs"), [0.5, 4])) == [0.5, 4]
+    assert wire({"pff": 0.5, "refs": 5}) == [0.5, 5]                        # a plain map is as good
     assert wire({"pff": 0.5, "refs": 4, "free": 9}) == {"pff": 0.5, "refs": 4, "free": 9}
-    assert StatsOnWire()({"refs": 5, "pff": 0.5}) == {"refs": 5, "pff": 0.5}   # a new connection starts with a map
+    assert StatsOnWire()(StatsRow(keys, [5, 0.5])) == {"refs": 5, "pff": 0.5}   # a new connection starts with a map
+    row = StatsRow(keys, [6, 0.75])
+    assert row["pff"] == 0.75 and row.get("free", 0) == 0 and len(row) == 2
+
+
+def test_a_guests_stat_row_is_its_stats_map() -> None:
+    """The row a TickDone reports is the map the guest's stats were before rows: the kernel's keys, then
+    the balloon's, PSI's and the session's, the clock rounded in the kernel's place; the tuple of keys is
+    the same object from one tick to the next."""
+    from balloonlab.guestd import rehearsal
+
+    rows = []
+    done = rehearsal._StandIn.tick_done
+
+    def keep(self: Any, tick: int, vt_us: float, stats: Any, *rest: Any) -> None:
+        rows.append(stats)
+        done(self, tick, vt_us, stats, *rest)
+
+    rehearsal._StandIn.tick_done = keep   # type: ignore[method-assign]
+    try:
+        assert rehearsal.rehearse() == 0
+    finally:
+        rehearsal._StandIn.tick_done = done   # type: ignore[method-assign]
+    assert len(rows) >= 2 and rows[0].keys is rows[-1].keys
+    from balloonlab.guestd.kernel import STAT_KEYS
+    keys = rows[-1].keys
+    assert keys[:len(STAT_KEYS)] == STAT_KEYS and len(set(keys)) == len(keys)
+    assert keys[-2:] == ("tick_vt_us", "tick_inflight_us") and "balloon_target_pages" in keys
+    assert "psi_some_us" in keys and "refs_done" in keys
+    last = rows[-1].as_dict()
+    assert last["vt_us"] == round(last["vt_us"], 3) and last["refs"] >= last["refs_done"] > 0
