@@ -466,6 +466,26 @@ done:
     return result;
 }
 
+/* A stat value plainly plausible: exactly an int or a float in [0, max_value] (not NaN); an int is held
+ * against max_int exactly, as Python compares them (2**53 + 1 > 2.0**53). An int beyond 64 bits is not
+ * plain (Python's check decides it). */
+static int plausible_number(PyObject *value, double max_value, long long max_int) {
+    if (PyFloat_CheckExact(value)) {
+        double d = PyFloat_AS_DOUBLE(value);
+        return d >= 0.0 && d <= max_value;      /* (NaN fails both) */
+    }
+    if (PyLong_CheckExact(value)) {
+        int overflow;
+        long long x = PyLong_AsLongLongAndOverflow(value, &overflow);
+        if (overflow || (x == -1 && PyErr_Occurred())) {
+            PyErr_Clear();
+            return 0;
+        }
+        return x >= 0 && x <= max_int;
+    }
+    return 0;
+}
+
 /* plausible_stats(stats, max_keys, max_key_chars, max_value) -> a copy of stats, or None.
  *
  * hostd/session.py's sanitize_stats for the stats every TickDone brings (all plausible): a dict of at
@@ -484,29 +504,15 @@ static PyObject *mod_plausible_stats(PyObject *self, PyObject *args) {
     PyObject *key, *value;
     while (PyDict_Next(stats, &pos, &key, &value)) {
         if (!PyUnicode_CheckExact(key) || PyUnicode_GET_LENGTH(key) > max_chars) Py_RETURN_NONE;
-        if (PyFloat_CheckExact(value)) {
-            double d = PyFloat_AS_DOUBLE(value);
-            if (!(d >= 0.0 && d <= max_value)) Py_RETURN_NONE;      /* (NaN fails both) */
-        } else if (PyLong_CheckExact(value)) {
-            int overflow;
-            long long x = PyLong_AsLongLongAndOverflow(value, &overflow);
-            if (overflow || (x == -1 && PyErr_Occurred())) {
-                PyErr_Clear();
-                Py_RETURN_NONE;
-            }
-            if (x < 0 || x > max_int) Py_RETURN_NONE;
-        } else {
-            Py_RETURN_NONE;
-        }
+        if (!plausible_number(value, max_value, max_int)) Py_RETURN_NONE;
     }
     return PyDict_Copy(stats);
 }
 
 /* plausible_values(keys, values, max_keys, max_key_chars, max_value) -> {keys[i]: values[i]}, or None.
  *
- * A TickDone's stats as an array (the values of the keys the guest's last map named, checked when that
- * map's keys, as that map sent them): plausible_stats's tests of each key and value, the dict built in the
- * same pass. None when the lengths differ or anything is not plainly plausible: sanitize_stats's own
+ * A TickDone's stats as an array of the values of the keys the guest's last map named (those keys as
+ * that map sent them): plausible_stats's tests of each key and value, the dict built in the same pass. None when the lengths differ or anything is not plainly plausible: sanitize_stats's own
  * checks then decide. */
 static PyObject *mod_plausible_values(PyObject *self, PyObject *args) {
     PyObject *keys, *values;
@@ -523,20 +529,7 @@ static PyObject *mod_plausible_values(PyObject *self, PyObject *args) {
         PyObject *key = PyTuple_GET_ITEM(keys, i);
         if (!PyUnicode_CheckExact(key) || PyUnicode_GET_LENGTH(key) > max_chars) Py_RETURN_NONE;
         PyObject *value = PyList_GET_ITEM(values, i);
-        if (PyFloat_CheckExact(value)) {
-            double d = PyFloat_AS_DOUBLE(value);
-            if (!(d >= 0.0 && d <= max_value)) Py_RETURN_NONE;      /* (NaN fails both) */
-        } else if (PyLong_CheckExact(value)) {
-            int overflow;
-            long long x = PyLong_AsLongLongAndOverflow(value, &overflow);
-            if (overflow || (x == -1 && PyErr_Occurred())) {
-                PyErr_Clear();
-                Py_RETURN_NONE;
-            }
-            if (x < 0 || x > max_int) Py_RETURN_NONE;
-        } else {
-            Py_RETURN_NONE;
-        }
+        if (!plausible_number(value, max_value, max_int)) Py_RETURN_NONE;
     }
     PyObject *out = _PyDict_NewPresized(n);
     if (out == NULL) return NULL;

@@ -69,6 +69,25 @@ def test_random_mixtures_match_the_rule_key_by_key() -> None:
         assert len(problems) == min(n_problems, 8)
 
 
+_BAD_VALUES: list = [-1, -0.5, math.nan, math.inf, MAX_STAT_VALUE * 2, 2**53 + 1, 2**70, True, "7", None, [1]]
+
+
+def _random_stats(rng: np.random.Generator, min_keys: int) -> dict:
+    """A stats map, most of it plausible; half the time one bad value of each kind (or ints past 64 bits,
+    which only Python may judge) or a key too long."""
+    from balloonlab.hostd.session import MAX_STAT_KEY_CHARS
+
+    n = int(rng.integers(min_keys, 140))
+    stats: dict = {f"k{i}": (int(rng.integers(0, 2**53)) if rng.random() < 0.5 else float(rng.random() * 1e6))
+                   for i in range(n)}
+    if n and rng.random() < 0.5:
+        if rng.random() < 0.8:
+            stats[f"k{int(rng.integers(0, n))}"] = _BAD_VALUES[int(rng.integers(0, len(_BAD_VALUES)))]
+        else:
+            stats["x" * int(rng.integers(MAX_STAT_KEY_CHARS, MAX_STAT_KEY_CHARS + 2))] = 1
+    return stats
+
+
 def test_the_compiled_common_case_agrees_with_the_python_check() -> None:
     """Random stats maps, most plausible, some with one bad key or value of each kind (and ints past 64
     bits, which only Python may judge): the compiled pass keeps exactly what the Python check keeps, as a
@@ -77,18 +96,9 @@ def test_the_compiled_common_case_agrees_with_the_python_check() -> None:
     from balloonlab.hostd.session import MAX_STAT_KEY_CHARS, _sanitize_in_python
 
     rng = np.random.default_rng(11)
-    bad_values: list = [-1, -0.5, math.nan, math.inf, MAX_STAT_VALUE * 2, 2**53 + 1, 2**70, True, "7", None, [1]]
     taken = 0
     for _ in range(3000):
-        n = int(rng.integers(0, 140))
-        stats: dict = {f"k{i}": (int(rng.integers(0, 2**53)) if rng.random() < 0.5 else float(rng.random() * 1e6))
-                       for i in range(n)}
-        if n and rng.random() < 0.5:
-            key = f"k{int(rng.integers(0, n))}"
-            if rng.random() < 0.8:
-                stats[key] = bad_values[int(rng.integers(0, len(bad_values)))]
-            else:
-                stats["x" * int(rng.integers(MAX_STAT_KEY_CHARS, MAX_STAT_KEY_CHARS + 2))] = 1
+        stats = _random_stats(rng, 0)
         if rng.random() < 0.05:
             stats["neg_zero"] = -0.0
         fast = plausible_stats(stats, MAX_STAT_KEYS, MAX_STAT_KEY_CHARS, MAX_STAT_VALUE)
@@ -111,16 +121,9 @@ def test_stats_as_values_alone_are_the_map_they_stand_for() -> None:
     from balloonlab.hostd.session import MAX_STAT_KEY_CHARS
 
     rng = np.random.default_rng(12)
-    bad_values: list = [-1, -0.5, math.nan, math.inf, MAX_STAT_VALUE * 2, 2**53 + 1, 2**70, True, "7", None, [1]]
     taken = 0
     for _ in range(3000):
-        n = int(rng.integers(1, 140))
-        stats: dict = {f"k{i}": (int(rng.integers(0, 2**53)) if rng.random() < 0.5 else float(rng.random() * 1e6))
-                       for i in range(n)}
-        if rng.random() < 0.4:
-            stats[f"k{int(rng.integers(0, n))}"] = bad_values[int(rng.integers(0, len(bad_values)))]
-        if rng.random() < 0.1:
-            stats["x" * int(rng.integers(MAX_STAT_KEY_CHARS, MAX_STAT_KEY_CHARS + 2))] = 1
+        stats = _random_stats(rng, 1)
         keys, values = tuple(stats), list(stats.values())
         got = sanitize_stats(values, keys)
         want = sanitize_stats(stats)
