@@ -448,8 +448,14 @@ async def _fuzz_host(data: bytes) -> None:
             pass
         mem.check_invariant()
     stats = inp.value()
+    clean: Any = None
     if isinstance(stats, dict):
         clean, problems = sanitize_stats({str(k): v for k, v in stats.items()})
+    elif isinstance(stats, list):   # values alone, with the keys of a map before (maybe of another length)
+        keys = tuple(f"k{i}" for i in range(len(stats) + inp.pick([0, 0, 0, 1, -1])))
+        clean, problems = sanitize_stats(stats, None if inp.chance(8) else keys)
+        assert clean or problems or not stats
+    if clean is not None:
         assert len(clean) <= MAX_STAT_KEYS and len(problems) <= 8
         for v in clean.values():
             assert type(v) in (int, float) and 0 <= v <= MAX_STAT_VALUE and math.isfinite(v)
