@@ -85,12 +85,14 @@ def procs_mentioning(text: str) -> list[tuple[int, str]]:
     return found
 
 
-def wait_until(pred: Callable[[], bool], timeout_s: float, interval_s: float = 0.05, what: str = "condition") -> None:
-    """Poll ``pred`` until true; fail with ``what`` after ``timeout_s``."""
+def wait_until(pred: Callable[[], bool], timeout_s: float, interval_s: float = 0.05, what: str = "condition",
+               detail: Callable[[], str] | None = None) -> None:
+    """Poll ``pred`` until true; fail with ``what`` (and ``detail()``, e.g. the run's logs) after ``timeout_s``."""
     deadline = time.monotonic() + timeout_s
     while not pred():
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+            more = f"\n{detail()}" if detail is not None else ""
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}{more}")
         time.sleep(interval_s)
 
 

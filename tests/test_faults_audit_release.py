@@ -12,12 +12,11 @@ from __future__ import annotations
 import json
 import os
 import signal
-import time
 from pathlib import Path
 
 import pytest
 
-from tests.procs import Launched, dump_logs
+from tests.procs import Launched, dump_logs, wait_until
 from tests.rawclient import record_fault, run_pids, wait_guest_stopped
 from tests.test_launch import assert_no_leftovers, events_named, read_jsonl, read_jsonl_partial
 
@@ -53,10 +52,9 @@ def test_a_guest_whose_audit_is_checked_ends_while_another_has_not_answered(tmp_
         os.environ.pop("BALLOONLAB_PAUSE_AT", None)
     try:
         pid = wait_guest_stopped(run, run_dir, STOPPED)
-        deadline = time.monotonic() + 8.0          # well inside the stopped guest's 10 s audit deadline
-        while any(f"guest-{g}" in run_pids(run_dir) for g in OTHERS):
-            assert time.monotonic() < deadline, f"guests {OTHERS} still running\n{dump_logs(run_dir)}"
-            time.sleep(0.02)
+        # well inside the stopped guest's 10 s audit deadline
+        wait_until(lambda: not any(f"guest-{g}" in run_pids(run_dir) for g in OTHERS), 8.0, 0.02,
+                   f"guests {OTHERS} to exit", lambda: dump_logs(run_dir))
         # They are gone, and the host is still waiting for the stopped guest's claims.
         host_so_far = read_jsonl_partial(run_dir / "host.jsonl")
         assert not events_named(host_so_far, "audit_completed"), dump_logs(run_dir)
