@@ -18,13 +18,14 @@ def launcher_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "balloonlab.launch", *args]
 
 
-def _env() -> dict[str, str]:
-    return dict(os.environ, OPENBLAS_NUM_THREADS="1", PYTHONPATH=str(REPO))
+def _env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    return dict(os.environ, OPENBLAS_NUM_THREADS="1", PYTHONPATH=str(REPO), **(extra or {}))
 
 
-def run_launcher(*args: str, timeout_s: float = 120.0) -> subprocess.CompletedProcess:
-    """Run the launcher to the end; on timeout kill it and everything it started."""
-    proc = subprocess.Popen(launcher_cmd(*args), cwd=REPO, env=_env(), stdout=subprocess.PIPE,
+def run_launcher(*args: str, timeout_s: float = 120.0,
+                 env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run the launcher to the end (``env``: added to the environment); on timeout kill it and everything it started."""
+    proc = subprocess.Popen(launcher_cmd(*args), cwd=REPO, env=_env(env), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         out, err = proc.communicate(timeout=timeout_s)
