@@ -197,7 +197,8 @@ def _main(argv: list[str] | None = None, prog: str = "balloonlab-launch") -> int
     # The scenario's checks import the host's modules, while the host and the fork server start on the
     # same two cores: without the collector's passes over them (nothing they build is garbage, ~8 % of
     # that CPU) and with structlog imported without rich, for console renderers the launcher never uses
-    # (~30 ms of CPU, -X importtime; ``balloonlab.proto.plainlog``).
+    # (~30 ms of CPU, -X importtime; ``balloonlab.proto.plainlog``). What they built is frozen when the
+    # collector resumes, so that its first pass does not walk it either.
     gc_paused = gc.isenabled()
     gc.disable()
     try:
@@ -213,6 +214,7 @@ def _main(argv: list[str] | None = None, prog: str = "balloonlab-launch") -> int
         _check_guest_ids(scenario, args.external_guests, args.expect_guests_lost)
         if gc_paused:
             gc_paused = False
+            gc.freeze()
             gc.enable()
         outcome = launch(path, scenario, run_dir=args.run_dir, force=args.force, transport=args.transport,
                          address=args.address, external_guests=args.external_guests,
