@@ -371,11 +371,11 @@ def warm_up() -> None:
 
 def build_guest(guest_id: int, config: dict[str, Any], conn: RpcConnection,
                 gate: VcpuGate | None = None) -> GuestSessionState:
-    from .config import guest_config_from_mapping
+    from .config import build_checked_workload, guest_config_from_mapping
     from .kernel import GuestKernel
-    from .workload import build_workload
 
-    cfg = guest_config_from_mapping(config, where=f"guest {guest_id}")
+    where = f"guest {guest_id}"
+    cfg = guest_config_from_mapping(config, where=where, check_workload=False)   # checked as it is built, below
     if cfg.ram_pages != config.get("ram_pages", cfg.ram_pages):
         raise ConfigError(f"guest {guest_id}: host thinks ram_pages={config['ram_pages']}, config says {cfg.ram_pages}")
     costs = CostModel.from_mapping(config.get("costs", {}))
@@ -399,7 +399,7 @@ def build_guest(guest_id: int, config: dict[str, Any], conn: RpcConnection,
                          mm_lock=None if locks is None else locks.mm_lock())
     if locks is not None:
         locks.attach(kernel)
-    workload = build_workload(cfg.workload, cfg.kernel.layout, np.random.default_rng(workload_seed))
+    workload = build_checked_workload(cfg.workload, cfg.kernel.layout, np.random.default_rng(workload_seed), where)
     chain = config.get("read_chain", 0)
     if locks is None and type(chain) is int and chain > 0:
         kernel.enable_read_chain(chain)
