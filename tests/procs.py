@@ -19,7 +19,9 @@ def launcher_cmd(*args: str) -> list[str]:
 
 
 def _env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    return dict(os.environ, OPENBLAS_NUM_THREADS="1", PYTHONPATH=str(REPO), **(extra or {}))
+    env = dict(os.environ, OPENBLAS_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    env.update(extra or {})
+    return env
 
 
 def run_launcher(*args: str, timeout_s: float = 120.0,
