@@ -234,7 +234,8 @@ class GuestSessionState:
             "tick_vt_us": round(float(vt_us), 3),
             # the part of the overshoot past the tick's end that a request in flight at the gate explains
             "tick_inflight_us": round(self.link.inflight_us(self.gate.gate_us), 3) if self.link else 0.0})
-        self._refs_at_park = int(stats["refs"])
+        # (by position: ``stats["refs"]`` would build the row's key index, ~85 keys, at every park)
+        self._refs_at_park = int(stats.values[_K_REFS] if stats.keys[_K_REFS] == "refs" else stats["refs"])
         accessed, dirty = self.kernel.take_ad_bytes()
         if tick % self.metrics_every_ticks == self.metrics_every_ticks - 1:
             log.info(ev.TICK_COMPLETED, tick=tick, **stats.as_dict())
