@@ -107,8 +107,8 @@ def guest_config_from_mapping(raw: Mapping[str, Any], where: str = "guest", *,
 def build_checked_workload(specs: Sequence[Any], layout: Layout, rng: np.random.Generator,
                            where: str = "guest") -> Any:
     """``build_workload`` with ``guest_config_from_mapping``'s error message (``where``: its argument)."""
-    head, path = ("", "guest") if where == "guest" else (where, "guest")
+    head = "" if where == "guest" else where
     try:
-        return build_workload(specs, layout, rng, where=f"{path}.workload")
+        return build_workload(specs, layout, rng, where="guest.workload")
     except GuestConfigError as e:
         raise GuestConfigError(f"{head}: {e}" if head else str(e)) from None
