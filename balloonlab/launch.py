@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any, Coroutine, TypeVar
 # the scenario's schema and checks, which load numpy and the protocol) and loads the scenario.
 from balloonlab.cli import run_cli, say
 from balloonlab.early import (GUEST_START_MODES, EarlyForkServer, EarlyHost, child_env, default_guest_start,
-                              die_with_parent, start_early, start_early_host)
+                              die_with_parent, fork_early_host, host_fork_default, start_early, start_early_host)
 from balloonlab.proto.errors import ConfigError
 from balloonlab.rundir import RunDirError, prepare_run_dir
 
@@ -189,11 +189,17 @@ def _main(argv: list[str] | None = None, prog: str = "balloonlab-launch") -> int
         return 0
     # The host and the fork server import while the launcher imports and loads the scenario (they need
     # only the environment); the first variant hands the host its arguments, and every variant forks
-    # from the server.
-    early_host = start_early_host(child_env(), sys.executable, args.run_dir)
+    # from the server. The fork server starts first; the host is forked from the launcher once it has
+    # imported what the two share (numpy, asyncio, the protocol), or, with BALLOONLAB_HOST_FORK=0 or
+    # where a fork is not safe, started as its own interpreter.
+    forked = host_fork_default()
+    early_host = None if forked else start_early_host(child_env(), sys.executable, args.run_dir)
     early = None
     if (args.guest_start or default_guest_start()) == "fork" and args.external_guests != "all":
         early = start_early(child_env(), sys.executable, die_with_parent, args.run_dir)
+    if early_host is None:
+        early_host = fork_early_host(child_env(), sys.executable, args.run_dir) or \
+            start_early_host(child_env(), sys.executable, args.run_dir)
     # The scenario's checks import the host's modules, while the host and the fork server start on the
     # same two cores: without the collector's passes over them (nothing they build is garbage, ~8 % of
     # that CPU) and with structlog imported without rich, for console renderers the launcher never uses

@@ -210,6 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     if _GC_PAUSED:
         gc.freeze()
         gc.enable()
+    host.start_mode = _start
     host.sched_policy = host_sched(sched, host.core.discipline.request_order)
     if host.sched_policy == "batch":
         host.group_nice = host_group_nice(group_nice)
@@ -233,6 +234,28 @@ def _exit_now(code: int) -> None:
 
 
 _open_files: list[IO[str]] = []   # the log file main() opened
+_start = "exec"                   # how this process became the host: "fork" when forked from the launcher
+
+
+def run_forked(argv: list[str]) -> None:
+    """``main`` in a host forked from the launcher (``balloonlab.early.fork_early_host``), then exit.
+
+    As when started with ``python -m``: the collector paused while it imports and builds, the exit without
+    finalizing the interpreter (whose heap is the launcher's too, and nobody's to tear down)."""
+    global _GC_PAUSED, _start
+    _start = "fork"
+    _GC_PAUSED = True       # an exec'd host's collector runs once it is built, whatever the launcher's did
+    gc.disable()
+    code = 1
+    try:
+        code = main(argv)
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    except BaseException:  # noqa: BLE001 -- as an exec'd interpreter: the traceback, exit 1
+        import traceback
+        traceback.print_exc()
+    finally:
+        _exit_now(code)
 
 
 if __name__ == "__main__":

@@ -135,6 +135,7 @@ class Host:
         self._signals = 0
         self.sched_policy = "normal"    # the process's CPU policy, as the entry point set it (run_started shows it)
         self.group_nice: int | None = None   # its autogroup's nice, when the entry point set one (ditto)
+        self.start_mode = "exec"              # "fork": forked from the launcher (``balloonlab.early``)
         self._last_join_s = time.monotonic()
         self.heartbeat_s = min(1.0, max(0.05, cfg.unresponsive_s / 4))
         self.core.discipline.guard_holds(cfg.unresponsive_s, self.cut_off)
@@ -151,7 +152,8 @@ class Host:
         self.address = bound
         log.info(ev.RUN_STARTED, scenario=self.cfg.scenario, variant=self.cfg.variant, seed=self.cfg.seed,
                  guests=sorted(self.cfg.guest_ids), tick_us=self.cfg.tick_us, ticks=self.cfg.ticks,
-                 address=str(bound), host_sched=self.sched_policy, host_group_nice=self.group_nice)
+                 address=str(bound), host_sched=self.sched_policy, host_group_nice=self.group_nice,
+                 host_start=self.start_mode)
         self._emit({"ready": str(bound)})
         wall0 = time.monotonic()
         reason = "completed"

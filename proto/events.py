@@ -10,7 +10,7 @@ from __future__ import annotations
 __all__ = [name for name in dir() if name.isupper()]
 
 # run lifecycle (host)
-RUN_STARTED = "run_started"              # scenario, variant, seed, guests, tick_us, ticks, host_sched, host_group_nice
+RUN_STARTED = "run_started"              # scenario, variant, seed, guests, tick_us, ticks, host_sched, host_group_nice, host_start
 RUN_FINISHED = "run_finished"            # ticks, vt_us, wall_s, reason, lost_pages, guests_lost
 GUEST_CONNECTED = "guest_connected"      # guest, pid
 GUEST_REFUSED = "guest_refused"          # code, reason (never the token)
