@@ -232,6 +232,12 @@ def fork_early_host(env: dict[str, str], python: str = sys.executable,
     stderr = tempfile.TemporaryFile()
     in_r, in_w = os.pipe2(os.O_CLOEXEC)
     out_r, out_w = os.pipe2(os.O_CLOEXEC)
+    if min(in_r, in_w, out_r, out_w, stderr.fileno()) < 3:
+        # a launcher started with 0, 1 or 2 closed: the child's dup2 onto them would clobber its own pipes
+        for fd in (in_r, in_w, out_r, out_w):
+            os.close(fd)
+        stderr.close()
+        return None
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()         # or the child writes the launcher's buffered output again
@@ -287,10 +293,10 @@ def _become_early_host(parent: int, in_r: int, out_w: int, err_fd: int, env: dic
     os.environ.clear()
     os.environ.update(env)
     shown = [] if run_dir is None else ["--run-dir", str(run_dir)]
-    from balloonlab.hostd.__main__ import ARGS_ON_STDIN, run_forked
+    from balloonlab.hostd import __main__ as host_main
     from balloonlab.proctitle import set_process_image
-    argv = [ARGS_ON_STDIN, *shown]
+    argv = [host_main.ARGS_ON_STDIN, *shown]
     set_process_image([python, "-m", "balloonlab.hostd", *argv], env)
-    sys.argv = [python, *argv]
-    run_forked(argv)
+    sys.argv = [host_main.__file__, *argv]     # as ``python -m`` sets it
+    host_main.run_forked(argv)
     return 1   # (run_forked does not return)

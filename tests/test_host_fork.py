@@ -97,3 +97,13 @@ def test_a_forked_host_runs_the_same_counts_as_an_execd_one(tmp_path: Path) -> N
               for s in summaries.values()]
     assert counts[0]["lost_pages"] == 0
     assert counts[0] == counts[1]
+
+
+def test_no_fork_in_a_launcher_started_with_stdin_closed() -> None:
+    # Its pipes would take descriptor 0, which the child's own stdin then clobbers: it execs a host instead.
+    code = ("import os, sys; from balloonlab.early import child_env, fork_early_host; "
+            "print(fork_early_host(child_env(), sys.executable) is None)")
+    done = subprocess.run(["bash", "-c", 'exec 0<&- && exec "$0" -c "$1"', sys.executable, code], cwd=REPO,
+                          capture_output=True, text=True, timeout=120, env=dict(os.environ, OPENBLAS_NUM_THREADS="1"))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "True"
