@@ -22,13 +22,13 @@ import socket
 import subprocess
 import sys
 import tempfile
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable, NoReturn
 
 if TYPE_CHECKING:
     from pathlib import Path
 
 __all__ = ["EarlyChild", "EarlyHost", "EarlyForkServer", "ForkedChild", "start_early", "start_early_host",
-           "fork_early_host", "host_fork_default", "child_env", "die_with_parent", "default_guest_start",
+           "fork_early_host", "host_fork_default", "child_main", "child_env", "die_with_parent", "default_guest_start",
            "forkserver_default", "GUEST_START_MODES", "ENV_SWITCH", "HOST_FORK_SWITCH", "HOST_PREIMPORTS"]
 
 ENV_SWITCH = "BALLOONLAB_FORKSERVER"
@@ -158,6 +158,26 @@ def start_early_host(env: dict[str, str], python: str = sys.executable, run_dir:
     return EarlyHost(popen, stderr)
 
 
+def child_main(run: Callable[[], int]) -> NoReturn:
+    """In a child forked without an exec: ``run()``, the traceback of whatever escapes it, its streams
+    flushed, and the process ends with its exit status. It never returns into the parent's code."""
+    code = 1
+    try:
+        code = run()
+    except BaseException:  # noqa: BLE001 -- never into the parent's code: its traceback, exit 1
+        try:
+            import traceback
+            traceback.print_exc()
+        except BaseException:  # noqa: BLE001
+            pass
+    finally:
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        finally:
+            os._exit(code)
+
+
 class ForkedChild:
     """A child forked from the launcher without an exec, with the parts of ``subprocess.Popen`` the launcher uses
     (``pid``, ``stdin``, ``stdout``, ``returncode``, ``poll``, ``wait``, ``send_signal``, ``kill``)."""
@@ -252,17 +272,7 @@ def fork_early_host(env: dict[str, str], python: str = sys.executable,
         stderr.close()
         return None
     if pid == 0:
-        code = 1
-        try:
-            code = _become_early_host(parent, in_r, out_w, stderr.fileno(), env, python, run_dir)
-        except BaseException:  # noqa: BLE001 -- never return into the launcher's code
-            try:
-                import traceback
-                traceback.print_exc()
-            except BaseException:  # noqa: BLE001
-                pass
-        finally:
-            os._exit(code)
+        child_main(lambda: _become_early_host(parent, in_r, out_w, stderr.fileno(), env, python, run_dir))
     os.close(in_r)
     os.close(out_w)
     return EarlyHost(ForkedChild(pid, open(in_w, "wb"), open(out_r, "rb")), stderr)  # type: ignore[arg-type]

@@ -56,6 +56,8 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from balloonlab.early import child_main
+
 __all__ = ["main", "PRELOAD", "MAX_PACKET"]
 
 MAX_PACKET = 1 << 20          # one spawn request: argv + environment, far below this
@@ -245,20 +247,7 @@ class _Server:
             _send(self.sock, {"op": "spawn_failed", "id": rid, "error": f"fork: {exc.strerror or exc}"})
             return
         if pid == 0:
-            code = 1
-            try:
-                code = _run_child(req, self.pid, env)
-            except BaseException:  # noqa: BLE001 -- never return into the server's loop
-                try:
-                    traceback.print_exc()
-                except BaseException:  # noqa: BLE001
-                    pass
-            finally:
-                try:
-                    sys.stdout.flush()
-                    sys.stderr.flush()
-                finally:
-                    os._exit(code)
+            child_main(lambda: _run_child(req, self.pid, env))   # never returns into the server's loop
         self.children.add(pid)
         pidfd = os.pidfd_open(pid)
         try:

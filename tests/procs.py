@@ -1,6 +1,7 @@
 """Helpers for tests that run real processes: start, bound, reap, find leftovers."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -9,7 +10,8 @@ import time
 from pathlib import Path
 from typing import Callable
 
-__all__ = ["REPO", "launcher_cmd", "run_launcher", "procs_mentioning", "wait_until", "dump_logs", "Launched"]
+__all__ = ["REPO", "launcher_cmd", "run_launcher", "procs_mentioning", "wait_until", "dump_logs", "Launched",
+           "run_started", "run_counts"]
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -107,3 +109,24 @@ def dump_logs(run_dir: Path, max_lines: int = 40) -> str:
             lines = p.read_text(errors="replace").splitlines()[-max_lines:]
             parts.append(f"--- {p}\n" + "\n".join(lines))
     return "\n".join(parts)
+
+
+def run_started(run_dir: Path) -> dict:
+    """The host's ``run_started`` event of a run directory."""
+    for line in (run_dir / "host.jsonl").read_text().splitlines():
+        event = json.loads(line)
+        if event.get("event") == "run_started":
+            return event
+    raise AssertionError(f"no run_started in {run_dir / 'host.jsonl'}")
+
+
+def _no_wall(value: object) -> object:
+    if isinstance(value, dict):
+        return {k: _no_wall(v) for k, v in value.items() if "wall" not in k}
+    return value
+
+
+def run_counts(run_dir: Path, variant: str = "default") -> object:
+    """A run's summary of one variant without its wall-clock figures: what must not depend on how it ran."""
+    summary = json.loads((run_dir / "summary.json").read_text())
+    return _no_wall({k: summary["variants"][variant][k] for k in ("host", "guests", "lost_pages", "ticks")})

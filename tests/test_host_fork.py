@@ -15,7 +15,7 @@ import textwrap
 from pathlib import Path
 
 from balloonlab.early import fork_early_host
-from tests.procs import REPO, run_launcher
+from tests.procs import REPO, run_counts, run_launcher, run_started
 
 _PROBE = textwrap.dedent("""
     import json, os, sys, time
@@ -70,32 +70,16 @@ def test_no_fork_while_another_thread_runs() -> None:
         t.join()
 
 
-def _run_started(run_dir: Path) -> dict:
-    for line in (run_dir / "host.jsonl").read_text().splitlines():
-        event = json.loads(line)
-        if event.get("event") == "run_started":
-            return event
-    raise AssertionError(f"no run_started in {run_dir / 'host.jsonl'}")
-
-
-def _no_wall(value: object) -> object:
-    if isinstance(value, dict):
-        return {k: _no_wall(v) for k, v in value.items() if "wall" not in k}
-    return value
-
-
 def test_a_forked_host_runs_the_same_counts_as_an_execd_one(tmp_path: Path) -> None:
-    summaries = {}
+    counts = []
     for fork in ("1", "0"):
         run_dir = tmp_path / f"fork-{fork}"
         res = run_launcher("--scenario", "tests-tiny", "--ticks", "6", "--run-dir", str(run_dir), "--no-report",
                            env={"BALLOONLAB_HOST_FORK": fork}, timeout_s=90)
         assert res.returncode == 0, res.stderr[-3000:]
-        assert _run_started(run_dir)["host_start"] == ("fork" if fork == "1" else "exec")
-        summaries[fork] = json.loads((run_dir / "summary.json").read_text())
-    counts = [_no_wall({k: s["variants"]["default"][k] for k in ("host", "guests", "lost_pages", "ticks")})
-              for s in summaries.values()]
-    assert counts[0]["lost_pages"] == 0
+        assert run_started(run_dir)["host_start"] == ("fork" if fork == "1" else "exec")
+        counts.append(run_counts(run_dir))
+    assert counts[0]["lost_pages"] == 0  # type: ignore[index]
     assert counts[0] == counts[1]
 
 

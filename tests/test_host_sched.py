@@ -12,7 +12,7 @@ import pytest
 
 from balloonlab.hostd.__main__ import host_group_nice_wanted, host_sched_wanted
 from balloonlab.proto.errors import ConfigError
-from tests.procs import run_launcher
+from tests.procs import run_counts, run_launcher, run_started
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="no SCHED_BATCH here")
 
@@ -107,39 +107,22 @@ def test_nice_0_leaves_the_group_as_it_is() -> None:
     assert after == before
 
 
-def _run_started(run_dir: Path) -> dict:
-    for line in (run_dir / "host.jsonl").read_text().splitlines():
-        event = json.loads(line)
-        if event.get("event") == "run_started":
-            return event
-    raise AssertionError(f"no run_started in {run_dir / 'host.jsonl'}")
-
-
-def _no_wall(value: object) -> object:
-    """A summary without its wall-clock figures (the only ones the policy may change)."""
-    if isinstance(value, dict):
-        return {k: _no_wall(v) for k, v in value.items() if "wall" not in k}
-    return value
-
-
 def test_a_run_logs_the_hosts_policy_and_its_counts_do_not_depend_on_it(tmp_path: Path) -> None:
-    summaries = {}
+    counts = []
     for want in ("auto", "normal"):
         run_dir = tmp_path / want
         res = run_launcher("--scenario", "tests-tiny", "--ticks", "6", "--run-dir", str(run_dir), "--no-report",
                            env={"BALLOONLAB_HOST_SCHED": want}, timeout_s=90)
         assert res.returncode == 0, res.stderr[-3000:]
-        started = _run_started(run_dir)
+        started = run_started(run_dir)
         assert started["host_sched"] == ("batch" if want == "auto" else "normal")
         if want == "normal":
             assert started["host_group_nice"] is None
         elif _AUTOGROUP.exists():
             # (an unprivileged host may be refused, see above: then it says so)
             assert started["host_group_nice"] == 4 or (not _ROOT and started["host_group_nice"] is None)
-        summaries[want] = json.loads((run_dir / "summary.json").read_text())
-    counts = [_no_wall({k: s["variants"]["default"][k] for k in ("host", "guests", "lost_pages", "ticks")})
-              for s in summaries.values()]
-    assert counts[0]["lost_pages"] == 0
+        counts.append(run_counts(run_dir))
+    assert counts[0]["lost_pages"] == 0  # type: ignore[index]
     assert counts[0] == counts[1]
 
 
