@@ -256,7 +256,10 @@ async def _ask(sessions: "SessionRegistry", spec: GuestSpec, gid: int, timeout_s
         return replies
 
     # Each call is bounded, and so is the whole: a guest cannot stretch the end of the run window by window.
-    return GuestClaims.from_replies(await asyncio.wait_for(ask_all(), timeout_s * max(1, len(windows))))
+    # (In this task, not one ``wait_for`` would start: the first request goes out before the caller's first
+    # wait, so that every guest gathers its claims while the host checks its own memory.)
+    async with asyncio.timeout(timeout_s * max(1, len(windows))):
+        return GuestClaims.from_replies(await ask_all())
 
 
 class _CheckFailed:

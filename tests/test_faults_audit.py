@@ -297,3 +297,44 @@ async def test_each_guests_claims_are_checked_as_they_come(monkeypatch: pytest.M
         ["host memory invariant: frame 7 is made up"] if memory == "violated" else [])
     assert result["lost_pages"] == 3 and result["audited"] == 3
     assert list(result["guests"]) == ["0", "1", "2"] and result["guests"]["2"]["ram_pages"] == 3
+
+
+async def test_every_guest_is_asked_before_the_host_checks_its_own_memory() -> None:
+    """The guests gather their claims while the host runs its full invariant check (it takes a while with
+    many guests): every guest's first Audit request is out before that check starts."""
+    import asyncio
+
+    from balloonlab.hostd import audit as host_audit
+    order: list[str] = []
+    never = asyncio.Event()
+
+    class Conn:
+        def __init__(self, gid: int) -> None:
+            self.gid = gid
+
+        async def call(self, msg: object, timeout_s: float | None = None) -> object:
+            order.append(f"asked {self.gid}")
+            await never.wait()
+
+    class Sessions(dict):
+        def left_for_good(self) -> list[int]:
+            return []
+
+    gids = [0, 1, 2, 3]
+    sessions = Sessions({gid: SimpleNamespace(conn=Conn(gid)) for gid in gids})
+    specs = {gid: SimpleNamespace(ram_pages=8, config={"disk_blocks": 8}) for gid in gids}
+
+    def check_invariant() -> None:
+        order.append("invariant")
+
+    mem = SimpleNamespace(guest_ids=lambda: gids, check_invariant=check_invariant)
+    shootdowns = SimpleNamespace(pending=lambda gid: False)
+    run = asyncio.ensure_future(host_audit.run_audit(sessions, mem, shootdowns, specs,  # type: ignore[arg-type]
+                                                     unresponsive_s=5.0))
+    try:
+        while "invariant" not in order:
+            await asyncio.sleep(0)
+        assert order.index("invariant") == len(gids), order
+    finally:
+        run.cancel()
+        await asyncio.gather(run, return_exceptions=True)
