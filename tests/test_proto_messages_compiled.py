@@ -104,3 +104,32 @@ def test_compiled_init_takes_what_the_dataclass_init_took(cls: type[m.Message]) 
         cls(*values, object())
     with pytest.raises(dataclasses.FrozenInstanceError):
         setattr(by_position, next(iter(cls.SPEC)), 1)
+
+
+@pytest.mark.parametrize("cls", ALL_CLASSES, ids=lambda c: c.__name__)
+def test_a_message_class_behaves_as_the_frozen_slotted_dataclass_it_replaces(cls: type[m.Message]) -> None:
+    """Built without the dataclass decorator (its exec per method cost every process ~15 ms at start), a
+    message is what ``dataclass(frozen=True, slots=True)`` made of it: repr, equality, hash, fields,
+    ``replace``, match args, frozen fields, pickling."""
+    import pickle
+    fields = dataclasses.fields(cls)
+    assert [f.name for f in fields] == list(cls.SPEC) and cls.__slots__ == tuple(cls.SPEC)
+    ref = dataclasses.make_dataclass(cls.__name__, [(f.name, f.type, dataclasses.field(default=f.default))
+                                                    for f in fields], frozen=True, slots=True)
+    ref.__qualname__ = cls.__qualname__
+    values = [i * 3 + 1 for i in range(len(fields))]
+    msg, twin, other = cls(*values), cls(*values), cls(*values[:-1], -7) if values else cls()
+    want = ref(*values)
+    assert repr(msg) == repr(want)
+    assert msg == twin and hash(msg) == hash(twin) == hash(want)
+    assert (msg != other) == bool(values) and msg != want     # another class is never equal
+    assert cls.__match_args__ == ref.__match_args__
+    assert [(f.name, f.default) for f in fields] == [(f.name, f.default) for f in dataclasses.fields(ref)]
+    if values:
+        assert dataclasses.replace(msg, **{fields[0].name: 99}) == cls(99, *values[1:])
+        with pytest.raises(dataclasses.FrozenInstanceError, match="cannot assign to field"):
+            setattr(msg, fields[0].name, 5)
+        with pytest.raises(dataclasses.FrozenInstanceError, match="cannot delete field"):
+            delattr(msg, fields[0].name)
+    assert pickle.loads(pickle.dumps(msg)) == msg
+    assert cls.__init__.__annotations__ == {f.name: f.type for f in fields} | {"return": None}
