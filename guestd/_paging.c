@@ -2251,7 +2251,157 @@ done:
     return out;
 }
 
+/* audit_places(gpfn, cached, expect, on_disk, block, version, vpage, kind, backed, token, balloon_pages,
+ *              first, end) -> None, or (ram_gpfns, ram_tokens, ram_backed, disk_blocks, disk_tokens,
+ *              balloon_gpfns, counts)
+ *
+ * guestd.audit.self_check and audit_reply's window [first, end) in one pass over pages and frames, for a
+ * guest whose books hold: None as soon as one of self_check's conditions fails (the Python check then
+ * names it). The arrays are bytes of little-endian u64 (ram_backed: one byte each), ram entries in gpfn
+ * order, disk entries in page order, balloon frames ascending, as audit_reply sends them; counts:
+ * (resident, soft, disk_only, host_took, balloon frames). Page arrays: gpfn, cached, block, version int64,
+ * expect uint64, on_disk bool; frame arrays: vpage int64, kind uint8, backed bool, token uint64. */
+#define AUD_FREE 0
+#define AUD_ANON 1
+#define AUD_FILE 2
+#define AUD_BALLOON 3
+static PyObject *mod_audit_places(PyObject *self, PyObject *args) {
+    PyObject *o[10];
+    long long balloon_pages, first, end;
+    if (!PyArg_ParseTuple(args, "OOOOOOOOOOLLL", &o[0], &o[1], &o[2], &o[3], &o[4], &o[5], &o[6], &o[7], &o[8],
+                          &o[9], &balloon_pages, &first, &end))
+        return NULL;
+    static const Py_ssize_t sizes[10] = {8, 8, 8, 1, 8, 8, 8, 1, 1, 8};
+    static const char *names[10] = {"gpfn", "cached", "expect", "on_disk", "block", "version", "vpage", "kind",
+                                    "backed", "token"};
+    Py_buffer b[10];
+    int got = 0;
+    PyObject *ret = NULL;
+    uint8_t *mark = NULL;          /* per frame: 1 resident, 2 soft; then per block: seen */
+    int64_t *page_of = NULL;       /* per frame: the page it holds for the audit, -1 none */
+    PyObject *ram_g = NULL, *ram_t = NULL, *ram_b = NULL, *disk_b = NULL, *disk_t = NULL, *bal = NULL;
+    for (; got < 10; got++)
+        if (get_buf(o[got], &b[got], sizes[got], 0, names[got]) < 0) goto done;
+    {
+        const int64_t n = b[0].len / 8, nf = b[6].len / 8;
+        if (b[1].len / 8 != n || b[2].len / 8 != n || b[3].len != n || b[4].len / 8 != n || b[5].len / 8 != n
+            || b[7].len != nf || b[8].len != nf || b[9].len / 8 != nf) {
+            PyErr_SetString(PyExc_ValueError, "paging: audit_places needs page arrays of one length and frame "
+                            "arrays of another");
+            goto done;
+        }
+        const int64_t *G = b[0].buf, *C = b[1].buf, *BL = b[4].buf, *V = b[5].buf, *VP = b[6].buf;
+        const uint64_t *E = b[2].buf, *T = b[9].buf;
+        const uint8_t *D = b[3].buf, *K = b[7].buf, *BK = b[8].buf;
+        mark = PyMem_Calloc(nf > 0 ? nf : 1, 1);
+        page_of = PyMem_Malloc((nf > 0 ? nf : 1) * sizeof(int64_t));
+        if (mark == NULL || page_of == NULL) { PyErr_NoMemory(); goto done; }
+        for (int64_t f = 0; f < nf; f++) page_of[f] = -1;
+        int64_t resident = 0, soft = 0, disk_only = 0, host_took = 0, max_block = -1, n_disk = 0;
+        for (int64_t p = 0; p < n; p++) {
+            int64_t g = G[p], c = C[p];
+            if (g >= 0) {
+                /* in its own frame, the frame pointing back at it, of a workload kind */
+                if (g >= nf || mark[g] || VP[g] != p || (K[g] != AUD_ANON && K[g] != AUD_FILE)) goto holds_not;
+                if (c >= 0) goto holds_not;                       /* resident and soft at once */
+                if (BK[g] && T[g] != E[p]) goto holds_not;        /* stale content the guest can see */
+                mark[g] = 1;
+                page_of[g] = p;
+                resident++;
+                host_took += !BK[g];
+                continue;
+            }
+            if (c >= 0) {
+                if (c >= nf || mark[c] || K[c] != AUD_FREE || VP[c] != p) goto holds_not;
+                if (BK[c] && T[c] != E[p]) goto holds_not;
+                if (!D[p] && E[p] != 0) goto holds_not;           /* a written page only in a soft copy */
+                mark[c] = 2;
+                page_of[c] = p;
+                soft++;
+                host_took += !BK[c];
+            } else if (!D[p] && E[p] != 0) {
+                goto holds_not;                                   /* neither in RAM nor on disk: lost */
+            }
+            if (D[p]) {
+                if (BL[p] < 0) goto holds_not;
+                if (BL[p] > max_block) max_block = BL[p];
+                disk_only++;
+            }
+        }
+        /* two pages on disk in one block (blocks beyond a bitmap's reach: the Python check) */
+        if (max_block >= ((int64_t)1 << 26)) goto holds_not;
+        PyMem_Free(mark);
+        mark = PyMem_Calloc(max_block + 1 > 0 ? (size_t)(max_block + 1) : 1, 1);
+        if (mark == NULL) { PyErr_NoMemory(); goto done; }
+        for (int64_t p = 0; p < n; p++) {
+            if (G[p] >= 0 || !D[p]) continue;
+            if (mark[BL[p]]) goto holds_not;
+            mark[BL[p]] = 1;
+        }
+        int64_t n_bal = 0;
+        for (int64_t f = 0; f < nf; f++) {
+            if (K[f] != AUD_BALLOON) continue;
+            if (VP[f] >= 0 || BK[f]) goto holds_not;
+            n_bal++;
+        }
+        if (n_bal != balloon_pages) goto holds_not;
+        /* the window's entries */
+        int64_t n_ram = 0, n_bw = 0;
+        for (int64_t f = (first > 0 ? first : 0); f < nf && f < end; f++) {
+            n_ram += page_of[f] >= 0;
+            n_bw += K[f] == AUD_BALLOON;
+        }
+        for (int64_t p = 0; p < n; p++)
+            n_disk += G[p] < 0 && D[p] && BL[p] >= first && BL[p] < end;
+        ram_g = PyBytes_FromStringAndSize(NULL, n_ram * 8);
+        ram_t = PyBytes_FromStringAndSize(NULL, n_ram * 8);
+        ram_b = PyBytes_FromStringAndSize(NULL, n_ram);
+        disk_b = PyBytes_FromStringAndSize(NULL, n_disk * 8);
+        disk_t = PyBytes_FromStringAndSize(NULL, n_disk * 8);
+        bal = PyBytes_FromStringAndSize(NULL, n_bw * 8);
+        if (!ram_g || !ram_t || !ram_b || !disk_b || !disk_t || !bal) goto done;
+        uint64_t *rg = (uint64_t *)PyBytes_AS_STRING(ram_g), *rt = (uint64_t *)PyBytes_AS_STRING(ram_t);
+        uint8_t *rb = (uint8_t *)PyBytes_AS_STRING(ram_b);
+        uint64_t *bw = (uint64_t *)PyBytes_AS_STRING(bal);
+        int64_t i = 0, j = 0;
+        for (int64_t f = (first > 0 ? first : 0); f < nf && f < end; f++) {
+            if (page_of[f] >= 0) {
+                rg[i] = (uint64_t)f;
+                rt[i] = E[page_of[f]];
+                rb[i] = BK[f] ? 1 : 0;
+                i++;
+            }
+            if (K[f] == AUD_BALLOON) bw[j++] = (uint64_t)f;
+        }
+        uint64_t *db = (uint64_t *)PyBytes_AS_STRING(disk_b), *dt = (uint64_t *)PyBytes_AS_STRING(disk_t);
+        i = 0;
+        for (int64_t p = 0; p < n; p++) {
+            if (G[p] < 0 && D[p] && BL[p] >= first && BL[p] < end) {
+                db[i] = (uint64_t)BL[p];
+                dt[i] = V[p] == 0 ? 0 : E[p];    /* a file block never written holds 0 */
+                i++;
+            }
+        }
+        ret = Py_BuildValue("(NNNNNN(LLLLL))", ram_g, ram_t, ram_b, disk_b, disk_t, bal, (long long)resident,
+                            (long long)soft, (long long)disk_only, (long long)host_took, (long long)n_bal);
+        ram_g = ram_t = ram_b = disk_b = disk_t = bal = NULL;    /* stolen by "N" */
+        goto done;
+    }
+holds_not:
+    ret = Py_None;
+    Py_INCREF(ret);
+done:
+    Py_XDECREF(ram_g); Py_XDECREF(ram_t); Py_XDECREF(ram_b); Py_XDECREF(disk_b); Py_XDECREF(disk_t); Py_XDECREF(bal);
+    PyMem_Free(mark);
+    PyMem_Free(page_of);
+    for (int k = 0; k < got; k++) PyBuffer_Release(&b[k]);
+    return ret;
+}
+
 static PyMethodDef paging_functions[] = {
+    {"audit_places", mod_audit_places, METH_VARARGS,
+     "audit_places(gpfn, cached, expect, on_disk, block, version, vpage, kind, backed, token, balloon_pages, "
+     "first, end) -> None or (ram_gpfns, ram_tokens, ram_backed, disk_blocks, disk_tokens, balloon_gpfns, counts)"},
     {"ahead_answers", mod_ahead_answers, METH_VARARGS,
      "ahead_answers(prog, tokens uint64, times) -> [(request, start, done, tokens), ...] last first, or None: "
      "GuestKernel.answered_ahead's replay list"},

@@ -37,6 +37,11 @@ from balloonlab.proto.messages import AuditReply, Message, MsgType
 
 from .memory import FrameKind
 
+try:
+    from . import _paging
+except ImportError:  # pragma: no cover - the compiled core not built: the Python check alone
+    _paging = None
+
 if TYPE_CHECKING:
     from .session import GuestSessionState
 
@@ -139,6 +144,9 @@ def audit_reply(state: "GuestSessionState | None", first: int, count: int) -> Au
         # Not started yet (the host audits right after we said hello): we hold no page.
         return AuditReply(_empty(), _empty(), b"", _empty(), _empty(), _empty(),
                           {"balloon_pages": 0, "lost_pages": 0, "problems": [], "not_started": True})
+    reply = _compiled_reply(state, first, count)
+    if reply is not None:
+        return reply
     report, places = self_check(state)
     end = first + count
     g = places["ram_gpfns"]
@@ -155,6 +163,30 @@ def audit_reply(state: "GuestSessionState | None", first: int, count: int) -> Au
     return AuditReply(g[ram][order].astype("<u8"), places["ram_tokens"][ram][order].astype("<u8"),
                       places["ram_backed"][ram][order].astype(np.uint8).tobytes(),
                       b[disk].astype("<u8"), places["disk_tokens"][disk].astype("<u8"), bal.astype("<u8"), report)
+
+
+def _compiled_reply(state: "GuestSessionState", first: int, count: int) -> AuditReply | None:
+    """``audit_reply`` in one compiled pass (``_paging.audit_places``) for books that hold; None when they
+    do not (or without the compiled core): ``self_check`` then names what is wrong. Every guest answers
+    at once at the run's end, each with ~30 numpy calls on cold memory (~1.2 ms) in Python."""
+    if _paging is None:
+        return None
+    k = state.kernel
+    pt, fr = k.pt, k.frames
+    got = _paging.audit_places(pt.gpfn, pt.cached, pt.expect, pt.on_disk, pt.block, pt.version, fr.vpage, fr.kind,
+                               fr.backed, fr.token, int(state.balloon.actual_pages), first, first + count)
+    if got is None:
+        return None
+    ram_g, ram_t, ram_backed, disk_b, disk_t, bal, (resident, soft, disk_only, host_took, n_balloon) = got
+    report = {"balloon_pages": int(state.balloon.actual_pages), "lost_pages": int(k.counters.lost_pages),
+              "resident_pages": resident, "soft_pages": soft, "disk_only_pages": disk_only,
+              "host_took_pages": host_took, "problems": []}
+    if first == 0:
+        log.info(ev.AUDIT_REPORTED, ram_pages=resident + soft, disk_pages=disk_only, balloon_pages=n_balloon,
+                 problems=[], lost_pages=report["lost_pages"])
+    u8 = "<u8"
+    return AuditReply(np.frombuffer(ram_g, u8), np.frombuffer(ram_t, u8), ram_backed, np.frombuffer(disk_b, u8),
+                      np.frombuffer(disk_t, u8), np.frombuffer(bal, u8), report)
 
 
 # --- fault points -----------------------------------------------------------------------

@@ -338,3 +338,70 @@ async def test_every_guest_is_asked_before_the_host_checks_its_own_memory() -> N
     finally:
         run.cancel()
         await asyncio.gather(run, return_exceptions=True)
+
+
+def _reply_fields(reply: object) -> tuple:
+    return (tuple(np.asarray(getattr(reply, name)).tolist() if name != "ram_backed" else bytes(reply.ram_backed)
+                  for name in ("ram_gpfns", "ram_tokens", "ram_backed", "disk_blocks", "disk_tokens", "balloon_gpfns")),
+            reply.report)
+
+
+def _python_reply(state: object, first: int, count: int, monkeypatch: pytest.MonkeyPatch) -> object:
+    from balloonlab.guestd import audit as guest_audit
+    with monkeypatch.context() as m:
+        m.setattr(guest_audit, "_compiled_reply", lambda *a: None)
+        return audit_reply(state, first, count)
+
+
+async def test_the_compiled_audit_answers_as_the_python_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Books that hold: the compiled pass gives every window's reply exactly as the Python check does."""
+    from balloonlab.guestd import audit as guest_audit
+    w = await make_world()
+    for first, count in ((0, 64), (64, 64), (0, 1024), (100, 37), (900, 500), (5000, 64)):
+        fast = guest_audit._compiled_reply(w.state, first, count)
+        assert fast is not None
+        assert _reply_fields(fast) == _reply_fields(_python_reply(w.state, first, count, monkeypatch))
+    assert audit(w) == []
+
+
+async def test_the_compiled_audit_leaves_any_broken_book_to_the_python_check(monkeypatch: pytest.MonkeyPatch
+                                                                              ) -> None:
+    """One entry of the guest's books changed at random, 300 times: where the Python check finds a problem
+    (or fails), the compiled pass declines (None) and the Python check answers; where it finds none, both
+    answer alike."""
+    from balloonlab.guestd import audit as guest_audit
+    w = await make_world()
+    pt, fr = w.kernel.pt, w.kernel.frames
+    arrays = {"gpfn": pt.gpfn, "cached": pt.cached, "expect": pt.expect, "on_disk": pt.on_disk, "block": pt.block,
+              "version": pt.version, "vpage": fr.vpage, "kind": fr.kind, "backed": fr.backed, "token": fr.token}
+    saved = {k: a.copy() for k, a in arrays.items()}
+    rng = np.random.default_rng(11)
+    declined = agreed = 0
+    for _ in range(300):
+        name = str(rng.choice(list(arrays)))
+        a = arrays[name]
+        i = int(rng.integers(a.size))
+        if a.dtype == bool:
+            a[i] = not a[i]
+        elif name in ("gpfn", "cached", "vpage"):
+            a[i] = int(rng.choice([-1, int(rng.integers(fr.kind.size)), int(rng.integers(pt.n))]))
+        elif name == "kind":
+            a[i] = int(rng.integers(5))
+        elif name == "block":
+            a[i] = int(rng.choice([-1, int(rng.integers(2 * pt.n))]))
+        else:
+            a[i] = int(rng.choice([0, int(rng.integers(1 << 40))]))
+        try:
+            slow = _reply_fields(_python_reply(w.state, 0, 1 << 16, monkeypatch))
+        except IndexError:
+            slow = None
+        fast = guest_audit._compiled_reply(w.state, 0, 1 << 16)
+        if slow is None or slow[1]["problems"]:
+            assert fast is None, (name, i, slow and slow[1]["problems"])
+            declined += 1
+        else:
+            assert fast is not None and _reply_fields(fast) == slow, (name, i)
+            agreed += 1
+        for k, arr in arrays.items():
+            arr[:] = saved[k]
+    assert declined > 50 and agreed > 50, (declined, agreed)
