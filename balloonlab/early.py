@@ -233,7 +233,7 @@ def fork_early_host(env: dict[str, str], python: str = sys.executable,
                     run_dir: Path | None = None) -> EarlyHost | None:
     """``start_early_host``, forked from the launcher once it imported what it shares with the host (``HOST_PREIMPORTS``).
 
-    numpy, asyncio, uvloop, msgpack and the protocol are ~0.1 s of a host's
+    numpy, asyncio, uvloop, msgpack and the protocol are ~0.14 s of a host's
     start; the launcher imports them anyway, so the host forked from it
     starts with them, on a machine where the two import side by side with
     the fork server. The child becomes what ``python -m balloonlab.hostd

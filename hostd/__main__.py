@@ -249,8 +249,8 @@ def run_forked(argv: list[str]) -> None:
     code = 1
     try:
         code = main(argv)
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
+    except SystemExit as exc:    # as the interpreter reads it: None is 0, anything else not an int is 1
+        code = 0 if exc.code is None else exc.code if isinstance(exc.code, int) else 1
     except BaseException:  # noqa: BLE001 -- as an exec'd interpreter: the traceback, exit 1
         import traceback
         traceback.print_exc()
