@@ -24,7 +24,6 @@ from balloonlab.guestd.kernel_config import KernelConfig
 from balloonlab.guestd.workload import Layout, Region, build_workload
 from balloonlab.hostd.errors import InvariantViolation
 from balloonlab.hostd.audit import GuestClaims, check_guest, check_released
-from balloonlab.hostd.framepool import FrameKind as HostKind
 from balloonlab.hostd.hostswap import PENDING_TOKEN
 from balloonlab.hostd.memory import HostMemory
 from balloonlab.hostd.p2m import PageState
