@@ -252,11 +252,15 @@ def fork_early_host(env: dict[str, str], python: str = sys.executable,
     stderr = tempfile.TemporaryFile()
     in_r, in_w = os.pipe2(os.O_CLOEXEC)
     out_r, out_w = os.pipe2(os.O_CLOEXEC)
-    if min(in_r, in_w, out_r, out_w, stderr.fileno()) < 3:
-        # a launcher started with 0, 1 or 2 closed: the child's dup2 onto them would clobber its own pipes
+
+    def give_up() -> None:
         for fd in (in_r, in_w, out_r, out_w):
             os.close(fd)
         stderr.close()
+
+    if min(in_r, in_w, out_r, out_w, stderr.fileno()) < 3:
+        # a launcher started with 0, 1 or 2 closed: the child's dup2 onto them would clobber its own pipes
+        give_up()
         return None
     for stream in (sys.stdout, sys.stderr):
         try:
@@ -267,9 +271,7 @@ def fork_early_host(env: dict[str, str], python: str = sys.executable,
     try:
         pid = os.fork()
     except OSError:
-        for fd in (in_r, in_w, out_r, out_w):
-            os.close(fd)
-        stderr.close()
+        give_up()
         return None
     if pid == 0:
         child_main(lambda: _become_early_host(parent, in_r, out_w, stderr.fileno(), env, python, run_dir))
