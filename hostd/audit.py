@@ -28,10 +28,11 @@ logged (``audit_completed``) and reported in ``run_finished`` as
 host's books show lost (``count_lost_pages``), whatever the guests say of
 themselves.
 
-Every wait is bounded: a guest's deferred shootdowns get one deadline all
-together, each ``Audit`` call ``timeout_s``, and a guest's whole answer
-``timeout_s`` per window; a guest that does not answer in time (it stopped
-reading, say) fails the audit, and the run ends anyway.
+Every wait is bounded: the silent guests' late ticks get one deadline all
+together (no one is asked before they are back: see ``run_audit``), so do
+the guests' deferred shootdowns, each ``Audit`` call ``timeout_s``, and a
+guest's whole answer ``timeout_s`` per window; a guest that does not answer
+in time (it stopped reading, say) fails the audit, and the run ends anyway.
 
 This module reads host memory's books directly (``HostMemory.p2m``,
 ``vdisk``, ``swap``, ``pool``): an auditor has to look at the raw state
@@ -43,7 +44,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Mapping
 
 import numpy as np
 import structlog
@@ -262,6 +263,17 @@ async def _ask(sessions: "SessionRegistry", spec: GuestSpec, gid: int, timeout_s
         return GuestClaims.from_replies(await ask_all())
 
 
+async def _silent_at_rest(live: list[int], until_back: Callable[[int], Awaitable[bool] | None] | None,
+                          timeout_s: float) -> set[int]:
+    """Wait (one deadline for all) until every silent guest of ``live`` finished its late tick; the ones
+    that did not."""
+    waits = {gid: w for gid in live if until_back is not None and (w := until_back(gid)) is not None}
+    if not waits:
+        return set()
+    got = await asyncio.gather(*(asyncio.wait_for(w, timeout_s) for w in waits.values()), return_exceptions=True)
+    return {gid for gid, back in zip(waits, got) if back is not True}
+
+
 class _CheckFailed:
     """A guest's claims came, but checking them raised: re-raised once every guest has answered."""
 
@@ -272,7 +284,8 @@ class _CheckFailed:
 async def run_audit(sessions: "SessionRegistry", mem: "HostMemory", shootdowns: "Shootdowns",
                     specs: Mapping[int, GuestSpec], *, unresponsive_s: float,
                     invariant: "InvariantChecker | None" = None,
-                    answered: Callable[[int], None] | None = None) -> dict[str, Any]:
+                    answered: Callable[[int], None] | None = None,
+                    until_back: Callable[[int], Awaitable[bool] | None] | None = None) -> dict[str, Any]:
     """Audit every live guest and every guest that left; log ``audit_completed``; never raises.
 
     ``invariant``: the run's invariant checker, whose end-of-run full check
@@ -280,6 +293,19 @@ async def run_audit(sessions: "SessionRegistry", mem: "HostMemory", shootdowns: 
     ``answered(gid)``: called once a guest's claims are in and checked (the
     audit needs nothing more of it; the host ends its run there, and its exit
     overlaps the others' audits).
+    ``until_back(gid)``: for a guest that is silent now (stopped mid-tick),
+    what to await until it finished that tick (True) or left (False); None
+    for a guest at rest.
+
+    Nothing may move while the books are compared. A silent guest that wakes
+    goes on with its late tick, faulting back in what the host took while it
+    was stopped, and taking frames from the others to do it; asked then, it
+    (or another guest) would answer from books that are still changing, and
+    pages that are not lost would look lost. So no guest is asked before
+    every silent one is back, within the audit's bound. One that is not back
+    by then is asked all the same (it may be a peer that reads but plays no
+    ticks, or still stopped: then it does not answer); should it wake while
+    the others answer, its problems say that it was not at rest.
     """
     timeout_s = min(AUDIT_TIMEOUT_S, max(2.0, unresponsive_s))
     problems: list[str] = []
@@ -290,6 +316,7 @@ async def run_audit(sessions: "SessionRegistry", mem: "HostMemory", shootdowns: 
         # Taken now: a guest audited live may close once it has answered (``answered``), and one that left
         # earlier in the run and rejoined must still be audited as the live guest it is, not as released.
         gone_for_good = sessions.left_for_good()
+        not_back = await _silent_at_rest(live, until_back, timeout_s)
         # Deferred shootdowns first: their answers turn placeholders into content. One deadline for all.
         settling = [asyncio.ensure_future(shootdowns.settled(gid)) for gid in live if shootdowns.pending(gid)]
         if settling:
@@ -351,6 +378,10 @@ async def run_audit(sessions: "SessionRegistry", mem: "HostMemory", shootdowns: 
             else:
                 mine, lost, per_guest[str(gid)] = res
                 lost_pages += lost
+                if mine and gid in not_back:
+                    mine.append(f"guest {gid}: silent when the audit began and not back with its late tick "
+                                f"within {timeout_s:g} s: its books were not at rest, and what its late tick "
+                                f"moved meanwhile may show above")
             problems.extend(mine)
         for gid in gone_for_good:
             mine = check_released(mem, gid)

@@ -46,7 +46,7 @@ import json
 import os
 import signal
 import time
-from typing import IO, Any, Callable
+from typing import IO, Any, Awaitable, Callable
 
 import numpy as np
 import structlog
@@ -218,9 +218,16 @@ class Host:
             if session is not None:
                 self._end_session(session, reason)
 
+        def until_back(gid: int) -> Awaitable[bool] | None:
+            session = self.sessions.get(gid)
+            if session is None or not session.unresponsive:
+                return None
+            return self.core.watchdog.until_back(session)
+
         audit = asyncio.ensure_future(run_audit(self.sessions, self.core.mem, self.core.shootdowns, self.machine.specs,
                                                 unresponsive_s=self.cfg.unresponsive_s,
-                                                invariant=self.core.invariant, answered=answered))
+                                                invariant=self.core.invariant, answered=answered,
+                                                until_back=until_back))
         stopped = asyncio.ensure_future(self._stop_event.wait())
         try:
             await asyncio.wait((audit, stopped), return_when=asyncio.FIRST_COMPLETED)

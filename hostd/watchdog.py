@@ -55,10 +55,11 @@ class LivenessListener(Protocol):
 
 
 class Watchdog:
-    """Call order (from the server's tick loop)::
+    """Call order (from the server)::
 
         each tick: await watch(tick, barrier, done)   (returns when the barrier is done or empty)
         a silent guest's late TickDone: back(session, tick, late_tick)
+        the end-of-run audit, before it asks a silent guest: await until_back(session)
     """
 
     def __init__(self, sessions: "SessionRegistry", listener: LivenessListener, *, watchdog_s: float,
@@ -72,6 +73,7 @@ class Watchdog:
         self.on_stalled = on_stalled       # progress line for the launcher
         # gid, why -> cut the guest off (the server's): it is alive but stuck, and the others must go on
         self.on_stuck: Callable[[int, str], None] | None = None
+        self._back: dict[int, asyncio.Future[None]] = {}    # gid -> done when that silent guest is back
 
     def bound_s(self, guest_id: int) -> float:
         """How long the barrier waits for ``guest_id``: a guest's first tick includes its start-up, so it gets more."""
@@ -166,10 +168,33 @@ class Watchdog:
         self.listener.guest_silent(guest_id)
         flush_log()  # an operator (or a test) waits for this line; it must not sit in a buffer
 
+    async def until_back(self, session: "GuestSession") -> bool:
+        """Wait until this silent guest finished its late tick (True) or its connection closed (False).
+
+        A silent guest was stopped mid-tick: once it runs again it goes on with that tick (faults,
+        reads, writes) until its late ``TickDone``. Only then are its books at rest.
+        """
+        gid = session.guest_id
+        assert gid is not None
+        if not session.unresponsive:
+            return True
+        fut = self._back.get(gid)
+        if fut is None or fut.done():
+            fut = self._back[gid] = asyncio.get_running_loop().create_future()
+        closed = asyncio.ensure_future(session.conn.wait_closed())
+        try:
+            await asyncio.wait((fut, closed), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            closed.cancel()
+        return fut.done() and not session.unresponsive
+
     def back(self, session: "GuestSession", tick: int, late_tick: int) -> None:
         """A silent guest sent its (late) TickDone: alive again, in the barrier from the next tick on."""
         gid = session.guest_id
         assert gid is not None
         session.unresponsive = False
+        waiting = self._back.pop(gid, None)
+        if waiting is not None and not waiting.done():
+            waiting.set_result(None)
         self.listener.guest_back(gid)
         log.info(ev.GUEST_RESPONSIVE, guest=gid, tick=tick, late_tick=late_tick)

@@ -339,6 +339,54 @@ async def test_every_guest_is_asked_before_the_host_checks_its_own_memory() -> N
         await asyncio.gather(run, return_exceptions=True)
 
 
+async def test_no_guest_is_asked_before_every_silent_one_is_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A guest silent at the audit (stopped mid-tick) goes on with its late tick once it wakes, faulting
+    pages back in and taking frames from the others: no guest is asked before it is back (``until_back``).
+    One not back by the deadline is asked all the same; if its claims disagree, the audit says it was not
+    at rest."""
+    import asyncio
+
+    from balloonlab.hostd import audit as host_audit
+    asked: list[int] = []
+
+    async def ask(sessions: object, spec: object, gid: int, timeout_s: float) -> SimpleNamespace:
+        asked.append(gid)
+        return SimpleNamespace(ram_gpfns=np.arange(2), ram_backed=np.ones(2, bool), disk_blocks=np.zeros(0),
+                               balloon_gpfns=np.zeros(0))
+
+    monkeypatch.setattr(host_audit, "_ask", ask)
+    monkeypatch.setattr(host_audit, "check_guest", lambda mem, gid, res: [f"guest {gid}: made up"] if gid == 2 else [])
+    monkeypatch.setattr(host_audit, "count_lost_pages", lambda mem, gid, res: 0)
+    mem = SimpleNamespace(guest_ids=lambda: [0, 1, 2], balloon_pages=lambda gid: 0, check_invariant=lambda: None)
+    shootdowns = SimpleNamespace(pending=lambda gid: False, leftover_placeholders=lambda gid: 0)
+
+    class Sessions(list):
+        def left_for_good(self) -> list[int]:
+            return []
+
+    loop = asyncio.get_running_loop()
+    back = loop.create_future()          # guest 1 finishes its late tick when the test says so
+    never = loop.create_future()         # guest 2 does not, in time
+
+    def until_back(gid: int) -> object:
+        return {0: None, 1: back, 2: never}[gid]
+
+    monkeypatch.setattr(host_audit, "AUDIT_TIMEOUT_S", 0.5)     # the deadline, made short
+    run = asyncio.ensure_future(host_audit.run_audit(Sessions([0, 1, 2]), mem, shootdowns,
+                                                     {0: None, 1: None, 2: None}, unresponsive_s=5.0,
+                                                     until_back=until_back))
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert asked == [] and not run.done()        # not even guest 0, at rest: guest 1 may still move pages
+    back.set_result(True)
+    result = await asyncio.wait_for(run, 5.0)    # guest 2's deadline passes: then everyone is asked
+    assert asked == [0, 1, 2]
+    assert result["guests"]["1"]["answered"] and result["guests"]["2"]["answered"]
+    assert result["problems"] == ["guest 2: made up",
+                                  "guest 2: silent when the audit began and not back with its late tick within "
+                                  "0.5 s: its books were not at rest, and what its late tick moved meanwhile may "
+                                  "show above"]
+
 def _reply_fields(reply: object) -> tuple:
     return (tuple(np.asarray(getattr(reply, name)).tolist() if name != "ram_backed" else bytes(reply.ram_backed)
                   for name in ("ram_gpfns", "ram_tokens", "ram_backed", "disk_blocks", "disk_tokens", "balloon_gpfns")),
