@@ -149,6 +149,10 @@ class GuestAgent:
                 code = EXIT_OK
             else:
                 code = self._fail(EXIT_HOST_LOST, f"lost the host mid-tick: {self._lost_why(exc)}")
+        except RemoteError as exc:
+            # The vCPU cannot go on without what it asked for (a frame for its EPT fault, say), and nothing
+            # in the guest can stand in for the host's answer: the guest stops, saying why.
+            code = self._fail(EXIT_REFUSED, f"the host refused a request of the vCPU: {exc}")
         finally:
             self.heartbeat.stop()
             conn.close()
