@@ -59,7 +59,7 @@ class Watchdog:
 
         each tick: await watch(tick, barrier, done)   (returns when the barrier is done or empty)
         a silent guest's late TickDone: back(session, tick, late_tick)
-        the end-of-run audit, before it asks a silent guest: await until_back(session)
+        the end-of-run audit, before it asks any guest: await until_back(session) for each silent one
     """
 
     def __init__(self, sessions: "SessionRegistry", listener: LivenessListener, *, watchdog_s: float,
