@@ -56,10 +56,10 @@ class RefusingHost:
 
 
 @pytest.mark.timeout(60)
-async def test_a_refused_vcpu_request_ends_the_guest_with_its_reason(tmp_path: Path,
+async def test_a_refused_vcpu_request_ends_the_guest_with_its_reason(sock_dir: Path,
                                                                      capsys: pytest.CaptureFixture) -> None:
     host = RefusingHost()
-    path = str(tmp_path / "h.sock")
+    path = str(sock_dir / "h.sock")
     server = await asyncio.start_unix_server(host.serve, path=path)
     try:
         code = await asyncio.wait_for(GuestAgent(0, guest_token(0), parse_address(path)).run(), 30)

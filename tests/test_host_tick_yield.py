@@ -62,13 +62,13 @@ async def _guest(path: str) -> list[int]:
 
 
 @pytest.mark.timeout(60)
-def test_a_connection_closing_at_a_tick_start_is_seen_that_tick(tmp_path: Path) -> None:
+def test_a_connection_closing_at_a_tick_start_is_seen_that_tick(sock_dir: Path) -> None:
     from balloonlab.hostd.server import Host
     cfg = RunConfig.from_mapping({
         "run_id": "tick-yield", "scenario": "raw", "variant": "default", "seed": 1, "ticks": TICKS,
         "tick_us": 10_000, "connect_timeout_s": 20.0, "watchdog_s": 5.0,
         "guests": [{"id": 0, "ram_pages": RAM_PAGES}], "host": {"ram_mib": 6}})
-    path = str(tmp_path / "h.sock")
+    path = str(sock_dir / "h.sock")
     host = Host(cfg, TOKEN, parse_address(path))
     send_tick_start = host._send_tick_start
 
