@@ -371,7 +371,12 @@ async def run_audit(sessions: "SessionRegistry", mem: "HostMemory", shootdowns: 
         for gid, res in zip(live, results):
             if isinstance(res, _CheckFailed):
                 raise res.exc
-            if isinstance(res, BaseException):
+            if isinstance(res, BaseException) and gid not in sessions:
+                # It left while the audit ran (killed, say): its loss is the run's to report; the audit's
+                # question is the one it asks of every guest that left, that it holds nothing now.
+                mine = check_released(mem, gid)
+                per_guest[str(gid)] = {"ok": not mine, "released": True, "left_during_audit": True}
+            elif isinstance(res, BaseException):
                 why = f"{type(res).__name__}: {res}" if isinstance(res, (ProtoError, HostdError, OSError)) else repr(res)
                 mine = [f"guest {gid}: did not answer the audit ({why})"]
                 per_guest[str(gid)] = {"ok": False, "answered": False}

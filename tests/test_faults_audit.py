@@ -387,6 +387,42 @@ async def test_no_guest_is_asked_before_every_silent_one_is_back(monkeypatch: py
                                   "0.5 s: its books were not at rest, and what its late tick moved meanwhile may "
                                   "show above"]
 
+
+async def test_a_guest_that_leaves_during_the_audit_is_checked_as_one_that_left(monkeypatch: pytest.MonkeyPatch
+                                                                                  ) -> None:
+    """Killed while the audit runs: not "did not answer the audit" (its loss is the run's to report), but
+    the question asked of every guest that left: does it hold anything still?"""
+    import asyncio
+
+    from balloonlab.hostd import audit as host_audit
+    from balloonlab.proto.errors import PeerClosed
+
+    class Sessions(list):
+        def left_for_good(self) -> list[int]:
+            return []
+
+    sessions = Sessions([0, 1])
+
+    async def ask(sessions_: object, spec: object, gid: int, timeout_s: float) -> SimpleNamespace:
+        if gid == 1:
+            sessions.remove(1)             # its connection closed: the registry lets it go
+            raise PeerClosed("connection to guest-1 closed")
+        return SimpleNamespace(ram_gpfns=np.arange(2), ram_backed=np.ones(2, bool), disk_blocks=np.zeros(0),
+                               balloon_gpfns=np.zeros(0))
+
+    released: list[int] = []
+    monkeypatch.setattr(host_audit, "_ask", ask)
+    monkeypatch.setattr(host_audit, "check_guest", lambda mem, gid, res: [])
+    monkeypatch.setattr(host_audit, "count_lost_pages", lambda mem, gid, res: 0)
+    monkeypatch.setattr(host_audit, "check_released", lambda mem, gid: released.append(gid) or [])
+    mem = SimpleNamespace(guest_ids=lambda: [0, 1], balloon_pages=lambda gid: 0, check_invariant=lambda: None)
+    shootdowns = SimpleNamespace(pending=lambda gid: False, leftover_placeholders=lambda gid: 0)
+    result = await asyncio.wait_for(host_audit.run_audit(sessions, mem, shootdowns, {0: None, 1: None},
+                                                         unresponsive_s=5.0), 5.0)
+    assert released == [1] and result["ok"] is True and result["problems"] == []
+    assert result["guests"]["1"] == {"ok": True, "released": True, "left_during_audit": True}
+    assert result["audited"] == 1 and result["released"] == 1
+
 def _reply_fields(reply: object) -> tuple:
     return (tuple(np.asarray(getattr(reply, name)).tolist() if name != "ram_backed" else bytes(reply.ram_backed)
                   for name in ("ram_gpfns", "ram_tokens", "ram_backed", "disk_blocks", "disk_tokens", "balloon_gpfns")),
