@@ -190,6 +190,28 @@ def test_the_guest_reports_an_empty_audit_before_it_has_started() -> None:
     assert reply.report["not_started"] is True
 
 
+def _claims(pages: int = 2) -> SimpleNamespace:
+    """A guest's claims as ``_ask`` returns them: ``pages`` pages in its RAM, all backed; no disk, no balloon."""
+    return SimpleNamespace(ram_gpfns=np.arange(pages), ram_backed=np.ones(pages, bool), disk_blocks=np.zeros(0),
+                           balloon_gpfns=np.zeros(0))
+
+
+def _fake_audit_parts(monkeypatch: pytest.MonkeyPatch, ask: Callable, gids: list[int],
+                      check: Callable = lambda mem, gid, res: []) -> tuple[SimpleNamespace, SimpleNamespace, list[int]]:
+    """``run_audit``'s collaborators faked around ``ask`` (for ``_ask``) and ``check`` (for ``check_guest``):
+    no page lost, no shootdown pending. Returns host memory, the shootdowns, and the guests
+    ``check_released`` was asked about."""
+    from balloonlab.hostd import audit as host_audit
+    released: list[int] = []
+    monkeypatch.setattr(host_audit, "_ask", ask)
+    monkeypatch.setattr(host_audit, "check_guest", check)
+    monkeypatch.setattr(host_audit, "count_lost_pages", lambda mem, gid, res: 0)
+    monkeypatch.setattr(host_audit, "check_released", lambda mem, gid: released.append(gid) or [])
+    mem = SimpleNamespace(guest_ids=lambda: gids, balloon_pages=lambda gid: 0, check_invariant=lambda: None)
+    shootdowns = SimpleNamespace(pending=lambda gid: False, leftover_placeholders=lambda gid: 0)
+    return mem, shootdowns, released
+
+
 async def test_a_guest_answered_is_let_go_and_a_rejoined_one_is_audited_as_live(monkeypatch: pytest.MonkeyPatch
                                                                                    ) -> None:
     """``answered`` comes once per guest as its claims are checked, in the order they come; a guest let go
@@ -203,16 +225,9 @@ async def test_a_guest_answered_is_let_go_and_a_rejoined_one_is_audited_as_live(
 
     async def ask(sessions: object, spec: object, gid: int, timeout_s: float) -> SimpleNamespace:
         await answer[gid].wait()
-        return SimpleNamespace(ram_gpfns=np.arange(2), ram_backed=np.ones(2, bool), disk_blocks=np.zeros(0),
-                               balloon_gpfns=np.zeros(0))
+        return _claims()
 
-    released: list[int] = []
-    monkeypatch.setattr(host_audit, "_ask", ask)
-    monkeypatch.setattr(host_audit, "check_guest", lambda mem, gid, res: [])
-    monkeypatch.setattr(host_audit, "count_lost_pages", lambda mem, gid, res: 0)
-    monkeypatch.setattr(host_audit, "check_released", lambda mem, gid: released.append(gid) or [])
-    mem = SimpleNamespace(guest_ids=lambda: [0, 1], balloon_pages=lambda gid: 0, check_invariant=lambda: None)
-    shootdowns = SimpleNamespace(pending=lambda gid: False, leftover_placeholders=lambda gid: 0)
+    mem, shootdowns, released = _fake_audit_parts(monkeypatch, ask, [0, 1])
 
     class Sessions:
         live, gone = {0, 1}, {0, 2}     # guest 0 was lost once and rejoined; guest 2 left for good
@@ -351,14 +366,10 @@ async def test_no_guest_is_asked_before_every_silent_one_is_back(monkeypatch: py
 
     async def ask(sessions: object, spec: object, gid: int, timeout_s: float) -> SimpleNamespace:
         asked.append(gid)
-        return SimpleNamespace(ram_gpfns=np.arange(2), ram_backed=np.ones(2, bool), disk_blocks=np.zeros(0),
-                               balloon_gpfns=np.zeros(0))
+        return _claims()
 
-    monkeypatch.setattr(host_audit, "_ask", ask)
-    monkeypatch.setattr(host_audit, "check_guest", lambda mem, gid, res: [f"guest {gid}: made up"] if gid == 2 else [])
-    monkeypatch.setattr(host_audit, "count_lost_pages", lambda mem, gid, res: 0)
-    mem = SimpleNamespace(guest_ids=lambda: [0, 1, 2], balloon_pages=lambda gid: 0, check_invariant=lambda: None)
-    shootdowns = SimpleNamespace(pending=lambda gid: False, leftover_placeholders=lambda gid: 0)
+    mem, shootdowns, _ = _fake_audit_parts(monkeypatch, ask, [0, 1, 2],
+                                           check=lambda mem, gid, res: [f"guest {gid}: made up"] if gid == 2 else [])
 
     class Sessions(list):
         def left_for_good(self) -> list[int]:
@@ -407,16 +418,9 @@ async def test_a_guest_that_leaves_during_the_audit_is_checked_as_one_that_left(
         if gid == 1:
             sessions.remove(1)             # its connection closed: the registry lets it go
             raise PeerClosed("connection to guest-1 closed")
-        return SimpleNamespace(ram_gpfns=np.arange(2), ram_backed=np.ones(2, bool), disk_blocks=np.zeros(0),
-                               balloon_gpfns=np.zeros(0))
+        return _claims()
 
-    released: list[int] = []
-    monkeypatch.setattr(host_audit, "_ask", ask)
-    monkeypatch.setattr(host_audit, "check_guest", lambda mem, gid, res: [])
-    monkeypatch.setattr(host_audit, "count_lost_pages", lambda mem, gid, res: 0)
-    monkeypatch.setattr(host_audit, "check_released", lambda mem, gid: released.append(gid) or [])
-    mem = SimpleNamespace(guest_ids=lambda: [0, 1], balloon_pages=lambda gid: 0, check_invariant=lambda: None)
-    shootdowns = SimpleNamespace(pending=lambda gid: False, leftover_placeholders=lambda gid: 0)
+    mem, shootdowns, released = _fake_audit_parts(monkeypatch, ask, [0, 1])
     result = await asyncio.wait_for(host_audit.run_audit(sessions, mem, shootdowns, {0: None, 1: None},
                                                          unresponsive_s=5.0), 5.0)
     assert released == [1] and result["ok"] is True and result["problems"] == []
