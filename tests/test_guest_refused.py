@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import struct
 from pathlib import Path
-from typing import Any
 
 import msgpack
 import pytest
@@ -13,23 +12,17 @@ import pytest
 from balloonlab.guestd.agent import EXIT_REFUSED, GuestAgent
 from balloonlab.proto.transport import parse_address
 from tests.rawclient import ERROR, HELLO, NOTIFY, OVERLOADED, PING, REPLY, REQUEST, TICK_START, UNKNOWN_TYPE, \
-    guest_token, run_config
+    guest_token
+from tests.test_guest_liveness import FakeHost, _frame
 
 CONTENT_REPORT = 5
 
 
-def _frame(obj: Any) -> bytes:
-    body = msgpack.packb(obj, use_bin_type=True)
-    return struct.pack(">I", len(body)) + body
-
-
-class RefusingHost:
+class RefusingHost(FakeHost):
     """Welcomes the guest, starts tick 0, and refuses every request of its vCPU with OVERLOADED."""
 
     def __init__(self) -> None:
-        cfg = run_config("tests-tiny", guests=1, ticks=5)
-        self.config = dict(cfg["guests"][0], seed=1, costs=cfg["costs"], disk=cfg["disk"], locks={}, ticks=5,
-                           metrics_every_ticks=5)
+        super().__init__({})    # the guest's own heartbeat defaults
         self.refused: list[int] = []
 
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
